@@ -1,0 +1,1 @@
+"""Channel-layer backends, one module each; none imports its broker driver at import time."""

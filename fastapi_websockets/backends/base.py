@@ -1,0 +1,415 @@
+"""The channel-layer contract and the machinery every backend shares.
+
+:class:`BaseChannelLayer` implements the public API (``send``, ``receive``,
+``new_channel``, ``group_add``, ``group_discard``, ``group_send``, ``flush``,
+``close``) once: name validation, the closed state, encoding and size limits,
+lazy start under a lock, timeouts, and the local demultiplexer
+(:class:`~fastapi_websockets.mailboxes.Mailboxes`) into which a backend's single
+per-process inbox is drained. A backend fills in the ``_``-prefixed template
+methods with broker code only.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import fnmatch
+import logging
+import re
+from collections.abc import Mapping
+from types import TracebackType
+from typing import ClassVar
+
+from fastapi_websockets.exceptions import (
+    ChannelFull,
+    ChannelLayerClosed,
+    InvalidChannelLayerConfig,
+    InvalidChannelName,
+    MessageTooLarge,
+    ReceiveTimeout,
+)
+from fastapi_websockets.local_groups import LocalGroups
+from fastapi_websockets.mailboxes import Mailboxes, MailboxStats
+from fastapi_websockets.names import (
+    is_process_specific,
+    new_token,
+    process_token,
+    validate_channel_name,
+    validate_group_name,
+    validate_prefix,
+)
+from fastapi_websockets.serialization import default_serializer
+from fastapi_websockets.types import Message, Serializer
+
+__all__ = ["BaseChannelLayer"]
+
+logger = logging.getLogger("fastapi_websockets")
+
+_CAPACITY_CACHE_SIZE = 4096
+
+
+def _positive(name: str, value: object, *, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or value <= 0:  # type: ignore[operator]
+        expected = "a positive integer" if integer else "a positive number"
+        raise InvalidChannelLayerConfig(f"{name} must be {expected}, got {value!r}")
+
+
+def _compile_capacities(
+    channel_capacity: Mapping[str | re.Pattern[str], int] | None,
+) -> list[tuple[re.Pattern[str], int]]:
+    compiled: list[tuple[re.Pattern[str], int]] = []
+    if channel_capacity is None:
+        return compiled
+    if not isinstance(channel_capacity, Mapping):
+        raise InvalidChannelLayerConfig(
+            "channel_capacity must be a mapping of glob pattern (or compiled regex) to "
+            f"capacity, got {type(channel_capacity).__name__}"
+        )
+    for pattern, value in channel_capacity.items():
+        _positive(f"channel_capacity[{pattern!r}]", value, integer=True)
+        if isinstance(pattern, re.Pattern):
+            compiled.append((pattern, value))
+        elif isinstance(pattern, str):
+            compiled.append((re.compile(fnmatch.translate(pattern)), value))
+        else:
+            raise InvalidChannelLayerConfig(
+                f"channel_capacity keys must be glob strings or compiled regexes, got {pattern!r}"
+            )
+    return compiled
+
+
+class BaseChannelLayer(abc.ABC):
+    """A Django-Channels-style channel layer.
+
+    Options (keyword-only, shared by every backend):
+
+    * ``capacity``: most undelivered messages a channel holds (default 100);
+      ``send()`` to a full channel raises :class:`ChannelFull`, ``group_send()``
+      skips full members.
+    * ``channel_capacity``: per-channel capacities, ``{glob-or-regex: capacity}``;
+      the first matching pattern wins.
+    * ``channel_expiry``: seconds an undelivered message is kept (default 60).
+    * ``group_expiry``: seconds a group member stays without being added again
+      (default 86400); each member expires on its own.
+    * ``max_message_size``: largest encoded message in bytes (default 1 MiB).
+    * ``serializer``: a :class:`~fastapi_websockets.types.Serializer`
+      (default msgpack).
+
+    Messages handed to receivers may be shared between the recipients of one
+    ``group_send()`` in a process: treat received messages as read-only.
+    """
+
+    #: Short name used in configuration and environment variable names.
+    backend_name: ClassVar[str] = ""
+    #: Django Channels' extension flags.
+    extensions: ClassVar[list[str]] = ["groups", "flush"]
+
+    def __init__(
+        self,
+        *,
+        capacity: int = 100,
+        channel_capacity: Mapping[str | re.Pattern[str], int] | None = None,
+        channel_expiry: float = 60,
+        group_expiry: float = 86400,
+        max_message_size: int = 1024 * 1024,
+        serializer: Serializer | None = None,
+    ) -> None:
+        _positive("capacity", capacity, integer=True)
+        _positive("channel_expiry", channel_expiry)
+        _positive("group_expiry", group_expiry)
+        _positive("max_message_size", max_message_size, integer=True)
+        if serializer is not None and not isinstance(serializer, Serializer):
+            raise InvalidChannelLayerConfig(
+                f"serializer must have dumps() and loads() methods, got {serializer!r}"
+            )
+        self.capacity = capacity
+        self.channel_capacity = _compile_capacities(channel_capacity)
+        self.channel_expiry = channel_expiry
+        self.group_expiry = group_expiry
+        self.max_message_size = max_message_size
+        self.serializer: Serializer = serializer or default_serializer
+        #: Random token naming this layer instance in process-specific channel names.
+        self.client_token = new_token()
+        self._mailboxes = Mailboxes(self.capacity_for, channel_expiry)
+        self._local_groups = LocalGroups(group_expiry)
+        self._capacity_cache: dict[str, int] = {}
+        self._closed = False
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self._remote_receives: set[asyncio.Task[Message]] = set()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    @property
+    def stats(self) -> MailboxStats:
+        """Counters of messages dropped locally (full mailboxes, expiry)."""
+        return self._mailboxes.stats
+
+    def capacity_for(self, channel: str) -> int:
+        """The capacity that applies to ``channel``."""
+        if not self.channel_capacity:
+            return self.capacity
+        cached = self._capacity_cache.get(channel)
+        if cached is not None:
+            return cached
+        value = self.capacity
+        for pattern, pattern_capacity in self.channel_capacity:
+            if pattern.match(channel):
+                value = pattern_capacity
+                break
+        if len(self._capacity_cache) >= _CAPACITY_CACHE_SIZE:
+            self._capacity_cache.clear()
+        self._capacity_cache[channel] = value
+        return value
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelLayerClosed(f"{type(self).__name__} is closed; create a new layer")
+
+    async def _ensure_started(self) -> None:
+        if self._started:
+            return
+        async with self._start_lock:
+            self._check_open()
+            if not self._started:
+                await self._start()
+                self._started = True
+
+    def is_local(self, channel: str) -> bool:
+        """Whether messages for ``channel`` are delivered to this instance's mailboxes."""
+        return is_process_specific(channel) and process_token(channel) == self.client_token
+
+    # ---------------------------------------------------------- serialization
+
+    def encode(self, message: Message) -> bytes:
+        """Serialize ``message``, enforcing ``max_message_size``."""
+        data = self.serializer.dumps(message)
+        if len(data) > self.max_message_size:
+            raise MessageTooLarge(len(data), self.max_message_size)
+        return data
+
+    def decode(self, data: bytes) -> Message:
+        """Deserialize a message produced by :meth:`encode`."""
+        return self.serializer.loads(data)
+
+    # ------------------------------------------------------------- public API
+
+    async def send(self, channel: str, message: Message) -> None:
+        """Send ``message`` (a dict) to ``channel``.
+
+        Raises :class:`ChannelFull` if the channel already holds ``capacity``
+        messages, :class:`~fastapi_websockets.exceptions.SerializationError` if a
+        value cannot be carried, and :class:`MessageTooLarge` over the size limit.
+        """
+        self._check_open()
+        validate_channel_name(channel)
+        data = self.encode(message)
+        if self.is_local(channel):
+            self.deliver_local(channel, self.decode(data), raise_full=True)
+            return
+        await self._ensure_started()
+        await self._send_remote(channel, data)
+
+    async def receive(self, channel: str, timeout: float | None = None) -> Message:
+        """Wait for the next message on ``channel`` and return it.
+
+        With ``timeout`` (seconds), raises :class:`ReceiveTimeout` (a
+        ``TimeoutError``) when nothing arrives in time. Raises
+        :class:`ChannelLayerClosed` when the layer is closed while waiting.
+        Cancelling a pending ``receive()`` loses no message.
+        """
+        self._check_open()
+        validate_channel_name(channel)
+        if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
+            raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        if self.is_local(channel):
+            if not self._started:
+                await self._ensure_started()
+            return await self._mailboxes.get(channel, timeout)
+        if is_process_specific(channel):
+            raise InvalidChannelName(
+                f"channel {channel!r} was created by another layer instance; only the layer "
+                "whose new_channel() returned it can receive from it"
+            )
+        parked = self._mailboxes.pop_nowait(channel)
+        if parked is not None:
+            return parked
+        await self._ensure_started()
+        if timeout is None:
+            return await self._receive_named(channel)
+        try:
+            return await asyncio.wait_for(self._receive_named(channel), timeout)
+        except asyncio.TimeoutError:
+            raise ReceiveTimeout(channel, timeout) from None
+
+    async def _receive_named(self, channel: str) -> Message:
+        inner = asyncio.ensure_future(self._receive_remote(channel))
+        self._remote_receives.add(inner)
+        inner.add_done_callback(self._forget_remote_receive)
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            if inner.done() and not inner.cancelled() and inner.exception() is None:
+                # Claimed from the broker just as we were cancelled: keep it for the
+                # next receiver instead of losing it.
+                self.deliver_local(channel, inner.result())
+            else:
+                inner.cancel()
+            if self._closed and not _cancelling():
+                raise ChannelLayerClosed("the channel layer was closed") from None
+            raise
+        finally:
+            if not inner.done():
+                inner.cancel()
+
+    def _forget_remote_receive(self, task: asyncio.Task[Message]) -> None:
+        self._remote_receives.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._closed:
+            # The receiver was already woken by close(); nobody else will look at this.
+            logger.debug("receive task ended after close", exc_info=task.exception())
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        """Return a new process-specific channel name, ``"{prefix}.{token}!{id}"``.
+
+        Only this layer instance can receive from it; any process can send to it.
+        """
+        self._check_open()
+        validate_prefix(prefix)
+        await self._ensure_started()
+        return f"{prefix}.{self.client_token}!{new_token(6)}"
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Add ``channel`` to ``group`` (or refresh its join time)."""
+        self._check_open()
+        validate_group_name(group)
+        validate_channel_name(channel)
+        await self._ensure_started()
+        await self._group_add(group, channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove ``channel`` from ``group``; a no-op if it is not a member."""
+        self._check_open()
+        validate_group_name(group)
+        validate_channel_name(channel)
+        await self._ensure_started()
+        await self._group_discard(group, channel)
+
+    async def group_send(self, group: str, message: Message) -> None:
+        """Send ``message`` to every member of ``group``.
+
+        The message is encoded once. Members whose channel is full are skipped
+        (counted in :attr:`stats`), never blocking the others.
+        """
+        self._check_open()
+        validate_group_name(group)
+        data = self.encode(message)
+        await self._ensure_started()
+        await self._group_send(group, data)
+
+    async def flush(self) -> None:
+        """Drop every message and group this layer's storage holds (for tests)."""
+        self._check_open()
+        await self._ensure_started()
+        await self._flush()
+        self._mailboxes.clear()
+        self._local_groups.clear()
+
+    async def close(self) -> None:
+        """Close the layer: wake pending receivers with ``ChannelLayerClosed``, release resources.
+
+        Idempotent; awaits every background task the layer started.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._mailboxes.close()
+        for task in list(self._remote_receives):
+            task.cancel()
+        if self._remote_receives:
+            await asyncio.gather(*self._remote_receives, return_exceptions=True)
+        async with self._start_lock:
+            if self._started:
+                await self._close()
+
+    async def __aenter__(self) -> BaseChannelLayer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------ for the backends
+
+    def deliver_local(self, channel: str, message: Message, *, raise_full: bool = False) -> bool:
+        """Put ``message`` into the local mailbox of ``channel``.
+
+        Returns False when the mailbox is full and the message was dropped, or
+        raises :class:`ChannelFull` if ``raise_full``.
+        """
+        if self._mailboxes.put(channel, message):
+            return True
+        if raise_full:
+            raise ChannelFull(channel, self.capacity_for(channel))
+        self._mailboxes.stats.dropped_full += 1
+        logger.debug("dropped a message for full channel %r", channel)
+        return False
+
+    def deliver_to_local_members(self, group: str, message: Message) -> int:
+        """Fan ``message`` out to this process's members of ``group``; return how many got it."""
+        delivered = 0
+        for channel in self._local_groups.members(group):
+            if self.deliver_local(channel, message):
+                delivered += 1
+        return delivered
+
+    @property
+    def local_groups(self) -> LocalGroups:
+        """Membership of the channels that live in this layer instance."""
+        return self._local_groups
+
+    # ------------------------------------------------------- template methods
+
+    async def _start(self) -> None:  # noqa: B027 - optional hook
+        """Connect and start background readers; called once, lazily, under a lock."""
+
+    @abc.abstractmethod
+    async def _send_remote(self, channel: str, data: bytes) -> None:
+        """Deliver encoded ``data`` to a named channel or another instance's channel."""
+
+    @abc.abstractmethod
+    async def _receive_remote(self, channel: str) -> Message:
+        """Claim one message of a named channel; must lose nothing when cancelled."""
+
+    @abc.abstractmethod
+    async def _group_add(self, group: str, channel: str) -> None:
+        """Record membership (a refresh if already a member)."""
+
+    @abc.abstractmethod
+    async def _group_discard(self, group: str, channel: str) -> None:
+        """Forget membership."""
+
+    @abc.abstractmethod
+    async def _group_send(self, group: str, data: bytes) -> None:
+        """Deliver encoded ``data`` to every member of ``group``."""
+
+    @abc.abstractmethod
+    async def _flush(self) -> None:
+        """Drop everything the broker stores for this layer's prefix."""
+
+    async def _close(self) -> None:  # noqa: B027 - optional hook
+        """Cancel and await background tasks, release connections."""
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and hasattr(task, "cancelling") and task.cancelling() > 0

@@ -1,0 +1,46 @@
+"""The in-memory backend: everything lives in this process.
+
+For development, tests and single-process apps. It enforces the same rules as
+the broker backends (names, serialization, size, capacity, expiry), so code
+that works here does not meet new errors when it moves to Redis or NATS.
+"""
+
+from __future__ import annotations
+
+from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.types import Message
+
+__all__ = ["InMemoryChannelLayer"]
+
+
+class InMemoryChannelLayer(BaseChannelLayer):
+    """A process-local channel layer; every channel and group lives in this instance.
+
+    ``group_send`` costs O(members): it decodes the message once and puts it in
+    each member's mailbox, with no scan of other channels or groups.
+    """
+
+    backend_name = "inmemory"
+
+    def is_local(self, channel: str) -> bool:
+        """Every channel is local to an in-memory layer."""
+        return True
+
+    async def _send_remote(self, channel: str, data: bytes) -> None:
+        raise AssertionError("unreachable: every in-memory channel is local")
+
+    async def _receive_remote(self, channel: str) -> Message:
+        raise AssertionError("unreachable: every in-memory channel is local")
+
+    async def _group_add(self, group: str, channel: str) -> None:
+        self.local_groups.add(group, channel)
+
+    async def _group_discard(self, group: str, channel: str) -> None:
+        self.local_groups.discard(group, channel)
+
+    async def _group_send(self, group: str, data: bytes) -> None:
+        if group in self.local_groups:
+            self.deliver_to_local_members(group, self.decode(data))
+
+    async def _flush(self) -> None:
+        """Nothing beyond the mailboxes and groups, which the base class clears."""

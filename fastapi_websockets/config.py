@@ -1,0 +1,426 @@
+"""Configuration: Django-style ``CHANNEL_LAYERS`` mappings and environment variables.
+
+Each backend's options are read from its constructor signature (keyword-only
+parameters, their type hints and defaults), so the defaults live in one place
+(the backend class), every option is settable from a mapping and from the
+environment, and an unknown or ill-typed value is refused with a message that
+names the key or variable, the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import Any
+
+from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.exceptions import InvalidChannelLayerConfig
+
+__all__ = [
+    "BACKEND_ALIASES",
+    "DEFAULT_BACKEND",
+    "DEFAULT_ENV_PREFIX",
+    "DEFAULT_LAYER_ALIAS",
+    "BackendSettings",
+    "Option",
+    "backend_options",
+    "build_channel_layer",
+    "get_channel_layer",
+    "get_channel_layer_from_env",
+    "load_backend_class",
+    "parse_channel_layers",
+    "parse_channel_layers_from_env",
+]
+
+DEFAULT_LAYER_ALIAS = "default"
+DEFAULT_ENV_PREFIX = "FASTAPI_WEBSOCKETS_"
+DEFAULT_BACKEND = "fastapi_websockets.backends.inmemory.InMemoryChannelLayer"
+#: Short backend names accepted wherever a dotted path is.
+BACKEND_ALIASES: dict[str, str] = {
+    "inmemory": DEFAULT_BACKEND,
+    "redis": "fastapi_websockets.backends.redis.RedisChannelLayer",
+    "postgresql": "fastapi_websockets.backends.postgresql.PostgreSQLChannelLayer",
+    "nats": "fastapi_websockets.backends.nats.NATSChannelLayer",
+    "rabbitmq": "fastapi_websockets.backends.rabbitmq.RabbitMQChannelLayer",
+}
+_ALIAS_KEYS = frozenset({"BACKEND", "CONFIG"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """One alias's settings: the backend's dotted path and its CONFIG options."""
+
+    backend: str = DEFAULT_BACKEND
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One constructor option of a backend: name, type hint and default."""
+
+    name: str
+    annotation: Any
+    default: Any
+
+    @property
+    def env_settable(self) -> bool:
+        """Whether the option can be given as an environment variable."""
+        return _env_parser(self.annotation) is not None
+
+
+# ------------------------------------------------------------------ backends
+
+
+def _resolve_backend_path(value: str) -> str:
+    return BACKEND_ALIASES.get(value.strip().lower(), value.strip())
+
+
+def load_backend_class(path: str) -> type[BaseChannelLayer]:
+    """Import a backend class from a short name (``"redis"``) or a dotted path.
+
+    Importing a backend never imports its broker driver; that happens when the
+    layer first connects, with an error naming the extra to install.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise InvalidChannelLayerConfig(
+            f"BACKEND must be one of {sorted(BACKEND_ALIASES)} or a dotted path "
+            f"'package.module.Class', got {path!r}"
+        )
+    dotted = _resolve_backend_path(path)
+    module_path, _, class_name = dotted.rpartition(".")
+    if not module_path:
+        raise InvalidChannelLayerConfig(
+            f"unknown BACKEND {path!r}: use one of {sorted(BACKEND_ALIASES)} or a dotted "
+            "path 'package.module.Class'"
+        )
+    try:
+        module = import_module(module_path)
+    except ImportError as exc:
+        raise InvalidChannelLayerConfig(
+            f"cannot import backend module {module_path!r} (BACKEND {path!r}): {exc}"
+        ) from exc
+    backend = getattr(module, class_name, None)
+    if not (isinstance(backend, type) and issubclass(backend, BaseChannelLayer)):
+        raise InvalidChannelLayerConfig(
+            f"BACKEND {path!r} must name a BaseChannelLayer subclass; "
+            f"{module_path}.{class_name} is {backend!r}"
+        )
+    return backend
+
+
+def backend_options(backend: type[BaseChannelLayer]) -> dict[str, Option]:
+    """The options a backend accepts, read from its (and its bases') ``__init__``."""
+    options: dict[str, Option] = {}
+    for klass in backend.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        hints = typing.get_type_hints(init)
+        has_var_kw = False
+        for param in inspect.signature(init).parameters.values():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                has_var_kw = True
+            elif param.kind is inspect.Parameter.KEYWORD_ONLY and param.name not in options:
+                options[param.name] = Option(param.name, hints.get(param.name, Any), param.default)
+        if not has_var_kw:
+            break
+    return options
+
+
+def _env_name(backend: type[BaseChannelLayer]) -> str:
+    name = backend.backend_name or backend.__name__
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).upper()
+
+
+# -------------------------------------------------------------- value checks
+
+
+def _strip_optional(annotation: Any) -> tuple[Any, bool]:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [arg for arg in args if arg is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return annotation, False
+
+
+def _describe(annotation: Any) -> str:
+    inner, optional = _strip_optional(annotation)
+    origin = typing.get_origin(inner)
+    if inner is bool:
+        text = "a boolean (true/false, 1/0, yes/no, on/off)"
+    elif inner is int:
+        text = "an integer"
+    elif inner is float:
+        text = "a number"
+    elif inner is str:
+        text = "a string"
+    elif origin in (list, collections.abc.Sequence):
+        text = "a list of strings (comma-separated in the environment)"
+    elif origin in (dict, collections.abc.Mapping):
+        text = "a mapping (a JSON object in the environment)"
+    else:
+        text = str(inner)
+    return f"{text} or empty/None" if optional else text
+
+
+def _check_value(where: str, option: Option, value: Any) -> Any:
+    """Type-check a value given in a mapping; return it, normalized."""
+    inner, optional = _strip_optional(option.annotation)
+    if value is None:
+        if optional:
+            return None
+        raise InvalidChannelLayerConfig(f"{where} must be {_describe(option.annotation)}, got None")
+    origin = typing.get_origin(inner)
+    ok = True
+    if inner is bool:
+        ok = isinstance(value, bool)
+    elif inner is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif inner is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif inner is str:
+        ok = isinstance(value, str)
+    elif origin in (list, collections.abc.Sequence):
+        if isinstance(value, str):
+            value = _split_list(value)
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = list(value) if ok else value
+    elif origin in (dict, collections.abc.Mapping):
+        ok = isinstance(value, Mapping)
+    if not ok:
+        raise InvalidChannelLayerConfig(
+            f"{where} must be {_describe(option.annotation)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(text)
+
+
+def _parse_json_mapping(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+def _env_parser(annotation: Any) -> Callable[[str], Any] | None:
+    inner, optional = _strip_optional(annotation)
+    origin = typing.get_origin(inner)
+    base: Callable[[str], Any] | None
+    if inner is bool:
+        base = _parse_bool
+    elif inner is int:
+        base = lambda text: int(text.strip())  # noqa: E731
+    elif inner is float:
+        base = lambda text: float(text.strip())  # noqa: E731
+    elif inner is str:
+        base = str
+    elif origin in (list, collections.abc.Sequence):
+        base = _split_list
+    elif origin in (dict, collections.abc.Mapping):
+        base = _parse_json_mapping
+    else:
+        return None
+    if not optional:
+        return base
+    parse = base
+
+    def parse_optional(text: str) -> Any:
+        return None if not text.strip() else parse(text)
+
+    return parse_optional
+
+
+# -------------------------------------------------------------------- mapping
+
+
+def _validate_config(
+    backend: type[BaseChannelLayer], config: Mapping[str, Any], where: str
+) -> dict[str, Any]:
+    options = backend_options(backend)
+    checked: dict[str, Any] = {}
+    for key, value in config.items():
+        option = options.get(key)
+        if option is None:
+            raise InvalidChannelLayerConfig(
+                f"{where}: unknown option {key!r} for {backend.__name__}; "
+                f"valid options are {', '.join(sorted(options))}"
+            )
+        checked[key] = _check_value(f"{where}[{key!r}]", option, value)
+    return checked
+
+
+def parse_channel_layers(settings: Mapping[str, Mapping[str, Any]] | None) -> dict[str, BackendSettings]:
+    """Validate a ``CHANNEL_LAYERS`` mapping and return ``{alias: BackendSettings}``.
+
+    ``None`` or an empty mapping means one in-memory ``"default"`` alias.
+    Backend names may be short (``"redis"``) or dotted paths; options are
+    checked against the backend's constructor.
+    """
+    if not settings:
+        return {DEFAULT_LAYER_ALIAS: BackendSettings()}
+    if not isinstance(settings, Mapping):
+        raise InvalidChannelLayerConfig(
+            f"CHANNEL_LAYERS must be a mapping of alias to settings, got {type(settings).__name__}"
+        )
+    parsed: dict[str, BackendSettings] = {}
+    for alias, entry in settings.items():
+        if not isinstance(alias, str) or not alias:
+            raise InvalidChannelLayerConfig(f"channel layer aliases must be non-empty strings, got {alias!r}")
+        if not isinstance(entry, Mapping):
+            raise InvalidChannelLayerConfig(
+                f"CHANNEL_LAYERS[{alias!r}] must be a mapping with BACKEND and CONFIG keys, got {entry!r}"
+            )
+        unknown = set(entry) - _ALIAS_KEYS
+        if unknown:
+            raise InvalidChannelLayerConfig(
+                f"CHANNEL_LAYERS[{alias!r}] has unknown key(s) {sorted(unknown)}; "
+                "valid keys are BACKEND, CONFIG"
+            )
+        backend_path = _resolve_backend_path(entry.get("BACKEND", DEFAULT_BACKEND))
+        backend = load_backend_class(backend_path)
+        config = entry.get("CONFIG", {})
+        if config is None:
+            config = {}
+        if not isinstance(config, Mapping):
+            raise InvalidChannelLayerConfig(
+                f"CHANNEL_LAYERS[{alias!r}]['CONFIG'] must be a mapping, got {type(config).__name__}"
+            )
+        checked = _validate_config(backend, config, f"CHANNEL_LAYERS[{alias!r}]['CONFIG']")
+        parsed[alias] = BackendSettings(backend=backend_path, config=checked)
+    return parsed
+
+
+def build_channel_layer(
+    backend: str | BackendSettings, config: Mapping[str, Any] | None = None
+) -> BaseChannelLayer:
+    """Create a layer from a backend name or path and its options (or a ``BackendSettings``)."""
+    if isinstance(backend, BackendSettings):
+        if config is not None:
+            raise TypeError("pass either BackendSettings or (backend, config), not both")
+        path, config = backend.backend, backend.config
+    else:
+        path = backend
+    backend_class = load_backend_class(path)
+    checked = _validate_config(backend_class, config or {}, f"CONFIG of {backend_class.__name__}")
+    return backend_class(**checked)
+
+
+def get_channel_layer(
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    alias: str = DEFAULT_LAYER_ALIAS,
+) -> BaseChannelLayer:
+    """Create the layer of ``alias`` from a ``CHANNEL_LAYERS`` mapping (in-memory if None).
+
+    Each call creates a new layer: create one per process at startup and reuse it.
+    """
+    layers = parse_channel_layers(settings)
+    if alias not in layers:
+        raise InvalidChannelLayerConfig(
+            f"channel layer alias {alias!r} is not configured; configured aliases: {sorted(layers)}"
+        )
+    return build_channel_layer(layers[alias])
+
+
+# ---------------------------------------------------------------- environment
+
+
+def _alias_infix(alias: str) -> str:
+    token = re.sub(r"[^A-Za-z0-9]+", "_", alias).strip("_").upper()
+    if not token:
+        raise InvalidChannelLayerConfig(f"alias {alias!r} must contain letters or digits")
+    return token + "_"
+
+
+def _parse_env_alias(environ: Mapping[str, str], prefix: str) -> BackendSettings:
+    backend_var = f"{prefix}BACKEND"
+    raw_backend = environ.get(backend_var, "").strip() or "inmemory"
+    try:
+        backend = load_backend_class(raw_backend)
+    except InvalidChannelLayerConfig as exc:
+        raise InvalidChannelLayerConfig(f"{backend_var}={raw_backend!r}: {exc}") from exc
+    options = backend_options(backend)
+    option_prefix = f"{prefix}{_env_name(backend)}_"
+    by_var = {option_prefix + name.upper(): option for name, option in options.items()}
+    config: dict[str, Any] = {}
+    for var, text in environ.items():
+        if not var.startswith(option_prefix):
+            continue
+        option = by_var.get(var)
+        if option is None:
+            settable = sorted(v for v, o in by_var.items() if o.env_settable)
+            raise InvalidChannelLayerConfig(
+                f"unknown environment variable {var} for {backend.__name__}; "
+                f"valid variables are {', '.join(settable)}"
+            )
+        parse = _env_parser(option.annotation)
+        if parse is None:
+            raise InvalidChannelLayerConfig(
+                f"{var}: option {option.name!r} cannot be set from the environment; set it in CONFIG"
+            )
+        try:
+            config[option.name] = parse(text)
+        except ValueError as exc:
+            raise InvalidChannelLayerConfig(
+                f"{var}={text!r} is not valid: expected {_describe(option.annotation)}"
+            ) from exc
+    return BackendSettings(backend=_resolve_backend_path(raw_backend), config=config)
+
+
+def parse_channel_layers_from_env(
+    environ: Mapping[str, str] | None = None,
+    prefix: str = DEFAULT_ENV_PREFIX,
+    alias: str = DEFAULT_LAYER_ALIAS,
+) -> dict[str, BackendSettings]:
+    """Read layer settings from environment variables.
+
+    Without ``{prefix}ALIASES``, the unaliased variables (``{prefix}BACKEND``,
+    ``{prefix}REDIS_URL``, ...) configure ``alias``. With
+    ``{prefix}ALIASES=default,events`` each alias reads its own
+    ``{prefix}{ALIAS}_BACKEND``, ``{prefix}{ALIAS}_REDIS_URL``, ...
+    Unset variables take the backend's defaults.
+    """
+    env = os.environ if environ is None else environ
+    aliases_var = f"{prefix}ALIASES"
+    if aliases_var in env:
+        aliases = _split_list(env[aliases_var])
+        if not aliases:
+            raise InvalidChannelLayerConfig(f"{aliases_var} is set but names no alias; e.g. 'default,events'")
+        return {name: _parse_env_alias(env, prefix + _alias_infix(name)) for name in aliases}
+    return {alias: _parse_env_alias(env, prefix)}
+
+
+def get_channel_layer_from_env(
+    environ: Mapping[str, str] | None = None,
+    prefix: str = DEFAULT_ENV_PREFIX,
+    alias: str = DEFAULT_LAYER_ALIAS,
+) -> BaseChannelLayer:
+    """Create the layer of ``alias`` from environment variables (in-memory when unset)."""
+    layers = parse_channel_layers_from_env(environ, prefix=prefix, alias=alias)
+    if alias not in layers:
+        raise InvalidChannelLayerConfig(
+            f"channel layer alias {alias!r} is not listed in {prefix}ALIASES ({sorted(layers)})"
+        )
+    return build_channel_layer(layers[alias])

@@ -1,0 +1,78 @@
+"""The exception hierarchy: every error the library raises is a ``ChannelLayerError``.
+
+Several errors also inherit from the matching built-in (``TimeoutError``,
+``ValueError``, ``TypeError``) so that callers who already catch those keep
+working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailable",
+    "ChannelFull",
+    "ChannelLayerClosed",
+    "ChannelLayerError",
+    "InvalidChannelLayerConfig",
+    "InvalidChannelName",
+    "MessageTooLarge",
+    "ReceiveTimeout",
+    "SerializationError",
+]
+
+
+class ChannelLayerError(Exception):
+    """Base class of every error raised by a channel layer."""
+
+
+class InvalidChannelLayerConfig(ChannelLayerError, ValueError):
+    """A configuration value (dict key, environment variable, option) is wrong."""
+
+
+class InvalidChannelName(ChannelLayerError, ValueError):
+    """A channel or group name breaks the naming rules."""
+
+
+class ChannelFull(ChannelLayerError):
+    """A channel already holds ``capacity`` undelivered messages."""
+
+    def __init__(self, channel: str, capacity: int) -> None:
+        self.channel = channel
+        self.capacity = capacity
+        super().__init__(
+            f"channel {channel!r} is full ({capacity} undelivered messages); "
+            "receive from it faster or raise its capacity (capacity/channel_capacity)"
+        )
+
+
+class ChannelLayerClosed(ChannelLayerError):
+    """The layer was closed, before or while the operation ran."""
+
+
+class ReceiveTimeout(ChannelLayerError, TimeoutError):
+    """``receive(channel, timeout=...)`` saw no message in time."""
+
+    def __init__(self, channel: str, timeout: float) -> None:
+        self.channel = channel
+        self.timeout = timeout
+        super().__init__(f"no message arrived on channel {channel!r} within {timeout} s")
+
+
+class SerializationError(ChannelLayerError, TypeError):
+    """A message holds a value the serializer cannot carry, or a frame cannot be decoded."""
+
+
+class MessageTooLarge(ChannelLayerError, ValueError):
+    """An encoded message is larger than the layer's ``max_message_size``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"encoded message is {size} bytes, over the layer's max_message_size of "
+            f"{limit} bytes; send a reference (a key or URL) instead of the payload, "
+            "or raise max_message_size"
+        )
+
+
+class BackendUnavailable(ChannelLayerError, ConnectionError):
+    """The broker could not be reached within the layer's time limit."""

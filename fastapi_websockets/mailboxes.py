@@ -1,0 +1,204 @@
+"""Bounded per-channel local queues: the demultiplexer every backend feeds.
+
+Each backend has one inbox per process on its broker. Whatever arrives there
+is decoded once and put into the mailbox of the channel it names; a
+``receive()`` waits on that mailbox only. Waiting is a plain future, so 10,000
+waiting receivers cost 10,000 futures and no broker resources.
+
+Properties kept here, for every backend:
+
+* bounded: a mailbox holds at most ``capacity_for(channel)`` messages;
+* direct hand-off: a message for a channel with a waiting receiver skips the
+  queue;
+* cancellation-safe: a receiver cancelled after a message was handed to it
+  puts the message back at the head, so the next receive gets it;
+* expiring: messages older than ``expiry`` seconds are dropped, checked at the
+  head on every get and for all mailboxes at most twice per ``expiry``;
+* no garbage: a mailbox with no messages and no waiters is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi_websockets.exceptions import ChannelLayerClosed, ReceiveTimeout
+from fastapi_websockets.types import Message
+
+__all__ = ["MailboxStats", "Mailboxes"]
+
+logger = logging.getLogger("fastapi_websockets.mailboxes")
+
+
+@dataclass
+class MailboxStats:
+    """Counters of messages the mailboxes did not deliver."""
+
+    dropped_full: int = 0
+    dropped_expired: int = 0
+
+
+class _Box:
+    __slots__ = ("items", "waiters")
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[float, Message]] = deque()
+        self.waiters: deque[asyncio.Future[Message]] = deque()
+
+
+class Mailboxes:
+    """The set of local mailboxes of one layer instance."""
+
+    def __init__(self, capacity_for: Callable[[str], int], expiry: float) -> None:
+        self._capacity_for = capacity_for
+        self._expiry = expiry
+        self._boxes: dict[str, _Box] = {}
+        self._closed = False
+        self._next_sweep = time.monotonic() + expiry
+        self.stats = MailboxStats()
+
+    def __len__(self) -> int:
+        return len(self._boxes)
+
+    def pending(self, channel: str) -> int:
+        """Number of queued (not yet received) messages for ``channel``."""
+        box = self._boxes.get(channel)
+        return len(box.items) if box is not None else 0
+
+    def waiting(self, channel: str) -> int:
+        """Number of receivers waiting on ``channel``."""
+        box = self._boxes.get(channel)
+        return sum(1 for fut in box.waiters if not fut.done()) if box is not None else 0
+
+    def is_full(self, channel: str) -> bool:
+        """Whether a put to ``channel`` would be refused right now."""
+        box = self._boxes.get(channel)
+        if box is None or any(not fut.done() for fut in box.waiters):
+            return False
+        self._drop_expired(box, time.monotonic())
+        return len(box.items) >= self._capacity_for(channel)
+
+    def put(self, channel: str, message: Message) -> bool:
+        """Deliver ``message`` to ``channel``; return False when the mailbox is full."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        box = self._boxes.get(channel)
+        if box is None:
+            box = self._boxes[channel] = _Box()
+        while box.waiters:
+            fut = box.waiters.popleft()
+            if not fut.done():
+                fut.set_result(message)
+                return True
+        if len(box.items) >= self._capacity_for(channel):
+            self._drop_expired(box, now)
+            if len(box.items) >= self._capacity_for(channel):
+                return False
+        box.items.append((now + self._expiry, message))
+        return True
+
+    def pop_nowait(self, channel: str) -> Message | None:
+        """Take the oldest unexpired message of ``channel`` without waiting, or None."""
+        box = self._boxes.get(channel)
+        if box is None:
+            return None
+        self._drop_expired(box, time.monotonic())
+        if not box.items:
+            self._discard_if_idle(channel, box)
+            return None
+        _, message = box.items.popleft()
+        self._discard_if_idle(channel, box)
+        return message
+
+    async def get(self, channel: str, timeout: float | None = None) -> Message:
+        """Wait for the next message of ``channel``.
+
+        Raises ``ReceiveTimeout`` after ``timeout`` seconds and ``ChannelLayerClosed``
+        if the mailboxes are closed meanwhile.
+        """
+        if self._closed:
+            raise ChannelLayerClosed("the channel layer is closed")
+        message = self.pop_nowait(channel)
+        if message is not None:
+            return message
+        box = self._boxes.get(channel)
+        if box is None:
+            box = self._boxes[channel] = _Box()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
+        box.waiters.append(fut)
+        timer = None
+        if timeout is not None:
+            timer = loop.call_later(timeout, _expire, fut, channel, timeout)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Cancelled after a message was handed to us: give it back, at the head.
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._requeue(channel, fut.result())
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            current = self._boxes.get(channel)
+            if current is not None:
+                with contextlib.suppress(ValueError):
+                    current.waiters.remove(fut)
+                self._discard_if_idle(channel, current)
+
+    def _requeue(self, channel: str, message: Message) -> None:
+        box = self._boxes.get(channel)
+        if box is None:
+            box = self._boxes[channel] = _Box()
+        while box.waiters:
+            fut = box.waiters.popleft()
+            if not fut.done():
+                fut.set_result(message)
+                return
+        box.items.appendleft((time.monotonic() + self._expiry, message))
+
+    def close(self) -> None:
+        """Wake every waiting receiver with ``ChannelLayerClosed`` and drop all messages."""
+        self._closed = True
+        for box in self._boxes.values():
+            for fut in box.waiters:
+                if not fut.done():
+                    fut.set_exception(ChannelLayerClosed("the channel layer was closed"))
+        self._boxes.clear()
+
+    def clear(self) -> None:
+        """Drop every queued message; waiting receivers keep waiting."""
+        for channel, box in list(self._boxes.items()):
+            box.items.clear()
+            self._discard_if_idle(channel, box)
+
+    def _drop_expired(self, box: _Box, now: float) -> None:
+        items = box.items
+        while items and items[0][0] <= now:
+            items.popleft()
+            self.stats.dropped_expired += 1
+
+    def _discard_if_idle(self, channel: str, box: _Box) -> None:
+        if not box.items and not box.waiters and self._boxes.get(channel) is box:
+            del self._boxes[channel]
+
+    def _sweep(self, now: float) -> None:
+        # Amortized: one pass over all mailboxes at most twice per expiry period,
+        # so channels nobody reads any more do not hold memory forever.
+        self._next_sweep = now + max(self._expiry / 2, 0.5)
+        for channel, box in list(self._boxes.items()):
+            self._drop_expired(box, now)
+            self._discard_if_idle(channel, box)
+        if self.stats.dropped_expired:
+            logger.debug("mailboxes dropped %d expired messages so far", self.stats.dropped_expired)
+
+
+def _expire(fut: asyncio.Future[Message], channel: str, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(ReceiveTimeout(channel, timeout))

@@ -1,0 +1,93 @@
+"""Channel and group name rules, checked once for every backend.
+
+A name is a non-empty string of at most :data:`MAX_NAME_LENGTH` characters with
+no whitespace or control characters. A channel name holding ``!`` is
+*process-specific* (``"{prefix}.{process-token}!{local-id}"``, as returned by
+``new_channel()``): only the layer instance that created it receives from it.
+Any other channel name is a *named* channel: a shared queue that any process
+may receive from.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi_websockets.exceptions import InvalidChannelName
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "is_process_specific",
+    "new_token",
+    "process_token",
+    "validate_channel_name",
+    "validate_group_name",
+    "validate_prefix",
+]
+
+#: Longest accepted channel or group name. Broker identifiers derived from names
+#: are escaped or hashed by each backend, so this bound is about sanity, not brokers.
+MAX_NAME_LENGTH = 200
+
+
+def _check(kind: str, name: object) -> str:
+    if not isinstance(name, str):
+        raise InvalidChannelName(f"{kind} name must be a str, got {type(name).__name__}: {name!r}")
+    if not name:
+        raise InvalidChannelName(f"{kind} name must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidChannelName(
+            f"{kind} name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}: {name[:40]!r}..."
+        )
+    if not name.isprintable() or any(ch.isspace() for ch in name):
+        raise InvalidChannelName(
+            f"{kind} name {name!r} contains whitespace or a control character; "
+            "use letters, digits and punctuation such as '.', '-', '_', ':'"
+        )
+    return name
+
+
+def validate_channel_name(name: object) -> str:
+    """Return ``name`` if it is a valid channel name, else raise ``InvalidChannelName``."""
+    checked = _check("channel", name)
+    if checked.startswith("!") or checked.count("!") > 1:
+        raise InvalidChannelName(
+            f"channel name {checked!r} has a misplaced '!'; '!' may appear once, after a "
+            "process prefix, as in names returned by new_channel()"
+        )
+    return checked
+
+
+def validate_group_name(name: object) -> str:
+    """Return ``name`` if it is a valid group name, else raise ``InvalidChannelName``."""
+    checked = _check("group", name)
+    if "!" in checked:
+        raise InvalidChannelName(f"group name {checked!r} must not contain '!'")
+    return checked
+
+
+def validate_prefix(prefix: object) -> str:
+    """Validate the ``prefix`` argument of ``new_channel()``."""
+    checked = _check("channel prefix", prefix)
+    if "!" in checked:
+        raise InvalidChannelName(f"channel prefix {checked!r} must not contain '!'")
+    return checked
+
+
+def is_process_specific(channel: str) -> bool:
+    """Whether ``channel`` is a process-specific name (it holds ``!``)."""
+    return "!" in channel
+
+
+def process_token(channel: str) -> str:
+    """The owning process token of a process-specific channel name.
+
+    ``"chat.ab12cd!x9"`` -> ``"ab12cd"``; a name with no ``.`` before the ``!``
+    is its own token (``"ab!x"`` -> ``"ab"``).
+    """
+    head = channel.split("!", 1)[0]
+    return head.rsplit(".", 1)[-1]
+
+
+def new_token(nbytes: int = 8) -> str:
+    """A random lowercase hex token, safe as a name part on every broker."""
+    return secrets.token_hex(nbytes)

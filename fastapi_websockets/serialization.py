@@ -1,0 +1,60 @@
+"""Bytes-safe message encoding shared by every backend.
+
+msgpack is the default: it keeps ``bytes`` and ``str`` apart without base64 or
+tagging user dicts, and it is faster and smaller than JSON (``bench/serializers.py``
+measures it). Tuples come back as lists; dict keys may be ``str``, ``int`` or
+``bytes``. Anything else (``datetime``, ``Decimal``, ``UUID``, sets, custom
+objects) is refused with a :class:`SerializationError` that names the value's
+type, so a bad payload fails at ``send()`` in the sender's traceback rather
+than in some consumer later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from fastapi_websockets.exceptions import SerializationError
+from fastapi_websockets.types import Message
+
+__all__ = ["MsgpackSerializer", "default_serializer"]
+
+
+def _refuse(value: Any) -> Any:
+    raise SerializationError(
+        f"cannot serialize a value of type {type(value).__name__} ({value!r:.60}); "
+        "messages may hold str, bytes, int, float, bool, None, lists and dicts: "
+        "convert it first (for example str() or isoformat() for datetimes)"
+    )
+
+
+class MsgpackSerializer:
+    """The default :class:`~fastapi_websockets.types.Serializer`: msgpack with bin types."""
+
+    def dumps(self, message: Message) -> bytes:
+        """Encode ``message``; raise ``SerializationError`` naming any unsupported value."""
+        if not isinstance(message, dict):
+            raise SerializationError(
+                f"a message must be a dict, got {type(message).__name__}: {message!r:.60}"
+            )
+        try:
+            data: bytes = msgpack.packb(message, use_bin_type=True, default=_refuse)
+        except SerializationError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SerializationError(f"cannot serialize message: {exc}") from exc
+        return data
+
+    def loads(self, data: bytes) -> Message:
+        """Decode ``data``; raise ``SerializationError`` if it is not an encoded dict."""
+        try:
+            value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise SerializationError(f"cannot decode message frame: {exc}") from exc
+        if not isinstance(value, dict):
+            raise SerializationError(f"decoded frame is a {type(value).__name__}, not a dict")
+        return value
+
+
+default_serializer = MsgpackSerializer()

@@ -1,0 +1,434 @@
+"""The channel-layer contract, run against every backend variant on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fastapi_websockets import (
+    ChannelFull,
+    ChannelLayerClosed,
+    ChannelLayerError,
+    InvalidChannelLayerConfig,
+)
+from fastapi_websockets.exceptions import (
+    InvalidChannelName,
+    MessageTooLarge,
+    ReceiveTimeout,
+    SerializationError,
+)
+from tests.conftest import LayerFactory
+from tests.servers import Backend
+
+# ---------------------------------------------------------------- point to point
+
+
+async def test_named_channel_round_trip_keeps_types(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    message = {
+        "type": "chat.message",
+        "text": "héllo",
+        "blob": b"\x00\x01\xffhello",
+        "nested": {"list": [1, 2.5, None, True, "x"], "bytes": [b"a", b""]},
+        "int_keys": {1: "one"},
+        "big": 2**62,
+    }
+    await layer.send("chat.room", message)
+    received = await layer.receive("chat.room", timeout=10)
+    assert received == message
+    assert isinstance(received["blob"], bytes)
+
+
+async def test_user_dict_that_looks_like_a_tag_is_untouched(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    message = {"type": "x", "payload": {"__type__": "bytes", "data": "AAE="}, "nul": "a\x00b"}
+    await layer.send("tagged", message)
+    assert await layer.receive("tagged", timeout=10) == message
+
+
+async def test_process_specific_channel_round_trip(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel("ws")
+    await layer.send(channel, {"type": "hello", "n": 1})
+    assert await layer.receive(channel, timeout=10) == {"type": "hello", "n": 1}
+
+
+async def test_new_channel_names(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    names = {await layer.new_channel("ws") for _ in range(100)}
+    assert len(names) == 100
+    for name in names:
+        assert name.startswith("ws.")
+        assert name.count("!") == 1
+    assert (await layer.new_channel()).startswith("specific.")
+
+
+async def test_fifo_order_on_one_channel(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel()
+    for i in range(50):
+        await layer.send(channel, {"type": "n", "i": i})
+        await layer.send("fifo.named", {"type": "n", "i": i})
+    assert [(await layer.receive(channel, timeout=10))["i"] for _ in range(50)] == list(range(50))
+    assert [(await layer.receive("fifo.named", timeout=10))["i"] for _ in range(50)] == list(range(50))
+
+
+async def test_similar_names_do_not_collide(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    names = ["a.b", "a_b", "a-b", "a:b", "A.b", "a*b", "a>b", "a/b", "a..b", "ä.b"]
+    for index, name in enumerate(names):
+        await layer.send(name, {"type": "t", "i": index})
+    for index, name in enumerate(names):
+        assert (await layer.receive(name, timeout=10))["i"] == index
+
+
+async def test_receive_timeout_is_a_timeout_error(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel()
+    with pytest.raises(ReceiveTimeout, match=r"within 0\.2 s") as info:
+        await layer.receive(channel, timeout=0.2)
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, ChannelLayerError)
+    with pytest.raises(TimeoutError):
+        await layer.receive("named.empty", timeout=0.2)
+    # The layer still works after timeouts.
+    await layer.send(channel, {"type": "after"})
+    await layer.send("named.empty", {"type": "after"})
+    assert (await layer.receive(channel, timeout=10))["type"] == "after"
+    assert (await layer.receive("named.empty", timeout=10))["type"] == "after"
+
+
+async def test_cancelled_receive_does_not_swallow_the_next_message(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel()
+    for target in (channel, "cancel.named"):
+        waiter = asyncio.create_task(layer.receive(target))
+        await asyncio.sleep(0.2)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await layer.send(target, {"type": "kept"})
+        assert await layer.receive(target, timeout=10) == {"type": "kept"}
+
+
+async def test_many_cancellations_lose_nothing(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel()
+    got: list[int] = []
+
+    async def sender() -> None:
+        for i in range(100):
+            await layer.send(channel, {"type": "n", "i": i})
+            await asyncio.sleep(0)
+
+    send_task = asyncio.create_task(sender())
+    while len(got) < 100:
+        try:
+            message = await layer.receive(channel, timeout=0.001 if len(got) % 3 else 10)
+        except TimeoutError:
+            continue
+        got.append(message["i"])
+    await send_task
+    assert got == list(range(100))
+
+
+# ------------------------------------------------------------------------ close
+
+
+async def test_close_wakes_pending_receivers(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel()
+    waiters = [asyncio.create_task(layer.receive(channel)) for _ in range(3)]
+    waiters.append(asyncio.create_task(layer.receive("closing.named")))
+    await asyncio.sleep(0.2)
+    await layer.close()
+    for waiter in waiters:
+        with pytest.raises(ChannelLayerClosed):
+            await waiter
+    await layer.close()  # idempotent
+    assert layer.closed
+    with pytest.raises(ChannelLayerClosed):
+        await layer.send(channel, {"type": "x"})
+    with pytest.raises(ChannelLayerClosed):
+        await layer.receive(channel)
+    with pytest.raises(ChannelLayerClosed):
+        await layer.group_send("g", {"type": "x"})
+
+
+async def test_async_with_closes(make_layer: LayerFactory) -> None:
+    async with make_layer() as layer:
+        await layer.send("ctx", {"type": "x"})
+        assert (await layer.receive("ctx", timeout=10))["type"] == "x"
+    assert layer.closed
+
+
+async def test_close_without_use(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    await layer.close()
+    assert layer.closed
+
+
+# ----------------------------------------------------------------------- groups
+
+
+async def test_group_send_reaches_every_member(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channels = [await layer.new_channel() for _ in range(5)]
+    for channel in channels:
+        await layer.group_add("room:demo", channel)
+    await layer.group_send("room:demo", {"type": "chat.message", "text": "hi"})
+    for channel in channels:
+        assert await layer.receive(channel, timeout=10) == {"type": "chat.message", "text": "hi"}
+
+
+async def test_group_with_named_and_specific_members(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    specific = await layer.new_channel()
+    await layer.group_add("chat-room", "chat.room")
+    await layer.group_add("chat-room", specific)
+    await layer.group_send("chat-room", {"type": "broadcast", "text": "hello all"})
+    assert (await layer.receive("chat.room", timeout=10))["text"] == "hello all"
+    assert (await layer.receive(specific, timeout=10))["text"] == "hello all"
+    await layer.group_discard("chat-room", "chat.room")
+    await layer.group_send("chat-room", {"type": "broadcast", "text": "second"})
+    assert (await layer.receive(specific, timeout=10))["text"] == "second"
+    with pytest.raises(TimeoutError):
+        await layer.receive("chat.room", timeout=0.3)
+
+
+async def test_group_discard_and_empty_groups(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    a, b = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("g", a)
+    await layer.group_add("g", b)
+    await layer.group_add("g", a)  # refresh, not a duplicate
+    await layer.group_discard("g", a)
+    await layer.group_discard("g", a)  # no-op
+    await layer.group_discard("never-existed", a)
+    await layer.group_send("g", {"type": "x"})
+    await layer.group_send("empty-group", {"type": "x"})
+    assert (await layer.receive(b, timeout=10))["type"] == "x"
+    with pytest.raises(TimeoutError):
+        await layer.receive(a, timeout=0.3)
+    with pytest.raises(TimeoutError):
+        await layer.receive(b, timeout=0.3)  # exactly one copy despite the double add
+
+
+async def test_group_send_to_many_waiting_receivers(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channels = [await layer.new_channel() for _ in range(500)]
+    for channel in channels:
+        await layer.group_add("big", channel)
+    receivers = [asyncio.create_task(layer.receive(channel, timeout=30)) for channel in channels]
+    await asyncio.sleep(0.1)
+    await layer.group_send("big", {"type": "fan.out", "n": 1})
+    results = await asyncio.gather(*receivers)
+    assert all(result == {"type": "fan.out", "n": 1} for result in results)
+
+
+async def test_group_member_expiry_is_per_member(make_layer: LayerFactory) -> None:
+    layer = make_layer(group_expiry=2)
+    old, new = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("expiring", old)
+    await asyncio.sleep(1.2)
+    await layer.group_add("expiring", new)
+    await asyncio.sleep(1.2)
+    await layer.group_send("expiring", {"type": "x"})
+    assert (await layer.receive(new, timeout=10))["type"] == "x"
+    with pytest.raises(TimeoutError):
+        await layer.receive(old, timeout=0.3)
+
+
+# -------------------------------------------------------------- capacity, expiry
+
+
+async def test_send_to_full_channel_raises_channel_full(make_layer: LayerFactory) -> None:
+    layer = make_layer(capacity=3)
+    channel = await layer.new_channel()
+    for target in (channel, "full.named"):
+        for i in range(3):
+            await layer.send(target, {"type": "n", "i": i})
+        with pytest.raises(ChannelFull, match="full") as info:
+            await layer.send(target, {"type": "n", "i": 3})
+        assert info.value.capacity == 3
+        assert [(await layer.receive(target, timeout=10))["i"] for _ in range(3)] == [0, 1, 2]
+        await layer.send(target, {"type": "n", "i": 4})  # room again
+        assert (await layer.receive(target, timeout=10))["i"] == 4
+
+
+async def test_channel_capacity_patterns(make_layer: LayerFactory) -> None:
+    layer = make_layer(capacity=100, channel_capacity={"small.*": 1})
+    await layer.send("small.one", {"type": "x"})
+    with pytest.raises(ChannelFull):
+        await layer.send("small.one", {"type": "x"})
+    for _ in range(5):
+        await layer.send("large.one", {"type": "x"})
+
+
+async def test_group_send_skips_full_members(make_layer: LayerFactory) -> None:
+    layer = make_layer(capacity=2)
+    full, free = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("g", full)
+    await layer.group_add("g", free)
+    await layer.send(full, {"type": "pre"})
+    await layer.send(full, {"type": "pre"})
+    await layer.group_send("g", {"type": "g"})
+    assert (await layer.receive(free, timeout=10))["type"] == "g"
+    assert [(await layer.receive(full, timeout=10))["type"] for _ in range(2)] == ["pre", "pre"]
+    with pytest.raises(TimeoutError):
+        await layer.receive(full, timeout=0.3)
+
+
+async def test_undelivered_messages_expire(make_layer: LayerFactory) -> None:
+    layer = make_layer(channel_expiry=1)
+    channel = await layer.new_channel()
+    await layer.send(channel, {"type": "old"})
+    await layer.send("expiring.named", {"type": "old"})
+    await asyncio.sleep(2.2)
+    await layer.send(channel, {"type": "new"})
+    await layer.send("expiring.named", {"type": "new"})
+    assert (await layer.receive(channel, timeout=10))["type"] == "new"
+    assert (await layer.receive("expiring.named", timeout=10))["type"] == "new"
+
+
+async def test_flush_drops_messages_and_groups(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel()
+    await layer.send("flushed", {"type": "x"})
+    await layer.group_add("g", channel)
+    await layer.flush()
+    with pytest.raises(TimeoutError):
+        await layer.receive("flushed", timeout=0.3)
+    await layer.group_send("g", {"type": "x"})
+    with pytest.raises(TimeoutError):
+        await layer.receive(channel, timeout=0.3)
+
+
+# -------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", ["", " ", "a b", "tab\tname", "new\nline", "x" * 201, "!x", "a!b!c"])
+async def test_invalid_channel_names_are_refused(make_layer: LayerFactory, name: str) -> None:
+    layer = make_layer()
+    with pytest.raises(InvalidChannelName):
+        await layer.send(name, {"type": "x"})
+    with pytest.raises(ValueError, match="name"):
+        await layer.receive(name)
+    with pytest.raises(ValueError, match="name"):
+        await layer.group_add("g", name)
+
+
+@pytest.mark.parametrize("group", ["", "with space", "bang!", "x" * 201])
+async def test_invalid_group_names_are_refused(make_layer: LayerFactory, group: str) -> None:
+    layer = make_layer()
+    with pytest.raises(InvalidChannelName):
+        await layer.group_add(group, "chan")
+    with pytest.raises(InvalidChannelName):
+        await layer.group_send(group, {"type": "x"})
+
+
+async def test_unserializable_payloads_are_refused_clearly(make_layer: LayerFactory) -> None:
+    import datetime
+
+    layer = make_layer()
+    with pytest.raises(SerializationError, match="datetime"):
+        await layer.send("c", {"type": "x", "when": datetime.datetime.now()})
+    with pytest.raises(TypeError, match="set"):
+        await layer.group_send("g", {"type": "x", "tags": {1, 2}})
+    with pytest.raises(SerializationError, match="must be a dict"):
+        await layer.send("c", ["not", "a", "dict"])  # type: ignore[arg-type]
+    await layer.send("c", {"type": "still works"})
+    assert (await layer.receive("c", timeout=10))["type"] == "still works"
+
+
+async def test_oversized_messages_are_refused(make_layer: LayerFactory) -> None:
+    layer = make_layer(max_message_size=1000)
+    with pytest.raises(MessageTooLarge, match="max_message_size"):
+        await layer.send("c", {"type": "x", "body": b"x" * 2000})
+    with pytest.raises(MessageTooLarge):
+        await layer.group_send("g", {"type": "x", "body": b"x" * 2000})
+
+
+async def test_large_messages_within_the_limit_arrive(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    body = bytes(range(256)) * 2000  # 512 KB
+    channel = await layer.new_channel()
+    await layer.send(channel, {"type": "big", "body": body})
+    await layer.send("big.named", {"type": "big", "body": body})
+    assert (await layer.receive(channel, timeout=10))["body"] == body
+    assert (await layer.receive("big.named", timeout=10))["body"] == body
+
+
+async def test_bad_options_are_refused(backend: Backend) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match="capacity"):
+        backend.build("bad", capacity=0)
+    with pytest.raises(InvalidChannelLayerConfig, match="channel_expiry"):
+        backend.build("bad", channel_expiry=-1)
+
+
+# -------------------------------------------------------- between two instances
+
+
+@pytest.fixture
+def shared(backend: Backend) -> None:
+    if not backend.shared_between_instances:
+        pytest.skip("in-memory layers are process-local by design: instances share nothing")
+
+
+@pytest.mark.usefixtures("shared")
+async def test_send_to_another_instances_channel(make_layer: LayerFactory) -> None:
+    a, b = make_layer(), make_layer()
+    channel = await b.new_channel("ws")
+    await a.send(channel, {"type": "cross", "blob": b"\x00"})
+    assert await b.receive(channel, timeout=10) == {"type": "cross", "blob": b"\x00"}
+    with pytest.raises(InvalidChannelName, match="another layer instance"):
+        await a.receive(channel, timeout=1)
+
+
+@pytest.mark.usefixtures("shared")
+async def test_group_send_across_instances(make_layer: LayerFactory) -> None:
+    a, b, c = make_layer(), make_layer(), make_layer()
+    members = {layer: [await layer.new_channel() for _ in range(3)] for layer in (b, c)}
+    for layer, channels in members.items():
+        for channel in channels:
+            await layer.group_add("room", channel)
+    await a.group_send("room", {"type": "hello"})
+    for layer, channels in members.items():
+        for channel in channels:
+            assert await layer.receive(channel, timeout=10) == {"type": "hello"}
+    # A member added by one instance can be discarded by another.
+    await a.group_discard("room", members[b][0])
+    await a.group_send("room", {"type": "again"})
+    with pytest.raises(TimeoutError):
+        await b.receive(members[b][0], timeout=0.3)
+    assert (await c.receive(members[c][0], timeout=10))["type"] == "again"
+
+
+@pytest.mark.usefixtures("shared")
+async def test_named_channel_delivers_each_message_once(make_layer: LayerFactory) -> None:
+    a, b = make_layer(), make_layer()
+    for i in range(40):
+        await a.send("jobs", {"type": "job", "i": i})
+    seen: list[int] = []
+
+    async def drain(layer: object) -> None:
+        assert hasattr(layer, "receive")
+        while True:
+            try:
+                message = await layer.receive("jobs", timeout=1.5)
+            except TimeoutError:
+                return
+            seen.append(message["i"])
+
+    await asyncio.gather(drain(a), drain(b))
+    assert sorted(seen) == list(range(40))
+
+
+@pytest.mark.usefixtures("shared")
+async def test_waiting_named_receiver_gets_message_from_another_instance(make_layer: LayerFactory) -> None:
+    a, b = make_layer(), make_layer()
+    waiter = asyncio.create_task(b.receive("wake.me", timeout=10))
+    await asyncio.sleep(0.3)
+    await a.send("wake.me", {"type": "woken"})
+    assert (await waiter)["type"] == "woken"

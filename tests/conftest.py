@@ -1,0 +1,75 @@
+"""Test configuration: broker server plugins and the per-backend layer factory."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+import tests.servers
+from fastapi_websockets import BaseChannelLayer
+from tests.servers import Backend
+
+_SERVER_MODULES = [
+    f"tests.servers.{info.name}"
+    for info in pkgutil.iter_modules(tests.servers.__path__)
+    if not info.name.startswith("_")
+]
+pytest_plugins = _SERVER_MODULES
+
+
+def variants() -> dict[str, str]:
+    """``{variant: fixture name}``, gathered from every server module (loaded as plugins)."""
+    found: dict[str, str] = {}
+    for module in _SERVER_MODULES:
+        found.update(getattr(importlib.import_module(module), "VARIANTS", {}))
+    return found
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend",
+        action="append",
+        default=[],
+        help="run the conformance suite only on these variants (repeatable); default: all",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        known = variants()
+        chosen = metafunc.config.getoption("--backend") or list(known)
+        unknown = set(chosen) - set(known)
+        if unknown:
+            raise pytest.UsageError(f"unknown --backend {sorted(unknown)}; known: {sorted(known)}")
+        metafunc.parametrize("backend", chosen, indirect=True)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The backend variant under test (its server is started once per session)."""
+    result: Backend = request.getfixturevalue(variants()[request.param])
+    return result
+
+
+LayerFactory = Callable[..., BaseChannelLayer]
+
+
+@pytest.fixture
+async def make_layer(backend: Backend) -> AsyncIterator[LayerFactory]:
+    """Build layers on the backend under test; all share one fresh namespace and are closed after."""
+    namespace = "t" + uuid.uuid4().hex[:10]
+    layers: list[BaseChannelLayer] = []
+
+    def make(**options: Any) -> BaseChannelLayer:
+        layer = backend.build(namespace, **options)
+        layers.append(layer)
+        return layer
+
+    yield make
+    for layer in layers:
+        await layer.close()

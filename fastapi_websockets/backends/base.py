@@ -41,11 +41,19 @@ from fastapi_websockets.names import (
 from fastapi_websockets.serialization import default_serializer
 from fastapi_websockets.types import Message, Serializer
 
-__all__ = ["BaseChannelLayer"]
+__all__ = ["BaseChannelLayer", "missing_driver"]
 
 logger = logging.getLogger("fastapi_websockets")
 
 _CAPACITY_CACHE_SIZE = 4096
+
+
+def missing_driver(extra: str, exc: ImportError) -> InvalidChannelLayerConfig:
+    """The error a backend raises when its optional driver is not installed."""
+    return InvalidChannelLayerConfig(
+        f"this backend needs the {extra!r} extra, which is not installed ({exc}); "
+        f'install it with: pip install "fastapi-websockets[{extra}]"'
+    )
 
 
 def _positive(name: str, value: object, *, integer: bool = False) -> None:

@@ -15,8 +15,19 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
 
     backend_name = "postgresql"
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(
+        self,
+        *,
+        dsn: str = "postgresql://postgres:postgres@localhost:5432/postgres",
+        schema: str = "fastapi_websockets",
+        channel_expiry: float = 60,
+        group_expiry: float = 86400,
+        poll_interval: float = 0.1,
+        prune_interval: float = 60.0,
+        ensure_schema: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(channel_expiry=channel_expiry, group_expiry=group_expiry, **options)
 
     async def _start(self) -> None:
         raise NotImplementedError("the postgresql backend is not implemented yet")

@@ -137,7 +137,7 @@ class AsyncWebSocketConsumer:
         except WebSocketDisconnect as exc:
             close_code = exc.code
         except Exception:
-            logger.exception("consumer %s failed while connecting", type(self).__name__)
+            logger.exception("%s failed on %s", type(self).__name__, self.channel_name or "a new connection")
             close_code = CLOSE_INTERNAL_ERROR
             await self._close_quietly(CLOSE_INTERNAL_ERROR, "internal error")
         finally:

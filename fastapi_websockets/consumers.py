@@ -29,6 +29,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import anyio
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -148,36 +149,35 @@ class AsyncWebSocketConsumer:
                 logger.exception("%s.disconnect() failed", type(self).__name__)
 
     async def _run(self) -> int | None:
-        frames = asyncio.create_task(self._frame_loop(), name=f"{self.channel_name} frames")
-        events = asyncio.create_task(self._event_loop(), name=f"{self.channel_name} events")
-        try:
-            await asyncio.wait({frames, events}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (frames, events):
-                task.cancel()
-            results = await asyncio.gather(frames, events, return_exceptions=True)
-        for result in results:
-            if isinstance(result, int):
-                return result
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                raise result
-        return None
+        # An anyio task group, not bare asyncio tasks: Starlette's test client cancels the
+        # app through anyio cancel scopes, which bare tasks awaited in a finally block confuse.
+        codes: list[int | None] = []
+
+        async with anyio.create_task_group() as group:
+
+            async def run_until_done(loop: Callable[[], Awaitable[int | None]]) -> None:
+                codes.append(await loop())
+                group.cancel_scope.cancel()
+
+            group.start_soon(run_until_done, self._frame_loop)
+            group.start_soon(run_until_done, self._event_loop)
+        return codes[0] if codes else None
 
     async def _frame_loop(self) -> int | None:
         websocket = self.websocket
         while True:
-            frame = await websocket.receive()
-            if frame["type"] == "websocket.disconnect":
-                self._closed = True
-                code: int | None = frame.get("code", CLOSE_NORMAL)
-                return code
             try:
+                frame = await websocket.receive()
+                if frame["type"] == "websocket.disconnect":
+                    self._closed = True
+                    code: int | None = frame.get("code", CLOSE_NORMAL)
+                    return code
                 await self.dispatch_websocket_receive(frame)
-            except (WebSocketDisconnect, ChannelLayerClosed):
-                raise
+            except WebSocketDisconnect as exc:
+                self._closed = True
+                return exc.code
             except Exception:
-                await self._handler_failed("receive")
+                await self._handler_failed("a client frame")
                 return CLOSE_INTERNAL_ERROR
             if self._closed:
                 return CLOSE_NORMAL
@@ -193,6 +193,7 @@ class AsyncWebSocketConsumer:
             try:
                 await self.dispatch_channel_message(message)
             except WebSocketDisconnect as exc:
+                self._closed = True
                 return exc.code
             except Exception:
                 await self._handler_failed(f"event {message.get('type')!r}")

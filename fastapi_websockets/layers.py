@@ -8,6 +8,7 @@ environment on first use, unless the app's lifespan installed one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -32,28 +33,46 @@ __all__ = [
     "set_default_layer",
 ]
 
-_defaults: dict[str, BaseChannelLayer] = {}
+# Keyed by (alias, event loop): a layer's futures and locks belong to one loop, and test
+# clients (Starlette's TestClient) run each app in a new loop. None is "any loop".
+_defaults: dict[tuple[str, asyncio.AbstractEventLoop | None], BaseChannelLayer] = {}
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def get_default_layer(alias: str = DEFAULT_LAYER_ALIAS) -> BaseChannelLayer:
-    """The process-wide layer of ``alias``: the one the lifespan installed, else one built from env."""
-    layer = _defaults.get(alias)
-    if layer is None or layer.closed:
-        layer = _defaults[alias] = get_channel_layer_from_env(alias=alias)
+    """The process-wide layer of ``alias``: the one the lifespan installed, else one built from env.
+
+    Layers are kept per event loop, so an app served by several test clients in turn
+    gets a working layer each time.
+    """
+    loop = _running_loop()
+    for key in ((alias, loop), (alias, None)):
+        layer = _defaults.get(key)
+        if layer is not None and not layer.closed:
+            return layer
+    for key in [key for key, layer in _defaults.items() if layer.closed or (key[1] and key[1].is_closed())]:
+        del _defaults[key]
+    layer = _defaults[(alias, loop)] = get_channel_layer_from_env(alias=alias)
     return layer
 
 
 def set_default_layer(layer: BaseChannelLayer, alias: str = DEFAULT_LAYER_ALIAS) -> None:
-    """Install ``layer`` as the process-wide layer of ``alias`` (tests, custom setups)."""
-    _defaults[alias] = layer
+    """Install ``layer`` as the process-wide layer of ``alias`` (for the running event loop)."""
+    _defaults[(alias, _running_loop())] = layer
 
 
 async def close_default_layers() -> None:
-    """Close and forget every process-wide default layer."""
-    layers = list(_defaults.values())
-    _defaults.clear()
-    for layer in layers:
-        await layer.close()
+    """Close and forget every process-wide default layer of the running event loop."""
+    loop = _running_loop()
+    keys = [key for key in _defaults if key[1] in (loop, None)]
+    for key in keys:
+        await _defaults.pop(key).close()
 
 
 def channel_layers_lifespan(
@@ -79,9 +98,9 @@ def channel_layers_lifespan(
         try:
             yield
         finally:
-            for alias, layer in layers.items():
-                if _defaults.get(alias) is layer:
-                    del _defaults[alias]
+            for layer in layers.values():
+                for key in [key for key, value in _defaults.items() if value is layer]:
+                    del _defaults[key]
                 await layer.close()
 
     return lifespan

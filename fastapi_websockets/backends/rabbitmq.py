@@ -47,7 +47,7 @@ from fastapi_websockets.exceptions import (
     InvalidChannelLayerConfig,
     SerializationError,
 )
-from fastapi_websockets.names import is_process_specific, process_token
+from fastapi_websockets.names import is_process_specific, new_token, process_token
 from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ _SEND = "send"
 _GROUP = "group"
 _ADD = "group_add"
 _DISCARD = "group_discard"
+_REPLY = "reply"
 
 
 # ------------------------------------------------------------------- names
@@ -278,6 +279,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         self._readers: dict[str, _Reader] = {}
         self._reader_queues: dict[str, AbstractRobustQueue] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._replies: dict[str, asyncio.Future[None]] = {}
         self._errors: tuple[type[BaseException], ...] = ()
         self._delivery_error: type[Exception] = Exception
         self._publish_error: type[Exception] = Exception
@@ -423,7 +425,14 @@ class RabbitMQChannelLayer(BaseChannelLayer):
                 self.local_groups.add(group, channel)
             else:
                 self.local_groups.discard(group, channel)
-            self._spawn(self._sync_binding(group), f"binding of group {group!r}")
+            self._spawn(
+                self._apply_and_reply(group, incoming.reply_to, incoming.correlation_id),
+                f"{kind} of {channel!r}",
+            )
+        elif kind == _REPLY:
+            pending = self._replies.pop(str(incoming.correlation_id), None)
+            if pending is not None and not pending.done():
+                pending.set_result(None)
         else:
             logger.warning("ignored an inbox message of unknown type %r", kind)
 
@@ -437,11 +446,11 @@ class RabbitMQChannelLayer(BaseChannelLayer):
             return
         await self._send_named(channel, data)
 
-    async def _publish(self, message: Any, routing_key: str, *, what: str) -> None:
+    async def _publish(self, message: Any, routing_key: str, *, what: str, mandatory: bool = False) -> None:
         exchange = self._exchange
         assert exchange is not None
         await self._broker(
-            self._channel, what, lambda: exchange.publish(message, routing_key, mandatory=False)
+            self._channel, what, lambda: exchange.publish(message, routing_key, mandatory=mandatory)
         )
 
     async def _send_named(self, channel: str, data: bytes) -> None:
@@ -675,13 +684,44 @@ class RabbitMQChannelLayer(BaseChannelLayer):
 
     async def _tell_owner(self, kind: str, group: str, channel: str) -> None:
         # Membership of a process-specific channel lives with the instance that
-        # owns it. It applies the change when this message reaches its inbox:
-        # before any later message this instance publishes, as one channel's
-        # publishes reach a queue in order.
-        message = self._message(b"", kind, {"group": group, "channel": channel}, persistent=False)
-        await self._publish(
-            message, _inbox_routing_key(process_token(channel)), what=f"{kind} of {channel!r}"
+        # owns it: ask it to apply the change and wait until it has (bindings
+        # included), so that a group_send from anywhere afterwards sees it.
+        token = new_token()
+        message = self._message_class(
+            b"",
+            type=kind,
+            headers={"group": group, "channel": channel},
+            correlation_id=token,
+            reply_to=_inbox_routing_key(self.client_token),
+            expiration=self.connect_timeout,
         )
+        reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._replies[token] = reply
+        try:
+            try:
+                await self._publish(
+                    message,
+                    _inbox_routing_key(process_token(channel)),
+                    what=f"{kind} of {channel!r}",
+                    mandatory=True,
+                )
+            except self._publish_error:
+                logger.debug("%s of %r: its layer is gone, nothing to do", kind, channel)
+                return
+            try:
+                await asyncio.wait_for(reply, self.connect_timeout)
+            except asyncio.TimeoutError:
+                logger.warning(
+                    "%s of %r: its layer did not confirm within %s s", kind, channel, self.connect_timeout
+                )
+        finally:
+            self._replies.pop(token, None)
+
+    async def _apply_and_reply(self, group: str, reply_to: str | None, correlation_id: str | None) -> None:
+        await self._sync_binding(group)
+        if reply_to and correlation_id:
+            reply = self._message_class(b"", type=_REPLY, correlation_id=correlation_id)
+            await self._publish(reply, reply_to, what="group membership reply")
 
     async def _sync_binding(self, group: str) -> None:
         """Bind the inbox to ``group`` iff a local channel is a member."""

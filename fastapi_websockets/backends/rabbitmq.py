@@ -354,8 +354,10 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         never cancelled on a timer, because aiormq closes the channel when one is.
         """
         assert channel is not None
+        assert self._connection is not None
         try:
-            await asyncio.wait_for(channel.ready(), self.connect_timeout)
+            if channel.is_closed or not self._connection.connected.is_set():
+                await asyncio.wait_for(channel.ready(), self.connect_timeout)
         except asyncio.TimeoutError:
             raise BackendUnavailable(
                 f"RabbitMQ at {_redact(self.url)} is unreachable: no connection within "

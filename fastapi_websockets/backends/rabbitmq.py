@@ -396,8 +396,9 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         # mailboxes in the order the broker delivered them.
         try:
             self._dispatch(incoming)
-        except SerializationError:
-            logger.exception("dropped an undecodable message from the inbox")
+        except (SerializationError, KeyError):
+            # Not ours to crash on: a foreign publisher or a corrupt frame.
+            logger.exception("dropped a malformed message from the inbox (type %r)", incoming.type)
         try:
             await incoming.ack()
         except self._errors as exc:

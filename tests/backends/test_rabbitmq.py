@@ -293,6 +293,31 @@ async def test_cross_instance_group_add(make: tuple[str, Factory]) -> None:
     assert (await b.receive(channel, timeout=10))["type"] == "hi"
 
 
+async def test_group_add_of_a_gone_instances_channel_is_a_no_op(make: tuple[str, Factory]) -> None:
+    _, build = make
+    a, b = build(connect_timeout=30), build()
+    channel = await b.new_channel()
+    await b.close()
+    # The owner's inbox is gone: the broker returns the request, nobody waits 30 s.
+    await asyncio.wait_for(a.group_add("orphans", channel), 10)
+    await asyncio.wait_for(a.group_discard("orphans", channel), 10)
+
+
+async def test_transient_classic_queues_with_durable_false(
+    make: tuple[str, Factory], node: RabbitNode
+) -> None:
+    prefix, build = make
+    layer = build(durable=False, capacity=2)
+    await layer.send("transient", {"type": "n", "i": 0})
+    await layer.send("transient", {"type": "n", "i": 1})
+    with pytest.raises(ChannelFull):
+        await layer.send("transient", {"type": "n", "i": 2})
+    info = queues(node, prefix)[named_queue_name(prefix, "transient")]
+    assert info["durable"] == "false"
+    assert "classic" in info["arguments"]
+    assert [(await layer.receive("transient", timeout=10))["i"] for _ in range(2)] == [0, 1]
+
+
 # ---------------------------------------------------------- broker restart
 
 

@@ -34,7 +34,7 @@ import hashlib
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -199,6 +199,7 @@ class _Reader:
     held: deque[AbstractIncomingMessage | Message] = field(default_factory=deque)
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     linger: asyncio.TimerHandle | None = None
+    starting: asyncio.Task[None] | None = None
 
     def wake_one(self) -> None:
         while self.waiters:
@@ -379,15 +380,36 @@ class RabbitMQChannelLayer(BaseChannelLayer):
             delivery_mode=2 if persistent else 1,
         )
 
-    def _spawn(self, coro: Awaitable[Any], what: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        """Run ``coro`` in a tracked task whose failure nobody awaits: it is logged."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(partial(self._task_done, what))
+        task.add_done_callback(partial(self._task_done, what, True))
 
-    def _task_done(self, what: str, task: asyncio.Task[Any]) -> None:
+    def _background(self, coro: Coroutine[Any, Any, T], what: str) -> asyncio.Task[T]:
+        """Run ``coro`` in a tracked task that callers await (shielded); they see its errors."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._task_done, what, False))
+        return task
+
+    async def _uncancellable(self, coro: Coroutine[Any, Any, T], what: str) -> T:
+        # Broker state changes (declare, bind, unbind) run to completion even if
+        # the caller is cancelled: a cancelled AMQP RPC closes its channel, and
+        # a half-applied change would leave our bookkeeping out of step.
+        return await asyncio.shield(self._background(coro, what))
+
+    def _task_done(self, what: str, loud: bool, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("background %s failed", what, exc_info=task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if loud:
+            logger.error("background %s failed", what, exc_info=exc)
+        else:
+            logger.debug("%s failed: %r", what, exc)
 
     # --------------------------------------------------------------- inbox
 
@@ -457,7 +479,10 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         )
 
     async def _send_named(self, channel: str, data: bytes) -> None:
-        queue = (await self._declare_named(channel)).name
+        name = named_queue_name(self.queue_prefix, channel)
+        if name not in self._declared:
+            await self._uncancellable(self._declare_named(channel), f"declare of {name!r}")
+        queue = name
         message = self._message(data, _SEND, None, persistent=self.durable)
         assert self._channel is not None
         default = self._channel.default_exchange
@@ -475,7 +500,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
                 self._declared.pop(queue, None)
                 if attempt == 2:
                     raise BackendUnavailable(f"queue {queue!r} vanished twice while sending") from None
-                await self._declare_named(channel)
+                await self._uncancellable(self._declare_named(channel), f"declare of {name!r}")
             except self._delivery_error:
                 raise ChannelFull(channel, self.capacity_for(channel)) from None
 
@@ -540,9 +565,14 @@ class RabbitMQChannelLayer(BaseChannelLayer):
             reader.linger.cancel()
             reader.linger = None
         try:
-            async with reader.lock:
-                if reader.tag is None:
-                    await self._start_reader(reader)
+            if reader.tag is None:
+                if reader.starting is None or reader.starting.done():
+                    reader.starting = self._background(
+                        self._start_reader(reader), f"consumer start of {channel!r}"
+                    )
+                # Shielded: a cancelled receive must not cancel a basic.consume
+                # RPC half way (aiormq would close the channel).
+                await asyncio.shield(reader.starting)
             return await self._next_named(reader)
         finally:
             reader.users -= 1
@@ -551,6 +581,11 @@ class RabbitMQChannelLayer(BaseChannelLayer):
                 reader.linger = loop.call_later(NAMED_LINGER, self._linger_expired, reader)
 
     async def _start_reader(self, reader: _Reader) -> None:
+        async with reader.lock:
+            if reader.tag is None:
+                await self._start_reader_locked(reader)
+
+    async def _start_reader_locked(self, reader: _Reader) -> None:
         name = (await self._declare_named(reader.channel)).name
         queue = self._reader_queues.get(name)
         reader_channel = self._reader_channel
@@ -569,9 +604,18 @@ class RabbitMQChannelLayer(BaseChannelLayer):
             )
             self._reader_queues[name] = queue
         reader.queue = queue
-        reader.tag = await self._broker(
-            reader_channel, f"consume from {name!r}", lambda: queue.consume(partial(self._on_named, reader))
-        )
+        # The tag is known before basic.consume returns: deliveries can arrive
+        # before this coroutine resumes.
+        tag = reader.tag = f"fw-{self.client_token}-{new_token(6)}"
+        try:
+            await self._broker(
+                reader_channel,
+                f"consume from {name!r}",
+                lambda: queue.consume(partial(self._on_named, reader), consumer_tag=tag),
+            )
+        except BaseException:
+            reader.tag = None
+            raise
 
     async def _on_named(self, reader: _Reader, incoming: AbstractIncomingMessage) -> None:
         if reader.tag is None or incoming.consumer_tag != reader.tag:
@@ -670,20 +714,20 @@ class RabbitMQChannelLayer(BaseChannelLayer):
     async def _group_add(self, group: str, channel: str) -> None:
         if self.is_local(channel):
             self.local_groups.add(group, channel)
-            await self._sync_binding(group)
+            await self._uncancellable(self._sync_binding(group), f"binding of group {group!r}")
         elif is_process_specific(channel):
             await self._tell_owner(_ADD, group, channel)
         else:
-            await self._bind_named(group, channel, bind=True)
+            await self._uncancellable(self._bind_named(group, channel, bind=True), f"bind of {channel!r}")
 
     async def _group_discard(self, group: str, channel: str) -> None:
         if self.is_local(channel):
             self.local_groups.discard(group, channel)
-            await self._sync_binding(group)
+            await self._uncancellable(self._sync_binding(group), f"binding of group {group!r}")
         elif is_process_specific(channel):
             await self._tell_owner(_DISCARD, group, channel)
         else:
-            await self._bind_named(group, channel, bind=False)
+            await self._uncancellable(self._bind_named(group, channel, bind=False), f"unbind of {channel!r}")
 
     async def _tell_owner(self, kind: str, group: str, channel: str) -> None:
         # Membership of a process-specific channel lives with the instance that

@@ -318,6 +318,31 @@ async def test_transient_classic_queues_with_durable_false(
     assert [(await layer.receive("transient", timeout=10))["i"] for _ in range(2)] == [0, 1]
 
 
+async def test_cancelled_calls_never_cancel_an_amqp_rpc(
+    make: tuple[str, Factory], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, build = make
+    layer = build()
+    channel = await layer.new_channel()
+    # Each of these receives starts a consumer (declare + basic.consume RPCs) and
+    # is cancelled by its timeout long before the broker answers.
+    for index in range(20):
+        with pytest.raises(TimeoutError):
+            await layer.receive(f"fresh.{index}", timeout=0.0001)
+    adding = [asyncio.create_task(layer.group_add(f"g{index}", channel)) for index in range(10)]
+    await asyncio.sleep(0)
+    for task in adding:
+        task.cancel()
+    await asyncio.gather(*adding, return_exceptions=True)
+    await layer.send("fresh.3", {"type": "still works"})
+    assert (await layer.receive("fresh.3", timeout=10))["type"] == "still works"
+    await layer.group_add("g1", channel)
+    await layer.group_send("g1", {"type": "bound"})
+    assert (await layer.receive(channel, timeout=10))["type"] == "bound"
+    closed = [record for record in caplog.records if "because RPC call" in record.getMessage()]
+    assert closed == []
+
+
 # ---------------------------------------------------------- broker restart
 
 

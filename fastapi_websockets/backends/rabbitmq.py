@@ -590,7 +590,12 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         queue = self._reader_queues.get(name)
         reader_channel = self._reader_channel
         assert reader_channel is not None
-        if queue is None:
+        if queue is not None:
+            # Declared again before each (rare) consumer start: x-expires may
+            # have deleted it since, and basic.consume on a missing queue
+            # would close the channel of every other named consumer.
+            await self._broker(reader_channel, f"declare of queue {name!r}", queue.declare)
+        else:
             # Declared (not passively) with its arguments on this robust channel,
             # so that a reconnect declares it again if the broker lost it.
             passive = name in self._mismatched
@@ -804,6 +809,9 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         # A named member is a broker binding of its queue: it needs no process
         # alive and does not expire with group_expiry (it lasts until
         # group_discard, or until queue_expiry deletes an unused queue).
+        # Declared again first: a bind to a queue x-expires deleted would
+        # close the channel.
+        self._declared.pop(named_queue_name(self.queue_prefix, channel), None)
         queue = await self._declare_named(channel)
         key = group_routing_key(group)
         if bind:

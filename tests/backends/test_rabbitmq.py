@@ -183,12 +183,17 @@ async def test_queue_expiry_deletes_unused_named_queues(make: tuple[str, Factory
     prefix, build = make
     layer = build(queue_expiry=1000)
     queue = named_queue_name(prefix, "short.lived")
+    await layer.send("short.lived", {"type": "first"})
+    assert (await layer.receive("short.lived", timeout=10))["type"] == "first"
     await layer.send("short.lived", {"type": "lost"})
     assert queue in queues(node, prefix)
+    # Once its consumer is gone, the unused queue expires with its message.
     await wait_until(lambda: queue not in queues(node, prefix), "queue expiry")
-    # Sending again declares the queue again (the old one took its message along).
+    # Reading and sending again declare it again.
+    waiter = asyncio.create_task(layer.receive("short.lived", timeout=10))
+    await asyncio.sleep(0.3)
     await layer.send("short.lived", {"type": "new"})
-    assert (await layer.receive("short.lived", timeout=10))["type"] == "new"
+    assert (await waiter)["type"] == "new"
 
 
 async def test_no_queue_expiry_keeps_queues(make: tuple[str, Factory], node: RabbitNode) -> None:

@@ -368,6 +368,17 @@ async def test_broker_restart(make: tuple[str, Factory], node: RabbitNode) -> No
 
     assert not waiting.done()
     assert not waiting_named.done()
+    # The layer declares its inbox again and restores its bindings and consumers
+    # by itself. (Until it has, messages routed to its inbox have nowhere to go.)
+    inbox_keys = {(a.inbox_name, f"p.{a.client_token}"), (a.inbox_name, "g.survivors")}
+    await wait_until(lambda: inbox_keys <= bindings(node, prefix), "inbox bindings restored")
+    named_queue = named_queue_name(prefix, "restart.named")
+    await wait_until(
+        lambda: consumers(node, prefix) == sorted([a.inbox_name, b.inbox_name, named_queue]),
+        "consumers restored",
+    )
+    assert not waiting.done()
+    assert not waiting_named.done()
     # b's calls wait for its reconnect (within connect_timeout) instead of failing.
     await b.send(specific, {"type": "after restart"})
     assert (await asyncio.wait_for(waiting, 30))["type"] == "after restart"
@@ -376,4 +387,3 @@ async def test_broker_restart(make: tuple[str, Factory], node: RabbitNode) -> No
     await b.group_send("survivors", {"type": "group after restart"})
     assert (await a.receive(specific, timeout=10))["type"] == "group after restart"
     assert (await a.receive("durable.kept", timeout=10))["type"] == "stored"
-    assert (a.inbox_name, "g.survivors") in bindings(node, prefix)

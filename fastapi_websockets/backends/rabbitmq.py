@@ -75,6 +75,8 @@ NAMED_PREFETCH = 10
 #: Seconds a named-channel consumer stays after its last waiting receiver left,
 #: so a receive loop does not cost one basic.consume/basic.cancel per message.
 NAMED_LINGER = 1.0
+#: Named queues remembered as declared (sends skip the declare for those).
+DECLARED_CACHE_SIZE = 10_000
 #: Seconds between reconnect attempts of the robust connection.
 RECONNECT_INTERVAL = 1.0
 
@@ -274,7 +276,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         self._inbox: AbstractRobustQueue | None = None
         self._declared: dict[str, AbstractRobustQueue] = {}  # named queues declared, by name
         self._mismatched: set[str] = set()  # named queues that exist with other arguments
-        self._named_bindings: set[tuple[str, str]] = set()  # (queue, group) bindings it made
+        self._named_bindings: set[tuple[str, str]] = set()  # (channel, group) bindings it made
         self._bound: set[str] = set()  # groups the inbox is bound to
         self._group_ops: dict[str, tuple[asyncio.Lock, int]] = {}
         self._readers: dict[str, _Reader] = {}
@@ -553,6 +555,8 @@ class RabbitMQChannelLayer(BaseChannelLayer):
                 f"declare of queue {name!r}",
                 lambda: declare_channel.declare_queue(name, passive=True, robust=False),
             )
+        if len(self._declared) >= DECLARED_CACHE_SIZE:
+            self._declared.clear()  # bounded memory; a dropped entry costs one more declare
         self._declared[name] = queue
         return queue
 
@@ -820,14 +824,14 @@ class RabbitMQChannelLayer(BaseChannelLayer):
                 f"bind of {channel!r} to group {group!r}",
                 lambda: queue.bind(self.exchange_name, key, robust=False),
             )
-            self._named_bindings.add((queue.name, group))
+            self._named_bindings.add((channel, group))
         else:
             await self._broker(
                 self._declare_channel,
                 f"unbind of {channel!r} from group {group!r}",
                 lambda: queue.unbind(self.exchange_name, key),
             )
-            self._named_bindings.discard((queue.name, group))
+            self._named_bindings.discard((channel, group))
 
     async def _group_send(self, group: str, data: bytes) -> None:
         message = self._message(data, _GROUP, {"group": group}, persistent=self.durable)
@@ -843,9 +847,14 @@ class RabbitMQChannelLayer(BaseChannelLayer):
     async def _flush(self) -> None:
         # Only what this instance declared or bound: AMQP cannot list queues.
         for queue in list(self._declared.values()):
-            await self._broker(self._declare_channel, f"purge of {queue.name!r}", queue.purge)
-        for name, group in sorted(self._named_bindings):
-            queue = self._declared[name]
+            try:
+                await self._broker(self._declare_channel, f"purge of {queue.name!r}", queue.purge)
+            except BackendUnavailable as exc:  # e.g. deleted by x-expires meanwhile
+                logger.debug("flush: %s", exc)
+        for channel, group in sorted(self._named_bindings):
+            self._declared.pop(named_queue_name(self.queue_prefix, channel), None)
+            queue = await self._declare_named(channel)
+            name = queue.name
             key = group_routing_key(group)
             await self._broker(
                 self._declare_channel,

@@ -289,6 +289,18 @@ async def test_named_member_is_a_broker_binding(make: tuple[str, Factory], node:
     assert (await b.receive("job.queue", timeout=10))["type"] == "job"
 
 
+async def test_flush_removes_named_member_bindings(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    layer = build()
+    await layer.group_add("flushed-group", "flushed.member")
+    await layer.send("flushed.member", {"type": "old"})
+    await layer.flush()
+    assert (named_queue_name(prefix, "flushed.member"), "g.flushed-group") not in bindings(node, prefix)
+    await layer.group_send("flushed-group", {"type": "x"})
+    with pytest.raises(TimeoutError):
+        await layer.receive("flushed.member", timeout=0.5)
+
+
 async def test_cross_instance_group_add(make: tuple[str, Factory]) -> None:
     _, build = make
     a, b = build(), build()

@@ -18,7 +18,7 @@ from fastapi_websockets.backends.rabbitmq import (
     named_queue_name,
 )
 from fastapi_websockets.exceptions import BackendUnavailable
-from tests.servers import Backend
+from tests.servers import Backend, free_port
 from tests.servers.rabbitmq import RabbitNode
 
 Factory = Callable[..., RabbitMQChannelLayer]
@@ -361,6 +361,15 @@ async def test_cancelled_calls_never_cancel_an_amqp_rpc(
 
 
 # ---------------------------------------------------------- broker restart
+
+
+async def test_unreachable_broker_raises_backend_unavailable() -> None:
+    layer = RabbitMQChannelLayer(url=f"amqp://guest:guest@127.0.0.1:{free_port()}/", connect_timeout=1)
+    with pytest.raises(BackendUnavailable, match=r"127\.0\.0\.1") as info:
+        await layer.send("anything", {"type": "x"})
+    assert isinstance(info.value, ConnectionError)
+    assert "guest:guest" not in str(info.value)  # the password is redacted
+    await layer.close()
 
 
 async def test_broker_restart(make: tuple[str, Factory], node: RabbitNode) -> None:

@@ -318,6 +318,16 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         except BaseException:
             await self._connection.close()
             raise
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+
+    def _on_reconnect(self, connection: object) -> None:
+        # aio-pika has restored the bindings it saw succeed. A group_add that
+        # failed during the outage left a local member without one: bind now.
+        self._spawn(self._resync_bindings(), "binding resync after reconnect")
+
+    async def _resync_bindings(self) -> None:
+        for group in sorted(set(self.local_groups.groups()) | self._bound):
+            await self._sync_binding(group)
 
     async def _declare_topology(self, aio_pika: Any) -> None:
         assert self._connection is not None

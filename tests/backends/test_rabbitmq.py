@@ -385,13 +385,19 @@ async def test_broker_restart(make: tuple[str, Factory], node: RabbitNode) -> No
     await asyncio.to_thread(node.stop)
     with pytest.raises(BackendUnavailable):
         await a.send("restart.named", {"type": "while down"})
+    with pytest.raises(BackendUnavailable):
+        await a.group_add("joined.while.down", specific)
     await asyncio.to_thread(node.start)
 
     assert not waiting.done()
     assert not waiting_named.done()
     # The layer declares its inbox again and restores its bindings and consumers
     # by itself. (Until it has, messages routed to its inbox have nowhere to go.)
-    inbox_keys = {(a.inbox_name, f"p.{a.client_token}"), (a.inbox_name, "g.survivors")}
+    inbox_keys = {
+        (a.inbox_name, f"p.{a.client_token}"),
+        (a.inbox_name, "g.survivors"),
+        (a.inbox_name, "g.joined.while.down"),
+    }
     await wait_until(lambda: inbox_keys <= bindings(node, prefix), "inbox bindings restored")
     named_queue = named_queue_name(prefix, "restart.named")
     await wait_until(
@@ -408,3 +414,5 @@ async def test_broker_restart(make: tuple[str, Factory], node: RabbitNode) -> No
     await b.group_send("survivors", {"type": "group after restart"})
     assert (await a.receive(specific, timeout=10))["type"] == "group after restart"
     assert (await a.receive("durable.kept", timeout=10))["type"] == "stored"
+    await b.group_send("joined.while.down", {"type": "joined"})
+    assert (await a.receive(specific, timeout=10))["type"] == "joined"

@@ -44,6 +44,7 @@ from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelFull,
+    ChannelLayerClosed,
     InvalidChannelLayerConfig,
     SerializationError,
 )
@@ -882,6 +883,9 @@ class RabbitMQChannelLayer(BaseChannelLayer):
                     await self._claim(reader, item)
 
     async def _close(self) -> None:
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(ChannelLayerClosed("the channel layer was closed"))
         for reader in self._readers.values():
             if reader.linger is not None:
                 reader.linger.cancel()

@@ -289,10 +289,21 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         self._publish_error: type[Exception] = Exception
         self._precondition_failed: type[Exception] = Exception
         self._message_class: Any = None
+        self._starting: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------- connection
 
     async def _start(self) -> None:
+        # Connecting runs in its own task, shielded: a caller cancelled half way
+        # (a WebSocket that disconnects during the first receive) neither
+        # cancels AMQP RPCs nor leaves a half-made connection for a retry to
+        # duplicate; the next call awaits the same attempt.
+        starting = self._starting
+        if starting is None or (starting.done() and (starting.cancelled() or starting.exception())):
+            starting = self._starting = self._background(self._connect(), "connect")
+        await asyncio.shield(starting)
+
+    async def _connect(self) -> None:
         try:
             import aio_pika
             import aiormq.exceptions
@@ -304,11 +315,10 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         self._precondition_failed = aiormq.exceptions.ChannelPreconditionFailed
         self._message_class = aio_pika.Message
         try:
-            self._connection = await asyncio.wait_for(
-                aio_pika.connect_robust(
-                    self.url, timeout=self.connect_timeout, reconnect_interval=RECONNECT_INTERVAL
-                ),
-                self.connect_timeout,
+            # No asyncio.wait_for around it: cancelling connect_robust half way
+            # would leave its reconnect task running; its own timeout applies.
+            self._connection = await aio_pika.connect_robust(
+                self.url, timeout=self.connect_timeout, reconnect_interval=RECONNECT_INTERVAL
             )
         except (asyncio.TimeoutError, *self._errors) as exc:
             raise BackendUnavailable(
@@ -320,6 +330,10 @@ class RabbitMQChannelLayer(BaseChannelLayer):
             await self._connection.close()
             raise
         self._connection.reconnect_callbacks.add(self._on_reconnect)
+        if self.closed:
+            # close() ran while we connected for a caller that was cancelled:
+            # nobody will call _close() for this connection.
+            await self._connection.close()
 
     def _on_reconnect(self, connection: object) -> None:
         # aio-pika has restored the bindings it saw succeed. A group_add that

@@ -360,6 +360,22 @@ async def test_cancelled_calls_never_cancel_an_amqp_rpc(
     assert closed == []
 
 
+async def test_a_cancelled_first_call_leaves_one_connection(
+    make: tuple[str, Factory], node: RabbitNode
+) -> None:
+    _, build = make
+    before = len(node.rows("list_connections", "name"))
+    layer = build()
+    for delay in (0.0, 0.005, 0.02):
+        first = asyncio.create_task(layer.receive("first.use", timeout=30))
+        await asyncio.sleep(delay)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+    await layer.send("first.use", {"type": "works"})
+    assert (await layer.receive("first.use", timeout=10))["type"] == "works"
+    assert len(node.rows("list_connections", "name")) == before + 1
+
+
 # ---------------------------------------------------------- broker restart
 
 

@@ -159,6 +159,13 @@ async def idle(make: Make, *, receivers: int, report: Callable[[], None] | None 
     return result | {"layer": layer}
 
 
+def best(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Per-field maximum of two fan-out results."""
+    if old is None:
+        return new
+    return {key: max(old[key], new[key]) for key in new}
+
+
 # ---------------------------------------------------------- broker helpers
 
 
@@ -222,7 +229,7 @@ async def worker_010(url: str) -> None:
         try:
             result = await asyncio.wait_for(coro, 30)
         except Exception as exc:  # report whatever 0.1.0 does, then go on
-            result = {"error": f"{type(exc).__name__}: {exc}"[:80]}
+            result = {"error": f"{type(exc).__name__}: {exc or 'no result within 30 s'}"[:100]}
         print(json.dumps({name: result}), flush=True)
 
     await attempt("p2p", point_to_point(make, shared=True, named=False, n=300))
@@ -329,8 +336,14 @@ async def main() -> None:
             mem["named"] = await point_to_point(memory, shared=False, named=True, n=5000)
             new["p2p"] = await point_to_point(make, shared=True, named=False, n=5000)
             new["named"] = await point_to_point(make, shared=True, named=True, n=2000)
-            mem["fan1"] = await fan_out(memory, shared=False, receivers=1000, messages=20)
-            new["fan1"] = await fan_out(make, shared=True, receivers=1000, messages=20)
+            # Best of three, alternating, to damp the noise of a shared machine.
+            for _ in range(3):
+                mem["fan1"] = best(
+                    mem.get("fan1"), await fan_out(memory, shared=False, receivers=1000, messages=20)
+                )
+                new["fan1"] = best(
+                    new.get("fan1"), await fan_out(make, shared=True, receivers=1000, messages=20)
+                )
             new["fan2"] = await two_process_fanout(url, 1000, 20)
             mem_idle = await idle(memory, receivers=5000)
             await mem_idle.pop("layer").close()
@@ -358,8 +371,8 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("p2p latency p99 ms", "p2p", "p99_ms", ".2f"),
     ("named channel msgs/s", "named", "msgs_s", ",.0f"),
     ("named latency p50 ms", "named", "p50_ms", ".2f"),
-    ("fan-out 1 proc, rounds, deliveries/s", "fan1", "rounds_s", ",.0f"),
-    ("fan-out 1 proc, burst, deliveries/s", "fan1", "burst_s", ",.0f"),
+    ("fan-out 1 proc, rounds, deliveries/s (best of 3)", "fan1", "rounds_s", ",.0f"),
+    ("fan-out 1 proc, burst, deliveries/s (best of 3)", "fan1", "burst_s", ",.0f"),
     ("fan-out receivers", "fan1", "receivers", ",d"),
     ("fan-out 2 procs, burst, deliveries/s", "fan2", "burst_s", ",.0f"),
     ("idle receivers", "idle", "receivers", ",d"),

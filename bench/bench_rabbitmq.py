@@ -229,7 +229,7 @@ async def worker_010(url: str) -> None:
         try:
             result = await asyncio.wait_for(coro, 30)
         except Exception as exc:  # report whatever 0.1.0 does, then go on
-            result = {"error": f"{type(exc).__name__}: {exc or 'no result within 30 s'}"[:100]}
+            result = {"error": f"{type(exc).__name__}: {str(exc) or 'no result within 30 s'}"[:100]}
         print(json.dumps({name: result}), flush=True)
 
     await attempt("p2p", point_to_point(make, shared=True, named=False, n=300))

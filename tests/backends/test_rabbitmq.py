@@ -239,6 +239,7 @@ async def test_group_send_skips_a_full_named_member(make: tuple[str, Factory]) -
 
 async def test_one_queue_and_one_consumer_per_layer(make: tuple[str, Factory], node: RabbitNode) -> None:
     prefix, build = make
+    connections_before = len(node.rows("list_connections", "name"))
     layer = build()
     channels = [await layer.new_channel() for _ in range(300)]
     for index, channel in enumerate(channels):
@@ -251,6 +252,7 @@ async def test_one_queue_and_one_consumer_per_layer(make: tuple[str, Factory], n
     assert found[layer.inbox_name]["exclusive"] == "true"
     assert "quorum" in found[named_queue_name(prefix, "work")]["arguments"]
     assert consumers(node, prefix) == sorted([layer.inbox_name, named_queue_name(prefix, "work")])
+    assert len(node.rows("list_connections", "name")) == connections_before + 1
     # One binding per group, not per member.
     group_bindings = {key for queue, key in bindings(node, prefix) if queue == layer.inbox_name}
     assert group_bindings == {f"p.{layer.client_token}", "g.room0", "g.room1", "g.room2"}

@@ -1,17 +1,240 @@
-"""Placeholder: the rabbitmq backend is being written (see its issue)."""
+"""The RabbitMQ backend (aio-pika): one push-consumed inbox per layer, fan-out by bindings.
+
+Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
+``exchange_name``, a durable direct exchange):
+
+* **Inbox**: one exclusive, auto-delete classic queue ``P.p.<token>`` bound to
+  ``X`` with routing key ``p.<token>``. Every message for this instance's
+  process-specific channels arrives there (the channel name in a header) and
+  is demultiplexed into local mailboxes. It is consumed by push with a
+  prefetch window; nothing polls.
+* **Groups**: the inbox is bound to ``X`` with the group's routing key while
+  at least one local channel is a member (bound on the first join, unbound
+  after the last leaves), so ``group_send`` is one publish and the broker
+  delivers one copy per process that has members.
+* **Named channels** (no ``!``): one queue each, ``P.c.<name>``, a durable
+  quorum queue (a classic queue with ``durable=False``) bounded by
+  ``x-max-length`` with ``reject-publish``, so the publisher confirm of a send
+  to a full channel is a nack and surfaces as ``ChannelFull``. While receivers
+  wait on a named channel, this instance holds one consumer on it, whatever
+  their number. A named channel in a group is a binding of its queue on the
+  group's routing key: that membership lives in the broker.
+
+Every publish waits for its publisher confirm. The connection is aio-pika's
+robust connection: after a broker restart it declares the exchange and the
+inbox again, restores the inbox's bindings and every consumer, while waiting
+``receive()`` calls keep waiting. Calls made while the broker is unreachable
+raise ``BackendUnavailable`` after ``connect_timeout`` seconds.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import hashlib
+import logging
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
-from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.exceptions import (
+    BackendUnavailable,
+    ChannelFull,
+    ChannelLayerClosed,
+    InvalidChannelLayerConfig,
+    SerializationError,
+)
+from fastapi_websockets.names import is_process_specific, new_token, process_token
 from fastapi_websockets.types import Message
 
-__all__ = ["RabbitMQChannelLayer"]
+if TYPE_CHECKING:
+    from aio_pika.abc import (
+        AbstractIncomingMessage,
+        AbstractRobustChannel,
+        AbstractRobustConnection,
+        AbstractRobustExchange,
+        AbstractRobustQueue,
+    )
+
+__all__ = ["RabbitMQChannelLayer", "group_routing_key", "named_queue_name"]
+
+logger = logging.getLogger("fastapi_websockets.rabbitmq")
+
+T = TypeVar("T")
+
+#: AMQP queue names, exchange names and routing keys are short strings: at most 255 bytes.
+MAX_AMQP_NAME = 255
+#: Unacknowledged messages the broker may push to the inbox before we ack.
+INBOX_PREFETCH = 1000
+#: Unacknowledged messages per named-channel consumer: small, so that an
+#: instance holds few jobs that receivers elsewhere could take.
+NAMED_PREFETCH = 10
+#: Seconds a named-channel consumer stays after its last waiting receiver left,
+#: so a receive loop does not cost one basic.consume/basic.cancel per message.
+NAMED_LINGER = 1.0
+#: Named queues remembered as declared (sends skip the declare for those).
+DECLARED_CACHE_SIZE = 10_000
+#: Seconds between reconnect attempts of the robust connection.
+RECONNECT_INTERVAL = 1.0
+
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+_QUEUE_SAFE = re.compile(r"[A-Za-z0-9._:@,/-]")
+_HASH_CHARS = 40
+
+# Message kinds, in the AMQP ``type`` property of what we publish.
+_SEND = "send"
+_GROUP = "group"
+_ADD = "group_add"
+_DISCARD = "group_discard"
+_REPLY = "reply"
+
+
+# ------------------------------------------------------------------- names
+
+
+def _hashed(name: str, head: str, budget: int) -> str:
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_CHARS]
+    room = max(budget - 1 - _HASH_CHARS, 0)
+    return f"{head.encode()[:room].decode('utf-8', errors='ignore')}#{digest}"
+
+
+def _escape(name: str) -> str:
+    # AMQP clients (pamqp) accept only [A-Za-z0-9-_.:@#,/+ ] in queue names.
+    # Every other byte, and '+' and '#' themselves, become '+XX', so the escape
+    # is reversible and the plain form never holds '#'.
+    return "".join(
+        char if _QUEUE_SAFE.fullmatch(char) else "".join(f"+{byte:02X}" for byte in char.encode())
+        for char in name
+    )
+
+
+def named_queue_name(queue_prefix: str, channel: str) -> str:
+    """The queue that stores named channel ``channel``: escaped, at most 255 bytes.
+
+    Names whose escaped form is too long keep a readable head and end in
+    ``#`` and a hash of the whole name; plain forms never contain ``#``, so
+    distinct channels never share a queue.
+    """
+    head = f"{queue_prefix}.c."
+    escaped = _escape(channel)
+    if len(head) + len(escaped) <= MAX_AMQP_NAME:
+        return head + escaped
+    return head + _hashed(channel, escaped, MAX_AMQP_NAME - len(head))
+
+
+def group_routing_key(group: str) -> str:
+    """The routing key on which the members of ``group`` are bound (at most 255 bytes).
+
+    Routing keys may hold any UTF-8, so only the length needs care: a key
+    that would be too long is ``g#`` plus a readable head and a hash.
+    """
+    plain = f"g.{group}"
+    if len(plain.encode()) <= MAX_AMQP_NAME:
+        return plain
+    return "g#" + _hashed(group, group, MAX_AMQP_NAME - 2)
+
+
+def _inbox_routing_key(token: str) -> str:
+    return f"p.{token}"
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# -------------------------------------------------------------- validation
+
+
+def _identifier(option: str, value: object, limit: int) -> str:
+    if (
+        not isinstance(value, str)
+        or not _IDENTIFIER.fullmatch(value)
+        or len(value) > limit
+        or value.startswith("amq.")
+    ):
+        raise InvalidChannelLayerConfig(
+            f"{option} must be 1 to {limit} characters of letters, digits and '.', '_', ':', '-', "
+            f"starting with a letter or digit and not with 'amq.' (reserved); got {value!r}"
+        )
+    return value
+
+
+def _optional_ms(option: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidChannelLayerConfig(
+            f"{option} must be a positive integer of milliseconds, or None (or empty) "
+            f"for no limit; got {value!r}"
+        )
+    return value
+
+
+def _positive_seconds(option: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InvalidChannelLayerConfig(f"{option} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+# ------------------------------------------------------------ named readers
+
+
+@dataclass(eq=False)
+class _Reader:
+    """This instance's consumer on one named channel, shared by all its receivers."""
+
+    channel: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    queue: AbstractRobustQueue | None = None
+    tag: str | None = None
+    #: Receivers currently inside ``_receive_remote`` for this channel.
+    users: int = 0
+    #: Deliveries not yet claimed: unacked broker messages, or messages already
+    #: acked by a receiver that was cancelled before it could return them.
+    held: deque[AbstractIncomingMessage | Message] = field(default_factory=deque)
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    linger: asyncio.TimerHandle | None = None
+    starting: asyncio.Task[None] | None = None
+
+    def wake_one(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
+# ------------------------------------------------------------------ layer
 
 
 class RabbitMQChannelLayer(BaseChannelLayer):
-    """Not implemented yet."""
+    """A channel layer on RabbitMQ through aio-pika (``pip install "fastapi-websockets[rabbitmq]"``).
+
+    Options (keyword-only; plus the base options such as ``capacity``,
+    ``channel_expiry`` and ``group_expiry``):
+
+    * ``url``: AMQP URL of the broker.
+    * ``exchange_name``: the direct exchange all routing goes through.
+    * ``queue_prefix``: prefix of every queue name this layer declares.
+    * ``durable``: durable exchange, named channels as durable quorum queues
+      holding persistent messages (``False``: transient classic queues).
+    * ``message_ttl``: ``x-message-ttl`` of the queues, in ms (``None``: no
+      queue-level TTL; every message still expires after ``channel_expiry``).
+    * ``queue_expiry``: ``x-expires`` of named-channel queues, in ms: a queue
+      nobody consumed or declared for that long is deleted with its messages
+      and bindings (``None``: never).
+    * ``poll_interval``: accepted for compatibility with 0.1.0; nothing polls.
+    * ``connect_timeout``: seconds a call waits for an unreachable broker before
+      raising ``BackendUnavailable``.
+    """
 
     backend_name = "rabbitmq"
 
@@ -25,27 +248,664 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         message_ttl: int | None = 60000,
         queue_expiry: int | None = 300000,
         poll_interval: float = 0.1,
+        connect_timeout: float = 10.0,
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("amqp", "amqps"):
+            raise InvalidChannelLayerConfig(
+                f"url must be an AMQP URL such as 'amqp://user:password@host:5672/vhost', got {url!r}"
+            )
+        if not isinstance(durable, bool):
+            raise InvalidChannelLayerConfig(f"durable must be true or false, got {durable!r}")
+        self.url = url
+        self.exchange_name = _identifier("exchange_name", exchange_name, 127)
+        self.queue_prefix = _identifier("queue_prefix", queue_prefix, 100)
+        self.durable = durable
+        self.message_ttl = _optional_ms("message_ttl", message_ttl)
+        self.queue_expiry = _optional_ms("queue_expiry", queue_expiry)
+        self.poll_interval = _positive_seconds("poll_interval", poll_interval)
+        self.connect_timeout = _positive_seconds("connect_timeout", connect_timeout)
+        #: Name of this instance's inbox queue.
+        self.inbox_name = f"{self.queue_prefix}.p.{self.client_token}"
+
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None  # publishes, inbox, inbox bindings
+        self._declare_channel: AbstractRobustChannel | None = None  # named queues and their bindings
+        self._reader_channel: AbstractRobustChannel | None = None  # named-channel consumers
+        self._exchange: AbstractRobustExchange | None = None
+        self._inbox: AbstractRobustQueue | None = None
+        self._declared: dict[str, AbstractRobustQueue] = {}  # named queues declared, by name
+        self._mismatched: set[str] = set()  # named queues that exist with other arguments
+        self._named_bindings: set[tuple[str, str]] = set()  # (channel, group) bindings it made
+        self._bound: set[str] = set()  # groups the inbox is bound to
+        self._group_ops: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._readers: dict[str, _Reader] = {}
+        self._reader_queues: dict[str, AbstractRobustQueue] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._replies: dict[str, asyncio.Future[None]] = {}
+        self._errors: tuple[type[BaseException], ...] = ()
+        self._delivery_error: type[Exception] = Exception
+        self._publish_error: type[Exception] = Exception
+        self._precondition_failed: type[Exception] = Exception
+        self._message_class: Any = None
+        self._starting: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------- connection
 
     async def _start(self) -> None:
-        raise NotImplementedError("the rabbitmq backend is not implemented yet")
+        # Connecting runs in its own task, shielded: a caller cancelled half way
+        # (a WebSocket that disconnects during the first receive) neither
+        # cancels AMQP RPCs nor leaves a half-made connection for a retry to
+        # duplicate; the next call awaits the same attempt.
+        starting = self._starting
+        if starting is None or (starting.done() and (starting.cancelled() or starting.exception())):
+            starting = self._starting = self._background(self._connect(), "connect")
+        await asyncio.shield(starting)
+
+    async def _connect(self) -> None:
+        try:
+            import aio_pika
+            import aiormq.exceptions
+        except ImportError as exc:
+            raise missing_driver("rabbitmq", exc) from exc
+        self._errors = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
+        self._delivery_error = aiormq.exceptions.DeliveryError
+        self._publish_error = aiormq.exceptions.PublishError
+        self._precondition_failed = aiormq.exceptions.ChannelPreconditionFailed
+        self._message_class = aio_pika.Message
+        try:
+            # No asyncio.wait_for around it: cancelling connect_robust half way
+            # would leave its reconnect task running; its own timeout applies.
+            self._connection = await aio_pika.connect_robust(
+                self.url, timeout=self.connect_timeout, reconnect_interval=RECONNECT_INTERVAL
+            )
+        except (asyncio.TimeoutError, *self._errors) as exc:
+            raise BackendUnavailable(
+                f"cannot connect to RabbitMQ at {_redact(self.url)} within {self.connect_timeout} s: {exc}"
+            ) from exc
+        try:
+            await self._declare_topology(aio_pika)
+        except BaseException:
+            await self._connection.close()
+            raise
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        if self.closed:
+            # close() ran while we connected for a caller that was cancelled:
+            # nobody will call _close() for this connection.
+            await self._connection.close()
+
+    def _on_reconnect(self, connection: object) -> None:
+        # aio-pika has restored the bindings it saw succeed. A group_add that
+        # failed during the outage left a local member without one: bind now.
+        self._spawn(self._resync_bindings(), "binding resync after reconnect")
+
+    async def _resync_bindings(self) -> None:
+        for group in sorted(set(self.local_groups.groups()) | self._bound):
+            await self._sync_binding(group)
+
+    async def _declare_topology(self, aio_pika: Any) -> None:
+        assert self._connection is not None
+        try:
+            channel = self._channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            await channel.set_qos(prefetch_count=INBOX_PREFETCH)
+            self._exchange = await channel.declare_exchange(
+                self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=self.durable
+            )
+            arguments: dict[str, Any] = {"x-queue-type": "classic"}
+            if self.message_ttl is not None:
+                arguments["x-message-ttl"] = self.message_ttl
+            self._inbox = await channel.declare_queue(
+                self.inbox_name, exclusive=True, auto_delete=True, arguments=arguments
+            )
+            await self._inbox.bind(self._exchange, _inbox_routing_key(self.client_token))
+            await self._inbox.consume(self._on_inbox)
+            self._declare_channel = await self._connection.channel(publisher_confirms=False)
+            self._reader_channel = await self._connection.channel(publisher_confirms=False)
+            await self._reader_channel.set_qos(prefetch_count=NAMED_PREFETCH)
+        except self._precondition_failed as exc:
+            raise InvalidChannelLayerConfig(
+                f"exchange {self.exchange_name!r} already exists with other settings "
+                f"(durable={self.durable} differs?): {exc}"
+            ) from exc
+        except self._errors as exc:
+            raise BackendUnavailable(f"RabbitMQ at {_redact(self.url)} failed during setup: {exc}") from exc
+
+    async def _broker(
+        self, channel: AbstractRobustChannel | None, what: str, call: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run one broker operation, waiting at most ``connect_timeout`` for the connection.
+
+        The time limit covers only the wait for a usable channel: an AMQP RPC is
+        never cancelled on a timer, because aiormq closes the channel when one is.
+        """
+        assert channel is not None
+        assert self._connection is not None
+        try:
+            if channel.is_closed or not self._connection.connected.is_set():
+                await asyncio.wait_for(channel.ready(), self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise BackendUnavailable(
+                f"RabbitMQ at {_redact(self.url)} is unreachable: no connection within "
+                f"{self.connect_timeout} s ({what})"
+            ) from None
+        try:
+            return await call()
+        except self._delivery_error:
+            raise
+        except self._errors as exc:
+            raise BackendUnavailable(f"RabbitMQ {what} failed: {exc!r}") from exc
+
+    def _message(self, data: bytes, kind: str, headers: dict[str, Any] | None, persistent: bool) -> Any:
+        return self._message_class(
+            data,
+            type=kind,
+            headers=headers,
+            expiration=self.channel_expiry,
+            delivery_mode=2 if persistent else 1,
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        """Run ``coro`` in a tracked task whose failure nobody awaits: it is logged."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._task_done, what, True))
+
+    def _background(self, coro: Coroutine[Any, Any, T], what: str) -> asyncio.Task[T]:
+        """Run ``coro`` in a tracked task that callers await (shielded); they see its errors."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._task_done, what, False))
+        return task
+
+    async def _uncancellable(self, coro: Coroutine[Any, Any, T], what: str) -> T:
+        # Broker state changes (declare, bind, unbind) run to completion even if
+        # the caller is cancelled: a cancelled AMQP RPC closes its channel, and
+        # a half-applied change would leave our bookkeeping out of step.
+        return await asyncio.shield(self._background(coro, what))
+
+    def _task_done(self, what: str, loud: bool, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if loud:
+            logger.error("background %s failed", what, exc_info=exc)
+        else:
+            logger.debug("%s failed: %r", what, exc)
+
+    # --------------------------------------------------------------- inbox
+
+    async def _on_inbox(self, incoming: AbstractIncomingMessage) -> None:
+        # Everything up to the ack is synchronous, so messages reach the
+        # mailboxes in the order the broker delivered them.
+        try:
+            self._dispatch(incoming)
+        except (SerializationError, KeyError):
+            # Not ours to crash on: a foreign publisher or a corrupt frame.
+            logger.exception("dropped a malformed message from the inbox (type %r)", incoming.type)
+        try:
+            await incoming.ack()
+        except self._errors as exc:
+            # The channel went away; the broker requeues the message and, as the
+            # inbox is exclusive, drops it with the connection.
+            logger.debug("could not ack an inbox message: %r", exc)
+
+    def _dispatch(self, incoming: AbstractIncomingMessage) -> None:
+        kind = incoming.type
+        headers = incoming.headers
+        if kind == _SEND:
+            self.deliver_local(str(headers["channel"]), self.decode(incoming.body))
+        elif kind == _GROUP:
+            group = str(headers["group"])
+            if group in self.local_groups:
+                delivered = self.deliver_to_local_members(group, self.decode(incoming.body))
+            else:
+                delivered = 0
+            if not delivered and group not in self.local_groups:
+                # Every local member expired: stop receiving this group.
+                self._spawn(self._sync_binding(group), f"unbind of group {group!r}")
+        elif kind in (_ADD, _DISCARD):
+            group, channel = str(headers["group"]), str(headers["channel"])
+            if not self.is_local(channel):
+                logger.warning("ignored %s of channel %r, which is not ours", kind, channel)
+            elif kind == _ADD:
+                self.local_groups.add(group, channel)
+            else:
+                self.local_groups.discard(group, channel)
+            self._spawn(
+                self._apply_and_reply(group, incoming.reply_to, incoming.correlation_id),
+                f"{kind} of {channel!r}",
+            )
+        elif kind == _REPLY:
+            pending = self._replies.pop(str(incoming.correlation_id), None)
+            if pending is not None and not pending.done():
+                pending.set_result(None)
+        else:
+            logger.warning("ignored an inbox message of unknown type %r", kind)
+
+    # --------------------------------------------------------------- sends
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        raise NotImplementedError
+        if is_process_specific(channel):
+            token = process_token(channel)
+            message = self._message(data, _SEND, {"channel": channel}, persistent=False)
+            await self._publish(message, _inbox_routing_key(token), what=f"send to {channel!r}")
+            return
+        await self._send_named(channel, data)
+
+    async def _publish(self, message: Any, routing_key: str, *, what: str, mandatory: bool = False) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        await self._broker(
+            self._channel, what, lambda: exchange.publish(message, routing_key, mandatory=mandatory)
+        )
+
+    async def _send_named(self, channel: str, data: bytes) -> None:
+        name = named_queue_name(self.queue_prefix, channel)
+        if name not in self._declared:
+            await self._uncancellable(self._declare_named(channel), f"declare of {name!r}")
+        queue = name
+        message = self._message(data, _SEND, None, persistent=self.durable)
+        assert self._channel is not None
+        default = self._channel.default_exchange
+        for attempt in (1, 2):
+            try:
+                await self._broker(
+                    self._channel,
+                    f"send to {channel!r}",
+                    lambda: default.publish(message, queue, mandatory=True),
+                )
+                return
+            except self._publish_error:
+                # Returned as unroutable: the queue expired (x-expires) since we
+                # declared it. Declare it again and retry once.
+                self._declared.pop(queue, None)
+                if attempt == 2:
+                    raise BackendUnavailable(f"queue {queue!r} vanished twice while sending") from None
+                await self._uncancellable(self._declare_named(channel), f"declare of {name!r}")
+            except self._delivery_error:
+                raise ChannelFull(channel, self.capacity_for(channel)) from None
+
+    # ---------------------------------------------------------- named queues
+
+    def _named_arguments(self, channel: str) -> dict[str, Any]:
+        capacity = self.capacity_for(channel)
+        arguments: dict[str, Any] = {"x-overflow": "reject-publish"}
+        if self.durable:
+            # A quorum queue accepts one message past x-max-length before it
+            # starts rejecting, so this bound makes `capacity` the real limit.
+            arguments["x-queue-type"] = "quorum"
+            arguments["x-max-length"] = capacity - 1
+        else:
+            arguments["x-queue-type"] = "classic"
+            arguments["x-max-length"] = capacity
+        if self.message_ttl is not None:
+            arguments["x-message-ttl"] = self.message_ttl
+        if self.queue_expiry is not None:
+            arguments["x-expires"] = self.queue_expiry
+        return arguments
+
+    async def _declare_named(self, channel: str) -> AbstractRobustQueue:
+        """Declare the queue of named ``channel`` once per instance and return it."""
+        name = named_queue_name(self.queue_prefix, channel)
+        queue = self._declared.get(name)
+        if queue is not None:
+            return queue
+        declare_channel = self._declare_channel
+        assert declare_channel is not None
+        arguments = self._named_arguments(channel)
+        try:
+            queue = await self._broker(
+                declare_channel,
+                f"declare of queue {name!r}",
+                lambda: declare_channel.declare_queue(
+                    name, durable=self.durable, arguments=arguments, robust=False
+                ),
+            )
+        except self._precondition_failed as exc:
+            # Declared earlier with other arguments (another capacity, TTL or
+            # expiry): the existing queue wins. The failed declare closed the
+            # channel; aio-pika reopens it.
+            logger.warning(
+                "queue %r exists with other arguments than %r; using it as is: %s", name, arguments, exc
+            )
+            self._mismatched.add(name)
+            queue = await self._broker(
+                declare_channel,
+                f"declare of queue {name!r}",
+                lambda: declare_channel.declare_queue(name, passive=True, robust=False),
+            )
+        if len(self._declared) >= DECLARED_CACHE_SIZE:
+            self._declared.clear()  # bounded memory; a dropped entry costs one more declare
+        self._declared[name] = queue
+        return queue
 
     async def _receive_remote(self, channel: str) -> Message:
-        raise NotImplementedError
+        reader = self._readers.get(channel)
+        if reader is None:
+            reader = self._readers[channel] = _Reader(channel)
+        reader.users += 1
+        if reader.linger is not None:
+            reader.linger.cancel()
+            reader.linger = None
+        try:
+            if reader.tag is None:
+                if reader.starting is None or reader.starting.done():
+                    reader.starting = self._background(
+                        self._start_reader(reader), f"consumer start of {channel!r}"
+                    )
+                # Shielded: a cancelled receive must not cancel a basic.consume
+                # RPC half way (aiormq would close the channel).
+                await asyncio.shield(reader.starting)
+            return await self._next_named(reader)
+        finally:
+            reader.users -= 1
+            if reader.users == 0 and not self.closed:
+                loop = asyncio.get_running_loop()
+                reader.linger = loop.call_later(NAMED_LINGER, self._linger_expired, reader)
+
+    async def _start_reader(self, reader: _Reader) -> None:
+        async with reader.lock:
+            if reader.tag is None:
+                await self._start_reader_locked(reader)
+
+    async def _start_reader_locked(self, reader: _Reader) -> None:
+        name = (await self._declare_named(reader.channel)).name
+        queue = self._reader_queues.get(name)
+        reader_channel = self._reader_channel
+        assert reader_channel is not None
+        if queue is not None:
+            # Declared again before each (rare) consumer start: x-expires may
+            # have deleted it since, and basic.consume on a missing queue
+            # would close the channel of every other named consumer.
+            await self._broker(reader_channel, f"declare of queue {name!r}", queue.declare)
+        else:
+            # Declared (not passively) with its arguments on this robust channel,
+            # so that a reconnect declares it again if the broker lost it.
+            passive = name in self._mismatched
+            arguments = None if passive else self._named_arguments(reader.channel)
+            queue = await self._broker(
+                reader_channel,
+                f"declare of queue {name!r}",
+                lambda: reader_channel.declare_queue(
+                    name, durable=self.durable, arguments=arguments, passive=passive
+                ),
+            )
+            self._reader_queues[name] = queue
+        reader.queue = queue
+        # The tag is known before basic.consume returns: deliveries can arrive
+        # before this coroutine resumes.
+        tag = reader.tag = f"fw-{self.client_token}-{new_token(6)}"
+        try:
+            await self._broker(
+                reader_channel,
+                f"consume from {name!r}",
+                lambda: queue.consume(partial(self._on_named, reader), consumer_tag=tag),
+            )
+        except BaseException:
+            reader.tag = None
+            raise
+
+    async def _on_named(self, reader: _Reader, incoming: AbstractIncomingMessage) -> None:
+        if reader.tag is None or incoming.consumer_tag != reader.tag:
+            # Arrived while the consumer was being cancelled: give it back.
+            await self._give_back(incoming)
+            return
+        reader.held.append(incoming)
+        reader.wake_one()
+
+    async def _give_back(self, incoming: AbstractIncomingMessage) -> None:
+        try:
+            await incoming.nack(requeue=True)
+        except self._errors as exc:
+            logger.debug("could not requeue a named-channel message: %r", exc)
+
+    async def _next_named(self, reader: _Reader) -> Message:
+        loop = asyncio.get_running_loop()
+        while True:
+            while reader.held:
+                item = reader.held.popleft()
+                if isinstance(item, dict):
+                    return item
+                message = await self._claim(reader, item)
+                if message is not None:
+                    return message
+            fut: asyncio.Future[None] = loop.create_future()
+            reader.waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled() and reader.held:
+                    reader.wake_one()  # we were woken for a message we will not take
+                raise
+            finally:
+                if fut in reader.waiters:
+                    reader.waiters.remove(fut)
+
+    async def _claim(self, reader: _Reader, incoming: AbstractIncomingMessage) -> Message | None:
+        """Ack ``incoming`` and decode it; None if the ack failed (the broker redelivers it)."""
+        ack = asyncio.ensure_future(incoming.ack())
+        try:
+            await asyncio.shield(ack)
+        except asyncio.CancelledError:
+            # The ack may already be on the wire: once it completes, keep the
+            # message for the next receiver instead of losing it.
+            ack.add_done_callback(partial(self._keep_after_ack, reader, incoming))
+            raise
+        except self._errors as exc:
+            logger.debug("could not ack a message of %r: %r", reader.channel, exc)
+            return None
+        try:
+            return self.decode(incoming.body)
+        except SerializationError:
+            logger.exception("dropped an undecodable message from named channel %r", reader.channel)
+            return None
+
+    def _keep_after_ack(
+        self, reader: _Reader, incoming: AbstractIncomingMessage, ack: asyncio.Future[None]
+    ) -> None:
+        if ack.cancelled() or ack.exception() is not None:
+            return
+        try:
+            message = self.decode(incoming.body)
+        except SerializationError:
+            logger.exception("dropped an undecodable message from named channel %r", reader.channel)
+            return
+        reader.held.appendleft(message)
+        reader.wake_one()
+
+    def _linger_expired(self, reader: _Reader) -> None:
+        reader.linger = None
+        if reader.users == 0 and not self.closed:
+            self._spawn(self._stop_reader(reader), f"consumer stop of {reader.channel!r}")
+
+    async def _stop_reader(self, reader: _Reader) -> None:
+        async with reader.lock:
+            if reader.users or reader.tag is None or reader.queue is None:
+                return
+            tag, reader.tag = reader.tag, None
+            queue = reader.queue
+            try:
+                await self._broker(self._reader_channel, "consumer cancel", lambda: queue.cancel(tag))
+            except BackendUnavailable as exc:
+                logger.debug("consumer cancel of %r failed: %s", reader.channel, exc)
+            held, reader.held = list(reader.held), deque()
+            for item in held:
+                if isinstance(item, dict):
+                    self.deliver_local(reader.channel, item)
+                else:
+                    await self._give_back(item)
+            if reader.users == 0 and self._readers.get(reader.channel) is reader:
+                del self._readers[reader.channel]
+
+    # --------------------------------------------------------------- groups
 
     async def _group_add(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        if self.is_local(channel):
+            self.local_groups.add(group, channel)
+            await self._uncancellable(self._sync_binding(group), f"binding of group {group!r}")
+        elif is_process_specific(channel):
+            await self._tell_owner(_ADD, group, channel)
+        else:
+            await self._uncancellable(self._bind_named(group, channel, bind=True), f"bind of {channel!r}")
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        if self.is_local(channel):
+            self.local_groups.discard(group, channel)
+            await self._uncancellable(self._sync_binding(group), f"binding of group {group!r}")
+        elif is_process_specific(channel):
+            await self._tell_owner(_DISCARD, group, channel)
+        else:
+            await self._uncancellable(self._bind_named(group, channel, bind=False), f"unbind of {channel!r}")
+
+    async def _tell_owner(self, kind: str, group: str, channel: str) -> None:
+        # Membership of a process-specific channel lives with the instance that
+        # owns it: ask it to apply the change and wait until it has (bindings
+        # included), so that a group_send from anywhere afterwards sees it.
+        token = new_token()
+        message = self._message_class(
+            b"",
+            type=kind,
+            headers={"group": group, "channel": channel},
+            correlation_id=token,
+            reply_to=_inbox_routing_key(self.client_token),
+            expiration=self.connect_timeout,
+        )
+        reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._replies[token] = reply
+        try:
+            try:
+                await self._publish(
+                    message,
+                    _inbox_routing_key(process_token(channel)),
+                    what=f"{kind} of {channel!r}",
+                    mandatory=True,
+                )
+            except self._publish_error:
+                logger.debug("%s of %r: its layer is gone, nothing to do", kind, channel)
+                return
+            try:
+                await asyncio.wait_for(reply, self.connect_timeout)
+            except asyncio.TimeoutError:
+                logger.warning(
+                    "%s of %r: its layer did not confirm within %s s", kind, channel, self.connect_timeout
+                )
+        finally:
+            self._replies.pop(token, None)
+
+    async def _apply_and_reply(self, group: str, reply_to: str | None, correlation_id: str | None) -> None:
+        await self._sync_binding(group)
+        if reply_to and correlation_id:
+            reply = self._message_class(b"", type=_REPLY, correlation_id=correlation_id)
+            await self._publish(reply, reply_to, what="group membership reply")
+
+    async def _sync_binding(self, group: str) -> None:
+        """Bind the inbox to ``group`` iff a local channel is a member."""
+        lock, users = self._group_ops.get(group, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._group_ops[group] = (lock, users + 1)
+        try:
+            async with lock:
+                wanted = bool(self.local_groups.members(group))
+                inbox, exchange = self._inbox, self._exchange
+                assert inbox is not None
+                assert exchange is not None
+                key = group_routing_key(group)
+                if wanted and group not in self._bound:
+                    await self._broker(
+                        self._channel, f"bind of group {group!r}", lambda: inbox.bind(exchange, key)
+                    )
+                    self._bound.add(group)
+                elif not wanted and group in self._bound:
+                    await self._broker(
+                        self._channel, f"unbind of group {group!r}", lambda: inbox.unbind(exchange, key)
+                    )
+                    self._bound.discard(group)
+        finally:
+            lock, users = self._group_ops[group]
+            if users == 1:
+                del self._group_ops[group]
+            else:
+                self._group_ops[group] = (lock, users - 1)
+
+    async def _bind_named(self, group: str, channel: str, *, bind: bool) -> None:
+        # A named member is a broker binding of its queue: it needs no process
+        # alive and does not expire with group_expiry (it lasts until
+        # group_discard, or until queue_expiry deletes an unused queue).
+        # Declared again first: a bind to a queue x-expires deleted would
+        # close the channel.
+        self._declared.pop(named_queue_name(self.queue_prefix, channel), None)
+        queue = await self._declare_named(channel)
+        key = group_routing_key(group)
+        if bind:
+            await self._broker(
+                self._declare_channel,
+                f"bind of {channel!r} to group {group!r}",
+                lambda: queue.bind(self.exchange_name, key, robust=False),
+            )
+            self._named_bindings.add((channel, group))
+        else:
+            await self._broker(
+                self._declare_channel,
+                f"unbind of {channel!r} from group {group!r}",
+                lambda: queue.unbind(self.exchange_name, key),
+            )
+            self._named_bindings.discard((channel, group))
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        raise NotImplementedError
+        message = self._message(data, _GROUP, {"group": group}, persistent=self.durable)
+        try:
+            await self._publish(message, group_routing_key(group), what=f"group_send to {group!r}")
+        except self._delivery_error:
+            # A full named member refused its copy; the others got theirs.
+            self.stats.dropped_full += 1
+            logger.debug("group_send to %r: a full named member skipped the message", group)
+
+    # ---------------------------------------------------------- flush, close
 
     async def _flush(self) -> None:
-        raise NotImplementedError
+        # Only what this instance declared or bound: AMQP cannot list queues.
+        for queue in list(self._declared.values()):
+            try:
+                await self._broker(self._declare_channel, f"purge of {queue.name!r}", queue.purge)
+            except BackendUnavailable as exc:  # e.g. deleted by x-expires meanwhile
+                logger.debug("flush: %s", exc)
+        for channel, group in sorted(self._named_bindings):
+            self._declared.pop(named_queue_name(self.queue_prefix, channel), None)
+            queue = await self._declare_named(channel)
+            name = queue.name
+            key = group_routing_key(group)
+            await self._broker(
+                self._declare_channel,
+                f"unbind of {name!r}",
+                lambda queue=queue, key=key: queue.unbind(self.exchange_name, key),  # type: ignore[misc]
+            )
+        self._named_bindings.clear()
+        self.local_groups.clear()
+        for group in sorted(self._bound):
+            await self._sync_binding(group)
+        for reader in self._readers.values():
+            held, reader.held = list(reader.held), deque()
+            for item in held:
+                if not isinstance(item, dict):
+                    await self._claim(reader, item)
+
+    async def _close(self) -> None:
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(ChannelLayerClosed("the channel layer was closed"))
+        for reader in self._readers.values():
+            if reader.linger is not None:
+                reader.linger.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._connection is not None:
+            await self._connection.close()

@@ -1,0 +1,436 @@
+"""RabbitMQ-specific behaviour, against the real private node of the test session."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from fastapi_websockets import ChannelFull, InvalidChannelLayerConfig, get_channel_layer_from_env
+from fastapi_websockets.backends.rabbitmq import (
+    MAX_AMQP_NAME,
+    RabbitMQChannelLayer,
+    group_routing_key,
+    named_queue_name,
+)
+from fastapi_websockets.exceptions import BackendUnavailable
+from tests.servers import Backend, free_port
+from tests.servers.rabbitmq import RabbitNode
+
+Factory = Callable[..., RabbitMQChannelLayer]
+
+
+@pytest.fixture
+def node(rabbitmq_node: RabbitNode) -> RabbitNode:
+    return rabbitmq_node
+
+
+@pytest.fixture
+async def make(rabbitmq_backend: Backend) -> AsyncIterator[tuple[str, Factory]]:
+    """Layers sharing one fresh namespace; returns (queue prefix, factory)."""
+    namespace = "r" + uuid.uuid4().hex[:10]
+    layers: list[RabbitMQChannelLayer] = []
+
+    def build(**options: Any) -> RabbitMQChannelLayer:
+        layer = rabbitmq_backend.build(namespace, **options)
+        assert isinstance(layer, RabbitMQChannelLayer)
+        layers.append(layer)
+        return layer
+
+    yield f"fw-{namespace}", build
+    for layer in layers:
+        await layer.close()
+
+
+def queues(node: RabbitNode, prefix: str) -> dict[str, dict[str, str]]:
+    """The node's queues whose name starts with ``prefix``: {name: {field: value}}."""
+    fields = ["name", "consumers", "messages", "exclusive", "durable", "arguments"]
+    return {
+        row[0]: dict(zip(fields, row, strict=True))
+        for row in node.rows("list_queues", *fields)
+        if row[0].startswith(prefix)
+    }
+
+
+def consumers(node: RabbitNode, prefix: str) -> list[str]:
+    """The queue of every consumer on the node whose queue name starts with ``prefix``."""
+    return sorted(row[0] for row in node.rows("list_consumers", "queue_name") if row[0].startswith(prefix))
+
+
+def bindings(node: RabbitNode, exchange: str) -> set[tuple[str, str]]:
+    """(queue, routing key) bindings of ``exchange``."""
+    rows = node.rows("list_bindings", "source_name", "destination_name", "routing_key")
+    return {(row[1], row[2]) for row in rows if row[0] == exchange}
+
+
+async def wait_until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll a broker-side condition that changes asynchronously (a deadline, not a threshold)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still false after {timeout} s")
+        await asyncio.sleep(0.2)
+
+
+# ----------------------------------------------------------------- options
+
+
+def test_spec_options_and_defaults() -> None:
+    layer = RabbitMQChannelLayer()
+    assert layer.url == "amqp://guest:guest@localhost:5672//"
+    assert layer.exchange_name == "fastapi_websockets"
+    assert layer.queue_prefix == "fastapi-websockets"
+    assert layer.durable is True
+    assert layer.message_ttl == 60000
+    assert layer.queue_expiry == 300000
+    assert layer.poll_interval == 0.1
+
+
+def test_environment_empty_means_no_limit() -> None:
+    layer = get_channel_layer_from_env(
+        {
+            "FASTAPI_WEBSOCKETS_BACKEND": "rabbitmq",
+            "FASTAPI_WEBSOCKETS_RABBITMQ_URL": "amqp://u:p@broker:5672/app",
+            "FASTAPI_WEBSOCKETS_RABBITMQ_MESSAGE_TTL": "",
+            "FASTAPI_WEBSOCKETS_RABBITMQ_QUEUE_EXPIRY": "",
+            "FASTAPI_WEBSOCKETS_RABBITMQ_DURABLE": "false",
+            "FASTAPI_WEBSOCKETS_RABBITMQ_POLL_INTERVAL": "0.5",
+        }
+    )
+    assert isinstance(layer, RabbitMQChannelLayer)
+    assert (layer.message_ttl, layer.queue_expiry, layer.durable) == (None, None, False)
+    assert layer.url == "amqp://u:p@broker:5672/app"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("message_ttl", 0),
+        ("message_ttl", 1.5),
+        ("queue_expiry", -1),
+        ("exchange_name", "amq.direct"),
+        ("exchange_name", "has space"),
+        ("queue_prefix", "x" * 101),
+        ("url", "http://localhost"),
+        ("poll_interval", 0),
+        ("durable", "yes"),
+    ],
+)
+def test_bad_options_name_the_option_and_value(option: str, value: object) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match=option) as info:
+        RabbitMQChannelLayer(**{option: value})
+    assert repr(value)[:20] in str(info.value)
+
+
+# ------------------------------------------------------------------- names
+
+
+def test_names_map_to_distinct_bounded_identifiers() -> None:
+    names = ["a.b", "a_b", "a-b", "a:b", "A.b", "a*b", "a+2Ab", "a#b", "a/b", "ä.b", "a b"[:1] + "+20b"]
+    names += ["x" * 200, "x" * 199 + "y", "😀" * 200, "😀" * 199 + "😁", "#" * 200]
+    queue_names = {named_queue_name("p" * 100, name) for name in names}
+    keys = {group_routing_key(name) for name in names}
+    assert len(queue_names) == len(names)
+    assert len(keys) == len(names)
+    for identifier in queue_names | keys:
+        assert len(identifier.encode()) <= MAX_AMQP_NAME
+    assert named_queue_name("p", "room:demo") == "p.c.room:demo"  # readable when it can be
+
+
+async def test_long_unicode_names_work_on_the_broker(make: tuple[str, Factory]) -> None:
+    _, build = make
+    layer = build()
+    long_a, long_b = "😀" * 199 + "a", "😀" * 199 + "b"
+    await layer.send(long_a, {"type": "a"})
+    await layer.send(long_b, {"type": "b"})
+    assert (await layer.receive(long_b, timeout=10))["type"] == "b"
+    assert (await layer.receive(long_a, timeout=10))["type"] == "a"
+    channel = await layer.new_channel()
+    await layer.group_add(long_a, channel)
+    await layer.group_send(long_b, {"type": "other group"})
+    await layer.group_send(long_a, {"type": "mine"})
+    assert (await layer.receive(channel, timeout=10))["type"] == "mine"
+
+
+# ---------------------------------------------------------- ttl and expiry
+
+
+async def test_message_ttl_drops_named_messages(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    layer = build(message_ttl=300, channel_expiry=3600)
+    await layer.send("ttl.named", {"type": "old"})
+    info = queues(node, prefix)[named_queue_name(prefix, "ttl.named")]
+    assert "x-message-ttl" in info["arguments"]
+    await asyncio.sleep(1.0)
+    await layer.send("ttl.named", {"type": "new"})
+    assert (await layer.receive("ttl.named", timeout=10))["type"] == "new"
+
+
+async def test_no_message_ttl_keeps_messages(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    layer = build(message_ttl=None, channel_expiry=3600)
+    await layer.send("kept.named", {"type": "old"})
+    assert "x-message-ttl" not in queues(node, prefix)[named_queue_name(prefix, "kept.named")]["arguments"]
+    await asyncio.sleep(1.0)
+    assert (await layer.receive("kept.named", timeout=10))["type"] == "old"
+
+
+async def test_queue_expiry_deletes_unused_named_queues(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    layer = build(queue_expiry=1000)
+    queue = named_queue_name(prefix, "short.lived")
+    await layer.send("short.lived", {"type": "first"})
+    assert (await layer.receive("short.lived", timeout=10))["type"] == "first"
+    await layer.send("short.lived", {"type": "lost"})
+    assert queue in queues(node, prefix)
+    # Once its consumer is gone, the unused queue expires with its message.
+    await wait_until(lambda: queue not in queues(node, prefix), "queue expiry")
+    # Reading and sending again declare it again.
+    waiter = asyncio.create_task(layer.receive("short.lived", timeout=10))
+    await asyncio.sleep(0.3)
+    await layer.send("short.lived", {"type": "new"})
+    assert (await waiter)["type"] == "new"
+
+
+async def test_no_queue_expiry_keeps_queues(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    layer = build(queue_expiry=None)
+    await layer.send("long.lived", {"type": "x"})
+    assert "x-expires" not in queues(node, prefix)[named_queue_name(prefix, "long.lived")]["arguments"]
+
+
+# ---------------------------------------------------------------- capacity
+
+
+async def test_channel_full_comes_from_the_broker(make: tuple[str, Factory]) -> None:
+    _, build = make
+    a, b = build(capacity=2), build(capacity=2)
+    await a.send("bounded", {"type": "n", "i": 0})
+    await b.send("bounded", {"type": "n", "i": 1})
+    # Neither instance holds these messages: only the queue's x-max-length can refuse.
+    with pytest.raises(ChannelFull, match="bounded") as info:
+        await a.send("bounded", {"type": "n", "i": 2})
+    assert info.value.capacity == 2
+    got = sorted([(await b.receive("bounded", timeout=10))["i"] for _ in range(2)])
+    assert got == [0, 1]
+    with pytest.raises(TimeoutError):
+        await b.receive("bounded", timeout=0.3)
+
+
+async def test_group_send_skips_a_full_named_member(make: tuple[str, Factory]) -> None:
+    _, build = make
+    layer = build(capacity=1)
+    specific = await layer.new_channel()
+    await layer.group_add("mixed", "full.member")
+    await layer.group_add("mixed", specific)
+    await layer.send("full.member", {"type": "pre"})
+    await layer.group_send("mixed", {"type": "g"})  # no ChannelFull
+    assert (await layer.receive(specific, timeout=10))["type"] == "g"
+    assert (await layer.receive("full.member", timeout=10))["type"] == "pre"
+    assert layer.stats.dropped_full >= 1
+
+
+# ------------------------------------------------- broker resources per layer
+
+
+async def test_one_queue_and_one_consumer_per_layer(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    connections_before = len(node.rows("list_connections", "name"))
+    layer = build()
+    channels = [await layer.new_channel() for _ in range(300)]
+    for index, channel in enumerate(channels):
+        await layer.group_add(f"room{index % 3}", channel)
+    waiting = [asyncio.create_task(layer.receive(channel)) for channel in channels]
+    named = [asyncio.create_task(layer.receive("work")) for _ in range(50)]
+    await asyncio.sleep(0.5)
+    found = queues(node, prefix)
+    assert sorted(found) == sorted([layer.inbox_name, named_queue_name(prefix, "work")])
+    assert found[layer.inbox_name]["exclusive"] == "true"
+    assert "quorum" in found[named_queue_name(prefix, "work")]["arguments"]
+    assert consumers(node, prefix) == sorted([layer.inbox_name, named_queue_name(prefix, "work")])
+    assert len(node.rows("list_connections", "name")) == connections_before + 1
+    # One binding per group, not per member.
+    group_bindings = {key for queue, key in bindings(node, prefix) if queue == layer.inbox_name}
+    assert group_bindings == {f"p.{layer.client_token}", "g.room0", "g.room1", "g.room2"}
+    for task in [*waiting, *named]:
+        task.cancel()
+    await asyncio.gather(*waiting, *named, return_exceptions=True)
+
+
+async def test_binding_follows_first_join_and_last_leave(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    layer = build()
+    a, b = await layer.new_channel(), await layer.new_channel()
+
+    def bound() -> bool:
+        return (layer.inbox_name, "g.lobby") in bindings(node, prefix)
+
+    assert not bound()
+    await layer.group_add("lobby", a)
+    await layer.group_add("lobby", b)
+    assert bound()
+    await layer.group_discard("lobby", a)
+    assert bound()
+    await layer.group_discard("lobby", b)
+    assert not bound()
+
+
+async def test_named_member_is_a_broker_binding(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    a = build()
+    await a.group_add("jobs-group", "job.queue")
+    await a.close()
+    assert (named_queue_name(prefix, "job.queue"), "g.jobs-group") in bindings(node, prefix)
+    # Another instance (no local members at all) reaches the named member.
+    b = build()
+    await b.group_send("jobs-group", {"type": "job"})
+    assert (await b.receive("job.queue", timeout=10))["type"] == "job"
+
+
+async def test_flush_removes_named_member_bindings(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    layer = build()
+    await layer.group_add("flushed-group", "flushed.member")
+    await layer.send("flushed.member", {"type": "old"})
+    await layer.flush()
+    assert (named_queue_name(prefix, "flushed.member"), "g.flushed-group") not in bindings(node, prefix)
+    await layer.group_send("flushed-group", {"type": "x"})
+    with pytest.raises(TimeoutError):
+        await layer.receive("flushed.member", timeout=0.5)
+
+
+async def test_cross_instance_group_add(make: tuple[str, Factory]) -> None:
+    _, build = make
+    a, b = build(), build()
+    channel = await b.new_channel()
+    await a.group_add("remote", channel)
+    await a.group_send("remote", {"type": "hi"})
+    assert (await b.receive(channel, timeout=10))["type"] == "hi"
+
+
+async def test_group_add_of_a_gone_instances_channel_is_a_no_op(make: tuple[str, Factory]) -> None:
+    _, build = make
+    a, b = build(connect_timeout=30), build()
+    channel = await b.new_channel()
+    await b.close()
+    # The owner's inbox is gone: the broker returns the request, nobody waits 30 s.
+    await asyncio.wait_for(a.group_add("orphans", channel), 10)
+    await asyncio.wait_for(a.group_discard("orphans", channel), 10)
+
+
+async def test_transient_classic_queues_with_durable_false(
+    make: tuple[str, Factory], node: RabbitNode
+) -> None:
+    prefix, build = make
+    layer = build(durable=False, capacity=2)
+    await layer.send("transient", {"type": "n", "i": 0})
+    await layer.send("transient", {"type": "n", "i": 1})
+    with pytest.raises(ChannelFull):
+        await layer.send("transient", {"type": "n", "i": 2})
+    info = queues(node, prefix)[named_queue_name(prefix, "transient")]
+    assert info["durable"] == "false"
+    assert "classic" in info["arguments"]
+    assert [(await layer.receive("transient", timeout=10))["i"] for _ in range(2)] == [0, 1]
+
+
+async def test_cancelled_calls_never_cancel_an_amqp_rpc(
+    make: tuple[str, Factory], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, build = make
+    layer = build()
+    channel = await layer.new_channel()
+    # Each of these receives starts a consumer (declare + basic.consume RPCs) and
+    # is cancelled by its timeout long before the broker answers.
+    for index in range(20):
+        with pytest.raises(TimeoutError):
+            await layer.receive(f"fresh.{index}", timeout=0.0001)
+    adding = [asyncio.create_task(layer.group_add(f"g{index}", channel)) for index in range(10)]
+    await asyncio.sleep(0)
+    for task in adding:
+        task.cancel()
+    await asyncio.gather(*adding, return_exceptions=True)
+    await layer.send("fresh.3", {"type": "still works"})
+    assert (await layer.receive("fresh.3", timeout=10))["type"] == "still works"
+    await layer.group_add("g1", channel)
+    await layer.group_send("g1", {"type": "bound"})
+    assert (await layer.receive(channel, timeout=10))["type"] == "bound"
+    closed = [record for record in caplog.records if "because RPC call" in record.getMessage()]
+    assert closed == []
+
+
+async def test_a_cancelled_first_call_leaves_one_connection(
+    make: tuple[str, Factory], node: RabbitNode
+) -> None:
+    _, build = make
+    before = len(node.rows("list_connections", "name"))
+    layer = build()
+    for delay in (0.0, 0.005, 0.02):
+        first = asyncio.create_task(layer.receive("first.use", timeout=30))
+        await asyncio.sleep(delay)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+    await layer.send("first.use", {"type": "works"})
+    assert (await layer.receive("first.use", timeout=10))["type"] == "works"
+    assert len(node.rows("list_connections", "name")) == before + 1
+
+
+# ---------------------------------------------------------- broker restart
+
+
+async def test_unreachable_broker_raises_backend_unavailable() -> None:
+    layer = RabbitMQChannelLayer(url=f"amqp://guest:guest@127.0.0.1:{free_port()}/", connect_timeout=1)
+    with pytest.raises(BackendUnavailable, match=r"127\.0\.0\.1") as info:
+        await layer.send("anything", {"type": "x"})
+    assert isinstance(info.value, ConnectionError)
+    assert "guest:guest" not in str(info.value)  # the password is redacted
+    await layer.close()
+
+
+async def test_broker_restart(make: tuple[str, Factory], node: RabbitNode) -> None:
+    prefix, build = make
+    a, b = build(connect_timeout=2), build(connect_timeout=60)
+    specific = await a.new_channel()
+    await a.group_add("survivors", specific)
+    await b.send("durable.kept", {"type": "stored"})
+    waiting = asyncio.create_task(a.receive(specific))
+    waiting_named = asyncio.create_task(a.receive("restart.named"))
+    await asyncio.sleep(0.3)
+
+    await asyncio.to_thread(node.stop)
+    with pytest.raises(BackendUnavailable):
+        await a.send("restart.named", {"type": "while down"})
+    with pytest.raises(BackendUnavailable):
+        await a.group_add("joined.while.down", specific)
+    await asyncio.to_thread(node.start)
+
+    assert not waiting.done()
+    assert not waiting_named.done()
+    # The layer declares its inbox again and restores its bindings and consumers
+    # by itself. (Until it has, messages routed to its inbox have nowhere to go.)
+    inbox_keys = {
+        (a.inbox_name, f"p.{a.client_token}"),
+        (a.inbox_name, "g.survivors"),
+        (a.inbox_name, "g.joined.while.down"),
+    }
+    await wait_until(lambda: inbox_keys <= bindings(node, prefix), "inbox bindings restored")
+    named_queue = named_queue_name(prefix, "restart.named")
+    await wait_until(
+        lambda: consumers(node, prefix) == sorted([a.inbox_name, b.inbox_name, named_queue]),
+        "consumers restored",
+    )
+    assert not waiting.done()
+    assert not waiting_named.done()
+    # b's calls wait for its reconnect (within connect_timeout) instead of failing.
+    await b.send(specific, {"type": "after restart"})
+    assert (await asyncio.wait_for(waiting, 30))["type"] == "after restart"
+    await b.send("restart.named", {"type": "named after restart"})
+    assert (await asyncio.wait_for(waiting_named, 30))["type"] == "named after restart"
+    await b.group_send("survivors", {"type": "group after restart"})
+    assert (await a.receive(specific, timeout=10))["type"] == "group after restart"
+    assert (await a.receive("durable.kept", timeout=10))["type"] == "stored"
+    await b.group_send("joined.while.down", {"type": "joined"})
+    assert (await a.receive(specific, timeout=10))["type"] == "joined"

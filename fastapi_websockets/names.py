@@ -10,6 +10,7 @@ may receive from.
 
 from __future__ import annotations
 
+import re
 import secrets
 
 from fastapi_websockets.exceptions import InvalidChannelName
@@ -27,6 +28,9 @@ __all__ = [
 #: Longest accepted channel or group name. Broker identifiers derived from names
 #: are escaped or hashed by each backend, so this bound is about sanity, not brokers.
 MAX_NAME_LENGTH = 200
+# isprintable() already refuses control characters and most separators; this catches
+# the rest of what str.isspace() calls whitespace (a plain space is printable).
+_WHITESPACE = re.compile(r"\s")
 
 
 def _check(kind: str, name: object) -> str:
@@ -38,7 +42,7 @@ def _check(kind: str, name: object) -> str:
         raise InvalidChannelName(
             f"{kind} name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}: {name[:40]!r}..."
         )
-    if not name.isprintable() or any(ch.isspace() for ch in name):
+    if not name.isprintable() or _WHITESPACE.search(name):
         raise InvalidChannelName(
             f"{kind} name {name!r} contains whitespace or a control character; "
             "use letters, digits and punctuation such as '.', '-', '_', ':'"

@@ -49,6 +49,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", chosen, indirect=True)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With --backend, leave out the backend-specific files of the backends not chosen."""
+    chosen = config.getoption("--backend")
+    if not chosen:
+        return
+    keep, drop = [], []
+    for item in items:
+        stem = item.path.stem
+        if item.path.parent.name == "backends" and stem.startswith("test_"):
+            name = stem.removeprefix("test_")
+            if not any(variant == name or variant.startswith(name + "-") for variant in chosen):
+                drop.append(item)
+                continue
+        keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
 def backend(request: pytest.FixtureRequest) -> Backend:
     """The backend variant under test (its server is started once per session)."""

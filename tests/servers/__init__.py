@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi_websockets import BaseChannelLayer
 
-__all__ = ["Backend", "ServerProcess", "free_port", "ensure_apt", "wait_for"]
+__all__ = ["Backend", "ServerProcess", "ensure_apt", "free_port", "free_port_block", "port_open", "wait_for"]
 
 
 @dataclass

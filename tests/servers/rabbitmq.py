@@ -130,4 +130,12 @@ def rabbitmq_backend(rabbitmq_node: RabbitNode) -> Backend:
             exchange_name=f"fw-{namespace}", queue_prefix=f"fw-{namespace}", **options
         )
 
-    return Backend("rabbitmq", build, extra={"node": rabbitmq_node})
+    def env(namespace: str) -> dict[str, str]:
+        return {
+            "FASTAPI_WEBSOCKETS_BACKEND": "rabbitmq",
+            "FASTAPI_WEBSOCKETS_RABBITMQ_URL": rabbitmq_node.url,
+            "FASTAPI_WEBSOCKETS_RABBITMQ_EXCHANGE_NAME": f"fw-{namespace}",
+            "FASTAPI_WEBSOCKETS_RABBITMQ_QUEUE_PREFIX": f"fw-{namespace}",
+        }
+
+    return Backend("rabbitmq", build, extra={"node": rabbitmq_node}, env=env)

@@ -32,7 +32,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,6 +40,7 @@ from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelFull,
+    ChannelLayerClosed,
     ChannelLayerError,
     InvalidChannelLayerConfig,
     SerializationError,
@@ -64,6 +65,8 @@ _MAX_IDENTIFIER_BYTES = 63
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: Rows claimed per round trip from an inbox.
 _INBOX_BATCH = 500
+#: Most sends to process-specific channels written in one statement.
+_SEND_BATCH = 500
 #: Most rows claimed per round trip from a named channel (never more than waiters).
 _NAMED_BATCH = 100
 #: Seconds a named channel stays LISTENed after its last local receiver left, so
@@ -135,12 +138,21 @@ SELECT $1, now() + make_interval(secs => $2), $3
 WHERE (SELECT count(*) FROM {s}.message WHERE queue = $1 AND expires_at > now()) < $4
 RETURNING pg_notify($5, '')
 """
-        # A process-specific channel: into its owner's inbox; its capacity is
-        # enforced by the owner's local mailbox.
-        self.send_inbox = f"""
-INSERT INTO {s}.message (queue, targets, expires_at, data)
-VALUES ($1, ARRAY[$2::text], now() + make_interval(secs => $3), $4)
-RETURNING pg_notify($5, '')
+        # Process-specific channels: rows for their owners' inboxes, many sends in
+        # one statement (in order), each inbox notified once. Their capacity is
+        # enforced by the owner's local mailboxes.
+        self.send_inboxes = f"""
+WITH stored AS (
+    INSERT INTO {s}.message (queue, targets, expires_at, data)
+    SELECT m.queue, ARRAY[m.channel], now() + make_interval(secs => $4), m.data
+    FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS m(queue, channel, data, n)
+    ORDER BY m.n
+    RETURNING 1
+),
+woken AS (
+    SELECT pg_notify(name, '') FROM unnest($5::text[]) AS name
+)
+SELECT (SELECT count(*) FROM stored) AS stored, (SELECT count(*) FROM woken) AS woken
 """
         self.claim = f"""
 WITH claimed AS (
@@ -218,6 +230,10 @@ DELETE FROM {s}.group_member WHERE owner = $1;
             f"{s}.message",
             f"{s}.group_member",
         )
+
+
+#: A send waiting to be written: (inbox queue, channel, data, done).
+_Outgoing = tuple[str, str, bytes, "asyncio.Future[None]"]
 
 
 @dataclass(eq=False)
@@ -311,6 +327,8 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         self._listening = asyncio.Event()
         self._listener_ready = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._outbox: deque[_Outgoing] = deque()
+        self._outbox_task: asyncio.Task[None] | None = None
         self._unavailable: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
         self._listener_errors: tuple[type[BaseException], ...] = self._unavailable
 
@@ -680,11 +698,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
     async def _send_remote(self, channel: str, data: bytes) -> None:
         expiry = float(self.channel_expiry)
         if is_process_specific(channel):
-            inbox = _inbox_queue(process_token(channel))
-            notify = self._notify_name(inbox)
-            await self._with_conn(
-                lambda conn: conn.execute(self._sql.send_inbox, inbox, channel, expiry, data, notify)
-            )
+            await self._send_to_inbox(channel, data)
             return
         capacity = self.capacity_for(channel)
         notify = self._notify_name(channel)
@@ -693,6 +707,54 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         )
         if not stored:
             raise ChannelFull(channel, capacity)
+
+    async def _send_to_inbox(self, channel: str, data: bytes) -> None:
+        # Sends made while a write is in flight go out together in the next
+        # statement: one round trip and one commit for many messages, without
+        # delaying a lone send.
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.append((_inbox_queue(process_token(channel)), channel, data, done))
+        if self._outbox_task is None:
+            self._outbox_task = self._spawn(self._write_outbox(), "outbox")
+        await done
+
+    async def _write_outbox(self) -> None:
+        expiry = float(self.channel_expiry)
+        try:
+            while self._outbox:
+                batch: list[_Outgoing] = []
+                while self._outbox and len(batch) < _SEND_BATCH:
+                    entry = self._outbox.popleft()
+                    if not entry[3].done():  # its sender was cancelled before it went out
+                        batch.append(entry)
+                if not batch:
+                    continue
+                try:
+                    await self._write_batch(batch, expiry)
+                except asyncio.CancelledError:
+                    _fail(batch, ChannelLayerClosed("the channel layer was closed"))
+                    raise
+                except Exception as exc:
+                    # Handed to every sender of the batch, each of which re-raises it.
+                    _fail(batch, exc)
+                    continue
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._outbox_task = None
+            if self.closed:
+                _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
+                self._outbox.clear()
+
+    async def _write_batch(self, batch: list[_Outgoing], expiry: float) -> None:
+        queues = [entry[0] for entry in batch]
+        channels = [entry[1] for entry in batch]
+        data = [entry[2] for entry in batch]
+        notify = [self._notify_name(queue) for queue in dict.fromkeys(queues)]
+        await self._with_conn(
+            lambda conn: conn.fetchrow(self._sql.send_inboxes, queues, channels, data, expiry, notify)
+        )
 
     async def _receive_remote(self, channel: str) -> Message:
         reader = self._named.get(channel)
@@ -806,6 +868,12 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             await asyncio.wait_for(pool.close(), self.command_timeout)
         except self._unavailable:
             pool.terminate()
+
+
+def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:
+    for *_, done in entries:
+        if not done.done():
+            done.set_exception(exc)
 
 
 def _event_setter(event: asyncio.Event) -> Callable[[object], None]:

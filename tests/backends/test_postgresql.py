@@ -399,3 +399,20 @@ async def test_calls_fail_in_bounded_time_when_the_database_is_down(
         assert (await layer.receive("x", timeout=10))["type"] == "x"
     finally:
         await layer.close()
+
+
+async def test_concurrent_sends_to_another_instance_keep_each_senders_order(make: Factory) -> None:
+    sender, owner = make(), make(capacity=2000)
+    channels = [await owner.new_channel("ws") for _ in range(4)]
+
+    async def send_all(index: int) -> None:
+        for i in range(50):
+            await sender.send(channels[index % 4], {"type": "n", "s": index, "i": i})
+
+    await asyncio.gather(*(send_all(index) for index in range(20)))
+    seen: dict[int, list[int]] = {}
+    for channel in channels:
+        for _ in range(250):
+            message = await owner.receive(channel, timeout=10)
+            seen.setdefault(message["s"], []).append(message["i"])
+    assert seen == {index: list(range(50)) for index in range(20)}

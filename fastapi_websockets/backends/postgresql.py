@@ -75,7 +75,7 @@ _NAMED_LINGER = 10.0
 #: Seconds between liveness checks of an otherwise silent listener connection.
 _LISTENER_KEEPALIVE = 30.0
 _MIN_BACKOFF = 0.05
-_MAX_BACKOFF = 5.0
+_MAX_BACKOFF = 2.0
 
 
 def notify_channel(schema: str, queue: str) -> str:
@@ -331,6 +331,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         self._outbox_task: asyncio.Task[None] | None = None
         self._unavailable: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
         self._listener_errors: tuple[type[BaseException], ...] = self._unavailable
+        self._reader_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
 
     # ------------------------------------------------------------ connection
 
@@ -352,8 +353,11 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             asyncpg.CannotConnectNowError,
             asyncpg.AdminShutdownError,
             asyncpg.CrashShutdownError,
+            asyncpg.InsufficientResourcesError,  # too many connections, out of memory/disk
         )
         self._listener_errors = (*self._unavailable, asyncpg.PostgresError, asyncpg.InterfaceError)
+        # What a background reader survives (logged, then retried after a pause).
+        self._reader_errors = (BackendUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError)
         try:
             self._pool = await self._retry(
                 "connect",
@@ -428,22 +432,29 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF)
 
-    async def _with_conn(self, operation: Callable[[_Conn], Awaitable[T]], *, retry: bool = False) -> T:
+    async def _with_conn(
+        self,
+        operation: Callable[[_Conn], Awaitable[T]],
+        *,
+        retry: bool = False,
+        patient: bool = True,
+    ) -> T:
         """Run ``operation`` on a pooled connection; map connection errors to BackendUnavailable.
 
-        Failing to get a connection is always retried until ``command_timeout``;
-        a statement that failed after it was sent is retried only if ``retry``
-        (it is idempotent), because it may have committed.
+        Failing to get a connection is retried until ``command_timeout`` (not at
+        all unless ``patient``); a statement that failed after it was sent is
+        retried only if ``retry`` (it is idempotent), because it may have committed.
         """
         pool = self._pool
         if pool is None:
             raise BackendUnavailable("the PostgreSQL layer is not connected")
-        deadline = time.monotonic() + self.command_timeout
+        deadline = time.monotonic() + (self.command_timeout if patient else 0.0)
         delay = _MIN_BACKOFF
         while True:
             sent = False
             try:
-                async with pool.acquire(timeout=max(deadline - time.monotonic(), 0.01)) as conn:
+                timeout = max(deadline - time.monotonic(), 0.0) or self.command_timeout
+                async with pool.acquire(timeout=timeout) as conn:
                     sent = True
                     return await operation(conn)
             except self._unavailable as exc:
@@ -573,7 +584,17 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
     # ----------------------------------------------------------------- claims
 
     async def _claim(self, queue: str, limit: int) -> list[asyncpg.Record]:
-        return await self._with_conn(lambda conn: conn.fetch(self._sql.claim, queue, limit), retry=True)
+        # Not patient: a reader that cannot reach the database waits for the
+        # listener (the one task that reconnects) instead of retrying on its own.
+        return await self._with_conn(
+            lambda conn: conn.fetch(self._sql.claim, queue, limit), retry=True, patient=False
+        )
+
+    async def _pause_after_failure(self, delay: float) -> float:
+        """Back off, then wait until the LISTEN connection is back; return the next delay."""
+        await asyncio.sleep(delay)
+        await self._listening.wait()
+        return min(delay * 2, _MAX_BACKOFF)
 
     async def _drain_inbox(self) -> None:
         """The one reader of this instance's inbox; demultiplexes into local mailboxes."""
@@ -582,10 +603,9 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             self._inbox_wake.clear()
             try:
                 rows = await self._claim(self._inbox, _INBOX_BATCH)
-            except BackendUnavailable as exc:
-                logger.warning("cannot read the inbox: %s; retrying in %.2f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF)
+            except self._reader_errors as exc:
+                logger.warning("cannot read the inbox: %s; retrying once reconnected", exc)
+                delay = await self._pause_after_failure(delay)
                 continue
             delay = _MIN_BACKOFF
             for row in rows:
@@ -624,12 +644,9 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                 limit = min(pending, _NAMED_BATCH)
                 try:
                     rows = await self._claim_named(reader, limit)
-                except BackendUnavailable as exc:
-                    logger.warning(
-                        "cannot read channel %r: %s; retrying in %.2f s", reader.channel, exc, delay
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _MAX_BACKOFF)
+                except self._reader_errors as exc:
+                    logger.debug("cannot read channel %r: %s; retrying once reconnected", reader.channel, exc)
+                    delay = await self._pause_after_failure(delay)
                     continue
                 delay = _MIN_BACKOFF
                 await self._hand_out(reader, rows)
@@ -646,7 +663,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
             # The DELETE may have committed already: put its rows back rather than lose them.
-            with contextlib.suppress(BackendUnavailable, asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, *self._reader_errors):
                 rows = await claim
                 await self._restore(reader.channel, [row for row in rows if row["live"]])
             raise
@@ -681,7 +698,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                 lambda conn: conn.fetchval(self._sql.restore, channel, ids, expires, data, notify),
                 retry=True,
             )
-        except BackendUnavailable:
+        except self._reader_errors:
             logger.exception("lost %d claimed message(s) of channel %r", len(rows), channel)
 
     def _forget_reader(self, reader: _NamedReader) -> None:
@@ -815,7 +832,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             await asyncio.sleep(self.prune_interval)
             try:
                 await self._prune_once()
-            except BackendUnavailable as exc:
+            except self._reader_errors as exc:
                 logger.warning("pruning skipped: %s", exc)
 
     async def prune(self) -> bool:
@@ -859,7 +876,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
 
             self._pool = pool
             try:
-                await self._with_conn(forget)
+                await self._with_conn(forget, patient=False)
             except BackendUnavailable as exc:
                 logger.debug("could not remove this instance's rows on close: %s", exc)
             finally:

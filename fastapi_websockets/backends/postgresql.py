@@ -559,7 +559,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             if conn is not None and not conn.is_closed():
                 try:
                     await conn.add_listener(name, self._on_notify)
-                except self._unavailable as exc:
+                except self._listener_errors as exc:
                     # The listener task re-LISTENs everything once it reconnects.
                     logger.debug("LISTEN failed (%s); will LISTEN after reconnecting", exc)
 
@@ -570,7 +570,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             if conn is not None and not conn.is_closed():
                 try:
                     await conn.remove_listener(name, self._on_notify)
-                except self._unavailable as exc:
+                except self._listener_errors as exc:
                     logger.debug("UNLISTEN failed (%s); the reconnect forgets it anyway", exc)
 
     async def _wait_for_wake(self, event: asyncio.Event) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -416,3 +417,44 @@ async def test_concurrent_sends_to_another_instance_keep_each_senders_order(make
             message = await owner.receive(channel, timeout=10)
             seen.setdefault(message["s"], []).append(message["i"])
     assert seen == {index: list(range(50)) for index in range(20)}
+
+
+_CHILD = """
+import asyncio, sys
+from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
+
+async def main():
+    layer = PostgreSQLChannelLayer(dsn=sys.argv[1], schema=sys.argv[2])
+    channels = [await layer.new_channel("ws") for _ in range(50)]
+    for channel in channels:
+        await layer.group_add("broadcast", channel)
+    print("ready", flush=True)
+    got = await asyncio.gather(*(layer.receive(channel, timeout=30) for channel in channels))
+    job = await layer.receive("work", timeout=30)
+    print(sum(1 for m in got if m["text"] == "hi"), job["n"], flush=True)
+    await layer.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_broadcast_and_work_queue_between_two_os_processes(make: Factory, schema: str) -> None:
+    layer = make()
+    await layer.new_channel()  # creates the schema before the child starts
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD, layer.dsn, schema, stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdout is not None
+    try:
+        assert (await asyncio.wait_for(child.stdout.readline(), 30)).strip() == b"ready"
+        local = await layer.new_channel("ws")
+        await layer.group_add("broadcast", local)
+        await layer.group_send("broadcast", {"type": "chat", "text": "hi"})
+        await layer.send("work", {"type": "job", "n": 7})
+        assert (await layer.receive(local, timeout=10))["text"] == "hi"
+        assert (await asyncio.wait_for(child.stdout.readline(), 30)).split() == [b"50", b"7"]
+        assert await asyncio.wait_for(child.wait(), 30) == 0
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()

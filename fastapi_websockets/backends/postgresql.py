@@ -629,18 +629,23 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
     async def _read_named(self, reader: _NamedReader) -> None:
         """Claim rows of one named channel for as long as local receivers wait on it."""
         delay = _MIN_BACKOFF
+        idle_until: float | None = None
         try:
             await self._listen(reader.notify)
             while True:
                 pending = reader.pending()
                 reader.wake.clear()
                 if not pending:
-                    try:
-                        await asyncio.wait_for(reader.wake.wait(), _NAMED_LINGER)
-                    except asyncio.TimeoutError:
-                        if not reader.pending():
-                            return
+                    # Linger for a while (NOTIFYs for other processes' receivers do
+                    # not extend it), then stop listening.
+                    now = time.monotonic()
+                    idle_until = idle_until or now + _NAMED_LINGER
+                    if now >= idle_until:
+                        return
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(reader.wake.wait(), idle_until - now)
                     continue
+                idle_until = None
                 limit = min(pending, _NAMED_BATCH)
                 try:
                     rows = await self._claim_named(reader, limit)
@@ -791,8 +796,10 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                 self.deliver_local(channel, waiter.result())
             raise
         finally:
-            with contextlib.suppress(ValueError):
-                reader.waiters.remove(waiter)
+            # A waiter that got a message was already popped by the reader.
+            if waiter.cancelled():
+                with contextlib.suppress(ValueError):
+                    reader.waiters.remove(waiter)
 
     async def _group_add(self, group: str, channel: str) -> None:
         owner = process_token(channel) if is_process_specific(channel) else None

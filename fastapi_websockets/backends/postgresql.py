@@ -289,7 +289,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         poll_interval: float = 0.1,
         prune_interval: float = 60.0,
         ensure_schema: bool = True,
-        pool_size: int = 4,
+        pool_size: int = 2,
         command_timeout: float = 10.0,
         **options: Any,
     ) -> None:

@@ -458,3 +458,23 @@ async def test_broadcast_and_work_queue_between_two_os_processes(make: Factory, 
         if child.returncode is None:
             child.kill()
             await child.wait()
+
+
+async def test_group_send_skips_full_named_members(
+    make: Factory, schema: str, db: asyncpg.Connection
+) -> None:
+    layer = make(capacity=2)
+    other = await layer.new_channel()
+    await layer.group_add("g", "named.full")
+    await layer.group_add("g", "named.free")
+    await layer.group_add("g", other)
+    await layer.send("named.full", {"type": "pre"})
+    await layer.send("named.full", {"type": "pre"})
+    await layer.group_send("g", {"type": "g"})
+    counts = dict(
+        await db.fetch(f'SELECT queue, count(*) FROM "{schema}".message GROUP BY queue ORDER BY queue')
+    )
+    assert counts == {"named.free": 1, "named.full": 2}
+    assert (await layer.receive("named.free", timeout=10))["type"] == "g"
+    assert (await layer.receive(other, timeout=10))["type"] == "g"
+    assert [(await layer.receive("named.full", timeout=10))["type"] for _ in range(2)] == ["pre", "pre"]

@@ -11,7 +11,8 @@ implementation, in one run on the same server:
   instances (two "processes" sharing the database), and messages/s with 16
   concurrent senders to one receiver;
 * fan-out: ``group_send`` to 1,000 receivers waiting in another instance
-  (deliveries/s, from the first send until every receiver has every message);
+  (deliveries/s, from the first send until every receiver has every message;
+  best of 3 runs);
 * idle: 5,000 receivers waiting on ``new_channel()`` channels; database
   connections held (``pg_stat_activity``) and CPU seconds used in 5 s of
   idling by this process and by the PostgreSQL server.
@@ -209,6 +210,18 @@ async def idle(
         await layer.close()
 
 
+async def best_of(times: int, scenario: Callable[[], Any]) -> dict[str, Any]:
+    # The machine is shared: keep the best of a few runs, the same way for every layer.
+    best: dict[str, Any] = {}
+    for _ in range(times):
+        result = await scenario()
+        if "timeout" in result or result["deliveries_per_s"] > best.get("deliveries_per_s", 0):
+            best = result
+        if "timeout" in result:
+            break
+    return best
+
+
 async def run_all(
     make: Factory, sizes: dict[str, Any], dsn: str | None, postmaster: int | None
 ) -> dict[str, Any]:
@@ -230,7 +243,9 @@ async def run_all(
     await first.close()
     await guarded("ping", ping_pong(make, sizes["rounds"]))
     await guarded("throughput", throughput(make, sizes["count"]))
-    await guarded("fanout", fan_out(make, sizes["members"], sizes["messages"], limit))
+    await guarded(
+        "fanout", best_of(sizes["repeat"], lambda: fan_out(make, sizes["members"], sizes["messages"], limit))
+    )
     await guarded("idle", idle(make, sizes["idle"], sizes["idle_seconds"], dsn, postmaster))
     return results
 
@@ -271,6 +286,7 @@ SIZES = {
         "count": 5000,
         "members": 1000,
         "messages": 20,
+        "repeat": 3,
         "idle": 5000,
         "idle_seconds": 5.0,
         "limit": 20.0,
@@ -280,6 +296,7 @@ SIZES = {
         "count": 300,
         "members": 1000,
         "messages": 2,
+        "repeat": 1,
         "idle": 5000,
         "idle_seconds": 5.0,
         "limit": 10.0,

@@ -11,7 +11,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fastapi_websockets import ChannelLayerError, get_channel_layer, get_channel_layer_from_env
+from fastapi_websockets import (
+    ChannelLayerClosed,
+    ChannelLayerError,
+    get_channel_layer,
+    get_channel_layer_from_env,
+)
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.servers.postgresql import PostgresServer
@@ -478,3 +483,20 @@ async def test_group_send_skips_full_named_members(
     assert (await layer.receive("named.free", timeout=10))["type"] == "g"
     assert (await layer.receive(other, timeout=10))["type"] == "g"
     assert [(await layer.receive("named.full", timeout=10))["type"] for _ in range(2)] == ["pre", "pre"]
+
+
+async def test_close_while_the_database_is_down(restartable_postgresql: PostgresServer) -> None:
+    layer = PostgreSQLChannelLayer(dsn=restartable_postgresql.dsn, schema="closing")
+    channel = await layer.new_channel()
+    waiters = [
+        asyncio.create_task(layer.receive(channel)),
+        asyncio.create_task(layer.receive("named.waiting")),
+    ]
+    await asyncio.sleep(0.3)
+    restartable_postgresql.stop()
+    await asyncio.sleep(0.3)
+    await asyncio.wait_for(layer.close(), 60)
+    for waiter in waiters:
+        with pytest.raises(ChannelLayerClosed):
+            await waiter
+    assert layer.closed

@@ -107,8 +107,6 @@ class _Sql:
 
     def __init__(self, schema: str) -> None:
         s = _quote_ident(schema)
-        self.message = f"{s}.message"
-        self.group_member = f"{s}.group_member"
         self.create = f"""
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.message (
@@ -131,7 +129,7 @@ CREATE TABLE IF NOT EXISTS {s}.group_member (
 CREATE INDEX IF NOT EXISTS group_member_owner ON {s}.group_member (owner);
 CREATE INDEX IF NOT EXISTS group_member_expires_at ON {s}.group_member (expires_at);
 """
-        # A named channel: stored only while it holds fewer than $5 live messages.
+        # A named channel: stored only while it holds fewer than $4 live messages.
         self.send_named = f"""
 INSERT INTO {s}.message (queue, expires_at, data)
 SELECT $1, now() + make_interval(secs => $2), $3
@@ -219,9 +217,7 @@ SELECT
     (SELECT count(*) FROM members WHERE owner IS NULL) - (SELECT count(*) FROM named) AS skipped
 """
         self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_member"
-        self.forget_owner = f"""
-DELETE FROM {s}.group_member WHERE owner = $1;
-"""
+        self.forget_owner = f"DELETE FROM {s}.group_member WHERE owner = $1"
         self.drop_inbox = f"DELETE FROM {s}.message WHERE queue = $1"
         self.prune_messages = f"DELETE FROM {s}.message WHERE expires_at <= now()"
         self.prune_members = f"DELETE FROM {s}.group_member WHERE expires_at <= now()"

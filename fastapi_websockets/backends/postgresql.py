@@ -867,6 +867,10 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # A writer cancelled before it ran never reached its own cleanup.
+        self._outbox_task = None
+        _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
+        self._outbox.clear()
         pool, self._pool = self._pool, None
         if pool is None:
             return

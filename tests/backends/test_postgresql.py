@@ -500,3 +500,14 @@ async def test_close_while_the_database_is_down(restartable_postgresql: Postgres
         with pytest.raises(ChannelLayerClosed):
             await waiter
     assert layer.closed
+
+
+async def test_sends_in_flight_when_closing_end_instead_of_hanging(make: Factory) -> None:
+    sender, owner = make(), make()
+    channel = await owner.new_channel()
+    await sender.new_channel()  # connected
+    sends = [asyncio.create_task(sender.send(channel, {"type": "n", "i": i})) for i in range(50)]
+    await asyncio.sleep(0)
+    await sender.close()
+    results = await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True), 30)
+    assert all(result is None or isinstance(result, ChannelLayerClosed) for result in results), results

@@ -443,6 +443,8 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         """
         pool = self._pool
         if pool is None:
+            if self.closed:
+                raise ChannelLayerClosed("the channel layer was closed")
             raise BackendUnavailable("the PostgreSQL layer is not connected")
         deadline = time.monotonic() + (self.command_timeout if patient else 0.0)
         delay = _MIN_BACKOFF
@@ -453,7 +455,11 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                 async with pool.acquire(timeout=timeout) as conn:
                     sent = True
                     return await operation(conn)
-            except self._unavailable as exc:
+            except self._listener_errors as exc:
+                if self.closed:  # the pool was closed under us
+                    raise ChannelLayerClosed("the channel layer was closed") from exc
+                if not isinstance(exc, self._unavailable):
+                    raise
                 if (sent and not retry) or time.monotonic() + delay >= deadline:
                     raise BackendUnavailable(
                         f"PostgreSQL at {self._where()} is unavailable: {type(exc).__name__}: {exc}"
@@ -884,7 +890,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             self._pool = pool
             try:
                 await self._with_conn(forget, patient=False)
-            except BackendUnavailable as exc:
+            except ChannelLayerError as exc:
                 logger.debug("could not remove this instance's rows on close: %s", exc)
             finally:
                 self._pool = None

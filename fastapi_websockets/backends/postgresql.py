@@ -700,6 +700,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         expires = [row["expires_at"] for row in rows]
         data = [row["data"] for row in rows]
         notify = self._notify_name(channel)
+        logger.debug("returning %d claimed message(s) of channel %r to the table", len(rows), channel)
         try:
             await self._with_conn(
                 lambda conn: conn.fetchval(self._sql.restore, channel, ids, expires, data, notify),

@@ -511,3 +511,28 @@ async def test_sends_in_flight_when_closing_end_instead_of_hanging(make: Factory
     await sender.close()
     results = await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True), 30)
     assert all(result is None or isinstance(result, ChannelLayerClosed) for result in results), results
+
+
+async def test_named_receives_that_time_out_lose_nothing_and_keep_order(make: Factory) -> None:
+    sender, receiver = make(), make()
+    await receiver.new_channel()  # connected
+
+    async def send_all() -> None:
+        for i in range(100):
+            await sender.send("jobs.flaky", {"type": "n", "i": i})
+            await asyncio.sleep(0)
+
+    got: list[int] = []
+    task = asyncio.create_task(send_all())
+    attempt = 0
+    while len(got) < 100:
+        attempt += 1
+        try:
+            message = await receiver.receive(
+                "jobs.flaky", timeout=0.0005 * (attempt % 4) if attempt % 5 else 10
+            )
+        except TimeoutError:
+            continue
+        got.append(message["i"])
+    await task
+    assert got == list(range(100))

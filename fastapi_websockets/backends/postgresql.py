@@ -107,8 +107,8 @@ class _Sql:
 
     def __init__(self, schema: str) -> None:
         s = _quote_ident(schema)
+        self.create_schema = f"CREATE SCHEMA IF NOT EXISTS {s}"
         self.create = f"""
-CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.message (
     id bigserial PRIMARY KEY,
     queue text NOT NULL,
@@ -394,11 +394,21 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", self.dsn)
 
     async def _create_schema(self) -> None:
-        # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalogs;
-        # the advisory lock makes processes starting together take turns.
+        # DDL runs only when something is missing, so a role without CREATE
+        # rights can use tables an administrator made. Concurrent CREATE ... IF
+        # NOT EXISTS can still collide in the catalogs: the advisory lock makes
+        # processes starting together take turns.
+        query, *names = self._sql.tables_exist
+
         async def create(conn: _Conn) -> None:
+            if await conn.fetchval(query, *names):
+                return
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema, "schema"))
+                if await conn.fetchval(query, *names):
+                    return
+                if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", _quote_ident(self.schema)):
+                    await conn.execute(self._sql.create_schema)
                 await conn.execute(self._sql.create)
 
         await self._with_conn(create, retry=True)

@@ -536,3 +536,21 @@ async def test_named_receives_that_time_out_lose_nothing_and_keep_order(make: Fa
         got.append(message["i"])
     await task
     assert got == list(range(100))
+
+
+async def test_a_role_without_create_rights_uses_existing_tables(
+    make: Factory, db: asyncpg.Connection, schema: str, postgresql_server: PostgresServer
+) -> None:
+    admin = make()
+    await admin.new_channel()  # creates schema and tables
+    role = "r" + uuid.uuid4().hex[:10]
+    await db.execute(f"CREATE ROLE {role} LOGIN")
+    await db.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+    await db.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+    await db.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{schema}" TO {role}')
+    limited = make(dsn=postgresql_server.dsn.replace("postgres@", f"{role}@"))
+    await limited.send("limited.q", {"type": "x"})
+    await limited.group_add("g", "limited.q")
+    await admin.group_send("g", {"type": "y"})
+    assert [(await limited.receive("limited.q", timeout=10))["type"] for _ in range(2)] == ["x", "y"]
+    assert await db.fetchval("SELECT has_database_privilege($1, 'postgres', 'CREATE')", role) is False

@@ -240,7 +240,6 @@ class _NamedReader:
     notify: str
     waiters: deque[asyncio.Future[Message]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
 
     def pending(self) -> int:
         return sum(1 for fut in self.waiters if not fut.done())
@@ -797,7 +796,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             reader = _NamedReader(channel, self._notify_name(channel))
             self._named[channel] = reader
             self._named_by_notify[reader.notify] = reader
-            reader.task = self._spawn(self._read_named(reader), f"named:{channel}")
+            self._spawn(self._read_named(reader), f"named:{channel}")
         waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         reader.waiters.append(waiter)
         reader.wake.set()

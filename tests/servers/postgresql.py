@@ -28,11 +28,18 @@ VARIANTS = {"postgresql": "postgresql_backend"}
 _USER = "postgres"
 
 
+def _server_binaries() -> list[str]:
+    # /usr/lib/postgresql/<major>/bin/postgres, newest major last
+    return sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
+
+
 def _bin_dir() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
+    found = _server_binaries()
     if not found:
-        ensure_apt("/usr/lib/postgresql/15/bin/postgres", "postgresql")
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+        # The Debian "postgresql" package pulls in the current major version
+        # (and postgresql-common, which provides pg_ctlcluster).
+        ensure_apt("pg_ctlcluster", "postgresql")
+        found = _server_binaries()
     if not found:
         raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
     return Path(found[-1]).parent

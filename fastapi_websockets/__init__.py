@@ -15,6 +15,7 @@ from fastapi_websockets.config import (
     parse_channel_layers,
     parse_channel_layers_from_env,
 )
+from fastapi_websockets.consumers import AsyncJsonWebSocketConsumer, AsyncWebSocketConsumer
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelFull,
@@ -26,6 +27,13 @@ from fastapi_websockets.exceptions import (
     ReceiveTimeout,
     SerializationError,
 )
+from fastapi_websockets.layers import (
+    channel_layer_dependency,
+    channel_layers_lifespan,
+    close_default_layers,
+    get_default_layer,
+    set_default_layer,
+)
 from fastapi_websockets.messages import (
     send_bytes_message,
     send_json_message,
@@ -36,6 +44,8 @@ from fastapi_websockets.messages import (
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "AsyncJsonWebSocketConsumer",
+    "AsyncWebSocketConsumer",
     "BackendSettings",
     "BackendUnavailable",
     "BaseChannelLayer",
@@ -53,13 +63,18 @@ __all__ = [
     "RedisChannelLayer",
     "SerializationError",
     "build_channel_layer",
+    "channel_layer_dependency",
+    "channel_layers_lifespan",
+    "close_default_layers",
     "get_channel_layer",
     "get_channel_layer_from_env",
+    "get_default_layer",
     "load_backend_class",
     "parse_channel_layers",
     "parse_channel_layers_from_env",
     "send_bytes_message",
     "send_json_message",
+    "set_default_layer",
     "websocket_bytes_message",
     "websocket_json_message",
 ]

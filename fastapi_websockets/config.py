@@ -130,7 +130,11 @@ def backend_options(backend: type[BaseChannelLayer]) -> dict[str, Option]:
         for param in inspect.signature(init).parameters.values():
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 has_var_kw = True
-            elif param.kind is inspect.Parameter.KEYWORD_ONLY and param.name not in options:
+            elif (
+                param.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                and param.name != "self"
+                and param.name not in options
+            ):
                 options[param.name] = Option(param.name, hints.get(param.name, Any), param.default)
         if not has_var_kw:
             break

@@ -7,6 +7,9 @@ working.
 
 from __future__ import annotations
 
+import asyncio
+import sys
+
 __all__ = [
     "BackendUnavailable",
     "ChannelFull",
@@ -48,8 +51,14 @@ class ChannelLayerClosed(ChannelLayerError):
     """The layer was closed, before or while the operation ran."""
 
 
-class ReceiveTimeout(ChannelLayerError, TimeoutError):
-    """``receive(channel, timeout=...)`` saw no message in time."""
+if sys.version_info >= (3, 11):
+    _TimeoutBases: tuple[type[Exception], ...] = (TimeoutError,)
+else:  # asyncio.TimeoutError is not the built-in TimeoutError before 3.11
+    _TimeoutBases = (asyncio.TimeoutError, TimeoutError)
+
+
+class ReceiveTimeout(ChannelLayerError, *_TimeoutBases):  # type: ignore[misc]
+    """``receive(channel, timeout=...)`` saw no message in time (also a ``TimeoutError``)."""
 
     def __init__(self, channel: str, timeout: float) -> None:
         self.channel = channel

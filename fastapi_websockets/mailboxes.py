@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from fastapi_websockets.exceptions import ChannelLayerClosed, ReceiveTimeout
@@ -88,6 +88,17 @@ class Mailboxes:
         now = time.monotonic()
         if now >= self._next_sweep:
             self._sweep(now)
+        return self._put(channel, message, now)
+
+    def put_many(self, channels: Iterable[str], message: Message) -> list[str]:
+        """Deliver one ``message`` to many channels; return the channels that were full."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        put = self._put
+        return [channel for channel in channels if not put(channel, message, now)]
+
+    def _put(self, channel: str, message: Message, now: float) -> bool:
         box = self._boxes.get(channel)
         if box is None:
             box = self._boxes[channel] = _Box()

@@ -374,11 +374,12 @@ class BaseChannelLayer(abc.ABC):
 
     def deliver_to_local_members(self, group: str, message: Message) -> int:
         """Fan ``message`` out to this process's members of ``group``; return how many got it."""
-        delivered = 0
-        for channel in self._local_groups.members(group):
-            if self.deliver_local(channel, message):
-                delivered += 1
-        return delivered
+        members = self._local_groups.members(group)
+        full = self._mailboxes.put_many(members, message)
+        if full:
+            self._mailboxes.stats.dropped_full += len(full)
+            logger.debug("group %r: skipped %d full member channel(s)", group, len(full))
+        return len(members) - len(full)
 
     @property
     def local_groups(self) -> LocalGroups:

@@ -7,6 +7,8 @@ that works here does not meet new errors when it moves to Redis or NATS.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.types import Message
 
@@ -21,6 +23,10 @@ class InMemoryChannelLayer(BaseChannelLayer):
     """
 
     backend_name = "inmemory"
+
+    def __init__(self, capacity: int = 100, **options: Any) -> None:
+        # ``capacity`` may be passed positionally, as in 0.1.0.
+        super().__init__(capacity=capacity, **options)
 
     def is_local(self, channel: str) -> bool:
         """Every channel is local to an in-memory layer."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi_websockets.backends.base import BaseChannelLayer
@@ -15,7 +16,16 @@ class NATSChannelLayer(BaseChannelLayer):
 
     backend_name = "nats"
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        servers: Sequence[str] = ("nats://localhost:4222",),
+        prefix: str = "fastapi-websockets",
+        group_bucket: str = "fastapi_websockets_groups",
+        stream_name: str = "FASTAPI_WEBSOCKETS",
+        message_timeout: float = 60.0,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
 
     async def _start(self) -> None:

@@ -15,7 +15,18 @@ class RabbitMQChannelLayer(BaseChannelLayer):
 
     backend_name = "rabbitmq"
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        url: str = "amqp://guest:guest@localhost:5672//",
+        exchange_name: str = "fastapi_websockets",
+        queue_prefix: str = "fastapi-websockets",
+        durable: bool = True,
+        message_ttl: int | None = 60000,
+        queue_expiry: int | None = 300000,
+        poll_interval: float = 0.1,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
 
     async def _start(self) -> None:

@@ -15,8 +15,19 @@ class RedisChannelLayer(BaseChannelLayer):
 
     backend_name = "redis"
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(
+        self,
+        *,
+        url: str = "redis://localhost:6379/0",
+        prefix: str = "fastapi-websockets",
+        cluster: bool = False,
+        channel_expiry: float = 60,
+        group_expiry: float = 86400,
+        use_pubsub: bool = True,
+        sharded_pubsub: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(channel_expiry=channel_expiry, group_expiry=group_expiry, **options)
 
     async def _start(self) -> None:
         raise NotImplementedError("the redis backend is not implemented yet")

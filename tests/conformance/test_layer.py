@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from fastapi_websockets import (
+    BaseChannelLayer,
     ChannelFull,
     ChannelLayerClosed,
     ChannelLayerError,
@@ -389,7 +390,9 @@ async def test_send_to_another_instances_channel(make_layer: LayerFactory) -> No
 @pytest.mark.usefixtures("shared")
 async def test_group_send_across_instances(make_layer: LayerFactory) -> None:
     a, b, c = make_layer(), make_layer(), make_layer()
-    members = {layer: [await layer.new_channel() for _ in range(3)] for layer in (b, c)}
+    members: dict[BaseChannelLayer, list[str]] = {}
+    for layer in (b, c):
+        members[layer] = [await layer.new_channel() for _ in range(3)]
     for layer, channels in members.items():
         for channel in channels:
             await layer.group_add("room", channel)

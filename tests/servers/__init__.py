@@ -38,6 +38,9 @@ class Backend:
     build: Callable[..., BaseChannelLayer]
     #: False for in-memory: two instances share nothing.
     shared_between_instances: bool = True
+    #: env(namespace) -> the FASTAPI_WEBSOCKETS_* variables that configure the same layer
+    #: in another process (for the multi-process end-to-end tests).
+    env: Callable[[str], dict[str, str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,0 +1,124 @@
+"""Process-wide default layers, one per alias, and the FastAPI lifespan that owns them.
+
+A consumer created without a layer uses :func:`get_default_layer`, so every
+connection of a process shares one layer (and, with the in-memory backend, can
+broadcast to the others). The default layer of an alias is built from the
+environment on first use, unless the app's lifespan installed one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.requests import HTTPConnection
+
+from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.config import (
+    DEFAULT_LAYER_ALIAS,
+    build_channel_layer,
+    get_channel_layer_from_env,
+    parse_channel_layers,
+    parse_channel_layers_from_env,
+)
+
+__all__ = [
+    "channel_layer_dependency",
+    "channel_layers_lifespan",
+    "close_default_layers",
+    "get_default_layer",
+    "set_default_layer",
+]
+
+# Keyed by (alias, event loop): a layer's futures and locks belong to one loop, and test
+# clients (Starlette's TestClient) run each app in a new loop. None is "any loop".
+_defaults: dict[tuple[str, asyncio.AbstractEventLoop | None], BaseChannelLayer] = {}
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def get_default_layer(alias: str = DEFAULT_LAYER_ALIAS) -> BaseChannelLayer:
+    """The process-wide layer of ``alias``: the one the lifespan installed, else one built from env.
+
+    Layers are kept per event loop, so an app served by several test clients in turn
+    gets a working layer each time.
+    """
+    loop = _running_loop()
+    for key in ((alias, loop), (alias, None)):
+        layer = _defaults.get(key)
+        if layer is not None and not layer.closed:
+            return layer
+    for key in [key for key, layer in _defaults.items() if layer.closed or (key[1] and key[1].is_closed())]:
+        del _defaults[key]
+    layer = _defaults[(alias, loop)] = get_channel_layer_from_env(alias=alias)
+    return layer
+
+
+def set_default_layer(layer: BaseChannelLayer, alias: str = DEFAULT_LAYER_ALIAS) -> None:
+    """Install ``layer`` as the process-wide layer of ``alias`` (for the running event loop)."""
+    _defaults[(alias, _running_loop())] = layer
+
+
+async def close_default_layers() -> None:
+    """Close and forget every process-wide default layer of the running event loop."""
+    loop = _running_loop()
+    keys = [key for key in _defaults if key[1] in (loop, None)]
+    for key in keys:
+        await _defaults.pop(key).close()
+
+
+def channel_layers_lifespan(
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """A FastAPI ``lifespan`` that creates the app's layers at startup and closes them at shutdown.
+
+    With ``settings`` (a ``CHANNEL_LAYERS`` mapping) each alias is built from
+    it; without, from the environment variables. The layers become the
+    process-wide defaults (consumers without a layer use them) and are
+    available as ``app.state.channel_layers[alias]``::
+
+        app = FastAPI(lifespan=channel_layers_lifespan(CHANNEL_LAYERS))
+    """
+    parsed = parse_channel_layers(settings) if settings is not None else parse_channel_layers_from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        layers = {alias: build_channel_layer(entry) for alias, entry in parsed.items()}
+        app.state.channel_layers = layers
+        for alias, layer in layers.items():
+            set_default_layer(layer, alias)
+        try:
+            yield
+        finally:
+            for layer in layers.values():
+                for key in [key for key, value in _defaults.items() if value is layer]:
+                    del _defaults[key]
+                await layer.close()
+
+    return lifespan
+
+
+def channel_layer_dependency(
+    alias: str = DEFAULT_LAYER_ALIAS,
+) -> Callable[[HTTPConnection], BaseChannelLayer]:
+    """A FastAPI dependency returning the app's layer of ``alias`` (HTTP and WebSocket routes)::
+
+    @app.post("/notify")
+    async def notify(layer: BaseChannelLayer = Depends(channel_layer_dependency())): ...
+    """
+
+    def dependency(connection: HTTPConnection) -> BaseChannelLayer:
+        layers: dict[str, BaseChannelLayer] | None = getattr(connection.app.state, "channel_layers", None)
+        if layers is not None and alias in layers:
+            return layers[alias]
+        return get_default_layer(alias)
+
+    return dependency

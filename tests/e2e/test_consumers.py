@@ -1,0 +1,303 @@
+"""Consumers end to end: a real uvicorn server, real WebSocket clients, the in-memory layer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from fastapi_websockets import (
+    AsyncJsonWebSocketConsumer,
+    AsyncWebSocketConsumer,
+    InMemoryChannelLayer,
+    channel_layers_lifespan,
+    close_default_layers,
+    get_default_layer,
+    send_bytes_message,
+    send_json_message,
+)
+from tests.e2e.server import serve
+
+
+class RoomConsumer(AsyncJsonWebSocketConsumer):
+    """Joins room {room}; relays what clients send to the whole room (as naive apps do)."""
+
+    async def connect(self) -> None:
+        self.room = self.path_params["room"]
+        if self.room == "forbidden":
+            await self.close(4003)
+            return
+        await self.group_add(self.room)
+        await self.accept()
+        await self.send_json({"event": "connected", "channel": self.channel_name, "query": self.query_params})
+
+    async def receive_json(self, content: Any) -> None:
+        if content.get("action") == "relay":
+            # Forwards client-chosen event dicts to the group: the dispatcher must stay safe.
+            await self.group_send(self.room, content["event"])
+        elif content.get("action") == "say":
+            await self.group_send(self.room, {"type": "chat.message", "text": content["text"]})
+        elif content.get("action") == "crash":
+            raise RuntimeError("boom in receive_json")
+
+    async def chat_message(self, event: dict[str, Any]) -> None:
+        await self.send_json({"event": "chat", "text": event["text"]})
+
+    async def explode(self, event: dict[str, Any]) -> None:
+        raise RuntimeError("boom in an event handler")
+
+    async def disconnect(self, close_code: int | None) -> None:
+        DISCONNECTS.append((self.channel_name, close_code))
+
+
+DISCONNECTS: list[tuple[str, int | None]] = []
+
+
+class TextConsumer(AsyncWebSocketConsumer):
+    groups = ("everyone",)
+
+    async def receive_text(self, text_data: str) -> None:
+        await self.send_text(text_data.upper())
+
+    async def receive_bytes(self, bytes_data: bytes) -> None:
+        await self.send_bytes(bytes_data[::-1])
+
+
+@pytest.fixture
+async def app_url() -> AsyncIterator[str]:
+    await close_default_layers()
+    app = FastAPI()
+    # No layer passed: every connection must share the process-wide default layer.
+    app.add_api_websocket_route("/rooms/{room}", RoomConsumer.as_endpoint())
+    app.add_api_websocket_route("/text", TextConsumer.as_endpoint())
+    DISCONNECTS.clear()
+    async with serve(app) as url:
+        yield url
+    await close_default_layers()
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 10) -> Any:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def join(url: str, room: str, **kwargs: Any) -> tuple[ClientConnection, str]:
+    ws = await connect(f"{url}/rooms/{room}?user=u1", **kwargs)
+    hello = await recv_json(ws)
+    assert hello["event"] == "connected"
+    assert hello["query"] == {"user": "u1"}
+    return ws, hello["channel"]
+
+
+async def assert_still_open(ws: ClientConnection, other: ClientConnection) -> None:
+    await other.send(json.dumps({"action": "say", "text": "ping"}))
+    assert await recv_json(ws) == {"event": "chat", "text": "ping"}
+
+
+async def test_broadcast_between_connections_on_the_default_layer(app_url: str) -> None:
+    a, _ = await join(app_url, "lobby")
+    b, _ = await join(app_url, "lobby")
+    await a.send(json.dumps({"action": "say", "text": "hello"}))
+    assert await recv_json(a) == {"event": "chat", "text": "hello"}
+    assert await recv_json(b) == {"event": "chat", "text": "hello"}
+    await a.close()
+    await b.close()
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    [
+        "close",
+        "accept",
+        "send.json",
+        "group.add",
+        "group_discard",
+        "connect",
+        "disconnect",
+        "receive.json",
+        "websocket",
+        "channel.layer",
+        "_private",
+        "__init__",
+        "dispatch.channel.message",
+        "as.endpoint",
+    ],
+)
+async def test_client_cannot_dispatch_framework_methods(
+    app_url: str, event_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _ = await join(app_url, "safe")
+    b, _ = await join(app_url, "safe")
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets.consumers"):
+        await a.send(json.dumps({"action": "relay", "event": {"type": event_type, "code": 1000}}))
+        await assert_still_open(a, b)
+        await assert_still_open(b, a)
+    assert any("refused" in record.message or "no handler" in record.message for record in caplog.records)
+    await a.close()
+    await b.close()
+
+
+async def test_invalid_json_closes_only_that_socket_with_1007(app_url: str) -> None:
+    bad, _ = await join(app_url, "json")
+    good, _ = await join(app_url, "json")
+    await bad.send("{not json")
+    with pytest.raises(ConnectionClosed) as info:
+        await asyncio.wait_for(bad.recv(), 10)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1007
+    assert "invalid JSON" in info.value.rcvd.reason
+    await good.send(json.dumps({"action": "say", "text": "still here"}))
+    assert await recv_json(good) == {"event": "chat", "text": "still here"}
+    await good.close()
+
+
+async def test_binary_frame_on_json_consumer_closes_with_1003(app_url: str) -> None:
+    ws, _ = await join(app_url, "binary")
+    await ws.send(b"\x00\x01")
+    with pytest.raises(ConnectionClosed) as info:
+        await asyncio.wait_for(ws.recv(), 10)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1003
+
+
+@pytest.mark.parametrize("how", ["receive", "event"])
+async def test_handler_exception_closes_that_socket_with_1011_and_leaves_groups(
+    app_url: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    victim, victim_channel = await join(app_url, f"crash-{how}")
+    bystander, _ = await join(app_url, f"crash-{how}")
+    layer = get_default_layer()
+    with caplog.at_level(logging.ERROR, logger="fastapi_websockets.consumers"):
+        if how == "receive":
+            await victim.send(json.dumps({"action": "crash"}))
+        else:
+            await layer.send(victim_channel, {"type": "explode"})
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(victim.recv(), 10)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1011
+    assert any(record.exc_info and "boom" in str(record.exc_info[1]) for record in caplog.records)
+    for _ in range(100):
+        if victim_channel not in layer.local_groups.members(f"crash-{how}"):
+            break
+        await asyncio.sleep(0.02)
+    assert victim_channel not in layer.local_groups.members(f"crash-{how}")
+    assert (victim_channel, 1011) in DISCONNECTS
+    await bystander.send(json.dumps({"action": "say", "text": "ok"}))
+    assert await recv_json(bystander) == {"event": "chat", "text": "ok"}
+    await bystander.close()
+
+
+async def test_websocket_send_envelopes_are_written_without_handlers(app_url: str) -> None:
+    ws, channel = await join(app_url, "envelopes")
+    layer = get_default_layer()
+    await send_json_message(layer, channel, {"text": "hello"}, event="chat")
+    assert await recv_json(ws) == {"text": "hello"}
+    await send_bytes_message(layer, channel, b"\x00\x01hello", event="upload")
+    assert await asyncio.wait_for(ws.recv(), 10) == b"\x00\x01hello"
+    await ws.close()
+
+
+async def test_unknown_event_type_is_ignored(app_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    ws, channel = await join(app_url, "unknown")
+    layer = get_default_layer()
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets.consumers"):
+        await layer.send(channel, {"type": "no.such.handler"})
+        await layer.send(channel, {"type": "chat.message", "text": "after"})
+        assert await recv_json(ws) == {"event": "chat", "text": "after"}
+    assert any("no handler" in record.message for record in caplog.records)
+    await ws.close()
+
+
+async def test_disconnect_gets_the_client_close_code_and_groups_are_left(app_url: str) -> None:
+    ws, channel = await join(app_url, "bye")
+    layer = get_default_layer()
+    assert channel in layer.local_groups.members("bye")
+    await ws.close(code=4321)
+    for _ in range(200):
+        if (channel, 4321) in DISCONNECTS:
+            break
+        await asyncio.sleep(0.02)
+    assert (channel, 4321) in DISCONNECTS
+    assert channel not in layer.local_groups.members("bye")
+
+
+async def test_connect_can_reject(app_url: str) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        await connect(f"{app_url}/rooms/forbidden")
+    assert info.value.response.status_code == 403
+
+
+async def test_text_consumer_and_class_groups(app_url: str) -> None:
+    async with connect(f"{app_url}/text") as ws:
+        await ws.send("hello")
+        assert await asyncio.wait_for(ws.recv(), 10) == "HELLO"
+        await ws.send(b"abc")
+        assert await asyncio.wait_for(ws.recv(), 10) == b"cba"
+        layer = get_default_layer()
+        assert len(layer.local_groups.members("everyone")) == 1
+
+
+async def stalled_client(url: str, path: str) -> asyncio.StreamWriter:
+    """A WebSocket client that completes the handshake and then never reads again."""
+    port = int(url.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so the server's writes block soon
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    status = await asyncio.wait_for(reader.readline(), 10)
+    assert b" 101 " in status
+    return writer
+
+
+async def test_slow_client_does_not_hold_back_others() -> None:
+    layer = InMemoryChannelLayer(capacity=4)
+    app = FastAPI()
+    app.add_api_websocket_route("/rooms/{room}", RoomConsumer.as_endpoint(layer))
+    body = "x" * 100_000
+    count = 150
+    async with serve(app) as url:
+        slow = await stalled_client(url, "/rooms/race")
+        fast, _ = await join(url, "race", max_size=None)
+        for i in range(count):
+            # group_send never waits for a consumer: a full mailbox drops for that member only.
+            await layer.group_send("race", {"type": "chat.message", "text": f"{i}:{body}"})
+            await asyncio.sleep(0)
+        received = [(await recv_json(fast))["text"].split(":")[0] for _ in range(count)]
+        assert received == [str(i) for i in range(count)]
+        assert layer.stats.dropped_full > 0
+        await fast.close()
+        slow.close()
+    await layer.close()
+
+
+async def test_lifespan_creates_and_closes_layers() -> None:
+    app = FastAPI(
+        lifespan=channel_layers_lifespan({"default": {"BACKEND": "inmemory", "CONFIG": {"capacity": 7}}})
+    )
+    app.add_api_websocket_route("/rooms/{room}", RoomConsumer.as_endpoint())
+    async with serve(app) as url:
+        layer = app.state.channel_layers["default"]
+        assert layer.capacity == 7
+        assert get_default_layer() is layer
+        a, _ = await join(url, "life")
+        b, _ = await join(url, "life")
+        await a.send(json.dumps({"action": "say", "text": "x"}))
+        assert await recv_json(b) == {"event": "chat", "text": "x"}
+        await a.close()
+        await b.close()
+    assert layer.closed
+    assert get_default_layer() is not layer
+    await close_default_layers()

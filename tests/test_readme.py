@@ -1,0 +1,125 @@
+"""Every example of the README runs here, and its first commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import re
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from fastapi_websockets import BaseChannelLayer, InMemoryChannelLayer, RedisChannelLayer, close_default_layers
+from tests.e2e.server import serve, serve_in_subprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+EXAMPLES = dict(re.findall(r"<!-- example: ([\w-]+) -->\n```python\n(.*?)```", README, flags=re.S))
+
+
+async def run_example(name: str) -> dict[str, Any]:
+    namespace: dict[str, Any] = {"__name__": f"readme_{name}"}
+    code = compile(EXAMPLES[name], f"README.md:{name}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    result = eval(code, namespace)
+    if asyncio.iscoroutine(result):
+        await result
+    return namespace
+
+
+def test_every_python_block_is_an_example() -> None:
+    blocks = re.findall(r"```python\n", README)
+    assert len(blocks) == len(EXAMPLES) == 5
+
+
+def test_readme_starts_with_the_two_commands_ci_runs() -> None:
+    first_block = re.search(r"```bash\n(.*?)```", README, flags=re.S)
+    assert first_block is not None
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
+    assert commands == ["bash scripts/demo", "bash scripts/test"]
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == "exec bash scripts/test"
+    for script in ("scripts/demo", "scripts/test"):
+        assert (ROOT / script).stat().st_mode & 0o111
+
+
+async def test_config_example() -> None:
+    namespace = await run_example("config")
+    assert isinstance(namespace["layer"], RedisChannelLayer)
+    assert isinstance(namespace["events_layer"], InMemoryChannelLayer)
+    assert namespace["events_layer"].capacity == 500
+    for layer in (namespace["layer"], namespace["events_layer"]):
+        await layer.close()
+
+
+async def test_env_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTAPI_WEBSOCKETS_INMEMORY_CAPACITY", "42")
+    namespace = await run_example("env")
+    assert isinstance(namespace["layer"], InMemoryChannelLayer)
+    assert namespace["layer"].capacity == 42
+    await namespace["layer"].close()
+
+
+async def test_layer_api_example() -> None:
+    namespace = await run_example("layer-api")
+    layer: BaseChannelLayer = namespace["layer"]
+    assert layer.closed
+    assert namespace["message"] == {"type": "message", "text": "hello"}
+    assert namespace["channel_name"].startswith("ws.")
+
+
+async def test_consumer_example() -> None:
+    await close_default_layers()
+    namespace = await run_example("consumer")
+    async with (
+        serve(namespace["app"]) as url,
+        connect(f"{url}/ws/lobby") as a,
+        connect(f"{url}/ws/lobby") as b,
+    ):
+        await a.send(json.dumps({"text": "hi"}))
+        assert json.loads(await asyncio.wait_for(a.recv(), 10)) == {"text": "hi"}
+        assert json.loads(await asyncio.wait_for(b.recv(), 10)) == {"text": "hi"}
+    await close_default_layers()
+
+
+async def test_raw_endpoint_example() -> None:
+    namespace = await run_example("raw-endpoint")
+    async with serve(namespace["app"]) as url, connect(f"{url}/ws") as ws:
+        await ws.send("hello")
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"text": "hello"}
+        await ws.send(b"\x00\x01")
+        assert await asyncio.wait_for(ws.recv(), 10) == b"\x00\x01"
+    await namespace["layer"].close()
+
+
+async def test_demo_app_serves_page_and_chats_across_connections() -> None:
+    with serve_in_subprocess("examples.chat.app:app") as url:
+        http = url.replace("ws://", "http://")
+        page = await asyncio.to_thread(lambda: urllib.request.urlopen(http + "/", timeout=10).read().decode())
+        assert "<title>fastapi-websockets chat</title>" in page
+        async with connect(f"{url}/ws/lobby?name=ann") as ann, connect(f"{url}/ws/lobby?name=bob") as bob:
+            assert json.loads(await asyncio.wait_for(ann.recv(), 10)) == {
+                "kind": "notice",
+                "text": "ann joined",
+            }
+            assert json.loads(await asyncio.wait_for(bob.recv(), 10)) == {
+                "kind": "notice",
+                "text": "bob joined",
+            }
+            assert json.loads(await asyncio.wait_for(ann.recv(), 10)) == {
+                "kind": "notice",
+                "text": "bob joined",
+            }
+            await bob.send(json.dumps({"text": "hello ann"}))
+            expected = {"kind": "message", "user": "bob", "text": "hello ann"}
+            assert json.loads(await asyncio.wait_for(ann.recv(), 10)) == expected
+            request = urllib.request.Request(http + "/rooms/lobby/announce?text=hi", method="POST")
+            await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=10).read())
+            assert json.loads(await asyncio.wait_for(bob.recv(), 10)) == expected
+            assert json.loads(await asyncio.wait_for(bob.recv(), 10)) == {
+                "kind": "notice",
+                "text": "announcement: hi",
+            }

@@ -157,7 +157,14 @@ def postgresql_backend(postgresql_server: PostgresServer) -> Backend:
     def build(namespace: str, **options: Any) -> PostgreSQLChannelLayer:
         return build_layer(dsn, namespace, **options)
 
-    return Backend("postgresql", build, extra={"dsn": dsn})
+    def env(namespace: str) -> dict[str, str]:
+        return {
+            "FASTAPI_WEBSOCKETS_BACKEND": "postgresql",
+            "FASTAPI_WEBSOCKETS_POSTGRESQL_DSN": dsn,
+            "FASTAPI_WEBSOCKETS_POSTGRESQL_SCHEMA": namespace,
+        }
+
+    return Backend("postgresql", build, env=env, extra={"dsn": dsn})
 
 
 @pytest.fixture

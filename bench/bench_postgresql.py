@@ -13,9 +13,10 @@ implementation, in one run on the same server:
 * fan-out: ``group_send`` to 1,000 receivers waiting in another instance
   (deliveries/s, from the first send until every receiver has every message;
   best of 3 runs);
-* idle: 5,000 receivers waiting on ``new_channel()`` channels; database
-  connections held (``pg_stat_activity``) and CPU seconds used in 5 s of
-  idling by this process and by the PostgreSQL server.
+* idle: 5,000 receivers waiting on ``new_channel()`` channels, then 5,000
+  waiting on distinct named channels; database connections held
+  (``pg_stat_activity``) and CPU seconds used in 5 s of idling (once set up)
+  by this process and by the PostgreSQL server.
 
 The 0.1.0 release is installed into ``bench/.venv-010`` (``pip install
 "fastapi-websockets[postgresql]==0.1.0"``) and driven in a subprocess with the
@@ -175,15 +176,35 @@ def server_pids(postmaster: int) -> list[int]:
     return pids
 
 
+async def settle(limit: float) -> None:
+    # Wait until this process stops working (receivers set up), at most ``limit`` s.
+    deadline = time.monotonic() + limit
+    await asyncio.sleep(0.5)
+    while time.monotonic() < deadline:
+        before = time.process_time()
+        await asyncio.sleep(0.5)
+        if time.process_time() - before < 0.02:
+            return
+
+
 async def idle(
-    make: Factory, receivers: int, seconds: float, dsn: str | None, postmaster: int | None
+    make: Factory,
+    receivers: int,
+    seconds: float,
+    dsn: str | None,
+    postmaster: int | None,
+    *,
+    named: bool = False,
 ) -> dict[str, Any]:
     layer = make()
     try:
         await warm(layer)
-        channels = [await layer.new_channel("idle") for _ in range(receivers)]
+        if named:
+            channels = [f"idle.named.{index}" for index in range(receivers)]
+        else:
+            channels = [await layer.new_channel("idle") for _ in range(receivers)]
         tasks = [asyncio.create_task(layer.receive(channel)) for channel in channels]
-        await asyncio.sleep(1.0)
+        await settle(8.0)
         result: dict[str, Any] = {}
         if dsn is not None:
             import asyncpg
@@ -247,6 +268,7 @@ async def run_all(
         "fanout", best_of(sizes["repeat"], lambda: fan_out(make, sizes["members"], sizes["messages"], limit))
     )
     await guarded("idle", idle(make, sizes["idle"], sizes["idle_seconds"], dsn, postmaster))
+    await guarded("idle_named", idle(make, sizes["idle"], sizes["idle_seconds"], dsn, postmaster, named=True))
     return results
 
 
@@ -335,6 +357,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ("5,000 idle receivers: connections held", "idle", "connections", "d"),
         ("5,000 idle receivers: client CPU s / 5 s", "idle", "cpu_s", ".3f"),
         ("5,000 idle receivers: server CPU s / 5 s", "idle", "server_cpu_s", ".3f"),
+        ("5,000 idle named-channel receivers: connections", "idle_named", "connections", "d"),
+        ("5,000 idle named-channel receivers: client CPU s / 5 s", "idle_named", "cpu_s", ".3f"),
+        ("5,000 idle named-channel receivers: server CPU s / 5 s", "idle_named", "server_cpu_s", ".3f"),
     ]
     names = list(results)
     width = max(len(row[0]) for row in rows)

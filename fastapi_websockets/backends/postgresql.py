@@ -771,6 +771,11 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                 except Exception as exc:
                     # Handed to every sender of the batch, each of which re-raises it.
                     _fail(batch, exc)
+                    if isinstance(exc, BackendUnavailable):
+                        # Sends queued meanwhile have waited as long: fail them too
+                        # rather than start another command_timeout for them.
+                        _fail(self._outbox, exc)
+                        self._outbox.clear()
                     continue
                 for *_, done in batch:
                     if not done.done():

@@ -378,6 +378,10 @@ async def test_database_restart_with_waiting_receivers(restartable_postgresql: P
         await asyncio.sleep(0.5)
         with pytest.raises(BackendUnavailable, match="unavailable"):
             await sender.send("jobs", {"type": "lost"})
+        failed = await asyncio.gather(
+            *(sender.send(channel, {"type": "lost", "i": i}) for i in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(result, BackendUnavailable) for result in failed), failed
         assert not any(task.done() for task in waiting)
         restartable_postgresql.start()
         await sender.group_send("room", {"type": "back"})

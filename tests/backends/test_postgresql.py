@@ -87,7 +87,7 @@ async def test_named_message_survives_layer_restart(
     assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 0
 
 
-async def test_close_forgets_this_instances_members_and_inbox(
+async def test_close_forgets_this_instances_memberships(
     make: Factory, db: asyncpg.Connection, schema: str
 ) -> None:
     layer, other = make(), make()

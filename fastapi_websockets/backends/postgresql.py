@@ -837,7 +837,8 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                 self._sql.group_send, group, data, expiry, self.client_token, self.schema
             )
         )
-        assert row is not None  # an aggregate query returns one row
+        if row is None:  # cannot happen: the query aggregates into one row
+            return
         local: list[str] | None = row["local_members"]
         if local:
             message = self.decode(data)

@@ -374,6 +374,13 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         for scenario, result in results[name].items()
         if isinstance(result, dict) and "timeout" in result
     ]
+    if "0.1.0" in results:
+        small = SIZES["0.1.0"]
+        notes.append(
+            f"0.1.0 ran smaller sizes ({small['rounds']} ping-pong rounds, {small['count']} messages, "
+            f"{small['messages']} fan-out messages) because it polls"
+        )
+    notes.append("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     if results.get("postgresql", {}).get("fanout", {}).get("deliveries_per_s") and results.get(
         "inmemory", {}
     ).get("fanout", {}).get("deliveries_per_s"):

@@ -289,6 +289,7 @@ async def test_mixed_case_schema_is_quoted(make: Factory, db: asyncpg.Connection
         ("pool_size", 0),
         ("dsn", "mysql://x"),
         ("ensure_schema", "yes"),
+        ("synchronous_commit", 1),
     ],
 )
 def test_bad_options_are_refused(option: str, value: object) -> None:
@@ -318,6 +319,8 @@ def test_spec_options_from_mapping_and_environment() -> None:
         "FASTAPI_WEBSOCKETS_POSTGRESQL_POLL_INTERVAL": "0.5",
         "FASTAPI_WEBSOCKETS_POSTGRESQL_PRUNE_INTERVAL": "10",
         "FASTAPI_WEBSOCKETS_POSTGRESQL_ENSURE_SCHEMA": "false",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_SYNCHRONOUS_COMMIT": "true",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_POOL_SIZE": "3",
     }
     from_env = get_channel_layer_from_env(env)
     assert isinstance(from_env, PostgreSQLChannelLayer)
@@ -327,6 +330,7 @@ def test_spec_options_from_mapping_and_environment() -> None:
         False,
     )
     assert (from_env.channel_expiry, from_env.group_expiry, from_env.poll_interval) == (30.0, 600.0, 0.5)
+    assert (from_env.synchronous_commit, from_env.pool_size) == (True, 3)
     with pytest.raises(InvalidChannelLayerConfig, match="schema"):
         get_channel_layer_from_env({**env, "FASTAPI_WEBSOCKETS_POSTGRESQL_SCHEMA": "bad name"})
 
@@ -558,3 +562,12 @@ async def test_a_role_without_create_rights_uses_existing_tables(
     await admin.group_send("g", {"type": "y"})
     assert [(await limited.receive("limited.q", timeout=10))["type"] for _ in range(2)] == ["x", "y"]
     assert await db.fetchval("SELECT has_database_privilege($1, 'postgres', 'CREATE')", role) is False
+
+
+async def test_synchronous_commit_layers_work_with_the_default_ones(make: Factory) -> None:
+    durable, fast = make(synchronous_commit=True), make()
+    channel = await fast.new_channel()
+    await durable.send(channel, {"type": "x"})
+    await durable.send("sync.named", {"type": "y"})
+    assert (await fast.receive(channel, timeout=10))["type"] == "x"
+    assert (await fast.receive("sync.named", timeout=10))["type"] == "y"

@@ -396,6 +396,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-010", action="store_true", help="do not run the 0.1.0 release")
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument(
+        "--fsync",
+        action="store_true",
+        help="run PostgreSQL with fsync and synchronous_commit on (default: off, as in the tests)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     parser.add_argument("--postmaster", type=int, help=argparse.SUPPRESS)
@@ -407,7 +412,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from tests.servers.postgresql import PostgresServer
 
-    server = PostgresServer()
+    server = PostgresServer(fsync=args.fsync)
     results: dict[str, dict[str, Any]] = {}
     try:
         server.start()
@@ -435,6 +440,7 @@ def main() -> None:
     finally:
         server.destroy()
     print(table(results))
+    print("server: fsync and synchronous_commit " + ("on" if args.fsync else "off (pass --fsync for on)"))
 
 
 if __name__ == "__main__":

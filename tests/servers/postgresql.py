@@ -48,7 +48,7 @@ def _bin_dir() -> Path:
 class PostgresServer:
     """One PostgreSQL cluster in a private directory; can be stopped and started again."""
 
-    def __init__(self, max_connections: int = 300) -> None:
+    def __init__(self, max_connections: int = 300, *, fsync: bool = False) -> None:
         self.bin = _bin_dir()
         self.workdir = Path(tempfile.mkdtemp(prefix="fws-pg-"))
         user = pwd.getpwnam(_USER)
@@ -56,6 +56,8 @@ class PostgresServer:
         os.chown(self.workdir, user.pw_uid, user.pw_gid)
         self.port = free_port()
         self.max_connections = max_connections
+        #: False (tests): fsync, synchronous_commit and full_page_writes off.
+        self.fsync = fsync
         self.process: ServerProcess | None = None
         result = subprocess.run(
             [
@@ -104,12 +106,7 @@ class PostgresServer:
                 "listen_addresses=127.0.0.1",
                 "-c",
                 f"max_connections={self.max_connections}",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
+                *self._durability_flags(),
             ],
             self.workdir,
             stop_signal=signal.SIGINT,
@@ -123,6 +120,11 @@ class PostgresServer:
             return subprocess.run(args, check=False).returncode == 0
 
         wait_for(ready, f"postgresql on port {self.port}", proc=self.process)
+
+    def _durability_flags(self) -> list[str]:
+        if self.fsync:
+            return []
+        return ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT): disconnects clients and exits."""

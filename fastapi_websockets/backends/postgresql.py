@@ -1,17 +1,278 @@
-"""Placeholder: the postgresql backend is being written (see its issue)."""
+"""The PostgreSQL backend: messages live in tables, LISTEN/NOTIFY only wakes readers.
+
+Two tables in the configured schema hold everything:
+
+* ``message``: one row per stored message. ``queue`` is the channel name of a
+  named channel, or ``"!" + token`` for the inbox of one layer instance (a
+  channel name never starts with ``!``). An inbox row carries in ``targets``
+  the process-specific channels it is for, so one ``group_send`` stores one row
+  per owning process, not one per member.
+* ``group_member``: one row per (group, channel), each with its own expiry;
+  ``owner`` is the process token of a process-specific member, NULL for a
+  named one.
+
+Each layer instance holds one LISTEN connection and a small pool. ``send`` is a
+single statement (insert + ``pg_notify``); ``group_send`` is a single
+statement that reads the members, stores one row per owning process and per
+named member, and notifies each queue once. NOTIFY payloads are empty: the
+channel name of the notification says which queue has rows, and the rows are
+claimed in batches with ``DELETE ... RETURNING`` (``FOR UPDATE SKIP LOCKED`` so
+several processes can read one named channel). Nothing polls while the listener
+is connected; while it is reconnecting, readers re-check the tables every
+``poll_interval``, and after it is back they re-check once, so whatever was
+stored meanwhile is delivered.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.exceptions import (
+    BackendUnavailable,
+    ChannelFull,
+    ChannelLayerClosed,
+    ChannelLayerError,
+    InvalidChannelLayerConfig,
+    SerializationError,
+)
+from fastapi_websockets.names import is_process_specific, process_token
 from fastapi_websockets.types import Message
 
-__all__ = ["PostgreSQLChannelLayer"]
+if TYPE_CHECKING:
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    _Conn = PoolConnectionProxy[asyncpg.Record]
+
+__all__ = ["PostgreSQLChannelLayer", "lock_key", "notify_channel"]
+
+logger = logging.getLogger("fastapi_websockets.postgresql")
+
+T = TypeVar("T")
+
+#: Identifiers are at most 63 bytes (NAMEDATALEN - 1) in PostgreSQL.
+_MAX_IDENTIFIER_BYTES = 63
+_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: Rows claimed per round trip from an inbox.
+_INBOX_BATCH = 500
+#: Most sends to process-specific channels written in one statement.
+_SEND_BATCH = 500
+#: Most rows claimed per round trip from a named channel (never more than waiters).
+_NAMED_BATCH = 100
+#: Seconds a named channel stays LISTENed after its last local receiver left, so
+#: a ``while True: await receive(name)`` loop does not LISTEN/UNLISTEN per message.
+_NAMED_LINGER = 10.0
+#: Seconds between liveness checks of an otherwise silent listener connection.
+_LISTENER_KEEPALIVE = 30.0
+_MIN_BACKOFF = 0.05
+_MAX_BACKOFF = 2.0
+
+
+def notify_channel(schema: str, queue: str) -> str:
+    """The NOTIFY channel that wakes readers of ``queue`` in ``schema``.
+
+    Channel names are identifiers of at most 63 bytes, and the NOTIFY namespace is
+    per database, so the name is a hash of schema and queue (the same expression
+    runs in SQL in ``group_send``).
+    """
+    return "fws_" + hashlib.sha256(f"{schema}/{queue}".encode()).hexdigest()[:40]
+
+
+def lock_key(schema: str, purpose: str) -> int:
+    """The advisory-lock key (a signed 64-bit int) used for ``purpose`` in ``schema``."""
+    digest = hashlib.sha256(f"fastapi_websockets/{purpose}/{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _inbox_queue(token: str) -> str:
+    return "!" + token
+
+
+class _Sql:
+    """Every statement the backend runs, with the schema quoted in once."""
+
+    def __init__(self, schema: str) -> None:
+        s = _quote_ident(schema)
+        self.create_schema = f"CREATE SCHEMA IF NOT EXISTS {s}"
+        self.create = f"""
+CREATE TABLE IF NOT EXISTS {s}.message (
+    id bigserial PRIMARY KEY,
+    queue text NOT NULL,
+    targets text[],
+    expires_at timestamptz NOT NULL,
+    data bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS message_queue_id ON {s}.message (queue, id);
+CREATE INDEX IF NOT EXISTS message_expires_at ON {s}.message (expires_at);
+CREATE TABLE IF NOT EXISTS {s}.group_member (
+    group_name text NOT NULL,
+    channel text NOT NULL,
+    owner text,
+    capacity integer NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (group_name, channel)
+);
+CREATE INDEX IF NOT EXISTS group_member_owner ON {s}.group_member (owner);
+CREATE INDEX IF NOT EXISTS group_member_expires_at ON {s}.group_member (expires_at);
+"""
+        # A named channel: stored only while it holds fewer than $4 live messages.
+        self.send_named = f"""
+INSERT INTO {s}.message (queue, expires_at, data)
+SELECT $1, now() + make_interval(secs => $2), $3
+WHERE (SELECT count(*) FROM {s}.message WHERE queue = $1 AND expires_at > now()) < $4
+RETURNING pg_notify($5, '')
+"""
+        # Process-specific channels: rows for their owners' inboxes, many sends in
+        # one statement (in order), each inbox notified once. Their capacity is
+        # enforced by the owner's local mailboxes.
+        self.send_inboxes = f"""
+WITH stored AS (
+    INSERT INTO {s}.message (queue, targets, expires_at, data)
+    SELECT m.queue, ARRAY[m.channel], now() + make_interval(secs => $4), m.data
+    FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS m(queue, channel, data, n)
+    ORDER BY m.n
+    RETURNING 1
+),
+woken AS (
+    SELECT pg_notify(name, '') FROM unnest($5::text[]) AS name
+)
+SELECT (SELECT count(*) FROM stored) AS stored, (SELECT count(*) FROM woken) AS woken
+"""
+        self.claim = f"""
+WITH claimed AS (
+    DELETE FROM {s}.message
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM {s}.message WHERE queue = $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING id, targets, expires_at, data, expires_at > now() AS live
+)
+SELECT id, targets, expires_at, data, live FROM claimed ORDER BY id
+"""
+        # Claimed rows nobody was left to take go back under their original ids,
+        # so they keep their place in the queue.
+        self.restore = f"""
+WITH restored AS (
+    INSERT INTO {s}.message (id, queue, expires_at, data)
+    SELECT r.id, $1, r.expires_at, r.data
+    FROM unnest($2::bigint[], $3::timestamptz[], $4::bytea[]) AS r(id, expires_at, data)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM restored, pg_notify($5, '')
+"""
+        self.group_add = f"""
+INSERT INTO {s}.group_member (group_name, channel, owner, capacity, expires_at)
+VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+ON CONFLICT (group_name, channel) DO UPDATE
+SET owner = EXCLUDED.owner, capacity = EXCLUDED.capacity, expires_at = EXCLUDED.expires_at
+"""
+        self.group_discard = f"DELETE FROM {s}.group_member WHERE group_name = $1 AND channel = $2"
+        # One statement: read the live members, store one row per owning process
+        # (other than ours) and one per named member with room, notify each queue
+        # once, and hand our own members back for local delivery.
+        self.group_send = f"""
+WITH members AS (
+    SELECT channel, owner, capacity FROM {s}.group_member
+    WHERE group_name = $1 AND expires_at > now()
+),
+inboxes AS (
+    INSERT INTO {s}.message (queue, targets, expires_at, data)
+    SELECT '!' || owner, array_agg(channel), now() + make_interval(secs => $3), $2
+    FROM members WHERE owner IS NOT NULL AND owner <> $4
+    GROUP BY owner
+    RETURNING queue
+),
+named AS (
+    INSERT INTO {s}.message (queue, expires_at, data)
+    SELECT m.channel, now() + make_interval(secs => $3), $2
+    FROM members AS m
+    WHERE m.owner IS NULL AND (
+        SELECT count(*) FROM {s}.message AS q WHERE q.queue = m.channel AND q.expires_at > now()
+    ) < m.capacity
+    RETURNING queue
+),
+woken AS (
+    SELECT pg_notify(
+        'fws_' || left(encode(sha256(convert_to($5 || '/' || stored.queue, 'UTF8')), 'hex'), 40), ''
+    )
+    FROM (SELECT queue FROM inboxes UNION ALL SELECT queue FROM named) AS stored
+)
+SELECT
+    (SELECT array_agg(channel) FROM members WHERE owner = $4) AS local_members,
+    (SELECT count(*) FROM woken) AS woken,
+    (SELECT count(*) FROM members WHERE owner IS NULL) - (SELECT count(*) FROM named) AS skipped
+"""
+        self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_member"
+        self.forget_owner = f"DELETE FROM {s}.group_member WHERE owner = $1"
+        self.drop_inbox = f"DELETE FROM {s}.message WHERE queue = $1"
+        self.prune_messages = f"DELETE FROM {s}.message WHERE expires_at <= now()"
+        self.prune_members = f"DELETE FROM {s}.group_member WHERE expires_at <= now()"
+        self.tables_exist = (
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            f"{s}.message",
+            f"{s}.group_member",
+        )
+
+
+#: A send waiting to be written: (inbox queue, channel, data, done).
+_Outgoing = tuple[str, str, bytes, "asyncio.Future[None]"]
+
+
+@dataclass(eq=False)
+class _NamedReader:
+    """The local receivers of one named channel, served by one claiming task."""
+
+    channel: str
+    notify: str
+    waiters: deque[asyncio.Future[Message]] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pending(self) -> int:
+        return sum(1 for fut in self.waiters if not fut.done())
+
+    def next_waiter(self) -> asyncio.Future[Message] | None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                return fut
+        return None
 
 
 class PostgreSQLChannelLayer(BaseChannelLayer):
-    """Not implemented yet."""
+    """A channel layer stored in PostgreSQL tables, woken by LISTEN/NOTIFY (asyncpg).
+
+    Options (besides the shared ones of :class:`BaseChannelLayer`):
+
+    * ``dsn``: a ``postgresql://`` URL.
+    * ``schema``: the schema holding the tables (letters, digits, ``_``; at most
+      63 bytes; always quoted). Layers that share a schema share channels and groups.
+    * ``poll_interval``: seconds between table re-checks while the LISTEN
+      connection is reconnecting (nothing polls while it is connected).
+    * ``prune_interval``: seconds between deletions of expired messages and group
+      members; one process at a time does it, under an advisory lock.
+    * ``ensure_schema``: create the schema and tables if missing (safe when
+      several processes start at once).
+    * ``pool_size``: most pooled connections for writes and claims (plus one
+      LISTEN connection).
+    * ``command_timeout``: seconds a database call may take, reconnecting
+      included, before it fails with :class:`BackendUnavailable`.
+    * ``synchronous_commit``: make every write wait for its WAL flush, so that
+      messages also survive a crash of the server (slower on real disks).
+    """
 
     backend_name = "postgresql"
 
@@ -25,27 +286,673 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         poll_interval: float = 0.1,
         prune_interval: float = 60.0,
         ensure_schema: bool = True,
+        pool_size: int = 2,
+        command_timeout: float = 10.0,
+        synchronous_commit: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(channel_expiry=channel_expiry, group_expiry=group_expiry, **options)
+        if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+            raise InvalidChannelLayerConfig(
+                f"dsn must be a 'postgresql://user:password@host:port/database' URL, got {dsn!r}"
+            )
+        _validate_schema(schema)
+        _check_positive("poll_interval", poll_interval)
+        _check_positive("prune_interval", prune_interval)
+        _check_positive("command_timeout", command_timeout)
+        for flag, value in (("ensure_schema", ensure_schema), ("synchronous_commit", synchronous_commit)):
+            if not isinstance(value, bool):
+                raise InvalidChannelLayerConfig(f"{flag} must be true or false, got {value!r}")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise InvalidChannelLayerConfig(f"pool_size must be an integer of at least 1, got {pool_size!r}")
+        self.dsn = dsn
+        self.schema = schema
+        self.poll_interval = float(poll_interval)
+        self.prune_interval = float(prune_interval)
+        self.ensure_schema = ensure_schema
+        self.pool_size = pool_size
+        self.command_timeout = float(command_timeout)
+        self.synchronous_commit = synchronous_commit
+        self._sql = _Sql(schema)
+        self._inbox = _inbox_queue(self.client_token)
+        self._inbox_notify = notify_channel(schema, self._inbox)
+        self._inbox_wake = asyncio.Event()
+        self._named: dict[str, _NamedReader] = {}
+        self._named_by_notify: dict[str, _NamedReader] = {}
+        self._notify_names: dict[str, str] = {}
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._listen_lock = asyncio.Lock()
+        self._listened: set[str] = set()
+        self._listening = asyncio.Event()
+        self._listener_ready = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._outbox: deque[_Outgoing] = deque()
+        self._outbox_task: asyncio.Task[None] | None = None
+        self._unavailable: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
+        self._listener_errors: tuple[type[BaseException], ...] = self._unavailable
+        self._reader_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
+
+    # ------------------------------------------------------------ connection
+
+    @property
+    def application_name(self) -> str:
+        """The ``application_name`` this layer's connections show in ``pg_stat_activity``."""
+        return f"fastapi_websockets:{self.client_token}"
 
     async def _start(self) -> None:
-        raise NotImplementedError("the postgresql backend is not implemented yet")
+        try:
+            import asyncpg
+        except ImportError as exc:
+            raise missing_driver("postgresql", exc) from exc
+        self._unavailable = (
+            OSError,
+            asyncio.TimeoutError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.ConnectionDoesNotExistError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.AdminShutdownError,
+            asyncpg.CrashShutdownError,
+            asyncpg.InsufficientResourcesError,  # too many connections, out of memory/disk
+        )
+        self._listener_errors = (*self._unavailable, asyncpg.PostgresError, asyncpg.InterfaceError)
+        # What a background reader survives (logged, then retried after a pause).
+        self._reader_errors = (BackendUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError)
+        try:
+            self._pool = await self._retry(
+                "connect",
+                lambda: asyncpg.create_pool(
+                    self.dsn,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    max_inactive_connection_lifetime=60.0,
+                    timeout=self.command_timeout,
+                    command_timeout=self.command_timeout,
+                    server_settings={
+                        "application_name": self.application_name,
+                        # Channel messages live for seconds: by default a commit does not
+                        # wait for its WAL flush (only a server crash can lose the last
+                        # few hundred ms of them; a clean restart loses nothing).
+                        "synchronous_commit": "on" if self.synchronous_commit else "off",
+                    },
+                ),
+            )
+            if self.ensure_schema:
+                await self._create_schema()
+            else:
+                await self._check_schema()
+            self._spawn(self._run_listener(), "listener")
+            try:
+                await asyncio.wait_for(asyncio.shield(self._listener_ready.wait()), self.command_timeout)
+            except asyncio.TimeoutError:
+                raise BackendUnavailable(
+                    f"could not LISTEN on PostgreSQL ({self._where()}) within {self.command_timeout} s"
+                ) from None
+            self._spawn(self._drain_inbox(), "inbox")
+            self._spawn(self._prune_forever(), "prune")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await self._shutdown(cleanup=False)
+            raise ChannelLayerError(
+                f"cannot start the PostgreSQL layer on {self._where()}: {type(exc).__name__}: {exc}"
+            ) from exc
+        except BaseException:
+            await self._shutdown(cleanup=False)
+            raise
+
+    def _where(self) -> str:
+        # The DSN without its password, for error messages.
+        return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", self.dsn)
+
+    async def _create_schema(self) -> None:
+        # DDL runs only when something is missing, so a role without CREATE
+        # rights can use tables an administrator made. Concurrent CREATE ... IF
+        # NOT EXISTS can still collide in the catalogs: the advisory lock makes
+        # processes starting together take turns.
+        query, *names = self._sql.tables_exist
+
+        async def create(conn: _Conn) -> None:
+            if await conn.fetchval(query, *names):
+                return
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema, "schema"))
+                if await conn.fetchval(query, *names):
+                    return
+                if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", _quote_ident(self.schema)):
+                    await conn.execute(self._sql.create_schema)
+                await conn.execute(self._sql.create)
+
+        await self._with_conn(create, retry=True)
+
+    async def _check_schema(self) -> None:
+        query, *names = self._sql.tables_exist
+        exists = await self._with_conn(lambda conn: conn.fetchval(query, *names), retry=True)
+        if not exists:
+            raise ChannelLayerError(
+                f"the tables of schema {self.schema!r} do not exist in {self._where()}; "
+                "start one layer with ensure_schema=True (the default) to create them"
+            )
+
+    async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` until it succeeds or ``command_timeout`` passes."""
+        deadline = time.monotonic() + self.command_timeout
+        delay = _MIN_BACKOFF
+        while True:
+            try:
+                return await attempt()
+            except self._unavailable as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise BackendUnavailable(
+                        f"PostgreSQL at {self._where()} is unavailable ({what} failed for "
+                        f"{self.command_timeout} s): {exc}"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+
+    async def _with_conn(
+        self,
+        operation: Callable[[_Conn], Awaitable[T]],
+        *,
+        retry: bool = False,
+        patient: bool = True,
+    ) -> T:
+        """Run ``operation`` on a pooled connection; map connection errors to BackendUnavailable.
+
+        Failing to get a connection is retried until ``command_timeout`` (not at
+        all unless ``patient``); a statement that failed after it was sent is
+        retried only if ``retry`` (it is idempotent), because it may have committed.
+        """
+        pool = self._pool
+        if pool is None:
+            if self.closed:
+                raise ChannelLayerClosed("the channel layer was closed")
+            raise BackendUnavailable("the PostgreSQL layer is not connected")
+        deadline = time.monotonic() + (self.command_timeout if patient else 0.0)
+        delay = _MIN_BACKOFF
+        while True:
+            sent = False
+            try:
+                timeout = max(deadline - time.monotonic(), 0.0) or self.command_timeout
+                async with pool.acquire(timeout=timeout) as conn:
+                    sent = True
+                    return await operation(conn)
+            except self._listener_errors as exc:
+                if self.closed:  # the pool was closed under us
+                    raise ChannelLayerClosed("the channel layer was closed") from exc
+                if not isinstance(exc, self._unavailable):
+                    raise
+                if (sent and not retry) or time.monotonic() + delay >= deadline:
+                    raise BackendUnavailable(
+                        f"PostgreSQL at {self._where()} is unavailable: {type(exc).__name__}: {exc}"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"fastapi_websockets.postgresql.{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    # --------------------------------------------------------------- listener
+
+    def _notify_name(self, queue: str) -> str:
+        name = self._notify_names.get(queue)
+        if name is None:
+            if len(self._notify_names) >= 4096:
+                self._notify_names.clear()
+            name = self._notify_names[queue] = notify_channel(self.schema, queue)
+        return name
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        if channel == self._inbox_notify:
+            self._inbox_wake.set()
+            return
+        reader = self._named_by_notify.get(channel)
+        if reader is not None:
+            reader.wake.set()
+
+    def _wake_all(self) -> None:
+        self._inbox_wake.set()
+        for reader in self._named.values():
+            reader.wake.set()
+
+    async def _run_listener(self) -> None:
+        """Hold the LISTEN connection; reconnect with backoff whenever it is lost."""
+        import asyncpg
+
+        delay = _MIN_BACKOFF
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn,
+                    timeout=self.command_timeout,
+                    command_timeout=self.command_timeout,
+                    server_settings={"application_name": self.application_name + ":listen"},
+                )
+            except self._listener_errors as exc:
+                logger.warning("cannot connect the LISTEN connection (%s); retrying in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+                continue
+            lost = asyncio.Event()
+            conn.add_termination_listener(_event_setter(lost))
+            try:
+                async with self._listen_lock:
+                    self._listener = conn
+                    for name in {self._inbox_notify, *self._listened}:
+                        await conn.add_listener(name, self._on_notify)
+                        self._listened.add(name)
+                delay = _MIN_BACKOFF
+                self._listening.set()
+                self._listener_ready.set()
+                # Whatever was stored while nobody listened is in the tables.
+                self._wake_all()
+                await self._watch(conn, lost)
+            except self._listener_errors as exc:
+                logger.warning("the LISTEN connection failed (%s); reconnecting", exc)
+            finally:
+                self._listening.clear()
+                self._listener = None
+                conn.terminate()
+                # Readers fall back to re-checking every poll_interval until we are back.
+                self._wake_all()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_BACKOFF)
+
+    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        # A silent peer (a dropped network path) sends no FIN: ping now and then.
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), _LISTENER_KEEPALIVE)
+            except asyncio.TimeoutError:
+                async with self._listen_lock:
+                    await conn.execute("SELECT 1", timeout=self.command_timeout)
+        logger.warning("the LISTEN connection was closed; reconnecting")
+
+    async def _listen(self, name: str) -> None:
+        async with self._listen_lock:
+            self._listened.add(name)
+            conn = self._listener
+            if conn is not None and not conn.is_closed():
+                try:
+                    await conn.add_listener(name, self._on_notify)
+                except self._listener_errors as exc:
+                    # The listener task re-LISTENs everything once it reconnects.
+                    logger.debug("LISTEN failed (%s); will LISTEN after reconnecting", exc)
+
+    async def _unlisten(self, name: str) -> None:
+        async with self._listen_lock:
+            self._listened.discard(name)
+            conn = self._listener
+            if conn is not None and not conn.is_closed():
+                try:
+                    await conn.remove_listener(name, self._on_notify)
+                except self._listener_errors as exc:
+                    logger.debug("UNLISTEN failed (%s); the reconnect forgets it anyway", exc)
+
+    async def _wait_for_wake(self, event: asyncio.Event) -> None:
+        if self._listening.is_set():
+            await event.wait()
+            return
+        # No LISTEN connection: a NOTIFY may be missed, re-check on a timer.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(event.wait(), self.poll_interval)
+
+    # ----------------------------------------------------------------- claims
+
+    async def _claim(self, queue: str, limit: int) -> list[asyncpg.Record]:
+        # Not patient: a reader that cannot reach the database waits for the
+        # listener (the one task that reconnects) instead of retrying on its own.
+        return await self._with_conn(
+            lambda conn: conn.fetch(self._sql.claim, queue, limit), retry=True, patient=False
+        )
+
+    async def _pause_after_failure(self, delay: float) -> float:
+        """Back off, then wait until the LISTEN connection is back; return the next delay."""
+        await asyncio.sleep(delay)
+        await self._listening.wait()
+        return min(delay * 2, _MAX_BACKOFF)
+
+    async def _drain_inbox(self) -> None:
+        """The one reader of this instance's inbox; demultiplexes into local mailboxes."""
+        delay = _MIN_BACKOFF
+        while True:
+            self._inbox_wake.clear()
+            try:
+                rows = await self._claim(self._inbox, _INBOX_BATCH)
+            except self._reader_errors as exc:
+                logger.warning("cannot read the inbox: %s; retrying once reconnected", exc)
+                delay = await self._pause_after_failure(delay)
+                continue
+            delay = _MIN_BACKOFF
+            for row in rows:
+                if not row["live"]:
+                    self.stats.dropped_expired += 1
+                    continue
+                message = self._decode_row(row)
+                if message is not None:
+                    for channel in row["targets"] or ():
+                        self.deliver_local(channel, message)
+            if len(rows) < _INBOX_BATCH:
+                await self._wait_for_wake(self._inbox_wake)
+
+    def _decode_row(self, row: asyncpg.Record) -> Message | None:
+        try:
+            return self.decode(row["data"])
+        except SerializationError:
+            logger.exception("dropped an undecodable message (row %s)", row["id"])
+            return None
+
+    async def _read_named(self, reader: _NamedReader) -> None:
+        """Claim rows of one named channel for as long as local receivers wait on it."""
+        delay = _MIN_BACKOFF
+        idle_until: float | None = None
+        try:
+            await self._listen(reader.notify)
+            while True:
+                pending = reader.pending()
+                reader.wake.clear()
+                if not pending:
+                    # Linger for a while (NOTIFYs for other processes' receivers do
+                    # not extend it), then stop listening.
+                    now = time.monotonic()
+                    idle_until = idle_until or now + _NAMED_LINGER
+                    if now >= idle_until:
+                        return
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(reader.wake.wait(), idle_until - now)
+                    continue
+                idle_until = None
+                limit = min(pending, _NAMED_BATCH)
+                try:
+                    rows = await self._claim_named(reader, limit)
+                except self._reader_errors as exc:
+                    logger.debug("cannot read channel %r: %s; retrying once reconnected", reader.channel, exc)
+                    delay = await self._pause_after_failure(delay)
+                    continue
+                delay = _MIN_BACKOFF
+                await self._hand_out(reader, rows)
+                if len(rows) < limit and reader.pending():
+                    await self._wait_for_wake(reader.wake)
+        finally:
+            self._forget_reader(reader)
+            if not self.closed:
+                await self._unlisten(reader.notify)
+
+    async def _claim_named(self, reader: _NamedReader, limit: int) -> list[asyncpg.Record]:
+        claim = asyncio.ensure_future(self._claim(reader.channel, limit))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # The DELETE may have committed already: put its rows back rather than lose them.
+            with contextlib.suppress(asyncio.CancelledError, *self._reader_errors):
+                rows = await claim
+                await self._restore(reader.channel, [row for row in rows if row["live"]])
+            raise
+
+    async def _hand_out(self, reader: _NamedReader, rows: Sequence[asyncpg.Record]) -> None:
+        leftovers = []
+        for row in rows:
+            if not row["live"]:
+                continue
+            waiter = reader.next_waiter()
+            if waiter is None:
+                leftovers.append(row)
+                continue
+            message = self._decode_row(row)
+            if message is not None:
+                waiter.set_result(message)
+            else:
+                reader.waiters.appendleft(waiter)
+        if leftovers:
+            # Receivers left (timed out, cancelled) while we claimed.
+            await self._restore(reader.channel, leftovers)
+
+    async def _restore(self, channel: str, rows: Sequence[asyncpg.Record]) -> None:
+        if not rows:
+            return
+        ids = [row["id"] for row in rows]
+        expires = [row["expires_at"] for row in rows]
+        data = [row["data"] for row in rows]
+        notify = self._notify_name(channel)
+        logger.debug("returning %d claimed message(s) of channel %r to the table", len(rows), channel)
+        try:
+            await self._with_conn(
+                lambda conn: conn.fetchval(self._sql.restore, channel, ids, expires, data, notify),
+                retry=True,
+            )
+        except self._reader_errors:
+            logger.exception("lost %d claimed message(s) of channel %r", len(rows), channel)
+
+    def _forget_reader(self, reader: _NamedReader) -> None:
+        if self._named.get(reader.channel) is reader:
+            del self._named[reader.channel]
+        if self._named_by_notify.get(reader.notify) is reader:
+            del self._named_by_notify[reader.notify]
+        for fut in reader.waiters:
+            if not fut.done():
+                fut.set_exception(ChannelLayerError(f"the reader of channel {reader.channel!r} stopped"))
+
+    # --------------------------------------------------------------- template
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        raise NotImplementedError
+        expiry = float(self.channel_expiry)
+        if is_process_specific(channel):
+            await self._send_to_inbox(channel, data)
+            return
+        capacity = self.capacity_for(channel)
+        notify = self._notify_name(channel)
+        stored = await self._with_conn(
+            lambda conn: conn.fetch(self._sql.send_named, channel, expiry, data, capacity, notify)
+        )
+        if not stored:
+            raise ChannelFull(channel, capacity)
+
+    async def _send_to_inbox(self, channel: str, data: bytes) -> None:
+        # Sends made while a write is in flight go out together in the next
+        # statement: one round trip and one commit for many messages, without
+        # delaying a lone send.
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.append((_inbox_queue(process_token(channel)), channel, data, done))
+        if self._outbox_task is None:
+            self._outbox_task = self._spawn(self._write_outbox(), "outbox")
+        await done
+
+    async def _write_outbox(self) -> None:
+        expiry = float(self.channel_expiry)
+        try:
+            while self._outbox:
+                batch: list[_Outgoing] = []
+                while self._outbox and len(batch) < _SEND_BATCH:
+                    entry = self._outbox.popleft()
+                    if not entry[3].done():  # its sender was cancelled before it went out
+                        batch.append(entry)
+                if not batch:
+                    continue
+                try:
+                    await self._write_batch(batch, expiry)
+                except asyncio.CancelledError:
+                    _fail(batch, ChannelLayerClosed("the channel layer was closed"))
+                    raise
+                except Exception as exc:
+                    # Handed to every sender of the batch, each of which re-raises it.
+                    _fail(batch, exc)
+                    if isinstance(exc, BackendUnavailable):
+                        # Sends queued meanwhile have waited as long: fail them too
+                        # rather than start another command_timeout for them.
+                        _fail(self._outbox, exc)
+                        self._outbox.clear()
+                    continue
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._outbox_task = None
+            if self.closed:
+                _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
+                self._outbox.clear()
+
+    async def _write_batch(self, batch: list[_Outgoing], expiry: float) -> None:
+        queues = [entry[0] for entry in batch]
+        channels = [entry[1] for entry in batch]
+        data = [entry[2] for entry in batch]
+        notify = [self._notify_name(queue) for queue in dict.fromkeys(queues)]
+        await self._with_conn(
+            lambda conn: conn.fetchrow(self._sql.send_inboxes, queues, channels, data, expiry, notify)
+        )
 
     async def _receive_remote(self, channel: str) -> Message:
-        raise NotImplementedError
+        reader = self._named.get(channel)
+        if reader is None:
+            reader = _NamedReader(channel, self._notify_name(channel))
+            self._named[channel] = reader
+            self._named_by_notify[reader.notify] = reader
+            self._spawn(self._read_named(reader), f"named:{channel}")
+        waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        reader.waiters.append(waiter)
+        reader.wake.set()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed to us just as we were cancelled: keep it for the next receiver.
+                self.deliver_local(channel, waiter.result())
+            raise
+        finally:
+            # A waiter that got a message was already popped by the reader.
+            if waiter.cancelled():
+                with contextlib.suppress(ValueError):
+                    reader.waiters.remove(waiter)
 
     async def _group_add(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        owner = process_token(channel) if is_process_specific(channel) else None
+        capacity = self.capacity_for(channel)
+        expiry = float(self.group_expiry)
+        await self._with_conn(
+            lambda conn: conn.execute(self._sql.group_add, group, channel, owner, capacity, expiry),
+            retry=True,
+        )
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        await self._with_conn(lambda conn: conn.execute(self._sql.group_discard, group, channel), retry=True)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        raise NotImplementedError
+        expiry = float(self.channel_expiry)
+        row = await self._with_conn(
+            lambda conn: conn.fetchrow(
+                self._sql.group_send, group, data, expiry, self.client_token, self.schema
+            )
+        )
+        if row is None:  # cannot happen: the query aggregates into one row
+            return
+        local: list[str] | None = row["local_members"]
+        if local:
+            message = self.decode(data)
+            for channel in local:
+                self.deliver_local(channel, message)
+        if row["skipped"]:
+            logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
 
     async def _flush(self) -> None:
-        raise NotImplementedError
+        await self._with_conn(lambda conn: conn.execute(self._sql.flush), retry=True)
+
+    # ------------------------------------------------------------ housekeeping
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.prune_interval)
+            try:
+                await self._prune_once()
+            except self._reader_errors as exc:
+                logger.warning("pruning skipped: %s", exc)
+
+    async def prune(self) -> bool:
+        """Delete expired messages and group members now; False if another process is pruning."""
+        self._check_open()
+        await self._ensure_started()
+        return await self._prune_once()
+
+    async def _prune_once(self) -> bool:
+        key = lock_key(self.schema, "prune")
+
+        async def prune(conn: _Conn) -> bool:
+            async with conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", key):
+                    return False
+                messages = await conn.execute(self._sql.prune_messages)
+                members = await conn.execute(self._sql.prune_members)
+            logger.debug("pruned expired rows: %s messages, %s group members", messages, members)
+            return True
+
+        return await self._with_conn(prune, retry=True)
+
+    async def _close(self) -> None:
+        await self._shutdown(cleanup=True)
+
+    async def _shutdown(self, *, cleanup: bool) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # A writer cancelled before it ran never reached its own cleanup.
+        self._outbox_task = None
+        _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
+        self._outbox.clear()
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if cleanup:
+            # Nobody can receive on this instance's channels any more: drop its inbox
+            # and memberships instead of letting group_send feed them until expiry.
+            async def forget(conn: _Conn) -> None:
+                await conn.execute(self._sql.forget_owner, self.client_token)
+                await conn.execute(self._sql.drop_inbox, self._inbox)
+
+            self._pool = pool
+            try:
+                await self._with_conn(forget, patient=False)
+            except ChannelLayerError as exc:
+                logger.debug("could not remove this instance's rows on close: %s", exc)
+            finally:
+                self._pool = None
+        try:
+            await asyncio.wait_for(pool.close(), self.command_timeout)
+        except self._unavailable:
+            pool.terminate()
+
+
+def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:
+    for *_, done in entries:
+        if not done.done():
+            done.set_exception(exc)
+
+
+def _event_setter(event: asyncio.Event) -> Callable[[object], None]:
+    def set_event(_conn: object) -> None:
+        event.set()
+
+    return set_event
+
+
+def _validate_schema(schema: object) -> None:
+    if (
+        not isinstance(schema, str)
+        or not _SCHEMA_RE.match(schema)
+        or len(schema.encode()) > _MAX_IDENTIFIER_BYTES
+        or schema.lower().startswith("pg_")
+    ):
+        raise InvalidChannelLayerConfig(
+            f"schema must be a PostgreSQL schema name: a letter or '_' then letters, digits "
+            f"or '_', at most {_MAX_IDENTIFIER_BYTES} bytes, not starting with 'pg_'; got {schema!r}"
+        )
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InvalidChannelLayerConfig(f"{name} must be a positive number of seconds, got {value!r}")

@@ -1,0 +1,573 @@
+"""Behaviour only the PostgreSQL backend has, against a real server (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from fastapi_websockets import (
+    ChannelLayerClosed,
+    ChannelLayerError,
+    get_channel_layer,
+    get_channel_layer_from_env,
+)
+from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
+from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
+from tests.servers.postgresql import PostgresServer
+
+Factory = Callable[..., PostgreSQLChannelLayer]
+
+
+@pytest.fixture
+def schema() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def layers() -> AsyncIterator[list[PostgreSQLChannelLayer]]:
+    made: list[PostgreSQLChannelLayer] = []
+    yield made
+    for layer in made:
+        await layer.close()
+
+
+@pytest.fixture
+def make(postgresql_server: PostgresServer, schema: str, layers: list[PostgreSQLChannelLayer]) -> Factory:
+    def make(**options: Any) -> PostgreSQLChannelLayer:
+        options.setdefault("dsn", postgresql_server.dsn)
+        options.setdefault("schema", schema)
+        layer = PostgreSQLChannelLayer(**options)
+        layers.append(layer)
+        return layer
+
+    return make
+
+
+@pytest.fixture
+async def db(postgresql_server: PostgresServer) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(postgresql_server.dsn)
+    yield conn
+    await conn.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"never became true: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def backends_of(db: asyncpg.Connection, layer: PostgreSQLChannelLayer) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE $1",
+        layer.application_name + "%",
+    )
+
+
+# ----------------------------------------------------------------- durability
+
+
+async def test_named_message_survives_layer_restart(
+    make: Factory, db: asyncpg.Connection, schema: str
+) -> None:
+    sender = make()
+    await sender.send("durable.jobs", {"type": "job", "blob": b"\x00\xff"})
+    await sender.close()
+    stored = await db.fetchval(f'SELECT count(*) FROM "{schema}".message WHERE queue = $1', "durable.jobs")
+    assert stored == 1
+    receiver = make()
+    assert await receiver.receive("durable.jobs", timeout=10) == {"type": "job", "blob": b"\x00\xff"}
+    assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 0
+
+
+async def test_close_forgets_this_instances_memberships(
+    make: Factory, db: asyncpg.Connection, schema: str
+) -> None:
+    layer, other = make(), make()
+    channel = await layer.new_channel()
+    await layer.group_add("room", channel)
+    await layer.group_add("room", "named.member")
+    await other.group_add("room", await other.new_channel())
+    await layer.close()
+    owners = await db.fetch(f'SELECT channel, owner FROM "{schema}".group_member ORDER BY channel')
+    assert [row["channel"] for row in owners] != []
+    assert channel not in [row["channel"] for row in owners]
+    assert "named.member" in [row["channel"] for row in owners]
+
+
+# -------------------------------------------------------------------- fan-out
+
+
+async def test_group_send_stores_one_row_per_owning_process(
+    make: Factory, db: asyncpg.Connection, schema: str
+) -> None:
+    layer = make()
+    # Members of two other (absent) processes, plus a named channel.
+    for index in range(50):
+        await layer.group_add("room", f"ws.aaaa1111!m{index}")
+        await layer.group_add("room", f"ws.bbbb2222!m{index}")
+    await layer.group_add("room", "room.log")
+    listener = await asyncpg.connect(dsn=layer.dsn)
+    seen: list[tuple[str, str]] = []
+    names = {notify_channel(schema, queue): queue for queue in ("!aaaa1111", "!bbbb2222", "room.log")}
+    for name in names:
+        await listener.add_listener(name, lambda _c, _p, ch, payload: seen.append((names[ch], payload)))
+    try:
+        await layer.group_send("room", {"type": "hello"})
+        rows = await db.fetch(
+            f'SELECT queue, cardinality(targets) AS n FROM "{schema}".message ORDER BY queue'
+        )
+        assert [(row["queue"], row["n"]) for row in rows] == [
+            ("!aaaa1111", 50),
+            ("!bbbb2222", 50),
+            ("room.log", None),
+        ]
+        await eventually(lambda: _true(len(seen) >= 3), "three notifications")
+        await asyncio.sleep(0.2)
+        assert sorted(seen) == [("!aaaa1111", ""), ("!bbbb2222", ""), ("room.log", "")]
+    finally:
+        await listener.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_notify_payload_stays_small_for_a_large_message(make: Factory, schema: str) -> None:
+    sender, receiver = make(), make()
+    channel = await receiver.new_channel()
+    listener = await asyncpg.connect(dsn=sender.dsn)
+    payloads: list[str] = []
+    for queue in ("big.named", "!" + receiver.client_token):
+        await listener.add_listener(notify_channel(schema, queue), lambda *args: payloads.append(args[3]))
+    body = bytes(range(256)) * 2000
+    try:
+        await sender.send("big.named", {"type": "big", "body": body})
+        await sender.send(channel, {"type": "big", "body": body})
+        assert (await receiver.receive("big.named", timeout=10))["body"] == body
+        assert (await receiver.receive(channel, timeout=10))["body"] == body
+        await eventually(lambda: _true(len(payloads) >= 2), "two notifications")
+        assert all(len(payload) < 100 for payload in payloads)
+    finally:
+        await listener.close()
+
+
+async def test_long_names_map_to_short_notify_channels(make: Factory) -> None:
+    sender, receiver = make(), make()
+    long_name = "n." + "x" * 190 + ".é"
+    assert len(notify_channel(receiver.schema, long_name).encode()) <= 63
+    waiter = asyncio.create_task(receiver.receive(long_name, timeout=10))
+    await asyncio.sleep(0.3)
+    await sender.send(long_name, {"type": "long"})
+    assert (await waiter)["type"] == "long"
+    group = "g." + "y" * 195
+    await receiver.group_add(group, long_name)
+    await sender.group_send(group, {"type": "via-group"})
+    assert (await receiver.receive(long_name, timeout=10))["type"] == "via-group"
+
+
+# ------------------------------------------------------------------ resources
+
+
+async def test_hundreds_of_receivers_share_a_few_connections(make: Factory, db: asyncpg.Connection) -> None:
+    layer, sender = make(), make()  # pool_size=2 by default
+    specific = [await layer.new_channel("ws") for _ in range(400)]
+    named = [f"jobs.{index}" for index in range(100)]
+    tasks = [asyncio.create_task(layer.receive(channel, timeout=60)) for channel in specific]
+    tasks += [asyncio.create_task(layer.receive(channel, timeout=60)) for channel in named]
+    tasks += [asyncio.create_task(layer.receive("jobs.shared", timeout=60)) for _ in range(100)]
+    await asyncio.sleep(1.0)
+    held = await backends_of(db, layer)
+    assert 1 <= len(held) <= 3, held
+    assert sum(1 for row in held if row["application_name"].endswith(":listen")) == 1
+    for channel in specific + named:
+        await sender.send(channel, {"type": "wake", "to": channel})
+    for index in range(100):
+        await sender.send("jobs.shared", {"type": "wake", "to": "jobs.shared", "i": index})
+    results = await asyncio.gather(*tasks)
+    assert [r["to"] for r in results] == specific + named + ["jobs.shared"] * 100
+    assert sorted(r["i"] for r in results[500:]) == list(range(100))
+    assert len(await backends_of(db, layer)) <= 3
+
+
+# --------------------------------------------------------------- housekeeping
+
+
+async def test_prune_deletes_expired_messages_and_members(
+    make: Factory, db: asyncpg.Connection, schema: str
+) -> None:
+    short = make(channel_expiry=1, group_expiry=1, prune_interval=0.2)
+    keeper = make()
+    await short.send("stale.named", {"type": "old"})
+    await short.group_add("room", "stale.member")
+    await keeper.send("fresh.named", {"type": "new"})
+    await keeper.group_add("room", "fresh.member")
+
+    async def pruned() -> bool:
+        left = await db.fetch(
+            f'SELECT queue FROM "{schema}".message UNION ALL SELECT channel FROM "{schema}".group_member'
+        )
+        return sorted(row[0] for row in left) == ["fresh.member", "fresh.named"]
+
+    await eventually(pruned, "expired rows pruned, live rows kept")
+
+
+async def test_prune_runs_in_one_process_at_a_time(
+    make: Factory, db: asyncpg.Connection, schema: str
+) -> None:
+    layer = make(channel_expiry=1, prune_interval=3600)
+    await layer.send("stale.named", {"type": "old"})
+    await asyncio.sleep(1.2)
+    async with db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock($1)", lock_key(schema, "prune"))
+        assert await layer.prune() is False
+        assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 1
+    assert await layer.prune() is True
+    assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 0
+
+
+async def test_concurrent_schema_creation(make: Factory, db: asyncpg.Connection, schema: str) -> None:
+    starters = [make() for _ in range(8)]
+    channels = await asyncio.gather(*(layer.new_channel() for layer in starters))
+    assert len(set(channels)) == 8
+    tables = await db.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", schema
+    )
+    assert [row["table_name"] for row in tables] == ["group_member", "message"]
+    await starters[0].send(channels[7], {"type": "ok"})
+    assert (await starters[7].receive(channels[7], timeout=10))["type"] == "ok"
+
+
+async def test_ensure_schema_false_needs_existing_tables(make: Factory) -> None:
+    layer = make(ensure_schema=False)
+    with pytest.raises(ChannelLayerError, match="ensure_schema=True"):
+        await layer.send("x", {"type": "x"})
+    creator = make()
+    await creator.new_channel()
+    again = make(ensure_schema=False)
+    await again.send("x", {"type": "x"})
+    assert (await again.receive("x", timeout=10))["type"] == "x"
+
+
+# -------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    "schema_name",
+    ["", "1abc", 'x"; DROP TABLE pg_class; --', "a b", "pg_mine", "x" * 64, "dash-ed", "é"],
+)
+def test_bad_schema_names_are_refused(schema_name: str) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match="schema") as info:
+        PostgreSQLChannelLayer(schema=schema_name)
+    assert repr(schema_name)[:30] in str(info.value)
+
+
+async def test_mixed_case_schema_is_quoted(make: Factory, db: asyncpg.Connection) -> None:
+    name = "Mixed_" + uuid.uuid4().hex[:6]
+    layer = make(schema=name)
+    await layer.send("q", {"type": "x"})
+    assert (
+        await db.fetchval("SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1", name)
+        == 1
+    )
+    assert (await layer.receive("q", timeout=10))["type"] == "x"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("poll_interval", 0),
+        ("prune_interval", -1),
+        ("command_timeout", 0),
+        ("pool_size", 0),
+        ("dsn", "mysql://x"),
+        ("ensure_schema", "yes"),
+        ("synchronous_commit", 1),
+    ],
+)
+def test_bad_options_are_refused(option: str, value: object) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match=option.split("_")[0]):
+        PostgreSQLChannelLayer(**{option: value})
+
+
+def test_spec_options_from_mapping_and_environment() -> None:
+    config = {
+        "dsn": "postgresql://postgres:postgres@localhost:5432/postgres",
+        "schema": "fastapi_websockets",
+        "channel_expiry": 60,
+        "group_expiry": 86400,
+        "poll_interval": 0.1,
+        "prune_interval": 60.0,
+        "ensure_schema": True,
+    }
+    layer = get_channel_layer({"default": {"BACKEND": "postgresql", "CONFIG": config}})
+    assert isinstance(layer, PostgreSQLChannelLayer)
+    assert (layer.poll_interval, layer.prune_interval, layer.schema) == (0.1, 60.0, "fastapi_websockets")
+    env = {
+        "FASTAPI_WEBSOCKETS_BACKEND": "postgresql",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_DSN": "postgresql://u:p@db:5432/app",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_SCHEMA": "events",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_CHANNEL_EXPIRY": "30",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_GROUP_EXPIRY": "600",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_POLL_INTERVAL": "0.5",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_PRUNE_INTERVAL": "10",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_ENSURE_SCHEMA": "false",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_SYNCHRONOUS_COMMIT": "true",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_POOL_SIZE": "3",
+    }
+    from_env = get_channel_layer_from_env(env)
+    assert isinstance(from_env, PostgreSQLChannelLayer)
+    assert (from_env.dsn, from_env.schema, from_env.ensure_schema) == (
+        "postgresql://u:p@db:5432/app",
+        "events",
+        False,
+    )
+    assert (from_env.channel_expiry, from_env.group_expiry, from_env.poll_interval) == (30.0, 600.0, 0.5)
+    assert (from_env.synchronous_commit, from_env.pool_size) == (True, 3)
+    with pytest.raises(InvalidChannelLayerConfig, match="schema"):
+        get_channel_layer_from_env({**env, "FASTAPI_WEBSOCKETS_POSTGRESQL_SCHEMA": "bad name"})
+
+
+# ------------------------------------------------------------------ failures
+
+
+async def test_listener_terminated_by_the_server(make: Factory, db: asyncpg.Connection) -> None:
+    layer, sender = make(), make()
+    channel = await layer.new_channel()
+    waiting = [
+        asyncio.create_task(layer.receive(channel, timeout=30)),
+        asyncio.create_task(layer.receive("after.kill", timeout=30)),
+    ]
+    await asyncio.sleep(0.3)
+    (listen_pid,) = [
+        r["pid"] for r in await backends_of(db, layer) if r["application_name"].endswith(":listen")
+    ]
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", listen_pid)
+    # Stored while the listener is down or reconnecting: its NOTIFY reaches nobody.
+    await sender.send(channel, {"type": "meanwhile"})
+    await sender.send("after.kill", {"type": "meanwhile"})
+    assert [(await task)["type"] for task in waiting] == ["meanwhile", "meanwhile"]
+
+    async def relistened() -> bool:
+        rows = await backends_of(db, layer)
+        pids = [r["pid"] for r in rows if r["application_name"].endswith(":listen")]
+        return len(pids) == 1 and pids[0] != listen_pid
+
+    await eventually(relistened, "a new LISTEN connection")
+    await sender.send(channel, {"type": "later"})
+    assert (await layer.receive(channel, timeout=10))["type"] == "later"
+
+
+async def test_database_restart_with_waiting_receivers(restartable_postgresql: PostgresServer) -> None:
+    dsn, schema = restartable_postgresql.dsn, "restart"
+    layer = PostgreSQLChannelLayer(dsn=dsn, schema=schema)
+    sender = PostgreSQLChannelLayer(dsn=dsn, schema=schema, command_timeout=1)
+    try:
+        channel = await layer.new_channel()
+        await layer.group_add("room", channel)
+        await sender.send("warm", {"type": "x"})
+        waiting = [
+            asyncio.create_task(layer.receive(channel, timeout=60)),
+            asyncio.create_task(layer.receive("jobs", timeout=60)),
+        ]
+        await asyncio.sleep(0.3)
+        restartable_postgresql.stop()
+        await asyncio.sleep(0.5)
+        with pytest.raises(BackendUnavailable, match="unavailable"):
+            await sender.send("jobs", {"type": "lost"})
+        failed = await asyncio.gather(
+            *(sender.send(channel, {"type": "lost", "i": i}) for i in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(result, BackendUnavailable) for result in failed), failed
+        assert not any(task.done() for task in waiting)
+        restartable_postgresql.start()
+        await sender.group_send("room", {"type": "back"})
+        await sender.send("jobs", {"type": "back"})
+        assert [(await task)["type"] for task in waiting] == ["back", "back"]
+        await sender.send(channel, {"type": "again"})
+        assert (await layer.receive(channel, timeout=30))["type"] == "again"
+    finally:
+        await layer.close()
+        await sender.close()
+
+
+async def test_calls_fail_in_bounded_time_when_the_database_is_down(
+    restartable_postgresql: PostgresServer,
+) -> None:
+    restartable_postgresql.stop()
+    layer = PostgreSQLChannelLayer(dsn=restartable_postgresql.dsn, schema="down", command_timeout=0.5)
+    try:
+        with pytest.raises(BackendUnavailable, match="unavailable") as info:
+            await layer.send("x", {"type": "x"})
+        assert isinstance(info.value, ChannelLayerError)
+        assert isinstance(info.value, ConnectionError)
+        restartable_postgresql.start()
+        await layer.send("x", {"type": "x"})
+        assert (await layer.receive("x", timeout=10))["type"] == "x"
+    finally:
+        await layer.close()
+
+
+async def test_concurrent_sends_to_another_instance_keep_each_senders_order(make: Factory) -> None:
+    sender, owner = make(), make(capacity=2000)
+    channels = [await owner.new_channel("ws") for _ in range(4)]
+
+    async def send_all(index: int) -> None:
+        for i in range(50):
+            await sender.send(channels[index % 4], {"type": "n", "s": index, "i": i})
+
+    await asyncio.gather(*(send_all(index) for index in range(20)))
+    seen: dict[int, list[int]] = {}
+    for channel in channels:
+        for _ in range(250):
+            message = await owner.receive(channel, timeout=10)
+            seen.setdefault(message["s"], []).append(message["i"])
+    assert seen == {index: list(range(50)) for index in range(20)}
+
+
+_CHILD = """
+import asyncio, sys
+from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
+
+async def main():
+    layer = PostgreSQLChannelLayer(dsn=sys.argv[1], schema=sys.argv[2])
+    channels = [await layer.new_channel("ws") for _ in range(50)]
+    for channel in channels:
+        await layer.group_add("broadcast", channel)
+    print("ready", flush=True)
+    got = await asyncio.gather(*(layer.receive(channel, timeout=30) for channel in channels))
+    job = await layer.receive("work", timeout=30)
+    print(sum(1 for m in got if m["text"] == "hi"), job["n"], flush=True)
+    await layer.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_broadcast_and_work_queue_between_two_os_processes(make: Factory, schema: str) -> None:
+    layer = make()
+    await layer.new_channel()  # creates the schema before the child starts
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD, layer.dsn, schema, stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdout is not None
+    try:
+        assert (await asyncio.wait_for(child.stdout.readline(), 30)).strip() == b"ready"
+        local = await layer.new_channel("ws")
+        await layer.group_add("broadcast", local)
+        await layer.group_send("broadcast", {"type": "chat", "text": "hi"})
+        await layer.send("work", {"type": "job", "n": 7})
+        assert (await layer.receive(local, timeout=10))["text"] == "hi"
+        assert (await asyncio.wait_for(child.stdout.readline(), 30)).split() == [b"50", b"7"]
+        assert await asyncio.wait_for(child.wait(), 30) == 0
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+
+async def test_group_send_skips_full_named_members(
+    make: Factory, schema: str, db: asyncpg.Connection
+) -> None:
+    layer = make(capacity=2)
+    other = await layer.new_channel()
+    await layer.group_add("g", "named.full")
+    await layer.group_add("g", "named.free")
+    await layer.group_add("g", other)
+    await layer.send("named.full", {"type": "pre"})
+    await layer.send("named.full", {"type": "pre"})
+    await layer.group_send("g", {"type": "g"})
+    counts = dict(
+        await db.fetch(f'SELECT queue, count(*) FROM "{schema}".message GROUP BY queue ORDER BY queue')
+    )
+    assert counts == {"named.free": 1, "named.full": 2}
+    assert (await layer.receive("named.free", timeout=10))["type"] == "g"
+    assert (await layer.receive(other, timeout=10))["type"] == "g"
+    assert [(await layer.receive("named.full", timeout=10))["type"] for _ in range(2)] == ["pre", "pre"]
+
+
+async def test_close_while_the_database_is_down(restartable_postgresql: PostgresServer) -> None:
+    layer = PostgreSQLChannelLayer(dsn=restartable_postgresql.dsn, schema="closing")
+    channel = await layer.new_channel()
+    waiters = [
+        asyncio.create_task(layer.receive(channel)),
+        asyncio.create_task(layer.receive("named.waiting")),
+    ]
+    await asyncio.sleep(0.3)
+    restartable_postgresql.stop()
+    await asyncio.sleep(0.3)
+    await asyncio.wait_for(layer.close(), 60)
+    for waiter in waiters:
+        with pytest.raises(ChannelLayerClosed):
+            await waiter
+    assert layer.closed
+
+
+async def test_sends_in_flight_when_closing_end_instead_of_hanging(make: Factory) -> None:
+    sender, owner = make(), make()
+    channel = await owner.new_channel()
+    await sender.new_channel()  # connected
+    sends = [asyncio.create_task(sender.send(channel, {"type": "n", "i": i})) for i in range(50)]
+    await asyncio.sleep(0)
+    await sender.close()
+    results = await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True), 30)
+    assert all(result is None or isinstance(result, ChannelLayerClosed) for result in results), results
+
+
+async def test_named_receives_that_time_out_lose_nothing_and_keep_order(make: Factory) -> None:
+    sender, receiver = make(), make()
+    await receiver.new_channel()  # connected
+
+    async def send_all() -> None:
+        for i in range(100):
+            await sender.send("jobs.flaky", {"type": "n", "i": i})
+            await asyncio.sleep(0)
+
+    got: list[int] = []
+    task = asyncio.create_task(send_all())
+    attempt = 0
+    while len(got) < 100:
+        attempt += 1
+        try:
+            message = await receiver.receive(
+                "jobs.flaky", timeout=0.0005 * (attempt % 4) if attempt % 5 else 10
+            )
+        except TimeoutError:
+            continue
+        got.append(message["i"])
+    await task
+    assert got == list(range(100))
+
+
+async def test_a_role_without_create_rights_uses_existing_tables(
+    make: Factory, db: asyncpg.Connection, schema: str, postgresql_server: PostgresServer
+) -> None:
+    admin = make()
+    await admin.new_channel()  # creates schema and tables
+    role = "r" + uuid.uuid4().hex[:10]
+    await db.execute(f"CREATE ROLE {role} LOGIN")
+    await db.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+    await db.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+    await db.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{schema}" TO {role}')
+    limited = make(dsn=postgresql_server.dsn.replace("postgres@", f"{role}@"))
+    await limited.send("limited.q", {"type": "x"})
+    await limited.group_add("g", "limited.q")
+    await admin.group_send("g", {"type": "y"})
+    assert [(await limited.receive("limited.q", timeout=10))["type"] for _ in range(2)] == ["x", "y"]
+    assert await db.fetchval("SELECT has_database_privilege($1, 'postgres', 'CREATE')", role) is False
+
+
+async def test_synchronous_commit_layers_work_with_the_default_ones(make: Factory) -> None:
+    durable, fast = make(synchronous_commit=True), make()
+    channel = await fast.new_channel()
+    await durable.send(channel, {"type": "x"})
+    await durable.send("sync.named", {"type": "y"})
+    assert (await fast.receive(channel, timeout=10))["type"] == "x"
+    assert (await fast.receive("sync.named", timeout=10))["type"] == "y"

@@ -159,8 +159,11 @@ class Mailboxes:
                 timer.cancel()
             current = self._boxes.get(channel)
             if current is not None:
-                with contextlib.suppress(ValueError):
-                    current.waiters.remove(fut)
+                # A future that got a message was already popped by put(); only a timed-out
+                # or cancelled one is still queued (and failing to find it costs a scan).
+                if fut.cancelled() or not fut.done() or fut.exception() is not None:
+                    with contextlib.suppress(ValueError):
+                        current.waiters.remove(fut)
                 self._discard_if_idle(channel, current)
 
     def _requeue(self, channel: str, message: Message) -> None:

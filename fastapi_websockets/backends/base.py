@@ -372,14 +372,20 @@ class BaseChannelLayer(abc.ABC):
         logger.debug("dropped a message for full channel %r", channel)
         return False
 
-    def deliver_to_local_members(self, group: str, message: Message) -> int:
-        """Fan ``message`` out to this process's members of ``group``; return how many got it."""
-        members = self._local_groups.members(group)
-        full = self._mailboxes.put_many(members, message)
+    def deliver_many(self, channels: list[str], message: Message) -> int:
+        """Put one ``message`` into the mailboxes of ``channels``; full ones are skipped and counted.
+
+        Returns how many channels got it.
+        """
+        full = self._mailboxes.put_many(channels, message)
         if full:
             self._mailboxes.stats.dropped_full += len(full)
-            logger.debug("group %r: skipped %d full member channel(s)", group, len(full))
-        return len(members) - len(full)
+            logger.debug("skipped %d full channel(s), e.g. %r", len(full), full[0])
+        return len(channels) - len(full)
+
+    def deliver_to_local_members(self, group: str, message: Message) -> int:
+        """Fan ``message`` out to this process's members of ``group``; return how many got it."""
+        return self.deliver_many(self._local_groups.members(group), message)
 
     @property
     def local_groups(self) -> LocalGroups:

@@ -98,7 +98,8 @@ class Mailboxes:
         put = self._put
         return [channel for channel in channels if not put(channel, message, now)]
 
-    def _put(self, channel: str, message: Message, now: float) -> bool:
+    def _box_handing_off(self, channel: str, message: Message) -> _Box | None:
+        """Give ``message`` to a waiting receiver and return None, or return the box to queue it in."""
         box = self._boxes.get(channel)
         if box is None:
             box = self._boxes[channel] = _Box()
@@ -106,7 +107,13 @@ class Mailboxes:
             fut = box.waiters.popleft()
             if not fut.done():
                 fut.set_result(message)
-                return True
+                return None
+        return box
+
+    def _put(self, channel: str, message: Message, now: float) -> bool:
+        box = self._box_handing_off(channel, message)
+        if box is None:
+            return True
         if len(box.items) >= self._capacity_for(channel):
             self._drop_expired(box, now)
             if len(box.items) >= self._capacity_for(channel):
@@ -167,15 +174,9 @@ class Mailboxes:
                 self._discard_if_idle(channel, current)
 
     def _requeue(self, channel: str, message: Message) -> None:
-        box = self._boxes.get(channel)
-        if box is None:
-            box = self._boxes[channel] = _Box()
-        while box.waiters:
-            fut = box.waiters.popleft()
-            if not fut.done():
-                fut.set_result(message)
-                return
-        box.items.appendleft((time.monotonic() + self._expiry, message))
+        box = self._box_handing_off(channel, message)
+        if box is not None:
+            box.items.appendleft((time.monotonic() + self._expiry, message))
 
     def close(self) -> None:
         """Wake every waiting receiver with ``ChannelLayerClosed`` and drop all messages."""

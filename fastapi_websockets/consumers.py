@@ -269,8 +269,21 @@ class AsyncWebSocketConsumer:
             await self.send_bytes(body)
         elif mode == "text" or (mode is None and isinstance(body, str)):
             await self.send_text(str(body))
+        elif type(self).send_json is not AsyncWebSocketConsumer.send_json:
+            await self.send_json(message.get("body", message))  # the app customised send_json
         else:
-            await self.send_json(body if "body" in message else message)
+            await self.send_text(self._encode_envelope(message))
+
+    def _encode_envelope(self, message: Message) -> str:
+        # One group_send reaches every local member as the same dict: encode it once
+        # per class, not once per socket.
+        cls = type(self)
+        cached = _ENVELOPE_CACHE.get(cls)
+        if cached is not None and cached[0] is message:
+            return cached[1]
+        text = self.encode_json(message.get("body", message))
+        _ENVELOPE_CACHE[cls] = (message, text)
+        return text
 
     # ------------------------------------------------------------ dispatch
 
@@ -405,6 +418,9 @@ class AsyncJsonWebSocketConsumer(AsyncWebSocketConsumer):
         logger.info("closing %s: invalid JSON from client (%s)", self.channel_name, error)
         await self.close(CLOSE_INVALID_PAYLOAD, f"invalid JSON: {error}")
 
+
+#: The last JSON envelope each consumer class encoded (the message is kept, so ``is`` is safe).
+_ENVELOPE_CACHE: dict[type[AsyncWebSocketConsumer], tuple[Message, str]] = {}
 
 #: Names a channel event may never dispatch to: everything the framework defines.
 _FRAMEWORK_NAMES = frozenset(dir(AsyncJsonWebSocketConsumer)) | frozenset(

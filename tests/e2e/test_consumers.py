@@ -23,6 +23,7 @@ from fastapi_websockets import (
     get_default_layer,
     send_bytes_message,
     send_json_message,
+    websocket_json_message,
 )
 from tests.e2e.server import serve
 
@@ -301,3 +302,29 @@ async def test_lifespan_creates_and_closes_layers() -> None:
     assert layer.closed
     assert get_default_layer() is not layer
     await close_default_layers()
+
+
+class WrappingConsumer(AsyncJsonWebSocketConsumer):
+    groups = ("wrapped",)
+
+    async def send_json(self, data: Any) -> None:
+        await super().send_json({"wrapped": data})
+
+
+async def test_group_envelopes_reach_every_socket_and_custom_send_json() -> None:
+    layer = InMemoryChannelLayer()
+    app = FastAPI()
+    app.add_api_websocket_route("/rooms/{room}", RoomConsumer.as_endpoint(layer))
+    app.add_api_websocket_route("/wrapped", WrappingConsumer.as_endpoint(layer))
+    async with serve(app) as url:
+        sockets = [(await join(url, "env"))[0] for _ in range(3)]
+        async with connect(f"{url}/wrapped") as wrapped:
+            await asyncio.sleep(0.1)
+            await layer.group_send("env", websocket_json_message({"n": 1}))
+            for ws in sockets:
+                assert await recv_json(ws) == {"n": 1}
+            await layer.group_send("wrapped", websocket_json_message({"n": 2}))
+            assert await recv_json(wrapped) == {"wrapped": {"n": 2}}
+        for ws in sockets:
+            await ws.close()
+    await layer.close()

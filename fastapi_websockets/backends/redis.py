@@ -1,40 +1,776 @@
-"""Placeholder: the redis backend is being written (see its issue)."""
+"""The Redis backend: lists for storage, one inbox and one reader per layer instance.
+
+Key layout (``P`` is the configured prefix; ``{...}`` are Redis Cluster hash
+tags, so keys that one Lua script touches always share a slot):
+
+* ``P:inbox:{token}``: a list, the inbox of one layer instance. Every message
+  for its process-specific channels (``name.token!id``) lands here, one entry
+  per message per *process* (a group message names all the local members it
+  is for). One background task pops it in batches.
+* ``P:wake:{token}``: with ``use_pubsub``, the pub/sub channel on which a push
+  to an empty inbox wakes that reader (SPUBLISH in a cluster with
+  ``sharded_pubsub``); without it the reader blocks in BLMPOP.
+* ``P:chan:{name}``: a list, a named channel: a shared queue, each message
+  popped by exactly one receiver of any process.
+* ``P:waiters:{name}``: a sorted set of the tokens of processes waiting on a
+  named channel (score: registration deadline). A sender wakes them through
+  their inbox, so an idle named receive costs no connection and no polling.
+* ``P:group:{name}``: a sorted set ``channel -> join time`` (Redis server time,
+  ms), so members expire one by one.
+
+Entries of the lists start with a 13-digit deadline in ms (Redis server time),
+so undelivered messages expire individually and capacity checks ignore them.
+Names inside hash tags escape ``%``, ``{`` and ``}``, so every name gets its own
+tag.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
-from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.exceptions import (
+    BackendUnavailable,
+    ChannelFull,
+    ChannelLayerClosed,
+    ChannelLayerError,
+    InvalidChannelLayerConfig,
+    SerializationError,
+)
+from fastapi_websockets.names import is_process_specific, process_token
 from fastapi_websockets.types import Message
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = ["RedisChannelLayer"]
 
+logger = logging.getLogger("fastapi_websockets.redis")
+
+#: Most inbox entries one pop takes.
+_BATCH = 512
+#: Seconds a BLMPOP blocks (and a pub/sub reader waits for a wake-up) before
+#: re-checking; only a safety net against a silently dead connection.
+_BLOCK_SECONDS = 30
+#: Seconds between re-checks of a named channel while a receive waits on it:
+#: covers a wake-up lost while Redis restarted.
+_NAMED_RECHECK = 15.0
+#: Seconds a process's registration as a waiter on a named channel lives unrefreshed.
+_WAITER_TTL_MS = 45_000
+#: An inbox holds at most this many times ``capacity`` entries (a dead process's
+#: inbox must not grow without bound while senders keep refreshing its TTL).
+_INBOX_FACTOR = 100
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 5.0
+_DEADLINE_DIGITS = 13
+_DATA = b"D"
+_WAKE = b"W"
+
+_PREFIX_RE = re.compile(r"[A-Za-z0-9._/-]{1,100}")
+_URL_SCHEMES = ("redis", "rediss", "unix")
+
+# Every script reads Redis's own clock, so deadlines and join times do not depend
+# on the clocks of the application servers.
+_NOW = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+"""
+
+# Drop expired entries from the head of a full list, then push if there is room.
+_PUSH = (
+    _NOW
+    + """
+local cap = tonumber(ARGV[2])
+local n = redis.call('LLEN', KEYS[1])
+if n >= cap then
+  while n > 0 do
+    local head = redis.call('LINDEX', KEYS[1], 0)
+    if tonumber(string.sub(head, 1, 13)) > now then break end
+    redis.call('LPOP', KEYS[1])
+    n = n - 1
+  end
+  if n >= cap then return {-1, {}} end
+end
+local ttl = tonumber(ARGV[3])
+redis.call('RPUSH', KEYS[1], string.format('%013d', now + ttl) .. ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+"""
+)
+
+# KEYS: inbox. ARGV: entry, capacity, ttl ms, wake command ('' for none), wake channel.
+# Only a push to an empty inbox publishes: the reader drains until it sees it empty.
+_PUSH_INBOX = (
+    _PUSH
+    + """
+if n == 0 and ARGV[4] ~= '' then redis.call(ARGV[4], ARGV[5], '') end
+return {n + 1, {}}
+"""
+)
+
+# KEYS: named channel list, its waiters. ARGV: entry, capacity, ttl ms.
+# Returns the length and the tokens of the processes to wake.
+_PUSH_NAMED = (
+    _PUSH
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+return {n + 1, redis.call('ZRANGE', KEYS[2], 0, -1)}
+"""
+)
+
+# KEYS: named channel list, its waiters. ARGV: count, token, registration ttl ms.
+# Pops up to count unexpired entries; registers the caller as a waiter if short.
+_POP_NAMED = (
+    _NOW
+    + """
+local want = tonumber(ARGV[1])
+local out = {}
+while #out < want do
+  local entry = redis.call('LPOP', KEYS[1])
+  if not entry then break end
+  if tonumber(string.sub(entry, 1, 13)) > now then out[#out + 1] = entry end
+end
+if #out < want then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return out
+"""
+)
+
+# KEYS: group. ARGV: group expiry ms, members...
+_GROUP_ADD = (
+    _NOW
+    + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return #ARGV - 1
+"""
+)
+
+# KEYS: group. ARGV: group expiry ms. Drops stale members, returns the others.
+_GROUP_MEMBERS = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+)
+
+
+class _Script:
+    """A Lua script run by EVALSHA, falling back to EVAL after a Redis restart."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+_SCRIPTS = {
+    name: _Script(source)
+    for name, source in {
+        "push_inbox": _PUSH_INBOX,
+        "push_named": _PUSH_NAMED,
+        "pop_named": _POP_NAMED,
+        "group_add": _GROUP_ADD,
+        "group_members": _GROUP_MEMBERS,
+    }.items()
+}
+_BY_SHA = {script.sha: script for script in _SCRIPTS.values()}
+
+
+def _tag(name: str) -> str:
+    """``{name}`` as a hash tag, escaped so that braces in names cannot cut it short."""
+    return "{" + name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
+
+
+def _deadline(entry: bytes) -> int:
+    return int(entry[:_DEADLINE_DIGITS])
+
 
 class RedisChannelLayer(BaseChannelLayer):
-    """Not implemented yet."""
+    """A channel layer on Redis (standalone or Redis Cluster), via redis-py's asyncio client.
+
+    Options (keyword-only; every one is also an environment variable
+    ``FASTAPI_WEBSOCKETS_REDIS_<OPTION>``), besides the shared ones of
+    :class:`~fastapi_websockets.backends.base.BaseChannelLayer`:
+
+    * ``url``: ``redis://``, ``rediss://`` or ``unix://`` URL; with ``cluster``,
+      any node of the cluster.
+    * ``prefix``: prefix of every key and pub/sub channel (letters, digits,
+      ``. _ / -``); layers with different prefixes share nothing.
+    * ``cluster``: talk to a Redis Cluster.
+    * ``use_pubsub``: readers wait for a pub/sub wake-up and then pop their inbox,
+      instead of blocking in BLMPOP. Messages always travel in lists.
+    * ``sharded_pubsub``: in a cluster, wake-ups use SPUBLISH/SSUBSCRIBE
+      (Redis 7), so only the node owning the inbox's slot carries them.
+    * ``timeout``: seconds a Redis call may take; past it (or when Redis refuses
+      connections) calls raise :class:`BackendUnavailable`.
+    """
 
     backend_name = "redis"
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        url: str = "redis://localhost:6379/0",
+        prefix: str = "fastapi-websockets",
+        cluster: bool = False,
+        use_pubsub: bool = True,
+        sharded_pubsub: bool = True,
+        timeout: float = 5.0,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
+        if not isinstance(url, str) or urlsplit(url).scheme not in _URL_SCHEMES:
+            raise InvalidChannelLayerConfig(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+        if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+            raise InvalidChannelLayerConfig(
+                f"prefix must be 1-100 characters among letters, digits and '. _ / -' "
+                f"(no ':', braces or glob characters, so that prefixes never overlap), got {prefix!r}"
+            )
+        for name, flag in (
+            ("cluster", cluster),
+            ("use_pubsub", use_pubsub),
+            ("sharded_pubsub", sharded_pubsub),
+        ):
+            if not isinstance(flag, bool):
+                raise InvalidChannelLayerConfig(f"{name} must be true or false, got {flag!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise InvalidChannelLayerConfig(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.url = url
+        self.prefix = prefix
+        self.cluster = cluster
+        self.use_pubsub = use_pubsub
+        self.sharded_pubsub = sharded_pubsub
+        self.timeout = float(timeout)
+        self._where = urlsplit(url).hostname or urlsplit(url).path or url
+        if urlsplit(url).port:
+            self._where += f":{urlsplit(url).port}"
+        self._expiry_ms = max(1, int(self.channel_expiry * 1000))
+        self._group_expiry_ms = max(1, int(self.group_expiry * 1000))
+        self._inbox_limit = self.capacity * _INBOX_FACTOR
+        self._client: Redis | RedisCluster | None = None
+        self._cluster_client: RedisCluster | None = None
+        self._reader_healthy = False
+        self._conn_errors: tuple[type[BaseException], ...] = ()
+        self._redis_errors: tuple[type[BaseException], ...] = ()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._named_waiters: dict[str, deque[asyncio.Future[Message]]] = {}
+        self._named_events: dict[str, asyncio.Event] = {}
+        self._fetchers: dict[str, asyncio.Task[None]] = {}
+        self._clock_offset_ms = 0.0
+
+    # ---------------------------------------------------------------- keys
+
+    def _inbox_key(self, token: str) -> str:
+        return f"{self.prefix}:inbox:{{{token}}}"
+
+    def _wake_channel(self, token: str) -> str:
+        return f"{self.prefix}:wake:{{{token}}}"
+
+    def _channel_key(self, channel: str) -> str:
+        return f"{self.prefix}:chan:{_tag(channel)}"
+
+    def _waiters_key(self, channel: str) -> str:
+        return f"{self.prefix}:waiters:{_tag(channel)}"
+
+    def _group_key(self, group: str) -> str:
+        return f"{self.prefix}:group:{_tag(group)}"
+
+    @property
+    def _wake_command(self) -> str:
+        if not self.use_pubsub:
+            return ""
+        return "SPUBLISH" if self.cluster and self.sharded_pubsub else "PUBLISH"
+
+    # ------------------------------------------------------------- lifecycle
 
     async def _start(self) -> None:
-        raise NotImplementedError("the redis backend is not implemented yet")
+        try:
+            from redis import exceptions
+            from redis.asyncio import Redis
+            from redis.asyncio.cluster import RedisCluster
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialBackoff
+        except ImportError as exc:
+            raise missing_driver("redis", exc) from exc
+        self._conn_errors = (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ClusterError)
+        self._redis_errors = (exceptions.RedisError,)
+        # One retry: the first command after a Redis restart meets a dead pooled
+        # connection and must go through on a fresh one.
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 1)
+        common: dict[str, Any] = {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": retry,
+        }
+        if self.cluster:
+            cluster = RedisCluster.from_url(self.url, **common)
+            try:
+                await asyncio.wait_for(cluster.initialize(), self.timeout)
+            except (asyncio.TimeoutError, *self._conn_errors) as exc:
+                await cluster.aclose()
+                raise self._unavailable(exc) from exc
+            self._client = self._cluster_client = cluster
+        else:
+            self._client = Redis.from_url(self.url, **common)
+        self._spawn(self._read_inbox(), "reader")
+
+    async def _close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = self._cluster_client = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"fastapi-websockets-redis-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not (self._closed and isinstance(exc, ChannelLayerClosed)):
+            logger.error("background task %s failed", task.get_name(), exc_info=exc)
+
+    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
+        detail = str(exc) or type(exc).__name__
+        return BackendUnavailable(f"Redis is unreachable at {self._where} ({detail})")
+
+    # ------------------------------------------------- batched command queue
+
+    async def _execute(self, *command: Any) -> Any:
+        """Run one command; concurrent calls share one pipelined write (auto-pipelining)."""
+        self._check_open()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((command, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = self._spawn(self._flush_queue(), "writer")
+        try:
+            return await asyncio.wait_for(fut, self.timeout)
+        except asyncio.TimeoutError:
+            raise BackendUnavailable(
+                f"Redis is unreachable at {self._where} (no reply within {self.timeout} s)"
+            ) from None
+
+    async def _script(self, name: str, keys: Iterable[str], *args: Any) -> Any:
+        keys = list(keys)
+        return await self._execute("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys, *args)
+
+    async def _flush_queue(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            batch = [(command, fut) for command, fut in batch if not fut.done()]
+            if not batch:
+                continue
+            try:
+                results = await self._run_pipeline([command for command, _ in batch])
+            except asyncio.CancelledError:
+                self._fail(batch, ChannelLayerClosed("the channel layer was closed"))
+                raise
+            except self._conn_errors as exc:
+                self._fail(batch, self._unavailable(exc))
+                continue
+            except self._redis_errors as exc:
+                self._fail(batch, ChannelLayerError(f"Redis refused the command: {exc}"))
+                continue
+            for (command, fut), result in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(ChannelLayerError(f"Redis refused {command[0]}: {result}"))
+                else:
+                    fut.set_result(result)
+
+    async def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        assert self._client is not None
+        from redis.exceptions import NoScriptError
+
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            # Redis restarted (or a node joined) and lost its script cache: EVAL loads it again.
+            pipe = self._client.pipeline(transaction=False)
+            for i in missing:
+                command = commands[i]
+                pipe.execute_command("EVAL", _BY_SHA[command[1]].source, *command[2:])
+            for i, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                results[i] = result
+        return results
+
+    @staticmethod
+    def _fail(batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], exc: BaseException) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _fail_queue(self, exc: BaseException) -> None:
+        batch, self._queue = self._queue, []
+        self._fail(batch, exc)
+
+    # ------------------------------------------------------------ sending
+
+    async def _push_inbox(self, token: str, entry: bytes) -> int:
+        result = await self._script(
+            "push_inbox",
+            [self._inbox_key(token)],
+            entry,
+            self._inbox_limit,
+            self._expiry_ms,
+            self._wake_command,
+            self._wake_channel(token),
+        )
+        return int(result[0])
+
+    async def _push_named(self, channel: str, data: bytes) -> tuple[int, list[bytes]]:
+        result = await self._script(
+            "push_named",
+            [self._channel_key(channel), self._waiters_key(channel)],
+            data,
+            self.capacity_for(channel),
+            self._expiry_ms,
+        )
+        return int(result[0]), list(result[1])
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        raise NotImplementedError
+        if is_process_specific(channel):
+            token = process_token(channel)
+            if await self._push_inbox(token, _DATA + channel.encode() + b"\x00" + data) < 0:
+                raise ChannelFull(channel, self._inbox_limit)
+            return
+        length, waiters = await self._push_named(channel, data)
+        if length < 0:
+            raise ChannelFull(channel, self.capacity_for(channel))
+        if waiters:
+            await self._wake_waiters(channel, waiters)
 
-    async def _receive_remote(self, channel: str) -> Message:
-        raise NotImplementedError
+    async def _wake_waiters(self, channel: str, tokens: list[bytes]) -> None:
+        """Tell the processes waiting on a named channel that it has messages."""
+        pushes = []
+        for raw in tokens:
+            token = raw.decode()
+            if token == self.client_token:
+                self._wake_named(channel)
+            else:
+                pushes.append(self._push_inbox(token, _WAKE + channel.encode()))
+        # A lost wake-up only delays the receiver until its next re-check.
+        for result in await asyncio.gather(*pushes, return_exceptions=True):
+            if isinstance(result, BaseException):
+                logger.debug("could not wake a receiver of %r: %s", channel, result)
+
+    # ------------------------------------------------------------- groups
 
     async def _group_add(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        await self._script("group_add", [self._group_key(group)], self._group_expiry_ms, channel)
+        if self.is_local(channel):
+            self.local_groups.add(group, channel)
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        await self._execute("ZREM", self._group_key(group), channel)
+        if self.is_local(channel):
+            self.local_groups.discard(group, channel)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        raise NotImplementedError
+        members: list[bytes] = await self._script(
+            "group_members", [self._group_key(group)], self._group_expiry_ms
+        )
+        if not members:
+            return
+        by_process: dict[str, list[bytes]] = {}
+        named: list[str] = []
+        for raw in members:
+            name = raw.decode()
+            if is_process_specific(name):
+                by_process.setdefault(process_token(name), []).append(raw)
+            else:
+                named.append(name)
+        own = by_process.pop(self.client_token, None)
+        if own:
+            message = self.decode(data)
+            for raw in own:
+                self.deliver_local(raw.decode(), message)
+        if not by_process and not named:
+            return
+        # All pushes go out in one pipelined write: one entry per process, one per named member.
+        pushes: list[Coroutine[Any, Any, Any]] = [
+            self._push_inbox(token, _DATA + b"\n".join(names) + b"\x00" + data)
+            for token, names in by_process.items()
+        ]
+        pushes += [self._push_named(name, data) for name in named]
+        results = await asyncio.gather(*pushes, return_exceptions=True)
+        wakes = []
+        first_error: BaseException | None = None
+        for index, result in enumerate(results):
+            if isinstance(result, BaseException):
+                first_error = first_error or result
+                continue
+            length = result if isinstance(result, int) else result[0]
+            if length < 0:
+                self.stats.dropped_full += 1
+                logger.debug("group_send to %r skipped a full channel or inbox", group)
+            elif isinstance(result, tuple) and result[1]:
+                wakes.append(self._wake_waiters(named[index - len(by_process)], result[1]))
+        if wakes:
+            await asyncio.gather(*wakes)
+        if first_error is not None:
+            raise first_error
+
+    # ------------------------------------------------------------ receiving
+
+    async def _read_inbox(self) -> None:
+        """The one reader of this instance's inbox; reconnects with backoff until closed."""
+        delay = _BACKOFF_FIRST
+        sessions = 0
+        recoverable: tuple[type[BaseException], ...] = (*self._redis_errors, ChannelLayerError)
+        while True:
+            try:
+                await self._reader_session(restore=sessions > 0)
+            except ChannelLayerClosed:
+                return
+            except recoverable as exc:
+                if self._reader_healthy:
+                    logger.warning("lost Redis at %s (%s); reconnecting", self._where, exc)
+                    delay = _BACKOFF_FIRST
+                else:
+                    logger.debug("Redis at %s still unreachable: %s", self._where, exc)
+            if self._reader_healthy:
+                sessions += 1
+            self._reader_healthy = False
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _reader_client(self) -> Redis:
+        """A client of its own for the reader: long blocking reads, no silent retries."""
+        from redis.asyncio import ConnectionPool, Redis
+        from redis.asyncio.connection import parse_url
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        kwargs: dict[str, Any] = dict(parse_url(self.url))
+        if self._cluster_client is not None:
+            # The node that owns the inbox's slot: it serves the BLMPOP and the SSUBSCRIBE.
+            node = self._cluster_client.get_node_from_key(self._inbox_key(self.client_token))
+            if node is None:
+                raise BackendUnavailable(f"no Redis Cluster node serves this layer's inbox at {self._where}")
+            kwargs.update(host=node.host, port=node.port, db=0)
+        kwargs.update(
+            socket_timeout=_BLOCK_SECONDS + self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=2,
+        )
+        return Redis.from_pool(ConnectionPool(**kwargs))
+
+    async def _reader_session(self, *, restore: bool) -> None:
+        """Connect, restore state after a reconnect, then read until the connection fails."""
+        client = self._reader_client()
+        try:
+            seconds, micros = await client.time()
+            self._clock_offset_ms = seconds * 1000 + micros / 1000 - time.time() * 1000
+            if self.use_pubsub:
+                pubsub = client.pubsub()
+                try:
+                    await self._subscribe(pubsub)
+                    await self._connected(restore)
+                    while True:
+                        await self._drain()
+                        await pubsub.get_message(ignore_subscribe_messages=True, timeout=_BLOCK_SECONDS)
+                finally:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            else:
+                await self._connected(restore)
+                inbox = self._inbox_key(self.client_token)
+                while True:
+                    popped = await client.blmpop(_BLOCK_SECONDS, 1, inbox, direction="LEFT", count=_BATCH)
+                    if popped:
+                        self._handle_entries(cast("list[bytes]", popped[1]))
+        finally:
+            await client.aclose()
+
+    async def _connected(self, restore: bool) -> None:
+        if restore:
+            await self._restore()
+            logger.warning("reconnected to Redis at %s", self._where)
+        self._reader_healthy = True
+
+    async def _subscribe(self, pubsub: PubSub) -> None:
+        channel = self._wake_channel(self.client_token)
+        if self.cluster and self.sharded_pubsub:
+            await pubsub.ssubscribe(channel)
+        else:
+            await pubsub.subscribe(channel)
+        # Wait for the confirmation: only then is a push after our first drain sure to wake us.
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            reply = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            if reply is not None and reply["type"] in ("subscribe", "ssubscribe"):
+                return
+        raise BackendUnavailable(f"Redis at {self._where} did not confirm the subscription")
+
+    async def _drain(self) -> None:
+        """Pop the inbox until it is empty (pub/sub mode)."""
+        inbox = self._inbox_key(self.client_token)
+        while True:
+            popped = await self._execute("LMPOP", 1, inbox, "LEFT", "COUNT", _BATCH)
+            if not popped:
+                return
+            entries = popped[1]
+            self._handle_entries(entries)
+            if len(entries) < _BATCH:
+                return
+
+    def _handle_entries(self, entries: list[bytes]) -> None:
+        now = time.time() * 1000 + self._clock_offset_ms
+        for entry in entries:
+            if _deadline(entry) <= now:
+                self.stats.dropped_expired += 1
+                continue
+            kind = entry[_DEADLINE_DIGITS : _DEADLINE_DIGITS + 1]
+            body = entry[_DEADLINE_DIGITS + 1 :]
+            if kind == _WAKE:
+                self._wake_named(body.decode())
+                continue
+            names, _, data = body.partition(b"\x00")
+            try:
+                message = self.decode(data)
+            except SerializationError:
+                logger.exception("dropped an undecodable message for %r", names[:200])
+                continue
+            for name in names.split(b"\n"):
+                self.deliver_local(name.decode(), message)
+
+    async def _restore(self) -> None:
+        """After a reconnect: re-register this process's group members, re-check named channels."""
+        restores = [
+            self._script("group_add", [self._group_key(group)], self._group_expiry_ms, *members)
+            for group in self.local_groups.groups()
+            if (members := self.local_groups.members(group))
+        ]
+        if restores:
+            await asyncio.gather(*restores)
+            logger.info("re-registered %d groups in Redis at %s", len(restores), self._where)
+        for event in self._named_events.values():
+            event.set()
+
+    # ------------------------------------------------------- named channels
+
+    async def _receive_remote(self, channel: str) -> Message:
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        waiters = self._named_waiters.setdefault(channel, deque())
+        waiters.append(fut)
+        fetcher = self._fetchers.get(channel)
+        if fetcher is None or fetcher.done():
+            self._named_events[channel] = asyncio.Event()
+            self._fetchers[channel] = self._spawn(self._fetch_named(channel), "named")
+        else:
+            self._named_events[channel].set()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # Handed a message just as we were cancelled: keep it for the next receive.
+                self.deliver_local(channel, fut.result())
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                waiters.remove(fut)
+            if not waiters and self._named_waiters.get(channel) is waiters:
+                del self._named_waiters[channel]
+                self._wake_named(channel)
+
+    def _pending_named(self, channel: str) -> int:
+        waiters = self._named_waiters.get(channel)
+        return sum(1 for fut in waiters if not fut.done()) if waiters else 0
+
+    def _wake_named(self, channel: str) -> None:
+        event = self._named_events.get(channel)
+        if event is not None:
+            event.set()
+
+    def _hand_over(self, channel: str, message: Message) -> None:
+        waiters = self._named_waiters.get(channel)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(message)
+                return
+        self.deliver_local(channel, message)
+
+    async def _fetch_named(self, channel: str) -> None:
+        """Pop a named channel for this process's waiting receivers; one task per channel.
+
+        Receivers never talk to Redis themselves, so cancelling one cannot lose a
+        popped message: whatever this task pops goes to a receiver or is parked
+        in the channel's local mailbox for the next one.
+        """
+        event = self._named_events[channel]
+        keys = [self._channel_key(channel), self._waiters_key(channel)]
+        delay = _BACKOFF_FIRST
+        try:
+            while True:
+                want = self._pending_named(channel)
+                if want == 0:
+                    with contextlib.suppress(ChannelLayerError):
+                        await self._execute("ZREM", keys[1], self.client_token)
+                    if self._pending_named(channel) == 0:
+                        return
+                    continue
+                event.clear()
+                try:
+                    entries = await self._script("pop_named", keys, want, self.client_token, _WAITER_TTL_MS)
+                except BackendUnavailable as exc:
+                    logger.debug("named receive on %r waits for Redis: %s", channel, exc)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(event.wait(), delay)
+                    delay = min(delay * 2, _BACKOFF_MAX)
+                    continue
+                delay = _BACKOFF_FIRST
+                for entry in entries:
+                    try:
+                        message = self.decode(entry[_DEADLINE_DIGITS:])
+                    except SerializationError:
+                        logger.exception("dropped an undecodable message on %r", channel)
+                        continue
+                    self._hand_over(channel, message)
+                if len(entries) < want:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(event.wait(), _NAMED_RECHECK)
+        finally:
+            if self._fetchers.get(channel) is asyncio.current_task():
+                del self._fetchers[channel]
+                self._named_events.pop(channel, None)
+
+    # ---------------------------------------------------------------- flush
 
     async def _flush(self) -> None:
-        raise NotImplementedError
+        assert self._client is not None
+        keys = [key async for key in self._client.scan_iter(match=f"{self.prefix}:*", count=1000)]
+        if keys:
+            await asyncio.gather(*(self._execute("UNLINK", key) for key in keys))
+        for event in self._named_events.values():
+            event.set()

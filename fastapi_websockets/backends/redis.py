@@ -195,6 +195,15 @@ def _tag(name: str) -> str:
     return "{" + name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
 
 
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set or ``timeout`` passes; cancellation always propagates."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter], timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
 def _deadline(entry: bytes) -> int:
     return int(entry[:_DEADLINE_DIGITS])
 
@@ -263,6 +272,7 @@ class RedisChannelLayer(BaseChannelLayer):
         self._inbox_limit = self.capacity * _INBOX_FACTOR
         self._client: Redis | RedisCluster | None = None
         self._cluster_client: RedisCluster | None = None
+        self._reader_redis: Redis | None = None
         self._reader_healthy = False
         self._conn_errors: tuple[type[BaseException], ...] = ()
         self._redis_errors: tuple[type[BaseException], ...] = ()
@@ -334,8 +344,22 @@ class RedisChannelLayer(BaseChannelLayer):
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        pending: set[asyncio.Task[Any]] = set()
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, pending = await asyncio.wait(tasks, timeout=1)
+        if pending:
+            # redis-py 8 can swallow a cancellation that lands while it opens a
+            # connection; closing the sockets unblocks such a task, and every loop
+            # here stops once the layer is closed.
+            if self._reader_redis is not None:
+                await self._reader_redis.aclose()
+            if self._client is not None:
+                await self._client.aclose()
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=self.timeout)
+            for task in pending:
+                logger.error("background task %s did not stop on close", task.get_name())
         self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
         if self._client is not None:
             await self._client.aclose()
@@ -368,12 +392,18 @@ class RedisChannelLayer(BaseChannelLayer):
         self._queue.append((command, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = self._spawn(self._flush_queue(), "writer")
+        # A timer rather than asyncio.wait_for: before Python 3.12, wait_for can swallow
+        # a cancellation that arrives as the reply does, and close() relies on cancelling.
+        timer = asyncio.get_running_loop().call_later(self.timeout, self._time_out, fut)
         try:
-            return await asyncio.wait_for(fut, self.timeout)
-        except asyncio.TimeoutError:
-            raise BackendUnavailable(
-                f"Redis is unreachable at {self._where} (no reply within {self.timeout} s)"
-            ) from None
+            return await fut
+        finally:
+            timer.cancel()
+
+    def _time_out(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.done():
+            reason = f"no reply within {self.timeout} s"
+            fut.set_exception(BackendUnavailable(f"Redis is unreachable at {self._where} ({reason})"))
 
     async def _script(self, name: str, keys: Iterable[str], *args: Any) -> Any:
         keys = list(keys)
@@ -547,12 +577,14 @@ class RedisChannelLayer(BaseChannelLayer):
         delay = _BACKOFF_FIRST
         sessions = 0
         recoverable: tuple[type[BaseException], ...] = (*self._redis_errors, ChannelLayerError)
-        while True:
+        while not self._closed:
             try:
                 await self._reader_session(restore=sessions > 0)
             except ChannelLayerClosed:
                 return
             except recoverable as exc:
+                if self._closed:
+                    return
                 if self._reader_healthy:
                     logger.warning("lost Redis at %s (%s); reconnecting", self._where, exc)
                     delay = _BACKOFF_FIRST
@@ -588,16 +620,16 @@ class RedisChannelLayer(BaseChannelLayer):
 
     async def _reader_session(self, *, restore: bool) -> None:
         """Connect, restore state after a reconnect, then read until the connection fails."""
-        client = self._reader_client()
+        client = self._reader_redis = self._reader_client()
         try:
-            seconds, micros = await client.time()
-            self._clock_offset_ms = seconds * 1000 + micros / 1000 - time.time() * 1000
+            seconds, micros = await self._execute("TIME")
+            self._clock_offset_ms = int(seconds) * 1000 + int(micros) / 1000 - time.time() * 1000
             if self.use_pubsub:
                 pubsub = client.pubsub()
                 try:
                     await self._subscribe(pubsub)
                     await self._connected(restore)
-                    while True:
+                    while not self._closed:
                         await self._drain()
                         await pubsub.get_message(ignore_subscribe_messages=True, timeout=_BLOCK_SECONDS)
                 finally:
@@ -605,11 +637,12 @@ class RedisChannelLayer(BaseChannelLayer):
             else:
                 await self._connected(restore)
                 inbox = self._inbox_key(self.client_token)
-                while True:
+                while not self._closed:
                     popped = await client.blmpop(_BLOCK_SECONDS, 1, inbox, direction="LEFT", count=_BATCH)
                     if popped:
                         self._handle_entries(cast("list[bytes]", popped[1]))
         finally:
+            self._reader_redis = None
             await client.aclose()
 
     async def _connected(self, restore: bool) -> None:
@@ -745,8 +778,7 @@ class RedisChannelLayer(BaseChannelLayer):
                     entries = await self._script("pop_named", keys, want, self.client_token, _WAITER_TTL_MS)
                 except BackendUnavailable as exc:
                     logger.debug("named receive on %r waits for Redis: %s", channel, exc)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(event.wait(), delay)
+                    await _wait(event, delay)
                     delay = min(delay * 2, _BACKOFF_MAX)
                     continue
                 delay = _BACKOFF_FIRST
@@ -758,8 +790,7 @@ class RedisChannelLayer(BaseChannelLayer):
                         continue
                     self._hand_over(channel, message)
                 if len(entries) < want:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(event.wait(), _NAMED_RECHECK)
+                    await _wait(event, _NAMED_RECHECK)
         finally:
             if self._fetchers.get(channel) is asyncio.current_task():
                 del self._fetchers[channel]

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
 import re
 import time
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -88,42 +89,60 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 """
 
-# Drop expired entries from the head of a full list, then push if there is room.
-_PUSH = (
-    _NOW
-    + """
-local cap = tonumber(ARGV[2])
-local n = redis.call('LLEN', KEYS[1])
-if n >= cap then
+# Drops expired entries from the head of a full list (so they do not count
+# against its capacity); needs `now`, `n` (the length) and `want` (entries to add).
+_TRIM = """
+if n + want > cap then
   while n > 0 do
     local head = redis.call('LINDEX', KEYS[1], 0)
     if tonumber(string.sub(head, 1, 13)) > now then break end
     redis.call('LPOP', KEYS[1])
     n = n - 1
   end
-  if n >= cap then return {-1, {}} end
 end
-local ttl = tonumber(ARGV[3])
-redis.call('RPUSH', KEYS[1], string.format('%013d', now + ttl) .. ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ttl)
 """
-)
 
-# KEYS: inbox. ARGV: entry, capacity, ttl ms, wake command ('' for none), wake channel.
-# Only a push to an empty inbox publishes: the reader drains until it sees it empty.
+# KEYS: inbox. ARGV: capacity, ttl ms, wake command ('' for none), wake channel, entries...
+# Pushes as many entries as fit, in order, and returns how many. Only a push to an
+# empty inbox publishes a wake-up: the reader drains until it sees the inbox empty.
 _PUSH_INBOX = (
-    _PUSH
+    _NOW
     + """
-if n == 0 and ARGV[4] ~= '' then redis.call(ARGV[4], ARGV[5], '') end
-return {n + 1, {}}
+local cap = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local want = #ARGV - 4
+local n = redis.call('LLEN', KEYS[1])
+"""
+    + _TRIM
+    + """
+local k = math.min(math.max(cap - n, 0), want)
+if k > 0 then
+  local deadline = string.format('%013d', now + ttl)
+  local items = {}
+  for i = 1, k do items[i] = deadline .. ARGV[4 + i] end
+  redis.call('RPUSH', KEYS[1], unpack(items))
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  if n == 0 and ARGV[3] ~= '' then redis.call(ARGV[3], ARGV[4], '') end
+end
+return k
 """
 )
 
 # KEYS: named channel list, its waiters. ARGV: entry, capacity, ttl ms.
-# Returns the length and the tokens of the processes to wake.
+# Returns the new length (-1 if full) and the tokens of the processes to wake.
 _PUSH_NAMED = (
-    _PUSH
+    _NOW
     + """
+local cap = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local want = 1
+local n = redis.call('LLEN', KEYS[1])
+"""
+    + _TRIM
+    + """
+if n >= cap then return {-1, {}} end
+redis.call('RPUSH', KEYS[1], string.format('%013d', now + ttl) .. ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 return {n + 1, redis.call('ZRANGE', KEYS[2], 0, -1)}
 """
@@ -204,6 +223,21 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
         waiter.cancel()
 
 
+def _settle(fut: asyncio.Future[Any], result: Any) -> None:
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)
+
+
+def _settle_pushes(futs: list[asyncio.Future[Any]], result: Any) -> None:
+    """Settle the pushes of one script call: the first ``result`` entries went in."""
+    for index, fut in enumerate(futs):
+        _settle(fut, result if isinstance(result, BaseException) else index < int(result))
+
+
 def _deadline(entry: bytes) -> int:
     return int(entry[:_DEADLINE_DIGITS])
 
@@ -278,6 +312,7 @@ class RedisChannelLayer(BaseChannelLayer):
         self._redis_errors: tuple[type[BaseException], ...] = ()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._inbox_pending: dict[str, list[tuple[bytes, asyncio.Future[Any]]]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._named_waiters: dict[str, deque[asyncio.Future[Message]]] = {}
         self._named_events: dict[str, asyncio.Event] = {}
@@ -390,6 +425,9 @@ class RedisChannelLayer(BaseChannelLayer):
         self._check_open()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((command, fut))
+        return await self._reply(fut)
+
+    async def _reply(self, fut: asyncio.Future[Any]) -> Any:
         if self._flusher is None or self._flusher.done():
             self._flusher = self._spawn(self._flush_queue(), "writer")
         # A timer rather than asyncio.wait_for: before Python 3.12, wait_for can swallow
@@ -409,30 +447,63 @@ class RedisChannelLayer(BaseChannelLayer):
         keys = list(keys)
         return await self._execute("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys, *args)
 
+    async def _push_inbox(self, token: str, entry: bytes) -> bool:
+        """Append ``entry`` to the inbox of ``token``; False if that inbox is full.
+
+        Entries for one inbox that wait for the same write are pushed by one script call.
+        """
+        self._check_open()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inbox_pending.setdefault(token, []).append((entry, fut))
+        accepted: bool = await self._reply(fut)
+        return accepted
+
+    def _take_jobs(self) -> list[tuple[tuple[Any, ...], Callable[[Any], None]]]:
+        """Everything queued, as (command, settle) pairs for one pipeline."""
+        jobs: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
+        queue, self._queue = self._queue, []
+        for command, fut in queue:
+            if not fut.done():
+                jobs.append((command, functools.partial(_settle, fut)))
+        pending, self._inbox_pending = self._inbox_pending, {}
+        sha = _SCRIPTS["push_inbox"].sha
+        for token, items in pending.items():
+            live = [(entry, fut) for entry, fut in items if not fut.done()]
+            for start in range(0, len(live), _BATCH):
+                chunk = live[start : start + _BATCH]
+                command = (
+                    "EVALSHA",
+                    sha,
+                    1,
+                    self._inbox_key(token),
+                    self._inbox_limit,
+                    self._expiry_ms,
+                    self._wake_command,
+                    self._wake_channel(token),
+                    *(entry for entry, _ in chunk),
+                )
+                jobs.append((command, functools.partial(_settle_pushes, [fut for _, fut in chunk])))
+        return jobs
+
     async def _flush_queue(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            batch = [(command, fut) for command, fut in batch if not fut.done()]
-            if not batch:
+        while self._queue or self._inbox_pending:
+            jobs = self._take_jobs()
+            if not jobs:
                 continue
             try:
-                results = await self._run_pipeline([command for command, _ in batch])
+                results = await self._run_pipeline([command for command, _ in jobs])
             except asyncio.CancelledError:
-                self._fail(batch, ChannelLayerClosed("the channel layer was closed"))
+                for _, settle in jobs:
+                    settle(ChannelLayerClosed("the channel layer was closed"))
                 raise
             except self._conn_errors as exc:
-                self._fail(batch, self._unavailable(exc))
-                continue
+                results = [self._unavailable(exc)] * len(jobs)
             except self._redis_errors as exc:
-                self._fail(batch, ChannelLayerError(f"Redis refused the command: {exc}"))
-                continue
-            for (command, fut), result in zip(batch, results, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(result, Exception):
-                    fut.set_exception(ChannelLayerError(f"Redis refused {command[0]}: {result}"))
-                else:
-                    fut.set_result(result)
+                results = [ChannelLayerError(f"Redis refused the command: {exc}")] * len(jobs)
+            for (command, settle), result in zip(jobs, results, strict=True):
+                if isinstance(result, Exception) and not isinstance(result, ChannelLayerError):
+                    result = ChannelLayerError(f"Redis refused {command[0]}: {result}")
+                settle(result)
 
     async def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         assert self._client is not None
@@ -453,29 +524,11 @@ class RedisChannelLayer(BaseChannelLayer):
                 results[i] = result
         return results
 
-    @staticmethod
-    def _fail(batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], exc: BaseException) -> None:
-        for _, fut in batch:
-            if not fut.done():
-                fut.set_exception(exc)
-
     def _fail_queue(self, exc: BaseException) -> None:
-        batch, self._queue = self._queue, []
-        self._fail(batch, exc)
+        for _, settle in self._take_jobs():
+            settle(exc)
 
     # ------------------------------------------------------------ sending
-
-    async def _push_inbox(self, token: str, entry: bytes) -> int:
-        result = await self._script(
-            "push_inbox",
-            [self._inbox_key(token)],
-            entry,
-            self._inbox_limit,
-            self._expiry_ms,
-            self._wake_command,
-            self._wake_channel(token),
-        )
-        return int(result[0])
 
     async def _push_named(self, channel: str, data: bytes) -> tuple[int, list[bytes]]:
         result = await self._script(
@@ -490,7 +543,7 @@ class RedisChannelLayer(BaseChannelLayer):
     async def _send_remote(self, channel: str, data: bytes) -> None:
         if is_process_specific(channel):
             token = process_token(channel)
-            if await self._push_inbox(token, _DATA + channel.encode() + b"\x00" + data) < 0:
+            if not await self._push_inbox(token, _DATA + channel.encode() + b"\x00" + data):
                 raise ChannelFull(channel, self._inbox_limit)
             return
         length, waiters = await self._push_named(channel, data)
@@ -559,8 +612,8 @@ class RedisChannelLayer(BaseChannelLayer):
             if isinstance(result, BaseException):
                 first_error = first_error or result
                 continue
-            length = result if isinstance(result, int) else result[0]
-            if length < 0:
+            full = result is False or (isinstance(result, tuple) and result[0] < 0)
+            if full:
                 self.stats.dropped_full += 1
                 logger.debug("group_send to %r skipped a full channel or inbox", group)
             elif isinstance(result, tuple) and result[1]:

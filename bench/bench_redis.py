@@ -198,6 +198,7 @@ def _fanout_result(arrivals: list[list[float]], expected: int) -> dict[str, floa
 async def bench_fanout(impl: str, url: str) -> dict[str, float]:
     sender, receiver = _pair(impl, url)
     tasks, arrivals = await _fanout_receivers(receiver, FANOUT_RECEIVERS, FANOUT_ROUNDS)
+    await sender.group_send("bench-warmup", {"type": "warmup"})  # connect before measuring
     await asyncio.sleep(0.5)
     for index in range(FANOUT_ROUNDS):
         await sender.group_send("bench-room", {"type": "bench.fan", "round": index, "sent": time.time()})
@@ -239,6 +240,7 @@ async def bench_fanout_two_processes(impl: str, url: str) -> dict[str, float]:
         if line.strip() != "READY":
             raise RuntimeError(f"receiver process did not start: {line!r}")
     sender = _make_layer(impl, url)
+    await sender.group_send("bench-warmup", {"type": "warmup"})  # connect before measuring
     await asyncio.sleep(0.5)
     for index in range(FANOUT_ROUNDS):
         await sender.group_send("bench-room", {"type": "bench.fan", "round": index, "sent": time.time()})

@@ -298,9 +298,13 @@ class RedisChannelLayer(BaseChannelLayer):
         self.use_pubsub = use_pubsub
         self.sharded_pubsub = sharded_pubsub
         self.timeout = float(timeout)
-        self._where = urlsplit(url).hostname or urlsplit(url).path or url
-        if urlsplit(url).port:
-            self._where += f":{urlsplit(url).port}"
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise InvalidChannelLayerConfig(f"url has an invalid port: {url!r}") from None
+        # Where Redis is, for error messages: host and port, never the password.
+        self._where = f"{parts.hostname}:{port or 6379}" if parts.hostname else parts.path or "Redis"
         self._expiry_ms = max(1, int(self.channel_expiry * 1000))
         self._group_expiry_ms = max(1, int(self.group_expiry * 1000))
         self._inbox_limit = self.capacity * _INBOX_FACTOR
@@ -733,22 +737,25 @@ class RedisChannelLayer(BaseChannelLayer):
     def _handle_entries(self, entries: list[bytes]) -> None:
         now = time.time() * 1000 + self._clock_offset_ms
         for entry in entries:
-            if _deadline(entry) <= now:
-                self.stats.dropped_expired += 1
-                continue
-            kind = entry[_DEADLINE_DIGITS : _DEADLINE_DIGITS + 1]
-            body = entry[_DEADLINE_DIGITS + 1 :]
-            if kind == _WAKE:
-                self._wake_named(body.decode())
-                continue
-            names, _, data = body.partition(b"\x00")
             try:
-                message = self.decode(data)
-            except SerializationError:
-                logger.exception("dropped an undecodable message for %r", names[:200])
-                continue
-            for name in names.split(b"\n"):
-                self.deliver_local(name.decode(), message)
+                self._handle_entry(entry, now)
+            except (ValueError, SerializationError):  # UnicodeDecodeError is a ValueError
+                # Not written by this library (or a different serializer): skip it, keep reading.
+                logger.exception("dropped an unreadable inbox entry %r", entry[:100])
+
+    def _handle_entry(self, entry: bytes, now: float) -> None:
+        if _deadline(entry) <= now:
+            self.stats.dropped_expired += 1
+            return
+        kind = entry[_DEADLINE_DIGITS : _DEADLINE_DIGITS + 1]
+        body = entry[_DEADLINE_DIGITS + 1 :]
+        if kind == _WAKE:
+            self._wake_named(body.decode())
+            return
+        names, _, data = body.partition(b"\x00")
+        message = self.decode(data)
+        for name in names.split(b"\n"):
+            self.deliver_local(name.decode(), message)
 
     async def _restore(self) -> None:
         """After a reconnect: re-register this process's group members, re-check named channels."""
@@ -829,7 +836,9 @@ class RedisChannelLayer(BaseChannelLayer):
                 event.clear()
                 try:
                     entries = await self._script("pop_named", keys, want, self.client_token, _WAITER_TTL_MS)
-                except BackendUnavailable as exc:
+                except ChannelLayerClosed:
+                    return
+                except ChannelLayerError as exc:  # BackendUnavailable among others: retry
                     logger.debug("named receive on %r waits for Redis: %s", channel, exc)
                     await _wait(event, delay)
                     delay = min(delay * 2, _BACKOFF_MAX)

@@ -359,9 +359,12 @@ class RedisChannelLayer(BaseChannelLayer):
             raise missing_driver("redis", exc) from exc
         self._conn_errors = (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ClusterError)
         self._redis_errors = (exceptions.RedisError,)
-        # One retry: the first command after a Redis restart meets a dead pooled
-        # connection and must go through on a fresh one.
-        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 1)
+        # One retry on a broken connection: the first write after a Redis restart meets
+        # a dead pooled connection and must go through on a fresh one. Not on timeouts:
+        # a slow Redis may have run the commands, and a retry would deliver them twice.
+        retry = Retry(
+            ExponentialBackoff(cap=0.5, base=0.05), 1, supported_errors=(exceptions.ConnectionError,)
+        )
         common: dict[str, Any] = {
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,

@@ -363,3 +363,44 @@ async def test_unreachable_redis_raises_backend_unavailable(layers: list[RedisCh
         await layer.send("somewhere", {"type": "x"})
     with pytest.raises(ConnectionError):  # BackendUnavailable is also a ConnectionError
         await layer.group_send("g", {"type": "x"})
+
+
+@pytest.mark.parametrize(
+    ("use_pubsub", "sharded_pubsub"),
+    [(True, False), (False, True)],
+    ids=["classic-pubsub", "nopubsub"],
+)
+async def test_cluster_other_wake_up_modes(
+    redis_cluster: RedisCluster, layers: list[RedisChannelLayer], use_pubsub: bool, sharded_pubsub: bool
+) -> None:
+    namespace = _namespace()
+    a, b = (
+        RedisChannelLayer(
+            url=redis_cluster.url,
+            prefix=namespace,
+            cluster=True,
+            use_pubsub=use_pubsub,
+            sharded_pubsub=sharded_pubsub,
+        )
+        for _ in range(2)
+    )
+    layers.extend([a, b])
+    channel = await b.new_channel("ws")
+    await b.group_add("room", channel)
+    waiter = asyncio.create_task(b.receive(channel))
+    named = asyncio.create_task(b.receive("work"))
+    await asyncio.sleep(0.3)
+    await a.group_send("room", {"type": "group"})
+    await a.send("work", {"type": "named"})
+    assert await asyncio.wait_for(waiter, 10) == {"type": "group"}
+    assert await asyncio.wait_for(named, 10) == {"type": "named"}
+
+
+async def test_full_inbox_of_another_process_raises_channel_full(make: Factory) -> None:
+    sender, owner = make(capacity=1), make()
+    channel = await owner.new_channel("ws")
+    await owner.close()  # nobody drains its inbox any more
+    for _ in range(100):  # the inbox holds 100 x capacity entries
+        await sender.send(channel, {"type": "x"})
+    with pytest.raises(ChannelFull):
+        await sender.send(channel, {"type": "x"})

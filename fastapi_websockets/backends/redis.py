@@ -178,12 +178,37 @@ return #ARGV - 1
 """
 )
 
-# KEYS: group. ARGV: group expiry ms. Drops stale members, returns the others.
+# KEYS: group. ARGV: group expiry ms. Drops stale members and returns the others
+# bucketed by owner, so the sender does no per-member work: {count of processes,
+# token, "name\nname...", token, ..., named channel, named channel...}. A token is
+# what names.process_token() returns: the part before '!' after the last '.'.
 _GROUP_MEMBERS = (
     _NOW
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+local by_token, tokens, named = {}, {}, {}
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local bang = string.find(member, '!', 1, true)
+  if bang then
+    local token = string.match(string.sub(member, 1, bang - 1), '([^.]*)$')
+    local names = by_token[token]
+    if not names then
+      names = {}
+      by_token[token] = names
+      tokens[#tokens + 1] = token
+    end
+    names[#names + 1] = member
+  else
+    named[#named + 1] = member
+  end
+end
+local out = {#tokens}
+for _, token in ipairs(tokens) do
+  out[#out + 1] = token
+  out[#out + 1] = table.concat(by_token[token], '\\n')
+end
+for _, member in ipairs(named) do out[#out + 1] = member end
+return out
 """
 )
 
@@ -586,30 +611,24 @@ class RedisChannelLayer(BaseChannelLayer):
             self.local_groups.discard(group, channel)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        members: list[bytes] = await self._script(
+        reply: list[Any] = await self._script(
             "group_members", [self._group_key(group)], self._group_expiry_ms
         )
-        if not members:
-            return
-        by_process: dict[str, list[bytes]] = {}
-        named: list[str] = []
-        for raw in members:
-            name = raw.decode()
-            if is_process_specific(name):
-                by_process.setdefault(process_token(name), []).append(raw)
-            else:
-                named.append(name)
+        processes = int(reply[0])
+        by_process = {
+            reply[1 + 2 * i].decode(): reply[2 + 2 * i] for i in range(processes)
+        }  # token -> b"name\nname..."
+        named = [raw.decode() for raw in reply[1 + 2 * processes :]]
         own = by_process.pop(self.client_token, None)
         if own:
             message = self.decode(data)
-            for raw in own:
+            for raw in own.split(b"\n"):
                 self.deliver_local(raw.decode(), message)
         if not by_process and not named:
             return
         # All pushes go out in one pipelined write: one entry per process, one per named member.
         pushes: list[Coroutine[Any, Any, Any]] = [
-            self._push_inbox(token, _DATA + b"\n".join(names) + b"\x00" + data)
-            for token, names in by_process.items()
+            self._push_inbox(token, _DATA + names + b"\x00" + data) for token, names in by_process.items()
         ]
         pushes += [self._push_named(name, data) for name in named]
         results = await asyncio.gather(*pushes, return_exceptions=True)

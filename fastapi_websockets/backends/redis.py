@@ -812,7 +812,9 @@ class RedisChannelLayer(BaseChannelLayer):
                 self.deliver_local(channel, fut.result())
             raise
         finally:
-            with contextlib.suppress(ValueError):
+            # Test membership first: a failed deque.remove() formats the repr of the
+            # future, message included, which is costly for large messages.
+            if fut in waiters:
                 waiters.remove(fut)
             if not waiters and self._named_waiters.get(channel) is waiters:
                 del self._named_waiters[channel]

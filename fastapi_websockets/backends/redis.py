@@ -186,11 +186,18 @@ _GROUP_MEMBERS = (
     _NOW
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-local by_token, tokens, named = {}, {}, {}
+local by_token, tokens, named, token_of = {}, {}, {}, {}
+local find, sub, match = string.find, string.sub, string.match
 for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local bang = string.find(member, '!', 1, true)
+  local bang = find(member, '!', 1, true)
   if bang then
-    local token = string.match(string.sub(member, 1, bang - 1), '([^.]*)$')
+    -- Members of one process usually share the part before '!': parse it once.
+    local head = sub(member, 1, bang - 1)
+    local token = token_of[head]
+    if not token then
+      token = match(head, '([^.]*)$')
+      token_of[head] = token
+    end
     local names = by_token[token]
     if not names then
       names = {}

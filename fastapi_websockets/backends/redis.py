@@ -78,6 +78,10 @@ _BACKOFF_MAX = 5.0
 _DEADLINE_DIGITS = 13
 _DATA = b"D"
 _WAKE = b"W"
+# Another process added or discarded one of this process's channels: the owner
+# keeps its local record (the one it restores after a Redis restart) in step.
+_JOINED = b"J"
+_LEFT = b"L"
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._/-]{1,100}")
 _URL_SCHEMES = ("redis", "rediss", "unix")
@@ -611,11 +615,22 @@ class RedisChannelLayer(BaseChannelLayer):
         await self._script("group_add", [self._group_key(group)], self._group_expiry_ms, channel)
         if self.is_local(channel):
             self.local_groups.add(group, channel)
+        elif is_process_specific(channel):
+            await self._tell_owner(_JOINED, group, channel)
 
     async def _group_discard(self, group: str, channel: str) -> None:
         await self._execute("ZREM", self._group_key(group), channel)
         if self.is_local(channel):
             self.local_groups.discard(group, channel)
+        elif is_process_specific(channel):
+            await self._tell_owner(_LEFT, group, channel)
+
+    async def _tell_owner(self, kind: bytes, group: str, channel: str) -> None:
+        # Best effort: Redis already holds the membership; this only keeps what the
+        # owner re-registers after a Redis restart right.
+        entry = kind + group.encode() + b"\n" + channel.encode()
+        if not await self._push_inbox(process_token(channel), entry):
+            logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
         reply: list[Any] = await self._script(
@@ -780,6 +795,14 @@ class RedisChannelLayer(BaseChannelLayer):
         body = entry[_DEADLINE_DIGITS + 1 :]
         if kind == _WAKE:
             self._wake_named(body.decode())
+            return
+        if kind in (_JOINED, _LEFT):
+            group, _, channel = body.decode().partition("\n")
+            if self.is_local(channel):
+                if kind == _JOINED:
+                    self.local_groups.add(group, channel)
+                else:
+                    self.local_groups.discard(group, channel)
             return
         names, _, data = body.partition(b"\x00")
         message = self.decode(data)

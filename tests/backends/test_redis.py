@@ -92,7 +92,12 @@ async def test_restart_with_waiting_receivers(
     receiver, sender = build(), build()
     member = await receiver.new_channel("ws")
     direct = await receiver.new_channel("ws")
+    gone = await receiver.new_channel("ws")
     await receiver.group_add("room", member)
+    await receiver.group_add("room", gone)
+    # Membership changed by another process is what the owner restores, too.
+    await sender.group_add("lobby", member)
+    await sender.group_discard("room", gone)
     group_waiter = asyncio.create_task(receiver.receive(member))
     direct_waiter = asyncio.create_task(receiver.receive(direct))
     named_waiter = asyncio.create_task(receiver.receive("jobs"))
@@ -115,6 +120,8 @@ async def test_restart_with_waiting_receivers(
     try:
         group_key = f"{namespace}:group:{{room}}"
         await _eventually(lambda: raw.zscore(group_key, member), "the receiver re-registers its group member")
+        assert await raw.zscore(f"{namespace}:group:{{lobby}}", member) is not None
+        assert await raw.zscore(group_key, gone) is None
     finally:
         await raw.aclose()
 

@@ -153,7 +153,7 @@ class RedisCluster:
         )
         for node in self.nodes:
             wait_for(
-                lambda node=node: "cluster_state:ok" in node.cli_call("cluster", "info"),  # type: ignore[misc]
+                lambda node=node: "cluster_state:ok" in node.cli_call("cluster", "info"),
                 f"cluster node {node.port}",
                 timeout=60,
                 proc=node.proc,

@@ -1,17 +1,302 @@
-"""Placeholder: the redis backend is being written (see its issue)."""
+"""The Redis backend: lists for storage, one inbox and one reader per layer instance.
+
+Key layout (``P`` is the configured prefix; ``{...}`` are Redis Cluster hash
+tags, so keys that one Lua script touches always share a slot):
+
+* ``P:inbox:{token}``: a list, the inbox of one layer instance. Every message
+  for its process-specific channels (``name.token!id``) lands here, one entry
+  per message per *process* (a group message names all the local members it
+  is for). One background task pops it in batches.
+* ``P:wake:{token}``: with ``use_pubsub``, the pub/sub channel on which a push
+  to an empty inbox wakes that reader (SPUBLISH in a cluster with
+  ``sharded_pubsub``); without it the reader blocks in BLMPOP.
+* ``P:chan:{name}``: a list, a named channel: a shared queue, each message
+  popped by exactly one receiver of any process.
+* ``P:waiters:{name}``: a sorted set of the tokens of processes waiting on a
+  named channel (score: registration deadline). A sender wakes them through
+  their inbox, so an idle named receive costs no connection and no polling.
+* ``P:group:{name}``: a sorted set ``channel -> join time`` (Redis server time,
+  ms), so members expire one by one.
+
+Entries of the lists start with a 13-digit deadline in ms (Redis server time),
+so undelivered messages expire individually and capacity checks ignore them.
+Names inside hash tags escape ``%``, ``{`` and ``}``, so every name gets its own
+tag.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
-from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.exceptions import (
+    BackendUnavailable,
+    ChannelFull,
+    ChannelLayerClosed,
+    ChannelLayerError,
+    InvalidChannelLayerConfig,
+    SerializationError,
+)
+from fastapi_websockets.names import is_process_specific, process_token
 from fastapi_websockets.types import Message
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = ["RedisChannelLayer"]
 
+logger = logging.getLogger("fastapi_websockets.redis")
+
+#: Most inbox entries one pop takes.
+_BATCH = 512
+#: Seconds a BLMPOP blocks (and a pub/sub reader waits for a wake-up) before
+#: re-checking; only a safety net against a silently dead connection.
+_BLOCK_SECONDS = 30
+#: Seconds between re-checks of a named channel while a receive waits on it:
+#: covers a wake-up lost while Redis restarted.
+_NAMED_RECHECK = 15.0
+#: Seconds a process's registration as a waiter on a named channel lives unrefreshed.
+_WAITER_TTL_MS = 45_000
+#: An inbox holds at most this many times ``capacity`` entries (a dead process's
+#: inbox must not grow without bound while senders keep refreshing its TTL).
+_INBOX_FACTOR = 100
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 5.0
+_DEADLINE_DIGITS = 13
+_DATA = b"D"
+_WAKE = b"W"
+# Another process added or discarded one of this process's channels: the owner
+# keeps its local record (the one it restores after a Redis restart) in step.
+_JOINED = b"J"
+_LEFT = b"L"
+
+_PREFIX_RE = re.compile(r"[A-Za-z0-9._/-]{1,100}")
+_URL_SCHEMES = ("redis", "rediss", "unix")
+
+# Every script reads Redis's own clock, so deadlines and join times do not depend
+# on the clocks of the application servers.
+_NOW = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+"""
+
+# Drops expired entries from the head of a full list (so they do not count
+# against its capacity); needs `now`, `n` (the length) and `want` (entries to add).
+_TRIM = """
+if n + want > cap then
+  while n > 0 do
+    local head = redis.call('LINDEX', KEYS[1], 0)
+    if tonumber(string.sub(head, 1, 13)) > now then break end
+    redis.call('LPOP', KEYS[1])
+    n = n - 1
+  end
+end
+"""
+
+# KEYS: inbox. ARGV: capacity, ttl ms, wake command ('' for none), wake channel, entries...
+# Pushes as many entries as fit, in order, and returns how many. Only a push to an
+# empty inbox publishes a wake-up: the reader drains until it sees the inbox empty.
+_PUSH_INBOX = (
+    _NOW
+    + """
+local cap = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local want = #ARGV - 4
+local n = redis.call('LLEN', KEYS[1])
+"""
+    + _TRIM
+    + """
+local k = math.min(math.max(cap - n, 0), want)
+if k > 0 then
+  local deadline = string.format('%013d', now + ttl)
+  local items = {}
+  for i = 1, k do items[i] = deadline .. ARGV[4 + i] end
+  redis.call('RPUSH', KEYS[1], unpack(items))
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  if n == 0 and ARGV[3] ~= '' then redis.call(ARGV[3], ARGV[4], '') end
+end
+return k
+"""
+)
+
+# KEYS: named channel list, its waiters. ARGV: entry, capacity, ttl ms.
+# Returns the new length (-1 if full) and the tokens of the processes to wake.
+_PUSH_NAMED = (
+    _NOW
+    + """
+local cap = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local want = 1
+local n = redis.call('LLEN', KEYS[1])
+"""
+    + _TRIM
+    + """
+if n >= cap then return {-1, {}} end
+redis.call('RPUSH', KEYS[1], string.format('%013d', now + ttl) .. ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+return {n + 1, redis.call('ZRANGE', KEYS[2], 0, -1)}
+"""
+)
+
+# KEYS: named channel list, its waiters. ARGV: count, token, registration ttl ms.
+# Pops up to count unexpired entries; registers the caller as a waiter if short.
+_POP_NAMED = (
+    _NOW
+    + """
+local want = tonumber(ARGV[1])
+local out = {}
+while #out < want do
+  local entry = redis.call('LPOP', KEYS[1])
+  if not entry then break end
+  if tonumber(string.sub(entry, 1, 13)) > now then out[#out + 1] = entry end
+end
+if #out < want then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return out
+"""
+)
+
+# KEYS: group. ARGV: group expiry ms, members...
+_GROUP_ADD = (
+    _NOW
+    + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return #ARGV - 1
+"""
+)
+
+# KEYS: group. ARGV: group expiry ms. Drops stale members and returns the others
+# bucketed by owner, so the sender does no per-member work: {count of processes,
+# token, "name\nname...", token, ..., named channel, named channel...}. A token is
+# what names.process_token() returns: the part before '!' after the last '.'.
+_GROUP_MEMBERS = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+local by_token, tokens, named, token_of = {}, {}, {}, {}
+local find, sub, match = string.find, string.sub, string.match
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local bang = find(member, '!', 1, true)
+  if bang then
+    -- Members of one process usually share the part before '!': parse it once.
+    local head = sub(member, 1, bang - 1)
+    local token = token_of[head]
+    if not token then
+      token = match(head, '([^.]*)$')
+      token_of[head] = token
+    end
+    local names = by_token[token]
+    if not names then
+      names = {}
+      by_token[token] = names
+      tokens[#tokens + 1] = token
+    end
+    names[#names + 1] = member
+  else
+    named[#named + 1] = member
+  end
+end
+local out = {#tokens}
+for _, token in ipairs(tokens) do
+  out[#out + 1] = token
+  out[#out + 1] = table.concat(by_token[token], '\\n')
+end
+for _, member in ipairs(named) do out[#out + 1] = member end
+return out
+"""
+)
+
+
+class _Script:
+    """A Lua script run by EVALSHA, falling back to EVAL after a Redis restart."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+_SCRIPTS = {
+    name: _Script(source)
+    for name, source in {
+        "push_inbox": _PUSH_INBOX,
+        "push_named": _PUSH_NAMED,
+        "pop_named": _POP_NAMED,
+        "group_add": _GROUP_ADD,
+        "group_members": _GROUP_MEMBERS,
+    }.items()
+}
+_BY_SHA = {script.sha: script for script in _SCRIPTS.values()}
+
+
+def _tag(name: str) -> str:
+    """``{name}`` as a hash tag, escaped so that braces in names cannot cut it short."""
+    return "{" + name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set or ``timeout`` passes; cancellation always propagates."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter], timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
+def _settle(fut: asyncio.Future[Any], result: Any) -> None:
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)
+
+
+def _settle_pushes(futs: list[asyncio.Future[Any]], result: Any) -> None:
+    """Settle the pushes of one script call: the first ``result`` entries went in."""
+    for index, fut in enumerate(futs):
+        _settle(fut, result if isinstance(result, BaseException) else index < int(result))
+
+
+def _deadline(entry: bytes) -> int:
+    return int(entry[:_DEADLINE_DIGITS])
+
 
 class RedisChannelLayer(BaseChannelLayer):
-    """Not implemented yet."""
+    """A channel layer on Redis (standalone or Redis Cluster), via redis-py's asyncio client.
+
+    Options (keyword-only; every one is also an environment variable
+    ``FASTAPI_WEBSOCKETS_REDIS_<OPTION>``), besides the shared ones of
+    :class:`~fastapi_websockets.backends.base.BaseChannelLayer`:
+
+    * ``url``: ``redis://``, ``rediss://`` or ``unix://`` URL; with ``cluster``,
+      any node of the cluster.
+    * ``prefix``: prefix of every key and pub/sub channel (letters, digits,
+      ``. _ / -``); layers with different prefixes share nothing.
+    * ``cluster``: talk to a Redis Cluster.
+    * ``use_pubsub``: readers wait for a pub/sub wake-up and then pop their inbox,
+      instead of blocking in BLMPOP. Messages always travel in lists.
+    * ``sharded_pubsub``: in a cluster, wake-ups use SPUBLISH/SSUBSCRIBE
+      (Redis 7), so only the node owning the inbox's slot carries them.
+    * ``timeout``: seconds a Redis call may take; past it (or when Redis refuses
+      connections) calls raise :class:`BackendUnavailable`.
+    """
 
     backend_name = "redis"
 
@@ -21,31 +306,618 @@ class RedisChannelLayer(BaseChannelLayer):
         url: str = "redis://localhost:6379/0",
         prefix: str = "fastapi-websockets",
         cluster: bool = False,
-        channel_expiry: float = 60,
-        group_expiry: float = 86400,
         use_pubsub: bool = True,
         sharded_pubsub: bool = True,
+        timeout: float = 5.0,
         **options: Any,
     ) -> None:
-        super().__init__(channel_expiry=channel_expiry, group_expiry=group_expiry, **options)
+        super().__init__(**options)
+        if not isinstance(url, str) or urlsplit(url).scheme not in _URL_SCHEMES:
+            raise InvalidChannelLayerConfig(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+        if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+            raise InvalidChannelLayerConfig(
+                f"prefix must be 1-100 characters among letters, digits and '. _ / -' "
+                f"(no ':', braces or glob characters, so that prefixes never overlap), got {prefix!r}"
+            )
+        for name, flag in (
+            ("cluster", cluster),
+            ("use_pubsub", use_pubsub),
+            ("sharded_pubsub", sharded_pubsub),
+        ):
+            if not isinstance(flag, bool):
+                raise InvalidChannelLayerConfig(f"{name} must be true or false, got {flag!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise InvalidChannelLayerConfig(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.url = url
+        self.prefix = prefix
+        self.cluster = cluster
+        self.use_pubsub = use_pubsub
+        self.sharded_pubsub = sharded_pubsub
+        self.timeout = float(timeout)
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise InvalidChannelLayerConfig(f"url has an invalid port: {url!r}") from None
+        # Where Redis is, for error messages: host and port, never the password.
+        self._where = f"{parts.hostname}:{port or 6379}" if parts.hostname else parts.path or "Redis"
+        self._expiry_ms = max(1, int(self.channel_expiry * 1000))
+        self._group_expiry_ms = max(1, int(self.group_expiry * 1000))
+        self._inbox_limit = self.capacity * _INBOX_FACTOR
+        self._client: Redis | RedisCluster | None = None
+        self._cluster_client: RedisCluster | None = None
+        self._reader_redis: Redis | None = None
+        self._reader_healthy = False
+        self._conn_errors: tuple[type[BaseException], ...] = ()
+        self._redis_errors: tuple[type[BaseException], ...] = ()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._inbox_pending: dict[str, list[tuple[bytes, asyncio.Future[Any]]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._named_waiters: dict[str, deque[asyncio.Future[Message]]] = {}
+        self._named_events: dict[str, asyncio.Event] = {}
+        self._fetchers: dict[str, asyncio.Task[None]] = {}
+        self._clock_offset_ms = 0.0
+
+    # ---------------------------------------------------------------- keys
+
+    def _inbox_key(self, token: str) -> str:
+        return f"{self.prefix}:inbox:{{{token}}}"
+
+    def _wake_channel(self, token: str) -> str:
+        return f"{self.prefix}:wake:{{{token}}}"
+
+    def _channel_key(self, channel: str) -> str:
+        return f"{self.prefix}:chan:{_tag(channel)}"
+
+    def _waiters_key(self, channel: str) -> str:
+        return f"{self.prefix}:waiters:{_tag(channel)}"
+
+    def _group_key(self, group: str) -> str:
+        return f"{self.prefix}:group:{_tag(group)}"
+
+    @property
+    def _wake_command(self) -> str:
+        if not self.use_pubsub:
+            return ""
+        return "SPUBLISH" if self.cluster and self.sharded_pubsub else "PUBLISH"
+
+    # ------------------------------------------------------------- lifecycle
 
     async def _start(self) -> None:
-        raise NotImplementedError("the redis backend is not implemented yet")
+        try:
+            from redis import exceptions
+            from redis.asyncio import Redis
+            from redis.asyncio.cluster import RedisCluster
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialBackoff
+        except ImportError as exc:
+            raise missing_driver("redis", exc) from exc
+        self._conn_errors = (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ClusterError)
+        self._redis_errors = (exceptions.RedisError,)
+        # One retry on a broken connection: the first write after a Redis restart meets
+        # a dead pooled connection and must go through on a fresh one. Not on timeouts:
+        # a slow Redis may have run the commands, and a retry would deliver them twice.
+        retry = Retry(
+            ExponentialBackoff(cap=0.5, base=0.05), 1, supported_errors=(exceptions.ConnectionError,)
+        )
+        common: dict[str, Any] = {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": retry,
+        }
+        if self.cluster:
+            cluster = RedisCluster.from_url(self.url, **common)
+            try:
+                await asyncio.wait_for(cluster.initialize(), self.timeout)
+            except (asyncio.TimeoutError, *self._conn_errors) as exc:
+                await cluster.aclose()
+                raise self._unavailable(exc) from exc
+            self._client = self._cluster_client = cluster
+        else:
+            self._client = Redis.from_url(self.url, **common)
+        self._spawn(self._read_inbox(), "reader")
+
+    async def _close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        pending: set[asyncio.Task[Any]] = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=1)
+        if pending:
+            # redis-py 8 can swallow a cancellation that lands while it opens a
+            # connection; closing the sockets unblocks such a task, and every loop
+            # here stops once the layer is closed.
+            if self._reader_redis is not None:
+                await self._reader_redis.aclose()
+            if self._client is not None:
+                await self._client.aclose()
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=self.timeout)
+            for task in pending:
+                logger.error("background task %s did not stop on close", task.get_name())
+        self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = self._cluster_client = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"fastapi-websockets-redis-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not (self._closed and isinstance(exc, ChannelLayerClosed)):
+            logger.error("background task %s failed", task.get_name(), exc_info=exc)
+
+    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
+        detail = str(exc) or type(exc).__name__
+        return BackendUnavailable(f"Redis is unreachable at {self._where} ({detail})")
+
+    # ------------------------------------------------- batched command queue
+
+    async def _execute(self, *command: Any) -> Any:
+        """Run one command; concurrent calls share one pipelined write (auto-pipelining)."""
+        self._check_open()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((command, fut))
+        return await self._reply(fut)
+
+    async def _reply(self, fut: asyncio.Future[Any]) -> Any:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = self._spawn(self._flush_queue(), "writer")
+        # A timer rather than asyncio.wait_for: before Python 3.12, wait_for can swallow
+        # a cancellation that arrives as the reply does, and close() relies on cancelling.
+        timer = asyncio.get_running_loop().call_later(self.timeout, self._time_out, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    def _time_out(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.done():
+            reason = f"no reply within {self.timeout} s"
+            fut.set_exception(BackendUnavailable(f"Redis is unreachable at {self._where} ({reason})"))
+
+    async def _script(self, name: str, keys: Iterable[str], *args: Any) -> Any:
+        keys = list(keys)
+        return await self._execute("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys, *args)
+
+    async def _push_inbox(self, token: str, entry: bytes) -> bool:
+        """Append ``entry`` to the inbox of ``token``; False if that inbox is full.
+
+        Entries for one inbox that wait for the same write are pushed by one script call.
+        """
+        self._check_open()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inbox_pending.setdefault(token, []).append((entry, fut))
+        accepted: bool = await self._reply(fut)
+        return accepted
+
+    def _take_jobs(self) -> list[tuple[tuple[Any, ...], Callable[[Any], None]]]:
+        """Everything queued, as (command, settle) pairs for one pipeline."""
+        jobs: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
+        queue, self._queue = self._queue, []
+        for command, fut in queue:
+            if not fut.done():
+                jobs.append((command, functools.partial(_settle, fut)))
+        pending, self._inbox_pending = self._inbox_pending, {}
+        sha = _SCRIPTS["push_inbox"].sha
+        for token, items in pending.items():
+            live = [(entry, fut) for entry, fut in items if not fut.done()]
+            for start in range(0, len(live), _BATCH):
+                chunk = live[start : start + _BATCH]
+                command = (
+                    "EVALSHA",
+                    sha,
+                    1,
+                    self._inbox_key(token),
+                    self._inbox_limit,
+                    self._expiry_ms,
+                    self._wake_command,
+                    self._wake_channel(token),
+                    *(entry for entry, _ in chunk),
+                )
+                jobs.append((command, functools.partial(_settle_pushes, [fut for _, fut in chunk])))
+        return jobs
+
+    async def _flush_queue(self) -> None:
+        while self._queue or self._inbox_pending:
+            jobs = self._take_jobs()
+            if not jobs:
+                continue
+            try:
+                results = await self._run_pipeline([command for command, _ in jobs])
+            except asyncio.CancelledError:
+                for _, settle in jobs:
+                    settle(ChannelLayerClosed("the channel layer was closed"))
+                raise
+            except self._conn_errors as exc:
+                results = [self._unavailable(exc)] * len(jobs)
+            except self._redis_errors as exc:
+                results = [ChannelLayerError(f"Redis refused the command: {exc}")] * len(jobs)
+            for (command, settle), result in zip(jobs, results, strict=True):
+                if isinstance(result, Exception) and not isinstance(result, ChannelLayerError):
+                    result = ChannelLayerError(f"Redis refused {command[0]}: {result}")
+                settle(result)
+
+    async def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        assert self._client is not None
+        from redis.exceptions import NoScriptError
+
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            # Redis restarted (or a node joined) and lost its script cache: EVAL loads it again.
+            pipe = self._client.pipeline(transaction=False)
+            for i in missing:
+                command = commands[i]
+                pipe.execute_command("EVAL", _BY_SHA[command[1]].source, *command[2:])
+            for i, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                results[i] = result
+        return results
+
+    def _fail_queue(self, exc: BaseException) -> None:
+        for _, settle in self._take_jobs():
+            settle(exc)
+
+    # ------------------------------------------------------------ sending
+
+    async def _push_named(self, channel: str, data: bytes) -> tuple[int, list[bytes]]:
+        result = await self._script(
+            "push_named",
+            [self._channel_key(channel), self._waiters_key(channel)],
+            data,
+            self.capacity_for(channel),
+            self._expiry_ms,
+        )
+        return int(result[0]), list(result[1])
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        raise NotImplementedError
+        if is_process_specific(channel):
+            token = process_token(channel)
+            if not await self._push_inbox(token, _DATA + channel.encode() + b"\x00" + data):
+                raise ChannelFull(channel, self._inbox_limit)
+            return
+        length, waiters = await self._push_named(channel, data)
+        if length < 0:
+            raise ChannelFull(channel, self.capacity_for(channel))
+        if waiters:
+            await self._wake_waiters(channel, waiters)
 
-    async def _receive_remote(self, channel: str) -> Message:
-        raise NotImplementedError
+    async def _wake_waiters(self, channel: str, tokens: list[bytes]) -> None:
+        """Tell the processes waiting on a named channel that it has messages."""
+        pushes = []
+        for raw in tokens:
+            token = raw.decode()
+            if token == self.client_token:
+                self._wake_named(channel)
+            else:
+                pushes.append(self._push_inbox(token, _WAKE + channel.encode()))
+        # A lost wake-up only delays the receiver until its next re-check.
+        for result in await asyncio.gather(*pushes, return_exceptions=True):
+            if isinstance(result, BaseException):
+                logger.debug("could not wake a receiver of %r: %s", channel, result)
+
+    # ------------------------------------------------------------- groups
 
     async def _group_add(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        await self._script("group_add", [self._group_key(group)], self._group_expiry_ms, channel)
+        if self.is_local(channel):
+            self.local_groups.add(group, channel)
+        elif is_process_specific(channel):
+            await self._tell_owner(_JOINED, group, channel)
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        await self._execute("ZREM", self._group_key(group), channel)
+        if self.is_local(channel):
+            self.local_groups.discard(group, channel)
+        elif is_process_specific(channel):
+            await self._tell_owner(_LEFT, group, channel)
+
+    async def _tell_owner(self, kind: bytes, group: str, channel: str) -> None:
+        # Best effort: Redis already holds the membership; this only keeps what the
+        # owner re-registers after a Redis restart right.
+        entry = kind + group.encode() + b"\n" + channel.encode()
+        if not await self._push_inbox(process_token(channel), entry):
+            logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        raise NotImplementedError
+        reply: list[Any] = await self._script(
+            "group_members", [self._group_key(group)], self._group_expiry_ms
+        )
+        processes = int(reply[0])
+        by_process = {
+            reply[1 + 2 * i].decode(): reply[2 + 2 * i] for i in range(processes)
+        }  # token -> b"name\nname..."
+        named = [raw.decode() for raw in reply[1 + 2 * processes :]]
+        own = by_process.pop(self.client_token, None)
+        if own:
+            message = self.decode(data)
+            for raw in own.split(b"\n"):
+                self.deliver_local(raw.decode(), message)
+        if not by_process and not named:
+            return
+        # All pushes go out in one pipelined write: one entry per process, one per named member.
+        pushes: list[Coroutine[Any, Any, Any]] = [
+            self._push_inbox(token, _DATA + names + b"\x00" + data) for token, names in by_process.items()
+        ]
+        pushes += [self._push_named(name, data) for name in named]
+        results = await asyncio.gather(*pushes, return_exceptions=True)
+        wakes = []
+        first_error: BaseException | None = None
+        for index, result in enumerate(results):
+            if isinstance(result, BaseException):
+                first_error = first_error or result
+                continue
+            full = result is False or (isinstance(result, tuple) and result[0] < 0)
+            if full:
+                self.stats.dropped_full += 1
+                logger.debug("group_send to %r skipped a full channel or inbox", group)
+            elif isinstance(result, tuple) and result[1]:
+                wakes.append(self._wake_waiters(named[index - len(by_process)], result[1]))
+        if wakes:
+            await asyncio.gather(*wakes)
+        if first_error is not None:
+            raise first_error
+
+    # ------------------------------------------------------------ receiving
+
+    async def _read_inbox(self) -> None:
+        """The one reader of this instance's inbox; reconnects with backoff until closed."""
+        delay = _BACKOFF_FIRST
+        sessions = 0
+        recoverable: tuple[type[BaseException], ...] = (*self._redis_errors, ChannelLayerError)
+        while not self._closed:
+            try:
+                await self._reader_session(restore=sessions > 0)
+            except ChannelLayerClosed:
+                return
+            except recoverable as exc:
+                if self._closed:
+                    return
+                if self._reader_healthy:
+                    logger.warning("lost Redis at %s (%s); reconnecting", self._where, exc)
+                    delay = _BACKOFF_FIRST
+                else:
+                    logger.debug("Redis at %s still unreachable: %s", self._where, exc)
+            if self._reader_healthy:
+                sessions += 1
+            self._reader_healthy = False
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _reader_client(self) -> Redis:
+        """A client of its own for the reader: long blocking reads, no silent retries."""
+        from redis.asyncio import ConnectionPool, Redis
+        from redis.asyncio.connection import parse_url
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        kwargs: dict[str, Any] = dict(parse_url(self.url))
+        if self._cluster_client is not None:
+            # The node that owns the inbox's slot: it serves the BLMPOP and the SSUBSCRIBE.
+            node = self._cluster_client.get_node_from_key(self._inbox_key(self.client_token))
+            if node is None:
+                raise BackendUnavailable(f"no Redis Cluster node serves this layer's inbox at {self._where}")
+            kwargs.update(host=node.host, port=node.port, db=0)
+        kwargs.update(
+            socket_timeout=_BLOCK_SECONDS + self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=2,
+        )
+        return Redis.from_pool(ConnectionPool(**kwargs))
+
+    async def _reader_session(self, *, restore: bool) -> None:
+        """Connect, restore state after a reconnect, then read until the connection fails."""
+        client = self._reader_redis = self._reader_client()
+        try:
+            seconds, micros = await self._execute("TIME")
+            self._clock_offset_ms = int(seconds) * 1000 + int(micros) / 1000 - time.time() * 1000
+            if self.use_pubsub:
+                pubsub = client.pubsub()
+                try:
+                    await self._subscribe(pubsub)
+                    await self._connected(restore)
+                    while not self._closed:
+                        await self._drain()
+                        await pubsub.get_message(ignore_subscribe_messages=True, timeout=_BLOCK_SECONDS)
+                finally:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            else:
+                await self._connected(restore)
+                inbox = self._inbox_key(self.client_token)
+                while not self._closed:
+                    popped = await client.blmpop(_BLOCK_SECONDS, 1, inbox, direction="LEFT", count=_BATCH)
+                    if popped:
+                        self._handle_entries(cast("list[bytes]", popped[1]))
+        finally:
+            self._reader_redis = None
+            await client.aclose()
+
+    async def _connected(self, restore: bool) -> None:
+        if restore:
+            await self._restore()
+            logger.warning("reconnected to Redis at %s", self._where)
+        self._reader_healthy = True
+
+    async def _subscribe(self, pubsub: PubSub) -> None:
+        channel = self._wake_channel(self.client_token)
+        if self.cluster and self.sharded_pubsub:
+            await pubsub.ssubscribe(channel)
+        else:
+            await pubsub.subscribe(channel)
+        # Wait for the confirmation: only then is a push after our first drain sure to wake us.
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            reply = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            if reply is not None and reply["type"] in ("subscribe", "ssubscribe"):
+                return
+        raise BackendUnavailable(f"Redis at {self._where} did not confirm the subscription")
+
+    async def _drain(self) -> None:
+        """Pop the inbox until it is empty (pub/sub mode)."""
+        inbox = self._inbox_key(self.client_token)
+        while True:
+            popped = await self._execute("LMPOP", 1, inbox, "LEFT", "COUNT", _BATCH)
+            if not popped:
+                return
+            entries = popped[1]
+            self._handle_entries(entries)
+            if len(entries) < _BATCH:
+                return
+
+    def _handle_entries(self, entries: list[bytes]) -> None:
+        now = time.time() * 1000 + self._clock_offset_ms
+        for entry in entries:
+            try:
+                self._handle_entry(entry, now)
+            except (ValueError, SerializationError):  # UnicodeDecodeError is a ValueError
+                # Not written by this library (or a different serializer): skip it, keep reading.
+                logger.exception("dropped an unreadable inbox entry %r", entry[:100])
+
+    def _handle_entry(self, entry: bytes, now: float) -> None:
+        if _deadline(entry) <= now:
+            self.stats.dropped_expired += 1
+            return
+        kind = entry[_DEADLINE_DIGITS : _DEADLINE_DIGITS + 1]
+        body = entry[_DEADLINE_DIGITS + 1 :]
+        if kind == _WAKE:
+            self._wake_named(body.decode())
+            return
+        if kind in (_JOINED, _LEFT):
+            group, _, channel = body.decode().partition("\n")
+            if self.is_local(channel):
+                if kind == _JOINED:
+                    self.local_groups.add(group, channel)
+                else:
+                    self.local_groups.discard(group, channel)
+            return
+        names, _, data = body.partition(b"\x00")
+        message = self.decode(data)
+        for name in names.split(b"\n"):
+            self.deliver_local(name.decode(), message)
+
+    async def _restore(self) -> None:
+        """After a reconnect: re-register this process's group members, re-check named channels."""
+        restores = [
+            self._script("group_add", [self._group_key(group)], self._group_expiry_ms, *members)
+            for group in self.local_groups.groups()
+            if (members := self.local_groups.members(group))
+        ]
+        if restores:
+            await asyncio.gather(*restores)
+            logger.info("re-registered %d groups in Redis at %s", len(restores), self._where)
+        for event in self._named_events.values():
+            event.set()
+
+    # ------------------------------------------------------- named channels
+
+    async def _receive_remote(self, channel: str) -> Message:
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        waiters = self._named_waiters.setdefault(channel, deque())
+        waiters.append(fut)
+        fetcher = self._fetchers.get(channel)
+        if fetcher is None or fetcher.done():
+            self._named_events[channel] = asyncio.Event()
+            self._fetchers[channel] = self._spawn(self._fetch_named(channel), "named")
+        else:
+            self._named_events[channel].set()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # Handed a message just as we were cancelled: keep it for the next receive.
+                self.deliver_local(channel, fut.result())
+            raise
+        finally:
+            # Test membership first: a failed deque.remove() formats the repr of the
+            # future, message included, which is costly for large messages.
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters and self._named_waiters.get(channel) is waiters:
+                del self._named_waiters[channel]
+                self._wake_named(channel)
+
+    def _pending_named(self, channel: str) -> int:
+        waiters = self._named_waiters.get(channel)
+        return sum(1 for fut in waiters if not fut.done()) if waiters else 0
+
+    def _wake_named(self, channel: str) -> None:
+        event = self._named_events.get(channel)
+        if event is not None:
+            event.set()
+
+    def _hand_over(self, channel: str, message: Message) -> None:
+        waiters = self._named_waiters.get(channel)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(message)
+                return
+        self.deliver_local(channel, message)
+
+    async def _fetch_named(self, channel: str) -> None:
+        """Pop a named channel for this process's waiting receivers; one task per channel.
+
+        Receivers never talk to Redis themselves, so cancelling one cannot lose a
+        popped message: whatever this task pops goes to a receiver or is parked
+        in the channel's local mailbox for the next one.
+        """
+        event = self._named_events[channel]
+        keys = [self._channel_key(channel), self._waiters_key(channel)]
+        delay = _BACKOFF_FIRST
+        try:
+            while True:
+                want = self._pending_named(channel)
+                if want == 0:
+                    with contextlib.suppress(ChannelLayerError):
+                        await self._execute("ZREM", keys[1], self.client_token)
+                    if self._pending_named(channel) == 0:
+                        return
+                    continue
+                event.clear()
+                try:
+                    entries = await self._script("pop_named", keys, want, self.client_token, _WAITER_TTL_MS)
+                except ChannelLayerClosed:
+                    return
+                except ChannelLayerError as exc:  # BackendUnavailable among others: retry
+                    logger.debug("named receive on %r waits for Redis: %s", channel, exc)
+                    await _wait(event, delay)
+                    delay = min(delay * 2, _BACKOFF_MAX)
+                    continue
+                delay = _BACKOFF_FIRST
+                for entry in entries:
+                    try:
+                        message = self.decode(entry[_DEADLINE_DIGITS:])
+                    except SerializationError:
+                        logger.exception("dropped an undecodable message on %r", channel)
+                        continue
+                    self._hand_over(channel, message)
+                if len(entries) < want:
+                    await _wait(event, _NAMED_RECHECK)
+        finally:
+            if self._fetchers.get(channel) is asyncio.current_task():
+                del self._fetchers[channel]
+                self._named_events.pop(channel, None)
+
+    # ---------------------------------------------------------------- flush
 
     async def _flush(self) -> None:
-        raise NotImplementedError
+        assert self._client is not None
+        keys = [key async for key in self._client.scan_iter(match=f"{self.prefix}:*", count=1000)]
+        if keys:
+            await asyncio.gather(*(self._execute("UNLINK", key) for key in keys))
+        for event in self._named_events.values():
+            event.set()

@@ -1,0 +1,413 @@
+"""Behaviour only the Redis backend has, checked on real redis-server processes.
+
+Restart with waiting receivers, per-message expiry, atomic capacity, one copy
+per process and a constant number of commands per group_send, key layout per
+slot in a real cluster, and connection counts with thousands of receivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as redis_asyncio
+from redis.asyncio.cluster import RedisCluster as ClusterClient
+from redis.cluster import key_slot
+
+from fastapi_websockets import ChannelFull, InvalidChannelLayerConfig
+from fastapi_websockets.backends.redis import RedisChannelLayer
+from fastapi_websockets.config import get_channel_layer_from_env
+from fastapi_websockets.exceptions import BackendUnavailable
+from tests.servers.redis import RedisCluster, RedisNode
+
+Factory = Callable[..., RedisChannelLayer]
+
+
+def _namespace() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def layers() -> AsyncIterator[list[RedisChannelLayer]]:
+    made: list[RedisChannelLayer] = []
+    yield made
+    for layer in made:
+        await layer.close()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisNode) -> AsyncIterator[redis_asyncio.Redis]:
+    client = redis_asyncio.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def make(redis_server: RedisNode, layers: list[RedisChannelLayer]) -> Factory:
+    namespace = _namespace()
+
+    def build(**options: Any) -> RedisChannelLayer:
+        layer = RedisChannelLayer(url=redis_server.url, prefix=namespace, **options)
+        layers.append(layer)
+        return layer
+
+    return build
+
+
+async def _eventually(check: Callable[[], Any], what: str, attempts: int = 300) -> None:
+    """Re-check ``check`` (sync or async) every 0.1 s; fail naming ``what`` if it never holds."""
+    for _ in range(attempts):
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"never happened: {what}")
+
+
+# ------------------------------------------------------------------- restart
+
+
+@pytest.mark.parametrize("use_pubsub", [True, False], ids=["pubsub", "nopubsub"])
+async def test_restart_with_waiting_receivers(
+    restartable_redis: RedisNode,
+    layers: list[RedisChannelLayer],
+    caplog: pytest.LogCaptureFixture,
+    use_pubsub: bool,
+) -> None:
+    namespace = _namespace()
+
+    def build() -> RedisChannelLayer:
+        layer = RedisChannelLayer(
+            url=restartable_redis.url, prefix=namespace, use_pubsub=use_pubsub, timeout=1
+        )
+        layers.append(layer)
+        return layer
+
+    receiver, sender = build(), build()
+    member = await receiver.new_channel("ws")
+    direct = await receiver.new_channel("ws")
+    gone = await receiver.new_channel("ws")
+    await receiver.group_add("room", member)
+    await receiver.group_add("room", gone)
+    # Membership changed by another process is what the owner restores, too.
+    await sender.group_add("lobby", member)
+    await sender.group_discard("room", gone)
+    group_waiter = asyncio.create_task(receiver.receive(member))
+    direct_waiter = asyncio.create_task(receiver.receive(direct))
+    named_waiter = asyncio.create_task(receiver.receive("jobs"))
+    await asyncio.sleep(0.3)
+
+    restartable_redis.stop()
+    with pytest.raises(BackendUnavailable, match="Redis is unreachable"):
+        await sender.send("jobs", {"type": "while down"})
+    with pytest.raises(BackendUnavailable, match="Redis is unreachable"):
+        await sender.group_send("room", {"type": "while down"})
+    with pytest.raises(BackendUnavailable, match="Redis is unreachable"):
+        await receiver.group_add("other", member)
+    await asyncio.sleep(1)
+    assert not group_waiter.done()
+    assert not direct_waiter.done()
+    assert not named_waiter.done()
+
+    restartable_redis.start()  # empty: no persistence
+    raw = redis_asyncio.Redis.from_url(restartable_redis.url)
+    try:
+        group_key = f"{namespace}:group:{{room}}"
+        await _eventually(lambda: raw.zscore(group_key, member), "the receiver re-registers its group member")
+        assert await raw.zscore(f"{namespace}:group:{{lobby}}", member) is not None
+        assert await raw.zscore(group_key, gone) is None
+    finally:
+        await raw.aclose()
+
+    await sender.group_send("room", {"type": "after", "n": 1})
+    await sender.send(direct, {"type": "after", "n": 2})
+    await sender.send("jobs", {"type": "after", "n": 3})
+    assert await asyncio.wait_for(group_waiter, 30) == {"type": "after", "n": 1}
+    assert await asyncio.wait_for(direct_waiter, 30) == {"type": "after", "n": 2}
+    assert await asyncio.wait_for(named_waiter, 30) == {"type": "after", "n": 3}
+    errors = [
+        r for r in caplog.records if r.name.startswith("fastapi_websockets") and r.levelno >= logging.ERROR
+    ]
+    assert errors == []
+    assert any("reconnected to Redis" in r.getMessage() for r in caplog.records)
+
+
+# -------------------------------------------------------------- expiry, capacity
+
+
+async def test_named_messages_expire_one_by_one(make: Factory, raw: redis_asyncio.Redis) -> None:
+    layer = make(channel_expiry=1)
+    await layer.send("expiring", {"type": "old"})
+    await asyncio.sleep(0.7)
+    await layer.send("expiring", {"type": "new"})
+    key = f"{layer.prefix}:chan:{{expiring}}"
+    assert 0 < await raw.pttl(key) <= 1000  # the key itself goes away with its last message
+    await asyncio.sleep(0.5)  # "old" is now 1.2 s old, "new" 0.5 s
+    assert (await layer.receive("expiring", timeout=5))["type"] == "new"
+    with pytest.raises(TimeoutError):
+        await layer.receive("expiring", timeout=0.3)
+
+
+async def test_expired_messages_free_capacity(make: Factory) -> None:
+    layer = make(capacity=2, channel_expiry=1)
+    await layer.send("small", {"type": "x"})
+    await layer.send("small", {"type": "x"})
+    with pytest.raises(ChannelFull):
+        await layer.send("small", {"type": "x"})
+    await asyncio.sleep(1.2)
+    await layer.send("small", {"type": "fresh"})
+    assert (await layer.receive("small", timeout=5))["type"] == "fresh"
+
+
+async def test_capacity_is_atomic_across_instances(make: Factory, raw: redis_asyncio.Redis) -> None:
+    a, b = make(capacity=10), make(capacity=10)
+    results = await asyncio.gather(
+        *(layer.send("contended", {"type": "n", "i": i}) for i in range(30) for layer in (a, b)),
+        return_exceptions=True,
+    )
+    full = [r for r in results if isinstance(r, ChannelFull)]
+    assert sum(r is None for r in results) == 10
+    assert len(full) == 50
+    assert await raw.llen(f"{a.prefix}:chan:{{contended}}") == 10
+
+
+async def test_group_expiry_sets_a_ttl_on_the_group(make: Factory, raw: redis_asyncio.Redis) -> None:
+    layer = make(group_expiry=100)
+    await layer.group_add("ttl-group", "named.member")
+    ttl = await raw.pttl(f"{layer.prefix}:group:{{ttl-group}}")
+    assert 99_000 < ttl <= 100_000
+
+
+# ------------------------------------------------------ group_send round trips
+
+
+async def test_group_send_writes_one_entry_per_process(make: Factory, raw: redis_asyncio.Redis) -> None:
+    sender, owner = make(), make()
+    members = [await owner.new_channel("ws") for _ in range(200)]
+    for channel in members:
+        await owner.group_add("big", channel)
+    await owner.close()  # its reader stops, so its inbox keeps what arrives
+    await sender.group_send("big", {"type": "fan"})
+    inbox = f"{sender.prefix}:inbox:{{{owner.client_token}}}"
+    entries = await raw.lrange(inbox, 0, -1)
+    assert len(entries) == 1
+    assert all(channel.encode() in entries[0] for channel in members)
+
+
+async def test_group_send_costs_a_constant_number_of_commands(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    sender, first, second = make(), make(), make()
+    for owner, count in ((first, 600), (second, 400)):
+        for _ in range(count):
+            await owner.group_add("huge", await owner.new_channel("ws"))
+    await first.close()
+    await second.close()
+    await raw.config_resetstat()
+    await sender.group_send("huge", {"type": "fan"})
+    stats = await raw.info("commandstats")
+    calls = {name: value["calls"] for name, value in stats.items()}
+    # One script reads the members, one push per owning process: 1,000 members, 3 commands.
+    assert calls.get("cmdstat_evalsha", 0) + calls.get("cmdstat_eval", 0) == 3
+    assert calls["cmdstat_rpush"] == 2  # inside the scripts: one entry per process
+
+
+# ------------------------------------------------------------ resource counts
+
+
+async def _connections(raw: redis_asyncio.Redis, prefix_names: set[int]) -> int:
+    clients = await raw.client_list()
+    return sum(1 for client in clients if int(client["id"]) not in prefix_names)
+
+
+@pytest.mark.parametrize("use_pubsub", [True, False], ids=["pubsub", "nopubsub"])
+async def test_thousands_of_receivers_hold_as_many_connections_as_one(
+    make: Factory, raw: redis_asyncio.Redis, use_pubsub: bool
+) -> None:
+    before = {int(client["id"]) for client in await raw.client_list()}
+    layer = make(use_pubsub=use_pubsub)
+    first = await layer.new_channel("ws")
+    waiters = [asyncio.create_task(layer.receive(first))]
+    waiters.append(asyncio.create_task(layer.receive("named.0")))
+    await layer.send("warm", {"type": "x"})
+    await _eventually(lambda: _connections(raw, before), "the layer connects")
+    await asyncio.sleep(0.5)
+    with_one = await _connections(raw, before)
+
+    for _ in range(5000):
+        waiters.append(asyncio.create_task(layer.receive(await layer.new_channel("ws"))))
+    for i in range(200):
+        waiters.append(asyncio.create_task(layer.receive(f"named.{i % 20}")))
+    await asyncio.sleep(1)
+    with_many = await _connections(raw, before)
+    blocked = [c for c in await raw.client_list() if "b" in c["flags"] and int(c["id"]) not in before]
+
+    assert with_many == with_one
+    assert with_one <= 2
+    assert len(blocked) == (0 if use_pubsub else 1)  # only the inbox reader ever blocks
+    assert not any(waiter.done() for waiter in waiters)
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+
+
+# -------------------------------------------------------------------- cluster
+
+
+@pytest.fixture
+async def cluster_raw(redis_cluster: RedisCluster) -> AsyncIterator[ClusterClient]:
+    client = ClusterClient.from_url(redis_cluster.url)
+    await client.initialize()
+    yield client
+    await client.aclose()
+
+
+async def test_cluster_key_layout_and_cross_slot_groups(
+    redis_cluster: RedisCluster, cluster_raw: ClusterClient, layers: list[RedisChannelLayer]
+) -> None:
+    namespace = _namespace()
+
+    def build() -> RedisChannelLayer:
+        layer = RedisChannelLayer(url=redis_cluster.url, prefix=namespace, cluster=True)
+        layers.append(layer)
+        return layer
+
+    # Enough instances that their inboxes live on at least two different nodes.
+    instances: list[RedisChannelLayer] = []
+    nodes: set[str] = set()
+    while len(nodes) < 2 or len(instances) < 3:
+        layer = build()
+        instances.append(layer)
+        node = cluster_raw.get_node_from_key(f"{namespace}:inbox:{{{layer.client_token}}}")
+        assert node is not None
+        nodes.add(node.name)
+    group = "room:{odd}name}"
+    members = {layer: await layer.new_channel("ws") for layer in instances}
+    for layer, channel in members.items():
+        await layer.group_add(group, channel)
+    named = ["jobs.{a}", "jobs.b", "jobs.c"]
+    for name in named:
+        await instances[0].group_add(group, name)
+    await instances[-1].group_send(group, {"type": "hello"})
+    for layer, channel in members.items():
+        assert await layer.receive(channel, timeout=10) == {"type": "hello"}
+    for name in named:
+        assert await instances[1].receive(name, timeout=10) == {"type": "hello"}
+
+    keys = [key.decode() async for key in cluster_raw.scan_iter(match=f"{namespace}:*")]
+    assert keys, "expected keys under the prefix"
+    assert all(key.startswith(f"{namespace}:") for key in keys)
+    assert f"{namespace}:group:{{room:%7Bodd%7Dname%7D}}" in keys
+    # Keys one script touches share a slot; a process's inbox and wake channel too.
+    for name in named:
+        escaped = name.replace("{", "%7B").replace("}", "%7D")
+        assert key_slot(f"{namespace}:chan:{{{escaped}}}".encode()) == key_slot(
+            f"{namespace}:waiters:{{{escaped}}}".encode()
+        )
+    token = instances[0].client_token
+    assert key_slot(f"{namespace}:inbox:{{{token}}}".encode()) == key_slot(
+        f"{namespace}:wake:{{{token}}}".encode()
+    )
+    # Named channels spread over the cluster rather than piling on one node.
+    slots = {key_slot(f"{namespace}:chan:{{jobs.{i}}}".encode()) for i in range(20)}
+    assert len(slots) > 1
+
+    await instances[0].flush()
+    assert [key async for key in cluster_raw.scan_iter(match=f"{namespace}:*")] == []
+
+
+# -------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("url", "http://localhost", "url must be a redis://"),
+        ("prefix", "has space", "prefix must be"),
+        ("prefix", "a:b", "prefix must be"),
+        ("prefix", "", "prefix must be"),
+        ("timeout", 0, "timeout must be a positive"),
+        ("use_pubsub", "yes", "use_pubsub must be true or false"),
+        ("capacity", -1, "capacity"),
+    ],
+)
+def test_bad_options_name_the_option(option: str, value: Any, match: str) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match=match):
+        RedisChannelLayer(**{option: value})
+
+
+def test_options_from_the_environment() -> None:
+    layer = get_channel_layer_from_env(
+        {
+            "FASTAPI_WEBSOCKETS_BACKEND": "redis",
+            "FASTAPI_WEBSOCKETS_REDIS_URL": "redis://127.0.0.1:1/0",
+            "FASTAPI_WEBSOCKETS_REDIS_PREFIX": "envprefix",
+            "FASTAPI_WEBSOCKETS_REDIS_CLUSTER": "false",
+            "FASTAPI_WEBSOCKETS_REDIS_USE_PUBSUB": "no",
+            "FASTAPI_WEBSOCKETS_REDIS_SHARDED_PUBSUB": "0",
+            "FASTAPI_WEBSOCKETS_REDIS_CHANNEL_EXPIRY": "30",
+            "FASTAPI_WEBSOCKETS_REDIS_GROUP_EXPIRY": "600",
+        }
+    )
+    assert isinstance(layer, RedisChannelLayer)
+    assert (layer.url, layer.prefix, layer.cluster) == ("redis://127.0.0.1:1/0", "envprefix", False)
+    assert (layer.use_pubsub, layer.sharded_pubsub) == (False, False)
+    assert (layer.channel_expiry, layer.group_expiry) == (30, 600)
+
+
+async def test_unreachable_redis_raises_backend_unavailable(layers: list[RedisChannelLayer]) -> None:
+    from tests.servers import free_port
+
+    layer = RedisChannelLayer(url=f"redis://127.0.0.1:{free_port()}/0", timeout=1)
+    layers.append(layer)
+    with pytest.raises(BackendUnavailable, match=r"unreachable at 127\.0\.0\.1"):
+        await layer.send("somewhere", {"type": "x"})
+    with pytest.raises(ConnectionError):  # BackendUnavailable is also a ConnectionError
+        await layer.group_send("g", {"type": "x"})
+
+
+@pytest.mark.parametrize(
+    ("use_pubsub", "sharded_pubsub"),
+    [(True, False), (False, True)],
+    ids=["classic-pubsub", "nopubsub"],
+)
+async def test_cluster_other_wake_up_modes(
+    redis_cluster: RedisCluster, layers: list[RedisChannelLayer], use_pubsub: bool, sharded_pubsub: bool
+) -> None:
+    namespace = _namespace()
+    a, b = (
+        RedisChannelLayer(
+            url=redis_cluster.url,
+            prefix=namespace,
+            cluster=True,
+            use_pubsub=use_pubsub,
+            sharded_pubsub=sharded_pubsub,
+        )
+        for _ in range(2)
+    )
+    layers.extend([a, b])
+    channel = await b.new_channel("ws")
+    await b.group_add("room", channel)
+    waiter = asyncio.create_task(b.receive(channel))
+    named = asyncio.create_task(b.receive("work"))
+    await asyncio.sleep(0.3)
+    await a.group_send("room", {"type": "group"})
+    await a.send("work", {"type": "named"})
+    assert await asyncio.wait_for(waiter, 10) == {"type": "group"}
+    assert await asyncio.wait_for(named, 10) == {"type": "named"}
+
+
+async def test_full_inbox_of_another_process_raises_channel_full(make: Factory) -> None:
+    sender, owner = make(capacity=1), make()
+    channel = await owner.new_channel("ws")
+    await owner.close()  # nobody drains its inbox any more
+    for _ in range(100):  # the inbox holds 100 x capacity entries
+        await sender.send(channel, {"type": "x"})
+    with pytest.raises(ChannelFull):
+        await sender.send(channel, {"type": "x"})

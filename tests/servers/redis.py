@@ -179,7 +179,17 @@ def _backend(name: str, url: str, **fixed: Any) -> Backend:
     def build(namespace: str, **options: Any) -> RedisChannelLayer:
         return RedisChannelLayer(url=url, prefix=namespace, **{**fixed, **options})
 
-    return Backend(name, build, extra={"url": url})
+    def env(namespace: str) -> dict[str, str]:
+        variables = {
+            "FASTAPI_WEBSOCKETS_BACKEND": "redis",
+            "FASTAPI_WEBSOCKETS_REDIS_URL": url,
+            "FASTAPI_WEBSOCKETS_REDIS_PREFIX": namespace,
+        }
+        for key, value in fixed.items():
+            variables[f"FASTAPI_WEBSOCKETS_REDIS_{key.upper()}"] = str(value).lower()
+        return variables
+
+    return Backend(name, build, extra={"url": url}, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -249,17 +249,23 @@ class BaseChannelLayer(abc.ABC):
         if parked is not None:
             return parked
         await self._ensure_started()
-        if timeout is None:
-            return await self._receive_named(channel)
-        try:
-            return await asyncio.wait_for(self._receive_named(channel), timeout)
-        except asyncio.TimeoutError:
-            raise ReceiveTimeout(channel, timeout) from None
+        return await self._receive_named(channel, timeout)
 
-    async def _receive_named(self, channel: str) -> Message:
+    async def _receive_named(self, channel: str, timeout: float | None) -> Message:
         inner = asyncio.ensure_future(self._receive_remote(channel))
         self._remote_receives.add(inner)
         inner.add_done_callback(self._forget_remote_receive)
+        # A timer rather than asyncio.wait_for(), which can swallow a cancellation of the
+        # caller that arrives together with the result.
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            if not inner.done():
+                timed_out = True
+                inner.cancel()
+
+        timer = asyncio.get_running_loop().call_later(timeout, expire) if timeout is not None else None
         try:
             return await asyncio.shield(inner)
         except asyncio.CancelledError:
@@ -269,10 +275,15 @@ class BaseChannelLayer(abc.ABC):
                 self.deliver_local(channel, inner.result())
             else:
                 inner.cancel()
-            if self._closed and not _cancelling():
-                raise ChannelLayerClosed("the channel layer was closed") from None
+            if not _cancelling():
+                if timed_out and timeout is not None:
+                    raise ReceiveTimeout(channel, timeout) from None
+                if self._closed:
+                    raise ChannelLayerClosed("the channel layer was closed") from None
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             if not inner.done():
                 inner.cancel()
 

@@ -1,40 +1,685 @@
-"""Placeholder: the nats backend is being written (see its issue)."""
+"""The NATS backend: core subjects for live delivery, JetStream for named channels, KV for groups.
+
+Layout on the server, for ``prefix="app"`` (names are escaped into subject
+tokens by :func:`subject_token`):
+
+* ``app.p.<process-token>.m``: the one inbox of a layer instance. Every
+  process-specific channel of that instance receives through it; the channel
+  name travels in front of the payload and the layer demultiplexes locally.
+  ``app.p.<process-token>.c`` carries membership changes made by *other*
+  processes (request/reply); both share one wildcard subscription.
+* ``app.g.<group>``: one core-NATS subject per group. A process subscribes to
+  it while it holds local members, so ``group_send`` is one publish however
+  many members and processes there are.
+* ``app.n.<channel>``: named channels (no ``!``), stored in the JetStream
+  stream ``stream_name`` with work-queue retention. Each named channel that a
+  process reads has one durable pull consumer shared by every process, so
+  every message is delivered once.
+* KV bucket ``group_bucket``: one key per (group, member),
+  ``<group>.p.<member>`` or ``<group>.n.<member>``, whose value is the join
+  time. The bucket's TTL is ``group_expiry``, so a member that is not added
+  again expires on its own, on the server.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.exceptions import (
+    BackendUnavailable,
+    ChannelFull,
+    ChannelLayerClosed,
+    ChannelLayerError,
+    InvalidChannelLayerConfig,
+    MessageTooLarge,
+    SerializationError,
+)
+from fastapi_websockets.names import is_process_specific, process_token
 from fastapi_websockets.types import Message
 
-__all__ = ["NATSChannelLayer"]
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+    from nats.js.client import JetStreamContext
+    from nats.js.kv import KeyValue
+
+__all__ = ["NATSChannelLayer", "consumer_name", "subject_token", "token_to_name"]
+
+logger = logging.getLogger("fastapi_websockets.nats")
+
+_DEFAULT_SERVERS = ["nats://localhost:4222"]
+_SERVER_URL = re.compile(r"^((nats|tls|ws|wss)://)?[^\s/]+(:\d+)?/?$")
+_SUBJECT_TOKENS = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_JS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+#: A pull request lingers this long on the server; a safety net for requests lost
+#: across a reconnect, not a poll interval (messages arrive by push meanwhile).
+_PULL_EXPIRES = 5.0
+_EXPIRES_HEADER = "Fw-Expires"
+
+
+def subject_token(name: str) -> str:
+    """Escape ``name`` into one subject token (also a valid KV key part).
+
+    Letters, digits and ``-`` stay; every other byte of the UTF-8 encoding,
+    ``_`` included, becomes ``_xx`` (lowercase hex). The mapping is reversible,
+    so ``a.b``, ``a_b`` and ``a:b`` stay distinct, and no name can produce
+    ``.``, ``*`` or ``>``.
+    """
+    return "".join(chr(byte) if byte in _SAFE else f"_{byte:02x}" for byte in name.encode())
+
+
+def token_to_name(token: str) -> str:
+    """Invert :func:`subject_token`."""
+    out = bytearray()
+    index = 0
+    while index < len(token):
+        if token[index] == "_":
+            out.append(int(token[index + 1 : index + 3], 16))
+            index += 3
+        else:
+            out.append(ord(token[index]))
+            index += 1
+    return out.decode()
+
+
+def consumer_name(channel: str) -> str:
+    """The durable JetStream consumer shared by every reader of a named channel."""
+    return "fw" + hashlib.sha256(channel.encode()).hexdigest()[:40]
+
+
+def _check_name(option: str, value: object, pattern: re.Pattern[str], accepted: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidChannelLayerConfig(f"{option} must be {accepted}, got {value!r}")
+    return value
+
+
+@dataclass
+class _NamedReader:
+    """The pull subscription of one named channel in this process, with its fetch lock."""
+
+    subject: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pull: Any = None  # nats.js.JetStreamContext.PullSubscription once bound
 
 
 class NATSChannelLayer(BaseChannelLayer):
-    """Not implemented yet."""
+    """A channel layer on NATS, with JetStream for named channels and KV for groups.
+
+    Options (besides the shared ones of :class:`BaseChannelLayer`):
+
+    * ``servers``: NATS URLs (comma-separated in ``FASTAPI_WEBSOCKETS_NATS_SERVERS``).
+    * ``prefix``: first subject tokens of every subject the layer uses.
+    * ``group_bucket``: the KV bucket of group membership.
+    * ``stream_name``: the JetStream stream of named channels.
+    * ``message_timeout``: seconds a named-channel message claimed by a
+      receiver that dies before acknowledging it stays invisible to other
+      receivers (the consumers' ack wait); then it is delivered again.
+    * ``replicas``: JetStream replicas of the stream and the bucket (3 on a
+      3-node cluster).
+    * ``request_timeout``: seconds a broker call (connect, JetStream publish,
+      KV, API) may take before failing with :class:`BackendUnavailable`.
+    """
 
     backend_name = "nats"
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        servers: list[str] = _DEFAULT_SERVERS,
+        prefix: str = "fastapi-websockets",
+        group_bucket: str = "fastapi_websockets_groups",
+        stream_name: str = "FASTAPI_WEBSOCKETS",
+        message_timeout: float = 60.0,
+        replicas: int = 1,
+        request_timeout: float = 5.0,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
+        if isinstance(servers, str):
+            servers = [part.strip() for part in servers.split(",") if part.strip()]
+        if (
+            not isinstance(servers, (list, tuple))
+            or not servers
+            or not all(isinstance(url, str) and _SERVER_URL.match(url) for url in servers)
+        ):
+            raise InvalidChannelLayerConfig(
+                f"servers must be a non-empty list of NATS URLs such as 'nats://host:4222', got {servers!r}"
+            )
+        self.servers = list(servers)
+        self.prefix = _check_name(
+            "prefix",
+            prefix,
+            _SUBJECT_TOKENS,
+            "one or more '.'-separated subject tokens of letters, digits, '-' and '_'",
+        )
+        self.group_bucket = _check_name(
+            "group_bucket", group_bucket, _JS_NAME, "a KV bucket name of 1-64 letters, digits, '-', '_'"
+        )
+        self.stream_name = _check_name(
+            "stream_name", stream_name, _JS_NAME, "a stream name of 1-64 letters, digits, '-', '_'"
+        )
+        for option, value in (("message_timeout", message_timeout), ("request_timeout", request_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidChannelLayerConfig(
+                    f"{option} must be a positive number of seconds, got {value!r}"
+                )
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
+            raise InvalidChannelLayerConfig(f"replicas must be an integer from 1 to 5, got {replicas!r}")
+        self.message_timeout = float(message_timeout)
+        self.replicas = replicas
+        self.request_timeout = float(request_timeout)
+
+        self._inbox = f"{self.prefix}.p.{self.client_token}"
+        self._kv_stream = f"KV_{self.group_bucket}"
+        self._kv_subject_prefix = f"$KV.{self.group_bucket}."
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._msg_ttl = False
+        self._stream_ready = False
+        self._setup_lock = asyncio.Lock()
+        self._group_lock = asyncio.Lock()
+        self._group_subs: dict[str, Subscription] = {}
+        self._readers: dict[str, _NamedReader] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ subjects
+
+    def _named_subject(self, channel: str) -> str:
+        return f"{self.prefix}.n.{subject_token(channel)}"
+
+    def _group_subject(self, group: str) -> str:
+        return f"{self.prefix}.g.{subject_token(group)}"
+
+    def _process_subject(self, channel: str, kind: str) -> str:
+        return f"{self.prefix}.p.{subject_token(process_token(channel))}.{kind}"
+
+    @staticmethod
+    def member_key(group: str, channel: str) -> str:
+        """The KV key of one group member: ``<group>.<p|n>.<channel>``, escaped."""
+        kind = "p" if is_process_specific(channel) else "n"
+        return f"{subject_token(group)}.{kind}.{subject_token(channel)}"
+
+    # ----------------------------------------------------------- lifecycle
 
     async def _start(self) -> None:
-        raise NotImplementedError("the nats backend is not implemented yet")
+        try:
+            from nats.aio.client import Client
+        except ImportError as exc:
+            raise missing_driver("nats", exc) from exc
+        nc = Client()
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=self.servers,
+                    name=f"fastapi-websockets {self.client_token}",
+                    # Our own group publishes are delivered locally without the round
+                    # trip, so the server must not echo them back.
+                    no_echo=True,
+                    connect_timeout=max(1, math.ceil(self.request_timeout)),
+                    # Typed int in nats-py but used as a sleep; half a second heals fast.
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                    max_reconnect_attempts=-1,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                ),
+                self.request_timeout,
+            )
+            await nc.subscribe(f"{self._inbox}.*", cb=self._on_inbox)
+            await nc.flush(timeout=max(1, math.ceil(self.request_timeout)))
+        except (OSError, asyncio.TimeoutError) as exc:
+            await nc.close()
+            raise BackendUnavailable(f"cannot connect to NATS at {self.servers}: {exc!r}") from exc
+        except BaseException:
+            await nc.close()
+            raise
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self.request_timeout)
+        version = nc.connected_server_version
+        # Per-message TTL (Nats-TTL) exists from server 2.11; older servers accept
+        # and ignore it, so only use it where it works.
+        self._msg_ttl = (version.major, version.minor) >= (2, 11)
+
+    async def _close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=1)
+            await self._nc.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("%s failed", what, exc_info=task.exception())
+
+        task.add_done_callback(done)
+
+    async def _on_error(self, exc: Exception) -> None:
+        logger.warning("NATS connection error: %r", exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self.closed:
+            logger.warning("disconnected from NATS; reconnecting (pending receives keep waiting)")
+
+    async def _on_reconnected(self) -> None:
+        # nats-py re-sends every SUB (inbox, groups, pull inboxes) on reconnect, so
+        # local group interest comes back by itself; pull requests in flight are
+        # re-issued by the receivers within _PULL_EXPIRES.
+        url = self._nc.connected_url if self._nc is not None else None
+        logger.info("reconnected to NATS at %s", url.netloc if url is not None else "?")
+
+    @contextlib.asynccontextmanager
+    async def _broker(self, what: str) -> AsyncIterator[None]:
+        """Turn the driver's errors into ours, naming the operation."""
+        from nats.errors import (
+            ConnectionClosedError,
+            MaxPayloadError,
+            NoRespondersError,
+            OutboundBufferLimitError,
+        )
+        from nats.errors import Error as NatsError
+        from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+        try:
+            yield
+        except MaxPayloadError as exc:
+            limit = self._nc.max_payload if self._nc is not None else 0
+            raise MessageTooLarge(limit + 1, limit) from exc
+        except (
+            asyncio.TimeoutError,
+            NoRespondersError,
+            NoStreamResponseError,
+            ServiceUnavailableError,
+            OutboundBufferLimitError,
+        ) as exc:
+            raise BackendUnavailable(
+                f"NATS {what} failed within {self.request_timeout} s ({exc!r}); is the server reachable?"
+            ) from exc
+        except ConnectionClosedError as exc:
+            if self.closed:
+                raise ChannelLayerClosed("the channel layer was closed") from exc
+            raise BackendUnavailable(f"NATS {what} failed: the connection is closed") from exc
+        except NatsError as exc:
+            raise ChannelLayerError(f"NATS {what} failed: {exc!r}") from exc
+
+    @property
+    def nc(self) -> Client:
+        """The layer's NATS connection (connected lazily on first use)."""
+        if self._nc is None:
+            raise ChannelLayerClosed("the NATS connection is not open")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise ChannelLayerClosed("the NATS connection is not open")
+        return self._js
+
+    async def _ensure_stream(self) -> None:
+        if self._stream_ready:
+            return
+        from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        async with self._setup_lock:
+            if self._stream_ready:
+                return
+            async with self._broker(f"setup of stream {self.stream_name}"):
+                try:
+                    await self.js.stream_info(self.stream_name)
+                except NotFoundError:
+                    config = StreamConfig(
+                        name=self.stream_name,
+                        subjects=[f"{self.prefix}.n.>"],
+                        retention=RetentionPolicy.WORK_QUEUE,
+                        storage=StorageType.FILE,
+                        num_replicas=self.replicas,
+                        allow_msg_ttl=True if self._msg_ttl else None,
+                        # Servers without per-message TTL bound message age stream-wide.
+                        max_age=None if self._msg_ttl else self.channel_expiry,
+                    )
+                    try:
+                        await self.js.add_stream(config)
+                    except NotFoundError:
+                        raise
+                    except Exception:
+                        # Another process may have created it meanwhile; that is fine.
+                        await self.js.stream_info(self.stream_name)
+            self._stream_ready = True
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is not None:
+            return self._kv
+        from nats.js.api import KeyValueConfig, StorageType
+        from nats.js.errors import BucketNotFoundError
+
+        async with self._setup_lock:
+            if self._kv is not None:
+                return self._kv
+            async with self._broker(f"setup of KV bucket {self.group_bucket}"):
+                try:
+                    kv = await self.js.key_value(self.group_bucket)
+                except BucketNotFoundError:
+                    config = KeyValueConfig(
+                        bucket=self.group_bucket,
+                        history=1,
+                        ttl=self.group_expiry,
+                        storage=StorageType.FILE,
+                        replicas=self.replicas,
+                    )
+                    try:
+                        kv = await self.js.create_key_value(config)
+                    except BucketNotFoundError:
+                        raise
+                    except Exception:
+                        kv = await self.js.key_value(self.group_bucket)
+            self._kv = kv
+            return kv
+
+    # --------------------------------------------------------- point to point
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        raise NotImplementedError
+        if is_process_specific(channel):
+            raw = channel.encode()
+            payload = len(raw).to_bytes(2, "big") + raw + data
+            async with self._broker(f"publish to {channel!r}"):
+                await self.nc.publish(self._process_subject(channel, "m"), payload)
+            return
+        await self._send_named(channel, data)
+
+    async def _send_named(self, channel: str, data: bytes) -> None:
+        await self._ensure_stream()
+        subject = self._named_subject(channel)
+        capacity = self.capacity_for(channel)
+        async with self._broker(f"send to {channel!r}"):
+            # The stream counts the channel's stored messages; concurrent senders
+            # can overshoot the capacity by a few, as channels_redis does.
+            info = await self.js.stream_info(self.stream_name, subjects_filter=subject)
+            stored = (info.state.subjects or {}).get(subject, 0)
+            if stored >= capacity:
+                raise ChannelFull(channel, capacity)
+            headers = {_EXPIRES_HEADER: repr(time.time() + self.channel_expiry)}
+            await self.js.publish(
+                subject,
+                data,
+                stream=self.stream_name,
+                headers=headers,
+                msg_ttl=max(1, math.ceil(self.channel_expiry)) if self._msg_ttl else None,
+            )
+
+    async def _reader(self, channel: str) -> _NamedReader:
+        reader = self._readers.get(channel)
+        if reader is None:
+            reader = self._readers[channel] = _NamedReader(self._named_subject(channel))
+        return reader
+
+    async def _bind(self, channel: str, reader: _NamedReader) -> Any:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        await self._ensure_stream()
+        durable = consumer_name(channel)
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=reader.subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.message_timeout,
+            deliver_policy=DeliverPolicy.ALL,
+            max_waiting=4096,
+            description=f"fastapi-websockets named channel {channel[:100]}",
+        )
+        async with self._broker(f"consumer for {channel!r}"):
+            reader.pull = await self.js.pull_subscribe(
+                reader.subject, durable=durable, stream=self.stream_name, config=config
+            )
+        return reader.pull
 
     async def _receive_remote(self, channel: str) -> Message:
-        raise NotImplementedError
+        from nats.errors import ConnectionClosedError, SlowConsumerError
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.errors import APIError
+
+        reader = await self._reader(channel)
+        # One fetch at a time per channel and process: the consumer's pull inbox
+        # is shared by the local receivers, which queue on the lock.
+        async with reader.lock:
+            delay = 0.1
+            while True:
+                try:
+                    pull = reader.pull if reader.pull is not None else await self._bind(channel, reader)
+                    msgs = await pull.fetch(1, timeout=_PULL_EXPIRES)
+                except NatsTimeout:
+                    continue  # nothing arrived; a fresh pull request covers a reconnect
+                except ConnectionClosedError:
+                    if self.closed:
+                        raise ChannelLayerClosed("the channel layer was closed") from None
+                    raise
+                except (APIError, ChannelLayerError, SlowConsumerError) as exc:
+                    if self.closed:
+                        raise ChannelLayerClosed("the channel layer was closed") from exc
+                    # The consumer or stream is gone (deleted, flushed, server lost its
+                    # state) or the cluster is electing a leader: bind again, with backoff.
+                    logger.debug("pull on %r failed (%r); binding again in %.1f s", channel, exc, delay)
+                    await self._unbind(reader)
+                    self._stream_ready = False
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.1
+                msg = msgs[0]
+                expires = msg.headers.get(_EXPIRES_HEADER) if msg.headers else None
+                try:
+                    message = None if _expired(expires) else self.decode(msg.data)
+                except SerializationError:
+                    logger.warning("dropped an undecodable message on %r", channel, exc_info=True)
+                    message = None
+                try:
+                    # Confirmed ack: the work queue has dropped the message before the
+                    # receiver returns, so a send() right after sees the room it freed.
+                    await msg.ack_sync(timeout=self.request_timeout)
+                except asyncio.CancelledError:
+                    if message is not None:
+                        self.deliver_local(channel, message)
+                    raise
+                except (NatsTimeout, APIError) as exc:
+                    logger.debug("ack on %r not confirmed: %r", channel, exc)
+                if message is not None:
+                    return message
+
+    async def _unbind(self, reader: _NamedReader) -> None:
+        pull, reader.pull = reader.pull, None
+        if pull is not None:
+            with contextlib.suppress(Exception):
+                await pull.unsubscribe()
+
+    async def _on_inbox(self, msg: Msg) -> None:
+        try:
+            if msg.subject.endswith(".c"):
+                await self._on_control(msg)
+                return
+            data = msg.data
+            size = int.from_bytes(data[:2], "big")
+            channel = data[2 : 2 + size].decode()
+            if not self.is_local(channel):
+                logger.debug("dropped a message for %r, not a channel of this layer", channel)
+                return
+            self.deliver_local(channel, self.decode(data[2 + size :]))
+        except (SerializationError, UnicodeDecodeError, ValueError):
+            logger.warning("dropped an undecodable message on %s", msg.subject, exc_info=True)
+
+    # ------------------------------------------------------------------ groups
 
     async def _group_add(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        if self.is_local(channel):
+            await self._add_local(group, channel)
+        elif is_process_specific(channel):
+            await self._tell_owner(channel, "add", group)
+        kv = await self._bucket()
+        async with self._broker(f"group_add to {group!r}"):
+            await kv.put(self.member_key(group, channel), repr(time.time()).encode())
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        if self.is_local(channel):
+            await self._discard_local(group, channel)
+        elif is_process_specific(channel):
+            await self._tell_owner(channel, "discard", group)
+        kv = await self._bucket()
+        async with self._broker(f"group_discard from {group!r}"):
+            await self._forget(kv, self.member_key(group, channel))
+
+    async def _forget(self, kv: KeyValue, key: str) -> None:
+        if self._msg_ttl:
+            # A purge marker with a TTL disappears by itself, keeping the group's
+            # key listing (used by group_send) short.
+            await kv.purge(key, msg_ttl=1)
+        else:
+            await kv.delete(key)
+
+    async def _add_local(self, group: str, channel: str) -> None:
+        self.local_groups.add(group, channel)
+        async with self._group_lock:
+            if group not in self._group_subs:
+                async with self._broker(f"subscribe to group {group!r}"):
+                    self._group_subs[group] = await self.nc.subscribe(
+                        self._group_subject(group), cb=self._on_group
+                    )
+
+    async def _discard_local(self, group: str, channel: str) -> None:
+        if self.local_groups.discard(group, channel) or group not in self.local_groups:
+            await self._unsubscribe_group(group)
+
+    async def _unsubscribe_group(self, group: str) -> None:
+        async with self._group_lock:
+            if group in self.local_groups:
+                return
+            sub = self._group_subs.pop(group, None)
+            if sub is not None:
+                async with self._broker(f"unsubscribe from group {group!r}"):
+                    await sub.unsubscribe()
+
+    async def _tell_owner(self, channel: str, op: str, group: str) -> None:
+        """Ask the layer that owns ``channel`` to change its local membership."""
+        from nats.errors import NoRespondersError
+
+        body = json.dumps({"op": op, "group": group, "channel": channel}).encode()
+        try:
+            async with self._broker(f"group change for {channel!r}"):
+                await self.nc.request(self._process_subject(channel, "c"), body, timeout=self.request_timeout)
+        except BackendUnavailable as exc:
+            if isinstance(exc.__cause__, NoRespondersError):
+                # The owner is gone: its channel receives nothing any more anyway.
+                logger.debug("owner of %r is gone; only the KV entry changes", channel)
+                return
+            raise
+
+    async def _on_control(self, msg: Msg) -> None:
+        request = json.loads(msg.data)
+        group, channel = request["group"], request["channel"]
+        if self.is_local(channel):
+            if request["op"] == "add":
+                await self._add_local(group, channel)
+            else:
+                await self._discard_local(group, channel)
+        await msg.respond(b"ok")
+
+    async def _on_group(self, msg: Msg) -> None:
+        group = token_to_name(msg.subject.rsplit(".", 1)[-1])
+        try:
+            message = self.decode(msg.data)
+        except SerializationError:
+            logger.warning("dropped an undecodable group message for %r", group, exc_info=True)
+            return
+        self.deliver_to_local_members(group, message)
+        if group not in self.local_groups:
+            # Every local member expired: stop listening to the group.
+            self._spawn(self._unsubscribe_group(group), f"unsubscribe from {group!r}")
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        raise NotImplementedError
+        if group in self.local_groups:
+            self.deliver_to_local_members(group, self.decode(data))
+        async with self._broker(f"group_send to {group!r}"):
+            await self.nc.publish(self._group_subject(group), data)
+        for channel in await self._named_members(group):
+            try:
+                await self._send_named(channel, data)
+            except ChannelFull:
+                self.stats.dropped_full += 1
+                logger.debug("group_send to %r skipped full channel %r", group, channel)
+
+    async def _named_members(self, group: str) -> list[str]:
+        """The named (stored) channels in ``group``, pruning expired ones."""
+        from nats.js.errors import KeyNotFoundError, NotFoundError
+
+        kv = await self._bucket()
+        pattern = f"{self._kv_subject_prefix}{subject_token(group)}.n.*"
+        async with self._broker(f"member list of {group!r}"):
+            info = await self.js.stream_info(self._kv_stream, subjects_filter=pattern)
+        keys = [subject[len(self._kv_subject_prefix) :] for subject in info.state.subjects or {}]
+        if not keys:
+            return []
+        members = []
+        cutoff = time.time() - self.group_expiry
+        async with self._broker(f"member list of {group!r}"):
+            for key in keys:
+                try:
+                    entry = await kv.get(key)
+                except (KeyNotFoundError, NotFoundError):
+                    continue  # discarded; the marker goes away by itself
+                try:
+                    joined = float(entry.value or b"0")
+                except ValueError:
+                    joined = 0.0
+                if joined <= cutoff:
+                    self._spawn(self._prune(kv, key), f"pruning {key}")
+                    continue
+                members.append(token_to_name(key.rsplit(".", 1)[-1]))
+        return members
+
+    async def _prune(self, kv: KeyValue, key: str) -> None:
+        async with self._broker("pruning an expired member"):
+            await self._forget(kv, key)
+
+    # ------------------------------------------------------------------ flush
 
     async def _flush(self) -> None:
-        raise NotImplementedError
+        from nats.js.errors import NotFoundError
+
+        async with self._broker("flush"):
+            for stream in (self.stream_name, self._kv_stream):
+                with contextlib.suppress(NotFoundError):
+                    await self.js.purge_stream(stream)
+        async with self._group_lock:
+            subs = list(self._group_subs.values())
+            self._group_subs.clear()
+        async with self._broker("flush"):
+            for sub in subs:
+                await sub.unsubscribe()
+
+
+def _expired(expires: str | None) -> bool:
+    if not expires:
+        return False
+    try:
+        return float(expires) <= time.time()
+    except ValueError:
+        return False

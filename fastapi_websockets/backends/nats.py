@@ -24,16 +24,15 @@ tokens by :func:`subject_token`):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
 from fastapi_websockets.exceptions import (
@@ -45,7 +44,7 @@ from fastapi_websockets.exceptions import (
     MessageTooLarge,
     SerializationError,
 )
-from fastapi_websockets.names import is_process_specific, process_token
+from fastapi_websockets.names import is_process_specific, new_token, process_token
 from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
@@ -59,6 +58,8 @@ __all__ = ["NATSChannelLayer", "consumer_name", "subject_token", "token_to_name"
 
 logger = logging.getLogger("fastapi_websockets.nats")
 
+_T = TypeVar("_T")
+
 _DEFAULT_SERVERS = ["nats://localhost:4222"]
 _SERVER_URL = re.compile(r"^((nats|tls|ws|wss)://)?[^\s/]+(:\d+)?/?$")
 _SUBJECT_TOKENS = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -68,6 +69,8 @@ _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 #: across a reconnect, not a poll interval (messages arrive by push meanwhile).
 _PULL_EXPIRES = 5.0
 _EXPIRES_HEADER = "Fw-Expires"
+#: One JetStream request may take this long before it is retried (within request_timeout).
+_ATTEMPT_TIMEOUT = 2.0
 
 
 def subject_token(name: str) -> str:
@@ -144,7 +147,7 @@ class NATSChannelLayer(BaseChannelLayer):
         stream_name: str = "FASTAPI_WEBSOCKETS",
         message_timeout: float = 60.0,
         replicas: int = 1,
-        request_timeout: float = 5.0,
+        request_timeout: float = 10.0,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -195,6 +198,8 @@ class NATSChannelLayer(BaseChannelLayer):
         self._group_subs: dict[str, Subscription] = {}
         self._readers: dict[str, _NamedReader] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: nats-py's base error class, set when the driver is imported.
+        self._driver_error: type[Exception] = ChannelLayerError
 
     # ------------------------------------------------------------ subjects
 
@@ -218,8 +223,10 @@ class NATSChannelLayer(BaseChannelLayer):
     async def _start(self) -> None:
         try:
             from nats.aio.client import Client
+            from nats.errors import Error as DriverError
         except ImportError as exc:
             raise missing_driver("nats", exc) from exc
+        self._driver_error = DriverError
         nc = Client()
         try:
             await asyncio.wait_for(
@@ -241,14 +248,19 @@ class NATSChannelLayer(BaseChannelLayer):
             )
             await nc.subscribe(f"{self._inbox}.*", cb=self._on_inbox)
             await nc.flush(timeout=max(1, math.ceil(self.request_timeout)))
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, asyncio.TimeoutError, DriverError) as exc:
             await nc.close()
-            raise BackendUnavailable(f"cannot connect to NATS at {self.servers}: {exc!r}") from exc
+            raise BackendUnavailable(
+                f"cannot connect to NATS at {self.servers} within {self.request_timeout} s: {exc!r}"
+            ) from exc
         except BaseException:
             await nc.close()
             raise
         self._nc = nc
-        self._js = nc.jetstream(timeout=self.request_timeout)
+        # Each JetStream request gets a short timeout and is retried until
+        # request_timeout: a request lost in a leader election is sent again instead
+        # of being waited for until the very end.
+        self._js = nc.jetstream(timeout=min(_ATTEMPT_TIMEOUT, self.request_timeout))
         version = nc.connected_server_version
         # Per-message TTL (Nats-TTL) exists from server 2.11; older servers accept
         # and ignore it, so only use it where it works.
@@ -260,8 +272,11 @@ class NATSChannelLayer(BaseChannelLayer):
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._nc is not None:
-            with contextlib.suppress(Exception):
+            try:
+                # Hand queued publishes (a group_send just before close) to the server.
                 await self._nc.flush(timeout=1)
+            except (asyncio.TimeoutError, self._driver_error) as exc:
+                logger.debug("flush before close failed: %r", exc)
             await self._nc.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
@@ -289,39 +304,74 @@ class NATSChannelLayer(BaseChannelLayer):
         url = self._nc.connected_url if self._nc is not None else None
         logger.info("reconnected to NATS at %s", url.netloc if url is not None else "?")
 
-    @contextlib.asynccontextmanager
-    async def _broker(self, what: str) -> AsyncIterator[None]:
-        """Turn the driver's errors into ours, naming the operation."""
+    def _translate(self, exc: BaseException, what: str, size: int = 0) -> ChannelLayerError:
+        """Our error for a driver error, naming the operation."""
         from nats.errors import (
             ConnectionClosedError,
             MaxPayloadError,
             NoRespondersError,
             OutboundBufferLimitError,
         )
-        from nats.errors import Error as NatsError
         from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
-        try:
-            yield
-        except MaxPayloadError as exc:
+        if isinstance(exc, MaxPayloadError):
             limit = self._nc.max_payload if self._nc is not None else 0
-            raise MessageTooLarge(limit + 1, limit) from exc
-        except (
-            asyncio.TimeoutError,
-            NoRespondersError,
-            NoStreamResponseError,
-            ServiceUnavailableError,
-            OutboundBufferLimitError,
-        ) as exc:
-            raise BackendUnavailable(
+            return MessageTooLarge(max(size, limit + 1), limit)
+        if isinstance(
+            exc,
+            (
+                asyncio.TimeoutError,
+                NoRespondersError,
+                NoStreamResponseError,
+                ServiceUnavailableError,
+                OutboundBufferLimitError,
+            ),
+        ):
+            return BackendUnavailable(
                 f"NATS {what} failed within {self.request_timeout} s ({exc!r}); is the server reachable?"
-            ) from exc
-        except ConnectionClosedError as exc:
+            )
+        if isinstance(exc, ConnectionClosedError):
             if self.closed:
-                raise ChannelLayerClosed("the channel layer was closed") from exc
-            raise BackendUnavailable(f"NATS {what} failed: the connection is closed") from exc
-        except NatsError as exc:
-            raise ChannelLayerError(f"NATS {what} failed: {exc!r}") from exc
+                return ChannelLayerClosed("the channel layer was closed")
+            return BackendUnavailable(f"NATS {what} failed: the connection is closed")
+        return ChannelLayerError(f"NATS {what} failed: {exc!r}")
+
+    async def _publish(self, subject: str, payload: bytes, what: str) -> None:
+        # The hot path (every send to a process-specific channel, every group_send):
+        # no context manager, no lookups beyond the connection.
+        try:
+            await self.nc.publish(subject, payload)
+        except (asyncio.TimeoutError, self._driver_error) as exc:
+            raise self._translate(exc, what, len(payload)) from exc
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a JetStream request, retrying transient failures until ``request_timeout``.
+
+        Transient: no responders or timeouts while a stream leader is elected or
+        the connection is re-established. Anything else fails at once.
+        """
+        from nats.errors import NoRespondersError
+        from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except (
+                asyncio.TimeoutError,
+                NoRespondersError,
+                NoStreamResponseError,
+                ServiceUnavailableError,
+            ) as exc:
+                if self.closed or loop.time() + delay >= deadline:
+                    raise self._translate(exc, what) from exc
+                logger.debug("NATS %s: %r; retrying in %.2f s", what, exc, delay)
+            except self._driver_error as exc:
+                raise self._translate(exc, what) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     @property
     def nc(self) -> Client:
@@ -340,60 +390,73 @@ class NATSChannelLayer(BaseChannelLayer):
         if self._stream_ready:
             return
         from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-        from nats.js.errors import NotFoundError
+        from nats.js.errors import BadRequestError, NotFoundError
 
         async with self._setup_lock:
             if self._stream_ready:
                 return
-            async with self._broker(f"setup of stream {self.stream_name}"):
+            what = f"setup of stream {self.stream_name}"
+            wanted = f"{self.prefix}.n.>"
+            try:
+                info = await self._retry(what, lambda: self.js.stream_info(self.stream_name))
+            except ChannelLayerError as exc:
+                if not isinstance(exc.__cause__, NotFoundError):
+                    raise
+                config = StreamConfig(
+                    name=self.stream_name,
+                    subjects=[wanted],
+                    retention=RetentionPolicy.WORK_QUEUE,
+                    storage=StorageType.FILE,
+                    num_replicas=self.replicas,
+                    allow_msg_ttl=True if self._msg_ttl else None,
+                    # Servers without per-message TTL bound the age stream-wide.
+                    max_age=None if self._msg_ttl else self.channel_expiry,
+                )
                 try:
-                    await self.js.stream_info(self.stream_name)
-                except NotFoundError:
-                    config = StreamConfig(
-                        name=self.stream_name,
-                        subjects=[f"{self.prefix}.n.>"],
-                        retention=RetentionPolicy.WORK_QUEUE,
-                        storage=StorageType.FILE,
-                        num_replicas=self.replicas,
-                        allow_msg_ttl=True if self._msg_ttl else None,
-                        # Servers without per-message TTL bound message age stream-wide.
-                        max_age=None if self._msg_ttl else self.channel_expiry,
-                    )
-                    try:
-                        await self.js.add_stream(config)
-                    except NotFoundError:
+                    info = await self._retry(what, lambda: self.js.add_stream(config))
+                except ChannelLayerError as exc:
+                    if not isinstance(exc.__cause__, BadRequestError):
                         raise
-                    except Exception:
-                        # Another process may have created it meanwhile; that is fine.
-                        await self.js.stream_info(self.stream_name)
+                    # Created by another process meanwhile, or a clash we report below.
+                    info = await self._retry(what, lambda: self.js.stream_info(self.stream_name))
+            subjects = info.config.subjects or []
+            if wanted not in subjects:
+                raise InvalidChannelLayerConfig(
+                    f"stream_name {self.stream_name!r} names an existing stream with subjects "
+                    f"{subjects}, not {wanted!r}; choose another stream_name or prefix"
+                )
             self._stream_ready = True
 
     async def _bucket(self) -> KeyValue:
         if self._kv is not None:
             return self._kv
         from nats.js.api import KeyValueConfig, StorageType
-        from nats.js.errors import BucketNotFoundError
+        from nats.js.errors import BadRequestError, BucketNotFoundError
 
         async with self._setup_lock:
             if self._kv is not None:
                 return self._kv
-            async with self._broker(f"setup of KV bucket {self.group_bucket}"):
+            what = f"setup of KV bucket {self.group_bucket}"
+            try:
+                kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
+            except ChannelLayerError as exc:
+                if not isinstance(exc.__cause__, BucketNotFoundError):
+                    raise
+                config = KeyValueConfig(
+                    bucket=self.group_bucket,
+                    history=1,
+                    # Per-member expiry on the server: a key not put again within
+                    # group_expiry goes away. Set by the first layer to create it.
+                    ttl=self.group_expiry,
+                    storage=StorageType.FILE,
+                    replicas=self.replicas,
+                )
                 try:
-                    kv = await self.js.key_value(self.group_bucket)
-                except BucketNotFoundError:
-                    config = KeyValueConfig(
-                        bucket=self.group_bucket,
-                        history=1,
-                        ttl=self.group_expiry,
-                        storage=StorageType.FILE,
-                        replicas=self.replicas,
-                    )
-                    try:
-                        kv = await self.js.create_key_value(config)
-                    except BucketNotFoundError:
+                    kv = await self._retry(what, lambda: self.js.create_key_value(config))
+                except ChannelLayerError as exc:
+                    if not isinstance(exc.__cause__, BadRequestError):
                         raise
-                    except Exception:
-                        kv = await self.js.key_value(self.group_bucket)
+                    kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
             self._kv = kv
             return kv
 
@@ -403,8 +466,7 @@ class NATSChannelLayer(BaseChannelLayer):
         if is_process_specific(channel):
             raw = channel.encode()
             payload = len(raw).to_bytes(2, "big") + raw + data
-            async with self._broker(f"publish to {channel!r}"):
-                await self.nc.publish(self._process_subject(channel, "m"), payload)
+            await self._publish(self._process_subject(channel, "m"), payload, f"send to {channel!r}")
             return
         await self._send_named(channel, data)
 
@@ -412,23 +474,25 @@ class NATSChannelLayer(BaseChannelLayer):
         await self._ensure_stream()
         subject = self._named_subject(channel)
         capacity = self.capacity_for(channel)
-        async with self._broker(f"send to {channel!r}"):
-            # The stream counts the channel's stored messages; concurrent senders
-            # can overshoot the capacity by a few, as channels_redis does.
-            info = await self.js.stream_info(self.stream_name, subjects_filter=subject)
-            stored = (info.state.subjects or {}).get(subject, 0)
-            if stored >= capacity:
-                raise ChannelFull(channel, capacity)
-            headers = {_EXPIRES_HEADER: repr(time.time() + self.channel_expiry)}
-            await self.js.publish(
-                subject,
-                data,
-                stream=self.stream_name,
-                headers=headers,
-                msg_ttl=max(1, math.ceil(self.channel_expiry)) if self._msg_ttl else None,
-            )
+        what = f"send to {channel!r}"
+        # The stream counts the channel's stored messages; concurrent senders can
+        # overshoot the capacity by a few, as with channels_redis.
+        info = await self._retry(what, lambda: self.js.stream_info(self.stream_name, subjects_filter=subject))
+        stored = (info.state.subjects or {}).get(subject, 0)
+        if stored >= capacity:
+            raise ChannelFull(channel, capacity)
+        headers = {
+            _EXPIRES_HEADER: repr(time.time() + self.channel_expiry),
+            # Retries after a lost ack are stored once (the stream's duplicate window).
+            "Nats-Msg-Id": new_token(12),
+        }
+        ttl = max(1, math.ceil(self.channel_expiry)) if self._msg_ttl else None
+        await self._retry(
+            what,
+            lambda: self.js.publish(subject, data, stream=self.stream_name, headers=headers, msg_ttl=ttl),
+        )
 
-    async def _reader(self, channel: str) -> _NamedReader:
+    def _reader(self, channel: str) -> _NamedReader:
         reader = self._readers.get(channel)
         if reader is None:
             reader = self._readers[channel] = _NamedReader(self._named_subject(channel))
@@ -448,18 +512,18 @@ class NATSChannelLayer(BaseChannelLayer):
             max_waiting=4096,
             description=f"fastapi-websockets named channel {channel[:100]}",
         )
-        async with self._broker(f"consumer for {channel!r}"):
-            reader.pull = await self.js.pull_subscribe(
+        reader.pull = await self._retry(
+            f"consumer for {channel!r}",
+            lambda: self.js.pull_subscribe(
                 reader.subject, durable=durable, stream=self.stream_name, config=config
-            )
+            ),
+        )
         return reader.pull
 
     async def _receive_remote(self, channel: str) -> Message:
-        from nats.errors import ConnectionClosedError, SlowConsumerError
         from nats.errors import TimeoutError as NatsTimeout
-        from nats.js.errors import APIError
 
-        reader = await self._reader(channel)
+        reader = self._reader(channel)
         # One fetch at a time per channel and process: the consumer's pull inbox
         # is shared by the local receivers, which queue on the lock.
         async with reader.lock:
@@ -469,16 +533,12 @@ class NATSChannelLayer(BaseChannelLayer):
                     pull = reader.pull if reader.pull is not None else await self._bind(channel, reader)
                     msgs = await pull.fetch(1, timeout=_PULL_EXPIRES)
                 except NatsTimeout:
-                    continue  # nothing arrived; a fresh pull request covers a reconnect
-                except ConnectionClosedError:
-                    if self.closed:
-                        raise ChannelLayerClosed("the channel layer was closed") from None
-                    raise
-                except (APIError, ChannelLayerError, SlowConsumerError) as exc:
+                    continue  # nothing arrived; a fresh pull request also covers a reconnect
+                except (ChannelLayerError, self._driver_error) as exc:
                     if self.closed:
                         raise ChannelLayerClosed("the channel layer was closed") from exc
-                    # The consumer or stream is gone (deleted, flushed, server lost its
-                    # state) or the cluster is electing a leader: bind again, with backoff.
+                    # The consumer or stream is gone (deleted, or the server lost its
+                    # state) or the server is unreachable: bind again, with backoff.
                     logger.debug("pull on %r failed (%r); binding again in %.1f s", channel, exc, delay)
                     await self._unbind(reader)
                     self._stream_ready = False
@@ -494,14 +554,15 @@ class NATSChannelLayer(BaseChannelLayer):
                     logger.warning("dropped an undecodable message on %r", channel, exc_info=True)
                     message = None
                 try:
-                    # Confirmed ack: the work queue has dropped the message before the
+                    # A confirmed ack: the work queue has dropped the message before the
                     # receiver returns, so a send() right after sees the room it freed.
-                    await msg.ack_sync(timeout=self.request_timeout)
+                    await msg.ack_sync(timeout=min(_ATTEMPT_TIMEOUT, self.request_timeout))
                 except asyncio.CancelledError:
                     if message is not None:
                         self.deliver_local(channel, message)
                     raise
-                except (NatsTimeout, APIError) as exc:
+                except (asyncio.TimeoutError, self._driver_error) as exc:
+                    # Delivered anyway; at worst it comes again after message_timeout.
                     logger.debug("ack on %r not confirmed: %r", channel, exc)
                 if message is not None:
                     return message
@@ -509,8 +570,10 @@ class NATSChannelLayer(BaseChannelLayer):
     async def _unbind(self, reader: _NamedReader) -> None:
         pull, reader.pull = reader.pull, None
         if pull is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await pull.unsubscribe()
+            except self._driver_error as exc:
+                logger.debug("unsubscribe of a pull subscription failed: %r", exc)
 
     async def _on_inbox(self, msg: Msg) -> None:
         try:
@@ -524,7 +587,7 @@ class NATSChannelLayer(BaseChannelLayer):
                 logger.debug("dropped a message for %r, not a channel of this layer", channel)
                 return
             self.deliver_local(channel, self.decode(data[2 + size :]))
-        except (SerializationError, UnicodeDecodeError, ValueError):
+        except (SerializationError, UnicodeDecodeError, ValueError, KeyError):
             logger.warning("dropped an undecodable message on %s", msg.subject, exc_info=True)
 
     # ------------------------------------------------------------------ groups
@@ -535,8 +598,9 @@ class NATSChannelLayer(BaseChannelLayer):
         elif is_process_specific(channel):
             await self._tell_owner(channel, "add", group)
         kv = await self._bucket()
-        async with self._broker(f"group_add to {group!r}"):
-            await kv.put(self.member_key(group, channel), repr(time.time()).encode())
+        key = self.member_key(group, channel)
+        joined = repr(time.time()).encode()
+        await self._retry(f"group_add to {group!r}", lambda: kv.put(key, joined))
 
     async def _group_discard(self, group: str, channel: str) -> None:
         if self.is_local(channel):
@@ -544,13 +608,13 @@ class NATSChannelLayer(BaseChannelLayer):
         elif is_process_specific(channel):
             await self._tell_owner(channel, "discard", group)
         kv = await self._bucket()
-        async with self._broker(f"group_discard from {group!r}"):
-            await self._forget(kv, self.member_key(group, channel))
+        key = self.member_key(group, channel)
+        await self._retry(f"group_discard from {group!r}", lambda: self._forget(kv, key))
 
     async def _forget(self, kv: KeyValue, key: str) -> None:
         if self._msg_ttl:
-            # A purge marker with a TTL disappears by itself, keeping the group's
-            # key listing (used by group_send) short.
+            # A purge marker with a TTL goes away by itself, which keeps the key
+            # listing that group_send reads short.
             await kv.purge(key, msg_ttl=1)
         else:
             await kv.delete(key)
@@ -559,10 +623,12 @@ class NATSChannelLayer(BaseChannelLayer):
         self.local_groups.add(group, channel)
         async with self._group_lock:
             if group not in self._group_subs:
-                async with self._broker(f"subscribe to group {group!r}"):
+                try:
                     self._group_subs[group] = await self.nc.subscribe(
                         self._group_subject(group), cb=self._on_group
                     )
+                except self._driver_error as exc:
+                    raise self._translate(exc, f"subscribe to group {group!r}") from exc
 
     async def _discard_local(self, group: str, channel: str) -> None:
         if self.local_groups.discard(group, channel) or group not in self.local_groups:
@@ -574,32 +640,42 @@ class NATSChannelLayer(BaseChannelLayer):
                 return
             sub = self._group_subs.pop(group, None)
             if sub is not None:
-                async with self._broker(f"unsubscribe from group {group!r}"):
+                try:
                     await sub.unsubscribe()
+                except self._driver_error as exc:
+                    raise self._translate(exc, f"unsubscribe from group {group!r}") from exc
 
     async def _tell_owner(self, channel: str, op: str, group: str) -> None:
-        """Ask the layer that owns ``channel`` to change its local membership."""
+        """Ask the layer that owns ``channel`` to change its local membership, and wait for it."""
         from nats.errors import NoRespondersError
 
         body = json.dumps({"op": op, "group": group, "channel": channel}).encode()
         try:
-            async with self._broker(f"group change for {channel!r}"):
-                await self.nc.request(self._process_subject(channel, "c"), body, timeout=self.request_timeout)
-        except BackendUnavailable as exc:
-            if isinstance(exc.__cause__, NoRespondersError):
-                # The owner is gone: its channel receives nothing any more anyway.
-                logger.debug("owner of %r is gone; only the KV entry changes", channel)
-                return
-            raise
+            reply = await self.nc.request(
+                self._process_subject(channel, "c"), body, timeout=self.request_timeout
+            )
+        except NoRespondersError:
+            # The owner is gone: its channel receives nothing any more anyway.
+            logger.debug("the owner of %r is gone; only the KV entry changes", channel)
+            return
+        except (asyncio.TimeoutError, self._driver_error) as exc:
+            raise self._translate(exc, f"group change for {channel!r}") from exc
+        if reply.data != b"ok":
+            raise ChannelLayerError(f"the owner of {channel!r} refused the group change: {reply.data!r}")
 
     async def _on_control(self, msg: Msg) -> None:
         request = json.loads(msg.data)
         group, channel = request["group"], request["channel"]
-        if self.is_local(channel):
-            if request["op"] == "add":
-                await self._add_local(group, channel)
-            else:
-                await self._discard_local(group, channel)
+        try:
+            if self.is_local(channel):
+                if request["op"] == "add":
+                    await self._add_local(group, channel)
+                else:
+                    await self._discard_local(group, channel)
+        except ChannelLayerError as exc:
+            logger.warning("group change for %r failed: %r", channel, exc)
+            await msg.respond(str(exc).encode())
+            return
         await msg.respond(b"ok")
 
     async def _on_group(self, msg: Msg) -> None:
@@ -610,15 +686,16 @@ class NATSChannelLayer(BaseChannelLayer):
             logger.warning("dropped an undecodable group message for %r", group, exc_info=True)
             return
         self.deliver_to_local_members(group, message)
-        if group not in self.local_groups:
+        if group not in self.local_groups and group in self._group_subs:
             # Every local member expired: stop listening to the group.
             self._spawn(self._unsubscribe_group(group), f"unsubscribe from {group!r}")
 
     async def _group_send(self, group: str, data: bytes) -> None:
         if group in self.local_groups:
             self.deliver_to_local_members(group, self.decode(data))
-        async with self._broker(f"group_send to {group!r}"):
-            await self.nc.publish(self._group_subject(group), data)
+        # One publish reaches every other process with members (no_echo keeps it
+        # from coming back here).
+        await self._publish(self._group_subject(group), data, f"group_send to {group!r}")
         for channel in await self._named_members(group):
             try:
                 await self._send_named(channel, data)
@@ -627,53 +704,57 @@ class NATSChannelLayer(BaseChannelLayer):
                 logger.debug("group_send to %r skipped full channel %r", group, channel)
 
     async def _named_members(self, group: str) -> list[str]:
-        """The named (stored) channels in ``group``, pruning expired ones."""
-        from nats.js.errors import KeyNotFoundError, NotFoundError
+        """The named (stored) channels in ``group``; expired ones are skipped and pruned."""
+        from nats.js.errors import KeyNotFoundError
 
         kv = await self._bucket()
         pattern = f"{self._kv_subject_prefix}{subject_token(group)}.n.*"
-        async with self._broker(f"member list of {group!r}"):
-            info = await self.js.stream_info(self._kv_stream, subjects_filter=pattern)
+        what = f"member list of {group!r}"
+        # One request lists the group's named-member keys (usually none); groups of
+        # process-specific channels cost nothing more however large they are.
+        info = await self._retry(what, lambda: self.js.stream_info(self._kv_stream, subjects_filter=pattern))
         keys = [subject[len(self._kv_subject_prefix) :] for subject in info.state.subjects or {}]
-        if not keys:
-            return []
         members = []
         cutoff = time.time() - self.group_expiry
-        async with self._broker(f"member list of {group!r}"):
-            for key in keys:
-                try:
-                    entry = await kv.get(key)
-                except (KeyNotFoundError, NotFoundError):
-                    continue  # discarded; the marker goes away by itself
-                try:
-                    joined = float(entry.value or b"0")
-                except ValueError:
-                    joined = 0.0
-                if joined <= cutoff:
-                    self._spawn(self._prune(kv, key), f"pruning {key}")
-                    continue
-                members.append(token_to_name(key.rsplit(".", 1)[-1]))
+        for key in keys:
+            try:
+                entry = await self._retry(what, lambda key=key: kv.get(key))  # type: ignore[misc]
+            except ChannelLayerError as exc:
+                if isinstance(exc.__cause__, KeyNotFoundError):
+                    continue  # discarded; its marker goes away by itself
+                raise
+            try:
+                joined = float(entry.value or b"0")
+            except ValueError:
+                joined = 0.0
+            if joined <= cutoff:
+                self._spawn(self._prune(kv, key), f"pruning {key}")
+                continue
+            members.append(token_to_name(key.rsplit(".", 1)[-1]))
         return members
 
     async def _prune(self, kv: KeyValue, key: str) -> None:
-        async with self._broker("pruning an expired member"):
-            await self._forget(kv, key)
+        await self._retry("pruning an expired member", lambda: self._forget(kv, key))
 
     # ------------------------------------------------------------------ flush
 
     async def _flush(self) -> None:
         from nats.js.errors import NotFoundError
 
-        async with self._broker("flush"):
-            for stream in (self.stream_name, self._kv_stream):
-                with contextlib.suppress(NotFoundError):
-                    await self.js.purge_stream(stream)
+        for stream in (self.stream_name, self._kv_stream):
+            try:
+                await self._retry("flush", lambda stream=stream: self.js.purge_stream(stream))  # type: ignore[misc]
+            except ChannelLayerError as exc:
+                if not isinstance(exc.__cause__, NotFoundError):
+                    raise
         async with self._group_lock:
             subs = list(self._group_subs.values())
             self._group_subs.clear()
-        async with self._broker("flush"):
-            for sub in subs:
+        for sub in subs:
+            try:
                 await sub.unsubscribe()
+            except self._driver_error as exc:
+                raise self._translate(exc, "flush") from exc
 
 
 def _expired(expires: str | None) -> bool:

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -197,6 +198,14 @@ class NATSChannelLayer(BaseChannelLayer):
         self._group_lock = asyncio.Lock()
         self._group_subs: dict[str, Subscription] = {}
         self._readers: dict[str, _NamedReader] = {}
+        # Named members of every group, mirrored from the bucket by a KV watch so
+        # that group_send needs no round trip: group -> channel -> (revision,
+        # joined at, or None once discarded). Revisions order the watch's updates
+        # against this layer's own writes, which are applied at once.
+        self._named_index: dict[str, dict[str, tuple[int, float | None]]] = {}
+        self._index_ready = False
+        self._watcher: Any = None
+        self._watch_generation = 0
         self._tasks: set[asyncio.Task[None]] = set()
         #: nats-py's base error class, set when the driver is imported.
         self._driver_error: type[Exception] = ChannelLayerError
@@ -267,10 +276,17 @@ class NATSChannelLayer(BaseChannelLayer):
         self._msg_ttl = (version.major, version.minor) >= (2, 11)
 
     async def _close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._watch_generation += 1
+        await self._stop_watch()
+        # On Python 3.11, asyncio.wait_for inside nats-py can swallow a cancellation
+        # that races with a reply, so a task may survive one cancel(): cancel again
+        # until every task is done (each also checks `closed` after driver calls).
+        while self._tasks:
+            pending = list(self._tasks)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+            await self._stop_watch()
         if self._nc is not None:
             try:
                 # Hand queued publishes (a group_send just before close) to the server.
@@ -303,6 +319,10 @@ class NATSChannelLayer(BaseChannelLayer):
         # re-issued by the receivers within _PULL_EXPIRES.
         url = self._nc.connected_url if self._nc is not None else None
         logger.info("reconnected to NATS at %s", url.netloc if url is not None else "?")
+        if self._kv is not None and not self.closed:
+            # The watch's consumer may have died with the server: start over from a
+            # fresh snapshot (group_send asks the server until it is complete).
+            self._spawn(self._restart_watch(), "restarting the named-member watch")
 
     def _translate(self, exc: BaseException, what: str, size: int = 0) -> ChannelLayerError:
         """Our error for a driver error, naming the operation."""
@@ -458,6 +478,7 @@ class NATSChannelLayer(BaseChannelLayer):
                         raise
                     kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
             self._kv = kv
+            self._spawn(self._run_watch(kv, self._watch_generation), "the named-member watch")
             return kv
 
     # --------------------------------------------------------- point to point
@@ -529,10 +550,14 @@ class NATSChannelLayer(BaseChannelLayer):
         async with reader.lock:
             delay = 0.1
             while True:
+                if self.closed:
+                    raise ChannelLayerClosed("the channel layer was closed")
                 try:
                     pull = reader.pull if reader.pull is not None else await self._bind(channel, reader)
                     msgs = await pull.fetch(1, timeout=_PULL_EXPIRES)
                 except NatsTimeout:
+                    if _cancel_requested():
+                        raise asyncio.CancelledError from None
                     continue  # nothing arrived; a fresh pull request also covers a reconnect
                 except (ChannelLayerError, self._driver_error) as exc:
                     if self.closed:
@@ -565,6 +590,11 @@ class NATSChannelLayer(BaseChannelLayer):
                     # Delivered anyway; at worst it comes again after message_timeout.
                     logger.debug("ack on %r not confirmed: %r", channel, exc)
                 if message is not None:
+                    if _cancel_requested():
+                        # Our cancellation was swallowed by a driver call (Python 3.11
+                        # wait_for): keep the message for the next receiver.
+                        self.deliver_local(channel, message)
+                        raise asyncio.CancelledError
                     return message
 
     async def _unbind(self, reader: _NamedReader) -> None:
@@ -599,25 +629,34 @@ class NATSChannelLayer(BaseChannelLayer):
             await self._tell_owner(channel, "add", group)
         kv = await self._bucket()
         key = self.member_key(group, channel)
-        joined = repr(time.time()).encode()
-        await self._retry(f"group_add to {group!r}", lambda: kv.put(key, joined))
+        joined = time.time()
+        revision = await self._retry(f"group_add to {group!r}", lambda: kv.put(key, repr(joined).encode()))
+        if not is_process_specific(channel):
+            self._index_update(group, channel, revision, joined)
 
     async def _group_discard(self, group: str, channel: str) -> None:
         if self.is_local(channel):
             await self._discard_local(group, channel)
         elif is_process_specific(channel):
             await self._tell_owner(channel, "discard", group)
-        kv = await self._bucket()
+        await self._bucket()
         key = self.member_key(group, channel)
-        await self._retry(f"group_discard from {group!r}", lambda: self._forget(kv, key))
+        revision = await self._retry(f"group_discard from {group!r}", lambda: self._forget(key))
+        if not is_process_specific(channel):
+            self._index_update(group, channel, revision, None)
 
-    async def _forget(self, kv: KeyValue, key: str) -> None:
-        if self._msg_ttl:
-            # A purge marker with a TTL goes away by itself, which keeps the key
-            # listing that group_send reads short.
-            await kv.purge(key, msg_ttl=1)
-        else:
-            await kv.delete(key)
+    async def _forget(self, key: str) -> int:
+        """Remove a member's key; return the revision of the removal marker."""
+        # The KV purge operation, published directly so that its revision is known
+        # (the watch's older updates must not resurrect the member). On servers with
+        # per-message TTL the marker goes away by itself after a second.
+        ack = await self.js.publish(
+            self._kv_subject_prefix + key,
+            b"",
+            headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"},
+            msg_ttl=1 if self._msg_ttl else None,
+        )
+        return int(ack.seq)
 
     async def _add_local(self, group: str, channel: str) -> None:
         self.local_groups.add(group, channel)
@@ -705,13 +744,30 @@ class NATSChannelLayer(BaseChannelLayer):
 
     async def _named_members(self, group: str) -> list[str]:
         """The named (stored) channels in ``group``; expired ones are skipped and pruned."""
+        if not self._index_ready:
+            return await self._named_members_from_server(group)
+        members = self._named_index.get(group)
+        if not members:
+            return []
+        cutoff = time.time() - self.group_expiry
+        found = []
+        for channel, (_, joined) in list(members.items()):
+            if joined is None:
+                continue
+            if joined <= cutoff:
+                self._spawn(self._prune(self.member_key(group, channel)), f"pruning {channel!r}")
+                members.pop(channel, None)
+                continue
+            found.append(channel)
+        return found
+
+    async def _named_members_from_server(self, group: str) -> list[str]:
+        """The same as :meth:`_named_members`, asked of the server (one request per key)."""
         from nats.js.errors import KeyNotFoundError
 
         kv = await self._bucket()
         pattern = f"{self._kv_subject_prefix}{subject_token(group)}.n.*"
         what = f"member list of {group!r}"
-        # One request lists the group's named-member keys (usually none); groups of
-        # process-specific channels cost nothing more however large they are.
         info = await self._retry(what, lambda: self.js.stream_info(self._kv_stream, subjects_filter=pattern))
         keys = [subject[len(self._kv_subject_prefix) :] for subject in info.state.subjects or {}]
         members = []
@@ -723,18 +779,61 @@ class NATSChannelLayer(BaseChannelLayer):
                 if isinstance(exc.__cause__, KeyNotFoundError):
                     continue  # discarded; its marker goes away by itself
                 raise
-            try:
-                joined = float(entry.value or b"0")
-            except ValueError:
-                joined = 0.0
+            joined = _joined(entry.value)
             if joined <= cutoff:
-                self._spawn(self._prune(kv, key), f"pruning {key}")
+                self._spawn(self._prune(key), f"pruning {key}")
                 continue
             members.append(token_to_name(key.rsplit(".", 1)[-1]))
         return members
 
-    async def _prune(self, kv: KeyValue, key: str) -> None:
-        await self._retry("pruning an expired member", lambda: self._forget(kv, key))
+    async def _prune(self, key: str) -> None:
+        await self._retry("pruning an expired member", lambda: self._forget(key))
+
+    def _index_update(self, group: str, channel: str, revision: int, joined: float | None) -> None:
+        members = self._named_index.setdefault(group, {})
+        known = members.get(channel)
+        if known is None or known[0] < revision:
+            members[channel] = (revision, joined)
+
+    async def _run_watch(self, kv: KeyValue, generation: int) -> None:
+        """Mirror the bucket's named-member keys into ``_named_index``, by push."""
+        from nats.js.kv import KV_DEL, KV_PURGE
+
+        watcher: Any = await self._retry("watching named members", lambda: kv.watch("*.n.*"))
+        if self.closed or generation != self._watch_generation:
+            await watcher.stop()  # closed or restarted meanwhile
+            return
+        self._watcher = watcher
+        async for entry in watcher:
+            if entry is None:  # the snapshot is complete; updates follow
+                self._index_ready = True
+                continue
+            try:
+                group_token, _, channel_token = entry.key.split(".")
+                group, channel = token_to_name(group_token), token_to_name(channel_token)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if entry.operation in (KV_DEL, KV_PURGE):
+                self._index_update(group, channel, entry.revision, None)
+            else:
+                self._index_update(group, channel, entry.revision, _joined(entry.value))
+
+    async def _stop_watch(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        self._index_ready = False
+        if watcher is not None:
+            try:
+                await watcher.stop()
+            except self._driver_error as exc:
+                logger.debug("stopping the named-member watch failed: %r", exc)
+
+    async def _restart_watch(self) -> None:
+        self._watch_generation += 1
+        generation = self._watch_generation
+        await self._stop_watch()
+        self._named_index = {}
+        if self._kv is not None and not self.closed:
+            self._spawn(self._run_watch(self._kv, generation), "the named-member watch")
 
     # ------------------------------------------------------------------ flush
 
@@ -755,6 +854,21 @@ class NATSChannelLayer(BaseChannelLayer):
                 await sub.unsubscribe()
             except self._driver_error as exc:
                 raise self._translate(exc, "flush") from exc
+
+
+def _cancel_requested() -> bool:
+    """Whether the current task has a cancellation pending (Python 3.11+)."""
+    task = asyncio.current_task()
+    if task is None or sys.version_info < (3, 11):
+        return False
+    return task.cancelling() > 0
+
+
+def _joined(value: bytes | None) -> float:
+    try:
+        return float(value or b"0")
+    except ValueError:
+        return 0.0
 
 
 def _expired(expires: str | None) -> bool:

@@ -213,14 +213,19 @@ async def test_group_subscription_is_per_group_not_per_member(
     nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
 ) -> None:
     layer = make(layers, [nats_node.url], namespace)
-    for _ in range(50):
+    for _ in range(5):
         await layer.group_add("room:demo", await layer.new_channel())
-    subjects = subjects_of(connection_of(nats_node, layer))
-    # The inbox, the group, and nats-py's one reply inbox for requests (KV, JetStream).
-    assert [s for s in subjects if not s.startswith("_INBOX.")] == sorted(
+    few = subjects_of(connection_of(nats_node, layer))
+    for _ in range(100):
+        await layer.group_add("room:demo", await layer.new_channel())
+    many = subjects_of(connection_of(nats_node, layer))
+    assert few == many
+    # Ours: the inbox and the group. The rest are nats-py's: one reply inbox for
+    # requests and the KV watch of named members, each one per layer.
+    assert [s for s in many if not s.startswith("_INBOX.")] == sorted(
         [f"{namespace}.g.{subject_token('room:demo')}", f"{namespace}.p.{layer.client_token}.*"]
     )
-    assert len(subjects) == 3
+    assert len(many) <= 4
 
 
 async def test_group_send_costs_the_same_messages_for_any_group_size(
@@ -232,14 +237,17 @@ async def test_group_send_costs_the_same_messages_for_any_group_size(
         for _ in range(size):
             await members.group_add(group, await members.new_channel())
     await sender.group_send("warm-up", {"type": "x"})
-    cost = {}
-    for group in ("small", "large"):
-        before = connection_of(nats_node, sender)["in_msgs"]
-        await sender.group_send(group, {"type": "x"})
-        await sender.nc.flush()
-        cost[group] = connection_of(nats_node, sender)["in_msgs"] - before
-    assert cost["small"] == cost["large"]
-    assert cost["large"] <= 2  # one publish and one member-list request
+    # Messages the sender's connection hands the server per group_send. The minimum
+    # of a few rounds filters out the layer's own background requests (its KV watch
+    # starting up); a per-member cost could not hide behind it.
+    cost: dict[str, list[int]] = {"small": [], "large": []}
+    for _ in range(3):
+        for group in ("small", "large"):
+            before = connection_of(nats_node, sender)["in_msgs"]
+            await sender.group_send(group, {"type": "x"})
+            await sender.nc.flush()
+            cost[group].append(connection_of(nats_node, sender)["in_msgs"] - before)
+    assert min(cost["small"]) == min(cost["large"]) == 1  # one publish, no request
 
 
 # ------------------------------------------------------------------ KV layout

@@ -24,6 +24,7 @@ tokens by :func:`subject_token`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -70,6 +71,8 @@ _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 #: across a reconnect, not a poll interval (messages arrive by push meanwhile).
 _PULL_EXPIRES = 5.0
 _EXPIRES_HEADER = "Fw-Expires"
+#: Most group_sends waiting for delivery to named members before group_send waits.
+_NAMED_QUEUE = 10_000
 #: One JetStream request may take this long before it is retried (within request_timeout).
 _ATTEMPT_TIMEOUT = 2.0
 
@@ -198,14 +201,11 @@ class NATSChannelLayer(BaseChannelLayer):
         self._group_lock = asyncio.Lock()
         self._group_subs: dict[str, Subscription] = {}
         self._readers: dict[str, _NamedReader] = {}
-        # Named members of every group, mirrored from the bucket by a KV watch so
-        # that group_send needs no round trip: group -> channel -> (revision,
-        # joined at, or None once discarded). Revisions order the watch's updates
-        # against this layer's own writes, which are applied at once.
-        self._named_index: dict[str, dict[str, tuple[int, float | None]]] = {}
-        self._index_ready = False
-        self._watcher: Any = None
-        self._watch_generation = 0
+        # group_send hands (group, data) to one background worker that delivers to
+        # the group's named members, so that group_send itself waits for no round
+        # trip. Bounded: a full queue makes group_send wait (backpressure).
+        self._named_queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=_NAMED_QUEUE)
+        self._named_worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: nats-py's base error class, set when the driver is imported.
         self._driver_error: type[Exception] = ChannelLayerError
@@ -276,8 +276,10 @@ class NATSChannelLayer(BaseChannelLayer):
         self._msg_ttl = (version.major, version.minor) >= (2, 11)
 
     async def _close(self) -> None:
-        self._watch_generation += 1
-        await self._stop_watch()
+        if self._named_worker is not None and not self._named_queue.empty():
+            # group_sends made just before close still reach their named members.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._named_queue.join(), self.request_timeout)
         # On Python 3.11, asyncio.wait_for inside nats-py can swallow a cancellation
         # that races with a reply, so a task may survive one cancel(): cancel again
         # until every task is done (each also checks `closed` after driver calls).
@@ -286,7 +288,6 @@ class NATSChannelLayer(BaseChannelLayer):
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=1.0)
-            await self._stop_watch()
         if self._nc is not None:
             try:
                 # Hand queued publishes (a group_send just before close) to the server.
@@ -295,7 +296,7 @@ class NATSChannelLayer(BaseChannelLayer):
                 logger.debug("flush before close failed: %r", exc)
             await self._nc.close()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
 
@@ -305,6 +306,7 @@ class NATSChannelLayer(BaseChannelLayer):
                 logger.error("%s failed", what, exc_info=task.exception())
 
         task.add_done_callback(done)
+        return task
 
     async def _on_error(self, exc: Exception) -> None:
         logger.warning("NATS connection error: %r", exc)
@@ -319,10 +321,6 @@ class NATSChannelLayer(BaseChannelLayer):
         # re-issued by the receivers within _PULL_EXPIRES.
         url = self._nc.connected_url if self._nc is not None else None
         logger.info("reconnected to NATS at %s", url.netloc if url is not None else "?")
-        if self._kv is not None and not self.closed:
-            # The watch's consumer may have died with the server: start over from a
-            # fresh snapshot (group_send asks the server until it is complete).
-            self._spawn(self._restart_watch(), "restarting the named-member watch")
 
     def _translate(self, exc: BaseException, what: str, size: int = 0) -> ChannelLayerError:
         """Our error for a driver error, naming the operation."""
@@ -478,7 +476,6 @@ class NATSChannelLayer(BaseChannelLayer):
                         raise
                     kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
             self._kv = kv
-            self._spawn(self._run_watch(kv, self._watch_generation), "the named-member watch")
             return kv
 
     # --------------------------------------------------------- point to point
@@ -629,34 +626,25 @@ class NATSChannelLayer(BaseChannelLayer):
             await self._tell_owner(channel, "add", group)
         kv = await self._bucket()
         key = self.member_key(group, channel)
-        joined = time.time()
-        revision = await self._retry(f"group_add to {group!r}", lambda: kv.put(key, repr(joined).encode()))
-        if not is_process_specific(channel):
-            self._index_update(group, channel, revision, joined)
+        joined = repr(time.time()).encode()
+        await self._retry(f"group_add to {group!r}", lambda: kv.put(key, joined))
 
     async def _group_discard(self, group: str, channel: str) -> None:
         if self.is_local(channel):
             await self._discard_local(group, channel)
         elif is_process_specific(channel):
             await self._tell_owner(channel, "discard", group)
-        await self._bucket()
+        kv = await self._bucket()
         key = self.member_key(group, channel)
-        revision = await self._retry(f"group_discard from {group!r}", lambda: self._forget(key))
-        if not is_process_specific(channel):
-            self._index_update(group, channel, revision, None)
+        await self._retry(f"group_discard from {group!r}", lambda: self._forget(kv, key))
 
-    async def _forget(self, key: str) -> int:
-        """Remove a member's key; return the revision of the removal marker."""
-        # The KV purge operation, published directly so that its revision is known
-        # (the watch's older updates must not resurrect the member). On servers with
-        # per-message TTL the marker goes away by itself after a second.
-        ack = await self.js.publish(
-            self._kv_subject_prefix + key,
-            b"",
-            headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"},
-            msg_ttl=1 if self._msg_ttl else None,
-        )
-        return int(ack.seq)
+    async def _forget(self, kv: KeyValue, key: str) -> None:
+        if self._msg_ttl:
+            # A purge marker with a TTL goes away by itself, which keeps the key
+            # listing that group_send reads short.
+            await kv.purge(key, msg_ttl=1)
+        else:
+            await kv.delete(key)
 
     async def _add_local(self, group: str, channel: str) -> None:
         self.local_groups.add(group, channel)
@@ -735,39 +723,53 @@ class NATSChannelLayer(BaseChannelLayer):
         # One publish reaches every other process with members (no_echo keeps it
         # from coming back here).
         await self._publish(self._group_subject(group), data, f"group_send to {group!r}")
-        for channel in await self._named_members(group):
+        if self._named_worker is None or self._named_worker.done():
+            # Started on first use, and again should it ever have died (logged).
+            self._named_worker = self._spawn(self._deliver_to_named_members(), "named-member delivery")
+        await self._named_queue.put((group, data))
+
+    async def _deliver_to_named_members(self) -> None:
+        """The background worker: store each group message for the group's named members.
+
+        It reads membership from the server after the group_send was made, so a
+        named member added (by any process) before the group_send gets it. Queued
+        group_sends are taken in batches: one member listing per distinct group.
+        """
+        queue = self._named_queue
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty() and len(batch) < 1000:
+                batch.append(queue.get_nowait())
             try:
-                await self._send_named(channel, data)
-            except ChannelFull:
-                self.stats.dropped_full += 1
-                logger.debug("group_send to %r skipped full channel %r", group, channel)
+                members: dict[str, list[str]] = {}
+                for group, data in batch:
+                    if group not in members:
+                        members[group] = await self._named_members(group)
+                    for channel in members[group]:
+                        try:
+                            await self._send_named(channel, data)
+                        except ChannelFull:
+                            self.stats.dropped_full += 1
+                            logger.debug("group_send to %r skipped full channel %r", group, channel)
+            except ChannelLayerError as exc:
+                if self.closed:
+                    return
+                logger.warning(
+                    "group_send to named members failed, dropped %d message(s): %s", len(batch), exc
+                )
+            finally:
+                for _ in batch:
+                    queue.task_done()
 
     async def _named_members(self, group: str) -> list[str]:
         """The named (stored) channels in ``group``; expired ones are skipped and pruned."""
-        if not self._index_ready:
-            return await self._named_members_from_server(group)
-        members = self._named_index.get(group)
-        if not members:
-            return []
-        cutoff = time.time() - self.group_expiry
-        found = []
-        for channel, (_, joined) in list(members.items()):
-            if joined is None:
-                continue
-            if joined <= cutoff:
-                self._spawn(self._prune(self.member_key(group, channel)), f"pruning {channel!r}")
-                members.pop(channel, None)
-                continue
-            found.append(channel)
-        return found
-
-    async def _named_members_from_server(self, group: str) -> list[str]:
-        """The same as :meth:`_named_members`, asked of the server (one request per key)."""
         from nats.js.errors import KeyNotFoundError
 
         kv = await self._bucket()
         pattern = f"{self._kv_subject_prefix}{subject_token(group)}.n.*"
         what = f"member list of {group!r}"
+        # One request lists the group's named-member keys (usually none); groups of
+        # process-specific channels cost nothing more however large they are.
         info = await self._retry(what, lambda: self.js.stream_info(self._kv_stream, subjects_filter=pattern))
         keys = [subject[len(self._kv_subject_prefix) :] for subject in info.state.subjects or {}]
         members = []
@@ -779,66 +781,22 @@ class NATSChannelLayer(BaseChannelLayer):
                 if isinstance(exc.__cause__, KeyNotFoundError):
                     continue  # discarded; its marker goes away by itself
                 raise
-            joined = _joined(entry.value)
-            if joined <= cutoff:
-                self._spawn(self._prune(key), f"pruning {key}")
+            if _joined(entry.value) <= cutoff:
+                self._spawn(self._prune(kv, key), f"pruning {key}")
                 continue
             members.append(token_to_name(key.rsplit(".", 1)[-1]))
         return members
 
-    async def _prune(self, key: str) -> None:
-        await self._retry("pruning an expired member", lambda: self._forget(key))
-
-    def _index_update(self, group: str, channel: str, revision: int, joined: float | None) -> None:
-        members = self._named_index.setdefault(group, {})
-        known = members.get(channel)
-        if known is None or known[0] < revision:
-            members[channel] = (revision, joined)
-
-    async def _run_watch(self, kv: KeyValue, generation: int) -> None:
-        """Mirror the bucket's named-member keys into ``_named_index``, by push."""
-        from nats.js.kv import KV_DEL, KV_PURGE
-
-        watcher: Any = await self._retry("watching named members", lambda: kv.watch("*.n.*"))
-        if self.closed or generation != self._watch_generation:
-            await watcher.stop()  # closed or restarted meanwhile
-            return
-        self._watcher = watcher
-        async for entry in watcher:
-            if entry is None:  # the snapshot is complete; updates follow
-                self._index_ready = True
-                continue
-            try:
-                group_token, _, channel_token = entry.key.split(".")
-                group, channel = token_to_name(group_token), token_to_name(channel_token)
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if entry.operation in (KV_DEL, KV_PURGE):
-                self._index_update(group, channel, entry.revision, None)
-            else:
-                self._index_update(group, channel, entry.revision, _joined(entry.value))
-
-    async def _stop_watch(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        self._index_ready = False
-        if watcher is not None:
-            try:
-                await watcher.stop()
-            except self._driver_error as exc:
-                logger.debug("stopping the named-member watch failed: %r", exc)
-
-    async def _restart_watch(self) -> None:
-        self._watch_generation += 1
-        generation = self._watch_generation
-        await self._stop_watch()
-        self._named_index = {}
-        if self._kv is not None and not self.closed:
-            self._spawn(self._run_watch(self._kv, generation), "the named-member watch")
+    async def _prune(self, kv: KeyValue, key: str) -> None:
+        await self._retry("pruning an expired member", lambda: self._forget(kv, key))
 
     # ------------------------------------------------------------------ flush
 
     async def _flush(self) -> None:
         from nats.js.errors import NotFoundError
+
+        if self._named_worker is not None and not self._named_worker.done():
+            await self._named_queue.join()  # nothing of an earlier group_send lands after
 
         for stream in (self.stream_name, self._kv_stream):
             try:

@@ -24,7 +24,7 @@ from nats.aio.client import Client
 
 from fastapi_websockets import ChannelLayerClosed, InvalidChannelLayerConfig, get_channel_layer_from_env
 from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, subject_token, token_to_name
-from fastapi_websockets.exceptions import BackendUnavailable
+from fastapi_websockets.exceptions import BackendUnavailable, MessageTooLarge
 from tests.servers import free_port
 from tests.servers.nats import NatsCluster, NatsNode, layer_factory
 
@@ -358,6 +358,28 @@ async def test_message_timeout_is_the_claim_time_of_a_dead_receiver(
         assert await sender.receive(channel, timeout=30) == {"type": "job"}
     finally:
         await client.close()
+
+
+# ------------------------------------------------------------- message sizes
+
+
+async def test_messages_up_to_max_message_size_and_over_the_server_limit(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    # The fixture's server takes 2 MB payloads: the default 1 MiB limit fits.
+    a, b = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    channel = await b.new_channel()
+    body = b"\xab" * (1024 * 1024 - 64)
+    await a.send(channel, {"type": "big", "body": body})
+    assert (await b.receive(channel, timeout=10))["body"] == body
+    await a.send("big.named", {"type": "big", "body": body})
+    assert (await b.receive("big.named", timeout=10))["body"] == body
+    # Over the server's max_payload: refused by the client, as MessageTooLarge.
+    huge = make(layers, [nats_node.url], namespace, max_message_size=8 * 1024 * 1024)
+    for target in (channel, "big.named"):
+        with pytest.raises(MessageTooLarge) as info:
+            await huge.send(target, {"type": "huge", "body": b"x" * (3 * 1024 * 1024)})
+        assert info.value.limit == 2 * 1024 * 1024
 
 
 # -------------------------------------------------------------- configuration

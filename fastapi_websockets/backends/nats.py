@@ -362,11 +362,18 @@ class NATSChannelLayer(BaseChannelLayer):
         except (asyncio.TimeoutError, self._driver_error) as exc:
             raise self._translate(exc, what, len(payload)) from exc
 
-    async def _retry(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+    async def _retry(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[_T]],
+        recover: Callable[[], Awaitable[None]] | None = None,
+    ) -> _T:
         """Run a JetStream request, retrying transient failures until ``request_timeout``.
 
         Transient: no responders or timeouts while a stream leader is elected or
-        the connection is re-established. Anything else fails at once.
+        the connection is re-established. Anything else fails at once. When no
+        stream answers a publish, ``recover`` (once) re-creates the stream or
+        bucket, in case the server lost its JetStream state.
         """
         from nats.errors import NoRespondersError
         from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
@@ -386,6 +393,13 @@ class NATSChannelLayer(BaseChannelLayer):
                 if self.closed or loop.time() + delay >= deadline:
                     raise self._translate(exc, what) from exc
                 logger.debug("NATS %s: %r; retrying in %.2f s", what, exc, delay)
+                if recover is not None and isinstance(exc, NoStreamResponseError):
+                    again: Callable[[], Awaitable[None]] = recover
+                    recover = None
+                    try:
+                        await again()
+                    except ChannelLayerError as error:
+                        logger.debug("NATS %s: recovery failed: %r", what, error)
             except self._driver_error as exc:
                 raise self._translate(exc, what) from exc
             await asyncio.sleep(delay)
@@ -478,6 +492,14 @@ class NATSChannelLayer(BaseChannelLayer):
             self._kv = kv
             return kv
 
+    async def _recover_stream(self) -> None:
+        self._stream_ready = False
+        await self._ensure_stream()
+
+    async def _recover_bucket(self) -> None:
+        self._kv = None
+        await self._bucket()
+
     # --------------------------------------------------------- point to point
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
@@ -489,13 +511,25 @@ class NATSChannelLayer(BaseChannelLayer):
         await self._send_named(channel, data)
 
     async def _send_named(self, channel: str, data: bytes) -> None:
+        from nats.js.errors import NotFoundError
+
         await self._ensure_stream()
         subject = self._named_subject(channel)
         capacity = self.capacity_for(channel)
         what = f"send to {channel!r}"
         # The stream counts the channel's stored messages; concurrent senders can
         # overshoot the capacity by a few, as with channels_redis.
-        info = await self._retry(what, lambda: self.js.stream_info(self.stream_name, subjects_filter=subject))
+        try:
+            info = await self._retry(
+                what, lambda: self.js.stream_info(self.stream_name, subjects_filter=subject)
+            )
+        except ChannelLayerError as exc:
+            if not isinstance(exc.__cause__, NotFoundError):
+                raise
+            await self._recover_stream()  # the server lost it: create it again
+            info = await self._retry(
+                what, lambda: self.js.stream_info(self.stream_name, subjects_filter=subject)
+            )
         stored = (info.state.subjects or {}).get(subject, 0)
         if stored >= capacity:
             raise ChannelFull(channel, capacity)
@@ -508,6 +542,7 @@ class NATSChannelLayer(BaseChannelLayer):
         await self._retry(
             what,
             lambda: self.js.publish(subject, data, stream=self.stream_name, headers=headers, msg_ttl=ttl),
+            self._recover_stream,
         )
 
     def _reader(self, channel: str) -> _NamedReader:
@@ -627,7 +662,7 @@ class NATSChannelLayer(BaseChannelLayer):
         kv = await self._bucket()
         key = self.member_key(group, channel)
         joined = repr(time.time()).encode()
-        await self._retry(f"group_add to {group!r}", lambda: kv.put(key, joined))
+        await self._retry(f"group_add to {group!r}", lambda: kv.put(key, joined), self._recover_bucket)
 
     async def _group_discard(self, group: str, channel: str) -> None:
         if self.is_local(channel):
@@ -636,7 +671,9 @@ class NATSChannelLayer(BaseChannelLayer):
             await self._tell_owner(channel, "discard", group)
         kv = await self._bucket()
         key = self.member_key(group, channel)
-        await self._retry(f"group_discard from {group!r}", lambda: self._forget(kv, key))
+        await self._retry(
+            f"group_discard from {group!r}", lambda: self._forget(kv, key), self._recover_bucket
+        )
 
     async def _forget(self, kv: KeyValue, key: str) -> None:
         if self._msg_ttl:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -498,6 +499,30 @@ async def test_restart_keeps_waiting_receivers_groups_and_stored_messages(
     assert (await asyncio.wait_for(waiting_named, 30))["type"] == "named"
     # Named messages stored before the restart are all still there, in order.
     assert [(await receiver.receive("stored.q", timeout=30))["i"] for _ in range(3)] == [0, 1, 2]
+
+
+async def test_a_server_that_lost_its_data_gets_stream_and_bucket_again(
+    private_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    urls = [private_node.url]
+    receiver, sender = make(layers, urls, namespace), make(layers, urls, namespace)
+    channel = await receiver.new_channel()
+    await receiver.group_add("room", channel)
+    await sender.send("q", {"type": "lost"})
+    waiting = asyncio.create_task(receiver.receive("later.q"))
+    await asyncio.sleep(0.3)
+
+    private_node.stop()
+    shutil.rmtree(private_node.workdir / "js")  # JetStream state gone: stream, bucket, consumers
+    private_node.start()
+    await wait_connected(receiver, sender)
+
+    await sender.send("later.q", {"type": "new"})
+    assert (await asyncio.wait_for(waiting, 30))["type"] == "new"
+    await sender.group_add("room", "named.member")
+    await sender.group_send("room", {"type": "group"})
+    assert (await receiver.receive(channel, timeout=10))["type"] == "group"
+    assert (await receiver.receive("named.member", timeout=30))["type"] == "group"
 
 
 async def test_close_during_reconnect_wakes_receivers(

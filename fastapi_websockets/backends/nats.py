@@ -201,6 +201,7 @@ class NATSChannelLayer(BaseChannelLayer):
         self._group_lock = asyncio.Lock()
         self._group_subs: dict[str, Subscription] = {}
         self._readers: dict[str, _NamedReader] = {}
+        self._inboxes: dict[str, str] = {}  # process token -> "<prefix>.p.<token>."
         # group_send hands (group, data) to one background worker that delivers to
         # the group's named members, so that group_send itself waits for no round
         # trip. Bounded: a full queue makes group_send wait (backpressure).
@@ -219,7 +220,13 @@ class NATSChannelLayer(BaseChannelLayer):
         return f"{self.prefix}.g.{subject_token(group)}"
 
     def _process_subject(self, channel: str, kind: str) -> str:
-        return f"{self.prefix}.p.{subject_token(process_token(channel))}.{kind}"
+        token = process_token(channel)
+        inbox = self._inboxes.get(token)
+        if inbox is None:
+            if len(self._inboxes) >= 4096:
+                self._inboxes.clear()
+            inbox = self._inboxes[token] = f"{self.prefix}.p.{subject_token(token)}."
+        return inbox + kind
 
     @staticmethod
     def member_key(group: str, channel: str) -> str:
@@ -309,7 +316,16 @@ class NATSChannelLayer(BaseChannelLayer):
         return task
 
     async def _on_error(self, exc: Exception) -> None:
-        logger.warning("NATS connection error: %r", exc)
+        from nats.errors import NoServersError, StaleConnectionError, UnexpectedEOF
+
+        if isinstance(
+            exc, (OSError, asyncio.TimeoutError, NoServersError, StaleConnectionError, UnexpectedEOF)
+        ):
+            # Refused or dropped connections repeat every reconnect attempt; the
+            # disconnect itself is logged once, as a warning.
+            logger.debug("NATS connection error: %r", exc)
+        else:
+            logger.warning("NATS error: %r", exc)
 
     async def _on_disconnected(self) -> None:
         if not self.closed:
@@ -763,7 +779,16 @@ class NATSChannelLayer(BaseChannelLayer):
         if self._named_worker is None or self._named_worker.done():
             # Started on first use, and again should it ever have died (logged).
             self._named_worker = self._spawn(self._deliver_to_named_members(), "named-member delivery")
-        await self._named_queue.put((group, data))
+        try:
+            self._named_queue.put_nowait((group, data))
+        except asyncio.QueueFull:
+            try:
+                await asyncio.wait_for(self._named_queue.put((group, data)), self.request_timeout)
+            except asyncio.TimeoutError:
+                raise BackendUnavailable(
+                    f"group_send to {group!r}: {_NAMED_QUEUE} earlier group_sends are still waiting "
+                    f"for delivery to named members after {self.request_timeout} s; is NATS reachable?"
+                ) from None
 
     async def _deliver_to_named_members(self) -> None:
         """The background worker: store each group message for the group's named members.
@@ -775,7 +800,7 @@ class NATSChannelLayer(BaseChannelLayer):
         queue = self._named_queue
         while True:
             batch = [await queue.get()]
-            while not queue.empty() and len(batch) < 1000:
+            while not queue.empty():
                 batch.append(queue.get_nowait())
             try:
                 members: dict[str, list[str]] = {}

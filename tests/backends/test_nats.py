@@ -577,3 +577,34 @@ async def test_cluster_survives_a_killed_node(
         assert (await js.stream_info(f"KV_{namespace}")).config.num_replicas == 3
     finally:
         await client.close()
+
+
+async def test_cluster_survives_losing_the_stream_and_bucket_leader(
+    private_cluster: NatsCluster, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    # Default request_timeout: JetStream calls ride out the leader election.
+    urls = private_cluster.urls
+    a, b = make(layers, urls, namespace, replicas=3), make(layers, urls, namespace, replicas=3)
+    channel = await b.new_channel()
+    await b.group_add("room", channel)
+    await a.send("jobs", {"type": "before"})
+    assert (await b.receive("jobs", timeout=30))["type"] == "before"
+    client = await raw_client(urls)
+    try:
+        js = client.jetstream()
+        leaders = {
+            (await js.stream_info(namespace)).cluster.leader,  # type: ignore[union-attr]
+            (await js.stream_info(f"KV_{namespace}")).cluster.leader,  # type: ignore[union-attr]
+        }
+    finally:
+        await client.close()
+    victim = next(node for node in private_cluster.nodes if node.name in leaders)
+    victim.kill()
+    await wait_connected(a, b)
+
+    await a.group_add("room", "jobs")
+    await a.group_send("room", {"type": "group"})
+    assert (await b.receive(channel, timeout=30))["type"] == "group"
+    assert (await b.receive("jobs", timeout=30))["type"] == "group"
+    await a.send("jobs", {"type": "after"})
+    assert (await b.receive("jobs", timeout=30))["type"] == "after"

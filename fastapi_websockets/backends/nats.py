@@ -287,6 +287,7 @@ class NATSChannelLayer(BaseChannelLayer):
             # group_sends made just before close still reach their named members.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._named_queue.join(), self.request_timeout)
+        await self._forget_local_members()
         # On Python 3.11, asyncio.wait_for inside nats-py can swallow a cancellation
         # that races with a reply, so a task may survive one cancel(): cancel again
         # until every task is done (each also checks `closed` after driver calls).
@@ -302,6 +303,36 @@ class NATSChannelLayer(BaseChannelLayer):
             except (asyncio.TimeoutError, self._driver_error) as exc:
                 logger.debug("flush before close failed: %r", exc)
             await self._nc.close()
+
+    async def _forget_local_members(self) -> None:
+        """Remove this layer's channels from the bucket: they die with the layer.
+
+        Best effort, bounded by ``request_timeout``; what is left expires with
+        the bucket's TTL (``group_expiry``).
+        """
+        kv = self._kv
+        if kv is None or self._nc is None or not self._nc.is_connected:
+            return
+        keys = [
+            self.member_key(group, channel)
+            for group in self.local_groups.groups()
+            for channel in self.local_groups.members(group)
+        ]
+        if not keys:
+            return
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(self._forget(kv, key) for key in keys), return_exceptions=True),
+                self.request_timeout,
+            )
+        except asyncio.TimeoutError:
+            logger.debug("removing %d member keys on close timed out", len(keys))
+            return
+        failed = [result for result in results if isinstance(result, BaseException)]
+        if failed:
+            logger.debug(
+                "removing member keys on close: %d of %d failed: %r", len(failed), len(keys), failed[0]
+            )
 
     def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)

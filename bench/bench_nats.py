@@ -190,6 +190,7 @@ async def idle(layer: Any, receivers: int, node: Any | None) -> dict[str, float]
         mine = [c for c in connz["connections"] if c.get("name", "").endswith(layer.client_token)]
         result["idle_connections"] = len(mine)
         result["idle_subscriptions"] = sum(c.get("subscriptions", 0) for c in mine)
+        result["idle_consumers"] = node.monitor("/jsz").get("consumers", 0)
         server_before = server_cpu_seconds(node.proc.popen.pid)
     cpu_before = time.process_time()
     await asyncio.sleep(IDLE_SECONDS)

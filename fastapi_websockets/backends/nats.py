@@ -1,50 +1,970 @@
-"""Placeholder: the nats backend is being written (see its issue)."""
+"""The NATS backend: core subjects for live delivery, JetStream for named channels, KV for groups.
+
+Layout on the server, for ``prefix="app"`` (names are escaped into subject
+tokens by :func:`subject_token`):
+
+* ``app.p.<process-token>.m``: the one inbox of a layer instance. Every
+  process-specific channel of that instance receives through it; the channel
+  name travels in front of the payload and the layer demultiplexes locally.
+  ``app.p.<process-token>.c`` carries membership changes made by *other*
+  processes (request/reply); both share one wildcard subscription.
+* ``app.g.<group>``: one core-NATS subject per group. A process subscribes to
+  it while it holds local members, so ``group_send`` is one publish however
+  many members and processes there are.
+* ``app.n.<channel>``: named channels (no ``!``), stored in the JetStream
+  stream ``stream_name`` with work-queue retention. Each named channel that a
+  process reads has one durable pull consumer shared by every process, so
+  every message is delivered once.
+* KV bucket ``group_bucket``: one key per (group, member),
+  ``<group>.p.<member>`` or ``<group>.n.<member>``, whose value is the join
+  time. The bucket's TTL is ``group_expiry``, so a member that is not added
+  again expires on its own, on the server.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.exceptions import (
+    BackendUnavailable,
+    ChannelFull,
+    ChannelLayerClosed,
+    ChannelLayerError,
+    InvalidChannelLayerConfig,
+    MessageTooLarge,
+    SerializationError,
+)
+from fastapi_websockets.names import is_process_specific, new_token, process_token
 from fastapi_websockets.types import Message
 
-__all__ = ["NATSChannelLayer"]
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+    from nats.js.client import JetStreamContext
+    from nats.js.kv import KeyValue
+
+__all__ = ["NATSChannelLayer", "consumer_name", "subject_token", "token_to_name"]
+
+logger = logging.getLogger("fastapi_websockets.nats")
+
+_T = TypeVar("_T")
+
+_DEFAULT_SERVERS = ["nats://localhost:4222"]
+_SERVER_URL = re.compile(r"^((nats|tls|ws|wss)://)?[^\s/]+(:\d+)?/?$")
+_SUBJECT_TOKENS = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_JS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+#: A pull request lingers this long on the server; a safety net for requests lost
+#: across a reconnect, not a poll interval (messages arrive by push meanwhile).
+_PULL_EXPIRES = 5.0
+_EXPIRES_HEADER = "Fw-Expires"
+#: Empty pulls after which a waiting receiver checks that its consumer still exists.
+_CHECK_EVERY = 2
+#: Seconds without pull requests after which the server deletes a named channel's consumer.
+_CONSUMER_INACTIVE = 600.0
+#: Most group_sends waiting for delivery to named members before group_send waits.
+_NAMED_QUEUE = 10_000
+#: One JetStream request may take this long before it is retried (within request_timeout).
+_ATTEMPT_TIMEOUT = 2.0
+
+
+def subject_token(name: str) -> str:
+    """Escape ``name`` into one subject token (also a valid KV key part).
+
+    Letters, digits and ``-`` stay; every other byte of the UTF-8 encoding,
+    ``_`` included, becomes ``_xx`` (lowercase hex). The mapping is reversible,
+    so ``a.b``, ``a_b`` and ``a:b`` stay distinct, and no name can produce
+    ``.``, ``*`` or ``>``.
+    """
+    return "".join(chr(byte) if byte in _SAFE else f"_{byte:02x}" for byte in name.encode())
+
+
+def token_to_name(token: str) -> str:
+    """Invert :func:`subject_token`."""
+    out = bytearray()
+    index = 0
+    while index < len(token):
+        if token[index] == "_":
+            out.append(int(token[index + 1 : index + 3], 16))
+            index += 3
+        else:
+            out.append(ord(token[index]))
+            index += 1
+    return out.decode()
+
+
+def consumer_name(channel: str) -> str:
+    """The durable JetStream consumer shared by every reader of a named channel."""
+    return "fw" + hashlib.sha256(channel.encode()).hexdigest()[:40]
+
+
+def _check_name(option: str, value: object, pattern: re.Pattern[str], accepted: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidChannelLayerConfig(f"{option} must be {accepted}, got {value!r}")
+    return value
+
+
+@dataclass
+class _NamedReader:
+    """The pull subscription of one named channel in this process, with its fetch lock."""
+
+    subject: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pull: Any = None  # nats.js.JetStreamContext.PullSubscription once bound
 
 
 class NATSChannelLayer(BaseChannelLayer):
-    """Not implemented yet."""
+    """A channel layer on NATS, with JetStream for named channels and KV for groups.
+
+    Options (besides the shared ones of :class:`BaseChannelLayer`):
+
+    * ``servers``: NATS URLs (comma-separated in ``FASTAPI_WEBSOCKETS_NATS_SERVERS``).
+    * ``prefix``: first subject tokens of every subject the layer uses.
+    * ``group_bucket``: the KV bucket of group membership.
+    * ``stream_name``: the JetStream stream of named channels.
+    * ``message_timeout``: seconds a named-channel message claimed by a
+      receiver that dies before acknowledging it stays invisible to other
+      receivers (the consumers' ack wait); then it is delivered again.
+    * ``replicas``: JetStream replicas of the stream and the bucket (3 on a
+      3-node cluster).
+    * ``request_timeout``: seconds a broker call (connect, JetStream publish,
+      KV, API) may take before failing with :class:`BackendUnavailable`.
+    """
 
     backend_name = "nats"
 
     def __init__(
         self,
         *,
-        servers: Sequence[str] = ("nats://localhost:4222",),
+        servers: list[str] = _DEFAULT_SERVERS,
         prefix: str = "fastapi-websockets",
         group_bucket: str = "fastapi_websockets_groups",
         stream_name: str = "FASTAPI_WEBSOCKETS",
         message_timeout: float = 60.0,
+        replicas: int = 1,
+        request_timeout: float = 10.0,
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        if isinstance(servers, str):
+            servers = [part.strip() for part in servers.split(",") if part.strip()]
+        if (
+            not isinstance(servers, (list, tuple))
+            or not servers
+            or not all(isinstance(url, str) and _SERVER_URL.match(url) for url in servers)
+        ):
+            raise InvalidChannelLayerConfig(
+                f"servers must be a non-empty list of NATS URLs such as 'nats://host:4222', got {servers!r}"
+            )
+        self.servers = list(servers)
+        self.prefix = _check_name(
+            "prefix",
+            prefix,
+            _SUBJECT_TOKENS,
+            "one or more '.'-separated subject tokens of letters, digits, '-' and '_'",
+        )
+        self.group_bucket = _check_name(
+            "group_bucket", group_bucket, _JS_NAME, "a KV bucket name of 1-64 letters, digits, '-', '_'"
+        )
+        self.stream_name = _check_name(
+            "stream_name", stream_name, _JS_NAME, "a stream name of 1-64 letters, digits, '-', '_'"
+        )
+        for option, value in (("message_timeout", message_timeout), ("request_timeout", request_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidChannelLayerConfig(
+                    f"{option} must be a positive number of seconds, got {value!r}"
+                )
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
+            raise InvalidChannelLayerConfig(f"replicas must be an integer from 1 to 5, got {replicas!r}")
+        self.message_timeout = float(message_timeout)
+        self.replicas = replicas
+        self.request_timeout = float(request_timeout)
+
+        self._inbox = f"{self.prefix}.p.{self.client_token}"
+        self._kv_stream = f"KV_{self.group_bucket}"
+        self._kv_subject_prefix = f"$KV.{self.group_bucket}."
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._msg_ttl = False
+        self._stream_ready = False
+        self._setup_lock = asyncio.Lock()
+        self._group_lock = asyncio.Lock()
+        self._group_subs: dict[str, Subscription] = {}
+        self._readers: dict[str, _NamedReader] = {}
+        self._inboxes: dict[str, str] = {}  # process token -> "<prefix>.p.<token>."
+        # group_send hands (group, data) to one background worker that delivers to
+        # the group's named members, so that group_send itself waits for no round
+        # trip. Bounded: a full queue makes group_send wait (backpressure).
+        self._named_queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=_NAMED_QUEUE)
+        self._named_worker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: nats-py's base error class, set when the driver is imported.
+        self._driver_error: type[Exception] = ChannelLayerError
+
+    # ------------------------------------------------------------ subjects
+
+    def _named_subject(self, channel: str) -> str:
+        return f"{self.prefix}.n.{subject_token(channel)}"
+
+    def _group_subject(self, group: str) -> str:
+        return f"{self.prefix}.g.{subject_token(group)}"
+
+    def _process_subject(self, channel: str, kind: str) -> str:
+        token = process_token(channel)
+        inbox = self._inboxes.get(token)
+        if inbox is None:
+            if len(self._inboxes) >= 4096:
+                self._inboxes.clear()
+            inbox = self._inboxes[token] = f"{self.prefix}.p.{subject_token(token)}."
+        return inbox + kind
+
+    @staticmethod
+    def member_key(group: str, channel: str) -> str:
+        """The KV key of one group member: ``<group>.<p|n>.<channel>``, escaped."""
+        kind = "p" if is_process_specific(channel) else "n"
+        return f"{subject_token(group)}.{kind}.{subject_token(channel)}"
+
+    # ----------------------------------------------------------- lifecycle
 
     async def _start(self) -> None:
-        raise NotImplementedError("the nats backend is not implemented yet")
+        try:
+            from nats.aio.client import Client
+            from nats.errors import Error as DriverError
+        except ImportError as exc:
+            raise missing_driver("nats", exc) from exc
+        self._driver_error = DriverError
+        nc = Client()
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=self.servers,
+                    name=f"fastapi-websockets {self.client_token}",
+                    # Our own group publishes are delivered locally without the round
+                    # trip, so the server must not echo them back.
+                    no_echo=True,
+                    connect_timeout=max(1, math.ceil(self.request_timeout)),
+                    # Typed int in nats-py but used as a sleep; half a second heals fast.
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                    max_reconnect_attempts=-1,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                ),
+                self.request_timeout,
+            )
+            await nc.subscribe(f"{self._inbox}.*", cb=self._on_inbox)
+            await nc.flush(timeout=max(1, math.ceil(self.request_timeout)))
+        except (OSError, asyncio.TimeoutError, DriverError) as exc:
+            await nc.close()
+            raise BackendUnavailable(
+                f"cannot connect to NATS at {self.servers} within {self.request_timeout} s: {exc!r}"
+            ) from exc
+        except BaseException:
+            await nc.close()
+            raise
+        self._nc = nc
+        # Each JetStream request gets a short timeout and is retried until
+        # request_timeout: a request lost in a leader election is sent again instead
+        # of being waited for until the very end.
+        self._js = nc.jetstream(timeout=min(_ATTEMPT_TIMEOUT, self.request_timeout))
+        version = nc.connected_server_version
+        # Per-message TTL (Nats-TTL) exists from server 2.11; older servers accept
+        # and ignore it, so only use it where it works.
+        self._msg_ttl = (version.major, version.minor) >= (2, 11)
+
+    async def _close(self) -> None:
+        if self._named_worker is not None and not self._named_queue.empty():
+            # group_sends made just before close still reach their named members.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._named_queue.join(), self.request_timeout)
+        await self._forget_local_members()
+        # On Python 3.11, asyncio.wait_for inside nats-py can swallow a cancellation
+        # that races with a reply, so a task may survive one cancel(): cancel again
+        # until every task is done (each also checks `closed` after driver calls).
+        while self._tasks:
+            pending = list(self._tasks)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+        if self._nc is not None:
+            try:
+                # Hand queued publishes (a group_send just before close) to the server.
+                await self._nc.flush(timeout=1)
+            except (asyncio.TimeoutError, self._driver_error) as exc:
+                logger.debug("flush before close failed: %r", exc)
+            await self._nc.close()
+
+    async def _forget_local_members(self) -> None:
+        """Remove this layer's channels from the bucket: they die with the layer.
+
+        Best effort, bounded by ``request_timeout``; what is left expires with
+        the bucket's TTL (``group_expiry``).
+        """
+        kv = self._kv
+        if kv is None or self._nc is None or not self._nc.is_connected:
+            return
+        keys = [
+            self.member_key(group, channel)
+            for group in self.local_groups.groups()
+            for channel in self.local_groups.members(group)
+        ]
+        if not keys:
+            return
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(self._forget(kv, key) for key in keys), return_exceptions=True),
+                self.request_timeout,
+            )
+        except asyncio.TimeoutError:
+            logger.debug("removing %d member keys on close timed out", len(keys))
+            return
+        failed = [result for result in results if isinstance(result, BaseException)]
+        if failed:
+            logger.debug(
+                "removing member keys on close: %d of %d failed: %r", len(failed), len(keys), failed[0]
+            )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("%s failed", what, exc_info=task.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    async def _on_error(self, exc: Exception) -> None:
+        from nats.errors import NoServersError, StaleConnectionError, UnexpectedEOF
+
+        if isinstance(
+            exc, (OSError, asyncio.TimeoutError, NoServersError, StaleConnectionError, UnexpectedEOF)
+        ):
+            # Refused or dropped connections repeat every reconnect attempt; the
+            # disconnect itself is logged once, as a warning.
+            logger.debug("NATS connection error: %r", exc)
+        else:
+            logger.warning("NATS error: %r", exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self.closed:
+            logger.warning("disconnected from NATS; reconnecting (pending receives keep waiting)")
+
+    async def _on_reconnected(self) -> None:
+        # nats-py re-sends every SUB (inbox, groups, pull inboxes) on reconnect, so
+        # local group interest comes back by itself; pull requests in flight are
+        # re-issued by the receivers within _PULL_EXPIRES.
+        url = self._nc.connected_url if self._nc is not None else None
+        logger.info("reconnected to NATS at %s", url.netloc if url is not None else "?")
+
+    def _translate(self, exc: BaseException, what: str, size: int = 0) -> ChannelLayerError:
+        """Our error for a driver error, naming the operation."""
+        from nats.errors import (
+            ConnectionClosedError,
+            MaxPayloadError,
+            NoRespondersError,
+            OutboundBufferLimitError,
+        )
+        from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+        if isinstance(exc, MaxPayloadError):
+            limit = self._nc.max_payload if self._nc is not None else 0
+            return MessageTooLarge(max(size, limit + 1), limit)
+        if isinstance(
+            exc,
+            (
+                asyncio.TimeoutError,
+                NoRespondersError,
+                NoStreamResponseError,
+                ServiceUnavailableError,
+                OutboundBufferLimitError,
+            ),
+        ):
+            return BackendUnavailable(
+                f"NATS {what} failed within {self.request_timeout} s ({exc!r}); is the server reachable?"
+            )
+        if isinstance(exc, ConnectionClosedError):
+            if self.closed:
+                return ChannelLayerClosed("the channel layer was closed")
+            return BackendUnavailable(f"NATS {what} failed: the connection is closed")
+        return ChannelLayerError(f"NATS {what} failed: {exc!r}")
+
+    async def _publish(self, subject: str, payload: bytes, what: str) -> None:
+        # The hot path (every send to a process-specific channel, every group_send):
+        # no context manager, no lookups beyond the connection.
+        try:
+            await self.nc.publish(subject, payload)
+        except (asyncio.TimeoutError, self._driver_error) as exc:
+            raise self._translate(exc, what, len(payload)) from exc
+
+    async def _retry(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[_T]],
+        recover: Callable[[], Awaitable[None]] | None = None,
+    ) -> _T:
+        """Run a JetStream request, retrying transient failures until ``request_timeout``.
+
+        Transient: no responders or timeouts while a stream leader is elected or
+        the connection is re-established. Anything else fails at once. When no
+        stream answers a publish, ``recover`` (once) re-creates the stream or
+        bucket, in case the server lost its JetStream state.
+        """
+        from nats.errors import NoRespondersError
+        from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except (
+                asyncio.TimeoutError,
+                NoRespondersError,
+                NoStreamResponseError,
+                ServiceUnavailableError,
+            ) as exc:
+                if self.closed or loop.time() + delay >= deadline:
+                    raise self._translate(exc, what) from exc
+                logger.debug("NATS %s: %r; retrying in %.2f s", what, exc, delay)
+                if recover is not None and isinstance(exc, NoStreamResponseError):
+                    again: Callable[[], Awaitable[None]] = recover
+                    recover = None
+                    try:
+                        await again()
+                    except ChannelLayerError as error:
+                        logger.debug("NATS %s: recovery failed: %r", what, error)
+            except self._driver_error as exc:
+                raise self._translate(exc, what) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    @property
+    def nc(self) -> Client:
+        """The layer's NATS connection (connected lazily on first use)."""
+        if self._nc is None:
+            raise ChannelLayerClosed("the NATS connection is not open")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise ChannelLayerClosed("the NATS connection is not open")
+        return self._js
+
+    async def _ensure_stream(self) -> None:
+        if self._stream_ready:
+            return
+        from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+        from nats.js.errors import BadRequestError, NotFoundError
+
+        async with self._setup_lock:
+            if self._stream_ready:
+                return
+            what = f"setup of stream {self.stream_name}"
+            wanted = f"{self.prefix}.n.>"
+            try:
+                info = await self._retry(what, lambda: self.js.stream_info(self.stream_name))
+            except ChannelLayerError as exc:
+                if not isinstance(exc.__cause__, NotFoundError):
+                    raise
+                config = StreamConfig(
+                    name=self.stream_name,
+                    subjects=[wanted],
+                    retention=RetentionPolicy.WORK_QUEUE,
+                    storage=StorageType.FILE,
+                    num_replicas=self.replicas,
+                    allow_msg_ttl=True if self._msg_ttl else None,
+                    # Servers without per-message TTL bound the age stream-wide.
+                    max_age=None if self._msg_ttl else self.channel_expiry,
+                )
+                try:
+                    info = await self._retry(what, lambda: self.js.add_stream(config))
+                except ChannelLayerError as exc:
+                    if not isinstance(exc.__cause__, BadRequestError):
+                        raise
+                    # Created by another process meanwhile, or a clash we report below.
+                    info = await self._retry(what, lambda: self.js.stream_info(self.stream_name))
+            subjects = info.config.subjects or []
+            if wanted not in subjects:
+                raise InvalidChannelLayerConfig(
+                    f"stream_name {self.stream_name!r} names an existing stream with subjects "
+                    f"{subjects}, not {wanted!r}; choose another stream_name or prefix"
+                )
+            self._stream_ready = True
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is not None:
+            return self._kv
+        from nats.js.api import KeyValueConfig, StorageType
+        from nats.js.errors import BadRequestError, BucketNotFoundError
+
+        async with self._setup_lock:
+            if self._kv is not None:
+                return self._kv
+            what = f"setup of KV bucket {self.group_bucket}"
+            try:
+                kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
+            except ChannelLayerError as exc:
+                if not isinstance(exc.__cause__, BucketNotFoundError):
+                    raise
+                config = KeyValueConfig(
+                    bucket=self.group_bucket,
+                    history=1,
+                    # Per-member expiry on the server: a key not put again within
+                    # group_expiry goes away. Set by the first layer to create it.
+                    ttl=self.group_expiry,
+                    storage=StorageType.FILE,
+                    replicas=self.replicas,
+                )
+                try:
+                    kv = await self._retry(what, lambda: self.js.create_key_value(config))
+                except ChannelLayerError as exc:
+                    if not isinstance(exc.__cause__, BadRequestError):
+                        raise
+                    kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
+            self._kv = kv
+            return kv
+
+    async def _recover_stream(self) -> None:
+        self._stream_ready = False
+        await self._ensure_stream()
+
+    async def _recover_bucket(self) -> None:
+        self._kv = None
+        await self._bucket()
+
+    # --------------------------------------------------------- point to point
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        raise NotImplementedError
+        if is_process_specific(channel):
+            raw = channel.encode()
+            payload = len(raw).to_bytes(2, "big") + raw + data
+            await self._publish(self._process_subject(channel, "m"), payload, f"send to {channel!r}")
+            return
+        await self._send_named(channel, data)
+
+    async def _send_named(self, channel: str, data: bytes) -> None:
+        from nats.js.errors import NotFoundError
+
+        await self._ensure_stream()
+        subject = self._named_subject(channel)
+        capacity = self.capacity_for(channel)
+        what = f"send to {channel!r}"
+        # The stream counts the channel's stored messages; concurrent senders can
+        # overshoot the capacity by a few, as with channels_redis.
+        try:
+            info = await self._retry(
+                what, lambda: self.js.stream_info(self.stream_name, subjects_filter=subject)
+            )
+        except ChannelLayerError as exc:
+            if not isinstance(exc.__cause__, NotFoundError):
+                raise
+            await self._recover_stream()  # the server lost it: create it again
+            info = await self._retry(
+                what, lambda: self.js.stream_info(self.stream_name, subjects_filter=subject)
+            )
+        stored = (info.state.subjects or {}).get(subject, 0)
+        if stored >= capacity:
+            raise ChannelFull(channel, capacity)
+        headers = {
+            _EXPIRES_HEADER: repr(time.time() + self.channel_expiry),
+            # Retries after a lost ack are stored once (the stream's duplicate window).
+            "Nats-Msg-Id": new_token(12),
+        }
+        ttl = max(1, math.ceil(self.channel_expiry)) if self._msg_ttl else None
+        await self._retry(
+            what,
+            lambda: self.js.publish(subject, data, stream=self.stream_name, headers=headers, msg_ttl=ttl),
+            self._recover_stream,
+        )
+
+    def _reader(self, channel: str) -> _NamedReader:
+        reader = self._readers.get(channel)
+        if reader is None:
+            reader = self._readers[channel] = _NamedReader(self._named_subject(channel))
+        return reader
+
+    async def _bind(self, channel: str, reader: _NamedReader) -> Any:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        await self._ensure_stream()
+        durable = consumer_name(channel)
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=reader.subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.message_timeout,
+            deliver_policy=DeliverPolicy.ALL,
+            max_waiting=4096,
+            # The server deletes the consumer of a channel nobody has read for this
+            # long (servers hold 1,000 consumers per stream by default); the next
+            # receive() creates it again, and stored messages stay in the stream.
+            inactive_threshold=_CONSUMER_INACTIVE,
+            description=f"fastapi-websockets named channel {channel[:100]}",
+        )
+        reader.pull = await self._retry(
+            f"consumer for {channel!r}",
+            lambda: self.js.pull_subscribe(
+                reader.subject, durable=durable, stream=self.stream_name, config=config
+            ),
+        )
+        return reader.pull
 
     async def _receive_remote(self, channel: str) -> Message:
-        raise NotImplementedError
+        from nats.errors import TimeoutError as NatsTimeout
+
+        reader = self._reader(channel)
+        # One fetch at a time per channel and process: the consumer's pull inbox
+        # is shared by the local receivers, which queue on the lock.
+        async with reader.lock:
+            delay = 0.1
+            idle = 0
+            while True:
+                if self.closed:
+                    raise ChannelLayerClosed("the channel layer was closed")
+                if reader.pull is None:
+                    try:
+                        await self._bind(channel, reader)
+                    except BackendUnavailable as exc:
+                        # Unreachable, or no JetStream leader yet: keep waiting. Any
+                        # other error (a server limit, a stream clash) is the caller's.
+                        logger.debug("binding %r failed (%r); again in %.1f s", channel, exc, delay)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+                        continue
+                try:
+                    msgs = await reader.pull.fetch(1, timeout=_PULL_EXPIRES)
+                except NatsTimeout:
+                    if _cancel_requested():
+                        raise asyncio.CancelledError from None
+                    # Nothing arrived; the next pull request also covers a reconnect.
+                    # Now and then, check that the consumer still exists: servers
+                    # before 2.10 answer a pull to a deleted consumer with silence.
+                    idle += 1
+                    if idle % _CHECK_EVERY == 0 and not await self._consumer_exists(channel):
+                        await self._unbind(reader)
+                    continue
+                except (ChannelLayerError, self._driver_error) as exc:
+                    if self.closed:
+                        raise ChannelLayerClosed("the channel layer was closed") from exc
+                    # The consumer or stream is gone (deleted for inactivity, or the
+                    # server lost its state): bind again, with backoff.
+                    logger.debug("pull on %r failed (%r); binding again in %.1f s", channel, exc, delay)
+                    await self._unbind(reader)
+                    self._stream_ready = False
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.1
+                idle = 0
+                msg = msgs[0]
+                expires = msg.headers.get(_EXPIRES_HEADER) if msg.headers else None
+                try:
+                    message = None if _expired(expires) else self.decode(msg.data)
+                except SerializationError:
+                    logger.warning("dropped an undecodable message on %r", channel, exc_info=True)
+                    message = None
+                try:
+                    # A confirmed ack: the work queue has dropped the message before the
+                    # receiver returns, so a send() right after sees the room it freed.
+                    await msg.ack_sync(timeout=min(_ATTEMPT_TIMEOUT, self.request_timeout))
+                except asyncio.CancelledError:
+                    if message is not None:
+                        self.deliver_local(channel, message)
+                    raise
+                except (asyncio.TimeoutError, self._driver_error) as exc:
+                    # Delivered anyway; at worst it comes again after message_timeout.
+                    logger.debug("ack on %r not confirmed: %r", channel, exc)
+                if message is not None:
+                    if _cancel_requested():
+                        # Our cancellation was swallowed by a driver call (Python 3.11
+                        # wait_for): keep the message for the next receiver.
+                        self.deliver_local(channel, message)
+                        raise asyncio.CancelledError
+                    return message
+
+    async def _consumer_exists(self, channel: str) -> bool:
+        from nats.js.errors import NotFoundError
+
+        try:
+            await self._retry(
+                f"consumer check of {channel!r}",
+                lambda: self.js.consumer_info(self.stream_name, consumer_name(channel)),
+            )
+        except ChannelLayerError as exc:
+            if isinstance(exc.__cause__, NotFoundError):
+                return False
+            logger.debug("consumer check of %r failed: %r", channel, exc)
+        return True
+
+    async def _unbind(self, reader: _NamedReader) -> None:
+        pull, reader.pull = reader.pull, None
+        if pull is not None:
+            try:
+                await pull.unsubscribe()
+            except self._driver_error as exc:
+                logger.debug("unsubscribe of a pull subscription failed: %r", exc)
+
+    async def _on_inbox(self, msg: Msg) -> None:
+        try:
+            if msg.subject.endswith(".c"):
+                await self._on_control(msg)
+                return
+            data = msg.data
+            size = int.from_bytes(data[:2], "big")
+            channel = data[2 : 2 + size].decode()
+            if not self.is_local(channel):
+                logger.debug("dropped a message for %r, not a channel of this layer", channel)
+                return
+            self.deliver_local(channel, self.decode(data[2 + size :]))
+        except (SerializationError, UnicodeDecodeError, ValueError, KeyError):
+            logger.warning("dropped an undecodable message on %s", msg.subject, exc_info=True)
+
+    # ------------------------------------------------------------------ groups
 
     async def _group_add(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        if self.is_local(channel):
+            await self._add_local(group, channel)
+        elif is_process_specific(channel):
+            await self._tell_owner(channel, "add", group)
+        kv = await self._bucket()
+        key = self.member_key(group, channel)
+        joined = repr(time.time()).encode()
+        await self._retry(f"group_add to {group!r}", lambda: kv.put(key, joined), self._recover_bucket)
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        raise NotImplementedError
+        if self.is_local(channel):
+            await self._discard_local(group, channel)
+        elif is_process_specific(channel):
+            await self._tell_owner(channel, "discard", group)
+        kv = await self._bucket()
+        key = self.member_key(group, channel)
+        await self._retry(
+            f"group_discard from {group!r}", lambda: self._forget(kv, key), self._recover_bucket
+        )
+
+    async def _forget(self, kv: KeyValue, key: str) -> None:
+        if self._msg_ttl:
+            # A purge marker with a TTL goes away by itself, which keeps the key
+            # listing that group_send reads short.
+            await kv.purge(key, msg_ttl=1)
+        else:
+            await kv.delete(key)
+
+    async def _add_local(self, group: str, channel: str) -> None:
+        self.local_groups.add(group, channel)
+        async with self._group_lock:
+            if group not in self._group_subs:
+                try:
+                    self._group_subs[group] = await self.nc.subscribe(
+                        self._group_subject(group), cb=self._on_group
+                    )
+                except self._driver_error as exc:
+                    raise self._translate(exc, f"subscribe to group {group!r}") from exc
+
+    async def _discard_local(self, group: str, channel: str) -> None:
+        if self.local_groups.discard(group, channel) or group not in self.local_groups:
+            await self._unsubscribe_group(group)
+
+    async def _unsubscribe_group(self, group: str) -> None:
+        async with self._group_lock:
+            if group in self.local_groups:
+                return
+            sub = self._group_subs.pop(group, None)
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except self._driver_error as exc:
+                    raise self._translate(exc, f"unsubscribe from group {group!r}") from exc
+
+    async def _tell_owner(self, channel: str, op: str, group: str) -> None:
+        """Ask the layer that owns ``channel`` to change its local membership, and wait for it."""
+        from nats.errors import NoRespondersError
+
+        body = json.dumps({"op": op, "group": group, "channel": channel}).encode()
+        try:
+            reply = await self.nc.request(
+                self._process_subject(channel, "c"), body, timeout=self.request_timeout
+            )
+        except NoRespondersError:
+            # The owner is gone: its channel receives nothing any more anyway.
+            logger.debug("the owner of %r is gone; only the KV entry changes", channel)
+            return
+        except (asyncio.TimeoutError, self._driver_error) as exc:
+            raise self._translate(exc, f"group change for {channel!r}") from exc
+        if reply.data != b"ok":
+            raise ChannelLayerError(f"the owner of {channel!r} refused the group change: {reply.data!r}")
+
+    async def _on_control(self, msg: Msg) -> None:
+        request = json.loads(msg.data)
+        group, channel = request["group"], request["channel"]
+        try:
+            if self.is_local(channel):
+                if request["op"] == "add":
+                    await self._add_local(group, channel)
+                else:
+                    await self._discard_local(group, channel)
+        except ChannelLayerError as exc:
+            logger.warning("group change for %r failed: %r", channel, exc)
+            await msg.respond(str(exc).encode())
+            return
+        await msg.respond(b"ok")
+
+    async def _on_group(self, msg: Msg) -> None:
+        group = token_to_name(msg.subject.rsplit(".", 1)[-1])
+        try:
+            message = self.decode(msg.data)
+        except SerializationError:
+            logger.warning("dropped an undecodable group message for %r", group, exc_info=True)
+            return
+        self.deliver_to_local_members(group, message)
+        if group not in self.local_groups and group in self._group_subs:
+            # Every local member expired: stop listening to the group.
+            self._spawn(self._unsubscribe_group(group), f"unsubscribe from {group!r}")
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        raise NotImplementedError
+        if group in self.local_groups:
+            self.deliver_to_local_members(group, self.decode(data))
+        # One publish reaches every other process with members (no_echo keeps it
+        # from coming back here).
+        await self._publish(self._group_subject(group), data, f"group_send to {group!r}")
+        if self._named_worker is None or self._named_worker.done():
+            # Started on first use, and again should it ever have died (logged).
+            self._named_worker = self._spawn(self._deliver_to_named_members(), "named-member delivery")
+        try:
+            self._named_queue.put_nowait((group, data))
+        except asyncio.QueueFull:
+            try:
+                await asyncio.wait_for(self._named_queue.put((group, data)), self.request_timeout)
+            except asyncio.TimeoutError:
+                raise BackendUnavailable(
+                    f"group_send to {group!r}: {_NAMED_QUEUE} earlier group_sends are still waiting "
+                    f"for delivery to named members after {self.request_timeout} s; is NATS reachable?"
+                ) from None
+
+    async def _deliver_to_named_members(self) -> None:
+        """The background worker: store each group message for the group's named members.
+
+        It reads membership from the server after the group_send was made, so a
+        named member added (by any process) before the group_send gets it. Queued
+        group_sends are taken in batches: one member listing per distinct group.
+        """
+        queue = self._named_queue
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                members: dict[str, list[str]] = {}
+                for group, data in batch:
+                    if group not in members:
+                        members[group] = await self._named_members(group)
+                    for channel in members[group]:
+                        try:
+                            await self._send_named(channel, data)
+                        except ChannelFull:
+                            self.stats.dropped_full += 1
+                            logger.debug("group_send to %r skipped full channel %r", group, channel)
+            except ChannelLayerError as exc:
+                if self.closed:
+                    return
+                logger.warning(
+                    "group_send to named members failed, dropped %d message(s): %s", len(batch), exc
+                )
+            finally:
+                for _ in batch:
+                    queue.task_done()
+
+    async def _named_members(self, group: str) -> list[str]:
+        """The named (stored) channels in ``group``; expired ones are skipped and pruned."""
+        from nats.js.errors import KeyNotFoundError
+
+        kv = await self._bucket()
+        pattern = f"{self._kv_subject_prefix}{subject_token(group)}.n.*"
+        what = f"member list of {group!r}"
+        # One request lists the group's named-member keys (usually none); groups of
+        # process-specific channels cost nothing more however large they are.
+        info = await self._retry(what, lambda: self.js.stream_info(self._kv_stream, subjects_filter=pattern))
+        keys = [subject[len(self._kv_subject_prefix) :] for subject in info.state.subjects or {}]
+        members = []
+        cutoff = time.time() - self.group_expiry
+        for key in keys:
+            try:
+                entry = await self._retry(what, lambda key=key: kv.get(key))  # type: ignore[misc]
+            except ChannelLayerError as exc:
+                if isinstance(exc.__cause__, KeyNotFoundError):
+                    continue  # discarded; its marker goes away by itself
+                raise
+            if _joined(entry.value) <= cutoff:
+                self._spawn(self._prune(kv, key), f"pruning {key}")
+                continue
+            members.append(token_to_name(key.rsplit(".", 1)[-1]))
+        return members
+
+    async def _prune(self, kv: KeyValue, key: str) -> None:
+        await self._retry("pruning an expired member", lambda: self._forget(kv, key))
+
+    # ------------------------------------------------------------------ flush
 
     async def _flush(self) -> None:
-        raise NotImplementedError
+        from nats.js.errors import NotFoundError
+
+        if self._named_worker is not None and not self._named_worker.done():
+            await self._named_queue.join()  # nothing of an earlier group_send lands after
+
+        for stream in (self.stream_name, self._kv_stream):
+            try:
+                await self._retry("flush", lambda stream=stream: self.js.purge_stream(stream))  # type: ignore[misc]
+            except ChannelLayerError as exc:
+                if not isinstance(exc.__cause__, NotFoundError):
+                    raise
+        async with self._group_lock:
+            subs = list(self._group_subs.values())
+            self._group_subs.clear()
+        for sub in subs:
+            try:
+                await sub.unsubscribe()
+            except self._driver_error as exc:
+                raise self._translate(exc, "flush") from exc
+
+
+def _cancel_requested() -> bool:
+    """Whether the current task has a cancellation pending (Python 3.11+)."""
+    task = asyncio.current_task()
+    if task is None or sys.version_info < (3, 11):
+        return False
+    return task.cancelling() > 0
+
+
+def _joined(value: bytes | None) -> float:
+    try:
+        return float(value or b"0")
+    except ValueError:
+        return 0.0
+
+
+def _expired(expires: str | None) -> bool:
+    if not expires:
+        return False
+    try:
+        return float(expires) <= time.time()
+    except ValueError:
+        return False

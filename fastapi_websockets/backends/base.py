@@ -274,7 +274,7 @@ class BaseChannelLayer(abc.ABC):
                 # next receiver instead of losing it.
                 self.deliver_local(channel, inner.result())
             else:
-                inner.cancel()
+                self._cancel_keeping_late_result(inner, channel)
             if not _cancelling():
                 if timed_out and timeout is not None:
                     raise ReceiveTimeout(channel, timeout) from None
@@ -285,7 +285,17 @@ class BaseChannelLayer(abc.ABC):
             if timer is not None:
                 timer.cancel()
             if not inner.done():
-                inner.cancel()
+                self._cancel_keeping_late_result(inner, channel)
+
+    def _cancel_keeping_late_result(self, inner: asyncio.Future[Message], channel: str) -> None:
+        # A driver may swallow the cancellation and still return a message it claimed;
+        # park such a late result in the local mailbox rather than dropping it.
+        def park(task: asyncio.Future[Message]) -> None:
+            if not task.cancelled() and task.exception() is None and not self._closed:
+                self.deliver_local(channel, task.result())
+
+        inner.add_done_callback(park)
+        inner.cancel()
 
     def _forget_remote_receive(self, task: asyncio.Task[Message]) -> None:
         self._remote_receives.discard(task)

@@ -409,6 +409,16 @@ async def test_group_send_across_instances(make_layer: LayerFactory) -> None:
 
 
 @pytest.mark.usefixtures("shared")
+async def test_named_group_member_added_by_another_instance(make_layer: LayerFactory) -> None:
+    a, b, c = make_layer(), make_layer(), make_layer()
+    for round_ in range(5):
+        group, named = f"jobs-{round_}", f"worker.queue.{round_}"
+        await a.group_add(group, named)
+        await b.group_send(group, {"type": "job", "round": round_})
+        assert (await c.receive(named, timeout=10))["round"] == round_
+
+
+@pytest.mark.usefixtures("shared")
 async def test_named_channel_delivers_each_message_once(make_layer: LayerFactory) -> None:
     a, b = make_layer(), make_layer()
     for i in range(40):

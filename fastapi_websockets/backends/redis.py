@@ -643,9 +643,7 @@ class RedisChannelLayer(BaseChannelLayer):
         named = [raw.decode() for raw in reply[1 + 2 * processes :]]
         own = by_process.pop(self.client_token, None)
         if own:
-            message = self.decode(data)
-            for raw in own.split(b"\n"):
-                self.deliver_local(raw.decode(), message)
+            self.deliver_many(own.decode().split("\n"), self.decode(data))
         if not by_process and not named:
             return
         # All pushes go out in one pipelined write: one entry per process, one per named member.
@@ -805,9 +803,8 @@ class RedisChannelLayer(BaseChannelLayer):
                     self.local_groups.discard(group, channel)
             return
         names, _, data = body.partition(b"\x00")
-        message = self.decode(data)
-        for name in names.split(b"\n"):
-            self.deliver_local(name.decode(), message)
+        # One decode of the message and of the names, then one call for all recipients.
+        self.deliver_many(names.decode().split("\n"), self.decode(data))
 
     async def _restore(self) -> None:
         """After a reconnect: re-register this process's group members, re-check named channels."""

@@ -206,6 +206,29 @@ async def test_group_send_writes_one_entry_per_process(make: Factory, raw: redis
     assert owners == {f"!{owner.client_token}".encode(): b"200"}
 
 
+async def test_owner_counts_follow_adds_discards_and_expiry(make: Factory, raw: redis_asyncio.Redis) -> None:
+    owner, sender = make(group_expiry=1), make(group_expiry=1)
+    owners_key = f"{owner.prefix}:owners:{{room}}"
+    first, second = await owner.new_channel(), await owner.new_channel()
+    await owner.group_add("room", first)
+    await owner.group_add("room", first)  # a refresh, not a second member
+    await sender.group_add("room", "jobs.a")
+    assert await raw.hgetall(owners_key) == {f"!{owner.client_token}".encode(): b"1", b"jobs.a": b"1"}
+    await sender.group_discard("room", "jobs.a")
+    await sender.group_discard("room", "jobs.a")  # not a member any more: no change
+    await asyncio.sleep(0.6)
+    await owner.group_add("room", second)
+    assert await raw.hgetall(owners_key) == {f"!{owner.client_token}".encode(): b"2"}
+    await asyncio.sleep(0.6)  # first has expired, second has not
+    await sender.group_send("room", {"type": "hello"})
+    assert await owner.receive(second, timeout=10) == {"type": "hello"}
+    with pytest.raises(TimeoutError):
+        await owner.receive(first, timeout=0.2)
+    assert await raw.hgetall(owners_key) == {f"!{owner.client_token}".encode(): b"1"}
+    await owner.group_discard("room", second)
+    assert await raw.hgetall(owners_key) == {}
+
+
 async def test_group_send_follows_redis_when_the_owner_record_is_stale(make: Factory) -> None:
     # The owner fans out from the members it holds in memory; when Redis holds a different
     # number of them (here: a flush by another process, then a notice the owner never got),

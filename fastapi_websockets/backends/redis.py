@@ -17,6 +17,11 @@ tags, so keys that one Lua script touches always share a slot):
   their inbox, so an idle named receive costs no connection and no polling.
 * ``P:group:{name}``: a sorted set ``channel -> join time`` (Redis server time,
   ms), so members expire one by one.
+* ``P:owners:{name}``: a hash next to it (same hash tag, same slot) counting the
+  members per owner: ``!token -> n`` for a process's channels, ``name -> 1`` for
+  a named channel. ``group_send`` reads only this, so its cost does not grow with
+  the group: each owning process gets ``(group, n)`` and fans out to the members
+  it holds in memory, checking Redis first if it holds a different number.
 
 Entries of the lists start with a 13-digit deadline in ms (Redis server time),
 so undelivered messages expire individually and capacity checks ignore them.
@@ -82,6 +87,9 @@ _WAKE = b"W"
 # keeps its local record (the one it restores after a Redis restart) in step.
 _JOINED = b"J"
 _LEFT = b"L"
+# A group message: "{members in Redis}\n{group}\0{data}"; the owner delivers it
+# to the members of the group it holds.
+_GROUP = b"G"
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._/-]{1,100}")
 _URL_SCHEMES = ("redis", "rediss", "unix")
@@ -172,54 +180,60 @@ return out
 """
 )
 
-# KEYS: group. ARGV: group expiry ms, members...
+# Keeps the owners hash of a group (KEYS[2]) in step with its members (KEYS[1]):
+# `owner_of(member)` is '!' .. the token for a process-specific channel (what
+# names.process_token() returns: the part before '!' after the last '.'), the
+# name itself for a named channel.
+_OWNER_OF = """
+local function owner_of(member)
+  local bang = string.find(member, '!', 1, true)
+  if not bang then return member end
+  return '!' .. string.match(string.sub(member, 1, bang - 1), '([^.]*)$')
+end
+local function forget(member)
+  local owner = owner_of(member)
+  if redis.call('HINCRBY', KEYS[2], owner, -1) <= 0 then redis.call('HDEL', KEYS[2], owner) end
+end
+"""
+
+# KEYS: group, owners. ARGV: group expiry ms, members...
 _GROUP_ADD = (
     _NOW
+    + _OWNER_OF
     + """
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
+for i = 2, #ARGV do
+  if redis.call('ZADD', KEYS[1], now, ARGV[i]) == 1 then
+    redis.call('HINCRBY', KEYS[2], owner_of(ARGV[i]), 1)
+  end
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return #ARGV - 1
 """
 )
 
-# KEYS: group. ARGV: group expiry ms. Drops stale members and returns the others
-# bucketed by owner, so the sender does no per-member work: {count of processes,
-# token, "name\nname...", token, ..., named channel, named channel...}. A token is
-# what names.process_token() returns: the part before '!' after the last '.'.
-_GROUP_MEMBERS = (
-    _NOW
+# KEYS: group, owners. ARGV: member.
+_GROUP_DISCARD = (
+    _OWNER_OF
     + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-local by_token, tokens, named, token_of = {}, {}, {}, {}
-local find, sub, match = string.find, string.sub, string.match
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local bang = find(member, '!', 1, true)
-  if bang then
-    -- Members of one process usually share the part before '!': parse it once.
-    local head = sub(member, 1, bang - 1)
-    local token = token_of[head]
-    if not token then
-      token = match(head, '([^.]*)$')
-      token_of[head] = token
-    end
-    local names = by_token[token]
-    if not names then
-      names = {}
-      by_token[token] = names
-      tokens[#tokens + 1] = token
-    end
-    names[#names + 1] = member
-  else
-    named[#named + 1] = member
-  end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then forget(ARGV[1]) end
+return 0
+"""
+)
+
+# KEYS: group, owners. ARGV: group expiry ms. Drops stale members (usually none, so
+# no per-member work) and returns the owners hash: {owner, count, owner, count...}.
+_GROUP_OWNERS = (
+    _NOW
+    + _OWNER_OF
+    + """
+local cutoff = now - tonumber(ARGV[1])
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+if #stale > 0 then
+  for _, member in ipairs(stale) do forget(member) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
 end
-local out = {#tokens}
-for _, token in ipairs(tokens) do
-  out[#out + 1] = token
-  out[#out + 1] = table.concat(by_token[token], '\\n')
-end
-for _, member in ipairs(named) do out[#out + 1] = member end
-return out
+return redis.call('HGETALL', KEYS[2])
 """
 )
 
@@ -239,7 +253,8 @@ _SCRIPTS = {
         "push_named": _PUSH_NAMED,
         "pop_named": _POP_NAMED,
         "group_add": _GROUP_ADD,
-        "group_members": _GROUP_MEMBERS,
+        "group_discard": _GROUP_DISCARD,
+        "group_owners": _GROUP_OWNERS,
     }.items()
 }
 _BY_SHA = {script.sha: script for script in _SCRIPTS.values()}
@@ -358,6 +373,8 @@ class RedisChannelLayer(BaseChannelLayer):
         self._named_events: dict[str, asyncio.Event] = {}
         self._fetchers: dict[str, asyncio.Task[None]] = {}
         self._clock_offset_ms = 0.0
+        #: Group messages waiting while the members of a group are read back from Redis.
+        self._resyncing: dict[str, list[Message]] = {}
 
     # ---------------------------------------------------------------- keys
 
@@ -375,6 +392,11 @@ class RedisChannelLayer(BaseChannelLayer):
 
     def _group_key(self, group: str) -> str:
         return f"{self.prefix}:group:{_tag(group)}"
+
+    def _group_keys(self, group: str) -> list[str]:
+        """The group's members and its owners hash: one hash tag, one slot."""
+        tag = _tag(group)
+        return [f"{self.prefix}:group:{tag}", f"{self.prefix}:owners:{tag}"]
 
     @property
     def _wake_command(self) -> str:
@@ -612,14 +634,14 @@ class RedisChannelLayer(BaseChannelLayer):
     # ------------------------------------------------------------- groups
 
     async def _group_add(self, group: str, channel: str) -> None:
-        await self._script("group_add", [self._group_key(group)], self._group_expiry_ms, channel)
+        await self._script("group_add", self._group_keys(group), self._group_expiry_ms, channel)
         if self.is_local(channel):
             self.local_groups.add(group, channel)
         elif is_process_specific(channel):
             await self._tell_owner(_JOINED, group, channel)
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        await self._execute("ZREM", self._group_key(group), channel)
+        await self._script("group_discard", self._group_keys(group), channel)
         if self.is_local(channel):
             self.local_groups.discard(group, channel)
         elif is_process_specific(channel):
@@ -633,24 +655,25 @@ class RedisChannelLayer(BaseChannelLayer):
             logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        reply: list[Any] = await self._script(
-            "group_members", [self._group_key(group)], self._group_expiry_ms
-        )
-        processes = int(reply[0])
-        by_process = {
-            reply[1 + 2 * i].decode(): reply[2 + 2 * i] for i in range(processes)
-        }  # token -> b"name\nname..."
-        named = [raw.decode() for raw in reply[1 + 2 * processes :]]
+        keys = self._group_keys(group)
+        reply: list[bytes] = await self._script("group_owners", keys, self._group_expiry_ms)
+        by_process: dict[str, bytes] = {}  # token -> how many of its channels are members
+        named: list[str] = []
+        for i in range(0, len(reply), 2):
+            owner = reply[i].decode()
+            if owner.startswith("!"):
+                by_process[owner[1:]] = reply[i + 1]
+            else:
+                named.append(owner)
         own = by_process.pop(self.client_token, None)
-        if own:
-            message = self.decode(data)
-            for raw in own.split(b"\n"):
-                self.deliver_local(raw.decode(), message)
+        if own is not None:
+            self._deliver_group(group, int(own), self.decode(data))
         if not by_process and not named:
             return
         # All pushes go out in one pipelined write: one entry per process, one per named member.
+        head = b"\n" + group.encode() + b"\x00"
         pushes: list[Coroutine[Any, Any, Any]] = [
-            self._push_inbox(token, _DATA + names + b"\x00" + data) for token, names in by_process.items()
+            self._push_inbox(token, _GROUP + count + head + data) for token, count in by_process.items()
         ]
         pushes += [self._push_named(name, data) for name in named]
         results = await asyncio.gather(*pushes, return_exceptions=True)
@@ -805,14 +828,67 @@ class RedisChannelLayer(BaseChannelLayer):
                     self.local_groups.discard(group, channel)
             return
         names, _, data = body.partition(b"\x00")
-        message = self.decode(data)
-        for name in names.split(b"\n"):
-            self.deliver_local(name.decode(), message)
+        if kind == _GROUP:
+            count, _, group = names.decode().partition("\n")
+            self._deliver_group(group, int(count), self.decode(data))
+            return
+        # One decode of the message and of the names, then one call for all recipients.
+        self.deliver_many(names.decode().split("\n"), self.decode(data))
+
+    def _deliver_group(self, group: str, count: int, message: Message) -> None:
+        """Fan a group message out to this process's members of ``group``.
+
+        ``count`` is how many of them Redis held when it was sent. The local record
+        normally agrees (this process made the changes, or was told of them through
+        its inbox, ahead of any later group message); when it does not (a member
+        expired on one side a moment earlier, a flush by another process, a lost
+        notice), the members are read back from Redis and the message, with any
+        that follow for the group meanwhile, goes to those.
+        """
+        pending = self._resyncing.get(group)
+        if pending is not None:
+            pending.append(message)
+            return
+        members = self.local_groups.members(group)
+        if len(members) == count:
+            self.deliver_many(members, message)
+            return
+        self._resyncing[group] = [message]
+        self._spawn(self._resync_group(group), "resync")
+
+    async def _resync_group(self, group: str) -> None:
+        """Make the local record of ``group`` match Redis, then deliver what waited for it."""
+        try:
+            members: list[str] | None
+            try:
+                cutoff = time.time() * 1000 + self._clock_offset_ms - self._group_expiry_ms
+                key = self._group_key(group)
+                raw = await self._execute("ZRANGE", key, f"({cutoff:.0f}", "+inf", "BYSCORE")
+            except ChannelLayerError as exc:
+                if self._closed:
+                    return
+                logger.warning("could not read group %r from Redis (%s); using local members", group, exc)
+                members = None
+            else:
+                members = [name for raw_name in raw if self.is_local(name := raw_name.decode())]
+                current = set(self.local_groups.members(group))
+                for channel in current.difference(members):
+                    self.local_groups.discard(group, channel)
+                for channel in members:
+                    if channel not in current:
+                        self.local_groups.add(group, channel)
+                logger.debug("group %r resynced: %d members, %d before", group, len(members), len(current))
+            # Synchronous from here: messages that arrive meanwhile are in the list.
+            recipients = members if members is not None else self.local_groups.members(group)
+            for message in self._resyncing.get(group, []):
+                self.deliver_many(recipients, message)
+        finally:
+            self._resyncing.pop(group, None)
 
     async def _restore(self) -> None:
         """After a reconnect: re-register this process's group members, re-check named channels."""
         restores = [
-            self._script("group_add", [self._group_key(group)], self._group_expiry_ms, *members)
+            self._script("group_add", self._group_keys(group), self._group_expiry_ms, *members)
             for group in self.local_groups.groups()
             if (members := self.local_groups.members(group))
         ]

@@ -197,7 +197,57 @@ async def test_group_send_writes_one_entry_per_process(make: Factory, raw: redis
     inbox = f"{sender.prefix}:inbox:{{{owner.client_token}}}"
     entries = await raw.lrange(inbox, 0, -1)
     assert len(entries) == 1
-    assert all(channel.encode() in entries[0] for channel in members)
+    # The entry names the group and how many members the process holds, not the members:
+    # its size does not grow with the group.
+    assert b"big" in entries[0]
+    assert not any(channel.encode() in entries[0] for channel in members)
+    assert len(entries[0]) < 100
+    owners = await raw.hgetall(f"{sender.prefix}:owners:{{big}}")
+    assert owners == {f"!{owner.client_token}".encode(): b"200"}
+
+
+async def test_owner_counts_follow_adds_discards_and_expiry(make: Factory, raw: redis_asyncio.Redis) -> None:
+    owner, sender = make(group_expiry=1), make(group_expiry=1)
+    owners_key = f"{owner.prefix}:owners:{{room}}"
+    first, second = await owner.new_channel(), await owner.new_channel()
+    await owner.group_add("room", first)
+    await owner.group_add("room", first)  # a refresh, not a second member
+    await sender.group_add("room", "jobs.a")
+    assert await raw.hgetall(owners_key) == {f"!{owner.client_token}".encode(): b"1", b"jobs.a": b"1"}
+    await sender.group_discard("room", "jobs.a")
+    await sender.group_discard("room", "jobs.a")  # not a member any more: no change
+    await asyncio.sleep(0.6)
+    await owner.group_add("room", second)
+    assert await raw.hgetall(owners_key) == {f"!{owner.client_token}".encode(): b"2"}
+    await asyncio.sleep(0.6)  # first has expired, second has not
+    await sender.group_send("room", {"type": "hello"})
+    assert await owner.receive(second, timeout=10) == {"type": "hello"}
+    with pytest.raises(TimeoutError):
+        await owner.receive(first, timeout=0.2)
+    assert await raw.hgetall(owners_key) == {f"!{owner.client_token}".encode(): b"1"}
+    await owner.group_discard("room", second)
+    assert await raw.hgetall(owners_key) == {}
+
+
+async def test_group_send_follows_redis_when_the_owner_record_is_stale(make: Factory) -> None:
+    # The owner fans out from the members it holds in memory; when Redis holds a different
+    # number of them (here: a flush by another process, then a notice the owner never got),
+    # it reads them back from Redis, and Redis decides who gets the message.
+    owner, other = make(), make()
+    kept, flushed, unknown = [await owner.new_channel("ws") for _ in range(3)]
+    await owner.group_add("room", kept)
+    await owner.group_add("room", flushed)
+    await other.flush()  # Redis forgets both; the owner still records both
+    await other.group_add("room", kept)
+    await other.group_add("room", unknown)
+    owner.local_groups.discard("room", unknown)  # as if the owner's notice were lost
+    for sender in (other, owner):
+        await sender.group_send("room", {"type": "hello"})
+        assert await owner.receive(kept, timeout=10) == {"type": "hello"}
+        assert await owner.receive(unknown, timeout=10) == {"type": "hello"}
+        with pytest.raises(TimeoutError):
+            await owner.receive(flushed, timeout=0.2)
+    assert sorted(owner.local_groups.members("room")) == sorted([kept, unknown])
 
 
 async def test_group_send_costs_a_constant_number_of_commands(

@@ -64,14 +64,6 @@ class LocalGroups:
         """Names of the groups with at least one member."""
         return list(self._groups)
 
-    def remove_channel(self, channel: str) -> list[str]:
-        """Remove ``channel`` from every group; return the groups left empty."""
-        emptied = []
-        for group in list(self._groups):
-            if channel in self._groups[group] and self.discard(group, channel):
-                emptied.append(group)
-        return emptied
-
     def clear(self) -> None:
         """Forget every group."""
         self._groups.clear()

@@ -70,19 +70,6 @@ class Mailboxes:
         box = self._boxes.get(channel)
         return len(box.items) if box is not None else 0
 
-    def waiting(self, channel: str) -> int:
-        """Number of receivers waiting on ``channel``."""
-        box = self._boxes.get(channel)
-        return sum(1 for fut in box.waiters if not fut.done()) if box is not None else 0
-
-    def is_full(self, channel: str) -> bool:
-        """Whether a put to ``channel`` would be refused right now."""
-        box = self._boxes.get(channel)
-        if box is None or any(not fut.done() for fut in box.waiters):
-            return False
-        self._drop_expired(box, time.monotonic())
-        return len(box.items) >= self._capacity_for(channel)
-
     def put(self, channel: str, message: Message) -> bool:
         """Deliver ``message`` to ``channel``; return False when the mailbox is full."""
         now = time.monotonic()

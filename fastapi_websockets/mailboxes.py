@@ -41,6 +41,8 @@ class MailboxStats:
 
     dropped_full: int = 0
     dropped_expired: int = 0
+    #: Messages from the broker that the serializer could not decode.
+    dropped_undecodable: int = 0
 
 
 class _Box:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import ClassVar
 
+from fastapi_websockets.backends.options import Memo, positive, positive_int
 from fastapi_websockets.exceptions import (
     ChannelFull,
     ChannelLayerClosed,
@@ -45,8 +46,6 @@ __all__ = ["BaseChannelLayer", "missing_driver"]
 
 logger = logging.getLogger("fastapi_websockets")
 
-_CAPACITY_CACHE_SIZE = 4096
-
 
 def missing_driver(extra: str, exc: ImportError) -> InvalidChannelLayerConfig:
     """The error a backend raises when its optional driver is not installed."""
@@ -54,13 +53,6 @@ def missing_driver(extra: str, exc: ImportError) -> InvalidChannelLayerConfig:
         f"this backend needs the {extra!r} extra, which is not installed ({exc}); "
         f'install it with: pip install "fastapi-websockets[{extra}]"'
     )
-
-
-def _positive(name: str, value: object, *, integer: bool = False) -> None:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value <= 0:  # type: ignore[operator]
-        expected = "a positive integer" if integer else "a positive number"
-        raise InvalidChannelLayerConfig(f"{name} must be {expected}, got {value!r}")
 
 
 def _compile_capacities(
@@ -75,7 +67,7 @@ def _compile_capacities(
             f"capacity, got {type(channel_capacity).__name__}"
         )
     for pattern, value in channel_capacity.items():
-        _positive(f"channel_capacity[{pattern!r}]", value, integer=True)
+        positive_int(f"channel_capacity[{pattern!r}]", value)
         if isinstance(pattern, re.Pattern):
             compiled.append((pattern, value))
         elif isinstance(pattern, str):
@@ -123,10 +115,10 @@ class BaseChannelLayer(abc.ABC):
         max_message_size: int = 1024 * 1024,
         serializer: Serializer | None = None,
     ) -> None:
-        _positive("capacity", capacity, integer=True)
-        _positive("channel_expiry", channel_expiry)
-        _positive("group_expiry", group_expiry)
-        _positive("max_message_size", max_message_size, integer=True)
+        positive_int("capacity", capacity)
+        positive("channel_expiry", channel_expiry)
+        positive("group_expiry", group_expiry)
+        positive_int("max_message_size", max_message_size)
         if serializer is not None and not isinstance(serializer, Serializer):
             raise InvalidChannelLayerConfig(
                 f"serializer must have dumps() and loads() methods, got {serializer!r}"
@@ -141,7 +133,7 @@ class BaseChannelLayer(abc.ABC):
         self.client_token = new_token()
         self._mailboxes = Mailboxes(self.capacity_for, channel_expiry)
         self._local_groups = LocalGroups(group_expiry)
-        self._capacity_cache: dict[str, int] = {}
+        self._capacity_memo: Memo[str, int] = Memo(self._capacity_of)
         self._closed = False
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -156,25 +148,20 @@ class BaseChannelLayer(abc.ABC):
 
     @property
     def stats(self) -> MailboxStats:
-        """Counters of messages dropped locally (full mailboxes, expiry)."""
+        """Counters of messages dropped locally (full mailboxes, expiry, undecodable)."""
         return self._mailboxes.stats
 
     def capacity_for(self, channel: str) -> int:
         """The capacity that applies to ``channel``."""
         if not self.channel_capacity:
             return self.capacity
-        cached = self._capacity_cache.get(channel)
-        if cached is not None:
-            return cached
-        value = self.capacity
+        return self._capacity_memo(channel)
+
+    def _capacity_of(self, channel: str) -> int:
         for pattern, pattern_capacity in self.channel_capacity:
             if pattern.match(channel):
-                value = pattern_capacity
-                break
-        if len(self._capacity_cache) >= _CAPACITY_CACHE_SIZE:
-            self._capacity_cache.clear()
-        self._capacity_cache[channel] = value
-        return value
+                return pattern_capacity
+        return self.capacity
 
     def _check_open(self) -> None:
         if self._closed:
@@ -205,6 +192,26 @@ class BaseChannelLayer(abc.ABC):
     def decode(self, data: bytes) -> Message:
         """Deserialize a message produced by :meth:`encode`."""
         return self.serializer.loads(data)
+
+    def decode_or_drop(self, data: bytes, where: str) -> Message | None:
+        """Deserialize ``data`` received from the broker, or log, count and return None.
+
+        For readers: a message another program (or another serializer) wrote
+        must not stop the reader; it is dropped, logged at WARNING with
+        ``where`` it came from, and counted in ``stats.dropped_undecodable``.
+        """
+        try:
+            return self.serializer.loads(data)
+        except Exception as exc:
+            self._mailboxes.stats.dropped_undecodable += 1
+            logger.warning(
+                "dropped an undecodable message (%d bytes) from %s: %s: %s",
+                len(data),
+                where,
+                type(exc).__name__,
+                exc,
+            )
+            return None
 
     # ------------------------------------------------------------- public API
 

@@ -1,0 +1,107 @@
+"""What every broker backend shares on top of :class:`BaseChannelLayer`.
+
+:class:`BrokerChannelLayer` gives a backend the common option ``timeout``
+(one name for "how long a broker call may take" on every broker), a
+:class:`~fastapi_websockets.backends.supervisor.TaskSupervisor` for its
+background tasks, the one :class:`~fastapi_websockets.backends.backoff.Backoff`
+policy, and the way to describe its broker in errors and logs without a
+password (:meth:`BrokerChannelLayer.unavailable`, :meth:`BrokerChannelLayer.redact`).
+A backend module then holds broker code only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from fastapi_websockets.backends.backoff import Backoff
+from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.backends.options import positive
+from fastapi_websockets.backends.supervisor import TaskSupervisor
+from fastapi_websockets.backends.urls import location, redact_text, redact_url
+from fastapi_websockets.exceptions import BackendUnavailable
+
+__all__ = ["BrokerChannelLayer"]
+
+logger = logging.getLogger("fastapi_websockets")
+
+
+class BrokerChannelLayer(BaseChannelLayer):
+    """Base class of the layers that talk to a broker server.
+
+    Options, besides those of :class:`BaseChannelLayer`:
+
+    * ``timeout``: seconds a broker call may take, reconnecting included;
+      past it (or when the broker refuses connections) calls raise
+      :class:`~fastapi_websockets.exceptions.BackendUnavailable`.
+    """
+
+    #: The broker's name in messages ("Redis").
+    broker_label: ClassVar[str] = "the broker"
+    #: The port assumed when a URL names none, for messages.
+    default_port: ClassVar[int | None] = None
+
+    def __init__(self, *, timeout: float = 10.0, **options: Any) -> None:
+        super().__init__(**options)
+        self.timeout = positive("timeout", timeout, "seconds")
+        #: The owner of this layer's background tasks.
+        self.tasks = TaskSupervisor(f"fastapi_websockets.{self.backend_name or 'broker'}")
+        self._where = self.broker_label
+        self._secrets: list[str] = []
+
+    def set_location(self, *urls: str) -> None:
+        """Record the broker URL(s): where messages say the broker is, and which secrets to hide."""
+        self._where = ", ".join(location(url, self.default_port) for url in urls) or self.broker_label
+        secrets = []
+        for url in urls:
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                password = None
+            if password:
+                secrets.append(password)
+                # Drivers may quote the URL-encoded form too.
+                secrets.append(url.split("@", 1)[0].rsplit(":", 1)[-1])
+        self._secrets = secrets
+
+    @property
+    def where(self) -> str:
+        """Where the broker is (``host:port``), for messages; never credentials."""
+        return self._where
+
+    def redact(self, text: str) -> str:
+        """``text`` (a driver's error message, say) with this layer's secrets replaced by ``***``."""
+        return redact_text(text, self._secrets)
+
+    def redact_url(self, url: str) -> str:
+        """``url`` with its password replaced by ``***``."""
+        return redact_url(url)
+
+    def unavailable(self, cause: BaseException | str) -> BackendUnavailable:
+        """The :class:`BackendUnavailable` to raise when the broker cannot be reached.
+
+        ``cause`` (a driver exception or a short reason) is described without
+        any secret; chain the driver exception with ``raise ... from None`` or
+        ``from exc`` as the case needs (its text may still hold a secret).
+        """
+        if isinstance(cause, BaseException):
+            detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        else:
+            detail = cause
+        return BackendUnavailable(
+            f"{self.broker_label} is unreachable at {self._where} ({self.redact(detail)})"
+        )
+
+    def backoff(self) -> Backoff:
+        """A fresh delay policy for one retry or reconnect loop (the same for every broker)."""
+        return Backoff()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} {self._where} {state}>"
+
+    async def close(self) -> None:
+        """Close the layer (see :meth:`BaseChannelLayer.close`), then stop every background task."""
+        await super().close()
+        await self.tasks.close(self.timeout)

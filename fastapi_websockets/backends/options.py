@@ -1,0 +1,135 @@
+"""Validation of backend options, and the size-capped memo every backend uses.
+
+Each check raises :class:`InvalidChannelLayerConfig` naming the option, what
+it accepts and the value it got (a URL with its password redacted), so a
+configuration mistake is found when the layer is built, not on first use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection
+from typing import Generic, TypeVar
+from urllib.parse import SplitResult, urlsplit
+
+from fastapi_websockets.backends.urls import redact_url
+from fastapi_websockets.exceptions import InvalidChannelLayerConfig
+
+__all__ = [
+    "Memo",
+    "flag",
+    "matching",
+    "optional_positive_int",
+    "positive",
+    "positive_int",
+    "url",
+]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def positive(name: str, value: object, unit: str = "") -> float:
+    """A positive number (``unit`` names it in the error, e.g. ``"seconds"``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        what = f"a positive number of {unit}" if unit else "a positive number"
+        raise InvalidChannelLayerConfig(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
+def positive_int(name: str, value: object, unit: str = "") -> int:
+    """A positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        what = f"a positive integer of {unit}" if unit else "a positive integer"
+        raise InvalidChannelLayerConfig(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def optional_positive_int(name: str, value: object, unit: str = "") -> int | None:
+    """A positive integer, or None for "no limit"."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        what = f"a positive integer of {unit}" if unit else "a positive integer"
+        raise InvalidChannelLayerConfig(
+            f"{name} must be {what}, or None (or empty) for no limit; got {value!r}"
+        )
+    return value
+
+
+def flag(name: str, value: object) -> bool:
+    """A boolean (``true``/``false``; the environment parser already maps ``1``, ``yes``...)."""
+    if not isinstance(value, bool):
+        raise InvalidChannelLayerConfig(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def matching(name: str, value: object, pattern: re.Pattern[str], accepted: str) -> str:
+    """A string that fully matches ``pattern``; ``accepted`` says what that means, for the error."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidChannelLayerConfig(f"{name} must be {accepted}, got {value!r}")
+    return value
+
+
+def url(name: str, value: object, schemes: Collection[str]) -> SplitResult:
+    """A URL with one of ``schemes`` and a numeric port if any; returns it split.
+
+    The error quotes the URL with its password replaced by ``***``.
+    """
+    accepted = ", ".join(f"{scheme}://" for scheme in schemes)
+    if not isinstance(value, str):
+        raise InvalidChannelLayerConfig(f"{name} must be a URL ({accepted}), got {type(value).__name__}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise InvalidChannelLayerConfig(f"{name} is not a valid URL ({exc}): {redact_url(value)!r}") from None
+    if parts.scheme not in schemes:
+        raise InvalidChannelLayerConfig(f"{name} must be a {accepted} URL, got {redact_url(value)!r}")
+    return parts
+
+
+class Memo(Generic[K, V]):
+    """A dict of computed values that forgets everything once it holds ``size`` entries.
+
+    For memos of pure functions of a name (escaped subjects, capacities,
+    declared queues): clearing the whole memo at the cap is cheaper to keep
+    than an LRU and bounds memory when names never repeat.
+    """
+
+    def __init__(self, compute: Callable[[K], V], size: int = 4096) -> None:
+        self._compute = compute
+        self._size = size
+        self._values: dict[K, V] = {}
+
+    def __call__(self, key: K) -> V:
+        """The value for ``key``, computed on first use."""
+        try:
+            return self._values[key]
+        except KeyError:
+            pass
+        value = self._compute(key)
+        if len(self._values) >= self._size:
+            self._values.clear()
+        self._values[key] = value
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def add(self, key: K, value: V) -> None:
+        """Remember ``value`` for ``key`` (for memos filled by the caller, e.g. "declared")."""
+        if len(self._values) >= self._size:
+            self._values.clear()
+        self._values[key] = value
+
+    def discard(self, key: K) -> None:
+        """Forget ``key``."""
+        self._values.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._values.clear()
+
+    def __len__(self) -> int:
+        return len(self._values)

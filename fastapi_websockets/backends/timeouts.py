@@ -1,0 +1,52 @@
+"""Waiting with a time limit without ``asyncio.wait_for``.
+
+Before Python 3.12, ``asyncio.wait_for`` can swallow a cancellation of the
+caller that arrives together with the awaited result, and a layer's
+``close()`` and every WebSocket disconnect rely on cancellation. Backends
+therefore bound waits with these two helpers instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+__all__ = ["wait_event", "within"]
+
+T = TypeVar("T")
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds pass; return whether it was set."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((waiter,), timeout=timeout)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+    return event.is_set()
+
+
+async def within(awaitable: Awaitable[T], timeout: float, on_timeout: Callable[[], BaseException]) -> T:
+    """Await ``awaitable`` for at most ``timeout`` seconds, else cancel it and raise ``on_timeout()``.
+
+    A cancellation of the caller cancels the inner operation and propagates.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        # Wait for the operation to unwind (a driver cleaning up its connection);
+        # whatever it raises while doing so is superseded by the timeout.
+        await asyncio.wait((task,))
+        if not task.cancelled() and task.exception() is None:
+            return task.result()  # it finished as it was being cancelled
+        raise on_timeout()
+    return task.result()

@@ -1,0 +1,315 @@
+"""The shared backend toolkit: backoff, task supervisor, waiter queue, timeouts, redaction, options."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import pytest
+
+from fastapi_websockets.backends.backoff import Backoff
+from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive, url
+from fastapi_websockets.backends.supervisor import TaskSupervisor
+from fastapi_websockets.backends.timeouts import wait_event, within
+from fastapi_websockets.backends.urls import location, redact_text, redact_url
+from fastapi_websockets.backends.waiters import WaiterQueue
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, InvalidChannelLayerConfig
+
+# ------------------------------------------------------------------ backoff
+
+
+def test_backoff_doubles_up_to_the_cap_and_resets() -> None:
+    backoff = Backoff(first=0.1, cap=0.5, jitter=0)
+    assert [backoff.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    backoff.reset()
+    assert backoff.next() == 0.1
+
+
+def test_backoff_jitter_stays_within_its_spread() -> None:
+    delays = [Backoff(first=1.0, cap=1.0, jitter=0.2).next() for _ in range(200)]
+    assert all(0.8 <= delay <= 1.2 for delay in delays)
+    assert len(set(delays)) > 1
+
+
+@pytest.mark.parametrize(("first", "cap", "jitter"), [(0, 1, 0), (2, 1, 0), (0.1, 1, 1.5)])
+def test_backoff_refuses_nonsense(first: float, cap: float, jitter: float) -> None:
+    with pytest.raises(ValueError, match="Backoff"):
+        Backoff(first=first, cap=cap, jitter=jitter)
+
+
+async def test_backoff_sleep_is_cut_short_by_its_event() -> None:
+    wake = asyncio.Event()
+    backoff = Backoff(first=30, cap=30, jitter=0)
+    sleeper = asyncio.ensure_future(backoff.sleep(wake))
+    await asyncio.sleep(0.01)
+    assert not sleeper.done()
+    wake.set()
+    await asyncio.wait_for(sleeper, 5)
+
+
+# ----------------------------------------------------------------- timeouts
+
+
+async def test_wait_event_reports_whether_the_event_was_set() -> None:
+    event = asyncio.Event()
+    assert await wait_event(event, 0.01) is False
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    assert await wait_event(event, 5) is True
+
+
+async def test_wait_event_passes_a_cancellation_on() -> None:
+    task = asyncio.ensure_future(wait_event(asyncio.Event(), None))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_within_returns_the_result_or_raises_the_given_error() -> None:
+    async def slow() -> int:
+        await asyncio.sleep(30)
+        return 1
+
+    async def fast() -> int:
+        return 2
+
+    assert await within(fast(), 1, lambda: BackendUnavailable("late")) == 2
+    with pytest.raises(BackendUnavailable, match="late"):
+        await within(slow(), 0.01, lambda: BackendUnavailable("late"))
+
+
+async def test_within_cancels_the_operation_when_the_caller_is_cancelled() -> None:
+    inner_cancelled = asyncio.Event()
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            inner_cancelled.set()
+            raise
+
+    outer = asyncio.ensure_future(within(slow(), 30, lambda: BackendUnavailable("late")))
+    await asyncio.sleep(0.01)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    await asyncio.wait_for(inner_cancelled.wait(), 5)
+
+
+# --------------------------------------------------------------- supervisor
+
+
+async def test_supervisor_logs_a_task_that_dies(caplog: pytest.LogCaptureFixture) -> None:
+    tasks = TaskSupervisor("fastapi_websockets.test")
+
+    async def boom() -> None:
+        raise RuntimeError("kaput")
+
+    task = tasks.spawn(boom(), "reader")
+    assert task.get_name() == "fastapi_websockets.test.reader"
+    with caplog.at_level(logging.ERROR, "fastapi_websockets.tasks"):
+        await asyncio.wait([task])
+        await asyncio.sleep(0)
+    assert tasks.failures == 1
+    record = next(r for r in caplog.records if "fastapi_websockets.test.reader failed" in r.getMessage())
+    assert record.exc_info is not None
+    assert "kaput" in str(record.exc_info[1])
+    await tasks.close()
+
+
+async def test_supervisor_restarts_a_kept_task_then_gives_up(caplog: pytest.LogCaptureFixture) -> None:
+    tasks = TaskSupervisor("fastapi_websockets.test")
+    runs = 0
+    given_up: list[BaseException] = []
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        raise ConnectionResetError(f"run {runs}")
+
+    with caplog.at_level(logging.ERROR, "fastapi_websockets.tasks"):
+        task = tasks.keep_running(
+            flaky,
+            "listener",
+            max_failures=3,
+            on_give_up=given_up.append,
+            backoff=Backoff(first=0.001, cap=0.001, jitter=0),
+        )
+        await asyncio.wait_for(task, 5)
+    assert runs == 3
+    assert tasks.restarts == 2
+    assert [str(exc) for exc in given_up] == ["run 3"]
+    assert any("giving up" in r.getMessage() for r in caplog.records)
+    await tasks.close()
+
+
+async def test_supervisor_keeps_a_task_running_until_it_returns() -> None:
+    tasks = TaskSupervisor("fastapi_websockets.test")
+    runs = 0
+
+    async def once_flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise OSError("first run fails")
+
+    task = tasks.keep_running(once_flaky, "reader", backoff=Backoff(first=0.001, cap=0.001, jitter=0))
+    await asyncio.wait_for(task, 5)
+    assert runs == 2
+    await tasks.close()
+
+
+async def test_supervisor_close_cancels_and_awaits_everything() -> None:
+    tasks = TaskSupervisor("fastapi_websockets.test")
+    stopped: list[str] = []
+
+    async def forever(name: str) -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            stopped.append(name)
+
+    for name in ("a", "b"):
+        tasks.spawn(forever(name), name)
+    await asyncio.sleep(0)
+    await tasks.close(timeout=5)
+    assert sorted(stopped) == ["a", "b"]
+    assert len(tasks) == 0
+
+    async def late() -> None:
+        pass
+
+    with pytest.raises(ChannelLayerClosed):
+        tasks.spawn(late(), "late")
+
+
+# ------------------------------------------------------------- waiter queue
+
+
+async def test_waiter_queue_hands_items_over_in_arrival_order() -> None:
+    returned: list[str] = []
+    queue: WaiterQueue[str] = WaiterQueue(returned.append)
+    first = asyncio.ensure_future(queue.wait())
+    second = asyncio.ensure_future(queue.wait())
+    await asyncio.sleep(0)
+    assert queue.pending() == 2
+    assert queue.demand.is_set()
+    assert queue.hand_over("one")
+    queue.deliver("two")
+    queue.deliver("three")
+    assert await first == "one"
+    assert await second == "two"
+    assert returned == ["three"]
+    assert not queue.hand_over("four")
+
+
+async def test_waiter_queue_gives_back_an_item_whose_receiver_was_cancelled() -> None:
+    returned: list[str] = []
+    queue: WaiterQueue[str] = WaiterQueue(returned.append)
+    receiver = asyncio.ensure_future(queue.wait())
+    await asyncio.sleep(0)
+    assert queue.hand_over("claimed")
+    receiver.cancel()  # cancelled after the item was handed to it, before it ran
+    with pytest.raises(asyncio.CancelledError):
+        await receiver
+    assert returned == ["claimed"]
+    assert queue.pending() == 0
+
+
+async def test_waiter_queue_cancelled_before_an_item_leaves_nothing_behind() -> None:
+    returned: list[str] = []
+    queue: WaiterQueue[str] = WaiterQueue(returned.append)
+    receiver = asyncio.ensure_future(queue.wait())
+    await asyncio.sleep(0)
+    queue.demand.clear()
+    receiver.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await receiver
+    assert queue.pending() == 0
+    assert queue.demand.is_set()  # the reader learns that demand went down
+    assert not queue.hand_over("x")
+    assert returned == []
+
+
+async def test_waiter_queue_fail_all_wakes_everyone() -> None:
+    queue: WaiterQueue[str] = WaiterQueue(lambda item: None)
+    receivers = [asyncio.ensure_future(queue.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    queue.fail_all(BackendUnavailable("reader stopped"))
+    for receiver in receivers:
+        with pytest.raises(BackendUnavailable, match="reader stopped"):
+            await receiver
+
+
+# ---------------------------------------------------------------- redaction
+
+
+@pytest.mark.parametrize(
+    ("raw", "redacted"),
+    [
+        ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
+        ("amqp://user:s3cret@host/vhost", "amqp://user:***@host/vhost"),
+        ("nats://user@host:4222", "nats://user@host:4222"),
+        ("postgresql://u:p%40ss@h/db?sslmode=require", "postgresql://u:***@h/db?sslmode=require"),
+        ("postgresql://h/db?user=u&password=s3cret", "postgresql://h/db?user=u&password=%2A%2A%2A"),
+        ("redis://:s3cret@host:notaport/0", "redis://:***@host:notaport/0"),
+        ("redis://localhost:6379", "redis://localhost:6379"),
+    ],
+)
+def test_redact_url(raw: str, redacted: str) -> None:
+    assert redact_url(raw) == redacted
+    assert "s3cret" not in redact_url(raw)
+
+
+def test_location_never_has_credentials() -> None:
+    assert location("redis://:s3cret@cache.example:6380/0") == "cache.example:6380"
+    assert location("amqp://u:s3cret@mq.example/", 5672) == "mq.example:5672"
+    assert location("unix:///run/redis.sock") == "/run/redis.sock"
+    assert "s3cret" not in location("redis://:s3cret@host:bad/0")
+    assert redact_text("auth failed for s3cret", ["s3cret", ""]) == "auth failed for ***"
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_option_validators_name_the_option_and_the_value() -> None:
+    assert positive("timeout", 2, "seconds") == 2.0
+    with pytest.raises(
+        InvalidChannelLayerConfig, match=r"timeout must be a positive number of seconds, got 0"
+    ):
+        positive("timeout", 0, "seconds")
+    with pytest.raises(InvalidChannelLayerConfig, match="got True"):
+        positive("timeout", True)
+    assert optional_positive_int("max_length", None) is None
+    with pytest.raises(InvalidChannelLayerConfig, match="or None"):
+        optional_positive_int("max_length", -1)
+    assert flag("cluster", False) is False
+    with pytest.raises(InvalidChannelLayerConfig, match="true or false"):
+        flag("cluster", "yes")
+    with pytest.raises(InvalidChannelLayerConfig, match="letters only"):
+        matching("prefix", "a b", re.compile(r"[a-z]+"), "letters only")
+
+
+def test_url_validator_never_quotes_the_password() -> None:
+    assert url("url", "redis://h:1/0", ("redis",)).port == 1
+    for bad in ("http://u:s3cret@h/", "redis://u:s3cret@h:port/0"):
+        with pytest.raises(InvalidChannelLayerConfig) as caught:
+            url("url", bad, ("redis", "rediss"))
+        assert "s3cret" not in str(caught.value)
+        assert "url" in str(caught.value)
+
+
+def test_memo_computes_once_and_stays_bounded() -> None:
+    calls: list[int] = []
+
+    def square(n: int) -> int:
+        calls.append(n)
+        return n * n
+
+    memo: Memo[int, int] = Memo(square, size=3)
+    assert [memo(2), memo(2), memo(3)] == [4, 4, 9]
+    assert calls == [2, 3]
+    for n in range(10):
+        memo(n)
+    assert len(memo) <= 3

@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -76,19 +76,46 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 LayerFactory = Callable[..., BaseChannelLayer]
+L = TypeVar("L", bound=BaseChannelLayer)
 
 
 @pytest.fixture
-async def make_layer(backend: Backend) -> AsyncIterator[LayerFactory]:
+def namespace() -> str:
+    """A fresh prefix / schema / namespace: layers built with it share state only with each other."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def layers() -> AsyncIterator[list[BaseChannelLayer]]:
+    """Layers a test creates (append them, or build them with :func:`layer_factory`); closed after it."""
+    made: list[BaseChannelLayer] = []
+    yield made
+    for layer in made:
+        await layer.close()
+
+
+def layer_factory(made: list[BaseChannelLayer], cls: type[L], **defaults: Any) -> Callable[..., L]:
+    """A ``make(**options)`` building ``cls`` layers with ``defaults``, each closed after the test.
+
+    The one layer-factory shape of the suite: backend test files build their
+    ``make`` fixture with it, from the ``layers`` and ``namespace`` fixtures.
+    """
+
+    def make(**options: Any) -> L:
+        layer = cls(**{**defaults, **options})
+        made.append(layer)
+        return layer
+
+    return make
+
+
+@pytest.fixture
+def make_layer(backend: Backend, namespace: str, layers: list[BaseChannelLayer]) -> LayerFactory:
     """Build layers on the backend under test; all share one fresh namespace and are closed after."""
-    namespace = "t" + uuid.uuid4().hex[:10]
-    layers: list[BaseChannelLayer] = []
 
     def make(**options: Any) -> BaseChannelLayer:
         layer = backend.build(namespace, **options)
         layers.append(layer)
         return layer
 
-    yield make
-    for layer in layers:
-        await layer.close()
+    return make

@@ -22,6 +22,7 @@ from importlib import import_module
 from typing import Any
 
 from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.backends.urls import redact_url
 from fastapi_websockets.exceptions import InvalidChannelLayerConfig
 
 __all__ = [
@@ -62,6 +63,21 @@ class BackendSettings:
 
     backend: str = DEFAULT_BACKEND
     config: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Settings get logged and printed: never with a password from a URL or DSN.
+        return f"BackendSettings(backend={self.backend!r}, config={_shown(self.config)!r})"
+
+
+def _shown(value: Any) -> Any:
+    """``value`` as it may appear in a message: URLs (also inside lists and dicts) without a password."""
+    if isinstance(value, str):
+        return redact_url(value) if "://" in value else value
+    if isinstance(value, Mapping):
+        return {key: _shown(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shown(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -204,7 +220,7 @@ def _check_value(where: str, option: Option, value: Any) -> Any:
         ok = isinstance(value, Mapping)
     if not ok:
         raise InvalidChannelLayerConfig(
-            f"{where} must be {_describe(option.annotation)}, got {type(value).__name__} {value!r}"
+            f"{where} must be {_describe(option.annotation)}, got {type(value).__name__} {_shown(value)!r}"
         )
     return value
 
@@ -295,7 +311,8 @@ def parse_channel_layers(settings: Mapping[str, Mapping[str, Any]] | None) -> di
             raise InvalidChannelLayerConfig(f"channel layer aliases must be non-empty strings, got {alias!r}")
         if not isinstance(entry, Mapping):
             raise InvalidChannelLayerConfig(
-                f"CHANNEL_LAYERS[{alias!r}] must be a mapping with BACKEND and CONFIG keys, got {entry!r}"
+                f"CHANNEL_LAYERS[{alias!r}] must be a mapping with BACKEND and CONFIG keys, "
+                f"got {_shown(entry)!r}"
             )
         unknown = set(entry) - _ALIAS_KEYS
         if unknown:
@@ -388,7 +405,7 @@ def _parse_env_alias(environ: Mapping[str, str], prefix: str) -> BackendSettings
             config[option.name] = parse(text)
         except ValueError as exc:
             raise InvalidChannelLayerConfig(
-                f"{var}={text!r} is not valid: expected {_describe(option.annotation)}"
+                f"{var}={_shown(text)!r} is not valid: expected {_describe(option.annotation)}"
             ) from exc
     return BackendSettings(backend=_resolve_backend_path(raw_backend), config=config)
 

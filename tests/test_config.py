@@ -330,3 +330,18 @@ def test_public_api_is_pinned() -> None:
     )
     for name in module.__all__:
         assert getattr(module, name).__doc__, f"{name} has no docstring"
+
+
+def test_settings_and_config_errors_never_show_a_password() -> None:
+    from fastapi_websockets.config import parse_channel_layers
+    from tests.leaks import SECRET, assert_no_secret
+
+    url = f"redis://user:{SECRET}@cache.example:6379/0"
+    settings = parse_channel_layers({"default": {"BACKEND": "redis", "CONFIG": {"url": url}}})
+    assert "cache.example" in repr(settings["default"])
+    errors = []
+    for bad in ({"BACKEND": "redis", "CONFIG": {"url": url, "timeout": "soon"}}, [url]):
+        with pytest.raises(InvalidChannelLayerConfig) as caught:
+            parse_channel_layers({"default": bad})
+        errors.append(caught.value)
+    assert_no_secret(errors=errors, objects=[settings, settings["default"]])

@@ -5,6 +5,10 @@ parameters, their type hints and defaults), so the defaults live in one place
 (the backend class), every option is settable from a mapping and from the
 environment, and an unknown or ill-typed value is refused with a message that
 names the key or variable, the bad value and what is accepted.
+
+The consumer settings (``CONSUMER_SETTINGS``: allowed origins and frame limits)
+use the same parsers and checks, from ``FASTAPI_WEBSOCKETS_*`` variables or
+consumer class attributes.
 """
 
 from __future__ import annotations

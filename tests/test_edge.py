@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -194,3 +195,16 @@ def test_wrong_class_attributes_fail_when_mounted() -> None:
 
     with pytest.raises(InvalidChannelLayerConfig, match=r"BadPattern\.allowed_origins"):
         BadPattern.as_endpoint()
+
+
+def test_env_sample_consumer_lines_keep_the_defaults() -> None:
+    sample = Path(__file__).parents[1] / ".env.sample"
+    env = dict(
+        line.partition("=")[::2]
+        for line in sample.read_text().splitlines()
+        if line.startswith("FASTAPI_WEBSOCKETS_")
+    )
+    assert "FASTAPI_WEBSOCKETS_ALLOWED_ORIGINS" in env
+    limits = resolve_limits(AsyncWebSocketConsumer, AsyncWebSocketConsumer, env)
+    assert limits.origins.allowed_origins is None
+    assert (limits.max_frame_bytes, limits.max_frames_per_second) == (1_048_576, None)

@@ -26,6 +26,8 @@ unless ``require_origin`` is set; several ``Origin`` headers are refused.
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -309,17 +311,41 @@ def resolve_limits(consumer: type, defaults: type, environ: Mapping[str, str] | 
     between them sets wins over the ``FASTAPI_WEBSOCKETS_*`` environment
     variable. Every value is checked; a wrong one raises
     :class:`InvalidChannelLayerConfig` naming the attribute or variable.
+    Results are cached by the values themselves, so a changed variable or
+    class attribute applies to the next call.
     """
-    from_env = consumer_settings_from_env(environ)
+    env = os.environ if environ is None else environ
+    env_texts = tuple((var, env.get(var)) for var in _ENV_VARS)
+    sources: list[tuple[str, str | None, Any]] = []
+    for name in _SETTING_NAMES:
+        owner = next(klass for klass in consumer.__mro__ if name in klass.__dict__)
+        value = owner.__dict__[name]
+        if isinstance(value, list):
+            value = tuple(value)  # hashable for the cache; checked as a sequence either way
+        sources.append((name, None if owner is defaults else f"{owner.__qualname__}.{name}", value))
+    try:
+        return _resolve(env_texts, tuple(sources))
+    except TypeError:  # an unhashable value: resolve uncached, which reports what is wrong with it
+        return _resolve.__wrapped__(env_texts, tuple(sources))
+
+
+_SETTING_NAMES = (*CONSUMER_SETTINGS, "require_origin")
+_ENV_VARS = tuple(f"{DEFAULT_ENV_PREFIX}{name.upper()}" for name in CONSUMER_SETTINGS)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(
+    env_texts: tuple[tuple[str, str | None], ...], sources: tuple[tuple[str, str | None, Any], ...]
+) -> EdgeLimits:
+    # Checking and parsing costs tens of microseconds; a handshake should not pay it each time.
+    from_env = consumer_settings_from_env({var: text for var, text in env_texts if text is not None})
     values: dict[str, Any] = {}
     origins_where = f"{DEFAULT_ENV_PREFIX}ALLOWED_ORIGINS"
-    for name in (*CONSUMER_SETTINGS, "require_origin"):
-        owner = next(klass for klass in consumer.__mro__ if name in klass.__dict__)
-        if owner is defaults and name in from_env:
+    for name, set_by, value in sources:
+        if set_by is None and name in from_env:
             values[name] = from_env[name]
             continue
-        where = f"{owner.__qualname__}.{name}"
-        value = owner.__dict__[name]
+        where = set_by or f"the default {name}"
         if name == "allowed_origins":
             origins_where = where
         if name == "require_origin":

@@ -208,3 +208,18 @@ def test_env_sample_consumer_lines_keep_the_defaults() -> None:
     limits = resolve_limits(AsyncWebSocketConsumer, AsyncWebSocketConsumer, env)
     assert limits.origins.allowed_origins is None
     assert (limits.max_frame_bytes, limits.max_frames_per_second) == (1_048_576, None)
+
+
+def test_settings_follow_changed_attributes_and_unhashable_values_are_reported() -> None:
+    class Changing(AsyncWebSocketConsumer):
+        allowed_origins: ClassVar[list[str] | None] = ["https://a.example.com"]
+
+    assert Changing.edge_limits().origins.allowed_origins == ("https://a.example.com",)
+    Changing.allowed_origins.append("https://b.example.com")  # mutated in place: not a stale cache
+    assert Changing.edge_limits().origins.allowed_origins == (
+        "https://a.example.com",
+        "https://b.example.com",
+    )
+    Changing.allowed_origins = [["https://c.example.com"]]  # type: ignore[list-item]
+    with pytest.raises(InvalidChannelLayerConfig, match=r"Changing\.allowed_origins must be a list"):
+        Changing.edge_limits()

@@ -56,6 +56,11 @@ def _reason(text: str) -> str:
     return encoded.decode(errors="ignore")
 
 
+def _peer(websocket: WebSocket) -> str:
+    client = websocket.client
+    return f"{client.host}:{client.port}" if client else "an unknown client"
+
+
 class AsyncWebSocketConsumer:
     """A consumer for text and binary frames; subclass it and override the hooks.
 
@@ -65,9 +70,8 @@ class AsyncWebSocketConsumer:
     ``connect()`` and left on disconnect), ``channel_name_prefix``, ``layer_alias``,
     and the edge limits ``allowed_origins``, ``require_origin``,
     ``max_frame_bytes`` and ``max_frames_per_second`` (see
-    :mod:`fastapi_websockets.edge`; the last three without ``require_origin``
-    also come from ``FASTAPI_WEBSOCKETS_*`` environment variables when the
-    class does not set them).
+    :mod:`fastapi_websockets.edge`; all but ``require_origin`` also come from
+    ``FASTAPI_WEBSOCKETS_*`` environment variables when the class does not set them).
     """
 
     channel_name_prefix: ClassVar[str] = "specific"
@@ -159,7 +163,13 @@ class AsyncWebSocketConsumer:
         self.scope = dict(websocket.scope)
         refusal = limits.refusal(websocket.headers.getlist("origin"), websocket.headers.get("host"))
         if refusal is not None:
-            logger.info("%s refused a WebSocket to %s: %s", type(self).__name__, websocket.url.path, refusal)
+            logger.info(
+                "%s refused a WebSocket to %s from %s: %s",
+                type(self).__name__,
+                websocket.url.path,
+                _peer(websocket),
+                refusal,
+            )
             # Closing before accept is how ASGI refuses a handshake: the server answers 403.
             await self._close_quietly(CLOSE_POLICY_VIOLATION, "origin not allowed")
             return
@@ -214,7 +224,13 @@ class AsyncWebSocketConsumer:
                     return code
                 violation = guard.check(frame)
                 if violation is not None:
-                    logger.info("closing %s with %d: %s", self.channel_name, violation.code, violation.detail)
+                    logger.info(
+                        "closing %s from %s with %d: %s",
+                        self.channel_name,
+                        _peer(websocket),
+                        violation.code,
+                        violation.detail,
+                    )
                     await self._close_quietly(violation.code, violation.reason)
                     return violation.code
                 await self.dispatch_websocket_receive(frame)

@@ -191,6 +191,7 @@ class WebsocketCommunicator:
         self._app_error: Exception | None = None
         self._error_reported = False
         self._cleanup_cancel = False
+        self._finished = False
 
     def __repr__(self) -> str:
         return f"WebsocketCommunicator({self.path!r})"
@@ -237,6 +238,10 @@ class WebsocketCommunicator:
             self._app_error = error
 
     def _app_finished(self, task: asyncio.Task[None]) -> None:
+        # The done callback, also called by readers that see the task done before it ran.
+        if self._finished:
+            return
+        self._finished = True
         _live.discard(self)
         _watch_consumer_errors(False)
         if task.cancelled():
@@ -280,6 +285,7 @@ class WebsocketCommunicator:
                     self._close_reason = message.get("reason") or ""
                 return message
             if task.done():
+                self._app_finished(task)
                 if self._close_code is None:
                     # As a server does: a normal close if the app returned, 1011 if it raised.
                     failed = self._app_error is not None or task.cancelled()
@@ -378,6 +384,8 @@ class WebsocketCommunicator:
         if not self._from_app and not task.done():
             self._changed.clear()
             await wait_event(self._changed, timeout)
+        if task.done():
+            self._app_finished(task)
         error = self._take_app_error()
         if error is not None:
             raise error
@@ -421,6 +429,7 @@ class WebsocketCommunicator:
                     f"the app serving {self!r} did not return within {timeout:g} s after the client "
                     f"disconnected with code {code}; it was cancelled"
                 )
+        self._app_finished(task)
         error = self._take_app_error()
         if error is not None:
             raise error
@@ -431,6 +440,7 @@ class WebsocketCommunicator:
             self._cleanup_cancel = True
             task.cancel()
             await asyncio.wait((task,))
+            self._app_finished(task)
 
     async def __aenter__(self) -> WebsocketCommunicator:
         return self

@@ -78,7 +78,9 @@ async def test_invalid_json_closes_1007(channel_layer: InMemoryChannelLayer) -> 
     async with lifespan(app):
         alice = await joined("alice")
         await alice.send_to(text_data="{not json")
-        with pytest.raises(WebsocketClosed, match=r"code 1007: 'invalid JSON: Expecting property name") as closed:
+        with pytest.raises(
+            WebsocketClosed, match=r"code 1007: 'invalid JSON: Expecting property name"
+        ) as closed:
             await alice.receive_json_from()
         assert (closed.value.code, await alice.wait_closed()) == (1007, 1007)
         await alice.disconnect()

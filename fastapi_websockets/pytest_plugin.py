@@ -100,6 +100,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    __tracebackhide__ = True
     result = yield
     # Reported after every fixture is torn down: a fixture may hold a connection for the test.
     left = take_unreported_leftovers() + abandon_running()

@@ -32,7 +32,7 @@ async def run_example(name: str) -> dict[str, Any]:
 
 def test_every_python_block_is_an_example() -> None:
     blocks = re.findall(r"```python\n", README)
-    assert len(blocks) == len(EXAMPLES) == 5
+    assert len(blocks) == len(EXAMPLES) == 6
 
 
 def test_readme_starts_with_the_two_commands_ci_runs() -> None:
@@ -93,6 +93,11 @@ async def test_raw_endpoint_example() -> None:
         await ws.send(b"\x00\x01")
         assert await asyncio.wait_for(ws.recv(), 10) == b"\x00\x01"
     await namespace["layer"].close()
+
+
+async def test_testing_example(channel_layer: BaseChannelLayer) -> None:
+    namespace = await run_example("testing")
+    await namespace["test_room"](channel_layer)
 
 
 async def test_demo_app_serves_page_and_chats_across_connections() -> None:

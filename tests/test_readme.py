@@ -121,6 +121,11 @@ async def test_raw_endpoint_example() -> None:
     await namespace["layer"].close()
 
 
+async def test_testing_example(channel_layer: BaseChannelLayer) -> None:
+    namespace = await run_example("testing")
+    await namespace["test_room"](channel_layer)
+
+
 async def test_demo_app_serves_page_and_chats_across_connections() -> None:
     with serve_in_subprocess("examples.chat.app:app") as url:
         http = url.replace("ws://", "http://")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -20,8 +22,10 @@ from fastapi_websockets.backends.rabbitmq import (
     group_routing_key,
     named_queue_name,
 )
-from fastapi_websockets.exceptions import BackendUnavailable
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
 from tests.conftest import layer_factory
+from tests.faults import TcpProxy, silent_server
+from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.rabbitmq import RabbitNode
 
@@ -420,3 +424,106 @@ async def test_broker_restart(make: Factory, prefix: str, node: RabbitNode) -> N
     assert (await a.receive("durable.kept", timeout=10))["type"] == "stored"
     await b.group_send("joined.while.down", {"type": "joined"})
     assert (await a.receive(specific, timeout=10))["type"] == "joined"
+
+
+# ------------------------------------------------------------- no secrets
+
+
+@pytest.fixture(scope="module")
+def secret_user(rabbitmq_node: RabbitNode) -> str:
+    """A user of the test node whose password is ``SECRET``; returns its name."""
+    user = "fw-" + uuid.uuid4().hex[:8]
+    rabbitmq_node.ctl("add_user", user, SECRET)
+    rabbitmq_node.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    return user
+
+
+def assert_layer_keeps_secret(
+    layer: RabbitMQChannelLayer, caplog: pytest.LogCaptureFixture, *errors: BaseException
+) -> None:
+    assert_no_secret(errors=errors, records=caplog.records, objects=[layer, layer.stats])
+    assert SECRET not in caplog.text  # every record as it was formatted when logged
+    assert SECRET not in str(layer.stats)
+
+
+async def test_no_secret_when_the_connection_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = RabbitMQChannelLayer(url=f"amqp://user:{SECRET}@127.0.0.1:{free_port()}/", timeout=2)
+    with pytest.raises(BackendUnavailable, match=r"RabbitMQ is unreachable at 127\.0\.0\.1") as info:
+        await layer.send("anything", {"type": "x"})
+    assert_layer_keeps_secret(layer, caplog, info.value)
+    await layer.close()
+
+
+async def test_no_secret_when_authentication_fails(
+    rabbitmq_node: RabbitNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = RabbitMQChannelLayer(url=f"amqp://guest:{SECRET}@127.0.0.1:{rabbitmq_node.port}/", timeout=5)
+    with pytest.raises(BackendUnavailable, match="ACCESS_REFUSED") as info:
+        await layer.send("anything", {"type": "x"})
+    assert_layer_keeps_secret(layer, caplog, info.value)
+    await layer.close()
+
+
+async def test_no_secret_when_the_broker_never_answers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with silent_server() as port:
+        layer = RabbitMQChannelLayer(url=f"amqp://user:{SECRET}@127.0.0.1:{port}/", timeout=0.5)
+        with pytest.raises(BackendUnavailable, match=r"no answer within 0\.5 s") as info:
+            await layer.receive("anything", timeout=30)
+        assert_layer_keeps_secret(layer, caplog, info.value)
+        await layer.close()
+
+
+async def test_no_secret_when_the_broker_goes_away_mid_operation(
+    rabbitmq_node: RabbitNode, secret_user: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with TcpProxy(rabbitmq_node.port) as proxy:
+        layer = RabbitMQChannelLayer(
+            url=f"amqp://{secret_user}:{SECRET}@127.0.0.1:{proxy.port}/",
+            exchange_name=prefix,
+            queue_prefix=prefix,
+            timeout=1,
+        )
+        await layer.send("before.cut", {"type": "x"})
+        assert (await layer.receive("before.cut", timeout=10))["type"] == "x"
+        waiting = asyncio.create_task(layer.receive("after.cut"))
+        named = named_queue_name(prefix, "after.cut")
+        await wait_until(lambda: named in consumers(rabbitmq_node, prefix), "consumer started")
+        await proxy.cut()
+        with pytest.raises(BackendUnavailable) as sent:
+            await layer.send("after.cut", {"type": "y"})
+        with pytest.raises(BackendUnavailable) as added:
+            await layer.group_add("cut-group", await layer.new_channel())
+        assert not waiting.done()  # still waiting for the broker to come back
+        await layer.close()
+        with pytest.raises(ChannelLayerClosed):
+            await waiting
+        assert_layer_keeps_secret(layer, caplog, sent.value, added.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://user:{SECRET}@127.0.0.1:5672/",
+        f"amqp://user:{SECRET}@127.0.0.1:port/",
+        f"amqp://user:{SECRET}@127.0.0.1:99999/",
+    ],
+)
+def test_a_malformed_url_is_refused_at_construction_without_the_secret(url: str) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match="url") as info:
+        RabbitMQChannelLayer(url=url)
+    assert_no_secret(errors=[info.value])
+    with pytest.raises(InvalidChannelLayerConfig, match="url") as info:
+        get_channel_layer_from_env(
+            {"FASTAPI_WEBSOCKETS_BACKEND": "rabbitmq", "FASTAPI_WEBSOCKETS_RABBITMQ_URL": url}
+        )
+    assert_no_secret(errors=[info.value])
+
+
+def test_repr_names_the_broker_without_the_secret() -> None:
+    layer = RabbitMQChannelLayer(url=f"amqp://user:{SECRET}@broker.example:5673/app")
+    assert repr(layer) == "<RabbitMQChannelLayer broker.example:5673 open>"
+    assert RabbitMQChannelLayer(url="amqp://broker.example/").where == "broker.example:5672"

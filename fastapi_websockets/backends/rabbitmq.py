@@ -209,8 +209,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
       nobody consumed or declared for that long is deleted with its messages
       and bindings (``None``: never).
     * ``poll_interval``: accepted for compatibility with 0.1.0; nothing polls.
-    * ``timeout``: seconds a call waits for an unreachable broker before
-      raising ``BackendUnavailable``.
+    * ``timeout`` (from :class:`BrokerChannelLayer`): seconds a call waits for
+      an unreachable broker before raising ``BackendUnavailable``.
     """
 
     backend_name = "rabbitmq"
@@ -253,7 +253,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._reader_channel: AbstractRobustChannel | None = None  # named-channel consumers
         self._exchange: AbstractRobustExchange | None = None
         self._inbox: AbstractRobustQueue | None = None
-        # Named queues declared, by name.
+        # Named queues by name, so that sends skip the declare.
         self._declared: Memo[str, AbstractRobustQueue] = Memo(size=DECLARED_CACHE_SIZE)
         self._mismatched: set[str] = set()  # named queues that exist with other arguments
         self._named_bindings: set[tuple[str, str]] = set()  # (channel, group) bindings it made

@@ -44,18 +44,21 @@ class TaskSupervisor:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str, *, awaited: bool = False) -> asyncio.Task[T]:
         """Run ``coro`` as a tracked task named ``{self.name}.{name}``.
 
         An exception other than a cancellation (or ``ChannelLayerClosed`` while
-        closing) is logged with its traceback when the task ends.
+        closing) is logged with its traceback when the task ends. With
+        ``awaited``, the task is one a caller awaits (through ``asyncio.shield``,
+        so that cancelling the caller does not cancel a broker call half way):
+        the caller gets its exception, so it is only logged at DEBUG.
         """
         if self._closing:
             coro.close()
             raise ChannelLayerClosed("the channel layer was closed")
         task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}.{name}")
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self._done_awaited if awaited else self._done)
         return task
 
     def keep_running(
@@ -126,6 +129,11 @@ class TaskSupervisor:
             return
         self.failures += 1
         logger.error("background task %s failed", task.get_name(), exc_info=exc)
+
+    def _done_awaited(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("task %s failed: %r", task.get_name(), task.exception())
 
     async def close(
         self, timeout: float = 5.0, *, unblock: Callable[[], Coroutine[Any, Any, None]] | None = None

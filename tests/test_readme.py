@@ -34,7 +34,7 @@ async def run_example(name: str) -> dict[str, Any]:
 
 def test_every_python_block_is_an_example() -> None:
     blocks = re.findall(r"```python\n", README)
-    assert len(blocks) == len(EXAMPLES) == 6
+    assert len(blocks) == len(EXAMPLES) == 7
 
 
 def test_readme_starts_with_the_two_commands_ci_runs() -> None:

@@ -239,8 +239,10 @@ class BaseChannelLayer(abc.ABC):
         except Exception as exc:
             self._mailboxes.stats.dropped_undecodable += 1
             logger.warning(
-                "dropped an undecodable message (%d bytes) from %s: %s: %s",
-                len(data),
+                "dropped an undecodable message (%s) from %s: %s: %s",
+                f"{len(data)} bytes"
+                if isinstance(data, (bytes, bytearray, memoryview))
+                else type(data).__name__,
                 where,
                 type(exc).__name__,
                 exc,

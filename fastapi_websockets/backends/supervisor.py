@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -23,6 +24,9 @@ __all__ = ["TaskSupervisor"]
 logger = logging.getLogger("fastapi_websockets.tasks")
 
 T = TypeVar("T")
+
+#: Seconds a kept task must have run before it failed for the failure to count as a new streak.
+_HEALTHY_RUN = 30.0
 
 
 class TaskSupervisor:
@@ -75,13 +79,16 @@ class TaskSupervisor:
         A task that returns normally is done. One that raises is logged and
         started again after a backoff delay; after ``max_failures`` failures in a
         row (never, by default) ``on_give_up`` is called with the last error, so
-        the layer can fail loudly rather than stay connected and deaf.
+        the layer can fail loudly rather than stay connected and deaf. A run
+        that lasted ``_HEALTHY_RUN`` seconds or more before failing counts as a
+        success: the count and the delay start over.
         """
-        policy = backoff or Backoff(first=0.1, cap=5.0)
+        policy = backoff or Backoff()
 
         async def run() -> None:
             failures = 0
             while True:
+                started = time.monotonic()
                 try:
                     await factory()
                     return
@@ -94,6 +101,9 @@ class TaskSupervisor:
                 except Exception as exc:
                     if self._closing:
                         return
+                    if time.monotonic() - started >= _HEALTHY_RUN:
+                        failures = 0
+                        policy.reset()
                     failures += 1
                     self.failures += 1
                     if max_failures is not None and failures >= max_failures:

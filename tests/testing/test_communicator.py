@@ -54,7 +54,7 @@ async def test_text_bytes_subprotocol_and_headers() -> None:
     app = make_app()
     async with lifespan(app):
         ws = WebsocketCommunicator(
-            app, "/echo?token=ok", headers=[(b"Origin", b"http://x")], subprotocols=["chat"]
+            app, "/echo?token=ok", headers=[(b"Origin", b"http://testserver")], subprotocols=["chat"]
         )
         assert await ws.connect(timeout=1) == (True, "chat")
         await ws.send_to(text_data="héllo")
@@ -66,7 +66,7 @@ async def test_text_bytes_subprotocol_and_headers() -> None:
         await ws.send_to(text_data="headers")
         headers = await ws.receive_from()
         assert "(b'host', b'testserver')" in headers
-        assert "(b'origin', b'http://x')" in headers
+        assert "(b'origin', b'http://testserver')" in headers
         assert await ws.receive_nothing(timeout=0.05)
         await ws.disconnect(code=1001)
     assert Echo.disconnected[-1] == 1001

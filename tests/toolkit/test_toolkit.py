@@ -268,7 +268,7 @@ async def test_waiter_queue_fail_all_wakes_everyone() -> None:
     [
         ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
         ("amqp://user:s3cret@host/vhost", "amqp://user:***@host/vhost"),
-        ("nats://user@host:4222", "nats://user@host:4222"),
+        ("nats://s3cret@host:4222", "nats://***@host:4222"),
         ("postgresql://u:p%40ss@h/db?sslmode=require", "postgresql://u:***@h/db?sslmode=require"),
         ("postgresql://h/db?user=u&password=s3cret", "postgresql://h/db?user=u&password=%2A%2A%2A"),
         ("redis://:s3cret@host:notaport/0", "redis://:***@host:notaport/0"),

@@ -6,12 +6,12 @@ import asyncio
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import asyncpg
 import pytest
 
 from fastapi_websockets import (
+    BaseChannelLayer,
     ChannelLayerClosed,
     ChannelLayerError,
     get_channel_layer,
@@ -19,34 +19,15 @@ from fastapi_websockets import (
 )
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
+from tests.conftest import layer_factory
 from tests.servers.postgresql import PostgresServer
 
 Factory = Callable[..., PostgreSQLChannelLayer]
 
 
 @pytest.fixture
-def schema() -> str:
-    return "t" + uuid.uuid4().hex[:10]
-
-
-@pytest.fixture
-async def layers() -> AsyncIterator[list[PostgreSQLChannelLayer]]:
-    made: list[PostgreSQLChannelLayer] = []
-    yield made
-    for layer in made:
-        await layer.close()
-
-
-@pytest.fixture
-def make(postgresql_server: PostgresServer, schema: str, layers: list[PostgreSQLChannelLayer]) -> Factory:
-    def make(**options: Any) -> PostgreSQLChannelLayer:
-        options.setdefault("dsn", postgresql_server.dsn)
-        options.setdefault("schema", schema)
-        layer = PostgreSQLChannelLayer(**options)
-        layers.append(layer)
-        return layer
-
-    return make
+def make(postgresql_server: PostgresServer, namespace: str, layers: list[BaseChannelLayer]) -> Factory:
+    return layer_factory(layers, PostgreSQLChannelLayer, dsn=postgresql_server.dsn, schema=namespace)
 
 
 @pytest.fixture
@@ -75,20 +56,20 @@ async def backends_of(db: asyncpg.Connection, layer: PostgreSQLChannelLayer) -> 
 
 
 async def test_named_message_survives_layer_restart(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     sender = make()
     await sender.send("durable.jobs", {"type": "job", "blob": b"\x00\xff"})
     await sender.close()
-    stored = await db.fetchval(f'SELECT count(*) FROM "{schema}".message WHERE queue = $1', "durable.jobs")
+    stored = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', "durable.jobs")
     assert stored == 1
     receiver = make()
     assert await receiver.receive("durable.jobs", timeout=10) == {"type": "job", "blob": b"\x00\xff"}
-    assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 0
+    assert await db.fetchval(f'SELECT count(*) FROM "{namespace}".message') == 0
 
 
 async def test_close_forgets_this_instances_memberships(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     layer, other = make(), make()
     channel = await layer.new_channel()
@@ -96,7 +77,7 @@ async def test_close_forgets_this_instances_memberships(
     await layer.group_add("room", "named.member")
     await other.group_add("room", await other.new_channel())
     await layer.close()
-    owners = await db.fetch(f'SELECT channel, owner FROM "{schema}".group_member ORDER BY channel')
+    owners = await db.fetch(f'SELECT channel, owner FROM "{namespace}".group_member ORDER BY channel')
     assert [row["channel"] for row in owners] != []
     assert channel not in [row["channel"] for row in owners]
     assert "named.member" in [row["channel"] for row in owners]
@@ -106,7 +87,7 @@ async def test_close_forgets_this_instances_memberships(
 
 
 async def test_group_send_stores_one_row_per_owning_process(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     layer = make()
     # Members of two other (absent) processes, plus a named channel.
@@ -116,13 +97,13 @@ async def test_group_send_stores_one_row_per_owning_process(
     await layer.group_add("room", "room.log")
     listener = await asyncpg.connect(dsn=layer.dsn)
     seen: list[tuple[str, str]] = []
-    names = {notify_channel(schema, queue): queue for queue in ("!aaaa1111", "!bbbb2222", "room.log")}
+    names = {notify_channel(namespace, queue): queue for queue in ("!aaaa1111", "!bbbb2222", "room.log")}
     for name in names:
         await listener.add_listener(name, lambda _c, _p, ch, payload: seen.append((names[ch], payload)))
     try:
         await layer.group_send("room", {"type": "hello"})
         rows = await db.fetch(
-            f'SELECT queue, cardinality(targets) AS n FROM "{schema}".message ORDER BY queue'
+            f'SELECT queue, cardinality(targets) AS n FROM "{namespace}".message ORDER BY queue'
         )
         assert [(row["queue"], row["n"]) for row in rows] == [
             ("!aaaa1111", 50),
@@ -140,13 +121,13 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_notify_payload_stays_small_for_a_large_message(make: Factory, schema: str) -> None:
+async def test_notify_payload_stays_small_for_a_large_message(make: Factory, namespace: str) -> None:
     sender, receiver = make(), make()
     channel = await receiver.new_channel()
     listener = await asyncpg.connect(dsn=sender.dsn)
     payloads: list[str] = []
     for queue in ("big.named", "!" + receiver.client_token):
-        await listener.add_listener(notify_channel(schema, queue), lambda *args: payloads.append(args[3]))
+        await listener.add_listener(notify_channel(namespace, queue), lambda *args: payloads.append(args[3]))
     body = bytes(range(256)) * 2000
     try:
         await sender.send("big.named", {"type": "big", "body": body})
@@ -201,7 +182,7 @@ async def test_hundreds_of_receivers_share_a_few_connections(make: Factory, db: 
 
 
 async def test_prune_deletes_expired_messages_and_members(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     short = make(channel_expiry=1, group_expiry=1, prune_interval=0.2)
     keeper = make()
@@ -212,7 +193,8 @@ async def test_prune_deletes_expired_messages_and_members(
 
     async def pruned() -> bool:
         left = await db.fetch(
-            f'SELECT queue FROM "{schema}".message UNION ALL SELECT channel FROM "{schema}".group_member'
+            f'SELECT queue FROM "{namespace}".message '
+            f'UNION ALL SELECT channel FROM "{namespace}".group_member'
         )
         return sorted(row[0] for row in left) == ["fresh.member", "fresh.named"]
 
@@ -220,25 +202,25 @@ async def test_prune_deletes_expired_messages_and_members(
 
 
 async def test_prune_runs_in_one_process_at_a_time(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     layer = make(channel_expiry=1, prune_interval=3600)
     await layer.send("stale.named", {"type": "old"})
     await asyncio.sleep(1.2)
     async with db.transaction():
-        await db.execute("SELECT pg_advisory_xact_lock($1)", lock_key(schema, "prune"))
+        await db.execute("SELECT pg_advisory_xact_lock($1)", lock_key(namespace, "prune"))
         assert await layer.prune() is False
-        assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 1
+        assert await db.fetchval(f'SELECT count(*) FROM "{namespace}".message') == 1
     assert await layer.prune() is True
-    assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 0
+    assert await db.fetchval(f'SELECT count(*) FROM "{namespace}".message') == 0
 
 
-async def test_concurrent_schema_creation(make: Factory, db: asyncpg.Connection, schema: str) -> None:
+async def test_concurrent_schema_creation(make: Factory, db: asyncpg.Connection, namespace: str) -> None:
     starters = [make() for _ in range(8)]
     channels = await asyncio.gather(*(layer.new_channel() for layer in starters))
     assert len(set(channels)) == 8
     tables = await db.fetch(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", schema
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", namespace
     )
     assert [row["table_name"] for row in tables] == ["group_member", "message"]
     await starters[0].send(channels[7], {"type": "ok"})
@@ -285,7 +267,7 @@ async def test_mixed_case_schema_is_quoted(make: Factory, db: asyncpg.Connection
     [
         ("poll_interval", 0),
         ("prune_interval", -1),
-        ("command_timeout", 0),
+        ("timeout", 0),
         ("pool_size", 0),
         ("dsn", "mysql://x"),
         ("ensure_schema", "yes"),
@@ -368,7 +350,7 @@ async def test_listener_terminated_by_the_server(make: Factory, db: asyncpg.Conn
 async def test_database_restart_with_waiting_receivers(restartable_postgresql: PostgresServer) -> None:
     dsn, schema = restartable_postgresql.dsn, "restart"
     layer = PostgreSQLChannelLayer(dsn=dsn, schema=schema)
-    sender = PostgreSQLChannelLayer(dsn=dsn, schema=schema, command_timeout=1)
+    sender = PostgreSQLChannelLayer(dsn=dsn, schema=schema, timeout=1)
     try:
         channel = await layer.new_channel()
         await layer.group_add("room", channel)
@@ -380,7 +362,7 @@ async def test_database_restart_with_waiting_receivers(restartable_postgresql: P
         await asyncio.sleep(0.3)
         restartable_postgresql.stop()
         await asyncio.sleep(0.5)
-        with pytest.raises(BackendUnavailable, match="unavailable"):
+        with pytest.raises(BackendUnavailable, match="unreachable"):
             await sender.send("jobs", {"type": "lost"})
         failed = await asyncio.gather(
             *(sender.send(channel, {"type": "lost", "i": i}) for i in range(20)), return_exceptions=True
@@ -402,9 +384,9 @@ async def test_calls_fail_in_bounded_time_when_the_database_is_down(
     restartable_postgresql: PostgresServer,
 ) -> None:
     restartable_postgresql.stop()
-    layer = PostgreSQLChannelLayer(dsn=restartable_postgresql.dsn, schema="down", command_timeout=0.5)
+    layer = PostgreSQLChannelLayer(dsn=restartable_postgresql.dsn, schema="down", timeout=0.5)
     try:
-        with pytest.raises(BackendUnavailable, match="unavailable") as info:
+        with pytest.raises(BackendUnavailable, match="unreachable") as info:
             await layer.send("x", {"type": "x"})
         assert isinstance(info.value, ChannelLayerError)
         assert isinstance(info.value, ConnectionError)
@@ -451,11 +433,11 @@ asyncio.run(main())
 """
 
 
-async def test_broadcast_and_work_queue_between_two_os_processes(make: Factory, schema: str) -> None:
+async def test_broadcast_and_work_queue_between_two_os_processes(make: Factory, namespace: str) -> None:
     layer = make()
     await layer.new_channel()  # creates the schema before the child starts
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CHILD, layer.dsn, schema, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", _CHILD, layer.dsn, namespace, stdout=asyncio.subprocess.PIPE
     )
     assert child.stdout is not None
     try:
@@ -474,7 +456,7 @@ async def test_broadcast_and_work_queue_between_two_os_processes(make: Factory, 
 
 
 async def test_group_send_skips_full_named_members(
-    make: Factory, schema: str, db: asyncpg.Connection
+    make: Factory, namespace: str, db: asyncpg.Connection
 ) -> None:
     layer = make(capacity=2)
     other = await layer.new_channel()
@@ -485,7 +467,7 @@ async def test_group_send_skips_full_named_members(
     await layer.send("named.full", {"type": "pre"})
     await layer.group_send("g", {"type": "g"})
     counts = dict(
-        await db.fetch(f'SELECT queue, count(*) FROM "{schema}".message GROUP BY queue ORDER BY queue')
+        await db.fetch(f'SELECT queue, count(*) FROM "{namespace}".message GROUP BY queue ORDER BY queue')
     )
     assert counts == {"named.free": 1, "named.full": 2}
     assert (await layer.receive("named.free", timeout=10))["type"] == "g"
@@ -547,15 +529,15 @@ async def test_named_receives_that_time_out_lose_nothing_and_keep_order(make: Fa
 
 
 async def test_a_role_without_create_rights_uses_existing_tables(
-    make: Factory, db: asyncpg.Connection, schema: str, postgresql_server: PostgresServer
+    make: Factory, db: asyncpg.Connection, namespace: str, postgresql_server: PostgresServer
 ) -> None:
     admin = make()
     await admin.new_channel()  # creates schema and tables
     role = "r" + uuid.uuid4().hex[:10]
     await db.execute(f"CREATE ROLE {role} LOGIN")
-    await db.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
-    await db.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
-    await db.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{schema}" TO {role}')
+    await db.execute(f'GRANT USAGE ON SCHEMA "{namespace}" TO {role}')
+    await db.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{namespace}" TO {role}')
+    await db.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{namespace}" TO {role}')
     limited = make(dsn=postgresql_server.dsn.replace("postgres@", f"{role}@"))
     await limited.send("limited.q", {"type": "x"})
     await limited.group_add("g", "limited.q")

@@ -26,6 +26,7 @@ stored meanwhile is delivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -300,6 +301,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         # Filled in by _start once asyncpg is imported.
         self._broken: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
         self._misuse: tuple[type[BaseException], ...] = ()
+        self._aborted: tuple[type[BaseException], ...] = ()
         self._reader_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
 
     # ------------------------------------------------------------ connection
@@ -329,6 +331,15 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             asyncpg.InsufficientResourcesError,  # too many connections, out of memory/disk
             asyncpg.InterfaceError,
             asyncpg.InternalClientError,
+        )
+        # The server ended the session and so rolled back whatever it was running:
+        # a statement that failed with one of these did not commit (unless the end
+        # came in the instant between its commit and its reply), so it is sent
+        # again. This is what a connection left over from before a restart reports.
+        self._aborted = (
+            asyncpg.AdminShutdownError,
+            asyncpg.CrashShutdownError,
+            asyncpg.CannotConnectNowError,
         )
         # Interface errors that are our mistake, not the connection's.
         self._misuse = (asyncpg.exceptions.ClientConfigurationError, asyncpg.exceptions.DataError)
@@ -450,7 +461,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     except self._broken:
                         # Never hand a broken connection back to the pool: asyncpg may
                         # not notice it is unusable, and every later caller would fail.
-                        conn.terminate()
+                        # (If asyncpg already released it, there is nothing to do.)
+                        with contextlib.suppress(*self._broken):
+                            conn.terminate()
                         raise
             except self._misuse:
                 raise
@@ -458,7 +471,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if self.closed:  # the pool was closed under us
                     raise ChannelLayerClosed("the channel layer was closed") from exc
                 delay = backoff.next()
-                if (sent and not retry) or time.monotonic() + delay >= deadline:
+                committed_maybe = sent and not _aborted_by_server(exc, self._aborted)
+                if (committed_maybe and not retry) or time.monotonic() + delay >= deadline:
                     raise self.unavailable(exc) from exc
                 await asyncio.sleep(delay)
 
@@ -553,6 +567,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 self._listening.clear()
                 self._listener = None
                 conn.terminate()
+                if self._pool is not None:
+                    # The pooled sessions most likely went with it: replace them on
+                    # their next use instead of failing one call on each.
+                    await self._pool.expire_connections()
                 # Readers fall back to re-checking every poll_interval until we are back.
                 self._wake_all()
             await backoff.sleep()
@@ -867,6 +885,18 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             except ChannelLayerError as exc:
                 logger.debug("could not remove this instance's rows on close: %s", exc)
         await self._release_connections()
+
+
+def _aborted_by_server(exc: BaseException, aborted: tuple[type[BaseException], ...]) -> bool:
+    # asyncpg reports the server's FATAL message as the cause of its own error.
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, aborted):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
@@ -20,6 +21,8 @@ from fastapi_websockets import (
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.conftest import layer_factory
+from tests.leaks import SECRET, assert_no_secret
+from tests.servers import free_port
 from tests.servers.postgresql import PostgresServer
 
 Factory = Callable[..., PostgreSQLChannelLayer]
@@ -553,3 +556,226 @@ async def test_synchronous_commit_layers_work_with_the_default_ones(make: Factor
     await durable.send("sync.named", {"type": "y"})
     assert (await fast.receive(channel, timeout=10))["type"] == "x"
     assert (await fast.receive("sync.named", timeout=10))["type"] == "y"
+
+
+# ------------------------------------------------------- broken connections
+
+
+async def test_inbox_reader_survives_its_connections_killed_mid_claim(
+    make: Factory, db: asyncpg.Connection
+) -> None:
+    # Cutting a pooled session while it claims makes asyncpg raise InterfaceError or
+    # InternalClientError ("cannot switch to state 12; another operation is in
+    # progress"); the inbox reader once died of it and the process went deaf.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm"})
+    assert (await receiver.receive(channel, timeout=10))["type"] == "warm"
+    for cycle in range(25):
+        pool_pids = [
+            row["pid"]
+            for row in await backends_of(db, receiver)
+            if row["application_name"] == receiver.application_name
+        ]
+        burst = [asyncio.create_task(sender.send(channel, {"type": "burst"})) for _ in range(50)]
+        await asyncio.sleep(0.002 * (cycle % 10))
+        for pid in pool_pids:
+            await db.execute("SELECT pg_terminate_backend($1)", pid)
+        await asyncio.gather(*burst)
+        await sender.send(channel, {"type": "probe", "cycle": cycle})
+        # Burst rows whose claim committed as the session died are lost (at most
+        # once); the probe sent afterwards must arrive.
+        while (message := await receiver.receive(channel, timeout=20))["type"] != "probe":
+            pass
+        assert message["cycle"] == cycle
+    # The reader never had to be restarted: a broken connection is a pause, not a crash.
+    assert receiver.tasks.failures == 0
+
+
+async def test_a_row_that_breaks_the_inbox_reader_does_not_leave_it_deaf(
+    make: Factory, db: asyncpg.Connection, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A row no layer writes (NULL data) breaks the reader's decoding outside the
+    # driver errors it expects: it is dropped, or the reader fails and the
+    # supervisor starts it again; either way the process is not left deaf.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await db.execute(f'ALTER TABLE "{namespace}".message ALTER COLUMN data DROP NOT NULL')
+    await db.execute(
+        f'INSERT INTO "{namespace}".message (queue, targets, expires_at, data) '
+        "VALUES ($1, $2, now() + interval '1 minute', NULL)",
+        "!" + receiver.client_token,
+        [channel],
+    )
+    await db.execute("SELECT pg_notify($1, '')", notify_channel(namespace, "!" + receiver.client_token))
+    await sender.send(channel, {"type": "after"})
+    assert (await receiver.receive(channel, timeout=20))["type"] == "after"
+    if receiver.tasks.restarts:
+        assert any("restarting it" in record.getMessage() for record in caplog.records)
+    else:
+        assert receiver.stats.dropped_undecodable == 1
+
+
+async def test_ten_restarts_in_a_row_lose_nothing(restartable_postgresql: PostgresServer) -> None:
+    dsn = restartable_postgresql.dsn
+    receiver = PostgreSQLChannelLayer(dsn=dsn, schema="restarts")
+    sender = PostgreSQLChannelLayer(dsn=dsn, schema="restarts")
+    try:
+        direct, member = await receiver.new_channel(), await receiver.new_channel()
+        await receiver.group_add("room", member)
+        await sender.send("warm", {"type": "x"})
+        lost = []
+        for cycle in range(10):
+            waiting = [
+                asyncio.create_task(receiver.receive(direct, timeout=30)),
+                asyncio.create_task(receiver.receive(member, timeout=30)),
+                asyncio.create_task(receiver.receive("restart.jobs", timeout=30)),
+            ]
+            await asyncio.sleep(0.1)
+            restartable_postgresql.stop()
+            restartable_postgresql.start()
+            # Sent the instant the server accepts connections, before the receiver
+            # has reconnected.
+            await sender.send(direct, {"type": "direct", "cycle": cycle})
+            await sender.group_send("room", {"type": "group", "cycle": cycle})
+            await sender.send("restart.jobs", {"type": "named", "cycle": cycle})
+            for task in waiting:
+                try:
+                    message = await task
+                except TimeoutError:
+                    lost.append(cycle)
+                else:
+                    assert message["cycle"] == cycle
+        assert lost == []
+        assert receiver.tasks.failures == 0
+    finally:
+        await receiver.close()
+        await sender.close()
+
+
+# ------------------------------------------------------------------ secrets
+
+
+@pytest.fixture
+def password_postgresql() -> Iterator[PostgresServer]:
+    """A PostgreSQL of its own whose ``postgres`` user logs in over TCP with ``SECRET`` only."""
+    server = PostgresServer(max_connections=50, password=SECRET)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+def _assert_nothing_leaks(
+    layer: PostgreSQLChannelLayer, caplog: pytest.LogCaptureFixture, *errors: BaseException
+) -> None:
+    assert_no_secret(errors=errors, records=caplog.records, objects=[layer, layer.stats])
+    assert SECRET not in str(layer.stats)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        f"mysql://postgres:{SECRET}@127.0.0.1:5432/postgres",
+        f"postgresql://postgres:{SECRET}@127.0.0.1:port/postgres",
+        f"postgresql://postgres:{SECRET}@127.0.0.1:99999999/postgres",
+    ],
+)
+def test_a_malformed_dsn_is_refused_at_construction_without_its_password(dsn: str) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match="dsn") as info:
+        PostgreSQLChannelLayer(dsn=dsn)
+    assert_no_secret(errors=[info.value])
+
+
+async def test_connection_refused_leaks_no_password(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    dsn = f"postgresql://postgres:{SECRET}@127.0.0.1:{free_port()}/postgres"
+    layer = PostgreSQLChannelLayer(dsn=dsn, timeout=0.5)
+    try:
+        with pytest.raises(BackendUnavailable, match=r"unreachable at 127\.0\.0\.1:") as info:
+            await layer.send("x", {"type": "x"})
+        _assert_nothing_leaks(layer, caplog, info.value)
+    finally:
+        await layer.close()
+
+
+async def test_a_server_that_never_answers_times_out_without_leaking(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    layer = PostgreSQLChannelLayer(dsn=f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/db", timeout=0.5)
+    try:
+        with pytest.raises(BackendUnavailable, match="unreachable") as info:
+            await layer.new_channel()
+        assert accepted
+        _assert_nothing_leaks(layer, caplog, info.value)
+    finally:
+        await layer.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_authentication_failure_leaks_no_password(
+    password_postgresql: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    admin = await asyncpg.connect(password_postgresql.dsn)
+    try:
+        await admin.execute("CREATE ROLE someone LOGIN PASSWORD 'another-password'")
+    finally:
+        await admin.close()
+    dsn = password_postgresql.dsn.replace("postgres:", "someone:", 1)
+    layer = PostgreSQLChannelLayer(dsn=dsn, timeout=2)
+    try:
+        with pytest.raises(ChannelLayerError, match="password authentication failed") as info:
+            await layer.send("x", {"type": "x"})
+        _assert_nothing_leaks(layer, caplog, info.value)
+    finally:
+        await layer.close()
+
+
+async def test_the_database_gone_mid_operation_leaks_no_password(
+    password_postgresql: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = PostgreSQLChannelLayer(
+        dsn=password_postgresql.dsn, schema="gone", timeout=0.5, poll_interval=0.05
+    )
+    errors: list[BaseException] = []
+    try:
+        channel = await layer.new_channel()
+        waiting = [
+            asyncio.create_task(layer.receive(channel, timeout=30)),
+            asyncio.create_task(layer.receive("gone.named", timeout=30)),
+        ]
+        await asyncio.sleep(0.2)
+        password_postgresql.stop()
+        for call in (
+            layer.send("gone.named", {"type": "x"}),
+            layer.send(f"other.{'a' * 8}!x", {"type": "x"}),
+            layer.group_send("g", {"type": "x"}),
+            layer.group_add("g", channel),
+        ):
+            with pytest.raises(BackendUnavailable) as info:
+                await call
+            errors.append(info.value)
+        await asyncio.sleep(1.0)  # the listener and readers retry and log meanwhile
+        password_postgresql.start()
+        await layer.send(channel, {"type": "back"})
+        await layer.send("gone.named", {"type": "back"})
+        assert [(await task)["type"] for task in waiting] == ["back", "back"]
+        assert any(record.levelno >= logging.WARNING for record in caplog.records)
+        _assert_nothing_leaks(layer, caplog, *errors)
+    finally:
+        await layer.close()
+    _assert_nothing_leaks(layer, caplog, *errors)

@@ -586,26 +586,24 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 await conn.execute("SELECT 1", timeout=self.timeout)
         logger.warning("the LISTEN connection was closed; reconnecting")
 
-    async def _listen(self, name: str) -> None:
+    async def _listen(self, name: str, *, on: bool = True) -> None:
+        """LISTEN on ``name`` (UNLISTEN if not ``on``) now if connected, and after every reconnect."""
         async with self._listen_lock:
-            self._listened.add(name)
+            if on:
+                self._listened.add(name)
+            else:
+                self._listened.discard(name)
             conn = self._listener
-            if conn is not None and not conn.is_closed():
-                try:
+            if conn is None or conn.is_closed():
+                return
+            try:
+                if on:
                     await conn.add_listener(name, self._on_notify)
-                except self._broken as exc:
-                    # The listener task re-LISTENs everything once it reconnects.
-                    logger.debug("LISTEN failed (%s); will LISTEN after reconnecting", type(exc).__name__)
-
-    async def _unlisten(self, name: str) -> None:
-        async with self._listen_lock:
-            self._listened.discard(name)
-            conn = self._listener
-            if conn is not None and not conn.is_closed():
-                try:
+                else:
                     await conn.remove_listener(name, self._on_notify)
-                except self._broken as exc:
-                    logger.debug("UNLISTEN failed (%s); the reconnect forgets it anyway", type(exc).__name__)
+            except self._broken as exc:
+                # The listener task LISTENs on exactly self._listened once it reconnects.
+                logger.debug("(UN)LISTEN failed (%s); the reconnect sets it right", type(exc).__name__)
 
     async def _wait_for_wake(self, event: asyncio.Event) -> None:
         if self._listening.is_set():
@@ -684,7 +682,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if self._named.get(channel) is waiters:
             del self._named[channel]
             del self._named_by_notify[notify]
-        await self._unlisten(notify)
+        await self._listen(notify, on=False)
 
     async def _claim_named(self, channel: str, limit: int) -> list[asyncpg.Record]:
         claim = asyncio.ensure_future(self._claim(channel, limit))

@@ -8,6 +8,7 @@ private state.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from fastapi_websockets import (
 from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, subject_token, token_to_name
 from fastapi_websockets.exceptions import BackendUnavailable, MessageTooLarge
 from tests.conftest import layer_factory
+from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.nats import NatsCluster, NatsNode
 
@@ -639,3 +641,134 @@ async def test_cluster_survives_losing_the_stream_and_bucket_leader(
     assert (await b.receive("jobs", timeout=30))["type"] == "group"
     await a.send("jobs", {"type": "after"})
     assert (await b.receive("jobs", timeout=30))["type"] == "after"
+
+
+# ------------------------------------------------------------------- secrets
+
+
+USER = "fw-user"
+
+
+def secret_url(port: int, password: str = SECRET) -> str:
+    return f"nats://{USER}:{password}@127.0.0.1:{port}"
+
+
+def assert_layer_keeps_secret(
+    layer: NATSChannelLayer, caplog: pytest.LogCaptureFixture, errors: list[BaseException]
+) -> None:
+    assert errors, "the test expected errors to check"
+    assert_no_secret(errors=errors, records=caplog.records, objects=[layer, layer.stats])
+
+
+@pytest.fixture
+def auth_node(tmp_path: Path) -> Iterator[NatsNode]:
+    """A node of our own whose clients must log in as USER with the password SECRET."""
+    node = NatsNode(tmp_path / "auth", user=USER, password=SECRET)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+async def test_no_secret_when_the_connection_is_refused(make: Make, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    layer = make(servers=[secret_url(port)], timeout=1)
+    errors: list[BaseException] = []
+    with pytest.raises(BackendUnavailable, match=re.escape(f"unreachable at 127.0.0.1:{port}")) as info:
+        await layer.send("named", {"type": "x"})
+    errors.append(info.value)
+    with pytest.raises(BackendUnavailable) as info:
+        await layer.new_channel()
+    errors.append(info.value)
+    assert_layer_keeps_secret(layer, caplog, errors)
+
+
+async def test_no_secret_when_authentication_fails(
+    tmp_path: Path, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # The layer's URL holds the secret; the server expects another password.
+    wrong = NatsNode(tmp_path / "auth", user=USER, password="another-password")
+    wrong.start()
+    try:
+        layer = make(servers=[secret_url(wrong.port)], timeout=1)
+        with pytest.raises(BackendUnavailable, match="Authorization") as info:
+            await layer.send("named", {"type": "x"})
+        assert any("Authorization" in record.getMessage() for record in caplog.records)
+        assert_layer_keeps_secret(layer, caplog, [info.value])
+    finally:
+        wrong.stop()
+
+
+async def test_no_secret_when_connecting_times_out(make: Make, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, and no INFO line ever comes
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        layer = make(servers=[secret_url(port)], timeout=1)
+        with pytest.raises(BackendUnavailable, match=re.escape("no connection within 1.0 s")) as info:
+            await layer.send("named", {"type": "x"})
+        assert held, "the layer never reached the silent server"
+        assert_layer_keeps_secret(layer, caplog, [info.value])
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_no_secret_when_the_server_goes_away_and_comes_back(
+    auth_node: NatsNode, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = make(servers=[secret_url(auth_node.port)], timeout=1)
+    channel = await layer.new_channel()
+    await layer.group_add("room", channel)
+    await layer.send("named", {"type": "before"})
+    waiting = asyncio.create_task(layer.receive("later"))
+    auth_node.stop()
+    errors: list[BaseException] = []
+    with pytest.raises(BackendUnavailable, match="send to 'named'") as info:
+        await layer.send("named", {"type": "during"})
+    errors.append(info.value)
+    with pytest.raises(BackendUnavailable) as info:
+        await layer.group_add("room", "named")
+    errors.append(info.value)
+    auth_node.start()
+    await wait_connected(layer)
+    assert any(
+        record.getMessage() == f"reconnected to NATS at 127.0.0.1:{auth_node.port}"
+        for record in caplog.records
+    )
+    await layer.send("later", {"type": "after"})
+    assert (await asyncio.wait_for(waiting, 30))["type"] == "after"
+    assert (await layer.receive("named", timeout=30))["type"] == "before"
+    assert_layer_keeps_secret(layer, caplog, errors)
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        f"nats://{USER}:{SECRET}@127.0.0.1:not-a-port",
+        f"http://{USER}:{SECRET}@127.0.0.1:4222",
+        f"nats://{USER}:{SECRET}@127.0.0.1:4222/a/path",
+    ],
+)
+def test_a_malformed_server_url_is_refused_without_its_password(server: str) -> None:
+    for servers in ([server], f"nats://127.0.0.1:4222,{server}"):
+        with pytest.raises(InvalidChannelLayerConfig, match="servers must be") as info:
+            NATSChannelLayer(servers=servers)  # type: ignore[arg-type]
+        assert f"{USER}:***@" in str(info.value)
+        assert_no_secret(errors=[info.value])
+
+
+def test_repr_names_the_servers_without_the_password() -> None:
+    layer = NATSChannelLayer(servers=[secret_url(4222), f"nats://{USER}:{SECRET}@other:4223"])
+    assert repr(layer) == "<NATSChannelLayer 127.0.0.1:4222, other:4223 open>"

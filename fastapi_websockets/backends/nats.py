@@ -488,35 +488,28 @@ class NATSChannelLayer(BrokerChannelLayer):
         if self._stream_ready:
             return
         from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-        from nats.js.errors import BadRequestError, NotFoundError
+        from nats.js.errors import NotFoundError
 
         async with self._setup_lock:
             if self._stream_ready:
                 return
-            what = f"setup of stream {self.stream_name}"
             wanted = f"{self.prefix}.n.>"
-            try:
-                info = await self._retry(what, lambda: self.js.stream_info(self.stream_name))
-            except ChannelLayerError as exc:
-                if not isinstance(exc.__cause__, NotFoundError):
-                    raise
-                config = StreamConfig(
-                    name=self.stream_name,
-                    subjects=[wanted],
-                    retention=RetentionPolicy.WORK_QUEUE,
-                    storage=StorageType.FILE,
-                    num_replicas=self.replicas,
-                    allow_msg_ttl=True if self._msg_ttl else None,
-                    # Servers without per-message TTL bound the age stream-wide.
-                    max_age=None if self._msg_ttl else self.channel_expiry,
-                )
-                try:
-                    info = await self._retry(what, lambda: self.js.add_stream(config))
-                except ChannelLayerError as exc:
-                    if not isinstance(exc.__cause__, BadRequestError):
-                        raise
-                    # Created by another process meanwhile, or a clash we report below.
-                    info = await self._retry(what, lambda: self.js.stream_info(self.stream_name))
+            config = StreamConfig(
+                name=self.stream_name,
+                subjects=[wanted],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                num_replicas=self.replicas,
+                allow_msg_ttl=True if self._msg_ttl else None,
+                # Servers without per-message TTL bound the age stream-wide.
+                max_age=None if self._msg_ttl else self.channel_expiry,
+            )
+            info = await self._get_or_create(
+                f"setup of stream {self.stream_name}",
+                lambda: self.js.stream_info(self.stream_name),
+                lambda: self.js.add_stream(config),
+                NotFoundError,
+            )
             subjects = info.config.subjects or []
             if wanted not in subjects:
                 raise InvalidChannelLayerConfig(
@@ -529,17 +522,10 @@ class NATSChannelLayer(BrokerChannelLayer):
         if self._kv is not None:
             return self._kv
         from nats.js.api import KeyValueConfig, StorageType
-        from nats.js.errors import BadRequestError, BucketNotFoundError
+        from nats.js.errors import BucketNotFoundError
 
         async with self._setup_lock:
-            if self._kv is not None:
-                return self._kv
-            what = f"setup of KV bucket {self.group_bucket}"
-            try:
-                kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
-            except ChannelLayerError as exc:
-                if not isinstance(exc.__cause__, BucketNotFoundError):
-                    raise
+            if self._kv is None:
                 config = KeyValueConfig(
                     bucket=self.group_bucket,
                     history=1,
@@ -549,14 +535,36 @@ class NATSChannelLayer(BrokerChannelLayer):
                     storage=StorageType.FILE,
                     replicas=self.replicas,
                 )
-                try:
-                    kv = await self._retry(what, lambda: self.js.create_key_value(config))
-                except ChannelLayerError as exc:
-                    if not isinstance(exc.__cause__, BadRequestError):
-                        raise
-                    kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
-            self._kv = kv
-            return kv
+                self._kv = await self._get_or_create(
+                    f"setup of KV bucket {self.group_bucket}",
+                    lambda: self.js.key_value(self.group_bucket),
+                    lambda: self.js.create_key_value(config),
+                    BucketNotFoundError,
+                )
+            return self._kv
+
+    async def _get_or_create(
+        self,
+        what: str,
+        get: Callable[[], Awaitable[_T]],
+        create: Callable[[], Awaitable[_T]],
+        missing: type[Exception],
+    ) -> _T:
+        """``get()`` a stream or bucket, ``create()`` it if ``missing`` says it does not exist."""
+        from nats.js.errors import BadRequestError
+
+        try:
+            return await self._retry(what, get)
+        except ChannelLayerError as exc:
+            if not isinstance(exc.__cause__, missing):
+                raise
+        try:
+            return await self._retry(what, create)
+        except ChannelLayerError as exc:
+            if not isinstance(exc.__cause__, BadRequestError):
+                raise
+        # Created by another process meanwhile (or a clash the caller reports).
+        return await self._retry(what, get)
 
     async def _recover_stream(self) -> None:
         self._stream_ready = False

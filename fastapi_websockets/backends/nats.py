@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote
 
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
@@ -97,16 +98,8 @@ def subject_token(name: str) -> str:
 
 def token_to_name(token: str) -> str:
     """Invert :func:`subject_token`."""
-    out = bytearray()
-    index = 0
-    while index < len(token):
-        if token[index] == "_":
-            out.append(int(token[index + 1 : index + 3], 16))
-            index += 3
-        else:
-            out.append(ord(token[index]))
-            index += 1
-    return out.decode()
+    # A token holds no "%" (it is escaped as "_25"), so "_xx" read as "%xx" is exact.
+    return unquote(token.replace("_", "%"), errors="strict")
 
 
 def consumer_name(channel: str) -> str:
@@ -118,18 +111,14 @@ def _server_urls(servers: object) -> list[str]:
     """The ``servers`` option as a list of NATS URLs with a scheme (nats-py assumes ``nats://``)."""
     if isinstance(servers, str):
         servers = [part.strip() for part in servers.split(",") if part.strip()]
-    if not isinstance(servers, (list, tuple)) or not all(isinstance(s, str) for s in servers):
-        raise InvalidChannelLayerConfig(
-            f"servers must be a non-empty list of NATS URLs such as 'nats://host:4222', "
-            f"got {type(servers).__name__}"
-        )
-    urls = [server if "://" in server else f"nats://{server}" for server in servers]
-    if not urls or not all(_is_server_url(server) for server in urls):
-        shown = [redact_url(server) for server in servers]
-        raise InvalidChannelLayerConfig(
-            f"servers must be a non-empty list of NATS URLs such as 'nats://host:4222', got {shown!r}"
-        )
-    return urls
+    if isinstance(servers, (list, tuple)) and servers and all(isinstance(s, str) for s in servers):
+        urls = [server if "://" in server else f"nats://{server}" for server in servers]
+        if all(_is_server_url(server) for server in urls):
+            return urls
+        servers = [redact_url(server) for server in servers]
+    raise InvalidChannelLayerConfig(
+        f"servers must be a non-empty list of NATS URLs such as 'nats://host:4222', got {servers!r}"
+    )
 
 
 def _is_server_url(text: str) -> bool:

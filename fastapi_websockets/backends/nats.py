@@ -771,25 +771,31 @@ class NATSChannelLayer(BrokerChannelLayer):
     # ------------------------------------------------------------------ groups
 
     async def _group_add(self, group: str, channel: str) -> None:
+        await self._change_member("add", group, channel)
+
+    async def _group_discard(self, group: str, channel: str) -> None:
+        await self._change_member("discard", group, channel)
+
+    async def _change_member(self, op: str, group: str, channel: str) -> None:
+        """Add or discard a member: in its owner's local groups first, then its KV key."""
         if self.is_local(channel):
-            await self._add_local(group, channel)
+            await self._change_local(op, group, channel)
         elif is_process_specific(channel):
-            await self._tell_owner(channel, "add", group)
+            await self._tell_owner(channel, op, group)
         kv = await self._bucket()
         key = self.member_key(group, channel)
         joined = repr(time.time()).encode()
-        await self._retry(f"group_add to {group!r}", lambda: kv.put(key, joined), self._recover_bucket)
-
-    async def _group_discard(self, group: str, channel: str) -> None:
-        if self.is_local(channel):
-            await self._discard_local(group, channel)
-        elif is_process_specific(channel):
-            await self._tell_owner(channel, "discard", group)
-        kv = await self._bucket()
-        key = self.member_key(group, channel)
         await self._retry(
-            f"group_discard from {group!r}", lambda: self._forget(kv, key), self._recover_bucket
+            f"group_{op} of {channel!r} in {group!r}",
+            (lambda: kv.put(key, joined)) if op == "add" else (lambda: self._forget(kv, key)),
+            self._recover_bucket,
         )
+
+    async def _change_local(self, op: str, group: str, channel: str) -> None:
+        if op == "add":
+            await self._add_local(group, channel)
+        else:
+            await self._discard_local(group, channel)
 
     async def _forget(self, kv: KeyValue, key: str) -> None:
         if self._msg_ttl:
@@ -850,10 +856,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             return
         try:
             if self.is_local(channel):
-                if op == "add":
-                    await self._add_local(group, channel)
-                else:
-                    await self._discard_local(group, channel)
+                await self._change_local(op, group, channel)
         except ChannelLayerError as exc:
             logger.warning("group change for %r failed: %r", channel, exc)
             await msg.respond(str(exc).encode())

@@ -408,7 +408,9 @@ class RedisChannelLayer(BrokerChannelLayer):
             cluster = RedisCluster.from_url(self.url, **common)
             try:
                 await within(cluster.initialize(), self.timeout, self._no_reply)
-            except self._conn_errors as exc:
+            # RedisClusterException (no node answered, or every node refused our AUTH)
+            # is not a RedisError.
+            except (*self._conn_errors, exceptions.RedisClusterException) as exc:
                 await cluster.aclose()
                 raise self.unavailable(exc) from exc
             except BackendUnavailable:

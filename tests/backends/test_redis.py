@@ -482,33 +482,24 @@ def _assert_nothing_leaked(
     )
 
 
-async def test_no_secret_when_redis_refuses_connections(
-    namespace: str, layers: list[BaseChannelLayer], caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    url = f"redis://fwuser:{SECRET}@127.0.0.1:{free_port()}/0"
-    layer = layer_factory(layers, RedisChannelLayer)(url=url, prefix=namespace, timeout=1)
-    errors = await _errors_of_every_call(layer)
-    assert any(isinstance(e, BackendUnavailable) and "127.0.0.1" in str(e) for e in errors)
-    await asyncio.sleep(0.5)  # the reader retries and logs meanwhile
-    await layer.close()
-    _assert_nothing_leaked(layer, errors, caplog)
-
-
-async def test_no_secret_when_redis_refuses_the_password(
+@pytest.mark.parametrize("refusal", ["connection", "auth"])
+async def test_no_secret_when_redis_refuses(
     redis_server: RedisNode,
     namespace: str,
     layers: list[BaseChannelLayer],
     caplog: pytest.LogCaptureFixture,
+    refusal: str,
 ) -> None:
-    # The test server has no such user: AUTH fails. (Without a user name, AUTH to the
-    # default user succeeds with any password while that user has none.)
+    # "connection": nothing listens on the port. "auth": the test server has no such
+    # user, so AUTH fails. (Without a user name, AUTH to the default user succeeds
+    # with any password while that user has none.)
     caplog.set_level(logging.DEBUG)
-    url = f"redis://fwuser:{SECRET}@127.0.0.1:{redis_server.port}/0"
+    port = free_port() if refusal == "connection" else redis_server.port
+    url = f"redis://fwuser:{SECRET}@127.0.0.1:{port}/0"
     layer = layer_factory(layers, RedisChannelLayer)(url=url, prefix=namespace, timeout=1)
     errors = await _errors_of_every_call(layer)
-    assert any(isinstance(e, BackendUnavailable) for e in errors)
-    await asyncio.sleep(0.5)
+    assert any(isinstance(e, BackendUnavailable) and f"127.0.0.1:{port}" in str(e) for e in errors)
+    await asyncio.sleep(0.5)  # the reader retries and logs meanwhile
     await layer.close()
     _assert_nothing_leaked(layer, errors, caplog)
 

@@ -45,7 +45,7 @@ from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import flag, matching
 from fastapi_websockets.backends.options import url as url_option
-from fastapi_websockets.backends.timeouts import wait_event, within
+from fastapi_websockets.backends.timeouts import reply_within, wait_event, within
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
@@ -451,8 +451,8 @@ class RedisChannelLayer(BrokerChannelLayer):
     async def _reply(self, fut: asyncio.Future[Any]) -> Any:
         if self._flusher is None or self._flusher.done():
             self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
-        # A reply that comes too late finds its future cancelled; the writer skips it.
-        return await within(fut, self.timeout, self._no_reply)
+        # A reply that comes too late finds its future done; the writer skips it.
+        return await reply_within(fut, self.timeout, self._no_reply)
 
     async def _script(self, name: str, keys: Iterable[str], *args: Any) -> Any:
         keys = list(keys)

@@ -391,7 +391,14 @@ class RedisChannelLayer(BrokerChannelLayer):
             from redis.backoff import ExponentialBackoff
         except ImportError as exc:
             raise missing_driver("redis", exc) from exc
-        self._conn_errors = (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ClusterError)
+        # RedisClusterException (no node reachable, every node refused our AUTH) is not
+        # a RedisError.
+        self._conn_errors = (
+            exceptions.ConnectionError,
+            exceptions.TimeoutError,
+            exceptions.ClusterError,
+            exceptions.RedisClusterException,
+        )
         self._redis_errors = (exceptions.RedisError,)
         # One retry on a broken connection: the first write after a Redis restart meets
         # a dead pooled connection and must go through on a fresh one. Not on timeouts:
@@ -408,9 +415,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             cluster = RedisCluster.from_url(self.url, **common)
             try:
                 await within(cluster.initialize(), self.timeout, self._no_reply)
-            # RedisClusterException (no node answered, or every node refused our AUTH)
-            # is not a RedisError.
-            except (*self._conn_errors, exceptions.RedisClusterException) as exc:
+            except self._conn_errors as exc:
                 await cluster.aclose()
                 raise self.unavailable(exc) from exc
             except BackendUnavailable:

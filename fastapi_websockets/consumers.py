@@ -38,6 +38,7 @@ from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGua
 from fastapi_websockets.exceptions import ChannelLayerClosed
 from fastapi_websockets.history import History, StreamPosition
 from fastapi_websockets.messages import WEBSOCKET_SEND
+from fastapi_websockets.presence import PRESENCE_JOINED, PRESENCE_LEFT
 from fastapi_websockets.types import Message
 
 __all__ = ["AsyncJsonWebSocketConsumer", "AsyncWebSocketConsumer"]
@@ -99,6 +100,7 @@ class AsyncWebSocketConsumer:
         self._accepted = False
         self._closed = False
         self._joined: set[str] = set()
+        self._present_in: set[str] = set()
         # Held while a channel event is dispatched, and while a catch-up page is, so that
         # the page's messages go out before any live event of the group.
         self._dispatch_lock = asyncio.Lock()
@@ -284,6 +286,14 @@ class AsyncWebSocketConsumer:
         self._closed = True
 
     async def _leave_groups(self) -> None:
+        for group in list(self._present_in):
+            try:
+                await self.channel_layer.presence_leave(group, self.channel_name)
+            except ChannelLayerClosed:
+                pass
+            except Exception:
+                logger.exception("could not leave the presence of %r for %s", group, self.channel_name)
+            self._present_in.discard(group)
         for group in list(self._joined):
             try:
                 await self.channel_layer.group_discard(group, self.channel_name)
@@ -381,7 +391,8 @@ class AsyncWebSocketConsumer:
             return
         handler = self._handler_for(event_type)
         if handler is None:
-            await self.channel_receive(message)
+            if event_type not in _LAYER_EVENTS:  # presence events are optional to handle
+                await self.channel_receive(message)
             return
         await handler(message)
 
@@ -464,6 +475,22 @@ class AsyncWebSocketConsumer:
                 await self.dispatch_channel_message(message)
         return page
 
+    async def presence_join(self, group: str, info: Mapping[str, Any] | None = None) -> None:
+        """Join ``group`` and its presence with ``info``; both are left when the connection ends.
+
+        The group's members get a ``presence.joined`` event, handled by an
+        ``async def presence_joined(self, event)`` if the consumer has one
+        (``presence.left`` likewise); consumers without them ignore both.
+        """
+        await self.group_add(group)
+        await self.channel_layer.presence_join(group, self.channel_name, info)
+        self._present_in.add(group)
+
+    async def presence_leave(self, group: str) -> None:
+        """Leave the presence of ``group`` (the group itself is kept)."""
+        self._present_in.discard(group)
+        await self.channel_layer.presence_leave(group, self.channel_name)
+
     async def group_discard(self, group: str) -> None:
         """Leave ``group``."""
         await self.channel_layer.group_discard(group, self.channel_name)
@@ -519,6 +546,9 @@ class AsyncJsonWebSocketConsumer(AsyncWebSocketConsumer):
 
 #: The last JSON envelope each consumer class encoded (the message is kept, so ``is`` is safe).
 _ENVELOPE_CACHE: dict[type[AsyncWebSocketConsumer], tuple[Message, str]] = {}
+
+#: Events the layer itself sends; a consumer without a handler for them ignores them silently.
+_LAYER_EVENTS = frozenset((PRESENCE_JOINED, PRESENCE_LEFT))
 
 #: Names a channel event may never dispatch to: everything the framework defines.
 _FRAMEWORK_NAMES = frozenset(dir(AsyncJsonWebSocketConsumer)) | frozenset(

@@ -25,6 +25,7 @@ from fastapi_websockets.backends.options import Memo, positive, positive_int
 from fastapi_websockets.exceptions import (
     ChannelFull,
     ChannelLayerClosed,
+    ChannelLayerError,
     InvalidChannelLayerConfig,
     InvalidChannelName,
     InvalidMessage,
@@ -49,6 +50,7 @@ from fastapi_websockets.names import (
     validate_group_name,
     validate_prefix,
 )
+from fastapi_websockets.presence import PRESENCE_JOINED, PRESENCE_LEFT, LocalPresence, presence_event
 from fastapi_websockets.serialization import default_serializer
 from fastapi_websockets.types import Message, Serializer
 
@@ -108,6 +110,8 @@ class BaseChannelLayer(abc.ABC):
     * ``history``: ``{group glob: size | {"size": n, "ttl": seconds}}``: groups
       that keep their last messages in the broker for recovery (see
       :meth:`group_history`); other groups pay nothing.
+    * ``presence_timeout``: seconds after which the presence entries of a
+      process that died without leaving disappear (default 30).
 
     Messages handed to receivers may be shared between the recipients of one
     ``group_send()`` in a process: treat received messages as read-only.
@@ -131,6 +135,7 @@ class BaseChannelLayer(abc.ABC):
         max_message_size: int = 1024 * 1024,
         serializer: Serializer | None = None,
         history: Mapping[str, Any] | None = None,
+        presence_timeout: float = 30.0,
     ) -> None:
         positive_int("capacity", capacity)
         positive("channel_expiry", channel_expiry)
@@ -151,6 +156,9 @@ class BaseChannelLayer(abc.ABC):
         self._mailboxes = Mailboxes(self.capacity_for, channel_expiry)
         self._local_groups = LocalGroups(group_expiry)
         self._capacity_memo: Memo[str, int] = Memo(self._capacity_of)
+        self.presence_timeout = positive("presence_timeout", presence_timeout, "seconds")
+        self._presence = LocalPresence()
+        self._presence_lock = asyncio.Lock()
         self.history = parse_history_option(history)
         self._history_memo: Memo[str, HistoryPolicy | None] = Memo(self._history_policy_of)
         #: channel -> {epoch: (offset, deadline)}: live group messages at or below the offset
@@ -480,6 +488,97 @@ class BaseChannelLayer(abc.ABC):
             )
         return policy
 
+    # --------------------------------------------------------------- presence
+
+    async def presence_join(
+        self, group: str, channel: str, info: Mapping[str, Any] | None = None, *, notify: bool = True
+    ) -> None:
+        """Mark ``channel`` present in ``group`` with ``info`` (a dict the serializer can carry).
+
+        Joining again updates the info. The entry lives until
+        :meth:`presence_leave`, until this layer closes, or, if the process dies
+        without either, at most ``presence_timeout`` seconds. Unless ``notify``
+        is False, the group's members get ``{"type": "presence.joined", "group",
+        "channel", "info"}``. Joining presence does not add ``channel`` to the
+        group (a consumer's ``presence_join`` does both).
+        """
+        self._check_open()
+        validate_group_name(group)
+        validate_channel_name(channel)
+        details = _presence_info(info)
+        data = self.encode(details)
+        await self._ensure_started()
+        async with self._presence_lock:
+            first = not self._presence
+            await self._presence_put(group, channel, data)
+            self._presence.add(group, channel, data)
+        if first:
+            self._presence_started()
+        if notify:
+            await self._send_event(group, presence_event(PRESENCE_JOINED, group, channel, details))
+
+    async def presence_leave(self, group: str, channel: str, *, notify: bool = True) -> None:
+        """Remove ``channel`` from the presence of ``group``; a no-op if it is not present.
+
+        Unless ``notify`` is False, the group's members get ``{"type":
+        "presence.left", ...}`` with the info the entry had.
+        """
+        self._check_open()
+        validate_group_name(group)
+        validate_channel_name(channel)
+        await self._ensure_started()
+        async with self._presence_lock:
+            data = await self._presence_remove(group, channel)
+            self._presence.remove(group, channel)
+        if notify and data is not None:
+            await self._announce_left(group, channel, data)
+
+    async def presence(self, group: str) -> dict[str, dict[str, Any]]:
+        """Who is present in ``group``: ``{channel: info}`` across every process and instance."""
+        self._check_open()
+        validate_group_name(group)
+        await self._ensure_started()
+        entries = await self._presence_read(group)
+        present = {}
+        for channel, data in entries.items():
+            info = self.decode_or_drop(data, f"the presence of group {group!r}")
+            if info is not None:
+                present[channel] = info
+        return present
+
+    async def _announce_left(self, group: str, channel: str, data: bytes) -> None:
+        info = self.decode_or_drop(data, f"the presence of group {group!r}") or {}
+        await self._send_event(group, presence_event(PRESENCE_LEFT, group, channel, info))
+
+    async def _send_event(self, group: str, message: Message) -> None:
+        # Layer events (presence) reach the members but never the group's history.
+        await self._group_send(group, self.encode(message))
+
+    async def presence_heartbeat(self) -> None:
+        """Refresh this process's liveness, restore lost entries, and clean up after dead processes.
+
+        Broker backends run it every ``presence_timeout / 3`` seconds while
+        this layer has presence entries; it is public for tests and for apps
+        that drive their own schedule.
+        """
+        async with self._presence_lock:
+            if self._presence and await self._presence_beat():
+                # The broker lost our record (restarted without persistence): store ours again.
+                for group, channel, data in self._presence.items():
+                    await self._presence_put(group, channel, data)
+        for group, channel, data in await self._presence_reap():
+            logger.info("presence: %r left %r (its process stopped answering)", channel, group)
+            await self._announce_left(group, channel, data)
+
+    async def _leave_presence_on_close(self) -> None:
+        for group, channel, data in self._presence.items():
+            try:
+                await self._presence_remove(group, channel)
+                await self._announce_left(group, channel, data)
+            except ChannelLayerError as exc:
+                logger.warning("could not remove presence of %r in %r on close: %s", channel, group, exc)
+        self._presence.clear()
+
     async def flush(self) -> None:
         """Drop every message and group this layer's storage holds (for tests)."""
         self._check_open()
@@ -488,6 +587,7 @@ class BaseChannelLayer(abc.ABC):
         self._mailboxes.clear()
         self._local_groups.clear()
         self._floors.clear()
+        self._presence.clear()
 
     async def close(self) -> None:
         """Close the layer: wake pending receivers with ``ChannelLayerClosed``, release resources.
@@ -496,6 +596,8 @@ class BaseChannelLayer(abc.ABC):
         """
         if self._closed:
             return
+        if self._presence and self._started:
+            await self._leave_presence_on_close()
         self._closed = True
         self._mailboxes.close()
         for task in list(self._remote_receives):
@@ -630,6 +732,33 @@ class BaseChannelLayer(abc.ABC):
         """The newest ``limit`` stored messages of ``group`` with an offset above ``after``."""
         raise NotImplementedError(f"{type(self).__name__} does not keep group history yet")
 
+    def _presence_started(self) -> None:  # noqa: B027 - optional hook
+        """Called when this layer gets its first presence entry (broker layers start the heartbeat)."""
+
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
+        """Store (or update) this process's entry ``channel`` in the presence of ``group``."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep presence yet")
+
+    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+        """Remove an entry; return its info, or None if there was none."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep presence yet")
+
+    async def _presence_read(self, group: str) -> dict[str, bytes]:
+        """The entries of ``group`` whose process is alive: ``{channel: info}``."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep presence yet")
+
+    async def _presence_beat(self) -> bool:
+        """Mark this process alive for ``presence_timeout`` more seconds; True if its record was lost."""
+        return False
+
+    async def _presence_reap(self) -> list[tuple[str, str, bytes]]:
+        """Remove the entries of processes that stopped beating; return ``(group, channel, info)``.
+
+        Each dead process's entries must be returned by one caller only (claimed
+        atomically), so each leave is announced once.
+        """
+        return []
+
     @abc.abstractmethod
     async def _flush(self) -> None:
         """Drop everything the broker stores for this layer's prefix."""
@@ -664,6 +793,14 @@ def _as_position(value: object) -> StreamPosition:
     ):
         return StreamPosition(value[0], value[1])
     raise ValueError(f"since must be a StreamPosition(offset, epoch), got {value!r}")
+
+
+def _presence_info(info: object) -> dict[str, Any]:
+    if info is None:
+        return {}
+    if not isinstance(info, Mapping):
+        raise InvalidMessage(f"presence info must be a dict, got {type(info).__name__}")
+    return dict(info)
 
 
 def _cancelling() -> bool:

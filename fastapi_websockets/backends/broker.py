@@ -11,6 +11,7 @@ A backend module then holds broker code only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.backends.options import positive
 from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
-from fastapi_websockets.exceptions import BackendUnavailable
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 
 __all__ = ["BrokerChannelLayer"]
 
@@ -100,6 +101,23 @@ class BrokerChannelLayer(BaseChannelLayer):
     def backoff(self) -> Backoff:
         """A fresh delay policy for one retry or reconnect loop (the same for every broker)."""
         return Backoff()
+
+    def _presence_started(self) -> None:
+        self.tasks.keep_running(self._presence_heartbeats, "presence-heartbeat")
+
+    async def _presence_heartbeats(self) -> None:
+        # One write per process, whatever the number of members: a third of the timeout
+        # leaves two beats of slack before other processes consider this one dead.
+        interval = self.presence_timeout / 3
+        while True:
+            try:
+                await self.presence_heartbeat()
+            except ChannelLayerClosed:
+                return
+            except ChannelLayerError as exc:
+                # The broker is away: the next beat (or the reconnect) catches up.
+                logger.warning("presence heartbeat to %s failed: %s", self._where, exc)
+            await asyncio.sleep(interval)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

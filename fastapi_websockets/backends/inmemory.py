@@ -29,6 +29,7 @@ class InMemoryChannelLayer(BaseChannelLayer):
         # ``capacity`` may be passed positionally, as in 0.1.0.
         super().__init__(capacity=capacity, **options)
         self._stored_history = LocalHistory()
+        self._stored_presence: dict[str, dict[str, bytes]] = {}
 
     def is_local(self, channel: str) -> bool:
         """Every channel is local to an in-memory layer."""
@@ -56,6 +57,22 @@ class InMemoryChannelLayer(BaseChannelLayer):
     async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
         return self._stored_history.read(group, after, limit, policy)
 
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
+        self._stored_presence.setdefault(group, {})[channel] = info
+
+    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+        members = self._stored_presence.get(group)
+        if members is None:
+            return None
+        info = members.pop(channel, None)
+        if not members:
+            del self._stored_presence[group]
+        return info
+
+    async def _presence_read(self, group: str) -> dict[str, bytes]:
+        return dict(self._stored_presence.get(group, {}))
+
     async def _flush(self) -> None:
-        """Forget group history; the base class clears mailboxes and groups."""
+        """Forget group history and presence; the base class clears mailboxes and groups."""
         self._stored_history.clear()
+        self._stored_presence.clear()

@@ -1,0 +1,124 @@
+"""Presence across layer instances, with join and leave events (issue 12), on every backend variant."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from fastapi_websockets import BaseChannelLayer
+from fastapi_websockets.exceptions import InvalidMessage, SerializationError
+from tests.conftest import LayerFactory
+from tests.servers import Backend
+
+#: Backends whose presence is not written yet: their tests must fail with NotImplementedError.
+PENDING: set[str] = {"redis", "postgresql", "nats", "rabbitmq"}
+
+
+@pytest.fixture(autouse=True)
+def _pending(backend: Backend, request: pytest.FixtureRequest) -> None:
+    if backend.name.split("-")[0] in PENDING:
+        request.applymarker(pytest.mark.xfail(raises=NotImplementedError, strict=True))
+
+
+def pair(
+    backend: Backend, make_layer: LayerFactory, **options: Any
+) -> tuple[BaseChannelLayer, BaseChannelLayer]:
+    """Two instances of one app (the same one where instances share nothing)."""
+    first = make_layer(presence_timeout=3, **options)
+    return first, make_layer(presence_timeout=3, **options) if backend.shared_between_instances else first
+
+
+async def next_event(layer: BaseChannelLayer, channel: str) -> dict[str, Any]:
+    return await layer.receive(channel, timeout=10)
+
+
+async def test_join_update_leave_seen_from_another_instance(
+    backend: Backend, make_layer: LayerFactory
+) -> None:
+    alice_layer, viewer = pair(backend, make_layer)
+    alice = await alice_layer.new_channel("ws")
+    bob = await viewer.new_channel("ws")
+    await alice_layer.presence_join("room:1", alice, {"user": "alice"})
+    await viewer.presence_join("room:1", bob, {"user": "bob"})
+    assert await viewer.presence("room:1") == {alice: {"user": "alice"}, bob: {"user": "bob"}}
+    assert await alice_layer.presence("room:1") == {alice: {"user": "alice"}, bob: {"user": "bob"}}
+
+    await alice_layer.presence_join("room:1", alice, {"user": "alice", "status": "away"})
+    assert (await viewer.presence("room:1"))[alice] == {"user": "alice", "status": "away"}
+
+    await alice_layer.presence_leave("room:1", alice)
+    assert await viewer.presence("room:1") == {bob: {"user": "bob"}}
+    await alice_layer.presence_leave("room:1", alice)  # leaving twice is a no-op
+    assert await viewer.presence("room:other") == {}
+
+
+async def test_join_and_leave_events_reach_the_group(backend: Backend, make_layer: LayerFactory) -> None:
+    joiner, watcher_layer = pair(backend, make_layer)
+    watcher = await watcher_layer.new_channel("ws")
+    await watcher_layer.group_add("room:2", watcher)
+    newcomer = await joiner.new_channel("ws")
+    await joiner.presence_join("room:2", newcomer, {"user": "carol"})
+    assert await next_event(watcher_layer, watcher) == {
+        "type": "presence.joined",
+        "group": "room:2",
+        "channel": newcomer,
+        "info": {"user": "carol"},
+    }
+    await joiner.presence_leave("room:2", newcomer)
+    left = await next_event(watcher_layer, watcher)
+    assert left == {
+        "type": "presence.left",
+        "group": "room:2",
+        "channel": newcomer,
+        "info": {"user": "carol"},
+    }
+
+    quiet = await joiner.new_channel("ws")
+    await joiner.presence_join("room:2", quiet, {"user": "dan"}, notify=False)
+    await joiner.presence_leave("room:2", quiet, notify=False)
+    with pytest.raises(TimeoutError):
+        await watcher_layer.receive(watcher, timeout=0.5)
+
+
+async def test_closing_a_layer_leaves_and_announces(backend: Backend, make_layer: LayerFactory) -> None:
+    if not backend.shared_between_instances:
+        pytest.skip("one in-memory instance is the whole app: nobody is left to watch it close")
+    leaving, staying = pair(backend, make_layer)
+    watcher = await staying.new_channel("ws")
+    await staying.group_add("room:3", watcher)
+    gone = await leaving.new_channel("ws")
+    await leaving.presence_join("room:3", gone, {"user": "erin"}, notify=False)
+    assert gone in await staying.presence("room:3")
+    await leaving.close()
+    assert await staying.presence("room:3") == {}
+    assert (await next_event(staying, watcher))["type"] == "presence.left"
+
+
+async def test_info_must_be_a_dict_the_serializer_carries(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel("ws")
+    with pytest.raises(InvalidMessage, match="dict"):
+        await layer.presence_join("room:4", channel, ["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(SerializationError):
+        await layer.presence_join("room:4", channel, {"when": object()})
+    assert await layer.presence("room:4") == {}
+
+
+async def test_many_members_over_two_instances(backend: Backend, make_layer: LayerFactory) -> None:
+    first, second = pair(backend, make_layer)
+    per_instance = 2_000
+
+    async def join_many(layer: BaseChannelLayer, who: str) -> set[str]:
+        channels = {await layer.new_channel("ws") for _ in range(per_instance)}
+        for start in range(0, per_instance, 200):
+            batch = list(channels)[start : start + 200]
+            await asyncio.gather(*(layer.presence_join("big", c, {"who": who}, notify=False) for c in batch))
+        return channels
+
+    mine = await join_many(first, "first")
+    theirs = await join_many(second, "second") if second is not first else set()
+    present = await second.presence("big")
+    assert set(present) == mine | theirs
+    assert sum(1 for info in present.values() if info == {"who": "first"}) == per_instance

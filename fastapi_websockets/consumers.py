@@ -99,6 +99,7 @@ class AsyncWebSocketConsumer:
         self._websocket: WebSocket | None = None
         self._accepted = False
         self._closed = False
+        self._close_code: int | None = CLOSE_NORMAL
         self._joined: set[str] = set()
         self._present_in: set[str] = set()
         # Held while a channel event is dispatched, and while a catch-up page is, so that
@@ -189,8 +190,7 @@ class AsyncWebSocketConsumer:
             await self.connect()
             if not self._accepted and not self._closed:
                 await self.accept()
-            if not self._closed:
-                close_code = await self._run()
+            close_code = self._close_code if self._closed else await self._run()
         except WebSocketDisconnect as exc:
             close_code = exc.code
         except Exception:
@@ -248,7 +248,7 @@ class AsyncWebSocketConsumer:
                 await self._handler_failed("a client frame")
                 return CLOSE_INTERNAL_ERROR
             if self._closed:
-                return CLOSE_NORMAL
+                return self._close_code
 
     async def _event_loop(self) -> int | None:
         while True:
@@ -272,7 +272,7 @@ class AsyncWebSocketConsumer:
                 await self._handler_failed(f"event {message.get('type')!r}")
                 return CLOSE_INTERNAL_ERROR
             if self._closed:
-                return CLOSE_NORMAL
+                return self._close_code
 
     async def _handler_failed(self, what: str) -> None:
         logger.exception("%s raised while handling %s on %s", type(self).__name__, what, self.channel_name)
@@ -422,8 +422,9 @@ class AsyncWebSocketConsumer:
         self._accepted = True
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str | None = None) -> None:
-        """Close the connection (before accepting, this rejects it)."""
+        """Close the connection (before accepting, this rejects it); ``disconnect()`` gets ``code``."""
         self._closed = True
+        self._close_code = code
         if self.websocket.application_state != WebSocketState.DISCONNECTED:
             await self.websocket.close(code=code, reason=_reason(reason) if reason else None)
 

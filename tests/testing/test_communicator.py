@@ -78,6 +78,7 @@ async def test_rejection_gives_the_close_code() -> None:
         ws = WebsocketCommunicator(app, "/echo?token=bad")
         assert await ws.connect() == (False, 4403)
         await ws.disconnect()
+    assert Echo.disconnected[-1] == 4403
 
 
 async def test_timeout_names_what_was_expected_and_keeps_the_connection() -> None:
@@ -103,6 +104,7 @@ async def test_app_closing_is_reported_with_code_and_reason() -> None:
         assert await ws.receive_nothing()  # the close was read above; nothing follows it
         assert await ws.wait_closed() == 4000
         await ws.disconnect()
+    assert Echo.disconnected[-1] == 4000  # the code the consumer closed with, not 1000
 
 
 async def test_wait_closed_skips_frames_and_times_out_when_open() -> None:

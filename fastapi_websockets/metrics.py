@@ -23,6 +23,7 @@ import dataclasses
 import threading
 import time
 import weakref
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -37,10 +38,11 @@ from fastapi_websockets.mailboxes import MailboxStats
 from fastapi_websockets.types import Message
 
 try:
-    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector
+    from prometheus_client.utils import floatToGoString
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "fastapi_websockets.metrics needs prometheus-client, which is not installed; "
@@ -60,74 +62,129 @@ def _reason(field: str) -> str:
     return field.removeprefix("dropped_")
 
 
+Key = tuple[str, ...]
+
+
+class _Series:
+    """One metric's values by label values, kept as plain numbers.
+
+    prometheus-client's metric objects take a lock on every update, which
+    costs more than the rest of delivering a message to one receiver; these
+    are plain dict and list updates, read by :class:`_MetricsCollector` at
+    scrape time (a scrape copies each dict in one step, so a scrape from
+    another thread never sees one being resized).
+    """
+
+    def __init__(self, kind: str, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.kind = kind
+        self.name = _PREFIX + name
+        self.doc = doc
+        self.labels = labels
+        self.values: dict[Key, float] = {}
+
+    def add(self, key: Key, amount: float = 1) -> None:
+        values = self.values
+        values[key] = values.get(key, 0) + amount
+
+    def family(self) -> Metric:
+        family_class = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        name = self.name.removesuffix("_total")
+        family = family_class(name, self.doc, labels=self.labels)
+        for key, value in sorted(list(self.values.items())):
+            family.add_metric(list(key), value)
+        return family
+
+
+class _Histogram:
+    """One histogram's bucket counts (not cumulative) and sum, by label values."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.name = _PREFIX + name
+        self.doc = doc
+        self.labels = labels
+        self.series: dict[Key, tuple[list[int], list[float]]] = {}
+
+    def observe(self, key: Key, value: float) -> None:
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = ([0] * (len(BUCKETS) + 1), [0.0])
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le is "<=").
+        series[0][bisect_left(BUCKETS, value)] += 1
+        series[1][0] += value
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, (counts, total) in sorted(list(self.series.items())):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(floatToGoString, BUCKETS), "+Inf"), list(counts), strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(key), buckets, total[0])
+        return family
+
+
 class _Metrics(observing.Observer):
     """The metrics of one registry, fed by the hooks."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-
-        def metric(kind: Any, name: str, doc: str, labels: list[str], **extra: Any) -> Any:
-            return kind(_PREFIX + name, doc, labels, registry=registry, **extra)
-
-        self.open = metric(Gauge, "open_connections", "WebSocket connections open now.", ["consumer"])
-        self.connections = metric(
-            Counter,
+        self.open = _Series("gauge", "open_connections", "WebSocket connections open now.", ("consumer",))
+        self.connections = _Series(
+            "counter",
             "connections_total",
             "WebSocket handshakes, accepted or rejected.",
-            ["consumer", "outcome"],
+            ("consumer", "outcome"),
         )
-        self.disconnections = metric(
-            Counter,
+        self.disconnections = _Series(
+            "counter",
             "disconnections_total",
             "Accepted connections that ended, by close code.",
-            ["consumer", "code"],
+            ("consumer", "code"),
         )
-        self.frames = metric(
-            Counter,
-            "frames_total",
-            "WebSocket frames received from and sent to clients.",
-            ["consumer", "direction"],
+        self.frames = _Series(
+            "counter", "frames_total", "WebSocket frames from and to clients.", ("consumer", "direction")
         )
-        self.handler_duration = metric(
-            Histogram,
+        self.handler_duration = _Histogram(
             "handler_duration_seconds",
             "Time consumers spent handling channel events (event: the type, or 'other' without a handler).",
-            ["consumer", "event"],
-            buckets=BUCKETS,
+            ("consumer", "event"),
         )
-        self.handler_errors = metric(
-            Counter, "handler_errors_total", "Channel-event handlers that raised.", ["consumer", "event"]
+        self.handler_errors = _Series(
+            "counter", "handler_errors_total", "Channel-event handlers that raised.", ("consumer", "event")
         )
-        self.layer_messages = metric(
-            Counter,
+        self.layer_messages = _Series(
+            "counter",
             "layer_messages_total",
             "Messages sent, group-sent and received through channel layers.",
-            ["backend", "operation"],
+            ("backend", "operation"),
         )
-        self.group_send_duration = metric(
-            Histogram,
-            "layer_group_send_duration_seconds",
-            "Time a group_send call took.",
-            ["backend"],
-            buckets=BUCKETS,
+        self.group_send_duration = _Histogram(
+            "layer_group_send_duration_seconds", "Time a group_send call took.", ("backend",)
         )
-        self.delivery_lag = metric(
-            Histogram,
+        self.delivery_lag = _Histogram(
             "layer_delivery_lag_seconds",
             "Time from a sender's send or group_send to the message's arrival in this process.",
-            ["backend"],
-            buckets=BUCKETS,
+            ("backend",),
         )
+        registry.register(_MetricsCollector(self))
         registry.register(_LayerCollector())
-        # Label children cached by key: labels() takes a lock and builds a tuple each call.
-        self._children: dict[tuple[Any, ...], Any] = {}
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def families(self) -> list[Metric]:
+        """Every metric fed by the hooks, as of now."""
+        return [
+            metric.family()
+            for metric in (
+                self.open,
+                self.connections,
+                self.disconnections,
+                self.frames,
+                self.handler_duration,
+                self.handler_errors,
+                self.layer_messages,
+                self.group_send_duration,
+                self.delivery_lag,
+            )
+        ]
 
     # ---------------------------------------------------------------- layers
 
@@ -139,51 +196,63 @@ class _Metrics(observing.Observer):
         if error is not None:
             return
         backend, operation, started = cast("tuple[str, str, float]", token)
-        self._child(self.layer_messages, backend, operation).inc()
+        self.layer_messages.add((backend, operation))
         if operation == "group_send":
-            self._child(self.group_send_duration, backend).observe(time.perf_counter() - started)
+            self.group_send_duration.observe((backend,), time.perf_counter() - started)
 
     def message_in(self, layer: BaseChannelLayer, meta: Mapping[str, Any]) -> None:
         sent = meta.get("ts")
         if isinstance(sent, (int, float)):
             # Wall clocks of two hosts may disagree slightly; a negative lag is clock skew.
-            self._child(self.delivery_lag, layer.backend_name).observe(max(time.time() - sent, 0.0))
+            self.delivery_lag.observe((layer.backend_name,), max(time.time() - sent, 0.0))
 
     def message_received(self, layer: BaseChannelLayer) -> None:
-        self._child(self.layer_messages, layer.backend_name, "receive").inc()
+        self.layer_messages.add((layer.backend_name, "receive"))
 
     # ------------------------------------------------------------- consumers
 
     def connection_accepted(self, consumer: AsyncWebSocketConsumer) -> None:
         name = type(consumer).__name__
-        self._child(self.connections, name, "accepted").inc()
-        self._child(self.open, name).inc()
+        self.connections.add((name, "accepted"))
+        self.open.add((name,))
 
     def connection_ended(self, consumer: AsyncWebSocketConsumer, accepted: bool, code: int | None) -> None:
         name = type(consumer).__name__
         if accepted:
-            self._child(self.open, name).dec()
-            self._child(self.disconnections, name, str(code) if code is not None else "none").inc()
+            self.open.add((name,), -1)
+            self.disconnections.add((name, str(code) if code is not None else "none"))
         else:
-            self._child(self.connections, name, "rejected").inc()
+            self.connections.add((name, "rejected"))
 
     def frame_in(self, consumer: AsyncWebSocketConsumer) -> object:
-        self._child(self.frames, type(consumer).__name__, "received").inc()
+        self.frames.add((type(consumer).__name__, "received"))
         return None
 
     def frame_out(self, consumer: AsyncWebSocketConsumer) -> None:
-        self._child(self.frames, type(consumer).__name__, "sent").inc()
+        self.frames.add((type(consumer).__name__, "sent"))
 
     def event_in(self, consumer: AsyncWebSocketConsumer, event: str, message: Message) -> object:
-        return (type(consumer).__name__, event, time.perf_counter())
+        return ((type(consumer).__name__, event), time.perf_counter())
 
     def event_in_done(self, token: object, error: BaseException | None) -> None:
-        name, event, started = cast("tuple[str, str, float]", token)
-        if error is None or isinstance(error, Exception):
-            self._child(self.handler_duration, name, event).observe(time.perf_counter() - started)
-        # A client that left while its handler wrote to it is not a handler failure.
-        if isinstance(error, Exception) and not isinstance(error, WebSocketDisconnect):
-            self._child(self.handler_errors, name, event).inc()
+        key, started = cast("tuple[Key, float]", token)
+        if error is None:
+            self.handler_duration.observe(key, time.perf_counter() - started)
+        elif isinstance(error, Exception):
+            self.handler_duration.observe(key, time.perf_counter() - started)
+            # A client that left while its handler wrote to it is not a handler failure.
+            if not isinstance(error, WebSocketDisconnect):
+                self.handler_errors.add(key)
+
+
+class _MetricsCollector(Collector):
+    """Exposes the hook-fed metrics of one :class:`_Metrics`."""
+
+    def __init__(self, metrics: _Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.families()
 
 
 class _LayerCollector(Collector):

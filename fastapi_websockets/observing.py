@@ -39,7 +39,7 @@ class Delivered(dict[str, Any]):
 
     __slots__ = ("meta",)
 
-    def __init__(self, message: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    def __init__(self, message: Mapping[str, Any], meta: dict[str, Any]) -> None:
         super().__init__(message)
         self.meta = meta
 
@@ -155,6 +155,17 @@ class Hooks:
         message: Message,
         handler: Callable[[Message], Awaitable[None]],
     ) -> None:
+        if len(self.observers) == 1:
+            # The common case, without the lists: this runs once per event per receiver.
+            (observer,) = self.observers
+            token = observer.event_in(consumer, event, message)
+            try:
+                await handler(message)
+            except BaseException as exc:
+                observer.event_in_done(token, exc)
+                raise
+            observer.event_in_done(token, None)
+            return
         tokens = [(observer, observer.event_in(consumer, event, message)) for observer in self.observers]
         try:
             await handler(message)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -271,3 +272,36 @@ def test_without_instrument_nothing_is_imported_and_the_reserved_key_is_removed(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.splitlines() == ["{'type': 'x'} {'type': 'y'}", "[] None", "[]"]
+
+
+#: The metric names of the contract (issue 14).
+METRICS = {
+    "fastapi_websockets_open_connections",
+    "fastapi_websockets_connections_total",
+    "fastapi_websockets_disconnections_total",
+    "fastapi_websockets_frames_total",
+    "fastapi_websockets_handler_duration_seconds",
+    "fastapi_websockets_handler_errors_total",
+    "fastapi_websockets_layer_messages_total",
+    "fastapi_websockets_layer_dropped_total",
+    "fastapi_websockets_layer_group_send_duration_seconds",
+    "fastapi_websockets_layer_delivery_lag_seconds",
+    "fastapi_websockets_layer_reconnections_total",
+    "fastapi_websockets_layer_up",
+}
+
+
+def test_the_dashboard_and_the_docs_use_only_metrics_that_exist() -> None:
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {
+        re.sub(r"_(bucket|count|sum)$", "", name)
+        for text in [*exprs, (ROOT / "docs" / "operating.md").read_text()]
+        for name in re.findall(r"\bfastapi_websockets_[a-z]\w*", text)
+    }
+    assert used <= METRICS
+    assert {
+        re.sub(r"_(bucket|count|sum)$", "", n)
+        for e in exprs
+        for n in re.findall(r"\bfastapi_websockets_[a-z]\w*", e)
+    } == METRICS

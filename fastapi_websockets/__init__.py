@@ -23,10 +23,12 @@ from fastapi_websockets.exceptions import (
     ChannelLayerError,
     InvalidChannelLayerConfig,
     InvalidChannelName,
+    InvalidMessage,
     MessageTooLarge,
     ReceiveTimeout,
     SerializationError,
 )
+from fastapi_websockets.history import History, StreamPosition
 from fastapi_websockets.layers import (
     channel_layer_dependency,
     channel_layers_lifespan,
@@ -52,9 +54,11 @@ __all__ = [
     "ChannelFull",
     "ChannelLayerClosed",
     "ChannelLayerError",
+    "History",
     "InMemoryChannelLayer",
     "InvalidChannelLayerConfig",
     "InvalidChannelName",
+    "InvalidMessage",
     "MessageTooLarge",
     "NATSChannelLayer",
     "PostgreSQLChannelLayer",
@@ -62,6 +66,7 @@ __all__ = [
     "ReceiveTimeout",
     "RedisChannelLayer",
     "SerializationError",
+    "StreamPosition",
     "build_channel_layer",
     "channel_layer_dependency",
     "channel_layers_lifespan",

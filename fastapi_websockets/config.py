@@ -5,6 +5,10 @@ parameters, their type hints and defaults), so the defaults live in one place
 (the backend class), every option is settable from a mapping and from the
 environment, and an unknown or ill-typed value is refused with a message that
 names the key or variable, the bad value and what is accepted.
+
+The consumer settings (``CONSUMER_SETTINGS``: allowed origins and frame limits)
+use the same parsers and checks, from ``FASTAPI_WEBSOCKETS_*`` variables or
+consumer class attributes.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from importlib import import_module
 from typing import Any
 
 from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.backends.urls import redact_url
 from fastapi_websockets.exceptions import InvalidChannelLayerConfig
 
 __all__ = [
     "BACKEND_ALIASES",
+    "CONSUMER_SETTINGS",
     "DEFAULT_BACKEND",
     "DEFAULT_ENV_PREFIX",
     "DEFAULT_LAYER_ALIAS",
@@ -33,6 +39,8 @@ __all__ = [
     "Option",
     "backend_options",
     "build_channel_layer",
+    "check_consumer_setting",
+    "consumer_settings_from_env",
     "get_channel_layer",
     "get_channel_layer_from_env",
     "load_backend_class",
@@ -62,6 +70,21 @@ class BackendSettings:
 
     backend: str = DEFAULT_BACKEND
     config: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Settings get logged and printed: never with a password from a URL or DSN.
+        return f"BackendSettings(backend={self.backend!r}, config={_shown(self.config)!r})"
+
+
+def _shown(value: Any) -> Any:
+    """``value`` as it may appear in a message: URLs (also inside lists and dicts) without a password."""
+    if isinstance(value, str):
+        return redact_url(value) if "://" in value else value
+    if isinstance(value, Mapping):
+        return {key: _shown(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shown(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -204,7 +227,7 @@ def _check_value(where: str, option: Option, value: Any) -> Any:
         ok = isinstance(value, Mapping)
     if not ok:
         raise InvalidChannelLayerConfig(
-            f"{where} must be {_describe(option.annotation)}, got {type(value).__name__} {value!r}"
+            f"{where} must be {_describe(option.annotation)}, got {type(value).__name__} {_shown(value)!r}"
         )
     return value
 
@@ -295,7 +318,8 @@ def parse_channel_layers(settings: Mapping[str, Mapping[str, Any]] | None) -> di
             raise InvalidChannelLayerConfig(f"channel layer aliases must be non-empty strings, got {alias!r}")
         if not isinstance(entry, Mapping):
             raise InvalidChannelLayerConfig(
-                f"CHANNEL_LAYERS[{alias!r}] must be a mapping with BACKEND and CONFIG keys, got {entry!r}"
+                f"CHANNEL_LAYERS[{alias!r}] must be a mapping with BACKEND and CONFIG keys, "
+                f"got {_shown(entry)!r}"
             )
         unknown = set(entry) - _ALIAS_KEYS
         if unknown:
@@ -388,7 +412,7 @@ def _parse_env_alias(environ: Mapping[str, str], prefix: str) -> BackendSettings
             config[option.name] = parse(text)
         except ValueError as exc:
             raise InvalidChannelLayerConfig(
-                f"{var}={text!r} is not valid: expected {_describe(option.annotation)}"
+                f"{var}={_shown(text)!r} is not valid: expected {_describe(option.annotation)}"
             ) from exc
     return BackendSettings(backend=_resolve_backend_path(raw_backend), config=config)
 
@@ -428,3 +452,59 @@ def get_channel_layer_from_env(
             f"channel layer alias {alias!r} is not listed in {prefix}ALIASES ({sorted(layers)})"
         )
     return build_channel_layer(layers[alias])
+
+
+# ------------------------------------------------------------ consumer settings
+
+#: Settings every consumer of an app shares; each is also an environment variable
+#: (``FASTAPI_WEBSOCKETS_ALLOWED_ORIGINS``...). A value set on a consumer class wins over
+#: the environment, and the environment over the defaults, which are the class
+#: attributes of ``AsyncWebSocketConsumer``.
+CONSUMER_SETTINGS: dict[str, Any] = {
+    "allowed_origins": list[str] | None,
+    "max_frame_bytes": int,
+    "max_frames_per_second": float | None,
+}
+_POSITIVE_SETTINGS = frozenset({"max_frame_bytes", "max_frames_per_second"})
+
+
+def check_consumer_setting(where: str, name: str, value: Any) -> Any:
+    """Type- and range-check one consumer setting (``where`` names its source); return it normalized.
+
+    A list given as a string is split on commas; limits must be positive.
+    """
+    annotation = CONSUMER_SETTINGS[name]
+    value = _check_value(where, Option(name, annotation, None), value)
+    # `not value > 0` also refuses NaN, which would make every comparison false.
+    if name in _POSITIVE_SETTINGS and value is not None and not value > 0:
+        raise InvalidChannelLayerConfig(f"{where} must be positive, got {value!r}")
+    return value
+
+
+def consumer_settings_from_env(
+    environ: Mapping[str, str] | None = None, prefix: str = DEFAULT_ENV_PREFIX
+) -> dict[str, Any]:
+    """The consumer settings the environment sets, checked; unset variables are left out.
+
+    ``{prefix}ALLOWED_ORIGINS`` is comma-separated (empty: the same-origin
+    default), ``{prefix}MAX_FRAME_BYTES`` an integer and
+    ``{prefix}MAX_FRAMES_PER_SECOND`` a number (empty: no limit).
+    """
+    env = os.environ if environ is None else environ
+    settings: dict[str, Any] = {}
+    for name, annotation in CONSUMER_SETTINGS.items():
+        var = prefix + name.upper()
+        text = env.get(var)
+        if text is None:
+            continue
+        parse = _env_parser(annotation)
+        if parse is None:  # pragma: no cover - every annotation above has a parser
+            raise TypeError(f"no environment parser for {annotation}")
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            raise InvalidChannelLayerConfig(
+                f"{var}={text!r} is not valid: expected {_describe(annotation)}"
+            ) from exc
+        settings[name] = check_consumer_setting(f"{var}={text!r}", name, value)
+    return settings

@@ -35,6 +35,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from fastapi_websockets import observing
 from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
 from fastapi_websockets.exceptions import ChannelLayerClosed
 from fastapi_websockets.messages import WEBSOCKET_SEND
 from fastapi_websockets.types import Message
@@ -56,18 +57,35 @@ def _reason(text: str) -> str:
     return encoded.decode(errors="ignore")
 
 
+def _peer(websocket: WebSocket) -> str:
+    client = websocket.client
+    return f"{client.host}:{client.port}" if client else "an unknown client"
+
+
 class AsyncWebSocketConsumer:
     """A consumer for text and binary frames; subclass it and override the hooks.
 
     Hooks: :meth:`connect`, :meth:`receive` (or :meth:`receive_text` /
     :meth:`receive_bytes`), :meth:`disconnect`, and one ``async def`` per
     channel event type. Class attributes: ``groups`` (joined before
-    ``connect()`` and left on disconnect), ``channel_name_prefix``, ``layer_alias``.
+    ``connect()`` and left on disconnect), ``channel_name_prefix``, ``layer_alias``,
+    and the edge limits ``allowed_origins``, ``require_origin``,
+    ``max_frame_bytes`` and ``max_frames_per_second`` (see
+    :mod:`fastapi_websockets.edge`; all but ``require_origin`` also come from
+    ``FASTAPI_WEBSOCKETS_*`` environment variables when the class does not set them).
     """
 
     channel_name_prefix: ClassVar[str] = "specific"
     groups: ClassVar[Sequence[str]] = ()
     layer_alias: ClassVar[str] = "default"
+    #: Page origins allowed to connect: None (same origin as the Host header), patterns, or ["*"].
+    allowed_origins: ClassVar[Sequence[str] | None] = None
+    #: Refuse handshakes without an Origin header (non-browser clients send none).
+    require_origin: ClassVar[bool] = False
+    #: A larger client frame closes the socket with 1009 before it is decoded.
+    max_frame_bytes: ClassVar[int] = 1_048_576
+    #: Frames per second a client may send on average (bursts of 2 s worth); faster closes with 1008.
+    max_frames_per_second: ClassVar[float | None] = None
 
     def __init__(self, layer: BaseChannelLayer | None = None, *, alias: str | None = None) -> None:
         if layer is None:
@@ -81,6 +99,7 @@ class AsyncWebSocketConsumer:
         self._accepted = False
         self._closed = False
         self._joined: set[str] = set()
+        self._frame_guard: FrameGuard | None = None
 
     # ------------------------------------------------------------ mounting
 
@@ -94,12 +113,23 @@ class AsyncWebSocketConsumer:
         default, the process-wide layer of ``alias``).
         """
 
+        cls.edge_limits()  # a wrong limit or FASTAPI_WEBSOCKETS_* value fails here, at mount time
+
         async def endpoint(websocket: WebSocket) -> None:
             await cls(layer, alias=alias)(websocket)
 
         endpoint.__name__ = f"{cls.__name__}_endpoint"
         endpoint.__doc__ = cls.__doc__
         return endpoint
+
+    @classmethod
+    def edge_limits(cls) -> EdgeLimits:
+        """This class's origin and frame limits: class attributes, else environment, else defaults.
+
+        Read at every handshake, so environment changes apply to new connections.
+        Raises :class:`~fastapi_websockets.InvalidChannelLayerConfig` for a wrong value.
+        """
+        return resolve_limits(cls, AsyncWebSocketConsumer)
 
     # ------------------------------------------------------------ properties
 
@@ -123,9 +153,28 @@ class AsyncWebSocketConsumer:
     # ------------------------------------------------------------ lifecycle
 
     async def __call__(self, websocket: WebSocket) -> None:
-        """Serve ``websocket`` until the client disconnects or the consumer closes."""
+        """Serve ``websocket`` until the client disconnects or the consumer closes.
+
+        A handshake whose origin the class does not allow is refused (HTTP 403)
+        before anything else: no channel, no group, no ``connect()`` and no
+        ``disconnect()``.
+        """
+        limits = self.edge_limits()
         self._websocket = websocket
         self.scope = dict(websocket.scope)
+        refusal = limits.refusal(websocket.headers.getlist("origin"), websocket.headers.get("host"))
+        if refusal is not None:
+            logger.info(
+                "%s refused a WebSocket to %s from %s: %s",
+                type(self).__name__,
+                websocket.url.path,
+                _peer(websocket),
+                refusal,
+            )
+            # Closing before accept is how ASGI refuses a handshake: the server answers 403.
+            await self._close_quietly(CLOSE_POLICY_VIOLATION, "origin not allowed")
+            return
+        self._frame_guard = limits.frame_guard()
         close_code: int | None = CLOSE_NORMAL
         try:
             self.channel_name = await self.channel_layer.new_channel(self.channel_name_prefix)
@@ -168,6 +217,7 @@ class AsyncWebSocketConsumer:
 
     async def _frame_loop(self) -> int | None:
         websocket = self.websocket
+        guard = self._frame_guard or self.edge_limits().frame_guard()
         while True:
             try:
                 frame = await websocket.receive()
@@ -175,6 +225,17 @@ class AsyncWebSocketConsumer:
                     self._closed = True
                     code: int | None = frame.get("code", CLOSE_NORMAL)
                     return code
+                violation = guard.check(frame)
+                if violation is not None:
+                    logger.info(
+                        "closing %s from %s with %d: %s",
+                        self.channel_name,
+                        _peer(websocket),
+                        violation.code,
+                        violation.detail,
+                    )
+                    await self._close_quietly(violation.code, violation.reason)
+                    return violation.code
                 if observing.hooks is not None:
                     await observing.hooks.frame_in(self, frame, self.dispatch_websocket_receive)
                 else:

@@ -17,6 +17,7 @@ __all__ = [
     "ChannelLayerError",
     "InvalidChannelLayerConfig",
     "InvalidChannelName",
+    "InvalidMessage",
     "MessageTooLarge",
     "ReceiveTimeout",
     "SerializationError",
@@ -68,6 +69,10 @@ class ReceiveTimeout(ChannelLayerError, *_TimeoutBases):  # type: ignore[misc]
 
 class SerializationError(ChannelLayerError, TypeError):
     """A message holds a value the serializer cannot carry, or a frame cannot be decoded."""
+
+
+class InvalidMessage(ChannelLayerError, ValueError):
+    """A message the layer refuses as it is (a reserved key, say); the text says what to change."""
 
 
 class MessageTooLarge(ChannelLayerError, ValueError):

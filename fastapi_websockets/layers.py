@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -30,12 +30,15 @@ __all__ = [
     "channel_layers_lifespan",
     "close_default_layers",
     "get_default_layer",
+    "override_default_layer",
     "set_default_layer",
 ]
 
 # Keyed by (alias, event loop): a layer's futures and locks belong to one loop, and test
 # clients (Starlette's TestClient) run each app in a new loop. None is "any loop".
 _defaults: dict[tuple[str, asyncio.AbstractEventLoop | None], BaseChannelLayer] = {}
+# Installed by tests; they win over everything above, lifespans included.
+_overrides: dict[str, BaseChannelLayer] = {}
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -51,6 +54,9 @@ def get_default_layer(alias: str = DEFAULT_LAYER_ALIAS) -> BaseChannelLayer:
     Layers are kept per event loop, so an app served by several test clients in turn
     gets a working layer each time.
     """
+    override = _overrides.get(alias)
+    if override is not None and not override.closed:
+        return override
     loop = _running_loop()
     for key in ((alias, loop), (alias, None)):
         layer = _defaults.get(key)
@@ -65,6 +71,28 @@ def get_default_layer(alias: str = DEFAULT_LAYER_ALIAS) -> BaseChannelLayer:
 def set_default_layer(layer: BaseChannelLayer, alias: str = DEFAULT_LAYER_ALIAS) -> None:
     """Install ``layer`` as the process-wide layer of ``alias`` (for the running event loop)."""
     _defaults[(alias, _running_loop())] = layer
+
+
+@contextlib.contextmanager
+def override_default_layer(
+    layer: BaseChannelLayer, alias: str = DEFAULT_LAYER_ALIAS
+) -> Iterator[BaseChannelLayer]:
+    """Make ``layer`` the layer of ``alias`` for the whole process until the block ends (for tests).
+
+    Inside the block it wins over every other default, including the layer an
+    app's :func:`channel_layers_lifespan` would build for ``alias``: that
+    lifespan uses ``layer`` instead and leaves it open. The caller owns and
+    closes ``layer``; on exit the previous override, if any, comes back.
+    """
+    previous = _overrides.get(alias)
+    _overrides[alias] = layer
+    try:
+        yield layer
+    finally:
+        if previous is None:
+            _overrides.pop(alias, None)
+        else:
+            _overrides[alias] = previous
 
 
 async def close_default_layers() -> None:
@@ -91,14 +119,20 @@ def channel_layers_lifespan(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        layers = {alias: build_channel_layer(entry) for alias, entry in parsed.items()}
-        app.state.channel_layers = layers
-        for alias, layer in layers.items():
+        # An overridden alias (a test's layer) is used as it is, and closed by its owner.
+        owned = {
+            alias: build_channel_layer(entry) for alias, entry in parsed.items() if alias not in _overrides
+        }
+        app.state.channel_layers = {
+            **owned,
+            **{alias: _overrides[alias] for alias in parsed if alias not in owned},
+        }
+        for alias, layer in owned.items():
             set_default_layer(layer, alias)
         try:
             yield
         finally:
-            for layer in layers.values():
+            for layer in owned.values():
                 for key in [key for key, value in _defaults.items() if value is layer]:
                     del _defaults[key]
                 await layer.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi_websockets.types import Message
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from fastapi_websockets.consumers import AsyncWebSocketConsumer
 
 __all__ = ["RESERVED_KEY", "Delivered", "Hooks", "Observer", "hooks", "install", "live_layers"]
+
+T = TypeVar("T")
 
 #: The one message key instrumentation reserves: ``{"ts": sent-at, "tc": W3C trace context}``.
 RESERVED_KEY = "__fastapi_websockets__"
@@ -100,21 +102,22 @@ class Hooks:
         layer: BaseChannelLayer,
         operation: str,
         message: Message,
-        call: Callable[[Message], Awaitable[None]],
-    ) -> None:
+        call: Callable[[Message], Awaitable[T]],
+    ) -> T:
         """Run ``call`` (the actual send) on ``message`` plus the observers' reserved key."""
         meta: dict[str, Any] = {}
         tokens = [(observer, observer.message_out(layer, operation, meta)) for observer in self.observers]
         if meta:
             message = {**message, RESERVED_KEY: meta}
         try:
-            await call(message)
+            result = await call(message)
         except BaseException as exc:
             for observer, token in reversed(tokens):
                 observer.message_out_done(token, exc)
             raise
         for observer, token in reversed(tokens):
             observer.message_out_done(token, None)
+        return result
 
     def message_received(self, layer: BaseChannelLayer) -> None:
         for observer in self.observers:

@@ -27,7 +27,13 @@ def _exception_texts(exc: BaseException) -> Iterable[str]:
 
 
 def _record_texts(record: logging.LogRecord) -> Iterable[str]:
-    yield record.getMessage()
+    try:
+        yield record.getMessage()
+    except Exception:
+        # An argument whose repr() broke after the record was made (aio-pika's
+        # OneShotCallback, once called); the text logged then is in caplog.text.
+        yield str(record.msg)
+        yield from (type(arg).__name__ for arg in record.args or ())
     if record.exc_info and record.exc_info[1] is not None:
         yield from _exception_texts(record.exc_info[1])
     if record.stack_info:

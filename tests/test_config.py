@@ -301,9 +301,11 @@ def test_public_api_is_pinned() -> None:
             "ChannelFull",
             "ChannelLayerClosed",
             "ChannelLayerError",
+            "History",
             "InMemoryChannelLayer",
             "InvalidChannelLayerConfig",
             "InvalidChannelName",
+            "InvalidMessage",
             "MessageTooLarge",
             "NATSChannelLayer",
             "PostgreSQLChannelLayer",
@@ -311,6 +313,7 @@ def test_public_api_is_pinned() -> None:
             "ReceiveTimeout",
             "RedisChannelLayer",
             "SerializationError",
+            "StreamPosition",
             "build_channel_layer",
             "channel_layer_dependency",
             "channel_layers_lifespan",
@@ -330,3 +333,53 @@ def test_public_api_is_pinned() -> None:
     )
     for name in module.__all__:
         assert getattr(module, name).__doc__, f"{name} has no docstring"
+
+
+def test_settings_and_config_errors_never_show_a_password() -> None:
+    from fastapi_websockets.config import parse_channel_layers
+    from tests.leaks import SECRET, assert_no_secret
+
+    url = f"redis://user:{SECRET}@cache.example:6379/0"
+    settings = parse_channel_layers({"default": {"BACKEND": "redis", "CONFIG": {"url": url}}})
+    assert "cache.example" in repr(settings["default"])
+    errors = []
+    for bad in ({"BACKEND": "redis", "CONFIG": {"url": url, "timeout": "soon"}}, [url]):
+        with pytest.raises(InvalidChannelLayerConfig) as caught:
+            parse_channel_layers({"default": bad})
+        errors.append(caught.value)
+    assert_no_secret(errors=errors, objects=[settings, settings["default"]])
+
+
+def test_history_option_from_the_environment() -> None:
+    from fastapi_websockets.config import parse_channel_layers_from_env
+
+    env = {
+        "FASTAPI_WEBSOCKETS_BACKEND": "inmemory",
+        "FASTAPI_WEBSOCKETS_INMEMORY_HISTORY": '{"room:*": {"size": 100, "ttl": 60}, "feed:*": 20}',
+    }
+    settings = parse_channel_layers_from_env(env)["default"]
+    assert settings.config["history"] == {"room:*": {"size": 100, "ttl": 60}, "feed:*": 20}
+    layer = build_channel_layer(settings)
+    policy = layer.history_policy("room:1")
+    assert policy is not None
+    assert (policy.size, policy.ttl) == (100, 60)
+    feed = layer.history_policy("feed:x")
+    assert feed is not None
+    assert feed.size == 20
+    assert layer.history_policy("lobby") is None
+
+
+@pytest.mark.parametrize(
+    ("history", "message"),
+    [
+        ([1], "mapping"),
+        ({"room:*": 0}, "size must be a positive integer"),
+        ({"room:*": {"size": 5, "ttl": -1}}, "ttl must be a positive number"),
+        ({"room:*": {"size": 5, "keep": 1}}, "unknown key"),
+    ],
+)
+def test_bad_history_option_is_refused(history: object, message: str) -> None:
+    from fastapi_websockets import InMemoryChannelLayer
+
+    with pytest.raises(InvalidChannelLayerConfig, match=message):
+        InMemoryChannelLayer(history=history)  # type: ignore[arg-type]

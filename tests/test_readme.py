@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 from fastapi_websockets import BaseChannelLayer, InMemoryChannelLayer, RedisChannelLayer, close_default_layers
 from tests.e2e.server import serve, serve_in_subprocess
@@ -32,7 +34,7 @@ async def run_example(name: str) -> dict[str, Any]:
 
 def test_every_python_block_is_an_example() -> None:
     blocks = re.findall(r"```python\n", README)
-    assert len(blocks) == len(EXAMPLES) == 5
+    assert len(blocks) == len(EXAMPLES) == 7
 
 
 def test_readme_starts_with_the_two_commands_ci_runs() -> None:
@@ -85,6 +87,30 @@ async def test_consumer_example() -> None:
     await close_default_layers()
 
 
+async def test_security_example() -> None:
+    await close_default_layers()
+    namespace = await run_example("security")
+    async with serve(namespace["app"]) as url:
+        endpoint = f"{url}/ws/account"
+        for origin, session in [("https://evil.example", "s3cret"), ("https://app.example.com", "wrong")]:
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(
+                    endpoint, origin=Origin(origin), additional_headers={"Cookie": f"session={session}"}
+                )
+            assert refused.value.response.status_code == 403
+        cookie = {"Cookie": "session=s3cret"}
+        async with connect(
+            endpoint, origin=Origin("https://chat.example.com"), additional_headers=cookie
+        ) as ws:
+            await ws.send(json.dumps({"n": 1}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"user": "ann", "echo": {"n": 1}}
+            await ws.send("x" * (64 * 1024 + 1))
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1009
+    await close_default_layers()
+
+
 async def test_raw_endpoint_example() -> None:
     namespace = await run_example("raw-endpoint")
     async with serve(namespace["app"]) as url, connect(f"{url}/ws") as ws:
@@ -95,12 +121,25 @@ async def test_raw_endpoint_example() -> None:
     await namespace["layer"].close()
 
 
+async def test_testing_example(channel_layer: BaseChannelLayer) -> None:
+    namespace = await run_example("testing")
+    await namespace["test_room"](channel_layer)
+
+
 async def test_demo_app_serves_page_and_chats_across_connections() -> None:
     with serve_in_subprocess("examples.chat.app:app") as url:
         http = url.replace("ws://", "http://")
         page = await asyncio.to_thread(lambda: urllib.request.urlopen(http + "/", timeout=10).read().decode())
         assert "<title>fastapi-websockets chat</title>" in page
-        async with connect(f"{url}/ws/lobby?name=ann") as ann, connect(f"{url}/ws/lobby?name=bob") as bob:
+        # As a browser does: the page's origin in the handshake; another site's page is refused.
+        page_origin = Origin(http)
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"{url}/ws/lobby?name=eve", origin=Origin("https://evil.example"))
+        assert refused.value.response.status_code == 403
+        async with (
+            connect(f"{url}/ws/lobby?name=ann", origin=page_origin) as ann,
+            connect(f"{url}/ws/lobby?name=bob", origin=page_origin) as bob,
+        ):
             assert json.loads(await asyncio.wait_for(ann.recv(), 10)) == {
                 "kind": "notice",
                 "text": "ann joined",

@@ -16,10 +16,11 @@ import asyncio
 import fnmatch
 import logging
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from functools import partial
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from fastapi_websockets import observing
 from fastapi_websockets.backends.options import Memo, positive, positive_int
@@ -28,8 +29,17 @@ from fastapi_websockets.exceptions import (
     ChannelLayerClosed,
     InvalidChannelLayerConfig,
     InvalidChannelName,
+    InvalidMessage,
     MessageTooLarge,
     ReceiveTimeout,
+)
+from fastapi_websockets.history import (
+    POSITION_KEY,
+    History,
+    HistoryPolicy,
+    HistorySlice,
+    StreamPosition,
+    parse_history_option,
 )
 from fastapi_websockets.local_groups import LocalGroups
 from fastapi_websockets.mailboxes import Mailboxes, MailboxStats
@@ -97,6 +107,9 @@ class BaseChannelLayer(abc.ABC):
     * ``max_message_size``: largest encoded message in bytes (default 1 MiB).
     * ``serializer``: a :class:`~fastapi_websockets.types.Serializer`
       (default msgpack).
+    * ``history``: ``{group glob: size | {"size": n, "ttl": seconds}}``: groups
+      that keep their last messages in the broker for recovery (see
+      :meth:`group_history`); other groups pay nothing.
 
     Messages handed to receivers may be shared between the recipients of one
     ``group_send()`` in a process: treat received messages as read-only.
@@ -104,6 +117,9 @@ class BaseChannelLayer(abc.ABC):
 
     #: Short name used in configuration and environment variable names.
     backend_name: ClassVar[str] = ""
+    #: Whether the offsets of a group's history are contiguous (each the previous plus one),
+    #: so that a client can detect a gap by itself.
+    contiguous_history_offsets: ClassVar[bool] = True
     #: Django Channels' extension flags.
     extensions: ClassVar[list[str]] = ["groups", "flush"]
 
@@ -116,6 +132,7 @@ class BaseChannelLayer(abc.ABC):
         group_expiry: float = 86400,
         max_message_size: int = 1024 * 1024,
         serializer: Serializer | None = None,
+        history: Mapping[str, Any] | None = None,
     ) -> None:
         positive_int("capacity", capacity)
         positive("channel_expiry", channel_expiry)
@@ -136,6 +153,11 @@ class BaseChannelLayer(abc.ABC):
         self._mailboxes = Mailboxes(self.capacity_for, channel_expiry)
         self._local_groups = LocalGroups(group_expiry)
         self._capacity_memo: Memo[str, int] = Memo(self._capacity_of)
+        self.history = parse_history_option(history)
+        self._history_memo: Memo[str, HistoryPolicy | None] = Memo(self._history_policy_of)
+        #: channel -> {epoch: (offset, deadline)}: live group messages at or below the offset
+        #: were already given to the channel by a catch-up page; deliveries drop them.
+        self._floors: dict[str, dict[str, tuple[int, float]]] = {}
         self._closed = False
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -165,6 +187,18 @@ class BaseChannelLayer(abc.ABC):
             if pattern.match(channel):
                 return pattern_capacity
         return self.capacity
+
+    def history_policy(self, group: str) -> HistoryPolicy | None:
+        """The history kept for ``group`` (from the ``history`` option), or None."""
+        if not self.history:
+            return None
+        return self._history_memo(group)
+
+    def _history_policy_of(self, group: str) -> HistoryPolicy | None:
+        for pattern, policy in self.history:
+            if pattern.match(group):
+                return policy
+        return None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -211,8 +245,10 @@ class BaseChannelLayer(abc.ABC):
         except Exception as exc:
             self._mailboxes.stats.dropped_undecodable += 1
             logger.warning(
-                "dropped an undecodable message (%d bytes) from %s: %s: %s",
-                len(data),
+                "dropped an undecodable message (%s) from %s: %s: %s",
+                f"{len(data)} bytes"
+                if isinstance(data, (bytes, bytearray, memoryview))
+                else type(data).__name__,
                 where,
                 type(exc).__name__,
                 exc,
@@ -275,7 +311,15 @@ class BaseChannelLayer(abc.ABC):
         if parked is not None:
             return parked
         await self._ensure_started()
-        return await self._receive_named(channel, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            message = await self._receive_named(channel, remaining)
+            if EXCLUDE_KEY not in message:
+                return message
+            if channel not in message[EXCLUDE_KEY]:
+                return _without_exclude(message)
+            # A group_send that excluded this named channel: not for us.
 
     async def _receive_named(self, channel: str, timeout: float | None) -> Message:
         inner = asyncio.ensure_future(self._receive_remote(channel))
@@ -339,13 +383,33 @@ class BaseChannelLayer(abc.ABC):
         await self._ensure_started()
         return f"{prefix}.{self.client_token}!{new_token(6)}"
 
-    async def group_add(self, group: str, channel: str) -> None:
-        """Add ``channel`` to ``group`` (or refresh its join time)."""
+    async def group_add(
+        self, group: str, channel: str, *, since: StreamPosition | None = None
+    ) -> History | None:
+        """Add ``channel`` to ``group`` (or refresh its join time).
+
+        With ``since`` (a :class:`StreamPosition` the client last saw), also
+        catch up: returns the :class:`History` page of what was sent after it.
+        For a channel of this layer instance, every message sent to the group
+        is then either in the page or delivered live, never both and never
+        neither; live ones have offsets above ``page.position.offset``.
+        """
         self._check_open()
         validate_group_name(group)
         validate_channel_name(channel)
+        if since is not None:
+            self._require_history(group)
+            since = _as_position(since)
         await self._ensure_started()
         await self._group_add(group, channel)
+        if since is None:
+            return None
+        # Member first, then read: a message sent in between is in the page and maybe
+        # also on its way live, so live copies at or below the page's end are dropped.
+        page = await self.group_history(group, since=since)
+        if self.is_local(channel):
+            self._set_floor(channel, page.position)
+        return page
 
     async def group_discard(self, group: str, channel: str) -> None:
         """Remove ``channel`` from ``group``; a no-op if it is not a member."""
@@ -355,25 +419,93 @@ class BaseChannelLayer(abc.ABC):
         await self._ensure_started()
         await self._group_discard(group, channel)
 
-    async def group_send(self, group: str, message: Message) -> None:
+    async def group_send(
+        self, group: str, message: Message, *, exclude: str | Iterable[str] | None = None
+    ) -> StreamPosition | None:
         """Send ``message`` to every member of ``group``.
 
         The message is encoded once. Members whose channel is full are skipped
-        (counted in :attr:`stats`), never blocking the others.
+        (counted in :attr:`stats`), never blocking the others. For a group with
+        history, returns the message's :class:`StreamPosition` (members get it
+        under ``"_position"``); otherwise None.
         """
         self._check_open()
         validate_group_name(group)
         if observing.hooks is not None:
-            await observing.hooks.message_out(
-                self, "group_send", message, partial(self._group_send_message, group)
-            )
-            return
-        await self._group_send_message(group, message)
+            send = partial(self._group_send_message, group, exclude=exclude)
+            return await observing.hooks.message_out(self, "group_send", message, send)
+        return await self._group_send_message(group, message, exclude=exclude)
 
-    async def _group_send_message(self, group: str, message: Message) -> None:
-        data = self.encode(message)
+    async def _group_send_message(
+        self, group: str, message: Message, *, exclude: str | Iterable[str] | None
+    ) -> StreamPosition | None:
+        if exclude is not None:
+            skipped = [exclude] if isinstance(exclude, str) else sorted(set(exclude))
+            if skipped:
+                if EXCLUDE_KEY in message:
+                    raise InvalidMessage(f"message has the reserved key {EXCLUDE_KEY!r}; rename that key")
+                message = {**message, EXCLUDE_KEY: skipped}
+        policy = self.history_policy(group) if self.history else None
+        if policy is None:
+            data = self.encode(message)
+            await self._ensure_started()
+            await self._group_send(group, data)
+            return None
+        if POSITION_KEY in message:
+            raise InvalidMessage(
+                f"message for group {group!r} has the reserved key {POSITION_KEY!r}: the layer sets it "
+                "on groups with history; rename that key"
+            )
         await self._ensure_started()
-        await self._group_send(group, data)
+        return await self._group_send_history(group, message, policy)
+
+    async def group_history(
+        self, group: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> History:
+        """The stored history of ``group``: the newest ``limit`` messages, or those after ``since``.
+
+        ``limit`` defaults to the group's history size. ``recovered`` is True
+        when the page holds exactly every message after ``since`` (without
+        ``since``: every message of the current epoch). Raises
+        :class:`InvalidChannelLayerConfig` for a group no ``history`` pattern matches.
+        """
+        self._check_open()
+        validate_group_name(group)
+        policy = self._require_history(group)
+        if limit is None:
+            limit = policy.size
+        elif isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        if since is not None:
+            since = _as_position(since)
+        await self._ensure_started()
+        after = since.offset if since is not None else 0
+        part = await self._history_read(group, after, limit + 1, policy)
+        if since is not None and since.epoch != part.epoch:
+            # Another life of the history: the offsets say nothing; give the newest.
+            part = await self._history_read(group, 0, limit, policy) if after else part
+            recovered = False
+        else:
+            recovered = part.complete and len(part.entries) <= limit
+        entries = part.entries[-limit:]
+        messages = []
+        for offset, data in entries:
+            message = self.decode_or_drop(data, f"the history of group {group!r}")
+            if message is None:
+                recovered = False
+                continue
+            message[POSITION_KEY] = {"offset": offset, "epoch": part.epoch}
+            messages.append(message)
+        return History(messages, StreamPosition(part.newest, part.epoch), recovered)
+
+    def _require_history(self, group: str) -> HistoryPolicy:
+        policy = self.history_policy(group)
+        if policy is None:
+            raise InvalidChannelLayerConfig(
+                f"group {group!r} keeps no history: add a glob matching it to the 'history' option, "
+                'e.g. {"history": {"room:*": {"size": 100, "ttl": 600}}}'
+            )
+        return policy
 
     async def flush(self) -> None:
         """Drop every message and group this layer's storage holds (for tests)."""
@@ -382,6 +514,7 @@ class BaseChannelLayer(abc.ABC):
         await self._flush()
         self._mailboxes.clear()
         self._local_groups.clear()
+        self._floors.clear()
 
     async def close(self) -> None:
         """Close the layer: wake pending receivers with ``ChannelLayerClosed``, release resources.
@@ -419,6 +552,12 @@ class BaseChannelLayer(abc.ABC):
         Returns False when the mailbox is full and the message was dropped, or
         raises :class:`ChannelFull` if ``raise_full``.
         """
+        if EXCLUDE_KEY in message:
+            if channel in message[EXCLUDE_KEY]:
+                return True
+            message = _without_exclude(message)
+        if self._floors and POSITION_KEY in message and self._below_floor(channel, message):
+            return True
         if self._mailboxes.put(channel, message):
             return True
         if raise_full:
@@ -432,6 +571,12 @@ class BaseChannelLayer(abc.ABC):
 
         Returns how many channels got it.
         """
+        if EXCLUDE_KEY in message:
+            excluded = set(message[EXCLUDE_KEY])
+            channels = [channel for channel in channels if channel not in excluded]
+            message = _without_exclude(message)
+        if self._floors and POSITION_KEY in message:
+            channels = [channel for channel in channels if not self._below_floor(channel, message)]
         full = self._mailboxes.put_many(channels, message)
         if full:
             self._mailboxes.stats.dropped_full += len(full)
@@ -441,6 +586,27 @@ class BaseChannelLayer(abc.ABC):
     def deliver_to_local_members(self, group: str, message: Message) -> int:
         """Fan ``message`` out to this process's members of ``group``; return how many got it."""
         return self.deliver_many(self._local_groups.members(group), message)
+
+    def _set_floor(self, channel: str, position: StreamPosition) -> None:
+        floors = self._floors.setdefault(channel, {})
+        floors[position.epoch] = (position.offset, time.monotonic() + _FLOOR_SECONDS)
+
+    def _below_floor(self, channel: str, message: Message) -> bool:
+        floors = self._floors.get(channel)
+        if floors is None:
+            return False
+        position = message[POSITION_KEY]
+        epoch = position.get("epoch") if isinstance(position, dict) else None
+        floor = floors.get(epoch) if isinstance(epoch, str) else None
+        if floor is None:
+            return False
+        offset, deadline = floor
+        if time.monotonic() > deadline:
+            del floors[position["epoch"]]
+            if not floors:
+                del self._floors[channel]
+            return False
+        return isinstance(position.get("offset"), int) and position["offset"] <= offset
 
     @property
     def local_groups(self) -> LocalGroups:
@@ -472,12 +638,59 @@ class BaseChannelLayer(abc.ABC):
     async def _group_send(self, group: str, data: bytes) -> None:
         """Deliver encoded ``data`` to every member of ``group``."""
 
+    async def _group_send_history(
+        self, group: str, message: Message, policy: HistoryPolicy
+    ) -> StreamPosition:
+        """Store ``message`` in the group's history, then deliver it with its ``"_position"``.
+
+        Backends that can do both in one round trip override this.
+        """
+        position = await self._history_append(group, self.encode(message), policy)
+        await self._group_send(group, self.encode({**message, POSITION_KEY: position.as_dict()}))
+        return position
+
+    async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
+        """Store ``data`` as the group's next message (offset assigned atomically); return its position."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep group history yet")
+
+    async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
+        """The newest ``limit`` stored messages of ``group`` with an offset above ``after``."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep group history yet")
+
     @abc.abstractmethod
     async def _flush(self) -> None:
         """Drop everything the broker stores for this layer's prefix."""
 
     async def _close(self) -> None:  # noqa: B027 - optional hook
         """Cancel and await background tasks, release connections."""
+
+
+#: The reserved key carrying a group_send's ``exclude`` to the processes that deliver it.
+EXCLUDE_KEY = "__exclude__"
+
+
+def _without_exclude(message: Message) -> Message:
+    return {key: value for key, value in message.items() if key != EXCLUDE_KEY}
+
+
+#: Seconds a catch-up floor is kept: enough for every copy sent before the page was read.
+_FLOOR_SECONDS = 60.0
+
+
+def _as_position(value: object) -> StreamPosition:
+    if isinstance(value, StreamPosition):
+        return value
+    if isinstance(value, Mapping):
+        value = (value.get("offset"), value.get("epoch"))
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], int)
+        and not isinstance(value[0], bool)
+        and isinstance(value[1], str)
+    ):
+        return StreamPosition(value[0], value[1])
+    raise ValueError(f"since must be a StreamPosition(offset, epoch), got {value!r}")
 
 
 def _cancelling() -> bool:

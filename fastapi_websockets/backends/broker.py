@@ -71,13 +71,17 @@ class BrokerChannelLayer(BaseChannelLayer):
         secrets = []
         for url in urls:
             try:
-                password = urlsplit(url).password
+                parts = urlsplit(url)
+                password, user = parts.password, parts.username
             except ValueError:
-                password = None
+                password = user = None
+            # The raw (URL-encoded) form too: drivers may quote the URL as given.
+            userinfo = url.split("//", 1)[-1].split("@", 1)[0] if "@" in url else ""
             if password:
-                secrets.append(password)
-                # Drivers may quote the URL-encoded form too.
-                secrets.append(url.split("@", 1)[0].rsplit(":", 1)[-1])
+                secrets += [password, userinfo.rsplit(":", 1)[-1]]
+            elif user:
+                # nats://TOKEN@host: a user part without a password is a token.
+                secrets += [user, userinfo]
         self._secrets = secrets
 
     @property

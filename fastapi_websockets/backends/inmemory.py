@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.history import HistoryPolicy, HistorySlice, LocalHistory, StreamPosition
 from fastapi_websockets.types import Message
 
 __all__ = ["InMemoryChannelLayer"]
@@ -27,6 +28,7 @@ class InMemoryChannelLayer(BaseChannelLayer):
     def __init__(self, capacity: int = 100, **options: Any) -> None:
         # ``capacity`` may be passed positionally, as in 0.1.0.
         super().__init__(capacity=capacity, **options)
+        self._stored_history = LocalHistory()
 
     def is_local(self, channel: str) -> bool:
         """Every channel is local to an in-memory layer."""
@@ -48,5 +50,12 @@ class InMemoryChannelLayer(BaseChannelLayer):
         if group in self.local_groups:
             self.deliver_to_local_members(group, self.decode(data))
 
+    async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
+        return self._stored_history.append(group, data, policy)
+
+    async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
+        return self._stored_history.read(group, after, limit, policy)
+
     async def _flush(self) -> None:
-        """Nothing beyond the mailboxes and groups, which the base class clears."""
+        """Forget group history; the base class clears mailboxes and groups."""
+        self._stored_history.clear()

@@ -30,13 +30,18 @@ import json
 import logging
 import math
 import re
-import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote
 
-from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.backends.base import missing_driver
+from fastapi_websockets.backends.broker import BrokerChannelLayer
+from fastapi_websockets.backends.options import Memo, matching, positive, url
+from fastapi_websockets.backends.timeouts import within
+from fastapi_websockets.backends.urls import location, redact_url
+from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelFull,
@@ -44,7 +49,6 @@ from fastapi_websockets.exceptions import (
     ChannelLayerError,
     InvalidChannelLayerConfig,
     MessageTooLarge,
-    SerializationError,
 )
 from fastapi_websockets.names import is_process_specific, new_token, process_token
 from fastapi_websockets.types import Message
@@ -63,21 +67,21 @@ logger = logging.getLogger("fastapi_websockets.nats")
 _T = TypeVar("_T")
 
 _DEFAULT_SERVERS = ["nats://localhost:4222"]
-_SERVER_URL = re.compile(r"^((nats|tls|ws|wss)://)?[^\s/]+(:\d+)?/?$")
-_SUBJECT_TOKENS = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
-_JS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SCHEMES = ("nats", "tls", "ws", "wss")
+_SUBJECT_TOKENS = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_JS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 #: A pull request lingers this long on the server; a safety net for requests lost
 #: across a reconnect, not a poll interval (messages arrive by push meanwhile).
 _PULL_EXPIRES = 5.0
 _EXPIRES_HEADER = "Fw-Expires"
-#: Empty pulls after which a waiting receiver checks that its consumer still exists.
+#: Empty pulls after which a waiting reader checks that its consumer still exists.
 _CHECK_EVERY = 2
 #: Seconds without pull requests after which the server deletes a named channel's consumer.
 _CONSUMER_INACTIVE = 600.0
 #: Most group_sends waiting for delivery to named members before group_send waits.
 _NAMED_QUEUE = 10_000
-#: One JetStream request may take this long before it is retried (within request_timeout).
+#: One JetStream request may take this long before it is retried (within ``timeout``).
 _ATTEMPT_TIMEOUT = 2.0
 
 
@@ -94,16 +98,8 @@ def subject_token(name: str) -> str:
 
 def token_to_name(token: str) -> str:
     """Invert :func:`subject_token`."""
-    out = bytearray()
-    index = 0
-    while index < len(token):
-        if token[index] == "_":
-            out.append(int(token[index + 1 : index + 3], 16))
-            index += 3
-        else:
-            out.append(ord(token[index]))
-            index += 1
-    return out.decode()
+    # A token holds no "%" (it is escaped as "_25"), so "_xx" read as "%xx" is exact.
+    return unquote(token.replace("_", "%"), errors="strict")
 
 
 def consumer_name(channel: str) -> str:
@@ -111,25 +107,43 @@ def consumer_name(channel: str) -> str:
     return "fw" + hashlib.sha256(channel.encode()).hexdigest()[:40]
 
 
-def _check_name(option: str, value: object, pattern: re.Pattern[str], accepted: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
-        raise InvalidChannelLayerConfig(f"{option} must be {accepted}, got {value!r}")
-    return value
+def _server_urls(servers: object) -> list[str]:
+    """The ``servers`` option as a list of NATS URLs with a scheme (nats-py assumes ``nats://``)."""
+    if isinstance(servers, str):
+        servers = [part.strip() for part in servers.split(",") if part.strip()]
+    if isinstance(servers, (list, tuple)) and servers and all(isinstance(s, str) for s in servers):
+        urls = [server if "://" in server else f"nats://{server}" for server in servers]
+        if all(_is_server_url(server) for server in urls):
+            return urls
+        servers = [redact_url(server) for server in servers]
+    raise InvalidChannelLayerConfig(
+        f"servers must be a non-empty list of NATS URLs such as 'nats://host:4222', got {servers!r}"
+    )
+
+
+def _is_server_url(text: str) -> bool:
+    try:
+        parts = url("servers", text, _SCHEMES)
+    except InvalidChannelLayerConfig:
+        return False
+    return bool(parts.hostname) and parts.path in ("", "/") and not any(c.isspace() for c in text)
 
 
 @dataclass
 class _NamedReader:
-    """The pull subscription of one named channel in this process, with its fetch lock."""
+    """This process's reader of one named channel: its receivers and its pull subscription."""
 
     subject: str
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    pull: Any = None  # nats.js.JetStreamContext.PullSubscription once bound
+    waiters: WaiterQueue[Message]
+    pull: JetStreamContext.PullSubscription | None = None
 
 
-class NATSChannelLayer(BaseChannelLayer):
+class NATSChannelLayer(BrokerChannelLayer):
     """A channel layer on NATS, with JetStream for named channels and KV for groups.
 
-    Options (besides the shared ones of :class:`BaseChannelLayer`):
+    Options (besides the shared ones of :class:`BrokerChannelLayer`, ``timeout``
+    included: the bound on connecting and on each JetStream call, transient
+    failures such as a leader election being retried within it):
 
     * ``servers``: NATS URLs (comma-separated in ``FASTAPI_WEBSOCKETS_NATS_SERVERS``).
     * ``prefix``: first subject tokens of every subject the layer uses.
@@ -140,11 +154,11 @@ class NATSChannelLayer(BaseChannelLayer):
       receivers (the consumers' ack wait); then it is delivered again.
     * ``replicas``: JetStream replicas of the stream and the bucket (3 on a
       3-node cluster).
-    * ``request_timeout``: seconds a broker call (connect, JetStream publish,
-      KV, API) may take before failing with :class:`BackendUnavailable`.
     """
 
     backend_name = "nats"
+    broker_label = "NATS"
+    default_port = 4222
 
     def __init__(
         self,
@@ -155,43 +169,27 @@ class NATSChannelLayer(BaseChannelLayer):
         stream_name: str = "FASTAPI_WEBSOCKETS",
         message_timeout: float = 60.0,
         replicas: int = 1,
-        request_timeout: float = 10.0,
         **options: Any,
     ) -> None:
         super().__init__(**options)
-        if isinstance(servers, str):
-            servers = [part.strip() for part in servers.split(",") if part.strip()]
-        if (
-            not isinstance(servers, (list, tuple))
-            or not servers
-            or not all(isinstance(url, str) and _SERVER_URL.match(url) for url in servers)
-        ):
-            raise InvalidChannelLayerConfig(
-                f"servers must be a non-empty list of NATS URLs such as 'nats://host:4222', got {servers!r}"
-            )
-        self.servers = list(servers)
-        self.prefix = _check_name(
+        self.servers = _server_urls(servers)
+        self.set_location(*self.servers)
+        self.prefix = matching(
             "prefix",
             prefix,
             _SUBJECT_TOKENS,
             "one or more '.'-separated subject tokens of letters, digits, '-' and '_'",
         )
-        self.group_bucket = _check_name(
+        self.group_bucket = matching(
             "group_bucket", group_bucket, _JS_NAME, "a KV bucket name of 1-64 letters, digits, '-', '_'"
         )
-        self.stream_name = _check_name(
+        self.stream_name = matching(
             "stream_name", stream_name, _JS_NAME, "a stream name of 1-64 letters, digits, '-', '_'"
         )
-        for option, value in (("message_timeout", message_timeout), ("request_timeout", request_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise InvalidChannelLayerConfig(
-                    f"{option} must be a positive number of seconds, got {value!r}"
-                )
+        self.message_timeout = positive("message_timeout", message_timeout, "seconds")
         if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
             raise InvalidChannelLayerConfig(f"replicas must be an integer from 1 to 5, got {replicas!r}")
-        self.message_timeout = float(message_timeout)
         self.replicas = replicas
-        self.request_timeout = float(request_timeout)
 
         self._inbox = f"{self.prefix}.p.{self.client_token}"
         self._kv_stream = f"KV_{self.group_bucket}"
@@ -205,13 +203,13 @@ class NATSChannelLayer(BaseChannelLayer):
         self._group_lock = asyncio.Lock()
         self._group_subs: dict[str, Subscription] = {}
         self._readers: dict[str, _NamedReader] = {}
-        self._inboxes: dict[str, str] = {}  # process token -> "<prefix>.p.<token>."
+        # process token -> "<prefix>.p.<token>."
+        self._inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.p.{subject_token(token)}.")
         # group_send hands (group, data) to one background worker that delivers to
         # the group's named members, so that group_send itself waits for no round
         # trip. Bounded: a full queue makes group_send wait (backpressure).
         self._named_queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=_NAMED_QUEUE)
         self._named_worker: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         #: nats-py's base error class, set when the driver is imported.
         self._driver_error: type[Exception] = ChannelLayerError
 
@@ -224,13 +222,7 @@ class NATSChannelLayer(BaseChannelLayer):
         return f"{self.prefix}.g.{subject_token(group)}"
 
     def _process_subject(self, channel: str, kind: str) -> str:
-        token = process_token(channel)
-        inbox = self._inboxes.get(token)
-        if inbox is None:
-            if len(self._inboxes) >= 4096:
-                self._inboxes.clear()
-            inbox = self._inboxes[token] = f"{self.prefix}.p.{subject_token(token)}."
-        return inbox + kind
+        return self._inboxes(process_token(channel)) + kind
 
     @staticmethod
     def member_key(group: str, channel: str) -> str:
@@ -248,15 +240,19 @@ class NATSChannelLayer(BaseChannelLayer):
             raise missing_driver("nats", exc) from exc
         self._driver_error = DriverError
         nc = Client()
+        # nats-py retries the first connection forever (max_reconnect_attempts=-1),
+        # so a refused or failing connection shows up as our timeout; the message
+        # names the last error nats-py met (an authorization violation, say).
+        error: BackendUnavailable | None = None
         try:
-            await asyncio.wait_for(
+            await within(
                 nc.connect(
                     servers=self.servers,
                     name=f"fastapi-websockets {self.client_token}",
                     # Our own group publishes are delivered locally without the round
                     # trip, so the server must not echo them back.
                     no_echo=True,
-                    connect_timeout=max(1, math.ceil(self.request_timeout)),
+                    connect_timeout=max(1, math.ceil(self.timeout)),
                     # Typed int in nats-py but used as a sleep; half a second heals fast.
                     reconnect_time_wait=0.5,  # type: ignore[arg-type]
                     max_reconnect_attempts=-1,
@@ -264,55 +260,71 @@ class NATSChannelLayer(BaseChannelLayer):
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                 ),
-                self.request_timeout,
+                self.timeout,
+                lambda: self._connect_failed(nc),
             )
             await nc.subscribe(f"{self._inbox}.*", cb=self._on_inbox)
-            await nc.flush(timeout=max(1, math.ceil(self.request_timeout)))
+            await nc.flush(timeout=max(1, math.ceil(self.timeout)))
+        except BackendUnavailable as exc:
+            error = exc
         except (OSError, asyncio.TimeoutError, DriverError) as exc:
-            await nc.close()
-            raise BackendUnavailable(
-                f"cannot connect to NATS at {self.servers} within {self.request_timeout} s: {exc!r}"
-            ) from exc
+            error = self._connect_failed(nc, exc)
         except BaseException:
             await nc.close()
             raise
+        if error is not None:
+            await nc.close()
+            # Raised outside the handler, not chained: a driver error may quote the
+            # server URL, password included.
+            raise error
         self._nc = nc
         # Each JetStream request gets a short timeout and is retried until
-        # request_timeout: a request lost in a leader election is sent again instead
+        # ``timeout``: a request lost in a leader election is sent again instead
         # of being waited for until the very end.
-        self._js = nc.jetstream(timeout=min(_ATTEMPT_TIMEOUT, self.request_timeout))
+        self._js = nc.jetstream(timeout=min(_ATTEMPT_TIMEOUT, self.timeout))
         version = nc.connected_server_version
         # Per-message TTL (Nats-TTL) exists from server 2.11; older servers accept
         # and ignore it, so only use it where it works.
         self._msg_ttl = (version.major, version.minor) >= (2, 11)
 
+    def _connect_failed(self, nc: Client, exc: BaseException | None = None) -> BackendUnavailable:
+        last = exc or nc.last_error
+        reason = f"no connection within {self.timeout} s"
+        if last is not None:
+            reason += f"; last error: {type(last).__name__}: {last}"
+        return self.unavailable(reason)
+
     async def _close(self) -> None:
         if self._named_worker is not None and not self._named_queue.empty():
             # group_sends made just before close still reach their named members.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._named_queue.join(), self.request_timeout)
+            with contextlib.suppress(BackendUnavailable):
+                await within(
+                    self._named_queue.join(),
+                    self.timeout,
+                    lambda: self.unavailable("group_sends to named members still queued at close"),
+                )
         await self._forget_local_members()
-        # On Python 3.11, asyncio.wait_for inside nats-py can swallow a cancellation
-        # that races with a reply, so a task may survive one cancel(): cancel again
-        # until every task is done (each also checks `closed` after driver calls).
-        while self._tasks:
-            pending = list(self._tasks)
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending, timeout=1.0)
-        if self._nc is not None:
-            try:
-                # Hand queued publishes (a group_send just before close) to the server.
-                await self._nc.flush(timeout=1)
-            except (asyncio.TimeoutError, self._driver_error) as exc:
-                logger.debug("flush before close failed: %r", exc)
-            await self._nc.close()
+        # nats-py can swallow a cancellation that races with a reply (asyncio.wait_for
+        # on Python 3.11): closing the connection makes such a task's next call fail.
+        await self.tasks.close(self.timeout, unblock=self._disconnect)
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        try:
+            # Hand queued publishes (a group_send just before close) to the server.
+            await nc.flush(timeout=1)
+        except (asyncio.TimeoutError, self._driver_error) as exc:
+            logger.debug("flush before close failed: %s", self.redact(repr(exc)))
+        await nc.close()
 
     async def _forget_local_members(self) -> None:
         """Remove this layer's channels from the bucket: they die with the layer.
 
-        Best effort, bounded by ``request_timeout``; what is left expires with
-        the bucket's TTL (``group_expiry``).
+        Best effort, bounded by ``timeout``; what is left expires with the
+        bucket's TTL (``group_expiry``).
         """
         kv = self._kv
         if kv is None or self._nc is None or not self._nc.is_connected:
@@ -325,30 +337,22 @@ class NATSChannelLayer(BaseChannelLayer):
         if not keys:
             return
         try:
-            results = await asyncio.wait_for(
+            results = await within(
                 asyncio.gather(*(self._forget(kv, key) for key in keys), return_exceptions=True),
-                self.request_timeout,
+                self.timeout,
+                lambda: self.unavailable(f"removing {len(keys)} member keys on close timed out"),
             )
-        except asyncio.TimeoutError:
-            logger.debug("removing %d member keys on close timed out", len(keys))
+        except BackendUnavailable as exc:
+            logger.debug("%s", exc)
             return
         failed = [result for result in results if isinstance(result, BaseException)]
         if failed:
             logger.debug(
-                "removing member keys on close: %d of %d failed: %r", len(failed), len(keys), failed[0]
+                "removing member keys on close: %d of %d failed: %s",
+                len(failed),
+                len(keys),
+                self.redact(repr(failed[0])),
             )
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-
-        def done(task: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                logger.error("%s failed", what, exc_info=task.exception())
-
-        task.add_done_callback(done)
-        return task
 
     async def _on_error(self, exc: Exception) -> None:
         from nats.errors import NoServersError, StaleConnectionError, UnexpectedEOF
@@ -358,9 +362,9 @@ class NATSChannelLayer(BaseChannelLayer):
         ):
             # Refused or dropped connections repeat every reconnect attempt; the
             # disconnect itself is logged once, as a warning.
-            logger.debug("NATS connection error: %r", exc)
+            logger.debug("NATS connection error: %s", self.redact(repr(exc)))
         else:
-            logger.warning("NATS error: %r", exc)
+            logger.warning("NATS error: %s", self.redact(repr(exc)))
 
     async def _on_disconnected(self) -> None:
         if not self.closed:
@@ -368,10 +372,11 @@ class NATSChannelLayer(BaseChannelLayer):
 
     async def _on_reconnected(self) -> None:
         # nats-py re-sends every SUB (inbox, groups, pull inboxes) on reconnect, so
-        # local group interest comes back by itself; pull requests in flight are
-        # re-issued by the receivers within _PULL_EXPIRES.
+        # local group interest comes back by itself; named-channel readers re-issue
+        # their pull requests within _PULL_EXPIRES.
         url = self._nc.connected_url if self._nc is not None else None
-        logger.info("reconnected to NATS at %s", url.netloc if url is not None else "?")
+        where = location(url.geturl(), self.default_port) if url is not None else "?"
+        logger.info("reconnected to NATS at %s", where)
 
     def _translate(self, exc: BaseException, what: str, size: int = 0) -> ChannelLayerError:
         """Our error for a driver error, naming the operation."""
@@ -396,14 +401,12 @@ class NATSChannelLayer(BaseChannelLayer):
                 OutboundBufferLimitError,
             ),
         ):
-            return BackendUnavailable(
-                f"NATS {what} failed within {self.request_timeout} s ({exc!r}); is the server reachable?"
-            )
+            return self.unavailable(f"{what} failed within {self.timeout} s: {type(exc).__name__}")
         if isinstance(exc, ConnectionClosedError):
             if self.closed:
                 return ChannelLayerClosed("the channel layer was closed")
-            return BackendUnavailable(f"NATS {what} failed: the connection is closed")
-        return ChannelLayerError(f"NATS {what} failed: {exc!r}")
+            return self.unavailable(f"{what} failed: the connection is closed")
+        return ChannelLayerError(f"NATS {what} failed: {self.redact(repr(exc))}")
 
     async def _publish(self, subject: str, payload: bytes, what: str) -> None:
         # The hot path (every send to a process-specific channel, every group_send):
@@ -419,7 +422,7 @@ class NATSChannelLayer(BaseChannelLayer):
         call: Callable[[], Awaitable[_T]],
         recover: Callable[[], Awaitable[None]] | None = None,
     ) -> _T:
-        """Run a JetStream request, retrying transient failures until ``request_timeout``.
+        """Run a JetStream request, retrying transient failures until ``timeout``.
 
         Transient: no responders or timeouts while a stream leader is elected or
         the connection is re-established. Anything else fails at once. When no
@@ -430,8 +433,8 @@ class NATSChannelLayer(BaseChannelLayer):
         from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.request_timeout
-        delay = 0.05
+        deadline = loop.time() + self.timeout
+        backoff = self.backoff()
         while True:
             try:
                 return await call()
@@ -441,6 +444,7 @@ class NATSChannelLayer(BaseChannelLayer):
                 NoStreamResponseError,
                 ServiceUnavailableError,
             ) as exc:
+                delay = backoff.next()
                 if self.closed or loop.time() + delay >= deadline:
                     raise self._translate(exc, what) from exc
                 logger.debug("NATS %s: %r; retrying in %.2f s", what, exc, delay)
@@ -450,11 +454,10 @@ class NATSChannelLayer(BaseChannelLayer):
                     try:
                         await again()
                     except ChannelLayerError as error:
-                        logger.debug("NATS %s: recovery failed: %r", what, error)
+                        logger.debug("NATS %s: recovery failed: %s", what, error)
             except self._driver_error as exc:
                 raise self._translate(exc, what) from exc
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
 
     @property
     def nc(self) -> Client:
@@ -465,6 +468,7 @@ class NATSChannelLayer(BaseChannelLayer):
 
     @property
     def js(self) -> JetStreamContext:
+        """The layer's JetStream context (created with the connection)."""
         if self._js is None:
             raise ChannelLayerClosed("the NATS connection is not open")
         return self._js
@@ -473,35 +477,28 @@ class NATSChannelLayer(BaseChannelLayer):
         if self._stream_ready:
             return
         from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-        from nats.js.errors import BadRequestError, NotFoundError
+        from nats.js.errors import NotFoundError
 
         async with self._setup_lock:
             if self._stream_ready:
                 return
-            what = f"setup of stream {self.stream_name}"
             wanted = f"{self.prefix}.n.>"
-            try:
-                info = await self._retry(what, lambda: self.js.stream_info(self.stream_name))
-            except ChannelLayerError as exc:
-                if not isinstance(exc.__cause__, NotFoundError):
-                    raise
-                config = StreamConfig(
-                    name=self.stream_name,
-                    subjects=[wanted],
-                    retention=RetentionPolicy.WORK_QUEUE,
-                    storage=StorageType.FILE,
-                    num_replicas=self.replicas,
-                    allow_msg_ttl=True if self._msg_ttl else None,
-                    # Servers without per-message TTL bound the age stream-wide.
-                    max_age=None if self._msg_ttl else self.channel_expiry,
-                )
-                try:
-                    info = await self._retry(what, lambda: self.js.add_stream(config))
-                except ChannelLayerError as exc:
-                    if not isinstance(exc.__cause__, BadRequestError):
-                        raise
-                    # Created by another process meanwhile, or a clash we report below.
-                    info = await self._retry(what, lambda: self.js.stream_info(self.stream_name))
+            config = StreamConfig(
+                name=self.stream_name,
+                subjects=[wanted],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                num_replicas=self.replicas,
+                allow_msg_ttl=True if self._msg_ttl else None,
+                # Servers without per-message TTL bound the age stream-wide.
+                max_age=None if self._msg_ttl else self.channel_expiry,
+            )
+            info = await self._get_or_create(
+                f"setup of stream {self.stream_name}",
+                lambda: self.js.stream_info(self.stream_name),
+                lambda: self.js.add_stream(config),
+                NotFoundError,
+            )
             subjects = info.config.subjects or []
             if wanted not in subjects:
                 raise InvalidChannelLayerConfig(
@@ -514,17 +511,10 @@ class NATSChannelLayer(BaseChannelLayer):
         if self._kv is not None:
             return self._kv
         from nats.js.api import KeyValueConfig, StorageType
-        from nats.js.errors import BadRequestError, BucketNotFoundError
+        from nats.js.errors import BucketNotFoundError
 
         async with self._setup_lock:
-            if self._kv is not None:
-                return self._kv
-            what = f"setup of KV bucket {self.group_bucket}"
-            try:
-                kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
-            except ChannelLayerError as exc:
-                if not isinstance(exc.__cause__, BucketNotFoundError):
-                    raise
+            if self._kv is None:
                 config = KeyValueConfig(
                     bucket=self.group_bucket,
                     history=1,
@@ -534,14 +524,36 @@ class NATSChannelLayer(BaseChannelLayer):
                     storage=StorageType.FILE,
                     replicas=self.replicas,
                 )
-                try:
-                    kv = await self._retry(what, lambda: self.js.create_key_value(config))
-                except ChannelLayerError as exc:
-                    if not isinstance(exc.__cause__, BadRequestError):
-                        raise
-                    kv = await self._retry(what, lambda: self.js.key_value(self.group_bucket))
-            self._kv = kv
-            return kv
+                self._kv = await self._get_or_create(
+                    f"setup of KV bucket {self.group_bucket}",
+                    lambda: self.js.key_value(self.group_bucket),
+                    lambda: self.js.create_key_value(config),
+                    BucketNotFoundError,
+                )
+            return self._kv
+
+    async def _get_or_create(
+        self,
+        what: str,
+        get: Callable[[], Awaitable[_T]],
+        create: Callable[[], Awaitable[_T]],
+        missing: type[Exception],
+    ) -> _T:
+        """``get()`` a stream or bucket, ``create()`` it if ``missing`` says it does not exist."""
+        from nats.js.errors import BadRequestError
+
+        try:
+            return await self._retry(what, get)
+        except ChannelLayerError as exc:
+            if not isinstance(exc.__cause__, missing):
+                raise
+        try:
+            return await self._retry(what, create)
+        except ChannelLayerError as exc:
+            if not isinstance(exc.__cause__, BadRequestError):
+                raise
+        # Created by another process meanwhile (or a clash the caller reports).
+        return await self._retry(what, get)
 
     async def _recover_stream(self) -> None:
         self._stream_ready = False
@@ -596,13 +608,103 @@ class NATSChannelLayer(BaseChannelLayer):
             self._recover_stream,
         )
 
-    def _reader(self, channel: str) -> _NamedReader:
+    async def _receive_remote(self, channel: str) -> Message:
         reader = self._readers.get(channel)
         if reader is None:
-            reader = self._readers[channel] = _NamedReader(self._named_subject(channel))
+            reader = self._new_reader(channel)
+        return await reader.waiters.wait()
+
+    def _new_reader(self, channel: str) -> _NamedReader:
+        def hand_back(message: Message) -> None:
+            # A receiver cancelled just after it was handed a message: the next
+            # waiting receiver gets it, else the channel's local mailbox keeps it.
+            if not reader.waiters.hand_over(message):
+                self.deliver_local(channel, message)
+
+        reader = _NamedReader(self._named_subject(channel), WaiterQueue(hand_back))
+        self._readers[channel] = reader
+        self.tasks.keep_running(lambda: self._read_named(channel, reader), f"reader of {channel!r}")
         return reader
 
-    async def _bind(self, channel: str, reader: _NamedReader) -> Any:
+    async def _read_named(self, channel: str, reader: _NamedReader) -> None:
+        """The one reader of a named channel in this process: pulls while receivers wait.
+
+        One fetch at a time per channel and process: the consumer's pull inbox is
+        shared by the local receivers, which wait in ``reader.waiters``.
+        """
+        from nats.errors import TimeoutError as NatsTimeout
+
+        waiters = reader.waiters
+        backoff = self.backoff()
+        idle = 0
+        while not self.closed:
+            if not waiters.pending():
+                waiters.demand.clear()
+                await waiters.demand.wait()
+                continue
+            if reader.pull is None:
+                try:
+                    reader.pull = await self._bind(channel, reader)
+                except BackendUnavailable as exc:
+                    # Unreachable, or no JetStream leader yet: keep the receivers waiting.
+                    logger.debug("binding %r failed (%s); trying again", channel, exc)
+                    await backoff.sleep()
+                    continue
+                except ChannelLayerError as exc:
+                    # A server limit or a stream clash: the receivers' error, not ours to retry.
+                    waiters.fail_all(exc)
+                    continue
+            try:
+                msgs = await reader.pull.fetch(1, timeout=_PULL_EXPIRES)
+            except NatsTimeout:
+                # Nothing arrived; the next pull request also covers a reconnect.
+                # Now and then, check that the consumer still exists: servers
+                # before 2.10 answer a pull to a deleted consumer with silence.
+                idle += 1
+                if idle % _CHECK_EVERY == 0 and not await self._consumer_exists(channel):
+                    await self._unbind(reader)
+                continue
+            except (ChannelLayerError, self._driver_error) as exc:
+                if self.closed:
+                    return
+                # The consumer or stream is gone (deleted for inactivity, or the
+                # server lost its state): bind again, with backoff.
+                logger.debug("pull on %r failed (%s); binding again", channel, self.redact(repr(exc)))
+                await self._unbind(reader)
+                self._stream_ready = False
+                await backoff.sleep()
+                continue
+            backoff.reset()
+            idle = 0
+            await self._claim(channel, msgs[0], waiters)
+
+    async def _claim(self, channel: str, msg: Msg, waiters: WaiterQueue[Message]) -> None:
+        """Acknowledge a pulled message and hand it to a waiting receiver."""
+        if not waiters.pending():
+            # Every receiver left while the pull was out: back to the stream, for
+            # any process's next receiver, rather than kept here.
+            try:
+                await msg.nak()
+            except self._driver_error as exc:
+                logger.debug("nak on %r failed: %r", channel, exc)
+            return
+        expires = msg.headers.get(_EXPIRES_HEADER) if msg.headers else None
+        message: Message | None = None
+        if _expired(expires):
+            self.stats.dropped_expired += 1
+        else:
+            message = self.decode_or_drop(msg.data, f"named channel {channel!r}")
+        try:
+            # A confirmed ack: the work queue has dropped the message before the
+            # receiver returns, so a send() right after sees the room it freed.
+            await msg.ack_sync(timeout=min(_ATTEMPT_TIMEOUT, self.timeout))
+        except (asyncio.TimeoutError, self._driver_error) as exc:
+            # Delivered anyway; at worst it comes again after message_timeout.
+            logger.debug("ack on %r not confirmed: %r", channel, exc)
+        if message is not None:
+            waiters.deliver(message)
+
+    async def _bind(self, channel: str, reader: _NamedReader) -> JetStreamContext.PullSubscription:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         await self._ensure_stream()
@@ -620,86 +722,12 @@ class NATSChannelLayer(BaseChannelLayer):
             inactive_threshold=_CONSUMER_INACTIVE,
             description=f"fastapi-websockets named channel {channel[:100]}",
         )
-        reader.pull = await self._retry(
+        return await self._retry(
             f"consumer for {channel!r}",
             lambda: self.js.pull_subscribe(
                 reader.subject, durable=durable, stream=self.stream_name, config=config
             ),
         )
-        return reader.pull
-
-    async def _receive_remote(self, channel: str) -> Message:
-        from nats.errors import TimeoutError as NatsTimeout
-
-        reader = self._reader(channel)
-        # One fetch at a time per channel and process: the consumer's pull inbox
-        # is shared by the local receivers, which queue on the lock.
-        async with reader.lock:
-            delay = 0.1
-            idle = 0
-            while True:
-                if self.closed:
-                    raise ChannelLayerClosed("the channel layer was closed")
-                if reader.pull is None:
-                    try:
-                        await self._bind(channel, reader)
-                    except BackendUnavailable as exc:
-                        # Unreachable, or no JetStream leader yet: keep waiting. Any
-                        # other error (a server limit, a stream clash) is the caller's.
-                        logger.debug("binding %r failed (%r); again in %.1f s", channel, exc, delay)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 2.0)
-                        continue
-                try:
-                    msgs = await reader.pull.fetch(1, timeout=_PULL_EXPIRES)
-                except NatsTimeout:
-                    if _cancel_requested():
-                        raise asyncio.CancelledError from None
-                    # Nothing arrived; the next pull request also covers a reconnect.
-                    # Now and then, check that the consumer still exists: servers
-                    # before 2.10 answer a pull to a deleted consumer with silence.
-                    idle += 1
-                    if idle % _CHECK_EVERY == 0 and not await self._consumer_exists(channel):
-                        await self._unbind(reader)
-                    continue
-                except (ChannelLayerError, self._driver_error) as exc:
-                    if self.closed:
-                        raise ChannelLayerClosed("the channel layer was closed") from exc
-                    # The consumer or stream is gone (deleted for inactivity, or the
-                    # server lost its state): bind again, with backoff.
-                    logger.debug("pull on %r failed (%r); binding again in %.1f s", channel, exc, delay)
-                    await self._unbind(reader)
-                    self._stream_ready = False
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
-                delay = 0.1
-                idle = 0
-                msg = msgs[0]
-                expires = msg.headers.get(_EXPIRES_HEADER) if msg.headers else None
-                try:
-                    message = None if _expired(expires) else self.decode(msg.data)
-                except SerializationError:
-                    logger.warning("dropped an undecodable message on %r", channel, exc_info=True)
-                    message = None
-                try:
-                    # A confirmed ack: the work queue has dropped the message before the
-                    # receiver returns, so a send() right after sees the room it freed.
-                    await msg.ack_sync(timeout=min(_ATTEMPT_TIMEOUT, self.request_timeout))
-                except asyncio.CancelledError:
-                    if message is not None:
-                        self.deliver_local(channel, message)
-                    raise
-                except (asyncio.TimeoutError, self._driver_error) as exc:
-                    # Delivered anyway; at worst it comes again after message_timeout.
-                    logger.debug("ack on %r not confirmed: %r", channel, exc)
-                if message is not None:
-                    if _cancel_requested():
-                        # Our cancellation was swallowed by a driver call (Python 3.11
-                        # wait_for): keep the message for the next receiver.
-                        self.deliver_local(channel, message)
-                        raise asyncio.CancelledError
-                    return message
 
     async def _consumer_exists(self, channel: str) -> bool:
         from nats.js.errors import NotFoundError
@@ -712,7 +740,7 @@ class NATSChannelLayer(BaseChannelLayer):
         except ChannelLayerError as exc:
             if isinstance(exc.__cause__, NotFoundError):
                 return False
-            logger.debug("consumer check of %r failed: %r", channel, exc)
+            logger.debug("consumer check of %r failed: %s", channel, exc)
         return True
 
     async def _unbind(self, reader: _NamedReader) -> None:
@@ -724,42 +752,50 @@ class NATSChannelLayer(BaseChannelLayer):
                 logger.debug("unsubscribe of a pull subscription failed: %r", exc)
 
     async def _on_inbox(self, msg: Msg) -> None:
+        if msg.subject.endswith(".c"):
+            await self._on_control(msg)
+            return
+        data = msg.data
+        size = int.from_bytes(data[:2], "big")
         try:
-            if msg.subject.endswith(".c"):
-                await self._on_control(msg)
-                return
-            data = msg.data
-            size = int.from_bytes(data[:2], "big")
             channel = data[2 : 2 + size].decode()
-            if not self.is_local(channel):
-                logger.debug("dropped a message for %r, not a channel of this layer", channel)
-                return
-            self.deliver_local(channel, self.decode(data[2 + size :]))
-        except (SerializationError, UnicodeDecodeError, ValueError, KeyError):
-            logger.warning("dropped an undecodable message on %s", msg.subject, exc_info=True)
+        except UnicodeDecodeError:
+            channel = ""
+        if not self.is_local(channel):
+            logger.debug("dropped a message for %r, not a channel of this layer", channel)
+            return
+        message = self.decode_or_drop(data[2 + size :], msg.subject)
+        if message is not None:
+            self.deliver_local(channel, message)
 
     # ------------------------------------------------------------------ groups
 
     async def _group_add(self, group: str, channel: str) -> None:
+        await self._change_member("add", group, channel)
+
+    async def _group_discard(self, group: str, channel: str) -> None:
+        await self._change_member("discard", group, channel)
+
+    async def _change_member(self, op: str, group: str, channel: str) -> None:
+        """Add or discard a member: in its owner's local groups first, then its KV key."""
         if self.is_local(channel):
-            await self._add_local(group, channel)
+            await self._change_local(op, group, channel)
         elif is_process_specific(channel):
-            await self._tell_owner(channel, "add", group)
+            await self._tell_owner(channel, op, group)
         kv = await self._bucket()
         key = self.member_key(group, channel)
         joined = repr(time.time()).encode()
-        await self._retry(f"group_add to {group!r}", lambda: kv.put(key, joined), self._recover_bucket)
-
-    async def _group_discard(self, group: str, channel: str) -> None:
-        if self.is_local(channel):
-            await self._discard_local(group, channel)
-        elif is_process_specific(channel):
-            await self._tell_owner(channel, "discard", group)
-        kv = await self._bucket()
-        key = self.member_key(group, channel)
         await self._retry(
-            f"group_discard from {group!r}", lambda: self._forget(kv, key), self._recover_bucket
+            f"group_{op} of {channel!r} in {group!r}",
+            (lambda: kv.put(key, joined)) if op == "add" else (lambda: self._forget(kv, key)),
+            self._recover_bucket,
         )
+
+    async def _change_local(self, op: str, group: str, channel: str) -> None:
+        if op == "add":
+            await self._add_local(group, channel)
+        else:
+            await self._discard_local(group, channel)
 
     async def _forget(self, kv: KeyValue, key: str) -> None:
         if self._msg_ttl:
@@ -801,9 +837,7 @@ class NATSChannelLayer(BaseChannelLayer):
 
         body = json.dumps({"op": op, "group": group, "channel": channel}).encode()
         try:
-            reply = await self.nc.request(
-                self._process_subject(channel, "c"), body, timeout=self.request_timeout
-            )
+            reply = await self.nc.request(self._process_subject(channel, "c"), body, timeout=self.timeout)
         except NoRespondersError:
             # The owner is gone: its channel receives nothing any more anyway.
             logger.debug("the owner of %r is gone; only the KV entry changes", channel)
@@ -814,14 +848,15 @@ class NATSChannelLayer(BaseChannelLayer):
             raise ChannelLayerError(f"the owner of {channel!r} refused the group change: {reply.data!r}")
 
     async def _on_control(self, msg: Msg) -> None:
-        request = json.loads(msg.data)
-        group, channel = request["group"], request["channel"]
+        try:
+            request = json.loads(msg.data)
+            op, group, channel = request["op"], request["group"], request["channel"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("dropped a malformed group change on %s", msg.subject)
+            return
         try:
             if self.is_local(channel):
-                if request["op"] == "add":
-                    await self._add_local(group, channel)
-                else:
-                    await self._discard_local(group, channel)
+                await self._change_local(op, group, channel)
         except ChannelLayerError as exc:
             logger.warning("group change for %r failed: %r", channel, exc)
             await msg.respond(str(exc).encode())
@@ -830,15 +865,13 @@ class NATSChannelLayer(BaseChannelLayer):
 
     async def _on_group(self, msg: Msg) -> None:
         group = token_to_name(msg.subject.rsplit(".", 1)[-1])
-        try:
-            message = self.decode(msg.data)
-        except SerializationError:
-            logger.warning("dropped an undecodable group message for %r", group, exc_info=True)
+        message = self.decode_or_drop(msg.data, f"group {group!r}")
+        if message is None:
             return
         self.deliver_to_local_members(group, message)
-        if group not in self.local_groups and group in self._group_subs:
+        if group not in self.local_groups and group in self._group_subs and not self.closed:
             # Every local member expired: stop listening to the group.
-            self._spawn(self._unsubscribe_group(group), f"unsubscribe from {group!r}")
+            self.tasks.spawn(self._unsubscribe_group(group), f"unsubscribe from {group!r}")
 
     async def _group_send(self, group: str, data: bytes) -> None:
         if group in self.local_groups:
@@ -846,19 +879,22 @@ class NATSChannelLayer(BaseChannelLayer):
         # One publish reaches every other process with members (no_echo keeps it
         # from coming back here).
         await self._publish(self._group_subject(group), data, f"group_send to {group!r}")
-        if self._named_worker is None or self._named_worker.done():
-            # Started on first use, and again should it ever have died (logged).
-            self._named_worker = self._spawn(self._deliver_to_named_members(), "named-member delivery")
+        if self._named_worker is None:
+            # Started on first use; restarted with backoff should it ever fail.
+            self._named_worker = self.tasks.keep_running(
+                self._deliver_to_named_members, "named-member delivery"
+            )
         try:
             self._named_queue.put_nowait((group, data))
         except asyncio.QueueFull:
-            try:
-                await asyncio.wait_for(self._named_queue.put((group, data)), self.request_timeout)
-            except asyncio.TimeoutError:
-                raise BackendUnavailable(
-                    f"group_send to {group!r}: {_NAMED_QUEUE} earlier group_sends are still waiting "
-                    f"for delivery to named members after {self.request_timeout} s; is NATS reachable?"
-                ) from None
+            await within(
+                self._named_queue.put((group, data)),
+                self.timeout,
+                lambda: self.unavailable(
+                    f"group_send to {group!r}: {_NAMED_QUEUE} earlier group_sends still wait for "
+                    f"delivery to named members after {self.timeout} s"
+                ),
+            )
 
     async def _deliver_to_named_members(self) -> None:
         """The background worker: store each group message for the group's named members.
@@ -914,7 +950,8 @@ class NATSChannelLayer(BaseChannelLayer):
                     continue  # discarded; its marker goes away by itself
                 raise
             if _joined(entry.value) <= cutoff:
-                self._spawn(self._prune(kv, key), f"pruning {key}")
+                if not self.closed:
+                    self.tasks.spawn(self._prune(kv, key), f"pruning {key}")
                 continue
             members.append(token_to_name(key.rsplit(".", 1)[-1]))
         return members
@@ -944,14 +981,6 @@ class NATSChannelLayer(BaseChannelLayer):
                 await sub.unsubscribe()
             except self._driver_error as exc:
                 raise self._translate(exc, "flush") from exc
-
-
-def _cancel_requested() -> bool:
-    """Whether the current task has a cancellation pending (Python 3.11+)."""
-    task = asyncio.current_task()
-    if task is None or sys.version_info < (3, 11):
-        return False
-    return task.cancelling() > 0
 
 
 def _joined(value: bytes | None) -> float:

@@ -97,7 +97,8 @@ class Memo(Generic[K, V]):
     than an LRU and bounds memory when names never repeat.
     """
 
-    def __init__(self, compute: Callable[[K], V], size: int = 4096) -> None:
+    def __init__(self, compute: Callable[[K], V] | None = None, size: int = 4096) -> None:
+        # Without ``compute``, the caller fills it with add() (an async result, say).
         self._compute = compute
         self._size = size
         self._values: dict[K, V] = {}
@@ -107,12 +108,21 @@ class Memo(Generic[K, V]):
         try:
             return self._values[key]
         except KeyError:
-            pass
+            if self._compute is None:
+                raise
         value = self._compute(key)
         if len(self._values) >= self._size:
             self._values.clear()
         self._values[key] = value
         return value
+
+    def get(self, key: K) -> V | None:
+        """The value remembered for ``key``, or None (never computes)."""
+        return self._values.get(key)
+
+    def values(self) -> list[V]:
+        """The values remembered now (a copy)."""
+        return list(self._values.values())
 
     def __contains__(self, key: object) -> bool:
         return key in self._values

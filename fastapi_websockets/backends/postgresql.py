@@ -32,18 +32,20 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.backends.backoff import Backoff
+from fastapi_websockets.backends.base import missing_driver
+from fastapi_websockets.backends.broker import BrokerChannelLayer
+from fastapi_websockets.backends.options import Memo, flag, matching, positive, positive_int, url
+from fastapi_websockets.backends.timeouts import wait_event, within
+from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelFull,
     ChannelLayerClosed,
     ChannelLayerError,
-    InvalidChannelLayerConfig,
-    SerializationError,
 )
 from fastapi_websockets.names import is_process_specific, process_token
 from fastapi_websockets.types import Message
@@ -60,9 +62,13 @@ logger = logging.getLogger("fastapi_websockets.postgresql")
 
 T = TypeVar("T")
 
-#: Identifiers are at most 63 bytes (NAMEDATALEN - 1) in PostgreSQL.
-_MAX_IDENTIFIER_BYTES = 63
-_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: A schema name: an identifier of at most 63 bytes (NAMEDATALEN - 1), not in
+#: the ``pg_`` namespace PostgreSQL reserves.
+_SCHEMA_RE = re.compile(r"(?![pP][gG]_)[A-Za-z_][A-Za-z0-9_]{0,62}")
+_SCHEMA_RULE = (
+    "a PostgreSQL schema name: a letter or '_' then letters, digits or '_', "
+    "at most 63 bytes, not starting with 'pg_'"
+)
 #: Rows claimed per round trip from an inbox.
 _INBOX_BATCH = 500
 #: Most sends to process-specific channels written in one statement.
@@ -74,8 +80,6 @@ _NAMED_BATCH = 100
 _NAMED_LINGER = 10.0
 #: Seconds between liveness checks of an otherwise silent listener connection.
 _LISTENER_KEEPALIVE = 30.0
-_MIN_BACKOFF = 0.05
-_MAX_BACKOFF = 2.0
 
 
 def notify_channel(schema: str, queue: str) -> str:
@@ -232,30 +236,10 @@ SELECT
 _Outgoing = tuple[str, str, bytes, "asyncio.Future[None]"]
 
 
-@dataclass(eq=False)
-class _NamedReader:
-    """The local receivers of one named channel, served by one claiming task."""
-
-    channel: str
-    notify: str
-    waiters: deque[asyncio.Future[Message]] = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def pending(self) -> int:
-        return sum(1 for fut in self.waiters if not fut.done())
-
-    def next_waiter(self) -> asyncio.Future[Message] | None:
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                return fut
-        return None
-
-
-class PostgreSQLChannelLayer(BaseChannelLayer):
+class PostgreSQLChannelLayer(BrokerChannelLayer):
     """A channel layer stored in PostgreSQL tables, woken by LISTEN/NOTIFY (asyncpg).
 
-    Options (besides the shared ones of :class:`BaseChannelLayer`):
+    Options (besides those of :class:`BrokerChannelLayer`, ``timeout`` included):
 
     * ``dsn``: a ``postgresql://`` URL.
     * ``schema``: the schema holding the tables (letters, digits, ``_``; at most
@@ -268,13 +252,13 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
       several processes start at once).
     * ``pool_size``: most pooled connections for writes and claims (plus one
       LISTEN connection).
-    * ``command_timeout``: seconds a database call may take, reconnecting
-      included, before it fails with :class:`BackendUnavailable`.
     * ``synchronous_commit``: make every write wait for its WAL flush, so that
       messages also survive a crash of the server (slower on real disks).
     """
 
     backend_name = "postgresql"
+    broker_label = "PostgreSQL"
+    default_port = 5432
 
     def __init__(
         self,
@@ -287,50 +271,37 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         prune_interval: float = 60.0,
         ensure_schema: bool = True,
         pool_size: int = 2,
-        command_timeout: float = 10.0,
         synchronous_commit: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(channel_expiry=channel_expiry, group_expiry=group_expiry, **options)
-        if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
-            raise InvalidChannelLayerConfig(
-                f"dsn must be a 'postgresql://user:password@host:port/database' URL, got {dsn!r}"
-            )
-        _validate_schema(schema)
-        _check_positive("poll_interval", poll_interval)
-        _check_positive("prune_interval", prune_interval)
-        _check_positive("command_timeout", command_timeout)
-        for flag, value in (("ensure_schema", ensure_schema), ("synchronous_commit", synchronous_commit)):
-            if not isinstance(value, bool):
-                raise InvalidChannelLayerConfig(f"{flag} must be true or false, got {value!r}")
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise InvalidChannelLayerConfig(f"pool_size must be an integer of at least 1, got {pool_size!r}")
+        url("dsn", dsn, ("postgresql", "postgres"))
         self.dsn = dsn
-        self.schema = schema
-        self.poll_interval = float(poll_interval)
-        self.prune_interval = float(prune_interval)
-        self.ensure_schema = ensure_schema
-        self.pool_size = pool_size
-        self.command_timeout = float(command_timeout)
-        self.synchronous_commit = synchronous_commit
+        self.set_location(dsn)
+        self.schema = matching("schema", schema, _SCHEMA_RE, _SCHEMA_RULE)
+        self.poll_interval = positive("poll_interval", poll_interval, "seconds")
+        self.prune_interval = positive("prune_interval", prune_interval, "seconds")
+        self.ensure_schema = flag("ensure_schema", ensure_schema)
+        self.pool_size = positive_int("pool_size", pool_size, "connections")
+        self.synchronous_commit = flag("synchronous_commit", synchronous_commit)
         self._sql = _Sql(schema)
         self._inbox = _inbox_queue(self.client_token)
         self._inbox_notify = notify_channel(schema, self._inbox)
         self._inbox_wake = asyncio.Event()
-        self._named: dict[str, _NamedReader] = {}
-        self._named_by_notify: dict[str, _NamedReader] = {}
-        self._notify_names: dict[str, str] = {}
+        self._named: dict[str, WaiterQueue[Message]] = {}
+        self._named_by_notify: dict[str, str] = {}
+        self._notify_name: Memo[str, str] = Memo(lambda queue: notify_channel(self.schema, queue))
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._listen_lock = asyncio.Lock()
         self._listened: set[str] = set()
         self._listening = asyncio.Event()
-        self._listener_ready = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._outbox: deque[_Outgoing] = deque()
         self._outbox_task: asyncio.Task[None] | None = None
-        self._unavailable: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
-        self._listener_errors: tuple[type[BaseException], ...] = self._unavailable
+        # Filled in by _start once asyncpg is imported.
+        self._broken: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
+        self._misuse: tuple[type[BaseException], ...] = ()
+        self._aborted: tuple[type[BaseException], ...] = ()
         self._reader_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
 
     # ------------------------------------------------------------ connection
@@ -345,19 +316,35 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             import asyncpg
         except ImportError as exc:
             raise missing_driver("postgresql", exc) from exc
-        self._unavailable = (
+        # Whatever their class, these mean "this connection is unusable": asyncpg
+        # reports a session cut in the middle of a statement as an InterfaceError
+        # or, depending on where the protocol was, an InternalClientError ("cannot
+        # switch to state 12; another operation is in progress"), and such a
+        # connection refuses every later statement.
+        self._broken = (
             OSError,
             asyncio.TimeoutError,
             asyncpg.PostgresConnectionError,
-            asyncpg.ConnectionDoesNotExistError,
             asyncpg.CannotConnectNowError,
             asyncpg.AdminShutdownError,
             asyncpg.CrashShutdownError,
             asyncpg.InsufficientResourcesError,  # too many connections, out of memory/disk
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
         )
-        self._listener_errors = (*self._unavailable, asyncpg.PostgresError, asyncpg.InterfaceError)
-        # What a background reader survives (logged, then retried after a pause).
-        self._reader_errors = (BackendUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError)
+        # The server ended the session and so rolled back whatever it was running:
+        # a statement that failed with one of these did not commit (unless the end
+        # came in the instant between its commit and its reply), so it is sent
+        # again. This is what a connection left over from before a restart reports.
+        self._aborted = (
+            asyncpg.AdminShutdownError,
+            asyncpg.CrashShutdownError,
+            asyncpg.CannotConnectNowError,
+        )
+        # Interface errors that are our mistake, not the connection's.
+        self._misuse = (asyncpg.exceptions.ClientConfigurationError, asyncpg.exceptions.DataError)
+        # What a background reader survives (logged, then retried once reconnected).
+        self._reader_errors = (BackendUnavailable, asyncpg.PostgresError)
         try:
             self._pool = await self._retry(
                 "connect",
@@ -366,8 +353,8 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                     min_size=1,
                     max_size=self.pool_size,
                     max_inactive_connection_lifetime=60.0,
-                    timeout=self.command_timeout,
-                    command_timeout=self.command_timeout,
+                    timeout=self.timeout,
+                    command_timeout=self.timeout,
                     server_settings={
                         "application_name": self.application_name,
                         # Channel messages live for seconds: by default a commit does not
@@ -381,27 +368,19 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                 await self._create_schema()
             else:
                 await self._check_schema()
-            self._spawn(self._run_listener(), "listener")
-            try:
-                await asyncio.wait_for(asyncio.shield(self._listener_ready.wait()), self.command_timeout)
-            except asyncio.TimeoutError:
-                raise BackendUnavailable(
-                    f"could not LISTEN on PostgreSQL ({self._where()}) within {self.command_timeout} s"
-                ) from None
-            self._spawn(self._drain_inbox(), "inbox")
-            self._spawn(self._prune_forever(), "prune")
+            await self._retry("LISTEN", self._connect_listener)
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            await self._shutdown(cleanup=False)
+            await self._release_connections()
             raise ChannelLayerError(
-                f"cannot start the PostgreSQL layer on {self._where()}: {type(exc).__name__}: {exc}"
+                f"cannot start the PostgreSQL layer on {self.where}: "
+                f"{type(exc).__name__}: {self.redact(str(exc))}"
             ) from exc
         except BaseException:
-            await self._shutdown(cleanup=False)
+            await self._release_connections()
             raise
-
-    def _where(self) -> str:
-        # The DSN without its password, for error messages.
-        return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", self.dsn)
+        self.tasks.keep_running(self._run_listener, "listener")
+        self.tasks.keep_running(self._drain_inbox, "inbox")
+        self.tasks.keep_running(self._prune_forever, "prune")
 
     async def _create_schema(self) -> None:
         # DDL runs only when something is missing, so a role without CREATE
@@ -428,25 +407,26 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         exists = await self._with_conn(lambda conn: conn.fetchval(query, *names), retry=True)
         if not exists:
             raise ChannelLayerError(
-                f"the tables of schema {self.schema!r} do not exist in {self._where()}; "
+                f"the tables of schema {self.schema!r} do not exist in the database at {self.where}; "
                 "start one layer with ensure_schema=True (the default) to create them"
             )
 
     async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run ``attempt`` until it succeeds or ``command_timeout`` passes."""
-        deadline = time.monotonic() + self.command_timeout
-        delay = _MIN_BACKOFF
+        """Run ``attempt`` until it succeeds or ``timeout`` passes."""
+        deadline = time.monotonic() + self.timeout
+        backoff = self.backoff()
         while True:
             try:
                 return await attempt()
-            except self._unavailable as exc:
+            except self._misuse:
+                raise
+            except self._broken as exc:
+                delay = backoff.next()
                 if time.monotonic() + delay >= deadline:
-                    raise BackendUnavailable(
-                        f"PostgreSQL at {self._where()} is unavailable ({what} failed for "
-                        f"{self.command_timeout} s): {exc}"
+                    raise self.unavailable(
+                        f"{what} failed for {self.timeout} s: {type(exc).__name__}: {exc}"
                     ) from exc
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF)
 
     async def _with_conn(
         self,
@@ -457,151 +437,180 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
     ) -> T:
         """Run ``operation`` on a pooled connection; map connection errors to BackendUnavailable.
 
-        Failing to get a connection is retried until ``command_timeout`` (not at
-        all unless ``patient``); a statement that failed after it was sent is
+        Failing to get a connection is retried until ``timeout`` (not at all
+        unless ``patient``); a statement that failed after it was sent is
         retried only if ``retry`` (it is idempotent), because it may have committed.
         """
         pool = self._pool
         if pool is None:
             if self.closed:
                 raise ChannelLayerClosed("the channel layer was closed")
-            raise BackendUnavailable("the PostgreSQL layer is not connected")
-        deadline = time.monotonic() + (self.command_timeout if patient else 0.0)
-        delay = _MIN_BACKOFF
+            raise self.unavailable("not connected")
+        deadline = time.monotonic() + (self.timeout if patient else 0.0)
+        backoff = self.backoff()
         while True:
             sent = False
             try:
-                timeout = max(deadline - time.monotonic(), 0.0) or self.command_timeout
+                timeout = max(deadline - time.monotonic(), 0.0) or self.timeout
                 async with pool.acquire(timeout=timeout) as conn:
                     sent = True
-                    return await operation(conn)
-            except self._listener_errors as exc:
+                    try:
+                        return await operation(conn)
+                    except self._misuse:
+                        raise
+                    except self._broken:
+                        # Never hand a broken connection back to the pool: asyncpg may
+                        # not notice it is unusable, and every later caller would fail.
+                        # (If asyncpg already released it, there is nothing to do.)
+                        with contextlib.suppress(*self._broken):
+                            conn.terminate()
+                        raise
+            except self._misuse:
+                raise
+            except self._broken as exc:
                 if self.closed:  # the pool was closed under us
                     raise ChannelLayerClosed("the channel layer was closed") from exc
-                if not isinstance(exc, self._unavailable):
-                    raise
-                if (sent and not retry) or time.monotonic() + delay >= deadline:
-                    raise BackendUnavailable(
-                        f"PostgreSQL at {self._where()} is unavailable: {type(exc).__name__}: {exc}"
-                    ) from exc
+                delay = backoff.next()
+                committed_maybe = sent and not _aborted_by_server(exc, self._aborted)
+                if (committed_maybe and not retry) or time.monotonic() + delay >= deadline:
+                    raise self.unavailable(exc) from exc
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF)
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=f"fastapi_websockets.postgresql.{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
+    async def _release_connections(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.terminate()
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        stuck: tuple[type[BaseException], ...] = (BackendUnavailable, *self._broken)
+        try:
+            await within(pool.close(), self.timeout, lambda: self.unavailable("closing timed out"))
+        except stuck:
+            pool.terminate()
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
+    async def _terminate_connections(self) -> None:
+        # For tasks stuck in the driver on close: cut their sockets under them.
+        if self._listener is not None:
+            self._listener.terminate()
+        if self._pool is not None:
+            self._pool.terminate()
 
     # --------------------------------------------------------------- listener
-
-    def _notify_name(self, queue: str) -> str:
-        name = self._notify_names.get(queue)
-        if name is None:
-            if len(self._notify_names) >= 4096:
-                self._notify_names.clear()
-            name = self._notify_names[queue] = notify_channel(self.schema, queue)
-        return name
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
         if channel == self._inbox_notify:
             self._inbox_wake.set()
             return
-        reader = self._named_by_notify.get(channel)
-        if reader is not None:
-            reader.wake.set()
+        named = self._named.get(self._named_by_notify.get(channel, ""))
+        if named is not None:
+            named.demand.set()
 
     def _wake_all(self) -> None:
         self._inbox_wake.set()
-        for reader in self._named.values():
-            reader.wake.set()
+        for named in self._named.values():
+            named.demand.set()
+
+    async def _connect_listener(self) -> None:
+        """Open the LISTEN connection and LISTEN on everything this layer reads."""
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            self.dsn,
+            timeout=self.timeout,
+            command_timeout=self.timeout,
+            server_settings={"application_name": self.application_name + ":listen"},
+        )
+        try:
+            async with self._listen_lock:
+                self._listened.add(self._inbox_notify)
+                for name in self._listened:
+                    await conn.add_listener(name, self._on_notify)
+                self._listener = conn
+        except BaseException:
+            conn.terminate()
+            raise
 
     async def _run_listener(self) -> None:
         """Hold the LISTEN connection; reconnect with backoff whenever it is lost."""
         import asyncpg
 
-        delay = _MIN_BACKOFF
+        errors: tuple[type[BaseException], ...] = (*self._broken, asyncpg.PostgresError)
+        backoff = self.backoff()
         while True:
+            conn = self._listener
+            if conn is None:
+                try:
+                    await self._connect_listener()
+                except errors as exc:
+                    logger.warning(
+                        "cannot connect the LISTEN connection to %s (%s); retrying",
+                        self.where,
+                        self.redact(f"{type(exc).__name__}: {exc}"),
+                    )
+                    await backoff.sleep()
+                    continue
+                conn = self._listener
+                assert conn is not None
+            backoff.reset()
+            self._listening.set()
+            # Whatever was stored while nobody listened is in the tables.
+            self._wake_all()
             try:
-                conn = await asyncpg.connect(
-                    self.dsn,
-                    timeout=self.command_timeout,
-                    command_timeout=self.command_timeout,
-                    server_settings={"application_name": self.application_name + ":listen"},
+                await self._watch(conn)
+            except errors as exc:
+                logger.warning(
+                    "the LISTEN connection failed (%s); reconnecting",
+                    self.redact(f"{type(exc).__name__}: {exc}"),
                 )
-            except self._listener_errors as exc:
-                logger.warning("cannot connect the LISTEN connection (%s); retrying in %.2f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF)
-                continue
-            lost = asyncio.Event()
-            conn.add_termination_listener(_event_setter(lost))
-            try:
-                async with self._listen_lock:
-                    self._listener = conn
-                    for name in {self._inbox_notify, *self._listened}:
-                        await conn.add_listener(name, self._on_notify)
-                        self._listened.add(name)
-                delay = _MIN_BACKOFF
-                self._listening.set()
-                self._listener_ready.set()
-                # Whatever was stored while nobody listened is in the tables.
-                self._wake_all()
-                await self._watch(conn, lost)
-            except self._listener_errors as exc:
-                logger.warning("the LISTEN connection failed (%s); reconnecting", exc)
             finally:
                 self._listening.clear()
                 self._listener = None
                 conn.terminate()
+                if self._pool is not None:
+                    # The pooled sessions most likely went with it: replace them on
+                    # their next use instead of failing one call on each.
+                    await self._pool.expire_connections()
                 # Readers fall back to re-checking every poll_interval until we are back.
                 self._wake_all()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _MAX_BACKOFF)
+            await backoff.sleep()
 
-    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+    async def _watch(self, conn: asyncpg.Connection) -> None:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        if conn.is_closed():
+            return
         # A silent peer (a dropped network path) sends no FIN: ping now and then.
-        while not lost.is_set():
-            try:
-                await asyncio.wait_for(lost.wait(), _LISTENER_KEEPALIVE)
-            except asyncio.TimeoutError:
-                async with self._listen_lock:
-                    await conn.execute("SELECT 1", timeout=self.command_timeout)
+        while not await wait_event(lost, _LISTENER_KEEPALIVE):
+            async with self._listen_lock:
+                await conn.execute("SELECT 1", timeout=self.timeout)
         logger.warning("the LISTEN connection was closed; reconnecting")
 
-    async def _listen(self, name: str) -> None:
+    async def _listen(self, name: str, *, on: bool = True) -> None:
+        """LISTEN on ``name`` (UNLISTEN if not ``on``) now if connected, and after every reconnect."""
         async with self._listen_lock:
-            self._listened.add(name)
+            if on:
+                self._listened.add(name)
+            else:
+                self._listened.discard(name)
             conn = self._listener
-            if conn is not None and not conn.is_closed():
-                try:
+            if conn is None or conn.is_closed():
+                return
+            try:
+                if on:
                     await conn.add_listener(name, self._on_notify)
-                except self._listener_errors as exc:
-                    # The listener task re-LISTENs everything once it reconnects.
-                    logger.debug("LISTEN failed (%s); will LISTEN after reconnecting", exc)
-
-    async def _unlisten(self, name: str) -> None:
-        async with self._listen_lock:
-            self._listened.discard(name)
-            conn = self._listener
-            if conn is not None and not conn.is_closed():
-                try:
+                else:
                     await conn.remove_listener(name, self._on_notify)
-                except self._listener_errors as exc:
-                    logger.debug("UNLISTEN failed (%s); the reconnect forgets it anyway", exc)
+            except self._broken as exc:
+                # The listener task LISTENs on exactly self._listened once it reconnects.
+                logger.debug("(UN)LISTEN failed (%s); the reconnect sets it right", type(exc).__name__)
 
     async def _wait_for_wake(self, event: asyncio.Event) -> None:
         if self._listening.is_set():
             await event.wait()
-            return
-        # No LISTEN connection: a NOTIFY may be missed, re-check on a timer.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), self.poll_interval)
+        else:
+            # No LISTEN connection: a NOTIFY may be missed, re-check on a timer.
+            await wait_event(event, self.poll_interval)
 
     # ----------------------------------------------------------------- claims
 
@@ -612,106 +621,95 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             lambda conn: conn.fetch(self._sql.claim, queue, limit), retry=True, patient=False
         )
 
-    async def _pause_after_failure(self, delay: float) -> float:
-        """Back off, then wait until the LISTEN connection is back; return the next delay."""
-        await asyncio.sleep(delay)
+    async def _pause(self, backoff: Backoff) -> None:
+        """Back off, then wait until the LISTEN connection is back."""
+        await backoff.sleep()
         await self._listening.wait()
-        return min(delay * 2, _MAX_BACKOFF)
 
     async def _drain_inbox(self) -> None:
         """The one reader of this instance's inbox; demultiplexes into local mailboxes."""
-        delay = _MIN_BACKOFF
+        backoff = self.backoff()
+        where = f"the inbox of {self.application_name}"
         while True:
             self._inbox_wake.clear()
             try:
                 rows = await self._claim(self._inbox, _INBOX_BATCH)
             except self._reader_errors as exc:
                 logger.warning("cannot read the inbox: %s; retrying once reconnected", exc)
-                delay = await self._pause_after_failure(delay)
+                await self._pause(backoff)
                 continue
-            delay = _MIN_BACKOFF
+            backoff.reset()
             for row in rows:
                 if not row["live"]:
                     self.stats.dropped_expired += 1
                     continue
-                message = self._decode_row(row)
+                message = self.decode_or_drop(row["data"], where)
                 if message is not None:
-                    for channel in row["targets"] or ():
-                        self.deliver_local(channel, message)
+                    self.deliver_many(row["targets"] or [], message)
             if len(rows) < _INBOX_BATCH:
                 await self._wait_for_wake(self._inbox_wake)
 
-    def _decode_row(self, row: asyncpg.Record) -> Message | None:
-        try:
-            return self.decode(row["data"])
-        except SerializationError:
-            logger.exception("dropped an undecodable message (row %s)", row["id"])
-            return None
-
-    async def _read_named(self, reader: _NamedReader) -> None:
+    async def _read_named(self, channel: str, waiters: WaiterQueue[Message]) -> None:
         """Claim rows of one named channel for as long as local receivers wait on it."""
-        delay = _MIN_BACKOFF
+        notify = self._notify_name(channel)
+        await self._listen(notify)
+        backoff = self.backoff()
         idle_until: float | None = None
-        try:
-            await self._listen(reader.notify)
-            while True:
-                pending = reader.pending()
-                reader.wake.clear()
-                if not pending:
-                    # Linger for a while (NOTIFYs for other processes' receivers do
-                    # not extend it), then stop listening.
-                    now = time.monotonic()
-                    idle_until = idle_until or now + _NAMED_LINGER
-                    if now >= idle_until:
-                        return
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(reader.wake.wait(), idle_until - now)
-                    continue
-                idle_until = None
-                limit = min(pending, _NAMED_BATCH)
-                try:
-                    rows = await self._claim_named(reader, limit)
-                except self._reader_errors as exc:
-                    logger.debug("cannot read channel %r: %s; retrying once reconnected", reader.channel, exc)
-                    delay = await self._pause_after_failure(delay)
-                    continue
-                delay = _MIN_BACKOFF
-                await self._hand_out(reader, rows)
-                if len(rows) < limit and reader.pending():
-                    await self._wait_for_wake(reader.wake)
-        finally:
-            self._forget_reader(reader)
-            if not self.closed:
-                await self._unlisten(reader.notify)
+        while True:
+            pending = waiters.pending()
+            waiters.demand.clear()
+            if not pending:
+                # Linger for a while (NOTIFYs for other processes' receivers do
+                # not extend it), then stop listening.
+                now = time.monotonic()
+                idle_until = idle_until or now + _NAMED_LINGER
+                if now >= idle_until:
+                    break
+                await wait_event(waiters.demand, idle_until - now)
+                continue
+            idle_until = None
+            limit = min(pending, _NAMED_BATCH)
+            try:
+                rows = await self._claim_named(channel, limit)
+            except self._reader_errors as exc:
+                logger.debug("cannot read channel %r: %s; retrying once reconnected", channel, exc)
+                await self._pause(backoff)
+                continue
+            backoff.reset()
+            await self._hand_out(channel, waiters, rows)
+            if len(rows) < limit and waiters.pending():
+                await self._wait_for_wake(waiters.demand)
+        if self._named.get(channel) is waiters:
+            del self._named[channel]
+            del self._named_by_notify[notify]
+        await self._listen(notify, on=False)
 
-    async def _claim_named(self, reader: _NamedReader, limit: int) -> list[asyncpg.Record]:
-        claim = asyncio.ensure_future(self._claim(reader.channel, limit))
+    async def _claim_named(self, channel: str, limit: int) -> list[asyncpg.Record]:
+        claim = asyncio.ensure_future(self._claim(channel, limit))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
             # The DELETE may have committed already: put its rows back rather than lose them.
-            with contextlib.suppress(asyncio.CancelledError, *self._reader_errors):
+            try:
                 rows = await claim
-                await self._restore(reader.channel, [row for row in rows if row["live"]])
+            except self._reader_errors:
+                raise asyncio.CancelledError from None
+            await self._restore(channel, [row for row in rows if row["live"]])
             raise
 
-    async def _hand_out(self, reader: _NamedReader, rows: Sequence[asyncpg.Record]) -> None:
+    async def _hand_out(
+        self, channel: str, waiters: WaiterQueue[Message], rows: Sequence[asyncpg.Record]
+    ) -> None:
         leftovers = []
         for row in rows:
             if not row["live"]:
                 continue
-            waiter = reader.next_waiter()
-            if waiter is None:
+            message = self.decode_or_drop(row["data"], f"channel {channel!r}")
+            if message is not None and not waiters.hand_over(message):
                 leftovers.append(row)
-                continue
-            message = self._decode_row(row)
-            if message is not None:
-                waiter.set_result(message)
-            else:
-                reader.waiters.appendleft(waiter)
         if leftovers:
             # Receivers left (timed out, cancelled) while we claimed.
-            await self._restore(reader.channel, leftovers)
+            await self._restore(channel, leftovers)
 
     async def _restore(self, channel: str, rows: Sequence[asyncpg.Record]) -> None:
         if not rows:
@@ -728,15 +726,6 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             )
         except self._reader_errors:
             logger.exception("lost %d claimed message(s) of channel %r", len(rows), channel)
-
-    def _forget_reader(self, reader: _NamedReader) -> None:
-        if self._named.get(reader.channel) is reader:
-            del self._named[reader.channel]
-        if self._named_by_notify.get(reader.notify) is reader:
-            del self._named_by_notify[reader.notify]
-        for fut in reader.waiters:
-            if not fut.done():
-                fut.set_exception(ChannelLayerError(f"the reader of channel {reader.channel!r} stopped"))
 
     # --------------------------------------------------------------- template
 
@@ -760,7 +749,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._outbox.append((_inbox_queue(process_token(channel)), channel, data, done))
         if self._outbox_task is None:
-            self._outbox_task = self._spawn(self._write_outbox(), "outbox")
+            self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
         await done
 
     async def _write_outbox(self) -> None:
@@ -784,7 +773,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
                     _fail(batch, exc)
                     if isinstance(exc, BackendUnavailable):
                         # Sends queued meanwhile have waited as long: fail them too
-                        # rather than start another command_timeout for them.
+                        # rather than start another timeout for them.
                         _fail(self._outbox, exc)
                         self._outbox.clear()
                     continue
@@ -807,27 +796,14 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         )
 
     async def _receive_remote(self, channel: str) -> Message:
-        reader = self._named.get(channel)
-        if reader is None:
-            reader = _NamedReader(channel, self._notify_name(channel))
-            self._named[channel] = reader
-            self._named_by_notify[reader.notify] = reader
-            self._spawn(self._read_named(reader), f"named:{channel}")
-        waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        reader.waiters.append(waiter)
-        reader.wake.set()
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                # Handed to us just as we were cancelled: keep it for the next receiver.
-                self.deliver_local(channel, waiter.result())
-            raise
-        finally:
-            # A waiter that got a message was already popped by the reader.
-            if waiter.cancelled():
-                with contextlib.suppress(ValueError):
-                    reader.waiters.remove(waiter)
+        waiters = self._named.get(channel)
+        if waiters is None:
+            waiters = WaiterQueue(lambda message: self.deliver_local(channel, message))
+            self._named[channel] = waiters
+            self._named_by_notify[self._notify_name(channel)] = channel
+            queue = waiters
+            self.tasks.keep_running(lambda: self._read_named(channel, queue), f"named:{channel}")
+        return await waiters.wait()
 
     async def _group_add(self, group: str, channel: str) -> None:
         owner = process_token(channel) if is_process_specific(channel) else None
@@ -852,9 +828,7 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
             return
         local: list[str] | None = row["local_members"]
         if local:
-            message = self.decode(data)
-            for channel in local:
-                self.deliver_local(channel, message)
+            self.deliver_many(local, self.decode(data))
         if row["skipped"]:
             logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
 
@@ -892,67 +866,38 @@ class PostgreSQLChannelLayer(BaseChannelLayer):
         return await self._with_conn(prune, retry=True)
 
     async def _close(self) -> None:
-        await self._shutdown(cleanup=True)
-
-    async def _shutdown(self, *, cleanup: bool) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.tasks.close(self.timeout, unblock=self._terminate_connections)
         # A writer cancelled before it ran never reached its own cleanup.
         self._outbox_task = None
         _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
         self._outbox.clear()
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        if cleanup:
+        if self._pool is not None:
             # Nobody can receive on this instance's channels any more: drop its inbox
             # and memberships instead of letting group_send feed them until expiry.
             async def forget(conn: _Conn) -> None:
                 await conn.execute(self._sql.forget_owner, self.client_token)
                 await conn.execute(self._sql.drop_inbox, self._inbox)
 
-            self._pool = pool
             try:
                 await self._with_conn(forget, patient=False)
             except ChannelLayerError as exc:
                 logger.debug("could not remove this instance's rows on close: %s", exc)
-            finally:
-                self._pool = None
-        try:
-            await asyncio.wait_for(pool.close(), self.command_timeout)
-        except self._unavailable:
-            pool.terminate()
+        await self._release_connections()
+
+
+def _aborted_by_server(exc: BaseException, aborted: tuple[type[BaseException], ...]) -> bool:
+    # asyncpg reports the server's FATAL message as the cause of its own error.
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, aborted):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:
     for *_, done in entries:
         if not done.done():
             done.set_exception(exc)
-
-
-def _event_setter(event: asyncio.Event) -> Callable[[object], None]:
-    def set_event(_conn: object) -> None:
-        event.set()
-
-    return set_event
-
-
-def _validate_schema(schema: object) -> None:
-    if (
-        not isinstance(schema, str)
-        or not _SCHEMA_RE.match(schema)
-        or len(schema.encode()) > _MAX_IDENTIFIER_BYTES
-        or schema.lower().startswith("pg_")
-    ):
-        raise InvalidChannelLayerConfig(
-            f"schema must be a PostgreSQL schema name: a letter or '_' then letters, digits "
-            f"or '_', at most {_MAX_IDENTIFIER_BYTES} bytes, not starting with 'pg_'; got {schema!r}"
-        )
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise InvalidChannelLayerConfig(f"{name} must be a positive number of seconds, got {value!r}")

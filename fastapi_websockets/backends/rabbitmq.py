@@ -24,7 +24,7 @@ Every publish waits for its publisher confirm. The connection is aio-pika's
 robust connection: after a broker restart it declares the exchange and the
 inbox again, restores the inbox's bindings and every consumer, while waiting
 ``receive()`` calls keep waiting. Calls made while the broker is unreachable
-raise ``BackendUnavailable`` after ``connect_timeout`` seconds.
+raise ``BackendUnavailable`` after ``timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -35,18 +35,20 @@ import logging
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
-from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.backends.base import missing_driver
+from fastapi_websockets.backends.broker import BrokerChannelLayer
+from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive
+from fastapi_websockets.backends.options import url as url_option
+from fastapi_websockets.backends.timeouts import within
+from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelFull,
     ChannelLayerClosed,
     InvalidChannelLayerConfig,
-    SerializationError,
 )
 from fastapi_websockets.names import is_process_specific, new_token, process_token
 from fastapi_websockets.types import Message
@@ -59,6 +61,10 @@ if TYPE_CHECKING:
         AbstractRobustExchange,
         AbstractRobustQueue,
     )
+
+    #: What a named-channel consumer holds for its receivers: a delivery not
+    #: acked yet, or a message already acked for a receiver that was cancelled.
+    _Held = AbstractIncomingMessage | Message
 
 __all__ = ["RabbitMQChannelLayer", "group_routing_key", "named_queue_name"]
 
@@ -78,10 +84,17 @@ NAMED_PREFETCH = 10
 NAMED_LINGER = 1.0
 #: Named queues remembered as declared (sends skip the declare for those).
 DECLARED_CACHE_SIZE = 10_000
-#: Seconds between reconnect attempts of the robust connection.
+#: Seconds between reconnect attempts of the robust connection. aio-pika's
+#: reconnect loop (which also restores channels, queues, bindings and
+#: consumers) takes one fixed interval, so the shared Backoff cannot drive it.
 RECONNECT_INTERVAL = 1.0
 
-_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+_IDENTIFIER_RULE = (
+    "1 to {} characters of letters, digits and '.', '_', ':', '-', "
+    "starting with a letter or digit and not with 'amq.' (reserved)"
+)
+_EXCHANGE_NAME = re.compile(r"(?!amq\.)[A-Za-z0-9][A-Za-z0-9._:-]{0,126}")
+_QUEUE_PREFIX = re.compile(r"(?!amq\.)[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
 _QUEUE_SAFE = re.compile(r"[A-Za-z0-9._:@,/-]")
 _HASH_CHARS = 40
 
@@ -142,80 +155,44 @@ def _inbox_routing_key(token: str) -> str:
     return f"p.{token}"
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-# -------------------------------------------------------------- validation
-
-
-def _identifier(option: str, value: object, limit: int) -> str:
-    if (
-        not isinstance(value, str)
-        or not _IDENTIFIER.fullmatch(value)
-        or len(value) > limit
-        or value.startswith("amq.")
-    ):
-        raise InvalidChannelLayerConfig(
-            f"{option} must be 1 to {limit} characters of letters, digits and '.', '_', ':', '-', "
-            f"starting with a letter or digit and not with 'amq.' (reserved); got {value!r}"
-        )
-    return value
-
-
-def _optional_ms(option: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidChannelLayerConfig(
-            f"{option} must be a positive integer of milliseconds, or None (or empty) "
-            f"for no limit; got {value!r}"
-        )
-    return value
-
-
-def _positive_seconds(option: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise InvalidChannelLayerConfig(f"{option} must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
 # ------------------------------------------------------------ named readers
 
 
-@dataclass(eq=False)
 class _Reader:
     """This instance's consumer on one named channel, shared by all its receivers."""
 
-    channel: str
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    queue: AbstractRobustQueue | None = None
-    tag: str | None = None
-    #: Receivers currently inside ``_receive_remote`` for this channel.
-    users: int = 0
-    #: Deliveries not yet claimed: unacked broker messages, or messages already
-    #: acked by a receiver that was cancelled before it could return them.
-    held: deque[AbstractIncomingMessage | Message] = field(default_factory=deque)
-    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
-    linger: asyncio.TimerHandle | None = None
-    starting: asyncio.Task[None] | None = None
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.lock = asyncio.Lock()
+        self.queue: AbstractRobustQueue | None = None
+        self.tag: str | None = None
+        #: Receivers currently inside ``_receive_remote`` for this channel.
+        self.users = 0
+        #: Deliveries that arrived while no receiver waited, oldest first.
+        self.held: deque[_Held] = deque()
+        self.waiters: WaiterQueue[_Held] = WaiterQueue(self.put_back)
+        self.linger: asyncio.TimerHandle | None = None
+        self.starting: asyncio.Task[None] | None = None
 
-    def wake_one(self) -> None:
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
+    def offer(self, item: _Held) -> None:
+        """A new delivery: to the longest-waiting receiver, else held in arrival order."""
+        if not self.waiters.hand_over(item):
+            self.held.append(item)
+
+    def put_back(self, item: _Held) -> None:
+        """An item a receiver will not take after all: to the next receiver, else first in line."""
+        if not self.waiters.hand_over(item):
+            self.held.appendleft(item)
+
+    async def next(self) -> _Held:
+        """The oldest held item, or the next delivery."""
+        return self.held.popleft() if self.held else await self.waiters.wait()
 
 
 # ------------------------------------------------------------------ layer
 
 
-class RabbitMQChannelLayer(BaseChannelLayer):
+class RabbitMQChannelLayer(BrokerChannelLayer):
     """A channel layer on RabbitMQ through aio-pika (``pip install "fastapi-websockets[rabbitmq]"``).
 
     Options (keyword-only; plus the base options such as ``capacity``,
@@ -232,11 +209,13 @@ class RabbitMQChannelLayer(BaseChannelLayer):
       nobody consumed or declared for that long is deleted with its messages
       and bindings (``None``: never).
     * ``poll_interval``: accepted for compatibility with 0.1.0; nothing polls.
-    * ``connect_timeout``: seconds a call waits for an unreachable broker before
-      raising ``BackendUnavailable``.
+    * ``timeout`` (from :class:`BrokerChannelLayer`): seconds a call waits for
+      an unreachable broker before raising ``BackendUnavailable``.
     """
 
     backend_name = "rabbitmq"
+    broker_label = "RabbitMQ"
+    default_port = 5672
 
     def __init__(
         self,
@@ -248,24 +227,23 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         message_ttl: int | None = 60000,
         queue_expiry: int | None = 300000,
         poll_interval: float = 0.1,
-        connect_timeout: float = 10.0,
         **options: Any,
     ) -> None:
         super().__init__(**options)
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("amqp", "amqps"):
-            raise InvalidChannelLayerConfig(
-                f"url must be an AMQP URL such as 'amqp://user:password@host:5672/vhost', got {url!r}"
-            )
-        if not isinstance(durable, bool):
-            raise InvalidChannelLayerConfig(f"durable must be true or false, got {durable!r}")
+        # Checked here, port included: aio-pika would raise a bare ValueError on first use.
+        url_option("url", url, ("amqp", "amqps"))
         self.url = url
-        self.exchange_name = _identifier("exchange_name", exchange_name, 127)
-        self.queue_prefix = _identifier("queue_prefix", queue_prefix, 100)
-        self.durable = durable
-        self.message_ttl = _optional_ms("message_ttl", message_ttl)
-        self.queue_expiry = _optional_ms("queue_expiry", queue_expiry)
-        self.poll_interval = _positive_seconds("poll_interval", poll_interval)
-        self.connect_timeout = _positive_seconds("connect_timeout", connect_timeout)
+        self.set_location(url)
+        self.exchange_name = matching(
+            "exchange_name", exchange_name, _EXCHANGE_NAME, _IDENTIFIER_RULE.format(127)
+        )
+        self.queue_prefix = matching(
+            "queue_prefix", queue_prefix, _QUEUE_PREFIX, _IDENTIFIER_RULE.format(100)
+        )
+        self.durable = flag("durable", durable)
+        self.message_ttl = optional_positive_int("message_ttl", message_ttl, "milliseconds")
+        self.queue_expiry = optional_positive_int("queue_expiry", queue_expiry, "milliseconds")
+        self.poll_interval = positive("poll_interval", poll_interval, "seconds")
         #: Name of this instance's inbox queue.
         self.inbox_name = f"{self.queue_prefix}.p.{self.client_token}"
 
@@ -275,14 +253,14 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         self._reader_channel: AbstractRobustChannel | None = None  # named-channel consumers
         self._exchange: AbstractRobustExchange | None = None
         self._inbox: AbstractRobustQueue | None = None
-        self._declared: dict[str, AbstractRobustQueue] = {}  # named queues declared, by name
+        # Named queues by name, so that sends skip the declare.
+        self._declared: Memo[str, AbstractRobustQueue] = Memo(size=DECLARED_CACHE_SIZE)
         self._mismatched: set[str] = set()  # named queues that exist with other arguments
         self._named_bindings: set[tuple[str, str]] = set()  # (channel, group) bindings it made
         self._bound: set[str] = set()  # groups the inbox is bound to
         self._group_ops: dict[str, tuple[asyncio.Lock, int]] = {}
         self._readers: dict[str, _Reader] = {}
         self._reader_queues: dict[str, AbstractRobustQueue] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[str, asyncio.Future[None]] = {}
         self._errors: tuple[type[BaseException], ...] = ()
         self._delivery_error: type[Exception] = Exception
@@ -300,7 +278,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         # duplicate; the next call awaits the same attempt.
         starting = self._starting
         if starting is None or (starting.done() and (starting.cancelled() or starting.exception())):
-            starting = self._starting = self._background(self._connect(), "connect")
+            starting = self._starting = self.tasks.spawn(self._connect(), "connect", awaited=True)
         await asyncio.shield(starting)
 
     async def _connect(self) -> None:
@@ -315,15 +293,15 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         self._precondition_failed = aiormq.exceptions.ChannelPreconditionFailed
         self._message_class = aio_pika.Message
         try:
-            # No asyncio.wait_for around it: cancelling connect_robust half way
-            # would leave its reconnect task running; its own timeout applies.
+            # No time limit around it: cancelling connect_robust half way would
+            # leave its reconnect task running; its own timeout applies.
             self._connection = await aio_pika.connect_robust(
-                self.url, timeout=self.connect_timeout, reconnect_interval=RECONNECT_INTERVAL
+                self.url, timeout=self.timeout, reconnect_interval=RECONNECT_INTERVAL
             )
-        except (asyncio.TimeoutError, *self._errors) as exc:
-            raise BackendUnavailable(
-                f"cannot connect to RabbitMQ at {_redact(self.url)} within {self.connect_timeout} s: {exc}"
-            ) from exc
+        except asyncio.TimeoutError:
+            raise self.unavailable(f"no answer within {self.timeout} s") from None
+        except self._errors as exc:
+            raise self.unavailable(exc) from exc
         try:
             await self._declare_topology(aio_pika)
         except BaseException:
@@ -368,35 +346,33 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         except self._precondition_failed as exc:
             raise InvalidChannelLayerConfig(
                 f"exchange {self.exchange_name!r} already exists with other settings "
-                f"(durable={self.durable} differs?): {exc}"
+                f"(durable={self.durable} differs?): {self.redact(str(exc))}"
             ) from exc
         except self._errors as exc:
-            raise BackendUnavailable(f"RabbitMQ at {_redact(self.url)} failed during setup: {exc}") from exc
+            raise self.unavailable(f"setup failed: {exc!r}") from exc
 
     async def _broker(
         self, channel: AbstractRobustChannel | None, what: str, call: Callable[[], Awaitable[T]]
     ) -> T:
-        """Run one broker operation, waiting at most ``connect_timeout`` for the connection.
+        """Run one broker operation, waiting at most ``timeout`` for the connection.
 
         The time limit covers only the wait for a usable channel: an AMQP RPC is
         never cancelled on a timer, because aiormq closes the channel when one is.
         """
         assert channel is not None
         assert self._connection is not None
-        try:
-            if channel.is_closed or not self._connection.connected.is_set():
-                await asyncio.wait_for(channel.ready(), self.connect_timeout)
-        except asyncio.TimeoutError:
-            raise BackendUnavailable(
-                f"RabbitMQ at {_redact(self.url)} is unreachable: no connection within "
-                f"{self.connect_timeout} s ({what})"
-            ) from None
+        if channel.is_closed or not self._connection.connected.is_set():
+            await within(
+                channel.ready(),
+                self.timeout,
+                lambda: self.unavailable(f"no connection within {self.timeout} s ({what})"),
+            )
         try:
             return await call()
         except self._delivery_error:
             raise
         except self._errors as exc:
-            raise BackendUnavailable(f"RabbitMQ {what} failed: {exc!r}") from exc
+            raise self.unavailable(f"{what} failed: {exc!r}") from exc
 
     def _message(self, data: bytes, kind: str, headers: dict[str, Any] | None, persistent: bool) -> Any:
         return self._message_class(
@@ -408,35 +384,17 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
-        """Run ``coro`` in a tracked task whose failure nobody awaits: it is logged."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(partial(self._task_done, what, True))
-
-    def _background(self, coro: Coroutine[Any, Any, T], what: str) -> asyncio.Task[T]:
-        """Run ``coro`` in a tracked task that callers await (shielded); they see its errors."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(partial(self._task_done, what, False))
-        return task
+        # From driver callbacks, which may still fire while the layer closes.
+        if self.closed:
+            coro.close()
+        else:
+            self.tasks.spawn(coro, what)
 
     async def _uncancellable(self, coro: Coroutine[Any, Any, T], what: str) -> T:
         # Broker state changes (declare, bind, unbind) run to completion even if
         # the caller is cancelled: a cancelled AMQP RPC closes its channel, and
         # a half-applied change would leave our bookkeeping out of step.
-        return await asyncio.shield(self._background(coro, what))
-
-    def _task_done(self, what: str, loud: bool, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is None:
-            return
-        if loud:
-            logger.error("background %s failed", what, exc_info=exc)
-        else:
-            logger.debug("%s failed: %r", what, exc)
+        return await asyncio.shield(self.tasks.spawn(coro, what, awaited=True))
 
     # --------------------------------------------------------------- inbox
 
@@ -445,9 +403,10 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         # mailboxes in the order the broker delivered them.
         try:
             self._dispatch(incoming)
-        except (SerializationError, KeyError):
-            # Not ours to crash on: a foreign publisher or a corrupt frame.
-            logger.exception("dropped a malformed message from the inbox (type %r)", incoming.type)
+        except KeyError as exc:
+            # Not ours to crash on: a foreign publisher left out a header.
+            self.stats.dropped_undecodable += 1
+            logger.warning("dropped an inbox message (type %r) without header %s", incoming.type, exc)
         try:
             await incoming.ack()
         except self._errors as exc:
@@ -459,13 +418,18 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         kind = incoming.type
         headers = incoming.headers
         if kind == _SEND:
-            self.deliver_local(str(headers["channel"]), self.decode(incoming.body))
+            channel = str(headers["channel"])
+            message = self.decode_or_drop(incoming.body, f"the inbox (for {channel!r})")
+            if message is not None:
+                self.deliver_local(channel, message)
         elif kind == _GROUP:
             group = str(headers["group"])
+            delivered = 0
             if group in self.local_groups:
-                delivered = self.deliver_to_local_members(group, self.decode(incoming.body))
-            else:
-                delivered = 0
+                message = self.decode_or_drop(incoming.body, f"the inbox (group {group!r})")
+                if message is None:
+                    return
+                delivered = self.deliver_to_local_members(group, message)
             if not delivered and group not in self.local_groups:
                 # Every local member expired: stop receiving this group.
                 self._spawn(self._sync_binding(group), f"unbind of group {group!r}")
@@ -524,7 +488,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
             except self._publish_error:
                 # Returned as unroutable: the queue expired (x-expires) since we
                 # declared it. Declare it again and retry once.
-                self._declared.pop(queue, None)
+                self._declared.discard(queue)
                 if attempt == 2:
                     raise BackendUnavailable(f"queue {queue!r} vanished twice while sending") from None
                 await self._uncancellable(self._declare_named(channel), f"declare of {name!r}")
@@ -580,9 +544,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
                 f"declare of queue {name!r}",
                 lambda: declare_channel.declare_queue(name, passive=True, robust=False),
             )
-        if len(self._declared) >= DECLARED_CACHE_SIZE:
-            self._declared.clear()  # bounded memory; a dropped entry costs one more declare
-        self._declared[name] = queue
+        self._declared.add(name, queue)  # bounded: a forgotten entry costs one more declare
         return queue
 
     async def _receive_remote(self, channel: str) -> Message:
@@ -596,8 +558,8 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         try:
             if reader.tag is None:
                 if reader.starting is None or reader.starting.done():
-                    reader.starting = self._background(
-                        self._start_reader(reader), f"consumer start of {channel!r}"
+                    reader.starting = self.tasks.spawn(
+                        self._start_reader(reader), f"consumer start of {channel!r}", awaited=True
                     )
                 # Shielded: a cancelled receive must not cancel a basic.consume
                 # RPC half way (aiormq would close the channel).
@@ -656,8 +618,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
             # Arrived while the consumer was being cancelled: give it back.
             await self._give_back(incoming)
             return
-        reader.held.append(incoming)
-        reader.wake_one()
+        reader.offer(incoming)
 
     async def _give_back(self, incoming: AbstractIncomingMessage) -> None:
         try:
@@ -666,26 +627,13 @@ class RabbitMQChannelLayer(BaseChannelLayer):
             logger.debug("could not requeue a named-channel message: %r", exc)
 
     async def _next_named(self, reader: _Reader) -> Message:
-        loop = asyncio.get_running_loop()
         while True:
-            while reader.held:
-                item = reader.held.popleft()
-                if isinstance(item, dict):
-                    return item
-                message = await self._claim(reader, item)
-                if message is not None:
-                    return message
-            fut: asyncio.Future[None] = loop.create_future()
-            reader.waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled() and reader.held:
-                    reader.wake_one()  # we were woken for a message we will not take
-                raise
-            finally:
-                if fut in reader.waiters:
-                    reader.waiters.remove(fut)
+            item = await reader.next()
+            if isinstance(item, dict):
+                return item
+            message = await self._claim(reader, item)
+            if message is not None:
+                return message
 
     async def _claim(self, reader: _Reader, incoming: AbstractIncomingMessage) -> Message | None:
         """Ack ``incoming`` and decode it; None if the ack failed (the broker redelivers it)."""
@@ -700,24 +648,16 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         except self._errors as exc:
             logger.debug("could not ack a message of %r: %r", reader.channel, exc)
             return None
-        try:
-            return self.decode(incoming.body)
-        except SerializationError:
-            logger.exception("dropped an undecodable message from named channel %r", reader.channel)
-            return None
+        return self.decode_or_drop(incoming.body, f"named channel {reader.channel!r}")
 
     def _keep_after_ack(
         self, reader: _Reader, incoming: AbstractIncomingMessage, ack: asyncio.Future[None]
     ) -> None:
         if ack.cancelled() or ack.exception() is not None:
             return
-        try:
-            message = self.decode(incoming.body)
-        except SerializationError:
-            logger.exception("dropped an undecodable message from named channel %r", reader.channel)
-            return
-        reader.held.appendleft(message)
-        reader.wake_one()
+        message = self.decode_or_drop(incoming.body, f"named channel {reader.channel!r}")
+        if message is not None:
+            reader.put_back(message)
 
     def _linger_expired(self, reader: _Reader) -> None:
         reader.linger = None
@@ -774,7 +714,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
             headers={"group": group, "channel": channel},
             correlation_id=token,
             reply_to=_inbox_routing_key(self.client_token),
-            expiration=self.connect_timeout,
+            expiration=self.timeout,
         )
         reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._replies[token] = reply
@@ -790,11 +730,9 @@ class RabbitMQChannelLayer(BaseChannelLayer):
                 logger.debug("%s of %r: its layer is gone, nothing to do", kind, channel)
                 return
             try:
-                await asyncio.wait_for(reply, self.connect_timeout)
-            except asyncio.TimeoutError:
-                logger.warning(
-                    "%s of %r: its layer did not confirm within %s s", kind, channel, self.connect_timeout
-                )
+                await within(reply, self.timeout, TimeoutError)
+            except TimeoutError:
+                logger.warning("%s of %r: its layer did not confirm within %s s", kind, channel, self.timeout)
         finally:
             self._replies.pop(token, None)
 
@@ -840,7 +778,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         # group_discard, or until queue_expiry deletes an unused queue).
         # Declared again first: a bind to a queue x-expires deleted would
         # close the channel.
-        self._declared.pop(named_queue_name(self.queue_prefix, channel), None)
+        self._declared.discard(named_queue_name(self.queue_prefix, channel))
         queue = await self._declare_named(channel)
         key = group_routing_key(group)
         if bind:
@@ -871,13 +809,13 @@ class RabbitMQChannelLayer(BaseChannelLayer):
 
     async def _flush(self) -> None:
         # Only what this instance declared or bound: AMQP cannot list queues.
-        for queue in list(self._declared.values()):
+        for queue in self._declared.values():
             try:
                 await self._broker(self._declare_channel, f"purge of {queue.name!r}", queue.purge)
             except BackendUnavailable as exc:  # e.g. deleted by x-expires meanwhile
                 logger.debug("flush: %s", exc)
         for channel, group in sorted(self._named_bindings):
-            self._declared.pop(named_queue_name(self.queue_prefix, channel), None)
+            self._declared.discard(named_queue_name(self.queue_prefix, channel))
             queue = await self._declare_named(channel)
             name = queue.name
             key = group_routing_key(group)
@@ -903,9 +841,7 @@ class RabbitMQChannelLayer(BaseChannelLayer):
         for reader in self._readers.values():
             if reader.linger is not None:
                 reader.linger.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Tasks first: one still using the connection would fail (and log) once it closes.
+        await self.tasks.close(self.timeout)
         if self._connection is not None:
             await self._connection.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -23,6 +24,9 @@ __all__ = ["TaskSupervisor"]
 logger = logging.getLogger("fastapi_websockets.tasks")
 
 T = TypeVar("T")
+
+#: Seconds a kept task must have run before it failed for the failure to count as a new streak.
+_HEALTHY_RUN = 30.0
 
 
 class TaskSupervisor:
@@ -44,18 +48,21 @@ class TaskSupervisor:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str, *, awaited: bool = False) -> asyncio.Task[T]:
         """Run ``coro`` as a tracked task named ``{self.name}.{name}``.
 
         An exception other than a cancellation (or ``ChannelLayerClosed`` while
-        closing) is logged with its traceback when the task ends.
+        closing) is logged with its traceback when the task ends. With
+        ``awaited``, the task is one a caller awaits (through ``asyncio.shield``,
+        so that cancelling the caller does not cancel a broker call half way):
+        the caller gets its exception, so it is only logged at DEBUG.
         """
         if self._closing:
             coro.close()
             raise ChannelLayerClosed("the channel layer was closed")
         task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}.{name}")
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self._done_awaited if awaited else self._done)
         return task
 
     def keep_running(
@@ -72,13 +79,16 @@ class TaskSupervisor:
         A task that returns normally is done. One that raises is logged and
         started again after a backoff delay; after ``max_failures`` failures in a
         row (never, by default) ``on_give_up`` is called with the last error, so
-        the layer can fail loudly rather than stay connected and deaf.
+        the layer can fail loudly rather than stay connected and deaf. A run
+        that lasted ``_HEALTHY_RUN`` seconds or more before failing counts as a
+        success: the count and the delay start over.
         """
-        policy = backoff or Backoff(first=0.1, cap=5.0)
+        policy = backoff or Backoff()
 
         async def run() -> None:
             failures = 0
             while True:
+                started = time.monotonic()
                 try:
                     await factory()
                     return
@@ -91,6 +101,9 @@ class TaskSupervisor:
                 except Exception as exc:
                     if self._closing:
                         return
+                    if time.monotonic() - started >= _HEALTHY_RUN:
+                        failures = 0
+                        policy.reset()
                     failures += 1
                     self.failures += 1
                     if max_failures is not None and failures >= max_failures:
@@ -126,6 +139,11 @@ class TaskSupervisor:
             return
         self.failures += 1
         logger.error("background task %s failed", task.get_name(), exc_info=exc)
+
+    def _done_awaited(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("task %s failed: %r", task.get_name(), task.exception())
 
     async def close(
         self, timeout: float = 5.0, *, unblock: Callable[[], Coroutine[Any, Any, None]] | None = None

@@ -33,7 +33,8 @@ def redact_url(url: str) -> str:
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:{_MASK}@{hostport}" if colon else f"{userinfo}@{hostport}"
+        # Without a password, the user part may itself be a token (nats://TOKEN@host).
+        netloc = f"{user}:{_MASK}@{hostport}" if colon else f"{_MASK}@{hostport}"
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)

@@ -54,7 +54,8 @@ class WaiterQueue(Generic[T]):
             return await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._hand_back(fut.result())
+                # Another receiver of this queue first; the hand-back only if none waits.
+                self.deliver(fut.result())
             raise
         finally:
             # Membership first: a failing deque.remove() formats the future's repr,

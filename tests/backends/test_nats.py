@@ -8,13 +8,13 @@ private state.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +23,31 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 
-from fastapi_websockets import ChannelLayerClosed, InvalidChannelLayerConfig, get_channel_layer_from_env
+from fastapi_websockets import (
+    BaseChannelLayer,
+    ChannelLayerClosed,
+    InvalidChannelLayerConfig,
+    get_channel_layer_from_env,
+)
 from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, subject_token, token_to_name
 from fastapi_websockets.exceptions import BackendUnavailable, MessageTooLarge
+from tests.conftest import layer_factory
+from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
-from tests.servers.nats import NatsCluster, NatsNode, layer_factory
+from tests.servers.nats import NatsCluster, NatsNode
 
 # ------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture
-def namespace() -> str:
-    return "t" + uuid.uuid4().hex[:10]
+Make = Callable[..., NATSChannelLayer]
 
 
 @pytest.fixture
-async def layers() -> AsyncIterator[list[NATSChannelLayer]]:
-    """Layers a test creates; all closed at the end."""
-    created: list[NATSChannelLayer] = []
-    yield created
-    for layer in created:
-        await layer.close()
+def make(layers: list[BaseChannelLayer], namespace: str) -> Make:
+    """``make(servers=[...], **options)``: layers sharing the test's prefix, bucket and stream."""
+    return layer_factory(
+        layers, NATSChannelLayer, prefix=namespace, group_bucket=namespace, stream_name=namespace
+    )
 
 
 @pytest.fixture
@@ -66,14 +70,6 @@ def private_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-def make(
-    layers: list[NATSChannelLayer], urls: list[str], namespace: str, replicas: int = 1, **options: Any
-) -> NATSChannelLayer:
-    layer = layer_factory(urls, replicas)(namespace, **options)
-    layers.append(layer)
-    return layer
 
 
 async def raw_client(urls: list[str]) -> Client:
@@ -144,9 +140,9 @@ def test_subject_tokens_are_reversible_and_distinct() -> None:
 
 
 async def test_names_cannot_inject_tokens_or_wildcards(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    layer = make(layers, [nats_node.url], namespace)
+    layer = make(servers=[nats_node.url])
     spy = await raw_client([nats_node.url])
     seen: list[str] = []
     everything = asyncio.Event()
@@ -190,9 +186,9 @@ async def test_names_cannot_inject_tokens_or_wildcards(
 
 
 async def test_one_connection_and_subscription_whatever_the_receivers(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    layer = make(layers, [nats_node.url], namespace)
+    layer = make(servers=[nats_node.url])
     first = await layer.new_channel("ws")
     one = asyncio.create_task(layer.receive(first))
     await asyncio.sleep(0.1)
@@ -203,7 +199,7 @@ async def test_one_connection_and_subscription_whatever_the_receivers(
     after = subjects_of(connection_of(nats_node, layer))
     assert before == after == [f"{namespace}.p.{layer.client_token}.*"]
     # All 301 receivers are served through that one subscription.
-    other = make(layers, [nats_node.url], namespace)
+    other = make(servers=[nats_node.url])
     for channel in [first, *channels]:
         await other.send(channel, {"type": "x"})
     results = await asyncio.gather(one, *waiting)
@@ -211,9 +207,9 @@ async def test_one_connection_and_subscription_whatever_the_receivers(
 
 
 async def test_group_subscription_is_per_group_not_per_member(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    layer = make(layers, [nats_node.url], namespace)
+    layer = make(servers=[nats_node.url])
     for _ in range(5):
         await layer.group_add("room:demo", await layer.new_channel())
     few = subjects_of(connection_of(nats_node, layer))
@@ -230,10 +226,10 @@ async def test_group_subscription_is_per_group_not_per_member(
 
 
 async def test_group_send_costs_the_same_messages_for_any_group_size(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    sender = make(layers, [nats_node.url], namespace)
-    members = make(layers, [nats_node.url], namespace)
+    sender = make(servers=[nats_node.url])
+    members = make(servers=[nats_node.url])
     for size, group in ((3, "small"), (300, "large")):
         for _ in range(size):
             await members.group_add(group, await members.new_channel())
@@ -267,10 +263,8 @@ async def test_group_send_costs_the_same_messages_for_any_group_size(
 # ------------------------------------------------------------------ KV layout
 
 
-async def test_kv_holds_one_key_per_member(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
-) -> None:
-    layer = make(layers, [nats_node.url], namespace)
+async def test_kv_holds_one_key_per_member(nats_node: NatsNode, namespace: str, make: Make) -> None:
+    layer = make(servers=[nats_node.url])
     a, b = await layer.new_channel(), await layer.new_channel()
     for channel in (a, b, "chat.room"):
         await layer.group_add("room:demo", channel)
@@ -303,9 +297,9 @@ async def test_kv_holds_one_key_per_member(
 
 
 async def test_close_removes_the_layers_members_from_the_bucket(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    leaving, staying = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    leaving, staying = make(servers=[nats_node.url]), make(servers=[nats_node.url])
     gone = [await leaving.new_channel() for _ in range(3)]
     kept = await staying.new_channel()
     for channel in gone:
@@ -324,9 +318,9 @@ async def test_close_removes_the_layers_members_from_the_bucket(
 
 
 async def test_group_add_of_another_instances_channel(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    a, b = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    a, b = make(servers=[nats_node.url]), make(servers=[nats_node.url])
     channel = await b.new_channel()
     await a.group_add("remote", channel)
     await a.group_send("remote", {"type": "hi"})
@@ -334,9 +328,9 @@ async def test_group_add_of_another_instances_channel(
 
 
 async def test_group_send_sees_named_members_added_by_another_instance(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    a, b = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    a, b = make(servers=[nats_node.url]), make(servers=[nats_node.url])
     await b.group_send("warm-up", {"type": "x"})
     for i in range(20):
         # No pause between the add and the group_send: membership is read from the
@@ -356,14 +350,14 @@ async def test_group_send_sees_named_members_added_by_another_instance(
 
 
 async def test_message_timeout_is_the_claim_time_of_a_dead_receiver(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
     channel = "jobs.claimed"
-    first = make(layers, [nats_node.url], namespace, message_timeout=2)
+    first = make(servers=[nats_node.url], message_timeout=2)
     with pytest.raises(TimeoutError):
         await first.receive(channel, timeout=0.2)  # creates the channel's consumer
     await first.close()
-    sender = make(layers, [nats_node.url], namespace, message_timeout=2)
+    sender = make(servers=[nats_node.url], message_timeout=2)
     await sender.send(channel, {"type": "job"})
     client = await raw_client([nats_node.url])
     try:
@@ -387,10 +381,10 @@ async def test_message_timeout_is_the_claim_time_of_a_dead_receiver(
 
 
 async def test_messages_up_to_max_message_size_and_over_the_server_limit(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
     # The fixture's server takes 2 MB payloads: the default 1 MiB limit fits.
-    a, b = make(layers, [nats_node.url], namespace), make(layers, [nats_node.url], namespace)
+    a, b = make(servers=[nats_node.url]), make(servers=[nats_node.url])
     channel = await b.new_channel()
     body = b"\xab" * (1024 * 1024 - 64)
     await a.send(channel, {"type": "big", "body": body})
@@ -398,19 +392,17 @@ async def test_messages_up_to_max_message_size_and_over_the_server_limit(
     await a.send("big.named", {"type": "big", "body": body})
     assert (await b.receive("big.named", timeout=10))["body"] == body
     # Over the server's max_payload: refused by the client, as MessageTooLarge.
-    huge = make(layers, [nats_node.url], namespace, max_message_size=8 * 1024 * 1024)
+    huge = make(servers=[nats_node.url], max_message_size=8 * 1024 * 1024)
     for target in (channel, "big.named"):
         with pytest.raises(MessageTooLarge) as info:
             await huge.send(target, {"type": "huge", "body": b"x" * (3 * 1024 * 1024)})
         assert info.value.limit == 2 * 1024 * 1024
 
 
-async def test_receive_outlives_its_consumer(
-    nats_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
-) -> None:
+async def test_receive_outlives_its_consumer(nats_node: NatsNode, namespace: str, make: Make) -> None:
     # The server deletes consumers of channels nobody reads (inactive_threshold);
     # a receiver that comes back binds a new one and loses no stored message.
-    layer = make(layers, [nats_node.url], namespace)
+    layer = make(servers=[nats_node.url])
     await layer.send("jobs.x", {"type": "one"})
     assert (await layer.receive("jobs.x", timeout=10))["type"] == "one"
     client = await raw_client([nats_node.url])
@@ -466,7 +458,7 @@ def test_defaults_match_the_spec() -> None:
         ("stream_name", "A.B"),
         ("stream_name", "A>"),
         ("message_timeout", 0),
-        ("request_timeout", -1),
+        ("timeout", -1),
         ("replicas", 0),
     ],
 )
@@ -485,19 +477,19 @@ def test_importing_the_backend_does_not_import_nats() -> None:
 # --------------------------------------------------------- unreachable server
 
 
-async def test_unreachable_server_fails_with_backend_unavailable(layers: list[NATSChannelLayer]) -> None:
-    layer = NATSChannelLayer(servers=[f"nats://127.0.0.1:{free_port()}"], request_timeout=1)
-    layers.append(layer)
-    with pytest.raises(BackendUnavailable, match="cannot connect"):
+async def test_unreachable_server_fails_with_backend_unavailable(make: Make) -> None:
+    port = free_port()
+    layer = make(servers=[f"nats://127.0.0.1:{port}"], timeout=1)
+    with pytest.raises(BackendUnavailable, match=f"NATS is unreachable at 127.0.0.1:{port}"):
         await layer.send("named", {"type": "x"})
     with pytest.raises(BackendUnavailable):
         await layer.new_channel()
 
 
 async def test_jetstream_calls_fail_in_bounded_time_while_the_server_is_down(
-    private_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    private_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    layer = make(layers, [private_node.url], namespace, request_timeout=1)
+    layer = make(servers=[private_node.url], timeout=1)
     await layer.send("named", {"type": "before"})
     private_node.stop()
     with pytest.raises(BackendUnavailable, match="send to 'named'"):
@@ -513,10 +505,10 @@ async def test_jetstream_calls_fail_in_bounded_time_while_the_server_is_down(
 
 
 async def test_restart_keeps_waiting_receivers_groups_and_stored_messages(
-    private_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    private_node: NatsNode, namespace: str, make: Make
 ) -> None:
     urls = [private_node.url]
-    receiver, sender = make(layers, urls, namespace), make(layers, urls, namespace)
+    receiver, sender = make(servers=urls), make(servers=urls)
     channel = await receiver.new_channel("ws")
     await receiver.group_add("room:demo", channel)
     for i in range(3):
@@ -543,10 +535,10 @@ async def test_restart_keeps_waiting_receivers_groups_and_stored_messages(
 
 
 async def test_a_server_that_lost_its_data_gets_stream_and_bucket_again(
-    private_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    private_node: NatsNode, namespace: str, make: Make
 ) -> None:
     urls = [private_node.url]
-    receiver, sender = make(layers, urls, namespace), make(layers, urls, namespace)
+    receiver, sender = make(servers=urls), make(servers=urls)
     channel = await receiver.new_channel()
     await receiver.group_add("room", channel)
     await sender.send("q", {"type": "lost"})
@@ -567,9 +559,9 @@ async def test_a_server_that_lost_its_data_gets_stream_and_bucket_again(
 
 
 async def test_close_during_reconnect_wakes_receivers(
-    private_node: NatsNode, namespace: str, layers: list[NATSChannelLayer]
+    private_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    layer = make(layers, [private_node.url], namespace)
+    layer = make(servers=[private_node.url])
     channel = await layer.new_channel()
     waiters = [asyncio.create_task(layer.receive(channel)), asyncio.create_task(layer.receive("q"))]
     await asyncio.sleep(0.3)
@@ -584,11 +576,11 @@ async def test_close_during_reconnect_wakes_receivers(
 
 
 async def test_cluster_survives_a_killed_node(
-    private_cluster: NatsCluster, namespace: str, layers: list[NATSChannelLayer]
+    private_cluster: NatsCluster, namespace: str, make: Make
 ) -> None:
     urls = private_cluster.urls
-    a = make(layers, urls, namespace, replicas=3, request_timeout=30)
-    b = make(layers, urls, namespace, replicas=3, request_timeout=30)
+    a = make(servers=urls, replicas=3, timeout=30)
+    b = make(servers=urls, replicas=3, timeout=30)
     channel = await b.new_channel()
     await b.group_add("room:demo", channel)
     await b.group_add("room:demo", "chat.room")
@@ -621,11 +613,11 @@ async def test_cluster_survives_a_killed_node(
 
 
 async def test_cluster_survives_losing_the_stream_and_bucket_leader(
-    private_cluster: NatsCluster, namespace: str, layers: list[NATSChannelLayer]
+    private_cluster: NatsCluster, namespace: str, make: Make
 ) -> None:
-    # Default request_timeout: JetStream calls ride out the leader election.
+    # Default timeout: JetStream calls ride out the leader election.
     urls = private_cluster.urls
-    a, b = make(layers, urls, namespace, replicas=3), make(layers, urls, namespace, replicas=3)
+    a, b = make(servers=urls, replicas=3), make(servers=urls, replicas=3)
     channel = await b.new_channel()
     await b.group_add("room", channel)
     await a.send("jobs", {"type": "before"})
@@ -649,3 +641,134 @@ async def test_cluster_survives_losing_the_stream_and_bucket_leader(
     assert (await b.receive("jobs", timeout=30))["type"] == "group"
     await a.send("jobs", {"type": "after"})
     assert (await b.receive("jobs", timeout=30))["type"] == "after"
+
+
+# ------------------------------------------------------------------- secrets
+
+
+USER = "fw-user"
+
+
+def secret_url(port: int, password: str = SECRET) -> str:
+    return f"nats://{USER}:{password}@127.0.0.1:{port}"
+
+
+def assert_layer_keeps_secret(
+    layer: NATSChannelLayer, caplog: pytest.LogCaptureFixture, errors: list[BaseException]
+) -> None:
+    assert errors, "the test expected errors to check"
+    assert_no_secret(errors=errors, records=caplog.records, objects=[layer, layer.stats])
+
+
+@pytest.fixture
+def auth_node(tmp_path: Path) -> Iterator[NatsNode]:
+    """A node of our own whose clients must log in as USER with the password SECRET."""
+    node = NatsNode(tmp_path / "auth", user=USER, password=SECRET)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+async def test_no_secret_when_the_connection_is_refused(make: Make, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    layer = make(servers=[secret_url(port)], timeout=1)
+    errors: list[BaseException] = []
+    with pytest.raises(BackendUnavailable, match=re.escape(f"unreachable at 127.0.0.1:{port}")) as info:
+        await layer.send("named", {"type": "x"})
+    errors.append(info.value)
+    with pytest.raises(BackendUnavailable) as info:
+        await layer.new_channel()
+    errors.append(info.value)
+    assert_layer_keeps_secret(layer, caplog, errors)
+
+
+async def test_no_secret_when_authentication_fails(
+    tmp_path: Path, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # The layer's URL holds the secret; the server expects another password.
+    wrong = NatsNode(tmp_path / "auth", user=USER, password="another-password")
+    wrong.start()
+    try:
+        layer = make(servers=[secret_url(wrong.port)], timeout=1)
+        with pytest.raises(BackendUnavailable, match="Authorization") as info:
+            await layer.send("named", {"type": "x"})
+        assert any("Authorization" in record.getMessage() for record in caplog.records)
+        assert_layer_keeps_secret(layer, caplog, [info.value])
+    finally:
+        wrong.stop()
+
+
+async def test_no_secret_when_connecting_times_out(make: Make, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, and no INFO line ever comes
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        layer = make(servers=[secret_url(port)], timeout=1)
+        with pytest.raises(BackendUnavailable, match=re.escape("no connection within 1.0 s")) as info:
+            await layer.send("named", {"type": "x"})
+        assert held, "the layer never reached the silent server"
+        assert_layer_keeps_secret(layer, caplog, [info.value])
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_no_secret_when_the_server_goes_away_and_comes_back(
+    auth_node: NatsNode, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = make(servers=[secret_url(auth_node.port)], timeout=1)
+    channel = await layer.new_channel()
+    await layer.group_add("room", channel)
+    await layer.send("named", {"type": "before"})
+    waiting = asyncio.create_task(layer.receive("later"))
+    auth_node.stop()
+    errors: list[BaseException] = []
+    with pytest.raises(BackendUnavailable, match="send to 'named'") as info:
+        await layer.send("named", {"type": "during"})
+    errors.append(info.value)
+    with pytest.raises(BackendUnavailable) as info:
+        await layer.group_add("room", "named")
+    errors.append(info.value)
+    auth_node.start()
+    await wait_connected(layer)
+    assert any(
+        record.getMessage() == f"reconnected to NATS at 127.0.0.1:{auth_node.port}"
+        for record in caplog.records
+    )
+    await layer.send("later", {"type": "after"})
+    assert (await asyncio.wait_for(waiting, 30))["type"] == "after"
+    assert (await layer.receive("named", timeout=30))["type"] == "before"
+    assert_layer_keeps_secret(layer, caplog, errors)
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        f"nats://{USER}:{SECRET}@127.0.0.1:not-a-port",
+        f"http://{USER}:{SECRET}@127.0.0.1:4222",
+        f"nats://{USER}:{SECRET}@127.0.0.1:4222/a/path",
+    ],
+)
+def test_a_malformed_server_url_is_refused_without_its_password(server: str) -> None:
+    for servers in ([server], f"nats://127.0.0.1:4222,{server}"):
+        with pytest.raises(InvalidChannelLayerConfig, match="servers must be") as info:
+            NATSChannelLayer(servers=servers)  # type: ignore[arg-type]
+        assert f"{USER}:***@" in str(info.value)
+        assert_no_secret(errors=[info.value])
+
+
+def test_repr_names_the_servers_without_the_password() -> None:
+    layer = NATSChannelLayer(servers=[secret_url(4222), f"nats://{USER}:{SECRET}@other:4223"])
+    assert repr(layer) == "<NATSChannelLayer 127.0.0.1:4222, other:4223 open>"

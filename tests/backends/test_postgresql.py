@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
 
 from fastapi_websockets import (
+    BaseChannelLayer,
     ChannelLayerClosed,
     ChannelLayerError,
     get_channel_layer,
@@ -19,34 +20,17 @@ from fastapi_websockets import (
 )
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
+from tests.conftest import layer_factory
+from tests.leaks import SECRET, assert_no_secret
+from tests.servers import free_port
 from tests.servers.postgresql import PostgresServer
 
 Factory = Callable[..., PostgreSQLChannelLayer]
 
 
 @pytest.fixture
-def schema() -> str:
-    return "t" + uuid.uuid4().hex[:10]
-
-
-@pytest.fixture
-async def layers() -> AsyncIterator[list[PostgreSQLChannelLayer]]:
-    made: list[PostgreSQLChannelLayer] = []
-    yield made
-    for layer in made:
-        await layer.close()
-
-
-@pytest.fixture
-def make(postgresql_server: PostgresServer, schema: str, layers: list[PostgreSQLChannelLayer]) -> Factory:
-    def make(**options: Any) -> PostgreSQLChannelLayer:
-        options.setdefault("dsn", postgresql_server.dsn)
-        options.setdefault("schema", schema)
-        layer = PostgreSQLChannelLayer(**options)
-        layers.append(layer)
-        return layer
-
-    return make
+def make(postgresql_server: PostgresServer, namespace: str, layers: list[BaseChannelLayer]) -> Factory:
+    return layer_factory(layers, PostgreSQLChannelLayer, dsn=postgresql_server.dsn, schema=namespace)
 
 
 @pytest.fixture
@@ -75,20 +59,20 @@ async def backends_of(db: asyncpg.Connection, layer: PostgreSQLChannelLayer) -> 
 
 
 async def test_named_message_survives_layer_restart(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     sender = make()
     await sender.send("durable.jobs", {"type": "job", "blob": b"\x00\xff"})
     await sender.close()
-    stored = await db.fetchval(f'SELECT count(*) FROM "{schema}".message WHERE queue = $1', "durable.jobs")
+    stored = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', "durable.jobs")
     assert stored == 1
     receiver = make()
     assert await receiver.receive("durable.jobs", timeout=10) == {"type": "job", "blob": b"\x00\xff"}
-    assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 0
+    assert await db.fetchval(f'SELECT count(*) FROM "{namespace}".message') == 0
 
 
 async def test_close_forgets_this_instances_memberships(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     layer, other = make(), make()
     channel = await layer.new_channel()
@@ -96,7 +80,7 @@ async def test_close_forgets_this_instances_memberships(
     await layer.group_add("room", "named.member")
     await other.group_add("room", await other.new_channel())
     await layer.close()
-    owners = await db.fetch(f'SELECT channel, owner FROM "{schema}".group_member ORDER BY channel')
+    owners = await db.fetch(f'SELECT channel, owner FROM "{namespace}".group_member ORDER BY channel')
     assert [row["channel"] for row in owners] != []
     assert channel not in [row["channel"] for row in owners]
     assert "named.member" in [row["channel"] for row in owners]
@@ -106,7 +90,7 @@ async def test_close_forgets_this_instances_memberships(
 
 
 async def test_group_send_stores_one_row_per_owning_process(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     layer = make()
     # Members of two other (absent) processes, plus a named channel.
@@ -116,13 +100,13 @@ async def test_group_send_stores_one_row_per_owning_process(
     await layer.group_add("room", "room.log")
     listener = await asyncpg.connect(dsn=layer.dsn)
     seen: list[tuple[str, str]] = []
-    names = {notify_channel(schema, queue): queue for queue in ("!aaaa1111", "!bbbb2222", "room.log")}
+    names = {notify_channel(namespace, queue): queue for queue in ("!aaaa1111", "!bbbb2222", "room.log")}
     for name in names:
         await listener.add_listener(name, lambda _c, _p, ch, payload: seen.append((names[ch], payload)))
     try:
         await layer.group_send("room", {"type": "hello"})
         rows = await db.fetch(
-            f'SELECT queue, cardinality(targets) AS n FROM "{schema}".message ORDER BY queue'
+            f'SELECT queue, cardinality(targets) AS n FROM "{namespace}".message ORDER BY queue'
         )
         assert [(row["queue"], row["n"]) for row in rows] == [
             ("!aaaa1111", 50),
@@ -140,13 +124,13 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_notify_payload_stays_small_for_a_large_message(make: Factory, schema: str) -> None:
+async def test_notify_payload_stays_small_for_a_large_message(make: Factory, namespace: str) -> None:
     sender, receiver = make(), make()
     channel = await receiver.new_channel()
     listener = await asyncpg.connect(dsn=sender.dsn)
     payloads: list[str] = []
     for queue in ("big.named", "!" + receiver.client_token):
-        await listener.add_listener(notify_channel(schema, queue), lambda *args: payloads.append(args[3]))
+        await listener.add_listener(notify_channel(namespace, queue), lambda *args: payloads.append(args[3]))
     body = bytes(range(256)) * 2000
     try:
         await sender.send("big.named", {"type": "big", "body": body})
@@ -201,7 +185,7 @@ async def test_hundreds_of_receivers_share_a_few_connections(make: Factory, db: 
 
 
 async def test_prune_deletes_expired_messages_and_members(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     short = make(channel_expiry=1, group_expiry=1, prune_interval=0.2)
     keeper = make()
@@ -212,7 +196,8 @@ async def test_prune_deletes_expired_messages_and_members(
 
     async def pruned() -> bool:
         left = await db.fetch(
-            f'SELECT queue FROM "{schema}".message UNION ALL SELECT channel FROM "{schema}".group_member'
+            f'SELECT queue FROM "{namespace}".message '
+            f'UNION ALL SELECT channel FROM "{namespace}".group_member'
         )
         return sorted(row[0] for row in left) == ["fresh.member", "fresh.named"]
 
@@ -220,25 +205,25 @@ async def test_prune_deletes_expired_messages_and_members(
 
 
 async def test_prune_runs_in_one_process_at_a_time(
-    make: Factory, db: asyncpg.Connection, schema: str
+    make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
     layer = make(channel_expiry=1, prune_interval=3600)
     await layer.send("stale.named", {"type": "old"})
     await asyncio.sleep(1.2)
     async with db.transaction():
-        await db.execute("SELECT pg_advisory_xact_lock($1)", lock_key(schema, "prune"))
+        await db.execute("SELECT pg_advisory_xact_lock($1)", lock_key(namespace, "prune"))
         assert await layer.prune() is False
-        assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 1
+        assert await db.fetchval(f'SELECT count(*) FROM "{namespace}".message') == 1
     assert await layer.prune() is True
-    assert await db.fetchval(f'SELECT count(*) FROM "{schema}".message') == 0
+    assert await db.fetchval(f'SELECT count(*) FROM "{namespace}".message') == 0
 
 
-async def test_concurrent_schema_creation(make: Factory, db: asyncpg.Connection, schema: str) -> None:
+async def test_concurrent_schema_creation(make: Factory, db: asyncpg.Connection, namespace: str) -> None:
     starters = [make() for _ in range(8)]
     channels = await asyncio.gather(*(layer.new_channel() for layer in starters))
     assert len(set(channels)) == 8
     tables = await db.fetch(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", schema
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", namespace
     )
     assert [row["table_name"] for row in tables] == ["group_member", "message"]
     await starters[0].send(channels[7], {"type": "ok"})
@@ -285,7 +270,7 @@ async def test_mixed_case_schema_is_quoted(make: Factory, db: asyncpg.Connection
     [
         ("poll_interval", 0),
         ("prune_interval", -1),
-        ("command_timeout", 0),
+        ("timeout", 0),
         ("pool_size", 0),
         ("dsn", "mysql://x"),
         ("ensure_schema", "yes"),
@@ -368,7 +353,7 @@ async def test_listener_terminated_by_the_server(make: Factory, db: asyncpg.Conn
 async def test_database_restart_with_waiting_receivers(restartable_postgresql: PostgresServer) -> None:
     dsn, schema = restartable_postgresql.dsn, "restart"
     layer = PostgreSQLChannelLayer(dsn=dsn, schema=schema)
-    sender = PostgreSQLChannelLayer(dsn=dsn, schema=schema, command_timeout=1)
+    sender = PostgreSQLChannelLayer(dsn=dsn, schema=schema, timeout=1)
     try:
         channel = await layer.new_channel()
         await layer.group_add("room", channel)
@@ -380,7 +365,7 @@ async def test_database_restart_with_waiting_receivers(restartable_postgresql: P
         await asyncio.sleep(0.3)
         restartable_postgresql.stop()
         await asyncio.sleep(0.5)
-        with pytest.raises(BackendUnavailable, match="unavailable"):
+        with pytest.raises(BackendUnavailable, match="unreachable"):
             await sender.send("jobs", {"type": "lost"})
         failed = await asyncio.gather(
             *(sender.send(channel, {"type": "lost", "i": i}) for i in range(20)), return_exceptions=True
@@ -402,9 +387,9 @@ async def test_calls_fail_in_bounded_time_when_the_database_is_down(
     restartable_postgresql: PostgresServer,
 ) -> None:
     restartable_postgresql.stop()
-    layer = PostgreSQLChannelLayer(dsn=restartable_postgresql.dsn, schema="down", command_timeout=0.5)
+    layer = PostgreSQLChannelLayer(dsn=restartable_postgresql.dsn, schema="down", timeout=0.5)
     try:
-        with pytest.raises(BackendUnavailable, match="unavailable") as info:
+        with pytest.raises(BackendUnavailable, match="unreachable") as info:
             await layer.send("x", {"type": "x"})
         assert isinstance(info.value, ChannelLayerError)
         assert isinstance(info.value, ConnectionError)
@@ -451,11 +436,11 @@ asyncio.run(main())
 """
 
 
-async def test_broadcast_and_work_queue_between_two_os_processes(make: Factory, schema: str) -> None:
+async def test_broadcast_and_work_queue_between_two_os_processes(make: Factory, namespace: str) -> None:
     layer = make()
     await layer.new_channel()  # creates the schema before the child starts
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CHILD, layer.dsn, schema, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", _CHILD, layer.dsn, namespace, stdout=asyncio.subprocess.PIPE
     )
     assert child.stdout is not None
     try:
@@ -474,7 +459,7 @@ async def test_broadcast_and_work_queue_between_two_os_processes(make: Factory, 
 
 
 async def test_group_send_skips_full_named_members(
-    make: Factory, schema: str, db: asyncpg.Connection
+    make: Factory, namespace: str, db: asyncpg.Connection
 ) -> None:
     layer = make(capacity=2)
     other = await layer.new_channel()
@@ -485,7 +470,7 @@ async def test_group_send_skips_full_named_members(
     await layer.send("named.full", {"type": "pre"})
     await layer.group_send("g", {"type": "g"})
     counts = dict(
-        await db.fetch(f'SELECT queue, count(*) FROM "{schema}".message GROUP BY queue ORDER BY queue')
+        await db.fetch(f'SELECT queue, count(*) FROM "{namespace}".message GROUP BY queue ORDER BY queue')
     )
     assert counts == {"named.free": 1, "named.full": 2}
     assert (await layer.receive("named.free", timeout=10))["type"] == "g"
@@ -547,15 +532,15 @@ async def test_named_receives_that_time_out_lose_nothing_and_keep_order(make: Fa
 
 
 async def test_a_role_without_create_rights_uses_existing_tables(
-    make: Factory, db: asyncpg.Connection, schema: str, postgresql_server: PostgresServer
+    make: Factory, db: asyncpg.Connection, namespace: str, postgresql_server: PostgresServer
 ) -> None:
     admin = make()
     await admin.new_channel()  # creates schema and tables
     role = "r" + uuid.uuid4().hex[:10]
     await db.execute(f"CREATE ROLE {role} LOGIN")
-    await db.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
-    await db.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
-    await db.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{schema}" TO {role}')
+    await db.execute(f'GRANT USAGE ON SCHEMA "{namespace}" TO {role}')
+    await db.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{namespace}" TO {role}')
+    await db.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{namespace}" TO {role}')
     limited = make(dsn=postgresql_server.dsn.replace("postgres@", f"{role}@"))
     await limited.send("limited.q", {"type": "x"})
     await limited.group_add("g", "limited.q")
@@ -571,3 +556,226 @@ async def test_synchronous_commit_layers_work_with_the_default_ones(make: Factor
     await durable.send("sync.named", {"type": "y"})
     assert (await fast.receive(channel, timeout=10))["type"] == "x"
     assert (await fast.receive("sync.named", timeout=10))["type"] == "y"
+
+
+# ------------------------------------------------------- broken connections
+
+
+async def test_inbox_reader_survives_its_connections_killed_mid_claim(
+    make: Factory, db: asyncpg.Connection
+) -> None:
+    # Cutting a pooled session while it claims makes asyncpg raise InterfaceError or
+    # InternalClientError ("cannot switch to state 12; another operation is in
+    # progress"); the inbox reader once died of it and the process went deaf.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm"})
+    assert (await receiver.receive(channel, timeout=10))["type"] == "warm"
+    for cycle in range(25):
+        pool_pids = [
+            row["pid"]
+            for row in await backends_of(db, receiver)
+            if row["application_name"] == receiver.application_name
+        ]
+        burst = [asyncio.create_task(sender.send(channel, {"type": "burst"})) for _ in range(50)]
+        await asyncio.sleep(0.002 * (cycle % 10))
+        for pid in pool_pids:
+            await db.execute("SELECT pg_terminate_backend($1)", pid)
+        await asyncio.gather(*burst)
+        await sender.send(channel, {"type": "probe", "cycle": cycle})
+        # Burst rows whose claim committed as the session died are lost (at most
+        # once); the probe sent afterwards must arrive.
+        while (message := await receiver.receive(channel, timeout=20))["type"] != "probe":
+            pass
+        assert message["cycle"] == cycle
+    # The reader never had to be restarted: a broken connection is a pause, not a crash.
+    assert receiver.tasks.failures == 0
+
+
+async def test_a_row_that_breaks_the_inbox_reader_does_not_leave_it_deaf(
+    make: Factory, db: asyncpg.Connection, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A row no layer writes (NULL data) breaks the reader's decoding outside the
+    # driver errors it expects: it is dropped, or the reader fails and the
+    # supervisor starts it again; either way the process is not left deaf.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await db.execute(f'ALTER TABLE "{namespace}".message ALTER COLUMN data DROP NOT NULL')
+    await db.execute(
+        f'INSERT INTO "{namespace}".message (queue, targets, expires_at, data) '
+        "VALUES ($1, $2, now() + interval '1 minute', NULL)",
+        "!" + receiver.client_token,
+        [channel],
+    )
+    await db.execute("SELECT pg_notify($1, '')", notify_channel(namespace, "!" + receiver.client_token))
+    await sender.send(channel, {"type": "after"})
+    assert (await receiver.receive(channel, timeout=20))["type"] == "after"
+    if receiver.tasks.restarts:
+        assert any("restarting it" in record.getMessage() for record in caplog.records)
+    else:
+        assert receiver.stats.dropped_undecodable == 1
+
+
+async def test_ten_restarts_in_a_row_lose_nothing(restartable_postgresql: PostgresServer) -> None:
+    dsn = restartable_postgresql.dsn
+    receiver = PostgreSQLChannelLayer(dsn=dsn, schema="restarts")
+    sender = PostgreSQLChannelLayer(dsn=dsn, schema="restarts")
+    try:
+        direct, member = await receiver.new_channel(), await receiver.new_channel()
+        await receiver.group_add("room", member)
+        await sender.send("warm", {"type": "x"})
+        lost = []
+        for cycle in range(10):
+            waiting = [
+                asyncio.create_task(receiver.receive(direct, timeout=30)),
+                asyncio.create_task(receiver.receive(member, timeout=30)),
+                asyncio.create_task(receiver.receive("restart.jobs", timeout=30)),
+            ]
+            await asyncio.sleep(0.1)
+            restartable_postgresql.stop()
+            restartable_postgresql.start()
+            # Sent the instant the server accepts connections, before the receiver
+            # has reconnected.
+            await sender.send(direct, {"type": "direct", "cycle": cycle})
+            await sender.group_send("room", {"type": "group", "cycle": cycle})
+            await sender.send("restart.jobs", {"type": "named", "cycle": cycle})
+            for task in waiting:
+                try:
+                    message = await task
+                except TimeoutError:
+                    lost.append(cycle)
+                else:
+                    assert message["cycle"] == cycle
+        assert lost == []
+        assert receiver.tasks.failures == 0
+    finally:
+        await receiver.close()
+        await sender.close()
+
+
+# ------------------------------------------------------------------ secrets
+
+
+@pytest.fixture
+def password_postgresql() -> Iterator[PostgresServer]:
+    """A PostgreSQL of its own whose ``postgres`` user logs in over TCP with ``SECRET`` only."""
+    server = PostgresServer(max_connections=50, password=SECRET)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+def _assert_nothing_leaks(
+    layer: PostgreSQLChannelLayer, caplog: pytest.LogCaptureFixture, *errors: BaseException
+) -> None:
+    assert_no_secret(errors=errors, records=caplog.records, objects=[layer, layer.stats])
+    assert SECRET not in str(layer.stats)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        f"mysql://postgres:{SECRET}@127.0.0.1:5432/postgres",
+        f"postgresql://postgres:{SECRET}@127.0.0.1:port/postgres",
+        f"postgresql://postgres:{SECRET}@127.0.0.1:99999999/postgres",
+    ],
+)
+def test_a_malformed_dsn_is_refused_at_construction_without_its_password(dsn: str) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match="dsn") as info:
+        PostgreSQLChannelLayer(dsn=dsn)
+    assert_no_secret(errors=[info.value])
+
+
+async def test_connection_refused_leaks_no_password(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    dsn = f"postgresql://postgres:{SECRET}@127.0.0.1:{free_port()}/postgres"
+    layer = PostgreSQLChannelLayer(dsn=dsn, timeout=0.5)
+    try:
+        with pytest.raises(BackendUnavailable, match=r"unreachable at 127\.0\.0\.1:") as info:
+            await layer.send("x", {"type": "x"})
+        _assert_nothing_leaks(layer, caplog, info.value)
+    finally:
+        await layer.close()
+
+
+async def test_a_server_that_never_answers_times_out_without_leaking(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    layer = PostgreSQLChannelLayer(dsn=f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/db", timeout=0.5)
+    try:
+        with pytest.raises(BackendUnavailable, match="unreachable") as info:
+            await layer.new_channel()
+        assert accepted
+        _assert_nothing_leaks(layer, caplog, info.value)
+    finally:
+        await layer.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_authentication_failure_leaks_no_password(
+    password_postgresql: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    admin = await asyncpg.connect(password_postgresql.dsn)
+    try:
+        await admin.execute("CREATE ROLE someone LOGIN PASSWORD 'another-password'")
+    finally:
+        await admin.close()
+    dsn = password_postgresql.dsn.replace("postgres:", "someone:", 1)
+    layer = PostgreSQLChannelLayer(dsn=dsn, timeout=2)
+    try:
+        with pytest.raises(ChannelLayerError, match="password authentication failed") as info:
+            await layer.send("x", {"type": "x"})
+        _assert_nothing_leaks(layer, caplog, info.value)
+    finally:
+        await layer.close()
+
+
+async def test_the_database_gone_mid_operation_leaks_no_password(
+    password_postgresql: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = PostgreSQLChannelLayer(
+        dsn=password_postgresql.dsn, schema="gone", timeout=0.5, poll_interval=0.05
+    )
+    errors: list[BaseException] = []
+    try:
+        channel = await layer.new_channel()
+        waiting = [
+            asyncio.create_task(layer.receive(channel, timeout=30)),
+            asyncio.create_task(layer.receive("gone.named", timeout=30)),
+        ]
+        await asyncio.sleep(0.2)
+        password_postgresql.stop()
+        for call in (
+            layer.send("gone.named", {"type": "x"}),
+            layer.send(f"other.{'a' * 8}!x", {"type": "x"}),
+            layer.group_send("g", {"type": "x"}),
+            layer.group_add("g", channel),
+        ):
+            with pytest.raises(BackendUnavailable) as info:
+                await call
+            errors.append(info.value)
+        await asyncio.sleep(1.0)  # the listener and readers retry and log meanwhile
+        password_postgresql.start()
+        await layer.send(channel, {"type": "back"})
+        await layer.send("gone.named", {"type": "back"})
+        assert [(await task)["type"] for task in waiting] == ["back", "back"]
+        assert any(record.levelno >= logging.WARNING for record in caplog.records)
+        _assert_nothing_leaks(layer, caplog, *errors)
+    finally:
+        await layer.close()
+    _assert_nothing_leaks(layer, caplog, *errors)

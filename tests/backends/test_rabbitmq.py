@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
-from fastapi_websockets import ChannelFull, InvalidChannelLayerConfig, get_channel_layer_from_env
+from fastapi_websockets import (
+    BaseChannelLayer,
+    ChannelFull,
+    InvalidChannelLayerConfig,
+    get_channel_layer_from_env,
+)
 from fastapi_websockets.backends.rabbitmq import (
     MAX_AMQP_NAME,
     RabbitMQChannelLayer,
     group_routing_key,
     named_queue_name,
 )
-from fastapi_websockets.exceptions import BackendUnavailable
-from tests.servers import Backend, free_port
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
+from tests.conftest import layer_factory
+from tests.faults import TcpProxy, silent_server
+from tests.leaks import SECRET, assert_no_secret
+from tests.servers import free_port
 from tests.servers.rabbitmq import RabbitNode
 
 Factory = Callable[..., RabbitMQChannelLayer]
@@ -30,20 +38,17 @@ def node(rabbitmq_node: RabbitNode) -> RabbitNode:
 
 
 @pytest.fixture
-async def make(rabbitmq_backend: Backend) -> AsyncIterator[tuple[str, Factory]]:
-    """Layers sharing one fresh namespace; returns (queue prefix, factory)."""
-    namespace = "r" + uuid.uuid4().hex[:10]
-    layers: list[RabbitMQChannelLayer] = []
+def prefix(namespace: str) -> str:
+    """Exchange name and queue prefix of the test's layers."""
+    return f"fw-{namespace}"
 
-    def build(**options: Any) -> RabbitMQChannelLayer:
-        layer = rabbitmq_backend.build(namespace, **options)
-        assert isinstance(layer, RabbitMQChannelLayer)
-        layers.append(layer)
-        return layer
 
-    yield f"fw-{namespace}", build
-    for layer in layers:
-        await layer.close()
+@pytest.fixture
+def make(rabbitmq_node: RabbitNode, prefix: str, layers: list[BaseChannelLayer]) -> Factory:
+    """Layers sharing one fresh exchange and queue prefix, closed after the test."""
+    return layer_factory(
+        layers, RabbitMQChannelLayer, url=rabbitmq_node.url, exchange_name=prefix, queue_prefix=prefix
+    )
 
 
 def queues(node: RabbitNode, prefix: str) -> dict[str, dict[str, str]]:
@@ -141,9 +146,8 @@ def test_names_map_to_distinct_bounded_identifiers() -> None:
     assert named_queue_name("p", "room:demo") == "p.c.room:demo"  # readable when it can be
 
 
-async def test_long_unicode_names_work_on_the_broker(make: tuple[str, Factory]) -> None:
-    _, build = make
-    layer = build()
+async def test_long_unicode_names_work_on_the_broker(make: Factory) -> None:
+    layer = make()
     long_a, long_b = "😀" * 199 + "a", "😀" * 199 + "b"
     await layer.send(long_a, {"type": "a"})
     await layer.send(long_b, {"type": "b"})
@@ -159,9 +163,8 @@ async def test_long_unicode_names_work_on_the_broker(make: tuple[str, Factory]) 
 # ---------------------------------------------------------- ttl and expiry
 
 
-async def test_message_ttl_drops_named_messages(make: tuple[str, Factory], node: RabbitNode) -> None:
-    prefix, build = make
-    layer = build(message_ttl=300, channel_expiry=3600)
+async def test_message_ttl_drops_named_messages(make: Factory, prefix: str, node: RabbitNode) -> None:
+    layer = make(message_ttl=300, channel_expiry=3600)
     await layer.send("ttl.named", {"type": "old"})
     info = queues(node, prefix)[named_queue_name(prefix, "ttl.named")]
     assert "x-message-ttl" in info["arguments"]
@@ -170,18 +173,16 @@ async def test_message_ttl_drops_named_messages(make: tuple[str, Factory], node:
     assert (await layer.receive("ttl.named", timeout=10))["type"] == "new"
 
 
-async def test_no_message_ttl_keeps_messages(make: tuple[str, Factory], node: RabbitNode) -> None:
-    prefix, build = make
-    layer = build(message_ttl=None, channel_expiry=3600)
+async def test_no_message_ttl_keeps_messages(make: Factory, prefix: str, node: RabbitNode) -> None:
+    layer = make(message_ttl=None, channel_expiry=3600)
     await layer.send("kept.named", {"type": "old"})
     assert "x-message-ttl" not in queues(node, prefix)[named_queue_name(prefix, "kept.named")]["arguments"]
     await asyncio.sleep(1.0)
     assert (await layer.receive("kept.named", timeout=10))["type"] == "old"
 
 
-async def test_queue_expiry_deletes_unused_named_queues(make: tuple[str, Factory], node: RabbitNode) -> None:
-    prefix, build = make
-    layer = build(queue_expiry=1000)
+async def test_queue_expiry_deletes_unused_named_queues(make: Factory, prefix: str, node: RabbitNode) -> None:
+    layer = make(queue_expiry=1000)
     queue = named_queue_name(prefix, "short.lived")
     await layer.send("short.lived", {"type": "first"})
     assert (await layer.receive("short.lived", timeout=10))["type"] == "first"
@@ -196,9 +197,8 @@ async def test_queue_expiry_deletes_unused_named_queues(make: tuple[str, Factory
     assert (await waiter)["type"] == "new"
 
 
-async def test_no_queue_expiry_keeps_queues(make: tuple[str, Factory], node: RabbitNode) -> None:
-    prefix, build = make
-    layer = build(queue_expiry=None)
+async def test_no_queue_expiry_keeps_queues(make: Factory, prefix: str, node: RabbitNode) -> None:
+    layer = make(queue_expiry=None)
     await layer.send("long.lived", {"type": "x"})
     assert "x-expires" not in queues(node, prefix)[named_queue_name(prefix, "long.lived")]["arguments"]
 
@@ -206,9 +206,8 @@ async def test_no_queue_expiry_keeps_queues(make: tuple[str, Factory], node: Rab
 # ---------------------------------------------------------------- capacity
 
 
-async def test_channel_full_comes_from_the_broker(make: tuple[str, Factory]) -> None:
-    _, build = make
-    a, b = build(capacity=2), build(capacity=2)
+async def test_channel_full_comes_from_the_broker(make: Factory) -> None:
+    a, b = make(capacity=2), make(capacity=2)
     await a.send("bounded", {"type": "n", "i": 0})
     await b.send("bounded", {"type": "n", "i": 1})
     # Neither instance holds these messages: only the queue's x-max-length can refuse.
@@ -221,9 +220,8 @@ async def test_channel_full_comes_from_the_broker(make: tuple[str, Factory]) -> 
         await b.receive("bounded", timeout=0.3)
 
 
-async def test_group_send_skips_a_full_named_member(make: tuple[str, Factory]) -> None:
-    _, build = make
-    layer = build(capacity=1)
+async def test_group_send_skips_a_full_named_member(make: Factory) -> None:
+    layer = make(capacity=1)
     specific = await layer.new_channel()
     await layer.group_add("mixed", "full.member")
     await layer.group_add("mixed", specific)
@@ -237,10 +235,9 @@ async def test_group_send_skips_a_full_named_member(make: tuple[str, Factory]) -
 # ------------------------------------------------- broker resources per layer
 
 
-async def test_one_queue_and_one_consumer_per_layer(make: tuple[str, Factory], node: RabbitNode) -> None:
-    prefix, build = make
+async def test_one_queue_and_one_consumer_per_layer(make: Factory, prefix: str, node: RabbitNode) -> None:
     connections_before = len(node.rows("list_connections", "name"))
-    layer = build()
+    layer = make()
     channels = [await layer.new_channel() for _ in range(300)]
     for index, channel in enumerate(channels):
         await layer.group_add(f"room{index % 3}", channel)
@@ -261,9 +258,10 @@ async def test_one_queue_and_one_consumer_per_layer(make: tuple[str, Factory], n
     await asyncio.gather(*waiting, *named, return_exceptions=True)
 
 
-async def test_binding_follows_first_join_and_last_leave(make: tuple[str, Factory], node: RabbitNode) -> None:
-    prefix, build = make
-    layer = build()
+async def test_binding_follows_first_join_and_last_leave(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    layer = make()
     a, b = await layer.new_channel(), await layer.new_channel()
 
     def bound() -> bool:
@@ -279,21 +277,19 @@ async def test_binding_follows_first_join_and_last_leave(make: tuple[str, Factor
     assert not bound()
 
 
-async def test_named_member_is_a_broker_binding(make: tuple[str, Factory], node: RabbitNode) -> None:
-    prefix, build = make
-    a = build()
+async def test_named_member_is_a_broker_binding(make: Factory, prefix: str, node: RabbitNode) -> None:
+    a = make()
     await a.group_add("jobs-group", "job.queue")
     await a.close()
     assert (named_queue_name(prefix, "job.queue"), "g.jobs-group") in bindings(node, prefix)
     # Another instance (no local members at all) reaches the named member.
-    b = build()
+    b = make()
     await b.group_send("jobs-group", {"type": "job"})
     assert (await b.receive("job.queue", timeout=10))["type"] == "job"
 
 
-async def test_flush_removes_named_member_bindings(make: tuple[str, Factory], node: RabbitNode) -> None:
-    prefix, build = make
-    layer = build()
+async def test_flush_removes_named_member_bindings(make: Factory, prefix: str, node: RabbitNode) -> None:
+    layer = make()
     await layer.group_add("flushed-group", "flushed.member")
     await layer.send("flushed.member", {"type": "old"})
     await layer.flush()
@@ -303,18 +299,16 @@ async def test_flush_removes_named_member_bindings(make: tuple[str, Factory], no
         await layer.receive("flushed.member", timeout=0.5)
 
 
-async def test_cross_instance_group_add(make: tuple[str, Factory]) -> None:
-    _, build = make
-    a, b = build(), build()
+async def test_cross_instance_group_add(make: Factory) -> None:
+    a, b = make(), make()
     channel = await b.new_channel()
     await a.group_add("remote", channel)
     await a.group_send("remote", {"type": "hi"})
     assert (await b.receive(channel, timeout=10))["type"] == "hi"
 
 
-async def test_group_add_of_a_gone_instances_channel_is_a_no_op(make: tuple[str, Factory]) -> None:
-    _, build = make
-    a, b = build(connect_timeout=30), build()
+async def test_group_add_of_a_gone_instances_channel_is_a_no_op(make: Factory) -> None:
+    a, b = make(timeout=30), make()
     channel = await b.new_channel()
     await b.close()
     # The owner's inbox is gone: the broker returns the request, nobody waits 30 s.
@@ -323,10 +317,9 @@ async def test_group_add_of_a_gone_instances_channel_is_a_no_op(make: tuple[str,
 
 
 async def test_transient_classic_queues_with_durable_false(
-    make: tuple[str, Factory], node: RabbitNode
+    make: Factory, prefix: str, node: RabbitNode
 ) -> None:
-    prefix, build = make
-    layer = build(durable=False, capacity=2)
+    layer = make(durable=False, capacity=2)
     await layer.send("transient", {"type": "n", "i": 0})
     await layer.send("transient", {"type": "n", "i": 1})
     with pytest.raises(ChannelFull):
@@ -338,10 +331,9 @@ async def test_transient_classic_queues_with_durable_false(
 
 
 async def test_cancelled_calls_never_cancel_an_amqp_rpc(
-    make: tuple[str, Factory], caplog: pytest.LogCaptureFixture
+    make: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, build = make
-    layer = build()
+    layer = make()
     channel = await layer.new_channel()
     # Each of these receives starts a consumer (declare + basic.consume RPCs) and
     # is cancelled by its timeout long before the broker answers.
@@ -363,11 +355,10 @@ async def test_cancelled_calls_never_cancel_an_amqp_rpc(
 
 
 async def test_a_cancelled_first_call_leaves_one_connection(
-    make: tuple[str, Factory], node: RabbitNode
+    make: Factory, prefix: str, node: RabbitNode
 ) -> None:
-    _, build = make
     before = len(node.rows("list_connections", "name"))
-    layer = build()
+    layer = make()
     for delay in (0.0, 0.005, 0.02):
         first = asyncio.create_task(layer.receive("first.use", timeout=30))
         await asyncio.sleep(delay)
@@ -382,7 +373,7 @@ async def test_a_cancelled_first_call_leaves_one_connection(
 
 
 async def test_unreachable_broker_raises_backend_unavailable() -> None:
-    layer = RabbitMQChannelLayer(url=f"amqp://guest:guest@127.0.0.1:{free_port()}/", connect_timeout=1)
+    layer = RabbitMQChannelLayer(url=f"amqp://guest:guest@127.0.0.1:{free_port()}/", timeout=1)
     with pytest.raises(BackendUnavailable, match=r"127\.0\.0\.1") as info:
         await layer.send("anything", {"type": "x"})
     assert isinstance(info.value, ConnectionError)
@@ -390,9 +381,8 @@ async def test_unreachable_broker_raises_backend_unavailable() -> None:
     await layer.close()
 
 
-async def test_broker_restart(make: tuple[str, Factory], node: RabbitNode) -> None:
-    prefix, build = make
-    a, b = build(connect_timeout=2), build(connect_timeout=60)
+async def test_broker_restart(make: Factory, prefix: str, node: RabbitNode) -> None:
+    a, b = make(timeout=2), make(timeout=60)
     specific = await a.new_channel()
     await a.group_add("survivors", specific)
     await b.send("durable.kept", {"type": "stored"})
@@ -424,7 +414,7 @@ async def test_broker_restart(make: tuple[str, Factory], node: RabbitNode) -> No
     )
     assert not waiting.done()
     assert not waiting_named.done()
-    # b's calls wait for its reconnect (within connect_timeout) instead of failing.
+    # b's calls wait for its reconnect (within timeout) instead of failing.
     await b.send(specific, {"type": "after restart"})
     assert (await asyncio.wait_for(waiting, 30))["type"] == "after restart"
     await b.send("restart.named", {"type": "named after restart"})
@@ -434,3 +424,106 @@ async def test_broker_restart(make: tuple[str, Factory], node: RabbitNode) -> No
     assert (await a.receive("durable.kept", timeout=10))["type"] == "stored"
     await b.group_send("joined.while.down", {"type": "joined"})
     assert (await a.receive(specific, timeout=10))["type"] == "joined"
+
+
+# ------------------------------------------------------------- no secrets
+
+
+@pytest.fixture(scope="module")
+def secret_user(rabbitmq_node: RabbitNode) -> str:
+    """A user of the test node whose password is ``SECRET``; returns its name."""
+    user = "fw-" + uuid.uuid4().hex[:8]
+    rabbitmq_node.ctl("add_user", user, SECRET)
+    rabbitmq_node.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    return user
+
+
+def assert_layer_keeps_secret(
+    layer: RabbitMQChannelLayer, caplog: pytest.LogCaptureFixture, *errors: BaseException
+) -> None:
+    assert_no_secret(errors=errors, records=caplog.records, objects=[layer, layer.stats])
+    assert SECRET not in caplog.text  # every record as it was formatted when logged
+    assert SECRET not in str(layer.stats)
+
+
+async def test_no_secret_when_the_connection_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = RabbitMQChannelLayer(url=f"amqp://user:{SECRET}@127.0.0.1:{free_port()}/", timeout=2)
+    with pytest.raises(BackendUnavailable, match=r"RabbitMQ is unreachable at 127\.0\.0\.1") as info:
+        await layer.send("anything", {"type": "x"})
+    assert_layer_keeps_secret(layer, caplog, info.value)
+    await layer.close()
+
+
+async def test_no_secret_when_authentication_fails(
+    rabbitmq_node: RabbitNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = RabbitMQChannelLayer(url=f"amqp://guest:{SECRET}@127.0.0.1:{rabbitmq_node.port}/", timeout=5)
+    with pytest.raises(BackendUnavailable, match="ACCESS_REFUSED") as info:
+        await layer.send("anything", {"type": "x"})
+    assert_layer_keeps_secret(layer, caplog, info.value)
+    await layer.close()
+
+
+async def test_no_secret_when_the_broker_never_answers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with silent_server() as port:
+        layer = RabbitMQChannelLayer(url=f"amqp://user:{SECRET}@127.0.0.1:{port}/", timeout=0.5)
+        with pytest.raises(BackendUnavailable, match=r"no answer within 0\.5 s") as info:
+            await layer.receive("anything", timeout=30)
+        assert_layer_keeps_secret(layer, caplog, info.value)
+        await layer.close()
+
+
+async def test_no_secret_when_the_broker_goes_away_mid_operation(
+    rabbitmq_node: RabbitNode, secret_user: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with TcpProxy(rabbitmq_node.port) as proxy:
+        layer = RabbitMQChannelLayer(
+            url=f"amqp://{secret_user}:{SECRET}@127.0.0.1:{proxy.port}/",
+            exchange_name=prefix,
+            queue_prefix=prefix,
+            timeout=1,
+        )
+        await layer.send("before.cut", {"type": "x"})
+        assert (await layer.receive("before.cut", timeout=10))["type"] == "x"
+        waiting = asyncio.create_task(layer.receive("after.cut"))
+        named = named_queue_name(prefix, "after.cut")
+        await wait_until(lambda: named in consumers(rabbitmq_node, prefix), "consumer started")
+        await proxy.cut()
+        with pytest.raises(BackendUnavailable) as sent:
+            await layer.send("after.cut", {"type": "y"})
+        with pytest.raises(BackendUnavailable) as added:
+            await layer.group_add("cut-group", await layer.new_channel())
+        assert not waiting.done()  # still waiting for the broker to come back
+        await layer.close()
+        with pytest.raises(ChannelLayerClosed):
+            await waiting
+        assert_layer_keeps_secret(layer, caplog, sent.value, added.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://user:{SECRET}@127.0.0.1:5672/",
+        f"amqp://user:{SECRET}@127.0.0.1:port/",
+        f"amqp://user:{SECRET}@127.0.0.1:99999/",
+    ],
+)
+def test_a_malformed_url_is_refused_at_construction_without_the_secret(url: str) -> None:
+    with pytest.raises(InvalidChannelLayerConfig, match="url") as info:
+        RabbitMQChannelLayer(url=url)
+    assert_no_secret(errors=[info.value])
+    with pytest.raises(InvalidChannelLayerConfig, match="url") as info:
+        get_channel_layer_from_env(
+            {"FASTAPI_WEBSOCKETS_BACKEND": "rabbitmq", "FASTAPI_WEBSOCKETS_RABBITMQ_URL": url}
+        )
+    assert_no_secret(errors=[info.value])
+
+
+def test_repr_names_the_broker_without_the_secret() -> None:
+    layer = RabbitMQChannelLayer(url=f"amqp://user:{SECRET}@broker.example:5673/app")
+    assert repr(layer) == "<RabbitMQChannelLayer broker.example:5673 open>"
+    assert RabbitMQChannelLayer(url="amqp://broker.example/").where == "broker.example:5672"

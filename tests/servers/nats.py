@@ -51,7 +51,11 @@ def _http_ok(url: str) -> bool:
 
 
 class NatsNode:
-    """One nats-server with JetStream; can be stopped, killed and started again on its ports."""
+    """One nats-server with JetStream; can be stopped, killed and started again on its ports.
+
+    With ``user`` and ``password``, clients must log in (``url`` then carries no
+    credentials; tests add them, right or wrong).
+    """
 
     def __init__(
         self,
@@ -62,6 +66,8 @@ class NatsNode:
         monitor_port: int | None = None,
         cluster_port: int | None = None,
         routes: list[str] | None = None,
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.name = name
@@ -69,6 +75,8 @@ class NatsNode:
         self.monitor_port = monitor_port or free_port()
         self.cluster_port = cluster_port
         self.routes = routes or []
+        self.user = user
+        self.password = password
         self.proc: ServerProcess | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "nats.conf"
@@ -82,6 +90,10 @@ class NatsNode:
             "max_payload: 2MB",
             f"jetstream {{ store_dir: {json.dumps(str(self.workdir / 'js'))} }}",
         ]
+        if self.user is not None:
+            lines.append(
+                f"authorization {{ user: {json.dumps(self.user)}, password: {json.dumps(self.password)} }}"
+            )
         if self.cluster_port is not None:
             routes = ", ".join(json.dumps(route) for route in self.routes)
             lines.append(
@@ -176,7 +188,7 @@ def layer_factory(urls: list[str], replicas: int) -> Any:
             "group_bucket": namespace,
             "stream_name": namespace,
             "replicas": replicas,
-            "request_timeout": 10.0,
+            "timeout": 10.0,
         }
         settings.update(options)
         return NATSChannelLayer(**settings)

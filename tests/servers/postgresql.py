@@ -48,7 +48,9 @@ def _bin_dir() -> Path:
 class PostgresServer:
     """One PostgreSQL cluster in a private directory; can be stopped and started again."""
 
-    def __init__(self, max_connections: int = 300, *, fsync: bool = False) -> None:
+    def __init__(
+        self, max_connections: int = 300, *, fsync: bool = False, password: str | None = None
+    ) -> None:
         self.bin = _bin_dir()
         self.workdir = Path(tempfile.mkdtemp(prefix="fws-pg-"))
         user = pwd.getpwnam(_USER)
@@ -59,6 +61,14 @@ class PostgresServer:
         #: False (tests): fsync, synchronous_commit and full_page_writes off.
         self.fsync = fsync
         self.process: ServerProcess | None = None
+        #: With a password, TCP clients must give it (scram-sha-256); the Unix socket stays trusted.
+        self.password = password
+        auth = ["-A", "trust"]
+        if password is not None:
+            pwfile = self.workdir / "pwfile"
+            pwfile.write_text(password + "\n")
+            os.chown(pwfile, user.pw_uid, user.pw_gid)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
         result = subprocess.run(
             [
                 str(self.bin / "initdb"),
@@ -66,8 +76,7 @@ class PostgresServer:
                 str(self.workdir / "data"),
                 "-U",
                 "postgres",
-                "-A",
-                "trust",
+                *auth,
                 "-E",
                 "UTF8",
                 "--locale=C.UTF-8",
@@ -87,7 +96,8 @@ class PostgresServer:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        userinfo = "postgres" if self.password is None else f"postgres:{self.password}"
+        return f"postgresql://{userinfo}@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> None:
         """Start the server (again) on the same port and data directory; wait until it accepts."""

@@ -118,6 +118,24 @@ async def test_supervisor_logs_a_task_that_dies(caplog: pytest.LogCaptureFixture
     await tasks.close()
 
 
+async def test_supervisor_leaves_an_awaited_tasks_error_to_its_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = TaskSupervisor("fastapi_websockets.test")
+
+    async def boom() -> None:
+        raise RuntimeError("kaput")
+
+    with caplog.at_level(logging.DEBUG, "fastapi_websockets.tasks"):
+        with pytest.raises(RuntimeError, match="kaput"):
+            await asyncio.shield(tasks.spawn(boom(), "declare", awaited=True))
+        await asyncio.sleep(0)
+    assert tasks.failures == 0
+    assert len(tasks) == 0
+    assert [r.levelno for r in caplog.records if "declare" in r.getMessage()] == [logging.DEBUG]
+    await tasks.close()
+
+
 async def test_supervisor_restarts_a_kept_task_then_gives_up(caplog: pytest.LogCaptureFixture) -> None:
     tasks = TaskSupervisor("fastapi_websockets.test")
     runs = 0
@@ -250,7 +268,7 @@ async def test_waiter_queue_fail_all_wakes_everyone() -> None:
     [
         ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
         ("amqp://user:s3cret@host/vhost", "amqp://user:***@host/vhost"),
-        ("nats://user@host:4222", "nats://user@host:4222"),
+        ("nats://s3cret@host:4222", "nats://***@host:4222"),
         ("postgresql://u:p%40ss@h/db?sslmode=require", "postgresql://u:***@h/db?sslmode=require"),
         ("postgresql://h/db?user=u&password=s3cret", "postgresql://h/db?user=u&password=%2A%2A%2A"),
         ("redis://:s3cret@host:notaport/0", "redis://:***@host:notaport/0"),
@@ -313,3 +331,23 @@ def test_memo_computes_once_and_stays_bounded() -> None:
     for n in range(10):
         memo(n)
     assert len(memo) <= 3
+
+
+def test_memo_get_and_values_never_compute() -> None:
+    memo: Memo[str, int] = Memo(len, size=10)
+    assert memo.get("abc") is None
+    memo.add("abc", 7)
+    assert memo("xy") == 2
+    assert memo.get("abc") == 7
+    assert sorted(memo.values()) == [2, 7]
+
+
+def test_memo_without_compute_is_filled_by_its_caller() -> None:
+    memo: Memo[str, int] = Memo(size=2)
+    with pytest.raises(KeyError):
+        memo("a")
+    memo.add("a", 1)
+    assert memo("a") == 1
+    memo.add("b", 2)
+    memo.add("c", 3)
+    assert len(memo) <= 2

@@ -37,6 +37,7 @@ from fastapi_websockets import observing
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
 from fastapi_websockets.exceptions import ChannelLayerClosed
+from fastapi_websockets.history import History, StreamPosition
 from fastapi_websockets.messages import WEBSOCKET_SEND
 from fastapi_websockets.types import Message
 
@@ -99,6 +100,10 @@ class AsyncWebSocketConsumer:
         self._accepted = False
         self._closed = False
         self._joined: set[str] = set()
+        # Held while a channel event is dispatched, and while a catch-up page is, so that
+        # the page's messages go out before any live event of the group.
+        self._dispatch_lock = asyncio.Lock()
+        self._dispatching: asyncio.Task[Any] | None = None
         self._frame_guard: FrameGuard | None = None
 
     # ------------------------------------------------------------ mounting
@@ -258,7 +263,12 @@ class AsyncWebSocketConsumer:
                 await self._close_quietly(1012, "service restart")
                 return 1012
             try:
-                await self.dispatch_channel_message(message)
+                async with self._dispatch_lock:
+                    self._dispatching = asyncio.current_task()
+                    try:
+                        await self.dispatch_channel_message(message)
+                    finally:
+                        self._dispatching = None
             except WebSocketDisconnect as exc:
                 self._closed = True
                 return exc.code
@@ -441,19 +451,46 @@ class AsyncWebSocketConsumer:
         else:
             raise ValueError("send() needs text_data or bytes_data")
 
-    async def group_add(self, group: str) -> None:
-        """Join ``group``; it is left automatically on disconnect."""
-        await self.channel_layer.group_add(group, self.channel_name)
+    async def group_add(self, group: str, since: StreamPosition | None = None) -> History | None:
+        """Join ``group``; it is left automatically on disconnect.
+
+        With ``since`` (the last position the client saw, for a group with
+        history), the messages it missed are dispatched to the handlers, in
+        offset order and each once, before any live event of the group; the
+        :class:`~fastapi_websockets.history.History` page is returned (check
+        ``page.recovered``: False means some were lost, e.g. trimmed).
+        """
+        if since is None:
+            await self.channel_layer.group_add(group, self.channel_name)
+            self._joined.add(group)
+            return None
+        if self._dispatching is asyncio.current_task():
+            # Called from a channel event handler: events are already held.
+            return await self._catch_up(group, since)
+        async with self._dispatch_lock:
+            return await self._catch_up(group, since)
+
+    async def _catch_up(self, group: str, since: StreamPosition) -> History | None:
+        page = await self.channel_layer.group_add(group, self.channel_name, since=since)
         self._joined.add(group)
+        if page is not None:
+            for message in page.messages:
+                await self.dispatch_channel_message(message)
+        return page
 
     async def group_discard(self, group: str) -> None:
         """Leave ``group``."""
         await self.channel_layer.group_discard(group, self.channel_name)
         self._joined.discard(group)
 
-    async def group_send(self, group: str, message: Message) -> None:
-        """Send ``message`` to every member of ``group`` (shortcut for the layer's)."""
-        await self.channel_layer.group_send(group, message)
+    async def group_send(
+        self, group: str, message: Message, *, exclude: str | Iterable[str] | None = None
+    ) -> StreamPosition | None:
+        """Send ``message`` to every member of ``group`` but ``exclude`` (shortcut for the layer's).
+
+        Returns the message's position for a group with history, else None.
+        """
+        return await self.channel_layer.group_send(group, message, exclude=exclude)
 
     @classmethod
     def encode_json(cls, content: Any) -> str:

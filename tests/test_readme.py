@@ -34,7 +34,7 @@ async def run_example(name: str) -> dict[str, Any]:
 
 def test_every_python_block_is_an_example() -> None:
     blocks = re.findall(r"```python\n", README)
-    assert len(blocks) == len(EXAMPLES) == 7
+    assert len(blocks) == len(EXAMPLES) == 8
 
 
 def test_readme_starts_with_the_two_commands_ci_runs() -> None:
@@ -162,3 +162,9 @@ async def test_demo_app_serves_page_and_chats_across_connections() -> None:
                 "kind": "notice",
                 "text": "announcement: hi",
             }
+
+
+async def test_history_example() -> None:
+    namespace = await run_example("history")
+    assert namespace["layer"].closed
+    assert namespace["page"].recovered

@@ -36,22 +36,22 @@ import contextlib
 import functools
 import hashlib
 import logging
-import random
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
 
-from fastapi_websockets.backends.base import BaseChannelLayer, missing_driver
+from fastapi_websockets.backends.base import missing_driver
+from fastapi_websockets.backends.broker import BrokerChannelLayer
+from fastapi_websockets.backends.options import flag, matching
+from fastapi_websockets.backends.options import url as url_option
+from fastapi_websockets.backends.timeouts import reply_within, wait_event, within
+from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelFull,
     ChannelLayerClosed,
     ChannelLayerError,
-    InvalidChannelLayerConfig,
-    SerializationError,
 )
 from fastapi_websockets.names import is_process_specific, process_token
 from fastapi_websockets.types import Message
@@ -78,8 +78,6 @@ _WAITER_TTL_MS = 45_000
 #: An inbox holds at most this many times ``capacity`` entries (a dead process's
 #: inbox must not grow without bound while senders keep refreshing its TTL).
 _INBOX_FACTOR = 100
-_BACKOFF_FIRST = 0.1
-_BACKOFF_MAX = 5.0
 _DEADLINE_DIGITS = 13
 _DATA = b"D"
 _WAKE = b"W"
@@ -265,15 +263,6 @@ def _tag(name: str) -> str:
     return "{" + name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
 
 
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    """Wait until ``event`` is set or ``timeout`` passes; cancellation always propagates."""
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait([waiter], timeout=timeout)
-    finally:
-        waiter.cancel()
-
-
 def _settle(fut: asyncio.Future[Any], result: Any) -> None:
     if fut.done():
         return
@@ -293,12 +282,13 @@ def _deadline(entry: bytes) -> int:
     return int(entry[:_DEADLINE_DIGITS])
 
 
-class RedisChannelLayer(BaseChannelLayer):
+class RedisChannelLayer(BrokerChannelLayer):
     """A channel layer on Redis (standalone or Redis Cluster), via redis-py's asyncio client.
 
     Options (keyword-only; every one is also an environment variable
     ``FASTAPI_WEBSOCKETS_REDIS_<OPTION>``), besides the shared ones of
-    :class:`~fastapi_websockets.backends.base.BaseChannelLayer`:
+    :class:`~fastapi_websockets.backends.broker.BrokerChannelLayer` (among them
+    ``timeout``: seconds a Redis call may take, default 10):
 
     * ``url``: ``redis://``, ``rediss://`` or ``unix://`` URL; with ``cluster``,
       any node of the cluster.
@@ -309,11 +299,11 @@ class RedisChannelLayer(BaseChannelLayer):
       instead of blocking in BLMPOP. Messages always travel in lists.
     * ``sharded_pubsub``: in a cluster, wake-ups use SPUBLISH/SSUBSCRIBE
       (Redis 7), so only the node owning the inbox's slot carries them.
-    * ``timeout``: seconds a Redis call may take; past it (or when Redis refuses
-      connections) calls raise :class:`BackendUnavailable`.
     """
 
     backend_name = "redis"
+    broker_label = "Redis"
+    default_port = 6379
 
     def __init__(
         self,
@@ -323,39 +313,25 @@ class RedisChannelLayer(BaseChannelLayer):
         cluster: bool = False,
         use_pubsub: bool = True,
         sharded_pubsub: bool = True,
-        timeout: float = 5.0,
         **options: Any,
     ) -> None:
+        # The shared default timeout (10 s) is safe here although redis-py 8 times
+        # sockets out after 5 s: every connection this layer opens sets its own
+        # socket timeout from ``timeout`` (the reader's also covers its blocking read).
         super().__init__(**options)
-        if not isinstance(url, str) or urlsplit(url).scheme not in _URL_SCHEMES:
-            raise InvalidChannelLayerConfig(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
-        if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
-            raise InvalidChannelLayerConfig(
-                f"prefix must be 1-100 characters among letters, digits and '. _ / -' "
-                f"(no ':', braces or glob characters, so that prefixes never overlap), got {prefix!r}"
-            )
-        for name, flag in (
-            ("cluster", cluster),
-            ("use_pubsub", use_pubsub),
-            ("sharded_pubsub", sharded_pubsub),
-        ):
-            if not isinstance(flag, bool):
-                raise InvalidChannelLayerConfig(f"{name} must be true or false, got {flag!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise InvalidChannelLayerConfig(f"timeout must be a positive number of seconds, got {timeout!r}")
+        url_option("url", url, _URL_SCHEMES)
         self.url = url
-        self.prefix = prefix
-        self.cluster = cluster
-        self.use_pubsub = use_pubsub
-        self.sharded_pubsub = sharded_pubsub
-        self.timeout = float(timeout)
-        parts = urlsplit(url)
-        try:
-            port = parts.port
-        except ValueError:
-            raise InvalidChannelLayerConfig(f"url has an invalid port: {url!r}") from None
-        # Where Redis is, for error messages: host and port, never the password.
-        self._where = f"{parts.hostname}:{port or 6379}" if parts.hostname else parts.path or "Redis"
+        self.set_location(url)
+        self.prefix = matching(
+            "prefix",
+            prefix,
+            _PREFIX_RE,
+            "1-100 characters among letters, digits and '. _ / -' "
+            "(no ':', braces or glob characters, so that prefixes never overlap)",
+        )
+        self.cluster = flag("cluster", cluster)
+        self.use_pubsub = flag("use_pubsub", use_pubsub)
+        self.sharded_pubsub = flag("sharded_pubsub", sharded_pubsub)
         self._expiry_ms = max(1, int(self.channel_expiry * 1000))
         self._group_expiry_ms = max(1, int(self.group_expiry * 1000))
         self._inbox_limit = self.capacity * _INBOX_FACTOR
@@ -363,15 +339,15 @@ class RedisChannelLayer(BaseChannelLayer):
         self._cluster_client: RedisCluster | None = None
         self._reader_redis: Redis | None = None
         self._reader_healthy = False
+        # Whether the reader was ever connected: every later session restores state.
+        self._reader_was_connected = False
         self._conn_errors: tuple[type[BaseException], ...] = ()
         self._redis_errors: tuple[type[BaseException], ...] = ()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._inbox_pending: dict[str, list[tuple[bytes, asyncio.Future[Any]]]] = {}
         self._flusher: asyncio.Task[None] | None = None
-        self._named_waiters: dict[str, deque[asyncio.Future[Message]]] = {}
-        self._named_events: dict[str, asyncio.Event] = {}
-        self._fetchers: dict[str, asyncio.Task[None]] = {}
+        #: The receivers of this process waiting on each named channel; one fetch task each.
+        self._named: dict[str, WaiterQueue[Message]] = {}
         self._clock_offset_ms = 0.0
         #: Group messages waiting while the members of a group are read back from Redis.
         self._resyncing: dict[str, list[Message]] = {}
@@ -415,7 +391,14 @@ class RedisChannelLayer(BaseChannelLayer):
             from redis.backoff import ExponentialBackoff
         except ImportError as exc:
             raise missing_driver("redis", exc) from exc
-        self._conn_errors = (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ClusterError)
+        # RedisClusterException (no node reachable, every node refused our AUTH) is not
+        # a RedisError.
+        self._conn_errors = (
+            exceptions.ConnectionError,
+            exceptions.TimeoutError,
+            exceptions.ClusterError,
+            exceptions.RedisClusterException,
+        )
         self._redis_errors = (exceptions.RedisError,)
         # One retry on a broken connection: the first write after a Redis restart meets
         # a dead pooled connection and must go through on a fresh one. Not on timeouts:
@@ -431,57 +414,35 @@ class RedisChannelLayer(BaseChannelLayer):
         if self.cluster:
             cluster = RedisCluster.from_url(self.url, **common)
             try:
-                await asyncio.wait_for(cluster.initialize(), self.timeout)
-            except (asyncio.TimeoutError, *self._conn_errors) as exc:
+                await within(cluster.initialize(), self.timeout, self._no_reply)
+            except self._conn_errors as exc:
                 await cluster.aclose()
-                raise self._unavailable(exc) from exc
+                raise self.unavailable(exc) from exc
+            except BackendUnavailable:
+                await cluster.aclose()
+                raise
             self._client = self._cluster_client = cluster
         else:
             self._client = Redis.from_url(self.url, **common)
-        self._spawn(self._read_inbox(), "reader")
+        self.tasks.keep_running(self._read_inbox, "reader")
 
     async def _close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        pending: set[asyncio.Task[Any]] = set()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=1)
-        if pending:
-            # redis-py 8 can swallow a cancellation that lands while it opens a
-            # connection; closing the sockets unblocks such a task, and every loop
-            # here stops once the layer is closed.
-            if self._reader_redis is not None:
-                await self._reader_redis.aclose()
-            if self._client is not None:
-                await self._client.aclose()
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=self.timeout)
-            for task in pending:
-                logger.error("background task %s did not stop on close", task.get_name())
+        # redis-py 8 can swallow a cancellation that lands while it opens a connection;
+        # closing the sockets unblocks such a task, and every loop here stops once the
+        # layer is closed.
+        await self.tasks.close(self.timeout, unblock=self._disconnect)
         self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
+        await self._disconnect()
+        self._client = self._cluster_client = None
+
+    async def _disconnect(self) -> None:
+        if self._reader_redis is not None:
+            await self._reader_redis.aclose()
         if self._client is not None:
             await self._client.aclose()
-            self._client = self._cluster_client = None
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"fastapi-websockets-redis-{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None and not (self._closed and isinstance(exc, ChannelLayerClosed)):
-            logger.error("background task %s failed", task.get_name(), exc_info=exc)
-
-    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
-        detail = str(exc) or type(exc).__name__
-        return BackendUnavailable(f"Redis is unreachable at {self._where} ({detail})")
+    def _no_reply(self) -> BackendUnavailable:
+        return self.unavailable(f"no reply within {self.timeout} s")
 
     # ------------------------------------------------- batched command queue
 
@@ -494,19 +455,9 @@ class RedisChannelLayer(BaseChannelLayer):
 
     async def _reply(self, fut: asyncio.Future[Any]) -> Any:
         if self._flusher is None or self._flusher.done():
-            self._flusher = self._spawn(self._flush_queue(), "writer")
-        # A timer rather than asyncio.wait_for: before Python 3.12, wait_for can swallow
-        # a cancellation that arrives as the reply does, and close() relies on cancelling.
-        timer = asyncio.get_running_loop().call_later(self.timeout, self._time_out, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-
-    def _time_out(self, fut: asyncio.Future[Any]) -> None:
-        if not fut.done():
-            reason = f"no reply within {self.timeout} s"
-            fut.set_exception(BackendUnavailable(f"Redis is unreachable at {self._where} ({reason})"))
+            self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
+        # A reply that comes too late finds its future done; the writer skips it.
+        return await reply_within(fut, self.timeout, self._no_reply)
 
     async def _script(self, name: str, keys: Iterable[str], *args: Any) -> Any:
         keys = list(keys)
@@ -562,13 +513,16 @@ class RedisChannelLayer(BaseChannelLayer):
                     settle(ChannelLayerClosed("the channel layer was closed"))
                 raise
             except self._conn_errors as exc:
-                results = [self._unavailable(exc)] * len(jobs)
+                results = [self.unavailable(exc)] * len(jobs)
             except self._redis_errors as exc:
-                results = [ChannelLayerError(f"Redis refused the command: {exc}")] * len(jobs)
+                results = [self._refused("the command", exc)] * len(jobs)
             for (command, settle), result in zip(jobs, results, strict=True):
                 if isinstance(result, Exception) and not isinstance(result, ChannelLayerError):
-                    result = ChannelLayerError(f"Redis refused {command[0]}: {result}")
+                    result = self._refused(command[0], result)
                 settle(result)
+
+    def _refused(self, command: str, exc: BaseException) -> ChannelLayerError:
+        return ChannelLayerError(f"Redis refused {command}: {self.redact(str(exc))}")
 
     async def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         assert self._client is not None
@@ -697,28 +651,29 @@ class RedisChannelLayer(BaseChannelLayer):
     # ------------------------------------------------------------ receiving
 
     async def _read_inbox(self) -> None:
-        """The one reader of this instance's inbox; reconnects with backoff until closed."""
-        delay = _BACKOFF_FIRST
-        sessions = 0
+        """The one reader of this instance's inbox; reconnects with backoff until closed.
+
+        Supervised with ``keep_running``: an unexpected error restarts it rather
+        than leaving the process connected but deaf.
+        """
+        backoff = self.backoff()
         recoverable: tuple[type[BaseException], ...] = (*self._redis_errors, ChannelLayerError)
         while not self._closed:
             try:
-                await self._reader_session(restore=sessions > 0)
+                await self._reader_session()
             except ChannelLayerClosed:
                 return
             except recoverable as exc:
                 if self._closed:
                     return
                 if self._reader_healthy:
-                    logger.warning("lost Redis at %s (%s); reconnecting", self._where, exc)
-                    delay = _BACKOFF_FIRST
+                    logger.warning("lost Redis at %s (%s); reconnecting", self.where, self.redact(str(exc)))
+                    backoff.reset()
                 else:
-                    logger.debug("Redis at %s still unreachable: %s", self._where, exc)
-            if self._reader_healthy:
-                sessions += 1
-            self._reader_healthy = False
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, _BACKOFF_MAX)
+                    logger.debug("Redis at %s still unreachable: %s", self.where, self.redact(str(exc)))
+            finally:
+                self._reader_healthy = False
+            await backoff.sleep()
 
     def _reader_client(self) -> Redis:
         """A client of its own for the reader: long blocking reads, no silent retries."""
@@ -732,7 +687,7 @@ class RedisChannelLayer(BaseChannelLayer):
             # The node that owns the inbox's slot: it serves the BLMPOP and the SSUBSCRIBE.
             node = self._cluster_client.get_node_from_key(self._inbox_key(self.client_token))
             if node is None:
-                raise BackendUnavailable(f"no Redis Cluster node serves this layer's inbox at {self._where}")
+                raise self.unavailable("no cluster node serves this layer's inbox")
             kwargs.update(host=node.host, port=node.port, db=0)
         kwargs.update(
             socket_timeout=_BLOCK_SECONDS + self.timeout,
@@ -742,7 +697,7 @@ class RedisChannelLayer(BaseChannelLayer):
         )
         return Redis.from_pool(ConnectionPool(**kwargs))
 
-    async def _reader_session(self, *, restore: bool) -> None:
+    async def _reader_session(self) -> None:
         """Connect, restore state after a reconnect, then read until the connection fails."""
         client = self._reader_redis = self._reader_client()
         try:
@@ -752,14 +707,14 @@ class RedisChannelLayer(BaseChannelLayer):
                 pubsub = client.pubsub()
                 try:
                     await self._subscribe(pubsub)
-                    await self._connected(restore)
+                    await self._connected()
                     while not self._closed:
                         await self._drain()
                         await pubsub.get_message(ignore_subscribe_messages=True, timeout=_BLOCK_SECONDS)
                 finally:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
             else:
-                await self._connected(restore)
+                await self._connected()
                 inbox = self._inbox_key(self.client_token)
                 while not self._closed:
                     popped = await client.blmpop(_BLOCK_SECONDS, 1, inbox, direction="LEFT", count=_BATCH)
@@ -769,11 +724,11 @@ class RedisChannelLayer(BaseChannelLayer):
             self._reader_redis = None
             await client.aclose()
 
-    async def _connected(self, restore: bool) -> None:
-        if restore:
+    async def _connected(self) -> None:
+        if self._reader_was_connected:
             await self._restore()
-            logger.warning("reconnected to Redis at %s", self._where)
-        self._reader_healthy = True
+            logger.warning("reconnected to Redis at %s", self.where)
+        self._reader_healthy = self._reader_was_connected = True
 
     async def _subscribe(self, pubsub: PubSub) -> None:
         channel = self._wake_channel(self.client_token)
@@ -787,7 +742,7 @@ class RedisChannelLayer(BaseChannelLayer):
             reply = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
             if reply is not None and reply["type"] in ("subscribe", "ssubscribe"):
                 return
-        raise BackendUnavailable(f"Redis at {self._where} did not confirm the subscription")
+        raise self.unavailable("the subscription was not confirmed")
 
     async def _drain(self) -> None:
         """Pop the inbox until it is empty (pub/sub mode)."""
@@ -806,9 +761,11 @@ class RedisChannelLayer(BaseChannelLayer):
         for entry in entries:
             try:
                 self._handle_entry(entry, now)
-            except (ValueError, SerializationError):  # UnicodeDecodeError is a ValueError
-                # Not written by this library (or a different serializer): skip it, keep reading.
-                logger.exception("dropped an unreadable inbox entry %r", entry[:100])
+            except ValueError as exc:  # UnicodeDecodeError is a ValueError
+                # Framing not written by this library: skip it, keep reading, count it
+                # like a message that does not decode.
+                self.stats.dropped_undecodable += 1
+                logger.warning("dropped a malformed entry (%d bytes) of the Redis inbox: %s", len(entry), exc)
 
     def _handle_entry(self, entry: bytes, now: float) -> None:
         if _deadline(entry) <= now:
@@ -828,12 +785,15 @@ class RedisChannelLayer(BaseChannelLayer):
                     self.local_groups.discard(group, channel)
             return
         names, _, data = body.partition(b"\x00")
+        # One decode of the message and of the names, then one call for all recipients.
+        message = self.decode_or_drop(data, "the Redis inbox")
+        if message is None:
+            return
         if kind == _GROUP:
             count, _, group = names.decode().partition("\n")
-            self._deliver_group(group, int(count), self.decode(data))
+            self._deliver_group(group, int(count), message)
             return
-        # One decode of the message and of the names, then one call for all recipients.
-        self.deliver_many(names.decode().split("\n"), self.decode(data))
+        self.deliver_many(names.decode().split("\n"), message)
 
     def _deliver_group(self, group: str, count: int, message: Message) -> None:
         """Fan a group message out to this process's members of ``group``.
@@ -854,7 +814,7 @@ class RedisChannelLayer(BaseChannelLayer):
             self.deliver_many(members, message)
             return
         self._resyncing[group] = [message]
-        self._spawn(self._resync_group(group), "resync")
+        self.tasks.spawn(self._resync_group(group), "resync")
 
     async def _resync_group(self, group: str) -> None:
         """Make the local record of ``group`` match Redis, then deliver what waited for it."""
@@ -894,99 +854,64 @@ class RedisChannelLayer(BaseChannelLayer):
         ]
         if restores:
             await asyncio.gather(*restores)
-            logger.info("re-registered %d groups in Redis at %s", len(restores), self._where)
-        for event in self._named_events.values():
-            event.set()
+            logger.info("re-registered %d groups in Redis at %s", len(restores), self.where)
+        self._wake_all_named()
 
     # ------------------------------------------------------- named channels
 
     async def _receive_remote(self, channel: str) -> Message:
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        waiters = self._named_waiters.setdefault(channel, deque())
-        waiters.append(fut)
-        fetcher = self._fetchers.get(channel)
-        if fetcher is None or fetcher.done():
-            self._named_events[channel] = asyncio.Event()
-            self._fetchers[channel] = self._spawn(self._fetch_named(channel), "named")
-        else:
-            self._named_events[channel].set()
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                # Handed a message just as we were cancelled: keep it for the next receive.
-                self.deliver_local(channel, fut.result())
-            raise
-        finally:
-            # Test membership first: a failed deque.remove() formats the repr of the
-            # future, message included, which is costly for large messages.
-            if fut in waiters:
-                waiters.remove(fut)
-            if not waiters and self._named_waiters.get(channel) is waiters:
-                del self._named_waiters[channel]
-                self._wake_named(channel)
-
-    def _pending_named(self, channel: str) -> int:
-        waiters = self._named_waiters.get(channel)
-        return sum(1 for fut in waiters if not fut.done()) if waiters else 0
+        queue = self._named.get(channel)
+        if queue is None:
+            queue = self._named[channel] = WaiterQueue(functools.partial(self.deliver_local, channel))
+            self.tasks.keep_running(functools.partial(self._fetch_named, channel, queue), "named")
+        return await queue.wait()
 
     def _wake_named(self, channel: str) -> None:
-        event = self._named_events.get(channel)
-        if event is not None:
-            event.set()
+        queue = self._named.get(channel)
+        if queue is not None:
+            queue.demand.set()
 
-    def _hand_over(self, channel: str, message: Message) -> None:
-        waiters = self._named_waiters.get(channel)
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(message)
-                return
-        self.deliver_local(channel, message)
+    def _wake_all_named(self) -> None:
+        for queue in self._named.values():
+            queue.demand.set()
 
-    async def _fetch_named(self, channel: str) -> None:
+    async def _fetch_named(self, channel: str, queue: WaiterQueue[Message]) -> None:
         """Pop a named channel for this process's waiting receivers; one task per channel.
 
         Receivers never talk to Redis themselves, so cancelling one cannot lose a
         popped message: whatever this task pops goes to a receiver or is parked
         in the channel's local mailbox for the next one.
         """
-        event = self._named_events[channel]
         keys = [self._channel_key(channel), self._waiters_key(channel)]
-        delay = _BACKOFF_FIRST
-        try:
-            while True:
-                want = self._pending_named(channel)
-                if want == 0:
-                    with contextlib.suppress(ChannelLayerError):
-                        await self._execute("ZREM", keys[1], self.client_token)
-                    if self._pending_named(channel) == 0:
-                        return
-                    continue
-                event.clear()
-                try:
-                    entries = await self._script("pop_named", keys, want, self.client_token, _WAITER_TTL_MS)
-                except ChannelLayerClosed:
+        backoff = self.backoff()
+        while True:
+            want = queue.pending()
+            if want == 0:
+                with contextlib.suppress(ChannelLayerError):
+                    await self._execute("ZREM", keys[1], self.client_token)
+                if not queue.pending():
+                    # No await from here on: a receiver arriving now finds no queue and
+                    # starts a new reader.
+                    if self._named.get(channel) is queue:
+                        del self._named[channel]
                     return
-                except ChannelLayerError as exc:  # BackendUnavailable among others: retry
-                    logger.debug("named receive on %r waits for Redis: %s", channel, exc)
-                    await _wait(event, delay)
-                    delay = min(delay * 2, _BACKOFF_MAX)
-                    continue
-                delay = _BACKOFF_FIRST
-                for entry in entries:
-                    try:
-                        message = self.decode(entry[_DEADLINE_DIGITS:])
-                    except SerializationError:
-                        logger.exception("dropped an undecodable message on %r", channel)
-                        continue
-                    self._hand_over(channel, message)
-                if len(entries) < want:
-                    await _wait(event, _NAMED_RECHECK)
-        finally:
-            if self._fetchers.get(channel) is asyncio.current_task():
-                del self._fetchers[channel]
-                self._named_events.pop(channel, None)
+                continue
+            queue.demand.clear()
+            try:
+                entries = await self._script("pop_named", keys, want, self.client_token, _WAITER_TTL_MS)
+            except ChannelLayerClosed:
+                return
+            except ChannelLayerError as exc:  # BackendUnavailable among others: retry
+                logger.debug("named receive on %r waits for Redis: %s", channel, exc)
+                await backoff.sleep(queue.demand)
+                continue
+            backoff.reset()
+            for entry in entries:
+                message = self.decode_or_drop(entry[_DEADLINE_DIGITS:], f"Redis named channel {channel!r}")
+                if message is not None:
+                    queue.deliver(message)
+            if len(entries) < want:
+                await wait_event(queue.demand, _NAMED_RECHECK)
 
     # ---------------------------------------------------------------- flush
 
@@ -995,5 +920,4 @@ class RedisChannelLayer(BaseChannelLayer):
         keys = [key async for key in self._client.scan_iter(match=f"{self.prefix}:*", count=1000)]
         if keys:
             await asyncio.gather(*(self._execute("UNLINK", key) for key in keys))
-        for event in self._named_events.values():
-            event.set()
+        self._wake_all_named()

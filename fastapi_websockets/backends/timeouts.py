@@ -3,7 +3,7 @@
 Before Python 3.12, ``asyncio.wait_for`` can swallow a cancellation of the
 caller that arrives together with the awaited result, and a layer's
 ``close()`` and every WebSocket disconnect rely on cancellation. Backends
-therefore bound waits with these two helpers instead.
+therefore bound waits with these helpers instead.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-__all__ = ["wait_event", "within"]
+__all__ = ["reply_within", "wait_event", "within"]
 
 T = TypeVar("T")
 
@@ -50,3 +50,25 @@ async def within(awaitable: Awaitable[T], timeout: float, on_timeout: Callable[[
             return task.result()  # it finished as it was being cancelled
         raise on_timeout()
     return task.result()
+
+
+async def reply_within(fut: asyncio.Future[T], timeout: float, on_timeout: Callable[[], BaseException]) -> T:
+    """Await ``fut``, a reply slot another task settles, for at most ``timeout`` seconds.
+
+    Past the timeout ``fut`` is failed with ``on_timeout()`` (so whoever settles it
+    later sees it done and skips it), and that error is raised. For the path every
+    broker command takes: a timer instead of :func:`within`'s task and
+    ``asyncio.wait`` halves the cost, and failing the future rather than
+    cancelling it keeps a cancellation of the caller (which cancels ``fut`` and
+    propagates) apart from the timeout.
+    """
+    handle = asyncio.get_running_loop().call_later(timeout, _fail, fut, on_timeout)
+    try:
+        return await fut
+    finally:
+        handle.cancel()
+
+
+def _fail(fut: asyncio.Future[T], on_timeout: Callable[[], BaseException]) -> None:
+    if not fut.done():
+        fut.set_exception(on_timeout())

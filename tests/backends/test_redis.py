@@ -2,14 +2,14 @@
 
 Restart with waiting receivers, per-message expiry, atomic capacity, one copy
 per process and a constant number of commands per group_send, key layout per
-slot in a real cluster, and connection counts with thousands of receivers.
+slot in a real cluster, connection counts with thousands of receivers, and no
+password in any error, log record, repr or stats.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,25 +18,16 @@ import redis.asyncio as redis_asyncio
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 from redis.cluster import key_slot
 
-from fastapi_websockets import ChannelFull, InvalidChannelLayerConfig
+from fastapi_websockets import BaseChannelLayer, ChannelFull, InvalidChannelLayerConfig, get_channel_layer
 from fastapi_websockets.backends.redis import RedisChannelLayer
 from fastapi_websockets.config import get_channel_layer_from_env
-from fastapi_websockets.exceptions import BackendUnavailable
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerError
+from tests.conftest import layer_factory
+from tests.leaks import SECRET, assert_no_secret
+from tests.servers import free_port
 from tests.servers.redis import RedisCluster, RedisNode
 
 Factory = Callable[..., RedisChannelLayer]
-
-
-def _namespace() -> str:
-    return "t" + uuid.uuid4().hex[:10]
-
-
-@pytest.fixture
-async def layers() -> AsyncIterator[list[RedisChannelLayer]]:
-    made: list[RedisChannelLayer] = []
-    yield made
-    for layer in made:
-        await layer.close()
 
 
 @pytest.fixture
@@ -47,15 +38,8 @@ async def raw(redis_server: RedisNode) -> AsyncIterator[redis_asyncio.Redis]:
 
 
 @pytest.fixture
-def make(redis_server: RedisNode, layers: list[RedisChannelLayer]) -> Factory:
-    namespace = _namespace()
-
-    def build(**options: Any) -> RedisChannelLayer:
-        layer = RedisChannelLayer(url=redis_server.url, prefix=namespace, **options)
-        layers.append(layer)
-        return layer
-
-    return build
+def make(redis_server: RedisNode, namespace: str, layers: list[BaseChannelLayer]) -> Factory:
+    return layer_factory(layers, RedisChannelLayer, url=redis_server.url, prefix=namespace)
 
 
 async def _eventually(check: Callable[[], Any], what: str, attempts: int = 300) -> None:
@@ -76,19 +60,19 @@ async def _eventually(check: Callable[[], Any], what: str, attempts: int = 300) 
 @pytest.mark.parametrize("use_pubsub", [True, False], ids=["pubsub", "nopubsub"])
 async def test_restart_with_waiting_receivers(
     restartable_redis: RedisNode,
-    layers: list[RedisChannelLayer],
+    namespace: str,
+    layers: list[BaseChannelLayer],
     caplog: pytest.LogCaptureFixture,
     use_pubsub: bool,
 ) -> None:
-    namespace = _namespace()
-
-    def build() -> RedisChannelLayer:
-        layer = RedisChannelLayer(
-            url=restartable_redis.url, prefix=namespace, use_pubsub=use_pubsub, timeout=1
-        )
-        layers.append(layer)
-        return layer
-
+    build = layer_factory(
+        layers,
+        RedisChannelLayer,
+        url=restartable_redis.url,
+        prefix=namespace,
+        use_pubsub=use_pubsub,
+        timeout=1,
+    )
     receiver, sender = build(), build()
     member = await receiver.new_channel("ws")
     direct = await receiver.new_channel("ws")
@@ -319,14 +303,9 @@ async def cluster_raw(redis_cluster: RedisCluster) -> AsyncIterator[ClusterClien
 
 
 async def test_cluster_key_layout_and_cross_slot_groups(
-    redis_cluster: RedisCluster, cluster_raw: ClusterClient, layers: list[RedisChannelLayer]
+    redis_cluster: RedisCluster, cluster_raw: ClusterClient, namespace: str, layers: list[BaseChannelLayer]
 ) -> None:
-    namespace = _namespace()
-
-    def build() -> RedisChannelLayer:
-        layer = RedisChannelLayer(url=redis_cluster.url, prefix=namespace, cluster=True)
-        layers.append(layer)
-        return layer
+    build = layer_factory(layers, RedisChannelLayer, url=redis_cluster.url, prefix=namespace, cluster=True)
 
     # Enough instances that their inboxes live on at least two different nodes.
     instances: list[RedisChannelLayer] = []
@@ -403,19 +382,18 @@ def test_options_from_the_environment() -> None:
             "FASTAPI_WEBSOCKETS_REDIS_SHARDED_PUBSUB": "0",
             "FASTAPI_WEBSOCKETS_REDIS_CHANNEL_EXPIRY": "30",
             "FASTAPI_WEBSOCKETS_REDIS_GROUP_EXPIRY": "600",
+            "FASTAPI_WEBSOCKETS_REDIS_TIMEOUT": "2.5",
         }
     )
     assert isinstance(layer, RedisChannelLayer)
+    assert layer.timeout == 2.5
     assert (layer.url, layer.prefix, layer.cluster) == ("redis://127.0.0.1:1/0", "envprefix", False)
     assert (layer.use_pubsub, layer.sharded_pubsub) == (False, False)
     assert (layer.channel_expiry, layer.group_expiry) == (30, 600)
 
 
-async def test_unreachable_redis_raises_backend_unavailable(layers: list[RedisChannelLayer]) -> None:
-    from tests.servers import free_port
-
-    layer = RedisChannelLayer(url=f"redis://127.0.0.1:{free_port()}/0", timeout=1)
-    layers.append(layer)
+async def test_unreachable_redis_raises_backend_unavailable(layers: list[BaseChannelLayer]) -> None:
+    layer = layer_factory(layers, RedisChannelLayer)(url=f"redis://127.0.0.1:{free_port()}/0", timeout=1)
     with pytest.raises(BackendUnavailable, match=r"unreachable at 127\.0\.0\.1"):
         await layer.send("somewhere", {"type": "x"})
     with pytest.raises(ConnectionError):  # BackendUnavailable is also a ConnectionError
@@ -428,20 +406,22 @@ async def test_unreachable_redis_raises_backend_unavailable(layers: list[RedisCh
     ids=["classic-pubsub", "nopubsub"],
 )
 async def test_cluster_other_wake_up_modes(
-    redis_cluster: RedisCluster, layers: list[RedisChannelLayer], use_pubsub: bool, sharded_pubsub: bool
+    redis_cluster: RedisCluster,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    use_pubsub: bool,
+    sharded_pubsub: bool,
 ) -> None:
-    namespace = _namespace()
-    a, b = (
-        RedisChannelLayer(
-            url=redis_cluster.url,
-            prefix=namespace,
-            cluster=True,
-            use_pubsub=use_pubsub,
-            sharded_pubsub=sharded_pubsub,
-        )
-        for _ in range(2)
+    build = layer_factory(
+        layers,
+        RedisChannelLayer,
+        url=redis_cluster.url,
+        prefix=namespace,
+        cluster=True,
+        use_pubsub=use_pubsub,
+        sharded_pubsub=sharded_pubsub,
     )
-    layers.extend([a, b])
+    a, b = build(), build()
     channel = await b.new_channel("ws")
     await b.group_add("room", channel)
     waiter = asyncio.create_task(b.receive(channel))
@@ -461,3 +441,179 @@ async def test_full_inbox_of_another_process_raises_channel_full(make: Factory) 
         await sender.send(channel, {"type": "x"})
     with pytest.raises(ChannelFull):
         await sender.send(channel, {"type": "x"})
+
+
+# ------------------------------------------------------------- no secret leaks
+#
+# Every layer below is given a URL with a user and the password SECRET; the password
+# must appear in no raised exception (whole chain), no log record at any level, no
+# repr() of the layer and nothing in its stats.
+
+
+async def _errors_of_every_call(layer: RedisChannelLayer) -> list[BaseException]:
+    """Run each kind of call once; return what they raised (each must be a ChannelLayerError)."""
+    calls = [
+        layer.send("jobs", {"type": "x"}),
+        layer.group_add("room", "jobs"),
+        layer.group_send("room", {"type": "x"}),
+        layer.group_discard("room", "jobs"),
+        layer.receive("jobs", timeout=max(1.0, layer.timeout)),
+        layer.send(f"ws.{'a' * 12}!b", {"type": "x"}),
+    ]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    errors = [result for result in results if isinstance(result, BaseException)]
+    assert errors, "expected the calls to fail"
+    for error in errors:
+        assert isinstance(error, (ChannelLayerError, TimeoutError)), repr(error)
+    return errors
+
+
+def _assert_nothing_leaked(
+    layer: RedisChannelLayer,
+    errors: list[BaseException],
+    caplog: pytest.LogCaptureFixture,
+    *,
+    logged: bool = True,
+) -> None:
+    if logged:
+        assert any(r.name.startswith("fastapi_websockets") for r in caplog.records), "expected a log"
+    assert_no_secret(
+        SECRET, errors=errors, records=caplog.records, objects=[layer, layer.stats, vars(layer.stats)]
+    )
+
+
+@pytest.mark.parametrize("refusal", ["connection", "auth"])
+async def test_no_secret_when_redis_refuses(
+    redis_server: RedisNode,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    caplog: pytest.LogCaptureFixture,
+    refusal: str,
+) -> None:
+    # "connection": nothing listens on the port. "auth": the test server has no such
+    # user, so AUTH fails. (Without a user name, AUTH to the default user succeeds
+    # with any password while that user has none.)
+    caplog.set_level(logging.DEBUG)
+    port = free_port() if refusal == "connection" else redis_server.port
+    url = f"redis://fwuser:{SECRET}@127.0.0.1:{port}/0"
+    layer = layer_factory(layers, RedisChannelLayer)(url=url, prefix=namespace, timeout=1)
+    errors = await _errors_of_every_call(layer)
+    assert any(isinstance(e, BackendUnavailable) and f"127.0.0.1:{port}" in str(e) for e in errors)
+    await asyncio.sleep(0.5)  # the reader retries and logs meanwhile
+    await layer.close()
+    _assert_nothing_leaked(layer, errors, caplog)
+
+
+async def test_no_secret_when_a_cluster_refuses_the_password(
+    redis_cluster: RedisCluster,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = f"redis://fwuser:{SECRET}@127.0.0.1:{redis_cluster.nodes[0].port}/0"
+    layer = layer_factory(layers, RedisChannelLayer)(url=url, prefix=namespace, cluster=True, timeout=1)
+    errors = await _errors_of_every_call(layer)
+    assert all(isinstance(e, BackendUnavailable) for e in errors), errors
+    await layer.close()
+    # Connecting fails before any reader starts: nothing of ours to log.
+    _assert_nothing_leaked(layer, errors, caplog, logged=False)
+
+
+async def test_no_secret_when_redis_does_not_answer(
+    namespace: str, layers: list[BaseChannelLayer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept_and_stay_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept_and_stay_silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"redis://fwuser:{SECRET}@127.0.0.1:{port}/0"
+        layer = layer_factory(layers, RedisChannelLayer)(url=url, prefix=namespace, timeout=0.5)
+        errors = await _errors_of_every_call(layer)
+        assert any(isinstance(e, BackendUnavailable) for e in errors)
+        assert held, "the layer never connected to the silent server"
+        await layer.close()
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    _assert_nothing_leaked(layer, errors, caplog)
+
+
+async def test_no_secret_when_redis_goes_away_mid_operation(
+    restartable_redis: RedisNode,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def allow_user() -> None:
+        admin = redis_asyncio.Redis.from_url(restartable_redis.url)
+        try:
+            await admin.execute_command("ACL", "SETUSER", "fwuser", "on", f">{SECRET}", "~*", "&*", "+@all")
+        finally:
+            await admin.aclose()
+
+    await allow_user()
+    url = f"redis://fwuser:{SECRET}@127.0.0.1:{restartable_redis.port}/0"
+    build = layer_factory(layers, RedisChannelLayer, url=url, prefix=namespace, timeout=1)
+    receiver, sender = build(), build()
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add("room", channel)
+    await sender.group_send("room", {"type": "before"})
+    assert await receiver.receive(channel, timeout=10) == {"type": "before"}
+    waiting = asyncio.create_task(receiver.receive("jobs"))
+
+    restartable_redis.stop()
+    errors = await _errors_of_every_call(sender)
+    # Back, but without the user: every reconnect attempt is refused until it exists again.
+    restartable_redis.start()
+    await asyncio.sleep(1)
+    assert not waiting.done()
+    await allow_user()
+    await _eventually(lambda: _sends(sender, "jobs"), "the sender gets through again")
+    assert await asyncio.wait_for(waiting, 30) == {"type": "after"}
+    await receiver.close()
+    await sender.close()
+    _assert_nothing_leaked(sender, errors, caplog)
+    assert_no_secret(SECRET, objects=[receiver, receiver.stats])
+
+
+async def _sends(layer: RedisChannelLayer, channel: str) -> bool:
+    try:
+        await layer.send(channel, {"type": "after"})
+    except BackendUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        (f"http://fwuser:{SECRET}@127.0.0.1:6379/0", "url must be a redis://"),
+        (f"redis://fwuser:{SECRET}@127.0.0.1:notaport/0", "url is not a valid URL"),
+        (f"redis://fwuser:{SECRET}@127.0.0.1:99999/0", "url is not a valid URL"),
+    ],
+    ids=["wrong-scheme", "non-numeric-port", "port-out-of-range"],
+)
+def test_malformed_url_is_refused_at_construction_without_the_password(url: str, match: str) -> None:
+    errors: list[BaseException] = []
+    with pytest.raises(InvalidChannelLayerConfig, match=match) as direct:
+        RedisChannelLayer(url=url)
+    errors.append(direct.value)
+    with pytest.raises(InvalidChannelLayerConfig) as mapped:
+        get_channel_layer({"default": {"BACKEND": "redis", "CONFIG": {"url": url}}})
+    errors.append(mapped.value)
+    with pytest.raises(InvalidChannelLayerConfig) as from_env:
+        get_channel_layer_from_env(
+            {"FASTAPI_WEBSOCKETS_BACKEND": "redis", "FASTAPI_WEBSOCKETS_REDIS_URL": url}
+        )
+    errors.append(from_env.value)
+    assert_no_secret(SECRET, errors=errors)

@@ -11,7 +11,7 @@ import pytest
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive, url
 from fastapi_websockets.backends.supervisor import TaskSupervisor
-from fastapi_websockets.backends.timeouts import wait_event, within
+from fastapi_websockets.backends.timeouts import reply_within, wait_event, within
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, InvalidChannelLayerConfig
@@ -95,6 +95,30 @@ async def test_within_cancels_the_operation_when_the_caller_is_cancelled() -> No
     with pytest.raises(asyncio.CancelledError):
         await outer
     await asyncio.wait_for(inner_cancelled.wait(), 5)
+
+
+async def test_reply_within_returns_the_reply_or_fails_the_slot() -> None:
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[int] = loop.create_future()
+    loop.call_soon(answered.set_result, 7)
+    assert await reply_within(answered, 5, lambda: BackendUnavailable("late")) == 7
+
+    silent: asyncio.Future[int] = loop.create_future()
+    with pytest.raises(BackendUnavailable, match="late"):
+        await reply_within(silent, 0.01, lambda: BackendUnavailable("late"))
+    # Whoever would have answered finds the slot done and leaves it alone.
+    assert silent.done()
+    assert not silent.cancelled()
+
+
+async def test_reply_within_passes_a_cancellation_of_the_caller_on() -> None:
+    slot: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    caller = asyncio.ensure_future(reply_within(slot, 5, lambda: BackendUnavailable("late")))
+    await asyncio.sleep(0)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert slot.cancelled()
 
 
 # --------------------------------------------------------------- supervisor

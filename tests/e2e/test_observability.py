@@ -23,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from fastapi_websockets.backends.broker import BrokerChannelLayer, ConnectionStats
+from tests.conftest import LayerFactory
 from tests.e2e.server import ROOT, serve_in_subprocess
 from tests.servers.redis import RedisNode
 
@@ -305,3 +307,17 @@ def test_the_dashboard_and_the_docs_use_only_metrics_that_exist() -> None:
         for e in exprs
         for n in re.findall(r"\bfastapi_websockets_[a-z]\w*", e)
     } == METRICS
+
+
+async def test_every_broker_layer_reports_its_connection(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    await layer.new_channel()
+    if not isinstance(layer, BrokerChannelLayer):
+        pytest.skip("only broker layers have a connection to report")
+    for _ in range(200):
+        if layer.connection.up:
+            break
+        await asyncio.sleep(0.05)
+    assert layer.connection == ConnectionStats(up=True, reconnections=0)
+    await layer.close()
+    assert layer.connection.up is True  # closing is not losing the broker

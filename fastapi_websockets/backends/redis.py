@@ -666,6 +666,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             except recoverable as exc:
                 if self._closed:
                     return
+                self.report_connection(False)
                 if self._reader_healthy:
                     logger.warning("lost Redis at %s (%s); reconnecting", self.where, self.redact(str(exc)))
                     backoff.reset()
@@ -729,6 +730,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             await self._restore()
             logger.warning("reconnected to Redis at %s", self.where)
         self._reader_healthy = self._reader_was_connected = True
+        self.report_connection(True)
 
     async def _subscribe(self, pubsub: PubSub) -> None:
         channel = self._wake_channel(self.client_token)

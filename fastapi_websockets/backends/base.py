@@ -155,7 +155,9 @@ class BaseChannelLayer(abc.ABC):
         self.serializer: Serializer = serializer or default_serializer
         #: Random token naming this layer instance in process-specific channel names.
         self.client_token = new_token()
-        self._mailboxes = Mailboxes(self.capacity_for, channel_expiry)
+        self._mailboxes = Mailboxes(self.capacity_for, channel_expiry, self._is_released)
+        #: This instance's process-specific channels that are still in use.
+        self._live_channels: set[str] = set()
         self._local_groups = LocalGroups(group_expiry)
         self._capacity_memo: Memo[str, int] = Memo(self._capacity_of)
         self.presence_timeout = positive("presence_timeout", presence_timeout, "seconds")
@@ -389,7 +391,29 @@ class BaseChannelLayer(abc.ABC):
         self._check_open()
         validate_prefix(prefix)
         await self._ensure_started()
-        return f"{prefix}.{self.client_token}!{new_token(6)}"
+        channel = f"{prefix}.{self.client_token}!{new_token(6)}"
+        self._live_channels.add(channel)
+        return channel
+
+    def forget_channel(self, channel: str) -> None:
+        """Release one of this instance's channels: its connection ended, nobody will read it again.
+
+        Its queued messages and everything sent to it from now on are dropped
+        at once (counted in ``stats.dropped_released``) instead of being kept
+        until ``channel_expiry``; a receive still waiting on it gets
+        :class:`ChannelLayerClosed`. Consumers call it when their connection
+        ends. Group memberships are not touched (leave the groups first).
+        """
+        self._live_channels.discard(channel)
+        if self.is_local(channel) and is_process_specific(channel):
+            self._mailboxes.drop(channel, ChannelLayerClosed(f"channel {channel!r} was released"))
+
+    def _is_released(self, channel: str) -> bool:
+        return (
+            channel not in self._live_channels
+            and is_process_specific(channel)
+            and process_token(channel) == self.client_token
+        )
 
     async def group_add(
         self, group: str, channel: str, *, since: StreamPosition | None = None
@@ -502,6 +526,8 @@ class BaseChannelLayer(abc.ABC):
             if message is None:
                 recovered = False
                 continue
+            # An exclude applies to live delivery only; a page is the group's history.
+            message.pop(EXCLUDE_KEY, None)
             message[POSITION_KEY] = {"offset": offset, "epoch": part.epoch}
             messages.append(message)
         return History(messages, StreamPosition(part.newest, part.epoch), recovered)

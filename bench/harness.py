@@ -323,7 +323,7 @@ async def idle(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]
         await asyncio.sleep(seconds)
         result["cpu"] = (time.process_time() - cpu) / seconds
         result["server_cpu"] = (process_cpu(pids) - server_cpu) / seconds if pids else None
-        result["failed"] = sum(1 for task in tasks if task.done())
+        result["receivers failed"] = sum(1 for task in tasks if task.done())
         return result
     finally:
         await stop(tasks)
@@ -406,10 +406,11 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
         if memory and "rate" in fan:
             fan["ratio"] = fan["rate"] / memory
         notes += [f"{name} {scenario}: {r['error']}" for scenario, r in results.items() if "error" in r]
-        extra = {k: v for k, v in results.get("idle", {}).items() if k not in ("connections", "cpu")}
+        skip = ("connections", "cpu", "error")
+        extra = {k: v for k, v in results.get("idle", {}).items() if k not in skip}
         extra.pop("server_cpu", None)
-        if not extra.get("failed"):
-            extra.pop("failed", None)
+        if not extra.get("receivers failed"):
+            extra.pop("receivers failed", None)
         if extra:
             notes.append(f"{name} idle: " + ", ".join(f"{k} {v:g}" for k, v in extra.items()))
     width = max(len(name) for name in rows)

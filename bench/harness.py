@@ -456,18 +456,20 @@ def no_server() -> Iterator[Server]:
 def coordinate(args: argparse.Namespace) -> None:
     sizes = {key: value for key, value in vars(args).items() if isinstance(value, (int, float))}
     scenarios = [s for s in SCENARIOS if s in args.scenarios.split(",")]
-    # The in-memory layer is the baseline of the "vs mem" column: it always runs.
-    brokers = ["inmemory", *(b for b in BROKERS[1:] if b in args.backends.split(","))]
+    backends = args.backends.split(",")
+    if unknown := (set(backends) - set(BROKERS)) | (set(args.scenarios.split(",")) - set(SCENARIOS)):
+        raise SystemExit(f"unknown backend or scenario: {', '.join(sorted(unknown))}")
     rows: dict[str, dict[str, dict[str, Any]]] = {}
     skipped = set()
     started = time.monotonic()
-    for broker in brokers:
+    # The in-memory layer (the first row of bench_inmemory) is the baseline of "vs mem": it always runs.
+    for broker in ["inmemory", *(b for b in BROKERS[1:] if b in backends)]:
         module = importlib.import_module(f"bench_{broker}")
         impls = [i for i in module.IMPLS if args.match in i.name and not (args.no_peers and i.venv != "ours")]
+        if broker == "inmemory":
+            impls = [module.IMPLS[0], *(i for i in impls if i.venv != "ours" and "inmemory" in backends)]
         skipped |= {i.venv for i in impls if not PYTHONS[i.venv].exists()}
         impls = [i for i in impls if PYTHONS[i.venv].exists()]
-        if broker == "inmemory" and "inmemory" not in args.backends.split(","):
-            impls = impls[:1]
         print(f"{broker}: starting the server", file=sys.stderr, flush=True)
         with getattr(module, "server", no_server)() as server:
             server = {"broker": broker, **server}

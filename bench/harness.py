@@ -406,11 +406,8 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
         if memory and "rate" in fan:
             fan["ratio"] = fan["rate"] / memory
         notes += [f"{name} {scenario}: {r['error']}" for scenario, r in results.items() if "error" in r]
-        skip = ("connections", "cpu", "error")
-        extra = {k: v for k, v in results.get("idle", {}).items() if k not in skip}
-        extra.pop("server_cpu", None)
-        if not extra.get("receivers failed"):
-            extra.pop("receivers failed", None)
+        shown = ("connections", "cpu", "server_cpu", "error")
+        extra = {k: v for k, v in results.get("idle", {}).items() if k not in shown and v}
         if extra:
             notes.append(f"{name} idle: " + ", ".join(f"{k} {v:g}" for k, v in extra.items()))
     width = max(len(name) for name in rows)

@@ -131,6 +131,17 @@ async def layer_pair(impl: Impl, server: Server, namespace: str) -> Any:
             await impl.close(layer)
 
 
+async def warm(sender: Layer, receiver: Layer) -> str:
+    """Send one message first, so that lazy connections and schemas are set up one at a time.
+
+    0.1.0 creates its clients without a lock: a burst of first calls opens one pool each.
+    """
+    channel: str = await receiver.new_channel("bench")
+    await sender.send(channel, {"type": "bench.warm", "id": -1})
+    await receiver.receive(channel)
+    return channel
+
+
 async def closed_loop(
     send: Callable[[int], Awaitable[None]],
     waiting: dict[int, asyncio.Future[float]],
@@ -156,11 +167,7 @@ async def closed_loop(
 
 async def p2p(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
     async with layer_pair(impl, server, namespace) as (sender, receiver):
-        channel = await receiver.new_channel("bench")
-        # One message first, so that lazy connections and schemas are set up one at a time:
-        # 0.1.0 creates its clients without a lock.
-        await sender.send(channel, {"type": "bench.warm", "id": -1})
-        await receiver.receive(channel)
+        channel = await warm(sender, receiver)
         waiting: dict[int, asyncio.Future[float]] = {}
 
         async def receive_all() -> None:
@@ -309,6 +316,7 @@ async def idle(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]
     probe = getattr(importlib.import_module(f"bench_{server['broker']}"), "probe", None)
     before = probe(server, set()) if probe else {}
     layer = impl.make(server, namespace)
+    await warm(layer, layer)
     channels = [await layer.new_channel("idle") for _ in range(sizes["idle_receivers"])]
     tasks = [asyncio.create_task(layer.receive(channel)) for channel in channels]
     try:

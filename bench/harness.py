@@ -298,7 +298,8 @@ async def fanout2(impl: Impl, server: Server, namespace: str, sizes: dict[str, A
     finally:
         await impl.close(sender)
         for child in children:
-            child.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have failed and exited already
+                child.kill()
             await child.wait()
 
 

@@ -22,6 +22,10 @@ tags, so keys that one Lua script touches always share a slot):
   a named channel. ``group_send`` reads only this, so its cost does not grow with
   the group: each owning process gets ``(group, n)`` and fans out to the members
   it holds in memory, checking Redis first if it holds a different number.
+* ``P:history:{name}`` and ``P:hmeta:{name}``: only for groups matching the
+  ``history`` option, in the group's slot: a list of the last messages (oldest
+  first) and a hash ``{epoch, offset}``. The script that reads the owners for
+  ``group_send`` also assigns the offset and stores the message.
 
 Entries of the lists start with a 13-digit deadline in ms (Redis server time),
 so undelivered messages expire individually and capacity checks ignore them.

@@ -18,9 +18,11 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar
 
+from fastapi_websockets import observing
 from fastapi_websockets.backends.options import Memo, positive, positive_int
 from fastapi_websockets.exceptions import (
     ChannelFull,
@@ -153,7 +155,9 @@ class BaseChannelLayer(abc.ABC):
         self.serializer: Serializer = serializer or default_serializer
         #: Random token naming this layer instance in process-specific channel names.
         self.client_token = new_token()
-        self._mailboxes = Mailboxes(self.capacity_for, channel_expiry)
+        self._mailboxes = Mailboxes(self.capacity_for, channel_expiry, self._is_released)
+        #: This instance's process-specific channels that are still in use.
+        self._live_channels: set[str] = set()
         self._local_groups = LocalGroups(group_expiry)
         self._capacity_memo: Memo[str, int] = Memo(self._capacity_of)
         self.presence_timeout = positive("presence_timeout", presence_timeout, "seconds")
@@ -168,6 +172,7 @@ class BaseChannelLayer(abc.ABC):
         self._started = False
         self._start_lock = asyncio.Lock()
         self._remote_receives: set[asyncio.Task[Message]] = set()
+        observing.live_layers.add(self)
 
     # ------------------------------------------------------------------ state
 
@@ -233,7 +238,10 @@ class BaseChannelLayer(abc.ABC):
 
     def decode(self, data: bytes) -> Message:
         """Deserialize a message produced by :meth:`encode`."""
-        return self.serializer.loads(data)
+        message = self.serializer.loads(data)
+        if type(message) is dict and observing.RESERVED_KEY in message:
+            return observing.incoming(self, message)
+        return message
 
     def decode_or_drop(self, data: bytes, where: str) -> Message | None:
         """Deserialize ``data`` received from the broker, or log, count and return None.
@@ -243,7 +251,7 @@ class BaseChannelLayer(abc.ABC):
         ``where`` it came from, and counted in ``stats.dropped_undecodable``.
         """
         try:
-            return self.serializer.loads(data)
+            return self.decode(data)
         except Exception as exc:
             self._mailboxes.stats.dropped_undecodable += 1
             logger.warning(
@@ -268,6 +276,12 @@ class BaseChannelLayer(abc.ABC):
         """
         self._check_open()
         validate_channel_name(channel)
+        if observing.hooks is not None:
+            await observing.hooks.message_out(self, "send", message, partial(self._send_message, channel))
+            return
+        await self._send_message(channel, message)
+
+    async def _send_message(self, channel: str, message: Message) -> None:
         data = self.encode(message)
         if self.is_local(channel):
             self.deliver_local(channel, self.decode(data), raise_full=True)
@@ -283,6 +297,13 @@ class BaseChannelLayer(abc.ABC):
         :class:`ChannelLayerClosed` when the layer is closed while waiting.
         Cancelling a pending ``receive()`` loses no message.
         """
+        if observing.hooks is not None:
+            message = await self._receive_message(channel, timeout)
+            observing.hooks.message_received(self)
+            return message
+        return await self._receive_message(channel, timeout)
+
+    async def _receive_message(self, channel: str, timeout: float | None) -> Message:
         self._check_open()
         validate_channel_name(channel)
         if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
@@ -370,7 +391,29 @@ class BaseChannelLayer(abc.ABC):
         self._check_open()
         validate_prefix(prefix)
         await self._ensure_started()
-        return f"{prefix}.{self.client_token}!{new_token(6)}"
+        channel = f"{prefix}.{self.client_token}!{new_token(6)}"
+        self._live_channels.add(channel)
+        return channel
+
+    def forget_channel(self, channel: str) -> None:
+        """Release one of this instance's channels: its connection ended, nobody will read it again.
+
+        Its queued messages and everything sent to it from now on are dropped
+        at once (counted in ``stats.dropped_released``) instead of being kept
+        until ``channel_expiry``; a receive still waiting on it gets
+        :class:`ChannelLayerClosed`. Consumers call it when their connection
+        ends. Group memberships are not touched (leave the groups first).
+        """
+        self._live_channels.discard(channel)
+        if self.is_local(channel) and is_process_specific(channel):
+            self._mailboxes.drop(channel, ChannelLayerClosed(f"channel {channel!r} was released"))
+
+    def _is_released(self, channel: str) -> bool:
+        return (
+            channel not in self._live_channels
+            and is_process_specific(channel)
+            and process_token(channel) == self.client_token
+        )
 
     async def group_add(
         self, group: str, channel: str, *, since: StreamPosition | None = None
@@ -420,6 +463,14 @@ class BaseChannelLayer(abc.ABC):
         """
         self._check_open()
         validate_group_name(group)
+        if observing.hooks is not None:
+            send = partial(self._group_send_message, group, exclude=exclude)
+            return await observing.hooks.message_out(self, "group_send", message, send)
+        return await self._group_send_message(group, message, exclude=exclude)
+
+    async def _group_send_message(
+        self, group: str, message: Message, *, exclude: str | Iterable[str] | None
+    ) -> StreamPosition | None:
         if exclude is not None:
             skipped = [exclude] if isinstance(exclude, str) else sorted(set(exclude))
             if skipped:
@@ -475,6 +526,8 @@ class BaseChannelLayer(abc.ABC):
             if message is None:
                 recovered = False
                 continue
+            # An exclude applies to live delivery only; a page is the group's history.
+            message.pop(EXCLUDE_KEY, None)
             message[POSITION_KEY] = {"offset": offset, "epoch": part.epoch}
             messages.append(message)
         return History(messages, StreamPosition(part.newest, part.epoch), recovered)

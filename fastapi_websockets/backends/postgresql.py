@@ -554,6 +554,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 assert conn is not None
             backoff.reset()
             self._listening.set()
+            self.report_connection(True)
             # Whatever was stored while nobody listened is in the tables.
             self._wake_all()
             try:
@@ -566,6 +567,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             finally:
                 self._listening.clear()
                 self._listener = None
+                if not self.closed:
+                    self.report_connection(False)
                 conn.terminate()
                 if self._pool is not None:
                     # The pooled sessions most likely went with it: replace them on

@@ -308,12 +308,19 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             await self._connection.close()
             raise
         self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._connection.close_callbacks.add(self._on_connection_lost)
+        self.report_connection(True)
         if self.closed:
             # close() ran while we connected for a caller that was cancelled:
             # nobody will call _close() for this connection.
             await self._connection.close()
 
+    def _on_connection_lost(self, connection: object, exc: BaseException | None = None) -> None:
+        if not self.closed:
+            self.report_connection(False)
+
     def _on_reconnect(self, connection: object) -> None:
+        self.report_connection(True)
         # aio-pika has restored the bindings it saw succeed. A group_add that
         # failed during the outage left a local member without one: bind now.
         self._spawn(self._resync_bindings(), "binding resync after reconnect")

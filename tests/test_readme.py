@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
 from fastapi_websockets import BaseChannelLayer, InMemoryChannelLayer, RedisChannelLayer, close_default_layers
+from tests.e2e.demo import next_frame
 from tests.e2e.server import serve, serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,28 +141,15 @@ async def test_demo_app_serves_page_and_chats_across_connections() -> None:
             connect(f"{url}/ws/lobby?name=ann", origin=page_origin) as ann,
             connect(f"{url}/ws/lobby?name=bob", origin=page_origin) as bob,
         ):
-            assert json.loads(await asyncio.wait_for(ann.recv(), 10)) == {
-                "kind": "notice",
-                "text": "ann joined",
-            }
-            assert json.loads(await asyncio.wait_for(bob.recv(), 10)) == {
-                "kind": "notice",
-                "text": "bob joined",
-            }
-            assert json.loads(await asyncio.wait_for(ann.recv(), 10)) == {
-                "kind": "notice",
-                "text": "bob joined",
-            }
+            for ws in (ann, bob):
+                await next_frame(ws, "online")
             await bob.send(json.dumps({"text": "hello ann"}))
-            expected = {"kind": "message", "user": "bob", "text": "hello ann"}
-            assert json.loads(await asyncio.wait_for(ann.recv(), 10)) == expected
+            said = await next_frame(ann, "message")
+            assert (said["user"], said["text"]) == ("bob", "hello ann")
             request = urllib.request.Request(http + "/rooms/lobby/announce?text=hi", method="POST")
             await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=10).read())
-            assert json.loads(await asyncio.wait_for(bob.recv(), 10)) == expected
-            assert json.loads(await asyncio.wait_for(bob.recv(), 10)) == {
-                "kind": "notice",
-                "text": "announcement: hi",
-            }
+            assert (await next_frame(bob, "message"))["text"] == "hello ann"
+            assert (await next_frame(bob, "notice"))["text"] == "announcement: hi"
 
 
 async def test_history_example() -> None:

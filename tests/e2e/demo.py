@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+
 from examples.chat.app import ROOM_HISTORY
 from tests.conformance.test_history import PENDING as HISTORY_PENDING
 from tests.conformance.test_presence import PENDING as PRESENCE_PENDING
@@ -25,3 +31,11 @@ async def check_demo_backend(backend: Backend, namespace: str) -> None:
     async with backend.build(namespace, history=ROOM_HISTORY) as layer:
         await layer.group_history("room:preflight")
         await layer.presence("room:preflight")
+
+
+async def next_frame(ws: ClientConnection, kind: str | None = None) -> dict[str, Any]:
+    """The demo's next JSON frame on ``ws`` (the next of ``kind``, skipping others)."""
+    while True:
+        frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 20))
+        if kind is None or frame["kind"] == kind:
+            return frame

@@ -6,12 +6,11 @@ import asyncio
 import json
 import urllib.request
 import uuid
-from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
-from tests.e2e.demo import check_demo_backend, demo_pending
+from tests.e2e.demo import check_demo_backend, demo_pending, next_frame
 from tests.e2e.server import serve_in_subprocess
 from tests.servers import Backend
 
@@ -20,14 +19,6 @@ from tests.servers import Backend
 def _pending(backend: Backend, request: pytest.FixtureRequest) -> None:
     if demo_pending(backend):
         request.applymarker(pytest.mark.xfail(raises=NotImplementedError, strict=True))
-
-
-async def next_frame(ws: ClientConnection, kind: str | None = None) -> dict[str, Any]:
-    """The next frame (of ``kind``, skipping others)."""
-    while True:
-        frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 20))
-        if kind is None or frame["kind"] == kind:
-            return frame
 
 
 async def test_chat_across_two_server_processes(backend: Backend) -> None:

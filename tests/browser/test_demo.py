@@ -87,7 +87,7 @@ async def demo_screenshot(browser: Browser, shots: dict[str, Page], path: Path) 
         data = base64.b64encode(await page.screenshot()).decode()
         image = f'<img src="data:image/png;base64,{data}">'
         figures.append(f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>")
-    context = await browser.new_context(viewport={"width": 1700, "height": 700})
+    context = await browser.new_context(viewport={"width": 1700, "height": 100})
     sheet = await context.new_page()
     style = (
         "body{margin:0;display:flex;gap:20px;padding:20px;background:#e9edf2;font-family:sans-serif}"

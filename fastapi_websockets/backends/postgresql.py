@@ -11,6 +11,10 @@ Two tables in the configured schema hold everything:
   ``owner`` is the process token of a process-specific member, NULL for a
   named one.
 
+Layers with the ``history`` option add ``history_stream`` (a counter row per
+group) and ``history_entry`` (the stored messages), and functions that send or
+read a history group in one round trip (see :func:`_history_ddl`).
+
 Each layer instance holds one LISTEN connection and a small pool. ``send`` is a
 single statement (insert + ``pg_notify``); ``group_send`` is a single
 statement that reads the members, stores one row per owning process and per

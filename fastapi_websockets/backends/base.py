@@ -156,6 +156,8 @@ class BaseChannelLayer(abc.ABC):
         #: channel -> {epoch: (offset, deadline)}: live group messages at or below the offset
         #: were already given to the channel by a catch-up page; deliveries drop them.
         self._floors: dict[str, dict[str, tuple[int, float]]] = {}
+        #: channel -> history messages that arrived while a catch-up page was read for it.
+        self._held: dict[str, list[Message]] = {}
         self._closed = False
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -382,14 +384,24 @@ class BaseChannelLayer(abc.ABC):
             self._require_history(group)
             since = _as_position(since)
         await self._ensure_started()
-        await self._group_add(group, channel)
-        if since is None:
-            return None
+        if since is None or not self.is_local(channel):
+            await self._group_add(group, channel)
+            return None if since is None else await self.group_history(group, since=since)
         # Member first, then read: a message sent in between is in the page and maybe
         # also on its way live, so live copies at or below the page's end are dropped.
-        page = await self.group_history(group, since=since)
-        if self.is_local(channel):
+        # Live copies that arrive while the page is read are held until its end is
+        # known: handed to the channel at once, they could not be taken back.
+        held = self._held.setdefault(channel, [])
+        page: History | None = None
+        try:
+            await self._group_add(group, channel)
+            page = await self.group_history(group, since=since)
             self._set_floor(channel, page.position)
+        finally:
+            if self._held.get(channel) is held:
+                del self._held[channel]
+            for message in held:
+                self.deliver_local(channel, message)
         return page
 
     async def group_discard(self, group: str, channel: str) -> None:
@@ -529,6 +541,9 @@ class BaseChannelLayer(abc.ABC):
             if channel in message[EXCLUDE_KEY]:
                 return True
             message = _without_exclude(message)
+        if self._held and POSITION_KEY in message and channel in self._held:
+            self._held[channel].append(message)
+            return True
         if self._floors and POSITION_KEY in message and self._below_floor(channel, message):
             return True
         if self._mailboxes.put(channel, message):
@@ -548,6 +563,10 @@ class BaseChannelLayer(abc.ABC):
             excluded = set(message[EXCLUDE_KEY])
             channels = [channel for channel in channels if channel not in excluded]
             message = _without_exclude(message)
+        if self._held and POSITION_KEY in message:
+            for channel in [channel for channel in channels if channel in self._held]:
+                self._held[channel].append(message)
+            channels = [channel for channel in channels if channel not in self._held]
         if self._floors and POSITION_KEY in message:
             channels = [channel for channel in channels if not self._below_floor(channel, message)]
         full = self._mailboxes.put_many(channels, message)

@@ -229,7 +229,7 @@ class _Entry:
     offset: int  # the stream's own offset (a message's position offset is this plus one)
     kind: str
     epoch: str
-    written: float  # the writer's wall clock, for the ttl
+    written: float  # the writer's wall clock in seconds, for the ttl
     body: bytes
 
 
@@ -250,6 +250,16 @@ class _HistoryStream:
             if not future.done():
                 future.set_exception(error)
         self.pending.clear()
+
+
+def _now_ms() -> int:
+    # An int: pamqp sends a Python float header as a 32-bit float, which
+    # rounds today's Unix time to minutes.
+    return int(time.time() * 1000)
+
+
+class _StreamGone(BackendUnavailable):
+    """A history stream was deleted (flushed, or out of band) since this instance opened it."""
 
 
 def _stream_offset(incoming: AbstractIncomingMessage) -> int:
@@ -918,18 +928,27 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         return await self._uncancellable(self._append(group, data, policy), f"history of {group!r}")
 
     async def _append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
-        stream = await self._history_stream(group, policy)
-        offset = await self._write(group, stream, _STORED, data)
+        try:
+            stream = await self._history_stream(group, policy)
+            offset = await self._write(group, stream, _STORED, data)
+        except _StreamGone:
+            # Deleted since we last used it: a new stream, with a new epoch.
+            stream = await self._history_stream(group, policy)
+            offset = await self._write(group, stream, _STORED, data)
         return StreamPosition(offset + 1, stream.epoch)
 
     async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
         return await self._uncancellable(self._read(group, after, limit, policy), f"history of {group!r}")
 
     async def _read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
-        stream = await self._history_stream(group, policy)
         # AMQP 0.9.1 cannot tell where a stream ends: a mark written now is
         # after every message stored before this read began.
-        mark = await self._write(group, stream, _MARK, b"")
+        try:
+            stream = await self._history_stream(group, policy)
+            mark = await self._write(group, stream, _MARK, b"")
+        except _StreamGone:
+            stream = await self._history_stream(group, policy)
+            mark = await self._write(group, stream, _MARK, b"")
 
         def enough(entries: list[_Entry]) -> bool:
             stored = [entry for entry in entries if entry.kind == _STORED]
@@ -1038,7 +1057,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             try:
                 channel = await connection.channel(publisher_confirms=True)
                 message = self._message_class(
-                    b"", type=_PROPOSAL, headers={"e": new_epoch(), "t": time.time()}, delivery_mode=2
+                    b"", type=_PROPOSAL, headers={"e": new_epoch(), "t": _now_ms()}, delivery_mode=2
                 )
                 await channel.default_exchange.publish(message, name, mandatory=True)
                 return
@@ -1082,7 +1101,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             body,
             type=kind,
             message_id=token,
-            headers={"e": epoch or stream.epoch, "t": time.time()},
+            headers={"e": epoch or stream.epoch, "t": _now_ms()},
             delivery_mode=2,
         )
         seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -1099,7 +1118,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             except self._publish_error:
                 # Returned as unroutable: the stream was deleted.
                 self._forget_stream(group, f"history stream {stream.name!r} was deleted")
-                raise self.unavailable(f"history stream {stream.name!r} was deleted; retry") from None
+                raise _StreamGone(f"history stream {stream.name!r} was deleted") from None
             return await within(
                 seen,
                 self.timeout,
@@ -1163,7 +1182,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                         offset,
                         str(incoming.type),
                         str(headers.get("e", "")),
-                        float(written) if isinstance(written, (int, float)) else 0.0,
+                        written / 1000 if isinstance(written, int) else 0.0,
                         incoming.body,
                     )
                 )

@@ -168,6 +168,9 @@ class BaseChannelLayer(abc.ABC):
         #: channel -> {epoch: (offset, deadline)}: live group messages at or below the offset
         #: were already given to the channel by a catch-up page; deliveries drop them.
         self._floors: dict[str, dict[str, tuple[int, float]]] = {}
+        #: channel -> (catch-ups in progress, live messages with a position held meanwhile):
+        #: a copy that arrives before the floor is set must not reach the mailbox yet.
+        self._held: dict[str, tuple[int, list[Message]]] = {}
         self._closed = False
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -433,14 +436,23 @@ class BaseChannelLayer(abc.ABC):
             self._require_history(group)
             since = _as_position(since)
         await self._ensure_started()
-        await self._group_add(group, channel)
         if since is None:
+            await self._group_add(group, channel)
             return None
         # Member first, then read: a message sent in between is in the page and maybe
         # also on its way live, so live copies at or below the page's end are dropped.
-        page = await self.group_history(group, since=since)
-        if self.is_local(channel):
-            self._set_floor(channel, page.position)
+        # Live copies that arrive before the page do are held until the floor is set.
+        local = self.is_local(channel)
+        if local:
+            self._hold(channel)
+        try:
+            await self._group_add(group, channel)
+            page = await self.group_history(group, since=since)
+            if local:
+                self._set_floor(channel, page.position)
+        finally:
+            if local:
+                self._release(channel)
         return page
 
     async def group_discard(self, group: str, channel: str) -> None:
@@ -684,6 +696,9 @@ class BaseChannelLayer(abc.ABC):
             if channel in message[EXCLUDE_KEY]:
                 return True
             message = _without_exclude(message)
+        if self._held and POSITION_KEY in message and channel in self._held:
+            self._held[channel][1].append(message)
+            return True
         if self._floors and POSITION_KEY in message and self._below_floor(channel, message):
             return True
         if self._mailboxes.put(channel, message):
@@ -703,6 +718,12 @@ class BaseChannelLayer(abc.ABC):
             excluded = set(message[EXCLUDE_KEY])
             channels = [channel for channel in channels if channel not in excluded]
             message = _without_exclude(message)
+        if self._held and POSITION_KEY in message:
+            held = [channel for channel in channels if channel in self._held]
+            for channel in held:
+                self._held[channel][1].append(message)
+            if held:
+                channels = [channel for channel in channels if channel not in self._held]
         if self._floors and POSITION_KEY in message:
             channels = [channel for channel in channels if not self._below_floor(channel, message)]
         full = self._mailboxes.put_many(channels, message)
@@ -714,6 +735,18 @@ class BaseChannelLayer(abc.ABC):
     def deliver_to_local_members(self, group: str, message: Message) -> int:
         """Fan ``message`` out to this process's members of ``group``; return how many got it."""
         return self.deliver_many(self._local_groups.members(group), message)
+
+    def _hold(self, channel: str) -> None:
+        count, held = self._held.get(channel, (0, []))
+        self._held[channel] = (count + 1, held)
+
+    def _release(self, channel: str) -> None:
+        count, held = self._held.pop(channel)
+        if count > 1:
+            self._held[channel] = (count - 1, held)
+            return
+        for message in held:
+            self.deliver_local(channel, message)
 
     def _set_floor(self, channel: str, position: StreamPosition) -> None:
         floors = self._floors.setdefault(channel, {})

@@ -30,7 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-VIEWPORT: ViewportSize = {"width": 820, "height": 520}
+VIEWPORT: ViewportSize = {"width": 820, "height": 460}
 
 # A loaded machine can take seconds to deliver through a broker; a wait is not a speed check.
 expect.set_options(timeout=30_000)

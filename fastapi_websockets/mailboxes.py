@@ -110,6 +110,16 @@ class Mailboxes:
         box.items.append((now + self._expiry, message))
         return True
 
+    def remove(self, channel: str, unwanted: Callable[[Message], bool]) -> int:
+        """Drop the queued messages of ``channel`` that ``unwanted`` picks; return how many."""
+        box = self._boxes.get(channel)
+        if box is None or not box.items:
+            return 0
+        kept = deque(item for item in box.items if not unwanted(item[1]))
+        removed = len(box.items) - len(kept)
+        box.items = kept
+        return removed
+
     def pop_nowait(self, channel: str) -> Message | None:
         """Take the oldest unexpired message of ``channel`` without waiting, or None."""
         box = self._boxes.get(channel)

@@ -665,6 +665,10 @@ class BaseChannelLayer(abc.ABC):
     def _set_floor(self, channel: str, position: StreamPosition) -> None:
         floors = self._floors.setdefault(channel, {})
         floors[position.epoch] = (position.offset, time.monotonic() + _FLOOR_SECONDS)
+        # Live copies that arrived while the page was read are in the page too.
+        self._mailboxes.remove(
+            channel, lambda message: POSITION_KEY in message and self._below_floor(channel, message)
+        )
 
     def _below_floor(self, channel: str, message: Message) -> bool:
         floors = self._floors.get(channel)

@@ -185,27 +185,34 @@ class _Entry:
     data: bytes
 
 
+class _Held:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class _KeyedLocks:
     """One asyncio lock per key, kept only while a task holds or waits for it."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._held: dict[str, _Held] = {}
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[None]:
         """Hold the lock of ``key``."""
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = (asyncio.Lock(), [0])
-        lock, users = entry
-        users[0] += 1
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = _Held()
+        held.users += 1
         try:
-            async with lock:
+            async with held.lock:
                 yield
         finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._locks[key]
+            held.users -= 1
+            if not held.users:
+                del self._held[key]
 
 
 class NATSChannelLayer(BrokerChannelLayer):

@@ -33,6 +33,7 @@ import anyio
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from fastapi_websockets import observing
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
 from fastapi_websockets.exceptions import ChannelLayerClosed
@@ -203,6 +204,11 @@ class AsyncWebSocketConsumer:
                 await self.disconnect(close_code)
             except Exception:
                 logger.exception("%s.disconnect() failed", type(self).__name__)
+            if self.channel_name:
+                # Anything still addressed to this connection is dropped from now on.
+                self.channel_layer.forget_channel(self.channel_name)
+            if observing.hooks is not None:
+                observing.hooks.connection_ended(self, self._accepted, close_code)
 
     async def _run(self) -> int | None:
         # An anyio task group, not bare asyncio tasks: Starlette's test client cancels the
@@ -240,7 +246,10 @@ class AsyncWebSocketConsumer:
                     )
                     await self._close_quietly(violation.code, violation.reason)
                     return violation.code
-                await self.dispatch_websocket_receive(frame)
+                if observing.hooks is not None:
+                    await observing.hooks.frame_in(self, frame, self.dispatch_websocket_receive)
+                else:
+                    await self.dispatch_websocket_receive(frame)
             except WebSocketDisconnect as exc:
                 self._closed = True
                 return exc.code
@@ -386,15 +395,16 @@ class AsyncWebSocketConsumer:
                 "%s ignored a channel event without a str 'type': %r", type(self).__name__, message
             )
             return
-        if event_type == WEBSOCKET_SEND:
-            await self.websocket_send(message)
-            return
-        handler = self._handler_for(event_type)
-        if handler is None:
-            if event_type not in _LAYER_EVENTS:  # presence events are optional to handle
-                await self.channel_receive(message)
-            return
-        await handler(message)
+        handler = self.websocket_send if event_type == WEBSOCKET_SEND else self._handler_for(event_type)
+        if handler is None and event_type in _LAYER_EVENTS:
+            return  # presence events are optional to handle
+        if observing.hooks is not None:
+            event = event_type if handler is not None else "other"
+            await observing.hooks.event_in(self, event, message, handler or self.channel_receive)
+        elif handler is None:
+            await self.channel_receive(message)
+        else:
+            await handler(message)
 
     def _handler_for(self, event_type: str) -> Callable[[Message], Awaitable[None]] | None:
         name = event_type.replace(".", "_")
@@ -420,6 +430,8 @@ class AsyncWebSocketConsumer:
         """Accept the WebSocket handshake."""
         await self.websocket.accept(subprotocol=subprotocol, headers=headers)
         self._accepted = True
+        if observing.hooks is not None:
+            observing.hooks.connection_accepted(self)
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str | None = None) -> None:
         """Close the connection (before accepting, this rejects it)."""
@@ -430,14 +442,20 @@ class AsyncWebSocketConsumer:
     async def send_text(self, text: str) -> None:
         """Send a text frame."""
         await self.websocket.send_text(text)
+        if observing.hooks is not None:
+            observing.hooks.frame_out(self)
 
     async def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
         """Send a binary frame."""
         await self.websocket.send_bytes(bytes(data))
+        if observing.hooks is not None:
+            observing.hooks.frame_out(self)
 
     async def send_json(self, data: Any) -> None:
         """Send ``data`` as a JSON text frame."""
         await self.websocket.send_text(self.encode_json(data))
+        if observing.hooks is not None:
+            observing.hooks.frame_out(self)
 
     async def send(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Send a text or a binary frame (Channels' signature)."""

@@ -18,9 +18,11 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar
 
+from fastapi_websockets import observing
 from fastapi_websockets.backends.options import Memo, positive, positive_int
 from fastapi_websockets.exceptions import (
     ChannelFull,
@@ -153,7 +155,9 @@ class BaseChannelLayer(abc.ABC):
         self.serializer: Serializer = serializer or default_serializer
         #: Random token naming this layer instance in process-specific channel names.
         self.client_token = new_token()
-        self._mailboxes = Mailboxes(self.capacity_for, channel_expiry)
+        self._mailboxes = Mailboxes(self.capacity_for, channel_expiry, self._is_released)
+        #: This instance's process-specific channels that are still in use.
+        self._live_channels: set[str] = set()
         self._local_groups = LocalGroups(group_expiry)
         self._capacity_memo: Memo[str, int] = Memo(self._capacity_of)
         self.presence_timeout = positive("presence_timeout", presence_timeout, "seconds")
@@ -164,10 +168,14 @@ class BaseChannelLayer(abc.ABC):
         #: channel -> {epoch: (offset, deadline)}: live group messages at or below the offset
         #: were already given to the channel by a catch-up page; deliveries drop them.
         self._floors: dict[str, dict[str, tuple[int, float]]] = {}
+        #: channel -> (catch-ups in progress, live messages with a position held meanwhile):
+        #: a copy that arrives before the floor is set must not reach the mailbox yet.
+        self._held: dict[str, tuple[int, list[Message]]] = {}
         self._closed = False
         self._started = False
         self._start_lock = asyncio.Lock()
         self._remote_receives: set[asyncio.Task[Message]] = set()
+        observing.live_layers.add(self)
 
     # ------------------------------------------------------------------ state
 
@@ -233,7 +241,10 @@ class BaseChannelLayer(abc.ABC):
 
     def decode(self, data: bytes) -> Message:
         """Deserialize a message produced by :meth:`encode`."""
-        return self.serializer.loads(data)
+        message = self.serializer.loads(data)
+        if type(message) is dict and observing.RESERVED_KEY in message:
+            return observing.incoming(self, message)
+        return message
 
     def decode_or_drop(self, data: bytes, where: str) -> Message | None:
         """Deserialize ``data`` received from the broker, or log, count and return None.
@@ -243,7 +254,7 @@ class BaseChannelLayer(abc.ABC):
         ``where`` it came from, and counted in ``stats.dropped_undecodable``.
         """
         try:
-            return self.serializer.loads(data)
+            return self.decode(data)
         except Exception as exc:
             self._mailboxes.stats.dropped_undecodable += 1
             logger.warning(
@@ -268,6 +279,12 @@ class BaseChannelLayer(abc.ABC):
         """
         self._check_open()
         validate_channel_name(channel)
+        if observing.hooks is not None:
+            await observing.hooks.message_out(self, "send", message, partial(self._send_message, channel))
+            return
+        await self._send_message(channel, message)
+
+    async def _send_message(self, channel: str, message: Message) -> None:
         data = self.encode(message)
         if self.is_local(channel):
             self.deliver_local(channel, self.decode(data), raise_full=True)
@@ -283,6 +300,13 @@ class BaseChannelLayer(abc.ABC):
         :class:`ChannelLayerClosed` when the layer is closed while waiting.
         Cancelling a pending ``receive()`` loses no message.
         """
+        if observing.hooks is not None:
+            message = await self._receive_message(channel, timeout)
+            observing.hooks.message_received(self)
+            return message
+        return await self._receive_message(channel, timeout)
+
+    async def _receive_message(self, channel: str, timeout: float | None) -> Message:
         self._check_open()
         validate_channel_name(channel)
         if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
@@ -370,7 +394,29 @@ class BaseChannelLayer(abc.ABC):
         self._check_open()
         validate_prefix(prefix)
         await self._ensure_started()
-        return f"{prefix}.{self.client_token}!{new_token(6)}"
+        channel = f"{prefix}.{self.client_token}!{new_token(6)}"
+        self._live_channels.add(channel)
+        return channel
+
+    def forget_channel(self, channel: str) -> None:
+        """Release one of this instance's channels: its connection ended, nobody will read it again.
+
+        Its queued messages and everything sent to it from now on are dropped
+        at once (counted in ``stats.dropped_released``) instead of being kept
+        until ``channel_expiry``; a receive still waiting on it gets
+        :class:`ChannelLayerClosed`. Consumers call it when their connection
+        ends. Group memberships are not touched (leave the groups first).
+        """
+        self._live_channels.discard(channel)
+        if self.is_local(channel) and is_process_specific(channel):
+            self._mailboxes.drop(channel, ChannelLayerClosed(f"channel {channel!r} was released"))
+
+    def _is_released(self, channel: str) -> bool:
+        return (
+            channel not in self._live_channels
+            and is_process_specific(channel)
+            and process_token(channel) == self.client_token
+        )
 
     async def group_add(
         self, group: str, channel: str, *, since: StreamPosition | None = None
@@ -390,14 +436,23 @@ class BaseChannelLayer(abc.ABC):
             self._require_history(group)
             since = _as_position(since)
         await self._ensure_started()
-        await self._group_add(group, channel)
         if since is None:
+            await self._group_add(group, channel)
             return None
         # Member first, then read: a message sent in between is in the page and maybe
         # also on its way live, so live copies at or below the page's end are dropped.
-        page = await self.group_history(group, since=since)
-        if self.is_local(channel):
-            self._set_floor(channel, page.position)
+        # Live copies that arrive before the page do are held until the floor is set.
+        local = self.is_local(channel)
+        if local:
+            self._hold(channel)
+        try:
+            await self._group_add(group, channel)
+            page = await self.group_history(group, since=since)
+            if local:
+                self._set_floor(channel, page.position)
+        finally:
+            if local:
+                self._release(channel)
         return page
 
     async def group_discard(self, group: str, channel: str) -> None:
@@ -420,6 +475,14 @@ class BaseChannelLayer(abc.ABC):
         """
         self._check_open()
         validate_group_name(group)
+        if observing.hooks is not None:
+            send = partial(self._group_send_message, group, exclude=exclude)
+            return await observing.hooks.message_out(self, "group_send", message, send)
+        return await self._group_send_message(group, message, exclude=exclude)
+
+    async def _group_send_message(
+        self, group: str, message: Message, *, exclude: str | Iterable[str] | None
+    ) -> StreamPosition | None:
         if exclude is not None:
             skipped = [exclude] if isinstance(exclude, str) else sorted(set(exclude))
             if skipped:
@@ -475,6 +538,8 @@ class BaseChannelLayer(abc.ABC):
             if message is None:
                 recovered = False
                 continue
+            # An exclude applies to live delivery only; a page is the group's history.
+            message.pop(EXCLUDE_KEY, None)
             message[POSITION_KEY] = {"offset": offset, "epoch": part.epoch}
             messages.append(message)
         return History(messages, StreamPosition(part.newest, part.epoch), recovered)
@@ -631,6 +696,9 @@ class BaseChannelLayer(abc.ABC):
             if channel in message[EXCLUDE_KEY]:
                 return True
             message = _without_exclude(message)
+        if self._held and POSITION_KEY in message and channel in self._held:
+            self._held[channel][1].append(message)
+            return True
         if self._floors and POSITION_KEY in message and self._below_floor(channel, message):
             return True
         if self._mailboxes.put(channel, message):
@@ -650,6 +718,12 @@ class BaseChannelLayer(abc.ABC):
             excluded = set(message[EXCLUDE_KEY])
             channels = [channel for channel in channels if channel not in excluded]
             message = _without_exclude(message)
+        if self._held and POSITION_KEY in message:
+            held = [channel for channel in channels if channel in self._held]
+            for channel in held:
+                self._held[channel][1].append(message)
+            if held:
+                channels = [channel for channel in channels if channel not in self._held]
         if self._floors and POSITION_KEY in message:
             channels = [channel for channel in channels if not self._below_floor(channel, message)]
         full = self._mailboxes.put_many(channels, message)
@@ -662,13 +736,21 @@ class BaseChannelLayer(abc.ABC):
         """Fan ``message`` out to this process's members of ``group``; return how many got it."""
         return self.deliver_many(self._local_groups.members(group), message)
 
+    def _hold(self, channel: str) -> None:
+        count, held = self._held.get(channel, (0, []))
+        self._held[channel] = (count + 1, held)
+
+    def _release(self, channel: str) -> None:
+        count, held = self._held.pop(channel)
+        if count > 1:
+            self._held[channel] = (count - 1, held)
+            return
+        for message in held:
+            self.deliver_local(channel, message)
+
     def _set_floor(self, channel: str, position: StreamPosition) -> None:
         floors = self._floors.setdefault(channel, {})
         floors[position.epoch] = (position.offset, time.monotonic() + _FLOOR_SECONDS)
-        # Live copies that arrived while the page was read are in the page too.
-        self._mailboxes.remove(
-            channel, lambda message: POSITION_KEY in message and self._below_floor(channel, message)
-        )
 
     def _below_floor(self, channel: str, message: Message) -> bool:
         floors = self._floors.get(channel)

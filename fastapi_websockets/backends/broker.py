@@ -5,7 +5,9 @@
 :class:`~fastapi_websockets.backends.supervisor.TaskSupervisor` for its
 background tasks, the one :class:`~fastapi_websockets.backends.backoff.Backoff`
 policy, and the way to describe its broker in errors and logs without a
-password (:meth:`BrokerChannelLayer.unavailable`, :meth:`BrokerChannelLayer.redact`).
+password (:meth:`BrokerChannelLayer.unavailable`, :meth:`BrokerChannelLayer.redact`),
+and the place to report the broker connection going down and up again
+(:meth:`BrokerChannelLayer.report_connection`, read by the metrics at scrape time).
 A backend module then holds broker code only.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -23,9 +26,19 @@ from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 
-__all__ = ["BrokerChannelLayer"]
+__all__ = ["BrokerChannelLayer", "ConnectionStats"]
 
 logger = logging.getLogger("fastapi_websockets")
+
+
+@dataclass
+class ConnectionStats:
+    """The state of a layer's broker connection, as its backend reports it."""
+
+    #: True while connected, False while not, None before the first connection.
+    up: bool | None = None
+    #: Times the connection came back after being lost.
+    reconnections: int = 0
 
 
 class BrokerChannelLayer(BaseChannelLayer):
@@ -50,6 +63,8 @@ class BrokerChannelLayer(BaseChannelLayer):
         self.tasks = TaskSupervisor(f"fastapi_websockets.{self.backend_name or 'broker'}")
         self._where = self.broker_label
         self._secrets: list[str] = []
+        #: What :meth:`report_connection` was told.
+        self.connection = ConnectionStats()
 
     def set_location(self, *urls: str) -> None:
         """Record the broker URL(s): where messages say the broker is, and which secrets to hide."""
@@ -97,6 +112,18 @@ class BrokerChannelLayer(BaseChannelLayer):
         return BackendUnavailable(
             f"{self.broker_label} is unreachable at {self._where} ({self.redact(detail)})"
         )
+
+    def report_connection(self, up: bool) -> None:
+        """Record that the broker connection is up (``True``) or lost (``False``).
+
+        Backends call it where they connect, notice a lost connection and
+        reconnect; repeating the current state is harmless. Up after down
+        counts one reconnection.
+        """
+        state = self.connection
+        if up and state.up is False:
+            state.reconnections += 1
+        state.up = up
 
     def backoff(self) -> Backoff:
         """A fresh delay policy for one retry or reconnect loop (the same for every broker)."""

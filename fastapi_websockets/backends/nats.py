@@ -360,6 +360,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             # server URL, password included.
             raise error
         self._nc = nc
+        self.report_connection(True)
         # Each JetStream request gets a short timeout and is retried until
         # ``timeout``: a request lost in a leader election is sent again instead
         # of being waited for until the very end.
@@ -450,6 +451,7 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     async def _on_disconnected(self) -> None:
         if not self.closed:
+            self.report_connection(False)
             logger.warning("disconnected from NATS; reconnecting (pending receives keep waiting)")
 
     async def _on_reconnected(self) -> None:
@@ -459,6 +461,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         url = self._nc.connected_url if self._nc is not None else None
         where = location(url.geturl(), self.default_port) if url is not None else "?"
         logger.info("reconnected to NATS at %s", where)
+        self.report_connection(True)
 
     def _translate(self, exc: BaseException, what: str, size: int = 0) -> ChannelLayerError:
         """Our error for a driver error, naming the operation."""

@@ -22,6 +22,10 @@ tags, so keys that one Lua script touches always share a slot):
   a named channel. ``group_send`` reads only this, so its cost does not grow with
   the group: each owning process gets ``(group, n)`` and fans out to the members
   it holds in memory, checking Redis first if it holds a different number.
+* ``P:history:{name}`` and ``P:hmeta:{name}``: only for groups matching the
+  ``history`` option, in the group's slot: a list of the last messages (oldest
+  first) and a hash ``{epoch, offset}``. The script that reads the owners for
+  ``group_send`` also assigns the offset and stores the message.
 
 Entries of the lists start with a 13-digit deadline in ms (Redis server time),
 so undelivered messages expire individually and capacity checks ignore them.
@@ -53,6 +57,7 @@ from fastapi_websockets.exceptions import (
     ChannelLayerClosed,
     ChannelLayerError,
 )
+from fastapi_websockets.history import POSITION_KEY, HistoryPolicy, HistorySlice, StreamPosition, new_epoch
 from fastapi_websockets.names import is_process_specific, process_token
 from fastapi_websockets.types import Message
 
@@ -219,19 +224,93 @@ return 0
 """
 )
 
-# KEYS: group, owners. ARGV: group expiry ms. Drops stale members (usually none, so
-# no per-member work) and returns the owners hash: {owner, count, owner, count...}.
-_GROUP_OWNERS = (
-    _NOW
-    + _OWNER_OF
-    + """
+# Drops the stale members of the group KEYS[1] (usually none, so no per-member
+# work); ARGV[1] is the group expiry in ms. Needs `now` and `forget`.
+_DROP_STALE = """
 local cutoff = now - tonumber(ARGV[1])
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
 if #stale > 0 then
   for _, member in ipairs(stale) do forget(member) end
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
 end
+"""
+
+# KEYS: group, owners. ARGV: group expiry ms. Returns the owners hash after dropping
+# stale members: {owner, count, owner, count...}.
+_GROUP_OWNERS = (
+    _NOW
+    + _OWNER_OF
+    + _DROP_STALE
+    + """
 return redis.call('HGETALL', KEYS[2])
+"""
+)
+
+# The live state of a group's history: `list` holds its entries (deadline prefix,
+# oldest first), `meta` the hash {epoch, offset of the newest entry}. Entries leave
+# only from the head (size, ttl), so the head's offset is newest - length + 1.
+# Starts a new epoch (with `candidate`) when the state is gone: the hash expired or
+# was deleted, or the list was lost while the hash says it had entries (the last
+# entry expires with the keys, so an empty list means lost). Needs `now`.
+_HISTORY_LIVE = """
+local function history_live(list, meta, candidate)
+  local state = redis.call('HMGET', meta, 'epoch', 'offset')
+  local epoch, newest = state[1], tonumber(state[2]) or 0
+  local n = redis.call('LLEN', list)
+  while n > 0 do
+    if tonumber(string.sub(redis.call('LINDEX', list, 0), 1, 13)) > now then break end
+    redis.call('LPOP', list)
+    n = n - 1
+  end
+  if not epoch or (n == 0 and newest > 0) then
+    epoch, newest, n = candidate, 0, 0
+    redis.call('DEL', list)
+    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+    return epoch, newest, n, true
+  end
+  return epoch, newest, n, false
+end
+"""
+
+# KEYS: group, owners, history list, history meta. ARGV: group expiry ms, size,
+# ttl ms, candidate epoch, entry. A group_send to a group with history in one call:
+# assigns the next offset, stores the entry, trims to `size`, keeps the whole
+# history for `ttl` after this append, and returns {offset, epoch, owners hash}
+# for the fan-out, as _GROUP_OWNERS does. All four keys share the group's hash tag.
+_GROUP_SEND_HISTORY = (
+    _NOW
+    + _OWNER_OF
+    + _DROP_STALE
+    + _HISTORY_LIVE
+    + """
+local size = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local epoch, _, n = history_live(KEYS[3], KEYS[4], ARGV[4])
+local offset = redis.call('HINCRBY', KEYS[4], 'offset', 1)
+redis.call('RPUSH', KEYS[3], string.format('%013d', now + ttl) .. ARGV[5])
+if n + 1 > size then redis.call('LTRIM', KEYS[3], -size, -1) end
+redis.call('PEXPIRE', KEYS[3], ttl)
+redis.call('PEXPIRE', KEYS[4], ttl)
+return {offset, epoch, redis.call('HGETALL', KEYS[2])}
+"""
+)
+
+# KEYS: history list, history meta. ARGV: after, limit, ttl ms, candidate epoch.
+# Returns {newest, epoch, complete (1/0), offset of the first entry, entries}: the
+# newest `limit` entries with an offset above `after`. A history read before any
+# append gets its epoch now, so that the next append uses the same one.
+_HISTORY_READ = (
+    _NOW
+    + _HISTORY_LIVE
+    + """
+local after = tonumber(ARGV[1])
+local epoch, newest, n, created = history_live(KEYS[1], KEYS[2], ARGV[4])
+if created then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+local head = newest - n + 1
+local first = math.max(after + 1, newest - tonumber(ARGV[2]) + 1, head)
+local entries = {}
+if first <= newest then entries = redis.call('LRANGE', KEYS[1], first - head, -1) end
+return {newest, epoch, (head - 1 <= after) and 1 or 0, first, entries}
 """
 )
 
@@ -253,6 +332,8 @@ _SCRIPTS = {
         "group_add": _GROUP_ADD,
         "group_discard": _GROUP_DISCARD,
         "group_owners": _GROUP_OWNERS,
+        "group_send_history": _GROUP_SEND_HISTORY,
+        "history_read": _HISTORY_READ,
     }.items()
 }
 _BY_SHA = {script.sha: script for script in _SCRIPTS.values()}
@@ -280,6 +361,10 @@ def _settle_pushes(futs: list[asyncio.Future[Any]], result: Any) -> None:
 
 def _deadline(entry: bytes) -> int:
     return int(entry[:_DEADLINE_DIGITS])
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 class RedisChannelLayer(BrokerChannelLayer):
@@ -332,8 +417,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         self.cluster = flag("cluster", cluster)
         self.use_pubsub = flag("use_pubsub", use_pubsub)
         self.sharded_pubsub = flag("sharded_pubsub", sharded_pubsub)
-        self._expiry_ms = max(1, int(self.channel_expiry * 1000))
-        self._group_expiry_ms = max(1, int(self.group_expiry * 1000))
+        self._expiry_ms = _ms(self.channel_expiry)
+        self._group_expiry_ms = _ms(self.group_expiry)
         self._inbox_limit = self.capacity * _INBOX_FACTOR
         self._client: Redis | RedisCluster | None = None
         self._cluster_client: RedisCluster | None = None
@@ -373,6 +458,11 @@ class RedisChannelLayer(BrokerChannelLayer):
         """The group's members and its owners hash: one hash tag, one slot."""
         tag = _tag(group)
         return [f"{self.prefix}:group:{tag}", f"{self.prefix}:owners:{tag}"]
+
+    def _history_keys(self, group: str) -> list[str]:
+        """The group's history list and its {epoch, offset} hash: the same slot as its members."""
+        tag = _tag(group)
+        return [f"{self.prefix}:history:{tag}", f"{self.prefix}:hmeta:{tag}"]
 
     @property
     def _wake_command(self) -> str:
@@ -609,8 +699,11 @@ class RedisChannelLayer(BrokerChannelLayer):
             logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        keys = self._group_keys(group)
-        reply: list[bytes] = await self._script("group_owners", keys, self._group_expiry_ms)
+        owners = await self._script("group_owners", self._group_keys(group), self._group_expiry_ms)
+        await self._fan_out(group, owners, data)
+
+    async def _fan_out(self, group: str, reply: list[bytes], data: bytes) -> None:
+        """Deliver ``data`` to the owners of ``group`` listed in ``reply`` (the owners hash)."""
         by_process: dict[str, bytes] = {}  # token -> how many of its channels are members
         named: list[str] = []
         for i in range(0, len(reply), 2):
@@ -648,6 +741,52 @@ class RedisChannelLayer(BrokerChannelLayer):
         if first_error is not None:
             raise first_error
 
+    # ------------------------------------------------------------- history
+
+    async def _group_send_history(
+        self, group: str, message: Message, policy: HistoryPolicy
+    ) -> StreamPosition:
+        # The script that assigns the offset also returns the owners, which a plain
+        # group_send reads with a script of its own: storing costs no extra round trip.
+        # The fan-out copy is encoded here, once the offset is known, rather than
+        # patched into the stored bytes.
+        position, owners = await self._store_history(group, self.encode(message), policy)
+        # Not self.encode(): the limit applies to what the caller sent, which is already
+        # stored; the position's few bytes must not make its delivery fail.
+        data = self.serializer.dumps({**message, POSITION_KEY: position.as_dict()})
+        await self._fan_out(group, owners, data)
+        return position
+
+    async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
+        position, _ = await self._store_history(group, data, policy)
+        return position
+
+    async def _store_history(
+        self, group: str, data: bytes, policy: HistoryPolicy
+    ) -> tuple[StreamPosition, list[bytes]]:
+        """Append ``data`` to the group's history; return its position and the group's owners."""
+        offset, epoch, owners = await self._script(
+            "group_send_history",
+            [*self._group_keys(group), *self._history_keys(group)],
+            self._group_expiry_ms,
+            policy.size,
+            _ms(policy.ttl),
+            new_epoch(),
+            data,
+        )
+        return StreamPosition(int(offset), epoch.decode()), owners
+
+    async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
+        newest, epoch, complete, first, entries = await self._script(
+            "history_read", self._history_keys(group), after, limit, _ms(policy.ttl), new_epoch()
+        )
+        return HistorySlice(
+            [(int(first) + i, entry[_DEADLINE_DIGITS:]) for i, entry in enumerate(entries)],
+            int(newest),
+            epoch.decode(),
+            complete=bool(complete),
+        )
+
     # ------------------------------------------------------------ receiving
 
     async def _read_inbox(self) -> None:
@@ -666,6 +805,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             except recoverable as exc:
                 if self._closed:
                     return
+                self.report_connection(False)
                 if self._reader_healthy:
                     logger.warning("lost Redis at %s (%s); reconnecting", self.where, self.redact(str(exc)))
                     backoff.reset()
@@ -729,6 +869,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             await self._restore()
             logger.warning("reconnected to Redis at %s", self.where)
         self._reader_healthy = self._reader_was_connected = True
+        self.report_connection(True)
 
     async def _subscribe(self, pubsub: PubSub) -> None:
         channel = self._wake_channel(self.client_token)

@@ -9,7 +9,9 @@ password in any error, log record, repr or stats.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -617,3 +619,169 @@ def test_malformed_url_is_refused_at_construction_without_the_password(url: str,
         )
     errors.append(from_env.value)
     assert_no_secret(SECRET, errors=errors)
+
+
+# -------------------------------------------------------------------- history
+
+HISTORY = {"room:*": {"size": 5, "ttl": 600}, "short:*": {"size": 100, "ttl": 0.5}}
+
+# One OS process sending to a history group as fast as it can; prints its offsets.
+_SENDER = """
+import asyncio, json, sys
+from fastapi_websockets.backends.redis import RedisChannelLayer
+
+async def main(url, prefix):
+    async with RedisChannelLayer(url=url, prefix=prefix, history={"room:*": 1000}) as layer:
+        positions = [await layer.group_send("room:p", {"type": "m", "i": i}) for i in range(60)]
+    print(json.dumps([[p.offset, p.epoch] for p in positions]))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_history_offsets_from_several_processes_are_contiguous(
+    make: Factory, redis_server: RedisNode, namespace: str
+) -> None:
+    layer = make(history={"room:*": 1000})
+    await layer.group_send("room:p", {"type": "m", "i": -1})
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SENDER, redis_server.url, namespace, stdout=asyncio.subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    outputs = [await child.communicate() for child in children]
+    assert [child.returncode for child in children] == [0, 0, 0]
+    per_process = [json.loads(stdout) for stdout, _ in outputs]
+    offsets = [offset for positions in per_process for offset, _ in positions]
+    assert sorted(offsets) == list(range(2, 2 + 3 * 60))
+    assert {epoch for positions in per_process for _, epoch in positions} == {
+        (await layer.group_history("room:p", limit=1)).position.epoch
+    }
+    for positions in per_process:
+        assert [offset for offset, _ in positions] == sorted(offset for offset, _ in positions)
+    page = await layer.group_history("room:p")
+    assert [m["_position"]["offset"] for m in page.messages] == list(range(1, 2 + 3 * 60))
+    assert page.recovered
+
+
+async def test_history_trims_by_size_and_ttl_in_redis(make: Factory, raw: redis_asyncio.Redis) -> None:
+    layer = make(history=HISTORY)
+    for i in range(12):
+        await layer.group_send("room:t", {"type": "m", "i": i})
+    entries = f"{layer.prefix}:history:{{room:t}}"
+    meta = f"{layer.prefix}:hmeta:{{room:t}}"
+    assert await raw.llen(entries) == 5
+    assert await raw.hget(meta, "offset") == b"12"
+    # The whole history expires ttl after its last append.
+    assert 590_000 < await raw.pttl(entries) <= 600_000
+    assert 590_000 < await raw.pttl(meta) <= 600_000
+
+    await layer.group_send("short:t", {"type": "m"})
+    assert 0 < await raw.pttl(f"{layer.prefix}:history:{{short:t}}") <= 500
+    await asyncio.sleep(0.7)
+    assert await raw.exists(f"{layer.prefix}:history:{{short:t}}", f"{layer.prefix}:hmeta:{{short:t}}") == 0
+
+
+async def test_groups_without_history_write_no_history_key(make: Factory, raw: redis_asyncio.Redis) -> None:
+    layer = make(history=HISTORY)
+    await layer.group_add("lobby", await layer.new_channel())
+    await layer.group_send("lobby", {"type": "m"})
+    keys = [key async for key in raw.scan_iter(match=f"{layer.prefix}:*")]
+    assert keys
+    assert not [key for key in keys if b":history:" in key or b":hmeta:" in key]
+
+
+async def test_history_group_send_costs_the_commands_of_a_plain_one(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    sender, first, second = make(history=HISTORY), make(), make()
+    for owner in (first, second):
+        for group in ("room:cost", "plain"):
+            await owner.group_add(group, await owner.new_channel("ws"))
+    await first.close()
+    await second.close()
+    calls = []
+    for group in ("plain", "room:cost"):
+        await raw.config_resetstat()
+        await sender.group_send(group, {"type": "fan"})
+        stats = await raw.info("commandstats")
+        calls.append({name: value["calls"] for name, value in stats.items() if name != "cmdstat_config"})
+    plain, history = calls
+    # One script (the owners; for history also the offset and the entry), then one push
+    # per owning process.
+    assert plain["cmdstat_evalsha"] == history["cmdstat_evalsha"] == 3
+    assert plain["cmdstat_rpush"] == 2
+    assert history["cmdstat_rpush"] == 3  # the two inboxes and the history list
+
+
+async def test_history_wiped_out_of_band_gets_a_new_epoch(make: Factory, raw: redis_asyncio.Redis) -> None:
+    layer = make(history=HISTORY)
+    channel = await layer.new_channel()
+    await layer.group_add("room:w", channel)
+    first = await layer.group_send("room:w", {"type": "m"})
+    assert first is not None
+    await raw.delete(f"{layer.prefix}:hmeta:{{room:w}}")
+    second = await layer.group_send("room:w", {"type": "m"})
+    assert second is not None
+    assert second.epoch != first.epoch
+    assert second.offset == 1
+    # The entries list alone lost: the stored history is gone, so is its epoch.
+    await raw.delete(f"{layer.prefix}:history:{{room:w}}")
+    page = await layer.group_history("room:w", since=second)
+    assert not page.recovered
+    assert page.position.epoch not in (first.epoch, second.epoch)
+    assert page.position.offset == 0
+    third = await layer.group_send("room:w", {"type": "m"})
+    assert third == (1, page.position.epoch)
+    # Membership is not history: the member still got every message.
+    got = [await layer.receive(channel, timeout=5) for _ in range(3)]
+    assert [m["_position"]["epoch"] for m in got] == [first.epoch, second.epoch, third.epoch]
+
+
+async def test_history_survives_a_restart_when_redis_persists(
+    restartable_redis: RedisNode, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    build = layer_factory(layers, RedisChannelLayer, url=restartable_redis.url, prefix=namespace, timeout=1)
+    layer = build(history=HISTORY)
+    positions = [await layer.group_send("room:r", {"type": "m", "i": i}) for i in range(3)]
+    first = positions[0]
+    assert first is not None
+    restartable_redis.cli_call("SAVE")  # the dump the restarted server loads
+    restartable_redis.stop()
+    restartable_redis.start()
+    reader = build(history=HISTORY)
+    page = await reader.group_history("room:r", since=first)
+    assert page.recovered
+    assert [m["i"] for m in page.messages] == [1, 2]
+    assert page.position == positions[-1]
+    after = await layer.group_send("room:r", {"type": "m", "i": 3})
+    assert after == (4, first.epoch)
+
+    # Without a dump, the history is lost: a new epoch, offsets start again.
+    (restartable_redis.workdir / "dump.rdb").unlink()
+    restartable_redis.stop()
+    restartable_redis.start()
+    lost = await reader.group_history("room:r", since=after)
+    assert not lost.recovered
+    assert lost.messages == []
+    assert lost.position.epoch != first.epoch
+
+
+async def test_cluster_history_keys_share_the_slot_of_their_group(
+    redis_cluster: RedisCluster, cluster_raw: ClusterClient, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    build = layer_factory(layers, RedisChannelLayer, url=redis_cluster.url, prefix=namespace, cluster=True)
+    sender, receiver = build(history=HISTORY), build(history=HISTORY)
+    group = "room:{odd}name}"
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add(group, channel)
+    position = await sender.group_send(group, {"type": "m"})
+    assert position is not None
+    assert (await receiver.receive(channel, timeout=10))["_position"] == position.as_dict()
+    tag = "{room:%7Bodd%7Dname%7D}"
+    keys = {key.decode() async for key in cluster_raw.scan_iter(match=f"{namespace}:*")}
+    assert {f"{namespace}:history:{tag}", f"{namespace}:hmeta:{tag}"} <= keys
+    kinds = ("group", "owners", "history", "hmeta")
+    slots = {key_slot(f"{namespace}:{kind}:{tag}".encode()) for kind in kinds}
+    assert len(slots) == 1

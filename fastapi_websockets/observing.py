@@ -1,0 +1,207 @@
+"""The hook points that :mod:`fastapi_websockets.metrics` and :mod:`fastapi_websockets.tracing` fill.
+
+Nothing here imports prometheus-client or OpenTelemetry. Layers and consumers
+check one module attribute, :data:`hooks`, on their hot paths; it stays None
+until an instrumentation is installed with :func:`install`, so an app that
+turns on neither pays that check and nothing else.
+
+Instrumentations see four moments: a message leaving (``send`` and
+``group_send``, with a ``meta`` dict they may fill and that travels inside the
+message under :data:`RESERVED_KEY`), a message arriving in a process (decoded
+from the broker; the reserved key is removed there, before any handler sees
+the message), a ``receive()`` returning, and a consumer's connection, frames
+and handled events.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi_websockets.types import Message
+
+if TYPE_CHECKING:
+    from fastapi_websockets.backends.base import BaseChannelLayer
+    from fastapi_websockets.consumers import AsyncWebSocketConsumer
+
+__all__ = ["RESERVED_KEY", "Delivered", "Hooks", "Observer", "hooks", "install", "live_layers"]
+
+T = TypeVar("T")
+
+#: The one message key instrumentation reserves: ``{"ts": sent-at, "tc": W3C trace context}``.
+RESERVED_KEY = "__fastapi_websockets__"
+
+#: Every layer instance not yet garbage collected; read at scrape time, never on a hot path.
+live_layers: weakref.WeakSet[BaseChannelLayer] = weakref.WeakSet()
+
+
+class Delivered(dict[str, Any]):
+    """A received message whose sender attached instrumentation data (kept aside in :attr:`meta`)."""
+
+    __slots__ = ("meta",)
+
+    def __init__(self, message: Mapping[str, Any], meta: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.meta = meta
+
+
+class Observer:
+    """Base class of an instrumentation: every method is a no-op to override.
+
+    Methods returning a token are paired with a ``*_done(token, error)`` call
+    made after the observed operation, in the same task, with the exception it
+    raised (or None).
+    """
+
+    def message_out(self, layer: BaseChannelLayer, operation: str, meta: dict[str, Any]) -> object:
+        """A ``send`` or ``group_send`` (``operation``) starts; fill ``meta`` to send data along."""
+        return None
+
+    def message_out_done(self, token: object, error: BaseException | None) -> None:
+        """The operation :meth:`message_out` announced has finished."""
+
+    def message_in(self, layer: BaseChannelLayer, meta: Mapping[str, Any]) -> None:
+        """A message carrying ``meta`` arrived in this process (once per process, not per receiver)."""
+
+    def message_received(self, layer: BaseChannelLayer) -> None:
+        """A ``receive()`` call returned a message."""
+
+    def connection_accepted(self, consumer: AsyncWebSocketConsumer) -> None:
+        """A consumer accepted its WebSocket."""
+
+    def connection_ended(self, consumer: AsyncWebSocketConsumer, accepted: bool, code: int | None) -> None:
+        """A consumer finished serving its WebSocket (``accepted`` False: it was rejected)."""
+
+    def frame_in(self, consumer: AsyncWebSocketConsumer) -> object:
+        """A consumer starts handling a frame from its client."""
+        return None
+
+    def frame_in_done(self, token: object, error: BaseException | None) -> None:
+        """The frame :meth:`frame_in` announced has been handled."""
+
+    def frame_out(self, consumer: AsyncWebSocketConsumer) -> None:
+        """A consumer wrote a frame to its client."""
+
+    def event_in(self, consumer: AsyncWebSocketConsumer, event: str, message: Message) -> object:
+        """A consumer starts handling a channel event (``event``: its type, or ``"other"``)."""
+        return None
+
+    def event_in_done(self, token: object, error: BaseException | None) -> None:
+        """The event :meth:`event_in` announced has been handled."""
+
+
+class Hooks:
+    """The installed observers, called in installation order (and ``*_done`` in reverse)."""
+
+    def __init__(self, observers: tuple[Observer, ...]) -> None:
+        self.observers = observers
+
+    async def message_out(
+        self,
+        layer: BaseChannelLayer,
+        operation: str,
+        message: Message,
+        call: Callable[[Message], Awaitable[T]],
+    ) -> T:
+        """Run ``call`` (the actual send) on ``message`` plus the observers' reserved key."""
+        meta: dict[str, Any] = {}
+        tokens = [(observer, observer.message_out(layer, operation, meta)) for observer in self.observers]
+        if meta:
+            message = {**message, RESERVED_KEY: meta}
+        try:
+            result = await call(message)
+        except BaseException as exc:
+            for observer, token in reversed(tokens):
+                observer.message_out_done(token, exc)
+            raise
+        for observer, token in reversed(tokens):
+            observer.message_out_done(token, None)
+        return result
+
+    def message_received(self, layer: BaseChannelLayer) -> None:
+        for observer in self.observers:
+            observer.message_received(layer)
+
+    def connection_accepted(self, consumer: AsyncWebSocketConsumer) -> None:
+        for observer in self.observers:
+            observer.connection_accepted(consumer)
+
+    def connection_ended(self, consumer: AsyncWebSocketConsumer, accepted: bool, code: int | None) -> None:
+        for observer in self.observers:
+            observer.connection_ended(consumer, accepted, code)
+
+    def frame_out(self, consumer: AsyncWebSocketConsumer) -> None:
+        for observer in self.observers:
+            observer.frame_out(consumer)
+
+    async def frame_in(
+        self,
+        consumer: AsyncWebSocketConsumer,
+        frame: Mapping[str, Any],
+        dispatch: Callable[[Mapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        tokens = [(observer, observer.frame_in(consumer)) for observer in self.observers]
+        try:
+            await dispatch(frame)
+        except BaseException as exc:
+            for observer, token in reversed(tokens):
+                observer.frame_in_done(token, exc)
+            raise
+        for observer, token in reversed(tokens):
+            observer.frame_in_done(token, None)
+
+    async def event_in(
+        self,
+        consumer: AsyncWebSocketConsumer,
+        event: str,
+        message: Message,
+        handler: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        if len(self.observers) == 1:
+            # The common case, without the lists: this runs once per event per receiver.
+            (observer,) = self.observers
+            token = observer.event_in(consumer, event, message)
+            try:
+                await handler(message)
+            except BaseException as exc:
+                observer.event_in_done(token, exc)
+                raise
+            observer.event_in_done(token, None)
+            return
+        tokens = [(observer, observer.event_in(consumer, event, message)) for observer in self.observers]
+        try:
+            await handler(message)
+        except BaseException as exc:
+            for observer, token in reversed(tokens):
+                observer.event_in_done(token, exc)
+            raise
+        for observer, token in reversed(tokens):
+            observer.event_in_done(token, None)
+
+
+#: The installed instrumentation, or None (then no observing code runs at all).
+hooks: Hooks | None = None
+
+
+def install(observer: Observer) -> None:
+    """Add ``observer`` to :data:`hooks`; installing the same observer again does nothing."""
+    global hooks
+    current = hooks.observers if hooks is not None else ()
+    if observer not in current:
+        hooks = Hooks((*current, observer))
+
+
+def incoming(layer: BaseChannelLayer, message: dict[str, Any]) -> Message:
+    """Take the reserved key out of a decoded ``message``; tell the observers what it carried.
+
+    Called once per message arriving in a process. The key is removed even
+    where no instrumentation is installed, so a handler never sees it when
+    only some processes of an app are instrumented.
+    """
+    meta = message.pop(RESERVED_KEY)
+    if hooks is None or not isinstance(meta, dict):
+        return message
+    for observer in hooks.observers:
+        observer.message_in(layer, meta)
+    return Delivered(message, meta) if "tc" in meta else message

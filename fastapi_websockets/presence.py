@@ -15,6 +15,7 @@ entries and announces them as left.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from fastapi_websockets.types import Message
@@ -53,6 +54,10 @@ class LocalPresence:
         if not members:
             del self._entries[group]
         return info
+
+    def channels(self, group: str) -> Collection[str]:
+        """The channels of ``group`` this instance owns (a live view, not a copy)."""
+        return self._entries.get(group, {}).keys()
 
     def items(self) -> list[tuple[str, str, bytes]]:
         """Every entry as ``(group, channel, info)``."""

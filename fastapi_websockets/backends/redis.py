@@ -569,7 +569,11 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     def _presence_owner_keys(self, token: str) -> list[str]:
         """The live owners and the groups of ``token``: one hash tag, one slot for all processes."""
-        return [f"{self.prefix}:plive:{{presence}}", f"{self.prefix}:pgroups:{{presence}}:{token}"]
+        return [self._presence_live_key, f"{self.prefix}:pgroups:{{presence}}:{token}"]
+
+    @property
+    def _presence_live_key(self) -> str:
+        return f"{self.prefix}:plive:{{presence}}"
 
     @property
     def _wake_command(self) -> str:
@@ -904,7 +908,15 @@ class RedisChannelLayer(BrokerChannelLayer):
         """
         if self._cluster_client is None:
             return list(await asyncio.gather(*calls))
-        return [await call for call in calls]
+        results = []
+        for index, call in enumerate(calls):
+            try:
+                results.append(await call)
+            except BaseException:
+                for later in calls[index + 1 :]:
+                    later.close()  # never started: no "never awaited" warning
+                raise
+        return results
 
     async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
         token = self.client_token
@@ -933,7 +945,7 @@ class RedisChannelLayer(BrokerChannelLayer):
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         entries, (now, owners) = await asyncio.gather(
             self._execute("HGETALL", self._presence_key(group)),
-            self._script("presence_owners", self._presence_owner_keys(self.client_token)[:1]),
+            self._script("presence_owners", [self._presence_live_key]),
         )
         # This process is alive whatever its record says (a heartbeat may be due).
         alive = {owners[i] for i in range(0, len(owners), 2) if int(owners[i + 1]) > int(now)}
@@ -946,12 +958,13 @@ class RedisChannelLayer(BrokerChannelLayer):
         return present
 
     async def _presence_beat(self) -> bool:
-        token = self.client_token
-        keys = self._presence_owner_keys(token)[:1]
-        return bool(await self._script("presence_beat", keys, token, self._presence_timeout_ms))
+        beat = await self._script(
+            "presence_beat", [self._presence_live_key], self.client_token, self._presence_timeout_ms
+        )
+        return bool(beat)
 
     async def _presence_reap(self) -> list[tuple[str, str, bytes]]:
-        live = self._presence_owner_keys(self.client_token)[0]
+        live = self._presence_live_key
         now, owners = await self._script("presence_owners", [live])
         mine = self.client_token.encode()
         dead = [

@@ -15,6 +15,7 @@ entries and announces them as left.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from fastapi_websockets.types import Message
@@ -60,6 +61,10 @@ class LocalPresence:
     def members(self, group: str) -> dict[str, bytes]:
         """The entries of ``group``: ``{channel: info}`` (a copy)."""
         return dict(self._entries.get(group, {}))
+
+    def channels(self, group: str) -> Collection[str]:
+        """The channels of ``group`` this instance owns (a live view, not a copy)."""
+        return self._entries.get(group, {}).keys()
 
     def items(self) -> list[tuple[str, str, bytes]]:
         """Every entry as ``(group, channel, info)``."""

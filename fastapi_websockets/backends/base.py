@@ -639,6 +639,9 @@ class BaseChannelLayer(abc.ABC):
         for group, channel, data in self._presence.items():
             try:
                 await self._presence_remove(group, channel)
+                # Forgotten one by one, as presence_leave does: a backend can tell the last
+                # entry of a group (or of this layer) and drop its own records with it.
+                self._presence.remove(group, channel)
                 await self._announce_left(group, channel, data)
             except ChannelLayerError as exc:
                 logger.warning("could not remove presence of %r in %r on close: %s", channel, group, exc)

@@ -27,6 +27,15 @@ tags, so keys that one Lua script touches always share a slot):
   first) and a hash ``{epoch, offset}``. The script that reads the owners for
   ``group_send`` also assigns the offset and stores the message.
 
+* ``P:presence:{group}``: only for groups someone joined the presence of: a hash
+  ``channel -> owner token "\n" info`` (the owner is the layer that joined).
+* ``P:plive:{presence}``: a sorted set ``token -> deadline`` (Redis server time,
+  ms) of the processes holding presence entries, pushed forward by one
+  heartbeat per process; and ``P:pgroups:{presence}:token``, the groups where
+  that process holds entries (one hash tag: a reaper claims a dead process and
+  takes its group list in one script). A dead process's entries are found
+  through its group list, never by reading every group.
+
 Entries of the lists start with a 13-digit deadline in ms (Redis server time),
 so undelivered messages expire individually and capacity checks ignore them.
 Names inside hash tags escape ``%``, ``{`` and ``}``, so every name gets its own
@@ -84,6 +93,8 @@ _WAITER_TTL_MS = 45_000
 #: inbox must not grow without bound while senders keep refreshing its TTL).
 _INBOX_FACTOR = 100
 _DEADLINE_DIGITS = 13
+#: Most dead processes one presence reap claims (the rest wait for the next beat).
+_REAP_BATCH = 100
 _DATA = b"D"
 _WAKE = b"W"
 # Another process added or discarded one of this process's channels: the owner
@@ -315,6 +326,87 @@ return {newest, epoch, (head - 1 <= after) and 1 or 0, first, entries}
 )
 
 
+# KEYS: live owners, this owner's groups. ARGV: token, timeout ms, group.
+# Records (or refreshes) the owner before its entry in `group` is stored.
+_PRESENCE_OWN = (
+    _NOW
+    + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 0
+"""
+)
+
+# KEYS: live owners, this owner's groups. ARGV: token, group. After the owner's
+# last entry in `group` left: forget the group, and the owner with its last group.
+_PRESENCE_DISOWN = """
+redis.call('SREM', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+# KEYS: a group's presence hash. ARGV: channel. Removes the entry, returns it (nil if none).
+_PRESENCE_TAKE = """
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if entry then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return entry
+"""
+
+# KEYS: live owners. ARGV: token, timeout ms. The heartbeat: 1 if the owner was
+# missing (Redis lost it, or a reaper took it), so its entries must be stored again.
+_PRESENCE_BEAT = (
+    _NOW
+    + """
+return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+"""
+)
+
+# KEYS: live owners. Returns {now, {token, deadline, ...}}: one reply tells both
+# who is alive (for a read) and who is dead (for a reap), by Redis's clock.
+_PRESENCE_OWNERS = (
+    _NOW
+    + """
+return {now, redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
+"""
+)
+
+# KEYS: live owners, then the groups set of each token in ARGV. Claims each owner
+# still past its deadline: exactly one caller removes it (ZREM returns 1 once) and
+# gets its groups. Returns {token, {groups}, ...}.
+_PRESENCE_CLAIM = (
+    _NOW
+    + """
+local out = {}
+for i, token in ipairs(ARGV) do
+  local deadline = tonumber(redis.call('ZSCORE', KEYS[1], token))
+  if deadline and deadline <= now and redis.call('ZREM', KEYS[1], token) == 1 then
+    out[#out + 1] = token
+    out[#out + 1] = redis.call('SMEMBERS', KEYS[i + 1])
+    redis.call('DEL', KEYS[i + 1])
+  end
+end
+return out
+"""
+)
+
+# KEYS: a group's presence hash. ARGV: a claimed owner's mark (token .. "\n").
+# Removes that owner's entries; returns {channel, info, ...}.
+_PRESENCE_REAP = """
+local mark = ARGV[1]
+local out = {}
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local entry = entries[i + 1]
+  if string.sub(entry, 1, #mark) == mark then
+    redis.call('HDEL', KEYS[1], entries[i])
+    out[#out + 1] = entries[i]
+    out[#out + 1] = string.sub(entry, #mark + 1)
+  end
+end
+return out
+"""
+
+
 class _Script:
     """A Lua script run by EVALSHA, falling back to EVAL after a Redis restart."""
 
@@ -334,6 +426,13 @@ _SCRIPTS = {
         "group_owners": _GROUP_OWNERS,
         "group_send_history": _GROUP_SEND_HISTORY,
         "history_read": _HISTORY_READ,
+        "presence_own": _PRESENCE_OWN,
+        "presence_disown": _PRESENCE_DISOWN,
+        "presence_take": _PRESENCE_TAKE,
+        "presence_beat": _PRESENCE_BEAT,
+        "presence_owners": _PRESENCE_OWNERS,
+        "presence_claim": _PRESENCE_CLAIM,
+        "presence_reap": _PRESENCE_REAP,
     }.items()
 }
 _BY_SHA = {script.sha: script for script in _SCRIPTS.values()}
@@ -419,6 +518,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         self.sharded_pubsub = flag("sharded_pubsub", sharded_pubsub)
         self._expiry_ms = _ms(self.channel_expiry)
         self._group_expiry_ms = _ms(self.group_expiry)
+        self._presence_timeout_ms = _ms(self.presence_timeout)
         self._inbox_limit = self.capacity * _INBOX_FACTOR
         self._client: Redis | RedisCluster | None = None
         self._cluster_client: RedisCluster | None = None
@@ -463,6 +563,17 @@ class RedisChannelLayer(BrokerChannelLayer):
         """The group's history list and its {epoch, offset} hash: the same slot as its members."""
         tag = _tag(group)
         return [f"{self.prefix}:history:{tag}", f"{self.prefix}:hmeta:{tag}"]
+
+    def _presence_key(self, group: str) -> str:
+        return f"{self.prefix}:presence:{_tag(group)}"
+
+    def _presence_owner_keys(self, token: str) -> list[str]:
+        """The live owners and the groups of ``token``: one hash tag, one slot for all processes."""
+        return [self._presence_live_key, f"{self.prefix}:pgroups:{{presence}}:{token}"]
+
+    @property
+    def _presence_live_key(self) -> str:
+        return f"{self.prefix}:plive:{{presence}}"
 
     @property
     def _wake_command(self) -> str:
@@ -786,6 +897,102 @@ class RedisChannelLayer(BrokerChannelLayer):
             epoch.decode(),
             complete=bool(complete),
         )
+
+    # ------------------------------------------------------------- presence
+
+    async def _in_order(self, *calls: Coroutine[Any, Any, Any]) -> list[Any]:
+        """Run Redis calls in this order, in one round trip where the order survives it.
+
+        On one server a pipeline runs its commands in order. A cluster writes to its
+        nodes in parallel, so keys in different slots are written one call after the other.
+        """
+        if self._cluster_client is None:
+            return list(await asyncio.gather(*calls))
+        results = []
+        for index, call in enumerate(calls):
+            try:
+                results.append(await call)
+            except BaseException:
+                for later in calls[index + 1 :]:
+                    later.close()  # never started: no "never awaited" warning
+                raise
+        return results
+
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
+        token = self.client_token
+        # The owner (and the group in its list) first: an entry is never stored where
+        # a reaper could not find it.
+        await self._in_order(
+            self._script(
+                "presence_own", self._presence_owner_keys(token), token, self._presence_timeout_ms, group
+            ),
+            self._execute("HSET", self._presence_key(group), channel, token.encode() + b"\n" + info),
+        )
+
+    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+        take = self._script("presence_take", [self._presence_key(group)], channel)
+        mine = self._presence.channels(group)
+        if channel in mine and len(mine) == 1:
+            # This process's last entry in the group: drop the group from its list
+            # (and its owner record with its last group), so nothing is left behind.
+            token = self.client_token
+            disown = self._script("presence_disown", self._presence_owner_keys(token), token, group)
+            entry, _ = await self._in_order(take, disown)
+        else:
+            entry = await take
+        return None if entry is None else bytes(entry).partition(b"\n")[2]
+
+    async def _presence_read(self, group: str) -> dict[str, bytes]:
+        entries, (now, owners) = await asyncio.gather(
+            self._execute("HGETALL", self._presence_key(group)),
+            self._script("presence_owners", [self._presence_live_key]),
+        )
+        # This process is alive whatever its record says (a heartbeat may be due).
+        alive = {owners[i] for i in range(0, len(owners), 2) if int(owners[i + 1]) > int(now)}
+        alive.add(self.client_token.encode())
+        present = {}
+        for channel, entry in entries.items():
+            owner, _, info = entry.partition(b"\n")
+            if owner in alive:
+                present[channel.decode()] = info
+        return present
+
+    async def _presence_beat(self) -> bool:
+        beat = await self._script(
+            "presence_beat", [self._presence_live_key], self.client_token, self._presence_timeout_ms
+        )
+        return bool(beat)
+
+    async def _presence_reap(self) -> list[tuple[str, str, bytes]]:
+        live = self._presence_live_key
+        now, owners = await self._script("presence_owners", [live])
+        mine = self.client_token.encode()
+        dead = [
+            owners[i].decode()
+            for i in range(0, len(owners), 2)
+            if int(owners[i + 1]) <= int(now) and owners[i] != mine
+        ][:_REAP_BATCH]
+        if not dead:
+            return []
+        keys = [live, *(self._presence_owner_keys(token)[1] for token in dead)]
+        claimed = await self._script("presence_claim", keys, *dead)
+        # Each claimed owner's groups, in their own slots: one pipelined write for all.
+        work = [
+            (group.decode(), token)
+            for i in range(0, len(claimed), 2)
+            for token, group in ((claimed[i], group) for group in claimed[i + 1])
+        ]
+        results = await asyncio.gather(
+            *(
+                self._script("presence_reap", [self._presence_key(group)], token + b"\n")
+                for group, token in work
+            )
+        )
+        return [
+            (group, removed[i].decode(), removed[i + 1])
+            for (group, _), removed in zip(work, results, strict=True)
+            for i in range(0, len(removed), 2)
+        ]
 
     # ------------------------------------------------------------ receiving
 

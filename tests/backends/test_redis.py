@@ -785,3 +785,193 @@ async def test_cluster_history_keys_share_the_slot_of_their_group(
     kinds = ("group", "owners", "history", "hmeta")
     slots = {key_slot(f"{namespace}:{kind}:{tag}".encode()) for kind in kinds}
     assert len(slots) == 1
+
+
+# ------------------------------------------------------------------- presence
+
+# One OS process that joins presence and waits to be killed; prints its token.
+_PRESENT = """
+import asyncio, sys
+from fastapi_websockets.backends.redis import RedisChannelLayer
+
+async def main(url, prefix):
+    layer = RedisChannelLayer(url=url, prefix=prefix, presence_timeout=1)
+    for group in ("room:a", "room:b"):
+        for _ in range(3):
+            await layer.presence_join(group, await layer.new_channel("ws"), {"g": group}, notify=False)
+    print(layer.client_token, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def _presence_keys(raw: redis_asyncio.Redis, prefix: str) -> set[str]:
+    keys = {key.decode() async for key in raw.scan_iter(match=f"{prefix}:*")}
+    return {key for key in keys if key.split(":")[1] in ("presence", "plive", "pgroups")}
+
+
+async def test_presence_data_in_redis_after_join_leave_and_close(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    layer, other = make(), make()
+    prefix, token = layer.prefix, layer.client_token
+    live, groups = f"{prefix}:plive:{{presence}}", f"{prefix}:pgroups:{{presence}}:{token}"
+    assert await _presence_keys(raw, prefix) == set()
+    await layer.group_add("room:x", await layer.new_channel("ws"))
+    assert await _presence_keys(raw, prefix) == set()  # groups alone write no presence key
+
+    first, second = await layer.new_channel("ws"), await layer.new_channel("ws")
+    await layer.presence_join("room:x", first, {"n": 1})
+    await layer.presence_join("room:x", second, {"n": 2})
+    await layer.presence_join("room:y", first, {"n": 3})
+    assert await _presence_keys(raw, prefix) == {
+        f"{prefix}:presence:{{room:x}}",
+        f"{prefix}:presence:{{room:y}}",
+        live,
+        groups,
+    }
+    assert await raw.hlen(f"{prefix}:presence:{{room:x}}") == 2
+    assert await raw.smembers(groups) == {b"room:x", b"room:y"}
+    assert await raw.zscore(live, token) is not None
+
+    await layer.presence_leave("room:x", first)
+    assert await raw.smembers(groups) == {b"room:x", b"room:y"}  # second is still in room:x
+    await layer.presence_leave("room:x", second)
+    assert await raw.smembers(groups) == {b"room:y"}
+    assert not await raw.exists(f"{prefix}:presence:{{room:x}}")
+    await layer.presence_leave("room:y", first)
+    assert await _presence_keys(raw, prefix) == set()
+
+    await layer.presence_join("room:z", first, {"n": 4})
+    await other.presence_join("room:z", await other.new_channel("ws"), {"n": 5})
+    await layer.close()
+    # The closing layer leaves no record behind; the other's entry and records stay.
+    assert set(await other.presence("room:z")) != {first}
+    assert await raw.hlen(f"{prefix}:presence:{{room:z}}") == 1
+    assert await raw.zrange(live, 0, -1) == [other.client_token.encode()]
+    assert not await raw.exists(groups)
+
+
+async def test_a_dead_process_is_reaped_once_and_leaves_nothing(
+    make: Factory, raw: redis_asyncio.Redis, redis_server: RedisNode, namespace: str
+) -> None:
+    reapers = [make(presence_timeout=1) for _ in range(3)]
+    watcher = await reapers[0].new_channel("ws")
+    for group in ("room:a", "room:b"):
+        await reapers[0].group_add(group, watcher)
+    for layer in reapers:
+        await layer.presence_join("room:a", await layer.new_channel("ws"), {"live": True}, notify=False)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PRESENT, redis_server.url, namespace, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        dead = (await child.stdout.readline()).decode().strip()
+        assert dead
+        assert len(await reapers[1].presence("room:b")) == 3
+    finally:
+        child.kill()
+        await child.wait()
+    # Every reaper beats (and reaps) on its own; each leave is announced exactly once.
+    left = [await reapers[0].receive(watcher, timeout=10) for _ in range(6)]
+    assert {event["type"] for event in left} == {"presence.left"}
+    assert sorted(event["info"]["g"] for event in left) == ["room:a"] * 3 + ["room:b"] * 3
+    assert len({event["channel"] for event in left}) == 6
+    for layer in reapers:
+        await layer.presence_heartbeat()
+    with pytest.raises(TimeoutError):
+        await reapers[0].receive(watcher, timeout=0.5)
+
+    prefix = namespace
+    assert await _presence_keys(raw, prefix) == {
+        f"{prefix}:presence:{{room:a}}",
+        f"{prefix}:plive:{{presence}}",
+        *(f"{prefix}:pgroups:{{presence}}:{layer.client_token}" for layer in reapers),
+    }
+    assert {token.decode() for token in await raw.zrange(f"{prefix}:plive:{{presence}}", 0, -1)} == {
+        layer.client_token for layer in reapers
+    }
+    assert dead not in {token.decode() for token in await raw.zrange(f"{prefix}:plive:{{presence}}", 0, -1)}
+    assert await raw.hlen(f"{prefix}:presence:{{room:a}}") == 3
+
+
+async def test_presence_heartbeat_costs_the_same_whatever_the_members(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    # A long timeout: the background beat runs once at the first join, then sleeps.
+    small, large = make(presence_timeout=300), make(presence_timeout=300)
+    await small.presence_join("room:h", await small.new_channel("ws"), notify=False)
+    for i in range(1000):
+        await large.presence_join(f"room:h{i % 10}", await large.new_channel("ws"), notify=False)
+    calls = []
+    for layer in (small, large):
+        await raw.config_resetstat()
+        await layer.presence_heartbeat()
+        stats = await raw.info("commandstats")
+        calls.append(
+            {name: value["calls"] for name, value in stats.items() if not name.startswith("cmdstat_config")}
+        )
+    # One script refreshes the owner record, one lists the owners to find dead ones.
+    assert (
+        calls[0]
+        == calls[1]
+        == {"cmdstat_evalsha": 2, "cmdstat_zadd": 1, "cmdstat_zrange": 1, "cmdstat_time": 2}
+    )
+
+
+async def test_presence_is_back_within_a_heartbeat_after_a_restart(
+    restartable_redis: RedisNode, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    build = layer_factory(
+        layers,
+        RedisChannelLayer,
+        url=restartable_redis.url,
+        prefix=namespace,
+        timeout=1,
+        presence_timeout=1.5,
+    )
+    owner, viewer = build(), build()
+    mine = {await owner.new_channel("ws"): {"i": i} for i in range(50)}
+    for channel, info in mine.items():
+        await owner.presence_join("room:r" if info["i"] % 2 else "lobby", channel, info, notify=False)
+    theirs = await viewer.new_channel("ws")
+    await viewer.presence_join("lobby", theirs, {"viewer": True}, notify=False)
+    expected_lobby = {c: i for c, i in mine.items() if not i["i"] % 2} | {theirs: {"viewer": True}}
+    assert await viewer.presence("lobby") == expected_lobby
+
+    restartable_redis.stop()
+    restartable_redis.start()  # empty: no persistence
+
+    async def restored() -> bool:
+        try:
+            lobby, room = await viewer.presence("lobby"), await viewer.presence("room:r")
+        except BackendUnavailable:
+            return False
+        return lobby == expected_lobby and room == {c: i for c, i in mine.items() if i["i"] % 2}
+
+    await _eventually(restored, "every live process stores its presence entries again")
+
+
+async def test_cluster_presence_keys_by_slot(
+    redis_cluster: RedisCluster, cluster_raw: ClusterClient, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    build = layer_factory(layers, RedisChannelLayer, url=redis_cluster.url, prefix=namespace, cluster=True)
+    first, second = build(), build()
+    groups = [f"room:{i}" for i in range(8)]
+    for layer in (first, second):
+        for group in groups:
+            await layer.presence_join(group, await layer.new_channel("ws"), {"g": group}, notify=False)
+    assert len(await second.presence("room:{odd}")) == 0
+    assert [len(await first.presence(group)) for group in groups] == [2] * len(groups)
+    keys = {key.decode() async for key in cluster_raw.scan_iter(match=f"{namespace}:*")}
+    records = {key for key in keys if key.split(":")[1] in ("plive", "pgroups")}
+    assert len(records) == 3
+    assert len({key_slot(key.encode()) for key in records}) == 1  # a claim is one script
+    # A group's presence lives in its group's slot; the groups spread over the cluster.
+    slots = {key_slot(f"{namespace}:presence:{{{group}}}".encode()) for group in groups}
+    assert {key_slot(f"{namespace}:group:{{{group}}}".encode()) for group in groups} == slots
+    nodes = {cluster_raw.get_node_from_key(f"{namespace}:presence:{{{group}}}") for group in groups}
+    assert len({node.name for node in nodes if node is not None}) > 1
+    await first.close()
+    assert [len(await second.presence(group)) for group in groups] == [1] * len(groups)

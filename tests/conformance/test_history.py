@@ -13,7 +13,7 @@ from tests.conftest import LayerFactory
 from tests.servers import Backend
 
 #: Backends whose history is not written yet: their tests must fail with NotImplementedError.
-PENDING: set[str] = {"nats"}
+PENDING: set[str] = set()
 
 
 @pytest.fixture(autouse=True)

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,46 +157,32 @@ def versions(lib: Lib) -> dict[str, str]:
 
 
 class Workers:
-    """W uvicorn processes of one app, each on its own port, stopped by PID."""
+    """``count`` uvicorn processes of one app, each on its own port, stopped by PID."""
 
-    def __init__(self, lib: Lib, count: int, redis_url: str, ws: str) -> None:
+    def __init__(
+        self,
+        python: Path,
+        app: str,
+        count: int,
+        env: Mapping[str, str],
+        *,
+        ws: str = "auto",
+        app_dir: Path | None = None,
+    ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
         self.logs: list[Path] = []
-        env = {
-            **os.environ,
-            **lib.env,
-            "E2E_REDIS_URL": redis_url,
-            "FASTAPI_WEBSOCKETS_BACKEND": "redis",
-            "FASTAPI_WEBSOCKETS_REDIS_URL": redis_url,
-            "FASTAPI_WEBSOCKETS_REDIS_PREFIX": "bench-e2e",
-        }
-        self.logdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+        self.logdir = Path(tempfile.mkdtemp(prefix="bench-uvicorn-"))
         for index in range(count):
             port = free_port()
             log = self.logdir / f"worker{index}.log"
+            command = [str(python), "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+            command += ["--log-level", "warning", "--ws", ws]
+            if app_dir is not None:
+                command += ["--app-dir", str(app_dir)]
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
-                    [
-                        str(lib.python),
-                        "-m",
-                        "uvicorn",
-                        f"{lib.module}:app",
-                        "--app-dir",
-                        str(APPS),
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--log-level",
-                        "warning",
-                        "--ws",
-                        ws,
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
+                    command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
                 )
             self.procs.append(proc)
             self.ports.append(port)
@@ -342,7 +329,14 @@ def percentile(values: list[float], pct: float) -> float:
 
 async def run_lib(lib: Lib, redis: RedisNode, args: argparse.Namespace, clients: int) -> dict[str, Any]:
     redis.cli_call("flushall")
-    workers = Workers(lib, args.workers, redis.url, args.ws)
+    env = {
+        **lib.env,
+        "E2E_REDIS_URL": redis.url,
+        "FASTAPI_WEBSOCKETS_BACKEND": "redis",
+        "FASTAPI_WEBSOCKETS_REDIS_URL": redis.url,
+        "FASTAPI_WEBSOCKETS_REDIS_PREFIX": "bench-e2e",
+    }
+    workers = Workers(lib.python, f"{lib.module}:app", args.workers, env, ws=args.ws, app_dir=APPS)
     loads: ClientProcs | None = None
     try:
         await asyncio.to_thread(workers.wait_ready)

@@ -68,6 +68,7 @@ class Lib:
     """One row: which app, in which virtualenv, spoken to in which protocol."""
 
     label: str
+    short: str
     module: str
     venv: Path
     packages: tuple[str, ...]
@@ -86,21 +87,28 @@ def _peer(name: str) -> Path:
 LIBS = {
     "ours-handler": Lib(
         "fastapi-websockets (handler + send_json)",
+        "ours: handler\n+ send_json",
         "ours_handler",
         ROOT / ".venv",
         ("fastapi-websockets", "fastapi", "redis"),
     ),
     "ours-envelope": Lib(
         "fastapi-websockets (websocket_json_message envelope, no handler)",
+        "ours: envelope,\nno handler",
         "ours_envelope",
         ROOT / ".venv",
         ("fastapi-websockets", "fastapi", "redis"),
     ),
     "broadcaster": Lib(
-        "encode/broadcaster", "broadcaster_app", _peer("broadcaster"), ("broadcaster", "starlette", "redis")
+        "encode/broadcaster",
+        "broadcaster",
+        "broadcaster_app",
+        _peer("broadcaster"),
+        ("broadcaster", "starlette", "redis"),
     ),
     "socketio": Lib(
         "python-socketio + AsyncRedisManager",
+        "python-socketio\n+ Redis manager",
         "socketio_app",
         _peer("socketio"),
         ("python-socketio", "python-engineio", "redis"),
@@ -108,6 +116,7 @@ LIBS = {
     ),
     "channels-pubsub": Lib(
         "Django Channels + channels_redis PubSub",
+        "Channels +\nredis PubSub",
         "channels_app",
         _peer("channels"),
         ("channels", "channels-redis", "django", "redis"),
@@ -115,6 +124,7 @@ LIBS = {
     ),
     "channels-core": Lib(
         "Django Channels + channels_redis core",
+        "Channels +\nredis core",
         "channels_app",
         _peer("channels"),
         ("channels", "channels-redis", "django", "redis"),
@@ -365,6 +375,7 @@ async def run_lib(lib: Lib, redis: RedisNode, args: argparse.Namespace, clients:
                 raise RuntimeError(f"no warm-up broadcast reached every client\n{workers.log_tail()}")
             # Let stragglers of the warm-up land before CPU is counted.
             await asyncio.sleep(0.5)
+            load = os.getloadavg()[0]
             cpu_before = workers.cpu_seconds()
             timed_out = 0
             for seq in range(args.broadcasts):
@@ -390,6 +401,7 @@ async def run_lib(lib: Lib, redis: RedisNode, args: argparse.Namespace, clients:
     expected = clients * args.broadcasts
     return {
         "lib": lib.label,
+        "short": lib.short,
         "clients": clients,
         "deliveries_per_s": clients / statistics.median(durations) if durations else 0.0,
         "p50_ms": percentile(latencies, 0.5) * 1000 if latencies else float("nan"),
@@ -402,6 +414,7 @@ async def run_lib(lib: Lib, redis: RedisNode, args: argparse.Namespace, clients:
         "rss_before_mb": rss_before / 1024,
         "rss_idle_mb": rss_idle / 1024,
         "rounds_ms": [round(d * 1000, 1) for d in durations],
+        "load_avg_1m": load,
     }
 
 
@@ -475,7 +488,8 @@ def write_report(
             if row["closed_early"]:
                 extra.append(f"{row['closed_early']} sockets closed by the server")
             out.append(
-                f"- {row['lib']}: rounds (ms) {row['rounds_ms']}; workers' RSS "
+                f"- {row['lib']}: load average {row['load_avg_1m']:.1f} when the broadcasts began; "
+                f"rounds (ms) {row['rounds_ms']}; workers' RSS "
                 f"{row['rss_before_mb']:.1f} MB before the clients, "
                 f"{row['rss_idle_mb']:.1f} MB idle with them" + (f"; {', '.join(extra)}" if extra else "")
             )
@@ -495,7 +509,7 @@ def plot(runs: dict[int, list[dict[str, Any]]], path: Path) -> None:
         ("cpu_s", "server CPU s (lower is better)"),
         ("rss_per_conn_kb", "RSS per idle connection, KB (lower is better)"),
     ]
-    labels = [row["lib"].replace(" (", "\n(").replace(" + ", "\n+ ") for row in next(iter(runs.values()))]
+    labels = [row["short"] for row in next(iter(runs.values()))]
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
     width = 0.8 / len(runs)
     for ax, (key, title) in zip(axes.flat, metrics, strict=True):
@@ -504,7 +518,7 @@ def plot(runs: dict[int, list[dict[str, Any]]], path: Path) -> None:
             ax.bar(positions, [row[key] for row in rows], width, label=f"{clients:,} clients")
         ax.set_title(title)
         ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
+        ax.set_xticklabels(labels, fontsize=8)
         ax.legend(fontsize=8)
     fig.suptitle("End to end over one Redis: HTTP-triggered broadcasts to WebSocket clients")
     fig.tight_layout()

@@ -464,12 +464,16 @@ def write_report(
         "HTTP POST (alternating between the workers) once the previous one reached every client; "
         f"{args.client_procs} client processes (asyncio + websockets, "
         f"{'permessage-deflate offered, as browsers do' if args.deflate else 'no compression offered'}); "
-        f"one local {redis_version}; uvicorn `--ws {args.ws}`.",
+        f"one local {redis_version}; uvicorn `--ws {args.ws}`; "
+        f"{args.repeat} run(s) per library, interleaved, medians shown (losses summed).",
         "- deliveries/s: clients / median time from publish to the last client's receipt. Latency: "
         "publish (a timestamp in the message) to receipt, over every delivery. CPU: user + system "
         "seconds of the worker processes during the measured broadcasts. RSS per idle connection: "
         f"growth of the workers' RSS after the clients connected and idled {args.idle_seconds:g} s, "
         "divided by the clients.",
+        "- On a shared machine deliveries/s and latency move by up to 2x between runs (the load "
+        "average is noted per row); CPU seconds and RSS are the steadier figures. `--repeat N` "
+        "interleaves N runs per library and shows medians.",
         "",
         "Versions:",
         "",
@@ -489,7 +493,7 @@ def write_report(
                 extra.append(f"{row['closed_early']} sockets closed by the server")
             out.append(
                 f"- {row['lib']}: load average {row['load_avg_1m']:.1f} when the broadcasts began; "
-                f"rounds (ms) {row['rounds_ms']}; workers' RSS "
+                f"rounds (ms{', first run' if row['runs'] > 1 else ''}) {row['rounds_ms']}; workers' RSS "
                 f"{row['rss_before_mb']:.1f} MB before the clients, "
                 f"{row['rss_idle_mb']:.1f} MB idle with them" + (f"; {', '.join(extra)}" if extra else "")
             )
@@ -533,13 +537,34 @@ async def run_all(
 ) -> dict[int, list[dict[str, Any]]]:
     runs: dict[int, list[dict[str, Any]]] = {}
     for clients in args.clients:
-        rows = runs.setdefault(clients, [])
-        for name in libs:
-            print(f"[{clients} clients] {name} ...", file=sys.stderr, flush=True)
-            row = await run_lib(LIBS[name], redis, args, clients)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
+        # Repeats are interleaved (every library once, then again) so that a burst of other
+        # work on the shared machine lands on several libraries instead of one.
+        tries: dict[str, list[dict[str, Any]]] = {name: [] for name in libs}
+        for attempt in range(args.repeat):
+            for name in libs:
+                print(f"[{clients} clients, run {attempt + 1}] {name} ...", file=sys.stderr, flush=True)
+                row = await run_lib(LIBS[name], redis, args, clients)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                tries[name].append(row)
+        runs[clients] = [median_row(tries[name]) for name in libs]
     return runs
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of several runs of a library: the median of every figure, losses summed."""
+    merged = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and key not in (
+            "clients",
+            "lost",
+            "rounds_timed_out",
+            "closed_early",
+        ):
+            merged[key] = statistics.median(row[key] for row in rows)
+        elif key in ("lost", "rounds_timed_out", "closed_early"):
+            merged[key] = sum(row[key] for row in rows)
+    merged["runs"] = len(rows)
+    return merged
 
 
 def run(args: argparse.Namespace) -> None:
@@ -583,6 +608,9 @@ def main() -> None:
         help="comma-separated: one full run per value",
     )
     parser.add_argument("--broadcasts", type=int, default=20)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per library, interleaved; the table shows medians"
+    )
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait after the workers start")

@@ -204,6 +204,9 @@ class AsyncWebSocketConsumer:
                 await self.disconnect(close_code)
             except Exception:
                 logger.exception("%s.disconnect() failed", type(self).__name__)
+            if self.channel_name:
+                # Anything still addressed to this connection is dropped from now on.
+                self.channel_layer.forget_channel(self.channel_name)
             if observing.hooks is not None:
                 observing.hooks.connection_ended(self, self._accepted, close_code)
 

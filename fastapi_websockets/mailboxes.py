@@ -43,6 +43,8 @@ class MailboxStats:
     dropped_expired: int = 0
     #: Messages from the broker that the serializer could not decode.
     dropped_undecodable: int = 0
+    #: Messages for channels released with ``forget_channel()`` (their connection ended).
+    dropped_released: int = 0
 
 
 class _Box:
@@ -56,8 +58,16 @@ class _Box:
 class Mailboxes:
     """The set of local mailboxes of one layer instance."""
 
-    def __init__(self, capacity_for: Callable[[str], int], expiry: float) -> None:
+    def __init__(
+        self,
+        capacity_for: Callable[[str], int],
+        expiry: float,
+        released: Callable[[str], bool] | None = None,
+    ) -> None:
         self._capacity_for = capacity_for
+        # Checked only when a message would create a mailbox: channels whose owner is gone
+        # get none, so messages sent to them afterwards are dropped instead of kept.
+        self._released = released
         self._expiry = expiry
         self._boxes: dict[str, _Box] = {}
         self._closed = False
@@ -91,6 +101,9 @@ class Mailboxes:
         """Give ``message`` to a waiting receiver and return None, or return the box to queue it in."""
         box = self._boxes.get(channel)
         if box is None:
+            if self._released is not None and self._released(channel):
+                self.stats.dropped_released += 1
+                return None
             box = self._boxes[channel] = _Box()
         while box.waiters:
             fut = box.waiters.popleft()
@@ -166,6 +179,16 @@ class Mailboxes:
         box = self._box_handing_off(channel, message)
         if box is not None:
             box.items.appendleft((time.monotonic() + self._expiry, message))
+
+    def drop(self, channel: str, exc: BaseException) -> None:
+        """Remove the mailbox of ``channel``: its messages are counted as released, waiters get ``exc``."""
+        box = self._boxes.pop(channel, None)
+        if box is None:
+            return
+        self.stats.dropped_released += len(box.items)
+        for fut in box.waiters:
+            if not fut.done():
+                fut.set_exception(exc)
 
     def close(self) -> None:
         """Wake every waiting receiver with ``ChannelLayerClosed`` and drop all messages."""

@@ -15,6 +15,7 @@ entries and announces them as left.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from fastapi_websockets.types import Message
@@ -32,7 +33,10 @@ def presence_event(kind: str, group: str, channel: str, info: dict[str, Any]) ->
 
 
 class LocalPresence:
-    """The presence entries this layer instance owns: ``{group: {channel: encoded info}}``."""
+    """Presence entries kept in process memory: ``{group: {channel: encoded info}}``.
+
+    A layer keeps the entries it owns here; the in-memory backend keeps all of them.
+    """
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, bytes]] = {}
@@ -53,6 +57,14 @@ class LocalPresence:
         if not members:
             del self._entries[group]
         return info
+
+    def members(self, group: str) -> dict[str, bytes]:
+        """The entries of ``group``: ``{channel: info}`` (a copy)."""
+        return dict(self._entries.get(group, {}))
+
+    def channels(self, group: str) -> Collection[str]:
+        """The channels of ``group`` this instance owns (a live view, not a copy)."""
+        return self._entries.get(group, {}).keys()
 
     def items(self) -> list[tuple[str, str, bytes]]:
         """Every entry as ``(group, channel, info)``."""

@@ -155,7 +155,9 @@ class BaseChannelLayer(abc.ABC):
         self.serializer: Serializer = serializer or default_serializer
         #: Random token naming this layer instance in process-specific channel names.
         self.client_token = new_token()
-        self._mailboxes = Mailboxes(self.capacity_for, channel_expiry)
+        self._mailboxes = Mailboxes(self.capacity_for, channel_expiry, self._is_released)
+        #: This instance's process-specific channels that are still in use.
+        self._live_channels: set[str] = set()
         self._local_groups = LocalGroups(group_expiry)
         self._capacity_memo: Memo[str, int] = Memo(self._capacity_of)
         self.presence_timeout = positive("presence_timeout", presence_timeout, "seconds")
@@ -166,6 +168,9 @@ class BaseChannelLayer(abc.ABC):
         #: channel -> {epoch: (offset, deadline)}: live group messages at or below the offset
         #: were already given to the channel by a catch-up page; deliveries drop them.
         self._floors: dict[str, dict[str, tuple[int, float]]] = {}
+        #: channel -> (catch-ups in progress, live messages with a position held meanwhile):
+        #: a copy that arrives before the floor is set must not reach the mailbox yet.
+        self._held: dict[str, tuple[int, list[Message]]] = {}
         self._closed = False
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -389,7 +394,29 @@ class BaseChannelLayer(abc.ABC):
         self._check_open()
         validate_prefix(prefix)
         await self._ensure_started()
-        return f"{prefix}.{self.client_token}!{new_token(6)}"
+        channel = f"{prefix}.{self.client_token}!{new_token(6)}"
+        self._live_channels.add(channel)
+        return channel
+
+    def forget_channel(self, channel: str) -> None:
+        """Release one of this instance's channels: its connection ended, nobody will read it again.
+
+        Its queued messages and everything sent to it from now on are dropped
+        at once (counted in ``stats.dropped_released``) instead of being kept
+        until ``channel_expiry``; a receive still waiting on it gets
+        :class:`ChannelLayerClosed`. Consumers call it when their connection
+        ends. Group memberships are not touched (leave the groups first).
+        """
+        self._live_channels.discard(channel)
+        if self.is_local(channel) and is_process_specific(channel):
+            self._mailboxes.drop(channel, ChannelLayerClosed(f"channel {channel!r} was released"))
+
+    def _is_released(self, channel: str) -> bool:
+        return (
+            channel not in self._live_channels
+            and is_process_specific(channel)
+            and process_token(channel) == self.client_token
+        )
 
     async def group_add(
         self, group: str, channel: str, *, since: StreamPosition | None = None
@@ -409,14 +436,23 @@ class BaseChannelLayer(abc.ABC):
             self._require_history(group)
             since = _as_position(since)
         await self._ensure_started()
-        await self._group_add(group, channel)
         if since is None:
+            await self._group_add(group, channel)
             return None
         # Member first, then read: a message sent in between is in the page and maybe
         # also on its way live, so live copies at or below the page's end are dropped.
-        page = await self.group_history(group, since=since)
-        if self.is_local(channel):
-            self._set_floor(channel, page.position)
+        # Live copies that arrive before the page do are held until the floor is set.
+        local = self.is_local(channel)
+        if local:
+            self._hold(channel)
+        try:
+            await self._group_add(group, channel)
+            page = await self.group_history(group, since=since)
+            if local:
+                self._set_floor(channel, page.position)
+        finally:
+            if local:
+                self._release(channel)
         return page
 
     async def group_discard(self, group: str, channel: str) -> None:
@@ -502,6 +538,8 @@ class BaseChannelLayer(abc.ABC):
             if message is None:
                 recovered = False
                 continue
+            # An exclude applies to live delivery only; a page is the group's history.
+            message.pop(EXCLUDE_KEY, None)
             message[POSITION_KEY] = {"offset": offset, "epoch": part.epoch}
             messages.append(message)
         return History(messages, StreamPosition(part.newest, part.epoch), recovered)
@@ -601,6 +639,9 @@ class BaseChannelLayer(abc.ABC):
         for group, channel, data in self._presence.items():
             try:
                 await self._presence_remove(group, channel)
+                # Forgotten one by one, as presence_leave does: a backend can tell the last
+                # entry of a group (or of this layer) and drop its own records with it.
+                self._presence.remove(group, channel)
                 await self._announce_left(group, channel, data)
             except ChannelLayerError as exc:
                 logger.warning("could not remove presence of %r in %r on close: %s", channel, group, exc)
@@ -658,6 +699,9 @@ class BaseChannelLayer(abc.ABC):
             if channel in message[EXCLUDE_KEY]:
                 return True
             message = _without_exclude(message)
+        if self._held and POSITION_KEY in message and channel in self._held:
+            self._held[channel][1].append(message)
+            return True
         if self._floors and POSITION_KEY in message and self._below_floor(channel, message):
             return True
         if self._mailboxes.put(channel, message):
@@ -677,6 +721,12 @@ class BaseChannelLayer(abc.ABC):
             excluded = set(message[EXCLUDE_KEY])
             channels = [channel for channel in channels if channel not in excluded]
             message = _without_exclude(message)
+        if self._held and POSITION_KEY in message:
+            held = [channel for channel in channels if channel in self._held]
+            for channel in held:
+                self._held[channel][1].append(message)
+            if held:
+                channels = [channel for channel in channels if channel not in self._held]
         if self._floors and POSITION_KEY in message:
             channels = [channel for channel in channels if not self._below_floor(channel, message)]
         full = self._mailboxes.put_many(channels, message)
@@ -688,6 +738,18 @@ class BaseChannelLayer(abc.ABC):
     def deliver_to_local_members(self, group: str, message: Message) -> int:
         """Fan ``message`` out to this process's members of ``group``; return how many got it."""
         return self.deliver_many(self._local_groups.members(group), message)
+
+    def _hold(self, channel: str) -> None:
+        count, held = self._held.get(channel, (0, []))
+        self._held[channel] = (count + 1, held)
+
+    def _release(self, channel: str) -> None:
+        count, held = self._held.pop(channel)
+        if count > 1:
+            self._held[channel] = (count - 1, held)
+            return
+        for message in held:
+            self.deliver_local(channel, message)
 
     def _set_floor(self, channel: str, position: StreamPosition) -> None:
         floors = self._floors.setdefault(channel, {})

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.history import HistoryPolicy, HistorySlice, LocalHistory, StreamPosition
+from fastapi_websockets.presence import LocalPresence
 from fastapi_websockets.types import Message
 
 __all__ = ["InMemoryChannelLayer"]
@@ -29,7 +30,7 @@ class InMemoryChannelLayer(BaseChannelLayer):
         # ``capacity`` may be passed positionally, as in 0.1.0.
         super().__init__(capacity=capacity, **options)
         self._stored_history = LocalHistory()
-        self._stored_presence: dict[str, dict[str, bytes]] = {}
+        self._stored_presence = LocalPresence()
 
     def is_local(self, channel: str) -> bool:
         """Every channel is local to an in-memory layer."""
@@ -58,19 +59,13 @@ class InMemoryChannelLayer(BaseChannelLayer):
         return self._stored_history.read(group, after, limit, policy)
 
     async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
-        self._stored_presence.setdefault(group, {})[channel] = info
+        self._stored_presence.add(group, channel, info)
 
     async def _presence_remove(self, group: str, channel: str) -> bytes | None:
-        members = self._stored_presence.get(group)
-        if members is None:
-            return None
-        info = members.pop(channel, None)
-        if not members:
-            del self._stored_presence[group]
-        return info
+        return self._stored_presence.remove(group, channel)
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:
-        return dict(self._stored_presence.get(group, {}))
+        return self._stored_presence.members(group)
 
     async def _flush(self) -> None:
         """Forget group history and presence; the base class clears mailboxes and groups."""

@@ -19,6 +19,14 @@ tokens by :func:`subject_token`):
   ``<group>.p.<member>`` or ``<group>.n.<member>``, whose value is the join
   time. The bucket's TTL is ``group_expiry``, so a member that is not added
   again expires on its own, on the server.
+* ``app.h.<size>-<ttl ms>.<group>``: the history of a group matching a
+  ``history`` pattern, in the stream ``<stream_name>_H<size>-<ttl ms>`` (one
+  stream per distinct policy, created on first use, so groups without history
+  cost nothing). The stream keeps ``size`` messages per group for ``ttl``
+  seconds. Each entry carries its offset and epoch in headers; an append
+  publishes offset ``n + 1`` with ``Nats-Expected-Last-Subject-Sequence`` set
+  to the stream sequence of entry ``n``, so the server refuses it if another
+  writer got there first, and offsets are contiguous per group.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
@@ -50,6 +59,7 @@ from fastapi_websockets.exceptions import (
     InvalidChannelLayerConfig,
     MessageTooLarge,
 )
+from fastapi_websockets.history import POSITION_KEY, HistoryPolicy, HistorySlice, StreamPosition, new_epoch
 from fastapi_websockets.names import is_process_specific, new_token, process_token
 from fastapi_websockets.types import Message
 
@@ -83,6 +93,21 @@ _CONSUMER_INACTIVE = 600.0
 _NAMED_QUEUE = 10_000
 #: One JetStream request may take this long before it is retried (within ``timeout``).
 _ATTEMPT_TIMEOUT = 2.0
+#: Headers of a history entry: its offset in the group, and the epoch of the group's history.
+_OFFSET_HEADER = "Fw-Offset"
+_EPOCH_HEADER = "Fw-Epoch"
+_MSG_ID_HEADER = "Nats-Msg-Id"
+_EXPECTED_HEADER = "Nats-Expected-Last-Subject-Sequence"
+#: JetStream error codes: a publish whose expected last subject sequence is stale, a missing
+#: stream, a subject without messages.
+#: (A clustered stream's leader answers a stale expectation with 10164 before proposing it.)
+_WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+_STREAM_NOT_FOUND = 10059
+_NO_MESSAGE = 10037
+#: Seconds the server keeps a history reader's consumer should its deletion get lost.
+_READER_IDLE = 30.0
+#: Seconds a history read waits for a replica that lags behind the stream leader.
+_REPLICA_LAG = 1.0
 
 
 def subject_token(name: str) -> str:
@@ -136,6 +161,58 @@ class _NamedReader:
     subject: str
     waiters: WaiterQueue[Message]
     pull: JetStreamContext.PullSubscription | None = None
+
+
+@dataclass(frozen=True)
+class _HistoryStore:
+    """The stream holding the history of every group with one policy."""
+
+    name: str
+    #: A group's entries go to ``<subjects>.<group token>``.
+    subjects: str
+    policy: HistoryPolicy
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One stored history entry: where it sits, who wrote it, when, and the encoded message."""
+
+    seq: int
+    offset: int
+    epoch: str
+    writer: str
+    stamp: float
+    data: bytes
+
+
+class _Held:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class _KeyedLocks:
+    """One asyncio lock per key, kept only while a task holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, _Held] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold the lock of ``key``."""
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = _Held()
+        held.users += 1
+        try:
+            async with held.lock:
+                yield
+        finally:
+            held.users -= 1
+            if not held.users:
+                del self._held[key]
 
 
 class NATSChannelLayer(BrokerChannelLayer):
@@ -210,6 +287,11 @@ class NATSChannelLayer(BrokerChannelLayer):
         # trip. Bounded: a full queue makes group_send wait (backpressure).
         self._named_queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=_NAMED_QUEUE)
         self._named_worker: asyncio.Task[None] | None = None
+        self._history_stores: Memo[HistoryPolicy, _HistoryStore] = Memo(self._history_store_of)
+        self._history_ready: set[str] = set()
+        #: history subject -> its newest entry as this layer last saw it (the next append's guess).
+        self._newest: Memo[str, _Entry] = Memo()
+        self._appending = _KeyedLocks()
         #: nats-py's base error class, set when the driver is imported.
         self._driver_error: type[Exception] = ChannelLayerError
 
@@ -962,6 +1044,270 @@ class NATSChannelLayer(BrokerChannelLayer):
     async def _prune(self, kv: KeyValue, key: str) -> None:
         await self._retry("pruning an expired member", lambda: self._forget(kv, key))
 
+    # ----------------------------------------------------------------- history
+
+    def _history_store_of(self, policy: HistoryPolicy) -> _HistoryStore:
+        key = f"{policy.size}-{round(policy.ttl * 1000)}"
+        return _HistoryStore(f"{self.stream_name}_H{key}", f"{self.prefix}.h.{key}", policy)
+
+    async def _history_store(self, policy: HistoryPolicy) -> _HistoryStore:
+        store = self._history_stores(policy)
+        if store.name not in self._history_ready:
+            await self._create_history_store(store)
+        return store
+
+    async def _create_history_store(self, store: _HistoryStore) -> None:
+        from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        policy = store.policy
+        wanted = f"{store.subjects}.>"
+        config = StreamConfig(
+            name=store.name,
+            description=(
+                f"fastapi-websockets group history: the last {policy.size} messages "
+                f"of each group, for {policy.ttl:g} s"
+            ),
+            subjects=[wanted],
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            max_msgs_per_subject=policy.size,
+            max_age=policy.ttl,
+            storage=StorageType.FILE,
+            num_replicas=self.replicas,
+            # Offsets chain from each group's newest entry: deleting single entries
+            # could let an offset be given twice. Purging a group (all of it) is fine.
+            deny_delete=True,
+        )
+        info = await self._get_or_create(
+            f"setup of history stream {store.name}",
+            lambda: self.js.stream_info(store.name),
+            lambda: self.js.add_stream(config),
+            NotFoundError,
+        )
+        subjects = info.config.subjects or []
+        if wanted not in subjects:
+            raise InvalidChannelLayerConfig(
+                f"the history stream {store.name!r} exists with subjects {subjects}, not {wanted!r}; "
+                "choose another stream_name or prefix"
+            )
+        self._history_ready.add(store.name)
+
+    async def _in_history(self, store: _HistoryStore, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a JetStream call on a history stream, creating the stream again if the server lost it."""
+
+        async def recreate() -> None:
+            self._history_ready.discard(store.name)
+            await self._create_history_store(store)
+
+        try:
+            return await self._retry(what, call, recreate)
+        except ChannelLayerError as exc:
+            if _error_code(exc) != _STREAM_NOT_FOUND:
+                raise
+        await recreate()
+        return await self._retry(what, call)
+
+    def _history_subject(self, store: _HistoryStore, group: str) -> str:
+        return f"{store.subjects}.{subject_token(group)}"
+
+    async def _group_send_history(
+        self, group: str, message: Message, policy: HistoryPolicy
+    ) -> StreamPosition:
+        # One process appends to a group one message at a time: concurrent appends
+        # would only refuse each other, and members get this process's messages in
+        # offset order.
+        data = self.encode(message)
+        async with self._appending.hold(group):
+            position = await self._history_append(group, data, policy)
+            await self._group_send(group, self.encode({**message, POSITION_KEY: position.as_dict()}))
+        return position
+
+    async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
+        store = await self._history_store(policy)
+        subject = self._history_subject(store, group)
+        what = f"group_send to {group!r} (history)"
+        writer = new_token(12)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        newest = self._newest.get(subject)
+        while True:
+            if newest is None:
+                newest = await self._history_last(store, subject, what)
+            # A group without entries starts a new life of its history: offset 1, new epoch.
+            after, epoch = (newest.offset, newest.epoch) if newest is not None else (0, new_epoch())
+            headers = {
+                _EXPECTED_HEADER: str(newest.seq if newest is not None else 0),
+                _OFFSET_HEADER: str(after + 1),
+                _EPOCH_HEADER: epoch,
+                # The same id on every attempt: an attempt stored although its
+                # acknowledgement was lost is recognised, never stored twice.
+                _MSG_ID_HEADER: writer,
+            }
+            try:
+                ack = await self._in_history(
+                    store, what, partial(self.js.publish, subject, data, stream=store.name, headers=headers)
+                )
+            except ChannelLayerError as exc:
+                if _error_code(exc) not in _WRONG_LAST_SEQUENCE:
+                    raise
+                # Another writer appended first (or the group's entries expired, or
+                # an earlier attempt of ours was stored): start from the real newest.
+                newest = await self._history_last(store, subject, what)
+                if newest is not None and newest.writer == writer:
+                    self._newest.add(subject, newest)
+                    return StreamPosition(newest.offset, newest.epoch)
+                if loop.time() >= deadline:
+                    raise self.unavailable(
+                        f"{what}: other writers kept appending for {self.timeout} s"
+                    ) from None
+                continue
+            if ack.duplicate:
+                # Stored by an attempt whose acknowledgement was lost, before the
+                # writer we just chained after: read back which offset it got.
+                raw = await self._in_history(store, what, partial(self.js.get_msg, store.name, seq=ack.seq))
+                mine = _entry_of(raw.seq, raw.headers, 0.0, b"", subject)
+                return StreamPosition(mine.offset, mine.epoch)
+            self._newest.add(subject, _Entry(ack.seq, after + 1, epoch, writer, 0.0, b""))
+            return StreamPosition(after + 1, epoch)
+
+    async def _history_last(self, store: _HistoryStore, subject: str, what: str) -> _Entry | None:
+        """The newest stored entry of a group, read from the stream leader; None when there is none."""
+        try:
+            raw = await self._in_history(store, what, partial(self.js.get_last_msg, store.name, subject))
+        except ChannelLayerError as exc:
+            if _error_code(exc) == _NO_MESSAGE:
+                self._newest.discard(subject)
+                return None
+            raise
+        return _entry_of(raw.seq, raw.headers, 0.0, b"", subject)
+
+    async def _start_history(self, store: _HistoryStore, subject: str, what: str) -> _Entry | None:
+        """Store an empty entry at offset 0: it fixes the epoch of a group's new history.
+
+        Returns None when another writer stored a first entry meanwhile and it is
+        gone again (expired); the caller then looks again.
+        """
+        epoch, writer = new_epoch(), new_token(12)
+        headers = {_EXPECTED_HEADER: "0", _OFFSET_HEADER: "0", _EPOCH_HEADER: epoch, _MSG_ID_HEADER: writer}
+        try:
+            ack = await self._in_history(
+                store, what, partial(self.js.publish, subject, b"", stream=store.name, headers=headers)
+            )
+        except ChannelLayerError as exc:
+            if _error_code(exc) not in _WRONG_LAST_SEQUENCE:
+                raise
+            return await self._history_last(store, subject, what)
+        return _Entry(ack.seq, 0, epoch, writer, 0.0, b"")
+
+    async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
+        store = await self._history_store(policy)
+        subject = self._history_subject(store, group)
+        what = f"history of {group!r}"
+        newest = await self._history_last(store, subject, what)
+        while newest is None:
+            newest = await self._start_history(store, subject, what)
+        self._newest.add(subject, newest)
+        if newest.offset <= after:
+            return HistorySlice([], newest.offset, newest.epoch, complete=True)
+        cutoff = time.time() - policy.ttl
+        # Entries above the newest one read are not in this page: their live copies are.
+        kept = [
+            (entry.offset, entry.data)
+            for entry in await self._history_entries(store, subject, newest.seq, what)
+            if entry.epoch == newest.epoch and after < entry.offset <= newest.offset and entry.stamp > cutoff
+        ]
+        # Offsets are contiguous: anything missing between `after` and the newest was trimmed.
+        complete = [offset for offset, _ in kept] == list(range(after + 1, newest.offset + 1))
+        return HistorySlice(kept[-limit:], newest.offset, newest.epoch, complete)
+
+    async def _history_entries(
+        self, store: _HistoryStore, subject: str, upto: int, what: str
+    ) -> list[_Entry]:
+        """The stored entries of a group up to stream sequence ``upto``, oldest first.
+
+        An ephemeral push consumer without acks streams them to a private inbox
+        (one request, then the entries); it is deleted in the background.
+        """
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        inbox = self.nc.new_inbox()
+        try:
+            sub = await self.nc.subscribe(inbox)
+        except self._driver_error as exc:
+            raise self._translate(exc, what) from exc
+        config = ConsumerConfig(
+            deliver_subject=inbox,
+            filter_subject=subject,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=_READER_IDLE,
+            description="fastapi-websockets history reader",
+        )
+        entries: list[_Entry] = []
+        consumer: str | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            info = await self._in_history(store, what, partial(self.js.add_consumer, store.name, config))
+            consumer = info.name
+            deadline = loop.time() + (self.timeout if info.num_pending else _REPLICA_LAG)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=max(deadline - loop.time(), 0.001))
+                except NatsTimeout:
+                    if info.num_pending and not entries:
+                        raise self.unavailable(f"{what}: no entry arrived within {self.timeout} s") from None
+                    # The newest entry did not come (it expired meanwhile): what
+                    # arrived is all there is; the caller sees the gap.
+                    break
+                metadata = msg.metadata
+                entries.append(
+                    _entry_of(
+                        metadata.sequence.stream,
+                        msg.headers,
+                        metadata.timestamp.timestamp(),
+                        msg.data,
+                        subject,
+                    )
+                )
+                if metadata.sequence.stream >= upto:
+                    break
+                if not metadata.num_pending:
+                    # Everything this consumer's replica holds arrived; a lagging
+                    # replica gets the newest entry in a moment.
+                    deadline = min(deadline, loop.time() + _REPLICA_LAG)
+        finally:
+            try:
+                await sub.unsubscribe()
+            except self._driver_error as exc:
+                logger.debug("unsubscribe of a history reader failed: %r", exc)
+            if consumer is not None and not self.closed:
+                self.tasks.spawn(self._drop_reader(store, consumer), f"dropping history reader {consumer}")
+        return entries
+
+    async def _drop_reader(self, store: _HistoryStore, consumer: str) -> None:
+        try:
+            await self._retry(
+                "dropping a history reader", partial(self.js.delete_consumer, store.name, consumer)
+            )
+        except ChannelLayerError as exc:
+            # The server deletes it after _READER_IDLE anyway.
+            logger.debug("dropping history reader %s failed: %s", consumer, exc)
+
+    async def _flush_history(self) -> None:
+        """Purge the history streams of this layer's policies: every group starts a new epoch."""
+        for policy in {policy for _, policy in self.history}:
+            store = self._history_stores(policy)
+            try:
+                await self._retry("flush", partial(self.js.purge_stream, store.name))
+            except ChannelLayerError as exc:
+                if _error_code(exc) != _STREAM_NOT_FOUND:
+                    raise
+        self._newest.clear()
+
     # ------------------------------------------------------------------ flush
 
     async def _flush(self) -> None:
@@ -976,6 +1322,8 @@ class NATSChannelLayer(BrokerChannelLayer):
             except ChannelLayerError as exc:
                 if not isinstance(exc.__cause__, NotFoundError):
                     raise
+        if self.history:
+            await self._flush_history()
         async with self._group_lock:
             subs = list(self._group_subs.values())
             self._group_subs.clear()
@@ -1000,3 +1348,31 @@ def _expired(expires: str | None) -> bool:
         return float(expires) <= time.time()
     except ValueError:
         return False
+
+
+def _error_code(exc: BaseException) -> int | None:
+    """The JetStream error code behind one of our errors (``err_code`` of nats-py's APIError)."""
+    from nats.js.errors import APIError
+
+    cause = exc.__cause__
+    return cause.err_code if isinstance(cause, APIError) else None
+
+
+def _entry_of(
+    seq: int | None, headers: dict[str, str] | None, stamp: float, data: bytes, subject: str
+) -> _Entry:
+    """A history entry from a stored message's sequence and headers."""
+    headers = headers or {}
+    try:
+        return _Entry(
+            seq or 0,
+            int(headers[_OFFSET_HEADER]),
+            headers[_EPOCH_HEADER],
+            headers.get(_MSG_ID_HEADER, ""),
+            stamp,
+            data,
+        )
+    except (KeyError, ValueError):
+        raise ChannelLayerError(
+            f"message {seq} on {subject!r} has no history offset and epoch: only the layer may publish there"
+        ) from None

@@ -11,6 +11,10 @@ Two tables in the configured schema hold everything:
   ``owner`` is the process token of a process-specific member, NULL for a
   named one.
 
+Layers with the ``history`` option add ``history_stream`` (a counter row per
+group) and ``history_entry`` (the stored messages), and functions that send or
+read a history group in one round trip (see :func:`_history_ddl`).
+
 Each layer instance holds one LISTEN connection and a small pool. ``send`` is a
 single statement (insert + ``pg_notify``); ``group_send`` is a single
 statement that reads the members, stores one row per owning process and per
@@ -47,6 +51,7 @@ from fastapi_websockets.exceptions import (
     ChannelLayerClosed,
     ChannelLayerError,
 )
+from fastapi_websockets.history import POSITION_KEY, HistoryPolicy, HistorySlice, StreamPosition, new_epoch
 from fastapi_websockets.names import is_process_specific, process_token
 from fastapi_websockets.types import Message
 
@@ -118,7 +123,9 @@ CREATE TABLE IF NOT EXISTS {s}.message (
     queue text NOT NULL,
     targets text[],
     expires_at timestamptz NOT NULL,
-    data bytea NOT NULL
+    data bytea NOT NULL,
+    history_offset bigint,
+    history_epoch text
 );
 CREATE INDEX IF NOT EXISTS message_queue_id ON {s}.message (queue, id);
 CREATE INDEX IF NOT EXISTS message_expires_at ON {s}.message (expires_at);
@@ -162,17 +169,18 @@ WITH claimed AS (
     WHERE id = ANY(ARRAY(
         SELECT id FROM {s}.message WHERE queue = $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
     ))
-    RETURNING id, targets, expires_at, data, expires_at > now() AS live
+    RETURNING id, targets, expires_at, data, history_offset, history_epoch, expires_at > now() AS live
 )
-SELECT id, targets, expires_at, data, live FROM claimed ORDER BY id
+SELECT id, targets, expires_at, data, history_offset, history_epoch, live FROM claimed ORDER BY id
 """
         # Claimed rows nobody was left to take go back under their original ids,
         # so they keep their place in the queue.
         self.restore = f"""
 WITH restored AS (
-    INSERT INTO {s}.message (id, queue, expires_at, data)
-    SELECT r.id, $1, r.expires_at, r.data
-    FROM unnest($2::bigint[], $3::timestamptz[], $4::bytea[]) AS r(id, expires_at, data)
+    INSERT INTO {s}.message (id, queue, expires_at, data, history_offset, history_epoch)
+    SELECT r.id, $1, r.expires_at, r.data, r.history_offset, r.history_epoch
+    FROM unnest($2::bigint[], $3::timestamptz[], $4::bytea[], $6::bigint[], $7::text[])
+        AS r(id, expires_at, data, history_offset, history_epoch)
     ON CONFLICT (id) DO NOTHING
     RETURNING 1
 )
@@ -185,24 +193,59 @@ ON CONFLICT (group_name, channel) DO UPDATE
 SET owner = EXCLUDED.owner, capacity = EXCLUDED.capacity, expires_at = EXCLUDED.expires_at
 """
         self.group_discard = f"DELETE FROM {s}.group_member WHERE group_name = $1 AND channel = $2"
-        # One statement: read the live members, store one row per owning process
-        # (other than ours) and one per named member with room, notify each queue
-        # once, and hand our own members back for local delivery.
-        self.group_send = f"""
+        self.group_send = _fan_out(s)
+        self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_member"
+        self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
+        self.history_send = f"SELECT * FROM {s}.history_send($1, $2, $3, $4, $5, $6, $7, $8)"
+        self.history_append = f"SELECT * FROM {s}.history_append($1, $2, $3, $4, $5)"
+        self.history_read = f"SELECT * FROM {s}.history_read($1, $2, $3, $4, $5)"
+        self.prune_history = f"""
+WITH streams AS (DELETE FROM {s}.history_stream WHERE expires_at <= now() RETURNING 1),
+entries AS (DELETE FROM {s}.history_entry WHERE expires_at <= now() RETURNING 1)
+SELECT (SELECT count(*) FROM streams) AS streams, (SELECT count(*) FROM entries) AS entries
+"""
+        self.forget_owner = f"DELETE FROM {s}.group_member WHERE owner = $1"
+        self.drop_inbox = f"DELETE FROM {s}.message WHERE queue = $1"
+        self.prune_messages = f"DELETE FROM {s}.message WHERE expires_at <= now()"
+        self.prune_members = f"DELETE FROM {s}.group_member WHERE expires_at <= now()"
+        # A catalog query, not to_regclass(): that one answers from the session's
+        # cache, which can still say "missing" after another session created the
+        # tables and so make this one run DDL against tables already in use.
+        self.tables_exist = """
+SELECT count(*) = cardinality($2::text[])
+FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = ANY($2::text[])
+"""
+        self.tables = ["message", "group_member"]
+        self.history_tables = ["history_stream", "history_entry"]
+        self.create_history = _history_ddl(s)
+
+
+def _fan_out(s: str, offset: str = "NULL::bigint", epoch: str = "NULL::text") -> str:
+    """The ``group_send`` statement (parameters $1 to $5), stamping rows with a history position.
+
+    One statement: read the live members, store one row per owning process
+    (other than ours) and one per named member with room, notify each queue
+    once, and hand our own members back for local delivery. ``offset`` and
+    ``epoch`` are SQL expressions for the message's position (NULL outside
+    history groups), also returned first; the reader adds it to the decoded
+    message, so the encoded bytes are the same for the store and every copy.
+    """
+    return f"""
 WITH members AS (
     SELECT channel, owner, capacity FROM {s}.group_member
     WHERE group_name = $1 AND expires_at > now()
 ),
 inboxes AS (
-    INSERT INTO {s}.message (queue, targets, expires_at, data)
-    SELECT '!' || owner, array_agg(channel), now() + make_interval(secs => $3), $2
+    INSERT INTO {s}.message (queue, targets, expires_at, data, history_offset, history_epoch)
+    SELECT '!' || owner, array_agg(channel), now() + make_interval(secs => $3), $2, {offset}, {epoch}
     FROM members WHERE owner IS NOT NULL AND owner <> $4
     GROUP BY owner
     RETURNING queue
 ),
 named AS (
-    INSERT INTO {s}.message (queue, expires_at, data)
-    SELECT m.channel, now() + make_interval(secs => $3), $2
+    INSERT INTO {s}.message (queue, expires_at, data, history_offset, history_epoch)
+    SELECT m.channel, now() + make_interval(secs => $3), $2, {offset}, {epoch}
     FROM members AS m
     WHERE m.owner IS NULL AND (
         SELECT count(*) FROM {s}.message AS q WHERE q.queue = m.channel AND q.expires_at > now()
@@ -216,20 +259,128 @@ woken AS (
     FROM (SELECT queue FROM inboxes UNION ALL SELECT queue FROM named) AS stored
 )
 SELECT
+    {offset} AS position_offset,
+    {epoch} AS position_epoch,
     (SELECT array_agg(channel) FROM members WHERE owner = $4) AS local_members,
     (SELECT count(*) FROM woken) AS woken,
     (SELECT count(*) FROM members WHERE owner IS NULL) - (SELECT count(*) FROM named) AS skipped
 """
-        self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_member"
-        self.forget_owner = f"DELETE FROM {s}.group_member WHERE owner = $1"
-        self.drop_inbox = f"DELETE FROM {s}.message WHERE queue = $1"
-        self.prune_messages = f"DELETE FROM {s}.message WHERE expires_at <= now()"
-        self.prune_members = f"DELETE FROM {s}.group_member WHERE expires_at <= now()"
-        self.tables_exist = (
-            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-            f"{s}.message",
-            f"{s}.group_member",
-        )
+
+
+def _history_ddl(s: str) -> str:
+    """Tables and functions of group history, created only by layers that have the ``history`` option.
+
+    ``history_stream`` holds one row per group: its counter (``newest``), its
+    epoch and, in ``id``, which life of the history its entries belong to
+    (a stream that expired whole or was deleted comes back with a new id and
+    epoch, so old entries never mix in). Every append updates that row first,
+    so concurrent senders take turns on its lock and offsets are contiguous.
+
+    Why functions rather than one CTE: a statement reads with the snapshot of
+    its start, taken before it waited for the counter row. ``history_send``
+    reads the members in a statement of its own after it holds the lock, and
+    ``history_read`` waits on that lock before reading, so a member added
+    while a message is in flight either gets it live or finds it in the page.
+    """
+    append = f"""
+    INSERT INTO {s}.history_stream AS h (group_name, epoch, newest, expires_at)
+    VALUES (p_group, p_epoch, 1, now() + make_interval(secs => p_ttl))
+    ON CONFLICT (group_name) DO UPDATE SET
+        id = CASE WHEN h.expires_at > now() THEN h.id ELSE EXCLUDED.id END,
+        epoch = CASE WHEN h.expires_at > now() THEN h.epoch ELSE EXCLUDED.epoch END,
+        newest = CASE WHEN h.expires_at > now() THEN h.newest + 1 ELSE 1 END,
+        expires_at = EXCLUDED.expires_at
+    RETURNING h.id, h.epoch, h.newest INTO stream;
+    INSERT INTO {s}.history_entry (stream, "offset", expires_at, data)
+    VALUES (stream.id, stream.newest, now() + make_interval(secs => p_ttl), p_data);
+    DELETE FROM {s}.history_entry AS e WHERE e.stream = stream.id AND e."offset" <= stream.newest - p_size;
+"""
+    return f"""
+CREATE TABLE IF NOT EXISTS {s}.history_stream (
+    group_name text PRIMARY KEY,
+    id bigserial NOT NULL,
+    epoch text NOT NULL,
+    newest bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_stream_expires_at ON {s}.history_stream (expires_at);
+CREATE TABLE IF NOT EXISTS {s}.history_entry (
+    stream bigint NOT NULL,
+    "offset" bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (stream, "offset")
+);
+CREATE INDEX IF NOT EXISTS history_entry_expires_at ON {s}.history_entry (expires_at);
+
+CREATE OR REPLACE FUNCTION {s}.history_append(
+    p_group text, p_data bytea, p_epoch text, p_ttl float8, p_size bigint
+) RETURNS TABLE (position_offset bigint, position_epoch text)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    stream record;
+BEGIN
+{append}
+    RETURN QUERY SELECT stream.newest, stream.epoch;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION {s}.history_send(
+    p_group text, p_data bytea, p_expiry float8, p_token text, p_schema text,
+    p_epoch text, p_ttl float8, p_size bigint
+) RETURNS TABLE (
+    position_offset bigint, position_epoch text, local_members text[], woken bigint, skipped bigint
+)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    stream record;
+BEGIN
+{append}
+    -- A new statement, so a new snapshot: it sees every member added before the lock was ours.
+    RETURN QUERY {_fan_out(s, "stream.newest", "stream.epoch")};
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION {s}.history_read(
+    p_group text, p_after bigint, p_limit bigint, p_epoch text, p_ttl float8
+) RETURNS TABLE (epoch text, newest bigint, available bigint, offsets bigint[], entries bytea[])
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    stream record;
+BEGIN
+    LOOP
+        -- FOR SHARE waits for a send in flight, and returns the counter it committed.
+        SELECT h.id, h.epoch, h.newest INTO stream FROM {s}.history_stream AS h
+        WHERE h.group_name = p_group AND h.expires_at > now() FOR SHARE;
+        EXIT WHEN FOUND;
+        -- No live stream: start one, so the next send uses this epoch.
+        INSERT INTO {s}.history_stream AS h (group_name, epoch, newest, expires_at)
+        VALUES (p_group, p_epoch, 0, now() + make_interval(secs => p_ttl))
+        ON CONFLICT (group_name) DO UPDATE SET
+            id = EXCLUDED.id, epoch = EXCLUDED.epoch, newest = 0, expires_at = EXCLUDED.expires_at
+        WHERE h.expires_at <= now()
+        RETURNING h.id, h.epoch, h.newest INTO stream;
+        EXIT WHEN FOUND;
+        -- Another session started it meanwhile: read that one.
+    END LOOP;
+    RETURN QUERY
+    WITH live AS (
+        SELECT e."offset", e.data FROM {s}.history_entry AS e
+        WHERE e.stream = stream.id AND e."offset" > p_after AND e.expires_at > now()
+    ),
+    page AS (SELECT * FROM live ORDER BY "offset" DESC LIMIT p_limit)
+    SELECT
+        stream.epoch,
+        stream.newest,
+        (SELECT count(*) FROM live),
+        (SELECT array_agg(page."offset" ORDER BY page."offset") FROM page),
+        (SELECT array_agg(page.data ORDER BY page."offset") FROM page);
+END
+$fn$;
+"""
 
 
 #: A send waiting to be written: (inbox queue, channel, data, done).
@@ -387,24 +538,30 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         # rights can use tables an administrator made. Concurrent CREATE ... IF
         # NOT EXISTS can still collide in the catalogs: the advisory lock makes
         # processes starting together take turns.
-        query, *names = self._sql.tables_exist
+        query, names = self._sql.tables_exist, self._tables()
 
         async def create(conn: _Conn) -> None:
-            if await conn.fetchval(query, *names):
+            if await conn.fetchval(query, self.schema, names):
                 return
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema, "schema"))
-                if await conn.fetchval(query, *names):
+                if await conn.fetchval(query, self.schema, names):
                     return
                 if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", _quote_ident(self.schema)):
                     await conn.execute(self._sql.create_schema)
                 await conn.execute(self._sql.create)
+                if self.history:
+                    await conn.execute(self._sql.create_history)
 
         await self._with_conn(create, retry=True)
 
+    def _tables(self) -> list[str]:
+        # History tables exist only where a layer with the history option created them.
+        return self._sql.tables + (self._sql.history_tables if self.history else [])
+
     async def _check_schema(self) -> None:
-        query, *names = self._sql.tables_exist
-        exists = await self._with_conn(lambda conn: conn.fetchval(query, *names), retry=True)
+        query, names = self._sql.tables_exist, self._tables()
+        exists = await self._with_conn(lambda conn: conn.fetchval(query, self.schema, names), retry=True)
         if not exists:
             raise ChannelLayerError(
                 f"the tables of schema {self.schema!r} do not exist in the database at {self.where}; "
@@ -646,7 +803,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if not row["live"]:
                     self.stats.dropped_expired += 1
                     continue
-                message = self.decode_or_drop(row["data"], where)
+                message = self._decode_row(row, where)
                 if message is not None:
                     self.deliver_many(row["targets"] or [], message)
             if len(rows) < _INBOX_BATCH:
@@ -707,7 +864,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         for row in rows:
             if not row["live"]:
                 continue
-            message = self.decode_or_drop(row["data"], f"channel {channel!r}")
+            message = self._decode_row(row, f"channel {channel!r}")
             if message is not None and not waiters.hand_over(message):
                 leftovers.append(row)
         if leftovers:
@@ -720,15 +877,27 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         ids = [row["id"] for row in rows]
         expires = [row["expires_at"] for row in rows]
         data = [row["data"] for row in rows]
+        offsets = [row["history_offset"] for row in rows]
+        epochs = [row["history_epoch"] for row in rows]
         notify = self._notify_name(channel)
         logger.debug("returning %d claimed message(s) of channel %r to the table", len(rows), channel)
         try:
             await self._with_conn(
-                lambda conn: conn.fetchval(self._sql.restore, channel, ids, expires, data, notify),
+                lambda conn: conn.fetchval(
+                    self._sql.restore, channel, ids, expires, data, notify, offsets, epochs
+                ),
                 retry=True,
             )
         except self._reader_errors:
             logger.exception("lost %d claimed message(s) of channel %r", len(rows), channel)
+
+    def _decode_row(self, row: asyncpg.Record, where: str) -> Message | None:
+        # A history group's rows carry the message's position beside the bytes
+        # that the history stores, so one encoding serves both.
+        message = self.decode_or_drop(row["data"], where)
+        if message is not None and row["history_offset"] is not None:
+            message[POSITION_KEY] = {"offset": row["history_offset"], "epoch": row["history_epoch"]}
+        return message
 
     # --------------------------------------------------------------- template
 
@@ -835,8 +1004,64 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if row["skipped"]:
             logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
 
+    async def _group_send_history(
+        self, group: str, message: Message, policy: HistoryPolicy
+    ) -> StreamPosition:
+        # One round trip: assign the offset, store, trim and fan out in one function call.
+        data = self.encode(message)
+        expiry = float(self.channel_expiry)
+        row = await self._with_conn(
+            lambda conn: conn.fetchrow(
+                self._sql.history_send,
+                group,
+                data,
+                expiry,
+                self.client_token,
+                self.schema,
+                new_epoch(),
+                policy.ttl,
+                policy.size,
+            )
+        )
+        assert row is not None  # the function returns one row
+        position = StreamPosition(row["position_offset"], row["position_epoch"])
+        local: list[str] | None = row["local_members"]
+        if local:
+            self.deliver_many(local, {**self.decode(data), POSITION_KEY: position.as_dict()})
+        if row["skipped"]:
+            logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
+        return position
+
+    async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
+        row = await self._with_conn(
+            lambda conn: conn.fetchrow(
+                self._sql.history_append, group, data, new_epoch(), policy.ttl, policy.size
+            )
+        )
+        assert row is not None  # the function returns one row
+        return StreamPosition(row["position_offset"], row["position_epoch"])
+
+    async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
+        row = await self._with_conn(
+            lambda conn: conn.fetchrow(self._sql.history_read, group, after, limit, new_epoch(), policy.ttl),
+            retry=True,
+        )
+        assert row is not None  # the function returns one row
+        entries = list(zip(row["offsets"] or [], row["entries"] or [], strict=True))
+        # Offsets are contiguous: nothing was trimmed after `after` exactly when
+        # every offset from after + 1 to newest is still stored.
+        complete = row["available"] >= row["newest"] - after
+        return HistorySlice(entries, row["newest"], row["epoch"], complete)
+
     async def _flush(self) -> None:
-        await self._with_conn(lambda conn: conn.execute(self._sql.flush), retry=True)
+        async def flush(conn: _Conn) -> None:
+            async with conn.transaction():
+                await conn.execute(self._sql.flush)
+                # Also when this layer keeps no history: another one sharing the schema may.
+                if await conn.fetchval(self._sql.tables_exist, self.schema, self._sql.history_tables):
+                    await conn.execute(self._sql.flush_history)
+
+        await self._with_conn(flush, retry=True)
 
     # ------------------------------------------------------------ housekeeping
 
@@ -863,7 +1088,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     return False
                 messages = await conn.execute(self._sql.prune_messages)
                 members = await conn.execute(self._sql.prune_members)
-            logger.debug("pruned expired rows: %s messages, %s group members", messages, members)
+                history = await conn.fetchrow(self._sql.prune_history) if self.history else None
+            logger.debug(
+                "pruned expired rows: %s messages, %s group members, history %s", messages, members, history
+            )
             return True
 
         return await self._with_conn(prune, retry=True)

@@ -19,6 +19,13 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
   wait on a named channel, this instance holds one consumer on it, whatever
   their number. A named channel in a group is a binding of its queue on the
   group's routing key: that membership lives in the broker.
+* **History** (groups matching the ``history`` option only): one stream
+  queue per group, ``P.h.<group>``, holding the stored messages and the
+  marks and epoch proposals that let a reader find the stream's end (AMQP
+  0.9.1 cannot ask a stream for it). A message's offset is its stream offset
+  plus one. This instance learns the offset of what it writes from its own
+  consumer on the stream ("tap", from ``next``), which sees every message
+  written after it started with the ``x-stream-offset`` header.
 
 Every publish waits for its publisher confirm. The connection is aio-pika's
 robust connection: after a broker restart it declares the exchange and the
@@ -32,12 +39,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive
@@ -50,6 +61,7 @@ from fastapi_websockets.exceptions import (
     ChannelLayerClosed,
     InvalidChannelLayerConfig,
 )
+from fastapi_websockets.history import HistoryPolicy, HistorySlice, StreamPosition, new_epoch
 from fastapi_websockets.names import is_process_specific, new_token, process_token
 from fastapi_websockets.types import Message
 
@@ -66,7 +78,7 @@ if TYPE_CHECKING:
     #: acked yet, or a message already acked for a receiver that was cancelled.
     _Held = AbstractIncomingMessage | Message
 
-__all__ = ["RabbitMQChannelLayer", "group_routing_key", "named_queue_name"]
+__all__ = ["RabbitMQChannelLayer", "group_routing_key", "history_stream_name", "named_queue_name"]
 
 logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
@@ -88,6 +100,11 @@ DECLARED_CACHE_SIZE = 10_000
 #: reconnect loop (which also restores channels, queues, bindings and
 #: consumers) takes one fixed interval, so the shared Backoff cannot drive it.
 RECONNECT_INTERVAL = 1.0
+#: Unacknowledged deliveries per history stream consumer (stream consumers need a prefetch).
+HISTORY_PREFETCH = 1000
+#: Segment size of history streams: retention (``x-max-age``) drops whole
+#: segments, so small ones keep what the broker holds close to the ttl.
+HISTORY_SEGMENT_BYTES = 1_000_000
 
 _IDENTIFIER_RULE = (
     "1 to {} characters of letters, digits and '.', '_', ':', '-', "
@@ -104,6 +121,11 @@ _GROUP = "group"
 _ADD = "group_add"
 _DISCARD = "group_discard"
 _REPLY = "reply"
+# Kinds of history stream entries: a stored message, a reader's mark (where
+# the stream ended when it read), a writer's epoch proposal.
+_STORED = "h"
+_MARK = "m"
+_PROPOSAL = "e"
 
 
 # ------------------------------------------------------------------- names
@@ -125,6 +147,13 @@ def _escape(name: str) -> str:
     )
 
 
+def _queue_name(head: str, name: str) -> str:
+    escaped = _escape(name)
+    if len(head) + len(escaped) <= MAX_AMQP_NAME:
+        return head + escaped
+    return head + _hashed(name, escaped, MAX_AMQP_NAME - len(head))
+
+
 def named_queue_name(queue_prefix: str, channel: str) -> str:
     """The queue that stores named channel ``channel``: escaped, at most 255 bytes.
 
@@ -132,11 +161,12 @@ def named_queue_name(queue_prefix: str, channel: str) -> str:
     ``#`` and a hash of the whole name; plain forms never contain ``#``, so
     distinct channels never share a queue.
     """
-    head = f"{queue_prefix}.c."
-    escaped = _escape(channel)
-    if len(head) + len(escaped) <= MAX_AMQP_NAME:
-        return head + escaped
-    return head + _hashed(channel, escaped, MAX_AMQP_NAME - len(head))
+    return _queue_name(f"{queue_prefix}.c.", channel)
+
+
+def history_stream_name(queue_prefix: str, group: str) -> str:
+    """The stream queue that keeps the history of ``group`` (escaped like named queues)."""
+    return _queue_name(f"{queue_prefix}.h.", group)
 
 
 def group_routing_key(group: str) -> str:
@@ -189,6 +219,57 @@ class _Reader:
         return self.held.popleft() if self.held else await self.waiters.wait()
 
 
+# ---------------------------------------------------------------- history
+
+
+@dataclass
+class _Entry:
+    """One entry of a history stream, as a reader saw it."""
+
+    offset: int  # the stream's own offset (a message's position offset is this plus one)
+    kind: str
+    epoch: str
+    written: float  # the writer's wall clock in seconds, for the ttl
+    body: bytes
+
+
+@dataclass
+class _HistoryStream:
+    """This instance's handle on one group's history stream and its tap consumer."""
+
+    name: str
+    queue: AbstractRobustQueue
+    tag: str
+    epoch: str = ""
+    #: message_id -> future of the stream offset the tap sees it at.
+    pending: dict[str, asyncio.Future[int]] = field(default_factory=dict)
+
+    def fail(self, error: BaseException) -> None:
+        """Fail every write still waiting for its offset."""
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self.pending.clear()
+
+
+def _now_ms() -> int:
+    # An int: pamqp sends a Python float header as a 32-bit float, which
+    # rounds today's Unix time to minutes.
+    return int(time.time() * 1000)
+
+
+class _StreamGone(BackendUnavailable):
+    """A history stream was deleted (flushed, or out of band) since this instance opened it."""
+
+
+def _stream_offset(incoming: AbstractIncomingMessage) -> int:
+    offset = incoming.headers.get("x-stream-offset")
+    if not isinstance(offset, int):
+        # Only a stream queue sets it; without it the offset is unknowable.
+        raise TypeError(f"a history stream delivery has no integer x-stream-offset: {offset!r}")
+    return offset
+
+
 # ------------------------------------------------------------------ layer
 
 
@@ -214,6 +295,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     """
 
     backend_name = "rabbitmq"
+    #: Marks and epoch proposals share the stream with the stored messages, so
+    #: history offsets are strictly increasing but have gaps.
+    contiguous_history_offsets = False
     broker_label = "RabbitMQ"
     default_port = 5672
 
@@ -268,6 +352,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._precondition_failed: type[Exception] = Exception
         self._message_class: Any = None
         self._starting: asyncio.Task[None] | None = None
+        self._history_channel: AbstractRobustChannel | None = None  # history stream consumers
+        self._streams: dict[str, _HistoryStream] = {}  # by group
+        self._stream_locks: dict[str, asyncio.Lock] = {}
 
     # ---------------------------------------------------------- connection
 
@@ -350,6 +437,14 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             self._declare_channel = await self._connection.channel(publisher_confirms=False)
             self._reader_channel = await self._connection.channel(publisher_confirms=False)
             await self._reader_channel.set_qos(prefetch_count=NAMED_PREFETCH)
+            if self.history:
+                # Only layers with a history option pay for this channel.
+                history_channel = self._history_channel = await self._connection.channel(
+                    publisher_confirms=False
+                )
+                await history_channel.set_qos(prefetch_count=HISTORY_PREFETCH)
+                await self._watch_cancels(history_channel)
+                history_channel.reopen_callbacks.add(self._on_history_reopen)
         except self._precondition_failed as exc:
             raise InvalidChannelLayerConfig(
                 f"exchange {self.exchange_name!r} already exists with other settings "
@@ -812,6 +907,337 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             self.stats.dropped_full += 1
             logger.debug("group_send to %r: a full named member skipped the message", group)
 
+    # -------------------------------------------------------------- history
+
+    async def _watch_cancels(self, channel: AbstractRobustChannel) -> None:
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
+
+    async def _on_history_reopen(self, channel: AbstractRobustChannel) -> None:
+        await self._watch_cancels(channel)
+
+    def _on_consumer_cancel(self, frame: Any) -> None:
+        # The broker cancelled a tap: its stream was deleted. Forget it, so the
+        # next use declares a new stream (and a new epoch) instead of waiting
+        # for offsets a dead consumer will never report.
+        for group, stream in list(self._streams.items()):
+            if stream.tag == frame.consumer_tag:
+                self._forget_stream(group, f"history stream {stream.name!r} was deleted")
+
+    def _forget_stream(self, group: str, why: str) -> None:
+        stream = self._streams.pop(group, None)
+        if stream is not None:
+            stream.fail(self.unavailable(why))
+
+    async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
+        # Run to completion even if the caller is cancelled: a cancelled AMQP RPC
+        # closes its channel, and the tap consumer lives on one.
+        return await self._uncancellable(self._append(group, data, policy), f"history of {group!r}")
+
+    async def _append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
+        try:
+            stream = await self._history_stream(group, policy)
+            offset = await self._write(group, stream, _STORED, data)
+        except _StreamGone:
+            # Deleted since we last used it: a new stream, with a new epoch.
+            stream = await self._history_stream(group, policy)
+            offset = await self._write(group, stream, _STORED, data)
+        return StreamPosition(offset + 1, stream.epoch)
+
+    async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
+        return await self._uncancellable(self._read(group, after, limit, policy), f"history of {group!r}")
+
+    async def _read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
+        # AMQP 0.9.1 cannot tell where a stream ends: a mark written now is
+        # after every message stored before this read began.
+        try:
+            stream = await self._history_stream(group, policy)
+            mark = await self._write(group, stream, _MARK, b"")
+        except _StreamGone:
+            stream = await self._history_stream(group, policy)
+            mark = await self._write(group, stream, _MARK, b"")
+
+        def enough(entries: list[_Entry]) -> bool:
+            stored = [entry for entry in entries if entry.kind == _STORED]
+            # More than `size` stored ones, or everything after `after` plus
+            # the message at `after` itself (it tells the newest offset).
+            return len(stored) > policy.size or bool(stored and entries[0].offset < after)
+
+        entries, lost_below = await self._scan_back(stream, mark, enough, policy)
+        stored = [entry for entry in entries if entry.kind == _STORED]
+        now = time.time()
+        alive = [entry for entry in stored if now - entry.written < policy.ttl][-policy.size :]
+        kept = {entry.offset for entry in alive}
+        # Position offsets at or below `trimmed` are gone (by size, ttl or the
+        # broker's retention); those above it are all in `alive`.
+        trimmed = max([entry.offset + 1 for entry in stored if entry.offset not in kept] + [lost_below])
+        newest = stored[-1].offset + 1 if stored else 0
+        page = [(entry.offset + 1, entry.body) for entry in alive if entry.offset + 1 > after]
+        return HistorySlice(page[-limit:], newest, stream.epoch, complete=trimmed <= after)
+
+    async def _history_stream(self, group: str, policy: HistoryPolicy) -> _HistoryStream:
+        stream = self._streams.get(group)
+        if stream is not None:
+            return stream
+        lock = self._stream_locks.setdefault(group, asyncio.Lock())
+        try:
+            async with lock:
+                stream = self._streams.get(group)
+                if stream is None:
+                    stream = await self._open_stream(group, policy)
+                return stream
+        finally:
+            if group in self._streams:
+                self._stream_locks.pop(group, None)
+
+    async def _open_stream(self, group: str, policy: HistoryPolicy) -> _HistoryStream:
+        name = history_stream_name(self.queue_prefix, group)
+        declare_channel, history_channel = self._declare_channel, self._history_channel
+        assert declare_channel is not None
+        assert history_channel is not None
+        arguments: dict[str, Any] = {
+            "x-queue-type": "stream",
+            # Retention is by whole segments, so the broker keeps somewhat more;
+            # reads apply the exact size and ttl.
+            "x-max-age": f"{max(math.ceil(policy.ttl), 1)}s",
+            "x-stream-max-segment-size-bytes": HISTORY_SEGMENT_BYTES,
+        }
+        try:
+            await self._broker(
+                declare_channel,
+                f"declare of stream {name!r}",
+                lambda: declare_channel.declare_queue(name, durable=True, arguments=arguments, robust=False),
+            )
+        except self._precondition_failed as exc:
+            # Declared by a layer with another ttl: the existing stream wins.
+            logger.warning(
+                "stream %r exists with other arguments than %r; using it as is: %s", name, arguments, exc
+            )
+        await self._await_stream_ready(name)
+        # Passive on the consumers' channel: a reconnect declares it again
+        # without arguments that might differ.
+        queue = await self._broker(
+            history_channel,
+            f"declare of stream {name!r}",
+            lambda: history_channel.declare_queue(name, passive=True),
+        )
+        tag = f"fw-h-{self.client_token}-{new_token(6)}"
+        stream = _HistoryStream(name, queue, tag)
+        await self._broker(
+            history_channel,
+            f"consume from {name!r}",
+            lambda: queue.consume(
+                partial(self._on_tap, stream), consumer_tag=tag, arguments={"x-stream-offset": "next"}
+            ),
+        )
+        self._streams[group] = stream
+        try:
+            stream.epoch = await self._agree_epoch(group, stream)
+        except BaseException:
+            self._streams.pop(group, None)
+            await self._cancel_consumer(queue, tag)
+            raise
+        return stream
+
+    async def _await_stream_ready(self, name: str) -> None:
+        """Wait until the broker can serve the stream ``name``, on a connection of its own.
+
+        RabbitMQ 3.10 answers queue.declare for a stream that another client
+        is creating at that moment before the stream's writer runs, and a
+        publish or consume then kills the whole connection (INTERNAL_ERROR,
+        or RESOURCE_ERROR "Stream not found"). A confirmed publish of an epoch
+        proposal on a throwaway connection proves it ready without risking the
+        layer's own; the proposal is harmless (see :meth:`_agree_epoch`).
+        """
+        import aio_pika
+        import aiormq.exceptions
+
+        backoff = Backoff(first=0.02, cap=0.5)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                connection = await aio_pika.connect(self.url, timeout=self.timeout)
+            except asyncio.TimeoutError:
+                raise self.unavailable(f"no connection within {self.timeout} s (stream {name!r})") from None
+            except self._errors as exc:
+                raise self.unavailable(f"no connection to check stream {name!r}: {exc!r}") from exc
+            try:
+                channel = await connection.channel(publisher_confirms=True)
+                message = self._message_class(
+                    b"", type=_PROPOSAL, headers={"e": new_epoch(), "t": _now_ms()}, delivery_mode=2
+                )
+                await channel.default_exchange.publish(message, name, mandatory=True)
+                return
+            except (
+                aiormq.exceptions.ConnectionInternalError,
+                aiormq.exceptions.ConnectionResourceError,
+            ) as exc:
+                if time.monotonic() > deadline:
+                    raise self.unavailable(f"stream {name!r} did not become ready: {exc!r}") from exc
+                logger.debug("stream %r is not ready yet: %r", name, exc)
+            except self._errors as exc:
+                raise self.unavailable(f"check of stream {name!r} failed: {exc!r}") from exc
+            finally:
+                await connection.close()
+            await backoff.sleep()
+
+    async def _agree_epoch(self, group: str, stream: _HistoryStream) -> str:
+        """The epoch of the stream: the one on its newest mark or stored message, else its first proposal.
+
+        Every writer proposes an epoch before its first write, then adopts the
+        stream's: so two processes that find a new (or recreated) stream at
+        the same time agree on the first proposal written to it.
+        """
+        proposal = await self._write(group, stream, _PROPOSAL, b"", epoch=new_epoch())
+
+        def decided(entries: list[_Entry]) -> bool:
+            return any(entry.kind != _PROPOSAL for entry in entries)
+
+        entries, _ = await self._scan_back(stream, proposal, decided, None)
+        settled = [entry for entry in entries if entry.kind != _PROPOSAL]
+        if settled:
+            return settled[-1].epoch
+        return next(entry.epoch for entry in entries if entry.kind == _PROPOSAL)
+
+    async def _write(
+        self, group: str, stream: _HistoryStream, kind: str, body: bytes, *, epoch: str | None = None
+    ) -> int:
+        """Append one entry to the stream; return its stream offset, as the tap reports it."""
+        token = new_token()
+        message = self._message_class(
+            body,
+            type=kind,
+            message_id=token,
+            headers={"e": epoch or stream.epoch, "t": _now_ms()},
+            delivery_mode=2,
+        )
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        stream.pending[token] = seen
+        try:
+            assert self._channel is not None
+            default = self._channel.default_exchange
+            try:
+                await self._broker(
+                    self._channel,
+                    f"history write to {stream.name!r}",
+                    lambda: default.publish(message, stream.name, mandatory=True),
+                )
+            except self._publish_error:
+                # Returned as unroutable: the stream was deleted.
+                self._forget_stream(group, f"history stream {stream.name!r} was deleted")
+                raise _StreamGone(f"history stream {stream.name!r} was deleted") from None
+            return await within(
+                seen,
+                self.timeout,
+                lambda: self.unavailable(f"the offset of a write to {stream.name!r} did not come back"),
+            )
+        finally:
+            stream.pending.pop(token, None)
+
+    async def _on_tap(self, stream: _HistoryStream, incoming: AbstractIncomingMessage) -> None:
+        seen = stream.pending.pop(str(incoming.message_id), None)
+        if seen is not None and not seen.done():
+            seen.set_result(_stream_offset(incoming))
+        try:
+            await incoming.ack()
+        except self._errors as exc:
+            logger.debug("could not ack a history tap delivery: %r", exc)
+
+    async def _scan_back(
+        self,
+        stream: _HistoryStream,
+        last: int,
+        enough: Callable[[list[_Entry]], bool],
+        policy: HistoryPolicy | None,
+    ) -> tuple[list[_Entry], int]:
+        """The entries up to stream offset ``last``, read back until ``enough`` or the stream's start.
+
+        Also returns the position offset at and below which the broker has
+        dropped entries (0 if it dropped none that the scan reached).
+        """
+        width = 2 * (policy.size + 1) if policy is not None else 16
+        while True:
+            start = max(last + 1 - width, 0)
+            entries, first = await self._read_stream(stream, start, last)
+            if first > start:
+                return entries, first  # the broker's retention dropped everything below `first`
+            if start == 0 or enough(entries):
+                return entries, 0
+            width *= 4
+
+    async def _read_stream(self, stream: _HistoryStream, start: int, last: int) -> tuple[list[_Entry], int]:
+        """Entries with stream offsets in ``[start, last]``, and the first offset found from ``start``.
+
+        ``last`` must exist (this instance wrote it and its tap saw it), so the
+        read ends when it arrives.
+        """
+        channel = self._history_channel
+        assert channel is not None
+        entries: list[_Entry] = []
+        firsts: list[int] = []
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def on_message(incoming: AbstractIncomingMessage) -> None:
+            headers = incoming.headers
+            offset = _stream_offset(incoming)
+            if not firsts:
+                firsts.append(offset)
+            if not done.done() and offset <= last:
+                written = headers.get("t")
+                entries.append(
+                    _Entry(
+                        offset,
+                        str(incoming.type),
+                        str(headers.get("e", "")),
+                        written / 1000 if isinstance(written, int) else 0.0,
+                        incoming.body,
+                    )
+                )
+            if offset >= last and not done.done():
+                done.set_result(None)
+            try:
+                await incoming.ack()
+            except self._errors as exc:
+                logger.debug("could not ack a history delivery: %r", exc)
+
+        tag = f"fw-r-{self.client_token}-{new_token(6)}"
+        queue = stream.queue
+        await self._broker(
+            channel,
+            f"read of {stream.name!r}",
+            lambda: queue.consume(
+                on_message, consumer_tag=tag, arguments={"x-stream-offset": start}, robust=False
+            ),
+        )
+        try:
+            await within(
+                done, self.timeout, lambda: self.unavailable(f"read of {stream.name!r} did not reach its end")
+            )
+        finally:
+            await self._cancel_consumer(queue, tag)
+        return entries, firsts[0]
+
+    async def _cancel_consumer(self, queue: AbstractRobustQueue, tag: str) -> None:
+        try:
+            await self._broker(self._history_channel, "consumer cancel", lambda: queue.cancel(tag))
+        except BackendUnavailable as exc:
+            logger.debug("consumer cancel on %r failed: %s", queue.name, exc)
+
+    async def _flush_history(self) -> None:
+        # Only the streams this instance used: AMQP cannot list queues.
+        for group, stream in list(self._streams.items()):
+            self._streams.pop(group, None)
+            stream.fail(ChannelLayerClosed("the group's history was flushed"))
+            await self._cancel_consumer(stream.queue, stream.tag)
+            await self._delete_stream(stream.name)
+
+    async def _delete_stream(self, name: str) -> None:
+        declare_channel = self._declare_channel
+        assert declare_channel is not None
+        await self._broker(
+            declare_channel, f"delete of stream {name!r}", lambda: declare_channel.queue_delete(name)
+        )
+
     # ---------------------------------------------------------- flush, close
 
     async def _flush(self) -> None:
@@ -832,6 +1258,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 lambda queue=queue, key=key: queue.unbind(self.exchange_name, key),  # type: ignore[misc]
             )
         self._named_bindings.clear()
+        await self._flush_history()
         self.local_groups.clear()
         for group in sorted(self._bound):
             await self._sync_binding(group)
@@ -848,6 +1275,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         for reader in self._readers.values():
             if reader.linger is not None:
                 reader.linger.cancel()
+        for stream in self._streams.values():
+            stream.fail(ChannelLayerClosed("the channel layer was closed"))
         # Tasks first: one still using the connection would fail (and log) once it closes.
         await self.tasks.close(self.timeout)
         if self._connection is not None:

@@ -22,6 +22,19 @@ tags, so keys that one Lua script touches always share a slot):
   a named channel. ``group_send`` reads only this, so its cost does not grow with
   the group: each owning process gets ``(group, n)`` and fans out to the members
   it holds in memory, checking Redis first if it holds a different number.
+* ``P:history:{name}`` and ``P:hmeta:{name}``: only for groups matching the
+  ``history`` option, in the group's slot: a list of the last messages (oldest
+  first) and a hash ``{epoch, offset}``. The script that reads the owners for
+  ``group_send`` also assigns the offset and stores the message.
+
+* ``P:presence:{group}``: only for groups someone joined the presence of: a hash
+  ``channel -> owner token "\n" info`` (the owner is the layer that joined).
+* ``P:plive:{presence}``: a sorted set ``token -> deadline`` (Redis server time,
+  ms) of the processes holding presence entries, pushed forward by one
+  heartbeat per process; and ``P:pgroups:{presence}:token``, the groups where
+  that process holds entries (one hash tag: a reaper claims a dead process and
+  takes its group list in one script). A dead process's entries are found
+  through its group list, never by reading every group.
 
 Entries of the lists start with a 13-digit deadline in ms (Redis server time),
 so undelivered messages expire individually and capacity checks ignore them.
@@ -53,6 +66,7 @@ from fastapi_websockets.exceptions import (
     ChannelLayerClosed,
     ChannelLayerError,
 )
+from fastapi_websockets.history import POSITION_KEY, HistoryPolicy, HistorySlice, StreamPosition, new_epoch
 from fastapi_websockets.names import is_process_specific, process_token
 from fastapi_websockets.types import Message
 
@@ -79,6 +93,8 @@ _WAITER_TTL_MS = 45_000
 #: inbox must not grow without bound while senders keep refreshing its TTL).
 _INBOX_FACTOR = 100
 _DEADLINE_DIGITS = 13
+#: Most dead processes one presence reap claims (the rest wait for the next beat).
+_REAP_BATCH = 100
 _DATA = b"D"
 _WAKE = b"W"
 # Another process added or discarded one of this process's channels: the owner
@@ -219,21 +235,176 @@ return 0
 """
 )
 
-# KEYS: group, owners. ARGV: group expiry ms. Drops stale members (usually none, so
-# no per-member work) and returns the owners hash: {owner, count, owner, count...}.
-_GROUP_OWNERS = (
-    _NOW
-    + _OWNER_OF
-    + """
+# Drops the stale members of the group KEYS[1] (usually none, so no per-member
+# work); ARGV[1] is the group expiry in ms. Needs `now` and `forget`.
+_DROP_STALE = """
 local cutoff = now - tonumber(ARGV[1])
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
 if #stale > 0 then
   for _, member in ipairs(stale) do forget(member) end
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
 end
+"""
+
+# KEYS: group, owners. ARGV: group expiry ms. Returns the owners hash after dropping
+# stale members: {owner, count, owner, count...}.
+_GROUP_OWNERS = (
+    _NOW
+    + _OWNER_OF
+    + _DROP_STALE
+    + """
 return redis.call('HGETALL', KEYS[2])
 """
 )
+
+# The live state of a group's history: `list` holds its entries (deadline prefix,
+# oldest first), `meta` the hash {epoch, offset of the newest entry}. Entries leave
+# only from the head (size, ttl), so the head's offset is newest - length + 1.
+# Starts a new epoch (with `candidate`) when the state is gone: the hash expired or
+# was deleted, or the list was lost while the hash says it had entries (the last
+# entry expires with the keys, so an empty list means lost). Needs `now`.
+_HISTORY_LIVE = """
+local function history_live(list, meta, candidate)
+  local state = redis.call('HMGET', meta, 'epoch', 'offset')
+  local epoch, newest = state[1], tonumber(state[2]) or 0
+  local n = redis.call('LLEN', list)
+  while n > 0 do
+    if tonumber(string.sub(redis.call('LINDEX', list, 0), 1, 13)) > now then break end
+    redis.call('LPOP', list)
+    n = n - 1
+  end
+  if not epoch or (n == 0 and newest > 0) then
+    epoch, newest, n = candidate, 0, 0
+    redis.call('DEL', list)
+    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+    return epoch, newest, n, true
+  end
+  return epoch, newest, n, false
+end
+"""
+
+# KEYS: group, owners, history list, history meta. ARGV: group expiry ms, size,
+# ttl ms, candidate epoch, entry. A group_send to a group with history in one call:
+# assigns the next offset, stores the entry, trims to `size`, keeps the whole
+# history for `ttl` after this append, and returns {offset, epoch, owners hash}
+# for the fan-out, as _GROUP_OWNERS does. All four keys share the group's hash tag.
+_GROUP_SEND_HISTORY = (
+    _NOW
+    + _OWNER_OF
+    + _DROP_STALE
+    + _HISTORY_LIVE
+    + """
+local size = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local epoch, _, n = history_live(KEYS[3], KEYS[4], ARGV[4])
+local offset = redis.call('HINCRBY', KEYS[4], 'offset', 1)
+redis.call('RPUSH', KEYS[3], string.format('%013d', now + ttl) .. ARGV[5])
+if n + 1 > size then redis.call('LTRIM', KEYS[3], -size, -1) end
+redis.call('PEXPIRE', KEYS[3], ttl)
+redis.call('PEXPIRE', KEYS[4], ttl)
+return {offset, epoch, redis.call('HGETALL', KEYS[2])}
+"""
+)
+
+# KEYS: history list, history meta. ARGV: after, limit, ttl ms, candidate epoch.
+# Returns {newest, epoch, complete (1/0), offset of the first entry, entries}: the
+# newest `limit` entries with an offset above `after`. A history read before any
+# append gets its epoch now, so that the next append uses the same one.
+_HISTORY_READ = (
+    _NOW
+    + _HISTORY_LIVE
+    + """
+local after = tonumber(ARGV[1])
+local epoch, newest, n, created = history_live(KEYS[1], KEYS[2], ARGV[4])
+if created then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+local head = newest - n + 1
+local first = math.max(after + 1, newest - tonumber(ARGV[2]) + 1, head)
+local entries = {}
+if first <= newest then entries = redis.call('LRANGE', KEYS[1], first - head, -1) end
+return {newest, epoch, (head - 1 <= after) and 1 or 0, first, entries}
+"""
+)
+
+
+# KEYS: live owners, this owner's groups. ARGV: token, timeout ms, group.
+# Records (or refreshes) the owner before its entry in `group` is stored.
+_PRESENCE_OWN = (
+    _NOW
+    + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 0
+"""
+)
+
+# KEYS: live owners, this owner's groups. ARGV: token, group. After the owner's
+# last entry in `group` left: forget the group, and the owner with its last group.
+_PRESENCE_DISOWN = """
+redis.call('SREM', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+# KEYS: a group's presence hash. ARGV: channel. Removes the entry, returns it (nil if none).
+_PRESENCE_TAKE = """
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if entry then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return entry
+"""
+
+# KEYS: live owners. ARGV: token, timeout ms. The heartbeat: 1 if the owner was
+# missing (Redis lost it, or a reaper took it), so its entries must be stored again.
+_PRESENCE_BEAT = (
+    _NOW
+    + """
+return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+"""
+)
+
+# KEYS: live owners. Returns {now, {token, deadline, ...}}: one reply tells both
+# who is alive (for a read) and who is dead (for a reap), by Redis's clock.
+_PRESENCE_OWNERS = (
+    _NOW
+    + """
+return {now, redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
+"""
+)
+
+# KEYS: live owners, then the groups set of each token in ARGV. Claims each owner
+# still past its deadline: exactly one caller removes it (ZREM returns 1 once) and
+# gets its groups. Returns {token, {groups}, ...}.
+_PRESENCE_CLAIM = (
+    _NOW
+    + """
+local out = {}
+for i, token in ipairs(ARGV) do
+  local deadline = tonumber(redis.call('ZSCORE', KEYS[1], token))
+  if deadline and deadline <= now and redis.call('ZREM', KEYS[1], token) == 1 then
+    out[#out + 1] = token
+    out[#out + 1] = redis.call('SMEMBERS', KEYS[i + 1])
+    redis.call('DEL', KEYS[i + 1])
+  end
+end
+return out
+"""
+)
+
+# KEYS: a group's presence hash. ARGV: a claimed owner's mark (token .. "\n").
+# Removes that owner's entries; returns {channel, info, ...}.
+_PRESENCE_REAP = """
+local mark = ARGV[1]
+local out = {}
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local entry = entries[i + 1]
+  if string.sub(entry, 1, #mark) == mark then
+    redis.call('HDEL', KEYS[1], entries[i])
+    out[#out + 1] = entries[i]
+    out[#out + 1] = string.sub(entry, #mark + 1)
+  end
+end
+return out
+"""
 
 
 class _Script:
@@ -253,6 +424,15 @@ _SCRIPTS = {
         "group_add": _GROUP_ADD,
         "group_discard": _GROUP_DISCARD,
         "group_owners": _GROUP_OWNERS,
+        "group_send_history": _GROUP_SEND_HISTORY,
+        "history_read": _HISTORY_READ,
+        "presence_own": _PRESENCE_OWN,
+        "presence_disown": _PRESENCE_DISOWN,
+        "presence_take": _PRESENCE_TAKE,
+        "presence_beat": _PRESENCE_BEAT,
+        "presence_owners": _PRESENCE_OWNERS,
+        "presence_claim": _PRESENCE_CLAIM,
+        "presence_reap": _PRESENCE_REAP,
     }.items()
 }
 _BY_SHA = {script.sha: script for script in _SCRIPTS.values()}
@@ -280,6 +460,10 @@ def _settle_pushes(futs: list[asyncio.Future[Any]], result: Any) -> None:
 
 def _deadline(entry: bytes) -> int:
     return int(entry[:_DEADLINE_DIGITS])
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 class RedisChannelLayer(BrokerChannelLayer):
@@ -332,8 +516,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         self.cluster = flag("cluster", cluster)
         self.use_pubsub = flag("use_pubsub", use_pubsub)
         self.sharded_pubsub = flag("sharded_pubsub", sharded_pubsub)
-        self._expiry_ms = max(1, int(self.channel_expiry * 1000))
-        self._group_expiry_ms = max(1, int(self.group_expiry * 1000))
+        self._expiry_ms = _ms(self.channel_expiry)
+        self._group_expiry_ms = _ms(self.group_expiry)
+        self._presence_timeout_ms = _ms(self.presence_timeout)
         self._inbox_limit = self.capacity * _INBOX_FACTOR
         self._client: Redis | RedisCluster | None = None
         self._cluster_client: RedisCluster | None = None
@@ -373,6 +558,22 @@ class RedisChannelLayer(BrokerChannelLayer):
         """The group's members and its owners hash: one hash tag, one slot."""
         tag = _tag(group)
         return [f"{self.prefix}:group:{tag}", f"{self.prefix}:owners:{tag}"]
+
+    def _history_keys(self, group: str) -> list[str]:
+        """The group's history list and its {epoch, offset} hash: the same slot as its members."""
+        tag = _tag(group)
+        return [f"{self.prefix}:history:{tag}", f"{self.prefix}:hmeta:{tag}"]
+
+    def _presence_key(self, group: str) -> str:
+        return f"{self.prefix}:presence:{_tag(group)}"
+
+    def _presence_owner_keys(self, token: str) -> list[str]:
+        """The live owners and the groups of ``token``: one hash tag, one slot for all processes."""
+        return [self._presence_live_key, f"{self.prefix}:pgroups:{{presence}}:{token}"]
+
+    @property
+    def _presence_live_key(self) -> str:
+        return f"{self.prefix}:plive:{{presence}}"
 
     @property
     def _wake_command(self) -> str:
@@ -609,8 +810,11 @@ class RedisChannelLayer(BrokerChannelLayer):
             logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        keys = self._group_keys(group)
-        reply: list[bytes] = await self._script("group_owners", keys, self._group_expiry_ms)
+        owners = await self._script("group_owners", self._group_keys(group), self._group_expiry_ms)
+        await self._fan_out(group, owners, data)
+
+    async def _fan_out(self, group: str, reply: list[bytes], data: bytes) -> None:
+        """Deliver ``data`` to the owners of ``group`` listed in ``reply`` (the owners hash)."""
         by_process: dict[str, bytes] = {}  # token -> how many of its channels are members
         named: list[str] = []
         for i in range(0, len(reply), 2):
@@ -647,6 +851,148 @@ class RedisChannelLayer(BrokerChannelLayer):
             await asyncio.gather(*wakes)
         if first_error is not None:
             raise first_error
+
+    # ------------------------------------------------------------- history
+
+    async def _group_send_history(
+        self, group: str, message: Message, policy: HistoryPolicy
+    ) -> StreamPosition:
+        # The script that assigns the offset also returns the owners, which a plain
+        # group_send reads with a script of its own: storing costs no extra round trip.
+        # The fan-out copy is encoded here, once the offset is known, rather than
+        # patched into the stored bytes.
+        position, owners = await self._store_history(group, self.encode(message), policy)
+        # Not self.encode(): the limit applies to what the caller sent, which is already
+        # stored; the position's few bytes must not make its delivery fail.
+        data = self.serializer.dumps({**message, POSITION_KEY: position.as_dict()})
+        await self._fan_out(group, owners, data)
+        return position
+
+    async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
+        position, _ = await self._store_history(group, data, policy)
+        return position
+
+    async def _store_history(
+        self, group: str, data: bytes, policy: HistoryPolicy
+    ) -> tuple[StreamPosition, list[bytes]]:
+        """Append ``data`` to the group's history; return its position and the group's owners."""
+        offset, epoch, owners = await self._script(
+            "group_send_history",
+            [*self._group_keys(group), *self._history_keys(group)],
+            self._group_expiry_ms,
+            policy.size,
+            _ms(policy.ttl),
+            new_epoch(),
+            data,
+        )
+        return StreamPosition(int(offset), epoch.decode()), owners
+
+    async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
+        newest, epoch, complete, first, entries = await self._script(
+            "history_read", self._history_keys(group), after, limit, _ms(policy.ttl), new_epoch()
+        )
+        return HistorySlice(
+            [(int(first) + i, entry[_DEADLINE_DIGITS:]) for i, entry in enumerate(entries)],
+            int(newest),
+            epoch.decode(),
+            complete=bool(complete),
+        )
+
+    # ------------------------------------------------------------- presence
+
+    async def _in_order(self, *calls: Coroutine[Any, Any, Any]) -> list[Any]:
+        """Run Redis calls in this order, in one round trip where the order survives it.
+
+        On one server a pipeline runs its commands in order. A cluster writes to its
+        nodes in parallel, so keys in different slots are written one call after the other.
+        """
+        if self._cluster_client is None:
+            return list(await asyncio.gather(*calls))
+        results = []
+        for index, call in enumerate(calls):
+            try:
+                results.append(await call)
+            except BaseException:
+                for later in calls[index + 1 :]:
+                    later.close()  # never started: no "never awaited" warning
+                raise
+        return results
+
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
+        token = self.client_token
+        # The owner (and the group in its list) first: an entry is never stored where
+        # a reaper could not find it.
+        await self._in_order(
+            self._script(
+                "presence_own", self._presence_owner_keys(token), token, self._presence_timeout_ms, group
+            ),
+            self._execute("HSET", self._presence_key(group), channel, token.encode() + b"\n" + info),
+        )
+
+    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+        take = self._script("presence_take", [self._presence_key(group)], channel)
+        mine = self._presence.channels(group)
+        if channel in mine and len(mine) == 1:
+            # This process's last entry in the group: drop the group from its list
+            # (and its owner record with its last group), so nothing is left behind.
+            token = self.client_token
+            disown = self._script("presence_disown", self._presence_owner_keys(token), token, group)
+            entry, _ = await self._in_order(take, disown)
+        else:
+            entry = await take
+        return None if entry is None else bytes(entry).partition(b"\n")[2]
+
+    async def _presence_read(self, group: str) -> dict[str, bytes]:
+        entries, (now, owners) = await asyncio.gather(
+            self._execute("HGETALL", self._presence_key(group)),
+            self._script("presence_owners", [self._presence_live_key]),
+        )
+        # This process is alive whatever its record says (a heartbeat may be due).
+        alive = {owners[i] for i in range(0, len(owners), 2) if int(owners[i + 1]) > int(now)}
+        alive.add(self.client_token.encode())
+        present = {}
+        for channel, entry in entries.items():
+            owner, _, info = entry.partition(b"\n")
+            if owner in alive:
+                present[channel.decode()] = info
+        return present
+
+    async def _presence_beat(self) -> bool:
+        beat = await self._script(
+            "presence_beat", [self._presence_live_key], self.client_token, self._presence_timeout_ms
+        )
+        return bool(beat)
+
+    async def _presence_reap(self) -> list[tuple[str, str, bytes]]:
+        live = self._presence_live_key
+        now, owners = await self._script("presence_owners", [live])
+        mine = self.client_token.encode()
+        dead = [
+            owners[i].decode()
+            for i in range(0, len(owners), 2)
+            if int(owners[i + 1]) <= int(now) and owners[i] != mine
+        ][:_REAP_BATCH]
+        if not dead:
+            return []
+        keys = [live, *(self._presence_owner_keys(token)[1] for token in dead)]
+        claimed = await self._script("presence_claim", keys, *dead)
+        # Each claimed owner's groups, in their own slots: one pipelined write for all.
+        work = [
+            (group.decode(), token)
+            for i in range(0, len(claimed), 2)
+            for token, group in ((claimed[i], group) for group in claimed[i + 1])
+        ]
+        results = await asyncio.gather(
+            *(
+                self._script("presence_reap", [self._presence_key(group)], token + b"\n")
+                for group, token in work
+            )
+        )
+        return [
+            (group, removed[i].decode(), removed[i + 1])
+            for (group, _), removed in zip(work, results, strict=True)
+            for i in range(0, len(removed), 2)
+        ]
 
     # ------------------------------------------------------------ receiving
 

@@ -8,7 +8,9 @@ private state.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -772,3 +774,223 @@ def test_a_malformed_server_url_is_refused_without_its_password(server: str) -> 
 def test_repr_names_the_servers_without_the_password() -> None:
     layer = NATSChannelLayer(servers=[secret_url(4222), f"nats://{USER}:{SECRET}@other:4223"])
     assert repr(layer) == "<NATSChannelLayer 127.0.0.1:4222, other:4223 open>"
+
+
+# ------------------------------------------------------------------- history
+
+
+HISTORY = {"room:*": {"size": 5, "ttl": 600}, "big:*": 100, "short:*": {"size": 10, "ttl": 1}}
+
+
+async def stored_per_group(urls: list[str], stream: str) -> dict[str, int]:
+    """How many entries the server holds per history subject of ``stream``."""
+    client = await raw_client(urls)
+    try:
+        info = await client.jetstream().stream_info(stream, subjects_filter=">")
+        return dict(info.state.subjects or {})
+    finally:
+        await client.close()
+
+
+async def test_history_is_one_stream_per_policy_trimmed_by_size_on_the_server(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    urls = [nats_node.url]
+    layer = make(servers=urls, history=HISTORY)
+    assert await layer.group_send("lobby", {"type": "m"}) is None
+    client = await raw_client(urls)
+    try:
+        names = {info.config.name for info in await client.jetstream().streams_info()}
+        assert not any(name and name.startswith(namespace) for name in names)  # no history, no stream
+    finally:
+        await client.close()
+
+    positions = [await layer.group_send("room:1", {"type": "m", "i": i}) for i in range(8)]
+    assert [p.offset for p in positions if p is not None] == list(range(1, 9))
+    assert len({p.epoch for p in positions if p is not None}) == 1
+    stream = f"{namespace}_H5-600000"
+    assert await stored_per_group(urls, stream) == {f"{namespace}.h.5-600000.{subject_token('room:1')}": 5}
+    client = await raw_client(urls)
+    try:
+        config = (await client.jetstream().stream_info(stream)).config
+    finally:
+        await client.close()
+    assert (config.max_msgs_per_subject, config.max_age, config.deny_delete) == (5, 600, True)
+    page = await layer.group_history("room:1")
+    assert [m["i"] for m in page.messages] == [3, 4, 5, 6, 7]
+    assert not page.recovered  # offsets 1-3 were trimmed
+
+
+async def test_history_expires_with_its_ttl_on_the_server_and_starts_a_new_epoch(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    urls = [nats_node.url]
+    layer = make(servers=urls, history=HISTORY)
+    first = await layer.group_send("short:1", {"type": "m", "i": 0})
+    await layer.group_send("short:1", {"type": "m", "i": 1})
+    assert first is not None
+    stream = f"{namespace}_H10-1000"
+    assert sum((await stored_per_group(urls, stream)).values()) == 2
+    deadline = time.monotonic() + 30
+    while sum((await stored_per_group(urls, stream)).values()):
+        assert time.monotonic() < deadline, "the server did not expire the entries"
+        await asyncio.sleep(0.2)
+    page = await layer.group_history("short:1", since=first)
+    assert page.messages == []
+    assert not page.recovered
+    after = await layer.group_send("short:1", {"type": "m", "i": 2})
+    assert after is not None
+    assert after.epoch != first.epoch  # the whole history expired: a new life
+    assert after.epoch == page.position.epoch  # the one the read started
+    assert after.offset == 1
+
+
+async def test_history_survives_a_server_restart(private_node: NatsNode, namespace: str, make: Make) -> None:
+    urls = [private_node.url]
+    sender, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
+    positions = [await sender.group_send("room:r", {"type": "m", "i": i}) for i in range(3)]
+    first, last = positions[0], positions[-1]
+    assert first is not None
+    assert last is not None
+    assert (await reader.group_history("room:r")).position == last
+
+    private_node.stop()
+    await asyncio.sleep(0.3)
+    private_node.start()
+    await wait_connected(sender, reader)
+
+    page = await reader.group_history("room:r", since=first)
+    assert [m["i"] for m in page.messages] == [1, 2]
+    assert page.recovered
+    assert page.position == last
+    following = await sender.group_send("room:r", {"type": "m", "i": 3})
+    assert following == (last.offset + 1, last.epoch)
+
+
+@pytest.mark.parametrize("wipe", ["delete the stream", "purge the group"])
+async def test_history_wiped_out_of_band_gets_a_new_epoch(
+    nats_node: NatsNode, namespace: str, make: Make, wipe: str
+) -> None:
+    urls = [nats_node.url]
+    sender, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
+    channel = await reader.new_channel("ws")
+    await reader.group_add("room:w", channel)
+    before = [await sender.group_send("room:w", {"type": "m", "i": i}) for i in range(3)]
+    assert before[-1] is not None
+    stream = f"{namespace}_H5-600000"
+    client = await raw_client(urls)
+    try:
+        js = client.jetstream()
+        if wipe == "delete the stream":
+            await js.delete_stream(stream)
+        else:
+            await js.purge_stream(stream, subject=f"{namespace}.h.5-600000.{subject_token('room:w')}")
+    finally:
+        await client.close()
+
+    after = await sender.group_send("room:w", {"type": "m", "i": 3})
+    assert after is not None
+    assert after.epoch != before[-1].epoch
+    assert after.offset == 1  # a new life starts over
+    page = await reader.group_history("room:w", since=before[-1])
+    assert not page.recovered
+    assert [m["i"] for m in page.messages] == [3]
+    live = [await reader.receive(channel, timeout=10) for _ in range(4)]
+    assert [m["_position"]["offset"] for m in live] == [1, 2, 3, 1]
+
+
+SENDER = """
+import asyncio, json, sys
+from fastapi_websockets import get_channel_layer_from_env
+
+async def main():
+    layer = get_channel_layer_from_env()
+    await layer.group_history("big:p")  # connected and ready before the start line
+    print("ready", flush=True)
+    sys.stdin.readline()
+    offsets = []
+    for i in range(int(sys.argv[1])):
+        position = await layer.group_send("big:p", {"type": "m", "i": i})
+        offsets.append(position.offset)
+    print(json.dumps(offsets), flush=True)
+    await layer.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_offsets_from_several_processes_are_contiguous(
+    nats_backend: Any, namespace: str, make: Make
+) -> None:
+    env = {
+        **os.environ,
+        **nats_backend.env(namespace),
+        "FASTAPI_WEBSOCKETS_NATS_HISTORY": json.dumps(HISTORY),
+    }
+    count, processes = 20, 3
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            SENDER,
+            str(count),
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert (await asyncio.wait_for(proc.stdout.readline(), 60)).strip() == b"ready"
+        for proc in procs:  # all start sending at once
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+        results = []
+        for proc in procs:
+            assert proc.stdout is not None
+            results.append(json.loads(await asyncio.wait_for(proc.stdout.readline(), 60)))
+            assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    for offsets in results:
+        assert offsets == sorted(offsets)
+    every = sorted(offset for offsets in results for offset in offsets)
+    assert every == list(range(1, count * processes + 1))
+    page = await make(servers=nats_backend.extra["node"].url.split(","), history=HISTORY).group_history(
+        "big:p"
+    )
+    assert page.recovered
+    assert [m["_position"]["offset"] for m in page.messages] == every
+
+
+async def test_cluster_history_survives_losing_its_stream_leader(
+    private_cluster: NatsCluster, namespace: str, make: Make
+) -> None:
+    urls = private_cluster.urls
+    sender = make(servers=urls, replicas=3, history=HISTORY, timeout=30)
+    reader = make(servers=urls, replicas=3, history=HISTORY, timeout=30)
+    positions = [await sender.group_send("room:l", {"type": "m", "i": i}) for i in range(3)]
+    first = positions[0]
+    assert first is not None
+    assert (await reader.group_history("room:l")).position == positions[-1]
+    client = await raw_client(urls)
+    try:
+        info = await client.jetstream().stream_info(f"{namespace}_H5-600000")
+        assert info.config.num_replicas == 3
+        leader = info.cluster.leader  # type: ignore[union-attr]
+    finally:
+        await client.close()
+    next(node for node in private_cluster.nodes if node.name == leader).kill()
+    await wait_connected(sender, reader)
+
+    following = await sender.group_send("room:l", {"type": "m", "i": 3})
+    assert following == (4, first.epoch)
+    page = await reader.group_history("room:l", since=first)
+    assert [m["i"] for m in page.messages] == [1, 2, 3]
+    assert page.recovered

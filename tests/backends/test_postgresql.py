@@ -15,6 +15,7 @@ from fastapi_websockets import (
     BaseChannelLayer,
     ChannelLayerClosed,
     ChannelLayerError,
+    StreamPosition,
     get_channel_layer,
     get_channel_layer_from_env,
 )
@@ -779,3 +780,196 @@ async def test_the_database_gone_mid_operation_leaks_no_password(
     finally:
         await layer.close()
     _assert_nothing_leaks(layer, caplog, *errors)
+
+
+# -------------------------------------------------------------------- history
+
+HISTORY = {"room:*": {"size": 50, "ttl": 600}, "tiny:*": 3, "short:*": {"size": 10, "ttl": 0.5}}
+
+
+async def test_history_survives_a_database_restart(restartable_postgresql: PostgresServer) -> None:
+    dsn, schema = restartable_postgresql.dsn, "history_restart"
+    layer = PostgreSQLChannelLayer(dsn=dsn, schema=schema, history=HISTORY)
+    try:
+        sent = [await layer.group_send("room:r", {"type": "m", "i": i}) for i in range(5)]
+        assert all(sent)
+    finally:
+        await layer.close()
+    restartable_postgresql.stop()
+    restartable_postgresql.start()
+    layer = PostgreSQLChannelLayer(dsn=dsn, schema=schema, history=HISTORY)
+    try:
+        first = sent[0]
+        assert first is not None
+        page = await layer.group_history("room:r", since=first)
+        assert page.recovered
+        assert [m["i"] for m in page.messages] == [1, 2, 3, 4]
+        assert page.position == sent[-1]
+        after = await layer.group_send("room:r", {"type": "m", "i": 5})
+        assert after == (first.offset + 5, first.epoch)  # same epoch, the counter goes on
+    finally:
+        await layer.close()
+
+
+async def test_history_deleted_out_of_band_gets_a_new_epoch(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    layer = make(history=HISTORY)
+    before = [await layer.group_send("room:w", {"type": "m", "i": i}) for i in range(3)]
+    last = before[-1]
+    assert last is not None
+    await db.execute(f'DELETE FROM "{namespace}".history_stream WHERE group_name = $1', "room:w")
+    page = await layer.group_history("room:w", since=last)
+    assert not page.recovered
+    assert page.messages == []  # the old life's entries are not mixed in
+    assert page.position.offset == 0
+    assert page.position.epoch != last.epoch
+    after = await layer.group_send("room:w", {"type": "m", "i": 3})
+    assert after == (1, page.position.epoch)  # the epoch the read started is the one used
+
+
+async def test_history_rows_are_trimmed_by_size_and_pruned_by_ttl(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    layer = make(history=HISTORY, prune_interval=0.2)
+    for i in range(10):
+        await layer.group_send("tiny:t", {"type": "m", "i": i})
+        stored = await db.fetch(f'SELECT "offset" FROM "{namespace}".history_entry ORDER BY "offset"')
+        assert [row[0] for row in stored] == list(range(max(1, i - 1), i + 2))  # at most size = 3
+    await layer.group_send("short:s", {"type": "m"})
+
+    async def expired_gone() -> bool:
+        streams = await db.fetch(f'SELECT group_name FROM "{namespace}".history_stream')
+        entries = await db.fetchval(f'SELECT count(*) FROM "{namespace}".history_entry')
+        return [row[0] for row in streams] == ["tiny:t"] and entries == 3
+
+    await eventually(expired_gone, "the expired stream and its entries pruned, the live ones kept")
+
+
+async def test_groups_without_history_create_no_history_tables(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    plain = make()
+    await plain.group_send("room:x", {"type": "m"})
+    tables = await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", namespace)
+    assert sorted(row[0] for row in tables) == ["group_member", "message"]
+    with_history = make(history=HISTORY)
+    await with_history.group_send("room:x", {"type": "m"})
+    await plain.flush()  # wipes the history a layer sharing the schema keeps, too
+    assert await db.fetchval(f'SELECT count(*) FROM "{namespace}".history_entry') == 0
+
+
+async def test_a_named_member_of_a_history_group_gets_positions(make: Factory) -> None:
+    sender, reader = make(history=HISTORY), make()
+    await sender.group_add("room:n", "jobs.named")
+    first = await sender.group_send("room:n", {"type": "m", "i": 0})
+    second = await sender.group_send("room:n", {"type": "m", "i": 1})
+    assert first is not None
+    assert second is not None
+    got = [await reader.receive("jobs.named", timeout=10) for _ in range(2)]
+    assert [StreamPosition(**m["_position"]) for m in got] == [first, second]
+
+
+_HISTORY_CHILD = """
+import asyncio, sys
+from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
+
+async def main():
+    layer = PostgreSQLChannelLayer(dsn=sys.argv[1], schema=sys.argv[2], history={"room:*": 1000})
+    print("ready", flush=True)
+    sys.stdin.readline()
+    offsets = [(await layer.group_send("room:p", {"type": "m", "who": sys.argv[3], "i": i})).offset
+               for i in range(100)]
+    print(" ".join(map(str, offsets)), flush=True)
+    await layer.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_offsets_from_several_os_processes_are_contiguous(make: Factory, namespace: str) -> None:
+    layer = make(history={"room:*": 1000}, capacity=1000)
+    channel = await layer.new_channel("ws")
+    await layer.group_add("room:p", channel)
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _HISTORY_CHILD,
+            layer.dsn,
+            namespace,
+            str(who),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for who in range(3)
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None
+            assert (await asyncio.wait_for(child.stdout.readline(), 30)).strip() == b"ready"
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+        per_child = []
+        for child in children:
+            assert child.stdout is not None
+            per_child.append([int(n) for n in (await asyncio.wait_for(child.stdout.readline(), 60)).split()])
+            assert await asyncio.wait_for(child.wait(), 30) == 0
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    for offsets in per_child:
+        assert offsets == sorted(offsets)
+    assert sorted(n for offsets in per_child for n in offsets) == list(range(1, 301))
+    # Members get them in offset order, each once.
+    live = [await layer.receive(channel, timeout=10) for _ in range(300)]
+    assert [m["_position"]["offset"] for m in live] == list(range(1, 301))
+    page = await layer.group_history("room:p", limit=300)
+    assert page.recovered
+    assert [m["_position"]["offset"] for m in page.messages] == list(range(1, 301))
+
+
+async def test_catch_up_is_exact_with_several_publishers(make: Factory) -> None:
+    """Members added while other instances publish concurrently: page + live = everything after since."""
+    publishers = [make(history={"room:*": 5000}) for _ in range(3)]
+    joiner = make(history={"room:*": 5000}, capacity=5000)
+    sent: list[int] = []
+    started = asyncio.Event()
+
+    async def publish(layer: PostgreSQLChannelLayer) -> None:
+        for i in range(150):
+            position = await layer.group_send("room:many", {"type": "m", "i": i})
+            assert position is not None
+            sent.append(position.offset)
+            if len(sent) >= 30:
+                started.set()
+
+    tasks = [asyncio.ensure_future(publish(layer)) for layer in publishers]
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        since = await joiner.group_history("room:many", limit=1)
+        channels = []
+        pages = []
+        for _ in range(5):  # several joins while the publishers run
+            channel = await joiner.new_channel("ws")
+            page = await joiner.group_add("room:many", channel, since=since.position)
+            assert page is not None
+            assert page.recovered
+            channels.append(channel)
+            pages.append(page)
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    expected = sorted(n for n in sent if n > since.position.offset)
+    for channel, page in zip(channels, pages, strict=True):
+        live_count = sum(1 for n in sent if n > page.position.offset)
+        live = [await joiner.receive(channel, timeout=10) for _ in range(live_count)]
+        with pytest.raises(TimeoutError):
+            await joiner.receive(channel, timeout=0.5)
+        offsets = [m["_position"]["offset"] for m in page.messages + live]
+        assert offsets == expected

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from fastapi_websockets.backends.rabbitmq import (
     MAX_AMQP_NAME,
     RabbitMQChannelLayer,
     group_routing_key,
+    history_stream_name,
     named_queue_name,
 )
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
@@ -424,6 +427,129 @@ async def test_broker_restart(make: Factory, prefix: str, node: RabbitNode) -> N
     assert (await a.receive("durable.kept", timeout=10))["type"] == "stored"
     await b.group_send("joined.while.down", {"type": "joined"})
     assert (await a.receive(specific, timeout=10))["type"] == "joined"
+
+
+# ---------------------------------------------------------------- history
+
+HISTORY = {"room:*": {"size": 50, "ttl": 600}, "tiny:*": 3}
+
+
+async def test_history_lives_in_one_stream_per_history_group(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    layer = make(history=HISTORY)
+    await layer.group_send("lobby", {"type": "m"})
+    assert not [name for name in queues(node, prefix) if ".h." in name]  # plain groups pay nothing
+    position = await layer.group_send("room:1", {"type": "m"})
+    assert position is not None
+    name = history_stream_name(prefix, "room:1")
+    rows = {row[0]: row[1:] for row in node.rows("list_queues", "name", "type", "arguments")}
+    assert rows[name][0] == "stream"
+    assert "x-max-age" in rows[name][1]
+    assert "600s" in rows[name][1]
+
+
+async def test_history_survives_a_broker_restart(make: Factory, prefix: str, node: RabbitNode) -> None:
+    before = make(history=HISTORY)
+    positions = [await before.group_send("room:kept", {"type": "m", "i": i}) for i in range(5)]
+    first = positions[0]
+    assert first is not None
+    await asyncio.to_thread(node.restart)
+    after = make(history=HISTORY, timeout=60)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            page = await after.group_history("room:kept", since=first)
+            break
+        except BackendUnavailable:
+            # The AMQP port opens a moment before the node has recovered its
+            # streams ("home node ... is down or inaccessible").
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.5)
+    assert page.recovered
+    assert [m["i"] for m in page.messages] == [1, 2, 3, 4]
+    assert page.position == positions[-1]
+    # The layer that was connected across the restart goes on in the same epoch.
+    again = make(history=HISTORY, timeout=60)
+    nxt = await again.group_send("room:kept", {"type": "m", "i": 5})
+    assert nxt is not None
+    assert nxt.epoch == first.epoch
+    assert nxt.offset > page.position.offset
+
+
+async def test_a_stream_deleted_out_of_band_starts_a_new_epoch(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    sender, other = make(history=HISTORY), make(history=HISTORY)
+    old = await sender.group_send("room:wiped", {"type": "m"})
+    assert old is not None
+    assert (await other.group_history("room:wiped")).position == old
+    node.ctl("delete_queue", history_stream_name(prefix, "room:wiped"))
+    new = await sender.group_send("room:wiped", {"type": "m", "after": True})
+    assert new is not None
+    assert new.epoch != old.epoch
+    # An instance that only read before the wipe learns the new epoch too.
+    page = await other.group_history("room:wiped", since=old)
+    assert not page.recovered
+    assert page.position == new
+    assert [m.get("after") for m in page.messages] == [True]
+
+
+_SENDER = """
+import asyncio, json, sys
+from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer
+
+async def main():
+    url, prefix = sys.argv[1], sys.argv[2]
+    layer = RabbitMQChannelLayer(url=url, exchange_name=prefix, queue_prefix=prefix, history={"room:*": 200})
+    offsets = [(await layer.group_send("room:procs", {"type": "m"})).offset for _ in range(25)]
+    await layer.close()
+    print(json.dumps(offsets))
+
+asyncio.run(main())
+"""
+
+
+async def test_offsets_from_several_processes_are_unique_and_all_stored(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SENDER, node.url, prefix, stdout=asyncio.subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    here = make(history={"room:*": 200})
+    mine = [await here.group_send("room:procs", {"type": "m"}) for _ in range(25)]
+    outputs = [await proc.communicate() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0]
+    theirs = [json.loads(out) for out, _ in outputs]
+    offsets = [p.offset for p in mine if p is not None] + [o for part in theirs for o in part]
+    assert len(offsets) == 100
+    assert len(set(offsets)) == 100
+    for part in [[p.offset for p in mine if p is not None], *theirs]:
+        assert part == sorted(part)
+    page = await here.group_history("room:procs")
+    assert page.recovered
+    assert [m["_position"]["offset"] for m in page.messages] == sorted(offsets)
+
+
+async def test_size_and_ttl_are_applied_to_what_the_stream_holds(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    layer = make(history={"tiny:*": 3, "short:*": {"size": 10, "ttl": 1}})
+    sent = [await layer.group_send("tiny:1", {"type": "m", "i": i}) for i in range(6)]
+    name = history_stream_name(prefix, "tiny:1")
+    # The stream keeps more than `size` (retention drops whole segments) ...
+    stored = int(queues(node, prefix)[name]["messages"] or 0)
+    assert stored == 0 or stored >= 6
+    # ... and reads keep exactly the newest `size`.
+    page = await layer.group_history("tiny:1")
+    assert [m["i"] for m in page.messages] == [3, 4, 5]
+    assert page.position == sent[-1]
+    await layer.group_send("short:1", {"type": "m"})
+    await asyncio.sleep(1.5)
+    assert (await layer.group_history("short:1")).messages == []
 
 
 # ------------------------------------------------------------- no secrets

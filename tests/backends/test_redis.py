@@ -9,7 +9,9 @@ password in any error, log record, repr or stats.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -617,3 +619,359 @@ def test_malformed_url_is_refused_at_construction_without_the_password(url: str,
         )
     errors.append(from_env.value)
     assert_no_secret(SECRET, errors=errors)
+
+
+# -------------------------------------------------------------------- history
+
+HISTORY = {"room:*": {"size": 5, "ttl": 600}, "short:*": {"size": 100, "ttl": 0.5}}
+
+# One OS process sending to a history group as fast as it can; prints its offsets.
+_SENDER = """
+import asyncio, json, sys
+from fastapi_websockets.backends.redis import RedisChannelLayer
+
+async def main(url, prefix):
+    async with RedisChannelLayer(url=url, prefix=prefix, history={"room:*": 1000}) as layer:
+        positions = [await layer.group_send("room:p", {"type": "m", "i": i}) for i in range(60)]
+    print(json.dumps([[p.offset, p.epoch] for p in positions]))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_history_offsets_from_several_processes_are_contiguous(
+    make: Factory, redis_server: RedisNode, namespace: str
+) -> None:
+    layer = make(history={"room:*": 1000})
+    await layer.group_send("room:p", {"type": "m", "i": -1})
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SENDER, redis_server.url, namespace, stdout=asyncio.subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    outputs = [await child.communicate() for child in children]
+    assert [child.returncode for child in children] == [0, 0, 0]
+    per_process = [json.loads(stdout) for stdout, _ in outputs]
+    offsets = [offset for positions in per_process for offset, _ in positions]
+    assert sorted(offsets) == list(range(2, 2 + 3 * 60))
+    assert {epoch for positions in per_process for _, epoch in positions} == {
+        (await layer.group_history("room:p", limit=1)).position.epoch
+    }
+    for positions in per_process:
+        assert [offset for offset, _ in positions] == sorted(offset for offset, _ in positions)
+    page = await layer.group_history("room:p")
+    assert [m["_position"]["offset"] for m in page.messages] == list(range(1, 2 + 3 * 60))
+    assert page.recovered
+
+
+async def test_history_trims_by_size_and_ttl_in_redis(make: Factory, raw: redis_asyncio.Redis) -> None:
+    layer = make(history=HISTORY)
+    for i in range(12):
+        await layer.group_send("room:t", {"type": "m", "i": i})
+    entries = f"{layer.prefix}:history:{{room:t}}"
+    meta = f"{layer.prefix}:hmeta:{{room:t}}"
+    assert await raw.llen(entries) == 5
+    assert await raw.hget(meta, "offset") == b"12"
+    # The whole history expires ttl after its last append.
+    assert 590_000 < await raw.pttl(entries) <= 600_000
+    assert 590_000 < await raw.pttl(meta) <= 600_000
+
+    await layer.group_send("short:t", {"type": "m"})
+    assert 0 < await raw.pttl(f"{layer.prefix}:history:{{short:t}}") <= 500
+    await asyncio.sleep(0.7)
+    assert await raw.exists(f"{layer.prefix}:history:{{short:t}}", f"{layer.prefix}:hmeta:{{short:t}}") == 0
+
+
+async def test_groups_without_history_write_no_history_key(make: Factory, raw: redis_asyncio.Redis) -> None:
+    layer = make(history=HISTORY)
+    await layer.group_add("lobby", await layer.new_channel())
+    await layer.group_send("lobby", {"type": "m"})
+    keys = [key async for key in raw.scan_iter(match=f"{layer.prefix}:*")]
+    assert keys
+    assert not [key for key in keys if b":history:" in key or b":hmeta:" in key]
+
+
+async def test_history_group_send_costs_the_commands_of_a_plain_one(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    sender, first, second = make(history=HISTORY), make(), make()
+    for owner in (first, second):
+        for group in ("room:cost", "plain"):
+            await owner.group_add(group, await owner.new_channel("ws"))
+    await first.close()
+    await second.close()
+    calls = []
+    for group in ("plain", "room:cost"):
+        await raw.config_resetstat()
+        await sender.group_send(group, {"type": "fan"})
+        stats = await raw.info("commandstats")
+        calls.append({name: value["calls"] for name, value in stats.items() if name != "cmdstat_config"})
+    plain, history = calls
+    # One script (the owners; for history also the offset and the entry), then one push
+    # per owning process.
+    assert plain["cmdstat_evalsha"] == history["cmdstat_evalsha"] == 3
+    assert plain["cmdstat_rpush"] == 2
+    assert history["cmdstat_rpush"] == 3  # the two inboxes and the history list
+
+
+async def test_history_wiped_out_of_band_gets_a_new_epoch(make: Factory, raw: redis_asyncio.Redis) -> None:
+    layer = make(history=HISTORY)
+    channel = await layer.new_channel()
+    await layer.group_add("room:w", channel)
+    first = await layer.group_send("room:w", {"type": "m"})
+    assert first is not None
+    await raw.delete(f"{layer.prefix}:hmeta:{{room:w}}")
+    second = await layer.group_send("room:w", {"type": "m"})
+    assert second is not None
+    assert second.epoch != first.epoch
+    assert second.offset == 1
+    # The entries list alone lost: the stored history is gone, so is its epoch.
+    await raw.delete(f"{layer.prefix}:history:{{room:w}}")
+    page = await layer.group_history("room:w", since=second)
+    assert not page.recovered
+    assert page.position.epoch not in (first.epoch, second.epoch)
+    assert page.position.offset == 0
+    third = await layer.group_send("room:w", {"type": "m"})
+    assert third == (1, page.position.epoch)
+    # Membership is not history: the member still got every message.
+    got = [await layer.receive(channel, timeout=5) for _ in range(3)]
+    assert [m["_position"]["epoch"] for m in got] == [first.epoch, second.epoch, third.epoch]
+
+
+async def test_history_survives_a_restart_when_redis_persists(
+    restartable_redis: RedisNode, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    build = layer_factory(layers, RedisChannelLayer, url=restartable_redis.url, prefix=namespace, timeout=1)
+    layer = build(history=HISTORY)
+    positions = [await layer.group_send("room:r", {"type": "m", "i": i}) for i in range(3)]
+    first = positions[0]
+    assert first is not None
+    restartable_redis.cli_call("SAVE")  # the dump the restarted server loads
+    restartable_redis.stop()
+    restartable_redis.start()
+    reader = build(history=HISTORY)
+    page = await reader.group_history("room:r", since=first)
+    assert page.recovered
+    assert [m["i"] for m in page.messages] == [1, 2]
+    assert page.position == positions[-1]
+    after = await layer.group_send("room:r", {"type": "m", "i": 3})
+    assert after == (4, first.epoch)
+
+    # Without a dump, the history is lost: a new epoch, offsets start again.
+    (restartable_redis.workdir / "dump.rdb").unlink()
+    restartable_redis.stop()
+    restartable_redis.start()
+    lost = await reader.group_history("room:r", since=after)
+    assert not lost.recovered
+    assert lost.messages == []
+    assert lost.position.epoch != first.epoch
+
+
+async def test_cluster_history_keys_share_the_slot_of_their_group(
+    redis_cluster: RedisCluster, cluster_raw: ClusterClient, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    build = layer_factory(layers, RedisChannelLayer, url=redis_cluster.url, prefix=namespace, cluster=True)
+    sender, receiver = build(history=HISTORY), build(history=HISTORY)
+    group = "room:{odd}name}"
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add(group, channel)
+    position = await sender.group_send(group, {"type": "m"})
+    assert position is not None
+    assert (await receiver.receive(channel, timeout=10))["_position"] == position.as_dict()
+    tag = "{room:%7Bodd%7Dname%7D}"
+    keys = {key.decode() async for key in cluster_raw.scan_iter(match=f"{namespace}:*")}
+    assert {f"{namespace}:history:{tag}", f"{namespace}:hmeta:{tag}"} <= keys
+    kinds = ("group", "owners", "history", "hmeta")
+    slots = {key_slot(f"{namespace}:{kind}:{tag}".encode()) for kind in kinds}
+    assert len(slots) == 1
+
+
+# ------------------------------------------------------------------- presence
+
+# One OS process that joins presence and waits to be killed; prints its token.
+_PRESENT = """
+import asyncio, sys
+from fastapi_websockets.backends.redis import RedisChannelLayer
+
+async def main(url, prefix):
+    layer = RedisChannelLayer(url=url, prefix=prefix, presence_timeout=1)
+    for group in ("room:a", "room:b"):
+        for _ in range(3):
+            await layer.presence_join(group, await layer.new_channel("ws"), {"g": group}, notify=False)
+    print(layer.client_token, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def _presence_keys(raw: redis_asyncio.Redis, prefix: str) -> set[str]:
+    keys = {key.decode() async for key in raw.scan_iter(match=f"{prefix}:*")}
+    return {key for key in keys if key.split(":")[1] in ("presence", "plive", "pgroups")}
+
+
+async def test_presence_data_in_redis_after_join_leave_and_close(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    layer, other = make(), make()
+    prefix, token = layer.prefix, layer.client_token
+    live, groups = f"{prefix}:plive:{{presence}}", f"{prefix}:pgroups:{{presence}}:{token}"
+    assert await _presence_keys(raw, prefix) == set()
+    await layer.group_add("room:x", await layer.new_channel("ws"))
+    assert await _presence_keys(raw, prefix) == set()  # groups alone write no presence key
+
+    first, second = await layer.new_channel("ws"), await layer.new_channel("ws")
+    await layer.presence_join("room:x", first, {"n": 1})
+    await layer.presence_join("room:x", second, {"n": 2})
+    await layer.presence_join("room:y", first, {"n": 3})
+    assert await _presence_keys(raw, prefix) == {
+        f"{prefix}:presence:{{room:x}}",
+        f"{prefix}:presence:{{room:y}}",
+        live,
+        groups,
+    }
+    assert await raw.hlen(f"{prefix}:presence:{{room:x}}") == 2
+    assert await raw.smembers(groups) == {b"room:x", b"room:y"}
+    assert await raw.zscore(live, token) is not None
+
+    await layer.presence_leave("room:x", first)
+    assert await raw.smembers(groups) == {b"room:x", b"room:y"}  # second is still in room:x
+    await layer.presence_leave("room:x", second)
+    assert await raw.smembers(groups) == {b"room:y"}
+    assert not await raw.exists(f"{prefix}:presence:{{room:x}}")
+    await layer.presence_leave("room:y", first)
+    assert await _presence_keys(raw, prefix) == set()
+
+    await layer.presence_join("room:z", first, {"n": 4})
+    await other.presence_join("room:z", await other.new_channel("ws"), {"n": 5})
+    await layer.close()
+    # The closing layer leaves no record behind; the other's entry and records stay.
+    assert set(await other.presence("room:z")) != {first}
+    assert await raw.hlen(f"{prefix}:presence:{{room:z}}") == 1
+    assert await raw.zrange(live, 0, -1) == [other.client_token.encode()]
+    assert not await raw.exists(groups)
+
+
+async def test_a_dead_process_is_reaped_once_and_leaves_nothing(
+    make: Factory, raw: redis_asyncio.Redis, redis_server: RedisNode, namespace: str
+) -> None:
+    reapers = [make(presence_timeout=1) for _ in range(3)]
+    watcher = await reapers[0].new_channel("ws")
+    for group in ("room:a", "room:b"):
+        await reapers[0].group_add(group, watcher)
+    for layer in reapers:
+        await layer.presence_join("room:a", await layer.new_channel("ws"), {"live": True}, notify=False)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PRESENT, redis_server.url, namespace, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        dead = (await child.stdout.readline()).decode().strip()
+        assert dead
+        assert len(await reapers[1].presence("room:b")) == 3
+    finally:
+        child.kill()
+        await child.wait()
+    # Every reaper beats (and reaps) on its own; each leave is announced exactly once.
+    left = [await reapers[0].receive(watcher, timeout=10) for _ in range(6)]
+    assert {event["type"] for event in left} == {"presence.left"}
+    assert sorted(event["info"]["g"] for event in left) == ["room:a"] * 3 + ["room:b"] * 3
+    assert len({event["channel"] for event in left}) == 6
+    for layer in reapers:
+        await layer.presence_heartbeat()
+    with pytest.raises(TimeoutError):
+        await reapers[0].receive(watcher, timeout=0.5)
+
+    prefix = namespace
+    assert await _presence_keys(raw, prefix) == {
+        f"{prefix}:presence:{{room:a}}",
+        f"{prefix}:plive:{{presence}}",
+        *(f"{prefix}:pgroups:{{presence}}:{layer.client_token}" for layer in reapers),
+    }
+    assert {token.decode() for token in await raw.zrange(f"{prefix}:plive:{{presence}}", 0, -1)} == {
+        layer.client_token for layer in reapers
+    }
+    assert dead not in {token.decode() for token in await raw.zrange(f"{prefix}:plive:{{presence}}", 0, -1)}
+    assert await raw.hlen(f"{prefix}:presence:{{room:a}}") == 3
+
+
+async def test_presence_heartbeat_costs_the_same_whatever_the_members(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    # A long timeout: the background beat runs once at the first join, then sleeps.
+    small, large = make(presence_timeout=300), make(presence_timeout=300)
+    await small.presence_join("room:h", await small.new_channel("ws"), notify=False)
+    for i in range(1000):
+        await large.presence_join(f"room:h{i % 10}", await large.new_channel("ws"), notify=False)
+    calls = []
+    for layer in (small, large):
+        await raw.config_resetstat()
+        await layer.presence_heartbeat()
+        stats = await raw.info("commandstats")
+        calls.append(
+            {name: value["calls"] for name, value in stats.items() if not name.startswith("cmdstat_config")}
+        )
+    # One script refreshes the owner record, one lists the owners to find dead ones.
+    assert (
+        calls[0]
+        == calls[1]
+        == {"cmdstat_evalsha": 2, "cmdstat_zadd": 1, "cmdstat_zrange": 1, "cmdstat_time": 2}
+    )
+
+
+async def test_presence_is_back_within_a_heartbeat_after_a_restart(
+    restartable_redis: RedisNode, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    build = layer_factory(
+        layers,
+        RedisChannelLayer,
+        url=restartable_redis.url,
+        prefix=namespace,
+        timeout=1,
+        presence_timeout=1.5,
+    )
+    owner, viewer = build(), build()
+    mine = {await owner.new_channel("ws"): {"i": i} for i in range(50)}
+    for channel, info in mine.items():
+        await owner.presence_join("room:r" if info["i"] % 2 else "lobby", channel, info, notify=False)
+    theirs = await viewer.new_channel("ws")
+    await viewer.presence_join("lobby", theirs, {"viewer": True}, notify=False)
+    expected_lobby = {c: i for c, i in mine.items() if not i["i"] % 2} | {theirs: {"viewer": True}}
+    assert await viewer.presence("lobby") == expected_lobby
+
+    restartable_redis.stop()
+    restartable_redis.start()  # empty: no persistence
+
+    async def restored() -> bool:
+        try:
+            lobby, room = await viewer.presence("lobby"), await viewer.presence("room:r")
+        except BackendUnavailable:
+            return False
+        return lobby == expected_lobby and room == {c: i for c, i in mine.items() if i["i"] % 2}
+
+    await _eventually(restored, "every live process stores its presence entries again")
+
+
+async def test_cluster_presence_keys_by_slot(
+    redis_cluster: RedisCluster, cluster_raw: ClusterClient, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    build = layer_factory(layers, RedisChannelLayer, url=redis_cluster.url, prefix=namespace, cluster=True)
+    first, second = build(), build()
+    groups = [f"room:{i}" for i in range(8)]
+    for layer in (first, second):
+        for group in groups:
+            await layer.presence_join(group, await layer.new_channel("ws"), {"g": group}, notify=False)
+    assert len(await second.presence("room:{odd}")) == 0
+    assert [len(await first.presence(group)) for group in groups] == [2] * len(groups)
+    keys = {key.decode() async for key in cluster_raw.scan_iter(match=f"{namespace}:*")}
+    records = {key for key in keys if key.split(":")[1] in ("plive", "pgroups")}
+    assert len(records) == 3
+    assert len({key_slot(key.encode()) for key in records}) == 1  # a claim is one script
+    # A group's presence lives in its group's slot; the groups spread over the cluster.
+    slots = {key_slot(f"{namespace}:presence:{{{group}}}".encode()) for group in groups}
+    assert {key_slot(f"{namespace}:group:{{{group}}}".encode()) for group in groups} == slots
+    nodes = {cluster_raw.get_node_from_key(f"{namespace}:presence:{{{group}}}") for group in groups}
+    assert len({node.name for node in nodes if node is not None}) > 1
+    await first.close()
+    assert [len(await second.presence(group)) for group in groups] == [1] * len(groups)

@@ -13,7 +13,7 @@ from tests.conftest import LayerFactory
 from tests.servers import Backend
 
 #: Backends whose history is not written yet: their tests must fail with NotImplementedError.
-PENDING: set[str] = {"redis", "postgresql", "nats", "rabbitmq"}
+PENDING: set[str] = set()
 
 
 @pytest.fixture(autouse=True)
@@ -251,3 +251,15 @@ async def test_exclude_skips_one_channel_or_a_set(backend: Backend, make_layer: 
     assert for_c == [{"type": "m", "n": 1}, {"type": "m", "n": 2}]  # no reserved key left in
     assert await _nothing_more(receiver, a)
     assert await _nothing_more(receiver, b)
+
+
+@stores_history
+async def test_history_pages_carry_no_exclude_key(backend: Backend, make_layer: LayerFactory) -> None:
+    sender, receiver = two_layers(backend, make_layer)
+    skipped = await receiver.new_channel("ws")
+    await receiver.group_add("room:ex", skipped)
+    position = await sender.group_send("room:ex", {"type": "m", "n": 1}, exclude=skipped)
+    assert position is not None
+    page = await sender.group_history("room:ex")
+    assert page.messages == [{"type": "m", "n": 1, "_position": position.as_dict()}]
+    assert await _nothing_more(receiver, skipped)

@@ -1,0 +1,121 @@
+"""What presence costs on Redis: reads of a 10,000-member group, joins, heartbeats, memory.
+
+Run: ``.venv/bin/python bench/bench_presence_redis.py`` (starts a private redis-server).
+Printed, each on one line:
+
+* ``presence()`` of a group of 10,000 members held by two layer instances (median ms);
+* ``presence_join`` (``notify=False``) next to ``group_add``, one call at a time (median µs);
+* idle heartbeat traffic of one process, counted by Redis, with 10 and with 10,000
+  members (commands per second at ``presence_timeout=3``, and per beat);
+* Redis memory per member (``MEMORY USAGE`` of the group's hash, and ``used_memory``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+from bench_redis import server  # noqa: E402
+
+from fastapi_websockets.backends.redis import RedisChannelLayer  # noqa: E402
+
+MEMBERS = 10_000
+CALLS = 2_000
+
+
+async def _join(layer: RedisChannelLayer, group: str, count: int) -> list[str]:
+    channels = [await layer.new_channel("ws") for _ in range(count)]
+    for start in range(0, count, 500):
+        batch = channels[start : start + 500]
+        await asyncio.gather(*(layer.presence_join(group, c, {"user": c[-6:]}, notify=False) for c in batch))
+    return channels
+
+
+async def _median_us(calls: list[Any]) -> float:
+    times = []
+    for call in calls:
+        start = time.perf_counter()
+        await call
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+async def _commands(raw: Any) -> tuple[int, int]:
+    """Commands Redis ran (those inside scripts included), and the calls clients made."""
+    stats = await raw.info("commandstats")
+    calls = {
+        name: value["calls"]
+        for name, value in stats.items()
+        if not name.startswith(("cmdstat_info", "cmdstat_config"))
+    }
+    return sum(calls.values()), calls.get("cmdstat_evalsha", 0) + calls.get("cmdstat_eval", 0)
+
+
+async def main() -> None:
+    import redis.asyncio as redis_asyncio
+
+    with server() as srv:
+        raw = redis_asyncio.Redis.from_url(srv["url"])
+        first = RedisChannelLayer(url=srv["url"], prefix="bench-a")
+        second = RedisChannelLayer(url=srv["url"], prefix="bench-a")
+        try:
+            before = int((await raw.info("memory"))["used_memory"])
+            await _join(first, "room:big", MEMBERS // 2)
+            await _join(second, "room:big", MEMBERS // 2)
+            after = int((await raw.info("memory"))["used_memory"])
+            hash_bytes = await raw.memory_usage("bench-a:presence:{room:big}", samples=0)
+            reads = []
+            for _ in range(30):
+                start = time.perf_counter()
+                present = await second.presence("room:big")
+                reads.append((time.perf_counter() - start) * 1000)
+            assert len(present) == MEMBERS
+            print(f"presence() of {MEMBERS} members: median {statistics.median(reads):.1f} ms")
+            print(
+                f"memory per member: {hash_bytes / MEMBERS:.0f} B (MEMORY USAGE of the hash), "
+                f"{(after - before) / MEMBERS:.0f} B (used_memory)"
+            )
+
+            joins = [first.presence_join("room:cost", c, notify=False) for c in await _channels(first)]
+            adds = [first.group_add("room:cost", c) for c in await _channels(first)]
+            join_us, add_us = await _median_us(joins), await _median_us(adds)
+            print(f"presence_join: median {join_us:.0f} µs; group_add: median {add_us:.0f} µs")
+        finally:
+            await first.close()
+            await second.close()
+
+        for members in (10, MEMBERS):
+            layer = RedisChannelLayer(url=srv["url"], prefix=f"bench-idle{members}", presence_timeout=3)
+            try:
+                await _join(layer, "room:idle", members)
+                await asyncio.sleep(1.5)
+                start, (commands, calls) = time.monotonic(), await _commands(raw)
+                await asyncio.sleep(9)
+                now_commands, now_calls = await _commands(raw)
+                elapsed = time.monotonic() - start
+                per_second, calls_per_second = (
+                    (now_commands - commands) / elapsed,
+                    (now_calls - calls) / elapsed,
+                )
+                print(
+                    f"idle heartbeat, {members} members, presence_timeout=3 (a beat a second): "
+                    f"{calls_per_second:.2f} calls/s, {per_second:.2f} Redis commands/s "
+                    f"(at the default 30: {calls_per_second / 10:.2f} calls/s)"
+                )
+            finally:
+                await layer.close()
+        await raw.aclose()
+
+
+async def _channels(layer: RedisChannelLayer) -> list[str]:
+    return [await layer.new_channel("ws") for _ in range(CALLS)]
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

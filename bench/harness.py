@@ -1,0 +1,506 @@
+"""The benchmark harness: one definition of every scenario and figure, for every backend and peer.
+
+``python -m bench`` (see ``__main__.py``) starts one broker at a time through
+``tests/servers``, runs each (implementation, scenario) pair in a fresh worker
+process, in the virtualenv the implementation needs, and prints one table.
+Each ``bench_<broker>.py`` holds only what is specific to its broker: a
+``server()`` context manager, the layer factories (``IMPLS``) and, where the
+broker can say more than a socket count, a ``probe()`` of its resources.
+
+This module imports only the standard library at the top: workers run it in
+the peers' virtualenvs too, where this working tree's package is not importable.
+
+The figures, identical for every row:
+
+* **p2p**: N closed-loop senders (each sends its next message once the previous
+  one was received) in a second layer instance, one receiver in the first, so
+  every message crosses the broker; msgs/s and median send-to-receive latency,
+  at 1 and at 16 senders.
+* **fan-out**: one ``group_send`` from a second instance to R receivers waiting
+  in the first; deliveries/s = R / the median round, a round lasting from the
+  ``group_send`` call to the last delivery. The ``vs mem`` column divides by the
+  in-memory layer's figure from the same run.
+* **fan-out 2p**: the same, with the receivers split over two processes.
+* **idle**: R pending ``receive()`` calls on ``new_channel()`` channels of one
+  layer: TCP connections to the broker, what ``probe()`` adds, and CPU of the
+  process and of the broker over the idle window.
+
+The in-memory layer (and Django Channels' one) share nothing between two
+instances, so their sender is the receiving instance itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+BROKERS = ("inmemory", "redis", "postgresql", "nats", "rabbitmq")
+SCENARIOS = ("p2p", "fanout", "fanout2", "idle")
+#: Where each kind of implementation runs; the peers' virtualenvs come from bench/setup-peers.
+PYTHONS = {
+    "ours": Path(sys.executable),
+    "channels": BENCH / ".venv-channels" / "bin" / "python",
+    "0.1.0": BENCH / ".venv-010" / "bin" / "python",
+}
+
+Layer = Any
+#: JSON-able facts about the running broker: "url", "port", "pids", and broker-specific keys.
+Server = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One row of the table: how a worker builds (and closes) a layer of this implementation."""
+
+    name: str
+    #: A key of PYTHONS: the virtualenv the worker runs in.
+    venv: str
+    #: make(server, namespace) -> a new layer; the same namespace means shared state.
+    make: Callable[[Server, str], Layer]
+    #: False where two instances share nothing (in-memory layers).
+    shared: bool = True
+    #: The layer's own way to release its resources (peers differ).
+    close: Callable[[Layer], Awaitable[Any]] = lambda layer: layer.close()
+
+
+# ------------------------------------------------------------------ figures from /proc
+
+
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by ``pids`` and all their descendants."""
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    tree, found = set(pids), True
+    while found:
+        children = {pid for pid, fields in stats.items() if int(fields[1]) in tree} - tree
+        tree |= children
+        found = bool(children)
+    ticks = sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in tree if pid in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def broker_sockets(port: int) -> set[int]:
+    """Local ports of this process's established TCP connections to ``port``."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    local = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == port and fields[3] == "01" and fields[9] in inodes:
+                local.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return local
+
+
+# ------------------------------------------------------------------ scenarios (in a worker)
+
+
+@contextlib.asynccontextmanager
+async def layer_pair(impl: Impl, server: Server, namespace: str) -> Any:
+    """(sender, receiver): two instances sharing ``namespace``, or one where nothing is shared."""
+    receiver = impl.make(server, namespace)
+    sender = impl.make(server, namespace) if impl.shared else receiver
+    try:
+        yield sender, receiver
+    finally:
+        for layer in {id(layer): layer for layer in (sender, receiver)}.values():
+            await impl.close(layer)
+
+
+async def warm(sender: Layer, receiver: Layer) -> str:
+    """Send one message first, so that lazy connections and schemas are set up one at a time.
+
+    0.1.0 creates its clients without a lock: a burst of first calls opens one pool each.
+    """
+    channel: str = await receiver.new_channel("bench")
+    await sender.send(channel, {"type": "bench.warm", "id": -1})
+    await receiver.receive(channel)
+    return channel
+
+
+async def closed_loop(
+    send: Callable[[int], Awaitable[None]],
+    waiting: dict[int, asyncio.Future[float]],
+    senders: int,
+    sizes: Any,
+) -> dict[str, float]:
+    """``senders`` tasks, each sending its next message once its previous one was received."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + sizes["p2p_seconds"]
+
+    async def send_loop() -> None:
+        while len(latencies) < sizes["p2p_messages"] and time.perf_counter() < deadline:
+            key = len(waiting)  # never removed from: a fresh id
+            received = waiting[key] = asyncio.get_running_loop().create_future()
+            began = time.perf_counter()
+            await send(key)
+            latencies.append(await received - began)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(send_loop() for _ in range(senders)))
+    return {"rate": len(latencies) / (time.perf_counter() - started), "p50": statistics.median(latencies)}
+
+
+async def p2p(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    async with layer_pair(impl, server, namespace) as (sender, receiver):
+        channel = await warm(sender, receiver)
+        waiting: dict[int, asyncio.Future[float]] = {}
+
+        async def receive_all() -> None:
+            while True:
+                message = await receiver.receive(channel)
+                waiting[message["id"]].set_result(time.perf_counter())
+
+        async def send(key: int) -> None:
+            await sender.send(channel, {"type": "bench.p2p", "id": key})
+
+        reader = asyncio.create_task(receive_all())
+        try:
+            one, many = [await closed_loop(send, waiting, senders, sizes) for senders in (1, 16)]
+        finally:
+            await stop([reader])
+        return {
+            "p2p1_rate": one["rate"],
+            "p2p1_p50": one["p50"],
+            "p2p16_rate": many["rate"],
+            "p2p16_p50": many["p50"],
+        }
+
+
+class Rounds:
+    """Counts the deliveries of each fan-out round; knows when a round reached every receiver."""
+
+    def __init__(self, receivers: int) -> None:
+        self.receivers = receivers
+        self.counts: dict[int, int] = {}
+        self.ends: dict[int, asyncio.Future[float]] = {}
+
+    def end(self, index: int) -> asyncio.Future[float]:
+        """Resolves to the wall-clock time of the round's last delivery."""
+        return self.ends.setdefault(index, asyncio.get_running_loop().create_future())
+
+    def delivered(self, index: int) -> None:
+        self.counts[index] = self.counts.get(index, 0) + 1
+        if self.counts[index] == self.receivers:
+            self.end(index).set_result(time.time())
+
+
+async def start_receivers(layer: Layer, count: int, rounds: Rounds) -> list[asyncio.Task[None]]:
+    """``count`` channels in the group "room", each with a task receiving forever."""
+    channels = [await layer.new_channel("fan") for _ in range(count)]
+    for channel in channels:
+        await layer.group_add("room", channel)
+
+    async def listen(channel: str) -> None:
+        while True:
+            rounds.delivered((await layer.receive(channel))["round"])
+
+    return [asyncio.create_task(listen(channel)) for channel in channels]
+
+
+async def stop(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def send_rounds(
+    sender: Layer, sizes: dict[str, Any], round_end: Callable[[int], Awaitable[float]]
+) -> dict[str, Any]:
+    """Round 0 warms up; then up to ``rounds`` measured rounds within ``fanout_seconds``."""
+    await asyncio.sleep(0.5)  # let subscriptions made by group_add settle on the broker
+    durations: list[float] = []
+    deadline = time.perf_counter() + sizes["fanout_seconds"]
+    for index in range(sizes["rounds"] + 1):
+        if durations and time.perf_counter() > deadline:
+            break
+        began = time.time()
+        await sender.group_send("room", {"type": "bench.fan", "round": index})
+        ended = await round_end(index)
+        if index:
+            durations.append(ended - began)
+    return {"rate": sizes["receivers"] / statistics.median(durations), "rounds": len(durations)}
+
+
+async def fanout(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    async with layer_pair(impl, server, namespace) as (sender, receiver):
+        rounds = Rounds(sizes["receivers"])
+        tasks = await start_receivers(receiver, sizes["receivers"], rounds)
+        try:
+            return await send_rounds(sender, sizes, rounds.end)
+        finally:
+            await stop(tasks)
+
+
+async def fanout_part(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    """One of the two receiving processes of fanout2: prints each round's last delivery time."""
+    layer = impl.make(server, namespace)
+    rounds = Rounds(sizes["receivers"] // 2)
+    tasks = await start_receivers(layer, rounds.receivers, rounds)
+    print("ready", flush=True)
+    try:
+        for index in itertools.count():
+            print(json.dumps(await rounds.end(index)), flush=True)
+    finally:
+        await stop(tasks)
+        await impl.close(layer)
+    return {}
+
+
+async def fanout2(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    job = json.dumps({"impl": impl.name, "scenario": "fanout_part", "server": server, "ns": namespace})
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            BENCH / "__main__.py",
+            "--worker",
+            job,
+            json.dumps(sizes),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outputs = [child.stdout for child in children if child.stdout is not None]
+    sender = impl.make(server, namespace)
+    try:
+        for output in outputs:
+            if (line := await output.readline()).strip() != b"ready":
+                raise RuntimeError(f"a receiving process did not start: {line!r}")
+
+        async def round_end(index: int) -> float:
+            return max([float(await output.readline()) for output in outputs])
+
+        return await send_rounds(sender, sizes, round_end)
+    finally:
+        await impl.close(sender)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):  # it may have failed and exited already
+                child.kill()
+            await child.wait()
+
+
+async def settle(limit: float) -> None:
+    """Wait until this process stops working (receivers set up), at most ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = time.process_time()
+        await asyncio.sleep(0.5)
+        if time.process_time() - before < 0.02:
+            return
+
+
+async def idle(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    probe = getattr(importlib.import_module(f"bench_{server['broker']}"), "probe", None)
+    before = probe(server, set()) if probe else {}
+    layer = impl.make(server, namespace)
+    await warm(layer, layer)
+    channels = [await layer.new_channel("idle") for _ in range(sizes["idle_receivers"])]
+    tasks = [asyncio.create_task(layer.receive(channel)) for channel in channels]
+    try:
+        await settle(10.0)
+        sockets = broker_sockets(server["port"]) if "port" in server else set()
+        result: dict[str, Any] = {"connections": len(sockets)}
+        if probe:
+            after = await asyncio.to_thread(probe, server, sockets)
+            result |= {key: after[key] - before.get(key, 0) for key in after}
+        pids, seconds = server.get("pids", []), sizes["idle_seconds"]
+        cpu, server_cpu = time.process_time(), process_cpu(pids)
+        await asyncio.sleep(seconds)
+        result["cpu"] = (time.process_time() - cpu) / seconds
+        result["server_cpu"] = (process_cpu(pids) - server_cpu) / seconds if pids else None
+        result["receivers failed"] = sum(1 for task in tasks if task.done())
+        return result
+    finally:
+        await stop(tasks)
+        await impl.close(layer)
+
+
+def find_impl(broker: str, name: str) -> Impl:
+    impls: list[Impl] = importlib.import_module(f"bench_{broker}").IMPLS
+    return next(impl for impl in impls if impl.name == name)
+
+
+def worker(job: dict[str, Any], sizes: dict[str, Any]) -> None:
+    """Run one scenario and print its figures as the last line of stdout (JSON)."""
+    scenario = globals()[job["scenario"]]
+    impl = find_impl(job["server"]["broker"], job["impl"])
+
+    async def run() -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(
+                scenario(impl, job["server"], job["ns"], sizes), sizes["limit"]
+            )
+        except asyncio.TimeoutError:
+            return {"error": f"not done in {sizes['limit']:g} s"}
+        except Exception as exc:  # a peer's failure is a result, not a crash of the run
+            return {"error": f"{type(exc).__name__}: {exc}"[:120]}
+        return result
+
+    print(json.dumps(asyncio.run(run())), flush=True)
+
+
+# ------------------------------------------------------------------ the coordinator
+
+
+def run_job(impl: Impl, scenario: str, server: Server, sizes: dict[str, Any]) -> dict[str, Any]:
+    """Run one scenario in a fresh worker process of the implementation's virtualenv."""
+    job = {"impl": impl.name, "scenario": scenario, "server": server, "ns": "b" + uuid.uuid4().hex[:10]}
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    # cwd=/ keeps this working tree's package off the path of the 0.1.0 and channels workers.
+    command = [str(PYTHONS[impl.venv]), str(BENCH / "__main__.py"), "--worker", json.dumps(job)]
+    try:
+        done = subprocess.run(
+            [*command, json.dumps(sizes)],
+            capture_output=True,
+            text=True,
+            timeout=sizes["limit"] * 2 + 30,
+            cwd="/",
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": "the worker hung"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        return {"error": f"worker exited with {done.returncode}: {done.stderr.strip()[-300:]}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], Any], str]] = [
+    # (header, scenario, value, format)
+    ("p2p1 msg/s", "p2p", lambda r: r["p2p1_rate"], ",.0f"),
+    ("p50 ms", "p2p", lambda r: r["p2p1_p50"] * 1000, ".2f"),
+    ("p2p16 msg/s", "p2p", lambda r: r["p2p16_rate"], ",.0f"),
+    ("p50 ms", "p2p", lambda r: r["p2p16_p50"] * 1000, ".2f"),
+    ("fan-out/s", "fanout", lambda r: r["rate"], ",.0f"),
+    ("vs mem", "fanout", lambda r: r["ratio"], ".0%"),
+    ("fan-out 2p/s", "fanout2", lambda r: r["rate"], ",.0f"),
+    ("idle conns", "idle", lambda r: r["connections"], "d"),
+    ("idle CPU %", "idle", lambda r: r["cpu"] * 100, ".2f"),
+    ("broker CPU %", "idle", lambda r: r["server_cpu"] * 100, ".2f"),
+]
+
+
+def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One line per implementation, one column per figure; errors and probes as notes below."""
+    memory = rows.get("inmemory", {}).get("fanout", {}).get("rate")
+    notes = []
+    for name, results in rows.items():
+        fan = results.get("fanout", {})
+        if memory and "rate" in fan:
+            fan["ratio"] = fan["rate"] / memory
+        notes += [f"{name} {scenario}: {r['error']}" for scenario, r in results.items() if "error" in r]
+        shown = ("connections", "cpu", "server_cpu", "error")
+        extra = {k: v for k, v in results.get("idle", {}).items() if k not in shown and v}
+        if extra:
+            notes.append(f"{name} idle: " + ", ".join(f"{k} {v:g}" for k, v in extra.items()))
+    width = max(len(name) for name in rows)
+    lines = [f"{'':{width}} | " + " | ".join(f"{header:>12}" for header, *_ in COLUMNS)]
+    lines.append("-" * len(lines[0]))
+    for name, results in rows.items():
+        cells = []
+        for _, scenario, value, spec in COLUMNS:
+            result = results.get(scenario)
+            if result is None:
+                cells.append("")
+                continue
+            with contextlib.suppress(KeyError, TypeError):
+                cells.append(format(value(result), spec))
+                continue
+            cells.append("error" if "error" in result else "-")
+        lines.append(f"{name:{width}} | " + " | ".join(f"{cell:>12}" for cell in cells))
+    return "\n".join([*lines, "", *notes])
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default=",".join(BROKERS), help="comma-separated: %(default)s")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: %(default)s")
+    parser.add_argument("--no-peers", action="store_true", help="only this working tree's layers")
+    parser.add_argument("--match", default="", help="only rows whose name contains this")
+    parser.add_argument("--p2p-messages", type=int, default=2_000, help="at most, per sender count")
+    parser.add_argument("--p2p-seconds", type=float, default=3.0, help="at most, per sender count")
+    parser.add_argument("--receivers", type=int, default=1_000, help="fan-out receivers")
+    parser.add_argument("--rounds", type=int, default=10, help="fan-out rounds, at most")
+    parser.add_argument("--fanout-seconds", type=float, default=10.0, help="fan-out rounds stop after")
+    parser.add_argument("--idle-receivers", type=int, default=1_000)
+    parser.add_argument("--idle-seconds", type=float, default=3.0)
+    parser.add_argument("--limit", type=float, default=30.0, help="seconds per scenario before an error")
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def no_server() -> Iterator[Server]:
+    yield {}
+
+
+def coordinate(args: argparse.Namespace) -> None:
+    sizes = {key: value for key, value in vars(args).items() if isinstance(value, (int, float))}
+    scenarios = [s for s in SCENARIOS if s in args.scenarios.split(",")]
+    backends = args.backends.split(",")
+    if unknown := (set(backends) - set(BROKERS)) | (set(args.scenarios.split(",")) - set(SCENARIOS)):
+        raise SystemExit(f"unknown backend or scenario: {', '.join(sorted(unknown))}")
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    skipped = set()
+    started = time.monotonic()
+    # The in-memory layer (the first row of bench_inmemory) is the baseline of "vs mem": it always runs.
+    for broker in ["inmemory", *(b for b in BROKERS[1:] if b in backends)]:
+        module = importlib.import_module(f"bench_{broker}")
+        impls = [i for i in module.IMPLS if args.match in i.name and not (args.no_peers and i.venv != "ours")]
+        if broker == "inmemory":
+            impls = [module.IMPLS[0], *(i for i in impls if i.venv != "ours" and "inmemory" in backends)]
+        skipped |= {i.venv for i in impls if not PYTHONS[i.venv].exists()}
+        impls = [i for i in impls if PYTHONS[i.venv].exists()]
+        print(f"{broker}: starting the server", file=sys.stderr, flush=True)
+        with getattr(module, "server", no_server)() as server:
+            server = {"broker": broker, **server}
+            for impl, scenario in itertools.product(impls, scenarios):
+                results = rows.setdefault(impl.name, {})
+                # Two processes cannot share an in-memory layer, nor finish what one could not.
+                if scenario == "fanout2" and (not impl.shared or "error" in results.get("fanout", {})):
+                    continue
+                print(f"  {impl.name}: {scenario}", file=sys.stderr, flush=True)
+                results[scenario] = run_job(impl, scenario, server, sizes)
+    print(
+        f"\np2p: closed loop, at most {args.p2p_messages:,} messages or {args.p2p_seconds:g} s; "
+        f"fan-out: {args.receivers:,} receivers, median of at most {args.rounds} rounds; "
+        f"idle: {args.idle_receivers:,} receivers, {args.idle_seconds:g} s; "
+        f"python {sys.version.split()[0]}; load {os.getloadavg()[0]:.2f}; "
+        f"{time.monotonic() - started:.0f} s in all\n"
+    )
+    print(table(rows))
+    for venv in sorted(skipped):
+        print(f"{venv} rows skipped: {PYTHONS[venv]} is missing (run bash bench/setup-peers)")
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--worker"]:
+        worker(json.loads(argv[1]), json.loads(argv[2]))
+    else:
+        sys.path.insert(0, str(ROOT))  # tests.servers, to start the brokers
+        coordinate(parse(argv))

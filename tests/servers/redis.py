@@ -286,7 +286,8 @@ class SentinelGroup:
 
     def __init__(self, workdir: Path) -> None:
         base = free_port_block(5)
-        self.master = RedisNode(workdir / "master", base)
+        # Without the delay (5 s by default), the replica is in sync soon after it starts.
+        self.master = RedisNode(workdir / "master", base, extra_args=["--repl-diskless-sync-delay", "0"])
         self.replica = RedisNode(
             workdir / "replica", base + 1, extra_args=["--replicaof", "127.0.0.1", str(base)]
         )
@@ -302,6 +303,13 @@ class SentinelGroup:
     def start(self) -> None:
         self.master.start()
         self.replica.start()
+        # A failover to a replica that never synced would lose everything.
+        wait_for(
+            lambda: "master_link_status:up" in self.replica.cli_call("info", "replication"),
+            "replica in sync",
+            timeout=60,
+            proc=self.replica.proc,
+        )
         server, _ = redis_binaries()
         for port in self.sentinel_ports:
             directory = self.workdir / f"sentinel{port}"

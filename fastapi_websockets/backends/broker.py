@@ -23,6 +23,7 @@ from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.backends.options import positive
 from fastapi_websockets.backends.supervisor import TaskSupervisor
+from fastapi_websockets.backends.tls import ca_file, describe_tls, tls_failure
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 
@@ -49,6 +50,10 @@ class BrokerChannelLayer(BaseChannelLayer):
     * ``timeout``: seconds a broker call may take, reconnecting included;
       past it (or when the broker refuses connections) calls raise
       :class:`~fastapi_websockets.exceptions.BackendUnavailable`.
+    * ``tls_ca_file``: a PEM bundle of the CAs that sign the broker's
+      certificate, for the broker's secure scheme (``rediss://``, ``tls://``,
+      ``amqps://``, PostgreSQL ``sslmode=verify-full``); see
+      :mod:`fastapi_websockets.backends.tls`.
     """
 
     #: The broker's name in messages ("Redis").
@@ -56,9 +61,11 @@ class BrokerChannelLayer(BaseChannelLayer):
     #: The port assumed when a URL names none, for messages.
     default_port: ClassVar[int | None] = None
 
-    def __init__(self, *, timeout: float = 10.0, **options: Any) -> None:
+    def __init__(self, *, timeout: float = 10.0, tls_ca_file: str | None = None, **options: Any) -> None:
         super().__init__(**options)
         self.timeout = positive("timeout", timeout, "seconds")
+        #: The CA bundle that verifies the broker's certificate (None: the system's).
+        self.tls_ca_file = ca_file("tls_ca_file", tls_ca_file)
         #: The owner of this layer's background tasks.
         self.tasks = TaskSupervisor(f"fastapi_websockets.{self.backend_name or 'broker'}")
         self._where = self.broker_label
@@ -66,9 +73,14 @@ class BrokerChannelLayer(BaseChannelLayer):
         #: What :meth:`report_connection` was told.
         self.connection = ConnectionStats()
 
-    def set_location(self, *urls: str) -> None:
-        """Record the broker URL(s): where messages say the broker is, and which secrets to hide."""
-        self._where = ", ".join(location(url, self.default_port) for url in urls) or self.broker_label
+    def set_location(self, *urls: str, where: str | None = None) -> None:
+        """Record the broker URL(s): where messages say the broker is, and which secrets to hide.
+
+        ``where`` replaces the ``host:port`` list taken from the URLs (for a
+        broker found through a directory service, such as Redis Sentinel).
+        """
+        listed = ", ".join(location(url, self.default_port) for url in urls)
+        self._where = where or listed or self.broker_label
         secrets = []
         for url in urls:
             try:
@@ -106,7 +118,11 @@ class BrokerChannelLayer(BaseChannelLayer):
         ``from exc`` as the case needs (its text may still hold a secret).
         """
         if isinstance(cause, BaseException):
-            detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+            refused = tls_failure(cause)
+            if refused is not None:
+                detail = describe_tls(refused)
+            else:
+                detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
         else:
             detail = cause
         return BackendUnavailable(

@@ -49,6 +49,7 @@ from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import Memo, matching, positive, url
 from fastapi_websockets.backends.timeouts import within
+from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
 from fastapi_websockets.backends.urls import location, redact_url
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
@@ -251,6 +252,10 @@ class NATSChannelLayer(BrokerChannelLayer):
         super().__init__(**options)
         self.servers = _server_urls(servers)
         self.set_location(*self.servers)
+        if self.tls_ca_file is not None:
+            for server in self.servers:
+                secure = server.startswith(("tls://", "wss://"))
+                require_secure("servers", server, secure, "tls:// (or wss://) server URLs")
         self.prefix = matching(
             "prefix",
             prefix,
@@ -335,6 +340,8 @@ class NATSChannelLayer(BrokerChannelLayer):
                     # trip, so the server must not echo them back.
                     no_echo=True,
                     connect_timeout=max(1, math.ceil(self.timeout)),
+                    # Without a CA file, nats-py verifies tls:// servers against the system's CAs.
+                    tls=client_context(self.tls_ca_file) if self.tls_ca_file is not None else None,
                     # Typed int in nats-py but used as a sleep; half a second heals fast.
                     reconnect_time_wait=0.5,  # type: ignore[arg-type]
                     max_reconnect_attempts=-1,
@@ -372,6 +379,8 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     def _connect_failed(self, nc: Client, exc: BaseException | None = None) -> BackendUnavailable:
         last = exc or nc.last_error
+        if last is not None and tls_failure(last) is not None:
+            return self.unavailable(last)
         reason = f"no connection within {self.timeout} s"
         if last is not None:
             reason += f"; last error: {type(last).__name__}: {last}"

@@ -34,16 +34,19 @@ import contextlib
 import hashlib
 import logging
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl
 
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import Memo, flag, matching, positive, positive_int, url
 from fastapi_websockets.backends.timeouts import wait_event, within
+from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
@@ -426,9 +429,16 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         **options: Any,
     ) -> None:
         super().__init__(channel_expiry=channel_expiry, group_expiry=group_expiry, **options)
-        url("dsn", dsn, ("postgresql", "postgres"))
+        parts = url("dsn", dsn, ("postgresql", "postgres"))
         self.dsn = dsn
         self.set_location(dsn)
+        # None: asyncpg applies the DSN's own sslmode (and sslrootcert).
+        self._ssl: ssl.SSLContext | None = None
+        if self.tls_ca_file is not None:
+            sslmode = dict(parse_qsl(parts.query)).get("sslmode", "")
+            verified = sslmode in ("verify-full", "verify-ca")
+            require_secure("dsn", dsn, verified, "sslmode=verify-full (or verify-ca) in the dsn")
+            self._ssl = client_context(self.tls_ca_file, check_hostname=sslmode == "verify-full")
         self.schema = matching("schema", schema, _SCHEMA_RE, _SCHEMA_RULE)
         self.poll_interval = positive("poll_interval", poll_interval, "seconds")
         self.prune_interval = positive("prune_interval", prune_interval, "seconds")
@@ -505,6 +515,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     max_size=self.pool_size,
                     max_inactive_connection_lifetime=60.0,
                     timeout=self.timeout,
+                    ssl=self._ssl,
                     command_timeout=self.timeout,
                     server_settings={
                         "application_name": self.application_name,
@@ -578,6 +589,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             except self._misuse:
                 raise
             except self._broken as exc:
+                if tls_failure(exc) is not None:
+                    # A certificate that does not verify will not verify on the next try.
+                    raise self.unavailable(exc) from exc
                 delay = backoff.next()
                 if time.monotonic() + delay >= deadline:
                     raise self.unavailable(
@@ -675,6 +689,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         conn = await asyncpg.connect(
             self.dsn,
             timeout=self.timeout,
+            ssl=self._ssl,
             command_timeout=self.timeout,
             server_settings={"application_name": self.application_name + ":listen"},
         )

@@ -54,6 +54,7 @@ from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive
 from fastapi_websockets.backends.options import url as url_option
 from fastapi_websockets.backends.timeouts import within
+from fastapi_websockets.backends.tls import client_context, require_secure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
@@ -315,9 +316,11 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     ) -> None:
         super().__init__(**options)
         # Checked here, port included: aio-pika would raise a bare ValueError on first use.
-        url_option("url", url, ("amqp", "amqps"))
+        scheme = url_option("url", url, ("amqp", "amqps")).scheme
         self.url = url
         self.set_location(url)
+        if self.tls_ca_file is not None:
+            require_secure("url", url, scheme == "amqps", "an amqps:// url")
         self.exchange_name = matching(
             "exchange_name", exchange_name, _EXCHANGE_NAME, _IDENTIFIER_RULE.format(127)
         )
@@ -382,8 +385,12 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         try:
             # No time limit around it: cancelling connect_robust half way would
             # leave its reconnect task running; its own timeout applies.
+            # Without a CA file, aiormq verifies amqps:// servers against the system's CAs.
             self._connection = await aio_pika.connect_robust(
-                self.url, timeout=self.timeout, reconnect_interval=RECONNECT_INTERVAL
+                self.url,
+                timeout=self.timeout,
+                reconnect_interval=RECONNECT_INTERVAL,
+                ssl_context=client_context(self.tls_ca_file) if self.tls_ca_file is not None else None,
             )
         except asyncio.TimeoutError:
             raise self.unavailable(f"no answer within {self.timeout} s") from None

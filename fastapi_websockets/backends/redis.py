@@ -53,18 +53,21 @@ import re
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import flag, matching
 from fastapi_websockets.backends.options import url as url_option
 from fastapi_websockets.backends.timeouts import reply_within, wait_event, within
+from fastapi_websockets.backends.tls import require_secure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelFull,
     ChannelLayerClosed,
     ChannelLayerError,
+    InvalidChannelLayerConfig,
 )
 from fastapi_websockets.history import POSITION_KEY, HistoryPolicy, HistorySlice, StreamPosition, new_epoch
 from fastapi_websockets.names import is_process_specific, process_token
@@ -74,6 +77,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
     from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.sentinel import Sentinel
 
 __all__ = ["RedisChannelLayer"]
 
@@ -107,6 +111,7 @@ _GROUP = b"G"
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._/-]{1,100}")
 _URL_SCHEMES = ("redis", "rediss", "unix")
+_SENTINEL_PORT = 26379
 
 # Every script reads Redis's own clock, so deadlines and join times do not depend
 # on the clocks of the application servers.
@@ -483,6 +488,13 @@ class RedisChannelLayer(BrokerChannelLayer):
       instead of blocking in BLMPOP. Messages always travel in lists.
     * ``sharded_pubsub``: in a cluster, wake-ups use SPUBLISH/SSUBSCRIBE
       (Redis 7), so only the node owning the inbox's slot carries them.
+    * ``sentinels`` and ``sentinel_master``: ``"host:port"`` of the Redis
+      Sentinels (comma-separated in the environment) and the name of the master
+      they monitor. The layer asks them where the master is, follows failovers
+      and only ever writes to the master; ``url`` then gives only the scheme,
+      credentials and database (``rediss://`` also means TLS to the sentinels).
+    * ``tls_ca_file`` (shared): the CA bundle verifying the server's
+      certificate; needs a ``rediss://`` URL.
     """
 
     backend_name = "redis"
@@ -497,15 +509,33 @@ class RedisChannelLayer(BrokerChannelLayer):
         cluster: bool = False,
         use_pubsub: bool = True,
         sharded_pubsub: bool = True,
+        sentinels: list[str] | None = None,
+        sentinel_master: str | None = None,
         **options: Any,
     ) -> None:
         # The shared default timeout (10 s) is safe here although redis-py 8 times
         # sockets out after 5 s: every connection this layer opens sets its own
         # socket timeout from ``timeout`` (the reader's also covers its blocking read).
         super().__init__(**options)
-        url_option("url", url, _URL_SCHEMES)
+        scheme = url_option("url", url, _URL_SCHEMES).scheme
         self.url = url
-        self.set_location(url)
+        if self.tls_ca_file is not None:
+            require_secure("url", url, scheme == "rediss", "a rediss:// url")
+        #: (host, port) of each sentinel; empty without Sentinel.
+        self.sentinels = _sentinel_addresses(sentinels)
+        self.sentinel_master = sentinel_master
+        if bool(self.sentinels) != bool(sentinel_master):
+            raise InvalidChannelLayerConfig(
+                "sentinels and sentinel_master go together: give both or neither, "
+                f"got sentinels={sentinels!r}, sentinel_master={sentinel_master!r}"
+            )
+        if self.sentinels and (cluster or scheme == "unix"):
+            raise InvalidChannelLayerConfig(
+                "sentinels need a redis:// or rediss:// url and cluster=False, "
+                f"got cluster={cluster!r} and a {scheme}:// url"
+            )
+        via = ", ".join(f"{host}:{port}" for host, port in self.sentinels)
+        self.set_location(url, where=f"master {sentinel_master!r} via sentinels {via}" if via else None)
         self.prefix = matching(
             "prefix",
             prefix,
@@ -522,6 +552,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._inbox_limit = self.capacity * _INBOX_FACTOR
         self._client: Redis | RedisCluster | None = None
         self._cluster_client: RedisCluster | None = None
+        self._sentinel: Sentinel | None = None
         self._reader_redis: Redis | None = None
         self._reader_healthy = False
         # Whether the reader was ever connected: every later session restores state.
@@ -613,7 +644,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             "retry": retry,
         }
         if self.cluster:
-            cluster = RedisCluster.from_url(self.url, **common)
+            cluster = RedisCluster.from_url(self.url, **common, **self._tls_options())
             try:
                 await within(cluster.initialize(), self.timeout, self._no_reply)
             except self._conn_errors as exc:
@@ -623,8 +654,10 @@ class RedisChannelLayer(BrokerChannelLayer):
                 await cluster.aclose()
                 raise
             self._client = self._cluster_client = cluster
+        elif self.sentinels:
+            self._client = self._sentinel_master(**common)
         else:
-            self._client = Redis.from_url(self.url, **common)
+            self._client = Redis.from_url(self.url, **common, **self._tls_options())
         self.tasks.keep_running(self._read_inbox, "reader")
 
     async def _close(self) -> None:
@@ -634,13 +667,56 @@ class RedisChannelLayer(BrokerChannelLayer):
         await self.tasks.close(self.timeout, unblock=self._disconnect)
         self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
         await self._disconnect()
-        self._client = self._cluster_client = None
+        self._client = self._cluster_client = self._sentinel = None
 
     async def _disconnect(self) -> None:
         if self._reader_redis is not None:
             await self._reader_redis.aclose()
         if self._client is not None:
             await self._client.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
+
+    def _tls_options(self) -> dict[str, Any]:
+        """What every connection to a ``rediss://`` server adds: the CA to verify it with.
+
+        redis-py already requires a certificate and checks the host name by default.
+        """
+        if self.tls_ca_file is None:
+            return {}
+        return {"ssl_ca_certs": self.tls_ca_file}
+
+    def _sentinel_master(self, **options: Any) -> Redis:
+        """A client of whichever server the sentinels name as master, now and after a failover.
+
+        redis-py asks the sentinels for the master's address on every new
+        connection, drops idle connections to a previous master, and turns a
+        READONLY reply (a demoted master) into a connection error, so a write
+        never lands on a replica.
+        """
+        from redis.asyncio.connection import parse_url
+        from redis.asyncio.sentinel import Sentinel
+
+        if self._sentinel is None:
+            settings = {
+                key: value
+                for key, value in parse_url(self.url).items()
+                if key not in ("host", "port", "connection_class")
+            }
+            tls = self._tls_options()
+            if self.url.startswith("rediss:"):
+                # The sentinel pool picks its TLS connection class from this flag.
+                tls["ssl"] = True
+            timeouts = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout}
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]  # untyped in redis-py
+                self.sentinels,
+                sentinel_kwargs={**timeouts, **tls},
+                **settings,
+                **tls,
+            )
+        assert self.sentinel_master is not None
+        client: Redis = self._sentinel.master_for(self.sentinel_master, **options)
+        return client
 
     def _no_reply(self) -> BackendUnavailable:
         return self.unavailable(f"no reply within {self.timeout} s")
@@ -1029,20 +1105,22 @@ class RedisChannelLayer(BrokerChannelLayer):
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        kwargs: dict[str, Any] = dict(parse_url(self.url))
+        reader_options: dict[str, Any] = {
+            "socket_timeout": _BLOCK_SECONDS + self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "max_connections": 2,
+        }
+        if self.sentinels:
+            return self._sentinel_master(**reader_options)
+        kwargs: dict[str, Any] = {**parse_url(self.url), **self._tls_options()}
         if self._cluster_client is not None:
             # The node that owns the inbox's slot: it serves the BLMPOP and the SSUBSCRIBE.
             node = self._cluster_client.get_node_from_key(self._inbox_key(self.client_token))
             if node is None:
                 raise self.unavailable("no cluster node serves this layer's inbox")
             kwargs.update(host=node.host, port=node.port, db=0)
-        kwargs.update(
-            socket_timeout=_BLOCK_SECONDS + self.timeout,
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=2,
-        )
-        return Redis.from_pool(ConnectionPool(**kwargs))
+        return Redis.from_pool(ConnectionPool(**kwargs, **reader_options))
 
     async def _reader_session(self) -> None:
         """Connect, restore state after a reconnect, then read until the connection fails."""
@@ -1269,3 +1347,22 @@ class RedisChannelLayer(BrokerChannelLayer):
         if keys:
             await asyncio.gather(*(self._execute("UNLINK", key) for key in keys))
         self._wake_all_named()
+
+
+def _sentinel_addresses(sentinels: object) -> list[tuple[str, int]]:
+    """``["host:port", ...]`` (port 26379 if left out) as (host, port) pairs."""
+    if sentinels is None:
+        return []
+    if isinstance(sentinels, str) or not isinstance(sentinels, (list, tuple)):
+        raise InvalidChannelLayerConfig(f"sentinels must be a list of 'host:port' strings, got {sentinels!r}")
+    addresses = []
+    for item in sentinels:
+        try:
+            parts = urlsplit(f"//{item}") if isinstance(item, str) else None
+            port = parts.port if parts is not None else None
+        except ValueError:
+            parts = None
+        if parts is None or not parts.hostname or parts.path or parts.username is not None:
+            raise InvalidChannelLayerConfig(f"each of sentinels must be 'host:port', got {item!r}")
+        addresses.append((parts.hostname, port or _SENTINEL_PORT))
+    return addresses

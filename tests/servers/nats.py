@@ -24,10 +24,11 @@ import pytest
 
 from fastapi_websockets.backends.nats import NATSChannelLayer
 from tests.servers import Backend, ServerProcess, ensure_apt, free_port, free_port_block, wait_for
+from tests.servers.certs import Certificates
 
 __all__ = ["NatsCluster", "NatsNode", "nats_server_binary"]
 
-VARIANTS = {"nats": "nats_backend", "nats-cluster": "nats_cluster_backend"}
+VARIANTS = {"nats": "nats_backend", "nats-cluster": "nats_cluster_backend", "nats-tls": "nats_tls_backend"}
 
 
 def nats_server_binary() -> str:
@@ -54,7 +55,8 @@ class NatsNode:
     """One nats-server with JetStream; can be stopped, killed and started again on its ports.
 
     With ``user`` and ``password``, clients must log in (``url`` then carries no
-    credentials; tests add them, right or wrong).
+    credentials; tests add them, right or wrong). With ``tls``, clients must
+    speak TLS (``tls://``); the server shows the session's certificate.
     """
 
     def __init__(
@@ -68,8 +70,10 @@ class NatsNode:
         routes: list[str] | None = None,
         user: str | None = None,
         password: str | None = None,
+        tls: Certificates | None = None,
     ) -> None:
         self.workdir = workdir
+        self.tls = tls
         self.name = name
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
@@ -90,6 +94,9 @@ class NatsNode:
             "max_payload: 2MB",
             f"jetstream {{ store_dir: {json.dumps(str(self.workdir / 'js'))} }}",
         ]
+        if self.tls is not None:
+            cert, key = json.dumps(str(self.tls.cert_file)), json.dumps(str(self.tls.key_file))
+            lines.append(f"tls {{ cert_file: {cert}, key_file: {key} }}")
         if self.user is not None:
             lines.append(
                 f"authorization {{ user: {json.dumps(self.user)}, password: {json.dumps(self.password)} }}"
@@ -103,7 +110,7 @@ class NatsNode:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -178,7 +185,7 @@ class NatsCluster:
             node.stop()
 
 
-def layer_factory(urls: list[str], replicas: int) -> Any:
+def layer_factory(urls: list[str], replicas: int, **fixed: Any) -> Any:
     """``build(namespace, **options)`` for layers on these servers, isolated by namespace."""
 
     def build(namespace: str, **options: Any) -> NATSChannelLayer:
@@ -189,6 +196,7 @@ def layer_factory(urls: list[str], replicas: int) -> Any:
             "stream_name": namespace,
             "replicas": replicas,
             "timeout": 10.0,
+            **fixed,
         }
         settings.update(options)
         return NATSChannelLayer(**settings)
@@ -196,7 +204,7 @@ def layer_factory(urls: list[str], replicas: int) -> Any:
     return build
 
 
-def env_factory(urls: list[str], replicas: int) -> Any:
+def env_factory(urls: list[str], replicas: int, **fixed: str) -> Any:
     """``env(namespace)``: the variables that configure the same layer in another process."""
 
     def env(namespace: str) -> dict[str, str]:
@@ -207,6 +215,7 @@ def env_factory(urls: list[str], replicas: int) -> Any:
             "FASTAPI_WEBSOCKETS_NATS_GROUP_BUCKET": namespace,
             "FASTAPI_WEBSOCKETS_NATS_STREAM_NAME": namespace,
             "FASTAPI_WEBSOCKETS_NATS_REPLICAS": str(replicas),
+            **{f"FASTAPI_WEBSOCKETS_NATS_{key.upper()}": value for key, value in fixed.items()},
         }
 
     return env
@@ -249,4 +258,27 @@ def nats_cluster_backend(nats_cluster: NatsCluster) -> Backend:
         layer_factory(nats_cluster.urls, 3),
         extra={"cluster": nats_cluster},
         env=env_factory(nats_cluster.urls, 3),
+    )
+
+
+@pytest.fixture(scope="session")
+def nats_tls_node(tls_certs: Certificates) -> Iterator[NatsNode]:
+    """A nats-server with JetStream that accepts TLS clients only."""
+    with tempfile.TemporaryDirectory(prefix="fw-nats-tls-") as tmp:
+        node = NatsNode(Path(tmp), tls=tls_certs)
+        try:
+            node.start()
+            yield node
+        finally:
+            node.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_tls_backend(nats_tls_node: NatsNode, tls_certs: Certificates) -> Backend:
+    urls, ca = [nats_tls_node.url], str(tls_certs.ca_file)
+    return Backend(
+        "nats-tls",
+        layer_factory(urls, 1, tls_ca_file=ca),
+        extra={"node": nats_tls_node},
+        env=env_factory(urls, 1, tls_ca_file=ca),
     )

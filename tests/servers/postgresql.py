@@ -22,8 +22,9 @@ import pytest
 
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
 from tests.servers import Backend, ServerProcess, ensure_apt, free_port, wait_for
+from tests.servers.certs import Certificates
 
-VARIANTS = {"postgresql": "postgresql_backend"}
+VARIANTS = {"postgresql": "postgresql_backend", "postgresql-tls": "postgresql_tls_backend"}
 
 _USER = "postgres"
 
@@ -49,7 +50,12 @@ class PostgresServer:
     """One PostgreSQL cluster in a private directory; can be stopped and started again."""
 
     def __init__(
-        self, max_connections: int = 300, *, fsync: bool = False, password: str | None = None
+        self,
+        max_connections: int = 300,
+        *,
+        fsync: bool = False,
+        password: str | None = None,
+        tls: Certificates | None = None,
     ) -> None:
         self.bin = _bin_dir()
         self.workdir = Path(tempfile.mkdtemp(prefix="fws-pg-"))
@@ -89,6 +95,20 @@ class PostgresServer:
         )
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        #: With TLS, TCP clients must use it (hostssl only); the Unix socket stays trusted.
+        self.tls = tls
+        self._tls_flags: list[str] = []
+        if tls is not None:
+            cert, key = self.workdir / "server.pem", self.workdir / "server.key"
+            shutil.copyfile(tls.cert_file, cert)
+            shutil.copyfile(tls.key_file, key)
+            for path in (cert, key):
+                os.chown(path, user.pw_uid, user.pw_gid)
+            key.chmod(0o600)  # PostgreSQL refuses a key others can read
+            (self.workdir / "data" / "pg_hba.conf").write_text(
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n"
+            )
+            self._tls_flags = ["-c", "ssl=on", "-c", f"ssl_cert_file={cert}", "-c", f"ssl_key_file={key}"]
 
     @staticmethod
     def _as_postgres() -> dict[str, Any]:
@@ -97,7 +117,8 @@ class PostgresServer:
     @property
     def dsn(self) -> str:
         userinfo = "postgres" if self.password is None else f"postgres:{self.password}"
-        return f"postgresql://{userinfo}@127.0.0.1:{self.port}/postgres"
+        query = "?sslmode=verify-full" if self.tls is not None else ""
+        return f"postgresql://{userinfo}@127.0.0.1:{self.port}/postgres{query}"
 
     def start(self) -> None:
         """Start the server (again) on the same port and data directory; wait until it accepts."""
@@ -117,6 +138,7 @@ class PostgresServer:
                 "-c",
                 f"max_connections={self.max_connections}",
                 *self._durability_flags(),
+                *self._tls_flags,
             ],
             self.workdir,
             stop_signal=signal.SIGINT,
@@ -177,6 +199,35 @@ def postgresql_backend(postgresql_server: PostgresServer) -> Backend:
         }
 
     return Backend("postgresql", build, env=env, extra={"dsn": dsn})
+
+
+@pytest.fixture(scope="session")
+def postgresql_tls_server(tls_certs: Certificates) -> Iterator[PostgresServer]:
+    """A PostgreSQL whose TCP clients must use TLS, with the session's certificate."""
+    server = PostgresServer(max_connections=100, tls=tls_certs)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgresql_tls_backend(postgresql_tls_server: PostgresServer, tls_certs: Certificates) -> Backend:
+    dsn, ca = postgresql_tls_server.dsn, str(tls_certs.ca_file)
+
+    def build(namespace: str, **options: Any) -> PostgreSQLChannelLayer:
+        return build_layer(dsn, namespace, **{"tls_ca_file": ca, **options})
+
+    def env(namespace: str) -> dict[str, str]:
+        return {
+            "FASTAPI_WEBSOCKETS_BACKEND": "postgresql",
+            "FASTAPI_WEBSOCKETS_POSTGRESQL_DSN": dsn,
+            "FASTAPI_WEBSOCKETS_POSTGRESQL_SCHEMA": namespace,
+            "FASTAPI_WEBSOCKETS_POSTGRESQL_TLS_CA_FILE": ca,
+        }
+
+    return Backend("postgresql-tls", build, env=env, extra={"dsn": dsn, "server": postgresql_tls_server})
 
 
 @pytest.fixture

@@ -19,26 +19,39 @@ import pytest
 
 from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer
 from tests.servers import Backend, ServerProcess, ensure_apt, free_port_block, port_open, wait_for
+from tests.servers.certs import Certificates
 
-VARIANTS = {"rabbitmq": "rabbitmq_backend"}
+VARIANTS = {"rabbitmq": "rabbitmq_backend", "rabbitmq-tls": "rabbitmq_tls_backend"}
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 
 
 class RabbitNode:
-    """One rabbitmq-server node: AMQP on ``port``, distribution on +1, epmd on +2, CLI on +3..+5."""
+    """One rabbitmq-server node: AMQP on ``port``, distribution on +1, epmd on +2, CLI on +3..+5.
 
-    def __init__(self, workdir: Path) -> None:
+    With ``tls``, ``port`` is an AMQPS listener (the session's certificate) and
+    there is no plaintext listener at all.
+    """
+
+    def __init__(self, workdir: Path, tls: Certificates | None = None) -> None:
         ensure_apt(SERVER, "rabbitmq-server")
         self.workdir = workdir
         self.port = free_port_block(6)
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        scheme, listener = (
+            ("amqps", "listeners.tcp = none\nlisteners.ssl.1") if tls else ("amqp", "listeners.tcp.1")
+        )
+        self.url = f"{scheme}://guest:guest@127.0.0.1:{self.port}/"
         (workdir / "log").mkdir(parents=True, exist_ok=True)
         (workdir / "mnesia").mkdir(exist_ok=True)
-        (workdir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users.guest = true\nlog.console = false\n"
-        )
+        config = f"{listener} = 127.0.0.1:{self.port}\nloopback_users.guest = true\nlog.console = false\n"
+        if tls is not None:
+            config += (
+                f"ssl_options.cacertfile = {tls.ca_file}\nssl_options.certfile = {tls.cert_file}\n"
+                f"ssl_options.keyfile = {tls.key_file}\nssl_options.verify = verify_none\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+            )
+        (workdir / "rabbitmq.conf").write_text(config)
         (workdir / "enabled_plugins").write_text("[].\n")
         (workdir / "rabbitmq-env.conf").write_text("")
         loopback = "-kernel inet_dist_use_interface {127,0,0,1}"
@@ -63,6 +76,9 @@ class RabbitNode:
             RABBITMQ_CONF_ENV_FILE=str(workdir / "rabbitmq-env.conf"),
             RABBITMQ_PID_FILE=str(workdir / "rabbit.pid"),
         )
+        if tls is not None:
+            # These would open a plaintext listener on the AMQPS port.
+            del self.env["RABBITMQ_NODE_IP_ADDRESS"], self.env["RABBITMQ_NODE_PORT"]
         self.epmd = ServerProcess(
             ["epmd", "-port", str(self.port + 2), "-address", "127.0.0.1"], workdir / "log", env=self.env
         )
@@ -139,3 +155,38 @@ def rabbitmq_backend(rabbitmq_node: RabbitNode) -> Backend:
         }
 
     return Backend("rabbitmq", build, extra={"node": rabbitmq_node}, env=env)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_tls_node(tls_certs: Certificates) -> Iterator[RabbitNode]:
+    """A private rabbitmq-server node with an AMQPS listener only."""
+    with tempfile.TemporaryDirectory(prefix="fw-rabbitmq-tls-") as tmp:
+        node = RabbitNode(Path(tmp), tls=tls_certs)
+        try:
+            node.start()
+            yield node
+        finally:
+            node.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_tls_backend(rabbitmq_tls_node: RabbitNode, tls_certs: Certificates) -> Backend:
+    ca = str(tls_certs.ca_file)
+
+    def build(namespace: str, **options: Any) -> RabbitMQChannelLayer:
+        options.setdefault("url", rabbitmq_tls_node.url)
+        options.setdefault("tls_ca_file", ca)
+        return RabbitMQChannelLayer(
+            exchange_name=f"fw-{namespace}", queue_prefix=f"fw-{namespace}", **options
+        )
+
+    def env(namespace: str) -> dict[str, str]:
+        return {
+            "FASTAPI_WEBSOCKETS_BACKEND": "rabbitmq",
+            "FASTAPI_WEBSOCKETS_RABBITMQ_URL": rabbitmq_tls_node.url,
+            "FASTAPI_WEBSOCKETS_RABBITMQ_TLS_CA_FILE": ca,
+            "FASTAPI_WEBSOCKETS_RABBITMQ_EXCHANGE_NAME": f"fw-{namespace}",
+            "FASTAPI_WEBSOCKETS_RABBITMQ_QUEUE_PREFIX": f"fw-{namespace}",
+        }
+
+    return Backend("rabbitmq-tls", build, extra={"node": rabbitmq_tls_node}, env=env)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -30,30 +30,34 @@ def _pending(backend: Backend, request: pytest.FixtureRequest) -> None:
         request.applymarker(pytest.mark.xfail(raises=NotImplementedError, strict=True))
 
 
-@contextmanager
-def peer(env: dict[str, str], group: str, count: int) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.presence_peer", group, str(count)],
+@asynccontextmanager
+async def peer(env: dict[str, str], group: str, count: int) -> AsyncIterator[tuple[Process, list[str]]]:
+    # An asyncio subprocess: the test's own layer must keep beating while the peer joins.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.e2e.presence_peer",
+        group,
+        str(count),
         cwd=ROOT,
         env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        limit=1 << 20,  # the line lists up to 5,000 channel names
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
+        assert proc.stderr is not None
+        line = (await proc.stdout.readline()).decode().strip()
         if not line:
             proc.kill()
-            raise AssertionError(f"the peer process did not join: {proc.communicate()[1][-2000:]}")
+            errors = (await proc.stderr.read()).decode(errors="replace")
+            raise AssertionError(f"the peer process did not join: {errors[-2000:]}")
         yield proc, line.split(",")
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-        proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        await proc.wait()
 
 
 def setup(backend: Backend, make_layer: LayerFactory) -> tuple[dict[str, str], BaseChannelLayer]:
@@ -76,10 +80,10 @@ async def test_a_killed_process_disappears_and_its_leaves_are_announced(
     watcher = await layer.new_channel("ws")
     await layer.group_add("room:k", watcher)
     await layer.presence_join("room:k", watcher, {"user": "watcher"}, notify=False)
-    with peer(env, "room:k", 3) as (proc, theirs):
+    async with peer(env, "room:k", 3) as (proc, theirs):
         assert set(await layer.presence("room:k")) == {watcher, *theirs}
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        await proc.wait()
         killed_at = time.monotonic()
         left = set()
         while left != set(theirs):
@@ -99,7 +103,7 @@ async def test_presence_of_two_processes_with_many_members(
     for start in range(0, len(mine), 250):
         batch = mine[start : start + 250]
         await asyncio.gather(*(layer.presence_join("room:many", c, {"n": 1}, notify=False) for c in batch))
-    with peer(env, "room:many", 5_000) as (_, theirs):
+    async with peer(env, "room:many", 5_000) as (_, theirs):
         present = await layer.presence("room:many")
         assert set(present) == set(mine) | set(theirs)
         assert len(present) == 10_000

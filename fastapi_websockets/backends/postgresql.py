@@ -590,6 +590,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     max_inactive_connection_lifetime=60.0,
                     timeout=self.timeout,
                     command_timeout=self.timeout,
+                    reset=_keep_session,
                     server_settings={
                         "application_name": self.application_name,
                         # Channel messages live for seconds: by default a commit does not
@@ -1290,6 +1291,16 @@ def _aborted_by_server(exc: BaseException, aborted: tuple[type[BaseException], .
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Return a connection to the pool as it is.
+
+    asyncpg's default reset (``RESET ALL; UNLISTEN *; ...``) is one more round
+    trip for every statement; pooled sessions here never change session state
+    (advisory locks are transaction-scoped, LISTEN runs on its own connection),
+    and asyncpg still rolls back a transaction left open.
+    """
 
 
 def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:

@@ -222,6 +222,82 @@ WHERE n.nspname = $1 AND c.relname = ANY($2::text[])
         self.tables = ["message", "group_member"]
         self.history_tables = ["history_stream", "history_entry"]
         self.create_history = _history_ddl(s)
+        self.presence_tables = ["presence_owner", "presence"]
+        # UNLOGGED: no WAL for joins and beats. A crash of the server empties these
+        # tables, and every live process's next heartbeat puts its entries back.
+        self.create_presence = f"""
+CREATE UNLOGGED TABLE IF NOT EXISTS {s}.presence_owner (
+    owner text PRIMARY KEY,
+    deadline timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS presence_owner_deadline ON {s}.presence_owner (deadline);
+CREATE UNLOGGED TABLE IF NOT EXISTS {s}.presence (
+    group_name text NOT NULL,
+    channel text NOT NULL,
+    owner text NOT NULL,
+    info bytea NOT NULL,
+    PRIMARY KEY (group_name, channel)
+);
+CREATE INDEX IF NOT EXISTS presence_owner_entries ON {s}.presence (owner);
+"""
+        # The entry and its owner's record in one statement, so an entry never
+        # exists without a record. The record's deadline moves only when the
+        # heartbeat is late (a burst of joins does not rewrite it each time);
+        # `inserted` says the record was missing (see _presence_put).
+        self.presence_put = f"""
+WITH alive AS (
+    INSERT INTO {s}.presence_owner AS o (owner, deadline)
+    VALUES ($3, now() + make_interval(secs => $5))
+    ON CONFLICT (owner) DO UPDATE SET deadline = EXCLUDED.deadline
+    WHERE o.deadline < now() + make_interval(secs => $5 / 2)
+    RETURNING o.xmax = 0 AS inserted
+),
+entry AS (
+    -- After the record (the sub-select runs first): a reaper holding the record
+    -- must not wait for an entry row we locked while we wait for the record.
+    INSERT INTO {s}.presence (group_name, channel, owner, info)
+    SELECT $1, $2, $3, $4 WHERE (SELECT count(*) FROM alive) >= 0
+    ON CONFLICT (group_name, channel) DO UPDATE SET owner = EXCLUDED.owner, info = EXCLUDED.info
+    RETURNING 1
+)
+SELECT coalesce((SELECT inserted FROM alive), false) AS inserted, (SELECT count(*) FROM entry) AS stored
+"""
+        self.presence_remove = (
+            f"DELETE FROM {s}.presence WHERE group_name = $1 AND channel = $2 RETURNING info"
+        )
+        self.presence_read = f"""
+SELECT array_agg(p.channel) AS channels, array_agg(p.info) AS infos
+FROM {s}.presence AS p JOIN {s}.presence_owner AS o ON o.owner = p.owner
+WHERE p.group_name = $1 AND o.deadline > now()
+"""
+        # A row inserted by this statement has xmax 0; one it updated carries our
+        # lock. Asking the upsert itself (not a prior SELECT) is right even when a
+        # reaper deletes the record concurrently: we wait for it and then insert.
+        self.presence_beat = f"""
+INSERT INTO {s}.presence_owner AS o (owner, deadline) VALUES ($1, now() + make_interval(secs => $2))
+ON CONFLICT (owner) DO UPDATE SET deadline = EXCLUDED.deadline
+RETURNING o.xmax = 0 AS inserted
+"""
+        # Claim the expired records (SKIP LOCKED: a record another process is
+        # reaping, or its live owner is refreshing, is left alone), then take their
+        # entries: each dead process is reaped by exactly one caller.
+        self.presence_reap = f"""
+WITH dead AS (
+    DELETE FROM {s}.presence_owner
+    WHERE owner = ANY(ARRAY(
+        SELECT owner FROM {s}.presence_owner WHERE deadline <= now() FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING owner
+)
+DELETE FROM {s}.presence AS p USING dead WHERE p.owner = dead.owner
+RETURNING p.group_name, p.channel, p.info
+"""
+        # Record first, then entries (the order every statement here locks them in).
+        self.presence_forget = [
+            f"DELETE FROM {s}.presence_owner WHERE owner = $1",
+            f"DELETE FROM {s}.presence WHERE owner = $1",
+        ]
+        self.flush_presence = f"DELETE FROM {s}.presence; DELETE FROM {s}.presence_owner"
 
 
 def _fan_out(s: str, offset: str = "NULL::bigint", epoch: str = "NULL::text") -> str:
@@ -464,6 +540,12 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._misuse: tuple[type[BaseException], ...] = ()
         self._aborted: tuple[type[BaseException], ...] = ()
         self._reader_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
+        self._no_table: tuple[type[BaseException], ...] = ()
+        #: The presence tables exist (made or checked by this layer's first join).
+        self._presence_ready = False
+        self._presence_setup = asyncio.Lock()
+        #: Our liveness record was found missing by a join: the next beat restores our entries.
+        self._presence_lost = False
 
     # ------------------------------------------------------------ connection
 
@@ -506,6 +588,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._misuse = (asyncpg.exceptions.ClientConfigurationError, asyncpg.exceptions.DataError)
         # What a background reader survives (logged, then retried once reconnected).
         self._reader_errors = (BackendUnavailable, asyncpg.PostgresError)
+        # Presence reads before any layer of the schema made the presence tables.
+        self._no_table = (asyncpg.UndefinedTableError,)
         try:
             self._pool = await self._retry(
                 "connect",
@@ -517,6 +601,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     timeout=self.timeout,
                     ssl=self._ssl,
                     command_timeout=self.timeout,
+                    reset=_keep_session,
                     server_settings={
                         "application_name": self.application_name,
                         # Channel messages live for seconds: by default a commit does not
@@ -545,11 +630,15 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self.tasks.keep_running(self._prune_forever, "prune")
 
     async def _create_schema(self) -> None:
+        ddl = [self._sql.create] + ([self._sql.create_history] if self.history else [])
+        await self._create_tables(self._tables(), ddl)
+
+    async def _create_tables(self, names: list[str], ddl: list[str]) -> None:
         # DDL runs only when something is missing, so a role without CREATE
         # rights can use tables an administrator made. Concurrent CREATE ... IF
         # NOT EXISTS can still collide in the catalogs: the advisory lock makes
         # processes starting together take turns.
-        query, names = self._sql.tables_exist, self._tables()
+        query = self._sql.tables_exist
 
         async def create(conn: _Conn) -> None:
             if await conn.fetchval(query, self.schema, names):
@@ -560,9 +649,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     return
                 if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", _quote_ident(self.schema)):
                     await conn.execute(self._sql.create_schema)
-                await conn.execute(self._sql.create)
-                if self.history:
-                    await conn.execute(self._sql.create_history)
+                for statements in ddl:
+                    await conn.execute(statements)
 
         await self._with_conn(create, retry=True)
 
@@ -1068,13 +1156,86 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         complete = row["available"] >= row["newest"] - after
         return HistorySlice(entries, row["newest"], row["epoch"], complete)
 
+    # --------------------------------------------------------------- presence
+
+    async def _ensure_presence_tables(self) -> None:
+        """Create the presence tables on this layer's first join (layers that never join make none)."""
+        if self._presence_ready:
+            return
+        async with self._presence_setup:
+            if self._presence_ready:
+                return
+            names = self._sql.presence_tables
+            if self.ensure_schema:
+                await self._create_tables(names, [self._sql.create_presence])
+            elif not await self._with_conn(
+                lambda conn: conn.fetchval(self._sql.tables_exist, self.schema, names), retry=True
+            ):
+                raise ChannelLayerError(
+                    f"the presence tables of schema {self.schema!r} do not exist in the database at "
+                    f"{self.where}; join presence once from a layer with ensure_schema=True to create them"
+                )
+            self._presence_ready = True
+
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
+        await self._ensure_presence_tables()
+        ttl = float(self.presence_timeout)
+        row = await self._with_conn(
+            lambda conn: conn.fetchrow(self._sql.presence_put, group, channel, self.client_token, info, ttl),
+            retry=True,
+        )
+        assert row is not None  # the query aggregates into one row
+        if row["inserted"] and self._presence:
+            # Our record was gone (another process reaped us while we could not
+            # beat, or a crash emptied the tables), and our other entries with it.
+            self._presence_lost = True
+
+    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+        try:
+            info: bytes | None = await self._with_conn(
+                lambda conn: conn.fetchval(self._sql.presence_remove, group, channel), retry=True
+            )
+        except self._no_table:
+            return None
+        return info
+
+    async def _presence_read(self, group: str) -> dict[str, bytes]:
+        try:
+            row = await self._with_conn(
+                lambda conn: conn.fetchrow(self._sql.presence_read, group), retry=True
+            )
+        except self._no_table:
+            return {}
+        assert row is not None  # the query aggregates into one row
+        return dict(zip(row["channels"] or [], row["infos"] or [], strict=True))
+
+    async def _presence_beat(self) -> bool:
+        inserted = await self._with_conn(
+            lambda conn: conn.fetchval(
+                self._sql.presence_beat, self.client_token, float(self.presence_timeout)
+            ),
+            retry=True,
+        )
+        lost, self._presence_lost = self._presence_lost, False
+        return bool(inserted) or lost
+
+    async def _presence_reap(self) -> list[tuple[str, str, bytes]]:
+        try:
+            rows = await self._with_conn(lambda conn: conn.fetch(self._sql.presence_reap), retry=True)
+        except self._no_table:
+            return []
+        return [(row["group_name"], row["channel"], row["info"]) for row in rows]
+
     async def _flush(self) -> None:
         async def flush(conn: _Conn) -> None:
             async with conn.transaction():
                 await conn.execute(self._sql.flush)
-                # Also when this layer keeps no history: another one sharing the schema may.
+                # Also when this layer keeps no history or presence: another one
+                # sharing the schema may.
                 if await conn.fetchval(self._sql.tables_exist, self.schema, self._sql.history_tables):
                     await conn.execute(self._sql.flush_history)
+                if await conn.fetchval(self._sql.tables_exist, self.schema, self._sql.presence_tables):
+                    await conn.execute(self._sql.flush_presence)
 
         await self._with_conn(flush, retry=True)
 
@@ -1123,6 +1284,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             async def forget(conn: _Conn) -> None:
                 await conn.execute(self._sql.forget_owner, self.client_token)
                 await conn.execute(self._sql.drop_inbox, self._inbox)
+                if self._presence_ready:
+                    # Our liveness record (and any entry left over): nobody need reap us.
+                    for statement in self._sql.presence_forget:
+                        await conn.execute(statement, self.client_token)
 
             try:
                 await self._with_conn(forget, patient=False)
@@ -1141,6 +1306,16 @@ def _aborted_by_server(exc: BaseException, aborted: tuple[type[BaseException], .
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Return a connection to the pool as it is.
+
+    asyncpg's default reset (``RESET ALL; UNLISTEN *; ...``) is one more round
+    trip for every statement; pooled sessions here never change session state
+    (advisory locks are transaction-scoped, LISTEN runs on its own connection),
+    and asyncpg still rolls back a transaction left open.
+    """
 
 
 def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:

@@ -973,3 +973,128 @@ async def test_catch_up_is_exact_with_several_publishers(make: Factory) -> None:
             await joiner.receive(channel, timeout=0.5)
         offsets = [m["_position"]["offset"] for m in page.messages + live]
         assert offsets == expected
+
+
+# ------------------------------------------------------------------- presence
+
+
+async def presence_rows(db: asyncpg.Connection, namespace: str) -> tuple[set[tuple[str, str, str]], set[str]]:
+    entries = await db.fetch(f'SELECT group_name, channel, owner FROM "{namespace}".presence')
+    owners = await db.fetch(f'SELECT owner FROM "{namespace}".presence_owner')
+    return {(r[0], r[1], r[2]) for r in entries}, {r[0] for r in owners}
+
+
+async def test_layers_without_presence_make_no_presence_tables(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    plain = make()
+    await plain.group_send("room:p", {"type": "m"})
+    assert await plain.presence("room:p") == {}  # a read alone creates nothing
+    await plain.presence_leave("room:p", "nobody")
+    await plain.presence_heartbeat()
+    tables = await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", namespace)
+    assert sorted(row[0] for row in tables) == ["group_member", "message"]
+    checker = make(ensure_schema=False)
+    with pytest.raises(ChannelLayerError, match="presence tables"):
+        await checker.presence_join("room:p", await checker.new_channel(), {})
+
+
+async def test_presence_rows_after_join_leave_reap_and_close(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # A long timeout: the background heartbeat beats once at the first join, then
+    # the test drives presence_heartbeat() itself.
+    a, b = make(presence_timeout=300), make(presence_timeout=300)
+    a1, a2, bob = await a.new_channel("ws"), await a.new_channel("ws"), await b.new_channel("ws")
+    await a.presence_join("room:p", a1, {"u": "a1"})
+    await a.presence_join("room:p", a2, {"u": "a2"})
+    await a.presence_join("room:q", a1, {"u": "a1"})
+    await b.presence_join("room:p", bob, {"u": "bob"})
+    entries, owners = await presence_rows(db, namespace)
+    ta, tb = a.client_token, b.client_token
+    assert entries == {("room:p", a1, ta), ("room:p", a2, ta), ("room:q", a1, ta), ("room:p", bob, tb)}
+    assert owners == {ta, tb}
+    await a.presence_leave("room:p", a2)
+    assert ("room:p", a2, ta) not in (await presence_rows(db, namespace))[0]
+
+    # `a` stops beating (its record runs out): it vanishes at once, and the first
+    # heartbeat of a live process removes its rows and announces its leaves, once.
+    watcher = await b.new_channel("ws")
+    await b.group_add("room:p", watcher)
+    await db.execute(
+        f"UPDATE \"{namespace}\".presence_owner SET deadline = now() - interval '1 second' WHERE owner = $1",
+        ta,
+    )
+    assert await b.presence("room:p") == {bob: {"u": "bob"}}
+    await b.presence_heartbeat()
+    assert await b.receive(watcher, timeout=10) == {
+        "type": "presence.left",
+        "group": "room:p",
+        "channel": a1,
+        "info": {"u": "a1"},
+    }
+    assert await presence_rows(db, namespace) == ({("room:p", bob, tb)}, {tb})
+    await b.presence_heartbeat()
+    with pytest.raises(TimeoutError):
+        await b.receive(watcher, timeout=0.3)
+
+    # `a` was alive after all: a join finds its record gone, and its next beat
+    # stores every entry it holds again.
+    a3 = await a.new_channel("ws")
+    await a.presence_join("room:q", a3, {"u": "a3"}, notify=False)
+    await a.presence_heartbeat()
+    assert await b.presence("room:p") == {a1: {"u": "a1"}, bob: {"u": "bob"}}
+    assert await b.presence("room:q") == {a1: {"u": "a1"}, a3: {"u": "a3"}}
+
+    await a.close()
+    assert await presence_rows(db, namespace) == ({("room:p", bob, tb)}, {tb})
+    await b.flush()
+    assert await presence_rows(db, namespace) == (set(), set())
+
+
+@pytest.mark.parametrize("members", [1, 500])
+async def test_a_heartbeat_writes_one_row_whatever_the_number_of_members(
+    make: Factory, db: asyncpg.Connection, namespace: str, members: int
+) -> None:
+    layer = make(presence_timeout=300)
+    channels = [await layer.new_channel("ws") for _ in range(members)]
+    await asyncio.gather(*(layer.presence_join("room:h", c, {}, notify=False) for c in channels))
+
+    async def versions() -> dict[str, str]:
+        # A row's (ctid, xmin) changes with every write to it.
+        rows = await db.fetch(
+            f'SELECT channel, ctid::text || xmin::text FROM "{namespace}".presence UNION ALL '
+            f"SELECT 'owner', ctid::text || xmin::text FROM \"{namespace}\".presence_owner"
+        )
+        return {row[0]: row[1] for row in rows}
+
+    before = await versions()
+    await layer.presence_heartbeat()
+    after = await versions()
+    assert len(before) == len(after) == members + 1
+    assert [key for key in before if before[key] != after[key]] == ["owner"]
+
+
+async def test_presence_survives_a_database_restart_and_a_crash(
+    restartable_postgresql: PostgresServer,
+) -> None:
+    server, schema = restartable_postgresql, "presence_restart"
+    owner = PostgreSQLChannelLayer(dsn=server.dsn, schema=schema, presence_timeout=300)
+    viewer = PostgreSQLChannelLayer(dsn=server.dsn, schema=schema)
+    try:
+        channels = [await owner.new_channel("ws") for _ in range(3)]
+        for i, channel in enumerate(channels):
+            await owner.presence_join("room:r", channel, {"i": i})
+        expected = {channel: {"i": i} for i, channel in enumerate(channels)}
+        server.stop()
+        server.start()
+        assert await viewer.presence("room:r") == expected  # a clean restart keeps the tables
+
+        server.crash()  # crash recovery empties the (unlogged) presence tables
+        server.start()
+        assert await viewer.presence("room:r") == {}
+        await owner.presence_heartbeat()  # one beat puts every entry back
+        assert await viewer.presence("room:r") == expected
+    finally:
+        await owner.close()
+        await viewer.close()

@@ -163,6 +163,15 @@ class PostgresServer:
         if self.process is not None:
             self.process.stop()
 
+    def crash(self) -> None:
+        """Immediate shutdown (SIGQUIT): no checkpoint, so the next start runs crash recovery
+        (which, among other things, empties UNLOGGED tables)."""
+        if self.process is not None:
+            if self.process.popen.poll() is None:
+                self.process.popen.send_signal(signal.SIGQUIT)
+                self.process.popen.wait(15)
+            self.process.stop()
+
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)

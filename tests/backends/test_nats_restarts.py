@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from fastapi_websockets import BaseChannelLayer
 from fastapi_websockets.backends.nats import NATSChannelLayer
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
-from fastapi_websockets import BaseChannelLayer
 from tests.backends.test_nats import Make, raw_client
 from tests.conftest import layer_factory
 from tests.faults import TcpProxy

@@ -91,6 +91,7 @@ _T = TypeVar("_T")
 _DEFAULT_SERVERS = ["nats://localhost:4222"]
 _SCHEMES = ("nats", "tls", "ws", "wss")
 _SUBJECT_TOKENS = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_PROCESS_TOKEN = re.compile(r"[0-9a-f]{1,64}")
 _JS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 #: A pull request lingers this long on the server; a safety net for requests lost
@@ -237,6 +238,11 @@ class _RecentIds:
         return True
 
 
+def _inbox_consumer(token: str) -> str:
+    """The durable consumer of the inbox of the process ``token``."""
+    return f"fwi{token}"
+
+
 def _frame(kind: bytes, name: str, data: bytes) -> bytes:
     raw = name.encode()
     return _FRAME.pack(kind, random.getrandbits(64), len(raw)) + raw + data
@@ -353,7 +359,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         # process token -> "<prefix>.i.<token>" (the stored inbox)
         self._stored_inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.i.{subject_token(token)}")
         self._inbox_stream = f"{self.stream_name}_INBOX"
-        self._inbox_consumer = f"fwi{self.client_token}"
+        self._inbox_consumer = _inbox_consumer(self.client_token)
         self._inbox_ready = False
         #: Set when the connection comes back, or heartbeats stop: the keeper checks the consumer.
         self._check_inbox = asyncio.Event()
@@ -1236,16 +1242,46 @@ class NATSChannelLayer(BrokerChannelLayer):
         from nats.errors import NoRespondersError
 
         body = json.dumps({"op": op, "group": group, "channel": channel}).encode()
-        try:
-            reply = await self.nc.request(self._process_subject(channel, "c"), body, timeout=self.timeout)
-        except NoRespondersError:
-            # The owner is gone: its channel receives nothing any more anyway.
-            logger.debug("the owner of %r is gone; only the KV entry changes", channel)
-            return
-        except (asyncio.TimeoutError, self._driver_error) as exc:
-            raise self._translate(exc, f"group change for {channel!r}") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        backoff = self.backoff()
+        while True:
+            try:
+                reply = await self.nc.request(
+                    self._process_subject(channel, "c"), body, timeout=max(deadline - loop.time(), 0.1)
+                )
+                break
+            except NoRespondersError:
+                # Nobody listens: the owner is gone, or reconnecting. Its inbox consumer
+                # tells which; a live owner must hear of the change, or it never
+                # receives the group's messages.
+                delay = backoff.next()
+                if loop.time() + delay >= deadline or not await self._owner_alive(channel):
+                    logger.debug("the owner of %r is gone; only the KV entry changes", channel)
+                    return
+                await asyncio.sleep(delay)
+            except (asyncio.TimeoutError, self._driver_error) as exc:
+                raise self._translate(exc, f"group change for {channel!r}") from exc
         if reply.data != b"ok":
             raise ChannelLayerError(f"the owner of {channel!r} refused the group change: {reply.data!r}")
+
+    async def _owner_alive(self, channel: str) -> bool:
+        """Whether the process owning ``channel`` still has its inbox consumer (it may be reconnecting)."""
+        from nats.js.errors import NotFoundError
+
+        token = process_token(channel)
+        if not self._stored or not _PROCESS_TOKEN.fullmatch(token):
+            return False  # no layer makes such a token
+        try:
+            await self._retry(
+                f"group change for {channel!r}",
+                partial(self.js.consumer_info, self._inbox_stream, _inbox_consumer(token)),
+            )
+        except ChannelLayerError as exc:
+            if isinstance(exc.__cause__, NotFoundError):
+                return False
+            raise
+        return True
 
     async def _on_control(self, msg: Msg) -> None:
         try:

@@ -266,3 +266,24 @@ async def test_an_inbox_consumer_deleted_out_of_band_comes_back(
 def test_the_inbox_option_is_checked() -> None:
     with pytest.raises(InvalidChannelLayerConfig, match="inbox must be one of jetstream, core, got 'disk'"):
         NATSChannelLayer(inbox="disk")
+
+
+async def test_adding_a_reconnecting_processs_channel_to_a_group_waits_for_it(
+    node: NatsNode, make: Make
+) -> None:
+    async with TcpProxy(node.port) as proxy:
+        receiver = make(servers=[f"nats://127.0.0.1:{proxy.port}"])
+        sender = make(servers=[node.url])
+        channel = await receiver.new_channel()
+        await proxy.cut()
+
+        async def back_soon() -> None:
+            await asyncio.sleep(1.0)
+            await proxy.reopen()
+
+        reopening = asyncio.create_task(back_soon())
+        # The owner does not answer while it reconnects; its inbox consumer says it lives.
+        await sender.group_add("room", channel)
+        await reopening
+        await sender.group_send("room", {"type": "group"})
+        assert (await receiver.receive(channel, timeout=30))["type"] == "group"

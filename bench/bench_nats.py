@@ -58,4 +58,17 @@ def ours(server: Server, namespace: str) -> Any:
     )
 
 
-IMPLS = [Impl("nats", "ours", ours), Impl("nats 0.1.0", "0.1.0", ours)]
+def ours_core(server: Server, namespace: str) -> Any:
+    """Our layer with the fast, unstored inbox (``inbox="core"``)."""
+    from fastapi_websockets.backends.nats import NATSChannelLayer
+
+    return NATSChannelLayer(
+        servers=[server["url"]], prefix=namespace, group_bucket=namespace, stream_name=namespace, inbox="core"
+    )
+
+
+IMPLS = [
+    Impl("nats", "ours", ours),
+    Impl("nats core", "ours", ours_core),
+    Impl("nats 0.1.0", "0.1.0", ours),
+]

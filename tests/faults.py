@@ -30,7 +30,8 @@ async def silent_server() -> AsyncIterator[int]:
 class TcpProxy:
     """Forwards a loopback port to ``target_port``; :meth:`cut` drops every connection for good.
 
-    After a cut the port refuses connections, like a broker host that went away.
+    After a cut the port refuses connections, like a broker host that went away,
+    until :meth:`reopen`.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -47,6 +48,11 @@ class TcpProxy:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.cut()
+
+    async def reopen(self) -> None:
+        """Accept connections again, on the same port, after a :meth:`cut` (the host is back)."""
+        if self._server is None:
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)

@@ -1,23 +1,33 @@
-"""The NATS backend: core subjects for live delivery, JetStream for named channels, KV for groups.
+"""The NATS backend: JetStream process inboxes, JetStream named channels, KV for groups.
 
 Layout on the server, for ``prefix="app"`` (names are escaped into subject
 tokens by :func:`subject_token`):
 
-* ``app.p.<process-token>.m``: the one inbox of a layer instance. Every
-  process-specific channel of that instance receives through it; the channel
-  name travels in front of the payload and the layer demultiplexes locally.
+* ``app.i.<process-token>``: the one inbox of a layer instance, stored in the
+  JetStream stream ``<stream_name>_INBOX`` (work-queue retention, messages
+  kept at most ``channel_expiry``). Every process-specific channel of that
+  instance, and every group it holds members of, receives through it: the
+  channel or group name travels in front of the payload, with a message id,
+  and the layer demultiplexes locally. A send returns once the stream has
+  stored the message, and the instance's one durable push consumer
+  (``fwi<process-token>``, deleted by the server ``channel_expiry`` after
+  its process is gone) delivers it to ``app.p.<process-token>.d``, where
+  every message is acknowledged after it reached the local mailbox. A
+  message sent while its receiver reconnects therefore waits in the stream;
+  one lost on a dropped connection is delivered again (``_INBOX_ACK_WAIT``),
+  and the message id drops the second copy.
   ``app.p.<process-token>.c`` carries membership changes made by *other*
-  processes (request/reply); both share one wildcard subscription.
-* ``app.g.<group>``: one core-NATS subject per group. A process subscribes to
-  it while it holds local members, so ``group_send`` is one publish however
-  many members and processes there are.
+  processes (request/reply).
+* KV key ``<group>.o.<process-token>``: the process holds members of the
+  group. ``group_send`` lists these keys (one request) and stores one copy
+  in the inbox of each such process, however many members they hold.
 * ``app.n.<channel>``: named channels (no ``!``), stored in the JetStream
   stream ``stream_name`` with work-queue retention. Each named channel that a
   process reads has one durable pull consumer shared by every process, so
   every message is delivered once.
 * KV bucket ``group_bucket``: one key per (group, member),
   ``<group>.p.<member>`` or ``<group>.n.<member>``, whose value is the join
-  time. The bucket's TTL is ``group_expiry``, so a member that is not added
+  time, and the owner keys above. The bucket's TTL is ``group_expiry``, so a member that is not added
   again expires on its own, on the server.
 * ``app.h.<size>-<ttl ms>.<group>``: the history of a group matching a
   ``history`` pattern, in the stream ``<stream_name>_H<size>-<ttl ms>`` (one
@@ -37,8 +47,11 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
+import struct
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -48,7 +61,7 @@ from urllib.parse import unquote
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import Memo, matching, positive, url
-from fastapi_websockets.backends.timeouts import within
+from fastapi_websockets.backends.timeouts import wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
 from fastapi_websockets.backends.urls import location, redact_url
 from fastapi_websockets.backends.waiters import WaiterQueue
@@ -67,7 +80,6 @@ from fastapi_websockets.types import Message
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
-    from nats.aio.subscription import Subscription
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
 
@@ -80,6 +92,7 @@ _T = TypeVar("_T")
 _DEFAULT_SERVERS = ["nats://localhost:4222"]
 _SCHEMES = ("nats", "tls", "ws", "wss")
 _SUBJECT_TOKENS = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_PROCESS_TOKEN = re.compile(r"[0-9a-f]{1,64}")
 _JS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 #: A pull request lingers this long on the server; a safety net for requests lost
@@ -109,6 +122,25 @@ _NO_MESSAGE = 10037
 _READER_IDLE = 30.0
 #: Seconds a history read waits for a replica that lags behind the stream leader.
 _REPLICA_LAG = 1.0
+#: Seconds after which the server delivers an inbox message again when its acknowledgement
+#: did not come (it was lost with a dropped connection).
+_INBOX_ACK_WAIT = 5.0
+#: Seconds between the server's heartbeats to an idle inbox; two missed ones make the
+#: layer check that its consumer still exists (a safety net, not a poll: they are pushed).
+_INBOX_HEARTBEAT = 5.0
+#: Fewest seconds the server keeps the inbox consumer of a process that went away.
+_INBOX_MIN_IDLE = 30.0
+#: Most unacknowledged inbox messages the server has out to one process at a time.
+_INBOX_MAX_PENDING = 20_000
+#: Ids of the newest inbox messages a layer remembers, to drop a second copy (a redelivery,
+#: or a publish retried after its acknowledgement was lost).
+_SEEN_IDS = 100_000
+#: Frame of an inbox message: kind, message id, name length, then the name and the payload.
+_FRAME = struct.Struct(">cQH")
+_TO_CHANNEL = b"c"
+_TO_GROUP = b"g"
+#: Values of the ``inbox`` option: stored until acknowledged, or plain core publishes.
+_INBOX_KINDS = ("jetstream", "core")
 
 
 def subject_token(name: str) -> str:
@@ -186,6 +218,37 @@ class _Entry:
     data: bytes
 
 
+class _RecentIds:
+    """The ids of the last ``size`` messages seen: answers "seen before?" for each new one."""
+
+    __slots__ = ("_order", "_seen", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._seen: set[int] = set()
+        self._order: deque[int] = deque()
+
+    def first_time(self, msg_id: int) -> bool:
+        """Record ``msg_id``; False if it was already among the recent ones."""
+        if msg_id in self._seen:
+            return False
+        self._seen.add(msg_id)
+        self._order.append(msg_id)
+        if len(self._order) > self._size:
+            self._seen.discard(self._order.popleft())
+        return True
+
+
+def _inbox_consumer(token: str) -> str:
+    """The durable consumer of the inbox of the process ``token``."""
+    return f"fwi{token}"
+
+
+def _frame(kind: bytes, name: str, data: bytes) -> bytes:
+    raw = name.encode()
+    return _FRAME.pack(kind, random.getrandbits(64), len(raw)) + raw + data
+
+
 class _Held:
     __slots__ = ("lock", "users")
 
@@ -232,6 +295,14 @@ class NATSChannelLayer(BrokerChannelLayer):
       receivers (the consumers' ack wait); then it is delivered again.
     * ``replicas``: JetStream replicas of the stream and the bucket (3 on a
       3-node cluster).
+    * ``inbox``: how messages reach process-specific channels and groups.
+      ``"jetstream"`` (the default): stored in the inbox stream until their
+      process acknowledges them; ``send()``/``group_send()`` return once the
+      server has stored them, so nothing accepted is lost across a server
+      restart or a dropped connection. ``"core"``: plain core-NATS publishes,
+      about twice as fast point to point, but a message sent while its
+      receiving process reconnects is lost. Every process sharing a
+      ``prefix`` must use the same value.
     """
 
     backend_name = "nats"
@@ -247,6 +318,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         stream_name: str = "FASTAPI_WEBSOCKETS",
         message_timeout: float = 60.0,
         replicas: int = 1,
+        inbox: str = "jetstream",
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -272,6 +344,10 @@ class NATSChannelLayer(BrokerChannelLayer):
         if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
             raise InvalidChannelLayerConfig(f"replicas must be an integer from 1 to 5, got {replicas!r}")
         self.replicas = replicas
+        if inbox not in _INBOX_KINDS:
+            raise InvalidChannelLayerConfig(f"inbox must be one of {', '.join(_INBOX_KINDS)}, got {inbox!r}")
+        self.inbox = inbox
+        self._stored = inbox == "jetstream"
 
         self._inbox = f"{self.prefix}.p.{self.client_token}"
         self._kv_stream = f"KV_{self.group_bucket}"
@@ -282,11 +358,22 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._msg_ttl = False
         self._stream_ready = False
         self._setup_lock = asyncio.Lock()
-        self._group_lock = asyncio.Lock()
-        self._group_subs: dict[str, Subscription] = {}
         self._readers: dict[str, _NamedReader] = {}
-        # process token -> "<prefix>.p.<token>."
+        # process token -> "<prefix>.p.<token>." (control requests)
         self._inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.p.{subject_token(token)}.")
+        # process token -> "<prefix>.i.<token>" (the stored inbox)
+        self._stored_inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.i.{subject_token(token)}")
+        self._inbox_stream = f"{self.stream_name}_INBOX"
+        self._inbox_consumer = _inbox_consumer(self.client_token)
+        self._inbox_ready = False
+        #: Set when the connection comes back, or heartbeats stop: the keeper checks the consumer.
+        self._check_inbox = asyncio.Event()
+        #: loop.time() of the last message or heartbeat on the inbox.
+        self._inbox_heard = 0.0
+        self._seen = _RecentIds(_SEEN_IDS)
+        #: group -> loop.time() when this layer last put its owner key of the group.
+        self._owned: dict[str, float] = {}
+        self._owner_locks = _KeyedLocks()
         # group_send hands (group, data) to one background worker that delivers to
         # the group's named members, so that group_send itself waits for no round
         # trip. Bounded: a full queue makes group_send wait (backpressure).
@@ -305,11 +392,12 @@ class NATSChannelLayer(BrokerChannelLayer):
     def _named_subject(self, channel: str) -> str:
         return f"{self.prefix}.n.{subject_token(channel)}"
 
-    def _group_subject(self, group: str) -> str:
-        return f"{self.prefix}.g.{subject_token(group)}"
-
     def _process_subject(self, channel: str, kind: str) -> str:
         return self._inboxes(process_token(channel)) + kind
+
+    def owner_key(self, group: str, token: str) -> str:
+        """The KV key saying that the layer with process token ``token`` holds members of ``group``."""
+        return f"{subject_token(group)}.o.{subject_token(token)}"
 
     @staticmethod
     def member_key(group: str, channel: str) -> str:
@@ -352,7 +440,13 @@ class NATSChannelLayer(BrokerChannelLayer):
                 self.timeout,
                 lambda: self._connect_failed(nc),
             )
-            await nc.subscribe(f"{self._inbox}.*", cb=self._on_inbox)
+            await nc.subscribe(f"{self._inbox}.c", cb=self._on_control)
+            if self._stored:
+                # A literal subject, not a wildcard: the server tells a push consumer
+                # about interest in its exact deliver subject only.
+                await nc.subscribe(f"{self._inbox}.d", cb=self._on_delivery)
+            else:
+                await nc.subscribe(self._stored_inboxes(self.client_token), cb=self._on_core_delivery)
             await nc.flush(timeout=max(1, math.ceil(self.timeout)))
         except BackendUnavailable as exc:
             error = exc
@@ -376,6 +470,15 @@ class NATSChannelLayer(BrokerChannelLayer):
         # Per-message TTL (Nats-TTL) exists from server 2.11; older servers accept
         # and ignore it, so only use it where it works.
         self._msg_ttl = (version.major, version.minor) >= (2, 11)
+        if not self._stored:
+            return
+        try:
+            await self._ensure_inbox()
+        except BaseException:
+            self._nc = self._js = None
+            await nc.close()
+            raise
+        self.tasks.keep_running(self._keep_inbox, "inbox keeper")
 
     def _connect_failed(self, nc: Client, exc: BaseException | None = None) -> BackendUnavailable:
         last = exc or nc.last_error
@@ -396,6 +499,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                     lambda: self.unavailable("group_sends to named members still queued at close"),
                 )
         await self._forget_local_members()
+        await self._drop_inbox_consumer()
         # nats-py can swallow a cancellation that races with a reply (asyncio.wait_for
         # on Python 3.11): closing the connection makes such a task's next call fail.
         await self.tasks.close(self.timeout, unblock=self._disconnect)
@@ -410,7 +514,11 @@ class NATSChannelLayer(BrokerChannelLayer):
             await nc.flush(timeout=1)
         except (asyncio.TimeoutError, self._driver_error) as exc:
             logger.debug("flush before close failed: %s", self.redact(repr(exc)))
-        await nc.close()
+        try:
+            await nc.close()
+        except OSError as exc:
+            # The connection died as it was closed (the server went away): closed all the same.
+            logger.debug("closing the NATS connection: %s", self.redact(repr(exc)))
 
     async def _forget_local_members(self) -> None:
         """Remove this layer's channels from the bucket: they die with the layer.
@@ -426,6 +534,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             for group in self.local_groups.groups()
             for channel in self.local_groups.members(group)
         ]
+        keys += [self.owner_key(group, self.client_token) for group in self._owned]
         if not keys:
             return
         try:
@@ -464,9 +573,10 @@ class NATSChannelLayer(BrokerChannelLayer):
             logger.warning("disconnected from NATS; reconnecting (pending receives keep waiting)")
 
     async def _on_reconnected(self) -> None:
-        # nats-py re-sends every SUB (inbox, groups, pull inboxes) on reconnect, so
-        # local group interest comes back by itself; named-channel readers re-issue
-        # their pull requests within _PULL_EXPIRES.
+        # nats-py re-sends every SUB (inbox deliveries, pull inboxes) on reconnect, so
+        # the inbox consumer resumes by itself (the keeper checks it still exists);
+        # named-channel readers re-issue their pull requests within _PULL_EXPIRES.
+        self._check_inbox.set()
         url = self._nc.connected_url if self._nc is not None else None
         where = location(url.geturl(), self.default_port) if url is not None else "?"
         logger.info("reconnected to NATS at %s", where)
@@ -501,14 +611,6 @@ class NATSChannelLayer(BrokerChannelLayer):
                 return ChannelLayerClosed("the channel layer was closed")
             return self.unavailable(f"{what} failed: the connection is closed")
         return ChannelLayerError(f"NATS {what} failed: {self.redact(repr(exc))}")
-
-    async def _publish(self, subject: str, payload: bytes, what: str) -> None:
-        # The hot path (every send to a process-specific channel, every group_send):
-        # no context manager, no lookups beyond the connection.
-        try:
-            await self.nc.publish(subject, payload)
-        except (asyncio.TimeoutError, self._driver_error) as exc:
-            raise self._translate(exc, what, len(payload)) from exc
 
     async def _retry(
         self,
@@ -657,13 +759,205 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._kv = None
         await self._bucket()
 
+    # ------------------------------------------------------------------ inbox
+
+    async def _ensure_inbox(self) -> bool:
+        """Create the inbox stream and this layer's consumer on it, where they are missing.
+
+        Returns whether the consumer had to be created.
+        """
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        await self._ensure_inbox_stream()
+        config = ConsumerConfig(
+            durable_name=self._inbox_consumer,
+            deliver_subject=f"{self._inbox}.d",
+            filter_subject=self._stored_inboxes(self.client_token),
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=_INBOX_ACK_WAIT,
+            max_ack_pending=_INBOX_MAX_PENDING,
+            idle_heartbeat=_INBOX_HEARTBEAT,
+            # The server deletes the consumer of a process gone for this long; what
+            # it held would have expired by then anyway.
+            inactive_threshold=max(self.channel_expiry, _INBOX_MIN_IDLE),
+            num_replicas=self.replicas,
+            description=f"fastapi-websockets inbox of process {self.client_token}",
+        )
+        what = "setup of this process's inbox consumer"
+        try:
+            try:
+                await self._retry(
+                    what, partial(self.js.consumer_info, self._inbox_stream, self._inbox_consumer)
+                )
+                created = False
+            except ChannelLayerError as exc:
+                if not isinstance(exc.__cause__, NotFoundError):
+                    raise
+                await self._retry(what, partial(self.js.add_consumer, self._inbox_stream, config))
+                created = True
+        except ChannelLayerError as exc:
+            if _error_code(exc) != _STREAM_NOT_FOUND:
+                raise
+            # The stream went away since we last saw it: next time, create it first.
+            self._inbox_ready = False
+            raise self.unavailable("the inbox stream disappeared while its consumer was created") from exc
+        self._inbox_heard = time.monotonic()
+        return created
+
+    async def _ensure_inbox_stream(self) -> None:
+        if self._inbox_ready:
+            return
+        from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        wanted = f"{self.prefix}.i.*"
+        config = StreamConfig(
+            name=self._inbox_stream,
+            description="fastapi-websockets process inboxes: messages wait here for their process",
+            subjects=[wanted],
+            # Each process's consumer filters its own subject; an acknowledged message
+            # goes away, one for a process that is gone expires.
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=self.replicas,
+            max_age=self.channel_expiry,
+        )
+        info = await self._get_or_create(
+            f"setup of stream {self._inbox_stream}",
+            lambda: self.js.stream_info(self._inbox_stream),
+            lambda: self.js.add_stream(config),
+            NotFoundError,
+        )
+        subjects = info.config.subjects or []
+        if wanted not in subjects:
+            raise InvalidChannelLayerConfig(
+                f"the inbox stream {self._inbox_stream!r} exists with subjects {subjects}, not {wanted!r}; "
+                "choose another stream_name or prefix"
+            )
+        self._inbox_ready = True
+
+    async def _recover_inbox_stream(self) -> None:
+        self._inbox_ready = False
+        await self._ensure_inbox_stream()
+
+    async def _keep_inbox(self) -> None:
+        """The keeper: after a reconnect, or when the server's heartbeats stop, check the consumer.
+
+        The server may have lost it (its JetStream data) or deleted it (the
+        process was away longer than the consumer's inactive threshold); it is
+        created again, and what waits in the stream for this process follows.
+        """
+        backoff = self.backoff()
+        while True:
+            await wait_event(self._check_inbox, _INBOX_HEARTBEAT)
+            silent = time.monotonic() - self._inbox_heard > 2 * _INBOX_HEARTBEAT
+            if not (self._check_inbox.is_set() or silent) or not self.nc.is_connected:
+                continue
+            self._check_inbox.clear()
+            try:
+                if await self._ensure_inbox():
+                    # The server lost its state, or forgot this process: so were its
+                    # owner keys, maybe. Put them back, or no group_send comes here.
+                    logger.warning("the NATS server had lost this process's inbox; created it again")
+                    self._owned.clear()
+                    for group in self.local_groups.groups():
+                        await self._own(group)
+            except BackendUnavailable as exc:
+                logger.debug("inbox check failed (%s); trying again", exc)
+                self._check_inbox.set()
+                await backoff.sleep()
+                continue
+            backoff.reset()
+
+    async def _drop_inbox_consumer(self) -> None:
+        """Delete this layer's inbox consumer on close (else the server does, after its threshold)."""
+        if self._nc is None or not self._nc.is_connected or self._js is None or not self._stored:
+            return
+        try:
+            # Briefly: the server deletes it after its inactive threshold anyway.
+            await within(
+                self.js.delete_consumer(self._inbox_stream, self._inbox_consumer),
+                min(self.timeout, 1.0),
+                lambda: self.unavailable("deleting the inbox consumer on close timed out"),
+            )
+        except (BackendUnavailable, OSError, asyncio.TimeoutError, self._driver_error) as exc:
+            logger.debug("deleting the inbox consumer on close failed: %s", self.redact(repr(exc)))
+
+    async def _store_in_inbox(self, token: str, payload: bytes, what: str) -> None:
+        """Store ``payload`` in the inbox of the process ``token``; return once the stream has it.
+
+        Retried (the same message id, so the receiver drops a second copy)
+        until ``timeout``: a publish lost with a dropped connection, or made
+        while the server restarts, is made again.
+        """
+        subject = self._stored_inboxes(token)
+        if self._stored:
+            await self._retry(what, partial(self.js.publish, subject, payload), self._recover_inbox_stream)
+            return
+        nc = self.nc
+        if not nc.is_connected:
+            # nats-py would buffer it and report success; it may then be lost.
+            raise self.unavailable(f"{what}: not connected (reconnecting)")
+        try:
+            await nc.publish(subject, payload)
+        except (asyncio.TimeoutError, self._driver_error) as exc:
+            raise self._translate(exc, what, len(payload)) from exc
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        """One message (or heartbeat) from this layer's inbox consumer."""
+        self._inbox_heard = time.monotonic()
+        if not msg.reply:
+            return  # an idle heartbeat
+        self._accept(msg.data)
+        try:
+            await msg.ack()
+        except self._driver_error as exc:
+            # The server delivers it again after _INBOX_ACK_WAIT; its id drops that copy.
+            logger.debug("inbox ack failed: %r", exc)
+
+    async def _on_core_delivery(self, msg: Msg) -> None:
+        """One message published straight to this layer's inbox subject (``inbox="core"``)."""
+        self._accept(msg.data)
+
+    def _accept(self, data: bytes) -> None:
+        """Demultiplex one inbox message to its channel or group, unless it came before."""
+        try:
+            kind, msg_id, size = _FRAME.unpack_from(data)
+            name = data[_FRAME.size : _FRAME.size + size].decode()
+        except (struct.error, UnicodeDecodeError):
+            logger.warning("dropped a malformed message from the inbox (%d bytes)", len(data))
+        else:
+            if self._seen.first_time(msg_id):
+                self._deliver_from_inbox(kind, name, data[_FRAME.size + size :])
+
+    def _deliver_from_inbox(self, kind: bytes, name: str, payload: bytes) -> None:
+        if kind == _TO_CHANNEL:
+            if not self.is_local(name):
+                logger.debug("dropped a message for %r, not a channel of this layer", name)
+                return
+            message = self.decode_or_drop(payload, f"inbox (channel {name!r})")
+            if message is not None:
+                self.deliver_local(name, message)
+            return
+        if kind != _TO_GROUP:
+            logger.warning("dropped an inbox message of unknown kind %r", kind)
+            return
+        message = self.decode_or_drop(payload, f"inbox (group {name!r})")
+        if message is None:
+            return
+        self.deliver_to_local_members(name, message)
+        if name not in self.local_groups and name in self._owned and not self.closed:
+            # Every local member expired: other processes may stop sending here.
+            self.tasks.spawn(self._disown_quietly(name), f"disowning {name!r}")
+
     # --------------------------------------------------------- point to point
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
         if is_process_specific(channel):
-            raw = channel.encode()
-            payload = len(raw).to_bytes(2, "big") + raw + data
-            await self._publish(self._process_subject(channel, "m"), payload, f"send to {channel!r}")
+            payload = _frame(_TO_CHANNEL, channel, data)
+            await self._store_in_inbox(process_token(channel), payload, f"send to {channel!r}")
             return
         await self._send_named(channel, data)
 
@@ -845,23 +1139,6 @@ class NATSChannelLayer(BrokerChannelLayer):
             except self._driver_error as exc:
                 logger.debug("unsubscribe of a pull subscription failed: %r", exc)
 
-    async def _on_inbox(self, msg: Msg) -> None:
-        if msg.subject.endswith(".c"):
-            await self._on_control(msg)
-            return
-        data = msg.data
-        size = int.from_bytes(data[:2], "big")
-        try:
-            channel = data[2 : 2 + size].decode()
-        except UnicodeDecodeError:
-            channel = ""
-        if not self.is_local(channel):
-            logger.debug("dropped a message for %r, not a channel of this layer", channel)
-            return
-        message = self.decode_or_drop(data[2 + size :], msg.subject)
-        if message is not None:
-            self.deliver_local(channel, message)
-
     # ------------------------------------------------------------------ groups
 
     async def _group_add(self, group: str, channel: str) -> None:
@@ -901,45 +1178,119 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     async def _add_local(self, group: str, channel: str) -> None:
         self.local_groups.add(group, channel)
-        async with self._group_lock:
-            if group not in self._group_subs:
-                try:
-                    self._group_subs[group] = await self.nc.subscribe(
-                        self._group_subject(group), cb=self._on_group
-                    )
-                except self._driver_error as exc:
-                    raise self._translate(exc, f"subscribe to group {group!r}") from exc
+        await self._own(group)
 
     async def _discard_local(self, group: str, channel: str) -> None:
-        if self.local_groups.discard(group, channel) or group not in self.local_groups:
-            await self._unsubscribe_group(group)
+        self.local_groups.discard(group, channel)
+        if group not in self.local_groups:
+            await self._disown(group)
 
-    async def _unsubscribe_group(self, group: str) -> None:
-        async with self._group_lock:
-            if group in self.local_groups:
+    def _owns(self, group: str) -> bool:
+        """Whether this layer's owner key of ``group`` is fresh (put within half its lifetime)."""
+        put = self._owned.get(group)
+        return put is not None and time.monotonic() - put < self.group_expiry / 2
+
+    async def _own(self, group: str) -> None:
+        """Put this layer's owner key of ``group``, so that group_sends store a copy in its inbox.
+
+        Put again when half of its lifetime (``group_expiry``) has passed, so it
+        outlives every local member, each of which expires ``group_expiry`` after
+        it was last added.
+        """
+        if self._owns(group):
+            return
+        async with self._owner_locks.hold(group):
+            if self._owns(group) or group not in self.local_groups:
                 return
-            sub = self._group_subs.pop(group, None)
-            if sub is not None:
-                try:
-                    await sub.unsubscribe()
-                except self._driver_error as exc:
-                    raise self._translate(exc, f"unsubscribe from group {group!r}") from exc
+            kv = await self._bucket()
+            key = self.owner_key(group, self.client_token)
+            await self._retry(f"group_add to {group!r}", lambda: kv.put(key, b""), self._recover_bucket)
+            self._owned[group] = time.monotonic()
+
+    async def _disown(self, group: str) -> None:
+        """Remove this layer's owner key of ``group`` once it holds no member of it."""
+        async with self._owner_locks.hold(group):
+            if group in self.local_groups or group not in self._owned:
+                return
+            kv = await self._bucket()
+            key = self.owner_key(group, self.client_token)
+            await self._retry(
+                f"group_discard from {group!r}", lambda: self._forget(kv, key), self._recover_bucket
+            )
+            del self._owned[group]
+
+    async def _disown_quietly(self, group: str) -> None:
+        try:
+            await self._disown(group)
+        except ChannelLayerError as exc:
+            # A stale owner key only costs other processes a copy this layer ignores.
+            logger.debug("removing the owner key of %r failed: %s", group, exc)
+
+    async def _owners(self, group: str) -> list[str]:
+        """The process tokens of the other layers holding members of ``group`` (one request)."""
+        from nats.js.errors import NotFoundError
+
+        await self._bucket()
+        pattern = f"{self._kv_subject_prefix}{subject_token(group)}.o.*"
+        what = f"group_send to {group!r}"
+        try:
+            info = await self._retry(
+                what, lambda: self.js.stream_info(self._kv_stream, subjects_filter=pattern)
+            )
+        except ChannelLayerError as exc:
+            if not isinstance(exc.__cause__, NotFoundError):
+                raise
+            await self._recover_bucket()  # the server lost it: nobody owns anything
+            self._owned.clear()
+            return []
+        tokens = (token_to_name(subject.rsplit(".", 1)[-1]) for subject in info.state.subjects or {})
+        return [token for token in tokens if token != self.client_token]
 
     async def _tell_owner(self, channel: str, op: str, group: str) -> None:
         """Ask the layer that owns ``channel`` to change its local membership, and wait for it."""
         from nats.errors import NoRespondersError
 
         body = json.dumps({"op": op, "group": group, "channel": channel}).encode()
-        try:
-            reply = await self.nc.request(self._process_subject(channel, "c"), body, timeout=self.timeout)
-        except NoRespondersError:
-            # The owner is gone: its channel receives nothing any more anyway.
-            logger.debug("the owner of %r is gone; only the KV entry changes", channel)
-            return
-        except (asyncio.TimeoutError, self._driver_error) as exc:
-            raise self._translate(exc, f"group change for {channel!r}") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        backoff = self.backoff()
+        while True:
+            try:
+                reply = await self.nc.request(
+                    self._process_subject(channel, "c"), body, timeout=max(deadline - loop.time(), 0.1)
+                )
+                break
+            except NoRespondersError:
+                # Nobody listens: the owner is gone, or reconnecting. Its inbox consumer
+                # tells which; a live owner must hear of the change, or it never
+                # receives the group's messages.
+                delay = backoff.next()
+                if loop.time() + delay >= deadline or not await self._owner_alive(channel):
+                    logger.debug("the owner of %r is gone; only the KV entry changes", channel)
+                    return
+                await asyncio.sleep(delay)
+            except (asyncio.TimeoutError, self._driver_error) as exc:
+                raise self._translate(exc, f"group change for {channel!r}") from exc
         if reply.data != b"ok":
             raise ChannelLayerError(f"the owner of {channel!r} refused the group change: {reply.data!r}")
+
+    async def _owner_alive(self, channel: str) -> bool:
+        """Whether the process owning ``channel`` still has its inbox consumer (it may be reconnecting)."""
+        from nats.js.errors import NotFoundError
+
+        token = process_token(channel)
+        if not self._stored or not _PROCESS_TOKEN.fullmatch(token):
+            return False  # no layer makes such a token
+        try:
+            await self._retry(
+                f"group change for {channel!r}",
+                partial(self.js.consumer_info, self._inbox_stream, _inbox_consumer(token)),
+            )
+        except ChannelLayerError as exc:
+            if isinstance(exc.__cause__, NotFoundError):
+                return False
+            raise
+        return True
 
     async def _on_control(self, msg: Msg) -> None:
         try:
@@ -957,22 +1308,24 @@ class NATSChannelLayer(BrokerChannelLayer):
             return
         await msg.respond(b"ok")
 
-    async def _on_group(self, msg: Msg) -> None:
-        group = token_to_name(msg.subject.rsplit(".", 1)[-1])
-        message = self.decode_or_drop(msg.data, f"group {group!r}")
-        if message is None:
-            return
-        self.deliver_to_local_members(group, message)
-        if group not in self.local_groups and group in self._group_subs and not self.closed:
-            # Every local member expired: stop listening to the group.
-            self.tasks.spawn(self._unsubscribe_group(group), f"unsubscribe from {group!r}")
-
     async def _group_send(self, group: str, data: bytes) -> None:
         if group in self.local_groups:
             self.deliver_to_local_members(group, self.decode(data))
-        # One publish reaches every other process with members (no_echo keeps it
-        # from coming back here).
-        await self._publish(self._group_subject(group), data, f"group_send to {group!r}")
+        # One copy in the inbox of every other process with members, whatever their
+        # number; it returns once every copy is stored.
+        owners = await self._owners(group)
+        if owners:
+            payload = _frame(_TO_GROUP, group, data)
+            what = f"group_send to {group!r}"
+            if len(owners) == 1:
+                await self._store_in_inbox(owners[0], payload, what)
+            else:
+                results = await asyncio.gather(
+                    *(self._store_in_inbox(token, payload, what) for token in owners), return_exceptions=True
+                )
+                failed = next((result for result in results if isinstance(result, BaseException)), None)
+                if failed is not None:
+                    raise failed
         if self._named_worker is None:
             # Started on first use; restarted with backoff should it ever fail.
             self._named_worker = self.tasks.keep_running(
@@ -1325,7 +1678,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         if self._named_worker is not None and not self._named_worker.done():
             await self._named_queue.join()  # nothing of an earlier group_send lands after
 
-        for stream in (self.stream_name, self._kv_stream):
+        for stream in (self.stream_name, self._kv_stream, self._inbox_stream):
             try:
                 await self._retry("flush", lambda stream=stream: self.js.purge_stream(stream))  # type: ignore[misc]
             except ChannelLayerError as exc:
@@ -1333,14 +1686,8 @@ class NATSChannelLayer(BrokerChannelLayer):
                     raise
         if self.history:
             await self._flush_history()
-        async with self._group_lock:
-            subs = list(self._group_subs.values())
-            self._group_subs.clear()
-        for sub in subs:
-            try:
-                await sub.unsubscribe()
-            except self._driver_error as exc:
-                raise self._translate(exc, "flush") from exc
+        # The owner keys went with the bucket.
+        self._owned.clear()
 
 
 def _joined(value: bytes | None) -> float:

@@ -144,13 +144,18 @@ def test_subject_tokens_are_reversible_and_distinct() -> None:
 async def test_names_cannot_inject_tokens_or_wildcards(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    layer = make(servers=[nats_node.url])
+    layer, member = make(servers=[nats_node.url]), make(servers=[nats_node.url])
+    channel = await member.new_channel()
+    for name in NASTY:
+        await member.group_add(name, channel)
     spy = await raw_client([nats_node.url])
     seen: list[str] = []
     everything = asyncio.Event()
     total = 2 * len(NASTY) + 2
 
     async def record(msg: Any) -> None:
+        if msg.reply.startswith("$JS.ACK."):
+            return  # a delivery of the member's inbox consumer (to its .p.<token>.d)
         seen.append(msg.subject)
         if len(seen) >= total:
             everything.set()
@@ -160,7 +165,7 @@ async def test_names_cannot_inject_tokens_or_wildcards(
     try:
         for name in NASTY:
             await layer.send(name, {"type": "t", "name": name})
-            await layer.group_send(name, {"type": "t"})
+            await layer.group_send(name, {"type": "t", "group": name})
         # A process-specific name whose token tries to be a wildcard goes nowhere else.
         await layer.send("evil.*!x", {"type": "t"})
         await layer.send("evil.>!x", {"type": "t"})
@@ -169,19 +174,21 @@ async def test_names_cannot_inject_tokens_or_wildcards(
         await spy.flush()  # anything unexpected would have arrived by now too
     finally:
         await spy.close()
+    inbox = f"{namespace}.i.{subject_token(member.client_token)}"
     expected = sorted(
         [f"{namespace}.n.{subject_token(name)}" for name in NASTY]
-        + [f"{namespace}.g.{subject_token(name)}" for name in NASTY]
-        + [f"{namespace}.p.{subject_token('*')}.m", f"{namespace}.p.{subject_token('>')}.m"]
+        + [inbox] * len(NASTY)
+        + [f"{namespace}.i.{subject_token('*')}", f"{namespace}.i.{subject_token('>')}"]
     )
     assert sorted(seen) == expected
     for subject in seen:
-        assert len(subject.split(".")) in (3, 4)  # prefix, kind, token (+ .m)
+        assert len(subject.split(".")) == 3  # prefix, kind, token
         assert "*" not in subject
         assert ">" not in subject
-    # Each named channel got exactly its own message.
+    # Each named channel got exactly its own message, each group its own.
     for name in NASTY:
         assert (await layer.receive(name, timeout=10))["name"] == name
+    assert [(await member.receive(channel, timeout=10))["group"] for _ in NASTY] == NASTY
 
 
 # ------------------------------------------------- O(1) broker resources
@@ -199,7 +206,9 @@ async def test_one_connection_and_subscription_whatever_the_receivers(
     waiting = [asyncio.create_task(layer.receive(channel)) for channel in channels]
     await asyncio.sleep(0.2)
     after = subjects_of(connection_of(nats_node, layer))
-    assert before == after == [f"{namespace}.p.{layer.client_token}.*"]
+    ours = [subject for subject in after if not subject.startswith("_INBOX.")]  # nats-py's reply inbox
+    assert before == after
+    assert ours == [f"{namespace}.p.{layer.client_token}.{kind}" for kind in "cd"]
     # All 301 receivers are served through that one subscription.
     other = make(servers=[nats_node.url])
     for channel in [first, *channels]:
@@ -208,23 +217,30 @@ async def test_one_connection_and_subscription_whatever_the_receivers(
     assert len(results) == 301
 
 
-async def test_group_subscription_is_per_group_not_per_member(
+async def test_groups_cost_no_subscription_and_one_consumer_per_process(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
     layer = make(servers=[nats_node.url])
     for _ in range(5):
         await layer.group_add("room:demo", await layer.new_channel())
     few = subjects_of(connection_of(nats_node, layer))
-    for _ in range(100):
-        await layer.group_add("room:demo", await layer.new_channel())
+    for group in ("room:demo", "other"):
+        for _ in range(100):
+            await layer.group_add(group, await layer.new_channel())
     many = subjects_of(connection_of(nats_node, layer))
     assert few == many
-    # Ours: the inbox and the group. The rest are nats-py's: one reply inbox for
-    # requests and the KV watch of named members, each one per layer.
-    assert [s for s in many if not s.startswith("_INBOX.")] == sorted(
-        [f"{namespace}.g.{subject_token('room:demo')}", f"{namespace}.p.{layer.client_token}.*"]
-    )
-    assert len(many) <= 4
+    # Ours: the inbox's deliveries and control requests. The rest are nats-py's: one
+    # reply inbox for requests.
+    assert [s for s in many if not s.startswith("_INBOX.")] == [
+        f"{namespace}.p.{layer.client_token}.{kind}" for kind in "cd"
+    ]
+    assert len(many) <= 3
+    client = await raw_client([nats_node.url])
+    try:
+        consumers = await client.jetstream().consumers_info(f"{namespace}_INBOX")
+    finally:
+        await client.close()
+    assert [info.name for info in consumers] == [f"fwi{layer.client_token}"]
 
 
 async def test_group_send_costs_the_same_messages_for_any_group_size(
@@ -256,10 +272,11 @@ async def test_group_send_costs_the_same_messages_for_any_group_size(
         for _ in range(rounds):
             await sender.group_send(group, {"type": "x"})
         cost[group] = await settled_in_msgs() - before
-    # Per group_send: one publish, plus at most one request listing the group's
+    # Per group_send: one request listing the processes with members, one stored
+    # copy for the one such process, plus at most one request listing the group's
     # named members (batched across queued group_sends). Nothing per member.
-    assert rounds <= cost["small"] <= 2 * rounds
-    assert rounds <= cost["large"] <= 2 * rounds
+    assert 2 * rounds <= cost["small"] <= 3 * rounds
+    assert 2 * rounds <= cost["large"] <= 3 * rounds
 
 
 # ------------------------------------------------------------------ KV layout
@@ -277,13 +294,17 @@ async def test_kv_holds_one_key_per_member(nats_node: NatsNode, namespace: str, 
         kv = await client.jetstream().key_value(namespace)
         keys = sorted(await kv.keys())
         expected = sorted(
-            NATSChannelLayer.member_key(group, channel)
-            for group, channel in (
-                ("room:demo", a),
-                ("room:demo", b),
-                ("room:demo", "chat.room"),
-                ("other", a),
-            )
+            [
+                NATSChannelLayer.member_key(group, channel)
+                for group, channel in (
+                    ("room:demo", a),
+                    ("room:demo", b),
+                    ("room:demo", "chat.room"),
+                    ("other", a),
+                )
+            ]
+            # One owner key per group with members in this process.
+            + [layer.owner_key(group, layer.client_token) for group in ("room:demo", "other")]
         )
         assert keys == expected
         assert all(":" not in key for key in keys)
@@ -313,7 +334,11 @@ async def test_close_removes_the_layers_members_from_the_bucket(
     try:
         kv = await client.jetstream().key_value(namespace)
         assert sorted(await kv.keys()) == sorted(
-            [NATSChannelLayer.member_key("room", kept), NATSChannelLayer.member_key("room", "named.kept")]
+            [
+                NATSChannelLayer.member_key("room", kept),
+                NATSChannelLayer.member_key("room", "named.kept"),
+                staying.owner_key("room", staying.client_token),
+            ]
         )
     finally:
         await client.close()
@@ -801,7 +826,7 @@ async def test_history_is_one_stream_per_policy_trimmed_by_size_on_the_server(
     client = await raw_client(urls)
     try:
         names = {info.config.name for info in await client.jetstream().streams_info()}
-        assert not any(name and name.startswith(namespace) for name in names)  # no history, no stream
+        assert not any(name and name.startswith(f"{namespace}_H") for name in names)  # no history, no stream
     finally:
         await client.close()
 

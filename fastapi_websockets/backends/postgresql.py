@@ -30,6 +30,7 @@ stored meanwhile is delivered.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import hashlib
 import logging
@@ -79,6 +80,10 @@ _SCHEMA_RULE = (
 )
 #: Rows claimed per round trip from an inbox.
 _INBOX_BATCH = 500
+#: Seconds the inbox reader gathers delivered ids before deleting their rows.
+_ACK_DELAY = 0.05
+#: Claimed ids remembered before the ones older than channel_expiry are forgotten.
+_CLAIMED_KEPT = 10_000
 #: Most sends to process-specific channels written in one statement.
 _SEND_BATCH = 500
 #: Most rows claimed per round trip from a named channel (never more than waiters).
@@ -98,6 +103,11 @@ def notify_channel(schema: str, queue: str) -> str:
     runs in SQL in ``group_send``).
     """
     return "fws_" + hashlib.sha256(f"{schema}/{queue}".encode()).hexdigest()[:40]
+
+
+def _notify_sql(schema: str, queue: str) -> str:
+    """The SQL expression of :func:`notify_channel` for SQL expressions ``schema`` and ``queue``."""
+    return f"'fws_' || left(encode(sha256(convert_to({schema} || '/' || {queue}, 'UTF8')), 'hex'), 40)"
 
 
 def lock_key(schema: str, purpose: str) -> int:
@@ -130,6 +140,9 @@ CREATE TABLE IF NOT EXISTS {s}.message (
     history_offset bigint,
     history_epoch text
 );
+-- A fan-out row's target list (tens of KB for big groups) lives for milliseconds:
+-- storing it out of line uncompressed is cheaper than compressing it.
+ALTER TABLE {s}.message ALTER COLUMN targets SET STORAGE EXTERNAL;
 CREATE INDEX IF NOT EXISTS message_queue_id ON {s}.message (queue, id);
 CREATE INDEX IF NOT EXISTS message_expires_at ON {s}.message (expires_at);
 CREATE TABLE IF NOT EXISTS {s}.group_member (
@@ -151,21 +164,32 @@ WHERE (SELECT count(*) FROM {s}.message WHERE queue = $1 AND expires_at > now())
 RETURNING pg_notify($5, '')
 """
         # Process-specific channels: rows for their owners' inboxes, many sends in
-        # one statement (in order), each inbox notified once. Their capacity is
-        # enforced by the owner's local mailboxes.
+        # one statement (in order). Their capacity is enforced by the owner's local
+        # mailboxes. Each row's NOTIFY carries the row itself ("id channel base64"),
+        # so the owner delivers it without a claim round trip and deletes it later in
+        # a batch; a row too big for a payload (8000 bytes) gets an empty one, and
+        # the owner claims it.
         self.send_inboxes = f"""
 WITH stored AS (
     INSERT INTO {s}.message (queue, targets, expires_at, data)
     SELECT m.queue, ARRAY[m.channel], now() + make_interval(secs => $4), m.data
     FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS m(queue, channel, data, n)
     ORDER BY m.n
-    RETURNING 1
+    RETURNING id, queue, targets[1] AS channel, data
 ),
 woken AS (
-    SELECT pg_notify(name, '') FROM unnest($5::text[]) AS name
+    SELECT pg_notify(
+        {_notify_sql("$5", "note.queue")},
+        CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
+    )
+    FROM (
+        SELECT queue, id || ' ' || channel || ' ' || encode(data, 'base64') AS payload
+        FROM stored ORDER BY id
+    ) AS note
 )
-SELECT (SELECT count(*) FROM stored) AS stored, (SELECT count(*) FROM woken) AS woken
+SELECT count(*) FROM woken
 """
+        self.delete_ids = f"DELETE FROM {s}.message WHERE id = ANY($1::bigint[])"
         self.claim = f"""
 WITH claimed AS (
     DELETE FROM {s}.message
@@ -332,9 +356,7 @@ named AS (
     RETURNING queue
 ),
 woken AS (
-    SELECT pg_notify(
-        'fws_' || left(encode(sha256(convert_to($5 || '/' || stored.queue, 'UTF8')), 'hex'), 40), ''
-    )
+    SELECT pg_notify({_notify_sql("$5", "stored.queue")}, '')
     FROM (SELECT queue FROM inboxes UNION ALL SELECT queue FROM named) AS stored
 )
 SELECT
@@ -525,6 +547,14 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._inbox = _inbox_queue(self.client_token)
         self._inbox_notify = notify_channel(schema, self._inbox)
         self._inbox_wake = asyncio.Event()
+        #: Notifications of the inbox not handled yet: a payload, or None for "claim".
+        self._inbox_notes: deque[str | None] = deque()
+        #: Ids of rows delivered from their notification and not deleted yet.
+        self._acking: set[int] = set()
+        self._acks: list[int] = []
+        self._ack_task: asyncio.Task[None] | None = None
+        #: Ids of claimed rows whose notification may still arrive, with when.
+        self._claimed: dict[int, float] = {}
         self._named: dict[str, WaiterQueue[Message]] = {}
         self._named_by_notify: dict[str, str] = {}
         self._notify_name: Memo[str, str] = Memo(lambda queue: notify_channel(self.schema, queue))
@@ -759,6 +789,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
         if channel == self._inbox_notify:
+            # Handled in arrival order by the inbox reader: a row carried here must
+            # not overtake rows of an earlier empty notification, still to be claimed.
+            self._inbox_notes.append(payload if isinstance(payload, str) and payload else None)
             self._inbox_wake.set()
             return
         named = self._named.get(self._named_by_notify.get(channel, ""))
@@ -766,6 +799,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             named.demand.set()
 
     def _wake_all(self) -> None:
+        self._inbox_notes.append(None)  # re-check the table: notifications may have been missed
         self._inbox_wake.set()
         for named in self._named.values():
             named.demand.set()
@@ -890,11 +924,33 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         await self._listening.wait()
 
     async def _drain_inbox(self) -> None:
-        """The one reader of this instance's inbox; demultiplexes into local mailboxes."""
+        """The one reader of this instance's inbox; demultiplexes into local mailboxes.
+
+        Notifications are taken in arrival order: one that carries its row is
+        delivered at once (the row is deleted later, in a batch, by
+        :meth:`_ack_notes`); an empty one (a fan-out row, a row too big for a
+        payload, a reconnect) makes the reader claim rows from the table until
+        it is empty. A row can come both ways (claimed before its notification
+        was read): the ids in ``_acking`` and ``_claimed`` keep it from being
+        delivered twice.
+        """
         backoff = self.backoff()
         where = f"the inbox of {self.application_name}"
+        claim = True  # rows stored before we listened
         while True:
             self._inbox_wake.clear()
+            notes = self._inbox_notes
+            while notes and not claim:
+                note = notes.popleft()
+                if note is None:
+                    claim = True
+                else:
+                    self._deliver_note(note, where)
+            if not claim:
+                await self._wait_for_wake(self._inbox_wake)
+                # Woken by the poll timer (no LISTEN connection): re-check the table.
+                claim = not self._inbox_notes and not self._listening.is_set()
+                continue
             try:
                 rows = await self._claim(self._inbox, _INBOX_BATCH)
             except self._reader_errors as exc:
@@ -902,15 +958,68 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 await self._pause(backoff)
                 continue
             backoff.reset()
+            claim = len(rows) == _INBOX_BATCH
+            now = time.monotonic()
             for row in rows:
+                if row["id"] in self._acking:  # delivered from its notification already
+                    continue
+                targets: list[str] = row["targets"] or []
+                if len(targets) == 1:
+                    self._claimed[row["id"]] = now  # its notification may still come
                 if not row["live"]:
                     self.stats.dropped_expired += 1
                     continue
                 message = self._decode_row(row, where)
                 if message is not None:
-                    self.deliver_many(row["targets"] or [], message)
-            if len(rows) < _INBOX_BATCH:
-                await self._wait_for_wake(self._inbox_wake)
+                    self.deliver_many(targets, message)
+            if len(self._claimed) > _CLAIMED_KEPT:
+                # Notifications lost with a LISTEN connection never come: forget old ids.
+                cutoff = now - float(self.channel_expiry)
+                self._claimed = {key: at for key, at in self._claimed.items() if at > cutoff}
+
+    def _deliver_note(self, note: str, where: str) -> None:
+        """Deliver the row a notification carries ("id channel base64"), unless it was claimed."""
+        try:
+            key, channel, encoded = note.split(" ", 2)
+            row_id = int(key)
+            data = binascii.a2b_base64(encoded)
+        except (ValueError, binascii.Error):
+            self.stats.dropped_undecodable += 1
+            logger.warning("dropped a malformed notification on %s", where)
+            return
+        if self._claimed.pop(row_id, None) is not None:
+            return
+        self._acking.add(row_id)
+        self._acks.append(row_id)
+        if self._ack_task is None:
+            self._ack_task = self.tasks.spawn(self._ack_notes(), "ack")
+        message = self.decode_or_drop(data, where)
+        if message is not None:
+            self.deliver_many([channel], message)
+
+    async def _ack_notes(self) -> None:
+        """Delete rows delivered from their notifications, many per statement."""
+        backoff = self.backoff()
+        try:
+            while self._acks:
+                # Off the delivery path: waiting lets one statement take many rows.
+                await asyncio.sleep(_ACK_DELAY)
+                ids, self._acks = self._acks, []
+                try:
+                    await self._delete_rows(ids)
+                except self._reader_errors as exc:
+                    # Still in _acking, so never delivered again; deleted with the inbox on close.
+                    logger.debug("cannot delete %d delivered row(s): %s; retrying", len(ids), exc)
+                    self._acks[:0] = ids
+                    await self._pause(backoff)
+                    continue
+                backoff.reset()
+                self._acking.difference_update(ids)
+        finally:
+            self._ack_task = None
+
+    async def _delete_rows(self, ids: list[int]) -> None:
+        await self._with_conn(lambda conn: conn.execute(self._sql.delete_ids, ids), retry=True, patient=False)
 
     async def _read_named(self, channel: str, waiters: WaiterQueue[Message]) -> None:
         """Claim rows of one named channel for as long as local receivers wait on it."""
@@ -1065,9 +1174,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         queues = [entry[0] for entry in batch]
         channels = [entry[1] for entry in batch]
         data = [entry[2] for entry in batch]
-        notify = [self._notify_name(queue) for queue in dict.fromkeys(queues)]
         await self._with_conn(
-            lambda conn: conn.fetchrow(self._sql.send_inboxes, queues, channels, data, expiry, notify)
+            lambda conn: conn.fetchval(self._sql.send_inboxes, queues, channels, data, expiry, self.schema)
         )
 
     async def _receive_remote(self, channel: str) -> Message:
@@ -1276,6 +1384,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         await self.tasks.close(self.timeout, unblock=self._terminate_connections)
         # A writer cancelled before it ran never reached its own cleanup.
         self._outbox_task = None
+        self._ack_task = None
         _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
         self._outbox.clear()
         if self._pool is not None:

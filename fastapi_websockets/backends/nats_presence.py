@@ -32,9 +32,12 @@ import asyncio
 import json
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
+
+import msgpack
 
 from fastapi_websockets.backends.nats import (
     _ATTEMPT_TIMEOUT,
@@ -58,6 +61,11 @@ logger = logging.getLogger("fastapi_websockets.nats")
 
 #: JetStream errors for a message that is not there (any more): on get, on delete.
 _NO_MESSAGE = frozenset({10037, 10057})
+#: Chunks of one owner's entries in one group: a join rewrites one chunk (1/CHUNKS of the
+#: owner's entries there), and presence() reads at most CHUNKS messages per owner.
+CHUNKS = 64
+#: Writes of a chunk that another process changed meanwhile before giving up.
+_CAS_ATTEMPTS = 5
 #: Seconds the server keeps a reader's consumer should its deletion get lost.
 _READER_IDLE = 5.0
 
@@ -90,17 +98,19 @@ class NatsPresence:
         #: The sequence of this process's owner record; None while it has none.
         self._owner_seq: int | None = None
         self._beats = 0
-        #: (group, channel) -> (sequence, info) of this process's entries.
-        self._mine: dict[tuple[str, str], tuple[int, bytes]] = {}
+        #: (group, chunk) -> {channel: info}: this process's entries, as stored.
+        self._chunks: dict[tuple[str, int], dict[str, bytes]] = {}
+        #: (group, chunk) -> the stream sequence of its stored message.
+        self._seqs: dict[tuple[str, int], int] = {}
         #: Server time minus local time, learnt from this process's own record.
         self._clock_offset = 0.0
         self._beat_at = 0.0
 
     # ------------------------------------------------------------ subjects
 
-    def entry_subject(self, group: str, channel: str, owner: str | None = None) -> str:
-        """The subject of one entry (this process's unless ``owner``, an escaped token, is given)."""
-        return f"{self.subjects}.e.{subject_token(group)}.{owner or self._owner}.{subject_token(channel)}"
+    def chunk_subject(self, group: str, chunk: int, owner: str | None = None) -> str:
+        """The subject of one chunk of an owner's entries in ``group`` (this process's by default)."""
+        return f"{self.subjects}.e.{subject_token(group)}.{owner or self._owner}.{chunk}"
 
     def owner_subject(self, owner: str | None = None) -> str:
         """The subject of an owner's liveness record."""
@@ -114,31 +124,32 @@ class NatsPresence:
         if self._owner_seq is None:
             # The record first: an entry is never stored where a reaper could not see its owner.
             await self._write_owner(expected=None)
-        ack_seq = await self._publish(self.entry_subject(group, channel), info, f"presence_join in {group!r}")
-        self._mine[(group, channel)] = (ack_seq, info)
+        key = (group, chunk_of(channel))
+        self._chunks.setdefault(key, {})[channel] = info
+        await self._write_chunk(key, channel, f"presence_join in {group!r}")
         if not self.layer.is_local(channel):
             # Another process may hold this channel's entry: one entry per channel and group.
-            await self._remove_entries(group, channel, keep=self._owner)
+            await self._remove_foreign(group, channel, keep=self._owner)
 
     async def remove(self, group: str, channel: str) -> bytes | None:
         """Remove the entry of ``channel`` (whoever owns it); its info, or None."""
         await self._ensure_stream()
-        mine = self._mine.pop((group, channel), None)
-        info: bytes | None = None
-        if mine is not None and await self._delete(mine[0], f"presence_leave in {group!r}"):
-            info = mine[1]
-        if mine is None or not self.layer.is_local(channel):
-            found = await self._remove_entries(group, channel)
+        key = (group, chunk_of(channel))
+        info = self._chunks.get(key, {}).pop(channel, None)
+        if info is not None:
+            await self._write_chunk(key, None, f"presence_leave in {group!r}")
+            if self._last_entry(group, channel):
+                await self._drop_owner()
+        if info is None or not self.layer.is_local(channel):
+            found = await self._remove_foreign(group, channel, keep=self._owner)
             info = info if info is not None else found
-        if mine is not None and self._last_entry(group, channel):
-            await self._drop_owner()
         return info
 
     async def read(self, group: str) -> dict[str, bytes]:
         """The entries of ``group`` whose owner is alive: ``{channel: info}``."""
         await self._ensure_stream()
         what = f"presence of {group!r}"
-        entries, owners = await asyncio.gather(
+        chunks, owners = await asyncio.gather(
             self._scan(f"{self.subjects}.e.{subject_token(group)}.>", what),
             self._scan(f"{self.subjects}.o.*", what),
         )
@@ -146,12 +157,12 @@ class NatsPresence:
         alive = {self._owner} | {
             _last_token(record.subject) for record in owners if not _expired(record, now)
         }
-        newest: dict[str, _Stored] = {}
-        for entry in entries:
-            _, owner, channel = entry.subject.rsplit(".", 2)
-            if owner in alive and (channel not in newest or newest[channel].seq < entry.seq):
-                newest[channel] = entry
-        return {token_to_name(channel): entry.data for channel, entry in newest.items()}
+        present: dict[str, bytes] = {}
+        # Oldest first: should two owners hold one channel, the newer write wins.
+        for chunk in sorted(chunks, key=lambda chunk: chunk.seq):
+            if chunk.subject.rsplit(".", 2)[1] in alive:
+                present.update(_decode(chunk.data))
+        return present
 
     async def beat(self) -> bool:
         """Refresh this process's record (one write); True if it was gone (claimed, or lost)."""
@@ -159,8 +170,9 @@ class NatsPresence:
         lost = self._owner_seq is None or not await self._write_owner(expected=self._owner_seq)
         if lost:
             await self._write_owner(expected=None)
-            # The base class stores every entry again; the old sequences are gone.
-            self._mine.clear()
+            # The base class stores every entry again.
+            self._chunks.clear()
+            self._seqs.clear()
         return lost
 
     async def reap(self) -> list[tuple[str, str, bytes]]:
@@ -179,12 +191,12 @@ class NatsPresence:
                 continue  # another process claimed it, or it beat again
             owner = _last_token(record.subject)
             logger.info("presence: process %s stopped answering; removing its entries", owner)
-            entries = await self._scan(f"{self.subjects}.e.*.{owner}.*", what)
-            removed = await asyncio.gather(*(self._delete(entry.seq, what) for entry in entries))
-            for entry, done in zip(entries, removed, strict=True):
+            chunks = await self._scan(f"{self.subjects}.e.*.{owner}.*", what)
+            removed = await asyncio.gather(*(self._delete(chunk.seq, what) for chunk in chunks))
+            for chunk, done in zip(chunks, removed, strict=True):
                 if done:
-                    _, group, _, channel = entry.subject.rsplit(".", 3)
-                    gone.append((token_to_name(group), token_to_name(channel), entry.data))
+                    group = token_to_name(chunk.subject.rsplit(".", 3)[1])
+                    gone += [(group, channel, info) for channel, info in _decode(chunk.data).items()]
         return gone
 
     async def flush(self) -> None:
@@ -195,7 +207,8 @@ class NatsPresence:
             if _error_code(exc) != _STREAM_NOT_FOUND:
                 raise
         self._owner_seq = None
-        self._mine.clear()
+        self._chunks.clear()
+        self._seqs.clear()
 
     # -------------------------------------------------------------- helpers
 
@@ -233,14 +246,67 @@ class NatsPresence:
         if seq is not None:
             await self._delete(seq, "presence_leave")
 
-    async def _remove_entries(self, group: str, channel: str, keep: str | None = None) -> bytes | None:
-        """Delete every owner's entry of ``channel`` in ``group`` but ``keep``'s; the newest info."""
+    async def _write_chunk(self, key: tuple[str, int], adding: str | None, what: str) -> None:
+        """Store this process's chunk ``key`` as it is now (delete it when empty).
+
+        The write expects the sequence this process stored last: if another
+        process removed one of its entries meanwhile (a ``presence_leave`` of
+        a channel this process joined), the chunk is re-read and that removal
+        kept, so it is not undone.
+        """
+        group, chunk = key
+        subject = self.chunk_subject(group, chunk)
+        for _ in range(_CAS_ATTEMPTS):
+            entries = self._chunks.get(key, {})
+            seq = self._seqs.get(key, 0)
+            if not entries:
+                self._chunks.pop(key, None)
+                self._seqs.pop(key, None)
+                if seq:
+                    await self._delete(seq, what)
+                return
+            headers = {_EXPECTED_HEADER: str(seq)}
+            try:
+                self._seqs[key] = await self._publish(subject, _encode(entries), what, headers)
+                return
+            except ChannelLayerError as exc:
+                if _error_code(exc) not in _WRONG_LAST_SEQUENCE:
+                    raise
+            stored = await self._last(subject)
+            kept = _decode(stored.data) if stored is not None else {}
+            self._chunks[key] = {
+                channel: info for channel, info in entries.items() if channel in kept or channel == adding
+            }
+            self._seqs[key] = stored.seq if stored is not None else 0
+        raise self.layer.unavailable(
+            f"{what}: other writers kept changing the entries for {self.layer.timeout} s"
+        )
+
+    async def _remove_foreign(self, group: str, channel: str, keep: str) -> bytes | None:
+        """Remove ``channel`` from other owners' chunks of ``group``; the newest info it had."""
         what = f"presence_leave in {group!r}"
-        found = await self._scan(f"{self.subjects}.e.{subject_token(group)}.*.{subject_token(channel)}", what)
-        found = [entry for entry in found if entry.subject.rsplit(".", 2)[1] != keep]
-        removed = await asyncio.gather(*(self._delete(entry.seq, what) for entry in found))
-        infos = [entry for entry, done in zip(found, removed, strict=True) if done]
-        return max(infos, key=lambda entry: entry.seq).data if infos else None
+        found = await self._scan(f"{self.subjects}.e.{subject_token(group)}.*.{chunk_of(channel)}", what)
+        info: bytes | None = None
+        for stored in sorted(found, key=lambda stored: stored.seq):
+            if stored.subject.rsplit(".", 2)[1] == keep:
+                continue
+            entries = _decode(stored.data)
+            if channel not in entries:
+                continue
+            info = entries.pop(channel)
+            # Checked against the sequence read: a chunk its owner rewrote meanwhile is left
+            # alone (the owner's newer write wins), as is one a reaper removed.
+            if not entries:
+                await self._delete(stored.seq, what)
+                continue
+            try:
+                await self._publish(
+                    stored.subject, _encode(entries), what, {_EXPECTED_HEADER: str(stored.seq)}
+                )
+            except ChannelLayerError as exc:
+                if _error_code(exc) not in _WRONG_LAST_SEQUENCE:
+                    raise
+        return info
 
     def _server_now(self, owners: list[_Stored]) -> float:
         """The server's clock now, from the stamp of this process's last beat (else the last estimate)."""
@@ -393,6 +459,27 @@ class NatsPresence:
         except ChannelLayerError as exc:
             # The server deletes it after _READER_IDLE anyway.
             logger.debug("dropping presence reader %s failed: %s", consumer, exc)
+
+
+def chunk_of(channel: str) -> int:
+    """The chunk of an owner's entries in a group that holds ``channel`` (the same in every process)."""
+    return zlib.crc32(channel.encode()) % CHUNKS
+
+
+def _encode(entries: dict[str, bytes]) -> bytes:
+    packed: bytes = msgpack.packb(entries, use_bin_type=True)
+    return packed
+
+
+def _decode(data: bytes) -> dict[str, bytes]:
+    try:
+        entries = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        entries = None
+    if not isinstance(entries, dict):
+        logger.warning("skipped a presence chunk that is not a map (only the layer may publish there)")
+        return {}
+    return {channel: info for channel, info in entries.items() if isinstance(info, bytes)}
 
 
 def _last_token(subject: str) -> str:

@@ -135,9 +135,7 @@ def run() -> None:
             node.start()
             nodes = [node]
         try:
-            asyncio.run(
-                main([n.url for n in nodes], [n.monitor_url for n in nodes], 3 if cluster else 1)
-            )
+            asyncio.run(main([n.url for n in nodes], [n.monitor_url for n in nodes], 3 if cluster else 1))
         finally:
             for n in nodes:
                 n.stop()

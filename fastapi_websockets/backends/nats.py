@@ -83,6 +83,8 @@ if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
 
+    from fastapi_websockets.backends.nats_presence import NatsPresence
+
 __all__ = ["NATSChannelLayer", "consumer_name", "subject_token", "token_to_name"]
 
 logger = logging.getLogger("fastapi_websockets.nats")
@@ -386,6 +388,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._appending = _KeyedLocks()
         #: nats-py's base error class, set when the driver is imported.
         self._driver_error: type[Exception] = ChannelLayerError
+        self._presence_kept: NatsPresence | None = None
 
     # ------------------------------------------------------------ subjects
 
@@ -1670,6 +1673,31 @@ class NATSChannelLayer(BrokerChannelLayer):
                     raise
         self._newest.clear()
 
+    # ---------------------------------------------------------------- presence
+    # Kept in a stream of its own (see nats_presence.py), made on the first presence call.
+
+    def _presence_store(self) -> NatsPresence:
+        if self._presence_kept is None:
+            from fastapi_websockets.backends.nats_presence import NatsPresence
+
+            self._presence_kept = NatsPresence(self)
+        return self._presence_kept
+
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
+        await self._presence_store().put(group, channel, info)
+
+    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+        return await self._presence_store().remove(group, channel)
+
+    async def _presence_read(self, group: str) -> dict[str, bytes]:
+        return await self._presence_store().read(group)
+
+    async def _presence_beat(self) -> bool:
+        return await self._presence_store().beat()
+
+    async def _presence_reap(self) -> list[tuple[str, str, bytes]]:
+        return await self._presence_store().reap()
+
     # ------------------------------------------------------------------ flush
 
     async def _flush(self) -> None:
@@ -1686,6 +1714,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                     raise
         if self.history:
             await self._flush_history()
+        await self._presence_store().flush()
         # The owner keys went with the bucket.
         self._owned.clear()
 

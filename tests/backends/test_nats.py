@@ -32,6 +32,7 @@ from fastapi_websockets import (
     get_channel_layer_from_env,
 )
 from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, subject_token, token_to_name
+from fastapi_websockets.backends.nats_presence import chunk_of
 from fastapi_websockets.exceptions import BackendUnavailable, MessageTooLarge
 from tests.conftest import layer_factory
 from tests.leaks import SECRET, assert_no_secret
@@ -1019,3 +1020,142 @@ async def test_cluster_history_survives_losing_its_stream_leader(
     page = await reader.group_history("room:l", since=first)
     assert [m["i"] for m in page.messages] == [1, 2, 3]
     assert page.recovered
+
+
+# ----------------------------------------------------------------- presence
+
+
+async def presence_subjects(urls: list[str], namespace: str) -> dict[str, int]:
+    """Subject -> stored messages of the presence stream, read back from the server."""
+    nc = await raw_client(urls)
+    try:
+        info = await nc.jetstream().stream_info(f"{namespace}_P", subjects_filter=">")
+        return dict(info.state.subjects or {})
+    finally:
+        await nc.close()
+
+
+async def test_presence_is_chunks_per_owner_and_an_owner_record_and_leaves_nothing(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    layer = make(servers=[nats_node.url])
+    channels = [await layer.new_channel("ws") for _ in range(200)]
+    for channel in channels:
+        await layer.presence_join("room:a", channel, {"n": 1}, notify=False)
+    await layer.presence_join("room:b", channels[0], notify=False)
+    owner = subject_token(layer.client_token)
+    stored = await presence_subjects([nats_node.url], namespace)
+    record = f"{namespace}.pr.o.{owner}"
+    chunks_a = {s for s in stored if s.startswith(f"{namespace}.pr.e.{subject_token('room:a')}.{owner}.")}
+    # At most 64 messages per owner and group, whatever the number of entries; one record.
+    assert 1 < len(chunks_a) <= 64
+    assert set(stored) == chunks_a | {
+        record,
+        f"{namespace}.pr.e.{subject_token('room:b')}.{owner}.{chunk_of(channels[0])}",
+    }
+    assert all(count == 1 for count in stored.values())
+
+    for channel in channels:
+        await layer.presence_leave("room:a", channel, notify=False)
+    assert set(await presence_subjects([nats_node.url], namespace)) == {
+        record,
+        f"{namespace}.pr.e.{subject_token('room:b')}.{owner}.{chunk_of(channels[0])}",
+    }
+    await layer.presence_leave("room:b", channels[0], notify=False)
+    assert await presence_subjects([nats_node.url], namespace) == {}  # the record went with the last entry
+
+
+async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    urls = [nats_node.url]
+    watcher_layer = make(servers=urls)
+    watcher = await watcher_layer.new_channel("ws")
+    await watcher_layer.group_add("room:r", watcher)
+    dead = make(servers=urls, presence_timeout=1)
+    mine = [await dead.new_channel("ws") for _ in range(100)]
+    for channel in mine:
+        await dead.presence_join("room:r", channel, {"who": "dead"}, notify=False)
+    # The process "dies": its connection goes without leaving; its data stays on the server.
+    await dead.nc.close()
+    # Three live processes reap on their own heartbeats, racing for the dead owner.
+    reapers = [make(servers=urls, presence_timeout=1) for _ in range(3)]
+    for reaper in reapers:
+        await reaper.presence_join("room:r", await reaper.new_channel("ws"), notify=False)
+    left = [(await watcher_layer.receive(watcher, timeout=10))["channel"] for _ in mine]
+    assert sorted(left) == sorted(mine)
+    with pytest.raises(TimeoutError):  # each leave announced once: nothing more comes
+        await watcher_layer.receive(watcher, timeout=1.5)
+    dead_owner = subject_token(dead.client_token)
+    assert not [s for s in await presence_subjects(urls, namespace) if dead_owner in s]
+    assert set(await watcher_layer.presence("room:r")) == {
+        channel for reaper in reapers for channel in reaper._presence.channels("room:r")
+    }
+
+
+async def test_heartbeat_is_one_write_whatever_the_number_of_members(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    nc = await raw_client([nats_node.url])
+    try:
+        js = nc.jetstream()
+        for members in (1, 500):
+            # A long timeout: the background heartbeat beats once, then sleeps.
+            layer = make(
+                servers=[nats_node.url],
+                prefix=f"{namespace}{members}",
+                stream_name=f"{namespace}{members}",
+                presence_timeout=600,
+            )
+            for _ in range(members):
+                await layer.presence_join("room:h", await layer.new_channel("ws"), notify=False)
+            await layer.presence_heartbeat()
+            before = (await js.stream_info(f"{namespace}{members}_P")).state.last_seq
+            for _ in range(5):
+                await layer.presence_heartbeat()
+            after = (await js.stream_info(f"{namespace}{members}_P")).state.last_seq
+            assert after - before == 5, f"{members} members: {after - before} writes for 5 beats"
+    finally:
+        await nc.close()
+
+
+async def test_presence_survives_a_restart_and_a_server_that_lost_its_data(
+    private_node: NatsNode, namespace: str, make: Make
+) -> None:
+    urls = [private_node.url]
+    holder, viewer = make(servers=urls), make(servers=urls)
+    channels = [await holder.new_channel("ws") for _ in range(50)]
+    for channel in channels:
+        await holder.presence_join("room:s", channel, {"c": channel}, notify=False)
+    expected = {channel: {"c": channel} for channel in channels}
+    assert await viewer.presence("room:s") == expected
+
+    private_node.stop()
+    private_node.start()
+    await wait_connected(holder, viewer)
+    assert await viewer.presence("room:s") == expected  # kept on disk
+
+    private_node.stop()
+    shutil.rmtree(private_node.workdir / "js")  # JetStream state gone: presence stream included
+    private_node.start()
+    await wait_connected(holder, viewer)
+    await holder.presence_heartbeat()  # one beat notices the lost record and stores every entry again
+    assert await viewer.presence("room:s") == expected
+
+
+async def test_a_leave_by_another_process_is_not_undone_by_the_owner(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    urls = [nats_node.url]
+    owner, other = make(servers=urls), make(servers=urls)
+    # Two channels in one chunk of the owner's entries.
+    first = await owner.new_channel("ws")
+    second = await owner.new_channel("ws")
+    while chunk_of(second) != chunk_of(first):
+        second = await owner.new_channel("ws")
+    await owner.presence_join("room:f", first, {"n": 1}, notify=False)
+    await owner.presence_join("room:f", second, {"n": 2}, notify=False)
+    await other.presence_leave("room:f", first, notify=False)
+    assert await other.presence("room:f") == {second: {"n": 2}}
+    await owner.presence_join("room:f", second, {"n": 3}, notify=False)  # rewrites that chunk
+    assert await other.presence("room:f") == {second: {"n": 3}}

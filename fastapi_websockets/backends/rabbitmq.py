@@ -53,6 +53,7 @@ from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive
 from fastapi_websockets.backends.options import url as url_option
+from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.backends.timeouts import within
 from fastapi_websockets.backends.tls import client_context, require_secure
 from fastapi_websockets.backends.waiters import WaiterQueue
@@ -358,6 +359,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._history_channel: AbstractRobustChannel | None = None  # history stream consumers
         self._streams: dict[str, _HistoryStream] = {}  # by group
         self._stream_locks: dict[str, asyncio.Lock] = {}
+        self._presence_replica: RabbitPresence | None = None  # made on first use of presence
 
     # ---------------------------------------------------------- connection
 
@@ -1245,6 +1247,29 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             declare_channel, f"delete of stream {name!r}", lambda: declare_channel.queue_delete(name)
         )
 
+    # ------------------------------------------------------------ presence
+    # Kept in rabbitmq_presence.py: a replica of every participant's entries.
+
+    def _replica(self) -> RabbitPresence:
+        if self._presence_replica is None:
+            self._presence_replica = RabbitPresence(self)
+        return self._presence_replica
+
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
+        await self._replica().put(group, channel, info)
+
+    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+        return await self._replica().remove(group, channel)
+
+    async def _presence_read(self, group: str) -> dict[str, bytes]:
+        return await self._replica().read(group)
+
+    async def _presence_beat(self) -> bool:
+        return await self._replica().beat()
+
+    async def _presence_reap(self) -> list[tuple[str, str, bytes]]:
+        return self._replica().reap()
+
     # ---------------------------------------------------------- flush, close
 
     async def _flush(self) -> None:
@@ -1266,6 +1291,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             )
         self._named_bindings.clear()
         await self._flush_history()
+        if self._presence_replica is not None:
+            await self._presence_replica.wipe()
         self.local_groups.clear()
         for group in sorted(self._bound):
             await self._sync_binding(group)
@@ -1284,6 +1311,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 reader.linger.cancel()
         for stream in self._streams.values():
             stream.fail(ChannelLayerClosed("the channel layer was closed"))
+        if self._presence_replica is not None:
+            self._presence_replica.close()
         # Tasks first: one still using the connection would fail (and log) once it closes.
         await self.tasks.close(self.timeout)
         if self._connection is not None:

@@ -1,0 +1,391 @@
+"""Presence on RabbitMQ: every participating process keeps a replica of everyone's entries.
+
+RabbitMQ has no key-value store and cannot list queues or bindings over
+AMQP, so entries cannot be stored and read back. Instead (as Phoenix does),
+each process that uses presence owns its entries and tells the others:
+
+* **Replica queue**: one exclusive classic queue ``P.pr.<token>`` per
+  participating layer instance, bound to the layer's exchange on the routing
+  key ``presence``. Every change (put, remove), every heartbeat and every
+  snapshot request goes to that key, so each participant sees every other
+  one's changes in the order they were made (one channel, one queue: FIFO).
+* **Roster queue**: ``P.presence``, a classic queue that every participant
+  consumes (nothing is ever published to it). Its consumer count, read when a
+  process starts participating, is exactly the number of peers whose
+  snapshots it must wait for: it asks them all at once and waits for that
+  many answers (bounded by ``timeout``; a peer that does not answer is dead).
+* **Versions**: each owner numbers its changes; a heartbeat carries the
+  number. A replica that sees a gap (a message lost in a broker restart)
+  asks that owner for a fresh snapshot, sent to its replica queue directly.
+* **Reads** answer from the replica after one round trip through the
+  reader's own replica queue (a barrier), so everything an owner published
+  before ``presence_join`` returned is applied: ``presence()`` costs one
+  round trip whatever the number of members.
+* **Death**: an owner that has not been heard from for ``presence_timeout``
+  seconds is dropped from every replica; its leaves are announced by one
+  process only, the live owner with the smallest token.
+
+The broker holds no per-member state: only messages in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi_websockets.backends.timeouts import within
+from fastapi_websockets.names import new_token
+from fastapi_websockets.presence import LocalPresence
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+
+    from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer
+
+__all__ = ["PRESENCE_ROUTING_KEY", "RabbitPresence"]
+
+logger = logging.getLogger("fastapi_websockets.rabbitmq")
+
+#: The routing key every participant's replica queue is bound to.
+PRESENCE_ROUTING_KEY = "presence"
+#: Milliseconds the roster queue outlives its last consumer.
+ROSTER_EXPIRY_MS = 60_000
+
+# Kinds, in the AMQP ``type`` property.
+_PUT = "presence.put"
+_REMOVE = "presence.remove"
+_BEAT = "presence.beat"
+_ASK = "presence.ask"  # a snapshot request; reply_to = the asker's replica queue
+_SNAPSHOT = "presence.snapshot"
+_BARRIER = "presence.barrier"
+_DROP = "presence.drop"  # another process asks the owner to remove one of its entries
+
+
+@dataclass
+class _Owner:
+    """What this replica knows about one other layer instance's entries."""
+
+    version: int = 0
+    deadline: float = 0.0
+    entries: dict[str, dict[str, bytes]] = field(default_factory=dict)
+
+
+def _encode_snapshot(entries: list[tuple[str, str, bytes]]) -> bytes:
+    # Latin-1 maps bytes to code points one to one, so any encoded info survives JSON.
+    return json.dumps([[group, channel, info.decode("latin-1")] for group, channel, info in entries]).encode()
+
+
+def _decode_snapshot(body: bytes) -> dict[str, dict[str, bytes]]:
+    entries: dict[str, dict[str, bytes]] = {}
+    for group, channel, info in json.loads(body):
+        entries.setdefault(group, {})[channel] = info.encode("latin-1")
+    return entries
+
+
+class RabbitPresence:
+    """One layer instance's participation in presence: its published entries and its replica of the others."""
+
+    def __init__(self, layer: RabbitMQChannelLayer) -> None:
+        self.layer = layer
+        self.token = layer.client_token
+        self.queue_name = f"{layer.queue_prefix}.pr.{self.token}"
+        #: What the other processes have been told this instance owns.
+        self.published = LocalPresence()
+        self.version = 0
+        self.owners: dict[str, _Owner] = {}
+        self._channel: AbstractRobustChannel | None = None
+        self._queue: AbstractRobustQueue | None = None
+        self._lock = asyncio.Lock()  # one publish at a time: the replicas see them in this order
+        self._started: asyncio.Task[None] | None = None
+        self._sync: tuple[str, int, set[str], asyncio.Future[None]] | None = None
+        self._barriers: dict[str, asyncio.Future[None]] = {}
+
+    # ------------------------------------------------------------ joining
+
+    async def ensure_started(self) -> None:
+        """Join the presence participants (once): replica queue, roster, snapshots of every peer."""
+        started = self._started
+        if started is None or (started.done() and (started.cancelled() or started.exception())):
+            started = self._started = self.layer.tasks.spawn(self._start(), "presence start", awaited=True)
+        await asyncio.shield(started)
+
+    async def _start(self) -> None:
+        layer = self.layer
+        connection = layer._connection
+        assert connection is not None
+        channel = await layer._broker(
+            layer._channel, "presence channel", lambda: connection.channel(publisher_confirms=True)
+        )
+        self._channel = channel
+        queue = await layer._broker(
+            channel,
+            "declare of the presence queue",
+            lambda: channel.declare_queue(
+                self.queue_name, exclusive=True, auto_delete=True, arguments={"x-queue-type": "classic"}
+            ),
+        )
+        await layer._broker(
+            channel,
+            "bind of the presence queue",
+            lambda: queue.bind(layer.exchange_name, PRESENCE_ROUTING_KEY),
+        )
+        await layer._broker(
+            channel, "consume of the presence queue", lambda: queue.consume(self._on_message, no_ack=True)
+        )
+        # Bound before counting: every peer counted below gets the request.
+        roster = await layer._broker(
+            channel,
+            "declare of the presence roster",
+            lambda: channel.declare_queue(
+                f"{layer.queue_prefix}.presence",
+                arguments={"x-queue-type": "classic", "x-expires": ROSTER_EXPIRY_MS},
+            ),
+        )
+        peers = roster.declaration_result.consumer_count or 0
+        await layer._broker(
+            channel, "consume of the presence roster", lambda: roster.consume(_ignore, no_ack=True)
+        )
+        connection.reconnect_callbacks.add(self._on_reconnect)
+        if peers:
+            await self._ask_all(peers)
+
+    async def _ask_all(self, peers: int) -> None:
+        request = new_token(8)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sync = (request, peers, set(), done)
+        try:
+            await self._publish(
+                _ASK, b"", key=PRESENCE_ROUTING_KEY, correlation_id=request, reply_to=self.queue_name
+            )
+            try:
+                await asyncio.wait_for(asyncio.shield(done), self.layer.timeout)
+            except asyncio.TimeoutError:
+                # A peer counted in the roster that does not answer is dead (or dying).
+                logger.info("presence: %d of %d peers answered", len(self._sync[2]), peers)
+        finally:
+            self._sync = None
+
+    def _on_reconnect(self, connection: object) -> None:
+        # Nobody could beat while the broker was away: give every owner a full timeout again.
+        deadline = time.monotonic() + self.layer.presence_timeout
+        for owner in self.owners.values():
+            owner.deadline = max(owner.deadline, deadline)
+
+    # ---------------------------------------------------------- publishing
+
+    async def _publish(
+        self,
+        kind: str,
+        body: bytes,
+        *,
+        key: str,
+        exchange: bool = True,
+        headers: dict[str, Any] | None = None,
+        **properties: Any,
+    ) -> None:
+        layer = self.layer
+        channel = self._channel
+        assert channel is not None
+        message = layer._message_class(
+            body, type=kind, headers={"o": self.token, **(headers or {})}, **properties
+        )
+        target = (
+            (await channel.get_exchange(layer.exchange_name, ensure=False))
+            if exchange
+            else channel.default_exchange
+        )
+        await layer._broker(channel, f"presence {kind}", lambda: target.publish(message, key))
+
+    async def put(self, group: str, channel: str, info: bytes) -> None:
+        """Publish one entry (a join or an info update)."""
+        await self.ensure_started()
+        async with self._lock:
+            self.published.add(group, channel, info)
+            self.version += 1
+            await self._publish(
+                _PUT, info, key=PRESENCE_ROUTING_KEY, headers={"v": self.version, "g": group, "c": channel}
+            )
+
+    async def remove(self, group: str, channel: str) -> bytes | None:
+        """Remove an entry: ours directly, another process's by asking its owner."""
+        await self.ensure_started()
+        async with self._lock:
+            info = self.published.remove(group, channel)
+            if info is not None:
+                self.version += 1
+                await self._publish(
+                    _REMOVE,
+                    b"",
+                    key=PRESENCE_ROUTING_KEY,
+                    headers={"v": self.version, "g": group, "c": channel},
+                )
+                return info
+        for token, owner in self.owners.items():
+            members = owner.entries.get(group)
+            if members is not None and channel in members:
+                info = members.pop(channel)
+                if not members:
+                    del owner.entries[group]
+                await self._publish(
+                    _DROP, b"", key=self._queue_of(token), exchange=False, headers={"g": group, "c": channel}
+                )
+                return info
+        return None
+
+    async def read(self, group: str) -> dict[str, bytes]:
+        """Every live entry of ``group``, after everything published before this call is applied."""
+        await self.ensure_started()
+        await self._barrier()
+        entries = self.published.members(group)
+        now = time.monotonic()
+        for owner in self.owners.values():
+            if owner.deadline > now:
+                entries.update(owner.entries.get(group, {}))
+        return entries
+
+    async def _barrier(self) -> None:
+        # Our own queue is FIFO: once this comes back, every change the broker queued
+        # for us before it (all that a peer's confirmed publish put there) is applied.
+        mark = new_token(8)
+        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers[mark] = arrived
+        try:
+            await self._publish(_BARRIER, b"", key=self.queue_name, exchange=False, correlation_id=mark)
+            await within(
+                arrived, self.layer.timeout, lambda: self.layer.unavailable("presence barrier did not return")
+            )
+        finally:
+            self._barriers.pop(mark, None)
+
+    async def beat(self) -> bool:
+        """One heartbeat for this instance, whatever its number of entries (never asks for a re-store)."""
+        await self.ensure_started()
+        async with self._lock:
+            await self._publish(_BEAT, b"", key=PRESENCE_ROUTING_KEY, headers={"v": self.version})
+        return False
+
+    def reap(self) -> list[tuple[str, str, bytes]]:
+        """Drop owners silent for ``presence_timeout``; their entries if this instance announces them."""
+        now = time.monotonic()
+        dead = [token for token, owner in self.owners.items() if owner.deadline <= now]
+        alive = [token for token, owner in self.owners.items() if owner.deadline > now and owner.entries]
+        # One announcer: the smallest token among live owners (this one only while it owns entries).
+        announce = bool(self.published) and all(self.token < token for token in alive)
+        left: list[tuple[str, str, bytes]] = []
+        for token in dead:
+            owner = self.owners.pop(token)
+            if announce:
+                left.extend(
+                    (group, channel, info)
+                    for group, members in owner.entries.items()
+                    for channel, info in members.items()
+                )
+        return left
+
+    async def wipe(self) -> None:
+        """Forget every entry this instance published, and tell the others (``flush``)."""
+        if self._started is None:
+            return
+        await self.ensure_started()
+        async with self._lock:
+            self.published.clear()
+            self.version += 1
+            await self._publish(
+                _SNAPSHOT, _encode_snapshot([]), key=PRESENCE_ROUTING_KEY, headers={"v": self.version}
+            )
+
+    def close(self) -> None:
+        """Fail the calls still waiting (the layer closes the connection and the queues with it)."""
+        for waiter in [*self._barriers.values(), *([self._sync[3]] if self._sync else [])]:
+            if not waiter.done():
+                waiter.cancel()
+
+    def _queue_of(self, token: str) -> str:
+        return f"{self.layer.queue_prefix}.pr.{token}"
+
+    # ----------------------------------------------------------- receiving
+
+    async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
+        # Synchronous up to any publish, so replicas apply changes in arrival order.
+        kind = incoming.type
+        headers = incoming.headers
+        token = str(headers.get("o", ""))
+        if kind == _BARRIER:
+            arrived = self._barriers.get(str(incoming.correlation_id))
+            if arrived is not None and not arrived.done():
+                arrived.set_result(None)
+            return
+        if token == self.token:
+            return
+        if kind == _ASK:
+            self.layer._spawn(
+                self._answer(str(incoming.reply_to), str(incoming.correlation_id)), "presence snapshot"
+            )
+            return
+        if kind == _DROP:
+            self.layer._spawn(self._drop(str(headers["g"]), str(headers["c"])), "presence drop")
+            return
+        owner = self.owners.get(token)
+        if owner is None:
+            owner = self.owners[token] = _Owner()
+        owner.deadline = time.monotonic() + self.layer.presence_timeout
+        version = headers.get("v")
+        if not isinstance(version, int):
+            return
+        if kind == _SNAPSHOT:
+            owner.entries = _decode_snapshot(incoming.body)
+            owner.version = version
+            sync = self._sync
+            if sync is not None and incoming.correlation_id == sync[0]:
+                sync[2].add(token)
+                if len(sync[2]) >= sync[1] and not sync[3].done():
+                    sync[3].set_result(None)
+            return
+        if kind == _BEAT:
+            if version != owner.version:
+                self._ask(token)
+            return
+        if version != owner.version + 1:
+            self._ask(token)  # a change was lost: the snapshot will set things right
+        owner.version = version
+        group, channel = str(headers["g"]), str(headers["c"])
+        if kind == _PUT:
+            owner.entries.setdefault(group, {})[channel] = incoming.body
+        elif kind == _REMOVE:
+            members = owner.entries.get(group)
+            if members is not None:
+                members.pop(channel, None)
+                if not members:
+                    del owner.entries[group]
+
+    def _ask(self, token: str) -> None:
+        self.layer._spawn(
+            self._publish(_ASK, b"", key=self._queue_of(token), exchange=False, reply_to=self.queue_name),
+            "presence snapshot request",
+        )
+
+    async def _answer(self, reply_to: str, request: str) -> None:
+        async with self._lock:
+            body = _encode_snapshot(self.published.items())
+            await self._publish(
+                _SNAPSHOT,
+                body,
+                key=reply_to,
+                exchange=False,
+                headers={"v": self.version},
+                correlation_id=request,
+            )
+
+    async def _drop(self, group: str, channel: str) -> None:
+        # Another process removed one of our entries (its leave is announced there).
+        async with self.layer._presence_lock:
+            self.layer._presence.remove(group, channel)
+            await self.remove(group, channel)
+
+
+async def _ignore(incoming: AbstractIncomingMessage) -> None:
+    """The roster queue never gets messages; its consumers are only counted."""

@@ -653,3 +653,107 @@ def test_repr_names_the_broker_without_the_secret() -> None:
     layer = RabbitMQChannelLayer(url=f"amqp://user:{SECRET}@broker.example:5673/app")
     assert repr(layer) == "<RabbitMQChannelLayer broker.example:5673 open>"
     assert RabbitMQChannelLayer(url="amqp://broker.example/").where == "broker.example:5672"
+
+
+# ---------------------------------------------------------------- presence
+
+
+async def test_presence_queues_exist_only_while_used_and_hold_nothing(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    plain, owner, viewer = make(), make(), make()
+    await plain.group_add("room:p", await plain.new_channel("ws"))
+    assert not [name for name in queues(node, prefix) if ".pr." in name or name.endswith(".presence")]
+
+    alice = await owner.new_channel("ws")
+    await owner.presence_join("room:p", alice, {"user": "alice"}, notify=False)
+    assert await viewer.presence("room:p") == {alice: {"user": "alice"}}
+    present = queues(node, prefix)
+    replicas = {f"{prefix}.pr.{owner.client_token}", f"{prefix}.pr.{viewer.client_token}"}
+    assert replicas | {f"{prefix}.presence"} == {n for n in present if ".pr." in n or n.endswith(".presence")}
+    assert present[f"{prefix}.presence"]["consumers"] == "2"  # the roster: one consumer per participant
+    assert (f"{prefix}.pr.{owner.client_token}", "presence") in bindings(node, prefix)
+    # Entries live in the processes' replicas: the broker keeps no message for them.
+    await wait_until(
+        lambda: all(queues(node, prefix)[name]["messages"] == "0" for name in replicas),
+        "presence queues drained",
+    )
+
+    await owner.presence_leave("room:p", alice, notify=False)
+    assert await viewer.presence("room:p") == {}
+    await owner.close()
+    await viewer.close()
+    await wait_until(
+        lambda: not [name for name in queues(node, prefix) if ".pr." in name],
+        "replica queues gone with their layers",
+    )
+    assert queues(node, prefix)[f"{prefix}.presence"]["consumers"] == "0"  # and it expires by x-expires
+
+
+async def test_presence_heartbeat_is_one_message_whatever_the_members(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    import aio_pika
+
+    # A long timeout: the background beat runs once at the first join, then sleeps.
+    small, large = make(presence_timeout=300), make(presence_timeout=300)
+    await small.presence_join("room:h", await small.new_channel("ws"), notify=False)
+    for i in range(1000):
+        await large.presence_join(f"room:h{i % 10}", await large.new_channel("ws"), notify=False)
+
+    connection = await aio_pika.connect(node.url)
+    try:
+        channel = await connection.channel()
+        observer = await channel.declare_queue(exclusive=True)
+        await observer.bind(prefix, "presence")
+        counts = []
+        for layer in (small, large):
+            await layer.presence_heartbeat()
+            await small.presence("room:h")  # a barrier: the beat has been routed
+            seen = []
+            while (message := await observer.get(no_ack=True, fail=False)) is not None:
+                seen.append((message.type, message.headers["o"]))
+            counts.append(seen)
+        assert counts == [[("presence.beat", small.client_token)], [("presence.beat", large.client_token)]]
+    finally:
+        await connection.close()
+
+
+async def test_presence_survives_a_broker_restart(make: Factory, node: RabbitNode) -> None:
+    owner, viewer = make(timeout=60, presence_timeout=1.5), make(timeout=60, presence_timeout=1.5)
+    mine = {await owner.new_channel("ws"): {"i": i} for i in range(50)}
+    for channel, info in mine.items():
+        await owner.presence_join("room:r", channel, info, notify=False)
+    theirs = await viewer.new_channel("ws")
+    await viewer.presence_join("room:r", theirs, {"viewer": True}, notify=False)
+    expected = {**mine, theirs: {"viewer": True}}
+    assert await viewer.presence("room:r") == expected
+
+    await asyncio.to_thread(node.restart)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if await viewer.presence("room:r") == expected and await owner.presence("room:r") == expected:
+                break
+        except BackendUnavailable:
+            pass
+        assert time.monotonic() < deadline, "every live process's entries are back"
+        await asyncio.sleep(0.5)
+    # And the replicas follow changes again.
+    gone = next(iter(mine))
+    await owner.presence_leave("room:r", gone, notify=False)
+    assert gone not in await viewer.presence("room:r")
+
+
+async def test_a_foreign_leave_reaches_the_owner(make: Factory) -> None:
+    owner, other = make(), make()
+    alice = await owner.new_channel("ws")
+    await owner.presence_join("room:f", alice, {"user": "alice"}, notify=False)
+    await other.presence_leave("room:f", alice, notify=False)
+    assert await other.presence("room:f") == {}
+    deadline = time.monotonic() + 10
+    while await owner.presence("room:f"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    await owner.presence_heartbeat()  # the owner does not store it again
+    assert await other.presence("room:f") == {}

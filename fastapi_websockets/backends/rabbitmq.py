@@ -1268,7 +1268,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         return await self._replica().beat()
 
     async def _presence_reap(self) -> list[tuple[str, str, bytes]]:
-        return self._replica().reap()
+        return await self._replica().reap()
 
     # ---------------------------------------------------------- flush, close
 

@@ -23,7 +23,8 @@ each process that uses presence owns its entries and tells the others:
   round trip whatever the number of members.
 * **Death**: an owner that has not been heard from for ``presence_timeout``
   seconds is dropped from every replica; its leaves are announced by one
-  process only, the live owner with the smallest token.
+  process only, the one whose claim (an exclusive queue named after the dead
+  owner) the broker accepted.
 
 The broker holds no per-member state: only messages in flight.
 """
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi_websockets.backends.timeouts import within
+from fastapi_websockets.exceptions import BackendUnavailable
 from fastapi_websockets.names import new_token
 from fastapi_websockets.presence import LocalPresence
 
@@ -268,23 +270,57 @@ class RabbitPresence:
             await self._publish(_BEAT, b"", key=PRESENCE_ROUTING_KEY, headers={"v": self.version})
         return False
 
-    def reap(self) -> list[tuple[str, str, bytes]]:
-        """Drop owners silent for ``presence_timeout``; their entries if this instance announces them."""
+    async def reap(self) -> list[tuple[str, str, bytes]]:
+        """Drop owners silent for ``presence_timeout``; return the entries of those this instance claimed."""
         now = time.monotonic()
-        dead = [token for token, owner in self.owners.items() if owner.deadline <= now]
-        alive = [token for token, owner in self.owners.items() if owner.deadline > now and owner.entries]
-        # One announcer: the smallest token among live owners (this one only while it owns entries).
-        announce = bool(self.published) and all(self.token < token for token in alive)
         left: list[tuple[str, str, bytes]] = []
-        for token in dead:
-            owner = self.owners.pop(token)
-            if announce:
+        for token, owner in list(self.owners.items()):
+            if owner.deadline > now:
+                continue
+            # A failed claim raises and keeps the owner (out of reads): the next beat retries.
+            if owner.entries and await self._claim(token, owner.version):
                 left.extend(
                     (group, channel, info)
                     for group, members in owner.entries.items()
                     for channel, info in members.items()
                 )
+            self.owners.pop(token, None)
         return left
+
+    async def _claim(self, token: str, version: int) -> bool:
+        """Win the right to announce a dead owner's leaves: exactly one live process does.
+
+        The claim is an exclusive queue named after the owner and its last
+        change: the broker lets one connection declare it and refuses the
+        others (RESOURCE_LOCKED, which closes the throwaway channel used for
+        it). It expires a while after every replica has dropped the owner.
+        """
+        import aiormq.exceptions
+
+        layer = self.layer
+        connection = layer._connection
+        assert connection is not None
+        name = f"{layer.queue_prefix}.prc.{token}.{version}"
+        expiry = int(max(4 * layer.presence_timeout, 60) * 1000)
+        channel = await layer._broker(
+            self._channel, "presence claim channel", lambda: connection.channel(publisher_confirms=False)
+        )
+        try:
+            await layer._broker(
+                channel,
+                "presence claim",
+                lambda: channel.declare_queue(
+                    name, exclusive=True, arguments={"x-expires": expiry}, robust=False
+                ),
+            )
+        except BackendUnavailable as exc:
+            if isinstance(exc.__cause__, aiormq.exceptions.ChannelLockedResource):
+                return False
+            raise
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return True
 
     async def wipe(self) -> None:
         """Forget every entry this instance published, and tell the others (``flush``)."""

@@ -757,3 +757,35 @@ async def test_a_foreign_leave_reaches_the_owner(make: Factory) -> None:
         await asyncio.sleep(0.1)
     await owner.presence_heartbeat()  # the owner does not store it again
     assert await other.presence("room:f") == {}
+
+
+async def test_a_dead_owner_is_announced_once_by_three_racing_reapers(make: Factory) -> None:
+    dead = make(timeout=1, presence_timeout=2)
+    survivors = [make(presence_timeout=2) for _ in range(3)]
+    watchers = []
+    for layer in survivors:
+        watcher = await layer.new_channel("ws")
+        await layer.group_add("room:d", watcher)
+        await layer.presence_join("room:d", watcher, {"watcher": True}, notify=False)
+        watchers.append(watcher)
+    theirs = [await dead.new_channel("ws") for _ in range(3)]
+    for channel in theirs:
+        await dead.presence_join("room:d", channel, {"dead": True}, notify=False)
+    for layer in survivors:
+        assert set(theirs) <= set(await layer.presence("room:d"))
+
+    # The process vanishes without a word: its connection is gone, its beats stop.
+    assert dead._connection is not None
+    await dead._connection.close()
+
+    for layer, watcher in zip(survivors, watchers, strict=True):
+        left = []
+        while True:
+            try:
+                event = await layer.receive(watcher, timeout=4)
+            except TimeoutError:
+                break
+            assert event["type"] == "presence.left"
+            left.append(event["channel"])
+        assert sorted(left) == sorted(theirs)  # each leave once, though three processes reaped
+        assert set(await layer.presence("room:d")) == set(watchers)

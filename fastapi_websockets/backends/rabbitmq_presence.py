@@ -44,7 +44,7 @@ from fastapi_websockets.names import new_token
 from fastapi_websockets.presence import LocalPresence
 
 if TYPE_CHECKING:
-    from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+    from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
 
     from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer
 
@@ -100,7 +100,6 @@ class RabbitPresence:
         self.version = 0
         self.owners: dict[str, _Owner] = {}
         self._channel: AbstractRobustChannel | None = None
-        self._queue: AbstractRobustQueue | None = None
         self._lock = asyncio.Lock()  # one publish at a time: the replicas see them in this order
         self._started: asyncio.Task[None] | None = None
         self._sync: tuple[str, int, set[str], asyncio.Future[None]] | None = None

@@ -1065,7 +1065,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                connection = await aio_pika.connect(self.url, timeout=self.timeout)
+                # The same TLS trust as the layer's own connection (amqps:// with a private CA).
+                tls = client_context(self.tls_ca_file) if self.tls_ca_file is not None else None
+                connection = await aio_pika.connect(self.url, timeout=self.timeout, ssl_context=tls)
             except asyncio.TimeoutError:
                 raise self.unavailable(f"no connection within {self.timeout} s (stream {name!r})") from None
             except self._errors as exc:

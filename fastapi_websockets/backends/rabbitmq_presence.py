@@ -122,37 +122,42 @@ class RabbitPresence:
             layer._channel, "presence channel", lambda: connection.channel(publisher_confirms=True)
         )
         self._channel = channel
-        queue = await layer._broker(
-            channel,
-            "declare of the presence queue",
-            lambda: channel.declare_queue(
-                self.queue_name, exclusive=True, auto_delete=True, arguments={"x-queue-type": "classic"}
-            ),
-        )
-        await layer._broker(
-            channel,
-            "bind of the presence queue",
-            lambda: queue.bind(layer.exchange_name, PRESENCE_ROUTING_KEY),
-        )
-        await layer._broker(
-            channel, "consume of the presence queue", lambda: queue.consume(self._on_message, no_ack=True)
-        )
-        # Bound before counting: every peer counted below gets the request.
-        roster = await layer._broker(
-            channel,
-            "declare of the presence roster",
-            lambda: channel.declare_queue(
-                f"{layer.queue_prefix}.presence",
-                arguments={"x-queue-type": "classic", "x-expires": ROSTER_EXPIRY_MS},
-            ),
-        )
-        peers = roster.declaration_result.consumer_count or 0
-        await layer._broker(
-            channel, "consume of the presence roster", lambda: roster.consume(_ignore, no_ack=True)
-        )
+        try:
+            queue = await layer._broker(
+                channel,
+                "declare of the presence queue",
+                lambda: channel.declare_queue(
+                    self.queue_name, exclusive=True, auto_delete=True, arguments={"x-queue-type": "classic"}
+                ),
+            )
+            await layer._broker(
+                channel,
+                "bind of the presence queue",
+                lambda: queue.bind(layer.exchange_name, PRESENCE_ROUTING_KEY),
+            )
+            await layer._broker(
+                channel, "consume of the presence queue", lambda: queue.consume(self._on_message, no_ack=True)
+            )
+            # Bound before counting: every peer counted below gets the request.
+            roster = await layer._broker(
+                channel,
+                "declare of the presence roster",
+                lambda: channel.declare_queue(
+                    f"{layer.queue_prefix}.presence",
+                    arguments={"x-queue-type": "classic", "x-expires": ROSTER_EXPIRY_MS},
+                ),
+            )
+            peers = roster.declaration_result.consumer_count or 0
+            await layer._broker(
+                channel, "consume of the presence roster", lambda: roster.consume(_ignore, no_ack=True)
+            )
+            if peers:
+                await self._ask_all(peers)
+        except BaseException:
+            # A retry starts from a fresh channel; this one would keep a half-made setup.
+            await channel.close()
+            raise
         connection.reconnect_callbacks.add(self._on_reconnect)
-        if peers:
-            await self._ask_all(peers)
 
     async def _ask_all(self, peers: int) -> None:
         request = new_token(8)

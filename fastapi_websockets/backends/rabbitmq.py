@@ -41,6 +41,7 @@ import hashlib
 import logging
 import math
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -390,7 +391,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 self.url,
                 timeout=self.timeout,
                 reconnect_interval=RECONNECT_INTERVAL,
-                ssl_context=client_context(self.tls_ca_file) if self.tls_ca_file is not None else None,
+                ssl_context=self._ssl_context(),
             )
         except asyncio.TimeoutError:
             raise self.unavailable(f"no answer within {self.timeout} s") from None
@@ -422,6 +423,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     async def _resync_bindings(self) -> None:
         for group in sorted(set(self.local_groups.groups()) | self._bound):
             await self._sync_binding(group)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The context verifying an ``amqps://`` server against ``tls_ca_file`` (None: aiormq's default)."""
+        return client_context(self.tls_ca_file) if self.tls_ca_file is not None else None
 
     async def _declare_topology(self, aio_pika: Any) -> None:
         assert self._connection is not None
@@ -1063,7 +1068,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                connection = await aio_pika.connect(self.url, timeout=self.timeout)
+                connection = await aio_pika.connect(
+                    self.url, timeout=self.timeout, ssl_context=self._ssl_context()
+                )
             except asyncio.TimeoutError:
                 raise self.unavailable(f"no connection within {self.timeout} s (stream {name!r})") from None
             except self._errors as exc:

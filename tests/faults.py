@@ -28,9 +28,10 @@ async def silent_server() -> AsyncIterator[int]:
 
 
 class TcpProxy:
-    """Forwards a loopback port to ``target_port``; :meth:`cut` drops every connection for good.
+    """Forwards a loopback port to ``target_port``; :meth:`cut` drops every connection.
 
-    After a cut the port refuses connections, like a broker host that went away.
+    After a cut the port refuses connections, like a broker host that went
+    away, until :meth:`resume` listens on the same port again.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -44,6 +45,11 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
+
+    async def resume(self) -> None:
+        """Accept connections again, on the same port, after a :meth:`cut`."""
+        if self._server is None:
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.cut()

@@ -49,7 +49,9 @@ class TcpProxy:
     async def resume(self) -> None:
         """Accept connections again, on the same port, after a :meth:`cut`."""
         if self._server is None:
-            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
+            self._server = await asyncio.start_server(
+                self._accept, "127.0.0.1", self.port, reuse_address=True
+            )
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.cut()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer, named_queue_name
+from fastapi_websockets.backends.timeouts import wait_event
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
 from tests.conftest import layer_factory
 from tests.faults import TcpProxy
@@ -59,6 +60,7 @@ class Collector:
         self.layer = layer
         self.channel = channel
         self.got: list[str] = []
+        self.arrived = asyncio.Event()
         self.task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -68,12 +70,14 @@ class Collector:
             except ChannelLayerClosed:
                 return
             self.got.append(message["n"])
+            self.arrived.set()
 
     async def missing(self, expected: set[str]) -> set[str]:
         """What of ``expected`` has not arrived after waiting for it (at most PATIENCE seconds)."""
         deadline = time.monotonic() + PATIENCE
         while not expected <= set(self.got) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            self.arrived.clear()
+            await wait_event(self.arrived, deadline - time.monotonic())
         return expected - set(self.got)
 
     async def stop(self) -> None:
@@ -149,7 +153,7 @@ async def test_sends_the_instant_the_broker_is_back_arrive(make: Factory, node: 
 
 
 async def test_ten_restarts_in_a_row_lose_nothing(make: Factory, node: RabbitNode) -> None:
-    layer, channel, (inbox, jobs) = await receiver(make)
+    _, channel, (inbox, jobs) = await receiver(make)
     sender = make()
     expected: set[str] = set()
     named: set[str] = set()
@@ -180,7 +184,7 @@ async def test_a_cut_connection_loses_nothing(make: Factory, node: RabbitNode) -
         expected: set[str] = set()
 
         async def send_every_quarter_second(count: int) -> None:
-            for index in range(count):
+            for _ in range(count):
                 tag = f"{len(expected)}"
                 await sender.send(channel, {"type": "p2p", "n": f"{tag}-p2p"})
                 await sender.group_send("room", {"type": "group", "n": f"{tag}-group"})
@@ -259,7 +263,8 @@ import asyncio, sys
 from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer
 
 async def main():
-    layer = RabbitMQChannelLayer(url=sys.argv[1], exchange_name=sys.argv[2], queue_prefix=sys.argv[2], timeout=3)
+    url, prefix = sys.argv[1], sys.argv[2]
+    layer = RabbitMQChannelLayer(url=url, exchange_name=prefix, queue_prefix=prefix, timeout=3)
     if sys.argv[3] == "receive":
         channel = await layer.new_channel("ws")
         await layer.group_add("room", channel)

@@ -223,6 +223,8 @@ class _Reader:
         self.waiters: WaiterQueue[_Held] = WaiterQueue(self.put_back)
         self.linger: asyncio.TimerHandle | None = None
         self.starting: asyncio.Task[None] | None = None
+        #: A supervised restart of the consumer is under way.
+        self.reviving = False
 
     def offer(self, item: _Held) -> None:
         """A new delivery: to the longest-waiting receiver, else held in arrival order."""
@@ -812,25 +814,41 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             self._revive(reader)
 
     def _revive(self, reader: _Reader) -> None:
-        if reader.tag is None or self.closed:
+        if self.closed or reader.reviving:
             return
-        reader.tag = None
-        # Unacked deliveries of the lost consumer are requeued by the broker;
-        # acking them on a new channel is impossible.
-        reader.held = deque(item for item in reader.held if isinstance(item, dict))
+        reader.reviving = True
         self.tasks.keep_running(
             partial(self._revive_reader, reader), f"consumer restart of {reader.channel!r}"
         )
 
     async def _revive_reader(self, reader: _Reader) -> None:
-        async with reader.lock:
-            if reader.tag is not None or self._readers.get(reader.channel) is not reader:
-                return
-            if reader.users:
-                await self._start_reader_locked(reader)
-                return
-        # Nobody waits any more: let it go as if it had lingered.
-        await self._stop_reader(reader)
+        import aiormq
+
+        try:
+            async with reader.lock:
+                if self._readers.get(reader.channel) is not reader or reader.tag is None:
+                    return  # stopped meanwhile, or never started
+                channel = self._reader_channel
+                assert channel is not None
+                underlay = await within(
+                    channel.get_underlay_channel(),
+                    self.timeout,
+                    lambda: self.unavailable(f"no connection within {self.timeout} s (consumer restart)"),
+                )
+                # Several triggers (reconnect, reopen, cancel) may fire for one loss.
+                if isinstance(underlay, aiormq.Channel) and reader.tag in underlay.consumers:
+                    return
+                reader.tag = None
+                # Unacked deliveries of the lost consumer are requeued by the
+                # broker; acking them on a new channel is impossible.
+                reader.held = deque(item for item in reader.held if isinstance(item, dict))
+                if reader.users:
+                    await self._start_reader_locked(reader)
+                    return
+            # Nobody waits any more: let it go as if it had lingered.
+            await self._stop_reader(reader)
+        finally:
+            reader.reviving = False
 
     async def _watch_reader_cancels(self, channel: AbstractRobustChannel) -> None:
         underlay = await channel.get_underlay_channel()

@@ -28,7 +28,7 @@ async def silent_server() -> AsyncIterator[int]:
 
 
 class TcpProxy:
-    """Forwards a loopback port to ``target_port``; :meth:`cut` drops every connection for good.
+    """Forwards a loopback port to ``target_port``; :meth:`cut` drops every connection.
 
     After a cut the port refuses connections, like a broker host that went away,
     until :meth:`reopen`.
@@ -52,7 +52,9 @@ class TcpProxy:
     async def reopen(self) -> None:
         """Accept connections again, on the same port, after a :meth:`cut` (the host is back)."""
         if self._server is None:
-            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+            self._server = await asyncio.start_server(
+                self._accept, "127.0.0.1", self.port, reuse_address=True
+            )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)

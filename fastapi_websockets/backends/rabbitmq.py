@@ -3,11 +3,15 @@
 Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
 ``exchange_name``, a durable direct exchange):
 
-* **Inbox**: one exclusive, auto-delete classic queue ``P.p.<token>`` bound to
-  ``X`` with routing key ``p.<token>``. Every message for this instance's
-  process-specific channels arrives there (the channel name in a header) and
-  is demultiplexed into local mailboxes. It is consumed by push with a
-  prefetch window; nothing polls.
+* **Inbox**: one classic queue ``P.p.<token>`` bound to ``X`` with routing
+  key ``p.<token>``. Every message for this instance's process-specific
+  channels arrives there (the channel name in a header) and is demultiplexed
+  into local mailboxes. It is consumed by push with a prefetch window; nothing
+  polls. It is neither exclusive nor auto-deleted, and durable with
+  ``durable``: it and its bindings outlive a dropped connection and a broker
+  restart, so what is sent while this instance reconnects waits for it. A
+  dead process's inbox goes away ``inbox_expiry`` ms after its last consumer
+  (``x-expires``); ``close()`` deletes it at once.
 * **Groups**: the inbox is bound to ``X`` with the group's routing key while
   at least one local channel is a member (bound on the first join, unbound
   after the last leaves), so ``group_send`` is one publish and the broker
@@ -27,11 +31,16 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
   consumer on the stream ("tap", from ``next``), which sees every message
   written after it started with the ``x-stream-offset`` header.
 
-Every publish waits for its publisher confirm. The connection is aio-pika's
-robust connection: after a broker restart it declares the exchange and the
-inbox again, restores the inbox's bindings and every consumer, while waiting
-``receive()`` calls keep waiting. Calls made while the broker is unreachable
-raise ``BackendUnavailable`` after ``timeout`` seconds.
+Every publish waits for its publisher confirm, at most ``timeout`` seconds.
+The connection is aio-pika's robust connection: after a broker restart or a
+dropped connection it declares the exchange and the inbox again (a no-op when
+the broker kept them), restores the inbox's bindings and consumer, while
+waiting ``receive()`` calls keep waiting. Named-channel consumers are
+restarted by this module instead, each in a supervised task with bounded
+RPCs: a quorum queue that does not answer (RabbitMQ 3.10 after a crash) must
+not stall the whole connection's recovery. Calls made while the broker is
+unreachable, and RPCs it does not answer, raise ``BackendUnavailable`` after
+``timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import hashlib
 import logging
 import math
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -51,7 +61,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
-from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive
+from fastapi_websockets.backends.options import (
+    Memo,
+    flag,
+    matching,
+    optional_positive_int,
+    positive,
+    positive_int,
+)
 from fastapi_websockets.backends.options import url as url_option
 from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.backends.timeouts import within
@@ -102,6 +119,10 @@ DECLARED_CACHE_SIZE = 10_000
 #: reconnect loop (which also restores channels, queues, bindings and
 #: consumers) takes one fixed interval, so the shared Backoff cannot drive it.
 RECONNECT_INTERVAL = 1.0
+#: Message ids of the last inbox deliveries remembered, so that a message
+#: redelivered after a dropped connection (its ack was lost) is not handed out
+#: twice. More than the prefetch window: only unacked deliveries come back.
+RECENT_IDS = 4 * INBOX_PREFETCH
 #: Unacknowledged deliveries per history stream consumer (stream consumers need a prefetch).
 HISTORY_PREFETCH = 1000
 #: Segment size of history streams: retention (``x-max-age``) drops whole
@@ -205,6 +226,8 @@ class _Reader:
         self.waiters: WaiterQueue[_Held] = WaiterQueue(self.put_back)
         self.linger: asyncio.TimerHandle | None = None
         self.starting: asyncio.Task[None] | None = None
+        #: A supervised restart of the consumer is under way.
+        self.reviving = False
 
     def offer(self, item: _Held) -> None:
         """A new delivery: to the longest-waiting receiver, else held in arrival order."""
@@ -219,6 +242,25 @@ class _Reader:
     async def next(self) -> _Held:
         """The oldest held item, or the next delivery."""
         return self.held.popleft() if self.held else await self.waiters.wait()
+
+
+class _RecentIds:
+    """The last ``size`` message ids seen, to drop redelivered duplicates."""
+
+    def __init__(self, size: int) -> None:
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+        self._size = size
+
+    def first_time(self, message_id: str) -> bool:
+        """Remember ``message_id``; False if it was seen already."""
+        if message_id in self._ids:
+            return False
+        self._ids.add(message_id)
+        self._order.append(message_id)
+        if len(self._order) > self._size:
+            self._ids.discard(self._order.popleft())
+        return True
 
 
 # ---------------------------------------------------------------- history
@@ -291,6 +333,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     * ``queue_expiry``: ``x-expires`` of named-channel queues, in ms: a queue
       nobody consumed or declared for that long is deleted with its messages
       and bindings (``None``: never).
+    * ``inbox_expiry``: ``x-expires`` of this instance's inbox, in ms: how long
+      it keeps messages (and group bindings) for a process that lost its
+      connection before the broker deletes it as the queue of a dead process.
     * ``poll_interval``: accepted for compatibility with 0.1.0; nothing polls.
     * ``timeout`` (from :class:`BrokerChannelLayer`): seconds a call waits for
       an unreachable broker before raising ``BackendUnavailable``.
@@ -312,6 +357,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         durable: bool = True,
         message_ttl: int | None = 60000,
         queue_expiry: int | None = 300000,
+        inbox_expiry: int = 300000,
         poll_interval: float = 0.1,
         **options: Any,
     ) -> None:
@@ -331,6 +377,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self.durable = flag("durable", durable)
         self.message_ttl = optional_positive_int("message_ttl", message_ttl, "milliseconds")
         self.queue_expiry = optional_positive_int("queue_expiry", queue_expiry, "milliseconds")
+        self.inbox_expiry = positive_int("inbox_expiry", inbox_expiry, "milliseconds")
         self.poll_interval = positive("poll_interval", poll_interval, "seconds")
         #: Name of this instance's inbox queue.
         self.inbox_name = f"{self.queue_prefix}.p.{self.client_token}"
@@ -350,6 +397,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._readers: dict[str, _Reader] = {}
         self._reader_queues: dict[str, AbstractRobustQueue] = {}
         self._replies: dict[str, asyncio.Future[None]] = {}
+        self._recent = _RecentIds(RECENT_IDS)
+        self._inbox_tag: str | None = None
         self._errors: tuple[type[BaseException], ...] = ()
         self._delivery_error: type[Exception] = Exception
         self._publish_error: type[Exception] = Exception
@@ -392,7 +441,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 self.url,
                 timeout=self.timeout,
                 reconnect_interval=RECONNECT_INTERVAL,
-                ssl_context=client_context(self.tls_ca_file) if self.tls_ca_file is not None else None,
+                ssl_context=self._ssl_context(),
             )
         except asyncio.TimeoutError:
             raise self.unavailable(f"no answer within {self.timeout} s") from None
@@ -417,13 +466,20 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     def _on_reconnect(self, connection: object) -> None:
         self.report_connection(True)
-        # aio-pika has restored the bindings it saw succeed. A group_add that
-        # failed during the outage left a local member without one: bind now.
-        self._spawn(self._resync_bindings(), "binding resync after reconnect")
+        # The broker kept the inbox's bindings (and aio-pika made them again if
+        # it did not). A group_add that failed during the outage left a local
+        # member without one: bind now, retrying until it works.
+        if not self.closed:
+            self.tasks.keep_running(self._resync_bindings, "binding resync after reconnect")
+        self._revive_readers()
 
     async def _resync_bindings(self) -> None:
         for group in sorted(set(self.local_groups.groups()) | self._bound):
             await self._sync_binding(group)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The context verifying an ``amqps://`` server against ``tls_ca_file`` (None: aiormq's default)."""
+        return client_context(self.tls_ca_file) if self.tls_ca_file is not None else None
 
     async def _declare_topology(self, aio_pika: Any) -> None:
         assert self._connection is not None
@@ -435,17 +491,21 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             self._exchange = await channel.declare_exchange(
                 self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=self.durable
             )
-            arguments: dict[str, Any] = {"x-queue-type": "classic"}
+            arguments: dict[str, Any] = {"x-queue-type": "classic", "x-expires": self.inbox_expiry}
             if self.message_ttl is not None:
                 arguments["x-message-ttl"] = self.message_ttl
+            # Not exclusive, not auto-deleted: the queue and its bindings stay
+            # while this instance reconnects, so nothing sent meanwhile is lost.
             self._inbox = await channel.declare_queue(
-                self.inbox_name, exclusive=True, auto_delete=True, arguments=arguments
+                self.inbox_name, durable=self.durable, arguments=arguments
             )
             await self._inbox.bind(self._exchange, _inbox_routing_key(self.client_token))
-            await self._inbox.consume(self._on_inbox)
+            self._inbox_tag = await self._inbox.consume(self._on_inbox)
             self._declare_channel = await self._connection.channel(publisher_confirms=False)
-            self._reader_channel = await self._connection.channel(publisher_confirms=False)
-            await self._reader_channel.set_qos(prefetch_count=NAMED_PREFETCH)
+            reader_channel = self._reader_channel = await self._connection.channel(publisher_confirms=False)
+            await reader_channel.set_qos(prefetch_count=NAMED_PREFETCH)
+            await self._watch_reader_cancels(reader_channel)
+            reader_channel.reopen_callbacks.add(self._on_reader_reopen)
             if self.history:
                 # Only layers with a history option pay for this channel.
                 history_channel = self._history_channel = await self._connection.channel(
@@ -462,24 +522,56 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         except self._errors as exc:
             raise self.unavailable(f"setup failed: {exc!r}") from exc
 
-    async def _broker(
-        self, channel: AbstractRobustChannel | None, what: str, call: Callable[[], Awaitable[T]]
-    ) -> T:
-        """Run one broker operation, waiting at most ``timeout`` for the connection.
-
-        The time limit covers only the wait for a usable channel: an AMQP RPC is
-        never cancelled on a timer, because aiormq closes the channel when one is.
-        """
+    async def _ready(self, channel: AbstractRobustChannel | None, what: str) -> float:
+        """Wait at most ``timeout`` for ``channel`` to be usable; return the time left."""
         assert channel is not None
         assert self._connection is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         if channel.is_closed or not self._connection.connected.is_set():
             await within(
                 channel.ready(),
                 self.timeout,
                 lambda: self.unavailable(f"no connection within {self.timeout} s ({what})"),
             )
+        # Never zero: the operation still gets its chance to answer at once.
+        return max(deadline - loop.time(), 0.05)
+
+    async def _broker(
+        self, channel: AbstractRobustChannel | None, what: str, call: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run one broker RPC, waiting at most ``timeout`` for the connection and the answer.
+
+        An RPC that gets no answer within the time left is cancelled, which
+        makes aiormq close its channel (aio-pika then opens it again): a broker
+        that holds an RPC forever (a quorum queue that never recovered, say)
+        costs one channel reopen per ``timeout``, not a caller blocked for good.
+        """
+        left = await self._ready(channel, what)
         try:
-            return await call()
+            return await within(
+                call(), left, lambda: self.unavailable(f"no answer within {self.timeout} s ({what})")
+            )
+        except (self._delivery_error, BackendUnavailable):
+            raise
+        except self._errors as exc:
+            raise self.unavailable(f"{what} failed: {exc!r}") from exc
+
+    async def _publish_with(
+        self, exchange: Any, message: Any, routing_key: str, *, what: str, mandatory: bool
+    ) -> None:
+        """Publish on the confirm channel; BackendUnavailable if no confirm comes within ``timeout``.
+
+        Not through :meth:`_broker`: a publish is no RPC (giving up on its
+        confirm leaves the channel open), so aiormq's own timeout bounds it
+        without a task per message. A message whose confirm came too late may
+        still be delivered: the caller was told it might not be, never that it was.
+        """
+        left = await self._ready(self._channel, what)
+        try:
+            await exchange.publish(message, routing_key, mandatory=mandatory, timeout=left)
+        except asyncio.TimeoutError:
+            raise self.unavailable(f"no publisher confirm within {self.timeout} s ({what})") from None
         except self._delivery_error:
             raise
         except self._errors as exc:
@@ -511,18 +603,27 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     async def _on_inbox(self, incoming: AbstractIncomingMessage) -> None:
         # Everything up to the ack is synchronous, so messages reach the
-        # mailboxes in the order the broker delivered them.
-        try:
-            self._dispatch(incoming)
-        except KeyError as exc:
-            # Not ours to crash on: a foreign publisher left out a header.
-            self.stats.dropped_undecodable += 1
-            logger.warning("dropped an inbox message (type %r) without header %s", incoming.type, exc)
+        # mailboxes in the order the broker delivered them. aiormq gives every
+        # publish a random message id; a redelivery (the connection dropped
+        # before our ack reached the broker) of one already handed out is skipped.
+        message_id = incoming.message_id
+        if message_id is None or self._recent.first_time(message_id) or not incoming.redelivered:
+            try:
+                self._dispatch(incoming)
+            except KeyError as exc:
+                # Not ours to crash on: a foreign publisher left out a header.
+                self.stats.dropped_undecodable += 1
+                logger.warning("dropped an inbox message (type %r) without header %s", incoming.type, exc)
+            except Exception:
+                # Acked all the same: a message we cannot handle must not stay
+                # unacked and, a prefetch window later, leave this process deaf.
+                self.stats.dropped_undecodable += 1
+                logger.exception("dropped an inbox message (type %r) that failed to dispatch", incoming.type)
         try:
             await incoming.ack()
         except self._errors as exc:
-            # The channel went away; the broker requeues the message and, as the
-            # inbox is exclusive, drops it with the connection.
+            # The channel went away; the broker requeues the message in the
+            # inbox, which outlives the connection, and redelivers it.
             logger.debug("could not ack an inbox message: %r", exc)
 
     def _dispatch(self, incoming: AbstractIncomingMessage) -> None:
@@ -574,11 +675,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         await self._send_named(channel, data)
 
     async def _publish(self, message: Any, routing_key: str, *, what: str, mandatory: bool = False) -> None:
-        exchange = self._exchange
-        assert exchange is not None
-        await self._broker(
-            self._channel, what, lambda: exchange.publish(message, routing_key, mandatory=mandatory)
-        )
+        await self._publish_with(self._exchange, message, routing_key, what=what, mandatory=mandatory)
 
     async def _send_named(self, channel: str, data: bytes) -> None:
         name = named_queue_name(self.queue_prefix, channel)
@@ -590,11 +687,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         default = self._channel.default_exchange
         for attempt in (1, 2):
             try:
-                await self._broker(
-                    self._channel,
-                    f"send to {channel!r}",
-                    lambda: default.publish(message, queue, mandatory=True),
-                )
+                await self._publish_with(default, message, queue, what=f"send to {channel!r}", mandatory=True)
                 return
             except self._publish_error:
                 # Returned as unroutable: the queue expired (x-expires) since we
@@ -698,15 +791,17 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             # would close the channel of every other named consumer.
             await self._broker(reader_channel, f"declare of queue {name!r}", queue.declare)
         else:
-            # Declared (not passively) with its arguments on this robust channel,
-            # so that a reconnect declares it again if the broker lost it.
+            # Declared (not passively) with its arguments, so that a restart of
+            # the consumer declares it again if the broker lost it. Not robust:
+            # aio-pika would restore it inside the connection's recovery, where
+            # an RPC the broker never answers stalls everything (see _revive_reader).
             passive = name in self._mismatched
             arguments = None if passive else self._named_arguments(reader.channel)
             queue = await self._broker(
                 reader_channel,
                 f"declare of queue {name!r}",
                 lambda: reader_channel.declare_queue(
-                    name, durable=self.durable, arguments=arguments, passive=passive
+                    name, durable=self.durable, arguments=arguments, passive=passive, robust=False
                 ),
             )
             self._reader_queues[name] = queue
@@ -718,11 +813,70 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             await self._broker(
                 reader_channel,
                 f"consume from {name!r}",
-                lambda: queue.consume(partial(self._on_named, reader), consumer_tag=tag),
+                lambda: queue.consume(partial(self._on_named, reader), consumer_tag=tag, robust=False),
             )
         except BaseException:
             reader.tag = None
             raise
+
+    # The named consumers are not robust (see _start_reader_locked): whenever
+    # one may be gone (a reconnect, its channel reopened, the broker cancelled
+    # it), a supervised task starts it again, with backoff until it works.
+
+    def _revive_readers(self) -> None:
+        for reader in list(self._readers.values()):
+            self._revive(reader)
+
+    def _revive(self, reader: _Reader) -> None:
+        if self.closed or reader.reviving:
+            return
+        reader.reviving = True
+        self.tasks.keep_running(
+            partial(self._revive_reader, reader), f"consumer restart of {reader.channel!r}"
+        )
+
+    async def _revive_reader(self, reader: _Reader) -> None:
+        import aiormq
+
+        try:
+            async with reader.lock:
+                if self._readers.get(reader.channel) is not reader or reader.tag is None:
+                    return  # stopped meanwhile, or never started
+                channel = self._reader_channel
+                assert channel is not None
+                underlay = await within(
+                    channel.get_underlay_channel(),
+                    self.timeout,
+                    lambda: self.unavailable(f"no connection within {self.timeout} s (consumer restart)"),
+                )
+                # Several triggers (reconnect, reopen, cancel) may fire for one loss.
+                if isinstance(underlay, aiormq.Channel) and reader.tag in underlay.consumers:
+                    return
+                reader.tag = None
+                # Unacked deliveries of the lost consumer are requeued by the
+                # broker; acking them on a new channel is impossible.
+                reader.held = deque(item for item in reader.held if isinstance(item, dict))
+                if reader.users:
+                    await self._start_reader_locked(reader)
+                    return
+            # Nobody waits any more: let it go as if it had lingered.
+            await self._stop_reader(reader)
+        finally:
+            reader.reviving = False
+
+    async def _watch_reader_cancels(self, channel: AbstractRobustChannel) -> None:
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_reader_cancel)
+
+    async def _on_reader_reopen(self, channel: AbstractRobustChannel) -> None:
+        await self._watch_reader_cancels(channel)
+        self._revive_readers()
+
+    def _on_reader_cancel(self, frame: Any) -> None:
+        # The broker cancelled a named consumer: its queue was deleted.
+        for reader in list(self._readers.values()):
+            if reader.tag == frame.consumer_tag:
+                self._revive(reader)
 
     async def _on_named(self, reader: _Reader, incoming: AbstractIncomingMessage) -> None:
         if reader.tag is None or incoming.consumer_tag != reader.tag:
@@ -777,14 +931,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     async def _stop_reader(self, reader: _Reader) -> None:
         async with reader.lock:
-            if reader.users or reader.tag is None or reader.queue is None:
+            if reader.users or reader.queue is None:
                 return
             tag, reader.tag = reader.tag, None
             queue = reader.queue
-            try:
-                await self._broker(self._reader_channel, "consumer cancel", lambda: queue.cancel(tag))
-            except BackendUnavailable as exc:
-                logger.debug("consumer cancel of %r failed: %s", reader.channel, exc)
+            if tag is not None:
+                try:
+                    await self._broker(self._reader_channel, "consumer cancel", lambda: queue.cancel(tag))
+                except BackendUnavailable as exc:
+                    logger.debug("consumer cancel of %r failed: %s", reader.channel, exc)
             held, reader.held = list(reader.held), deque()
             for item in held:
                 if isinstance(item, dict):
@@ -1065,9 +1220,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                # The same TLS trust as the layer's own connection (amqps:// with a private CA).
-                tls = client_context(self.tls_ca_file) if self.tls_ca_file is not None else None
-                connection = await aio_pika.connect(self.url, timeout=self.timeout, ssl_context=tls)
+                connection = await aio_pika.connect(
+                    self.url, timeout=self.timeout, ssl_context=self._ssl_context()
+                )
             except asyncio.TimeoutError:
                 raise self.unavailable(f"no connection within {self.timeout} s (stream {name!r})") from None
             except self._errors as exc:
@@ -1128,10 +1283,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             assert self._channel is not None
             default = self._channel.default_exchange
             try:
-                await self._broker(
-                    self._channel,
-                    f"history write to {stream.name!r}",
-                    lambda: default.publish(message, stream.name, mandatory=True),
+                await self._publish_with(
+                    default, message, stream.name, what=f"history write to {stream.name!r}", mandatory=True
                 )
             except self._publish_error:
                 # Returned as unroutable: the stream was deleted.
@@ -1318,4 +1471,24 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # Tasks first: one still using the connection would fail (and log) once it closes.
         await self.tasks.close(self.timeout)
         if self._connection is not None:
+            await self._delete_inbox()
             await self._connection.close()
+
+    async def _delete_inbox(self) -> None:
+        # It outlives connections: gone now rather than inbox_expiry ms from now.
+        inbox, tag = self._inbox, self._inbox_tag
+        if inbox is None or tag is None or self._channel is None or self._channel.is_closed:
+            return
+
+        async def delete() -> None:
+            # The consumer first: aio-pika would restore a consumer the broker
+            # cancels, declaring the queue again.
+            await inbox.cancel(tag)
+            await inbox.delete(if_unused=False, if_empty=False)
+
+        try:
+            await within(delete(), self.timeout, lambda: self.unavailable("no answer to the inbox delete"))
+        except BackendUnavailable as exc:
+            logger.debug("could not delete inbox %r (x-expires will): %s", inbox.name, exc)
+        except self._errors as exc:
+            logger.debug("could not delete inbox %r (x-expires will): %r", inbox.name, exc)

@@ -249,7 +249,9 @@ async def test_one_queue_and_one_consumer_per_layer(make: Factory, prefix: str, 
     await asyncio.sleep(0.5)
     found = queues(node, prefix)
     assert sorted(found) == sorted([layer.inbox_name, named_queue_name(prefix, "work")])
-    assert found[layer.inbox_name]["exclusive"] == "true"
+    # It outlives the connection (see test_rabbitmq_restarts.py), expiring once its process is gone.
+    assert (found[layer.inbox_name]["exclusive"], found[layer.inbox_name]["durable"]) == ("false", "true")
+    assert "x-expires" in found[layer.inbox_name]["arguments"]
     assert "quorum" in found[named_queue_name(prefix, "work")]["arguments"]
     assert consumers(node, prefix) == sorted([layer.inbox_name, named_queue_name(prefix, "work")])
     assert len(node.rows("list_connections", "name")) == connections_before + 1

@@ -9,6 +9,7 @@ nothing system-wide. It is stopped with SIGTERM to the wrapper, then epmd.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -95,6 +96,17 @@ class RabbitNode:
             self.server.stop(timeout=30)
             self.server = None
             wait_for(lambda: not port_open(self.port), "rabbitmq-server shutdown", timeout=30)
+
+    def kill(self) -> None:
+        """SIGKILL the node's Erlang VM (a crash), then reap its wrapper."""
+        if self.server is not None:
+            # The wrapper is a shell; killing it would orphan beam.smp, whose PID it wrote here.
+            pid = int((self.workdir / "rabbit.pid").read_text())
+            os.kill(pid, signal.SIGKILL)
+            self.server.popen.wait(timeout=30)
+            self.server.stop()
+            self.server = None
+            wait_for(lambda: not port_open(self.port), "rabbitmq-server death", timeout=30)
 
     def restart(self) -> None:
         """Stop and start the node again on the same ports and data directory."""

@@ -316,12 +316,14 @@ class BaseChannelLayer(abc.ABC):
         :class:`ChannelLayerClosed` when the layer closes or the channel is
         released. It must only schedule work. :meth:`unlisten` withdraws it.
         Raises :class:`ChannelLayerClosed` on a closed layer and
-        :class:`InvalidChannelName` for a named channel or one of another instance.
+        :class:`InvalidChannelName` for any other channel than a live one of
+        this instance's :meth:`new_channel`.
         """
         self._check_open()
-        if not (is_process_specific(channel) and self.is_local(channel)):
+        if channel not in self._live_channels:
             raise InvalidChannelName(
-                f"listen() needs a channel this layer instance's new_channel() returned, got {channel!r}"
+                f"listen() needs a channel this layer instance's new_channel() returned and that "
+                f"is not released, got {channel!r}"
             )
         if observing.hooks is not None:
             listener = partial(_observed_listener, self, listener)

@@ -84,6 +84,8 @@ async def test_close_and_release_reach_the_listener(make_layer: LayerFactory) ->
     assert layer.listen(closed, on_close) is None
     layer.forget_channel(released)
     assert isinstance(on_release.items[0], ChannelLayerClosed)
+    with pytest.raises(InvalidChannelName, match="released"):
+        layer.listen(released, on_release)
     await layer.close()
     assert isinstance(on_close.items[0], ChannelLayerClosed)
     assert len(on_release.items) == 1

@@ -12,7 +12,9 @@ from a child process, so that only the server's allocations and time are seen.
 
 ``memory``: tracemalloc snapshots before the clients and after they idled,
 diffed; prints the bytes per connection by source line and the objects per
-connection by type (from the garbage collector's view).
+connection by type (from the garbage collector's view). ``rss``: the growth of
+this process's resident set per connection, without tracemalloc (whose own
+bookkeeping would count).
 ``cpu``: cProfile over ``--broadcasts`` group messages sent from this process,
 each once the previous reached every client; prints the top functions by own
 time and by cumulative time, per delivery.
@@ -40,6 +42,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(APPS))
 
 from tests.servers import free_port  # noqa: E402
+
+
+def rss_kb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
 
 
 def type_counts() -> collections.Counter[str]:
@@ -93,6 +100,7 @@ async def main(args: argparse.Namespace) -> None:
     from fastapi_websockets.layers import get_default_layer
 
     layer = get_default_layer()
+    rss_before = rss_kb()
     if args.mode == "memory":
         tracemalloc.start(args.frames)
         types_before = type_counts()
@@ -101,7 +109,10 @@ async def main(args: argparse.Namespace) -> None:
     connected = await next_event(stdout, "connected")
     print(f"{connected['open']} clients connected ({connected['failed']} failed)")
     await asyncio.sleep(args.idle)
-    if args.mode == "memory":
+    if args.mode == "rss":
+        gc.collect()
+        print(f"RSS growth: {(rss_kb() - rss_before) / args.clients:.1f} KB per connection")
+    elif args.mode == "memory":
         gc.collect()
         after = tracemalloc.take_snapshot()
         types_after = type_counts()
@@ -172,7 +183,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["memory", "cpu"])
+    parser.add_argument("mode", choices=["memory", "rss", "cpu"])
     parser.add_argument("--app", default="ours_handler", help="module in bench/e2e")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--broadcasts", type=int, default=100)

@@ -270,7 +270,7 @@ class AsyncWebSocketConsumer:
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait((events,))
                 if not events.cancelled() and events.exception() is not None:
-                    raise events.exception()  # type: ignore[misc]  # not an Exception: handlers catch those
+                    raise events.exception()  # type: ignore[misc]  # a BaseException: exits and the like
 
     def _events_arrived(self, item: Message | BaseException) -> None:
         # Called synchronously by the delivery (a group_send, a broker reader): only schedule.
@@ -288,7 +288,13 @@ class AsyncWebSocketConsumer:
             self._events_task = context.run(asyncio.get_running_loop().create_task, coro)
 
     async def _handle_events(self, item: Message | BaseException) -> None:
-        code = await self._event_loop(item)
+        try:
+            code = await self._event_loop(item)
+        except Exception:
+            # Not a handler's failure (those are handled per event) but the layer's.
+            logger.exception("%s could not take events for %s", type(self).__name__, self.channel_name)
+            await self._close_quietly(CLOSE_INTERNAL_ERROR, "internal error")
+            code = CLOSE_INTERNAL_ERROR
         if code is not _RUNNING:
             self._stop_frames(code)
 

@@ -217,6 +217,18 @@ class BaseChannelLayer(abc.ABC):
         if self._closed:
             raise ChannelLayerClosed(f"{type(self).__name__} is closed; create a new layer")
 
+    async def start(self) -> None:
+        """Connect and start the background readers now instead of at first use.
+
+        Every operation starts the layer anyway; :func:`channel_layers_lifespan`
+        calls this at startup so that importing the driver, connecting and starting
+        the readers (several MB on Redis) is not left to the first WebSocket.
+        Idempotent. Raises :class:`ChannelLayerClosed` on a closed layer and what the
+        backend raises when its broker is unreachable (``BackendUnavailable``).
+        """
+        self._check_open()
+        await self._ensure_started()
+
     async def _ensure_started(self) -> None:
         if self._started:
             return

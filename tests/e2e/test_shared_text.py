@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
+import pytest
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -59,42 +61,49 @@ async def texts(clients: list[ClientConnection]) -> list[str]:
     return [str(await asyncio.wait_for(ws.recv(), 10)) for ws in clients]
 
 
-async def test_equal_content_is_encoded_once_per_group_message() -> None:
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[str, InMemoryChannelLayer]]:
+    """The URL of an app serving CountingConsumer at /ws, and its layer."""
     layer = InMemoryChannelLayer()
     app = FastAPI()
     app.add_api_websocket_route("/ws", CountingConsumer.as_endpoint(layer))
     async with serve(app) as url:
-        clients, _ = await sockets(url, 5)
-        CountingConsumer.encoded.clear()
-        await layer.group_send("room", {"type": "chat.message", "text": "héllo", "n": 1.5})
-        assert await texts(clients) == ['{"text":"héllo","n":1.5}'] * 5
-        await layer.group_send("room", {"type": "body.message", "body": {"a": [1, {"b": None}]}})
-        assert await texts(clients) == ['{"a":[1,{"b":null}]}'] * 5
-        await layer.group_send("room", websocket_json_message({"c": "d"}))
-        assert await texts(clients) == ['{"c":"d"}'] * 5
-        assert CountingConsumer.encoded == [
-            {"text": "héllo", "n": 1.5},
-            {"a": [1, {"b": None}]},
-            {"c": "d"},
-        ]
-        for ws in clients:
-            await ws.close()
+        yield url, layer
     await layer.close()
 
 
-async def test_content_changed_in_place_or_only_equal_under_eq_gets_its_own_text() -> None:
-    layer = InMemoryChannelLayer()
-    app = FastAPI()
-    app.add_api_websocket_route("/ws", CountingConsumer.as_endpoint(layer))
-    async with serve(app) as url:
-        clients, numbers = await sockets(url, 4)
+async def test_equal_content_is_encoded_once_per_group_message(
+    served: tuple[str, InMemoryChannelLayer],
+) -> None:
+    url, layer = served
+    clients, _ = await sockets(url, 5)
+    CountingConsumer.encoded.clear()
+    await layer.group_send("room", {"type": "chat.message", "text": "héllo", "n": 1.5})
+    assert await texts(clients) == ['{"text":"héllo","n":1.5}'] * 5
+    await layer.group_send("room", {"type": "body.message", "body": {"a": [1, {"b": None}]}})
+    assert await texts(clients) == ['{"a":[1,{"b":null}]}'] * 5
+    await layer.group_send("room", websocket_json_message({"c": "d"}))
+    assert await texts(clients) == ['{"c":"d"}'] * 5
+    assert CountingConsumer.encoded == [
+        {"text": "héllo", "n": 1.5},
+        {"a": [1, {"b": None}]},
+        {"c": "d"},
+    ]
+    for ws in clients:
+        await ws.close()
 
-        await layer.group_send("room", {"type": "mutating.message", "body": {"nested": {}}})
-        assert await texts(clients) == [f'{{"nested":{{"to":[{n}]}},"to":{n}}}' for n in numbers]
 
-        await layer.group_send("room", {"type": "lookalike.message"})
-        odd, even = '{"zero":-0.0,"one":true}', '{"zero":0.0,"one":1}'
-        assert await texts(clients) == [odd if n % 2 else even for n in numbers]
-        for ws in clients:
-            await ws.close()
-    await layer.close()
+async def test_content_changed_in_place_or_only_equal_under_eq_gets_its_own_text(
+    served: tuple[str, InMemoryChannelLayer],
+) -> None:
+    url, layer = served
+    clients, numbers = await sockets(url, 4)
+
+    await layer.group_send("room", {"type": "mutating.message", "body": {"nested": {}}})
+    assert await texts(clients) == [f'{{"nested":{{"to":[{n}]}},"to":{n}}}' for n in numbers]
+
+    await layer.group_send("room", {"type": "lookalike.message"})
+    odd, even = '{"zero":-0.0,"one":true}', '{"zero":0.0,"one":1}'
+    assert await texts(clients) == [odd if n % 2 else even for n in numbers]
+    for ws in clients:
+        await ws.close()

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import enum
 import json
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -51,7 +54,24 @@ CLOSE_NORMAL = 1000
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_SERVICE_RESTART = 1012
 _MAX_REASON_BYTES = 123
+
+
+class _Running(enum.Enum):
+    """No close code yet: the connection goes on."""
+
+    RUNNING = enum.auto()
+
+
+_RUNNING = _Running.RUNNING
+
+
+def _uncancel(task: asyncio.Task[Any]) -> bool:
+    """Withdraw one cancellation request of ``task``; True if others are still pending."""
+    if sys.version_info >= (3, 11):
+        return task.uncancel() > 0
+    return False  # pragma: no cover - Python 3.10 does not count cancellation requests
 
 
 def _reason(text: str) -> str:
@@ -107,7 +127,13 @@ class AsyncWebSocketConsumer:
         # the page's messages go out before any live event of the group.
         self._dispatch_lock = asyncio.Lock()
         self._dispatching: asyncio.Task[Any] | None = None
+        #: The channel event being handled (its encoded texts may be shared, see _encode_shared).
+        self._event: Message | None = None
         self._frame_guard: FrameGuard | None = None
+        self._context: contextvars.Context | None = None
+        self._frames_task: asyncio.Task[Any] | None = None
+        self._events_task: asyncio.Task[None] | None = None
+        self._stop_code: int | _Running | None = _RUNNING
 
     # ------------------------------------------------------------ mounting
 
@@ -169,7 +195,8 @@ class AsyncWebSocketConsumer:
         """
         limits = self.edge_limits()
         self._websocket = websocket
-        self.scope = dict(websocket.scope)
+        scope = websocket.scope  # as Channels does: the connection's ASGI scope itself, no copy
+        self.scope = scope if isinstance(scope, dict) else dict(scope)
         refusal = limits.refusal(websocket.headers.getlist("origin"), websocket.headers.get("host"))
         if refusal is not None:
             logger.info(
@@ -211,19 +238,71 @@ class AsyncWebSocketConsumer:
                 observing.hooks.connection_ended(self, self._accepted, close_code)
 
     async def _run(self) -> int | None:
-        # An anyio task group, not bare asyncio tasks: Starlette's test client cancels the
-        # app through anyio cancel scopes, which bare tasks awaited in a finally block confuse.
-        codes: list[int | None] = []
+        # One task per connection, this one, reads the client's frames. Channel events are
+        # handed to a callback (layer.listen) that starts a task only while there are events
+        # to handle, so an idle connection holds no second task and no mailbox. When event
+        # handling ends the connection, that task cancels this one (see _stop_frames).
+        task = asyncio.current_task()
+        assert task is not None
+        self._context = contextvars.copy_context()
+        self._frames_task = task
+        try:
+            self._take_events(self.channel_layer.listen(self.channel_name, self._events_arrived))
+            return await self._frame_loop()
+        except asyncio.CancelledError:
+            self._frames_task = None
+            if self._stop_code is _RUNNING or _uncancel(task):
+                raise  # not (only) our own stop request
+            return self._stop_code
+        except ChannelLayerClosed:  # the layer closed before the first listen()
+            self._frames_task = None
+            await self._close_quietly(CLOSE_SERVICE_RESTART, "service restart")
+            return CLOSE_SERVICE_RESTART
+        finally:
+            self._frames_task = None
+            self.channel_layer.unlisten(self.channel_name)
+            events = self._events_task
+            if events is not None:
+                if not events.done():
+                    events.cancel()
+                # Shielded: under Starlette's test client this task may be cancelled by an
+                # anyio scope, which would interrupt this wait over and over.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait((events,))
+                if not events.cancelled() and events.exception() is not None:
+                    raise events.exception()  # type: ignore[misc]  # a BaseException: exits and the like
 
-        async with anyio.create_task_group() as group:
+    def _events_arrived(self, item: Message | BaseException) -> None:
+        # Called synchronously by the delivery (a group_send, a broker reader): only schedule.
+        self._take_events(item)
 
-            async def run_until_done(loop: Callable[[], Awaitable[int | None]]) -> None:
-                codes.append(await loop())
-                group.cancel_scope.cancel()
+    def _take_events(self, item: Message | BaseException | None) -> None:
+        if item is None:
+            return
+        coro = self._handle_events(item)
+        context = self._context
+        assert context is not None  # set by _run() before the first listen()
+        if sys.version_info >= (3, 11):
+            self._events_task = asyncio.get_running_loop().create_task(coro, context=context)
+        else:  # Python 3.10: the task runs in a copy of the connection's context
+            self._events_task = context.run(asyncio.get_running_loop().create_task, coro)
 
-            group.start_soon(run_until_done, self._frame_loop)
-            group.start_soon(run_until_done, self._event_loop)
-        return codes[0] if codes else None
+    async def _handle_events(self, item: Message | BaseException) -> None:
+        try:
+            code = await self._event_loop(item)
+        except Exception:
+            # Not a handler's failure (those are handled per event) but the layer's.
+            logger.exception("%s could not take events for %s", type(self).__name__, self.channel_name)
+            await self._close_quietly(CLOSE_INTERNAL_ERROR, "internal error")
+            code = CLOSE_INTERNAL_ERROR
+        if code is not _RUNNING:
+            self._stop_frames(code)
+
+    def _stop_frames(self, code: int | None) -> None:
+        task = self._frames_task
+        if task is not None and self._stop_code is _RUNNING:
+            self._stop_code = code
+            task.cancel()
 
     async def _frame_loop(self) -> int | None:
         websocket = self.websocket
@@ -259,29 +338,40 @@ class AsyncWebSocketConsumer:
             if self._closed:
                 return self._close_code
 
-    async def _event_loop(self) -> int | None:
+    async def _event_loop(self, item: Message | BaseException) -> int | _Running | None:
+        """Handle ``item`` and every event queued behind it; return a close code, or _RUNNING when idle."""
         while True:
-            try:
-                message = await self.channel_layer.receive(self.channel_name)
-            except ChannelLayerClosed:
+            if isinstance(item, BaseException):
+                if not isinstance(item, ChannelLayerClosed):
+                    raise item
                 logger.info("channel layer closed; closing %s", self.channel_name)
-                await self._close_quietly(1012, "service restart")
-                return 1012
+                await self._close_quietly(CLOSE_SERVICE_RESTART, "service restart")
+                return CLOSE_SERVICE_RESTART
             try:
                 async with self._dispatch_lock:
                     self._dispatching = asyncio.current_task()
+                    self._event = item
                     try:
-                        await self.dispatch_channel_message(message)
+                        await self.dispatch_channel_message(item)
                     finally:
                         self._dispatching = None
+                        self._event = None
             except WebSocketDisconnect as exc:
                 self._closed = True
                 return exc.code
             except Exception:
-                await self._handler_failed(f"event {message.get('type')!r}")
+                await self._handler_failed(f"event {item.get('type')!r}")
                 return CLOSE_INTERNAL_ERROR
             if self._closed:
                 return self._close_code
+            next_item: Message | BaseException | None
+            try:
+                next_item = self.channel_layer.listen(self.channel_name, self._events_arrived)
+            except ChannelLayerClosed as exc:
+                next_item = exc
+            if next_item is None:
+                return _RUNNING  # the listener is back in place; this task ends
+            item = next_item
 
     async def _handler_failed(self, what: str) -> None:
         logger.exception("%s raised while handling %s on %s", type(self).__name__, what, self.channel_name)
@@ -359,20 +449,29 @@ class AsyncWebSocketConsumer:
             await self.send_bytes(body)
         elif mode == "text" or (mode is None and isinstance(body, str)):
             await self.send_text(str(body))
-        elif type(self).send_json is not AsyncWebSocketConsumer.send_json:
-            await self.send_json(message.get("body", message))  # the app customised send_json
         else:
-            await self.send_text(self._encode_envelope(message))
+            await self.send_json(message.get("body", message))
 
-    def _encode_envelope(self, message: Message) -> str:
-        # One group_send reaches every local member as the same dict: encode it once
-        # per class, not once per socket.
+    def _encode_shared(self, data: Any) -> str:
+        # The consumers of one process that handle the same group message get the same
+        # event dict, and most send the same content back (the event's body, or a new dict
+        # of the event's values): encode it once. A text is reused only for content that
+        # matches its snapshot leaf by leaf, so a handler that changes the content, or the
+        # shared event, in place gets its own text.
+        event = self._event
         cls = type(self)
-        cached = _ENVELOPE_CACHE.get(cls)
-        if cached is not None and cached[0] is message:
-            return cached[1]
-        text = self.encode_json(message.get("body", message))
-        _ENVELOPE_CACHE[cls] = (message, text)
+        shared = _SHARED_TEXTS.get(cls)
+        if shared is None or shared[0] is not event:
+            shared = _SHARED_TEXTS[cls] = (event, [])
+        texts = shared[1]
+        for snapshot, text in texts:
+            if _matches(data, snapshot):
+                return text
+        text = cls.encode_json(data)
+        if len(texts) < _MAX_SHARED_TEXTS:
+            snapshot = _snapshot(data, [_MAX_SNAPSHOT_NODES])
+            if snapshot is not _UNSHAREABLE:
+                texts.append((snapshot, text))
         return text
 
     # ------------------------------------------------------------ dispatch
@@ -407,6 +506,10 @@ class AsyncWebSocketConsumer:
             await handler(message)
 
     def _handler_for(self, event_type: str) -> Callable[[Message], Awaitable[None]] | None:
+        name = _HANDLER_NAMES.get((type(self), event_type))
+        if name is not None:
+            found: Callable[[Message], Awaitable[None]] = getattr(self, name)
+            return found
         name = event_type.replace(".", "_")
         if not name.isidentifier() or name.startswith("_") or name in _FRAMEWORK_NAMES:
             logger.warning(
@@ -419,6 +522,9 @@ class AsyncWebSocketConsumer:
         attribute = getattr(type(self), name, None)
         if attribute is None or not asyncio.iscoroutinefunction(attribute):
             return None
+        # Only found handlers are remembered: their number is bounded by the class's methods,
+        # while event types (maybe relayed from clients) are not.
+        _HANDLER_NAMES[type(self), event_type] = name
         handler: Callable[[Message], Awaitable[None]] = getattr(self, name)
         return handler
 
@@ -453,8 +559,14 @@ class AsyncWebSocketConsumer:
             observing.hooks.frame_out(self)
 
     async def send_json(self, data: Any) -> None:
-        """Send ``data`` as a JSON text frame."""
-        await self.websocket.send_text(self.encode_json(data))
+        """Send ``data`` as a JSON text frame.
+
+        Called while a channel event is handled, the text is shared: the
+        consumers of a process that handle one group message and send equal
+        content (the same strings, numbers and structure) encode it once.
+        """
+        text = self.encode_json(data) if self._event is None else self._encode_shared(data)
+        await self.websocket.send_text(text)
         if observing.hooks is not None:
             observing.hooks.frame_out(self)
 
@@ -526,8 +638,13 @@ class AsyncWebSocketConsumer:
 
     @classmethod
     def encode_json(cls, content: Any) -> str:
-        """Serialize outgoing JSON (override for custom types)."""
-        return json.dumps(content, separators=(",", ":"), ensure_ascii=False)
+        """Serialize outgoing JSON (override for custom types).
+
+        The text may be sent to every consumer of the class that sends equal
+        content for the same channel event, so an override must depend on
+        ``content`` only.
+        """
+        return _JSON_ENCODER.encode(content)
 
     @classmethod
     def decode_json(cls, text_data: str) -> Any:
@@ -563,8 +680,97 @@ class AsyncJsonWebSocketConsumer(AsyncWebSocketConsumer):
         await self.close(CLOSE_INVALID_PAYLOAD, f"invalid JSON: {error}")
 
 
-#: The last JSON envelope each consumer class encoded (the message is kept, so ``is`` is safe).
-_ENVELOPE_CACHE: dict[type[AsyncWebSocketConsumer], tuple[Message, str]] = {}
+#: (consumer class, event type) -> the name of the handler method it dispatches to.
+_HANDLER_NAMES: dict[tuple[type[AsyncWebSocketConsumer], str], str] = {}
+
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+#: Per consumer class: the channel event handled last, and the texts sent for it with their
+#: content's snapshot. Holding the event keeps it alive, so ``is`` cannot meet a new one.
+_SHARED_TEXTS: dict[type[AsyncWebSocketConsumer], tuple[Message | None, list[tuple[object, str]]]] = {}
+#: Different contents one event may share (a handler that sends a few frames per event).
+_MAX_SHARED_TEXTS = 4
+#: Larger contents are encoded per socket: comparing them in Python would cost more.
+_MAX_SNAPSHOT_NODES = 64
+#: Leaves that encode the same whenever they are equal (floats: 0.0 == -0.0, so identity).
+_EQUAL_ATOMS = frozenset((str, int, bool, type(None)))
+_UNSHAREABLE = object()
+
+
+class _DictSnapshot(tuple):  # type: ignore[type-arg]
+    """A dict's ``(key, snapshot)`` pairs, in order."""
+
+    __slots__ = ()
+
+
+class _ListSnapshot(tuple):  # type: ignore[type-arg]
+    """A list's snapshots, in order."""
+
+    __slots__ = ()
+
+
+def _snapshot(value: Any, budget: list[int]) -> object:
+    """What ``value`` encodes from: its atoms and the shape holding them; _UNSHAREABLE past the budget."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return _UNSHAREABLE
+    kind = type(value)
+    if kind in _EQUAL_ATOMS or kind is float:
+        return value
+    if kind is dict:
+        pairs = []
+        for key, item in value.items():
+            if type(key) is not str:
+                return _UNSHAREABLE
+            snapshot = _snapshot(item, budget)
+            if snapshot is _UNSHAREABLE:
+                return _UNSHAREABLE
+            pairs.append((key, snapshot))
+        return _DictSnapshot(pairs)
+    if kind is list:
+        items = []
+        for item in value:
+            snapshot = _snapshot(item, budget)
+            if snapshot is _UNSHAREABLE:
+                return _UNSHAREABLE
+            items.append(snapshot)
+        return _ListSnapshot(items)
+    return _UNSHAREABLE
+
+
+def _matches(value: Any, snapshot: object) -> bool:
+    """Whether ``value`` encodes exactly as the content ``snapshot`` was taken of.
+
+    The walk follows the snapshot, so it is as bounded as the snapshot is.
+    """
+    kind = type(value)
+    if kind is float:
+        return value is snapshot
+    if kind in _EQUAL_ATOMS:
+        return type(snapshot) is kind and value == snapshot
+    if kind is dict:
+        if type(snapshot) is not _DictSnapshot or len(snapshot) != len(value):
+            return False
+        for (key, item), (snapshot_key, item_snapshot) in zip(value.items(), snapshot, strict=True):
+            if type(key) is not str or key != snapshot_key:
+                return False
+            # Atoms inline: this loop runs once per socket for a group message's content.
+            item_kind = type(item)
+            if item_kind is float:
+                if item is not item_snapshot:
+                    return False
+            elif item_kind in _EQUAL_ATOMS:
+                if type(item_snapshot) is not item_kind or item != item_snapshot:
+                    return False
+            elif not _matches(item, item_snapshot):
+                return False
+        return True
+    if kind is list:
+        if type(snapshot) is not _ListSnapshot or len(snapshot) != len(value):
+            return False
+        return all(_matches(item, item_snapshot) for item, item_snapshot in zip(value, snapshot, strict=True))
+    return False
+
 
 #: Events the layer itself sends; a consumer without a handler for them ignores them silently.
 _LAYER_EVENTS = frozenset((PRESENCE_JOINED, PRESENCE_LEFT))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from fastapi_websockets.config import (
     parse_channel_layers,
     parse_channel_layers_from_env,
 )
+from fastapi_websockets.exceptions import ChannelLayerError
 
 __all__ = [
     "channel_layer_dependency",
@@ -33,6 +35,8 @@ __all__ = [
     "override_default_layer",
     "set_default_layer",
 ]
+
+logger = logging.getLogger("fastapi_websockets")
 
 # Keyed by (alias, event loop): a layer's futures and locks belong to one loop, and test
 # clients (Starlette's TestClient) run each app in a new loop. None is "any loop".
@@ -106,7 +110,7 @@ async def close_default_layers() -> None:
 def channel_layers_lifespan(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
-    """A FastAPI ``lifespan`` that creates the app's layers at startup and closes them at shutdown.
+    """A FastAPI ``lifespan`` that creates and starts the app's layers at startup and closes them at shutdown.
 
     With ``settings`` (a ``CHANNEL_LAYERS`` mapping) each alias is built from
     it; without, from the environment variables. The layers become the
@@ -129,6 +133,14 @@ def channel_layers_lifespan(
         }
         for alias, layer in owned.items():
             set_default_layer(layer, alias)
+        for alias, layer in owned.items():
+            # At startup, as other libraries connect in their lifespan: the first WebSocket
+            # should not pay for the driver import and the connections. A broker that is
+            # down must not stop the app: the layer starts again at first use.
+            try:
+                await layer.start()
+            except ChannelLayerError as exc:
+                logger.warning("channel layer %r did not start (%s); it will try again when used", alias, exc)
         try:
             yield
         finally:

@@ -14,7 +14,10 @@ Properties kept here, for every backend:
   puts the message back at the head, so the next receive gets it;
 * expiring: messages older than ``expiry`` seconds are dropped, checked at the
   head on every get and for all mailboxes at most twice per ``expiry``;
-* no garbage: a mailbox with no messages and no waiters is removed.
+* no garbage: a mailbox with no messages and no waiters is removed;
+* listeners: a channel's single reader may, instead of waiting in a task,
+  leave a callback that the next message is handed to (:meth:`Mailboxes.listen`),
+  so that an idle WebSocket consumer holds no task and no mailbox at all.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from fastapi_websockets.exceptions import ChannelLayerClosed, ReceiveTimeout
 from fastapi_websockets.types import Message
 
-__all__ = ["MailboxStats", "Mailboxes"]
+__all__ = ["Listener", "MailboxStats", "Mailboxes"]
 
 logger = logging.getLogger("fastapi_websockets.mailboxes")
 
@@ -45,6 +48,10 @@ class MailboxStats:
     dropped_undecodable: int = 0
     #: Messages for channels released with ``forget_channel()`` (their connection ended).
     dropped_released: int = 0
+
+
+#: Called with a channel's next message, or with the exception a waiting receive would raise.
+Listener = Callable[[Message | BaseException], None]
 
 
 class _Box:
@@ -70,6 +77,7 @@ class Mailboxes:
         self._released = released
         self._expiry = expiry
         self._boxes: dict[str, _Box] = {}
+        self._listeners: dict[str, Listener] = {}
         self._closed = False
         self._next_sweep = time.monotonic() + expiry
         self.stats = MailboxStats()
@@ -100,16 +108,22 @@ class Mailboxes:
     def _box_handing_off(self, channel: str, message: Message) -> _Box | None:
         """Give ``message`` to a waiting receiver and return None, or return the box to queue it in."""
         box = self._boxes.get(channel)
+        if box is not None:
+            while box.waiters:
+                fut = box.waiters.popleft()
+                if not fut.done():
+                    fut.set_result(message)
+                    return None
+        if self._listeners:
+            listener = self._listeners.pop(channel, None)
+            if listener is not None:
+                listener(message)
+                return None
         if box is None:
             if self._released is not None and self._released(channel):
                 self.stats.dropped_released += 1
                 return None
             box = self._boxes[channel] = _Box()
-        while box.waiters:
-            fut = box.waiters.popleft()
-            if not fut.done():
-                fut.set_result(message)
-                return None
         return box
 
     def _put(self, channel: str, message: Message, now: float) -> bool:
@@ -135,6 +149,27 @@ class Mailboxes:
         _, message = box.items.popleft()
         self._discard_if_idle(channel, box)
         return message
+
+    def listen(self, channel: str, listener: Listener) -> Message | None:
+        """Take the oldest queued message of ``channel``, or leave ``listener`` for the next one.
+
+        Returns the message if one was queued. Otherwise returns None, and
+        ``listener`` is called once, synchronously from the ``put()`` that
+        delivers, with the next message (or with ``ChannelLayerClosed`` when the
+        mailboxes close or the channel is dropped); it must only schedule work.
+        A channel has at most one listener (the last one left wins); receivers
+        waiting in :meth:`get` are served first.
+        """
+        if self._closed:
+            raise ChannelLayerClosed("the channel layer is closed")
+        message = self.pop_nowait(channel)
+        if message is None:
+            self._listeners[channel] = listener
+        return message
+
+    def unlisten(self, channel: str) -> None:
+        """Withdraw the listener of ``channel``, if one is waiting; it will not be called."""
+        self._listeners.pop(channel, None)
 
     async def get(self, channel: str, timeout: float | None = None) -> Message:
         """Wait for the next message of ``channel``.
@@ -182,6 +217,9 @@ class Mailboxes:
 
     def drop(self, channel: str, exc: BaseException) -> None:
         """Remove the mailbox of ``channel``: its messages are counted as released, waiters get ``exc``."""
+        listener = self._listeners.pop(channel, None)
+        if listener is not None:
+            listener(exc)
         box = self._boxes.pop(channel, None)
         if box is None:
             return
@@ -198,6 +236,9 @@ class Mailboxes:
                 if not fut.done():
                     fut.set_exception(ChannelLayerClosed("the channel layer was closed"))
         self._boxes.clear()
+        listeners, self._listeners = self._listeners, {}
+        for listener in listeners.values():
+            listener(ChannelLayerClosed("the channel layer was closed"))
 
     def clear(self) -> None:
         """Drop every queued message; waiting receivers keep waiting."""

@@ -43,7 +43,7 @@ from fastapi_websockets.history import (
     parse_history_option,
 )
 from fastapi_websockets.local_groups import LocalGroups
-from fastapi_websockets.mailboxes import Mailboxes, MailboxStats
+from fastapi_websockets.mailboxes import Listener, Mailboxes, MailboxStats
 from fastapi_websockets.names import (
     is_process_specific,
     new_token,
@@ -217,6 +217,18 @@ class BaseChannelLayer(abc.ABC):
         if self._closed:
             raise ChannelLayerClosed(f"{type(self).__name__} is closed; create a new layer")
 
+    async def start(self) -> None:
+        """Connect and start the background readers now instead of at first use.
+
+        Every operation starts the layer anyway; :func:`channel_layers_lifespan`
+        calls this at startup so that importing the driver, connecting and starting
+        the readers (several MB on Redis) is not left to the first WebSocket.
+        Idempotent. Raises :class:`ChannelLayerClosed` on a closed layer and what the
+        backend raises when its broker is unreachable (``BackendUnavailable``).
+        """
+        self._check_open()
+        await self._ensure_started()
+
     async def _ensure_started(self) -> None:
         if self._started:
             return
@@ -305,6 +317,36 @@ class BaseChannelLayer(abc.ABC):
             observing.hooks.message_received(self)
             return message
         return await self._receive_message(channel, timeout)
+
+    def listen(self, channel: str, listener: Listener) -> Message | None:
+        """Take the next message of one of this instance's channels, or leave ``listener`` for it.
+
+        The callback form of :meth:`receive`, for a channel's single reader (a
+        consumer): an idle reader then needs no waiting task. Returns the oldest
+        queued message, or None; in that case ``listener`` is called once,
+        synchronously from the delivery, with the next message, or with
+        :class:`ChannelLayerClosed` when the layer closes or the channel is
+        released. It must only schedule work. :meth:`unlisten` withdraws it.
+        Raises :class:`ChannelLayerClosed` on a closed layer and
+        :class:`InvalidChannelName` for any other channel than a live one of
+        this instance's :meth:`new_channel`.
+        """
+        self._check_open()
+        if channel not in self._live_channels:
+            raise InvalidChannelName(
+                f"listen() needs a channel this layer instance's new_channel() returned and that "
+                f"is not released, got {channel!r}"
+            )
+        if observing.hooks is not None:
+            listener = partial(_observed_listener, self, listener)
+        message = self._mailboxes.listen(channel, listener)
+        if message is not None and observing.hooks is not None:
+            observing.hooks.message_received(self)
+        return message
+
+    def unlisten(self, channel: str) -> None:
+        """Withdraw the listener :meth:`listen` left for ``channel``; it will not be called."""
+        self._mailboxes.unlisten(channel)
 
     async def _receive_message(self, channel: str, timeout: float | None) -> Message:
         self._check_open()
@@ -858,6 +900,12 @@ class BaseChannelLayer(abc.ABC):
 
 #: The reserved key carrying a group_send's ``exclude`` to the processes that deliver it.
 EXCLUDE_KEY = "__exclude__"
+
+
+def _observed_listener(layer: BaseChannelLayer, listener: Listener, item: Message | BaseException) -> None:
+    if observing.hooks is not None and not isinstance(item, BaseException):
+        observing.hooks.message_received(layer)
+    listener(item)
 
 
 def _without_exclude(message: Message) -> Message:

@@ -55,6 +55,9 @@ class RoomConsumer(AsyncJsonWebSocketConsumer):
     async def explode(self, event: dict[str, Any]) -> None:
         raise RuntimeError("boom in an event handler")
 
+    async def kick(self, event: dict[str, Any]) -> None:
+        await self.close(event["code"])
+
     async def disconnect(self, close_code: int | None) -> None:
         DISCONNECTS.append((self.channel_name, close_code))
 
@@ -196,6 +199,43 @@ async def test_handler_exception_closes_that_socket_with_1011_and_leaves_groups(
     await bystander.close()
 
 
+async def test_event_handler_closing_ends_the_connection_with_its_code(app_url: str) -> None:
+    kicked, kicked_channel = await join(app_url, "kick")
+    stays, _ = await join(app_url, "kick")
+    await get_default_layer().send(kicked_channel, {"type": "kick", "code": 4009})
+    with pytest.raises(ConnectionClosed) as info:
+        await asyncio.wait_for(kicked.recv(), 10)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 4009
+    for _ in range(100):
+        if (kicked_channel, 4009) in DISCONNECTS:
+            break
+        await asyncio.sleep(0.02)
+    assert (kicked_channel, 4009) in DISCONNECTS
+    await assert_still_open(stays, stays)
+    await stays.close()
+
+
+async def test_closing_the_layer_closes_its_sockets_with_1012() -> None:
+    layer = InMemoryChannelLayer()
+    app = FastAPI()
+    app.add_api_websocket_route("/rooms/{room}", RoomConsumer.as_endpoint(layer))
+    DISCONNECTS.clear()
+    async with serve(app) as url:
+        sockets = [await join(url, "restart") for _ in range(3)]
+        await layer.close()
+        for ws, _ in sockets:
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert info.value.rcvd is not None
+            assert info.value.rcvd.code == 1012
+        for _ in range(100):
+            if len(DISCONNECTS) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(DISCONNECTS) == sorted((channel, 1012) for _, channel in sockets)
+
+
 async def test_websocket_send_envelopes_are_written_without_handlers(app_url: str) -> None:
     ws, channel = await join(app_url, "envelopes")
     layer = get_default_layer()
@@ -293,6 +333,7 @@ async def test_lifespan_creates_and_closes_layers() -> None:
         layer = app.state.channel_layers["default"]
         assert layer.capacity == 7
         assert get_default_layer() is layer
+        assert layer._started  # at startup, not by the first connection
         a, _ = await join(url, "life")
         b, _ = await join(url, "life")
         await a.send(json.dumps({"action": "say", "text": "x"}))
@@ -301,6 +342,22 @@ async def test_lifespan_creates_and_closes_layers() -> None:
         await b.close()
     assert layer.closed
     assert get_default_layer() is not layer
+    await close_default_layers()
+
+
+async def test_lifespan_starts_even_when_a_broker_is_unreachable(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = {"url": f"redis://127.0.0.1:{port}", "cluster": True}
+    settings = {"default": {"BACKEND": "redis", "CONFIG": config}}
+    app = FastAPI()
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets"):
+        async with channel_layers_lifespan(settings)(app):
+            layer = app.state.channel_layers["default"]
+            assert not layer._started
+    assert layer.closed
+    assert any("did not start" in record.getMessage() for record in caplog.records)
     await close_default_layers()
 
 

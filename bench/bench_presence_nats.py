@@ -22,7 +22,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+from presence_common import join_present, median_us, new_channels  # noqa: E402
 
 from fastapi_websockets.backends.nats import NATSChannelLayer  # noqa: E402
 from tests.servers.nats import NatsCluster, NatsNode  # noqa: E402
@@ -40,27 +42,6 @@ def _layer(urls: list[str], replicas: int, namespace: str, **options: Any) -> NA
         replicas=replicas,
         **options,
     )
-
-
-async def _join(layer: NATSChannelLayer, group: str, count: int) -> list[str]:
-    channels = [await layer.new_channel("ws") for _ in range(count)]
-    for start in range(0, count, 500):
-        batch = channels[start : start + 500]
-        await asyncio.gather(*(layer.presence_join(group, c, {"user": c[-6:]}, notify=False) for c in batch))
-    return channels
-
-
-async def _median_us(calls: list[Any]) -> float:
-    times = []
-    for call in calls:
-        start = time.perf_counter()
-        await call
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
-
-
-async def _channels(layer: NATSChannelLayer) -> list[str]:
-    return [await layer.new_channel("ws") for _ in range(CALLS)]
 
 
 def _get(monitor: str, path: str) -> Any:
@@ -81,8 +62,8 @@ async def main(urls: list[str], monitors: list[str], replicas: int) -> None:
     first = _layer(urls, replicas, "bench-a")
     second = _layer(urls, replicas, "bench-a")
     try:
-        await _join(first, "room:big", MEMBERS // 2)
-        await _join(second, "room:big", MEMBERS // 2)
+        await join_present(first, "room:big", MEMBERS // 2)
+        await join_present(second, "room:big", MEMBERS // 2)
         info = await first.js.stream_info("bench-a_P")
         stored = info.state.bytes
         reads = []
@@ -96,9 +77,9 @@ async def main(urls: list[str], monitors: list[str], replicas: int) -> None:
             f"stored per member: {stored / MEMBERS:.0f} B (stream state.bytes, "
             f"{info.state.messages} messages, x{replicas} replicas on disk)"
         )
-        joins = [first.presence_join("room:cost", c, notify=False) for c in await _channels(first)]
-        adds = [first.group_add("room:cost", c) for c in await _channels(first)]
-        join_us, add_us = await _median_us(joins), await _median_us(adds)
+        joins = [first.presence_join("room:cost", c, notify=False) for c in await new_channels(first, CALLS)]
+        adds = [first.group_add("room:cost", c) for c in await new_channels(first, CALLS)]
+        join_us, add_us = await median_us(joins), await median_us(adds)
         print(f"presence_join: median {join_us:.0f} µs; group_add: median {add_us:.0f} µs")
     finally:
         await first.close()
@@ -107,7 +88,7 @@ async def main(urls: list[str], monitors: list[str], replicas: int) -> None:
     for members in (10, MEMBERS):
         layer = _layer(urls, replicas, f"bench-idle{members}", presence_timeout=3)
         try:
-            await _join(layer, "room:idle", members)
+            await join_present(layer, "room:idle", members)
             await asyncio.sleep(1.5)
             start, (received, api) = time.monotonic(), _traffic(monitors)
             await asyncio.sleep(9)

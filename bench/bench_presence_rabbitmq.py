@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+from presence_common import join_present, median_us, new_channels  # noqa: E402
 
 from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer  # noqa: E402
 from tests.servers.rabbitmq import RabbitNode  # noqa: E402
@@ -32,23 +34,6 @@ CALLS = 2_000
 
 def _layer(url: str, namespace: str, **options: Any) -> RabbitMQChannelLayer:
     return RabbitMQChannelLayer(url=url, exchange_name=namespace, queue_prefix=namespace, **options)
-
-
-async def _join(layer: RabbitMQChannelLayer, group: str, count: int) -> list[str]:
-    channels = [await layer.new_channel("ws") for _ in range(count)]
-    for start in range(0, count, 500):
-        batch = channels[start : start + 500]
-        await asyncio.gather(*(layer.presence_join(group, c, {"user": c[-6:]}, notify=False) for c in batch))
-    return channels
-
-
-async def _median_us(calls: list[Any]) -> float:
-    times = []
-    for call in calls:
-        start = time.perf_counter()
-        await call
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
 
 
 def _deep_size(value: object) -> int:
@@ -65,8 +50,8 @@ async def main(url: str) -> None:
     first, second = _layer(url, "bench-a"), _layer(url, "bench-a")
     try:
         await second.presence("room:big")  # second participates before first joins
-        await _join(first, "room:big", MEMBERS // 2)
-        await _join(second, "room:big", MEMBERS // 2)
+        await join_present(first, "room:big", MEMBERS // 2)
+        await join_present(second, "room:big", MEMBERS // 2)
         reads = []
         for _ in range(30):
             start = time.perf_counter()
@@ -80,14 +65,9 @@ async def main(url: str) -> None:
         print(
             f"replica memory per member (another process's view): {held / (MEMBERS // 2):.0f} B; broker: 0 B"
         )
-        joins = [
-            first.presence_join("room:cost", c, notify=False)
-            for c in [await first.new_channel("ws") for _ in range(CALLS)]
-        ]
-        adds = [
-            first.group_add("room:cost", c) for c in [await first.new_channel("ws") for _ in range(CALLS)]
-        ]
-        join_us, add_us = await _median_us(joins), await _median_us(adds)
+        joins = [first.presence_join("room:cost", c, notify=False) for c in await new_channels(first, CALLS)]
+        adds = [first.group_add("room:cost", c) for c in await new_channels(first, CALLS)]
+        join_us, add_us = await median_us(joins), await median_us(adds)
         print(f"presence_join: median {join_us:.0f} µs; group_add: median {add_us:.0f} µs")
     finally:
         await first.close()
@@ -101,7 +81,7 @@ async def main(url: str) -> None:
             channel = await connection.channel()
             observer = await channel.declare_queue(exclusive=True)
             try:
-                await _join(layer, "room:idle", members)
+                await join_present(layer, "room:idle", members)
                 await observer.bind(namespace, "presence")
                 await asyncio.sleep(1.5)
                 await observer.purge()

@@ -22,28 +22,12 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from bench_redis import server  # noqa: E402
+from presence_common import join_present, median_us, new_channels  # noqa: E402
 
 from fastapi_websockets.backends.redis import RedisChannelLayer  # noqa: E402
 
 MEMBERS = 10_000
 CALLS = 2_000
-
-
-async def _join(layer: RedisChannelLayer, group: str, count: int) -> list[str]:
-    channels = [await layer.new_channel("ws") for _ in range(count)]
-    for start in range(0, count, 500):
-        batch = channels[start : start + 500]
-        await asyncio.gather(*(layer.presence_join(group, c, {"user": c[-6:]}, notify=False) for c in batch))
-    return channels
-
-
-async def _median_us(calls: list[Any]) -> float:
-    times = []
-    for call in calls:
-        start = time.perf_counter()
-        await call
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
 
 
 async def _commands(raw: Any) -> tuple[int, int]:
@@ -66,8 +50,8 @@ async def main() -> None:
         second = RedisChannelLayer(url=srv["url"], prefix="bench-a")
         try:
             before = int((await raw.info("memory"))["used_memory"])
-            await _join(first, "room:big", MEMBERS // 2)
-            await _join(second, "room:big", MEMBERS // 2)
+            await join_present(first, "room:big", MEMBERS // 2)
+            await join_present(second, "room:big", MEMBERS // 2)
             after = int((await raw.info("memory"))["used_memory"])
             hash_bytes = await raw.memory_usage("bench-a:presence:{room:big}", samples=0)
             reads = []
@@ -82,9 +66,11 @@ async def main() -> None:
                 f"{(after - before) / MEMBERS:.0f} B (used_memory)"
             )
 
-            joins = [first.presence_join("room:cost", c, notify=False) for c in await _channels(first)]
-            adds = [first.group_add("room:cost", c) for c in await _channels(first)]
-            join_us, add_us = await _median_us(joins), await _median_us(adds)
+            joins = [
+                first.presence_join("room:cost", c, notify=False) for c in await new_channels(first, CALLS)
+            ]
+            adds = [first.group_add("room:cost", c) for c in await new_channels(first, CALLS)]
+            join_us, add_us = await median_us(joins), await median_us(adds)
             print(f"presence_join: median {join_us:.0f} µs; group_add: median {add_us:.0f} µs")
         finally:
             await first.close()
@@ -93,7 +79,7 @@ async def main() -> None:
         for members in (10, MEMBERS):
             layer = RedisChannelLayer(url=srv["url"], prefix=f"bench-idle{members}", presence_timeout=3)
             try:
-                await _join(layer, "room:idle", members)
+                await join_present(layer, "room:idle", members)
                 await asyncio.sleep(1.5)
                 start, (commands, calls) = time.monotonic(), await _commands(raw)
                 await asyncio.sleep(9)
@@ -111,10 +97,6 @@ async def main() -> None:
             finally:
                 await layer.close()
         await raw.aclose()
-
-
-async def _channels(layer: RedisChannelLayer) -> list[str]:
-    return [await layer.new_channel("ws") for _ in range(CALLS)]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -227,10 +228,15 @@ async def test_an_inbox_deleted_behind_the_layers_back_is_restored(
     make: Factory, node: RabbitNode, prefix: str
 ) -> None:
     # The driver's consumer is cancelled by the broker: the layer must not stay deaf.
-    layer, channel, (inbox, jobs) = await receiver(make)
+    # Classic queues (durable=False) for the named channel: RabbitMQ 3.10 does not
+    # always send basic.cancel when a quorum queue is deleted under its consumer
+    # (seen in 2 of 3 runs), so no client can notice that case; see
+    # docs/backends/rabbitmq.md.
+    classic = partial(make, durable=False)
+    layer, channel, (inbox, jobs) = await receiver(classic)
     await asyncio.to_thread(node.ctl, "delete_queue", layer.inbox_name)
     await asyncio.to_thread(node.ctl, "delete_queue", named_queue_name(prefix, "jobs"))
-    sender = make()
+    sender = classic()
     expected: set[str] = set()
     named: set[str] = set()
     deadline = time.monotonic() + PATIENCE

@@ -294,3 +294,26 @@ async def test_adding_a_reconnecting_processs_channel_to_a_group_waits_for_it(
         await reopening
         await sender.group_send("room", {"type": "group"})
         assert (await receiver.receive(channel, timeout=30))["type"] == "group"
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_group_sends_to_named_members_survive_an_outage_longer_than_the_timeout(
+    node: NatsNode, make: Make, how: str
+) -> None:
+    # A group_send that returned normally has stored its copy for every named member:
+    # nothing is left to a background task that could give up while the server is down.
+    urls = [node.url]
+    receiver, sender = make(servers=urls), make(servers=urls, timeout=1)
+    await receiver.group_add("room", "named.member")
+    count = 60
+    await asyncio.gather(*(sender.group_send("room", {"type": "g", "i": i}) for i in range(count)))
+    bring_down(node, how)
+    await asyncio.sleep(2.5)  # longer than the sender's timeout (and its last attempt)
+    with pytest.raises(BackendUnavailable, match="NATS is unreachable"):
+        await sender.group_send("room", {"type": "g", "i": count})
+    node.start()
+    got = [(await receiver.receive("named.member", timeout=30))["i"] for _ in range(count)]
+    assert sorted(got) == list(range(count))
+    # Nothing more arrives: the group_send that raised stored nothing.
+    await sender.send("named.member", {"type": "g", "i": -1})
+    assert (await receiver.receive("named.member", timeout=30))["i"] == -1

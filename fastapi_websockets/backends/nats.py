@@ -52,7 +52,7 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -105,8 +105,10 @@ _EXPIRES_HEADER = "Fw-Expires"
 _CHECK_EVERY = 2
 #: Seconds without pull requests after which the server deletes a named channel's consumer.
 _CONSUMER_INACTIVE = 600.0
-#: Most group_sends waiting for delivery to named members before group_send waits.
-_NAMED_QUEUE = 10_000
+#: Last token of the KV key ``<group>.o.-named``, put when a named channel joins the group.
+#: It sits among the owner keys (never a process token: those are hex), so the one listing
+#: group_send makes also says whether the group may have named members to look up.
+_NAMED_MARK = "-named"
 #: One JetStream request may take this long before it is retried (within ``timeout``).
 _ATTEMPT_TIMEOUT = 2.0
 #: Headers of a history entry: its offset in the group, and the epoch of the group's history.
@@ -376,11 +378,6 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: group -> loop.time() when this layer last put its owner key of the group.
         self._owned: dict[str, float] = {}
         self._owner_locks = _KeyedLocks()
-        # group_send hands (group, data) to one background worker that delivers to
-        # the group's named members, so that group_send itself waits for no round
-        # trip. Bounded: a full queue makes group_send wait (backpressure).
-        self._named_queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=_NAMED_QUEUE)
-        self._named_worker: asyncio.Task[None] | None = None
         self._history_stores: Memo[HistoryPolicy, _HistoryStore] = Memo(self._history_store_of)
         self._history_ready: set[str] = set()
         #: history subject -> its newest entry as this layer last saw it (the next append's guess).
@@ -493,14 +490,6 @@ class NATSChannelLayer(BrokerChannelLayer):
         return self.unavailable(reason)
 
     async def _close(self) -> None:
-        if self._named_worker is not None and not self._named_queue.empty():
-            # group_sends made just before close still reach their named members.
-            with contextlib.suppress(BackendUnavailable):
-                await within(
-                    self._named_queue.join(),
-                    self.timeout,
-                    lambda: self.unavailable("group_sends to named members still queued at close"),
-                )
         await self._forget_local_members()
         await self._drop_inbox_consumer()
         # nats-py can swallow a cancellation that races with a reply (asyncio.wait_for
@@ -1159,11 +1148,18 @@ class NATSChannelLayer(BrokerChannelLayer):
         kv = await self._bucket()
         key = self.member_key(group, channel)
         joined = repr(time.time()).encode()
+        what = f"group_{op} of {channel!r} in {group!r}"
         await self._retry(
-            f"group_{op} of {channel!r} in {group!r}",
+            what,
             (lambda: kv.put(key, joined)) if op == "add" else (lambda: self._forget(kv, key)),
             self._recover_bucket,
         )
+        if op == "add" and not is_process_specific(channel):
+            # Put after the member key, so it outlives the member (the bucket's TTL
+            # counts from the last put). Left to expire on discard: a stale mark only
+            # costs group_send a listing that finds no named member.
+            mark = self.owner_key(group, _NAMED_MARK)
+            await self._retry(what, lambda: kv.put(mark, b""), self._recover_bucket)
 
     async def _change_local(self, op: str, group: str, channel: str) -> None:
         if op == "add":
@@ -1229,8 +1225,11 @@ class NATSChannelLayer(BrokerChannelLayer):
             # A stale owner key only costs other processes a copy this layer ignores.
             logger.debug("removing the owner key of %r failed: %s", group, exc)
 
-    async def _owners(self, group: str) -> list[str]:
-        """The process tokens of the other layers holding members of ``group`` (one request)."""
+    async def _owners(self, group: str) -> tuple[list[str], bool]:
+        """The process tokens of the other layers holding members of ``group`` (one request).
+
+        Also whether ``group`` may have named members (its ``-named`` mark).
+        """
         from nats.js.errors import NotFoundError
 
         await self._bucket()
@@ -1245,9 +1244,12 @@ class NATSChannelLayer(BrokerChannelLayer):
                 raise
             await self._recover_bucket()  # the server lost it: nobody owns anything
             self._owned.clear()
-            return []
-        tokens = (token_to_name(subject.rsplit(".", 1)[-1]) for subject in info.state.subjects or {})
-        return [token for token in tokens if token != self.client_token]
+            return [], False
+        tokens = {token_to_name(subject.rsplit(".", 1)[-1]) for subject in info.state.subjects or {}}
+        named = _NAMED_MARK in tokens
+        tokens.discard(_NAMED_MARK)
+        tokens.discard(self.client_token)
+        return sorted(tokens), named
 
     async def _tell_owner(self, channel: str, op: str, group: str) -> None:
         """Ask the layer that owns ``channel`` to change its local membership, and wait for it."""
@@ -1315,69 +1317,34 @@ class NATSChannelLayer(BrokerChannelLayer):
         if group in self.local_groups:
             self.deliver_to_local_members(group, self.decode(data))
         # One copy in the inbox of every other process with members, whatever their
-        # number; it returns once every copy is stored.
-        owners = await self._owners(group)
+        # number, and one per named member; it returns once every copy is stored, so
+        # nothing accepted is left to a task that could give up during an outage.
+        owners, named = await self._owners(group)
+        what = f"group_send to {group!r}"
+        stores: list[Awaitable[None]] = []
         if owners:
             payload = _frame(_TO_GROUP, group, data)
-            what = f"group_send to {group!r}"
-            if len(owners) == 1:
-                await self._store_in_inbox(owners[0], payload, what)
-            else:
-                results = await asyncio.gather(
-                    *(self._store_in_inbox(token, payload, what) for token in owners), return_exceptions=True
-                )
-                failed = next((result for result in results if isinstance(result, BaseException)), None)
-                if failed is not None:
-                    raise failed
-        if self._named_worker is None:
-            # Started on first use; restarted with backoff should it ever fail.
-            self._named_worker = self.tasks.keep_running(
-                self._deliver_to_named_members, "named-member delivery"
-            )
-        try:
-            self._named_queue.put_nowait((group, data))
-        except asyncio.QueueFull:
-            await within(
-                self._named_queue.put((group, data)),
-                self.timeout,
-                lambda: self.unavailable(
-                    f"group_send to {group!r}: {_NAMED_QUEUE} earlier group_sends still wait for "
-                    f"delivery to named members after {self.timeout} s"
-                ),
-            )
+            stores += [self._store_in_inbox(token, payload, what) for token in owners]
+        if named:
+            stores.append(self._send_to_named_members(group, data))
+        await _all_stored(stores)
 
-    async def _deliver_to_named_members(self) -> None:
-        """The background worker: store each group message for the group's named members.
+    async def _send_to_named_members(self, group: str, data: bytes) -> None:
+        """Store ``data`` for each named member of ``group``; full members are skipped and counted.
 
-        It reads membership from the server after the group_send was made, so a
-        named member added (by any process) before the group_send gets it. Queued
-        group_sends are taken in batches: one member listing per distinct group.
+        Membership is read from the server at the time of the call, so a named
+        member added (by any process) before the group_send gets it.
         """
-        queue = self._named_queue
-        while True:
-            batch = [await queue.get()]
-            while not queue.empty():
-                batch.append(queue.get_nowait())
-            try:
-                members: dict[str, list[str]] = {}
-                for group, data in batch:
-                    if group not in members:
-                        members[group] = await self._named_members(group)
-                    for channel in members[group]:
-                        try:
-                            await self._send_named(channel, data)
-                        except ChannelFull:
-                            self.stats.dropped_full += 1
-                            logger.debug("group_send to %r skipped full channel %r", group, channel)
-            except ChannelLayerError as exc:
-                if self.closed:
-                    return
-                logger.warning(
-                    "group_send to named members failed, dropped %d message(s): %s", len(batch), exc
-                )
-            finally:
-                for _ in batch:
-                    queue.task_done()
+        await _all_stored(
+            [self._send_to_named_member(group, channel, data) for channel in await self._named_members(group)]
+        )
+
+    async def _send_to_named_member(self, group: str, channel: str, data: bytes) -> None:
+        try:
+            await self._send_named(channel, data)
+        except ChannelFull:
+            self.stats.dropped_full += 1
+            logger.debug("group_send to %r skipped full channel %r", group, channel)
 
     async def _named_members(self, group: str) -> list[str]:
         """The named (stored) channels in ``group``; expired ones are skipped and pruned."""
@@ -1703,9 +1670,6 @@ class NATSChannelLayer(BrokerChannelLayer):
     async def _flush(self) -> None:
         from nats.js.errors import NotFoundError
 
-        if self._named_worker is not None and not self._named_worker.done():
-            await self._named_queue.join()  # nothing of an earlier group_send lands after
-
         for stream in (self.stream_name, self._kv_stream, self._inbox_stream):
             try:
                 await self._retry("flush", lambda stream=stream: self.js.purge_stream(stream))  # type: ignore[misc]
@@ -1717,6 +1681,17 @@ class NATSChannelLayer(BrokerChannelLayer):
         await self._presence_store().flush()
         # The owner keys went with the bucket.
         self._owned.clear()
+
+
+async def _all_stored(stores: Sequence[Awaitable[None]]) -> None:
+    """Await every store concurrently; once all are done, raise the first failure."""
+    if len(stores) == 1:
+        await stores[0]
+    elif stores:
+        results = await asyncio.gather(*stores, return_exceptions=True)
+        failed = next((result for result in results if isinstance(result, BaseException)), None)
+        if failed is not None:
+            raise failed
 
 
 def _joined(value: bytes | None) -> float:

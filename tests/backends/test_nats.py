@@ -306,6 +306,8 @@ async def test_kv_holds_one_key_per_member(nats_node: NatsNode, namespace: str, 
             ]
             # One owner key per group with members in this process.
             + [layer.owner_key(group, layer.client_token) for group in ("room:demo", "other")]
+            # The mark telling group_send that "room:demo" has named members.
+            + [layer.owner_key("room:demo", "-named")]
         )
         assert keys == expected
         assert all(":" not in key for key in keys)
@@ -339,6 +341,7 @@ async def test_close_removes_the_layers_members_from_the_bucket(
                 NATSChannelLayer.member_key("room", kept),
                 NATSChannelLayer.member_key("room", "named.kept"),
                 staying.owner_key("room", staying.client_token),
+                staying.owner_key("room", "-named"),
             ]
         )
     finally:

@@ -358,6 +358,32 @@ async def test_group_add_of_another_instances_channel(
     assert await b.receive(channel, timeout=10) == {"type": "hi"}
 
 
+async def test_group_send_stores_named_copies_before_returning_and_skips_full_ones(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    a, b = make(servers=[nats_node.url], capacity=1), make(servers=[nats_node.url], capacity=1)
+    channel = await a.new_channel()
+    for member in (channel, "named.full", "named.free"):
+        await a.group_add("mixed", member)
+    await b.send("named.full", {"type": "pre"})
+    await b.group_send("mixed", {"type": "g"})
+    assert b.stats.dropped_full == 1
+    # Stored by the time group_send returned, not later by some background task.
+    client = await raw_client([nats_node.url])
+    try:
+        subject = f"{namespace}.n.{subject_token('named.free')}"
+        info = await client.jetstream().stream_info(namespace, subjects_filter=subject)
+        assert info.state.subjects == {subject: 1}
+    finally:
+        await client.close()
+    c = make(servers=[nats_node.url])
+    assert (await c.receive("named.free", timeout=10))["type"] == "g"
+    assert (await c.receive("named.full", timeout=10))["type"] == "pre"
+    assert (await a.receive(channel, timeout=10))["type"] == "g"
+    with pytest.raises(TimeoutError):
+        await c.receive("named.full", timeout=0.3)
+
+
 async def test_group_send_sees_named_members_added_by_another_instance(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:

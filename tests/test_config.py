@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ from fastapi_websockets import (
 )
 from fastapi_websockets.config import BACKEND_ALIASES, backend_options
 
-SPEC_DEFAULTS = {
+SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
     "redis": {
         "url": "redis://localhost:6379/0",
         "prefix": "fastapi-websockets",
@@ -97,7 +98,7 @@ def test_spec_defaults(backend_name: str) -> None:
 
 
 def test_mapping_with_aliases() -> None:
-    layers = {
+    layers: dict[str, dict[str, Any]] = {
         "default": {"BACKEND": "inmemory", "CONFIG": {"capacity": 5}},
         "events": {"BACKEND": "fastapi_websockets.backends.inmemory.InMemoryChannelLayer"},
     }
@@ -343,9 +344,10 @@ def test_settings_and_config_errors_never_show_a_password() -> None:
     settings = parse_channel_layers({"default": {"BACKEND": "redis", "CONFIG": {"url": url}}})
     assert "cache.example" in repr(settings["default"])
     errors = []
+    bad: object
     for bad in ({"BACKEND": "redis", "CONFIG": {"url": url, "timeout": "soon"}}, [url]):
         with pytest.raises(InvalidChannelLayerConfig) as caught:
-            parse_channel_layers({"default": bad})
+            parse_channel_layers({"default": bad})  # type: ignore[dict-item]
         errors.append(caught.value)
     assert_no_secret(errors=errors, objects=[settings, settings["default"]])
 
@@ -382,4 +384,4 @@ def test_bad_history_option_is_refused(history: object, message: str) -> None:
     from fastapi_websockets import InMemoryChannelLayer
 
     with pytest.raises(InvalidChannelLayerConfig, match=message):
-        InMemoryChannelLayer(history=history)  # type: ignore[arg-type]
+        InMemoryChannelLayer(history=history)

@@ -215,7 +215,9 @@ def test_settings_follow_changed_attributes_and_unhashable_values_are_reported()
         allowed_origins: ClassVar[list[str] | None] = ["https://a.example.com"]
 
     assert Changing.edge_limits().origins.allowed_origins == ("https://a.example.com",)
-    Changing.allowed_origins.append("https://b.example.com")  # mutated in place: not a stale cache
+    origins = Changing.allowed_origins
+    assert origins is not None
+    origins.append("https://b.example.com")  # mutated in place: not a stale cache
     assert Changing.edge_limits().origins.allowed_origins == (
         "https://a.example.com",
         "https://b.example.com",

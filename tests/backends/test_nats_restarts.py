@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
@@ -218,7 +218,7 @@ async def test_ten_restarts_in_a_row_lose_nothing_across_processes(
 
         async def burst(cycle: int, when: str) -> None:
             ids = [f"{cycle}-{when}-{kind}-{i}" for kind in ("p", "g", "n") for i in range(3)]
-            sends = []
+            sends: list[Awaitable[object]] = []
             for key in ids:
                 kind = key.split("-")[2]
                 message = {"type": "m", "id": key}

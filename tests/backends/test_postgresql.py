@@ -280,7 +280,7 @@ async def test_mixed_case_schema_is_quoted(make: Factory, db: asyncpg.Connection
 )
 def test_bad_options_are_refused(option: str, value: object) -> None:
     with pytest.raises(InvalidChannelLayerConfig, match=option.split("_")[0]):
-        PostgreSQLChannelLayer(**{option: value})
+        PostgreSQLChannelLayer(**{option: value})  # type: ignore[arg-type]
 
 
 def test_spec_options_from_mapping_and_environment() -> None:
@@ -470,9 +470,12 @@ async def test_group_send_skips_full_named_members(
     await layer.send("named.full", {"type": "pre"})
     await layer.send("named.full", {"type": "pre"})
     await layer.group_send("g", {"type": "g"})
-    counts = dict(
-        await db.fetch(f'SELECT queue, count(*) FROM "{namespace}".message GROUP BY queue ORDER BY queue')
-    )
+    counts = {
+        row[0]: row[1]
+        for row in await db.fetch(
+            f'SELECT queue, count(*) FROM "{namespace}".message GROUP BY queue ORDER BY queue'
+        )
+    }
     assert counts == {"named.free": 1, "named.full": 2}
     assert (await layer.receive("named.free", timeout=10))["type"] == "g"
     assert (await layer.receive(other, timeout=10))["type"] == "g"

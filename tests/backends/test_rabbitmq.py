@@ -130,7 +130,7 @@ def test_environment_empty_means_no_limit() -> None:
 )
 def test_bad_options_name_the_option_and_value(option: str, value: object) -> None:
     with pytest.raises(InvalidChannelLayerConfig, match=option) as info:
-        RabbitMQChannelLayer(**{option: value})
+        RabbitMQChannelLayer(**{option: value})  # type: ignore[arg-type]
     assert repr(value)[:20] in str(info.value)
 
 

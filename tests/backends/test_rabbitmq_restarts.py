@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fastapi_websockets import BaseChannelLayer
 from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer, named_queue_name
 from fastapi_websockets.backends.timeouts import wait_event
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
@@ -61,7 +62,7 @@ def prefix(namespace: str) -> str:
 
 
 @pytest.fixture
-def make(node: RabbitNode, prefix: str, layers: list[RabbitMQChannelLayer]) -> Factory:
+def make(node: RabbitNode, prefix: str, layers: list[BaseChannelLayer]) -> Factory:
     return layer_factory(
         layers, RabbitMQChannelLayer, url=node.url, exchange_name=prefix, queue_prefix=prefix, timeout=3
     )
@@ -141,7 +142,7 @@ def crash(node: RabbitNode, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_sends_the_instant_the_broker_is_back_arrive(
-    request: pytest.FixtureRequest, layers: list[RabbitMQChannelLayer], prefix: str, how: str
+    request: pytest.FixtureRequest, layers: list[BaseChannelLayer], prefix: str, how: str
 ) -> None:
     node: RabbitNode = request.getfixturevalue("killable_node" if how == "kill" else "node")
     make = layer_factory(

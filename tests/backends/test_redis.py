@@ -13,12 +13,12 @@ import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as redis_asyncio
 from redis.asyncio.cluster import RedisCluster as ClusterClient
-from redis.cluster import key_slot
+from redis.crc import key_slot
 
 from fastapi_websockets import BaseChannelLayer, ChannelFull, InvalidChannelLayerConfig, get_channel_layer
 from fastapi_websockets.backends.redis import RedisChannelLayer
@@ -559,7 +559,9 @@ async def test_no_secret_when_redis_goes_away_mid_operation(
     async def allow_user() -> None:
         admin = redis_asyncio.Redis.from_url(restartable_redis.url)
         try:
-            await admin.execute_command("ACL", "SETUSER", "fwuser", "on", f">{SECRET}", "~*", "&*", "+@all")
+            await admin.execute_command(  # type: ignore[no-untyped-call]
+                "ACL", "SETUSER", "fwuser", "on", f">{SECRET}", "~*", "&*", "+@all"
+            )
         finally:
             await admin.aclose()
 
@@ -889,10 +891,10 @@ async def test_a_dead_process_is_reaped_once_and_leaves_nothing(
         f"{prefix}:plive:{{presence}}",
         *(f"{prefix}:pgroups:{{presence}}:{layer.client_token}" for layer in reapers),
     }
-    assert {token.decode() for token in await raw.zrange(f"{prefix}:plive:{{presence}}", 0, -1)} == {
-        layer.client_token for layer in reapers
-    }
-    assert dead not in {token.decode() for token in await raw.zrange(f"{prefix}:plive:{{presence}}", 0, -1)}
+    live = cast("list[bytes]", await raw.zrange(f"{prefix}:plive:{{presence}}", 0, -1))
+    assert {token.decode() for token in live} == {layer.client_token for layer in reapers}
+    live = cast("list[bytes]", await raw.zrange(f"{prefix}:plive:{{presence}}", 0, -1))
+    assert dead not in {token.decode() for token in live}
     assert await raw.hlen(f"{prefix}:presence:{{room:a}}") == 3
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.asynccontextmanager
-async def serve(app: object) -> AsyncIterator[str]:
+async def serve(app: Any) -> AsyncIterator[str]:
     """Serve ``app`` in this event loop; yield its ``ws://`` base URL; shut it down after."""
     port = free_port()
     config = uvicorn.Config(

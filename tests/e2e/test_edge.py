@@ -15,7 +15,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from fastapi_websockets import AsyncJsonWebSocketConsumer, AsyncWebSocketConsumer, InMemoryChannelLayer
+from fastapi_websockets import (
+    AsyncJsonWebSocketConsumer,
+    AsyncWebSocketConsumer,
+    History,
+    InMemoryChannelLayer,
+    StreamPosition,
+)
 from tests.e2e.server import serve
 
 CONNECTS: list[str] = []
@@ -35,9 +41,11 @@ class CountingLayer(InMemoryChannelLayer):
         self.channels_created += 1
         return await super().new_channel(prefix)
 
-    async def group_add(self, group: str, channel: str) -> None:
+    async def group_add(
+        self, group: str, channel: str, *, since: StreamPosition | None = None
+    ) -> History | None:
         self.groups_joined += 1
-        await super().group_add(group, channel)
+        return await super().group_add(group, channel, since=since)
 
 
 class Echo(AsyncWebSocketConsumer):

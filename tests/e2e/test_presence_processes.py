@@ -86,7 +86,7 @@ async def test_a_killed_process_disappears_and_its_leaves_are_announced(
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         killed_at = time.monotonic()
-        left = set()
+        left: set[str] = set()
         while left != set(theirs):
             event = await layer.receive(watcher, timeout=TIMEOUT + 5)
             assert event["type"] == "presence.left"

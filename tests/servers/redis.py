@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,10 @@ def restartable_redis(redis_tmpdir: Path) -> Iterator[RedisNode]:
     node.stop()
 
 
+def _cluster_ok(node: RedisNode) -> bool:
+    return "cluster_state:ok" in node.cli_call("cluster", "info")
+
+
 class RedisCluster:
     """Three masters, no replicas, formed with ``redis-cli --cluster create``."""
 
@@ -203,7 +208,7 @@ class RedisCluster:
         )
         for node in self.nodes:
             wait_for(
-                lambda node=node: "cluster_state:ok" in node.cli_call("cluster", "info"),
+                partial(_cluster_ok, node),
                 f"cluster node {node.port}",
                 timeout=60,
                 proc=node.proc,
@@ -324,7 +329,7 @@ class SentinelGroup:
             )
             self.sentinels.append(ServerProcess([server, str(config), "--sentinel"], directory))
         for port, proc in zip(self.sentinel_ports, self.sentinels, strict=True):
-            wait_for(lambda port=port: self._knows_group(port), f"sentinel {port}", timeout=60, proc=proc)
+            wait_for(partial(self._knows_group, port), f"sentinel {port}", timeout=60, proc=proc)
 
     def sentinel_call(self, port: int, *args: str) -> str:
         result = subprocess.run(

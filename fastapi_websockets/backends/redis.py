@@ -1080,6 +1080,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         """
         backoff = self.backoff()
         recoverable: tuple[type[BaseException], ...] = (*self._redis_errors, ChannelLayerError)
+        # A failure that repeats the last one logged is logged at debug: a reader
+        # that keeps failing warns once per kind of error, not once per attempt.
+        last_reason: str | None = None
         while not self._closed:
             try:
                 await self._reader_session()
@@ -1089,11 +1092,20 @@ class RedisChannelLayer(BrokerChannelLayer):
                 if self._closed:
                     return
                 self.report_connection(False)
+                reason = self.redact(str(exc))
                 if self._reader_healthy:
-                    logger.warning("lost Redis at %s (%s); reconnecting", self.where, self.redact(str(exc)))
                     backoff.reset()
+                if self._reader_healthy or reason != last_reason:
+                    lost = isinstance(exc, (*self._conn_errors, BackendUnavailable))
+                    what = (
+                        "lost Redis at %s (%s); reconnecting"
+                        if lost
+                        else "reading the inbox at %s failed (%s); retrying"
+                    )
+                    logger.warning(what, self.where, reason)
                 else:
-                    logger.debug("Redis at %s still unreachable: %s", self.where, self.redact(str(exc)))
+                    logger.debug("Redis inbox at %s still unreadable: %s", self.where, reason)
+                last_reason = reason
             finally:
                 self._reader_healthy = False
             await backoff.sleep()
@@ -1135,11 +1147,16 @@ class RedisChannelLayer(BrokerChannelLayer):
                     await self._connected()
                     while not self._closed:
                         await self._drain()
+                        self._reader_healthy = True
                         await pubsub.get_message(ignore_subscribe_messages=True, timeout=_BLOCK_SECONDS)
                 finally:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
             else:
                 await self._connected()
+                # Only a session that read its inbox once counts as healthy (resets the
+                # backoff): one that connects and then fails every read must not spin.
+                await self._drain()
+                self._reader_healthy = True
                 inbox = self._inbox_key(self.client_token)
                 while not self._closed:
                     popped = await client.blmpop(_BLOCK_SECONDS, 1, inbox, direction="LEFT", count=_BATCH)
@@ -1153,7 +1170,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         if self._reader_was_connected:
             await self._restore()
             logger.warning("reconnected to Redis at %s", self.where)
-        self._reader_healthy = self._reader_was_connected = True
+        self._reader_was_connected = True
         self.report_connection(True)
 
     async def _subscribe(self, pubsub: PubSub) -> None:
@@ -1171,7 +1188,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         raise self.unavailable("the subscription was not confirmed")
 
     async def _drain(self) -> None:
-        """Pop the inbox until it is empty (pub/sub mode)."""
+        """Pop the inbox until it is empty (in pub/sub mode after every wake-up)."""
         inbox = self._inbox_key(self.client_token)
         while True:
             popped = await self._execute("LMPOP", 1, inbox, "LEFT", "COUNT", _BATCH)
@@ -1310,6 +1327,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         """
         keys = [self._channel_key(channel), self._waiters_key(channel)]
         backoff = self.backoff()
+        failing: ChannelLayerError | None = None
         while True:
             want = queue.pending()
             if want == 0:
@@ -1328,9 +1346,15 @@ class RedisChannelLayer(BrokerChannelLayer):
             except ChannelLayerClosed:
                 return
             except ChannelLayerError as exc:  # BackendUnavailable among others: retry
-                logger.debug("named receive on %r waits for Redis: %s", channel, exc)
+                # Warn once per run of failures (a refused pop would otherwise be silent).
+                log = logger.warning if failing is None else logger.debug
+                log("named receive on %r waits for Redis (%s); retrying", channel, exc)
+                failing = exc
                 await backoff.sleep(queue.demand)
                 continue
+            if failing is not None:
+                logger.info("named receive on %r reads from Redis again", channel)
+                failing = None
             backoff.reset()
             for entry in entries:
                 message = self.decode_or_drop(entry[_DEADLINE_DIGITS:], f"Redis named channel {channel!r}")

@@ -97,6 +97,11 @@ _WAITER_TTL_MS = 45_000
 #: inbox must not grow without bound while senders keep refreshing its TTL).
 _INBOX_FACTOR = 100
 _DEADLINE_DIGITS = 13
+#: After Redis lost its data (a restart without persistence), group_send is refused
+#: for this long, so that every live process re-registers its members first. A
+#: reader retries at least every 2.4 s (the shared backoff's cap plus its jitter);
+#: the rest is room for connecting and re-registering on a busy machine.
+_REGISTER_GRACE_MS = 5_000
 #: Most dead processes one presence reap claims (the rest wait for the next beat).
 _REAP_BATCH = 100
 _DATA = b"D"
@@ -251,11 +256,31 @@ if #stale > 0 then
 end
 """
 
-# KEYS: group, owners. ARGV: group expiry ms. Returns the owners hash after dropping
-# stale members: {owner, count, owner, count...}.
+
+def _ready_check(index: int) -> str:
+    """Lua that refuses a group_send while Redis may lack members it lost (KEYS[index]: the marker).
+
+    An integer reply instead of the owners: -1 if the marker is gone (Redis lost
+    its data, or never had this prefix's), else the ms left of the grace window
+    in which the processes re-register their members. Without that key (a
+    cluster) nothing is checked. Needs `now`.
+    """
+    return f"""
+if #KEYS >= {index} then
+  local ready = redis.call('GET', KEYS[{index}])
+  if not ready then return -1 end
+  if tonumber(ready) > now then return tonumber(ready) - now end
+end
+"""
+
+
+# KEYS: group, owners[, ready marker]. ARGV: group expiry ms. Returns the owners hash
+# after dropping stale members: {owner, count, owner, count...}; or an integer (see
+# _ready_check).
 _GROUP_OWNERS = (
     _NOW
     + _OWNER_OF
+    + _ready_check(3)
     + _DROP_STALE
     + """
 return redis.call('HGETALL', KEYS[2])
@@ -288,7 +313,7 @@ local function history_live(list, meta, candidate)
 end
 """
 
-# KEYS: group, owners, history list, history meta. ARGV: group expiry ms, size,
+# KEYS: group, owners, history list, history meta[, ready marker]. ARGV: group expiry ms, size,
 # ttl ms, candidate epoch, entry. A group_send to a group with history in one call:
 # assigns the next offset, stores the entry, trims to `size`, keeps the whole
 # history for `ttl` after this append, and returns {offset, epoch, owners hash}
@@ -296,6 +321,7 @@ end
 _GROUP_SEND_HISTORY = (
     _NOW
     + _OWNER_OF
+    + _ready_check(5)
     + _DROP_STALE
     + _HISTORY_LIVE
     + """
@@ -330,6 +356,16 @@ return {newest, epoch, (head - 1 <= after) and 1 or 0, first, entries}
 """
 )
 
+
+# KEYS: the ready marker. ARGV: grace ms. Creates the marker if it is missing, with
+# the groups usable `grace` ms from now; returns the ms left before they are.
+_READY_MARK = (
+    _NOW
+    + """
+redis.call('SET', KEYS[1], string.format('%d', now + tonumber(ARGV[1])), 'NX')
+return math.max(tonumber(redis.call('GET', KEYS[1])) - now, 0)
+"""
+)
 
 # KEYS: live owners, this owner's groups. ARGV: token, timeout ms, group.
 # Records (or refreshes) the owner before its entry in `group` is stored.
@@ -431,6 +467,7 @@ _SCRIPTS = {
         "group_owners": _GROUP_OWNERS,
         "group_send_history": _GROUP_SEND_HISTORY,
         "history_read": _HISTORY_READ,
+        "ready_mark": _READY_MARK,
         "presence_own": _PRESENCE_OWN,
         "presence_disown": _PRESENCE_DISOWN,
         "presence_take": _PRESENCE_TAKE,
@@ -565,6 +602,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         #: The receivers of this process waiting on each named channel; one fetch task each.
         self._named: dict[str, WaiterQueue[Message]] = {}
         self._clock_offset_ms = 0.0
+        #: Whether this layer saw the ready marker: if it goes missing later, Redis lost its data.
+        self._ready_seen = False
         #: Group messages waiting while the members of a group are read back from Redis.
         self._resyncing: dict[str, list[Message]] = {}
 
@@ -601,6 +640,15 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _presence_owner_keys(self, token: str) -> list[str]:
         """The live owners and the groups of ``token``: one hash tag, one slot for all processes."""
         return [self._presence_live_key, f"{self.prefix}:pgroups:{{presence}}:{token}"]
+
+    @property
+    def _ready_keys(self) -> list[str]:
+        """The marker a group_send checks, as a key list to append (none in a cluster).
+
+        A cluster spreads a prefix's groups over slots, and a script may only touch
+        keys of one slot, so there is no single marker to check there.
+        """
+        return [] if self.cluster else [f"{self.prefix}:ready"]
 
     @property
     def _presence_live_key(self) -> str:
@@ -886,8 +934,33 @@ class RedisChannelLayer(BrokerChannelLayer):
             logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        owners = await self._script("group_owners", self._group_keys(group), self._group_expiry_ms)
+        owners = await self._group_script("group_owners", self._group_keys(group), self._group_expiry_ms)
         await self._fan_out(group, owners, data)
+
+    async def _group_script(self, name: str, keys: list[str], *args: Any) -> Any:
+        """Run a script that reads a group's owners, unless Redis may have lost some of them.
+
+        The check is part of the script (one GET, no extra round trip). A missing
+        marker means either a prefix nobody used yet or a Redis that lost its data:
+        a layer that saw the marker before knows it is the second, and opens the
+        grace window in which the processes re-register their members; one that
+        never did takes it for the first.
+        """
+        for fresh in (not self._ready_seen, False):
+            reply = await self._script(name, [*keys, *self._ready_keys], *args)
+            if not isinstance(reply, int):
+                self._ready_seen = True
+                return reply
+            if reply < 0:
+                if fresh:
+                    await self._script("ready_mark", self._ready_keys, 0)
+                    continue
+                reply = await self._script("ready_mark", self._ready_keys, _REGISTER_GRACE_MS)
+            raise BackendUnavailable(
+                f"Redis lost its data at {self.where} (a restart without persistence?); "
+                f"processes are re-registering their group members, retry in {reply / 1000:.1f} s"
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _fan_out(self, group: str, reply: list[bytes], data: bytes) -> None:
         """Deliver ``data`` to the owners of ``group`` listed in ``reply`` (the owners hash)."""
@@ -952,7 +1025,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         self, group: str, data: bytes, policy: HistoryPolicy
     ) -> tuple[StreamPosition, list[bytes]]:
         """Append ``data`` to the group's history; return its position and the group's owners."""
-        offset, epoch, owners = await self._script(
+        offset, epoch, owners = await self._group_script(
             "group_send_history",
             [*self._group_keys(group), *self._history_keys(group)],
             self._group_expiry_ms,
@@ -1167,6 +1240,12 @@ class RedisChannelLayer(BrokerChannelLayer):
             await client.aclose()
 
     async def _connected(self) -> None:
+        if self._ready_keys:
+            # Before re-registering: if Redis lost its data, group_send waits for every
+            # process to do the same, not only this one.
+            grace = _REGISTER_GRACE_MS if self._reader_was_connected else 0
+            await self._script("ready_mark", self._ready_keys, grace)
+            self._ready_seen = True
         if self._reader_was_connected:
             await self._restore()
             logger.warning("reconnected to Redis at %s", self.where)
@@ -1367,7 +1446,13 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     async def _flush(self) -> None:
         assert self._client is not None
-        keys = [key async for key in self._client.scan_iter(match=f"{self.prefix}:*", count=1000)]
+        # The ready marker stays: a flush empties the groups on purpose, Redis lost nothing.
+        kept = {key.encode() for key in self._ready_keys}
+        keys = [
+            key
+            async for key in self._client.scan_iter(match=f"{self.prefix}:*", count=1000)
+            if key not in kept
+        ]
         if keys:
             await asyncio.gather(*(self._execute("UNLINK", key) for key in keys))
         self._wake_all_named()

@@ -35,6 +35,10 @@ tags, so keys that one Lua script touches always share a slot):
   that process holds entries (one hash tag: a reaper claims a dead process and
   takes its group list in one script). A dead process's entries are found
   through its group list, never by reading every group.
+* ``P:ready``: not in a cluster; the Redis time (ms) from which groups are
+  complete. It goes missing only when Redis lost its data (a restart without
+  persistence): ``group_send`` then refuses for a grace window in which every
+  live process re-registers its members (see ``_group_script``).
 
 Entries of the lists start with a 13-digit deadline in ms (Redis server time),
 so undelivered messages expire individually and capacity checks ignore them.

@@ -950,21 +950,20 @@ class RedisChannelLayer(BrokerChannelLayer):
         grace window in which the processes re-register their members; one that
         never did takes it for the first.
         """
-        for fresh in (not self._ready_seen, False):
-            reply = await self._script(name, [*keys, *self._ready_keys], *args)
-            if not isinstance(reply, int):
-                self._ready_seen = True
-                return reply
-            if reply < 0:
-                if fresh:
-                    await self._script("ready_mark", self._ready_keys, 0)
-                    continue
-                reply = await self._script("ready_mark", self._ready_keys, _REGISTER_GRACE_MS)
-            raise BackendUnavailable(
-                f"Redis lost its data at {self.where} (a restart without persistence?); "
-                f"processes are re-registering their group members, retry in {reply / 1000:.1f} s"
-            )
-        raise AssertionError("unreachable")  # pragma: no cover
+        keys = [*keys, *self._ready_keys]
+        reply = await self._script(name, keys, *args)
+        if isinstance(reply, int) and reply < 0 and not self._ready_seen:
+            await self._script("ready_mark", self._ready_keys, 0)
+            reply = await self._script(name, keys, *args)
+        if not isinstance(reply, int):
+            self._ready_seen = True
+            return reply
+        if reply < 0:
+            reply = await self._script("ready_mark", self._ready_keys, _REGISTER_GRACE_MS)
+        raise BackendUnavailable(
+            f"Redis lost its data at {self.where} (a restart without persistence?); "
+            f"processes are re-registering their group members, retry in {reply / 1000:.1f} s"
+        )
 
     async def _fan_out(self, group: str, reply: list[bytes], data: bytes) -> None:
         """Deliver ``data`` to the owners of ``group`` listed in ``reply`` (the owners hash)."""

@@ -7,9 +7,13 @@ tags, so keys that one Lua script touches always share a slot):
   for its process-specific channels (``name.token!id``) lands here, one entry
   per message per *process* (a group message names all the local members it
   is for). One background task pops it in batches.
+* ``P:taken:{token}``: the batch the reader popped last, kept until its next pop
+  says it arrived, so that a pop whose reply is lost (Redis crashed or the
+  connection broke after running it) is handed out again instead of lost.
 * ``P:wake:{token}``: with ``use_pubsub``, the pub/sub channel on which a push
   to an empty inbox wakes that reader (SPUBLISH in a cluster with
-  ``sharded_pubsub``); without it the reader blocks in BLMPOP.
+  ``sharded_pubsub``); without it the reader blocks in BLMOVE until the inbox
+  is not empty.
 * ``P:chan:{name}``: a list, a named channel: a shared queue, each message
   popped by exactly one receiver of any process.
 * ``P:waiters:{name}``: a sorted set of the tokens of processes waiting on a
@@ -56,7 +60,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi_websockets.backends.base import missing_driver
@@ -89,7 +93,7 @@ logger = logging.getLogger("fastapi_websockets.redis")
 
 #: Most inbox entries one pop takes.
 _BATCH = 512
-#: Seconds a BLMPOP blocks (and a pub/sub reader waits for a wake-up) before
+#: Seconds a BLMOVE blocks (and a pub/sub reader waits for a wake-up) before
 #: re-checking; only a safety net against a silently dead connection.
 _BLOCK_SECONDS = 30
 #: Seconds between re-checks of a named channel while a receive waits on it:
@@ -167,6 +171,24 @@ end
 return k
 """
 )
+
+# KEYS: inbox, its taken list (same hash tag). ARGV: id of the batch the reader got
+# last ('' for none), id for a new batch, count, ttl ms. The reader's pop, safe
+# against a lost reply: the batch it takes stays in the taken list (first element:
+# its id) until the next call names that id. A call that names another id did not
+# get that batch (Redis ran the pop but the reply was lost in a crash or a cut
+# connection) and gets the same batch again. Returns {id, entries...} or {}.
+_TAKE_INBOX = """
+local taken = redis.call('LINDEX', KEYS[2], 0)
+if taken and taken ~= ARGV[1] then return redis.call('LRANGE', KEYS[2], 0, -1) end
+if taken then redis.call('DEL', KEYS[2]) end
+local popped = redis.call('LPOP', KEYS[1], tonumber(ARGV[3]))
+if not popped then return {} end
+redis.call('RPUSH', KEYS[2], ARGV[2], unpack(popped))
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+table.insert(popped, 1, ARGV[2])
+return popped
+"""
 
 # KEYS: named channel list, its waiters. ARGV: entry, capacity, ttl ms.
 # Returns the new length (-1 if full) and the tokens of the processes to wake.
@@ -464,6 +486,7 @@ _SCRIPTS = {
     name: _Script(source)
     for name, source in {
         "push_inbox": _PUSH_INBOX,
+        "take_inbox": _TAKE_INBOX,
         "push_named": _PUSH_NAMED,
         "pop_named": _POP_NAMED,
         "group_add": _GROUP_ADD,
@@ -526,7 +549,7 @@ class RedisChannelLayer(BrokerChannelLayer):
       ``. _ / -``); layers with different prefixes share nothing.
     * ``cluster``: talk to a Redis Cluster.
     * ``use_pubsub``: readers wait for a pub/sub wake-up and then pop their inbox,
-      instead of blocking in BLMPOP. Messages always travel in lists.
+      instead of blocking in BLMOVE. Messages always travel in lists.
     * ``sharded_pubsub``: in a cluster, wake-ups use SPUBLISH/SSUBSCRIBE
       (Redis 7), so only the node owning the inbox's slot carries them.
     * ``sentinels`` and ``sentinel_master``: ``"host:port"`` of the Redis
@@ -606,6 +629,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         #: The receivers of this process waiting on each named channel; one fetch task each.
         self._named: dict[str, WaiterQueue[Message]] = {}
         self._clock_offset_ms = 0.0
+        #: Id of the last inbox batch the reader got (acknowledged by the next take).
+        self._taken_id = ""
+        self._taken_seq = 0
         #: Whether this layer saw the ready marker: if it goes missing later, Redis lost its data.
         self._ready_seen = False
         #: Group messages waiting while the members of a group are read back from Redis.
@@ -615,6 +641,9 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     def _inbox_key(self, token: str) -> str:
         return f"{self.prefix}:inbox:{{{token}}}"
+
+    def _taken_key(self, token: str) -> str:
+        return f"{self.prefix}:taken:{{{token}}}"
 
     def _wake_channel(self, token: str) -> str:
         return f"{self.prefix}:wake:{{{token}}}"
@@ -1156,9 +1185,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         """
         backoff = self.backoff()
         recoverable: tuple[type[BaseException], ...] = (*self._redis_errors, ChannelLayerError)
-        # A failure that repeats the last one logged is logged at debug: a reader
-        # that keeps failing warns once per kind of error, not once per attempt.
-        last_reason: str | None = None
+        # A reader that keeps failing warns once per outage or per kind of refusal,
+        # not once per attempt (a connection error's text changes between attempts).
+        last_kind: str | None = None
         while not self._closed:
             try:
                 await self._reader_session()
@@ -1169,10 +1198,11 @@ class RedisChannelLayer(BrokerChannelLayer):
                     return
                 self.report_connection(False)
                 reason = self.redact(str(exc))
+                lost = isinstance(exc, (*self._conn_errors, BackendUnavailable))
+                kind = "lost" if lost else reason
                 if self._reader_healthy:
                     backoff.reset()
-                if self._reader_healthy or reason != last_reason:
-                    lost = isinstance(exc, (*self._conn_errors, BackendUnavailable))
+                if self._reader_healthy or kind != last_kind:
                     what = (
                         "lost Redis at %s (%s); reconnecting"
                         if lost
@@ -1181,7 +1211,7 @@ class RedisChannelLayer(BrokerChannelLayer):
                     logger.warning(what, self.where, reason)
                 else:
                     logger.debug("Redis inbox at %s still unreadable: %s", self.where, reason)
-                last_reason = reason
+                last_kind = kind
             finally:
                 self._reader_healthy = False
             await backoff.sleep()
@@ -1203,7 +1233,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             return self._sentinel_master(**reader_options)
         kwargs: dict[str, Any] = {**parse_url(self.url), **self._tls_options()}
         if self._cluster_client is not None:
-            # The node that owns the inbox's slot: it serves the BLMPOP and the SSUBSCRIBE.
+            # The node that owns the inbox's slot: it serves the BLMOVE and the SSUBSCRIBE.
             node = self._cluster_client.get_node_from_key(self._inbox_key(self.client_token))
             if node is None:
                 raise self.unavailable("no cluster node serves this layer's inbox")
@@ -1235,9 +1265,10 @@ class RedisChannelLayer(BrokerChannelLayer):
                 self._reader_healthy = True
                 inbox = self._inbox_key(self.client_token)
                 while not self._closed:
-                    popped = await client.blmpop(_BLOCK_SECONDS, 1, inbox, direction="LEFT", count=_BATCH)
-                    if popped:
-                        self._handle_entries(cast("list[bytes]", popped[1]))
+                    # Moving the head to the head leaves the list as it is: a blocking wait
+                    # for a non-empty inbox that takes nothing (the take is _drain's).
+                    if await client.blmove(inbox, inbox, _BLOCK_SECONDS, "LEFT", "LEFT") is not None:
+                        await self._drain()
         finally:
             self._reader_redis = None
             await client.aclose()
@@ -1270,14 +1301,18 @@ class RedisChannelLayer(BrokerChannelLayer):
         raise self.unavailable("the subscription was not confirmed")
 
     async def _drain(self) -> None:
-        """Pop the inbox until it is empty (in pub/sub mode after every wake-up)."""
-        inbox = self._inbox_key(self.client_token)
+        """Take the inbox's entries until it is empty; each take acknowledges the one before."""
+        keys = [self._inbox_key(self.client_token), self._taken_key(self.client_token)]
         while True:
-            popped = await self._execute("LMPOP", 1, inbox, "LEFT", "COUNT", _BATCH)
-            if not popped:
+            self._taken_seq += 1
+            reply = await self._script(
+                "take_inbox", keys, self._taken_id, f"#{self._taken_seq}", _BATCH, self._expiry_ms
+            )
+            if not reply:
                 return
-            entries = popped[1]
+            entries = reply[1:]
             self._handle_entries(entries)
+            self._taken_id = reply[0].decode()
             if len(entries) < _BATCH:
                 return
 

@@ -39,8 +39,18 @@ PATIENCE = 60.0
 
 @pytest.fixture
 def persistent(tmp_path: Path) -> Iterator[RedisNode]:
-    """A server of the test's own that keeps its data across a restart (append-only file)."""
-    node = RedisNode(tmp_path / "persistent", free_port(), extra_args=["--appendonly", "yes"])
+    """A server of the test's own that keeps its data across a restart (append-only file).
+
+    ``appendfsync always``: with Redis's default (``everysec``) a reply may leave
+    before its write reaches the file while a background fsync runs, so a ``kill -9``
+    can undo the last second or two: a pop (the message comes again) or a push
+    (an accepted message is lost). Measured here: 5 of 300 delivered twice.
+    """
+    node = RedisNode(
+        tmp_path / "persistent",
+        free_port(),
+        extra_args=["--appendonly", "yes", "--appendfsync", "always"],
+    )
     node.start()
     try:
         yield node

@@ -16,6 +16,8 @@ tags, so keys that one Lua script touches always share a slot):
   is not empty.
 * ``P:chan:{name}``: a list, a named channel: a shared queue, each message
   popped by exactly one receiver of any process.
+* ``P:ntaken:{name}:token``: what that process popped last from the named
+  channel, kept as ``P:taken`` is (same hash tag as the channel).
 * ``P:waiters:{name}``: a sorted set of the tokens of processes waiting on a
   named channel (score: registration deadline). A sender wakes them through
   their inbox, so an idle named receive costs no connection and no polling.
@@ -53,7 +55,6 @@ tag.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -210,11 +211,17 @@ return {n + 1, redis.call('ZRANGE', KEYS[2], 0, -1)}
 """
 )
 
-# KEYS: named channel list, its waiters. ARGV: count, token, registration ttl ms.
-# Pops up to count unexpired entries; registers the caller as a waiter if short.
+# KEYS: named channel list, its waiters, this process's taken list for it. ARGV:
+# count, token, registration ttl ms, id of the batch this process got last, id for
+# a new batch, ttl ms. Pops up to count unexpired entries, keeping them in the taken
+# list until the next call names their id (as _TAKE_INBOX does); registers the
+# caller as a waiter if short. Returns {id, entries...}, or {} if nothing was popped.
 _POP_NAMED = (
     _NOW
     + """
+local taken = redis.call('LINDEX', KEYS[3], 0)
+if taken and taken ~= ARGV[4] then return redis.call('LRANGE', KEYS[3], 0, -1) end
+if taken then redis.call('DEL', KEYS[3]) end
 local want = tonumber(ARGV[1])
 local out = {}
 while #out < want do
@@ -226,6 +233,10 @@ if #out < want then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
+if #out == 0 then return {} end
+redis.call('RPUSH', KEYS[3], ARGV[5], unpack(out))
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
+table.insert(out, 1, ARGV[5])
 return out
 """
 )
@@ -631,6 +642,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._clock_offset_ms = 0.0
         #: Id of the last inbox batch the reader got (acknowledged by the next take).
         self._taken_id = ""
+        #: The same for each named channel whose taken list may still hold a batch.
+        self._named_taken: dict[str, str] = {}
         self._taken_seq = 0
         #: Whether this layer saw the ready marker: if it goes missing later, Redis lost its data.
         self._ready_seen = False
@@ -653,6 +666,9 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     def _waiters_key(self, channel: str) -> str:
         return f"{self.prefix}:waiters:{_tag(channel)}"
+
+    def _named_taken_key(self, channel: str) -> str:
+        return f"{self.prefix}:ntaken:{_tag(channel)}:{self.client_token}"
 
     def _group_key(self, group: str) -> str:
         return f"{self.prefix}:group:{_tag(group)}"
@@ -1442,14 +1458,20 @@ class RedisChannelLayer(BrokerChannelLayer):
         popped message: whatever this task pops goes to a receiver or is parked
         in the channel's local mailbox for the next one.
         """
-        keys = [self._channel_key(channel), self._waiters_key(channel)]
+        keys = [self._channel_key(channel), self._waiters_key(channel), self._named_taken_key(channel)]
         backoff = self.backoff()
         failing: ChannelLayerError | None = None
         while True:
             want = queue.pending()
             if want == 0:
-                with contextlib.suppress(ChannelLayerError):
-                    await self._execute("ZREM", keys[1], self.client_token)
+                # Every reply arrived: the taken batch was delivered and can go.
+                done = await asyncio.gather(
+                    self._execute("ZREM", keys[1], self.client_token),
+                    self._execute("DEL", keys[2]),
+                    return_exceptions=True,
+                )
+                if not isinstance(done[1], BaseException):
+                    self._named_taken.pop(channel, None)
                 if not queue.pending():
                     # No await from here on: a receiver arriving now finds no queue and
                     # starts a new reader.
@@ -1458,8 +1480,19 @@ class RedisChannelLayer(BrokerChannelLayer):
                     return
                 continue
             queue.demand.clear()
+            self._taken_seq += 1
+            proposed = f"#{self._taken_seq}"
             try:
-                entries = await self._script("pop_named", keys, want, self.client_token, _WAITER_TTL_MS)
+                reply = await self._script(
+                    "pop_named",
+                    keys,
+                    want,
+                    self.client_token,
+                    _WAITER_TTL_MS,
+                    self._named_taken.get(channel, ""),
+                    proposed,
+                    self._expiry_ms,
+                )
             except ChannelLayerClosed:
                 return
             except ChannelLayerError as exc:  # BackendUnavailable among others: retry
@@ -1473,11 +1506,15 @@ class RedisChannelLayer(BrokerChannelLayer):
                 logger.info("named receive on %r reads from Redis again", channel)
                 failing = None
             backoff.reset()
+            entries = reply[1:]
             for entry in entries:
                 message = self.decode_or_drop(entry[_DEADLINE_DIGITS:], f"Redis named channel {channel!r}")
                 if message is not None:
                     queue.deliver(message)
-            if len(entries) < want:
+            if reply:
+                self._named_taken[channel] = reply[0].decode()
+            # A batch handed out again (its first reply was lost) is not a short pop.
+            if len(entries) < want and (not reply or reply[0].decode() == proposed):
                 await wait_event(queue.demand, _NAMED_RECHECK)
 
     # ---------------------------------------------------------------- flush

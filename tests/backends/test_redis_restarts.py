@@ -320,8 +320,9 @@ async def test_a_driver_error_in_the_inbox_reader_is_retried_and_logged(
     caplog: pytest.LogCaptureFixture,
     use_pubsub: bool,
 ) -> None:
-    # The receiving process talks to Redis as a user of its own, whose right to pop
-    # lists the test takes away: its reader gets NOPERM from the driver on every try.
+    # The receiving process talks to Redis as a user of its own, whose right to run
+    # the reader's commands (its take is a script) the test takes away: the reader gets
+    # NOPERM from the driver on every try.
     volatile.cli_call("ACL", "SETUSER", "rx", "on", "nopass", "~*", "&*", "+@all")
     make = layer_factory(layers, RedisChannelLayer, prefix=namespace, use_pubsub=use_pubsub, timeout=3)
     receiver = make(url=f"redis://rx@127.0.0.1:{volatile.port}/0")
@@ -332,14 +333,14 @@ async def test_a_driver_error_in_the_inbox_reader_is_retried_and_logged(
     await sender.send(channel, {"type": "warm", "n": "warm"})
     assert await inbox.missing({"warm"}) == set()
 
-    volatile.cli_call("ACL", "SETUSER", "rx", "-lmpop", "-blmpop")
+    volatile.cli_call("ACL", "SETUSER", "rx", "-evalsha", "-eval", "-blmove")
     volatile.cli_call("CLIENT", "KILL", "USER", "rx")
     await _eventually(lambda: bool(_warnings_about(caplog, "no permissions")), "the reader's error is logged")
     await sender.send(channel, {"type": "while broken", "n": "direct"})
     await sender.group_send("room", {"type": "while broken", "n": "group"})
     await asyncio.sleep(1)
     assert inbox.got == ["warm"]
-    volatile.cli_call("ACL", "SETUSER", "rx", "+lmpop", "+blmpop")
+    volatile.cli_call("ACL", "SETUSER", "rx", "+evalsha", "+eval", "+blmove")
     # Not deaf: the reader keeps retrying and picks up what waited in its inbox.
     assert await inbox.missing({"direct", "group"}) == set()
     assert receiver.connection.up

@@ -1321,15 +1321,16 @@ class RedisChannelLayer(BrokerChannelLayer):
         keys = [self._inbox_key(self.client_token), self._taken_key(self.client_token)]
         while True:
             self._taken_seq += 1
-            reply = await self._script(
-                "take_inbox", keys, self._taken_id, f"#{self._taken_seq}", _BATCH, self._expiry_ms
-            )
+            proposed = f"#{self._taken_seq}"
+            reply = await self._script("take_inbox", keys, self._taken_id, proposed, _BATCH, self._expiry_ms)
             if not reply:
                 return
             entries = reply[1:]
             self._handle_entries(entries)
             self._taken_id = reply[0].decode()
-            if len(entries) < _BATCH:
+            # A batch handed out again (its first reply was lost) says nothing of what
+            # is left: only a short new batch means the inbox is empty.
+            if len(entries) < _BATCH and self._taken_id == proposed:
                 return
 
     def _handle_entries(self, entries: list[bytes]) -> None:

@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from fastapi_websockets import BaseChannelLayer
-from fastapi_websockets.backends.redis import RedisChannelLayer
+from fastapi_websockets.backends.redis import _SCRIPTS, RedisChannelLayer
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 from tests.conftest import layer_factory
 from tests.faults import TcpProxy
@@ -480,3 +480,21 @@ async def _eventually_async(check: Callable[[], object]) -> None:
             return
         await asyncio.sleep(0.05)
     pytest.fail("never happened")
+
+
+async def test_a_take_whose_reply_was_lost_is_handed_out_again(volatile: RedisNode) -> None:
+    # The reader's take, run by hand on a real server: a caller that does not name the
+    # batch it was handed (the reply never reached it) gets the same batch again.
+    take = _SCRIPTS["take_inbox"].source
+    raw = redis_asyncio.Redis.from_url(volatile.url)
+    try:
+        await raw.rpush("inbox", b"a", b"b")
+        first = await raw.eval(take, 2, "inbox", "taken", "", "#1", 512, 60_000)
+        assert first == [b"#1", b"a", b"b"]
+        await raw.rpush("inbox", b"c")
+        assert await raw.eval(take, 2, "inbox", "taken", "", "#2", 512, 60_000) == first
+        assert await raw.eval(take, 2, "inbox", "taken", "#1", "#3", 512, 60_000) == [b"#3", b"c"]
+        assert await raw.eval(take, 2, "inbox", "taken", "#3", "#4", 512, 60_000) == []
+        assert await raw.exists("inbox", "taken") == 0  # acknowledged and empty: nothing left behind
+    finally:
+        await raw.aclose()

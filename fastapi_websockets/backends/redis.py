@@ -7,11 +7,17 @@ tags, so keys that one Lua script touches always share a slot):
   for its process-specific channels (``name.token!id``) lands here, one entry
   per message per *process* (a group message names all the local members it
   is for). One background task pops it in batches.
+* ``P:taken:{token}``: the batch the reader popped last, kept until its next pop
+  says it arrived, so that a pop whose reply is lost (Redis crashed or the
+  connection broke after running it) is handed out again instead of lost.
 * ``P:wake:{token}``: with ``use_pubsub``, the pub/sub channel on which a push
   to an empty inbox wakes that reader (SPUBLISH in a cluster with
-  ``sharded_pubsub``); without it the reader blocks in BLMPOP.
+  ``sharded_pubsub``); without it the reader blocks in BLMOVE until the inbox
+  is not empty.
 * ``P:chan:{name}``: a list, a named channel: a shared queue, each message
   popped by exactly one receiver of any process.
+* ``P:ntaken:{name}:token``: what that process popped last from the named
+  channel, kept as ``P:taken`` is (same hash tag as the channel).
 * ``P:waiters:{name}``: a sorted set of the tokens of processes waiting on a
   named channel (score: registration deadline). A sender wakes them through
   their inbox, so an idle named receive costs no connection and no polling.
@@ -35,6 +41,10 @@ tags, so keys that one Lua script touches always share a slot):
   that process holds entries (one hash tag: a reaper claims a dead process and
   takes its group list in one script). A dead process's entries are found
   through its group list, never by reading every group.
+* ``P:ready``: not in a cluster; the Redis time (ms) from which groups are
+  complete. It goes missing only when Redis lost its data (a restart without
+  persistence): ``group_send`` then refuses for a grace window in which every
+  live process re-registers its members (see ``_group_script``).
 
 Entries of the lists start with a 13-digit deadline in ms (Redis server time),
 so undelivered messages expire individually and capacity checks ignore them.
@@ -45,14 +55,13 @@ tag.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi_websockets.backends.base import missing_driver
@@ -85,7 +94,7 @@ logger = logging.getLogger("fastapi_websockets.redis")
 
 #: Most inbox entries one pop takes.
 _BATCH = 512
-#: Seconds a BLMPOP blocks (and a pub/sub reader waits for a wake-up) before
+#: Seconds a BLMOVE blocks (and a pub/sub reader waits for a wake-up) before
 #: re-checking; only a safety net against a silently dead connection.
 _BLOCK_SECONDS = 30
 #: Seconds between re-checks of a named channel while a receive waits on it:
@@ -97,6 +106,11 @@ _WAITER_TTL_MS = 45_000
 #: inbox must not grow without bound while senders keep refreshing its TTL).
 _INBOX_FACTOR = 100
 _DEADLINE_DIGITS = 13
+#: After Redis lost its data (a restart without persistence), group_send is refused
+#: for this long, so that every live process re-registers its members first. A
+#: reader retries at least every 2.4 s (the shared backoff's cap plus its jitter);
+#: the rest is room for connecting and re-registering on a busy machine.
+_REGISTER_GRACE_MS = 5_000
 #: Most dead processes one presence reap claims (the rest wait for the next beat).
 _REAP_BATCH = 100
 _DATA = b"D"
@@ -159,6 +173,24 @@ return k
 """
 )
 
+# KEYS: inbox, its taken list (same hash tag). ARGV: id of the batch the reader got
+# last ('' for none), id for a new batch, count, ttl ms. The reader's pop, safe
+# against a lost reply: the batch it takes stays in the taken list (first element:
+# its id) until the next call names that id. A call that names another id did not
+# get that batch (Redis ran the pop but the reply was lost in a crash or a cut
+# connection) and gets the same batch again. Returns {id, entries...} or {}.
+_TAKE_INBOX = """
+local taken = redis.call('LINDEX', KEYS[2], 0)
+if taken and taken ~= ARGV[1] then return redis.call('LRANGE', KEYS[2], 0, -1) end
+if taken then redis.call('DEL', KEYS[2]) end
+local popped = redis.call('LPOP', KEYS[1], tonumber(ARGV[3]))
+if not popped then return {} end
+redis.call('RPUSH', KEYS[2], ARGV[2], unpack(popped))
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+table.insert(popped, 1, ARGV[2])
+return popped
+"""
+
 # KEYS: named channel list, its waiters. ARGV: entry, capacity, ttl ms.
 # Returns the new length (-1 if full) and the tokens of the processes to wake.
 _PUSH_NAMED = (
@@ -179,11 +211,17 @@ return {n + 1, redis.call('ZRANGE', KEYS[2], 0, -1)}
 """
 )
 
-# KEYS: named channel list, its waiters. ARGV: count, token, registration ttl ms.
-# Pops up to count unexpired entries; registers the caller as a waiter if short.
+# KEYS: named channel list, its waiters, this process's taken list for it. ARGV:
+# count, token, registration ttl ms, id of the batch this process got last, id for
+# a new batch, ttl ms. Pops up to count unexpired entries, keeping them in the taken
+# list until the next call names their id (as _TAKE_INBOX does); registers the
+# caller as a waiter if short. Returns {id, entries...}, or {} if nothing was popped.
 _POP_NAMED = (
     _NOW
     + """
+local taken = redis.call('LINDEX', KEYS[3], 0)
+if taken and taken ~= ARGV[4] then return redis.call('LRANGE', KEYS[3], 0, -1) end
+if taken then redis.call('DEL', KEYS[3]) end
 local want = tonumber(ARGV[1])
 local out = {}
 while #out < want do
@@ -195,6 +233,10 @@ if #out < want then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
+if #out == 0 then return {} end
+redis.call('RPUSH', KEYS[3], ARGV[5], unpack(out))
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
+table.insert(out, 1, ARGV[5])
 return out
 """
 )
@@ -251,11 +293,31 @@ if #stale > 0 then
 end
 """
 
-# KEYS: group, owners. ARGV: group expiry ms. Returns the owners hash after dropping
-# stale members: {owner, count, owner, count...}.
+
+def _ready_check(index: int) -> str:
+    """Lua that refuses a group_send while Redis may lack members it lost (KEYS[index]: the marker).
+
+    An integer reply instead of the owners: -1 if the marker is gone (Redis lost
+    its data, or never had this prefix's), else the ms left of the grace window
+    in which the processes re-register their members. Without that key (a
+    cluster) nothing is checked. Needs `now`.
+    """
+    return f"""
+if #KEYS >= {index} then
+  local ready = redis.call('GET', KEYS[{index}])
+  if not ready then return -1 end
+  if tonumber(ready) > now then return tonumber(ready) - now end
+end
+"""
+
+
+# KEYS: group, owners[, ready marker]. ARGV: group expiry ms. Returns the owners hash
+# after dropping stale members: {owner, count, owner, count...}; or an integer (see
+# _ready_check).
 _GROUP_OWNERS = (
     _NOW
     + _OWNER_OF
+    + _ready_check(3)
     + _DROP_STALE
     + """
 return redis.call('HGETALL', KEYS[2])
@@ -288,7 +350,7 @@ local function history_live(list, meta, candidate)
 end
 """
 
-# KEYS: group, owners, history list, history meta. ARGV: group expiry ms, size,
+# KEYS: group, owners, history list, history meta[, ready marker]. ARGV: group expiry ms, size,
 # ttl ms, candidate epoch, entry. A group_send to a group with history in one call:
 # assigns the next offset, stores the entry, trims to `size`, keeps the whole
 # history for `ttl` after this append, and returns {offset, epoch, owners hash}
@@ -296,6 +358,7 @@ end
 _GROUP_SEND_HISTORY = (
     _NOW
     + _OWNER_OF
+    + _ready_check(5)
     + _DROP_STALE
     + _HISTORY_LIVE
     + """
@@ -330,6 +393,16 @@ return {newest, epoch, (head - 1 <= after) and 1 or 0, first, entries}
 """
 )
 
+
+# KEYS: the ready marker. ARGV: grace ms. Creates the marker if it is missing, with
+# the groups usable `grace` ms from now; returns the ms left before they are.
+_READY_MARK = (
+    _NOW
+    + """
+redis.call('SET', KEYS[1], string.format('%d', now + tonumber(ARGV[1])), 'NX')
+return math.max(tonumber(redis.call('GET', KEYS[1])) - now, 0)
+"""
+)
 
 # KEYS: live owners, this owner's groups. ARGV: token, timeout ms, group.
 # Records (or refreshes) the owner before its entry in `group` is stored.
@@ -424,6 +497,7 @@ _SCRIPTS = {
     name: _Script(source)
     for name, source in {
         "push_inbox": _PUSH_INBOX,
+        "take_inbox": _TAKE_INBOX,
         "push_named": _PUSH_NAMED,
         "pop_named": _POP_NAMED,
         "group_add": _GROUP_ADD,
@@ -431,6 +505,7 @@ _SCRIPTS = {
         "group_owners": _GROUP_OWNERS,
         "group_send_history": _GROUP_SEND_HISTORY,
         "history_read": _HISTORY_READ,
+        "ready_mark": _READY_MARK,
         "presence_own": _PRESENCE_OWN,
         "presence_disown": _PRESENCE_DISOWN,
         "presence_take": _PRESENCE_TAKE,
@@ -485,7 +560,7 @@ class RedisChannelLayer(BrokerChannelLayer):
       ``. _ / -``); layers with different prefixes share nothing.
     * ``cluster``: talk to a Redis Cluster.
     * ``use_pubsub``: readers wait for a pub/sub wake-up and then pop their inbox,
-      instead of blocking in BLMPOP. Messages always travel in lists.
+      instead of blocking in BLMOVE. Messages always travel in lists.
     * ``sharded_pubsub``: in a cluster, wake-ups use SPUBLISH/SSUBSCRIBE
       (Redis 7), so only the node owning the inbox's slot carries them.
     * ``sentinels`` and ``sentinel_master``: ``"host:port"`` of the Redis
@@ -565,6 +640,13 @@ class RedisChannelLayer(BrokerChannelLayer):
         #: The receivers of this process waiting on each named channel; one fetch task each.
         self._named: dict[str, WaiterQueue[Message]] = {}
         self._clock_offset_ms = 0.0
+        #: Id of the last inbox batch the reader got (acknowledged by the next take).
+        self._taken_id = ""
+        #: The same for each named channel whose taken list may still hold a batch.
+        self._named_taken: dict[str, str] = {}
+        self._taken_seq = 0
+        #: Whether this layer saw the ready marker: if it goes missing later, Redis lost its data.
+        self._ready_seen = False
         #: Group messages waiting while the members of a group are read back from Redis.
         self._resyncing: dict[str, list[Message]] = {}
 
@@ -572,6 +654,9 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     def _inbox_key(self, token: str) -> str:
         return f"{self.prefix}:inbox:{{{token}}}"
+
+    def _taken_key(self, token: str) -> str:
+        return f"{self.prefix}:taken:{{{token}}}"
 
     def _wake_channel(self, token: str) -> str:
         return f"{self.prefix}:wake:{{{token}}}"
@@ -581,6 +666,9 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     def _waiters_key(self, channel: str) -> str:
         return f"{self.prefix}:waiters:{_tag(channel)}"
+
+    def _named_taken_key(self, channel: str) -> str:
+        return f"{self.prefix}:ntaken:{_tag(channel)}:{self.client_token}"
 
     def _group_key(self, group: str) -> str:
         return f"{self.prefix}:group:{_tag(group)}"
@@ -601,6 +689,15 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _presence_owner_keys(self, token: str) -> list[str]:
         """The live owners and the groups of ``token``: one hash tag, one slot for all processes."""
         return [self._presence_live_key, f"{self.prefix}:pgroups:{{presence}}:{token}"]
+
+    @property
+    def _ready_keys(self) -> list[str]:
+        """The marker a group_send checks, as a key list to append (none in a cluster).
+
+        A cluster spreads a prefix's groups over slots, and a script may only touch
+        keys of one slot, so there is no single marker to check there.
+        """
+        return [] if self.cluster else [f"{self.prefix}:ready"]
 
     @property
     def _presence_live_key(self) -> str:
@@ -886,8 +983,32 @@ class RedisChannelLayer(BrokerChannelLayer):
             logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        owners = await self._script("group_owners", self._group_keys(group), self._group_expiry_ms)
+        owners = await self._group_script("group_owners", self._group_keys(group), self._group_expiry_ms)
         await self._fan_out(group, owners, data)
+
+    async def _group_script(self, name: str, keys: list[str], *args: Any) -> Any:
+        """Run a script that reads a group's owners, unless Redis may have lost some of them.
+
+        The check is part of the script (one GET, no extra round trip). A missing
+        marker means either a prefix nobody used yet or a Redis that lost its data:
+        a layer that saw the marker before knows it is the second, and opens the
+        grace window in which the processes re-register their members; one that
+        never did takes it for the first.
+        """
+        keys = [*keys, *self._ready_keys]
+        reply = await self._script(name, keys, *args)
+        if isinstance(reply, int) and reply < 0 and not self._ready_seen:
+            await self._script("ready_mark", self._ready_keys, 0)
+            reply = await self._script(name, keys, *args)
+        if not isinstance(reply, int):
+            self._ready_seen = True
+            return reply
+        if reply < 0:
+            reply = await self._script("ready_mark", self._ready_keys, _REGISTER_GRACE_MS)
+        raise BackendUnavailable(
+            f"Redis lost its data at {self.where} (a restart without persistence?); "
+            f"processes are re-registering their group members, retry in {reply / 1000:.1f} s"
+        )
 
     async def _fan_out(self, group: str, reply: list[bytes], data: bytes) -> None:
         """Deliver ``data`` to the owners of ``group`` listed in ``reply`` (the owners hash)."""
@@ -952,7 +1073,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         self, group: str, data: bytes, policy: HistoryPolicy
     ) -> tuple[StreamPosition, list[bytes]]:
         """Append ``data`` to the group's history; return its position and the group's owners."""
-        offset, epoch, owners = await self._script(
+        offset, epoch, owners = await self._group_script(
             "group_send_history",
             [*self._group_keys(group), *self._history_keys(group)],
             self._group_expiry_ms,
@@ -1080,6 +1201,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         """
         backoff = self.backoff()
         recoverable: tuple[type[BaseException], ...] = (*self._redis_errors, ChannelLayerError)
+        # A reader that keeps failing warns once per outage or per kind of refusal,
+        # not once per attempt (a connection error's text changes between attempts).
+        last_kind: str | None = None
         while not self._closed:
             try:
                 await self._reader_session()
@@ -1089,11 +1213,21 @@ class RedisChannelLayer(BrokerChannelLayer):
                 if self._closed:
                     return
                 self.report_connection(False)
+                reason = self.redact(str(exc))
+                lost = isinstance(exc, (*self._conn_errors, BackendUnavailable))
+                kind = "lost" if lost else reason
                 if self._reader_healthy:
-                    logger.warning("lost Redis at %s (%s); reconnecting", self.where, self.redact(str(exc)))
                     backoff.reset()
+                if self._reader_healthy or kind != last_kind:
+                    what = (
+                        "lost Redis at %s (%s); reconnecting"
+                        if lost
+                        else "reading the inbox at %s failed (%s); retrying"
+                    )
+                    logger.warning(what, self.where, reason)
                 else:
-                    logger.debug("Redis at %s still unreachable: %s", self.where, self.redact(str(exc)))
+                    logger.debug("Redis inbox at %s still unreadable: %s", self.where, reason)
+                last_kind = kind
             finally:
                 self._reader_healthy = False
             await backoff.sleep()
@@ -1115,7 +1249,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             return self._sentinel_master(**reader_options)
         kwargs: dict[str, Any] = {**parse_url(self.url), **self._tls_options()}
         if self._cluster_client is not None:
-            # The node that owns the inbox's slot: it serves the BLMPOP and the SSUBSCRIBE.
+            # The node that owns the inbox's slot: it serves the BLMOVE and the SSUBSCRIBE.
             node = self._cluster_client.get_node_from_key(self._inbox_key(self.client_token))
             if node is None:
                 raise self.unavailable("no cluster node serves this layer's inbox")
@@ -1135,25 +1269,37 @@ class RedisChannelLayer(BrokerChannelLayer):
                     await self._connected()
                     while not self._closed:
                         await self._drain()
+                        self._reader_healthy = True
                         await pubsub.get_message(ignore_subscribe_messages=True, timeout=_BLOCK_SECONDS)
                 finally:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
             else:
                 await self._connected()
+                # Only a session that read its inbox once counts as healthy (resets the
+                # backoff): one that connects and then fails every read must not spin.
+                await self._drain()
+                self._reader_healthy = True
                 inbox = self._inbox_key(self.client_token)
                 while not self._closed:
-                    popped = await client.blmpop(_BLOCK_SECONDS, 1, inbox, direction="LEFT", count=_BATCH)
-                    if popped:
-                        self._handle_entries(cast("list[bytes]", popped[1]))
+                    # Moving the head to the head leaves the list as it is: a blocking wait
+                    # for a non-empty inbox that takes nothing (the take is _drain's).
+                    if await client.blmove(inbox, inbox, _BLOCK_SECONDS, "LEFT", "LEFT") is not None:
+                        await self._drain()
         finally:
             self._reader_redis = None
             await client.aclose()
 
     async def _connected(self) -> None:
+        if self._ready_keys:
+            # Before re-registering: if Redis lost its data, group_send waits for every
+            # process to do the same, not only this one.
+            grace = _REGISTER_GRACE_MS if self._reader_was_connected else 0
+            await self._script("ready_mark", self._ready_keys, grace)
+            self._ready_seen = True
         if self._reader_was_connected:
             await self._restore()
             logger.warning("reconnected to Redis at %s", self.where)
-        self._reader_healthy = self._reader_was_connected = True
+        self._reader_was_connected = True
         self.report_connection(True)
 
     async def _subscribe(self, pubsub: PubSub) -> None:
@@ -1171,15 +1317,20 @@ class RedisChannelLayer(BrokerChannelLayer):
         raise self.unavailable("the subscription was not confirmed")
 
     async def _drain(self) -> None:
-        """Pop the inbox until it is empty (pub/sub mode)."""
-        inbox = self._inbox_key(self.client_token)
+        """Take the inbox's entries until it is empty; each take acknowledges the one before."""
+        keys = [self._inbox_key(self.client_token), self._taken_key(self.client_token)]
         while True:
-            popped = await self._execute("LMPOP", 1, inbox, "LEFT", "COUNT", _BATCH)
-            if not popped:
+            self._taken_seq += 1
+            proposed = f"#{self._taken_seq}"
+            reply = await self._script("take_inbox", keys, self._taken_id, proposed, _BATCH, self._expiry_ms)
+            if not reply:
                 return
-            entries = popped[1]
+            entries = reply[1:]
             self._handle_entries(entries)
-            if len(entries) < _BATCH:
+            self._taken_id = reply[0].decode()
+            # A batch handed out again (its first reply was lost) says nothing of what
+            # is left: only a short new batch means the inbox is empty.
+            if len(entries) < _BATCH and self._taken_id == proposed:
                 return
 
     def _handle_entries(self, entries: list[bytes]) -> None:
@@ -1308,13 +1459,20 @@ class RedisChannelLayer(BrokerChannelLayer):
         popped message: whatever this task pops goes to a receiver or is parked
         in the channel's local mailbox for the next one.
         """
-        keys = [self._channel_key(channel), self._waiters_key(channel)]
+        keys = [self._channel_key(channel), self._waiters_key(channel), self._named_taken_key(channel)]
         backoff = self.backoff()
+        failing: ChannelLayerError | None = None
         while True:
             want = queue.pending()
             if want == 0:
-                with contextlib.suppress(ChannelLayerError):
-                    await self._execute("ZREM", keys[1], self.client_token)
+                # Every reply arrived: the taken batch was delivered and can go.
+                done = await asyncio.gather(
+                    self._execute("ZREM", keys[1], self.client_token),
+                    self._execute("DEL", keys[2]),
+                    return_exceptions=True,
+                )
+                if not isinstance(done[1], BaseException):
+                    self._named_taken.pop(channel, None)
                 if not queue.pending():
                     # No await from here on: a receiver arriving now finds no queue and
                     # starts a new reader.
@@ -1323,27 +1481,54 @@ class RedisChannelLayer(BrokerChannelLayer):
                     return
                 continue
             queue.demand.clear()
+            self._taken_seq += 1
+            proposed = f"#{self._taken_seq}"
             try:
-                entries = await self._script("pop_named", keys, want, self.client_token, _WAITER_TTL_MS)
+                reply = await self._script(
+                    "pop_named",
+                    keys,
+                    want,
+                    self.client_token,
+                    _WAITER_TTL_MS,
+                    self._named_taken.get(channel, ""),
+                    proposed,
+                    self._expiry_ms,
+                )
             except ChannelLayerClosed:
                 return
             except ChannelLayerError as exc:  # BackendUnavailable among others: retry
-                logger.debug("named receive on %r waits for Redis: %s", channel, exc)
+                # Warn once per run of failures (a refused pop would otherwise be silent).
+                log = logger.warning if failing is None else logger.debug
+                log("named receive on %r waits for Redis (%s); retrying", channel, exc)
+                failing = exc
                 await backoff.sleep(queue.demand)
                 continue
+            if failing is not None:
+                logger.info("named receive on %r reads from Redis again", channel)
+                failing = None
             backoff.reset()
+            entries = reply[1:]
             for entry in entries:
                 message = self.decode_or_drop(entry[_DEADLINE_DIGITS:], f"Redis named channel {channel!r}")
                 if message is not None:
                     queue.deliver(message)
-            if len(entries) < want:
+            if reply:
+                self._named_taken[channel] = reply[0].decode()
+            # A batch handed out again (its first reply was lost) is not a short pop.
+            if len(entries) < want and (not reply or reply[0].decode() == proposed):
                 await wait_event(queue.demand, _NAMED_RECHECK)
 
     # ---------------------------------------------------------------- flush
 
     async def _flush(self) -> None:
         assert self._client is not None
-        keys = [key async for key in self._client.scan_iter(match=f"{self.prefix}:*", count=1000)]
+        # The ready marker stays: a flush empties the groups on purpose, Redis lost nothing.
+        kept = {key.encode() for key in self._ready_keys}
+        keys = [
+            key
+            async for key in self._client.scan_iter(match=f"{self.prefix}:*", count=1000)
+            if key not in kept
+        ]
         if keys:
             await asyncio.gather(*(self._execute("UNLINK", key) for key in keys))
         self._wake_all_named()

@@ -143,6 +143,13 @@ class RedisNode:
             self.proc.stop()
             self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no final write of its data) and reap it."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.stop()  # already gone: only closes its log
+            self.proc = None
+
     def cli_call(self, *args: str) -> str:
         """Run one redis-cli command against this node and return its output."""
         result = subprocess.run(

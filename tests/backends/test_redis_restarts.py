@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -233,7 +233,7 @@ async def test_ten_restarts_in_a_row_lose_nothing_across_processes(
 
         async def burst(cycle: int, when: str) -> None:
             ids = [f"{cycle}-{when}-{kind}-{i}" for kind in ("p", "g", "n") for i in range(5)]
-            sends = []
+            sends: list[Awaitable[object]] = []
             for key in ids:
                 kind = key.split("-")[2]
                 message = {"type": "m", "id": key}

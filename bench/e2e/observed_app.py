@@ -1,8 +1,8 @@
 """The end-to-end benchmark's consumer app, instrumented as ``BENCH_OBSERVE`` says.
 
 Served by ``bench/bench_observability.py`` (one uvicorn process per
-configuration, since instrumentation is process-wide): ``none``, ``metrics``,
-``tracing`` or ``metrics+tracing``, set up exactly as in the in-process
+configuration, since instrumentation is process-wide): one of its
+configurations, set up exactly as in the in-process
 scenarios of that benchmark, then the app of ``ours_handler.py`` unchanged.
 """
 

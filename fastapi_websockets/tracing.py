@@ -121,7 +121,7 @@ class _Tracing(observing.Observer):
         span = self.tracer.start_span(
             name, context=self._parent(message), kind=SpanKind.CONSUMER, attributes=attributes
         )
-        return span, otel_context.attach(trace.set_span_in_context(span))
+        return self._enter(span)
 
     @staticmethod
     def _parent(message: Message) -> Context | None:

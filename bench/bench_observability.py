@@ -251,9 +251,9 @@ async def _e2e_run(workers: Any, clients: int, broadcasts: int) -> dict[str, flo
             await loads.close()
         workers.stop()
     durations = []
-    for seq in map(str, range(broadcasts)):
-        lasts = [report["last"][seq] for report in reports if seq in report["last"]]
-        published = [report["published"][seq] for report in reports if seq in report["published"]]
+    for key in map(str, range(broadcasts)):
+        lasts = [report["last"][key] for report in reports if key in report["last"]]
+        published = [report["published"][key] for report in reports if key in report["published"]]
         durations.append(max(lasts) - published[0])
     return {
         "e2e": clients / statistics.median(durations),

@@ -497,9 +497,17 @@ class AsyncWebSocketConsumer:
         handler = self.websocket_send if event_type == WEBSOCKET_SEND else self._handler_for(event_type)
         if handler is None and event_type in _LAYER_EVENTS:
             return  # presence events are optional to handle
-        if observing.hooks is not None:
-            event = event_type if handler is not None else "other"
-            await observing.hooks.event_in(self, event, message, handler or self.channel_receive)
+        hooks = observing.hooks
+        if hooks is not None:
+            if handler is None:
+                event_type, handler = "other", self.channel_receive
+            token = hooks.event_in(self, event_type, message)
+            try:
+                await handler(message)
+            except BaseException as exc:
+                hooks.event_in_done(token, exc)
+                raise
+            hooks.event_in_done(token, None)
         elif handler is None:
             await self.channel_receive(message)
         else:

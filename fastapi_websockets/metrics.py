@@ -26,6 +26,7 @@ import weakref
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
+from time import perf_counter
 from typing import Any, cast
 
 from starlette.websockets import WebSocketDisconnect
@@ -232,14 +233,16 @@ class _Metrics(observing.Observer):
         self.frames.add((type(consumer).__name__, "sent"))
 
     def event_in(self, consumer: AsyncWebSocketConsumer, event: str, message: Message) -> object:
-        return ((type(consumer).__name__, event), time.perf_counter())
+        return (type(consumer).__name__, event), perf_counter()
 
-    def event_in_done(self, token: object, error: BaseException | None) -> None:
-        key, started = cast("tuple[Key, float]", token)
+    # The token is what event_in returned. Typed as such rather than cast: this runs once
+    # per handled event per receiver, and cast() is a function call.
+    def event_in_done(self, token: tuple[Key, float], error: BaseException | None) -> None:  # type: ignore[override]
+        key, started = token
         if error is None:
-            self.handler_duration.observe(key, time.perf_counter() - started)
+            self.handler_duration.observe(key, perf_counter() - started)
         elif isinstance(error, Exception):
-            self.handler_duration.observe(key, time.perf_counter() - started)
+            self.handler_duration.observe(key, perf_counter() - started)
             # A client that left while its handler wrote to it is not a handler failure.
             if not isinstance(error, WebSocketDisconnect):
                 self.handler_errors.add(key)

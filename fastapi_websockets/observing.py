@@ -16,8 +16,8 @@ and handled events.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from fastapi_websockets.types import Message
 
@@ -94,8 +94,31 @@ class Observer:
 class Hooks:
     """The installed observers, called in installation order (and ``*_done`` in reverse)."""
 
+    #: Called once per message per receiver, or once per frame to a client (a group
+    #: message to a thousand local sockets calls each a thousand times), so each is
+    #: bound here to the one observer that implements it where there is only one,
+    #: saving a loop and a call per use, and skips observers that leave it a no-op.
+    message_received: Callable[[BaseChannelLayer], None]
+    frame_out: Callable[[AsyncWebSocketConsumer], None]
+    event_in: Callable[[AsyncWebSocketConsumer, str, Message], object]
+    """Announce a channel event (its type, or ``"other"``); pass the result to :attr:`event_in_done`."""
+    event_in_done: Callable[[object, BaseException | None], None]
+    """The event announced by :attr:`event_in`, which returned the token given, has been handled."""
+
     def __init__(self, observers: tuple[Observer, ...]) -> None:
         self.observers = observers
+        received = [o.message_received for o in observers if _overrides(o, "message_received")]
+        self.message_received = _each(received)
+        frames_out = [o.frame_out for o in observers if _overrides(o, "frame_out")]
+        self.frame_out = _each(frames_out)
+        handling = [o for o in observers if _overrides(o, "event_in") or _overrides(o, "event_in_done")]
+        if len(handling) == 1:
+            self.event_in = handling[0].event_in
+            self.event_in_done = handling[0].event_in_done
+        else:
+            self._handling = handling
+            self.event_in = self._event_in_each
+            self.event_in_done = self._event_in_done_each
 
     async def message_out(
         self,
@@ -119,10 +142,6 @@ class Hooks:
             observer.message_out_done(token, None)
         return result
 
-    def message_received(self, layer: BaseChannelLayer) -> None:
-        for observer in self.observers:
-            observer.message_received(layer)
-
     def connection_accepted(self, consumer: AsyncWebSocketConsumer) -> None:
         for observer in self.observers:
             observer.connection_accepted(consumer)
@@ -130,10 +149,6 @@ class Hooks:
     def connection_ended(self, consumer: AsyncWebSocketConsumer, accepted: bool, code: int | None) -> None:
         for observer in self.observers:
             observer.connection_ended(consumer, accepted, code)
-
-    def frame_out(self, consumer: AsyncWebSocketConsumer) -> None:
-        for observer in self.observers:
-            observer.frame_out(consumer)
 
     async def frame_in(
         self,
@@ -151,33 +166,30 @@ class Hooks:
         for observer, token in reversed(tokens):
             observer.frame_in_done(token, None)
 
-    async def event_in(
-        self,
-        consumer: AsyncWebSocketConsumer,
-        event: str,
-        message: Message,
-        handler: Callable[[Message], Awaitable[None]],
-    ) -> None:
-        if len(self.observers) == 1:
-            # The common case, without the lists: this runs once per event per receiver.
-            (observer,) = self.observers
-            token = observer.event_in(consumer, event, message)
-            try:
-                await handler(message)
-            except BaseException as exc:
-                observer.event_in_done(token, exc)
-                raise
-            observer.event_in_done(token, None)
-            return
-        tokens = [(observer, observer.event_in(consumer, event, message)) for observer in self.observers]
-        try:
-            await handler(message)
-        except BaseException as exc:
-            for observer, token in reversed(tokens):
-                observer.event_in_done(token, exc)
-            raise
-        for observer, token in reversed(tokens):
-            observer.event_in_done(token, None)
+    def _event_in_each(self, consumer: AsyncWebSocketConsumer, event: str, message: Message) -> object:
+        return [observer.event_in(consumer, event, message) for observer in self._handling]
+
+    def _event_in_done_each(self, token: object, error: BaseException | None) -> None:
+        tokens = cast("list[object]", token)
+        for observer, observer_token in zip(reversed(self._handling), reversed(tokens), strict=True):
+            observer.event_in_done(observer_token, error)
+
+
+def _overrides(observer: Observer, method: str) -> bool:
+    """Whether ``observer``'s class does something in ``method`` (the base class's are no-ops)."""
+    return getattr(type(observer), method) is not getattr(Observer, method)
+
+
+def _each(calls: Sequence[Callable[[T], None]]) -> Callable[[T], None]:
+    """One callable that makes every call in ``calls``, as cheaply as their number allows."""
+    if len(calls) == 1:
+        return calls[0]
+
+    def each(argument: T) -> None:
+        for call in calls:
+            call(argument)
+
+    return each
 
 
 #: The installed instrumentation, or None (then no observing code runs at all).

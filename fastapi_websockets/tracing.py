@@ -70,6 +70,10 @@ class _Tracing(observing.Observer):
 
     def __init__(self, tracer: Tracer) -> None:
         self.tracer = tracer
+        # Built once per event type and per consumer class rather than per handled event:
+        # a group message to a thousand local sockets is a thousand handle spans.
+        self._handle_names: dict[str, str] = {}
+        self._consumer_attributes: dict[type[AsyncWebSocketConsumer], dict[str, str]] = {}
 
     def _enter(self, span: Span) -> object:
         return span, otel_context.attach(trace.set_span_in_context(span))
@@ -104,14 +108,18 @@ class _Tracing(observing.Observer):
         _finish(token, error)
 
     def event_in(self, consumer: AsyncWebSocketConsumer, event: str, message: Message) -> object:
-        parent = self._parent(message)
+        name = self._handle_names.get(event)
+        if name is None:
+            # Bounded: event is a type the consumer class has a handler for, or "other".
+            name = self._handle_names[event] = f"{_SYSTEM} handle {event}"
+        cls = type(consumer)
+        attributes = self._consumer_attributes.get(cls)
+        if attributes is None:
+            # One attribute only: the SDK checks each one on every span, and the name
+            # already holds the event type. The SDK copies it, so one dict serves all spans.
+            attributes = self._consumer_attributes[cls] = {"fastapi_websockets.consumer": cls.__name__}
         span = self.tracer.start_span(
-            f"{_SYSTEM} handle {event}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            # One attribute only: this span is made once per event per receiver, and the SDK's
-            # attribute checks are a third of its cost; the name already holds the event type.
-            attributes={"fastapi_websockets.consumer": type(consumer).__name__},
+            name, context=self._parent(message), kind=SpanKind.CONSUMER, attributes=attributes
         )
         return self._enter(span)
 

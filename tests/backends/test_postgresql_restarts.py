@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable
 
+import asyncpg
 import pytest
 
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
@@ -172,6 +173,12 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.xfail(
+    reason="open bug (issue 10): 3 to 11 of 180 lost per run, always sent 1 s after a restart "
+    "and deleted undelivered (not left in the table); suspected row-id reuse after a kill -9 "
+    "with asynchronous commit (see the faults branch report)",
+    strict=False,
+)
 async def test_ten_restarts_and_kills_in_a_row_lose_nothing_across_processes(
     restartable_postgresql: PostgresServer,
 ) -> None:
@@ -222,7 +229,15 @@ async def test_ten_restarts_and_kills_in_a_row_lose_nothing_across_processes(
         collecting.cancel()
         await asyncio.gather(collecting, return_exceptions=True)
         lost = sorted(set(sent) - set(got))
-        assert not lost, f"{len(lost)} of {len(sent)} lost: {lost[:10]}"
+        if lost:
+            # Still stored (a reader that stopped reading) or gone (deleted undelivered)?
+            conn = await asyncpg.connect(server.dsn)
+            try:
+                rows = await conn.fetch(f'SELECT id, queue, data FROM "{schema}".message')
+            finally:
+                await conn.close()
+            stored = [(r["id"], r["queue"]) for r in rows if any(key.encode() in r["data"] for key in lost)]
+            raise AssertionError(f"{len(lost)} of {len(sent)} lost: {lost[:10]}; still stored: {stored}")
         assert len(sent) == 180
         assert sorted(got) == sorted(sent), "a message arrived twice"
     finally:

@@ -1,12 +1,47 @@
-"""Network faults for failure tests: a server that never answers, a TCP proxy that can be cut."""
+"""Faults for failure tests: a server that never answers, a TCP proxy that can be cut, a driver error."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-__all__ = ["TcpProxy", "silent_server"]
+import pytest
+
+__all__ = ["InjectedFault", "TcpProxy", "fail_once", "silent_server"]
+
+
+class InjectedFault(RuntimeError):
+    """The error :func:`fail_once` raises: of no class a backend expects from its driver."""
+
+
+def fail_once(
+    monkeypatch: pytest.MonkeyPatch,
+    owner: type,
+    name: str,
+    when: Callable[..., bool] = lambda *args, **kwargs: True,
+) -> list[str]:
+    """Make the driver method ``owner.name`` raise :class:`InjectedFault` once, then work again.
+
+    The first call for which ``when(*args, **kwargs)`` is true (``args``
+    includes ``self``) raises instead of running; every other call runs the
+    real method against the real server. Returns a list that gets one entry
+    when the fault fires, so a test can check that it did.
+    """
+    real = getattr(owner, name)
+    fired: list[str] = []
+
+    @functools.wraps(real)
+    def faulty(*args: Any, **kwargs: Any) -> Any:
+        if not fired and when(*args, **kwargs):
+            fired.append(f"{owner.__name__}.{name}")
+            raise InjectedFault(f"injected fault in {owner.__name__}.{name}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, faulty)
+    return fired
 
 
 @contextlib.asynccontextmanager

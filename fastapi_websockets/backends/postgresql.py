@@ -1015,6 +1015,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     self._acks[:0] = ids
                     await self._pause(backoff)
                     continue
+                except BaseException:
+                    # This task ends (logged by the supervisor); the next delivered
+                    # row starts another, which deletes these too.
+                    self._acks[:0] = ids
+                    raise
                 backoff.reset()
                 self._acking.difference_update(ids)
         finally:

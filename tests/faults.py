@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["InjectedFault", "TcpProxy", "fail_once", "silent_server"]
+__all__ = ["InjectedFault", "TcpProxy", "fail_once", "restarted_after_fault", "silent_server"]
 
 
 class InjectedFault(RuntimeError):
@@ -42,6 +42,19 @@ def fail_once(
 
     monkeypatch.setattr(owner, name, faulty)
     return fired
+
+
+def restarted_after_fault(caplog: pytest.LogCaptureFixture, task: str) -> bool:
+    """Whether the layer's supervisor logged ``task`` (its full name) failing with an
+    :class:`InjectedFault` and being started again."""
+    return any(
+        record.name == "fastapi_websockets.tasks"
+        and record.getMessage().startswith(f"background task {task} failed;")
+        and "restarting it" in record.getMessage()
+        and record.exc_info is not None
+        and isinstance(record.exc_info[1], InjectedFault)
+        for record in caplog.records
+    )
 
 
 @contextlib.asynccontextmanager

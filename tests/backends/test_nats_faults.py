@@ -19,7 +19,7 @@ from fastapi_websockets import BaseChannelLayer
 from fastapi_websockets.backends.nats import NATSChannelLayer
 from tests.backends.test_nats import Make, raw_client
 from tests.conftest import layer_factory
-from tests.faults import InjectedFault, fail_once
+from tests.faults import fail_once, restarted_after_fault
 from tests.servers.nats import NatsNode
 
 #: A hang guard for waits on messages, not a speed goal.
@@ -43,17 +43,6 @@ def _warnings_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="fastapi_websockets")
 
 
-def restarted(caplog: pytest.LogCaptureFixture, task: str) -> bool:
-    """Whether the supervisor logged ``task`` failing with the injected fault and restarting."""
-    return any(
-        record.getMessage().startswith(f"background task fastapi_websockets.nats.{task} failed;")
-        and "restarting it" in record.getMessage()
-        and record.exc_info is not None
-        and isinstance(record.exc_info[1], InjectedFault)
-        for record in caplog.records
-    )
-
-
 async def test_a_named_channel_reader_is_restarted(
     make: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -65,7 +54,7 @@ async def test_a_named_channel_reader_is_restarted(
     await sender.send("jobs", {"type": "next"})
     assert (await receiver.receive("jobs", timeout=PATIENCE))["type"] == "next"
     assert fired
-    assert restarted(caplog, "reader of 'jobs'")
+    assert restarted_after_fault(caplog, "fastapi_websockets.nats.reader of 'jobs'")
 
 
 async def test_the_inbox_keeper_is_restarted(
@@ -93,7 +82,7 @@ async def test_the_inbox_keeper_is_restarted(
     got = [(await receiver.receive(channel, timeout=PATIENCE))["type"] for _ in range(2)]
     assert got == ["after", "group"]
     assert fired
-    assert restarted(caplog, "inbox keeper")
+    assert restarted_after_fault(caplog, "fastapi_websockets.nats.inbox keeper")
 
 
 async def test_a_failed_inbox_ack_is_reported_and_nothing_is_lost_or_doubled(

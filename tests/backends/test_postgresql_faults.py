@@ -19,7 +19,7 @@ from fastapi_websockets import BaseChannelLayer
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
 from tests.backends.test_postgresql import backends_of, eventually
 from tests.conftest import layer_factory
-from tests.faults import InjectedFault, fail_once
+from tests.faults import InjectedFault, fail_once, restarted_after_fault
 from tests.servers.postgresql import PostgresServer
 
 Factory = Callable[..., PostgreSQLChannelLayer]
@@ -46,17 +46,6 @@ def _errors_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="fastapi_websockets")
 
 
-def restarted(caplog: pytest.LogCaptureFixture, task: str) -> bool:
-    """Whether the supervisor logged ``task`` failing with the injected fault and restarting."""
-    return any(
-        record.getMessage().startswith(f"background task fastapi_websockets.postgresql.{task} failed;")
-        and "restarting it" in record.getMessage()
-        and record.exc_info is not None
-        and isinstance(record.exc_info[1], InjectedFault)
-        for record in caplog.records
-    )
-
-
 async def test_the_inbox_reader_is_restarted(
     make: Factory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -76,7 +65,7 @@ async def test_the_inbox_reader_is_restarted(
     got = [(await receiver.receive(channel, timeout=PATIENCE))["type"] for _ in range(2)]
     assert got == ["first", "second"]
     assert fired
-    assert restarted(caplog, "inbox")
+    assert restarted_after_fault(caplog, "fastapi_websockets.postgresql.inbox")
     assert receiver.tasks.restarts == 1
 
 
@@ -97,7 +86,7 @@ async def test_a_named_channel_reader_is_restarted(
     await sender.send("jobs", {"type": "next"})
     assert (await receiver.receive("jobs", timeout=PATIENCE))["type"] == "next"
     assert fired
-    assert restarted(caplog, "named:jobs")
+    assert restarted_after_fault(caplog, "fastapi_websockets.postgresql.named:jobs")
 
 
 async def test_the_listener_is_restarted(
@@ -126,7 +115,7 @@ async def test_the_listener_is_restarted(
     await eventually(listening_again, "a new LISTEN connection")
     await sender.send(channel, {"type": "after"})
     assert (await receiver.receive(channel, timeout=PATIENCE))["type"] == "after"
-    assert restarted(caplog, "listener")
+    assert restarted_after_fault(caplog, "fastapi_websockets.postgresql.listener")
 
 
 async def test_a_failed_outbox_write_fails_its_sends_and_the_next_ones_work(
@@ -207,7 +196,7 @@ async def test_the_pruner_is_restarted(
         return bool(count == 0)
 
     await eventually(pruned, "the expired message pruned")
-    assert restarted(caplog, "prune")
+    assert restarted_after_fault(caplog, "fastapi_websockets.postgresql.prune")
 
 
 async def _true(value: bool) -> bool:

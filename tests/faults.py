@@ -1,12 +1,60 @@
-"""Network faults for failure tests: a server that never answers, a TCP proxy that can be cut."""
+"""Faults for failure tests: a server that never answers, a TCP proxy that can be cut, a driver error."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-__all__ = ["TcpProxy", "silent_server"]
+import pytest
+
+__all__ = ["InjectedFault", "TcpProxy", "fail_once", "restarted_after_fault", "silent_server"]
+
+
+class InjectedFault(RuntimeError):
+    """The error :func:`fail_once` raises: of no class a backend expects from its driver."""
+
+
+def fail_once(
+    monkeypatch: pytest.MonkeyPatch,
+    owner: type,
+    name: str,
+    when: Callable[..., bool] = lambda *args, **kwargs: True,
+) -> list[str]:
+    """Make the driver method ``owner.name`` raise :class:`InjectedFault` once, then work again.
+
+    The first call for which ``when(*args, **kwargs)`` is true (``args``
+    includes ``self``) raises instead of running; every other call runs the
+    real method against the real server. Returns a list that gets one entry
+    when the fault fires, so a test can check that it did.
+    """
+    real = getattr(owner, name)
+    fired: list[str] = []
+
+    @functools.wraps(real)
+    def faulty(*args: Any, **kwargs: Any) -> Any:
+        if not fired and when(*args, **kwargs):
+            fired.append(f"{owner.__name__}.{name}")
+            raise InjectedFault(f"injected fault in {owner.__name__}.{name}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, faulty)
+    return fired
+
+
+def restarted_after_fault(caplog: pytest.LogCaptureFixture, task: str) -> bool:
+    """Whether the layer's supervisor logged ``task`` (its full name) failing with an
+    :class:`InjectedFault` and being started again."""
+    return any(
+        record.name == "fastapi_websockets.tasks"
+        and record.getMessage().startswith(f"background task {task} failed;")
+        and "restarting it" in record.getMessage()
+        and record.exc_info is not None
+        and isinstance(record.exc_info[1], InjectedFault)
+        for record in caplog.records
+    )
 
 
 @contextlib.asynccontextmanager

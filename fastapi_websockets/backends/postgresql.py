@@ -760,7 +760,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if self.closed:  # the pool was closed under us
                     raise ChannelLayerClosed("the channel layer was closed") from exc
                 delay = backoff.next()
-                committed_maybe = sent and not _aborted_by_server(exc, self._aborted)
+                committed_maybe = (
+                    sent and not _aborted_by_server(exc, self._aborted) and not _refused_unsent(exc)
+                )
                 if (committed_maybe and not retry) or time.monotonic() + delay >= deadline:
                     raise self.unavailable(exc) from exc
                 await asyncio.sleep(delay)
@@ -1013,6 +1015,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     self._acks[:0] = ids
                     await self._pause(backoff)
                     continue
+                except BaseException:
+                    # This task ends (logged by the supervisor); the next delivered
+                    # row starts another, which deletes these too.
+                    self._acks[:0] = ids
+                    raise
                 backoff.reset()
                 self._acking.difference_update(ids)
         finally:
@@ -1415,6 +1422,22 @@ def _aborted_by_server(exc: BaseException, aborted: tuple[type[BaseException], .
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
+
+
+def _refused_unsent(exc: BaseException) -> bool:
+    """Whether asyncpg refused to start the statement, so none of it reached the server.
+
+    A session the server ended while it was idle (a restart) can stay in the
+    pool with its protocol left mid-state; asyncpg then refuses the next
+    statement before writing a byte ("cannot switch to state 11; another
+    operation (2) is in progress", "not connected"). Sending it again on
+    another connection cannot store it twice.
+    """
+    import asyncpg
+
+    return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith(
+        ("cannot switch to state", "not connected")
+    )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -840,8 +840,12 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
         try:
             async with reader.lock:
-                if self._readers.get(reader.channel) is not reader or reader.tag is None:
-                    return  # stopped meanwhile, or never started
+                if self._readers.get(reader.channel) is not reader:
+                    return  # stopped meanwhile
+                if reader.tag is None and not reader.users:
+                    return  # never started, and nobody waits
+                # A tag of None with receivers waiting: a restart failed half way
+                # (its consume raised); this run (the supervisor's retry) starts it.
                 channel = self._reader_channel
                 assert channel is not None
                 underlay = await within(

@@ -192,7 +192,7 @@ def server_version(backend: str) -> str:
 def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     """Start ``backend``'s broker and the demo app on it, churn, and return the figures."""
     with broker(backend) as (env, where, held):
-        server = Workers(OUR_PYTHON, "examples.chat.app:app", 1, env, ws=args.ws)
+        server = Workers(OUR_PYTHON, "examples.chat.app:app", 1, env | args.env, ws=args.ws)
         try:
             server.wait_ready()
             start_mb = rss_kb(server.pids[0]) / 1024
@@ -214,6 +214,7 @@ def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     (base_cycles, _, base_mb), (end_cycles, end_s, end_mb) = soak.samples[0], soak.samples[-1]
     return {
         "backend": backend,
+        "env": args.env,
         "server": server_version(backend),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_avg_1m": os.getloadavg()[0],
@@ -244,8 +245,9 @@ def table(results: list[dict[str, Any]]) -> str:
     ]
     for row in results:
         verdict = "" if row["ratio"] <= GOAL else " (over 1.25)"
+        settings = "".join(f", {key}={value}" for key, value in row.get("env", {}).items())
         lines.append(
-            f"| {row['backend']} | {row['cycles']:,} | {row['rss_start_mb']:.1f} MB | "
+            f"| {row['backend']}{settings} | {row['cycles']:,} | {row['rss_start_mb']:.1f} MB | "
             f"{row['rss_baseline_mb']:.1f} MB | {row['rss_end_mb']:.1f} MB | {row['rss_peak_mb']:.1f} MB | "
             f"**{row['ratio']:.2f}**{verdict} | {row['bytes_per_cycle']:,.0f} | {row['failed']} | "
             f"{row['cycles_per_s']:.0f} | {row['slowest_s']:.2f} s |"
@@ -314,6 +316,14 @@ def main() -> None:
     parser.add_argument("--ws", default="auto", help="uvicorn --ws implementation")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cycle may take")
     parser.add_argument("--out", type=Path, help="also write the results as markdown (docs/bench-soak.md)")
+    parser.add_argument(
+        "--env",
+        type=lambda text: dict([text.split("=", 1)]),
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the app (e.g. FASTAPI_WEBSOCKETS_REDIS_HISTORY={}), repeatable",
+    )
     parser.add_argument("--note", default="", help="a paragraph for the report, under the table")
     parser.add_argument(
         "--from-results",
@@ -321,6 +331,7 @@ def main() -> None:
         help="run nothing: report the newest saved result (bench/results/soak-*.json) of each backend",
     )
     args = parser.parse_args()
+    args.env = {name: value for pair in args.env for name, value in pair.items()}
     chosen = args.backend or ["inmemory"]
     backends = list(BACKENDS) if "all" in chosen else list(dict.fromkeys(chosen))
 

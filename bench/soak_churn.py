@@ -263,9 +263,14 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {row['backend']}{settings} | {cycles} | {row['rss_start_mb']:.1f} MB | "
             f"{row['rss_baseline_mb']:.1f} MB | {row['rss_end_mb']:.1f} MB | {row['rss_peak_mb']:.1f} MB | "
             f"**{row['ratio']:.2f}**{verdict} | {row['bytes_per_cycle']:,.0f} | {row['failed']} | "
-            f"{row['cycles_per_s']:.0f} | {row['slowest_s']:.2f} s |"
+            f"{row['cycles_per_s']:.0f} | {_seconds(row.get('slowest_s'))} |"
         )
     return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    # Rows rebuilt from a run's printed samples have no per-cycle timings.
+    return "n/a" if value is None else f"{value:.2f} s"
 
 
 def package_versions() -> str:
@@ -310,7 +315,7 @@ def write_report(path: Path, results: list[dict[str, Any]], note: str = "") -> N
         out.append(
             f"- {row['backend']} ({row['server']}), ended {row['date']}, "
             f"load average {row['load_avg_1m']:.1f} at the end: RSS every 10% (MB) {samples}; "
-            f"{row['over_1s']} cycles over 1 s{holds}."
+            f"{row.get('over_1s', '?')} cycles over 1 s{holds}."
         )
     path.write_text("\n".join(out) + "\n")
 

@@ -258,7 +258,8 @@ def table(results: list[dict[str, Any]]) -> str:
         verdict = "" if row["ratio"] <= GOAL else " (over 1.25)"
         settings = "".join(f", {key}={value}" for key, value in row.get("env", {}).items())
         planned = row.get("cycles_planned", row["cycles"])
-        cycles = f"{row['cycles']:,}" + (f" of {planned:,} (time limit)" if planned != row["cycles"] else "")
+        why = "stopped by hand" if row.get("stopped_by_hand") else "time limit"
+        cycles = f"{row['cycles']:,}" + (f" of {planned:,} ({why})" if planned != row["cycles"] else "")
         lines.append(
             f"| {row['backend']}{settings} | {cycles} | {row['rss_start_mb']:.1f} MB | "
             f"{row['rss_baseline_mb']:.1f} MB | {row['rss_end_mb']:.1f} MB | {row['rss_peak_mb']:.1f} MB | "

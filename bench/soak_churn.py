@@ -21,19 +21,25 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from bench_e2e import OUR_PYTHON, Workers, rss_kb
+from bench_e2e import OUR_PYTHON, ROOT, Workers, machine, rss_kb
 from websockets.asyncio.client import connect
 
 from tests.servers import free_port  # importable: bench_e2e put the root on sys.path
 
 BACKENDS = ("inmemory", "redis", "postgresql", "nats", "rabbitmq")
 PREFIX = "soak"
+#: The issue's goal: RSS at the end within this ratio of RSS after the first 10% of the cycles.
+GOAL = 1.25
 
 
 @contextlib.contextmanager
@@ -103,7 +109,9 @@ def broker(name: str) -> Iterator[tuple[dict[str, str], str, Callable[[], str]]]
 class Soak:
     """The churning clients and the RSS samples of the server they churn on."""
 
-    def __init__(self, url: str, pid: int, cycles: int, concurrency: int, timeout: float) -> None:
+    def __init__(
+        self, url: str, pid: int, cycles: int, concurrency: int, timeout: float, seconds: float | None = None
+    ) -> None:
         self.url = url
         self.pid = pid
         self.cycles = cycles
@@ -116,6 +124,8 @@ class Soak:
         self.began = 0.0
         self.slowest = 0.0
         self.slow = 0
+        #: Start no new cycle after this many seconds (None: run every cycle).
+        self.seconds = seconds
 
     async def user(self, number: int) -> None:
         line = f"line {number}"
@@ -131,7 +141,7 @@ class Soak:
                     return
 
     async def worker(self) -> None:
-        while self.started < self.cycles:
+        while self.started < self.cycles and not self.out_of_time():
             number = self.started
             self.started += 1
             began = time.monotonic()
@@ -147,6 +157,8 @@ class Soak:
             self.done += 1
             if self.done % max(1, self.cycles // 10) == 0 or self.done == self.cycles:
                 self.sample()
+            elif self.done == self.started and self.out_of_time():
+                self.sample()  # the last cycle in flight when time ran out
 
     def sample(self) -> None:
         elapsed = time.monotonic() - self.began
@@ -158,50 +170,226 @@ class Soak:
             flush=True,
         )
 
+    def out_of_time(self) -> bool:
+        return self.seconds is not None and time.monotonic() - self.began > self.seconds
+
     async def run(self) -> None:
         self.began = time.monotonic()
         await asyncio.gather(*(self.worker() for _ in range(self.concurrency)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--backend", choices=BACKENDS, default="inmemory")
-    parser.add_argument("--cycles", type=int, default=60_000)
-    parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--ws", default="auto", help="uvicorn --ws implementation")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cycle may take")
-    args = parser.parse_args()
+def server_version(backend: str) -> str:
+    """The broker server's name and version, as its binary or package reports it."""
+    if backend == "inmemory":
+        return "no broker"
+    if backend == "redis":
+        command = ["redis-server", "--version"]
+    elif backend == "postgresql":
+        from tests.servers.postgresql import _bin_dir
 
-    with broker(args.backend) as (env, where, held):
-        server = Workers(OUR_PYTHON, "examples.chat.app:app", 1, env, ws=args.ws)
+        command = [str(_bin_dir() / "postgres"), "--version"]
+    elif backend == "nats":
+        from tests.servers.nats import nats_server_binary
+
+        command = [nats_server_binary(), "--version"]
+    else:
+        command = ["dpkg-query", "-W", "-f", "rabbitmq-server ${Version}", "rabbitmq-server"]
+    found = subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip()
+    return found.split(" sha=")[0] or "unknown"
+
+
+def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Start ``backend``'s broker and the demo app on it, churn, and return the figures."""
+    with broker(backend) as (env, where, held):
+        server = Workers(OUR_PYTHON, "examples.chat.app:app", 1, env | args.env, ws=args.ws)
         try:
             server.wait_ready()
+            start_mb = rss_kb(server.pids[0]) / 1024
             print(
-                f"backend {args.backend} ({where}); demo app pid {server.pids[0]}, RSS at start "
-                f"{rss_kb(server.pids[0]) / 1024:.1f} MB; "
-                f"{args.cycles:,} cycles, {args.concurrency} at a time"
+                f"backend {backend} ({where}); demo app pid {server.pids[0]}, RSS at start "
+                f"{start_mb:.1f} MB; {args.cycles:,} cycles, {args.concurrency} at a time",
+                flush=True,
             )
-            soak = Soak(server.urls[0], server.pids[0], args.cycles, args.concurrency, args.timeout)
+            seconds = args.max_minutes * 60 if args.max_minutes else None
+            soak = Soak(server.urls[0], server.pids[0], args.cycles, args.concurrency, args.timeout, seconds)
             try:
                 import uvloop
             except ImportError:
                 asyncio.run(soak.run())
             else:
                 uvloop.run(soak.run())
-            print(held())
+            broker_holds = held()
         finally:
             server.stop()
-    baseline = soak.samples[0]
-    end = soak.samples[-1]
-    print(
-        f"\n{args.backend}: RSS {baseline[2]:.1f} MB after {baseline[0]:,} cycles, {end[2]:.1f} MB after "
-        f"{end[0]:,}; ratio {end[2] / baseline[2]:.2f}; "
-        f"{(end[2] - baseline[2]) * 1024 * 1024 / max(1, end[0] - baseline[0]):,.0f} bytes per cycle; "
-        f"{soak.failed} cycles failed; {end[0] / end[1]:.0f} cycles/s; "
-        f"slowest cycle {soak.slowest:.2f} s, {soak.slow} over 1 s"
+    (base_cycles, _, base_mb), (end_cycles, end_s, end_mb) = soak.samples[0], soak.samples[-1]
+    return {
+        "backend": backend,
+        "env": args.env,
+        "server": server_version(backend),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_avg_1m": os.getloadavg()[0],
+        "cycles": end_cycles,
+        "cycles_planned": args.cycles,
+        "concurrency": args.concurrency,
+        "rss_start_mb": start_mb,
+        "rss_baseline_mb": base_mb,
+        "baseline_cycles": base_cycles,
+        "rss_end_mb": end_mb,
+        "rss_peak_mb": max(mb for _, _, mb in soak.samples),
+        "ratio": end_mb / base_mb,
+        "bytes_per_cycle": (end_mb - base_mb) * 1024 * 1024 / max(1, end_cycles - base_cycles),
+        "failed": soak.failed,
+        "cycles_per_s": end_cycles / end_s,
+        "slowest_s": soak.slowest,
+        "over_1s": soak.slow,
+        "samples": soak.samples,
+        "broker_holds": broker_holds,
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The results as a markdown table, one row per backend."""
+    lines = [
+        "| backend | cycles | RSS at start | RSS after 10% | RSS at end | peak | end / 10% | bytes per cycle "
+        "| failed | cycles/s | slowest cycle |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        verdict = "" if row["ratio"] <= GOAL else " (over 1.25)"
+        settings = "".join(f", {key}={value}" for key, value in row.get("env", {}).items())
+        planned = row.get("cycles_planned", row["cycles"])
+        why = "stopped by hand" if row.get("stopped_by_hand") else "time limit"
+        cycles = f"{row['cycles']:,}" + (f" of {planned:,} ({why})" if planned != row["cycles"] else "")
+        lines.append(
+            f"| {row['backend']}{settings} | {cycles} | {row['rss_start_mb']:.1f} MB | "
+            f"{row['rss_baseline_mb']:.1f} MB | {row['rss_end_mb']:.1f} MB | {row['rss_peak_mb']:.1f} MB | "
+            f"**{row['ratio']:.2f}**{verdict} | {row['bytes_per_cycle']:,.0f} | {row['failed']} | "
+            f"{row['cycles_per_s']:.0f} | {_seconds(row.get('slowest_s'))} |"
+        )
+    return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    # Rows rebuilt from a run's printed samples have no per-cycle timings.
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
+def package_versions() -> str:
+    """Versions of the Python packages the soaked app runs on."""
+    names = ("fastapi", "starlette", "uvicorn", "websockets", "redis", "asyncpg", "nats-py", "aio-pika")
+    found = []
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{name} {metadata.version(name)}")
+    return ", ".join(found)
+
+
+def write_report(path: Path, results: list[dict[str, Any]], note: str = "") -> None:
+    """Write the markdown report: how it ran, on what, and the table."""
+    out = [
+        "# Churn soak: memory while users come and go",
+        "",
+        "Generated by `.venv/bin/python bench/soak_churn.py "
+        + " ".join(f"--backend {row['backend']}" for row in results)
+        + f" --cycles {results[0].get('cycles_planned', results[0]['cycles'])} --out {path}` (or rebuilt "
+        "from the runs' saved results"
+        " with `--from-results`).",
+        "",
+        "The demo app (`examples/chat/app.py`, rooms with 100 messages of history, presence) in one "
+        "uvicorn process; clients connect, get the hello, history and presence, send a chat line, wait "
+        f"for it to come back and disconnect, {results[0]['concurrency']} at a time, all in one room. "
+        "RSS is the uvicorn process's, sampled every 10% of the cycles; the baseline is the sample after "
+        f"the first 10% (imports, caches and pools have warmed up by then). Goal (issue 15): the end "
+        f"within {GOAL:.2f}x the baseline on every backend.",
+        "",
+        f"- Machine: {machine()}; 2 cores shared with other work while this ran (load average per row "
+        "below), so cycles/s are indicative only.",
+        f"- Packages: {package_versions()}.",
+        "",
+        table(results),
+        "",
+        *([note, ""] if note else []),
+    ]
+    for row in results:
+        samples = ", ".join(f"{mb:.0f}" for _, _, mb in row["samples"])
+        holds = f"; at the end {row['broker_holds']}" if row["broker_holds"] else ""
+        out.append(
+            f"- {row['backend']} ({row['server']}), ended {row['date']}, "
+            f"load average {row['load_avg_1m']:.1f} at the end: RSS every 10% (MB) {samples}; "
+            f"{row.get('over_1s', '?')} cycles over 1 s{holds}."
+        )
+    path.write_text("\n".join(out) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=(*BACKENDS, "all"),
+        help="repeat for several, run one after the other; 'all' for every backend (default inmemory)",
+    )
+    parser.add_argument("--cycles", type=int, default=60_000)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--ws", default="auto", help="uvicorn --ws implementation")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cycle may take")
+    parser.add_argument("--out", type=Path, help="also write the results as markdown (docs/bench-soak.md)")
+    parser.add_argument(
+        "--env",
+        type=lambda text: dict([text.split("=", 1)]),
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the app (e.g. FASTAPI_WEBSOCKETS_REDIS_HISTORY={}), repeatable",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="start no new cycle after this long; the row then shows the cycles done (of --cycles)",
+    )
+    parser.add_argument("--note", default="", help="a paragraph for the report, under the table")
+    parser.add_argument(
+        "--from-results",
+        action="store_true",
+        help="run nothing: report the newest saved result (bench/results/soak-*.json) of each backend",
+    )
+    args = parser.parse_args()
+    args.env = {name: value for pair in args.env for name, value in pair.items()}
+    chosen = args.backend or ["inmemory"]
+    backends = list(BACKENDS) if "all" in chosen else list(dict.fromkeys(chosen))
+
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(exist_ok=True)
+    results: list[dict[str, Any]] = []
+    if args.from_results:
+        for backend in backends:
+            # The names end in a sortable timestamp, so the last one is the newest.
+            saved = sorted(results_dir.glob(f"soak-{backend}-*.json"))
+            if saved:
+                results.append(json.loads(saved[-1].read_text()))
+        backends = []
+    for backend in backends:
+        row = soak_backend(backend, args)
+        results.append(row)
+        # Saved as each backend ends: a long run that stops half-way keeps what it measured.
+        (results_dir / f"soak-{backend}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+            json.dumps(row, indent=1)
+        )
+        print(
+            f"\n{backend}: RSS {row['rss_baseline_mb']:.1f} MB after {row['baseline_cycles']:,} cycles, "
+            f"{row['rss_end_mb']:.1f} MB at the end; ratio {row['ratio']:.2f}; "
+            f"{row['bytes_per_cycle']:,.0f} bytes per cycle; {row['failed']} cycles failed; "
+            f"{row['broker_holds'] or 'no broker figures'}\n",
+            flush=True,
+        )
+    print(table(results))
+    if args.out:
+        write_report(args.out, results, args.note)
+        print(f"\nwrote {args.out}")
+    if any(row["ratio"] > GOAL for row in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

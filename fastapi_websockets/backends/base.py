@@ -168,6 +168,8 @@ class BaseChannelLayer(abc.ABC):
         #: channel -> {epoch: (offset, deadline)}: live group messages at or below the offset
         #: were already given to the channel by a catch-up page; deliveries drop them.
         self._floors: dict[str, dict[str, tuple[int, float]]] = {}
+        #: How many channels had floors after the last sweep of expired ones.
+        self._floors_pruned_at = 0
         #: channel -> (catch-ups in progress, live messages with a position held meanwhile):
         #: a copy that arrives before the floor is set must not reach the mailbox yet.
         self._held: dict[str, tuple[int, list[Message]]] = {}
@@ -450,6 +452,8 @@ class BaseChannelLayer(abc.ABC):
         ends. Group memberships are not touched (leave the groups first).
         """
         self._live_channels.discard(channel)
+        # Its catch-up floors would otherwise wait for a message that never comes to expire.
+        self._floors.pop(channel, None)
         if self.is_local(channel) and is_process_specific(channel):
             self._mailboxes.drop(channel, ChannelLayerClosed(f"channel {channel!r} was released"))
 
@@ -794,8 +798,16 @@ class BaseChannelLayer(abc.ABC):
             self.deliver_local(channel, message)
 
     def _set_floor(self, channel: str, position: StreamPosition) -> None:
+        now = time.monotonic()
+        if len(self._floors) >= self._floors_pruned_at * 2 + 64:
+            # A floor is otherwise dropped only by a later message for its channel, and a
+            # channel nobody released (no forget_channel) may never get one: sweep expired
+            # floors, amortised over as many new floors as were kept.
+            for stale in [name for name, floors in self._floors.items() if _floors_expired(floors, now)]:
+                del self._floors[stale]
+            self._floors_pruned_at = len(self._floors)
         floors = self._floors.setdefault(channel, {})
-        floors[position.epoch] = (position.offset, time.monotonic() + _FLOOR_SECONDS)
+        floors[position.epoch] = (position.offset, now + _FLOOR_SECONDS)
 
     def _below_floor(self, channel: str, message: Message) -> bool:
         floors = self._floors.get(channel)
@@ -914,6 +926,10 @@ def _without_exclude(message: Message) -> Message:
 
 #: Seconds a catch-up floor is kept: enough for every copy sent before the page was read.
 _FLOOR_SECONDS = 60.0
+
+
+def _floors_expired(floors: dict[str, tuple[int, float]], now: float) -> bool:
+    return all(deadline < now for _, deadline in floors.values())
 
 
 def _as_position(value: object) -> StreamPosition:

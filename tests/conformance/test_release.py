@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from fastapi_websockets import ChannelLayerClosed
+from fastapi_websockets.backends import base
 from tests.conftest import LayerFactory
 from tests.servers import Backend
 
@@ -46,3 +47,30 @@ async def test_a_receive_waiting_on_a_released_channel_is_woken(make_layer: Laye
     layer.forget_channel(channel)
     with pytest.raises(ChannelLayerClosed, match="released"):
         await waiting
+
+
+HISTORY = {"room:*": {"size": 10, "ttl": 600}}
+
+
+async def test_a_released_channel_keeps_no_catch_up_floor(make_layer: LayerFactory) -> None:
+    # The demo's join: history first, then join from its end (which sets a floor for the channel).
+    layer = make_layer(history=HISTORY)
+    channel = await layer.new_channel("ws")
+    latest = await layer.group_history("room:1")
+    await layer.group_add("room:1", channel, since=latest.position)
+    assert channel in layer._floors
+    await layer.group_discard("room:1", channel)
+    layer.forget_channel(channel)
+    assert channel not in layer._floors
+
+
+async def test_expired_floors_of_channels_never_released_are_swept(
+    make_layer: LayerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Floors that expire at once: none may outlive the next sweep, which comes before 64 more.
+    monkeypatch.setattr(base, "_FLOOR_SECONDS", -1.0)
+    layer = make_layer(history=HISTORY)
+    latest = await layer.group_history("room:1")
+    for _ in range(130):
+        await layer.group_add("room:1", await layer.new_channel("ws"), since=latest.position)
+    assert 0 < len(layer._floors) < 64

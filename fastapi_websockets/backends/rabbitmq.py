@@ -408,6 +408,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._history_channel: AbstractRobustChannel | None = None  # history stream consumers
         self._streams: dict[str, _HistoryStream] = {}  # by group
         self._stream_locks: dict[str, asyncio.Lock] = {}
+        #: Counts closes of the history channel: a stream opened across one has a dead tap.
+        self._history_closes = 0
+        self._history_reviving = False
         self._presence_replica: RabbitPresence | None = None  # made on first use of presence
 
     # ---------------------------------------------------------- connection
@@ -508,12 +511,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             reader_channel.reopen_callbacks.add(self._on_reader_reopen)
             if self.history:
                 # Only layers with a history option pay for this channel.
-                history_channel = self._history_channel = await self._connection.channel(
-                    publisher_confirms=False
-                )
-                await history_channel.set_qos(prefetch_count=HISTORY_PREFETCH)
-                await self._watch_cancels(history_channel)
-                history_channel.reopen_callbacks.add(self._on_history_reopen)
+                await self._open_history_channel()
         except self._precondition_failed as exc:
             raise InvalidChannelLayerConfig(
                 f"exchange {self.exchange_name!r} already exists with other settings "
@@ -1084,6 +1082,75 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     async def _on_history_reopen(self, channel: AbstractRobustChannel) -> None:
         await self._watch_cancels(channel)
 
+    async def _open_history_channel(self) -> None:
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=HISTORY_PREFETCH)
+        await self._watch_cancels(channel)
+        channel.reopen_callbacks.add(self._on_history_reopen)
+        channel.close_callbacks.add(self._on_history_closed)
+        self._history_channel = channel
+
+    # The taps are not robust (aio-pika would restore them inside its channel
+    # recovery, where one RPC the broker does not answer leaves the channel
+    # unrestored for good): when the history channel closes for any reason
+    # (a cancelled RPC, a channel error, a lost connection), every stream is
+    # forgotten so that the next use opens it again with a new tap, and a
+    # supervised task makes sure the channel comes back.
+
+    def _on_history_closed(self, channel: object, exc: BaseException | None = None) -> None:
+        if self.closed or channel is not self._history_channel:
+            return
+        self._history_closes += 1
+        for group in list(self._streams):
+            self._forget_stream(group, f"the history channel closed ({exc!r})")
+        if not self._history_reviving:
+            self._history_reviving = True
+            self.tasks.keep_running(self._revive_history, "history channel recovery")
+
+    async def _revive_history(self) -> None:
+        """Wait for aio-pika to restore the history channel; replace it if it does not."""
+        try:
+            channel, connection = self._history_channel, self._connection
+            assert channel is not None
+            assert connection is not None
+            while not self.closed:
+                # No time limit while the connection is down: its recovery restores the channel.
+                await connection.connected.wait()
+                try:
+                    await within(channel.ready(), self.timeout, TimeoutError)
+                    underlay = await channel.get_underlay_channel()
+                    if not underlay.is_closed:
+                        return
+                except TimeoutError:
+                    logger.debug("history channel not restored within %s s", self.timeout)
+                except self._errors as exc:
+                    logger.debug("history channel not restored: %r", exc)
+                if connection.connected.is_set():
+                    break
+            if self.closed:
+                return
+            # Connected, yet aio-pika did not restore it within `timeout`: use a new one.
+            await within(
+                self._open_history_channel(),
+                self.timeout,
+                lambda: self.unavailable(f"no new history channel within {self.timeout} s"),
+            )
+            self._history_closes += 1
+            for group in list(self._streams):
+                self._forget_stream(group, "the history channel was replaced")
+            self._spawn(self._close_quietly(channel), "close of the old history channel")
+        finally:
+            self._history_reviving = False
+
+    async def _close_quietly(self, channel: AbstractRobustChannel) -> None:
+        try:
+            await within(channel.close(), self.timeout, TimeoutError)
+        except TimeoutError:
+            logger.debug("close of the old history channel got no answer")
+        except self._errors as exc:
+            logger.debug("close of the old history channel failed: %r", exc)
+
     def _on_consumer_cancel(self, frame: Any) -> None:
         # The broker cancelled a tap: its stream was deleted. Forget it, so the
         # next use declares a new stream (and a new epoch) instead of waiting
@@ -1161,6 +1228,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     async def _open_stream(self, group: str, policy: HistoryPolicy) -> _HistoryStream:
         name = history_stream_name(self.queue_prefix, group)
         declare_channel, history_channel = self._declare_channel, self._history_channel
+        closes = self._history_closes
         assert declare_channel is not None
         assert history_channel is not None
         arguments: dict[str, Any] = {
@@ -1187,7 +1255,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         queue = await self._broker(
             history_channel,
             f"declare of stream {name!r}",
-            lambda: history_channel.declare_queue(name, passive=True),
+            lambda: history_channel.declare_queue(name, passive=True, robust=False),
         )
         tag = f"fw-h-{self.client_token}-{new_token(6)}"
         stream = _HistoryStream(name, queue, tag)
@@ -1195,9 +1263,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             history_channel,
             f"consume from {name!r}",
             lambda: queue.consume(
-                partial(self._on_tap, stream), consumer_tag=tag, arguments={"x-stream-offset": "next"}
+                partial(self._on_tap, stream),
+                consumer_tag=tag,
+                arguments={"x-stream-offset": "next"},
+                robust=False,
             ),
         )
+        if self._history_closes != closes:
+            # The channel closed meanwhile, taking the new tap with it.
+            raise self.unavailable(f"the history channel closed while opening {name!r}")
         self._streams[group] = stream
         try:
             stream.epoch = await self._agree_epoch(group, stream)
@@ -1294,11 +1368,19 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 # Returned as unroutable: the stream was deleted.
                 self._forget_stream(group, f"history stream {stream.name!r} was deleted")
                 raise _StreamGone(f"history stream {stream.name!r} was deleted") from None
-            return await within(
-                seen,
-                self.timeout,
-                lambda: self.unavailable(f"the offset of a write to {stream.name!r} did not come back"),
-            )
+            try:
+                return await within(
+                    seen,
+                    self.timeout,
+                    lambda: self.unavailable(f"the offset of a write to {stream.name!r} did not come back"),
+                )
+            except BackendUnavailable:
+                # A tap that misses a confirmed write may be gone for good:
+                # the next call opens the stream again with a new one.
+                if self._streams.get(group) is stream:
+                    self._forget_stream(group, f"the tap of {stream.name!r} missed a write")
+                    self._spawn(self._cancel_consumer(stream.queue, stream.tag), f"tap cancel of {group!r}")
+                raise
         finally:
             stream.pending.pop(token, None)
 

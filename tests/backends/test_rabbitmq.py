@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -27,7 +27,7 @@ from fastapi_websockets.backends.rabbitmq import (
 )
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
 from tests.conftest import layer_factory
-from tests.faults import TcpProxy, silent_server
+from tests.faults import TcpProxy, fail_once, silent_server
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.rabbitmq import RabbitNode
@@ -434,6 +434,8 @@ async def test_broker_restart(make: Factory, prefix: str, node: RabbitNode) -> N
 # ---------------------------------------------------------------- history
 
 HISTORY = {"room:*": {"size": 50, "ttl": 600}, "tiny:*": 3}
+#: A hang guard for a recovery, not a speed goal.
+PATIENCE = 60.0
 
 
 async def test_history_lives_in_one_stream_per_history_group(
@@ -495,6 +497,80 @@ async def test_a_stream_deleted_out_of_band_starts_a_new_epoch(
     assert not page.recovered
     assert page.position == new
     assert [m.get("after") for m in page.messages] == [True]
+
+
+async def _close_by_cancelled_rpc(layer: RabbitMQChannelLayer, stream: str) -> None:
+    """Cancel an RPC in flight on the history channel, as a ``timeout`` does: aiormq closes the channel."""
+    assert layer._history_channel is not None
+    underlay = await layer._history_channel.get_underlay_channel()
+    rpc = asyncio.ensure_future(underlay.queue_declare(stream, passive=True))
+    await asyncio.sleep(0)
+    rpc.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await rpc
+
+
+async def _close_by_the_broker(layer: RabbitMQChannelLayer, stream: str) -> None:
+    """A channel error: the broker closes the history channel (404 on a passive declare)."""
+    import aiormq.exceptions
+
+    assert layer._history_channel is not None
+    underlay = await layer._history_channel.get_underlay_channel()
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+        await underlay.queue_declare(f"{stream}.missing", passive=True)
+
+
+async def _close_and_fail_its_restore(layer: RabbitMQChannelLayer, stream: str) -> None:
+    """The channel closes and aio-pika's own restore of it fails (as under load): it stays unrestored."""
+    from aio_pika.robust_channel import RobustChannel
+
+    with pytest.MonkeyPatch.context() as patch:
+        fired = fail_once(patch, RobustChannel, "reopen", lambda channel: channel is layer._history_channel)
+        await _close_by_the_broker(layer, stream)
+        for _ in range(int(PATIENCE / 0.05)):
+            if fired:
+                break
+            await asyncio.sleep(0.05)
+        assert fired
+
+
+@pytest.mark.parametrize(
+    "close", [_close_by_cancelled_rpc, _close_by_the_broker, _close_and_fail_its_restore]
+)
+async def test_history_works_again_after_its_amqp_channel_closed(
+    make: Factory,
+    prefix: str,
+    close: Callable[[RabbitMQChannelLayer, str], Awaitable[None]],
+) -> None:
+    layer, other = make(history=HISTORY, timeout=3), make(history=HISTORY)
+    first = await layer.group_send("room:chan", {"type": "m", "i": 0})
+    assert first is not None
+    assert (await layer.group_history("room:chan")).position == first
+    await close(layer, history_stream_name(prefix, "room:chan"))
+    # Callers during the recovery may get BackendUnavailable; the layer must not stay broken.
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        try:
+            sent = await layer.group_send("room:chan", {"type": "m", "i": 1})
+            break
+        except BackendUnavailable:
+            assert time.monotonic() < deadline, "history writes never worked again"
+            await asyncio.sleep(0.2)
+    assert sent is not None
+    assert sent.epoch == first.epoch
+    page = await layer.group_history("room:chan", since=first)
+    assert page.recovered
+    assert page.position == sent
+    # A write that failed during the recovery may have been stored all the same.
+    assert {m["i"] for m in page.messages} == {1}
+    # Its tap is back: writes by another instance and its own still get their offsets.
+    theirs = await other.group_send("room:chan", {"type": "m", "i": 2})
+    mine = await layer.group_send("room:chan", {"type": "m", "i": 3})
+    assert theirs is not None
+    assert mine is not None
+    assert first.offset < sent.offset < theirs.offset < mine.offset
+    page = await layer.group_history("room:chan", since=sent)
+    assert [m["i"] for m in page.messages] == [2, 3]
 
 
 _SENDER = """

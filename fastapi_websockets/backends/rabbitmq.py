@@ -1270,7 +1270,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             ),
         )
         if self._history_closes != closes:
-            # The channel closed meanwhile, taking the new tap with it.
+            # The channel closed meanwhile: the tap may be gone with it.
+            await self._cancel_consumer(queue, tag)
             raise self.unavailable(f"the history channel closed while opening {name!r}")
         self._streams[group] = stream
         try:

@@ -893,8 +893,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             else:
                 self._listened.discard(name)
             conn = self._listener
-            if conn is None or conn.is_closed():
+            if conn is None:
                 return
+            failed = False
             try:
                 if on:
                     await conn.add_listener(name, self._on_notify)
@@ -902,7 +903,14 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     await conn.remove_listener(name, self._on_notify)
             except self._broken as exc:
                 # The listener task LISTENs on exactly self._listened once it reconnects.
-                logger.debug("(UN)LISTEN failed (%s); the reconnect sets it right", type(exc).__name__)
+                logger.debug("(UN)LISTEN failed (%s); reconnecting", type(exc).__name__)
+                failed = True
+            if failed or conn.is_closed():
+                # asyncpg closes a connection whose protocol it lost track of (a
+                # stopping server's FATAL read just before a LISTEN) without calling
+                # its termination listeners: _watch would not notice before its next
+                # keepalive, and the layer would stay deaf. terminate() calls them.
+                conn.terminate()
 
     async def _wait_for_wake(self, event: asyncio.Event) -> None:
         if self._listening.is_set():

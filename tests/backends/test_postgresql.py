@@ -7,6 +7,7 @@ import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -349,6 +350,33 @@ async def test_listener_terminated_by_the_server(make: Factory, db: asyncpg.Conn
     await eventually(relistened, "a new LISTEN connection")
     await sender.send(channel, {"type": "later"})
     assert (await layer.receive(channel, timeout=10))["type"] == "later"
+
+
+async def test_a_listener_closed_by_asyncpg_without_notice_is_replaced(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When asyncpg loses track of a connection's protocol (a stopping server's FATAL
+    # read just before a LISTEN) it aborts the connection without calling its
+    # termination listeners; here that abort is made directly. The keepalive would
+    # notice in the end: pushed out of reach, it cannot hide a deaf layer.
+    monkeypatch.setattr("fastapi_websockets.backends.postgresql._LISTENER_KEEPALIVE", 3600.0)
+    layer, sender = make(), make()
+    await sender.send("warm.up", {"type": "warm"})
+    assert (await layer.receive("warm.up", timeout=30))["type"] == "warm"
+    listener = layer._listener
+    assert listener is not None
+    # The protocol's own abort, which asyncpg calls on such an error (not Connection.terminate()).
+    cast(Any, listener)._protocol.abort()
+    assert listener.is_closed()
+    # A new named channel: its reader LISTENs on the aborted connection.
+    waiting = asyncio.create_task(layer.receive("after.abort", timeout=30))
+
+    async def relistened() -> bool:
+        return layer._listener not in (None, listener) and layer._listening.is_set()
+
+    await eventually(relistened, "a new LISTEN connection")
+    await sender.send("after.abort", {"type": "woken"})
+    assert (await waiting)["type"] == "woken"
 
 
 async def test_database_restart_with_waiting_receivers(restartable_postgresql: PostgresServer) -> None:

@@ -5,12 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable
+import inspect
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-__all__ = ["InjectedFault", "TcpProxy", "fail_once", "restarted_after_fault", "silent_server"]
+from fastapi_websockets import BaseChannelLayer
+
+__all__ = [
+    "InjectedFault",
+    "ReceiverProcess",
+    "TcpProxy",
+    "eventually",
+    "fail_once",
+    "receiver_process",
+    "restarted_after_fault",
+    "send_burst",
+    "silent_server",
+]
 
 
 class InjectedFault(RuntimeError):
@@ -134,3 +150,104 @@ class TcpProxy:
         if server is not None:
             # Last: from Python 3.12 on it also waits for the connections to close.
             await server.wait_closed()
+
+
+# ------------------------------------------- a receiver in another OS process
+
+#: A child process that builds its layer from the environment, joins "room" with a
+#: new channel, prints that channel, then prints every message of it and of "named.q".
+_RECEIVER = """
+import asyncio, json
+from fastapi_websockets import get_channel_layer_from_env
+
+async def main():
+    layer = get_channel_layer_from_env()
+    channel = await layer.new_channel()
+    await layer.group_add("room", channel)
+    print(json.dumps({"channel": channel}), flush=True)
+
+    async def read(name):
+        while True:
+            message = await layer.receive(name)
+            print(json.dumps(message), flush=True)
+
+    await asyncio.gather(read(channel), read("named.q"))
+
+asyncio.run(main())
+"""
+
+
+class ReceiverProcess:
+    """The ``_RECEIVER`` child: its channel, and the ``id`` of every message it printed."""
+
+    def __init__(self, channel: str, got: list[str]) -> None:
+        self.channel = channel
+        self.got = got
+
+    async def wait_for(self, sent: list[str], patience: float) -> None:
+        """Wait until every id in ``sent`` arrived, for at most ``patience`` seconds."""
+        for _ in range(int(patience / 0.05)):
+            if set(self.got) >= set(sent):
+                return
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def receiver_process(env: dict[str, str], patience: float) -> AsyncIterator[ReceiverProcess]:
+    """Run the receiver child with ``env`` (the layer's settings) until the block ends."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _RECEIVER, env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    got: list[str] = []
+
+    async def collect() -> None:
+        while line := await stdout.readline():
+            got.append(json.loads(line)["id"])
+
+    collecting: asyncio.Task[None] | None = None
+    try:
+        channel = json.loads(await asyncio.wait_for(stdout.readline(), patience))["channel"]
+        collecting = asyncio.create_task(collect())
+        yield ReceiverProcess(channel, got)
+    finally:
+        if collecting is not None:
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+        proc.kill()
+        await proc.wait()
+
+
+async def send_burst(sender: BaseChannelLayer, channel: str, tag: str, per_kind: int) -> list[str]:
+    """``per_kind`` messages at once to ``channel``, to group "room" and to "named.q"; their ids."""
+    sends: list[Awaitable[object]] = []
+    ids: list[str] = []
+    for kind in ("p", "g", "n"):
+        for i in range(per_kind):
+            key = f"{tag}-{kind}-{i}"
+            message = {"type": "m", "id": key}
+            if kind == "p":
+                sends.append(sender.send(channel, message))
+            elif kind == "g":
+                sends.append(sender.group_send("room", message))
+            else:
+                sends.append(sender.send("named.q", message))
+            ids.append(key)
+    await asyncio.gather(*sends)
+    return ids
+
+
+async def eventually(check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Re-check ``check`` (sync, or returning an awaitable) every 0.05 s until its result is truthy.
+
+    A deadline against hangs, not a speed goal: fails naming ``what`` after ``timeout`` seconds.
+    """
+    for _ in range(int(timeout / 0.05)):
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"never happened: {what}")

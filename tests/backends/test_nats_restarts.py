@@ -9,10 +9,7 @@ killed with SIGKILL and started again on the same port and data directory.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import sys
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from fastapi_websockets.backends.nats import NATSChannelLayer
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.backends.test_nats import Make, raw_client
 from tests.conftest import layer_factory
-from tests.faults import TcpProxy
+from tests.faults import TcpProxy, receiver_process, send_burst
 from tests.servers.nats import NatsNode, env_factory
 
 
@@ -167,88 +164,29 @@ async def test_a_cut_connection_of_the_receiver_loses_nothing(node: NatsNode, ma
     assert sorted(got) == list(range(sent)), f"lost {sorted(set(range(sent)) - set(got))}"
 
 
-RECEIVER = """
-import asyncio, json, sys
-from fastapi_websockets import get_channel_layer_from_env
-
-async def main():
-    layer = get_channel_layer_from_env()
-    channel = await layer.new_channel()
-    await layer.group_add("room", channel)
-    print(json.dumps({"channel": channel}), flush=True)
-
-    async def read(name):
-        while True:
-            message = await layer.receive(name)
-            print(json.dumps(message), flush=True)
-
-    await asyncio.gather(read(channel), read("named.q"))
-
-asyncio.run(main())
-"""
-
-
 async def test_ten_restarts_in_a_row_lose_nothing_across_processes(
     node: NatsNode, make: Make, namespace: str
 ) -> None:
     env = {
-        **os.environ,
         **env_factory([node.url], 1)(namespace),
         "FASTAPI_WEBSOCKETS_NATS_TIMEOUT": "10",
         # A named message pulled just as the server died is redelivered after the ack wait:
         # keep it short so such a message shows up within the test's wait.
         "FASTAPI_WEBSOCKETS_NATS_MESSAGE_TIMEOUT": "5",
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", RECEIVER, env=env, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    stdout = proc.stdout
-    got: list[str] = []
-
-    async def collect() -> None:
-        while line := await stdout.readline():
-            got.append(json.loads(line)["id"])
-
-    try:
-        channel = json.loads(await asyncio.wait_for(stdout.readline(), 60))["channel"]
-        collecting = asyncio.create_task(collect())
+    async with receiver_process(env, 60) as receiver:
         sender = make(servers=[node.url])
         sent: list[str] = []
-
-        async def burst(cycle: int, when: str) -> None:
-            ids = [f"{cycle}-{when}-{kind}-{i}" for kind in ("p", "g", "n") for i in range(3)]
-            sends: list[Awaitable[object]] = []
-            for key in ids:
-                kind = key.split("-")[2]
-                message = {"type": "m", "id": key}
-                if kind == "p":
-                    sends.append(sender.send(channel, message))
-                elif kind == "g":
-                    sends.append(sender.group_send("room", message))
-                else:
-                    sends.append(sender.send("named.q", message))
-            await asyncio.gather(*sends)
-            sent.extend(ids)
-
         for cycle in range(10):
             bring_down(node, "kill" if cycle % 2 else "stop")
             node.start()
-            await burst(cycle, "at-once")
+            sent += await send_burst(sender, receiver.channel, f"{cycle}-at-once", 3)
             await asyncio.sleep(1.0)
-            await burst(cycle, "later")
-        for _ in range(1200):
-            if len(set(got)) >= len(sent):
-                break
-            await asyncio.sleep(0.05)
-        lost = sorted(set(sent) - set(got))
+            sent += await send_burst(sender, receiver.channel, f"{cycle}-later", 3)
+        await receiver.wait_for(sent, 60)
+        lost = sorted(set(sent) - set(receiver.got))
         assert not lost, f"{len(lost)} of {len(sent)} lost: {lost[:10]}"
         assert len(sent) == 180
-        collecting.cancel()
-        await asyncio.gather(collecting, return_exceptions=True)
-    finally:
-        proc.kill()
-        await proc.wait()
 
 
 async def test_an_inbox_consumer_deleted_out_of_band_comes_back(

@@ -9,16 +9,13 @@ again on the same port and data directory.
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
-from collections.abc import Awaitable
 
 import asyncpg
 import pytest
 
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
-from tests.faults import TcpProxy
+from tests.faults import TcpProxy, receiver_process, send_burst
 from tests.servers.postgresql import PostgresServer
 
 #: A hang guard for waits on messages, not a speed goal.
@@ -165,27 +162,6 @@ async def queue_counts(dsn: str, schema: str) -> list[dict[str, object]]:
     return [dict(row) for row in rows]
 
 
-RECEIVER = """
-import asyncio, json, sys
-from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
-
-async def main():
-    layer = PostgreSQLChannelLayer(dsn=sys.argv[1], schema=sys.argv[2], synchronous_commit=True)
-    channel = await layer.new_channel()
-    await layer.group_add("room", channel)
-    print(json.dumps({"channel": channel}), flush=True)
-
-    async def read(name):
-        while True:
-            message = await layer.receive(name)
-            print(json.dumps(message), flush=True)
-
-    await asyncio.gather(read(channel), read("named.q"))
-
-asyncio.run(main())
-"""
-
-
 async def test_ten_restarts_and_kills_in_a_row_lose_nothing_across_processes(
     restartable_postgresql: PostgresServer,
 ) -> None:
@@ -197,67 +173,46 @@ async def test_ten_restarts_and_kills_in_a_row_lose_nothing_across_processes(
     server, schema = restartable_postgresql, "across"
     sender = PostgreSQLChannelLayer(dsn=server.dsn, schema=schema, synchronous_commit=True)
     await sender.send("warm", {"type": "x"})  # the schema exists before the child starts
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", RECEIVER, server.dsn, schema, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    stdout = proc.stdout
-    got: list[str] = []
-
-    async def collect() -> None:
-        while line := await stdout.readline():
-            got.append(json.loads(line)["id"])
-
+    env = {
+        "FASTAPI_WEBSOCKETS_BACKEND": "postgresql",
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_DSN": server.dsn,
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_SCHEMA": schema,
+        "FASTAPI_WEBSOCKETS_POSTGRESQL_SYNCHRONOUS_COMMIT": "true",
+    }
     try:
-        channel = json.loads(await asyncio.wait_for(stdout.readline(), PATIENCE))["channel"]
-        collecting = asyncio.create_task(collect())
-        sent: list[str] = []
+        async with receiver_process(env, PATIENCE) as receiver:
+            sent: list[str] = []
 
-        async def burst(cycle: int, when: str) -> None:
-            keyed = [(kind, f"{cycle}-{when}-{kind}-{i}") for kind in ("p", "g", "n") for i in range(3)]
-            ids = [key for _, key in keyed]
-            sends: list[Awaitable[object]] = []
-            for kind, key in keyed:
-                message = {"type": "m", "id": key}
-                if kind == "p":
-                    sends.append(sender.send(channel, message))
-                elif kind == "g":
-                    sends.append(sender.group_send("room", message))
-                else:
-                    sends.append(sender.send("named.q", message))
-            try:
-                await asyncio.gather(*sends)
-            except Exception as exc:
-                # Say what the table holds (a ChannelFull on "named.q" means the
-                # receiver's named reader stopped reading: at most 60 are sent to it).
-                raise AssertionError(f"{exc!r}; stored: {await queue_counts(server.dsn, schema)}") from exc
-            sent.extend(ids)
+            async def burst(tag: str) -> None:
+                try:
+                    sent.extend(await send_burst(sender, receiver.channel, tag, 3))
+                except Exception as exc:
+                    # Say what the table holds (a ChannelFull on "named.q" means the
+                    # receiver's named reader stopped reading: at most 60 are sent to it).
+                    raise AssertionError(
+                        f"{exc!r}; stored: {await queue_counts(server.dsn, schema)}"
+                    ) from exc
 
-        for cycle in range(10):
-            bring_down(server, "kill" if cycle % 2 else "stop")
-            bring_up(server)
-            await burst(cycle, "at-once")
-            await asyncio.sleep(1.0)
-            await burst(cycle, "later")
-        for _ in range(int(PATIENCE / 0.05)):
-            if len(set(got)) >= len(sent):
-                break
-            await asyncio.sleep(0.05)
-        collecting.cancel()
-        await asyncio.gather(collecting, return_exceptions=True)
-        lost = sorted(set(sent) - set(got))
-        if lost:
-            # Still stored (a reader that stopped reading) or gone (deleted undelivered)?
-            conn = await asyncpg.connect(server.dsn)
-            try:
-                rows = await conn.fetch(f'SELECT id, queue, data FROM "{schema}".message')
-            finally:
-                await conn.close()
-            stored = [(r["id"], r["queue"]) for r in rows if any(key.encode() in r["data"] for key in lost)]
-            raise AssertionError(f"{len(lost)} of {len(sent)} lost: {lost[:10]}; still stored: {stored}")
-        assert len(sent) == 180
-        assert sorted(got) == sorted(sent), "a message arrived twice"
+            for cycle in range(10):
+                bring_down(server, "kill" if cycle % 2 else "stop")
+                bring_up(server)
+                await burst(f"{cycle}-at-once")
+                await asyncio.sleep(1.0)
+                await burst(f"{cycle}-later")
+            await receiver.wait_for(sent, PATIENCE)
+            lost = sorted(set(sent) - set(receiver.got))
+            if lost:
+                # Still stored (a reader that stopped reading) or gone (deleted undelivered)?
+                conn = await asyncpg.connect(server.dsn)
+                try:
+                    rows = await conn.fetch(f'SELECT id, queue, data FROM "{schema}".message')
+                finally:
+                    await conn.close()
+                stored = [
+                    (r["id"], r["queue"]) for r in rows if any(key.encode() in r["data"] for key in lost)
+                ]
+                raise AssertionError(f"{len(lost)} of {len(sent)} lost: {lost[:10]}; still stored: {stored}")
+            assert len(sent) == 180
+            assert sorted(receiver.got) == sorted(sent), "a message arrived twice"
     finally:
-        proc.kill()
-        await proc.wait()
         await sender.close()

@@ -25,6 +25,7 @@ from fastapi_websockets.backends.redis import RedisChannelLayer
 from fastapi_websockets.config import get_channel_layer_from_env
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerError
 from tests.conftest import layer_factory
+from tests.faults import eventually
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.redis import RedisCluster, RedisNode
@@ -44,22 +45,10 @@ def make(redis_server: RedisNode, namespace: str, layers: list[BaseChannelLayer]
     return layer_factory(layers, RedisChannelLayer, url=redis_server.url, prefix=namespace)
 
 
-async def _eventually(check: Callable[[], Any], what: str, attempts: int = 300) -> None:
-    """Re-check ``check`` (sync or async) every 0.1 s; fail naming ``what`` if it never holds."""
-    for _ in range(attempts):
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.1)
-    pytest.fail(f"never happened: {what}")
-
-
 async def _started(layer: RedisChannelLayer) -> None:
     """Start ``layer`` and wait until its reader connected, so that counts see only what follows."""
     await layer.group_send("warm-up", {"type": "warm"})
-    await _eventually(lambda: layer.connection.up, "the layer is connected")
+    await eventually(lambda: layer.connection.up, "the layer is connected")
 
 
 # ------------------------------------------------------------------- restart
@@ -111,7 +100,7 @@ async def test_restart_with_waiting_receivers(
     raw = redis_asyncio.Redis.from_url(restartable_redis.url)
     try:
         group_key = f"{namespace}:group:{{room}}"
-        await _eventually(lambda: raw.zscore(group_key, member), "the receiver re-registers its group member")
+        await eventually(lambda: raw.zscore(group_key, member), "the receiver re-registers its group member")
         assert await raw.zscore(f"{namespace}:group:{{lobby}}", member) is not None
         assert await raw.zscore(group_key, gone) is None
     finally:
@@ -289,7 +278,7 @@ async def test_thousands_of_receivers_hold_as_many_connections_as_one(
     waiters = [asyncio.create_task(layer.receive(first))]
     waiters.append(asyncio.create_task(layer.receive("named.0")))
     await layer.send("warm", {"type": "x"})
-    await _eventually(lambda: _connections(raw, before), "the layer connects")
+    await eventually(lambda: _connections(raw, before), "the layer connects")
     await asyncio.sleep(0.5)
     with_one = await _connections(raw, before)
 
@@ -599,7 +588,7 @@ async def test_no_secret_when_redis_goes_away_mid_operation(
     await asyncio.sleep(1)
     assert not waiting.done()
     await allow_user()
-    await _eventually(lambda: _sends(sender, "jobs"), "the sender gets through again")
+    await eventually(lambda: _sends(sender, "jobs"), "the sender gets through again")
     assert await asyncio.wait_for(waiting, 30) == {"type": "after"}
     await receiver.close()
     await sender.close()
@@ -970,7 +959,7 @@ async def test_presence_is_back_within_a_heartbeat_after_a_restart(
             return False
         return lobby == expected_lobby and room == {c: i for c, i in mine.items() if i["i"] % 2}
 
-    await _eventually(restored, "every live process stores its presence entries again")
+    await eventually(restored, "every live process stores its presence entries again")
 
 
 async def test_cluster_presence_keys_by_slot(

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ from fastapi_websockets import BaseChannelLayer
 from fastapi_websockets.backends.redis import _SCRIPTS, RedisChannelLayer
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 from tests.conftest import layer_factory
-from tests.faults import TcpProxy
+from tests.faults import TcpProxy, eventually, receiver_process, send_burst
 from tests.servers import free_port
 from tests.servers.redis import RedisNode
 
@@ -183,99 +180,32 @@ async def test_a_cut_connection_of_the_receiver_loses_nothing(
     assert sorted(inbox.got, key=int) == sorted(expected, key=int)  # none twice
 
 
-RECEIVER = """
-import asyncio, json
-from fastapi_websockets import get_channel_layer_from_env
-
-async def main():
-    layer = get_channel_layer_from_env()
-    channel = await layer.new_channel()
-    await layer.group_add("room", channel)
-    print(json.dumps({"channel": channel}), flush=True)
-
-    async def read(name):
-        while True:
-            message = await layer.receive(name)
-            print(json.dumps(message), flush=True)
-
-    await asyncio.gather(read(channel), read("named.q"))
-
-asyncio.run(main())
-"""
-
-
 async def test_ten_restarts_in_a_row_lose_nothing_across_processes(
     persistent: RedisNode, namespace: str, layers: list[BaseChannelLayer]
 ) -> None:
     env = {
-        **os.environ,
         "FASTAPI_WEBSOCKETS_BACKEND": "redis",
         "FASTAPI_WEBSOCKETS_REDIS_URL": persistent.url,
         "FASTAPI_WEBSOCKETS_REDIS_PREFIX": namespace,
         "FASTAPI_WEBSOCKETS_REDIS_TIMEOUT": "3",
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", RECEIVER, env=env, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    stdout = proc.stdout
-    got: list[str] = []
-
-    async def collect() -> None:
-        while line := await stdout.readline():
-            got.append(json.loads(line)["id"])
-
-    try:
-        channel = json.loads(await asyncio.wait_for(stdout.readline(), PATIENCE))["channel"]
-        collecting = asyncio.create_task(collect())
+    async with receiver_process(env, PATIENCE) as receiver:
         sender = layer_factory(layers, RedisChannelLayer, url=persistent.url, prefix=namespace, timeout=3)()
         sent: list[str] = []
-
-        async def burst(cycle: int, when: str) -> None:
-            ids = [f"{cycle}-{when}-{kind}-{i}" for kind in ("p", "g", "n") for i in range(5)]
-            sends: list[Awaitable[object]] = []
-            for key in ids:
-                kind = key.split("-")[2]
-                message = {"type": "m", "id": key}
-                if kind == "p":
-                    sends.append(sender.send(channel, message))
-                elif kind == "g":
-                    sends.append(sender.group_send("room", message))
-                else:
-                    sends.append(sender.send("named.q", message))
-            await asyncio.gather(*sends)
-            sent.extend(ids)
-
         for cycle in range(10):
             bring_down(persistent, "kill" if cycle % 2 else "stop")
             await asyncio.to_thread(persistent.start)
-            await burst(cycle, "at-once")
+            sent += await send_burst(sender, receiver.channel, f"{cycle}-at-once", 5)
             await asyncio.sleep(2.0)
-            await burst(cycle, "later")
-        for _ in range(int(PATIENCE / 0.05)):
-            if set(got) >= set(sent):
-                break
-            await asyncio.sleep(0.05)
-        lost = sorted(set(sent) - set(got))
+            sent += await send_burst(sender, receiver.channel, f"{cycle}-later", 5)
+        await receiver.wait_for(sent, PATIENCE)
+        lost = sorted(set(sent) - set(receiver.got))
         assert not lost, f"{len(lost)} of {len(sent)} lost: {lost[:10]}"
         assert len(sent) == 300
-        assert sorted(got) == sorted(sent)  # none twice
-        collecting.cancel()
-        await asyncio.gather(collecting, return_exceptions=True)
-    finally:
-        proc.kill()
-        await proc.wait()
+        assert sorted(receiver.got) == sorted(sent)  # none twice
 
 
 # ------------------------------------------------------------ driver errors
-
-
-async def _eventually(check: Callable[[], bool], what: str) -> None:
-    for _ in range(int(PATIENCE / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"never happened: {what}")
 
 
 def _warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -335,7 +265,9 @@ async def test_a_driver_error_in_the_inbox_reader_is_retried_and_logged(
 
     volatile.cli_call("ACL", "SETUSER", "rx", "-evalsha", "-eval", "-blmove")
     volatile.cli_call("CLIENT", "KILL", "USER", "rx")
-    await _eventually(lambda: bool(_warnings_about(caplog, "no permissions")), "the reader's error is logged")
+    await eventually(
+        lambda: bool(_warnings_about(caplog, "no permissions")), "the reader's error is logged", PATIENCE
+    )
     await sender.send(channel, {"type": "while broken", "n": "direct"})
     await sender.group_send("room", {"type": "while broken", "n": "group"})
     await asyncio.sleep(1)
@@ -361,8 +293,10 @@ async def test_a_driver_error_in_a_named_channel_reader_is_retried_and_logged(
     # The named reader pops with a script: without the right to run one, every pop fails.
     volatile.cli_call("ACL", "SETUSER", "rx", "-evalsha", "-eval")
     await sender.send("jobs", {"type": "while broken", "n": "one"})
-    await _eventually(
-        lambda: bool(_warnings_about(caplog, "no permissions")), "the named reader's error is logged"
+    await eventually(
+        lambda: bool(_warnings_about(caplog, "no permissions")),
+        "the named reader's error is logged",
+        PATIENCE,
     )
     assert jobs.got == ["warm"]
     volatile.cli_call("ACL", "SETUSER", "rx", "+evalsha", "+eval")
@@ -463,23 +397,16 @@ async def test_the_wipe_is_noticed_by_a_sender_that_never_saw_redis_before(
     await asyncio.to_thread(volatile.start)
     raw = redis_asyncio.Redis.from_url(volatile.url)
     try:
-        await _eventually_async(lambda: raw.zscore(f"{namespace}:group:{{room}}", channel))
+        await eventually(
+            lambda: raw.zscore(f"{namespace}:group:{{room}}", channel),
+            "the receiver re-registers its member",
+            PATIENCE,
+        )
     finally:
         await raw.aclose()
     fresh = make()
     with pytest.raises(BackendUnavailable, match="Redis lost its data"):
         await fresh.group_send("room", {"type": "too early"})
-
-
-async def _eventually_async(check: Callable[[], object]) -> None:
-    for _ in range(int(PATIENCE / 0.05)):
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result is not None and result is not False:
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail("never happened")
 
 
 async def test_a_take_whose_reply_was_lost_is_handed_out_again(volatile: RedisNode) -> None:

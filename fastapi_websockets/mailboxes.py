@@ -40,8 +40,11 @@ logger = logging.getLogger("fastapi_websockets.mailboxes")
 
 @dataclass
 class MailboxStats:
-    """Counters of messages the mailboxes did not deliver."""
+    """Counters of the messages a layer's receivers took, and of those the mailboxes did not deliver."""
 
+    #: Messages that ``receive()`` returned or ``listen()`` handed over (counted by the layer:
+    #: a plain increment where a metrics hook would be a call per receiver).
+    received: int = 0
     dropped_full: int = 0
     dropped_expired: int = 0
     #: Messages from the broker that the serializer could not decode.
@@ -117,6 +120,7 @@ class Mailboxes:
         if self._listeners:
             listener = self._listeners.pop(channel, None)
             if listener is not None:
+                self.stats.received += 1
                 listener(message)
                 return None
         if box is None:

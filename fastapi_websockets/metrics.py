@@ -11,8 +11,8 @@ name, layers by backend name, handled events by their ``type`` only when the
 consumer has a handler for it (``other`` otherwise), so the number of series
 is fixed by the code, not by the traffic.
 
-Counters the layers keep anyway (drops in ``layer.stats``, the broker
-connection state of :class:`~fastapi_websockets.backends.broker.BrokerChannelLayer`)
+Counters the layers keep anyway (receives and drops in ``layer.stats``, the
+broker connection state of :class:`~fastapi_websockets.backends.broker.BrokerChannelLayer`)
 are read at scrape time by a collector over the live layers and cost nothing
 between scrapes.
 """
@@ -56,7 +56,9 @@ __all__ = ["instrument"]
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 _PREFIX = "fastapi_websockets_"
-_DROPPED_FIELDS = tuple(field.name for field in dataclasses.fields(MailboxStats))
+_DROPPED_FIELDS = tuple(
+    field.name for field in dataclasses.fields(MailboxStats) if field.name.startswith("dropped_")
+)
 
 
 def _reason(field: str) -> str:
@@ -64,6 +66,10 @@ def _reason(field: str) -> str:
 
 
 Key = tuple[str, ...]
+
+
+def _count(values: dict[Any, int], key: Any) -> None:
+    values[key] = values.get(key, 0) + 1
 
 
 class _Series:
@@ -87,45 +93,82 @@ class _Series:
         values = self.values
         values[key] = values.get(key, 0) + amount
 
-    def family(self) -> Metric:
-        family_class = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
-        name = self.name.removesuffix("_total")
-        family = family_class(name, self.doc, labels=self.labels)
-        for key, value in sorted(list(self.values.items())):
-            family.add_metric(list(key), value)
-        return family
+    def family(self, extra: Mapping[Key, float] | None = None) -> Metric:
+        """The metric as of now, plus the ``extra`` values (summed with any of the same labels)."""
+        values = Tally(dict(self.values))
+        values.update(extra or {})
+        return _family(self.kind, self.name, self.doc, self.labels, values)
 
 
-class _Histogram:
-    """One histogram's bucket counts (not cumulative) and sum, by label values."""
+def _family(kind: str, name: str, doc: str, labels: tuple[str, ...], values: Mapping[Key, float]) -> Metric:
+    family_class = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    family = family_class(name.removesuffix("_total"), doc, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family
 
-    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
-        self.name = _PREFIX + name
-        self.doc = doc
-        self.labels = labels
-        self.series: dict[Key, tuple[list[int], list[float]]] = {}
 
-    def observe(self, key: Key, value: float) -> None:
-        series = self.series.get(key)
-        if series is None:
-            series = self.series[key] = ([0] * (len(BUCKETS) + 1), [0.0])
-        # bisect_left: a value equal to a bound belongs to that bound's bucket (le is "<=").
-        series[0][bisect_left(BUCKETS, value)] += 1
-        series[1][0] += value
+class _Buckets:
+    """One histogram series: bucket counts (not cumulative, the last one above every bound) and sum."""
 
-    def family(self) -> Metric:
-        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
-        for key, (counts, total) in sorted(list(self.series.items())):
-            cumulative, buckets = 0, []
-            for bound, count in zip((*map(floatToGoString, BUCKETS), "+Inf"), list(counts), strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            family.add_metric(list(key), buckets, total[0])
-        return family
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # A value equal to a bound belongs to that bound's bucket (le is "<="): bisect_left.
+        self.counts[0 if value <= _FIRST_BOUND else bisect_left(BUCKETS, value)] += 1
+        self.total += value
+
+
+_FIRST_BOUND = BUCKETS[0]
+
+
+class _Handling(_Buckets):
+    """The handler durations and errors of one consumer class and event type."""
+
+    __slots__ = ("errors",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors = 0
+
+
+def _histogram_family(
+    name: str, doc: str, labels: tuple[str, ...], series: Iterable[tuple[Key, _Buckets]]
+) -> Metric:
+    """A histogram family of ``series``; series with the same labels are summed."""
+    merged: dict[Key, tuple[list[int], float]] = {}
+    for key, buckets in series:
+        counts, total = list(buckets.counts), buckets.total
+        if key in merged:
+            before, before_total = merged[key]
+            counts = [a + b for a, b in zip(before, counts, strict=True)]
+            total += before_total
+        merged[key] = counts, total
+    family = HistogramMetricFamily(_PREFIX + name, doc, labels=labels)
+    for key, (counts, total) in sorted(merged.items()):
+        cumulative, cumulated = 0, []
+        for bound, count in zip(_BOUNDS, counts, strict=True):
+            cumulative += count
+            cumulated.append((bound, cumulative))
+        family.add_metric(list(key), cumulated, total)
+    return family
+
+
+_BOUNDS = (*map(floatToGoString, BUCKETS), "+Inf")
 
 
 class _Metrics(observing.Observer):
-    """The metrics of one registry, fed by the hooks."""
+    """The metrics of one registry, fed by the hooks.
+
+    The series updated once per receiver (handled events, frames sent) are
+    keyed by the consumer's class rather than by label values, so that an
+    update builds no label tuple and makes no call; class names are looked up
+    at scrape time (two classes of one name share a series, as labels must).
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -142,52 +185,82 @@ class _Metrics(observing.Observer):
             "Accepted connections that ended, by close code.",
             ("consumer", "code"),
         )
-        self.frames = _Series(
-            "counter", "frames_total", "WebSocket frames from and to clients.", ("consumer", "direction")
-        )
-        self.handler_duration = _Histogram(
-            "handler_duration_seconds",
-            "Time consumers spent handling channel events (event: the type, or 'other' without a handler).",
-            ("consumer", "event"),
-        )
-        self.handler_errors = _Series(
-            "counter", "handler_errors_total", "Channel-event handlers that raised.", ("consumer", "event")
-        )
+        self.frames_received: dict[type[AsyncWebSocketConsumer], int] = {}
+        self.frames_sent: dict[type[AsyncWebSocketConsumer], int] = {}
+        self.handling: dict[tuple[type[AsyncWebSocketConsumer], str], _Handling] = {}
         self.layer_messages = _Series(
             "counter",
             "layer_messages_total",
             "Messages sent, group-sent and received through channel layers.",
             ("backend", "operation"),
         )
-        self.group_send_duration = _Histogram(
-            "layer_group_send_duration_seconds", "Time a group_send call took.", ("backend",)
-        )
-        self.delivery_lag = _Histogram(
-            "layer_delivery_lag_seconds",
-            "Time from a sender's send or group_send to the message's arrival in this process.",
-            ("backend",),
-        )
+        self.group_send_duration: dict[str, _Buckets] = {}
+        self.delivery_lag: dict[str, _Buckets] = {}
+        self.layers = _LayerCollector()
+        for layer in list(observing.live_layers):
+            self.layers.watch(layer)
         registry.register(_MetricsCollector(self))
-        registry.register(_LayerCollector())
+        registry.register(self.layers)
 
     def families(self) -> list[Metric]:
         """Every metric fed by the hooks, as of now."""
+        frames = Tally[Key]()
+        for direction, counts in (("received", self.frames_received), ("sent", self.frames_sent)):
+            for cls, count in list(counts.items()):
+                frames[cls.__name__, direction] += count
+        handling = [((cls.__name__, event), series) for (cls, event), series in list(self.handling.items())]
+        errors = Tally[Key]()
+        for key, series in handling:
+            if series.errors:
+                errors[key] += series.errors
+        received: dict[Key, float] = {
+            (backend, "receive"): count for backend, count in self.layers.received().items()
+        }
+        by_backend = ("backend",)
         return [
-            metric.family()
-            for metric in (
-                self.open,
-                self.connections,
-                self.disconnections,
-                self.frames,
-                self.handler_duration,
-                self.handler_errors,
-                self.layer_messages,
-                self.group_send_duration,
-                self.delivery_lag,
-            )
+            self.open.family(),
+            self.connections.family(),
+            self.disconnections.family(),
+            _family(
+                "counter",
+                _PREFIX + "frames_total",
+                "WebSocket frames from and to clients.",
+                ("consumer", "direction"),
+                frames,
+            ),
+            _histogram_family(
+                "handler_duration_seconds",
+                "Time consumers spent handling channel events "
+                "(event: the type, or 'other' without a handler).",
+                ("consumer", "event"),
+                handling,
+            ),
+            _family(
+                "counter",
+                _PREFIX + "handler_errors_total",
+                "Channel-event handlers that raised.",
+                ("consumer", "event"),
+                errors,
+            ),
+            self.layer_messages.family(received),
+            _histogram_family(
+                "layer_group_send_duration_seconds",
+                "Time a group_send call took.",
+                by_backend,
+                (((backend,), series) for backend, series in list(self.group_send_duration.items())),
+            ),
+            _histogram_family(
+                "layer_delivery_lag_seconds",
+                "Time from a sender's send or group_send to the message's arrival in this process.",
+                by_backend,
+                (((backend,), series) for backend, series in list(self.delivery_lag.items())),
+            ),
         ]
 
     # ---------------------------------------------------------------- layers
+
+    def layer_created(self, layer: BaseChannelLayer) -> None:
+        self.layers.watch(layer)
 
     def message_out(self, layer: BaseChannelLayer, operation: str, meta: dict[str, Any]) -> object:
         meta["ts"] = time.time()
@@ -199,16 +272,13 @@ class _Metrics(observing.Observer):
         backend, operation, started = cast("tuple[str, str, float]", token)
         self.layer_messages.add((backend, operation))
         if operation == "group_send":
-            self.group_send_duration.observe((backend,), time.perf_counter() - started)
+            _series(self.group_send_duration, backend).observe(time.perf_counter() - started)
 
     def message_in(self, layer: BaseChannelLayer, meta: Mapping[str, Any]) -> None:
         sent = meta.get("ts")
         if isinstance(sent, (int, float)):
             # Wall clocks of two hosts may disagree slightly; a negative lag is clock skew.
-            self.delivery_lag.observe((layer.backend_name,), max(time.time() - sent, 0.0))
-
-    def message_received(self, layer: BaseChannelLayer) -> None:
-        self.layer_messages.add((layer.backend_name, "receive"))
+            _series(self.delivery_lag, layer.backend_name).observe(max(time.time() - sent, 0.0))
 
     # ------------------------------------------------------------- consumers
 
@@ -226,26 +296,42 @@ class _Metrics(observing.Observer):
             self.connections.add((name, "rejected"))
 
     def frame_in(self, consumer: AsyncWebSocketConsumer) -> object:
-        self.frames.add((type(consumer).__name__, "received"))
+        _count(self.frames_received, type(consumer))
         return None
 
     def frame_out(self, consumer: AsyncWebSocketConsumer) -> None:
-        self.frames.add((type(consumer).__name__, "sent"))
+        # Once per frame per socket: inlined rather than a call to _count.
+        sent = self.frames_sent
+        cls = type(consumer)
+        sent[cls] = sent.get(cls, 0) + 1
 
     def event_in(self, consumer: AsyncWebSocketConsumer, event: str, message: Message) -> object:
-        return (type(consumer).__name__, event), perf_counter()
+        key = type(consumer), event
+        series = self.handling.get(key)
+        if series is None:
+            # Bounded: event is a type the class has a handler for, or "other".
+            series = self.handling[key] = _Handling()
+        return series, perf_counter()
 
     # The token is what event_in returned. Typed as such rather than cast: this runs once
-    # per handled event per receiver, and cast() is a function call.
-    def event_in_done(self, token: tuple[Key, float], error: BaseException | None) -> None:  # type: ignore[override]
-        key, started = token
-        if error is None:
-            self.handler_duration.observe(key, perf_counter() - started)
-        elif isinstance(error, Exception):
-            self.handler_duration.observe(key, perf_counter() - started)
+    # per handled event per receiver, and cast() is a function call; so is observe(),
+    # which is inlined here.
+    def event_in_done(self, token: tuple[_Handling, float], error: BaseException | None) -> None:  # type: ignore[override]
+        series, started = token
+        if error is None or isinstance(error, Exception):
+            elapsed = perf_counter() - started
+            series.counts[0 if elapsed <= _FIRST_BOUND else bisect_left(BUCKETS, elapsed)] += 1
+            series.total += elapsed
             # A client that left while its handler wrote to it is not a handler failure.
-            if not isinstance(error, WebSocketDisconnect):
-                self.handler_errors.add(key)
+            if error is not None and not isinstance(error, WebSocketDisconnect):
+                series.errors += 1
+
+
+def _series(histograms: dict[str, _Buckets], backend: str) -> _Buckets:
+    series = histograms.get(backend)
+    if series is None:
+        series = histograms[backend] = _Buckets()
+    return series
 
 
 class _MetricsCollector(Collector):
@@ -259,43 +345,63 @@ class _MetricsCollector(Collector):
 
 
 class _LayerCollector(Collector):
-    """Reads drops and broker connection state from the live layers at scrape time.
+    """Reads drops, receives and broker connection state from the live layers at scrape time.
 
-    A layer that is garbage collected leaves its final counts behind, so the
-    counters never go down.
+    Layers are watched from their creation (or from :func:`instrument`, for
+    older ones), so a layer garbage collected between two scrapes leaves its
+    final counts behind and the counters never go down.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._watched: weakref.WeakSet[BaseChannelLayer] = weakref.WeakSet()
+        # Appended to by weakref finalizers, which run wherever a collection happens, also
+        # while this collector holds its lock: so they take no lock, and scrapes fold it in.
+        self._retiring: list[tuple[str, MailboxStats, ConnectionStats | None]] = []
         self._retired_drops: Tally[tuple[str, str]] = Tally()
+        self._retired_received: Tally[str] = Tally()
         self._retired_reconnections: Tally[str] = Tally()
 
-    def _watch(self, layer: BaseChannelLayer) -> None:
-        if layer in self._watched:
-            return
-        self._watched.add(layer)
-        connection = layer.connection if isinstance(layer, BrokerChannelLayer) else None
-        weakref.finalize(layer, self._retire, layer.backend_name, layer.stats, connection)
-
-    def _retire(self, backend: str, stats: MailboxStats, connection: ConnectionStats | None) -> None:
+    def watch(self, layer: BaseChannelLayer) -> None:
+        """Count ``layer`` from now on, and after it is garbage collected."""
         with self._lock:
+            if layer in self._watched:
+                return
+            self._watched.add(layer)
+        connection = layer.connection if isinstance(layer, BrokerChannelLayer) else None
+        weakref.finalize(layer, self._retiring.append, (layer.backend_name, layer.stats, connection))
+
+    def _fold_retired(self) -> None:
+        # Under self._lock: finalizers only ever append, so popping until empty is safe.
+        while self._retiring:
+            backend, stats, connection = self._retiring.pop()
             for field in _DROPPED_FIELDS:
                 self._retired_drops[backend, _reason(field)] += getattr(stats, field)
+            self._retired_received[backend] += stats.received
             if connection is not None:
                 self._retired_reconnections[backend] += connection.reconnections
+
+    def received(self) -> Tally[str]:
+        """Messages received through the watched layers, by backend, as of now."""
+        with self._lock:
+            self._fold_retired()
+            received = Tally(self._retired_received)
+            layers = list(self._watched)
+        for layer in layers:
+            received[layer.backend_name] += layer.stats.received
+        return received
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        layers = list(observing.live_layers)
         with self._lock:
+            self._fold_retired()
             drops = Tally(self._retired_drops)
             reconnections = Tally(self._retired_reconnections)
+            layers = list(self._watched)
         up: dict[str, int] = {}
         for layer in layers:
-            self._watch(layer)
             backend = layer.backend_name
             for field in _DROPPED_FIELDS:
                 drops[backend, _reason(field)] += getattr(layer.stats, field)

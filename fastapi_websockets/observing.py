@@ -5,12 +5,14 @@ check one module attribute, :data:`hooks`, on their hot paths; it stays None
 until an instrumentation is installed with :func:`install`, so an app that
 turns on neither pays that check and nothing else.
 
-Instrumentations see four moments: a message leaving (``send`` and
+Instrumentations see three moments: a message leaving (``send`` and
 ``group_send``, with a ``meta`` dict they may fill and that travels inside the
 message under :data:`RESERVED_KEY`), a message arriving in a process (decoded
 from the broker; the reserved key is removed there, before any handler sees
-the message), a ``receive()`` returning, and a consumer's connection, frames
-and handled events.
+the message), and a consumer's connection, frames and handled events. What
+``receive()`` returns is not a moment of its own: layers count it in their
+``stats`` (``received``), which metrics read at scrape time, so that no call
+is made per receiver.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ class Observer:
     raised (or None).
     """
 
+    def layer_created(self, layer: BaseChannelLayer) -> None:
+        """A layer is being created (those created before :func:`install` are in :data:`live_layers`).
+
+        Called from ``BaseChannelLayer.__init__``, before the backend's own
+        ``__init__`` has finished: only ``backend_name``, ``stats`` and, on a
+        broker layer, ``connection`` may be read yet.
+        """
+
     def message_out(self, layer: BaseChannelLayer, operation: str, meta: dict[str, Any]) -> object:
         """A ``send`` or ``group_send`` (``operation``) starts; fill ``meta`` to send data along."""
         return None
@@ -63,9 +73,6 @@ class Observer:
 
     def message_in(self, layer: BaseChannelLayer, meta: Mapping[str, Any]) -> None:
         """A message carrying ``meta`` arrived in this process (once per process, not per receiver)."""
-
-    def message_received(self, layer: BaseChannelLayer) -> None:
-        """A ``receive()`` call returned a message."""
 
     def connection_accepted(self, consumer: AsyncWebSocketConsumer) -> None:
         """A consumer accepted its WebSocket."""
@@ -98,7 +105,6 @@ class Hooks:
     #: message to a thousand local sockets calls each a thousand times), so each is
     #: bound here to the one observer that implements it where there is only one,
     #: saving a loop and a call per use, and skips observers that leave it a no-op.
-    message_received: Callable[[BaseChannelLayer], None]
     frame_out: Callable[[AsyncWebSocketConsumer], None]
     event_in: Callable[[AsyncWebSocketConsumer, str, Message], object]
     """Announce a channel event (its type, or ``"other"``); pass the result to :attr:`event_in_done`."""
@@ -107,8 +113,6 @@ class Hooks:
 
     def __init__(self, observers: tuple[Observer, ...]) -> None:
         self.observers = observers
-        received = [o.message_received for o in observers if _overrides(o, "message_received")]
-        self.message_received = _each(received)
         frames_out = [o.frame_out for o in observers if _overrides(o, "frame_out")]
         self.frame_out = _each(frames_out)
         handling = [o for o in observers if _overrides(o, "event_in") or _overrides(o, "event_in_done")]
@@ -141,6 +145,10 @@ class Hooks:
         for observer, token in reversed(tokens):
             observer.message_out_done(token, None)
         return result
+
+    def layer_created(self, layer: BaseChannelLayer) -> None:
+        for observer in self.observers:
+            observer.layer_created(layer)
 
     def connection_accepted(self, consumer: AsyncWebSocketConsumer) -> None:
         for observer in self.observers:

@@ -178,6 +178,8 @@ class BaseChannelLayer(abc.ABC):
         self._start_lock = asyncio.Lock()
         self._remote_receives: set[asyncio.Task[Message]] = set()
         observing.live_layers.add(self)
+        if observing.hooks is not None:
+            observing.hooks.layer_created(self)
 
     # ------------------------------------------------------------------ state
 
@@ -188,7 +190,7 @@ class BaseChannelLayer(abc.ABC):
 
     @property
     def stats(self) -> MailboxStats:
-        """Counters of messages dropped locally (full mailboxes, expiry, undecodable)."""
+        """Counters of messages received, and of those dropped here (full mailbox, expiry, undecodable)."""
         return self._mailboxes.stats
 
     def capacity_for(self, channel: str) -> int:
@@ -314,11 +316,9 @@ class BaseChannelLayer(abc.ABC):
         :class:`ChannelLayerClosed` when the layer is closed while waiting.
         Cancelling a pending ``receive()`` loses no message.
         """
-        if observing.hooks is not None:
-            message = await self._receive_message(channel, timeout)
-            observing.hooks.message_received(self)
-            return message
-        return await self._receive_message(channel, timeout)
+        message = await self._receive_message(channel, timeout)
+        self._mailboxes.stats.received += 1
+        return message
 
     def listen(self, channel: str, listener: Listener) -> Message | None:
         """Take the next message of one of this instance's channels, or leave ``listener`` for it.
@@ -339,11 +339,9 @@ class BaseChannelLayer(abc.ABC):
                 f"listen() needs a channel this layer instance's new_channel() returned and that "
                 f"is not released, got {channel!r}"
             )
-        if observing.hooks is not None:
-            listener = partial(_observed_listener, self, listener)
         message = self._mailboxes.listen(channel, listener)
-        if message is not None and observing.hooks is not None:
-            observing.hooks.message_received(self)
+        if message is not None:
+            self._mailboxes.stats.received += 1
         return message
 
     def unlisten(self, channel: str) -> None:
@@ -912,12 +910,6 @@ class BaseChannelLayer(abc.ABC):
 
 #: The reserved key carrying a group_send's ``exclude`` to the processes that deliver it.
 EXCLUDE_KEY = "__exclude__"
-
-
-def _observed_listener(layer: BaseChannelLayer, listener: Listener, item: Message | BaseException) -> None:
-    if observing.hooks is not None and not isinstance(item, BaseException):
-        observing.hooks.message_received(layer)
-    listener(item)
 
 
 def _without_exclude(message: Message) -> Message:

@@ -62,6 +62,9 @@ class BrokerChannelLayer(BaseChannelLayer):
     default_port: ClassVar[int | None] = None
 
     def __init__(self, *, timeout: float = 10.0, tls_ca_file: str | None = None, **options: Any) -> None:
+        #: What :meth:`report_connection` was told. Set first: BaseChannelLayer's __init__
+        #: announces the layer to instrumentation, which keeps a reference to it.
+        self.connection = ConnectionStats()
         super().__init__(**options)
         self.timeout = positive("timeout", timeout, "seconds")
         #: The CA bundle that verifies the broker's certificate (None: the system's).
@@ -70,8 +73,6 @@ class BrokerChannelLayer(BaseChannelLayer):
         self.tasks = TaskSupervisor(f"fastapi_websockets.{self.backend_name or 'broker'}")
         self._where = self.broker_label
         self._secrets: list[str] = []
-        #: What :meth:`report_connection` was told.
-        self.connection = ConnectionStats()
 
     def set_location(self, *urls: str, where: str | None = None) -> None:
         """Record the broker URL(s): where messages say the broker is, and which secrets to hide.

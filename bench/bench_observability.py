@@ -35,9 +35,16 @@ Three scenarios, on the in-memory layer:
     (``bench/e2e/clients.py``) and a delivery is a frame received by a
     client. Also printed: the server's CPU time per delivery.
 
-With tracing on, a last line gives the OpenTelemetry SDK's own cost of one
-handle span (start, make current, end, with the same provider), and the
-consumer ratio that this cost alone would leave if everything else were free.
+Three more tracing set-ups run in-process only, to show where a span's cost
+comes from: ``tracing: API only`` (opentelemetry-api without an SDK, the
+default no-op provider), ``tracing: SDK, no processor`` (an SDK
+TracerProvider that records spans and hands them to nobody) and ``tracing:
+SDK, simple`` (a SimpleSpanProcessor with a no-op exporter, which exports each
+span as it ends); ``tracing`` itself is the SDK with a BatchSpanProcessor and
+a no-op exporter. For each, a last table splits the consumer delivery's cost:
+OpenTelemetry's own cost of one handle span (start, make current, end, with
+the same provider and a parent sampled as in the scenario), what is left for
+our code, and the best ratio that the span's cost alone would leave.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MEMBERS = 1_000
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "100"))
 CONFIGURATIONS = ("none", "metrics", "tracing", "metrics+tracing", "tracing 1%")
+#: Other tracing set-ups, in-process only: what a span costs with less of the SDK behind it.
+TRACING_VARIANTS = ("tracing: API only", "tracing: SDK, no processor", "tracing: SDK, simple")
 SPANS = 20_000
 
 
@@ -70,11 +79,20 @@ def instrument(configuration: str) -> Any:
         instrument_metrics(registry=CollectorRegistry())
     if "tracing" not in configuration:
         return None
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
     from fastapi_websockets.tracing import instrument_tracing
+
+    if configuration == "tracing: API only":
+        # No SDK: the API's default provider, whose spans are non-recording no-ops.
+        instrument_tracing()
+        return None
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     class NoOpExporter(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:
@@ -84,7 +102,10 @@ def instrument(configuration: str) -> Any:
     # sampler keeping 1% of the traces (the others' spans do not record).
     sampler = ParentBased(TraceIdRatioBased(0.01)) if configuration.endswith("1%") else None
     provider = TracerProvider(sampler=sampler)
-    provider.add_span_processor(BatchSpanProcessor(NoOpExporter()))
+    if configuration == "tracing: SDK, simple":
+        provider.add_span_processor(SimpleSpanProcessor(NoOpExporter()))
+    elif configuration != "tracing: SDK, no processor":
+        provider.add_span_processor(BatchSpanProcessor(NoOpExporter()))
     instrument_tracing(provider)
     return provider
 
@@ -165,15 +186,20 @@ async def _consumer_fanout() -> float:
     return MEMBERS * MESSAGES / elapsed
 
 
-def _span_cost_us(provider: Any) -> float:
-    """The SDK's own cost of one handle span, in microseconds: what no instrumentation can save."""
+def _span_cost_us(provider: Any, sampled: bool) -> float:
+    """OpenTelemetry's own cost of one handle span, in microseconds: what no instrumentation can save.
+
+    ``sampled``: whether the sender's span (the parent) was sampled; with the
+    1% configuration, 99 of 100 are not.
+    """
     from opentelemetry import context, trace
     from opentelemetry.trace import SpanKind
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    tracer = provider.get_tracer("bench")
+    tracer = (provider or trace.get_tracer_provider()).get_tracer("bench")
+    flags = "01" if sampled else "00"
     parent = TraceContextTextMapPropagator().extract(
-        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        {"traceparent": f"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}"}
     )
     attributes = {"fastapi_websockets.consumer": "Counting"}
     start = time.process_time()
@@ -193,8 +219,8 @@ def _span_cost_us(provider: Any) -> float:
 def _child(configuration: str) -> None:
     provider = instrument(configuration)
     figures = {"layer": asyncio.run(_layer_fanout()), "consumer": asyncio.run(_consumer_fanout())}
-    if configuration == "tracing":
-        figures["span_us"] = _span_cost_us(provider)
+    if "tracing" in configuration:
+        figures["span_us"] = _span_cost_us(provider, sampled=not configuration.endswith("1%"))
     print(json.dumps(figures))
 
 
@@ -285,13 +311,14 @@ def main() -> None:
         _child(args.child)
         return
     runs: dict[tuple[str, str], list[float]] = {}
+    everything = CONFIGURATIONS + TRACING_VARIANTS
     for number in range(max(args.rounds, args.e2e_rounds)):
-        turn = number % len(CONFIGURATIONS)
-        for configuration in CONFIGURATIONS[turn:] + CONFIGURATIONS[:turn]:
+        turn = number % len(everything)
+        for configuration in everything[turn:] + everything[:turn]:
             figures: dict[str, float] = {}
             if number < args.rounds:
                 figures.update(_in_process(configuration))
-            if number < args.e2e_rounds:
+            if number < args.e2e_rounds and configuration in CONFIGURATIONS:
                 figures.update(asyncio.run(_e2e(configuration, args.clients, args.broadcasts)))
             for name, value in figures.items():
                 runs.setdefault((name, configuration), []).append(value)
@@ -306,28 +333,38 @@ def main() -> None:
         f"{args.clients:,} WebSocket clients end to end); median of {args.rounds} rounds "
         f"({args.e2e_rounds} end to end); load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'scenario':<10}{'configuration':<18}{'deliveries/s':>14}{'ratio':>8}")
+    print(f"{'scenario':<10}{'configuration':<28}{'deliveries/s':>14}{'ratio':>8}")
     for scenario in ("layer", "consumer", "e2e"):
         if (scenario, "none") not in median:
             continue
         baseline = median[scenario, "none"]
-        for configuration in CONFIGURATIONS:
-            rate = median[scenario, configuration]
-            print(f"{scenario:<10}{configuration:<18}{rate:>14,.0f}{rate / baseline:>8.2f}")
+        for configuration in everything:
+            if (scenario, configuration) in median:
+                rate = median[scenario, configuration]
+                print(f"{scenario:<10}{configuration:<28}{rate:>14,.0f}{rate / baseline:>8.2f}")
     if ("e2e_cpu_us", "none") in median:
-        print(f"{'e2e server CPU per delivery':<28}{'µs':>14}{'ratio':>8}")
+        print(f"{'e2e server CPU per delivery':<38}{'µs':>14}{'ratio':>8}")
         baseline = median["e2e_cpu_us", "none"]
         for configuration in CONFIGURATIONS:
             cost = median["e2e_cpu_us", configuration]
-            print(f"  {configuration:<26}{cost:>14.1f}{baseline / cost:>8.2f}")
-    if ("span_us", "tracing") in median and ("consumer", "none") in median:
+            print(f"  {configuration:<36}{cost:>14.1f}{baseline / cost:>8.2f}")
+    if ("consumer", "none") in median:
         delivery_us = 1e6 / median["consumer", "none"]
-        span_us = median["span_us", "tracing"]
         print(
-            f"SDK floor: one handle span costs {span_us:.1f} µs in the SDK alone, an uninstrumented consumer "
-            f"delivery {delivery_us:.1f} µs: best possible consumer ratio with tracing "
-            f"{delivery_us / (delivery_us + span_us):.2f}"
+            f"consumer fan-out with tracing, µs per delivery: an uninstrumented delivery costs "
+            f"{delivery_us:.1f}; 'span' is OpenTelemetry's own cost of one handle span (start, make "
+            f"current, end), 'ours' what is left of the difference"
         )
+        print(f"  {'configuration':<36}{'delivery':>10}{'span':>8}{'ours':>8}{'best ratio':>12}")
+        for configuration in everything:
+            if ("span_us", configuration) not in median:
+                continue
+            traced_us = 1e6 / median["consumer", configuration]
+            span_us = median["span_us", configuration]
+            print(
+                f"  {configuration:<36}{traced_us:>10.1f}{span_us:>8.1f}"
+                f"{traced_us - delivery_us - span_us:>8.1f}{delivery_us / (delivery_us + span_us):>12.2f}"
+            )
 
 
 if __name__ == "__main__":

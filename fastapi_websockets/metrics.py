@@ -306,24 +306,26 @@ class _Metrics(observing.Observer):
         sent[cls] = sent.get(cls, 0) + 1
 
     def event_in(self, consumer: AsyncWebSocketConsumer, event: str, message: Message) -> object:
-        key = type(consumer), event
-        series = self.handling.get(key)
-        if series is None:
+        try:
+            return self.handling[type(consumer), event], perf_counter()
+        except KeyError:
             # Bounded: event is a type the class has a handler for, or "other".
-            series = self.handling[key] = _Handling()
-        return series, perf_counter()
+            series = self.handling[type(consumer), event] = _Handling()
+            return series, perf_counter()
 
     # The token is what event_in returned. Typed as such rather than cast: this runs once
     # per handled event per receiver, and cast() is a function call; so is observe(),
     # which is inlined here.
     def event_in_done(self, token: tuple[_Handling, float], error: BaseException | None) -> None:  # type: ignore[override]
         series, started = token
-        if error is None or isinstance(error, Exception):
-            elapsed = perf_counter() - started
+        elapsed = perf_counter() - started
+        if error is None:
             series.counts[0 if elapsed <= _FIRST_BOUND else bisect_left(BUCKETS, elapsed)] += 1
             series.total += elapsed
+        elif isinstance(error, Exception):
+            series.observe(elapsed)
             # A client that left while its handler wrote to it is not a handler failure.
-            if error is not None and not isinstance(error, WebSocketDisconnect):
+            if not isinstance(error, WebSocketDisconnect):
                 series.errors += 1
 
 

@@ -23,7 +23,7 @@ import asyncio
 import threading
 from collections.abc import Mapping
 from contextvars import Token
-from typing import Any, cast
+from typing import Any
 
 from fastapi_websockets import observing
 from fastapi_websockets.backends.base import BaseChannelLayer
@@ -56,8 +56,12 @@ def _version() -> str:
     return __version__
 
 
-def _finish(token: object, error: BaseException | None) -> None:
-    span, context_token = cast("tuple[Span, Token[Context]]", token)
+#: What a ``*_in`` hook returns: the span it started and the token that made it current.
+_Started = tuple[Span, "Token[Context]"]
+
+
+def _finish(token: _Started, error: BaseException | None) -> None:
+    span, context_token = token
     otel_context.detach(context_token)
     if error is not None and not isinstance(error, asyncio.CancelledError):
         span.record_exception(error)
@@ -68,15 +72,16 @@ def _finish(token: object, error: BaseException | None) -> None:
 class _Tracing(observing.Observer):
     """Starts the spans and carries their context through the messages."""
 
+    # The token each *_in hook returns is a _Started, so each *_done hook is _finish itself:
+    # the hooks call it directly, one call less per handled event.
+    message_out_done = frame_in_done = event_in_done = staticmethod(_finish)  # type: ignore[assignment]
+
     def __init__(self, tracer: Tracer) -> None:
         self.tracer = tracer
-        # Built once per event type and per consumer class rather than per handled event:
-        # a group message to a thousand local sockets is a thousand handle spans.
-        self._handle_names: dict[str, str] = {}
-        self._consumer_attributes: dict[type[AsyncWebSocketConsumer], dict[str, str]] = {}
-
-    def _enter(self, span: Span) -> object:
-        return span, otel_context.attach(trace.set_span_in_context(span))
+        # Built once per consumer class and event type rather than per handled event: a
+        # group message to a thousand local sockets is a thousand handle spans. Bounded:
+        # the event is a type the class has a handler for, or "other".
+        self._handles: dict[tuple[type[AsyncWebSocketConsumer], str], tuple[str, dict[str, str]]] = {}
 
     def message_out(self, layer: BaseChannelLayer, operation: str, meta: dict[str, Any]) -> object:
         span = self.tracer.start_span(
@@ -88,13 +93,18 @@ class _Tracing(observing.Observer):
                 "fastapi_websockets.backend": layer.backend_name,
             },
         )
+        context = trace.set_span_in_context(span)
         carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        _PROPAGATOR.inject(carrier, context=context)
         meta["tc"] = carrier
-        return self._enter(span)
+        return span, otel_context.attach(context)
 
-    def message_out_done(self, token: object, error: BaseException | None) -> None:
-        _finish(token, error)
+    def message_in(self, layer: BaseChannelLayer, meta: Mapping[str, Any]) -> None:
+        # Once per message and process, however many local receivers handle it: parse the
+        # sender's context here, not in each receiver's event_in.
+        carrier = meta.get("tc")
+        if isinstance(carrier, Mapping) and isinstance(meta, dict):
+            meta[_PARENT] = _PROPAGATOR.extract(carrier)
 
     def frame_in(self, consumer: AsyncWebSocketConsumer) -> object:
         span = self.tracer.start_span(
@@ -102,43 +112,23 @@ class _Tracing(observing.Observer):
             kind=SpanKind.SERVER,
             attributes={"messaging.system": _SYSTEM, "fastapi_websockets.consumer": type(consumer).__name__},
         )
-        return self._enter(span)
-
-    def frame_in_done(self, token: object, error: BaseException | None) -> None:
-        _finish(token, error)
+        return span, otel_context.attach(trace.set_span_in_context(span))
 
     def event_in(self, consumer: AsyncWebSocketConsumer, event: str, message: Message) -> object:
-        name = self._handle_names.get(event)
-        if name is None:
-            # Bounded: event is a type the consumer class has a handler for, or "other".
-            name = self._handle_names[event] = f"{_SYSTEM} handle {event}"
-        cls = type(consumer)
-        attributes = self._consumer_attributes.get(cls)
-        if attributes is None:
+        try:
+            name, attributes = self._handles[type(consumer), event]
+        except KeyError:
             # One attribute only: the SDK checks each one on every span, and the name
             # already holds the event type. The SDK copies it, so one dict serves all spans.
-            attributes = self._consumer_attributes[cls] = {"fastapi_websockets.consumer": cls.__name__}
-        span = self.tracer.start_span(
-            name, context=self._parent(message), kind=SpanKind.CONSUMER, attributes=attributes
+            name, attributes = self._handles[type(consumer), event] = (
+                f"{_SYSTEM} handle {event}",
+                {"fastapi_websockets.consumer": type(consumer).__name__},
+            )
+        parent: Context | None = (
+            message.meta.get(_PARENT) if isinstance(message, observing.Delivered) else None
         )
-        return self._enter(span)
-
-    @staticmethod
-    def _parent(message: Message) -> Context | None:
-        if not isinstance(message, observing.Delivered):
-            return None
-        meta = message.meta
-        # Every local receiver of one group_send gets the same Delivered: parse its context once.
-        parent: Context | None = meta.get(_PARENT)
-        if parent is None:
-            carrier = meta.get("tc")
-            if not isinstance(carrier, Mapping):
-                return None
-            parent = meta[_PARENT] = _PROPAGATOR.extract(carrier)
-        return parent
-
-    def event_in_done(self, token: object, error: BaseException | None) -> None:
-        _finish(token, error)
+        span = self.tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes)
+        return span, otel_context.attach(trace.set_span_in_context(span))
 
 
 _tracing: _Tracing | None = None

@@ -27,7 +27,7 @@ from fastapi_websockets.backends.rabbitmq import (
 )
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
 from tests.conftest import layer_factory
-from tests.faults import TcpProxy, fail_once, silent_server
+from tests.faults import TcpProxy, eventually, fail_once, silent_server
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.rabbitmq import RabbitNode
@@ -73,15 +73,6 @@ def bindings(node: RabbitNode, exchange: str) -> set[tuple[str, str]]:
     """(queue, routing key) bindings of ``exchange``."""
     rows = node.rows("list_bindings", "source_name", "destination_name", "routing_key")
     return {(row[1], row[2]) for row in rows if row[0] == exchange}
-
-
-async def wait_until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    """Poll a broker-side condition that changes asynchronously (a deadline, not a threshold)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still false after {timeout} s")
-        await asyncio.sleep(0.2)
 
 
 # ----------------------------------------------------------------- options
@@ -192,7 +183,7 @@ async def test_queue_expiry_deletes_unused_named_queues(make: Factory, prefix: s
     await layer.send("short.lived", {"type": "lost"})
     assert queue in queues(node, prefix)
     # Once its consumer is gone, the unused queue expires with its message.
-    await wait_until(lambda: queue not in queues(node, prefix), "queue expiry")
+    await eventually(lambda: queue not in queues(node, prefix), "queue expiry")
     # Reading and sending again declare it again.
     waiter = asyncio.create_task(layer.receive("short.lived", timeout=10))
     await asyncio.sleep(0.3)
@@ -411,9 +402,9 @@ async def test_broker_restart(make: Factory, prefix: str, node: RabbitNode) -> N
         (a.inbox_name, "g.survivors"),
         (a.inbox_name, "g.joined.while.down"),
     }
-    await wait_until(lambda: inbox_keys <= bindings(node, prefix), "inbox bindings restored")
+    await eventually(lambda: inbox_keys <= bindings(node, prefix), "inbox bindings restored")
     named_queue = named_queue_name(prefix, "restart.named")
-    await wait_until(
+    await eventually(
         lambda: consumers(node, prefix) == sorted([a.inbox_name, b.inbox_name, named_queue]),
         "consumers restored",
     )
@@ -695,7 +686,7 @@ async def test_no_secret_when_the_broker_goes_away_mid_operation(
         assert (await layer.receive("before.cut", timeout=10))["type"] == "x"
         waiting = asyncio.create_task(layer.receive("after.cut"))
         named = named_queue_name(prefix, "after.cut")
-        await wait_until(lambda: named in consumers(rabbitmq_node, prefix), "consumer started")
+        await eventually(lambda: named in consumers(rabbitmq_node, prefix), "consumer started")
         await proxy.cut()
         with pytest.raises(BackendUnavailable) as sent:
             await layer.send("after.cut", {"type": "y"})
@@ -752,7 +743,7 @@ async def test_presence_queues_exist_only_while_used_and_hold_nothing(
     assert present[f"{prefix}.presence"]["consumers"] == "2"  # the roster: one consumer per participant
     assert (f"{prefix}.pr.{owner.client_token}", "presence") in bindings(node, prefix)
     # Entries live in the processes' replicas: the broker keeps no message for them.
-    await wait_until(
+    await eventually(
         lambda: all(queues(node, prefix)[name]["messages"] == "0" for name in replicas),
         "presence queues drained",
     )
@@ -761,7 +752,7 @@ async def test_presence_queues_exist_only_while_used_and_hold_nothing(
     assert await viewer.presence("room:p") == {}
     await owner.close()
     await viewer.close()
-    await wait_until(
+    await eventually(
         lambda: not [name for name in queues(node, prefix) if ".pr." in name],
         "replica queues gone with their layers",
     )

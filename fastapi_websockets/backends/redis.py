@@ -77,7 +77,7 @@ from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import flag, matching
 from fastapi_websockets.backends.options import url as url_option
-from fastapi_websockets.backends.timeouts import reply_within, wait_event, within
+from fastapi_websockets.backends.timeouts import bounded, reply_within, wait_event, within
 from fastapi_websockets.backends.tls import require_secure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
@@ -95,6 +95,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
     from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.connection import AbstractConnection
     from redis.asyncio.sentinel import Sentinel
 
 __all__ = ["RedisChannelLayer"]
@@ -673,6 +674,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._cluster_client: RedisCluster | None = None
         self._sentinel: Sentinel | None = None
         self._reader_redis: Redis | None = None
+        #: Not in a cluster: the writer task's own client and connection (see _exchange).
+        self._writer_client: Redis | None = None
+        self._writer_conn: AbstractConnection | None = None
         self._reader_healthy = False
         # Whether the reader was ever connected: every later session restores state.
         self._reader_was_connected = False
@@ -774,7 +778,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             from redis.asyncio import Redis
             from redis.asyncio.cluster import RedisCluster
             from redis.asyncio.retry import Retry
-            from redis.backoff import ExponentialBackoff
+            from redis.backoff import ExponentialBackoff, NoBackoff
         except ImportError as exc:
             raise missing_driver("redis", exc) from exc
         # RedisClusterException (no node reachable, every node refused our AUTH) is not
@@ -808,10 +812,22 @@ class RedisChannelLayer(BrokerChannelLayer):
                 await cluster.aclose()
                 raise
             self._client = self._cluster_client = cluster
-        elif self.sentinels:
-            self._client = self._sentinel_master(**common)
         else:
-            self._client = Redis.from_url(self.url, **common, **self._tls_options())
+            # The writer's connection has no socket timeout of its own: _exchange bounds
+            # the whole write and its replies, and redis-py would run every write under
+            # asyncio.wait_for (one more task) to apply one.
+            writer: dict[str, Any] = {
+                **common,
+                "socket_timeout": None,
+                "retry": Retry(NoBackoff(), 0),
+                "max_connections": 1,
+            }
+            if self.sentinels:
+                self._client = self._sentinel_master(**common)
+                self._writer_client = self._sentinel_master(**writer)
+            else:
+                self._client = Redis.from_url(self.url, **common, **self._tls_options())
+                self._writer_client = Redis.from_url(self.url, **writer, **self._tls_options())
         self.tasks.keep_running(self._read_inbox, "reader")
 
     async def _close(self) -> None:
@@ -821,13 +837,17 @@ class RedisChannelLayer(BrokerChannelLayer):
         await self.tasks.close(self.timeout, unblock=self._disconnect)
         self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
         await self._disconnect()
-        self._client = self._cluster_client = self._sentinel = None
+        self._client = self._cluster_client = self._sentinel = self._writer_client = None
+        self._writer_conn = None
 
     async def _disconnect(self) -> None:
         if self._reader_redis is not None:
             await self._reader_redis.aclose()
         if self._client is not None:
             await self._client.aclose()
+        if self._writer_client is not None:
+            # Its pool disconnects the connection _exchange holds too.
+            await self._writer_client.aclose()
         if self._sentinel is not None:
             await self._sentinel.aclose()
 
@@ -958,23 +978,75 @@ class RedisChannelLayer(BrokerChannelLayer):
         return ChannelLayerError(f"Redis refused {command}: {self.redact(str(exc))}")
 
     async def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        assert self._client is not None
         from redis.exceptions import NoScriptError
 
-        pipe = self._client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+        results = await self._write(commands)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
             # Redis restarted (or a node joined) and lost its script cache: EVAL loads it again.
-            pipe = self._client.pipeline(transaction=False)
-            for i in missing:
-                command = commands[i]
-                pipe.execute_command("EVAL", _BY_SHA[command[1]].source, *command[2:])
-            for i, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+            again = [("EVAL", _BY_SHA[commands[i][1]].source, *commands[i][2:]) for i in missing]
+            for i, result in zip(missing, await self._write(again), strict=True):
                 results[i] = result
         return results
+
+    async def _write(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write; their replies, errors as values, in order."""
+        if self._cluster_client is None:
+            return await bounded(self._exchange(commands), self.timeout, self._no_reply)
+        # A cluster pipeline sends each command to the node owning its keys.
+        pipe = self._cluster_client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Write ``commands`` on the writer's own connection and read their replies.
+
+        Only the writer task calls this, one call at a time, so the connection
+        needs no pool round: redis-py's pipeline takes a pooled connection, writes
+        under ``asyncio.wait_for`` and releases the connection in a shielded task,
+        which cost a lone send two tasks and four more event-loop iterations (see
+        docs/architecture.md). A broken connection is retried once on a fresh one:
+        the first write after a Redis restart meets the dead one. Anything else,
+        a cancellation included, leaves the connection closed, so that no reply of
+        a write cut short is read as the answer to the next.
+        """
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ResponseError
+
+        assert self._writer_client is not None
+        if self._writer_conn is None:
+            pool = self._writer_client.connection_pool
+            self._writer_conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        conn = self._writer_conn
+        callbacks = self._writer_client.response_callbacks
+        packed = conn.pack_commands(commands)
+        for attempt in range(2):
+            try:
+                if not conn.is_connected:
+                    # connect(), not the implicit connect of a write: a Sentinel
+                    # connection asks the sentinels for the master only there.
+                    await conn.connect()
+                await conn.send_packed_command(packed, check_health=False)
+                results: list[Any] = []
+                for command in commands:
+                    try:
+                        reply = await conn.read_response()
+                    except ResponseError as exc:  # read in full: the connection stays usable
+                        results.append(exc)
+                        continue
+                    callback = callbacks.get(command[0])
+                    results.append(reply if callback is None else callback(reply))
+                return results
+            except RedisConnectionError:
+                await conn.disconnect()
+                if attempt:
+                    raise
+            except BaseException:
+                await conn.disconnect()
+                raise
+        raise AssertionError("unreachable")
 
     def _fail_queue(self, exc: BaseException) -> None:
         for _, settle in self._take_jobs():

@@ -1469,14 +1469,19 @@ class RedisChannelLayer(BrokerChannelLayer):
         return len(entries)
 
     async def _connected(self) -> None:
+        # Sends and group changes do not wait for the reader's first session, so a
+        # layer may have written to Redis (and Redis may have lost it since) before
+        # its reader first connected: that session restores too.
+        wrote = self._reader_was_connected or self._ready_seen
         if self._ready_keys:
             # Before re-registering: if Redis lost its data, group_send waits for every
             # process to do the same, not only this one.
-            grace = _REGISTER_GRACE_MS if self._reader_was_connected else 0
+            grace = _REGISTER_GRACE_MS if wrote else 0
             await self._script("ready_mark", self._ready_keys, grace)
             self._ready_seen = True
-        if self._reader_was_connected:
+        if wrote or self.local_groups.groups():
             await self._restore()
+        if self._reader_was_connected:
             logger.warning("reconnected to Redis at %s", self.where)
         self._reader_was_connected = True
         self.report_connection(True)

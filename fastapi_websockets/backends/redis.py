@@ -1470,16 +1470,18 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     async def _connected(self) -> None:
         # Sends and group changes do not wait for the reader's first session, so a
-        # layer may have written to Redis (and Redis may have lost it since) before
-        # its reader first connected: that session restores too.
+        # layer may have used Redis (and Redis may have lost its data since) before
+        # its reader first connected: that session restores too if the marker says so.
         wrote = self._reader_was_connected or self._ready_seen
+        lost = False
         if self._ready_keys:
             # Before re-registering: if Redis lost its data, group_send waits for every
             # process to do the same, not only this one.
             grace = _REGISTER_GRACE_MS if wrote else 0
-            await self._script("ready_mark", self._ready_keys, grace)
+            left = await self._script("ready_mark", self._ready_keys, grace)
+            lost = wrote and int(left) > 0
             self._ready_seen = True
-        if wrote or self.local_groups.groups():
+        if self._reader_was_connected or lost:
             await self._restore()
         if self._reader_was_connected:
             logger.warning("reconnected to Redis at %s", self.where)

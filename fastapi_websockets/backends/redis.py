@@ -967,6 +967,8 @@ class RedisChannelLayer(BrokerChannelLayer):
                 raise
             except self._conn_errors as exc:
                 results = [self.unavailable(exc)] * len(jobs)
+            except BackendUnavailable as exc:  # no reply within timeout (_write)
+                results = [exc] * len(jobs)
             except self._redis_errors as exc:
                 results = [self._refused("the command", exc)] * len(jobs)
             for (command, settle), result in zip(jobs, results, strict=True):

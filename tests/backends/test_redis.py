@@ -444,6 +444,47 @@ async def test_cluster_other_wake_up_modes(
     assert await asyncio.wait_for(named, 10) == {"type": "named"}
 
 
+async def test_a_reader_cut_off_mid_stream_delivers_each_message_once_in_order(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    # Entries reach the reader both in its subscription and in the inbox list; cutting
+    # the subscription while senders keep going makes it pop what it missed, and
+    # entries that came both ways must count once, in each sender's order.
+    receiver, sender = make(capacity=10_000), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm"})
+    assert await receiver.receive(channel, timeout=10) == {"type": "warm"}
+    senders, count = 4, 300
+    got: dict[int, list[int]] = {s: [] for s in range(senders)}
+
+    async def send_all(s: int) -> None:
+        for i in range(count):
+            await sender.send(channel, {"type": "m", "s": s, "i": i})
+
+    async def cut() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0.05)
+            await raw.client_kill_filter(_type="pubsub")
+
+    async def receive_all() -> None:
+        for _ in range(senders * count):
+            message = await receiver.receive(channel, timeout=30)
+            got[message["s"]].append(message["i"])
+
+    receiving = asyncio.create_task(receive_all())
+    await asyncio.gather(*(send_all(s) for s in range(senders)), cut())
+    await receiving
+    assert got == {s: list(range(count)) for s in range(senders)}
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channel, timeout=0.5)  # nothing twice
+    inbox = f"{receiver.prefix}:inbox:{{{receiver.client_token}}}"
+    await eventually(lambda: _is_zero(raw.llen(inbox)), "the reader removes what it delivered")
+
+
+async def _is_zero(length: Any) -> bool:
+    return int(await length) == 0
+
+
 async def test_full_inbox_of_another_process_raises_channel_full(make: Factory) -> None:
     sender, owner = make(capacity=1), make()
     channel = await owner.new_channel("ws")

@@ -1622,6 +1622,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     async def _flush_history(self) -> None:
         # Only the streams this instance used: AMQP cannot list queues.
+        self._resume.clear()
         for group, stream in list(self._streams.items()):
             self._streams.pop(group, None)
             stream.fail(ChannelLayerClosed("the group's history was flushed"))

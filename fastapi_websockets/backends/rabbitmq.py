@@ -27,9 +27,13 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
   queue per group, ``P.h.<group>``, holding the stored messages and the
   marks and epoch proposals that let a reader find the stream's end (AMQP
   0.9.1 cannot ask a stream for it). A message's offset is its stream offset
-  plus one. This instance learns the offset of what it writes from its own
-  consumer on the stream ("tap", from ``next``), which sees every message
-  written after it started with the ``x-stream-offset`` header.
+  plus one. This instance's consumer on the stream ("tap", from ``next``)
+  sees every entry written after it started, with the ``x-stream-offset``
+  header: it reports the offsets of what this instance writes, and it
+  delivers the stored messages to the group's local members (the inbox is
+  never bound to a history group). So a history ``group_send`` is one
+  confirmed stream write, plus a publish on the group's routing key only
+  when named channels may be members.
 
 Every publish waits for its publisher confirm, at most ``timeout`` seconds.
 The connection is aio-pika's robust connection: after a broker restart or a
@@ -157,6 +161,8 @@ _STORED = "h"
 _MARK = "m"
 _PROPOSAL = "e"
 _NAMED = "n"
+#: A layer event (presence) for the members of a history group: in the stream, never in a page.
+_EVENT = "v"
 #: Published on a history group's routing key to learn whether named channels are bound to it.
 _PROBE = "probe"
 
@@ -1253,6 +1259,20 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             await self._group_send(group, self.encode({**message, POSITION_KEY: position.as_dict()}))
         return position
 
+    async def _send_event(self, group: str, message: Message) -> None:
+        policy = self.history_policy(group) if self.history else None
+        if policy is None:
+            await super()._send_event(group, message)
+            return
+        # The members of a history group listen to its stream only: the event goes
+        # there too, in order with the messages, as a kind that pages leave out.
+        data = self.encode(message)
+        _, stream = await self._uncancellable(
+            self._append_entry(group, policy, _EVENT, data), f"event to {group!r}"
+        )
+        if stream.named:
+            await self._group_send(group, data)
+
     async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
         # Run to completion even if the caller is cancelled: a cancelled AMQP RPC
         # closes its channel, and the tap consumer lives on one.
@@ -1513,8 +1533,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             # Only the current tap of the group delivers, and each offset once: a
             # tap resumed after a lost one may start inside a chunk it had handled.
             stream.seen = offset
-            if incoming.type == _STORED:
-                self._deliver_stored(stream, offset, incoming)
+            if incoming.type in (_STORED, _EVENT):
+                self._deliver_entry(stream, offset, incoming)
             elif incoming.type == _NAMED:
                 stream.named = True
         # After the delivery: a sender's own members have the message when group_send returns.
@@ -1526,15 +1546,16 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         except self._errors as exc:
             logger.debug("could not ack a history tap delivery: %r", exc)
 
-    def _deliver_stored(self, stream: _HistoryStream, offset: int, incoming: AbstractIncomingMessage) -> None:
-        """Hand a stored message from the tap to the local members of its group, with its position."""
+    def _deliver_entry(self, stream: _HistoryStream, offset: int, incoming: AbstractIncomingMessage) -> None:
+        """Hand a stored message (with its position) or an event from the tap to the group's local members."""
         group = stream.group
         if group in self.local_groups:
             message = self.decode_or_drop(incoming.body, f"the history stream of group {group!r}")
             if message is None:
                 return
-            # The writer's epoch: the one its group_send returned.
-            message[POSITION_KEY] = {"offset": offset + 1, "epoch": str(incoming.headers.get("e", ""))}
+            if incoming.type == _STORED:
+                # The writer's epoch: the one its group_send returned.
+                message[POSITION_KEY] = {"offset": offset + 1, "epoch": str(incoming.headers.get("e", ""))}
             self.deliver_to_local_members(group, message)
         if stream.for_members and group not in self.local_groups:
             # Every local member expired: stop the tap.

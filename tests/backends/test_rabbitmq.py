@@ -692,6 +692,23 @@ async def test_a_plain_member_gets_no_extra_copy_when_named_members_are_gone(
         await receiver.receive(channel, timeout=0.5)
 
 
+async def test_presence_events_reach_history_members_in_order_and_stay_out_of_pages(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    sender, receiver = make(history=HISTORY), make(history=HISTORY)
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add("room:ev", channel)
+    before = await sender.group_send("room:ev", {"type": "m", "i": 0})
+    await sender.presence_join("room:ev", await sender.new_channel("ws"), {"user": "ann"})
+    after = await sender.group_send("room:ev", {"type": "m", "i": 1})
+    got = [await receiver.receive(channel, timeout=10) for _ in range(3)]
+    assert [m["type"] for m in got] == ["m", "presence.joined", "m"]
+    assert [got[0]["_position"], got[2]["_position"]] == [p.as_dict() for p in (before, after) if p]
+    assert "_position" not in got[1]
+    page = await receiver.group_history("room:ev")
+    assert [m["i"] for m in page.messages] == [0, 1]
+
+
 @pytest.mark.parametrize(
     "close", [_close_by_cancelled_rpc, _close_by_the_broker, _close_and_fail_its_restore]
 )

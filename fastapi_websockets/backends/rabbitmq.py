@@ -315,9 +315,13 @@ class _HistoryStream:
     #: Opened (or kept) for local members: closed again when the last one leaves.
     #: A tap only writes and reads use stays for the layer's lifetime.
     for_members: bool = False
+    #: No longer the group's tap (forgotten, stopped or replaced): it delivers nothing.
+    #: Not "absent from _streams": a tap delivers from consume-ok on, before it is listed.
+    retired: bool = False
 
     def fail(self, error: BaseException) -> None:
-        """Fail every write still waiting for its offset."""
+        """Retire the tap and fail every write still waiting for its offset."""
+        self.retired = True
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -1098,6 +1102,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         if stream is None or not stream.for_members or stream.pending:
             return  # a write in flight waits for this tap: it stays, as a writer's does
         del self._streams[group]
+        stream.retired = True
         await self._cancel_consumer(stream.queue, stream.tag)
 
     async def _bind_named(self, group: str, channel: str, *, bind: bool) -> None:
@@ -1391,6 +1396,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         )
         if self._history_closes != closes:
             # The channel closed meanwhile: the tap may be gone with it.
+            self._retire_unopened(stream)
             await self._cancel_consumer(queue, tag)
             raise self.unavailable(f"the history channel closed while opening {name!r}")
         self._streams[group] = stream
@@ -1401,10 +1407,17 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             stream.epoch = await self._agree_epoch(group, stream)
         except BaseException:
             self._streams.pop(group, None)
+            self._retire_unopened(stream)
             await self._cancel_consumer(queue, tag)
             raise
         self._resume.pop(group, None)
         return stream
+
+    def _retire_unopened(self, stream: _HistoryStream) -> None:
+        """Retire a tap whose opening failed; the next one resumes after what it delivered."""
+        stream.retired = True
+        if stream.seen >= 0 and stream.group in self.local_groups:
+            self._resume[stream.group] = stream.seen + 1
 
     async def _has_named_members(self, group: str) -> bool:
         """Whether a queue is bound on ``group``'s routing key: for a history group, a named member.
@@ -1529,7 +1542,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     async def _on_tap(self, stream: _HistoryStream, incoming: AbstractIncomingMessage) -> None:
         # Synchronous up to the ack, so members get the entries in stream order.
         offset = _stream_offset(incoming)
-        if offset > stream.seen and self._streams.get(stream.group) is stream:
+        if offset > stream.seen and not stream.retired:
             # Only the current tap of the group delivers, and each offset once: a
             # tap resumed after a lost one may start inside a chunk it had handled.
             stream.seen = offset

@@ -1021,9 +1021,9 @@ class RedisChannelLayer(BrokerChannelLayer):
             else:
                 named.append(owner)
         own = by_process.pop(self.client_token, None)
-        if own is not None:
-            self._deliver_group(group, int(own), self.decode(data))
         if not by_process and not named:
+            if own is not None:
+                self._deliver_group(group, int(own), self.decode(data))
             return
         # All pushes go out in one pipelined write: one entry per process, one per named member.
         head = b"\n" + group.encode() + b"\x00"
@@ -1031,7 +1031,14 @@ class RedisChannelLayer(BrokerChannelLayer):
             self._push_inbox(token, _GROUP + count + head + data) for token, count in by_process.items()
         ]
         pushes += [self._push_named(name, data) for name in named]
-        results = await asyncio.gather(*pushes, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*pushes, return_exceptions=True)
+        finally:
+            # Local members get the message only once the other processes have it: delivering
+            # first would queue every local socket write ahead of the pipeline's write, so the
+            # other processes would start their fan-out only after this one finished its own.
+            if own is not None:
+                self._deliver_group(group, int(own), self.decode(data))
         wakes = []
         first_error: BaseException | None = None
         for index, result in enumerate(results):

@@ -324,6 +324,57 @@ return redis.call('HGETALL', KEYS[2])
 """
 )
 
+# KEYS: group, owners, ready marker. ARGV: group expiry ms, inbox capacity, ttl ms, wake
+# command ('' for none), key prefix, own token, group, data. The group_send of a single
+# server in one round trip: _GROUP_OWNERS, then, as _PUSH_INBOX does, one entry in the
+# inbox of every other owning process. A cluster cannot: the inboxes live in other slots
+# than the group (a script touches one slot), and this script names them itself.
+# Returns {own count or '', inboxes that were full, named owners...}, or an integer
+# (see _ready_check).
+_GROUP_SEND = (
+    _NOW
+    + _OWNER_OF
+    + _ready_check(3)
+    + _DROP_STALE
+    + """
+local cap = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local deadline = string.format('%013d', now + ttl)
+local tail = '\\n' .. ARGV[7] .. '\\0' .. ARGV[8]
+local owners = redis.call('HGETALL', KEYS[2])
+local own, full, named = '', 0, {}
+for i = 1, #owners, 2 do
+  local owner = owners[i]
+  if string.sub(owner, 1, 1) ~= '!' then
+    named[#named + 1] = owner
+  elseif string.sub(owner, 2) == ARGV[6] then
+    own = owners[i + 1]
+  else
+    local token = string.sub(owner, 2)
+    local inbox = ARGV[5] .. ':inbox:{' .. token .. '}'
+    local n = redis.call('LLEN', inbox)
+    while n >= cap and n > 0 do
+      if tonumber(string.sub(redis.call('LINDEX', inbox, 0), 1, 13)) > now then break end
+      redis.call('LPOP', inbox)
+      n = n - 1
+    end
+    if n >= cap then
+      full = full + 1
+    else
+      redis.call('RPUSH', inbox, deadline .. 'G' .. owners[i + 1] .. tail)
+      redis.call('PEXPIRE', inbox, ttl)
+      if n == 0 and ARGV[4] ~= '' then
+        redis.call(ARGV[4], ARGV[5] .. ':wake:{' .. token .. '}', '')
+      end
+    end
+  end
+end
+local out = {own, full}
+for _, name in ipairs(named) do out[#out + 1] = name end
+return out
+"""
+)
+
 # The live state of a group's history: `list` holds its entries (deadline prefix,
 # oldest first), `meta` the hash {epoch, offset of the newest entry}. Entries leave
 # only from the head (size, ttl), so the head's offset is newest - length + 1.
@@ -503,6 +554,7 @@ _SCRIPTS = {
         "group_add": _GROUP_ADD,
         "group_discard": _GROUP_DISCARD,
         "group_owners": _GROUP_OWNERS,
+        "group_send": _GROUP_SEND,
         "group_send_history": _GROUP_SEND_HISTORY,
         "history_read": _HISTORY_READ,
         "ready_mark": _READY_MARK,
@@ -983,8 +1035,34 @@ class RedisChannelLayer(BrokerChannelLayer):
             logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        owners = await self._group_script("group_owners", self._group_keys(group), self._group_expiry_ms)
-        await self._fan_out(group, owners, data)
+        if self.cluster:
+            owners = await self._group_script("group_owners", self._group_keys(group), self._group_expiry_ms)
+            await self._fan_out(group, owners, data)
+            return
+        # One server: the script reads the owners and fills the other processes' inboxes,
+        # so they are woken one round trip after the call, not two.
+        reply = await self._group_script(
+            "group_send",
+            self._group_keys(group),
+            self._group_expiry_ms,
+            self._inbox_limit,
+            self._expiry_ms,
+            self._wake_command,
+            self.prefix,
+            self.client_token,
+            group,
+            data,
+        )
+        own, full, *named = reply
+        if own:
+            # Only now: the other processes' copies are stored and they start their fan-out
+            # while this one does its own.
+            self._deliver_group(group, int(own), self.decode(data))
+        if full:
+            self.stats.dropped_full += int(full)
+            logger.debug("group_send to %r skipped %d full inbox(es)", group, int(full))
+        if named:
+            await self._fan_out(group, [item for name in named for item in (name, b"1")], data)
 
     async def _group_script(self, name: str, keys: list[str], *args: Any) -> Any:
         """Run a script that reads a group's owners, unless Redis may have lost some of them.

@@ -1,7 +1,9 @@
 """The Redis backend: lists for storage, one inbox and one reader per layer instance.
 
 Key layout (``P`` is the configured prefix; ``{...}`` are Redis Cluster hash
-tags, so keys that one Lua script touches always share a slot):
+tags, so keys that one Lua script touches always share a slot; only the
+single-server ``group_send`` script, never run on a cluster, also writes the
+inboxes of other processes):
 
 * ``P:inbox:{token}``: a list, the inbox of one layer instance. Every message
   for its process-specific channels (``name.token!id``) lands here, one entry

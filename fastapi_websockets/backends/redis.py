@@ -1,7 +1,9 @@
 """The Redis backend: lists for storage, one inbox and one reader per layer instance.
 
 Key layout (``P`` is the configured prefix; ``{...}`` are Redis Cluster hash
-tags, so keys that one Lua script touches always share a slot):
+tags, so keys that one Lua script touches always share a slot; only the
+single-server ``group_send`` script, never run on a cluster, also writes the
+inboxes of other processes):
 
 * ``P:inbox:{token}``: a list, the inbox of one layer instance. Every message
   for its process-specific channels (``name.token!id``) lands here, one entry
@@ -368,6 +370,68 @@ return redis.call('HGETALL', KEYS[2])
 """
 )
 
+# KEYS: group, owners, ready marker. ARGV: group expiry ms, inbox capacity, ttl ms, wake
+# command ('' for none), key prefix, own token, group, data, '1' to publish the entry
+# ('0': an empty wake-up). The group_send of a single server in one round trip:
+# _GROUP_OWNERS, then, as _PUSH_INBOX does (same entry format, ids and hand-over), one
+# entry in the inbox of every other owning process. A cluster cannot: the inboxes live in
+# other slots than the group (a script touches one slot), and this script names them
+# itself. Returns {own count or '', inboxes that were full, named owners...}, or an
+# integer (see _ready_check).
+_GROUP_SEND = (
+    _NOW
+    + _OWNER_OF
+    + _ready_check(3)
+    + _DROP_STALE
+    + """
+local cap = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local deadline = string.format('%013d', now + ttl)
+local tail = '\\n' .. ARGV[7] .. '\\0' .. ARGV[8]
+local clock = t[1] * 1000000 + t[2]
+local owners = redis.call('HGETALL', KEYS[2])
+local own, full, named = '', 0, {}
+for i = 1, #owners, 2 do
+  local owner = owners[i]
+  if string.sub(owner, 1, 1) ~= '!' then
+    named[#named + 1] = owner
+  elseif string.sub(owner, 2) == ARGV[6] then
+    own = owners[i + 1]
+  else
+    local token = string.sub(owner, 2)
+    local inbox = ARGV[5] .. ':inbox:{' .. token .. '}'
+    local seq = ARGV[5] .. ':seq:{' .. token .. '}'
+    local n = redis.call('LLEN', inbox)
+    while n >= cap and n > 0 do
+      if tonumber(string.sub(redis.call('LINDEX', inbox, 0), 1, 13)) > now then break end
+      redis.call('LPOP', inbox)
+      n = n - 1
+    end
+    if n >= cap then
+      full = full + 1
+    else
+      local id = math.max((tonumber(redis.call('GET', seq)) or 0) + 1, clock)
+      local item = deadline .. string.format('%016.0f', id) .. 'G' .. owners[i + 1] .. tail
+      redis.call('SET', seq, string.format('%.0f', id), 'PX', ttl)
+      redis.call('RPUSH', inbox, item)
+      redis.call('PEXPIRE', inbox, ttl)
+      if ARGV[4] ~= '' then
+        local wake = ARGV[5] .. ':wake:{' .. token .. '}'
+        if ARGV[9] == '1' then
+          redis.call(ARGV[4], wake, string.format('%08x', #item) .. item)
+        elseif n == 0 then
+          redis.call(ARGV[4], wake, '')
+        end
+      end
+    end
+  end
+end
+local out = {own, full}
+for _, name in ipairs(named) do out[#out + 1] = name end
+return out
+"""
+)
+
 # The live state of a group's history: `list` holds its entries (deadline prefix,
 # oldest first), `meta` the hash {epoch, offset of the newest entry}. Entries leave
 # only from the head (size, ttl), so the head's offset is newest - length + 1.
@@ -548,6 +612,7 @@ _SCRIPTS = {
         "group_add": _GROUP_ADD,
         "group_discard": _GROUP_DISCARD,
         "group_owners": _GROUP_OWNERS,
+        "group_send": _GROUP_SEND,
         "group_send_history": _GROUP_SEND_HISTORY,
         "history_read": _HISTORY_READ,
         "ready_mark": _READY_MARK,
@@ -1116,8 +1181,35 @@ class RedisChannelLayer(BrokerChannelLayer):
             logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        owners = await self._group_script("group_owners", self._group_keys(group), self._group_expiry_ms)
-        await self._fan_out(group, owners, data)
+        if self.cluster:
+            owners = await self._group_script("group_owners", self._group_keys(group), self._group_expiry_ms)
+            await self._fan_out(group, owners, data)
+            return
+        # One server: the script reads the owners and fills the other processes' inboxes,
+        # so they are woken one round trip after the call, not two.
+        reply = await self._group_script(
+            "group_send",
+            self._group_keys(group),
+            self._group_expiry_ms,
+            self._inbox_limit,
+            self._expiry_ms,
+            self._wake_command,
+            self.prefix,
+            self.client_token,
+            group,
+            data,
+            "1" if self._hand_over else "0",
+        )
+        own, full, *named = reply
+        if own:
+            # Only now: the other processes' copies are stored and they start their fan-out
+            # while this one does its own.
+            self._deliver_group(group, int(own), self.decode(data))
+        if full:
+            self.stats.dropped_full += int(full)
+            logger.debug("group_send to %r skipped %d full inbox(es)", group, int(full))
+        if named:
+            await self._fan_out(group, [item for name in named for item in (name, b"1")], data)
 
     async def _group_script(self, name: str, keys: list[str], *args: Any) -> Any:
         """Run a script that reads a group's owners, unless Redis may have lost some of them.
@@ -1154,9 +1246,9 @@ class RedisChannelLayer(BrokerChannelLayer):
             else:
                 named.append(owner)
         own = by_process.pop(self.client_token, None)
-        if own is not None:
-            self._deliver_group(group, int(own), self.decode(data))
         if not by_process and not named:
+            if own is not None:
+                self._deliver_group(group, int(own), self.decode(data))
             return
         # All pushes go out in one pipelined write: one entry per process, one per named member.
         head = b"\n" + group.encode() + b"\x00"
@@ -1164,7 +1256,14 @@ class RedisChannelLayer(BrokerChannelLayer):
             self._push_inbox(token, _GROUP + count + head + data) for token, count in by_process.items()
         ]
         pushes += [self._push_named(name, data) for name in named]
-        results = await asyncio.gather(*pushes, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*pushes, return_exceptions=True)
+        finally:
+            # Local members get the message only once the other processes have it: delivering
+            # first would queue every local socket write ahead of the pipeline's write, so the
+            # other processes would start their fan-out only after this one finished its own.
+            if own is not None:
+                self._deliver_group(group, int(own), self.decode(data))
         wakes = []
         first_error: BaseException | None = None
         for index, result in enumerate(results):

@@ -74,6 +74,8 @@ class Lib:
     packages: tuple[str, ...]
     protocol: str = "plain"
     env: dict[str, str] = field(default_factory=dict)
+    #: Directory the workers start in, so that its ``fastapi_websockets`` is the one imported.
+    source: Path = ROOT
 
     @property
     def python(self) -> Path:
@@ -178,6 +180,7 @@ class Workers:
         *,
         ws: str = "auto",
         app_dir: Path | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
@@ -192,7 +195,7 @@ class Workers:
                 command += ["--app-dir", str(app_dir)]
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
-                    command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+                    command, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
                 )
             self.procs.append(proc)
             self.ports.append(port)
@@ -346,7 +349,9 @@ async def run_lib(lib: Lib, redis: RedisNode, args: argparse.Namespace, clients:
         "FASTAPI_WEBSOCKETS_REDIS_URL": redis.url,
         "FASTAPI_WEBSOCKETS_REDIS_PREFIX": "bench-e2e",
     }
-    workers = Workers(lib.python, f"{lib.module}:app", args.workers, env, ws=args.ws, app_dir=APPS)
+    workers = Workers(
+        lib.python, f"{lib.module}:app", args.workers, env, ws=args.ws, app_dir=APPS, cwd=lib.source
+    )
     loads: ClientProcs | None = None
     try:
         await asyncio.to_thread(workers.wait_ready)
@@ -481,6 +486,8 @@ def write_report(
     for name in libs:
         lib = LIBS[name]
         found = versions(lib)
+        if lib.source != ROOT:
+            found["fastapi-websockets"] = f"{args.baseline} of this repository"
         out.append(f"- {lib.label}: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     for clients, rows in runs.items():
         out += ["", f"## {clients:,} clients", "", table(rows)]
@@ -567,6 +574,24 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def baseline_lib(ref: str, workdir: Path) -> Lib:
+    """The handler app on the package as of git ``ref``, exported into ``workdir``."""
+    source = workdir / "baseline"
+    source.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "fastapi_websockets"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    return Lib(
+        f"fastapi-websockets at {ref} (handler + send_json)",
+        f"ours at {ref}:\nhandler",
+        "ours_handler",
+        ROOT / ".venv",
+        ("fastapi", "redis"),
+        source=source,
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     libs = args.libs.split(",")
     for name in libs:
@@ -575,6 +600,9 @@ def run(args: argparse.Namespace) -> None:
         if not LIBS[name].python.exists():
             raise SystemExit(f"{LIBS[name].python} is missing: run bash bench/setup-peers")
     workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-redis-"))
+    if args.baseline:
+        libs.insert(libs.index("ours-handler") + 1 if "ours-handler" in libs else 0, "ours-baseline")
+        LIBS["ours-baseline"] = baseline_lib(args.baseline, workdir)
     redis = RedisNode(workdir, free_port())
     redis.start()
     try:
@@ -622,6 +650,11 @@ def main() -> None:
         help="clients offer permessage-deflate, as browsers do (it costs the server ~150 KB a socket)",
     )
     parser.add_argument("--libs", default=",".join(LIBS))
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the handler app on the package as of this git ref (before/after in one run)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-e2e.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench-e2e.png")
     args = parser.parse_args()

@@ -1,8 +1,11 @@
-"""Redis for ``python -m bench``: our layer in both wake-up modes, channels_redis core and PubSub, 0.1.0."""
+"""Redis for ``python -m bench``: our layer in both wake-up modes, channels_redis core and PubSub,
+0.1.0, and raw pipelined redis-py (what one PUBLISH per message costs, with no layer around it)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,10 +52,87 @@ def channels_pubsub(server: Server, namespace: str) -> Any:
     return RedisPubSubChannelLayer(hosts=[server["url"]], prefix=namespace)
 
 
+class RawPipelined:
+    """Raw redis-py, no layer semantics: the ceiling p2p is compared with (issue 15).
+
+    One PUBLISH per message to the owner's pub/sub channel; concurrent sends share
+    one pipelined write (one writer task, as automatic pipelining does); one reader
+    per instance hands messages to per-channel queues. Nothing is stored, so nothing
+    waits for a receiver that is not connected; no capacity, no expiry, no groups.
+    """
+
+    def __init__(self, url: str, namespace: str) -> None:
+        from redis.asyncio import Redis
+
+        self.redis = Redis.from_url(url)
+        self.namespace = namespace
+        self.token = f"{id(self):x}"
+        self.ids = itertools.count()
+        self.queues: dict[str, asyncio.Queue[Any]] = {}
+        self.outbox: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.writer: asyncio.Task[None] | None = None
+
+    def queue(self, channel: str) -> asyncio.Queue[Any]:
+        return self.queues.setdefault(channel, asyncio.Queue())
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        if not self.tasks:
+            pubsub = self.redis.pubsub()
+            await pubsub.subscribe(f"{self.namespace}:{self.token}")
+            self.tasks.append(asyncio.create_task(self.read(pubsub)))
+        return f"{prefix}.{self.token}!{next(self.ids)}"
+
+    async def read(self, pubsub: Any) -> None:
+        import msgpack
+
+        try:
+            async for item in pubsub.listen():
+                if item["type"] == "message":
+                    channel, message = msgpack.unpackb(item["data"])
+                    self.queue(channel).put_nowait(message)
+        finally:
+            await pubsub.aclose()
+
+    async def send(self, channel: str, message: Any) -> None:
+        import msgpack
+
+        token = channel.rpartition("!")[0].rpartition(".")[2]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.outbox.append((f"{self.namespace}:{token}", msgpack.packb([channel, message]), done))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self.write())
+        await done
+
+    async def write(self) -> None:
+        while self.outbox:
+            batch, self.outbox = self.outbox, []
+            pipe = self.redis.pipeline(transaction=False)
+            for topic, data, _ in batch:
+                pipe.publish(topic, data)
+            await pipe.execute()
+            for *_, done in batch:
+                done.set_result(None)
+
+    async def receive(self, channel: str) -> Any:
+        return await self.queue(channel).get()
+
+    async def close(self) -> None:
+        for task in [*self.tasks, *([self.writer] if self.writer else [])]:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.redis.aclose()
+
+
+def raw_pipelined(server: Server, namespace: str) -> Any:
+    return RawPipelined(server["url"], namespace)
+
+
 IMPLS = [
     Impl("redis", "ours", ours(use_pubsub=True)),
     Impl("redis use_pubsub=False", "ours", ours(use_pubsub=False)),
     Impl("channels_redis core", "channels", channels_core, close=lambda layer: layer.close_pools()),
     Impl("channels_redis pubsub", "channels", channels_pubsub, close=lambda layer: layer.flush()),
     Impl("redis 0.1.0", "0.1.0", ours()),
+    Impl("raw redis-py pipelined", "ours", raw_pipelined),
 ]

@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -238,16 +239,22 @@ async def send_burst(sender: BaseChannelLayer, channel: str, tag: str, per_kind:
     return ids
 
 
-async def eventually(check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Re-check ``check`` (sync, or returning an awaitable) every 0.05 s until its result is truthy.
+async def eventually(
+    check: Callable[[], object], what: str, timeout: float = 30.0, interval: float = 0.05
+) -> None:
+    """Re-check ``check`` (sync, or returning an awaitable) every ``interval`` s until its result is truthy.
 
-    A deadline against hangs, not a speed goal: fails naming ``what`` after ``timeout`` seconds.
+    A deadline against hangs, not a speed goal: fails naming ``what`` after ``timeout`` seconds
+    (measured on the clock, so a slow check such as a ``rabbitmqctl`` call does not stretch it).
     """
-    for _ in range(int(timeout / 0.05)):
+    deadline = time.monotonic() + timeout
+    while True:
         result = check()
         if inspect.isawaitable(result):
             result = await result
         if result:
             return
-        await asyncio.sleep(0.05)
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(interval)
     pytest.fail(f"never happened: {what}")

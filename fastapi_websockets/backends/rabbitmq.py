@@ -27,9 +27,13 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
   queue per group, ``P.h.<group>``, holding the stored messages and the
   marks and epoch proposals that let a reader find the stream's end (AMQP
   0.9.1 cannot ask a stream for it). A message's offset is its stream offset
-  plus one. This instance learns the offset of what it writes from its own
-  consumer on the stream ("tap", from ``next``), which sees every message
-  written after it started with the ``x-stream-offset`` header.
+  plus one. This instance's consumer on the stream ("tap", from ``next``)
+  sees every entry written after it started, with the ``x-stream-offset``
+  header: it reports the offsets of what this instance writes, and it
+  delivers the stored messages to the group's local members (the inbox is
+  never bound to a history group). So a history ``group_send`` is one
+  confirmed stream write, plus a publish on the group's routing key only
+  when named channels may be members.
 
 Every publish waits for its publisher confirm, at most ``timeout`` seconds.
 The connection is aio-pika's robust connection: after a broker restart or a
@@ -80,7 +84,13 @@ from fastapi_websockets.exceptions import (
     ChannelLayerClosed,
     InvalidChannelLayerConfig,
 )
-from fastapi_websockets.history import HistoryPolicy, HistorySlice, StreamPosition, new_epoch
+from fastapi_websockets.history import (
+    POSITION_KEY,
+    HistoryPolicy,
+    HistorySlice,
+    StreamPosition,
+    new_epoch,
+)
 from fastapi_websockets.names import is_process_specific, new_token, process_token
 from fastapi_websockets.types import Message
 
@@ -145,10 +155,16 @@ _ADD = "group_add"
 _DISCARD = "group_discard"
 _REPLY = "reply"
 # Kinds of history stream entries: a stored message, a reader's mark (where
-# the stream ended when it read), a writer's epoch proposal.
+# the stream ended when it read), a writer's epoch proposal, a named channel
+# that joined the group (so that taps learn the group has named members).
 _STORED = "h"
 _MARK = "m"
 _PROPOSAL = "e"
+_NAMED = "n"
+#: A layer event (presence) for the members of a history group: in the stream, never in a page.
+_EVENT = "v"
+#: Published on a history group's routing key to learn whether named channels are bound to it.
+_PROBE = "probe"
 
 
 # ------------------------------------------------------------------- names
@@ -279,17 +295,33 @@ class _Entry:
 
 @dataclass
 class _HistoryStream:
-    """This instance's handle on one group's history stream and its tap consumer."""
+    """This instance's handle on one group's history stream and its tap consumer.
 
+    The tap reports the offsets of this instance's writes and delivers every
+    stored message to the group's local members.
+    """
+
+    group: str
     name: str
     queue: AbstractRobustQueue
     tag: str
     epoch: str = ""
     #: message_id -> future of the stream offset the tap sees it at.
     pending: dict[str, asyncio.Future[int]] = field(default_factory=dict)
+    #: The highest stream offset the tap has handled (-1: none yet).
+    seen: int = -1
+    #: Whether named channels may be members (bound on the group's routing key).
+    named: bool = False
+    #: Opened (or kept) for local members: closed again when the last one leaves.
+    #: A tap only writes and reads use stays for the layer's lifetime.
+    for_members: bool = False
+    #: No longer the group's tap (forgotten, stopped or replaced): it delivers nothing.
+    #: Not "absent from _streams": a tap delivers from consume-ok on, before it is listed.
+    retired: bool = False
 
     def fail(self, error: BaseException) -> None:
-        """Fail every write still waiting for its offset."""
+        """Retire the tap and fail every write still waiting for its offset."""
+        self.retired = True
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -408,6 +440,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._history_channel: AbstractRobustChannel | None = None  # history stream consumers
         self._streams: dict[str, _HistoryStream] = {}  # by group
         self._stream_locks: dict[str, asyncio.Lock] = {}
+        #: Where the next tap of a group with local members starts: after what its lost
+        #: tap handled (a stream offset), or "first" when the stream was deleted.
+        self._resume: dict[str, int | str] = {}
+        self._tap_restarts: set[str] = set()  # groups whose tap a supervised task reopens
         #: Counts closes of the history channel: a stream opened across one has a dead tap.
         self._history_closes = 0
         self._history_reviving = False
@@ -881,6 +917,13 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 self._revive(reader)
 
     async def _on_named(self, reader: _Reader, incoming: AbstractIncomingMessage) -> None:
+        if incoming.type == _PROBE:
+            # A history group's writer asking whether named members exist: not a message.
+            try:
+                await incoming.ack()
+            except self._errors as exc:
+                logger.debug("could not ack a probe: %r", exc)
+            return
         if reader.tag is None or incoming.consumer_tag != reader.tag:
             # Arrived while the consumer was being cancelled: give it back.
             await self._give_back(incoming)
@@ -1019,6 +1062,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         try:
             async with lock:
                 wanted = bool(self.local_groups.members(group))
+                policy = self.history_policy(group)
+                if policy is not None:
+                    await self._sync_tap(group, policy, wanted)
+                    return
                 inbox, exchange = self._inbox, self._exchange
                 assert inbox is not None
                 assert exchange is not None
@@ -1040,6 +1087,24 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             else:
                 self._group_ops[group] = (lock, users - 1)
 
+    async def _sync_tap(self, group: str, policy: HistoryPolicy, wanted: bool) -> None:
+        """Hold a tap on ``group``'s history stream iff a local channel is a member.
+
+        Members of a history group get its messages from the stream (the
+        inbox is never bound to it): the tap is running (consume-ok) when this
+        returns, so a message stored afterwards reaches them.
+        """
+        if wanted:
+            (await self._history_stream(group, policy)).for_members = True
+            return
+        self._resume.pop(group, None)
+        stream = self._streams.get(group)
+        if stream is None or not stream.for_members or stream.pending:
+            return  # a write in flight waits for this tap: it stays, as a writer's does
+        del self._streams[group]
+        stream.retired = True
+        await self._cancel_consumer(stream.queue, stream.tag)
+
     async def _bind_named(self, group: str, channel: str, *, bind: bool) -> None:
         # A named member is a broker binding of its queue: it needs no process
         # alive and does not expire with group_expiry (it lasts until
@@ -1056,6 +1121,12 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 lambda: queue.bind(self.exchange_name, key, robust=False),
             )
             self._named_bindings.add((channel, group))
+            policy = self.history_policy(group)
+            if policy is not None:
+                # After the binding: every tap that has not probed it yet sees
+                # this entry before any message sent once this join returned,
+                # so its writers publish the named members' copy.
+                await self._append_entry(group, policy, _NAMED)
         else:
             await self._broker(
                 self._declare_channel,
@@ -1157,27 +1228,76 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # for offsets a dead consumer will never report.
         for group, stream in list(self._streams.items()):
             if stream.tag == frame.consumer_tag:
-                self._forget_stream(group, f"history stream {stream.name!r} was deleted")
+                self._forget_stream(group, f"history stream {stream.name!r} was deleted", deleted=True)
 
-    def _forget_stream(self, group: str, why: str) -> None:
+    def _forget_stream(self, group: str, why: str, *, deleted: bool = False) -> None:
         stream = self._streams.pop(group, None)
-        if stream is not None:
-            stream.fail(self.unavailable(why))
+        if stream is None:
+            return
+        stream.fail(self.unavailable(why))
+        if stream.for_members and not self.closed:
+            # Local members wait on this tap: a new one resumes after what it
+            # handled (a new stream, from its start), retrying until it works.
+            resume: int | str = "first" if deleted else (stream.seen + 1 if stream.seen >= 0 else "next")
+            self._resume[group] = resume
+            if group not in self._tap_restarts:
+                self._tap_restarts.add(group)
+                self.tasks.keep_running(partial(self._restart_tap, group), f"tap restart of {group!r}")
+
+    async def _restart_tap(self, group: str) -> None:
+        try:
+            await self._sync_binding(group)
+        finally:
+            self._tap_restarts.discard(group)
+
+    async def _group_send_history(
+        self, group: str, message: Message, policy: HistoryPolicy
+    ) -> StreamPosition:
+        # One confirmed write to the stream: the taps of the processes with
+        # members deliver it. Only named members (queues bound on the group's
+        # routing key) need a copy published with its position.
+        offset, stream = await self._uncancellable(
+            self._append_entry(group, policy, _STORED, self.encode(message)), f"history of {group!r}"
+        )
+        position = StreamPosition(offset + 1, stream.epoch)
+        if stream.named:
+            await self._group_send(group, self.encode({**message, POSITION_KEY: position.as_dict()}))
+        return position
+
+    async def _send_event(self, group: str, message: Message) -> None:
+        policy = self.history_policy(group) if self.history else None
+        if policy is None:
+            await super()._send_event(group, message)
+            return
+        # The members of a history group listen to its stream only: the event goes
+        # there too, in order with the messages, as a kind that pages leave out.
+        data = self.encode(message)
+        _, stream = await self._uncancellable(
+            self._append_entry(group, policy, _EVENT, data), f"event to {group!r}"
+        )
+        if stream.named:
+            await self._group_send(group, data)
 
     async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
         # Run to completion even if the caller is cancelled: a cancelled AMQP RPC
         # closes its channel, and the tap consumer lives on one.
-        return await self._uncancellable(self._append(group, data, policy), f"history of {group!r}")
+        offset, stream = await self._uncancellable(
+            self._append_entry(group, policy, _STORED, data), f"history of {group!r}"
+        )
+        return StreamPosition(offset + 1, stream.epoch)
 
-    async def _append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
+    async def _append_entry(
+        self, group: str, policy: HistoryPolicy, kind: str, data: bytes = b""
+    ) -> tuple[int, _HistoryStream]:
+        """Write one entry to ``group``'s stream; its stream offset and the stream's handle."""
         try:
             stream = await self._history_stream(group, policy)
-            offset = await self._write(group, stream, _STORED, data)
+            offset = await self._write(group, stream, kind, data)
         except _StreamGone:
             # Deleted since we last used it: a new stream, with a new epoch.
             stream = await self._history_stream(group, policy)
-            offset = await self._write(group, stream, _STORED, data)
-        return StreamPosition(offset + 1, stream.epoch)
+            offset = await self._write(group, stream, kind, data)
+        return offset, stream
 
     async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
         return await self._uncancellable(self._read(group, after, limit, policy), f"history of {group!r}")
@@ -1258,29 +1378,63 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             lambda: history_channel.declare_queue(name, passive=True, robust=False),
         )
         tag = f"fw-h-{self.client_token}-{new_token(6)}"
-        stream = _HistoryStream(name, queue, tag)
+        stream = _HistoryStream(group, name, queue, tag, for_members=group in self.local_groups)
+        # A tap replacing a lost one while local members wait resumes where that
+        # one stopped, so they miss nothing; a new one starts at the stream's end.
+        start = self._resume.get(group, "next")
+        if isinstance(start, int):
+            stream.seen = start - 1
         await self._broker(
             history_channel,
             f"consume from {name!r}",
             lambda: queue.consume(
                 partial(self._on_tap, stream),
                 consumer_tag=tag,
-                arguments={"x-stream-offset": "next"},
+                arguments={"x-stream-offset": start},
                 robust=False,
             ),
         )
         if self._history_closes != closes:
             # The channel closed meanwhile: the tap may be gone with it.
+            self._retire_unopened(stream)
             await self._cancel_consumer(queue, tag)
             raise self.unavailable(f"the history channel closed while opening {name!r}")
         self._streams[group] = stream
         try:
+            # After the tap started: a named channel bound later writes a _NAMED
+            # entry that the tap sees before any message sent after that join.
+            stream.named = await self._has_named_members(group)
             stream.epoch = await self._agree_epoch(group, stream)
         except BaseException:
             self._streams.pop(group, None)
+            self._retire_unopened(stream)
             await self._cancel_consumer(queue, tag)
             raise
+        self._resume.pop(group, None)
         return stream
+
+    def _retire_unopened(self, stream: _HistoryStream) -> None:
+        """Retire a tap whose opening failed; the next one resumes after what it delivered."""
+        stream.retired = True
+        if stream.seen >= 0 and stream.group in self.local_groups:
+            self._resume[stream.group] = stream.seen + 1
+
+    async def _has_named_members(self, group: str) -> bool:
+        """Whether a queue is bound on ``group``'s routing key: for a history group, a named member.
+
+        The probe is mandatory: the broker returns it when nothing is bound.
+        Named readers drop it, and it expires at once where nobody reads.
+        """
+        probe = self._message_class(b"", type=_PROBE, expiration=0.001, delivery_mode=1)
+        try:
+            await self._publish(
+                probe, group_routing_key(group), what=f"probe of group {group!r}", mandatory=True
+            )
+        except self._publish_error:
+            return False  # returned: nothing is bound
+        except self._delivery_error:
+            return True  # a full named member refused it
+        return True
 
     async def _await_stream_ready(self, name: str) -> None:
         """Wait until the broker can serve the stream ``name``, on a connection of its own.
@@ -1367,7 +1521,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 )
             except self._publish_error:
                 # Returned as unroutable: the stream was deleted.
-                self._forget_stream(group, f"history stream {stream.name!r} was deleted")
+                self._forget_stream(group, f"history stream {stream.name!r} was deleted", deleted=True)
                 raise _StreamGone(f"history stream {stream.name!r} was deleted") from None
             try:
                 return await within(
@@ -1386,13 +1540,39 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             stream.pending.pop(token, None)
 
     async def _on_tap(self, stream: _HistoryStream, incoming: AbstractIncomingMessage) -> None:
+        # Synchronous up to the ack, so members get the entries in stream order.
+        offset = _stream_offset(incoming)
+        if offset > stream.seen and not stream.retired:
+            # Only the current tap of the group delivers, and each offset once: a
+            # tap resumed after a lost one may start inside a chunk it had handled.
+            stream.seen = offset
+            if incoming.type in (_STORED, _EVENT):
+                self._deliver_entry(stream, offset, incoming)
+            elif incoming.type == _NAMED:
+                stream.named = True
+        # After the delivery: a sender's own members have the message when group_send returns.
         seen = stream.pending.pop(str(incoming.message_id), None)
         if seen is not None and not seen.done():
-            seen.set_result(_stream_offset(incoming))
+            seen.set_result(offset)
         try:
             await incoming.ack()
         except self._errors as exc:
             logger.debug("could not ack a history tap delivery: %r", exc)
+
+    def _deliver_entry(self, stream: _HistoryStream, offset: int, incoming: AbstractIncomingMessage) -> None:
+        """Hand a stored message (with its position) or an event from the tap to the group's local members."""
+        group = stream.group
+        if group in self.local_groups:
+            message = self.decode_or_drop(incoming.body, f"the history stream of group {group!r}")
+            if message is None:
+                return
+            if incoming.type == _STORED:
+                # The writer's epoch: the one its group_send returned.
+                message[POSITION_KEY] = {"offset": offset + 1, "epoch": str(incoming.headers.get("e", ""))}
+            self.deliver_to_local_members(group, message)
+        if stream.for_members and group not in self.local_groups:
+            # Every local member expired: stop the tap.
+            self._spawn(self._sync_binding(group), f"tap stop of group {group!r}")
 
     async def _scan_back(
         self,
@@ -1476,6 +1656,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     async def _flush_history(self) -> None:
         # Only the streams this instance used: AMQP cannot list queues.
+        self._resume.clear()
         for group, stream in list(self._streams.items()):
             self._streams.pop(group, None)
             stream.fail(ChannelLayerClosed("the group's history was flushed"))

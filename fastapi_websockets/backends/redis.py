@@ -1,19 +1,29 @@
 """The Redis backend: lists for storage, one inbox and one reader per layer instance.
 
 Key layout (``P`` is the configured prefix; ``{...}`` are Redis Cluster hash
-tags, so keys that one Lua script touches always share a slot):
+tags, so keys that one Lua script touches always share a slot; only the
+single-server ``group_send`` script, never run on a cluster, also writes the
+inboxes of other processes):
 
 * ``P:inbox:{token}``: a list, the inbox of one layer instance. Every message
   for its process-specific channels (``name.token!id``) lands here, one entry
   per message per *process* (a group message names all the local members it
-  is for). One background task pops it in batches.
+  is for). One background task reads it (see ``P:wake``).
+* ``P:seq:{token}``: the id of the inbox's newest entry. Ids grow with every
+  push and start from Redis's clock in microseconds, so they keep growing
+  also after Redis lost its data; the reader skips an id it already delivered.
 * ``P:taken:{token}``: the batch the reader popped last, kept until its next pop
   says it arrived, so that a pop whose reply is lost (Redis crashed or the
   connection broke after running it) is handed out again instead of lost.
-* ``P:wake:{token}``: with ``use_pubsub``, the pub/sub channel on which a push
-  to an empty inbox wakes that reader (SPUBLISH in a cluster with
-  ``sharded_pubsub``); without it the reader blocks in BLMOVE until the inbox
-  is not empty.
+* ``P:wake:{token}``: with ``use_pubsub``, the pub/sub channel of that reader
+  (SPUBLISH in a cluster with ``sharded_pubsub``). The script that stores
+  entries in the inbox also publishes them there, so a subscribed reader
+  delivers them at once, with no pop; it removes what it delivered from the
+  inbox later, in batches, off the delivery path. The list stays the store: a
+  reader that was not subscribed (starting, reconnecting) pops it as before.
+  (A cluster without ``sharded_pubsub`` publishes only an empty wake-up to an
+  empty inbox: PUBLISH there reaches every node.) Without ``use_pubsub`` the
+  reader blocks in BLMOVE until the inbox is not empty.
 * ``P:chan:{name}``: a list, a named channel: a shared queue, each message
   popped by exactly one receiver of any process.
 * ``P:ntaken:{name}:token``: what that process popped last from the named
@@ -47,7 +57,8 @@ tags, so keys that one Lua script touches always share a slot):
   live process re-registers its members (see ``_group_script``).
 
 Entries of the lists start with a 13-digit deadline in ms (Redis server time),
-so undelivered messages expire individually and capacity checks ignore them.
+so undelivered messages expire individually and capacity checks ignore them;
+inbox entries then have a 16-digit id.
 Names inside hash tags escape ``%``, ``{`` and ``}``, so every name gets its own
 tag.
 """
@@ -68,7 +79,7 @@ from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.options import flag, matching
 from fastapi_websockets.backends.options import url as url_option
-from fastapi_websockets.backends.timeouts import reply_within, wait_event, within
+from fastapi_websockets.backends.timeouts import bounded, reply_within, wait_event, within
 from fastapi_websockets.backends.tls import require_secure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
@@ -86,6 +97,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
     from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.connection import AbstractConnection
     from redis.asyncio.sentinel import Sentinel
 
 __all__ = ["RedisChannelLayer"]
@@ -106,6 +118,14 @@ _WAITER_TTL_MS = 45_000
 #: inbox must not grow without bound while senders keep refreshing its TTL).
 _INBOX_FACTOR = 100
 _DEADLINE_DIGITS = 13
+_ID_DIGITS = 16
+#: Where an inbox entry's kind starts: after its deadline and its id.
+_INBOX_HEAD = _DEADLINE_DIGITS + _ID_DIGITS
+#: Hex digits of the length before each entry of a pub/sub message.
+_FRAME_DIGITS = 8
+#: Seconds the reader waits after a delivery before it removes the delivered entries
+#: from its inbox (sooner once it delivered a quarter of the inbox's capacity).
+_ACK_DELAY = 0.02
 #: After Redis lost its data (a restart without persistence), group_send is refused
 #: for this long, so that every live process re-registers its members first. A
 #: reader retries at least every 2.4 s (the shared backoff's cap plus its jitter);
@@ -147,31 +167,57 @@ if n + want > cap then
 end
 """
 
-# KEYS: inbox. ARGV: capacity, ttl ms, wake command ('' for none), wake channel, entries...
-# Pushes as many entries as fit, in order, and returns how many. Only a push to an
-# empty inbox publishes a wake-up: the reader drains until it sees the inbox empty.
+# KEYS: inbox, its id counter (same hash tag). ARGV: capacity, ttl ms, wake command
+# ('' for none), wake channel, '1' to publish the entries ('0': an empty wake-up),
+# entries... Stores as many entries as fit, in order, each with the next id, and
+# returns how many. With '1' the same entries, framed (8 hex digits of length, then
+# the entry), go to the reader's pub/sub channel: it delivers them from there and
+# removes them from the list later (_ACK_INBOX). With '0' only a push to an empty
+# inbox publishes a wake-up: the reader drains until it sees the inbox empty.
 _PUSH_INBOX = (
     _NOW
     + """
 local cap = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local want = #ARGV - 4
+local want = #ARGV - 5
 local n = redis.call('LLEN', KEYS[1])
 """
     + _TRIM
     + """
 local k = math.min(math.max(cap - n, 0), want)
-if k > 0 then
-  local deadline = string.format('%013d', now + ttl)
-  local items = {}
-  for i = 1, k do items[i] = deadline .. ARGV[4 + i] end
-  redis.call('RPUSH', KEYS[1], unpack(items))
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  if n == 0 and ARGV[3] ~= '' then redis.call(ARGV[3], ARGV[4], '') end
+if k == 0 then return 0 end
+local head = string.format('%013d', now + ttl)
+local first = math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, t[1] * 1000000 + t[2])
+local items = {}
+for i = 1, k do items[i] = head .. string.format('%016.0f', first + i - 1) .. ARGV[5 + i] end
+redis.call('SET', KEYS[2], string.format('%.0f', first + k - 1), 'PX', ttl)
+redis.call('RPUSH', KEYS[1], unpack(items))
+redis.call('PEXPIRE', KEYS[1], ttl)
+if ARGV[3] == '' then return k end
+if ARGV[5] == '1' then
+  local frames = {}
+  for i = 1, k do frames[i] = string.format('%08x', #items[i]) .. items[i] end
+  redis.call(ARGV[3], ARGV[4], table.concat(frames))
+elseif n == 0 then
+  redis.call(ARGV[3], ARGV[4], '')
 end
 return k
 """
 )
+
+# KEYS: inbox. ARGV: the id of the newest entry the reader delivered, most entries
+# to look at. Removes the delivered entries from the head (ids are fixed-width digit
+# strings, so they compare as strings) and returns how many.
+_ACK_INBOX = f"""
+local entries = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local k = 0
+for _, entry in ipairs(entries) do
+  if string.sub(entry, {_DEADLINE_DIGITS + 1}, {_INBOX_HEAD}) > ARGV[1] then break end
+  k = k + 1
+end
+if k > 0 then redis.call('LTRIM', KEYS[1], k, -1) end
+return k
+"""
 
 # KEYS: inbox, its taken list (same hash tag). ARGV: id of the batch the reader got
 # last ('' for none), id for a new batch, count, ttl ms. The reader's pop, safe
@@ -321,6 +367,68 @@ _GROUP_OWNERS = (
     + _DROP_STALE
     + """
 return redis.call('HGETALL', KEYS[2])
+"""
+)
+
+# KEYS: group, owners, ready marker. ARGV: group expiry ms, inbox capacity, ttl ms, wake
+# command ('' for none), key prefix, own token, group, data, '1' to publish the entry
+# ('0': an empty wake-up). The group_send of a single server in one round trip:
+# _GROUP_OWNERS, then, as _PUSH_INBOX does (same entry format, ids and hand-over), one
+# entry in the inbox of every other owning process. A cluster cannot: the inboxes live in
+# other slots than the group (a script touches one slot), and this script names them
+# itself. Returns {own count or '', inboxes that were full, named owners...}, or an
+# integer (see _ready_check).
+_GROUP_SEND = (
+    _NOW
+    + _OWNER_OF
+    + _ready_check(3)
+    + _DROP_STALE
+    + """
+local cap = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local deadline = string.format('%013d', now + ttl)
+local tail = '\\n' .. ARGV[7] .. '\\0' .. ARGV[8]
+local clock = t[1] * 1000000 + t[2]
+local owners = redis.call('HGETALL', KEYS[2])
+local own, full, named = '', 0, {}
+for i = 1, #owners, 2 do
+  local owner = owners[i]
+  if string.sub(owner, 1, 1) ~= '!' then
+    named[#named + 1] = owner
+  elseif string.sub(owner, 2) == ARGV[6] then
+    own = owners[i + 1]
+  else
+    local token = string.sub(owner, 2)
+    local inbox = ARGV[5] .. ':inbox:{' .. token .. '}'
+    local seq = ARGV[5] .. ':seq:{' .. token .. '}'
+    local n = redis.call('LLEN', inbox)
+    while n >= cap and n > 0 do
+      if tonumber(string.sub(redis.call('LINDEX', inbox, 0), 1, 13)) > now then break end
+      redis.call('LPOP', inbox)
+      n = n - 1
+    end
+    if n >= cap then
+      full = full + 1
+    else
+      local id = math.max((tonumber(redis.call('GET', seq)) or 0) + 1, clock)
+      local item = deadline .. string.format('%016.0f', id) .. 'G' .. owners[i + 1] .. tail
+      redis.call('SET', seq, string.format('%.0f', id), 'PX', ttl)
+      redis.call('RPUSH', inbox, item)
+      redis.call('PEXPIRE', inbox, ttl)
+      if ARGV[4] ~= '' then
+        local wake = ARGV[5] .. ':wake:{' .. token .. '}'
+        if ARGV[9] == '1' then
+          redis.call(ARGV[4], wake, string.format('%08x', #item) .. item)
+        elseif n == 0 then
+          redis.call(ARGV[4], wake, '')
+        end
+      end
+    end
+  end
+end
+local out = {own, full}
+for _, name in ipairs(named) do out[#out + 1] = name end
+return out
 """
 )
 
@@ -498,11 +606,13 @@ _SCRIPTS = {
     for name, source in {
         "push_inbox": _PUSH_INBOX,
         "take_inbox": _TAKE_INBOX,
+        "ack_inbox": _ACK_INBOX,
         "push_named": _PUSH_NAMED,
         "pop_named": _POP_NAMED,
         "group_add": _GROUP_ADD,
         "group_discard": _GROUP_DISCARD,
         "group_owners": _GROUP_OWNERS,
+        "group_send": _GROUP_SEND,
         "group_send_history": _GROUP_SEND_HISTORY,
         "history_read": _HISTORY_READ,
         "ready_mark": _READY_MARK,
@@ -629,6 +739,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._cluster_client: RedisCluster | None = None
         self._sentinel: Sentinel | None = None
         self._reader_redis: Redis | None = None
+        #: Not in a cluster: the writer task's own client and connection (see _exchange).
+        self._writer_client: Redis | None = None
+        self._writer_conn: AbstractConnection | None = None
         self._reader_healthy = False
         # Whether the reader was ever connected: every later session restores state.
         self._reader_was_connected = False
@@ -642,6 +755,11 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._clock_offset_ms = 0.0
         #: Id of the last inbox batch the reader got (acknowledged by the next take).
         self._taken_id = ""
+        #: Id of the newest inbox entry delivered (b"" for none): an entry at or below
+        #: it came both ways (published and popped) and is skipped.
+        self._delivered_id = b""
+        #: Entries delivered from pub/sub and not yet removed from the inbox.
+        self._unacked = 0
         #: The same for each named channel whose taken list may still hold a batch.
         self._named_taken: dict[str, str] = {}
         self._taken_seq = 0
@@ -654,6 +772,9 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     def _inbox_key(self, token: str) -> str:
         return f"{self.prefix}:inbox:{{{token}}}"
+
+    def _seq_key(self, token: str) -> str:
+        return f"{self.prefix}:seq:{{{token}}}"
 
     def _taken_key(self, token: str) -> str:
         return f"{self.prefix}:taken:{{{token}}}"
@@ -709,6 +830,11 @@ class RedisChannelLayer(BrokerChannelLayer):
             return ""
         return "SPUBLISH" if self.cluster and self.sharded_pubsub else "PUBLISH"
 
+    @property
+    def _hand_over(self) -> bool:
+        """Whether pushes publish their entries to the reader (see ``P:wake`` above)."""
+        return self.use_pubsub and (self.sharded_pubsub or not self.cluster)
+
     # ------------------------------------------------------------- lifecycle
 
     async def _start(self) -> None:
@@ -717,7 +843,7 @@ class RedisChannelLayer(BrokerChannelLayer):
             from redis.asyncio import Redis
             from redis.asyncio.cluster import RedisCluster
             from redis.asyncio.retry import Retry
-            from redis.backoff import ExponentialBackoff
+            from redis.backoff import ExponentialBackoff, NoBackoff
         except ImportError as exc:
             raise missing_driver("redis", exc) from exc
         # RedisClusterException (no node reachable, every node refused our AUTH) is not
@@ -751,10 +877,22 @@ class RedisChannelLayer(BrokerChannelLayer):
                 await cluster.aclose()
                 raise
             self._client = self._cluster_client = cluster
-        elif self.sentinels:
-            self._client = self._sentinel_master(**common)
         else:
-            self._client = Redis.from_url(self.url, **common, **self._tls_options())
+            # The writer's connection has no socket timeout of its own: _exchange bounds
+            # the whole write and its replies, and redis-py would run every write under
+            # asyncio.wait_for (one more task) to apply one.
+            writer: dict[str, Any] = {
+                **common,
+                "socket_timeout": None,
+                "retry": Retry(NoBackoff(), 0),
+                "max_connections": 1,
+            }
+            if self.sentinels:
+                self._client = self._sentinel_master(**common)
+                self._writer_client = self._sentinel_master(**writer)
+            else:
+                self._client = Redis.from_url(self.url, **common, **self._tls_options())
+                self._writer_client = Redis.from_url(self.url, **writer, **self._tls_options())
         self.tasks.keep_running(self._read_inbox, "reader")
 
     async def _close(self) -> None:
@@ -764,13 +902,17 @@ class RedisChannelLayer(BrokerChannelLayer):
         await self.tasks.close(self.timeout, unblock=self._disconnect)
         self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
         await self._disconnect()
-        self._client = self._cluster_client = self._sentinel = None
+        self._client = self._cluster_client = self._sentinel = self._writer_client = None
+        self._writer_conn = None
 
     async def _disconnect(self) -> None:
         if self._reader_redis is not None:
             await self._reader_redis.aclose()
         if self._client is not None:
             await self._client.aclose()
+        if self._writer_client is not None:
+            # Its pool disconnects the connection _exchange holds too.
+            await self._writer_client.aclose()
         if self._sentinel is not None:
             await self._sentinel.aclose()
 
@@ -864,12 +1006,14 @@ class RedisChannelLayer(BrokerChannelLayer):
                 command = (
                     "EVALSHA",
                     sha,
-                    1,
+                    2,
                     self._inbox_key(token),
+                    self._seq_key(token),
                     self._inbox_limit,
                     self._expiry_ms,
                     self._wake_command,
                     self._wake_channel(token),
+                    "1" if self._hand_over else "0",
                     *(entry for entry, _ in chunk),
                 )
                 jobs.append((command, functools.partial(_settle_pushes, [fut for _, fut in chunk])))
@@ -888,6 +1032,8 @@ class RedisChannelLayer(BrokerChannelLayer):
                 raise
             except self._conn_errors as exc:
                 results = [self.unavailable(exc)] * len(jobs)
+            except BackendUnavailable as exc:  # no reply within timeout (_write)
+                results = [exc] * len(jobs)
             except self._redis_errors as exc:
                 results = [self._refused("the command", exc)] * len(jobs)
             for (command, settle), result in zip(jobs, results, strict=True):
@@ -899,23 +1045,75 @@ class RedisChannelLayer(BrokerChannelLayer):
         return ChannelLayerError(f"Redis refused {command}: {self.redact(str(exc))}")
 
     async def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        assert self._client is not None
         from redis.exceptions import NoScriptError
 
-        pipe = self._client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+        results = await self._write(commands)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
             # Redis restarted (or a node joined) and lost its script cache: EVAL loads it again.
-            pipe = self._client.pipeline(transaction=False)
-            for i in missing:
-                command = commands[i]
-                pipe.execute_command("EVAL", _BY_SHA[command[1]].source, *command[2:])
-            for i, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+            again = [("EVAL", _BY_SHA[commands[i][1]].source, *commands[i][2:]) for i in missing]
+            for i, result in zip(missing, await self._write(again), strict=True):
                 results[i] = result
         return results
+
+    async def _write(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write; their replies, errors as values, in order."""
+        if self._cluster_client is None:
+            return await bounded(self._exchange(commands), self.timeout, self._no_reply)
+        # A cluster pipeline sends each command to the node owning its keys.
+        pipe = self._cluster_client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Write ``commands`` on the writer's own connection and read their replies.
+
+        Only the writer task calls this, one call at a time, so the connection
+        needs no pool round: redis-py's pipeline takes a pooled connection, writes
+        under ``asyncio.wait_for`` and releases the connection in a shielded task,
+        which cost a lone send two tasks and four more event-loop iterations (see
+        docs/architecture.md). A broken connection is retried once on a fresh one:
+        the first write after a Redis restart meets the dead one. Anything else,
+        a cancellation included, leaves the connection closed, so that no reply of
+        a write cut short is read as the answer to the next.
+        """
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ResponseError
+
+        assert self._writer_client is not None
+        if self._writer_conn is None:
+            pool = self._writer_client.connection_pool
+            self._writer_conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        conn = self._writer_conn
+        callbacks = self._writer_client.response_callbacks
+        packed = conn.pack_commands(commands)
+        for attempt in range(2):
+            try:
+                if not conn.is_connected:
+                    # connect(), not the implicit connect of a write: a Sentinel
+                    # connection asks the sentinels for the master only there.
+                    await conn.connect()
+                await conn.send_packed_command(packed, check_health=False)
+                results: list[Any] = []
+                for command in commands:
+                    try:
+                        reply = await conn.read_response()
+                    except ResponseError as exc:  # read in full: the connection stays usable
+                        results.append(exc)
+                        continue
+                    callback = callbacks.get(command[0])
+                    results.append(reply if callback is None else callback(reply))
+                return results
+            except RedisConnectionError:
+                await conn.disconnect()
+                if attempt:
+                    raise
+            except BaseException:
+                await conn.disconnect()
+                raise
+        raise AssertionError("unreachable")
 
     def _fail_queue(self, exc: BaseException) -> None:
         for _, settle in self._take_jobs():
@@ -983,8 +1181,35 @@ class RedisChannelLayer(BrokerChannelLayer):
             logger.debug("could not tell the owner of %r about group %r: inbox full", channel, group)
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        owners = await self._group_script("group_owners", self._group_keys(group), self._group_expiry_ms)
-        await self._fan_out(group, owners, data)
+        if self.cluster:
+            owners = await self._group_script("group_owners", self._group_keys(group), self._group_expiry_ms)
+            await self._fan_out(group, owners, data)
+            return
+        # One server: the script reads the owners and fills the other processes' inboxes,
+        # so they are woken one round trip after the call, not two.
+        reply = await self._group_script(
+            "group_send",
+            self._group_keys(group),
+            self._group_expiry_ms,
+            self._inbox_limit,
+            self._expiry_ms,
+            self._wake_command,
+            self.prefix,
+            self.client_token,
+            group,
+            data,
+            "1" if self._hand_over else "0",
+        )
+        own, full, *named = reply
+        if own:
+            # Only now: the other processes' copies are stored and they start their fan-out
+            # while this one does its own.
+            self._deliver_group(group, int(own), self.decode(data))
+        if full:
+            self.stats.dropped_full += int(full)
+            logger.debug("group_send to %r skipped %d full inbox(es)", group, int(full))
+        if named:
+            await self._fan_out(group, [item for name in named for item in (name, b"1")], data)
 
     async def _group_script(self, name: str, keys: list[str], *args: Any) -> Any:
         """Run a script that reads a group's owners, unless Redis may have lost some of them.
@@ -1021,9 +1246,9 @@ class RedisChannelLayer(BrokerChannelLayer):
             else:
                 named.append(owner)
         own = by_process.pop(self.client_token, None)
-        if own is not None:
-            self._deliver_group(group, int(own), self.decode(data))
         if not by_process and not named:
+            if own is not None:
+                self._deliver_group(group, int(own), self.decode(data))
             return
         # All pushes go out in one pipelined write: one entry per process, one per named member.
         head = b"\n" + group.encode() + b"\x00"
@@ -1031,7 +1256,14 @@ class RedisChannelLayer(BrokerChannelLayer):
             self._push_inbox(token, _GROUP + count + head + data) for token, count in by_process.items()
         ]
         pushes += [self._push_named(name, data) for name in named]
-        results = await asyncio.gather(*pushes, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*pushes, return_exceptions=True)
+        finally:
+            # Local members get the message only once the other processes have it: delivering
+            # first would queue every local socket write ahead of the pipeline's write, so the
+            # other processes would start their fan-out only after this one finished its own.
+            if own is not None:
+                self._deliver_group(group, int(own), self.decode(data))
         wakes = []
         first_error: BaseException | None = None
         for index, result in enumerate(results):
@@ -1267,10 +1499,7 @@ class RedisChannelLayer(BrokerChannelLayer):
                 try:
                     await self._subscribe(pubsub)
                     await self._connected()
-                    while not self._closed:
-                        await self._drain()
-                        self._reader_healthy = True
-                        await pubsub.get_message(ignore_subscribe_messages=True, timeout=_BLOCK_SECONDS)
+                    await self._read_pubsub(pubsub)
                 finally:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
             else:
@@ -1289,15 +1518,73 @@ class RedisChannelLayer(BrokerChannelLayer):
             self._reader_redis = None
             await client.aclose()
 
+    async def _read_pubsub(self, pubsub: PubSub) -> None:
+        """Deliver what the subscription carries; pop the inbox when it carried only a wake-up.
+
+        The first drain takes what was stored before the subscription; from then on
+        every push reaches the subscription, in order, until the connection ends
+        (and the session with it). Entries both popped and published are delivered
+        once (``_delivered_id``).
+        """
+        ack_every = max(1, min(_BATCH, self._inbox_limit // 4))
+        self._unacked = 0
+        while not self._closed:
+            await self._drain()
+            self._reader_healthy = True
+            while not self._closed:
+                wait = _ACK_DELAY if self._unacked else _BLOCK_SECONDS
+                reply = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+                if reply is None:
+                    if not self._unacked:
+                        break  # the safety-net re-check
+                    await self._ack()
+                elif not reply["data"]:
+                    break  # a wake-up: entries were stored
+                else:
+                    self._unacked += self._handle_frames(reply["data"])
+                    if self._unacked >= ack_every:
+                        await self._ack()
+
+    async def _ack(self) -> None:
+        """Remove the entries delivered from pub/sub from the inbox (one script call)."""
+        count, self._unacked = self._unacked, 0
+        keys = [self._inbox_key(self.client_token)]
+        await self._script("ack_inbox", keys, self._delivered_id, count)
+
+    def _handle_frames(self, data: bytes) -> int:
+        """Handle the entries of one pub/sub message; return how many it held."""
+        entries = []
+        start = 0
+        while start < len(data):
+            try:
+                end = start + _FRAME_DIGITS + int(data[start : start + _FRAME_DIGITS], 16)
+            except ValueError:
+                end = len(data) + 1
+            if end > len(data):
+                self.stats.dropped_undecodable += 1
+                logger.warning("dropped a malformed pub/sub message (%d bytes) from Redis", len(data))
+                break
+            entries.append(data[start + _FRAME_DIGITS : end])
+            start = end
+        self._handle_entries(entries)
+        return len(entries)
+
     async def _connected(self) -> None:
+        # Sends and group changes do not wait for the reader's first session, so a
+        # layer may have used Redis (and Redis may have lost its data since) before
+        # its reader first connected: that session restores too if the marker says so.
+        wrote = self._reader_was_connected or self._ready_seen
+        lost = False
         if self._ready_keys:
             # Before re-registering: if Redis lost its data, group_send waits for every
             # process to do the same, not only this one.
-            grace = _REGISTER_GRACE_MS if self._reader_was_connected else 0
-            await self._script("ready_mark", self._ready_keys, grace)
+            grace = _REGISTER_GRACE_MS if wrote else 0
+            left = await self._script("ready_mark", self._ready_keys, grace)
+            lost = wrote and int(left) > 0
             self._ready_seen = True
-        if self._reader_was_connected:
+        if self._reader_was_connected or lost:
             await self._restore()
+        if self._reader_was_connected:
             logger.warning("reconnected to Redis at %s", self.where)
         self._reader_was_connected = True
         self.report_connection(True)
@@ -1336,6 +1623,10 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _handle_entries(self, entries: list[bytes]) -> None:
         now = time.time() * 1000 + self._clock_offset_ms
         for entry in entries:
+            entry_id = entry[_DEADLINE_DIGITS:_INBOX_HEAD]
+            if entry_id <= self._delivered_id:
+                continue  # delivered already: published, then popped too
+            self._delivered_id = entry_id
             try:
                 self._handle_entry(entry, now)
             except ValueError as exc:  # UnicodeDecodeError is a ValueError
@@ -1348,8 +1639,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         if _deadline(entry) <= now:
             self.stats.dropped_expired += 1
             return
-        kind = entry[_DEADLINE_DIGITS : _DEADLINE_DIGITS + 1]
-        body = entry[_DEADLINE_DIGITS + 1 :]
+        kind = entry[_INBOX_HEAD : _INBOX_HEAD + 1]
+        body = entry[_INBOX_HEAD + 1 :]
         if kind == _WAKE:
             self._wake_named(body.decode())
             return

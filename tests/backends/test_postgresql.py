@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
 import asyncpg
@@ -23,6 +23,7 @@ from fastapi_websockets import (
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.conftest import layer_factory
+from tests.faults import eventually
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.postgresql import PostgresServer
@@ -40,14 +41,6 @@ async def db(postgresql_server: PostgresServer) -> AsyncIterator[asyncpg.Connect
     conn = await asyncpg.connect(postgresql_server.dsn)
     yield conn
     await conn.close()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"never became true: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def backends_of(db: asyncpg.Connection, layer: PostgreSQLChannelLayer) -> list[asyncpg.Record]:

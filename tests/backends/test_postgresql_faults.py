@@ -17,9 +17,9 @@ import pytest
 
 from fastapi_websockets import BaseChannelLayer
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
-from tests.backends.test_postgresql import backends_of, eventually
+from tests.backends.test_postgresql import backends_of
 from tests.conftest import layer_factory
-from tests.faults import InjectedFault, fail_once, restarted_after_fault
+from tests.faults import InjectedFault, eventually, fail_once, restarted_after_fault
 from tests.servers.postgresql import PostgresServer
 
 Factory = Callable[..., PostgreSQLChannelLayer]

@@ -27,7 +27,7 @@ from fastapi_websockets.backends.rabbitmq import (
 )
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
 from tests.conftest import layer_factory
-from tests.faults import TcpProxy, fail_once, silent_server
+from tests.faults import TcpProxy, eventually, fail_once, silent_server
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.rabbitmq import RabbitNode
@@ -75,13 +75,9 @@ def bindings(node: RabbitNode, exchange: str) -> set[tuple[str, str]]:
     return {(row[1], row[2]) for row in rows if row[0] == exchange}
 
 
-async def wait_until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    """Poll a broker-side condition that changes asynchronously (a deadline, not a threshold)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still false after {timeout} s")
-        await asyncio.sleep(0.2)
+def taps(node: RabbitNode, stream: str) -> int:
+    """The number of consumers of history stream ``stream`` (list_consumers leaves streams out)."""
+    return int(queues(node, stream)[stream]["consumers"])
 
 
 # ----------------------------------------------------------------- options
@@ -192,7 +188,7 @@ async def test_queue_expiry_deletes_unused_named_queues(make: Factory, prefix: s
     await layer.send("short.lived", {"type": "lost"})
     assert queue in queues(node, prefix)
     # Once its consumer is gone, the unused queue expires with its message.
-    await wait_until(lambda: queue not in queues(node, prefix), "queue expiry")
+    await eventually(lambda: queue not in queues(node, prefix), "queue expiry")
     # Reading and sending again declare it again.
     waiter = asyncio.create_task(layer.receive("short.lived", timeout=10))
     await asyncio.sleep(0.3)
@@ -411,9 +407,9 @@ async def test_broker_restart(make: Factory, prefix: str, node: RabbitNode) -> N
         (a.inbox_name, "g.survivors"),
         (a.inbox_name, "g.joined.while.down"),
     }
-    await wait_until(lambda: inbox_keys <= bindings(node, prefix), "inbox bindings restored")
+    await eventually(lambda: inbox_keys <= bindings(node, prefix), "inbox bindings restored")
     named_queue = named_queue_name(prefix, "restart.named")
-    await wait_until(
+    await eventually(
         lambda: consumers(node, prefix) == sorted([a.inbox_name, b.inbox_name, named_queue]),
         "consumers restored",
     )
@@ -630,6 +626,123 @@ async def test_size_and_ttl_are_applied_to_what_the_stream_holds(
     assert (await layer.group_history("short:1")).messages == []
 
 
+async def test_history_members_read_the_stream_and_leave_no_tap_behind(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    sender, receiver = make(history=HISTORY), make(history=HISTORY)
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add("room:tap", channel)
+    stream = history_stream_name(prefix, "room:tap")
+    # Members of a history group are served by a tap on its stream, not by an inbox binding.
+    assert (receiver.inbox_name, group_routing_key("room:tap")) not in bindings(node, prefix)
+    assert taps(node, stream) == 1
+    position = await sender.group_send("room:tap", {"type": "m"})
+    assert position is not None
+    assert await receiver.receive(channel, timeout=10) == {"type": "m", "_position": position.as_dict()}
+    assert taps(node, stream) == 2  # the sender's tap reports its offsets
+    await receiver.group_discard("room:tap", channel)
+    await eventually(lambda: taps(node, stream) == 1, "the receiver's tap stopped")
+
+
+async def test_named_members_of_a_history_group_get_every_message_with_its_position(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    early, admin = make(history=HISTORY), make(history=HISTORY)
+    # `early` holds its tap from before the named member joined; `late` probes on its first use.
+    first = await early.group_send("room:named", {"type": "m", "i": 0})
+    assert first is not None
+    await admin.group_add("room:named", "jobs.named")
+    late = make(history=HISTORY)
+    sent = [
+        await early.group_send("room:named", {"type": "m", "i": 1}),
+        await late.group_send("room:named", {"type": "m", "i": 2}),
+    ]
+    got = [await admin.receive("jobs.named", timeout=10) for _ in sent]
+    assert got == [
+        {"type": "m", "i": i, "_position": position.as_dict()}
+        for i, position in enumerate(sent, 1)
+        if position is not None
+    ]
+    with pytest.raises(TimeoutError):  # nothing else, the probes included
+        await admin.receive("jobs.named", timeout=0.5)
+
+
+async def test_a_plain_member_gets_no_extra_copy_when_named_members_are_gone(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    sender, receiver = make(history=HISTORY), make(history=HISTORY)
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add("room:mixed", channel)
+    await receiver.group_add("room:mixed", "jobs.mixed")
+    await receiver.group_discard("room:mixed", "jobs.mixed")
+    # The sender still publishes the named members' copy: nobody may get it twice.
+    positions = [await sender.group_send("room:mixed", {"type": "m", "i": i}) for i in range(3)]
+    got = [await receiver.receive(channel, timeout=10) for _ in positions]
+    assert [m["_position"] for m in got] == [p.as_dict() for p in positions if p is not None]
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channel, timeout=0.5)
+
+
+async def test_presence_events_reach_history_members_in_order_and_stay_out_of_pages(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    sender, receiver = make(history=HISTORY), make(history=HISTORY)
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add("room:ev", channel)
+    before = await sender.group_send("room:ev", {"type": "m", "i": 0})
+    await sender.presence_join("room:ev", await sender.new_channel("ws"), {"user": "ann"})
+    after = await sender.group_send("room:ev", {"type": "m", "i": 1})
+    got = [await receiver.receive(channel, timeout=10) for _ in range(3)]
+    assert [m["type"] for m in got] == ["m", "presence.joined", "m"]
+    assert [got[0]["_position"], got[2]["_position"]] == [p.as_dict() for p in (before, after) if p]
+    assert "_position" not in got[1]
+    page = await receiver.group_history("room:ev")
+    assert [m["i"] for m in page.messages] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "close", [_close_by_cancelled_rpc, _close_by_the_broker, _close_and_fail_its_restore]
+)
+async def test_members_miss_nothing_while_their_tap_is_replaced(
+    make: Factory,
+    prefix: str,
+    close: Callable[[RabbitMQChannelLayer, str], Awaitable[None]],
+) -> None:
+    sender, receiver = make(history=HISTORY), make(history=HISTORY, timeout=3)
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add("room:lost", channel)
+    sent = [await sender.group_send("room:lost", {"type": "m", "i": 0})]
+    # Sends go on while the receiver's history channel closes and its tap comes back.
+    closing = asyncio.ensure_future(close(receiver, history_stream_name(prefix, "room:lost")))
+    while not closing.done() or len(sent) < 20:
+        sent.append(await sender.group_send("room:lost", {"type": "m", "i": len(sent)}))
+    await closing
+    got = [await receiver.receive(channel, timeout=PATIENCE) for _ in sent]
+    assert [m["_position"] for m in got] == [p.as_dict() for p in sent if p is not None]
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channel, timeout=0.5)
+
+
+async def test_members_follow_a_deleted_stream_into_its_new_epoch(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    sender, receiver = make(history=HISTORY), make(history=HISTORY)
+    channel = await receiver.new_channel("ws")
+    await receiver.group_add("room:gone", channel)
+    old = await sender.group_send("room:gone", {"type": "m", "i": 0})
+    assert old is not None
+    assert (await receiver.receive(channel, timeout=10))["_position"] == old.as_dict()
+    node.ctl("delete_queue", history_stream_name(prefix, "room:gone"))
+    new = await sender.group_send("room:gone", {"type": "m", "i": 1})
+    assert new is not None
+    assert new.epoch != old.epoch
+    assert await receiver.receive(channel, timeout=PATIENCE) == {
+        "type": "m",
+        "i": 1,
+        "_position": new.as_dict(),
+    }
+
+
 # ------------------------------------------------------------- no secrets
 
 
@@ -695,7 +808,7 @@ async def test_no_secret_when_the_broker_goes_away_mid_operation(
         assert (await layer.receive("before.cut", timeout=10))["type"] == "x"
         waiting = asyncio.create_task(layer.receive("after.cut"))
         named = named_queue_name(prefix, "after.cut")
-        await wait_until(lambda: named in consumers(rabbitmq_node, prefix), "consumer started")
+        await eventually(lambda: named in consumers(rabbitmq_node, prefix), "consumer started")
         await proxy.cut()
         with pytest.raises(BackendUnavailable) as sent:
             await layer.send("after.cut", {"type": "y"})
@@ -752,7 +865,7 @@ async def test_presence_queues_exist_only_while_used_and_hold_nothing(
     assert present[f"{prefix}.presence"]["consumers"] == "2"  # the roster: one consumer per participant
     assert (f"{prefix}.pr.{owner.client_token}", "presence") in bindings(node, prefix)
     # Entries live in the processes' replicas: the broker keeps no message for them.
-    await wait_until(
+    await eventually(
         lambda: all(queues(node, prefix)[name]["messages"] == "0" for name in replicas),
         "presence queues drained",
     )
@@ -761,7 +874,7 @@ async def test_presence_queues_exist_only_while_used_and_hold_nothing(
     assert await viewer.presence("room:p") == {}
     await owner.close()
     await viewer.close()
-    await wait_until(
+    await eventually(
         lambda: not [name for name in queues(node, prefix) if ".pr." in name],
         "replica queues gone with their layers",
     )

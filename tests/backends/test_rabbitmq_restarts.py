@@ -225,6 +225,36 @@ async def test_a_cut_connection_loses_nothing(make: Factory, node: RabbitNode) -
         await inbox.stop()
 
 
+async def test_a_cut_connection_loses_no_history_group_message(make: Factory, node: RabbitNode) -> None:
+    # Members of a history group listen to the group's stream, not to the inbox:
+    # their tap dies with the connection and must resume where it stopped.
+    history = {"room:*": 500}
+    async with TcpProxy(node.port) as proxy:
+        layer = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", history=history)
+        channel = await layer.new_channel("ws")
+        await layer.group_add("room:cut", channel)
+        inbox = Collector(layer, channel)
+        sender = make(history=history)
+        sent: list[str] = []
+
+        async def send_every_quarter_second(count: int) -> None:
+            for n in range(count):
+                await sender.group_send("room:cut", {"type": "group", "n": f"{n}"})
+                sent.append(f"{n}")
+                await asyncio.sleep(0.25)
+
+        sending = asyncio.ensure_future(send_every_quarter_second(36))
+        await asyncio.sleep(1)
+        await proxy.cut()
+        await asyncio.sleep(3)  # connections refused meanwhile
+        await proxy.reopen()
+        await sending
+        assert sorted(await inbox.missing(set(sent))) == []
+        assert inbox.got == sent  # none twice, in the order sent
+        assert layer.connection.reconnections >= 1
+        await inbox.stop()
+
+
 async def test_an_inbox_deleted_behind_the_layers_back_is_restored(
     make: Factory, node: RabbitNode, prefix: str
 ) -> None:

@@ -147,3 +147,4 @@ class ServerProcess:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait()
+        self._log.close()

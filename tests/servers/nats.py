@@ -120,6 +120,8 @@ class NatsNode:
         """Start the server (again, with the same ports and data directory)."""
         if self.proc is not None and self.proc.popen.poll() is None:
             raise RuntimeError(f"nats-server {self.name} is already running")
+        if self.proc is not None:
+            self.proc.stop()  # exited on its own: close its log before the next one opens
         self.proc = ServerProcess([nats_server_binary(), "-c", str(self.config_path)], self.workdir)
         if wait:
             self.wait_ready("?js-enabled-only=true")

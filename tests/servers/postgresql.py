@@ -124,6 +124,8 @@ class PostgresServer:
         """Start the server (again) on the same port and data directory; wait until it accepts."""
         if self.process is not None and self.process.popen.poll() is None:
             return
+        if self.process is not None:
+            self.process.stop()  # exited on its own: close its log before the next one opens
         self.process = ServerProcess(
             [
                 str(self.bin / "postgres"),

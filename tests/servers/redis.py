@@ -127,6 +127,8 @@ class RedisNode:
                 str(self.cluster_port),
             ]
         args += self.extra_args
+        if self.proc is not None and self.proc.popen.poll() is not None:
+            self.proc.stop()  # exited: close its log before the next one opens
         self.proc = ServerProcess(args, self.workdir)
         try:
             wait_for(

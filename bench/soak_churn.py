@@ -229,7 +229,10 @@ def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
             else:
                 uvloop.run(soak.run())
             broker_holds = held()
-            time.sleep(5 if soak.probe else 0)  # the last probe takes a moment (gc.get_objects)
+            if soak.probe:
+                time.sleep(5)  # the last probe takes a moment (gc.get_objects)
+                os.kill(server.pids[0], signal.SIGUSR2)
+                time.sleep(2)
         finally:
             server.stop()
         probe = probe_summary(Path(probes)) if soak.probe else None
@@ -287,6 +290,11 @@ def probe_summary(probes: Path) -> dict[str, Any]:
         ],
         "types_grown": dict(sorted(grown.items(), key=lambda item: -abs(item[1]))[:15]),
     }
+    trim = probes / "trim.json"
+    if trim.exists():
+        trimmed = json.loads(trim.read_text())
+        summary["rss_before_trim_mb"] = round(trimmed["rss_before"] / 2**20, 1)
+        summary["rss_after_trim_mb"] = round(trimmed["rss_after"] / 2**20, 1)
     traces = [path.with_suffix(".trace") for path in (found[0], found[-1])]
     if all(trace.exists() for trace in traces):
         import tracemalloc

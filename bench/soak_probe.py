@@ -7,7 +7,8 @@ count of every type and the number of threads. With ``SOAK_PROBE_TRACE=<frames>`
 traces allocations (``tracemalloc``, slow) and dumps a snapshot next to each probe, so two
 probes can be diffed by the line that allocated what grew. Together they tell a leak (objects
 or traced bytes grow with the cycles) from allocator growth (RSS and malloc's arena grow while
-Python's blocks do not).
+Python's blocks do not). On SIGUSR2 it calls ``malloc_trim(0)`` and writes ``trim.json``: its RSS
+before and after glibc handed its free pages back.
 """
 
 from __future__ import annotations
@@ -53,12 +54,24 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-def _malloc() -> dict[str, int]:
-    """glibc's heap figures: bytes in arenas, in mmapped blocks, in use and free."""
+def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)
         libc.mallinfo2.restype = _MallInfo2
     except (OSError, AttributeError):
+        return None  # not glibc 2.33+
+    return libc
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc() -> dict[str, int]:
+    """glibc's heap figures: bytes in arenas, in mmapped blocks, in use and free."""
+    libc = _libc()
+    if libc is None:
         return {}
     info = libc.mallinfo2()
     return {"arena": info.arena, "mmapped": info.hblkhd, "in_use": info.uordblks, "free": info.fordblks}
@@ -69,10 +82,8 @@ def _probe(signum: int, frame: FrameType | None) -> None:
     _taken += 1
     gc.collect()
     types = Counter(type(thing).__qualname__ for thing in gc.get_objects())
-    with open("/proc/self/statm") as statm:
-        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     found: dict[str, Any] = {
-        "rss": rss,
+        "rss": _rss(),
         "python_blocks": sys.getallocatedblocks(),
         "malloc": _malloc(),
         "threads": threading.active_count(),
@@ -85,6 +96,16 @@ def _probe(signum: int, frame: FrameType | None) -> None:
     (_OUT / f"probe-{_taken}.json").write_text(json.dumps(found))
 
 
+def _trim(signum: int, frame: FrameType | None) -> None:
+    # malloc_trim hands glibc's free pages back to the kernel: what RSS loses then was
+    # allocator slack (freed memory kept for reuse), not live objects.
+    libc, before = _libc(), _rss()
+    if libc is not None:
+        libc.malloc_trim(0)
+    (_OUT / "trim.json").write_text(json.dumps({"rss_before": before, "rss_after": _rss()}))
+
+
 if _TRACE:
     tracemalloc.start(_TRACE)
 signal.signal(signal.SIGUSR1, _probe)
+signal.signal(signal.SIGUSR2, _trim)

@@ -308,8 +308,8 @@ def table(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, one row per backend."""
     lines = [
         "| backend | cycles | RSS at start | RSS after 10% | RSS at end | peak | end / 10% | bytes per cycle "
-        "| failed | cycles/s | slowest cycle |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| failed | cycles/s | slowest cycle | load avg at end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         verdict = "" if row["ratio"] <= GOAL else " (over 1.25)"
@@ -321,7 +321,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {row['backend']}{settings} | {cycles} | {row['rss_start_mb']:.1f} MB | "
             f"{row['rss_baseline_mb']:.1f} MB | {row['rss_end_mb']:.1f} MB | {row['rss_peak_mb']:.1f} MB | "
             f"**{row['ratio']:.2f}**{verdict} | {row['bytes_per_cycle']:,.0f} | {row['failed']} | "
-            f"{row['cycles_per_s']:.0f} | {_seconds(row.get('slowest_s'))} |"
+            f"{row['cycles_per_s']:.0f} | {_seconds(row.get('slowest_s'))} | {row['load_avg_1m']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -370,6 +370,12 @@ def write_report(path: Path, results: list[dict[str, Any]], note: str = "") -> N
     for row in results:
         samples = ", ".join(f"{mb:.0f}" for _, _, mb in row["samples"])
         holds = f"; at the end {row['broker_holds']}" if row["broker_holds"] else ""
+        if "rss_after_trim_mb" in row.get("probe", {}):
+            probe = row["probe"]
+            holds += (
+                f"; RSS {probe['rss_before_trim_mb']:.1f} MB before and {probe['rss_after_trim_mb']:.1f} MB "
+                "after `malloc_trim(0)` at the end"
+            )
         out.append(
             f"- {row['backend']} ({row['server']}), ended {row['date']}, "
             f"load average {row['load_avg_1m']:.1f} at the end: RSS every 10% (MB) {samples}; "
@@ -434,10 +440,13 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     if args.from_results:
         for backend in backends:
-            # The names end in a sortable timestamp, so the last one is the newest.
-            saved = sorted(results_dir.glob(f"soak-{backend}-*.json"))
-            if saved:
-                results.append(json.loads(saved[-1].read_text()))
+            # The names end in a sortable timestamp, so the last one is the newest; one row per
+            # backend and app settings (RabbitMQ with and without history are two rows).
+            newest: dict[str, dict[str, Any]] = {}
+            for saved in sorted(results_dir.glob(f"soak-{backend}-*.json")):
+                row = json.loads(saved.read_text())
+                newest[json.dumps(row.get("env", {}), sort_keys=True)] = row
+            results += newest.values()
         backends = []
     for backend in backends:
         row = soak_backend(backend, args)

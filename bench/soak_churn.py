@@ -284,7 +284,14 @@ def probe_summary(probes: Path) -> dict[str, Any]:
                 "malloc_in_use_mb": round(seen["malloc"].get("in_use", 0) / 2**20, 1),
                 "malloc_free_mb": round(seen["malloc"].get("free", 0) / 2**20, 1),
                 "threads": seen["threads"],
-                **({"traced_mb": round(seen["traced"] / 2**20, 1)} if "traced" in seen else {}),
+                **(
+                    {
+                        "traced_mb": round(seen["traced"] / 2**20, 1),
+                        "traced_peak_mb": round(seen["traced_peak"] / 2**20, 1),
+                    }
+                    if "traced" in seen
+                    else {}
+                ),
             }
             for seen in probes_seen
         ],

@@ -92,7 +92,8 @@ def _probe(signum: int, frame: FrameType | None) -> None:
     if _TRACE:
         snapshot = tracemalloc.take_snapshot()
         snapshot.dump(str(_OUT / f"probe-{_taken}.trace"))
-        found["traced"] = tracemalloc.get_traced_memory()[0]
+        found["traced"], found["traced_peak"] = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()  # the next probe's peak is the peak since this one
     (_OUT / f"probe-{_taken}.json").write_text(json.dumps(found))
 
 

@@ -296,6 +296,7 @@ def probe_summary(probes: Path) -> dict[str, Any]:
             for seen in probes_seen
         ],
         "types_grown": dict(sorted(grown.items(), key=lambda item: -abs(item[1]))[:15]),
+        "tasks_at_end": last.get("tasks", {}),
     }
     trim = probes / "trim.json"
     if trim.exists():

@@ -3,20 +3,23 @@
 ``uvicorn bench.soak_probe:app`` serves ``examples/chat/app.py`` unchanged. On SIGUSR1 the
 process writes ``probe-<n>.json`` into ``$SOAK_PROBE_DIR``: its RSS, what Python's allocator
 holds (``sys.getallocatedblocks``), what glibc's malloc holds (``mallinfo2``), the live object
-count of every type and the number of threads. With ``SOAK_PROBE_TRACE=<frames>`` it also
-traces allocations (``tracemalloc``, slow) and dumps a snapshot next to each probe, so two
-probes can be diffed by the line that allocated what grew. Together they tell a leak (objects
-or traced bytes grow with the cycles) from allocator growth (RSS and malloc's arena grow while
-Python's blocks do not). On SIGUSR2 it calls ``malloc_trim(0)`` and writes ``trim.json``: its RSS
-before and after glibc handed its free pages back.
+count of every type, the asyncio tasks by name and the number of threads. With
+``SOAK_PROBE_TRACE=<frames>`` it also traces allocations (``tracemalloc``, slow) and dumps a
+snapshot next to each probe, so two probes can be diffed by the line that allocated what grew.
+Together they tell a leak (objects, tasks or traced bytes grow with the cycles) from allocator
+growth (RSS and malloc's arena grow while Python's blocks and malloc's bytes in use do not).
+On SIGUSR2 it calls ``malloc_trim(0)`` and writes ``trim.json``: its RSS before and after
+glibc handed its free pages back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -77,6 +80,15 @@ def _malloc() -> dict[str, int]:
     return {"arena": info.arena, "mmapped": info.hblkhd, "in_use": info.uordblks, "free": info.fordblks}
 
 
+def _task_names() -> dict[str, int]:
+    """The running asyncio tasks, counted by name with numbers taken out."""
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:
+        return {}  # the signal came before or after the event loop ran
+    return dict(Counter(re.sub(r"\d+", "N", task.get_name()) for task in tasks).most_common(50))
+
+
 def _probe(signum: int, frame: FrameType | None) -> None:
     global _taken
     _taken += 1
@@ -88,6 +100,7 @@ def _probe(signum: int, frame: FrameType | None) -> None:
         "malloc": _malloc(),
         "threads": threading.active_count(),
         "types": dict(types.most_common(200)),
+        "tasks": _task_names(),
     }
     if _TRACE:
         snapshot = tracemalloc.take_snapshot()

@@ -251,7 +251,8 @@ def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         "baseline_cycles": base_cycles,
         "rss_end_mb": end_mb,
         "rss_peak_mb": max(mb for _, _, mb in soak.samples),
-        "ratio": end_mb / base_mb,
+        # A server that died before the first sample reads 0 MB: no ratio, rather than a crash.
+        "ratio": end_mb / base_mb if base_mb else float("nan"),
         "bytes_per_cycle": (end_mb - base_mb) * 1024 * 1024 / max(1, end_cycles - base_cycles),
         "failed": soak.failed,
         "cycles_per_s": end_cycles / end_s,

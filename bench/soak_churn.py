@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,8 @@ class Soak:
     ) -> None:
         self.url = url
         self.pid = pid
+        #: Ask the server for a memory probe (bench/soak_probe.py) at every sample.
+        self.probe = False
         self.cycles = cycles
         self.concurrency = concurrency
         self.timeout = timeout
@@ -164,6 +167,8 @@ class Soak:
         elapsed = time.monotonic() - self.began
         rss = rss_kb(self.pid) / 1024
         self.samples.append((self.done, elapsed, rss))
+        if self.probe:
+            os.kill(self.pid, signal.SIGUSR1)
         print(
             f"{self.done:>8,} cycles  {elapsed:7.1f} s  {self.done / elapsed:6.0f} cycles/s  "
             f"RSS {rss:7.1f} MB",
@@ -200,8 +205,12 @@ def server_version(backend: str) -> str:
 
 def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     """Start ``backend``'s broker and the demo app on it, churn, and return the figures."""
-    with broker(backend) as (env, where, held):
-        server = Workers(OUR_PYTHON, "examples.chat.app:app", 1, env | args.env, ws=args.ws)
+    with broker(backend) as (env, where, held), tempfile.TemporaryDirectory(prefix="soak-probe-") as probes:
+        app, extra = "examples.chat.app:app", {}
+        if args.probe or args.trace:
+            app = "bench.soak_probe:app"
+            extra = {"SOAK_PROBE_DIR": probes, "SOAK_PROBE_TRACE": str(args.trace)}
+        server = Workers(OUR_PYTHON, app, 1, env | args.env | extra, ws=args.ws)
         try:
             server.wait_ready()
             start_mb = rss_kb(server.pids[0]) / 1024
@@ -212,6 +221,7 @@ def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
             )
             seconds = args.max_minutes * 60 if args.max_minutes else None
             soak = Soak(server.urls[0], server.pids[0], args.cycles, args.concurrency, args.timeout, seconds)
+            soak.probe = bool(args.probe or args.trace)
             try:
                 import uvloop
             except ImportError:
@@ -219,8 +229,13 @@ def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
             else:
                 uvloop.run(soak.run())
             broker_holds = held()
+            if soak.probe:
+                time.sleep(5)  # the last probe takes a moment (gc.get_objects)
+                os.kill(server.pids[0], signal.SIGUSR2)
+                time.sleep(2)
         finally:
             server.stop()
+        probe = probe_summary(Path(probes)) if soak.probe else None
     (base_cycles, _, base_mb), (end_cycles, end_s, end_mb) = soak.samples[0], soak.samples[-1]
     return {
         "backend": backend,
@@ -236,7 +251,8 @@ def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         "baseline_cycles": base_cycles,
         "rss_end_mb": end_mb,
         "rss_peak_mb": max(mb for _, _, mb in soak.samples),
-        "ratio": end_mb / base_mb,
+        # A server that died before the first sample reads 0 MB: no ratio, rather than a crash.
+        "ratio": end_mb / base_mb if base_mb else float("nan"),
         "bytes_per_cycle": (end_mb - base_mb) * 1024 * 1024 / max(1, end_cycles - base_cycles),
         "failed": soak.failed,
         "cycles_per_s": end_cycles / end_s,
@@ -244,15 +260,65 @@ def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         "over_1s": soak.slow,
         "samples": soak.samples,
         "broker_holds": broker_holds,
+        **({"probe": probe} if probe else {}),
     }
+
+
+def probe_summary(probes: Path) -> dict[str, Any]:
+    """What the server's memory probes saw: figures per sample, and the object types and
+    (when traced) the allocating lines that grew most between the first probe and the last."""
+    found = sorted(probes.glob("probe-*.json"), key=lambda path: int(path.stem.split("-")[1]))
+    probes_seen = [json.loads(path.read_text()) for path in found]
+    if len(probes_seen) < 2:
+        return {"error": f"{len(probes_seen)} probe(s) written"}
+    first, last = probes_seen[0], probes_seen[-1]
+    grown = {
+        name: last["types"].get(name, 0) - first["types"].get(name, 0)
+        for name in set(first["types"]) | set(last["types"])
+    }
+    summary: dict[str, Any] = {
+        "per_sample": [
+            {
+                "rss_mb": round(seen["rss"] / 2**20, 1),
+                "python_blocks": seen["python_blocks"],
+                "malloc_arena_mb": round(seen["malloc"].get("arena", 0) / 2**20, 1),
+                "malloc_in_use_mb": round(seen["malloc"].get("in_use", 0) / 2**20, 1),
+                "malloc_free_mb": round(seen["malloc"].get("free", 0) / 2**20, 1),
+                "threads": seen["threads"],
+                **(
+                    {
+                        "traced_mb": round(seen["traced"] / 2**20, 1),
+                        "traced_peak_mb": round(seen["traced_peak"] / 2**20, 1),
+                    }
+                    if "traced" in seen
+                    else {}
+                ),
+            }
+            for seen in probes_seen
+        ],
+        "types_grown": dict(sorted(grown.items(), key=lambda item: -abs(item[1]))[:15]),
+        "tasks_at_end": last.get("tasks", {}),
+    }
+    trim = probes / "trim.json"
+    if trim.exists():
+        trimmed = json.loads(trim.read_text())
+        summary["rss_before_trim_mb"] = round(trimmed["rss_before"] / 2**20, 1)
+        summary["rss_after_trim_mb"] = round(trimmed["rss_after"] / 2**20, 1)
+    traces = [path.with_suffix(".trace") for path in (found[0], found[-1])]
+    if all(trace.exists() for trace in traces):
+        import tracemalloc
+
+        before, after = (tracemalloc.Snapshot.load(str(trace)) for trace in traces)
+        summary["lines_grown"] = [str(stat) for stat in after.compare_to(before, "lineno")[:15]]
+    return summary
 
 
 def table(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table, one row per backend."""
     lines = [
         "| backend | cycles | RSS at start | RSS after 10% | RSS at end | peak | end / 10% | bytes per cycle "
-        "| failed | cycles/s | slowest cycle |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| failed | cycles/s | slowest cycle | load avg at end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         verdict = "" if row["ratio"] <= GOAL else " (over 1.25)"
@@ -264,7 +330,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {row['backend']}{settings} | {cycles} | {row['rss_start_mb']:.1f} MB | "
             f"{row['rss_baseline_mb']:.1f} MB | {row['rss_end_mb']:.1f} MB | {row['rss_peak_mb']:.1f} MB | "
             f"**{row['ratio']:.2f}**{verdict} | {row['bytes_per_cycle']:,.0f} | {row['failed']} | "
-            f"{row['cycles_per_s']:.0f} | {_seconds(row.get('slowest_s'))} |"
+            f"{row['cycles_per_s']:.0f} | {_seconds(row.get('slowest_s'))} | {row['load_avg_1m']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -313,6 +379,12 @@ def write_report(path: Path, results: list[dict[str, Any]], note: str = "") -> N
     for row in results:
         samples = ", ".join(f"{mb:.0f}" for _, _, mb in row["samples"])
         holds = f"; at the end {row['broker_holds']}" if row["broker_holds"] else ""
+        if "rss_after_trim_mb" in row.get("probe", {}):
+            probe = row["probe"]
+            holds += (
+                f"; RSS {probe['rss_before_trim_mb']:.1f} MB before and {probe['rss_after_trim_mb']:.1f} MB "
+                "after `malloc_trim(0)` at the end"
+            )
         out.append(
             f"- {row['backend']} ({row['server']}), ended {row['date']}, "
             f"load average {row['load_avg_1m']:.1f} at the end: RSS every 10% (MB) {samples}; "
@@ -349,6 +421,18 @@ def main() -> None:
         type=float,
         help="start no new cycle after this long; the row then shows the cycles done (of --cycles)",
     )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="serve bench/soak_probe.py (the demo app with a memory probe) and probe it at every sample",
+    )
+    parser.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="with --probe: also trace allocations (tracemalloc, this many frames; slow, inflates RSS)",
+    )
     parser.add_argument("--note", default="", help="a paragraph for the report, under the table")
     parser.add_argument(
         "--from-results",
@@ -365,10 +449,13 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     if args.from_results:
         for backend in backends:
-            # The names end in a sortable timestamp, so the last one is the newest.
-            saved = sorted(results_dir.glob(f"soak-{backend}-*.json"))
-            if saved:
-                results.append(json.loads(saved[-1].read_text()))
+            # The names end in a sortable timestamp, so the last one is the newest; one row per
+            # backend and app settings (RabbitMQ with and without history are two rows).
+            newest: dict[str, dict[str, Any]] = {}
+            for saved in sorted(results_dir.glob(f"soak-{backend}-*.json")):
+                row = json.loads(saved.read_text())
+                newest[json.dumps(row.get("env", {}), sort_keys=True)] = row
+            results += newest.values()
         backends = []
     for backend in backends:
         row = soak_backend(backend, args)
@@ -384,6 +471,8 @@ def main() -> None:
             f"{row['broker_holds'] or 'no broker figures'}\n",
             flush=True,
         )
+        if "probe" in row:
+            print(json.dumps(row["probe"], indent=1), flush=True)
     print(table(results))
     if args.out:
         write_report(args.out, results, args.note)

@@ -874,7 +874,8 @@ class BaseChannelLayer(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not keep group history yet")
 
     def _presence_started(self) -> None:  # noqa: B027 - optional hook
-        """Called when this layer gets its first presence entry (broker layers start the heartbeat)."""
+        """Called when this layer's presence goes from no entry to one, again after every member
+        left; broker layers start their one heartbeat (so it must be idempotent)."""
 
     async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
         """Store (or update) this process's entry ``channel`` in the presence of ``group``."""

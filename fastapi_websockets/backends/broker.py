@@ -73,6 +73,7 @@ class BrokerChannelLayer(BaseChannelLayer):
         self.tasks = TaskSupervisor(f"fastapi_websockets.{self.backend_name or 'broker'}")
         self._where = self.broker_label
         self._secrets: list[str] = []
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def set_location(self, *urls: str, where: str | None = None) -> None:
         """Record the broker URL(s): where messages say the broker is, and which secrets to hide.
@@ -147,7 +148,10 @@ class BrokerChannelLayer(BaseChannelLayer):
         return Backoff()
 
     def _presence_started(self) -> None:
-        self.tasks.keep_running(self._presence_heartbeats, "presence-heartbeat")
+        # Presence empties and fills again whenever a quiet room's last member leaves and a new
+        # one joins: one heartbeat for the layer's life, not one more per refill.
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = self.tasks.keep_running(self._presence_heartbeats, "presence-heartbeat")
 
     async def _presence_heartbeats(self) -> None:
         # One write per process, whatever the number of members: a third of the timeout

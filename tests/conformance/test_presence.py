@@ -96,6 +96,24 @@ async def test_closing_a_layer_leaves_and_announces(backend: Backend, make_layer
     assert (await next_event(staying, watcher))["type"] == "presence.left"
 
 
+async def test_a_room_emptied_and_filled_again_keeps_one_heartbeat(
+    backend: Backend, make_layer: LayerFactory
+) -> None:
+    # Found by the churn soak: every time the last member left and a new one joined, a broker
+    # layer started one more heartbeat task, each beating and reaping for the layer's life.
+    if not backend.shared_between_instances:
+        pytest.skip("the in-memory layer needs no heartbeat")
+    layer = make_layer(presence_timeout=3)
+    for user in range(4):
+        channel = await layer.new_channel("ws")
+        await layer.presence_join("room:quiet", channel, {"user": user}, notify=False)
+        await layer.presence_leave("room:quiet", channel, notify=False)
+    beating = [task for task in asyncio.all_tasks() if task.get_name().endswith(".presence-heartbeat")]
+    assert len(beating) == 1
+    await layer.close()
+    assert all(task.done() for task in beating)
+
+
 async def test_info_must_be_a_dict_the_serializer_carries(make_layer: LayerFactory) -> None:
     layer = make_layer()
     channel = await layer.new_channel("ws")

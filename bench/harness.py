@@ -77,6 +77,8 @@ class Impl:
     shared: bool = True
     #: The layer's own way to release its resources (peers differ).
     close: Callable[[Layer], Awaitable[Any]] = lambda layer: layer.close()
+    #: The scenarios it can run (None: all); a bare client has no groups, say.
+    scenarios: frozenset[str] | None = None
 
 
 # ------------------------------------------------------------------ figures from /proc
@@ -483,6 +485,8 @@ def coordinate(args: argparse.Namespace) -> None:
                 results = rows.setdefault(impl.name, {})
                 # Two processes cannot share an in-memory layer, nor finish what one could not.
                 if scenario == "fanout2" and (not impl.shared or "error" in results.get("fanout", {})):
+                    continue
+                if impl.scenarios is not None and scenario not in impl.scenarios:
                     continue
                 print(f"  {impl.name}: {scenario}", file=sys.stderr, flush=True)
                 results[scenario] = run_job(impl, scenario, server, sizes)

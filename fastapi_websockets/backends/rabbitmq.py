@@ -33,7 +33,9 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
   delivers the stored messages to the group's local members (the inbox is
   never bound to a history group). So a history ``group_send`` is one
   confirmed stream write, plus a publish on the group's routing key only
-  when named channels may be members.
+  when named channels may be members. The tap also keeps the newest stored
+  messages it saw, so a read (a mark written, then seen by the tap) is
+  answered without reading the stream back whenever they reach far enough.
 
 Every publish waits for its publisher confirm, at most ``timeout`` seconds.
 The connection is aio-pika's robust connection: after a broker restart or a

@@ -655,6 +655,7 @@ async def test_repeated_reads_are_exact_and_answered_from_the_tap_without_a_scan
         assert [m["i"] for m in whole.messages] == list(range(len(sent)))
     channel = await reader.new_channel("ws")
     joined = await reader.group_add("room:reads", channel, since=sent[2])
+    assert joined is not None
     assert [m["i"] for m in joined.messages] == list(range(3, len(sent)))
     assert joined.recovered
     assert reader.history_scans == scans

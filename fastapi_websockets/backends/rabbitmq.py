@@ -342,6 +342,8 @@ class _HistoryStream:
     recent: deque[_Entry] = field(default_factory=deque)
     #: The stream offset from which ``recent`` holds every stored entry (-1: the tap saw nothing yet).
     covered: int = -1
+    #: One scan at a time: reads that arrive meanwhile are answered from what it seeds.
+    scanning: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def remember(self, entry: _Entry) -> None:
         """Keep a stored entry the tap handled, trimming ``recent`` to ``keep`` entries."""
@@ -1384,13 +1386,16 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # The tap handled every entry up to the mark, in order: what it kept
         # answers the read when it reaches back far enough.
         held = stream.stored_up_to(mark, after)
+        if held is None:
+            async with stream.scanning:
+                held = stream.stored_up_to(mark, after)
+                if held is None:
+                    entries, lost_below = await self._scan_back(stream, mark, enough, policy)
+                    if not lost_below:
+                        stream.seed(entries)
+                    stored = [entry for entry in entries if entry.kind == _STORED]
         if held is not None:
             stored, lost_below = held, 0
-        else:
-            entries, lost_below = await self._scan_back(stream, mark, enough, policy)
-            if not lost_below:
-                stream.seed(entries)
-            stored = [entry for entry in entries if entry.kind == _STORED]
         now = time.time()
         alive = [entry for entry in stored if now - entry.written < policy.ttl][-policy.size :]
         kept = {entry.offset for entry in alive}

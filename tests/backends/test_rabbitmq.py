@@ -661,6 +661,16 @@ async def test_repeated_reads_are_exact_and_answered_from_the_tap_without_a_scan
     assert reader.history_scans == scans
 
 
+async def test_concurrent_reads_share_one_scan(make: Factory) -> None:
+    writer, reader = make(history=HISTORY), make(history=HISTORY)
+    sent = [await writer.group_send("room:many", {"type": "m", "i": i}) for i in range(5)]
+    await reader.group_send("room:many", {"type": "m", "i": 5})  # the reader's tap starts late
+    scans = reader.history_scans
+    pages = await asyncio.gather(*(reader.group_history("room:many", since=sent[1]) for _ in range(20)))
+    assert all([m["i"] for m in page.messages] == [2, 3, 4, 5] and page.recovered for page in pages)
+    assert reader.history_scans == scans + 1
+
+
 async def test_reads_past_the_size_are_exact_without_a_scan(make: Factory) -> None:
     writer, reader = make(history={"tiny:*": 3}), make(history={"tiny:*": 3})
     early = await writer.group_send("tiny:r", {"type": "m", "i": -1})

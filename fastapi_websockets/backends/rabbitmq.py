@@ -33,7 +33,9 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
   delivers the stored messages to the group's local members (the inbox is
   never bound to a history group). So a history ``group_send`` is one
   confirmed stream write, plus a publish on the group's routing key only
-  when named channels may be members.
+  when named channels may be members. The tap also keeps the newest stored
+  messages it saw, so a read (a mark written, then seen by the tap) is
+  answered without reading the stream back whenever they reach far enough.
 
 Every publish waits for its publisher confirm, at most ``timeout`` seconds.
 The connection is aio-pika's robust connection: after a broker restart or a
@@ -293,6 +295,18 @@ class _Entry:
     body: bytes
 
 
+def _entry(incoming: AbstractIncomingMessage) -> _Entry:
+    """A stream delivery as a history entry."""
+    written = incoming.headers.get("t")
+    return _Entry(
+        _stream_offset(incoming),
+        str(incoming.type),
+        str(incoming.headers.get("e", "")),
+        written / 1000 if isinstance(written, int) else 0.0,
+        incoming.body,
+    )
+
+
 @dataclass
 class _HistoryStream:
     """This instance's handle on one group's history stream and its tap consumer.
@@ -318,6 +332,54 @@ class _HistoryStream:
     #: No longer the group's tap (forgotten, stopped or replaced): it delivers nothing.
     #: Not "absent from _streams": a tap delivers from consume-ok on, before it is listed.
     retired: bool = False
+    #: How many stored entries ``recent`` keeps: the policy's size plus one,
+    #: which tells whether anything older was trimmed by size.
+    keep: int = 1
+    #: The stored entries the tap handled, oldest first: every stored entry
+    #: with a stream offset from ``covered`` to ``seen``, the newest ``keep``.
+    #: The broker's own entries as the tap saw them in order, not a second
+    #: store: it dies with the tap (a new tap is a new handle).
+    recent: deque[_Entry] = field(default_factory=deque)
+    #: The stream offset from which ``recent`` holds every stored entry (-1: the tap saw nothing yet).
+    covered: int = -1
+    #: One scan at a time: reads that arrive meanwhile are answered from what it seeds.
+    scanning: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def remember(self, entry: _Entry) -> None:
+        """Keep a stored entry the tap handled, trimming ``recent`` to ``keep`` entries."""
+        self.recent.append(entry)
+        if len(self.recent) > self.keep:
+            self.recent.popleft()
+            self.covered = self.recent[0].offset
+
+    def seed(self, entries: list[_Entry]) -> None:
+        """Prepend what a scan read back: every entry from ``entries[0]`` up to where the tap began."""
+        if not entries or self.retired or self.covered < 0 or len(self.recent) >= self.keep:
+            # Not trimmed yet (fewer than `keep`), so `covered` is still where
+            # the tap began, at or below the scan's end: the two runs join.
+            return
+        older = [entry for entry in entries if entry.kind == _STORED and entry.offset < self.covered]
+        self.recent.extendleft(reversed(older[-(self.keep - len(self.recent)) :]))
+        self.covered = self.recent[0].offset if len(self.recent) >= self.keep else entries[0].offset
+
+    def stored_up_to(self, last: int, after: int) -> list[_Entry] | None:
+        """The stored entries a read up to stream offset ``last`` needs, if ``recent`` holds them all.
+
+        Enough are the ones after position ``after`` (a page never holds older
+        ones) plus the newest stored one (it gives the page's position), or
+        more than the size (older ones are trimmed by size whatever they are);
+        otherwise None, and the read scans the stream.
+        """
+        if self.retired or self.covered < 0 or self.seen < last:
+            return None
+        stored = [entry for entry in self.recent if entry.offset <= last]
+        if len(stored) >= self.keep:
+            return stored
+        # Position `after` is stream offset `after - 1`: held when it is stored
+        # and at or above `covered`; an empty run is the newest only from the stream's start.
+        if self.covered <= after and (stored or self.covered == 0):
+            return stored
+        return None
 
     def fail(self, error: BaseException) -> None:
         """Retire the tap and fail every write still waiting for its offset."""
@@ -447,6 +509,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         #: Counts closes of the history channel: a stream opened across one has a dead tap.
         self._history_closes = 0
         self._history_reviving = False
+        #: Stream consumers opened to read a history stream back (the taps
+        #: excepted): reads answered from a tap's recent entries open none.
+        self.history_scans = 0
         self._presence_replica: RabbitPresence | None = None  # made on first use of presence
 
     # ---------------------------------------------------------- connection
@@ -1318,8 +1383,19 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             # the message at `after` itself (it tells the newest offset).
             return len(stored) > policy.size or bool(stored and entries[0].offset < after)
 
-        entries, lost_below = await self._scan_back(stream, mark, enough, policy)
-        stored = [entry for entry in entries if entry.kind == _STORED]
+        # The tap handled every entry up to the mark, in order: what it kept
+        # answers the read when it reaches back far enough.
+        held = stream.stored_up_to(mark, after)
+        if held is None:
+            async with stream.scanning:
+                held = stream.stored_up_to(mark, after)
+                if held is None:
+                    entries, lost_below = await self._scan_back(stream, mark, enough, policy)
+                    if not lost_below:
+                        stream.seed(entries)
+                    stored = [entry for entry in entries if entry.kind == _STORED]
+        if held is not None:
+            stored, lost_below = held, 0
         now = time.time()
         alive = [entry for entry in stored if now - entry.written < policy.ttl][-policy.size :]
         kept = {entry.offset for entry in alive}
@@ -1378,7 +1454,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             lambda: history_channel.declare_queue(name, passive=True, robust=False),
         )
         tag = f"fw-h-{self.client_token}-{new_token(6)}"
-        stream = _HistoryStream(group, name, queue, tag, for_members=group in self.local_groups)
+        stream = _HistoryStream(
+            group, name, queue, tag, for_members=group in self.local_groups, keep=policy.size + 1
+        )
         # A tap replacing a lost one while local members wait resumes where that
         # one stopped, so they miss nothing; a new one starts at the stream's end.
         start = self._resume.get(group, "next")
@@ -1546,6 +1624,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             # Only the current tap of the group delivers, and each offset once: a
             # tap resumed after a lost one may start inside a chunk it had handled.
             stream.seen = offset
+            if stream.covered < 0:
+                stream.covered = offset
+            if incoming.type == _STORED:
+                stream.remember(_entry(incoming))
             if incoming.type in (_STORED, _EVENT):
                 self._deliver_entry(stream, offset, incoming)
             elif incoming.type == _NAMED:
@@ -1609,21 +1691,11 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def on_message(incoming: AbstractIncomingMessage) -> None:
-            headers = incoming.headers
             offset = _stream_offset(incoming)
             if not firsts:
                 firsts.append(offset)
             if not done.done() and offset <= last:
-                written = headers.get("t")
-                entries.append(
-                    _Entry(
-                        offset,
-                        str(incoming.type),
-                        str(headers.get("e", "")),
-                        written / 1000 if isinstance(written, int) else 0.0,
-                        incoming.body,
-                    )
-                )
+                entries.append(_entry(incoming))
             if offset >= last and not done.done():
                 done.set_result(None)
             try:
@@ -1633,6 +1705,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
         tag = f"fw-r-{self.client_token}-{new_token(6)}"
         queue = stream.queue
+        self.history_scans += 1
         await self._broker(
             channel,
             f"read of {stream.name!r}",

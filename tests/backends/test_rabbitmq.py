@@ -626,6 +626,68 @@ async def test_size_and_ttl_are_applied_to_what_the_stream_holds(
     assert (await layer.group_history("short:1")).messages == []
 
 
+async def test_repeated_reads_are_exact_and_answered_from_the_tap_without_a_scan(make: Factory) -> None:
+    writer, reader = make(history=HISTORY), make(history=HISTORY)
+    sent = [await writer.group_send("room:reads", {"type": "m", "i": i}) for i in range(5)]
+    # The reader's tap starts after these five: its first read must scan back to them.
+    sent.append(await reader.group_send("room:reads", {"type": "m", "i": 5}))
+    scans = reader.history_scans
+    page = await reader.group_history("room:reads", since=sent[1])
+    assert [m["i"] for m in page.messages] == [2, 3, 4, 5]
+    assert page.recovered
+    assert reader.history_scans > scans
+    scans = reader.history_scans
+    for round_ in range(300):
+        if round_ % 50 == 49:
+            # Writes by another process between reads: the tap keeps up with them.
+            sent.append(await writer.group_send("room:reads", {"type": "m", "i": len(sent)}))
+        newest = sent[-1]
+        assert newest is not None
+        since = sent[round_ % len(sent)]
+        assert since is not None
+        page = await reader.group_history("room:reads", since=since)
+        assert [m["_position"]["offset"] for m in page.messages] == [
+            p.offset for p in sent if p is not None and p.offset > since.offset
+        ]
+        assert page.recovered
+        assert page.position == newest
+        whole = await reader.group_history("room:reads")
+        assert [m["i"] for m in whole.messages] == list(range(len(sent)))
+    channel = await reader.new_channel("ws")
+    joined = await reader.group_add("room:reads", channel, since=sent[2])
+    assert joined is not None
+    assert [m["i"] for m in joined.messages] == list(range(3, len(sent)))
+    assert joined.recovered
+    assert reader.history_scans == scans
+
+
+async def test_concurrent_reads_share_one_scan(make: Factory) -> None:
+    writer, reader = make(history=HISTORY), make(history=HISTORY)
+    sent = [await writer.group_send("room:many", {"type": "m", "i": i}) for i in range(5)]
+    await reader.group_send("room:many", {"type": "m", "i": 5})  # the reader's tap starts late
+    scans = reader.history_scans
+    pages = await asyncio.gather(*(reader.group_history("room:many", since=sent[1]) for _ in range(20)))
+    assert all([m["i"] for m in page.messages] == [2, 3, 4, 5] and page.recovered for page in pages)
+    assert reader.history_scans == scans + 1
+
+
+async def test_reads_past_the_size_are_exact_without_a_scan(make: Factory) -> None:
+    writer, reader = make(history={"tiny:*": 3}), make(history={"tiny:*": 3})
+    early = await writer.group_send("tiny:r", {"type": "m", "i": -1})
+    await reader.group_send("tiny:r", {"type": "m", "i": 0})  # starts the reader's tap
+    sent = [await writer.group_send("tiny:r", {"type": "m", "i": i}) for i in range(1, 8)]
+    scans = reader.history_scans
+    for _ in range(20):
+        page = await reader.group_history("tiny:r", since=early)
+        assert [m["i"] for m in page.messages] == [5, 6, 7]
+        assert not page.recovered  # trimmed by size
+        page = await reader.group_history("tiny:r", since=sent[3])
+        assert [m["i"] for m in page.messages] == [5, 6, 7]
+        assert page.recovered
+        assert page.position == sent[-1]
+    assert reader.history_scans == scans
+
+
 async def test_history_members_read_the_stream_and_leave_no_tap_behind(
     make: Factory, prefix: str, node: RabbitNode
 ) -> None:

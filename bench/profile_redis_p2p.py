@@ -96,12 +96,17 @@ def server_usec(url: str) -> dict[str, tuple[int, int]]:
     return {key: (value["calls"], value["usec"]) for key, value in stats.items()}
 
 
-def run(impl: harness.Impl, server: dict[str, Any], messages: int, profile: bool) -> dict[str, Any]:
+def run(
+    impl: harness.Impl, server: dict[str, Any], messages: int, profile: bool, path: str | None = None
+) -> dict[str, Any]:
     job = {"impl": impl.name, "server": server, "ns": "p" + uuid.uuid4().hex[:10], "messages": messages}
     job["profile"] = profile
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
+    if path is not None:
+        env["PYTHONPATH"] = path  # ahead of the virtualenv's own (editable) install
     before = server_usec(server["url"])
+    server_cpu = harness.process_cpu(server["pids"])
     done = subprocess.run(
         [str(harness.PYTHONS[impl.venv]), __file__, "--worker", json.dumps(job)],
         capture_output=True,
@@ -115,6 +120,7 @@ def run(impl: harness.Impl, server: dict[str, Any], messages: int, profile: bool
     if done.returncode:
         return {"error": done.stderr.strip()[-400:]}
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    server_cpu = harness.process_cpu(server["pids"]) - server_cpu
     after = server_usec(server["url"])
     used = {
         key: (after[key][0] - before.get(key, (0, 0))[0], after[key][1] - before.get(key, (0, 0))[1])
@@ -125,6 +131,9 @@ def run(impl: harness.Impl, server: dict[str, Any], messages: int, profile: bool
     result["commands"] = {
         key: f"{calls} calls {usec / max(calls, 1):.1f}us" for key, (calls, usec) in busy.items()
     }
+    # CPU the server process used (clock ticks): unlike its own timings, not inflated by
+    # waiting for a CPU; includes the warm-up and the layers' connection set-up.
+    result["server_cpu_us"] = server_cpu / messages * 1e6
     result["load"] = os.getloadavg()[0]
     return result
 
@@ -136,26 +145,35 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", default="", help="cProfile this implementation's loop once")
     parser.add_argument("--commands", action="store_true", help="print the server's per-command figures")
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="a directory holding another version's fastapi_websockets package (git archive REV "
+        "fastapi_websockets | tar -x -C DIR): adds the row 'redis@baseline', run from there",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(BENCH.parent))
     import bench_redis
 
     names = [args.profile] if args.profile else args.impls.split(",")
-    impls = [harness.find_impl("redis", name) for name in names]
-    results: dict[str, list[dict[str, Any]]] = {impl.name: [] for impl in impls}
+    rows = [(name, harness.find_impl("redis", name), None) for name in names]
+    if args.baseline:
+        rows.insert(1, ("redis@baseline", harness.find_impl("redis", "redis"), args.baseline))
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in rows}
     with bench_redis.server() as server:
         server = {"broker": "redis", **server}
         for round_ in range(1 if args.profile else args.repeat):
-            for impl in impls:
-                result = run(impl, server, args.messages, bool(args.profile))
-                results[impl.name].append(result)
+            for name, impl, path in rows:
+                result = run(impl, server, args.messages, bool(args.profile), path)
+                results[name].append(result)
                 if "error" in result:
-                    print(f"{round_} {impl.name}: {result['error']}")
+                    print(f"{round_} {name}: {result['error']}")
                     continue
                 print(
-                    f"{round_} {impl.name:24} {result['rate']:8,.0f} msg/s  p50 {result['p50_ms']:.3f} ms  "
+                    f"{round_} {name:24} {result['rate']:8,.0f} msg/s  p50 {result['p50_ms']:.3f} ms  "
                     f"cpu {result['cpu_us']:6.1f} us/msg  loops {result['loops']:5.2f}  "
-                    f"redis {result['server_us']:5.1f} us/msg  load {result['load']:.1f}",
+                    f"redis {result['server_us']:5.1f} us/msg (cpu {result['server_cpu_us']:5.1f})  "
+                    f"load {result['load']:.1f}",
                     flush=True,
                 )
                 if args.commands:
@@ -168,13 +186,13 @@ def main() -> None:
             continue
         med = {
             key: statistics.median(r[key] for r in good)
-            for key in ("rate", "p50_ms", "cpu_us", "loops", "server_us")
+            for key in ("rate", "p50_ms", "cpu_us", "loops", "server_us", "server_cpu_us")
         }
         if name == "channels_redis pubsub":
             base = med
         results_line = (
             f"{name:24} {med['rate']:8,.0f} msg/s  p50 {med['p50_ms']:.3f} ms  cpu {med['cpu_us']:6.1f} us  "
-            f"loops {med['loops']:5.2f}  redis {med['server_us']:5.1f} us"
+            f"loops {med['loops']:5.2f}  redis {med['server_us']:5.1f} us (cpu {med['server_cpu_us']:5.1f})"
         )
         print(results_line)
         results[name] = [{**r, "median": med} for r in good]

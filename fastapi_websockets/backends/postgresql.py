@@ -86,6 +86,10 @@ _ACK_DELAY = 0.05
 _CLAIMED_KEPT = 10_000
 #: Most sends to process-specific channels written in one statement.
 _SEND_BATCH = 500
+#: Bytes of rows one NOTIFY payload carries (PostgreSQL refuses 8000 and more).
+_NOTE_LIMIT = 7900
+#: Bytes of a payload line besides channel and base64: the longest bigint, two spaces, a newline.
+_NOTE_LINE_OVERHEAD = 20 + 3
 #: Most rows claimed per round trip from a named channel (never more than waiters).
 _NAMED_BATCH = 100
 #: Seconds a named channel stays LISTENed after its last local receiver left, so
@@ -165,10 +169,14 @@ RETURNING pg_notify($5, '')
 """
         # Process-specific channels: rows for their owners' inboxes, many sends in
         # one statement (in order). Their capacity is enforced by the owner's local
-        # mailboxes. Each row's NOTIFY carries the row itself ("id channel base64"),
-        # so the owner delivers it without a claim round trip and deletes it later in
-        # a batch; a row too big for a payload (8000 bytes) gets an empty one, and
-        # the owner claims it.
+        # mailboxes. The NOTIFY carries the rows themselves (lines "id channel
+        # base64"), so the owner delivers them without a claim round trip and deletes
+        # them later in a batch. One NOTIFY per chunk ($5, numbered by the caller so
+        # that a chunk holds rows of one inbox and fits a payload) rather than one
+        # per row: the notification queue, the listening backend, the driver and the
+        # reader each handle one message for many rows. A row too big for a payload
+        # (8000 bytes) is a chunk of its own with an empty payload, and the owner
+        # claims it.
         self.send_inboxes = f"""
 WITH stored AS (
     INSERT INTO {s}.message (queue, targets, expires_at, data)
@@ -177,15 +185,27 @@ WITH stored AS (
     ORDER BY m.n
     RETURNING id, queue, targets[1] AS channel, data
 ),
+-- Ids follow the input order (the insert numbers rows as it reads them in order).
+numbered AS (
+    SELECT stored.*, row_number() OVER (ORDER BY id) AS n FROM stored
+),
+notes AS (
+    SELECT
+        min(numbered.queue) AS queue,
+        min(numbered.id) AS first,
+        string_agg(
+            numbered.id || ' ' || numbered.channel || ' ' || translate(encode(numbered.data, 'base64'), E'\\n', ''),
+            E'\\n' ORDER BY numbered.id
+        ) AS payload
+    FROM numbered JOIN unnest($5::int[]) WITH ORDINALITY AS c(chunk, n) USING (n)
+    GROUP BY c.chunk
+),
 woken AS (
     SELECT pg_notify(
-        {_notify_sql("$5", "note.queue")},
+        {_notify_sql("$6", "note.queue")},
         CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
     )
-    FROM (
-        SELECT queue, id || ' ' || channel || ' ' || encode(data, 'base64') AS payload
-        FROM stored ORDER BY id
-    ) AS note
+    FROM (SELECT queue, payload FROM notes ORDER BY first) AS note
 )
 SELECT count(*) FROM woken
 """
@@ -978,24 +998,25 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 self._claimed = {key: at for key, at in self._claimed.items() if at > cutoff}
 
     def _deliver_note(self, note: str, where: str) -> None:
-        """Deliver the row a notification carries ("id channel base64"), unless it was claimed."""
-        try:
-            key, channel, encoded = note.split(" ", 2)
-            row_id = int(key)
-            data = binascii.a2b_base64(encoded)
-        except (ValueError, binascii.Error):
-            self.stats.dropped_undecodable += 1
-            logger.warning("dropped a malformed notification on %s", where)
-            return
-        if self._claimed.pop(row_id, None) is not None:
-            return
-        self._acking.add(row_id)
-        self._acks.append(row_id)
-        if self._ack_task is None:
+        """Deliver the rows a notification carries (lines "id channel base64"), but not claimed ones."""
+        for line in note.split("\n"):
+            try:
+                key, channel, encoded = line.split(" ", 2)
+                row_id = int(key)
+                data = binascii.a2b_base64(encoded)
+            except (ValueError, binascii.Error):
+                self.stats.dropped_undecodable += 1
+                logger.warning("dropped a malformed notification on %s", where)
+                continue
+            if self._claimed.pop(row_id, None) is not None:
+                continue
+            self._acking.add(row_id)
+            self._acks.append(row_id)
+            message = self.decode_or_drop(data, where)
+            if message is not None:
+                self.deliver_many([channel], message)
+        if self._acks and self._ack_task is None:
             self._ack_task = self.tasks.spawn(self._ack_notes(), "ack")
-        message = self.decode_or_drop(data, where)
-        if message is not None:
-            self.deliver_many([channel], message)
 
     async def _ack_notes(self) -> None:
         """Delete rows delivered from their notifications, many per statement."""
@@ -1174,8 +1195,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         queues = [entry[0] for entry in batch]
         channels = [entry[1] for entry in batch]
         data = [entry[2] for entry in batch]
+        chunks = _note_chunks(batch)
         await self._with_conn(
-            lambda conn: conn.fetchval(self._sql.send_inboxes, queues, channels, data, expiry, self.schema)
+            lambda conn: conn.fetchval(
+                self._sql.send_inboxes, queues, channels, data, expiry, chunks, self.schema
+            )
         )
 
     async def _receive_remote(self, channel: str) -> Message:
@@ -1425,6 +1449,25 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (advisory locks are transaction-scoped, LISTEN runs on its own connection),
     and asyncpg still rolls back a transaction left open.
     """
+
+
+def _note_chunks(batch: Sequence[_Outgoing]) -> list[int]:
+    """Number the rows of ``batch`` so that each number's rows share one NOTIFY payload.
+
+    A chunk holds consecutive rows of one inbox whose lines ("id channel
+    base64") fit a payload, counting the longest id; a row that cannot fit
+    alone is a chunk of its own (its payload is then empty).
+    """
+    chunks: list[int] = []
+    chunk = size = 0
+    queue = None
+    for entry in batch:
+        line = _NOTE_LINE_OVERHEAD + len(entry[1].encode()) + 4 * ((len(entry[2]) + 2) // 3)
+        if entry[0] != queue or size + line > _NOTE_LIMIT:
+            chunk, size, queue = chunk + 1, 0, entry[0]
+        size += line
+        chunks.append(chunk)
+    return chunks
 
 
 def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:

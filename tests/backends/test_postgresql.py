@@ -106,17 +106,27 @@ async def test_group_send_stores_one_row_per_owning_process(
         await listener.add_listener(name, lambda _c, _p, ch, payload: seen.append((names[ch], payload)))
     try:
         await layer.group_send("room", {"type": "hello"})
+        # Each owner was told of its members (one notice each, in its inbox); the
+        # group message itself names the group and the owner's member count.
         rows = await db.fetch(
-            f'SELECT queue, cardinality(targets) AS n FROM "{namespace}".message ORDER BY queue'
+            f'SELECT queue, targets FROM "{namespace}".message ORDER BY queue, id'
         )
-        assert [(row["queue"], row["n"]) for row in rows] == [
-            ("!aaaa1111", 50),
-            ("!bbbb2222", 50),
+        notices = [row for row in rows if row["targets"] and row["targets"][1] == "j"]
+        assert len(notices) == 100
+        messages = [(row["queue"], row["targets"]) for row in rows if row not in notices]
+        assert messages == [
+            ("!aaaa1111", [None, "g", "room", "50"]),
+            ("!bbbb2222", [None, "g", "room", "50"]),
             ("room.log", None),
         ]
         await eventually(lambda: _true(len(seen) >= 3), "three notifications")
         await asyncio.sleep(0.2)
-        assert sorted(seen) == [("!aaaa1111", ""), ("!bbbb2222", ""), ("room.log", "")]
+        # The owners' notifications carry the message (no claim needed); the named channel's is empty.
+        assert sorted((queue, payload.split(" ")[1:4]) for queue, payload in seen) == [
+            ("!aaaa1111", ["room", "50", "-"]),
+            ("!bbbb2222", ["room", "50", "-"]),
+            ("room.log", []),
+        ]
     finally:
         await listener.close()
 

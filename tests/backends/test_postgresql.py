@@ -108,9 +108,7 @@ async def test_group_send_stores_one_row_per_owning_process(
         await layer.group_send("room", {"type": "hello"})
         # Each owner was told of its members (one notice each, in its inbox); the
         # group message itself names the group and the owner's member count.
-        rows = await db.fetch(
-            f'SELECT queue, targets FROM "{namespace}".message ORDER BY queue, id'
-        )
+        rows = await db.fetch(f'SELECT queue, targets FROM "{namespace}".message ORDER BY queue, id')
         notices = [row for row in rows if row["targets"] and row["targets"][1] == "j"]
         assert len(notices) == 100
         messages = [(row["queue"], row["targets"]) for row in rows if row not in notices]

@@ -1,12 +1,14 @@
-"""The PostgreSQL backend: messages live in tables, LISTEN/NOTIFY only wakes readers.
+"""The PostgreSQL backend: messages live in tables, LISTEN/NOTIFY wakes readers.
 
 Two tables in the configured schema hold everything:
 
 * ``message``: one row per stored message. ``queue`` is the channel name of a
   named channel, or ``"!" + token`` for the inbox of one layer instance (a
-  channel name never starts with ``!``). An inbox row carries in ``targets``
-  the process-specific channels it is for, so one ``group_send`` stores one row
-  per owning process, not one per member.
+  channel name never starts with ``!``). An inbox row says in ``targets`` what
+  it is for: the channel of a ``send``, or ``{NULL, kind, group, ...}`` for a
+  group message (``g``, with the owner's member count) or a membership notice
+  (``j``/``l``), so one ``group_send`` stores one small row per owning process,
+  not one per member.
 * ``group_member``: one row per (group, channel), each with its own expiry;
   ``owner`` is the process token of a process-specific member, NULL for a
   named one.
@@ -18,13 +20,14 @@ read a history group in one round trip (see :func:`_history_ddl`).
 Each layer instance holds one LISTEN connection and a small pool. ``send`` is a
 single statement (insert + ``pg_notify``); ``group_send`` is a single
 statement that reads the members, stores one row per owning process and per
-named member, and notifies each queue once. NOTIFY payloads are empty: the
-channel name of the notification says which queue has rows, and the rows are
-claimed in batches with ``DELETE ... RETURNING`` (``FOR UPDATE SKIP LOCKED`` so
-several processes can read one named channel). Nothing polls while the listener
-is connected; while it is reconnecting, readers re-check the tables every
-``poll_interval``, and after it is back they re-check once, so whatever was
-stored meanwhile is delivered.
+named member, and notifies each queue once. An inbox row rides in its
+notification's payload when it fits, so the owner handles it without a round
+trip and deletes it later in a batch; the notifications of named channels are
+empty, and their rows are claimed in batches with ``DELETE ... RETURNING``
+(``FOR UPDATE SKIP LOCKED`` so several processes can read one named channel).
+Nothing polls while the listener is connected; while it is reconnecting,
+readers re-check the tables every ``poll_interval``, and after it is back they
+re-check once, so whatever was stored meanwhile is delivered.
 """
 
 from __future__ import annotations

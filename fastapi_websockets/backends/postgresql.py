@@ -1,12 +1,14 @@
-"""The PostgreSQL backend: messages live in tables, LISTEN/NOTIFY only wakes readers.
+"""The PostgreSQL backend: messages live in tables, LISTEN/NOTIFY wakes readers.
 
 Two tables in the configured schema hold everything:
 
 * ``message``: one row per stored message. ``queue`` is the channel name of a
   named channel, or ``"!" + token`` for the inbox of one layer instance (a
-  channel name never starts with ``!``). An inbox row carries in ``targets``
-  the process-specific channels it is for, so one ``group_send`` stores one row
-  per owning process, not one per member.
+  channel name never starts with ``!``). An inbox row says in ``targets`` what
+  it is for: the channel of a ``send``, or ``{NULL, kind, group, ...}`` for a
+  group message (``g``, with the owner's member count) or a membership notice
+  (``j``/``l``), so one ``group_send`` stores one small row per owning process,
+  not one per member.
 * ``group_member``: one row per (group, channel), each with its own expiry;
   ``owner`` is the process token of a process-specific member, NULL for a
   named one.
@@ -18,13 +20,14 @@ read a history group in one round trip (see :func:`_history_ddl`).
 Each layer instance holds one LISTEN connection and a small pool. ``send`` is a
 single statement (insert + ``pg_notify``); ``group_send`` is a single
 statement that reads the members, stores one row per owning process and per
-named member, and notifies each queue once. NOTIFY payloads are empty: the
-channel name of the notification says which queue has rows, and the rows are
-claimed in batches with ``DELETE ... RETURNING`` (``FOR UPDATE SKIP LOCKED`` so
-several processes can read one named channel). Nothing polls while the listener
-is connected; while it is reconnecting, readers re-check the tables every
-``poll_interval``, and after it is back they re-check once, so whatever was
-stored meanwhile is delivered.
+named member, and notifies each queue once. An inbox row rides in its
+notification's payload when it fits, so the owner handles it without a round
+trip and deletes it later in a batch; the notifications of named channels are
+empty, and their rows are claimed in batches with ``DELETE ... RETURNING``
+(``FOR UPDATE SKIP LOCKED`` so several processes can read one named channel).
+Nothing polls while the listener is connected; while it is reconnecting,
+readers re-check the tables every ``poll_interval``, and after it is back they
+re-check once, so whatever was stored meanwhile is delivered.
 """
 
 from __future__ import annotations
@@ -86,6 +89,10 @@ _ACK_DELAY = 0.05
 _CLAIMED_KEPT = 10_000
 #: Most sends to process-specific channels written in one statement.
 _SEND_BATCH = 500
+#: Bytes of rows one NOTIFY payload carries (PostgreSQL refuses 8000 and more).
+_NOTE_LIMIT = 7900
+#: Bytes of a payload line besides channel and base64: kind, the longest bigint, two spaces, a newline.
+_NOTE_LINE_OVERHEAD = 1 + 20 + 3
 #: Most rows claimed per round trip from a named channel (never more than waiters).
 _NAMED_BATCH = 100
 #: Seconds a named channel stays LISTENed after its last local receiver left, so
@@ -165,10 +172,14 @@ RETURNING pg_notify($5, '')
 """
         # Process-specific channels: rows for their owners' inboxes, many sends in
         # one statement (in order). Their capacity is enforced by the owner's local
-        # mailboxes. Each row's NOTIFY carries the row itself ("id channel base64"),
-        # so the owner delivers it without a claim round trip and deletes it later in
-        # a batch; a row too big for a payload (8000 bytes) gets an empty one, and
-        # the owner claims it.
+        # mailboxes. The NOTIFY carries the rows themselves (lines "m<id> channel
+        # base64"), so the owner delivers them without a claim round trip and deletes
+        # them later in a batch. One NOTIFY per chunk ($5, numbered by the caller so
+        # that a chunk holds rows of one inbox and fits a payload) rather than one
+        # per row: the notification queue, the listening backend, the driver and the
+        # reader each handle one message for many rows. A row too big for a payload
+        # (8000 bytes) is a chunk of its own with an empty payload, and the owner
+        # claims it.
         self.send_inboxes = f"""
 WITH stored AS (
     INSERT INTO {s}.message (queue, targets, expires_at, data)
@@ -177,15 +188,28 @@ WITH stored AS (
     ORDER BY m.n
     RETURNING id, queue, targets[1] AS channel, data
 ),
+-- Ids follow the input order (the insert numbers rows as it reads them in order).
+numbered AS (
+    SELECT stored.*, row_number() OVER (ORDER BY id) AS n FROM stored
+),
+notes AS (
+    SELECT
+        min(numbered.queue) AS queue,
+        min(numbered.id) AS first,
+        string_agg(
+            'm' || numbered.id || ' ' || numbered.channel || ' '
+                || translate(encode(numbered.data, 'base64'), E'\\n', ''),
+            E'\\n' ORDER BY numbered.id
+        ) AS payload
+    FROM numbered JOIN unnest($5::int[]) WITH ORDINALITY AS c(chunk, n) USING (n)
+    GROUP BY c.chunk
+),
 woken AS (
     SELECT pg_notify(
-        {_notify_sql("$5", "note.queue")},
+        {_notify_sql("$6", "note.queue")},
         CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
     )
-    FROM (
-        SELECT queue, id || ' ' || channel || ' ' || encode(data, 'base64') AS payload
-        FROM stored ORDER BY id
-    ) AS note
+    FROM (SELECT queue, payload FROM notes ORDER BY first) AS note
 )
 SELECT count(*) FROM woken
 """
@@ -220,6 +244,39 @@ ON CONFLICT (group_name, channel) DO UPDATE
 SET owner = EXCLUDED.owner, capacity = EXCLUDED.capacity, expires_at = EXCLUDED.expires_at
 """
         self.group_discard = f"DELETE FROM {s}.group_member WHERE group_name = $1 AND channel = $2"
+        # A member of another process: its owner keeps a record of its members
+        # (group rows carry only the group's name), so it is told, through its inbox
+        # and in order with the group's messages ($3: the owner's token).
+        self.group_add_notice = f"""
+WITH member AS (
+    {self.group_add.strip()}
+    RETURNING 1
+),
+notice AS (
+    INSERT INTO {s}.message (queue, targets, expires_at, data)
+    VALUES ('!' || $3, ARRAY[NULL, 'j', $1, $2], now() + make_interval(secs => $6), ''::bytea)
+    RETURNING id, queue
+)
+SELECT pg_notify({_notify_sql("$7", "notice.queue")}, 'j' || notice.id || ' ' || $1 || ' ' || $2)
+FROM notice
+"""
+        self.group_discard_notice = f"""
+WITH gone AS (
+    {self.group_discard}
+    RETURNING 1
+),
+notice AS (
+    INSERT INTO {s}.message (queue, targets, expires_at, data)
+    VALUES ('!' || $3, ARRAY[NULL, 'l', $1, $2], now() + make_interval(secs => $4), ''::bytea)
+    RETURNING id, queue
+)
+SELECT pg_notify({_notify_sql("$5", "notice.queue")}, 'l' || notice.id || ' ' || $1 || ' ' || $2)
+FROM notice
+"""
+        self.owned_members = f"""
+SELECT coalesce(array_agg(channel), '{{}}') FROM {s}.group_member
+WHERE group_name = $1 AND owner = $2 AND expires_at > now()
+"""
         self.group_send = _fan_out(s)
         self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_member"
         self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
@@ -340,11 +397,14 @@ WITH members AS (
     WHERE group_name = $1 AND expires_at > now()
 ),
 inboxes AS (
+    -- One row per other owning process, naming the group and how many members
+    -- that process has in it: it delivers to its own record of them.
     INSERT INTO {s}.message (queue, targets, expires_at, data, history_offset, history_epoch)
-    SELECT '!' || owner, array_agg(channel), now() + make_interval(secs => $3), $2, {offset}, {epoch}
+    SELECT '!' || owner, ARRAY[NULL, 'g', $1, count(*)::text], now() + make_interval(secs => $3), $2,
+        {offset}, {epoch}
     FROM members WHERE owner IS NOT NULL AND owner <> $4
     GROUP BY owner
-    RETURNING queue
+    RETURNING id, queue, targets[4] AS member_count, history_offset, history_epoch
 ),
 named AS (
     INSERT INTO {s}.message (queue, expires_at, data, history_offset, history_epoch)
@@ -355,9 +415,22 @@ named AS (
     ) < m.capacity
     RETURNING queue
 ),
+encoded AS (
+    SELECT translate(encode($2, 'base64'), E'\\n', '') AS b64
+),
 woken AS (
-    SELECT pg_notify({_notify_sql("$5", "stored.queue")}, '')
-    FROM (SELECT queue FROM inboxes UNION ALL SELECT queue FROM named) AS stored
+    SELECT pg_notify(
+        {_notify_sql("$5", "note.queue")},
+        CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
+    )
+    FROM (
+        SELECT i.queue, 'g' || i.id || ' ' || $1 || ' ' || i.member_count || ' '
+            || coalesce(i.history_offset::text, '-') || ' ' || coalesce(i.history_epoch, '-') || ' '
+            || e.b64 AS payload
+        FROM inboxes AS i, encoded AS e
+        UNION ALL
+        SELECT queue, '' FROM named
+    ) AS note
 )
 SELECT
     {offset} AS position_offset,
@@ -955,7 +1028,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if note is None:
                     claim = True
                 else:
-                    self._deliver_note(note, where)
+                    await self._deliver_note(note, where)
             if not claim:
                 await self._wait_for_wake(self._inbox_wake)
                 # Woken by the poll timer (no LISTEN connection): re-check the table.
@@ -973,39 +1046,116 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             for row in rows:
                 if row["id"] in self._acking:  # delivered from its notification already
                     continue
-                targets: list[str] = row["targets"] or []
-                if len(targets) == 1:
-                    self._claimed[row["id"]] = now  # its notification may still come
+                self._claimed[row["id"]] = now  # its notification may still come
+                targets: list[str | None] = row["targets"] or []
+                if targets and targets[0] is None and targets[1] != "g":
+                    self._apply_notice(targets[1], targets[2], targets[3])
+                    continue
                 if not row["live"]:
                     self.stats.dropped_expired += 1
                     continue
                 message = self._decode_row(row, where)
-                if message is not None:
-                    self.deliver_many(targets, message)
+                if message is None:
+                    continue
+                if targets and targets[0] is None:
+                    await self._deliver_group(targets[2] or "", int(targets[3] or 0), message)
+                else:
+                    self.deliver_many([target for target in targets if target is not None], message)
             if len(self._claimed) > _CLAIMED_KEPT:
                 # Notifications lost with a LISTEN connection never come: forget old ids.
                 cutoff = now - float(self.channel_expiry)
                 self._claimed = {key: at for key, at in self._claimed.items() if at > cutoff}
 
-    def _deliver_note(self, note: str, where: str) -> None:
-        """Deliver the row a notification carries ("id channel base64"), unless it was claimed."""
-        try:
-            key, channel, encoded = note.split(" ", 2)
-            row_id = int(key)
-            data = binascii.a2b_base64(encoded)
-        except (ValueError, binascii.Error):
-            self.stats.dropped_undecodable += 1
-            logger.warning("dropped a malformed notification on %s", where)
-            return
-        if self._claimed.pop(row_id, None) is not None:
-            return
-        self._acking.add(row_id)
-        self._acks.append(row_id)
-        if self._ack_task is None:
+    async def _deliver_note(self, note: str, where: str) -> None:
+        """Handle the rows a notification carries, one per line, except rows claimed already.
+
+        Lines: ``m<id> channel base64`` (a send), ``g<id> group members offset
+        epoch base64`` (a group message for this process's ``members`` members;
+        ``-`` for no history position), ``j<id> group channel`` and ``l<id> group
+        channel`` (another process added or discarded one of our channels).
+        """
+        for line in note.split("\n"):
+            try:
+                head, _, rest = line.partition(" ")
+                kind, row_id = head[:1], int(head[1:])
+                if kind == "m":
+                    channel, encoded = rest.split(" ", 1)
+                elif kind == "g":
+                    group, count, offset, epoch, encoded = rest.split(" ", 4)
+                    members = int(count)
+                    position = None if offset == "-" else {"offset": int(offset), "epoch": epoch}
+                elif kind in ("j", "l"):
+                    group, channel = rest.split(" ", 1)
+                    encoded = ""
+                else:
+                    raise ValueError(kind)
+                data = binascii.a2b_base64(encoded)
+            except (ValueError, binascii.Error):
+                self.stats.dropped_undecodable += 1
+                logger.warning("dropped a malformed notification on %s", where)
+                continue
+            if self._claimed.pop(row_id, None) is not None:
+                continue
+            self._acking.add(row_id)
+            self._acks.append(row_id)
+            if kind in ("j", "l"):
+                self._apply_notice(kind, group, channel)
+                continue
+            message = self.decode_or_drop(data, where)
+            if message is None:
+                continue
+            if kind == "m":
+                self.deliver_many([channel], message)
+            else:
+                if position is not None:
+                    message[POSITION_KEY] = position
+                await self._deliver_group(group, members, message)
+        if self._acks and self._ack_task is None:
             self._ack_task = self.tasks.spawn(self._ack_notes(), "ack")
-        message = self.decode_or_drop(data, where)
-        if message is not None:
-            self.deliver_many([channel], message)
+
+    def _apply_notice(self, kind: str | None, group: str | None, channel: str | None) -> None:
+        """Record that another process added (``j``) or discarded (``l``) one of our channels."""
+        if group is None or channel is None or not self.is_local(channel):
+            return
+        if kind == "j":
+            self.local_groups.add(group, channel)
+        elif kind == "l":
+            self.local_groups.discard(group, channel)
+
+    async def _deliver_group(self, group: str, members: int, message: Message) -> None:
+        """Deliver a group message to this process's members of ``group``.
+
+        ``members`` is how many the database held when it was sent. The local
+        record normally agrees (this process made the changes, or was told of
+        them through its inbox ahead of any later group message); when it does
+        not (a member expired on one side a moment earlier, a flush, a notice
+        still on its way), the members are read back from the database first.
+        The reader waits for that, so later messages keep their order.
+        """
+        channels = self.local_groups.members(group)
+        if len(channels) != members:
+            channels = await self._resync_group(group, channels)
+        self.deliver_many(channels, message)
+
+    async def _resync_group(self, group: str, known: list[str]) -> list[str]:
+        """Make the local record of ``group`` match the database; return its members."""
+        try:
+            stored: list[str] = await self._with_conn(
+                lambda conn: conn.fetchval(self._sql.owned_members, group, self.client_token),
+                retry=True,
+                patient=False,
+            )
+        except self._reader_errors as exc:
+            logger.warning("could not read the members of group %r (%s); using the local record", group, exc)
+            return known
+        current = set(known)
+        for channel in current.difference(stored):
+            self.local_groups.discard(group, channel)
+        for channel in stored:
+            if channel not in current:
+                self.local_groups.add(group, channel)
+        logger.debug("group %r resynced: %d members, %d before", group, len(stored), len(known))
+        return stored
 
     async def _ack_notes(self) -> None:
         """Delete rows delivered from their notifications, many per statement."""
@@ -1189,8 +1339,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         queues = [entry[0] for entry in batch]
         channels = [entry[1] for entry in batch]
         data = [entry[2] for entry in batch]
+        chunks = _note_chunks(batch)
         await self._with_conn(
-            lambda conn: conn.fetchval(self._sql.send_inboxes, queues, channels, data, expiry, self.schema)
+            lambda conn: conn.fetchval(
+                self._sql.send_inboxes, queues, channels, data, expiry, chunks, self.schema
+            )
         )
 
     async def _receive_remote(self, channel: str) -> Message:
@@ -1207,13 +1360,45 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         owner = process_token(channel) if is_process_specific(channel) else None
         capacity = self.capacity_for(channel)
         expiry = float(self.group_expiry)
+        if owner is None or owner == self.client_token:
+            await self._with_conn(
+                lambda conn: conn.execute(self._sql.group_add, group, channel, owner, capacity, expiry),
+                retry=True,
+            )
+            if owner is not None:
+                self.local_groups.add(group, channel)
+            return
+        notice_expiry = float(self.channel_expiry)
         await self._with_conn(
-            lambda conn: conn.execute(self._sql.group_add, group, channel, owner, capacity, expiry),
+            lambda conn: conn.execute(
+                self._sql.group_add_notice,
+                group,
+                channel,
+                owner,
+                capacity,
+                expiry,
+                notice_expiry,
+                self.schema,
+            ),
             retry=True,
         )
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        await self._with_conn(lambda conn: conn.execute(self._sql.group_discard, group, channel), retry=True)
+        owner = process_token(channel) if is_process_specific(channel) else None
+        if owner is None or owner == self.client_token:
+            await self._with_conn(
+                lambda conn: conn.execute(self._sql.group_discard, group, channel), retry=True
+            )
+            if owner is not None:
+                self.local_groups.discard(group, channel)
+            return
+        notice_expiry = float(self.channel_expiry)
+        await self._with_conn(
+            lambda conn: conn.execute(
+                self._sql.group_discard_notice, group, channel, owner, notice_expiry, self.schema
+            ),
+            retry=True,
+        )
 
     async def _group_send(self, group: str, data: bytes) -> None:
         expiry = float(self.channel_expiry)
@@ -1456,6 +1641,25 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (advisory locks are transaction-scoped, LISTEN runs on its own connection),
     and asyncpg still rolls back a transaction left open.
     """
+
+
+def _note_chunks(batch: Sequence[_Outgoing]) -> list[int]:
+    """Number the rows of ``batch`` so that each number's rows share one NOTIFY payload.
+
+    A chunk holds consecutive rows of one inbox whose lines ("id channel
+    base64") fit a payload, counting the longest id; a row that cannot fit
+    alone is a chunk of its own (its payload is then empty).
+    """
+    chunks: list[int] = []
+    chunk = size = 0
+    queue = None
+    for entry in batch:
+        line = _NOTE_LINE_OVERHEAD + len(entry[1].encode()) + 4 * ((len(entry[2]) + 2) // 3)
+        if entry[0] != queue or size + line > _NOTE_LIMIT:
+            chunk, size, queue = chunk + 1, 0, entry[0]
+        size += line
+        chunks.append(chunk)
+    return chunks
 
 
 def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:

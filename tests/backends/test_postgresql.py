@@ -100,23 +100,87 @@ async def test_group_send_stores_one_row_per_owning_process(
         await listener.add_listener(name, lambda _c, _p, ch, payload: seen.append((names[ch], payload)))
     try:
         await layer.group_send("room", {"type": "hello"})
-        rows = await db.fetch(
-            f'SELECT queue, cardinality(targets) AS n FROM "{namespace}".message ORDER BY queue'
-        )
-        assert [(row["queue"], row["n"]) for row in rows] == [
-            ("!aaaa1111", 50),
-            ("!bbbb2222", 50),
+        # Each owner was told of its members (one notice each, in its inbox); the
+        # group message itself names the group and the owner's member count.
+        rows = await db.fetch(f'SELECT queue, targets FROM "{namespace}".message ORDER BY queue, id')
+        notices = [row for row in rows if row["targets"] and row["targets"][1] == "j"]
+        assert len(notices) == 100
+        messages = [(row["queue"], row["targets"]) for row in rows if row not in notices]
+        assert messages == [
+            ("!aaaa1111", [None, "g", "room", "50"]),
+            ("!bbbb2222", [None, "g", "room", "50"]),
             ("room.log", None),
         ]
         await eventually(lambda: _true(len(seen) >= 3), "three notifications")
         await asyncio.sleep(0.2)
-        assert sorted(seen) == [("!aaaa1111", ""), ("!bbbb2222", ""), ("room.log", "")]
+        # The owners' notifications carry the message (no claim needed); the named channel's is empty.
+        assert sorted((queue, payload.split(" ")[1:4]) for queue, payload in seen) == [
+            ("!aaaa1111", ["room", "50", "-"]),
+            ("!bbbb2222", ["room", "50", "-"]),
+            ("room.log", []),
+        ]
     finally:
         await listener.close()
 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_members_changed_by_another_process_get_exactly_the_next_messages(make: Factory) -> None:
+    # The owner delivers group rows to its own record of members: another
+    # process's group_add/group_discard of its channels reaches that record
+    # ahead of the next group message, even when the member count stays the same.
+    owner, other, sender = make(), make(), make()
+    first, second = await owner.new_channel(), await owner.new_channel()
+    await other.group_add("room", first)
+    await sender.group_send("room", {"type": "one"})
+    assert (await owner.receive(first, timeout=10))["type"] == "one"
+    await other.group_discard("room", first)
+    await other.group_add("room", second)  # same count as before, another member
+    await sender.group_send("room", {"type": "two"})
+    assert (await owner.receive(second, timeout=10))["type"] == "two"
+    with pytest.raises(TimeoutError):
+        await owner.receive(first, timeout=0.5)
+
+
+async def test_a_member_the_owner_was_not_told_of_is_read_back(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # A membership written behind the layer's back (no notice): the count in the
+    # group row disagrees with the owner's record, so it reads the members back.
+    owner, sender = make(), make()
+    known, unknown = await owner.new_channel(), await owner.new_channel()
+    await owner.group_add("room", known)
+    await db.execute(
+        f'INSERT INTO "{namespace}".group_member (group_name, channel, owner, capacity, expires_at) '
+        "VALUES ('room', $1, $2, 100, now() + interval '1 hour')",
+        unknown,
+        owner.client_token,
+    )
+    await sender.group_send("room", {"type": "hello"})
+    assert (await owner.receive(known, timeout=10))["type"] == "hello"
+    assert (await owner.receive(unknown, timeout=10))["type"] == "hello"
+    # And one removed behind its back is dropped from the record.
+    await db.execute(f'DELETE FROM "{namespace}".group_member WHERE channel = $1', known)
+    await sender.group_send("room", {"type": "again"})
+    assert (await owner.receive(unknown, timeout=10))["type"] == "again"
+    with pytest.raises(TimeoutError):
+        await owner.receive(known, timeout=0.5)
+    assert owner.local_groups.members("room") == [unknown]
+
+
+async def test_group_rows_too_big_for_a_notification_are_claimed(make: Factory) -> None:
+    owner, sender = make(), make()
+    channels = [await owner.new_channel() for _ in range(3)]
+    for channel in channels:
+        await owner.group_add("room", channel)
+    body = bytes(range(256)) * 100  # base64 over 8000 bytes: an empty NOTIFY, then a claim
+    await sender.group_send("room", {"type": "big", "body": body})
+    await sender.group_send("room", {"type": "small"})
+    for channel in channels:
+        assert (await owner.receive(channel, timeout=10))["body"] == body
+        assert (await owner.receive(channel, timeout=10))["type"] == "small"
 
 
 async def test_notify_payload_stays_small_for_a_large_message(make: Factory, namespace: str) -> None:

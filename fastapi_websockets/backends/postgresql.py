@@ -1,17 +1,22 @@
 """The PostgreSQL backend: messages live in tables, LISTEN/NOTIFY wakes readers.
 
-Two tables in the configured schema hold everything:
+Three tables in the configured schema hold everything:
 
 * ``message``: one row per stored message. ``queue`` is the channel name of a
   named channel, or ``"!" + token`` for the inbox of one layer instance (a
   channel name never starts with ``!``). An inbox row says in ``targets`` what
   it is for: the channel of a ``send``, or ``{NULL, kind, group, ...}`` for a
-  group message (``g``, with the owner's member count) or a membership notice
-  (``j``/``l``), so one ``group_send`` stores one small row per owning process,
-  not one per member.
+  group message (``g``) or a membership notice (``j``/``l``), so one
+  ``group_send`` stores one small row per owning process, not one per member.
 * ``group_member``: one row per (group, channel), each with its own expiry;
   ``owner`` is the process token of a process-specific member, NULL for a
   named one.
+* ``group_owner``: one row per (group, process with members in it), expiring
+  with its longest-lived member and removed with its last one. ``group_send``
+  reads these, not the members: each owning process delivers to its own
+  record of its members (``local_groups``), which its own joins and leaves
+  keep, and another process's joins and leaves of its channels reach as
+  notices in its inbox, in order with the group's messages.
 
 Layers with the ``history`` option add ``history_stream`` (a counter row per
 group) and ``history_entry`` (the stored messages), and functions that send or
@@ -19,8 +24,8 @@ read a history group in one round trip (see :func:`_history_ddl`).
 
 Each layer instance holds one LISTEN connection and a small pool. ``send`` is a
 single statement (insert + ``pg_notify``); ``group_send`` is a single
-statement that reads the members, stores one row per owning process and per
-named member, and notifies each queue once. An inbox row rides in its
+statement that reads the owner rows and the named members, stores one row per
+owning process and per named member, and notifies each queue once. An inbox row rides in its
 notification's payload when it fits, so the owner handles it without a round
 trip and deletes it later in a batch; the notifications of named channels are
 empty, and their rows are claimed in batches with ``DELETE ... RETURNING``
@@ -162,6 +167,36 @@ CREATE TABLE IF NOT EXISTS {s}.group_member (
 );
 CREATE INDEX IF NOT EXISTS group_member_owner ON {s}.group_member (owner);
 CREATE INDEX IF NOT EXISTS group_member_expires_at ON {s}.group_member (expires_at);
+CREATE INDEX IF NOT EXISTS group_member_group_owner ON {s}.group_member (group_name, owner);
+CREATE INDEX IF NOT EXISTS group_member_named ON {s}.group_member (group_name) WHERE owner IS NULL;
+-- One row per (group, process with members in it), living as long as its
+-- longest-lived member: group_send reads these (a few rows), not every member.
+CREATE TABLE IF NOT EXISTS {s}.group_owner (
+    group_name text NOT NULL,
+    owner text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (group_name, owner)
+);
+CREATE INDEX IF NOT EXISTS group_owner_owner ON {s}.group_owner (owner);
+CREATE INDEX IF NOT EXISTS group_owner_expires_at ON {s}.group_owner (expires_at);
+-- Removes a process-specific member, and its process's owner row when that was
+-- its last live member in the group. Statements of their own (each with a fresh
+-- snapshot) after the owner row's lock: a member added meanwhile by another
+-- session (which takes that lock first, see group_join) is seen, so the owner
+-- row is never dropped from under a live member.
+CREATE OR REPLACE FUNCTION {s}.group_leave(p_group text, p_channel text, p_owner text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM 1 FROM {s}.group_owner WHERE group_name = p_group AND owner = p_owner FOR UPDATE;
+    DELETE FROM {s}.group_member WHERE group_name = p_group AND channel = p_channel;
+    DELETE FROM {s}.group_owner AS o
+    WHERE o.group_name = p_group AND o.owner = p_owner AND NOT EXISTS (
+        SELECT 1 FROM {s}.group_member AS m
+        WHERE m.group_name = p_group AND m.owner = p_owner AND m.expires_at > now()
+    );
+    RETURN 1;
+END
+$fn$;
 """
         # A named channel: stored only while it holds fewer than $4 live messages.
         self.send_named = f"""
@@ -237,6 +272,7 @@ WITH restored AS (
 )
 SELECT count(*) FROM restored, pg_notify($5, '')
 """
+        # A named channel ($3 is NULL).
         self.group_add = f"""
 INSERT INTO {s}.group_member (group_name, channel, owner, capacity, expires_at)
 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
@@ -244,17 +280,32 @@ ON CONFLICT (group_name, channel) DO UPDATE
 SET owner = EXCLUDED.owner, capacity = EXCLUDED.capacity, expires_at = EXCLUDED.expires_at
 """
         self.group_discard = f"DELETE FROM {s}.group_member WHERE group_name = $1 AND channel = $2"
+        # A process-specific channel ($3: its owner's token): the owner row first
+        # (the member's insert reads its result, so it runs after it), so that
+        # joins and group_leave take their locks in the same order.
+        self.group_join = f"""
+WITH owner_row AS (
+    INSERT INTO {s}.group_owner AS o (group_name, owner, expires_at)
+    VALUES ($1, $3, now() + make_interval(secs => $5))
+    ON CONFLICT (group_name, owner) DO UPDATE SET expires_at = greatest(o.expires_at, EXCLUDED.expires_at)
+    RETURNING group_name
+),
+member AS (
+    INSERT INTO {s}.group_member (group_name, channel, owner, capacity, expires_at)
+    SELECT group_name, $2::text, $3::text, $4::integer, now() + make_interval(secs => $5) FROM owner_row
+    ON CONFLICT (group_name, channel) DO UPDATE
+    SET owner = EXCLUDED.owner, capacity = EXCLUDED.capacity, expires_at = EXCLUDED.expires_at
+    RETURNING 1
+)"""
+        self.group_join_own = self.group_join + "\nSELECT count(*) FROM member"
+        self.group_leave = f"SELECT {s}.group_leave($1, $2, $3)"
         # A member of another process: its owner keeps a record of its members
         # (group rows carry only the group's name), so it is told, through its inbox
         # and in order with the group's messages ($3: the owner's token).
-        self.group_add_notice = f"""
-WITH member AS (
-    {self.group_add.strip()}
-    RETURNING 1
-),
+        self.group_add_notice = f"""{self.group_join},
 notice AS (
     INSERT INTO {s}.message (queue, targets, expires_at, data)
-    VALUES ('!' || $3, ARRAY[NULL, 'j', $1, $2], now() + make_interval(secs => $6), ''::bytea)
+    SELECT '!' || $3, ARRAY[NULL, 'j', $1, $2], now() + make_interval(secs => $6), ''::bytea FROM member
     RETURNING id, queue
 )
 SELECT pg_notify({_notify_sql("$7", "notice.queue")}, 'j' || notice.id || ' ' || $1 || ' ' || $2)
@@ -262,23 +313,18 @@ FROM notice
 """
         self.group_discard_notice = f"""
 WITH gone AS (
-    {self.group_discard}
-    RETURNING 1
+    SELECT {s}.group_leave($1, $2, $3) AS done
 ),
 notice AS (
     INSERT INTO {s}.message (queue, targets, expires_at, data)
-    VALUES ('!' || $3, ARRAY[NULL, 'l', $1, $2], now() + make_interval(secs => $4), ''::bytea)
+    SELECT '!' || $3, ARRAY[NULL, 'l', $1, $2], now() + make_interval(secs => $4), ''::bytea FROM gone
     RETURNING id, queue
 )
 SELECT pg_notify({_notify_sql("$5", "notice.queue")}, 'l' || notice.id || ' ' || $1 || ' ' || $2)
 FROM notice
 """
-        self.owned_members = f"""
-SELECT coalesce(array_agg(channel), '{{}}') FROM {s}.group_member
-WHERE group_name = $1 AND owner = $2 AND expires_at > now()
-"""
         self.group_send = _fan_out(s)
-        self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_member"
+        self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_owner; DELETE FROM {s}.group_member"
         self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
         self.history_send = f"SELECT * FROM {s}.history_send($1, $2, $3, $4, $5, $6, $7, $8)"
         self.history_append = f"SELECT * FROM {s}.history_append($1, $2, $3, $4, $5)"
@@ -288,10 +334,17 @@ WITH streams AS (DELETE FROM {s}.history_stream WHERE expires_at <= now() RETURN
 entries AS (DELETE FROM {s}.history_entry WHERE expires_at <= now() RETURNING 1)
 SELECT (SELECT count(*) FROM streams) AS streams, (SELECT count(*) FROM entries) AS entries
 """
-        self.forget_owner = f"DELETE FROM {s}.group_member WHERE owner = $1"
+        # Owner rows before member rows: the order group_leave locks them in.
+        self.forget_owner = [
+            f"DELETE FROM {s}.group_owner WHERE owner = $1",
+            f"DELETE FROM {s}.group_member WHERE owner = $1",
+        ]
         self.drop_inbox = f"DELETE FROM {s}.message WHERE queue = $1"
         self.prune_messages = f"DELETE FROM {s}.message WHERE expires_at <= now()"
-        self.prune_members = f"DELETE FROM {s}.group_member WHERE expires_at <= now()"
+        self.prune_members = [
+            f"DELETE FROM {s}.group_owner WHERE expires_at <= now()",
+            f"DELETE FROM {s}.group_member WHERE expires_at <= now()",
+        ]
         # A catalog query, not to_regclass(): that one answers from the session's
         # cache, which can still say "missing" after another session created the
         # tables and so make this one run DDL against tables already in use.
@@ -300,7 +353,7 @@ SELECT count(*) = cardinality($2::text[])
 FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = ANY($2::text[])
 """
-        self.tables = ["message", "group_member"]
+        self.tables = ["message", "group_member", "group_owner"]
         self.history_tables = ["history_stream", "history_entry"]
         self.create_history = _history_ddl(s)
         self.presence_tables = ["presence_owner", "presence"]
@@ -384,33 +437,34 @@ RETURNING p.group_name, p.channel, p.info
 def _fan_out(s: str, offset: str = "NULL::bigint", epoch: str = "NULL::text") -> str:
     """The ``group_send`` statement (parameters $1 to $5), stamping rows with a history position.
 
-    One statement: read the live members, store one row per owning process
-    (other than ours) and one per named member with room, notify each queue
-    once, and hand our own members back for local delivery. ``offset`` and
-    ``epoch`` are SQL expressions for the message's position (NULL outside
-    history groups), also returned first; the reader adds it to the decoded
-    message, so the encoded bytes are the same for the store and every copy.
+    One statement: read the processes with members (other than ours) and the
+    named members, store one row per such process and one per named member with
+    room, and notify each queue once; our own members are delivered from our
+    record. ``offset`` and ``epoch`` are SQL expressions for the message's
+    position (NULL outside history groups), also returned first; the reader adds
+    it to the decoded message, so the encoded bytes are the same for the store
+    and every copy. ``local_members`` stays NULL (the history function's row
+    type keeps it).
     """
     return f"""
-WITH members AS (
-    SELECT channel, owner, capacity FROM {s}.group_member
-    WHERE group_name = $1 AND expires_at > now()
-),
-inboxes AS (
-    -- One row per other owning process, naming the group and how many members
-    -- that process has in it: it delivers to its own record of them.
+WITH inboxes AS (
+    -- One row per other process with members, naming only the group: that
+    -- process delivers to its own record of its members.
     INSERT INTO {s}.message (queue, targets, expires_at, data, history_offset, history_epoch)
-    SELECT '!' || owner, ARRAY[NULL, 'g', $1, count(*)::text], now() + make_interval(secs => $3), $2,
-        {offset}, {epoch}
-    FROM members WHERE owner IS NOT NULL AND owner <> $4
-    GROUP BY owner
-    RETURNING id, queue, targets[4] AS member_count, history_offset, history_epoch
+    SELECT '!' || o.owner, ARRAY[NULL, 'g', $1], now() + make_interval(secs => $3), $2, {offset}, {epoch}
+    FROM {s}.group_owner AS o
+    WHERE o.group_name = $1 AND o.expires_at > now() AND o.owner <> $4
+    RETURNING id, queue, history_offset, history_epoch
+),
+members AS (
+    SELECT channel, capacity FROM {s}.group_member
+    WHERE group_name = $1 AND owner IS NULL AND expires_at > now()
 ),
 named AS (
     INSERT INTO {s}.message (queue, expires_at, data, history_offset, history_epoch)
     SELECT m.channel, now() + make_interval(secs => $3), $2, {offset}, {epoch}
     FROM members AS m
-    WHERE m.owner IS NULL AND (
+    WHERE (
         SELECT count(*) FROM {s}.message AS q WHERE q.queue = m.channel AND q.expires_at > now()
     ) < m.capacity
     RETURNING queue
@@ -424,7 +478,7 @@ woken AS (
         CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
     )
     FROM (
-        SELECT i.queue, 'g' || i.id || ' ' || $1 || ' ' || i.member_count || ' '
+        SELECT i.queue, 'g' || i.id || ' ' || $1 || ' '
             || coalesce(i.history_offset::text, '-') || ' ' || coalesce(i.history_epoch, '-') || ' '
             || e.b64 AS payload
         FROM inboxes AS i, encoded AS e
@@ -435,9 +489,9 @@ woken AS (
 SELECT
     {offset} AS position_offset,
     {epoch} AS position_epoch,
-    (SELECT array_agg(channel) FROM members WHERE owner = $4) AS local_members,
+    NULL::text[] AS local_members,
     (SELECT count(*) FROM woken) AS woken,
-    (SELECT count(*) FROM members WHERE owner IS NULL) - (SELECT count(*) FROM named) AS skipped
+    (SELECT count(*) FROM members) - (SELECT count(*) FROM named) AS skipped
 """
 
 
@@ -1028,7 +1082,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if note is None:
                     claim = True
                 else:
-                    await self._deliver_note(note, where)
+                    self._deliver_note(note, where)
             if not claim:
                 await self._wait_for_wake(self._inbox_wake)
                 # Woken by the poll timer (no LISTEN connection): re-check the table.
@@ -1058,7 +1112,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if message is None:
                     continue
                 if targets and targets[0] is None:
-                    await self._deliver_group(targets[2] or "", int(targets[3] or 0), message)
+                    self.deliver_to_local_members(targets[2] or "", message)
                 else:
                     self.deliver_many([target for target in targets if target is not None], message)
             if len(self._claimed) > _CLAIMED_KEPT:
@@ -1066,12 +1120,12 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 cutoff = now - float(self.channel_expiry)
                 self._claimed = {key: at for key, at in self._claimed.items() if at > cutoff}
 
-    async def _deliver_note(self, note: str, where: str) -> None:
+    def _deliver_note(self, note: str, where: str) -> None:
         """Handle the rows a notification carries, one per line, except rows claimed already.
 
-        Lines: ``m<id> channel base64`` (a send), ``g<id> group members offset
-        epoch base64`` (a group message for this process's ``members`` members;
-        ``-`` for no history position), ``j<id> group channel`` and ``l<id> group
+        Lines: ``m<id> channel base64`` (a send), ``g<id> group offset epoch
+        base64`` (a group message for this process's members of ``group``; ``-``
+        for no history position), ``j<id> group channel`` and ``l<id> group
         channel`` (another process added or discarded one of our channels).
         """
         for line in note.split("\n"):
@@ -1081,8 +1135,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if kind == "m":
                     channel, encoded = rest.split(" ", 1)
                 elif kind == "g":
-                    group, count, offset, epoch, encoded = rest.split(" ", 4)
-                    members = int(count)
+                    group, offset, epoch, encoded = rest.split(" ", 3)
                     position = None if offset == "-" else {"offset": int(offset), "epoch": epoch}
                 elif kind in ("j", "l"):
                     group, channel = rest.split(" ", 1)
@@ -1109,7 +1162,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             else:
                 if position is not None:
                     message[POSITION_KEY] = position
-                await self._deliver_group(group, members, message)
+                self.deliver_to_local_members(group, message)
         if self._acks and self._ack_task is None:
             self._ack_task = self.tasks.spawn(self._ack_notes(), "ack")
 
@@ -1121,41 +1174,6 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             self.local_groups.add(group, channel)
         elif kind == "l":
             self.local_groups.discard(group, channel)
-
-    async def _deliver_group(self, group: str, members: int, message: Message) -> None:
-        """Deliver a group message to this process's members of ``group``.
-
-        ``members`` is how many the database held when it was sent. The local
-        record normally agrees (this process made the changes, or was told of
-        them through its inbox ahead of any later group message); when it does
-        not (a member expired on one side a moment earlier, a flush, a notice
-        still on its way), the members are read back from the database first.
-        The reader waits for that, so later messages keep their order.
-        """
-        channels = self.local_groups.members(group)
-        if len(channels) != members:
-            channels = await self._resync_group(group, channels)
-        self.deliver_many(channels, message)
-
-    async def _resync_group(self, group: str, known: list[str]) -> list[str]:
-        """Make the local record of ``group`` match the database; return its members."""
-        try:
-            stored: list[str] = await self._with_conn(
-                lambda conn: conn.fetchval(self._sql.owned_members, group, self.client_token),
-                retry=True,
-                patient=False,
-            )
-        except self._reader_errors as exc:
-            logger.warning("could not read the members of group %r (%s); using the local record", group, exc)
-            return known
-        current = set(known)
-        for channel in current.difference(stored):
-            self.local_groups.discard(group, channel)
-        for channel in stored:
-            if channel not in current:
-                self.local_groups.add(group, channel)
-        logger.debug("group %r resynced: %d members, %d before", group, len(stored), len(known))
-        return stored
 
     async def _ack_notes(self) -> None:
         """Delete rows delivered from their notifications, many per statement."""
@@ -1357,16 +1375,21 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         return await waiters.wait()
 
     async def _group_add(self, group: str, channel: str) -> None:
-        owner = process_token(channel) if is_process_specific(channel) else None
         capacity = self.capacity_for(channel)
         expiry = float(self.group_expiry)
-        if owner is None or owner == self.client_token:
+        if not is_process_specific(channel):
             await self._with_conn(
-                lambda conn: conn.execute(self._sql.group_add, group, channel, owner, capacity, expiry),
+                lambda conn: conn.execute(self._sql.group_add, group, channel, None, capacity, expiry),
                 retry=True,
             )
-            if owner is not None:
-                self.local_groups.add(group, channel)
+            return
+        owner = process_token(channel)
+        if owner == self.client_token:
+            await self._with_conn(
+                lambda conn: conn.fetchval(self._sql.group_join_own, group, channel, owner, capacity, expiry),
+                retry=True,
+            )
+            self.local_groups.add(group, channel)
             return
         notice_expiry = float(self.channel_expiry)
         await self._with_conn(
@@ -1384,13 +1407,17 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        owner = process_token(channel) if is_process_specific(channel) else None
-        if owner is None or owner == self.client_token:
+        if not is_process_specific(channel):
             await self._with_conn(
                 lambda conn: conn.execute(self._sql.group_discard, group, channel), retry=True
             )
-            if owner is not None:
-                self.local_groups.discard(group, channel)
+            return
+        owner = process_token(channel)
+        if owner == self.client_token:
+            await self._with_conn(
+                lambda conn: conn.fetchval(self._sql.group_leave, group, channel, owner), retry=True
+            )
+            self.local_groups.discard(group, channel)
             return
         notice_expiry = float(self.channel_expiry)
         await self._with_conn(
@@ -1409,9 +1436,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
         if row is None:  # cannot happen: the query aggregates into one row
             return
-        local: list[str] | None = row["local_members"]
-        if local:
-            self.deliver_many(local, self.decode(data))
+        if group in self.local_groups:
+            self.deliver_to_local_members(group, self.decode(data))
         if row["skipped"]:
             logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
 
@@ -1436,9 +1462,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
         assert row is not None  # the function returns one row
         position = StreamPosition(row["position_offset"], row["position_epoch"])
-        local: list[str] | None = row["local_members"]
-        if local:
-            self.deliver_many(local, {**self.decode(data), POSITION_KEY: position.as_dict()})
+        if group in self.local_groups:
+            self.deliver_to_local_members(group, {**self.decode(data), POSITION_KEY: position.as_dict()})
         if row["skipped"]:
             logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
         return position
@@ -1571,7 +1596,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", key):
                     return False
                 messages = await conn.execute(self._sql.prune_messages)
-                members = await conn.execute(self._sql.prune_members)
+                members = [await conn.execute(statement) for statement in self._sql.prune_members]
                 history = await conn.fetchrow(self._sql.prune_history) if self.history else None
             logger.debug(
                 "pruned expired rows: %s messages, %s group members, history %s", messages, members, history
@@ -1591,7 +1616,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             # Nobody can receive on this instance's channels any more: drop its inbox
             # and memberships instead of letting group_send feed them until expiry.
             async def forget(conn: _Conn) -> None:
-                await conn.execute(self._sql.forget_owner, self.client_token)
+                for statement in self._sql.forget_owner:
+                    await conn.execute(statement, self.client_token)
                 await conn.execute(self._sql.drop_inbox, self._inbox)
                 if self._presence_ready:
                     # Our liveness record (and any entry left over): nobody need reap us.

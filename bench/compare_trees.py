@@ -104,8 +104,8 @@ def main() -> None:
             for key in FIGURES[scenario]
             if good and key in good[0]
         }
-        shown = {k: f"{v * 1000:.2f} ms" if "p50" in k else f"{v:,.0f}" for k, v in figures.items()}
-        print(f"{name:>9} {scenario:8} n={len(good)} {shown}", flush=True)
+        medians = {k: f"{v * 1000:.2f} ms" if "p50" in k else f"{v:,.0f}" for k, v in figures.items()}
+        print(f"{name:>9} {scenario:8} n={len(good)} {medians}", flush=True)
 
 
 if __name__ == "__main__":

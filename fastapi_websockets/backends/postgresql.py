@@ -25,9 +25,9 @@ read a history group in one round trip (see :func:`_history_ddl`).
 Each layer instance holds one LISTEN connection and a small pool. ``send`` is a
 single statement (insert + ``pg_notify``); ``group_send`` is a single
 statement that reads the owner rows and the named members, stores one row per
-owning process and per named member, and notifies each queue once. An inbox row rides in its
-notification's payload when it fits, so the owner handles it without a round
-trip and deletes it later in a batch; the notifications of named channels are
+owning process and per named member, and notifies each queue once. An inbox
+row rides in its notification's payload when it fits, so the owner handles it
+without a round trip and deletes it later in a batch; the notifications of named channels are
 empty, and their rows are claimed in batches with ``DELETE ... RETURNING``
 (``FOR UPDATE SKIP LOCKED`` so several processes can read one named channel).
 Nothing polls while the listener is connected; while it is reconnecting,

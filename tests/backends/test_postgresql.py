@@ -195,15 +195,16 @@ async def test_concurrent_joins_and_leaves_never_lose_the_owner_row(
 async def test_members_added_by_another_process_expire_one_by_one(make: Factory) -> None:
     # The owner's record of members another process added expires member by
     # member, like the table: a refresh (another add) keeps only that member.
-    owner, other, sender = make(group_expiry=2), make(group_expiry=2), make()
+    owner, other, sender = make(group_expiry=3), make(group_expiry=3), make()
     old, new = await owner.new_channel(), await owner.new_channel()
+    await sender.new_channel()  # connected before the clock matters
     await other.group_add("expiring", old)
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(1.5)
     await other.group_add("expiring", new)
     await sender.group_send("expiring", {"type": "both"})
     assert (await owner.receive(old, timeout=10))["type"] == "both"
     assert (await owner.receive(new, timeout=10))["type"] == "both"
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(1.6)
     await sender.group_send("expiring", {"type": "one"})
     assert (await owner.receive(new, timeout=10))["type"] == "one"
     with pytest.raises(TimeoutError):

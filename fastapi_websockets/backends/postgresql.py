@@ -303,26 +303,12 @@ member AS (
         # (group rows carry only the group's name), so it is told, through its inbox
         # and in order with the group's messages ($3: the owner's token).
         self.group_add_notice = f"""{self.group_join},
-notice AS (
-    INSERT INTO {s}.message (queue, targets, expires_at, data)
-    SELECT '!' || $3, ARRAY[NULL, 'j', $1, $2], now() + make_interval(secs => $6), ''::bytea FROM member
-    RETURNING id, queue
-)
-SELECT pg_notify({_notify_sql("$7", "notice.queue")}, 'j' || notice.id || ' ' || $1 || ' ' || $2)
-FROM notice
-"""
+{_notice(s, "j", "member", "$6", "$7")}"""
         self.group_discard_notice = f"""
 WITH gone AS (
     SELECT {s}.group_leave($1, $2, $3) AS done
 ),
-notice AS (
-    INSERT INTO {s}.message (queue, targets, expires_at, data)
-    SELECT '!' || $3, ARRAY[NULL, 'l', $1, $2], now() + make_interval(secs => $4), ''::bytea FROM gone
-    RETURNING id, queue
-)
-SELECT pg_notify({_notify_sql("$5", "notice.queue")}, 'l' || notice.id || ' ' || $1 || ' ' || $2)
-FROM notice
-"""
+{_notice(s, "l", "gone", "$4", "$5")}"""
         self.group_send = _fan_out(s)
         self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_owner; DELETE FROM {s}.group_member"
         self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
@@ -432,6 +418,23 @@ RETURNING p.group_name, p.channel, p.info
             f"DELETE FROM {s}.presence WHERE owner = $1",
         ]
         self.flush_presence = f"DELETE FROM {s}.presence; DELETE FROM {s}.presence_owner"
+
+
+def _notice(s: str, kind: str, after: str, expiry: str, schema: str) -> str:
+    """The end of a statement that tells owner ``$3`` that its channel ``$2`` joined or left group ``$1``.
+
+    ``kind`` is ``j`` or ``l``; the notice is stored in the owner's inbox (once
+    the CTE ``after`` has run) and rides in its notification.
+    """
+    return f"""notice AS (
+    INSERT INTO {s}.message (queue, targets, expires_at, data)
+    SELECT '!' || $3, ARRAY[NULL, '{kind}', $1, $2], now() + make_interval(secs => {expiry}), ''::bytea
+    FROM {after}
+    RETURNING id, queue
+)
+SELECT pg_notify({_notify_sql(schema, "notice.queue")}, '{kind}' || notice.id || ' ' || $1 || ' ' || $2)
+FROM notice
+"""
 
 
 def _fan_out(s: str, offset: str = "NULL::bigint", epoch: str = "NULL::text") -> str:

@@ -8,6 +8,8 @@ import venv
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,9 @@ def run(*command: str | Path, cwd: Path = ROOT) -> str:
     return result.stdout
 
 
+# Builds a wheel and installs it with its dependencies into a new virtualenv: 60-100 s on two
+# busy cores, too close to the suite's default 120 s limit.
+@pytest.mark.timeout(300)
 def test_wheel_installs_with_an_extra_into_a_clean_virtualenv(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     run(sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", dist, ROOT)

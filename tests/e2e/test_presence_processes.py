@@ -4,6 +4,7 @@ after it is killed with SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -51,12 +52,13 @@ async def peer(env: dict[str, str], group: str, count: int) -> AsyncIterator[tup
         assert proc.stderr is not None
         line = (await proc.stdout.readline()).decode().strip()
         if not line:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have exited already
+                proc.kill()
             error = (await proc.stderr.read()).decode()
             raise AssertionError(f"the peer process did not join: {error[-2000:]}")
         yield proc, line.split(",")
     finally:
-        if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
             proc.kill()
         await proc.wait()
 

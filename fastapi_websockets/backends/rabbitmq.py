@@ -55,6 +55,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import random
 import re
 import ssl
 import time
@@ -62,7 +63,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import missing_driver
@@ -77,7 +78,7 @@ from fastapi_websockets.backends.options import (
 )
 from fastapi_websockets.backends.options import url as url_option
 from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
-from fastapi_websockets.backends.timeouts import within
+from fastapi_websockets.backends.timeouts import bounded, within
 from fastapi_websockets.backends.tls import client_context, require_secure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
@@ -97,6 +98,7 @@ from fastapi_websockets.names import is_process_specific, new_token, process_tok
 from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
+    import aiormq
     from aio_pika.abc import (
         AbstractIncomingMessage,
         AbstractRobustChannel,
@@ -104,6 +106,8 @@ if TYPE_CHECKING:
         AbstractRobustExchange,
         AbstractRobustQueue,
     )
+
+    from fastapi_websockets.backends.rabbitmq_wire import BatchedAcks, ConfirmingPublisher
 
     #: What a named-channel consumer holds for its receivers: a delivery not
     #: acked yet, or a message already acked for a receiver that was cancelled.
@@ -497,7 +501,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._delivery_error: type[Exception] = Exception
         self._publish_error: type[Exception] = Exception
         self._precondition_failed: type[Exception] = Exception
-        self._message_class: Any = None
+        self._message_class: Any = None  # aio-pika's, for publishes on other channels
+        self._properties_class: Any = None  # pamqp's, for publishes on the confirm channel
+        self._publisher: ConfirmingPublisher | None = None
+        self._acks: BatchedAcks | None = None
         self._starting: asyncio.Task[None] | None = None
         self._history_channel: AbstractRobustChannel | None = None  # history stream consumers
         self._streams: dict[str, _HistoryStream] = {}  # by group
@@ -537,6 +544,13 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._publish_error = aiormq.exceptions.PublishError
         self._precondition_failed = aiormq.exceptions.ChannelPreconditionFailed
         self._message_class = aio_pika.Message
+        from pamqp.commands import Basic
+
+        from fastapi_websockets.backends.rabbitmq_wire import BatchedAcks, ConfirmingPublisher
+
+        self._properties_class = Basic.Properties
+        self._publisher = ConfirmingPublisher(self._spawn_writer)
+        self._acks = BatchedAcks()
         try:
             # No time limit around it: cancelling connect_robust half way would
             # leave its reconnect task running; its own timeout applies.
@@ -657,33 +671,60 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             raise self.unavailable(f"{what} failed: {exc!r}") from exc
 
     async def _publish_with(
-        self, exchange: Any, message: Any, routing_key: str, *, what: str, mandatory: bool
+        self, exchange: str, routing_key: str, body: bytes, properties: Any, *, what: str, mandatory: bool
     ) -> None:
         """Publish on the confirm channel; BackendUnavailable if no confirm comes within ``timeout``.
 
-        Not through :meth:`_broker`: a publish is no RPC (giving up on its
-        confirm leaves the channel open), so aiormq's own timeout bounds it
-        without a task per message. A message whose confirm came too late may
+        Through the batching publisher (see ``rabbitmq_wire``): concurrent
+        publishes share one write and wait for their confirms together. Not
+        through :meth:`_broker`: a publish is no RPC (giving up on its confirm
+        leaves the channel open). A message whose confirm came too late may
         still be delivered: the caller was told it might not be, never that it was.
         """
-        left = await self._ready(self._channel, what)
+        channel, publisher = self._channel, self._publisher
+        assert channel is not None
+        assert publisher is not None
+        left = await self._ready(channel, what)
         try:
-            await exchange.publish(message, routing_key, mandatory=mandatory, timeout=left)
-        except asyncio.TimeoutError:
-            raise self.unavailable(f"no publisher confirm within {self.timeout} s ({what})") from None
+            underlay = cast("aiormq.Channel", await channel.get_underlay_channel())
+            confirm = publisher.publish(
+                underlay, exchange, routing_key, body, properties, mandatory=mandatory
+            )
+            late = f"no publisher confirm within {self.timeout} s ({what})"
+            await bounded(confirm, left, lambda: self.unavailable(late))
         except self._delivery_error:
             raise
         except self._errors as exc:
             raise self.unavailable(f"{what} failed: {exc!r}") from exc
 
-    def _message(self, data: bytes, kind: str, headers: dict[str, Any] | None, persistent: bool) -> Any:
-        return self._message_class(
-            data,
-            type=kind,
+    def _properties(
+        self,
+        kind: str,
+        *,
+        headers: dict[str, Any] | None = None,
+        expiration: float | None = None,
+        persistent: bool = False,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> Any:
+        """The AMQP properties of a publish on the confirm channel (pamqp's ``Basic.Properties``).
+
+        Every publish gets a random ``message_id``: returns are matched by it,
+        and the inbox drops a redelivery of an id it already handed out.
+        """
+        return self._properties_class(
+            message_type=kind,
             headers=headers,
-            expiration=self.channel_expiry,
+            expiration=None if expiration is None else str(int(expiration * 1000)),
             delivery_mode=2 if persistent else 1,
+            message_id=message_id or f"{random.getrandbits(128):032x}",
+            correlation_id=correlation_id,
+            reply_to=reply_to,
         )
+
+    def _spawn_writer(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.tasks.spawn(coro, "publish batch")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         # From driver callbacks, which may still fire while the layer closes.
@@ -718,8 +759,12 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 # unacked and, a prefetch window later, leave this process deaf.
                 self.stats.dropped_undecodable += 1
                 logger.exception("dropped an inbox message (type %r) that failed to dispatch", incoming.type)
+        acks = self._acks
+        assert acks is not None
+        assert incoming.delivery_tag is not None
         try:
-            await incoming.ack()
+            # Batched: one multiple ack for the deliveries of one loop turn.
+            await acks.ack(cast("aiormq.Channel", incoming.channel), incoming.delivery_tag)
         except self._errors as exc:
             # The channel went away; the broker requeues the message in the
             # inbox, which outlives the connection, and redelivers it.
@@ -768,25 +813,30 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     async def _send_remote(self, channel: str, data: bytes) -> None:
         if is_process_specific(channel):
             token = process_token(channel)
-            message = self._message(data, _SEND, {"channel": channel}, persistent=False)
-            await self._publish(message, _inbox_routing_key(token), what=f"send to {channel!r}")
+            properties = self._properties(_SEND, headers={"channel": channel}, expiration=self.channel_expiry)
+            await self._publish(data, properties, _inbox_routing_key(token), what=f"send to {channel!r}")
             return
         await self._send_named(channel, data)
 
-    async def _publish(self, message: Any, routing_key: str, *, what: str, mandatory: bool = False) -> None:
-        await self._publish_with(self._exchange, message, routing_key, what=what, mandatory=mandatory)
+    async def _publish(
+        self, body: bytes, properties: Any, routing_key: str, *, what: str, mandatory: bool = False
+    ) -> None:
+        await self._publish_with(
+            self.exchange_name, routing_key, body, properties, what=what, mandatory=mandatory
+        )
 
     async def _send_named(self, channel: str, data: bytes) -> None:
         name = named_queue_name(self.queue_prefix, channel)
         if name not in self._declared:
             await self._uncancellable(self._declare_named(channel), f"declare of {name!r}")
         queue = name
-        message = self._message(data, _SEND, None, persistent=self.durable)
-        assert self._channel is not None
-        default = self._channel.default_exchange
+        properties = self._properties(_SEND, expiration=self.channel_expiry, persistent=self.durable)
         for attempt in (1, 2):
             try:
-                await self._publish_with(default, message, queue, what=f"send to {channel!r}", mandatory=True)
+                # The default exchange routes by queue name.
+                await self._publish_with(
+                    "", queue, data, properties, what=f"send to {channel!r}", mandatory=True
+                )
                 return
             except self._publish_error:
                 # Returned as unroutable: the queue expired (x-expires) since we
@@ -1084,9 +1134,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # owns it: ask it to apply the change and wait until it has (bindings
         # included), so that a group_send from anywhere afterwards sees it.
         token = new_token()
-        message = self._message_class(
-            b"",
-            type=kind,
+        properties = self._properties(
+            kind,
             headers={"group": group, "channel": channel},
             correlation_id=token,
             reply_to=_inbox_routing_key(self.client_token),
@@ -1097,7 +1146,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         try:
             try:
                 await self._publish(
-                    message,
+                    b"",
+                    properties,
                     _inbox_routing_key(process_token(channel)),
                     what=f"{kind} of {channel!r}",
                     mandatory=True,
@@ -1115,8 +1165,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     async def _apply_and_reply(self, group: str, reply_to: str | None, correlation_id: str | None) -> None:
         await self._sync_binding(group)
         if reply_to and correlation_id:
-            reply = self._message_class(b"", type=_REPLY, correlation_id=correlation_id)
-            await self._publish(reply, reply_to, what="group membership reply")
+            reply = self._properties(_REPLY, correlation_id=correlation_id)
+            await self._publish(b"", reply, reply_to, what="group membership reply")
 
     async def _sync_binding(self, group: str) -> None:
         """Bind the inbox to ``group`` iff a local channel is a member."""
@@ -1201,9 +1251,11 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             self._named_bindings.discard((channel, group))
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        message = self._message(data, _GROUP, {"group": group}, persistent=self.durable)
+        properties = self._properties(
+            _GROUP, headers={"group": group}, expiration=self.channel_expiry, persistent=self.durable
+        )
         try:
-            await self._publish(message, group_routing_key(group), what=f"group_send to {group!r}")
+            await self._publish(data, properties, group_routing_key(group), what=f"group_send to {group!r}")
         except self._delivery_error:
             # A full named member refused its copy; the others got theirs.
             self.stats.dropped_full += 1
@@ -1503,10 +1555,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         The probe is mandatory: the broker returns it when nothing is bound.
         Named readers drop it, and it expires at once where nobody reads.
         """
-        probe = self._message_class(b"", type=_PROBE, expiration=0.001, delivery_mode=1)
+        probe = self._properties(_PROBE, expiration=0.001)
         try:
             await self._publish(
-                probe, group_routing_key(group), what=f"probe of group {group!r}", mandatory=True
+                b"", probe, group_routing_key(group), what=f"probe of group {group!r}", mandatory=True
             )
         except self._publish_error:
             return False  # returned: nothing is bound
@@ -1581,22 +1633,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     ) -> int:
         """Append one entry to the stream; return its stream offset, as the tap reports it."""
         token = new_token()
-        message = self._message_class(
-            body,
-            type=kind,
-            message_id=token,
-            headers={"e": epoch or stream.epoch, "t": _now_ms()},
-            delivery_mode=2,
+        properties = self._properties(
+            kind, message_id=token, headers={"e": epoch or stream.epoch, "t": _now_ms()}, persistent=True
         )
         seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         stream.pending[token] = seen
         try:
-            assert self._channel is not None
-            default = self._channel.default_exchange
             try:
-                await self._publish_with(
-                    default, message, stream.name, what=f"history write to {stream.name!r}", mandatory=True
-                )
+                what = f"history write to {stream.name!r}"
+                await self._publish_with("", stream.name, body, properties, what=what, mandatory=True)
             except self._publish_error:
                 # Returned as unroutable: the stream was deleted.
                 self._forget_stream(group, f"history stream {stream.name!r} was deleted", deleted=True)

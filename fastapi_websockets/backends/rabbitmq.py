@@ -618,7 +618,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 self.inbox_name, durable=self.durable, arguments=arguments
             )
             await self._inbox.bind(self._exchange, _inbox_routing_key(self.client_token))
-            self._inbox_tag = await self._inbox.consume(self._on_inbox)
+            # Not through aio-pika (see _consume_inbox), restored by reopen callbacks.
+            self._inbox_tag = f"fw-i-{self.client_token}"
+            channel.reopen_callbacks.add(self._on_channel_reopen)
+            await self._consume_inbox()
             self._declare_channel = await self._connection.channel(publisher_confirms=False)
             reader_channel = self._reader_channel = await self._connection.channel(publisher_confirms=False)
             await reader_channel.set_qos(prefetch_count=NAMED_PREFETCH)
@@ -741,48 +744,85 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     # --------------------------------------------------------------- inbox
 
-    async def _on_inbox(self, incoming: AbstractIncomingMessage) -> None:
+    # The inbox is consumed on aiormq's channel, below aio-pika: an
+    # aio-pika IncomingMessage per delivery was the largest single cost of a
+    # message received (see "Where the time goes" in docs/architecture.md).
+    # So the consumer is this module's to restore: after every reopen of the
+    # channel (aio-pika has declared the inbox and its bindings again by
+    # then), and when the broker cancels it (the inbox was deleted).
+
+    async def _consume_inbox(self) -> None:
+        channel, tag = self._channel, self._inbox_tag
+        assert channel is not None
+        assert tag is not None
+        underlay = cast("aiormq.Channel", await channel.get_underlay_channel())
+        if tag in underlay.consumers:
+            return  # several triggers may fire for one loss
+        underlay.on_consumer_cancel_callbacks.add(self._on_inbox_cancel)
+        await underlay.basic_consume(self.inbox_name, self._on_inbox, consumer_tag=tag)
+
+    async def _on_channel_reopen(self, channel: AbstractRobustChannel) -> None:
+        if not self.closed:
+            await self._consume_inbox()
+
+    def _on_inbox_cancel(self, frame: Any) -> None:
+        if frame.consumer_tag == self._inbox_tag and not self.closed:
+            self.tasks.keep_running(self._restore_inbox, "inbox restore")
+
+    async def _restore_inbox(self) -> None:
+        inbox = self._inbox
+        assert inbox is not None
+        # Declared and bound again by aio-pika's own restore, then consumed.
+        await self._broker(self._channel, "inbox restore", inbox.restore)
+        await self._broker(self._channel, "inbox consume", self._consume_inbox)
+
+    async def _on_inbox(self, delivered: aiormq.abc.DeliveredMessage) -> None:
         # Everything up to the ack is synchronous, so messages reach the
-        # mailboxes in the order the broker delivered them. aiormq gives every
-        # publish a random message id; a redelivery (the connection dropped
-        # before our ack reached the broker) of one already handed out is skipped.
-        message_id = incoming.message_id
-        if message_id is None or self._recent.first_time(message_id) or not incoming.redelivered:
+        # mailboxes in the order the broker delivered them. Every publish has a
+        # random message id; a redelivery (the connection dropped before our
+        # ack reached the broker) of one already handed out is skipped.
+        properties = delivered.header.properties
+        message_id = properties.message_id
+        if message_id is None or self._recent.first_time(message_id) or not delivered.redelivered:
             try:
-                self._dispatch(incoming)
+                self._dispatch(properties, delivered.body)
             except KeyError as exc:
                 # Not ours to crash on: a foreign publisher left out a header.
                 self.stats.dropped_undecodable += 1
-                logger.warning("dropped an inbox message (type %r) without header %s", incoming.type, exc)
+                logger.warning(
+                    "dropped an inbox message (type %r) without header %s", properties.message_type, exc
+                )
             except Exception:
                 # Acked all the same: a message we cannot handle must not stay
                 # unacked and, a prefetch window later, leave this process deaf.
                 self.stats.dropped_undecodable += 1
-                logger.exception("dropped an inbox message (type %r) that failed to dispatch", incoming.type)
+                logger.exception(
+                    "dropped an inbox message (type %r) that failed to dispatch", properties.message_type
+                )
         acks = self._acks
         assert acks is not None
-        assert incoming.delivery_tag is not None
+        assert delivered.delivery_tag is not None
         try:
             # Batched: one multiple ack for the deliveries of one loop turn.
-            await acks.ack(cast("aiormq.Channel", incoming.channel), incoming.delivery_tag)
+            await acks.ack(cast("aiormq.Channel", delivered.channel), delivered.delivery_tag)
         except self._errors as exc:
             # The channel went away; the broker requeues the message in the
             # inbox, which outlives the connection, and redelivers it.
             logger.debug("could not ack an inbox message: %r", exc)
 
-    def _dispatch(self, incoming: AbstractIncomingMessage) -> None:
-        kind = incoming.type
-        headers = incoming.headers
+    def _dispatch(self, properties: Any, body: bytes) -> None:
+        kind = properties.message_type
+        headers = properties.headers or {}
         if kind == _SEND:
             channel = str(headers["channel"])
-            message = self.decode_or_drop(incoming.body, f"the inbox (for {channel!r})")
+            message = self.decode_or_drop(body, f"the inbox (for {channel!r})")
             if message is not None:
                 self.deliver_local(channel, message)
         elif kind == _GROUP:
             group = str(headers["group"])
             delivered = 0
             if group in self.local_groups:
-                message = self.decode_or_drop(incoming.body, f"the inbox (group {group!r})")
+                message = self.decode_or_drop(body, f"the inbox (group {group!r})")
                 if message is None:
                     return
                 delivered = self.deliver_to_local_members(group, message)
@@ -798,11 +838,11 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             else:
                 self.local_groups.discard(group, channel)
             self._spawn(
-                self._apply_and_reply(group, incoming.reply_to, incoming.correlation_id),
+                self._apply_and_reply(group, properties.reply_to, properties.correlation_id),
                 f"{kind} of {channel!r}",
             )
         elif kind == _REPLY:
-            pending = self._replies.pop(str(incoming.correlation_id), None)
+            pending = self._replies.pop(str(properties.correlation_id), None)
             if pending is not None and not pending.done():
                 pending.set_result(None)
         else:
@@ -1867,8 +1907,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             return
 
         async def delete() -> None:
-            # The consumer first: aio-pika would restore a consumer the broker
-            # cancels, declaring the queue again.
+            # The consumer first: a consumer the broker cancels while the layer
+            # is open is restored, declaring the queue again.
             await inbox.cancel(tag)
             await inbox.delete(if_unused=False, if_empty=False)
 

@@ -521,6 +521,16 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self.history_scans = 0
         self._presence_replica: RabbitPresence | None = None  # made on first use of presence
 
+    @property
+    def publishes(self) -> int:
+        """Messages published on this instance's confirm channel so far (sends, group sends, replies)."""
+        return self._publisher.published if self._publisher is not None else 0
+
+    @property
+    def publish_writes(self) -> int:
+        """The socket writes that carried :attr:`publishes`: concurrent publishes share one."""
+        return self._publisher.writes if self._publisher is not None else 0
+
     # ---------------------------------------------------------- connection
 
     async def _start(self) -> None:

@@ -1042,3 +1042,58 @@ async def test_a_dead_owner_is_announced_once_by_three_racing_reapers(make: Fact
             left.append(event["channel"])
         assert sorted(left) == sorted(theirs)  # each leave once, though three processes reaped
         assert set(await layer.presence("room:d")) == set(watchers)
+
+
+# ----------------------------------------------------------- batched publishes
+
+
+async def test_concurrent_sends_share_writes_and_keep_each_senders_order(make: Factory) -> None:
+    receiver, sender = make(capacity=1000), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm", "task": -1, "i": -1})
+    await receiver.receive(channel, timeout=10)
+    before = (sender.publishes, sender.publish_writes)
+
+    async def sends(task: int) -> None:
+        for i in range(10):
+            await sender.send(channel, {"type": "n", "task": task, "i": i})
+
+    await asyncio.gather(*(sends(task) for task in range(16)))
+    got = [await receiver.receive(channel, timeout=10) for _ in range(160)]
+    for task in range(16):
+        assert [m["i"] for m in got if m["task"] == task] == list(range(10))
+    publishes, writes = sender.publishes - before[0], sender.publish_writes - before[1]
+    assert publishes == 160
+    assert writes < publishes  # 16 senders at once: some publishes shared a write
+
+
+async def test_concurrent_sends_to_a_full_channel_each_get_their_own_answer(make: Factory) -> None:
+    # Acks and nacks of one batch come back together (often as one `multiple`
+    # frame): each send must get its own, so exactly `capacity` are accepted.
+    sender = make(capacity=5)
+    results = await asyncio.gather(
+        *(sender.send("full.batch", {"type": "n", "i": i}) for i in range(12)), return_exceptions=True
+    )
+    assert sum(result is None for result in results) == 5
+    assert all(result is None or isinstance(result, ChannelFull) for result in results)
+    kept = sorted([(await sender.receive("full.batch", timeout=10))["i"] for _ in range(5)])
+    assert len(set(kept)) == 5
+    with pytest.raises(TimeoutError):
+        await sender.receive("full.batch", timeout=0.5)
+
+
+async def test_the_inbox_consumer_comes_back_after_its_queue_is_deleted(
+    make: Factory, prefix: str, node: RabbitNode
+) -> None:
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await receiver.group_add("after-delete", channel)
+    await sender.send(channel, {"type": "before"})
+    assert (await receiver.receive(channel, timeout=10))["type"] == "before"
+    node.ctl("delete_queue", receiver.inbox_name)
+    # The broker cancels the consumer; the layer declares, binds and consumes its inbox again.
+    await eventually(lambda: receiver.inbox_name in consumers(node, prefix), "inbox consumed again")
+    await sender.send(channel, {"type": "after"})
+    await sender.group_send("after-delete", {"type": "group"})
+    assert (await receiver.receive(channel, timeout=10))["type"] == "after"
+    assert (await receiver.receive(channel, timeout=10))["type"] == "group"

@@ -37,12 +37,14 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
   messages it saw, so a read (a mark written, then seen by the tap) is
   answered without reading the stream back whenever they reach far enough.
 
-Every publish waits for its publisher confirm, at most ``timeout`` seconds.
-The connection is aio-pika's robust connection: after a broker restart or a
-dropped connection it declares the exchange and the inbox again (a no-op when
-the broker kept them), restores the inbox's bindings and consumer, while
-waiting ``receive()`` calls keep waiting. Named-channel consumers are
-restarted by this module instead, each in a supervised task with bounded
+Every publish waits for its publisher confirm, at most ``timeout`` seconds;
+concurrent publishes share socket writes and wait for their confirms together
+(``rabbitmq_wire``). The connection is aio-pika's robust connection: after a
+broker restart or a dropped connection it declares the exchange and the inbox
+again (a no-op when the broker kept them) and restores the inbox's bindings,
+while waiting ``receive()`` calls keep waiting. The inbox consumer (on aiormq's
+channel, below aio-pika) and the named-channel consumers are restarted by this
+module instead, each in a supervised task with bounded
 RPCs: a quorum queue that does not answer (RabbitMQ 3.10 after a crash) must
 not stall the whole connection's recovery. Calls made while the broker is
 unreachable, and RPCs it does not answer, raise ``BackendUnavailable`` after

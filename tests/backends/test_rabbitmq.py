@@ -1080,20 +1080,3 @@ async def test_concurrent_sends_to_a_full_channel_each_get_their_own_answer(make
     assert len(set(kept)) == 5
     with pytest.raises(TimeoutError):
         await sender.receive("full.batch", timeout=0.5)
-
-
-async def test_the_inbox_consumer_comes_back_after_its_queue_is_deleted(
-    make: Factory, prefix: str, node: RabbitNode
-) -> None:
-    receiver, sender = make(), make()
-    channel = await receiver.new_channel()
-    await receiver.group_add("after-delete", channel)
-    await sender.send(channel, {"type": "before"})
-    assert (await receiver.receive(channel, timeout=10))["type"] == "before"
-    node.ctl("delete_queue", receiver.inbox_name)
-    # The broker cancels the consumer; the layer declares, binds and consumes its inbox again.
-    await eventually(lambda: receiver.inbox_name in consumers(node, prefix), "inbox consumed again")
-    await sender.send(channel, {"type": "after"})
-    await sender.group_send("after-delete", {"type": "group"})
-    assert (await receiver.receive(channel, timeout=10))["type"] == "after"
-    assert (await receiver.receive(channel, timeout=10))["type"] == "group"

@@ -561,7 +561,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         from fastapi_websockets.backends.rabbitmq_wire import BatchedAcks, ConfirmingPublisher
 
         self._properties_class = Basic.Properties
-        self._publisher = ConfirmingPublisher(self._spawn_writer)
+        self._publisher = ConfirmingPublisher(self._spawn_writer, self.timeout)
         self._acks = BatchedAcks()
         try:
             # No time limit around it: cancelling connect_robust half way would

@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import aiormq
+import pamqp.frame
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
 from pamqp import commands
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
+
+from fastapi_websockets.backends.timeouts import bounded
 
 __all__ = ["BatchedAcks", "ConfirmingPublisher"]
 
@@ -73,8 +77,10 @@ class ConfirmingPublisher:
     count of that channel's publishes.
     """
 
-    def __init__(self, spawn: Spawn) -> None:
+    def __init__(self, spawn: Spawn, timeout: float) -> None:
         self._spawn = spawn
+        #: Seconds a batch may wait for room in aiormq's write queue, then for the socket.
+        self._timeout = timeout
         self._queued: list[_Publish] = []
         self._writing = False
         #: Publishes and socket writes so far: their ratio is the batch size.
@@ -112,54 +118,91 @@ class ConfirmingPublisher:
         finally:
             self._writing = False
             for publish in self._queued:  # only when cancelled (the layer closes)
-                publish.confirm.cancel()
+                if not publish.confirm.done():
+                    publish.confirm.set_exception(ChannelInvalidStateError("the publisher was stopped"))
             self._queued = []
 
     async def _write(self, batch: list[_Publish]) -> None:
-        frames: list[Any] = []
+        frames: list[bytes] = []
+        numbered: list[tuple[int, asyncio.Future[Any]]] = []
         channel = batch[0].channel
         for publish in batch:
             if publish.channel is not channel:
-                await self._flush(channel, frames)  # a reconnect in the middle of a batch
-                channel, frames = publish.channel, []
+                await self._flush(channel, frames, numbered)  # a reconnect in the middle of a batch
+                channel, frames, numbered = publish.channel, [], []
             if publish.confirm.done():
                 continue  # the caller gave up before it was written: never sent
             if channel.is_closed:
                 publish.confirm.set_exception(ChannelInvalidStateError(f"{channel!r} closed"))
+                continue
+            try:
+                frames.append(_marshal(channel, publish))
+            except (TypeError, ValueError, struct.error) as exc:
+                # A property pamqp cannot encode: this publish fails, unnumbered.
+                publish.confirm.set_exception(exc)
                 continue
             # Numbered as the broker counts this channel's publishes; nothing
             # awaits between numbering a publish and queueing its frames.
             channel.delivery_tag += 1
             tag = channel.delivery_tag
             channel.confirmations[tag] = publish.confirm
+            numbered.append((tag, publish.confirm))
             if publish.mandatory:
                 message_id = str(publish.properties.message_id)
                 channel.message_id_delivery_tag[message_id] = tag
                 publish.confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
-            frames.append(
-                commands.Basic.Publish(
-                    exchange=publish.exchange, routing_key=publish.routing_key, mandatory=publish.mandatory
-                )
-            )
-            body = publish.body
-            frames.append(ContentHeader(body_size=len(body), properties=publish.properties))
-            step = channel.max_content_size
-            frames.extend(ContentBody(body[start : start + step]) for start in range(0, len(body), step))
-            self.published += 1
-        await self._flush(channel, frames)
+        await self._flush(channel, frames, numbered)
 
-    async def _flush(self, channel: aiormq.Channel, frames: list[Any]) -> None:
+    async def _flush(
+        self, channel: aiormq.Channel, frames: list[bytes], numbered: list[tuple[int, asyncio.Future[Any]]]
+    ) -> None:
         if not frames:
             return
         drained = channel.create_future()
-        self.writes += 1
+        payload = ChannelFrame(payload=b"".join(frames), should_close=False, drain_future=drained)
         try:
-            await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames, drained))
-            await drained
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            # The channel or connection went away: the channel's future store
-            # has failed every confirm of this batch with the cause.
-            logger.debug("a publish batch was not written: %r", exc)
+            # Bounded: a connection whose writer died leaves its queue full for good.
+            await bounded(channel.write_queue.put(payload), self._timeout, _stalled)
+        except ChannelInvalidStateError as exc:
+            # Never queued, so never counted by the broker: give the tags back
+            # (the next batch must get the numbers the broker will use) and
+            # fail these publishes.
+            channel.delivery_tag -= len(numbered)
+            for tag, confirm in numbered:
+                channel.confirmations.pop(tag, None)
+                if not confirm.done():
+                    confirm.set_exception(exc)
+            drained.cancel()
+            return
+        self.writes += 1
+        self.published += len(numbered)
+        # Queued, so numbered right: the confirms settle these publishes, or the
+        # channel's close fails them with its cause (which this wait leaves to
+        # them, whatever its type). Past the timeout only this wait is given up.
+        done, _ = await asyncio.wait((drained,), timeout=self._timeout)
+        if not done:
+            logger.debug("a publish batch was not written within %s s", self._timeout)
+
+
+def _marshal(channel: aiormq.Channel, publish: _Publish) -> bytes:
+    """The wire frames of one publish: the method, the content header, the body in frame-sized parts."""
+    body, number, step = publish.body, channel.number, channel.max_content_size
+    method = commands.Basic.Publish(
+        exchange=publish.exchange, routing_key=publish.routing_key, mandatory=publish.mandatory
+    )
+    parts = [
+        pamqp.frame.marshal(method, number),
+        pamqp.frame.marshal(ContentHeader(body_size=len(body), properties=publish.properties), number),
+    ]
+    parts.extend(
+        pamqp.frame.marshal(ContentBody(body[start : start + step]), number)
+        for start in range(0, len(body), step)
+    )
+    return b"".join(parts)
+
+
+def _stalled() -> ChannelInvalidStateError:
+    return ChannelInvalidStateError("the connection took no frames within the timeout")
 
 
 class BatchedAcks:

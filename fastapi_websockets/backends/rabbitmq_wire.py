@@ -104,10 +104,14 @@ class ConfirmingPublisher:
         publish; after, the broker may still deliver it.
         """
         confirm = channel.create_future()
-        self._queued.append(_Publish(channel, exchange, routing_key, body, properties, mandatory, confirm))
         if not self._writing:
+            try:
+                self._spawn(self._write_all())  # raises once the layer is closing
+            except BaseException:
+                confirm.cancel()
+                raise
             self._writing = True
-            self._spawn(self._write_all())
+        self._queued.append(_Publish(channel, exchange, routing_key, body, properties, mandatory, confirm))
         return confirm
 
     async def _write_all(self) -> None:

@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
+from fastapi_websockets.backends.locks import KeyedLocks
 from fastapi_websockets.backends.options import (
     Memo,
     flag,
@@ -80,7 +81,7 @@ from fastapi_websockets.backends.options import (
 )
 from fastapi_websockets.backends.options import url as url_option
 from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
-from fastapi_websockets.backends.timeouts import bounded, within
+from fastapi_websockets.backends.timeouts import within
 from fastapi_websockets.backends.tls import client_context, require_secure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
@@ -491,6 +492,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # Named queues by name, so that sends skip the declare.
         self._declared: Memo[str, AbstractRobustQueue] = Memo(size=DECLARED_CACHE_SIZE)
         self._mismatched: set[str] = set()  # named queues that exist with other arguments
+        self._named_sends = KeyedLocks()  # one send in flight per quorum queue (see _send_named)
         self._named_bindings: set[tuple[str, str]] = set()  # (channel, group) bindings it made
         self._bound: set[str] = set()  # groups the inbox is bound to
         self._group_ops: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -702,15 +704,31 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         left = await self._ready(channel, what)
         try:
             underlay = cast("aiormq.Channel", await channel.get_underlay_channel())
-            confirm = publisher.publish(
-                underlay, exchange, routing_key, body, properties, mandatory=mandatory
-            )
-            late = f"no publisher confirm within {self.timeout} s ({what})"
-            await bounded(confirm, left, lambda: self.unavailable(late))
-        except self._delivery_error:
-            raise
         except self._errors as exc:
             raise self.unavailable(f"{what} failed: {exc!r}") from exc
+        confirm = publisher.publish(underlay, exchange, routing_key, body, properties, mandatory=mandatory)
+        # Waited on, not awaited: a channel that closes fails its confirms with
+        # its cause, which can be a CancelledError of aiormq's reader; the caller
+        # must see BackendUnavailable then, and a cancellation only when it was
+        # cancelled itself.
+        try:
+            done, _ = await asyncio.wait((confirm,), timeout=left)
+        except asyncio.CancelledError:
+            confirm.cancel()  # withdrawn if not written yet
+            raise
+        if not done:
+            confirm.cancel()
+            raise self.unavailable(f"no publisher confirm within {self.timeout} s ({what})")
+        if confirm.cancelled():
+            raise self.unavailable(f"{what} failed: the publish was withdrawn")
+        error = confirm.exception()
+        if error is None:
+            return
+        if isinstance(error, self._delivery_error):
+            raise error  # a nack (ChannelFull to a named send) or a return
+        if isinstance(error, (*self._errors, asyncio.CancelledError)):
+            raise self.unavailable(f"{what} failed: {error!r}") from error
+        raise error
 
     def _properties(
         self,
@@ -881,8 +899,19 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         name = named_queue_name(self.queue_prefix, channel)
         if name not in self._declared:
             await self._uncancellable(self._declare_named(channel), f"declare of {name!r}")
-        queue = name
         properties = self._properties(_SEND, expiration=self.channel_expiry, persistent=self.durable)
+        if not self.durable:
+            await self._publish_named(channel, name, data, properties)
+            return
+        # A quorum queue checks x-max-length against what it has applied, so
+        # publishes in flight together all pass the check (measured: 12 of 12
+        # concurrent sends accepted at capacity 5 when batched, 7 to 12 before
+        # batching). One at a time per queue from this instance keeps
+        # `capacity` exact; concurrent sends to other channels still share writes.
+        async with self._named_sends.hold(name):
+            await self._publish_named(channel, name, data, properties)
+
+    async def _publish_named(self, channel: str, queue: str, data: bytes, properties: Any) -> None:
         for attempt in (1, 2):
             try:
                 # The default exchange routes by queue name.
@@ -896,7 +925,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 self._declared.discard(queue)
                 if attempt == 2:
                     raise BackendUnavailable(f"queue {queue!r} vanished twice while sending") from None
-                await self._uncancellable(self._declare_named(channel), f"declare of {name!r}")
+                await self._uncancellable(self._declare_named(channel), f"declare of {queue!r}")
             except self._delivery_error:
                 raise ChannelFull(channel, self.capacity_for(channel)) from None
 

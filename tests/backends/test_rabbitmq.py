@@ -1067,10 +1067,15 @@ async def test_concurrent_sends_share_writes_and_keep_each_senders_order(make: F
     assert writes < publishes  # 16 senders at once: some publishes shared a write
 
 
-async def test_concurrent_sends_to_a_full_channel_each_get_their_own_answer(make: Factory) -> None:
+@pytest.mark.parametrize("durable", [True, False], ids=["quorum", "classic"])
+async def test_concurrent_sends_to_a_full_channel_each_get_their_own_answer(
+    make: Factory, durable: bool
+) -> None:
     # Acks and nacks of one batch come back together (often as one `multiple`
     # frame): each send must get its own, so exactly `capacity` are accepted.
-    sender = make(capacity=5)
+    # A quorum queue checks its length against what it applied, so the layer
+    # keeps one send in flight per quorum queue (12 of 12 got in without).
+    sender = make(capacity=5, durable=durable)
     results = await asyncio.gather(
         *(sender.send("full.batch", {"type": "n", "i": i}) for i in range(12)), return_exceptions=True
     )

@@ -244,6 +244,10 @@ class BaseChannelLayer(abc.ABC):
 
     def is_local(self, channel: str) -> bool:
         """Whether messages for ``channel`` are delivered to this instance's mailboxes."""
+        # Every receive asks this: a set lookup answers for the channels in use without
+        # parsing the name (a fan-out to 1,000 local receivers asks 1,000 times a round).
+        if channel in self._live_channels:
+            return True
         return is_process_specific(channel) and process_token(channel) == self.client_token
 
     # ---------------------------------------------------------- serialization

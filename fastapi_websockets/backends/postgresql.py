@@ -1,15 +1,22 @@
-"""The PostgreSQL backend: messages live in tables, LISTEN/NOTIFY only wakes readers.
+"""The PostgreSQL backend: messages live in tables, LISTEN/NOTIFY wakes readers.
 
-Two tables in the configured schema hold everything:
+Three tables in the configured schema hold everything:
 
 * ``message``: one row per stored message. ``queue`` is the channel name of a
   named channel, or ``"!" + token`` for the inbox of one layer instance (a
-  channel name never starts with ``!``). An inbox row carries in ``targets``
-  the process-specific channels it is for, so one ``group_send`` stores one row
-  per owning process, not one per member.
+  channel name never starts with ``!``). An inbox row says in ``targets`` what
+  it is for: the channel of a ``send``, or ``{NULL, kind, group, ...}`` for a
+  group message (``g``) or a membership notice (``j``/``l``), so one
+  ``group_send`` stores one small row per owning process, not one per member.
 * ``group_member``: one row per (group, channel), each with its own expiry;
   ``owner`` is the process token of a process-specific member, NULL for a
   named one.
+* ``group_owner``: one row per (group, process with members in it), expiring
+  with its longest-lived member and removed with its last one. ``group_send``
+  reads these, not the members: each owning process delivers to its own
+  record of its members (``local_groups``), which its own joins and leaves
+  keep, and another process's joins and leaves of its channels reach as
+  notices in its inbox, in order with the group's messages.
 
 Layers with the ``history`` option add ``history_stream`` (a counter row per
 group) and ``history_entry`` (the stored messages), and functions that send or
@@ -17,14 +24,15 @@ read a history group in one round trip (see :func:`_history_ddl`).
 
 Each layer instance holds one LISTEN connection and a small pool. ``send`` is a
 single statement (insert + ``pg_notify``); ``group_send`` is a single
-statement that reads the members, stores one row per owning process and per
-named member, and notifies each queue once. NOTIFY payloads are empty: the
-channel name of the notification says which queue has rows, and the rows are
-claimed in batches with ``DELETE ... RETURNING`` (``FOR UPDATE SKIP LOCKED`` so
-several processes can read one named channel). Nothing polls while the listener
-is connected; while it is reconnecting, readers re-check the tables every
-``poll_interval``, and after it is back they re-check once, so whatever was
-stored meanwhile is delivered.
+statement that reads the owner rows and the named members, stores one row per
+owning process and per named member, and notifies each queue once. An inbox
+row rides in its notification's payload when it fits, so the owner handles it
+without a round trip and deletes it later in a batch; the notifications of named channels are
+empty, and their rows are claimed in batches with ``DELETE ... RETURNING``
+(``FOR UPDATE SKIP LOCKED`` so several processes can read one named channel).
+Nothing polls while the listener is connected; while it is reconnecting,
+readers re-check the tables every ``poll_interval``, and after it is back they
+re-check once, so whatever was stored meanwhile is delivered.
 """
 
 from __future__ import annotations
@@ -86,6 +94,10 @@ _ACK_DELAY = 0.05
 _CLAIMED_KEPT = 10_000
 #: Most sends to process-specific channels written in one statement.
 _SEND_BATCH = 500
+#: Bytes of rows one NOTIFY payload carries (PostgreSQL refuses 8000 and more).
+_NOTE_LIMIT = 7900
+#: Bytes of a payload line besides channel and base64: kind, the longest bigint, two spaces, a newline.
+_NOTE_LINE_OVERHEAD = 1 + 20 + 3
 #: Most rows claimed per round trip from a named channel (never more than waiters).
 _NAMED_BATCH = 100
 #: Seconds a named channel stays LISTENed after its last local receiver left, so
@@ -155,6 +167,36 @@ CREATE TABLE IF NOT EXISTS {s}.group_member (
 );
 CREATE INDEX IF NOT EXISTS group_member_owner ON {s}.group_member (owner);
 CREATE INDEX IF NOT EXISTS group_member_expires_at ON {s}.group_member (expires_at);
+CREATE INDEX IF NOT EXISTS group_member_group_owner ON {s}.group_member (group_name, owner);
+CREATE INDEX IF NOT EXISTS group_member_named ON {s}.group_member (group_name) WHERE owner IS NULL;
+-- One row per (group, process with members in it), living as long as its
+-- longest-lived member: group_send reads these (a few rows), not every member.
+CREATE TABLE IF NOT EXISTS {s}.group_owner (
+    group_name text NOT NULL,
+    owner text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (group_name, owner)
+);
+CREATE INDEX IF NOT EXISTS group_owner_owner ON {s}.group_owner (owner);
+CREATE INDEX IF NOT EXISTS group_owner_expires_at ON {s}.group_owner (expires_at);
+-- Removes a process-specific member, and its process's owner row when that was
+-- its last live member in the group. Statements of their own (each with a fresh
+-- snapshot) after the owner row's lock: a member added meanwhile by another
+-- session (which takes that lock first, see group_join) is seen, so the owner
+-- row is never dropped from under a live member.
+CREATE OR REPLACE FUNCTION {s}.group_leave(p_group text, p_channel text, p_owner text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM 1 FROM {s}.group_owner WHERE group_name = p_group AND owner = p_owner FOR UPDATE;
+    DELETE FROM {s}.group_member WHERE group_name = p_group AND channel = p_channel;
+    DELETE FROM {s}.group_owner AS o
+    WHERE o.group_name = p_group AND o.owner = p_owner AND NOT EXISTS (
+        SELECT 1 FROM {s}.group_member AS m
+        WHERE m.group_name = p_group AND m.owner = p_owner AND m.expires_at > now()
+    );
+    RETURN 1;
+END
+$fn$;
 """
         # A named channel: stored only while it holds fewer than $4 live messages.
         self.send_named = f"""
@@ -165,10 +207,14 @@ RETURNING pg_notify($5, '')
 """
         # Process-specific channels: rows for their owners' inboxes, many sends in
         # one statement (in order). Their capacity is enforced by the owner's local
-        # mailboxes. Each row's NOTIFY carries the row itself ("id channel base64"),
-        # so the owner delivers it without a claim round trip and deletes it later in
-        # a batch; a row too big for a payload (8000 bytes) gets an empty one, and
-        # the owner claims it.
+        # mailboxes. The NOTIFY carries the rows themselves (lines "m<id> channel
+        # base64"), so the owner delivers them without a claim round trip and deletes
+        # them later in a batch. One NOTIFY per chunk ($5, numbered by the caller so
+        # that a chunk holds rows of one inbox and fits a payload) rather than one
+        # per row: the notification queue, the listening backend, the driver and the
+        # reader each handle one message for many rows. A row too big for a payload
+        # (8000 bytes) is a chunk of its own with an empty payload, and the owner
+        # claims it.
         self.send_inboxes = f"""
 WITH stored AS (
     INSERT INTO {s}.message (queue, targets, expires_at, data)
@@ -177,15 +223,28 @@ WITH stored AS (
     ORDER BY m.n
     RETURNING id, queue, targets[1] AS channel, data
 ),
+-- Ids follow the input order (the insert numbers rows as it reads them in order).
+numbered AS (
+    SELECT stored.*, row_number() OVER (ORDER BY id) AS n FROM stored
+),
+notes AS (
+    SELECT
+        min(numbered.queue) AS queue,
+        min(numbered.id) AS first,
+        string_agg(
+            'm' || numbered.id || ' ' || numbered.channel || ' '
+                || translate(encode(numbered.data, 'base64'), E'\\n', ''),
+            E'\\n' ORDER BY numbered.id
+        ) AS payload
+    FROM numbered JOIN unnest($5::int[]) WITH ORDINALITY AS c(chunk, n) USING (n)
+    GROUP BY c.chunk
+),
 woken AS (
     SELECT pg_notify(
-        {_notify_sql("$5", "note.queue")},
+        {_notify_sql("$6", "note.queue")},
         CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
     )
-    FROM (
-        SELECT queue, id || ' ' || channel || ' ' || encode(data, 'base64') AS payload
-        FROM stored ORDER BY id
-    ) AS note
+    FROM (SELECT queue, payload FROM notes ORDER BY first) AS note
 )
 SELECT count(*) FROM woken
 """
@@ -213,6 +272,7 @@ WITH restored AS (
 )
 SELECT count(*) FROM restored, pg_notify($5, '')
 """
+        # A named channel ($3 is NULL).
         self.group_add = f"""
 INSERT INTO {s}.group_member (group_name, channel, owner, capacity, expires_at)
 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
@@ -220,8 +280,37 @@ ON CONFLICT (group_name, channel) DO UPDATE
 SET owner = EXCLUDED.owner, capacity = EXCLUDED.capacity, expires_at = EXCLUDED.expires_at
 """
         self.group_discard = f"DELETE FROM {s}.group_member WHERE group_name = $1 AND channel = $2"
+        # A process-specific channel ($3: its owner's token): the owner row first
+        # (the member's insert reads its result, so it runs after it), so that
+        # joins and group_leave take their locks in the same order.
+        self.group_join = f"""
+WITH owner_row AS (
+    INSERT INTO {s}.group_owner AS o (group_name, owner, expires_at)
+    VALUES ($1, $3, now() + make_interval(secs => $5))
+    ON CONFLICT (group_name, owner) DO UPDATE SET expires_at = greatest(o.expires_at, EXCLUDED.expires_at)
+    RETURNING group_name
+),
+member AS (
+    INSERT INTO {s}.group_member (group_name, channel, owner, capacity, expires_at)
+    SELECT group_name, $2::text, $3::text, $4::integer, now() + make_interval(secs => $5) FROM owner_row
+    ON CONFLICT (group_name, channel) DO UPDATE
+    SET owner = EXCLUDED.owner, capacity = EXCLUDED.capacity, expires_at = EXCLUDED.expires_at
+    RETURNING 1
+)"""
+        self.group_join_own = self.group_join + "\nSELECT count(*) FROM member"
+        self.group_leave = f"SELECT {s}.group_leave($1, $2, $3)"
+        # A member of another process: its owner keeps a record of its members
+        # (group rows carry only the group's name), so it is told, through its inbox
+        # and in order with the group's messages ($3: the owner's token).
+        self.group_add_notice = f"""{self.group_join},
+{_notice(s, "j", "member", "$6", "$7")}"""
+        self.group_discard_notice = f"""
+WITH gone AS (
+    SELECT {s}.group_leave($1, $2, $3) AS done
+),
+{_notice(s, "l", "gone", "$4", "$5")}"""
         self.group_send = _fan_out(s)
-        self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_member"
+        self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_owner; DELETE FROM {s}.group_member"
         self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
         self.history_send = f"SELECT * FROM {s}.history_send($1, $2, $3, $4, $5, $6, $7, $8)"
         self.history_append = f"SELECT * FROM {s}.history_append($1, $2, $3, $4, $5)"
@@ -231,10 +320,17 @@ WITH streams AS (DELETE FROM {s}.history_stream WHERE expires_at <= now() RETURN
 entries AS (DELETE FROM {s}.history_entry WHERE expires_at <= now() RETURNING 1)
 SELECT (SELECT count(*) FROM streams) AS streams, (SELECT count(*) FROM entries) AS entries
 """
-        self.forget_owner = f"DELETE FROM {s}.group_member WHERE owner = $1"
+        # Owner rows before member rows: the order group_leave locks them in.
+        self.forget_owner = [
+            f"DELETE FROM {s}.group_owner WHERE owner = $1",
+            f"DELETE FROM {s}.group_member WHERE owner = $1",
+        ]
         self.drop_inbox = f"DELETE FROM {s}.message WHERE queue = $1"
         self.prune_messages = f"DELETE FROM {s}.message WHERE expires_at <= now()"
-        self.prune_members = f"DELETE FROM {s}.group_member WHERE expires_at <= now()"
+        self.prune_members = [
+            f"DELETE FROM {s}.group_owner WHERE expires_at <= now()",
+            f"DELETE FROM {s}.group_member WHERE expires_at <= now()",
+        ]
         # A catalog query, not to_regclass(): that one answers from the session's
         # cache, which can still say "missing" after another session created the
         # tables and so make this one run DDL against tables already in use.
@@ -243,7 +339,7 @@ SELECT count(*) = cardinality($2::text[])
 FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = ANY($2::text[])
 """
-        self.tables = ["message", "group_member"]
+        self.tables = ["message", "group_member", "group_owner"]
         self.history_tables = ["history_stream", "history_entry"]
         self.create_history = _history_ddl(s)
         self.presence_tables = ["presence_owner", "presence"]
@@ -324,47 +420,81 @@ RETURNING p.group_name, p.channel, p.info
         self.flush_presence = f"DELETE FROM {s}.presence; DELETE FROM {s}.presence_owner"
 
 
+def _notice(s: str, kind: str, after: str, expiry: str, schema: str) -> str:
+    """The end of a statement that tells owner ``$3`` that its channel ``$2`` joined or left group ``$1``.
+
+    ``kind`` is ``j`` or ``l``; the notice is stored in the owner's inbox (once
+    the CTE ``after`` has run) and rides in its notification.
+    """
+    return f"""notice AS (
+    INSERT INTO {s}.message (queue, targets, expires_at, data)
+    SELECT '!' || $3, ARRAY[NULL, '{kind}', $1, $2], now() + make_interval(secs => {expiry}), ''::bytea
+    FROM {after}
+    RETURNING id, queue
+)
+SELECT pg_notify({_notify_sql(schema, "notice.queue")}, '{kind}' || notice.id || ' ' || $1 || ' ' || $2)
+FROM notice
+"""
+
+
 def _fan_out(s: str, offset: str = "NULL::bigint", epoch: str = "NULL::text") -> str:
     """The ``group_send`` statement (parameters $1 to $5), stamping rows with a history position.
 
-    One statement: read the live members, store one row per owning process
-    (other than ours) and one per named member with room, notify each queue
-    once, and hand our own members back for local delivery. ``offset`` and
-    ``epoch`` are SQL expressions for the message's position (NULL outside
-    history groups), also returned first; the reader adds it to the decoded
-    message, so the encoded bytes are the same for the store and every copy.
+    One statement: read the processes with members (other than ours) and the
+    named members, store one row per such process and one per named member with
+    room, and notify each queue once; our own members are delivered from our
+    record. ``offset`` and ``epoch`` are SQL expressions for the message's
+    position (NULL outside history groups), also returned first; the reader adds
+    it to the decoded message, so the encoded bytes are the same for the store
+    and every copy. ``local_members`` stays NULL (the history function's row
+    type keeps it).
     """
     return f"""
-WITH members AS (
-    SELECT channel, owner, capacity FROM {s}.group_member
-    WHERE group_name = $1 AND expires_at > now()
-),
-inboxes AS (
+WITH inboxes AS (
+    -- One row per other process with members, naming only the group: that
+    -- process delivers to its own record of its members.
     INSERT INTO {s}.message (queue, targets, expires_at, data, history_offset, history_epoch)
-    SELECT '!' || owner, array_agg(channel), now() + make_interval(secs => $3), $2, {offset}, {epoch}
-    FROM members WHERE owner IS NOT NULL AND owner <> $4
-    GROUP BY owner
-    RETURNING queue
+    SELECT '!' || o.owner, ARRAY[NULL, 'g', $1], now() + make_interval(secs => $3), $2, {offset}, {epoch}
+    FROM {s}.group_owner AS o
+    WHERE o.group_name = $1 AND o.expires_at > now() AND o.owner <> $4
+    RETURNING id, queue, history_offset, history_epoch
+),
+members AS (
+    SELECT channel, capacity FROM {s}.group_member
+    WHERE group_name = $1 AND owner IS NULL AND expires_at > now()
 ),
 named AS (
     INSERT INTO {s}.message (queue, expires_at, data, history_offset, history_epoch)
     SELECT m.channel, now() + make_interval(secs => $3), $2, {offset}, {epoch}
     FROM members AS m
-    WHERE m.owner IS NULL AND (
+    WHERE (
         SELECT count(*) FROM {s}.message AS q WHERE q.queue = m.channel AND q.expires_at > now()
     ) < m.capacity
     RETURNING queue
 ),
+encoded AS (
+    SELECT translate(encode($2, 'base64'), E'\\n', '') AS b64
+),
 woken AS (
-    SELECT pg_notify({_notify_sql("$5", "stored.queue")}, '')
-    FROM (SELECT queue FROM inboxes UNION ALL SELECT queue FROM named) AS stored
+    SELECT pg_notify(
+        {_notify_sql("$5", "note.queue")},
+        CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
+    )
+    FROM (
+        SELECT i.queue, 'g' || i.id || ' ' || $1 || ' '
+            || coalesce(i.history_offset::text, '-') || ' ' || coalesce(i.history_epoch, '-') || ' '
+            || e.b64 AS payload
+        FROM inboxes AS i, encoded AS e
+        UNION ALL
+        SELECT queue, '' FROM named
+    ) AS note
 )
 SELECT
     {offset} AS position_offset,
     {epoch} AS position_epoch,
-    (SELECT array_agg(channel) FROM members WHERE owner = $4) AS local_members,
+    NULL::text[] AS local_members,
     (SELECT count(*) FROM woken) AS woken,
-    (SELECT count(*) FROM members WHERE owner IS NULL) - (SELECT count(*) FROM named) AS skipped
+    (SELECT count(*) FROM members) - (SELECT count(*) FROM named) AS skipped
 """
 
 
@@ -973,39 +1103,80 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             for row in rows:
                 if row["id"] in self._acking:  # delivered from its notification already
                     continue
-                targets: list[str] = row["targets"] or []
-                if len(targets) == 1:
-                    self._claimed[row["id"]] = now  # its notification may still come
+                self._claimed[row["id"]] = now  # its notification may still come
+                targets: list[str | None] = row["targets"] or []
+                if targets and targets[0] is None and targets[1] != "g":
+                    self._apply_notice(targets[1], targets[2], targets[3])
+                    continue
                 if not row["live"]:
                     self.stats.dropped_expired += 1
                     continue
                 message = self._decode_row(row, where)
-                if message is not None:
-                    self.deliver_many(targets, message)
+                if message is None:
+                    continue
+                if targets and targets[0] is None:
+                    self.deliver_to_local_members(targets[2] or "", message)
+                else:
+                    self.deliver_many([target for target in targets if target is not None], message)
             if len(self._claimed) > _CLAIMED_KEPT:
                 # Notifications lost with a LISTEN connection never come: forget old ids.
                 cutoff = now - float(self.channel_expiry)
                 self._claimed = {key: at for key, at in self._claimed.items() if at > cutoff}
 
     def _deliver_note(self, note: str, where: str) -> None:
-        """Deliver the row a notification carries ("id channel base64"), unless it was claimed."""
-        try:
-            key, channel, encoded = note.split(" ", 2)
-            row_id = int(key)
-            data = binascii.a2b_base64(encoded)
-        except (ValueError, binascii.Error):
-            self.stats.dropped_undecodable += 1
-            logger.warning("dropped a malformed notification on %s", where)
-            return
-        if self._claimed.pop(row_id, None) is not None:
-            return
-        self._acking.add(row_id)
-        self._acks.append(row_id)
-        if self._ack_task is None:
+        """Handle the rows a notification carries, one per line, except rows claimed already.
+
+        Lines: ``m<id> channel base64`` (a send), ``g<id> group offset epoch
+        base64`` (a group message for this process's members of ``group``; ``-``
+        for no history position), ``j<id> group channel`` and ``l<id> group
+        channel`` (another process added or discarded one of our channels).
+        """
+        for line in note.split("\n"):
+            try:
+                head, _, rest = line.partition(" ")
+                kind, row_id = head[:1], int(head[1:])
+                if kind == "m":
+                    channel, encoded = rest.split(" ", 1)
+                elif kind == "g":
+                    group, offset, epoch, encoded = rest.split(" ", 3)
+                    position = None if offset == "-" else {"offset": int(offset), "epoch": epoch}
+                elif kind in ("j", "l"):
+                    group, channel = rest.split(" ", 1)
+                    encoded = ""
+                else:
+                    raise ValueError(kind)
+                data = binascii.a2b_base64(encoded)
+            except (ValueError, binascii.Error):
+                self.stats.dropped_undecodable += 1
+                logger.warning("dropped a malformed notification on %s", where)
+                continue
+            if self._claimed.pop(row_id, None) is not None:
+                continue
+            self._acking.add(row_id)
+            self._acks.append(row_id)
+            if kind in ("j", "l"):
+                self._apply_notice(kind, group, channel)
+                continue
+            message = self.decode_or_drop(data, where)
+            if message is None:
+                continue
+            if kind == "m":
+                self.deliver_many([channel], message)
+            else:
+                if position is not None:
+                    message[POSITION_KEY] = position
+                self.deliver_to_local_members(group, message)
+        if self._acks and self._ack_task is None:
             self._ack_task = self.tasks.spawn(self._ack_notes(), "ack")
-        message = self.decode_or_drop(data, where)
-        if message is not None:
-            self.deliver_many([channel], message)
+
+    def _apply_notice(self, kind: str | None, group: str | None, channel: str | None) -> None:
+        """Record that another process added (``j``) or discarded (``l``) one of our channels."""
+        if group is None or channel is None or not self.is_local(channel):
+            return
+        if kind == "j":
+            self.local_groups.add(group, channel)
+        elif kind == "l":
+            self.local_groups.discard(group, channel)
 
     async def _ack_notes(self) -> None:
         """Delete rows delivered from their notifications, many per statement."""
@@ -1189,8 +1360,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         queues = [entry[0] for entry in batch]
         channels = [entry[1] for entry in batch]
         data = [entry[2] for entry in batch]
+        chunks = _note_chunks(batch)
         await self._with_conn(
-            lambda conn: conn.fetchval(self._sql.send_inboxes, queues, channels, data, expiry, self.schema)
+            lambda conn: conn.fetchval(
+                self._sql.send_inboxes, queues, channels, data, expiry, chunks, self.schema
+            )
         )
 
     async def _receive_remote(self, channel: str) -> Message:
@@ -1204,16 +1378,57 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         return await waiters.wait()
 
     async def _group_add(self, group: str, channel: str) -> None:
-        owner = process_token(channel) if is_process_specific(channel) else None
         capacity = self.capacity_for(channel)
         expiry = float(self.group_expiry)
+        if not is_process_specific(channel):
+            await self._with_conn(
+                lambda conn: conn.execute(self._sql.group_add, group, channel, None, capacity, expiry),
+                retry=True,
+            )
+            return
+        owner = process_token(channel)
+        if owner == self.client_token:
+            await self._with_conn(
+                lambda conn: conn.fetchval(self._sql.group_join_own, group, channel, owner, capacity, expiry),
+                retry=True,
+            )
+            self.local_groups.add(group, channel)
+            return
+        notice_expiry = float(self.channel_expiry)
         await self._with_conn(
-            lambda conn: conn.execute(self._sql.group_add, group, channel, owner, capacity, expiry),
+            lambda conn: conn.execute(
+                self._sql.group_add_notice,
+                group,
+                channel,
+                owner,
+                capacity,
+                expiry,
+                notice_expiry,
+                self.schema,
+            ),
             retry=True,
         )
 
     async def _group_discard(self, group: str, channel: str) -> None:
-        await self._with_conn(lambda conn: conn.execute(self._sql.group_discard, group, channel), retry=True)
+        if not is_process_specific(channel):
+            await self._with_conn(
+                lambda conn: conn.execute(self._sql.group_discard, group, channel), retry=True
+            )
+            return
+        owner = process_token(channel)
+        if owner == self.client_token:
+            await self._with_conn(
+                lambda conn: conn.fetchval(self._sql.group_leave, group, channel, owner), retry=True
+            )
+            self.local_groups.discard(group, channel)
+            return
+        notice_expiry = float(self.channel_expiry)
+        await self._with_conn(
+            lambda conn: conn.execute(
+                self._sql.group_discard_notice, group, channel, owner, notice_expiry, self.schema
+            ),
+            retry=True,
+        )
 
     async def _group_send(self, group: str, data: bytes) -> None:
         expiry = float(self.channel_expiry)
@@ -1224,9 +1439,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
         if row is None:  # cannot happen: the query aggregates into one row
             return
-        local: list[str] | None = row["local_members"]
-        if local:
-            self.deliver_many(local, self.decode(data))
+        if group in self.local_groups:
+            self.deliver_to_local_members(group, self.decode(data))
         if row["skipped"]:
             logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
 
@@ -1251,9 +1465,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
         assert row is not None  # the function returns one row
         position = StreamPosition(row["position_offset"], row["position_epoch"])
-        local: list[str] | None = row["local_members"]
-        if local:
-            self.deliver_many(local, {**self.decode(data), POSITION_KEY: position.as_dict()})
+        if group in self.local_groups:
+            self.deliver_to_local_members(group, {**self.decode(data), POSITION_KEY: position.as_dict()})
         if row["skipped"]:
             logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
         return position
@@ -1386,7 +1599,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", key):
                     return False
                 messages = await conn.execute(self._sql.prune_messages)
-                members = await conn.execute(self._sql.prune_members)
+                members = [await conn.execute(statement) for statement in self._sql.prune_members]
                 history = await conn.fetchrow(self._sql.prune_history) if self.history else None
             logger.debug(
                 "pruned expired rows: %s messages, %s group members, history %s", messages, members, history
@@ -1406,7 +1619,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             # Nobody can receive on this instance's channels any more: drop its inbox
             # and memberships instead of letting group_send feed them until expiry.
             async def forget(conn: _Conn) -> None:
-                await conn.execute(self._sql.forget_owner, self.client_token)
+                for statement in self._sql.forget_owner:
+                    await conn.execute(statement, self.client_token)
                 await conn.execute(self._sql.drop_inbox, self._inbox)
                 if self._presence_ready:
                     # Our liveness record (and any entry left over): nobody need reap us.
@@ -1456,6 +1670,25 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (advisory locks are transaction-scoped, LISTEN runs on its own connection),
     and asyncpg still rolls back a transaction left open.
     """
+
+
+def _note_chunks(batch: Sequence[_Outgoing]) -> list[int]:
+    """Number the rows of ``batch`` so that each number's rows share one NOTIFY payload.
+
+    A chunk holds consecutive rows of one inbox whose lines ("id channel
+    base64") fit a payload, counting the longest id; a row that cannot fit
+    alone is a chunk of its own (its payload is then empty).
+    """
+    chunks: list[int] = []
+    chunk = size = 0
+    queue = None
+    for entry in batch:
+        line = _NOTE_LINE_OVERHEAD + len(entry[1].encode()) + 4 * ((len(entry[2]) + 2) // 3)
+        if entry[0] != queue or size + line > _NOTE_LIMIT:
+            chunk, size, queue = chunk + 1, 0, entry[0]
+        size += line
+        chunks.append(chunk)
+    return chunks
 
 
 def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:

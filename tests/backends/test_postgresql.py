@@ -100,23 +100,152 @@ async def test_group_send_stores_one_row_per_owning_process(
         await listener.add_listener(name, lambda _c, _p, ch, payload: seen.append((names[ch], payload)))
     try:
         await layer.group_send("room", {"type": "hello"})
-        rows = await db.fetch(
-            f'SELECT queue, cardinality(targets) AS n FROM "{namespace}".message ORDER BY queue'
-        )
-        assert [(row["queue"], row["n"]) for row in rows] == [
-            ("!aaaa1111", 50),
-            ("!bbbb2222", 50),
+        # Each owner was told of its members (one notice each, in its inbox); the
+        # group message itself names only the group.
+        rows = await db.fetch(f'SELECT queue, targets FROM "{namespace}".message ORDER BY queue, id')
+        notices = [row for row in rows if row["targets"] and row["targets"][1] == "j"]
+        assert len(notices) == 100
+        messages = [(row["queue"], row["targets"]) for row in rows if row not in notices]
+        assert messages == [
+            ("!aaaa1111", [None, "g", "room"]),
+            ("!bbbb2222", [None, "g", "room"]),
             ("room.log", None),
         ]
         await eventually(lambda: _true(len(seen) >= 3), "three notifications")
         await asyncio.sleep(0.2)
-        assert sorted(seen) == [("!aaaa1111", ""), ("!bbbb2222", ""), ("room.log", "")]
+        # The owners' notifications carry the message (no claim needed); the named channel's is empty.
+        assert sorted((queue, payload.split(" ")[1:3]) for queue, payload in seen) == [
+            ("!aaaa1111", ["room", "-"]),
+            ("!bbbb2222", ["room", "-"]),
+            ("room.log", []),
+        ]
     finally:
         await listener.close()
 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_members_changed_by_another_process_get_exactly_the_next_messages(make: Factory) -> None:
+    # The owner delivers group rows to its own record of members: another
+    # process's group_add/group_discard of its channels reaches that record
+    # ahead of the next group message, even when the member count stays the same.
+    owner, other, sender = make(), make(), make()
+    first, second = await owner.new_channel(), await owner.new_channel()
+    await other.group_add("room", first)
+    await sender.group_send("room", {"type": "one"})
+    assert (await owner.receive(first, timeout=10))["type"] == "one"
+    await other.group_discard("room", first)
+    await other.group_add("room", second)  # same count as before, another member
+    await sender.group_send("room", {"type": "two"})
+    assert (await owner.receive(second, timeout=10))["type"] == "two"
+    with pytest.raises(TimeoutError):
+        await owner.receive(first, timeout=0.5)
+
+
+async def test_a_process_has_one_owner_row_per_group_while_it_has_members(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # group_send reads these rows, not the members: the row must outlive every
+    # live member (whoever adds or discards them) and go with the last one.
+    owner, other = make(), make()
+    first, second = await owner.new_channel(), await owner.new_channel()
+
+    async def owner_rows() -> list[tuple[str, str]]:
+        rows = await db.fetch(f'SELECT group_name, owner FROM "{namespace}".group_owner ORDER BY 1')
+        return [(row["group_name"], row["owner"]) for row in rows]
+
+    await owner.group_add("room", first)
+    await other.group_add("room", second)
+    await other.group_add("lobby", second)
+    token = owner.client_token
+    assert await owner_rows() == [("lobby", token), ("room", token)]
+    await other.group_discard("room", first)
+    assert await owner_rows() == [("lobby", token), ("room", token)]
+    await owner.group_discard("room", second)
+    assert await owner_rows() == [("lobby", token)]
+    await owner.group_discard("room", second)  # not a member: nothing changes
+    await owner.close()  # a closed process's rows go with it
+    assert await owner_rows() == []
+
+
+async def test_concurrent_joins_and_leaves_never_lose_the_owner_row(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # Leaves of the last members race joins of new ones, from several layers:
+    # wherever the process still has a member, its owner row is there.
+    owner, others = make(), [make() for _ in range(3)]
+    channels = [await owner.new_channel() for _ in range(6)]
+    for round_ in range(10):
+        joining, leaving = channels[round_ % 2 :: 2], channels[(round_ + 1) % 2 :: 2]
+        await asyncio.gather(
+            *(layer.group_add("race", channel) for layer, channel in zip(others, joining, strict=True)),
+            *(layer.group_discard("race", channel) for layer, channel in zip(others, leaving, strict=True)),
+        )
+        members = await db.fetchval(
+            f'SELECT count(*) FROM "{namespace}".group_member WHERE group_name = $1', "race"
+        )
+        rows = await db.fetchval(
+            f'SELECT count(*) FROM "{namespace}".group_owner WHERE group_name = $1', "race"
+        )
+        assert (members, rows) == (3, 1)
+
+
+async def test_members_added_by_another_process_expire_one_by_one(make: Factory) -> None:
+    # The owner's record of members another process added expires member by
+    # member, like the table: a refresh (another add) keeps only that member.
+    owner, other, sender = make(group_expiry=3), make(group_expiry=3), make()
+    old, new = await owner.new_channel(), await owner.new_channel()
+    await sender.new_channel()  # connected before the clock matters
+    await other.group_add("expiring", old)
+    await asyncio.sleep(1.5)
+    await other.group_add("expiring", new)
+    await sender.group_send("expiring", {"type": "both"})
+    assert (await owner.receive(old, timeout=10))["type"] == "both"
+    assert (await owner.receive(new, timeout=10))["type"] == "both"
+    await asyncio.sleep(1.6)
+    await sender.group_send("expiring", {"type": "one"})
+    assert (await owner.receive(new, timeout=10))["type"] == "one"
+    with pytest.raises(TimeoutError):
+        await owner.receive(old, timeout=0.3)
+    assert owner.local_groups.members("expiring") == [new]
+
+
+async def test_membership_changes_made_while_the_owner_cannot_listen_reach_it(
+    make: Factory, db: asyncpg.Connection
+) -> None:
+    # Notices and group rows stored while the owner's LISTEN connection is down
+    # have no notification to ride: the owner claims them, in order, once back.
+    owner, other, sender = make(), make(), make()
+    first, second = await owner.new_channel(), await owner.new_channel()
+    await other.group_add("room", first)
+    await sender.group_send("room", {"type": "before"})
+    assert (await owner.receive(first, timeout=10))["type"] == "before"
+    (listen_pid,) = [
+        r["pid"] for r in await backends_of(db, owner) if r["application_name"].endswith(":listen")
+    ]
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", listen_pid)
+    await other.group_discard("room", first)
+    await other.group_add("room", second)  # the same count: only the notices tell the change
+    await sender.group_send("room", {"type": "meanwhile"})
+    assert (await owner.receive(second, timeout=10))["type"] == "meanwhile"
+    with pytest.raises(TimeoutError):
+        await owner.receive(first, timeout=0.5)
+    assert owner.local_groups.members("room") == [second]
+
+
+async def test_group_rows_too_big_for_a_notification_are_claimed(make: Factory) -> None:
+    owner, sender = make(), make()
+    channels = [await owner.new_channel() for _ in range(3)]
+    for channel in channels:
+        await owner.group_add("room", channel)
+    body = bytes(range(256)) * 100  # base64 over 8000 bytes: an empty NOTIFY, then a claim
+    await sender.group_send("room", {"type": "big", "body": body})
+    await sender.group_send("room", {"type": "small"})
+    for channel in channels:
+        assert (await owner.receive(channel, timeout=10))["body"] == body
+        assert (await owner.receive(channel, timeout=10))["type"] == "small"
 
 
 async def test_notify_payload_stays_small_for_a_large_message(make: Factory, namespace: str) -> None:
@@ -186,15 +315,21 @@ async def test_prune_deletes_expired_messages_and_members(
     keeper = make()
     await short.send("stale.named", {"type": "old"})
     await short.group_add("room", "stale.member")
+    await short.group_add("room", await short.new_channel("stale"))  # and its process's owner row
     await keeper.send("fresh.named", {"type": "new"})
     await keeper.group_add("room", "fresh.member")
+    fresh = await keeper.new_channel("fresh")
+    await keeper.group_add("room", fresh)
 
     async def pruned() -> bool:
         left = await db.fetch(
             f'SELECT queue FROM "{namespace}".message '
-            f'UNION ALL SELECT channel FROM "{namespace}".group_member'
+            f'UNION ALL SELECT channel FROM "{namespace}".group_member '
+            f'UNION ALL SELECT owner FROM "{namespace}".group_owner'
         )
-        return sorted(row[0] for row in left) == ["fresh.member", "fresh.named"]
+        return sorted(row[0] for row in left) == sorted(
+            ["fresh.member", "fresh.named", fresh, keeper.client_token]
+        )
 
     await eventually(pruned, "expired rows pruned, live rows kept")
 
@@ -220,7 +355,7 @@ async def test_concurrent_schema_creation(make: Factory, db: asyncpg.Connection,
     tables = await db.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", namespace
     )
-    assert [row["table_name"] for row in tables] == ["group_member", "message"]
+    assert [row["table_name"] for row in tables] == ["group_member", "group_owner", "message"]
     await starters[0].send(channels[7], {"type": "ok"})
     assert (await starters[7].receive(channels[7], timeout=10))["type"] == "ok"
 
@@ -876,7 +1011,7 @@ async def test_groups_without_history_create_no_history_tables(
     plain = make()
     await plain.group_send("room:x", {"type": "m"})
     tables = await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", namespace)
-    assert sorted(row[0] for row in tables) == ["group_member", "message"]
+    assert sorted(row[0] for row in tables) == ["group_member", "group_owner", "message"]
     with_history = make(history=HISTORY)
     await with_history.group_send("room:x", {"type": "m"})
     await plain.flush()  # wipes the history a layer sharing the schema keeps, too
@@ -1017,7 +1152,7 @@ async def test_layers_without_presence_make_no_presence_tables(
     await plain.presence_leave("room:p", "nobody")
     await plain.presence_heartbeat()
     tables = await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", namespace)
-    assert sorted(row[0] for row in tables) == ["group_member", "message"]
+    assert sorted(row[0] for row in tables) == ["group_member", "group_owner", "message"]
     checker = make(ensure_schema=False)
     with pytest.raises(ChannelLayerError, match="presence tables"):
         await checker.presence_join("room:p", await checker.new_channel(), {})

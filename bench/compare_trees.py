@@ -1,0 +1,112 @@
+"""Interleaved A/B runs of one backend's scenarios across source trees (a commit before and after).
+
+``python bench/compare_trees.py --backend postgresql --tree base=/tmp/pg-base --tree now=. --repeat 5``
+runs, ``repeat`` times, every (tree, scenario) pair in a fresh worker of the shared harness
+(``bench/harness.py``) with that tree first on ``PYTHONPATH``, alternating the trees within each
+repeat so that load from the rest of the machine falls on all of them alike; the in-memory layer
+of the current tree runs in each repeat as the ``vs mem`` baseline. Prints every run with the
+load average, then the medians. Checkouts of old commits: ``git worktree add /tmp/x <commit>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))  # tests.servers, to start the broker
+
+
+FIGURES = {
+    "p2p": ("p2p1_rate", "p2p1_p50", "p2p16_rate", "p2p16_p50"),
+    "fanout": ("rate", "p50_round"),
+    "fanout2": ("rate", "p50_round"),
+}
+
+
+def run(
+    tree: Path, impl: str, broker: str, scenario: str, server: dict[str, Any], sizes: dict[str, Any]
+) -> dict[str, Any]:
+    job = {
+        "impl": impl,
+        "scenario": scenario,
+        "server": {"broker": broker, **server},
+        "ns": "c" + uuid.uuid4().hex[:10],
+    }
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "__main__.py"), "--worker", json.dumps(job), json.dumps(sizes)],
+        capture_output=True,
+        text=True,
+        timeout=sizes["limit"] * 2 + 30,
+        cwd="/",
+        env=env,
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        return {"error": done.stderr.strip()[-300:]}
+    result: dict[str, Any] = json.loads(lines[-1])
+    if "rate" in result:
+        result["p50_round"] = sizes["receivers"] / result["rate"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="postgresql")
+    parser.add_argument("--tree", action="append", required=True, help="NAME=PATH, in run order")
+    parser.add_argument("--scenarios", default="p2p,fanout,fanout2")
+    parser.add_argument("--repeat", type=int, default=3)
+    for flag, default in (("--p2p-messages", 2000), ("--receivers", 1000), ("--rounds", 10)):
+        parser.add_argument(flag, type=int, default=default)
+    parser.add_argument("--p2p-seconds", type=float, default=3.0)
+    parser.add_argument("--fanout-seconds", type=float, default=10.0)
+    parser.add_argument("--limit", type=float, default=60.0)
+    args = parser.parse_args()
+    sizes = {k: v for k, v in vars(args).items() if isinstance(v, (int, float)) and k != "repeat"}
+    trees = [(name, Path(path).resolve()) for name, path in (t.split("=", 1) for t in args.tree)]
+    scenarios = args.scenarios.split(",")
+    impl = importlib.import_module(f"bench_{args.backend}").IMPLS[0].name
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    module = importlib.import_module(f"bench_{args.backend}")
+    with module.server() as server:
+        for index in range(args.repeat):
+            order = trees if index % 2 == 0 else trees[::-1]
+            for scenario in scenarios:
+                runs = [("inmemory", BENCH.parent, "inmemory", "inmemory")] if scenario == "fanout" else []
+                runs += [(name, tree, impl, args.backend) for name, tree in order]
+                for name, tree, row, broker in runs:
+                    result = run(tree, row, broker, scenario, server if broker == args.backend else {}, sizes)
+                    results.setdefault((name, scenario), []).append(result)
+                    shown = {
+                        k: round(v * 1000, 2) if "p50" in k else round(v)
+                        for k, v in result.items()
+                        if isinstance(v, float)
+                    }
+                    print(
+                        f"#{index} load {os.getloadavg()[0]:.2f} {name:>9} {scenario:8} {shown or result}",
+                        flush=True,
+                    )
+    print("\nmedians:")
+    for (name, scenario), rows in results.items():
+        good = [r for r in rows if "error" not in r]
+        figures = {
+            key: statistics.median(r[key] for r in good)
+            for key in FIGURES[scenario]
+            if good and key in good[0]
+        }
+        medians = {k: f"{v * 1000:.2f} ms" if "p50" in k else f"{v:,.0f}" for k, v in figures.items()}
+        print(f"{name:>9} {scenario:8} n={len(good)} {medians}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,7 @@
-"""RabbitMQ for ``python -m bench``: our layer and 0.1.0's on a private node.
+"""RabbitMQ for ``python -m bench``: our layer, 0.1.0's and a bare aio-pika client on a private node.
+
+The bare client (p2p only) is what aio-pika itself costs: one confirmed publish
+per send, one consumer per instance, one ack per delivery, no layer around it.
 
 The idle probe adds the queues and consumers the broker holds (``rabbitmqctl``),
 counted as the change over the scenario.
@@ -6,7 +9,9 @@ counted as the change over the scenario.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import os
 import subprocess
 import tempfile
@@ -61,4 +66,65 @@ def ours(server: Server, namespace: str) -> Any:
     return RabbitMQChannelLayer(url=server["url"], exchange_name=namespace, queue_prefix=namespace)
 
 
-IMPLS = [Impl("rabbitmq", "ours", ours), Impl("rabbitmq 0.1.0", "0.1.0", ours)]
+class RawAioPika:
+    """A bare aio-pika client with the layer's p2p surface: a queue per instance, confirmed publishes."""
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.url, self.namespace = url, namespace
+        self.token = os.urandom(6).hex()
+        self.ids = itertools.count()
+        self.queues: dict[str, asyncio.Queue[Any]] = {}
+        self.connection: Any = None
+        self.channel: Any = None
+        self.lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        import aio_pika
+
+        async with self.lock:
+            if self.connection is not None:
+                return
+            connection = await aio_pika.connect(self.url)
+            self.channel = await connection.channel(publisher_confirms=True)
+            await self.channel.set_qos(prefetch_count=1000)
+            queue = await self.channel.declare_queue(f"{self.namespace}.{self.token}", auto_delete=True)
+            await queue.consume(self.on_message)
+            self.connection = connection
+
+    async def on_message(self, incoming: Any) -> None:
+        import msgpack
+
+        channel, message = msgpack.unpackb(incoming.body)
+        self.queues.setdefault(channel, asyncio.Queue()).put_nowait(message)
+        await incoming.ack()
+
+    async def new_channel(self, prefix: str) -> str:
+        await self.connect()
+        return f"{prefix}.{self.token}!{next(self.ids)}"
+
+    async def send(self, channel: str, message: Any) -> None:
+        import aio_pika
+        import msgpack
+
+        await self.connect()
+        token = channel.rpartition("!")[0].rpartition(".")[2]
+        body = msgpack.packb([channel, message])
+        await self.channel.default_exchange.publish(aio_pika.Message(body), f"{self.namespace}.{token}")
+
+    async def receive(self, channel: str) -> Any:
+        return await self.queues.setdefault(channel, asyncio.Queue()).get()
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+
+def raw_aio_pika(server: Server, namespace: str) -> Any:
+    return RawAioPika(server["url"], namespace)
+
+
+IMPLS = [
+    Impl("rabbitmq", "ours", ours),
+    Impl("rabbitmq 0.1.0", "0.1.0", ours),
+    Impl("raw aio-pika confirms", "ours", raw_aio_pika, scenarios=frozenset({"p2p"})),
+]

@@ -1042,3 +1042,46 @@ async def test_a_dead_owner_is_announced_once_by_three_racing_reapers(make: Fact
             left.append(event["channel"])
         assert sorted(left) == sorted(theirs)  # each leave once, though three processes reaped
         assert set(await layer.presence("room:d")) == set(watchers)
+
+
+# ----------------------------------------------------------- batched publishes
+
+
+async def test_concurrent_sends_share_writes_and_keep_each_senders_order(make: Factory) -> None:
+    receiver, sender = make(capacity=1000), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm", "task": -1, "i": -1})
+    await receiver.receive(channel, timeout=10)
+    before = (sender.publishes, sender.publish_writes)
+
+    async def sends(task: int) -> None:
+        for i in range(10):
+            await sender.send(channel, {"type": "n", "task": task, "i": i})
+
+    await asyncio.gather(*(sends(task) for task in range(16)))
+    got = [await receiver.receive(channel, timeout=10) for _ in range(160)]
+    for task in range(16):
+        assert [m["i"] for m in got if m["task"] == task] == list(range(10))
+    publishes, writes = sender.publishes - before[0], sender.publish_writes - before[1]
+    assert publishes == 160
+    assert writes < publishes  # 16 senders at once: some publishes shared a write
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["quorum", "classic"])
+async def test_concurrent_sends_to_a_full_channel_each_get_their_own_answer(
+    make: Factory, durable: bool
+) -> None:
+    # Acks and nacks of one batch come back together (often as one `multiple`
+    # frame): each send must get its own, so exactly `capacity` are accepted.
+    # A quorum queue checks its length against what it applied, so the layer
+    # keeps one send in flight per quorum queue (12 of 12 got in without).
+    sender = make(capacity=5, durable=durable)
+    results = await asyncio.gather(
+        *(sender.send("full.batch", {"type": "n", "i": i}) for i in range(12)), return_exceptions=True
+    )
+    assert sum(result is None for result in results) == 5
+    assert all(result is None or isinstance(result, ChannelFull) for result in results)
+    kept = sorted([(await sender.receive("full.batch", timeout=10))["i"] for _ in range(5)])
+    assert len(set(kept)) == 5
+    with pytest.raises(TimeoutError):
+        await sender.receive("full.batch", timeout=0.5)

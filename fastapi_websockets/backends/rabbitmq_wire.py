@@ -1,0 +1,251 @@
+"""RabbitMQ publishes and acks written below aio-pika, many to one socket write.
+
+aio-pika's ``Exchange.publish`` builds a ``Message`` object per publish and
+aiormq's ``basic_publish`` holds the channel lock until the publish's frames
+are on the socket, so concurrent sends go out one write (one system call, one
+broker wake-up) each, and each delivery's ack is one more. Profiled in the
+closed-loop p2p bench, those writes were most of the time a message cost.
+
+* :class:`ConfirmingPublisher` takes every publish made while its previous
+  batch was being written, numbers them with the channel's delivery tags and
+  hands aiormq all their frames as one write. aiormq's own bookkeeping
+  (``confirmations``, ``message_id_delivery_tag``) settles each publish's
+  future: acks (single or multiple), nacks (``DeliveryError``), returns of
+  mandatory publishes (``PublishError``) and a channel that closes (the
+  futures come from the channel's future store, which rejects them all).
+* :class:`BatchedAcks` acks a consumer's deliveries with one
+  ``multiple`` ack for all those handled in the same turn of the event loop.
+
+This module imports aiormq and pamqp, so only the RabbitMQ backend imports it,
+once its driver was found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import aiormq
+import pamqp.frame
+from aiormq.abc import ChannelFrame
+from aiormq.exceptions import ChannelInvalidStateError
+from pamqp import commands
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+
+from fastapi_websockets.backends.timeouts import bounded
+
+__all__ = ["BatchedAcks", "ConfirmingPublisher"]
+
+logger = logging.getLogger("fastapi_websockets.rabbitmq")
+
+Spawn = Callable[[Coroutine[Any, Any, None]], object]
+
+
+@dataclass(slots=True)
+class _Publish:
+    channel: aiormq.Channel
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: commands.Basic.Properties
+    mandatory: bool
+    confirm: asyncio.Future[Any]
+
+
+def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
+    # Only mandatory publishes are indexed by id (the broker returns them by it);
+    # the index must not outlive the publish.
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]
+
+
+class ConfirmingPublisher:
+    """Writes the publishes of one confirm channel in batches, their confirms outstanding at once.
+
+    :meth:`publish` queues a message and returns the future of its publisher
+    confirm at once; one writer task (started by ``spawn`` when there is
+    something to write, ending when there is not) writes everything queued
+    meanwhile in a single frame batch and waits until the socket took it, so
+    the next batch gathers while this one is written. It must be the only
+    publisher on its channel: the delivery tags it assigns are the broker's
+    count of that channel's publishes.
+    """
+
+    def __init__(self, spawn: Spawn, timeout: float) -> None:
+        self._spawn = spawn
+        #: Seconds a batch may wait for room in aiormq's write queue, then for the socket.
+        self._timeout = timeout
+        self._queued: list[_Publish] = []
+        self._writing = False
+        #: Publishes and socket writes so far: their ratio is the batch size.
+        self.published = 0
+        self.writes = 0
+
+    def publish(
+        self,
+        channel: aiormq.Channel,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: commands.Basic.Properties,
+        *,
+        mandatory: bool = False,
+    ) -> asyncio.Future[Any]:
+        """Queue one publish; the future settles with its confirm (or the channel's failure).
+
+        ``properties.message_id`` must be set (returns are matched by it).
+        Cancelling the future before the batch is written withdraws the
+        publish; after, the broker may still deliver it.
+        """
+        confirm = channel.create_future()
+        if not self._writing:
+            try:
+                self._spawn(self._write_all())  # raises once the layer is closing
+            except BaseException:
+                confirm.cancel()
+                raise
+            self._writing = True
+        self._queued.append(_Publish(channel, exchange, routing_key, body, properties, mandatory, confirm))
+        return confirm
+
+    async def _write_all(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                await self._write(batch)
+        finally:
+            self._writing = False
+            for publish in self._queued:  # only when cancelled (the layer closes)
+                if not publish.confirm.done():
+                    publish.confirm.set_exception(ChannelInvalidStateError("the publisher was stopped"))
+            self._queued = []
+
+    async def _write(self, batch: list[_Publish]) -> None:
+        frames: list[bytes] = []
+        numbered: list[tuple[int, asyncio.Future[Any]]] = []
+        channel = batch[0].channel
+        for publish in batch:
+            if publish.channel is not channel:
+                await self._flush(channel, frames, numbered)  # a reconnect in the middle of a batch
+                channel, frames, numbered = publish.channel, [], []
+            if publish.confirm.done():
+                continue  # the caller gave up before it was written: never sent
+            if channel.is_closed:
+                publish.confirm.set_exception(ChannelInvalidStateError(f"{channel!r} closed"))
+                continue
+            try:
+                frames.append(_marshal(channel, publish))
+            except (TypeError, ValueError, struct.error) as exc:
+                # A property pamqp cannot encode: this publish fails, unnumbered.
+                publish.confirm.set_exception(exc)
+                continue
+            # Numbered as the broker counts this channel's publishes; nothing
+            # awaits between numbering a publish and queueing its frames.
+            channel.delivery_tag += 1
+            tag = channel.delivery_tag
+            channel.confirmations[tag] = publish.confirm
+            numbered.append((tag, publish.confirm))
+            if publish.mandatory:
+                message_id = str(publish.properties.message_id)
+                channel.message_id_delivery_tag[message_id] = tag
+                publish.confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
+        await self._flush(channel, frames, numbered)
+
+    async def _flush(
+        self, channel: aiormq.Channel, frames: list[bytes], numbered: list[tuple[int, asyncio.Future[Any]]]
+    ) -> None:
+        if not frames:
+            return
+        drained = channel.create_future()
+        payload = ChannelFrame(payload=b"".join(frames), should_close=False, drain_future=drained)
+        try:
+            # Bounded: a connection whose writer died leaves its queue full for good.
+            await bounded(channel.write_queue.put(payload), self._timeout, _stalled)
+        except ChannelInvalidStateError as exc:
+            # Never queued, so never counted by the broker: give the tags back
+            # (the next batch must get the numbers the broker will use) and
+            # fail these publishes.
+            channel.delivery_tag -= len(numbered)
+            for tag, confirm in numbered:
+                channel.confirmations.pop(tag, None)
+                if not confirm.done():
+                    confirm.set_exception(exc)
+            drained.cancel()
+            return
+        self.writes += 1
+        self.published += len(numbered)
+        # Queued, so numbered right: the confirms settle these publishes, or the
+        # channel's close fails them with its cause (which this wait leaves to
+        # them, whatever its type). Past the timeout only this wait is given up.
+        done, _ = await asyncio.wait((drained,), timeout=self._timeout)
+        if not done:
+            logger.debug("a publish batch was not written within %s s", self._timeout)
+
+
+def _marshal(channel: aiormq.Channel, publish: _Publish) -> bytes:
+    """The wire frames of one publish: the method, the content header, the body in frame-sized parts."""
+    body, number, step = publish.body, channel.number, channel.max_content_size
+    method = commands.Basic.Publish(
+        exchange=publish.exchange, routing_key=publish.routing_key, mandatory=publish.mandatory
+    )
+    parts = [
+        pamqp.frame.marshal(method, number),
+        pamqp.frame.marshal(ContentHeader(body_size=len(body), properties=publish.properties), number),
+    ]
+    parts.extend(
+        pamqp.frame.marshal(ContentBody(body[start : start + step]), number)
+        for start in range(0, len(body), step)
+    )
+    return b"".join(parts)
+
+
+def _stalled() -> ChannelInvalidStateError:
+    return ChannelInvalidStateError("the connection took no frames within the timeout")
+
+
+class BatchedAcks:
+    """Acks one consumer's deliveries with a ``multiple`` ack per turn of the event loop.
+
+    Correct because a consumer's callbacks run in delivery order, each
+    synchronous up to :meth:`ack`: when a delivery tag is acked, every
+    earlier delivery of the channel was handled. A channel that closed took
+    its unacked deliveries with it (the broker requeues them): its tags are
+    dropped, never sent on its successor.
+    """
+
+    def __init__(self) -> None:
+        self._channel: aiormq.Channel | None = None
+        self._latest = 0
+        self._acker = False
+        #: Deliveries and ack frames so far: their ratio is the batch size.
+        self.acked = 0
+        self.frames = 0
+
+    async def ack(self, channel: aiormq.Channel, delivery_tag: int) -> None:
+        """Ack ``delivery_tag`` and every earlier delivery on ``channel``, soon and in one frame."""
+        if channel is not self._channel:
+            self._channel, self._latest = channel, 0
+        self._latest = max(self._latest, delivery_tag)
+        self.acked += 1
+        if self._acker:
+            return  # the running acker sends it
+        self._acker = True
+        try:
+            # One turn of the loop: the deliveries read with this one are handled first.
+            await asyncio.sleep(0)
+            done: tuple[aiormq.Channel | None, int] = (None, 0)
+            while done != (self._channel, self._latest):
+                current, tag = self._channel, self._latest
+                assert current is not None
+                if not current.is_closed:
+                    self.frames += 1
+                    await current.basic_ack(tag, multiple=True, wait=False)
+                done = (current, tag)
+        finally:
+            self._acker = False

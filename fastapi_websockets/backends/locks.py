@@ -10,6 +10,8 @@ __all__ = ["KeyedLocks"]
 
 
 class _Held:
+    __slots__ = ("lock", "users")
+
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.users = 0

@@ -60,6 +60,7 @@ from urllib.parse import unquote
 
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
+from fastapi_websockets.backends.locks import KeyedLocks
 from fastapi_websockets.backends.options import Memo, matching, positive, url
 from fastapi_websockets.backends.timeouts import wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
@@ -255,36 +256,6 @@ def _frame(kind: bytes, name: str, data: bytes) -> bytes:
     return _FRAME.pack(kind, random.getrandbits(64), len(raw)) + raw + data
 
 
-class _Held:
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
-
-
-class _KeyedLocks:
-    """One asyncio lock per key, kept only while a task holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._held: dict[str, _Held] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        """Hold the lock of ``key``."""
-        held = self._held.get(key)
-        if held is None:
-            held = self._held[key] = _Held()
-        held.users += 1
-        try:
-            async with held.lock:
-                yield
-        finally:
-            held.users -= 1
-            if not held.users:
-                del self._held[key]
-
-
 class NATSChannelLayer(BrokerChannelLayer):
     """A channel layer on NATS, with JetStream for named channels and KV for groups.
 
@@ -379,12 +350,12 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._seen = _RecentIds(_SEEN_IDS)
         #: group -> loop.time() when this layer last put its owner key of the group.
         self._owned: dict[str, float] = {}
-        self._owner_locks = _KeyedLocks()
+        self._owner_locks = KeyedLocks()
         self._history_stores: Memo[HistoryPolicy, _HistoryStore] = Memo(self._history_store_of)
         self._history_ready: set[str] = set()
         #: history subject -> its newest entry as this layer last saw it (the next append's guess).
         self._newest: Memo[str, _Entry] = Memo()
-        self._appending = _KeyedLocks()
+        self._appending = KeyedLocks()
         #: nats-py's base error class, set when the driver is imported.
         self._driver_error: type[Exception] = ChannelLayerError
         self._presence_kept: NatsPresence | None = None

@@ -198,12 +198,9 @@ async def measure(broker: str, server: Server) -> dict[str, str]:
     make = builder(broker, server)
     shared = broker != "inmemory"
     row: dict[str, str] = {}
-    for figures in (
-        lambda: history_figures(make, shared),
-        lambda: presence_figures(make, shared),
-    ):
+    for figures in (history_figures, presence_figures):
         try:
-            row.update(await figures())
+            row.update(await figures(make, shared))
         except NotImplementedError:
             continue
     with_option = await fanout_rate(make, shared, history=HISTORY)

@@ -62,7 +62,7 @@ async def main() -> None:
             assert len(present) == MEMBERS
             print(f"presence() of {MEMBERS} members: median {statistics.median(reads):.1f} ms")
             print(
-                f"memory per member: {hash_bytes / MEMBERS:.0f} B (MEMORY USAGE of the hash), "
+                f"memory per member: {(hash_bytes or 0) / MEMBERS:.0f} B (MEMORY USAGE of the hash), "
                 f"{(after - before) / MEMBERS:.0f} B (used_memory)"
             )
 

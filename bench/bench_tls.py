@@ -87,8 +87,8 @@ def servers(backend: str, certs: Certificates, workdir: Path) -> Iterator[dict[s
             pg_tls.destroy()
     elif backend == "nats":
         n_plain, n_tls = NatsNode(workdir / "plain"), NatsNode(workdir / "tls", tls=certs)
-        for node in (n_plain, n_tls):
-            node.start()
+        for nats_node in (n_plain, n_tls):
+            nats_node.start()
 
         def nats(url: str, **options: Any) -> Build:
             return lambda ns, **o: NATSChannelLayer(
@@ -104,8 +104,8 @@ def servers(backend: str, certs: Certificates, workdir: Path) -> Iterator[dict[s
         (workdir / "plain").mkdir(parents=True)
         (workdir / "tls").mkdir()
         r_plain, r_tls = RabbitNode(workdir / "plain"), RabbitNode(workdir / "tls", tls=certs)
-        for node in (r_plain, r_tls):
-            node.start()
+        for rabbit_node in (r_plain, r_tls):
+            rabbit_node.start()
         try:
             yield {
                 "plain": lambda ns, **o: RabbitMQChannelLayer(

@@ -19,8 +19,14 @@ The figures, identical for every row:
 * **fan-out**: one ``group_send`` from a second instance to R receivers waiting
   in the first; deliveries/s = R / the median round, a round lasting from the
   ``group_send`` call to the last delivery. The ``vs mem`` column divides by the
-  in-memory layer's figure from the same run.
+  in-memory layer's fan-out measured just before, in the same pass over the same
+  broker's rows (it is measured again for every broker and every pass).
 * **fan-out 2p**: the same, with the receivers split over two processes.
+
+``--repeat N`` makes N passes over each broker's rows, interleaved (A B C A B C),
+and the table shows medians; ratios (``vs mem``, and ``--versus ROW`` for p2p)
+are taken within each pass, then their median is shown. On a shared machine a
+ratio from one pass is worth more than an absolute figure from two.
 * **idle**: R pending ``receive()`` calls on ``new_channel()`` channels of one
   layer: TCP connections to the broker, what ``probe()`` adds, and CPU of the
   process and of the broker over the idle window.
@@ -402,22 +408,69 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], Any], str]] = [
     ("fan-out/s", "fanout", lambda r: r["rate"], ",.0f"),
     ("vs mem", "fanout", lambda r: r["ratio"], ".0%"),
     ("fan-out 2p/s", "fanout2", lambda r: r["rate"], ",.0f"),
+    ("2p vs mem", "fanout2", lambda r: r["ratio"], ".0%"),
     ("idle conns", "idle", lambda r: r["connections"], "d"),
     ("idle CPU %", "idle", lambda r: r["cpu"] * 100, ".2f"),
     ("broker CPU %", "idle", lambda r: r["server_cpu"] * 100, ".2f"),
 ]
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over the passes that did not fail; an error only if all failed."""
+    done = [run for run in runs if "error" not in run]
+    if not done:
+        return runs[0]
+    merged: dict[str, Any] = {}
+    for key in done[0]:
+        values = [run[key] for run in done if isinstance(run.get(key), (int, float))]
+        merged[key] = statistics.median(values) if values else done[0][key]
+    if len(done) < len(runs):
+        merged["failed passes"] = len(runs) - len(done)
+    return merged
+
+
+def add_versus(runs: dict[str, dict[str, list[dict[str, Any]]]], versus: str) -> None:
+    """Each row's p2p rates over the ``versus`` row's rates of the same pass."""
+    against = {run["pass"]: run for run in runs.get(versus, {}).get("p2p", [])}
+    for scenarios in runs.values():
+        for run in scenarios.get("p2p", []):
+            other = against.get(run["pass"], {})
+            for key in ("p2p1_rate", "p2p16_rate"):
+                if key in run and other.get(key):
+                    run[f"{key} vs"] = run[key] / other[key]
+
+
+def pass_notes(name: str, scenarios: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each pass's main figures, so that a reader can see the spread behind a median."""
+    notes = []
+    for scenario, passes in scenarios.items():
+        keys = [
+            k
+            for k in ("p2p1_rate", "p2p16_rate", "p2p1_rate vs", "p2p16_rate vs", "rate", "ratio")
+            if k in passes[0]
+        ]
+        for key in keys:
+            values = [run.get(key) for run in passes]
+            spec = ".2f" if key.endswith(("vs", "ratio")) else ",.0f"
+            shown = " / ".join("error" if v is None else format(v, spec) for v in values)
+            notes.append(f"{name} {scenario} {key}: {shown}")
+    return notes
+
+
 def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     """One line per implementation, one column per figure; errors and probes as notes below."""
-    memory = rows.get("inmemory", {}).get("fanout", {}).get("rate")
     notes = []
     for name, results in rows.items():
-        fan = results.get("fanout", {})
-        if memory and "rate" in fan:
-            fan["ratio"] = fan["rate"] / memory
         notes += [f"{name} {scenario}: {r['error']}" for scenario, r in results.items() if "error" in r]
-        shown = ("connections", "cpu", "server_cpu", "error")
+        for scenario, figures in results.items():
+            ratios = [
+                f"{k.removesuffix('_rate vs')} {v:.2f}" for k, v in figures.items() if k.endswith(" vs")
+            ]
+            if ratios:
+                notes.append(
+                    f"{name} {scenario} over the --versus row, median per-pass ratio: {', '.join(ratios)}"
+                )
+        shown = ("connections", "cpu", "server_cpu", "error", "pass")
         extra = {k: v for k, v in results.get("idle", {}).items() if k not in shown and v}
         if extra:
             notes.append(f"{name} idle: " + ", ".join(f"{k} {v:g}" for k, v in extra.items()))
@@ -453,6 +506,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--idle-receivers", type=int, default=1_000)
     parser.add_argument("--idle-seconds", type=float, default=3.0)
     parser.add_argument("--limit", type=float, default=30.0, help="seconds per scenario before an error")
+    parser.add_argument("--repeat", type=int, default=1, help="passes over each broker's rows, interleaved")
+    parser.add_argument(
+        "--versus", default="", help="a row name: p2p ratios of every row of its broker to it"
+    )
     return parser.parse_args(argv)
 
 
@@ -468,36 +525,61 @@ def coordinate(args: argparse.Namespace) -> None:
     if unknown := (set(backends) - set(BROKERS)) | (set(args.scenarios.split(",")) - set(SCENARIOS)):
         raise SystemExit(f"unknown backend or scenario: {', '.join(sorted(unknown))}")
     rows: dict[str, dict[str, dict[str, Any]]] = {}
+    notes: list[str] = []
     skipped = set()
     started = time.monotonic()
+    memory = importlib.import_module("bench_inmemory").IMPLS[0]
     # The in-memory layer (the first row of bench_inmemory) is the baseline of "vs mem": it always runs.
     for broker in ["inmemory", *(b for b in BROKERS[1:] if b in backends)]:
         module = importlib.import_module(f"bench_{broker}")
         impls = [i for i in module.IMPLS if args.match in i.name and not (args.no_peers and i.venv != "ours")]
         if broker == "inmemory":
-            impls = [module.IMPLS[0], *(i for i in impls if i.venv != "ours" and "inmemory" in backends)]
+            impls = [memory, *(i for i in impls if i.venv != "ours" and "inmemory" in backends)]
         skipped |= {i.venv for i in impls if not PYTHONS[i.venv].exists()}
         impls = [i for i in impls if PYTHONS[i.venv].exists()]
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        baselines: list[float] = []
         print(f"{broker}: starting the server", file=sys.stderr, flush=True)
         with getattr(module, "server", no_server)() as server:
             server = {"broker": broker, **server}
-            for impl, scenario in itertools.product(impls, scenarios):
-                results = rows.setdefault(impl.name, {})
-                # Two processes cannot share an in-memory layer, nor finish what one could not.
-                if scenario == "fanout2" and (not impl.shared or "error" in results.get("fanout", {})):
-                    continue
-                if impl.scenarios is not None and scenario not in impl.scenarios:
-                    continue
-                print(f"  {impl.name}: {scenario}", file=sys.stderr, flush=True)
-                results[scenario] = run_job(impl, scenario, server, sizes)
+            for index in range(args.repeat):
+                load = os.getloadavg()[0]
+                if {"fanout", "fanout2"} & set(scenarios):
+                    print(f"  pass {index + 1}: in-memory fan-out, the baseline", file=sys.stderr, flush=True)
+                    baseline = run_job(memory, "fanout", {"broker": "inmemory"}, sizes)
+                    baselines.append(baseline.get("rate", 0.0))
+                for impl, scenario in itertools.product(impls, scenarios):
+                    done = runs.setdefault(impl.name, {})
+                    # Two processes cannot share an in-memory layer, nor finish what one could not.
+                    failed = any("error" in run for run in done.get("fanout", [])[index:])
+                    if scenario == "fanout2" and (not impl.shared or failed):
+                        continue
+                    if impl.scenarios is not None and scenario not in impl.scenarios:
+                        continue
+                    print(f"  pass {index + 1}: {impl.name}: {scenario}", file=sys.stderr, flush=True)
+                    if impl is memory and scenario == "fanout" and baselines:
+                        result = dict(baseline)
+                    else:
+                        result = run_job(impl, scenario, server, sizes)
+                    result["pass"] = index
+                    if scenario.startswith("fanout") and "rate" in result and baselines and baselines[-1]:
+                        result["ratio"] = result["rate"] / baselines[-1]
+                    done.setdefault(scenario, []).append(result)
+                notes.append(f"{broker} pass {index + 1}: load {load:.2f} when it began")
+        add_versus(runs, args.versus)
+        for name, scenario_runs in runs.items():
+            rows[name] = {scenario: merge(passes) for scenario, passes in scenario_runs.items()}
+            if args.repeat > 1:
+                notes += pass_notes(name, scenario_runs)
     print(
         f"\np2p: closed loop, at most {args.p2p_messages:,} messages or {args.p2p_seconds:g} s; "
         f"fan-out: {args.receivers:,} receivers, median of at most {args.rounds} rounds; "
         f"idle: {args.idle_receivers:,} receivers, {args.idle_seconds:g} s; "
-        f"python {sys.version.split()[0]}; load {os.getloadavg()[0]:.2f}; "
+        f"{args.repeat} pass(es), medians; python {sys.version.split()[0]}; load {os.getloadavg()[0]:.2f}; "
         f"{time.monotonic() - started:.0f} s in all\n"
     )
     print(table(rows))
+    print("\n".join(notes))
     for venv in sorted(skipped):
         print(f"{venv} rows skipped: {PYTHONS[venv]} is missing (run bash bench/setup-peers)")
 

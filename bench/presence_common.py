@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 
@@ -23,7 +23,7 @@ async def new_channels(layer: Any, count: int) -> list[str]:
     return [await layer.new_channel("ws") for _ in range(count)]
 
 
-async def median_us(calls: list[Awaitable[Any]]) -> float:
+async def median_us(calls: Sequence[Awaitable[Any]]) -> float:
     """Median time of awaiting each call in turn, in microseconds."""
     times = []
     for call in calls:

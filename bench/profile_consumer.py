@@ -162,11 +162,11 @@ async def main(args: argparse.Namespace) -> None:
         profile.enable()
         await broadcasts(args.repeat * args.broadcasts)
         profile.disable()
-        stats = pstats.Stats(profile)
-        total = stats.total_tt  # type: ignore[attr-defined]
+        profiled = pstats.Stats(profile)
+        total = profiled.total_tt  # type: ignore[attr-defined]
         print(f"\n{deliveries} deliveries, {total:.2f} s profiled: {total / deliveries * 1e6:.1f} us each")
-        stats.sort_stats("tottime").print_stats(args.top)
-        stats.sort_stats("cumulative").print_stats(args.top)
+        profiled.sort_stats("tottime").print_stats(args.top)
+        profiled.sort_stats("cumulative").print_stats(args.top)
     await stop(proc, server, serving)
 
 

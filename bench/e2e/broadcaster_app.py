@@ -30,7 +30,7 @@ async def room_ws(websocket: WebSocket) -> None:
 
         async def sender() -> None:
             async with broadcast.subscribe(channel=ROOM) as subscriber:
-                async for event in subscriber:  # type: ignore[union-attr]
+                async for event in subscriber:
                     await websocket.send_text(event.message)
 
         tasks.start_soon(receiver)

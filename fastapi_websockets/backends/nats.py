@@ -80,6 +80,8 @@ from fastapi_websockets.types import Message
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+    from nats.js.api import ConsumerConfig, ConsumerInfo
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
 
@@ -1562,29 +1564,20 @@ class NATSChannelLayer(BrokerChannelLayer):
         (one request, then the entries); it is deleted in the background.
         """
         from nats.errors import TimeoutError as NatsTimeout
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-        inbox = self.nc.new_inbox()
-        try:
-            sub = await self.nc.subscribe(inbox)
-        except self._driver_error as exc:
-            raise self._translate(exc, what) from exc
-        config = ConsumerConfig(
-            deliver_subject=inbox,
-            filter_subject=subject,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE,
-            mem_storage=True,
-            num_replicas=1,
-            inactive_threshold=_READER_IDLE,
-            description="fastapi-websockets history reader",
-        )
         entries: list[_Entry] = []
-        consumer: str | None = None
         loop = asyncio.get_running_loop()
-        try:
-            info = await self._in_history(store, what, partial(self.js.add_consumer, store.name, config))
-            consumer = info.name
+        reader = self._stream_reader(
+            store.name,
+            subject,
+            kind="history",
+            what=what,
+            idle=_READER_IDLE,
+            add=lambda config: self._in_history(
+                store, what, partial(self.js.add_consumer, store.name, config)
+            ),
+        )
+        async with reader as (sub, info):
             deadline = loop.time() + (self.timeout if info.num_pending else _REPLICA_LAG)
             while True:
                 try:
@@ -1611,23 +1604,68 @@ class NATSChannelLayer(BrokerChannelLayer):
                     # Everything this consumer's replica holds arrived; a lagging
                     # replica gets the newest entry in a moment.
                     deadline = min(deadline, loop.time() + _REPLICA_LAG)
+        return entries
+
+    @contextlib.asynccontextmanager
+    async def _stream_reader(
+        self,
+        stream: str,
+        subjects: str,
+        *,
+        kind: str,
+        what: str,
+        idle: float,
+        add: Callable[[ConsumerConfig], Awaitable[ConsumerInfo]],
+        last_per_subject: bool = False,
+        cb: Callable[[Msg], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[tuple[Subscription, ConsumerInfo]]:
+        """An ephemeral push consumer without acks streaming ``subjects`` of ``stream`` to a private inbox.
+
+        One request creates it (``add`` sends it, with the caller's retry and
+        recovery), then the messages flow to the yielded subscription, or to
+        ``cb``; the yielded info's ``num_pending`` says how many will come. On exit
+        the subscription ends and the consumer is deleted in the background; the
+        server drops it after ``idle`` seconds anyway. History and presence reads
+        both read this way.
+        """
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        inbox = self.nc.new_inbox()
+        try:
+            sub = await self.nc.subscribe(inbox, cb=cb)
+        except self._driver_error as exc:
+            raise self._translate(exc, what) from exc
+        config = ConsumerConfig(
+            deliver_subject=inbox,
+            filter_subject=subjects,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=idle,
+            description=f"fastapi-websockets {kind} reader",
+        )
+        consumer: str | None = None
+        try:
+            info = await add(config)
+            consumer = info.name
+            yield sub, info
         finally:
             try:
                 await sub.unsubscribe()
             except self._driver_error as exc:
-                logger.debug("unsubscribe of a history reader failed: %r", exc)
+                logger.debug("unsubscribe of a %s reader failed: %r", kind, exc)
             if consumer is not None and not self.closed:
-                self.tasks.spawn(self._drop_reader(store, consumer), f"dropping history reader {consumer}")
-        return entries
+                self.tasks.spawn(
+                    self._drop_reader(stream, consumer, kind), f"dropping {kind} reader {consumer}"
+                )
 
-    async def _drop_reader(self, store: _HistoryStore, consumer: str) -> None:
+    async def _drop_reader(self, stream: str, consumer: str, kind: str) -> None:
         try:
-            await self._retry(
-                "dropping a history reader", partial(self.js.delete_consumer, store.name, consumer)
-            )
+            await self._retry(f"dropping a {kind} reader", partial(self.js.delete_consumer, stream, consumer))
         except ChannelLayerError as exc:
-            # The server deletes it after _READER_IDLE anyway.
-            logger.debug("dropping history reader %s failed: %s", consumer, exc)
+            # The server deletes it after its idle time anyway.
+            logger.debug("dropping %s reader %s failed: %s", kind, consumer, exc)
 
     async def _flush_history(self) -> None:
         """Purge the history streams of this layer's policies: every group starts a new epoch."""

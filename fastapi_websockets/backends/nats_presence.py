@@ -400,12 +400,9 @@ class NatsPresence:
 
     async def _scan(self, subjects: str, what: str) -> list[_Stored]:
         """The last message of every subject matching ``subjects``, in one consumer's push."""
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
         layer = self.layer
-        loop = asyncio.get_running_loop()
         found: list[_Stored] = []
-        complete: asyncio.Future[None] = loop.create_future()
+        complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def collect(msg: Msg) -> None:
             metadata = msg.metadata
@@ -415,50 +412,26 @@ class NatsPresence:
             if not metadata.num_pending and not complete.done():
                 complete.set_result(None)
 
-        inbox = layer.nc.new_inbox()
-        try:
-            sub = await layer.nc.subscribe(inbox, cb=collect)
-        except layer._driver_error as exc:
-            raise layer._translate(exc, what) from exc
-        config = ConsumerConfig(
-            deliver_subject=inbox,
-            filter_subject=subjects,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            ack_policy=AckPolicy.NONE,
-            mem_storage=True,
-            num_replicas=1,
-            inactive_threshold=_READER_IDLE,
-            description="fastapi-websockets presence reader",
-        )
-        consumer: str | None = None
-        try:
-            info = await layer._retry(
+        reader = layer._stream_reader(
+            self.stream,
+            subjects,
+            kind="presence",
+            what=what,
+            idle=_READER_IDLE,
+            add=lambda config: layer._retry(
                 what, partial(layer.js.add_consumer, self.stream, config), self._recover
-            )
-            consumer = info.name
+            ),
+            last_per_subject=True,
+            cb=collect,
+        )
+        async with reader as (_, info):
             if info.num_pending or found:
                 await within(
                     complete,
                     layer.timeout,
                     lambda: layer.unavailable(f"{what}: entries still arriving after {layer.timeout} s"),
                 )
-        finally:
-            try:
-                await sub.unsubscribe()
-            except layer._driver_error as exc:
-                logger.debug("unsubscribe of a presence reader failed: %r", exc)
-            if consumer is not None and not layer.closed:
-                layer.tasks.spawn(self._drop_reader(consumer), f"dropping presence reader {consumer}")
         return found
-
-    async def _drop_reader(self, consumer: str) -> None:
-        try:
-            await self.layer._retry(
-                "dropping a presence reader", partial(self.layer.js.delete_consumer, self.stream, consumer)
-            )
-        except ChannelLayerError as exc:
-            # The server deletes it after _READER_IDLE anyway.
-            logger.debug("dropping presence reader %s failed: %s", consumer, exc)
 
 
 def chunk_of(channel: str) -> int:

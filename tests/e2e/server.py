@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -46,40 +47,42 @@ def serve_in_subprocess(
 ) -> Iterator[str]:
     """Run ``uvicorn <app>`` ("module:attr") as a separate process; yield its ``ws://`` base URL."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            app,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--ws",
-            "websockets-sansio",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while not port_open(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                raise RuntimeError(f"uvicorn {app} did not start:\n{output}")
-            time.sleep(0.05)
-        yield f"ws://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
+    # A file, not a pipe: nobody reads the server's output while it runs, and a full pipe would
+    # block a chatty server mid-test.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                app,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--ws",
+                "websockets-sansio",
+            ],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+            deadline = time.monotonic() + timeout
+            while not port_open(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    output = log.read().decode(errors="replace")
+                    raise RuntimeError(f"uvicorn {app} did not start:\n{output}")
+                time.sleep(0.05)
+            yield f"ws://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -129,6 +130,9 @@ class Soak:
         self.slow = 0
         #: Start no new cycle after this many seconds (None: run every cycle).
         self.seconds = seconds
+        #: How far each running cycle got; failed cycles are counted by error and that stage.
+        self.stages: dict[int, str] = {}
+        self.failed_at: Counter[str] = Counter()
 
     async def user(self, number: int) -> None:
         line = f"line {number}"
@@ -136,11 +140,18 @@ class Soak:
         # (as this one does once its line came back) never sees the server's close frame
         # behind the room's unread notices, and close() waits 10 s for it.
         url = f"{self.url}/ws/soak?name=u{number}"
+        self.stages[number] = "connecting"
         async with connect(url, ping_interval=None, max_queue=None) as ws:
+            self.stages[number] = "before hello"
             await ws.send(json.dumps({"text": line}))
             async for frame in ws:
                 event = json.loads(frame)
-                if event.get("kind") == "message" and event.get("text") == line:
+                kind = event.get("kind")
+                if kind == "hello":
+                    self.stages[number] = "in connect() (hello, no online list yet)"
+                elif kind == "online":
+                    self.stages[number] = "after connect() (online list, own line not back)"
+                elif kind == "message" and event.get("text") == line:
                     return
 
     async def worker(self) -> None:
@@ -155,8 +166,11 @@ class Soak:
                 self.slow += took > 1.0
             except Exception as error:
                 self.failed += 1
+                stage = self.stages.get(number, "?")
+                self.failed_at[f"{type(error).__name__} {stage}"] += 1
                 if self.failed <= 5:
-                    print(f"cycle {number} failed: {error!r}", file=sys.stderr)
+                    print(f"cycle {number} failed {stage}: {error!r}", file=sys.stderr)
+            self.stages.pop(number, None)
             self.done += 1
             if self.done % max(1, self.cycles // 10) == 0 or self.done == self.cycles:
                 self.sample()
@@ -255,6 +269,7 @@ def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         "ratio": end_mb / base_mb if base_mb else float("nan"),
         "bytes_per_cycle": (end_mb - base_mb) * 1024 * 1024 / max(1, end_cycles - base_cycles),
         "failed": soak.failed,
+        "failed_at": dict(soak.failed_at),
         "cycles_per_s": end_cycles / end_s,
         "slowest_s": soak.slowest,
         "over_1s": soak.slow,
@@ -285,6 +300,8 @@ def probe_summary(probes: Path) -> dict[str, Any]:
                 "malloc_in_use_mb": round(seen["malloc"].get("in_use", 0) / 2**20, 1),
                 "malloc_free_mb": round(seen["malloc"].get("free", 0) / 2**20, 1),
                 "threads": seen["threads"],
+                "waits": seen.get("waits", {}),
+                "dropped_full": sum(stats["dropped_full"] for stats in seen.get("layer_stats", [])),
                 **(
                     {
                         "traced_mb": round(seen["traced"] / 2**20, 1),
@@ -298,6 +315,7 @@ def probe_summary(probes: Path) -> dict[str, Any]:
         ],
         "types_grown": dict(sorted(grown.items(), key=lambda item: -abs(item[1]))[:15]),
         "tasks_at_end": last.get("tasks", {}),
+        "layer_stats_at_end": last.get("layer_stats", []),
     }
     trim = probes / "trim.json"
     if trim.exists():
@@ -467,7 +485,8 @@ def main() -> None:
         print(
             f"\n{backend}: RSS {row['rss_baseline_mb']:.1f} MB after {row['baseline_cycles']:,} cycles, "
             f"{row['rss_end_mb']:.1f} MB at the end; ratio {row['ratio']:.2f}; "
-            f"{row['bytes_per_cycle']:,.0f} bytes per cycle; {row['failed']} cycles failed; "
+            f"{row['bytes_per_cycle']:,.0f} bytes per cycle; {row['failed']} cycles failed "
+            f"{row['failed_at'] or ''}; "
             f"{row['broker_holds'] or 'no broker figures'}\n",
             flush=True,
         )

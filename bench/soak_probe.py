@@ -3,9 +3,12 @@
 ``uvicorn bench.soak_probe:app`` serves ``examples/chat/app.py`` unchanged. On SIGUSR1 the
 process writes ``probe-<n>.json`` into ``$SOAK_PROBE_DIR``: its RSS, what Python's allocator
 holds (``sys.getallocatedblocks``), what glibc's malloc holds (``mallinfo2``), the live object
-count of every type, the asyncio tasks by name and the number of threads. With
+count of every type, the asyncio tasks by name and by where they wait, and the number of threads. With
 ``SOAK_PROBE_TRACE=<frames>`` it also traces allocations (``tracemalloc``, slow) and dumps a
 snapshot next to each probe, so two probes can be diffed by the line that allocated what grew.
+It also records the counters (``stats``) of every open channel layer, so a soak's failed
+cycles can be told from messages dropped at a full mailbox. With ``SOAK_PROBE_LOG=<file>``
+the library's loggers write at DEBUG level to that file.
 Together they tell a leak (objects, tasks or traced bytes grow with the cycles) from allocator
 growth (RSS and malloc's arena grow while Python's blocks and malloc's bytes in use do not).
 On SIGUSR2 it calls ``malloc_trim(0)`` and writes ``trim.json``: its RSS before and after
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import gc
 import json
+import logging
 import os
 import re
 import signal
@@ -30,11 +35,13 @@ from types import FrameType
 from typing import Any
 
 from examples.chat.app import app
+from fastapi_websockets import BaseChannelLayer
 
 __all__ = ["app"]
 
 _OUT = Path(os.environ.get("SOAK_PROBE_DIR", "."))
 _TRACE = int(os.environ.get("SOAK_PROBE_TRACE", "0"))
+_LOG = os.environ.get("SOAK_PROBE_LOG", "")
 _taken = 0
 
 
@@ -89,11 +96,36 @@ def _task_names() -> dict[str, int]:
     return dict(Counter(re.sub(r"\d+", "N", task.get_name()) for task in tasks).most_common(50))
 
 
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where ``task`` waits: the innermost six frames of its chain of awaits (library and app code)."""
+    where: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            break
+        code = frame.f_code
+        where.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return " > ".join(where[-6:])
+
+
+def _waits() -> dict[str, int]:
+    """The running asyncio tasks, counted by where they wait."""
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:
+        return {}
+    return dict(Counter(_awaiting(task) for task in tasks).most_common(30))
+
+
 def _probe(signum: int, frame: FrameType | None) -> None:
     global _taken
     _taken += 1
     gc.collect()
-    types = Counter(type(thing).__qualname__ for thing in gc.get_objects())
+    objects = gc.get_objects()
+    types = Counter(type(thing).__qualname__ for thing in objects)
+    layers = [thing for thing in objects if isinstance(thing, BaseChannelLayer) and not thing.closed]
     found: dict[str, Any] = {
         "rss": _rss(),
         "python_blocks": sys.getallocatedblocks(),
@@ -101,6 +133,8 @@ def _probe(signum: int, frame: FrameType | None) -> None:
         "threads": threading.active_count(),
         "types": dict(types.most_common(200)),
         "tasks": _task_names(),
+        "waits": _waits(),
+        "layer_stats": [dataclasses.asdict(layer.stats) for layer in layers],
     }
     if _TRACE:
         snapshot = tracemalloc.take_snapshot()
@@ -121,5 +155,11 @@ def _trim(signum: int, frame: FrameType | None) -> None:
 
 if _TRACE:
     tracemalloc.start(_TRACE)
+if _LOG:
+    _handler = logging.FileHandler(_LOG)
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    _library = logging.getLogger("fastapi_websockets")
+    _library.addHandler(_handler)
+    _library.setLevel(logging.DEBUG)
 signal.signal(signal.SIGUSR1, _probe)
 signal.signal(signal.SIGUSR2, _trim)

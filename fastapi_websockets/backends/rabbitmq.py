@@ -339,11 +339,14 @@ class _HistoryStream:
     #: No longer the group's tap (forgotten, stopped or replaced): it delivers nothing.
     #: Not "absent from _streams": a tap delivers from consume-ok on, before it is listed.
     retired: bool = False
-    #: How many stored entries ``recent`` keeps: the policy's size plus one,
+    #: How many stored entries a read needs: the policy's size plus one,
     #: which tells whether anything older was trimmed by size.
     keep: int = 1
     #: The stored entries the tap handled, oldest first: every stored entry
-    #: with a stream offset from ``covered`` to ``seen``, the newest ``keep``.
+    #: with a stream offset from ``covered`` to ``seen``, the newest ``2 * keep``.
+    #: Twice what a read needs: a read's mark is followed by the messages
+    #: written concurrently (up to ``keep`` of them are fine), and a read
+    #: that finds fewer than ``keep`` below its mark must scan the stream.
     #: The broker's own entries as the tap saw them in order, not a second
     #: store: it dies with the tap (a new tap is a new handle).
     recent: deque[_Entry] = field(default_factory=deque)
@@ -353,21 +356,22 @@ class _HistoryStream:
     scanning: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def remember(self, entry: _Entry) -> None:
-        """Keep a stored entry the tap handled, trimming ``recent`` to ``keep`` entries."""
+        """Keep a stored entry the tap handled, trimming ``recent`` to ``2 * keep`` entries."""
         self.recent.append(entry)
-        if len(self.recent) > self.keep:
+        if len(self.recent) > 2 * self.keep:
             self.recent.popleft()
             self.covered = self.recent[0].offset
 
     def seed(self, entries: list[_Entry]) -> None:
         """Prepend what a scan read back: every entry from ``entries[0]`` up to where the tap began."""
-        if not entries or self.retired or self.covered < 0 or len(self.recent) >= self.keep:
-            # Not trimmed yet (fewer than `keep`), so `covered` is still where
+        room = 2 * self.keep - len(self.recent)
+        if not entries or self.retired or self.covered < 0 or room <= 0:
+            # Not trimmed yet (room left), so `covered` is still where
             # the tap began, at or below the scan's end: the two runs join.
             return
         older = [entry for entry in entries if entry.kind == _STORED and entry.offset < self.covered]
-        self.recent.extendleft(reversed(older[-(self.keep - len(self.recent)) :]))
-        self.covered = self.recent[0].offset if len(self.recent) >= self.keep else entries[0].offset
+        self.recent.extendleft(reversed(older[-room:]))
+        self.covered = self.recent[0].offset if len(older) >= room else entries[0].offset
 
     def stored_up_to(self, last: int, after: int) -> list[_Entry] | None:
         """The stored entries a read up to stream offset ``last`` needs, if ``recent`` holds them all.
@@ -381,7 +385,7 @@ class _HistoryStream:
             return None
         stored = [entry for entry in self.recent if entry.offset <= last]
         if len(stored) >= self.keep:
-            return stored
+            return stored[-self.keep :]
         # Position `after` is stream offset `after - 1`: held when it is stored
         # and at or above `covered`; an empty run is the newest only from the stream's start.
         if self.covered <= after and (stored or self.covered == 0):

@@ -688,6 +688,47 @@ async def test_reads_past_the_size_are_exact_without_a_scan(make: Factory) -> No
     assert reader.history_scans == scans
 
 
+async def test_reads_overtaken_by_concurrent_writes_need_no_scan(make: Factory) -> None:
+    # Messages the tap handles between a read's mark and the read itself must not push what
+    # the read needs out of the tap's recent entries: in the demo's churn soak every such
+    # read scanned the stream, one scan at a time, and joins waited for over 30 s.
+    writer, reader = make(history=HISTORY), make(history=HISTORY)
+    await reader.group_send("room:busy", {"type": "m", "i": 0})  # starts the reader's tap
+    for i in range(1, 60):
+        await writer.group_send("room:busy", {"type": "m", "i": i})
+    await reader.group_history("room:busy")
+    scans = reader.history_scans
+
+    async def write(i: int) -> None:
+        await writer.group_send("room:busy", {"type": "m", "i": i})
+
+    done = await asyncio.gather(
+        *(reader.group_history("room:busy") for _ in range(20)), *(write(i) for i in range(60, 80))
+    )
+    for page in done[:20]:
+        assert page is not None
+        numbers = [m["i"] for m in page.messages]
+        assert len(numbers) == 50
+        assert numbers == list(range(numbers[0], numbers[0] + 50))
+        assert page.position.offset == page.messages[-1]["_position"]["offset"]
+    assert reader.history_scans == scans
+
+
+async def test_the_tap_keeps_what_a_read_overtaken_by_newer_messages_needs(make: Factory) -> None:
+    writer, reader = make(history=HISTORY), make(history=HISTORY)
+    await reader.group_send("tiny:o", {"type": "m", "i": 0})  # starts the reader's tap
+    sent = [await writer.group_send("tiny:o", {"type": "m", "i": i}) for i in range(1, 9)]
+    await reader.group_history("tiny:o")  # returns once the tap has handled all of them
+    stream = reader._streams["tiny:o"]
+    fourth = sent[3]
+    assert fourth is not None
+    # A read whose mark came right after message 4, answered once the tap had handled
+    # 5 to 8 (written meanwhile): the newest `size + 1` up to the mark, without a scan.
+    held = stream.stored_up_to(fourth.offset - 1, 0)
+    assert held is not None
+    assert [reader.decode(entry.body)["i"] for entry in held] == [1, 2, 3, 4]
+
+
 async def test_history_members_read_the_stream_and_leave_no_tap_behind(
     make: Factory, prefix: str, node: RabbitNode
 ) -> None:

@@ -83,17 +83,19 @@ class _Resumed(collections.abc.Coroutine[Any, Any, T]):
         return getattr(self._coro, "cr_code", None)
 
 
-def start_eagerly(coro: Coroutine[Any, Any, None], context: contextvars.Context) -> asyncio.Task[None] | None:
+def start_eagerly(
+    coro: Coroutine[Any, Any, None], context: contextvars.Context, *, eager: bool = True
+) -> asyncio.Task[None] | None:
     """Run ``coro`` in ``context`` until it finishes or waits; return the task it goes on in, or None.
 
     Must be called with an event loop running. A coroutine that finished
     returns None: its result and a ``CancelledError`` it raised are dropped
     (as a task's would be that nobody awaits), other exceptions propagate to
-    the caller, so ``coro`` should handle its own. Inside another eager step,
-    the coroutine is scheduled as a task from the start.
+    the caller, so ``coro`` should handle its own. With ``eager=False``, or
+    inside another eager step, the coroutine is scheduled as a task from the start.
     """
     loop = asyncio.get_running_loop()
-    if _depth.stepping:
+    if _depth.stepping or not eager:
         return _task(loop, coro, context)
     _depth.stepping = True
     try:

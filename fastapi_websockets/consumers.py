@@ -287,7 +287,11 @@ class AsyncWebSocketConsumer:
         assert context is not None  # set by _run() before the first listen()
         # Handled right here when the handler does not wait (the usual case: a socket write
         # that does not block), else in a task from where it waits: no task per group message.
-        task = start_eagerly(self._handle_events(item), context)
+        # Not inside this connection's own frame task (a receive handler sending to its own
+        # channel): an event that ends the connection stops that task by cancelling it, so the
+        # event must not run in it, and the receive handler goes on first, as it always did.
+        eager = asyncio.current_task() is not self._frames_task
+        task = start_eagerly(self._handle_events(item), context, eager=eager)
         if task is not None:
             self._events_task = task
             if self._dispatching is not _IDLE:

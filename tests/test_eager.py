@@ -125,3 +125,16 @@ async def test_a_cancelled_error_raised_at_once_is_dropped_like_an_unawaited_tas
         raise asyncio.CancelledError
 
     assert start_eagerly(handler(), connection_context("c")) is None
+
+
+async def test_not_eager_is_a_task_from_the_start() -> None:
+    ran: list[str] = []
+
+    async def handler() -> None:
+        ran.append("ran")
+
+    task = start_eagerly(handler(), connection_context("c"), eager=False)
+    assert task is not None
+    assert ran == []
+    await task
+    assert ran == ["ran"]

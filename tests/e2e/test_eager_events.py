@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from fastapi_websockets import AsyncJsonWebSocketConsumer, InMemoryChannelLayer, StreamPosition
 from tests.e2e.server import serve
@@ -58,6 +59,13 @@ class Waiting(AsyncJsonWebSocketConsumer):
             await self.channel_layer.send(rest[0], forward)
         else:
             await self.send_json({"event": "relayed", "hops": event["hops"]})
+
+    async def receive_json(self, content: Any) -> None:
+        await self.channel_layer.send(self.channel_name, {"type": "explode"})
+        await self.send_json({"event": "sent to myself"})
+
+    async def explode(self, event: dict[str, Any]) -> None:
+        raise RuntimeError("an event sent by a receive handler to its own connection failed")
 
     async def disconnect(self, close_code: int | None) -> None:
         OUTCOMES.append(f"disconnected {close_code}")
@@ -139,3 +147,21 @@ async def test_a_long_relay_chain_between_consumers_does_not_nest_handlers(
     assert await recv_json(clients[-1][0]) == {"event": "relayed", "hops": 199}
     for ws, _ in clients:
         await ws.close()
+
+
+async def test_an_event_a_receive_handler_sends_itself_runs_after_it_and_can_end_the_connection(
+    served: tuple[str, InMemoryChannelLayer],
+) -> None:
+    url, _ = served
+    ws, _ = await open_client(url)
+    await ws.send(json.dumps({"go": True}))
+    assert await recv_json(ws) == {"event": "sent to myself"}
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1011
+    for _ in range(500):
+        if OUTCOMES:
+            break
+        await asyncio.sleep(0.01)
+    assert OUTCOMES == ["disconnected 1011"]

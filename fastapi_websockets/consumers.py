@@ -37,7 +37,7 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from fastapi_websockets import observing
-from fastapi_websockets._eager import start_eagerly
+from fastapi_websockets._eager import start_task
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
 from fastapi_websockets.exceptions import ChannelLayerClosed
@@ -285,17 +285,13 @@ class AsyncWebSocketConsumer:
             return
         context = self._context
         assert context is not None  # set by _run() before the first listen()
-        # Handled right here when the handler does not wait (the usual case: a socket write
-        # that does not block), else in a task from where it waits: no task per group message.
-        # Not inside this connection's own frame task (a receive handler sending to its own
-        # channel): an event that ends the connection stops that task by cancelling it, so the
-        # event must not run in it, and the receive handler goes on first, as it always did.
+        # On Python 3.12+ the task's first step runs right here, so a handler that does not
+        # wait (the usual case: a socket write that does not block) costs no loop turn.
+        # Not from this connection's own frame task (a receive handler sending to its own
+        # channel): an event that ends the connection stops that task by cancelling it, and
+        # the receive handler goes on first, as it always did.
         eager = asyncio.current_task() is not self._frames_task
-        task = start_eagerly(self._handle_events(item), context, eager=eager)
-        if task is not None:
-            self._events_task = task
-            if self._dispatching is not _IDLE:
-                self._dispatching = task  # the handler goes on in this task (see group_add)
+        self._events_task = start_task(self._handle_events(item), context, eager=eager)
 
     async def _handle_events(self, item: Message | BaseException) -> None:
         try:

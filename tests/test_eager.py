@@ -1,4 +1,4 @@
-"""start_eagerly(): a coroutine runs in the caller's turn until it waits, then goes on in a task."""
+"""start_task(): on Python 3.12+ a task's first step runs before the call returns, never nested."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import contextvars
 
 import pytest
 
-from fastapi_websockets._eager import start_eagerly
+from fastapi_websockets._eager import EAGER_TASKS, start_task
 
 WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="caller")
+
+eager_only = pytest.mark.skipif(not EAGER_TASKS, reason="eager tasks need Python 3.12+")
 
 
 def connection_context(name: str) -> contextvars.Context:
@@ -18,123 +20,86 @@ def connection_context(name: str) -> contextvars.Context:
     return context
 
 
-async def test_a_coroutine_that_does_not_wait_finishes_before_the_call_returns() -> None:
-    seen: list[str] = []
+async def test_the_task_runs_in_the_connection_s_context_and_is_its_own_current_task() -> None:
+    seen: list[object] = []
 
     async def handler() -> None:
         seen.append(WHO.get())
+        seen.append(asyncio.current_task())
 
-    assert start_eagerly(handler(), connection_context("conn-1")) is None
-    assert seen == ["conn-1"]
+    task = start_task(handler(), connection_context("conn-1"))
+    await task
+    assert seen == ["conn-1", task]
     assert WHO.get() == "caller"
 
 
-async def test_a_coroutine_that_waits_goes_on_in_a_task_from_where_it_stopped() -> None:
-    steps: list[object] = []
-    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def handler() -> None:
-        steps.append("before")
-        steps.append(await gate)
-        await asyncio.sleep(0)  # a bare yield inside the task
-        steps.append(WHO.get())
-
-    task = start_eagerly(handler(), connection_context("conn-2"))
-    assert task is not None
-    assert steps == ["before"]
-    gate.set_result("value")
-    await task
-    assert steps == ["before", "value", "conn-2"]
-
-
-async def test_an_exception_after_waiting_is_the_task_s_and_before_is_the_caller_s() -> None:
-    async def fails_at_once() -> None:
-        raise KeyError("now")
-
-    with pytest.raises(KeyError, match="now"):
-        start_eagerly(fails_at_once(), connection_context("c"))
-
-    async def fails_later() -> None:
-        await asyncio.sleep(0)
-        raise KeyError("later")
-
-    task = start_eagerly(fails_later(), connection_context("c"))
-    assert task is not None
-    with pytest.raises(KeyError, match="later"):
-        await task
-
-
-async def test_cancelling_the_task_before_it_ran_cancels_the_coroutine_where_it_waits() -> None:
-    outcome: list[str] = []
-    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def handler() -> None:
-        try:
-            await never
-        except asyncio.CancelledError:
-            outcome.append("cancelled where it waited")
-            raise
-
-    task = start_eagerly(handler(), connection_context("c"))
-    assert task is not None
-    task.cancel()  # before the task's first step
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert task.cancelled()
-    assert outcome == ["cancelled where it waited"]
-
-
-async def test_cancelling_a_waiting_task_cancels_what_it_waits_for() -> None:
-    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def handler() -> None:
-        await never
-
-    task = start_eagerly(handler(), connection_context("c"))
-    assert task is not None
-    await asyncio.sleep(0)  # the task now waits on the future itself
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert never.cancelled()
-
-
-async def test_a_start_inside_an_eager_step_is_a_task_so_relays_do_not_nest() -> None:
-    order: list[str] = []
-    inner_task: list[asyncio.Task[None] | None] = []
-
-    async def inner() -> None:
-        order.append("inner")
-
-    async def outer() -> None:
-        inner_task.append(start_eagerly(inner(), connection_context("inner")))
-        order.append("outer done")
-
-    assert start_eagerly(outer(), connection_context("outer")) is None
-    assert order == ["outer done"]
-    task = inner_task[0]
-    assert task is not None
-    await task
-    assert order == ["outer done", "inner"]
-    # Outside any step again: eager.
-    assert start_eagerly(inner(), connection_context("again")) is None
-
-
-async def test_a_cancelled_error_raised_at_once_is_dropped_like_an_unawaited_task_s() -> None:
-    async def handler() -> None:
-        raise asyncio.CancelledError
-
-    assert start_eagerly(handler(), connection_context("c")) is None
-
-
-async def test_not_eager_is_a_task_from_the_start() -> None:
+async def test_not_eager_is_only_scheduled() -> None:
     ran: list[str] = []
 
     async def handler() -> None:
         ran.append("ran")
 
-    task = start_eagerly(handler(), connection_context("c"), eager=False)
-    assert task is not None
+    task = start_task(handler(), connection_context("c"), eager=False)
     assert ran == []
     await task
     assert ran == ["ran"]
+
+
+@pytest.mark.skipif(EAGER_TASKS, reason="Python 3.12+ starts eagerly")
+async def test_before_python_3_12_the_task_is_only_scheduled() -> None:
+    ran: list[str] = []
+
+    async def handler() -> None:
+        ran.append("ran")
+
+    task = start_task(handler(), connection_context("c"))
+    assert ran == []
+    await task
+    assert ran == ["ran"]
+
+
+@eager_only
+async def test_a_handler_that_does_not_wait_is_done_when_the_call_returns() -> None:
+    ran: list[str] = []
+
+    async def handler() -> None:
+        ran.append(WHO.get())
+
+    task = start_task(handler(), connection_context("conn-2"))
+    assert task.done()
+    assert ran == ["conn-2"]
+
+
+@eager_only
+async def test_a_handler_that_waits_goes_on_in_its_task() -> None:
+    steps: list[str] = []
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def handler() -> None:
+        steps.append("before")
+        steps.append(await gate)
+
+    task = start_task(handler(), connection_context("c"))
+    assert steps == ["before"]
+    gate.set_result("after")
+    await task
+    assert steps == ["before", "after"]
+
+
+@eager_only
+async def test_a_start_inside_an_eager_step_is_scheduled_so_relays_do_not_nest() -> None:
+    order: list[str] = []
+    inner_tasks: list[asyncio.Task[None]] = []
+
+    async def inner() -> None:
+        order.append("inner")
+
+    async def outer() -> None:
+        inner_tasks.append(start_task(inner(), connection_context("inner")))
+        order.append("outer done")
+
+    assert start_task(outer(), connection_context("outer")).done()
+    assert order == ["outer done"]
+    await inner_tasks[0]
+    assert order == ["outer done", "inner"]
+    assert start_task(inner(), connection_context("again")).done()

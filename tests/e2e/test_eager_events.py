@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
@@ -51,6 +52,14 @@ class Waiting(AsyncJsonWebSocketConsumer):
         except asyncio.CancelledError:
             OUTCOMES.append("stuck handler cancelled")
             raise
+
+    async def bounded(self, event: dict[str, Any]) -> None:
+        # A cancel scope binds to the current task: it must be the handler's, not the deliverer's.
+        try:
+            with anyio.fail_after(0.05):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            await self.send_json({"event": "timed out"})
 
     async def relay(self, event: dict[str, Any]) -> None:
         rest = event["rest"]
@@ -165,3 +174,14 @@ async def test_an_event_a_receive_handler_sends_itself_runs_after_it_and_can_end
             break
         await asyncio.sleep(0.01)
     assert OUTCOMES == ["disconnected 1011"]
+
+
+async def test_a_timeout_in_a_handler_cancels_the_handler_not_the_sender(
+    served: tuple[str, InMemoryChannelLayer],
+) -> None:
+    url, layer = served
+    ws, _ = await open_client(url)
+    await layer.group_send("waiting", {"type": "bounded"})
+    await asyncio.sleep(0.2)  # past the handler's deadline: this task must not be cancelled
+    assert await recv_json(ws) == {"event": "timed out"}
+    await ws.close()

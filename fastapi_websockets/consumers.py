@@ -37,7 +37,7 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from fastapi_websockets import observing
-from fastapi_websockets._eager import start_task
+from fastapi_websockets._eager import EAGER_TASKS, start_task
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
 from fastapi_websockets.exceptions import ChannelLayerClosed
@@ -290,7 +290,7 @@ class AsyncWebSocketConsumer:
         # Not from this connection's own frame task (a receive handler sending to its own
         # channel): an event that ends the connection stops that task by cancelling it, and
         # the receive handler goes on first, as it always did.
-        eager = asyncio.current_task() is not self._frames_task
+        eager = EAGER_TASKS and asyncio.current_task() is not self._frames_task
         self._events_task = start_task(self._handle_events(item), context, eager=eager)
 
     async def _handle_events(self, item: Message | BaseException) -> None:

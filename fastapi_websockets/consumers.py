@@ -37,6 +37,7 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from fastapi_websockets import observing
+from fastapi_websockets._eager import EAGER_TASKS, start_task
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
 from fastapi_websockets.exceptions import ChannelLayerClosed
@@ -65,6 +66,8 @@ class _Running(enum.Enum):
 
 
 _RUNNING = _Running.RUNNING
+#: ``_dispatching`` when no channel event is being dispatched.
+_IDLE = object()
 
 
 def _uncancel(task: asyncio.Task[Any]) -> bool:
@@ -126,7 +129,8 @@ class AsyncWebSocketConsumer:
         # Held while a channel event is dispatched, and while a catch-up page is, so that
         # the page's messages go out before any live event of the group.
         self._dispatch_lock = asyncio.Lock()
-        self._dispatching: asyncio.Task[Any] | None = None
+        # The task a channel event is being dispatched in (None: outside any task), or _IDLE.
+        self._dispatching: asyncio.Task[Any] | object | None = _IDLE
         #: The channel event being handled (its encoded texts may be shared, see _encode_shared).
         self._event: Message | None = None
         self._frame_guard: FrameGuard | None = None
@@ -279,13 +283,15 @@ class AsyncWebSocketConsumer:
     def _take_events(self, item: Message | BaseException | None) -> None:
         if item is None:
             return
-        coro = self._handle_events(item)
         context = self._context
         assert context is not None  # set by _run() before the first listen()
-        if sys.version_info >= (3, 11):
-            self._events_task = asyncio.get_running_loop().create_task(coro, context=context)
-        else:  # Python 3.10: the task runs in a copy of the connection's context
-            self._events_task = context.run(asyncio.get_running_loop().create_task, coro)
+        # On Python 3.12+ the task's first step runs right here, so a handler that does not
+        # wait (the usual case: a socket write that does not block) costs no loop turn.
+        # Not from this connection's own frame task (a receive handler sending to its own
+        # channel): an event that ends the connection stops that task by cancelling it, and
+        # the receive handler goes on first, as it always did.
+        eager = EAGER_TASKS and asyncio.current_task() is not self._frames_task
+        self._events_task = start_task(self._handle_events(item), context, eager=eager)
 
     async def _handle_events(self, item: Message | BaseException) -> None:
         try:
@@ -354,7 +360,7 @@ class AsyncWebSocketConsumer:
                     try:
                         await self.dispatch_channel_message(item)
                     finally:
-                        self._dispatching = None
+                        self._dispatching = _IDLE
                         self._event = None
             except WebSocketDisconnect as exc:
                 self._closed = True

@@ -332,7 +332,11 @@ class BaseChannelLayer(abc.ABC):
         queued message, or None; in that case ``listener`` is called once,
         synchronously from the delivery, with the next message, or with
         :class:`ChannelLayerClosed` when the layer closes or the channel is
-        released. It must only schedule work. :meth:`unlisten` withdraws it.
+        released. It runs inside the sender's delivery, so it must return
+        without waiting; it may start a task, eagerly too (consumers do on
+        Python 3.12+: a handler that does not wait runs within the delivery),
+        and may leave a listener again, since it was removed before the call.
+        :meth:`unlisten` withdraws it.
         Raises :class:`ChannelLayerClosed` on a closed layer and
         :class:`InvalidChannelName` for any other channel than a live one of
         this instance's :meth:`new_channel`.

@@ -1,0 +1,193 @@
+"""Where a PostgreSQL fan-out round's time goes, against the in-memory layer: stages, CPU, profile.
+
+``.venv/bin/python bench/profile_postgresql_fanout.py --repeat 4`` starts one PostgreSQL and
+measures, in this process, alternating which goes first, the in-memory layer and our PostgreSQL
+layer fanning one ``group_send`` out to ``--receivers`` receivers (as ``python -m bench``'s fanout
+scenario: the sender in a second layer instance, each receiver a task in a ``receive()`` loop).
+Per run it prints the CPU per round of this process and of the server (as
+``profile_redis_fanout.py``), the median wall time of a round, and for PostgreSQL the median
+time from the ``group_send`` call to each stage of the round: the inbox notification reaching
+the receiving layer, ``group_send`` returning, the local fan-out done, the last delivery.
+``--cprofile N`` prints the N costliest functions (cumulative) of one more PostgreSQL run;
+``--explain`` prints ``EXPLAIN ANALYZE`` of the ``group_send`` statement to 1,000 members.
+
+Speed figures only; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+import bench_postgresql  # noqa: E402
+import harness  # noqa: E402
+from profile_redis_fanout import measure  # noqa: E402
+
+
+async def stages(server: harness.Server, receivers: int, rounds: int) -> dict[str, float]:
+    """Median milliseconds from the ``group_send`` call to each stage of a round."""
+    impl = harness.find_impl("postgresql", "postgresql")
+    namespace = "s" + os.urandom(5).hex()
+    marks: dict[str, float] = {}
+    async with harness.layer_pair(impl, server, namespace) as (sender, receiver):
+        on_notify, fan_out = receiver._on_notify, receiver.deliver_to_local_members
+
+        def noted(*args: Any) -> None:
+            marks.setdefault("notified", time.perf_counter())
+            on_notify(*args)
+
+        def fanned(group: str, message: Any) -> int:
+            count: int = fan_out(group, message)
+            marks.setdefault("fanned out", time.perf_counter())
+            return count
+
+        # Before the layer starts: its LISTEN registers the bound method it finds.
+        receiver._on_notify = noted
+        receiver.deliver_to_local_members = fanned
+        counts = harness.Rounds(receivers)
+        tasks = await harness.start_receivers(receiver, receivers, counts)
+        samples: dict[str, list[float]] = {}
+        try:
+            await asyncio.sleep(0.5)
+            for index in range(rounds + 1):
+                marks.clear()
+                began = time.perf_counter()
+                await sender.group_send("room", {"type": "bench.fan", "round": index})
+                marks["returned"] = time.perf_counter()
+                await counts.end(index)
+                marks["last delivery"] = time.perf_counter()
+                if index:
+                    for stage, at in marks.items():
+                        samples.setdefault(stage, []).append((at - began) * 1000)
+        finally:
+            await harness.stop(tasks)
+    return {stage: statistics.median(values) for stage, values in samples.items()}
+
+
+def pid_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds so far of each of ``pids`` (gone ones left out)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return cpu
+
+
+async def backends(server: harness.Server, receivers: int, rounds: int) -> dict[str, float]:
+    """Milliseconds of server CPU per round, by what each server process does for us."""
+    impl = harness.find_impl("postgresql", "postgresql")
+    namespace = "b" + os.urandom(5).hex()
+    async with harness.layer_pair(impl, server, namespace) as (sender, receiver):
+        counts = harness.Rounds(receivers)
+        tasks = await harness.start_receivers(receiver, receivers, counts)
+        try:
+            await asyncio.sleep(0.5)
+            await sender.group_send("room", {"type": "bench.fan", "round": 0})
+            await counts.end(0)
+            names = {sender.client_token: "sender", receiver.client_token: "receiver"}
+            rows = await sender._with_conn(
+                lambda conn: conn.fetch("SELECT pid, application_name, backend_type FROM pg_stat_activity")
+            )
+            labels: dict[int, str] = {}
+            for row in rows:
+                app, kind = row["application_name"] or "", row["backend_type"]
+                token = app.split(":")[1] if app.count(":") >= 1 else ""
+                if token in names:
+                    labels[row["pid"]] = names[token] + (" listen" if app.endswith(":listen") else " pool")
+                else:
+                    labels[row["pid"]] = kind
+            before = pid_cpu(list(labels))
+            for index in range(1, rounds + 1):
+                await sender.group_send("room", {"type": "bench.fan", "round": index})
+                await counts.end(index)
+            after = pid_cpu(list(labels))
+        finally:
+            await harness.stop(tasks)
+    per_label: dict[str, float] = {}
+    for pid, label in labels.items():
+        if pid in before and pid in after:
+            per_label[label] = per_label.get(label, 0.0) + (after[pid] - before[pid]) / rounds * 1000
+    return per_label
+
+
+async def explain(server: harness.Server, receivers: int) -> None:
+    impl = harness.find_impl("postgresql", "postgresql")
+    namespace = "e" + os.urandom(5).hex()
+    async with harness.layer_pair(impl, server, namespace) as (sender, receiver):
+        for _ in range(receivers):
+            await receiver.group_add("room", await receiver.new_channel("fan"))
+        data = sender.encode({"type": "bench.fan", "round": 1})
+        sql = sender._sql.group_send
+        args = ("room", data, 60.0, sender.client_token, sender.schema)
+        await sender.send(await receiver.new_channel("warm"), {"type": "warm"})
+
+        async def run(conn: Any) -> None:
+            async with conn.transaction():
+                for row in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, VERBOSE) " + sql, *args):
+                    print(row[0])
+                raise _Rollback
+
+        try:
+            await sender._with_conn(run)
+        except _Rollback:
+            pass
+
+
+class _Rollback(Exception):
+    """Leaves the EXPLAIN ANALYZE transaction without committing what it wrote."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--receivers", type=int, default=1_000)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N")
+    parser.add_argument("--explain", action="store_true")
+    args = parser.parse_args()
+    rows = [("inmemory", harness.find_impl("inmemory", "inmemory")), ("postgresql", None)]
+    with bench_postgresql.server() as pg_server:
+        servers: dict[str, Any] = {"inmemory": {}, "postgresql": {"broker": "postgresql", **pg_server}}
+        pg = harness.find_impl("postgresql", "postgresql")
+        if args.explain:
+            asyncio.run(explain(servers["postgresql"], args.receivers))
+        for index in range(args.repeat):
+            for name, impl in rows if index % 2 == 0 else rows[::-1]:
+                result = asyncio.run(measure(impl or pg, servers[name], args.receivers, args.rounds))
+                line = (
+                    f"{index} {name:10} client CPU {result['cpu_ms']:6.2f} ms/round  "
+                    f"server CPU {result['server_ms']:5.2f} ms/round  wall p50 {result['wall_ms']:6.2f} ms"
+                )
+                if impl is None:
+                    marks = asyncio.run(stages(servers[name], args.receivers, args.rounds))
+                    line += "  stages " + ", ".join(f"{k} {v:.2f}" for k, v in marks.items())
+                    split = asyncio.run(backends(servers[name], args.receivers, args.rounds))
+                    line += "\n    server CPU ms/round: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1]) if v
+                    )
+                print(f"{line}  load {os.getloadavg()[0]:.1f}", flush=True)
+        if args.cprofile:
+            profile = cProfile.Profile()
+            profile.enable()
+            asyncio.run(measure(pg, servers["postgresql"], args.receivers, args.rounds))
+            profile.disable()
+            pstats.Stats(profile).sort_stats("tottime").print_stats(args.cprofile)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import os
 import pstats
@@ -35,25 +36,26 @@ import harness  # noqa: E402
 from profile_redis_fanout import measure  # noqa: E402
 
 
-async def stages(server: harness.Server, receivers: int, rounds: int) -> dict[str, float]:
+async def stages(impl: harness.Impl, server: harness.Server, receivers: int, rounds: int) -> dict[str, float]:
     """Median milliseconds from the ``group_send`` call to each stage of a round."""
-    impl = harness.find_impl("postgresql", "postgresql")
     namespace = "s" + os.urandom(5).hex()
     marks: dict[str, float] = {}
     async with harness.layer_pair(impl, server, namespace) as (sender, receiver):
-        on_notify, fan_out = receiver._on_notify, receiver.deliver_to_local_members
+        on_notify, fan_out = getattr(receiver, "_on_notify", None), receiver.deliver_to_local_members
 
         def noted(*args: Any) -> None:
             marks.setdefault("notified", time.perf_counter())
             on_notify(*args)
 
         def fanned(group: str, message: Any) -> int:
+            marks.setdefault("fan-out began", time.perf_counter())
             count: int = fan_out(group, message)
             marks.setdefault("fanned out", time.perf_counter())
             return count
 
         # Before the layer starts: its LISTEN registers the bound method it finds.
-        receiver._on_notify = noted
+        if on_notify is not None:
+            receiver._on_notify = noted
         receiver.deliver_to_local_members = fanned
         counts = harness.Rounds(receivers)
         tasks = await harness.start_receivers(receiver, receivers, counts)
@@ -73,6 +75,28 @@ async def stages(server: harness.Server, receivers: int, rounds: int) -> dict[st
         finally:
             await harness.stop(tasks)
     return {stage: statistics.median(values) for stage, values in samples.items()}
+
+
+async def profiled(
+    impl: harness.Impl, server: harness.Server, receivers: int, rounds: int
+) -> cProfile.Profile:
+    """The rounds (not the set-up) of one fan-out run under cProfile."""
+    profile = cProfile.Profile()
+    async with harness.layer_pair(impl, server, "p" + os.urandom(5).hex()) as (sender, receiver):
+        counts = harness.Rounds(receivers)
+        tasks = await harness.start_receivers(receiver, receivers, counts)
+        try:
+            await asyncio.sleep(0.5)
+            await sender.group_send("room", {"type": "bench.fan", "round": 0})
+            await counts.end(0)
+            profile.enable()
+            for index in range(1, rounds + 1):
+                await sender.group_send("room", {"type": "bench.fan", "round": index})
+                await counts.end(index)
+            profile.disable()
+        finally:
+            await harness.stop(tasks)
+    return profile
 
 
 def pid_cpu(pids: list[int]) -> dict[int, float]:
@@ -142,10 +166,8 @@ async def explain(server: harness.Server, receivers: int) -> None:
                     print(row[0])
                 raise _Rollback
 
-        try:
+        with contextlib.suppress(_Rollback):
             await sender._with_conn(run)
-        except _Rollback:
-            pass
 
 
 class _Rollback(Exception):
@@ -173,19 +195,18 @@ def main() -> None:
                     f"{index} {name:10} client CPU {result['cpu_ms']:6.2f} ms/round  "
                     f"server CPU {result['server_ms']:5.2f} ms/round  wall p50 {result['wall_ms']:6.2f} ms"
                 )
+                marks = asyncio.run(stages(impl or pg, servers[name], args.receivers, args.rounds))
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in marks.items())
+                line += f"\n    stages (ms after the call) {shown}"
                 if impl is None:
-                    marks = asyncio.run(stages(servers[name], args.receivers, args.rounds))
-                    line += "  stages " + ", ".join(f"{k} {v:.2f}" for k, v in marks.items())
                     split = asyncio.run(backends(servers[name], args.receivers, args.rounds))
                     line += "\n    server CPU ms/round: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1]) if v
                     )
                 print(f"{line}  load {os.getloadavg()[0]:.1f}", flush=True)
-        if args.cprofile:
-            profile = cProfile.Profile()
-            profile.enable()
-            asyncio.run(measure(pg, servers["postgresql"], args.receivers, args.rounds))
-            profile.disable()
+        for name, impl in rows if args.cprofile else []:
+            print(f"cProfile of {args.rounds} {name} rounds, by own time:")
+            profile = asyncio.run(profiled(impl or pg, servers[name], args.receivers, args.rounds))
             pstats.Stats(profile).sort_stats("tottime").print_stats(args.cprofile)
 
 

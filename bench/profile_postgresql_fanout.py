@@ -102,21 +102,23 @@ async def profiled(
     return profile
 
 
-def pid_cpu(pids: list[int]) -> dict[int, float]:
-    """CPU seconds so far of each of ``pids`` (gone ones left out)."""
+def pid_cpu(pids: list[int]) -> dict[int, tuple[float, int]]:
+    """CPU seconds and voluntary context switches (wake-ups) so far of each of ``pids``."""
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / ticks
+        switches = int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+        cpu[pid] = ((int(fields[11]) + int(fields[12])) / ticks, switches)
     return cpu
 
 
-async def backends(server: harness.Server, receivers: int, rounds: int) -> dict[str, float]:
-    """Milliseconds of server CPU per round, by what each server process does for us."""
+async def backends(server: harness.Server, receivers: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Server CPU ms and wake-ups per round, by what each server process does for us."""
     impl = harness.find_impl("postgresql", "postgresql")
     namespace = "b" + os.urandom(5).hex()
     async with harness.layer_pair(impl, server, namespace) as (sender, receiver):
@@ -145,10 +147,14 @@ async def backends(server: harness.Server, receivers: int, rounds: int) -> dict[
             after = pid_cpu(list(labels))
         finally:
             await harness.stop(tasks)
-    per_label: dict[str, float] = {}
+    per_label: dict[str, tuple[float, float]] = {}
     for pid, label in labels.items():
         if pid in before and pid in after:
-            per_label[label] = per_label.get(label, 0.0) + (after[pid] - before[pid]) / rounds * 1000
+            cpu, woken = per_label.get(label, (0.0, 0.0))
+            per_label[label] = (
+                cpu + (after[pid][0] - before[pid][0]) / rounds * 1000,
+                woken + (after[pid][1] - before[pid][1]) / rounds,
+            )
     return per_label
 
 
@@ -203,8 +209,10 @@ def main() -> None:
                 line += f"\n    stages (ms after the call) {shown}"
                 if impl is None:
                     split = asyncio.run(backends(servers[name], args.receivers, args.rounds))
-                    line += "\n    server CPU ms/round: " + ", ".join(
-                        f"{k} {v:.2f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1]) if v
+                    line += "\n    server CPU ms, wake-ups per round: " + ", ".join(
+                        f"{k} {cpu:.2f}, {woken:.2f}"
+                        for k, (cpu, woken) in sorted(split.items(), key=lambda kv: -kv[1][1])
+                        if cpu or woken >= 0.01
                     )
                 print(f"{line}  load {os.getloadavg()[0]:.1f}", flush=True)
         for name, impl in rows if args.cprofile else []:

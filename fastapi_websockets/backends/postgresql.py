@@ -22,7 +22,9 @@ Layers with the ``history`` option add ``history_stream`` (a counter row per
 group) and ``history_entry`` (the stored messages), and functions that send or
 read a history group in one round trip (see :func:`_history_ddl`).
 
-Each layer instance holds one LISTEN connection and a small pool. ``send`` is a
+Each layer instance holds one LISTEN connection and a small pool; it LISTENs on
+its inbox from its first ``new_channel()`` (a NOTIFY wakes every listening
+session of the database, so a layer that only sends stays out of that). ``send`` is a
 single statement (insert + ``pg_notify``); ``group_send`` is a single
 statement that reads the owner rows and the named members, stores one row per
 owning process and per named member, and notifies each queue once. An inbox

@@ -118,8 +118,14 @@ def main() -> None:
             f"median {name:8} client CPU {med['cpu_ms']:6.2f} ms/round  "
             f"server CPU {med['server_ms']:5.2f} ms/round  wall p50 {med['wall_ms']:6.2f} ms"
         )
-    per_run = [m["wall_ms"] / n["wall_ms"] for m, n in zip(results["inmemory"], results["nats"], strict=True)]
-    print(f"in-memory wall / NATS wall per round, per run: {', '.join(f'{r:.2f}' for r in per_run)}")
+    pairs = list(zip(results["inmemory"], results["nats"], strict=True))
+    walls = [m["wall_ms"] / n["wall_ms"] for m, n in pairs]
+    cpus = [m["cpu_ms"] / (n["cpu_ms"] + n["server_ms"]) for m, n in pairs]
+    print(f"in-memory wall / NATS wall per round, per run: {', '.join(f'{r:.2f}' for r in walls)}")
+    print(
+        "in-memory CPU / NATS CPU (client + server) per round, per run: "
+        f"{', '.join(f'{r:.2f}' for r in cpus)} (median {statistics.median(cpus):.2f})"
+    )
     if profile is not None:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.functions)

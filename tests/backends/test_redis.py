@@ -496,7 +496,7 @@ async def test_full_inbox_of_another_process_raises_channel_full(make: Factory) 
         await sender.send(channel, {"type": "x"})
 
 
-def _inbox_ids(entries: list[bytes]) -> list[int]:
+def _inbox_ids(entries: list[Any]) -> list[int]:
     return [int(entry[13:29]) for entry in entries]
 
 
@@ -564,7 +564,7 @@ async def test_ids_keep_growing_when_the_counter_is_ahead_of_the_clock(
     for i in range(3):
         await sender.send(channel, {"type": "m", "i": i})
     assert [(await receiver.receive(channel, timeout=10))["i"] for _ in range(3)] == [0, 1, 2]
-    assert int(await raw.get(f"{sender.prefix}:seq:{{{receiver.client_token}}}")) == ahead + 3
+    assert int(cast(bytes, await raw.get(f"{sender.prefix}:seq:{{{receiver.client_token}}}"))) == ahead + 3
 
 
 # ------------------------------------------------------------- no secret leaks

@@ -9,9 +9,11 @@ inboxes of other processes):
   for its process-specific channels (``name.token!id``) lands here, one entry
   per message per *process* (a group message names all the local members it
   is for). One background task reads it (see ``P:wake``).
-* ``P:seq:{token}``: the id of the inbox's newest entry. Ids grow with every
-  push and start from Redis's clock in microseconds, so they keep growing
-  also after Redis lost its data; the reader skips an id it already delivered.
+* ``P:seq:{token}``: the newest id given to an entry of the inbox (entries a
+  full inbox took back leave gaps). Ids grow with every push and start from
+  Redis's clock in microseconds, so they keep growing also after Redis lost
+  its data; the reader skips an id it already delivered. The inbox expires
+  ``channel_expiry`` (plus at most an eighth of it) after its last push.
 * ``P:taken:{token}``: the batch the reader popped last, kept until its next pop
   says it arrived, so that a pop whose reply is lost (Redis crashed or the
   connection broke after running it) is handed out again instead of lost.

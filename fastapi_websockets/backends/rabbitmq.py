@@ -98,6 +98,7 @@ from fastapi_websockets.history import (
     new_epoch,
 )
 from fastapi_websockets.names import is_process_specific, new_token, process_token
+from fastapi_websockets.presence import QueuedWrite
 from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
@@ -121,6 +122,9 @@ __all__ = ["RabbitMQChannelLayer", "group_routing_key", "history_stream_name", "
 logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
 T = TypeVar("T")
+
+#: Queues one publish on the confirm channel at once; the coroutine waits for its confirm.
+PublishQueue = Callable[..., Coroutine[Any, Any, None]]
 
 #: AMQP queue names, exchange names and routing keys are short strings: at most 255 bytes.
 MAX_AMQP_NAME = 255
@@ -702,6 +706,21 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         leaves the channel open). A message whose confirm came too late may
         still be delivered: the caller was told it might not be, never that it was.
         """
+        queue = await self._confirm_outlet(what)
+        await queue(exchange, routing_key, body, properties, mandatory)
+
+    async def _confirm_outlet(self, what: str) -> PublishQueue:
+        """Wait (at most ``timeout``) until the confirm channel is usable; return a function that
+        queues one publish on it.
+
+        The function queues at once, with no await between its call and the
+        queueing, and returns the wait for that publish's confirm (which
+        raises as :meth:`_publish_with` does). So publishes queued through
+        it go out, and reach each queue, in the order of the calls, whoever
+        awaits their confirms and when: presence numbers its changes at that
+        call and lets every caller wait for its own confirm, all outstanding
+        at once.
+        """
         channel, publisher = self._channel, self._publisher
         assert channel is not None
         assert publisher is not None
@@ -710,7 +729,18 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             underlay = cast("aiormq.Channel", await channel.get_underlay_channel())
         except self._errors as exc:
             raise self.unavailable(f"{what} failed: {exc!r}") from exc
-        confirm = publisher.publish(underlay, exchange, routing_key, body, properties, mandatory=mandatory)
+
+        def queue(
+            exchange: str, routing_key: str, body: bytes, properties: Any, mandatory: bool = False
+        ) -> Coroutine[Any, Any, None]:
+            confirm = publisher.publish(
+                underlay, exchange, routing_key, body, properties, mandatory=mandatory
+            )
+            return self._confirmed(confirm, left, what)
+
+        return queue
+
+    async def _confirmed(self, confirm: asyncio.Future[Any], left: float, what: str) -> None:
         # Waited on, not awaited: a channel that closes fails its confirms with
         # its cause, which can be a CancelledError of aiormq's reader; the caller
         # must see BackendUnavailable then, and a cancellation only when it was
@@ -1881,10 +1911,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             self._presence_replica = RabbitPresence(self)
         return self._presence_replica
 
-    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
-        await self._replica().put(group, channel, info)
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> QueuedWrite:
+        return await self._replica().put(group, channel, info)
 
-    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+    async def _presence_remove(self, group: str, channel: str) -> QueuedWrite | None:
         return await self._replica().remove(group, channel)
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:

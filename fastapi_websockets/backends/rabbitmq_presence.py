@@ -32,6 +32,7 @@ The broker holds no per-member state: only messages in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi_websockets.backends.timeouts import within
-from fastapi_websockets.exceptions import BackendUnavailable
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
 from fastapi_websockets.names import new_token
 from fastapi_websockets.presence import LocalPresence, QueuedWrite
 
@@ -227,20 +228,32 @@ class RabbitPresence:
         sent = self._queue(
             queue, _PUT, info, key=PRESENCE_ROUTING_KEY, headers={"v": self.version, "g": group, "c": channel}
         )
-        return QueuedWrite(self._settle_put(sent, group, channel, info))
+        return QueuedWrite(self._settle_put(queue, sent, group, channel, info))
 
     async def _settle_put(
-        self, sent: Coroutine[Any, Any, None], group: str, channel: str, info: bytes
+        self, queue: PublishQueue, sent: Coroutine[Any, Any, None], group: str, channel: str, info: bytes
     ) -> None:
         try:
             await sent
         except BaseException:
-            # Not known to be stored: taken back, unless a later change replaced it.
-            # The version moves without a message, so a replica that got the put
-            # sees a gap at the next beat and asks for a snapshot without it.
+            # Not known to be stored (failed, or the caller gave up): taken back, unless
+            # a later change replaced it, with a removal queued behind it. If that one
+            # is lost too, the replicas see the version gap at the next beat and ask.
             if self.published.members(group).get(channel) is info:
                 self.published.remove(group, channel)
                 self.version += 1
+                # Closing: the replicas drop this owner with all its entries.
+                with contextlib.suppress(ChannelLayerClosed):
+                    self.layer._spawn(
+                        self._queue(
+                            queue,
+                            _REMOVE,
+                            b"",
+                            key=PRESENCE_ROUTING_KEY,
+                            headers={"v": self.version, "g": group, "c": channel},
+                        ),
+                        "presence take-back",
+                    )
             raise
 
     async def remove(self, group: str, channel: str) -> QueuedWrite | None:

@@ -825,7 +825,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         underlay.on_consumer_cancel_callbacks.add(self._on_inbox_cancel)
         await underlay.basic_consume(self.inbox_name, self._on_inbox, consumer_tag=tag)
 
-    async def _on_channel_reopen(self, channel: AbstractRobustChannel) -> None:
+    async def _on_channel_reopen(self, channel: AbstractRobustChannel | None) -> None:
         if not self.closed:
             await self._consume_inbox()
 
@@ -1136,7 +1136,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         underlay = await channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_reader_cancel)
 
-    async def _on_reader_reopen(self, channel: AbstractRobustChannel) -> None:
+    async def _on_reader_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        # aio-pika types a callback's sender as optional; a reopen always passes the channel.
+        assert channel is not None
         await self._watch_reader_cancels(channel)
         self._revive_readers()
 
@@ -1382,7 +1384,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         underlay = await channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
 
-    async def _on_history_reopen(self, channel: AbstractRobustChannel) -> None:
+    async def _on_history_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        # aio-pika types a callback's sender as optional; a reopen always passes the channel.
+        assert channel is not None
         await self._watch_cancels(channel)
 
     async def _open_history_channel(self) -> None:

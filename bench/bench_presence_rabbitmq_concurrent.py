@@ -12,9 +12,10 @@ A process holds two layer instances: one joins ``--joins`` channels to one
 group's presence at once (``notify=True``, as a consumer's connect does), the
 other participates in presence and must see them all; then all leave at once.
 Printed per run, with the load average: the median and slowest latency of one
-``presence_join`` and one ``presence_leave`` call (ms) and the wall time of a
-whole round of concurrent joins. The soak (``bench/soak_churn.py --backend
-rabbitmq``) is the end-to-end view of the same cost.
+``presence_join`` and one ``presence_leave`` call (ms), the wall time of a
+whole round of concurrent joins, and how many publishes shared a socket
+write. The soak (``bench/soak_churn.py --backend rabbitmq``) is the
+end-to-end view of the same cost.
 """
 
 from __future__ import annotations
@@ -70,10 +71,15 @@ async def measure(url: str, joins: int, rounds: int) -> dict[str, float]:
                 join_ms += joined
                 leave_ms += left
                 round_ms.append(took)
+        publishes, writes = joiner.publishes, joiner.publish_writes
     finally:
         await joiner.close()
         await observer.close()
     return {
+        # Publishes per socket write on the joiner's confirm channel. Before presence
+        # moved to that channel its changes went out through aio-pika, one write
+        # each, and were not counted here: main's figure covers the events only.
+        "per_write": publishes / max(writes, 1),
         "join_p50": statistics.median(join_ms),
         "join_max": max(join_ms),
         "leave_p50": statistics.median(leave_ms),
@@ -97,7 +103,7 @@ def _worker(tree: Path, url: str, joins: int, rounds: int) -> dict[str, float]:
     return result
 
 
-COLUMNS = ("join_p50", "join_max", "leave_p50", "leave_max", "round_p50")
+COLUMNS = ("join_p50", "join_max", "leave_p50", "leave_max", "round_p50", "per_write")
 
 
 def main() -> None:

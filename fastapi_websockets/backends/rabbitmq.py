@@ -535,7 +535,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     @property
     def publishes(self) -> int:
-        """Messages published on this instance's confirm channel so far (sends, group sends, replies)."""
+        """Messages published on this instance's confirm channel so far (sends, group sends, replies,
+        presence changes)."""
         return self._publisher.published if self._publisher is not None else 0
 
     @property

@@ -350,6 +350,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._seen = _RecentIds(_SEEN_IDS)
         #: group -> loop.time() when this layer last put its owner key of the group.
         self._owned: dict[str, float] = {}
+        #: group -> the other owners this layer's last group_send to it found: the next
+        #: group_send stores their copies at once, while it lists the owners again.
+        self._last_owners: Memo[str, tuple[str, ...]] = Memo()
         self._owner_locks = KeyedLocks()
         self._history_stores: Memo[HistoryPolicy, _HistoryStore] = Memo(self._history_store_of)
         self._history_ready: set[str] = set()
@@ -1217,6 +1220,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                 raise
             await self._recover_bucket()  # the server lost it: nobody owns anything
             self._owned.clear()
+            self._last_owners.clear()
             return [], False
         tokens = {token_to_name(subject.rsplit(".", 1)[-1]) for subject in info.state.subjects or {}}
         named = _NAMED_MARK in tokens
@@ -1292,12 +1296,27 @@ class NATSChannelLayer(BrokerChannelLayer):
         # One copy in the inbox of every other process with members, whatever their
         # number, and one per named member; it returns once every copy is stored, so
         # nothing accepted is left to a task that could give up during an outage.
-        owners, named = await self._owners(group)
+        # The owners found last time get their copies at once, without waiting for
+        # the listing: that takes a round trip off the way to their members. The
+        # listing still decides: owners it finds that were not known get theirs once
+        # it answers, before this returns, so a member added (by any process) before
+        # the call is reached; a known owner that left only gets a copy it ignores.
+        known = self._last_owners.get(group) or ()
+        payload = _frame(_TO_GROUP, group, data)
         what = f"group_send to {group!r}"
-        stores: list[Awaitable[None]] = []
-        if owners:
-            payload = _frame(_TO_GROUP, group, data)
-            stores += [self._store_in_inbox(token, payload, what) for token in owners]
+        await _all_stored(
+            [
+                *(self._store_in_inbox(token, payload, what) for token in known),
+                self._send_to_listed(group, data, payload, known),
+            ]
+        )
+
+    async def _send_to_listed(self, group: str, data: bytes, payload: bytes, known: tuple[str, ...]) -> None:
+        """List the owners and named members of ``group``; store a copy for those not in ``known``."""
+        owners, named = await self._owners(group)
+        self._last_owners.add(group, tuple(owners))
+        what = f"group_send to {group!r}"
+        stores = [self._store_in_inbox(token, payload, what) for token in owners if token not in known]
         if named:
             stores.append(self._send_to_named_members(group, data))
         await _all_stored(stores)
@@ -1690,6 +1709,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         await self._presence_store().flush()
         # The owner keys went with the bucket.
         self._owned.clear()
+        self._last_owners.clear()
 
 
 async def _all_stored(stores: Sequence[Awaitable[None]]) -> None:

@@ -280,6 +280,42 @@ async def test_group_send_costs_the_same_messages_for_any_group_size(
     assert 2 * rounds <= cost["large"] <= 3 * rounds
 
 
+async def test_group_send_follows_owners_that_join_and_leave_between_sends(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # A group_send stores copies for the owners the previous one found before it
+    # lists them again: one that joined since must still be reached, and one that
+    # left (or closed) must neither get the message later nor fail the send.
+    sender, first, second = (make(servers=[nats_node.url]) for _ in range(3))
+    one = await first.new_channel()
+    await first.group_add("room", one)
+    await sender.group_send("room", {"type": "m", "n": 1})
+    assert await first.receive(one, timeout=10) == {"type": "m", "n": 1}
+
+    two = await second.new_channel()
+    await second.group_add("room", two)
+    await sender.group_send("room", {"type": "m", "n": 2})
+    assert await second.receive(two, timeout=10) == {"type": "m", "n": 2}
+    assert await first.receive(one, timeout=10) == {"type": "m", "n": 2}
+
+    await first.group_discard("room", one)
+    await sender.group_send("room", {"type": "m", "n": 3})
+    # The inbox delivers in order: once this arrives, so did any copy of m3.
+    await sender.send(one, {"type": "after", "n": 3})
+    assert await first.receive(one, timeout=10) == {"type": "after", "n": 3}
+    await first.group_add("room", one)
+    await sender.group_send("room", {"type": "m", "n": 4})
+    assert await first.receive(one, timeout=10) == {"type": "m", "n": 4}
+    assert [await second.receive(two, timeout=10) for _ in range(2)] == [
+        {"type": "m", "n": 3},
+        {"type": "m", "n": 4},
+    ]
+
+    await first.close()
+    await sender.group_send("room", {"type": "m", "n": 5})
+    assert await second.receive(two, timeout=10) == {"type": "m", "n": 5}
+
+
 # ------------------------------------------------------------------ KV layout
 
 

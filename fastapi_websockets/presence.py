@@ -15,12 +15,13 @@ entries and announces them as left.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi_websockets.types import Message
 
-__all__ = ["PRESENCE_JOINED", "PRESENCE_LEFT", "LocalPresence", "presence_event"]
+__all__ = ["PRESENCE_JOINED", "PRESENCE_LEFT", "LocalPresence", "QueuedWrite", "presence_event"]
 
 #: Event types sent to a group's members (handled by ``presence_joined`` / ``presence_left``).
 PRESENCE_JOINED = "presence.joined"
@@ -30,6 +31,23 @@ PRESENCE_LEFT = "presence.left"
 def presence_event(kind: str, group: str, channel: str, info: dict[str, Any]) -> Message:
     """The group message announcing that ``channel`` joined or left ``group``."""
     return {"type": kind, "group": group, "channel": channel, "info": info}
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedWrite:
+    """A presence change a backend queued, in order, without waiting for the broker to store it.
+
+    A backend's ``_presence_put`` or ``_presence_remove`` may return one when
+    its changes keep the order they were queued in (RabbitMQ's publishes on
+    one channel): the layer awaits ``stored`` after releasing its presence
+    lock, so concurrent joins wait for the broker together instead of one
+    after another. ``stored`` raises if the change was not stored (or not
+    known to be); the backend has taken it back by then. ``info`` is what a
+    removal removed.
+    """
+
+    stored: Awaitable[None]
+    info: bytes | None = None
 
 
 class LocalPresence:

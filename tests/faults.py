@@ -26,6 +26,7 @@ __all__ = [
     "receiver_process",
     "restarted_after_fault",
     "send_burst",
+    "send_steadily",
     "silent_server",
 ]
 
@@ -237,6 +238,30 @@ async def send_burst(sender: BaseChannelLayer, channel: str, tag: str, per_kind:
             ids.append(key)
     await asyncio.gather(*sends)
     return ids
+
+
+async def send_steadily(
+    sender: BaseChannelLayer,
+    group: str,
+    count: int,
+    sent: list[str],
+    *,
+    channel: str | None = None,
+    interval: float = 0.25,
+) -> None:
+    """``count`` times, one every ``interval`` s: a message to ``channel`` (if given), then one to ``group``.
+
+    Traffic that spans a fault while the test cuts and restores the broker: each
+    message's ``n`` (``"{i}-p2p"``, ``"{i}-group"``) is appended to ``sent`` once
+    its send returned, so ``sent`` holds what was accepted, in the order it was.
+    """
+    for i in range(count):
+        if channel is not None:
+            await sender.send(channel, {"type": "p2p", "n": f"{i}-p2p"})
+            sent.append(f"{i}-p2p")
+        await sender.group_send(group, {"type": "group", "n": f"{i}-group"})
+        sent.append(f"{i}-group")
+        await asyncio.sleep(interval)
 
 
 async def eventually(

@@ -52,7 +52,13 @@ from fastapi_websockets.names import (
     validate_group_name,
     validate_prefix,
 )
-from fastapi_websockets.presence import PRESENCE_JOINED, PRESENCE_LEFT, LocalPresence, presence_event
+from fastapi_websockets.presence import (
+    PRESENCE_JOINED,
+    PRESENCE_LEFT,
+    LocalPresence,
+    QueuedWrite,
+    presence_event,
+)
 from fastapi_websockets.serialization import default_serializer
 from fastapi_websockets.types import Message, Serializer
 
@@ -627,10 +633,19 @@ class BaseChannelLayer(abc.ABC):
         await self._ensure_started()
         async with self._presence_lock:
             first = not self._presence
-            await self._presence_put(group, channel, data)
+            queued = await self._presence_put(group, channel, data)
             self._presence.add(group, channel, data)
         if first:
             self._presence_started()
+        if queued is not None:
+            try:
+                await queued.stored
+            except BaseException:
+                # Not stored, or not known to be (the backend took it back): a caller
+                # that saw this fail will not leave, so nothing may stay behind.
+                if self._presence.members(group).get(channel) is data:
+                    self._presence.remove(group, channel)
+                raise
         if notify:
             await self._send_event(group, presence_event(PRESENCE_JOINED, group, channel, details))
 
@@ -645,8 +660,9 @@ class BaseChannelLayer(abc.ABC):
         validate_channel_name(channel)
         await self._ensure_started()
         async with self._presence_lock:
-            data = await self._presence_remove(group, channel)
+            removed = await self._presence_remove(group, channel)
             self._presence.remove(group, channel)
+        data = await _stored(removed)
         if notify and data is not None:
             await self._announce_left(group, channel, data)
 
@@ -682,7 +698,7 @@ class BaseChannelLayer(abc.ABC):
             if self._presence and await self._presence_beat():
                 # The broker lost our record (restarted without persistence): store ours again.
                 for group, channel, data in self._presence.items():
-                    await self._presence_put(group, channel, data)
+                    await _stored(await self._presence_put(group, channel, data))
         for group, channel, data in await self._presence_reap():
             logger.info("presence: %r left %r (its process stopped answering)", channel, group)
             await self._announce_left(group, channel, data)
@@ -690,7 +706,7 @@ class BaseChannelLayer(abc.ABC):
     async def _leave_presence_on_close(self) -> None:
         for group, channel, data in self._presence.items():
             try:
-                await self._presence_remove(group, channel)
+                await _stored(await self._presence_remove(group, channel))
                 # Forgotten one by one, as presence_leave does: a backend can tell the last
                 # entry of a group (or of this layer) and drop its own records with it.
                 self._presence.remove(group, channel)
@@ -885,12 +901,16 @@ class BaseChannelLayer(abc.ABC):
         """Called when this layer's presence goes from no entry to one, again after every member
         left; broker layers start their one heartbeat (so it must be idempotent)."""
 
-    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
-        """Store (or update) this process's entry ``channel`` in the presence of ``group``."""
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> QueuedWrite | None:
+        """Store (or update) this process's entry ``channel`` in the presence of ``group``.
+
+        Called under the presence lock; a backend may return a :class:`QueuedWrite`
+        instead of waiting (its changes must then apply in the order they were queued).
+        """
         raise NotImplementedError(f"{type(self).__name__} does not keep presence yet")
 
-    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
-        """Remove an entry; return its info, or None if there was none."""
+    async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
+        """Remove an entry; return its info, or None if there was none (or a :class:`QueuedWrite`)."""
         raise NotImplementedError(f"{type(self).__name__} does not keep presence yet")
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:
@@ -947,6 +967,14 @@ def _as_position(value: object) -> StreamPosition:
     ):
         return StreamPosition(value[0], value[1])
     raise ValueError(f"since must be a StreamPosition(offset, epoch), got {value!r}")
+
+
+async def _stored(change: bytes | QueuedWrite | None) -> bytes | None:
+    """Wait for a presence change a backend queued (if it did); the info it removed."""
+    if isinstance(change, QueuedWrite):
+        await change.stored
+        return change.info
+    return change
 
 
 def _presence_info(info: object) -> dict[str, Any]:

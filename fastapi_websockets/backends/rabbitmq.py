@@ -98,6 +98,7 @@ from fastapi_websockets.history import (
     new_epoch,
 )
 from fastapi_websockets.names import is_process_specific, new_token, process_token
+from fastapi_websockets.presence import QueuedWrite
 from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
@@ -121,6 +122,9 @@ __all__ = ["RabbitMQChannelLayer", "group_routing_key", "history_stream_name", "
 logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
 T = TypeVar("T")
+
+#: Queues one publish on the confirm channel at once; the coroutine waits for its confirm.
+PublishQueue = Callable[..., Coroutine[Any, Any, None]]
 
 #: AMQP queue names, exchange names and routing keys are short strings: at most 255 bytes.
 MAX_AMQP_NAME = 255
@@ -531,7 +535,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     @property
     def publishes(self) -> int:
-        """Messages published on this instance's confirm channel so far (sends, group sends, replies)."""
+        """Messages published on this instance's confirm channel so far (sends, group sends, replies,
+        presence changes)."""
         return self._publisher.published if self._publisher is not None else 0
 
     @property
@@ -702,6 +707,21 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         leaves the channel open). A message whose confirm came too late may
         still be delivered: the caller was told it might not be, never that it was.
         """
+        queue = await self._confirm_outlet(what)
+        await queue(exchange, routing_key, body, properties, mandatory)
+
+    async def _confirm_outlet(self, what: str) -> PublishQueue:
+        """Wait (at most ``timeout``) until the confirm channel is usable; return a function that
+        queues one publish on it.
+
+        The function queues at once, with no await between its call and the
+        queueing, and returns the wait for that publish's confirm (which
+        raises as :meth:`_publish_with` does). So publishes queued through
+        it go out, and reach each queue, in the order of the calls, whoever
+        awaits their confirms and when: presence numbers its changes at that
+        call and lets every caller wait for its own confirm, all outstanding
+        at once.
+        """
         channel, publisher = self._channel, self._publisher
         assert channel is not None
         assert publisher is not None
@@ -710,7 +730,18 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             underlay = cast("aiormq.Channel", await channel.get_underlay_channel())
         except self._errors as exc:
             raise self.unavailable(f"{what} failed: {exc!r}") from exc
-        confirm = publisher.publish(underlay, exchange, routing_key, body, properties, mandatory=mandatory)
+
+        def queue(
+            exchange: str, routing_key: str, body: bytes, properties: Any, mandatory: bool = False
+        ) -> Coroutine[Any, Any, None]:
+            confirm = publisher.publish(
+                underlay, exchange, routing_key, body, properties, mandatory=mandatory
+            )
+            return self._confirmed(confirm, left, what)
+
+        return queue
+
+    async def _confirmed(self, confirm: asyncio.Future[Any], left: float, what: str) -> None:
         # Waited on, not awaited: a channel that closes fails its confirms with
         # its cause, which can be a CancelledError of aiormq's reader; the caller
         # must see BackendUnavailable then, and a cancellation only when it was
@@ -795,7 +826,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         underlay.on_consumer_cancel_callbacks.add(self._on_inbox_cancel)
         await underlay.basic_consume(self.inbox_name, self._on_inbox, consumer_tag=tag)
 
-    async def _on_channel_reopen(self, channel: AbstractRobustChannel) -> None:
+    async def _on_channel_reopen(self, channel: AbstractRobustChannel | None) -> None:
         if not self.closed:
             await self._consume_inbox()
 
@@ -1106,7 +1137,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         underlay = await channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_reader_cancel)
 
-    async def _on_reader_reopen(self, channel: AbstractRobustChannel) -> None:
+    async def _on_reader_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        # aio-pika types a callback's sender as optional; a reopen always passes the channel.
+        assert channel is not None
         await self._watch_reader_cancels(channel)
         self._revive_readers()
 
@@ -1352,7 +1385,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         underlay = await channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
 
-    async def _on_history_reopen(self, channel: AbstractRobustChannel) -> None:
+    async def _on_history_reopen(self, channel: AbstractRobustChannel | None) -> None:
+        # aio-pika types a callback's sender as optional; a reopen always passes the channel.
+        assert channel is not None
         await self._watch_cancels(channel)
 
     async def _open_history_channel(self) -> None:
@@ -1881,10 +1916,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             self._presence_replica = RabbitPresence(self)
         return self._presence_replica
 
-    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
-        await self._replica().put(group, channel, info)
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> QueuedWrite:
+        return await self._replica().put(group, channel, info)
 
-    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+    async def _presence_remove(self, group: str, channel: str) -> QueuedWrite | None:
         return await self._replica().remove(group, channel)
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:

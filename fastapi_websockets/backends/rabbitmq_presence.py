@@ -32,21 +32,23 @@ The broker holds no per-member state: only messages in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi_websockets.backends.timeouts import within
-from fastapi_websockets.exceptions import BackendUnavailable
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
 from fastapi_websockets.names import new_token
-from fastapi_websockets.presence import LocalPresence
+from fastapi_websockets.presence import LocalPresence, QueuedWrite
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
 
-    from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer
+    from fastapi_websockets.backends.rabbitmq import PublishQueue, RabbitMQChannelLayer
 
 __all__ = ["PRESENCE_ROUTING_KEY", "RabbitPresence"]
 
@@ -99,8 +101,8 @@ class RabbitPresence:
         self.published = LocalPresence()
         self.version = 0
         self.owners: dict[str, _Owner] = {}
+        #: Consumes the replica queue; publishes go through the layer's confirm channel.
         self._channel: AbstractRobustChannel | None = None
-        self._lock = asyncio.Lock()  # one publish at a time: the replicas see them in this order
         self._started: asyncio.Task[None] | None = None
         self._sync: tuple[str, int, set[str], asyncio.Future[None]] | None = None
         self._barriers: dict[str, asyncio.Future[None]] = {}
@@ -119,7 +121,7 @@ class RabbitPresence:
         connection = layer._connection
         assert connection is not None
         channel = await layer._broker(
-            layer._channel, "presence channel", lambda: connection.channel(publisher_confirms=True)
+            layer._channel, "presence channel", lambda: connection.channel(publisher_confirms=False)
         )
         self._channel = channel
         try:
@@ -183,6 +185,27 @@ class RabbitPresence:
 
     # ---------------------------------------------------------- publishing
 
+    # Every publish goes through the layer's confirm channel, queued in call order
+    # (see ``RabbitMQChannelLayer._confirm_outlet``): a change is numbered and
+    # queued with no await in between, so the replicas get the changes in the
+    # order of their versions while their callers all wait for their confirms
+    # at once. Nothing else orders them, and no lock is held across a confirm.
+
+    def _queue(
+        self,
+        queue: PublishQueue,
+        kind: str,
+        body: bytes,
+        *,
+        key: str,
+        exchange: bool = True,
+        headers: dict[str, Any] | None = None,
+        **properties: Any,
+    ) -> Coroutine[Any, Any, None]:
+        layer = self.layer
+        marked = layer._properties(kind, headers={"o": self.token, **(headers or {})}, **properties)
+        return queue(layer.exchange_name if exchange else "", key, body, marked)
+
     async def _publish(
         self,
         kind: str,
@@ -193,53 +216,76 @@ class RabbitPresence:
         headers: dict[str, Any] | None = None,
         **properties: Any,
     ) -> None:
-        layer = self.layer
-        channel = self._channel
-        assert channel is not None
-        message = layer._message_class(
-            body, type=kind, headers={"o": self.token, **(headers or {})}, **properties
-        )
-        target = (
-            (await channel.get_exchange(layer.exchange_name, ensure=False))
-            if exchange
-            else channel.default_exchange
-        )
-        await layer._broker(channel, f"presence {kind}", lambda: target.publish(message, key))
+        queue = await self.layer._confirm_outlet(f"presence {kind}")
+        await self._queue(queue, kind, body, key=key, exchange=exchange, headers=headers, **properties)
 
-    async def put(self, group: str, channel: str, info: bytes) -> None:
-        """Publish one entry (a join or an info update)."""
+    async def put(self, group: str, channel: str, info: bytes) -> QueuedWrite:
+        """Queue one entry (a join or an info update); the write settles when the broker confirms it."""
         await self.ensure_started()
-        async with self._lock:
-            self.published.add(group, channel, info)
-            self.version += 1
-            await self._publish(
-                _PUT, info, key=PRESENCE_ROUTING_KEY, headers={"v": self.version, "g": group, "c": channel}
-            )
+        queue = await self.layer._confirm_outlet(f"presence {_PUT}")
+        self.published.add(group, channel, info)
+        self.version += 1
+        sent = self._queue(
+            queue, _PUT, info, key=PRESENCE_ROUTING_KEY, headers={"v": self.version, "g": group, "c": channel}
+        )
+        return QueuedWrite(self._settle_put(queue, sent, group, channel, info))
 
-    async def remove(self, group: str, channel: str) -> bytes | None:
-        """Remove an entry: ours directly, another process's by asking its owner."""
-        await self.ensure_started()
-        async with self._lock:
-            info = self.published.remove(group, channel)
-            if info is not None:
+    async def _settle_put(
+        self, queue: PublishQueue, sent: Coroutine[Any, Any, None], group: str, channel: str, info: bytes
+    ) -> None:
+        try:
+            await sent
+        except BaseException:
+            # Not known to be stored (failed, or the caller gave up): taken back, unless
+            # a later change replaced it, with a removal queued behind it. If that one
+            # is lost too, the replicas see the version gap at the next beat and ask.
+            if self.published.members(group).get(channel) is info:
+                self.published.remove(group, channel)
                 self.version += 1
-                await self._publish(
-                    _REMOVE,
-                    b"",
-                    key=PRESENCE_ROUTING_KEY,
-                    headers={"v": self.version, "g": group, "c": channel},
-                )
-                return info
+                # Closing: the replicas drop this owner with all its entries.
+                with contextlib.suppress(ChannelLayerClosed):
+                    self.layer._spawn(
+                        self._queue(
+                            queue,
+                            _REMOVE,
+                            b"",
+                            key=PRESENCE_ROUTING_KEY,
+                            headers={"v": self.version, "g": group, "c": channel},
+                        ),
+                        "presence take-back",
+                    )
+            raise
+
+    async def remove(self, group: str, channel: str) -> QueuedWrite | None:
+        """Queue the removal of an entry: ours directly, another process's by asking its owner."""
+        await self.ensure_started()
+        queue = await self.layer._confirm_outlet(f"presence {_REMOVE}")
+        info = self.published.remove(group, channel)
+        if info is not None:
+            self.version += 1
+            sent = self._queue(
+                queue,
+                _REMOVE,
+                b"",
+                key=PRESENCE_ROUTING_KEY,
+                headers={"v": self.version, "g": group, "c": channel},
+            )
+            return QueuedWrite(sent, info)
         for token, owner in self.owners.items():
             members = owner.entries.get(group)
             if members is not None and channel in members:
                 info = members.pop(channel)
                 if not members:
                     del owner.entries[group]
-                await self._publish(
-                    _DROP, b"", key=self._queue_of(token), exchange=False, headers={"g": group, "c": channel}
+                sent = self._queue(
+                    queue,
+                    _DROP,
+                    b"",
+                    key=self._queue_of(token),
+                    exchange=False,
+                    headers={"g": group, "c": channel},
                 )
-                return info
+                return QueuedWrite(sent, info)
         return None
 
     async def read(self, group: str) -> dict[str, bytes]:
@@ -259,7 +305,16 @@ class RabbitPresence:
         mark = new_token(8)
         arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._barriers[mark] = arrived
+        channel = self._channel
+        assert channel is not None
         try:
+            # Published on the layer's channel, which can be back before this one has
+            # declared our queue again after a reconnect: the barrier would be unroutable.
+            await within(
+                channel.ready(),
+                self.layer.timeout,
+                lambda: self.layer.unavailable(f"no presence queue within {self.layer.timeout} s"),
+            )
             await self._publish(_BARRIER, b"", key=self.queue_name, exchange=False, correlation_id=mark)
             await within(
                 arrived, self.layer.timeout, lambda: self.layer.unavailable("presence barrier did not return")
@@ -270,8 +325,8 @@ class RabbitPresence:
     async def beat(self) -> bool:
         """One heartbeat for this instance, whatever its number of entries (never asks for a re-store)."""
         await self.ensure_started()
-        async with self._lock:
-            await self._publish(_BEAT, b"", key=PRESENCE_ROUTING_KEY, headers={"v": self.version})
+        queue = await self.layer._confirm_outlet(f"presence {_BEAT}")
+        await self._queue(queue, _BEAT, b"", key=PRESENCE_ROUTING_KEY, headers={"v": self.version})
         return False
 
     async def reap(self) -> list[tuple[str, str, bytes]]:
@@ -331,12 +386,12 @@ class RabbitPresence:
         if self._started is None:
             return
         await self.ensure_started()
-        async with self._lock:
-            self.published.clear()
-            self.version += 1
-            await self._publish(
-                _SNAPSHOT, _encode_snapshot([]), key=PRESENCE_ROUTING_KEY, headers={"v": self.version}
-            )
+        queue = await self.layer._confirm_outlet(f"presence {_SNAPSHOT}")
+        self.published.clear()
+        self.version += 1
+        await self._queue(
+            queue, _SNAPSHOT, _encode_snapshot([]), key=PRESENCE_ROUTING_KEY, headers={"v": self.version}
+        )
 
     def close(self) -> None:
         """Fail the calls still waiting (the layer closes the connection and the queues with it)."""
@@ -409,22 +464,26 @@ class RabbitPresence:
         )
 
     async def _answer(self, reply_to: str, request: str) -> None:
-        async with self._lock:
-            body = _encode_snapshot(self.published.items())
-            await self._publish(
-                _SNAPSHOT,
-                body,
-                key=reply_to,
-                exchange=False,
-                headers={"v": self.version},
-                correlation_id=request,
-            )
+        queue = await self.layer._confirm_outlet(f"presence {_SNAPSHOT}")
+        # Taken with the version it is queued at: the changes after it follow it.
+        body = _encode_snapshot(self.published.items())
+        await self._queue(
+            queue,
+            _SNAPSHOT,
+            body,
+            key=reply_to,
+            exchange=False,
+            headers={"v": self.version},
+            correlation_id=request,
+        )
 
     async def _drop(self, group: str, channel: str) -> None:
         # Another process removed one of our entries (its leave is announced there).
         async with self.layer._presence_lock:
             self.layer._presence.remove(group, channel)
-            await self.remove(group, channel)
+            removed = await self.remove(group, channel)
+        if removed is not None:
+            await removed.stored
 
 
 async def _ignore(incoming: AbstractIncomingMessage) -> None:

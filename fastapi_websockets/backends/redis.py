@@ -9,9 +9,11 @@ inboxes of other processes):
   for its process-specific channels (``name.token!id``) lands here, one entry
   per message per *process* (a group message names all the local members it
   is for). One background task reads it (see ``P:wake``).
-* ``P:seq:{token}``: the id of the inbox's newest entry. Ids grow with every
-  push and start from Redis's clock in microseconds, so they keep growing
-  also after Redis lost its data; the reader skips an id it already delivered.
+* ``P:seq:{token}``: the newest id given to an entry of the inbox (entries a
+  full inbox took back leave gaps). Ids grow with every push and start from
+  Redis's clock in microseconds, so they keep growing also after Redis lost
+  its data; the reader skips an id it already delivered. The inbox expires
+  ``channel_expiry`` (plus at most an eighth of it) after its last push.
 * ``P:taken:{token}``: the batch the reader popped last, kept until its next pop
   says it arrived, so that a pop whose reply is lost (Redis crashed or the
   connection broke after running it) is handed out again instead of lost.
@@ -178,6 +180,22 @@ end
 # length, then the entry), go to the reader's pub/sub `channel`: it delivers them from
 # there and removes them from the list later (_ACK_INBOX). With '0' only a push to an
 # empty inbox publishes a wake-up: the reader drains until it sees the inbox empty.
+#
+# Each redis.call costs Redis about as much as a whole command, so a push makes four in
+# the common case (it made seven: TIME, LLEN, GET, SET, RPUSH, PEXPIRE, PUBLISH):
+# - TIME: deadlines and ids come from Redis's clock, never a sender's (see _NOW).
+# - One SET both stores the id counter's next value, guessed from the clock, and returns
+#   the old one; only when ids ran ahead of the clock does a second SET correct it. An id
+#   left unused (a push taken back below) is a gap, which readers never mind.
+# - RPUSH's reply is the new length: entries past `cap` are taken back with RPOP (after
+#   dropping expired ones) instead of asking LLEN first.
+# - The inbox must outlive its newest entry (deadline now + ttl), but need not be
+#   refreshed by every push: time is cut into steps of ttl / 8, and the first push of a
+#   step sets the expiry to the step's end + ttl (PEXPIREAT), which covers every later
+#   push of that step. Ids are never behind the clock, so the previous id (the counter's
+#   old value) tells whether this step already did it; a push that found the list empty
+#   (it may have been deleted) or the counter missing always does. An inbox thus lives
+#   at most ttl / 8 longer than before, never shorter.
 # Ids are formatted with %d (a 64-bit integer in Redis's Lua), not %.0f: the float
 # formatting cost a third of the script's CPU. Needs `now` and `t` (_NOW).
 _INBOX_PUSH = (
@@ -185,21 +203,37 @@ _INBOX_PUSH = (
     + """
 local function inbox_push(inbox, seq, cap, ttl, wake, channel, hand_over, bodies, from)
   local want = #bodies - from + 1
-  local n = trim_expired(inbox, redis.call('LLEN', inbox), want, cap)
-  local k = math.min(math.max(cap - n, 0), want)
-  if k == 0 then return 0 end
+  local first = t[1] * 1000000 + t[2]
+  local last = tonumber(redis.call('SET', seq, string.format('%d', first + want - 1), 'PX', ttl, 'GET'))
+  if last and last >= first then
+    first = last + 1
+    redis.call('SET', seq, string.format('%d', first + want - 1), 'PX', ttl)
+  end
   local head = string.format('%013d', now + ttl)
-  local first = math.max((tonumber(redis.call('GET', seq)) or 0) + 1, t[1] * 1000000 + t[2])
   local items = {}
-  for i = 1, k do items[i] = head .. string.format('%016d', first + i - 1) .. bodies[from + i - 1] end
-  redis.call('SET', seq, string.format('%d', first + k - 1), 'PX', ttl)
-  redis.call('RPUSH', inbox, unpack(items))
-  redis.call('PEXPIRE', inbox, ttl)
+  for i = 1, want do items[i] = head .. string.format('%016d', first + i - 1) .. bodies[from + i - 1] end
+  local n = redis.call('RPUSH', inbox, unpack(items)) - want
+  local step = math.max(1, math.floor(ttl / 8)) * 1000
+  local stamp = math.floor((first + want - 1) / step)
+  if n == 0 or not last or math.floor(last / step) < stamp then
+    redis.call('PEXPIREAT', inbox, string.format('%d', (stamp + 1) * step / 1000 + ttl))
+  end
+  local k = want
+  if n + want > cap then
+    n = trim_expired(inbox, n, want, cap)
+    k = math.min(math.max(cap - n, 0), want)
+    if k < want then redis.call('RPOP', inbox, want - k) end
+    if k == 0 then return 0 end
+  end
   if wake == '' then return k end
   if hand_over == '1' then
-    local frames = {}
-    for i = 1, k do frames[i] = string.format('%08x', #items[i]) .. items[i] end
-    redis.call(wake, channel, table.concat(frames))
+    if k == 1 then
+      redis.call(wake, channel, string.format('%08x', #items[1]) .. items[1])
+    else
+      local frames = {}
+      for i = 1, k do frames[i] = string.format('%08x', #items[i]) .. items[i] end
+      redis.call(wake, channel, table.concat(frames))
+    end
   elseif n == 0 then
     redis.call(wake, channel, '')
   end
@@ -221,9 +255,17 @@ return inbox_push(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3
 
 # KEYS: inbox. ARGV: the id of the newest entry the reader delivered, most entries
 # to look at. Removes the delivered entries from the head (ids are fixed-width digit
-# strings, so they compare as strings) and returns how many.
+# strings, so they compare as strings) and returns how many. Ids grow from head to tail,
+# so when the last entry looked at was delivered, all before it were: one LINDEX then
+# spares Redis turning every entry into a Lua string (the usual case).
 _ACK_INBOX = f"""
-local entries = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local most = tonumber(ARGV[2])
+local last = redis.call('LINDEX', KEYS[1], most - 1)
+if last and string.sub(last, {_DEADLINE_DIGITS + 1}, {_INBOX_HEAD}) <= ARGV[1] then
+  redis.call('LTRIM', KEYS[1], most, -1)
+  return most
+end
+local entries = redis.call('LRANGE', KEYS[1], 0, most - 1)
 local k = 0
 for _, entry in ipairs(entries) do
   if string.sub(entry, {_DEADLINE_DIGITS + 1}, {_INBOX_HEAD}) > ARGV[1] then break end

@@ -907,7 +907,9 @@ async def test_no_secret_when_the_broker_goes_away_mid_operation(
             url=f"amqp://{secret_user}:{SECRET}@127.0.0.1:{proxy.port}/",
             exchange_name=prefix,
             queue_prefix=prefix,
-            timeout=1,
+            # Long enough for a loaded machine to connect and declare a quorum queue
+            # before the cut (1 s failed there); after it, each call waits this long.
+            timeout=10,
         )
         await layer.send("before.cut", {"type": "x"})
         assert (await layer.receive("before.cut", timeout=10))["type"] == "x"

@@ -496,6 +496,77 @@ async def test_full_inbox_of_another_process_raises_channel_full(make: Factory) 
         await sender.send(channel, {"type": "x"})
 
 
+def _inbox_ids(entries: list[Any]) -> list[int]:
+    return [int(entry[13:29]) for entry in entries]
+
+
+async def test_a_push_past_the_inbox_limit_takes_back_only_what_does_not_fit(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    # The push script stores first and takes back what went past the limit: concurrent
+    # sends share one script call, and exactly the first 100 of them must stay.
+    sender, owner = make(capacity=1), make()
+    channel = await owner.new_channel("ws")
+    await owner.close()
+    results = await asyncio.gather(
+        *(sender.send(channel, {"type": "x", "i": i}) for i in range(150)), return_exceptions=True
+    )
+    assert results[:100] == [None] * 100
+    assert all(isinstance(result, ChannelFull) for result in results[100:])
+    entries = await raw.lrange(f"{sender.prefix}:inbox:{{{owner.client_token}}}", 0, -1)
+    assert len(entries) == 100
+    ids = _inbox_ids(entries)
+    assert ids == sorted(set(ids))
+
+
+async def test_expired_entries_free_room_in_an_inbox(make: Factory, raw: redis_asyncio.Redis) -> None:
+    sender, owner = make(capacity=1, channel_expiry=1), make()
+    channel = await owner.new_channel("ws")
+    await owner.close()
+    for _ in range(100):
+        await sender.send(channel, {"type": "old"})
+    with pytest.raises(ChannelFull):
+        await sender.send(channel, {"type": "x"})
+    await asyncio.sleep(1.2)
+    await sender.send(channel, {"type": "fresh"})
+    assert await raw.llen(f"{sender.prefix}:inbox:{{{owner.client_token}}}") == 1
+
+
+async def test_an_inbox_outlives_its_newest_entry_by_at_most_an_eighth(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    sender, owner = make(channel_expiry=8), make()
+    channel = await owner.new_channel("ws")
+    await owner.close()
+    inbox = f"{sender.prefix}:inbox:{{{owner.client_token}}}"
+    await sender.send(channel, {"type": "x"})
+    assert 7_000 < await raw.pttl(inbox) <= 9_000
+    # An inbox emptied by its reader is deleted; the push that creates it again sets its
+    # expiry, whatever the id counter says.
+    await raw.delete(inbox)
+    await sender.send(channel, {"type": "x"})
+    assert 7_000 < await raw.pttl(inbox) <= 9_000
+    await raw.persist(inbox)
+    await raw.delete(f"{sender.prefix}:seq:{{{owner.client_token}}}")
+    await sender.send(channel, {"type": "x"})
+    assert 7_000 < await raw.pttl(inbox) <= 9_000
+
+
+async def test_ids_keep_growing_when_the_counter_is_ahead_of_the_clock(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm"})
+    assert await receiver.receive(channel, timeout=10) == {"type": "warm"}
+    ahead = 9_000_000_000_000_000  # ~2255 in us: far ahead of Redis's clock
+    await raw.set(f"{sender.prefix}:seq:{{{receiver.client_token}}}", ahead)
+    for i in range(3):
+        await sender.send(channel, {"type": "m", "i": i})
+    assert [(await receiver.receive(channel, timeout=10))["i"] for _ in range(3)] == [0, 1, 2]
+    assert int(cast(bytes, await raw.get(f"{sender.prefix}:seq:{{{receiver.client_token}}}"))) == ahead + 3
+
+
 # ------------------------------------------------------------- no secret leaks
 #
 # Every layer below is given a URL with a user and the password SECRET; the password

@@ -140,3 +140,31 @@ async def test_many_members_over_two_instances(backend: Backend, make_layer: Lay
     present = await second.presence("big")
     assert set(present) == mine | theirs
     assert sum(1 for info in present.values() if info == {"who": "first"}) == per_instance
+
+
+async def test_concurrent_joins_updates_and_leaves_are_all_seen_in_call_order(
+    backend: Backend, make_layer: LayerFactory
+) -> None:
+    # A consumer's connect joins while dozens of others do (the churn soak: 50 at a time).
+    # Calls started in order take effect in that order, whoever waits for the broker
+    # first: the second join's info wins, and a leave never lands before its join.
+    owner, viewer = pair(backend, make_layer, capacity=500)  # room for every event
+    watcher = await viewer.new_channel("ws")
+    await viewer.group_add("room:busy", watcher)
+    channels = [await owner.new_channel("ws") for _ in range(50)]
+    calls = []
+    for number, channel in enumerate(channels):
+        calls.append(owner.presence_join("room:busy", channel, {"n": 1}))
+        calls.append(owner.presence_join("room:busy", channel, {"n": 2}))
+        if number % 2:
+            calls.append(owner.presence_leave("room:busy", channel))
+    await asyncio.gather(*calls)
+
+    staying = {channel: {"n": 2} for number, channel in enumerate(channels) if number % 2 == 0}
+    assert await viewer.presence("room:busy") == staying
+    assert await owner.presence("room:busy") == staying
+    events = [await next_event(viewer, watcher) for _ in range(len(calls))]
+    for number, channel in enumerate(channels):
+        mine = sorted((event["type"], event["info"]["n"]) for event in events if event["channel"] == channel)
+        joined = [("presence.joined", 1), ("presence.joined", 2)]
+        assert mine == ([*joined, ("presence.left", 2)] if number % 2 else joined)

@@ -127,6 +127,30 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def test_only_a_layer_with_channels_listens_on_its_inbox(make: Factory) -> None:
+    # Every NOTIFY in the database wakes every session that LISTENs on anything:
+    # a layer that only sends keeps its LISTEN session out of that.
+    sender, receiver = make(), make()
+    await sender.send("warm.up", {"type": "warm"})
+
+    async def listening(layer: PostgreSQLChannelLayer) -> list[str]:
+        assert layer._listener is not None
+        async with layer._listen_lock:
+            return list(
+                await layer._listener.fetchval("SELECT array_agg(c) FROM pg_listening_channels() c") or []
+            )
+
+    assert await listening(sender) == []
+    channel = await receiver.new_channel()
+    # Sent the moment the name exists: the LISTEN took effect before new_channel() returned.
+    await sender.send(channel, {"type": "first"})
+    await sender.group_add("room", channel)
+    await sender.group_send("room", {"type": "second"})
+    assert [(await receiver.receive(channel, timeout=10))["type"] for _ in range(2)] == ["first", "second"]
+    assert await listening(receiver) == [notify_channel(receiver.schema, "!" + receiver.client_token)]
+    assert await listening(sender) == []
+
+
 async def test_members_changed_by_another_process_get_exactly_the_next_messages(make: Factory) -> None:
     # The owner delivers group rows to its own record of members: another
     # process's group_add/group_discard of its channels reaches that record

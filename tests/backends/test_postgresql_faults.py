@@ -59,9 +59,10 @@ async def test_the_inbox_reader_is_restarted(
         "fetch",
         lambda _conn, query, *args, **kwargs: query == claim and args[0] == receiver._inbox,
     )
-    # A group message is a fan-out row: the inbox reader claims it from the table.
-    await sender.group_send("room", {"type": "first"})
-    await sender.group_send("room", {"type": "second"})
+    # Too big to ride in its notification (8000 bytes): the inbox reader claims it from the table.
+    pad = "x" * 9000
+    await sender.group_send("room", {"type": "first", "pad": pad})
+    await sender.group_send("room", {"type": "second", "pad": pad})
     got = [(await receiver.receive(channel, timeout=PATIENCE))["type"] for _ in range(2)]
     assert got == ["first", "second"]
     assert fired

@@ -149,6 +149,33 @@ async def test_a_cut_connection_of_the_receiver_loses_nothing(restartable_postgr
     assert sorted(got) == [-1, *range(sent)]
 
 
+async def test_a_first_channel_made_while_cut_off_receives_once_reconnected(
+    restartable_postgresql: PostgresServer,
+) -> None:
+    # A layer LISTENs on its inbox from its first new_channel(); made while its
+    # connections are cut, that LISTEN happens on reconnecting, and what was stored
+    # meanwhile (a send, a membership notice, a group message) is claimed then.
+    server, schema = restartable_postgresql, "first_cut"
+    async with TcpProxy(server.port) as proxy:
+        receiver = PostgreSQLChannelLayer(
+            dsn=server.dsn.replace(str(server.port), str(proxy.port)), schema=schema
+        )
+        sender = PostgreSQLChannelLayer(dsn=server.dsn, schema=schema)
+        try:
+            await receiver.group_send("nobody", {"type": "start"})  # started, no channel yet
+            await proxy.cut()
+            channel = await receiver.new_channel()
+            await sender.send(channel, {"type": "first"})
+            await sender.group_add("room", channel)
+            await sender.group_send("room", {"type": "second"})
+            await proxy.reopen()
+            got = [(await receiver.receive(channel, timeout=PATIENCE))["type"] for _ in range(2)]
+            assert got == ["first", "second"]
+        finally:
+            await receiver.close()
+            await sender.close()
+
+
 async def queue_counts(dsn: str, schema: str) -> list[dict[str, object]]:
     """Rows per queue (live ones, id range) in ``schema``'s message table, for failure messages."""
     conn = await asyncpg.connect(dsn)

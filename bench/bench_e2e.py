@@ -179,15 +179,21 @@ def versions(lib: Lib) -> dict[str, str]:
 
 
 def interpreter(spec: str) -> Path:
-    """The Python ``--python`` names: a path, or ``X.Y`` found on PATH or under pyenv."""
+    """The Python ``--python`` names: a path, or ``X.Y`` under pyenv's versions or on PATH.
+
+    pyenv's own installs come first: its shims on PATH fail for a version the
+    directory has not selected.
+    """
     if os.sep in spec:
         return Path(spec)
+    candidates = sorted(Path.home().glob(f".pyenv/versions/{spec}*/bin/python{spec}"), reverse=True)
     found = shutil.which(f"python{spec}")
     if found:
-        return Path(found)
-    for candidate in sorted(Path.home().glob(f".pyenv/versions/{spec}*/bin/python{spec}"), reverse=True):
-        return candidate
-    raise SystemExit(f"no python{spec} on PATH or under ~/.pyenv/versions")
+        candidates.append(Path(found))
+    for candidate in candidates:
+        if subprocess.run([str(candidate), "-c", ""], capture_output=True).returncode == 0:
+            return candidate
+    raise SystemExit(f"no working python{spec} under ~/.pyenv/versions or on PATH")
 
 
 def on_python(lib: Lib, python: Path) -> Lib:

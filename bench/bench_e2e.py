@@ -21,13 +21,26 @@ then:
 
 Clients offer no compression unless ``--deflate``.
 
+``--python 3.12`` runs every library's workers on that interpreter: it makes
+(once) ``bench/.venv-e2e-py3.12-<ours|peer>`` with the packages and versions of
+the usual virtualenvs (their ``pip freeze`` as constraints), so a table
+compares libraries on one Python; the driver and the clients stay on
+``.venv``. ``--profile DIR`` samples each worker with py-spy (``--native``,
+``.venv/bin/pip install py-spy``) during the measured broadcasts and prints
+where the main threads' samples fall (by package and by function); CPU and
+latency then include py-spy's pauses, so profile and measure in separate runs.
+The ``floor`` row is FastAPI fed by one redis-py pub/sub subscription per
+worker (``bench/e2e/floor_redis_app.py``): no channel layer at all.
+
 Figures per library: deliveries/s (C divided by the median time from publish
 to the last client's receipt; the machine is shared, so one descheduled round
 should not decide), latency p50/p99 over every delivery, messages lost, the
 workers' CPU seconds during the K broadcasts (from /proc), and RSS per idle
-connection. It writes a markdown report and a PNG plot (``--out``, ``--plot``;
-defaults ``docs/bench-e2e.md`` and ``docs/bench-e2e.png``) and the raw numbers
-to ``bench/results/``.
+connection; and, per worker, when its first and its last client got each
+broadcast (the worker that served the POST and the other one). It writes a
+markdown report and a PNG plot (``--out``, ``--plot``; defaults
+``docs/bench-e2e.md`` and ``docs/bench-e2e.png``; ``--out ''`` for neither)
+and the raw numbers to ``bench/results/``.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ LIBS = {
         "python-socketio\n+ Redis manager",
         "socketio_app",
         _peer("socketio"),
-        ("python-socketio", "python-engineio", "redis"),
+        ("python-socketio", "python-engineio", "starlette", "redis"),
         protocol="socketio",
     ),
     "channels-pubsub": Lib(

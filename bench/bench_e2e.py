@@ -252,6 +252,19 @@ def on_python(lib: Lib, python: Path) -> Lib:
     return dataclasses.replace(lib, venv=venv)
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], sig: signal.Signals, timeout: float) -> None:
+    """Send ``sig`` to those of ``procs`` still running, wait ``timeout`` s for each, then kill."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Workers:
     """``count`` uvicorn processes of one app, each on its own port, stopped by PID."""
 
@@ -315,15 +328,7 @@ class Workers:
         )
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs, signal.SIGTERM, 15)
         shutil.rmtree(self.logdir, ignore_errors=True)
 
 
@@ -347,15 +352,7 @@ class Sampler:
         ]
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs, signal.SIGINT, 30)  # py-spy writes its output on SIGINT
 
 
 #: Where a sampled frame's file lives -> the area its time is counted under.

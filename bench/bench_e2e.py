@@ -21,13 +21,26 @@ then:
 
 Clients offer no compression unless ``--deflate``.
 
+``--python 3.12`` runs every library's workers on that interpreter: it makes
+(once) ``bench/.venv-e2e-py3.12-<ours|peer>`` with the packages and versions of
+the usual virtualenvs (their ``pip freeze`` as constraints), so a table
+compares libraries on one Python; the driver and the clients stay on
+``.venv``. ``--profile DIR`` samples each worker with py-spy (``--native``,
+``.venv/bin/pip install py-spy``) during the measured broadcasts and prints
+where the main threads' samples fall (by package and by function); CPU and
+latency then include py-spy's pauses, so profile and measure in separate runs.
+The ``floor`` row is FastAPI fed by one redis-py pub/sub subscription per
+worker (``bench/e2e/floor_redis_app.py``): no channel layer at all.
+
 Figures per library: deliveries/s (C divided by the median time from publish
 to the last client's receipt; the machine is shared, so one descheduled round
 should not decide), latency p50/p99 over every delivery, messages lost, the
 workers' CPU seconds during the K broadcasts (from /proc), and RSS per idle
-connection. It writes a markdown report and a PNG plot (``--out``, ``--plot``;
-defaults ``docs/bench-e2e.md`` and ``docs/bench-e2e.png``) and the raw numbers
-to ``bench/results/``.
+connection; and, per worker, when its first and its last client got each
+broadcast (the worker that served the POST and the other one). It writes a
+markdown report and a PNG plot (``--out``, ``--plot``; defaults
+``docs/bench-e2e.md`` and ``docs/bench-e2e.png``; ``--out ''`` for neither)
+and the raw numbers to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -35,15 +48,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +117,13 @@ LIBS = {
         ROOT / ".venv",
         ("fastapi-websockets", "fastapi", "redis"),
     ),
+    "floor": Lib(
+        "floor: FastAPI + redis-py pub/sub, no layer",
+        "floor: FastAPI\n+ redis pub/sub",
+        "floor_redis_app",
+        ROOT / ".venv",
+        ("fastapi", "redis"),
+    ),
     "broadcaster": Lib(
         "encode/broadcaster",
         "broadcaster",
@@ -113,7 +136,7 @@ LIBS = {
         "python-socketio\n+ Redis manager",
         "socketio_app",
         _peer("socketio"),
-        ("python-socketio", "python-engineio", "redis"),
+        ("python-socketio", "python-engineio", "starlette", "redis"),
         protocol="socketio",
     ),
     "channels-pubsub": Lib(
@@ -153,11 +176,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def versions(lib: Lib) -> dict[str, str]:
-    """Versions of the library's packages and of the server stack in its virtualenv."""
+    """Versions of the workers' Python, the library's packages and the server stack in its virtualenv."""
     names = [*lib.packages, "uvicorn", "websockets", "uvloop", "httptools"]
     code = (
-        "import importlib.metadata as m, json, sys\n"
-        "out = {}\n"
+        "import importlib.metadata as m, json, platform, sys\n"
+        "out = {'Python': platform.python_version()}\n"
         "for n in sys.argv[1:]:\n"
         "    try: out[n] = m.version(n)\n"
         "    except m.PackageNotFoundError: pass\n"
@@ -166,6 +189,80 @@ def versions(lib: Lib) -> dict[str, str]:
     result = subprocess.run([str(lib.python), "-c", code, *names], capture_output=True, text=True, check=True)
     found: dict[str, str] = json.loads(result.stdout)
     return found
+
+
+def interpreter(spec: str) -> Path:
+    """The Python ``--python`` names: a path, or ``X.Y`` under pyenv's versions or on PATH.
+
+    pyenv's own installs come first: its shims on PATH fail for a version the
+    directory has not selected.
+    """
+    if os.sep in spec:
+        return Path(spec)
+    candidates = sorted(Path.home().glob(f".pyenv/versions/{spec}*/bin/python{spec}"), reverse=True)
+    found = shutil.which(f"python{spec}")
+    if found:
+        candidates.append(Path(found))
+    for candidate in candidates:
+        if subprocess.run([str(candidate), "-c", ""], capture_output=True).returncode == 0:
+            return candidate
+    raise SystemExit(f"no working python{spec} under ~/.pyenv/versions or on PATH")
+
+
+def on_python(lib: Lib, python: Path) -> Lib:
+    """``lib`` in a virtualenv on ``python`` holding what its usual virtualenv holds, made if missing.
+
+    The new virtualenv gets the requirements of every library that shares
+    ``lib``'s usual virtualenv, pinned to the versions installed there (its
+    ``pip freeze`` as constraints), so that only the interpreter differs.
+    """
+    tag = subprocess.run(
+        [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    usual = lib.venv
+    name = "ours" if usual == ROOT / ".venv" else usual.name.removeprefix(".venv-e2e-")
+    venv = ROOT / "bench" / f".venv-e2e-py{tag}-{name}"
+    if not (venv / "bin" / "python").exists():
+        if not (usual / "bin" / "python").exists():
+            raise SystemExit(f"{usual} is missing: run bash bench/setup-peers")
+        print(f"making {venv.name} on {python} ...", file=sys.stderr, flush=True)
+        frozen = subprocess.run(
+            [str(usual / "bin" / "python"), "-m", "pip", "freeze", "--exclude-editable"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        packages = sorted(
+            {package for other in LIBS.values() if other.venv == usual for package in other.packages}
+        )
+        requirements = ["uvicorn[standard]"]
+        requirements += [str(ROOT) if package == "fastapi-websockets" else package for package in packages]
+        subprocess.run([str(python), "-m", "venv", str(venv)], check=True)
+        constraints = venv / "constraints.txt"
+        constraints.write_text(
+            "".join(
+                line + "\n" for line in frozen.splitlines() if " @ " not in line and not line.startswith("-")
+            )
+        )
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(constraints)]
+        subprocess.run([*pip, *requirements], check=True)
+    return dataclasses.replace(lib, venv=venv)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], sig: signal.Signals, timeout: float) -> None:
+    """Send ``sig`` to those of ``procs`` still running, wait ``timeout`` s for each, then kill."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Workers:
@@ -231,16 +328,109 @@ class Workers:
         )
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs, signal.SIGTERM, 15)
         shutil.rmtree(self.logdir, ignore_errors=True)
+
+
+class Sampler:
+    """py-spy sampling each worker during the measured broadcasts (``--profile``), stopped by PID."""
+
+    def __init__(self, pids: list[int], outdir: Path, name: str, rate: int) -> None:
+        spy = shutil.which("py-spy", path=str(OUR_PYTHON.parent)) or shutil.which("py-spy")
+        if spy is None:
+            raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+        outdir.mkdir(parents=True, exist_ok=True)
+        self.outputs = [outdir / f"{name}-worker{index}.txt" for index in range(len(pids))]
+        record = [spy, "record", "--native", "--rate", str(rate), "--format", "raw"]
+        self.procs = [
+            subprocess.Popen(
+                [*record, "--pid", str(pid), "--output", str(output)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for pid, output in zip(pids, self.outputs, strict=True)
+        ]
+
+    def stop(self) -> None:
+        stop_processes(self.procs, signal.SIGINT, 30)  # py-spy writes its output on SIGINT
+
+
+#: Where a sampled frame's file lives -> the area its time is counted under.
+AREAS = (
+    ("fastapi_websockets", "fastapi-websockets"),
+    ("broadcaster", "broadcaster"),
+    ("socketio", "socketio/engineio"),
+    ("engineio", "socketio/engineio"),
+    ("/channels", "channels"),
+    ("django", "channels"),
+    ("floor_", "the app"),
+    ("bench/e2e", "the app"),
+    ("starlette", "starlette/fastapi"),
+    ("fastapi", "starlette/fastapi"),
+    ("uvicorn", "uvicorn"),
+    ("websockets", "websockets"),
+    ("redis", "redis-py"),
+    ("json", "json"),
+    ("anyio", "anyio"),
+    ("asyncio", "asyncio"),
+)
+
+
+#: Native calls the event loop waits in: samples ending there are idle time.
+IDLE_CALLS = frozenset({"epoll_wait", "epoll_pwait", "epoll_pwait2", "select", "poll"})
+
+
+def area_of(frame: str) -> str | None:
+    """The area of a py-spy frame ``func (file:line)``; None for a native frame."""
+    if ".py:" not in frame:
+        return None
+    where = frame.rsplit("(", 1)[-1]
+    for needle, area in AREAS:
+        if needle in where:
+            return area
+    return "other Python"
+
+
+def profile_summary(outputs: list[Path], rate: int, top: int = 12) -> str:
+    """Samples of the workers by area (innermost Python frame) and by own function."""
+    areas: Counter[str] = Counter()
+    functions: Counter[str] = Counter()
+    native: Counter[str] = Counter()
+    total = idle = elsewhere = 0
+    for output in outputs:
+        if not output.exists():
+            continue
+        for line in output.read_text().splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            count = int(count_text)
+            frames = [frame for frame in stack.split(";") if not frame.startswith("process ")]
+            if frames and frames[0].startswith("thread "):
+                frames = frames[1:]
+            if not any(frame.startswith("_run_module_as_main ") for frame in frames):
+                elsewhere += count  # another thread (a thread pool's worker, mostly waiting)
+                continue
+            if frames and frames[-1].split(" (")[0] in IDLE_CALLS:
+                idle += count  # the event loop waiting for the next event
+                continue
+            python = [frame for frame in frames if ".py:" in frame]
+            leaf = python[-1] if python else "(no Python frame)"
+            areas[area_of(leaf) or "native"] += count
+            functions[leaf.split(" (")[0] + " " + leaf.rsplit("/", 1)[-1].rstrip(")")] += count
+            if frames and ".py:" not in frames[-1]:
+                native[frames[-1].split(" (")[0]] += count
+            total += count
+    if not total:
+        return "no samples"
+    lines = [
+        f"main threads: {total} busy samples at {rate} Hz over the workers (~{total / rate:.2f} s), "
+        f"{idle} waiting in the event loop; {elsewhere} samples of other threads"
+    ]
+    lines += [f"  {n / total:6.1%}  {area}" for area, n in areas.most_common()]
+    lines.append("  innermost Python function:")
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in functions.most_common(top)]
+    lines.append("  native leaf (time under the Python frame, e.g. the write system call):")
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in native.most_common(6)]
+    return "\n".join(lines)
 
 
 class ClientProcs:
@@ -340,7 +530,9 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct))]
 
 
-async def run_lib(lib: Lib, redis: RedisNode, args: argparse.Namespace, clients: int) -> dict[str, Any]:
+async def run_lib(
+    lib: Lib, redis: RedisNode, args: argparse.Namespace, clients: int, run_id: str = ""
+) -> dict[str, Any]:
     redis.cli_call("flushall")
     env = {
         **lib.env,
@@ -381,13 +573,21 @@ async def run_lib(lib: Lib, redis: RedisNode, args: argparse.Namespace, clients:
             # Let stragglers of the warm-up land before CPU is counted.
             await asyncio.sleep(0.5)
             load = os.getloadavg()[0]
+            sampler = None
+            if args.profile is not None:
+                sampler = Sampler(workers.pids, args.profile, f"{lib.module}-{run_id}", args.profile_rate)
+                await asyncio.sleep(1.0)  # py-spy attaches
             cpu_before = workers.cpu_seconds()
             timed_out = 0
-            for seq in range(args.broadcasts):
-                await publish(seq)
-                if not await loads.wait_round(seq, args.round_timeout):
-                    timed_out += 1
-            cpu = workers.cpu_seconds() - cpu_before
+            try:
+                for seq in range(args.broadcasts):
+                    await publish(seq)
+                    if not await loads.wait_round(seq, args.round_timeout):
+                        timed_out += 1
+                cpu = workers.cpu_seconds() - cpu_before
+            finally:
+                if sampler is not None:
+                    await asyncio.to_thread(sampler.stop)
         reports = await loads.report()
     finally:
         if loads is not None:
@@ -402,6 +602,11 @@ async def run_lib(lib: Lib, redis: RedisNode, args: argparse.Namespace, clients:
         published = [report["published"][key] for report in reports if key in report["published"]]
         if lasts:
             durations.append(max(lasts) - published[0])
+    hops = worker_hops(reports, args.broadcasts, args.workers)
+    profile = None
+    if sampler is not None:
+        profile = profile_summary(sampler.outputs, args.profile_rate)
+        print(f"{lib.label}, run {run_id}:\n{profile}", file=sys.stderr, flush=True)
     received = sum(sum(report["received"].values()) for report in reports)
     expected = clients * args.broadcasts
     return {
@@ -420,7 +625,42 @@ async def run_lib(lib: Lib, redis: RedisNode, args: argparse.Namespace, clients:
         "rss_idle_mb": rss_idle / 1024,
         "rounds_ms": [round(d * 1000, 1) for d in durations],
         "load_avg_1m": load,
+        **hops,
+        **({"profile": profile} if profile is not None else {}),
     }
+
+
+def worker_hops(reports: list[dict[str, Any]], broadcasts: int, workers: int) -> dict[str, float]:
+    """When each worker's sockets got a broadcast, from its publish: medians over the broadcasts, ms.
+
+    ``served_*`` is the worker that took the HTTP POST, ``other_*`` the other
+    one(s); ``*_first`` the first of its clients' receipts, ``*_last`` the last.
+    """
+    spans: dict[str, list[float]] = {
+        key: [] for key in ("served_first", "served_last", "other_first", "other_last")
+    }
+    for seq in range(broadcasts):
+        key = str(seq)
+        published = [report["published"][key] for report in reports if key in report["published"]]
+        if not published:
+            continue
+        for worker in range(workers):
+            firsts = [
+                r["first_from"][str(worker)][key]
+                for r in reports
+                if key in r["first_from"].get(str(worker), {})
+            ]
+            lasts = [
+                r["last_from"][str(worker)][key]
+                for r in reports
+                if key in r["last_from"].get(str(worker), {})
+            ]
+            if not firsts:
+                continue
+            side = "served" if worker == seq % workers else "other"
+            spans[f"{side}_first"].append((min(firsts) - published[0]) * 1000)
+            spans[f"{side}_last"].append((max(lasts) - published[0]) * 1000)
+    return {f"{key}_ms": statistics.median(values) for key, values in spans.items() if values}
 
 
 # ================================================================ report
@@ -437,7 +677,7 @@ def machine() -> str:
         mem_gb = int(meminfo.readline().split()[1]) / 1024 / 1024
     return (
         f"{os.cpu_count()} cores ({model}), {mem_gb:.0f} GB RAM, "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+        f"{platform.system()} {platform.release()}; driver and clients on Python {platform.python_version()}"
     )
 
 
@@ -450,6 +690,22 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['lib']} | {row['deliveries_per_s']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
             f"| {row['lost']} | {row['cpu_s']:.2f} | {row['rss_per_conn_kb']:.1f} KB |"
+        )
+    return "\n".join(lines)
+
+
+def hops_table(rows: list[dict[str, Any]]) -> str:
+    """When each worker's clients got a broadcast: the one that took the POST, and the other."""
+    lines = [
+        "| library | POSTed worker: first / last receipt ms | other worker: first / last receipt ms |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        if "served_first_ms" not in row or "other_first_ms" not in row:
+            continue
+        lines.append(
+            f"| {row['lib']} | {row['served_first_ms']:.1f} / {row['served_last_ms']:.1f} "
+            f"| {row['other_first_ms']:.1f} / {row['other_last_ms']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -491,7 +747,14 @@ def write_report(
         out.append(f"- {lib.label}: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     for clients, rows in runs.items():
         out += ["", f"## {clients:,} clients", "", table(rows)]
-        out += [""]
+        out += [
+            "",
+            "From publish to the first and the last receipt among each worker's clients (medians over "
+            "the broadcasts and runs): the worker that served the POST, and the other one.",
+            "",
+            hops_table(rows),
+            "",
+        ]
         for row in rows:
             extra = []
             if row["rounds_timed_out"]:
@@ -550,7 +813,7 @@ async def run_all(
         for attempt in range(args.repeat):
             for name in libs:
                 print(f"[{clients} clients, run {attempt + 1}] {name} ...", file=sys.stderr, flush=True)
-                row = await run_lib(LIBS[name], redis, args, clients)
+                row = await run_lib(LIBS[name], redis, args, clients, f"{clients}c-run{attempt + 1}")
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 tries[name].append(row)
         runs[clients] = [median_row(tries[name]) for name in libs]
@@ -603,6 +866,10 @@ def run(args: argparse.Namespace) -> None:
     if args.baseline:
         libs.insert(libs.index("ours-handler") + 1 if "ours-handler" in libs else 0, "ours-baseline")
         LIBS["ours-baseline"] = baseline_lib(args.baseline, workdir)
+    if args.python:
+        python = interpreter(args.python)
+        for name in libs:
+            LIBS[name] = on_python(LIBS[name], python)
     redis = RedisNode(workdir, free_port())
     redis.start()
     try:
@@ -617,7 +884,7 @@ def run(args: argparse.Namespace) -> None:
     results.mkdir(exist_ok=True)
     (results / f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(runs, indent=1))
     for clients, rows in runs.items():
-        print(f"\n{clients:,} clients\n{table(rows)}")
+        print(f"\n{clients:,} clients\n{table(rows)}\n\n{hops_table(rows)}")
     if args.out:
         write_report(runs, libs, args, redis_version)
         plot(runs, args.plot)
@@ -651,11 +918,30 @@ def main() -> None:
     )
     parser.add_argument("--libs", default=",".join(LIBS))
     parser.add_argument(
+        "--python",
+        metavar="X.Y|PATH",
+        help="run every library's workers on this Python: virtualenvs bench/.venv-e2e-pyX.Y-* are made "
+        "if missing, with the package versions of the usual ones",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample each worker with py-spy (--native) during the measured broadcasts, write the raw "
+        "stacks to DIR and print where the samples fall (CPU and latency figures then include py-spy's cost)",
+    )
+    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument(
         "--baseline",
         metavar="REF",
         help="also run the handler app on the package as of this git ref (before/after in one run)",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-e2e.md")
+    parser.add_argument(
+        "--out",
+        type=lambda text: Path(text) if text else None,
+        default=ROOT / "docs" / "bench-e2e.md",
+        help="markdown report ('' for none; the plot goes with it)",
+    )
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench-e2e.png")
     args = parser.parse_args()
     run(args)

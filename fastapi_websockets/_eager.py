@@ -41,14 +41,20 @@ _depth = _Depth()
 
 
 def start_task(
-    coro: Coroutine[Any, Any, None], context: contextvars.Context, *, eager: bool = True
+    coro: Coroutine[Any, Any, None],
+    context: contextvars.Context,
+    *,
+    eager: bool = True,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> asyncio.Task[None]:
     """A task running ``coro`` in ``context``; on Python 3.12+ its first step runs before this returns.
 
-    Must be called with an event loop running. With ``eager=False``, on Python
+    Must be called with an event loop running: ``loop``, when the caller
+    knows it (it is then not looked up). With ``eager=False``, on Python
     before 3.12, or inside another eager first step, the task is only scheduled.
     """
-    loop = asyncio.get_running_loop()
+    if loop is None:
+        loop = asyncio.get_running_loop()
     if sys.version_info >= (3, 12):
         if eager and not _depth.stepping:
             _depth.stepping = True

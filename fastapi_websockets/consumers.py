@@ -135,6 +135,9 @@ class AsyncWebSocketConsumer:
         self._event: Message | None = None
         self._frame_guard: FrameGuard | None = None
         self._context: contextvars.Context | None = None
+        # The connection's event loop, passed to asyncio where it would look it up: on Python
+        # 3.10/3.11 each lookup checks the process id, a system call, once per event.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._frames_task: asyncio.Task[Any] | None = None
         self._events_task: asyncio.Task[None] | None = None
         self._stop_code: int | _Running | None = _RUNNING
@@ -249,6 +252,7 @@ class AsyncWebSocketConsumer:
         task = asyncio.current_task()
         assert task is not None
         self._context = contextvars.copy_context()
+        self._loop = task.get_loop()
         self._frames_task = task
         try:
             self._take_events(self.channel_layer.listen(self.channel_name, self._events_arrived))
@@ -290,8 +294,8 @@ class AsyncWebSocketConsumer:
         # Not from this connection's own frame task (a receive handler sending to its own
         # channel): an event that ends the connection stops that task by cancelling it, and
         # the receive handler goes on first, as it always did.
-        eager = EAGER_TASKS and asyncio.current_task() is not self._frames_task
-        self._events_task = start_task(self._handle_events(item), context, eager=eager)
+        eager = EAGER_TASKS and asyncio.current_task(self._loop) is not self._frames_task
+        self._events_task = start_task(self._handle_events(item), context, eager=eager, loop=self._loop)
 
     async def _handle_events(self, item: Message | BaseException) -> None:
         try:
@@ -355,7 +359,7 @@ class AsyncWebSocketConsumer:
                 return CLOSE_SERVICE_RESTART
             try:
                 async with self._dispatch_lock:
-                    self._dispatching = asyncio.current_task()
+                    self._dispatching = asyncio.current_task(self._loop)
                     self._event = item
                     try:
                         await self.dispatch_channel_message(item)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -154,14 +154,18 @@ def channel_layers_lifespan(
 
 def channel_layer_dependency(
     alias: str = DEFAULT_LAYER_ALIAS,
-) -> Callable[[HTTPConnection], BaseChannelLayer]:
+) -> Callable[[HTTPConnection], Awaitable[BaseChannelLayer]]:
     """A FastAPI dependency returning the app's layer of ``alias`` (HTTP and WebSocket routes)::
 
     @app.post("/notify")
     async def notify(layer: BaseChannelLayer = Depends(channel_layer_dependency())): ...
+
+    The dependency is a coroutine function although it never waits: FastAPI
+    runs a plain function dependency in a worker thread, which would put a
+    thread hop before every request that publishes.
     """
 
-    def dependency(connection: HTTPConnection) -> BaseChannelLayer:
+    async def dependency(connection: HTTPConnection) -> BaseChannelLayer:
         layers: dict[str, BaseChannelLayer] | None = getattr(connection.app.state, "channel_layers", None)
         if layers is not None and alias in layers:
             return layers[alias]

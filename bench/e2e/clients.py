@@ -43,6 +43,9 @@ class Load:
         self.received: dict[int, int] = defaultdict(int)
         self.published: dict[int, float] = {}
         self.last: dict[int, float] = {}
+        #: Per server (index in ``urls``) and broadcast: the first and the last receipt from it.
+        self.first_from: dict[int, dict[int, float]] = defaultdict(dict)
+        self.last_from: dict[int, dict[int, float]] = defaultdict(dict)
         self.latencies: list[float] = []
         self.closed_early = 0
         self.failed = 0
@@ -77,9 +80,9 @@ class Load:
                 self.failed += 1
                 return
         self.sockets.append(ws)
-        self.readers.append(asyncio.create_task(self.read(ws)))
+        self.readers.append(asyncio.create_task(self.read(ws, index % len(self.urls))))
 
-    async def read(self, ws: ClientConnection) -> None:
+    async def read(self, ws: ClientConnection, server: int) -> None:
         socketio = self.protocol == "socketio"
         try:
             async for frame in ws:
@@ -99,6 +102,8 @@ class Load:
                     self.latencies.append(now - body["t"])
                     self.published[seq] = body["t"]
                     self.last[seq] = now
+                    self.first_from[server].setdefault(seq, now)
+                    self.last_from[server][seq] = now
                 if self.received[seq] == len(self.sockets):
                     emit({"event": "round", "seq": seq})
         except ConnectionClosed:
@@ -123,6 +128,8 @@ class Load:
                         "published": {str(k): v for k, v in self.published.items()},
                         "last": {str(k): v for k, v in self.last.items()},
                         "latencies": self.latencies,
+                        "first_from": {str(w): times for w, times in self.first_from.items()},
+                        "last_from": {str(w): times for w, times in self.last_from.items()},
                         "closed_early": self.closed_early,
                     }
                 )

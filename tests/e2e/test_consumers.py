@@ -6,18 +6,22 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
+import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fastapi_websockets import (
     AsyncJsonWebSocketConsumer,
     AsyncWebSocketConsumer,
+    BaseChannelLayer,
     InMemoryChannelLayer,
+    channel_layer_dependency,
     channel_layers_lifespan,
     close_default_layers,
     get_default_layer,
@@ -343,6 +347,31 @@ async def test_lifespan_creates_and_closes_layers() -> None:
     assert layer.closed
     assert get_default_layer() is not layer
     await close_default_layers()
+
+
+async def test_layer_dependency_runs_on_the_event_loop_thread() -> None:
+    # FastAPI runs a plain-function dependency in a worker thread: a publishing request would
+    # wait for a thread hop before its group_send.
+    threads: list[int] = []
+
+    class Layers(dict[str, BaseChannelLayer]):
+        def __contains__(self, key: object) -> bool:
+            threads.append(threading.get_ident())
+            return super().__contains__(key)
+
+    app = FastAPI(lifespan=channel_layers_lifespan({"default": {"BACKEND": "inmemory"}}))
+
+    @app.post("/notify")
+    async def notify(layer: Annotated[BaseChannelLayer, Depends(channel_layer_dependency())]) -> bool:
+        await layer.group_send("room", {"type": "chat.message", "text": "hi"})
+        return layer is app.state.channel_layers["default"]
+
+    async with serve(app) as url:
+        app.state.channel_layers = Layers(app.state.channel_layers)
+        async with httpx.AsyncClient(base_url=url.replace("ws://", "http://")) as http:
+            response = await http.post("/notify")
+    assert response.json() is True
+    assert threads == [threading.get_ident()]
 
 
 async def test_lifespan_starts_even_when_a_broker_is_unreachable(caplog: pytest.LogCaptureFixture) -> None:

@@ -233,14 +233,16 @@ class AsyncWebSocketConsumer:
             close_code = CLOSE_INTERNAL_ERROR
             await self._close_quietly(CLOSE_INTERNAL_ERROR, "internal error")
         finally:
+            if self.channel_name:
+                # Nobody reads this channel again: released before the groups are left (a
+                # broker round trip each, longer while presence changes queue), so that what
+                # the groups send meanwhile is dropped at once instead of filling its mailbox.
+                self.channel_layer.forget_channel(self.channel_name)
             await self._leave_groups()
             try:
                 await self.disconnect(close_code)
             except Exception:
                 logger.exception("%s.disconnect() failed", type(self).__name__)
-            if self.channel_name:
-                # Anything still addressed to this connection is dropped from now on.
-                self.channel_layer.forget_channel(self.channel_name)
             if observing.hooks is not None:
                 observing.hooks.connection_ended(self, self._accepted, close_code)
 

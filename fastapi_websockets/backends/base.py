@@ -461,7 +461,8 @@ class BaseChannelLayer(abc.ABC):
         at once (counted in ``stats.dropped_released``) instead of being kept
         until ``channel_expiry``; a receive still waiting on it gets
         :class:`ChannelLayerClosed`. Consumers call it when their connection
-        ends. Group memberships are not touched (leave the groups first).
+        ends, before they leave their groups, so that what the groups send
+        meanwhile is not queued. Group memberships are not touched (leave them too).
         """
         self._live_channels.discard(channel)
         # Its catch-up floors would otherwise wait for a message that never comes to expire.

@@ -414,3 +414,57 @@ async def test_group_envelopes_reach_every_socket_and_custom_send_json() -> None
         for ws in sockets:
             await ws.close()
     await layer.close()
+
+
+class GatedLeaveLayer(InMemoryChannelLayer):
+    """The in-memory layer, with presence leaves held at a gate the test opens (a slow broker's leave)."""
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.leaving = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def presence_leave(self, group: str, channel: str, *, notify: bool = True) -> None:
+        self.leaving.set()
+        await self.gate.wait()
+        await super().presence_leave(group, channel, notify=notify)
+
+
+class PresentConsumer(AsyncJsonWebSocketConsumer):
+    """Joins the presence of "lobby"; the group's events go to a handler nobody calls after the end."""
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.presence_join("lobby", {"name": "u1"})
+        await self.send_json({"event": "ready"})
+
+    async def chat_message(self, event: dict[str, Any]) -> None:
+        await self.send_json({"event": "chat", "text": event["text"]})
+
+
+async def test_an_ended_connection_queues_nothing_while_it_leaves_its_groups() -> None:
+    # The soak's churn: a closed connection's leave waits on the broker (seconds, when presence
+    # changes queue) while it is still in its groups. Their messages meanwhile must be dropped
+    # as released at once, not fill its mailbox (memory) and count as dropped at a full one.
+    layer = GatedLeaveLayer(capacity=3)
+    app = FastAPI()
+    app.add_api_websocket_route("/lobby", PresentConsumer.as_endpoint(layer))
+    async with serve(app) as url:
+        ws = await connect(f"{url}/lobby")
+        assert await recv_json(ws) == {"event": "ready"}
+        await ws.close()
+        try:
+            await asyncio.wait_for(layer.leaving.wait(), 10)
+            assert len(layer.local_groups.members("lobby")) == 1  # still a member while it leaves
+            for i in range(10):
+                await layer.group_send("lobby", {"type": "chat.message", "text": str(i)})
+            assert (layer.stats.dropped_full, layer.stats.dropped_released) == (0, 10)
+        finally:
+            layer.gate.set()  # a failure must not leave the server's shutdown waiting on it
+        for _ in range(200):
+            if not layer.local_groups.members("lobby"):
+                break
+            await asyncio.sleep(0.02)
+        assert not layer.local_groups.members("lobby")
+        assert await layer.presence("lobby") == {}
+    await layer.close()

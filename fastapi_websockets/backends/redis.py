@@ -93,6 +93,7 @@ from fastapi_websockets.exceptions import (
 )
 from fastapi_websockets.history import POSITION_KEY, HistoryPolicy, HistorySlice, StreamPosition, new_epoch
 from fastapi_websockets.names import is_process_specific, process_token
+from fastapi_websockets.presence import QueuedWrite
 from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
@@ -665,6 +666,12 @@ def _tag(name: str) -> str:
     return "{" + name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
 
 
+def _script_call(name: str, keys: Iterable[str], *args: Any) -> tuple[Any, ...]:
+    """The EVALSHA command running script ``name`` on ``keys`` with ``args``."""
+    keys = list(keys)
+    return ("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys, *args)
+
+
 def _settle(fut: asyncio.Future[Any], result: Any) -> None:
     if fut.done():
         return
@@ -1021,15 +1028,30 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._queue.append((command, fut))
         return await self._reply(fut)
 
-    async def _reply(self, fut: asyncio.Future[Any]) -> Any:
+    def _queue_now(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue one command at once, behind everything queued before it; its reply's future.
+
+        Unlike :meth:`_execute`, the command takes its place in the pipeline when
+        this is called, not when a coroutine first runs: callers that queue in
+        order under a lock get their commands run in that order.
+        """
+        self._check_open()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((command, fut))
+        self._start_writer()
+        return fut
+
+    def _start_writer(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
+
+    async def _reply(self, fut: asyncio.Future[Any]) -> Any:
+        self._start_writer()
         # A reply that comes too late finds its future done; the writer skips it.
         return await reply_within(fut, self.timeout, self._no_reply)
 
     async def _script(self, name: str, keys: Iterable[str], *args: Any) -> Any:
-        keys = list(keys)
-        return await self._execute("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys, *args)
+        return await self._execute(*_script_call(name, keys, *args))
 
     async def _push_inbox(self, token: str, entry: bytes) -> bool:
         """Append ``entry`` to the inbox of ``token``; False if that inbox is full.
@@ -1422,29 +1444,53 @@ class RedisChannelLayer(BrokerChannelLayer):
                 raise
         return results
 
-    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> QueuedWrite | None:
         token = self.client_token
         # The owner (and the group in its list) first: an entry is never stored where
         # a reaper could not find it.
-        await self._in_order(
-            self._script(
-                "presence_own", self._presence_owner_keys(token), token, self._presence_timeout_ms, group
-            ),
-            self._execute("HSET", self._presence_key(group), channel, token.encode() + b"\n" + info),
+        own = _script_call(
+            "presence_own", self._presence_owner_keys(token), token, self._presence_timeout_ms, group
         )
+        store = ("HSET", self._presence_key(group), channel, token.encode() + b"\n" + info)
+        if self._cluster_client is None:
+            # One server runs a pipeline in order: queued now, under the layer's presence
+            # lock, the change keeps its place among this process's others, and the
+            # caller waits for Redis after the lock is released (no join waits for another's).
+            return QueuedWrite(self._replies(self._queue_now(*own), self._queue_now(*store)))
+        await self._in_order(self._execute(*own), self._execute(*store))
+        return None
 
-    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
-        take = self._script("presence_take", [self._presence_key(group)], channel)
+    async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
+        take = _script_call("presence_take", [self._presence_key(group)], channel)
         mine = self._presence.channels(group)
+        disown: tuple[Any, ...] = ()
         if channel in mine and len(mine) == 1:
             # This process's last entry in the group: drop the group from its list
             # (and its owner record with its last group), so nothing is left behind.
             token = self.client_token
-            disown = self._script("presence_disown", self._presence_owner_keys(token), token, group)
-            entry, _ = await self._in_order(take, disown)
+            disown = _script_call("presence_disown", self._presence_owner_keys(token), token, group)
+        ours = self._presence.members(group).get(channel)
+        if self._cluster_client is None and ours is not None:
+            # Our own entry: its info is known here, so the removal can be queued like a put.
+            replies = [self._queue_now(*take)] + ([self._queue_now(*disown)] if disown else [])
+            return QueuedWrite(self._replies(*replies), ours)
+        if disown:
+            entry, _ = await self._in_order(self._execute(*take), self._execute(*disown))
         else:
-            entry = await take
+            entry = await self._execute(*take)
         return None if entry is None else bytes(entry).partition(b"\n")[2]
+
+    async def _replies(self, *futures: asyncio.Future[Any]) -> None:
+        """Wait for the replies of queued commands; the first failure is raised.
+
+        A change whose reply failed may or may not have been applied, as with an awaited
+        command: an entry Redis stored but whose reply was lost stays until this process
+        stops beating and a reaper removes it.
+        """
+        results = await asyncio.gather(*(self._reply(fut) for fut in futures), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         entries, (now, owners) = await asyncio.gather(

@@ -631,9 +631,12 @@ class AsyncWebSocketConsumer:
 
         The group's members get a ``presence.joined`` event, handled by an
         ``async def presence_joined(self, event)`` if the consumer has one
-        (``presence.left`` likewise); consumers without them ignore both.
+        (``presence.left`` likewise); consumers without them ignore both. A
+        group this connection already joined is not joined again (no second
+        broker round trip).
         """
-        await self.group_add(group)
+        if group not in self._joined:
+            await self.group_add(group)
         await self.channel_layer.presence_join(group, self.channel_name, info)
         self._present_in.add(group)
 

@@ -29,6 +29,7 @@ from fastapi_websockets import (
     send_json_message,
     websocket_json_message,
 )
+from fastapi_websockets.history import History, StreamPosition
 from tests.e2e.server import serve
 
 
@@ -467,4 +468,48 @@ async def test_an_ended_connection_queues_nothing_while_it_leaves_its_groups() -
             await asyncio.sleep(0.02)
         assert not layer.local_groups.members("lobby")
         assert await layer.presence("lobby") == {}
+    await layer.close()
+
+
+class CountingLayer(InMemoryChannelLayer):
+    """The in-memory layer, counting group_add calls (each is a broker round trip elsewhere)."""
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.group_adds: list[tuple[str, str]] = []
+
+    async def group_add(
+        self, group: str, channel: str, *, since: StreamPosition | None = None
+    ) -> History | None:
+        self.group_adds.append((group, channel))
+        return await super().group_add(group, channel, since=since)
+
+
+class JoinTwiceConsumer(AsyncJsonWebSocketConsumer):
+    """Joins "lobby" as the demo does: the group first, then its presence."""
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.group_add("lobby")
+        await self.presence_join("lobby", {"name": "u1"})
+        await self.presence_join("hall", {"name": "u1"})
+        await self.send_json({"event": "ready"})
+
+    async def chat_message(self, event: dict[str, Any]) -> None:
+        await self.send_json({"event": "chat", "text": event["text"]})
+
+
+async def test_presence_join_adds_the_group_only_when_the_connection_is_not_in_it() -> None:
+    layer = CountingLayer()
+    app = FastAPI()
+    app.add_api_websocket_route("/lobby", JoinTwiceConsumer.as_endpoint(layer))
+    async with serve(app) as url:
+        ws = await connect(f"{url}/lobby")
+        assert await recv_json(ws) == {"event": "ready"}
+        assert [group for group, _ in layer.group_adds] == ["lobby", "hall"]
+        for group in ("lobby", "hall"):
+            await layer.group_send(group, {"type": "chat.message", "text": group})
+            assert await recv_json(ws) == {"event": "chat", "text": group}
+        assert set(await layer.presence("lobby")) == set(await layer.presence("hall"))
+        await ws.close()
     await layer.close()

@@ -169,6 +169,7 @@ class BaseChannelLayer(abc.ABC):
         self.presence_timeout = positive("presence_timeout", presence_timeout, "seconds")
         self._presence = LocalPresence()
         self._presence_lock = asyncio.Lock()
+        self._beat_lock = asyncio.Lock()
         self.history = parse_history_option(history)
         self._history_memo: Memo[str, HistoryPolicy | None] = Memo(self._history_policy_of)
         #: channel -> {epoch: (offset, deadline)}: live group messages at or below the offset
@@ -695,11 +696,16 @@ class BaseChannelLayer(abc.ABC):
         this layer has presence entries; it is public for tests and for apps
         that drive their own schedule.
         """
-        async with self._presence_lock:
+        # The beat holds its own lock, not the presence lock: held across the beat's round
+        # trip, that would make every join and leave arriving meanwhile queue, and an asyncio
+        # lock with a queue hands itself on once per loop turn, so under steady churn the
+        # queue never drained (the churn soak's full mailboxes).
+        async with self._beat_lock:
             if self._presence and await self._presence_beat():
-                # The broker lost our record (restarted without persistence): store ours again.
-                for group, channel, data in self._presence.items():
-                    await _stored(await self._presence_put(group, channel, data))
+                async with self._presence_lock:
+                    # The broker lost our record (restarted without persistence): store ours again.
+                    for group, channel, data in self._presence.items():
+                        await _stored(await self._presence_put(group, channel, data))
         for group, channel, data in await self._presence_reap():
             logger.info("presence: %r left %r (its process stopped answering)", channel, group)
             await self._announce_left(group, channel, data)

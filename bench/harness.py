@@ -49,7 +49,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,34 @@ async def stop(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def fan_room(
+    impl: Impl, server: Server, namespace: str, receivers: int
+) -> AsyncIterator[tuple[Layer, Layer, Rounds]]:
+    """(sender, receiver, rounds) of a room of ``receivers`` channels, once round 0 reached them all."""
+    async with layer_pair(impl, server, namespace) as (sender, receiver):
+        rounds = Rounds(receivers)
+        tasks = await start_receivers(receiver, receivers, rounds)
+        try:
+            await asyncio.sleep(0.5)  # let subscriptions made by group_add settle on the broker
+            await sender.group_send("room", {"type": "bench.fan", "round": 0})
+            await rounds.end(0)
+            yield sender, receiver, rounds
+        finally:
+            await stop(tasks)
+
+
+async def fan_rounds(sender: Layer, rounds: Rounds, count: int) -> list[float]:
+    """Rounds 1 to ``count`` of a :func:`fan_room`, one after the other; each one's wall seconds."""
+    walls = []
+    for index in range(1, count + 1):
+        began = time.perf_counter()
+        await sender.group_send("room", {"type": "bench.fan", "round": index})
+        await rounds.end(index)
+        walls.append(time.perf_counter() - began)
+    return walls
 
 
 async def send_rounds(

@@ -85,20 +85,10 @@ async def profiled(
 ) -> cProfile.Profile:
     """The rounds (not the set-up) of one fan-out run under cProfile."""
     profile = cProfile.Profile()
-    async with harness.layer_pair(impl, server, "p" + os.urandom(5).hex()) as (sender, receiver):
-        counts = harness.Rounds(receivers)
-        tasks = await harness.start_receivers(receiver, receivers, counts)
-        try:
-            await asyncio.sleep(0.5)
-            await sender.group_send("room", {"type": "bench.fan", "round": 0})
-            await counts.end(0)
-            profile.enable()
-            for index in range(1, rounds + 1):
-                await sender.group_send("room", {"type": "bench.fan", "round": index})
-                await counts.end(index)
-            profile.disable()
-        finally:
-            await harness.stop(tasks)
+    async with harness.fan_room(impl, server, "p" + os.urandom(5).hex(), receivers) as (sender, _, counts):
+        profile.enable()
+        await harness.fan_rounds(sender, counts, rounds)
+        profile.disable()
     return profile
 
 
@@ -121,32 +111,22 @@ async def backends(server: harness.Server, receivers: int, rounds: int) -> dict[
     """Server CPU ms and wake-ups per round, by what each server process does for us."""
     impl = harness.find_impl("postgresql", "postgresql")
     namespace = "b" + os.urandom(5).hex()
-    async with harness.layer_pair(impl, server, namespace) as (sender, receiver):
-        counts = harness.Rounds(receivers)
-        tasks = await harness.start_receivers(receiver, receivers, counts)
-        try:
-            await asyncio.sleep(0.5)
-            await sender.group_send("room", {"type": "bench.fan", "round": 0})
-            await counts.end(0)
-            names = {sender.client_token: "sender", receiver.client_token: "receiver"}
-            rows = await sender._with_conn(
-                lambda conn: conn.fetch("SELECT pid, application_name, backend_type FROM pg_stat_activity")
-            )
-            labels: dict[int, str] = {}
-            for row in rows:
-                app, kind = row["application_name"] or "", row["backend_type"]
-                token = app.split(":")[1] if app.count(":") >= 1 else ""
-                if token in names:
-                    labels[row["pid"]] = names[token] + (" listen" if app.endswith(":listen") else " pool")
-                else:
-                    labels[row["pid"]] = kind
-            before = pid_cpu(list(labels))
-            for index in range(1, rounds + 1):
-                await sender.group_send("room", {"type": "bench.fan", "round": index})
-                await counts.end(index)
-            after = pid_cpu(list(labels))
-        finally:
-            await harness.stop(tasks)
+    async with harness.fan_room(impl, server, namespace, receivers) as (sender, receiver, counts):
+        names = {sender.client_token: "sender", receiver.client_token: "receiver"}
+        rows = await sender._with_conn(
+            lambda conn: conn.fetch("SELECT pid, application_name, backend_type FROM pg_stat_activity")
+        )
+        labels: dict[int, str] = {}
+        for row in rows:
+            app, kind = row["application_name"] or "", row["backend_type"]
+            token = app.split(":")[1] if app.count(":") >= 1 else ""
+            if token in names:
+                labels[row["pid"]] = names[token] + (" listen" if app.endswith(":listen") else " pool")
+            else:
+                labels[row["pid"]] = kind
+        before = pid_cpu(list(labels))
+        await harness.fan_rounds(sender, counts, rounds)
+        after = pid_cpu(list(labels))
     per_label: dict[str, tuple[float, float]] = {}
     for pid, label in labels.items():
         if pid in before and pid in after:

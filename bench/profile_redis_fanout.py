@@ -34,23 +34,10 @@ async def measure(
 ) -> dict[str, float]:
     namespace = "f" + os.urandom(5).hex()
     pids = server.get("pids", [])
-    async with harness.layer_pair(impl, server, namespace) as (sender, receiver):
-        counts = harness.Rounds(receivers)
-        tasks = await harness.start_receivers(receiver, receivers, counts)
-        try:
-            await asyncio.sleep(0.5)
-            await sender.group_send("room", {"type": "bench.fan", "round": 0})
-            await counts.end(0)
-            walls = []
-            cpu, server_cpu = time.process_time(), harness.process_cpu(pids)
-            for index in range(1, rounds + 1):
-                began = time.perf_counter()
-                await sender.group_send("room", {"type": "bench.fan", "round": index})
-                await counts.end(index)
-                walls.append(time.perf_counter() - began)
-            cpu, server_cpu = time.process_time() - cpu, harness.process_cpu(pids) - server_cpu
-        finally:
-            await harness.stop(tasks)
+    async with harness.fan_room(impl, server, namespace, receivers) as (sender, _, counts):
+        cpu, server_cpu = time.process_time(), harness.process_cpu(pids)
+        walls = await harness.fan_rounds(sender, counts, rounds)
+        cpu, server_cpu = time.process_time() - cpu, harness.process_cpu(pids) - server_cpu
     return {
         "cpu_ms": cpu / rounds * 1000,
         "server_ms": server_cpu / rounds * 1000,

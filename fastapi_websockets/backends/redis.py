@@ -1023,10 +1023,7 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     async def _execute(self, *command: Any) -> Any:
         """Run one command; concurrent calls share one pipelined write (auto-pipelining)."""
-        self._check_open()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((command, fut))
-        return await self._reply(fut)
+        return await self._reply(self._queue_now(*command))
 
     def _queue_now(self, *command: Any) -> asyncio.Future[Any]:
         """Queue one command at once, behind everything queued before it; its reply's future.

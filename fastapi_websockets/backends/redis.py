@@ -39,7 +39,9 @@ inboxes of other processes):
   members per owner: ``!token -> n`` for a process's channels, ``name -> 1`` for
   a named channel. ``group_send`` reads only this, so its cost does not grow with
   the group: each owning process gets ``(group, n)`` and fans out to the members
-  it holds in memory, checking Redis first if it holds a different number.
+  it holds in memory, checking Redis first if it holds a different number. The
+  sending process fans out to its own members as soon as the script is written
+  and checks its ``n`` when the script answers (see ``_check_early``).
 * ``P:history:{name}`` and ``P:hmeta:{name}``: only for groups matching the
   ``history`` option, in the group's slot: a list of the last messages (oldest
   first) and a hash ``{epoch, offset}``. The script that reads the owners for
@@ -1293,6 +1295,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         return b"".join(parts)
 
     def _fail_queue(self, exc: BaseException) -> None:
+        written, self._written = self._written, []
+        _settle_all(written, exc)
         for _, settle in self._take_jobs():
             settle(exc)
 

@@ -416,6 +416,42 @@ async def test_cluster_key_layout_and_cross_slot_groups(
     assert [key async for key in cluster_raw.scan_iter(match=f"{namespace}:*")] == []
 
 
+async def test_cluster_own_members_get_a_group_message_before_the_pushes_are_answered(
+    redis_cluster: RedisCluster, cluster_raw: ClusterClient, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    # In a cluster the owners script and the pushes are two steps: the sender's own member
+    # gets the message once the push to the other process is written, not answered. The
+    # node holding that process's inbox holds its scripts (CLIENT PAUSE WRITE); the
+    # group lives on another node, whose owners script answers.
+    build = layer_factory(
+        layers, RedisChannelLayer, url=redis_cluster.url, prefix=namespace, cluster=True, timeout=60
+    )
+    sender, other = build(), build()
+    inbox_node = cluster_raw.get_node_from_key(f"{namespace}:inbox:{{{other.client_token}}}")
+    assert inbox_node is not None
+    groups = (f"room{i}" for i in range(1000))
+    group = next(
+        name
+        for name in groups
+        if (node := cluster_raw.get_node_from_key(f"{namespace}:group:{{{name}}}")) is not None
+        and node.name != inbox_node.name
+    )
+    local, remote = await sender.new_channel("ws"), await other.new_channel("ws")
+    await sender.group_add(group, local)
+    await sender.group_add(group, remote)
+    await _started(sender)
+    paused = next(node for node in redis_cluster.nodes if node.port == inbox_node.port)
+    paused.cli_call("CLIENT", "PAUSE", "5000", "WRITE")
+    try:
+        sending = asyncio.create_task(sender.group_send(group, {"type": "group"}))
+        assert await sender.receive(local) == {"type": "group"}
+        assert not sending.done()  # the push's answer is held
+    finally:
+        paused.cli_call("CLIENT", "UNPAUSE")
+    await sending
+    assert await other.receive(remote, timeout=10) == {"type": "group"}
+
+
 # -------------------------------------------------------------------- options
 
 

@@ -1368,7 +1368,10 @@ class RedisChannelLayer(BrokerChannelLayer):
         # so they are woken one round trip after the call, not two. This process's own
         # members get the message as soon as the script is written, not once it answered;
         # the owners count in the answer is checked afterwards.
-        early = _Early(group, self.decode(data)) if self._delivers_early() else None
+        # A process without members of the group (one that only publishes) has nothing to
+        # deliver early: it skips the wait for the write.
+        local = group in self.local_groups and self._delivers_early()
+        early = _Early(group, self.decode(data)) if local else None
         deliver = None if early is None else functools.partial(self._deliver_early, early)
         reply = await self._group_script(
             "group_send",

@@ -675,11 +675,24 @@ class _PresenceWriter:
         self._queue: deque[_Change] = deque()
         self._task: asyncio.Task[None] | None = None
 
-    def queue(self, group: str, channel: str, info: bytes | None) -> asyncio.Future[None]:
-        """Queue a change behind every change queued before it; the future settles once it is written."""
+    def queue(self, group: str, channel: str, info: bytes | None) -> Coroutine[Any, Any, None]:
+        """Queue a change behind every change queued before it; await the result to see it written."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._append(_Change(group, channel, info, done))
-        return done
+        change = _Change(group, channel, info, done)
+        self._append(change)
+        return self._written(change)
+
+    async def _written(self, change: _Change) -> None:
+        assert change.done is not None  # a caller's change
+        try:
+            await change.done
+        except asyncio.CancelledError:
+            written = change.done.done() and not change.done.cancelled() and not change.done.exception()
+            if written and change.info is not None:
+                # Stored, but the caller was cancelled before it heard so: it will not
+                # leave. Decided once its clean-up (this turn) has forgotten the entry.
+                asyncio.get_running_loop().call_soon(self._take_back, [change])
+            raise
 
     def queued(self) -> set[tuple[str, str]]:
         """The entries with a change still waiting to be written."""
@@ -693,7 +706,7 @@ class _PresenceWriter:
     def _append(self, change: _Change) -> None:
         self._queue.append(change)
         if self._task is None:
-            self._task = self._spawn(self._run(), "presence writer")
+            self._task = self._spawn(self._run(), "presence-writer")
 
     def _take(self) -> tuple[list[_Change], list[_Change]]:
         """The next changes to settle, and the one per entry to write."""
@@ -1681,9 +1694,15 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 )
             self._presence_ready = True
 
-    async def _presence_put(self, group: str, channel: str, info: bytes) -> QueuedWrite:
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> QueuedWrite | None:
         await self._ensure_presence_tables()
-        return QueuedWrite(self._presence_writer.queue(group, channel, info))
+        stored = self._presence_writer.queue(group, channel, info)
+        if not self._presence:
+            # Our first entry: the heartbeat starts once it is stored, so its first beat
+            # finds our record there, not missing (which would make it store every entry again).
+            await stored
+            return None
+        return QueuedWrite(stored)
 
     async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
         ours = self._presence.members(group).get(channel)

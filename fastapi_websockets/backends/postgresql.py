@@ -739,9 +739,7 @@ class _PresenceWriter:
                 else:
                     for change in taken:
                         _settle(change, None)
-                    doubtful = [
-                        c for c in batch if c.info is not None and c.done is not None and c.done.cancelled()
-                    ]
+                    doubtful = [change for change in batch if _given_up(change)]
                 if doubtful:
                     # Callers woken above forget their entries before this goes on.
                     await asyncio.sleep(0)
@@ -756,7 +754,9 @@ class _PresenceWriter:
                 continue  # a take-back that failed: logged, not tried again
             key = (change.group, change.channel)
             if key not in later and not self._wanted(*key):
-                self._append(_Change(change.group, change.channel, None, None))
+                # Closing: the layer removes every entry it owns as it closes.
+                with contextlib.suppress(ChannelLayerClosed):
+                    self._append(_Change(change.group, change.channel, None, None))
 
 
 def _given_up(change: _Change) -> bool:

@@ -48,7 +48,8 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -67,6 +68,7 @@ from fastapi_websockets.exceptions import (
 )
 from fastapi_websockets.history import POSITION_KEY, HistoryPolicy, HistorySlice, StreamPosition, new_epoch
 from fastapi_websockets.names import is_process_specific, process_token
+from fastapi_websockets.presence import QueuedWrite
 from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
@@ -98,6 +100,8 @@ _ACK_DELAY = 0.25
 _CLAIMED_KEPT = 10_000
 #: Most sends to process-specific channels written in one statement.
 _SEND_BATCH = 500
+#: Most presence changes written in one statement.
+_PRESENCE_BATCH = 500
 #: Bytes of rows one NOTIFY payload carries (PostgreSQL refuses 8000 and more).
 _NOTE_LIMIT = 7900
 #: Bytes of a payload line besides channel and base64: kind, the longest bigint, two spaces, a newline.
@@ -364,31 +368,43 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {s}.presence (
 );
 CREATE INDEX IF NOT EXISTS presence_owner_entries ON {s}.presence (owner);
 """
-        # The entry and its owner's record in one statement, so an entry never
-        # exists without a record. The record's deadline moves only when the
-        # heartbeat is late (a burst of joins does not rewrite it each time);
-        # `inserted` says the record was missing (see _presence_put).
-        self.presence_put = f"""
+        self.presence_remove = (
+            f"DELETE FROM {s}.presence WHERE group_name = $1 AND channel = $2 RETURNING info"
+        )
+        # A batch of this process's changes, at most one per entry (see _PresenceWriter);
+        # a NULL info removes the entry. When the batch stores anything ($6), the owner's
+        # record is written in the same statement, so an entry never exists without one.
+        # The record's deadline moves only when the heartbeat is late (a burst of joins
+        # does not rewrite it each time); `inserted` says it was missing (see
+        # _write_presence). The entries come after the record (`change` waits for it): a
+        # reaper holding the record must not wait for entry rows we locked while we wait
+        # for the record.
+        self.presence_write = f"""
 WITH alive AS (
     INSERT INTO {s}.presence_owner AS o (owner, deadline)
-    VALUES ($3, now() + make_interval(secs => $5))
+    SELECT $4, now() + make_interval(secs => $5) WHERE $6
     ON CONFLICT (owner) DO UPDATE SET deadline = EXCLUDED.deadline
     WHERE o.deadline < now() + make_interval(secs => $5 / 2)
     RETURNING o.xmax = 0 AS inserted
 ),
+change AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) AS c (group_name, channel, info)
+    WHERE (SELECT count(*) FROM alive) >= 0
+),
 entry AS (
-    -- After the record (the sub-select runs first): a reaper holding the record
-    -- must not wait for an entry row we locked while we wait for the record.
     INSERT INTO {s}.presence (group_name, channel, owner, info)
-    SELECT $1, $2, $3, $4 WHERE (SELECT count(*) FROM alive) >= 0
+    SELECT group_name, channel, $4, info FROM change WHERE info IS NOT NULL
     ON CONFLICT (group_name, channel) DO UPDATE SET owner = EXCLUDED.owner, info = EXCLUDED.info
     RETURNING 1
+),
+gone AS (
+    DELETE FROM {s}.presence AS p USING change AS c
+    WHERE c.info IS NULL AND p.group_name = c.group_name AND p.channel = c.channel
+    RETURNING 1
 )
-SELECT coalesce((SELECT inserted FROM alive), false) AS inserted, (SELECT count(*) FROM entry) AS stored
+SELECT coalesce((SELECT inserted FROM alive), false) AS inserted,
+    (SELECT count(*) FROM entry) AS stored, (SELECT count(*) FROM gone) AS removed
 """
-        self.presence_remove = (
-            f"DELETE FROM {s}.presence WHERE group_name = $1 AND channel = $2 RETURNING info"
-        )
         self.presence_read = f"""
 SELECT array_agg(p.channel) AS channels, array_agg(p.info) AS infos
 FROM {s}.presence AS p JOIN {s}.presence_owner AS o ON o.owner = p.owner
@@ -622,6 +638,144 @@ $fn$;
 _Outgoing = tuple[str, str, bytes, "asyncio.Future[None]"]
 
 
+@dataclass(slots=True)
+class _Change:
+    """A presence change waiting to be written: an entry's new info, or None to remove it."""
+
+    group: str
+    channel: str
+    info: bytes | None
+    #: Settled when the change is written; None for a take-back nobody waits for.
+    done: asyncio.Future[None] | None
+
+
+class _PresenceWriter:
+    """One layer's presence changes, written to the database in the order they were queued.
+
+    The pool gives no order between statements (a join and the leave after it, sent on
+    two connections, can land either way round), so the layer's presence lock used to be
+    held across each change's round trip, and under churn joins and leaves waited for
+    each other's. Here one task writes everything queued meanwhile in one statement, one
+    statement after another; within one, an entry's last change is what applying them in
+    turn would leave. A join whose caller gave up before it went out is not written; one
+    that was written (or may have been) and that its caller gave up on or saw fail, and a
+    removal that failed, are taken back by a removal queued behind them, unless a later
+    change of that entry is queued or the layer holds the entry again.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[list[_Change]], Awaitable[None]],
+        wanted: Callable[[str, str], bool],
+        spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+    ) -> None:
+        self._write = write
+        self._wanted = wanted
+        self._spawn = spawn
+        self._queue: deque[_Change] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def queue(self, group: str, channel: str, info: bytes | None) -> Coroutine[Any, Any, None]:
+        """Queue a change behind every change queued before it; await the result to see it written."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        change = _Change(group, channel, info, done)
+        self._append(change)
+        return self._written(change)
+
+    async def _written(self, change: _Change) -> None:
+        assert change.done is not None  # a caller's change
+        try:
+            await change.done
+        except asyncio.CancelledError:
+            written = change.done.done() and not change.done.cancelled() and not change.done.exception()
+            if written and change.info is not None:
+                # Stored, but the caller was cancelled before it heard so: it will not
+                # leave. Decided once its clean-up (this turn) has forgotten the entry.
+                asyncio.get_running_loop().call_soon(self._take_back, [change])
+            raise
+
+    def queued(self) -> set[tuple[str, str]]:
+        """The entries with a change still waiting to be written."""
+        return {(change.group, change.channel) for change in self._queue}
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail every waiting change (the layer is closing)."""
+        while self._queue:
+            _settle(self._queue.popleft(), exc)
+
+    def _append(self, change: _Change) -> None:
+        self._queue.append(change)
+        if self._task is None:
+            self._task = self._spawn(self._run(), "presence-writer")
+
+    def _take(self) -> tuple[list[_Change], list[_Change]]:
+        """The next changes to settle, and the one per entry to write."""
+        taken: list[_Change] = []
+        last: dict[tuple[str, str], _Change] = {}
+        while self._queue and len(taken) < _PRESENCE_BATCH:
+            change = self._queue.popleft()
+            if change.info is not None and change.done is not None and change.done.done():
+                continue  # a join its caller gave up before it went out: never written
+            taken.append(change)
+            last[change.group, change.channel] = change
+        return taken, list(last.values())
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                taken, batch = self._take()
+                if not batch:
+                    continue
+                try:
+                    await self._write(batch)
+                except asyncio.CancelledError:
+                    for change in taken:
+                        _settle(change, ChannelLayerClosed("the channel layer was closed"))
+                    raise
+                except Exception as exc:
+                    for change in taken:
+                        _settle(change, exc)
+                    doubtful = batch
+                else:
+                    for change in taken:
+                        _settle(change, None)
+                    doubtful = [change for change in batch if _given_up(change)]
+                if doubtful:
+                    # Callers woken above forget their entries before this goes on.
+                    await asyncio.sleep(0)
+                    self._take_back(doubtful)
+        finally:
+            self._task = None
+
+    def _take_back(self, changes: list[_Change]) -> None:
+        later = self.queued()
+        for change in changes:
+            if change.done is None and change.info is None:
+                continue  # a take-back that failed: logged, not tried again
+            key = (change.group, change.channel)
+            if key not in later and not self._wanted(*key):
+                # Closing: the layer removes every entry it owns as it closes.
+                with contextlib.suppress(ChannelLayerClosed):
+                    self._append(_Change(change.group, change.channel, None, None))
+
+
+def _given_up(change: _Change) -> bool:
+    """Whether ``change`` stores an entry whose caller was cancelled while it was written."""
+    return change.info is not None and change.done is not None and change.done.cancelled()
+
+
+def _settle(change: _Change, exc: BaseException | None) -> None:
+    done = change.done
+    if done is None:
+        if exc is not None:
+            logger.warning("could not take back presence of %r in %r: %s", change.channel, change.group, exc)
+    elif not done.done():
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+
 class PostgreSQLChannelLayer(BrokerChannelLayer):
     """A channel layer stored in PostgreSQL tables, woken by LISTEN/NOTIFY (asyncpg).
 
@@ -713,6 +867,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._presence_setup = asyncio.Lock()
         #: Our liveness record was found missing by a join: the next beat restores our entries.
         self._presence_lost = False
+        self._presence_writer = _PresenceWriter(
+            self._write_presence,
+            lambda group, channel: channel in self._presence.channels(group),
+            self.tasks.spawn,
+        )
 
     # ------------------------------------------------------------ connection
 
@@ -1535,20 +1694,21 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 )
             self._presence_ready = True
 
-    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> QueuedWrite | None:
         await self._ensure_presence_tables()
-        ttl = float(self.presence_timeout)
-        row = await self._with_conn(
-            lambda conn: conn.fetchrow(self._sql.presence_put, group, channel, self.client_token, info, ttl),
-            retry=True,
-        )
-        assert row is not None  # the query aggregates into one row
-        if row["inserted"] and self._presence:
-            # Our record was gone (another process reaped us while we could not
-            # beat, or a crash emptied the tables), and our other entries with it.
-            self._presence_lost = True
+        stored = self._presence_writer.queue(group, channel, info)
+        if not self._presence:
+            # Our first entry: the heartbeat starts once it is stored, so its first beat
+            # finds our record there, not missing (which would make it store every entry again).
+            await stored
+            return None
+        return QueuedWrite(stored)
 
-    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+    async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
+        ours = self._presence.members(group).get(channel)
+        if ours is not None:
+            # Our own entry: its info is known here, so the removal is queued like a join.
+            return QueuedWrite(self._presence_writer.queue(group, channel, None), ours)
         try:
             info: bytes | None = await self._with_conn(
                 lambda conn: conn.fetchval(self._sql.presence_remove, group, channel), retry=True
@@ -1556,6 +1716,28 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         except self._no_table:
             return None
         return info
+
+    async def _write_presence(self, changes: list[_Change]) -> None:
+        """Write a batch of the presence writer's changes (at most one per entry) in one statement."""
+        groups = [change.group for change in changes]
+        channels = [change.channel for change in changes]
+        infos = [change.info for change in changes]
+        stores = any(info is not None for info in infos)
+        ttl = float(self.presence_timeout)
+        row = await self._with_conn(
+            lambda conn: conn.fetchrow(
+                self._sql.presence_write, groups, channels, infos, self.client_token, ttl, stores
+            ),
+            retry=True,  # the batch's entries end as they would again: safe to repeat
+        )
+        assert row is not None  # the query aggregates into one row
+        if row["inserted"]:
+            # Our record was missing. Unless this batch stores our first entries, another
+            # process reaped us while we could not beat, or a crash emptied the tables, and
+            # our other entries went with it: the next beat stores them again.
+            written = {(change.group, change.channel) for change in changes} | self._presence_writer.queued()
+            if any((group, channel) not in written for group, channel, _ in self._presence.items()):
+                self._presence_lost = True
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         try:
@@ -1637,6 +1819,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._ack_task = None
         _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
         self._outbox.clear()
+        self._presence_writer.fail(ChannelLayerClosed("the channel layer was closed"))
         if self._pool is not None:
             # Nobody can receive on this instance's channels any more: drop its inbox
             # and memberships instead of letting group_send feed them until expiry.

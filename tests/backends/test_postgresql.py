@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import uuid
@@ -1256,6 +1257,56 @@ async def test_a_heartbeat_writes_one_row_whatever_the_number_of_members(
     after = await versions()
     assert len(before) == len(after) == members + 1
     assert [key for key in before if before[key] != after[key]] == ["owner"]
+
+
+async def test_concurrent_joins_are_written_in_one_statement(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # A consumer's connect joins while dozens of others do (the churn soak: 50 at a
+    # time). Each join used to hold the presence lock across its own round trip, so the
+    # joins (and the leaves among them) waited for each other while the room's chat
+    # filled their mailboxes; queued on one writer, they go out together.
+    layer = make(presence_timeout=300)
+    first = await layer.new_channel("ws")
+    await layer.presence_join("room:b", first, {}, notify=False)  # makes the tables
+    channels = [await layer.new_channel("ws") for _ in range(50)]
+    await asyncio.gather(*(layer.presence_join("room:b", c, {"c": c}, notify=False) for c in channels))
+
+    rows = await db.fetch(f'SELECT channel, xmin::text AS tx FROM "{namespace}".presence')
+    # A row's xmin is the transaction that wrote it: one per statement here.
+    assert {row["channel"] for row in rows} == {first, *channels}
+    # The first goes out alone; the others, queued while it is written, together.
+    assert len({row["tx"] for row in rows if row["channel"] != first}) <= 2
+    assert await layer.presence("room:b") == {first: {}} | {c: {"c": c} for c in channels}
+
+    await asyncio.gather(*(layer.presence_leave("room:b", c, notify=False) for c in channels))
+    assert await layer.presence("room:b") == {first: {}}
+
+
+async def test_a_join_its_caller_gave_up_on_leaves_no_entry_behind(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # Cancelled before its change went out, after, or while it was being written: a
+    # caller that saw its join cancelled will not leave, so the entry must not stay.
+    layer = make(presence_timeout=300)
+    await layer.presence_join("room:g", await layer.new_channel("ws"), {}, notify=False)
+    given_up = []
+    for turns in range(12):
+        channel = await layer.new_channel("ws")
+        join = asyncio.create_task(layer.presence_join("room:g", channel, {}, notify=False))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        join.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await join
+        if join.cancelled():
+            given_up.append(channel)
+        # Written after every take-back queued before it.
+        await layer.presence_join("room:g", await layer.new_channel("ws"), {}, notify=False)
+    assert given_up  # a join that completed before its cancel is a join like any other
+    stored = {row[0] for row in await db.fetch(f'SELECT channel FROM "{namespace}".presence')}
+    assert not stored & set(given_up)
+    assert not set(await layer.presence("room:g")) & set(given_up)
 
 
 async def test_presence_survives_a_database_restart_and_a_crash(

@@ -5,12 +5,14 @@ measures, in this process, alternating which goes first, the in-memory layer and
 layer fanning one ``group_send`` out to ``--receivers`` receivers (``python -m bench``'s fanout
 scenario: the sender in a second layer instance, each receiver a task in a ``receive()`` loop).
 Per run it prints this process's CPU per round, the broker's CPU per round (from /proc), the
-read and write system calls of this process per round (``/proc/self/io``), and the median wall
-time of a round split into phases: from the ``group_send`` call until the receiving instance's
-inbox callback got the message (the broker hop), the callback itself (decode and hand-off to
-1,000 mailboxes), from there to the last delivery (the receivers' tasks running), and when
-``group_send`` returned (its publisher confirm). ``--functions N`` adds a cProfile of the
-RabbitMQ rounds, its top N functions by own time (it slows those runs down).
+socket writes of publishes and of inbox acks per round, and the median wall time of a round
+split into phases: from the ``group_send`` call until the receiving instance's inbox callback
+got the message (the broker hop), the callback itself (decode and hand-off to 1,000
+mailboxes), the last delivery (the receivers' tasks have run), and when ``group_send``
+returned (its publisher confirm). ``--functions N`` adds a cProfile (CPU clock) of both
+layers' rounds, the top N functions by own time (it slows those runs down). ``--own`` sends
+from the receiving instance itself, to its own members, as the worker that handles a
+broadcast request does.
 
 Speed figures only; nothing here is a test.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import io
 import os
 import pstats
@@ -122,6 +125,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=6)
     parser.add_argument(
+        "--own",
+        action="store_true",
+        help="group_send from the receiving instance itself (to its own members) instead of a second one",
+    )
+    parser.add_argument(
         "--functions",
         type=int,
         default=0,
@@ -132,6 +140,8 @@ def main() -> None:
         ("inmemory", harness.find_impl("inmemory", "inmemory")),
         ("rabbitmq", harness.find_impl("rabbitmq", "rabbitmq")),
     ]
+    if args.own:
+        rows = [(name, dataclasses.replace(impl, shared=False)) for name, impl in rows]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in rows}
     profiles = {name: cProfile.Profile(time.process_time) for name, _ in rows} if args.functions else {}
     with bench_rabbitmq.server() as rabbit:

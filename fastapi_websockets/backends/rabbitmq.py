@@ -321,16 +321,15 @@ def _entry(incoming: AbstractIncomingMessage) -> _Entry:
 
 
 class _Once:
-    """Calls ``action`` the first time it is called (or never, once ``done`` is set)."""
+    """Calls ``action`` the first time it is called, and never again."""
 
     def __init__(self, action: Callable[[], None]) -> None:
-        self.action = action
-        self.done = False
+        self.action: Callable[[], None] | None = action
 
     def __call__(self) -> None:
-        if not self.done:
-            self.done = True
-            self.action()
+        action, self.action = self.action, None
+        if action is not None:
+            action()
 
 
 @dataclass
@@ -1423,9 +1422,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             expiration=self.channel_expiry,
             persistent=self.durable,
         )
-        own = _Once(partial(self._deliver_own, group, data))
-        if self.history and self.history_policy(group) is not None:
-            own.done = True
+        history = self.history and self.history_policy(group) is not None
+        own = None if history else _Once(partial(self._deliver_own, group, data))
         try:
             await self._publish(
                 data, properties, group_routing_key(group), what=f"group_send to {group!r}", on_written=own
@@ -1434,9 +1432,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             # A full named member refused its copy; the others got theirs.
             self.stats.dropped_full += 1
             logger.debug("group_send to %r: a full named member skipped the message", group)
-        # Confirmed, so written: the callback ran unless the publisher stopped waiting
-        # for the socket before it took the publish.
-        own()
+        if own is not None:
+            # Confirmed, so written: the callback ran unless the publisher stopped
+            # waiting for the socket before it took the publish.
+            own()
 
     def _deliver_own(self, group: str, data: bytes) -> None:
         if group in self.local_groups:

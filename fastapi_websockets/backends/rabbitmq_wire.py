@@ -104,8 +104,8 @@ class ConfirmingPublisher:
         ``properties.message_id`` must be set (returns are matched by it).
         Cancelling the future before the batch is written withdraws the
         publish; after, the broker may still deliver it. ``on_written`` is
-        called once the publish is on the socket (never if it could not be
-        written), before its confirm can settle the future.
+        called by the writer once the publish is on the socket (never if it
+        could not be written); an exception it raises is logged.
         """
         confirm = channel.create_future()
         if not self._writing:

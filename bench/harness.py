@@ -426,8 +426,11 @@ def run_job(impl: Impl, scenario: str, server: Server, sizes: dict[str, Any]) ->
         cleanup = getattr(
             importlib.import_module(f"bench_{server.get('broker', 'inmemory')}"), "cleanup", None
         )
-        if cleanup is not None:
-            cleanup(server, job["ns"])
+        try:
+            if cleanup is not None:
+                cleanup(server, job["ns"])
+        except Exception as exc:  # the job's figures still count; later jobs may be slower
+            print(f"  cleanup after {impl.name} {scenario} failed: {exc!r}", file=sys.stderr, flush=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         return {"error": f"worker exited with {done.returncode}: {done.stderr.strip()[-300:]}"}

@@ -39,7 +39,9 @@ inboxes of other processes):
   members per owner: ``!token -> n`` for a process's channels, ``name -> 1`` for
   a named channel. ``group_send`` reads only this, so its cost does not grow with
   the group: each owning process gets ``(group, n)`` and fans out to the members
-  it holds in memory, checking Redis first if it holds a different number.
+  it holds in memory, checking Redis first if it holds a different number. The
+  sending process fans out to its own members as soon as the script is written
+  and checks its ``n`` when the script answers (see ``_check_early``).
 * ``P:history:{name}`` and ``P:hmeta:{name}``: only for groups matching the
   ``history`` option, in the group's slot: a list of the last messages (oldest
   first) and a hash ``{epoch, offset}``. The script that reads the owners for
@@ -681,6 +683,16 @@ def _settle(fut: asyncio.Future[Any], result: Any) -> None:
         fut.set_result(result)
 
 
+def _settle_all(futs: list[asyncio.Future[None]], result: BaseException | None) -> None:
+    """Settle every future of ``futs`` still pending (a second call finds them done)."""
+    for fut in futs:
+        _settle(fut, result)
+
+
+def _nothing() -> None:
+    pass
+
+
 def _settle_pushes(futs: list[asyncio.Future[Any]], result: Any) -> None:
     """Settle the pushes of one script call: the first ``result`` entries went in."""
     for index, fut in enumerate(futs):
@@ -711,6 +723,21 @@ def _bulk(value: bytes | str | int | float) -> bytes:
     else:
         data = repr(value).encode()
     return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+_NOBODY: frozenset[str] = frozenset()
+
+
+class _Early:
+    """A group message of this process, delivered to its own members before Redis answered."""
+
+    __slots__ = ("group", "members", "message")
+
+    def __init__(self, group: str, message: Message) -> None:
+        self.group = group
+        self.message = message
+        #: The local members it went to; None while none (it waits behind a resync).
+        self.members: list[str] | None = None
 
 
 class RedisChannelLayer(BrokerChannelLayer):
@@ -808,6 +835,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._redis_errors: tuple[type[BaseException], ...] = ()
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._inbox_pending: dict[str, list[tuple[bytes, asyncio.Future[Any]]]] = {}
+        #: Settled once the write holding everything queued before them went out (see _after_write).
+        self._written: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         #: The receivers of this process waiting on each named channel; one fetch task each.
         self._named: dict[str, WaiterQueue[Message]] = {}
@@ -824,8 +853,11 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._taken_seq = 0
         #: Whether this layer saw the ready marker: if it goes missing later, Redis lost its data.
         self._ready_seen = False
-        #: Group messages waiting while the members of a group are read back from Redis.
-        self._resyncing: dict[str, list[Message]] = {}
+        #: Group messages waiting while the members of a group are read back from Redis, each
+        #: with the members that already have it (this process's own group_send delivers early).
+        self._resyncing: dict[str, list[tuple[Message, frozenset[str]]]] = {}
+        #: Until when (monotonic) Redis is known to be refusing group_send after losing its data.
+        self._refusing_until = 0.0
 
     # ---------------------------------------------------------------- keys
 
@@ -1050,15 +1082,52 @@ class RedisChannelLayer(BrokerChannelLayer):
     async def _script(self, name: str, keys: Iterable[str], *args: Any) -> Any:
         return await self._execute(*_script_call(name, keys, *args))
 
-    async def _push_inbox(self, token: str, entry: bytes) -> bool:
-        """Append ``entry`` to the inbox of ``token``; False if that inbox is full.
+    async def _after_write(self, command: tuple[Any, ...], then: Callable[[], None]) -> Any:
+        """Run ``command`` as :meth:`_execute` does, calling ``then()`` once it is written.
+
+        ``then()`` runs in the caller's task as soon as the write holding the
+        command went out, before Redis answers: what it starts (a local fan-out)
+        can no longer delay that write. If the write fails before going out,
+        ``then()`` is not called and the failure is raised.
+        """
+        fut = self._queue_now(*command)
+        await self._sent([fut])
+        then()
+        return await self._reply(fut)
+
+    async def _sent(self, futs: list[asyncio.Future[Any]]) -> None:
+        """Wait until everything queued so far (``futs``, the callers' replies) is written to Redis.
+
+        Returns before the replies. If the write fails before going out, the
+        failure is raised and ``futs`` are left settled or cancelled, so that
+        the caller need not await them.
+        """
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._written.append(written)
+        try:
+            await self._reply(written)
+        except BaseException:
+            for fut in futs:
+                if not fut.done():
+                    fut.cancel()  # still queued: the writer skips it
+                elif not fut.cancelled():
+                    fut.exception()  # the failure raised here: retrieved
+            raise
+
+    def _queue_push(self, token: str, entry: bytes) -> asyncio.Future[Any]:
+        """Queue ``entry`` for the inbox of ``token`` at once; its future says whether it went in.
 
         Entries for one inbox that wait for the same write are pushed by one script call.
         """
         self._check_open()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inbox_pending.setdefault(token, []).append((entry, fut))
-        accepted: bool = await self._reply(fut)
+        self._start_writer()
+        return fut
+
+    async def _push_inbox(self, token: str, entry: bytes) -> bool:
+        """Append ``entry`` to the inbox of ``token``; False if that inbox is full."""
+        accepted: bool = await self._reply(self._queue_push(token, entry))
         return accepted
 
     def _take_jobs(self) -> list[tuple[tuple[Any, ...], Callable[[Any], None]]]:
@@ -1093,13 +1162,19 @@ class RedisChannelLayer(BrokerChannelLayer):
     async def _flush_queue(self) -> None:
         while self._queue or self._inbox_pending:
             jobs = self._take_jobs()
+            written, self._written = self._written, []
             if not jobs:
+                _settle_all(written, None)  # their commands were given up on: nothing to wait for
                 continue
             try:
-                results = await self._run_pipeline([command for command, _ in jobs])
+                results = await self._run_pipeline(
+                    [command for command, _ in jobs], functools.partial(_settle_all, written, None)
+                )
             except asyncio.CancelledError:
+                closed = ChannelLayerClosed("the channel layer was closed")
+                _settle_all(written, closed)
                 for _, settle in jobs:
-                    settle(ChannelLayerClosed("the channel layer was closed"))
+                    settle(closed)
                 raise
             except self._conn_errors as exc:
                 results = [self.unavailable(exc)] * len(jobs)
@@ -1107,6 +1182,8 @@ class RedisChannelLayer(BrokerChannelLayer):
                 results = [exc] * len(jobs)
             except self._redis_errors as exc:
                 results = [self._refused("the command", exc)] * len(jobs)
+            # Not written (the write failed before it went out): the reason is every job's.
+            _settle_all(written, results[0] if isinstance(results[0], ChannelLayerError) else None)
             for (command, settle), result in zip(jobs, results, strict=True):
                 if isinstance(result, Exception) and not isinstance(result, ChannelLayerError):
                     result = self._refused(command[0], result)
@@ -1115,30 +1192,37 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _refused(self, command: str, exc: BaseException) -> ChannelLayerError:
         return ChannelLayerError(f"Redis refused {command}: {self.redact(str(exc))}")
 
-    async def _run_pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _run_pipeline(self, commands: list[tuple[Any, ...]], sent: Callable[[], None]) -> list[Any]:
+        """Run ``commands`` in one write; ``sent()`` is called once they are written, before any reply."""
         from redis.exceptions import NoScriptError
 
-        results = await self._write(commands)
+        results = await self._write(commands, sent)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
             # Redis restarted (or a node joined) and lost its script cache: EVAL loads it again.
             again = [("EVAL", _BY_SHA[commands[i][1]].source, *commands[i][2:]) for i in missing]
-            for i, result in zip(missing, await self._write(again), strict=True):
+            for i, result in zip(missing, await self._write(again, _nothing), strict=True):
                 results[i] = result
         return results
 
-    async def _write(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one write; their replies, errors as values, in order."""
+    async def _write(self, commands: list[tuple[Any, ...]], sent: Callable[[], None]) -> list[Any]:
+        """Send ``commands`` in one write; their replies, errors as values, in order.
+
+        ``sent()`` is called once the commands are written, before their replies
+        are read (in a cluster, whose pipeline writes and reads in one call: just
+        before it).
+        """
         if self._cluster_client is None:
-            return await bounded(self._exchange(commands), self.timeout, self._no_reply)
+            return await bounded(self._exchange(commands, sent), self.timeout, self._no_reply)
         # A cluster pipeline sends each command to the node owning its keys.
         pipe = self._cluster_client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
+        sent()
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _exchange(self, commands: list[tuple[Any, ...]], sent: Callable[[], None]) -> list[Any]:
         """Write ``commands`` on the writer's own connection and read their replies.
 
         Only the writer task calls this, one call at a time, so the connection
@@ -1167,6 +1251,7 @@ class RedisChannelLayer(BrokerChannelLayer):
                     # connection asks the sentinels for the master only there.
                     await conn.connect()
                 await conn.send_packed_command(packed, check_health=False)
+                sent()
                 results: list[Any] = []
                 for command in commands:
                     try:
@@ -1210,19 +1295,19 @@ class RedisChannelLayer(BrokerChannelLayer):
         return b"".join(parts)
 
     def _fail_queue(self, exc: BaseException) -> None:
+        written, self._written = self._written, []
+        _settle_all(written, exc)
         for _, settle in self._take_jobs():
             settle(exc)
 
     # ------------------------------------------------------------ sending
 
+    def _push_named_call(self, channel: str, data: bytes) -> tuple[Any, ...]:
+        keys = [self._channel_key(channel), self._waiters_key(channel)]
+        return _script_call("push_named", keys, data, self.capacity_for(channel), self._expiry_ms)
+
     async def _push_named(self, channel: str, data: bytes) -> tuple[int, list[bytes]]:
-        result = await self._script(
-            "push_named",
-            [self._channel_key(channel), self._waiters_key(channel)],
-            data,
-            self.capacity_for(channel),
-            self._expiry_ms,
-        )
+        result = await self._execute(*self._push_named_call(channel, data))
         return int(result[0]), list(result[1])
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
@@ -1280,7 +1365,14 @@ class RedisChannelLayer(BrokerChannelLayer):
             await self._fan_out(group, owners, data)
             return
         # One server: the script reads the owners and fills the other processes' inboxes,
-        # so they are woken one round trip after the call, not two.
+        # so they are woken one round trip after the call, not two. This process's own
+        # members get the message as soon as the script is written, not once it answered;
+        # the owners count in the answer is checked afterwards.
+        # A process without members of the group (one that only publishes) has nothing to
+        # deliver early: it skips the wait for the write.
+        local = group in self.local_groups and self._delivers_early()
+        early = _Early(group, self.decode(data)) if local else None
+        deliver = None if early is None else functools.partial(self._deliver_early, early)
         reply = await self._group_script(
             "group_send",
             self._group_keys(group),
@@ -1293,9 +1385,12 @@ class RedisChannelLayer(BrokerChannelLayer):
             group,
             data,
             "1" if self._hand_over else "0",
+            then=deliver,
         )
         own, full, *named = reply
-        if own:
+        if early is not None:
+            self._check_early(early, int(own or 0))
+        elif own:
             # Only now: the other processes' copies are stored and they start their fan-out
             # while this one does its own.
             self._deliver_group(group, int(own), self.decode(data))
@@ -1305,17 +1400,21 @@ class RedisChannelLayer(BrokerChannelLayer):
         if named:
             await self._fan_out(group, [item for name in named for item in (name, b"1")], data)
 
-    async def _group_script(self, name: str, keys: list[str], *args: Any) -> Any:
+    async def _group_script(
+        self, name: str, keys: list[str], *args: Any, then: Callable[[], None] | None = None
+    ) -> Any:
         """Run a script that reads a group's owners, unless Redis may have lost some of them.
 
         The check is part of the script (one GET, no extra round trip). A missing
         marker means either a prefix nobody used yet or a Redis that lost its data:
         a layer that saw the marker before knows it is the second, and opens the
         grace window in which the processes re-register their members; one that
-        never did takes it for the first.
+        never did takes it for the first. ``then()`` is called once the script is
+        written (see :meth:`_after_write`).
         """
         keys = [*keys, *self._ready_keys]
-        reply = await self._script(name, keys, *args)
+        command = _script_call(name, keys, *args)
+        reply = await (self._execute(*command) if then is None else self._after_write(command, then))
         if isinstance(reply, int) and reply < 0 and not self._ready_seen:
             await self._script("ready_mark", self._ready_keys, 0)
             reply = await self._script(name, keys, *args)
@@ -1324,10 +1423,42 @@ class RedisChannelLayer(BrokerChannelLayer):
             return reply
         if reply < 0:
             reply = await self._script("ready_mark", self._ready_keys, _REGISTER_GRACE_MS)
+        self._refusing_until = time.monotonic() + reply / 1000
         raise BackendUnavailable(
             f"Redis lost its data at {self.where} (a restart without persistence?); "
             f"processes are re-registering their group members, retry in {reply / 1000:.1f} s"
         )
+
+    def _delivers_early(self) -> bool:
+        """Whether a group_send may deliver to this process's members before Redis answers.
+
+        Not while Redis may refuse it for having lost its data (the reader is
+        reconnecting, or found the ready marker missing, or this layer never saw
+        it): a refused group_send must reach nobody, so it waits for the answer then.
+        """
+        return self._ready_seen and self.connection.up is True and time.monotonic() >= self._refusing_until
+
+    def _deliver_early(self, early: _Early) -> None:
+        """Deliver this process's group message to the local members it records."""
+        pending = self._resyncing.get(early.group)
+        if pending is not None:
+            # Behind the messages waiting for the group's members to be read back.
+            pending.append((early.message, _NOBODY))
+            return
+        early.members = self.local_groups.members(early.group)
+        self.deliver_many(early.members, early.message)
+
+    def _check_early(self, early: _Early, count: int) -> None:
+        """Redis answered: ``count`` of the group's members are this process's.
+
+        If that is not how many the message went to, the members are read back
+        from Redis and those it missed get it (see :meth:`_deliver_group`). One
+        the local record held and Redis did not (discarded by another process a
+        moment earlier, or a flush) cannot be taken back: it got the message.
+        """
+        if early.members is None or len(early.members) == count:
+            return
+        self._resync(early.group, (early.message, frozenset(early.members)))
 
     async def _fan_out(self, group: str, reply: list[bytes], data: bytes) -> None:
         """Deliver ``data`` to the owners of ``group`` listed in ``reply`` (the owners hash)."""
@@ -1346,30 +1477,36 @@ class RedisChannelLayer(BrokerChannelLayer):
             return
         # All pushes go out in one pipelined write: one entry per process, one per named member.
         head = b"\n" + group.encode() + b"\x00"
-        pushes: list[Coroutine[Any, Any, Any]] = [
-            self._push_inbox(token, _GROUP + count + head + data) for token, count in by_process.items()
-        ]
-        pushes += [self._push_named(name, data) for name in named]
+        futs = [self._queue_push(token, _GROUP + count + head + data) for token, count in by_process.items()]
+        futs += [self._queue_now(*self._push_named_call(name, data)) for name in named]
         try:
-            results = await asyncio.gather(*pushes, return_exceptions=True)
+            if own is not None:
+                await self._sent(futs)
         finally:
-            # Local members get the message only once the other processes have it: delivering
-            # first would queue every local socket write ahead of the pipeline's write, so the
-            # other processes would start their fan-out only after this one finished its own.
+            # Local members get the message once the pushes to the others are written, not
+            # answered: delivering first would queue every local socket write ahead of the
+            # pipeline's write, so the other processes would start their fan-out only after
+            # this one finished its own. A write that failed still delivers (as a failed
+            # reply does): the message is stored (history) or the owners were read.
             if own is not None:
                 self._deliver_group(group, int(own), self.decode(data))
+        results = await asyncio.gather(*(self._reply(fut) for fut in futs), return_exceptions=True)
         wakes = []
         first_error: BaseException | None = None
         for index, result in enumerate(results):
             if isinstance(result, BaseException):
                 first_error = first_error or result
                 continue
-            full = result is False or (isinstance(result, tuple) and result[0] < 0)
+            if index < len(by_process):
+                full = result is False
+            else:
+                length, waiters = int(result[0]), list(result[1])
+                full = length < 0
+                if not full and waiters:
+                    wakes.append(self._wake_waiters(named[index - len(by_process)], waiters))
             if full:
                 self.stats.dropped_full += 1
                 logger.debug("group_send to %r skipped a full channel or inbox", group)
-            elif isinstance(result, tuple) and result[1]:
-                wakes.append(self._wake_waiters(named[index - len(by_process)], result[1]))
         if wakes:
             await asyncio.gather(*wakes)
         if first_error is not None:
@@ -1697,8 +1834,10 @@ class RedisChannelLayer(BrokerChannelLayer):
             # Before re-registering: if Redis lost its data, group_send waits for every
             # process to do the same, not only this one.
             grace = _REGISTER_GRACE_MS if wrote else 0
-            left = await self._script("ready_mark", self._ready_keys, grace)
-            lost = wrote and int(left) > 0
+            left = int(await self._script("ready_mark", self._ready_keys, grace))
+            lost = wrote and left > 0
+            if left > 0:
+                self._refusing_until = time.monotonic() + left / 1000
             self._ready_seen = True
         if self._reader_was_connected or lost:
             await self._restore()
@@ -1793,13 +1932,22 @@ class RedisChannelLayer(BrokerChannelLayer):
         """
         pending = self._resyncing.get(group)
         if pending is not None:
-            pending.append(message)
+            pending.append((message, _NOBODY))
             return
         members = self.local_groups.members(group)
         if len(members) == count:
             self.deliver_many(members, message)
             return
-        self._resyncing[group] = [message]
+        self._resync(group, (message, _NOBODY))
+
+    def _resync(self, group: str, waiting: tuple[Message, frozenset[str]]) -> None:
+        """Read the members of ``group`` back from Redis, then deliver ``waiting`` (a message,
+        the members that have it already) and what follows for the group meanwhile."""
+        pending = self._resyncing.get(group)
+        if pending is not None:
+            pending.append(waiting)
+            return
+        self._resyncing[group] = [waiting]
         self.tasks.spawn(self._resync_group(group), "resync")
 
     async def _resync_group(self, group: str) -> None:
@@ -1826,8 +1974,8 @@ class RedisChannelLayer(BrokerChannelLayer):
                 logger.debug("group %r resynced: %d members, %d before", group, len(members), len(current))
             # Synchronous from here: messages that arrive meanwhile are in the list.
             recipients = members if members is not None else self.local_groups.members(group)
-            for message in self._resyncing.get(group, []):
-                self.deliver_many(recipients, message)
+            for message, delivered in self._resyncing.get(group, []):
+                self.deliver_many([name for name in recipients if name not in delivered], message)
         finally:
             self._resyncing.pop(group, None)
 

@@ -367,6 +367,34 @@ async def test_a_group_send_after_redis_lost_its_data_is_refused_or_delivered(
     await inbox.stop()
 
 
+async def test_a_refused_group_send_reaches_no_member_of_the_sender_either(
+    volatile: RedisNode, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    # A group_send delivers to its own process's members before Redis answers, except
+    # while Redis may refuse it: here the layer's reader is back and found Redis wiped.
+    make = layer_factory(layers, RedisChannelLayer, url=volatile.url, prefix=namespace, timeout=3)
+    layer = make()
+    channel = await layer.new_channel()
+    await layer.group_add("room", channel)
+    await layer.group_send("room", {"type": "warm"})
+    assert (await layer.receive(channel, timeout=PATIENCE))["type"] == "warm"
+    volatile.stop()
+    await asyncio.to_thread(volatile.start)
+    await eventually(
+        lambda: layer.connection.up and layer.connection.reconnections, "the reader is back", PATIENCE
+    )
+    with pytest.raises(BackendUnavailable, match="Redis lost its data"):
+        await layer.group_send("room", {"type": "refused"})
+    while True:
+        try:
+            await layer.group_send("room", {"type": "accepted"})
+        except BackendUnavailable:
+            await asyncio.sleep(0.25)
+        else:
+            break
+    assert (await layer.receive(channel, timeout=PATIENCE))["type"] == "accepted"
+
+
 async def test_a_new_layer_on_a_new_redis_sends_to_groups_at_once(
     volatile: RedisNode, namespace: str, layers: list[BaseChannelLayer]
 ) -> None:

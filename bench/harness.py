@@ -420,6 +420,17 @@ def run_job(impl: Impl, scenario: str, server: Server, sizes: dict[str, Any]) ->
         )
     except subprocess.TimeoutExpired:
         return {"error": "the worker hung"}
+    finally:
+        # What a worker left on the broker (0.1.0 leaves a quorum queue per receiver) would
+        # load it during every later job of the run: each job leaves the broker as it found it.
+        cleanup = getattr(
+            importlib.import_module(f"bench_{server.get('broker', 'inmemory')}"), "cleanup", None
+        )
+        try:
+            if cleanup is not None:
+                cleanup(server, job["ns"])
+        except Exception as exc:  # the job's figures still count; later jobs may be slower
+            print(f"  cleanup after {impl.name} {scenario} failed: {exc!r}", file=sys.stderr, flush=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         return {"error": f"worker exited with {done.returncode}: {done.stderr.strip()[-300:]}"}

@@ -104,6 +104,8 @@ class TcpProxy:
         self.target_port = target_port
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._downstream = asyncio.Event()  # clear: what the server sends waits in the proxy
+        self._downstream.set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
 
@@ -125,18 +127,30 @@ class TcpProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.ensure_future(self._pipe(source, sink))
+        for source, sink, gate in ((reader, up_writer, None), (up_reader, writer, self._downstream)):
+            task = asyncio.ensure_future(self._pipe(source, sink, gate))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
     @staticmethod
-    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        source: asyncio.StreamReader, sink: asyncio.StreamWriter, gate: asyncio.Event | None
+    ) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await source.read(65536):
+                if gate is not None:
+                    await gate.wait()
                 sink.write(data)
                 await sink.drain()
         sink.close()
+
+    def hold(self) -> None:
+        """Keep what the server sends from reaching the clients (it waits, in order) until :meth:`release`."""
+        self._downstream.clear()
+
+    def release(self) -> None:
+        """Pass on what :meth:`hold` kept, and everything after it."""
+        self._downstream.set()
 
     async def cut(self) -> None:
         """Stop accepting and close every connection through the proxy."""

@@ -15,7 +15,9 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
 * **Groups**: the inbox is bound to ``X`` with the group's routing key while
   at least one local channel is a member (bound on the first join, unbound
   after the last leaves), so ``group_send`` is one publish and the broker
-  delivers one copy per process that has members.
+  delivers one copy per process that has members. The sender's own members
+  get the message from the sender once the publish is on the socket; the copy
+  the broker routes back to its inbox (marked with its token) is skipped.
 * **Named channels** (no ``!``): one queue each, ``P.c.<name>``, a durable
   quorum queue (a classic queue with ``durable=False``) bounded by
   ``x-max-length`` with ``reject-publish``, so the publisher confirm of a send
@@ -316,6 +318,18 @@ def _entry(incoming: AbstractIncomingMessage) -> _Entry:
         written / 1000 if isinstance(written, int) else 0.0,
         incoming.body,
     )
+
+
+class _Once:
+    """Calls ``action`` the first time it is called, and never again."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action: Callable[[], None] | None = action
+
+    def __call__(self) -> None:
+        action, self.action = self.action, None
+        if action is not None:
+            action()
 
 
 @dataclass
@@ -697,7 +711,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             raise self.unavailable(f"{what} failed: {exc!r}") from exc
 
     async def _publish_with(
-        self, exchange: str, routing_key: str, body: bytes, properties: Any, *, what: str, mandatory: bool
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Any,
+        *,
+        what: str,
+        mandatory: bool,
+        on_written: Callable[[], None] | None = None,
     ) -> None:
         """Publish on the confirm channel; BackendUnavailable if no confirm comes within ``timeout``.
 
@@ -706,9 +728,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         through :meth:`_broker`: a publish is no RPC (giving up on its confirm
         leaves the channel open). A message whose confirm came too late may
         still be delivered: the caller was told it might not be, never that it was.
+        ``on_written`` runs once the publish is on the socket (see ``ConfirmingPublisher``).
         """
         queue = await self._confirm_outlet(what)
-        await queue(exchange, routing_key, body, properties, mandatory)
+        await queue(exchange, routing_key, body, properties, mandatory, on_written)
 
     async def _confirm_outlet(self, what: str) -> PublishQueue:
         """Wait (at most ``timeout``) until the confirm channel is usable; return a function that
@@ -732,10 +755,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             raise self.unavailable(f"{what} failed: {exc!r}") from exc
 
         def queue(
-            exchange: str, routing_key: str, body: bytes, properties: Any, mandatory: bool = False
+            exchange: str,
+            routing_key: str,
+            body: bytes,
+            properties: Any,
+            mandatory: bool = False,
+            on_written: Callable[[], None] | None = None,
         ) -> Coroutine[Any, Any, None]:
             confirm = publisher.publish(
-                underlay, exchange, routing_key, body, properties, mandatory=mandatory
+                underlay, exchange, routing_key, body, properties, mandatory=mandatory, on_written=on_written
             )
             return self._confirmed(confirm, left, what)
 
@@ -885,14 +913,14 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 self.deliver_local(channel, message)
         elif kind == _GROUP:
             group = str(headers["group"])
-            delivered = 0
-            if group in self.local_groups:
+            # Our own group_send handed its copy to our members when it published it.
+            if group in self.local_groups and headers.get("from") != self.client_token:
                 message = self.decode_or_drop(body, f"the inbox (group {group!r})")
                 if message is None:
                     return
-                delivered = self.deliver_to_local_members(group, message)
-            if not delivered and group not in self.local_groups:
-                # Every local member expired: stop receiving this group.
+                self.deliver_to_local_members(group, message)
+            if group not in self.local_groups:
+                # Every local member left or expired: stop receiving this group.
                 self._spawn(self._sync_binding(group), f"unbind of group {group!r}")
         elif kind in (_ADD, _DISCARD):
             group, channel = str(headers["group"]), str(headers["channel"])
@@ -924,10 +952,23 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         await self._send_named(channel, data)
 
     async def _publish(
-        self, body: bytes, properties: Any, routing_key: str, *, what: str, mandatory: bool = False
+        self,
+        body: bytes,
+        properties: Any,
+        routing_key: str,
+        *,
+        what: str,
+        mandatory: bool = False,
+        on_written: Callable[[], None] | None = None,
     ) -> None:
         await self._publish_with(
-            self.exchange_name, routing_key, body, properties, what=what, mandatory=mandatory
+            self.exchange_name,
+            routing_key,
+            body,
+            properties,
+            what=what,
+            mandatory=mandatory,
+            on_written=on_written,
         )
 
     async def _send_named(self, channel: str, data: bytes) -> None:
@@ -1369,15 +1410,36 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             self._named_bindings.discard((channel, group))
 
     async def _group_send(self, group: str, data: bytes) -> None:
+        # This layer's own members get the message once its publish is on the
+        # socket, not from the copy the broker routes back to the inbox (which
+        # _dispatch skips by the "from" header): they are spared the hop and get it
+        # in the order of this layer's calls, as they get its send()s; and the
+        # other processes' copy is on its way before this one fans out locally.
+        # Members of a history group read the group's stream instead.
         properties = self._properties(
-            _GROUP, headers={"group": group}, expiration=self.channel_expiry, persistent=self.durable
+            _GROUP,
+            headers={"group": group, "from": self.client_token},
+            expiration=self.channel_expiry,
+            persistent=self.durable,
         )
+        history = self.history and self.history_policy(group) is not None
+        own = None if history else _Once(partial(self._deliver_own, group, data))
         try:
-            await self._publish(data, properties, group_routing_key(group), what=f"group_send to {group!r}")
+            await self._publish(
+                data, properties, group_routing_key(group), what=f"group_send to {group!r}", on_written=own
+            )
         except self._delivery_error:
             # A full named member refused its copy; the others got theirs.
             self.stats.dropped_full += 1
             logger.debug("group_send to %r: a full named member skipped the message", group)
+        if own is not None:
+            # Confirmed, so written: the callback ran unless the publisher stopped
+            # waiting for the socket before it took the publish.
+            own()
+
+    def _deliver_own(self, group: str, data: bytes) -> None:
+        if group in self.local_groups:
+            self.deliver_to_local_members(group, self.decode(data))
 
     # -------------------------------------------------------------- history
 

@@ -56,6 +56,7 @@ class _Publish:
     properties: commands.Basic.Properties
     mandatory: bool
     confirm: asyncio.Future[Any]
+    on_written: Callable[[], None] | None
 
 
 def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
@@ -96,12 +97,15 @@ class ConfirmingPublisher:
         properties: commands.Basic.Properties,
         *,
         mandatory: bool = False,
+        on_written: Callable[[], None] | None = None,
     ) -> asyncio.Future[Any]:
         """Queue one publish; the future settles with its confirm (or the channel's failure).
 
         ``properties.message_id`` must be set (returns are matched by it).
         Cancelling the future before the batch is written withdraws the
-        publish; after, the broker may still deliver it.
+        publish; after, the broker may still deliver it. ``on_written`` is
+        called by the writer once the publish is on the socket (never if it
+        could not be written); an exception it raises is logged.
         """
         confirm = channel.create_future()
         if not self._writing:
@@ -111,7 +115,9 @@ class ConfirmingPublisher:
                 confirm.cancel()
                 raise
             self._writing = True
-        self._queued.append(_Publish(channel, exchange, routing_key, body, properties, mandatory, confirm))
+        self._queued.append(
+            _Publish(channel, exchange, routing_key, body, properties, mandatory, confirm, on_written)
+        )
         return confirm
 
     async def _write_all(self) -> None:
@@ -129,11 +135,12 @@ class ConfirmingPublisher:
     async def _write(self, batch: list[_Publish]) -> None:
         frames: list[bytes] = []
         numbered: list[tuple[int, asyncio.Future[Any]]] = []
+        written: list[Callable[[], None]] = []
         channel = batch[0].channel
         for publish in batch:
             if publish.channel is not channel:
-                await self._flush(channel, frames, numbered)  # a reconnect in the middle of a batch
-                channel, frames, numbered = publish.channel, [], []
+                await self._flush(channel, frames, numbered, written)  # a reconnect in the middle of a batch
+                channel, frames, numbered, written = publish.channel, [], [], []
             if publish.confirm.done():
                 continue  # the caller gave up before it was written: never sent
             if channel.is_closed:
@@ -151,14 +158,20 @@ class ConfirmingPublisher:
             tag = channel.delivery_tag
             channel.confirmations[tag] = publish.confirm
             numbered.append((tag, publish.confirm))
+            if publish.on_written is not None:
+                written.append(publish.on_written)
             if publish.mandatory:
                 message_id = str(publish.properties.message_id)
                 channel.message_id_delivery_tag[message_id] = tag
                 publish.confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
-        await self._flush(channel, frames, numbered)
+        await self._flush(channel, frames, numbered, written)
 
     async def _flush(
-        self, channel: aiormq.Channel, frames: list[bytes], numbered: list[tuple[int, asyncio.Future[Any]]]
+        self,
+        channel: aiormq.Channel,
+        frames: list[bytes],
+        numbered: list[tuple[int, asyncio.Future[Any]]],
+        written: list[Callable[[], None]],
     ) -> None:
         if not frames:
             return
@@ -186,6 +199,12 @@ class ConfirmingPublisher:
         done, _ = await asyncio.wait((drained,), timeout=self._timeout)
         if not done:
             logger.debug("a publish batch was not written within %s s", self._timeout)
+        elif not drained.cancelled() and drained.exception() is None:
+            for callback in written:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("a callback of a written publish failed")
 
 
 def _marshal(channel: aiormq.Channel, publish: _Publish) -> bytes:

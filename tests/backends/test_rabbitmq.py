@@ -308,6 +308,42 @@ async def test_cross_instance_group_add(make: Factory) -> None:
     assert (await b.receive(channel, timeout=10))["type"] == "hi"
 
 
+async def test_a_senders_own_members_get_its_group_message_before_the_broker_answers(
+    make: Factory, node: RabbitNode
+) -> None:
+    async with TcpProxy(node.port) as proxy:
+        sender, other = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/"), make()
+        own, remote = await sender.new_channel(), await other.new_channel()
+        await sender.group_add("room", own)
+        await sender.group_add("room", remote)
+        proxy.hold()  # nothing the broker sends reaches the sender: no confirm, no routed copy
+        sending = asyncio.ensure_future(sender.group_send("room", {"type": "m"}))
+        assert (await sender.receive(own, timeout=10))["type"] == "m"
+        assert not sending.done()  # its confirm is still held
+        proxy.release()
+        await asyncio.wait_for(sending, 10)
+        assert (await other.receive(remote, timeout=10))["type"] == "m"
+
+
+async def test_a_senders_own_members_get_each_group_message_once_in_order_with_its_sends(
+    make: Factory,
+) -> None:
+    sender, other = make(), make()
+    own, remote = await sender.new_channel(), await other.new_channel()
+    await sender.group_add("room", own)
+    await other.group_add("room", remote)
+    for i in range(10):
+        await sender.group_send("room", {"type": "group", "i": i})
+        await sender.send(own, {"type": "send", "i": i})
+    # Sent once the group_sends were confirmed: it reaches the sender's inbox after the
+    # copies the broker routed back there, which must not reach `own` a second time.
+    await other.send(own, {"type": "marker", "i": -1})
+    got = [await sender.receive(own, timeout=10) for _ in range(21)]
+    expected = [(kind, i) for i in range(10) for kind in ("group", "send")]
+    assert [(m["type"], m["i"]) for m in got] == [*expected, ("marker", -1)]
+    assert [(await other.receive(remote, timeout=10))["i"] for _ in range(10)] == list(range(10))
+
+
 async def test_group_add_of_a_gone_instances_channel_is_a_no_op(make: Factory) -> None:
     a, b = make(timeout=30), make()
     channel = await b.new_channel()

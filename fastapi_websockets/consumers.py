@@ -126,11 +126,16 @@ class AsyncWebSocketConsumer:
         self._close_code: int | None = CLOSE_NORMAL
         self._joined: set[str] = set()
         self._present_in: set[str] = set()
-        # Held while a channel event is dispatched, and while a catch-up page is, so that
-        # the page's messages go out before any live event of the group.
-        self._dispatch_lock = asyncio.Lock()
-        # The task a channel event is being dispatched in (None: outside any task), or _IDLE.
-        self._dispatching: asyncio.Task[Any] | object | None = _IDLE
+        # A catch-up page goes out before any live event of its group. Live events are
+        # dispatched without a lock (a lock's acquire and release cost more than the rest
+        # of the bookkeeping per event): a catch-up takes _catch_up_lock (made at the first
+        # one; catch-ups go one at a time), sets _held, which live events wait for, and
+        # waits through _idle_waiter for the event being dispatched, if one is.
+        self._catch_up_lock: asyncio.Lock | None = None
+        self._held: asyncio.Future[None] | None = None
+        self._idle_waiter: asyncio.Future[None] | None = None
+        # The task a channel event is being dispatched in, or _IDLE.
+        self._dispatching: asyncio.Task[Any] | object = _IDLE
         #: The channel event being handled (its encoded texts may be shared, see _encode_shared).
         self._event: Message | None = None
         self._frame_guard: FrameGuard | None = None
@@ -297,11 +302,18 @@ class AsyncWebSocketConsumer:
         # channel): an event that ends the connection stops that task by cancelling it, and
         # the receive handler goes on first, as it always did.
         eager = EAGER_TASKS and asyncio.current_task(self._loop) is not self._frames_task
+        # Reset first: a task started eagerly runs its first step before start_task() returns
+        # and then finds None here (see _handle_events).
+        self._events_task = None
         self._events_task = start_task(self._handle_events(item), context, eager=eager, loop=self._loop)
 
     async def _handle_events(self, item: Message | BaseException) -> None:
+        # The task is known without asking asyncio (on Python 3.10/3.11 current_task() is a
+        # Python function), except in an eager first step, where it is not assigned yet.
+        task = self._events_task or asyncio.current_task(self._loop)
+        assert task is not None
         try:
-            code = await self._event_loop(item)
+            code = await self._event_loop(item, task)
         except Exception:
             # Not a handler's failure (those are handled per event) but the layer's.
             logger.exception("%s could not take events for %s", type(self).__name__, self.channel_name)
@@ -350,8 +362,10 @@ class AsyncWebSocketConsumer:
             if self._closed:
                 return self._close_code
 
-    async def _event_loop(self, item: Message | BaseException) -> int | _Running | None:
-        """Handle ``item`` and every event queued behind it; return a close code, or _RUNNING when idle."""
+    async def _event_loop(
+        self, item: Message | BaseException, task: asyncio.Task[Any]
+    ) -> int | _Running | None:
+        """Handle ``item`` and the events queued behind it in ``task``: a close code, or _RUNNING."""
         while True:
             if isinstance(item, BaseException):
                 if not isinstance(item, ChannelLayerClosed):
@@ -359,15 +373,21 @@ class AsyncWebSocketConsumer:
                 logger.info("channel layer closed; closing %s", self.channel_name)
                 await self._close_quietly(CLOSE_SERVICE_RESTART, "service restart")
                 return CLOSE_SERVICE_RESTART
+            while self._held is not None:
+                await self._held  # a catch-up page is going out; it ends with this future
             try:
-                async with self._dispatch_lock:
-                    self._dispatching = asyncio.current_task(self._loop)
-                    self._event = item
-                    try:
-                        await self.dispatch_channel_message(item)
-                    finally:
-                        self._dispatching = _IDLE
-                        self._event = None
+                self._dispatching = task
+                self._event = item
+                try:
+                    await self.dispatch_channel_message(item)
+                finally:
+                    self._dispatching = _IDLE
+                    self._event = None
+                    waiter = self._idle_waiter
+                    if waiter is not None:
+                        self._idle_waiter = None
+                        if not waiter.done():
+                            waiter.set_result(None)
             except WebSocketDisconnect as exc:
                 self._closed = True
                 return exc.code
@@ -613,10 +633,24 @@ class AsyncWebSocketConsumer:
             self._joined.add(group)
             return None
         if self._dispatching is asyncio.current_task():
-            # Called from a channel event handler: events are already held.
+            # Called from a channel event handler: live events wait for this one already.
             return await self._catch_up(group, since)
-        async with self._dispatch_lock:
-            return await self._catch_up(group, since)
+        lock = self._catch_up_lock
+        if lock is None:
+            lock = self._catch_up_lock = asyncio.Lock()
+        async with lock:
+            loop = asyncio.get_running_loop()
+            held = self._held = loop.create_future()
+            try:
+                if self._dispatching is not _IDLE:
+                    # An event handler is running in the events task: the page goes after it.
+                    waiter = self._idle_waiter = loop.create_future()
+                    await waiter
+                return await self._catch_up(group, since)
+            finally:
+                self._held = self._idle_waiter = None
+                if not held.done():
+                    held.set_result(None)
 
     async def _catch_up(self, group: str, since: StreamPosition) -> History | None:
         page = await self.channel_layer.group_add(group, self.channel_name, since=since)

@@ -262,7 +262,7 @@ class AsyncWebSocketConsumer:
         self._loop = task.get_loop()
         self._frames_task = task
         try:
-            self._take_events(self.channel_layer.listen(self.channel_name, self._events_arrived))
+            self._take_events(self.channel_layer.listen(self.channel_name, self._take_events))
             return await self._frame_loop()
         except asyncio.CancelledError:
             self._frames_task = None
@@ -287,11 +287,9 @@ class AsyncWebSocketConsumer:
                 if not events.cancelled() and events.exception() is not None:
                     raise events.exception()  # type: ignore[misc]  # a BaseException: exits and the like
 
-    def _events_arrived(self, item: Message | BaseException) -> None:
-        # Called synchronously by the delivery (a group_send, a broker reader): only schedule.
-        self._take_events(item)
-
     def _take_events(self, item: Message | BaseException | None) -> None:
+        # The listener left with layer.listen() too: called synchronously by the delivery (a
+        # group_send, a broker reader), so it only starts the task.
         if item is None:
             return
         context = self._context
@@ -306,21 +304,6 @@ class AsyncWebSocketConsumer:
         # and then finds None here (see _handle_events).
         self._events_task = None
         self._events_task = start_task(self._handle_events(item), context, eager=eager, loop=self._loop)
-
-    async def _handle_events(self, item: Message | BaseException) -> None:
-        # The task is known without asking asyncio (on Python 3.10/3.11 current_task() is a
-        # Python function), except in an eager first step, where it is not assigned yet.
-        task = self._events_task or asyncio.current_task(self._loop)
-        assert task is not None
-        try:
-            code = await self._event_loop(item, task)
-        except Exception:
-            # Not a handler's failure (those are handled per event) but the layer's.
-            logger.exception("%s could not take events for %s", type(self).__name__, self.channel_name)
-            await self._close_quietly(CLOSE_INTERNAL_ERROR, "internal error")
-            code = CLOSE_INTERNAL_ERROR
-        if code is not _RUNNING:
-            self._stop_frames(code)
 
     def _stop_frames(self, code: int | None) -> None:
         task = self._frames_task
@@ -362,48 +345,66 @@ class AsyncWebSocketConsumer:
             if self._closed:
                 return self._close_code
 
-    async def _event_loop(
-        self, item: Message | BaseException, task: asyncio.Task[Any]
-    ) -> int | _Running | None:
-        """Handle ``item`` and the events queued behind it in ``task``: a close code, or _RUNNING."""
-        while True:
-            if isinstance(item, BaseException):
-                if not isinstance(item, ChannelLayerClosed):
-                    raise item
-                logger.info("channel layer closed; closing %s", self.channel_name)
-                await self._close_quietly(CLOSE_SERVICE_RESTART, "service restart")
-                return CLOSE_SERVICE_RESTART
-            while self._held is not None:
-                await self._held  # a catch-up page is going out; it ends with this future
-            try:
-                self._dispatching = task
-                self._event = item
+    async def _handle_events(self, item: Message | BaseException) -> None:
+        """The events task: handle ``item`` and the events queued behind it, then listen again.
+
+        One coroutine, not a loop awaited by a wrapper: its frames are made once per burst
+        of events, which on Python 3.10/3.11 is once per group message.
+        """
+        # The task is known without asking asyncio (on Python 3.10/3.11 current_task() is a
+        # Python function), except in an eager first step, where it is not assigned yet.
+        task = self._events_task or asyncio.current_task(self._loop)
+        assert task is not None
+        code: int | None
+        try:
+            while True:
+                if isinstance(item, BaseException):
+                    if not isinstance(item, ChannelLayerClosed):
+                        raise item
+                    logger.info("channel layer closed; closing %s", self.channel_name)
+                    await self._close_quietly(CLOSE_SERVICE_RESTART, "service restart")
+                    code = CLOSE_SERVICE_RESTART
+                    break
+                while self._held is not None:
+                    await self._held  # a catch-up page is going out; it ends with this future
                 try:
-                    await self.dispatch_channel_message(item)
-                finally:
-                    self._dispatching = _IDLE
-                    self._event = None
-                    waiter = self._idle_waiter
-                    if waiter is not None:
-                        self._idle_waiter = None
-                        if not waiter.done():
-                            waiter.set_result(None)
-            except WebSocketDisconnect as exc:
-                self._closed = True
-                return exc.code
-            except Exception:
-                await self._handler_failed(f"event {item.get('type')!r}")
-                return CLOSE_INTERNAL_ERROR
-            if self._closed:
-                return self._close_code
-            next_item: Message | BaseException | None
-            try:
-                next_item = self.channel_layer.listen(self.channel_name, self._events_arrived)
-            except ChannelLayerClosed as exc:
-                next_item = exc
-            if next_item is None:
-                return _RUNNING  # the listener is back in place; this task ends
-            item = next_item
+                    self._dispatching = task
+                    self._event = item
+                    try:
+                        await self.dispatch_channel_message(item)
+                    finally:
+                        self._dispatching = _IDLE
+                        self._event = None
+                        waiter = self._idle_waiter
+                        if waiter is not None:
+                            self._idle_waiter = None
+                            if not waiter.done():
+                                waiter.set_result(None)
+                except WebSocketDisconnect as exc:
+                    self._closed = True
+                    code = exc.code
+                    break
+                except Exception:
+                    await self._handler_failed(f"event {item.get('type')!r}")
+                    code = CLOSE_INTERNAL_ERROR
+                    break
+                if self._closed:
+                    code = self._close_code
+                    break
+                next_item: Message | BaseException | None
+                try:
+                    next_item = self.channel_layer.listen(self.channel_name, self._take_events)
+                except ChannelLayerClosed as exc:
+                    next_item = exc
+                if next_item is None:
+                    return  # the listener is back in place; this task ends
+                item = next_item
+        except Exception:
+            # Not a handler's failure (those are handled per event) but the layer's.
+            logger.exception("%s could not take events for %s", type(self).__name__, self.channel_name)
+            await self._close_quietly(CLOSE_INTERNAL_ERROR, "internal error")
+            code = CLOSE_INTERNAL_ERROR
+        self._stop_frames(code)
 
     async def _handler_failed(self, what: str) -> None:
         logger.exception("%s raised while handling %s on %s", type(self).__name__, what, self.channel_name)

@@ -527,7 +527,12 @@ class AsyncWebSocketConsumer:
                 "%s ignored a channel event without a str 'type': %r", type(self).__name__, message
             )
             return
-        handler = self.websocket_send if event_type == WEBSOCKET_SEND else self._handler_for(event_type)
+        handler: Callable[[Message], Awaitable[None]] | None
+        if event_type == WEBSOCKET_SEND:
+            handler = self.websocket_send
+        else:
+            name = _HANDLER_NAMES.get((type(self), event_type))
+            handler = getattr(self, name) if name is not None else self._find_handler(event_type)
         if handler is None and event_type in _LAYER_EVENTS:
             return  # presence events are optional to handle
         hooks = observing.hooks
@@ -546,11 +551,8 @@ class AsyncWebSocketConsumer:
         else:
             await handler(message)
 
-    def _handler_for(self, event_type: str) -> Callable[[Message], Awaitable[None]] | None:
-        name = _HANDLER_NAMES.get((type(self), event_type))
-        if name is not None:
-            found: Callable[[Message], Awaitable[None]] = getattr(self, name)
-            return found
+    def _find_handler(self, event_type: str) -> Callable[[Message], Awaitable[None]] | None:
+        # The first event of a type for this class (dispatch_channel_message looks up the cache).
         name = event_type.replace(".", "_")
         if not name.isidentifier() or name.startswith("_") or name in _FRAMEWORK_NAMES:
             logger.warning(

@@ -366,7 +366,8 @@ class AsyncWebSocketConsumer:
                     code = CLOSE_SERVICE_RESTART
                     break
                 while self._held is not None:
-                    await self._held  # a catch-up page is going out; it ends with this future
+                    # A catch-up page is going out. Shielded: cancelling this task leaves the hold.
+                    await asyncio.shield(self._held)
                 try:
                     self._dispatching = task
                     self._event = item

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -82,7 +84,9 @@ async def recv_json(ws: ClientConnection) -> Any:
     return json.loads(await asyncio.wait_for(ws.recv(), 10))
 
 
-async def test_a_catch_up_waits_for_the_event_in_hand_and_holds_live_events_back() -> None:
+@pytest.fixture
+async def joined() -> AsyncIterator[tuple[ClientConnection, GatedCatchUpLayer]]:
+    """A client of JoiningLater through uvicorn, greeted, and the server's gated layer."""
     layer = GatedCatchUpLayer(history=HISTORY)
     app = FastAPI()
     app.add_api_websocket_route("/ws", JoiningLater.as_endpoint(layer))
@@ -90,50 +94,48 @@ async def test_a_catch_up_waits_for_the_event_in_hand_and_holds_live_events_back
         ws = await connect(f"{url}/ws")
         assert await recv_json(ws) == {"event": "hello"}
         try:
-            first = await layer.group_send("room:x", {"type": "chat.message", "text": "missed"})
-            assert first is not None
-            await layer.group_send("lobby", {"type": "slow"})
-            await asyncio.wait_for(layer.handler_waiting.wait(), 10)
-            await ws.send(json.dumps({"epoch": first.epoch}))  # the catch-up starts behind "slow"
-            await asyncio.wait_for(layer.join_asked.wait(), 10)
-            assert not layer.catching_up.is_set()  # it waits for the handler of "slow" first
-            await layer.group_send("lobby", {"type": "chat.message", "text": "live 1"})
-            layer.handler_gate.set()
-            await asyncio.wait_for(layer.catching_up.wait(), 10)
-            await layer.group_send("lobby", {"type": "chat.message", "text": "live 2"})
-            layer.gate.set()
-            received = [await recv_json(ws) for _ in range(5)]
-            assert received == [
-                {"event": "slow done"},
-                {"event": "chat", "text": "missed"},
-                {"event": "caught-up", "count": 1},
-                {"event": "chat", "text": "live 1"},
-                {"event": "chat", "text": "live 2"},
-            ]
+            yield ws, layer
         finally:
             layer.open_gates()  # a failure must not leave the server's shutdown waiting
-        await layer.group_send("room:x", {"type": "chat.message", "text": "after"})
-        assert await recv_json(ws) == {"event": "chat", "text": "after"}
-        await ws.close()
+            await ws.close()
     await layer.close()
 
 
-async def test_live_events_go_on_after_a_catch_up_that_failed() -> None:
-    layer = GatedCatchUpLayer(history=HISTORY)
+async def test_a_catch_up_waits_for_the_event_in_hand_and_holds_live_events_back(
+    joined: tuple[ClientConnection, GatedCatchUpLayer],
+) -> None:
+    ws, layer = joined
+    first = await layer.group_send("room:x", {"type": "chat.message", "text": "missed"})
+    assert first is not None
+    await layer.group_send("lobby", {"type": "slow"})
+    await asyncio.wait_for(layer.handler_waiting.wait(), 10)
+    await ws.send(json.dumps({"epoch": first.epoch}))  # the catch-up starts behind "slow"
+    await asyncio.wait_for(layer.join_asked.wait(), 10)
+    assert not layer.catching_up.is_set()  # it waits for the handler of "slow" first
+    await layer.group_send("lobby", {"type": "chat.message", "text": "live 1"})
     layer.handler_gate.set()
-    app = FastAPI()
-    app.add_api_websocket_route("/ws", JoiningLater.as_endpoint(layer))
-    async with serve(app) as url:
-        ws = await connect(f"{url}/ws")
-        assert await recv_json(ws) == {"event": "hello"}
-        try:
-            await ws.send(json.dumps({"epoch": "fail"}))
-            await asyncio.wait_for(layer.catching_up.wait(), 10)
-            await layer.group_send("lobby", {"type": "chat.message", "text": "live"})
-            layer.gate.set()
-            assert await recv_json(ws) == {"event": "catch-up failed"}
-            assert await recv_json(ws) == {"event": "chat", "text": "live"}
-        finally:
-            layer.open_gates()
-        await ws.close()
-    await layer.close()
+    await asyncio.wait_for(layer.catching_up.wait(), 10)
+    await layer.group_send("lobby", {"type": "chat.message", "text": "live 2"})
+    layer.gate.set()
+    received = [await recv_json(ws) for _ in range(5)]
+    assert received == [
+        {"event": "slow done"},
+        {"event": "chat", "text": "missed"},
+        {"event": "caught-up", "count": 1},
+        {"event": "chat", "text": "live 1"},
+        {"event": "chat", "text": "live 2"},
+    ]
+    await layer.group_send("room:x", {"type": "chat.message", "text": "after"})
+    assert await recv_json(ws) == {"event": "chat", "text": "after"}
+
+
+async def test_live_events_go_on_after_a_catch_up_that_failed(
+    joined: tuple[ClientConnection, GatedCatchUpLayer],
+) -> None:
+    ws, layer = joined
+    await ws.send(json.dumps({"epoch": "fail"}))
+    await asyncio.wait_for(layer.catching_up.wait(), 10)
+    await layer.group_send("lobby", {"type": "chat.message", "text": "live"})
+    layer.gate.set()
+    assert await recv_json(ws) == {"event": "catch-up failed"}
+    assert await recv_json(ws) == {"event": "chat", "text": "live"}

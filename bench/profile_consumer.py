@@ -138,12 +138,15 @@ async def main(args: argparse.Namespace) -> None:
         from payload import ROOM, message
 
         publish = getattr(app_module, "publish", None)  # bench/e2e/floor_app.py has no layer
+        event = getattr(app_module, "event", None)  # the envelope app sends no bench.message
 
         async def broadcasts(first: int) -> float:
             started = time.process_time()
             for seq in range(first, first + args.broadcasts):
                 if publish is not None:
                     await publish(seq)
+                elif event is not None:
+                    await layer.group_send(ROOM, event(seq))
                 else:
                     await layer.group_send(ROOM, {"type": "bench.message", "body": message(seq)})
                 await next_event(stdout, "round")

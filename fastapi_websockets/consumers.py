@@ -126,11 +126,16 @@ class AsyncWebSocketConsumer:
         self._close_code: int | None = CLOSE_NORMAL
         self._joined: set[str] = set()
         self._present_in: set[str] = set()
-        # Held while a channel event is dispatched, and while a catch-up page is, so that
-        # the page's messages go out before any live event of the group.
-        self._dispatch_lock = asyncio.Lock()
-        # The task a channel event is being dispatched in (None: outside any task), or _IDLE.
-        self._dispatching: asyncio.Task[Any] | object | None = _IDLE
+        # A catch-up page goes out before any live event of its group. Live events are
+        # dispatched without a lock (a lock's acquire and release cost more than the rest
+        # of the bookkeeping per event): a catch-up takes _catch_up_lock (made at the first
+        # one; catch-ups go one at a time), sets _held, which live events wait for, and
+        # waits through _idle_waiter for the event being dispatched, if one is.
+        self._catch_up_lock: asyncio.Lock | None = None
+        self._held: asyncio.Future[None] | None = None
+        self._idle_waiter: asyncio.Future[None] | None = None
+        # The task a channel event is being dispatched in, or _IDLE.
+        self._dispatching: asyncio.Task[Any] | object = _IDLE
         #: The channel event being handled (its encoded texts may be shared, see _encode_shared).
         self._event: Message | None = None
         self._frame_guard: FrameGuard | None = None
@@ -257,7 +262,7 @@ class AsyncWebSocketConsumer:
         self._loop = task.get_loop()
         self._frames_task = task
         try:
-            self._take_events(self.channel_layer.listen(self.channel_name, self._events_arrived))
+            self._take_events(self.channel_layer.listen(self.channel_name, self._take_events))
             return await self._frame_loop()
         except asyncio.CancelledError:
             self._frames_task = None
@@ -282,11 +287,9 @@ class AsyncWebSocketConsumer:
                 if not events.cancelled() and events.exception() is not None:
                     raise events.exception()  # type: ignore[misc]  # a BaseException: exits and the like
 
-    def _events_arrived(self, item: Message | BaseException) -> None:
-        # Called synchronously by the delivery (a group_send, a broker reader): only schedule.
-        self._take_events(item)
-
     def _take_events(self, item: Message | BaseException | None) -> None:
+        # The listener left with layer.listen() too: called synchronously by the delivery (a
+        # group_send, a broker reader), so it only starts the task.
         if item is None:
             return
         context = self._context
@@ -297,18 +300,10 @@ class AsyncWebSocketConsumer:
         # channel): an event that ends the connection stops that task by cancelling it, and
         # the receive handler goes on first, as it always did.
         eager = EAGER_TASKS and asyncio.current_task(self._loop) is not self._frames_task
+        # Reset first: a task started eagerly runs its first step before start_task() returns
+        # and then finds None here (see _handle_events).
+        self._events_task = None
         self._events_task = start_task(self._handle_events(item), context, eager=eager, loop=self._loop)
-
-    async def _handle_events(self, item: Message | BaseException) -> None:
-        try:
-            code = await self._event_loop(item)
-        except Exception:
-            # Not a handler's failure (those are handled per event) but the layer's.
-            logger.exception("%s could not take events for %s", type(self).__name__, self.channel_name)
-            await self._close_quietly(CLOSE_INTERNAL_ERROR, "internal error")
-            code = CLOSE_INTERNAL_ERROR
-        if code is not _RUNNING:
-            self._stop_frames(code)
 
     def _stop_frames(self, code: int | None) -> None:
         task = self._frames_task
@@ -350,40 +345,67 @@ class AsyncWebSocketConsumer:
             if self._closed:
                 return self._close_code
 
-    async def _event_loop(self, item: Message | BaseException) -> int | _Running | None:
-        """Handle ``item`` and every event queued behind it; return a close code, or _RUNNING when idle."""
-        while True:
-            if isinstance(item, BaseException):
-                if not isinstance(item, ChannelLayerClosed):
-                    raise item
-                logger.info("channel layer closed; closing %s", self.channel_name)
-                await self._close_quietly(CLOSE_SERVICE_RESTART, "service restart")
-                return CLOSE_SERVICE_RESTART
-            try:
-                async with self._dispatch_lock:
-                    self._dispatching = asyncio.current_task(self._loop)
+    async def _handle_events(self, item: Message | BaseException) -> None:
+        """The events task: handle ``item`` and the events queued behind it, then listen again.
+
+        One coroutine, not a loop awaited by a wrapper: its frames are made once per burst
+        of events, which on Python 3.10/3.11 is once per group message.
+        """
+        # The task is known without asking asyncio (on Python 3.10/3.11 current_task() is a
+        # Python function), except in an eager first step, where it is not assigned yet.
+        task = self._events_task or asyncio.current_task(self._loop)
+        assert task is not None
+        code: int | None
+        try:
+            while True:
+                if isinstance(item, BaseException):
+                    if not isinstance(item, ChannelLayerClosed):
+                        raise item
+                    logger.info("channel layer closed; closing %s", self.channel_name)
+                    await self._close_quietly(CLOSE_SERVICE_RESTART, "service restart")
+                    code = CLOSE_SERVICE_RESTART
+                    break
+                while self._held is not None:
+                    # A catch-up page is going out. Shielded: cancelling this task leaves the hold.
+                    await asyncio.shield(self._held)
+                try:
+                    self._dispatching = task
                     self._event = item
                     try:
                         await self.dispatch_channel_message(item)
                     finally:
                         self._dispatching = _IDLE
                         self._event = None
-            except WebSocketDisconnect as exc:
-                self._closed = True
-                return exc.code
-            except Exception:
-                await self._handler_failed(f"event {item.get('type')!r}")
-                return CLOSE_INTERNAL_ERROR
-            if self._closed:
-                return self._close_code
-            next_item: Message | BaseException | None
-            try:
-                next_item = self.channel_layer.listen(self.channel_name, self._events_arrived)
-            except ChannelLayerClosed as exc:
-                next_item = exc
-            if next_item is None:
-                return _RUNNING  # the listener is back in place; this task ends
-            item = next_item
+                        waiter = self._idle_waiter
+                        if waiter is not None:
+                            self._idle_waiter = None
+                            if not waiter.done():
+                                waiter.set_result(None)
+                except WebSocketDisconnect as exc:
+                    self._closed = True
+                    code = exc.code
+                    break
+                except Exception:
+                    await self._handler_failed(f"event {item.get('type')!r}")
+                    code = CLOSE_INTERNAL_ERROR
+                    break
+                if self._closed:
+                    code = self._close_code
+                    break
+                next_item: Message | BaseException | None
+                try:
+                    next_item = self.channel_layer.listen(self.channel_name, self._take_events)
+                except ChannelLayerClosed as exc:
+                    next_item = exc
+                if next_item is None:
+                    return  # the listener is back in place; this task ends
+                item = next_item
+        except Exception:
+            # Not a handler's failure (those are handled per event) but the layer's.
+            logger.exception("%s could not take events for %s", type(self).__name__, self.channel_name)
+            await self._close_quietly(CLOSE_INTERNAL_ERROR, "internal error")
+            code = CLOSE_INTERNAL_ERROR
+        self._stop_frames(code)
 
     async def _handler_failed(self, what: str) -> None:
         logger.exception("%s raised while handling %s on %s", type(self).__name__, what, self.channel_name)
@@ -506,7 +528,12 @@ class AsyncWebSocketConsumer:
                 "%s ignored a channel event without a str 'type': %r", type(self).__name__, message
             )
             return
-        handler = self.websocket_send if event_type == WEBSOCKET_SEND else self._handler_for(event_type)
+        handler: Callable[[Message], Awaitable[None]] | None
+        if event_type == WEBSOCKET_SEND:
+            handler = self.websocket_send
+        else:
+            name = _HANDLER_NAMES.get((type(self), event_type))
+            handler = getattr(self, name) if name is not None else self._find_handler(event_type)
         if handler is None and event_type in _LAYER_EVENTS:
             return  # presence events are optional to handle
         hooks = observing.hooks
@@ -525,11 +552,8 @@ class AsyncWebSocketConsumer:
         else:
             await handler(message)
 
-    def _handler_for(self, event_type: str) -> Callable[[Message], Awaitable[None]] | None:
-        name = _HANDLER_NAMES.get((type(self), event_type))
-        if name is not None:
-            found: Callable[[Message], Awaitable[None]] = getattr(self, name)
-            return found
+    def _find_handler(self, event_type: str) -> Callable[[Message], Awaitable[None]] | None:
+        # The first event of a type for this class (dispatch_channel_message looks up the cache).
         name = event_type.replace(".", "_")
         if not name.isidentifier() or name.startswith("_") or name in _FRAMEWORK_NAMES:
             logger.warning(
@@ -613,10 +637,24 @@ class AsyncWebSocketConsumer:
             self._joined.add(group)
             return None
         if self._dispatching is asyncio.current_task():
-            # Called from a channel event handler: events are already held.
+            # Called from a channel event handler: live events wait for this one already.
             return await self._catch_up(group, since)
-        async with self._dispatch_lock:
-            return await self._catch_up(group, since)
+        lock = self._catch_up_lock
+        if lock is None:
+            lock = self._catch_up_lock = asyncio.Lock()
+        async with lock:
+            loop = asyncio.get_running_loop()
+            held = self._held = loop.create_future()
+            try:
+                if self._dispatching is not _IDLE:
+                    # An event handler is running in the events task: the page goes after it.
+                    waiter = self._idle_waiter = loop.create_future()
+                    await waiter
+                return await self._catch_up(group, since)
+            finally:
+                self._held = self._idle_waiter = None
+                if not held.done():
+                    held.set_result(None)
 
     async def _catch_up(self, group: str, since: StreamPosition) -> History | None:
         page = await self.channel_layer.group_add(group, self.channel_name, since=since)
@@ -775,6 +813,10 @@ def _matches(value: Any, snapshot: object) -> bool:
         if type(snapshot) is not _DictSnapshot or len(snapshot) != len(value):
             return False
         for (key, item), (snapshot_key, item_snapshot) in zip(value.items(), snapshot, strict=True):
+            # Identical is enough: a snapshot holds its atoms themselves (immutable) and never a
+            # container of the content, and its keys are str. The usual case: the same event's values.
+            if item is item_snapshot and key is snapshot_key:
+                continue
             if type(key) is not str or key != snapshot_key:
                 return False
             # Atoms inline: this loop runs once per socket for a group message's content.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI
 from payload import ROOM, message
@@ -20,6 +20,11 @@ class RoomConsumer(AsyncJsonWebSocketConsumer):
     groups = (ROOM,)
 
 
+def event(seq: int) -> dict[str, Any]:
+    """Broadcast ``seq`` as the channel event this app sends (read by bench/profile_consumer.py too)."""
+    return websocket_json_message(message(seq))
+
+
 Layer = Annotated[BaseChannelLayer, Depends(channel_layer_dependency())]
 
 app = FastAPI(lifespan=channel_layers_lifespan())
@@ -28,5 +33,5 @@ app.add_api_websocket_route("/ws", RoomConsumer.as_endpoint())
 
 @app.post("/broadcast")
 async def broadcast(seq: int, layer: Layer) -> dict[str, str]:
-    await layer.group_send(ROOM, websocket_json_message(message(seq)))
+    await layer.group_send(ROOM, event(seq))
     return {"status": "sent"}

@@ -1256,7 +1256,7 @@ async def test_concurrent_joins_of_one_chunk_are_written_together(
     await asyncio.gather(*(layer.presence_join("room:c", c, {"c": c}, notify=False) for c in channels))
     published = await last_sequence(urls, namespace) - before
     assert 1 <= published < len(channels)
-    expected = {first: {}} | {c: {"c": c} for c in channels}
+    expected: dict[str, dict[str, Any]] = {first: {}} | {c: {"c": c} for c in channels}
     assert await make(servers=urls).presence("room:c") == expected
 
     await asyncio.gather(*(layer.presence_leave("room:c", c, notify=False) for c in channels))

@@ -267,7 +267,12 @@ class NatsPresence:
                     raise
                 except Exception as exc:
                     if all(done is None for _, done in queued):
-                        logger.warning("could not take back presence in %r: %s", group, exc)
+                        logger.warning("could not write presence in %r again: %s", group, exc)
+                    else:
+                        # The stored chunk may still hold what failed (a removal, or a join
+                        # taken back once its caller has seen it fail): written once more,
+                        # as it is then. Not retried again if that fails too.
+                        self._queued.setdefault(key, []).append((None, None))
                     for _, done in queued:
                         _settle(done, exc)
                 else:

@@ -87,6 +87,7 @@ if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
     from fastapi_websockets.backends.nats_presence import NatsPresence
+    from fastapi_websockets.presence import QueuedWrite
 
 __all__ = ["NATSChannelLayer", "consumer_name", "subject_token", "token_to_name"]
 
@@ -1678,10 +1679,10 @@ class NATSChannelLayer(BrokerChannelLayer):
             self._presence_kept = NatsPresence(self)
         return self._presence_kept
 
-    async def _presence_put(self, group: str, channel: str, info: bytes) -> None:
-        await self._presence_store().put(group, channel, info)
+    async def _presence_put(self, group: str, channel: str, info: bytes) -> QueuedWrite:
+        return await self._presence_store().put(group, channel, info)
 
-    async def _presence_remove(self, group: str, channel: str) -> bytes | None:
+    async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
         return await self._presence_store().remove(group, channel)
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:

@@ -22,6 +22,13 @@ so exactly one reaper wins, and a record written again meanwhile has a new
 sequence and is not touched. Deleting by sequence leaves no delete marker
 behind (a KV bucket would: its stream denies message deletes).
 
+A join or leave only changes this process's copy of a chunk under the layer's
+presence lock and queues the chunk for writing: one writer task per chunk
+publishes the chunk's latest state (each publish still checked against the
+chunk's previous sequence) and settles every change queued before it took
+them, so changes arriving while a write is under way go out together in the
+next one, and joins and leaves never wait for each other's round trips.
+
 Reads go through an ephemeral push consumer (last message per subject, no
 acks, in memory, one replica) that streams every match in one go.
 """
@@ -29,10 +36,12 @@ acks, in memory, one replica) that streams every match in one go.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -50,7 +59,8 @@ from fastapi_websockets.backends.nats import (
     token_to_name,
 )
 from fastapi_websockets.backends.timeouts import within
-from fastapi_websockets.exceptions import ChannelLayerError, InvalidChannelLayerConfig
+from fastapi_websockets.exceptions import ChannelLayerClosed, ChannelLayerError, InvalidChannelLayerConfig
+from fastapi_websockets.presence import QueuedWrite
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -68,6 +78,10 @@ CHUNKS = 64
 _CAS_ATTEMPTS = 5
 #: Seconds the server keeps a reader's consumer should its deletion get lost.
 _READER_IDLE = 5.0
+
+#: A chunk's change waiting for its writer: the channel it stores (None for a removal)
+#: and the future its caller awaits (None for a take-back nobody waits for).
+_Queued = tuple["str | None", "asyncio.Future[None] | None"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,9 @@ class NatsPresence:
         self._chunks: dict[tuple[str, int], dict[str, bytes]] = {}
         #: (group, chunk) -> the stream sequence of its stored message.
         self._seqs: dict[tuple[str, int], int] = {}
+        #: (group, chunk) -> changes queued for its writer, and the writer while it runs.
+        self._queued: dict[tuple[str, int], list[_Queued]] = {}
+        self._writers: dict[tuple[str, int], asyncio.Task[None]] = {}
         #: Server time minus local time, learnt from this process's own record.
         self._clock_offset = 0.0
         self._beat_at = 0.0
@@ -118,27 +135,39 @@ class NatsPresence:
 
     # --------------------------------------------------------- the template
 
-    async def put(self, group: str, channel: str, info: bytes) -> None:
-        """Store this process's entry; its owner record is written first when it has none."""
+    async def put(self, group: str, channel: str, info: bytes) -> QueuedWrite:
+        """Queue this process's entry for storing; its owner record is written first when it has none.
+
+        Called under the layer's presence lock, which is released before the
+        returned write is awaited: the entry is in this process's chunk by then,
+        so a change queued after it is written after (or with) it.
+        """
         await self._ensure_stream()
         if self._owner_seq is None:
             # The record first: an entry is never stored where a reaper could not see its owner.
             await self._write_owner(expected=None)
         key = (group, chunk_of(channel))
         self._chunks.setdefault(key, {})[channel] = info
-        await self._write_chunk(key, channel, f"presence_join in {group!r}")
-        if not self.layer.is_local(channel):
-            # Another process may hold this channel's entry: one entry per channel and group.
-            await self._remove_foreign(group, channel, keep=self._owner)
+        return QueuedWrite(self._joined(group, channel, self._queue(key, channel)))
 
-    async def remove(self, group: str, channel: str) -> bytes | None:
-        """Remove the entry of ``channel`` (whoever owns it); its info, or None."""
+    async def remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
+        """Remove the entry of ``channel`` (whoever owns it); its info, or None (or the queued write)."""
         await self._ensure_stream()
         key = (group, chunk_of(channel))
         info = self._chunks.get(key, {}).pop(channel, None)
         if info is not None:
-            await self._write_chunk(key, None, f"presence_leave in {group!r}")
-            if self._last_entry(group, channel):
+            done = self._queue(key, None)
+            if not self._last_entry(group, channel):
+                if self.layer.is_local(channel):
+                    return QueuedWrite(done, info)
+                await done
+            else:
+                # Every chunk written before the record goes: an entry left without its
+                # record would never be reaped. Awaited under the lock, so no join can
+                # rely meanwhile on the record about to be deleted.
+                while self._writers:
+                    await asyncio.wait(set(self._writers.values()))
+                await done
                 await self._drop_owner()
         if info is None or not self.layer.is_local(channel):
             found = await self._remove_foreign(group, channel, keep=self._owner)
@@ -210,6 +239,69 @@ class NatsPresence:
         self._chunks.clear()
         self._seqs.clear()
 
+    # -------------------------------------------------------------- writers
+
+    def _queue(
+        self, key: tuple[str, int], joining: str | None, *, waited: bool = True
+    ) -> asyncio.Future[None]:
+        """Queue chunk ``key`` for writing as it will be then; the future settles once it is."""
+        done = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(key, []).append((joining, done if waited else None))
+        if key not in self._writers:
+            self._writers[key] = self.layer.tasks.spawn(self._write_queued(key), "presence writer")
+        return done
+
+    async def _write_queued(self, key: tuple[str, int]) -> None:
+        """Write chunk ``key`` until nothing is queued for it; settle each change written."""
+        group = key[0]
+        try:
+            while queued := self._queued.pop(key, None):
+                joining = {channel for channel, _ in queued if channel is not None}
+                what = f"presence_join in {group!r}" if joining else f"presence_leave in {group!r}"
+                try:
+                    await self._write_chunk(key, joining, what)
+                except asyncio.CancelledError:
+                    # The layer is closing: fail this write's changes and those queued behind it.
+                    for _, done in queued + self._queued.pop(key, []):
+                        _settle(done, ChannelLayerClosed("the channel layer was closed"))
+                    raise
+                except Exception as exc:
+                    if all(done is None for _, done in queued):
+                        logger.warning("could not write presence in %r again: %s", group, exc)
+                    else:
+                        # The stored chunk may still hold what failed (a removal, or a join
+                        # taken back once its caller has seen it fail): written once more,
+                        # as it is then. Not retried again if that fails too.
+                        self._queued.setdefault(key, []).append((None, None))
+                    for _, done in queued:
+                        _settle(done, exc)
+                else:
+                    for _, done in queued:
+                        _settle(done, None)
+        finally:
+            del self._writers[key]
+
+    async def _joined(self, group: str, channel: str, done: asyncio.Future[None]) -> None:
+        """Wait for a join's write; take the entry back if it failed or its caller gave up."""
+        try:
+            await done
+            if not self.layer.is_local(channel):
+                # Another process may hold this channel's entry: one entry per channel and group.
+                await self._remove_foreign(group, channel, keep=self._owner)
+        except BaseException:
+            # Decided once the layer has forgotten the entry (its clean-up, this turn): a
+            # caller that saw its join fail will not leave, so nothing may stay behind.
+            asyncio.get_running_loop().call_soon(self._take_back, group, channel)
+            raise
+
+    def _take_back(self, group: str, channel: str) -> None:
+        if channel in self.layer._presence.channels(group):
+            return  # joined again meanwhile (or restored by the heartbeat): wanted after all
+        key = (group, chunk_of(channel))
+        if self._chunks.get(key, {}).pop(channel, None) is not None:
+            with contextlib.suppress(ChannelLayerClosed):  # closing: the layer removes its entries
+                self._queue(key, None, waited=False)
+
     # -------------------------------------------------------------- helpers
 
     def _last_entry(self, group: str, channel: str) -> bool:
@@ -246,13 +338,14 @@ class NatsPresence:
         if seq is not None:
             await self._delete(seq, "presence_leave")
 
-    async def _write_chunk(self, key: tuple[str, int], adding: str | None, what: str) -> None:
+    async def _write_chunk(self, key: tuple[str, int], adding: Collection[str], what: str) -> None:
         """Store this process's chunk ``key`` as it is now (delete it when empty).
 
         The write expects the sequence this process stored last: if another
         process removed one of its entries meanwhile (a ``presence_leave`` of
         a channel this process joined), the chunk is re-read and that removal
-        kept, so it is not undone.
+        kept, so it is not undone (the channels in ``adding``, and those of
+        joins queued since, are kept: they are being joined).
         """
         group, chunk = key
         subject = self.chunk_subject(group, chunk)
@@ -274,8 +367,11 @@ class NatsPresence:
                     raise
             stored = await self._last(subject)
             kept = _decode(stored.data) if stored is not None else {}
+            joining = {channel for channel, _ in self._queued.get(key, ()) if channel is not None}
             self._chunks[key] = {
-                channel: info for channel, info in entries.items() if channel in kept or channel == adding
+                channel: info
+                for channel, info in entries.items()
+                if channel in kept or channel in adding or channel in joining
             }
             self._seqs[key] = stored.seq if stored is not None else 0
         raise self.layer.unavailable(
@@ -432,6 +528,15 @@ class NatsPresence:
                     lambda: layer.unavailable(f"{what}: entries still arriving after {layer.timeout} s"),
                 )
         return found
+
+
+def _settle(done: asyncio.Future[None] | None, exc: BaseException | None) -> None:
+    if done is None or done.done():
+        return  # a take-back, or a change whose caller gave up
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)
 
 
 def chunk_of(channel: str) -> int:

@@ -8,6 +8,7 @@ private state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -1224,3 +1225,69 @@ async def test_a_leave_by_another_process_is_not_undone_by_the_owner(
     assert await other.presence("room:f") == {second: {"n": 2}}
     await owner.presence_join("room:f", second, {"n": 3}, notify=False)  # rewrites that chunk
     assert await other.presence("room:f") == {second: {"n": 3}}
+
+
+async def last_sequence(urls: list[str], namespace: str) -> int:
+    """The presence stream's last sequence: one more for every message published to it."""
+    nc = await raw_client(urls)
+    try:
+        info = await nc.jetstream().stream_info(f"{namespace}_P")
+        return info.state.last_seq
+    finally:
+        await nc.close()
+
+
+async def test_concurrent_joins_of_one_chunk_are_written_together(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # The churn soak joins 50 consumers at a time. Each join used to publish its chunk
+    # under the presence lock, one round trip after another, while the room's chat filled
+    # the waiting consumers' mailboxes; queued on the chunk's writer, they go out together.
+    urls = [nats_node.url]
+    layer = make(servers=urls, presence_timeout=300)
+    first = await layer.new_channel("ws")
+    await layer.presence_join("room:c", first, {}, notify=False)  # the stream and the owner record
+    channels: list[str] = []
+    while len(channels) < 30:
+        channel = await layer.new_channel("ws")
+        if chunk_of(channel) == chunk_of(first):
+            channels.append(channel)
+    before = await last_sequence(urls, namespace)
+    await asyncio.gather(*(layer.presence_join("room:c", c, {"c": c}, notify=False) for c in channels))
+    published = await last_sequence(urls, namespace) - before
+    assert 1 <= published < len(channels)
+    expected: dict[str, dict[str, Any]] = {first: {}} | {c: {"c": c} for c in channels}
+    assert await make(servers=urls).presence("room:c") == expected
+
+    await asyncio.gather(*(layer.presence_leave("room:c", c, notify=False) for c in channels))
+    assert await make(servers=urls).presence("room:c") == {first: {}}
+    await layer.presence_leave("room:c", first, notify=False)
+    assert await presence_subjects(urls, namespace) == {}  # the record went with the last entry
+
+
+async def test_a_join_its_caller_gave_up_on_leaves_no_entry_behind(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # Cancelled before its chunk went out, after, or while it was being written: a caller
+    # that saw its join cancelled will not leave, so its entry must not stay.
+    urls = [nats_node.url]
+    layer = make(servers=urls, presence_timeout=300)
+    await layer.presence_join("room:g", await layer.new_channel("ws"), {}, notify=False)
+    given_up = []
+    for turns in range(12):
+        channel = await layer.new_channel("ws")
+        join = asyncio.create_task(layer.presence_join("room:g", channel, {}, notify=False))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        join.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await join
+        if join.cancelled():
+            given_up.append(channel)
+        # Written after every take-back queued before it: a chunk's writes keep their order.
+        later = await layer.new_channel("ws")
+        while chunk_of(later) != chunk_of(channel):
+            later = await layer.new_channel("ws")
+        await layer.presence_join("room:g", later, {}, notify=False)
+    assert given_up  # a join that completed before its cancel is a join like any other
+    assert not set(await make(servers=urls).presence("room:g")) & set(given_up)

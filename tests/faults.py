@@ -23,6 +23,7 @@ __all__ = [
     "TcpProxy",
     "eventually",
     "fail_once",
+    "give_up_joins",
     "receiver_process",
     "restarted_after_fault",
     "send_burst",
@@ -297,3 +298,35 @@ async def eventually(
             break
         await asyncio.sleep(interval)
     pytest.fail(f"never happened: {what}")
+
+
+async def give_up_joins(
+    layer: BaseChannelLayer,
+    group: str,
+    after: Callable[[str], Awaitable[None]] | None = None,
+    rounds: int = 16,
+) -> list[str]:
+    """Start presence joins and cancel each a few more loop turns later; the channels given up.
+
+    Each round's join is cancelled after 0, 1, 2, ... loop turns: before its write
+    goes out, while it is written, or after it was stored but before its caller
+    heard. ``after(channel)`` runs after each round (by default: another, completed
+    join), so that writes queued behind a take-back are seen too. A caller that saw
+    its join cancelled will not leave: none of the channels returned may stay present.
+    """
+    given_up = []
+    for turns in range(rounds):
+        channel = await layer.new_channel("ws")
+        join = asyncio.create_task(layer.presence_join(group, channel, {}, notify=False))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        join.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await join
+        if join.cancelled():
+            given_up.append(channel)
+        if after is None:
+            await layer.presence_join(group, await layer.new_channel("ws"), {}, notify=False)
+        else:
+            await after(channel)
+    return given_up

@@ -75,7 +75,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -1590,9 +1590,46 @@ class RedisChannelLayer(BrokerChannelLayer):
             # One server runs a pipeline in order: queued now, under the layer's presence
             # lock, the change keeps its place among this process's others, and the
             # caller waits for Redis after the lock is released (no join waits for another's).
-            return QueuedWrite(self._replies(self._queue_now(*own), self._queue_now(*store)))
-        await self._in_order(self._execute(*own), self._execute(*store))
+            stored = self._replies(self._queue_now(*own), self._queue_now(*store))
+            return QueuedWrite(self._stored_or_taken_back(group, channel, stored))
+        await self._stored_or_taken_back(
+            group, channel, self._in_order(self._execute(*own), self._execute(*store))
+        )
         return None
+
+    async def _stored_or_taken_back(self, group: str, channel: str, stored: Awaitable[Any]) -> None:
+        """Wait for a join's writes; if they fail or the caller gives up, take the entry back.
+
+        A caller that saw its join fail or get cancelled will not leave, and the
+        layer forgets the entry, but the writes may be in Redis already (queued
+        commands go out whatever happens to their caller once the writer took
+        them): left there, the entry would be listed for as long as this process
+        beats.
+        """
+        try:
+            await stored
+        except BaseException:
+            # Decided on the next loop turn, once the caller's clean-up forgot the entry;
+            # by then a newer join of the same channel may hold it again.
+            asyncio.get_running_loop().call_soon(self._take_back_presence, group, channel)
+            raise
+
+    def _take_back_presence(self, group: str, channel: str) -> None:
+        if self._closed or channel in self._presence.channels(group):
+            return  # closing removes every entry of this process; or it was joined again
+        commands = [_script_call("presence_take", [self._presence_key(group)], channel)]
+        if not self._presence.channels(group):
+            token = self.client_token
+            commands.append(_script_call("presence_disown", self._presence_owner_keys(token), token, group))
+        # Queued behind the join's own writes, so it runs after them wherever they went.
+        for command in commands:
+            self._queue_now(*command).add_done_callback(self._log_take_back_failure)
+
+    def _log_take_back_failure(self, fut: asyncio.Future[Any]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None and not isinstance(exc, ChannelLayerClosed):
+            # Left for the reapers once this process stops beating.
+            logger.warning("could not take back a presence entry: %s", exc)
 
     async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
         take = _script_call("presence_take", [self._presence_key(group)], channel)

@@ -8,7 +8,6 @@ private state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, su
 from fastapi_websockets.backends.nats_presence import chunk_of
 from fastapi_websockets.exceptions import BackendUnavailable, MessageTooLarge
 from tests.conftest import layer_factory
+from tests.faults import give_up_joins
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.nats import NatsCluster, NatsNode
@@ -1273,21 +1273,14 @@ async def test_a_join_its_caller_gave_up_on_leaves_no_entry_behind(
     urls = [nats_node.url]
     layer = make(servers=urls, presence_timeout=300)
     await layer.presence_join("room:g", await layer.new_channel("ws"), {}, notify=False)
-    given_up = []
-    for turns in range(12):
-        channel = await layer.new_channel("ws")
-        join = asyncio.create_task(layer.presence_join("room:g", channel, {}, notify=False))
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        join.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await join
-        if join.cancelled():
-            given_up.append(channel)
+
+    async def join_in_the_same_chunk(channel: str) -> None:
         # Written after every take-back queued before it: a chunk's writes keep their order.
         later = await layer.new_channel("ws")
         while chunk_of(later) != chunk_of(channel):
             later = await layer.new_channel("ws")
         await layer.presence_join("room:g", later, {}, notify=False)
+
+    given_up = await give_up_joins(layer, "room:g", join_in_the_same_chunk, rounds=12)
     assert given_up  # a join that completed before its cancel is a join like any other
     assert not set(await make(servers=urls).presence("room:g")) & set(given_up)

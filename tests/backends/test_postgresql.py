@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import uuid
@@ -24,7 +23,7 @@ from fastapi_websockets import (
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.conftest import layer_factory
-from tests.faults import eventually
+from tests.faults import eventually, give_up_joins
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.postgresql import PostgresServer
@@ -1290,19 +1289,7 @@ async def test_a_join_its_caller_gave_up_on_leaves_no_entry_behind(
     # caller that saw its join cancelled will not leave, so the entry must not stay.
     layer = make(presence_timeout=300)
     await layer.presence_join("room:g", await layer.new_channel("ws"), {}, notify=False)
-    given_up = []
-    for turns in range(12):
-        channel = await layer.new_channel("ws")
-        join = asyncio.create_task(layer.presence_join("room:g", channel, {}, notify=False))
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        join.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await join
-        if join.cancelled():
-            given_up.append(channel)
-        # Written after every take-back queued before it.
-        await layer.presence_join("room:g", await layer.new_channel("ws"), {}, notify=False)
+    given_up = await give_up_joins(layer, "room:g", rounds=12)
     assert given_up  # a join that completed before its cancel is a join like any other
     stored = {row[0] for row in await db.fetch(f'SELECT channel FROM "{namespace}".presence')}
     assert not stored & set(given_up)

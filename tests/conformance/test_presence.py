@@ -10,6 +10,7 @@ import pytest
 from fastapi_websockets import BaseChannelLayer
 from fastapi_websockets.exceptions import InvalidMessage, SerializationError
 from tests.conftest import LayerFactory
+from tests.faults import give_up_joins
 from tests.servers import Backend
 
 #: Backends whose presence is not written yet: their tests must fail with NotImplementedError.
@@ -168,3 +169,15 @@ async def test_concurrent_joins_updates_and_leaves_are_all_seen_in_call_order(
         mine = sorted((event["type"], event["info"]["n"]) for event in events if event["channel"] == channel)
         joined = [("presence.joined", 1), ("presence.joined", 2)]
         assert mine == ([*joined, ("presence.left", 2)] if number % 2 else joined)
+
+
+async def test_a_join_its_caller_gave_up_on_leaves_no_entry_behind(
+    backend: Backend, make_layer: LayerFactory
+) -> None:
+    # Cancelled before its write went out, while it was written, or after it was stored
+    # but before its caller heard: that caller will not leave, so the entry must not stay.
+    layer, viewer = pair(backend, make_layer)
+    await layer.presence_join("room:g", await layer.new_channel("ws"), {}, notify=False)
+    given_up = await give_up_joins(layer, "room:g")
+    assert given_up  # a join that completed before its cancel is a join like any other
+    assert not set(await viewer.presence("room:g")) & set(given_up)

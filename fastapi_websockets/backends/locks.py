@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
-__all__ = ["KeyedLocks"]
+from fastapi_websockets.exceptions import ChannelLayerClosed
+
+__all__ = ["KeyedLocks", "SharedRounds"]
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 class _Held:
@@ -41,3 +47,64 @@ class KeyedLocks:
             held.users -= 1
             if not held.users:
                 del self._held[key]
+
+
+class _Round(Generic[A, R]):
+    __slots__ = ("args", "call", "future")
+
+    def __init__(self, call: Callable[[list[A]], Awaitable[R]]) -> None:
+        self.call = call
+        self.args: list[A] = []
+        self.future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        # A round every caller gave up on still ends; its error must not be reported as lost.
+        self.future.add_done_callback(lambda done: None if done.cancelled() else done.exception())
+
+
+class SharedRounds(Generic[A, R]):
+    """Concurrent calls for one key share one call per round instead of making one each.
+
+    A caller joins the round that has not started yet (or opens one) and gets
+    that round's result. Rounds of one key run one after the other, each in a
+    task of ``spawn``, so a round starts after every caller in it arrived: it
+    sees everything that happened before any of them called, which is what
+    makes sharing exact for reads. Cancelling a caller only stops its wait.
+    """
+
+    def __init__(self, spawn: Callable[[Coroutine[Any, Any, None], str], object], name: str) -> None:
+        self._spawn = spawn
+        self._name = name
+        self._next: dict[str, _Round[A, R]] = {}
+        self._running: set[str] = set()
+
+    async def run(self, key: str, arg: A, call: Callable[[list[A]], Awaitable[R]]) -> R:
+        """The result of the round of ``key`` that ``arg`` joins; ``call`` runs the round if this opens it."""
+        round_ = self._next.get(key)
+        if round_ is None:
+            round_ = self._next[key] = _Round(call)
+            if key not in self._running:
+                try:
+                    self._spawn(self._drive(key), f"{self._name} of {key}")
+                except BaseException:
+                    del self._next[key]
+                    raise
+                self._running.add(key)
+        round_.args.append(arg)
+        return await asyncio.shield(round_.future)
+
+    async def _drive(self, key: str) -> None:
+        try:
+            while (round_ := self._next.pop(key, None)) is not None:
+                try:
+                    result = await round_.call(round_.args)
+                except Exception as exc:
+                    round_.future.set_exception(exc)
+                except BaseException:
+                    round_.future.set_exception(ChannelLayerClosed("the channel layer was closed"))
+                    raise
+                else:
+                    round_.future.set_result(result)
+        finally:
+            self._running.discard(key)
+            waiting = self._next.pop(key, None)
+            if waiting is not None:
+                waiting.future.set_exception(ChannelLayerClosed("the channel layer was closed"))

@@ -60,7 +60,7 @@ from urllib.parse import unquote
 
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
-from fastapi_websockets.backends.locks import KeyedLocks
+from fastapi_websockets.backends.locks import KeyedLocks, SharedRounds
 from fastapi_websockets.backends.options import Memo, matching, positive, url
 from fastapi_websockets.backends.timeouts import wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
@@ -360,6 +360,10 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: history subject -> its newest entry as this layer last saw it (the next append's guess).
         self._newest: Memo[str, _Entry] = Memo()
         self._appending = KeyedLocks()
+        #: Concurrent reads of one group's history share one read per round (see _history_read).
+        self._reading: SharedRounds[int, tuple[_Entry, list[_Entry]]] = SharedRounds(
+            self.tasks.spawn, "history read"
+        )
         #: nats-py's base error class, set when the driver is imported.
         self._driver_error: type[Exception] = ChannelLayerError
         self._presence_kept: NatsPresence | None = None
@@ -1528,23 +1532,35 @@ class NATSChannelLayer(BrokerChannelLayer):
     async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
         store = await self._history_store(policy)
         subject = self._history_subject(store, group)
-        what = f"history of {group!r}"
-        newest = await self._history_last(store, subject, what)
-        while newest is None:
-            newest = await self._start_history(store, subject, what)
-        self._newest.add(subject, newest)
+        # Joiners of a busy group read its history together: one newest-entry request
+        # and at most one reader per round serve every read that arrived meanwhile.
+        newest, entries = await self._reading.run(
+            subject, after, partial(self._read_round, store, subject, f"history of {group!r}")
+        )
         if newest.offset <= after:
             return HistorySlice([], newest.offset, newest.epoch, complete=True)
         cutoff = time.time() - policy.ttl
         # Entries above the newest one read are not in this page: their live copies are.
         kept = [
             (entry.offset, entry.data)
-            for entry in await self._history_entries(store, subject, newest.seq, what)
+            for entry in entries
             if entry.epoch == newest.epoch and after < entry.offset <= newest.offset and entry.stamp > cutoff
         ]
         # Offsets are contiguous: anything missing between `after` and the newest was trimmed.
         complete = [offset for offset, _ in kept] == list(range(after + 1, newest.offset + 1))
         return HistorySlice(kept[-limit:], newest.offset, newest.epoch, complete)
+
+    async def _read_round(
+        self, store: _HistoryStore, subject: str, what: str, afters: list[int]
+    ) -> tuple[_Entry, list[_Entry]]:
+        """One round of reads of a group: its newest entry, and its entries if any read needs them."""
+        newest = await self._history_last(store, subject, what)
+        while newest is None:
+            newest = await self._start_history(store, subject, what)
+        self._newest.add(subject, newest)
+        if newest.offset <= min(afters):
+            return newest, []
+        return newest, await self._history_entries(store, subject, newest.seq, what)
 
     async def _history_entries(
         self, store: _HistoryStore, subject: str, upto: int, what: str

@@ -16,9 +16,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -44,6 +45,7 @@ from tests.servers.nats import NatsCluster, NatsNode
 
 
 Make = Callable[..., NATSChannelLayer]
+_T = TypeVar("_T")
 
 
 @pytest.fixture
@@ -1059,6 +1061,77 @@ async def test_offsets_from_several_processes_are_contiguous(
     )
     assert page.recovered
     assert [m["_position"]["offset"] for m in page.messages] == every
+
+
+async def api_requests(client: Client, during: Callable[[], Awaitable[_T]]) -> tuple[_T, Counter[str]]:
+    """What ``during()`` returns, and the JetStream API requests the server saw meanwhile, by kind."""
+    sub = await client.subscribe("$JS.API.>")
+    await client.flush()
+    result = await during()
+    await client.flush()  # every request routed before this is already queued for `sub`
+    kinds: Counter[str] = Counter()
+    while sub.pending_msgs:
+        kinds[".".join((await sub.next_msg()).subject.split(".")[2:4])] += 1
+    await sub.unsubscribe()
+    return result, kinds
+
+
+async def test_concurrent_history_reads_of_one_group_share_one_read(nats_node: NatsNode, make: Make) -> None:
+    urls = [nats_node.url]
+    writer, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
+    positions = [await writer.group_send("big:c", {"type": "m", "i": i}) for i in range(6)]
+    assert all(positions)
+    alone = [await reader.group_history("big:c", since=positions[i % 6]) for i in range(30)]
+    client = await raw_client(urls)
+    try:
+        pages, kinds = await api_requests(
+            client,
+            lambda: asyncio.gather(
+                *(reader.group_history("big:c", since=positions[i % 6]) for i in range(30))
+            ),
+        )
+    finally:
+        await client.close()
+    assert pages == alone  # each read gets its own page, as if it had read alone
+    # One round for all 30 (main: 30 newest-entry requests, 25 readers made for the 25 with entries).
+    assert kinds["STREAM.MSG"] == 1
+    assert kinds["CONSUMER.CREATE"] == 1
+
+
+async def test_a_history_read_sees_writes_that_returned_before_it_began(
+    nats_node: NatsNode, make: Make
+) -> None:
+    # A read that starts while another is running must not take that one's answer:
+    # the running one may have read the newest entry before this write was stored.
+    urls = [nats_node.url]
+    writer, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
+    for i in range(60):
+        await writer.group_send("big:s", {"type": "m", "i": i})
+    for i in range(60, 70):
+        running = asyncio.ensure_future(reader.group_history("big:s"))
+        await asyncio.sleep(0)
+        written = await writer.group_send("big:s", {"type": "m", "i": i})
+        page = await reader.group_history("big:s")
+        assert page.position == written
+        assert page.messages[-1]["i"] == i
+        assert (await running).position.offset in (i, i + 1)
+
+
+async def test_a_history_reader_that_gives_up_leaves_the_others_their_page(
+    nats_node: NatsNode, make: Make
+) -> None:
+    urls = [nats_node.url]
+    writer, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
+    for i in range(3):
+        await writer.group_send("big:g", {"type": "m", "i": i})
+    reads = [asyncio.ensure_future(reader.group_history("big:g")) for _ in range(6)]
+    await asyncio.sleep(0)
+    for read in reads[::2]:
+        read.cancel()
+    done = await asyncio.gather(*reads, return_exceptions=True)
+    assert [isinstance(page, asyncio.CancelledError) for page in done] == [True, False] * 3
+    assert [[m["i"] for m in page.messages] for page in done[1::2]] == [[0, 1, 2]] * 3  # type: ignore[union-attr]
+    assert [m["i"] for m in (await reader.group_history("big:g")).messages] == [0, 1, 2]
 
 
 async def test_cluster_history_survives_losing_its_stream_leader(

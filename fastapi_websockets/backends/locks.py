@@ -70,7 +70,9 @@ class SharedRounds(Generic[A, R]):
     makes sharing exact for reads. Cancelling a caller only stops its wait.
     """
 
-    def __init__(self, spawn: Callable[[Coroutine[Any, Any, None], str], object], name: str) -> None:
+    def __init__(
+        self, spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]], name: str
+    ) -> None:
         self._spawn = spawn
         self._name = name
         self._next: dict[str, _Round[A, R]] = {}
@@ -81,14 +83,18 @@ class SharedRounds(Generic[A, R]):
         round_ = self._next.get(key)
         if round_ is None:
             round_ = self._next[key] = _Round(call)
-            if key not in self._running:
-                try:
-                    self._spawn(self._drive(key), f"{self._name} of {key}")
-                except BaseException:
-                    del self._next[key]
-                    raise
-                self._running.add(key)
         round_.args.append(arg)
+        if key not in self._running:
+            # Before spawning: an eager task factory runs the round at once.
+            self._running.add(key)
+            try:
+                task = self._spawn(self._drive(key), f"{self._name} of {key}")
+            except BaseException:
+                self._running.discard(key)
+                self._next.pop(key, None)
+                raise
+            # A task cancelled before it ran never reaches _drive's finally.
+            task.add_done_callback(lambda done: self._end(key) if done.cancelled() else None)
         return await asyncio.shield(round_.future)
 
     async def _drive(self, key: str) -> None:
@@ -104,7 +110,10 @@ class SharedRounds(Generic[A, R]):
                 else:
                     round_.future.set_result(result)
         finally:
-            self._running.discard(key)
-            waiting = self._next.pop(key, None)
-            if waiting is not None:
-                waiting.future.set_exception(ChannelLayerClosed("the channel layer was closed"))
+            self._end(key)
+
+    def _end(self, key: str) -> None:
+        self._running.discard(key)
+        waiting = self._next.pop(key, None)
+        if waiting is not None:
+            waiting.future.set_exception(ChannelLayerClosed("the channel layer was closed"))

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from fastapi_websockets.backends.backoff import Backoff
+from fastapi_websockets.backends.locks import SharedRounds
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive, url
 from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.timeouts import reply_within, wait_event, within
@@ -227,6 +228,55 @@ async def test_supervisor_close_cancels_and_awaits_everything() -> None:
 
 
 # ------------------------------------------------------------- waiter queue
+
+
+async def test_shared_rounds_serve_callers_that_arrive_meanwhile_in_the_next_round() -> None:
+    tasks = TaskSupervisor("fastapi_websockets.test")
+    rounds: SharedRounds[int, list[int]] = SharedRounds(tasks.spawn, "read")
+    calls: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def call(args: list[int]) -> list[int]:
+        calls.append(list(args))
+        await gate.wait()
+        return sorted(args)
+
+    first = [asyncio.ensure_future(rounds.run("k", i, call)) for i in range(3)]
+    await asyncio.sleep(0.01)  # the first round is running, waiting for the gate
+    second = [asyncio.ensure_future(rounds.run("k", i, call)) for i in range(3, 5)]
+    other = asyncio.ensure_future(rounds.run("other", 9, call))
+    await asyncio.sleep(0.01)
+    assert calls == [[0, 1, 2], [9]]  # the second round waits for the first
+    gate.set()
+    assert await asyncio.gather(*first) == [[0, 1, 2]] * 3
+    assert await asyncio.gather(*second) == [[3, 4]] * 2
+    assert await other == [9]
+    assert calls == [[0, 1, 2], [9], [3, 4]]
+    await tasks.close()
+
+
+async def test_shared_rounds_give_every_caller_the_error_and_end_waits_on_close() -> None:
+    tasks = TaskSupervisor("fastapi_websockets.test")
+    rounds: SharedRounds[int, int] = SharedRounds(tasks.spawn, "read")
+
+    async def fail(args: list[int]) -> int:
+        raise BackendUnavailable("down")
+
+    results = await asyncio.gather(*(rounds.run("k", i, fail) for i in range(3)), return_exceptions=True)
+    assert [type(result) for result in results] == [BackendUnavailable] * 3
+
+    async def never(args: list[int]) -> int:
+        await asyncio.Event().wait()
+        return 0
+
+    running = [asyncio.ensure_future(rounds.run("k", i, never)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    waiting = asyncio.ensure_future(rounds.run("k", 2, never))
+    unstarted = asyncio.ensure_future(rounds.run("j", 0, never))
+    await asyncio.sleep(0)  # the round of "j" has a task that has not run yet
+    await tasks.close()
+    results = await asyncio.wait_for(asyncio.gather(*running, waiting, unstarted, return_exceptions=True), 5)
+    assert [type(result) for result in results] == [ChannelLayerClosed] * 4
 
 
 async def test_waiter_queue_hands_items_over_in_arrival_order() -> None:

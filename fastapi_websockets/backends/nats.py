@@ -130,6 +130,8 @@ _NO_MESSAGE = 10037
 _READER_IDLE = 30.0
 #: Seconds a history read waits for a replica that lags behind the stream leader.
 _REPLICA_LAG = 1.0
+#: Positions of a group's history remembered with their stream sequences (see _read_round).
+_MARKS = 16
 #: Seconds after which the server delivers an inbox message again when its acknowledgement
 #: did not come (it was lost with a dropped connection).
 _INBOX_ACK_WAIT = 5.0
@@ -360,6 +362,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: history subject -> its newest entry as this layer last saw it (the next append's guess).
         self._newest: Memo[str, _Entry] = Memo()
         self._appending = KeyedLocks()
+        #: history subject -> its last entries this layer read as newest or appended: where
+        #: a read of what follows one of them can start in the stream.
+        self._marks: Memo[str, deque[_Entry]] = Memo(lambda _: deque(maxlen=_MARKS))
         #: Concurrent reads of one group's history share one read per round (see _history_read).
         self._reading: SharedRounds[int, tuple[_Entry, list[_Entry]]] = SharedRounds(
             self.tasks.spawn, "history read"
@@ -1497,7 +1502,9 @@ class NATSChannelLayer(BrokerChannelLayer):
                 raw = await self._in_history(store, what, partial(self.js.get_msg, store.name, seq=ack.seq))
                 mine = _entry_of(raw.seq, raw.headers, 0.0, b"", subject)
                 return StreamPosition(mine.offset, mine.epoch)
-            self._newest.add(subject, _Entry(ack.seq, after + 1, epoch, writer, 0.0, b""))
+            appended = _Entry(ack.seq, after + 1, epoch, writer, 0.0, b"")
+            self._newest.add(subject, appended)
+            self._marks(subject).append(appended)
             return StreamPosition(after + 1, epoch)
 
     async def _history_last(self, store: _HistoryStore, subject: str, what: str) -> _Entry | None:
@@ -1558,14 +1565,24 @@ class NATSChannelLayer(BrokerChannelLayer):
         while newest is None:
             newest = await self._start_history(store, subject, what)
         self._newest.add(subject, newest)
-        if newest.offset <= min(afters):
+        lowest = min(afters)
+        marks = self._marks(subject)
+        # Within one epoch offsets grow with stream sequences: every entry after a
+        # remembered one sits after its sequence (a catch-up from the end of the
+        # page just read streams only what came since, not the whole page again).
+        start = max(
+            (m.seq for m in marks if m.epoch == newest.epoch and m.offset <= lowest and m.seq <= newest.seq),
+            default=0,
+        )
+        marks.append(newest)
+        if newest.offset <= lowest:
             return newest, []
-        return newest, await self._history_entries(store, subject, newest.seq, what)
+        return newest, await self._history_entries(store, subject, newest.seq, what, after=start)
 
     async def _history_entries(
-        self, store: _HistoryStore, subject: str, upto: int, what: str
+        self, store: _HistoryStore, subject: str, upto: int, what: str, *, after: int = 0
     ) -> list[_Entry]:
-        """The stored entries of a group up to stream sequence ``upto``, oldest first.
+        """The stored entries of a group after stream sequence ``after`` up to ``upto``, oldest first.
 
         An ephemeral push consumer without acks streams them to a private inbox
         (one request, then the entries); it is deleted in the background.
@@ -1580,6 +1597,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             kind="history",
             what=what,
             idle=_READER_IDLE,
+            after=after,
             add=lambda config: self._in_history(
                 store, what, partial(self.js.add_consumer, store.name, config)
             ),
@@ -1624,6 +1642,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         idle: float,
         add: Callable[[ConsumerConfig], Awaitable[ConsumerInfo]],
         last_per_subject: bool = False,
+        after: int = 0,
         cb: Callable[[Msg], Awaitable[None]] | None = None,
     ) -> AsyncIterator[tuple[Subscription, ConsumerInfo]]:
         """An ephemeral push consumer without acks streaming ``subjects`` of ``stream`` to a private inbox.
@@ -1632,8 +1651,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         recovery), then the messages flow to the yielded subscription, or to
         ``cb``; the yielded info's ``num_pending`` says how many will come. On exit
         the subscription ends and the consumer is deleted in the background; the
-        server drops it after ``idle`` seconds anyway. History and presence reads
-        both read this way.
+        server drops it after ``idle`` seconds anyway. With ``after``, it starts at
+        the next stream sequence. History and presence reads both read this way.
         """
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -1642,10 +1661,15 @@ class NATSChannelLayer(BrokerChannelLayer):
             sub = await self.nc.subscribe(inbox, cb=cb)
         except self._driver_error as exc:
             raise self._translate(exc, what) from exc
+        if last_per_subject:
+            policy = DeliverPolicy.LAST_PER_SUBJECT
+        else:
+            policy = DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL
         config = ConsumerConfig(
             deliver_subject=inbox,
             filter_subject=subjects,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL,
+            deliver_policy=policy,
+            opt_start_seq=after + 1 if after else None,
             ack_policy=AckPolicy.NONE,
             mem_storage=True,
             num_replicas=1,
@@ -1684,6 +1708,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                 if _error_code(exc) != _STREAM_NOT_FOUND:
                     raise
         self._newest.clear()
+        self._marks.clear()
 
     # ---------------------------------------------------------------- presence
     # Kept in a stream of its own (see nats_presence.py), made on the first presence call.

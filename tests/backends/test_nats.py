@@ -25,11 +25,13 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from fastapi_websockets import (
     BaseChannelLayer,
     ChannelLayerClosed,
     InvalidChannelLayerConfig,
+    StreamPosition,
     get_channel_layer_from_env,
 )
 from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, subject_token, token_to_name
@@ -1063,17 +1065,20 @@ async def test_offsets_from_several_processes_are_contiguous(
     assert [m["_position"]["offset"] for m in page.messages] == every
 
 
-async def api_requests(client: Client, during: Callable[[], Awaitable[_T]]) -> tuple[_T, Counter[str]]:
-    """What ``during()`` returns, and the JetStream API requests the server saw meanwhile, by kind."""
+async def api_requests(client: Client, during: Callable[[], Awaitable[_T]]) -> tuple[_T, list[Msg]]:
+    """What ``during()`` returns, and the JetStream API requests the server saw meanwhile."""
     sub = await client.subscribe("$JS.API.>")
     await client.flush()
     result = await during()
     await client.flush()  # every request routed before this is already queued for `sub`
-    kinds: Counter[str] = Counter()
-    while sub.pending_msgs:
-        kinds[".".join((await sub.next_msg()).subject.split(".")[2:4])] += 1
+    requests = [await sub.next_msg() for _ in range(sub.pending_msgs)]
     await sub.unsubscribe()
-    return result, kinds
+    return result, requests
+
+
+def by_kind(requests: list[Msg]) -> Counter[str]:
+    """``CONSUMER.CREATE``, ``STREAM.MSG``... -> how many such requests."""
+    return Counter(".".join(msg.subject.split(".")[2:4]) for msg in requests)
 
 
 async def test_concurrent_history_reads_of_one_group_share_one_read(nats_node: NatsNode, make: Make) -> None:
@@ -1084,7 +1089,7 @@ async def test_concurrent_history_reads_of_one_group_share_one_read(nats_node: N
     alone = [await reader.group_history("big:c", since=positions[i % 6]) for i in range(30)]
     client = await raw_client(urls)
     try:
-        pages, kinds = await api_requests(
+        pages, requests = await api_requests(
             client,
             lambda: asyncio.gather(
                 *(reader.group_history("big:c", since=positions[i % 6]) for i in range(30))
@@ -1094,8 +1099,45 @@ async def test_concurrent_history_reads_of_one_group_share_one_read(nats_node: N
         await client.close()
     assert pages == alone  # each read gets its own page, as if it had read alone
     # One round for all 30 (main: 30 newest-entry requests, 25 readers made for the 25 with entries).
-    assert kinds["STREAM.MSG"] == 1
-    assert kinds["CONSUMER.CREATE"] == 1
+    assert by_kind(requests)["STREAM.MSG"] == 1
+    assert by_kind(requests)["CONSUMER.CREATE"] == 1
+
+
+async def test_a_catch_up_from_a_position_this_layer_read_streams_only_what_follows(
+    nats_node: NatsNode, make: Make
+) -> None:
+    urls = [nats_node.url]
+    writer, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
+    for i in range(50):
+        await writer.group_send("big:m", {"type": "m", "i": i})
+    page = await reader.group_history("big:m")  # the demo's join: the page, then a catch-up from its end
+    for i in range(50, 53):
+        await writer.group_send("big:m", {"type": "m", "i": i})
+    client = await raw_client(urls)
+    try:
+        caught_up, requests = await api_requests(
+            client, lambda: reader.group_history("big:m", since=page.position)
+        )
+        # From a position it never saw, the reader streams the whole page again.
+        whole, whole_requests = await api_requests(
+            client, lambda: reader.group_history("big:m", since=StreamPosition(10, page.position.epoch))
+        )
+    finally:
+        await client.close()
+    assert [m["i"] for m in caught_up.messages] == [50, 51, 52]
+    assert caught_up.recovered
+    assert [m["i"] for m in whole.messages] == list(range(10, 53))
+    assert whole.recovered
+    creates = [
+        json.loads(msg.data)["config"]
+        for msg in requests + whole_requests
+        if "CONSUMER.CREATE" in msg.subject
+    ]
+    # The catch-up's reader starts after the entry at the page's end: 3 entries streamed, not 53.
+    assert [(c["deliver_policy"], c.get("opt_start_seq")) for c in creates] == [
+        ("by_start_sequence", 51),
+        ("all", None),
+    ]
 
 
 async def test_a_history_read_sees_writes_that_returned_before_it_began(

@@ -1081,13 +1081,21 @@ def by_kind(requests: list[Msg]) -> Counter[str]:
     return Counter(".".join(msg.subject.split(".")[2:4]) for msg in requests)
 
 
-async def test_concurrent_history_reads_of_one_group_share_one_read(nats_node: NatsNode, make: Make) -> None:
-    urls = [nats_node.url]
+async def filled_room(
+    node: NatsNode, make: Make, group: str, count: int
+) -> tuple[NATSChannelLayer, NATSChannelLayer, list[StreamPosition]]:
+    """A writer and a reader layer on ``node``; the writer sent ``count`` messages to ``group``."""
+    urls = [node.url]
     writer, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
-    positions = [await writer.group_send("big:c", {"type": "m", "i": i}) for i in range(6)]
+    positions = [await writer.group_send(group, {"type": "m", "i": i}) for i in range(count)]
     assert all(positions)
+    return writer, reader, [position for position in positions if position is not None]
+
+
+async def test_concurrent_history_reads_of_one_group_share_one_read(nats_node: NatsNode, make: Make) -> None:
+    _, reader, positions = await filled_room(nats_node, make, "big:c", 6)
     alone = [await reader.group_history("big:c", since=positions[i % 6]) for i in range(30)]
-    client = await raw_client(urls)
+    client = await raw_client([nats_node.url])
     try:
         pages, requests = await api_requests(
             client,
@@ -1106,14 +1114,11 @@ async def test_concurrent_history_reads_of_one_group_share_one_read(nats_node: N
 async def test_a_catch_up_from_a_position_this_layer_read_streams_only_what_follows(
     nats_node: NatsNode, make: Make
 ) -> None:
-    urls = [nats_node.url]
-    writer, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
-    for i in range(50):
-        await writer.group_send("big:m", {"type": "m", "i": i})
+    writer, reader, _ = await filled_room(nats_node, make, "big:m", 50)
     page = await reader.group_history("big:m")  # the demo's join: the page, then a catch-up from its end
     for i in range(50, 53):
         await writer.group_send("big:m", {"type": "m", "i": i})
-    client = await raw_client(urls)
+    client = await raw_client([nats_node.url])
     try:
         caught_up, requests = await api_requests(
             client, lambda: reader.group_history("big:m", since=page.position)
@@ -1145,10 +1150,7 @@ async def test_a_history_read_sees_writes_that_returned_before_it_began(
 ) -> None:
     # A read that starts while another is running must not take that one's answer:
     # the running one may have read the newest entry before this write was stored.
-    urls = [nats_node.url]
-    writer, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
-    for i in range(60):
-        await writer.group_send("big:s", {"type": "m", "i": i})
+    writer, reader, _ = await filled_room(nats_node, make, "big:s", 60)
     for i in range(60, 70):
         running = asyncio.ensure_future(reader.group_history("big:s"))
         await asyncio.sleep(0)
@@ -1162,10 +1164,7 @@ async def test_a_history_read_sees_writes_that_returned_before_it_began(
 async def test_a_history_reader_that_gives_up_leaves_the_others_their_page(
     nats_node: NatsNode, make: Make
 ) -> None:
-    urls = [nats_node.url]
-    writer, reader = make(servers=urls, history=HISTORY), make(servers=urls, history=HISTORY)
-    for i in range(3):
-        await writer.group_send("big:g", {"type": "m", "i": i})
+    _, reader, _ = await filled_room(nats_node, make, "big:g", 3)
     reads = [asyncio.ensure_future(reader.group_history("big:g")) for _ in range(6)]
     await asyncio.sleep(0)
     for read in reads[::2]:

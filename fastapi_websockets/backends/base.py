@@ -635,7 +635,11 @@ class BaseChannelLayer(abc.ABC):
         await self._ensure_started()
         async with self._presence_lock:
             first = not self._presence
-            queued = await self._presence_put(group, channel, data)
+            try:
+                queued = await self._presence_put(group, channel, data)
+            except BaseException:
+                self._take_back(group, channel)
+                raise
             self._presence.add(group, channel, data)
         if first:
             self._presence_started()
@@ -643,10 +647,9 @@ class BaseChannelLayer(abc.ABC):
             try:
                 await queued.stored
             except BaseException:
-                # Not stored, or not known to be (the backend took it back): a caller
-                # that saw this fail will not leave, so nothing may stay behind.
                 if self._presence.members(group).get(channel) is data:
                     self._presence.remove(group, channel)
+                self._take_back(group, channel)
                 raise
         if notify:
             await self._send_event(group, presence_event(PRESENCE_JOINED, group, channel, details))
@@ -664,7 +667,12 @@ class BaseChannelLayer(abc.ABC):
         async with self._presence_lock:
             removed = await self._presence_remove(group, channel)
             self._presence.remove(group, channel)
-        data = await _stored(removed)
+        try:
+            data = await _stored(removed)
+        except Exception:
+            # A cancelled caller's removal is still written; a failed one is queued once more.
+            self._take_back(group, channel)
+            raise
         if notify and data is not None:
             await self._announce_left(group, channel, data)
 
@@ -680,6 +688,18 @@ class BaseChannelLayer(abc.ABC):
             if info is not None:
                 present[channel] = info
         return present
+
+    def _take_back(self, group: str, channel: str) -> None:
+        """Remove from the broker an entry a join or a leave may have left there, unless it is wanted.
+
+        Called when a join failed or its caller gave up (a caller that saw that will
+        not leave), and when a queued removal failed. The write may have been applied
+        anyway (it was queued, or its reply was lost), so unless the layer holds the
+        entry again (joined meanwhile; it is decided here, once the caller forgot it),
+        a removal is queued behind it. Closing removes every entry this process owns.
+        """
+        if not self._closed and channel not in self._presence.channels(group):
+            self._presence_take_back(group, channel)
 
     async def _announce_left(self, group: str, channel: str, data: bytes) -> None:
         info = self.decode_or_drop(data, f"the presence of group {group!r}") or {}
@@ -919,6 +939,15 @@ class BaseChannelLayer(abc.ABC):
     async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
         """Remove an entry; return its info, or None if there was none (or a :class:`QueuedWrite`)."""
         raise NotImplementedError(f"{type(self).__name__} does not keep presence yet")
+
+    def _presence_take_back(self, group: str, channel: str) -> None:  # noqa: B027 - optional hook
+        """Queue the removal of this process's entry ``channel`` in ``group``, without waiting.
+
+        Queued behind every presence change queued before it (the join or leave it
+        takes back included), so it applies after them; a failure is logged, not
+        raised. Backends whose writes are awaited in full under the presence lock
+        (in memory) have nothing to take back.
+        """
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         """The entries of ``group`` whose process is alive: ``{channel: info}``."""

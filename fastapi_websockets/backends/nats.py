@@ -1685,6 +1685,9 @@ class NATSChannelLayer(BrokerChannelLayer):
     async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
         return await self._presence_store().remove(group, channel)
 
+    def _presence_take_back(self, group: str, channel: str) -> None:
+        self._presence_store().take_back(group, channel)
+
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         return await self._presence_store().read(group)
 

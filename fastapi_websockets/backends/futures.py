@@ -1,0 +1,33 @@
+"""Settling the futures that backends hand to callers waiting for a broker's reply."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import TypeVar
+
+__all__ = ["settle", "settle_all"]
+
+T = TypeVar("T")
+
+
+def settle(fut: asyncio.Future[T] | None, outcome: T | BaseException) -> None:
+    """Give ``fut`` the result ``outcome``, or raise it there if it is an exception.
+
+    A future already done is left alone: its waiter gave up (cancelling it), or
+    another path settled it first (a reply arriving after a timeout, a close
+    failing what a writer was about to settle). ``None`` stands for a change
+    nobody waits for, and is skipped too, so writers need no special case.
+    """
+    if fut is None or fut.done():
+        return
+    if isinstance(outcome, BaseException):
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)
+
+
+def settle_all(futs: Iterable[asyncio.Future[T] | None], outcome: T | BaseException) -> None:
+    """:func:`settle` every future of ``futs`` with the same ``outcome``."""
+    for fut in futs:
+        settle(fut, outcome)

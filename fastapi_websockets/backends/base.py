@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any, ClassVar
 
 from fastapi_websockets import observing
+from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.options import Memo, positive, positive_int
 from fastapi_websockets.exceptions import (
     ChannelFull,
@@ -723,24 +724,43 @@ class BaseChannelLayer(abc.ABC):
         async with self._beat_lock:
             if self._presence and await self._presence_beat():
                 async with self._presence_lock:
-                    # The broker lost our record (restarted without persistence): store ours again.
-                    for group, channel, data in self._presence.items():
-                        await _stored(await self._presence_put(group, channel, data))
+                    # The broker lost our record (restarted without persistence): store ours
+                    # again, every write queued before any is waited for (and each waited for).
+                    puts: list[QueuedWrite | None] = []
+                    try:
+                        for entry in self._presence.items():
+                            puts.append(await self._presence_put(*entry))
+                    finally:
+                        await wait_all([_stored(put) for put in puts])
         for group, channel, data in await self._presence_reap():
             logger.info("presence: %r left %r (its process stopped answering)", channel, group)
             await self._announce_left(group, channel, data)
 
     async def _leave_presence_on_close(self) -> None:
-        for group, channel, data in self._presence.items():
-            try:
-                await _stored(await self._presence_remove(group, channel))
+        removals: list[tuple[str, str, bytes, bytes | QueuedWrite | None]] = []
+        try:
+            for group, channel, data in self._presence.items():
+                try:
+                    removals.append((group, channel, data, await self._presence_remove(group, channel)))
+                except ChannelLayerError as exc:
+                    _not_removed(group, channel, exc)
+                    continue
                 # Forgotten one by one, as presence_leave does: a backend can tell the last
                 # entry of a group (or of this layer) and drop its own records with it.
                 self._presence.remove(group, channel)
-                await self._announce_left(group, channel, data)
-            except ChannelLayerError as exc:
-                logger.warning("could not remove presence of %r in %r on close: %s", channel, group, exc)
+        finally:
+            # Every removal is queued before any is waited for; each entry is announced once removed.
+            await wait_all([self._left_on_close(*removal) for removal in removals])
         self._presence.clear()
+
+    async def _left_on_close(
+        self, group: str, channel: str, data: bytes, removal: bytes | QueuedWrite | None
+    ) -> None:
+        try:
+            await _stored(removal)
+            await self._announce_left(group, channel, data)
+        except ChannelLayerError as exc:
+            _not_removed(group, channel, exc)
 
     async def flush(self) -> None:
         """Drop every message and group this layer's storage holds (for tests)."""
@@ -1011,6 +1031,10 @@ async def _stored(change: bytes | QueuedWrite | None) -> bytes | None:
         await change.stored
         return change.info
     return change
+
+
+def _not_removed(group: str, channel: str, exc: ChannelLayerError) -> None:
+    logger.warning("could not remove presence of %r in %r on close: %s", channel, group, exc)
 
 
 def _presence_info(info: object) -> dict[str, Any]:

@@ -1,12 +1,12 @@
-"""Settling the futures that backends hand to callers waiting for a broker's reply."""
+"""Settling the futures that backends hand to callers waiting for a broker's reply, and waiting for many."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import TypeVar
 
-__all__ = ["settle", "settle_all"]
+__all__ = ["settle", "settle_all", "wait_all"]
 
 T = TypeVar("T")
 
@@ -31,3 +31,18 @@ def settle_all(futs: Iterable[asyncio.Future[T] | None], outcome: T | BaseExcept
     """:func:`settle` every future of ``futs`` with the same ``outcome``."""
     for fut in futs:
         settle(fut, outcome)
+
+
+async def wait_all(waits: Sequence[Awaitable[object]]) -> None:
+    """Await every one of ``waits`` concurrently; once all are done, raise the first failure.
+
+    Unlike a plain :func:`asyncio.gather`, nothing is left running when one fails
+    early, and no later failure goes unseen by being marked retrieved.
+    """
+    if len(waits) == 1:
+        await waits[0]
+    elif waits:
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        failed = next((result for result in results if isinstance(result, BaseException)), None)
+        if failed is not None:
+            raise failed

@@ -81,7 +81,7 @@ from urllib.parse import urlsplit
 
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
-from fastapi_websockets.backends.futures import settle, settle_all
+from fastapi_websockets.backends.futures import settle, settle_all, wait_all
 from fastapi_websockets.backends.options import Memo, flag, matching
 from fastapi_websockets.backends.options import url as url_option
 from fastapi_websockets.backends.timeouts import bounded, reply_within, wait_event, within
@@ -1623,10 +1623,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         command: an entry Redis stored but whose reply was lost stays until this process
         stops beating and a reaper removes it.
         """
-        results = await asyncio.gather(*(self._reply(fut) for fut in futures), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await wait_all([self._reply(fut) for fut in futures])
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         entries, (now, owners) = await asyncio.gather(

@@ -13,10 +13,10 @@ per backend, for two steps:
 * ``close``: ``close()`` removes every entry and announces each as left.
 
 Counted: on Redis the pipelined writes the layer sent (calls of its writer's
-``_write``, each one round trip) and the commands Redis ran (``INFO
-commandstats``); on PostgreSQL the operations the layer ran on pooled connections
-(calls of ``_with_conn``, each one statement or one transaction; the server's
-``xact_commit`` was tried and rejected: background work commits there too).
+``_write``, each one round trip); on PostgreSQL the operations the layer ran on
+pooled connections (calls of ``_with_conn``, each one statement or one
+transaction; the server's ``xact_commit`` was tried and rejected: background
+work commits there too).
 The ``present after`` column checks the step did its job. Counts, not times:
 they do not depend on the machine's load.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -52,41 +53,41 @@ async def join(layer: Any, entries: int) -> None:
         await layer.presence_join(f"room:{index % GROUPS}", channel, {"n": index}, notify=False)
 
 
+async def count_steps(
+    backend: str,
+    make: Callable[..., Any],
+    method: str,
+    unit: str,
+    lose: Callable[[], Awaitable[Any]],
+    entries: int,
+) -> None:
+    """Print the calls of ``method`` made by a layer of ``make`` to restore and to close."""
+    viewer = make()
+    for step in ("restore", "close"):
+        layer = make(presence_timeout=300)
+        await join(layer, entries)
+        await asyncio.sleep(0.2)  # the first scheduled beat has run
+        counts: dict[str, int] = {}
+        counting(layer, method, counts)
+        if step == "restore":
+            await lose()
+            await layer.presence_heartbeat()
+        else:
+            await layer.close()
+        present = sum([len(await viewer.presence(f"room:{g}")) for g in range(GROUPS)])
+        print(f"{backend} {step:8} {entries} entries: {counts[method]:3} {unit}; present after: {present}")
+        await layer.close()
+    await viewer.close()
+
+
 async def redis_counts(url: str, entries: int) -> None:
     import redis.asyncio as redis_asyncio
 
     from fastapi_websockets.backends.redis import RedisChannelLayer
 
     raw = redis_asyncio.Redis.from_url(url)
-
-    async def commands() -> int:
-        stats = await raw.info("commandstats")
-        return sum(
-            v["calls"] for k, v in stats.items() if not k.startswith(("cmdstat_info", "cmdstat_flushall"))
-        )
-
-    viewer = RedisChannelLayer(url=url, prefix="count")
-    for step in ("restore", "close"):
-        layer = RedisChannelLayer(url=url, prefix="count", presence_timeout=300)
-        await join(layer, entries)
-        await asyncio.sleep(0.2)  # the first scheduled beat has run
-        counts: dict[str, int] = {}
-        counting(layer, "_write", counts)
-        if step == "restore":
-            await raw.flushall()
-            before = await commands()
-            await layer.presence_heartbeat()
-        else:
-            before = await commands()
-            await layer.close()
-        ran = await commands() - before
-        present = sum([len(await viewer.presence(f"room:{g}")) for g in range(GROUPS)])
-        print(
-            f"redis {step:8} {entries} entries: {counts['_write']:3} pipelined writes, {ran:3} commands; "
-            f"present after: {present}"
-        )
-        await layer.close()
-    await viewer.close()
+    make = functools.partial(RedisChannelLayer, url=url, prefix="count")
+    await count_steps("redis", make, "_write", "pipelined writes", raw.flushall, entries)
     await raw.aclose()
 
 
@@ -96,25 +97,9 @@ async def postgresql_counts(dsn: str, entries: int) -> None:
     from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
 
     raw = await asyncpg.connect(dsn)
-    viewer = PostgreSQLChannelLayer(dsn=dsn, schema="count")
-    for step in ("restore", "close"):
-        layer = PostgreSQLChannelLayer(dsn=dsn, schema="count", presence_timeout=300)
-        await join(layer, entries)
-        await asyncio.sleep(0.2)  # the first scheduled beat has run
-        counts: dict[str, int] = {}
-        counting(layer, "_with_conn", counts)
-        if step == "restore":
-            await raw.execute("DELETE FROM count.presence; DELETE FROM count.presence_owner")
-            await layer.presence_heartbeat()
-        else:
-            await layer.close()
-        present = sum([len(await viewer.presence(f"room:{g}")) for g in range(GROUPS)])
-        print(
-            f"postgresql {step:8} {entries} entries: {counts['_with_conn']:3} pooled operations; "
-            f"present after: {present}"
-        )
-        await layer.close()
-    await viewer.close()
+    make = functools.partial(PostgreSQLChannelLayer, dsn=dsn, schema="count")
+    lose = functools.partial(raw.execute, "DELETE FROM count.presence; DELETE FROM count.presence_owner")
+    await count_steps("postgresql", make, "_with_conn", "pooled operations", lose, entries)
     await raw.close()
 
 

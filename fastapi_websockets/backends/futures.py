@@ -37,7 +37,8 @@ async def wait_all(waits: Sequence[Awaitable[object]]) -> None:
     """Await every one of ``waits`` concurrently; once all are done, raise the first failure.
 
     Unlike a plain :func:`asyncio.gather`, nothing is left running when one fails
-    early, and no later failure goes unseen by being marked retrieved.
+    early. Later failures are not raised: each write's own caller (or its log line)
+    reports it.
     """
     if len(waits) == 1:
         await waits[0]

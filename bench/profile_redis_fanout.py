@@ -50,20 +50,28 @@ def main() -> None:
     parser.add_argument("--receivers", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=6)
+    parser.add_argument(
+        "--row",
+        action="append",
+        default=None,
+        help="a Redis row of the shared benchmark to measure (repeatable; default: redis)",
+    )
     args = parser.parse_args()
+    redis_rows = args.row or ["redis"]
     rows: list[tuple[str, harness.Impl]] = [
         ("inmemory", harness.find_impl("inmemory", "inmemory")),
-        ("redis", harness.find_impl("redis", "redis")),
+        *((name, harness.find_impl("redis", name)) for name in redis_rows),
     ]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in rows}
     with bench_redis.server() as redis_server:
-        servers: dict[str, Any] = {"inmemory": {}, "redis": {"broker": "redis", **redis_server}}
+        servers: dict[str, Any] = {"inmemory": {}}
+        servers.update({name: {"broker": "redis", **redis_server} for name in redis_rows})
         for index in range(args.repeat):
             for name, impl in rows if index % 2 == 0 else rows[::-1]:
                 result = asyncio.run(measure(impl, servers[name], args.receivers, args.rounds))
                 results[name].append(result)
                 print(
-                    f"{index} {name:8} client CPU {result['cpu_ms']:6.2f} ms/round  "
+                    f"{index} {name:22} client CPU {result['cpu_ms']:6.2f} ms/round  "
                     f"Redis CPU {result['server_ms']:5.2f} ms/round  wall p50 {result['wall_ms']:6.2f} ms  "
                     f"load {os.getloadavg()[0]:.1f}",
                     flush=True,
@@ -74,19 +82,21 @@ def main() -> None:
     }
     for name, med in medians.items():
         print(
-            f"median {name:8} client CPU {med['cpu_ms']:6.2f} ms/round  "
+            f"median {name:22} client CPU {med['cpu_ms']:6.2f} ms/round  "
             f"Redis CPU {med['server_ms']:5.2f} ms/round  wall p50 {med['wall_ms']:6.2f} ms"
         )
-    memory, redis = medians["inmemory"], medians["redis"]
-    per_run = [
-        m["cpu_ms"] / (r["cpu_ms"] + r["server_ms"])
-        for m, r in zip(results["inmemory"], results["redis"], strict=True)
-    ]
-    print(
-        "in-memory CPU / Redis CPU (client + server) per round: "
-        f"{memory['cpu_ms'] / (redis['cpu_ms'] + redis['server_ms']):.2f} (medians); "
-        f"per run: {', '.join(f'{ratio:.2f}' for ratio in per_run)}"
-    )
+    memory = medians["inmemory"]
+    for name in redis_rows:
+        redis = medians[name]
+        per_run = [
+            m["cpu_ms"] / (r["cpu_ms"] + r["server_ms"])
+            for m, r in zip(results["inmemory"], results[name], strict=True)
+        ]
+        print(
+            f"in-memory CPU / {name} CPU (client + server) per round: "
+            f"{memory['cpu_ms'] / (redis['cpu_ms'] + redis['server_ms']):.2f} (medians); "
+            f"per run: {', '.join(f'{ratio:.2f}' for ratio in per_run)}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ class QueuedWrite:
     one channel): the layer awaits ``stored`` after releasing its presence
     lock, so concurrent joins wait for the broker together instead of one
     after another. ``stored`` raises if the change was not stored (or not
-    known to be); the backend has taken it back by then. ``info`` is what a
-    removal removed.
+    known to be), or when its caller is cancelled; the change may be applied
+    all the same, so the layer then calls the backend's ``_presence_take_back``
+    (unless it holds the entry again), which queues a removal behind it.
+    ``info`` is what a removal removed.
     """
 
     stored: Awaitable[None]

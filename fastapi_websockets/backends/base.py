@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any, ClassVar
 
 from fastapi_websockets import observing
+from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.options import Memo, positive, positive_int
 from fastapi_websockets.exceptions import (
     ChannelFull,
@@ -635,7 +636,11 @@ class BaseChannelLayer(abc.ABC):
         await self._ensure_started()
         async with self._presence_lock:
             first = not self._presence
-            queued = await self._presence_put(group, channel, data)
+            try:
+                queued = await self._presence_put(group, channel, data)
+            except BaseException:
+                self._take_back(group, channel)
+                raise
             self._presence.add(group, channel, data)
         if first:
             self._presence_started()
@@ -643,10 +648,9 @@ class BaseChannelLayer(abc.ABC):
             try:
                 await queued.stored
             except BaseException:
-                # Not stored, or not known to be (the backend took it back): a caller
-                # that saw this fail will not leave, so nothing may stay behind.
                 if self._presence.members(group).get(channel) is data:
                     self._presence.remove(group, channel)
+                self._take_back(group, channel)
                 raise
         if notify:
             await self._send_event(group, presence_event(PRESENCE_JOINED, group, channel, details))
@@ -664,7 +668,12 @@ class BaseChannelLayer(abc.ABC):
         async with self._presence_lock:
             removed = await self._presence_remove(group, channel)
             self._presence.remove(group, channel)
-        data = await _stored(removed)
+        try:
+            data = await _stored(removed)
+        except Exception:
+            # A cancelled caller's removal is still written; a failed one is queued once more.
+            self._take_back(group, channel)
+            raise
         if notify and data is not None:
             await self._announce_left(group, channel, data)
 
@@ -680,6 +689,18 @@ class BaseChannelLayer(abc.ABC):
             if info is not None:
                 present[channel] = info
         return present
+
+    def _take_back(self, group: str, channel: str) -> None:
+        """Remove from the broker an entry a join or a leave may have left there, unless it is wanted.
+
+        Called when a join failed or its caller gave up (a caller that saw that will
+        not leave), and when a queued removal failed. The write may have been applied
+        anyway (it was queued, or its reply was lost), so unless the layer holds the
+        entry again (joined meanwhile; it is decided here, once the caller forgot it),
+        a removal is queued behind it. Closing removes every entry this process owns.
+        """
+        if not self._closed and channel not in self._presence.channels(group):
+            self._presence_take_back(group, channel)
 
     async def _announce_left(self, group: str, channel: str, data: bytes) -> None:
         info = self.decode_or_drop(data, f"the presence of group {group!r}") or {}
@@ -703,24 +724,43 @@ class BaseChannelLayer(abc.ABC):
         async with self._beat_lock:
             if self._presence and await self._presence_beat():
                 async with self._presence_lock:
-                    # The broker lost our record (restarted without persistence): store ours again.
-                    for group, channel, data in self._presence.items():
-                        await _stored(await self._presence_put(group, channel, data))
+                    # The broker lost our record (restarted without persistence): store ours
+                    # again, every write queued before any is waited for (and each waited for).
+                    puts: list[QueuedWrite | None] = []
+                    try:
+                        for entry in self._presence.items():
+                            puts.append(await self._presence_put(*entry))
+                    finally:
+                        await wait_all([_stored(put) for put in puts])
         for group, channel, data in await self._presence_reap():
             logger.info("presence: %r left %r (its process stopped answering)", channel, group)
             await self._announce_left(group, channel, data)
 
     async def _leave_presence_on_close(self) -> None:
-        for group, channel, data in self._presence.items():
-            try:
-                await _stored(await self._presence_remove(group, channel))
+        removals: list[tuple[str, str, bytes, bytes | QueuedWrite | None]] = []
+        try:
+            for group, channel, data in self._presence.items():
+                try:
+                    removals.append((group, channel, data, await self._presence_remove(group, channel)))
+                except ChannelLayerError as exc:
+                    _not_removed(group, channel, exc)
+                    continue
                 # Forgotten one by one, as presence_leave does: a backend can tell the last
                 # entry of a group (or of this layer) and drop its own records with it.
                 self._presence.remove(group, channel)
-                await self._announce_left(group, channel, data)
-            except ChannelLayerError as exc:
-                logger.warning("could not remove presence of %r in %r on close: %s", channel, group, exc)
+        finally:
+            # Every removal is queued before any is waited for; each entry is announced once removed.
+            await wait_all([self._left_on_close(*removal) for removal in removals])
         self._presence.clear()
+
+    async def _left_on_close(
+        self, group: str, channel: str, data: bytes, removal: bytes | QueuedWrite | None
+    ) -> None:
+        try:
+            await _stored(removal)
+            await self._announce_left(group, channel, data)
+        except ChannelLayerError as exc:
+            _not_removed(group, channel, exc)
 
     async def flush(self) -> None:
         """Drop every message and group this layer's storage holds (for tests)."""
@@ -920,6 +960,15 @@ class BaseChannelLayer(abc.ABC):
         """Remove an entry; return its info, or None if there was none (or a :class:`QueuedWrite`)."""
         raise NotImplementedError(f"{type(self).__name__} does not keep presence yet")
 
+    def _presence_take_back(self, group: str, channel: str) -> None:  # noqa: B027 - optional hook
+        """Queue the removal of this process's entry ``channel`` in ``group``, without waiting.
+
+        Queued behind every presence change queued before it (the join or leave it
+        takes back included), so it applies after them; a failure is logged, not
+        raised. Backends whose writes are awaited in full under the presence lock
+        (in memory) have nothing to take back.
+        """
+
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         """The entries of ``group`` whose process is alive: ``{channel: info}``."""
         raise NotImplementedError(f"{type(self).__name__} does not keep presence yet")
@@ -982,6 +1031,10 @@ async def _stored(change: bytes | QueuedWrite | None) -> bytes | None:
         await change.stored
         return change.info
     return change
+
+
+def _not_removed(group: str, channel: str, exc: ChannelLayerError) -> None:
+    logger.warning("could not remove presence of %r in %r on close: %s", channel, group, exc)
 
 
 def _presence_info(info: object) -> dict[str, Any]:

@@ -52,7 +52,7 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -60,6 +60,7 @@ from urllib.parse import unquote
 
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
+from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.locks import KeyedLocks, SharedRounds
 from fastapi_websockets.backends.options import Memo, matching, positive, url
 from fastapi_websockets.backends.timeouts import wait_event, within
@@ -1314,7 +1315,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         known = self._last_owners.get(group) or ()
         payload = _frame(_TO_GROUP, group, data)
         what = f"group_send to {group!r}"
-        await _all_stored(
+        await wait_all(
             [
                 *(self._store_in_inbox(token, payload, what) for token in known),
                 self._send_to_listed(group, data, payload, known),
@@ -1329,7 +1330,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         stores = [self._store_in_inbox(token, payload, what) for token in owners if token not in known]
         if named:
             stores.append(self._send_to_named_members(group, data))
-        await _all_stored(stores)
+        await wait_all(stores)
 
     async def _send_to_named_members(self, group: str, data: bytes) -> None:
         """Store ``data`` for each named member of ``group``; full members are skipped and counted.
@@ -1337,7 +1338,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         Membership is read from the server at the time of the call, so a named
         member added (by any process) before the group_send gets it.
         """
-        await _all_stored(
+        await wait_all(
             [self._send_to_named_member(group, channel, data) for channel in await self._named_members(group)]
         )
 
@@ -1726,6 +1727,9 @@ class NATSChannelLayer(BrokerChannelLayer):
     async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
         return await self._presence_store().remove(group, channel)
 
+    def _presence_take_back(self, group: str, channel: str) -> None:
+        self._presence_store().take_back(group, channel)
+
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         return await self._presence_store().read(group)
 
@@ -1752,17 +1756,6 @@ class NATSChannelLayer(BrokerChannelLayer):
         # The owner keys went with the bucket.
         self._owned.clear()
         self._last_owners.clear()
-
-
-async def _all_stored(stores: Sequence[Awaitable[None]]) -> None:
-    """Await every store concurrently; once all are done, raise the first failure."""
-    if len(stores) == 1:
-        await stores[0]
-    elif stores:
-        results = await asyncio.gather(*stores, return_exceptions=True)
-        failed = next((result for result in results if isinstance(result, BaseException)), None)
-        if failed is not None:
-            raise failed
 
 
 def _joined(value: bytes | None) -> float:

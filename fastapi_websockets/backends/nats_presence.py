@@ -36,7 +36,6 @@ acks, in memory, one replica) that streams every match in one go.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
+from fastapi_websockets.backends.futures import settle
 from fastapi_websockets.backends.nats import (
     _ATTEMPT_TIMEOUT,
     _EXPECTED_HEADER,
@@ -148,7 +148,8 @@ class NatsPresence:
             await self._write_owner(expected=None)
         key = (group, chunk_of(channel))
         self._chunks.setdefault(key, {})[channel] = info
-        return QueuedWrite(self._joined(group, channel, self._queue(key, channel)))
+        done = self._queue(key, channel)
+        return QueuedWrite(done if self.layer.is_local(channel) else self._joined(group, channel, done))
 
     async def remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
         """Remove the entry of ``channel`` (whoever owns it); its info, or None (or the queued write)."""
@@ -263,44 +264,34 @@ class NatsPresence:
                 except asyncio.CancelledError:
                     # The layer is closing: fail this write's changes and those queued behind it.
                     for _, done in queued + self._queued.pop(key, []):
-                        _settle(done, ChannelLayerClosed("the channel layer was closed"))
+                        settle(done, ChannelLayerClosed("the channel layer was closed"))
                     raise
                 except Exception as exc:
                     if all(done is None for _, done in queued):
                         logger.warning("could not write presence in %r again: %s", group, exc)
                     else:
                         # The stored chunk may still hold what failed (a removal, or a join
-                        # taken back once its caller has seen it fail): written once more,
-                        # as it is then. Not retried again if that fails too.
+                        # its caller saw fail and the layer took back), or lack a restored
+                        # entry: written once more, as it is then. Not retried again.
                         self._queued.setdefault(key, []).append((None, None))
                     for _, done in queued:
-                        _settle(done, exc)
+                        settle(done, exc)
                 else:
                     for _, done in queued:
-                        _settle(done, None)
+                        settle(done, None)
         finally:
             del self._writers[key]
 
     async def _joined(self, group: str, channel: str, done: asyncio.Future[None]) -> None:
-        """Wait for a join's write; take the entry back if it failed or its caller gave up."""
-        try:
-            await done
-            if not self.layer.is_local(channel):
-                # Another process may hold this channel's entry: one entry per channel and group.
-                await self._remove_foreign(group, channel, keep=self._owner)
-        except BaseException:
-            # Decided once the layer has forgotten the entry (its clean-up, this turn): a
-            # caller that saw its join fail will not leave, so nothing may stay behind.
-            asyncio.get_running_loop().call_soon(self._take_back, group, channel)
-            raise
+        await done
+        # Another process may hold this channel's entry: one entry per channel and group.
+        await self._remove_foreign(group, channel, keep=self._owner)
 
-    def _take_back(self, group: str, channel: str) -> None:
-        if channel in self.layer._presence.channels(group):
-            return  # joined again meanwhile (or restored by the heartbeat): wanted after all
+    def take_back(self, group: str, channel: str) -> None:
+        """Queue this process's chunk holding ``channel`` without it, behind its writes queued before."""
         key = (group, chunk_of(channel))
         if self._chunks.get(key, {}).pop(channel, None) is not None:
-            with contextlib.suppress(ChannelLayerClosed):  # closing: the layer removes its entries
-                self._queue(key, None, waited=False)
+            self._queue(key, None, waited=False)
 
     # -------------------------------------------------------------- helpers
 
@@ -528,15 +519,6 @@ class NatsPresence:
                     lambda: layer.unavailable(f"{what}: entries still arriving after {layer.timeout} s"),
                 )
         return found
-
-
-def _settle(done: asyncio.Future[None] | None, exc: BaseException | None) -> None:
-    if done is None or done.done():
-        return  # a take-back, or a change whose caller gave up
-    if exc is None:
-        done.set_result(None)
-    else:
-        done.set_exception(exc)
 
 
 def chunk_of(channel: str) -> int:

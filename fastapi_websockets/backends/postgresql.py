@@ -56,6 +56,7 @@ from urllib.parse import parse_qsl
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
+from fastapi_websockets.backends.futures import settle
 from fastapi_websockets.backends.options import Memo, flag, matching, positive, positive_int, url
 from fastapi_websockets.backends.timeouts import wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
@@ -657,42 +658,28 @@ class _PresenceWriter:
     held across each change's round trip, and under churn joins and leaves waited for
     each other's. Here one task writes everything queued meanwhile in one statement, one
     statement after another; within one, an entry's last change is what applying them in
-    turn would leave. A join whose caller gave up before it went out is not written; one
-    that was written (or may have been) and that its caller gave up on or saw fail, and a
-    removal that failed, are taken back by a removal queued behind them, unless a later
-    change of that entry is queued or the layer holds the entry again.
+    turn would leave. A join whose caller gave up before it went out is not written.
     """
 
     def __init__(
         self,
         write: Callable[[list[_Change]], Awaitable[None]],
-        wanted: Callable[[str, str], bool],
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
     ) -> None:
         self._write = write
-        self._wanted = wanted
         self._spawn = spawn
         self._queue: deque[_Change] = deque()
         self._task: asyncio.Task[None] | None = None
 
-    def queue(self, group: str, channel: str, info: bytes | None) -> Coroutine[Any, Any, None]:
+    def queue(self, group: str, channel: str, info: bytes | None) -> asyncio.Future[None]:
         """Queue a change behind every change queued before it; await the result to see it written."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        change = _Change(group, channel, info, done)
-        self._append(change)
-        return self._written(change)
+        self._append(_Change(group, channel, info, done))
+        return done
 
-    async def _written(self, change: _Change) -> None:
-        assert change.done is not None  # a caller's change
-        try:
-            await change.done
-        except asyncio.CancelledError:
-            written = change.done.done() and not change.done.cancelled() and not change.done.exception()
-            if written and change.info is not None:
-                # Stored, but the caller was cancelled before it heard so: it will not
-                # leave. Decided once its clean-up (this turn) has forgotten the entry.
-                asyncio.get_running_loop().call_soon(self._take_back, [change])
-            raise
+    def take_back(self, group: str, channel: str) -> None:
+        """Queue the removal of an entry behind every change queued before it; nobody waits for it."""
+        self._append(_Change(group, channel, None, None))
 
     def queued(self) -> set[tuple[str, str]]:
         """The entries with a change still waiting to be written."""
@@ -700,8 +687,8 @@ class _PresenceWriter:
 
     def fail(self, exc: BaseException) -> None:
         """Fail every waiting change (the layer is closing)."""
-        while self._queue:
-            _settle(self._queue.popleft(), exc)
+        _settled(list(self._queue), exc)
+        self._queue.clear()
 
     def _append(self, change: _Change) -> None:
         self._queue.append(change)
@@ -729,51 +716,23 @@ class _PresenceWriter:
                 try:
                     await self._write(batch)
                 except asyncio.CancelledError:
-                    for change in taken:
-                        _settle(change, ChannelLayerClosed("the channel layer was closed"))
+                    _settled(taken, ChannelLayerClosed("the channel layer was closed"))
                     raise
                 except Exception as exc:
-                    for change in taken:
-                        _settle(change, exc)
-                    doubtful = batch
+                    # The layer takes back the joins that failed and retries the removals.
+                    _settled(taken, exc)
                 else:
-                    for change in taken:
-                        _settle(change, None)
-                    doubtful = [change for change in batch if _given_up(change)]
-                if doubtful:
-                    # Callers woken above forget their entries before this goes on.
-                    await asyncio.sleep(0)
-                    self._take_back(doubtful)
+                    _settled(taken, None)
         finally:
             self._task = None
 
-    def _take_back(self, changes: list[_Change]) -> None:
-        later = self.queued()
-        for change in changes:
-            if change.done is None and change.info is None:
-                continue  # a take-back that failed: logged, not tried again
-            key = (change.group, change.channel)
-            if key not in later and not self._wanted(*key):
-                # Closing: the layer removes every entry it owns as it closes.
-                with contextlib.suppress(ChannelLayerClosed):
-                    self._append(_Change(change.group, change.channel, None, None))
 
-
-def _given_up(change: _Change) -> bool:
-    """Whether ``change`` stores an entry whose caller was cancelled while it was written."""
-    return change.info is not None and change.done is not None and change.done.cancelled()
-
-
-def _settle(change: _Change, exc: BaseException | None) -> None:
-    done = change.done
-    if done is None:
-        if exc is not None:
+def _settled(changes: list[_Change], exc: BaseException | None) -> None:
+    """Settle the callers' changes; log a take-back that failed (the entry waits for the reapers)."""
+    for change in changes:
+        if change.done is None and exc is not None:
             logger.warning("could not take back presence of %r in %r: %s", change.channel, change.group, exc)
-    elif not done.done():
-        if exc is None:
-            done.set_result(None)
-        else:
-            done.set_exception(exc)
+        settle(change.done, exc)
 
 
 class PostgreSQLChannelLayer(BrokerChannelLayer):
@@ -867,11 +826,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._presence_setup = asyncio.Lock()
         #: Our liveness record was found missing by a join: the next beat restores our entries.
         self._presence_lost = False
-        self._presence_writer = _PresenceWriter(
-            self._write_presence,
-            lambda group, channel: channel in self._presence.channels(group),
-            self.tasks.spawn,
-        )
+        self._presence_writer = _PresenceWriter(self._write_presence, self.tasks.spawn)
 
     # ------------------------------------------------------------ connection
 
@@ -1703,6 +1658,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             await stored
             return None
         return QueuedWrite(stored)
+
+    def _presence_take_back(self, group: str, channel: str) -> None:
+        if self._presence_ready:  # no presence table made or seen yet: nothing was written
+            self._presence_writer.take_back(group, channel)
 
     async def _presence_remove(self, group: str, channel: str) -> bytes | QueuedWrite | None:
         ours = self._presence.members(group).get(channel)

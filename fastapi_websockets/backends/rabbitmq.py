@@ -1984,6 +1984,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     async def _presence_remove(self, group: str, channel: str) -> QueuedWrite | None:
         return await self._replica().remove(group, channel)
 
+    def _presence_take_back(self, group: str, channel: str) -> None:
+        self._replica().take_back(group, channel)
+
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         return await self._replica().read(group)
 

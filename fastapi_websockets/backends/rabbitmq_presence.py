@@ -32,7 +32,6 @@ The broker holds no per-member state: only messages in flight.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi_websockets.backends.timeouts import within
-from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
+from fastapi_websockets.exceptions import BackendUnavailable
 from fastapi_websockets.names import new_token
 from fastapi_websockets.presence import LocalPresence, QueuedWrite
 
@@ -106,6 +105,8 @@ class RabbitPresence:
         self._started: asyncio.Task[None] | None = None
         self._sync: tuple[str, int, set[str], asyncio.Future[None]] | None = None
         self._barriers: dict[str, asyncio.Future[None]] = {}
+        #: The confirm channel's queue of the last entry published: take-backs go behind it.
+        self._outlet: PublishQueue | None = None
 
     # ------------------------------------------------------------ joining
 
@@ -228,33 +229,20 @@ class RabbitPresence:
         sent = self._queue(
             queue, _PUT, info, key=PRESENCE_ROUTING_KEY, headers={"v": self.version, "g": group, "c": channel}
         )
-        return QueuedWrite(self._settle_put(queue, sent, group, channel, info))
+        self._outlet = queue
+        return QueuedWrite(sent)
 
-    async def _settle_put(
-        self, queue: PublishQueue, sent: Coroutine[Any, Any, None], group: str, channel: str, info: bytes
-    ) -> None:
-        try:
-            await sent
-        except BaseException:
-            # Not known to be stored (failed, or the caller gave up): taken back, unless
-            # a later change replaced it, with a removal queued behind it. If that one
-            # is lost too, the replicas see the version gap at the next beat and ask.
-            if self.published.members(group).get(channel) is info:
-                self.published.remove(group, channel)
-                self.version += 1
-                # Closing: the replicas drop this owner with all its entries.
-                with contextlib.suppress(ChannelLayerClosed):
-                    self.layer._spawn(
-                        self._queue(
-                            queue,
-                            _REMOVE,
-                            b"",
-                            key=PRESENCE_ROUTING_KEY,
-                            headers={"v": self.version, "g": group, "c": channel},
-                        ),
-                        "presence take-back",
-                    )
-            raise
+    def take_back(self, group: str, channel: str) -> None:
+        """Queue the removal of an entry published here (a join not known to be stored) behind it.
+
+        If that one is lost too, the replicas see the version gap at the next beat and ask.
+        """
+        if self._outlet is None or self.published.remove(group, channel) is None:
+            return
+        self.version += 1
+        headers = {"v": self.version, "g": group, "c": channel}
+        sent = self._queue(self._outlet, _REMOVE, b"", key=PRESENCE_ROUTING_KEY, headers=headers)
+        self.layer._spawn(sent, "presence take-back")
 
     async def remove(self, group: str, channel: str) -> QueuedWrite | None:
         """Queue the removal of an entry: ours directly, another process's by asking its owner."""

@@ -75,12 +75,13 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
+from fastapi_websockets.backends.futures import settle, settle_all, wait_all
 from fastapi_websockets.backends.options import Memo, flag, matching
 from fastapi_websockets.backends.options import url as url_option
 from fastapi_websockets.backends.timeouts import bounded, reply_within, wait_event, within
@@ -674,21 +675,6 @@ def _script_call(name: str, keys: Iterable[str], *args: Any) -> tuple[Any, ...]:
     return ("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys, *args)
 
 
-def _settle(fut: asyncio.Future[Any], result: Any) -> None:
-    if fut.done():
-        return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)
-
-
-def _settle_all(futs: list[asyncio.Future[None]], result: BaseException | None) -> None:
-    """Settle every future of ``futs`` still pending (a second call finds them done)."""
-    for fut in futs:
-        _settle(fut, result)
-
-
 def _nothing() -> None:
     pass
 
@@ -696,7 +682,7 @@ def _nothing() -> None:
 def _settle_pushes(futs: list[asyncio.Future[Any]], result: Any) -> None:
     """Settle the pushes of one script call: the first ``result`` entries went in."""
     for index, fut in enumerate(futs):
-        _settle(fut, result if isinstance(result, BaseException) else index < int(result))
+        settle(fut, result if isinstance(result, BaseException) else index < int(result))
 
 
 def _deadline(entry: bytes) -> int:
@@ -1136,7 +1122,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         queue, self._queue = self._queue, []
         for command, fut in queue:
             if not fut.done():
-                jobs.append((command, functools.partial(_settle, fut)))
+                jobs.append((command, functools.partial(settle, fut)))
         pending, self._inbox_pending = self._inbox_pending, {}
         sha = _SCRIPTS["push_inbox"].sha
         for token, items in pending.items():
@@ -1164,17 +1150,17 @@ class RedisChannelLayer(BrokerChannelLayer):
             jobs = self._take_jobs()
             written, self._written = self._written, []
             if not jobs:
-                _settle_all(written, None)  # their commands were given up on: nothing to wait for
+                settle_all(written, None)  # their commands were given up on: nothing to wait for
                 continue
             try:
                 results = await self._run_pipeline(
-                    [command for command, _ in jobs], functools.partial(_settle_all, written, None)
+                    [command for command, _ in jobs], functools.partial(settle_all, written, None)
                 )
             except asyncio.CancelledError:
                 closed = ChannelLayerClosed("the channel layer was closed")
-                _settle_all(written, closed)
-                for _, settle in jobs:
-                    settle(closed)
+                settle_all(written, closed)
+                for _, outcome in jobs:
+                    outcome(closed)
                 raise
             except self._conn_errors as exc:
                 results = [self.unavailable(exc)] * len(jobs)
@@ -1183,11 +1169,11 @@ class RedisChannelLayer(BrokerChannelLayer):
             except self._redis_errors as exc:
                 results = [self._refused("the command", exc)] * len(jobs)
             # Not written (the write failed before it went out): the reason is every job's.
-            _settle_all(written, results[0] if isinstance(results[0], ChannelLayerError) else None)
-            for (command, settle), result in zip(jobs, results, strict=True):
+            settle_all(written, results[0] if isinstance(results[0], ChannelLayerError) else None)
+            for (command, outcome), result in zip(jobs, results, strict=True):
                 if isinstance(result, Exception) and not isinstance(result, ChannelLayerError):
                     result = self._refused(command[0], result)
-                settle(result)
+                outcome(result)
 
     def _refused(self, command: str, exc: BaseException) -> ChannelLayerError:
         return ChannelLayerError(f"Redis refused {command}: {self.redact(str(exc))}")
@@ -1296,9 +1282,9 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     def _fail_queue(self, exc: BaseException) -> None:
         written, self._written = self._written, []
-        _settle_all(written, exc)
-        for _, settle in self._take_jobs():
-            settle(exc)
+        settle_all(written, exc)
+        for _, outcome in self._take_jobs():
+            outcome(exc)
 
     # ------------------------------------------------------------ sending
 
@@ -1590,38 +1576,17 @@ class RedisChannelLayer(BrokerChannelLayer):
             # One server runs a pipeline in order: queued now, under the layer's presence
             # lock, the change keeps its place among this process's others, and the
             # caller waits for Redis after the lock is released (no join waits for another's).
-            stored = self._replies(self._queue_now(*own), self._queue_now(*store))
-            return QueuedWrite(self._stored_or_taken_back(group, channel, stored))
-        await self._stored_or_taken_back(
-            group, channel, self._in_order(self._execute(*own), self._execute(*store))
-        )
+            return QueuedWrite(self._replies(self._queue_now(*own), self._queue_now(*store)))
+        await self._in_order(self._execute(*own), self._execute(*store))
         return None
 
-    async def _stored_or_taken_back(self, group: str, channel: str, stored: Awaitable[Any]) -> None:
-        """Wait for a join's writes; if they fail or the caller gives up, take the entry back.
-
-        A caller that saw its join fail or get cancelled will not leave, and the
-        layer forgets the entry, but the writes may be in Redis already (queued
-        commands go out whatever happens to their caller once the writer took
-        them): left there, the entry would be listed for as long as this process
-        beats.
-        """
-        try:
-            await stored
-        except BaseException:
-            # Decided on the next loop turn, once the caller's clean-up forgot the entry;
-            # by then a newer join of the same channel may hold it again.
-            asyncio.get_running_loop().call_soon(self._take_back_presence, group, channel)
-            raise
-
-    def _take_back_presence(self, group: str, channel: str) -> None:
-        if self._closed or channel in self._presence.channels(group):
-            return  # closing removes every entry of this process; or it was joined again
+    def _presence_take_back(self, group: str, channel: str) -> None:
+        # Queued commands go out whatever happens to their caller once the writer took
+        # them; queued behind them, the removal runs after them wherever they went.
         commands = [_script_call("presence_take", [self._presence_key(group)], channel)]
         if not self._presence.channels(group):
             token = self.client_token
             commands.append(_script_call("presence_disown", self._presence_owner_keys(token), token, group))
-        # Queued behind the join's own writes, so it runs after them wherever they went.
         for command in commands:
             self._queue_now(*command).add_done_callback(self._log_take_back_failure)
 
@@ -1658,10 +1623,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         command: an entry Redis stored but whose reply was lost stays until this process
         stops beating and a reaper removes it.
         """
-        results = await asyncio.gather(*(self._reply(fut) for fut in futures), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await wait_all([self._reply(fut) for fut in futures])
 
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         entries, (now, owners) = await asyncio.gather(

@@ -317,7 +317,60 @@ WITH gone AS (
     SELECT {s}.group_leave($1, $2, $3) AS done
 ),
 {_notice(s, "l", "gone", "$4", "$5")}"""
-        self.group_send = _fan_out(s)
+        # Many group messages without history in one statement (in order): for each,
+        # one row per other process with members and one per named member with room.
+        # A named channel's count adds the earlier messages of the batch (``k``): the
+        # statement sees only rows stored before it. One NOTIFY per inbox row, in id
+        # order, which follows the input order.
+        self.group_send = f"""
+WITH sent AS (
+    SELECT * FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS g(group_name, data, n)
+),
+inboxes AS (
+    -- One row per other process with members, naming only the group: that
+    -- process delivers to its own record of its members.
+    INSERT INTO {s}.message (queue, targets, expires_at, data)
+    SELECT '!' || o.owner, ARRAY[NULL, 'g', g.group_name], now() + make_interval(secs => $3), g.data
+    FROM sent AS g JOIN {s}.group_owner AS o ON o.group_name = g.group_name
+    WHERE o.expires_at > now() AND o.owner <> $4
+    ORDER BY g.n, o.owner
+    RETURNING id, queue, targets[3] AS group_name, data
+),
+members AS (
+    SELECT g.n, g.data, m.channel, m.capacity,
+        row_number() OVER (PARTITION BY m.channel ORDER BY g.n) AS k
+    FROM sent AS g JOIN {s}.group_member AS m ON m.group_name = g.group_name
+    WHERE m.owner IS NULL AND m.expires_at > now()
+),
+admitted AS (
+    SELECT * FROM members AS m
+    WHERE (
+        SELECT count(*) FROM {s}.message AS q WHERE q.queue = m.channel AND q.expires_at > now()
+    ) + m.k <= m.capacity
+),
+named AS (
+    INSERT INTO {s}.message (queue, expires_at, data)
+    SELECT channel, now() + make_interval(secs => $3), data FROM admitted ORDER BY n
+    RETURNING queue
+),
+woken AS (
+    SELECT pg_notify(
+        {_notify_sql("$5", "note.queue")},
+        CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
+    )
+    FROM (
+        SELECT queue, payload FROM (
+            SELECT i.id, i.queue, 'g' || i.id || ' ' || i.group_name || ' - - '
+                || translate(encode(i.data, 'base64'), E'\\n', '') AS payload
+            FROM inboxes AS i
+            UNION ALL
+            SELECT NULL, queue, '' FROM named
+        ) AS line ORDER BY id
+    ) AS note
+)
+SELECT (SELECT count(*) FROM woken) AS woken,
+    (SELECT count(*) FROM members) - (SELECT count(*) FROM admitted) AS skipped
+"""
         self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_owner; DELETE FROM {s}.group_member"
         self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
         self.history_send = f"SELECT * FROM {s}.history_send($1, $2, $3, $4, $5, $6, $7, $8)"
@@ -635,7 +688,9 @@ $fn$;
 
 
 #: A send waiting to be written: (inbox queue, channel, data, done).
-_Outgoing = tuple[str, str, bytes, "asyncio.Future[None]"]
+#: A write for the outbox: (inbox queue, channel, data, done) for a send, or
+#: (None, group, data, done) for a group message without history.
+_Outgoing = tuple[str | None, str, bytes, "asyncio.Future[None]"]
 
 
 @dataclass(slots=True)
@@ -1494,36 +1549,56 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             raise ChannelFull(channel, capacity)
 
     async def _send_to_inbox(self, channel: str, data: bytes) -> None:
-        # Sends made while a write is in flight go out together in the next
-        # statement: one round trip and one commit for many messages, without
-        # delaying a lone send.
+        await self._queue_write(_inbox_queue(process_token(channel)), channel, data)
+
+    def _queue_write(self, queue: str | None, target: str, data: bytes) -> asyncio.Future[None]:
+        """Queue a send (``queue``: the inbox of ``target``) or a group message (``queue`` None).
+
+        Writes made while a statement is in flight go out together in the next
+        one: one round trip, one pooled connection and one commit for many
+        messages, without delaying a lone one. One writer, statements in the
+        order their writes were queued, so no write overtakes an earlier one.
+        """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outbox.append((_inbox_queue(process_token(channel)), channel, data, done))
+        self._outbox.append((queue, target, data, done))
         if self._outbox_task is None:
             self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
-        await done
+        return done
+
+    def _take_outbox(self) -> list[_Outgoing]:
+        """The next statement's writes: queued sends, or queued group messages, in order."""
+        batch: list[_Outgoing] = []
+        kind: bool | None = None
+        while self._outbox and len(batch) < _SEND_BATCH:
+            entry = self._outbox[0]
+            if kind is not None and (entry[0] is None) != kind:
+                break
+            self._outbox.popleft()
+            if not entry[3].done():  # its caller was cancelled before it went out
+                batch.append(entry)
+                kind = entry[0] is None
+        return batch
 
     async def _write_outbox(self) -> None:
         expiry = float(self.channel_expiry)
         try:
             while self._outbox:
-                batch: list[_Outgoing] = []
-                while self._outbox and len(batch) < _SEND_BATCH:
-                    entry = self._outbox.popleft()
-                    if not entry[3].done():  # its sender was cancelled before it went out
-                        batch.append(entry)
+                batch = self._take_outbox()
                 if not batch:
                     continue
                 try:
-                    await self._write_batch(batch, expiry)
+                    if batch[0][0] is None:
+                        await self._write_group_batch(batch, expiry)
+                    else:
+                        await self._write_batch(batch, expiry)
                 except asyncio.CancelledError:
                     _fail(batch, ChannelLayerClosed("the channel layer was closed"))
                     raise
                 except Exception as exc:
-                    # Handed to every sender of the batch, each of which re-raises it.
+                    # Handed to every caller of the batch, each of which re-raises it.
                     _fail(batch, exc)
                     if isinstance(exc, BackendUnavailable):
-                        # Sends queued meanwhile have waited as long: fail them too
+                        # Writes queued meanwhile have waited as long: fail them too
                         # rather than start another timeout for them.
                         _fail(self._outbox, exc)
                         self._outbox.clear()
@@ -1547,6 +1622,19 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 self._sql.send_inboxes, queues, channels, data, expiry, chunks, self.schema
             )
         )
+
+    async def _write_group_batch(self, batch: list[_Outgoing], expiry: float) -> None:
+        groups = [entry[1] for entry in batch]
+        data = [entry[2] for entry in batch]
+        row = await self._with_conn(
+            lambda conn: conn.fetchrow(
+                self._sql.group_send, groups, data, expiry, self.client_token, self.schema
+            )
+        )
+        if row is not None and row["skipped"]:
+            logger.debug(
+                "group_send to %s skipped %d full named channel(s)", sorted(set(groups)), row["skipped"]
+            )
 
     async def _receive_remote(self, channel: str) -> Message:
         waiters = self._named.get(channel)
@@ -1612,18 +1700,13 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        expiry = float(self.channel_expiry)
-        row = await self._with_conn(
-            lambda conn: conn.fetchrow(
-                self._sql.group_send, group, data, expiry, self.client_token, self.schema
-            )
-        )
-        if row is None:  # cannot happen: the query aggregates into one row
-            return
+        written = self._queue_write(None, group, data)
+        # Our own members are served now, not when the statement returns (no other
+        # process's row is for them, so they get it once): a caller that then sees
+        # the write fail has already delivered it here, and only here.
         if group in self.local_groups:
             self.deliver_to_local_members(group, self.decode(data))
-        if row["skipped"]:
-            logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
+        await written
 
     async def _group_send_history(
         self, group: str, message: Message, policy: HistoryPolicy

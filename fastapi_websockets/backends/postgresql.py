@@ -1700,13 +1700,12 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        written = self._queue_write(None, group, data)
-        # Our own members are served now, not when the statement returns (no other
-        # process's row is for them, so they get it once): a caller that then sees
-        # the write fail has already delivered it here, and only here.
+        await self._queue_write(None, group, data)
+        # Our own members only once the statement has committed (serving them when
+        # queued measured no faster: a round's time is their wake-ups, which overlap
+        # the round trip either way), so a caller that sees an error delivered nothing.
         if group in self.local_groups:
             self.deliver_to_local_members(group, self.decode(data))
-        await written
 
     async def _group_send_history(
         self, group: str, message: Message, policy: HistoryPolicy

@@ -687,7 +687,6 @@ $fn$;
 """
 
 
-#: A send waiting to be written: (inbox queue, channel, data, done).
 #: A write for the outbox: (inbox queue, channel, data, done) for a send, or
 #: (None, group, data, done) for a group message without history.
 _Outgoing = tuple[str | None, str, bytes, "asyncio.Future[None]"]

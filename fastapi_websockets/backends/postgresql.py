@@ -373,7 +373,15 @@ SELECT (SELECT count(*) FROM woken) AS woken,
 """
         self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_owner; DELETE FROM {s}.group_member"
         self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
-        self.history_send = f"SELECT * FROM {s}.history_send($1, $2, $3, $4, $5, $6, $7, $8)"
+        # Messages to one history group ($1), one history_send call each, in order: the
+        # function locks the group's counter first, so the calls take offsets in turn.
+        self.history_send_many = f"""
+SELECT h.position_offset, h.position_epoch, h.skipped
+FROM unnest($2::bytea[], $6::text[], $7::float8[], $8::bigint[])
+    WITH ORDINALITY AS m(data, epoch, ttl, size, n)
+CROSS JOIN LATERAL {s}.history_send($1, m.data, $3, $4, $5, m.epoch, m.ttl, m.size) AS h
+ORDER BY m.n
+"""
         self.history_append = f"SELECT * FROM {s}.history_append($1, $2, $3, $4, $5)"
         self.history_read = f"SELECT * FROM {s}.history_read($1, $2, $3, $4, $5)"
         self.prune_history = f"""
@@ -687,9 +695,30 @@ $fn$;
 """
 
 
-#: A write for the outbox: (inbox queue, channel, data, done) for a send, or
-#: (None, group, data, done) for a group message without history.
-_Outgoing = tuple[str | None, str, bytes, "asyncio.Future[None]"]
+@dataclass(slots=True)
+class _Outgoing:
+    """A write waiting in the outbox: a send, or a group message with or without history."""
+
+    #: The inbox of the send's channel; None for a group message.
+    queue: str | None
+    #: The send's channel, or the group.
+    target: str
+    data: bytes
+    #: Settled once written: None, or the message's position in a history group.
+    done: asyncio.Future[StreamPosition | None]
+    #: The group's history policy (a group message with history only).
+    policy: HistoryPolicy | None = None
+
+    def joins(self, other: _Outgoing) -> bool:
+        """Whether ``other`` can go out in the same statement as this write.
+
+        Group messages with history go out with those of the same group only, so
+        that a statement locks one history counter (two statements that locked
+        several, in different orders, could deadlock).
+        """
+        if self.policy is not None or other.policy is not None:
+            return other.policy is not None and other.target == self.target
+        return (self.queue is None) == (other.queue is None)
 
 
 @dataclass(slots=True)
@@ -1550,32 +1579,32 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     async def _send_to_inbox(self, channel: str, data: bytes) -> None:
         await self._queue_write(_inbox_queue(process_token(channel)), channel, data)
 
-    def _queue_write(self, queue: str | None, target: str, data: bytes) -> asyncio.Future[None]:
-        """Queue a send (``queue``: the inbox of ``target``) or a group message (``queue`` None).
+    def _queue_write(
+        self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None
+    ) -> asyncio.Future[StreamPosition | None]:
+        """Queue a send (``queue``: the inbox of ``target``) or a message to group ``target``.
 
         Writes made while a statement is in flight go out together in the next
         one: one round trip, one pooled connection and one commit for many
         messages, without delaying a lone one. One writer, statements in the
         order their writes were queued, so no write overtakes an earlier one.
         """
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._outbox.append((queue, target, data, done))
+        done: asyncio.Future[StreamPosition | None] = asyncio.get_running_loop().create_future()
+        self._outbox.append(_Outgoing(queue, target, data, done, policy))
         if self._outbox_task is None:
             self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
         return done
 
     def _take_outbox(self) -> list[_Outgoing]:
-        """The next statement's writes: queued sends, or queued group messages, in order."""
+        """The next statement's writes: the longest run of queued writes that can share one."""
         batch: list[_Outgoing] = []
-        kind: bool | None = None
         while self._outbox and len(batch) < _SEND_BATCH:
             entry = self._outbox[0]
-            if kind is not None and (entry[0] is None) != kind:
+            if batch and not batch[0].joins(entry):
                 break
             self._outbox.popleft()
-            if not entry[3].done():  # its caller was cancelled before it went out
+            if not entry.done.done():  # its caller was cancelled before it went out
                 batch.append(entry)
-                kind = entry[0] is None
         return batch
 
     async def _write_outbox(self) -> None:
@@ -1585,11 +1614,14 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 batch = self._take_outbox()
                 if not batch:
                     continue
+                positions: Sequence[StreamPosition | None]
                 try:
-                    if batch[0][0] is None:
-                        await self._write_group_batch(batch, expiry)
+                    if batch[0].policy is not None:
+                        positions = await self._write_history_batch(batch, expiry)
+                    elif batch[0].queue is None:
+                        positions = await self._write_group_batch(batch, expiry)
                     else:
-                        await self._write_batch(batch, expiry)
+                        positions = await self._write_batch(batch, expiry)
                 except asyncio.CancelledError:
                     _fail(batch, ChannelLayerClosed("the channel layer was closed"))
                     raise
@@ -1602,29 +1634,30 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                         _fail(self._outbox, exc)
                         self._outbox.clear()
                     continue
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+                for entry, position in zip(batch, positions, strict=True):
+                    if not entry.done.done():
+                        entry.done.set_result(position)
         finally:
             self._outbox_task = None
             if self.closed:
                 _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
                 self._outbox.clear()
 
-    async def _write_batch(self, batch: list[_Outgoing], expiry: float) -> None:
-        queues = [entry[0] for entry in batch]
-        channels = [entry[1] for entry in batch]
-        data = [entry[2] for entry in batch]
+    async def _write_batch(self, batch: list[_Outgoing], expiry: float) -> list[None]:
+        queues = [entry.queue for entry in batch]
+        channels = [entry.target for entry in batch]
+        data = [entry.data for entry in batch]
         chunks = _note_chunks(batch)
         await self._with_conn(
             lambda conn: conn.fetchval(
                 self._sql.send_inboxes, queues, channels, data, expiry, chunks, self.schema
             )
         )
+        return [None] * len(batch)
 
-    async def _write_group_batch(self, batch: list[_Outgoing], expiry: float) -> None:
-        groups = [entry[1] for entry in batch]
-        data = [entry[2] for entry in batch]
+    async def _write_group_batch(self, batch: list[_Outgoing], expiry: float) -> list[None]:
+        groups = [entry.target for entry in batch]
+        data = [entry.data for entry in batch]
         row = await self._with_conn(
             lambda conn: conn.fetchrow(
                 self._sql.group_send, groups, data, expiry, self.client_token, self.schema
@@ -1634,6 +1667,30 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             logger.debug(
                 "group_send to %s skipped %d full named channel(s)", sorted(set(groups)), row["skipped"]
             )
+        return [None] * len(batch)
+
+    async def _write_history_batch(self, batch: list[_Outgoing], expiry: float) -> list[StreamPosition]:
+        # One group (see _Outgoing.joins): each message is one history_send call, in order.
+        group = batch[0].target
+        data = [entry.data for entry in batch]
+        policies = [entry.policy for entry in batch if entry.policy is not None]
+        rows = await self._with_conn(
+            lambda conn: conn.fetch(
+                self._sql.history_send_many,
+                group,
+                data,
+                expiry,
+                self.client_token,
+                self.schema,
+                [new_epoch() for _ in batch],
+                [policy.ttl for policy in policies],
+                [policy.size for policy in policies],
+            )
+        )
+        skipped = sum(row["skipped"] for row in rows)
+        if skipped:
+            logger.debug("group_send to %r skipped %d full named channel(s)", group, skipped)
+        return [StreamPosition(row["position_offset"], row["position_epoch"]) for row in rows]
 
     async def _receive_remote(self, channel: str) -> Message:
         waiters = self._named.get(channel)
@@ -1709,28 +1766,13 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     async def _group_send_history(
         self, group: str, message: Message, policy: HistoryPolicy
     ) -> StreamPosition:
-        # One round trip: assign the offset, store, trim and fan out in one function call.
+        # One round trip: assign the offset, store, trim and fan out in one function
+        # call; history_send calls queued meanwhile for the group share the statement.
         data = self.encode(message)
-        expiry = float(self.channel_expiry)
-        row = await self._with_conn(
-            lambda conn: conn.fetchrow(
-                self._sql.history_send,
-                group,
-                data,
-                expiry,
-                self.client_token,
-                self.schema,
-                new_epoch(),
-                policy.ttl,
-                policy.size,
-            )
-        )
-        assert row is not None  # the function returns one row
-        position = StreamPosition(row["position_offset"], row["position_epoch"])
+        position = await self._queue_write(None, group, data, policy)
+        assert position is not None  # a history write's result
         if group in self.local_groups:
             self.deliver_to_local_members(group, {**self.decode(data), POSITION_KEY: position.as_dict()})
-        if row["skipped"]:
-            logger.debug("group_send to %r skipped %d full named channel(s)", group, row["skipped"])
         return position
 
     async def _history_append(self, group: str, data: bytes, policy: HistoryPolicy) -> StreamPosition:
@@ -1969,15 +2011,15 @@ def _note_chunks(batch: Sequence[_Outgoing]) -> list[int]:
     chunk = size = 0
     queue = None
     for entry in batch:
-        line = _NOTE_LINE_OVERHEAD + len(entry[1].encode()) + 4 * ((len(entry[2]) + 2) // 3)
-        if entry[0] != queue or size + line > _NOTE_LIMIT:
-            chunk, size, queue = chunk + 1, 0, entry[0]
+        line = _NOTE_LINE_OVERHEAD + len(entry.target.encode()) + 4 * ((len(entry.data) + 2) // 3)
+        if entry.queue != queue or size + line > _NOTE_LIMIT:
+            chunk, size, queue = chunk + 1, 0, entry.queue
         size += line
         chunks.append(chunk)
     return chunks
 
 
 def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:
-    for *_, done in entries:
-        if not done.done():
-            done.set_exception(exc)
+    for entry in entries:
+        if not entry.done.done():
+            entry.done.set_exception(exc)

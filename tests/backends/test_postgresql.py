@@ -708,6 +708,33 @@ async def test_group_sends_in_one_statement_respect_a_named_members_capacity(
     assert [message.get("i") for message in got] == [None, 0, 1, 2, 3]
 
 
+async def test_concurrent_history_group_sends_share_one_statement(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # The demo's chat lines go to a room with history: under churn each took a pooled
+    # connection for its own call. Calls queued while one is written share the next
+    # statement (one history_send call each, in order), and keep their positions.
+    sender, owner = make(history={"room:*": 100}), make(history={"room:*": 100}, capacity=100)
+    mine, theirs = await sender.new_channel("ws"), await owner.new_channel("ws")
+    await sender.group_add("room:h", mine)
+    await owner.group_add("room:h", theirs)
+    first = await sender.group_send("room:h", {"type": "n", "i": -1})
+    positions = await asyncio.gather(*(sender.group_send("room:h", {"type": "n", "i": i}) for i in range(30)))
+
+    assert first is not None
+    assert [p.offset if p else None for p in positions] == list(range(first.offset + 1, first.offset + 31))
+    rows = await db.fetch(
+        f'SELECT "offset", xmin::text AS tx FROM "{namespace}".history_entry ORDER BY "offset"'
+    )
+    assert [row["offset"] for row in rows] == list(range(first.offset, first.offset + 31))
+    assert len({row["tx"] for row in rows[1:]}) <= 2  # 30 statements before
+    for layer, channel in ((sender, mine), (owner, theirs)):
+        got = [await layer.receive(channel, timeout=10) for _ in range(31)]
+        assert [(m["i"], m["_position"]["offset"]) for m in got] == [
+            (i, first.offset + 1 + i) for i in range(-1, 30)
+        ], channel
+
+
 async def test_a_send_then_a_group_send_arrive_in_that_order(make: Factory) -> None:
     # Sends and group messages share one ordered writer; whatever a sender awaited
     # first reaches a channel that gets both first, in this process and in another.

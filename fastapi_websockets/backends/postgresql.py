@@ -717,7 +717,7 @@ class _Outgoing:
         several, in different orders, could deadlock).
         """
         if self.policy is not None or other.policy is not None:
-            return other.policy is not None and other.target == self.target
+            return self.policy is not None and other.policy is not None and other.target == self.target
         return (self.queue is None) == (other.queue is None)
 
 

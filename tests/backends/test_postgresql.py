@@ -735,6 +735,23 @@ async def test_concurrent_history_group_sends_share_one_statement(
         ], channel
 
 
+async def test_a_layer_event_and_a_history_message_to_one_group_go_out_apart(make: Factory) -> None:
+    # Presence events reach a history group's members but never its history: queued
+    # next to the group's chat lines, they must not join their history statement.
+    layer = make(history={"room:*": 100})
+    channel = await layer.new_channel("ws")
+    await layer.group_add("room:e", channel)
+    _, position = await asyncio.gather(
+        layer._send_event("room:e", {"type": "event"}), layer.group_send("room:e", {"type": "chat"})
+    )
+    assert position is not None
+    got = [await layer.receive(channel, timeout=10) for _ in range(2)]
+    assert [(m["type"], "_position" in m) for m in got] == [("event", False), ("chat", True)]
+    assert [m["_position"]["offset"] for m in (await layer.group_history("room:e")).messages] == [
+        position.offset
+    ]
+
+
 async def test_a_send_then_a_group_send_arrive_in_that_order(make: Factory) -> None:
     # Sends and group messages share one ordered writer; whatever a sender awaited
     # first reaches a channel that gets both first, in this process and in another.

@@ -27,7 +27,9 @@ its inbox from its first ``new_channel()`` (a NOTIFY wakes every listening
 session of the database, so a layer that only sends stays out of that). ``send`` is a
 single statement (insert + ``pg_notify``); ``group_send`` is a single
 statement that reads the owner rows and the named members, stores one row per
-owning process and per named member, and notifies each queue once. An inbox
+owning process and per named member, and notifies each queue once. Sends to
+``new_channel()`` names and ``group_send``s made while such a statement is in
+flight share the next one (one writer per layer, in call order). An inbox
 row rides in its notification's payload when it fits, so the owner handles it
 without a round trip and deletes it later in a batch; the notifications of named channels are
 empty, and their rows are claimed in batches with ``DELETE ... RETURNING``

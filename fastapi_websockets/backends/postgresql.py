@@ -941,6 +941,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._listening = asyncio.Event()
         self._outbox: deque[_Outgoing] = deque()
         self._outbox_task: asyncio.Task[None] | None = None
+        #: A caller is writing its own message (the writer was idle); see _write.
+        self._writing = False
         # Filled in by _start once asyncpg is imported.
         self._broken: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
         self._misuse: tuple[type[BaseException], ...] = ()
@@ -1579,7 +1581,33 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             raise ChannelFull(channel, capacity)
 
     async def _send_to_inbox(self, channel: str, data: bytes) -> None:
-        await self._queue_write(_inbox_queue(process_token(channel)), channel, data)
+        await self._write(_inbox_queue(process_token(channel)), channel, data)
+
+    async def _write(
+        self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None
+    ) -> StreamPosition | None:
+        """Write one message (see :meth:`_queue_write`): at once if nothing is being written."""
+        if self._writing or self._outbox_task is not None or self._outbox:
+            return await self._queue_write(queue, target, data, policy)
+        # Idle: the caller runs its statement itself, without the hops through the
+        # writer task and a future (~0.3 ms a call); what is queued meanwhile follows it.
+        self._writing = True
+        entry = _Outgoing(queue, target, data, asyncio.get_running_loop().create_future(), policy)
+        try:
+            return (await self._write_run([entry], float(self.channel_expiry)))[0]
+        except BackendUnavailable as exc:
+            # Writes queued meanwhile have waited as long: fail them too.
+            _fail(self._outbox, exc)
+            self._outbox.clear()
+            raise
+        finally:
+            self._writing = False
+            if self._outbox:
+                if self.closed:
+                    _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
+                    self._outbox.clear()
+                else:
+                    self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
 
     def _queue_write(
         self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None
@@ -1593,7 +1621,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         """
         done: asyncio.Future[StreamPosition | None] = asyncio.get_running_loop().create_future()
         self._outbox.append(_Outgoing(queue, target, data, done, policy))
-        if self._outbox_task is None:
+        if self._outbox_task is None and not self._writing:
             self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
         return done
 
@@ -1616,14 +1644,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 batch = self._take_outbox()
                 if not batch:
                     continue
-                positions: Sequence[StreamPosition | None]
                 try:
-                    if batch[0].policy is not None:
-                        positions = await self._write_history_batch(batch, expiry)
-                    elif batch[0].queue is None:
-                        positions = await self._write_group_batch(batch, expiry)
-                    else:
-                        positions = await self._write_batch(batch, expiry)
+                    positions = await self._write_run(batch, expiry)
                 except asyncio.CancelledError:
                     _fail(batch, ChannelLayerClosed("the channel layer was closed"))
                     raise
@@ -1644,6 +1666,14 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             if self.closed:
                 _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
                 self._outbox.clear()
+
+    async def _write_run(self, batch: list[_Outgoing], expiry: float) -> Sequence[StreamPosition | None]:
+        """Write ``batch`` (writes that can share a statement) in one statement."""
+        if batch[0].policy is not None:
+            return await self._write_history_batch(batch, expiry)
+        if batch[0].queue is None:
+            return await self._write_group_batch(batch, expiry)
+        return await self._write_batch(batch, expiry)
 
     async def _write_batch(self, batch: list[_Outgoing], expiry: float) -> list[None]:
         queues = [entry.queue for entry in batch]
@@ -1758,7 +1788,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
 
     async def _group_send(self, group: str, data: bytes) -> None:
-        await self._queue_write(None, group, data)
+        await self._write(None, group, data)
         # Our own members only once the statement has committed (serving them when
         # queued measured no faster: a round's time is their wake-ups, which overlap
         # the round trip either way), so a caller that sees an error delivered nothing.
@@ -1771,7 +1801,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         # One round trip: assign the offset, store, trim and fan out in one function
         # call; history_send calls queued meanwhile for the group share the statement.
         data = self.encode(message)
-        position = await self._queue_write(None, group, data, policy)
+        position = await self._write(None, group, data, policy)
         assert position is not None  # a history write's result
         if group in self.local_groups:
             self.deliver_to_local_members(group, {**self.decode(data), POSITION_KEY: position.as_dict()})

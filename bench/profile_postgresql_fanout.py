@@ -146,7 +146,7 @@ async def explain(server: harness.Server, receivers: int) -> None:
             await receiver.group_add("room", await receiver.new_channel("fan"))
         data = sender.encode({"type": "bench.fan", "round": 1})
         sql = sender._sql.group_send
-        args = ("room", data, 60.0, sender.client_token, sender.schema)
+        args = (["room"], [data], 60.0, sender.client_token, sender.schema)
         await sender.send(await receiver.new_channel("warm"), {"type": "warm"})
 
         async def run(conn: Any) -> None:

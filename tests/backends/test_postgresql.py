@@ -662,6 +662,120 @@ async def test_group_send_skips_full_named_members(
     assert [(await layer.receive("named.full", timeout=10))["type"] for _ in range(2)] == ["pre", "pre"]
 
 
+async def test_concurrent_group_sends_share_one_statement(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # A room's presence events and chat lines are group_sends from many consumers at
+    # once: each took a pooled connection for its own statement, and under churn the
+    # tasks queued for the pool's two connections. Queued on the writer the sends
+    # use, those made while a statement is in flight go out together in the next.
+    sender, owner = make(capacity=100), make(capacity=100)
+    mine, theirs = await sender.new_channel("ws"), await owner.new_channel("ws")
+    for channel in (mine, theirs, "named.log"):
+        await sender.group_add("room", channel)
+    await sender.group_send("room", {"type": "n", "i": -1})  # the writer is idle again after it
+    await asyncio.gather(*(sender.group_send("room", {"type": "n", "i": i}) for i in range(30)))
+
+    # A row's xmin is the transaction (here: the statement) that stored it; the named
+    # channel's rows stay until it is read.
+    rows = await db.fetch(
+        f'SELECT xmin::text AS tx FROM "{namespace}".message WHERE queue = $1 ORDER BY id', "named.log"
+    )
+    assert len(rows) == 31
+    assert len({row["tx"] for row in rows[1:]}) <= 2  # 30 statements before
+    expected = list(range(-1, 30))
+    for layer, channel in ((sender, mine), (owner, theirs), (sender, "named.log")):
+        got = [(await layer.receive(channel, timeout=10))["i"] for _ in expected]
+        assert got == expected, channel
+    # Each exactly once: our own member is served by the sender, not from a row.
+    for layer, channel in ((sender, mine), (owner, theirs)):
+        with pytest.raises(TimeoutError):
+            await layer.receive(channel, timeout=0.3)
+
+
+async def test_group_sends_in_one_statement_respect_a_named_members_capacity(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # The statement sees only rows stored before it: the batch's own earlier
+    # messages to a named channel must count against its capacity too.
+    layer = make(capacity=5)
+    await layer.group_add("g", "named.small")
+    await layer.send("named.small", {"type": "pre"})
+    await asyncio.gather(*(layer.group_send("g", {"type": "g", "i": i}) for i in range(10)))
+    count = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', "named.small")
+    assert count == 5
+    got = [await layer.receive("named.small", timeout=10) for _ in range(5)]
+    assert [message.get("i") for message in got] == [None, 0, 1, 2, 3]
+
+
+async def test_concurrent_history_group_sends_share_one_statement(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # The demo's chat lines go to a room with history: under churn each took a pooled
+    # connection for its own call. Calls queued while one is written share the next
+    # statement (one history_send call each, in order), and keep their positions.
+    sender, owner = make(history={"room:*": 100}), make(history={"room:*": 100}, capacity=100)
+    mine, theirs = await sender.new_channel("ws"), await owner.new_channel("ws")
+    await sender.group_add("room:h", mine)
+    await owner.group_add("room:h", theirs)
+    first = await sender.group_send("room:h", {"type": "n", "i": -1})
+    positions = await asyncio.gather(*(sender.group_send("room:h", {"type": "n", "i": i}) for i in range(30)))
+
+    assert first is not None
+    assert [p.offset if p else None for p in positions] == list(range(first.offset + 1, first.offset + 31))
+    rows = await db.fetch(
+        f'SELECT "offset", xmin::text AS tx FROM "{namespace}".history_entry ORDER BY "offset"'
+    )
+    assert [row["offset"] for row in rows] == list(range(first.offset, first.offset + 31))
+    assert len({row["tx"] for row in rows[1:]}) <= 2  # 30 statements before
+    for layer, channel in ((sender, mine), (owner, theirs)):
+        got = [await layer.receive(channel, timeout=10) for _ in range(31)]
+        assert [(m["i"], m["_position"]["offset"]) for m in got] == [
+            (i, first.offset + 1 + i) for i in range(-1, 30)
+        ], channel
+
+
+async def test_a_layer_event_and_a_history_message_to_one_group_go_out_apart(make: Factory) -> None:
+    # Presence events reach a history group's members but never its history: queued
+    # next to the group's chat lines, they must not join their history statement.
+    layer = make(history={"room:*": 100})
+    channel = await layer.new_channel("ws")
+    await layer.group_add("room:e", channel)
+    _, position = await asyncio.gather(
+        layer._send_event("room:e", {"type": "event"}), layer.group_send("room:e", {"type": "chat"})
+    )
+    assert position is not None
+    got = [await layer.receive(channel, timeout=10) for _ in range(2)]
+    assert [(m["type"], "_position" in m) for m in got] == [("event", False), ("chat", True)]
+    assert [m["_position"]["offset"] for m in (await layer.group_history("room:e")).messages] == [
+        position.offset
+    ]
+
+
+async def test_a_send_then_a_group_send_arrive_in_that_order(make: Factory) -> None:
+    # Sends and group messages share one ordered writer; whatever a sender awaited
+    # first reaches a channel that gets both first, in this process and in another.
+    sender, owner = make(capacity=1000), make(capacity=1000)
+    theirs, mine = await owner.new_channel("ws"), await sender.new_channel("ws")
+    await sender.group_add("room", theirs)
+    await sender.group_add("room", mine)
+
+    async def talk(index: int) -> None:
+        for i in range(20):
+            for channel in (theirs, mine):
+                await sender.send(channel, {"type": "d", "s": index, "i": i, "via": "send"})
+            await sender.group_send("room", {"type": "g", "s": index, "i": i, "via": "group"})
+
+    await asyncio.gather(*(talk(index) for index in range(10)))
+    for layer, channel in ((owner, theirs), (sender, mine)):
+        seen: dict[int, list[tuple[int, str]]] = {}
+        for _ in range(10 * 20 * 2):
+            message = await layer.receive(channel, timeout=10)
+            seen.setdefault(message["s"], []).append((message["i"], message["via"]))
+        expected = [(i, via) for i in range(20) for via in ("send", "group")]
+        assert seen == {index: expected for index in range(10)}, channel
+
+
 async def test_close_while_the_database_is_down(restartable_postgresql: PostgresServer) -> None:
     layer = PostgreSQLChannelLayer(dsn=restartable_postgresql.dsn, schema="closing")
     channel = await layer.new_channel()

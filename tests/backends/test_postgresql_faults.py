@@ -139,6 +139,35 @@ async def test_a_failed_outbox_write_fails_its_sends_and_the_next_ones_work(
     assert (await receiver.receive(channel, timeout=PATIENCE))["type"] == "after"
 
 
+async def test_a_failed_group_statement_fails_every_group_send_in_it(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # group_sends queued together share one statement: its failure is each caller's,
+    # and none of them reached anyone (our own members are served after the commit).
+    sender, owner = make(), make()
+    mine, theirs = await sender.new_channel("ws"), await owner.new_channel("ws")
+    await sender.group_add("room", mine)
+    await sender.group_add("room", theirs)
+    fired = fail_once(
+        monkeypatch,
+        Connection,
+        "fetchrow",
+        lambda _conn, query, *args, **kwargs: query == sender._sql.group_send and len(args[0]) > 1,
+    )
+    # The first goes out at once, alone; the nine queued behind it share the next statement.
+    results = await asyncio.gather(
+        *(sender.group_send("room", {"type": "failed", "i": i}) for i in range(10)), return_exceptions=True
+    )
+    assert fired
+    assert results[0] is None
+    assert all(isinstance(result, InjectedFault) for result in results[1:]), results
+    assert (await owner.receive(theirs, timeout=PATIENCE))["i"] == 0
+    assert (await sender.receive(mine, timeout=PATIENCE))["i"] == 0
+    await sender.group_send("room", {"type": "after"})
+    assert (await owner.receive(theirs, timeout=PATIENCE))["type"] == "after"
+    assert (await sender.receive(mine, timeout=PATIENCE))["type"] == "after"
+
+
 async def test_a_failed_ack_is_logged_and_its_rows_are_still_deleted(
     make: Factory,
     db: asyncpg.Connection,

@@ -29,6 +29,7 @@ import enum
 import json
 import logging
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -145,6 +146,11 @@ class AsyncWebSocketConsumer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._frames_task: asyncio.Task[Any] | None = None
         self._events_task: asyncio.Task[None] | None = None
+        # Python 3.10/3.11: the events task, done with a burst, waits on _waiter for the next
+        # event (the listener left is _wake) until the loop's _Sweeper ends it; see _Sweeper.
+        self._sweeper: _Sweeper | None = None
+        self._waiter: asyncio.Future[Message | BaseException | None] | None = None
+        self._waiting_since = 0
         self._stop_code: int | _Running | None = _RUNNING
 
     # ------------------------------------------------------------ mounting
@@ -261,6 +267,8 @@ class AsyncWebSocketConsumer:
         self._context = contextvars.copy_context()
         self._loop = task.get_loop()
         self._frames_task = task
+        if _LINGER:
+            self._sweeper = _sweeper_for(self._loop)
         try:
             self._take_events(self.channel_layer.listen(self.channel_name, self._take_events))
             return await self._frame_loop()
@@ -284,8 +292,10 @@ class AsyncWebSocketConsumer:
                 # anyio scope, which would interrupt this wait over and over.
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait((events,))
-                if not events.cancelled() and events.exception() is not None:
-                    raise events.exception()  # type: ignore[misc]  # a BaseException: exits and the like
+            if self._sweeper is not None:
+                self._sweeper.waiting.discard(self)
+            if events is not None and not events.cancelled() and events.exception() is not None:
+                raise events.exception()  # type: ignore[misc]  # a BaseException: exits and the like
 
     def _take_events(self, item: Message | BaseException | None) -> None:
         # The listener left with layer.listen() too: called synchronously by the delivery (a
@@ -304,6 +314,15 @@ class AsyncWebSocketConsumer:
         # and then finds None here (see _handle_events).
         self._events_task = None
         self._events_task = start_task(self._handle_events(item), context, eager=eager, loop=self._loop)
+
+    def _wake(self, item: Message | BaseException) -> None:
+        # The listener while the events task waits for its next event (Python 3.10/3.11).
+        waiter = self._waiter
+        self._waiter = None
+        # A waiter already done was cancelled with its task: the connection is ending, and
+        # its channel's messages are released with it.
+        if waiter is not None and not waiter.done():
+            waiter.set_result(item)
 
     def _stop_frames(self, code: int | None) -> None:
         task = self._frames_task
@@ -393,8 +412,21 @@ class AsyncWebSocketConsumer:
                     code = self._close_code
                     break
                 next_item: Message | BaseException | None
+                sweeper = self._sweeper
                 try:
-                    next_item = self.channel_layer.listen(self.channel_name, self._take_events)
+                    if sweeper is None:
+                        next_item = self.channel_layer.listen(self.channel_name, self._take_events)
+                    else:
+                        next_item = self.channel_layer.listen(self.channel_name, self._wake)
+                        if next_item is None:
+                            # Inline, not a method: this runs once per group message and socket.
+                            waiter = self._waiter = self._loop.create_future()  # type: ignore[union-attr]
+                            self._waiting_since = sweeper.sweeps
+                            if self not in sweeper.waiting:
+                                sweeper.add(self)
+                            next_item = await waiter
+                            if next_item is None:  # the sweeper ended the wait and withdrew _wake
+                                next_item = self.channel_layer.listen(self.channel_name, self._take_events)
                 except ChannelLayerClosed as exc:
                     next_item = exc
                 if next_item is None:
@@ -835,6 +867,71 @@ def _matches(value: Any, snapshot: object) -> bool:
             return False
         return all(_matches(item, item_snapshot) for item, item_snapshot in zip(value, snapshot, strict=True))
     return False
+
+
+#: Whether an events task waits for the next event after its burst instead of ending (see _Sweeper).
+_LINGER = not EAGER_TASKS
+#: How long, at least, an events task waits for another event; at most twice this.
+_LINGER_SECONDS = 1.0
+
+
+class _Sweeper:
+    """Ends the events tasks of one event loop that waited a whole period for their next event.
+
+    Python 3.10 and 3.11 only. There a task per event burst costs more than the
+    burst's handler (creating it, registering it in asyncio's set of all tasks
+    and removing it are Python code), so a consumer's events task, done with a
+    burst, waits for the next event on a future (its listener, ``_wake``, sets
+    it), and a room that gets a message every few seconds or more often keeps
+    its tasks. An idle connection must still hold no task: one timer per loop,
+    armed while tasks wait, ends every task that waited since before the
+    previous sweep, after withdrawing its listener so that no event can reach
+    the ended wait (the task leaves the task-starting listener again, or takes
+    what was queued meanwhile). On Python 3.12+ a task starts eagerly, inside
+    the delivery, and a waiting task would cost a loop turn more.
+    """
+
+    __slots__ = ("_timer", "sweeps", "waiting")
+
+    def __init__(self) -> None:
+        self.sweeps = 0
+        #: Consumers whose events task waits or handles a burst; dropped when it ends.
+        self.waiting: set[AsyncWebSocketConsumer] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, consumer: AsyncWebSocketConsumer) -> None:
+        self.waiting.add(consumer)
+        loop = consumer._loop
+        if self._timer is None and loop is not None:
+            self._timer = loop.call_later(_LINGER_SECONDS, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()  # called before its time (tests do): one timer at a time
+        self._timer = None
+        self.sweeps += 1
+        stale = self.sweeps - 2  # stamped before the previous sweep: waited a whole period
+        for consumer in [consumer for consumer in self.waiting if consumer._waiting_since <= stale]:
+            waiter = consumer._waiter
+            if waiter is None or waiter.done():
+                continue  # handling an event (stamped again at its next wait), or being cancelled
+            self.waiting.discard(consumer)
+            consumer._waiter = None
+            consumer.channel_layer.unlisten(consumer.channel_name)
+            waiter.set_result(None)
+        if self.waiting:
+            self._timer = loop.call_later(_LINGER_SECONDS, self._sweep, loop)
+
+
+#: One sweeper per event loop (a loop per thread: Starlette's test client runs its own).
+_SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = weakref.WeakKeyDictionary()
+
+
+def _sweeper_for(loop: asyncio.AbstractEventLoop) -> _Sweeper:
+    sweeper = _SWEEPERS.get(loop)
+    if sweeper is None:
+        sweeper = _SWEEPERS[loop] = _Sweeper()
+    return sweeper
 
 
 #: Events the layer itself sends; a consumer without a handler for them ignores them silently.

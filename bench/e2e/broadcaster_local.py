@@ -13,8 +13,8 @@ import os
 
 os.environ["E2E_REDIS_URL"] = "memory://"
 
-from broadcaster_app import app, broadcast  # noqa: E402
-from payload import ROOM, message  # noqa: E402
+from broadcaster_app import app, broadcast
+from payload import ROOM, message
 
 __all__ = ["app", "publish"]
 

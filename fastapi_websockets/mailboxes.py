@@ -166,7 +166,9 @@ class Mailboxes:
         """
         if self._closed:
             raise ChannelLayerClosed("the channel layer is closed")
-        message = self.pop_nowait(channel)
+        # A consumer listens again after each event it handled, and its mailbox is almost
+        # always absent (no message queued): that case without a call to pop_nowait().
+        message = self.pop_nowait(channel) if channel in self._boxes else None
         if message is None:
             self._listeners[channel] = listener
         return message

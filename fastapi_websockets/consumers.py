@@ -28,6 +28,7 @@ import contextvars
 import enum
 import json
 import logging
+import operator
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -555,6 +556,13 @@ class AsyncWebSocketConsumer:
     async def dispatch_channel_message(self, message: Message) -> None:
         """Route one channel event to the handler its ``type`` names."""
         event_type = message.get("type") if isinstance(message, dict) else None
+        if type(event_type) is str and observing.hooks is None:
+            # The usual case first: a type whose handler this class already found (only
+            # found handlers are cached, so the checks below passed for it once).
+            name = _HANDLER_NAMES.get((type(self), event_type))
+            if name is not None:
+                await getattr(self, name)(message)
+                return
         if not isinstance(event_type, str) or not event_type:
             logger.warning(
                 "%s ignored a channel event without a str 'type': %r", type(self).__name__, message
@@ -564,8 +572,8 @@ class AsyncWebSocketConsumer:
         if event_type == WEBSOCKET_SEND:
             handler = self.websocket_send
         else:
-            name = _HANDLER_NAMES.get((type(self), event_type))
-            handler = getattr(self, name) if name is not None else self._find_handler(event_type)
+            cached = _HANDLER_NAMES.get((type(self), event_type))
+            handler = getattr(self, cached) if cached is not None else self._find_handler(event_type)
         if handler is None and event_type in _LAYER_EVENTS:
             return  # presence events are optional to handle
         hooks = observing.hooks
@@ -791,7 +799,7 @@ _UNSHAREABLE = object()
 
 
 class _DictSnapshot(tuple):  # type: ignore[type-arg]
-    """A dict's ``(key, snapshot)`` pairs, in order."""
+    """A dict's keys and its values' snapshots, as two tuples in the dict's order."""
 
     __slots__ = ()
 
@@ -811,15 +819,17 @@ def _snapshot(value: Any, budget: list[int]) -> object:
     if kind in _EQUAL_ATOMS or kind is float:
         return value
     if kind is dict:
-        pairs = []
+        keys = []
+        snapshots = []
         for key, item in value.items():
             if type(key) is not str:
                 return _UNSHAREABLE
             snapshot = _snapshot(item, budget)
             if snapshot is _UNSHAREABLE:
                 return _UNSHAREABLE
-            pairs.append((key, snapshot))
-        return _DictSnapshot(pairs)
+            keys.append(key)
+            snapshots.append(snapshot)
+        return _DictSnapshot((tuple(keys), tuple(snapshots)))
     if kind is list:
         items = []
         for item in value:
@@ -842,9 +852,17 @@ def _matches(value: Any, snapshot: object) -> bool:
     if kind in _EQUAL_ATOMS:
         return type(snapshot) is kind and value == snapshot
     if kind is dict:
-        if type(snapshot) is not _DictSnapshot or len(snapshot) != len(value):
+        if type(snapshot) is not _DictSnapshot:
             return False
-        for (key, item), (snapshot_key, item_snapshot) in zip(value.items(), snapshot, strict=True):
+        keys, snapshots = snapshot
+        if len(keys) != len(value):
+            return False
+        # The usual case, checked in C: the same keys and values as the snapshot's, identical
+        # (the event's own dict, or a new dict of its values). A snapshot holds its atoms
+        # themselves (immutable) and never a container of the content, so identical is enough.
+        if all(map(operator.is_, value.values(), snapshots)) and all(map(operator.is_, value, keys)):
+            return True
+        for (key, item), snapshot_key, item_snapshot in zip(value.items(), keys, snapshots, strict=True):
             # Identical is enough: a snapshot holds its atoms themselves (immutable) and never a
             # container of the content, and its keys are str. The usual case: the same event's values.
             if item is item_snapshot and key is snapshot_key:

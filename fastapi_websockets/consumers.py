@@ -650,7 +650,8 @@ class AsyncWebSocketConsumer:
         content (the same strings, numbers and structure) encode it once.
         """
         text = self.encode_json(data) if self._event is None else self._encode_shared(data)
-        await self.websocket.send_text(text)
+        # Not the property: its check costs a call per socket of every group message.
+        await (self._websocket or self.websocket).send_text(text)
         if observing.hooks is not None:
             observing.hooks.frame_out(self)
 
@@ -847,11 +848,7 @@ def _matches(value: Any, snapshot: object) -> bool:
     The walk follows the snapshot, so it is as bounded as the snapshot is.
     """
     kind = type(value)
-    if kind is float:
-        return value is snapshot
-    if kind in _EQUAL_ATOMS:
-        return type(snapshot) is kind and value == snapshot
-    if kind is dict:
+    if kind is dict:  # first: what a handler sends is usually a dict
         if type(snapshot) is not _DictSnapshot:
             return False
         keys, snapshots = snapshot
@@ -880,6 +877,10 @@ def _matches(value: Any, snapshot: object) -> bool:
             elif not _matches(item, item_snapshot):
                 return False
         return True
+    if kind is float:
+        return value is snapshot
+    if kind in _EQUAL_ATOMS:
+        return type(snapshot) is kind and value == snapshot
     if kind is list:
         if type(snapshot) is not _ListSnapshot or len(snapshot) != len(value):
             return False

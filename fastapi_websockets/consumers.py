@@ -650,8 +650,12 @@ class AsyncWebSocketConsumer:
         content (the same strings, numbers and structure) encode it once.
         """
         text = self.encode_json(data) if self._event is None else self._encode_shared(data)
-        # Not the property: its check costs a call per socket of every group message.
-        await (self._websocket or self.websocket).send_text(text)
+        # Not the property: its check costs a call per socket of every group message. (Nor
+        # `self._websocket or ...`: a WebSocket is a Mapping, whose truth is a __len__ call.)
+        websocket = self._websocket
+        if websocket is None:
+            websocket = self.websocket  # raises: this consumer serves no WebSocket yet
+        await websocket.send_text(text)
         if observing.hooks is not None:
             observing.hooks.frame_out(self)
 

@@ -287,7 +287,14 @@ class AsyncWebSocketConsumer:
             self.channel_layer.unlisten(self.channel_name)
             events = self._events_task
             if events is not None:
-                if not events.done():
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    # Waiting between bursts (3.10/3.11): woken to end, not cancelled. A cancelled
+                    # task keeps its CancelledError, whose traceback holds the task's frame, which
+                    # holds the task: a cycle per connection, left for the garbage collector.
+                    self._waiter = None
+                    waiter.set_result(None)
+                elif not events.done():
                     events.cancel()
                 # Shielded: under Starlette's test client this task may be cancelled by an
                 # anyio scope, which would interrupt this wait over and over.
@@ -426,7 +433,10 @@ class AsyncWebSocketConsumer:
                             if self not in sweeper.waiting:
                                 sweeper.add(self)
                             next_item = await waiter
-                            if next_item is None:  # the sweeper ended the wait and withdrew _wake
+                            if next_item is None:
+                                if self._frames_task is None:
+                                    return  # the connection ended (_run's cleanup woke this wait)
+                                # The sweeper ended the wait and withdrew _wake.
                                 next_item = self.channel_layer.listen(self.channel_name, self._take_events)
                 except ChannelLayerClosed as exc:
                     next_item = exc

@@ -9,9 +9,11 @@ period. Through uvicorn and real clients, on the in-memory layer.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import weakref
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from fastapi import FastAPI
@@ -116,3 +118,38 @@ async def test_an_event_sent_as_the_sweeper_ends_the_wait_is_handled_once_and_in
     for ws in clients:
         assert await recv_json(ws) == {"n": 4}
         await ws.close()
+
+
+class Tracked(Room):
+    instances: ClassVar[list[weakref.ref[Tracked]]] = []
+
+    async def connect(self) -> None:
+        Tracked.instances.append(weakref.ref(self))
+        await super().connect()
+
+
+async def test_a_connection_that_ends_while_its_events_task_waits_leaves_no_garbage_cycle() -> None:
+    # Ended by cancellation, the waiting task would keep a CancelledError whose traceback
+    # holds the task's frame, which holds the task (and the consumer): freed only by the
+    # garbage collector, once per connection under churn.
+    layer = InMemoryChannelLayer()
+    app = FastAPI()
+    app.add_api_websocket_route("/ws", Tracked.as_endpoint(layer))
+    Tracked.instances.clear()
+    gc.collect()
+    gc.disable()
+    try:
+        async with serve(app) as url:
+            (ws,) = await open_clients(url, 1)
+            await layer.group_send(ROOM, {"type": "chat.message", "n": 1})
+            assert await recv_json(ws) == {"n": 1}
+            await ws.close()
+            (consumer,) = Tracked.instances
+            for _ in range(500):
+                if consumer() is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert consumer() is None
+    finally:
+        gc.enable()
+        await layer.close()

@@ -27,6 +27,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from count_instructions import profile_consumer_args
+
 ROOT = Path(__file__).resolve().parent.parent
 _bytecodes: collections.Counter[str] = collections.Counter()
 _calls: collections.Counter[str] = collections.Counter()
@@ -90,18 +92,7 @@ def main() -> None:
     broadcasts = int(args[args.index("--broadcasts") + 1]) if "--broadcasts" in args else 20
     _deliveries = clients * broadcasts
     cProfile.Profile = _OpcodeCounter  # type: ignore[assignment,misc]
-    sys.argv = [
-        "profile_consumer.py",
-        "cpu",
-        "--app",
-        app,
-        "--clients",
-        str(clients),
-        "--broadcasts",
-        str(broadcasts),
-        "--repeat",
-        "1",
-    ]
+    sys.argv = ["profile_consumer.py", *profile_consumer_args(app, clients, broadcasts)]
     runpy.run_path(str(ROOT / "bench" / "profile_consumer.py"), run_name="__main__")
 
 

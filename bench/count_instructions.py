@@ -27,14 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def instructions(app: str, clients: int, broadcasts: int) -> int:
-    """Instructions the server process executed for ``broadcasts`` warm-up and as many timed broadcasts."""
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        str(ROOT / "bench" / "profile_consumer.py"),
+def profile_consumer_args(app: str, clients: int, broadcasts: int) -> list[str]:
+    """``profile_consumer.py``'s arguments: ``broadcasts`` warm-up and as many measured broadcasts."""
+    return [
         "cpu",
         "--app",
         app,
@@ -44,6 +39,18 @@ def instructions(app: str, clients: int, broadcasts: int) -> int:
         str(broadcasts),
         "--repeat",
         "1",
+    ]
+
+
+def instructions(app: str, clients: int, broadcasts: int) -> int:
+    """Instructions the server process executed for ``broadcasts`` warm-up and as many timed broadcasts."""
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        str(ROOT / "bench" / "profile_consumer.py"),
+        *profile_consumer_args(app, clients, broadcasts),
         "--no-profile",
     ]
     env = {**os.environ, "PYTHONHASHSEED": "0"}

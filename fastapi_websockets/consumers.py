@@ -28,7 +28,9 @@ import contextvars
 import enum
 import json
 import logging
+import operator
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -145,6 +147,11 @@ class AsyncWebSocketConsumer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._frames_task: asyncio.Task[Any] | None = None
         self._events_task: asyncio.Task[None] | None = None
+        # Python 3.10/3.11: the events task, done with a burst, waits on _waiter for the next
+        # event (the listener left is _wake) until the loop's _Sweeper ends it; see _Sweeper.
+        self._sweeper: _Sweeper | None = None
+        self._waiter: asyncio.Future[Message | BaseException | None] | None = None
+        self._waiting_since = 0
         self._stop_code: int | _Running | None = _RUNNING
 
     # ------------------------------------------------------------ mounting
@@ -261,6 +268,8 @@ class AsyncWebSocketConsumer:
         self._context = contextvars.copy_context()
         self._loop = task.get_loop()
         self._frames_task = task
+        if _LINGER:
+            self._sweeper = _sweeper_for(self._loop)
         try:
             self._take_events(self.channel_layer.listen(self.channel_name, self._take_events))
             return await self._frame_loop()
@@ -278,14 +287,23 @@ class AsyncWebSocketConsumer:
             self.channel_layer.unlisten(self.channel_name)
             events = self._events_task
             if events is not None:
-                if not events.done():
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    # Waiting between bursts (3.10/3.11): woken to end, not cancelled. A cancelled
+                    # task keeps its CancelledError, whose traceback holds the task's frame, which
+                    # holds the task: a cycle per connection, left for the garbage collector.
+                    self._waiter = None
+                    waiter.set_result(None)
+                elif not events.done():
                     events.cancel()
                 # Shielded: under Starlette's test client this task may be cancelled by an
                 # anyio scope, which would interrupt this wait over and over.
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait((events,))
-                if not events.cancelled() and events.exception() is not None:
-                    raise events.exception()  # type: ignore[misc]  # a BaseException: exits and the like
+            if self._sweeper is not None:
+                self._sweeper.waiting.discard(self)
+            if events is not None and not events.cancelled() and events.exception() is not None:
+                raise events.exception()  # type: ignore[misc]  # a BaseException: exits and the like
 
     def _take_events(self, item: Message | BaseException | None) -> None:
         # The listener left with layer.listen() too: called synchronously by the delivery (a
@@ -304,6 +322,15 @@ class AsyncWebSocketConsumer:
         # and then finds None here (see _handle_events).
         self._events_task = None
         self._events_task = start_task(self._handle_events(item), context, eager=eager, loop=self._loop)
+
+    def _wake(self, item: Message | BaseException) -> None:
+        # The listener while the events task waits for its next event (Python 3.10/3.11).
+        waiter = self._waiter
+        self._waiter = None
+        # A waiter already done was cancelled with its task: the connection is ending, and
+        # its channel's messages are released with it.
+        if waiter is not None and not waiter.done():
+            waiter.set_result(item)
 
     def _stop_frames(self, code: int | None) -> None:
         task = self._frames_task
@@ -393,8 +420,24 @@ class AsyncWebSocketConsumer:
                     code = self._close_code
                     break
                 next_item: Message | BaseException | None
+                sweeper = self._sweeper
                 try:
-                    next_item = self.channel_layer.listen(self.channel_name, self._take_events)
+                    if sweeper is None:
+                        next_item = self.channel_layer.listen(self.channel_name, self._take_events)
+                    else:
+                        next_item = self.channel_layer.listen(self.channel_name, self._wake)
+                        if next_item is None:
+                            # Inline, not a method: this runs once per group message and socket.
+                            waiter = self._waiter = self._loop.create_future()  # type: ignore[union-attr]
+                            self._waiting_since = sweeper.sweeps
+                            if self not in sweeper.waiting:
+                                sweeper.add(self)
+                            next_item = await waiter
+                            if next_item is None:
+                                if self._frames_task is None:
+                                    return  # the connection ended (_run's cleanup woke this wait)
+                                # The sweeper ended the wait and withdrew _wake.
+                                next_item = self.channel_layer.listen(self.channel_name, self._take_events)
                 except ChannelLayerClosed as exc:
                     next_item = exc
                 if next_item is None:
@@ -523,6 +566,13 @@ class AsyncWebSocketConsumer:
     async def dispatch_channel_message(self, message: Message) -> None:
         """Route one channel event to the handler its ``type`` names."""
         event_type = message.get("type") if isinstance(message, dict) else None
+        if type(event_type) is str and observing.hooks is None:
+            # The usual case first: a type whose handler this class already found (only
+            # found handlers are cached, so the checks below passed for it once).
+            name = _HANDLER_NAMES.get((type(self), event_type))
+            if name is not None:
+                await getattr(self, name)(message)
+                return
         if not isinstance(event_type, str) or not event_type:
             logger.warning(
                 "%s ignored a channel event without a str 'type': %r", type(self).__name__, message
@@ -532,8 +582,8 @@ class AsyncWebSocketConsumer:
         if event_type == WEBSOCKET_SEND:
             handler = self.websocket_send
         else:
-            name = _HANDLER_NAMES.get((type(self), event_type))
-            handler = getattr(self, name) if name is not None else self._find_handler(event_type)
+            cached = _HANDLER_NAMES.get((type(self), event_type))
+            handler = getattr(self, cached) if cached is not None else self._find_handler(event_type)
         if handler is None and event_type in _LAYER_EVENTS:
             return  # presence events are optional to handle
         hooks = observing.hooks
@@ -610,7 +660,12 @@ class AsyncWebSocketConsumer:
         content (the same strings, numbers and structure) encode it once.
         """
         text = self.encode_json(data) if self._event is None else self._encode_shared(data)
-        await self.websocket.send_text(text)
+        # Not the property: its check costs a call per socket of every group message. (Nor
+        # `self._websocket or ...`: a WebSocket is a Mapping, whose truth is a __len__ call.)
+        websocket = self._websocket
+        if websocket is None:
+            websocket = self.websocket  # raises: this consumer serves no WebSocket yet
+        await websocket.send_text(text)
         if observing.hooks is not None:
             observing.hooks.frame_out(self)
 
@@ -759,7 +814,7 @@ _UNSHAREABLE = object()
 
 
 class _DictSnapshot(tuple):  # type: ignore[type-arg]
-    """A dict's ``(key, snapshot)`` pairs, in order."""
+    """A dict's keys and its values' snapshots, as two tuples in the dict's order."""
 
     __slots__ = ()
 
@@ -779,15 +834,17 @@ def _snapshot(value: Any, budget: list[int]) -> object:
     if kind in _EQUAL_ATOMS or kind is float:
         return value
     if kind is dict:
-        pairs = []
+        keys = []
+        snapshots = []
         for key, item in value.items():
             if type(key) is not str:
                 return _UNSHAREABLE
             snapshot = _snapshot(item, budget)
             if snapshot is _UNSHAREABLE:
                 return _UNSHAREABLE
-            pairs.append((key, snapshot))
-        return _DictSnapshot(pairs)
+            keys.append(key)
+            snapshots.append(snapshot)
+        return _DictSnapshot((tuple(keys), tuple(snapshots)))
     if kind is list:
         items = []
         for item in value:
@@ -805,14 +862,18 @@ def _matches(value: Any, snapshot: object) -> bool:
     The walk follows the snapshot, so it is as bounded as the snapshot is.
     """
     kind = type(value)
-    if kind is float:
-        return value is snapshot
-    if kind in _EQUAL_ATOMS:
-        return type(snapshot) is kind and value == snapshot
-    if kind is dict:
-        if type(snapshot) is not _DictSnapshot or len(snapshot) != len(value):
+    if kind is dict:  # first: what a handler sends is usually a dict
+        if type(snapshot) is not _DictSnapshot:
             return False
-        for (key, item), (snapshot_key, item_snapshot) in zip(value.items(), snapshot, strict=True):
+        keys, snapshots = snapshot
+        if len(keys) != len(value):
+            return False
+        # The usual case, checked in C: the same keys and values as the snapshot's, identical
+        # (the event's own dict, or a new dict of its values). A snapshot holds its atoms
+        # themselves (immutable) and never a container of the content, so identical is enough.
+        if all(map(operator.is_, value.values(), snapshots)) and all(map(operator.is_, value, keys)):
+            return True
+        for (key, item), snapshot_key, item_snapshot in zip(value.items(), keys, snapshots, strict=True):
             # Identical is enough: a snapshot holds its atoms themselves (immutable) and never a
             # container of the content, and its keys are str. The usual case: the same event's values.
             if item is item_snapshot and key is snapshot_key:
@@ -830,11 +891,80 @@ def _matches(value: Any, snapshot: object) -> bool:
             elif not _matches(item, item_snapshot):
                 return False
         return True
+    if kind is float:
+        return value is snapshot
+    if kind in _EQUAL_ATOMS:
+        return type(snapshot) is kind and value == snapshot
     if kind is list:
         if type(snapshot) is not _ListSnapshot or len(snapshot) != len(value):
             return False
         return all(_matches(item, item_snapshot) for item, item_snapshot in zip(value, snapshot, strict=True))
     return False
+
+
+#: Whether an events task waits for the next event after its burst instead of ending (see _Sweeper).
+_LINGER = not EAGER_TASKS
+#: How long, at least, an events task waits for another event; at most twice this.
+_LINGER_SECONDS = 1.0
+
+
+class _Sweeper:
+    """Ends the events tasks of one event loop that waited a whole period for their next event.
+
+    Python 3.10 and 3.11 only. There a task per event burst costs more than the
+    burst's handler (creating it, registering it in asyncio's set of all tasks
+    and removing it are Python code), so a consumer's events task, done with a
+    burst, waits for the next event on a future (its listener, ``_wake``, sets
+    it), and a room that gets a message every few seconds or more often keeps
+    its tasks. An idle connection must still hold no task: one timer per loop,
+    armed while tasks wait, ends every task that waited since before the
+    previous sweep, after withdrawing its listener so that no event can reach
+    the ended wait (the task leaves the task-starting listener again, or takes
+    what was queued meanwhile). On Python 3.12+ a task starts eagerly, inside
+    the delivery, and a waiting task would cost a loop turn more.
+    """
+
+    __slots__ = ("_timer", "sweeps", "waiting")
+
+    def __init__(self) -> None:
+        self.sweeps = 0
+        #: Consumers whose events task waits or handles a burst; dropped when it ends.
+        self.waiting: set[AsyncWebSocketConsumer] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, consumer: AsyncWebSocketConsumer) -> None:
+        self.waiting.add(consumer)
+        loop = consumer._loop
+        if self._timer is None and loop is not None:
+            self._timer = loop.call_later(_LINGER_SECONDS, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()  # called before its time (tests do): one timer at a time
+        self._timer = None
+        self.sweeps += 1
+        stale = self.sweeps - 2  # stamped before the previous sweep: waited a whole period
+        for consumer in [consumer for consumer in self.waiting if consumer._waiting_since <= stale]:
+            waiter = consumer._waiter
+            if waiter is None or waiter.done():
+                continue  # handling an event (stamped again at its next wait), or being cancelled
+            self.waiting.discard(consumer)
+            consumer._waiter = None
+            consumer.channel_layer.unlisten(consumer.channel_name)
+            waiter.set_result(None)
+        if self.waiting:
+            self._timer = loop.call_later(_LINGER_SECONDS, self._sweep, loop)
+
+
+#: One sweeper per event loop (a loop per thread: Starlette's test client runs its own).
+_SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = weakref.WeakKeyDictionary()
+
+
+def _sweeper_for(loop: asyncio.AbstractEventLoop) -> _Sweeper:
+    sweeper = _SWEEPERS.get(loop)
+    if sweeper is None:
+        sweeper = _SWEEPERS[loop] = _Sweeper()
+    return sweeper
 
 
 #: Events the layer itself sends; a consumer without a handler for them ignores them silently.

@@ -105,8 +105,22 @@ class Mailboxes:
         now = time.monotonic()
         if now >= self._next_sweep:
             self._sweep(now)
-        put = self._put
-        return [channel for channel in channels if not put(channel, message, now)]
+        boxes = self._boxes
+        listeners = self._listeners
+        stats = self.stats
+        full = []
+        for channel in channels:
+            # The usual case inline: a consumer's listener and no mailbox (so no waiting
+            # receiver, which would come first). What _box_handing_off() does for it.
+            if channel not in boxes:
+                listener = listeners.pop(channel, None)
+                if listener is not None:
+                    stats.received += 1
+                    listener(message)
+                    continue
+            if not self._put(channel, message, now):
+                full.append(channel)
+        return full
 
     def _box_handing_off(self, channel: str, message: Message) -> _Box | None:
         """Give ``message`` to a waiting receiver and return None, or return the box to queue it in."""
@@ -166,7 +180,9 @@ class Mailboxes:
         """
         if self._closed:
             raise ChannelLayerClosed("the channel layer is closed")
-        message = self.pop_nowait(channel)
+        # A consumer listens again after each event it handled, and its mailbox is almost
+        # always absent (no message queued): that case without a call to pop_nowait().
+        message = self.pop_nowait(channel) if channel in self._boxes else None
         if message is None:
             self._listeners[channel] = listener
         return message

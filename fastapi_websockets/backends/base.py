@@ -349,8 +349,9 @@ class BaseChannelLayer(abc.ABC):
         :class:`InvalidChannelName` for any other channel than a live one of
         this instance's :meth:`new_channel`.
         """
-        self._check_open()
-        if channel not in self._live_channels:
+        # The check of _check_open() inline: a consumer calls this once per event it handles.
+        if self._closed or channel not in self._live_channels:
+            self._check_open()
             raise InvalidChannelName(
                 f"listen() needs a channel this layer instance's new_channel() returned and that "
                 f"is not released, got {channel!r}"

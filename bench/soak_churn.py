@@ -425,7 +425,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--ws", default="auto", help="uvicorn --ws implementation")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cycle may take")
-    parser.add_argument("--out", type=Path, help="also write the results as markdown (docs/bench-soak.md)")
+    parser.add_argument(
+        "--out",
+        type=lambda text: Path(text) if text else None,
+        help="also write the results as markdown (docs/bench-soak.md); '' for none",
+    )
     parser.add_argument(
         "--env",
         type=lambda text: dict([text.split("=", 1)]),

@@ -171,6 +171,8 @@ class BaseChannelLayer(abc.ABC):
         self._presence = LocalPresence()
         self._presence_lock = asyncio.Lock()
         self._beat_lock = asyncio.Lock()
+        #: The broker lost our entries and storing them again has not succeeded yet.
+        self._restore_due = False
         self.history = parse_history_option(history)
         self._history_memo: Memo[str, HistoryPolicy | None] = Memo(self._history_policy_of)
         #: channel -> {epoch: (offset, deadline)}: live group messages at or below the offset
@@ -723,7 +725,10 @@ class BaseChannelLayer(abc.ABC):
         # lock with a queue hands itself on once per loop turn, so under steady churn the
         # queue never drained (the churn soak's full mailboxes).
         async with self._beat_lock:
-            if self._presence and await self._presence_beat():
+            # The beat stores our liveness record again when the broker lost it, so a
+            # restore that failed is only seen as due by our own flag at the next beat.
+            if self._presence and (await self._presence_beat() or self._restore_due):
+                self._restore_due = True
                 async with self._presence_lock:
                     # The broker lost our record (restarted without persistence): store ours
                     # again, every write queued before any is waited for (and each waited for).
@@ -733,6 +738,7 @@ class BaseChannelLayer(abc.ABC):
                             puts.append(await self._presence_put(*entry))
                     finally:
                         await wait_all([_stored(put) for put in puts])
+                self._restore_due = False
         for group, channel, data in await self._presence_reap():
             logger.info("presence: %r left %r (its process stopped answering)", channel, group)
             await self._announce_left(group, channel, data)

@@ -25,7 +25,7 @@ from fastapi_websockets.backends.redis import RedisChannelLayer
 from fastapi_websockets.config import get_channel_layer_from_env
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerError
 from tests.conftest import layer_factory
-from tests.faults import eventually
+from tests.faults import InjectedFault, eventually, fail_once
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.redis import RedisCluster, RedisNode
@@ -1167,6 +1167,33 @@ async def test_presence_is_back_within_a_heartbeat_after_a_restart(
         return lobby == expected_lobby and room == {c: i for c, i in mine.items() if i["i"] % 2}
 
     await eventually(restored, "every live process stores its presence entries again")
+
+
+async def test_a_restore_that_failed_is_tried_again_at_the_next_beat(
+    make: Factory, raw: redis_asyncio.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, viewer = make(), make()
+    mine = {await owner.new_channel("ws"): {"i": i} for i in range(5)}
+    for channel, info in mine.items():
+        await owner.presence_join("lobby", channel, info, notify=False)
+    assert await viewer.presence("lobby") == mine
+
+    # Redis loses the presence records (as after a restart without persistence).
+    presence_keys = [key async for key in raw.scan_iter(match=f"{namespace}:p*")]
+    assert presence_keys
+    await raw.delete(*presence_keys)
+    assert await viewer.presence("lobby") == {}
+
+    # The beat sees the loss and stores its record again, but storing the entries fails.
+    fired = fail_once(monkeypatch, RedisChannelLayer, "_presence_put")
+    with pytest.raises(InjectedFault):
+        await owner.presence_heartbeat()
+    assert fired
+    assert await viewer.presence("lobby") == {}
+
+    # The record is back, so only the layer knows the entries are still missing.
+    await owner.presence_heartbeat()
+    assert await viewer.presence("lobby") == mine
 
 
 async def test_cluster_presence_keys_by_slot(

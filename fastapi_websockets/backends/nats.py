@@ -83,7 +83,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
-    from nats.js.api import ConsumerConfig, ConsumerInfo
+    from nats.js.api import ConsumerConfig, ConsumerInfo, StreamConfig
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
 
@@ -652,7 +652,6 @@ class NATSChannelLayer(BrokerChannelLayer):
         if self._stream_ready:
             return
         from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-        from nats.js.errors import NotFoundError
 
         async with self._setup_lock:
             if self._stream_ready:
@@ -668,18 +667,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                 # Servers without per-message TTL bound the age stream-wide.
                 max_age=None if self._msg_ttl else self.channel_expiry,
             )
-            info = await self._get_or_create(
-                f"setup of stream {self.stream_name}",
-                lambda: self.js.stream_info(self.stream_name),
-                lambda: self.js.add_stream(config),
-                NotFoundError,
-            )
-            subjects = info.config.subjects or []
-            if wanted not in subjects:
-                raise InvalidChannelLayerConfig(
-                    f"stream_name {self.stream_name!r} names an existing stream with subjects "
-                    f"{subjects}, not {wanted!r}; choose another stream_name or prefix"
-                )
+            await self._stream_with(config, "stream")
             self._stream_ready = True
 
     async def _bucket(self) -> KeyValue:
@@ -729,6 +717,30 @@ class NATSChannelLayer(BrokerChannelLayer):
                 raise
         # Created by another process meanwhile (or a clash the caller reports).
         return await self._retry(what, get)
+
+    async def _stream_with(self, config: StreamConfig, kind: str) -> None:
+        """Get the stream ``config`` names, creating it with ``config`` if it does not exist.
+
+        A stream of that name made for other subjects (another app's, or ours
+        under another prefix) is refused rather than shared: ``kind`` names it
+        in the error, which says how to choose another.
+        """
+        from nats.js.errors import NotFoundError
+
+        name, wanted = config.name, (config.subjects or [""])[0]
+        assert name is not None  # every config here names its stream
+        info = await self._get_or_create(
+            f"setup of {kind} {name}",
+            lambda: self.js.stream_info(name),
+            lambda: self.js.add_stream(config),
+            NotFoundError,
+        )
+        subjects = info.config.subjects or []
+        if wanted not in subjects:
+            raise InvalidChannelLayerConfig(
+                f"the {kind} {name!r} exists with subjects {subjects}, not {wanted!r}; "
+                "choose another stream_name or prefix"
+            )
 
     async def _recover_stream(self) -> None:
         self._stream_ready = False
@@ -789,7 +801,6 @@ class NATSChannelLayer(BrokerChannelLayer):
         if self._inbox_ready:
             return
         from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-        from nats.js.errors import NotFoundError
 
         wanted = f"{self.prefix}.i.*"
         config = StreamConfig(
@@ -803,18 +814,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             num_replicas=self.replicas,
             max_age=self.channel_expiry,
         )
-        info = await self._get_or_create(
-            f"setup of stream {self._inbox_stream}",
-            lambda: self.js.stream_info(self._inbox_stream),
-            lambda: self.js.add_stream(config),
-            NotFoundError,
-        )
-        subjects = info.config.subjects or []
-        if wanted not in subjects:
-            raise InvalidChannelLayerConfig(
-                f"the inbox stream {self._inbox_stream!r} exists with subjects {subjects}, not {wanted!r}; "
-                "choose another stream_name or prefix"
-            )
+        await self._stream_with(config, "inbox stream")
         self._inbox_ready = True
 
     async def _recover_inbox_stream(self) -> None:
@@ -1393,7 +1393,6 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     async def _create_history_store(self, store: _HistoryStore) -> None:
         from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-        from nats.js.errors import NotFoundError
 
         policy = store.policy
         wanted = f"{store.subjects}.>"
@@ -1414,18 +1413,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             # could let an offset be given twice. Purging a group (all of it) is fine.
             deny_delete=True,
         )
-        info = await self._get_or_create(
-            f"setup of history stream {store.name}",
-            lambda: self.js.stream_info(store.name),
-            lambda: self.js.add_stream(config),
-            NotFoundError,
-        )
-        subjects = info.config.subjects or []
-        if wanted not in subjects:
-            raise InvalidChannelLayerConfig(
-                f"the history stream {store.name!r} exists with subjects {subjects}, not {wanted!r}; "
-                "choose another stream_name or prefix"
-            )
+        await self._stream_with(config, "history stream")
         self._history_ready.add(store.name)
 
     async def _in_history(self, store: _HistoryStore, what: str, call: Callable[[], Awaitable[_T]]) -> _T:

@@ -59,7 +59,7 @@ from fastapi_websockets.backends.nats import (
     token_to_name,
 )
 from fastapi_websockets.backends.timeouts import within
-from fastapi_websockets.exceptions import ChannelLayerClosed, ChannelLayerError, InvalidChannelLayerConfig
+from fastapi_websockets.exceptions import ChannelLayerClosed, ChannelLayerError
 from fastapi_websockets.presence import QueuedWrite
 
 if TYPE_CHECKING:
@@ -406,7 +406,6 @@ class NatsPresence:
         if self._ready:
             return
         from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-        from nats.js.errors import NotFoundError
 
         async with self._setup_lock:
             if self._ready:
@@ -422,18 +421,7 @@ class NatsPresence:
                 storage=StorageType.FILE,
                 num_replicas=self.layer.replicas,
             )
-            info = await self.layer._get_or_create(
-                f"setup of presence stream {self.stream}",
-                lambda: self.layer.js.stream_info(self.stream),
-                lambda: self.layer.js.add_stream(config),
-                NotFoundError,
-            )
-            subjects = info.config.subjects or []
-            if wanted not in subjects:
-                raise InvalidChannelLayerConfig(
-                    f"the presence stream {self.stream!r} exists with subjects {subjects}, not {wanted!r}; "
-                    "choose another stream_name or prefix"
-                )
+            await self.layer._stream_with(config, "presence stream")
             self._ready = True
 
     async def _recover(self) -> None:

@@ -425,6 +425,29 @@ async def test_group_send_stores_named_copies_before_returning_and_skips_full_on
         await c.receive("named.full", timeout=0.3)
 
 
+async def test_a_stream_of_the_same_name_for_other_subjects_is_refused(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    client = await raw_client([nats_node.url])
+    js = client.jetstream()
+    await js.add_stream(name=namespace, subjects=[f"elsewhere{namespace}.>"])
+    try:
+        layer = make(servers=[nats_node.url])
+        message = (
+            f"the stream {namespace!r} exists with subjects ['elsewhere{namespace}.>'], "
+            f"not '{namespace}.n.>'; choose another stream_name or prefix"
+        )
+        with pytest.raises(InvalidChannelLayerConfig, match=re.escape(message)):
+            await layer.send("named.x", {"type": "t"})
+        # Nothing of ours was added to the other stream.
+        info = await js.stream_info(namespace)
+        assert info.config.subjects == [f"elsewhere{namespace}.>"]
+        assert info.state.messages == 0
+    finally:
+        await js.delete_stream(namespace)
+        await client.close()
+
+
 async def test_group_send_sees_named_members_added_by_another_instance(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:

@@ -739,9 +739,12 @@ class BaseChannelLayer(abc.ABC):
                     finally:
                         await wait_all([_stored(put) for put in puts])
                 self._restore_due = False
-        for group, channel, data in await self._presence_reap():
+        reaped = await self._presence_reap()
+        for group, channel, _ in reaped:
             logger.info("presence: %r left %r (its process stopped answering)", channel, group)
-            await self._announce_left(group, channel, data)
+        # Announced together: a dead process may have left many entries, and each
+        # announcement is a group message the backend can write along with the others.
+        await wait_all([self._announce_left(*entry) for entry in reaped])
 
     async def _leave_presence_on_close(self) -> None:
         removals: list[tuple[str, str, bytes, bytes | QueuedWrite | None]] = []

@@ -1112,6 +1112,41 @@ async def test_a_dead_process_is_reaped_once_and_leaves_nothing(
     assert await raw.hlen(f"{prefix}:presence:{{room:a}}") == 3
 
 
+async def test_a_failed_announcement_of_a_reaped_entry_does_not_stop_the_others(
+    make: Factory, redis_server: RedisNode, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No presence of its own: the reaper beats only when the test says so.
+    reaper = make(presence_timeout=1)
+    watcher = await reaper.new_channel("ws")
+    for group in ("room:a", "room:b"):
+        await reaper.group_add(group, watcher)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PRESENT, redis_server.url, namespace, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        assert (await child.stdout.readline()).strip()
+        assert len(await reaper.presence("room:a")) == 3
+    finally:
+        child.kill()
+        await child.wait()
+
+    async def expired() -> bool:
+        return await reaper.presence("room:a") == {} and await reaper.presence("room:b") == {}
+
+    await eventually(expired, "the killed process's entries are no longer listed")
+    # Reaping claims all six entries at once; the first announcement fails.
+    fired = fail_once(monkeypatch, RedisChannelLayer, "_group_send")
+    with pytest.raises(InjectedFault):
+        await reaper.presence_heartbeat()
+    assert fired
+    left = [await reaper.receive(watcher, timeout=10) for _ in range(5)]
+    assert {event["type"] for event in left} == {"presence.left"}
+    assert len({event["channel"] for event in left}) == 5
+    with pytest.raises(TimeoutError):
+        await reaper.receive(watcher, timeout=0.5)
+
+
 async def test_presence_heartbeat_costs_the_same_whatever_the_members(
     make: Factory, raw: redis_asyncio.Redis
 ) -> None:

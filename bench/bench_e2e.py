@@ -944,7 +944,15 @@ def main() -> None:
     )
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench-e2e.png")
     args = parser.parse_args()
+    # SIGTERM would end the process without running `finally` blocks, leaving the
+    # uvicorn workers, client processes and redis-server behind; exit the same way
+    # Ctrl-C does instead, so each one is stopped.
+    signal.signal(signal.SIGTERM, _terminate)
     run(args)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -61,7 +62,8 @@ async def probe(server: harness.Server, namespace: str, sizes: dict[str, Any]) -
 
         # Before the receiver starts: its LISTEN registers the bound method it finds.
         receiver._on_notify = noted
-        sender._write_batch, receiver._claim, receiver._delete_rows = counted_write, counted_claim, counted_delete
+        sender._write_batch, receiver._claim = counted_write, counted_claim
+        receiver._delete_rows = counted_delete
         channel = await harness.warm(sender, receiver)
         waiting: dict[int, asyncio.Future[float]] = {}
         arrivals: list[float] = []
@@ -89,7 +91,7 @@ async def probe(server: harness.Server, namespace: str, sizes: dict[str, Any]) -
             arrivals.clear()
             pids = server.get("pids", [])
             server_cpu, cpu = harness.process_cpu(pids), time.process_time()
-            switches = preempted()
+            switches, machine = preempted(), machine_cpu()
             gc.callbacks.append(on_gc)
             began = time.perf_counter()
             many = await harness.closed_loop(send, waiting, 16, sizes)
@@ -97,10 +99,11 @@ async def probe(server: harness.Server, namespace: str, sizes: dict[str, Any]) -
             gc.callbacks.remove(on_gc)
             cpu, server_cpu = time.process_time() - cpu, harness.process_cpu(pids) - server_cpu
             switches = preempted() - switches
+            used = [b - a for a, b in zip(machine, machine_cpu(), strict=True)]
         finally:
             await harness.stop([reader])
     sent = len(arrivals)
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     worst = sorted(range(len(gaps)), key=lambda i: -gaps[i])[:5]
     batches = counts.pop("batches")
     return {
@@ -112,6 +115,11 @@ async def probe(server: harness.Server, namespace: str, sizes: dict[str, Any]) -
         "cpu_us": cpu / max(sent, 1) * 1e6,
         "server_us": server_cpu / max(sent, 1) * 1e6,
         "preempted": switches,
+        # Cores' worth of CPU during the loop: everything busy, stolen by the hypervisor,
+        # and what neither this worker nor the server used (other programs).
+        "busy": used[0] / took,
+        "steal": used[1] / took,
+        "others": (used[0] - cpu - server_cpu) / took,
         "statements": len(batches),
         "mean_batch": statistics.mean(batches) if batches else 0.0,
         "batch_hist": {size: batches.count(size) for size in sorted(set(batches))},
@@ -125,6 +133,29 @@ def preempted() -> int:
     """Times this process was descheduled while it could still run (another task took its core)."""
     status = Path("/proc/self/status").read_text()
     return int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+
+
+def server_tree(pids: list[int]) -> set[int]:
+    """``pids`` and all their descendants."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree = set(pids)
+    while grown := {pid for pid, parent in parents.items() if parent in tree} - tree:
+        tree |= grown
+    return tree
+
+
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds so far of the whole machine: (busy, stolen)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / ticks, steal / ticks
 
 
 STATE = """
@@ -145,6 +176,7 @@ async def server_state(dsn: str) -> dict[str, Any]:
         row = await conn.fetchrow(STATE)
     finally:
         await conn.close()
+    assert row is not None
     return dict(row)
 
 
@@ -153,20 +185,35 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=6)
     parser.add_argument("--p2p-messages", type=int, default=2000)
     parser.add_argument("--p2p-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--pin",
+        default="free",
+        help="placements in turn, comma-separated: free, split (worker on CPU 0, server on 1), same (on 0)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-cpus", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = {"p2p_messages": args.p2p_messages, "p2p_seconds": args.p2p_seconds}
     if args.worker:
+        if args.worker_cpus:
+            os.sched_setaffinity(0, {int(cpu) for cpu in args.worker_cpus.split(",")})
         job = json.loads(args.worker)
         print(json.dumps(asyncio.run(probe(job["server"], job["ns"], sizes))), flush=True)
         return
     with bench_postgresql.server() as pg_server:
         server = {"broker": "postgresql", **pg_server}
-        for index in range(args.repeat):
+        every = set(range(os.cpu_count() or 1))
+        placements = {"free": (every, every), "split": ({0}, {1}), "same": ({0}, {0})}
+        runs = [(index, pin) for index in range(args.repeat) for pin in args.pin.split(",")]
+        for index, pin in runs:
+            worker_cpus, server_cpus = placements[pin]
+            for pid in server_tree(server["pids"]):
+                os.sched_setaffinity(pid, server_cpus)  # backends forked later inherit it
             before = asyncio.run(server_state(server["url"]))
             job = json.dumps({"server": server, "ns": "q" + uuid.uuid4().hex[:10]})
             command = [sys.executable, __file__, "--worker", job]
             command += ["--p2p-messages", str(args.p2p_messages), "--p2p-seconds", str(args.p2p_seconds)]
+            command += ["--worker-cpus", ",".join(map(str, sorted(worker_cpus)))]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd="/")
             after = asyncio.run(server_state(server["url"]))
             if done.returncode:
@@ -175,13 +222,15 @@ def main() -> None:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             delta = {k: after[k] - before[k] for k in ("checkpoints", "autovacuums", "autoanalyzes")}
             print(
-                f"#{index} load {os.getloadavg()[0]:.2f} p2p16 {result['rate']:,.0f} msgs/s "
+                f"#{index} {pin} load {os.getloadavg()[0]:.2f} p2p16 {result['rate']:,.0f} msgs/s "
                 f"p50 {result['p50_ms']:.2f} ms, {result['messages']} in {result['seconds'] * 1000:.0f} ms; "
                 f"p2p1 {result['p2p1_rate']:,.0f}\n"
                 f"   cpu/msg worker {result['cpu_us']:.0f} us server {result['server_us']:.0f} us; "
                 f"statements {result['statements']} mean batch {result['mean_batch']:.1f}; "
                 f"claims {result['claims']} notes {result['notes']} deletes {result['deletes']}; "
                 f"gc {result['gc']}; worker preempted {result['preempted']}\n"
+                f"   cores busy {result['busy']:.2f} (others {result['others']:.2f}) "
+                f"stolen {result['steal']:.2f}\n"
                 f"   max gap {result['max_gap_ms']:.1f} ms, worst (at ms, gap ms) {result['worst_gaps']}\n"
                 f"   batches {result['batch_hist']}\n"
                 f"   server: {delta} dead tuples {after['dead']} db {after['db_bytes'] / 1e6:.1f} MB",

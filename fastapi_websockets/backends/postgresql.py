@@ -902,6 +902,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._outbox_task: asyncio.Task[None] | None = None
         #: A caller is writing its own message (the writer was idle); see _write.
         self._writing = False
+        #: The last statement carried several writes: gather before the next (see _gathered).
+        self._burst = False
         # Filled in by _start once asyncpg is imported.
         self._broken: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
         self._misuse: tuple[type[BaseException], ...] = ()
@@ -1544,27 +1546,12 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         """Write one message (see :meth:`_queue_write`): at once if nothing is being written."""
         if self._writing or self._outbox_task is not None or self._outbox:
             return await self._queue_write(queue, target, data, policy)
-        self._writing = True
         entry = _Outgoing(queue, target, data, asyncio.get_running_loop().create_future(), policy)
-        self._outbox.append(entry)
-        try:
-            # Callers woken together (closed-loop senders whose replies came in one
-            # notification) run in this pass of the event loop: they queue behind this
-            # write and share its statement, instead of waiting for its round trip
-            # and going out in a second one.
-            await asyncio.sleep(0)
-        except BaseException:
-            entry.done.cancel()
-            self._writing = False
-            self._resume_writer()
-            raise
-        if len(self._outbox) > 1 or entry.done.done():  # (done: failed by close meanwhile)
-            self._writing = False
-            self._resume_writer()
+        if self._burst and await self._gathered(entry):
             return await entry.done
-        self._outbox.clear()
         # Alone: the caller runs its statement itself, without the hops through the
         # writer task and a future (~0.3 ms a call); what is queued meanwhile follows it.
+        self._writing = True
         try:
             return (await self._write_run([entry], float(self.channel_expiry)))[0]
         except BackendUnavailable as exc:
@@ -1575,6 +1562,31 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         finally:
             self._writing = False
             self._resume_writer()
+
+    async def _gathered(self, entry: _Outgoing) -> bool:
+        """Let the callers of this pass of the event loop queue behind ``entry``; whether any did.
+
+        Called after a statement that carried several writes: callers woken together
+        (closed-loop senders whose replies came in one notification) then share one
+        statement, where the first one used to go out alone and the rest wait for its
+        round trip (two round trips in series per cycle). Not after a lone write: the
+        pass it waits for can be a busy loop's (a fan-out waking 1,000 receivers).
+        """
+        self._writing = True
+        self._outbox.append(entry)
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            entry.done.cancel()
+            self._writing = False
+            self._resume_writer()
+            raise
+        self._writing = False
+        if len(self._outbox) == 1 and not entry.done.done():  # (done: failed by close meanwhile)
+            self._outbox.clear()
+            return False
+        self._resume_writer()
+        return True
 
     def _resume_writer(self) -> None:
         """Hand what was queued while a caller wrote to the writer task (fail it once closed)."""
@@ -1646,6 +1658,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     async def _write_run(self, batch: list[_Outgoing], expiry: float) -> Sequence[StreamPosition | None]:
         """Write ``batch`` (writes that can share a statement) in one statement."""
+        self._burst = len(batch) > 1
         if batch[0].policy is not None:
             return await self._write_history_batch(batch, expiry)
         if batch[0].queue is None:

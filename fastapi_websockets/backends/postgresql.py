@@ -902,8 +902,6 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._outbox_task: asyncio.Task[None] | None = None
         #: A caller is writing its own message (the writer was idle); see _write.
         self._writing = False
-        #: The last statement carried several writes: gather before the next (see _gathered).
-        self._burst = False
         # Filled in by _start once asyncpg is imported.
         self._broken: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
         self._misuse: tuple[type[BaseException], ...] = ()
@@ -1547,7 +1545,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if self._writing or self._outbox_task is not None or self._outbox:
             return await self._queue_write(queue, target, data, policy)
         entry = _Outgoing(queue, target, data, asyncio.get_running_loop().create_future(), policy)
-        if self._burst and await self._gathered(entry):
+        if await self._gathered(entry):
             return await entry.done
         # Alone: the caller runs its statement itself, without the hops through the
         # writer task and a future (~0.3 ms a call); what is queued meanwhile follows it.
@@ -1566,11 +1564,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     async def _gathered(self, entry: _Outgoing) -> bool:
         """Let the callers of this pass of the event loop queue behind ``entry``; whether any did.
 
-        Called after a statement that carried several writes: callers woken together
-        (closed-loop senders whose replies came in one notification) then share one
-        statement, where the first one used to go out alone and the rest wait for its
-        round trip (two round trips in series per cycle). Not after a lone write: the
-        pass it waits for can be a busy loop's (a fan-out waking 1,000 receivers).
+        Callers woken together (closed-loop senders whose replies came in one
+        notification) then share one statement, where the first one used to go out
+        alone and the rest wait for its round trip: two round trips in series per
+        cycle, and the two halves stayed out of step from then on.
         """
         self._writing = True
         self._outbox.append(entry)
@@ -1658,7 +1655,6 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     async def _write_run(self, batch: list[_Outgoing], expiry: float) -> Sequence[StreamPosition | None]:
         """Write ``batch`` (writes that can share a statement) in one statement."""
-        self._burst = len(batch) > 1
         if batch[0].policy is not None:
             return await self._write_history_batch(batch, expiry)
         if batch[0].queue is None:

@@ -8,7 +8,10 @@ the 16-sender rate and p50, the worker's and the server's CPU per message, the s
 sender wrote and their mean batch, the claims and the notifications the receiver handled, the
 time from the first to the last message, the longest gap between two deliveries (a stall), the
 garbage collections during the loop, and between runs the server's checkpoints, autovacuums and
-dead tuples of the message table. ``--trace`` prints when the slowest cycles happened.
+dead tuples of the message table. Also printed: the rate in each quarter of the loop, the five
+longest gaps between deliveries (when in the loop, how long), the whole machine's CPU during the
+loop (what other programs used, and steal) and the batch sizes. ``--pin free,split,same`` runs
+each placement in turn (free; worker on CPU 0 and server on CPU 1; all on CPU 0).
 
 Speed figures only; nothing here is a test.
 """
@@ -81,7 +84,10 @@ async def probe(server: harness.Server, namespace: str, sizes: dict[str, Any]) -
         def on_gc(phase: str, info: dict[str, int]) -> None:
             if phase == "start":
                 counts["gc"] += 1
-                counts.setdefault("gc_gens", []).append(info["generation"])
+                counts["gc_full"] = counts.get("gc_full", 0) + (info["generation"] == 2)
+                counts["gc_began"] = time.perf_counter()
+            else:
+                counts["gc_ms"] = counts.get("gc_ms", 0.0) + (time.perf_counter() - counts["gc_began"]) * 1000
 
         reader = asyncio.create_task(receive_all())
         try:
@@ -124,6 +130,11 @@ async def probe(server: harness.Server, namespace: str, sizes: dict[str, Any]) -
         "mean_batch": statistics.mean(batches) if batches else 0.0,
         "batch_hist": {size: batches.count(size) for size in sorted(set(batches))},
         "max_gap_ms": max(gaps) * 1000 if gaps else 0.0,
+        # Deliveries per second in each quarter of the loop: does the rate fall as it goes?
+        "quarters": [
+            round(sum(1 for at in arrivals if q <= (at - began) / took * 4 < q + 1) / took * 4)
+            for q in range(4)
+        ],
         "worst_gaps": [(round((arrivals[i] - began) * 1000, 1), round(gaps[i] * 1000, 2)) for i in worst],
         **counts,
     }
@@ -228,9 +239,11 @@ def main() -> None:
                 f"   cpu/msg worker {result['cpu_us']:.0f} us server {result['server_us']:.0f} us; "
                 f"statements {result['statements']} mean batch {result['mean_batch']:.1f}; "
                 f"claims {result['claims']} notes {result['notes']} deletes {result['deletes']}; "
-                f"gc {result['gc']}; worker preempted {result['preempted']}\n"
+                f"gc {result['gc']} ({result.get('gc_full', 0)} full, {result.get('gc_ms', 0.0):.0f} ms); "
+                f"worker preempted {result['preempted']}\n"
                 f"   cores busy {result['busy']:.2f} (others {result['others']:.2f}) "
                 f"stolen {result['steal']:.2f}\n"
+                f"   rate by quarter {result['quarters']}\n"
                 f"   max gap {result['max_gap_ms']:.1f} ms, worst (at ms, gap ms) {result['worst_gaps']}\n"
                 f"   batches {result['batch_hist']}\n"
                 f"   server: {delta} dead tuples {after['dead']} db {after['db_bytes'] / 1e6:.1f} MB",

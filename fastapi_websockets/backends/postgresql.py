@@ -1541,7 +1541,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     async def _write(
         self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None
     ) -> StreamPosition | None:
-        """Write one message (see :meth:`_queue_write`): at once if nothing is being written."""
+        """Write one message (see :meth:`_queue_write`); if nothing is being written, after one
+        pass of the event loop, with the writes made in that pass."""
         if self._writing or self._outbox_task is not None or self._outbox:
             return await self._queue_write(queue, target, data, policy)
         entry = _Outgoing(queue, target, data, asyncio.get_running_loop().create_future(), policy)
@@ -1602,7 +1603,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
         Writes made while a statement is in flight go out together in the next
         one: one round trip, one pooled connection and one commit for many
-        messages, without delaying a lone one. One writer, statements in the
+        messages, delaying a lone one by one pass of the event loop (see
+        :meth:`_gathered`), never by a timer. One writer, statements in the
         order their writes were queued, so no write overtakes an earlier one.
         """
         done: asyncio.Future[StreamPosition | None] = asyncio.get_running_loop().create_future()

@@ -194,8 +194,8 @@ async def server_state(dsn: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=6)
-    parser.add_argument("--p2p-messages", type=int, default=2000)
-    parser.add_argument("--p2p-seconds", type=float, default=3.0)
+    parser.add_argument("--p2p-messages", type=int, default=40_000)
+    parser.add_argument("--p2p-seconds", type=float, default=2.0)
     parser.add_argument(
         "--pin",
         default="free",

@@ -43,6 +43,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 import bench_nats  # noqa: E402
+import bench_rabbitmq  # noqa: E402
 import bench_redis  # noqa: E402
 import harness  # noqa: E402
 
@@ -266,20 +267,32 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--handles", type=int, default=0, help="print the N costliest kinds of loop callback")
     parser.add_argument(
-        "--row", action="append", default=None, help="rows: inmemory, redis, nats, 'nats core' (repeatable)"
+        "--row",
+        action="append",
+        default=None,
+        help="rows: inmemory, redis, nats, 'nats core', rabbitmq (repeatable; RabbitMQ starts only if asked)",
     )
     args = parser.parse_args()
     gc.callbacks.append(on_gc)
     names = args.row or ["inmemory", "redis", "nats"]
-    brokers = {"inmemory": "inmemory", "redis": "redis", "nats": "nats", "nats core": "nats"}
+    brokers = {
+        "inmemory": "inmemory",
+        "redis": "redis",
+        "nats": "nats",
+        "nats core": "nats",
+        "rabbitmq": "rabbitmq",
+    }
     rows = [(name, harness.find_impl(brokers[name], name)) for name in names]
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    with bench_nats.server() as nats_server, bench_redis.server() as redis_server, patched_streams():
+    with contextlib.ExitStack() as stack:
         servers: dict[str, Any] = {
             "inmemory": {},
-            "redis": {"broker": "redis", **redis_server},
-            "nats": {"broker": "nats", **nats_server},
+            "redis": {"broker": "redis", **stack.enter_context(bench_redis.server())},
+            "nats": {"broker": "nats", **stack.enter_context(bench_nats.server())},
         }
+        if "rabbitmq" in names:
+            servers["rabbitmq"] = {"broker": "rabbitmq", **stack.enter_context(bench_rabbitmq.server())}
+        stack.enter_context(patched_streams())
         for index in range(args.repeat):
             shift = index % len(rows)
             for name, impl in rows[shift:] + rows[:shift]:

@@ -82,6 +82,7 @@ from fastapi_websockets.backends.options import (
     positive_int,
 )
 from fastapi_websockets.backends.options import url as url_option
+from fastapi_websockets.backends.packing import Packer, pack, unpack
 from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.backends.timeouts import within
 from fastapi_websockets.backends.tls import client_context, require_secure
@@ -150,6 +151,12 @@ RECONNECT_INTERVAL = 1.0
 RECENT_IDS = 4 * INBOX_PREFETCH
 #: Unacknowledged deliveries per history stream consumer (stream consumers need a prefetch).
 HISTORY_PREFETCH = 1000
+#: Unconfirmed publishes per destination inbox; sends beyond wait and go out packed
+#: (see ``packing``). Two, not one: a packed message gathers while the previous is
+#: confirmed, so the broker always has one to work on.
+PACK_IN_FLIGHT = 2
+#: Most sends one packed message carries (its bytes are bounded by ``max_message_size``).
+PACK_MAX_FRAMES = 128
 #: Segment size of history streams: retention (``x-max-age``) drops whole
 #: segments, so small ones keep what the broker holds close to the ttl.
 HISTORY_SEGMENT_BYTES = 1_000_000
@@ -165,6 +172,8 @@ _HASH_CHARS = 40
 
 # Message kinds, in the AMQP ``type`` property of what we publish.
 _SEND = "send"
+#: Several sends to this inbox's channels in one message (``packing.pack``).
+_SENDS = "sends"
 _GROUP = "group"
 _ADD = "group_add"
 _DISCARD = "group_discard"
@@ -530,6 +539,14 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._message_class: Any = None  # aio-pika's, for publishes on other channels
         self._properties_class: Any = None  # pamqp's, for publishes on the confirm channel
         self._publisher: ConfirmingPublisher | None = None
+        self._packer = Packer(
+            send_one=self._send_one,
+            send_many=self._send_many,
+            spawn=self._spawn_packed,
+            in_flight=PACK_IN_FLIGHT,
+            max_frames=PACK_MAX_FRAMES,
+            max_bytes=self.max_message_size,
+        )
         self._acks: BatchedAcks | None = None
         self._starting: asyncio.Task[None] | None = None
         self._history_channel: AbstractRobustChannel | None = None  # history stream consumers
@@ -911,6 +928,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             message = self.decode_or_drop(body, f"the inbox (for {channel!r})")
             if message is not None:
                 self.deliver_local(channel, message)
+        elif kind == _SENDS:
+            self._dispatch_packed(body)
         elif kind == _GROUP:
             group = str(headers["group"])
             # Our own group_send handed its copy to our members when it published it.
@@ -941,15 +960,45 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         else:
             logger.warning("ignored an inbox message of unknown type %r", kind)
 
+    def _dispatch_packed(self, body: bytes) -> None:
+        try:
+            frames = unpack(body)
+        except ValueError as exc:
+            self.stats.dropped_undecodable += 1
+            logger.warning("dropped a packed inbox message of %d bytes: %s", len(body), exc)
+            return
+        # Each as a lone send would be: capacity and undecodable payloads count per frame.
+        for channel, data in frames:
+            message = self.decode_or_drop(data, f"the inbox (for {channel!r})")
+            if message is not None:
+                self.deliver_local(channel, message)
+
     # --------------------------------------------------------------- sends
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
         if is_process_specific(channel):
-            token = process_token(channel)
-            properties = self._properties(_SEND, headers={"channel": channel}, expiration=self.channel_expiry)
-            await self._publish(data, properties, _inbox_routing_key(token), what=f"send to {channel!r}")
+            # The broker's cost is per message: concurrent sends to one inbox
+            # travel packed (capacity is checked by the receiving instance).
+            await self._packer.send(_inbox_routing_key(process_token(channel)), channel, data)
             return
         await self._send_named(channel, data)
+
+    async def _send_one(self, routing_key: str, channel: str, data: bytes) -> None:
+        properties = self._properties(_SEND, headers={"channel": channel}, expiration=self.channel_expiry)
+        await self._publish(data, properties, routing_key, what=f"send to {channel!r}")
+
+    async def _send_many(self, routing_key: str, frames: list[tuple[str, bytes]]) -> None:
+        # One expiration fits them all: every send to an inbox gets channel_expiry.
+        properties = self._properties(_SENDS, expiration=self.channel_expiry)
+        channels = sorted({channel for channel, _ in frames})
+        what = f"{len(frames)} packed sends to {channels[0]!r}" + (
+            f" and {len(channels) - 1} other channels" if len(channels) > 1 else ""
+        )
+        await self._publish(pack(frames), properties, routing_key, what=what)
+
+    def _spawn_packed(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Awaited by the senders through their frames: they get its exception.
+        self.tasks.spawn(coro, "packed send", awaited=True)
 
     async def _publish(
         self,
@@ -2029,6 +2078,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                     await self._claim(reader, item)
 
     async def _close(self) -> None:
+        self._packer.close()
         for reply in self._replies.values():
             if not reply.done():
                 reply.set_exception(ChannelLayerClosed("the channel layer was closed"))

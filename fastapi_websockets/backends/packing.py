@@ -20,9 +20,11 @@ import asyncio
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any
 
 from fastapi_websockets.backends.futures import settle, settle_all
+from fastapi_websockets.backends.timeouts import reply_within
 from fastapi_websockets.exceptions import ChannelLayerClosed
 
 __all__ = ["Packer", "pack", "unpack"]
@@ -38,6 +40,8 @@ SendOne = Callable[[str, str, bytes], Awaitable[None]]
 SendMany = Callable[[str, list[tuple[str, bytes]]], Awaitable[None]]
 #: Runs a coroutine as a tracked background task; raises once the layer is closing.
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
+#: The error a queued send raises past the timeout, given its channel.
+OnTimeout = Callable[[str], BaseException]
 
 
 def pack(frames: Sequence[tuple[str, bytes]]) -> bytes:
@@ -110,7 +114,10 @@ class Packer:
     so cancelling one caller never loses another's frame. Every caller returns
     or raises with the publish that carried its frame: a failure reaches each
     of them. Frames are taken in call order and packed publishes to one
-    destination are started in that order.
+    destination are started in that order. A queued caller waits at most
+    ``timeout`` seconds in all, as a lone one does, then raises
+    ``on_timeout(channel)``: its frame is withdrawn if not taken yet, and
+    may still be delivered if it was.
     """
 
     def __init__(
@@ -122,6 +129,8 @@ class Packer:
         in_flight: int,
         max_frames: int,
         max_bytes: int,
+        timeout: float,
+        on_timeout: OnTimeout,
     ) -> None:
         self._send_one = send_one
         self._send_many = send_many
@@ -129,6 +138,8 @@ class Packer:
         self._limit = in_flight
         self._max_frames = max_frames
         self._max_bytes = max_bytes
+        self._timeout = timeout
+        self._on_timeout = on_timeout
         self._outboxes: dict[str, _Outbox] = {}
         self._closed = False
         #: Packed messages published so far and the frames they carried.
@@ -152,7 +163,7 @@ class Packer:
         frame = _Frame(channel, data, asyncio.get_running_loop().create_future())
         outbox.queued.append(frame)
         try:
-            await frame.done
+            await reply_within(frame.done, self._timeout, partial(self._on_timeout, channel))
         except asyncio.CancelledError:
             if frame.done.done() and not frame.done.cancelled():
                 frame.done.exception()  # settled as we were cancelled: retrieved, not logged as lost

@@ -546,6 +546,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             in_flight=PACK_IN_FLIGHT,
             max_frames=PACK_MAX_FRAMES,
             max_bytes=self.max_message_size,
+            timeout=self.timeout,
+            on_timeout=self._send_timed_out,
         )
         self._acks: BatchedAcks | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -995,6 +997,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             f" and {len(channels) - 1} other channels" if len(channels) > 1 else ""
         )
         await self._publish(pack(frames), properties, routing_key, what=what)
+
+    def _send_timed_out(self, channel: str) -> BackendUnavailable:
+        return self.unavailable(f"no publisher confirm within {self.timeout} s (send to {channel!r})")
 
     def _spawn_packed(self, coro: Coroutine[Any, Any, None]) -> None:
         # Awaited by the senders through their frames: they get its exception.

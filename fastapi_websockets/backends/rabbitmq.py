@@ -5,8 +5,9 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
 
 * **Inbox**: one classic queue ``P.p.<token>`` bound to ``X`` with routing
   key ``p.<token>``. Every message for this instance's process-specific
-  channels arrives there (the channel name in a header) and is demultiplexed
-  into local mailboxes. It is consumed by push with a prefetch window; nothing
+  channels arrives there (the channel name in a header; concurrent sends
+  from one process packed into one message, see ``packing``) and is
+  demultiplexed into local mailboxes. It is consumed by push with a prefetch window; nothing
   polls. It is neither exclusive nor auto-deleted, and durable with
   ``durable``: it and its bindings outlive a dropped connection and a broker
   restart, so what is sent while this instance reconnects waits for it. A

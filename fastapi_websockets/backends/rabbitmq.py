@@ -574,6 +574,16 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         return self._publisher.published if self._publisher is not None else 0
 
     @property
+    def packed_publishes(self) -> int:
+        """Publishes that carried several sends to one process's inbox (see ``packing``)."""
+        return self._packer.packed
+
+    @property
+    def packed_sends(self) -> int:
+        """The sends :attr:`packed_publishes` carried."""
+        return self._packer.packed_frames
+
+    @property
     def publish_writes(self) -> int:
         """The socket writes that carried :attr:`publishes`: concurrent publishes share one."""
         return self._publisher.writes if self._publisher is not None else 0

@@ -1184,6 +1184,9 @@ async def test_concurrent_sends_to_one_process_travel_as_fewer_amqp_messages(mak
     before = sender.publishes
     await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i, channel in enumerate(channels)))
     assert sender.publishes - before < 16
+    assert sender.packed_publishes >= 1
+    # Every send went out alone or packed: the packed ones account for the difference.
+    assert sender.publishes - before == 16 - sender.packed_sends + sender.packed_publishes
     assert [(await receiver.receive(channel, timeout=10))["i"] for channel in channels] == list(range(16))
 
 

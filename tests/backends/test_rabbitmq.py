@@ -1190,6 +1190,25 @@ async def test_concurrent_sends_to_one_process_travel_as_fewer_amqp_messages(mak
     assert [(await receiver.receive(channel, timeout=10))["i"] for channel in channels] == list(range(16))
 
 
+async def test_a_cancelled_queued_send_is_withdrawn_and_the_others_still_arrive(make: Factory) -> None:
+    receiver, sender = make(capacity=1000), make()
+    channels = [await receiver.new_channel() for _ in range(16)]
+    await sender.send(channels[0], {"type": "warm"})
+    await receiver.receive(channels[0], timeout=10)
+    tasks = [asyncio.ensure_future(sender.send(channel, {"i": i})) for i, channel in enumerate(channels)]
+    await asyncio.sleep(0)  # each task ran up to its wait: the first went out, the last ones queued
+    for i in (13, 15):
+        tasks[i].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [i for i, result in enumerate(results) if result is not None] == [13, 15]
+    assert sender.packed_publishes >= 1
+    kept = [i for i in range(16) if i not in (13, 15)]
+    assert [(await receiver.receive(channels[i], timeout=10))["i"] for i in kept] == kept
+    for i in (13, 15):  # withdrawn before their packed message was made: never sent
+        with pytest.raises(TimeoutError):
+            await receiver.receive(channels[i], timeout=0.2)
+
+
 async def test_packed_sends_keep_each_senders_order_to_one_channel(make: Factory) -> None:
     receiver, sender = make(capacity=1000), make()
     channel = await receiver.new_channel()

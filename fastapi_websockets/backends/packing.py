@@ -4,9 +4,10 @@ A broker whose cost is per message, not per byte (RabbitMQ: measured in
 docs/architecture.md, "Where the time goes"), carries sixteen concurrent sends
 to one process's inbox about as fast as one when they travel as one message.
 :class:`Packer` does that for one layer: per destination, a send with nothing
-in flight goes out alone and at once; sends that arrive while
-``in_flight`` publishes to that destination are unconfirmed wait, in call
-order, and go out together as one packed message when a slot frees.
+in flight goes out alone and at once; sends that arrive while a publish to
+that destination is unconfirmed wait, in call order, and go out together as
+one packed message on the next turn of the event loop if fewer than
+``in_flight`` publishes are unconfirmed, else when one of them is settled.
 :func:`pack` and :func:`unpack` are the packed body: a version byte, then per
 frame a 2-byte channel length, a 4-byte payload length (big-endian), the
 channel in UTF-8 and the payload.
@@ -95,23 +96,27 @@ class _Frame:
 class _Outbox:
     """What waits for one destination, and how many publishes to it are unconfirmed."""
 
-    __slots__ = ("in_flight", "queued")
+    __slots__ = ("flush_due", "in_flight", "queued")
 
     def __init__(self) -> None:
         self.queued: deque[_Frame] = deque()
         self.in_flight = 0
+        #: A flush of the queue is scheduled for the next turn of the event loop.
+        self.flush_due = False
 
 
 class Packer:
     """Sends to one destination go out alone when nothing waits, packed when they pile up.
 
     Per destination at most ``in_flight`` publishes are unconfirmed at once.
-    A send that finds a free slot and nothing queued is published alone, from
-    the caller's task, so a lone sender pays nothing. Otherwise its frame is
-    queued; whenever a publish to that destination is settled, the queued
-    frames (at most ``max_frames``, at most ``max_bytes`` of payloads and
-    names, always at least one) go out as one message from a background task,
-    so cancelling one caller never loses another's frame. Every caller returns
+    A send that finds nothing in flight and nothing queued is published
+    alone, from the caller's task, so a lone sender pays nothing. Otherwise
+    its frame is queued, and the queued frames (at most ``max_frames``, at
+    most ``max_bytes`` of payloads and names, always at least one) go out as
+    one message from a background task, so cancelling one caller never
+    loses another's frame: on the next turn of the event loop if a slot is
+    free (the senders one confirm woke all send in one turn: they travel
+    together), else whenever a publish to that destination is settled. Every caller returns
     or raises with the publish that carried its frame: a failure reaches each
     of them. Frames are taken in call order and packed publishes to one
     destination are started in that order. A queued caller waits at most
@@ -153,15 +158,21 @@ class Packer:
         outbox = self._outboxes.get(destination)
         if outbox is None:
             outbox = self._outboxes[destination] = _Outbox()
-        if outbox.in_flight < self._limit and not outbox.queued:
+        if outbox.in_flight == 0 and not outbox.queued:
             outbox.in_flight += 1
             try:
                 await self._send_one(destination, channel, data)
             finally:
                 self._settled(destination, outbox)
             return
-        frame = _Frame(channel, data, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        frame = _Frame(channel, data, loop.create_future())
         outbox.queued.append(frame)
+        if outbox.in_flight < self._limit and not outbox.flush_due:
+            # A slot is free: the sends of this loop turn (senders woken by one
+            # confirm send together) go out as one message on the next turn.
+            outbox.flush_due = True
+            loop.call_soon(self._flush_due, destination, outbox)
         try:
             await reply_within(frame.done, self._timeout, partial(self._on_timeout, channel))
         except asyncio.CancelledError:
@@ -177,9 +188,16 @@ class Packer:
             settle_all((frame.done for frame in outbox.queued), closed)
             outbox.queued.clear()
 
+    def _flush_due(self, destination: str, outbox: _Outbox) -> None:
+        outbox.flush_due = False
+        self._flush(destination, outbox)
+
     def _settled(self, destination: str, outbox: _Outbox) -> None:
-        # A slot is free: what queued meanwhile goes out now, while slots last.
         outbox.in_flight -= 1
+        self._flush(destination, outbox)
+
+    def _flush(self, destination: str, outbox: _Outbox) -> None:
+        # What queued goes out now, while slots last.
         while outbox.queued and outbox.in_flight < self._limit:
             batch = self._take(outbox)
             if not batch:
@@ -190,7 +208,12 @@ class Packer:
             except ChannelLayerClosed as exc:
                 outbox.in_flight -= 1
                 settle_all((frame.done for frame in batch), exc)
-        if outbox.in_flight == 0 and not outbox.queued and self._outboxes.get(destination) is outbox:
+        if (
+            outbox.in_flight == 0
+            and not outbox.queued
+            and not outbox.flush_due
+            and self._outboxes.get(destination) is outbox
+        ):
             del self._outboxes[destination]
 
     def _take(self, outbox: _Outbox) -> list[_Frame]:

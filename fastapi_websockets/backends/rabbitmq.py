@@ -7,8 +7,8 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
   key ``p.<token>``. Every message for this instance's process-specific
   channels arrives there (the channel name in a header; concurrent sends
   from one process packed into one message, see ``packing``) and is
-  demultiplexed into local mailboxes. It is consumed by push with a prefetch window; nothing
-  polls. It is neither exclusive nor auto-deleted, and durable with
+  demultiplexed into local mailboxes. It is consumed by push with a
+  prefetch window; nothing polls. It is neither exclusive nor auto-deleted, and durable with
   ``durable``: it and its bindings outlive a dropped connection and a broker
   restart, so what is sent while this instance reconnects waits for it. A
   dead process's inbox goes away ``inbox_expiry`` ms after its last consumer
@@ -1004,10 +1004,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     async def _send_many(self, routing_key: str, frames: list[tuple[str, bytes]]) -> None:
         # One expiration fits them all: every send to an inbox gets channel_expiry.
         properties = self._properties(_SENDS, expiration=self.channel_expiry)
-        channels = sorted({channel for channel, _ in frames})
-        what = f"{len(frames)} packed sends to {channels[0]!r}" + (
-            f" and {len(channels) - 1} other channels" if len(channels) > 1 else ""
-        )
+        what = f"send to {frames[0][0]!r} and {len(frames) - 1} packed with it"
         await self._publish(pack(frames), properties, routing_key, what=what)
 
     def _send_timed_out(self, channel: str) -> BackendUnavailable:

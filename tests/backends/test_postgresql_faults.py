@@ -154,15 +154,12 @@ async def test_a_failed_group_statement_fails_every_group_send_in_it(
         "fetchrow",
         lambda _conn, query, *args, **kwargs: query == sender._sql.group_send and len(args[0]) > 1,
     )
-    # The first goes out at once, alone; the nine queued behind it share the next statement.
+    # Made in one pass of the event loop, the ten share one statement.
     results = await asyncio.gather(
         *(sender.group_send("room", {"type": "failed", "i": i}) for i in range(10)), return_exceptions=True
     )
     assert fired
-    assert results[0] is None
-    assert all(isinstance(result, InjectedFault) for result in results[1:]), results
-    assert (await owner.receive(theirs, timeout=PATIENCE))["i"] == 0
-    assert (await sender.receive(mine, timeout=PATIENCE))["i"] == 0
+    assert all(isinstance(result, InjectedFault) for result in results), results
     await sender.group_send("room", {"type": "after"})
     assert (await owner.receive(theirs, timeout=PATIENCE))["type"] == "after"
     assert (await sender.receive(mine, timeout=PATIENCE))["type"] == "after"

@@ -18,6 +18,7 @@ from fastapi_websockets import (
     InvalidChannelLayerConfig,
     get_channel_layer_from_env,
 )
+from fastapi_websockets.backends.packing import pack
 from fastapi_websockets.backends.rabbitmq import (
     MAX_AMQP_NAME,
     RabbitMQChannelLayer,
@@ -1129,23 +1130,27 @@ async def test_a_dead_owner_is_announced_once_by_three_racing_reapers(make: Fact
 
 
 async def test_concurrent_sends_share_writes_and_keep_each_senders_order(make: Factory) -> None:
-    receiver, sender = make(capacity=1000), make()
-    channel = await receiver.new_channel()
-    await sender.send(channel, {"type": "warm", "task": -1, "i": -1})
-    await receiver.receive(channel, timeout=10)
+    # Four receiving instances: sends to one inbox also travel packed (below),
+    # sends to different inboxes share socket writes.
+    receivers, sender = [make(capacity=1000) for _ in range(4)], make()
+    channels = [await receiver.new_channel() for receiver in receivers]
+    for receiver, channel in zip(receivers, channels, strict=True):
+        await sender.send(channel, {"type": "warm", "task": -1, "i": -1})
+        await receiver.receive(channel, timeout=10)
     before = (sender.publishes, sender.publish_writes)
 
     async def sends(task: int) -> None:
         for i in range(10):
-            await sender.send(channel, {"type": "n", "task": task, "i": i})
+            await sender.send(channels[task % 4], {"type": "n", "task": task, "i": i})
 
     await asyncio.gather(*(sends(task) for task in range(16)))
-    got = [await receiver.receive(channel, timeout=10) for _ in range(160)]
-    for task in range(16):
-        assert [m["i"] for m in got if m["task"] == task] == list(range(10))
+    for index, (receiver, channel) in enumerate(zip(receivers, channels, strict=True)):
+        got = [await receiver.receive(channel, timeout=10) for _ in range(40)]
+        for task in range(index, 16, 4):
+            assert [m["i"] for m in got if m["task"] == task] == list(range(10))
     publishes, writes = sender.publishes - before[0], sender.publish_writes - before[1]
-    assert publishes == 160
-    assert writes < publishes  # 16 senders at once: some publishes shared a write
+    assert publishes < 160  # packed: concurrent sends to one inbox share AMQP messages
+    assert writes < publishes  # sends to the four inboxes at once: some publishes shared a write
 
 
 @pytest.mark.parametrize("durable", [True, False], ids=["quorum", "classic"])
@@ -1166,3 +1171,127 @@ async def test_concurrent_sends_to_a_full_channel_each_get_their_own_answer(
     assert len(set(kept)) == 5
     with pytest.raises(TimeoutError):
         await sender.receive("full.batch", timeout=0.5)
+
+
+# ------------------------------------------------------------ packed sends
+
+
+async def test_concurrent_sends_to_one_process_travel_as_fewer_amqp_messages(make: Factory) -> None:
+    receiver, sender = make(capacity=1000), make()
+    channels = [await receiver.new_channel() for _ in range(16)]
+    await sender.send(channels[0], {"type": "warm"})
+    await receiver.receive(channels[0], timeout=10)
+    before = sender.publishes
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i, channel in enumerate(channels)))
+    assert sender.publishes - before < 16
+    assert sender.packed_publishes >= 1
+    # Every send went out alone or packed: the packed ones account for the difference.
+    assert sender.publishes - before == 16 - sender.packed_sends + sender.packed_publishes
+    assert [(await receiver.receive(channel, timeout=10))["i"] for channel in channels] == list(range(16))
+
+
+async def test_a_cancelled_queued_send_is_withdrawn_and_the_others_still_arrive(make: Factory) -> None:
+    receiver, sender = make(capacity=1000), make()
+    channels = [await receiver.new_channel() for _ in range(16)]
+    await sender.send(channels[0], {"type": "warm"})
+    await receiver.receive(channels[0], timeout=10)
+    tasks = [asyncio.ensure_future(sender.send(channel, {"i": i})) for i, channel in enumerate(channels)]
+    await asyncio.sleep(0)  # each task ran up to its wait: the first went out, the last ones queued
+    for i in (13, 15):
+        tasks[i].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [i for i, result in enumerate(results) if result is not None] == [13, 15]
+    assert sender.packed_publishes >= 1
+    kept = [i for i in range(16) if i not in (13, 15)]
+    assert [(await receiver.receive(channels[i], timeout=10))["i"] for i in kept] == kept
+    for i in (13, 15):  # withdrawn before their packed message was made: never sent
+        with pytest.raises(TimeoutError):
+            await receiver.receive(channels[i], timeout=0.2)
+
+
+async def test_packed_sends_keep_each_senders_order_to_one_channel(make: Factory) -> None:
+    receiver, sender = make(capacity=1000), make()
+    channel = await receiver.new_channel()
+    before = sender.publishes
+
+    async def sends(task: int) -> None:
+        for i in range(20):
+            await sender.send(channel, {"type": "n", "task": task, "i": i})
+
+    await asyncio.gather(*(sends(task) for task in range(16)))
+    got = [await receiver.receive(channel, timeout=10) for _ in range(320)]
+    for task in range(16):
+        assert [m["i"] for m in got if m["task"] == task] == list(range(20))
+    assert sender.publishes - before < 320
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channel, timeout=0.2)
+
+
+async def test_capacity_of_packed_sends_is_exact_at_the_receiver(make: Factory) -> None:
+    receiver, sender = make(capacity=5), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm", "i": -1})
+    assert (await receiver.receive(channel, timeout=10))["i"] == -1
+    before = sender.publishes
+    # Remote process channels are full at the receiver: the sends succeed, the extra is counted there.
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(12)))
+    assert sender.publishes - before < 12
+    barrier = await receiver.new_channel()
+    await sender.send(barrier, {"type": "barrier"})
+    await receiver.receive(barrier, timeout=10)  # the inbox is ordered: all 12 were dispatched before it
+    assert receiver.stats.dropped_full == 7
+    kept = [(await receiver.receive(channel, timeout=10))["i"] for _ in range(5)]
+    assert kept == sorted(kept)
+    assert len(set(kept)) == 5
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channel, timeout=0.2)
+
+
+async def test_a_malformed_packed_message_is_dropped_and_the_inbox_goes_on(
+    make: Factory, prefix: str, node: RabbitNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    import aio_pika
+
+    receiver = make()
+    channel = await receiver.new_channel()
+    await receiver.start()
+    good = receiver.encode({"type": "good"})
+    bodies = [
+        b"",  # no version byte
+        b"\x09" + pack([(channel, good)])[1:],  # another format version
+        pack([(channel, good)])[:-1],  # truncated
+        pack([(channel, good)]) + b"\x00",  # trailing bytes
+        pack([(channel, b"\xc1not msgpack"), (channel, receiver.encode({"type": "kept"}))]),
+    ]
+    connection = await aio_pika.connect(node.url)
+    try:
+        exchange = await (await connection.channel()).get_exchange(prefix)
+        for body in bodies:
+            await exchange.publish(
+                aio_pika.Message(body, type="sends", message_id=uuid.uuid4().hex),
+                routing_key=f"p.{receiver.client_token}",
+            )
+    finally:
+        await connection.close()
+    # Only the well-formed frame of the last body is delivered; nothing of the malformed ones.
+    assert (await receiver.receive(channel, timeout=10))["type"] == "kept"
+    await make().send(channel, {"type": "after"})
+    assert (await receiver.receive(channel, timeout=10))["type"] == "after"
+    assert receiver.stats.dropped_undecodable == 5
+    assert sum("dropped a packed inbox message" in record.getMessage() for record in caplog.records) == 4
+
+
+async def test_a_failed_packed_publish_raises_in_every_caller(make: Factory, node: RabbitNode) -> None:
+    receiver = make()
+    channel = await receiver.new_channel()
+    async with TcpProxy(node.port) as proxy:
+        sender = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", timeout=1)
+        await sender.send(channel, {"type": "warm"})
+        before = sender.publishes
+        proxy.hold()  # no publisher confirm reaches the sender
+        results = await asyncio.gather(
+            *(sender.send(channel, {"type": "n", "i": i}) for i in range(16)), return_exceptions=True
+        )
+        proxy.release()
+        assert all(isinstance(result, BackendUnavailable) for result in results), results
+        assert sender.publishes - before < 16

@@ -1,0 +1,256 @@
+"""Packing concurrent sends to one destination into one broker message.
+
+A broker whose cost is per message, not per byte (RabbitMQ: measured in
+docs/architecture.md, "Where the time goes"), carries sixteen concurrent sends
+to one process's inbox about as fast as one when they travel as one message.
+:class:`Packer` does that for one layer: per destination, a send with nothing
+in flight goes out alone and at once; sends that arrive while a publish to
+that destination is unconfirmed wait, in call order, and go out together as
+one packed message on the next turn of the event loop if fewer than
+``in_flight`` publishes are unconfirmed, else when one of them is settled.
+:func:`pack` and :func:`unpack` are the packed body: a version byte, then per
+frame a 2-byte channel length, a 4-byte payload length (big-endian), the
+channel in UTF-8 and the payload.
+
+This module knows no broker: the layer passes the two publish functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from functools import partial
+from typing import Any
+
+from fastapi_websockets.backends.futures import settle, settle_all
+from fastapi_websockets.backends.timeouts import reply_within
+from fastapi_websockets.exceptions import ChannelLayerClosed
+
+__all__ = ["Packer", "pack", "unpack"]
+
+#: First byte of a packed body; another value is a format this version cannot read.
+PACK_VERSION = 1
+_HEADER = struct.Struct(">HI")
+_VERSION = bytes((PACK_VERSION,))
+
+#: Publishes one send alone: (destination, channel, payload).
+SendOne = Callable[[str, str, bytes], Awaitable[None]]
+#: Publishes several sends as one packed message: (destination, [(channel, payload), ...]).
+SendMany = Callable[[str, list[tuple[str, bytes]]], Awaitable[None]]
+#: Runs a coroutine as a tracked background task; raises once the layer is closing.
+Spawn = Callable[[Coroutine[Any, Any, None]], object]
+#: The error a queued send raises past the timeout, given its channel.
+OnTimeout = Callable[[str], BaseException]
+
+
+def pack(frames: Sequence[tuple[str, bytes]]) -> bytes:
+    """The packed body of ``frames``, (channel, encoded message) pairs in order."""
+    parts = [_VERSION]
+    for channel, data in frames:
+        name = channel.encode()
+        parts += (_HEADER.pack(len(name), len(data)), name, data)
+    return b"".join(parts)
+
+
+def unpack(body: bytes) -> list[tuple[str, bytes]]:
+    """The (channel, encoded message) frames of a packed ``body``, in order.
+
+    Raises ``ValueError`` naming what is wrong when ``body`` is not exactly a
+    sequence of whole frames (truncated, trailing bytes, a channel that is
+    not UTF-8, another format version), before returning anything: a
+    malformed body is dropped whole, never delivered in part.
+    """
+    if not body or body[0] != PACK_VERSION:
+        found = body[0] if body else "nothing"
+        raise ValueError(f"packed body starts with format {found}, expected {PACK_VERSION}")
+    frames: list[tuple[str, bytes]] = []
+    offset, end = 1, len(body)
+    while offset < end:
+        if offset + _HEADER.size > end:
+            raise ValueError(f"packed body ends inside the header of frame {len(frames)}")
+        name_size, data_size = _HEADER.unpack_from(body, offset)
+        start = offset + _HEADER.size
+        offset = start + name_size + data_size
+        if offset > end:
+            raise ValueError(
+                f"frame {len(frames)} needs {offset - end} bytes more than the packed body holds"
+            )
+        channel = body[start : start + name_size].decode()  # UnicodeDecodeError is a ValueError
+        frames.append((channel, body[start + name_size : offset]))
+    return frames
+
+
+class _Frame:
+    __slots__ = ("channel", "data", "done")
+
+    def __init__(self, channel: str, data: bytes, done: asyncio.Future[None]) -> None:
+        self.channel = channel
+        self.data = data
+        #: Settled with the outcome of the publish that carried the frame; a
+        #: caller that gives up cancels it, which withdraws a frame not taken yet.
+        self.done = done
+
+
+class _Outbox:
+    """What waits for one destination, and how many publishes to it are unconfirmed."""
+
+    __slots__ = ("flush_due", "in_flight", "queued")
+
+    def __init__(self) -> None:
+        self.queued: deque[_Frame] = deque()
+        self.in_flight = 0
+        #: A flush of the queue is scheduled for the next turn of the event loop.
+        self.flush_due = False
+
+
+class Packer:
+    """Sends to one destination go out alone when nothing waits, packed when they pile up.
+
+    Per destination at most ``in_flight`` publishes are unconfirmed at once.
+    A send that finds nothing in flight and nothing queued is published
+    alone, from the caller's task, so a lone sender pays nothing. Otherwise
+    its frame is queued, and the queued frames (at most ``max_frames``, at
+    most ``max_bytes`` of payloads and names, always at least one) go out as
+    one message from a background task, so cancelling one caller never
+    loses another's frame: on the next turn of the event loop if a slot is
+    free (the senders one confirm woke all send in one turn: they travel
+    together), else whenever a publish to that destination is settled. Every caller returns
+    or raises with the publish that carried its frame: a failure reaches each
+    of them. Frames are taken in call order and packed publishes to one
+    destination are started in that order. A queued caller waits at most
+    ``timeout`` seconds in all, as a lone one does, then raises
+    ``on_timeout(channel)``: its frame is withdrawn if not taken yet, and
+    may still be delivered if it was.
+    """
+
+    def __init__(
+        self,
+        *,
+        send_one: SendOne,
+        send_many: SendMany,
+        spawn: Spawn,
+        in_flight: int,
+        max_frames: int,
+        max_bytes: int,
+        timeout: float,
+        on_timeout: OnTimeout,
+    ) -> None:
+        self._send_one = send_one
+        self._send_many = send_many
+        self._spawn = spawn
+        self._limit = in_flight
+        self._max_frames = max_frames
+        self._max_bytes = max_bytes
+        self._timeout = timeout
+        self._on_timeout = on_timeout
+        self._outboxes: dict[str, _Outbox] = {}
+        self._closed = False
+        #: Packed messages published so far and the frames they carried.
+        self.packed = 0
+        self.packed_frames = 0
+
+    async def send(self, destination: str, channel: str, data: bytes) -> None:
+        """Publish one send to ``destination``, alone or packed; return once its publish is confirmed."""
+        if self._closed:
+            raise ChannelLayerClosed("the channel layer was closed")
+        outbox = self._outboxes.get(destination)
+        if outbox is None:
+            outbox = self._outboxes[destination] = _Outbox()
+        if outbox.in_flight == 0 and not outbox.queued:
+            outbox.in_flight += 1
+            try:
+                await self._send_one(destination, channel, data)
+            finally:
+                self._settled(destination, outbox)
+            return
+        loop = asyncio.get_running_loop()
+        frame = _Frame(channel, data, loop.create_future())
+        outbox.queued.append(frame)
+        if outbox.in_flight < self._limit and not outbox.flush_due:
+            # A slot is free: the sends of this loop turn (senders woken by one
+            # confirm send together) go out as one message on the next turn.
+            outbox.flush_due = True
+            loop.call_soon(self._flush_due, destination, outbox)
+        try:
+            await reply_within(frame.done, self._timeout, partial(self._on_timeout, channel))
+        except asyncio.CancelledError:
+            if frame.done.done() and not frame.done.cancelled():
+                frame.done.exception()  # settled as we were cancelled: retrieved, not logged as lost
+            raise
+
+    def close(self) -> None:
+        """Fail every queued frame with ``ChannelLayerClosed``; later sends raise it too."""
+        self._closed = True
+        closed = ChannelLayerClosed("the channel layer was closed")
+        for outbox in self._outboxes.values():
+            settle_all((frame.done for frame in outbox.queued), closed)
+            outbox.queued.clear()
+
+    def _flush_due(self, destination: str, outbox: _Outbox) -> None:
+        outbox.flush_due = False
+        self._flush(destination, outbox)
+
+    def _settled(self, destination: str, outbox: _Outbox) -> None:
+        outbox.in_flight -= 1
+        self._flush(destination, outbox)
+
+    def _flush(self, destination: str, outbox: _Outbox) -> None:
+        # What queued goes out now, while slots last.
+        while outbox.queued and outbox.in_flight < self._limit:
+            batch = self._take(outbox)
+            if not batch:
+                break  # every queued caller gave up
+            outbox.in_flight += 1
+            try:
+                self._spawn(self._publish(destination, outbox, batch))
+            except ChannelLayerClosed as exc:
+                outbox.in_flight -= 1
+                settle_all((frame.done for frame in batch), exc)
+        if (
+            outbox.in_flight == 0
+            and not outbox.queued
+            and not outbox.flush_due
+            and self._outboxes.get(destination) is outbox
+        ):
+            del self._outboxes[destination]
+
+    def _take(self, outbox: _Outbox) -> list[_Frame]:
+        batch: list[_Frame] = []
+        size = 0
+        queued = outbox.queued
+        while queued and len(batch) < self._max_frames:
+            frame = queued[0]
+            if frame.done.done():
+                queued.popleft()  # its caller gave up before it was taken: never sent
+                continue
+            # At most 4 UTF-8 bytes a character: an upper bound, without encoding the name twice.
+            cost = _HEADER.size + len(frame.channel) * 4 + len(frame.data)
+            if batch and size + cost > self._max_bytes:
+                break
+            queued.popleft()
+            batch.append(frame)
+            size += cost
+        return batch
+
+    async def _publish(self, destination: str, outbox: _Outbox, batch: list[_Frame]) -> None:
+        try:
+            if len(batch) == 1:
+                await self._send_one(destination, batch[0].channel, batch[0].data)
+            else:
+                await self._send_many(destination, [(frame.channel, frame.data) for frame in batch])
+                self.packed += 1
+                self.packed_frames += len(batch)
+        except asyncio.CancelledError:
+            # Only close() cancels this task: the callers learn why.
+            settle_all((frame.done for frame in batch), ChannelLayerClosed("the channel layer was closed"))
+            raise
+        except Exception as exc:
+            # Each caller raises it (they all waited on this one publish).
+            settle_all((frame.done for frame in batch), exc)
+        else:
+            for frame in batch:
+                settle(frame.done, None)
+        finally:
+            self._settled(destination, outbox)

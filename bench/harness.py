@@ -100,18 +100,31 @@ class Impl:
 # ------------------------------------------------------------------ figures from /proc
 
 
-def process_cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) used so far by ``pids`` and all their descendants."""
+def _process_stats() -> dict[int, list[str]]:
+    """Every process's ``/proc/<pid>/stat`` fields after the command name (state first)."""
     stats: dict[int, list[str]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    return stats
+
+
+def process_tree(pids: list[int], stats: dict[int, list[str]] | None = None) -> set[int]:
+    """``pids`` and all their descendants."""
+    stats = _process_stats() if stats is None else stats
     tree, found = set(pids), True
     while found:
         children = {pid for pid, fields in stats.items() if int(fields[1]) in tree} - tree
         tree |= children
         found = bool(children)
+    return tree
+
+
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by ``pids`` and all their descendants."""
+    stats = _process_stats()
+    tree = process_tree(pids, stats)
     ticks = sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in tree if pid in stats)
     return ticks / os.sysconf("SC_CLK_TCK")
 

@@ -146,21 +146,6 @@ def preempted() -> int:
     return int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
 
 
-def server_tree(pids: list[int]) -> set[int]:
-    """``pids`` and all their descendants."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    tree = set(pids)
-    while grown := {pid for pid, parent in parents.items() if parent in tree} - tree:
-        tree |= grown
-    return tree
-
-
 def machine_cpu() -> tuple[float, float]:
     """CPU seconds so far of the whole machine: (busy, stolen)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -218,7 +203,7 @@ def main() -> None:
         runs = [(index, pin) for index in range(args.repeat) for pin in args.pin.split(",")]
         for index, pin in runs:
             worker_cpus, server_cpus = placements[pin]
-            for pid in server_tree(server["pids"]):
+            for pid in harness.process_tree(server["pids"]):
                 os.sched_setaffinity(pid, server_cpus)  # backends forked later inherit it
             before = asyncio.run(server_state(server["url"]))
             job = json.dumps({"server": server, "ns": "q" + uuid.uuid4().hex[:10]})

@@ -914,6 +914,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._named: dict[str, WaiterQueue[Message]] = {}
         self._named_by_notify: dict[str, str] = {}
         self._notify_name: Memo[str, str] = Memo(lambda queue: notify_channel(self.schema, queue))
+        #: The inbox queue of a process-specific channel (every send to one asks).
+        self._inbox_of: Memo[str, str] = Memo(lambda channel: _inbox_queue(process_token(channel)))
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._listen_lock = asyncio.Lock()
@@ -1375,41 +1377,42 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         for no history position), ``j<id> group channel`` and ``l<id> group
         channel`` (another process added or discarded one of our channels).
         """
+        claimed, acking, acks = self._claimed, self._acking, self._acks
         for line in note.split("\n"):
+            kind = line[:1]
             try:
-                head, _, rest = line.partition(" ")
-                kind, row_id = head[:1], int(head[1:])
-                if kind == "m":
-                    channel, encoded = rest.split(" ", 1)
+                if kind == "m":  # most lines
+                    head, channel, encoded = line.split(" ", 2)
                 elif kind == "g":
-                    group, offset, epoch, encoded = rest.split(" ", 3)
+                    head, group, offset, epoch, encoded = line.split(" ", 4)
                     position = None if offset == "-" else {"offset": int(offset), "epoch": epoch}
                 elif kind in ("j", "l"):
-                    group, channel = rest.split(" ", 1)
+                    head, group, channel = line.split(" ", 2)
                     encoded = ""
                 else:
                     raise ValueError(kind)
+                row_id = int(head[1:])
                 data = binascii.a2b_base64(encoded)
             except (ValueError, binascii.Error):
                 self.stats.dropped_undecodable += 1
                 logger.warning("dropped a malformed notification on %s", where)
                 continue
-            if self._claimed.pop(row_id, None) is not None:
+            if claimed and claimed.pop(row_id, None) is not None:
                 continue
-            self._acking.add(row_id)
-            self._acks.append(row_id)
-            if kind in ("j", "l"):
-                self._apply_notice(kind, group, channel)
-                continue
-            message = self.decode_or_drop(data, where)
-            if message is None:
-                continue
+            acking.add(row_id)
+            acks.append(row_id)
             if kind == "m":
-                self.deliver_many([channel], message)
+                message = self.decode_or_drop(data, where)
+                if message is not None:
+                    self.deliver_local(channel, message)
+            elif kind == "g":
+                message = self.decode_or_drop(data, where)
+                if message is not None:
+                    if position is not None:
+                        message[POSITION_KEY] = position
+                    self.deliver_to_local_members(group, message)
             else:
-                if position is not None:
-                    message[POSITION_KEY] = position
-                self.deliver_to_local_members(group, message)
+                self._apply_notice(kind, group, channel)
         if self._acks and self._ack_task is None:
             self._ack_task = self.tasks.spawn(self._ack_notes(), "ack")
 
@@ -1544,10 +1547,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     # --------------------------------------------------------------- template
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        expiry = float(self.channel_expiry)
         if is_process_specific(channel):
-            await self._send_to_inbox(channel, data)
+            await self._write(self._inbox_of(channel), channel, data)
             return
+        expiry = float(self.channel_expiry)
         capacity = self.capacity_for(channel)
         notify = self._notify_name(channel)
         stored = await self._with_conn(
@@ -1555,9 +1558,6 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
         if not stored:
             raise ChannelFull(channel, capacity)
-
-    async def _send_to_inbox(self, channel: str, data: bytes) -> None:
-        await self._write(_inbox_queue(process_token(channel)), channel, data)
 
     async def _write(
         self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None

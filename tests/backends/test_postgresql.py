@@ -20,6 +20,7 @@ from fastapi_websockets import (
     get_channel_layer,
     get_channel_layer_from_env,
 )
+from fastapi_websockets.backends import postgresql
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.conftest import layer_factory
@@ -713,6 +714,39 @@ async def test_sends_woken_together_share_one_statement(
     assert len(set(statements[1:17])) == 1
     assert len(set(statements[17:33])) == 1
     assert len(set(statements)) == 4
+
+
+async def test_the_writer_keeps_its_connection_between_statements(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An acquire and a release of a pooled connection cost more CPU than a send's own
+    # work in the statement, and the release a pass of the event loop: the writer
+    # keeps its connection while writes keep coming (here: as long as the test runs).
+    monkeypatch.setattr(postgresql, "_WRITER_LINGER", 3600.0, raising=False)
+    sender, owner = make(timeout=600), make()
+    channel = await owner.new_channel()
+    await sender.send(channel, {"type": "n", "i": -1})  # connected, and the writer has one
+    pool = sender._pool
+    assert pool is not None
+    acquired = 0
+    acquire = asyncpg.Pool.acquire
+
+    def counted(self: asyncpg.Pool, *args: Any, **kwargs: Any) -> Any:
+        nonlocal acquired
+        acquired += self is pool
+        return acquire(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Pool, "acquire", counted)
+    for i in range(10):
+        await sender.send(channel, {"type": "n", "i": i})
+        await sender.group_send("nobody-here", {"type": "g", "i": i})
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": 10 + i}) for i in range(16)))
+    assert acquired == 0
+    got = [(await owner.receive(channel, timeout=10))["i"] for _ in range(27)]
+    assert sorted(got) == list(range(-1, 26))
+    # The kept connection goes back to the pool on close, which would otherwise wait
+    # for it until the layer's timeout.
+    await asyncio.wait_for(sender.close(), 60)
 
 
 async def test_group_sends_in_one_statement_respect_a_named_members_capacity(

@@ -1646,13 +1646,21 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     def _take_outbox(self) -> list[_Outgoing]:
         """The next statement's writes: the longest run of queued writes that can share one."""
-        batch: list[_Outgoing] = []
-        while self._outbox and len(batch) < _SEND_BATCH:
-            entry = self._outbox[0]
-            if batch and not batch[0].joins(entry):
+        outbox = self._outbox
+        first = outbox.popleft()
+        batch = [first] if not first.done.done() else []  # (done: cancelled before it went out)
+        plain = first.policy is None
+        kind = first.queue is None
+        while outbox and len(batch) < _SEND_BATCH:
+            entry = outbox[0]
+            # What _Outgoing.joins says, inline for the usual case (sends, no history).
+            if plain and entry.policy is None:
+                if (entry.queue is None) != kind:
+                    break
+            elif not first.joins(entry):
                 break
-            self._outbox.popleft()
-            if not entry.done.done():  # its caller was cancelled before it went out
+            outbox.popleft()
+            if not entry.done.done():
                 batch.append(entry)
         return batch
 
@@ -2172,7 +2180,9 @@ def _one_note(batch: Sequence[_Outgoing], queue: str) -> bool:
     for entry in batch:
         if entry.queue != queue:
             return False
-        size += _note_line(entry)
+        target = entry.target
+        name = len(target) if target.isascii() else len(target.encode())
+        size += _NOTE_LINE_OVERHEAD + name + 4 * ((len(entry.data) + 2) // 3)  # as _note_line
     return size <= _NOTE_LIMIT
 
 

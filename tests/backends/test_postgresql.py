@@ -292,6 +292,40 @@ async def test_notify_payload_stays_small_for_a_large_message(make: Factory, nam
         await listener.close()
 
 
+async def test_one_burst_to_two_inboxes_and_over_a_payload_arrives_in_order(make: Factory) -> None:
+    # A burst made in one pass is one statement: to one inbox within one payload it takes
+    # the lean statement, otherwise the general one (payloads per inbox and per 8000
+    # bytes, an oversized row claimed). Both must keep each channel's order.
+    sender, first, second = make(capacity=500), make(capacity=500), make(capacity=500)
+    mine = [await first.new_channel("wé"), await first.new_channel("w")]
+    theirs = await second.new_channel("w")
+    await sender.send(theirs, {"type": "warm"})
+    assert (await second.receive(theirs, timeout=10))["type"] == "warm"
+    big = "x" * 3000  # three of these overflow one payload
+    sends = [
+        sender.send(mine[i % 2], {"type": "n", "i": i, "pad": big if i % 5 == 0 else ""}) for i in range(40)
+    ]
+    sends += [sender.send(theirs, {"type": "n", "i": i}) for i in range(10)]
+    sends.append(sender.send(mine[0], {"type": "n", "i": 40, "pad": "y" * 9000}))  # claimed
+    sends += [sender.send(mine[0], {"type": "n", "i": i}) for i in (42, 44)]
+    await asyncio.gather(*sends)
+    got: dict[str, list[int]] = {channel: [] for channel in (*mine, theirs)}
+    for channel, count in ((mine[0], 23), (mine[1], 20), (theirs, 10)):
+        for _ in range(count):
+            got[channel].append(
+                (await (second if channel == theirs else first).receive(channel, timeout=10))["i"]
+            )
+    assert got == {
+        mine[0]: [*range(0, 41, 2), 42, 44],
+        mine[1]: list(range(1, 40, 2)),
+        theirs: list(range(10)),
+    }
+    # ... and nothing more came (no row delivered twice, from its notification and a claim).
+    for layer, channel in ((first, mine[0]), (first, mine[1]), (second, theirs)):
+        with pytest.raises(TimeoutError):
+            await layer.receive(channel, timeout=0.3)
+
+
 async def test_long_names_map_to_short_notify_channels(make: Factory) -> None:
     sender, receiver = make(), make()
     long_name = "n." + "x" * 190 + ".é"

@@ -20,6 +20,7 @@ from fastapi_websockets import (
     get_channel_layer,
     get_channel_layer_from_env,
 )
+from fastapi_websockets.backends import postgresql
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.conftest import layer_factory
@@ -289,6 +290,40 @@ async def test_notify_payload_stays_small_for_a_large_message(make: Factory, nam
         assert all(len(payload) < 100 for payload in payloads)
     finally:
         await listener.close()
+
+
+async def test_one_burst_to_two_inboxes_and_over_a_payload_arrives_in_order(make: Factory) -> None:
+    # A burst made in one pass is one statement: to one inbox within one payload it takes
+    # the lean statement, otherwise the general one (payloads per inbox and per 8000
+    # bytes, an oversized row claimed). Both must keep each channel's order.
+    sender, first, second = make(capacity=500), make(capacity=500), make(capacity=500)
+    mine = [await first.new_channel("wé"), await first.new_channel("w")]
+    theirs = await second.new_channel("w")
+    await sender.send(theirs, {"type": "warm"})
+    assert (await second.receive(theirs, timeout=10))["type"] == "warm"
+    big = "x" * 3000  # three of these overflow one payload
+    sends = [
+        sender.send(mine[i % 2], {"type": "n", "i": i, "pad": big if i % 5 == 0 else ""}) for i in range(40)
+    ]
+    sends += [sender.send(theirs, {"type": "n", "i": i}) for i in range(10)]
+    sends.append(sender.send(mine[0], {"type": "n", "i": 40, "pad": "y" * 9000}))  # claimed
+    sends += [sender.send(mine[0], {"type": "n", "i": i}) for i in (42, 44)]
+    await asyncio.gather(*sends)
+    got: dict[str, list[int]] = {channel: [] for channel in (*mine, theirs)}
+    for channel, count in ((mine[0], 23), (mine[1], 20), (theirs, 10)):
+        for _ in range(count):
+            got[channel].append(
+                (await (second if channel == theirs else first).receive(channel, timeout=10))["i"]
+            )
+    assert got == {
+        mine[0]: [*range(0, 41, 2), 42, 44],
+        mine[1]: list(range(1, 40, 2)),
+        theirs: list(range(10)),
+    }
+    # ... and nothing more came (no row delivered twice, from its notification and a claim).
+    for layer, channel in ((first, mine[0]), (first, mine[1]), (second, theirs)):
+        with pytest.raises(TimeoutError):
+            await layer.receive(channel, timeout=0.3)
 
 
 async def test_long_names_map_to_short_notify_channels(make: Factory) -> None:
@@ -713,6 +748,39 @@ async def test_sends_woken_together_share_one_statement(
     assert len(set(statements[1:17])) == 1
     assert len(set(statements[17:33])) == 1
     assert len(set(statements)) == 4
+
+
+async def test_the_writer_keeps_its_connection_between_statements(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An acquire and a release of a pooled connection cost more CPU than a send's own
+    # work in the statement, and the release a pass of the event loop: the writer
+    # keeps its connection while writes keep coming (here: as long as the test runs).
+    monkeypatch.setattr(postgresql, "_WRITER_LINGER", 3600.0, raising=False)
+    sender, owner = make(timeout=600), make()
+    channel = await owner.new_channel()
+    await sender.send(channel, {"type": "n", "i": -1})  # connected, and the writer has one
+    pool = sender._pool
+    assert pool is not None
+    acquired = 0
+    acquire = asyncpg.Pool.acquire
+
+    def counted(self: asyncpg.Pool, *args: Any, **kwargs: Any) -> Any:
+        nonlocal acquired
+        acquired += self is pool
+        return acquire(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Pool, "acquire", counted)
+    for i in range(10):
+        await sender.send(channel, {"type": "n", "i": i})
+        await sender.group_send("nobody-here", {"type": "g", "i": i})
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": 10 + i}) for i in range(16)))
+    assert acquired == 0
+    got = [(await owner.receive(channel, timeout=10))["i"] for _ in range(27)]
+    assert sorted(got) == list(range(-1, 26))
+    # The kept connection goes back to the pool on close, which would otherwise wait
+    # for it until the layer's timeout.
+    await asyncio.wait_for(sender.close(), 60)
 
 
 async def test_group_sends_in_one_statement_respect_a_named_members_capacity(

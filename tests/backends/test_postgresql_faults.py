@@ -130,7 +130,7 @@ async def test_a_failed_outbox_write_fails_its_sends_and_the_next_ones_work(
         monkeypatch,
         Connection,
         "fetchval",
-        lambda _conn, query, *args, **kwargs: query == sender._sql.send_inboxes,
+        lambda _conn, query, *args, **kwargs: query in (sender._sql.send_inbox, sender._sql.send_inboxes),
     )
     with pytest.raises(InjectedFault):
         await sender.send(channel, {"type": "failed"})

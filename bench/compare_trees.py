@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--tree", action="append", required=True, help="NAME=PATH, in run order")
     parser.add_argument("--scenarios", default="p2p,fanout,fanout2")
     parser.add_argument("--repeat", type=int, default=3)
-    for flag, default in (("--p2p-messages", 40_000), ("--receivers", 1000), ("--rounds", 10)):
+    for flag, default in (("--p2p-messages", 40_000), ("--receivers", 1000), ("--rounds", 30)):
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--p2p-seconds", type=float, default=2.0)
     parser.add_argument("--fanout-seconds", type=float, default=10.0)

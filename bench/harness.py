@@ -131,13 +131,6 @@ def process_cpu(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, all) CPU seconds of the whole machine so far, every core summed (``/proc/stat``)."""
-    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle and iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), sum(ticks) / os.sysconf("SC_CLK_TCK")
-
-
 def broker_sockets(port: int) -> set[int]:
     """Local ports of this process's established TCP connections to ``port``."""
     inodes = set()
@@ -507,6 +500,10 @@ def run_job(impl: Impl, scenario: str, server: Server, sizes: dict[str, Any]) ->
     job = {"impl": impl.name, "scenario": scenario, "server": server, "ns": "b" + uuid.uuid4().hex[:10]}
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
+    if impl.venv == "ours":
+        # The virtualenv's editable install points at one checkout (/work/main, say); a run from
+        # another worktree must measure that worktree's package, not the install's.
+        env["PYTHONPATH"] = str(ROOT)
     # cwd=/ keeps this working tree's package off the path of the 0.1.0 and channels workers.
     command = [str(PYTHONS[impl.venv]), str(BENCH / "__main__.py"), "--worker", json.dumps(job)]
     try:

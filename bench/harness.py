@@ -329,7 +329,8 @@ async def paired_rounds(sizes: dict[str, Any], row: Play, reference: Play | None
     process's CPU per measured round (where both grow together the process ran slower on its
     core, where only the wall grows it waited for one), the median first round of a turn
     (``first_round_ms``: after the other room's), and ``ratio``, the reference's median round
-    over the row's: the row's deliveries/s over the in-memory layer's in the same job.
+    over the row's: the row's deliveries/s over the in-memory layer's in the same job;
+    ``pair_ratio``, the median over turns of the two rooms' measured rounds' ratio.
     """
     plays = {"": row} | ({"memory_": reference} if reference is not None else {})
     walls: dict[str, list[float]] = {name: [] for name in plays}
@@ -362,6 +363,10 @@ async def paired_rounds(sizes: dict[str, Any], row: Play, reference: Play | None
         result[f"{name}first_round_ms"] = statistics.median(firsts[name]) * 1000
     if reference is not None:
         result["ratio"] = result["memory_round_ms"] / result["round_ms"]
+        # A check on the ratio of medians: each turn's pair of measured rounds, a few
+        # milliseconds apart, shares its moment of the machine more closely still.
+        pairs = zip(walls["memory_"], walls[""], strict=True)
+        result["pair_ratio"] = statistics.median(memory / own for memory, own in pairs)
     return result
 
 
@@ -700,7 +705,7 @@ def pair_note(result: dict[str, Any], scenario: str) -> str:
     return (
         f"in-memory {result['memory_round_ms']:.2f} ms (CPU {result['memory_round_cpu_ms']:.2f}), "
         f"row {result['round_ms']:.2f} ms (CPU {result['round_cpu_ms']:.2f}), ratio {result['ratio']:.2f}"
-        f"{of_cpu}; "
+        f"{of_cpu}, median of turns' ratios {result['pair_ratio']:.2f}; "
         f"a turn's first round {result['memory_first_round_ms']:.2f} / {result['first_round_ms']:.2f} ms; "
         f"{result['rounds']} turns each"
     )

@@ -4,8 +4,11 @@
 runs, ``repeat`` times, every (tree, scenario) pair in a fresh worker of the shared harness
 (``bench/harness.py``) with that tree first on ``PYTHONPATH``, alternating the trees within each
 repeat so that load from the rest of the machine falls on all of them alike; the in-memory layer
-of the current tree runs in each repeat as the ``vs mem`` baseline. Prints every run with the
-load average, then the medians. Checkouts of old commits: ``git worktree add /tmp/x <commit>``.
+of the current tree runs in each repeat as a job of its own. A fan-out job's ``ratio`` is the
+harness's ``vs mem``: its rate over that of an in-memory room of the same tree that took turns
+with it in the same worker (``memory_round_ms``), so a change to shared delivery code moves both.
+Prints every run with the load average, then the medians. Checkouts of old commits:
+``git worktree add /tmp/x <commit>``.
 """
 
 from __future__ import annotations
@@ -28,9 +31,19 @@ sys.path.insert(0, str(BENCH.parent))  # tests.servers, to start the broker
 
 FIGURES = {
     "p2p": ("p2p1_rate", "p2p1_p50", "p2p16_rate", "p2p16_p50"),
-    "fanout": ("rate", "p50_round"),
-    "fanout2": ("rate", "p50_round"),
+    # ratio: the row's rate over the in-memory room's that took turns with it in the same worker.
+    "fanout": ("rate", "p50_round", "ratio", "memory_round_ms"),
+    "fanout2": ("rate", "p50_round", "ratio", "memory_round_ms"),
 }
+
+
+def shown(key: str, value: float) -> str:
+    """A figure as printed: seconds as milliseconds, ratios with two decimals, rates whole."""
+    if "p50" in key:
+        return f"{value * 1000:.2f} ms"
+    if key.endswith("_ms"):
+        return f"{value:.2f} ms"
+    return f"{value:.2f}" if key == "ratio" else f"{value:,.0f}"
 
 
 def run(
@@ -66,7 +79,7 @@ def main() -> None:
     parser.add_argument("--tree", action="append", required=True, help="NAME=PATH, in run order")
     parser.add_argument("--scenarios", default="p2p,fanout,fanout2")
     parser.add_argument("--repeat", type=int, default=3)
-    for flag, default in (("--p2p-messages", 40_000), ("--receivers", 1000), ("--rounds", 10)):
+    for flag, default in (("--p2p-messages", 40_000), ("--receivers", 1000), ("--rounds", 30)):
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--p2p-seconds", type=float, default=2.0)
     parser.add_argument("--fanout-seconds", type=float, default=10.0)
@@ -87,13 +100,9 @@ def main() -> None:
                 for name, tree, row, broker in runs:
                     result = run(tree, row, broker, scenario, server if broker == args.backend else {}, sizes)
                     results.setdefault((name, scenario), []).append(result)
-                    shown = {
-                        k: round(v * 1000, 2) if "p50" in k else round(v)
-                        for k, v in result.items()
-                        if isinstance(v, float)
-                    }
+                    printed = {k: shown(k, v) for k, v in result.items() if isinstance(v, float)}
                     print(
-                        f"#{index} load {os.getloadavg()[0]:.2f} {name:>9} {scenario:8} {shown or result}",
+                        f"#{index} load {os.getloadavg()[0]:.2f} {name:>9} {scenario:8} {printed or result}",
                         flush=True,
                     )
     print("\nmedians:")
@@ -104,7 +113,7 @@ def main() -> None:
             for key in FIGURES[scenario]
             if good and key in good[0]
         }
-        medians = {k: f"{v * 1000:.2f} ms" if "p50" in k else f"{v:,.0f}" for k, v in figures.items()}
+        medians = {k: shown(k, v) for k, v in figures.items()}
         print(f"{name:>9} {scenario:8} n={len(good)} {medians}", flush=True)
 
 

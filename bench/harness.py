@@ -20,22 +20,24 @@ The figures, identical for every row:
   stalls of 10 ms moved the figure by 20% (measured on PostgreSQL).
 * **fan-out**: one ``group_send`` from a second instance to R receivers waiting
   in the first; deliveries/s = R / the median round, a round lasting from the
-  ``group_send`` call to the last delivery. The ``vs mem`` column divides by the
-  in-memory layer's fan-out measured in the same pass over the same broker's rows,
-  with that broker's server running: twice, just before the rows and just after,
-  and the higher of the two counts (the in-memory row's own figure is that higher
-  one of its pass, too). A disturbed sample (its worker waited for a core, or ran
-  slower on it) is only ever slower, so the higher is the nearer to what the
-  in-memory layer can do, and one slow sample cannot flatter a broker's ratio.
-  Both baselines are printed in the notes of each pass, with the median round,
-  the worker's CPU per round, the broker server's CPU seconds and the whole
-  machine's busy CPU while they ran; the last notes divide each row's median by
-  the in-memory row's instead.
-* **fan-out 2p**: the same, with the receivers split over two processes.
+  ``group_send`` call to the last delivery. ``vs mem`` compares like with like:
+  the same worker also holds a room of R receivers of this tree's in-memory
+  layer, and the two rooms take turns (``paired_rounds``), two rounds a turn of
+  which the second is measured, so both rooms' rounds fall in the same slow and
+  fast periods of the machine; ``vs mem`` is the in-memory room's median round
+  over the row's. Each room's 1,000 waiting tasks live in the same loop, so
+  both rooms pay for the other's alike. The notes print, per job, both medians,
+  the worker's CPU per round of each, and the median of the turns' first
+  (unmeasured) rounds. The in-memory row's job pits two in-memory rooms against
+  each other: its ``vs mem`` should read 1.00, a check of the method. The last
+  notes divide each row's median by the in-memory row's, measured in other jobs.
+  Peers' workers cannot import this tree's layer: their rows have no ``vs mem``.
+* **fan-out 2p**: the same, with the receivers split over two processes; the
+  in-memory room is in the sending process.
 
 ``--repeat N`` makes N passes over each broker's rows, interleaved (A B C A B C),
-and the table shows medians; ratios (``vs mem``, and ``--versus ROW`` for p2p)
-are taken within each pass, then their median is shown. On a shared machine a
+and the table shows medians; ratios (``vs mem`` within each job, ``--versus ROW``
+for p2p within each pass) are taken first, then their median is shown. On a shared machine a
 ratio from one pass is worth more than an absolute figure from two.
 * **idle**: R pending ``receive()`` calls on ``new_channel()`` channels of one
   layer: TCP connections to the broker, what ``probe()`` adds, and CPU of the
@@ -127,13 +129,6 @@ def process_cpu(pids: list[int]) -> float:
     tree = process_tree(pids, stats)
     ticks = sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in tree if pid in stats)
     return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, all) CPU seconds of the whole machine so far, every core summed (``/proc/stat``)."""
-    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle and iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), sum(ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def broker_sockets(port: int) -> set[int]:
@@ -294,44 +289,99 @@ async def fan_rounds(sender: Layer, rounds: Rounds, count: int) -> list[float]:
     return walls
 
 
-async def send_rounds(
-    sender: Layer, sizes: dict[str, Any], round_end: Callable[[int], Awaitable[float]]
-) -> dict[str, Any]:
-    """Round 0 warms up; then up to ``rounds`` measured rounds within ``fanout_seconds``.
+#: Plays round ``index`` of a room (its ``group_send``); resolves to the wall-clock time
+#: (``time.time()``, comparable across processes) of the round's last delivery.
+Play = Callable[[int], Awaitable[float]]
 
-    Besides the rate, the median round (``round_ms``) and this process's CPU per round
-    (``round_cpu_ms``): where both grow together the process ran slower on its core (another
-    process's work on the machine, say), where only the wall grows it waited for one.
+
+@contextlib.asynccontextmanager
+async def reference_room(impl: Impl, receivers: int) -> AsyncIterator[Play | None]:
+    """A room of this tree's in-memory layer beside a row's, in the row's worker; None for peers.
+
+    A peer's worker runs in the peer's virtualenv, where this tree's layer cannot be imported
+    (0.1.0's has the same import path), so the peers' rows get no ratio of their own.
     """
-    await asyncio.sleep(0.5)  # let subscriptions made by group_add settle on the broker
-    durations: list[float] = []
-    cpus: list[float] = []
-    deadline = time.perf_counter() + sizes["fanout_seconds"]
-    for index in range(sizes["rounds"] + 1):
-        if durations and time.perf_counter() > deadline:
-            break
+    if impl.venv != "ours":
+        yield None
+        return
+    memory = importlib.import_module("bench_inmemory").IMPLS[0]
+    async with fan_room(memory, {}, "reference", receivers) as (sender, _, rounds):
+
+        async def play(index: int) -> float:
+            await sender.group_send("room", {"type": "bench.fan", "round": index})
+            return await rounds.end(index)
+
+        yield play
+
+
+async def paired_rounds(sizes: dict[str, Any], row: Play, reference: Play | None) -> dict[str, Any]:
+    """Rounds of the row's room and of the in-memory reference room, alternated, in one loop.
+
+    Each turn plays two rounds of one room back to back and measures only the second, so that
+    a measured round follows one of its own room, as in a run of that room alone: what a
+    broker's round leaves to do after its last delivery (acknowledgements, a reply) falls in
+    the next round of the same room, not in the in-memory room's measured one. The rooms take
+    turns (row first, then reference first, and so on) until ``rounds`` measured rounds of
+    each or ``fanout_seconds``, so both draw from the same slow and fast periods of the
+    machine (0.3-1 s long on the shared one). Round 0 of each room warmed it up already.
+
+    Per room: the median measured round (``round_ms``, and ``memory_round_ms``), this
+    process's CPU per measured round (where both grow together the process ran slower on its
+    core, where only the wall grows it waited for one), the median first round of a turn
+    (``first_round_ms``: after the other room's), and ``ratio``, the reference's median round
+    over the row's: the row's deliveries/s over the in-memory layer's in the same job;
+    ``pair_ratio``, the median over turns of the two rooms' measured rounds' ratio.
+    """
+    plays = {"": row} | ({"memory_": reference} if reference is not None else {})
+    walls: dict[str, list[float]] = {name: [] for name in plays}
+    firsts: dict[str, list[float]] = {name: [] for name in plays}
+    cpus: dict[str, list[float]] = {name: [] for name in plays}
+    played = dict.fromkeys(plays, 0)
+
+    async def timed(name: str) -> tuple[float, float]:
+        played[name] += 1
         began, cpu = time.time(), time.process_time()
-        await sender.group_send("room", {"type": "bench.fan", "round": index})
-        ended = await round_end(index)
-        if index:
-            durations.append(ended - began)
-            cpus.append(time.process_time() - cpu)
-    return {
-        "rate": sizes["receivers"] / statistics.median(durations),
-        "rounds": len(durations),
-        "round_ms": statistics.median(durations) * 1000,
-        "round_cpu_ms": statistics.median(cpus) * 1000,
+        ended = await plays[name](played[name])
+        return ended - began, time.process_time() - cpu
+
+    deadline = time.perf_counter() + sizes["fanout_seconds"]
+    for turn in range(sizes["rounds"]):
+        if turn and time.perf_counter() > deadline:
+            break
+        for name in list(plays)[:: 1 if turn % 2 == 0 else -1]:
+            firsts[name].append((await timed(name))[0])
+            wall, cpu = await timed(name)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    result: dict[str, Any] = {
+        "rate": sizes["receivers"] / statistics.median(walls[""]),
+        "rounds": len(walls[""]),
     }
+    for name in plays:
+        result[f"{name}round_ms"] = statistics.median(walls[name]) * 1000
+        result[f"{name}round_cpu_ms"] = statistics.median(cpus[name]) * 1000
+        result[f"{name}first_round_ms"] = statistics.median(firsts[name]) * 1000
+    if reference is not None:
+        result["ratio"] = result["memory_round_ms"] / result["round_ms"]
+        # A check on the ratio of medians: each turn's pair of measured rounds, a few
+        # milliseconds apart, shares its moment of the machine more closely still.
+        pairs = zip(walls["memory_"], walls[""], strict=True)
+        result["pair_ratio"] = statistics.median(memory / own for memory, own in pairs)
+    return result
 
 
 async def fanout(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
-    async with layer_pair(impl, server, namespace) as (sender, receiver):
-        rounds = Rounds(sizes["receivers"])
-        tasks = await start_receivers(receiver, sizes["receivers"], rounds)
-        try:
-            return await send_rounds(sender, sizes, rounds.end)
-        finally:
-            await stop(tasks)
+    """The row's room and the in-memory reference room, both in this worker (``paired_rounds``)."""
+    async with (
+        fan_room(impl, server, namespace, sizes["receivers"]) as (sender, _, rounds),
+        reference_room(impl, sizes["receivers"]) as reference,
+    ):
+
+        async def play(index: int) -> float:
+            await sender.group_send("room", {"type": "bench.fan", "round": index})
+            return await rounds.end(index)
+
+        return await paired_rounds(sizes, play, reference)
 
 
 async def fanout_part(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -350,6 +400,7 @@ async def fanout_part(impl: Impl, server: Server, namespace: str, sizes: dict[st
 
 
 async def fanout2(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    """Receivers in two child processes (``fanout_part``); the reference room in this one."""
     job = json.dumps({"impl": impl.name, "scenario": "fanout_part", "server": server, "ns": namespace})
     children = [
         await asyncio.create_subprocess_exec(
@@ -369,10 +420,15 @@ async def fanout2(impl: Impl, server: Server, namespace: str, sizes: dict[str, A
             if (line := await output.readline()).strip() != b"ready":
                 raise RuntimeError(f"a receiving process did not start: {line!r}")
 
-        async def round_end(index: int) -> float:
+        async def play(index: int) -> float:
+            await sender.group_send("room", {"type": "bench.fan", "round": index})
+            # Each receiving process prints its rounds' last deliveries in order.
             return max([float(await output.readline()) for output in outputs])
 
-        return await send_rounds(sender, sizes, round_end)
+        await asyncio.sleep(0.5)  # let subscriptions made by group_add settle on the broker
+        await play(0)
+        async with reference_room(impl, sizes["receivers"]) as reference:
+            return await paired_rounds(sizes, play, reference)
     finally:
         await impl.close(sender)
         for child in children:
@@ -449,6 +505,10 @@ def run_job(impl: Impl, scenario: str, server: Server, sizes: dict[str, Any]) ->
     job = {"impl": impl.name, "scenario": scenario, "server": server, "ns": "b" + uuid.uuid4().hex[:10]}
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
+    if impl.venv == "ours":
+        # The virtualenv's editable install points at one checkout (/work/main, say); a run from
+        # another worktree must measure that worktree's package, not the install's.
+        env["PYTHONPATH"] = str(ROOT)
     # cwd=/ keeps this working tree's package off the path of the 0.1.0 and channels workers.
     command = [str(PYTHONS[impl.venv]), str(BENCH / "__main__.py"), "--worker", json.dumps(job)]
     try:
@@ -576,9 +636,9 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
 def row_ratios(rows: dict[str, dict[str, dict[str, Any]]], memory: str) -> list[str]:
     """Each row's median fan-out rates over the in-memory row's median, the other way to read ``vs mem``.
 
-    The in-memory row ran in its own passes, with no broker server, so this ratio does not
-    share the row's conditions as the per-pass baselines do; when the two readings disagree,
-    the baselines of the passes (in the notes) say which one drew a slow sample.
+    The in-memory row ran in jobs of its own, with no broker server, so this ratio does not
+    share the row's periods of the machine as ``vs mem`` does (both rooms in one job); where
+    the two readings disagree, the jobs' CPU per round in the notes tells which drew slow ones.
     """
     ceiling = rows.get(memory, {}).get("fanout", {}).get("rate")
     if not ceiling:
@@ -597,7 +657,16 @@ def row_ratios(rows: dict[str, dict[str, dict[str, Any]]], memory: str) -> list[
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=(
+            "fan-out: each job also holds a room of this tree's in-memory layer of the same size; the two "
+            "rooms take turns of two rounds (the second measured) and 'vs mem' is the in-memory room's "
+            "median round over the row's, both from the same job. The notes give both medians, the CPU per "
+            "round and each turn's first round. See bench/harness.py."
+        ),
+    )
     parser.add_argument("--backends", default=",".join(BROKERS), help="comma-separated: %(default)s")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: %(default)s")
     parser.add_argument("--no-peers", action="store_true", help="only this working tree's layers")
@@ -605,8 +674,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--p2p-messages", type=int, default=40_000, help="at most, per sender count")
     parser.add_argument("--p2p-seconds", type=float, default=2.0, help="at most, per sender count")
     parser.add_argument("--receivers", type=int, default=1_000, help="fan-out receivers")
-    parser.add_argument("--rounds", type=int, default=10, help="fan-out rounds, at most")
-    parser.add_argument("--fanout-seconds", type=float, default=10.0, help="fan-out rounds stop after")
+    parser.add_argument(
+        "--rounds", type=int, default=30, help="fan-out turns of each room, at most (one measured round each)"
+    )
+    parser.add_argument("--fanout-seconds", type=float, default=10.0, help="fan-out turns stop after")
     parser.add_argument("--idle-receivers", type=int, default=1_000)
     parser.add_argument("--idle-seconds", type=float, default=3.0)
     parser.add_argument("--limit", type=float, default=30.0, help="seconds per scenario before an error")
@@ -622,40 +693,22 @@ def no_server() -> Iterator[Server]:
     yield {}
 
 
-def baseline(memory: Impl, server: Server, sizes: dict[str, Any], when: str, where: str) -> dict[str, Any]:
-    """The in-memory fan-out, with the broker's server CPU seconds (``server_cpu``) while it ran.
-
-    The broker's server keeps running beside it, so what the server does with nothing asked
-    of it (Erlang schedulers spinning, a checkpoint) would show here as CPU it took.
-    """
-    print(f"  {when}: in-memory fan-out, the baseline {where} the rows", file=sys.stderr, flush=True)
-    pids = server.get("pids", [])
-    cpu, machine, began = process_cpu(pids), machine_cpu(), time.monotonic()
-    result = run_job(memory, "fanout", {"broker": "inmemory"}, sizes)
-    server_cpu = process_cpu(pids) - cpu if pids else None
-    (busy, total), (busy_before, total_before) = machine_cpu(), machine
-    return result | {
-        "server_cpu": server_cpu,
-        "machine_seconds": time.monotonic() - began,
-        "machine_busy": busy - busy_before,
-        "machine_total": total - total_before,
-    }
-
-
-def baseline_note(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """One pass's two baselines: rate, median round and its CPU, and the server's CPU meanwhile."""
-
-    def told(result: dict[str, Any]) -> str:
-        if "rate" not in result:
-            return str(result.get("error", "no figure"))
-        server = "" if result["server_cpu"] is None else f", server CPU {result['server_cpu']:.2f} s"
-        return (
-            f"{result['rate']:,.0f}/s (round {result['round_ms']:.2f} ms, worker CPU "
-            f"{result['round_cpu_ms']:.2f} ms{server} of {result['machine_seconds']:.1f} s, machine busy "
-            f"{result['machine_busy']:.1f} of {result['machine_total']:.1f} core-s)"
+def pair_note(result: dict[str, Any], scenario: str) -> str:
+    """One job's two rooms: median rounds, CPU per round, first rounds of a turn, and their ratio."""
+    if "memory_round_ms" not in result:
+        return str(
+            result.get("error", f"{result.get('round_ms', 0):.2f} ms, no in-memory room in its worker")
         )
-
-    return f"in-memory fan-out baseline {told(before)} before the rows, {told(after)} after"
+    # In fanout2 the row's receivers work in other processes: this one's CPU is only the sender's.
+    cpu = result["memory_round_cpu_ms"] / result["round_cpu_ms"]
+    of_cpu = f" (of this process's CPU {cpu:.2f})" if scenario == "fanout" else ""
+    return (
+        f"in-memory {result['memory_round_ms']:.2f} ms (CPU {result['memory_round_cpu_ms']:.2f}), "
+        f"row {result['round_ms']:.2f} ms (CPU {result['round_cpu_ms']:.2f}), ratio {result['ratio']:.2f}"
+        f"{of_cpu}, median of turns' ratios {result['pair_ratio']:.2f}; "
+        f"a turn's first round {result['memory_first_round_ms']:.2f} / {result['first_round_ms']:.2f} ms; "
+        f"{result['rounds']} turns each"
+    )
 
 
 def coordinate(args: argparse.Namespace) -> None:
@@ -669,7 +722,8 @@ def coordinate(args: argparse.Namespace) -> None:
     skipped = set()
     started = time.monotonic()
     memory = importlib.import_module("bench_inmemory").IMPLS[0]
-    # The in-memory layer (the first row of bench_inmemory) is the baseline of "vs mem": it always runs.
+    # The in-memory layer (the first row of bench_inmemory) always runs: its fan-out, in-memory
+    # against in-memory, checks the method (vs mem 1.00), and the last notes divide by it.
     for broker in ["inmemory", *(b for b in BROKERS[1:] if b in backends)]:
         module = importlib.import_module(f"bench_{broker}")
         impls = [i for i in module.IMPLS if args.match in i.name and not (args.no_peers and i.venv != "ours")]
@@ -683,10 +737,6 @@ def coordinate(args: argparse.Namespace) -> None:
             server = {"broker": broker, **server}
             for index in range(args.repeat):
                 load = os.getloadavg()[0]
-                fanning = bool({"fanout", "fanout2"} & set(scenarios))
-                before = baseline(memory, server, sizes, f"pass {index + 1}", "before") if fanning else {}
-                results: list[dict[str, Any]] = []
-                memory_row: dict[str, Any] | None = None
                 for impl, scenario in itertools.product(impls, scenarios):
                     done = runs.setdefault(impl.name, {})
                     # Two processes cannot share an in-memory layer, nor finish what one could not.
@@ -696,25 +746,14 @@ def coordinate(args: argparse.Namespace) -> None:
                     if impl.scenarios is not None and scenario not in impl.scenarios:
                         continue
                     print(f"  pass {index + 1}: {impl.name}: {scenario}", file=sys.stderr, flush=True)
-                    if impl is memory and scenario == "fanout" and fanning:
-                        result = memory_row = {}  # the higher of this pass's two baselines, below
-                    else:
-                        result = run_job(impl, scenario, server, sizes)
+                    result = run_job(impl, scenario, server, sizes)
                     result["pass"] = index
                     done.setdefault(scenario, []).append(result)
-                    results.append(result)
-                after = baseline(memory, server, sizes, f"pass {index + 1}", "after") if fanning else {}
-                higher = max(before, after, key=lambda result: float(result.get("rate", 0.0)))
-                ceiling = higher.get("rate", 0.0)
-                if memory_row is not None:
-                    own = ("server_", "machine_")  # what the baseline adds to a fan-out's figures
-                    memory_row |= {k: v for k, v in higher.items() if not k.startswith(own)}
-                for result in results:
-                    if "rate" in result and ceiling:
-                        result["ratio"] = result["rate"] / ceiling
+                    if scenario in ("fanout", "fanout2"):
+                        notes.append(
+                            f"{impl.name} {scenario} pass {index + 1}: {pair_note(result, scenario)}"
+                        )
                 notes.append(f"{broker} pass {index + 1}: load {load:.2f} when it began")
-                if fanning:
-                    notes.append(f"{broker} pass {index + 1}: {baseline_note(before, after)}")
         add_versus(runs, args.versus)
         for name, scenario_runs in runs.items():
             rows[name] = {scenario: merge(passes) for scenario, passes in scenario_runs.items()}
@@ -722,8 +761,9 @@ def coordinate(args: argparse.Namespace) -> None:
                 notes += pass_notes(name, scenario_runs)
     print(
         f"\np2p: closed loop, at most {args.p2p_messages:,} messages or {args.p2p_seconds:g} s; "
-        f"fan-out: {args.receivers:,} receivers, median of at most {args.rounds} rounds, vs mem over the "
-        "higher of two in-memory fan-outs run just before and just after the broker's rows in the pass; "
+        f"fan-out: {args.receivers:,} receivers, median of at most {args.rounds} rounds, each after one of "
+        "the same room, taking turns with an in-memory room of the same size in the same worker; vs mem: "
+        "its median round over the row's; "
         f"idle: {args.idle_receivers:,} receivers, {args.idle_seconds:g} s; "
         f"{args.repeat} pass(es), medians; python {sys.version.split()[0]}; load {os.getloadavg()[0]:.2f}; "
         f"{time.monotonic() - started:.0f} s in all\n"

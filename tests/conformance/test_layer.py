@@ -335,6 +335,16 @@ async def test_invalid_channel_names_are_refused(make_layer: LayerFactory, name:
         await layer.group_add("g", name)
 
 
+@pytest.mark.parametrize("name", [None, 7, ["a"], {"a": 1}])
+async def test_non_string_channel_names_are_refused_by_receive(
+    make_layer: LayerFactory, name: object
+) -> None:
+    layer = make_layer()
+    await layer.new_channel()  # started, with a live channel: receive()'s shortcut for those is armed
+    with pytest.raises(InvalidChannelName):
+        await layer.receive(name)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("group", ["", "with space", "bang!", "x" * 201])
 async def test_invalid_group_names_are_refused(make_layer: LayerFactory, group: str) -> None:
     layer = make_layer()

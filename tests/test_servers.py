@@ -1,0 +1,89 @@
+"""The test servers start even when a port chosen for them is taken before they bind it.
+
+A port seen free can be taken a moment later by an outgoing connection (its
+local end) or another listener; the server on it then exits at bind. These
+tests take a port the way a connection would, between choosing and starting,
+and check that the server moves to a fresh port instead of failing (or, in a
+group, leaving the others waiting for it until a timeout).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.servers import free_port, free_port_block
+from tests.servers.nats import NatsCluster, NatsNode
+from tests.servers.redis import RedisCluster, RedisNode
+
+
+@contextmanager
+def taken(port: int) -> Iterator[None]:
+    """Hold ``port`` as the local end of a connection, as an outgoing client would."""
+    with socket.socket() as listener, socket.socket() as client:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client.bind(("127.0.0.1", port))
+        client.connect(listener.getsockname())
+        yield
+
+
+def test_free_ports_are_below_the_ephemeral_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert free_port() < low
+    assert free_port_block(6) + 5 < low
+
+
+def test_a_redis_node_moves_off_a_taken_port(tmp_path: Path) -> None:
+    node = RedisNode(tmp_path, free_port())
+    chosen = node.port
+    try:
+        with taken(chosen):
+            node.first_start()
+        assert node.port != chosen
+        assert node.cli_call("ping").strip() == "PONG"
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("which", ["port", "cluster_port"])
+def test_a_redis_cluster_starts_when_a_port_of_a_node_is_taken(tmp_path: Path, which: str) -> None:
+    cluster = RedisCluster(tmp_path)
+    chosen = getattr(cluster.nodes[1], which)
+    try:
+        with taken(chosen):
+            cluster.start()
+        assert getattr(cluster.nodes[1], which) != chosen
+        assert "cluster_known_nodes:3" in cluster.nodes[0].cli_call("cluster", "info")
+    finally:
+        cluster.stop()
+
+
+def test_a_nats_node_moves_off_a_taken_port(tmp_path: Path) -> None:
+    node = NatsNode(tmp_path)
+    chosen = node.port
+    try:
+        with taken(chosen):
+            node.first_start()
+        assert node.port != chosen
+        assert node.monitor("/varz")["port"] == node.port
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("which", ["port", "cluster_port", "monitor_port"])
+def test_a_nats_cluster_starts_when_a_port_of_a_node_is_taken(tmp_path: Path, which: str) -> None:
+    cluster = NatsCluster(tmp_path)
+    chosen = getattr(cluster.nodes[1], which)
+    try:
+        with taken(chosen):
+            cluster.start()
+        assert getattr(cluster.nodes[1], which) != chosen
+        for node in cluster.nodes:
+            assert len(node.monitor("/routez")["routes"]) >= 2
+    finally:
+        cluster.stop()

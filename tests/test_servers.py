@@ -9,6 +9,7 @@ group, leaving the others waiting for it until a timeout).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults import TcpProxy, eventually
 from tests.servers import free_port, free_port_block
 from tests.servers.nats import NatsCluster, NatsNode
 from tests.servers.redis import RedisCluster, RedisNode
@@ -87,3 +89,26 @@ def test_a_nats_cluster_starts_when_a_port_of_a_node_is_taken(tmp_path: Path, wh
             assert len(node.monitor("/routez")["routes"]) >= 2
     finally:
         cluster.stop()
+
+
+async def test_a_connection_the_proxy_accepted_just_before_a_cut_is_cut_too() -> None:
+    # A target that leaves new connections waiting: its accept queue is full (listen(0)
+    # and one connection it never accepts), so the kernel drops the proxy's SYN and the
+    # proxy's connect retries until the test accepts.
+    with socket.socket() as target, socket.socket() as filler:
+        target.bind(("127.0.0.1", 0))
+        target.listen(0)
+        target.setblocking(False)
+        filler.connect(target.getsockname())
+        async with TcpProxy(target.getsockname()[1]) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            await eventually(lambda: proxy.accepted == 1, "the proxy accepted the connection")
+            await proxy.cut()  # while the proxy waits for the target
+            loop = asyncio.get_running_loop()
+            (await loop.sock_accept(target))[0].close()  # the filler's
+            upstream, _ = await loop.sock_accept(target)  # the proxy's, connected after the cut
+            with upstream:
+                # Cut: the proxy closes both ends instead of piping them.
+                assert await asyncio.wait_for(reader.read(), 30) == b""
+                assert await loop.sock_recv(upstream, 1) == b""
+            writer.close()

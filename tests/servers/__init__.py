@@ -59,6 +59,8 @@ class Backend:
 
 #: Lowest port handed out when the kernel's ephemeral range leaves room below it.
 _LOWEST_PORT = 10_000
+#: Not the shared generator: a test that seeds it would make every session pick the same ports.
+_PICK = random.SystemRandom()
 
 
 def _listening_ports() -> range | None:
@@ -100,7 +102,7 @@ def free_port_block(count: int) -> int:
                 sock.bind(("127.0.0.1", 0))
                 base: int = sock.getsockname()[1]
         else:
-            base = random.randrange(ports.start, ports.stop - count + 1)
+            base = _PICK.randrange(ports.start, ports.stop - count + 1)
         if base + count < 65535 and all(_bindable(base + offset) for offset in range(count)):
             return base
     raise RuntimeError(f"no block of {count} free ports found")

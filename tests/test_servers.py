@@ -36,8 +36,9 @@ def taken(port: int) -> Iterator[None]:
 
 def test_free_ports_are_below_the_ephemeral_range() -> None:
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    assert free_port() < low
-    assert free_port_block(6) + 5 < low
+    room = low >= 11_000  # else the ports come from the kernel, in that range
+    assert (free_port() < low) is room
+    assert (free_port_block(6) + 5 < low) is room
 
 
 def test_a_redis_node_moves_off_a_taken_port(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ backend's), and pytest only lists it among the warnings. This plugin notes,
 for every transport, the test that opened it and the lines of this project
 that opened it; one freed while still open is listed in a summary section
 with both. If code of the package opened it, the run fails: the layer leaked
-a connection, a real bug. A leak opened by test code alone is listed only.
+a connection, a real bug (``FW_TEST_UNCLOSED=list`` lists it without failing,
+while a known one waits for its fix). A leak opened by test code alone is
+listed only.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio.selector_events
 import asyncio.sslproto
 import gc
+import os
 import site
 import sys
 import traceback
@@ -99,7 +102,8 @@ def pytest_runtest_protocol(item: pytest.Item) -> Any:
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     gc.collect()  # what only a cycle still holds
-    if any(leak.by_package for leak in leaks) and session.exitstatus == pytest.ExitCode.OK:
+    failing = os.environ.get("FW_TEST_UNCLOSED") != "list"
+    if failing and any(leak.by_package for leak in leaks) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -19,7 +19,7 @@ _SERVER_MODULES = [
     for info in pkgutil.iter_modules(tests.servers.__path__)
     if not info.name.startswith("_")
 ]
-pytest_plugins = [*_SERVER_MODULES, "fastapi_websockets.pytest_plugin"]
+pytest_plugins = [*_SERVER_MODULES, "fastapi_websockets.pytest_plugin", "tests.unclosed"]
 
 
 def variants() -> dict[str, str]:

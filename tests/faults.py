@@ -109,6 +109,10 @@ class TcpProxy:
         self._downstream.set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
+        #: One more at each cut: a connection accepted before a cut is cut too.
+        self._cuts = 0
+        #: Connections accepted so far.
+        self.accepted = 0
 
     async def __aenter__(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -126,7 +130,20 @@ class TcpProxy:
             )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        cuts = self._cuts
+        self.accepted += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except BaseException:
+            # asyncio closes the client's transport after an error, not after a cancellation.
+            writer.close()
+            raise
+        if cuts != self._cuts:
+            # Cut while this connection was reaching the target: it was in no
+            # _writers to close, and piping it now would leave it open after the cut.
+            writer.close()
+            up_writer.close()
+            return
         self._writers |= {writer, up_writer}
         for source, sink, gate in ((reader, up_writer, None), (up_reader, writer, self._downstream)):
             task = asyncio.ensure_future(self._pipe(source, sink, gate))
@@ -137,13 +154,15 @@ class TcpProxy:
     async def _pipe(
         source: asyncio.StreamReader, sink: asyncio.StreamWriter, gate: asyncio.Event | None
     ) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await source.read(65536):
-                if gate is not None:
-                    await gate.wait()
-                sink.write(data)
-                await sink.drain()
-        sink.close()
+        try:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    if gate is not None:
+                        await gate.wait()
+                    sink.write(data)
+                    await sink.drain()
+        finally:
+            sink.close()  # cancelled too (the loop ending): an open transport would leak
 
     def hold(self) -> None:
         """Keep what the server sends from reaching the clients (it waits, in order) until :meth:`release`."""
@@ -155,6 +174,7 @@ class TcpProxy:
 
     async def cut(self) -> None:
         """Stop accepting and close every connection through the proxy."""
+        self._cuts += 1
         server, self._server = self._server, None
         if server is not None:
             server.close()

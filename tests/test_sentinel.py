@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from fastapi_websockets.backends.redis import RedisChannelLayer
 from fastapi_websockets.config import get_channel_layer_from_env
 from fastapi_websockets.exceptions import ChannelLayerError
 from tests.servers.redis import SENTINEL_MASTER, SentinelGroup, sentinel_backend
+from tests.test_servers import taken
 
 
 async def _until_accepted(send: Any, *args: Any) -> None:
@@ -95,6 +97,21 @@ async def test_layers_follow_a_failover_when_the_master_is_killed(
         for task in [*tasks, *waiting]:
             task.cancel()
         await asyncio.gather(*tasks, *waiting, return_exceptions=True)
+
+
+@pytest.mark.parametrize("which", ["master", "replica", "sentinel"])
+def test_the_group_starts_when_one_of_its_ports_is_taken(tmp_path: Path, which: str) -> None:
+    # Seen in CI: a sentinel died at bind and the first one waited 60 s for it.
+    group = SentinelGroup(tmp_path)
+    node = {"master": group.master, "replica": group.replica}.get(which)
+    chosen = node.port if node is not None else group.sentinel_ports[1]
+    try:
+        with taken(chosen):
+            group.start()
+        assert chosen not in [group.master.port, group.replica.port, *group.sentinel_ports]
+        assert group.master_port() == group.master.port
+    finally:
+        group.stop()
 
 
 async def test_the_layer_names_the_sentinels_when_none_answers(

@@ -70,6 +70,7 @@ tag.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -973,14 +974,61 @@ class RedisChannelLayer(BrokerChannelLayer):
         self.tasks.keep_running(self._read_inbox, "reader")
 
     async def _close(self) -> None:
+        # Before the tasks stop: a read they cut short closes its connection without waiting.
+        streams = self._open_streams()
         # redis-py 8 can swallow a cancellation that lands while it opens a connection;
         # closing the sockets unblocks such a task, and every loop here stops once the
         # layer is closed.
         await self.tasks.close(self.timeout, unblock=self._disconnect)
         self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
         await self._disconnect()
+        await self._wait_sockets_closed(streams)
         self._client = self._cluster_client = self._sentinel = self._writer_client = None
         self._writer_conn = None
+
+    def _open_streams(self) -> list[asyncio.StreamWriter]:
+        """The streams of every connection of the layer's clients now (not in a cluster)."""
+        streams = []
+        for client in (self._client, self._writer_client, self._reader_redis):
+            pool = getattr(client, "connection_pool", None)
+            # redis-py keeps both private: getattr, so that without them close() only skips the wait.
+            connections = [
+                *getattr(pool, "_available_connections", ()),
+                *getattr(pool, "_in_use_connections", ()),
+            ]
+            for conn in connections:
+                writer = getattr(conn, "_writer", None)
+                if isinstance(writer, asyncio.StreamWriter):
+                    streams.append(writer)
+        return streams
+
+    async def _wait_sockets_closed(self, streams: list[asyncio.StreamWriter]) -> None:
+        """Wait until the sockets of ``streams`` are closed; abort them if some are left after the timeout.
+
+        A read cut short by a cancellation (the writer's, the reader's, at
+        close) and ``PubSub.aclose`` close their connection without waiting
+        (``disconnect(nowait=True)``), and later disconnects skip it. Over TLS
+        the socket is closed only once the server answers the TLS shutdown: a
+        close() that returned before then left it open, and if the event loop
+        ended first, to the garbage collector ("unclosed transport").
+        """
+        for writer in streams:
+            writer.close()  # a no-op when closing already
+
+        async def closed(writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):  # the error that closed it: nothing to do now
+                await writer.wait_closed()
+
+        waits = [asyncio.ensure_future(closed(writer)) for writer in streams]
+        if not waits:
+            return
+        _, late = await asyncio.wait(waits, timeout=self.timeout)
+        for wait in late:
+            wait.cancel()
+        if late:
+            for writer in streams:
+                writer.transport.abort()
+            await asyncio.sleep(0)  # the abort closes the socket on the next loop iteration
 
     async def _disconnect(self) -> None:
         if self._reader_redis is not None:

@@ -62,7 +62,7 @@ def make(layers: list[BaseChannelLayer], namespace: str) -> Make:
 def private_node(tmp_path: Path) -> Iterator[NatsNode]:
     """A node of our own, which the test may stop and start again."""
     node = NatsNode(tmp_path / "node")
-    node.start()
+    node.first_start()
     try:
         yield node
     finally:
@@ -785,7 +785,7 @@ def assert_layer_keeps_secret(
 def auth_node(tmp_path: Path) -> Iterator[NatsNode]:
     """A node of our own whose clients must log in as USER with the password SECRET."""
     node = NatsNode(tmp_path / "auth", user=USER, password=SECRET)
-    node.start()
+    node.first_start()
     try:
         yield node
     finally:
@@ -812,7 +812,7 @@ async def test_no_secret_when_authentication_fails(
     caplog.set_level(logging.DEBUG)
     # The layer's URL holds the secret; the server expects another password.
     wrong = NatsNode(tmp_path / "auth", user=USER, password="another-password")
-    wrong.start()
+    wrong.first_start()
     try:
         layer = make(servers=[secret_url(wrong.port)], timeout=1)
         with pytest.raises(BackendUnavailable, match="Authorization") as info:

@@ -35,7 +35,7 @@ def make(layers: list[BaseChannelLayer], namespace: str) -> Make:
 def node(tmp_path: Path) -> Iterator[NatsNode]:
     """A node of our own, which the test stops, kills and starts again."""
     server = NatsNode(tmp_path / "node")
-    server.start()
+    server.first_start()
     try:
         yield server
     finally:

@@ -48,7 +48,7 @@ def persistent(tmp_path: Path) -> Iterator[RedisNode]:
         free_port(),
         extra_args=["--appendonly", "yes", "--appendfsync", "always"],
     )
-    node.start()
+    node.first_start()
     try:
         yield node
     finally:
@@ -59,7 +59,7 @@ def persistent(tmp_path: Path) -> Iterator[RedisNode]:
 def volatile(tmp_path: Path) -> Iterator[RedisNode]:
     """A server of the test's own without persistence: a restart forgets every key."""
     node = RedisNode(tmp_path / "volatile", free_port())
-    node.start()
+    node.first_start()
     try:
         yield node
     finally:

@@ -13,18 +13,31 @@ never skipped.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi_websockets import BaseChannelLayer
 
-__all__ = ["Backend", "ServerProcess", "ensure_apt", "free_port", "free_port_block", "port_open", "wait_for"]
+__all__ = [
+    "Backend",
+    "PortTaken",
+    "ServerProcess",
+    "check_running",
+    "ensure_apt",
+    "exited_at_bind",
+    "free_port",
+    "free_port_block",
+    "port_open",
+    "retry_on_taken_port",
+    "wait_for",
+]
 
 
 @dataclass
@@ -44,32 +57,54 @@ class Backend:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+#: Lowest port handed out when the kernel's ephemeral range leaves room below it.
+_LOWEST_PORT = 10_000
+#: Not the shared generator: a test that seeds it would make every session pick the same ports.
+_PICK = random.SystemRandom()
+
+
+def _listening_ports() -> range | None:
+    """Ports below the kernel's ephemeral range, or None when that range leaves too few.
+
+    A port inside the ephemeral range can be taken by any outgoing connection
+    (one of ours, a peer's, a redis-cli ping) between the moment we see it free
+    and the moment the server binds it, or while a test restarts the server on
+    it; connect() never picks a port below that range, so only another
+    listener can take one there.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(_LOWEST_PORT, low) if low - _LOWEST_PORT >= 1_000 else None
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (below the ephemeral range if it can)."""
+    return free_port_block(1)
 
 
 def free_port_block(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports."""
+    """The first of ``count`` consecutive free loopback ports (below the ephemeral range if it can)."""
+    ports = _listening_ports()
     for _ in range(200):
-        base = free_port()
-        if base + count >= 65535:
-            continue
-        try:
-            socks = []
-            for offset in range(count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return base
+        if ports is None:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                base: int = sock.getsockname()[1]
+        else:
+            base = _PICK.randrange(ports.start, ports.stop - count + 1)
+        if base + count < 65535 and all(_bindable(base + offset) for offset in range(count)):
+            return base
     raise RuntimeError(f"no block of {count} free ports found")
 
 
@@ -80,14 +115,45 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+class PortTaken(RuntimeError):
+    """A server exited because a port it was given was taken between choosing and binding it."""
+
+
+#: How servers say a port is taken: redis, nats and PostgreSQL, then Erlang (RabbitMQ).
+_BIND_FAILURES = ("address already in use", "eaddrinuse")
+
+
+def exited_at_bind(proc: ServerProcess) -> bool:
+    """Whether ``proc`` has exited and its log says a port it was to listen on was taken."""
+    return proc.popen.poll() is not None and any(
+        failure in proc.log_tail(200).lower() for failure in _BIND_FAILURES
+    )
+
+
+def check_running(servers: Mapping[str, ServerProcess | None]) -> None:
+    """Raise if one of ``servers`` ({what: process}) has exited, with its log.
+
+    For a group whose members wait for each other: polling only the member
+    waited for would leave the others waiting for a dead one until a timeout.
+    The error is :class:`PortTaken` if it exited at bind.
+    """
+    for what, proc in servers.items():
+        if proc is not None and proc.popen.poll() is not None:
+            error = PortTaken if exited_at_bind(proc) else RuntimeError
+            raise error(f"{what}: server exited with {proc.popen.returncode}\n{proc.log_tail()}")
+
+
 def wait_for(
     check: Callable[[], bool], what: str, timeout: float = 30.0, proc: ServerProcess | None = None
 ) -> None:
-    """Poll ``check`` until it is true; raise with the server's log if it never is."""
+    """Poll ``check`` until it is true; raise with the server's log if it never is.
+
+    If ``proc`` exits at bind, this raises :class:`PortTaken`, so that the
+    caller can start it again on other ports (:func:`retry_on_taken_port`).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.popen.poll() is not None:
-            raise RuntimeError(f"{what}: server exited with {proc.popen.returncode}\n{proc.log_tail()}")
+        check_running({what: proc})
         try:
             if check():
                 return
@@ -95,6 +161,23 @@ def wait_for(
             pass
         time.sleep(0.05)
     raise RuntimeError(f"{what}: not ready after {timeout} s" + (f"\n{proc.log_tail()}" if proc else ""))
+
+
+def retry_on_taken_port(start: Callable[[], None], move: Callable[[], None], attempts: int = 5) -> None:
+    """Call ``start``; each time it raises :class:`PortTaken`, call ``move`` (pick fresh ports) and retry.
+
+    For a server's first start only: a restart must keep its ports, as the
+    clients under test know them. ``start`` must leave nothing running when it
+    raises. The last attempt's :class:`PortTaken` propagates.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            start()
+            return
+        except PortTaken:
+            if attempt == attempts:
+                raise
+            move()
 
 
 def ensure_apt(binary: str, package: str) -> str:

@@ -16,14 +16,24 @@ import shutil
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fastapi_websockets.backends.nats import NATSChannelLayer
-from tests.servers import Backend, ServerProcess, ensure_apt, free_port, free_port_block, wait_for
+from tests.servers import (
+    Backend,
+    PortTaken,
+    ServerProcess,
+    check_running,
+    ensure_apt,
+    free_port,
+    free_port_block,
+    retry_on_taken_port,
+    wait_for,
+)
 from tests.servers.certs import Certificates
 
 __all__ = ["NatsCluster", "NatsNode", "nats_server_binary"]
@@ -126,10 +136,25 @@ class NatsNode:
         if wait:
             self.wait_ready("?js-enabled-only=true")
 
-    def wait_ready(self, query: str = "", timeout: float = 60.0) -> None:
-        """Wait until /healthz{query} answers 200."""
+    def first_start(self) -> None:
+        """Start the server for the first time, on fresh ports if one it was given is taken meanwhile."""
+        retry_on_taken_port(self.start, self._move)
+
+    def _move(self) -> None:
+        self.port, self.monitor_port = free_port(), free_port()
+        self.config_path.write_text(self._config())
+
+    def wait_ready(
+        self, query: str = "", timeout: float = 60.0, peers: Mapping[str, ServerProcess | None] | None = None
+    ) -> None:
+        """Wait until /healthz{query} answers 200; raise as soon as one of ``peers`` has exited."""
+
+        def ready() -> bool:
+            check_running(peers or {})
+            return _http_ok(f"{self.monitor_url}/healthz{query}")
+
         wait_for(
-            lambda: _http_ok(f"{self.monitor_url}/healthz{query}"),
+            ready,
             f"nats-server {self.name}",
             timeout=timeout,
             proc=self.proc,
@@ -158,11 +183,19 @@ class NatsCluster:
     """Three JetStream nodes on loopback, routed to each other."""
 
     def __init__(self, workdir: Path, size: int = 3) -> None:
-        base = free_port_block(3 * size)
+        self.workdir = workdir
+        self.size = size
+        self.attempt = 0
+        self.nodes = self._nodes()
+
+    def _nodes(self) -> list[NatsNode]:
+        base = free_port_block(3 * self.size)
+        size = self.size
         routes = [f"nats://127.0.0.1:{base + size + i}" for i in range(size)]
-        self.nodes = [
+        return [
             NatsNode(
-                workdir / f"n{i}",
+                # A fresh directory per attempt: no JetStream state from a cluster of other ports.
+                self.workdir / f"try{self.attempt}" / f"n{i}",
                 name=f"n{i}",
                 port=base + i,
                 cluster_port=base + size + i,
@@ -177,10 +210,26 @@ class NatsCluster:
         return [node.url for node in self.nodes]
 
     def start(self) -> None:
-        for node in self.nodes:
-            node.start(wait=False)
-        for node in self.nodes:
-            node.wait_ready()  # full health: includes a known meta leader
+        """Start every node; if one finds a port taken, start all again on a fresh block.
+
+        All move together: every node's routes name every node's cluster port.
+        """
+        retry_on_taken_port(self._start_nodes, self._move)
+
+    def _move(self) -> None:
+        self.attempt += 1
+        self.nodes = self._nodes()
+
+    def _start_nodes(self) -> None:
+        try:
+            for node in self.nodes:
+                node.start(wait=False)
+            peers = {f"nats-server {node.name}": node.proc for node in self.nodes}
+            for node in self.nodes:
+                node.wait_ready(peers=peers)  # full health: includes a known meta leader
+        except PortTaken:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -229,7 +278,7 @@ def nats_node() -> Iterator[NatsNode]:
     with tempfile.TemporaryDirectory(prefix="fw-nats-") as tmp:
         node = NatsNode(Path(tmp))
         try:
-            node.start()
+            node.first_start()
             yield node
         finally:
             node.stop()
@@ -269,7 +318,7 @@ def nats_tls_node(tls_certs: Certificates) -> Iterator[NatsNode]:
     with tempfile.TemporaryDirectory(prefix="fw-nats-tls-") as tmp:
         node = NatsNode(Path(tmp), tls=tls_certs)
         try:
-            node.start()
+            node.first_start()
             yield node
         finally:
             node.stop()

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -20,7 +21,16 @@ from typing import Any
 import pytest
 
 from fastapi_websockets.backends.redis import RedisChannelLayer
-from tests.servers import Backend, ServerProcess, ensure_apt, free_port, free_port_block, wait_for
+from tests.servers import (
+    Backend,
+    ServerProcess,
+    ensure_apt,
+    exited_at_bind,
+    free_port,
+    free_port_block,
+    retry_on_taken_port,
+    wait_for,
+)
 from tests.servers.certs import Certificates
 
 VARIANTS = {
@@ -140,6 +150,17 @@ class RedisNode:
             self.stop()
             raise
 
+    def first_start(self) -> None:
+        """Start the server for the first time, on fresh ports if one it was given is taken meanwhile."""
+        retry_on_taken_port(self.start, self._move)
+
+    def _move(self) -> None:
+        if self.cluster_port is None:
+            self.port = free_port()
+        else:
+            self.port = free_port_block(2)
+            self.cluster_port = self.port + 1
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
@@ -175,7 +196,7 @@ def redis_tmpdir() -> Iterator[Path]:
 def redis_server(redis_tmpdir: Path) -> Iterator[RedisNode]:
     """A single redis-server shared by the whole session."""
     node = RedisNode(redis_tmpdir / "single", free_port())
-    node.start()
+    node.first_start()
     yield node
     node.stop()
 
@@ -184,7 +205,7 @@ def redis_server(redis_tmpdir: Path) -> Iterator[RedisNode]:
 def restartable_redis(redis_tmpdir: Path) -> Iterator[RedisNode]:
     """A redis-server of its own, for tests that stop and restart it on the same port."""
     node = RedisNode(Path(tempfile.mkdtemp(dir=redis_tmpdir)), free_port())
-    node.start()
+    node.first_start()
     yield node
     node.stop()
 
@@ -197,8 +218,10 @@ class RedisCluster:
     """Three masters, no replicas, formed with ``redis-cli --cluster create``."""
 
     def __init__(self, workdir: Path) -> None:
-        base = free_port_block(6)
-        self.nodes = [RedisNode(workdir / f"node{i}", base + i, cluster_port=base + 3 + i) for i in range(3)]
+        bases = [free_port_block(2) for _ in range(3)]
+        self.nodes = [
+            RedisNode(workdir / f"node{i}", base, cluster_port=base + 1) for i, base in enumerate(bases)
+        ]
 
     @property
     def url(self) -> str:
@@ -206,7 +229,7 @@ class RedisCluster:
 
     def start(self) -> None:
         for node in self.nodes:
-            node.start()
+            node.first_start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         first = self.nodes[0]
         subprocess.run(
@@ -281,7 +304,7 @@ def redis_cluster_backend(redis_cluster: RedisCluster) -> Backend:
 def redis_tls_server(redis_tmpdir: Path, tls_certs: Certificates) -> Iterator[RedisNode]:
     """A redis-server that speaks TLS only, with the session's certificate for 127.0.0.1."""
     node = RedisNode(redis_tmpdir / "tls", free_port(), tls=tls_certs)
-    node.start()
+    node.first_start()
     yield node
     node.stop()
 
@@ -299,13 +322,13 @@ class SentinelGroup:
     """
 
     def __init__(self, workdir: Path) -> None:
-        base = free_port_block(5)
         # Without the delay (5 s by default), the replica is in sync soon after it starts.
-        self.master = RedisNode(workdir / "master", base, extra_args=["--repl-diskless-sync-delay", "0"])
-        self.replica = RedisNode(
-            workdir / "replica", base + 1, extra_args=["--replicaof", "127.0.0.1", str(base)]
+        self.master = RedisNode(
+            workdir / "master", free_port(), extra_args=["--repl-diskless-sync-delay", "0"]
         )
-        self.sentinel_ports = [base + 2, base + 3, base + 4]
+        self.replica = RedisNode(workdir / "replica", free_port())
+        # Sentinels find each other through the master, so each can have any port and move alone.
+        self.sentinel_ports = [free_port() for _ in range(3)]
         self.workdir = workdir
         self.sentinels: list[ServerProcess] = []
 
@@ -315,8 +338,10 @@ class SentinelGroup:
         return [f"127.0.0.1:{port}" for port in self.sentinel_ports]
 
     def start(self) -> None:
-        self.master.start()
-        self.replica.start()
+        self.master.first_start()
+        # The master may have moved to another port: the replica learns its port only now.
+        self.replica.extra_args = ["--replicaof", "127.0.0.1", str(self.master.port)]
+        self.replica.first_start()
         # A failover to a replica that never synced would lose everything.
         wait_for(
             lambda: "master_link_status:up" in self.replica.cli_call("info", "replication"),
@@ -324,21 +349,57 @@ class SentinelGroup:
             timeout=60,
             proc=self.replica.proc,
         )
-        server, _ = redis_binaries()
         for port in self.sentinel_ports:
-            directory = self.workdir / f"sentinel{port}"
-            directory.mkdir(parents=True, exist_ok=True)
-            config = directory / "sentinel.conf"
-            # Sentinel rewrites its config file as it learns the group: it must be writable.
-            config.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
-                f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {self.master.port} 2\n"
-                f"sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n"
-                f"sentinel failover-timeout {SENTINEL_MASTER} 2000\n"
-            )
-            self.sentinels.append(ServerProcess([server, str(config), "--sentinel"], directory))
-        for port, proc in zip(self.sentinel_ports, self.sentinels, strict=True):
-            wait_for(partial(self._knows_group, port), f"sentinel {port}", timeout=60, proc=proc)
+            self.sentinels.append(self._start_sentinel(port))
+        self._wait_for_sentinels(timeout=60)
+
+    def _start_sentinel(self, port: int) -> ServerProcess:
+        server, _ = redis_binaries()
+        directory = self.workdir / f"sentinel{port}"
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "sentinel.conf"
+        # Sentinel rewrites its config file as it learns the group: it must be writable.
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+            f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {self.master.port} 2\n"
+            f"sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n"
+            f"sentinel failover-timeout {SENTINEL_MASTER} 2000\n"
+        )
+        return ServerProcess([server, str(config), "--sentinel"], directory)
+
+    def _wait_for_sentinels(self, timeout: float, moves: int = 5) -> None:
+        """Wait until every sentinel knows the replica and the two others.
+
+        Every sentinel is watched on each round, not only the one waited for: a
+        sentinel that died leaves the others waiting for it forever. One that
+        died at bind (its port was taken after we chose it) starts again on a
+        fresh port; it had not announced itself, so the others learn only the new one.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            for index, proc in enumerate(self.sentinels):
+                if proc.popen.poll() is None:
+                    continue
+                if not exited_at_bind(proc) or moves == 0:
+                    raise RuntimeError(
+                        f"sentinel {self.sentinel_ports[index]} exited with {proc.popen.returncode}\n"
+                        + self._sentinel_logs()
+                    )
+                proc.stop()
+                moves -= 1
+                self.sentinel_ports[index] = free_port()
+                self.sentinels[index] = self._start_sentinel(self.sentinel_ports[index])
+            if all(self._knows_group(port) for port in self.sentinel_ports):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sentinels not ready after {timeout} s\n" + self._sentinel_logs())
+            time.sleep(0.05)
+
+    def _sentinel_logs(self) -> str:
+        return "\n".join(
+            f"--- sentinel {port}:\n{proc.log_tail(20)}"
+            for port, proc in zip(self.sentinel_ports, self.sentinels, strict=True)
+        )
 
     def sentinel_call(self, port: int, *args: str) -> str:
         result = subprocess.run(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -453,3 +454,34 @@ async def test_a_take_whose_reply_was_lost_is_handed_out_again(volatile: RedisNo
         assert await raw.exists("inbox", "taken") == 0  # acknowledged and empty: nothing left behind
     finally:
         await raw.aclose()
+
+
+@pytest.mark.parametrize("use_pubsub", [True, False], ids=["pubsub", "nopubsub"])
+async def test_close_while_the_server_is_frozen_finishes_without_a_driver_error(
+    volatile: RedisNode, namespace: str, layers: list[BaseChannelLayer], use_pubsub: bool
+) -> None:
+    # A server that stopped answering (frozen, a dead host) makes redis-py's own close
+    # time out; the layer's close() still releases everything and raises nothing.
+    make = layer_factory(
+        layers, RedisChannelLayer, url=volatile.url, prefix=namespace, use_pubsub=use_pubsub, timeout=1
+    )
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await receiver.group_add("room", channel)
+    await sender.send(channel, {"type": "warm"})
+    assert (await receiver.receive(channel))["type"] == "warm"
+    assert volatile.proc is not None
+    volatile.proc.popen.send_signal(signal.SIGSTOP)
+    try:
+        # Writes in flight when it froze: their connections are mid-command at close.
+        sends = [asyncio.ensure_future(sender.send(channel, {"type": "late"})) for _ in range(3)]
+        grouped = asyncio.ensure_future(sender.group_send("room", {"type": "late"}))
+        await asyncio.sleep(0.2)
+        for layer in (sender, receiver):
+            await asyncio.wait_for(layer.close(), PATIENCE)
+            with pytest.raises(ChannelLayerClosed):
+                await layer.send(channel, {"type": "after"})
+        for outcome in await asyncio.gather(*sends, grouped, return_exceptions=True):
+            assert isinstance(outcome, ChannelLayerError), outcome
+    finally:
+        volatile.proc.popen.send_signal(signal.SIGCONT)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import io
 import json
@@ -44,13 +45,21 @@ class LoopCounts:
     def __init__(self) -> None:
         self.handles = 0
         self.turns = 0
+        #: Handles run by callback (PROFILE_HANDLES=1 in the environment), for --functions runs.
+        self.by_name: collections.Counter[str] | None = (
+            collections.Counter() if os.environ.get("PROFILE_HANDLES") else None
+        )
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         counts = self
         handle_run = asyncio.Handle._run
 
+        by_name = self.by_name
+
         def run(handle: asyncio.Handle) -> None:
             counts.handles += 1
+            if by_name is not None:
+                by_name[_callback_name(handle)] += 1
             handle_run(handle)
 
         asyncio.Handle._run = run  # type: ignore[method-assign]
@@ -61,6 +70,15 @@ class LoopCounts:
             run_once()
 
         loop._run_once = once  # type: ignore[attr-defined]
+
+
+def _callback_name(handle: asyncio.Handle) -> str:
+    callback = getattr(handle, "_callback", None)
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        return f"task step {getattr(coro, '__qualname__', coro)}"
+    return str(getattr(callback, "__qualname__", callback))
 
 
 async def measure(server: dict[str, Any], senders: int, messages: int, functions: int) -> dict[str, Any]:
@@ -95,6 +113,8 @@ async def measure(server: dict[str, Any], senders: int, messages: int, functions
             getattr(sender, "publishes", 0),
             time.perf_counter(),
         )
+        if counts.by_name is not None:
+            counts.by_name.clear()
         if profile is not None:
             profile.enable()
         result = await harness.closed_loop(send, waiting, senders, sizes)
@@ -120,10 +140,16 @@ async def measure(server: dict[str, Any], senders: int, messages: int, functions
         "p50_ms": result["p50"] * 1000,
         "package": sys.modules[type(sender).__module__].__file__,
     }
+    if counts.by_name is not None:
+        figures["profile"] = "\n".join(
+            f"{count / done:6.2f}/msg {name}" for name, count in counts.by_name.most_common(30)
+        )
     if profile is not None:
         out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(functions)
-        figures["profile"] = out.getvalue()
+        pstats.Stats(profile, stream=out).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(
+            functions
+        )
+        figures["profile"] = figures.get("profile", "") + out.getvalue()
     return figures
 
 
@@ -153,7 +179,8 @@ def show(result: dict[str, Any]) -> str:
     return (
         f"client {result['client_us']:6.1f} us/msg  broker {result['broker_us']:6.1f} us/msg  "
         f"handles {result['handles']:5.2f}/msg  loop turns {result['turns']:5.2f}/msg  "
-        f"publishes {result['publishes']:5.3f}/msg  rate {result['rate']:8,.0f}/s  p50 {result['p50_ms']:.2f} ms"
+        f"publishes {result['publishes']:5.3f}/msg  rate {result['rate']:8,.0f}/s  "
+        f"p50 {result['p50_ms']:.2f} ms"
     )
 
 
@@ -189,7 +216,9 @@ def main() -> None:
     for name, runs in results.items():
         good = [run for run in runs if "error" not in run]
         if good:
-            print(f"median {name:8} " + show({key: statistics.median(run[key] for run in good) for key in KEYS}))
+            print(
+                f"median {name:8} " + show({key: statistics.median(run[key] for run in good) for key in KEYS})
+            )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ closed-loop p2p bench, those writes were most of the time a message cost.
   mandatory publishes (``PublishError``) and a channel that closes (the
   futures come from the channel's future store, which rejects them all).
 * :class:`BatchedAcks` acks a consumer's deliveries with one
-  ``multiple`` ack for all those handled in the same turn of the event loop.
+  ``multiple`` ack for all those handled within a few milliseconds.
 
 This module imports aiormq and pamqp, so only the RabbitMQ backend imports it,
 once its driver was found.
@@ -46,6 +46,9 @@ logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 
+#: Seconds an inbox delivery may wait for its ack (see :class:`BatchedAcks`).
+ACK_DELAY = 0.005
+
 
 @dataclass(slots=True)
 class _Publish:
@@ -71,9 +74,10 @@ class ConfirmingPublisher:
 
     :meth:`publish` queues a message and returns the future of its publisher
     confirm at once; one writer task (started by ``spawn`` when there is
-    something to write, ending when there is not) writes everything queued
-    meanwhile in a single frame batch and waits until the socket took it, so
-    the next batch gathers while this one is written. It must be the only
+    something to write, ending when there is not) hands everything queued
+    meanwhile to aiormq's writer as a single frame batch (one socket write)
+    and, for a batch with ``on_written`` callbacks, waits until the socket
+    took it, so the next batch gathers while this one is written. It must be the only
     publisher on its channel: the delivery tags it assigns are the broker's
     count of that channel's publishes.
     """
@@ -175,11 +179,17 @@ class ConfirmingPublisher:
     ) -> None:
         if not frames:
             return
-        drained = channel.create_future()
+        # Only a batch with callbacks waits for the socket: a drain future from
+        # the channel's store is three done callbacks, and its wait a timer and
+        # a loop turn, per write, which one lone send a turn paid for nothing.
+        drained = channel.create_future() if written else None
         payload = ChannelFrame(payload=b"".join(frames), should_close=False, drain_future=drained)
         try:
-            # Bounded: a connection whose writer died leaves its queue full for good.
-            await bounded(channel.write_queue.put(payload), self._timeout, _stalled)
+            try:
+                channel.write_queue.put_nowait(payload)
+            except asyncio.QueueFull:
+                # Bounded: a connection whose writer died leaves its queue full for good.
+                await bounded(channel.write_queue.put(payload), self._timeout, _stalled)
         except ChannelInvalidStateError as exc:
             # Never queued, so never counted by the broker: give the tags back
             # (the next batch must get the numbers the broker will use) and
@@ -189,10 +199,13 @@ class ConfirmingPublisher:
                 channel.confirmations.pop(tag, None)
                 if not confirm.done():
                     confirm.set_exception(exc)
-            drained.cancel()
+            if drained is not None:
+                drained.cancel()
             return
         self.writes += 1
         self.published += len(numbered)
+        if drained is None:
+            return
         # Queued, so numbered right: the confirms settle these publishes, or the
         # channel's close fails them with its cause (which this wait leaves to
         # them, whatever its type). Past the timeout only this wait is given up.
@@ -229,16 +242,22 @@ def _stalled() -> ChannelInvalidStateError:
 
 
 class BatchedAcks:
-    """Acks one consumer's deliveries with a ``multiple`` ack per turn of the event loop.
+    """Acks one consumer's deliveries with a ``multiple`` ack per ``delay`` seconds at most.
 
     Correct because a consumer's callbacks run in delivery order, each
     synchronous up to :meth:`ack`: when a delivery tag is acked, every
     earlier delivery of the channel was handled. A channel that closed took
     its unacked deliveries with it (the broker requeues them): its tags are
-    dropped, never sent on its successor.
+    dropped, never sent on its successor. An ack only frees the broker's
+    copy and a prefetch slot, so it can wait: deliveries handled within
+    ``delay`` of the first unacked one share its ack frame (an ack frame per
+    delivery was a socket write, two loop callbacks and broker work for
+    every packed message). ``delay`` must keep the prefetch window from
+    filling: at most a prefetch window's deliveries wait ``delay``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = ACK_DELAY) -> None:
+        self._delay = delay
         self._channel: aiormq.Channel | None = None
         self._latest = 0
         self._acker = False
@@ -247,7 +266,7 @@ class BatchedAcks:
         self.frames = 0
 
     async def ack(self, channel: aiormq.Channel, delivery_tag: int) -> None:
-        """Ack ``delivery_tag`` and every earlier delivery on ``channel``, soon and in one frame."""
+        """Ack ``delivery_tag`` and every earlier delivery on ``channel``, within ``delay``, in one frame."""
         if channel is not self._channel:
             self._channel, self._latest = channel, 0
         self._latest = max(self._latest, delivery_tag)
@@ -256,11 +275,13 @@ class BatchedAcks:
             return  # the running acker sends it
         self._acker = True
         try:
-            # One turn of the loop: the deliveries read with this one are handled first.
-            await asyncio.sleep(0)
             done: tuple[aiormq.Channel | None, int] = (None, 0)
-            while done != (self._channel, self._latest):
+            while True:
+                # The deliveries handled meanwhile are acked with this one.
+                await asyncio.sleep(self._delay)
                 current, tag = self._channel, self._latest
+                if (current, tag) == done:
+                    break
                 assert current is not None
                 if not current.is_closed:
                     self.frames += 1

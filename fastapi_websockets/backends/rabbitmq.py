@@ -430,6 +430,11 @@ class _HistoryStream:
         self.pending.clear()
 
 
+def _wake(waiter: asyncio.Future[None], *_: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def _now_ms() -> int:
     # An int: pamqp sends a Python float header as a 32-bit float, which
     # rounds today's Unix time to minutes.
@@ -804,13 +809,22 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # Waited on, not awaited: a channel that closes fails its confirms with
         # its cause, which can be a CancelledError of aiormq's reader; the caller
         # must see BackendUnavailable then, and a cancellation only when it was
-        # cancelled itself.
+        # cancelled itself. A waiter woken by the confirm or a timer: what
+        # asyncio.wait does, without its sets and closures (once per publish).
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        wake = partial(_wake, waiter)
+        confirm.add_done_callback(wake)
+        timer = loop.call_later(left, _wake, waiter)
         try:
-            done, _ = await asyncio.wait((confirm,), timeout=left)
+            await waiter
         except asyncio.CancelledError:
             confirm.cancel()  # withdrawn if not written yet
             raise
-        if not done:
+        finally:
+            timer.cancel()
+            confirm.remove_done_callback(wake)
+        if not confirm.done():
             confirm.cancel()
             raise self.unavailable(f"no publisher confirm within {self.timeout} s ({what})")
         if confirm.cancelled():

@@ -35,7 +35,7 @@ import pamqp.frame
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
 from pamqp import commands
-from pamqp.body import ContentBody
+from pamqp.constants import FRAME_BODY, FRAME_END_CHAR
 from pamqp.header import ContentHeader
 
 from fastapi_websockets.backends.timeouts import bounded
@@ -220,20 +220,36 @@ class ConfirmingPublisher:
                     logger.exception("a callback of a written publish failed")
 
 
+#: Marshalled ``Basic.Publish`` method frames by (channel number, exchange, routing key, mandatory):
+#: building one through pamqp cost as much as the rest of a publish's marshalling.
+_METHODS: dict[tuple[int, str, str, bool], bytes] = {}
+_METHODS_SIZE = 1024
+#: A content body frame: type, channel number, size, the bytes, the end marker.
+_BODY_HEADER = struct.Struct(">BHI")
+
+
+def _method_frame(number: int, exchange: str, routing_key: str, mandatory: bool) -> bytes:
+    key = (number, exchange, routing_key, mandatory)
+    frame = _METHODS.get(key)
+    if frame is None:
+        method = commands.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+        frame = pamqp.frame.marshal(method, number)
+        if len(_METHODS) >= _METHODS_SIZE:
+            _METHODS.clear()  # many destinations: start over rather than grow without bound
+        _METHODS[key] = frame
+    return frame
+
+
 def _marshal(channel: aiormq.Channel, publish: _Publish) -> bytes:
     """The wire frames of one publish: the method, the content header, the body in frame-sized parts."""
     body, number, step = publish.body, channel.number, channel.max_content_size
-    method = commands.Basic.Publish(
-        exchange=publish.exchange, routing_key=publish.routing_key, mandatory=publish.mandatory
-    )
     parts = [
-        pamqp.frame.marshal(method, number),
+        _method_frame(number, publish.exchange, publish.routing_key, publish.mandatory),
         pamqp.frame.marshal(ContentHeader(body_size=len(body), properties=publish.properties), number),
     ]
-    parts.extend(
-        pamqp.frame.marshal(ContentBody(body[start : start + step]), number)
-        for start in range(0, len(body), step)
-    )
+    for start in range(0, len(body), step):
+        part = body[start : start + step]
+        parts += (_BODY_HEADER.pack(FRAME_BODY, number, len(part)), part, FRAME_END_CHAR)
     return b"".join(parts)
 
 

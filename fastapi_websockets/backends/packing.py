@@ -101,7 +101,8 @@ class _Outbox:
     def __init__(self) -> None:
         self.queued: deque[_Frame] = deque()
         self.in_flight = 0
-        #: A flush of the queue is scheduled for the next turn of the event loop.
+        #: A publishing task was started that takes the queue on its first step
+        #: (the next turn of the event loop); it holds one of the in-flight slots.
         self.flush_due = False
 
 
@@ -182,9 +183,17 @@ class Packer:
             self._timer = loop.call_at(frame.deadline, self._expire, loop, frame.deadline)
         if outbox.in_flight < self._limit and not outbox.flush_due:
             # A slot is free: the sends of this loop turn (senders woken by one
-            # confirm send together) go out as one message on the next turn.
+            # confirm send together) go out as one message on the next turn,
+            # taken by the publishing task's first step.
             outbox.flush_due = True
-            loop.call_soon(self._flush_due, destination, outbox)
+            outbox.in_flight += 1
+            try:
+                self._spawn(self._publish_due(destination, outbox))
+            except ChannelLayerClosed:
+                outbox.flush_due = False
+                outbox.in_flight -= 1
+                frame.done.cancel()  # withdrawn: never taken, never timed out
+                raise
         try:
             await frame.done
         except asyncio.CancelledError:
@@ -220,17 +229,22 @@ class Packer:
                 frame.done.set_exception(self._on_timeout(frame.channel))
             waiting.popleft()
 
-    def _flush_due(self, destination: str, outbox: _Outbox) -> None:
+    async def _publish_due(self, destination: str, outbox: _Outbox) -> None:
         outbox.flush_due = False
-        self._flush(destination, outbox)
+        batch = self._take(outbox)
+        if batch:
+            await self._publish(destination, outbox, batch)
+        else:
+            self._settled(destination, outbox)  # every queued caller gave up
 
     def _settled(self, destination: str, outbox: _Outbox) -> None:
         outbox.in_flight -= 1
         self._flush(destination, outbox)
 
     def _flush(self, destination: str, outbox: _Outbox) -> None:
-        # What queued goes out now, while slots last.
-        while outbox.queued and outbox.in_flight < self._limit:
+        # What queued goes out now, while slots last; not while a due publish
+        # is about to take it, so publishes start in the order of their frames.
+        while outbox.queued and outbox.in_flight < self._limit and not outbox.flush_due:
             batch = self._take(outbox)
             if not batch:
                 break  # every queued caller gave up

@@ -2117,6 +2117,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             stream.fail(ChannelLayerClosed("the channel layer was closed"))
         if self._presence_replica is not None:
             self._presence_replica.close()
+        if self._publisher is not None:
+            self._publisher.stop()  # from here on publishes need the writer task, which spawn refuses
         # Tasks first: one still using the connection would fail (and log) once it closes.
         await self.tasks.close(self.timeout)
         if self._connection is not None:

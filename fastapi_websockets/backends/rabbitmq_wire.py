@@ -61,6 +61,19 @@ class _Publish:
     on_written: Callable[[], None] | None
 
 
+def _number(channel: aiormq.Channel, publish: _Publish) -> int:
+    """Give ``publish`` the next delivery tag of ``channel`` (the broker counts its publishes so) and
+    register its confirm (and, if mandatory, its message id for a return) with aiormq."""
+    channel.delivery_tag += 1
+    tag: int = channel.delivery_tag
+    channel.confirmations[tag] = publish.confirm
+    if publish.mandatory:
+        message_id = str(publish.properties.message_id)
+        channel.message_id_delivery_tag[message_id] = tag
+        publish.confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
+    return tag
+
+
 def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
     # Only mandatory publishes are indexed by id (the broker returns them by it);
     # the index must not outlive the publish.
@@ -71,12 +84,14 @@ def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: as
 class ConfirmingPublisher:
     """Writes the publishes of one confirm channel in batches, their confirms outstanding at once.
 
-    :meth:`publish` queues a message and returns the future of its publisher
-    confirm at once; one writer task (started by ``spawn`` when there is
-    something to write, ending when there is not) hands everything queued
-    meanwhile to aiormq's writer as a single frame batch (one socket write)
-    and, for a batch with ``on_written`` callbacks, waits until the socket
-    took it, so the next batch gathers while this one is written. It must be the only
+    :meth:`publish` returns the future of the message's publisher confirm at
+    once. The first publish of a loop turn, when no writer runs, is handed
+    to aiormq's writer there and then; the others queue, and one writer task
+    (started by ``spawn`` when there is something to write, ending when
+    there is not) hands everything queued meanwhile to aiormq as a single
+    frame batch (one socket write) and, for a batch with ``on_written``
+    callbacks, waits until the socket took it, so the next batch gathers
+    while this one is written. It must be the only
     publisher on its channel: the delivery tags it assigns are the broker's
     count of that channel's publishes.
     """
@@ -87,6 +102,9 @@ class ConfirmingPublisher:
         self._timeout = timeout
         self._queued: list[_Publish] = []
         self._writing = False
+        #: A publish of this loop turn was handed to aiormq by its caller (see publish).
+        self._wrote_now = False
+        self._stopped = False
         #: Publishes and socket writes so far: their ratio is the batch size.
         self.published = 0
         self.writes = 0
@@ -111,6 +129,15 @@ class ConfirmingPublisher:
         could not be written); an exception it raises is logged.
         """
         confirm = channel.create_future()
+        publish = _Publish(channel, exchange, routing_key, body, properties, mandatory, confirm, on_written)
+        if not self._writing and not self._wrote_now and not self._stopped and self._write_now(publish):
+            # The first publish of a loop turn with no writer running is handed to
+            # aiormq by its caller: no writer task, no loop turn before the write
+            # (each packed send paid both). The others of the turn queue for a
+            # writer task, which writes them together on the next turn.
+            self._wrote_now = True
+            asyncio.get_running_loop().call_soon(self._turn_over)
+            return confirm
         if not self._writing:
             try:
                 self._spawn(self._write_all())  # raises once the layer is closing
@@ -118,10 +145,36 @@ class ConfirmingPublisher:
                 confirm.cancel()
                 raise
             self._writing = True
-        self._queued.append(
-            _Publish(channel, exchange, routing_key, body, properties, mandatory, confirm, on_written)
-        )
+        self._queued.append(publish)
         return confirm
+
+    def stop(self) -> None:
+        """Write nothing more from callers' tasks: the layer is closing, and
+        its background tasks (the writer's too) are being cancelled."""
+        self._stopped = True
+
+    def _turn_over(self) -> None:
+        self._wrote_now = False
+
+    def _write_now(self, publish: _Publish) -> bool:
+        """Number ``publish`` and queue its frames in aiormq, without waiting; False if that needs
+        a wait (a full write queue, an ``on_written`` callback), which the writer task does."""
+        channel = publish.channel
+        if publish.on_written is not None or channel.write_queue.full():
+            return False
+        if channel.is_closed:
+            publish.confirm.set_exception(ChannelInvalidStateError(f"{channel!r} closed"))
+            return True
+        try:
+            frames = _marshal(channel, publish)
+        except (TypeError, ValueError, struct.error) as exc:
+            publish.confirm.set_exception(exc)  # as in _write
+            return True
+        _number(channel, publish)
+        channel.write_queue.put_nowait(ChannelFrame(payload=frames, should_close=False, drain_future=None))
+        self.writes += 1
+        self.published += 1
+        return True
 
     async def _write_all(self) -> None:
         try:
@@ -155,18 +208,10 @@ class ConfirmingPublisher:
                 # A property pamqp cannot encode: this publish fails, unnumbered.
                 publish.confirm.set_exception(exc)
                 continue
-            # Numbered as the broker counts this channel's publishes; nothing
-            # awaits between numbering a publish and queueing its frames.
-            channel.delivery_tag += 1
-            tag = channel.delivery_tag
-            channel.confirmations[tag] = publish.confirm
-            numbered.append((tag, publish.confirm))
+            # Nothing awaits between numbering a publish and queueing its frames.
+            numbered.append((_number(channel, publish), publish.confirm))
             if publish.on_written is not None:
                 written.append(publish.on_written)
-            if publish.mandatory:
-                message_id = str(publish.properties.message_id)
-                channel.message_id_delivery_tag[message_id] = tag
-                publish.confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
         await self._flush(channel, frames, numbered, written)
 
     async def _flush(

@@ -941,7 +941,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         assert acks is not None
         assert delivered.delivery_tag is not None
         try:
-            # Batched: one multiple ack for the deliveries of one loop turn.
+            # Batched: one multiple ack for the deliveries of a few milliseconds.
             await acks.ack(cast("aiormq.Channel", delivered.channel), delivered.delivery_tag)
         except self._errors as exc:
             # The channel went away; the broker requeues the message in the

@@ -62,7 +62,7 @@ class LoopCounts:
                 by_name[_callback_name(handle)] += 1
             handle_run(handle)
 
-        asyncio.Handle._run = run  # type: ignore[method-assign]
+        asyncio.Handle._run = run  # type: ignore[method-assign,assignment]
         run_once = loop._run_once  # type: ignore[attr-defined]
 
         def once() -> None:

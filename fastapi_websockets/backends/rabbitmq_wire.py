@@ -61,6 +61,19 @@ class _Publish:
     on_written: Callable[[], None] | None
 
 
+def _fail_unconfirmed(channel: aiormq.Channel, closing: asyncio.Future[Any]) -> None:
+    """Fail the publishes ``channel`` never confirmed with the cause of its close, as aiormq's
+    future store does for the futures it made (the channel's own ``closing`` carries it)."""
+    if closing.cancelled():
+        error: BaseException = asyncio.CancelledError()
+    else:
+        error = closing.exception() or ChannelInvalidStateError(f"{channel!r} closed")
+    for confirm in list(channel.confirmations.values()):
+        if not confirm.done():
+            confirm.set_exception(error)
+            confirm.exception()  # read, as the store does: a caller that gave up is not logged
+
+
 def _number(channel: aiormq.Channel, publish: _Publish) -> int:
     """Give ``publish`` the next delivery tag of ``channel`` (the broker counts its publishes so) and
     register its confirm (and, if mandatory, its message id for a return) with aiormq."""
@@ -104,6 +117,8 @@ class ConfirmingPublisher:
         self._writing = False
         #: A publish of this loop turn was handed to aiormq by its caller (see publish).
         self._wrote_now = False
+        #: The channel whose close fails its unconfirmed publishes (one watch per channel).
+        self._watched: aiormq.Channel | None = None
         self._stopped = False
         #: Publishes and socket writes so far: their ratio is the batch size.
         self.published = 0
@@ -128,7 +143,14 @@ class ConfirmingPublisher:
         called by the writer once the publish is on the socket (never if it
         could not be written); an exception it raises is logged.
         """
-        confirm = channel.create_future()
+        # Not from the channel's future store: its three done callbacks a future
+        # (two store removers, an exception reader) were a sixth of a lone send's
+        # loop callbacks. The store's job, failing what is unconfirmed when the
+        # channel closes, is done by _fail_unconfirmed.
+        confirm: asyncio.Future[Any] = channel.loop.create_future()
+        if channel is not self._watched:
+            self._watched = channel
+            channel.closing.add_done_callback(partial(_fail_unconfirmed, channel))
         publish = _Publish(channel, exchange, routing_key, body, properties, mandatory, confirm, on_written)
         if not self._writing and not self._wrote_now and not self._stopped and self._write_now(publish):
             # The first publish of a loop turn with no writer running is handed to

@@ -1375,3 +1375,22 @@ async def test_a_failed_packed_publish_raises_in_every_caller(make: Factory, nod
         proxy.release()
         assert all(isinstance(result, BackendUnavailable) for result in results), results
         assert sender.publishes - before < 16
+
+
+async def test_unconfirmed_sends_fail_when_the_connection_drops(make: Factory, node: RabbitNode) -> None:
+    # Confirms are the publisher's own futures, not aiormq's: the channel's
+    # close must still fail every unconfirmed one with its cause, at once,
+    # rather than leave its caller to the confirm timeout.
+    receiver = make()
+    channel = await receiver.new_channel()
+    async with TcpProxy(node.port) as proxy:
+        sender = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", timeout=120)
+        await sender.send(channel, {"type": "warm"})
+        before = sender.publishes
+        proxy.hold()  # no publisher confirm reaches the sender
+        sends = [asyncio.ensure_future(sender.send(channel, {"type": "n", "i": i})) for i in range(16)]
+        await eventually(lambda: sender.publishes - before >= 2, "both packed publishes written")
+        await proxy.cut()
+        results = await asyncio.gather(*sends, return_exceptions=True)
+    assert all(isinstance(result, BackendUnavailable) for result in results), results
+    assert not any("no publisher confirm within" in str(result) for result in results), results

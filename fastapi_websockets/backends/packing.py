@@ -21,11 +21,9 @@ import asyncio
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from functools import partial
 from typing import Any
 
 from fastapi_websockets.backends.futures import settle, settle_all
-from fastapi_websockets.backends.timeouts import reply_within
 from fastapi_websockets.exceptions import ChannelLayerClosed
 
 __all__ = ["Packer", "pack", "unpack"]
@@ -83,14 +81,16 @@ def unpack(body: bytes) -> list[tuple[str, bytes]]:
 
 
 class _Frame:
-    __slots__ = ("channel", "data", "done")
+    __slots__ = ("channel", "data", "deadline", "done")
 
-    def __init__(self, channel: str, data: bytes, done: asyncio.Future[None]) -> None:
+    def __init__(self, channel: str, data: bytes, done: asyncio.Future[None], deadline: float) -> None:
         self.channel = channel
         self.data = data
         #: Settled with the outcome of the publish that carried the frame; a
         #: caller that gives up cancels it, which withdraws a frame not taken yet.
         self.done = done
+        #: Loop time past which the caller gives up (``done`` fails with the timeout).
+        self.deadline = deadline
 
 
 class _Outbox:
@@ -101,7 +101,8 @@ class _Outbox:
     def __init__(self) -> None:
         self.queued: deque[_Frame] = deque()
         self.in_flight = 0
-        #: A flush of the queue is scheduled for the next turn of the event loop.
+        #: A publishing task was started that takes the queue on its first step
+        #: (the next turn of the event loop); it holds one of the in-flight slots.
         self.flush_due = False
 
 
@@ -147,6 +148,12 @@ class Packer:
         self._on_timeout = on_timeout
         self._outboxes: dict[str, _Outbox] = {}
         self._closed = False
+        # Queued callers in call order, so in deadline order (one timeout for
+        # all): one timer for the oldest unsettled frame instead of a timer per
+        # frame, which was a tenth of a packed send's CPU. Settled frames are
+        # dropped from the head lazily.
+        self._waiting: deque[_Frame] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         #: Packed messages published so far and the frames they carried.
         self.packed = 0
         self.packed_frames = 0
@@ -166,15 +173,29 @@ class Packer:
                 self._settled(destination, outbox)
             return
         loop = asyncio.get_running_loop()
-        frame = _Frame(channel, data, loop.create_future())
+        frame = _Frame(channel, data, loop.create_future(), loop.time() + self._timeout)
         outbox.queued.append(frame)
+        waiting = self._waiting
+        while waiting and waiting[0].done.done():
+            waiting.popleft()
+        waiting.append(frame)
+        if self._timer is None:
+            self._timer = loop.call_at(frame.deadline, self._expire, loop, frame.deadline)
         if outbox.in_flight < self._limit and not outbox.flush_due:
             # A slot is free: the sends of this loop turn (senders woken by one
-            # confirm send together) go out as one message on the next turn.
+            # confirm send together) go out as one message on the next turn,
+            # taken by the publishing task's first step.
             outbox.flush_due = True
-            loop.call_soon(self._flush_due, destination, outbox)
+            outbox.in_flight += 1
+            try:
+                self._spawn(self._publish_due(destination, outbox))
+            except ChannelLayerClosed:
+                outbox.flush_due = False
+                outbox.in_flight -= 1
+                frame.done.cancel()  # withdrawn: never taken, never timed out
+                raise
         try:
-            await reply_within(frame.done, self._timeout, partial(self._on_timeout, channel))
+            await frame.done
         except asyncio.CancelledError:
             if frame.done.done() and not frame.done.cancelled():
                 frame.done.exception()  # settled as we were cancelled: retrieved, not logged as lost
@@ -187,18 +208,43 @@ class Packer:
         for outbox in self._outboxes.values():
             settle_all((frame.done for frame in outbox.queued), closed)
             outbox.queued.clear()
+        if self._timer is not None:
+            # Frames in flight are failed by their publish's task, which close cancels.
+            self._timer.cancel()
+            self._timer = None
 
-    def _flush_due(self, destination: str, outbox: _Outbox) -> None:
+    def _expire(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        # Fails every unsettled frame whose deadline is ``due`` (when this timer
+        # was set for) or earlier: a frame not taken is withdrawn (_take skips
+        # it), one in flight may still be delivered; its publish settles the
+        # others of its batch and skips it.
+        self._timer = None
+        waiting = self._waiting
+        while waiting:
+            frame = waiting[0]
+            if not frame.done.done():
+                if frame.deadline > due:
+                    self._timer = loop.call_at(frame.deadline, self._expire, loop, frame.deadline)
+                    return
+                frame.done.set_exception(self._on_timeout(frame.channel))
+            waiting.popleft()
+
+    async def _publish_due(self, destination: str, outbox: _Outbox) -> None:
         outbox.flush_due = False
-        self._flush(destination, outbox)
+        batch = self._take(outbox)
+        if batch:
+            await self._publish(destination, outbox, batch)
+        else:
+            self._settled(destination, outbox)  # every queued caller gave up
 
     def _settled(self, destination: str, outbox: _Outbox) -> None:
         outbox.in_flight -= 1
         self._flush(destination, outbox)
 
     def _flush(self, destination: str, outbox: _Outbox) -> None:
-        # What queued goes out now, while slots last.
-        while outbox.queued and outbox.in_flight < self._limit:
+        # What queued goes out now, while slots last; not while a due publish
+        # is about to take it, so publishes start in the order of their frames.
+        while outbox.queued and outbox.in_flight < self._limit and not outbox.flush_due:
             batch = self._take(outbox)
             if not batch:
                 break  # every queued caller gave up

@@ -430,6 +430,11 @@ class _HistoryStream:
         self.pending.clear()
 
 
+def _wake(waiter: asyncio.Future[None], *_: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def _now_ms() -> int:
     # An int: pamqp sends a Python float header as a 32-bit float, which
     # rounds today's Unix time to minutes.
@@ -804,13 +809,22 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # Waited on, not awaited: a channel that closes fails its confirms with
         # its cause, which can be a CancelledError of aiormq's reader; the caller
         # must see BackendUnavailable then, and a cancellation only when it was
-        # cancelled itself.
+        # cancelled itself. A waiter woken by the confirm or a timer: what
+        # asyncio.wait does, without its sets and closures (once per publish).
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        wake = partial(_wake, waiter)
+        confirm.add_done_callback(wake)
+        timer = loop.call_later(left, _wake, waiter)
         try:
-            done, _ = await asyncio.wait((confirm,), timeout=left)
+            await waiter
         except asyncio.CancelledError:
             confirm.cancel()  # withdrawn if not written yet
             raise
-        if not done:
+        finally:
+            timer.cancel()
+            confirm.remove_done_callback(wake)
+        if not confirm.done():
             confirm.cancel()
             raise self.unavailable(f"no publisher confirm within {self.timeout} s ({what})")
         if confirm.cancelled():
@@ -927,7 +941,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         assert acks is not None
         assert delivered.delivery_tag is not None
         try:
-            # Batched: one multiple ack for the deliveries of one loop turn.
+            # Batched: one multiple ack for the deliveries of a few milliseconds.
             await acks.ack(cast("aiormq.Channel", delivered.channel), delivered.delivery_tag)
         except self._errors as exc:
             # The channel went away; the broker requeues the message in the
@@ -2103,6 +2117,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             stream.fail(ChannelLayerClosed("the channel layer was closed"))
         if self._presence_replica is not None:
             self._presence_replica.close()
+        if self._publisher is not None:
+            self._publisher.stop()  # from here on publishes need the writer task, which spawn refuses
         # Tasks first: one still using the connection would fail (and log) once it closes.
         await self.tasks.close(self.timeout)
         if self._connection is not None:

@@ -14,7 +14,7 @@ closed-loop p2p bench, those writes were most of the time a message cost.
   mandatory publishes (``PublishError``) and a channel that closes (the
   futures come from the channel's future store, which rejects them all).
 * :class:`BatchedAcks` acks a consumer's deliveries with one
-  ``multiple`` ack for all those handled in the same turn of the event loop.
+  ``multiple`` ack for all those handled within a few milliseconds.
 
 This module imports aiormq and pamqp, so only the RabbitMQ backend imports it,
 once its driver was found.
@@ -34,9 +34,8 @@ import aiormq
 import pamqp.frame
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import ChannelInvalidStateError
-from pamqp import commands
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
+from pamqp import commands, encode
+from pamqp.constants import FRAME_BODY, FRAME_END_CHAR, FRAME_HEADER
 
 from fastapi_websockets.backends.timeouts import bounded
 
@@ -45,6 +44,9 @@ __all__ = ["BatchedAcks", "ConfirmingPublisher"]
 logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
+
+#: Seconds an inbox delivery may wait for its ack (see :class:`BatchedAcks`).
+ACK_DELAY = 0.005
 
 
 @dataclass(slots=True)
@@ -59,6 +61,32 @@ class _Publish:
     on_written: Callable[[], None] | None
 
 
+def _fail_unconfirmed(channel: aiormq.Channel, closing: asyncio.Future[Any]) -> None:
+    """Fail the publishes ``channel`` never confirmed with the cause of its close, as aiormq's
+    future store does for the futures it made (the channel's own ``closing`` carries it)."""
+    if closing.cancelled():
+        error: BaseException = asyncio.CancelledError()
+    else:
+        error = closing.exception() or ChannelInvalidStateError(f"{channel!r} closed")
+    for confirm in list(channel.confirmations.values()):
+        if not confirm.done():
+            confirm.set_exception(error)
+            confirm.exception()  # read, as the store does: a caller that gave up is not logged
+
+
+def _number(channel: aiormq.Channel, publish: _Publish) -> int:
+    """Give ``publish`` the next delivery tag of ``channel`` (the broker counts its publishes so) and
+    register its confirm (and, if mandatory, its message id for a return) with aiormq."""
+    channel.delivery_tag += 1
+    tag: int = channel.delivery_tag
+    channel.confirmations[tag] = publish.confirm
+    if publish.mandatory:
+        message_id = str(publish.properties.message_id)
+        channel.message_id_delivery_tag[message_id] = tag
+        publish.confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
+    return tag
+
+
 def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
     # Only mandatory publishes are indexed by id (the broker returns them by it);
     # the index must not outlive the publish.
@@ -69,11 +97,14 @@ def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: as
 class ConfirmingPublisher:
     """Writes the publishes of one confirm channel in batches, their confirms outstanding at once.
 
-    :meth:`publish` queues a message and returns the future of its publisher
-    confirm at once; one writer task (started by ``spawn`` when there is
-    something to write, ending when there is not) writes everything queued
-    meanwhile in a single frame batch and waits until the socket took it, so
-    the next batch gathers while this one is written. It must be the only
+    :meth:`publish` returns the future of the message's publisher confirm at
+    once. The first publish of a loop turn, when no writer runs, is handed
+    to aiormq's writer there and then; the others queue, and one writer task
+    (started by ``spawn`` when there is something to write, ending when
+    there is not) hands everything queued meanwhile to aiormq as a single
+    frame batch (one socket write) and, for a batch with ``on_written``
+    callbacks, waits until the socket took it, so the next batch gathers
+    while this one is written. It must be the only
     publisher on its channel: the delivery tags it assigns are the broker's
     count of that channel's publishes.
     """
@@ -84,6 +115,11 @@ class ConfirmingPublisher:
         self._timeout = timeout
         self._queued: list[_Publish] = []
         self._writing = False
+        #: A publish of this loop turn was handed to aiormq by its caller (see publish).
+        self._wrote_now = False
+        #: The channel whose close fails its unconfirmed publishes (one watch per channel).
+        self._watched: aiormq.Channel | None = None
+        self._stopped = False
         #: Publishes and socket writes so far: their ratio is the batch size.
         self.published = 0
         self.writes = 0
@@ -107,7 +143,23 @@ class ConfirmingPublisher:
         called by the writer once the publish is on the socket (never if it
         could not be written); an exception it raises is logged.
         """
-        confirm = channel.create_future()
+        # Not from the channel's future store: its three done callbacks a future
+        # (two store removers, an exception reader) were a sixth of a lone send's
+        # loop callbacks. The store's job, failing what is unconfirmed when the
+        # channel closes, is done by _fail_unconfirmed.
+        confirm: asyncio.Future[Any] = channel.loop.create_future()
+        if channel is not self._watched:
+            self._watched = channel
+            channel.closing.add_done_callback(partial(_fail_unconfirmed, channel))
+        publish = _Publish(channel, exchange, routing_key, body, properties, mandatory, confirm, on_written)
+        if not self._writing and not self._wrote_now and not self._stopped and self._write_now(publish):
+            # The first publish of a loop turn with no writer running is handed to
+            # aiormq by its caller: no writer task, no loop turn before the write
+            # (each packed send paid both). The others of the turn queue for a
+            # writer task, which writes them together on the next turn.
+            self._wrote_now = True
+            asyncio.get_running_loop().call_soon(self._turn_over)
+            return confirm
         if not self._writing:
             try:
                 self._spawn(self._write_all())  # raises once the layer is closing
@@ -115,10 +167,36 @@ class ConfirmingPublisher:
                 confirm.cancel()
                 raise
             self._writing = True
-        self._queued.append(
-            _Publish(channel, exchange, routing_key, body, properties, mandatory, confirm, on_written)
-        )
+        self._queued.append(publish)
         return confirm
+
+    def stop(self) -> None:
+        """Write nothing more from callers' tasks: the layer is closing, and
+        its background tasks (the writer's too) are being cancelled."""
+        self._stopped = True
+
+    def _turn_over(self) -> None:
+        self._wrote_now = False
+
+    def _write_now(self, publish: _Publish) -> bool:
+        """Number ``publish`` and queue its frames in aiormq, without waiting; False if that needs
+        a wait (a full write queue, an ``on_written`` callback), which the writer task does."""
+        channel = publish.channel
+        if publish.on_written is not None or channel.write_queue.full():
+            return False
+        if channel.is_closed:
+            publish.confirm.set_exception(ChannelInvalidStateError(f"{channel!r} closed"))
+            return True
+        try:
+            frames = _marshal(channel, publish)
+        except (TypeError, ValueError, struct.error) as exc:
+            publish.confirm.set_exception(exc)  # as in _write
+            return True
+        _number(channel, publish)
+        channel.write_queue.put_nowait(ChannelFrame(payload=frames, should_close=False, drain_future=None))
+        self.writes += 1
+        self.published += 1
+        return True
 
     async def _write_all(self) -> None:
         try:
@@ -152,18 +230,10 @@ class ConfirmingPublisher:
                 # A property pamqp cannot encode: this publish fails, unnumbered.
                 publish.confirm.set_exception(exc)
                 continue
-            # Numbered as the broker counts this channel's publishes; nothing
-            # awaits between numbering a publish and queueing its frames.
-            channel.delivery_tag += 1
-            tag = channel.delivery_tag
-            channel.confirmations[tag] = publish.confirm
-            numbered.append((tag, publish.confirm))
+            # Nothing awaits between numbering a publish and queueing its frames.
+            numbered.append((_number(channel, publish), publish.confirm))
             if publish.on_written is not None:
                 written.append(publish.on_written)
-            if publish.mandatory:
-                message_id = str(publish.properties.message_id)
-                channel.message_id_delivery_tag[message_id] = tag
-                publish.confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
         await self._flush(channel, frames, numbered, written)
 
     async def _flush(
@@ -175,11 +245,17 @@ class ConfirmingPublisher:
     ) -> None:
         if not frames:
             return
-        drained = channel.create_future()
+        # Only a batch with callbacks waits for the socket: a drain future from
+        # the channel's store is three done callbacks, and its wait a timer and
+        # a loop turn, per write, which one lone send a turn paid for nothing.
+        drained = channel.create_future() if written else None
         payload = ChannelFrame(payload=b"".join(frames), should_close=False, drain_future=drained)
         try:
-            # Bounded: a connection whose writer died leaves its queue full for good.
-            await bounded(channel.write_queue.put(payload), self._timeout, _stalled)
+            try:
+                channel.write_queue.put_nowait(payload)
+            except asyncio.QueueFull:
+                # Bounded: a connection whose writer died leaves its queue full for good.
+                await bounded(channel.write_queue.put(payload), self._timeout, _stalled)
         except ChannelInvalidStateError as exc:
             # Never queued, so never counted by the broker: give the tags back
             # (the next batch must get the numbers the broker will use) and
@@ -189,10 +265,13 @@ class ConfirmingPublisher:
                 channel.confirmations.pop(tag, None)
                 if not confirm.done():
                     confirm.set_exception(exc)
-            drained.cancel()
+            if drained is not None:
+                drained.cancel()
             return
         self.writes += 1
         self.published += len(numbered)
+        if drained is None:
+            return
         # Queued, so numbered right: the confirms settle these publishes, or the
         # channel's close fails them with its cause (which this wait leaves to
         # them, whatever its type). Past the timeout only this wait is given up.
@@ -207,20 +286,80 @@ class ConfirmingPublisher:
                     logger.exception("a callback of a written publish failed")
 
 
+#: Marshalled ``Basic.Publish`` method frames by (channel number, exchange, routing key, mandatory):
+#: building one through pamqp cost as much as the rest of a publish's marshalling.
+_METHODS: dict[tuple[int, str, str, bool], bytes] = {}
+_METHODS_SIZE = 1024
+#: A content body frame: type, channel number, size, the bytes, the end marker.
+_BODY_HEADER = struct.Struct(">BHI")
+
+
+def _method_frame(number: int, exchange: str, routing_key: str, mandatory: bool) -> bytes:
+    key = (number, exchange, routing_key, mandatory)
+    frame = _METHODS.get(key)
+    if frame is None:
+        method = commands.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+        frame = pamqp.frame.marshal(method, number)
+        if len(_METHODS) >= _METHODS_SIZE:
+            _METHODS.clear()  # many destinations: start over rather than grow without bound
+        _METHODS[key] = frame
+    return frame
+
+
+#: The properties of a content header in wire order: (name, flag bit, AMQP type).
+_PROPERTIES = tuple(
+    (name, commands.Basic.Properties.flags[name], getattr(commands.Basic.Properties, f"_{name}"))
+    for name in commands.Basic.Properties.__slots__
+)
+#: A content header frame up to its payload, then the payload's start: class id, weight, body size.
+_FRAME_HEADER = struct.Struct(">BHI")
+_HEADER_START = struct.Struct(">HxxQH")
+
+
+def _header_frame(number: int, body_size: int, properties: commands.Basic.Properties) -> bytes:
+    """pamqp's content header frame for ``properties``, byte for byte, in a third of its time.
+
+    Short strings and octets (all the layer sets but ``headers``) are encoded
+    here; any other type goes through pamqp's own encoder.
+    """
+    flags = 0
+    parts: list[bytes] = []
+    for name, flag, kind in _PROPERTIES:
+        value = getattr(properties, name)
+        if value is None or value == "":
+            continue
+        flags |= flag
+        if kind == "shortstr" and type(value) is str:
+            data = value.encode()
+            if len(data) > 255:
+                raise TypeError("string exceeds maximum length of 255 bytes")
+            parts += (bytes((len(data),)), data)
+        elif kind == "octet" and type(value) is int and 0 <= value <= 255:
+            parts.append(bytes((value,)))
+        else:
+            parts.append(encode.by_type(value, kind))
+    payload = b"".join(parts)
+    size = _HEADER_START.size + len(payload)
+    return b"".join(
+        (
+            _FRAME_HEADER.pack(FRAME_HEADER, number, size),
+            _HEADER_START.pack(commands.Basic.frame_id, body_size, flags),
+            payload,
+            FRAME_END_CHAR,
+        )
+    )
+
+
 def _marshal(channel: aiormq.Channel, publish: _Publish) -> bytes:
     """The wire frames of one publish: the method, the content header, the body in frame-sized parts."""
     body, number, step = publish.body, channel.number, channel.max_content_size
-    method = commands.Basic.Publish(
-        exchange=publish.exchange, routing_key=publish.routing_key, mandatory=publish.mandatory
-    )
     parts = [
-        pamqp.frame.marshal(method, number),
-        pamqp.frame.marshal(ContentHeader(body_size=len(body), properties=publish.properties), number),
+        _method_frame(number, publish.exchange, publish.routing_key, publish.mandatory),
+        _header_frame(number, len(body), publish.properties),
     ]
-    parts.extend(
-        pamqp.frame.marshal(ContentBody(body[start : start + step]), number)
-        for start in range(0, len(body), step)
-    )
+    for start in range(0, len(body), step):
+        part = body[start : start + step]
+        parts += (_BODY_HEADER.pack(FRAME_BODY, number, len(part)), part, FRAME_END_CHAR)
     return b"".join(parts)
 
 
@@ -229,16 +368,22 @@ def _stalled() -> ChannelInvalidStateError:
 
 
 class BatchedAcks:
-    """Acks one consumer's deliveries with a ``multiple`` ack per turn of the event loop.
+    """Acks one consumer's deliveries with a ``multiple`` ack per ``delay`` seconds at most.
 
     Correct because a consumer's callbacks run in delivery order, each
     synchronous up to :meth:`ack`: when a delivery tag is acked, every
     earlier delivery of the channel was handled. A channel that closed took
     its unacked deliveries with it (the broker requeues them): its tags are
-    dropped, never sent on its successor.
+    dropped, never sent on its successor. An ack only frees the broker's
+    copy and a prefetch slot, so it can wait: deliveries handled within
+    ``delay`` of the first unacked one share its ack frame (an ack frame per
+    delivery was a socket write, two loop callbacks and broker work for
+    every packed message). ``delay`` must keep the prefetch window from
+    filling: at most a prefetch window's deliveries wait ``delay``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = ACK_DELAY) -> None:
+        self._delay = delay
         self._channel: aiormq.Channel | None = None
         self._latest = 0
         self._acker = False
@@ -247,7 +392,7 @@ class BatchedAcks:
         self.frames = 0
 
     async def ack(self, channel: aiormq.Channel, delivery_tag: int) -> None:
-        """Ack ``delivery_tag`` and every earlier delivery on ``channel``, soon and in one frame."""
+        """Ack ``delivery_tag`` and every earlier delivery on ``channel``, within ``delay``, in one frame."""
         if channel is not self._channel:
             self._channel, self._latest = channel, 0
         self._latest = max(self._latest, delivery_tag)
@@ -256,11 +401,13 @@ class BatchedAcks:
             return  # the running acker sends it
         self._acker = True
         try:
-            # One turn of the loop: the deliveries read with this one are handled first.
-            await asyncio.sleep(0)
             done: tuple[aiormq.Channel | None, int] = (None, 0)
-            while done != (self._channel, self._latest):
+            while True:
+                # The deliveries handled meanwhile are acked with this one.
+                await asyncio.sleep(self._delay)
                 current, tag = self._channel, self._latest
+                if (current, tag) == done:
+                    break
                 assert current is not None
                 if not current.is_closed:
                     self.frames += 1

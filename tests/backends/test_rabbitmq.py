@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import pytest
 
@@ -1173,6 +1174,85 @@ async def test_concurrent_sends_to_a_full_channel_each_get_their_own_answer(
         await sender.receive("full.batch", timeout=0.5)
 
 
+# ------------------------------------------------------------ wire
+
+PROPERTY_SETS = [
+    {},
+    {"message_type": "sends", "expiration": "86400000", "delivery_mode": 1, "message_id": "a" * 32},
+    {
+        "message_type": "send",
+        "headers": {"channel": "room.ab!c", "n": 5, "f": 1.5, "ok": True, "list": [1, "x"]},
+        "delivery_mode": 2,
+        "message_id": "\u00e9" * 10,
+        "correlation_id": "c",
+        "reply_to": "r",
+    },
+    {"content_type": "application/json", "headers": {}, "priority": 9, "user_id": "guest", "app_id": "a"},
+    {"message_type": "group", "headers": {"group": "g" * 200}, "expiration": "", "message_id": ""},
+]
+
+
+@pytest.mark.parametrize("properties", PROPERTY_SETS)
+def test_a_publish_is_written_as_the_frames_pamqp_makes(properties: dict[str, object]) -> None:
+    # The publisher marshals publishes itself (cached method frames, its own
+    # content header and body frames): byte for byte what pamqp writes.
+    import pamqp.frame
+    from pamqp import commands
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    from fastapi_websockets.backends import rabbitmq_wire
+
+    class FakeChannel:  # what _marshal reads of an aiormq channel
+        number = 7
+        max_content_size = 1000
+
+    channel = cast(Any, FakeChannel)
+    props = commands.Basic.Properties(**properties)  # type: ignore[arg-type]
+    for body in (b"", b"x" * 10, bytes(range(256)) * 10):
+        for mandatory in (False, True):
+            publish = rabbitmq_wire._Publish(
+                channel, "ex", "p.token", body, props, mandatory, cast(Any, None), None
+            )
+            method = commands.Basic.Publish(exchange="ex", routing_key="p.token", mandatory=mandatory)
+            expected = [
+                pamqp.frame.marshal(method, 7),
+                pamqp.frame.marshal(ContentHeader(body_size=len(body), properties=props), 7),
+            ]
+            expected += [
+                pamqp.frame.marshal(ContentBody(body[i : i + 1000]), 7) for i in range(0, len(body), 1000)
+            ]
+            assert rabbitmq_wire._marshal(channel, publish) == b"".join(expected)
+
+
+def test_a_property_pamqp_cannot_encode_fails_alike() -> None:
+    from pamqp import commands
+
+    from fastapi_websockets.backends import rabbitmq_wire
+
+    with pytest.raises(TypeError):
+        rabbitmq_wire._header_frame(1, 0, commands.Basic.Properties(message_type="x" * 256))
+
+
+async def test_inbox_deliveries_are_all_acked_in_shared_frames(make: Factory, node: RabbitNode) -> None:
+    # Acks wait a few milliseconds to share a frame; none may be left behind.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    for i in range(30):
+        await sender.send(channel, {"i": i})
+        assert (await receiver.receive(channel, timeout=10))["i"] == i
+    acks = receiver._acks
+    assert acks is not None
+    assert acks.acked >= 30
+
+    def none_unacked() -> bool:
+        rows = node.rows("list_queues", "name", "messages_unacknowledged")
+        return [row[1] for row in rows if row[0] == receiver.inbox_name] == ["0"]
+
+    await eventually(none_unacked, "every inbox delivery acked")
+    assert acks.frames <= acks.acked
+
+
 # ------------------------------------------------------------ packed sends
 
 
@@ -1295,3 +1375,22 @@ async def test_a_failed_packed_publish_raises_in_every_caller(make: Factory, nod
         proxy.release()
         assert all(isinstance(result, BackendUnavailable) for result in results), results
         assert sender.publishes - before < 16
+
+
+async def test_unconfirmed_sends_fail_when_the_connection_drops(make: Factory, node: RabbitNode) -> None:
+    # Confirms are the publisher's own futures, not aiormq's: the channel's
+    # close must still fail every unconfirmed one with its cause, at once,
+    # rather than leave its caller to the confirm timeout.
+    receiver = make()
+    channel = await receiver.new_channel()
+    async with TcpProxy(node.port) as proxy:
+        sender = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", timeout=120)
+        await sender.send(channel, {"type": "warm"})
+        before = sender.publishes
+        proxy.hold()  # no publisher confirm reaches the sender
+        sends = [asyncio.ensure_future(sender.send(channel, {"type": "n", "i": i})) for i in range(16)]
+        await eventually(lambda: sender.publishes - before >= 2, "both packed publishes written")
+        await proxy.cut()
+        results = await asyncio.gather(*sends, return_exceptions=True)
+    assert all(isinstance(result, BackendUnavailable) for result in results), results
+    assert not any("no publisher confirm within" in str(result) for result in results), results

@@ -180,7 +180,9 @@ def half_closed_sockets_to(port: int) -> list[str]:
     """The TLS transports to ``port`` on loopback closed by their user whose socket is still open."""
     found = []
     for obj in gc.get_objects():
-        if not isinstance(obj, asyncio.Transport) or not obj.is_closing():
+        # type(), not isinstance(): the latter asks a weakref proxy among the objects for
+        # its referent's class, and a dead one raises ReferenceError (seen in CI).
+        if not issubclass(type(obj), asyncio.Transport) or not obj.is_closing():
             continue
         try:
             peer, sock = obj.get_extra_info("peername"), obj.get_extra_info("socket")

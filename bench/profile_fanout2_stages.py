@@ -40,7 +40,30 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 import harness  # noqa: E402
 
-ROWS = {"redis": "redis", "postgresql": "postgresql", "nats": "nats", "rabbitmq": "rabbitmq"}
+ROWS = {
+    "redis": "redis",
+    "postgresql": "postgresql",
+    "nats": "nats",
+    "nats core": "nats",
+    "rabbitmq": "rabbitmq",
+    "rabbitmq durable=False": "rabbitmq",
+}
+
+
+def transient_rabbitmq(server: harness.Server, namespace: str) -> Any:
+    """The RabbitMQ row with durable=False (transient messages and queues): what persistence costs."""
+    from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer
+
+    return RabbitMQChannelLayer(
+        url=server["url"], exchange_name=namespace, queue_prefix=namespace, durable=False
+    )
+
+
+def find_impl(row: str) -> harness.Impl:
+    """The harness's implementation of ``row``, or this script's own extra row."""
+    if row == "rabbitmq durable=False":
+        return harness.Impl(row, "ours", transient_rabbitmq)
+    return harness.find_impl(ROWS[row], row)
 
 
 class Marks:
@@ -56,9 +79,19 @@ class Marks:
             self.times[stage] = time.time()
 
 
+def write_handles(path: str, handles: dict[str, list[float]], rounds: int) -> None:
+    """The costliest kinds of loop callback, CPU and calls per round, into ``path``."""
+    costliest = sorted(handles.items(), key=lambda kv: -kv[1][0])[:12]
+    lines = [
+        f"{spent / rounds * 1000:7.3f} ms/round {calls / rounds:7.2f}/round  {kind}"
+        for kind, (spent, calls) in costliest
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
 async def child(row: str, server: harness.Server, namespace: str, receivers: int, rounds_count: int) -> None:
     """One receiving process: reports every round's stages as a JSON line on stdout."""
-    impl = harness.find_impl(ROWS[row], row)
+    impl = find_impl(row)
     layer = impl.make(server, namespace)
     marks = Marks()
     decode_or_drop, deliver_many = layer.decode_or_drop, layer.deliver_many
@@ -86,6 +119,20 @@ async def child(row: str, server: harness.Server, namespace: str, receivers: int
     rounds = harness.Rounds(receivers)
     tasks = await harness.start_receivers(layer, receivers, rounds)
     print("ready", flush=True)
+    handles: dict[str, list[float]] = {}  # kind of callback: [CPU seconds, calls]
+    if os.environ.get("FANOUT2_HANDLES"):  # time the loop's callbacks by what they run
+        from profile_fanout_stages import handle_kind
+
+        run = asyncio.Handle._run
+
+        def timed_run(handle: asyncio.Handle) -> None:
+            began = time.process_time()
+            run(handle)
+            spent = handles.setdefault(handle_kind(handle), [0.0, 0])
+            spent[0] += time.process_time() - began
+            spent[1] += 1
+
+        asyncio.Handle._run = timed_run  # type: ignore[method-assign,assignment]
     profiler = None
     if os.environ.get("FANOUT2_PROFILE"):  # a cProfile dump of the rounds, per process
         import cProfile
@@ -101,6 +148,8 @@ async def child(row: str, server: harness.Server, namespace: str, receivers: int
             report |= {"decodes": marks.decodes, "loops": marks.loops}
             print(json.dumps(report), flush=True)
             cpu, marks.times, marks.decodes, marks.loops = now, {}, 0, 0
+            if handles and index == rounds_count:
+                write_handles(f"{os.environ['FANOUT2_HANDLES']}.{row}.{os.getpid()}", handles, index)
             if profiler is not None and index == rounds_count:  # the sender's last: it kills us next
                 profiler.disable()
                 profiler.dump_stats(f"{os.environ['FANOUT2_PROFILE']}.{row}.{os.getpid()}")
@@ -121,7 +170,7 @@ async def measure(row: str, server: harness.Server, receivers: int, rounds: int)
         for _ in range(2)
     ]
     outputs = [proc.stdout for proc in procs if proc.stdout is not None]
-    impl = harness.find_impl(ROWS[row], row)
+    impl = find_impl(row)
     sender = impl.make(server, namespace)
     samples: dict[str, list[float]] = {}
     try:
@@ -130,10 +179,12 @@ async def measure(row: str, server: harness.Server, receivers: int, rounds: int)
                 raise RuntimeError("a receiving process did not start")
         await asyncio.sleep(0.5)  # group_add's subscriptions settle on the broker
         broker_cpu = 0.0
+        by_pid: dict[int, float] = {}
         profiler = None
         for index in range(rounds + 1):
             if index == 1:  # round 0 warms up; count the broker from here on
                 broker_cpu = harness.process_cpu(server["pids"])
+                by_pid = broker_threads(server["pids"])
                 if os.environ.get("FANOUT2_PROFILE"):
                     import cProfile
 
@@ -161,6 +212,13 @@ async def measure(row: str, server: harness.Server, receivers: int, rounds: int)
             profiler.dump_stats(f"{os.environ['FANOUT2_PROFILE']}.{row}.sender")
         result = {key: statistics.median(values) for key, values in samples.items()}
         result["broker cpu"] = (harness.process_cpu(server["pids"]) - broker_cpu) * 1000 / rounds
+        if os.environ.get("FANOUT2_BROKER"):
+            after = broker_threads(server["pids"])
+            spent = sorted(((after[key] - by_pid.get(key, 0.0), key) for key in after), reverse=True)
+            print(
+                "   broker ms/round by process/thread:",
+                ", ".join(f"{name} {cpu * 1000 / rounds:.3f}" for cpu, name in spent[:8] if cpu),
+            )
         return result
     finally:
         await impl.close(sender)
@@ -168,6 +226,19 @@ async def measure(row: str, server: harness.Server, receivers: int, rounds: int)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+def broker_threads(pids: list[int]) -> dict[Any, float]:
+    """CPU seconds so far of every thread of the broker's process tree, by (pid, thread name)."""
+    spent: dict[Any, float] = {}
+    for pid in harness.process_tree(pids):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                name, fields = (task / "stat").read_text().rsplit(")", 1)
+                ticks = int(fields.split()[11]) + int(fields.split()[12])
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()[:40]
+                spent[f"{pid}/{name.split('(', 1)[1]}/{title}"] = ticks / os.sysconf("SC_CLK_TCK")
+    return spent
 
 
 KEYS = (
@@ -206,10 +277,11 @@ def main() -> None:
     names = args.row or ["redis", "postgresql", "nats", "rabbitmq"]
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
-        servers = {}
-        for name in names:
-            module = __import__(f"bench_{ROWS[name]}")
-            servers[name] = {"broker": ROWS[name], **stack.enter_context(module.server())}
+        started: dict[str, harness.Server] = {}
+        for broker in {ROWS[name] for name in names}:
+            module = __import__(f"bench_{broker}")
+            started[broker] = {"broker": broker, **stack.enter_context(module.server())}
+        servers = {name: started[ROWS[name]] for name in names}
         for index in range(args.repeat):
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:

@@ -31,6 +31,14 @@ MAX_NAME_LENGTH = 200
 # isprintable() already refuses control characters and most separators; this catches
 # the rest of what str.isspace() calls whitespace (a plain space is printable).
 _WHITESPACE = re.compile(r"\s")
+# Names that passed validate_channel_name() / validate_group_name(). Every send() checks
+# its channel, and a regex search plus isprintable() cost more per message than a set
+# lookup: an app sends to the same few names again and again. Validity depends only on
+# the characters, so an exact str found here is valid; only exact str instances are
+# looked up (a subclass may hash or compare differently). Bounded: emptied when full.
+_CACHE_LIMIT = 4096
+_valid_channels: set[str] = set()
+_valid_groups: set[str] = set()
 
 
 def _check(kind: str, name: object) -> str:
@@ -52,21 +60,35 @@ def _check(kind: str, name: object) -> str:
 
 def validate_channel_name(name: object) -> str:
     """Return ``name`` if it is a valid channel name, else raise ``InvalidChannelName``."""
+    if type(name) is str and name in _valid_channels:
+        return name
     checked = _check("channel", name)
     if checked.startswith("!") or checked.count("!") > 1:
         raise InvalidChannelName(
             f"channel name {checked!r} has a misplaced '!'; '!' may appear once, after a "
             "process prefix, as in names returned by new_channel()"
         )
+    _remember(_valid_channels, checked)
     return checked
 
 
 def validate_group_name(name: object) -> str:
     """Return ``name`` if it is a valid group name, else raise ``InvalidChannelName``."""
+    if type(name) is str and name in _valid_groups:
+        return name
     checked = _check("group", name)
     if "!" in checked:
         raise InvalidChannelName(f"group name {checked!r} must not contain '!'")
+    _remember(_valid_groups, checked)
     return checked
+
+
+def _remember(valid: set[str], name: str) -> None:
+    if type(name) is not str:
+        return
+    if len(valid) >= _CACHE_LIMIT:
+        valid.clear()
+    valid.add(name)
 
 
 def validate_prefix(prefix: object) -> str:

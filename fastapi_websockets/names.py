@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 
+from fastapi_websockets.backends.options import Memo
 from fastapi_websockets.exceptions import InvalidChannelName
 
 __all__ = [
@@ -31,14 +32,6 @@ MAX_NAME_LENGTH = 200
 # isprintable() already refuses control characters and most separators; this catches
 # the rest of what str.isspace() calls whitespace (a plain space is printable).
 _WHITESPACE = re.compile(r"\s")
-# Names that passed validate_channel_name() / validate_group_name(). Every send() checks
-# its channel, and a regex search plus isprintable() cost more per message than a set
-# lookup: an app sends to the same few names again and again. Validity depends only on
-# the characters, so an exact str found here is valid; only exact str instances are
-# looked up (a subclass may hash or compare differently). Bounded: emptied when full.
-_CACHE_LIMIT = 4096
-_valid_channels: set[str] = set()
-_valid_groups: set[str] = set()
 
 
 def _check(kind: str, name: object) -> str:
@@ -60,35 +53,43 @@ def _check(kind: str, name: object) -> str:
 
 def validate_channel_name(name: object) -> str:
     """Return ``name`` if it is a valid channel name, else raise ``InvalidChannelName``."""
-    if type(name) is str and name in _valid_channels:
-        return name
+    # Every send() checks its channel, and an app sends to the same few names again and
+    # again: a dict lookup instead of a regex search and isprintable() per message.
+    # Validity depends only on the characters, so a remembered exact str is valid; a str
+    # subclass (which may hash or compare as it likes) is always checked.
+    if type(name) is str:
+        return _valid_channels(name)
+    return _check_channel_name(name)
+
+
+def _check_channel_name(name: object) -> str:
     checked = _check("channel", name)
     if checked.startswith("!") or checked.count("!") > 1:
         raise InvalidChannelName(
             f"channel name {checked!r} has a misplaced '!'; '!' may appear once, after a "
             "process prefix, as in names returned by new_channel()"
         )
-    _remember(_valid_channels, checked)
     return checked
 
 
 def validate_group_name(name: object) -> str:
     """Return ``name`` if it is a valid group name, else raise ``InvalidChannelName``."""
-    if type(name) is str and name in _valid_groups:
-        return name
+    # As validate_channel_name(): group_send() checks its group on every call.
+    if type(name) is str:
+        return _valid_groups(name)
+    return _check_group_name(name)
+
+
+def _check_group_name(name: object) -> str:
     checked = _check("group", name)
     if "!" in checked:
         raise InvalidChannelName(f"group name {checked!r} must not contain '!'")
-    _remember(_valid_groups, checked)
     return checked
 
 
-def _remember(valid: set[str], name: str) -> None:
-    if type(name) is not str:
-        return
-    if len(valid) >= _CACHE_LIMIT:
-        valid.clear()
-    valid.add(name)
+# Bounded (cleared when full); only valid names get in, since the check raises otherwise.
+_valid_channels: Memo[str, str] = Memo(_check_channel_name)
+_valid_groups: Memo[str, str] = Memo(_check_group_name)
 
 
 def validate_prefix(prefix: object) -> str:

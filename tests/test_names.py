@@ -16,11 +16,12 @@ def test_a_cached_channel_name_is_still_checked_as_a_group_name() -> None:
 
 
 def test_the_cache_stays_bounded() -> None:
-    for index in range(names._CACHE_LIMIT * 2 + 3):
+    limit = names._valid_channels._size
+    for index in range(limit * 2 + 3):
         names.validate_channel_name(f"bounded.{index}")
         names.validate_group_name(f"bounded-group.{index}")
-    assert 0 < len(names._valid_channels) <= names._CACHE_LIMIT
-    assert 0 < len(names._valid_groups) <= names._CACHE_LIMIT
+    assert 0 < len(names._valid_channels.values()) <= limit
+    assert 0 < len(names._valid_groups.values()) <= limit
 
 
 class _Sneaky(str):
@@ -49,4 +50,6 @@ def test_a_str_subclass_is_checked_by_its_characters() -> None:
         names.validate_channel_name(_Sneaky("bad name"))
     with pytest.raises(InvalidChannelName):
         names.validate_group_name(_Sneaky("bad name"))
-    assert not any(type(name) is not str for name in names._valid_channels | names._valid_groups)
+    remembered = names._valid_channels.values() + names._valid_groups.values()
+    assert remembered
+    assert all(type(name) is str for name in remembered)

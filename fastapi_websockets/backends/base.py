@@ -258,7 +258,7 @@ class BaseChannelLayer(abc.ABC):
         # parsing the name (a fan-out to 1,000 local receivers asks 1,000 times a round).
         if channel in self._live_channels:
             return True
-        return is_process_specific(channel) and process_token(channel) == self.client_token
+        return "!" in channel and process_token(channel) == self.client_token  # is_process_specific()
 
     # ---------------------------------------------------------- serialization
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 
+from fastapi_websockets.backends.options import Memo
 from fastapi_websockets.exceptions import InvalidChannelName
 
 __all__ = [
@@ -52,6 +53,16 @@ def _check(kind: str, name: object) -> str:
 
 def validate_channel_name(name: object) -> str:
     """Return ``name`` if it is a valid channel name, else raise ``InvalidChannelName``."""
+    # Every send() checks its channel, and an app sends to the same few names again and
+    # again: a dict lookup instead of a regex search and isprintable() per message.
+    # Validity depends only on the characters, so a remembered exact str is valid; a str
+    # subclass (which may hash or compare as it likes) is always checked.
+    if type(name) is str:
+        return _valid_channels(name)
+    return _check_channel_name(name)
+
+
+def _check_channel_name(name: object) -> str:
     checked = _check("channel", name)
     if checked.startswith("!") or checked.count("!") > 1:
         raise InvalidChannelName(
@@ -63,10 +74,22 @@ def validate_channel_name(name: object) -> str:
 
 def validate_group_name(name: object) -> str:
     """Return ``name`` if it is a valid group name, else raise ``InvalidChannelName``."""
+    # As validate_channel_name(): group_send() checks its group on every call.
+    if type(name) is str:
+        return _valid_groups(name)
+    return _check_group_name(name)
+
+
+def _check_group_name(name: object) -> str:
     checked = _check("group", name)
     if "!" in checked:
         raise InvalidChannelName(f"group name {checked!r} must not contain '!'")
     return checked
+
+
+# Bounded (cleared when full); only valid names get in, since the check raises otherwise.
+_valid_channels: Memo[str, str] = Memo(_check_channel_name)
+_valid_groups: Memo[str, str] = Memo(_check_group_name)
 
 
 def validate_prefix(prefix: object) -> str:

@@ -258,7 +258,7 @@ class BaseChannelLayer(abc.ABC):
         # parsing the name (a fan-out to 1,000 local receivers asks 1,000 times a round).
         if channel in self._live_channels:
             return True
-        return is_process_specific(channel) and process_token(channel) == self.client_token
+        return "!" in channel and process_token(channel) == self.client_token  # is_process_specific()
 
     # ---------------------------------------------------------- serialization
 
@@ -307,19 +307,29 @@ class BaseChannelLayer(abc.ABC):
         messages, :class:`~fastapi_websockets.exceptions.SerializationError` if a
         value cannot be carried, and :class:`MessageTooLarge` over the size limit.
         """
-        self._check_open()
+        if self._closed:
+            self._check_open()
         validate_channel_name(channel)
         if observing.hooks is not None:
             await observing.hooks.message_out(self, "send", message, partial(self._send_message, channel))
             return
-        await self._send_message(channel, message)
+        # _send_message()'s body inline, and _ensure_started() only awaited before the
+        # start: each is a coroutine created and run per message, for every backend.
+        data = self.encode(message)
+        if self.is_local(channel):
+            self.deliver_local(channel, self.decode(data), raise_full=True)
+            return
+        if not self._started:
+            await self._ensure_started()
+        await self._send_remote(channel, data)
 
     async def _send_message(self, channel: str, message: Message) -> None:
         data = self.encode(message)
         if self.is_local(channel):
             self.deliver_local(channel, self.decode(data), raise_full=True)
             return
-        await self._ensure_started()
+        if not self._started:
+            await self._ensure_started()
         await self._send_remote(channel, data)
 
     async def receive(self, channel: str, timeout: float | None = None) -> Message:

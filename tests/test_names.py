@@ -1,0 +1,55 @@
+"""The cache of validated names: bounded, per kind, and never a way around a check."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastapi_websockets import names
+from fastapi_websockets.exceptions import InvalidChannelName
+
+
+def test_a_cached_channel_name_is_still_checked_as_a_group_name() -> None:
+    assert names.validate_channel_name("chat.ab12!x1") == "chat.ab12!x1"
+    assert names.validate_channel_name("chat.ab12!x1") == "chat.ab12!x1"
+    with pytest.raises(InvalidChannelName):
+        names.validate_group_name("chat.ab12!x1")
+
+
+def test_the_cache_stays_bounded() -> None:
+    limit = names._valid_channels._size
+    for index in range(limit * 2 + 3):
+        names.validate_channel_name(f"bounded.{index}")
+        names.validate_group_name(f"bounded-group.{index}")
+    assert 0 < len(names._valid_channels.values()) <= limit
+    assert 0 < len(names._valid_groups.values()) <= limit
+
+
+class _Sneaky(str):
+    """A str that claims to equal a valid name: it must not pass for one."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash("room.1")
+
+
+@pytest.mark.parametrize("bad", ["", " room", "room\n", "!room", "a!b!c", "x" * 201, 7, None])
+def test_invalid_names_are_refused_after_valid_ones_were_cached(bad: object) -> None:
+    names.validate_channel_name("room.1")
+    with pytest.raises(InvalidChannelName):
+        names.validate_channel_name(bad)
+    with pytest.raises(InvalidChannelName):
+        names.validate_group_name(bad)
+
+
+def test_a_str_subclass_is_checked_by_its_characters() -> None:
+    names.validate_channel_name("room.1")
+    names.validate_group_name("room.1")
+    with pytest.raises(InvalidChannelName):
+        names.validate_channel_name(_Sneaky("bad name"))
+    with pytest.raises(InvalidChannelName):
+        names.validate_group_name(_Sneaky("bad name"))
+    remembered = names._valid_channels.values() + names._valid_groups.values()
+    assert remembered
+    assert all(type(name) is str for name in remembered)

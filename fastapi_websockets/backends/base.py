@@ -313,24 +313,27 @@ class BaseChannelLayer(abc.ABC):
         if observing.hooks is not None:
             await observing.hooks.message_out(self, "send", message, partial(self._send_message, channel))
             return
-        # _send_message()'s body inline, and _ensure_started() only awaited before the
-        # start: each is a coroutine created and run per message, for every backend.
-        data = self.encode(message)
-        if self.is_local(channel):
-            self.deliver_local(channel, self.decode(data), raise_full=True)
-            return
-        if not self._started:
-            await self._ensure_started()
-        await self._send_remote(channel, data)
+        # What _send_message() does, without its coroutine, and _ensure_started() only
+        # awaited before the start: each was a coroutine per message, for every backend.
+        data = self._deliver_or_encode(channel, message)
+        if data is not None:
+            if not self._started:
+                await self._ensure_started()
+            await self._send_remote(channel, data)
 
     async def _send_message(self, channel: str, message: Message) -> None:
+        data = self._deliver_or_encode(channel, message)
+        if data is not None:
+            await self._ensure_started()
+            await self._send_remote(channel, data)
+
+    def _deliver_or_encode(self, channel: str, message: Message) -> bytes | None:
+        """``message`` encoded for the broker, or None once delivered to a local mailbox."""
         data = self.encode(message)
         if self.is_local(channel):
             self.deliver_local(channel, self.decode(data), raise_full=True)
-            return
-        if not self._started:
-            await self._ensure_started()
-        await self._send_remote(channel, data)
+            return None
+        return data
 
     async def receive(self, channel: str, timeout: float | None = None) -> Message:
         """Wait for the next message on ``channel`` and return it.

@@ -2180,9 +2180,7 @@ def _one_note(batch: Sequence[_Outgoing], queue: str) -> bool:
     for entry in batch:
         if entry.queue != queue:
             return False
-        target = entry.target
-        name = len(target) if target.isascii() else len(target.encode())
-        size += _NOTE_LINE_OVERHEAD + name + 4 * ((len(entry.data) + 2) // 3)  # as _note_line
+        size += _note_line(entry)
     return size <= _NOTE_LIMIT
 
 

@@ -50,10 +50,6 @@ def demo_channel_layers() -> dict[str, dict[str, Any]]:
     return layers
 
 
-#: No epoch is empty: a catch-up from here is the history's newest messages (``recovered`` False).
-_RECENT_HISTORY = StreamPosition(0, "")
-
-
 def _position(query: dict[str, str]) -> StreamPosition | None:
     """The last position a reconnecting page saw (``?offset=&epoch=``), or None."""
     offset, epoch = query.get("offset", ""), query.get("epoch", "")
@@ -82,17 +78,20 @@ class ChatConsumer(AsyncJsonWebSocketConsumer):
 
     async def _join_with_history(self) -> None:
         since = _position(self.query_params)
-        new_page = since is None
-        # One read serves a new page too: joining with a position of no epoch gets the recent
-        # history as the catch-up, so nothing falls between it and the live messages.
-        self.replay = "history" if new_page else "recovered"
+        self.replay = "recovered"
+        if since is None:
+            # A new page: the recent history, then join from its end so nothing falls in between.
+            self.replay = "history"
+            latest = await self.channel_layer.group_history(self.room)
+            for message in latest.messages:
+                await self.dispatch_channel_message(message)
+            since = latest.position
         try:
-            page = await self.group_add(self.room, since=_RECENT_HISTORY if since is None else since)
+            page = await self.group_add(self.room, since=since)
         finally:
             self.replay = None
         if page is not None:
-            # The epochs differ, so a new page's page never says recovered, yet it missed nothing.
-            synced = {"position": page.position.as_dict(), "recovered": page.recovered or new_page}
+            synced = {"position": page.position.as_dict(), "recovered": page.recovered}
             await self.send_json({"kind": "synced", **synced})
 
     async def receive_json(self, content: Any) -> None:

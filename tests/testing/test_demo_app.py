@@ -111,30 +111,6 @@ async def test_a_new_page_gets_the_history_and_a_returning_one_exactly_what_it_m
         await ann.disconnect()
 
 
-async def test_a_join_reads_the_rooms_history_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The history a new page shows is its join's catch-up: one read, not a read and a catch-up.
-    async with lifespan(app):
-        layer = app.state.channel_layers["default"]
-        read = layer._history_read
-        reads: list[int] = []
-
-        async def counted(group: str, after: int, limit: int, policy: Any) -> Any:
-            reads.append(after)
-            return await read(group, after, limit, policy)
-
-        monkeypatch.setattr(layer, "_history_read", counted)
-        ann, _ = await joined("/ws/once?name=ann")
-        await ann.send_json_to({"text": "one"})
-        while (echo := await ann.receive_json_from())["kind"] != "message":
-            pass
-        assert echo["text"] == "one"
-        bob, frames = await joined("/ws/once?name=bob")
-        assert [(f["text"], f["replay"]) for f in frames if f["kind"] == "message"] == [("one", "history")]
-        assert reads == [0, 0]
-        await bob.disconnect()
-        await ann.disconnect()
-
-
 async def test_the_test_layer_is_the_apps_layer(channel_layer: InMemoryChannelLayer) -> None:
     async with lifespan(app):
         assert app.state.channel_layers["default"] is channel_layer

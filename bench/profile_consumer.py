@@ -160,7 +160,7 @@ async def main(args: argparse.Namespace) -> None:
             f"(best of {args.repeat}; all: {', '.join(f'{t / deliveries * 1e6:.1f}' for t in unprofiled)})"
         )
         if args.no_profile:
-            return await stop(proc, server, serving)
+            return await stop(proc, server, serving, app_module)
         profile = cProfile.Profile()
         profile.enable()
         await broadcasts(args.repeat * args.broadcasts)
@@ -170,14 +170,19 @@ async def main(args: argparse.Namespace) -> None:
         print(f"\n{deliveries} deliveries, {total:.2f} s profiled: {total / deliveries * 1e6:.1f} us each")
         profiled.sort_stats("tottime").print_stats(args.top)
         profiled.sort_stats("cumulative").print_stats(args.top)
-    await stop(proc, server, serving)
+    await stop(proc, server, serving, app_module)
 
 
-async def stop(proc: asyncio.subprocess.Process, server: Any, serving: asyncio.Task[None]) -> None:
+async def stop(
+    proc: asyncio.subprocess.Process, server: Any, serving: asyncio.Task[None], app_module: Any
+) -> None:
     assert proc.stdin is not None
     proc.stdin.write(b"close\n")
     await proc.stdin.drain()
     await proc.wait()
+    end_sockets = getattr(app_module, "end_sockets", None)  # apps whose endpoints never read
+    if end_sockets is not None:
+        end_sockets()
     server.should_exit = True
     await serving
 

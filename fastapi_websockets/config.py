@@ -449,7 +449,8 @@ def get_channel_layer_from_env(
     layers = parse_channel_layers_from_env(environ, prefix=prefix, alias=alias)
     if alias not in layers:
         raise InvalidChannelLayerConfig(
-            f"channel layer alias {alias!r} is not listed in {prefix}ALIASES ({sorted(layers)})"
+            f"channel layer alias {alias!r} is not listed in {prefix}ALIASES ({sorted(layers)}); "
+            f"add it there, with its {prefix}{_alias_infix(alias)}BACKEND and options"
         )
     return build_channel_layer(layers[alias])
 

@@ -190,7 +190,10 @@ class AsyncWebSocketConsumer:
     def websocket(self) -> WebSocket:
         """The WebSocket this consumer serves."""
         if self._websocket is None:
-            raise RuntimeError("this consumer is not serving a WebSocket yet; call it with one")
+            raise RuntimeError(
+                "this consumer is not serving a WebSocket yet: it gets one when its endpoint "
+                "(Consumer.as_endpoint()) serves a connection; use it from connect() and the handlers"
+            )
         return self._websocket
 
     @property

@@ -83,7 +83,10 @@ def validate_group_name(name: object) -> str:
 def _check_group_name(name: object) -> str:
     checked = _check("group", name)
     if "!" in checked:
-        raise InvalidChannelName(f"group name {checked!r} must not contain '!'")
+        raise InvalidChannelName(
+            f"group name {checked!r} must not contain '!', which marks process-specific channel "
+            "names; use another separator such as ':' or '.'"
+        )
     return checked
 
 
@@ -96,7 +99,10 @@ def validate_prefix(prefix: object) -> str:
     """Validate the ``prefix`` argument of ``new_channel()``."""
     checked = _check("channel prefix", prefix)
     if "!" in checked:
-        raise InvalidChannelName(f"channel prefix {checked!r} must not contain '!'")
+        raise InvalidChannelName(
+            f"channel prefix {checked!r} must not contain '!': new_channel() adds its own after "
+            "the prefix; use another separator such as ':' or '.'"
+        )
     return checked
 
 

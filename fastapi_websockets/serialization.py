@@ -41,6 +41,18 @@ class MsgpackSerializer:
         # a pack started inside another (a dict subclass's items()) gets a second one.
         self._idle = threading.local()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A threading.local cannot be pickled, and idle Packers are a cache of this
+        # process's threads: a pickled or copied serializer (multiprocessing's spawn,
+        # deep-copied settings) carries everything else and starts without them.
+        state = self.__dict__.copy()
+        del state["_idle"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._idle = threading.local()
+
     def dumps(self, message: Message) -> bytes:
         """Encode ``message``; raise ``SerializationError`` naming any unsupported value."""
         if not isinstance(message, dict):

@@ -235,7 +235,10 @@ def test_env_aliases() -> None:
     assert layers["events"].config["schema"] == "fastapi_websockets_events"
     events = get_channel_layer_from_env(env, alias="events")
     assert isinstance(events, PostgreSQLChannelLayer)
-    with pytest.raises(InvalidChannelLayerConfig, match=r"alias 'other' is not listed"):
+    with pytest.raises(
+        InvalidChannelLayerConfig,
+        match=r"alias 'other' is not listed.*add it there, with its FASTAPI_WEBSOCKETS_OTHER_BACKEND",
+    ):
         get_channel_layer_from_env(env, alias="other")
 
 

@@ -53,3 +53,10 @@ def test_a_str_subclass_is_checked_by_its_characters() -> None:
     remembered = names._valid_channels.values() + names._valid_groups.values()
     assert remembered
     assert all(type(name) is str for name in remembered)
+
+
+def test_a_name_refused_for_its_bang_says_what_to_use_instead() -> None:
+    with pytest.raises(InvalidChannelName, match=r"marks process-specific.*such as ':' or '\.'"):
+        names.validate_group_name("room!1")
+    with pytest.raises(InvalidChannelName, match=r"new_channel\(\) adds its own.*such as ':' or '\.'"):
+        names.validate_prefix("chat!")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
 import pytest
 
 from fastapi_websockets.exceptions import SerializationError
-from fastapi_websockets.serialization import MsgpackSerializer
+from fastapi_websockets.serialization import MsgpackSerializer, default_serializer
 
 
 def _packb(message: dict[str, Any]) -> bytes:
@@ -68,3 +70,39 @@ def test_threads_packing_at_once_get_their_own_output() -> None:
     for thread in threads:
         thread.join()
     assert wrong == []
+
+
+class _Tagged(MsgpackSerializer):
+    """A subclass with settings of its own, which a copy must keep."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+
+@pytest.mark.parametrize(
+    "duplicate",
+    [
+        lambda serializer: pickle.loads(pickle.dumps(serializer)),
+        copy.copy,
+        copy.deepcopy,
+    ],
+    ids=["pickle", "copy", "deepcopy"],
+)
+def test_a_serializer_can_be_pickled_and_copied(duplicate: Callable[[Any], Any]) -> None:
+    # Settings holding a serializer get pickled (multiprocessing's spawn) and copied.
+    original = _Tagged("mine")
+    message = {"type": "chat", "text": "x" * 40, "raw": b"\x00\xff"}
+    original.dumps(message)  # leaves an idle Packer in this thread
+    duplicate_serializer = duplicate(original)
+    assert isinstance(duplicate_serializer, _Tagged)
+    assert duplicate_serializer.tag == "mine"
+    assert duplicate_serializer.dumps(message) == original.dumps(message) == _packb(message)
+    assert duplicate_serializer.loads(duplicate_serializer.dumps(message)) == message
+    with pytest.raises(SerializationError):
+        duplicate_serializer.dumps({"when": object()})
+    assert duplicate_serializer.dumps(message) == _packb(message)
+
+
+def test_the_default_serializer_can_be_pickled() -> None:
+    assert pickle.loads(pickle.dumps(default_serializer)).dumps({"a": 1}) == _packb({"a": 1})

@@ -14,17 +14,18 @@ from fastapi import FastAPI, WebSocket
 from payload import message
 
 app = FastAPI()
-queues: set[asyncio.Queue[str]] = set()
+#: None in a queue ends its endpoint (see :func:`end_sockets`).
+queues: set[asyncio.Queue[str | None]] = set()
 
 
 @app.websocket("/ws")
 async def room(websocket: WebSocket) -> None:
     await websocket.accept()
-    queue: asyncio.Queue[str] = asyncio.Queue()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
     queues.add(queue)
     try:
-        while True:
-            await websocket.send_text(await queue.get())
+        while (text := await queue.get()) is not None:
+            await websocket.send_text(text)
     finally:
         queues.discard(queue)
 
@@ -34,3 +35,14 @@ async def publish(seq: int) -> None:
     text = json.dumps(message(seq))
     for queue in queues:
         queue.put_nowait(text)
+
+
+def end_sockets() -> None:
+    """End every socket's endpoint, once its client has gone.
+
+    An endpoint never reads, so it does not see its client close: without
+    this, uvicorn's shutdown waits out its graceful timeout and cancels each
+    one, logging a traceback per socket.
+    """
+    for queue in queues:
+        queue.put_nowait(None)

@@ -143,7 +143,7 @@ class BaseChannelLayer(abc.ABC):
         group_expiry: float = 86400,
         max_message_size: int = 1024 * 1024,
         serializer: Serializer | None = None,
-        history: Mapping[str, Any] | None = None,
+        history: Mapping[str, int | Mapping[str, float]] | None = None,
         presence_timeout: float = 30.0,
     ) -> None:
         positive_int("capacity", capacity)

@@ -97,6 +97,7 @@ logger = logging.getLogger("fastapi_websockets.nats")
 _T = TypeVar("_T")
 
 _DEFAULT_SERVERS = ["nats://localhost:4222"]
+_NOT_CONNECTED = "the NATS connection is not open: `await layer.start()` first (a closed layer cannot reopen)"
 _SCHEMES = ("nats", "tls", "ws", "wss")
 _SUBJECT_TOKENS = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _PROCESS_TOKEN = re.compile(r"[0-9a-f]{1,64}")
@@ -638,14 +639,14 @@ class NATSChannelLayer(BrokerChannelLayer):
     def nc(self) -> Client:
         """The layer's NATS connection (connected lazily on first use)."""
         if self._nc is None:
-            raise ChannelLayerClosed("the NATS connection is not open")
+            raise ChannelLayerClosed(_NOT_CONNECTED)
         return self._nc
 
     @property
     def js(self) -> JetStreamContext:
         """The layer's JetStream context (created with the connection)."""
         if self._js is None:
-            raise ChannelLayerClosed("the NATS connection is not open")
+            raise ChannelLayerClosed(_NOT_CONNECTED)
         return self._js
 
     async def _ensure_stream(self) -> None:

@@ -147,6 +147,14 @@ def test_subject_tokens_are_reversible_and_distinct() -> None:
     assert subject_token("a.b") != subject_token("a_b")
 
 
+def test_the_connection_of_a_layer_not_started_says_to_start_it() -> None:
+    layer = NATSChannelLayer()
+    with pytest.raises(ChannelLayerClosed, match=r"await layer\.start\(\)"):
+        layer.nc  # noqa: B018 - the property is what raises
+    with pytest.raises(ChannelLayerClosed, match=r"await layer\.start\(\)"):
+        layer.js  # noqa: B018
+
+
 async def test_names_cannot_inject_tokens_or_wildcards(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:

@@ -110,6 +110,12 @@ async def assert_still_open(ws: ClientConnection, other: ClientConnection) -> No
     assert await recv_json(ws) == {"event": "chat", "text": "ping"}
 
 
+def test_a_consumer_serving_no_websocket_says_where_it_gets_one() -> None:
+    consumer = AsyncWebSocketConsumer(InMemoryChannelLayer())
+    with pytest.raises(RuntimeError, match=r"as_endpoint\(\).*from connect\(\) and the handlers"):
+        consumer.websocket  # noqa: B018 - the property is what raises
+
+
 async def test_broadcast_between_connections_on_the_default_layer(app_url: str) -> None:
     a, _ = await join(app_url, "lobby")
     b, _ = await join(app_url, "lobby")

@@ -623,7 +623,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
         self._properties_class = Basic.Properties
         self._publisher = ConfirmingPublisher(self._spawn_writer, self.timeout)
-        self._acks = BatchedAcks()
+        self._acks = BatchedAcks(partial(self._spawn, what="inbox acks"))
         try:
             # No time limit around it: cancelling connect_robust half way would
             # leave its reconnect task running; its own timeout applies.
@@ -890,6 +890,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     # then), and when the broker cancels it (the inbox was deleted).
 
     async def _consume_inbox(self) -> None:
+        from fastapi_websockets.backends.rabbitmq_wire import take_deliveries
+
         channel, tag = self._channel, self._inbox_tag
         assert channel is not None
         assert tag is not None
@@ -897,7 +899,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         if tag in underlay.consumers:
             return  # several triggers may fire for one loss
         underlay.on_consumer_cancel_callbacks.add(self._on_inbox_cancel)
-        await underlay.basic_consume(self.inbox_name, self._on_inbox, consumer_tag=tag)
+        # Handed out by the channel's reader, not in a task per delivery.
+        take_deliveries(underlay, tag, self._on_inbox)
+        await underlay.basic_consume(self.inbox_name, self._on_inbox_in_task, consumer_tag=tag)
 
     async def _on_channel_reopen(self, channel: AbstractRobustChannel | None) -> None:
         if not self.closed:
@@ -914,11 +918,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         await self._broker(self._channel, "inbox restore", inbox.restore)
         await self._broker(self._channel, "inbox consume", self._consume_inbox)
 
-    async def _on_inbox(self, delivered: aiormq.abc.DeliveredMessage) -> None:
-        # Everything up to the ack is synchronous, so messages reach the
-        # mailboxes in the order the broker delivered them. Every publish has a
-        # random message id; a redelivery (the connection dropped before our
-        # ack reached the broker) of one already handed out is skipped.
+    async def _on_inbox_in_task(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        # aiormq's way, a task per delivery: only where take_deliveries' hook is not reached.
+        self._on_inbox(delivered)
+
+    def _on_inbox(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        # Synchronous up to the ack, so messages reach the mailboxes in the
+        # order the broker delivered them. Every publish has a random message
+        # id; a redelivery (the connection dropped before our ack reached the
+        # broker) of one already handed out is skipped.
         properties = delivered.header.properties
         message_id = properties.message_id
         if message_id is None or self._recent.first_time(message_id) or not delivered.redelivered:
@@ -940,13 +948,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         acks = self._acks
         assert acks is not None
         assert delivered.delivery_tag is not None
-        try:
-            # Batched: one multiple ack for the deliveries of a few milliseconds.
-            await acks.ack(cast("aiormq.Channel", delivered.channel), delivered.delivery_tag)
-        except self._errors as exc:
-            # The channel went away; the broker requeues the message in the
-            # inbox, which outlives the connection, and redelivers it.
-            logger.debug("could not ack an inbox message: %r", exc)
+        # Batched: one multiple ack for the deliveries of a few milliseconds.
+        acks.ack(cast("aiormq.Channel", delivered.channel), delivered.delivery_tag)
 
     def _dispatch(self, properties: Any, body: bytes) -> None:
         kind = properties.message_type

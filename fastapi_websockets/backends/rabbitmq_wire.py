@@ -15,6 +15,8 @@ closed-loop p2p bench, those writes were most of the time a message cost.
   futures come from the channel's future store, which rejects them all).
 * :class:`BatchedAcks` acks a consumer's deliveries with one
   ``multiple`` ack for all those handled within a few milliseconds.
+* :func:`take_deliveries` hands a consumer's deliveries out from aiormq's
+  channel reader, without a task per delivery.
 
 This module imports aiormq and pamqp, so only the RabbitMQ backend imports it,
 once its driver was found.
@@ -31,15 +33,16 @@ from functools import partial
 from typing import Any
 
 import aiormq
+import aiormq.exceptions
 import pamqp.frame
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError
 from pamqp import commands, encode
 from pamqp.constants import FRAME_BODY, FRAME_END_CHAR, FRAME_HEADER
 
 from fastapi_websockets.backends.timeouts import bounded
 
-__all__ = ["BatchedAcks", "ConfirmingPublisher"]
+__all__ = ["BatchedAcks", "ConfirmingPublisher", "take_deliveries"]
 
 logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
@@ -370,19 +373,22 @@ def _stalled() -> ChannelInvalidStateError:
 class BatchedAcks:
     """Acks one consumer's deliveries with a ``multiple`` ack per ``delay`` seconds at most.
 
-    Correct because a consumer's callbacks run in delivery order, each
-    synchronous up to :meth:`ack`: when a delivery tag is acked, every
-    earlier delivery of the channel was handled. A channel that closed took
-    its unacked deliveries with it (the broker requeues them): its tags are
-    dropped, never sent on its successor. An ack only frees the broker's
+    Correct because a consumer's deliveries are handled in delivery order,
+    each synchronously up to :meth:`ack`: when a delivery tag is acked,
+    every earlier delivery of the channel was handled. A channel that closed
+    took its unacked deliveries with it (the broker requeues them): its tags
+    are dropped, never sent on its successor. An ack only frees the broker's
     copy and a prefetch slot, so it can wait: deliveries handled within
     ``delay`` of the first unacked one share its ack frame (an ack frame per
     delivery was a socket write, two loop callbacks and broker work for
     every packed message). ``delay`` must keep the prefetch window from
-    filling: at most a prefetch window's deliveries wait ``delay``.
+    filling: at most a prefetch window's deliveries wait ``delay``. The
+    frames are sent by a task ``spawn`` starts when a delivery finds none
+    running (one every ``delay`` at most), so :meth:`ack` itself never waits.
     """
 
-    def __init__(self, delay: float = ACK_DELAY) -> None:
+    def __init__(self, spawn: Spawn, delay: float = ACK_DELAY) -> None:
+        self._spawn = spawn
         self._delay = delay
         self._channel: aiormq.Channel | None = None
         self._latest = 0
@@ -391,27 +397,77 @@ class BatchedAcks:
         self.acked = 0
         self.frames = 0
 
-    async def ack(self, channel: aiormq.Channel, delivery_tag: int) -> None:
+    def ack(self, channel: aiormq.Channel, delivery_tag: int) -> None:
         """Ack ``delivery_tag`` and every earlier delivery on ``channel``, within ``delay``, in one frame."""
         if channel is not self._channel:
             self._channel, self._latest = channel, 0
-        self._latest = max(self._latest, delivery_tag)
+        if delivery_tag > self._latest:
+            self._latest = delivery_tag
         self.acked += 1
-        if self._acker:
-            return  # the running acker sends it
-        self._acker = True
+        if not self._acker:
+            self._acker = True
+            try:
+                self._spawn(self._send())
+            except BaseException:
+                self._acker = False  # the layer is closing: the broker requeues what is unacked
+                raise
+
+    async def _send(self) -> None:
         try:
             done: tuple[aiormq.Channel | None, int] = (None, 0)
             while True:
-                # The deliveries handled meanwhile are acked with this one.
+                # The deliveries handled meanwhile are acked with the first one.
                 await asyncio.sleep(self._delay)
                 current, tag = self._channel, self._latest
                 if (current, tag) == done:
                     break
                 assert current is not None
-                if not current.is_closed:
-                    self.frames += 1
-                    await current.basic_ack(tag, multiple=True, wait=False)
                 done = (current, tag)
+                if current.is_closed:
+                    continue
+                self.frames += 1
+                try:
+                    await current.basic_ack(tag, multiple=True, wait=False)
+                except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, OSError) as exc:
+                    # The channel went away; the broker requeues the messages in
+                    # the inbox, which outlives the connection, and redelivers them.
+                    logger.debug("could not ack inbox messages: %r", exc)
         finally:
             self._acker = False
+
+
+def take_deliveries(
+    channel: aiormq.Channel, consumer_tag: str, handle: Callable[[DeliveredMessage], None]
+) -> None:
+    """Have aiormq's reader of ``channel`` call ``handle`` with each delivery to ``consumer_tag``.
+
+    aiormq runs a consumer's callback in a task of its own per delivery: the
+    task, its first step and three done callbacks (two future stores and a
+    logger) per AMQP message. Here ``handle`` is called by the channel's
+    reader task itself, synchronously and in delivery order, as soon as the
+    delivery's frames are read; an exception it raises is logged. Deliveries
+    to other consumers, and to this one once it is cancelled, go the way
+    aiormq takes them. Call it before ``basic_consume`` (deliveries may come
+    before the consume call returns). It relies on aiormq internals, listed
+    in docs/architecture.md and checked by the RabbitMQ tests: the channel's
+    reader calls ``channel._on_deliver_frame(frame)`` for every
+    ``Basic.Deliver``, looked up on the instance, and the channel's private
+    ``__get_content_header`` and ``_read_content`` read the content header and
+    body that follow it.
+    """
+    aiormq_deliver = channel._on_deliver_frame
+    read_header = channel._Channel__get_content_header  # type: ignore[attr-defined]
+    read_content = channel._read_content
+
+    async def on_deliver(frame: commands.Basic.Deliver) -> None:
+        if frame.consumer_tag != consumer_tag or consumer_tag not in channel.consumers:
+            await aiormq_deliver(frame)
+            return
+        message = await read_content(frame, await read_header())
+        try:
+            handle(message)
+        except Exception:
+            # Never into the reader: an exception there closes the channel.
+            logger.exception("an inbox delivery could not be handled")
+
+    channel._on_deliver_frame = on_deliver  # type: ignore[method-assign]

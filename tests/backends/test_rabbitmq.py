@@ -1253,6 +1253,33 @@ async def test_inbox_deliveries_are_all_acked_in_shared_frames(make: Factory, no
     assert acks.frames <= acks.acked
 
 
+async def test_inbox_deliveries_are_handed_out_by_the_channel_reader(make: Factory) -> None:
+    # take_deliveries relies on aiormq internals (the reader calls the channel's
+    # _on_deliver_frame for each delivery). Should aiormq stop doing so, the
+    # deliveries would come through the consumer callback, a task each: this fails.
+    import aiormq
+
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"i": -1})
+    assert (await receiver.receive(channel, timeout=10))["i"] == -1
+    assert receiver._channel is not None
+    assert receiver._inbox_tag is not None
+    underlay = cast("aiormq.Channel", await receiver._channel.get_underlay_channel())
+    callback = underlay.consumers[receiver._inbox_tag]
+    in_tasks: list[object] = []
+
+    async def spy(message: Any) -> Any:
+        in_tasks.append(message)
+        return await callback(message)
+
+    underlay.consumers[receiver._inbox_tag] = spy
+    for i in range(5):
+        await sender.send(channel, {"i": i})
+        assert (await receiver.receive(channel, timeout=10))["i"] == i
+    assert in_tasks == []
+
+
 # ------------------------------------------------------------ packed sends
 
 

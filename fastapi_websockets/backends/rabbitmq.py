@@ -619,8 +619,13 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._message_class = aio_pika.Message
         from pamqp.commands import Basic
 
-        from fastapi_websockets.backends.rabbitmq_wire import BatchedAcks, ConfirmingPublisher
+        from fastapi_websockets.backends.rabbitmq_wire import (
+            BatchedAcks,
+            ConfirmingPublisher,
+            install_frame_reader,
+        )
 
+        install_frame_reader()
         self._properties_class = Basic.Properties
         self._publisher = ConfirmingPublisher(self._spawn_writer, self.timeout)
         self._acks = BatchedAcks(partial(self._spawn, what="inbox acks"))

@@ -35,14 +35,23 @@ from typing import Any
 import aiormq
 import aiormq.exceptions
 import pamqp.frame
+import pamqp.header
 from aiormq.abc import ChannelFrame, DeliveredMessage
-from aiormq.exceptions import ChannelInvalidStateError
-from pamqp import commands, encode
-from pamqp.constants import FRAME_BODY, FRAME_END_CHAR, FRAME_HEADER
+from aiormq.connection import FrameReceiver
+from aiormq.exceptions import (
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    InvalidFrameError,
+    ProtocolSyntaxError,
+)
+from pamqp import commands, decode, encode
+from pamqp.body import ContentBody
+from pamqp.constants import FRAME_BODY, FRAME_END_CHAR, FRAME_HEADER, FRAME_METHOD
+from pamqp.exceptions import PAMQPException
 
 from fastapi_websockets.backends.timeouts import bounded
 
-__all__ = ["BatchedAcks", "ConfirmingPublisher", "take_deliveries"]
+__all__ = ["BatchedAcks", "ConfirmingPublisher", "FrameReader", "install_frame_reader", "take_deliveries"]
 
 logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
@@ -471,3 +480,134 @@ def take_deliveries(
             logger.exception("an inbox delivery could not be handled")
 
     channel._on_deliver_frame = on_deliver  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------ reading frames
+
+#: A frame's type, channel number and payload size; a method frame's class and method ids as one index.
+_FRAME_START = struct.Struct(">BHI")
+_INDEX = struct.Struct(">I")
+_LONG_LONG = struct.Struct(">Q")
+#: A content header's class id, weight and body size, then its first property flags word.
+_HEADER_FIELDS = struct.Struct(">HHQH")
+_SHORT = struct.Struct(">H")
+_FRAME_END = FRAME_END_CHAR[0]
+_DELIVER = commands.Basic.Deliver
+_ACK = commands.Basic.Ack
+_PROPERTY_TYPES = tuple((flag, name, kind) for name, flag, kind in _PROPERTIES)
+
+
+def _short_str(data: bytes, offset: int) -> tuple[str, int]:
+    end = offset + 1 + data[offset]
+    return data[offset + 1 : end].decode("utf-8"), end
+
+
+def _method(payload: bytes) -> Any:
+    """A ``Basic.Deliver`` or ``Basic.Ack``, as pamqp unmarshals it (attributes set, no validation),
+    or None for any other method (pamqp decodes those)."""
+    index = _INDEX.unpack_from(payload)[0]
+    if index == _DELIVER.index:
+        deliver = _DELIVER.__new__(_DELIVER)
+        deliver.consumer_tag, offset = _short_str(payload, 4)
+        deliver.delivery_tag = _LONG_LONG.unpack_from(payload, offset)[0]
+        deliver.redelivered = bool(payload[offset + 8] & 1)
+        deliver.exchange, offset = _short_str(payload, offset + 9)
+        deliver.routing_key, _ = _short_str(payload, offset)
+        return deliver
+    if index == _ACK.index:
+        ack = _ACK.__new__(_ACK)
+        ack.delivery_tag = _LONG_LONG.unpack_from(payload, 4)[0]
+        ack.multiple = bool(payload[12] & 1)
+        return ack
+    return None
+
+
+def _content_header(payload: bytes) -> pamqp.header.ContentHeader | None:
+    """pamqp's ``ContentHeader`` for ``payload``, or None when its flags take more than one word."""
+    class_id, weight, body_size, flags = _HEADER_FIELDS.unpack_from(payload)
+    if flags & 1:
+        return None
+    properties = commands.Basic.Properties()
+    offset = _HEADER_FIELDS.size
+    value: Any
+    for flag, name, kind in _PROPERTY_TYPES:
+        if not flags & flag:
+            continue
+        if kind == "shortstr":
+            value, offset = _short_str(payload, offset)
+        elif kind == "octet":
+            value, offset = payload[offset], offset + 1
+        else:
+            consumed, value = decode.by_type(payload[offset:], kind)
+            offset += consumed
+        setattr(properties, name, value)
+    header = pamqp.header.ContentHeader(weight, body_size, properties)
+    header.class_id = class_id
+    return header
+
+
+class FrameReader(FrameReceiver):
+    """aiormq's frame receiver reading a frame in two reads and decoding the frames of
+    deliveries and publisher confirms itself.
+
+    aiormq reads a frame in three reads into a ``BytesIO`` and has pamqp
+    decode it generically; a delivery is three frames (method, content
+    header, body) and a confirm one. Here ``Basic.Deliver``, ``Basic.Ack``,
+    content headers and bodies become the same pamqp objects, attribute
+    for attribute, in a third of the time; every other frame, and any of
+    these this code cannot decode, goes through pamqp as before, which
+    raises what it raised. Connection errors map to aiormq's as in its own
+    receiver. Installed as aiormq's ``FrameReceiver`` by :func:`install_frame_reader`.
+    """
+
+    async def get_frame(self) -> tuple[int, int, Any]:
+        """The next frame: (bytes it took, channel number, the pamqp frame)."""
+        reader = self.reader
+        if reader.at_eof():
+            del self.reader
+            raise StopAsyncIteration
+        async with self.lock:
+            try:
+                start = await reader.readexactly(7)
+                if not self.started and start.startswith(b"AMQP"):
+                    raise ProtocolSyntaxError("Unexpected AMQP protocol header")
+                self.started = True
+                frame_type, number, size = _FRAME_START.unpack(start)
+                rest = await reader.readexactly(size + 1)
+            except asyncio.IncompleteReadError as exc:
+                raise AMQPConnectionError(
+                    "Server connection unexpectedly closed. "
+                    f"Read {len(exc.partial)} bytes but {exc.expected} bytes expected",
+                ) from exc
+            except ConnectionRefusedError as exc:
+                raise AMQPConnectionError(f"Server connection refused: {exc!r}") from exc
+            except ConnectionResetError as exc:
+                raise AMQPConnectionError(f"Server connection reset: {exc!r}") from exc
+            except ConnectionError as exc:
+                raise AMQPConnectionError(f"Server connection error: {exc!r}") from exc
+            except OSError as exc:
+                raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
+        frame: Any = None
+        if size and rest[-1] == _FRAME_END:  # pamqp rejects an empty frame
+            try:
+                if frame_type == FRAME_BODY:
+                    frame = ContentBody(rest[:-1])
+                elif frame_type == FRAME_METHOD:
+                    frame = _method(rest)
+                elif frame_type == FRAME_HEADER:
+                    frame = _content_header(rest)
+            except (struct.error, IndexError, ValueError, TypeError):
+                frame = None  # pamqp says what is wrong with it
+        if frame is not None:
+            return 8 + size, number, frame
+        try:
+            return pamqp.frame.unmarshal(start + rest)
+        except PAMQPException as exc:
+            raise InvalidFrameError(str(exc)) from exc
+
+
+def install_frame_reader() -> None:
+    """Have every aiormq connection opened from now on in this process read its frames with
+    :class:`FrameReader` (aiormq's ``Connection.connect`` builds its receiver from the module's
+    ``FrameReceiver``): the same frames and errors, less work per frame, for other aiormq users too."""
+    aiormq.connection.FrameReceiver = FrameReader  # type: ignore[misc]

@@ -250,6 +250,11 @@ def _inbox_routing_key(token: str) -> str:
     return f"p.{token}"
 
 
+def _inbox_key_of(channel: str) -> str | None:
+    # The routing key of the inbox a process-specific channel lives in; None for a named channel.
+    return _inbox_routing_key(process_token(channel)) if is_process_specific(channel) else None
+
+
 # ------------------------------------------------------------ named readers
 
 
@@ -529,6 +534,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._inbox: AbstractRobustQueue | None = None
         # Named queues by name, so that sends skip the declare.
         self._declared: Memo[str, AbstractRobustQueue] = Memo(size=DECLARED_CACHE_SIZE)
+        # The owner's inbox by channel name (None: a named channel), once per name, not per send.
+        self._inbox_keys: Memo[str, str | None] = Memo(_inbox_key_of)
         self._mismatched: set[str] = set()  # named queues that exist with other arguments
         self._named_sends = KeyedLocks()  # one send in flight per quorum queue (see _send_named)
         self._named_bindings: set[tuple[str, str]] = set()  # (channel, group) bindings it made
@@ -961,7 +968,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         headers = properties.headers or {}
         if kind == _SEND:
             channel = str(headers["channel"])
-            message = self.decode_or_drop(body, f"the inbox (for {channel!r})")
+            message = self.decode_or_drop(body, "the inbox (for %r)", channel)
             if message is not None:
                 self.deliver_local(channel, message)
         elif kind == _SENDS:
@@ -1005,17 +1012,18 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             return
         # Each as a lone send would be: capacity and undecodable payloads count per frame.
         for channel, data in frames:
-            message = self.decode_or_drop(data, f"the inbox (for {channel!r})")
+            message = self.decode_or_drop(data, "the inbox (for %r)", channel)
             if message is not None:
                 self.deliver_local(channel, message)
 
     # --------------------------------------------------------------- sends
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        if is_process_specific(channel):
+        routing_key = self._inbox_keys(channel)
+        if routing_key is not None:
             # The broker's cost is per message: concurrent sends to one inbox
             # travel packed (capacity is checked by the receiving instance).
-            await self._packer.send(_inbox_routing_key(process_token(channel)), channel, data)
+            await self._packer.send(routing_key, channel, data)
             return
         await self._send_named(channel, data)
 

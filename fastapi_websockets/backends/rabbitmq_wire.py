@@ -464,7 +464,9 @@ def take_deliveries(
     ``__get_content_header`` and ``_read_content`` read the content header and
     body that follow it.
     """
-    aiormq_deliver = channel._on_deliver_frame
+    # aiormq's own handler, not whatever is installed: installing again (the broker
+    # cancelled the consumer and it was restored) replaces the hook, never wraps it.
+    aiormq_deliver = partial(type(channel)._on_deliver_frame, channel)
     read_header = channel._Channel__get_content_header  # type: ignore[attr-defined]
     read_content = channel._read_content
 

@@ -899,7 +899,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     # message received (see "Where the time goes" in docs/architecture.md).
     # So the consumer is this module's to restore: after every reopen of the
     # channel (aio-pika has declared the inbox and its bindings again by
-    # then), and when the broker cancels it (the inbox was deleted).
+    # then), and when the broker cancels it (the inbox was deleted). Its
+    # deliveries are handed out by the channel's reader (take_deliveries),
+    # not by a task per delivery.
 
     async def _consume_inbox(self) -> None:
         from fastapi_websockets.backends.rabbitmq_wire import take_deliveries

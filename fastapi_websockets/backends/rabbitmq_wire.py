@@ -492,7 +492,6 @@ _INDEX = struct.Struct(">I")
 _LONG_LONG = struct.Struct(">Q")
 #: A content header's class id, weight and body size, then its first property flags word.
 _HEADER_FIELDS = struct.Struct(">HHQH")
-_SHORT = struct.Struct(">H")
 _FRAME_END = FRAME_END_CHAR[0]
 _DELIVER = commands.Basic.Deliver
 _ACK = commands.Basic.Ack
@@ -591,13 +590,15 @@ class FrameReader(FrameReceiver):
                 raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
         frame: Any = None
         if size and rest[-1] == _FRAME_END:  # pamqp rejects an empty frame
+            # Without the end byte, as pamqp decodes it (a length that overruns reads alike).
+            payload = rest[:-1]
             try:
                 if frame_type == FRAME_BODY:
-                    frame = ContentBody(rest[:-1])
+                    frame = ContentBody(payload)
                 elif frame_type == FRAME_METHOD:
-                    frame = _method(rest)
+                    frame = _method(payload)
                 elif frame_type == FRAME_HEADER:
-                    frame = _content_header(rest)
+                    frame = _content_header(payload)
             except (struct.error, IndexError, ValueError, TypeError):
                 frame = None  # pamqp says what is wrong with it
         if frame is not None:

@@ -1295,12 +1295,16 @@ def test_the_frame_reader_reads_what_aiormqs_reads() -> None:
     expected = [_described(item) for item in _frames_read(data, FrameReceiver, len(frames))]
     assert [_described(item) for item in _frames_read(data, FrameReader, len(frames))] == expected
     assert all(not isinstance(item, BaseException) for item in expected)
-    # Malformed: the frame end byte wrong, an empty body frame, a stream cut short.
+    # Malformed: the frame end byte wrong, an empty body frame, a stream cut short
+    # (each an error), a routing key whose length overruns the frame (read alike).
     deliver = pamqp.frame.marshal(frames[0][0], 1)
     for bad in (deliver[:-1] + b"\x00", b"\x03\x00\x01\x00\x00\x00\x00\xce", deliver[:-3]):
         expected = [_described(item) for item in _frames_read(bad, FrameReceiver, 1)]
         assert isinstance(_frames_read(bad, FrameReceiver, 1)[0], BaseException)
         assert [_described(item) for item in _frames_read(bad, FrameReader, 1)] == expected
+    overrun = deliver[:-5] + b"\x0a" + deliver[-4:]
+    expected = [_described(item) for item in _frames_read(overrun, FrameReceiver, 1)]
+    assert [_described(item) for item in _frames_read(overrun, FrameReader, 1)] == expected
 
 
 async def test_connections_read_frames_with_the_frame_reader(make: Factory) -> None:

@@ -635,7 +635,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         install_frame_reader()
         self._properties_class = Basic.Properties
         self._publisher = ConfirmingPublisher(self._spawn_writer, self.timeout)
-        self._acks = BatchedAcks(partial(self._spawn, what="inbox acks"))
+        self._acks = BatchedAcks(partial(self._spawn, what="inbox acks"), self.timeout)
         try:
             # No time limit around it: cancelling connect_robust half way would
             # leave its reconnect task running; its own timeout applies.

@@ -396,8 +396,11 @@ class BatchedAcks:
     running (one every ``delay`` at most), so :meth:`ack` itself never waits.
     """
 
-    def __init__(self, spawn: Spawn, delay: float = ACK_DELAY) -> None:
+    def __init__(self, spawn: Spawn, timeout: float, delay: float = ACK_DELAY) -> None:
         self._spawn = spawn
+        #: Seconds an ack frame may wait for room in aiormq's write queue (a dead
+        #: connection leaves it full for good, and this task is the layer's, not the channel's).
+        self._timeout = timeout
         self._delay = delay
         self._channel: aiormq.Channel | None = None
         self._latest = 0
@@ -436,7 +439,7 @@ class BatchedAcks:
                     continue
                 self.frames += 1
                 try:
-                    await current.basic_ack(tag, multiple=True, wait=False)
+                    await bounded(current.basic_ack(tag, multiple=True, wait=False), self._timeout, _stalled)
                 except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, OSError) as exc:
                     # The channel went away; the broker requeues the messages in
                     # the inbox, which outlives the connection, and redelivers them.

@@ -276,12 +276,14 @@ class BaseChannelLayer(abc.ABC):
             return observing.incoming(self, message)
         return message
 
-    def decode_or_drop(self, data: bytes, where: str) -> Message | None:
+    def decode_or_drop(self, data: bytes, where: str, *names: object) -> Message | None:
         """Deserialize ``data`` received from the broker, or log, count and return None.
 
         For readers: a message another program (or another serializer) wrote
         must not stop the reader; it is dropped, logged at WARNING with
-        ``where`` it came from, and counted in ``stats.dropped_undecodable``.
+        ``where`` it came from (``where % names`` when ``names`` are given:
+        formatted only then, not for every message of a hot path), and
+        counted in ``stats.dropped_undecodable``.
         """
         try:
             return self.decode(data)
@@ -292,7 +294,7 @@ class BaseChannelLayer(abc.ABC):
                 f"{len(data)} bytes"
                 if isinstance(data, (bytes, bytearray, memoryview))
                 else type(data).__name__,
-                where,
+                where % names if names else where,
                 type(exc).__name__,
                 exc,
             )

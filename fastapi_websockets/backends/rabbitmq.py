@@ -250,6 +250,11 @@ def _inbox_routing_key(token: str) -> str:
     return f"p.{token}"
 
 
+def _inbox_key_of(channel: str) -> str | None:
+    # The routing key of the inbox a process-specific channel lives in; None for a named channel.
+    return _inbox_routing_key(process_token(channel)) if is_process_specific(channel) else None
+
+
 # ------------------------------------------------------------ named readers
 
 
@@ -529,6 +534,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._inbox: AbstractRobustQueue | None = None
         # Named queues by name, so that sends skip the declare.
         self._declared: Memo[str, AbstractRobustQueue] = Memo(size=DECLARED_CACHE_SIZE)
+        # The owner's inbox by channel name (None: a named channel), once per name, not per send.
+        self._inbox_keys: Memo[str, str | None] = Memo(_inbox_key_of)
         self._mismatched: set[str] = set()  # named queues that exist with other arguments
         self._named_sends = KeyedLocks()  # one send in flight per quorum queue (see _send_named)
         self._named_bindings: set[tuple[str, str]] = set()  # (channel, group) bindings it made
@@ -619,11 +626,16 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._message_class = aio_pika.Message
         from pamqp.commands import Basic
 
-        from fastapi_websockets.backends.rabbitmq_wire import BatchedAcks, ConfirmingPublisher
+        from fastapi_websockets.backends.rabbitmq_wire import (
+            BatchedAcks,
+            ConfirmingPublisher,
+            install_frame_reader,
+        )
 
+        install_frame_reader()
         self._properties_class = Basic.Properties
         self._publisher = ConfirmingPublisher(self._spawn_writer, self.timeout)
-        self._acks = BatchedAcks()
+        self._acks = BatchedAcks(partial(self._spawn, what="inbox acks"), self.timeout)
         try:
             # No time limit around it: cancelling connect_robust half way would
             # leave its reconnect task running; its own timeout applies.
@@ -887,9 +899,13 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     # message received (see "Where the time goes" in docs/architecture.md).
     # So the consumer is this module's to restore: after every reopen of the
     # channel (aio-pika has declared the inbox and its bindings again by
-    # then), and when the broker cancels it (the inbox was deleted).
+    # then), and when the broker cancels it (the inbox was deleted). Its
+    # deliveries are handed out by the channel's reader (take_deliveries),
+    # not by a task per delivery.
 
     async def _consume_inbox(self) -> None:
+        from fastapi_websockets.backends.rabbitmq_wire import take_deliveries
+
         channel, tag = self._channel, self._inbox_tag
         assert channel is not None
         assert tag is not None
@@ -897,7 +913,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         if tag in underlay.consumers:
             return  # several triggers may fire for one loss
         underlay.on_consumer_cancel_callbacks.add(self._on_inbox_cancel)
-        await underlay.basic_consume(self.inbox_name, self._on_inbox, consumer_tag=tag)
+        # Handed out by the channel's reader, not in a task per delivery.
+        take_deliveries(underlay, tag, self._on_inbox)
+        await underlay.basic_consume(self.inbox_name, self._on_inbox_in_task, consumer_tag=tag)
 
     async def _on_channel_reopen(self, channel: AbstractRobustChannel | None) -> None:
         if not self.closed:
@@ -914,11 +932,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         await self._broker(self._channel, "inbox restore", inbox.restore)
         await self._broker(self._channel, "inbox consume", self._consume_inbox)
 
-    async def _on_inbox(self, delivered: aiormq.abc.DeliveredMessage) -> None:
-        # Everything up to the ack is synchronous, so messages reach the
-        # mailboxes in the order the broker delivered them. Every publish has a
-        # random message id; a redelivery (the connection dropped before our
-        # ack reached the broker) of one already handed out is skipped.
+    async def _on_inbox_in_task(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        # aiormq's way, a task per delivery: only where take_deliveries' hook is not reached.
+        self._on_inbox(delivered)
+
+    def _on_inbox(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        # Synchronous up to the ack, so messages reach the mailboxes in the
+        # order the broker delivered them. Every publish has a random message
+        # id; a redelivery (the connection dropped before our ack reached the
+        # broker) of one already handed out is skipped.
         properties = delivered.header.properties
         message_id = properties.message_id
         if message_id is None or self._recent.first_time(message_id) or not delivered.redelivered:
@@ -940,20 +962,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         acks = self._acks
         assert acks is not None
         assert delivered.delivery_tag is not None
-        try:
-            # Batched: one multiple ack for the deliveries of a few milliseconds.
-            await acks.ack(cast("aiormq.Channel", delivered.channel), delivered.delivery_tag)
-        except self._errors as exc:
-            # The channel went away; the broker requeues the message in the
-            # inbox, which outlives the connection, and redelivers it.
-            logger.debug("could not ack an inbox message: %r", exc)
+        # Batched: one multiple ack for the deliveries of a few milliseconds.
+        acks.ack(cast("aiormq.Channel", delivered.channel), delivered.delivery_tag)
 
     def _dispatch(self, properties: Any, body: bytes) -> None:
         kind = properties.message_type
         headers = properties.headers or {}
         if kind == _SEND:
             channel = str(headers["channel"])
-            message = self.decode_or_drop(body, f"the inbox (for {channel!r})")
+            message = self.decode_or_drop(body, "the inbox (for %r)", channel)
             if message is not None:
                 self.deliver_local(channel, message)
         elif kind == _SENDS:
@@ -997,17 +1014,18 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             return
         # Each as a lone send would be: capacity and undecodable payloads count per frame.
         for channel, data in frames:
-            message = self.decode_or_drop(data, f"the inbox (for {channel!r})")
+            message = self.decode_or_drop(data, "the inbox (for %r)", channel)
             if message is not None:
                 self.deliver_local(channel, message)
 
     # --------------------------------------------------------------- sends
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        if is_process_specific(channel):
+        routing_key = self._inbox_keys(channel)
+        if routing_key is not None:
             # The broker's cost is per message: concurrent sends to one inbox
             # travel packed (capacity is checked by the receiving instance).
-            await self._packer.send(_inbox_routing_key(process_token(channel)), channel, data)
+            await self._packer.send(routing_key, channel, data)
             return
         await self._send_named(channel, data)
 

@@ -15,6 +15,8 @@ closed-loop p2p bench, those writes were most of the time a message cost.
   futures come from the channel's future store, which rejects them all).
 * :class:`BatchedAcks` acks a consumer's deliveries with one
   ``multiple`` ack for all those handled within a few milliseconds.
+* :func:`take_deliveries` hands a consumer's deliveries out from aiormq's
+  channel reader, without a task per delivery.
 
 This module imports aiormq and pamqp, so only the RabbitMQ backend imports it,
 once its driver was found.
@@ -31,15 +33,25 @@ from functools import partial
 from typing import Any
 
 import aiormq
+import aiormq.exceptions
 import pamqp.frame
-from aiormq.abc import ChannelFrame
-from aiormq.exceptions import ChannelInvalidStateError
-from pamqp import commands, encode
-from pamqp.constants import FRAME_BODY, FRAME_END_CHAR, FRAME_HEADER
+import pamqp.header
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from aiormq.connection import FrameReceiver
+from aiormq.exceptions import (
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    InvalidFrameError,
+    ProtocolSyntaxError,
+)
+from pamqp import commands, decode, encode
+from pamqp.body import ContentBody
+from pamqp.constants import FRAME_BODY, FRAME_END_CHAR, FRAME_HEADER, FRAME_METHOD
+from pamqp.exceptions import PAMQPException
 
 from fastapi_websockets.backends.timeouts import bounded
 
-__all__ = ["BatchedAcks", "ConfirmingPublisher"]
+__all__ = ["BatchedAcks", "ConfirmingPublisher", "FrameReader", "install_frame_reader", "take_deliveries"]
 
 logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
@@ -370,19 +382,25 @@ def _stalled() -> ChannelInvalidStateError:
 class BatchedAcks:
     """Acks one consumer's deliveries with a ``multiple`` ack per ``delay`` seconds at most.
 
-    Correct because a consumer's callbacks run in delivery order, each
-    synchronous up to :meth:`ack`: when a delivery tag is acked, every
-    earlier delivery of the channel was handled. A channel that closed took
-    its unacked deliveries with it (the broker requeues them): its tags are
-    dropped, never sent on its successor. An ack only frees the broker's
+    Correct because a consumer's deliveries are handled in delivery order,
+    each synchronously up to :meth:`ack`: when a delivery tag is acked,
+    every earlier delivery of the channel was handled. A channel that closed
+    took its unacked deliveries with it (the broker requeues them): its tags
+    are dropped, never sent on its successor. An ack only frees the broker's
     copy and a prefetch slot, so it can wait: deliveries handled within
     ``delay`` of the first unacked one share its ack frame (an ack frame per
     delivery was a socket write, two loop callbacks and broker work for
     every packed message). ``delay`` must keep the prefetch window from
-    filling: at most a prefetch window's deliveries wait ``delay``.
+    filling: at most a prefetch window's deliveries wait ``delay``. The
+    frames are sent by a task ``spawn`` starts when a delivery finds none
+    running (one every ``delay`` at most), so :meth:`ack` itself never waits.
     """
 
-    def __init__(self, delay: float = ACK_DELAY) -> None:
+    def __init__(self, spawn: Spawn, timeout: float, delay: float = ACK_DELAY) -> None:
+        self._spawn = spawn
+        #: Seconds an ack frame may wait for room in aiormq's write queue (a dead
+        #: connection leaves it full for good, and this task is the layer's, not the channel's).
+        self._timeout = timeout
         self._delay = delay
         self._channel: aiormq.Channel | None = None
         self._latest = 0
@@ -391,27 +409,211 @@ class BatchedAcks:
         self.acked = 0
         self.frames = 0
 
-    async def ack(self, channel: aiormq.Channel, delivery_tag: int) -> None:
+    def ack(self, channel: aiormq.Channel, delivery_tag: int) -> None:
         """Ack ``delivery_tag`` and every earlier delivery on ``channel``, within ``delay``, in one frame."""
         if channel is not self._channel:
             self._channel, self._latest = channel, 0
-        self._latest = max(self._latest, delivery_tag)
+        if delivery_tag > self._latest:
+            self._latest = delivery_tag
         self.acked += 1
-        if self._acker:
-            return  # the running acker sends it
-        self._acker = True
+        if not self._acker:
+            self._acker = True
+            try:
+                self._spawn(self._send())
+            except BaseException:
+                self._acker = False  # the layer is closing: the broker requeues what is unacked
+                raise
+
+    async def _send(self) -> None:
         try:
             done: tuple[aiormq.Channel | None, int] = (None, 0)
             while True:
-                # The deliveries handled meanwhile are acked with this one.
+                # The deliveries handled meanwhile are acked with the first one.
                 await asyncio.sleep(self._delay)
                 current, tag = self._channel, self._latest
                 if (current, tag) == done:
                     break
                 assert current is not None
-                if not current.is_closed:
-                    self.frames += 1
-                    await current.basic_ack(tag, multiple=True, wait=False)
                 done = (current, tag)
+                if current.is_closed:
+                    continue
+                self.frames += 1
+                try:
+                    await bounded(current.basic_ack(tag, multiple=True, wait=False), self._timeout, _stalled)
+                except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, OSError) as exc:
+                    # The channel went away; the broker requeues the messages in
+                    # the inbox, which outlives the connection, and redelivers them.
+                    logger.debug("could not ack inbox messages: %r", exc)
         finally:
             self._acker = False
+
+
+def take_deliveries(
+    channel: aiormq.Channel, consumer_tag: str, handle: Callable[[DeliveredMessage], None]
+) -> None:
+    """Have aiormq's reader of ``channel`` call ``handle`` with each delivery to ``consumer_tag``.
+
+    aiormq runs a consumer's callback in a task of its own per delivery: the
+    task, its first step and three done callbacks (two future stores and a
+    logger) per AMQP message. Here ``handle`` is called by the channel's
+    reader task itself, synchronously and in delivery order, as soon as the
+    delivery's frames are read; an exception it raises is logged. Deliveries
+    to other consumers, and to this one once it is cancelled, go the way
+    aiormq takes them. Call it before ``basic_consume`` (deliveries may come
+    before the consume call returns). It relies on aiormq internals, listed
+    in docs/architecture.md and checked by the RabbitMQ tests: the channel's
+    reader calls ``channel._on_deliver_frame(frame)`` for every
+    ``Basic.Deliver``, looked up on the instance, and the channel's private
+    ``__get_content_header`` and ``_read_content`` read the content header and
+    body that follow it.
+    """
+    # aiormq's own handler, not whatever is installed: installing again (the broker
+    # cancelled the consumer and it was restored) replaces the hook, never wraps it.
+    aiormq_deliver = partial(type(channel)._on_deliver_frame, channel)
+    read_header = channel._Channel__get_content_header  # type: ignore[attr-defined]
+    read_content = channel._read_content
+
+    async def on_deliver(frame: commands.Basic.Deliver) -> None:
+        if frame.consumer_tag != consumer_tag or consumer_tag not in channel.consumers:
+            await aiormq_deliver(frame)
+            return
+        message = await read_content(frame, await read_header())
+        try:
+            handle(message)
+        except Exception:
+            # Never into the reader: an exception there closes the channel.
+            logger.exception("an inbox delivery could not be handled")
+
+    channel._on_deliver_frame = on_deliver  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------ reading frames
+
+#: A frame's type, channel number and payload size; a method frame's class and method ids as one index.
+_FRAME_START = struct.Struct(">BHI")
+_INDEX = struct.Struct(">I")
+_LONG_LONG = struct.Struct(">Q")
+#: A content header's class id, weight and body size, then its first property flags word.
+_HEADER_FIELDS = struct.Struct(">HHQH")
+_FRAME_END = FRAME_END_CHAR[0]
+_DELIVER = commands.Basic.Deliver
+_ACK = commands.Basic.Ack
+_PROPERTY_TYPES = tuple((flag, name, kind) for name, flag, kind in _PROPERTIES)
+
+
+def _short_str(data: bytes, offset: int) -> tuple[str, int]:
+    end = offset + 1 + data[offset]
+    return data[offset + 1 : end].decode("utf-8"), end
+
+
+def _method(payload: bytes) -> Any:
+    """A ``Basic.Deliver`` or ``Basic.Ack``, as pamqp unmarshals it (attributes set, no validation),
+    or None for any other method (pamqp decodes those)."""
+    index = _INDEX.unpack_from(payload)[0]
+    if index == _DELIVER.index:
+        deliver = _DELIVER.__new__(_DELIVER)
+        deliver.consumer_tag, offset = _short_str(payload, 4)
+        deliver.delivery_tag = _LONG_LONG.unpack_from(payload, offset)[0]
+        deliver.redelivered = bool(payload[offset + 8] & 1)
+        deliver.exchange, offset = _short_str(payload, offset + 9)
+        deliver.routing_key, _ = _short_str(payload, offset)
+        return deliver
+    if index == _ACK.index:
+        ack = _ACK.__new__(_ACK)
+        ack.delivery_tag = _LONG_LONG.unpack_from(payload, 4)[0]
+        ack.multiple = bool(payload[12] & 1)
+        return ack
+    return None
+
+
+def _content_header(payload: bytes) -> pamqp.header.ContentHeader | None:
+    """pamqp's ``ContentHeader`` for ``payload``, or None when its flags take more than one word."""
+    class_id, weight, body_size, flags = _HEADER_FIELDS.unpack_from(payload)
+    if flags & 1:
+        return None
+    properties = commands.Basic.Properties()
+    offset = _HEADER_FIELDS.size
+    value: Any
+    for flag, name, kind in _PROPERTY_TYPES:
+        if not flags & flag:
+            continue
+        if kind == "shortstr":
+            value, offset = _short_str(payload, offset)
+        elif kind == "octet":
+            value, offset = payload[offset], offset + 1
+        else:
+            consumed, value = decode.by_type(payload[offset:], kind)
+            offset += consumed
+        setattr(properties, name, value)
+    header = pamqp.header.ContentHeader(weight, body_size, properties)
+    header.class_id = class_id
+    return header
+
+
+class FrameReader(FrameReceiver):
+    """aiormq's frame receiver reading a frame in two reads and decoding the frames of
+    deliveries and publisher confirms itself.
+
+    aiormq reads a frame in three reads into a ``BytesIO`` and has pamqp
+    decode it generically; a delivery is three frames (method, content
+    header, body) and a confirm one. Here ``Basic.Deliver``, ``Basic.Ack``,
+    content headers and bodies become the same pamqp objects, attribute
+    for attribute, in a third of the time; every other frame, and any of
+    these this code cannot decode, goes through pamqp as before, which
+    raises what it raised. Connection errors map to aiormq's as in its own
+    receiver. Installed as aiormq's ``FrameReceiver`` by :func:`install_frame_reader`.
+    """
+
+    async def get_frame(self) -> tuple[int, int, Any]:
+        """The next frame: (bytes it took, channel number, the pamqp frame)."""
+        reader = self.reader
+        if reader.at_eof():
+            del self.reader
+            raise StopAsyncIteration
+        async with self.lock:
+            try:
+                start = await reader.readexactly(7)
+                if not self.started and start.startswith(b"AMQP"):
+                    raise ProtocolSyntaxError("Unexpected AMQP protocol header")
+                self.started = True
+                frame_type, number, size = _FRAME_START.unpack(start)
+                rest = await reader.readexactly(size + 1)
+            except asyncio.IncompleteReadError as exc:
+                raise AMQPConnectionError(
+                    "Server connection unexpectedly closed. "
+                    f"Read {len(exc.partial)} bytes but {exc.expected} bytes expected",
+                ) from exc
+            except ConnectionRefusedError as exc:
+                raise AMQPConnectionError(f"Server connection refused: {exc!r}") from exc
+            except ConnectionResetError as exc:
+                raise AMQPConnectionError(f"Server connection reset: {exc!r}") from exc
+            except ConnectionError as exc:
+                raise AMQPConnectionError(f"Server connection error: {exc!r}") from exc
+            except OSError as exc:
+                raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
+        frame: Any = None
+        if size and rest[-1] == _FRAME_END:  # pamqp rejects an empty frame
+            # Without the end byte, as pamqp decodes it (a length that overruns reads alike).
+            payload = rest[:-1]
+            try:
+                if frame_type == FRAME_BODY:
+                    frame = ContentBody(payload)
+                elif frame_type == FRAME_METHOD:
+                    frame = _method(payload)
+                elif frame_type == FRAME_HEADER:
+                    frame = _content_header(payload)
+            except (struct.error, IndexError, ValueError, TypeError):
+                frame = None  # pamqp says what is wrong with it
+        if frame is not None:
+            return 8 + size, number, frame
+        try:
+            return pamqp.frame.unmarshal(start + rest)
+        except PAMQPException as exc:
+            raise InvalidFrameError(str(exc)) from exc
+
+
+def install_frame_reader() -> None:
+    """Have every aiormq connection opened from now on in this process read its frames with
+    :class:`FrameReader` (aiormq's ``Connection.connect`` builds its receiver from the module's
+    ``FrameReceiver``): the same frames and errors, less work per frame, for other aiormq users too."""
+    aiormq.connection.FrameReceiver = FrameReader  # type: ignore[misc]

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import types
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -1225,6 +1226,108 @@ def test_a_publish_is_written_as_the_frames_pamqp_makes(properties: dict[str, ob
             assert rabbitmq_wire._marshal(channel, publish) == b"".join(expected)
 
 
+def _frames_read(data: bytes, receiver_class: Any, count: int) -> list[Any]:
+    async def read() -> list[Any]:
+        stream = asyncio.StreamReader()
+        stream.feed_data(data)
+        stream.feed_eof()
+        receiver = receiver_class(stream)
+        frames: list[Any] = []
+        for _ in range(count):
+            try:
+                frames.append(await receiver.get_frame())
+            except Exception as exc:
+                frames.append(exc)
+                break
+        return frames
+
+    return asyncio.run(read())
+
+
+def _described(item: Any) -> Any:
+    # A frame as the tuple of its attribute values, to compare pamqp's objects field by field.
+    from pamqp import body, header
+
+    if isinstance(item, BaseException):
+        return (type(item), str(item))
+    size, number, frame = item
+    if isinstance(frame, header.ContentHeader):
+        values: Any = (frame.class_id, frame.weight, frame.body_size)
+        values += tuple(getattr(frame.properties, name) for name in frame.properties.__slots__)
+    elif isinstance(frame, body.ContentBody):
+        values = frame.value
+    else:
+        values = tuple(getattr(frame, name) for name in frame.__slots__)
+    return (size, number, type(frame), values)
+
+
+def test_the_frame_reader_reads_what_aiormqs_reads() -> None:
+    # FrameReader decodes deliveries, content headers and bodies and confirms
+    # itself: the same pamqp objects as aiormq's receiver, attribute for
+    # attribute; any other frame, and what is malformed, goes through pamqp.
+    import datetime
+
+    import pamqp.frame
+    from aiormq.connection import FrameReceiver
+    from pamqp import body, commands, header
+
+    from fastapi_websockets.backends.rabbitmq_wire import FrameReader
+
+    every = commands.Basic.Properties(
+        content_type="application/x", content_encoding="gzip", headers={"channel": "a.b!c", "n": 3},
+        delivery_mode=2, priority=4, correlation_id="é", reply_to="r", expiration="60000",
+        message_id="0" * 32, timestamp=datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc),
+        message_type="send", user_id="guest", app_id="app",
+    )  # fmt: skip
+    frames: list[tuple[Any, int]] = [
+        (commands.Basic.Deliver(consumer_tag="fw-i-x", delivery_tag=7, exchange="e", routing_key="p.x"), 1),
+        (commands.Basic.Deliver(consumer_tag="", delivery_tag=2**40, redelivered=True, routing_key="ü"), 9),
+        (header.ContentHeader(0, 600, commands.Basic.Properties(message_type="sends", delivery_mode=1)), 1),
+        (header.ContentHeader(0, 5, every), 1),
+        (header.ContentHeader(0, 0, commands.Basic.Properties()), 1),
+        (body.ContentBody(b"x" * 600), 1),
+        (commands.Basic.Ack(delivery_tag=9), 2),
+        (commands.Basic.Ack(delivery_tag=12, multiple=True), 2),
+        (commands.Basic.Nack(delivery_tag=3, multiple=True, requeue=False), 2),
+        (commands.Basic.ConsumeOk(consumer_tag="fw-i-x"), 1),
+    ]
+    data = b"".join(pamqp.frame.marshal(frame, number) for frame, number in frames)
+    expected = [_described(item) for item in _frames_read(data, FrameReceiver, len(frames))]
+    assert [_described(item) for item in _frames_read(data, FrameReader, len(frames))] == expected
+    assert all(not isinstance(item, BaseException) for item in expected)
+    # Malformed: the frame end byte wrong, an empty body frame, a stream cut short
+    # (each an error), a routing key whose length overruns the frame (read alike).
+    deliver = pamqp.frame.marshal(frames[0][0], 1)
+    for bad in (deliver[:-1] + b"\x00", b"\x03\x00\x01\x00\x00\x00\x00\xce", deliver[:-3]):
+        expected = [_described(item) for item in _frames_read(bad, FrameReceiver, 1)]
+        assert isinstance(_frames_read(bad, FrameReceiver, 1)[0], BaseException)
+        assert [_described(item) for item in _frames_read(bad, FrameReader, 1)] == expected
+    overrun = deliver[:-5] + b"\x0a" + deliver[-4:]
+    expected = [_described(item) for item in _frames_read(overrun, FrameReceiver, 1)]
+    assert [_described(item) for item in _frames_read(overrun, FrameReader, 1)] == expected
+
+
+async def test_connections_read_frames_with_the_frame_reader(make: Factory) -> None:
+    # install_frame_reader relies on aiormq internals: Connection.connect builds
+    # its receiver from aiormq.connection.FrameReceiver and its reader task
+    # iterates it. Should aiormq change that, this fails.
+    import aiormq
+
+    from fastapi_websockets.backends.rabbitmq_wire import FrameReader
+
+    layer = make()
+    channel = await layer.new_channel()
+    await layer.send(channel, {"x": 1})
+    assert layer._connection is not None
+    transport = layer._connection.transport
+    assert transport is not None
+    connection = cast("aiormq.Connection", transport.connection)
+    coroutine = cast("types.CoroutineType[Any, Any, Any]", connection._reader_task.get_coro())
+    assert coroutine.cr_frame is not None  # suspended, reading
+    reader = coroutine.cr_frame.f_locals["frame_receiver"]
+    assert type(reader) is FrameReader
+
+
 def test_a_property_pamqp_cannot_encode_fails_alike() -> None:
     from pamqp import commands
 
@@ -1251,6 +1354,33 @@ async def test_inbox_deliveries_are_all_acked_in_shared_frames(make: Factory, no
 
     await eventually(none_unacked, "every inbox delivery acked")
     assert acks.frames <= acks.acked
+
+
+async def test_inbox_deliveries_are_handed_out_by_the_channel_reader(make: Factory) -> None:
+    # take_deliveries relies on aiormq internals (the reader calls the channel's
+    # _on_deliver_frame for each delivery). Should aiormq stop doing so, the
+    # deliveries would come through the consumer callback, a task each: this fails.
+    import aiormq
+
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"i": -1})
+    assert (await receiver.receive(channel, timeout=10))["i"] == -1
+    assert receiver._channel is not None
+    assert receiver._inbox_tag is not None
+    underlay = cast("aiormq.Channel", await receiver._channel.get_underlay_channel())
+    callback = underlay.consumers[receiver._inbox_tag]
+    in_tasks: list[object] = []
+
+    async def spy(message: Any) -> Any:
+        in_tasks.append(message)
+        return await callback(message)
+
+    underlay.consumers[receiver._inbox_tag] = spy
+    for i in range(5):
+        await sender.send(channel, {"i": i})
+        assert (await receiver.receive(channel, timeout=10))["i"] == i
+    assert in_tasks == []
 
 
 # ------------------------------------------------------------ packed sends

@@ -629,10 +629,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         from fastapi_websockets.backends.rabbitmq_wire import (
             BatchedAcks,
             ConfirmingPublisher,
-            install_frame_reader,
+            frames_read_by_the_layer,
         )
 
-        install_frame_reader()
         self._properties_class = Basic.Properties
         self._publisher = ConfirmingPublisher(self._spawn_writer, self.timeout)
         self._acks = BatchedAcks(partial(self._spawn, what="inbox acks"), self.timeout)
@@ -640,12 +639,14 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             # No time limit around it: cancelling connect_robust half way would
             # leave its reconnect task running; its own timeout applies.
             # Without a CA file, aiormq verifies amqps:// servers against the system's CAs.
-            self._connection = await aio_pika.connect_robust(
-                self.url,
-                timeout=self.timeout,
-                reconnect_interval=RECONNECT_INTERVAL,
-                ssl_context=self._ssl_context(),
-            )
+            # Its reconnects start from this context too, so they keep the layer's reader.
+            with frames_read_by_the_layer():
+                self._connection = await aio_pika.connect_robust(
+                    self.url,
+                    timeout=self.timeout,
+                    reconnect_interval=RECONNECT_INTERVAL,
+                    ssl_context=self._ssl_context(),
+                )
         except asyncio.TimeoutError:
             raise self.unavailable(f"no answer within {self.timeout} s") from None
         except self._errors as exc:

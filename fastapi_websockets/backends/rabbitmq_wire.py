@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -51,7 +53,7 @@ from pamqp.exceptions import PAMQPException
 
 from fastapi_websockets.backends.timeouts import bounded
 
-__all__ = ["BatchedAcks", "ConfirmingPublisher", "FrameReader", "install_frame_reader", "take_deliveries"]
+__all__ = ["BatchedAcks", "ConfirmingPublisher", "FrameReader", "frames_read_by_the_layer", "take_deliveries"]
 
 logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
@@ -561,7 +563,7 @@ class FrameReader(FrameReceiver):
     for attribute, in a third of the time; every other frame, and any of
     these this code cannot decode, goes through pamqp as before, which
     raises what it raised. Connection errors map to aiormq's as in its own
-    receiver. Installed as aiormq's ``FrameReceiver`` by :func:`install_frame_reader`.
+    receiver. Used by connections opened inside :func:`frames_read_by_the_layer`.
     """
 
     async def get_frame(self) -> tuple[int, int, Any]:
@@ -612,8 +614,31 @@ class FrameReader(FrameReceiver):
             raise InvalidFrameError(str(exc)) from exc
 
 
-def install_frame_reader() -> None:
-    """Have every aiormq connection opened from now on in this process read its frames with
-    :class:`FrameReader` (aiormq's ``Connection.connect`` builds its receiver from the module's
-    ``FrameReceiver``): the same frames and errors, less work per frame, for other aiormq users too."""
-    aiormq.connection.FrameReceiver = FrameReader  # type: ignore[misc]
+_AIORMQ_FRAME_RECEIVER = FrameReceiver
+_READ_OWN_FRAMES: ContextVar[bool] = ContextVar("fastapi_websockets_rabbitmq_frames", default=False)
+
+
+def _frame_receiver(reader: asyncio.StreamReader) -> FrameReceiver:
+    # aiormq has no per-connection hook for its receiver, so the module's name is replaced
+    # for everyone, and only a connection opened inside frames_read_by_the_layer() gets
+    # FrameReader: other aiormq users in the process keep aiormq's own receiver.
+    if _READ_OWN_FRAMES.get():
+        return FrameReader(reader)
+    return _AIORMQ_FRAME_RECEIVER(reader)
+
+
+@contextmanager
+def frames_read_by_the_layer() -> Iterator[None]:
+    """Have aiormq connections opened in this context (this task, and tasks it starts) read
+    their frames with :class:`FrameReader`.
+
+    aiormq's ``Connection.connect`` builds its receiver from the module's ``FrameReceiver``
+    name; that name becomes a function that picks FrameReader only inside this context, so
+    aiormq connections of other code in the process are read exactly as aiormq reads them.
+    """
+    aiormq.connection.FrameReceiver = _frame_receiver  # type: ignore[misc,assignment]
+    token = _READ_OWN_FRAMES.set(True)
+    try:
+        yield
+    finally:
+        _READ_OWN_FRAMES.reset(token)

@@ -1268,9 +1268,9 @@ def test_the_frame_reader_reads_what_aiormqs_reads() -> None:
     import datetime
 
     import pamqp.frame
-    from aiormq.connection import FrameReceiver
     from pamqp import body, commands, header
 
+    from fastapi_websockets.backends.rabbitmq_wire import _AIORMQ_FRAME_RECEIVER as FrameReceiver
     from fastapi_websockets.backends.rabbitmq_wire import FrameReader
 
     every = commands.Basic.Properties(
@@ -1308,10 +1308,9 @@ def test_the_frame_reader_reads_what_aiormqs_reads() -> None:
 
 
 async def test_connections_read_frames_with_the_frame_reader(make: Factory) -> None:
-    # install_frame_reader relies on aiormq internals: Connection.connect builds
+    # frames_read_by_the_layer relies on aiormq internals: Connection.connect builds
     # its receiver from aiormq.connection.FrameReceiver and its reader task
     # iterates it. Should aiormq change that, this fails.
-    import aiormq
 
     from fastapi_websockets.backends.rabbitmq_wire import FrameReader
 
@@ -1321,11 +1320,33 @@ async def test_connections_read_frames_with_the_frame_reader(make: Factory) -> N
     assert layer._connection is not None
     transport = layer._connection.transport
     assert transport is not None
-    connection = cast("aiormq.Connection", transport.connection)
+    assert type(_receiver_of(transport.connection)) is FrameReader
+
+
+def _receiver_of(connection: Any) -> object:
+    """The frame receiver an aiormq connection's reader task iterates."""
     coroutine = cast("types.CoroutineType[Any, Any, Any]", connection._reader_task.get_coro())
     assert coroutine.cr_frame is not None  # suspended, reading
-    reader = coroutine.cr_frame.f_locals["frame_receiver"]
-    assert type(reader) is FrameReader
+    return coroutine.cr_frame.f_locals["frame_receiver"]
+
+
+async def test_other_aiormq_connections_keep_aiormqs_frame_receiver(make: Factory, node: RabbitNode) -> None:
+    # The layer's reader is chosen per connection: an aiormq connection that other code
+    # opens in the same process, after a layer connected, reads as aiormq reads.
+    import aiormq
+
+    from fastapi_websockets.backends.rabbitmq_wire import _AIORMQ_FRAME_RECEIVER, FrameReader
+
+    layer = make()
+    await layer.send(await layer.new_channel(), {"x": 1})
+    connection = await aiormq.connect(node.url)
+    try:
+        assert type(_receiver_of(connection)) is _AIORMQ_FRAME_RECEIVER
+    finally:
+        await connection.close()
+    assert layer._connection is not None
+    assert layer._connection.transport is not None
+    assert type(_receiver_of(layer._connection.transport.connection)) is FrameReader
 
 
 def test_a_property_pamqp_cannot_encode_fails_alike() -> None:

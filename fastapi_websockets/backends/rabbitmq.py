@@ -639,7 +639,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             # No time limit around it: cancelling connect_robust half way would
             # leave its reconnect task running; its own timeout applies.
             # Without a CA file, aiormq verifies amqps:// servers against the system's CAs.
-            # Its reconnects start from this context too, so they keep the layer's reader.
+            # aio-pika starts its reconnects from tasks that copy this context.
             with frames_read_by_the_layer():
                 self._connection = await aio_pika.connect_robust(
                     self.url,

@@ -232,13 +232,10 @@ RETURNING pg_notify($5, '')
         # to the sockets of one worker, or one send); $4 is its NOTIFY channel, computed
         # by the caller.
         self.send_inbox = f"""
-WITH stored AS (
-    INSERT INTO {s}.message (queue, targets, expires_at, data)
-    VALUES ($1, '{{NULL,s}}', now() + make_interval(secs => $3), convert_to($2, 'UTF8'))
-    RETURNING id
+INSERT INTO {s}.message (queue, targets, expires_at, data)
+VALUES ($1, '{{NULL,s}}', now() + make_interval(secs => $3), convert_to($2, 'UTF8'))
+RETURNING pg_notify($4, CASE WHEN octet_length($2) <= {_NOTE_LIMIT} THEN 's' || id || E'\\n' || $2 ELSE '' END
 )
-SELECT pg_notify($4, CASE WHEN octet_length($2) <= {_NOTE_LIMIT} THEN 's' || id || E'\\n' || $2 ELSE '' END)
-FROM stored
 """
         # Several rows (several inboxes, or more than a payload), in order. A row too big
         # for a payload (one send) gets an empty one here and above: its owner claims it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import sys
 import uuid
@@ -726,6 +727,59 @@ async def test_concurrent_group_sends_share_one_statement(
     for layer, channel in ((sender, mine), (owner, theirs)):
         with pytest.raises(TimeoutError):
             await layer.receive(channel, timeout=0.3)
+
+
+async def test_a_row_of_sends_whose_notification_was_missed_is_claimed_in_order(make: Factory) -> None:
+    # Sends written together are one row; a reader that missed its notification (a
+    # LISTEN connection lost meanwhile) claims the row from the table and delivers
+    # each send once, in order.
+    sender, receiver = make(capacity=100), make(capacity=100)
+    missing = True
+    on_notify = receiver._on_notify
+
+    def losing(conn: object, pid: int, channel: str, payload: object) -> None:
+        if not (missing and isinstance(payload, str) and payload.startswith("s")):
+            on_notify(conn, pid, channel, payload)
+
+    # Before the inbox is LISTENed: the LISTEN registers the callback it finds.
+    receiver._on_notify = losing  # type: ignore[method-assign]
+    channel = await receiver.new_channel()
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(16)))
+    missing = False
+    receiver._wake_all()  # what a reconnected listener does
+    got = [(await receiver.receive(channel, timeout=10))["i"] for _ in range(16)]
+    assert got == list(range(16))
+    await sender.send(channel, {"type": "n", "i": 16})  # delivered from its notification
+    assert (await receiver.receive(channel, timeout=10))["i"] == 16
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channel, timeout=0.3)
+
+
+async def test_sends_stored_by_the_previous_version_are_delivered(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # Before rows of sends, each send was a row of its own (targets {channel}) and its
+    # notification a line "m<id> channel base64"; rows and notifications of that format
+    # left in a database at the upgrade still reach their channels, once each.
+    receiver = make()
+    channel = await receiver.new_channel()
+    inbox = "!" + receiver.client_token
+    insert = (
+        f'INSERT INTO "{namespace}".message (queue, targets, expires_at, data) '
+        "VALUES ($1, $2, now() + interval '1 minute', $3) RETURNING id"
+    )
+    notify = notify_channel(namespace, inbox)
+    data = receiver.encode({"type": "old", "i": 0})
+    notified = await db.fetchval(insert, inbox, [channel], data)
+    await db.execute(
+        "SELECT pg_notify($1, $2)", notify, f"m{notified} {channel} {base64.b64encode(data).decode()}"
+    )
+    assert (await receiver.receive(channel, timeout=10))["i"] == 0
+    await db.fetchval(insert, inbox, [channel], receiver.encode({"type": "old", "i": 1}))
+    await db.execute("SELECT pg_notify($1, '')", notify)  # claimed
+    assert (await receiver.receive(channel, timeout=10))["i"] == 1
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channel, timeout=0.3)
 
 
 async def test_sends_woken_together_share_one_statement(

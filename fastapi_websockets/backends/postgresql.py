@@ -2,12 +2,15 @@
 
 Three tables in the configured schema hold everything:
 
-* ``message``: one row per stored message. ``queue`` is the channel name of a
-  named channel, or ``"!" + token`` for the inbox of one layer instance (a
-  channel name never starts with ``!``). An inbox row says in ``targets`` what
-  it is for: the channel of a ``send``, or ``{NULL, kind, group, ...}`` for a
-  group message (``g``) or a membership notice (``j``/``l``), so one
-  ``group_send`` stores one small row per owning process, not one per member.
+* ``message``: one row per stored message (per burst, for sends to an
+  inbox). ``queue`` is the channel name of a named channel, or ``"!" + token``
+  for the inbox of one layer instance (a channel name never starts with
+  ``!``). An inbox row says in ``targets`` what it is for: ``{NULL, s}`` for
+  sends written in one statement (``data`` holds a line ``channel base64`` per
+  send), or ``{NULL, kind, group, ...}`` for a group message (``g``) or a
+  membership notice (``j``/``l``), so one ``group_send`` stores one small row
+  per owning process, not one per member. (Rows of earlier versions,
+  ``{channel}`` with one message, are still read.)
 * ``group_member``: one row per (group, channel), each with its own expiry;
   ``owner`` is the process token of a process-specific member, NULL for a
   named one.
@@ -29,9 +32,10 @@ single statement (insert + ``pg_notify``); ``group_send`` is a single
 statement that reads the owner rows and the named members, stores one row per
 owning process and per named member, and notifies each queue once. Sends to
 ``new_channel()`` names and ``group_send``s made while such a statement is in
-flight share the next one (one writer per layer, in call order). An inbox
-row rides in its notification's payload when it fits, so the owner handles it
-without a round trip and deletes it later in a batch; the notifications of named channels are
+flight share the next one (one writer per layer, in call order), and their
+sends to one inbox are one row. An inbox row rides in its notification's
+payload when it fits, so the owner handles it without a round trip and deletes
+it later in a batch; the notifications of named channels are
 empty, and their rows are claimed in batches with ``DELETE ... RETURNING``
 (``FOR UPDATE SKIP LOCKED`` so several processes can read one named channel).
 Nothing polls while the listener is connected; while it is reconnecting,

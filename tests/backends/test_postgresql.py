@@ -729,28 +729,49 @@ async def test_concurrent_group_sends_share_one_statement(
             await layer.receive(channel, timeout=0.3)
 
 
+def _losing_rows_of_sends(layer: PostgreSQLChannelLayer) -> list[bool]:
+    """Make ``layer`` miss the notifications of rows of sends while the returned flag is set.
+
+    Call before the layer's first ``new_channel()``: its LISTEN registers the callback it finds.
+    """
+    missing = [True]
+    on_notify = layer._on_notify
+
+    def losing(conn: object, pid: int, channel: str, payload: object) -> None:
+        if not (missing[0] and isinstance(payload, str) and payload.startswith("s")):
+            on_notify(conn, pid, channel, payload)
+
+    layer._on_notify = losing  # type: ignore[method-assign]
+    return missing
+
+
 async def test_a_row_of_sends_whose_notification_was_missed_is_claimed_in_order(make: Factory) -> None:
     # Sends written together are one row; a reader that missed its notification (a
     # LISTEN connection lost meanwhile) claims the row from the table and delivers
     # each send once, in order.
     sender, receiver = make(capacity=100), make(capacity=100)
-    missing = True
-    on_notify = receiver._on_notify
-
-    def losing(conn: object, pid: int, channel: str, payload: object) -> None:
-        if not (missing and isinstance(payload, str) and payload.startswith("s")):
-            on_notify(conn, pid, channel, payload)
-
-    # Before the inbox is LISTENed: the LISTEN registers the callback it finds.
-    receiver._on_notify = losing  # type: ignore[method-assign]
+    missing = _losing_rows_of_sends(receiver)
     channel = await receiver.new_channel()
     await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(16)))
-    missing = False
+    missing[0] = False
     receiver._wake_all()  # what a reconnected listener does
     got = [(await receiver.receive(channel, timeout=10))["i"] for _ in range(16)]
     assert got == list(range(16))
     await sender.send(channel, {"type": "n", "i": 16})  # delivered from its notification
     assert (await receiver.receive(channel, timeout=10))["i"] == 16
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channel, timeout=0.3)
+
+
+async def test_an_expired_row_of_sends_counts_each_send_expired(make: Factory) -> None:
+    sender, receiver = make(channel_expiry=1), make()
+    missing = _losing_rows_of_sends(receiver)
+    channel = await receiver.new_channel()
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(16)))
+    await asyncio.sleep(1.5)  # the row's expires_at (the sender's channel_expiry) passes
+    missing[0] = False
+    receiver._wake_all()
+    await eventually(lambda: _true(receiver.stats.dropped_expired == 16), "16 sends dropped as expired")
     with pytest.raises(TimeoutError):
         await receiver.receive(channel, timeout=0.3)
 

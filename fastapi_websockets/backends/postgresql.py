@@ -2,12 +2,15 @@
 
 Three tables in the configured schema hold everything:
 
-* ``message``: one row per stored message. ``queue`` is the channel name of a
-  named channel, or ``"!" + token`` for the inbox of one layer instance (a
-  channel name never starts with ``!``). An inbox row says in ``targets`` what
-  it is for: the channel of a ``send``, or ``{NULL, kind, group, ...}`` for a
-  group message (``g``) or a membership notice (``j``/``l``), so one
-  ``group_send`` stores one small row per owning process, not one per member.
+* ``message``: one row per stored message (per burst, for sends to an
+  inbox). ``queue`` is the channel name of a named channel, or ``"!" + token``
+  for the inbox of one layer instance (a channel name never starts with
+  ``!``). An inbox row says in ``targets`` what it is for: ``{NULL, s}`` for
+  sends written in one statement (``data`` holds a line ``channel base64`` per
+  send), or ``{NULL, kind, group, ...}`` for a group message (``g``) or a
+  membership notice (``j``/``l``), so one ``group_send`` stores one small row
+  per owning process, not one per member. (Rows of earlier versions,
+  ``{channel}`` with one message, are still read.)
 * ``group_member``: one row per (group, channel), each with its own expiry;
   ``owner`` is the process token of a process-specific member, NULL for a
   named one.
@@ -29,9 +32,10 @@ single statement (insert + ``pg_notify``); ``group_send`` is a single
 statement that reads the owner rows and the named members, stores one row per
 owning process and per named member, and notifies each queue once. Sends to
 ``new_channel()`` names and ``group_send``s made while such a statement is in
-flight share the next one (one writer per layer, in call order). An inbox
-row rides in its notification's payload when it fits, so the owner handles it
-without a round trip and deletes it later in a batch; the notifications of named channels are
+flight share the next one (one writer per layer, in call order), and their
+sends to one inbox are one row. An inbox row rides in its notification's
+payload when it fits, so the owner handles it without a round trip and deletes
+it later in a batch; the notifications of named channels are
 empty, and their rows are claimed in batches with ``DELETE ... RETURNING``
 (``FOR UPDATE SKIP LOCKED`` so several processes can read one named channel).
 Nothing polls while the listener is connected; while it is reconnecting,
@@ -105,10 +109,9 @@ _CLAIMED_KEPT = 10_000
 _SEND_BATCH = 500
 #: Most presence changes written in one statement.
 _PRESENCE_BATCH = 500
-#: Bytes of rows one NOTIFY payload carries (PostgreSQL refuses 8000 and more).
+#: Bytes of send lines one NOTIFY payload carries: PostgreSQL refuses 8000 and more, and
+#: the row's head ("s", the longest bigint, a newline) comes first.
 _NOTE_LIMIT = 7900
-#: Bytes of a payload line besides channel and base64: kind, the longest bigint, two spaces, a newline.
-_NOTE_LINE_OVERHEAD = 1 + 20 + 3
 #: Most rows claimed per round trip from a named channel (never more than waiters).
 _NAMED_BATCH = 100
 #: Seconds a named channel stays LISTENed after its last local receiver left, so
@@ -221,69 +224,42 @@ SELECT $1, now() + make_interval(secs => $2), $3
 WHERE (SELECT count(*) FROM {s}.message WHERE queue = $1 AND expires_at > now()) < $4
 RETURNING pg_notify($5, '')
 """
-        # Process-specific channels: rows for their owners' inboxes, many sends in
-        # one statement (in order). Their capacity is enforced by the owner's local
-        # mailboxes. The NOTIFY carries the rows themselves (lines "m<id> channel
-        # base64"), so the owner delivers them without a claim round trip and deletes
-        # them later in a batch. One NOTIFY per chunk ($5, numbered by the caller so
-        # that a chunk holds rows of one inbox and fits a payload) rather than one
-        # per row: the notification queue, the listening backend, the driver and the
-        # reader each handle one message for many rows. A row too big for a payload
-        # (8000 bytes) is a chunk of its own with an empty payload, and the owner
-        # claims it.
+        # Process-specific channels: sends to an inbox are stored as rows of several
+        # sends each (one per NOTIFY payload: consecutive sends to one inbox whose lines
+        # "channel base64" fit 8000 bytes; a send too big for a payload is a row of its
+        # own). The caller writes the lines ($2); the row keeps them as its data, marked
+        # by targets {NULL,s}, and its NOTIFY carries them after the row's id, so the
+        # owner delivers them without a claim round trip and deletes the row later. One
+        # row, one set of index entries and one id to delete for a burst of sends, not
+        # one of each per send. Their capacity is enforced by the owner's mailboxes.
+        # The usual batch is one such row (closed-loop senders of one process, a burst
+        # to the sockets of one worker, or one send); $4 is its NOTIFY channel, computed
+        # by the caller.
+        self.send_inbox = f"""
+INSERT INTO {s}.message (queue, targets, expires_at, data)
+VALUES ($1, '{{NULL,s}}', now() + make_interval(secs => $3), convert_to($2, 'UTF8'))
+RETURNING pg_notify($4, CASE WHEN octet_length($2) <= {_NOTE_LIMIT} THEN 's' || id || E'\\n' || $2 ELSE '' END
+)
+"""
+        # Several rows (several inboxes, or more than a payload), in order. A row too big
+        # for a payload (one send) gets an empty one here and above: its owner claims it.
         self.send_inboxes = f"""
 WITH stored AS (
     INSERT INTO {s}.message (queue, targets, expires_at, data)
-    SELECT m.queue, ARRAY[m.channel], now() + make_interval(secs => $4), m.data
-    FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS m(queue, channel, data, n)
-    ORDER BY m.n
-    RETURNING id, queue, targets[1] AS channel, data
-),
--- Ids follow the input order (the insert numbers rows as it reads them in order).
-numbered AS (
-    SELECT stored.*, row_number() OVER (ORDER BY id) AS n FROM stored
-),
-notes AS (
-    SELECT
-        min(numbered.queue) AS queue,
-        min(numbered.id) AS first,
-        string_agg(
-            'm' || numbered.id || ' ' || numbered.channel || ' '
-                || translate(encode(numbered.data, 'base64'), E'\\n', ''),
-            E'\\n' ORDER BY numbered.id
-        ) AS payload
-    FROM numbered JOIN unnest($5::int[]) WITH ORDINALITY AS c(chunk, n) USING (n)
-    GROUP BY c.chunk
+    SELECT r.queue, '{{NULL,s}}', now() + make_interval(secs => $3), convert_to(r.lines, 'UTF8')
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(queue, lines, n)
+    ORDER BY r.n
+    RETURNING id, queue, data
 ),
 woken AS (
     SELECT pg_notify(
-        {_notify_sql("$6", "note.queue")},
-        CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
+        {_notify_sql("$4", "r.queue")},
+        CASE WHEN octet_length(r.data) <= {_NOTE_LIMIT}
+            THEN 's' || r.id || E'\\n' || convert_from(r.data, 'UTF8') ELSE '' END
     )
-    FROM (SELECT queue, payload FROM notes ORDER BY first) AS note
+    FROM (SELECT id, queue, data FROM stored ORDER BY id) AS r
 )
 SELECT count(*) FROM woken
-"""
-        # The usual batch: sends to one inbox whose lines fit one payload (closed-loop
-        # senders of one process, a burst to the sockets of one worker). Same rows and
-        # payload as send_inboxes, with less work on both sides: the channels come as
-        # one text ($2, space-separated: a channel name holds no whitespace) instead of
-        # two arrays, whose encoding makes asyncpg check each element against abstract
-        # classes, and the server needs no numbering, grouping or hashing ($5 is the
-        # NOTIFY channel, computed once by the caller).
-        self.send_inbox = f"""
-WITH stored AS (
-    INSERT INTO {s}.message (queue, targets, expires_at, data)
-    SELECT $1, ARRAY[m.channel], now() + make_interval(secs => $4), m.data
-    FROM unnest(string_to_array($2, ' '), $3::bytea[]) WITH ORDINALITY AS m(channel, data, n)
-    ORDER BY m.n
-    RETURNING id, targets[1] AS channel, data
-)
-SELECT pg_notify($5, string_agg(
-    'm' || id || ' ' || channel || ' ' || translate(encode(data, 'base64'), E'\\n', ''),
-    E'\\n' ORDER BY id
-))
-FROM stored
 """
         self.delete_ids = f"DELETE FROM {s}.message WHERE id = ANY($1::bigint[])"
         self.claim = f"""
@@ -1361,8 +1337,19 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     continue
                 self._claimed[row["id"]] = now  # its notification may still come
                 targets: list[str | None] = row["targets"] or []
-                if targets and targets[0] is None and targets[1] != "g":
-                    self._apply_notice(targets[1], targets[2], targets[3])
+                kind = targets[1] if targets and targets[0] is None else None
+                if kind == "s":
+                    sends: bytes = row["data"]
+                    if not row["live"]:
+                        self.stats.dropped_expired += sends.count(b"\n") + 1
+                    else:
+                        try:
+                            self._deliver_sends(sends.decode(), where)
+                        except UnicodeDecodeError:
+                            self._drop_malformed(where)
+                    continue
+                if kind is not None and kind != "g":
+                    self._apply_notice(kind, targets[2], targets[3])
                     continue
                 if not row["live"]:
                     self.stats.dropped_expired += 1
@@ -1380,51 +1367,87 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 self._claimed = {key: at for key, at in self._claimed.items() if at > cutoff}
 
     def _deliver_note(self, note: str, where: str) -> None:
-        """Handle the rows a notification carries, one per line, except rows claimed already.
+        """Handle the rows a notification carries, except rows claimed already.
 
-        Lines: ``m<id> channel base64`` (a send), ``g<id> group offset epoch
-        base64`` (a group message for this process's members of ``group``; ``-``
-        for no history position), ``j<id> group channel`` and ``l<id> group
-        channel`` (another process added or discarded one of our channels).
+        A row of sends is ``s<id>``, then a line ``channel base64`` per send (see
+        :meth:`_deliver_sends`), and takes the whole notification. Other rows are a
+        line each: ``g<id> group offset epoch base64`` (a group message for this
+        process's members of ``group``; ``-`` for no history position), ``j<id>
+        group channel`` and ``l<id> group channel`` (another process added or
+        discarded one of our channels), and ``m<id> channel base64`` (one send, as
+        versions before rows of sends wrote them).
         """
-        claimed, acking, acks = self._claimed, self._acking, self._acks
-        for line in note.split("\n"):
-            kind = line[:1]
+        if note[:1] == "s":  # most notifications
+            head, _, sends = note.partition("\n")
             try:
-                if kind == "m":  # most lines
-                    head, channel, encoded = line.split(" ", 2)
-                elif kind == "g":
-                    head, group, offset, epoch, encoded = line.split(" ", 4)
-                    position = None if offset == "-" else {"offset": int(offset), "epoch": epoch}
-                elif kind in ("j", "l"):
-                    head, group, channel = line.split(" ", 2)
-                    encoded = ""
-                else:
-                    raise ValueError(kind)
                 row_id = int(head[1:])
-                data = binascii.a2b_base64(encoded)
-            except (ValueError, binascii.Error):
-                self.stats.dropped_undecodable += 1
-                logger.warning("dropped a malformed notification on %s", where)
-                continue
-            if claimed and claimed.pop(row_id, None) is not None:
-                continue
-            acking.add(row_id)
-            acks.append(row_id)
-            if kind == "m":
+            except ValueError:
+                self._drop_malformed(where)
+                return
+            if self._new_row(row_id):
+                self._deliver_sends(sends, where)
+        else:
+            for line in note.split("\n"):
+                kind = line[:1]
+                try:
+                    if kind == "g":
+                        head, group, offset, epoch, encoded = line.split(" ", 4)
+                        position = None if offset == "-" else {"offset": int(offset), "epoch": epoch}
+                    elif kind in ("j", "l"):
+                        head, group, channel = line.split(" ", 2)
+                        encoded = ""
+                    elif kind == "m":
+                        head, channel, encoded = line.split(" ", 2)
+                    else:
+                        raise ValueError(kind)
+                    row_id = int(head[1:])
+                    data = binascii.a2b_base64(encoded)
+                except ValueError:  # (binascii.Error is one)
+                    self._drop_malformed(where)
+                    continue
+                if not self._new_row(row_id):
+                    continue
+                if kind == "j" or kind == "l":
+                    self._apply_notice(kind, group, channel)
+                    continue
                 message = self.decode_or_drop(data, where)
-                if message is not None:
+                if message is None:
+                    continue
+                if kind == "m":
                     self.deliver_local(channel, message)
-            elif kind == "g":
-                message = self.decode_or_drop(data, where)
-                if message is not None:
+                else:
                     if position is not None:
                         message[POSITION_KEY] = position
                     self.deliver_to_local_members(group, message)
-            else:
-                self._apply_notice(kind, group, channel)
         if self._acks and self._ack_task is None:
             self._ack_task = self.tasks.spawn(self._ack_notes(), "ack")
+
+    def _new_row(self, row_id: int) -> bool:
+        """Whether a row that came with its notification is still to be delivered (not claimed
+        already); if so, it is deleted later, with the others delivered meanwhile."""
+        if self._claimed and self._claimed.pop(row_id, None) is not None:
+            return False
+        self._acking.add(row_id)
+        self._acks.append(row_id)
+        return True
+
+    def _deliver_sends(self, sends: str, where: str) -> None:
+        """Deliver a row of sends, in order: a line ``channel base64`` per send."""
+        decode, deliver = self.decode_or_drop, self.deliver_local
+        for line in sends.split("\n"):
+            channel, _, encoded = line.partition(" ")
+            try:
+                data = binascii.a2b_base64(encoded)
+            except ValueError:
+                self._drop_malformed(where)
+                continue
+            message = decode(data, where)
+            if message is not None:
+                deliver(channel, message)
+
+    def _drop_malformed(self, where: str) -> None:
+        self.stats.dropped_undecodable += 1
+        logger.warning("dropped a malformed notification on %s", where)
 
     def _apply_notice(self, kind: str | None, group: str | None, channel: str | None) -> None:
         """Record that another process added (``j``) or discarded (``l``) one of our channels."""
@@ -1789,23 +1812,18 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             conn.terminate()
 
     async def _write_batch(self, batch: list[_Outgoing], expiry: float) -> list[None]:
-        channels = [entry.target for entry in batch]
-        data = [entry.data for entry in batch]
-        queue = batch[0].queue
-        if queue is not None and _one_note(batch, queue):
+        queues, rows = _send_rows(batch)
+        if len(rows) == 1:
+            queue, lines = queues[0], rows[0]
             await self._writer_statement(
                 lambda conn: conn.fetchval(
-                    self._sql.send_inbox, queue, " ".join(channels), data, expiry, self._notify_name(queue)
+                    self._sql.send_inbox, queue, lines, expiry, self._notify_name(queue)
                 )
             )
-            return [None] * len(batch)
-        queues = [entry.queue for entry in batch]
-        chunks = _note_chunks(batch)
-        await self._writer_statement(
-            lambda conn: conn.fetchval(
-                self._sql.send_inboxes, queues, channels, data, expiry, chunks, self.schema
+        else:
+            await self._writer_statement(
+                lambda conn: conn.fetchval(self._sql.send_inboxes, queues, rows, expiry, self.schema)
             )
-        )
         return [None] * len(batch)
 
     async def _write_group_batch(self, batch: list[_Outgoing], expiry: float) -> list[None]:
@@ -2167,40 +2185,31 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
-def _note_line(entry: _Outgoing) -> int:
-    """The most bytes ``entry``'s line of a NOTIFY payload can take ("m<id> channel base64")."""
-    target = entry.target
-    name = len(target) if target.isascii() else len(target.encode())
-    return _NOTE_LINE_OVERHEAD + name + 4 * ((len(entry.data) + 2) // 3)
+def _send_rows(batch: Sequence[_Outgoing]) -> tuple[list[str], list[str]]:
+    """The inbox rows of a batch of sends: their queues, and each row's lines ("channel base64").
 
-
-def _one_note(batch: Sequence[_Outgoing], queue: str) -> bool:
-    """Whether every write of ``batch`` goes to inbox ``queue`` and their lines fit one payload."""
+    A row holds consecutive sends to one inbox whose lines fit one NOTIFY payload
+    (so the notification carries it); a send that cannot fit alone is a row of
+    its own (its notification is empty, and its owner claims it).
+    """
+    queues: list[str] = []
+    rows: list[str] = []
+    lines: list[str] = []
+    queue = ""
     size = 0
     for entry in batch:
-        if entry.queue != queue:
-            return False
-        size += _note_line(entry)
-    return size <= _NOTE_LIMIT
-
-
-def _note_chunks(batch: Sequence[_Outgoing]) -> list[int]:
-    """Number the rows of ``batch`` so that each number's rows share one NOTIFY payload.
-
-    A chunk holds consecutive rows of one inbox whose lines ("id channel
-    base64") fit a payload, counting the longest id; a row that cannot fit
-    alone is a chunk of its own (its payload is then empty).
-    """
-    chunks: list[int] = []
-    chunk = size = 0
-    queue = None
-    for entry in batch:
-        line = _note_line(entry)
-        if entry.queue != queue or size + line > _NOTE_LIMIT:
-            chunk, size, queue = chunk + 1, 0, entry.queue
-        size += line
-        chunks.append(chunk)
-    return chunks
+        line = f"{entry.target} {binascii.b2a_base64(entry.data, newline=False).decode()}"
+        length = (len(line) if line.isascii() else len(line.encode())) + 1  # and its newline
+        if lines and (entry.queue != queue or size + length > _NOTE_LIMIT):
+            queues.append(queue)
+            rows.append("\n".join(lines))
+            lines, size = [], 0
+        queue = entry.queue or ""
+        lines.append(line)
+        size += length
+    queues.append(queue)
+    rows.append("\n".join(lines))
+    return queues, rows
 
 
 def _fail(entries: Iterable[_Outgoing], exc: BaseException) -> None:

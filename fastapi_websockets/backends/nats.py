@@ -1318,9 +1318,12 @@ class NATSChannelLayer(BrokerChannelLayer):
             what = f"group_send to {group!r}"
             await wait_all([self._store_in_inbox(token, payload, what) for token in known])
             if not self._stored:
-                # Nothing acknowledges a core publish: let the driver's flusher write
-                # the copies on their own before the listing request follows them.
-                await asyncio.sleep(0)
+                # Nothing acknowledges a core publish: the pong to a ping written
+                # after the copies says that nats-server has routed them.
+                try:
+                    await self.nc.flush(timeout=max(1, math.ceil(self.timeout)))
+                except (asyncio.TimeoutError, self._driver_error) as exc:
+                    raise self._translate(exc, what) from exc
         # Only now the listing: a stream-info request that nats-server handles while it
         # stores and pushes the copies delays their delivery by about 0.2 ms (measured
         # in "### NATS", docs/architecture.md), in the same write or the next one.

@@ -43,7 +43,7 @@ def shown(key: str, value: float) -> str:
         return f"{value * 1000:.2f} ms"
     if key.endswith("_ms"):
         return f"{value:.2f} ms"
-    return f"{value:.2f}" if key == "ratio" else f"{value:,.0f}"
+    return f"{value:.2f}" if key.endswith("ratio") else f"{value:,.0f}"
 
 
 def run(

@@ -38,12 +38,29 @@ async def wait_all(waits: Sequence[Awaitable[object]]) -> None:
 
     Unlike a plain :func:`asyncio.gather`, nothing is left running when one fails
     early. Later failures are not raised: each write's own caller (or its log line)
-    reports it.
+    reports it. The first runs in the caller's task, the others in tasks: so the
+    first starts at once, not a loop turn later (a broker write it queues goes
+    out on the driver's next turn), and the others still start before it waits.
     """
     if len(waits) == 1:
         await waits[0]
-    elif waits:
-        results = await asyncio.gather(*waits, return_exceptions=True)
+        return
+    if not waits:
+        return
+    # Scheduled before the first runs, so they start on the next turn whatever it awaits.
+    others = asyncio.gather(*waits[1:], return_exceptions=True)
+    failed: BaseException | None = None
+    try:
+        await waits[0]
+    except Exception as exc:
+        failed = exc  # raised once the others are done
+    except BaseException:
+        # Cancelled (or the process is exiting): the others go too, as under gather.
+        others.cancel()
+        await asyncio.wait((others,))
+        raise
+    results = await others
+    if failed is None:
         failed = next((result for result in results if isinstance(result, BaseException)), None)
-        if failed is not None:
-            raise failed
+    if failed is not None:
+        raise failed

@@ -1519,7 +1519,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             persistent=self.durable,
         )
         history = self.history and self.history_policy(group) is not None
-        own = None if history else _Once(partial(self._deliver_own, group, data))
+        # Without members here, nothing waits for the socket: the publisher writes the
+        # publish from this task at once, not from its writer task a loop turn later.
+        serve_own = not history and group in self.local_groups
+        own = _Once(partial(self._deliver_own, group, data)) if serve_own else None
         try:
             await self._publish(
                 data, properties, group_routing_key(group), what=f"group_send to {group!r}", on_written=own

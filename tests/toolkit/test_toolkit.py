@@ -9,6 +9,7 @@ import re
 import pytest
 
 from fastapi_websockets.backends.backoff import Backoff
+from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.locks import SharedRounds
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive, url
 from fastapi_websockets.backends.supervisor import TaskSupervisor
@@ -96,6 +97,58 @@ async def test_within_cancels_the_operation_when_the_caller_is_cancelled() -> No
     with pytest.raises(asyncio.CancelledError):
         await outer
     await asyncio.wait_for(inner_cancelled.wait(), 5)
+
+
+async def test_wait_all_starts_the_first_at_once_and_the_others_before_it_waits() -> None:
+    started: list[str] = []
+
+    async def step(name: str) -> None:
+        started.append(name)
+        await asyncio.sleep(0)
+
+    calls = [step("a"), step("b"), step("c")]
+    waiting = asyncio.ensure_future(wait_all(calls))
+    await asyncio.sleep(0)  # one loop turn: the wait_all task's first step
+    assert started == ["a"]  # the first ran in that step; the others were only scheduled
+    await waiting
+    assert started == ["a", "b", "c"]
+
+
+async def test_wait_all_waits_for_every_one_then_raises_the_first_failure() -> None:
+    finished: list[str] = []
+
+    async def fail(name: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        finished.append(name)
+        raise ValueError(name)
+
+    async def ok() -> None:
+        await asyncio.sleep(0.02)
+        finished.append("ok")
+
+    with pytest.raises(ValueError, match="first"):
+        await wait_all([fail("first", 0.01), ok(), fail("third", 0)])
+    assert sorted(finished) == ["first", "ok", "third"]
+    with pytest.raises(ValueError, match="second"):
+        await wait_all([ok(), fail("second", 0)])
+
+
+async def test_wait_all_cancelled_cancels_every_one() -> None:
+    cancelled: list[int] = []
+
+    async def slow(index: int) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(index)
+            raise
+
+    waiting = asyncio.ensure_future(wait_all([slow(0), slow(1), slow(2)]))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert sorted(cancelled) == [0, 1, 2]
 
 
 async def test_reply_within_returns_the_reply_or_fails_the_slot() -> None:

@@ -103,6 +103,10 @@ def run(
     job["profile"] = profile
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
+    if path is None and impl.venv == "ours":
+        # The virtualenv's editable install points at one checkout (/work/main, say): a run from
+        # another worktree must measure this tree's package (as harness.run_job does).
+        path = str(BENCH.parent)
     if path is not None:
         env["PYTHONPATH"] = path  # ahead of the virtualenv's own (editable) install
     before = server_usec(server["url"])

@@ -820,11 +820,17 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._reader_was_connected = False
         self._conn_errors: tuple[type[BaseException], ...] = ()
         self._redis_errors: tuple[type[BaseException], ...] = ()
+        #: redis-py's ConnectionError, ResponseError and NoScriptError, once started.
+        self._broken: tuple[type[BaseException], ...] = ()
+        self._refusal: tuple[type[BaseException], ...] = ()
+        self._no_script: tuple[type[BaseException], ...] = ()
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._inbox_pending: dict[str, list[tuple[bytes, asyncio.Future[Any]]]] = {}
         #: Settled once the write holding everything queued before them went out (see _after_write).
         self._written: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: Jobs a caller wrote itself (see _write_now), whose replies the writer reads first.
+        self._ahead: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
         #: The receivers of this process waiting on each named channel; one fetch task each.
         self._named: dict[str, WaiterQueue[Message]] = {}
         self._clock_offset_ms = 0.0
@@ -933,6 +939,10 @@ class RedisChannelLayer(BrokerChannelLayer):
             exceptions.RedisClusterException,
         )
         self._redis_errors = (exceptions.RedisError,)
+        # For the writer, which runs per batch: an import statement there cost ~2 us each.
+        self._broken = (exceptions.ConnectionError,)
+        self._refusal = (exceptions.ResponseError,)
+        self._no_script = (exceptions.NoScriptError,)
         # One retry on a broken connection: the first write after a Redis restart meets
         # a dead pooled connection and must go through on a fresh one. Not on timeouts:
         # a slow Redis may have run the commands, and a retry would deliver them twice.
@@ -1156,8 +1166,31 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._check_open()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inbox_pending.setdefault(token, []).append((entry, fut))
-        self._start_writer()
+        if self._flusher is None or self._flusher.done():
+            self._write_now()
+            self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
         return fut
+
+    def _write_now(self) -> None:
+        """Write what is queued from the caller's task, when the writer is idle; its task reads the replies.
+
+        A lone send then goes out before its caller yields, instead of one loop
+        turn later in the writer task: Redis runs the push while the client
+        goes on (a closed loop's latency, see docs/architecture.md). A
+        transport write is one synchronous call, so a cancellation of the
+        caller cannot cut it in half; the replies stay with the writer task,
+        the only reader of the connection. Not in a cluster (its pipeline
+        routes commands), nor on a connection not yet open or with unsent
+        bytes (flow control is the writer's: it awaits ``drain()``).
+        """
+        conn = self._writer_conn
+        # redis-py has no synchronous write: its StreamWriter, present while connected.
+        stream = None if conn is None else conn._writer
+        if stream is None or self._queue or stream.transport.get_write_buffer_size() or stream.is_closing():
+            return
+        jobs = self._take_jobs()
+        stream.write(self._pack([command for command, _ in jobs]))
+        self._ahead = jobs
 
     async def _push_inbox(self, token: str, entry: bytes) -> bool:
         """Append ``entry`` to the inbox of ``token``; False if that inbox is full."""
@@ -1194,15 +1227,16 @@ class RedisChannelLayer(BrokerChannelLayer):
         return jobs
 
     async def _flush_queue(self) -> None:
-        while self._queue or self._inbox_pending:
-            jobs = self._take_jobs()
+        while self._ahead or self._queue or self._inbox_pending:
+            ahead, self._ahead = self._ahead, []
+            jobs = ahead + self._take_jobs()
             written, self._written = self._written, []
             if not jobs:
                 settle_all(written, None)  # their commands were given up on: nothing to wait for
                 continue
             try:
                 results = await self._run_pipeline(
-                    [command for command, _ in jobs], functools.partial(settle_all, written, None)
+                    [command for command, _ in jobs], functools.partial(settle_all, written, None), len(ahead)
                 )
             except asyncio.CancelledError:
                 closed = ChannelLayerClosed("the channel layer was closed")
@@ -1226,12 +1260,15 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _refused(self, command: str, exc: BaseException) -> ChannelLayerError:
         return ChannelLayerError(f"Redis refused {command}: {self.redact(str(exc))}")
 
-    async def _run_pipeline(self, commands: list[tuple[Any, ...]], sent: Callable[[], None]) -> list[Any]:
-        """Run ``commands`` in one write; ``sent()`` is called once they are written, before any reply."""
-        from redis.exceptions import NoScriptError
+    async def _run_pipeline(
+        self, commands: list[tuple[Any, ...]], sent: Callable[[], None], ahead: int = 0
+    ) -> list[Any]:
+        """Run ``commands`` in one write; ``sent()`` is called once they are written, before any reply.
 
-        results = await self._write(commands, sent)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        The first ``ahead`` were written already (:meth:`_write_now`): only their replies are read.
+        """
+        results = await self._write(commands, sent, ahead)
+        missing = [i for i, result in enumerate(results) if isinstance(result, self._no_script)]
         if missing:
             # Redis restarted (or a node joined) and lost its script cache: EVAL loads it again.
             again = [("EVAL", _BY_SHA[commands[i][1]].source, *commands[i][2:]) for i in missing]
@@ -1239,15 +1276,18 @@ class RedisChannelLayer(BrokerChannelLayer):
                 results[i] = result
         return results
 
-    async def _write(self, commands: list[tuple[Any, ...]], sent: Callable[[], None]) -> list[Any]:
+    async def _write(
+        self, commands: list[tuple[Any, ...]], sent: Callable[[], None], ahead: int = 0
+    ) -> list[Any]:
         """Send ``commands`` in one write; their replies, errors as values, in order.
 
         ``sent()`` is called once the commands are written, before their replies
         are read (in a cluster, whose pipeline writes and reads in one call: just
-        before it).
+        before it). The first ``ahead`` are on the writer's connection already
+        (never in a cluster).
         """
         if self._cluster_client is None:
-            return await bounded(self._exchange(commands, sent), self.timeout, self._no_reply)
+            return await bounded(self._exchange(commands, sent, ahead), self.timeout, self._no_reply)
         # A cluster pipeline sends each command to the node owning its keys.
         pipe = self._cluster_client.pipeline(transaction=False)
         for command in commands:
@@ -1256,7 +1296,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    async def _exchange(self, commands: list[tuple[Any, ...]], sent: Callable[[], None]) -> list[Any]:
+    async def _exchange(
+        self, commands: list[tuple[Any, ...]], sent: Callable[[], None], ahead: int = 0
+    ) -> list[Any]:
         """Write ``commands`` on the writer's own connection and read their replies.
 
         Only the writer task calls this, one call at a time, so the connection
@@ -1266,37 +1308,36 @@ class RedisChannelLayer(BrokerChannelLayer):
         docs/architecture.md). A broken connection is retried once on a fresh one:
         the first write after a Redis restart meets the dead one. Anything else,
         a cancellation included, leaves the connection closed, so that no reply of
-        a write cut short is read as the answer to the next.
+        a write cut short is read as the answer to the next. The first ``ahead``
+        commands were written on it already; a new connection gets them again with the rest.
         """
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import ResponseError
-
         assert self._writer_client is not None
         if self._writer_conn is None:
             pool = self._writer_client.connection_pool
             self._writer_conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
         conn = self._writer_conn
         callbacks = self._writer_client.response_callbacks
-        packed = self._pack(commands)
         for attempt in range(2):
             try:
                 if not conn.is_connected:
                     # connect(), not the implicit connect of a write: a Sentinel
                     # connection asks the sentinels for the master only there.
                     await conn.connect()
-                await conn.send_packed_command(packed, check_health=False)
+                    ahead = 0  # what was written went with the connection before
+                if ahead < len(commands):
+                    await conn.send_packed_command(self._pack(commands[ahead:]), check_health=False)
                 sent()
                 results: list[Any] = []
                 for command in commands:
                     try:
                         reply = await conn.read_response()
-                    except ResponseError as exc:  # read in full: the connection stays usable
+                    except self._refusal as exc:  # read in full: the connection stays usable
                         results.append(exc)
                         continue
                     callback = callbacks.get(command[0])
                     results.append(reply if callback is None else callback(reply))
                 return results
-            except RedisConnectionError:
+            except self._broken:
                 await conn.disconnect()
                 if attempt:
                     raise
@@ -1331,7 +1372,8 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _fail_queue(self, exc: BaseException) -> None:
         written, self._written = self._written, []
         settle_all(written, exc)
-        for _, outcome in self._take_jobs():
+        ahead, self._ahead = self._ahead, []  # a writer cancelled before it ran never read them
+        for _, outcome in ahead + self._take_jobs():
             outcome(exc)
 
     # ------------------------------------------------------------ sending

@@ -10,10 +10,11 @@ inboxes of other processes):
   per message per *process* (a group message names all the local members it
   is for). One background task reads it (see ``P:wake``).
 * ``P:seq:{token}``: the newest id given to an entry of the inbox (entries a
-  full inbox took back leave gaps). Ids grow with every push and start from
-  Redis's clock in microseconds, so they keep growing also after Redis lost
-  its data; the reader skips an id it already delivered. The inbox expires
-  ``channel_expiry`` (plus at most an eighth of it) after its last push.
+  full inbox took back leave gaps). Ids grow by one per entry and move up to
+  Redis's clock in microseconds when they fall behind it, so they keep growing
+  also after Redis lost its data; the reader skips an id it already delivered.
+  The inbox expires ``channel_expiry`` (plus at most an eighth of it) after its
+  last push.
 * ``P:taken:{token}``: the batch the reader popped last, kept until its next pop
   says it arrived, so that a pop whose reply is lost (Redis crashed or the
   connection broke after running it) is handed out again instead of lost.
@@ -178,29 +179,31 @@ end
 
 # The one way entries go into an inbox: _PUSH_INBOX and _GROUP_SEND are both built on it,
 # so their entry format, ids and hand-over cannot drift apart. Stores as many of
-# bodies[from..] as fit (`cap`), in order, each as a 13-digit deadline, the next id
-# (`seq`: Redis's clock in us or the last id + 1, whichever is larger, so ids keep growing
-# also after Redis lost its data) and the body; returns how many. With `wake` (a publish
-# command; '' for none) and `hand_over` '1', the same entries, framed (8 hex digits of
-# length, then the entry), go to the reader's pub/sub `channel`: it delivers them from
-# there and removes them from the list later (_ACK_INBOX). With '0' only a push to an
-# empty inbox publishes a wake-up: the reader drains until it sees the inbox empty.
+# bodies[from..] as fit (`cap`), in order, each as a 13-digit deadline, the next id and
+# the body; returns how many. With `wake` (a publish command; '' for none) and `hand_over`
+# '1', the same entries, framed (8 hex digits of length, then the entry), go to the
+# reader's pub/sub `channel`: it delivers them from there and removes them from the list
+# later (_ACK_INBOX). With '0' only a push to an empty inbox publishes a wake-up: the
+# reader drains until it sees the inbox empty.
 #
 # Each redis.call costs Redis about as much as a whole command, so a push makes four in
-# the common case (it made seven: TIME, LLEN, GET, SET, RPUSH, PEXPIRE, PUBLISH):
-# - TIME: deadlines and ids come from Redis's clock, never a sender's (see _NOW).
-# - One SET both stores the id counter's next value, guessed from the clock, and returns
-#   the old one; only when ids ran ahead of the clock does a second SET correct it. An id
-#   left unused (a push taken back below) is a gap, which readers never mind.
+# the common case: TIME (deadlines come from Redis's clock, never a sender's: see _NOW),
+# INCRBY, RPUSH and the publish.
+# - Ids: INCRBY gives the next ones. An id never runs ahead of Redis's clock that way
+#   (that would take a million entries a second), and once the ids lag it by more than a
+#   `step` (ttl / 16), or the counter is missing (its INCRBY starts from 0), they move up
+#   to the clock in us (one SET, which also keeps the counter alive). So ids keep growing
+#   also after Redis lost its data, the counter included: the reader skips an id at or
+#   below the newest it delivered. Ids left unused (a push taken back below) are gaps,
+#   which readers never mind.
 # - RPUSH's reply is the new length: entries past `cap` are taken back with RPOP (after
 #   dropping expired ones) instead of asking LLEN first.
 # - The inbox must outlive its newest entry (deadline now + ttl), but need not be
-#   refreshed by every push: time is cut into steps of ttl / 8, and the first push of a
-#   step sets the expiry to the step's end + ttl (PEXPIREAT), which covers every later
-#   push of that step. Ids are never behind the clock, so the previous id (the counter's
-#   old value) tells whether this step already did it; a push that found the list empty
-#   (it may have been deleted) or the counter missing always does. An inbox thus lives
-#   at most ttl / 8 longer than before, never shorter.
+#   refreshed by every push: the push that moves the ids up sets its expiry to now + ttl +
+#   2 steps (PEXPIREAT). Until the next such push, pushes come at most a step (plus a us
+#   per entry) later, so their deadlines are covered; a push that found the list empty (a
+#   reader that took everything deletes it) sets it too. An inbox thus lives at most ttl /
+#   8 longer than its newest entry, never shorter.
 # Ids are formatted with %d (a 64-bit integer in Redis's Lua), not %.0f: the float
 # formatting cost a third of the script's CPU. Needs `now` and `t` (_NOW).
 _INBOX_PUSH = (
@@ -208,20 +211,21 @@ _INBOX_PUSH = (
     + """
 local function inbox_push(inbox, seq, cap, ttl, wake, channel, hand_over, bodies, from)
   local want = #bodies - from + 1
-  local first = t[1] * 1000000 + t[2]
-  local last = tonumber(redis.call('SET', seq, string.format('%d', first + want - 1), 'PX', ttl, 'GET'))
-  if last and last >= first then
-    first = last + 1
-    redis.call('SET', seq, string.format('%d', first + want - 1), 'PX', ttl)
+  local last = redis.call('INCRBY', seq, want)
+  local step = math.max(1, math.floor(ttl / 16))
+  local clock = t[1] * 1000000 + t[2]
+  local moved = last - want + 1 + step * 1000 < clock
+  if moved then
+    last = clock + want - 1
+    redis.call('SET', seq, string.format('%d', last), 'PX', ttl + 2 * step)
   end
+  local first = last - want + 1
   local head = string.format('%013d', now + ttl)
   local items = {}
   for i = 1, want do items[i] = head .. string.format('%016d', first + i - 1) .. bodies[from + i - 1] end
   local n = redis.call('RPUSH', inbox, unpack(items)) - want
-  local step = math.max(1, math.floor(ttl / 8)) * 1000
-  local stamp = math.floor((first + want - 1) / step)
-  if n == 0 or not last or math.floor(last / step) < stamp then
-    redis.call('PEXPIREAT', inbox, string.format('%d', (stamp + 1) * step / 1000 + ttl))
+  if moved or n == 0 then
+    redis.call('PEXPIREAT', inbox, string.format('%d', now + ttl + 2 * step))
   end
   local k = want
   if n + want > cap then

@@ -835,6 +835,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._flusher: asyncio.Task[None] | None = None
         #: Jobs a caller wrote itself (see _write_now), whose replies the writer reads first.
         self._ahead: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
+        #: Whether the last take of queued work held one command or entry (see _write_now).
+        self._lone = True
         #: The receivers of this process waiting on each named channel; one fetch task each.
         self._named: dict[str, WaiterQueue[Message]] = {}
         self._clock_offset_ms = 0.0
@@ -1185,12 +1187,21 @@ class RedisChannelLayer(BrokerChannelLayer):
         caller cannot cut it in half; the replies stay with the writer task,
         the only reader of the connection. Not in a cluster (its pipeline
         routes commands), nor on a connection not yet open or with unsent
-        bytes (flow control is the writer's: it awaits ``drain()``).
+        bytes (flow control is the writer's: it awaits ``drain()``), nor while
+        the writer's last take held more than one command or entry: concurrent
+        senders then go out together in the writer's next write, not the first
+        of them alone (a second script call and write for Redis).
         """
         conn = self._writer_conn
         # redis-py has no synchronous write: its StreamWriter, present while connected.
         stream = None if conn is None else conn._writer
-        if stream is None or self._queue or stream.transport.get_write_buffer_size() or stream.is_closing():
+        if (
+            not self._lone
+            or stream is None
+            or self._queue
+            or stream.transport.get_write_buffer_size()
+            or stream.is_closing()
+        ):
             return
         jobs = self._take_jobs()
         stream.write(self._pack([command for command, _ in jobs]))
@@ -1204,6 +1215,9 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _take_jobs(self) -> list[tuple[tuple[Any, ...], Callable[[Any], None]]]:
         """Everything queued, as (command, settle) pairs for one pipeline."""
         jobs: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
+        taken = len(self._queue) + sum(len(items) for items in self._inbox_pending.values())
+        if taken:
+            self._lone = taken == 1
         queue, self._queue = self._queue, []
         for command, fut in queue:
             if not fut.done():

@@ -10,10 +10,11 @@ inboxes of other processes):
   per message per *process* (a group message names all the local members it
   is for). One background task reads it (see ``P:wake``).
 * ``P:seq:{token}``: the newest id given to an entry of the inbox (entries a
-  full inbox took back leave gaps). Ids grow with every push and start from
-  Redis's clock in microseconds, so they keep growing also after Redis lost
-  its data; the reader skips an id it already delivered. The inbox expires
-  ``channel_expiry`` (plus at most an eighth of it) after its last push.
+  full inbox took back leave gaps). Ids grow by one per entry and move up to
+  Redis's clock in microseconds when they fall behind it, so they keep growing
+  also after Redis lost its data; the reader skips an id it already delivered.
+  The inbox expires ``channel_expiry`` (plus at most an eighth of it) after its
+  last push.
 * ``P:taken:{token}``: the batch the reader popped last, kept until its next pop
   says it arrived, so that a pop whose reply is lost (Redis crashed or the
   connection broke after running it) is handed out again instead of lost.
@@ -178,29 +179,31 @@ end
 
 # The one way entries go into an inbox: _PUSH_INBOX and _GROUP_SEND are both built on it,
 # so their entry format, ids and hand-over cannot drift apart. Stores as many of
-# bodies[from..] as fit (`cap`), in order, each as a 13-digit deadline, the next id
-# (`seq`: Redis's clock in us or the last id + 1, whichever is larger, so ids keep growing
-# also after Redis lost its data) and the body; returns how many. With `wake` (a publish
-# command; '' for none) and `hand_over` '1', the same entries, framed (8 hex digits of
-# length, then the entry), go to the reader's pub/sub `channel`: it delivers them from
-# there and removes them from the list later (_ACK_INBOX). With '0' only a push to an
-# empty inbox publishes a wake-up: the reader drains until it sees the inbox empty.
+# bodies[from..] as fit (`cap`), in order, each as a 13-digit deadline, the next id and
+# the body; returns how many. With `wake` (a publish command; '' for none) and `hand_over`
+# '1', the same entries, framed (8 hex digits of length, then the entry), go to the
+# reader's pub/sub `channel`: it delivers them from there and removes them from the list
+# later (_ACK_INBOX). With '0' only a push to an empty inbox publishes a wake-up: the
+# reader drains until it sees the inbox empty.
 #
 # Each redis.call costs Redis about as much as a whole command, so a push makes four in
-# the common case (it made seven: TIME, LLEN, GET, SET, RPUSH, PEXPIRE, PUBLISH):
-# - TIME: deadlines and ids come from Redis's clock, never a sender's (see _NOW).
-# - One SET both stores the id counter's next value, guessed from the clock, and returns
-#   the old one; only when ids ran ahead of the clock does a second SET correct it. An id
-#   left unused (a push taken back below) is a gap, which readers never mind.
+# the common case: TIME (deadlines come from Redis's clock, never a sender's: see _NOW),
+# INCRBY, RPUSH and the publish.
+# - Ids: INCRBY gives the next ones. An id never runs ahead of Redis's clock that way
+#   (that would take a million entries a second), and once the ids lag it by more than a
+#   `step` (ttl / 16), or the counter is missing (its INCRBY starts from 0), they move up
+#   to the clock in us (one SET, which also keeps the counter alive). So ids keep growing
+#   also after Redis lost its data, the counter included: the reader skips an id at or
+#   below the newest it delivered. Ids left unused (a push taken back below) are gaps,
+#   which readers never mind.
 # - RPUSH's reply is the new length: entries past `cap` are taken back with RPOP (after
 #   dropping expired ones) instead of asking LLEN first.
 # - The inbox must outlive its newest entry (deadline now + ttl), but need not be
-#   refreshed by every push: time is cut into steps of ttl / 8, and the first push of a
-#   step sets the expiry to the step's end + ttl (PEXPIREAT), which covers every later
-#   push of that step. Ids are never behind the clock, so the previous id (the counter's
-#   old value) tells whether this step already did it; a push that found the list empty
-#   (it may have been deleted) or the counter missing always does. An inbox thus lives
-#   at most ttl / 8 longer than before, never shorter.
+#   refreshed by every push: the push that moves the ids up sets its expiry to now + ttl +
+#   2 steps (PEXPIREAT). Until the next such push, pushes come at most a step (plus a us
+#   per entry) later, so their deadlines are covered; a push that found the list empty (a
+#   reader that took everything deletes it) sets it too. An inbox thus lives at most ttl /
+#   8 longer than its newest entry, never shorter.
 # Ids are formatted with %d (a 64-bit integer in Redis's Lua), not %.0f: the float
 # formatting cost a third of the script's CPU. Needs `now` and `t` (_NOW).
 _INBOX_PUSH = (
@@ -208,20 +211,21 @@ _INBOX_PUSH = (
     + """
 local function inbox_push(inbox, seq, cap, ttl, wake, channel, hand_over, bodies, from)
   local want = #bodies - from + 1
-  local first = t[1] * 1000000 + t[2]
-  local last = tonumber(redis.call('SET', seq, string.format('%d', first + want - 1), 'PX', ttl, 'GET'))
-  if last and last >= first then
-    first = last + 1
-    redis.call('SET', seq, string.format('%d', first + want - 1), 'PX', ttl)
+  local last = redis.call('INCRBY', seq, want)
+  local step = math.max(1, math.floor(ttl / 16))
+  local clock = t[1] * 1000000 + t[2]
+  local moved = last - want + 1 + step * 1000 < clock
+  if moved then
+    last = clock + want - 1
+    redis.call('SET', seq, string.format('%d', last), 'PX', ttl + 2 * step)
   end
+  local first = last - want + 1
   local head = string.format('%013d', now + ttl)
   local items = {}
   for i = 1, want do items[i] = head .. string.format('%016d', first + i - 1) .. bodies[from + i - 1] end
   local n = redis.call('RPUSH', inbox, unpack(items)) - want
-  local step = math.max(1, math.floor(ttl / 8)) * 1000
-  local stamp = math.floor((first + want - 1) / step)
-  if n == 0 or not last or math.floor(last / step) < stamp then
-    redis.call('PEXPIREAT', inbox, string.format('%d', (stamp + 1) * step / 1000 + ttl))
+  if moved or n == 0 then
+    redis.call('PEXPIREAT', inbox, string.format('%d', now + ttl + 2 * step))
   end
   local k = want
   if n + want > cap then
@@ -820,11 +824,19 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._reader_was_connected = False
         self._conn_errors: tuple[type[BaseException], ...] = ()
         self._redis_errors: tuple[type[BaseException], ...] = ()
+        #: redis-py's ConnectionError, ResponseError and NoScriptError, once started.
+        self._broken: tuple[type[BaseException], ...] = ()
+        self._refusal: tuple[type[BaseException], ...] = ()
+        self._no_script: tuple[type[BaseException], ...] = ()
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._inbox_pending: dict[str, list[tuple[bytes, asyncio.Future[Any]]]] = {}
         #: Settled once the write holding everything queued before them went out (see _after_write).
         self._written: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: Jobs a caller wrote itself (see _write_now), whose replies the writer reads first.
+        self._ahead: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
+        #: Whether the last take of queued work held one command or entry (see _write_now).
+        self._lone = True
         #: The receivers of this process waiting on each named channel; one fetch task each.
         self._named: dict[str, WaiterQueue[Message]] = {}
         self._clock_offset_ms = 0.0
@@ -933,6 +945,10 @@ class RedisChannelLayer(BrokerChannelLayer):
             exceptions.RedisClusterException,
         )
         self._redis_errors = (exceptions.RedisError,)
+        # For the writer, which runs per batch: an import statement there cost ~2 us each.
+        self._broken = (exceptions.ConnectionError,)
+        self._refusal = (exceptions.ResponseError,)
+        self._no_script = (exceptions.NoScriptError,)
         # One retry on a broken connection: the first write after a Redis restart meets
         # a dead pooled connection and must go through on a fresh one. Not on timeouts:
         # a slow Redis may have run the commands, and a retry would deliver them twice.
@@ -1156,8 +1172,40 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._check_open()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inbox_pending.setdefault(token, []).append((entry, fut))
-        self._start_writer()
+        if self._flusher is None or self._flusher.done():
+            self._write_now()
+            self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
         return fut
+
+    def _write_now(self) -> None:
+        """Write what is queued from the caller's task, when the writer is idle; its task reads the replies.
+
+        A lone send then goes out before its caller yields, instead of one loop
+        turn later in the writer task: Redis runs the push while the client
+        goes on (a closed loop's latency, see docs/architecture.md). A
+        transport write is one synchronous call, so a cancellation of the
+        caller cannot cut it in half; the replies stay with the writer task,
+        the only reader of the connection. Not in a cluster (its pipeline
+        routes commands), nor on a connection not yet open or with unsent
+        bytes (flow control is the writer's: it awaits ``drain()``), nor while
+        the writer's last take held more than one command or entry: concurrent
+        senders then go out together in the writer's next write, not the first
+        of them alone (a second script call and write for Redis).
+        """
+        conn = self._writer_conn
+        # redis-py has no synchronous write: its StreamWriter, present while connected.
+        stream = None if conn is None else conn._writer
+        if (
+            not self._lone
+            or stream is None
+            or self._queue
+            or stream.transport.get_write_buffer_size()
+            or stream.is_closing()
+        ):
+            return
+        jobs = self._take_jobs()
+        stream.write(self._pack([command for command, _ in jobs]))
+        self._ahead = jobs
 
     async def _push_inbox(self, token: str, entry: bytes) -> bool:
         """Append ``entry`` to the inbox of ``token``; False if that inbox is full."""
@@ -1167,6 +1215,9 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _take_jobs(self) -> list[tuple[tuple[Any, ...], Callable[[Any], None]]]:
         """Everything queued, as (command, settle) pairs for one pipeline."""
         jobs: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
+        taken = len(self._queue) + sum(len(items) for items in self._inbox_pending.values())
+        if taken:
+            self._lone = taken == 1
         queue, self._queue = self._queue, []
         for command, fut in queue:
             if not fut.done():
@@ -1194,15 +1245,16 @@ class RedisChannelLayer(BrokerChannelLayer):
         return jobs
 
     async def _flush_queue(self) -> None:
-        while self._queue or self._inbox_pending:
-            jobs = self._take_jobs()
+        while self._ahead or self._queue or self._inbox_pending:
+            ahead, self._ahead = self._ahead, []
+            jobs = ahead + self._take_jobs()
             written, self._written = self._written, []
             if not jobs:
                 settle_all(written, None)  # their commands were given up on: nothing to wait for
                 continue
             try:
                 results = await self._run_pipeline(
-                    [command for command, _ in jobs], functools.partial(settle_all, written, None)
+                    [command for command, _ in jobs], functools.partial(settle_all, written, None), len(ahead)
                 )
             except asyncio.CancelledError:
                 closed = ChannelLayerClosed("the channel layer was closed")
@@ -1226,12 +1278,15 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _refused(self, command: str, exc: BaseException) -> ChannelLayerError:
         return ChannelLayerError(f"Redis refused {command}: {self.redact(str(exc))}")
 
-    async def _run_pipeline(self, commands: list[tuple[Any, ...]], sent: Callable[[], None]) -> list[Any]:
-        """Run ``commands`` in one write; ``sent()`` is called once they are written, before any reply."""
-        from redis.exceptions import NoScriptError
+    async def _run_pipeline(
+        self, commands: list[tuple[Any, ...]], sent: Callable[[], None], ahead: int = 0
+    ) -> list[Any]:
+        """Run ``commands`` in one write; ``sent()`` is called once they are written, before any reply.
 
-        results = await self._write(commands, sent)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        The first ``ahead`` were written already (:meth:`_write_now`): only their replies are read.
+        """
+        results = await self._write(commands, sent, ahead)
+        missing = [i for i, result in enumerate(results) if isinstance(result, self._no_script)]
         if missing:
             # Redis restarted (or a node joined) and lost its script cache: EVAL loads it again.
             again = [("EVAL", _BY_SHA[commands[i][1]].source, *commands[i][2:]) for i in missing]
@@ -1239,15 +1294,18 @@ class RedisChannelLayer(BrokerChannelLayer):
                 results[i] = result
         return results
 
-    async def _write(self, commands: list[tuple[Any, ...]], sent: Callable[[], None]) -> list[Any]:
+    async def _write(
+        self, commands: list[tuple[Any, ...]], sent: Callable[[], None], ahead: int = 0
+    ) -> list[Any]:
         """Send ``commands`` in one write; their replies, errors as values, in order.
 
         ``sent()`` is called once the commands are written, before their replies
         are read (in a cluster, whose pipeline writes and reads in one call: just
-        before it).
+        before it). The first ``ahead`` are on the writer's connection already
+        (never in a cluster).
         """
         if self._cluster_client is None:
-            return await bounded(self._exchange(commands, sent), self.timeout, self._no_reply)
+            return await bounded(self._exchange(commands, sent, ahead), self.timeout, self._no_reply)
         # A cluster pipeline sends each command to the node owning its keys.
         pipe = self._cluster_client.pipeline(transaction=False)
         for command in commands:
@@ -1256,7 +1314,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    async def _exchange(self, commands: list[tuple[Any, ...]], sent: Callable[[], None]) -> list[Any]:
+    async def _exchange(
+        self, commands: list[tuple[Any, ...]], sent: Callable[[], None], ahead: int = 0
+    ) -> list[Any]:
         """Write ``commands`` on the writer's own connection and read their replies.
 
         Only the writer task calls this, one call at a time, so the connection
@@ -1266,37 +1326,36 @@ class RedisChannelLayer(BrokerChannelLayer):
         docs/architecture.md). A broken connection is retried once on a fresh one:
         the first write after a Redis restart meets the dead one. Anything else,
         a cancellation included, leaves the connection closed, so that no reply of
-        a write cut short is read as the answer to the next.
+        a write cut short is read as the answer to the next. The first ``ahead``
+        commands were written on it already; a new connection gets them again with the rest.
         """
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import ResponseError
-
         assert self._writer_client is not None
         if self._writer_conn is None:
             pool = self._writer_client.connection_pool
             self._writer_conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
         conn = self._writer_conn
         callbacks = self._writer_client.response_callbacks
-        packed = self._pack(commands)
         for attempt in range(2):
             try:
                 if not conn.is_connected:
                     # connect(), not the implicit connect of a write: a Sentinel
                     # connection asks the sentinels for the master only there.
                     await conn.connect()
-                await conn.send_packed_command(packed, check_health=False)
+                    ahead = 0  # what was written went with the connection before
+                if ahead < len(commands):
+                    await conn.send_packed_command(self._pack(commands[ahead:]), check_health=False)
                 sent()
                 results: list[Any] = []
                 for command in commands:
                     try:
                         reply = await conn.read_response()
-                    except ResponseError as exc:  # read in full: the connection stays usable
+                    except self._refusal as exc:  # read in full: the connection stays usable
                         results.append(exc)
                         continue
                     callback = callbacks.get(command[0])
                     results.append(reply if callback is None else callback(reply))
                 return results
-            except RedisConnectionError:
+            except self._broken:
                 await conn.disconnect()
                 if attempt:
                     raise
@@ -1331,7 +1390,8 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _fail_queue(self, exc: BaseException) -> None:
         written, self._written = self._written, []
         settle_all(written, exc)
-        for _, outcome in self._take_jobs():
+        ahead, self._ahead = self._ahead, []  # a writer cancelled before it ran never read them
+        for _, outcome in ahead + self._take_jobs():
             outcome(exc)
 
     # ------------------------------------------------------------ sending

@@ -23,7 +23,7 @@ from redis.crc import key_slot
 from fastapi_websockets import BaseChannelLayer, ChannelFull, InvalidChannelLayerConfig, get_channel_layer
 from fastapi_websockets.backends.redis import RedisChannelLayer
 from fastapi_websockets.config import get_channel_layer_from_env
-from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerError
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 from tests.conftest import layer_factory
 from tests.faults import InjectedFault, eventually, fail_once
 from tests.leaks import SECRET, assert_no_secret
@@ -654,6 +654,51 @@ async def test_ids_keep_growing_when_the_counter_is_ahead_of_the_clock(
         await sender.send(channel, {"type": "m", "i": i})
     assert [(await receiver.receive(channel, timeout=10))["i"] for _ in range(3)] == [0, 1, 2]
     assert int(cast(bytes, await raw.get(f"{sender.prefix}:seq:{{{receiver.client_token}}}"))) == ahead + 3
+
+
+async def test_ids_start_from_the_clock_again_when_the_counter_is_lost(
+    make: Factory, raw: redis_asyncio.Redis
+) -> None:
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    seq = f"{sender.prefix}:seq:{{{receiver.client_token}}}"
+    for i in range(3):
+        await sender.send(channel, {"type": "m", "i": i})
+        assert (await receiver.receive(channel, timeout=10))["i"] == i
+        # Lost as in a Redis that lost its data: an INCRBY alone would start again from 1,
+        # below the ids delivered, and the reader would skip the next message.
+        await raw.delete(seq)
+
+
+async def test_a_send_written_before_its_caller_was_cancelled_keeps_the_replies_in_step(
+    make: Factory,
+) -> None:
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm"})
+    assert await receiver.receive(channel, timeout=10) == {"type": "warm"}
+    # With the writer idle, a lone send is written by its caller before it yields: it
+    # can no longer be taken back, and its reply must not be read as a later send's.
+    sending = asyncio.ensure_future(sender.send(channel, {"type": "m", "i": 0}))
+    await asyncio.sleep(0)
+    sending.cancel()
+    for i in range(1, 4):
+        await sender.send(channel, {"type": "m", "i": i})
+    assert [(await receiver.receive(channel, timeout=10))["i"] for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+
+
+async def test_a_send_whose_writer_never_ran_fails_when_the_layer_closes(make: Factory) -> None:
+    receiver, sender = make(), make(timeout=30)
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm"})
+    assert await receiver.receive(channel, timeout=10) == {"type": "warm"}
+    sending = asyncio.ensure_future(sender.send(channel, {"type": "m"}))
+    await asyncio.sleep(0)  # written by the send itself; the writer task that reads its reply is not started
+    await sender.close()
+    with pytest.raises(ChannelLayerClosed):
+        await sending
 
 
 # ------------------------------------------------------------- no secret leaks

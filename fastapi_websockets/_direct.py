@@ -133,15 +133,13 @@ def direct_protocol(websocket: object) -> Any | None:
     return None
 
 
-#: The last text framed and its frame: a group message's shared text is framed once.
-_last_frame: tuple[str, bytes] = ("", b"")
+#: The last text framed and its frame: a group message's shared text is framed once. Not ""
+#: at first: that str is a singleton, so ``is`` would match every empty text with no frame.
+_last_frame: tuple[str | None, bytes] = (None, b"")
 
 
 def _text_frame(text: str) -> bytes | None:
     global _last_frame
-    last = _last_frame
-    if last[0] is text:
-        return last[1]
     try:
         data = text.encode()  # what uvicorn sends; a lone surrogate raises there too
     except UnicodeEncodeError:
@@ -177,7 +175,8 @@ def write_text(protocol: Any, websocket: WebSocket, text: str) -> bool:
         or transport.is_closing()
     ):
         return False
-    frame = _text_frame(text)
+    last = _last_frame  # inline: this runs once per socket of a group message
+    frame = last[1] if last[0] is text else _text_frame(text)
     if frame is None:
         return False
     transport.write(frame)

@@ -21,6 +21,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
+from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
@@ -30,7 +31,7 @@ from websockets.uri import parse_uri
 import fastapi_websockets.consumers as consumers
 from fastapi_websockets import AsyncJsonWebSocketConsumer, InMemoryChannelLayer, websocket_json_message
 from fastapi_websockets._direct import direct_protocol, write_text
-from tests.e2e.server import serve
+from tests.e2e.server import serve, serve_in_subprocess
 
 
 class EchoConsumer(AsyncJsonWebSocketConsumer):
@@ -311,3 +312,25 @@ async def test_a_slow_reader_pauses_the_direct_path_and_gets_every_frame_in_orde
     assert any(written for _, written in direct_calls)
     assert any(not writable for writable, _ in direct_calls)
     assert all(not written for writable, written in direct_calls if not writable)
+
+
+class EmptyFirstConsumer(AsyncJsonWebSocketConsumer):
+    """Sends an empty text, then another, on connect: the first texts of its server process."""
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.send_text("")
+        await self.send_text("after")
+
+
+empty_first_app = FastAPI()
+empty_first_app.add_api_websocket_route("/ws", EmptyFirstConsumer.as_endpoint(InMemoryChannelLayer()))
+
+
+async def test_an_empty_text_first_in_a_process_gets_its_frame() -> None:
+    # The frame kept from the previous text starts as no text: "" (a singleton str) must not
+    # match it and go out as no bytes at all.
+    with serve_in_subprocess("tests.e2e.test_direct_frames:empty_first_app") as url:
+        async with connect(f"{url}/ws", compression=None) as ws:  # deflate would skip the direct path
+            assert await asyncio.wait_for(ws.recv(), 10) == ""
+            assert await asyncio.wait_for(ws.recv(), 10) == "after"

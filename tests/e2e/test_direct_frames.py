@@ -177,7 +177,7 @@ async def session(
     deflate: bool = False,
     middleware: bool = False,
     receive_buffer: int | None = None,
-    messages: Callable[[int], list[dict[str, Any]]],
+    messages: list[dict[str, Any]],
     before_reading: Callable[[], Any] | None = None,
 ) -> tuple[list[bytes], list[list[str]], int | None]:
     """Serve EchoConsumer, send ``messages`` to the room, then bye; each client's bytes and texts."""
@@ -192,7 +192,7 @@ async def _session(
     deflate: bool,
     middleware: bool,
     receive_buffer: int | None,
-    messages: Callable[[int], list[dict[str, Any]]],
+    messages: list[dict[str, Any]],
     before_reading: Callable[[], Any] | None,
 ) -> tuple[list[bytes], list[list[str]], int | None]:
     EchoConsumer.opened.clear()
@@ -212,7 +212,7 @@ async def _session(
                     break
                 await asyncio.sleep(0.01)
             assert len(EchoConsumer.opened) == clients
-            for message in messages(clients):
+            for message in messages:
                 await layer.group_send("room", message)
             await layer.group_send("room", {"type": "bye.message"})
             if before_reading is not None:
@@ -223,7 +223,7 @@ async def _session(
     return list(streams), [client.texts for client in raw], app.sent if middleware else None
 
 
-def mixed(clients: int) -> list[dict[str, Any]]:
+def mixed() -> list[dict[str, Any]]:
     """JSON (shared texts), plain texts, unicode, a websocket.send envelope, sizes over 125 and 65535."""
     return [
         {"type": "say.message", "body": {"n": 1, "text": "héllo ☃"}},
@@ -250,9 +250,9 @@ def expected_texts() -> list[str]:
 async def test_plain_connections_get_the_normal_paths_bytes_straight_from_one_frame(
     direct_calls: Calls,
 ) -> None:
-    normal, normal_texts, _ = await session(direct=False, messages=mixed)
+    normal, normal_texts, _ = await session(direct=False, messages=mixed())
     assert direct_calls == []
-    fast, fast_texts, _ = await session(direct=True, messages=mixed)
+    fast, fast_texts, _ = await session(direct=True, messages=mixed())
     # Every frame of the session before the close went straight out (the reviewed versions).
     assert direct_calls == [(True, True)] * (len(expected_texts()) * 2)
     assert fast == normal
@@ -262,8 +262,8 @@ async def test_plain_connections_get_the_normal_paths_bytes_straight_from_one_fr
 
 
 async def test_permessage_deflate_takes_the_normal_path(direct_calls: Calls) -> None:
-    normal, normal_texts, _ = await session(direct=False, deflate=True, messages=mixed)
-    fast, fast_texts, _ = await session(direct=True, deflate=True, messages=mixed)
+    normal, normal_texts, _ = await session(direct=False, deflate=True, messages=mixed())
+    fast, fast_texts, _ = await session(direct=True, deflate=True, messages=mixed())
     assert direct_calls
     assert all(not written for _, written in direct_calls)
     assert fast == normal
@@ -273,8 +273,8 @@ async def test_permessage_deflate_takes_the_normal_path(direct_calls: Calls) -> 
 
 
 async def test_a_middleware_that_wraps_send_sees_every_frame(direct_calls: Calls) -> None:
-    normal, _, normal_sent = await session(direct=False, middleware=True, messages=mixed)
-    fast, fast_texts, fast_sent = await session(direct=True, middleware=True, messages=mixed)
+    normal, _, normal_sent = await session(direct=False, middleware=True, messages=mixed())
+    fast, fast_texts, fast_sent = await session(direct=True, middleware=True, messages=mixed())
     assert direct_calls == []  # the wrapper is not one we know: no direct path at all
     assert fast == normal
     assert fast_sent == normal_sent == len(expected_texts()) * 2
@@ -284,8 +284,7 @@ async def test_a_middleware_that_wraps_send_sees_every_frame(direct_calls: Calls
 async def test_a_slow_reader_pauses_the_direct_path_and_gets_every_frame_in_order(
     direct_calls: Calls,
 ) -> None:
-    def many(clients: int) -> list[dict[str, Any]]:
-        return [{"type": "say.message", "body": {"n": n, "pad": "z" * 20_000}} for n in range(150)]
+    many = [{"type": "say.message", "body": {"n": n, "pad": "z" * 20_000}} for n in range(150)]
 
     async def until_paused() -> None:
         # The client reads nothing yet: wait until the server's transport stopped taking writes.

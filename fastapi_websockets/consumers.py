@@ -39,6 +39,7 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from fastapi_websockets import observing
+from fastapi_websockets._direct import direct_protocol, write_text
 from fastapi_websockets._eager import EAGER_TASKS, start_task
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
@@ -123,6 +124,8 @@ class AsyncWebSocketConsumer:
         self.channel_name = ""
         self.scope: dict[str, Any] = {}
         self._websocket: WebSocket | None = None
+        # uvicorn's protocol when text frames may go straight to its transport (see _direct).
+        self._direct: Any = None
         self._accepted = False
         self._closed = False
         self._close_code: int | None = CLOSE_NORMAL
@@ -631,8 +634,10 @@ class AsyncWebSocketConsumer:
         self, subprotocol: str | None = None, headers: Iterable[tuple[bytes, bytes]] | None = None
     ) -> None:
         """Accept the WebSocket handshake."""
-        await self.websocket.accept(subprotocol=subprotocol, headers=headers)
+        websocket = self.websocket
+        await websocket.accept(subprotocol=subprotocol, headers=headers)
         self._accepted = True
+        self._direct = direct_protocol(websocket)
         if observing.hooks is not None:
             observing.hooks.connection_accepted(self)
 
@@ -645,7 +650,10 @@ class AsyncWebSocketConsumer:
 
     async def send_text(self, text: str) -> None:
         """Send a text frame."""
-        await self.websocket.send_text(text)
+        websocket = self.websocket
+        protocol = self._direct
+        if protocol is None or not write_text(protocol, websocket, text):
+            await websocket.send_text(text)
         if observing.hooks is not None:
             observing.hooks.frame_out(self)
 
@@ -668,7 +676,9 @@ class AsyncWebSocketConsumer:
         websocket = self._websocket
         if websocket is None:
             websocket = self.websocket  # raises: this consumer serves no WebSocket yet
-        await websocket.send_text(text)
+        protocol = self._direct
+        if protocol is None or not write_text(protocol, websocket, text):
+            await websocket.send_text(text)
         if observing.hooks is not None:
             observing.hooks.frame_out(self)
 

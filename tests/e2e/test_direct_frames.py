@@ -28,10 +28,16 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
+import fastapi_websockets._direct as direct
 import fastapi_websockets.consumers as consumers
 from fastapi_websockets import AsyncJsonWebSocketConsumer, InMemoryChannelLayer, websocket_json_message
 from fastapi_websockets._direct import direct_protocol, write_text
 from tests.e2e.server import serve, serve_in_subprocess
+
+#: The installed uvicorn, websockets and Starlette are versions whose send path the direct
+#: path mirrors. Other versions must get the normal path only (and the same bytes), so a
+#: dependency release turns the direct path off instead of turning the suite red.
+REVIEWED = direct._known() is not None
 
 
 class EchoConsumer(AsyncJsonWebSocketConsumer):
@@ -253,8 +259,11 @@ async def test_plain_connections_get_the_normal_paths_bytes_straight_from_one_fr
     normal, normal_texts, _ = await session(direct=False, messages=mixed())
     assert direct_calls == []
     fast, fast_texts, _ = await session(direct=True, messages=mixed())
-    # Every frame of the session before the close went straight out (the reviewed versions).
-    assert direct_calls == [(True, True)] * (len(expected_texts()) * 2)
+    if REVIEWED:
+        # Every frame of the session before the close went straight out.
+        assert direct_calls == [(True, True)] * (len(expected_texts()) * 2)
+    else:
+        assert direct_calls == []  # no protocol found for versions nobody read
     assert fast == normal
     assert fast_texts == normal_texts == [expected_texts()] * 2
     # The close frame after the sends is there, once, at the end.
@@ -264,7 +273,7 @@ async def test_plain_connections_get_the_normal_paths_bytes_straight_from_one_fr
 async def test_permessage_deflate_takes_the_normal_path(direct_calls: Calls) -> None:
     normal, normal_texts, _ = await session(direct=False, deflate=True, messages=mixed())
     fast, fast_texts, _ = await session(direct=True, deflate=True, messages=mixed())
-    assert direct_calls
+    assert direct_calls or not REVIEWED  # asked per write, and refused
     assert all(not written for _, written in direct_calls)
     assert fast == normal
     assert fast_texts == normal_texts == [expected_texts()] * 2
@@ -281,6 +290,7 @@ async def test_a_middleware_that_wraps_send_sees_every_frame(direct_calls: Calls
     assert fast_texts == [expected_texts()] * 2
 
 
+@pytest.mark.skipif(not REVIEWED, reason="the direct path is off for these uvicorn/websockets/Starlette")
 async def test_a_slow_reader_pauses_the_direct_path_and_gets_every_frame_in_order(
     direct_calls: Calls,
 ) -> None:

@@ -18,8 +18,8 @@ which it would write at once:
   name); any other wrapper (a middleware's) means the normal path;
 - the versions of uvicorn, websockets and Starlette are ones whose send path
   was read (``_REVIEWED``); another version means the normal path until
-  someone reads it and adds it (``tests/e2e/test_direct_frames.py`` fails
-  then, so the upgrade is noticed);
+  someone reads it and adds it (``tests/e2e/test_direct_frames.py`` then
+  checks that only the normal path is taken and skips its slow-reader case);
 - per write: Starlette's state is CONNECTED; the handshake is complete and no
   HTTP rejection is under way; no close was sent and the client is still
   connected; the transport is not closing and not paused for writing (the

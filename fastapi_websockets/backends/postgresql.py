@@ -886,6 +886,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._inbox_listened = False
         #: Notifications of the inbox not handled yet: a payload, or None for "claim".
         self._inbox_notes: deque[str | None] = deque()
+        #: The inbox reader waits for a notification with nothing queued and nothing to
+        #: claim: the next notification's rows can be delivered by _on_notify itself.
+        self._inbox_idle = False
+        self._inbox_where = f"the inbox of {self.application_name}"
         #: Ids of rows delivered from their notification and not deleted yet.
         self._acking: set[int] = set()
         self._acks: list[int] = []
@@ -910,6 +914,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         #: and the timer that hands it back to the pool.
         self._writer_conn: _Conn | None = None
         self._writer_linger: asyncio.TimerHandle | None = None
+        #: When the writer's last statement ended (loop time): its linger counts from there.
+        self._writer_used = 0.0
         # Filled in by _start once asyncpg is imported.
         self._broken: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
         self._misuse: tuple[type[BaseException], ...] = ()
@@ -1137,9 +1143,15 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
         if channel == self._inbox_notify:
+            note = payload if isinstance(payload, str) and payload else None
+            if note is not None and self._inbox_idle and not self._inbox_notes:
+                # Nothing before it is left to hand out or claim, so it cannot overtake
+                # anything: delivered here, without a wake-up and a pass of the reader task.
+                self._deliver_note(note, self._inbox_where)
+                return
             # Handled in arrival order by the inbox reader: a row carried here must
             # not overtake rows of an earlier empty notification, still to be claimed.
-            self._inbox_notes.append(payload if isinstance(payload, str) and payload else None)
+            self._inbox_notes.append(note)
             self._inbox_wake.set()
             return
         named = self._named.get(self._named_by_notify.get(channel, ""))
@@ -1307,7 +1319,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         delivered twice.
         """
         backoff = self.backoff()
-        where = f"the inbox of {self.application_name}"
+        where = self._inbox_where
         claim = True  # rows stored before we listened
         while True:
             self._inbox_wake.clear()
@@ -1319,7 +1331,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 else:
                     self._deliver_note(note, where)
             if not claim:
-                await self._wait_for_wake(self._inbox_wake)
+                self._inbox_idle = self._listening.is_set()
+                try:
+                    await self._wait_for_wake(self._inbox_wake)
+                finally:
+                    self._inbox_idle = False
                 # Woken by the poll timer (no LISTEN connection): re-check the table.
                 claim = not self._inbox_notes and not self._listening.is_set()
                 continue
@@ -1737,9 +1753,6 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             conn = await self._acquire_for_writer()
         else:
             self._writer_conn = None  # ours until the statement is done
-            if self._writer_linger is not None:
-                self._writer_linger.cancel()
-                self._writer_linger = None
         try:
             result = await operation(conn)
         except self._misuse:
@@ -1765,10 +1778,26 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             self._give_back(conn)
         else:
             self._writer_conn = conn
-            self._writer_linger = asyncio.get_running_loop().call_later(
-                _WRITER_LINGER, self._release_writer_conn
-            )
+            loop = asyncio.get_running_loop()
+            self._writer_used = loop.time()
+            # One timer for many statements (a new one per statement was a timer
+            # handle, a heap push and a cancel each): it re-arms itself while in use.
+            if self._writer_linger is None:
+                self._writer_linger = loop.call_later(_WRITER_LINGER, self._writer_lingered)
         return result
+
+    def _writer_lingered(self) -> None:
+        """The linger timer: give the writer's connection back once idle ``_WRITER_LINGER`` seconds."""
+        self._writer_linger = None
+        if self._writer_conn is None:
+            return  # in use (re-armed when its statement ends) or given back already
+        idle = asyncio.get_running_loop().time() - self._writer_used
+        if idle < _WRITER_LINGER:
+            self._writer_linger = asyncio.get_running_loop().call_later(
+                _WRITER_LINGER - idle, self._writer_lingered
+            )
+        else:
+            self._release_writer_conn()
 
     async def _acquire_for_writer(self) -> _Conn:
         """A pooled connection, waiting and retrying as :meth:`_with_conn` does for its own."""

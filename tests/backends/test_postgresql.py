@@ -763,6 +763,45 @@ async def test_a_row_of_sends_whose_notification_was_missed_is_claimed_in_order(
         await receiver.receive(channel, timeout=0.3)
 
 
+async def test_a_notification_that_comes_during_a_claim_is_delivered_after_it(make: Factory) -> None:
+    # The LISTEN callback delivers a notification's rows itself only while the inbox
+    # reader waits with nothing queued; one that comes while the reader claims (here a
+    # row whose notification was missed) must not overtake the claimed rows.
+    sender, receiver = make(capacity=100), make(capacity=100)
+    missing, seen = [True], asyncio.Event()
+    on_notify = receiver._on_notify
+
+    def noted(conn: object, pid: int, channel: str, payload: object) -> None:
+        if isinstance(payload, str) and payload.startswith("s"):
+            if missing[0]:
+                return
+            seen.set()
+        on_notify(conn, pid, channel, payload)
+
+    receiver._on_notify = noted  # type: ignore[method-assign]
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "n", "i": 0})  # stored; its notification lost
+    missing[0] = False
+    claiming, resume = asyncio.Event(), asyncio.Event()
+    claim = receiver._claim
+
+    async def held(queue: str, limit: int) -> list[asyncpg.Record]:
+        claiming.set()
+        await resume.wait()
+        return await claim(queue, limit)
+
+    receiver._claim = held  # type: ignore[method-assign]
+    receiver._wake_all()  # what a reconnected listener does: claim
+    await asyncio.wait_for(claiming.wait(), 10)
+    await sender.send(channel, {"type": "n", "i": 1})
+    await asyncio.wait_for(seen.wait(), 10)  # its notification came while the claim waits
+    resume.set()
+    got = [(await receiver.receive(channel, timeout=10))["i"] for _ in range(2)]
+    assert got == [0, 1]
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channel, timeout=0.3)
+
+
 async def test_an_expired_row_of_sends_counts_each_send_expired(make: Factory) -> None:
     sender, receiver = make(channel_expiry=1), make()
     missing = _losing_rows_of_sends(receiver)

@@ -1856,7 +1856,8 @@ class RedisChannelLayer(BrokerChannelLayer):
             if node is None:
                 raise self.unavailable("no cluster node serves this layer's inbox")
             kwargs.update(host=node.host, port=node.port, db=0)
-        return Redis.from_pool(ConnectionPool(**kwargs, **reader_options))
+        # The reader's options win over the same ones in the url (protocol=3, say).
+        return Redis.from_pool(ConnectionPool(**{**kwargs, **reader_options}))
 
     async def _reader_session(self) -> None:
         """Connect, restore state after a reconnect, then read until the connection fails."""

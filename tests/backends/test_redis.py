@@ -571,6 +571,21 @@ async def test_a_reader_cut_off_mid_stream_delivers_each_message_once_in_order(
     await eventually(lambda: _is_zero(raw.llen(inbox)), "the reader removes what it delivered")
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_url_naming_a_protocol_still_delivers(
+    redis_server: RedisNode, namespace: str, layers: list[BaseChannelLayer], protocol: int
+) -> None:
+    # The inbox reader picks its own protocol: one named in the url must not clash with it.
+    build = layer_factory(
+        layers, RedisChannelLayer, url=f"{redis_server.url}?protocol={protocol}", prefix=namespace
+    )
+    receiver, sender = build(), build()
+    channel = await receiver.new_channel()
+    for index in range(3):
+        await sender.send(channel, {"type": "m", "i": index})
+        assert await receiver.receive(channel, timeout=10) == {"type": "m", "i": index}
+
+
 async def _is_zero(length: Any) -> bool:
     return int(await length) == 0
 

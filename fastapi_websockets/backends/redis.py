@@ -75,6 +75,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -850,6 +851,11 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._delivered_id = b""
         #: Entries delivered from pub/sub and not yet removed from the inbox.
         self._unacked = 0
+        #: Pub/sub messages the reader handled, and its one timer (see _quiet_for).
+        self._arrivals = 0
+        self._quiet: asyncio.TimerHandle | None = None
+        #: Whether the reader's timer sent a PING that got no pong yet.
+        self._pinged = False
         #: The same for each named channel whose taken list may still hold a batch.
         self._named_taken: dict[str, str] = {}
         self._taken_seq = 0
@@ -1904,34 +1910,92 @@ class RedisChannelLayer(BrokerChannelLayer):
         # tenth of a lone send's client CPU, all of it between a message's arrival and
         # its delivery. None of it applies here: the reader's client never retries (a
         # failure ends the session, whose next one subscribes and drains again), sends
-        # no health checks, and handles no subscription replies after _subscribe.
+        # no health checks, and handles no subscription replies after _subscribe. Reads
+        # have no time limit each (a timer per message): one timer watches for quiet
+        # (see _quiet_for).
         conn = pubsub.connection
-        if conn is None:
+        stream = None if conn is None else conn._writer
+        if conn is None or stream is None:
             raise self.unavailable("the subscription has no connection")
         while not self._closed:
             await self._drain()
             self._reader_healthy = True
-            while not self._closed:
-                wait = _ACK_DELAY if self._unacked else _BLOCK_SECONDS
-                reply = await conn.read_response(timeout=wait, disconnect_on_error=False, push_request=True)
-                if reply is None:
-                    if not self._unacked:
-                        break  # the safety-net re-check
-                    await self._ack()
-                elif reply[0] not in _PUBLISHED:
-                    continue  # not a message (no other reply is expected here)
-                elif not reply[-1]:
-                    break  # a wake-up: entries were stored
-                else:
+            self._pinged = False
+            self._watch(stream, _ACK_DELAY if self._unacked else _BLOCK_SECONDS)
+            try:
+                while True:
+                    reply = await conn.read_response(
+                        timeout=math.inf, disconnect_on_error=False, push_request=True
+                    )
+                    if reply[0] not in _PUBLISHED:
+                        if reply[0] == b"pong":
+                            break  # quiet for _BLOCK_SECONDS: the safety-net re-check
+                        continue  # no other reply is expected here
+                    if not reply[-1]:
+                        break  # a wake-up: entries were stored
+                    idle = not self._unacked
                     self._unacked += self._handle_frames(reply[-1])
+                    self._arrivals += 1
                     if self._unacked >= ack_every:
-                        await self._ack()
+                        self._ack_soon()
+                    elif idle:
+                        self._watch(stream, _ACK_DELAY)
+            finally:
+                if self._quiet is not None:
+                    self._quiet.cancel()
+                    self._quiet = None
 
-    async def _ack(self) -> None:
-        """Remove the entries delivered from pub/sub from the inbox (one script call)."""
+    def _watch(self, stream: asyncio.StreamWriter, delay: float) -> None:
+        """(Re)start the pub/sub reader's timer: :meth:`_quiet_for` in ``delay`` seconds."""
+        if self._quiet is not None:
+            self._quiet.cancel()
+        loop = asyncio.get_running_loop()
+        self._quiet = loop.call_later(delay, self._quiet_for, stream, self._arrivals)
+
+    def _quiet_for(self, stream: asyncio.StreamWriter, arrivals: int) -> None:
+        """The pub/sub reader's timer, which stands for a time limit on each of its reads.
+
+        If messages came since it was set, it starts again. Quiet for
+        ``_ACK_DELAY`` after deliveries: their removal from the inbox is queued.
+        Quiet for ``_BLOCK_SECONDS``: a PING on the subscription, whose pong makes
+        the reader re-check the inbox (the safety net against a silently dead
+        connection); if the previous PING got no pong by then, the connection is
+        cut, and the next session subscribes and drains.
+        """
+        self._quiet = None
+        if self._closed or stream.is_closing():
+            return
+        if self._arrivals != arrivals:
+            self._watch(stream, _ACK_DELAY if self._unacked else _BLOCK_SECONDS)
+            return
+        if self._unacked:
+            self._ack_soon()
+        elif self._pinged:
+            logger.debug("no pong on the Redis subscription for %s s: reconnecting", _BLOCK_SECONDS)
+            stream.transport.abort()
+            return
+        else:
+            self._pinged = True
+            stream.write(b"*1\r\n$4\r\nPING\r\n")  # synchronous: nothing else writes there
+        self._watch(stream, _BLOCK_SECONDS)
+
+    def _ack_soon(self) -> None:
+        """Queue the removal of the entries delivered from pub/sub from the inbox (one script call).
+
+        The reader does not wait for it. An entry is removed only if its id is at
+        or below the newest delivered, so a removal that fails leaves its count
+        for the next one (counting too many removes nothing undelivered).
+        """
         count, self._unacked = self._unacked, 0
         keys = [self._inbox_key(self.client_token)]
-        await self._script("ack_inbox", keys, self._delivered_id, count)
+        fut = self._queue_now(*_script_call("ack_inbox", keys, self._delivered_id, count))
+        fut.add_done_callback(functools.partial(self._acked, count))
+
+    def _acked(self, count: int, fut: asyncio.Future[Any]) -> None:
+        exc = ChannelLayerClosed("cancelled") if fut.cancelled() else fut.exception()
+        if exc is not None:
+            self._unacked += count
+            logger.debug("could not remove delivered entries from the Redis inbox: %s", exc)
 
     def _handle_frames(self, data: bytes) -> int:
         """Handle the entries of one pub/sub message; return how many it held."""

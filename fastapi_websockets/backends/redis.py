@@ -115,8 +115,9 @@ logger = logging.getLogger("fastapi_websockets.redis")
 
 #: Most inbox entries one pop takes.
 _BATCH = 512
-#: Seconds a BLMOVE blocks (and a pub/sub reader waits for a wake-up) before
-#: re-checking; only a safety net against a silently dead connection.
+#: Seconds a BLMOVE blocks (and a pub/sub reader goes without a message before it
+#: PINGs its subscription and re-checks the inbox) before re-checking; only a safety
+#: net against a silently dead connection.
 _BLOCK_SECONDS = 30
 #: Seconds between re-checks of a named channel while a receive waits on it:
 #: covers a wake-up lost while Redis restarted.
@@ -132,7 +133,7 @@ _ID_DIGITS = 16
 _INBOX_HEAD = _DEADLINE_DIGITS + _ID_DIGITS
 #: Hex digits of the length before each entry of a pub/sub message.
 _FRAME_DIGITS = 8
-#: Seconds the reader waits after a delivery before it removes the delivered entries
+#: Seconds of quiet after a delivery before the reader removes the delivered entries
 #: from its inbox (sooner once it delivered a quarter of the inbox's capacity).
 _ACK_DELAY = 0.02
 #: After Redis lost its data (a restart without persistence), group_send is refused

@@ -75,6 +75,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -114,8 +115,9 @@ logger = logging.getLogger("fastapi_websockets.redis")
 
 #: Most inbox entries one pop takes.
 _BATCH = 512
-#: Seconds a BLMOVE blocks (and a pub/sub reader waits for a wake-up) before
-#: re-checking; only a safety net against a silently dead connection.
+#: Seconds a BLMOVE blocks (and a pub/sub reader goes without a message before it
+#: PINGs its subscription and re-checks the inbox) before re-checking; only a safety
+#: net against a silently dead connection.
 _BLOCK_SECONDS = 30
 #: Seconds between re-checks of a named channel while a receive waits on it:
 #: covers a wake-up lost while Redis restarted.
@@ -131,7 +133,7 @@ _ID_DIGITS = 16
 _INBOX_HEAD = _DEADLINE_DIGITS + _ID_DIGITS
 #: Hex digits of the length before each entry of a pub/sub message.
 _FRAME_DIGITS = 8
-#: Seconds the reader waits after a delivery before it removes the delivered entries
+#: Seconds of quiet after a delivery before the reader removes the delivered entries
 #: from its inbox (sooner once it delivered a quarter of the inbox's capacity).
 _ACK_DELAY = 0.02
 #: After Redis lost its data (a restart without persistence), group_send is refused
@@ -150,6 +152,9 @@ _LEFT = b"L"
 # A group message: "{members in Redis}\n{group}\0{data}"; the owner delivers it
 # to the members of the group it holds.
 _GROUP = b"G"
+
+#: The first element of a pub/sub message (classic and sharded); its payload is the last.
+_PUBLISHED = frozenset((b"message", b"smessage"))
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._/-]{1,100}")
 _URL_SCHEMES = ("redis", "rediss", "unix")
@@ -847,6 +852,11 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._delivered_id = b""
         #: Entries delivered from pub/sub and not yet removed from the inbox.
         self._unacked = 0
+        #: Pub/sub messages the reader handled, and its one timer (see _quiet_for).
+        self._arrivals = 0
+        self._quiet: asyncio.TimerHandle | None = None
+        #: Whether the reader's timer sent a PING that got no pong yet.
+        self._pinged = False
         #: The same for each named channel whose taken list may still hold a batch.
         self._named_taken: dict[str, str] = {}
         self._taken_seq = 0
@@ -1215,9 +1225,9 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _take_jobs(self) -> list[tuple[tuple[Any, ...], Callable[[Any], None]]]:
         """Everything queued, as (command, settle) pairs for one pipeline."""
         jobs: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
-        taken = len(self._queue) + sum(len(items) for items in self._inbox_pending.values())
-        if taken:
-            self._lone = taken == 1
+        if not self._queue and not self._inbox_pending:
+            return jobs  # the writer's look after a lone send it only reads the reply of
+        self._lone = len(self._queue) + sum(len(items) for items in self._inbox_pending.values()) == 1
         queue, self._queue = self._queue, []
         for command, fut in queue:
             if not fut.done():
@@ -1838,6 +1848,11 @@ class RedisChannelLayer(BrokerChannelLayer):
             "socket_connect_timeout": self.timeout,
             "retry": Retry(NoBackoff(), 0),
             "max_connections": 2,
+            # RESP2: redis-py 8 speaks RESP3 by default, where every pub/sub message is a
+            # push that its parser hands to a logging hook (which formats the whole
+            # message for a DEBUG line) before returning it. The reader needs nothing
+            # RESP3 adds.
+            "protocol": 2,
         }
         if self.sentinels:
             return self._sentinel_master(**reader_options)
@@ -1848,7 +1863,8 @@ class RedisChannelLayer(BrokerChannelLayer):
             if node is None:
                 raise self.unavailable("no cluster node serves this layer's inbox")
             kwargs.update(host=node.host, port=node.port, db=0)
-        return Redis.from_pool(ConnectionPool(**kwargs, **reader_options))
+        # The reader's options win over the same ones in the url (protocol=3, say).
+        return Redis.from_pool(ConnectionPool(**{**kwargs, **reader_options}))
 
     async def _reader_session(self) -> None:
         """Connect, restore state after a reconnect, then read until the connection fails."""
@@ -1890,28 +1906,97 @@ class RedisChannelLayer(BrokerChannelLayer):
         """
         ack_every = max(1, min(_BATCH, self._inbox_limit // 4))
         self._unacked = 0
+        # The subscription's connection is read directly: PubSub.get_message wraps each
+        # read in a retry, a health check, metrics hooks and a message dict, about a
+        # tenth of a lone send's client CPU, all of it between a message's arrival and
+        # its delivery. None of it applies here: the reader's client never retries (a
+        # failure ends the session, whose next one subscribes and drains again), sends
+        # no health checks, and handles no subscription replies after _subscribe. Reads
+        # have no time limit each (a timer per message): one timer watches for quiet
+        # (see _quiet_for).
+        conn = pubsub.connection
+        stream = None if conn is None else conn._writer
+        if conn is None or stream is None:
+            raise self.unavailable("the subscription has no connection")
         while not self._closed:
             await self._drain()
             self._reader_healthy = True
-            while not self._closed:
-                wait = _ACK_DELAY if self._unacked else _BLOCK_SECONDS
-                reply = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-                if reply is None:
-                    if not self._unacked:
-                        break  # the safety-net re-check
-                    await self._ack()
-                elif not reply["data"]:
-                    break  # a wake-up: entries were stored
-                else:
-                    self._unacked += self._handle_frames(reply["data"])
+            self._pinged = False
+            self._watch(stream, _ACK_DELAY if self._unacked else _BLOCK_SECONDS)
+            try:
+                while True:
+                    reply = await conn.read_response(
+                        timeout=math.inf, disconnect_on_error=False, push_request=True
+                    )
+                    if reply[0] not in _PUBLISHED:
+                        if reply[0] == b"pong":
+                            break  # quiet for _BLOCK_SECONDS: the safety-net re-check
+                        continue  # no other reply is expected here
+                    if not reply[-1]:
+                        break  # a wake-up: entries were stored
+                    idle = not self._unacked
+                    self._unacked += self._handle_frames(reply[-1])
+                    self._arrivals += 1
                     if self._unacked >= ack_every:
-                        await self._ack()
+                        self._ack_soon()
+                    elif idle:
+                        self._watch(stream, _ACK_DELAY)
+            finally:
+                if self._quiet is not None:
+                    self._quiet.cancel()
+                    self._quiet = None
 
-    async def _ack(self) -> None:
-        """Remove the entries delivered from pub/sub from the inbox (one script call)."""
+    def _watch(self, stream: asyncio.StreamWriter, delay: float) -> None:
+        """(Re)start the pub/sub reader's timer: :meth:`_quiet_for` in ``delay`` seconds."""
+        if self._quiet is not None:
+            self._quiet.cancel()
+        loop = asyncio.get_running_loop()
+        self._quiet = loop.call_later(delay, self._quiet_for, stream, self._arrivals)
+
+    def _quiet_for(self, stream: asyncio.StreamWriter, arrivals: int) -> None:
+        """The pub/sub reader's timer, which stands for a time limit on each of its reads.
+
+        If messages came since it was set, it starts again. Quiet for
+        ``_ACK_DELAY`` after deliveries: their removal from the inbox is queued.
+        Quiet for ``_BLOCK_SECONDS``: a PING on the subscription, whose pong makes
+        the reader re-check the inbox (the safety net against a silently dead
+        connection); if the previous PING got no pong by then, the connection is
+        cut, and the next session subscribes and drains.
+        """
+        self._quiet = None
+        if self._closed or stream.is_closing():
+            return
+        if self._arrivals != arrivals:
+            self._watch(stream, _ACK_DELAY if self._unacked else _BLOCK_SECONDS)
+            return
+        if self._unacked:
+            self._ack_soon()
+        elif self._pinged:
+            logger.debug("no pong on the Redis subscription for %s s: reconnecting", _BLOCK_SECONDS)
+            stream.transport.abort()
+            return
+        else:
+            self._pinged = True
+            stream.write(b"*1\r\n$4\r\nPING\r\n")  # synchronous: nothing else writes there
+        self._watch(stream, _BLOCK_SECONDS)
+
+    def _ack_soon(self) -> None:
+        """Queue the removal of the entries delivered from pub/sub from the inbox (one script call).
+
+        The reader does not wait for it. An entry is removed only if its id is at
+        or below the newest delivered, so a removal that fails leaves its count
+        for the next one (counting too many removes nothing undelivered).
+        """
         count, self._unacked = self._unacked, 0
         keys = [self._inbox_key(self.client_token)]
-        await self._script("ack_inbox", keys, self._delivered_id, count)
+        fut = self._queue_now(*_script_call("ack_inbox", keys, self._delivered_id, count))
+        fut.add_done_callback(functools.partial(self._acked, count))
+
+    def _acked(self, count: int, fut: asyncio.Future[Any]) -> None:
+        exc = ChannelLayerClosed("cancelled") if fut.cancelled() else fut.exception()
+        if exc is not None:
+            self._unacked += count
+            logger.debug("could not remove delivered entries from the Redis inbox: %s", exc)
 
     def _handle_frames(self, data: bytes) -> int:
         """Handle the entries of one pub/sub message; return how many it held."""

@@ -21,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
 from fastapi_websockets import BaseChannelLayer, ChannelFull, InvalidChannelLayerConfig, get_channel_layer
+from fastapi_websockets.backends import redis as redis_backend
 from fastapi_websockets.backends.redis import RedisChannelLayer
 from fastapi_websockets.config import get_channel_layer_from_env
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
@@ -569,6 +570,44 @@ async def test_a_reader_cut_off_mid_stream_delivers_each_message_once_in_order(
         await receiver.receive(channel, timeout=0.5)  # nothing twice
     inbox = f"{receiver.prefix}:inbox:{{{receiver.client_token}}}"
     await eventually(lambda: _is_zero(raw.llen(inbox)), "the reader removes what it delivered")
+
+
+async def test_an_entry_that_missed_the_subscription_is_found_by_the_quiet_re_check(
+    make: Factory,
+    raw: redis_asyncio.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The safety net against a silently dead subscription: after _BLOCK_SECONDS without a
+    # message the reader pops its inbox, so an entry stored without a publish is delivered.
+    # A live subscription answers the reader's PING: no reconnect is needed for that.
+    monkeypatch.setattr(redis_backend, "_BLOCK_SECONDS", 0.3)
+    caplog.set_level(logging.DEBUG, logger="fastapi_websockets.redis")
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm"})
+    assert await receiver.receive(channel, timeout=10) == {"type": "warm"}
+    seconds, _ = await raw.time()
+    deadline = b"%013d" % ((int(seconds) + 60) * 1000)
+    entry = deadline + b"9" * 16 + b"D" + channel.encode() + b"\x00" + receiver.encode({"type": "stored"})
+    await raw.rpush(f"{receiver.prefix}:inbox:{{{receiver.client_token}}}", entry)
+    assert await receiver.receive(channel, timeout=10) == {"type": "stored"}
+    assert "reconnect" not in caplog.text
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_url_naming_a_protocol_still_delivers(
+    redis_server: RedisNode, namespace: str, layers: list[BaseChannelLayer], protocol: int
+) -> None:
+    # The inbox reader picks its own protocol: one named in the url must not clash with it.
+    build = layer_factory(
+        layers, RedisChannelLayer, url=f"{redis_server.url}?protocol={protocol}", prefix=namespace
+    )
+    receiver, sender = build(), build()
+    channel = await receiver.new_channel()
+    for index in range(3):
+        await sender.send(channel, {"type": "m", "i": index})
+        assert await receiver.receive(channel, timeout=10) == {"type": "m", "i": index}
 
 
 async def _is_zero(length: Any) -> bool:

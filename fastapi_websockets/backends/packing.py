@@ -157,6 +157,9 @@ class Packer:
         # dropped from the head lazily.
         self._waiting: deque[_Frame] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        #: The destination and task of the last send that waited a turn for others and
+        #: found none: that task's next send there, with nothing in flight, goes at once.
+        self._lone: tuple[str, asyncio.Task[Any] | None] | None = None
         #: Packed messages published so far and the frames they carried.
         self.packed = 0
         self.packed_frames = 0
@@ -168,11 +171,23 @@ class Packer:
         outbox = self._outboxes.get(destination)
         if outbox is None:
             outbox = self._outboxes[destination] = _Outbox()
+        if outbox.in_flight == 0 and not outbox.queued:
+            lone = self._lone
+            if lone is not None and lone[0] == destination and lone[1] is asyncio.current_task():
+                # A lone sender's task (its last send here found nobody to go
+                # with): at once, without the turn's wait or a frame.
+                outbox.in_flight += 1
+                try:
+                    await self._send_one(destination, channel, data)
+                finally:
+                    self._settled(destination, outbox)
+                return
         loop = asyncio.get_running_loop()
         frame = _Frame(channel, data, loop.create_future(), loop.time() + self._timeout)
         if outbox.in_flight == 0 and not outbox.queued:
             await self._gathered(destination, outbox, frame)
             return
+        self._lone = None  # sends overlap: the next with nothing in flight waits its turn again
         outbox.queued.append(frame)
         self._track(frame)
         if outbox.in_flight < self._limit and not outbox.flush_due:
@@ -234,6 +249,7 @@ class Packer:
         outbox.flush_due = False
         queued = outbox.queued
         if len(queued) == 1 and queued[0] is frame:
+            self._lone = (destination, asyncio.current_task())
             queued.clear()
             try:
                 await self._send_one(destination, frame.channel, frame.data)

@@ -5,7 +5,8 @@ docs/architecture.md, "Where the time goes"), carries sixteen concurrent sends
 to one process's inbox about as fast as one when they travel as one message.
 :class:`Packer` does that for one layer: per destination, the sends made in
 one turn of the event loop go out together on the next, alone when there is
-only one (from the caller's task) and as one packed message otherwise; sends
+only one (from the caller's task) and as one packed message otherwise (a
+task whose last send there found nobody to go with sends at once); sends
 that arrive while a publish to that destination is unconfirmed wait, in call
 order, and go out together on the next turn if fewer than ``in_flight``
 publishes are unconfirmed, else when one of them is settled.
@@ -113,8 +114,10 @@ class Packer:
     Per destination at most ``in_flight`` publishes are unconfirmed at once.
     A send that finds nothing in flight and nothing queued waits one turn of
     the event loop for the sends of its turn (senders one message woke) and
-    is published alone, from the caller's task, if none came, so a lone
-    sender pays a loop turn and no task. Otherwise its frame is queued, and
+    is published alone, from the caller's task, if none came; that task's
+    next send to that destination, if it too finds nothing in flight and no
+    other send came between, is published at once, so a lone sender pays
+    neither the turn nor a task. Otherwise its frame is queued, and
     the queued frames (at most ``max_frames``, at most ``max_bytes`` of
     payloads and names, always at least one) go out as one message from a
     background task, so cancelling one caller never loses another's frame:
@@ -177,10 +180,7 @@ class Packer:
                 # A lone sender's task (its last send here found nobody to go
                 # with): at once, without the turn's wait or a frame.
                 outbox.in_flight += 1
-                try:
-                    await self._send_one(destination, channel, data)
-                finally:
-                    self._settled(destination, outbox)
+                await self._alone(destination, outbox, channel, data)
                 return
         loop = asyncio.get_running_loop()
         frame = _Frame(channel, data, loop.create_future(), loop.time() + self._timeout)
@@ -251,10 +251,7 @@ class Packer:
         if len(queued) == 1 and queued[0] is frame:
             self._lone = (destination, asyncio.current_task())
             queued.clear()
-            try:
-                await self._send_one(destination, frame.channel, frame.data)
-            finally:
-                self._settled(destination, outbox)
+            await self._alone(destination, outbox, frame.channel, frame.data)
             return
         batch = self._take(outbox)  # this frame first, unless close() failed it meanwhile
         if batch:
@@ -268,6 +265,13 @@ class Packer:
         else:
             self._settled(destination, outbox)
         await self._wait(frame)
+
+    async def _alone(self, destination: str, outbox: _Outbox, channel: str, data: bytes) -> None:
+        """Publish one send from the caller's task, in the in-flight slot it took."""
+        try:
+            await self._send_one(destination, channel, data)
+        finally:
+            self._settled(destination, outbox)
 
     def close(self) -> None:
         """Fail every queued frame with ``ChannelLayerClosed``; later sends raise it too."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -162,7 +163,8 @@ class Packer:
         self._timer: asyncio.TimerHandle | None = None
         #: The destination and task of the last send that waited a turn for others and
         #: found none: that task's next send there, with nothing in flight, goes at once.
-        self._lone: tuple[str, asyncio.Task[Any] | None] | None = None
+        #: A weak reference: a finished task (its result, its traceback) is not kept for it.
+        self._lone: tuple[str, weakref.ref[asyncio.Task[Any]]] | None = None
         #: Packed messages published so far and the frames they carried.
         self.packed = 0
         self.packed_frames = 0
@@ -176,7 +178,7 @@ class Packer:
             outbox = self._outboxes[destination] = _Outbox()
         if outbox.in_flight == 0 and not outbox.queued:
             lone = self._lone
-            if lone is not None and lone[0] == destination and lone[1] is asyncio.current_task():
+            if lone is not None and lone[0] == destination and lone[1]() is asyncio.current_task():
                 # A lone sender's task (its last send here found nobody to go
                 # with): at once, without the turn's wait or a frame.
                 outbox.in_flight += 1
@@ -249,7 +251,8 @@ class Packer:
         outbox.flush_due = False
         queued = outbox.queued
         if len(queued) == 1 and queued[0] is frame:
-            self._lone = (destination, asyncio.current_task())
+            task = asyncio.current_task()
+            self._lone = (destination, weakref.ref(task)) if task is not None else None
             queued.clear()
             await self._alone(destination, outbox, frame.channel, frame.data)
             return

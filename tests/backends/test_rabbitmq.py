@@ -1424,6 +1424,21 @@ async def test_sends_of_one_loop_turn_after_a_lone_one_are_one_amqp_message(make
     assert (sender.packed_publishes, sender.packed_sends) == (1, 16)
 
 
+async def test_a_lone_senders_next_send_is_handed_over_before_the_next_loop_turn(make: Factory) -> None:
+    # The first send waits a loop turn for others to go with it; once a task's
+    # send found nobody, its next one (nothing in flight) is written at once.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    for i in range(2):
+        await sender.send(channel, {"i": i})
+    seen: list[int] = []
+    asyncio.get_running_loop().call_soon(lambda: seen.append(sender.publishes))
+    before = sender.publishes
+    await sender.send(channel, {"i": 2})
+    assert seen == [before + 1]
+    assert [(await receiver.receive(channel, timeout=10))["i"] for _ in range(3)] == [0, 1, 2]
+
+
 async def test_a_closed_loop_of_sixteen_senders_is_one_amqp_message_a_round(make: Factory) -> None:
     # Each round's senders are woken by one confirm, in one loop turn: none may
     # go out alone, or the round splits in two and stays split.

@@ -3,11 +3,13 @@
 A broker whose cost is per message, not per byte (RabbitMQ: measured in
 docs/architecture.md, "Where the time goes"), carries sixteen concurrent sends
 to one process's inbox about as fast as one when they travel as one message.
-:class:`Packer` does that for one layer: per destination, a send with nothing
-in flight goes out alone and at once; sends that arrive while a publish to
-that destination is unconfirmed wait, in call order, and go out together as
-one packed message on the next turn of the event loop if fewer than
-``in_flight`` publishes are unconfirmed, else when one of them is settled.
+:class:`Packer` does that for one layer: per destination, the sends made in
+one turn of the event loop go out together on the next, alone when there is
+only one (from the caller's task) and as one packed message otherwise (a
+task whose last send there found nobody to go with sends at once); sends
+that arrive while a publish to that destination is unconfirmed wait, in call
+order, and go out together on the next turn if fewer than ``in_flight``
+publishes are unconfirmed, else when one of them is settled.
 :func:`pack` and :func:`unpack` are the packed body: a version byte, then per
 frame a 2-byte channel length, a 4-byte payload length (big-endian), the
 channel in UTF-8 and the payload.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -107,23 +110,27 @@ class _Outbox:
 
 
 class Packer:
-    """Sends to one destination go out alone when nothing waits, packed when they pile up.
+    """Sends to one destination go out alone when nothing else comes, packed when they pile up.
 
     Per destination at most ``in_flight`` publishes are unconfirmed at once.
-    A send that finds nothing in flight and nothing queued is published
-    alone, from the caller's task, so a lone sender pays nothing. Otherwise
-    its frame is queued, and the queued frames (at most ``max_frames``, at
-    most ``max_bytes`` of payloads and names, always at least one) go out as
-    one message from a background task, so cancelling one caller never
-    loses another's frame: on the next turn of the event loop if a slot is
-    free (the senders one confirm woke all send in one turn: they travel
-    together), else whenever a publish to that destination is settled. Every caller returns
-    or raises with the publish that carried its frame: a failure reaches each
-    of them. Frames are taken in call order and packed publishes to one
-    destination are started in that order. A queued caller waits at most
-    ``timeout`` seconds in all, as a lone one does, then raises
-    ``on_timeout(channel)``: its frame is withdrawn if not taken yet, and
-    may still be delivered if it was.
+    A send that finds nothing in flight and nothing queued waits one turn of
+    the event loop for the sends of its turn (senders one message woke) and
+    is published alone, from the caller's task, if none came; that task's
+    next send to that destination, if it too finds nothing in flight and no
+    other send came between, is published at once, so a lone sender pays
+    neither the turn nor a task. Otherwise its frame is queued, and
+    the queued frames (at most ``max_frames``, at most ``max_bytes`` of
+    payloads and names, always at least one) go out as one message from a
+    background task, so cancelling one caller never loses another's frame:
+    on the next turn of the event loop if a slot is free (the senders one
+    confirm woke all send in one turn: they travel together), else whenever
+    a publish to that destination is settled. Every caller returns or raises
+    with the publish that carried its frame: a failure reaches each of them.
+    Frames are taken in call order and packed publishes to one destination
+    are started in that order. A queued caller waits at most ``timeout``
+    seconds in all, as a lone one does, then raises ``on_timeout(channel)``:
+    its frame is withdrawn if not taken yet, and may still be delivered if
+    it was.
     """
 
     def __init__(
@@ -154,6 +161,10 @@ class Packer:
         # dropped from the head lazily.
         self._waiting: deque[_Frame] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        #: The destination and task of the last send that waited a turn for others and
+        #: found none: that task's next send there, with nothing in flight, goes at once.
+        #: A weak reference: a finished task (its result, its traceback) is not kept for it.
+        self._lone: tuple[str, weakref.ref[asyncio.Task[Any]]] | None = None
         #: Packed messages published so far and the frames they carried.
         self.packed = 0
         self.packed_frames = 0
@@ -166,21 +177,21 @@ class Packer:
         if outbox is None:
             outbox = self._outboxes[destination] = _Outbox()
         if outbox.in_flight == 0 and not outbox.queued:
-            outbox.in_flight += 1
-            try:
-                await self._send_one(destination, channel, data)
-            finally:
-                self._settled(destination, outbox)
-            return
+            lone = self._lone
+            if lone is not None and lone[0] == destination and lone[1]() is asyncio.current_task():
+                # A lone sender's task (its last send here found nobody to go
+                # with): at once, without the turn's wait or a frame.
+                outbox.in_flight += 1
+                await self._alone(destination, outbox, channel, data)
+                return
         loop = asyncio.get_running_loop()
         frame = _Frame(channel, data, loop.create_future(), loop.time() + self._timeout)
+        if outbox.in_flight == 0 and not outbox.queued:
+            await self._gathered(destination, outbox, frame)
+            return
+        self._lone = None  # sends overlap: the next with nothing in flight waits its turn again
         outbox.queued.append(frame)
-        waiting = self._waiting
-        while waiting and waiting[0].done.done():
-            waiting.popleft()
-        waiting.append(frame)
-        if self._timer is None:
-            self._timer = loop.call_at(frame.deadline, self._expire, loop, frame.deadline)
+        self._track(frame)
         if outbox.in_flight < self._limit and not outbox.flush_due:
             # A slot is free: the sends of this loop turn (senders woken by one
             # confirm send together) go out as one message on the next turn,
@@ -194,12 +205,76 @@ class Packer:
                 outbox.in_flight -= 1
                 frame.done.cancel()  # withdrawn: never taken, never timed out
                 raise
+        await self._wait(frame)
+
+    def _track(self, frame: _Frame) -> None:
+        """Fail ``frame`` with the timeout at its deadline unless it is settled before."""
+        waiting = self._waiting
+        while waiting and waiting[0].done.done():
+            waiting.popleft()
+        waiting.append(frame)
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(frame.deadline, self._expire, loop, frame.deadline)
+
+    @staticmethod
+    async def _wait(frame: _Frame) -> None:
+        """Return, or raise, with the publish that carried ``frame``."""
         try:
             await frame.done
         except asyncio.CancelledError:
             if frame.done.done() and not frame.done.cancelled():
                 frame.done.exception()  # settled as we were cancelled: retrieved, not logged as lost
             raise
+
+    async def _gathered(self, destination: str, outbox: _Outbox, frame: _Frame) -> None:
+        """Publish ``frame``, which found nothing in flight or queued, with the sends of this loop turn.
+
+        Senders woken together (one confirm or one delivery wakes every sender
+        its message carried) send in one turn. The first used to go out alone,
+        at once, and the rest packed a turn later: two messages a round, and
+        the two halves stayed out of step, each with its own publish in
+        flight. So the first holds the due slot for one turn, the others queue
+        behind it as behind a due publish, and then it publishes alone from its
+        own task if nobody came, else packed with them from a background task.
+        """
+        outbox.in_flight += 1
+        outbox.flush_due = True
+        outbox.queued.append(frame)
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            frame.done.cancel()  # withdrawn: never taken
+            outbox.flush_due = False
+            self._settled(destination, outbox)  # what queued behind it goes out without it
+            raise
+        outbox.flush_due = False
+        queued = outbox.queued
+        if len(queued) == 1 and queued[0] is frame:
+            task = asyncio.current_task()
+            self._lone = (destination, weakref.ref(task)) if task is not None else None
+            queued.clear()
+            await self._alone(destination, outbox, frame.channel, frame.data)
+            return
+        batch = self._take(outbox)  # this frame first, unless close() failed it meanwhile
+        if batch:
+            # Behind frames queued after it: it times out at most this turn late.
+            self._track(frame)
+            try:
+                self._spawn(self._publish(destination, outbox, batch))
+            except ChannelLayerClosed as exc:
+                settle_all((taken.done for taken in batch), exc)
+                self._settled(destination, outbox)
+        else:
+            self._settled(destination, outbox)
+        await self._wait(frame)
+
+    async def _alone(self, destination: str, outbox: _Outbox, channel: str, data: bytes) -> None:
+        """Publish one send from the caller's task, in the in-flight slot it took."""
+        try:
+            await self._send_one(destination, channel, data)
+        finally:
+            self._settled(destination, outbox)
 
     def close(self) -> None:
         """Fail every queued frame with ``ChannelLayerClosed``; later sends raise it too."""

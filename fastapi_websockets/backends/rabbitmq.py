@@ -152,8 +152,8 @@ RECONNECT_INTERVAL = 1.0
 RECENT_IDS = 4 * INBOX_PREFETCH
 #: Unacknowledged deliveries per history stream consumer (stream consumers need a prefetch).
 HISTORY_PREFETCH = 1000
-#: Unconfirmed publishes per destination inbox (see ``packing``): a send with one in
-#: flight waits a loop turn and goes out packed with the sends of that turn. Two, not
+#: Unconfirmed publishes per destination inbox (see ``packing``): a send waits a loop
+#: turn (a lone sender's does not) and goes out packed with the sends of that turn. Two, not
 #: one: a packed message gathers while the previous is confirmed (measured: 1, 2 and 4
 #: in docs/architecture.md).
 PACK_IN_FLIGHT = 2

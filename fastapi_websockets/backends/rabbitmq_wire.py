@@ -129,8 +129,6 @@ class ConfirmingPublisher:
         self._timeout = timeout
         self._queued: list[_Publish] = []
         self._writing = False
-        #: A publish of this loop turn was handed to aiormq by its caller (see publish).
-        self._wrote_now = False
         #: The channel whose close fails its unconfirmed publishes (one watch per channel).
         self._watched: aiormq.Channel | None = None
         self._stopped = False
@@ -166,13 +164,11 @@ class ConfirmingPublisher:
             self._watched = channel
             channel.closing.add_done_callback(partial(_fail_unconfirmed, channel))
         publish = _Publish(channel, exchange, routing_key, body, properties, mandatory, confirm, on_written)
-        if not self._writing and not self._wrote_now and not self._stopped and self._write_now(publish):
+        if not self._writing and not self._stopped and self._write_now(publish):
             # The first publish of a loop turn with no writer running is handed to
             # aiormq by its caller: no writer task, no loop turn before the write
             # (each packed send paid both). The others of the turn queue for a
             # writer task, which writes them together on the next turn.
-            self._wrote_now = True
-            asyncio.get_running_loop().call_soon(self._turn_over)
             return confirm
         if not self._writing:
             try:
@@ -189,14 +185,14 @@ class ConfirmingPublisher:
         its background tasks (the writer's too) are being cancelled."""
         self._stopped = True
 
-    def _turn_over(self) -> None:
-        self._wrote_now = False
-
     def _write_now(self, publish: _Publish) -> bool:
         """Number ``publish`` and queue its frames in aiormq, without waiting; False if that needs
-        a wait (a full write queue, an ``on_written`` callback), which the writer task does."""
+        a wait (an ``on_written`` callback) or aiormq's writer has not taken what was queued
+        before (a publish of this loop turn: aiormq's writer runs on the next), which the writer
+        task then writes with the rest of the turn's publishes."""
         channel = publish.channel
-        if publish.on_written is not None or channel.write_queue.full():
+        # Not a flag reset by a callback on the next turn: that was a loop callback a lone send.
+        if publish.on_written is not None or not channel.write_queue.empty():
             return False
         if channel.is_closed:
             publish.confirm.set_exception(ChannelInvalidStateError(f"{channel!r} closed"))

@@ -69,7 +69,15 @@ def _arm_suspended() -> None:
 
 
 class _OpcodeCounter:
-    """Stands in for ``cProfile.Profile`` in ``profile_consumer.py``: counts, prints, exits."""
+    """Stands in for ``cProfile.Profile`` in ``profile_consumer.py``: counts, then prints its own report.
+
+    ``profile_consumer.py`` skips its cProfile report for a profiler that
+    ``reports_itself`` and stops its clients and server as after a cProfile
+    pass (a ``SystemExit`` raised here, inside its event loop, left them to
+    be torn down with a traceback each).
+    """
+
+    reports_itself = True
 
     def enable(self) -> None:
         _arm_suspended()
@@ -81,7 +89,6 @@ class _OpcodeCounter:
         print(f"\nbytecodes per delivery: {total / _deliveries:,.1f}")
         for key, count in _bytecodes.most_common(40):
             print(f"{count / _deliveries:8.1f}  {_calls[key] / _deliveries:5.2f} calls  {key}")
-        raise SystemExit(0)
 
 
 def main() -> None:

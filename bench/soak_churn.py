@@ -112,7 +112,14 @@ class Soak:
     """The churning clients and the RSS samples of the server they churn on."""
 
     def __init__(
-        self, url: str, pid: int, cycles: int, concurrency: int, timeout: float, seconds: float | None = None
+        self,
+        url: str,
+        pid: int,
+        cycles: int,
+        concurrency: int,
+        timeout: float,
+        seconds: float | None = None,
+        open_timeout: float | None = None,
     ) -> None:
         self.url = url
         self.pid = pid
@@ -121,6 +128,9 @@ class Soak:
         self.cycles = cycles
         self.concurrency = concurrency
         self.timeout = timeout
+        #: Seconds a connection's opening handshake may take. websockets' own default (10 s)
+        #: failed cycles under load that the cycle's limit would have let finish.
+        self.open_timeout = timeout if open_timeout is None else open_timeout
         self.started = 0
         self.done = 0
         self.failed = 0
@@ -141,7 +151,7 @@ class Soak:
         # behind the room's unread notices, and close() waits 10 s for it.
         url = f"{self.url}/ws/soak?name=u{number}"
         self.stages[number] = "connecting"
-        async with connect(url, ping_interval=None, max_queue=None) as ws:
+        async with connect(url, ping_interval=None, max_queue=None, open_timeout=self.open_timeout) as ws:
             self.stages[number] = "before hello"
             await ws.send(json.dumps({"text": line}))
             async for frame in ws:
@@ -169,13 +179,27 @@ class Soak:
                 stage = self.stages.get(number, "?")
                 self.failed_at[f"{type(error).__name__} {stage}"] += 1
                 if self.failed <= 5:
-                    print(f"cycle {number} failed {stage}: {error!r}", file=sys.stderr)
+                    print(self.failure(number, stage, error, time.monotonic() - began), file=sys.stderr)
             self.stages.pop(number, None)
             self.done += 1
             if self.done % max(1, self.cycles // 10) == 0 or self.done == self.cycles:
                 self.sample()
             elif self.done == self.started and self.out_of_time():
                 self.sample()  # the last cycle in flight when time ran out
+
+    def failure(self, number: int, stage: str, error: Exception, took: float) -> str:
+        """One line saying which cycle failed, where, after how long, and why.
+
+        A timeout's own text is empty: the line names the limit it hit instead.
+        """
+        timed_out = isinstance(error, (TimeoutError, asyncio.TimeoutError))  # (distinct before 3.11)
+        if timed_out and stage == "connecting" and took < self.timeout:
+            why = f"the opening handshake took over {self.open_timeout:g} s (--open-timeout)"
+        elif timed_out:
+            why = f"the cycle took over {self.timeout:g} s (--timeout)"
+        else:
+            why = f"{type(error).__name__}: {error}"
+        return f"cycle {number} failed {stage}, after {took:.1f} s: {why}"
 
     def sample(self) -> None:
         elapsed = time.monotonic() - self.began
@@ -234,7 +258,15 @@ def soak_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
             seconds = args.max_minutes * 60 if args.max_minutes else None
-            soak = Soak(server.urls[0], server.pids[0], args.cycles, args.concurrency, args.timeout, seconds)
+            soak = Soak(
+                server.urls[0],
+                server.pids[0],
+                args.cycles,
+                args.concurrency,
+                args.timeout,
+                seconds,
+                open_timeout=args.open_timeout,
+            )
             soak.probe = bool(args.probe or args.trace)
             try:
                 import uvloop
@@ -425,6 +457,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--ws", default="auto", help="uvicorn --ws implementation")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one cycle may take")
+    parser.add_argument(
+        "--open-timeout",
+        type=float,
+        help="seconds a connection's opening handshake may take (default: --timeout)",
+    )
     parser.add_argument(
         "--out",
         type=lambda text: Path(text) if text else None,

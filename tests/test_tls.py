@@ -11,7 +11,9 @@ the TLS failure, never a raw ``ssl.SSLError``.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import gc
+import signal
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +27,9 @@ from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
 from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer
 from fastapi_websockets.backends.redis import RedisChannelLayer
 from fastapi_websockets.config import get_channel_layer_from_env
-from fastapi_websockets.exceptions import BackendUnavailable
-from tests.servers import Backend
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerError
+from tests.faults import eventually
+from tests.servers import Backend, free_port
 from tests.servers.certs import Certificates
 from tests.servers.redis import RedisNode
 
@@ -208,3 +211,41 @@ async def test_a_closed_redis_layer_leaves_no_tls_socket_open(
         assert await layer.receive("named", timeout=10) == {"type": "x"}
         await layer.close()
         assert half_closed_sockets_to(redis_tls_server.port) == []
+
+
+async def test_a_redis_layer_closed_as_its_tls_handshake_completes_leaves_no_socket_open(
+    tmp_path: Path, tls_certs: Certificates, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen once in CI (test_many_cancellations_lose_nothing[redis-tls]): a socket opened at
+    # pool.get_connection() in _exchange freed open. close() had cancelled the writer just
+    # as its TLS handshake completed: asyncio then closes the new socket without waiting
+    # for the server's TLS shutdown, and redis-py, which never got the socket, cannot
+    # close it or wait for it. Here close() starts exactly then (its first step runs
+    # before the writer wakes up), and the server, frozen, answers nothing more. The
+    # layer's timeout (the write's own bound) outlasts close()'s wait for the open (1 s):
+    # the write timing out first would cut the open short itself.
+    node = RedisNode(tmp_path / "tls", free_port(), tls=tls_certs)
+    node.first_start()
+    assert node.proc is not None
+    layer = RedisChannelLayer(url=node.url, prefix=namespace, tls_ca_file=str(tls_certs.ca_file), timeout=3)
+    closing: list[asyncio.Task[None]] = []
+    complete = asyncio.sslproto.SSLProtocol._on_handshake_complete
+
+    def handshake_complete(protocol: asyncio.sslproto.SSLProtocol, exc: BaseException | None) -> None:
+        if not closing and exc is None:
+            assert node.proc is not None
+            node.proc.popen.send_signal(signal.SIGSTOP)
+            closing.append(asyncio.ensure_future(layer.close()))
+        complete(protocol, exc)  # wakes the writer: after close() started
+
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "_on_handshake_complete", handshake_complete)
+    try:
+        sending = asyncio.ensure_future(layer.send("named", {"type": "x"}))  # the writer's first connection
+        await eventually(lambda: closing, "the first TLS handshake")
+        await asyncio.wait_for(closing[0], 60)
+        (outcome,) = await asyncio.gather(sending, return_exceptions=True)
+        assert isinstance(outcome, ChannelLayerError), outcome  # closed, or no reply from the frozen server
+        assert half_closed_sockets_to(node.port) == []
+    finally:
+        node.proc.popen.send_signal(signal.SIGCONT)
+        node.stop()

@@ -79,7 +79,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi_websockets.backends.base import missing_driver
@@ -112,6 +112,8 @@ if TYPE_CHECKING:
 __all__ = ["RedisChannelLayer"]
 
 logger = logging.getLogger("fastapi_websockets.redis")
+
+T = TypeVar("T")
 
 #: Most inbox entries one pop takes.
 _BATCH = 512
@@ -822,6 +824,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         #: Not in a cluster: the writer task's own client and connection (see _exchange).
         self._writer_client: Redis | None = None
         self._writer_conn: AbstractConnection | None = None
+        #: Connections being opened, each settled once its open ended (see _opening).
+        self._openings: set[asyncio.Future[None]] = set()
         #: Inbox key -> the packed head of a push to it (see _pack).
         self._push_heads: Memo[str, bytes] = Memo()
         self._reader_healthy = False
@@ -1000,6 +1004,10 @@ class RedisChannelLayer(BrokerChannelLayer):
         self.tasks.keep_running(self._read_inbox, "reader")
 
     async def _close(self) -> None:
+        # A connection being opened first (see _opening), for at most the tasks' first wait.
+        deadline = time.monotonic() + min(1.0, self.timeout)
+        while self._openings and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(self._openings, timeout=left)
         # Before the tasks stop: a read they cut short closes its connection without waiting.
         streams = self._open_streams()
         # redis-py 8 can swallow a cancellation that lands while it opens a connection;
@@ -1011,6 +1019,22 @@ class RedisChannelLayer(BrokerChannelLayer):
         await self._wait_sockets_closed(streams)
         self._client = self._cluster_client = self._sentinel = self._writer_client = None
         self._writer_conn = None
+
+    async def _opening(self, connect: Coroutine[Any, Any, T]) -> T:
+        """Await ``connect``, which opens a connection; close() lets it end before it cancels tasks.
+
+        A cancellation that lands as a TLS handshake completes makes asyncio close
+        the new socket without waiting for the server's TLS shutdown, before redis-py
+        got it: close() could neither close it nor wait for it, and an event loop that
+        ended then left the socket to the garbage collector ("unclosed transport").
+        """
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._openings.add(ended)
+        try:
+            return await connect
+        finally:
+            self._openings.discard(ended)
+            ended.set_result(None)
 
     def _open_streams(self) -> list[asyncio.StreamWriter]:
         """The streams of every connection of the layer's clients now (not in a cluster)."""
@@ -1342,7 +1366,10 @@ class RedisChannelLayer(BrokerChannelLayer):
         assert self._writer_client is not None
         if self._writer_conn is None:
             pool = self._writer_client.connection_pool
-            self._writer_conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            opened: AbstractConnection = await self._opening(
+                pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            )
+            self._writer_conn = opened
         conn = self._writer_conn
         callbacks = self._writer_client.response_callbacks
         for attempt in range(2):
@@ -1350,7 +1377,7 @@ class RedisChannelLayer(BrokerChannelLayer):
                 if not conn.is_connected:
                     # connect(), not the implicit connect of a write: a Sentinel
                     # connection asks the sentinels for the master only there.
-                    await conn.connect()
+                    await self._opening(conn.connect())  # type: ignore[no-untyped-call]  # untyped in redis-py
                     ahead = 0  # what was written went with the connection before
                 if ahead < len(commands):
                     await conn.send_packed_command(self._pack(commands[ahead:]), check_health=False)
@@ -2041,9 +2068,9 @@ class RedisChannelLayer(BrokerChannelLayer):
     async def _subscribe(self, pubsub: PubSub) -> None:
         channel = self._wake_channel(self.client_token)
         if self.cluster and self.sharded_pubsub:
-            await pubsub.ssubscribe(channel)
+            await self._opening(pubsub.ssubscribe(channel))
         else:
-            await pubsub.subscribe(channel)
+            await self._opening(pubsub.subscribe(channel))
         # Wait for the confirmation: only then is a push after our first drain sure to wake us.
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:

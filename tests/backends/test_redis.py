@@ -714,6 +714,9 @@ async def test_a_send_written_before_its_caller_was_cancelled_keeps_the_replies_
 ) -> None:
     receiver, sender = make(), make()
     channel = await receiver.new_channel()
+    # The sender's reader writes too as it starts (TIME, ready mark, first take): under load
+    # those overlapped the send below, which then waited for the writer and was taken back.
+    await _started(sender)
     await sender.send(channel, {"type": "warm"})
     assert await receiver.receive(channel, timeout=10) == {"type": "warm"}
     # With the writer idle, a lone send is written by its caller before it yields: it

@@ -2173,6 +2173,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 await self._with_conn(forget, patient=False)
             except ChannelLayerError as exc:
                 logger.debug("could not remove this instance's rows on close: %s", exc)
+            except self._reader_errors as exc:
+                # The server refused (its schema lost in a crash, say): the pool must close anyway.
+                logger.warning("could not remove this instance's rows on close: %r", exc)
         await self._release_connections()
 
 

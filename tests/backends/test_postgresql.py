@@ -83,6 +83,25 @@ async def test_close_forgets_this_instances_memberships(
     assert "named.member" in [row["channel"] for row in owners]
 
 
+async def test_close_after_the_schema_was_lost_still_lets_go_of_every_connection(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # A crash under asynchronous commit can lose the schema (or someone dropped it): close()
+    # cannot forget this instance's rows then, but must not raise asyncpg's error at the
+    # caller or skip closing its pool.
+    layer = make()
+    await layer.group_add("room", await layer.new_channel())
+    assert await backends_of(db, layer)
+    await db.execute(f'DROP SCHEMA "{namespace}" CASCADE')
+    await layer.close()
+    assert layer.closed
+
+    async def gone() -> bool:
+        return await backends_of(db, layer) == []
+
+    await eventually(gone, "the closed layer's connections to end")
+
+
 # -------------------------------------------------------------------- fan-out
 
 

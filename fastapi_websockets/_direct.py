@@ -34,6 +34,7 @@ when it writes at once, so taking this one changes no scheduling either.
 
 from __future__ import annotations
 
+import functools
 from types import FunctionType, MethodType
 from typing import Any
 
@@ -50,7 +51,7 @@ _KNOWN_WRAPPERS = frozenset(
 #: More wrappers than this is not an app we know.
 _MAX_WRAPPERS = 4
 _CONNECTED = WebSocketState.CONNECTED
-# websockets' OPEN state, Frame and TEXT opcode, set by _load() once the versions are known reviewed.
+# websockets' OPEN state, Frame and TEXT opcode, set by _known() once the versions are known reviewed.
 _OPEN: Any = object()
 _Frame: Any = None
 _TEXT: Any = None
@@ -71,7 +72,8 @@ def _version(distribution: str) -> tuple[int, ...] | None:
     return tuple(parts)
 
 
-def _load() -> tuple[type[Any], Any, type[Any]] | None:
+@functools.cache
+def _known() -> tuple[type[Any], Any, type[Any]] | None:
     """uvicorn's protocol class, its ``send`` and websockets' server protocol class; None if not reviewed."""
     global _OPEN, _Frame, _TEXT
     for distribution, prefix in _REVIEWED:
@@ -87,16 +89,6 @@ def _load() -> tuple[type[Any], Any, type[Any]] | None:
         return None
     _OPEN, _Frame, _TEXT = OPEN, Frame, Opcode.TEXT
     return WebSocketsSansIOProtocol, WebSocketsSansIOProtocol.send, ServerProtocol
-
-
-_loaded: tuple[type[Any], Any, type[Any]] | bool | None = False
-
-
-def _known() -> tuple[type[Any], Any, type[Any]] | None:
-    global _loaded
-    if _loaded is False:
-        _loaded = _load()
-    return _loaded  # type: ignore[return-value]
 
 
 def direct_protocol(websocket: object) -> Any | None:

@@ -176,7 +176,8 @@ class Packer:
         outbox = self._outboxes.get(destination)
         if outbox is None:
             outbox = self._outboxes[destination] = _Outbox()
-        if outbox.in_flight == 0 and not outbox.queued:
+        idle = outbox.in_flight == 0 and not outbox.queued
+        if idle:
             lone = self._lone
             if lone is not None and lone[0] == destination and lone[1]() is asyncio.current_task():
                 # A lone sender's task (its last send here found nobody to go
@@ -186,7 +187,7 @@ class Packer:
                 return
         loop = asyncio.get_running_loop()
         frame = _Frame(channel, data, loop.create_future(), loop.time() + self._timeout)
-        if outbox.in_flight == 0 and not outbox.queued:
+        if idle:
             await self._gathered(destination, outbox, frame)
             return
         self._lone = None  # sends overlap: the next with nothing in flight waits its turn again

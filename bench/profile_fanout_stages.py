@@ -8,12 +8,21 @@ time from the ``group_send`` call (median over rounds, then over passes):
 
 - ``write``: the first socket write (``asyncio.StreamWriter``) after the call: the publish;
 - ``driver``: (NATS) the driver's read loop parsed the delivery (``Client._process_msg``);
+  (RabbitMQ) aiormq's connection reader got the delivery's ``Basic.Deliver`` frame;
+- ``handed``: (RabbitMQ) the receiving instance's inbox callback got the delivery (``_on_inbox``);
 - ``decode``: the receiving instance starts decoding it (``decode_or_drop``), and ``decoded``;
 - ``fanned``: ``deliver_many`` returned: every mailbox has the message;
 - ``first``: the first receiver's ``receive()`` call returned it;
 - ``last``: the last receiver's did (the round's end, as the shared benchmark measures it);
 - ``stored``, ``listed``: (NATS) the sender's publish was acknowledged, its owner listing answered;
 - ``returned``: the ``group_send`` call returned (the benchmark does not wait for it).
+
+Each stage is also printed as this process's CPU time from the call (``time.process_time``, a
+second line per row): where a stage's wall time grows and its CPU does not, the process waited
+(for the broker, or for a core); where both grow, it worked, or ran slower. ``--nap MS`` adds the
+row ``inmemory nap``: the in-memory room, each round sleeping ``MS`` ms just before its
+``group_send`` (times still from the round's start): the same work after the same idle as a
+broker's hop, without the broker.
 
 Counted per round: decodes in the receiving instance, event-loop iterations, socket writes and
 reads, garbage collections (by generation) and the microseconds they took; and the share of
@@ -47,7 +56,21 @@ import bench_rabbitmq  # noqa: E402
 import bench_redis  # noqa: E402
 import harness  # noqa: E402
 
-STAGES = ("write", "driver", "decode", "decoded", "fanned", "first", "last", "stored", "listed", "returned")
+STAGES = (
+    "write",
+    "driver",
+    "handed",
+    "decode",
+    "decoded",
+    "fanned",
+    "first",
+    "last",
+    "stored",
+    "listed",
+    "returned",
+)
+#: Each stage's CPU time of this process from the round's start.
+CPU_STAGES = tuple(f"cpu {stage}" for stage in STAGES)
 COUNTS = ("decodes", "loops", "writes", "reads", "gc0", "gc1", "gc2", "gc_us")
 #: Share of the rounds in which the sender's acknowledgement or listing came before the last delivery.
 ORDERS = ("stored<last", "listed<last")
@@ -59,19 +82,23 @@ class Probe:
     def __init__(self) -> None:
         self.began = 0.0
         self.began_wall = 0.0
+        self.began_cpu = 0.0
         self.times: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
         self.active = False
 
     def start(self) -> None:
-        self.times, self.counts = {}, dict.fromkeys(COUNTS, 0)
+        self.times, self.cpu, self.counts = {}, {}, dict.fromkeys(COUNTS, 0)
         self.active = True
         self.began = time.perf_counter()
         self.began_wall = time.time()
+        self.began_cpu = time.process_time()
 
     def mark(self, stage: str) -> None:
         if self.active and stage not in self.times:
             self.times[stage] = time.perf_counter()
+            self.cpu[stage] = time.process_time()
 
     def count(self, what: str) -> None:
         if self.active:
@@ -152,6 +179,34 @@ def instrument(receiver: Any) -> None:
         nc._process_msg = timed_process_msg
 
 
+@contextlib.contextmanager
+def rabbitmq_marks() -> Iterator[None]:
+    """Mark ``driver`` when a RabbitMQ connection's reader decoded a ``Basic.Deliver`` frame, and
+    ``handed`` when the inbox callback got the delivery (patched on the class: the consumer
+    binds the method when the layer connects, before ``instrument`` sees the instance)."""
+    from fastapi_websockets.backends import rabbitmq, rabbitmq_wire
+
+    method, on_inbox = rabbitmq_wire._method, rabbitmq.RabbitMQChannelLayer._on_inbox
+
+    def timed_method(payload: bytes) -> Any:
+        frame = method(payload)
+        if isinstance(frame, rabbitmq_wire._DELIVER):
+            PROBE.mark("driver")
+        return frame
+
+    def timed_on_inbox(self: rabbitmq.RabbitMQChannelLayer, delivered: Any) -> None:
+        PROBE.mark("handed")
+        on_inbox(self, delivered)
+
+    rabbitmq_wire._method = timed_method
+    rabbitmq.RabbitMQChannelLayer._on_inbox = timed_on_inbox  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        rabbitmq_wire._method = method
+        rabbitmq.RabbitMQChannelLayer._on_inbox = on_inbox  # type: ignore[method-assign]
+
+
 HANDLES: dict[str, list[float]] = {}
 
 
@@ -219,9 +274,10 @@ def count_loop_iterations() -> None:
 
 
 async def measure(
-    impl: harness.Impl, server: harness.Server, receivers: int, rounds: int
+    impl: harness.Impl, server: harness.Server, receivers: int, rounds: int, nap: float = 0.0
 ) -> dict[str, float]:
-    """Median time of each stage from the call, and median counts, over ``rounds`` rounds."""
+    """Median time (and CPU, as ``cpu <stage>``) of each stage from the round's start, and median
+    counts, over ``rounds`` rounds; with ``nap``, each round sleeps that many seconds first."""
     namespace = "s" + os.urandom(5).hex()
     count_loop_iterations()
     async with harness.fan_room(impl, server, namespace, receivers) as (sender, receiver, counts):
@@ -234,18 +290,26 @@ async def measure(
         def timed_delivered(index: int) -> None:
             PROBE.mark("first")
             delivered(index)
+            if counts.counts[index] == counts.receivers:
+                # Its CPU (the wall time is the one the round's future resolves to). The receivers
+                # looked this method up before round 1 reached them: "first" and "last" from round 2.
+                PROBE.mark("last")
 
         counts.delivered = timed_delivered  # type: ignore[method-assign]
-        samples: dict[str, list[float]] = {name: [] for name in (*STAGES, *COUNTS, *ORDERS)}
+        samples: dict[str, list[float]] = {name: [] for name in (*STAGES, *CPU_STAGES, *COUNTS, *ORDERS)}
         for index in range(1, rounds + 1):
             PROBE.start()
+            if nap:
+                await asyncio.sleep(nap)
             await sender.group_send("room", {"type": "bench.fan", "round": index})
             PROBE.mark("returned")
             ended = await counts.end(index)
             PROBE.active = False
             for stage in STAGES:
                 if stage in PROBE.times:
-                    samples[stage].append((PROBE.times[stage] - PROBE.began) * 1000)
+                    if stage != "last":
+                        samples[stage].append((PROBE.times[stage] - PROBE.began) * 1000)
+                    samples[f"cpu {stage}"].append((PROBE.cpu[stage] - PROBE.began_cpu) * 1000)
             samples["last"].append((ended - PROBE.began_wall) * 1000)
             for stage in ("stored", "listed"):
                 if stage in PROBE.times:
@@ -272,17 +336,22 @@ def main() -> None:
         default=None,
         help="rows: inmemory, redis, nats, 'nats core', rabbitmq (repeatable; RabbitMQ starts only if asked)",
     )
+    parser.add_argument(
+        "--nap", type=float, default=0.0, help="add the row 'inmemory nap': each round sleeps MS ms first"
+    )
     args = parser.parse_args()
     gc.callbacks.append(on_gc)
-    names = args.row or ["inmemory", "redis", "nats"]
+    names = (args.row or ["inmemory", "redis", "nats"]) + (["inmemory nap"] if args.nap else [])
+    naps = {"inmemory nap": args.nap / 1000}
     brokers = {
+        "inmemory nap": "inmemory",
         "inmemory": "inmemory",
         "redis": "redis",
         "nats": "nats",
         "nats core": "nats",
         "rabbitmq": "rabbitmq",
     }
-    rows = [(name, harness.find_impl(brokers[name], name)) for name in names]
+    rows = [(name, harness.find_impl(brokers[name], name.removesuffix(" nap"))) for name in names]
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
         servers: dict[str, Any] = {
@@ -293,12 +362,17 @@ def main() -> None:
         if "rabbitmq" in names:
             servers["rabbitmq"] = {"broker": "rabbitmq", **stack.enter_context(bench_rabbitmq.server())}
         stack.enter_context(patched_streams())
+        if "rabbitmq" in names:
+            stack.enter_context(rabbitmq_marks())
         for index in range(args.repeat):
             shift = index % len(rows)
             for name, impl in rows[shift:] + rows[:shift]:
                 HANDLES.clear()
                 with timed_handles() if args.handles else contextlib.nullcontext():
-                    result = asyncio.run(measure(impl, servers[brokers[name]], args.receivers, args.rounds))
+                    nap = naps.get(name, 0.0)
+                    result = asyncio.run(
+                        measure(impl, servers[brokers[name]], args.receivers, args.rounds, nap)
+                    )
                 if args.handles:
                     costliest = sorted(HANDLES.items(), key=lambda kv: -kv[1][0])[: args.handles]
                     for kind, (spent, calls) in costliest:
@@ -310,6 +384,10 @@ def main() -> None:
                 tallies = "  ".join(f"{what} {result[what]:.3g}" for what in shown)
                 load = os.getloadavg()[0]
                 print(f"{index} {name:9} ms: {stages}  | {tallies}  load {load:.1f}", flush=True)
+                cpu = "  ".join(
+                    f"{stage} {result['cpu ' + stage]:5.2f}" for stage in STAGES if "cpu " + stage in result
+                )
+                print(f"{index} {name:9} cpu ms: {cpu}", flush=True)
     print("\nmedians over passes (ms from the group_send call; counts per round):")
     for name, runs in results.items():
         keys = [key for key in (*STAGES, *COUNTS, *ORDERS) if all(key in run for run in runs)]
@@ -317,6 +395,11 @@ def main() -> None:
         stages = "  ".join(f"{stage} {med[stage]:5.2f}" for stage in STAGES if stage in med)
         tallies = "  ".join(f"{what} {med[what]:.3g}" for what in (*COUNTS, *ORDERS) if what in med)
         print(f"{name:9} {stages}  | {tallies}")
+        cpus = [stage for stage in STAGES if all(f"cpu {stage}" in run for run in runs)]
+        cpu = "  ".join(
+            f"{stage} {statistics.median(run['cpu ' + stage] for run in runs):5.2f}" for stage in cpus
+        )
+        print(f"{name:9} cpu ms: {cpu}")
     if "inmemory" in results:
         for name in names:
             if name != "inmemory":

@@ -842,6 +842,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         #: Settled once the write holding everything queued before them went out (see _after_write).
         self._written: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: Set while the writer task waits for work (see _flush_queue); settled to wake it.
+        self._parked: asyncio.Future[None] | None = None
         #: Jobs a caller wrote itself (see _write_now), whose replies the writer reads first.
         self._ahead: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
         #: Whether the last take of queued work held one command or entry (see _write_now).
@@ -1155,8 +1157,20 @@ class RedisChannelLayer(BrokerChannelLayer):
         return fut
 
     def _start_writer(self) -> None:
-        if self._flusher is None or self._flusher.done():
+        parked = self._parked
+        if parked is not None:
+            if not parked.done():
+                parked.set_result(None)
+        elif self._flusher is None or self._flusher.done():
             self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
+
+    @property
+    def _writer_idle(self) -> bool:
+        """Whether the writer task is not running a batch: none yet, ended, or waiting for work."""
+        parked = self._parked
+        if parked is not None:
+            return not parked.done()
+        return self._flusher is None or self._flusher.done()
 
     async def _reply(self, fut: asyncio.Future[Any]) -> Any:
         self._start_writer()
@@ -1206,9 +1220,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._check_open()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inbox_pending.setdefault(token, []).append((entry, fut))
-        if self._flusher is None or self._flusher.done():
+        if self._writer_idle:
             self._write_now()
-            self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
+            self._start_writer()
         return fut
 
     def _write_now(self) -> None:
@@ -1279,7 +1293,21 @@ class RedisChannelLayer(BrokerChannelLayer):
         return jobs
 
     async def _flush_queue(self) -> None:
-        while self._ahead or self._queue or self._inbox_pending:
+        """The writer task: runs what is queued, batch by batch, then waits for more until close.
+
+        It stays parked between batches rather than ending: a task created and
+        ended per lone send cost its creation, its done callback and one more
+        loop iteration each time (see docs/architecture.md).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            if not (self._ahead or self._queue or self._inbox_pending):
+                parked = self._parked = loop.create_future()
+                try:
+                    await parked
+                finally:
+                    self._parked = None
+                continue
             ahead, self._ahead = self._ahead, []
             jobs = ahead + self._take_jobs()
             written, self._written = self._written, []

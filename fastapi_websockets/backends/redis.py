@@ -87,7 +87,7 @@ from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import settle, settle_all, wait_all
 from fastapi_websockets.backends.options import Memo, flag, matching
 from fastapi_websockets.backends.options import url as url_option
-from fastapi_websockets.backends.timeouts import bounded, reply_within, wait_event, within
+from fastapi_websockets.backends.timeouts import LazyBound, reply_within, wait_event, within
 from fastapi_websockets.backends.tls import require_secure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
@@ -844,6 +844,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._flusher: asyncio.Task[None] | None = None
         #: Set while the writer task waits for work (see _flush_queue); settled to wake it.
         self._parked: asyncio.Future[None] | None = None
+        #: The time limit of each of the writer's exchanges: one timer for all (see _write).
+        self._writer_bound = LazyBound(self.timeout, self._no_reply)
         #: Jobs a caller wrote itself (see _write_now), whose replies the writer reads first.
         self._ahead: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
         #: Whether the last take of queued work held one command or entry (see _write_now).
@@ -1016,6 +1018,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         # closing the sockets unblocks such a task, and every loop here stops once the
         # layer is closed.
         await self.tasks.close(self.timeout, unblock=self._disconnect)
+        self._writer_bound.cancel()
         self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
         await self._disconnect()
         await self._wait_sockets_closed(streams)
@@ -1367,7 +1370,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         (never in a cluster).
         """
         if self._cluster_client is None:
-            return await bounded(self._exchange(commands, sent, ahead), self.timeout, self._no_reply)
+            return await self._writer_bound.run(self._exchange(commands, sent, ahead))
         # A cluster pipeline sends each command to the node owning its keys.
         pipe = self._cluster_client.pipeline(transaction=False)
         for command in commands:

@@ -1196,9 +1196,9 @@ class RedisChannelLayer(BrokerChannelLayer):
     async def _wait_sockets_closed(self, streams: list[asyncio.StreamWriter]) -> None:
         """Wait until the sockets of ``streams`` are closed; abort them if some are left after the timeout.
 
-        A read cut short by a cancellation (the writer's, the reader's, at
-        close) and ``PubSub.aclose`` close their connection without waiting
-        (``disconnect(nowait=True)``), and later disconnects skip it. Over TLS
+        A read cut short by a cancellation (the writer's, at close) closes its
+        connection without waiting (``disconnect(nowait=True)``), and later
+        disconnects skip it. Over TLS
         the socket is closed only once the server answers the TLS shutdown: a
         close() that returned before then left it open, and if the event loop
         ended first, to the garbage collector ("unclosed transport").

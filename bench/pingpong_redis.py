@@ -150,16 +150,19 @@ def main() -> None:
         ]
         if not pairs:
             continue
+        rate = statistics.median(r["rate"] for r, _ in pairs)
+        p50 = statistics.median(r["p50_us"] for r, _ in pairs)
         ratios = ", ".join(f"{r['rate'] / p['rate']:.2f}" for r, p in pairs)
-        print(
-            f"{name:24} medians: {statistics.median(r['rate'] for r, _ in pairs):8,.0f} msg/s, "
-            f"round trip p50 {statistics.median(r['p50_us'] for r, _ in pairs):.0f} us; "
-            f"over {PEER} per run {ratios}"
-        )
+        print(f"{name:24} medians: {rate:8,.0f} msg/s, round trip p50 {p50:.0f} us; over the peer {ratios}")
+
+
+def worker(role: str, job: dict[str, Any]) -> None:
+    """One of the two processes of a run (see :func:`run`)."""
+    asyncio.run(echo(job) if role == "echo" else ping(job))
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        asyncio.run(echo(json.loads(sys.argv[3])) if sys.argv[2] == "echo" else ping(json.loads(sys.argv[3])))
+        worker(sys.argv[2], json.loads(sys.argv[3]))
     else:
         main()

@@ -75,11 +75,10 @@ import contextlib
 import functools
 import hashlib
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from fastapi_websockets.backends.base import missing_driver
@@ -87,7 +86,7 @@ from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import settle, settle_all, wait_all
 from fastapi_websockets.backends.options import Memo, flag, matching
 from fastapi_websockets.backends.options import url as url_option
-from fastapi_websockets.backends.timeouts import bounded, reply_within, wait_event, within
+from fastapi_websockets.backends.timeouts import LazyBound, bounded, reply_within, wait_event, within
 from fastapi_websockets.backends.tls import require_secure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
@@ -104,7 +103,6 @@ from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from redis.asyncio.client import PubSub
     from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.connection import AbstractConnection
     from redis.asyncio.sentinel import Sentinel
@@ -157,6 +155,8 @@ _GROUP = b"G"
 
 #: The first element of a pub/sub message (classic and sharded); its payload is the last.
 _PUBLISHED = frozenset((b"message", b"smessage"))
+#: The replies that hold a subscription until the inbox was drained (see _Subscription).
+_HOLDS = frozenset((b"message", b"smessage", b"subscribe", b"ssubscribe", b"pong"))
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._/-]{1,100}")
 _URL_SCHEMES = ("redis", "rediss", "unix")
@@ -726,6 +726,138 @@ def _bulk(value: bytes | str | int | float) -> bytes:
 _NOBODY: frozenset[str] = frozenset()
 
 
+class _Refused(Exception):
+    """An error reply of Redis on the subscription (``-ERR ...``)."""
+
+
+def _parse_reply(buf: bytearray, pos: int) -> tuple[Any, int] | None:
+    """The RESP2 reply of ``buf`` at ``pos`` and where the next one begins; None while incomplete.
+
+    Arrays, bulk and simple strings, integers and errors (as :class:`_Refused`): all a
+    subscription carries. Raises ValueError on bytes that are not RESP2.
+    """
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return None
+    kind, line, pos = buf[pos], buf[pos + 1 : end], end + 2
+    if kind == 36:  # $
+        size = int(line)
+        if size < 0:
+            return None, pos
+        if len(buf) < pos + size + 2:
+            return None
+        return bytes(buf[pos : pos + size]), pos + size + 2
+    if kind == 42:  # *
+        items = []
+        for _ in range(int(line)):
+            parsed = _parse_reply(buf, pos)
+            if parsed is None:
+                return None
+            item, pos = parsed
+            items.append(item)
+        return items, pos
+    if kind == 58:  # :
+        return int(line), pos
+    if kind == 43:  # +
+        return bytes(line), pos
+    if kind == 45:  # -
+        return _Refused(line.decode(errors="replace")), pos
+    raise ValueError(f"not a RESP2 reply: {bytes(buf[pos - len(line) - 3 : pos])[:40]!r}")
+
+
+class _Subscription(asyncio.Protocol):
+    """The reader's pub/sub connection, parsed in the socket's callback (see ``_read_pubsub``).
+
+    Takes over a transport redis-py opened; its own protocol still gets
+    ``connection_lost``, so that redis-py's close waits end. Published entries go
+    to ``on_message`` as they arrive. Anything else it expects (the subscription's
+    confirmation, an empty wake-up, a pong) *holds* it: parsing and reading stop
+    until the reader, having drained the inbox, lets it go on (:meth:`held`).
+    """
+
+    def __init__(self, transport: asyncio.Transport, on_message: Callable[[bytes], None]) -> None:
+        self._transport = transport
+        self._inner = transport.get_protocol()
+        self._on_message = on_message
+        self._buffer = bytearray()
+        self._held = False
+        self._waiter: asyncio.Future[None] | None = None
+        #: Why the subscription ended, once it did.
+        self._ended: BaseException | None = None
+
+    async def held(self, *, release: bool = False) -> None:
+        """Wait until the subscription is held (after letting it go on, with ``release``).
+
+        Once it ended, raises why: ConnectionError, :class:`_Refused`, or ValueError
+        for bytes that are not RESP2.
+        """
+        if self._ended is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            if release:
+                self._held = False
+                self._transport.resume_reading()
+                self._parse()
+            if not self._held and self._ended is None:
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        if self._ended is not None:
+            raise self._ended
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if not self._held:
+            self._parse()
+
+    def _parse(self) -> None:
+        buf = self._buffer
+        pos = 0
+        try:
+            while not self._held and self._ended is None:
+                parsed = _parse_reply(buf, pos)
+                if parsed is None:
+                    break
+                reply, pos = parsed
+                if isinstance(reply, _Refused):
+                    raise reply
+                if not isinstance(reply, list) or not reply:
+                    continue  # nothing else is expected here
+                if reply[0] in _PUBLISHED and reply[-1]:
+                    self._on_message(reply[-1])
+                elif reply[0] in _HOLDS:
+                    self._hold()
+        except (_Refused, ValueError) as exc:  # the session ends with it
+            self._end(exc)
+            self._transport.abort()
+        del buf[:pos]
+
+    def _hold(self) -> None:
+        self._held = True
+        self._transport.pause_reading()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _end(self, exc: BaseException) -> None:
+        if self._ended is None:
+            self._ended = exc
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(ConnectionError(f"the subscription's connection ended: {exc or 'closed by Redis'}"))
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
 class _Early:
     """A group message of this process, delivered to its own members before Redis answered."""
 
@@ -842,6 +974,10 @@ class RedisChannelLayer(BrokerChannelLayer):
         #: Settled once the write holding everything queued before them went out (see _after_write).
         self._written: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: Set while the writer task waits for work (see _flush_queue); settled to wake it.
+        self._parked: asyncio.Future[None] | None = None
+        #: The time limit of each of the writer's exchanges: one timer for all (see _write).
+        self._writer_bound = LazyBound(self.timeout, self._no_reply)
         #: Jobs a caller wrote itself (see _write_now), whose replies the writer reads first.
         self._ahead: list[tuple[tuple[Any, ...], Callable[[Any], None]]] = []
         #: Whether the last take of queued work held one command or entry (see _write_now).
@@ -856,6 +992,10 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._delivered_id = b""
         #: Entries delivered from pub/sub and not yet removed from the inbox.
         self._unacked = 0
+        #: Entries delivered from pub/sub after which a removal is queued without waiting for quiet.
+        self._ack_every = 1
+        #: The transport of the reader's subscription while a session reads it.
+        self._subscription: asyncio.WriteTransport | None = None
         #: Pub/sub messages the reader handled, and its one timer (see _quiet_for).
         self._arrivals = 0
         self._quiet: asyncio.TimerHandle | None = None
@@ -1014,6 +1154,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         # closing the sockets unblocks such a task, and every loop here stops once the
         # layer is closed.
         await self.tasks.close(self.timeout, unblock=self._disconnect)
+        self._writer_bound.cancel()
         self._fail_queue(ChannelLayerClosed("the channel layer was closed"))
         await self._disconnect()
         await self._wait_sockets_closed(streams)
@@ -1055,9 +1196,9 @@ class RedisChannelLayer(BrokerChannelLayer):
     async def _wait_sockets_closed(self, streams: list[asyncio.StreamWriter]) -> None:
         """Wait until the sockets of ``streams`` are closed; abort them if some are left after the timeout.
 
-        A read cut short by a cancellation (the writer's, the reader's, at
-        close) and ``PubSub.aclose`` close their connection without waiting
-        (``disconnect(nowait=True)``), and later disconnects skip it. Over TLS
+        A read cut short by a cancellation (the writer's, at close) closes its
+        connection without waiting (``disconnect(nowait=True)``), and later
+        disconnects skip it. Over TLS
         the socket is closed only once the server answers the TLS shutdown: a
         close() that returned before then left it open, and if the event loop
         ended first, to the garbage collector ("unclosed transport").
@@ -1155,8 +1296,20 @@ class RedisChannelLayer(BrokerChannelLayer):
         return fut
 
     def _start_writer(self) -> None:
-        if self._flusher is None or self._flusher.done():
+        parked = self._parked
+        if parked is not None:
+            if not parked.done():
+                parked.set_result(None)
+        elif self._flusher is None or self._flusher.done():
             self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
+
+    @property
+    def _writer_idle(self) -> bool:
+        """Whether the writer task is not running a batch: none yet, ended, or waiting for work."""
+        parked = self._parked
+        if parked is not None:
+            return not parked.done()
+        return self._flusher is None or self._flusher.done()
 
     async def _reply(self, fut: asyncio.Future[Any]) -> Any:
         self._start_writer()
@@ -1206,9 +1359,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._check_open()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inbox_pending.setdefault(token, []).append((entry, fut))
-        if self._flusher is None or self._flusher.done():
+        if self._writer_idle:
             self._write_now()
-            self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
+            self._start_writer()
         return fut
 
     def _write_now(self) -> None:
@@ -1279,7 +1432,21 @@ class RedisChannelLayer(BrokerChannelLayer):
         return jobs
 
     async def _flush_queue(self) -> None:
-        while self._ahead or self._queue or self._inbox_pending:
+        """The writer task: runs what is queued, batch by batch, then waits for more until close.
+
+        It stays parked between batches rather than ending: a task created and
+        ended per lone send cost its creation, its done callback and one more
+        loop iteration each time (see docs/architecture.md).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            if not (self._ahead or self._queue or self._inbox_pending):
+                parked = self._parked = loop.create_future()
+                try:
+                    await parked
+                finally:
+                    self._parked = None
+                continue
             ahead, self._ahead = self._ahead, []
             jobs = ahead + self._take_jobs()
             written, self._written = self._written, []
@@ -1339,7 +1506,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         (never in a cluster).
         """
         if self._cluster_client is None:
-            return await bounded(self._exchange(commands, sent, ahead), self.timeout, self._no_reply)
+            return await self._writer_bound.run(self._exchange(commands, sent, ahead))
         # A cluster pipeline sends each command to the node owning its keys.
         pipe = self._cluster_client.pipeline(transaction=False)
         for command in commands:
@@ -1900,13 +2067,10 @@ class RedisChannelLayer(BrokerChannelLayer):
             seconds, micros = await self._execute("TIME")
             self._clock_offset_ms = int(seconds) * 1000 + int(micros) / 1000 - time.time() * 1000
             if self.use_pubsub:
-                pubsub = client.pubsub()
-                try:
-                    await self._subscribe(pubsub)
-                    await self._connected()
-                    await self._read_pubsub(pubsub)
-                finally:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                conn: AbstractConnection = await self._opening(
+                    client.connection_pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                )
+                await self._read_pubsub(conn)
             else:
                 await self._connected()
                 # Only a session that read its inbox once counts as healthy (resets the
@@ -1923,64 +2087,88 @@ class RedisChannelLayer(BrokerChannelLayer):
             self._reader_redis = None
             await client.aclose()
 
-    async def _read_pubsub(self, pubsub: PubSub) -> None:
-        """Deliver what the subscription carries; pop the inbox when it carried only a wake-up.
+    async def _read_pubsub(self, conn: AbstractConnection) -> None:
+        """Subscribe on ``conn``, then deliver what the subscription carries; drain on a wake-up.
 
         The first drain takes what was stored before the subscription; from then on
         every push reaches the subscription, in order, until the connection ends
         (and the session with it). Entries both popped and published are delivered
         once (``_delivered_id``).
-        """
-        ack_every = max(1, min(_BATCH, self._inbox_limit // 4))
-        self._unacked = 0
-        # The subscription's connection is read directly: PubSub.get_message wraps each
-        # read in a retry, a health check, metrics hooks and a message dict, about a
-        # tenth of a lone send's client CPU, all of it between a message's arrival and
-        # its delivery. None of it applies here: the reader's client never retries (a
-        # failure ends the session, whose next one subscribes and drains again), sends
-        # no health checks, and handles no subscription replies after _subscribe. Reads
-        # have no time limit each (a timer per message): one timer watches for quiet
-        # (see _quiet_for).
-        conn = pubsub.connection
-        stream = None if conn is None else conn._writer
-        if conn is None or stream is None:
-            raise self.unavailable("the subscription has no connection")
-        while not self._closed:
-            await self._drain()
-            self._reader_healthy = True
-            self._pinged = False
-            self._watch(stream, _ACK_DELAY if self._unacked else _BLOCK_SECONDS)
-            try:
-                while True:
-                    reply = await conn.read_response(
-                        timeout=math.inf, disconnect_on_error=False, push_request=True
-                    )
-                    if reply[0] not in _PUBLISHED:
-                        if reply[0] == b"pong":
-                            break  # quiet for _BLOCK_SECONDS: the safety-net re-check
-                        continue  # no other reply is expected here
-                    if not reply[-1]:
-                        break  # a wake-up: entries were stored
-                    idle = not self._unacked
-                    self._unacked += self._handle_frames(reply[-1])
-                    self._arrivals += 1
-                    if self._unacked >= ack_every:
-                        self._ack_soon()
-                    elif idle:
-                        self._watch(stream, _ACK_DELAY)
-            finally:
-                if self._quiet is not None:
-                    self._quiet.cancel()
-                    self._quiet = None
 
-    def _watch(self, stream: asyncio.StreamWriter, delay: float) -> None:
+        The connection is handed to a :class:`_Subscription` protocol once redis-py
+        has opened it (authenticated, database selected): each message is parsed
+        and delivered from the socket's own callback. Through redis-py's stream and
+        parser, the bytes of a message woke the reader task one loop iteration
+        later, and its ``read_response`` layers took about a tenth of a lone send's
+        client CPU (see docs/architecture.md). Published messages wait while the
+        inbox is drained (the subscription is held), so an entry popped by the
+        drain is never skipped as older than one published after it.
+        """
+        stream = conn._writer  # redis-py keeps its stream private; present while connected
+        if stream is None:
+            raise self.unavailable("the subscription has no connection")
+        # A socket's transport (typeshed types a StreamWriter's as write-only).
+        transport = cast(asyncio.Transport, stream.transport)
+        sub = _Subscription(transport, self._on_published)
+        transport.set_protocol(sub)
+        command = "SSUBSCRIBE" if self.cluster and self.sharded_pubsub else "SUBSCRIBE"
+        transport.write(self._pack([(command, self._wake_channel(self.client_token))]))
+        # Wait for the confirmation: only then is a push after our first drain sure to wake us.
+        try:
+            await bounded(
+                sub.held(), self.timeout, lambda: self.unavailable("the subscription was not confirmed")
+            )
+        except (ConnectionError, _Refused, ValueError) as exc:
+            raise self._subscription_ended(exc) from exc
+        await self._connected()
+        self._ack_every = max(1, min(_BATCH, self._inbox_limit // 4))
+        self._unacked = 0
+        self._subscription = transport
+        try:
+            while not self._closed:
+                await self._drain()
+                self._reader_healthy = True
+                self._pinged = False
+                self._watch(transport, _ACK_DELAY if self._unacked else _BLOCK_SECONDS)
+                # Until a wake-up (entries were stored) or the pong of the timer's PING
+                # (quiet for _BLOCK_SECONDS: the safety-net re-check) holds it again.
+                try:
+                    await sub.held(release=True)
+                except (ConnectionError, _Refused, ValueError) as exc:
+                    raise self._subscription_ended(exc) from exc
+        finally:
+            self._subscription = None
+            if self._quiet is not None:
+                self._quiet.cancel()
+                self._quiet = None
+
+    def _subscription_ended(self, exc: BaseException) -> ChannelLayerError:
+        """What ends a reader session whose subscription ended with ``exc`` (see _Subscription)."""
+        if isinstance(exc, _Refused):
+            return self._refused("SUBSCRIBE", exc)
+        return self.unavailable(exc)
+
+    def _on_published(self, payload: bytes) -> None:
+        """Handle the entries one published message carried (called by :class:`_Subscription`)."""
+        transport = self._subscription
+        if transport is None or self._closed:
+            return  # the session is ending; what this carried stays in the inbox for the next
+        idle = not self._unacked
+        self._unacked += self._handle_frames(payload)
+        self._arrivals += 1
+        if self._unacked >= self._ack_every:
+            self._ack_soon()
+        elif idle:
+            self._watch(transport, _ACK_DELAY)
+
+    def _watch(self, transport: asyncio.WriteTransport, delay: float) -> None:
         """(Re)start the pub/sub reader's timer: :meth:`_quiet_for` in ``delay`` seconds."""
         if self._quiet is not None:
             self._quiet.cancel()
         loop = asyncio.get_running_loop()
-        self._quiet = loop.call_later(delay, self._quiet_for, stream, self._arrivals)
+        self._quiet = loop.call_later(delay, self._quiet_for, transport, self._arrivals)
 
-    def _quiet_for(self, stream: asyncio.StreamWriter, arrivals: int) -> None:
+    def _quiet_for(self, transport: asyncio.WriteTransport, arrivals: int) -> None:
         """The pub/sub reader's timer, which stands for a time limit on each of its reads.
 
         If messages came since it was set, it starts again. Quiet for
@@ -1991,21 +2179,21 @@ class RedisChannelLayer(BrokerChannelLayer):
         cut, and the next session subscribes and drains.
         """
         self._quiet = None
-        if self._closed or stream.is_closing():
+        if self._closed or transport.is_closing():
             return
         if self._arrivals != arrivals:
-            self._watch(stream, _ACK_DELAY if self._unacked else _BLOCK_SECONDS)
+            self._watch(transport, _ACK_DELAY if self._unacked else _BLOCK_SECONDS)
             return
         if self._unacked:
             self._ack_soon()
         elif self._pinged:
             logger.debug("no pong on the Redis subscription for %s s: reconnecting", _BLOCK_SECONDS)
-            stream.transport.abort()
+            transport.abort()
             return
         else:
             self._pinged = True
-            stream.write(b"*1\r\n$4\r\nPING\r\n")  # synchronous: nothing else writes there
-        self._watch(stream, _BLOCK_SECONDS)
+            transport.write(b"*1\r\n$4\r\nPING\r\n")  # nothing else writes there
+        self._watch(transport, _BLOCK_SECONDS)
 
     def _ack_soon(self) -> None:
         """Queue the removal of the entries delivered from pub/sub from the inbox (one script call).
@@ -2064,20 +2252,6 @@ class RedisChannelLayer(BrokerChannelLayer):
             logger.warning("reconnected to Redis at %s", self.where)
         self._reader_was_connected = True
         self.report_connection(True)
-
-    async def _subscribe(self, pubsub: PubSub) -> None:
-        channel = self._wake_channel(self.client_token)
-        if self.cluster and self.sharded_pubsub:
-            await self._opening(pubsub.ssubscribe(channel))
-        else:
-            await self._opening(pubsub.subscribe(channel))
-        # Wait for the confirmation: only then is a push after our first drain sure to wake us.
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            reply = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-            if reply is not None and reply["type"] in ("subscribe", "ssubscribe"):
-                return
-        raise self.unavailable("the subscription was not confirmed")
 
     async def _drain(self) -> None:
         """Take the inbox's entries until it is empty; each take acknowledges the one before."""

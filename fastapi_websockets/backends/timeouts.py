@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-__all__ = ["bounded", "reply_within", "wait_event", "within"]
+__all__ = ["LazyBound", "bounded", "reply_within", "wait_event", "within"]
 
 T = TypeVar("T")
 
@@ -69,6 +69,73 @@ async def bounded(awaitable: Awaitable[T], timeout: float, on_timeout: Callable[
         if scope.expired():
             raise on_timeout() from None
         raise
+
+
+class LazyBound:
+    """:func:`bounded` for one task's awaits, one after another, with one timer for all of them.
+
+    For a task that runs a broker exchange after another (a writer): ``asyncio.timeout``
+    arms a timer and cancels it per await, which cost a lone send about as much as
+    a tenth of its own send path. Here the timer is armed only when none is pending;
+    when it fires it cancels the await still running if that began ``timeout``
+    seconds ago, re-arms itself for the one running now if it began later, and
+    stays unarmed while no await runs (an idle layer has no timer). An await that
+    outlives ``timeout`` raises ``on_timeout()``, as with :func:`bounded`; a
+    cancellation of the task from elsewhere propagates. Only one await at a time.
+    """
+
+    def __init__(self, timeout: float, on_timeout: Callable[[], BaseException]) -> None:
+        self.timeout = timeout
+        self._on_timeout = on_timeout
+        self._task: asyncio.Task[object] | None = None
+        #: Loop time the running await began at; None while none runs.
+        self._since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        #: Whether the timer cancelled the running await.
+        self._expired = False
+
+    async def run(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` in the current task for at most ``timeout`` seconds."""
+        if sys.version_info < (3, 11):  # no Task.uncancel: a task of its own per await
+            return await within(awaitable, self.timeout, self._on_timeout)
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        loop = task.get_loop()
+        since = self._since = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(since + self.timeout, self._check)
+        ours = False
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            ours = self._expired
+            # Cancelled by the timer alone: a timeout; cancelled from elsewhere too: propagate.
+            if ours and task.uncancel() == 0:
+                raise self._on_timeout() from None
+            raise
+        finally:
+            self._since = None
+            if self._expired and not ours:
+                task.uncancel()  # the awaitable swallowed the timer's cancellation
+            self._expired = False
+
+    def cancel(self) -> None:
+        """Drop the timer (the owner is closing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        since, task = self._since, self._task
+        if since is None or task is None:
+            return  # nothing runs: armed again by the next await
+        loop = task.get_loop()
+        if loop.time() >= since + self.timeout:
+            self._expired = True
+            task.cancel()
+        else:
+            self._timer = loop.call_at(since + self.timeout, self._check)
 
 
 async def reply_within(fut: asyncio.Future[T], timeout: float, on_timeout: Callable[[], BaseException]) -> T:

@@ -731,6 +731,21 @@ async def test_a_send_written_before_its_caller_was_cancelled_keeps_the_replies_
         await sending
 
 
+async def test_the_subscription_parses_messages_split_and_joined_by_the_socket(make: Factory) -> None:
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    # Messages larger than one read of the socket arrive in pieces; small ones sent
+    # together arrive several to a read, and concurrent sends share one publish.
+    sizes = [1, 70_000, 3, 300_000, 17, 900_000, 5, 0, 200_000]
+    for i, size in enumerate(sizes):
+        await sender.send(channel, {"type": "m", "i": i, "data": bytes([i]) * size})
+    for i, size in enumerate(sizes):
+        assert await receiver.receive(channel, timeout=10) == {"type": "m", "i": i, "data": bytes([i]) * size}
+    await asyncio.gather(*(sender.send(channel, {"type": "m", "i": i}) for i in range(50)))
+    got = [(await receiver.receive(channel, timeout=10))["i"] for _ in range(50)]
+    assert sorted(got) == list(range(50))
+
+
 async def test_a_send_whose_writer_never_ran_fails_when_the_layer_closes(make: Factory) -> None:
     receiver, sender = make(), make(timeout=30)
     channel = await receiver.new_channel()

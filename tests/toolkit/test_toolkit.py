@@ -13,7 +13,7 @@ from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.locks import SharedRounds
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive, url
 from fastapi_websockets.backends.supervisor import TaskSupervisor
-from fastapi_websockets.backends.timeouts import reply_within, wait_event, within
+from fastapi_websockets.backends.timeouts import LazyBound, reply_within, wait_event, within
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, InvalidChannelLayerConfig
@@ -173,6 +173,32 @@ async def test_reply_within_passes_a_cancellation_of_the_caller_on() -> None:
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert slot.cancelled()
+
+
+async def test_lazy_bound_limits_each_await_and_keeps_no_timer_when_idle() -> None:
+    loop = asyncio.get_running_loop()
+    bound = LazyBound(0.05, lambda: BackendUnavailable("late"))
+    # Awaits shorter than the limit each, longer than it together: none times out.
+    for _ in range(4):
+        assert await bound.run(asyncio.sleep(0.02, result=3)) == 3
+    with pytest.raises(BackendUnavailable, match="late"):
+        await bound.run(loop.create_future())
+    # The task is not left cancelled: what it awaits next runs to its end.
+    assert await bound.run(asyncio.sleep(0, result=4)) == 4
+    await asyncio.sleep(0.1)  # the timer fired with nothing running: not armed again
+    assert bound._timer is None
+    bound.cancel()
+
+
+async def test_lazy_bound_passes_a_cancellation_from_elsewhere_on() -> None:
+    bound = LazyBound(5, lambda: BackendUnavailable("late"))
+    slot: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    running = asyncio.ensure_future(bound.run(slot))
+    await asyncio.sleep(0)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    bound.cancel()
 
 
 # --------------------------------------------------------------- supervisor

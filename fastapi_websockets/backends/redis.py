@@ -765,6 +765,42 @@ def _parse_reply(buf: bytearray, pos: int) -> tuple[Any, int] | None:
     raise ValueError(f"not a RESP2 reply: {bytes(buf[pos - len(line) - 3 : pos])[:40]!r}")
 
 
+class _PyReader:
+    """``hiredis.Reader``'s ``feed``/``gets``, in Python, for an install without hiredis.
+
+    The ``redis`` extra brings hiredis, whose C reader the subscription uses; a
+    plain ``pip install redis`` does not, and then this one parses what a
+    subscription carries (see :func:`_parse_reply`).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def gets(self) -> Any:
+        """The next complete reply, or False while there is none."""
+        parsed = _parse_reply(self._buffer, 0)
+        if parsed is None:
+            return False
+        reply, end = parsed
+        del self._buffer[:end]
+        return reply
+
+
+def _reply_reader() -> Any:
+    """A reader of RESP2 replies: hiredis's (C) when installed, as the redis extra does; else _PyReader.
+
+    Both return errors as :class:`_Refused` and raise ValueError on bytes that are not RESP2.
+    """
+    try:
+        from hiredis import Reader
+    except ImportError:  # pragma: no cover - the redis extra installs hiredis
+        return _PyReader()
+    return Reader(protocolError=ValueError, replyError=_Refused)
+
+
 class _Subscription(asyncio.Protocol):
     """The reader's pub/sub connection, parsed in the socket's callback (see ``_read_pubsub``).
 
@@ -779,7 +815,8 @@ class _Subscription(asyncio.Protocol):
         self._transport = transport
         self._inner = transport.get_protocol()
         self._on_message = on_message
-        self._buffer = bytearray()
+        # Parses what arrives; keeps what came while the subscription is held.
+        self._reader = _reply_reader()
         self._held = False
         self._waiter: asyncio.Future[None] | None = None
         #: Why the subscription ended, once it did.
@@ -806,19 +843,16 @@ class _Subscription(asyncio.Protocol):
             raise self._ended
 
     def data_received(self, data: bytes) -> None:
-        self._buffer += data
+        self._reader.feed(data)
         if not self._held:
             self._parse()
 
     def _parse(self) -> None:
-        buf = self._buffer
-        pos = 0
         try:
             while not self._held and self._ended is None:
-                parsed = _parse_reply(buf, pos)
-                if parsed is None:
+                reply = self._reader.gets()
+                if reply is False:
                     break
-                reply, pos = parsed
                 if isinstance(reply, _Refused):
                     raise reply
                 if not isinstance(reply, list) or not reply:
@@ -830,7 +864,6 @@ class _Subscription(asyncio.Protocol):
         except (_Refused, ValueError) as exc:  # the session ends with it
             self._end(exc)
             self._transport.abort()
-        del buf[:pos]
 
     def _hold(self) -> None:
         self._held = True

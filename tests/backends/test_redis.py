@@ -746,6 +746,37 @@ async def test_the_subscription_parses_messages_split_and_joined_by_the_socket(m
     assert sorted(got) == list(range(50))
 
 
+def test_the_python_reply_reader_reads_what_hiredis_reads() -> None:
+    # Without hiredis (a plain `pip install redis`) the subscription is parsed by
+    # _PyReader: it must give, chunk by chunk, what hiredis's reader gives.
+    stream = (
+        b"*3\r\n$9\r\nsubscribe\r\n$3\r\nabc\r\n:1\r\n"
+        + b"*3\r\n$7\r\nmessage\r\n$3\r\nabc\r\n$0\r\n\r\n"
+        + b"*3\r\n$8\r\nsmessage\r\n$3\r\nabc\r\n$12\r\nline\r\nbreak!\r\n"
+        + b"*2\r\n$4\r\npong\r\n$0\r\n\r\n+OK\r\n$-1\r\n*1\r\n*1\r\n:-7\r\n"
+        + b"-ERR unknown command\r\n"
+    )
+
+    def read(reader: Any, size: int) -> list[Any]:
+        replies = []
+        for start in range(0, len(stream), size):
+            reader.feed(stream[start : start + size])
+            while (reply := reader.gets()) is not False:
+                replies.append(str(reply) if isinstance(reply, Exception) else reply)
+        return replies
+
+    expected = read(redis_backend._reply_reader(), len(stream))
+    assert type(redis_backend._reply_reader()).__module__.startswith("hiredis")  # the extra's reader is used
+    assert expected[-1] == "ERR unknown command"
+    assert len(expected) == 8
+    for size in (1, 2, 5, 13, len(stream)):
+        assert read(redis_backend._PyReader(), size) == expected
+    for reader in (redis_backend._reply_reader(), redis_backend._PyReader()):
+        reader.feed(b"?oops\r\n")
+        with pytest.raises(ValueError, match="reply"):  # hiredis: "... as reply type byte"
+            reader.gets()
+
+
 async def test_a_send_whose_writer_never_ran_fails_when_the_layer_closes(make: Factory) -> None:
     receiver, sender = make(), make(timeout=30)
     channel = await receiver.new_channel()

@@ -1561,7 +1561,9 @@ class RedisChannelLayer(BrokerChannelLayer):
         the first write after a Redis restart meets the dead one. Anything else,
         a cancellation included, leaves the connection closed, so that no reply of
         a write cut short is read as the answer to the next. The first ``ahead``
-        commands were written on it already; a new connection gets them again with the rest.
+        commands were written on it already. A new connection gets again only the
+        commands whose replies were not read: those answered ran (a push written
+        twice would be delivered twice).
         """
         assert self._writer_client is not None
         if self._writer_conn is None:
@@ -1572,18 +1574,18 @@ class RedisChannelLayer(BrokerChannelLayer):
             self._writer_conn = opened
         conn = self._writer_conn
         callbacks = self._writer_client.response_callbacks
+        results: list[Any] = []
         for attempt in range(2):
             try:
                 if not conn.is_connected:
                     # connect(), not the implicit connect of a write: a Sentinel
                     # connection asks the sentinels for the master only there.
                     await self._opening(conn.connect())  # type: ignore[no-untyped-call]  # untyped in redis-py
-                    ahead = 0  # what was written went with the connection before
+                    ahead = len(results)  # the rest of what was written went with the connection before
                 if ahead < len(commands):
                     await conn.send_packed_command(self._pack(commands[ahead:]), check_health=False)
                 sent()
-                results: list[Any] = []
-                for command in commands:
+                for command in commands[len(results) :]:
                     try:
                         reply = await conn.read_response()
                     except self._refusal as exc:  # read in full: the connection stays usable

@@ -746,6 +746,22 @@ async def test_the_subscription_parses_messages_split_and_joined_by_the_socket(m
     assert sorted(got) == list(range(50))
 
 
+async def test_a_batch_cut_after_some_replies_writes_again_only_unanswered_commands(make: Factory) -> None:
+    # The writer retries a batch once on a fresh connection when its connection breaks.
+    # Commands whose replies were read ran already: written again, a push would be
+    # delivered twice. Here the batch's second command kills its own connection.
+    layer = cast(RedisChannelLayer, make())
+    await layer.send(await layer.new_channel(), {"type": "warm"})  # the writer's connection is open
+    key = f"{layer.prefix}:retry-count"
+    [own_id] = await layer._exchange([("CLIENT", "ID")], lambda: None)
+    replies = await layer._exchange(
+        [("INCR", key), ("CLIENT", "KILL", "ID", own_id, "SKIPME", "no"), ("INCR", key + "2")], lambda: None
+    )
+    assert replies[0] == 1
+    assert replies[2] == 1
+    assert await layer._exchange([("GET", key)], lambda: None) == [b"1"]
+
+
 def test_the_python_reply_reader_reads_what_hiredis_reads() -> None:
     # Without hiredis (a plain `pip install redis`) the subscription is parsed by
     # _PyReader: it must give, chunk by chunk, what hiredis's reader gives.

@@ -112,6 +112,9 @@ _PRESENCE_BATCH = 500
 #: Bytes of send lines one NOTIFY payload carries: PostgreSQL refuses 8000 and more, and
 #: the row's head ("s", the longest bigint, a newline) comes first.
 _NOTE_LIMIT = 7900
+#: Messages of this many bytes and more are not base64-encoded for a group row's notification:
+#: their base64 alone would pass PostgreSQL's 8000-byte payload limit.
+_GROUP_NOTE_BYTES = 6000
 #: Most rows claimed per round trip from a named channel (never more than waiters).
 _NAMED_BATCH = 100
 #: Seconds a named channel stays LISTENed after its last local receiver left, so
@@ -375,6 +378,46 @@ woken AS (
 )
 SELECT (SELECT count(*) FROM woken) AS woken,
     (SELECT count(*) FROM members) - (SELECT count(*) FROM admitted) AS skipped
+"""
+        # One group message without history (a lone group_send, the usual statement): what
+        # group_send does for a batch of one, with scalar parameters and the payload's
+        # base64 from the caller ($6; NULL when it cannot fit), so no unnest, window,
+        # sorts or encoding on the server. It runs while the receivers wait for their
+        # notification: EXPLAIN ANALYZE 0.10-0.15 against 0.11-0.23 ms for the batch form.
+        self.group_send_one = f"""
+WITH inboxes AS (
+    INSERT INTO {s}.message (queue, targets, expires_at, data)
+    SELECT '!' || o.owner, ARRAY[NULL, 'g', $1], now() + make_interval(secs => $3), $2
+    FROM {s}.group_owner AS o
+    WHERE o.group_name = $1 AND o.expires_at > now() AND o.owner <> $4
+    RETURNING id, queue
+),
+members AS (
+    SELECT channel, capacity FROM {s}.group_member
+    WHERE group_name = $1 AND owner IS NULL AND expires_at > now()
+),
+named AS (
+    INSERT INTO {s}.message (queue, expires_at, data)
+    SELECT m.channel, now() + make_interval(secs => $3), $2
+    FROM members AS m
+    WHERE (
+        SELECT count(*) FROM {s}.message AS q WHERE q.queue = m.channel AND q.expires_at > now()
+    ) < m.capacity
+    RETURNING queue
+),
+woken AS (
+    SELECT pg_notify(
+        {_notify_sql("$5", "note.queue")},
+        CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
+    )
+    FROM (
+        SELECT i.queue, 'g' || i.id || ' ' || $1 || ' - - ' || $6 AS payload FROM inboxes AS i
+        UNION ALL
+        SELECT queue, '' FROM named
+    ) AS note
+)
+SELECT (SELECT count(*) FROM woken) AS woken,
+    (SELECT count(*) FROM members) - (SELECT count(*) FROM named) AS skipped
 """
         self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_owner; DELETE FROM {s}.group_member"
         self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
@@ -1857,12 +1900,22 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     async def _write_group_batch(self, batch: list[_Outgoing], expiry: float) -> list[None]:
         groups = [entry.target for entry in batch]
-        data = [entry.data for entry in batch]
-        row = await self._writer_statement(
-            lambda conn: conn.fetchrow(
-                self._sql.group_send, groups, data, expiry, self.client_token, self.schema
+        if len(batch) == 1:
+            group, data = batch[0].target, batch[0].data
+            # Larger messages could not ride in a notification whatever the row's id.
+            b64 = binascii.b2a_base64(data, newline=False).decode() if len(data) < _GROUP_NOTE_BYTES else None
+            row = await self._writer_statement(
+                lambda conn: conn.fetchrow(
+                    self._sql.group_send_one, group, data, expiry, self.client_token, self.schema, b64
+                )
             )
-        )
+        else:
+            datas = [entry.data for entry in batch]
+            row = await self._writer_statement(
+                lambda conn: conn.fetchrow(
+                    self._sql.group_send, groups, datas, expiry, self.client_token, self.schema
+                )
+            )
         if row is not None and row["skipped"]:
             logger.debug(
                 "group_send to %s skipped %d full named channel(s)", sorted(set(groups)), row["skipped"]

@@ -379,46 +379,11 @@ woken AS (
 SELECT (SELECT count(*) FROM woken) AS woken,
     (SELECT count(*) FROM members) - (SELECT count(*) FROM admitted) AS skipped
 """
-        # One group message without history (a lone group_send, the usual statement): what
-        # group_send does for a batch of one, with scalar parameters and the payload's
-        # base64 from the caller ($6; NULL when it cannot fit), so no unnest, window,
-        # sorts or encoding on the server. It runs while the receivers wait for their
-        # notification: EXPLAIN ANALYZE 0.10-0.15 against 0.11-0.23 ms for the batch form.
-        self.group_send_one = f"""
-WITH inboxes AS (
-    INSERT INTO {s}.message (queue, targets, expires_at, data)
-    SELECT '!' || o.owner, ARRAY[NULL, 'g', $1], now() + make_interval(secs => $3), $2
-    FROM {s}.group_owner AS o
-    WHERE o.group_name = $1 AND o.expires_at > now() AND o.owner <> $4
-    RETURNING id, queue
-),
-members AS (
-    SELECT channel, capacity FROM {s}.group_member
-    WHERE group_name = $1 AND owner IS NULL AND expires_at > now()
-),
-named AS (
-    INSERT INTO {s}.message (queue, expires_at, data)
-    SELECT m.channel, now() + make_interval(secs => $3), $2
-    FROM members AS m
-    WHERE (
-        SELECT count(*) FROM {s}.message AS q WHERE q.queue = m.channel AND q.expires_at > now()
-    ) < m.capacity
-    RETURNING queue
-),
-woken AS (
-    SELECT pg_notify(
-        {_notify_sql("$5", "note.queue")},
-        CASE WHEN octet_length(note.payload) < 8000 THEN note.payload ELSE '' END
-    )
-    FROM (
-        SELECT i.queue, 'g' || i.id || ' ' || $1 || ' - - ' || $6 AS payload FROM inboxes AS i
-        UNION ALL
-        SELECT queue, '' FROM named
-    ) AS note
-)
-SELECT (SELECT count(*) FROM woken) AS woken,
-    (SELECT count(*) FROM members) - (SELECT count(*) FROM named) AS skipped
-"""
+        # One group message without history (a lone group_send, the usual statement):
+        # scalar parameters and the notification's base64 from the caller ($6; NULL when
+        # it cannot fit), so no unnest, window, sorts or encoding on the server while the
+        # receivers wait for their notification.
+        self.group_send_one = _fan_out(s, b64="$6::text")
         self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_owner; DELETE FROM {s}.group_member"
         self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
         # Messages to one history group ($1), one history_send call each, in order: the
@@ -566,7 +531,12 @@ FROM notice
 """
 
 
-def _fan_out(s: str, offset: str = "NULL::bigint", epoch: str = "NULL::text") -> str:
+def _fan_out(
+    s: str,
+    offset: str = "NULL::bigint",
+    epoch: str = "NULL::text",
+    b64: str = "translate(encode($2, 'base64'), E'\\n', '')",
+) -> str:
     """The ``group_send`` statement (parameters $1 to $5), stamping rows with a history position.
 
     One statement: read the processes with members (other than ours) and the
@@ -576,7 +546,8 @@ def _fan_out(s: str, offset: str = "NULL::bigint", epoch: str = "NULL::text") ->
     position (NULL outside history groups), also returned first; the reader adds
     it to the decoded message, so the encoded bytes are the same for the store
     and every copy. ``local_members`` stays NULL (the history function's row
-    type keeps it).
+    type keeps it). ``b64`` is the SQL expression of the message's base64 for the
+    notifications (a parameter where the caller encodes it).
     """
     return f"""
 WITH inboxes AS (
@@ -602,7 +573,7 @@ named AS (
     RETURNING queue
 ),
 encoded AS (
-    SELECT translate(encode($2, 'base64'), E'\\n', '') AS b64
+    SELECT {b64} AS b64
 ),
 woken AS (
     SELECT pg_notify(

@@ -112,6 +112,9 @@ _PRESENCE_BATCH = 500
 #: Bytes of send lines one NOTIFY payload carries: PostgreSQL refuses 8000 and more, and
 #: the row's head ("s", the longest bigint, a newline) comes first.
 _NOTE_LIMIT = 7900
+#: Messages of this many bytes and more are not base64-encoded for a group row's notification:
+#: their base64 alone would pass PostgreSQL's 8000-byte payload limit.
+_GROUP_NOTE_BYTES = 6000
 #: Most rows claimed per round trip from a named channel (never more than waiters).
 _NAMED_BATCH = 100
 #: Seconds a named channel stays LISTENed after its last local receiver left, so
@@ -376,6 +379,11 @@ woken AS (
 SELECT (SELECT count(*) FROM woken) AS woken,
     (SELECT count(*) FROM members) - (SELECT count(*) FROM admitted) AS skipped
 """
+        # One group message without history (a lone group_send, the usual statement):
+        # scalar parameters and the notification's base64 from the caller ($6; NULL when
+        # it cannot fit), so no unnest, window, sorts or encoding on the server while the
+        # receivers wait for their notification.
+        self.group_send_one = _fan_out(s, b64="$6::text")
         self.flush = f"DELETE FROM {s}.message; DELETE FROM {s}.group_owner; DELETE FROM {s}.group_member"
         self.flush_history = f"DELETE FROM {s}.history_entry; DELETE FROM {s}.history_stream"
         # Messages to one history group ($1), one history_send call each, in order: the
@@ -523,7 +531,12 @@ FROM notice
 """
 
 
-def _fan_out(s: str, offset: str = "NULL::bigint", epoch: str = "NULL::text") -> str:
+def _fan_out(
+    s: str,
+    offset: str = "NULL::bigint",
+    epoch: str = "NULL::text",
+    b64: str = "translate(encode($2, 'base64'), E'\\n', '')",
+) -> str:
     """The ``group_send`` statement (parameters $1 to $5), stamping rows with a history position.
 
     One statement: read the processes with members (other than ours) and the
@@ -533,7 +546,8 @@ def _fan_out(s: str, offset: str = "NULL::bigint", epoch: str = "NULL::text") ->
     position (NULL outside history groups), also returned first; the reader adds
     it to the decoded message, so the encoded bytes are the same for the store
     and every copy. ``local_members`` stays NULL (the history function's row
-    type keeps it).
+    type keeps it). ``b64`` is the SQL expression of the message's base64 for the
+    notifications (a parameter where the caller encodes it).
     """
     return f"""
 WITH inboxes AS (
@@ -559,7 +573,7 @@ named AS (
     RETURNING queue
 ),
 encoded AS (
-    SELECT translate(encode($2, 'base64'), E'\\n', '') AS b64
+    SELECT {b64} AS b64
 ),
 woken AS (
     SELECT pg_notify(
@@ -1857,12 +1871,22 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     async def _write_group_batch(self, batch: list[_Outgoing], expiry: float) -> list[None]:
         groups = [entry.target for entry in batch]
-        data = [entry.data for entry in batch]
-        row = await self._writer_statement(
-            lambda conn: conn.fetchrow(
-                self._sql.group_send, groups, data, expiry, self.client_token, self.schema
+        if len(batch) == 1:
+            group, data = batch[0].target, batch[0].data
+            # Larger messages could not ride in a notification whatever the row's id.
+            b64 = binascii.b2a_base64(data, newline=False).decode() if len(data) < _GROUP_NOTE_BYTES else None
+            row = await self._writer_statement(
+                lambda conn: conn.fetchrow(
+                    self._sql.group_send_one, group, data, expiry, self.client_token, self.schema, b64
+                )
             )
-        )
+        else:
+            datas = [entry.data for entry in batch]
+            row = await self._writer_statement(
+                lambda conn: conn.fetchrow(
+                    self._sql.group_send, groups, datas, expiry, self.client_token, self.schema
+                )
+            )
         if row is not None and row["skipped"]:
             logger.debug(
                 "group_send to %s skipped %d full named channel(s)", sorted(set(groups)), row["skipped"]

@@ -750,7 +750,7 @@ async def test_a_batch_cut_after_some_replies_writes_again_only_unanswered_comma
     # The writer retries a batch once on a fresh connection when its connection breaks.
     # Commands whose replies were read ran already: written again, a push would be
     # delivered twice. Here the batch's second command kills its own connection.
-    layer = cast(RedisChannelLayer, make())
+    layer = make()
     await layer.send(await layer.new_channel(), {"type": "warm"})  # the writer's connection is open
     key = f"{layer.prefix}:retry-count"
     [own_id] = await layer._exchange([("CLIENT", "ID")], lambda: None)

@@ -1465,9 +1465,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 message = decode(data)
             except Exception:
                 # Decoded again to be logged and counted there (rare: another writer's bytes).
-                message = self.decode_or_drop(data, where)
-                if message is None:
+                dropped = self.decode_or_drop(data, where)
+                if dropped is None:
                     continue
+                message = dropped
             deliver(channel, message)
 
     def _drop_malformed(self, where: str) -> None:

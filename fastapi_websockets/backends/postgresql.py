@@ -1606,7 +1606,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     # --------------------------------------------------------------- template
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
-        if is_process_specific(channel):
+        if "!" in channel:  # is_process_specific(), without a call per send
             await self._write(self._inbox_of(channel), channel, data)
             return
         expiry = float(self.channel_expiry)
@@ -1621,11 +1621,21 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     async def _write(
         self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None
     ) -> StreamPosition | None:
-        """Write one message (see :meth:`_queue_write`); if nothing is being written, after one
-        pass of the event loop, with the writes made in that pass."""
-        if self._writing or self._outbox_task is not None or self._outbox:
-            return await self._queue_write(queue, target, data, policy)
+        """Write a send (``queue``: the inbox of ``target``) or a message to group ``target``.
+
+        Writes made while a statement is in flight go out together in the next
+        one: one round trip, one pooled connection and one commit for many
+        messages, delaying a lone one by one pass of the event loop (see
+        :meth:`_gathered`), never by a timer. One writer, statements in the
+        order their writes were queued, so no write overtakes an earlier one.
+        """
         entry = _Outgoing(queue, target, data, asyncio.get_running_loop().create_future(), policy)
+        if self._writing or self._outbox_task is not None or self._outbox:
+            # Queued here rather than in a helper: a closed-loop burst queues 15 of every 16 sends.
+            self._outbox.append(entry)
+            if self._outbox_task is None and not self._writing:
+                self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
+            return await entry.done
         if await self._gathered(entry):
             return await entry.done
         # Alone: the caller runs its statement itself, without the hops through the
@@ -1675,23 +1685,6 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             self._outbox.clear()
         else:
             self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
-
-    def _queue_write(
-        self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None
-    ) -> asyncio.Future[StreamPosition | None]:
-        """Queue a send (``queue``: the inbox of ``target``) or a message to group ``target``.
-
-        Writes made while a statement is in flight go out together in the next
-        one: one round trip, one pooled connection and one commit for many
-        messages, delaying a lone one by one pass of the event loop (see
-        :meth:`_gathered`), never by a timer. One writer, statements in the
-        order their writes were queued, so no write overtakes an earlier one.
-        """
-        done: asyncio.Future[StreamPosition | None] = asyncio.get_running_loop().create_future()
-        self._outbox.append(_Outgoing(queue, target, data, done, policy))
-        if self._outbox_task is None and not self._writing:
-            self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
-        return done
 
     def _take_outbox(self) -> list[_Outgoing]:
         """The next statement's writes: the longest run of queued writes that can share one."""

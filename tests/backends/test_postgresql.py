@@ -673,6 +673,27 @@ async def test_concurrent_sends_to_another_instance_keep_each_senders_order(make
     assert seen == {index: list(range(50)) for index in range(20)}
 
 
+async def test_sends_cancelled_while_queued_are_not_written(make: Factory) -> None:
+    # A burst queues behind its first send for one pass; sends whose callers gave up in
+    # that pass must not go out with the rest (their callers were told nothing was sent).
+    sender, owner = make(), make(capacity=100)
+    channel = await owner.new_channel("ws")
+    await sender.send(channel, {"type": "warm"})
+    assert (await owner.receive(channel, timeout=10))["type"] == "warm"
+    sends = [asyncio.create_task(sender.send(channel, {"type": "n", "i": i})) for i in range(8)]
+    await asyncio.sleep(0)  # every send queued; the first still gathering the rest
+    for i in (2, 5, 6):
+        sends[i].cancel()
+    results = await asyncio.gather(*sends, return_exceptions=True)
+    assert [isinstance(result, asyncio.CancelledError) for result in results] == [
+        i in (2, 5, 6) for i in range(8)
+    ]
+    got = [(await owner.receive(channel, timeout=10))["i"] for _ in range(5)]
+    assert got == [0, 1, 3, 4, 7]
+    with pytest.raises(TimeoutError):
+        await owner.receive(channel, timeout=0.3)
+
+
 _CHILD = """
 import asyncio, sys
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer

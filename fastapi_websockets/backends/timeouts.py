@@ -13,6 +13,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from fastapi_websockets._running_loop import running_loop
+
 __all__ = ["LazyBound", "bounded", "reply_within", "wait_event", "within"]
 
 T = TypeVar("T")
@@ -148,7 +150,7 @@ async def reply_within(fut: asyncio.Future[T], timeout: float, on_timeout: Calla
     cancelling it keeps a cancellation of the caller (which cancels ``fut`` and
     propagates) apart from the timeout.
     """
-    handle = asyncio.get_running_loop().call_later(timeout, _fail, fut, on_timeout)
+    handle = running_loop().call_later(timeout, _fail, fut, on_timeout)
     try:
         return await fut
     finally:

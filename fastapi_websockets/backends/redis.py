@@ -81,6 +81,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import settle, settle_all, wait_all
@@ -829,7 +830,7 @@ class _Subscription(asyncio.Protocol):
         for bytes that are not RESP2.
         """
         if self._ended is None:
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = running_loop().create_future()
             if release:
                 self._held = False
                 self._transport.resume_reading()
@@ -1202,7 +1203,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         got it: close() could neither close it nor wait for it, and an event loop that
         ended then left the socket to the garbage collector ("unclosed transport").
         """
-        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ended: asyncio.Future[None] = running_loop().create_future()
         self._openings.add(ended)
         try:
             return await connect
@@ -1323,7 +1324,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         order under a lock get their commands run in that order.
         """
         self._check_open()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = running_loop().create_future()
         self._queue.append((command, fut))
         self._start_writer()
         return fut
@@ -1372,7 +1373,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         failure is raised and ``futs`` are left settled or cancelled, so that
         the caller need not await them.
         """
-        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        written: asyncio.Future[None] = running_loop().create_future()
         self._written.append(written)
         try:
             await self._reply(written)
@@ -1390,7 +1391,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         Entries for one inbox that wait for the same write are pushed by one script call.
         """
         self._check_open()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = running_loop().create_future()
         self._inbox_pending.setdefault(token, []).append((entry, fut))
         if self._writer_idle:
             self._write_now()
@@ -1471,7 +1472,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         ended per lone send cost its creation, its done callback and one more
         loop iteration each time (see docs/architecture.md).
         """
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         while True:
             if not (self._ahead or self._queue or self._inbox_pending):
                 parked = self._parked = loop.create_future()
@@ -2200,7 +2201,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         """(Re)start the pub/sub reader's timer: :meth:`_quiet_for` in ``delay`` seconds."""
         if self._quiet is not None:
             self._quiet.cancel()
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         self._quiet = loop.call_later(delay, self._quiet_for, transport, self._arrivals)
 
     def _quiet_for(self, transport: asyncio.WriteTransport, arrivals: int) -> None:

@@ -1045,6 +1045,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             if await conn.fetchval(query, self.schema, names):
                 return
             async with conn.transaction():
+                # Whatever the layer's synchronous_commit: losing a few messages to a crash
+                # is the documented trade, losing the tables would fail every layer after it.
+                await conn.execute("SET LOCAL synchronous_commit TO on")
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema, "schema"))
                 if await conn.fetchval(query, self.schema, names):
                     return

@@ -249,3 +249,49 @@ async def test_a_redis_layer_closed_as_its_tls_handshake_completes_leaves_no_soc
     finally:
         node.proc.popen.send_signal(signal.SIGCONT)
         node.stop()
+
+
+@pytest.mark.parametrize("closed_at", [0, 1], ids=["writer", "reader"])
+@pytest.mark.parametrize("use_pubsub", [True, False], ids=["pubsub", "blmove"])
+async def test_a_redis_layer_closed_as_its_writer_or_reader_connects_leaves_no_socket_open(
+    tmp_path: Path,
+    tls_certs: Certificates,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    closed_at: int,
+    use_pubsub: bool,
+) -> None:
+    # The test above for both connections and both reader kinds: with use_pubsub=False the
+    # reader waits in a blocking pop (BLMOVE), not in a subscribe. The layer's first two TLS
+    # handshakes are the writer's (the send) and the reader's; close() starts as either
+    # completes, with the server frozen, so the writer's connection, open by then when the
+    # reader's completes, cannot be shut down cleanly either.
+    node = RedisNode(tmp_path / "tls", free_port(), tls=tls_certs)
+    node.first_start()
+    assert node.proc is not None
+    layer = RedisChannelLayer(
+        url=node.url, prefix=namespace, tls_ca_file=str(tls_certs.ca_file), timeout=3, use_pubsub=use_pubsub
+    )
+    closing: list[asyncio.Task[None]] = []
+    handshakes: list[int] = []
+    complete = asyncio.sslproto.SSLProtocol._on_handshake_complete
+
+    def handshake_complete(protocol: asyncio.sslproto.SSLProtocol, exc: BaseException | None) -> None:
+        if exc is None:
+            handshakes.append(len(handshakes))
+            if not closing and handshakes[-1] == closed_at:
+                assert node.proc is not None
+                node.proc.popen.send_signal(signal.SIGSTOP)
+                closing.append(asyncio.ensure_future(layer.close()))
+        complete(protocol, exc)  # wakes the opener: after close() started
+
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "_on_handshake_complete", handshake_complete)
+    try:
+        sending = asyncio.ensure_future(layer.send("named", {"type": "x"}))
+        await eventually(lambda: closing, f"TLS handshake {closed_at}")
+        await asyncio.wait_for(closing[0], 60)
+        await asyncio.gather(sending, return_exceptions=True)
+        assert half_closed_sockets_to(node.port) == []
+    finally:
+        node.proc.popen.send_signal(signal.SIGCONT)
+        node.stop()

@@ -77,7 +77,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -1195,7 +1195,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         self._client = self._cluster_client = self._sentinel = self._writer_client = None
         self._writer_conn = None
 
-    async def _opening(self, connect: Coroutine[Any, Any, T]) -> T:
+    async def _opening(self, connect: Awaitable[T]) -> T:
         """Await ``connect``, which opens a connection; close() lets it end before it cancels tasks.
 
         A cancellation that lands as a TLS handshake completes makes asyncio close
@@ -1256,15 +1256,17 @@ class RedisChannelLayer(BrokerChannelLayer):
             await asyncio.sleep(0)  # the abort closes the socket on the next loop iteration
 
     async def _disconnect(self) -> None:
-        if self._reader_redis is not None:
-            await self._reader_redis.aclose()
-        if self._client is not None:
-            await self._client.aclose()
-        if self._writer_client is not None:
-            # Its pool disconnects the connection _exchange holds too.
-            await self._writer_client.aclose()
-        if self._sentinel is not None:
-            await self._sentinel.aclose()
+        # The writer client's pool disconnects the connection _exchange holds too.
+        for client in (self._reader_redis, self._client, self._writer_client, self._sentinel):
+            if client is None:
+                continue
+            try:
+                await client.aclose()
+            except self._redis_errors as exc:
+                # A server that stopped answering leaves a TLS shutdown unacknowledged, and
+                # redis-py raises past its timeout: the other clients still close, close()
+                # does not raise it, and _wait_sockets_closed() aborts what is left open.
+                logger.debug("a Redis client did not close cleanly: %r", exc)
 
     def _tls_options(self) -> dict[str, Any]:
         """What every connection to a ``rediss://`` server adds: the CA to verify it with.
@@ -2108,6 +2110,9 @@ class RedisChannelLayer(BrokerChannelLayer):
                 )
                 await self._read_pubsub(conn)
             else:
+                # The reader's connection opened here, not inside its first BLMOVE: so that
+                # close() lets the open end (see _opening).
+                await self._opening(client.ping())
                 await self._connected()
                 # Only a session that read its inbox once counts as healthy (resets the
                 # backoff): one that connects and then fails every read must not spin.

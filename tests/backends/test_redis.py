@@ -417,6 +417,37 @@ async def test_cluster_key_layout_and_cross_slot_groups(
     assert [key async for key in cluster_raw.scan_iter(match=f"{namespace}:*")] == []
 
 
+async def test_cluster_sharded_subscription_answers_the_quiet_ping_and_the_inbox_is_re_checked(
+    redis_cluster: RedisCluster,
+    cluster_raw: ClusterClient,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The quiet re-check on a cluster's sharded subscription (SSUBSCRIBE, on the node of the
+    # inbox's slot): after _BLOCK_SECONDS without a message the reader PINGs there, and the
+    # pong makes it pop its inbox, so an entry stored without a publish is delivered. No
+    # pong within another _BLOCK_SECONDS would cut the subscription ("reconnecting"): it
+    # must not happen on a live one, over several quiet periods.
+    monkeypatch.setattr(redis_backend, "_BLOCK_SECONDS", 0.3)
+    caplog.set_level(logging.DEBUG, logger="fastapi_websockets.redis")
+    build = layer_factory(layers, RedisChannelLayer, url=redis_cluster.url, prefix=namespace, cluster=True)
+    receiver, sender = build(), build()
+    assert isinstance(receiver, RedisChannelLayer)
+    assert (receiver.use_pubsub, receiver.sharded_pubsub) == (True, True)
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm"})
+    assert await receiver.receive(channel, timeout=10) == {"type": "warm"}
+    await asyncio.sleep(1.5)  # five quiet periods: PINGs answered, none cut
+    seconds, _ = await cluster_raw.time()
+    deadline = b"%013d" % ((int(seconds) + 60) * 1000)
+    entry = deadline + b"9" * 16 + b"D" + channel.encode() + b"\x00" + receiver.encode({"type": "stored"})
+    await cluster_raw.rpush(f"{namespace}:inbox:{{{receiver.client_token}}}", entry)
+    assert await receiver.receive(channel, timeout=10) == {"type": "stored"}
+    assert "reconnect" not in caplog.text
+
+
 async def test_cluster_own_members_get_a_group_message_before_the_pushes_are_answered(
     redis_cluster: RedisCluster, cluster_raw: ClusterClient, namespace: str, layers: list[BaseChannelLayer]
 ) -> None:

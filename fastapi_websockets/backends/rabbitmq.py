@@ -620,19 +620,20 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             import aiormq.exceptions
         except ImportError as exc:
             raise missing_driver("rabbitmq", exc) from exc
-        self._errors = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
-        self._delivery_error = aiormq.exceptions.DeliveryError
-        self._publish_error = aiormq.exceptions.PublishError
-        self._precondition_failed = aiormq.exceptions.ChannelPreconditionFailed
-        self._message_class = aio_pika.Message
         from pamqp.commands import Basic
 
         from fastapi_websockets.backends.rabbitmq_wire import (
+            CHANNEL_ERRORS,
             BatchedAcks,
             ConfirmingPublisher,
             frames_read_by_the_layer,
         )
 
+        self._errors = CHANNEL_ERRORS
+        self._delivery_error = aiormq.exceptions.DeliveryError
+        self._publish_error = aiormq.exceptions.PublishError
+        self._precondition_failed = aiormq.exceptions.ChannelPreconditionFailed
+        self._message_class = aio_pika.Message
         self._properties_class = Basic.Properties
         self._publisher = ConfirmingPublisher(self._spawn_writer, self.timeout)
         self._acks = BatchedAcks(partial(self._spawn, what="inbox acks"), self.timeout)

@@ -63,7 +63,8 @@ async def bounded(awaitable: Awaitable[T], timeout: float, on_timeout: Callable[
     """
     if sys.version_info < (3, 11):
         return await within(awaitable, timeout, on_timeout)
-    scope = asyncio.timeout(timeout)
+    # timeout_at(): asyncio.timeout() would look the loop up once more (see running_loop).
+    scope = asyncio.timeout_at(running_loop().time() + timeout)
     try:
         async with scope:
             return await awaitable

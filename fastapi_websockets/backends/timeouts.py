@@ -101,9 +101,9 @@ class LazyBound:
         """Await ``awaitable`` in the current task for at most ``timeout`` seconds."""
         if sys.version_info < (3, 11):  # no Task.uncancel: a task of its own per await
             return await within(awaitable, self.timeout, self._on_timeout)
-        task = self._task = asyncio.current_task()
+        loop = running_loop()
+        task = self._task = asyncio.current_task(loop)
         assert task is not None
-        loop = task.get_loop()
         since = self._since = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(since + self.timeout, self._check)

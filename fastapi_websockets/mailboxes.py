@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.exceptions import ChannelLayerClosed, ReceiveTimeout
 from fastapi_websockets.types import Message
 
@@ -223,7 +224,7 @@ class Mailboxes:
                 message = items.popleft()[1]
                 self._discard_if_idle(channel, box)
                 return message
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         fut: asyncio.Future[Message] = loop.create_future()
         box.waiters.append(fut)
         timer = None

@@ -213,38 +213,54 @@ async def test_a_closed_redis_layer_leaves_no_tls_socket_open(
         assert half_closed_sockets_to(redis_tls_server.port) == []
 
 
-async def test_a_redis_layer_closed_as_its_tls_handshake_completes_leaves_no_socket_open(
-    tmp_path: Path, tls_certs: Certificates, namespace: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("closed_at", [0, 1], ids=["writer", "reader"])
+@pytest.mark.parametrize("use_pubsub", [True, False], ids=["pubsub", "blmove"])
+async def test_a_redis_layer_closed_as_its_writer_or_reader_connects_leaves_no_socket_open(
+    tmp_path: Path,
+    tls_certs: Certificates,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    closed_at: int,
+    use_pubsub: bool,
 ) -> None:
     # Seen once in CI (test_many_cancellations_lose_nothing[redis-tls]): a socket opened at
     # pool.get_connection() in _exchange freed open. close() had cancelled the writer just
     # as its TLS handshake completed: asyncio then closes the new socket without waiting
     # for the server's TLS shutdown, and redis-py, which never got the socket, cannot
     # close it or wait for it. Here close() starts exactly then (its first step runs
-    # before the writer wakes up), and the server, frozen, answers nothing more. The
-    # layer's timeout (the write's own bound) outlasts close()'s wait for the open (1 s):
-    # the write timing out first would cut the open short itself.
+    # before the opener wakes up), and the server, frozen, answers nothing more. The
+    # layer's first two TLS handshakes are the writer's (the send) and the reader's (its
+    # subscription, or with use_pubsub=False its blocking pop's connection); when the
+    # reader's completes, the writer's connection is open and cannot be shut down cleanly
+    # either. The layer's timeout (the write's own bound) outlasts close()'s wait for the
+    # open (1 s): the write timing out first would cut the open short itself.
     node = RedisNode(tmp_path / "tls", free_port(), tls=tls_certs)
     node.first_start()
     assert node.proc is not None
-    layer = RedisChannelLayer(url=node.url, prefix=namespace, tls_ca_file=str(tls_certs.ca_file), timeout=3)
+    layer = RedisChannelLayer(
+        url=node.url, prefix=namespace, tls_ca_file=str(tls_certs.ca_file), timeout=3, use_pubsub=use_pubsub
+    )
     closing: list[asyncio.Task[None]] = []
+    handshakes: list[int] = []
     complete = asyncio.sslproto.SSLProtocol._on_handshake_complete
 
     def handshake_complete(protocol: asyncio.sslproto.SSLProtocol, exc: BaseException | None) -> None:
-        if not closing and exc is None:
-            assert node.proc is not None
-            node.proc.popen.send_signal(signal.SIGSTOP)
-            closing.append(asyncio.ensure_future(layer.close()))
-        complete(protocol, exc)  # wakes the writer: after close() started
+        if exc is None:
+            handshakes.append(len(handshakes))
+            if not closing and handshakes[-1] == closed_at:
+                assert node.proc is not None
+                node.proc.popen.send_signal(signal.SIGSTOP)
+                closing.append(asyncio.ensure_future(layer.close()))
+        complete(protocol, exc)  # wakes the opener: after close() started
 
     monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "_on_handshake_complete", handshake_complete)
     try:
-        sending = asyncio.ensure_future(layer.send("named", {"type": "x"}))  # the writer's first connection
-        await eventually(lambda: closing, "the first TLS handshake")
+        sending = asyncio.ensure_future(layer.send("named", {"type": "x"}))
+        await eventually(lambda: closing, f"TLS handshake {closed_at}")
         await asyncio.wait_for(closing[0], 60)
         (outcome,) = await asyncio.gather(sending, return_exceptions=True)
-        assert isinstance(outcome, ChannelLayerError), outcome  # closed, or no reply from the frozen server
+        if closed_at == 0:  # closed, or no reply from the frozen server
+            assert isinstance(outcome, ChannelLayerError), outcome
         assert half_closed_sockets_to(node.port) == []
     finally:
         node.proc.popen.send_signal(signal.SIGCONT)

@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any, ClassVar
 
 from fastapi_websockets import observing
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.options import Memo, positive, positive_int
 from fastapi_websockets.exceptions import (
@@ -437,7 +438,7 @@ class BaseChannelLayer(abc.ABC):
                 timed_out = True
                 inner.cancel()
 
-        timer = asyncio.get_running_loop().call_later(timeout, expire) if timeout is not None else None
+        timer = running_loop().call_later(timeout, expire) if timeout is not None else None
         try:
             return await asyncio.shield(inner)
         except asyncio.CancelledError:

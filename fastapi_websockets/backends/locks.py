@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.exceptions import ChannelLayerClosed
 
 __all__ = ["KeyedLocks", "SharedRounds"]
@@ -55,7 +56,7 @@ class _Round(Generic[A, R]):
     def __init__(self, call: Callable[[list[A]], Awaitable[R]]) -> None:
         self.call = call
         self.args: list[A] = []
-        self.future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[R] = running_loop().create_future()
         # A round every caller gave up on still ends; its error must not be reported as lost.
         self.future.add_done_callback(lambda done: None if done.cancelled() else done.exception())
 

@@ -58,6 +58,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import wait_all
@@ -608,7 +609,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         from nats.errors import NoRespondersError
         from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         deadline = loop.time() + self.timeout
         backoff = self.backoff()
         while True:
@@ -1245,7 +1246,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         from nats.errors import NoRespondersError
 
         body = json.dumps({"op": op, "group": group, "channel": channel}).encode()
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         deadline = loop.time() + self.timeout
         backoff = self.backoff()
         while True:
@@ -1459,7 +1460,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         subject = self._history_subject(store, group)
         what = f"group_send to {group!r} (history)"
         writer = new_token(12)
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         deadline = loop.time() + self.timeout
         newest = self._newest.get(subject)
         while True:
@@ -1587,7 +1588,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         from nats.errors import TimeoutError as NatsTimeout
 
         entries: list[_Entry] = []
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         reader = self._stream_reader(
             store.name,
             subject,

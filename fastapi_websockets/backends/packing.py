@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.futures import settle, settle_all
 from fastapi_websockets.exceptions import ChannelLayerClosed
 
@@ -177,15 +178,15 @@ class Packer:
         if outbox is None:
             outbox = self._outboxes[destination] = _Outbox()
         idle = outbox.in_flight == 0 and not outbox.queued
+        loop = running_loop()
         if idle:
             lone = self._lone
-            if lone is not None and lone[0] == destination and lone[1]() is asyncio.current_task():
+            if lone is not None and lone[0] == destination and lone[1]() is asyncio.current_task(loop):
                 # A lone sender's task (its last send here found nobody to go
                 # with): at once, without the turn's wait or a frame.
                 outbox.in_flight += 1
                 await self._alone(destination, outbox, channel, data)
                 return
-        loop = asyncio.get_running_loop()
         frame = _Frame(channel, data, loop.create_future(), loop.time() + self._timeout)
         if idle:
             await self._gathered(destination, outbox, frame)
@@ -215,7 +216,7 @@ class Packer:
             waiting.popleft()
         waiting.append(frame)
         if self._timer is None:
-            loop = asyncio.get_running_loop()
+            loop = running_loop()
             self._timer = loop.call_at(frame.deadline, self._expire, loop, frame.deadline)
 
     @staticmethod
@@ -252,7 +253,7 @@ class Packer:
         outbox.flush_due = False
         queued = outbox.queued
         if len(queued) == 1 and queued[0] is frame:
-            task = asyncio.current_task()
+            task = asyncio.current_task(running_loop())
             self._lone = (destination, weakref.ref(task)) if task is not None else None
             queued.clear()
             await self._alone(destination, outbox, frame.channel, frame.data)

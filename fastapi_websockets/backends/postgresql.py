@@ -61,6 +61,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
@@ -778,7 +779,7 @@ class _PresenceWriter:
 
     def queue(self, group: str, channel: str, info: bytes | None) -> asyncio.Future[None]:
         """Queue a change behind every change queued before it; await the result to see it written."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[None] = running_loop().create_future()
         self._append(_Change(group, channel, info, done))
         return done
 
@@ -1044,6 +1045,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             if await conn.fetchval(query, self.schema, names):
                 return
             async with conn.transaction():
+                # Whatever the layer's synchronous_commit: losing a few messages to a crash
+                # is the documented trade, losing the tables would fail every layer after it.
+                await conn.execute("SET LOCAL synchronous_commit TO on")
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema, "schema"))
                 if await conn.fetchval(query, self.schema, names):
                     return
@@ -1643,7 +1647,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         :meth:`_gathered`), never by a timer. One writer, statements in the
         order their writes were queued, so no write overtakes an earlier one.
         """
-        entry = _Outgoing(queue, target, data, asyncio.get_running_loop().create_future(), policy)
+        entry = _Outgoing(queue, target, data, running_loop().create_future(), policy)
         if self._writing or self._outbox_task is not None or self._outbox:
             # Queued here rather than in a helper: a closed-loop burst queues 15 of every 16 sends.
             self._outbox.append(entry)
@@ -1805,7 +1809,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             self._give_back(conn)
         else:
             self._writer_conn = conn
-            loop = asyncio.get_running_loop()
+            loop = running_loop()
             self._writer_used = loop.time()
             # One timer for many statements (a new one per statement was a timer
             # handle, a heap push and a cancel each): it re-arms itself while in use.
@@ -1818,11 +1822,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._writer_linger = None
         if self._writer_conn is None:
             return  # in use (re-armed when its statement ends) or given back already
-        idle = asyncio.get_running_loop().time() - self._writer_used
+        idle = running_loop().time() - self._writer_used
         if idle < _WRITER_LINGER:
-            self._writer_linger = asyncio.get_running_loop().call_later(
-                _WRITER_LINGER - idle, self._writer_lingered
-            )
+            self._writer_linger = running_loop().call_later(_WRITER_LINGER - idle, self._writer_lingered)
         else:
             self._release_writer_conn()
 

@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
@@ -619,19 +620,20 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             import aiormq.exceptions
         except ImportError as exc:
             raise missing_driver("rabbitmq", exc) from exc
-        self._errors = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
-        self._delivery_error = aiormq.exceptions.DeliveryError
-        self._publish_error = aiormq.exceptions.PublishError
-        self._precondition_failed = aiormq.exceptions.ChannelPreconditionFailed
-        self._message_class = aio_pika.Message
         from pamqp.commands import Basic
 
         from fastapi_websockets.backends.rabbitmq_wire import (
+            CHANNEL_ERRORS,
             BatchedAcks,
             ConfirmingPublisher,
             frames_read_by_the_layer,
         )
 
+        self._errors = CHANNEL_ERRORS
+        self._delivery_error = aiormq.exceptions.DeliveryError
+        self._publish_error = aiormq.exceptions.PublishError
+        self._precondition_failed = aiormq.exceptions.ChannelPreconditionFailed
+        self._message_class = aio_pika.Message
         self._properties_class = Basic.Properties
         self._publisher = ConfirmingPublisher(self._spawn_writer, self.timeout)
         self._acks = BatchedAcks(partial(self._spawn, what="inbox acks"), self.timeout)
@@ -728,7 +730,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         """Wait at most ``timeout`` for ``channel`` to be usable; return the time left."""
         assert channel is not None
         assert self._connection is not None
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         deadline = loop.time() + self.timeout
         if channel.is_closed or not self._connection.connected.is_set():
             await within(
@@ -824,7 +826,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # must see BackendUnavailable then, and a cancellation only when it was
         # cancelled itself. A waiter woken by the confirm or a timer: what
         # asyncio.wait does, without its sets and closures (once per publish).
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         waiter = loop.create_future()
         wake = partial(_wake, waiter)
         confirm.add_done_callback(wake)
@@ -1174,7 +1176,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         finally:
             reader.users -= 1
             if reader.users == 0 and not self.closed:
-                loop = asyncio.get_running_loop()
+                loop = running_loop()
                 reader.linger = loop.call_later(NAMED_LINGER, self._linger_expired, reader)
 
     async def _start_reader(self, reader: _Reader) -> None:
@@ -1396,7 +1398,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             reply_to=_inbox_routing_key(self.client_token),
             expiration=self.timeout,
         )
-        reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        reply: asyncio.Future[None] = running_loop().create_future()
         self._replies[token] = reply
         try:
             try:
@@ -1917,7 +1919,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         properties = self._properties(
             kind, message_id=token, headers={"e": epoch or stream.epoch, "t": _now_ms()}, persistent=True
         )
-        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        seen: asyncio.Future[int] = running_loop().create_future()
         stream.pending[token] = seen
         try:
             try:
@@ -2014,7 +2016,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         assert channel is not None
         entries: list[_Entry] = []
         firsts: list[int] = []
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[None] = running_loop().create_future()
 
         async def on_message(incoming: AbstractIncomingMessage) -> None:
             offset = _stream_offset(incoming)

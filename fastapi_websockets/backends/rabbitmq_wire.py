@@ -53,11 +53,26 @@ from pamqp.exceptions import PAMQPException
 
 from fastapi_websockets.backends.timeouts import bounded
 
-__all__ = ["BatchedAcks", "ConfirmingPublisher", "FrameReader", "frames_read_by_the_layer", "take_deliveries"]
+__all__ = [
+    "CHANNEL_ERRORS",
+    "BatchedAcks",
+    "ConfirmingPublisher",
+    "FrameReader",
+    "frames_read_by_the_layer",
+    "take_deliveries",
+]
 
 logger = logging.getLogger("fastapi_websockets.rabbitmq")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
+
+#: What an operation on a channel raises when the channel or its connection went away: the
+#: layer's errors to handle, and what the acker survives.
+CHANNEL_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    ChannelInvalidStateError,
+    OSError,
+)
 
 #: Seconds an inbox delivery may wait for its ack (see :class:`BatchedAcks`).
 ACK_DELAY = 0.005
@@ -438,7 +453,7 @@ class BatchedAcks:
                 self.frames += 1
                 try:
                     await bounded(current.basic_ack(tag, multiple=True, wait=False), self._timeout, _stalled)
-                except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, OSError) as exc:
+                except CHANNEL_ERRORS as exc:
                     # The channel went away; the broker requeues the messages in
                     # the inbox, which outlives the connection, and redelivers them.
                     logger.debug("could not ack inbox messages: %r", exc)

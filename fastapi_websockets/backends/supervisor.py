@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.exceptions import ChannelLayerClosed
 
@@ -60,7 +61,7 @@ class TaskSupervisor:
         if self._closing:
             coro.close()
             raise ChannelLayerClosed("the channel layer was closed")
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}.{name}")
+        task = running_loop().create_task(coro, name=f"{self.name}.{name}")
         self._tasks.add(task)
         task.add_done_callback(self._done_awaited if awaited else self._done)
         return task

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from fastapi_websockets._running_loop import running_loop
+
 __all__ = ["LazyBound", "bounded", "reply_within", "wait_event", "within"]
 
 T = TypeVar("T")
@@ -61,7 +63,8 @@ async def bounded(awaitable: Awaitable[T], timeout: float, on_timeout: Callable[
     """
     if sys.version_info < (3, 11):
         return await within(awaitable, timeout, on_timeout)
-    scope = asyncio.timeout(timeout)
+    # timeout_at(): asyncio.timeout() would look the loop up once more (see running_loop).
+    scope = asyncio.timeout_at(running_loop().time() + timeout)
     try:
         async with scope:
             return await awaitable
@@ -98,9 +101,9 @@ class LazyBound:
         """Await ``awaitable`` in the current task for at most ``timeout`` seconds."""
         if sys.version_info < (3, 11):  # no Task.uncancel: a task of its own per await
             return await within(awaitable, self.timeout, self._on_timeout)
-        task = self._task = asyncio.current_task()
+        loop = running_loop()
+        task = self._task = asyncio.current_task(loop)
         assert task is not None
-        loop = task.get_loop()
         since = self._since = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(since + self.timeout, self._check)
@@ -148,7 +151,7 @@ async def reply_within(fut: asyncio.Future[T], timeout: float, on_timeout: Calla
     cancelling it keeps a cancellation of the caller (which cancels ``fut`` and
     propagates) apart from the timeout.
     """
-    handle = asyncio.get_running_loop().call_later(timeout, _fail, fut, on_timeout)
+    handle = running_loop().call_later(timeout, _fail, fut, on_timeout)
     try:
         return await fut
     finally:

@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from fastapi_websockets._running_loop import running_loop
+
 __all__ = ["WaiterQueue"]
 
 T = TypeVar("T")
@@ -47,7 +49,7 @@ class WaiterQueue(Generic[T]):
 
     async def wait(self) -> T:
         """Wait until the reader hands this receiver an item; cancel-safe (see the module doc)."""
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[T] = running_loop().create_future()
         self._waiters.append(fut)
         self.demand.set()
         try:

@@ -25,6 +25,7 @@ from fastapi_websockets.backends import redis as redis_backend
 from fastapi_websockets.backends.redis import RedisChannelLayer
 from fastapi_websockets.config import get_channel_layer_from_env
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
+from fastapi_websockets.types import Message
 from tests.conftest import layer_factory
 from tests.faults import InjectedFault, eventually, fail_once
 from tests.leaks import SECRET, assert_no_secret
@@ -417,6 +418,34 @@ async def test_cluster_key_layout_and_cross_slot_groups(
     assert [key async for key in cluster_raw.scan_iter(match=f"{namespace}:*")] == []
 
 
+async def test_cluster_sharded_subscription_answers_the_quiet_ping_and_the_inbox_is_re_checked(
+    redis_cluster: RedisCluster,
+    cluster_raw: ClusterClient,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The quiet re-check on a cluster's sharded subscription (SSUBSCRIBE, on the node of the
+    # inbox's slot): after _BLOCK_SECONDS without a message the reader PINGs there, and the
+    # pong makes it pop its inbox, so an entry stored without a publish is delivered. No
+    # pong within another _BLOCK_SECONDS would cut the subscription ("reconnecting"): it
+    # must not happen on a live one, over several quiet periods.
+    monkeypatch.setattr(redis_backend, "_BLOCK_SECONDS", 0.3)
+    caplog.set_level(logging.DEBUG, logger="fastapi_websockets.redis")
+    build = layer_factory(layers, RedisChannelLayer, url=redis_cluster.url, prefix=namespace, cluster=True)
+    receiver, sender = build(), build()
+    assert isinstance(receiver, RedisChannelLayer)
+    assert (receiver.use_pubsub, receiver.sharded_pubsub) == (True, True)
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm"})
+    assert await receiver.receive(channel, timeout=10) == {"type": "warm"}
+    await asyncio.sleep(1.5)  # five quiet periods: PINGs answered, none cut
+    await store_unpublished(cluster_raw, receiver, channel, {"type": "stored"})
+    assert await receiver.receive(channel, timeout=10) == {"type": "stored"}
+    assert "reconnect" not in caplog.text
+
+
 async def test_cluster_own_members_get_a_group_message_before_the_pushes_are_answered(
     redis_cluster: RedisCluster, cluster_raw: ClusterClient, namespace: str, layers: list[BaseChannelLayer]
 ) -> None:
@@ -572,6 +601,16 @@ async def test_a_reader_cut_off_mid_stream_delivers_each_message_once_in_order(
     await eventually(lambda: _is_zero(raw.llen(inbox)), "the reader removes what it delivered")
 
 
+async def store_unpublished(
+    raw: redis_asyncio.Redis | ClusterClient, receiver: RedisChannelLayer, channel: str, message: Message
+) -> None:
+    """Put ``message`` for ``channel`` in ``receiver``'s inbox as a push would, without the publish."""
+    seconds, _ = await raw.time()
+    deadline = b"%013d" % ((int(seconds) + 60) * 1000)
+    entry = deadline + b"9" * 16 + b"D" + channel.encode() + b"\x00" + receiver.encode(message)
+    await raw.rpush(f"{receiver.prefix}:inbox:{{{receiver.client_token}}}", entry)
+
+
 async def test_an_entry_that_missed_the_subscription_is_found_by_the_quiet_re_check(
     make: Factory,
     raw: redis_asyncio.Redis,
@@ -587,10 +626,7 @@ async def test_an_entry_that_missed_the_subscription_is_found_by_the_quiet_re_ch
     channel = await receiver.new_channel()
     await sender.send(channel, {"type": "warm"})
     assert await receiver.receive(channel, timeout=10) == {"type": "warm"}
-    seconds, _ = await raw.time()
-    deadline = b"%013d" % ((int(seconds) + 60) * 1000)
-    entry = deadline + b"9" * 16 + b"D" + channel.encode() + b"\x00" + receiver.encode({"type": "stored"})
-    await raw.rpush(f"{receiver.prefix}:inbox:{{{receiver.client_token}}}", entry)
+    await store_unpublished(raw, receiver, channel, {"type": "stored"})
     assert await receiver.receive(channel, timeout=10) == {"type": "stored"}
     assert "reconnect" not in caplog.text
 

@@ -941,6 +941,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._aborted: tuple[type[BaseException], ...] = ()
         self._reader_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
         self._no_table: tuple[type[BaseException], ...] = ()
+        self._tables_gone: tuple[type[BaseException], ...] = ()
+        #: Held while tables found gone are created again (see _restore_tables).
+        self._restoring = asyncio.Lock()
         #: The presence tables exist (made or checked by this layer's first join).
         self._presence_ready = False
         self._presence_setup = asyncio.Lock()
@@ -991,6 +994,12 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._reader_errors = (BackendUnavailable, asyncpg.PostgresError)
         # Presence reads before any layer of the schema made the presence tables.
         self._no_table = (asyncpg.UndefinedTableError,)
+        # What a statement meets once the layer's schema or tables were dropped under it.
+        self._tables_gone = (
+            asyncpg.UndefinedTableError,
+            asyncpg.InvalidSchemaNameError,
+            asyncpg.UndefinedFunctionError,
+        )
         try:
             self._pool = await self._retry(
                 "connect",
@@ -1030,33 +1039,67 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self.tasks.keep_running(self._drain_inbox, "inbox")
         self.tasks.keep_running(self._prune_forever, "prune")
 
-    async def _create_schema(self) -> None:
+    async def _create_schema(self) -> bool:
         ddl = [self._sql.create] + ([self._sql.create_history] if self.history else [])
-        await self._create_tables(self._tables(), ddl)
+        return await self._create_tables(self._tables(), ddl)
 
-    async def _create_tables(self, names: list[str], ddl: list[str]) -> None:
+    async def _create_tables(self, names: list[str], ddl: list[str]) -> bool:
+        """Create the tables ``names`` with ``ddl`` unless they exist; return whether it did."""
         # DDL runs only when something is missing, so a role without CREATE
         # rights can use tables an administrator made. Concurrent CREATE ... IF
         # NOT EXISTS can still collide in the catalogs: the advisory lock makes
         # processes starting together take turns.
         query = self._sql.tables_exist
 
-        async def create(conn: _Conn) -> None:
+        async def create(conn: _Conn) -> bool:
             if await conn.fetchval(query, self.schema, names):
-                return
+                return False
             async with conn.transaction():
                 # Whatever the layer's synchronous_commit: losing a few messages to a crash
                 # is the documented trade, losing the tables would fail every layer after it.
                 await conn.execute("SET LOCAL synchronous_commit TO on")
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema, "schema"))
                 if await conn.fetchval(query, self.schema, names):
-                    return
+                    return False
                 if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", _quote_ident(self.schema)):
                     await conn.execute(self._sql.create_schema)
                 for statements in ddl:
                     await conn.execute(statements)
+            return True
 
-        await self._with_conn(create, retry=True)
+        return await self._with_conn(create, retry=True)
+
+    async def _restore_tables(self, exc: BaseException) -> None:
+        """Create again the tables a statement found gone, or raise what to do about it.
+
+        Someone dropped the layer's schema or tables while it ran (a crash right after
+        their creation can no longer lose them: it commits synchronously). With
+        ``ensure_schema`` they are created again, as a restarted layer would, and the
+        failed statement, which changed nothing, is run once more; what the old tables
+        held (memberships, stored messages) is gone. Without it, the caller gets a
+        :class:`ChannelLayerError` that says so.
+        """
+        if self.closed:
+            raise exc  # closing: nothing left to use them
+        if not self.ensure_schema:
+            raise ChannelLayerError(
+                f"the tables of schema {self.schema!r} are gone from the database at {self.where} "
+                f"({type(exc).__name__}: {self.redact(str(exc))}); create them again, or let a layer "
+                "with ensure_schema=True (the default) do it"
+            ) from exc
+        async with self._restoring:  # statements failing together create them once
+            created = await self._create_schema()
+            if self._presence_ready:
+                names = self._sql.presence_tables
+                created = await self._create_tables(names, [self._sql.create_presence]) or created
+        if created:
+            logger.warning(
+                "the tables of schema %r were gone from %s (%s); created them again: the group "
+                "memberships and messages they held are lost",
+                self.schema,
+                self.where,
+                self.redact(f"{type(exc).__name__}: {exc}"),
+            )
 
     def _tables(self) -> list[str]:
         # History tables exist only where a layer with the history option created them.
@@ -1111,6 +1154,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             raise self.unavailable("not connected")
         deadline = time.monotonic() + (self.timeout if patient else 0.0)
         backoff = self.backoff()
+        restored = False
         while True:
             sent = False
             try:
@@ -1130,6 +1174,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                         raise
             except self._misuse:
                 raise
+            except self._tables_gone as exc:
+                if restored:
+                    raise
+                restored = True
+                await self._restore_tables(exc)
             except self._broken as exc:
                 if self.closed:  # the pool was closed under us
                     raise ChannelLayerClosed("the channel layer was closed") from exc
@@ -1799,6 +1848,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             if _aborted_by_server(exc, self._aborted) or _refused_unsent(exc):
                 return await self._with_conn(operation)
             raise self.unavailable(exc) from exc
+        except self._tables_gone as exc:
+            self._give_back(conn)
+            await self._restore_tables(exc)
+            return await self._with_conn(operation)
         except BaseException:
             # A server error (the session is still usable) or a cancellation (it may
             # not be): the pool's release puts either right.

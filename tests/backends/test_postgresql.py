@@ -102,6 +102,32 @@ async def test_close_after_the_schema_was_lost_still_lets_go_of_every_connection
     await eventually(gone, "the closed layer's connections to end")
 
 
+async def test_tables_dropped_under_a_running_layer_are_created_again(
+    make: Factory, db: asyncpg.Connection, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Someone drops the schema while layers run: the next statements create it again (as
+    # a restarted layer would) instead of failing with asyncpg's UndefinedTableError; a
+    # layer that may not create tables says what to do.
+    layer, sender = make(), make()
+    checker = make(ensure_schema=False)
+    channel = await layer.new_channel()
+    for started in (sender, checker):
+        await started.new_channel()  # started while the tables exist
+    await db.execute(f'DROP SCHEMA "{namespace}" CASCADE')
+    with pytest.raises(ChannelLayerError, match="ensure_schema=True"):
+        await checker.send("jobs", {"type": "x"})
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets"):
+        await sender.send(channel, {"type": "after", "n": 1})
+        await sender.group_send("room", {"type": "nobody"})
+    assert [r for r in caplog.records if "created them again" in r.getMessage()]
+    assert await layer.receive(channel, timeout=10) == {"type": "after", "n": 1}
+    await layer.group_add("room", channel)
+    await sender.group_send("room", {"type": "room", "n": 2})
+    assert await layer.receive(channel, timeout=10) == {"type": "room", "n": 2}
+    await checker.send("jobs", {"type": "x"})  # the tables are back for it too
+    assert await checker.receive("jobs", timeout=10) == {"type": "x"}
+
+
 # -------------------------------------------------------------------- fan-out
 
 

@@ -854,7 +854,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     * ``prune_interval``: seconds between deletions of expired messages and group
       members; one process at a time does it, under an advisory lock.
     * ``ensure_schema``: create the schema and tables if missing (safe when
-      several processes start at once).
+      several processes start at once), at start and again if they are dropped
+      while the layer runs.
     * ``pool_size``: most pooled connections for writes and claims (plus one
       LISTEN connection).
     * ``synchronous_commit``: make every write wait for its WAL flush, so that

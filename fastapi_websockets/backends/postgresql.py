@@ -2310,6 +2310,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+def _payload_len(text: str) -> int:
+    """``text``'s length in a NOTIFY payload (UTF-8 bytes; channel names may be non-ASCII)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def _send_rows(batch: Sequence[_Outgoing]) -> tuple[list[str], list[str]]:
     """The inbox rows of a batch of sends: their queues, and each row's lines ("channel base64").
 
@@ -2323,7 +2328,7 @@ def _send_rows(batch: Sequence[_Outgoing]) -> tuple[list[str], list[str]]:
         # The usual batch (closed-loop senders of one worker's sockets): one inbox, one
         # payload, told without sizing each line.
         text = "\n".join(lines)
-        if (len(text) if text.isascii() else len(text.encode())) < _NOTE_LIMIT:
+        if _payload_len(text) < _NOTE_LIMIT:
             return [batch[0].queue or ""], [text]
     queues: list[str] = []
     rows: list[str] = []
@@ -2331,7 +2336,7 @@ def _send_rows(batch: Sequence[_Outgoing]) -> tuple[list[str], list[str]]:
     queue = ""
     size = 0
     for entry, line in zip(batch, lines, strict=True):
-        length = (len(line) if line.isascii() else len(line.encode())) + 1  # and its newline
+        length = _payload_len(line) + 1  # and its newline
         if row and (entry.queue != queue or size + length > _NOTE_LIMIT):
             queues.append(queue)
             rows.append("\n".join(row))

@@ -1332,11 +1332,11 @@ class RedisChannelLayer(BrokerChannelLayer):
         return fut
 
     def _start_writer(self) -> None:
-        parked = self._parked
-        if parked is not None:
-            if not parked.done():
-                parked.set_result(None)
-        elif self._flusher is None or self._flusher.done():
+        if not self._writer_idle:
+            return
+        if self._parked is not None:
+            self._parked.set_result(None)
+        else:
             self._flusher = self.tasks.spawn(self._flush_queue(), "writer")
 
     @property

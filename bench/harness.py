@@ -176,7 +176,7 @@ async def warm(sender: Layer, receiver: Layer) -> str:
 
 
 async def closed_loop(
-    send: Callable[[int], Awaitable[None]],
+    send: Send,
     waiting: dict[int, asyncio.Future[float]],
     senders: int,
     sizes: Any,
@@ -198,24 +198,42 @@ async def closed_loop(
     return {"rate": len(latencies) / (time.perf_counter() - started), "p50": statistics.median(latencies)}
 
 
+#: Sends message ``id`` of a p2p scenario (see :func:`p2p_link`).
+Send = Callable[[int], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def p2p_link(
+    sender: Layer, receiver: Layer
+) -> AsyncIterator[tuple[Send, dict[int, asyncio.Future[float]]]]:
+    """``(send, waiting)`` for :func:`closed_loop`: ``sender`` to a channel of ``receiver``.
+
+    A task receives on the channel while the block runs and resolves each message's
+    future in ``waiting`` (by its id) with the time it arrived; the p2p scenario and
+    the profilers that replay it share this set-up.
+    """
+    channel = await warm(sender, receiver)
+    waiting: dict[int, asyncio.Future[float]] = {}
+
+    async def receive_all() -> None:
+        while True:
+            message = await receiver.receive(channel)
+            waiting[message["id"]].set_result(time.perf_counter())
+
+    async def send(key: int) -> None:
+        await sender.send(channel, {"type": "bench.p2p", "id": key})
+
+    reader = asyncio.create_task(receive_all())
+    try:
+        yield send, waiting
+    finally:
+        await stop([reader])
+
+
 async def p2p(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
     async with layer_pair(impl, server, namespace) as (sender, receiver):
-        channel = await warm(sender, receiver)
-        waiting: dict[int, asyncio.Future[float]] = {}
-
-        async def receive_all() -> None:
-            while True:
-                message = await receiver.receive(channel)
-                waiting[message["id"]].set_result(time.perf_counter())
-
-        async def send(key: int) -> None:
-            await sender.send(channel, {"type": "bench.p2p", "id": key})
-
-        reader = asyncio.create_task(receive_all())
-        try:
+        async with p2p_link(sender, receiver) as (send, waiting):
             one, many = [await closed_loop(send, waiting, senders, sizes) for senders in (1, 16)]
-        finally:
-            await stop([reader])
         return {
             "p2p1_rate": one["rate"],
             "p2p1_p50": one["p50"],

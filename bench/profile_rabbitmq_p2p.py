@@ -87,33 +87,28 @@ async def measure(server: dict[str, Any], senders: int, messages: int, functions
     impl = harness.find_impl("rabbitmq", "rabbitmq")
     namespace = "q" + uuid.uuid4().hex[:10]
     pids = server.get("pids", [])
-    async with harness.layer_pair(impl, server, namespace) as (sender, receiver):
-        channel = await harness.warm(sender, receiver)
-        waiting: dict[int, asyncio.Future[float]] = {}
-
-        async def receive_all() -> None:
-            while True:
-                message = await receiver.receive(channel)
-                waiting[message["id"]].set_result(time.perf_counter())
-
-        async def send(key: int) -> None:
-            await sender.send(channel, {"type": "bench.p2p", "id": key})
-
-        reader = asyncio.create_task(receive_all())
+    async with (
+        harness.layer_pair(impl, server, namespace) as (sender, receiver),
+        harness.p2p_link(sender, receiver) as (send, waiting),
+    ):
         sizes = {"p2p_seconds": 600.0, "p2p_messages": 200}
         await harness.closed_loop(send, waiting, senders, sizes)  # warm-up
         sizes["p2p_messages"] = messages
         waiting.clear()
         packs = count_packs(sender)
         profile = cProfile.Profile(time.process_time) if functions else None
-        before = (
-            time.process_time(),
-            harness.process_cpu(pids),
-            counts.handles,
-            counts.turns,
-            getattr(sender, "publishes", 0),
-            time.perf_counter(),
-        )
+
+        def now() -> tuple[float, ...]:
+            return (
+                time.process_time(),
+                harness.process_cpu(pids),
+                counts.handles,
+                counts.turns,
+                getattr(sender, "publishes", 0),
+                time.perf_counter(),
+            )
+
+        before = now()
         if counts.by_name is not None:
             counts.by_name.clear()
         if profile is not None:
@@ -121,15 +116,7 @@ async def measure(server: dict[str, Any], senders: int, messages: int, functions
         result = await harness.closed_loop(send, waiting, senders, sizes)
         if profile is not None:
             profile.disable()
-        after = (
-            time.process_time(),
-            harness.process_cpu(pids),
-            counts.handles,
-            counts.turns,
-            getattr(sender, "publishes", 0),
-            time.perf_counter(),
-        )
-        await harness.stop([reader])
+        after = now()
     done = len(waiting)
     figures: dict[str, Any] = {
         "client_us": (after[0] - before[0]) / done * 1e6,

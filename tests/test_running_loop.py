@@ -51,6 +51,29 @@ async def test_a_loop_in_another_thread_is_that_thread_s() -> None:
     assert running_loop() is mine is asyncio.get_running_loop()
 
 
+def test_a_loop_restarted_in_another_thread_is_not_returned_to_the_first() -> None:
+    # This thread found `first` running, then `first` stopped and another thread runs it
+    # while this one runs `second`: `first` is running, but not here.
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    assert first.run_until_complete(current()) is first
+    started, release = threading.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        started.set()
+        await release.wait()
+
+    thread = threading.Thread(target=first.run_until_complete, args=(hold(),))
+    thread.start()
+    try:
+        assert started.wait(10)
+        assert second.run_until_complete(current()) is second
+    finally:
+        first.call_soon_threadsafe(release.set)
+        thread.join()
+        first.close()
+        second.close()
+
+
 @before_3_12  # where the remembered loop could outlive a fork
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_forked_child_finds_its_own_loop() -> None:

@@ -224,14 +224,30 @@ BEGIN
     RETURN 1;
 END
 $fn$;
+-- Stores a message in named channel p_queue while it holds fewer than p_capacity
+-- live ones. Counting and inserting in one statement let sends in flight together
+-- (several processes, or several pooled connections) all pass the count, since
+-- each saw only rows committed before it began. Senders to one queue take turns on
+-- a transaction-scoped advisory lock instead, and the count, a statement of its own
+-- after the lock, sees what the previous holder committed.
+CREATE OR REPLACE FUNCTION {s}.send_named(
+    p_queue text, p_secs float8, p_data bytea, p_capacity integer, p_notify text
+)
+RETURNS boolean LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('fastapi_websockets/send_named'), hashtext(p_queue));
+    IF (SELECT count(*) FROM {s}.message WHERE queue = p_queue AND expires_at > now()) >= p_capacity THEN
+        RETURN false;
+    END IF;
+    INSERT INTO {s}.message (queue, expires_at, data)
+    VALUES (p_queue, now() + make_interval(secs => p_secs), p_data);
+    PERFORM pg_notify(p_notify, '');
+    RETURN true;
+END
+$fn$;
 """
-        # A named channel: stored only while it holds fewer than $4 live messages.
-        self.send_named = f"""
-INSERT INTO {s}.message (queue, expires_at, data)
-SELECT $1, now() + make_interval(secs => $2), $3
-WHERE (SELECT count(*) FROM {s}.message WHERE queue = $1 AND expires_at > now()) < $4
-RETURNING pg_notify($5, '')
-"""
+        # A named channel: stored (true) only while it holds fewer than $4 live messages.
+        self.send_named = f"SELECT {s}.send_named($1, $2, $3, $4, $5)"
         # Process-specific channels: sends to an inbox are stored as rows of several
         # sends each (one per NOTIFY payload: consecutive sends to one inbox whose lines
         # "channel base64" fit 8000 bytes; a send too big for a payload is a row of its
@@ -420,13 +436,20 @@ SELECT (SELECT count(*) FROM streams) AS streams, (SELECT count(*) FROM entries)
         ]
         # A catalog query, not to_regclass(): that one answers from the session's
         # cache, which can still say "missing" after another session created the
-        # tables and so make this one run DDL against tables already in use.
+        # tables and so make this one run DDL against tables already in use. The
+        # names may also be functions: a schema made by an earlier version that
+        # lacks one is then made up to date like a missing table.
         self.tables_exist = """
-SELECT count(*) = cardinality($2::text[])
-FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-WHERE n.nspname = $1 AND c.relname = ANY($2::text[])
+SELECT (
+    SELECT count(*) FROM pg_catalog.pg_class AS c
+    WHERE c.relnamespace = n.oid AND c.relname = ANY($2::text[])
+) + (
+    SELECT count(DISTINCT p.proname) FROM pg_catalog.pg_proc AS p
+    WHERE p.pronamespace = n.oid AND p.proname = ANY($2::text[])
+) = cardinality($2::text[])
+FROM pg_catalog.pg_namespace AS n WHERE n.nspname = $1
 """
-        self.tables = ["message", "group_member", "group_owner"]
+        self.tables = ["message", "group_member", "group_owner", "send_named"]
         self.history_tables = ["history_stream", "history_entry"]
         self.create_history = _history_ddl(s)
         self.presence_tables = ["presence_owner", "presence"]
@@ -1681,7 +1704,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         capacity = self.capacity_for(channel)
         notify = self._notify_name(channel)
         stored = await self._with_conn(
-            lambda conn: conn.fetch(self._sql.send_named, channel, expiry, data, capacity, notify)
+            lambda conn: conn.fetchval(self._sql.send_named, channel, expiry, data, capacity, notify)
         )
         if not stored:
             raise ChannelFull(channel, capacity)

@@ -15,6 +15,7 @@ import pytest
 
 from fastapi_websockets import (
     BaseChannelLayer,
+    ChannelFull,
     ChannelLayerClosed,
     ChannelLayerError,
     StreamPosition,
@@ -1000,6 +1001,45 @@ async def test_group_sends_in_one_statement_respect_a_named_members_capacity(
     assert count == 5
     got = [await layer.receive("named.small", timeout=10) for _ in range(5)]
     assert [message.get("i") for message in got] == [None, 0, 1, 2, 3]
+
+
+async def test_named_capacity_holds_for_sends_from_two_layers(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # Two processes (two layers, two pools) sending to one named channel near its
+    # capacity: each statement counted the rows committed before it started, so sends
+    # in flight together all passed the check and the channel held more than capacity.
+    capacity, rounds = 5, 40
+    first, second = make(capacity=capacity, pool_size=4), make(capacity=capacity, pool_size=4)
+    for layer in (first, second):
+        await layer.new_channel()  # connected, so the sends start together
+    outcomes = []
+    for attempt in range(rounds):
+        channel = f"named.edge{attempt}"
+        results = await asyncio.gather(
+            *(layer.send(channel, {"type": "x"}) for layer in (first, second) for _ in range(6)),
+            return_exceptions=True,
+        )
+        assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
+        stored = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', channel)
+        outcomes.append((sum(r is None for r in results), stored))
+    assert outcomes == [(capacity, capacity)] * rounds, f"(accepted, stored) per round: {outcomes}"
+
+
+async def test_a_schema_without_the_send_named_function_gets_it(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # Schemas made before named sends took turns have the tables but not the function:
+    # a starting layer makes it, and so does a running one whose send finds it missing.
+    running = make()
+    await running.new_channel()
+    await db.execute(f'DROP FUNCTION "{namespace}".send_named')
+    starting = make()
+    await starting.send("named.a", {"type": "x"})
+    await db.execute(f'DROP FUNCTION "{namespace}".send_named')
+    await running.send("named.b", {"type": "x"})
+    got = [await running.receive(name, timeout=10) for name in ("named.a", "named.b")]
+    assert [message["type"] for message in got] == ["x", "x"]
 
 
 async def test_concurrent_history_group_sends_share_one_statement(

@@ -1794,7 +1794,16 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     async def _write_outbox(self) -> None:
         expiry = float(self.channel_expiry)
         try:
-            while self._outbox:
+            while True:
+                if not self._outbox:
+                    # Callers woken by the statement just settled often write again in
+                    # the next pass (closed-loop senders): they queue here, and their
+                    # statement goes out in that pass, instead of the first one starting
+                    # a write of its own, gathering for a pass and this task's successor
+                    # starting in the pass after.
+                    await asyncio.sleep(0)
+                    if not self._outbox:
+                        break
                 batch = self._take_outbox()
                 if not batch:
                     continue

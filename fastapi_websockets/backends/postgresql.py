@@ -48,7 +48,9 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import functools
 import hashlib
+import inspect
 import itertools
 import logging
 import re
@@ -58,7 +60,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl
 
 from fastapi_websockets._running_loop import running_loop
@@ -1263,13 +1265,18 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         """Open the LISTEN connection and LISTEN on everything this layer reads."""
         import asyncpg
 
+        listen_class = _listen_connection_class()
         conn = await asyncpg.connect(
             self.dsn,
             timeout=self.timeout,
             ssl=self._ssl,
             command_timeout=self.timeout,
             server_settings={"application_name": self.application_name + ":listen"},
+            connection_class=listen_class,
         )
+        if listen_class is not asyncpg.Connection:
+            # (Before any LISTEN: no notification can come earlier.)
+            cast(Any, conn).on_notification = self._on_notify
         try:
             async with self._listen_lock:
                 for name in self._listened:
@@ -1810,7 +1817,16 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     async def _write_outbox(self) -> None:
         expiry = float(self.channel_expiry)
         try:
-            while self._outbox:
+            while True:
+                if not self._outbox:
+                    # Callers woken by the statement just settled often write again in
+                    # the next pass (closed-loop senders): they queue here, and their
+                    # statement goes out in that pass, instead of the first one starting
+                    # a write of its own, gathering for a pass and this task's successor
+                    # starting in the pass after.
+                    await asyncio.sleep(0)
+                    if not self._outbox:
+                        break
                 batch = self._take_outbox()
                 if not batch:
                     continue
@@ -2331,6 +2347,48 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (advisory locks are transaction-scoped, LISTEN runs on its own connection),
     and asyncpg still rolls back a transaction left open.
     """
+
+
+@functools.cache
+def _listen_connection_class() -> type[asyncpg.Connection]:
+    """The class of LISTEN connections: asyncpg's, handing each notification over at once.
+
+    asyncpg hands a notification to its listeners with ``call_soon``: one more pass of
+    the event loop per notification before the inbox sees it, during which the reply to
+    a statement read with it wakes closed-loop senders before their messages are
+    delivered (so each wakes twice). Here the connection's ``on_notification`` is called
+    from asyncpg's protocol as it parses the notification, through
+    ``Connection._process_notification(pid, channel, payload)``, which asyncpg does not
+    document: where that method is missing or has other parameters, asyncpg's own class
+    (and its ``call_soon``) is used, and a test says so.
+    """
+    import asyncpg
+
+    hook: Any = getattr(asyncpg.Connection, "_process_notification", None)
+    try:
+        parameters = list(inspect.signature(hook).parameters) if callable(hook) else []
+    except (TypeError, ValueError):
+        parameters = []
+    if parameters != ["self", "pid", "channel", "payload"]:
+        return asyncpg.Connection
+
+    class ListenConnection(asyncpg.Connection):
+        #: Called with ``(connection, pid, channel, payload)`` for every notification;
+        #: None: asyncpg's listeners are called (with call_soon) as usual.
+        on_notification: Callable[[object, int, str, object], None] | None = None
+
+        def _process_notification(self, pid: int, channel: str, payload: object) -> None:
+            handler = self.on_notification
+            if handler is None:
+                hook(self, pid, channel, payload)
+                return
+            try:
+                handler(self, pid, channel, payload)
+            except Exception:
+                # Raised into asyncpg's protocol, it would break the connection's parsing.
+                logger.exception("handling a notification on %r failed", channel)
+
+    return ListenConnection
 
 
 def _payload_len(text: str) -> int:

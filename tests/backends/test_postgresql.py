@@ -889,6 +889,29 @@ async def test_a_notification_that_comes_during_a_claim_is_delivered_after_it(ma
         await receiver.receive(channel, timeout=0.3)
 
 
+async def test_notifications_are_handled_as_asyncpg_reads_them(make: Factory) -> None:
+    # asyncpg hands a notification to its listeners with call_soon, a pass of the event
+    # loop later; the LISTEN connection's class takes it as asyncpg's protocol parses it.
+    # Fails when asyncpg no longer calls Connection._process_notification as it does now
+    # (the layer then falls back to asyncpg's listeners, which still work).
+    sender, receiver = make(), make()
+    callers: list[str] = []
+    on_notify = receiver._on_notify
+
+    def noted(conn: object, pid: int, channel: str, payload: object) -> None:
+        callers.append(sys._getframe(1).f_code.co_name)
+        on_notify(conn, pid, channel, payload)
+
+    receiver._on_notify = noted  # type: ignore[method-assign]
+    channel = await receiver.new_channel()
+    for i in range(3):
+        await sender.send(channel, {"type": "n", "i": i})
+        assert (await receiver.receive(channel, timeout=10))["i"] == i
+    assert callers
+    assert set(callers) == {"_process_notification"}, callers
+    assert postgresql._listen_connection_class() is not asyncpg.Connection
+
+
 async def test_an_expired_row_of_sends_counts_each_send_expired(make: Factory) -> None:
     sender, receiver = make(channel_expiry=1), make()
     missing = _losing_rows_of_sends(receiver)

@@ -1404,6 +1404,47 @@ async def test_inbox_deliveries_are_handed_out_by_the_channel_reader(make: Facto
     assert in_tasks == []
 
 
+def _task_name() -> str:
+    task = asyncio.current_task()
+    assert task is not None
+    return str(task.get_coro().__qualname__)  # type: ignore[union-attr]
+
+
+async def test_inbox_deliveries_are_handed_out_by_the_connection_reader(make: Factory) -> None:
+    # take_deliveries takes a delivery's frames as aiormq's connection reader puts them
+    # on the channel's queue (it looks ``frames.put`` up on the queue instance). Should
+    # aiormq stop doing so, the channel's reader task would hand them out: this fails.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"i": -1})
+    assert (await receiver.receive(channel, timeout=10))["i"] == -1
+    deliver_local = receiver.deliver_local
+    handed_in: list[str] = []
+
+    def spy(name: str, message: Any) -> Any:
+        handed_in.append(_task_name())
+        return deliver_local(name, message)
+
+    receiver.deliver_local = spy  # type: ignore[method-assign,assignment]
+    for i in range(5):
+        await sender.send(channel, {"i": i})
+        assert (await receiver.receive(channel, timeout=10))["i"] == i
+    assert handed_in == ["Connection.__reader"] * 5
+
+
+async def test_an_inbox_delivery_of_several_body_frames_is_handed_out_whole(make: Factory) -> None:
+    # Above the broker's frame_max (128 KiB) a body comes in several frames; the
+    # connection reader's hand-out joins them, in order.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    text = "".join(chr(ord("a") + i % 26) for i in range(300_000))
+    for i in range(3):
+        await sender.send(channel, {"i": i, "text": text})
+    for i in range(3):
+        message = await receiver.receive(channel, timeout=10)
+        assert (message["i"], message["text"]) == (i, text)
+
+
 # ------------------------------------------------------------ packed sends
 
 

@@ -1377,9 +1377,25 @@ async def test_inbox_deliveries_are_all_acked_in_shared_frames(make: Factory, no
     assert acks.frames <= acks.acked
 
 
+def _handing_tasks(receiver: RabbitMQChannelLayer) -> list[str]:
+    """The name of the task each of the receiver's later local deliveries runs in, as they come."""
+    deliver_local = receiver.deliver_local
+    names: list[str] = []
+
+    def spy(name: str, message: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        names.append(str(task.get_coro().__qualname__))  # type: ignore[union-attr]
+        return deliver_local(name, message)
+
+    receiver.deliver_local = spy  # type: ignore[method-assign,assignment]
+    return names
+
+
 async def test_inbox_deliveries_are_handed_out_by_the_channel_reader(make: Factory) -> None:
-    # take_deliveries relies on aiormq internals (the reader calls the channel's
-    # _on_deliver_frame for each delivery). Should aiormq stop doing so, the
+    # A delivery that finds frames of its channel queued goes through the queue, and
+    # take_deliveries relies on aiormq internals there (the channel's reader calls the
+    # channel's _on_deliver_frame for each delivery). Should aiormq stop doing so, the
     # deliveries would come through the consumer callback, a task each: this fails.
     import aiormq
 
@@ -1398,16 +1414,16 @@ async def test_inbox_deliveries_are_handed_out_by_the_channel_reader(make: Facto
         return await callback(message)
 
     underlay.consumers[receiver._inbox_tag] = spy
+    # As if frames of the channel were always queued when a delivery comes: every
+    # delivery takes the queue (the queue itself is left as it is).
+    deliveries = underlay.frames.put.__self__  # type: ignore[attr-defined]
+    deliveries._queue = types.SimpleNamespace(empty=lambda: False)
+    handed_in = _handing_tasks(receiver)
     for i in range(5):
         await sender.send(channel, {"i": i})
         assert (await receiver.receive(channel, timeout=10))["i"] == i
     assert in_tasks == []
-
-
-def _task_name() -> str:
-    task = asyncio.current_task()
-    assert task is not None
-    return str(task.get_coro().__qualname__)  # type: ignore[union-attr]
+    assert handed_in == ["Channel._reader"] * 5
 
 
 async def test_inbox_deliveries_are_handed_out_by_the_connection_reader(make: Factory) -> None:
@@ -1418,14 +1434,7 @@ async def test_inbox_deliveries_are_handed_out_by_the_connection_reader(make: Fa
     channel = await receiver.new_channel()
     await sender.send(channel, {"i": -1})
     assert (await receiver.receive(channel, timeout=10))["i"] == -1
-    deliver_local = receiver.deliver_local
-    handed_in: list[str] = []
-
-    def spy(name: str, message: Any) -> Any:
-        handed_in.append(_task_name())
-        return deliver_local(name, message)
-
-    receiver.deliver_local = spy  # type: ignore[method-assign,assignment]
+    handed_in = _handing_tasks(receiver)
     for i in range(5):
         await sender.send(channel, {"i": i})
         assert (await receiver.receive(channel, timeout=10))["i"] == i

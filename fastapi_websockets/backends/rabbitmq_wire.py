@@ -15,8 +15,9 @@ closed-loop p2p bench, those writes were most of the time a message cost.
   futures come from the channel's future store, which rejects them all).
 * :class:`BatchedAcks` acks a consumer's deliveries with one
   ``multiple`` ack for all those handled within a few milliseconds.
-* :func:`take_deliveries` hands a consumer's deliveries out from aiormq's
-  channel reader, without a task per delivery.
+* :func:`take_deliveries` hands a consumer's deliveries out as aiormq's
+  connection reader reads them, without the channel's queue and reader task
+  in between, nor a task per delivery.
 
 This module imports aiormq and pamqp, so only the RabbitMQ backend imports it,
 once its driver was found.
@@ -464,17 +465,25 @@ class BatchedAcks:
 def take_deliveries(
     channel: aiormq.Channel, consumer_tag: str, handle: Callable[[DeliveredMessage], None]
 ) -> None:
-    """Have aiormq's reader of ``channel`` call ``handle`` with each delivery to ``consumer_tag``.
+    """Have ``handle`` called with each delivery to ``consumer_tag`` on ``channel`` as soon as
+    aiormq's connection reader has read its frames.
 
-    aiormq runs a consumer's callback in a task of its own per delivery: the
-    task, its first step and three done callbacks (two future stores and a
-    logger) per AMQP message. Here ``handle`` is called by the channel's
-    reader task itself, synchronously and in delivery order, as soon as the
-    delivery's frames are read; an exception it raises is logged. Deliveries
-    to other consumers, and to this one once it is cancelled, go the way
-    aiormq takes them. Call it before ``basic_consume`` (deliveries may come
-    before the consume call returns). It relies on aiormq internals, listed
-    in docs/architecture.md and checked by the RabbitMQ tests: the channel's
+    aiormq passes a channel's frames from the connection's reader task to the
+    channel's reader task through a queue, and runs a consumer's callback in a
+    task of its own per delivery: two more loop turns, the task, its first step
+    and three done callbacks (two future stores and a logger) per AMQP message.
+    Here a delivery's frames are taken as the connection's reader puts them on
+    the channel's queue (:class:`_Deliveries`) and ``handle`` is called there,
+    synchronously and in delivery order, whenever nothing of the channel waits
+    in that queue; otherwise (and for anything that is not a whole delivery)
+    the frames go through the queue, and the channel's reader calls ``handle``
+    when it reaches the delivery. An exception ``handle`` raises is logged.
+    Deliveries to other consumers, and to this one once it is cancelled, go the
+    way aiormq takes them. Call it before ``basic_consume`` (deliveries may
+    come before the consume call returns). It relies on aiormq internals,
+    listed in docs/architecture.md and checked by the RabbitMQ tests: the
+    connection's reader hands every frame of a channel to
+    ``channel.frames.put``, looked up on the queue instance; the channel's
     reader calls ``channel._on_deliver_frame(frame)`` for every
     ``Basic.Deliver``, looked up on the instance, and the channel's private
     ``__get_content_header`` and ``_read_content`` read the content header and
@@ -490,14 +499,89 @@ def take_deliveries(
         if frame.consumer_tag != consumer_tag or consumer_tag not in channel.consumers:
             await aiormq_deliver(frame)
             return
-        message = await read_content(frame, await read_header())
-        try:
-            handle(message)
-        except Exception:
-            # Never into the reader: an exception there closes the channel.
-            logger.exception("an inbox delivery could not be handled")
+        _handle(handle, await read_content(frame, await read_header()))
 
     channel._on_deliver_frame = on_deliver  # type: ignore[method-assign]
+    channel.frames.put = _Deliveries(channel, consumer_tag, handle).put  # type: ignore[method-assign]
+
+
+def _handle(handle: Callable[[DeliveredMessage], None], message: DeliveredMessage) -> None:
+    try:
+        handle(message)
+    except Exception:
+        # Never into aiormq's readers: an exception there closes the channel or the connection.
+        logger.exception("an inbox delivery could not be handled")
+
+
+class _Deliveries:
+    """A channel's frame queue as aiormq's connection reader fills it, with one consumer's
+    deliveries handed out on the way in (see :func:`take_deliveries`).
+
+    A ``Basic.Deliver`` to the consumer is held, not queued, when the queue is
+    empty (the channel's reader has taken everything before it, so handing the
+    delivery out now keeps the channel's order); its content header and body
+    frames follow it on the channel, and the delivery is handed out once its
+    body is complete. Anything else after a held ``Basic.Deliver`` (a broken
+    stream) puts the held frames and that frame on the queue as they came, so
+    that aiormq's reader meets them and fails as it would have.
+    """
+
+    def __init__(
+        self, channel: aiormq.Channel, consumer_tag: str, handle: Callable[[DeliveredMessage], None]
+    ) -> None:
+        self._channel = channel
+        self._consumer_tag = consumer_tag
+        self._handle = handle
+        self._queue: asyncio.Queue[tuple[int, Any]] = channel.frames
+        # The queue's own put, not whatever is installed (see take_deliveries).
+        self._enqueue = partial(asyncio.Queue.put, channel.frames)
+        self._held: list[tuple[int, Any]] = []
+        self._header: pamqp.header.ContentHeader | None = None
+        self._body: list[bytes] = []
+        self._missing = 0
+
+    async def put(self, item: tuple[int, Any]) -> None:
+        """Take ``item`` (weight, frame) from aiormq's connection reader."""
+        frame = item[1]
+        if not self._held:
+            if (
+                type(frame) is _DELIVER
+                and frame.consumer_tag == self._consumer_tag
+                and self._queue.empty()
+                and self._consumer_tag in self._channel.consumers
+            ):
+                self._held.append(item)
+                return
+            await self._enqueue(item)
+            return
+        if self._header is None:
+            if isinstance(frame, pamqp.header.ContentHeader):
+                self._held.append(item)
+                self._header, self._missing = frame, frame.body_size
+                if not self._missing:
+                    self._hand_out()
+                return
+        elif isinstance(frame, ContentBody):
+            self._held.append(item)
+            self._body.append(frame.value)
+            self._missing -= len(frame.value)
+            if self._missing <= 0:
+                self._hand_out()
+            return
+        held = self._held
+        self._reset()
+        for frame_item in (*held, item):
+            await self._enqueue(frame_item)
+
+    def _hand_out(self) -> None:
+        deliver, header, body = self._held[0][1], self._header, b"".join(self._body)
+        assert header is not None
+        self._reset()
+        message = DeliveredMessage(delivery=deliver, header=header, body=body, channel=self._channel)
+        _handle(self._handle, message)
+
+    def _reset(self) -> None:
+        self._held, self._header, self._body, self._missing = [], None, [], 0
 
 
 # ------------------------------------------------------------ reading frames

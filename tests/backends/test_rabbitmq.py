@@ -1377,9 +1377,25 @@ async def test_inbox_deliveries_are_all_acked_in_shared_frames(make: Factory, no
     assert acks.frames <= acks.acked
 
 
+def _handing_tasks(receiver: RabbitMQChannelLayer) -> list[str]:
+    """The name of the task each of the receiver's later local deliveries runs in, as they come."""
+    deliver_local = receiver.deliver_local
+    names: list[str] = []
+
+    def spy(name: str, message: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        names.append(str(task.get_coro().__qualname__))  # type: ignore[union-attr]
+        return deliver_local(name, message)
+
+    receiver.deliver_local = spy  # type: ignore[method-assign,assignment]
+    return names
+
+
 async def test_inbox_deliveries_are_handed_out_by_the_channel_reader(make: Factory) -> None:
-    # take_deliveries relies on aiormq internals (the reader calls the channel's
-    # _on_deliver_frame for each delivery). Should aiormq stop doing so, the
+    # A delivery that finds frames of its channel queued goes through the queue, and
+    # take_deliveries relies on aiormq internals there (the channel's reader calls the
+    # channel's _on_deliver_frame for each delivery). Should aiormq stop doing so, the
     # deliveries would come through the consumer callback, a task each: this fails.
     import aiormq
 
@@ -1398,10 +1414,44 @@ async def test_inbox_deliveries_are_handed_out_by_the_channel_reader(make: Facto
         return await callback(message)
 
     underlay.consumers[receiver._inbox_tag] = spy
+    # As if frames of the channel were always queued when a delivery comes: every
+    # delivery takes the queue (the queue itself is left as it is).
+    deliveries = underlay.frames.put.__self__  # type: ignore[attr-defined]
+    deliveries._queue = types.SimpleNamespace(empty=lambda: False)
+    handed_in = _handing_tasks(receiver)
     for i in range(5):
         await sender.send(channel, {"i": i})
         assert (await receiver.receive(channel, timeout=10))["i"] == i
     assert in_tasks == []
+    assert handed_in == ["Channel._reader"] * 5
+
+
+async def test_inbox_deliveries_are_handed_out_by_the_connection_reader(make: Factory) -> None:
+    # take_deliveries takes a delivery's frames as aiormq's connection reader puts them
+    # on the channel's queue (it looks ``frames.put`` up on the queue instance). Should
+    # aiormq stop doing so, the channel's reader task would hand them out: this fails.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"i": -1})
+    assert (await receiver.receive(channel, timeout=10))["i"] == -1
+    handed_in = _handing_tasks(receiver)
+    for i in range(5):
+        await sender.send(channel, {"i": i})
+        assert (await receiver.receive(channel, timeout=10))["i"] == i
+    assert handed_in == ["Connection.__reader"] * 5
+
+
+async def test_an_inbox_delivery_of_several_body_frames_is_handed_out_whole(make: Factory) -> None:
+    # Above the broker's frame_max (128 KiB) a body comes in several frames; the
+    # connection reader's hand-out joins them, in order.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    text = "".join(chr(ord("a") + i % 26) for i in range(300_000))
+    for i in range(3):
+        await sender.send(channel, {"i": i, "text": text})
+    for i in range(3):
+        message = await receiver.receive(channel, timeout=10)
+        assert (message["i"], message["text"]) == (i, text)
 
 
 # ------------------------------------------------------------ packed sends

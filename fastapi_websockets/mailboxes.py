@@ -240,23 +240,38 @@ class Mailboxes:
         if timeout is not None:
             timer = loop.call_later(timeout, _expire, fut, channel, timeout)
         try:
-            return await fut
+            message = await fut
         except asyncio.CancelledError:
             # Cancelled after a message was handed to us: give it back, at the head.
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._requeue(channel, fut.result())
+            self._stop_waiting(channel, fut, timer)
             raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-            current = self._boxes.get(channel)
-            if current is not None:
-                # A future that got a message was already popped by put(); only a timed-out
-                # or cancelled one is still queued (and failing to find it costs a scan).
-                if fut.cancelled() or not fut.done() or fut.exception() is not None:
-                    with contextlib.suppress(ValueError):
-                        current.waiters.remove(fut)
-                self._discard_if_idle(channel, current)
+        except BaseException:
+            self._stop_waiting(channel, fut, timer)
+            raise
+        # Received (every waiting receive of a fan-out round ends here): put() popped the
+        # future, so only the timer and an idle mailbox are left, without _stop_waiting()'s checks.
+        if timer is not None:
+            timer.cancel()
+        current = self._boxes.get(channel)
+        if current is not None and not current.items and not current.waiters:
+            del self._boxes[channel]  # _discard_if_idle() inline: this is the box the dict holds
+        return message
+
+    def _stop_waiting(
+        self, channel: str, fut: asyncio.Future[Message], timer: asyncio.TimerHandle | None
+    ) -> None:
+        if timer is not None:
+            timer.cancel()
+        current = self._boxes.get(channel)
+        if current is not None:
+            # A future that got a message was already popped by put(); only a timed-out
+            # or cancelled one is still queued (and failing to find it costs a scan).
+            if fut.cancelled() or not fut.done() or fut.exception() is not None:
+                with contextlib.suppress(ValueError):
+                    current.waiters.remove(fut)
+            self._discard_if_idle(channel, current)
 
     def _requeue(self, channel: str, message: Message) -> None:
         box = self._box_handing_off(channel, message)

@@ -28,7 +28,6 @@ import collections
 import contextlib
 import importlib
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -41,40 +40,29 @@ import harness  # noqa: E402
 
 async def measure(impl: harness.Impl, server: harness.Server, args: argparse.Namespace) -> float:
     """Run the closed loop, counting opcodes over the last ``args.messages``; the early share."""
-    async with harness.layer_pair(impl, server, "c" + uuid.uuid4().hex[:10]) as (sender, receiver):
-        channel = await harness.warm(sender, receiver)
-        waiting: dict[int, asyncio.Future[float]] = {}
-        sent: set[int] = set()
+    async with (
+        harness.layer_pair(impl, server, "c" + uuid.uuid4().hex[:10]) as (sender, receiver),
+        harness.p2p_link(sender, receiver) as (send, waiting),
+    ):
         early = [0]
 
-        async def receive_all() -> None:
-            while True:
-                message = await receiver.receive(channel)
-                key = message["id"]
-                early[0] += key not in sent
-                waiting[key].set_result(time.perf_counter())
+        async def send_counted(key: int) -> None:
+            await send(key)
+            early[0] += waiting[key].done()  # received before send() returned
 
-        async def send(key: int) -> None:
-            await sender.send(channel, {"type": "bench.p2p", "id": key})
-            sent.add(key)
-
-        reader = asyncio.create_task(receive_all())
-        try:
-            sizes = {"p2p_messages": args.warmup, "p2p_seconds": 1e9}
-            await harness.closed_loop(send, waiting, args.senders, sizes)
-            early[0] = 0
-            sizes["p2p_messages"] = args.messages
-            if args.untraced:
-                await harness.closed_loop(send, waiting, args.senders, sizes)
-            else:
-                count_bytecodes._arm_suspended()
-                sys.settrace(count_bytecodes._tracer)
-                try:
-                    await harness.closed_loop(send, waiting, args.senders, sizes)
-                finally:
-                    sys.settrace(None)
-        finally:
-            await harness.stop([reader])
+        sizes = {"p2p_messages": args.warmup, "p2p_seconds": 1e9}
+        await harness.closed_loop(send_counted, waiting, args.senders, sizes)
+        early[0] = 0
+        sizes["p2p_messages"] = args.messages
+        if args.untraced:
+            await harness.closed_loop(send_counted, waiting, args.senders, sizes)
+        else:
+            count_bytecodes._arm_suspended()
+            sys.settrace(count_bytecodes._tracer)
+            try:
+                await harness.closed_loop(send_counted, waiting, args.senders, sizes)
+            finally:
+                sys.settrace(None)
         share: float = early[0] / args.messages
         return share
 

@@ -100,15 +100,18 @@ class Mailboxes:
         if now >= self._next_sweep:
             self._sweep(now)
         box = self._boxes.get(channel)
-        if box is not None and box.waiters:
-            # The hand-off of _box_handing_off() inline: a receiver usually waits already
-            # (every p2p message of a broker backend), and that case needs no other step.
+        if box is not None:
+            # What _put() does for an existing mailbox, inline: either a receiver waits
+            # already (a broker's p2p message, one at a time) or messages are queued ahead
+            # (the rest of a batch a broker delivered together), and neither needs another step.
             waiters = box.waiters
             while waiters:
                 fut = waiters.popleft()
                 if not fut.done():
                     fut.set_result(message)
                     return True
+            if not self._listeners:
+                return self._enqueue(channel, box, message, now)
         return self._put(channel, message, now)
 
     def put_many(self, channels: Iterable[str], message: Message) -> list[str]:
@@ -159,11 +162,15 @@ class Mailboxes:
         box = self._box_handing_off(channel, message)
         if box is None:
             return True
-        if len(box.items) >= self._capacity_for(channel):
+        return self._enqueue(channel, box, message, now)
+
+    def _enqueue(self, channel: str, box: _Box, message: Message, now: float) -> bool:
+        items = box.items
+        if len(items) >= self._capacity_for(channel):
             self._drop_expired(box, now)
-            if len(box.items) >= self._capacity_for(channel):
+            if len(items) >= self._capacity_for(channel):
                 return False
-        box.items.append((now + self._expiry, message))
+        items.append((now + self._expiry, message))
         return True
 
     def pop_nowait(self, channel: str) -> Message | None:
@@ -222,7 +229,9 @@ class Mailboxes:
                 self._drop_expired(box, now)
             if items:
                 message = items.popleft()[1]
-                self._discard_if_idle(channel, box)
+                if not items and not box.waiters:
+                    # _discard_if_idle() inline: this is the box the dict holds.
+                    del self._boxes[channel]
                 return message
         loop = running_loop()
         fut: asyncio.Future[Message] = loop.create_future()
@@ -231,23 +240,38 @@ class Mailboxes:
         if timeout is not None:
             timer = loop.call_later(timeout, _expire, fut, channel, timeout)
         try:
-            return await fut
+            message = await fut
         except asyncio.CancelledError:
             # Cancelled after a message was handed to us: give it back, at the head.
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._requeue(channel, fut.result())
+            self._stop_waiting(channel, fut, timer)
             raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-            current = self._boxes.get(channel)
-            if current is not None:
-                # A future that got a message was already popped by put(); only a timed-out
-                # or cancelled one is still queued (and failing to find it costs a scan).
-                if fut.cancelled() or not fut.done() or fut.exception() is not None:
-                    with contextlib.suppress(ValueError):
-                        current.waiters.remove(fut)
-                self._discard_if_idle(channel, current)
+        except BaseException:
+            self._stop_waiting(channel, fut, timer)
+            raise
+        # Received (every waiting receive of a fan-out round ends here): put() popped the
+        # future, so only the timer and an idle mailbox are left, without _stop_waiting()'s checks.
+        if timer is not None:
+            timer.cancel()
+        current = self._boxes.get(channel)
+        if current is not None and not current.items and not current.waiters:
+            del self._boxes[channel]  # _discard_if_idle() inline: this is the box the dict holds
+        return message
+
+    def _stop_waiting(
+        self, channel: str, fut: asyncio.Future[Message], timer: asyncio.TimerHandle | None
+    ) -> None:
+        if timer is not None:
+            timer.cancel()
+        current = self._boxes.get(channel)
+        if current is not None:
+            # A future that got a message was already popped by put(); only a timed-out
+            # or cancelled one is still queued (and failing to find it costs a scan).
+            if fut.cancelled() or not fut.done() or fut.exception() is not None:
+                with contextlib.suppress(ValueError):
+                    current.waiters.remove(fut)
+            self._discard_if_idle(channel, current)
 
     def _requeue(self, channel: str, message: Message) -> None:
         box = self._box_handing_off(channel, message)

@@ -19,6 +19,7 @@ from fastapi_websockets.exceptions import InvalidChannelName
 __all__ = [
     "MAX_NAME_LENGTH",
     "is_process_specific",
+    "known_channel_names",
     "new_token",
     "process_token",
     "validate_channel_name",
@@ -58,7 +59,7 @@ def validate_channel_name(name: object) -> str:
     # Validity depends only on the characters, so a remembered exact str is valid; a str
     # subclass (which may hash or compare as it likes) is always checked.
     if type(name) is str:
-        return _valid_channels(name)
+        return name if name in known_channel_names else _valid_channels(name)
     return _check_channel_name(name)
 
 
@@ -93,6 +94,9 @@ def _check_group_name(name: object) -> str:
 # Bounded (cleared when full); only valid names get in, since the check raises otherwise.
 _valid_channels: Memo[str, str] = Memo(_check_channel_name)
 _valid_groups: Memo[str, str] = Memo(_check_group_name)
+#: Exact ``str`` names found valid (a subset of the valid ones): ``type(name) is str and name
+#: in known_channel_names`` proves ``name`` valid without a call, for send()'s every message.
+known_channel_names = _valid_channels.known
 
 
 def validate_prefix(prefix: object) -> str:

@@ -60,3 +60,35 @@ def test_a_name_refused_for_its_bang_says_what_to_use_instead() -> None:
         names.validate_group_name("room!1")
     with pytest.raises(InvalidChannelName, match=r"new_channel\(\) adds its own.*such as ':' or '\.'"):
         names.validate_prefix("chat!")
+
+
+async def test_send_checks_a_str_subclass_even_after_the_name_it_imitates_was_sent_to() -> None:
+    from fastapi_websockets import InMemoryChannelLayer
+
+    layer = InMemoryChannelLayer()
+    await layer.send("room.1", {"type": "ok"})
+    with pytest.raises(InvalidChannelName):
+        await layer.send(_Sneaky("bad name"), {"type": "no"})
+    assert await layer.receive("room.1") == {"type": "ok"}
+    await layer.close()
+
+
+async def test_is_local_gives_the_same_answers_when_it_has_seen_a_name_before() -> None:
+    from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer
+
+    # Constructed only (never started): is_local() needs no connection.
+    layer, other = (PostgreSQLChannelLayer(dsn="postgresql://127.0.0.1:1/none") for _ in range(2))
+    mine = f"chat.{layer.client_token}!x1"
+    bare = f"{layer.client_token}!x2"
+    theirs = f"chat.{other.client_token}!x1"
+    decoy = f"chat.{layer.client_token}x!x1"
+    for _ in range(3):
+        assert layer.is_local(mine)
+        assert layer.is_local(bare)
+        assert not layer.is_local(theirs)
+        assert not layer.is_local(decoy)
+        assert not layer.is_local("named.channel")
+        assert other.is_local(theirs)
+        assert not other.is_local(mine)
+    await layer.close()
+    await other.close()

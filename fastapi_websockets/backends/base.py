@@ -48,6 +48,7 @@ from fastapi_websockets.local_groups import LocalGroups
 from fastapi_websockets.mailboxes import Listener, Mailboxes, MailboxStats
 from fastapi_websockets.names import (
     is_process_specific,
+    known_channel_names,
     new_token,
     process_token,
     validate_channel_name,
@@ -168,6 +169,8 @@ class BaseChannelLayer(abc.ABC):
         self._live_channels: set[str] = set()
         self._local_groups = LocalGroups(group_expiry)
         self._capacity_memo: Memo[str, int] = Memo(self._capacity_of)
+        #: Process-specific channel -> whether this instance made it (a pure function of the name).
+        self._mine: Memo[str, bool] = Memo(self._made_here)
         self.presence_timeout = positive("presence_timeout", presence_timeout, "seconds")
         self._presence = LocalPresence()
         self._presence_lock = asyncio.Lock()
@@ -259,7 +262,15 @@ class BaseChannelLayer(abc.ABC):
         # parsing the name (a fan-out to 1,000 local receivers asks 1,000 times a round).
         if channel in self._live_channels:
             return True
-        return "!" in channel and process_token(channel) == self.client_token  # is_process_specific()
+        if "!" not in channel:  # not is_process_specific(): a named channel
+            return False
+        # Another instance's channel: every send() to it asks again, and the remembered
+        # answer costs a dict lookup where process_token() is a call and two splits.
+        owned = self._mine.known.get(channel)
+        return self._mine(channel) if owned is None else owned
+
+    def _made_here(self, channel: str) -> bool:
+        return process_token(channel) == self.client_token
 
     # ---------------------------------------------------------- serialization
 
@@ -312,7 +323,8 @@ class BaseChannelLayer(abc.ABC):
         """
         if self._closed:
             self._check_open()
-        validate_channel_name(channel)
+        if type(channel) is not str or channel not in known_channel_names:
+            validate_channel_name(channel)  # what it would find in the memo, without two calls
         if observing.hooks is not None:
             await observing.hooks.message_out(self, "send", message, partial(self._send_message, channel))
             return

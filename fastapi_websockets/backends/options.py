@@ -8,7 +8,7 @@ configuration mistake is found when the layer is built, not on first use.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Generic, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
@@ -102,6 +102,9 @@ class Memo(Generic[K, V]):
         self._compute = compute
         self._size = size
         self._values: dict[K, V] = {}
+        #: The remembered values, read-only: a hot path's ``in`` or ``get()`` on it costs no
+        #: Python call. The same dict for the memo's whole life (it is only cleared in place).
+        self.known: Mapping[K, V] = self._values
 
     def __call__(self, key: K) -> V:
         """The value for ``key``, computed on first use."""

@@ -1049,18 +1049,63 @@ async def test_named_capacity_holds_for_sends_from_two_layers(
     assert outcomes == [(capacity, capacity)] * rounds, f"(accepted, stored) per round: {outcomes}"
 
 
-async def test_a_schema_without_the_send_named_function_gets_it(
+async def test_named_capacity_holds_for_group_sends_from_two_layers(
     make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
-    # Schemas made before named sends took turns have the tables but not the function:
-    # a starting layer makes it, and so does a running one whose send finds it missing.
+    # A group with a named member near its capacity, fed by group_sends and sends from
+    # two processes at once: the group statements counted the member's rows committed
+    # before they began, so in flight together they (and a send) all passed the check.
+    # group_send drops for a full member rather than raising, so every round must end
+    # with the member exactly full. Each layer sends its group messages together, so
+    # both the lone and the batched statement run.
+    capacity, rounds = 5, 30
+    first, second = make(capacity=capacity, pool_size=4), make(capacity=capacity, pool_size=4)
+    for layer in (first, second):
+        await layer.new_channel()  # connected, so the sends start together
+    outcomes = []
+    for attempt in range(rounds):
+        channel, group = f"named.member{attempt}", f"room{attempt}"
+        await first.group_add(group, channel)
+        await first.group_add(group, f"named.other{attempt}")
+        await first.send(channel, {"type": "early"})
+        await second.send(channel, {"type": "early"})
+        results = await asyncio.gather(
+            *(
+                call
+                for layer in (first, second)
+                for _ in range(3)
+                for call in (layer.group_send(group, {"type": "g"}), layer.send(channel, {"type": "x"}))
+            ),
+            return_exceptions=True,
+        )
+        assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
+        stored = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', channel)
+        outcomes.append(stored)
+    assert outcomes == [capacity] * rounds, f"stored per round: {outcomes}"
+
+
+@pytest.mark.parametrize("function", ["send_named", "send_named_members"])
+async def test_a_schema_without_the_send_named_function_gets_it(
+    make: Factory, db: asyncpg.Connection, namespace: str, function: str
+) -> None:
+    # Schemas made before named sends (then group messages to named members) took
+    # turns have the tables but not the function: a starting layer makes it, and so
+    # does a running one whose send finds it missing.
     running = make()
-    await running.new_channel()
-    await db.execute(f'DROP FUNCTION "{namespace}".send_named')
+    for name in ("named.a", "named.b"):
+        await running.group_add("room", name)
+
+    async def send(layer: BaseChannelLayer, name: str) -> None:
+        if function == "send_named":
+            await layer.send(name, {"type": "x"})
+        else:
+            await layer.group_send("room", {"type": "x", "to": name})
+
+    await db.execute(f'DROP FUNCTION "{namespace}".{function}')
     starting = make()
-    await starting.send("named.a", {"type": "x"})
-    await db.execute(f'DROP FUNCTION "{namespace}".send_named')
-    await running.send("named.b", {"type": "x"})
+    await send(starting, "named.a")
+    await db.execute(f'DROP FUNCTION "{namespace}".{function}')
+    await send(running, "named.b")
     got = [await running.receive(name, timeout=10) for name in ("named.a", "named.b")]
     assert [message["type"] for message in got] == ["x", "x"]
 

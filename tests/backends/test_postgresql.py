@@ -1049,15 +1049,16 @@ async def test_named_capacity_holds_for_sends_from_two_layers(
     assert outcomes == [(capacity, capacity)] * rounds, f"(accepted, stored) per round: {outcomes}"
 
 
+@pytest.mark.parametrize("group_sends", [1, 3], ids=["lone", "batched"])
 async def test_named_capacity_holds_for_group_sends_from_two_layers(
-    make: Factory, db: asyncpg.Connection, namespace: str
+    make: Factory, db: asyncpg.Connection, namespace: str, group_sends: int
 ) -> None:
     # A group with a named member near its capacity, fed by group_sends and sends from
     # two processes at once: the group statements counted the member's rows committed
     # before they began, so in flight together they (and a send) all passed the check.
     # group_send drops for a full member rather than raising, so every round must end
-    # with the member exactly full. Each layer sends its group messages together, so
-    # both the lone and the batched statement run.
+    # with the member exactly full. A layer's group messages sent together go out in
+    # one statement: one alone, or three batched.
     capacity, rounds = 5, 30
     first, second = make(capacity=capacity, pool_size=4), make(capacity=capacity, pool_size=4)
     for layer in (first, second):
@@ -1071,10 +1072,14 @@ async def test_named_capacity_holds_for_group_sends_from_two_layers(
         await second.send(channel, {"type": "early"})
         results = await asyncio.gather(
             *(
-                call
+                layer.group_send(group, {"type": "g"})
                 for layer in (first, second)
-                for _ in range(3)
-                for call in (layer.group_send(group, {"type": "g"}), layer.send(channel, {"type": "x"}))
+                for _ in range(group_sends)
+            ),
+            *(
+                layer.send(channel, {"type": "x"})
+                for layer in (first, second)
+                for _ in range(6 - group_sends)
             ),
             return_exceptions=True,
         )

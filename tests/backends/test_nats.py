@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 
 from fastapi_websockets import (
     BaseChannelLayer,
+    ChannelFull,
     ChannelLayerClosed,
     InvalidChannelLayerConfig,
     StreamPosition,
@@ -431,6 +432,29 @@ async def test_group_send_stores_named_copies_before_returning_and_skips_full_on
     assert (await a.receive(channel, timeout=10))["type"] == "g"
     with pytest.raises(TimeoutError):
         await c.receive("named.full", timeout=0.3)
+
+
+async def test_named_capacity_holds_for_concurrent_sends_and_group_sends_of_one_layer(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # The capacity check (a stream info request) and the publish are two requests:
+    # checks in flight together all passed, and 9 of 9 concurrent group_sends were
+    # stored at capacity 5. One process's checks now take turns per channel.
+    layer = make(servers=[nats_node.url], capacity=5)
+    await layer.group_add("room", "named.edge")
+    results = await asyncio.gather(
+        *(layer.group_send("room", {"type": "g"}) for _ in range(6)),
+        *(layer.send("named.edge", {"type": "x"}) for _ in range(6)),
+        return_exceptions=True,
+    )
+    assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
+    client = await raw_client([nats_node.url])
+    try:
+        subject = f"{namespace}.n.{subject_token('named.edge')}"
+        info = await client.jetstream().stream_info(namespace, subjects_filter=subject)
+        assert info.state.subjects == {subject: 5}
+    finally:
+        await client.close()
 
 
 async def test_a_stream_of_the_same_name_for_other_subjects_is_refused(

@@ -408,6 +408,17 @@ async def test_group_add_of_another_instances_channel(
     assert await b.receive(channel, timeout=10) == {"type": "hi"}
 
 
+async def stored_in(nats_node: NatsNode, namespace: str, channel: str) -> int:
+    """How many messages the stream holds for named channel ``channel``, asked of the server."""
+    client = await raw_client([nats_node.url])
+    try:
+        subject = f"{namespace}.n.{subject_token(channel)}"
+        info = await client.jetstream().stream_info(namespace, subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
+    finally:
+        await client.close()
+
+
 async def test_group_send_stores_named_copies_before_returning_and_skips_full_ones(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
@@ -419,13 +430,7 @@ async def test_group_send_stores_named_copies_before_returning_and_skips_full_on
     await b.group_send("mixed", {"type": "g"})
     assert b.stats.dropped_full == 1
     # Stored by the time group_send returned, not later by some background task.
-    client = await raw_client([nats_node.url])
-    try:
-        subject = f"{namespace}.n.{subject_token('named.free')}"
-        info = await client.jetstream().stream_info(namespace, subjects_filter=subject)
-        assert info.state.subjects == {subject: 1}
-    finally:
-        await client.close()
+    assert await stored_in(nats_node, namespace, "named.free") == 1
     c = make(servers=[nats_node.url])
     assert (await c.receive("named.free", timeout=10))["type"] == "g"
     assert (await c.receive("named.full", timeout=10))["type"] == "pre"
@@ -448,13 +453,7 @@ async def test_named_capacity_holds_for_concurrent_sends_and_group_sends_of_one_
         return_exceptions=True,
     )
     assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
-    client = await raw_client([nats_node.url])
-    try:
-        subject = f"{namespace}.n.{subject_token('named.edge')}"
-        info = await client.jetstream().stream_info(namespace, subjects_filter=subject)
-        assert info.state.subjects == {subject: 5}
-    finally:
-        await client.close()
+    assert await stored_in(nats_node, namespace, "named.edge") == 5
 
 
 async def test_a_stream_of_the_same_name_for_other_subjects_is_refused(

@@ -1026,6 +1026,20 @@ async def test_group_sends_in_one_statement_respect_a_named_members_capacity(
     assert [message.get("i") for message in got] == [None, 0, 1, 2, 3]
 
 
+async def _two_processes(make: Factory, capacity: int) -> tuple[BaseChannelLayer, BaseChannelLayer]:
+    """Two layers (as two processes, each with its own pool), connected so their sends start together."""
+    layers = make(capacity=capacity, pool_size=4), make(capacity=capacity, pool_size=4)
+    for layer in layers:
+        await layer.new_channel()
+    return layers
+
+
+async def _stored(db: asyncpg.Connection, namespace: str, queue: str) -> int:
+    """The rows stored for ``queue``."""
+    count: int = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', queue)
+    return count
+
+
 async def test_named_capacity_holds_for_sends_from_two_layers(
     make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
@@ -1033,9 +1047,7 @@ async def test_named_capacity_holds_for_sends_from_two_layers(
     # capacity: each statement counted the rows committed before it started, so sends
     # in flight together all passed the check and the channel held more than capacity.
     capacity, rounds = 5, 40
-    first, second = make(capacity=capacity, pool_size=4), make(capacity=capacity, pool_size=4)
-    for layer in (first, second):
-        await layer.new_channel()  # connected, so the sends start together
+    first, second = await _two_processes(make, capacity)
     outcomes = []
     for attempt in range(rounds):
         channel = f"named.edge{attempt}"
@@ -1044,7 +1056,7 @@ async def test_named_capacity_holds_for_sends_from_two_layers(
             return_exceptions=True,
         )
         assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
-        stored = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', channel)
+        stored = await _stored(db, namespace, channel)
         outcomes.append((sum(r is None for r in results), stored))
     assert outcomes == [(capacity, capacity)] * rounds, f"(accepted, stored) per round: {outcomes}"
 
@@ -1060,9 +1072,7 @@ async def test_named_capacity_holds_for_group_sends_from_two_layers(
     # with the member exactly full. A layer's group messages sent together go out in
     # one statement: one alone, or three batched.
     capacity, rounds = 5, 30
-    first, second = make(capacity=capacity, pool_size=4), make(capacity=capacity, pool_size=4)
-    for layer in (first, second):
-        await layer.new_channel()  # connected, so the sends start together
+    first, second = await _two_processes(make, capacity)
     outcomes = []
     for attempt in range(rounds):
         channel, group = f"named.member{attempt}", f"room{attempt}"
@@ -1084,7 +1094,7 @@ async def test_named_capacity_holds_for_group_sends_from_two_layers(
             return_exceptions=True,
         )
         assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
-        stored = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', channel)
+        stored = await _stored(db, namespace, channel)
         outcomes.append(stored)
     assert outcomes == [capacity] * rounds, f"stored per round: {outcomes}"
 

@@ -342,6 +342,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._stream_ready = False
         self._setup_lock = asyncio.Lock()
         self._readers: dict[str, _NamedReader] = {}
+        self._named_sends = KeyedLocks()  # one capacity check and publish at a time per named channel
         # process token -> "<prefix>.p.<token>." (control requests)
         self._inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.p.{subject_token(token)}.")
         # process token -> "<prefix>.i.<token>" (the stored inbox)
@@ -943,14 +944,21 @@ class NATSChannelLayer(BrokerChannelLayer):
         await self._send_named(channel, data)
 
     async def _send_named(self, channel: str, data: bytes) -> None:
-        from nats.js.errors import NotFoundError
-
         await self._ensure_stream()
         subject = self._named_subject(channel)
+        # The stream counts the channel's stored messages, and a publish does not
+        # check that count: checks in flight together all passed (9 of 9 concurrent
+        # group_sends stored at capacity 5). Checking and publishing one at a time
+        # per channel keeps `capacity` exact within this process; other processes'
+        # sends can still overshoot it (docs/backends/nats.md, Limits).
+        async with self._named_sends.hold(subject):
+            await self._check_and_publish(channel, subject, data)
+
+    async def _check_and_publish(self, channel: str, subject: str, data: bytes) -> None:
+        from nats.js.errors import NotFoundError
+
         capacity = self.capacity_for(channel)
         what = f"send to {channel!r}"
-        # The stream counts the channel's stored messages; concurrent senders can
-        # overshoot the capacity by a few, as with channels_redis.
         try:
             info = await self._retry(
                 what, lambda: self.js.stream_info(self.stream_name, subjects_filter=subject)

@@ -157,6 +157,11 @@ def lock_key(schema: str, purpose: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+# The first half of the advisory-lock key a named channel's senders take turns on
+# (the second: hashtext of the channel), in send_named and send_named_members.
+_NAMED_LOCK = "hashtext('fastapi_websockets/send_named')"
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -237,7 +242,7 @@ CREATE OR REPLACE FUNCTION {s}.send_named(
 )
 RETURNS boolean LANGUAGE plpgsql AS $fn$
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('fastapi_websockets/send_named'), hashtext(p_queue));
+    PERFORM pg_advisory_xact_lock({_NAMED_LOCK}, hashtext(p_queue));
     IF (SELECT count(*) FROM {s}.message WHERE queue = p_queue AND expires_at > now()) >= p_capacity THEN
         RETURN false;
     END IF;
@@ -245,6 +250,41 @@ BEGIN
     VALUES (p_queue, now() + make_interval(secs => p_secs), p_data);
     PERFORM pg_notify(p_notify, '');
     RETURN true;
+END
+$fn$;
+-- A group message's copies for its named members: p_queues[i] gets message
+-- p_datas[p_messages[i]] (the first when p_messages is NULL) while it holds fewer
+-- than p_capacities[i] live ones; returns the queues that got one, in input order.
+-- The same locks as send_named, so group messages and sends from other processes
+-- take turns per queue. A statement takes all of its locks before counting and keeps
+-- them to its commit: in ascending key order (keys, not names, since two names can
+-- share a key), so two group statements never wait for each other in a cycle. Each
+-- count is a statement of its own, after the locks, and sees the copies inserted
+-- earlier in the loop as well as what other holders committed.
+CREATE OR REPLACE FUNCTION {s}.send_named_members(
+    p_queues text[], p_capacities integer[], p_messages bigint[], p_datas bytea[],
+    p_secs float8, p_offset bigint, p_epoch text
+)
+RETURNS SETOF text LANGUAGE plpgsql AS $fn$
+DECLARE
+    key integer;
+    i integer;
+BEGIN
+    FOR key IN SELECT DISTINCT hashtext(q) FROM unnest(p_queues) AS q ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock({_NAMED_LOCK}, key);
+    END LOOP;
+    FOR i IN 1 .. cardinality(p_queues) LOOP
+        IF (
+            SELECT count(*) FROM {s}.message WHERE queue = p_queues[i] AND expires_at > now()
+        ) < p_capacities[i] THEN
+            INSERT INTO {s}.message (queue, expires_at, data, history_offset, history_epoch)
+            VALUES (
+                p_queues[i], now() + make_interval(secs => p_secs),
+                p_datas[coalesce(p_messages[i], 1)], p_offset, p_epoch
+            );
+            RETURN NEXT p_queues[i];
+        END IF;
+    END LOOP;
 END
 $fn$;
 """
@@ -349,10 +389,10 @@ WITH gone AS (
 ),
 {_notice(s, "l", "gone", "$4", "$5")}"""
         # Many group messages without history in one statement (in order): for each,
-        # one row per other process with members and one per named member with room.
-        # A named channel's count adds the earlier messages of the batch (``k``): the
-        # statement sees only rows stored before it. One NOTIFY per inbox row, in id
-        # order, which follows the input order.
+        # one row per other process with members and one per named member with room
+        # (send_named_members stores those in message order, counting the earlier
+        # ones of the batch). One NOTIFY per inbox row, in id order, which follows
+        # the input order.
         self.group_send = f"""
 WITH sent AS (
     SELECT * FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS g(group_name, data, n)
@@ -368,22 +408,11 @@ inboxes AS (
     RETURNING id, queue, targets[3] AS group_name, data
 ),
 members AS (
-    SELECT g.n, g.data, m.channel, m.capacity,
-        row_number() OVER (PARTITION BY m.channel ORDER BY g.n) AS k
+    SELECT g.n, m.channel, m.capacity
     FROM sent AS g JOIN {s}.group_member AS m ON m.group_name = g.group_name
     WHERE m.owner IS NULL AND m.expires_at > now()
 ),
-admitted AS (
-    SELECT * FROM members AS m
-    WHERE (
-        SELECT count(*) FROM {s}.message AS q WHERE q.queue = m.channel AND q.expires_at > now()
-    ) + m.k <= m.capacity
-),
-named AS (
-    INSERT INTO {s}.message (queue, expires_at, data)
-    SELECT channel, now() + make_interval(secs => $3), data FROM admitted ORDER BY n
-    RETURNING queue
-),
+named AS ({_named_copies(s, "m.n, m.channel", "m.n", "$2", "NULL::bigint", "NULL::text")}),
 woken AS (
     SELECT pg_notify(
         {_notify_sql("$5", "note.queue")},
@@ -400,7 +429,7 @@ woken AS (
     ) AS note
 )
 SELECT (SELECT count(*) FROM woken) AS woken,
-    (SELECT count(*) FROM members) - (SELECT count(*) FROM admitted) AS skipped
+    (SELECT count(*) FROM members) - (SELECT count(*) FROM named) AS skipped
 """
         # One group message without history (a lone group_send, the usual statement):
         # scalar parameters and the notification's base64 from the caller ($6; NULL when
@@ -451,7 +480,7 @@ SELECT (
 ) = cardinality($2::text[])
 FROM pg_catalog.pg_namespace AS n WHERE n.nspname = $1
 """
-        self.tables = ["message", "group_member", "group_owner", "send_named"]
+        self.tables = ["message", "group_member", "group_owner", "send_named", "send_named_members"]
         self.history_tables = ["history_stream", "history_entry"]
         self.create_history = _history_ddl(s)
         self.presence_tables = ["presence_owner", "presence"]
@@ -561,6 +590,30 @@ FROM notice
 """
 
 
+def _named_copies(s: str, order: str, messages: str, datas: str, offset: str, epoch: str) -> str:
+    """The query storing a group statement's copies for the named members of CTE ``members``.
+
+    ``members`` (``m``) has ``channel`` and ``capacity`` columns, stored in
+    ``order``; ``messages`` and ``datas`` are SQL expressions for
+    ``send_named_members``'s message numbers (a column of ``m``, or NULL) and
+    messages, ``offset`` and ``epoch`` for the copies' history position. With no
+    named members (groups of process channels only, the usual case) the function
+    is not called, so such statements take no lock.
+    """
+    return f"""
+    SELECT copy.queue FROM (
+        SELECT array_agg(m.channel ORDER BY {order}) AS queues,
+            array_agg(m.capacity ORDER BY {order}) AS capacities,
+            array_agg({messages} ORDER BY {order}) AS messages
+        FROM members AS m
+    ) AS agg
+    CROSS JOIN LATERAL {s}.send_named_members(
+        agg.queues, agg.capacities, agg.messages, {datas}, $3, {offset}, {epoch}
+    ) AS copy(queue)
+    WHERE agg.queues IS NOT NULL
+"""
+
+
 def _fan_out(
     s: str,
     offset: str = "NULL::bigint",
@@ -593,15 +646,7 @@ members AS (
     SELECT channel, capacity FROM {s}.group_member
     WHERE group_name = $1 AND owner IS NULL AND expires_at > now()
 ),
-named AS (
-    INSERT INTO {s}.message (queue, expires_at, data, history_offset, history_epoch)
-    SELECT m.channel, now() + make_interval(secs => $3), $2, {offset}, {epoch}
-    FROM members AS m
-    WHERE (
-        SELECT count(*) FROM {s}.message AS q WHERE q.queue = m.channel AND q.expires_at > now()
-    ) < m.capacity
-    RETURNING queue
-),
+named AS ({_named_copies(s, "m.channel", "NULL::bigint", "ARRAY[$2]", offset, epoch)}),
 encoded AS (
     SELECT {b64} AS b64
 ),

@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 
 from fastapi_websockets import (
     BaseChannelLayer,
+    ChannelFull,
     ChannelLayerClosed,
     InvalidChannelLayerConfig,
     StreamPosition,
@@ -407,6 +408,17 @@ async def test_group_add_of_another_instances_channel(
     assert await b.receive(channel, timeout=10) == {"type": "hi"}
 
 
+async def stored_in(nats_node: NatsNode, namespace: str, channel: str) -> int:
+    """How many messages the stream holds for named channel ``channel``, asked of the server."""
+    client = await raw_client([nats_node.url])
+    try:
+        subject = f"{namespace}.n.{subject_token(channel)}"
+        info = await client.jetstream().stream_info(namespace, subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
+    finally:
+        await client.close()
+
+
 async def test_group_send_stores_named_copies_before_returning_and_skips_full_ones(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
@@ -418,19 +430,30 @@ async def test_group_send_stores_named_copies_before_returning_and_skips_full_on
     await b.group_send("mixed", {"type": "g"})
     assert b.stats.dropped_full == 1
     # Stored by the time group_send returned, not later by some background task.
-    client = await raw_client([nats_node.url])
-    try:
-        subject = f"{namespace}.n.{subject_token('named.free')}"
-        info = await client.jetstream().stream_info(namespace, subjects_filter=subject)
-        assert info.state.subjects == {subject: 1}
-    finally:
-        await client.close()
+    assert await stored_in(nats_node, namespace, "named.free") == 1
     c = make(servers=[nats_node.url])
     assert (await c.receive("named.free", timeout=10))["type"] == "g"
     assert (await c.receive("named.full", timeout=10))["type"] == "pre"
     assert (await a.receive(channel, timeout=10))["type"] == "g"
     with pytest.raises(TimeoutError):
         await c.receive("named.full", timeout=0.3)
+
+
+async def test_named_capacity_holds_for_concurrent_sends_and_group_sends_of_one_layer(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # The capacity check (a stream info request) and the publish are two requests:
+    # checks in flight together all passed, and 9 of 9 concurrent group_sends were
+    # stored at capacity 5. One process's checks now take turns per channel.
+    layer = make(servers=[nats_node.url], capacity=5)
+    await layer.group_add("room", "named.edge")
+    results = await asyncio.gather(
+        *(layer.group_send("room", {"type": "g"}) for _ in range(6)),
+        *(layer.send("named.edge", {"type": "x"}) for _ in range(6)),
+        return_exceptions=True,
+    )
+    assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
+    assert await stored_in(nats_node, namespace, "named.edge") == 5
 
 
 async def test_a_stream_of_the_same_name_for_other_subjects_is_refused(

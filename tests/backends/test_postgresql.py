@@ -1026,6 +1026,20 @@ async def test_group_sends_in_one_statement_respect_a_named_members_capacity(
     assert [message.get("i") for message in got] == [None, 0, 1, 2, 3]
 
 
+async def _two_processes(make: Factory, capacity: int) -> tuple[BaseChannelLayer, BaseChannelLayer]:
+    """Two layers (as two processes, each with its own pool), connected so their sends start together."""
+    layers = make(capacity=capacity, pool_size=4), make(capacity=capacity, pool_size=4)
+    for layer in layers:
+        await layer.new_channel()
+    return layers
+
+
+async def _stored(db: asyncpg.Connection, namespace: str, queue: str) -> int:
+    """The rows stored for ``queue``."""
+    count: int = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', queue)
+    return count
+
+
 async def test_named_capacity_holds_for_sends_from_two_layers(
     make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
@@ -1033,9 +1047,7 @@ async def test_named_capacity_holds_for_sends_from_two_layers(
     # capacity: each statement counted the rows committed before it started, so sends
     # in flight together all passed the check and the channel held more than capacity.
     capacity, rounds = 5, 40
-    first, second = make(capacity=capacity, pool_size=4), make(capacity=capacity, pool_size=4)
-    for layer in (first, second):
-        await layer.new_channel()  # connected, so the sends start together
+    first, second = await _two_processes(make, capacity)
     outcomes = []
     for attempt in range(rounds):
         channel = f"named.edge{attempt}"
@@ -1044,23 +1056,71 @@ async def test_named_capacity_holds_for_sends_from_two_layers(
             return_exceptions=True,
         )
         assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
-        stored = await db.fetchval(f'SELECT count(*) FROM "{namespace}".message WHERE queue = $1', channel)
+        stored = await _stored(db, namespace, channel)
         outcomes.append((sum(r is None for r in results), stored))
     assert outcomes == [(capacity, capacity)] * rounds, f"(accepted, stored) per round: {outcomes}"
 
 
-async def test_a_schema_without_the_send_named_function_gets_it(
-    make: Factory, db: asyncpg.Connection, namespace: str
+@pytest.mark.parametrize("group_sends", [1, 3], ids=["lone", "batched"])
+async def test_named_capacity_holds_for_group_sends_from_two_layers(
+    make: Factory, db: asyncpg.Connection, namespace: str, group_sends: int
 ) -> None:
-    # Schemas made before named sends took turns have the tables but not the function:
-    # a starting layer makes it, and so does a running one whose send finds it missing.
+    # A group with a named member near its capacity, fed by group_sends and sends from
+    # two processes at once: the group statements counted the member's rows committed
+    # before they began, so in flight together they (and a send) all passed the check.
+    # group_send drops for a full member rather than raising, so every round must end
+    # with the member exactly full. A layer's group messages sent together go out in
+    # one statement: one alone, or three batched.
+    capacity, rounds = 5, 30
+    first, second = await _two_processes(make, capacity)
+    outcomes = []
+    for attempt in range(rounds):
+        channel, group = f"named.member{attempt}", f"room{attempt}"
+        await first.group_add(group, channel)
+        await first.group_add(group, f"named.other{attempt}")
+        await first.send(channel, {"type": "early"})
+        await second.send(channel, {"type": "early"})
+        results = await asyncio.gather(
+            *(
+                layer.group_send(group, {"type": "g"})
+                for layer in (first, second)
+                for _ in range(group_sends)
+            ),
+            *(
+                layer.send(channel, {"type": "x"})
+                for layer in (first, second)
+                for _ in range(6 - group_sends)
+            ),
+            return_exceptions=True,
+        )
+        assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
+        stored = await _stored(db, namespace, channel)
+        outcomes.append(stored)
+    assert outcomes == [capacity] * rounds, f"stored per round: {outcomes}"
+
+
+@pytest.mark.parametrize("function", ["send_named", "send_named_members"])
+async def test_a_schema_without_the_send_named_function_gets_it(
+    make: Factory, db: asyncpg.Connection, namespace: str, function: str
+) -> None:
+    # Schemas made before named sends (then group messages to named members) took
+    # turns have the tables but not the function: a starting layer makes it, and so
+    # does a running one whose send finds it missing.
     running = make()
-    await running.new_channel()
-    await db.execute(f'DROP FUNCTION "{namespace}".send_named')
+    for name in ("named.a", "named.b"):
+        await running.group_add("room", name)
+
+    async def send(layer: BaseChannelLayer, name: str) -> None:
+        if function == "send_named":
+            await layer.send(name, {"type": "x"})
+        else:
+            await layer.group_send("room", {"type": "x", "to": name})
+
+    await db.execute(f'DROP FUNCTION "{namespace}".{function}')
     starting = make()
-    await starting.send("named.a", {"type": "x"})
-    await db.execute(f'DROP FUNCTION "{namespace}".send_named')
-    await running.send("named.b", {"type": "x"})
+    await send(starting, "named.a")
+    await db.execute(f'DROP FUNCTION "{namespace}".{function}')
+    await send(running, "named.b")
     got = [await running.receive(name, timeout=10) for name in ("named.a", "named.b")]
     assert [message["type"] for message in got] == ["x", "x"]
 

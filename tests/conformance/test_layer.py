@@ -443,6 +443,48 @@ async def test_named_group_member_added_by_another_instance(make_layer: LayerFac
         assert (await c.receive(named, timeout=10))["round"] == round_
 
 
+#: Backends whose named-channel capacity can overshoot under concurrent senders (their
+#: docs/backends/<name>.md, Limits, says by how much and what a fix needs).
+CAPACITY_OVERSHOOTS = {"nats", "rabbitmq"}
+
+
+@pytest.mark.usefixtures("shared")
+async def test_named_capacity_holds_for_sends_and_group_sends_from_two_instances(
+    make_layer: LayerFactory, backend: Backend, request: pytest.FixtureRequest
+) -> None:
+    # Two processes feeding one named channel near its capacity, with sends and
+    # group_sends at once: a check counted without the others in flight let them all
+    # pass. Sends past capacity raise ChannelFull and group_sends drop for the full
+    # member, so each round leaves exactly `capacity` messages to receive.
+    if backend.name.split("-")[0] in CAPACITY_OVERSHOOTS:
+        request.applymarker(pytest.mark.xfail(reason="capacity is not exact across senders (see Limits)"))
+    capacity = 5
+    a, b = make_layer(capacity=capacity), make_layer(capacity=capacity)
+    held = []
+    for round_ in range(8):
+        channel, group = f"edge.{round_}", f"edge-room-{round_}"
+        await a.group_add(group, channel)
+        await a.send(channel, {"type": "early"})
+        await b.send(channel, {"type": "early"})
+        results = await asyncio.gather(
+            *(layer.group_send(group, {"type": "g"}) for layer in (a, b) for _ in range(3)),
+            *(layer.send(channel, {"type": "x"}) for layer in (a, b) for _ in range(3)),
+            return_exceptions=True,
+        )
+        assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
+        for _ in range(capacity):
+            await a.receive(channel, timeout=10)
+        extra = 0
+        while True:
+            try:
+                await a.receive(channel, timeout=1)
+            except TimeoutError:
+                break
+            extra += 1
+        held.append(capacity + extra)
+    assert held == [capacity] * len(held), f"messages held per round: {held}"
+
+
 @pytest.mark.usefixtures("shared")
 async def test_named_channel_delivers_each_message_once(make_layer: LayerFactory) -> None:
     a, b = make_layer(), make_layer()

@@ -1125,6 +1125,122 @@ async def test_a_schema_without_the_send_named_function_gets_it(
     assert [message["type"] for message in got] == ["x", "x"]
 
 
+# Every function of ours in a schema, with its body and mark.
+_FUNCTIONS = """
+SELECT p.oid::regprocedure::text AS signature, p.proname, p.prosrc,
+    obj_description(p.oid, 'pg_proc') AS mark, pg_get_functiondef(p.oid) AS ddl
+FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+WHERE n.nspname = $1 ORDER BY p.proname
+"""
+
+
+async def _functions(db: asyncpg.Connection, namespace: str) -> dict[str, tuple[str, str | None]]:
+    """Each function of the schema by name: its body and its mark."""
+    return {row["proname"]: (row["prosrc"], row["mark"]) for row in await db.fetch(_FUNCTIONS, namespace)}
+
+
+async def _outdate_functions(db: asyncpg.Connection, namespace: str, mark: str | None) -> None:
+    """Make every function of the schema look like an earlier version's: other bodies, ``mark``.
+
+    The named-capacity locks are taken out (what earlier versions lacked), and every
+    body gets a line of its own, so each function differs from this version's.
+    """
+    for row in await db.fetch(_FUNCTIONS, namespace):
+        lines = [line for line in row["ddl"].splitlines() if "pg_advisory_xact_lock" not in line]
+        ddl = "\n".join(lines).replace("AS $function$", "AS $function$\n-- made by an earlier version", 1)
+        await db.execute(ddl)
+        await db.execute(
+            f"COMMENT ON FUNCTION {row['signature']} IS {'NULL' if mark is None else repr(mark)}"
+        )
+
+
+_EARLIER_MARKS = [None, f"fastapi_websockets functions {postgresql.FUNCTIONS_VERSION - 1}"]
+
+
+@pytest.mark.parametrize("mark", _EARLIER_MARKS, ids=["unmarked", "lower"])
+async def test_functions_of_an_earlier_version_are_replaced_by_a_layer_without_history(
+    make: Factory, db: asyncpg.Connection, namespace: str, mark: str | None
+) -> None:
+    # A schema's functions (history ones included) made by an earlier version are
+    # replaced by the first layer with ensure_schema to start, whatever its options:
+    # they used to stay until a layer with history found one missing.
+    await make(history=HISTORY).group_send("room:x", {"type": "m"})
+    made = await _functions(db, namespace)
+    assert set(made) == {*postgresql._Sql(namespace).functions}
+    assert {current for _, current in made.values()} == {
+        f"fastapi_websockets functions {postgresql.FUNCTIONS_VERSION}"
+    }
+    await _outdate_functions(db, namespace, mark)
+    assert all(body != made[name][0] for name, (body, _) in (await _functions(db, namespace)).items())
+    await make().new_channel()
+    assert await _functions(db, namespace) == made
+
+
+async def test_functions_of_a_later_version_are_left_alone(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # An older process restarting during a rolling upgrade does not bring back its functions.
+    await make().new_channel()
+    await _outdate_functions(
+        db, namespace, f"fastapi_websockets functions {postgresql.FUNCTIONS_VERSION + 1}"
+    )
+    later = await _functions(db, namespace)
+    await make().new_channel()
+    assert await _functions(db, namespace) == later
+
+
+async def test_layers_starting_together_on_an_outdated_schema_all_start(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # Concurrent CREATE OR REPLACE FUNCTION of one function fails with "tuple
+    # concurrently updated": the layers replacing them take turns.
+    await make(history=HISTORY).new_channel()
+    made = await _functions(db, namespace)
+    for _ in range(5):
+        await _outdate_functions(db, namespace, None)
+        starters = [make() for _ in range(8)]
+        channels = await asyncio.gather(*(layer.new_channel() for layer in starters))
+        assert len(set(channels)) == 8
+        assert await _functions(db, namespace) == made
+        await asyncio.gather(*(layer.close() for layer in starters))
+
+
+async def test_outdated_functions_a_layer_cannot_replace_are_used_with_a_warning(
+    make: Factory,
+    db: asyncpg.Connection,
+    namespace: str,
+    postgresql_server: PostgresServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A role that does not own the functions (or a layer with ensure_schema=False)
+    # starts with them as before, and says what to do.
+    admin = make()
+    await admin.new_channel()
+    await _outdate_functions(db, namespace, None)
+    outdated = await _functions(db, namespace)
+    role = await _limited_role(db, namespace)
+    dsn = postgresql_server.dsn.replace("postgres@", f"{role}@")
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets"):
+        for layer in (make(dsn=dsn), make(ensure_schema=False)):
+            await layer.send("limited.q", {"type": "x"})
+            assert (await layer.receive("limited.q", timeout=10))["type"] == "x"
+    warnings = [r.getMessage() for r in caplog.records if "earlier version" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "may not replace them" in warnings[0]
+    assert "ensure_schema=False" in warnings[1]
+    assert await _functions(db, namespace) == outdated
+
+
+def test_a_change_to_the_functions_bumps_their_version() -> None:
+    # Layers replace a schema's functions only when their version is higher: a
+    # change to the DDL without a new FUNCTIONS_VERSION would never reach a schema.
+    digest = postgresql._Sql("fastapi_websockets").digest
+    assert (postgresql.FUNCTIONS_VERSION, digest) == (
+        1,
+        "0f56303b687ffe6a10630d7a599b675eb4bd1361c0330dcf584cc71fedacb5c5",
+    ), "the DDL changed: bump FUNCTIONS_VERSION and put the new version and digest here"
+
+
 async def test_concurrent_history_group_sends_share_one_statement(
     make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
@@ -1246,16 +1362,22 @@ async def test_named_receives_that_time_out_lose_nothing_and_keep_order(make: Fa
     assert got == list(range(100))
 
 
-async def test_a_role_without_create_rights_uses_existing_tables(
-    make: Factory, db: asyncpg.Connection, namespace: str, postgresql_server: PostgresServer
-) -> None:
-    admin = make()
-    await admin.new_channel()  # creates schema and tables
+async def _limited_role(db: asyncpg.Connection, namespace: str) -> str:
+    """A new login role that may use the schema's tables but create nothing."""
     role = "r" + uuid.uuid4().hex[:10]
     await db.execute(f"CREATE ROLE {role} LOGIN")
     await db.execute(f'GRANT USAGE ON SCHEMA "{namespace}" TO {role}')
     await db.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{namespace}" TO {role}')
     await db.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{namespace}" TO {role}')
+    return role
+
+
+async def test_a_role_without_create_rights_uses_existing_tables(
+    make: Factory, db: asyncpg.Connection, namespace: str, postgresql_server: PostgresServer
+) -> None:
+    admin = make()
+    await admin.new_channel()  # creates schema and tables
+    role = await _limited_role(db, namespace)
     limited = make(dsn=postgresql_server.dsn.replace("postgres@", f"{role}@"))
     await limited.send("limited.q", {"type": "x"})
     await limited.group_add("g", "limited.q")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import random
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -1097,6 +1098,40 @@ async def test_named_capacity_holds_for_group_sends_from_two_layers(
         stored = await _stored(db, namespace, channel)
         outcomes.append(stored)
     assert outcomes == [capacity] * rounds, f"stored per round: {outcomes}"
+
+
+async def test_group_statements_with_overlapping_named_members_never_deadlock(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # A group statement holds its named members' capacity locks to its commit. Two
+    # statements taking two shared locks in opposite orders would wait for each other
+    # until PostgreSQL broke the cycle with a "deadlock detected" error. A layer's
+    # group_sends in flight together share one statement, in call order, so here each
+    # layer's statements list three groups (each with two of three named members) in
+    # an order of its own, while sends to the members take their locks one at a time.
+    # Each member gets 14 messages at capacity 13: full members skip or refuse exactly.
+    capacity, rounds = 13, 30
+    first, second = await _two_processes(make, capacity)
+    shuffle = random.Random(0).shuffle
+    for attempt in range(rounds):
+        a, b, c = (f"named.{name}{attempt}" for name in "abc")
+        groups = {f"g1-{attempt}": [a, b], f"g2-{attempt}": [b, c], f"g3-{attempt}": [c, a]}
+        for members in groups.values():
+            shuffle(members)
+        orders = {first: list(groups) * 3, second: list(groups) * 3}
+        for layer, order in orders.items():
+            shuffle(order)
+            for group in dict.fromkeys(order):  # each layer adds the members in an order of its own
+                for member in groups[group][:: 1 if layer is first else -1]:
+                    await layer.group_add(group, member)
+        results = await asyncio.gather(
+            *(layer.group_send(group, {"type": "g"}) for layer, order in orders.items() for group in order),
+            *(layer.send(member, {"type": "x"}) for layer in (first, second) for member in (a, b, c)),
+            return_exceptions=True,
+        )
+        assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
+        stored = [await _stored(db, namespace, member) for member in (a, b, c)]
+        assert stored == [capacity] * 3, f"round {attempt}: stored {stored}"
 
 
 @pytest.mark.parametrize("function", ["send_named", "send_named_members"])

@@ -158,11 +158,12 @@ def lock_key(schema: str, purpose: str) -> int:
 
 
 #: The version of the SQL functions this backend makes. Bump it with any change to
-#: their DDL (a test pins it to a digest of the DDL): a layer with ``ensure_schema``
+#: their definitions (a test pins it to a digest of them): a layer with ``ensure_schema``
 #: that finds functions of a lower version (or none, made before versions were
 #: marked) replaces them all, and one finding a higher version leaves them, so an
 #: older process restarting during a rolling upgrade does not bring old ones back.
 FUNCTIONS_VERSION = 1
+_FUNCTION_RE = re.compile(r"CREATE OR REPLACE FUNCTION .*?\$fn\$.*?\$fn\$", re.DOTALL)
 
 
 # The first half of the advisory-lock key a named channel's senders take turns on
@@ -517,8 +518,10 @@ WHERE n.nspname = $1 AND p.proname = ANY($2::text[])
         self.create_history = _history_ddl(s)
         # The mark of this version on the functions it made (see _create_schema).
         self.mark = f"fastapi_websockets functions {FUNCTIONS_VERSION}"
-        #: A digest of the DDL, which a test pins to FUNCTIONS_VERSION.
-        self.digest = hashlib.sha256((self.create + self.create_history).encode()).hexdigest()
+        #: A digest of the functions' definitions (not the comments between them), which
+        #: a test pins to FUNCTIONS_VERSION.
+        functions = _FUNCTION_RE.findall(self.create + self.create_history)
+        self.digest = hashlib.sha256("".join(functions).encode()).hexdigest()
         self.presence_tables = ["presence_owner", "presence"]
         # UNLOGGED: no WAL for joins and beats. A crash of the server empties these
         # tables, and every live process's next heartbeat puts its entries back.

@@ -245,7 +245,11 @@ $fn$;
 -- (several processes, or several pooled connections) all pass the count, since
 -- each saw only rows committed before it began. Senders to one queue take turns on
 -- a transaction-scoped advisory lock instead, and the count, a statement of its own
--- after the lock, sees what the previous holder committed.
+-- after the lock, sees what the previous holder committed. Its count and insert repeat
+-- send_named_members' loop body on purpose: a send() through send_named_members took
+-- 1.27-1.31x the server time of this function, and one through a count-and-insert
+-- function both call 1.03-1.04x (a DO loop of 200 calls, 30 blocks interleaved, three
+-- runs each, 2026-12-01), for eight lines kept alike by hand.
 CREATE OR REPLACE FUNCTION {s}.send_named(
     p_queue text, p_secs float8, p_data bytea, p_capacity integer, p_notify text
 )

@@ -1176,10 +1176,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     async def _create_tables(
         self, names: list[str], ddl: Callable[[bool], list[str]], functions: Sequence[str] = ()
     ) -> bool:
-        """Create the tables ``names`` unless they exist and ``functions`` carry this version's mark.
+        """Run ``ddl`` unless the tables ``names`` exist and ``functions`` are of this version or later.
 
         ``ddl`` gives the statements, told whether the schema has history; the
-        functions among ``functions`` are then marked. Returns whether it ran them.
+        schema's functions named in ``functions`` are then marked with this version.
+        Returns whether it ran them.
         """
         # DDL runs only when something is missing or outdated, so a role without
         # CREATE rights can use tables an administrator made. Concurrent CREATE ...

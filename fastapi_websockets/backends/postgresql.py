@@ -157,6 +157,15 @@ def lock_key(schema: str, purpose: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+#: The version of the SQL functions this backend makes. Bump it with any change to
+#: their definitions (a test pins it to a digest of them): a layer with ``ensure_schema``
+#: that finds functions of a lower version (or none, made before versions were
+#: marked) replaces them all, and one finding a higher version leaves them, so an
+#: older process restarting during a rolling upgrade does not bring old ones back.
+FUNCTIONS_VERSION = 1
+_FUNCTION_RE = re.compile(r"CREATE OR REPLACE FUNCTION .*?\$fn\$.*?\$fn\$", re.DOTALL)
+
+
 # The first half of the advisory-lock key a named channel's senders take turns on
 # (the second: hashtext of the channel), in send_named and send_named_members.
 _NAMED_LOCK = "hashtext('fastapi_websockets/send_named')"
@@ -236,7 +245,11 @@ $fn$;
 -- (several processes, or several pooled connections) all pass the count, since
 -- each saw only rows committed before it began. Senders to one queue take turns on
 -- a transaction-scoped advisory lock instead, and the count, a statement of its own
--- after the lock, sees what the previous holder committed.
+-- after the lock, sees what the previous holder committed. Its count and insert repeat
+-- send_named_members' loop body on purpose: a send() through send_named_members took
+-- 1.27-1.31x the server time of this function, and one through a count-and-insert
+-- function both call 1.03-1.04x (a DO loop of 200 calls, 30 blocks interleaved, three
+-- runs each, 2026-12-01), for eight lines kept alike by hand.
 CREATE OR REPLACE FUNCTION {s}.send_named(
     p_queue text, p_secs float8, p_data bytea, p_capacity integer, p_notify text
 )
@@ -470,19 +483,49 @@ SELECT (SELECT count(*) FROM streams) AS streams, (SELECT count(*) FROM entries)
         # tables and so make this one run DDL against tables already in use. The
         # names may also be functions: a schema made by an earlier version that
         # lacks one is then made up to date like a missing table.
-        self.tables_exist = """
-SELECT (
+        complete = """(
     SELECT count(*) FROM pg_catalog.pg_class AS c
     WHERE c.relnamespace = n.oid AND c.relname = ANY($2::text[])
 ) + (
     SELECT count(DISTINCT p.proname) FROM pg_catalog.pg_proc AS p
     WHERE p.pronamespace = n.oid AND p.proname = ANY($2::text[])
-) = cardinality($2::text[])
+) = cardinality($2::text[])"""
+        self.tables_exist = f"SELECT {complete}\nFROM pg_catalog.pg_namespace AS n WHERE n.nspname = $1"
+        # What a starting layer needs to know (no row: no schema): whether the names
+        # exist, whether every function of ours in the schema ($3) is as recent as
+        # this version's ($4: a function without a mark, made before marks, is older),
+        # and whether the schema has history (whose functions a layer without the
+        # option then brings up to date too).
+        self.schema_state = f"""
+SELECT {complete} AS complete,
+    NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_proc AS p
+        WHERE p.pronamespace = n.oid AND p.proname = ANY($3::text[]) AND coalesce(substring(
+            pg_catalog.obj_description(p.oid, 'pg_proc') FROM '^fastapi_websockets functions ([0-9]{{1,9}})$'
+        )::integer, 0) < $4
+    ) AS current,
+    EXISTS (
+        SELECT 1 FROM pg_catalog.pg_class AS c WHERE c.relnamespace = n.oid AND c.relname = 'history_stream'
+    ) AS history
 FROM pg_catalog.pg_namespace AS n WHERE n.nspname = $1
 """
         self.tables = ["message", "group_member", "group_owner", "send_named", "send_named_members"]
+        self.functions = ["group_leave", "send_named", "send_named_members"]
+        self.functions += ["history_append", "history_send", "history_read"]
+        # Every function of ours, as a signature COMMENT ON FUNCTION takes.
+        self.signatures = """
+SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc AS p
+JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
+WHERE n.nspname = $1 AND p.proname = ANY($2::text[])
+"""
         self.history_tables = ["history_stream", "history_entry"]
         self.create_history = _history_ddl(s)
+        # The mark of this version on the functions it made (see _create_schema).
+        self.mark = f"fastapi_websockets functions {FUNCTIONS_VERSION}"
+        #: A digest of the functions' definitions (not the comments between them), which
+        #: a test pins to FUNCTIONS_VERSION.
+        functions = _FUNCTION_RE.findall(self.create + self.create_history)
+        self.digest = hashlib.sha256("".join(functions).encode()).hexdigest()
         self.presence_tables = ["presence_owner", "presence"]
         # UNLOGGED: no WAL for joins and beats. A crash of the server empties these
         # tables, and every live process's next heartbeat puts its entries back.
@@ -1012,6 +1055,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._aborted: tuple[type[BaseException], ...] = ()
         self._reader_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
         self._no_table: tuple[type[BaseException], ...] = ()
+        self._no_rights: tuple[type[BaseException], ...] = ()
         self._tables_gone: tuple[type[BaseException], ...] = ()
         #: Held while tables found gone are created again (see _restore_tables).
         self._restoring = asyncio.Lock()
@@ -1063,6 +1107,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._misuse = (asyncpg.exceptions.ClientConfigurationError, asyncpg.exceptions.DataError)
         # What a background reader survives (logged, then retried once reconnected).
         self._reader_errors = (BackendUnavailable, asyncpg.PostgresError)
+        # A role that may not replace functions another role made (see _create_tables).
+        self._no_rights = (asyncpg.InsufficientPrivilegeError,)
         # Presence reads before any layer of the schema made the presence tables.
         self._no_table = (asyncpg.UndefinedTableError,)
         # What a statement meets once the layer's schema or tables were dropped under it.
@@ -1111,34 +1157,83 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self.tasks.keep_running(self._prune_forever, "prune")
 
     async def _create_schema(self) -> bool:
-        ddl = [self._sql.create] + ([self._sql.create_history] if self.history else [])
-        return await self._create_tables(self._tables(), ddl)
+        """Create the schema's tables and functions when missing, or bring its functions up to date.
 
-    async def _create_tables(self, names: list[str], ddl: list[str]) -> bool:
-        """Create the tables ``names`` with ``ddl`` unless they exist; return whether it did."""
-        # DDL runs only when something is missing, so a role without CREATE
-        # rights can use tables an administrator made. Concurrent CREATE ... IF
-        # NOT EXISTS can still collide in the catalogs: the advisory lock makes
-        # processes starting together take turns.
-        query = self._sql.tables_exist
+        Functions made by an earlier version (a lower :data:`FUNCTIONS_VERSION` in
+        their mark, or none) are all replaced, history ones too where the schema has
+        history, so the first layer with ``ensure_schema`` to start after an upgrade
+        puts this version's SQL in place for every process, whatever its options. A
+        layer whose role may not replace them (another role owns them) logs a warning
+        and starts with them.
+        """
+        sql = self._sql
+
+        def ddl(history: bool) -> list[str]:
+            return [sql.create] + ([sql.create_history] if self.history or history else [])
+
+        return await self._create_tables(self._tables(), ddl, sql.functions)
+
+    async def _create_tables(
+        self, names: list[str], ddl: Callable[[bool], list[str]], functions: Sequence[str] = ()
+    ) -> bool:
+        """Run ``ddl`` unless the tables ``names`` exist and ``functions`` are of this version or later.
+
+        ``ddl`` gives the statements, told whether the schema has history; the
+        schema's functions named in ``functions`` are then marked with this version.
+        Returns whether it ran them.
+        """
+        # DDL runs only when something is missing or outdated, so a role without
+        # CREATE rights can use tables an administrator made. Concurrent CREATE ...
+        # IF NOT EXISTS (and CREATE OR REPLACE FUNCTION, "tuple concurrently
+        # updated") can still collide in the catalogs: the advisory lock makes
+        # processes starting together take turns, and each checks again under it.
+        sql, schema = self._sql, self.schema
 
         async def create(conn: _Conn) -> bool:
-            if await conn.fetchval(query, self.schema, names):
+            complete, current, _ = await self._schema_state(conn, names, functions)
+            if complete and current:
                 return False
-            async with conn.transaction():
-                # Whatever the layer's synchronous_commit: losing a few messages to a crash
-                # is the documented trade, losing the tables would fail every layer after it.
-                await conn.execute("SET LOCAL synchronous_commit TO on")
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema, "schema"))
-                if await conn.fetchval(query, self.schema, names):
-                    return False
-                if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", _quote_ident(self.schema)):
-                    await conn.execute(self._sql.create_schema)
-                for statements in ddl:
-                    await conn.execute(statements)
+            try:
+                async with conn.transaction():
+                    # Whatever the layer's synchronous_commit: losing a few messages to a crash
+                    # is the documented trade, losing the tables would fail every layer after it.
+                    await conn.execute("SET LOCAL synchronous_commit TO on")
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(schema, "schema"))
+                    complete, current, history = await self._schema_state(conn, names, functions)
+                    if complete and current:
+                        return False
+                    if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", _quote_ident(schema)):
+                        await conn.execute(sql.create_schema)
+                    for statements in ddl(history):
+                        await conn.execute(statements)
+                    for (signature,) in await conn.fetch(sql.signatures, schema, list(functions)):
+                        await conn.execute(f"COMMENT ON FUNCTION {signature} IS '{sql.mark}'")
+            except self._no_rights as exc:
+                if not complete:
+                    raise
+                self._warn_outdated(f"this layer's role may not replace them ({self.redact(str(exc))})")
+                return False
             return True
 
         return await self._with_conn(create, retry=True)
+
+    async def _schema_state(
+        self, conn: _Conn, names: list[str], functions: Sequence[str]
+    ) -> tuple[bool, bool, bool]:
+        """Whether ``names`` exist, ``functions`` are of this version or later, and the schema has history."""
+        sql = self._sql
+        row = await conn.fetchrow(sql.schema_state, self.schema, names, list(functions), FUNCTIONS_VERSION)
+        return (False, True, False) if row is None else (row["complete"], row["current"], row["history"])
+
+    def _warn_outdated(self, why: str) -> None:
+        logger.warning(
+            "the functions of schema %r at %s were made by an earlier version of fastapi_websockets and "
+            "%s; start a layer of this version with ensure_schema=True (the default) as their owner "
+            "to bring them up to date",
+            self.schema,
+            self.where,
+            why,
+        )
 
     async def _restore_tables(self, exc: BaseException) -> None:
         """Create again the tables a statement found gone, or raise what to do about it.
@@ -1162,7 +1257,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             created = await self._create_schema()
             if self._presence_ready:
                 names = self._sql.presence_tables
-                created = await self._create_tables(names, [self._sql.create_presence]) or created
+                created = await self._create_tables(names, lambda _: [self._sql.create_presence]) or created
         if created:
             logger.warning(
                 "the tables of schema %r were gone from %s (%s); created them again: the group "
@@ -1177,9 +1272,13 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         return self._sql.tables + (self._sql.history_tables if self.history else [])
 
     async def _check_schema(self) -> None:
-        query, names = self._sql.tables_exist, self._tables()
-        exists = await self._with_conn(lambda conn: conn.fetchval(query, self.schema, names), retry=True)
-        if not exists:
+        names, functions = self._tables(), self._sql.functions
+        complete, current, _ = await self._with_conn(
+            lambda conn: self._schema_state(conn, names, functions), retry=True
+        )
+        if complete and not current:
+            self._warn_outdated("this layer has ensure_schema=False")
+        if not complete:
             raise ChannelLayerError(
                 f"the tables of schema {self.schema!r} do not exist in the database at {self.where}; "
                 "start one layer with ensure_schema=True (the default) to create them"
@@ -2184,7 +2283,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 return
             names = self._sql.presence_tables
             if self.ensure_schema:
-                await self._create_tables(names, [self._sql.create_presence])
+                await self._create_tables(names, lambda _: [self._sql.create_presence])
             elif not await self._with_conn(
                 lambda conn: conn.fetchval(self._sql.tables_exist, self.schema, names), retry=True
             ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import random
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -1099,6 +1100,40 @@ async def test_named_capacity_holds_for_group_sends_from_two_layers(
     assert outcomes == [capacity] * rounds, f"stored per round: {outcomes}"
 
 
+async def test_group_statements_with_overlapping_named_members_never_deadlock(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # A group statement holds its named members' capacity locks to its commit. Two
+    # statements taking two shared locks in opposite orders would wait for each other
+    # until PostgreSQL broke the cycle with a "deadlock detected" error. A layer's
+    # group_sends in flight together share one statement, in call order, so here each
+    # layer's statements list three groups (each with two of three named members) in
+    # an order of its own, while sends to the members take their locks one at a time.
+    # Each member gets 14 messages at capacity 13: full members skip or refuse exactly.
+    capacity, rounds = 13, 30
+    first, second = await _two_processes(make, capacity)
+    shuffle = random.Random(0).shuffle
+    for attempt in range(rounds):
+        a, b, c = (f"named.{name}{attempt}" for name in "abc")
+        groups = {f"g1-{attempt}": [a, b], f"g2-{attempt}": [b, c], f"g3-{attempt}": [c, a]}
+        for members in groups.values():
+            shuffle(members)
+        orders = {first: list(groups) * 3, second: list(groups) * 3}
+        for layer, order in orders.items():
+            shuffle(order)
+            for group in dict.fromkeys(order):  # each layer adds the members in an order of its own
+                for member in groups[group][:: 1 if layer is first else -1]:
+                    await layer.group_add(group, member)
+        results = await asyncio.gather(
+            *(layer.group_send(group, {"type": "g"}) for layer, order in orders.items() for group in order),
+            *(layer.send(member, {"type": "x"}) for layer in (first, second) for member in (a, b, c)),
+            return_exceptions=True,
+        )
+        assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
+        stored = [await _stored(db, namespace, member) for member in (a, b, c)]
+        assert stored == [capacity] * 3, f"round {attempt}: stored {stored}"
+
+
 @pytest.mark.parametrize("function", ["send_named", "send_named_members"])
 async def test_a_schema_without_the_send_named_function_gets_it(
     make: Factory, db: asyncpg.Connection, namespace: str, function: str
@@ -1123,6 +1158,123 @@ async def test_a_schema_without_the_send_named_function_gets_it(
     await send(running, "named.b")
     got = [await running.receive(name, timeout=10) for name in ("named.a", "named.b")]
     assert [message["type"] for message in got] == ["x", "x"]
+
+
+# Every function of ours in a schema, with its body and mark.
+_FUNCTIONS = """
+SELECT p.oid::regprocedure::text AS signature, p.proname, p.prosrc,
+    obj_description(p.oid, 'pg_proc') AS mark, pg_get_functiondef(p.oid) AS ddl
+FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+WHERE n.nspname = $1 ORDER BY p.proname
+"""
+
+
+async def _functions(db: asyncpg.Connection, namespace: str) -> dict[str, tuple[str, str | None]]:
+    """Each function of the schema by name: its body and its mark."""
+    return {row["proname"]: (row["prosrc"], row["mark"]) for row in await db.fetch(_FUNCTIONS, namespace)}
+
+
+async def _outdate_functions(db: asyncpg.Connection, namespace: str, mark: str | None) -> None:
+    """Make every function of the schema look like an earlier version's: other bodies, ``mark``.
+
+    The named-capacity locks are taken out (what earlier versions lacked), and every
+    body gets a line of its own, so each function differs from this version's.
+    """
+    for row in await db.fetch(_FUNCTIONS, namespace):
+        lines = [line for line in row["ddl"].splitlines() if "pg_advisory_xact_lock" not in line]
+        ddl = "\n".join(lines).replace("AS $function$", "AS $function$\n-- made by an earlier version", 1)
+        await db.execute(ddl)
+        await db.execute(
+            f"COMMENT ON FUNCTION {row['signature']} IS {'NULL' if mark is None else repr(mark)}"
+        )
+
+
+_EARLIER_MARKS = [None, f"fastapi_websockets functions {postgresql.FUNCTIONS_VERSION - 1}"]
+
+
+@pytest.mark.parametrize("mark", _EARLIER_MARKS, ids=["unmarked", "lower"])
+async def test_functions_of_an_earlier_version_are_replaced_by_a_layer_without_history(
+    make: Factory, db: asyncpg.Connection, namespace: str, mark: str | None
+) -> None:
+    # A schema's functions (history ones included) made by an earlier version are
+    # replaced by the first layer with ensure_schema to start, whatever its options:
+    # they used to stay until a layer with history found one missing.
+    await make(history=HISTORY).group_send("room:x", {"type": "m"})
+    made = await _functions(db, namespace)
+    assert set(made) == {*postgresql._Sql(namespace).functions}
+    assert {current for _, current in made.values()} == {
+        f"fastapi_websockets functions {postgresql.FUNCTIONS_VERSION}"
+    }
+    await _outdate_functions(db, namespace, mark)
+    assert all(body != made[name][0] for name, (body, _) in (await _functions(db, namespace)).items())
+    await make().new_channel()
+    assert await _functions(db, namespace) == made
+
+
+async def test_functions_of_a_later_version_are_left_alone(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # An older process restarting during a rolling upgrade does not bring back its functions.
+    await make().new_channel()
+    await _outdate_functions(
+        db, namespace, f"fastapi_websockets functions {postgresql.FUNCTIONS_VERSION + 1}"
+    )
+    later = await _functions(db, namespace)
+    await make().new_channel()
+    assert await _functions(db, namespace) == later
+
+
+async def test_layers_starting_together_on_an_outdated_schema_all_start(
+    make: Factory, db: asyncpg.Connection, namespace: str
+) -> None:
+    # Concurrent CREATE OR REPLACE FUNCTION of one function fails with "tuple
+    # concurrently updated": the layers replacing them take turns.
+    await make(history=HISTORY).new_channel()
+    made = await _functions(db, namespace)
+    for _ in range(5):
+        await _outdate_functions(db, namespace, None)
+        starters = [make() for _ in range(8)]
+        channels = await asyncio.gather(*(layer.new_channel() for layer in starters))
+        assert len(set(channels)) == 8
+        assert await _functions(db, namespace) == made
+        await asyncio.gather(*(layer.close() for layer in starters))
+
+
+async def test_outdated_functions_a_layer_cannot_replace_are_used_with_a_warning(
+    make: Factory,
+    db: asyncpg.Connection,
+    namespace: str,
+    postgresql_server: PostgresServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A role that does not own the functions (or a layer with ensure_schema=False)
+    # starts with them as before, and says what to do.
+    admin = make()
+    await admin.new_channel()
+    await _outdate_functions(db, namespace, None)
+    outdated = await _functions(db, namespace)
+    role = await _limited_role(db, namespace)
+    dsn = postgresql_server.dsn.replace("postgres@", f"{role}@")
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets"):
+        for layer in (make(dsn=dsn), make(ensure_schema=False)):
+            await layer.send("limited.q", {"type": "x"})
+            assert (await layer.receive("limited.q", timeout=10))["type"] == "x"
+    warnings = [r.getMessage() for r in caplog.records if "earlier version" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "may not replace them" in warnings[0]
+    assert "ensure_schema=False" in warnings[1]
+    assert await _functions(db, namespace) == outdated
+
+
+def test_a_change_to_the_functions_bumps_their_version() -> None:
+    # Layers replace a schema's functions only when their version is higher: a
+    # change to a function without a new FUNCTIONS_VERSION would never reach a schema.
+    sql = postgresql._Sql("fastapi_websockets")
+    assert len(postgresql._FUNCTION_RE.findall(sql.create + sql.create_history)) == len(sql.functions)
+    assert (postgresql.FUNCTIONS_VERSION, sql.digest) == (
+        1,
+        "7e65348d2a1afc95cb6ce7a6d2146defcd2291e4a026c35168bac6da5e59f637",
+    ), "a function changed: bump FUNCTIONS_VERSION and put the new version and digest here"
 
 
 async def test_concurrent_history_group_sends_share_one_statement(
@@ -1246,16 +1398,22 @@ async def test_named_receives_that_time_out_lose_nothing_and_keep_order(make: Fa
     assert got == list(range(100))
 
 
-async def test_a_role_without_create_rights_uses_existing_tables(
-    make: Factory, db: asyncpg.Connection, namespace: str, postgresql_server: PostgresServer
-) -> None:
-    admin = make()
-    await admin.new_channel()  # creates schema and tables
+async def _limited_role(db: asyncpg.Connection, namespace: str) -> str:
+    """A new login role that may use the schema's tables but create nothing."""
     role = "r" + uuid.uuid4().hex[:10]
     await db.execute(f"CREATE ROLE {role} LOGIN")
     await db.execute(f'GRANT USAGE ON SCHEMA "{namespace}" TO {role}')
     await db.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{namespace}" TO {role}')
     await db.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{namespace}" TO {role}')
+    return role
+
+
+async def test_a_role_without_create_rights_uses_existing_tables(
+    make: Factory, db: asyncpg.Connection, namespace: str, postgresql_server: PostgresServer
+) -> None:
+    admin = make()
+    await admin.new_channel()  # creates schema and tables
+    role = await _limited_role(db, namespace)
     limited = make(dsn=postgresql_server.dsn.replace("postgres@", f"{role}@"))
     await limited.send("limited.q", {"type": "x"})
     await limited.group_add("g", "limited.q")

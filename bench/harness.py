@@ -354,11 +354,22 @@ async def p2p2(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]
             assert child.stdout is not None
             reports = child.stdin
             reports.write(f"{channel}\n".encode())
+            pending: list[bytes] = []
+
+            def flush() -> None:
+                reports.write(b"".join(pending))
+                pending.clear()
 
             async def report_all() -> None:
                 while True:
                     message = await receiver.receive(channel)
-                    reports.write(f"{message['id']} {time.perf_counter()!r}\n".encode())
+                    if not pending:
+                        # The arrivals of one pass of this loop go in one write: with a write each,
+                        # the sender woke on the first of a batch (on the other core) and sent
+                        # its reply before the rest arrived, splitting the closed loop's batches
+                        # in a way that one process (p2p) never does.
+                        asyncio.get_running_loop().call_soon(flush)
+                    pending.append(f"{message['id']} {time.perf_counter()!r}\n".encode())
 
             reporter = asyncio.create_task(report_all())
             try:

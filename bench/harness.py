@@ -135,6 +135,16 @@ def own_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sleeps(pid: int) -> int:
+    """How many times the main thread of ``pid`` has gone to sleep (its voluntary context switches).
+
+    An event loop sleeps in its selector when it has nothing to run, so this counts the
+    times it was woken again: one loop pass that found work after waiting for it.
+    """
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:", 1)[1].split()[0])
+
+
 def process_tree(pids: list[int], stats: dict[int, list[str]] | None = None) -> set[int]:
     """``pids`` and all their descendants."""
     stats = _process_stats() if stats is None else stats
@@ -269,7 +279,8 @@ async def p2p_loops(
     the broker's processes (``_broker_cpu_us``), all read outside the timed loop;
     where ``reads`` counts p2p2's reads of arrival reports, ``_reads_per_msg``: 1.0
     when every arrival woke the sending process on its own, 1/16 when a closed loop
-    of 16 sees all of its arrivals at once, as one process does.
+    of 16 sees all of its arrivals at once, as one process does. ``_wakes_per_msg``
+    (and ``_peer_wakes_per_msg``): how often each process's loop slept and was woken.
     """
     figures: dict[str, Any] = {}
     pids = server.get("pids", [])
@@ -277,15 +288,18 @@ async def p2p_loops(
         sent = len(waiting)
         cpu, peer_cpu, broker_cpu = time.process_time(), own_cpu(peer) if peer else 0.0, process_cpu(pids)
         read = reads() if reads else 0
+        slept, peer_slept = sleeps(os.getpid()), sleeps(peer) if peer else 0
         loop = await closed_loop(send, waiting, senders, sizes)
         per_message = 1e6 / max(1, len(waiting) - sent)
         name = f"p2p{senders}"
+        figures[f"{name}_wakes_per_msg"] = (sleeps(os.getpid()) - slept) * per_message / 1e6
         if reads:
             figures[f"{name}_reads_per_msg"] = (reads() - read) * per_message / 1e6
         figures[f"{name}_rate"], figures[f"{name}_p50"] = loop["rate"], loop["p50"]
         figures[f"{name}_cpu_us"] = (time.process_time() - cpu) * per_message
         if peer:
             figures[f"{name}_peer_cpu_us"] = (own_cpu(peer) - peer_cpu) * per_message
+            figures[f"{name}_peer_wakes_per_msg"] = (sleeps(peer) - peer_slept) * per_message / 1e6
         if pids:
             figures[f"{name}_broker_cpu_us"] = (process_cpu(pids) - broker_cpu) * per_message
     return figures
@@ -895,7 +909,12 @@ def p2p_note(result: dict[str, Any]) -> str:
             )
             if key in result
         ]
-        shown.append(f"{name} CPU us/msg {', '.join(cpus)}")
+        wakes = [
+            f"{who} {result[key]:.2f}"
+            for who, key in ((own, f"{name}_wakes_per_msg"), ("receiver", f"{name}_peer_wakes_per_msg"))
+            if key in result
+        ]
+        shown.append(f"{name} CPU us/msg {', '.join(cpus)}, wakes/msg {', '.join(wakes)}")
     if "report_hop_p50" in result:
         shown.append(f"report hop p50 {result['report_hop_p50'] * 1e6:.0f} us")
         shown += [f"{name} reads/msg {result[f'{name}_reads_per_msg']:.2f}" for name in ("p2p1", "p2p16")]

@@ -22,12 +22,15 @@ The figures, identical for every row:
   second process, a child of the worker (``p2p_part``), as issue 15's check runs
   them. The receiving worker writes each message's id and the ``perf_counter``
   time it arrived (CLOCK_MONOTONIC, one clock for both processes) to the child's
-  stdin; the child's next send waits for that line. So every message crosses the
-  broker once, as in p2p, and the latency is the same send-to-receive one; the
-  closed loop pays one pipe hop more per message than p2p's, the same for every
-  row. Its cost is printed per job in the notes (``report hop``: the pipe line's
-  arrival in the child after the message's in the worker, median), beside each
-  process's CPU per message and the broker's, also printed for p2p.
+  stdin, the arrivals of one pass of its loop in one write; the child's next send
+  waits for that line. So every message crosses the broker once, as in p2p, and
+  the latency is the same send-to-receive one; the closed loop pays one pipe hop
+  more per message than p2p's, the same for every row. Its cost is printed per
+  job in the notes (``report hop``: the pipe line's arrival in the child after
+  the message's in the worker, median; ``reads/msg``: 1/16 when a loop of 16 sees
+  all of a round's arrivals in one read), beside each process's CPU and wake-ups
+  per message and the broker's CPU, also printed for p2p. ``bench/pipe_hop.py``
+  measures the pipe alone.
 * **fan-out**: one ``group_send`` from a second instance to R receivers waiting
   in the first; deliveries/s = R / the median round, a round lasting from the
   ``group_send`` call to the last delivery. ``vs mem`` compares like with like:
@@ -379,9 +382,9 @@ async def p2p2(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]
                     message = await receiver.receive(channel)
                     if not pending:
                         # The arrivals of one pass of this loop go in one write: with a write each,
-                        # the sender woke on the first of a batch (on the other core) and sent
-                        # its reply before the rest arrived, splitting the closed loop's batches
-                        # in a way that one process (p2p) never does.
+                        # the sending process often woke on the first arrivals of a round and sent
+                        # before the rest came (RabbitMQ at 16 senders: 8-15 reads per 100
+                        # messages, not 6), splitting its batches where one process (p2p) does not.
                         asyncio.get_running_loop().call_soon(flush)
                     pending.append(f"{message['id']} {time.perf_counter()!r}\n".encode())
 

@@ -83,7 +83,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 BROKERS = ("inmemory", "redis", "postgresql", "nats", "rabbitmq")
 SCENARIOS = ("p2p", "p2p2", "fanout", "fanout2", "idle")
-#: Scenarios whose rates ``--versus`` divides, and which need a layer instance shared across processes.
+#: The p2p scenarios, in one process and in two: ``--versus`` divides their rates.
 P2P = ("p2p", "p2p2")
 #: Where each kind of implementation runs; the peers' virtualenvs come from bench/setup-peers.
 PYTHONS = {
@@ -896,7 +896,7 @@ def no_server() -> Iterator[Server]:
 
 
 def p2p_note(result: dict[str, Any]) -> str:
-    """One p2p job's CPU per message (this process, the other one of p2p2, the broker) and its pipe hop."""
+    """One p2p job's CPU and wake-ups per message per process (and the broker's CPU), and p2p2's pipe."""
     if "error" in result:
         return str(result["error"])
     shown = []

@@ -160,5 +160,5 @@ def raw_aio_pika(server: Server, namespace: str) -> Any:
 IMPLS = [
     Impl("rabbitmq", "ours", ours),
     Impl("rabbitmq 0.1.0", "0.1.0", ours),
-    Impl("raw aio-pika confirms", "ours", raw_aio_pika, scenarios=frozenset({"p2p"})),
+    Impl("raw aio-pika confirms", "ours", raw_aio_pika, scenarios=frozenset({"p2p", "p2p2"})),
 ]

@@ -134,5 +134,5 @@ IMPLS = [
     Impl("channels_redis core", "channels", channels_core, close=lambda layer: layer.close_pools()),
     Impl("channels_redis pubsub", "channels", channels_pubsub, close=lambda layer: layer.flush()),
     Impl("redis 0.1.0", "0.1.0", ours()),
-    Impl("raw redis-py pipelined", "ours", raw_pipelined, scenarios=frozenset({"p2p"})),
+    Impl("raw redis-py pipelined", "ours", raw_pipelined, scenarios=frozenset({"p2p", "p2p2"})),
 ]

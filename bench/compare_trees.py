@@ -31,6 +31,8 @@ sys.path.insert(0, str(BENCH.parent))  # tests.servers, to start the broker
 
 FIGURES = {
     "p2p": ("p2p1_rate", "p2p1_p50", "p2p16_rate", "p2p16_p50"),
+    # p2p with the sender in a child process; report_hop_p50 is the pipe that tells it of arrivals.
+    "p2p2": ("p2p1_rate", "p2p1_p50", "p2p16_rate", "p2p16_p50", "report_hop_p50", "p2p16_reads_per_msg"),
     # ratio: the row's rate over the in-memory room's that took turns with it in the same worker.
     "fanout": ("rate", "p50_round", "ratio", "memory_round_ms"),
     "fanout2": ("rate", "p50_round", "ratio", "memory_round_ms"),
@@ -43,7 +45,7 @@ def shown(key: str, value: float) -> str:
         return f"{value * 1000:.2f} ms"
     if key.endswith("_ms"):
         return f"{value:.2f} ms"
-    return f"{value:.2f}" if key.endswith("ratio") else f"{value:,.0f}"
+    return f"{value:.2f}" if key.endswith(("ratio", "_per_msg")) else f"{value:,.0f}"
 
 
 def run(
@@ -77,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="postgresql")
     parser.add_argument("--tree", action="append", required=True, help="NAME=PATH, in run order")
-    parser.add_argument("--scenarios", default="p2p,fanout,fanout2")
+    parser.add_argument("--scenarios", default="p2p,fanout,fanout2", help="of p2p, p2p2, fanout, fanout2")
     parser.add_argument("--repeat", type=int, default=3)
     for flag, default in (("--p2p-messages", 40_000), ("--receivers", 1000), ("--rounds", 30)):
         parser.add_argument(flag, type=int, default=default)
@@ -115,6 +117,17 @@ def main() -> None:
         }
         medians = {k: shown(k, v) for k, v in figures.items()}
         print(f"{name:>9} {scenario:8} n={len(good)} {medians}", flush=True)
+    first = trees[0][0]
+    print(f"\nrates over {first}'s in the same repeat (per repeat; median):")
+    for (name, scenario), rows in results.items():
+        if name in (first, "inmemory"):
+            continue
+        for key in ("p2p1_rate", "p2p16_rate", "rate"):
+            pairs = zip(rows, results[first, scenario], strict=True)
+            each = [run[key] / base[key] for run, base in pairs if key in run and key in base]
+            if each:
+                listed = " / ".join(f"{ratio:.2f}" for ratio in each)
+                print(f"{name:>9} {scenario:8} {key}: {listed}; {statistics.median(each):.2f}", flush=True)
 
 
 if __name__ == "__main__":

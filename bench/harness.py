@@ -18,6 +18,19 @@ The figures, identical for every row:
   at 1 and at 16 senders. Each lasts about ``--p2p-seconds`` (2 s): a cap of
   2,000 messages used to end 16 fast senders within 0.1-0.3 s, where a few
   stalls of 10 ms moved the figure by 20% (measured on PostgreSQL).
+* **p2p 2p**: the same closed loops with the sending layer (and the loops) in a
+  second process, a child of the worker (``p2p_part``), as issue 15's check runs
+  them. The receiving worker writes each message's id and the ``perf_counter``
+  time it arrived (CLOCK_MONOTONIC, one clock for both processes) to the child's
+  stdin, the arrivals of one pass of its loop in one write; the child's next send
+  waits for that line. So every message crosses the broker once, as in p2p, and
+  the latency is the same send-to-receive one; the closed loop pays one pipe hop
+  more per message than p2p's, the same for every row. Its cost is printed per
+  job in the notes (``report hop``: the pipe line's arrival in the child after
+  the message's in the worker, median; ``reads/msg``: 1/16 when a loop of 16 sees
+  all of a round's arrivals in one read), beside each process's CPU and wake-ups
+  per message and the broker's CPU, also printed for p2p. ``bench/pipe_hop.py``
+  measures the pipe alone.
 * **fan-out**: one ``group_send`` from a second instance to R receivers waiting
   in the first; deliveries/s = R / the median round, a round lasting from the
   ``group_send`` call to the last delivery. ``vs mem`` compares like with like:
@@ -69,7 +82,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 BROKERS = ("inmemory", "redis", "postgresql", "nats", "rabbitmq")
-SCENARIOS = ("p2p", "fanout", "fanout2", "idle")
+SCENARIOS = ("p2p", "p2p2", "fanout", "fanout2", "idle")
+#: The p2p scenarios, in one process and in two: ``--versus`` divides their rates.
+P2P = ("p2p", "p2p2")
 #: Where each kind of implementation runs; the peers' virtualenvs come from bench/setup-peers.
 PYTHONS = {
     "ours": Path(sys.executable),
@@ -102,14 +117,35 @@ class Impl:
 # ------------------------------------------------------------------ figures from /proc
 
 
+def _stat_fields(process: Path) -> list[str]:
+    """A process's ``/proc/<pid>/stat`` fields after the command name (state first)."""
+    return (process / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _process_stats() -> dict[int, list[str]]:
     """Every process's ``/proc/<pid>/stat`` fields after the command name (state first)."""
     stats: dict[int, list[str]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                stats[int(entry.name)] = _stat_fields(entry)
     return stats
+
+
+def own_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` alone, not its children."""
+    fields = _stat_fields(Path(f"/proc/{pid}"))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sleeps(pid: int) -> int:
+    """How many times the main thread of ``pid`` has gone to sleep (its voluntary context switches).
+
+    An event loop sleeps in its selector when it has nothing to run, so this counts the
+    times it was woken again: one loop pass that found work after waiting for it.
+    """
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:", 1)[1].split()[0])
 
 
 def process_tree(pids: list[int], stats: dict[int, list[str]] | None = None) -> set[int]:
@@ -230,16 +266,141 @@ async def p2p_link(
         await stop([reader])
 
 
+async def p2p_loops(
+    send: Send,
+    waiting: dict[int, asyncio.Future[float]],
+    sizes: dict[str, Any],
+    server: Server,
+    peer: int | None = None,
+    reads: Callable[[], int] | None = None,
+) -> dict[str, Any]:
+    """The p2p figures of a link: closed loops of 1 then 16 senders, rate and median latency.
+
+    Beside them, per message of each loop, the CPU microseconds of this process
+    (``_cpu_us``), of the ``peer`` process where the receiver is in another one
+    (``_peer_cpu_us``, from /proc: 10 ms ticks, fine over a loop of seconds) and of
+    the broker's processes (``_broker_cpu_us``), all read outside the timed loop;
+    where ``reads`` counts p2p2's reads of arrival reports, ``_reads_per_msg``: 1.0
+    when every arrival woke the sending process on its own, 1/16 when a closed loop
+    of 16 sees all of its arrivals at once, as one process does. ``_wakes_per_msg``
+    (and ``_peer_wakes_per_msg``): how often each process's loop slept and was woken.
+    """
+    figures: dict[str, Any] = {}
+    pids = server.get("pids", [])
+    for senders in (1, 16):
+        sent = len(waiting)
+        cpu, peer_cpu, broker_cpu = time.process_time(), own_cpu(peer) if peer else 0.0, process_cpu(pids)
+        read = reads() if reads else 0
+        slept, peer_slept = sleeps(os.getpid()), sleeps(peer) if peer else 0
+        loop = await closed_loop(send, waiting, senders, sizes)
+        per_message = 1e6 / max(1, len(waiting) - sent)
+        name = f"p2p{senders}"
+        figures[f"{name}_wakes_per_msg"] = (sleeps(os.getpid()) - slept) * per_message / 1e6
+        if reads:
+            figures[f"{name}_reads_per_msg"] = (reads() - read) * per_message / 1e6
+        figures[f"{name}_rate"], figures[f"{name}_p50"] = loop["rate"], loop["p50"]
+        figures[f"{name}_cpu_us"] = (time.process_time() - cpu) * per_message
+        if peer:
+            figures[f"{name}_peer_cpu_us"] = (own_cpu(peer) - peer_cpu) * per_message
+            figures[f"{name}_peer_wakes_per_msg"] = (sleeps(peer) - peer_slept) * per_message / 1e6
+        if pids:
+            figures[f"{name}_broker_cpu_us"] = (process_cpu(pids) - broker_cpu) * per_message
+    return figures
+
+
 async def p2p(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
-    async with layer_pair(impl, server, namespace) as (sender, receiver):
-        async with p2p_link(sender, receiver) as (send, waiting):
-            one, many = [await closed_loop(send, waiting, senders, sizes) for senders in (1, 16)]
-        return {
-            "p2p1_rate": one["rate"],
-            "p2p1_p50": one["p50"],
-            "p2p16_rate": many["rate"],
-            "p2p16_p50": many["p50"],
-        }
+    async with (
+        layer_pair(impl, server, namespace) as (sender, receiver),
+        p2p_link(sender, receiver) as (send, waiting),
+    ):
+        return await p2p_loops(send, waiting, sizes, server)
+
+
+async def p2p_part(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    """The sending process of p2p2: its layer sends, each message's arrival comes back on stdin.
+
+    The first line names the receiver's channel; each later one is ``id time``, the
+    receiving worker's ``perf_counter`` when the message arrived there, which resolves
+    the message's future in ``waiting`` (so the latency is the one-way one, as in p2p).
+    """
+    loop = asyncio.get_running_loop()
+    reports = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reports), sys.stdin)
+    channel = (await reports.readline()).decode().strip()
+    sender = impl.make(server, namespace)
+    waiting: dict[int, asyncio.Future[float]] = {}
+    hops: list[float] = []
+    reads = 0
+
+    async def read_reports() -> None:
+        nonlocal reads
+        tail = b""
+        # Whatever arrived since the last wake-up in one read, as a socket's reader takes it.
+        while data := await reports.read(65536):
+            reads += 1
+            now = time.perf_counter()
+            *lines, tail = (tail + data).split(b"\n")
+            for line in lines:
+                key, stamp = line.split()
+                hops.append(now - float(stamp))
+                waiting[int(key)].set_result(float(stamp))
+
+    async def send(key: int) -> None:
+        await sender.send(channel, {"type": "bench.p2p", "id": key})
+
+    reader = asyncio.create_task(read_reports())
+    try:
+        # One message first, as warm() does in p2p: lazy connections set up one at a time.
+        waiting[-1] = loop.create_future()
+        await send(-1)
+        await waiting[-1]
+        result = await p2p_loops(send, waiting, sizes, server, peer=os.getppid(), reads=lambda: reads)
+    finally:
+        await stop([reader])
+        await impl.close(sender)
+    return result | {"report_hop_p50": statistics.median(hops)}
+
+
+async def p2p2(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    """p2p with the sender in a child process (``p2p_part``); this one receives and reports arrivals."""
+    receiver = impl.make(server, namespace)
+    try:
+        channel = await receiver.new_channel("bench")
+        async with parts(impl, server, namespace, sizes, "p2p_part", 1) as [child]:
+            assert child.stdin is not None
+            assert child.stdout is not None
+            reports = child.stdin
+            reports.write(f"{channel}\n".encode())
+            pending: list[bytes] = []
+
+            def flush() -> None:
+                reports.write(b"".join(pending))
+                pending.clear()
+
+            async def report_all() -> None:
+                while True:
+                    message = await receiver.receive(channel)
+                    if not pending:
+                        # The arrivals of one pass of this loop go in one write: with a write each,
+                        # the sending process often woke on the first arrivals of a round and sent
+                        # before the rest came (RabbitMQ at 16 senders: 8-15 reads per 100
+                        # messages, not 6), splitting its batches where one process (p2p) does not.
+                        asyncio.get_running_loop().call_soon(flush)
+                    pending.append(f"{message['id']} {time.perf_counter()!r}\n".encode())
+
+            reporter = asyncio.create_task(report_all())
+            try:
+                lines = (await child.stdout.read()).decode().strip().splitlines()
+            finally:
+                await stop([reporter])
+    finally:
+        await impl.close(receiver)
+    if not lines:
+        raise RuntimeError("the sending process printed nothing")
+    result: dict[str, Any] = json.loads(lines[-1])
+    if "error" in result:
+        raise RuntimeError(f"the sending process: {result['error']}")
+    return result
 
 
 class Rounds:
@@ -417,42 +578,60 @@ async def fanout_part(impl: Impl, server: Server, namespace: str, sizes: dict[st
     return {}
 
 
-async def fanout2(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
-    """Receivers in two child processes (``fanout_part``); the reference room in this one."""
-    job = json.dumps({"impl": impl.name, "scenario": "fanout_part", "server": server, "ns": namespace})
-    children = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            BENCH / "__main__.py",
-            "--worker",
-            job,
-            json.dumps(sizes),
-            stdout=asyncio.subprocess.PIPE,
-        )
-        for _ in range(2)
-    ]
-    outputs = [child.stdout for child in children if child.stdout is not None]
-    sender = impl.make(server, namespace)
+@contextlib.asynccontextmanager
+async def parts(
+    impl: Impl, server: Server, namespace: str, sizes: dict[str, Any], scenario: str, count: int
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """``count`` child workers running ``scenario`` with this one's interpreter and environment.
+
+    The children run in the same virtualenv, on the same ``PYTHONPATH`` (so a peer's row
+    and compare_trees' old trees work as in this worker), with piped stdin and stdout;
+    they are killed, if still running, and awaited when the block ends.
+    """
+    job = json.dumps({"impl": impl.name, "scenario": scenario, "server": server, "ns": namespace})
+    children: list[asyncio.subprocess.Process] = []
     try:
-        for output in outputs:
-            if (line := await output.readline()).strip() != b"ready":
-                raise RuntimeError(f"a receiving process did not start: {line!r}")
-
-        async def play(index: int) -> float:
-            await sender.group_send("room", {"type": "bench.fan", "round": index})
-            # Each receiving process prints its rounds' last deliveries in order.
-            return max([float(await output.readline()) for output in outputs])
-
-        await asyncio.sleep(0.5)  # let subscriptions made by group_add settle on the broker
-        await play(0)
-        async with reference_room(impl, sizes["receivers"]) as reference:
-            return await paired_rounds(sizes, play, reference)
+        for _ in range(count):
+            children.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    BENCH / "__main__.py",
+                    "--worker",
+                    job,
+                    json.dumps(sizes),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+            )
+        yield children
     finally:
-        await impl.close(sender)
         for child in children:
             with contextlib.suppress(ProcessLookupError):  # it may have failed and exited already
                 child.kill()
             await child.wait()
+
+
+async def fanout2(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    """Receivers in two child processes (``fanout_part``); the reference room in this one."""
+    async with parts(impl, server, namespace, sizes, "fanout_part", 2) as children:
+        outputs = [child.stdout for child in children if child.stdout is not None]
+        sender = impl.make(server, namespace)
+        try:
+            for output in outputs:
+                if (line := await output.readline()).strip() != b"ready":
+                    raise RuntimeError(f"a receiving process did not start: {line!r}")
+
+            async def play(index: int) -> float:
+                await sender.group_send("room", {"type": "bench.fan", "round": index})
+                # Each receiving process prints its rounds' last deliveries in order.
+                return max([float(await output.readline()) for output in outputs])
+
+            await asyncio.sleep(0.5)  # let subscriptions made by group_add settle on the broker
+            await play(0)
+            async with reference_room(impl, sizes["receivers"]) as reference:
+                return await paired_rounds(sizes, play, reference)
+        finally:
+            await impl.close(sender)
 
 
 async def settle(limit: float) -> None:
@@ -564,6 +743,10 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], Any], str]] = [
     ("p50 ms", "p2p", lambda r: r["p2p1_p50"] * 1000, ".2f"),
     ("p2p16 msg/s", "p2p", lambda r: r["p2p16_rate"], ",.0f"),
     ("p50 ms", "p2p", lambda r: r["p2p16_p50"] * 1000, ".2f"),
+    ("2p p2p1/s", "p2p2", lambda r: r["p2p1_rate"], ",.0f"),
+    ("p50 ms", "p2p2", lambda r: r["p2p1_p50"] * 1000, ".2f"),
+    ("2p p2p16/s", "p2p2", lambda r: r["p2p16_rate"], ",.0f"),
+    ("p50 ms", "p2p2", lambda r: r["p2p16_p50"] * 1000, ".2f"),
     ("fan-out/s", "fanout", lambda r: r["rate"], ",.0f"),
     ("vs mem", "fanout", lambda r: r["ratio"], ".0%"),
     ("fan-out 2p/s", "fanout2", lambda r: r["rate"], ",.0f"),
@@ -589,14 +772,15 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def add_versus(runs: dict[str, dict[str, list[dict[str, Any]]]], versus: str) -> None:
-    """Each row's p2p rates over the ``versus`` row's rates of the same pass."""
-    against = {run["pass"]: run for run in runs.get(versus, {}).get("p2p", [])}
-    for scenarios in runs.values():
-        for run in scenarios.get("p2p", []):
-            other = against.get(run["pass"], {})
-            for key in ("p2p1_rate", "p2p16_rate"):
-                if key in run and other.get(key):
-                    run[f"{key} vs"] = run[key] / other[key]
+    """Each row's p2p and p2p2 rates over the ``versus`` row's rates of the same scenario and pass."""
+    for scenario in P2P:
+        against = {run["pass"]: run for run in runs.get(versus, {}).get(scenario, [])}
+        for scenarios in runs.values():
+            for run in scenarios.get(scenario, []):
+                other = against.get(run["pass"], {})
+                for key in ("p2p1_rate", "p2p16_rate"):
+                    if key in run and other.get(key):
+                        run[f"{key} vs"] = run[key] / other[key]
 
 
 def pass_notes(name: str, scenarios: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -711,6 +895,35 @@ def no_server() -> Iterator[Server]:
     yield {}
 
 
+def p2p_note(result: dict[str, Any]) -> str:
+    """One p2p job's CPU and wake-ups per message per process (and the broker's CPU), and p2p2's pipe."""
+    if "error" in result:
+        return str(result["error"])
+    shown = []
+    for name in ("p2p1", "p2p16"):
+        # In p2p one process both sends and receives; in p2p2 the peer is the receiving one.
+        own = "sender" if f"{name}_peer_cpu_us" in result else "process"
+        cpus = [
+            f"{who} {result[key]:.0f}"
+            for who, key in (
+                (own, f"{name}_cpu_us"),
+                ("receiver", f"{name}_peer_cpu_us"),
+                ("broker", f"{name}_broker_cpu_us"),
+            )
+            if key in result
+        ]
+        wakes = [
+            f"{who} {result[key]:.2f}"
+            for who, key in ((own, f"{name}_wakes_per_msg"), ("receiver", f"{name}_peer_wakes_per_msg"))
+            if key in result
+        ]
+        shown.append(f"{name} CPU us/msg {', '.join(cpus)}, wakes/msg {', '.join(wakes)}")
+    if "report_hop_p50" in result:
+        shown.append(f"report hop p50 {result['report_hop_p50'] * 1e6:.0f} us")
+        shown += [f"{name} reads/msg {result[f'{name}_reads_per_msg']:.2f}" for name in ("p2p1", "p2p16")]
+    return "; ".join(shown)
+
+
 def pair_note(result: dict[str, Any], scenario: str) -> str:
     """One job's two rooms: median rounds, CPU per round, first rounds of a turn, and their ratio."""
     if "memory_round_ms" not in result:
@@ -761,6 +974,8 @@ def coordinate(args: argparse.Namespace) -> None:
                     failed = any("error" in run for run in done.get("fanout", [])[index:])
                     if scenario == "fanout2" and (not impl.shared or failed):
                         continue
+                    if scenario == "p2p2" and not impl.shared:
+                        continue
                     if impl.scenarios is not None and scenario not in impl.scenarios:
                         continue
                     print(f"  pass {index + 1}: {impl.name}: {scenario}", file=sys.stderr, flush=True)
@@ -771,6 +986,8 @@ def coordinate(args: argparse.Namespace) -> None:
                         notes.append(
                             f"{impl.name} {scenario} pass {index + 1}: {pair_note(result, scenario)}"
                         )
+                    if scenario in P2P:
+                        notes.append(f"{impl.name} {scenario} pass {index + 1}: {p2p_note(result)}")
                 notes.append(f"{broker} pass {index + 1}: load {load:.2f} when it began")
         add_versus(runs, args.versus)
         for name, scenario_runs in runs.items():
@@ -778,7 +995,8 @@ def coordinate(args: argparse.Namespace) -> None:
             if args.repeat > 1:
                 notes += pass_notes(name, scenario_runs)
     print(
-        f"\np2p: closed loop, at most {args.p2p_messages:,} messages or {args.p2p_seconds:g} s; "
+        f"\np2p: closed loop, at most {args.p2p_messages:,} messages or {args.p2p_seconds:g} s "
+        "(2p: the sender in a child process, told of each arrival over a pipe); "
         f"fan-out: {args.receivers:,} receivers, median of at most {args.rounds} rounds, each after one of "
         "the same room, taking turns with an in-memory room of the same size in the same worker; vs mem: "
         "its median round over the row's; "

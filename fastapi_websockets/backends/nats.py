@@ -343,6 +343,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._setup_lock = asyncio.Lock()
         self._readers: dict[str, _NamedReader] = {}
         self._named_sends = KeyedLocks()  # one capacity check and publish at a time per named channel
+        #: Per named channel, the sequence of this layer's last publish: the expected newest message.
+        self._named_last: Memo[str, int] = Memo()
         # process token -> "<prefix>.p.<token>." (control requests)
         self._inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.p.{subject_token(token)}.")
         # process token -> "<prefix>.i.<token>" (the stored inbox)
@@ -946,44 +948,88 @@ class NATSChannelLayer(BrokerChannelLayer):
     async def _send_named(self, channel: str, data: bytes) -> None:
         await self._ensure_stream()
         subject = self._named_subject(channel)
-        # The stream counts the channel's stored messages, and a publish does not
-        # check that count: checks in flight together all passed (9 of 9 concurrent
-        # group_sends stored at capacity 5). Checking and publishing one at a time
-        # per channel keeps `capacity` exact within this process; other processes'
-        # sends can still overshoot it (docs/backends/nats.md, Limits).
+        # Senders of this process take turns per channel: the server takes one
+        # conditional publish per channel at a time, so the others would only be
+        # refused and read the channel again (docs/backends/nats.md, Limits).
         async with self._named_sends.hold(subject):
             await self._check_and_publish(channel, subject, data)
 
     async def _check_and_publish(self, channel: str, subject: str, data: bytes) -> None:
-        from nats.js.errors import NotFoundError
+        """Store ``data`` on a named channel unless it holds ``capacity`` messages, exactly.
 
+        The stream counts a subject's messages but a publish does not check that
+        count, so the check is made atomic with a conditional publish: it names the
+        sequence ``last`` that was the subject's newest message before the count
+        was read. The server stores it only if ``last`` is still the newest stored
+        message. Sequences only grow, so then nothing was stored since and the
+        channel holds at most the count read (consumers and expiry only remove
+        messages). Otherwise the server refuses it and the channel is read again.
+        """
         capacity = self.capacity_for(channel)
         what = f"send to {channel!r}"
-        try:
-            info = await self._retry(
-                what, lambda: self.js.stream_info(self.stream_name, subjects_filter=subject)
-            )
-        except ChannelLayerError as exc:
-            if not isinstance(exc.__cause__, NotFoundError):
-                raise
-            await self._recover_stream()  # the server lost it: create it again
-            info = await self._retry(
-                what, lambda: self.js.stream_info(self.stream_name, subjects_filter=subject)
-            )
-        stored = (info.state.subjects or {}).get(subject, 0)
-        if stored >= capacity:
-            raise ChannelFull(channel, capacity)
         headers = {
             _EXPIRES_HEADER: repr(time.time() + self.channel_expiry),
             # Retries after a lost ack are stored once (the stream's duplicate window).
-            "Nats-Msg-Id": new_token(12),
+            _MSG_ID_HEADER: new_token(12),
         }
         ttl = max(1, math.ceil(self.channel_expiry)) if self._msg_ttl else None
-        await self._retry(
-            what,
-            lambda: self.js.publish(subject, data, stream=self.stream_name, headers=headers, msg_ttl=ttl),
-            self._recover_stream,
+        loop = running_loop()
+        deadline = loop.time() + self.timeout
+        # Our own last publish is usually still the newest: no read of the last sequence.
+        last = self._named_last.get(subject)
+        while True:
+            if last is None:
+                last = await self._last_named_seq(subject, what)
+            if await self._count_named(subject, what) >= capacity:
+                raise ChannelFull(channel, capacity)
+            headers[_EXPECTED_HEADER] = str(last)
+            try:
+                ack = await self._retry(
+                    what,
+                    partial(
+                        self.js.publish, subject, data, stream=self.stream_name, headers=headers, msg_ttl=ttl
+                    ),
+                    self._recover_stream,
+                )
+            except ChannelLayerError as exc:
+                if _error_code(exc) not in _WRONG_LAST_SEQUENCE:
+                    raise
+                # Another sender stored first, or the newest message was consumed.
+                if loop.time() >= deadline:
+                    raise self.unavailable(
+                        f"{what}: other senders kept storing for {self.timeout} s"
+                    ) from None
+                last = None
+                continue
+            self._named_last.add(subject, ack.seq)
+            return
+
+    async def _last_named_seq(self, subject: str, what: str) -> int:
+        """The stream sequence of a named channel's newest stored message; 0 when it has none."""
+        try:
+            raw = await self._on_named_stream(what, partial(self.js.get_last_msg, self.stream_name, subject))
+        except ChannelLayerError as exc:
+            if _error_code(exc) == _NO_MESSAGE:
+                return 0
+            raise
+        return raw.seq or 0
+
+    async def _count_named(self, subject: str, what: str) -> int:
+        """How many messages a named channel holds (one request to the stream leader)."""
+        info = await self._on_named_stream(
+            what, partial(self.js.stream_info, self.stream_name, subjects_filter=subject)
         )
+        return (info.state.subjects or {}).get(subject, 0)
+
+    async def _on_named_stream(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """A request about the named-channel stream; made again once if the server lost the stream."""
+        try:
+            return await self._retry(what, call)
+        except ChannelLayerError as exc:
+            if _error_code(exc) != _STREAM_NOT_FOUND:
+                raise
+            await self._recover_stream()
+            return await self._retry(what, call)
 
     async def _receive_remote(self, channel: str) -> Message:
         reader = self._readers.get(channel)

@@ -81,6 +81,8 @@ from fastapi_websockets.names import is_process_specific, new_token, process_tok
 from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
@@ -343,8 +345,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._setup_lock = asyncio.Lock()
         self._readers: dict[str, _NamedReader] = {}
         self._named_sends = KeyedLocks()  # one capacity check and publish at a time per named channel
-        #: Per named channel, the sequence of this layer's last publish: the expected newest message.
-        self._named_last: Memo[str, int] = Memo()
+        #: Per named channel, the sequence of this layer's last publish (the expected newest
+        #: message) and the creation time of the stream it went to.
+        self._named_last: Memo[str, tuple[int, datetime | None]] = Memo()
         # process token -> "<prefix>.p.<token>." (control requests)
         self._inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.p.{subject_token(token)}.")
         # process token -> "<prefix>.i.<token>" (the stored inbox)
@@ -976,11 +979,19 @@ class NATSChannelLayer(BrokerChannelLayer):
         loop = running_loop()
         deadline = loop.time() + self.timeout
         # Our own last publish is usually still the newest: no read of the last sequence.
-        last = self._named_last.get(subject)
+        last, created = self._named_last.get(subject) or (None, None)
         while True:
             if last is None:
                 last = await self._last_named_seq(subject, what)
-            if await self._count_named(subject, what) >= capacity:
+            info = await self._on_named_stream(
+                what, partial(self.js.stream_info, self.stream_name, subjects_filter=subject)
+            )
+            if created is not None and info.created != created:
+                # The stream was made again (the server lost it): its sequences
+                # start over, so a remembered one says nothing about the count.
+                last = created = None
+                continue
+            if (info.state.subjects or {}).get(subject, 0) >= capacity:
                 raise ChannelFull(channel, capacity)
             headers[_EXPECTED_HEADER] = str(last)
             try:
@@ -999,9 +1010,9 @@ class NATSChannelLayer(BrokerChannelLayer):
                     raise self.unavailable(
                         f"{what}: other senders kept storing for {self.timeout} s"
                     ) from None
-                last = None
+                last = created = None
                 continue
-            self._named_last.add(subject, ack.seq)
+            self._named_last.add(subject, (ack.seq, info.created))
             return
 
     async def _last_named_seq(self, subject: str, what: str) -> int:
@@ -1013,13 +1024,6 @@ class NATSChannelLayer(BrokerChannelLayer):
                 return 0
             raise
         return raw.seq or 0
-
-    async def _count_named(self, subject: str, what: str) -> int:
-        """How many messages a named channel holds (one request to the stream leader)."""
-        info = await self._on_named_stream(
-            what, partial(self.js.stream_info, self.stream_name, subjects_filter=subject)
-        )
-        return (info.state.subjects or {}).get(subject, 0)
 
     async def _on_named_stream(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
         """A request about the named-channel stream; made again once if the server lost the stream."""

@@ -129,6 +129,7 @@ _EXPECTED_HEADER = "Nats-Expected-Last-Subject-Sequence"
 #: stream, a subject without messages.
 #: (A clustered stream's leader answers a stale expectation with 10164 before proposing it.)
 _WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+_WRONG_SEQUENCE_SAYS_NEWEST = 10071  # its description ends with the newest sequence
 _STREAM_NOT_FOUND = 10059
 _NO_MESSAGE = 10037
 #: Seconds the server keeps a history reader's consumer should its deletion get lost.
@@ -961,12 +962,28 @@ class NATSChannelLayer(BrokerChannelLayer):
         """Store ``data`` on a named channel unless it holds ``capacity`` messages, exactly.
 
         The stream counts a subject's messages but a publish does not check that
-        count, so the check is made atomic with a conditional publish: it names the
-        sequence ``last`` that was the subject's newest message before the count
-        was read. The server stores it only if ``last`` is still the newest stored
-        message. Sequences only grow, so then nothing was stored since and the
-        channel holds at most the count read (consumers and expiry only remove
-        messages). Otherwise the server refuses it and the channel is read again.
+        count, so the publish is conditional (``Nats-Expected-Last-Subject-Sequence``):
+        the server stores it only if the subject's newest stored message has the
+        sequence named, 0 meaning "none stored". Two cases, both exact:
+
+        - The count read ``c`` is 0: the publish names 0, so it is stored only if the
+          channel still holds nothing (whatever was stored after the count by other
+          processes makes it refused), and capacity is at least 1.
+        - ``c`` > 0: the publish names a sequence ``last`` handed out before the
+          count was read: this layer's own last publish to the channel, or the
+          newest sequence the server reported (a read, or a refused publish's
+          answer). Accepted means no stored message is newer than ``last``;
+          sequences are handed out in order, so every message stored then was
+          stored before the count and only deletions (consumers, expiry) came
+          since: the channel holds at most ``c`` < ``capacity``.
+
+        A refused publish (another process stored first, or the newest message was
+        consumed meanwhile) takes the newest sequence from the refusal and counts
+        again, until ``timeout``. A reader that keeps up leaves the channel empty,
+        so the case of 0 keeps a send at two requests (count, publish) with or
+        without one. A stream made again (the server lost it) starts its sequences
+        over, so a remembered ``last`` is used only while the stream's ``created``
+        time, which the count's reply carries, is the one it was remembered with.
         """
         capacity = self.capacity_for(channel)
         what = f"send to {channel!r}"
@@ -978,7 +995,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         ttl = max(1, math.ceil(self.channel_expiry)) if self._msg_ttl else None
         loop = running_loop()
         deadline = loop.time() + self.timeout
-        # Our own last publish is usually still the newest: no read of the last sequence.
+        # Our own last publish is the newest message unless a reader took it; with
+        # none remembered the newest is read first (it must precede the count).
         last, created = self._named_last.get(subject) or (None, None)
         while True:
             if last is None:
@@ -991,9 +1009,10 @@ class NATSChannelLayer(BrokerChannelLayer):
                 # start over, so a remembered one says nothing about the count.
                 last = created = None
                 continue
-            if (info.state.subjects or {}).get(subject, 0) >= capacity:
+            stored = (info.state.subjects or {}).get(subject, 0)
+            if stored >= capacity:
                 raise ChannelFull(channel, capacity)
-            headers[_EXPECTED_HEADER] = str(last)
+            headers[_EXPECTED_HEADER] = str(last if stored else 0)
             try:
                 ack = await self._retry(
                     what,
@@ -1010,7 +1029,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                     raise self.unavailable(
                         f"{what}: other senders kept storing for {self.timeout} s"
                     ) from None
-                last = created = None
+                last, created = _newest_in_refusal(exc), None
                 continue
             self._named_last.add(subject, (ack.seq, info.created))
             return
@@ -1835,6 +1854,21 @@ def _error_code(exc: BaseException) -> int | None:
 
     cause = exc.__cause__
     return cause.err_code if isinstance(cause, APIError) else None
+
+
+def _newest_in_refusal(exc: BaseException) -> int | None:
+    """The subject's newest sequence a refused conditional publish reports, or None.
+
+    The server answers "wrong last sequence: N" with the sequence it compared
+    with (0 for none); a clustered leader's pre-check leaves N out.
+    """
+    from nats.js.errors import APIError
+
+    cause = exc.__cause__
+    if not isinstance(cause, APIError) or cause.err_code != _WRONG_SEQUENCE_SAYS_NEWEST:
+        return None
+    _, _, newest = (cause.description or "").rpartition(": ")
+    return int(newest) if newest.isdigit() else None
 
 
 def _entry_of(

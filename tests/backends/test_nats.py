@@ -456,6 +456,107 @@ async def test_named_capacity_holds_for_concurrent_sends_and_group_sends_of_one_
     assert await stored_in(nats_node, namespace, "named.edge") == 5
 
 
+def count_named_requests(
+    layer: NATSChannelLayer, after_count: Callable[[], Awaitable[None]] | None = None
+) -> Counter[str]:
+    """Counts the layer's named-send requests by client method, passing each to the real client.
+
+    ``after_count`` runs once, after the first count (stream info) has been answered
+    and before the layer goes on: what another process does between a layer's
+    count and its publish.
+    """
+    calls: Counter[str] = Counter()
+    js = layer.js
+    hooks = [after_count] if after_count is not None else []
+
+    def spy(name: str) -> Callable[..., Awaitable[Any]]:
+        real = getattr(js, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            result = await real(*args, **kwargs)
+            if name == "stream_info" and hooks:
+                await hooks.pop()()
+            return result
+
+        return call
+
+    for name in ("stream_info", "get_last_msg", "publish"):
+        setattr(js, name, spy(name))
+    return calls
+
+
+async def wait_stored(nats_node: NatsNode, namespace: str, channel: str, count: int) -> None:
+    """Waits (up to 10 s) until the stream holds ``count`` messages of named channel ``channel``."""
+    for _ in range(200):
+        if await stored_in(nats_node, namespace, channel) == count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{channel!r} never held {count}")
+
+
+async def test_a_send_to_a_named_channel_a_reader_emptied_costs_a_count_and_a_publish(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # The layer's own last publish was consumed, so it no longer is the channel's
+    # newest: a publish conditional on it would be refused every time a reader
+    # keeps up. The count says the channel is empty, and "none stored" is checked.
+    a, b = make(servers=[nats_node.url]), make(servers=[nats_node.url])
+    await a.send("named.kept-up", {"type": "first"})
+    assert await b.receive("named.kept-up", timeout=10) == {"type": "first"}
+    await wait_stored(nats_node, namespace, "named.kept-up", 0)
+    calls = count_named_requests(a)
+    await a.send("named.kept-up", {"type": "second"})
+    assert calls == Counter({"stream_info": 1, "publish": 1})
+    assert await b.receive("named.kept-up", timeout=10) == {"type": "second"}
+
+
+async def test_a_named_send_refused_because_another_process_stored_first_counts_again(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    layer = make(servers=[nats_node.url], capacity=2)
+    await layer.send("named.raced", {"type": "first"})
+    client = await raw_client([nats_node.url])
+    subject = f"{namespace}.n.{subject_token('named.raced')}"
+
+    async def other_process_stores() -> None:
+        await client.jetstream().publish(subject, b"other", stream=namespace)
+
+    try:
+        calls = count_named_requests(layer, other_process_stores)
+        # Counted 1 of 2, but the other process's message came before the publish.
+        with pytest.raises(ChannelFull):
+            await layer.send("named.raced", {"type": "second"})
+        assert await stored_in(nats_node, namespace, "named.raced") == 2
+        # The refusal named the newest message: counted again without reading it.
+        assert calls == Counter({"stream_info": 2, "publish": 1})
+    finally:
+        await client.close()
+
+
+async def test_a_named_send_refused_because_its_last_message_was_consumed_is_stored(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    layer = make(servers=[nats_node.url], capacity=2)
+    await layer.send("named.taken", {"type": "first"})
+    client = await raw_client([nats_node.url])
+    subject = f"{namespace}.n.{subject_token('named.taken')}"
+
+    async def reader_takes_it() -> None:
+        newest = await client.jetstream().get_last_msg(namespace, subject)
+        assert newest.seq is not None
+        await client.jetstream().delete_msg(namespace, newest.seq)
+
+    try:
+        calls = count_named_requests(layer, reader_takes_it)
+        # Counted 1 (the layer's own), published on it, refused: it was gone.
+        await layer.send("named.taken", {"type": "second"})
+        assert await stored_in(nats_node, namespace, "named.taken") == 1
+        assert calls == Counter({"stream_info": 2, "publish": 2})
+    finally:
+        await client.close()
+
+
 async def test_a_stream_of_the_same_name_for_other_subjects_is_refused(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:

@@ -1,0 +1,191 @@
+"""Sends per second to one NATS named channel, source trees alternating in one run.
+
+``python bench/rate_nats_named.py --tree main=/tmp/base --tree now=. --repeat 4`` starts one
+nats-server and, ``repeat`` times, runs every case in a fresh process per tree (that tree first on
+``PYTHONPATH``), alternating the trees' order from one repeat to the next so that load from the
+rest of the machine falls on all of them alike. A case is ``--sends`` sends from one layer to one
+named channel, split over 1, 4 or 16 concurrent senders, either with a reader (a second layer
+receiving on the channel as fast as it can) or with none (capacity above the sends). Each run
+prints sends/s and the JetStream requests per send the sending layer's client made (its
+``stream_info``, ``get_last_msg`` and ``publish`` calls, counted by wrapping them in this script),
+and how many publishes were refused; then the medians per (tree, case) with the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+CHANNEL = "named.rate"
+#: The sending layer's client methods a named send may call: what a send costs in requests.
+REQUESTS = ("stream_info", "get_last_msg", "publish")
+
+
+def count_calls(js: Any, calls: Counter[str]) -> None:
+    """Count ``js``'s request methods in ``calls`` (and refused publishes as ``refused``)."""
+    from nats.js.errors import APIError
+
+    def wrap(name: str) -> Callable[..., Awaitable[Any]]:
+        real = getattr(js, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            try:
+                return await real(*args, **kwargs)
+            except APIError as exc:
+                if name == "publish" and exc.err_code in (10071, 10164):
+                    calls["refused"] += 1
+                raise
+
+        return call
+
+    for name in REQUESTS:
+        setattr(js, name, wrap(name))
+
+
+async def child(job: dict[str, Any]) -> dict[str, Any]:
+    """One case in this process: ``job`` says the server, namespace, senders, sends and reader."""
+    from fastapi_websockets.backends.nats import NATSChannelLayer
+
+    ns, sends, senders = job["ns"], job["sends"], job["senders"]
+    options: dict[str, Any] = {
+        "servers": [job["url"]],
+        "prefix": ns,
+        "group_bucket": ns,
+        "stream_name": ns,
+        "capacity": sends + 100,
+    }
+    sender = NATSChannelLayer(**options)
+    reader = NATSChannelLayer(**options) if job["reader"] else None
+    try:
+        # Warm-up: the stream, the connection and (with a reader) its consumer exist before timing.
+        for _ in range(3):
+            await sender.send(CHANNEL, {"type": "warm"})
+        if reader is not None:
+            for _ in range(3):
+                await reader.receive(CHANNEL, timeout=10)
+        calls: Counter[str] = Counter()
+        count_calls(sender.js, calls)
+
+        async def send_some(count: int) -> None:
+            for _ in range(count):
+                await sender.send(CHANNEL, {"type": "m"})
+
+        async def read_all() -> None:
+            assert reader is not None
+            for _ in range(sends):
+                await reader.receive(CHANNEL, timeout=30)
+
+        read = asyncio.ensure_future(read_all()) if reader is not None else None
+        share = sends // senders
+        started = time.perf_counter()
+        await asyncio.gather(*(send_some(share) for _ in range(senders)))
+        elapsed = time.perf_counter() - started
+        if read is not None:
+            await read
+        sent = share * senders
+        return {
+            "rate": sent / elapsed,
+            "requests": sum(calls[name] for name in REQUESTS) / sent,
+            "reads": calls["get_last_msg"] / sent,
+            "refused": calls["refused"] / sent,
+        }
+    finally:
+        for layer in (sender, reader):
+            if layer is not None:
+                await layer.close()
+
+
+def run(tree: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """One case in a fresh process with ``tree`` first on ``PYTHONPATH``."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+        env=env,
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        return {"error": done.stderr.strip()[-300:]}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tree", action="append", help="NAME=PATH, in run order (default: this tree)")
+    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--sends", type=int, default=480, help="sends per run, split over the senders")
+    parser.add_argument("--senders", default="1,4,16", help="concurrent senders of the one layer")
+    parser.add_argument("--readers", default="reader,none", help="with a reader, with none, or both")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(asyncio.run(child(json.loads(args.child)))), flush=True)
+        return
+    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(BENCH.parent))  # tests.servers, to start the broker
+    import bench_nats
+
+    named = args.tree or [f"this={BENCH.parent}"]
+    trees = [(name, Path(path).resolve()) for name, path in (t.split("=", 1) for t in named)]
+    cases = [(int(n), mode) for mode in args.readers.split(",") for n in args.senders.split(",")]
+    results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    with bench_nats.server() as server:
+        for index in range(args.repeat):
+            order = trees if index % 2 == 0 else trees[::-1]
+            for senders, mode in cases:
+                for name, tree in order:
+                    job = {
+                        "url": server["url"],
+                        "ns": "r" + uuid.uuid4().hex[:10],
+                        "sends": args.sends,
+                        "senders": senders,
+                        "reader": mode == "reader",
+                    }
+                    result = run(tree, job)
+                    results.setdefault((name, senders, mode), []).append(result)
+                    shown = (
+                        f"{result['rate']:,.0f} sends/s, {result['requests']:.2f} requests/send "
+                        f"({result['reads']:.2f} reads, {result['refused']:.2f} refused)"
+                        if "rate" in result
+                        else result
+                    )
+                    print(
+                        f"#{index} load {os.getloadavg()[0]:.2f} {name:>8} {senders:>2} senders "
+                        f"{mode:6} {shown}",
+                        flush=True,
+                    )
+    print("\nmedians:")
+    for (name, senders, mode), rows in results.items():
+        good = [r for r in rows if "error" not in r]
+        if not good:
+            print(f"{name:>8} {senders:>2} senders {mode:6} all {len(rows)} runs failed", flush=True)
+            continue
+        rates = ", ".join(f"{r['rate']:,.0f}" for r in good)
+        print(
+            f"{name:>8} {senders:>2} senders {mode:6} n={len(good)} "
+            f"{statistics.median(r['rate'] for r in good):,.0f} sends/s ({rates}); "
+            f"{statistics.median(r['requests'] for r in good):.2f} requests/send, "
+            f"{statistics.median(r['refused'] for r in good):.2f} refused",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,9 @@
 nats-server and, ``repeat`` times, runs every case in a fresh process per tree (that tree first on
 ``PYTHONPATH``), alternating the trees' order from one repeat to the next so that load from the
 rest of the machine falls on all of them alike. A case is ``--sends`` sends from one layer to one
-named channel, split over 1, 4 or 16 concurrent senders, either with a reader (a second layer
-receiving on the channel as fast as it can) or with none (capacity above the sends). Each run
-prints sends/s and the JetStream requests per send the sending layer's client made (its
+named channel, split over 1, 4 or 16 concurrent senders, either with a reader (a second layer, in a
+process of its own, receiving on the channel as fast as it can) or with none (capacity above the
+sends). Each run prints sends/s and the JetStream requests per send the sending layer's client made (its
 ``stream_info``, ``get_last_msg`` and ``publish`` calls, counted by wrapping them in this script),
 and how many publishes were refused; then the medians per (tree, case) with the load average.
 """
@@ -27,10 +27,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
+SCRIPT = Path(__file__).resolve()
+BENCH = SCRIPT.parent
 CHANNEL = "named.rate"
 #: The sending layer's client methods a named send may call: what a send costs in requests.
 REQUESTS = ("stream_info", "get_last_msg", "publish")
+WARM = 3
 
 
 def count_calls(js: Any, calls: Counter[str]) -> None:
@@ -55,27 +57,56 @@ def count_calls(js: Any, calls: Counter[str]) -> None:
         setattr(js, name, wrap(name))
 
 
-async def child(job: dict[str, Any]) -> dict[str, Any]:
-    """One case in this process: ``job`` says the server, namespace, senders, sends and reader."""
-    from fastapi_websockets.backends.nats import NATSChannelLayer
-
-    ns, sends, senders = job["ns"], job["sends"], job["senders"]
-    options: dict[str, Any] = {
+def layer_options(job: dict[str, Any]) -> dict[str, Any]:
+    """The options of the sending and the reading layer: one namespace, capacity above the sends."""
+    ns = job["ns"]
+    return {
         "servers": [job["url"]],
         "prefix": ns,
         "group_bucket": ns,
         "stream_name": ns,
-        "capacity": sends + 100,
+        "capacity": job["sends"] + 100,
     }
-    sender = NATSChannelLayer(**options)
-    reader = NATSChannelLayer(**options) if job["reader"] else None
+
+
+async def reader_child(job: dict[str, Any]) -> None:
+    """The reader's process: takes the warm-up messages, says so, then receives every send."""
+    from fastapi_websockets.backends.nats import NATSChannelLayer
+
+    reader = NATSChannelLayer(**layer_options(job))
+    try:
+        for _ in range(WARM):
+            await reader.receive(CHANNEL, timeout=30)
+        print("ready", flush=True)
+        for _ in range(job["sends"] // job["senders"] * job["senders"]):
+            await reader.receive(CHANNEL, timeout=60)
+    finally:
+        await reader.close()
+
+
+async def child(job: dict[str, Any]) -> dict[str, Any]:
+    """One case in this process: ``job`` says the server, namespace, senders, sends and reader."""
+    from fastapi_websockets.backends.nats import NATSChannelLayer
+
+    sends, senders = job["sends"], job["senders"]
+    sender = NATSChannelLayer(**layer_options(job))
+    reader: asyncio.subprocess.Process | None = None
     try:
         # Warm-up: the stream, the connection and (with a reader) its consumer exist before timing.
-        for _ in range(3):
+        for _ in range(WARM):
             await sender.send(CHANNEL, {"type": "warm"})
-        if reader is not None:
-            for _ in range(3):
-                await reader.receive(CHANNEL, timeout=10)
+        if job["reader"]:
+            # In a process of its own, as a reader elsewhere: it takes messages as soon as
+            # they are stored, not when this process's sends let its event loop turn.
+            reader = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(SCRIPT),
+                "--reader-child",
+                json.dumps(job),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert reader.stdout is not None
+            assert (await reader.stdout.readline()).strip() == b"ready"
         calls: Counter[str] = Counter()
         count_calls(sender.js, calls)
 
@@ -83,18 +114,12 @@ async def child(job: dict[str, Any]) -> dict[str, Any]:
             for _ in range(count):
                 await sender.send(CHANNEL, {"type": "m"})
 
-        async def read_all() -> None:
-            assert reader is not None
-            for _ in range(sends):
-                await reader.receive(CHANNEL, timeout=30)
-
-        read = asyncio.ensure_future(read_all()) if reader is not None else None
         share = sends // senders
         started = time.perf_counter()
         await asyncio.gather(*(send_some(share) for _ in range(senders)))
         elapsed = time.perf_counter() - started
-        if read is not None:
-            await read
+        if reader is not None:
+            assert await reader.wait() == 0
         sent = share * senders
         return {
             "rate": sent / elapsed,
@@ -103,16 +128,17 @@ async def child(job: dict[str, Any]) -> dict[str, Any]:
             "refused": calls["refused"] / sent,
         }
     finally:
-        for layer in (sender, reader):
-            if layer is not None:
-                await layer.close()
+        if reader is not None and reader.returncode is None:
+            reader.kill()
+            await reader.wait()
+        await sender.close()
 
 
 def run(tree: Path, job: dict[str, Any]) -> dict[str, Any]:
     """One case in a fresh process with ``tree`` first on ``PYTHONPATH``."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)],
+        [sys.executable, str(SCRIPT), "--child", json.dumps(job)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -134,7 +160,11 @@ def main() -> None:
     parser.add_argument("--senders", default="1,4,16", help="concurrent senders of the one layer")
     parser.add_argument("--readers", default="reader,none", help="with a reader, with none, or both")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--reader-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reader_child:
+        asyncio.run(reader_child(json.loads(args.reader_child)))
+        return
     if args.child:
         print(json.dumps(asyncio.run(child(json.loads(args.child)))), flush=True)
         return

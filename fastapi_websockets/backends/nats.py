@@ -964,26 +964,28 @@ class NATSChannelLayer(BrokerChannelLayer):
         The stream counts a subject's messages but a publish does not check that
         count, so the publish is conditional (``Nats-Expected-Last-Subject-Sequence``):
         the server stores it only if the subject's newest stored message has the
-        sequence named, 0 meaning "none stored". Two cases, both exact:
+        sequence named, 0 meaning "none stored". Let ``c`` < ``capacity`` be the
+        count read and ``bound`` a sequence handed out before it was read (this
+        layer's own last publish to the channel, or the newest sequence the server
+        reported before the count). A publish naming any ``n`` <= ``bound`` is exact:
 
-        - The count read ``c`` is 0: the publish names 0, so it is stored only if the
-          channel still holds nothing (whatever was stored after the count by other
-          processes makes it refused), and capacity is at least 1.
-        - ``c`` > 0: the publish names a sequence ``last`` handed out before the
-          count was read: this layer's own last publish to the channel, or the
-          newest sequence the server reported (a read, or a refused publish's
-          answer). Accepted means no stored message is newer than ``last``;
-          sequences are handed out in order, so every message stored then was
-          stored before the count and only deletions (consumers, expiry) came
-          since: the channel holds at most ``c`` < ``capacity``.
+        - ``n`` = 0: stored only if the channel holds nothing then (whatever other
+          processes stored after the count makes it refused); capacity is >= 1.
+        - ``n`` > 0: accepted means no stored message is newer than ``n``; sequences
+          are handed out in order, so every message stored then was stored before
+          the count and only deletions (consumers, expiry) came since: the channel
+          holds at most ``c``.
 
-        A refused publish (another process stored first, or the newest message was
-        consumed meanwhile) takes the newest sequence from the refusal and counts
-        again, until ``timeout``. A reader that keeps up leaves the channel empty,
-        so the case of 0 keeps a send at two requests (count, publish) with or
-        without one. A stream made again (the server lost it) starts its sequences
-        over, so a remembered ``last`` is used only while the stream's ``created``
-        time, which the count's reply carries, is the one it was remembered with.
+        The publish names ``bound`` when the count saw messages, else 0. A refusal
+        reports the newest sequence: a consumer that took the newest message
+        leaves one <= ``bound`` (0 for an emptied channel), which is named next
+        without counting again; a newer one (another process stored) is the next
+        ``bound``, read before counting again. Until ``timeout``. So a send costs
+        two requests (count, publish) whether a reader keeps the channel empty or
+        none reads, three when a reader takes the newest message in between. A
+        stream made again (the server lost it) starts its sequences over, so a
+        remembered ``bound`` is used only while the stream's ``created`` time,
+        which the count's reply carries, is the one it was remembered with.
         """
         capacity = self.capacity_for(channel)
         what = f"send to {channel!r}"
@@ -995,24 +997,28 @@ class NATSChannelLayer(BrokerChannelLayer):
         ttl = max(1, math.ceil(self.channel_expiry)) if self._msg_ttl else None
         loop = running_loop()
         deadline = loop.time() + self.timeout
-        # Our own last publish is the newest message unless a reader took it; with
-        # none remembered the newest is read first (it must precede the count).
-        last, created = self._named_last.get(subject) or (None, None)
+        # Our own last publish is usually the newest or consumed; with none
+        # remembered the newest is read first (it must precede the count).
+        bound, created = self._named_last.get(subject) or (None, None)
+        info = None
+        expected = None
         while True:
-            if last is None:
-                last = await self._last_named_seq(subject, what)
-            info = await self._on_named_stream(
-                what, partial(self.js.stream_info, self.stream_name, subjects_filter=subject)
-            )
-            if created is not None and info.created != created:
-                # The stream was made again (the server lost it): its sequences
-                # start over, so a remembered one says nothing about the count.
-                last = created = None
-                continue
-            stored = (info.state.subjects or {}).get(subject, 0)
-            if stored >= capacity:
-                raise ChannelFull(channel, capacity)
-            headers[_EXPECTED_HEADER] = str(last if stored else 0)
+            if expected is None:
+                if bound is None:
+                    bound = await self._last_named_seq(subject, what)
+                info = await self._on_named_stream(
+                    what, partial(self.js.stream_info, self.stream_name, subjects_filter=subject)
+                )
+                if created is not None and info.created != created:
+                    # The stream was made again (the server lost it): its sequences
+                    # start over, so a remembered one says nothing about the count.
+                    bound = created = None
+                    continue
+                stored = (info.state.subjects or {}).get(subject, 0)
+                if stored >= capacity:
+                    raise ChannelFull(channel, capacity)
+                expected = bound if stored else 0
+            headers[_EXPECTED_HEADER] = str(expected)
             try:
                 ack = await self._retry(
                     what,
@@ -1024,13 +1030,17 @@ class NATSChannelLayer(BrokerChannelLayer):
             except ChannelLayerError as exc:
                 if _error_code(exc) not in _WRONG_LAST_SEQUENCE:
                     raise
-                # Another sender stored first, or the newest message was consumed.
                 if loop.time() >= deadline:
                     raise self.unavailable(
                         f"{what}: other senders kept storing for {self.timeout} s"
                     ) from None
-                last, created = _newest_in_refusal(exc), None
+                newest = _newest_in_refusal(exc)
+                if newest is not None and bound is not None and newest <= bound:
+                    expected = newest  # only deletions since the count
+                else:
+                    bound, created, expected = newest, None, None  # another sender stored
                 continue
+            assert info is not None
             self._named_last.add(subject, (ack.seq, info.created))
             return
 

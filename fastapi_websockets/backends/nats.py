@@ -346,8 +346,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._setup_lock = asyncio.Lock()
         self._readers: dict[str, _NamedReader] = {}
         self._named_sends = KeyedLocks()  # one capacity check and publish at a time per named channel
-        #: Per named channel, the sequence of this layer's last publish (the expected newest
-        #: message) and the creation time of the stream it went to.
+        #: Per named channel, the sequence of this layer's last publish (handed out before the
+        #: next send's count, so a publish may name it) and the creation time of its stream.
         self._named_last: Memo[str, tuple[int, datetime | None]] = Memo()
         # process token -> "<prefix>.p.<token>." (control requests)
         self._inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.p.{subject_token(token)}.")
@@ -954,7 +954,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         subject = self._named_subject(channel)
         # Senders of this process take turns per channel: the server takes one
         # conditional publish per channel at a time, so the others would only be
-        # refused and read the channel again (docs/backends/nats.md, Limits).
+        # refused and count the channel again (docs/backends/nats.md, Limits).
         async with self._named_sends.hold(subject):
             await self._check_and_publish(channel, subject, data)
 
@@ -977,15 +977,17 @@ class NATSChannelLayer(BrokerChannelLayer):
           holds at most ``c``.
 
         The publish names ``bound`` when the count saw messages, else 0. A refusal
-        reports the newest sequence: a consumer that took the newest message
-        leaves one <= ``bound`` (0 for an emptied channel), which is named next
-        without counting again; a newer one (another process stored) is the next
-        ``bound``, read before counting again. Until ``timeout``. So a send costs
-        two requests (count, publish) whether a reader keeps the channel empty or
-        none reads, three when a reader takes the newest message in between. A
-        stream made again (the server lost it) starts its sequences over, so a
-        remembered ``bound`` is used only while the stream's ``created`` time,
-        which the count's reply carries, is the one it was remembered with.
+        reports the channel's newest sequence. 0 (a reader emptied the channel
+        since the count) is named next without counting again: 0 needs no count.
+        Any other is the next ``bound``, handed out before the count made next.
+        Until ``timeout``. So a send costs two requests (count, publish) whether a
+        reader keeps the channel empty or none reads, three when a reader takes
+        the newest message in between. A stream made again (the server lost it)
+        starts its sequences over, so a remembered ``bound`` is used only while
+        the stream's ``created`` time, which the count's reply carries, is the one
+        it was remembered with; and a refusal's sequence other than 0 is named
+        only after counting again, since the refusal may come from a stream made
+        again after the count (0 is exact in any stream).
         """
         capacity = self.capacity_for(channel)
         what = f"send to {channel!r}"
@@ -1035,10 +1037,10 @@ class NATSChannelLayer(BrokerChannelLayer):
                         f"{what}: other senders kept storing for {self.timeout} s"
                     ) from None
                 newest = _newest_in_refusal(exc)
-                if newest is not None and bound is not None and newest <= bound:
-                    expected = newest  # only deletions since the count
+                if newest == 0:
+                    expected = 0  # emptied since the count
                 else:
-                    bound, created, expected = newest, None, None  # another sender stored
+                    bound, created, expected = newest, None, None
                 continue
             assert info is not None
             self._named_last.add(subject, (ack.seq, info.created))

@@ -549,8 +549,8 @@ async def test_a_named_send_refused_because_its_last_message_was_consumed_is_sto
 
     try:
         calls = count_named_requests(layer, reader_takes_it)
-        # Counted 1 (the layer's own), published on it, refused: it was gone. Only a
-        # deletion came since the count, so "none stored" is named without counting again.
+        # Counted 1 (the layer's own), published on it, refused: it was gone and the
+        # channel is empty, so "none stored" is named without counting again.
         await layer.send("named.taken", {"type": "second"})
         assert await stored_in(nats_node, namespace, "named.taken") == 1
         assert calls == Counter({"stream_info": 1, "publish": 2})

@@ -6,9 +6,11 @@ nats-server and, ``repeat`` times, runs every case in a fresh process per tree (
 rest of the machine falls on all of them alike. A case is ``--sends`` sends from one layer to one
 named channel, split over 1, 4 or 16 concurrent senders, either with a reader (a second layer, in a
 process of its own, receiving on the channel as fast as it can) or with none (capacity above the
-sends). Each run prints sends/s and the JetStream requests per send the sending layer's client made (its
-``stream_info``, ``get_last_msg`` and ``publish`` calls, counted by wrapping them in this script),
-and how many publishes were refused; then the medians per (tree, case) with the load average.
+sends). Each run prints sends/s, the JetStream requests per send the sending layer's client made
+(its ``stream_info``, ``get_last_msg`` and ``publish`` calls, counted by wrapping them in this
+script), how many publishes were refused, and the CPU time per send of the sending process and of
+nats-server (from /proc, so Linux; the server's includes the reader's requests); then the medians
+per (tree, case) with the load average.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def count_calls(js: Any, calls: Counter[str]) -> None:
 
     for name in REQUESTS:
         setattr(js, name, wrap(name))
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def layer_options(job: dict[str, Any]) -> dict[str, Any]:
@@ -115,14 +123,20 @@ async def child(job: dict[str, Any]) -> dict[str, Any]:
                 await sender.send(CHANNEL, {"type": "m"})
 
         share = sends // senders
+        server_cpu = cpu_seconds(job["server_pid"])
+        cpu = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(send_some(share) for _ in range(senders)))
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+        server_cpu = cpu_seconds(job["server_pid"]) - server_cpu
         if reader is not None:
             assert await reader.wait() == 0
         sent = share * senders
         return {
             "rate": sent / elapsed,
+            "cpu_us": cpu / sent * 1e6,
+            "server_cpu_us": server_cpu / sent * 1e6,
             "requests": sum(calls[name] for name in REQUESTS) / sent,
             "reads": calls["get_last_msg"] / sent,
             "refused": calls["refused"] / sent,
@@ -183,6 +197,7 @@ def main() -> None:
                 for name, tree in order:
                     job = {
                         "url": server["url"],
+                        "server_pid": server["pids"][0],
                         "ns": "r" + uuid.uuid4().hex[:10],
                         "sends": args.sends,
                         "senders": senders,
@@ -192,6 +207,7 @@ def main() -> None:
                     results.setdefault((name, senders, mode), []).append(result)
                     shown = (
                         f"{result['rate']:,.0f} sends/s, {result['requests']:.2f} requests/send "
+                        f"CPU/send {result['cpu_us']:.0f} µs here, {result['server_cpu_us']:.0f} µs server "
                         f"({result['reads']:.2f} reads, {result['refused']:.2f} refused)"
                         if "rate" in result
                         else result
@@ -212,6 +228,8 @@ def main() -> None:
             f"{name:>8} {senders:>2} senders {mode:6} n={len(good)} "
             f"{statistics.median(r['rate'] for r in good):,.0f} sends/s ({rates}); "
             f"{statistics.median(r['requests'] for r in good):.2f} requests/send, "
+            f"CPU/send {statistics.median(r['cpu_us'] for r in good):.0f} µs here, "
+            f"{statistics.median(r['server_cpu_us'] for r in good):.0f} µs server, "
             f"{statistics.median(r['refused'] for r in good):.2f} refused",
             flush=True,
         )

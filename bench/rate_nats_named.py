@@ -7,10 +7,10 @@ rest of the machine falls on all of them alike. A case is ``--sends`` sends from
 named channel, split over 1, 4 or 16 concurrent senders, either with a reader (a second layer, in a
 process of its own, receiving on the channel as fast as it can) or with none (capacity above the
 sends). Each run prints sends/s, the JetStream requests per send the sending layer's client made
-(its ``stream_info``, ``get_last_msg`` and ``publish`` calls, counted by wrapping them in this
-script), how many publishes were refused, and the CPU time per send of the sending process and of
-nats-server (from /proc, so Linux; the server's includes the reader's requests); then the medians
-per (tree, case) with the load average.
+(counted by wrapping its connection's ``request`` in this script, by subject: counts, reads of
+the newest message, publishes), how many publishes were refused, and the CPU time per send of
+the sending process and of nats-server (from /proc, so Linux; the server's includes the reader's
+requests); then the medians per (tree, case) with the load average.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,30 +32,35 @@ SCRIPT = Path(__file__).resolve()
 BENCH = SCRIPT.parent
 CHANNEL = "named.rate"
 #: The sending layer's client methods a named send may call: what a send costs in requests.
-REQUESTS = ("stream_info", "get_last_msg", "publish")
+REQUESTS = ("count", "read", "publish", "other")
 WARM = 3
 
 
-def count_calls(js: Any, calls: Counter[str]) -> None:
-    """Count ``js``'s request methods in ``calls`` (and refused publishes as ``refused``)."""
-    from nats.js.errors import APIError
+def count_requests(nc: Any, calls: Counter[str]) -> None:
+    """Count the requests made on connection ``nc`` in ``calls`` by kind, and refused publishes.
 
-    def wrap(name: str) -> Callable[..., Awaitable[Any]]:
-        real = getattr(js, name)
+    Every JetStream call is a request on the connection (nats-py's and any the
+    layer makes itself), so the subject says which kind it is.
+    """
 
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            calls[name] += 1
-            try:
-                return await real(*args, **kwargs)
-            except APIError as exc:
-                if name == "publish" and exc.err_code in (10071, 10164):
-                    calls["refused"] += 1
-                raise
+    async def request(subject: str, *args: Any, **kwargs: Any) -> Any:
+        kind = (
+            "count"
+            if subject.startswith("$JS.API.STREAM.INFO.")
+            else "read"
+            if subject.startswith(("$JS.API.STREAM.MSG.GET.", "$JS.API.DIRECT.GET."))
+            else "publish"
+            if not subject.startswith("$JS.API.")
+            else "other"
+        )
+        calls[kind] += 1
+        reply = await real(subject, *args, **kwargs)
+        if kind == "publish" and (b'"err_code":10071' in reply.data or b'"err_code":10164' in reply.data):
+            calls["refused"] += 1
+        return reply
 
-        return call
-
-    for name in REQUESTS:
-        setattr(js, name, wrap(name))
+    real = nc.request
+    nc.request = request
 
 
 def cpu_seconds(pid: int) -> float:
@@ -116,7 +120,7 @@ async def child(job: dict[str, Any]) -> dict[str, Any]:
             assert reader.stdout is not None
             assert (await reader.stdout.readline()).strip() == b"ready"
         calls: Counter[str] = Counter()
-        count_calls(sender.js, calls)
+        count_requests(sender.nc, calls)
 
         async def send_some(count: int) -> None:
             for _ in range(count):
@@ -138,7 +142,7 @@ async def child(job: dict[str, Any]) -> dict[str, Any]:
             "cpu_us": cpu / sent * 1e6,
             "server_cpu_us": server_cpu / sent * 1e6,
             "requests": sum(calls[name] for name in REQUESTS) / sent,
-            "reads": calls["get_last_msg"] / sent,
+            "reads": calls["read"] / sent,
             "refused": calls["refused"] / sent,
         }
     finally:

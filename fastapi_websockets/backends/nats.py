@@ -81,8 +81,6 @@ from fastapi_websockets.names import is_process_specific, new_token, process_tok
 from fastapi_websockets.types import Message
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
@@ -348,7 +346,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._named_sends = KeyedLocks()  # one capacity check and publish at a time per named channel
         #: Per named channel, the sequence of this layer's last publish (handed out before the
         #: next send's count, so a publish may name it) and the creation time of its stream.
-        self._named_last: Memo[str, tuple[int, datetime | None]] = Memo()
+        self._named_last: Memo[str, tuple[int, str | None]] = Memo()
         # process token -> "<prefix>.p.<token>." (control requests)
         self._inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.p.{subject_token(token)}.")
         # process token -> "<prefix>.i.<token>" (the stored inbox)
@@ -1002,21 +1000,18 @@ class NATSChannelLayer(BrokerChannelLayer):
         # Our own last publish is usually the newest or consumed; with none
         # remembered the newest is read first (it must precede the count).
         bound, created = self._named_last.get(subject) or (None, None)
-        info = None
+        made = None
         expected = None
         while True:
             if expected is None:
                 if bound is None:
                     bound = await self._last_named_seq(subject, what)
-                info = await self._on_named_stream(
-                    what, partial(self.js.stream_info, self.stream_name, subjects_filter=subject)
-                )
-                if created is not None and info.created != created:
+                stored, made = await self._count_named(subject, what)
+                if created is not None and made != created:
                     # The stream was made again (the server lost it): its sequences
                     # start over, so a remembered one says nothing about the count.
                     bound = created = None
                     continue
-                stored = (info.state.subjects or {}).get(subject, 0)
                 if stored >= capacity:
                     raise ChannelFull(channel, capacity)
                 expected = bound if stored else 0
@@ -1042,9 +1037,29 @@ class NATSChannelLayer(BrokerChannelLayer):
                 else:
                     bound, created, expected = newest, None, None
                 continue
-            assert info is not None
-            self._named_last.add(subject, (ack.seq, info.created))
+            self._named_last.add(subject, (ack.seq, made))
             return
+
+    async def _count_named(self, subject: str, what: str) -> tuple[int, str | None]:
+        """How many messages a named channel holds, and its stream's ``created`` time (one request).
+
+        A STREAM.INFO request of our own: nats-py's ``stream_info`` builds the
+        stream's whole config and state as dataclasses for the two fields a send
+        needs, a quarter of the request's CPU in this process (about 60 of 230 µs).
+        """
+        from nats.js.errors import APIError
+
+        request = json.dumps({"subjects_filter": subject}).encode()
+        api = f"$JS.API.STREAM.INFO.{self.stream_name}"
+        attempt = min(_ATTEMPT_TIMEOUT, self.timeout)
+
+        async def call() -> tuple[int, str | None]:
+            reply = json.loads((await self.nc.request(api, request, timeout=attempt)).data)
+            if "error" in reply:
+                APIError.from_error(reply["error"])  # raises the matching APIError subclass
+            return (reply["state"].get("subjects") or {}).get(subject, 0), reply.get("created")
+
+        return await self._on_named_stream(what, call)
 
     async def _last_named_seq(self, subject: str, what: str) -> int:
         """The stream sequence of a named channel's newest stored message; 0 when it has none."""

@@ -459,30 +459,33 @@ async def test_named_capacity_holds_for_concurrent_sends_and_group_sends_of_one_
 def count_named_requests(
     layer: NATSChannelLayer, after_count: Callable[[], Awaitable[None]] | None = None
 ) -> Counter[str]:
-    """Counts the layer's named-send requests by client method, passing each to the real client.
+    """Counts the layer's requests by kind ("count", "read", "publish"), passing each to the client.
 
-    ``after_count`` runs once, after the first count (stream info) has been answered
-    and before the layer goes on: what another process does between a layer's
-    count and its publish.
+    Every JetStream call is a request on the connection, so its subject says what
+    it is. ``after_count`` runs once, after the first count (stream info) has been
+    answered and before the layer goes on: what another process does between a
+    layer's count and its publish.
     """
     calls: Counter[str] = Counter()
-    js = layer.js
+    nc = layer.nc
+    real = nc.request
     hooks = [after_count] if after_count is not None else []
 
-    def spy(name: str) -> Callable[..., Awaitable[Any]]:
-        real = getattr(js, name)
+    async def request(subject: str, *args: Any, **kwargs: Any) -> Msg:
+        kind = (
+            "count"
+            if subject.startswith("$JS.API.STREAM.INFO.")
+            else "read"
+            if subject.startswith(("$JS.API.STREAM.MSG.GET.", "$JS.API.DIRECT.GET."))
+            else "publish"
+        )
+        calls[kind] += 1
+        reply = await real(subject, *args, **kwargs)
+        if kind == "count" and hooks:
+            await hooks.pop()()
+        return reply
 
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            calls[name] += 1
-            result = await real(*args, **kwargs)
-            if name == "stream_info" and hooks:
-                await hooks.pop()()
-            return result
-
-        return call
-
-    for name in ("stream_info", "get_last_msg", "publish"):
-        setattr(js, name, spy(name))
+    nc.request = request  # type: ignore[method-assign]
     return calls
 
 
@@ -507,7 +510,7 @@ async def test_a_send_to_a_named_channel_a_reader_emptied_costs_a_count_and_a_pu
     await wait_stored(nats_node, namespace, "named.kept-up", 0)
     calls = count_named_requests(a)
     await a.send("named.kept-up", {"type": "second"})
-    assert calls == Counter({"stream_info": 1, "publish": 1})
+    assert calls == Counter({"count": 1, "publish": 1})
     assert await b.receive("named.kept-up", timeout=10) == {"type": "second"}
 
 
@@ -529,7 +532,7 @@ async def test_a_named_send_refused_because_another_process_stored_first_counts_
             await layer.send("named.raced", {"type": "second"})
         assert await stored_in(nats_node, namespace, "named.raced") == 2
         # The refusal named the newest message: counted again without reading it.
-        assert calls == Counter({"stream_info": 2, "publish": 1})
+        assert calls == Counter({"count": 2, "publish": 1})
     finally:
         await client.close()
 
@@ -553,7 +556,7 @@ async def test_a_named_send_refused_because_its_last_message_was_consumed_is_sto
         # channel is empty, so "none stored" is named without counting again.
         await layer.send("named.taken", {"type": "second"})
         assert await stored_in(nats_node, namespace, "named.taken") == 1
-        assert calls == Counter({"stream_info": 1, "publish": 2})
+        assert calls == Counter({"count": 1, "publish": 2})
     finally:
         await client.close()
 

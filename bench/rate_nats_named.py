@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -152,24 +151,6 @@ async def child(job: dict[str, Any]) -> dict[str, Any]:
         await sender.close()
 
 
-def run(tree: Path, job: dict[str, Any]) -> dict[str, Any]:
-    """One case in a fresh process with ``tree`` first on ``PYTHONPATH``."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--child", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd="/",
-        env=env,
-    )
-    lines = done.stdout.strip().splitlines()
-    if done.returncode or not lines:
-        return {"error": done.stderr.strip()[-300:]}
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", action="append", help="NAME=PATH, in run order (default: this tree)")
@@ -189,6 +170,7 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     sys.path.insert(0, str(BENCH.parent))  # tests.servers, to start the broker
     import bench_nats
+    import compare_trees
 
     named = args.tree or [f"this={BENCH.parent}"]
     trees = [(name, Path(path).resolve()) for name, path in (t.split("=", 1) for t in named)]
@@ -207,7 +189,7 @@ def main() -> None:
                         "senders": senders,
                         "reader": mode == "reader",
                     }
-                    result = run(tree, job)
+                    result = compare_trees.run_in_tree(tree, [str(SCRIPT), "--child", json.dumps(job)], 300)
                     results.setdefault((name, senders, mode), []).append(result)
                     shown = (
                         f"{result['rate']:,.0f} sends/s, {result['requests']:.2f} requests/send "

@@ -26,6 +26,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
 
 from fastapi_websockets import (
     BaseChannelLayer,
@@ -514,51 +515,60 @@ async def test_a_send_to_a_named_channel_a_reader_emptied_costs_a_count_and_a_pu
     assert await b.receive("named.kept-up", timeout=10) == {"type": "second"}
 
 
-async def test_a_named_send_refused_because_another_process_stored_first_counts_again(
-    nats_node: NatsNode, namespace: str, make: Make
-) -> None:
+async def second_send_raced(
+    nats_node: NatsNode,
+    namespace: str,
+    make: Make,
+    race: Callable[[JetStreamContext, str], Awaitable[None]],
+) -> tuple[BaseException | None, Counter[str]]:
+    """A layer of capacity 2 sends twice to a named channel; ``race(js, subject)`` runs between
+    the second send's count and its publish, on a client of its own (another process).
+
+    Returns what the second send raised (None) and its requests by kind.
+    """
     layer = make(servers=[nats_node.url], capacity=2)
     await layer.send("named.raced", {"type": "first"})
     client = await raw_client([nats_node.url])
     subject = f"{namespace}.n.{subject_token('named.raced')}"
-
-    async def other_process_stores() -> None:
-        await client.jetstream().publish(subject, b"other", stream=namespace)
-
     try:
-        calls = count_named_requests(layer, other_process_stores)
-        # Counted 1 of 2, but the other process's message came before the publish.
-        with pytest.raises(ChannelFull):
+        calls = count_named_requests(layer, lambda: race(client.jetstream(), subject))
+        try:
             await layer.send("named.raced", {"type": "second"})
-        assert await stored_in(nats_node, namespace, "named.raced") == 2
-        # The refusal named the newest message: counted again without reading it.
-        assert calls == Counter({"count": 2, "publish": 1})
+        except ChannelFull as exc:
+            return exc, calls
+        return None, calls
     finally:
         await client.close()
+
+
+async def test_a_named_send_refused_because_another_process_stored_first_counts_again(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    async def other_process_stores(js: JetStreamContext, subject: str) -> None:
+        await js.publish(subject, b"other", stream=namespace)
+
+    raised, calls = await second_send_raced(nats_node, namespace, make, other_process_stores)
+    # Counted 1 of 2, but the other process's message came before the publish.
+    assert isinstance(raised, ChannelFull)
+    assert await stored_in(nats_node, namespace, "named.raced") == 2
+    # The refusal named the newest message: counted again without reading it.
+    assert calls == Counter({"count": 2, "publish": 1})
 
 
 async def test_a_named_send_refused_because_its_last_message_was_consumed_is_stored(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
-    layer = make(servers=[nats_node.url], capacity=2)
-    await layer.send("named.taken", {"type": "first"})
-    client = await raw_client([nats_node.url])
-    subject = f"{namespace}.n.{subject_token('named.taken')}"
-
-    async def reader_takes_it() -> None:
-        newest = await client.jetstream().get_last_msg(namespace, subject)
+    async def reader_takes_it(js: JetStreamContext, subject: str) -> None:
+        newest = await js.get_last_msg(namespace, subject)
         assert newest.seq is not None
-        await client.jetstream().delete_msg(namespace, newest.seq)
+        await js.delete_msg(namespace, newest.seq)
 
-    try:
-        calls = count_named_requests(layer, reader_takes_it)
-        # Counted 1 (the layer's own), published on it, refused: it was gone and the
-        # channel is empty, so "none stored" is named without counting again.
-        await layer.send("named.taken", {"type": "second"})
-        assert await stored_in(nats_node, namespace, "named.taken") == 1
-        assert calls == Counter({"count": 1, "publish": 2})
-    finally:
-        await client.close()
+    raised, calls = await second_send_raced(nats_node, namespace, make, reader_takes_it)
+    # Counted 1 (the layer's own), published on it, refused: it was gone and the
+    # channel is empty, so "none stored" is named without counting again.
+    assert raised is None
+    assert await stored_in(nats_node, namespace, "named.raced") == 1
+    assert calls == Counter({"count": 1, "publish": 2})
 
 
 async def test_a_stream_of_the_same_name_for_other_subjects_is_refused(

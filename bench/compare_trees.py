@@ -48,6 +48,20 @@ def shown(key: str, value: float) -> str:
     return f"{value:.2f}" if key.endswith(("ratio", "_per_msg")) else f"{value:,.0f}"
 
 
+def run_in_tree(tree: Path, argv: list[str], timeout: float) -> dict[str, Any]:
+    """Python with ``argv`` in a fresh process, ``tree`` first on ``PYTHONPATH``: its last stdout line
+    as JSON, or ``{"error": the end of its stderr}``."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd="/", env=env
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        return {"error": done.stderr.strip()[-300:]}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
 def run(
     tree: Path, impl: str, broker: str, scenario: str, server: dict[str, Any], sizes: dict[str, Any]
 ) -> dict[str, Any]:
@@ -57,19 +71,8 @@ def run(
         "server": {"broker": broker, **server},
         "ns": "c" + uuid.uuid4().hex[:10],
     }
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "__main__.py"), "--worker", json.dumps(job), json.dumps(sizes)],
-        capture_output=True,
-        text=True,
-        timeout=sizes["limit"] * 2 + 30,
-        cwd="/",
-        env=env,
-    )
-    lines = done.stdout.strip().splitlines()
-    if done.returncode or not lines:
-        return {"error": done.stderr.strip()[-300:]}
-    result: dict[str, Any] = json.loads(lines[-1])
+    argv = [str(BENCH / "__main__.py"), "--worker", json.dumps(job), json.dumps(sizes)]
+    result = run_in_tree(tree, argv, sizes["limit"] * 2 + 30)
     if "rate" in result:
         result["p50_round"] = sizes["receivers"] / result["rate"]
     return result

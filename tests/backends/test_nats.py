@@ -26,6 +26,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
 
 from fastapi_websockets import (
     BaseChannelLayer,
@@ -454,6 +455,120 @@ async def test_named_capacity_holds_for_concurrent_sends_and_group_sends_of_one_
     )
     assert [r for r in results if r is not None and not isinstance(r, ChannelFull)] == []
     assert await stored_in(nats_node, namespace, "named.edge") == 5
+
+
+def count_named_requests(
+    layer: NATSChannelLayer, after_count: Callable[[], Awaitable[None]] | None = None
+) -> Counter[str]:
+    """Counts the layer's requests by kind ("count", "read", "publish"), passing each to the client.
+
+    Every JetStream call is a request on the connection, so its subject says what
+    it is. ``after_count`` runs once, after the first count (stream info) has been
+    answered and before the layer goes on: what another process does between a
+    layer's count and its publish.
+    """
+    calls: Counter[str] = Counter()
+    nc = layer.nc
+    real = nc.request
+    hooks = [after_count] if after_count is not None else []
+
+    async def request(subject: str, *args: Any, **kwargs: Any) -> Msg:
+        kind = (
+            "count"
+            if subject.startswith("$JS.API.STREAM.INFO.")
+            else "read"
+            if subject.startswith(("$JS.API.STREAM.MSG.GET.", "$JS.API.DIRECT.GET."))
+            else "publish"
+        )
+        calls[kind] += 1
+        reply = await real(subject, *args, **kwargs)
+        if kind == "count" and hooks:
+            await hooks.pop()()
+        return reply
+
+    nc.request = request  # type: ignore[method-assign]
+    return calls
+
+
+async def wait_stored(nats_node: NatsNode, namespace: str, channel: str, count: int) -> None:
+    """Waits (up to 10 s) until the stream holds ``count`` messages of named channel ``channel``."""
+    for _ in range(200):
+        if await stored_in(nats_node, namespace, channel) == count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{channel!r} never held {count}")
+
+
+async def test_a_send_to_a_named_channel_a_reader_emptied_costs_a_count_and_a_publish(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # The layer's own last publish was consumed, so it no longer is the channel's
+    # newest: a publish conditional on it would be refused every time a reader
+    # keeps up. The count says the channel is empty, and "none stored" is checked.
+    a, b = make(servers=[nats_node.url]), make(servers=[nats_node.url])
+    await a.send("named.kept-up", {"type": "first"})
+    assert await b.receive("named.kept-up", timeout=10) == {"type": "first"}
+    await wait_stored(nats_node, namespace, "named.kept-up", 0)
+    calls = count_named_requests(a)
+    await a.send("named.kept-up", {"type": "second"})
+    assert calls == Counter({"count": 1, "publish": 1})
+    assert await b.receive("named.kept-up", timeout=10) == {"type": "second"}
+
+
+async def second_send_raced(
+    nats_node: NatsNode,
+    namespace: str,
+    make: Make,
+    race: Callable[[JetStreamContext, str], Awaitable[None]],
+) -> tuple[BaseException | None, Counter[str]]:
+    """A layer of capacity 2 sends twice to a named channel; ``race(js, subject)`` runs between
+    the second send's count and its publish, on a client of its own (another process).
+
+    Returns what the second send raised (None) and its requests by kind.
+    """
+    layer = make(servers=[nats_node.url], capacity=2)
+    await layer.send("named.raced", {"type": "first"})
+    client = await raw_client([nats_node.url])
+    subject = f"{namespace}.n.{subject_token('named.raced')}"
+    try:
+        calls = count_named_requests(layer, lambda: race(client.jetstream(), subject))
+        try:
+            await layer.send("named.raced", {"type": "second"})
+        except ChannelFull as exc:
+            return exc, calls
+        return None, calls
+    finally:
+        await client.close()
+
+
+async def test_a_named_send_refused_because_another_process_stored_first_counts_again(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    async def other_process_stores(js: JetStreamContext, subject: str) -> None:
+        await js.publish(subject, b"other", stream=namespace)
+
+    raised, calls = await second_send_raced(nats_node, namespace, make, other_process_stores)
+    # Counted 1 of 2, but the other process's message came before the publish.
+    assert isinstance(raised, ChannelFull)
+    assert await stored_in(nats_node, namespace, "named.raced") == 2
+    # The refusal named the newest message: counted again without reading it.
+    assert calls == Counter({"count": 2, "publish": 1})
+
+
+async def test_a_named_send_refused_because_its_last_message_was_consumed_is_stored(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    async def reader_takes_it(js: JetStreamContext, subject: str) -> None:
+        newest = await js.get_last_msg(namespace, subject)
+        assert newest.seq is not None
+        await js.delete_msg(namespace, newest.seq)
+
+    raised, calls = await second_send_raced(nats_node, namespace, make, reader_takes_it)
+    # Counted 1 (the layer's own), published on it, refused: it was gone and the
+    # channel is empty, so "none stored" is named without counting again.
+    assert raised is None
+    assert await stored_in(nats_node, namespace, "named.raced") == 1
+    assert calls == Counter({"count": 1, "publish": 2})
 
 
 async def test_a_stream_of_the_same_name_for_other_subjects_is_refused(

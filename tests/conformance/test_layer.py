@@ -445,7 +445,7 @@ async def test_named_group_member_added_by_another_instance(make_layer: LayerFac
 
 #: Backends whose named-channel capacity can overshoot under concurrent senders (their
 #: docs/backends/<name>.md, Limits, says by how much and what a fix needs).
-CAPACITY_OVERSHOOTS = {"nats", "rabbitmq"}
+CAPACITY_OVERSHOOTS = {"rabbitmq"}
 
 
 @pytest.mark.usefixtures("shared")

@@ -29,6 +29,9 @@ from typing import Any
 
 SCRIPT = Path(__file__).resolve()
 BENCH = SCRIPT.parent
+sys.path.insert(0, str(BENCH))
+import harness  # noqa: E402
+
 CHANNEL = "named.rate"
 #: The sending layer's client methods a named send may call: what a send costs in requests.
 REQUESTS = ("count", "read", "publish", "other")
@@ -60,12 +63,6 @@ def count_requests(nc: Any, calls: Counter[str]) -> None:
 
     real = nc.request
     nc.request = request
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) process ``pid`` has used, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def layer_options(job: dict[str, Any]) -> dict[str, Any]:
@@ -126,13 +123,13 @@ async def child(job: dict[str, Any]) -> dict[str, Any]:
                 await sender.send(CHANNEL, {"type": "m"})
 
         share = sends // senders
-        server_cpu = cpu_seconds(job["server_pid"])
+        server_cpu = harness.own_cpu(job["server_pid"])
         cpu = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(send_some(share) for _ in range(senders)))
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu
-        server_cpu = cpu_seconds(job["server_pid"]) - server_cpu
+        server_cpu = harness.own_cpu(job["server_pid"]) - server_cpu
         if reader is not None:
             assert await reader.wait() == 0
         sent = share * senders
@@ -167,7 +164,6 @@ def main() -> None:
     if args.child:
         print(json.dumps(asyncio.run(child(json.loads(args.child)))), flush=True)
         return
-    sys.path.insert(0, str(BENCH))
     sys.path.insert(0, str(BENCH.parent))  # tests.servers, to start the broker
     import bench_nats
     import compare_trees

@@ -49,7 +49,6 @@ import msgpack
 
 from fastapi_websockets.backends.futures import settle
 from fastapi_websockets.backends.nats import (
-    _ATTEMPT_TIMEOUT,
     _EXPECTED_HEADER,
     _STREAM_NOT_FOUND,
     _WRONG_LAST_SEQUENCE,
@@ -441,18 +440,12 @@ class NatsPresence:
 
     async def _delete(self, seq: int, what: str) -> bool:
         """Delete one message by sequence; False if it is gone already (someone else was first)."""
-        from nats.js.errors import APIError
-
         # nats-py's delete_msg erases the bytes first, ten times slower on a file
         # store; entries hold nothing secret, so they are only removed.
-        request = json.dumps({"seq": seq, "no_erase": True}).encode()
-        subject = f"$JS.API.STREAM.MSG.DELETE.{self.stream}"
-        attempt = min(_ATTEMPT_TIMEOUT, self.layer.timeout)
+        api = f"STREAM.MSG.DELETE.{self.stream}"
 
         async def call() -> bool:
-            reply = json.loads((await self.layer.nc.request(subject, request, timeout=attempt)).data)
-            if "error" in reply:
-                APIError.from_error(reply["error"])  # raises the matching APIError subclass
+            reply = await self.layer._js_request(api, {"seq": seq, "no_erase": True})
             return bool(reply.get("success"))
 
         try:

@@ -493,8 +493,6 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     async def _close(self) -> None:
         await self._forget_local_members()
-        # A delivery left unacknowledged would stay in the stream until channel_expiry.
-        await self._ack_held()
         await self._drop_inbox_consumer()
         # nats-py can swallow a cancellation that races with a reply (asyncio.wait_for
         # on Python 3.11): closing the connection makes such a task's next call fail.
@@ -871,6 +869,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         """Delete this layer's inbox consumer on close (else the server does, after its threshold)."""
         if self._nc is None or not self._nc.is_connected or self._js is None or not self._stored:
             return
+        # Confirmed before the consumer goes: an acknowledgement that reaches the server
+        # after the deletion is dropped, and its message would wait until channel_expiry.
+        await self._ack_held(confirmed=True)
         try:
             # Briefly: the server deletes it after its inactive threshold anyway.
             await within(
@@ -929,17 +930,20 @@ class NATSChannelLayer(BrokerChannelLayer):
             self._ack_due.clear()
             await self._ack_held()
 
-    async def _ack_held(self) -> None:
+    async def _ack_held(self, *, confirmed: bool = False) -> None:
         """Acknowledge the held inbox delivery now, if there is one."""
         held, self._unacked = self._unacked, None
         if held is not None:
-            await self._ack(held)
+            await self._ack(held, confirmed=confirmed)
 
-    async def _ack(self, msg: Msg) -> None:
-        """Acknowledge one inbox delivery (a core publish: no round trip)."""
+    async def _ack(self, msg: Msg, *, confirmed: bool = False) -> None:
+        """Acknowledge one inbox delivery: a core publish, or (``confirmed``) a request the server answers."""
         try:
-            await msg.ack()
-        except self._driver_error as exc:
+            if confirmed:
+                await msg.ack_sync(timeout=min(self.timeout, 1.0))
+            else:
+                await msg.ack()
+        except (self._driver_error, asyncio.TimeoutError) as exc:
             # The server delivers it again after _INBOX_ACK_WAIT; its id drops that copy.
             logger.debug("inbox ack failed: %r", exc)
 

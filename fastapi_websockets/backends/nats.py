@@ -911,8 +911,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         # Acknowledged one delivery late: an acknowledged message leaves the work-queue
         # stream, and when that empties its last file block nats-server creates a new
         # block file and deletes the old one, a file system round per message that cost
-        # the server more CPU than the rest of the message did (docs/architecture.md,
-        # "Inbox deliveries acknowledged one late"). With the newest delivery held, the
+        # the server more CPU than the rest of the message did (docs/architecture.md, NATS,
+        # "Why a run's rates moved 3x"). With the newest delivery held, the
         # stream keeps a message while deliveries follow each other; one left alone is
         # acknowledged by _ack_late within _INBOX_ACK_DELAY. Redelivery is unchanged: a
         # held message comes again only if its acknowledgement never came, and its id drops it.

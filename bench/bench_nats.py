@@ -6,6 +6,7 @@ the worker's own connections, and JetStream consumers created meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import tempfile
@@ -47,6 +48,35 @@ def probe(server: Server, sockets: set[int]) -> dict[str, float]:
         "subscriptions": sum(c.get("subscriptions", 0) for c in mine),
         "consumers": get("/jsz")["consumers"],
     }
+
+
+def cleanup(server: Server, namespace: str) -> None:
+    """Delete the streams a job left behind (its named stream, inbox stream and KV bucket).
+
+    0.1.0 never deletes its durable consumers: one fanout job left 1,001 on the server, and
+    the run's later jobs shared it with them (2,002 and 44,000 stored messages after two
+    passes). Our rows measured no slower beside them (docs/architecture.md "### NATS",
+    "Why a run's rates moved 3x"), but each job now finds the server as the first one did.
+    """
+    import nats
+
+    with urllib.request.urlopen(server["monitor"] + "/jsz?streams=1", timeout=5) as response:
+        accounts = json.loads(response.read()).get("account_details", [])
+    names = [stream["name"] for account in accounts for stream in account.get("stream_detail", [])]
+    # Every row names its streams after the job's namespace: <ns>, <ns>_INBOX, <ns>_P, <ns>_H…, KV_<ns>.
+    left = [name for name in names if name.removeprefix("KV_").split("_")[0] == namespace]
+
+    async def delete() -> None:
+        client = await nats.connect(server["url"])
+        try:
+            js = client.jetstream()
+            for name in left:
+                await js.delete_stream(name)
+        finally:
+            await client.close()
+
+    if left:
+        asyncio.run(delete())
 
 
 def ours(server: Server, namespace: str) -> Any:

@@ -142,6 +142,9 @@ _INBOX_ACK_WAIT = 5.0
 #: Seconds between the server's heartbeats to an idle inbox; two missed ones make the
 #: layer check that its consumer still exists (a safety net, not a poll: they are pushed).
 _INBOX_HEARTBEAT = 5.0
+#: Seconds at most an inbox delivery waits for its acknowledgement when no other follows it
+#: (see _on_delivery); well within _INBOX_ACK_WAIT, so that the server never sends it again.
+_INBOX_ACK_DELAY = 0.2
 #: Fewest seconds the server keeps the inbox consumer of a process that went away.
 _INBOX_MIN_IDLE = 30.0
 #: Most unacknowledged inbox messages the server has out to one process at a time.
@@ -359,6 +362,10 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: loop.time() of the last message or heartbeat on the inbox.
         self._inbox_heard = 0.0
         self._seen = _RecentIds(_SEEN_IDS)
+        #: The newest inbox delivery, taken in but not yet acknowledged (see _on_delivery).
+        self._unacked: Msg | None = None
+        #: Set when a delivery is held with none before it: _ack_late acknowledges it in time.
+        self._ack_due = asyncio.Event()
         #: group -> loop.time() when this layer last put its owner key of the group.
         self._owned: dict[str, float] = {}
         #: group -> the other owners this layer's last group_send to it found: the next
@@ -473,6 +480,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             await nc.close()
             raise
         self.tasks.keep_running(self._keep_inbox, "inbox keeper")
+        self.tasks.keep_running(self._ack_late, "inbox acknowledgements")
 
     def _connect_failed(self, nc: Client, exc: BaseException | None = None) -> BackendUnavailable:
         last = exc or nc.last_error
@@ -861,6 +869,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         """Delete this layer's inbox consumer on close (else the server does, after its threshold)."""
         if self._nc is None or not self._nc.is_connected or self._js is None or not self._stored:
             return
+        # Confirmed before the consumer goes: an acknowledgement that reaches the server
+        # after the deletion is dropped, and its message would wait until channel_expiry.
+        await self._ack_held(confirmed=True)
         try:
             # Briefly: the server deletes it after its inactive threshold anyway.
             await within(
@@ -897,9 +908,42 @@ class NATSChannelLayer(BrokerChannelLayer):
         if not msg.reply:
             return  # an idle heartbeat
         self._accept(msg.data)
+        # Acknowledged one delivery late: an acknowledged message leaves the work-queue
+        # stream, and when that empties its last file block nats-server creates a new
+        # block file and deletes the old one, a file system round per message that cost
+        # the server more CPU than the rest of the message did (docs/architecture.md, NATS,
+        # "Why a run's rates moved 3x"). With the newest delivery held, the
+        # stream keeps a message while deliveries follow each other; one left alone is
+        # acknowledged by _ack_late within _INBOX_ACK_DELAY. Redelivery is unchanged: a
+        # held message comes again only if its acknowledgement never came, and its id drops it.
+        held, self._unacked = self._unacked, msg
+        if held is None:
+            self._ack_due.set()
+        else:
+            await self._ack(held)
+
+    async def _ack_late(self) -> None:
+        """Acknowledge a held inbox delivery at most ``_INBOX_ACK_DELAY`` after it was held."""
+        while True:
+            await self._ack_due.wait()
+            await asyncio.sleep(_INBOX_ACK_DELAY)
+            self._ack_due.clear()
+            await self._ack_held()
+
+    async def _ack_held(self, *, confirmed: bool = False) -> None:
+        """Acknowledge the held inbox delivery now, if there is one."""
+        held, self._unacked = self._unacked, None
+        if held is not None:
+            await self._ack(held, confirmed=confirmed)
+
+    async def _ack(self, msg: Msg, *, confirmed: bool = False) -> None:
+        """Acknowledge one inbox delivery: a core publish, or (``confirmed``) a request the server answers."""
         try:
-            await msg.ack()
-        except self._driver_error as exc:
+            if confirmed:
+                await msg.ack_sync(timeout=min(self.timeout, 1.0))
+            else:
+                await msg.ack()
+        except (self._driver_error, asyncio.TimeoutError) as exc:
             # The server delivers it again after _INBOX_ACK_WAIT; its id drops that copy.
             logger.debug("inbox ack failed: %r", exc)
 

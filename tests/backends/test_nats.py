@@ -50,6 +50,8 @@ from tests.servers.nats import NatsCluster, NatsNode
 
 Make = Callable[..., NATSChannelLayer]
 _T = TypeVar("_T")
+#: Seconds a test waits for what the server does on its own (not a measure of speed).
+PATIENCE = 30.0
 
 
 @pytest.fixture
@@ -257,6 +259,58 @@ async def test_groups_cost_no_subscription_and_one_consumer_per_process(
     finally:
         await client.close()
     assert [info.name for info in consumers] == [f"fwi{layer.client_token}"]
+
+
+async def test_a_closed_loop_of_sends_makes_no_block_file_per_message(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # nats-server 2.15 replaces the last file block of a stream that an acknowledgement empties
+    # (a new file, the old one deleted; 2.9.10 keeps it, so there this passes either way).
+    # Inbox deliveries are acknowledged one late, so a send that waits for the previous
+    # message's arrival finds the stream never empty.
+    sender, receiver = make(servers=[nats_node.url]), make(servers=[nats_node.url])
+    channel = await receiver.new_channel()
+    for i in range(50):
+        await sender.send(channel, {"type": "x", "i": i})
+        assert (await receiver.receive(channel, timeout=PATIENCE))["i"] == i
+    blocks = nats_node.workdir / "js" / "jetstream" / "$G" / "streams" / f"{namespace}_INBOX" / "msgs"
+    numbers = [int(block.name.split(".")[0]) for block in blocks.glob("*.blk")]
+    assert numbers
+    assert max(numbers) < 10, sorted(numbers)
+
+
+async def test_an_inbox_delivery_nothing_follows_is_acknowledged_and_close_acknowledges_the_held_one(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    sender, receiver = make(servers=[nats_node.url]), make(servers=[nats_node.url])
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "alone"})
+    assert (await receiver.receive(channel, timeout=PATIENCE))["type"] == "alone"
+    client = await raw_client([nats_node.url])
+    try:
+        js = client.jetstream()
+        stream = f"{namespace}_INBOX"
+        # Acknowledged without a next delivery, and well before the server would send it again.
+        info = await js.consumer_info(stream, f"fwi{receiver.client_token}")
+        for _ in range(int(PATIENCE / 0.05)):
+            if info.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.05)
+            info = await js.consumer_info(stream, f"fwi{receiver.client_token}")
+        assert info.num_ack_pending == 0, info
+        assert info.num_redelivered == 0, info
+        assert (await js.stream_info(stream)).state.messages == 0
+        # The delivery held when the layer closes is acknowledged, not left in the stream.
+        await sender.send(channel, {"type": "last"})
+        assert (await receiver.receive(channel, timeout=PATIENCE))["type"] == "last"
+        await receiver.close()
+        for _ in range(int(PATIENCE / 0.05)):
+            if (await js.stream_info(stream)).state.messages == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await js.stream_info(stream)).state.messages == 0
+    finally:
+        await client.close()
 
 
 async def test_group_send_costs_the_same_messages_for_any_group_size(

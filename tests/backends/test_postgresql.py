@@ -8,7 +8,7 @@ import logging
 import random
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, cast
 
 import asyncpg
@@ -27,7 +27,7 @@ from fastapi_websockets.backends import postgresql
 from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.conftest import layer_factory
-from tests.faults import eventually, give_up_joins
+from tests.faults import TcpProxy, eventually, give_up_joins
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.postgresql import PostgresServer
@@ -1432,6 +1432,37 @@ async def test_synchronous_commit_layers_work_with_the_default_ones(make: Factor
 
 
 # ------------------------------------------------------- broken connections
+
+
+@pytest.mark.parametrize("call", ["send", "group_send", "send_named"])
+async def test_a_statement_the_server_never_answers_fails_after_timeout(
+    make: Factory, postgresql_server: PostgresServer, call: str
+) -> None:
+    # Connected, then nothing comes back (a frozen server, a dead link): the writer's
+    # statement (on the connection it keeps: the warm-up's) and a pooled one each fail
+    # with BackendUnavailable once the layer's timeout has passed, instead of waiting.
+    receiver = make()
+    channel = await receiver.new_channel()
+    await receiver.group_add("room", channel)
+    async with TcpProxy(postgresql_server.port) as proxy:
+        sender = make(
+            dsn=postgresql_server.dsn.replace(str(postgresql_server.port), str(proxy.port)), timeout=2
+        )
+        await sender.send(channel, {"type": "warm"})
+        await sender.send("unanswered.named", {"type": "warm"})
+        assert (await receiver.receive(channel, timeout=10))["type"] == "warm"
+        proxy.hold()
+        writing: Coroutine[Any, Any, object]
+        if call == "send":
+            writing = sender.send(channel, {"type": "x"})
+        elif call == "group_send":
+            writing = sender.group_send("room", {"type": "x"})
+        else:
+            writing = sender.send("unanswered.named", {"type": "x"})
+        with pytest.raises(BackendUnavailable):
+            await asyncio.wait_for(writing, 30)  # a hang guard: the layer's own bound is 2 s
+        proxy.release()
+        await sender.close()  # before the proxy goes: its sockets are closed by their owners
 
 
 async def test_inbox_reader_survives_its_connections_killed_mid_claim(

@@ -986,6 +986,74 @@ def _settled(changes: list[_Change], exc: BaseException | None) -> None:
         settle(change.done, exc)
 
 
+class _StatementWatch:
+    """The ordered writer's deadline: one timer for its statements instead of asyncpg's timer each.
+
+    On a connection with ``command_timeout`` asyncpg arms a timer per statement (a
+    ``call_later``, a heap push, a cancel, and the loop's purge of cancelled timers).
+    The writer's statements never overlap, so while the writer holds its connection
+    that connection goes without ``command_timeout`` (see :func:`_statement_timer`) and
+    this watch bounds its statements: armed when a statement starts and no timer is
+    pending, it ends the connection of a statement that began ``timeout`` seconds ago
+    or more when it fires (asyncpg then fails that statement as a lost connection),
+    re-arms for the statement running now if it began later, and stays unarmed while
+    none runs. Two attribute stores per statement, no coroutine of its own.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        #: The connection of the statement in flight (None: none is), and when it began.
+        self._conn: _Conn | None = None
+        self._since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        #: Whether the watch ended the last statement's connection.
+        self.expired = False
+
+    def start(self, conn: _Conn) -> None:
+        """A statement of the writer goes out on ``conn``."""
+        self._since = time.monotonic()
+        self._conn = conn
+        self.expired = False
+        if self._timer is None:
+            self._timer = running_loop().call_later(self.timeout, self._check)
+
+    def stop(self) -> None:
+        """The statement in flight is done."""
+        self._conn = None
+
+    def cancel(self) -> None:
+        """Drop the timer (the layer is closing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        conn = self._conn
+        if conn is None:
+            return  # idle: armed again by the next statement
+        late = time.monotonic() - self._since
+        if late < self.timeout:
+            self._timer = running_loop().call_later(self.timeout - late, self._check)
+            return
+        self.expired = True
+        self._conn = None
+        conn.terminate()
+
+
+def _statement_timer(conn: _Conn, timeout: float | None) -> None:
+    """Set ``conn``'s ``command_timeout`` (None: asyncpg arms no timer per statement).
+
+    asyncpg reads it from the connection's configuration (``_config``, not public)
+    at every statement; where that is not a named tuple with the field (another
+    asyncpg version) the connection keeps its own and its timer.
+    """
+    raw = getattr(conn, "_con", None)
+    config: Any = getattr(raw, "_config", None)
+    if "command_timeout" in getattr(config, "_fields", ()) and config.command_timeout != timeout:
+        raw._config = config._replace(command_timeout=timeout)  # type: ignore[union-attr]
+
+
 class PostgreSQLChannelLayer(BrokerChannelLayer):
     """A channel layer stored in PostgreSQL tables, woken by LISTEN/NOTIFY (asyncpg).
 
@@ -1081,6 +1149,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._writer_linger: asyncio.TimerHandle | None = None
         #: When the writer's last statement ended (loop time): its linger counts from there.
         self._writer_used = 0.0
+        self._statement_watch = _StatementWatch(self.timeout)
         # Filled in by _start once asyncpg is imported.
         self._broken: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
         self._misuse: tuple[type[BaseException], ...] = ()
@@ -2077,8 +2146,13 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             conn = await self._acquire_for_writer()
         else:
             self._writer_conn = None  # ours until the statement is done
+        watch = self._statement_watch
+        watch.start(conn)
         try:
-            result = await operation(conn)
+            try:
+                result = await operation(conn)
+            finally:
+                watch.stop()
         except self._misuse:
             self._give_back(conn)
             raise
@@ -2089,6 +2163,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 conn.terminate()
             if self.closed:
                 raise ChannelLayerClosed("the channel layer was closed") from exc
+            if watch.expired:
+                raise self.unavailable(f"no reply within {self.timeout} s") from exc
             if _aborted_by_server(exc, self._aborted) or _refused_unsent(exc):
                 return await self._with_conn(operation)
             raise self.unavailable(exc) from exc
@@ -2141,6 +2217,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 conn: _Conn = await pool.acquire(
                     timeout=max(deadline - time.monotonic(), 0.0) or self.timeout
                 )
+                _statement_timer(conn, None)  # bounded by _statement_watch while the writer has it
                 return conn
             except self._misuse:
                 raise
@@ -2162,6 +2239,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             self._give_back(conn)
 
     def _give_back(self, conn: _Conn) -> None:
+        """Hand the writer's connection back to the pool, with asyncpg's statement timer again."""
+        _statement_timer(conn, self.timeout)
         pool = self._pool
         if pool is not None and not self.closed:
             self.tasks.spawn(pool.release(conn), "release")
@@ -2483,11 +2562,13 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     async def _close(self) -> None:
         await self.tasks.close(self.timeout, unblock=self._terminate_connections)
+        self._statement_watch.cancel()
         if self._writer_linger is not None:
             self._writer_linger.cancel()
             self._writer_linger = None
         kept, self._writer_conn = self._writer_conn, None
         if kept is not None and self._pool is not None:
+            _statement_timer(kept, self.timeout)
             # Before the pool closes, which waits for every connection to come back.
             with contextlib.suppress(ChannelLayerError, *self._broken):
                 await within(

@@ -1524,23 +1524,31 @@ async def test_a_cancelled_statement_of_the_writer_fails_each_of_its_calls_with_
 # ------------------------------------------------------- broken connections
 
 
-@pytest.mark.parametrize("call", ["send", "group_send", "send_named"])
+@pytest.mark.parametrize("call", ["send", "group_send", "send_named", "send_named_pool_of_one"])
 async def test_a_statement_the_server_never_answers_fails_after_timeout(
     make: Factory, postgresql_server: PostgresServer, call: str
 ) -> None:
     # Connected, then nothing comes back (a frozen server, a dead link): the writer's
     # statement (on the connection it keeps: the warm-up's) and a pooled one each fail
     # with BackendUnavailable once the layer's timeout has passed, instead of waiting.
+    # With a pool of one, the pooled statement runs on the connection the writer just
+    # gave back (the writer bounds its statements itself: the connection's own bound
+    # must be back).
     receiver = make()
     channel = await receiver.new_channel()
     await receiver.group_add("room", channel)
     async with TcpProxy(postgresql_server.port) as proxy:
         sender = make(
-            dsn=postgresql_server.dsn.replace(str(postgresql_server.port), str(proxy.port)), timeout=2
+            dsn=postgresql_server.dsn.replace(str(postgresql_server.port), str(proxy.port)),
+            timeout=2,
+            pool_size=1 if call == "send_named_pool_of_one" else 2,
         )
-        await sender.send(channel, {"type": "warm"})
         await sender.send("unanswered.named", {"type": "warm"})
+        await sender.send(channel, {"type": "warm"})
         assert (await receiver.receive(channel, timeout=10))["type"] == "warm"
+        assert sender._pool is not None
+        async with sender._pool.acquire():  # once the writer's connection is back in the pool
+            pass
         proxy.hold()
         writing: Coroutine[Any, Any, object]
         if call == "send":
@@ -1549,8 +1557,12 @@ async def test_a_statement_the_server_never_answers_fails_after_timeout(
             writing = sender.group_send("room", {"type": "x"})
         else:
             writing = sender.send("unanswered.named", {"type": "x"})
+        # A hang guard, not a speed goal: the layer's own bound is 2 s. (Not wait_for: the
+        # cancellation it ends a hang with can come out as a BackendUnavailable too.)
+        done, _ = await asyncio.wait([asyncio.ensure_future(writing)], timeout=30)
+        assert done, "no answer and no error after 30 s"
         with pytest.raises(BackendUnavailable):
-            await asyncio.wait_for(writing, 30)  # a hang guard: the layer's own bound is 2 s
+            done.pop().result()
         proxy.release()
         await sender.close()  # before the proxy goes: its sockets are closed by their owners
 

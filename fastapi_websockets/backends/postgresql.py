@@ -69,7 +69,7 @@ from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import settle
 from fastapi_websockets.backends.options import Memo, flag, matching, positive, positive_int, url
-from fastapi_websockets.backends.timeouts import wait_event, within
+from fastapi_websockets.backends.timeouts import LazyDeadline, wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
@@ -986,59 +986,41 @@ def _settled(changes: list[_Change], exc: BaseException | None) -> None:
         settle(change.done, exc)
 
 
-class _StatementWatch:
+class _StatementWatch(LazyDeadline):
     """The ordered writer's deadline: one timer for its statements instead of asyncpg's timer each.
 
-    On a connection with ``command_timeout`` asyncpg arms a timer per statement (a
-    ``call_later``, a heap push, a cancel, and the loop's purge of cancelled timers).
-    The writer's statements never overlap, so while the writer holds its connection
-    that connection goes without ``command_timeout`` (see :func:`_statement_timer`) and
-    this watch bounds its statements: armed when a statement starts and no timer is
-    pending, it ends the connection of a statement that began ``timeout`` seconds ago
-    or more when it fires (asyncpg then fails that statement as a lost connection),
-    re-arms for the statement running now if it began later, and stays unarmed while
-    none runs. Two attribute stores per statement, no coroutine of its own.
+    On a connection with ``command_timeout`` asyncpg arms a timer per statement. The
+    writer's statements never overlap, so while the writer holds its connection
+    that connection goes without ``command_timeout`` (see :func:`_statement_timer`)
+    and this watch bounds its statements: it ends the connection of one still
+    running ``timeout`` seconds after it began (asyncpg then fails that statement as
+    a lost connection). No coroutine of its own, no task cancellation.
     """
 
     def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        #: The connection of the statement in flight (None: none is), and when it began.
+        super().__init__(timeout)
+        #: The connection of the statement in flight (None: none is).
         self._conn: _Conn | None = None
-        self._since = 0.0
-        self._timer: asyncio.TimerHandle | None = None
         #: Whether the watch ended the last statement's connection.
         self.expired = False
 
     def start(self, conn: _Conn) -> None:
         """A statement of the writer goes out on ``conn``."""
-        self._since = time.monotonic()
         self._conn = conn
         self.expired = False
-        if self._timer is None:
-            self._timer = running_loop().call_later(self.timeout, self._check)
+        self.begin(running_loop())
 
     def stop(self) -> None:
         """The statement in flight is done."""
         self._conn = None
+        self._since = None
 
-    def cancel(self) -> None:
-        """Drop the timer (the layer is closing)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check(self) -> None:
-        self._timer = None
-        conn = self._conn
-        if conn is None:
-            return  # idle: armed again by the next statement
-        late = time.monotonic() - self._since
-        if late < self.timeout:
-            self._timer = running_loop().call_later(self.timeout - late, self._check)
-            return
-        self.expired = True
-        self._conn = None
-        conn.terminate()
+    def expire(self) -> None:
+        conn, self._conn = self._conn, None
+        self._since = None
+        if conn is not None:
+            self.expired = True
+            conn.terminate()
 
 
 def _statement_timer(conn: _Conn, timeout: float | None) -> None:

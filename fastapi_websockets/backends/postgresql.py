@@ -1020,7 +1020,9 @@ class _StatementWatch(LazyDeadline):
         self._since = None
         if conn is not None:
             self.expired = True
-            conn.terminate()
+            # (A proxy that close() released in this same instant refuses the call: nothing to end.)
+            with contextlib.suppress(Exception):
+                conn.terminate()
 
 
 def _statement_timer(conn: _Conn, timeout: float | None) -> None:

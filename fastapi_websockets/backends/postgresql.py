@@ -69,7 +69,7 @@ from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import settle
 from fastapi_websockets.backends.options import Memo, flag, matching, positive, positive_int, url
-from fastapi_websockets.backends.timeouts import wait_event, within
+from fastapi_websockets.backends.timeouts import LazyDeadline, wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
@@ -89,9 +89,41 @@ if TYPE_CHECKING:
 
     _Conn = PoolConnectionProxy[asyncpg.Record]
 
-__all__ = ["PostgreSQLChannelLayer", "lock_key", "notify_channel"]
+__all__ = ["PostgreSQLChannelLayer", "StatementRefused", "lock_key", "notify_channel"]
 
 logger = logging.getLogger("fastapi_websockets.postgresql")
+
+
+class StatementRefused(ChannelLayerError):
+    """PostgreSQL answered a statement with an error: it was rolled back, nothing of it stored.
+
+    A deadlock, a statement cancelled (``statement_timeout``, ``lock_timeout``,
+    ``pg_cancel_backend``), a read-only server, a role without rights: the text
+    says which and what to do, ``sqlstate`` is the server's code (``40P01`` for a
+    deadlock) and the asyncpg error is the ``__cause__``. A lost connection is
+    :class:`BackendUnavailable` instead.
+    """
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+#: What to do about a refused statement, by SQLSTATE (then by its two-character class).
+_REFUSAL_ADVICE = {
+    "40P01": "it was chosen to break a deadlock with another session; the call can be made again",
+    "40": "the server rolled the transaction back (serialization failure); the call can be made again",
+    "57014": (
+        "the server cancelled it (statement_timeout of the role or database, or pg_cancel_backend); "
+        "raise statement_timeout for this role if it is too low, then make the call again"
+    ),
+    "55P03": (
+        "a lock it needs was not granted within lock_timeout (another session holds it); "
+        "make the call again, or look for the session holding locks on the schema's tables"
+    ),
+    "25006": "the server is read-only (a standby, or default_transaction_read_only): point dsn at a primary",
+    "42501": "the layer's role lacks rights on the schema's tables or functions: grant them to it",
+}
 
 T = TypeVar("T")
 
@@ -954,6 +986,58 @@ def _settled(changes: list[_Change], exc: BaseException | None) -> None:
         settle(change.done, exc)
 
 
+class _StatementWatch(LazyDeadline):
+    """The ordered writer's deadline: one timer for its statements instead of asyncpg's timer each.
+
+    On a connection with ``command_timeout`` asyncpg arms a timer per statement. The
+    writer's statements never overlap, so while the writer holds its connection
+    that connection goes without ``command_timeout`` (see :func:`_statement_timer`)
+    and this watch bounds its statements: it ends the connection of one still
+    running ``timeout`` seconds after it began (asyncpg then fails that statement as
+    a lost connection). No coroutine of its own, no task cancellation.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(timeout)
+        #: The connection of the statement in flight (None: none is).
+        self._conn: _Conn | None = None
+        #: Whether the watch ended the last statement's connection.
+        self.expired = False
+
+    def start(self, conn: _Conn) -> None:
+        """A statement of the writer goes out on ``conn``."""
+        self._conn = conn
+        self.expired = False
+        self.begin(running_loop())
+
+    def stop(self) -> None:
+        """The statement in flight is done."""
+        self._conn = None
+        self._since = None
+
+    def expire(self) -> None:
+        conn, self._conn = self._conn, None
+        self._since = None
+        if conn is not None:
+            self.expired = True
+            # (A proxy that close() released in this same instant refuses the call: nothing to end.)
+            with contextlib.suppress(Exception):
+                conn.terminate()
+
+
+def _statement_timer(conn: _Conn, timeout: float | None) -> None:
+    """Set ``conn``'s ``command_timeout`` (None: asyncpg arms no timer per statement).
+
+    asyncpg reads it from the connection's configuration (``_config``, not public)
+    at every statement; where that is not a named tuple with the field (another
+    asyncpg version) the connection keeps its own and its timer.
+    """
+    raw = getattr(conn, "_con", None)
+    config: Any = getattr(raw, "_config", None)
+    if "command_timeout" in getattr(config, "_fields", ()) and config.command_timeout != timeout:
+        raw._config = config._replace(command_timeout=timeout)  # type: ignore[union-attr]
+
+
 class PostgreSQLChannelLayer(BrokerChannelLayer):
     """A channel layer stored in PostgreSQL tables, woken by LISTEN/NOTIFY (asyncpg).
 
@@ -1049,11 +1133,13 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._writer_linger: asyncio.TimerHandle | None = None
         #: When the writer's last statement ended (loop time): its linger counts from there.
         self._writer_used = 0.0
+        self._statement_watch = _StatementWatch(self.timeout)
         # Filled in by _start once asyncpg is imported.
         self._broken: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
         self._misuse: tuple[type[BaseException], ...] = ()
         self._aborted: tuple[type[BaseException], ...] = ()
-        self._reader_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
+        self._reader_errors: tuple[type[BaseException], ...] = (BackendUnavailable, StatementRefused)
+        self._server_errors: tuple[type[BaseException], ...] = ()
         self._no_table: tuple[type[BaseException], ...] = ()
         self._no_rights: tuple[type[BaseException], ...] = ()
         self._tables_gone: tuple[type[BaseException], ...] = ()
@@ -1106,7 +1192,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         # Interface errors that are our mistake, not the connection's.
         self._misuse = (asyncpg.exceptions.ClientConfigurationError, asyncpg.exceptions.DataError)
         # What a background reader survives (logged, then retried once reconnected).
-        self._reader_errors = (BackendUnavailable, asyncpg.PostgresError)
+        self._reader_errors = (BackendUnavailable, StatementRefused, asyncpg.PostgresError)
+        # The server's answer to a statement (the session goes on): see _refused.
+        self._server_errors = (asyncpg.PostgresError,)
         # A role that may not replace functions another role made (see _create_tables).
         self._no_rights = (asyncpg.InsufficientPrivilegeError,)
         # Presence reads before any layer of the schema made the presence tables.
@@ -1310,12 +1398,17 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         *,
         retry: bool = False,
         patient: bool = True,
+        no_table_ok: bool = False,
     ) -> T:
         """Run ``operation`` on a pooled connection; map connection errors to BackendUnavailable.
 
         Failing to get a connection is retried until ``timeout`` (not at all
         unless ``patient``); a statement that failed after it was sent is
         retried only if ``retry`` (it is idempotent), because it may have committed.
+        A server error is raised as :class:`StatementRefused`, except a table still
+        missing after the tables were made again when ``no_table_ok`` (presence
+        reads before any layer of the schema made the presence tables: the caller's
+        own ``_no_table`` case).
         """
         pool = self._pool
         if pool is None:
@@ -1346,7 +1439,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 raise
             except self._tables_gone as exc:
                 if restored:
-                    raise
+                    if no_table_ok and isinstance(exc, self._no_table):
+                        raise
+                    raise self._refused(exc) from exc
                 restored = True
                 await self._restore_tables(exc)
             except self._broken as exc:
@@ -1359,6 +1454,24 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if (committed_maybe and not retry) or time.monotonic() + delay >= deadline:
                     raise self.unavailable(exc) from exc
                 await asyncio.sleep(delay)
+            except self._server_errors as exc:
+                raise self._refused(exc) from exc
+
+    def _refused(self, exc: BaseException) -> StatementRefused:
+        """The error a caller gets for a statement the server answered with ``exc`` (rolled back).
+
+        The one place asyncpg's server errors become the library's: a deadlock or a
+        cancelled statement reaches callers of ``send``, ``group_send`` and the rest as
+        a :class:`ChannelLayerError` that says what happened and what to do.
+        """
+        sqlstate: str | None = getattr(exc, "sqlstate", None)
+        code = sqlstate or ""
+        advice = _REFUSAL_ADVICE.get(code) or _REFUSAL_ADVICE.get(code[:2]) or "see the server's log"
+        return StatementRefused(
+            f"PostgreSQL at {self.where} refused a statement and rolled it back, nothing of it stored "
+            f"({type(exc).__name__}, SQLSTATE {code or '?'}: {self.redact(str(exc))}): {advice}",
+            sqlstate,
+        )
 
     async def _release_connections(self) -> None:
         listener, self._listener = self._listener, None
@@ -2017,8 +2130,13 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             conn = await self._acquire_for_writer()
         else:
             self._writer_conn = None  # ours until the statement is done
+        watch = self._statement_watch
+        watch.start(conn)
         try:
-            result = await operation(conn)
+            try:
+                result = await operation(conn)
+            finally:
+                watch.stop()
         except self._misuse:
             self._give_back(conn)
             raise
@@ -2029,6 +2147,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 conn.terminate()
             if self.closed:
                 raise ChannelLayerClosed("the channel layer was closed") from exc
+            if watch.expired:
+                raise self.unavailable(f"no reply within {self.timeout} s") from exc
             if _aborted_by_server(exc, self._aborted) or _refused_unsent(exc):
                 return await self._with_conn(operation)
             raise self.unavailable(exc) from exc
@@ -2036,9 +2156,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             self._give_back(conn)
             await self._restore_tables(exc)
             return await self._with_conn(operation)
+        except self._server_errors as exc:
+            self._give_back(conn)  # the session is still usable
+            raise self._refused(exc) from exc
         except BaseException:
-            # A server error (the session is still usable) or a cancellation (it may
-            # not be): the pool's release puts either right.
+            # A cancellation (the session may be mid-statement): the pool's release puts it right.
             self._give_back(conn)
             raise
         if self.closed or conn.is_closed() or self.pool_size == 1:
@@ -2079,6 +2201,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 conn: _Conn = await pool.acquire(
                     timeout=max(deadline - time.monotonic(), 0.0) or self.timeout
                 )
+                _statement_timer(conn, None)  # bounded by _statement_watch while the writer has it
                 return conn
             except self._misuse:
                 raise
@@ -2100,6 +2223,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             self._give_back(conn)
 
     def _give_back(self, conn: _Conn) -> None:
+        """Hand the writer's connection back to the pool, with asyncpg's statement timer again."""
+        _statement_timer(conn, self.timeout)
         pool = self._pool
         if pool is not None and not self.closed:
             self.tasks.spawn(pool.release(conn), "release")
@@ -2314,7 +2439,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             return QueuedWrite(self._presence_writer.queue(group, channel, None), ours)
         try:
             info: bytes | None = await self._with_conn(
-                lambda conn: conn.fetchval(self._sql.presence_remove, group, channel), retry=True
+                lambda conn: conn.fetchval(self._sql.presence_remove, group, channel),
+                retry=True,
+                no_table_ok=True,
             )
         except self._no_table:
             return None
@@ -2345,7 +2472,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     async def _presence_read(self, group: str) -> dict[str, bytes]:
         try:
             row = await self._with_conn(
-                lambda conn: conn.fetchrow(self._sql.presence_read, group), retry=True
+                lambda conn: conn.fetchrow(self._sql.presence_read, group), retry=True, no_table_ok=True
             )
         except self._no_table:
             return {}
@@ -2364,7 +2491,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     async def _presence_reap(self) -> list[tuple[str, str, bytes]]:
         try:
-            rows = await self._with_conn(lambda conn: conn.fetch(self._sql.presence_reap), retry=True)
+            rows = await self._with_conn(
+                lambda conn: conn.fetch(self._sql.presence_reap), retry=True, no_table_ok=True
+            )
         except self._no_table:
             return []
         return [(row["group_name"], row["channel"], row["info"]) for row in rows]
@@ -2417,11 +2546,13 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     async def _close(self) -> None:
         await self.tasks.close(self.timeout, unblock=self._terminate_connections)
+        self._statement_watch.cancel()
         if self._writer_linger is not None:
             self._writer_linger.cancel()
             self._writer_linger = None
         kept, self._writer_conn = self._writer_conn, None
         if kept is not None and self._pool is not None:
+            _statement_timer(kept, self.timeout)
             # Before the pool closes, which waits for every connection to come back.
             with contextlib.suppress(ChannelLayerError, *self._broken):
                 await within(
@@ -2447,6 +2578,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
             try:
                 await self._with_conn(forget, patient=False)
+            except StatementRefused as exc:
+                logger.warning("could not remove this instance's rows on close: %s", exc)
             except ChannelLayerError as exc:
                 logger.debug("could not remove this instance's rows on close: %s", exc)
             except self._reader_errors as exc:

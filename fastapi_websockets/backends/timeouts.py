@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from fastapi_websockets._running_loop import running_loop
 
-__all__ = ["LazyBound", "bounded", "reply_within", "wait_event", "within"]
+__all__ = ["LazyBound", "LazyDeadline", "bounded", "reply_within", "wait_event", "within"]
 
 T = TypeVar("T")
 
@@ -74,7 +74,55 @@ async def bounded(awaitable: Awaitable[T], timeout: float, on_timeout: Callable[
         raise
 
 
-class LazyBound:
+class LazyDeadline:
+    """One timer for operations that run one after another, each bounded by ``timeout``.
+
+    Arming a timer per operation and cancelling it costs a timer handle, a heap push,
+    a cancel and the loop's purge of cancelled handles each. Here :meth:`begin`
+    arms the timer only when none is pending; when it fires it calls :meth:`expire`
+    if the operation running began ``timeout`` seconds ago or more, re-arms itself
+    for that operation if it began later, and stays unarmed while none runs (an idle
+    owner has no timer). Subclasses say in :meth:`expire` how to end the operation.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        #: Loop time the running operation began at; None while none runs.
+        self._since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self, loop: asyncio.AbstractEventLoop) -> None:
+        """An operation starts now (on ``loop``, the running loop)."""
+        since = self._since = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(since + self.timeout, self._check, loop)
+
+    def end(self) -> None:
+        """The running operation is over."""
+        self._since = None
+
+    def cancel(self) -> None:
+        """Drop the timer (the owner is closing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def expire(self) -> None:
+        """End the running operation: it began ``timeout`` seconds ago or more."""
+        raise NotImplementedError
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        since = self._since
+        if since is None:
+            return  # nothing runs: armed again by the next operation
+        if loop.time() >= since + self.timeout:
+            self.expire()
+        else:
+            self._timer = loop.call_at(since + self.timeout, self._check, loop)
+
+
+class LazyBound(LazyDeadline):
     """:func:`bounded` for one task's awaits, one after another, with one timer for all of them.
 
     For a task that runs a broker exchange after another (a writer): ``asyncio.timeout``
@@ -88,12 +136,9 @@ class LazyBound:
     """
 
     def __init__(self, timeout: float, on_timeout: Callable[[], BaseException]) -> None:
-        self.timeout = timeout
+        super().__init__(timeout)
         self._on_timeout = on_timeout
         self._task: asyncio.Task[object] | None = None
-        #: Loop time the running await began at; None while none runs.
-        self._since: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
         #: Whether the timer cancelled the running await.
         self._expired = False
 
@@ -104,9 +149,7 @@ class LazyBound:
         loop = running_loop()
         task = self._task = asyncio.current_task(loop)
         assert task is not None
-        since = self._since = loop.time()
-        if self._timer is None:
-            self._timer = loop.call_at(since + self.timeout, self._check)
+        self.begin(loop)
         ours = False
         try:
             return await awaitable
@@ -122,23 +165,11 @@ class LazyBound:
                 task.uncancel()  # the awaitable swallowed the timer's cancellation
             self._expired = False
 
-    def cancel(self) -> None:
-        """Drop the timer (the owner is closing)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check(self) -> None:
-        self._timer = None
-        since, task = self._since, self._task
-        if since is None or task is None:
-            return  # nothing runs: armed again by the next await
-        loop = task.get_loop()
-        if loop.time() >= since + self.timeout:
-            self._expired = True
-            task.cancel()
-        else:
-            self._timer = loop.call_at(since + self.timeout, self._check)
+    def expire(self) -> None:
+        """Cancel the running await (``run`` turns that into ``on_timeout()``)."""
+        assert self._task is not None
+        self._expired = True
+        self._task.cancel()
 
 
 async def reply_within(fut: asyncio.Future[T], timeout: float, on_timeout: Callable[[], BaseException]) -> T:

@@ -8,7 +8,7 @@ import logging
 import random
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, cast
 
 import asyncpg
@@ -24,10 +24,15 @@ from fastapi_websockets import (
     get_channel_layer_from_env,
 )
 from fastapi_websockets.backends import postgresql
-from fastapi_websockets.backends.postgresql import PostgreSQLChannelLayer, lock_key, notify_channel
+from fastapi_websockets.backends.postgresql import (
+    PostgreSQLChannelLayer,
+    StatementRefused,
+    lock_key,
+    notify_channel,
+)
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.conftest import layer_factory
-from tests.faults import eventually, give_up_joins
+from tests.faults import TcpProxy, eventually, give_up_joins
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.postgresql import PostgresServer
@@ -1431,7 +1436,135 @@ async def test_synchronous_commit_layers_work_with_the_default_ones(make: Factor
     assert (await fast.receive("sync.named", timeout=10))["type"] == "y"
 
 
+async def _waiting_for_a_lock(dsn: str, layer: PostgreSQLChannelLayer) -> int:
+    """The pid of a pooled session of ``layer`` waiting for a lock (polled from a session of its own:
+    a transaction sees one snapshot of pg_stat_activity)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        pids: list[int] = []
+
+        async def waiting() -> bool:
+            pids[:] = [
+                row["pid"]
+                for row in await conn.fetch(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                    layer.application_name,
+                )
+            ]
+            return bool(pids)
+
+        await eventually(waiting, "a statement of the layer waiting for a lock")
+        return pids[0]
+    finally:
+        await conn.close()
+
+
+async def test_a_deadlock_reaches_the_caller_as_a_channel_layer_error(
+    make: Factory, db: asyncpg.Connection, namespace: str, postgresql_server: PostgresServer
+) -> None:
+    # A send to a named channel takes the channel's advisory lock, then waits to insert
+    # behind this session's table lock; this session then asks for that advisory lock.
+    # The send waited first, so its deadlock check (deadlock_timeout, 1 s; this session's
+    # is 60 s) finds the cycle and PostgreSQL aborts it.
+    sender, receiver = make(), make()
+    await sender.send("deadlock.jobs", {"type": "warm"})
+    async with db.transaction():
+        await db.execute("SET LOCAL deadlock_timeout = '60s'")
+        await db.execute(f'LOCK TABLE "{namespace}".message IN SHARE MODE')
+        sending = asyncio.create_task(sender.send("deadlock.jobs", {"type": "victim"}))
+        await _waiting_for_a_lock(postgresql_server.dsn, sender)
+        await db.execute(
+            f"SELECT pg_advisory_xact_lock({postgresql._NAMED_LOCK}, hashtext($1))", "deadlock.jobs"
+        )
+        with pytest.raises(ChannelLayerError, match="deadlock") as info:
+            await sending
+    assert isinstance(info.value, StatementRefused)
+    assert info.value.sqlstate == "40P01"
+    assert isinstance(info.value.__cause__, asyncpg.DeadlockDetectedError)
+    await sender.send("deadlock.jobs", {"type": "after"})
+    got = [(await receiver.receive("deadlock.jobs", timeout=10))["type"] for _ in range(2)]
+    assert got == ["warm", "after"]  # the refused one was rolled back
+
+
+@pytest.mark.parametrize("call", ["send", "group_send"])
+async def test_a_cancelled_statement_of_the_writer_fails_each_of_its_calls_with_a_channel_layer_error(
+    make: Factory, db: asyncpg.Connection, namespace: str, postgresql_server: PostgresServer, call: str
+) -> None:
+    # Sends to new_channel() names and group_sends share the writer's statement: a server
+    # error of that statement (here pg_cancel_backend while it waits for a lock, as
+    # statement_timeout would) is every caller's, as a ChannelLayerError.
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await receiver.group_add("room", channel)
+    await sender.send(channel, {"type": "warm"})
+    assert (await receiver.receive(channel, timeout=10))["type"] == "warm"
+
+    async def write(kind: str) -> None:
+        if call == "send":
+            await sender.send(channel, {"type": kind})
+        else:
+            await sender.group_send("room", {"type": kind})
+
+    async with db.transaction():
+        await db.execute(f'LOCK TABLE "{namespace}".message IN SHARE MODE')
+        calls = [asyncio.create_task(write("cancelled")) for _ in range(3)]
+        pid = await _waiting_for_a_lock(postgresql_server.dsn, sender)
+        assert await db.fetchval("SELECT pg_cancel_backend($1)", pid)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(result, StatementRefused) for result in results), results
+    refused = cast(StatementRefused, results[0])
+    assert refused.sqlstate == "57014"
+    assert "statement_timeout" in str(refused)
+    assert isinstance(refused.__cause__, asyncpg.QueryCanceledError)
+    await write("after")
+    assert (await receiver.receive(channel, timeout=10))["type"] == "after"
+
+
 # ------------------------------------------------------- broken connections
+
+
+@pytest.mark.parametrize("call", ["send", "group_send", "send_named", "send_named_pool_of_one"])
+async def test_a_statement_the_server_never_answers_fails_after_timeout(
+    make: Factory, postgresql_server: PostgresServer, call: str
+) -> None:
+    # Connected, then nothing comes back (a frozen server, a dead link): the writer's
+    # statement (on the connection it keeps: the warm-up's) and a pooled one each fail
+    # with BackendUnavailable once the layer's timeout has passed, instead of waiting.
+    # With a pool of one, the pooled statement runs on the connection the writer just
+    # gave back (the writer bounds its statements itself: the connection's own bound
+    # must be back).
+    receiver = make()
+    channel = await receiver.new_channel()
+    await receiver.group_add("room", channel)
+    async with TcpProxy(postgresql_server.port) as proxy:
+        sender = make(
+            dsn=postgresql_server.dsn.replace(str(postgresql_server.port), str(proxy.port)),
+            timeout=2,
+            pool_size=1 if call == "send_named_pool_of_one" else 2,
+        )
+        await sender.send("unanswered.named", {"type": "warm"})
+        await sender.send(channel, {"type": "warm"})
+        assert (await receiver.receive(channel, timeout=10))["type"] == "warm"
+        assert sender._pool is not None
+        async with sender._pool.acquire():  # once the writer's connection is back in the pool
+            pass
+        proxy.hold()
+        writing: Coroutine[Any, Any, object]
+        if call == "send":
+            writing = sender.send(channel, {"type": "x"})
+        elif call == "group_send":
+            writing = sender.group_send("room", {"type": "x"})
+        else:
+            writing = sender.send("unanswered.named", {"type": "x"})
+        # A hang guard, not a speed goal: the layer's own bound is 2 s. (Not wait_for: the
+        # cancellation it ends a hang with can come out as a BackendUnavailable too.)
+        done, _ = await asyncio.wait([asyncio.ensure_future(writing)], timeout=30)
+        assert done, "no answer and no error after 30 s"
+        with pytest.raises(BackendUnavailable):
+            done.pop().result()
+        proxy.release()
+        await sender.close()  # before the proxy goes: its sockets are closed by their owners
 
 
 async def test_inbox_reader_survives_its_connections_killed_mid_claim(

@@ -1506,12 +1506,29 @@ async def test_a_cancelled_statement_of_the_writer_fails_each_of_its_calls_with_
         else:
             await sender.group_send("room", {"type": kind})
 
-    async with db.transaction():
-        await db.execute(f'LOCK TABLE "{namespace}".message IN SHARE MODE')
-        calls = [asyncio.create_task(write("cancelled")) for _ in range(3)]
-        pid = await _waiting_for_a_lock(postgresql_server.dsn, sender)
-        assert await db.fetchval("SELECT pg_cancel_backend($1)", pid)
-        results = await asyncio.gather(*calls, return_exceptions=True)
+    watcher = await asyncpg.connect(postgresql_server.dsn)
+    try:
+        async with db.transaction():
+            await db.execute(f'LOCK TABLE "{namespace}".message IN SHARE MODE')
+            calls = [asyncio.create_task(write("cancelled")) for _ in range(3)]
+            await _waiting_for_a_lock(postgresql_server.dsn, sender)
+
+            async def cancelled_all() -> bool:
+                # The calls usually share one statement, but a loop pass can split them over
+                # two, the second waiting for the lock once the first is cancelled: cancel
+                # whatever of the sender waits until every call has ended.
+                for row in await watcher.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1 "
+                    "AND wait_event_type = 'Lock'",
+                    sender.application_name,
+                ):
+                    await watcher.fetchval("SELECT pg_cancel_backend($1)", row["pid"])
+                return all(call.done() for call in calls)
+
+            await eventually(cancelled_all, "every call of the cancelled statements ended")
+            results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await watcher.close()
     assert all(isinstance(result, StatementRefused) for result in results), results
     refused = cast(StatementRefused, results[0])
     assert refused.sqlstate == "57014"

@@ -1441,6 +1441,34 @@ async def test_inbox_deliveries_are_handed_out_by_the_connection_reader(make: Fa
     assert handed_in == ["Connection.__reader"] * 5
 
 
+async def test_publisher_confirms_are_handled_by_the_connection_reader(make: Factory) -> None:
+    # take_deliveries passes a confirm that finds the confirm channel's queue empty to
+    # aiormq's _on_confirm_frame from the connection's reader, a loop turn before the
+    # channel's reader would. Without that step the channel's reader handles them: this fails.
+    import aiormq
+
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"i": -1})
+    assert (await receiver.receive(channel, timeout=10))["i"] == -1
+    assert sender._channel is not None
+    underlay = cast("aiormq.Channel", await sender._channel.get_underlay_channel())
+    on_confirm = underlay._on_confirm_frame
+    names: list[str] = []
+
+    async def spy(frame: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        names.append(str(task.get_coro().__qualname__))  # type: ignore[union-attr]
+        await on_confirm(frame)
+
+    underlay._on_confirm_frame = spy  # type: ignore[method-assign]
+    for i in range(5):
+        await sender.send(channel, {"i": i})
+        assert (await receiver.receive(channel, timeout=10))["i"] == i
+    assert names == ["Connection.__reader"] * 5
+
+
 async def test_an_inbox_delivery_of_several_body_frames_is_handed_out_whole(make: Factory) -> None:
     # Above the broker's frame_max (128 KiB) a body comes in several frames; the
     # connection reader's hand-out joins them, in order.

@@ -202,20 +202,7 @@ def worker(job: dict[str, Any], args: argparse.Namespace) -> None:
     probe = Probe(
         args.profile == "receiver" and args.functions > 0, args.spy and f"{args.spy}.receiver", args.bytecodes
     )
-    child_args = [
-        "--part",
-        json.dumps(job),
-        "--senders",
-        str(args.senders),
-        "--messages",
-        str(args.messages),
-        "--profile",
-        args.profile,
-        "--functions",
-        str(args.functions),
-        *(["--spy", args.spy] if args.spy else []),
-        *(["--bytecodes"] if args.bytecodes else []),
-    ]
+    child_args = ["--part", json.dumps(job), *forwarded(args)]
     # PROFILE_STRACE replaces -c (a summary): "-k -e trace=mmap" lists those calls with their stacks.
     options = os.environ.get("PROFILE_STRACE", "-c").split()
     strace = ["strace", *options, "-f", "-o", args.strace] if args.strace else []
@@ -276,6 +263,17 @@ def worker(job: dict[str, Any], args: argparse.Namespace) -> None:
     print(json.dumps(asyncio.run(run())), flush=True)
 
 
+def forwarded(args: argparse.Namespace) -> list[str]:
+    """The options the worker and its child are run with: what to count and how."""
+    options = ["--senders", str(args.senders), "--messages", str(args.messages)]
+    options += ["--profile", args.profile, "--functions", str(args.functions)]
+    if args.spy:
+        options += ["--spy", args.spy]
+    if args.bytecodes:
+        options.append("--bytecodes")
+    return options
+
+
 def run_worker(tree: Path, server: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     job = {
         "impl": args.row or args.backend,
@@ -283,21 +281,9 @@ def run_worker(tree: Path, server: dict[str, Any], args: argparse.Namespace) -> 
         "server": server,
         "ns": "q" + uuid.uuid4().hex[:10],
     }
-    command = [sys.executable, __file__, "--worker", json.dumps(job), "--senders", str(args.senders)]
-    command += [
-        "--messages",
-        str(args.messages),
-        "--profile",
-        args.profile,
-        "--functions",
-        str(args.functions),
-    ]
+    command = [sys.executable, __file__, "--worker", json.dumps(job), *forwarded(args)]
     if args.strace:
         command += ["--strace", args.strace]
-    if args.spy:
-        command += ["--spy", args.spy]
-    if args.bytecodes:
-        command += ["--bytecodes"]
     done = subprocess.run(
         command,
         capture_output=True,

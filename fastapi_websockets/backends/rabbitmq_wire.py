@@ -94,10 +94,11 @@ class _Publish:
 def _fail_unconfirmed(channel: aiormq.Channel, closing: asyncio.Future[Any]) -> None:
     """Fail the publishes ``channel`` never confirmed with the cause of its close, as aiormq's
     future store does for the futures it made (the channel's own ``closing`` carries it)."""
-    if closing.cancelled():
-        error: BaseException = asyncio.CancelledError()
-    else:
-        error = closing.exception() or ChannelInvalidStateError(f"{channel!r} closed")
+    error = None if closing.cancelled() else closing.exception()
+    if error is None or isinstance(error, asyncio.CancelledError):
+        # Never a CancelledError (aiormq's reader cancelled): the caller awaits its confirm,
+        # and a CancelledError there must stay the caller's own cancellation.
+        error = ChannelInvalidStateError(f"{channel!r} closed" + (f": {error!r}" if error else ""))
     for confirm in list(channel.confirmations.values()):
         if not confirm.done():
             confirm.set_exception(error)
@@ -195,6 +196,28 @@ class ConfirmingPublisher:
             self._writing = True
         self._queued.append(publish)
         return confirm
+
+    @staticmethod
+    def give_up(channel: aiormq.Channel, confirm: asyncio.Future[Any], error: Exception) -> None:
+        """Fail ``confirm``, a publish on ``channel`` the broker has not confirmed in time, with ``error``.
+
+        Not a cancel: the caller awaits the confirm, and a CancelledError there must
+        stay the caller's own. A publish not written yet is withdrawn (the writer skips
+        a settled confirm); a written one keeps its tag in aiormq's ``confirmations``
+        with a cancelled stand-in, so that a confirm still to come is ignored quietly,
+        as aiormq ignores one for a cancelled future.
+        """
+        if confirm.done():
+            return
+        confirm.set_exception(error)
+        confirm.exception()  # read: the caller may be gone
+        confirmations = channel.confirmations
+        for tag, registered in confirmations.items():
+            if registered is confirm:
+                stand_in = channel.loop.create_future()
+                stand_in.cancel()
+                confirmations[tag] = stand_in
+                break
 
     def stop(self) -> None:
         """Write nothing more from callers' tasks: the layer is closing, and

@@ -1644,6 +1644,36 @@ async def test_a_failed_packed_publish_raises_in_every_caller(make: Factory, nod
         assert sender.publishes - before < 16
 
 
+async def test_a_send_without_a_confirm_times_out_and_a_cancelled_one_stays_cancelled(
+    make: Factory, node: RabbitNode
+) -> None:
+    # A caller awaits its confirm itself: the timeout fails the confirm with
+    # BackendUnavailable, and a caller cancelled meanwhile sees its own
+    # CancelledError, never the layer's errors.
+    receiver = make()
+    channel = await receiver.new_channel()
+    async with TcpProxy(node.port) as proxy:
+        sender = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", timeout=1)
+        await sender.send(channel, {"type": "warm"})
+        proxy.hold()  # no publisher confirm reaches the sender
+        with pytest.raises(BackendUnavailable, match="no publisher confirm within"):
+            await sender.send(channel, {"type": "lone"})
+        before = sender.publishes
+        cancelled = asyncio.ensure_future(sender.send(channel, {"type": "cancelled"}))
+        await eventually(lambda: sender.publishes > before, "the publish written")
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        proxy.release()
+        await sender.send(channel, {"type": "after"})
+    assert [(await receiver.receive(channel, timeout=10))["type"] for _ in range(4)] == [
+        "warm",
+        "lone",
+        "cancelled",
+        "after",
+    ]
+
+
 async def test_unconfirmed_sends_fail_when_the_connection_drops(make: Factory, node: RabbitNode) -> None:
     # Confirms are the publisher's own futures, not aiormq's: the channel's
     # close must still fail every unconfirmed one with its cause, at once,

@@ -53,7 +53,6 @@ sys.path.insert(0, str(BENCH))
 # Last: a worker imports the package from its tree (PYTHONPATH); only tests.servers comes from here.
 sys.path.append(str(BENCH.parent))
 import count_bytecodes  # noqa: E402
-import count_p2p_bytecodes  # noqa: E402
 import harness  # noqa: E402
 import profile_rabbitmq_p2p  # noqa: E402
 from profile_rabbitmq_p2p import LoopCounts  # noqa: E402
@@ -131,18 +130,25 @@ class Probe:
             self.spying.wait()
 
     def figures(self, messages: int, functions: int) -> dict[str, Any]:
+        """Per message of the counted loop; ``package``: where this process's layer came from."""
         keys = ("user_us", "system_us", "handles", "turns")
         scale = (1e6, 1e6, 1, 1)
         figures: dict[str, Any] = {
             key: (b - a) * s / messages
             for key, a, b, s in zip(keys, self.before, self.after, scale, strict=True)
         }
+        package = sys.modules.get("fastapi_websockets")
+        figures["package"] = getattr(package, "__file__", None)
         text = "\n".join(self.turn_log)
         if self.counts.by_name is not None:
             text += "\n".join(
                 f"{count / messages:6.2f}/msg {name}" for name, count in self.counts.by_name.most_common(25)
             )
         if self.bytecodes:
+            # Only now: importing it puts this checkout first on sys.path, and a worker must
+            # have imported the package of the tree it measures (PYTHONPATH) before.
+            import count_p2p_bytecodes
+
             counts, calls = count_bytecodes._bytecodes, count_bytecodes._calls
             groups: collections.Counter[str] = collections.Counter()
             for key, count in counts.items():
@@ -356,6 +362,8 @@ def main() -> None:
                     flush=True,
                 )
                 for side in ("sender", "receiver"):
+                    if index == 0 and "package" in result.get(side, {}):
+                        print(f"  {name} {side}: {result[side]['package']}")
                     if "profile" in result.get(side, {}):
                         print(f"--- {side}\n{result[side]['profile']}")
                 if args.strace and "PROFILE_STRACE" not in os.environ:

@@ -1677,6 +1677,28 @@ async def test_a_send_without_a_confirm_times_out_and_a_cancelled_one_stays_canc
     ]
 
 
+async def test_a_channel_closed_by_a_cancellation_fails_its_confirms_with_another_error() -> None:
+    # A confirm never holds a CancelledError: its caller awaits it, and a CancelledError
+    # raised there must be the caller's own cancellation (see _confirmed). A channel whose
+    # close was cancelled, or caused by a cancellation, fails its confirms with aiormq's
+    # ChannelInvalidStateError instead.
+    from aiormq.exceptions import ChannelInvalidStateError
+
+    from fastapi_websockets.backends import rabbitmq_wire
+
+    loop = asyncio.get_running_loop()
+    for cancelled in (True, False):
+        confirm: asyncio.Future[Any] = loop.create_future()
+        channel = types.SimpleNamespace(confirmations={1: confirm})
+        closing: asyncio.Future[Any] = loop.create_future()
+        if cancelled:
+            closing.cancel()
+        else:
+            closing.set_exception(asyncio.CancelledError())
+        rabbitmq_wire._fail_unconfirmed(cast(Any, channel), closing)
+        assert isinstance(confirm.exception(), ChannelInvalidStateError)
+
+
 async def test_unconfirmed_sends_fail_when_the_connection_drops(make: Factory, node: RabbitNode) -> None:
     # Confirms are the publisher's own futures, not aiormq's: the channel's
     # close must still fail every unconfirmed one with its cause, at once,

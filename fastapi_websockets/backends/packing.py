@@ -4,8 +4,8 @@ A broker whose cost is per message, not per byte (RabbitMQ: measured in
 docs/architecture.md, "Where the time goes"), carries sixteen concurrent sends
 to one process's inbox about as fast as one when they travel as one message.
 :class:`Packer` does that for one layer: per destination, the sends made in
-one turn of the event loop go out together on the next, alone when there is
-only one (from the caller's task) and as one packed message otherwise (a
+one turn of the event loop go out together on the next, from a background
+task, alone when there is only one and as one packed message otherwise (a
 task whose last send there found nobody to go with sends at once); sends
 that arrive while a publish to that destination is unconfirmed wait, in call
 order, and go out together on the next turn if fewer than ``in_flight``
@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi_websockets._running_loop import running_loop
-from fastapi_websockets.backends.futures import settle, settle_all
+from fastapi_websockets.backends.futures import settle_all
 from fastapi_websockets.exceptions import ChannelLayerClosed
 
 __all__ = ["Packer", "pack", "unpack"]
@@ -100,7 +100,7 @@ class _Frame:
 class _Outbox:
     """What waits for one destination, and how many publishes to it are unconfirmed."""
 
-    __slots__ = ("flush_due", "in_flight", "queued")
+    __slots__ = ("first", "flush_due", "in_flight", "queued")
 
     def __init__(self) -> None:
         self.queued: deque[_Frame] = deque()
@@ -108,19 +108,22 @@ class _Outbox:
         #: A publishing task was started that takes the queue on its first step
         #: (the next turn of the event loop); it holds one of the in-flight slots.
         self.flush_due = False
+        #: The frame that found nothing in flight or queued, and its sender's task:
+        #: if the due publish carries it alone, that task is a lone sender.
+        self.first: tuple[_Frame, weakref.ref[asyncio.Task[Any]]] | None = None
 
 
 class Packer:
     """Sends to one destination go out alone when nothing else comes, packed when they pile up.
 
     Per destination at most ``in_flight`` publishes are unconfirmed at once.
-    A send that finds nothing in flight and nothing queued waits one turn of
-    the event loop for the sends of its turn (senders one message woke) and
-    is published alone, from the caller's task, if none came; that task's
-    next send to that destination, if it too finds nothing in flight and no
-    other send came between, is published at once, so a lone sender pays
-    neither the turn nor a task. Otherwise its frame is queued, and
-    the queued frames (at most ``max_frames``, at most ``max_bytes`` of
+    A send's frame is queued, and a send that finds nothing in flight and
+    nothing queued starts the publish that takes the queue on the next turn
+    of the event loop, so the sends of its turn (senders one message woke)
+    go with it; if none came, its task's next send to that destination, if
+    it too finds nothing in flight and no other send came between, is
+    published at once from the caller's task, so a lone sender pays neither
+    the turn nor a task. The queued frames (at most ``max_frames``, at most ``max_bytes`` of
     payloads and names, always at least one) go out as one message from a
     background task, so cancelling one caller never loses another's frame:
     on the next turn of the event loop if a slot is free (the senders one
@@ -189,9 +192,12 @@ class Packer:
                 return
         frame = _Frame(channel, data, loop.create_future(), loop.time() + self._timeout)
         if idle:
-            await self._gathered(destination, outbox, frame)
-            return
-        self._lone = None  # sends overlap: the next with nothing in flight waits its turn again
+            # The first of its turn: queued like the others, its publish due on the next
+            # turn (see _publish_due), so the sends of this turn go with it.
+            task = asyncio.current_task(loop)
+            outbox.first = (frame, weakref.ref(task)) if task is not None else None
+        else:
+            self._lone = None  # sends overlap: the next with nothing in flight waits its turn again
         outbox.queued.append(frame)
         self._track(frame)
         if outbox.in_flight < self._limit and not outbox.flush_due:
@@ -228,48 +234,6 @@ class Packer:
             if frame.done.done() and not frame.done.cancelled():
                 frame.done.exception()  # settled as we were cancelled: retrieved, not logged as lost
             raise
-
-    async def _gathered(self, destination: str, outbox: _Outbox, frame: _Frame) -> None:
-        """Publish ``frame``, which found nothing in flight or queued, with the sends of this loop turn.
-
-        Senders woken together (one confirm or one delivery wakes every sender
-        its message carried) send in one turn. The first used to go out alone,
-        at once, and the rest packed a turn later: two messages a round, and
-        the two halves stayed out of step, each with its own publish in
-        flight. So the first holds the due slot for one turn, the others queue
-        behind it as behind a due publish, and then it publishes alone from its
-        own task if nobody came, else packed with them from a background task.
-        """
-        outbox.in_flight += 1
-        outbox.flush_due = True
-        outbox.queued.append(frame)
-        try:
-            await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            frame.done.cancel()  # withdrawn: never taken
-            outbox.flush_due = False
-            self._settled(destination, outbox)  # what queued behind it goes out without it
-            raise
-        outbox.flush_due = False
-        queued = outbox.queued
-        if len(queued) == 1 and queued[0] is frame:
-            task = asyncio.current_task(running_loop())
-            self._lone = (destination, weakref.ref(task)) if task is not None else None
-            queued.clear()
-            await self._alone(destination, outbox, frame.channel, frame.data)
-            return
-        batch = self._take(outbox)  # this frame first, unless close() failed it meanwhile
-        if batch:
-            # Behind frames queued after it: it times out at most this turn late.
-            self._track(frame)
-            try:
-                self._spawn(self._publish(destination, outbox, batch))
-            except ChannelLayerClosed as exc:
-                settle_all((taken.done for taken in batch), exc)
-                self._settled(destination, outbox)
-        else:
-            self._settled(destination, outbox)
-        await self._wait(frame)
 
     async def _alone(self, destination: str, outbox: _Outbox, channel: str, data: bytes) -> None:
         """Publish one send from the caller's task, in the in-flight slot it took."""
@@ -309,6 +273,11 @@ class Packer:
     async def _publish_due(self, destination: str, outbox: _Outbox) -> None:
         outbox.flush_due = False
         batch = self._take(outbox)
+        first, outbox.first = outbox.first, None
+        if first is not None and len(batch) == 1 and batch[0] is first[0]:
+            # Senders woken together send in one turn; nobody came with this one: its
+            # task's next send there, with nothing in flight, goes at once (send()).
+            self._lone = (destination, first[1])
         if batch:
             await self._publish(destination, outbox, batch)
         else:
@@ -340,9 +309,20 @@ class Packer:
             del self._outboxes[destination]
 
     def _take(self, outbox: _Outbox) -> list[_Frame]:
-        batch: list[_Frame] = []
-        size = 0
         queued = outbox.queued
+        if len(queued) <= self._max_frames:
+            # The common case, a round's sends, all of them in one message: the
+            # per-frame checks below in two comprehensions.
+            batch = [frame for frame in queued if not frame.done.done()]
+            if (
+                _HEADER.size * len(batch) + sum(len(frame.channel) * 4 + len(frame.data) for frame in batch)
+                <= self._max_bytes
+                or len(batch) < 2
+            ):
+                queued.clear()
+                return batch
+        batch = []
+        size = 0
         while queued and len(batch) < self._max_frames:
             frame = queued[0]
             if frame.done.done():
@@ -374,6 +354,8 @@ class Packer:
             settle_all((frame.done for frame in batch), exc)
         else:
             for frame in batch:
-                settle(frame.done, None)
+                done = frame.done
+                if not done.done():  # what settle() checks, without a call per frame
+                    done.set_result(None)
         finally:
             self._settled(destination, outbox)

@@ -436,11 +436,6 @@ class _HistoryStream:
         self.pending.clear()
 
 
-def _wake(waiter: asyncio.Future[None], *_: object) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 def _now_ms() -> int:
     # An int: pamqp sends a Python float header as a 32-bit float, which
     # rounds today's Unix time to minutes.
@@ -816,42 +811,37 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             confirm = publisher.publish(
                 underlay, exchange, routing_key, body, properties, mandatory=mandatory, on_written=on_written
             )
-            return self._confirmed(confirm, left, what)
+            return self._confirmed(underlay, confirm, left, what)
 
         return queue
 
-    async def _confirmed(self, confirm: asyncio.Future[Any], left: float, what: str) -> None:
-        # Waited on, not awaited: a channel that closes fails its confirms with
-        # its cause, which can be a CancelledError of aiormq's reader; the caller
-        # must see BackendUnavailable then, and a cancellation only when it was
-        # cancelled itself. A waiter woken by the confirm or a timer: what
-        # asyncio.wait does, without its sets and closures (once per publish).
-        loop = running_loop()
-        waiter = loop.create_future()
-        wake = partial(_wake, waiter)
-        confirm.add_done_callback(wake)
-        timer = loop.call_later(left, _wake, waiter)
+    async def _confirmed(
+        self, channel: aiormq.Channel, confirm: asyncio.Future[Any], left: float, what: str
+    ) -> None:
+        # The confirm itself is awaited: its caller wakes once when it is settled (a
+        # waiter set by the confirm's callback cost a loop pass and a callback more per
+        # publish). A confirm never holds a CancelledError (a closing channel's and the
+        # timeout's errors are others, see ConfirmingPublisher.give_up), so one raised
+        # here is the caller's own cancellation, which cancels the confirm as well: a
+        # publish not written yet is withdrawn.
+        timer = running_loop().call_later(left, self._no_confirm, channel, confirm, what)
         try:
-            await waiter
-        except asyncio.CancelledError:
-            confirm.cancel()  # withdrawn if not written yet
-            raise
+            await confirm
+        except BackendUnavailable:
+            raise  # the timeout's (_no_confirm)
+        except self._delivery_error:
+            raise  # a nack (ChannelFull to a named send) or a return
+        except self._errors as error:
+            raise self.unavailable(f"{what} failed: {error!r}") from error
         finally:
             timer.cancel()
-            confirm.remove_done_callback(wake)
+
+    def _no_confirm(self, channel: aiormq.Channel, confirm: asyncio.Future[Any], what: str) -> None:
+        publisher = self._publisher
+        assert publisher is not None  # it made the confirm
         if not confirm.done():
-            confirm.cancel()
-            raise self.unavailable(f"no publisher confirm within {self.timeout} s ({what})")
-        if confirm.cancelled():
-            raise self.unavailable(f"{what} failed: the publish was withdrawn")
-        error = confirm.exception()
-        if error is None:
-            return
-        if isinstance(error, self._delivery_error):
-            raise error  # a nack (ChannelFull to a named send) or a return
-        if isinstance(error, (*self._errors, asyncio.CancelledError)):
-            raise self.unavailable(f"{what} failed: {error!r}") from error
-        raise error
+            error = self.unavailable(f"no publisher confirm within {self.timeout} s ({what})")
+            publisher.give_up(channel, confirm, error)
 
     def _properties(
         self,

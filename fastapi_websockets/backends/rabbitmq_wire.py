@@ -94,10 +94,11 @@ class _Publish:
 def _fail_unconfirmed(channel: aiormq.Channel, closing: asyncio.Future[Any]) -> None:
     """Fail the publishes ``channel`` never confirmed with the cause of its close, as aiormq's
     future store does for the futures it made (the channel's own ``closing`` carries it)."""
-    if closing.cancelled():
-        error: BaseException = asyncio.CancelledError()
-    else:
-        error = closing.exception() or ChannelInvalidStateError(f"{channel!r} closed")
+    error = None if closing.cancelled() else closing.exception()
+    if error is None or isinstance(error, asyncio.CancelledError):
+        # Never a CancelledError (aiormq's reader cancelled): the caller awaits its confirm,
+        # and a CancelledError there must stay the caller's own cancellation.
+        error = ChannelInvalidStateError(f"{channel!r} closed" + (f": {error!r}" if error else ""))
     for confirm in list(channel.confirmations.values()):
         if not confirm.done():
             confirm.set_exception(error)
@@ -195,6 +196,28 @@ class ConfirmingPublisher:
             self._writing = True
         self._queued.append(publish)
         return confirm
+
+    @staticmethod
+    def give_up(channel: aiormq.Channel, confirm: asyncio.Future[Any], error: Exception) -> None:
+        """Fail ``confirm``, a publish on ``channel`` the broker has not confirmed in time, with ``error``.
+
+        Not a cancel: the caller awaits the confirm, and a CancelledError there must
+        stay the caller's own. A publish not written yet is withdrawn (the writer skips
+        a settled confirm); a written one keeps its tag in aiormq's ``confirmations``
+        with a cancelled stand-in, so that a confirm still to come is ignored quietly,
+        as aiormq ignores one for a cancelled future.
+        """
+        if confirm.done():
+            return
+        confirm.set_exception(error)
+        confirm.exception()  # read: the caller may be gone
+        confirmations = channel.confirmations
+        for tag, registered in confirmations.items():
+            if registered is confirm:
+                stand_in = channel.loop.create_future()
+                stand_in.cancel()
+                confirmations[tag] = stand_in
+                break
 
     def stop(self) -> None:
         """Write nothing more from callers' tasks: the layer is closing, and
@@ -473,7 +496,9 @@ def take_deliveries(
     task of its own per delivery: two more loop turns, the task, its first step
     and three done callbacks (two future stores and a logger) per AMQP message.
     Here a delivery's frames are taken as the connection's reader puts them on
-    the channel's queue (:class:`_Deliveries`) and ``handle`` is called there,
+    the channel's queue (:class:`_Deliveries`) and ``handle`` is called there
+    (publisher confirms of the channel too: one loop turn and task step less per
+    publish whose confirm finds the queue empty),
     synchronously and in delivery order, whenever nothing of the channel waits
     in that queue; otherwise (and for anything that is not a whole delivery)
     the frames go through the queue, and the channel's reader calls ``handle``
@@ -485,7 +510,8 @@ def take_deliveries(
     connection's reader hands every frame of a channel to
     ``channel.frames.put``, looked up on the queue instance; the channel's
     reader calls ``channel._on_deliver_frame(frame)`` for every
-    ``Basic.Deliver``, looked up on the instance, and the channel's private
+    ``Basic.Deliver`` and ``channel._on_confirm_frame(frame)`` for every
+    ``Basic.Ack``, looked up on the instance, and the channel's private
     ``__get_content_header`` and ``_read_content`` read the content header and
     body that follow it.
     """
@@ -515,7 +541,8 @@ def _handle(handle: Callable[[DeliveredMessage], None], message: DeliveredMessag
 
 class _Deliveries:
     """A channel's frame queue as aiormq's connection reader fills it, with one consumer's
-    deliveries handed out on the way in (see :func:`take_deliveries`).
+    deliveries and the channel's publisher confirms handed out on the way in (see
+    :func:`take_deliveries`).
 
     A ``Basic.Deliver`` to the consumer is held, not queued, when the queue is
     empty (the channel's reader has taken everything before it, so handing the
@@ -523,7 +550,9 @@ class _Deliveries:
     frames follow it on the channel, and the delivery is handed out once its
     body is complete. Anything else after a held ``Basic.Deliver`` (a broken
     stream) puts the held frames and that frame on the queue as they came, so
-    that aiormq's reader meets them and fails as it would have.
+    that aiormq's reader meets them and fails as it would have. A ``Basic.Ack``
+    that finds the queue empty goes to the channel's ``_on_confirm_frame`` at
+    once, as the channel's reader would pass it a loop turn later.
     """
 
     def __init__(
@@ -544,13 +573,20 @@ class _Deliveries:
         """Take ``item`` (weight, frame) from aiormq's connection reader."""
         frame = item[1]
         if not self._held:
-            if (
-                type(frame) is _DELIVER
-                and frame.consumer_tag == self._consumer_tag
-                and self._queue.empty()
-                and self._consumer_tag in self._channel.consumers
-            ):
-                self._held.append(item)
+            kind = type(frame)
+            if kind is _DELIVER:
+                if (
+                    frame.consumer_tag == self._consumer_tag
+                    and self._queue.empty()
+                    and self._consumer_tag in self._channel.consumers
+                ):
+                    self._held.append(item)
+                    return
+            elif kind is _ACK and self._queue.empty():
+                # A publisher confirm (the inbox's channel is the layer's confirm channel):
+                # aiormq's own handler, run here instead of a loop turn later in the
+                # channel's reader; it only settles futures, whose waiters run later.
+                await self._channel._on_confirm_frame(frame)
                 return
             await self._enqueue(item)
             return

@@ -1441,6 +1441,34 @@ async def test_inbox_deliveries_are_handed_out_by_the_connection_reader(make: Fa
     assert handed_in == ["Connection.__reader"] * 5
 
 
+async def test_publisher_confirms_are_handled_by_the_connection_reader(make: Factory) -> None:
+    # take_deliveries passes a confirm that finds the confirm channel's queue empty to
+    # aiormq's _on_confirm_frame from the connection's reader, a loop turn before the
+    # channel's reader would. Without that step the channel's reader handles them: this fails.
+    import aiormq
+
+    receiver, sender = make(), make()
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"i": -1})
+    assert (await receiver.receive(channel, timeout=10))["i"] == -1
+    assert sender._channel is not None
+    underlay = cast("aiormq.Channel", await sender._channel.get_underlay_channel())
+    on_confirm = underlay._on_confirm_frame
+    names: list[str] = []
+
+    async def spy(frame: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        names.append(str(task.get_coro().__qualname__))  # type: ignore[union-attr]
+        await on_confirm(frame)
+
+    underlay._on_confirm_frame = spy  # type: ignore[method-assign]
+    for i in range(5):
+        await sender.send(channel, {"i": i})
+        assert (await receiver.receive(channel, timeout=10))["i"] == i
+    assert names == ["Connection.__reader"] * 5
+
+
 async def test_an_inbox_delivery_of_several_body_frames_is_handed_out_whole(make: Factory) -> None:
     # Above the broker's frame_max (128 KiB) a body comes in several frames; the
     # connection reader's hand-out joins them, in order.
@@ -1614,6 +1642,61 @@ async def test_a_failed_packed_publish_raises_in_every_caller(make: Factory, nod
         proxy.release()
         assert all(isinstance(result, BackendUnavailable) for result in results), results
         assert sender.publishes - before < 16
+
+
+async def test_a_send_without_a_confirm_times_out_and_a_cancelled_one_stays_cancelled(
+    make: Factory, node: RabbitNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A caller awaits its confirm itself: the timeout fails the confirm with
+    # BackendUnavailable, and a caller cancelled meanwhile sees its own
+    # CancelledError, never the layer's errors. The confirms that come late are
+    # ignored quietly (aiormq warns of one for a failed future, not a cancelled one).
+    caplog.set_level(logging.WARNING)
+    receiver = make()
+    channel = await receiver.new_channel()
+    async with TcpProxy(node.port) as proxy:
+        sender = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", timeout=1)
+        await sender.send(channel, {"type": "warm"})
+        proxy.hold()  # no publisher confirm reaches the sender
+        with pytest.raises(BackendUnavailable, match="no publisher confirm within"):
+            await sender.send(channel, {"type": "lone"})
+        before = sender.publishes
+        cancelled = asyncio.ensure_future(sender.send(channel, {"type": "cancelled"}))
+        await eventually(lambda: sender.publishes > before, "the publish written")
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        proxy.release()
+        await sender.send(channel, {"type": "after"})  # confirmed after the late ones
+    assert not [record for record in caplog.records if "was ignored" in record.getMessage()]
+    assert [(await receiver.receive(channel, timeout=10))["type"] for _ in range(4)] == [
+        "warm",
+        "lone",
+        "cancelled",
+        "after",
+    ]
+
+
+async def test_a_channel_closed_by_a_cancellation_fails_its_confirms_with_another_error() -> None:
+    # A confirm never holds a CancelledError: its caller awaits it, and a CancelledError
+    # raised there must be the caller's own cancellation (see _confirmed). A channel whose
+    # close was cancelled, or caused by a cancellation, fails its confirms with aiormq's
+    # ChannelInvalidStateError instead.
+    from aiormq.exceptions import ChannelInvalidStateError
+
+    from fastapi_websockets.backends import rabbitmq_wire
+
+    loop = asyncio.get_running_loop()
+    for cancelled in (True, False):
+        confirm: asyncio.Future[Any] = loop.create_future()
+        channel = types.SimpleNamespace(confirmations={1: confirm})
+        closing: asyncio.Future[Any] = loop.create_future()
+        if cancelled:
+            closing.cancel()
+        else:
+            closing.set_exception(asyncio.CancelledError())
+        rabbitmq_wire._fail_unconfirmed(cast(Any, channel), closing)
+        assert isinstance(confirm.exception(), ChannelInvalidStateError)
 
 
 async def test_unconfirmed_sends_fail_when_the_connection_drops(make: Factory, node: RabbitNode) -> None:

@@ -24,7 +24,9 @@ tokens by :func:`subject_token`):
 * ``app.n.<channel>``: named channels (no ``!``), stored in the JetStream
   stream ``stream_name`` with work-queue retention. Each named channel that a
   process reads has one durable pull consumer shared by every process, so
-  every message is delivered once.
+  every message is delivered once. ``app.n._keep.<process-token>``: one
+  empty message per reading process in that stream, which keeps its last
+  file block in use (see ``_keep_named_stream``).
 * KV bucket ``group_bucket``: one key per (group, member),
   ``<group>.p.<member>`` or ``<group>.n.<member>``, whose value is the join
   time, and the owner keys above. The bucket's TTL is ``group_expiry``, so a member that is not added

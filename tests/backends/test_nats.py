@@ -289,7 +289,7 @@ async def test_a_closed_loop_over_named_channels_makes_no_block_file_per_message
     nats_node: NatsNode, namespace: str, make: Make, channels: int
 ) -> None:
     # The named channels' work-queue stream is emptied by each acknowledgement of a worker
-    # that keeps up; a keeper message outside every channel keeps its last block in use.
+    # that keeps up; an anchor message outside every channel keeps its last block in use.
     sender, receiver = make(servers=[nats_node.url]), make(servers=[nats_node.url])
     names = [f"work.{n}" for n in range(channels)]
     for i in range(50):
@@ -302,7 +302,7 @@ async def test_a_closed_loop_over_named_channels_makes_no_block_file_per_message
     assert max(numbers) < 10, numbers
     for name in names:
         assert await stored_in(nats_node, namespace, name) == 0
-    # A closing layer takes its keeper away: nothing of it is left in the stream.
+    # A closing layer takes its anchor away: nothing of it is left in the stream.
     await receiver.close()
     client = await raw_client([nats_node.url])
     try:

@@ -24,7 +24,9 @@ tokens by :func:`subject_token`):
 * ``app.n.<channel>``: named channels (no ``!``), stored in the JetStream
   stream ``stream_name`` with work-queue retention. Each named channel that a
   process reads has one durable pull consumer shared by every process, so
-  every message is delivered once.
+  every message is delivered once. ``app.n._anchor.<process-token>``: one
+  empty message per reading process in that stream, which keeps its last
+  file block in use (see ``_anchor_named_stream``).
 * KV bucket ``group_bucket``: one key per (group, member),
   ``<group>.p.<member>`` or ``<group>.n.<member>``, whose value is the join
   time, and the owner keys above. The bucket's TTL is ``group_expiry``, so a member that is not added
@@ -145,6 +147,12 @@ _INBOX_HEARTBEAT = 5.0
 #: Seconds at most an inbox delivery waits for its acknowledgement when no other follows it
 #: (see _on_delivery); well within _INBOX_ACK_WAIT, so that the server never sends it again.
 _INBOX_ACK_DELAY = 0.2
+#: A process that reads named channels stores an anchor message in their stream (see
+#: _anchor_named_stream) and stores it again after this many of its acknowledgements,
+#: or when it is half its life old.
+_ANCHOR_EVERY = 256
+#: Seconds the server keeps an anchor message that nothing replaces (its process went away).
+_ANCHOR_TTL = 60.0
 #: Fewest seconds the server keeps the inbox consumer of a process that went away.
 _INBOX_MIN_IDLE = 30.0
 #: Most unacknowledged inbox messages the server has out to one process at a time.
@@ -350,6 +358,12 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: Per named channel, the sequence of this layer's last publish (handed out before the
         #: next send's count, so a publish may name it) and the creation time of its stream.
         self._named_last: Memo[str, tuple[int, str | None]] = Memo()
+        #: This layer's anchor message in the named channels' stream (see _anchor_named_stream):
+        #: its sequence (0: none), the acknowledgements left before it is stored again, and
+        #: loop.time() when it was stored.
+        self._anchor_seq = 0
+        self._anchor_due = 0
+        self._anchor_at = 0.0
         # process token -> "<prefix>.p.<token>." (control requests)
         self._inboxes: Memo[str, str] = Memo(lambda token: f"{self.prefix}.p.{subject_token(token)}.")
         # process token -> "<prefix>.i.<token>" (the stored inbox)
@@ -497,6 +511,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         # nats-py can swallow a cancellation that races with a reply (asyncio.wait_for
         # on Python 3.11): closing the connection makes such a task's next call fail.
         await self.tasks.close(self.timeout, unblock=self._disconnect)
+        # After the readers stopped, which store it; left behind, it expires (_ANCHOR_TTL).
+        await self._drop_anchor()
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -1223,6 +1239,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             self.stats.dropped_expired += 1
         else:
             message = self.decode_or_drop(msg.data, f"named channel {channel!r}")
+        await self._anchor_named_stream()
         try:
             # A confirmed ack: the work queue has dropped the message before the
             # receiver returns, so a send() right after sees the room it freed.
@@ -1232,6 +1249,53 @@ class NATSChannelLayer(BrokerChannelLayer):
             logger.debug("ack on %r not confirmed: %r", channel, exc)
         if message is not None:
             waiters.deliver(message)
+
+    async def _anchor_named_stream(self) -> None:
+        """Keep a message of this layer's in the named channels' stream, outside every channel.
+
+        An acknowledgement that empties the work-queue stream's last file block makes
+        nats-server 2.15 create a new block file and delete the old one: with a worker
+        that keeps up, once per message (docs/architecture.md, NATS, "Named channels:
+        a block file per message too"). The inbox holds its newest delivery back for
+        that; a named channel cannot, since a held message would count against its
+        capacity. The anchor's subject has a token more than a channel's, so no
+        channel counts it and no consumer takes it. Called before each acknowledgement;
+        stored again every ``_ANCHOR_EVERY`` of them so that a recent one sits in the
+        block being written (writes fill a block, then start the next), and half-way
+        through its life. The one it replaces is deleted. Best effort: a failure leaves
+        the server replacing blocks, as it did without the anchor.
+        """
+        self._anchor_due -= 1
+        now = running_loop().time()
+        if self._anchor_due > 0 and now - self._anchor_at < self._anchor_life() / 2:
+            return
+        # Set before the first await: concurrent readers store one anchor, not one each.
+        self._anchor_due, self._anchor_at = _ANCHOR_EVERY, now
+        ttl = _ANCHOR_TTL if self._msg_ttl else None
+        subject = f"{self.prefix}.n._anchor.{self.client_token}"
+        timeout = min(_ATTEMPT_TIMEOUT, self.timeout)
+        try:
+            ack = await self.js.publish(subject, timeout=timeout, stream=self.stream_name, msg_ttl=ttl)
+        except (asyncio.TimeoutError, self._driver_error) as exc:
+            logger.debug("storing the anchor message failed: %r", exc)
+            return
+        await self._drop_anchor()
+        self._anchor_seq = ack.seq
+
+    def _anchor_life(self) -> float:
+        """Seconds the server keeps an anchor message: its own TTL, else the stream's ``max_age``."""
+        return _ANCHOR_TTL if self._msg_ttl else min(_ANCHOR_TTL, self.channel_expiry)
+
+    async def _drop_anchor(self) -> None:
+        """Delete this layer's anchor message from the named channels' stream, if it stored one."""
+        seq, self._anchor_seq = self._anchor_seq, 0
+        if not seq or self._nc is None or self._nc.is_closed:
+            return
+        try:
+            await self._js_request(f"STREAM.MSG.DELETE.{self.stream_name}", {"seq": seq, "no_erase": True})
+        except (asyncio.TimeoutError, self._driver_error) as exc:
+            # Gone already (expired, purged, the stream made again) or unreachable: it expires.
+            logger.debug("deleting the anchor message failed: %r", exc)
 
     async def _bind(self, channel: str, reader: _NamedReader) -> JetStreamContext.PullSubscription:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy

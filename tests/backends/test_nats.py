@@ -261,6 +261,12 @@ async def test_groups_cost_no_subscription_and_one_consumer_per_process(
     assert [info.name for info in consumers] == [f"fwi{layer.client_token}"]
 
 
+def block_numbers(nats_node: NatsNode, stream: str) -> list[int]:
+    """The numbers of the file blocks the server holds for ``stream`` (``msgs/<n>.blk``)."""
+    blocks = nats_node.workdir / "js" / "jetstream" / "$G" / "streams" / stream / "msgs"
+    return sorted(int(block.name.split(".")[0]) for block in blocks.glob("*.blk"))
+
+
 async def test_a_closed_loop_of_sends_makes_no_block_file_per_message(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
@@ -273,10 +279,36 @@ async def test_a_closed_loop_of_sends_makes_no_block_file_per_message(
     for i in range(50):
         await sender.send(channel, {"type": "x", "i": i})
         assert (await receiver.receive(channel, timeout=PATIENCE))["i"] == i
-    blocks = nats_node.workdir / "js" / "jetstream" / "$G" / "streams" / f"{namespace}_INBOX" / "msgs"
-    numbers = [int(block.name.split(".")[0]) for block in blocks.glob("*.blk")]
+    numbers = block_numbers(nats_node, f"{namespace}_INBOX")
     assert numbers
-    assert max(numbers) < 10, sorted(numbers)
+    assert max(numbers) < 10, numbers
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+async def test_a_closed_loop_over_named_channels_makes_no_block_file_per_message(
+    nats_node: NatsNode, namespace: str, make: Make, channels: int
+) -> None:
+    # The named channels' work-queue stream is emptied by each acknowledgement of a worker
+    # that keeps up; an anchor message outside every channel keeps its last block in use.
+    sender, receiver = make(servers=[nats_node.url]), make(servers=[nats_node.url])
+    names = [f"work.{n}" for n in range(channels)]
+    for i in range(50):
+        for name in names:
+            await sender.send(name, {"type": "x", "i": i})
+        for name in names:
+            assert (await receiver.receive(name, timeout=PATIENCE))["i"] == i
+    numbers = block_numbers(nats_node, namespace)
+    assert numbers
+    assert max(numbers) < 10, numbers
+    for name in names:
+        assert await stored_in(nats_node, namespace, name) == 0
+    # A closing layer takes its anchor away: nothing of it is left in the stream.
+    await receiver.close()
+    client = await raw_client([nats_node.url])
+    try:
+        assert (await client.jetstream().stream_info(namespace)).state.messages == 0
+    finally:
+        await client.close()
 
 
 async def test_an_inbox_delivery_nothing_follows_is_acknowledged_and_close_acknowledges_the_held_one(

@@ -1023,12 +1023,16 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         await self._send_named(channel, data)
 
     async def _send_one(self, routing_key: str, channel: str, data: bytes) -> None:
-        properties = self._properties(_SEND, headers={"channel": channel}, expiration=self.channel_expiry)
+        # Persistent with ``durable``: the inbox outlives a broker restart, and a send
+        # waiting in it for a process that is away must too (a transient one would not).
+        properties = self._properties(
+            _SEND, headers={"channel": channel}, expiration=self.channel_expiry, persistent=self.durable
+        )
         await self._publish(data, properties, routing_key, what=f"send to {channel!r}")
 
     async def _send_many(self, routing_key: str, frames: list[tuple[str, bytes]]) -> None:
         # One expiration fits them all: every send to an inbox gets channel_expiry.
-        properties = self._properties(_SENDS, expiration=self.channel_expiry)
+        properties = self._properties(_SENDS, expiration=self.channel_expiry, persistent=self.durable)
         what = f"send to {frames[0][0]!r} and {len(frames) - 1} packed with it"
         await self._publish(pack(frames), properties, routing_key, what=what)
 

@@ -221,6 +221,28 @@ async def test_a_cut_connection_loses_nothing(make: Factory, node: RabbitNode) -
         await inbox.stop()
 
 
+async def test_sends_waiting_in_an_inbox_whose_process_is_away_survive_a_restart(
+    make: Factory, node: RabbitNode
+) -> None:
+    # The inbox is durable, so it outlives the restart; what waits in it must too
+    # (transient messages would not). Three at once: one goes alone, the others packed.
+    async with TcpProxy(node.port) as proxy:
+        layer = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+        channel = await layer.new_channel("ws")
+        inbox = Collector(layer, channel)
+        sender = make()
+        await sender.send(channel, {"type": "p2p", "n": "before"})
+        assert await inbox.missing({"before"}) == set()
+        await proxy.cut()
+        expected = {f"away-{n}" for n in range(3)}
+        await asyncio.gather(*(sender.send(channel, {"type": "p2p", "n": n}) for n in sorted(expected)))
+        await asyncio.to_thread(node.restart)
+        await proxy.reopen()
+        assert sorted(await inbox.missing(expected)) == []
+        assert len(inbox.got) == len(expected) + 1  # none twice
+        await inbox.stop()
+
+
 async def test_a_cut_connection_loses_no_history_group_message(make: Factory, node: RabbitNode) -> None:
     # Members of a history group listen to the group's stream, not to the inbox:
     # their tap dies with the connection and must resume where it stopped.

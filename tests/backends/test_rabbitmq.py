@@ -113,6 +113,15 @@ def test_environment_empty_means_no_limit() -> None:
     assert layer.url == "amqp://u:p@broker:5672/app"
 
 
+def test_persistent_sends_is_on_by_default_and_read_from_the_environment() -> None:
+    assert RabbitMQChannelLayer().persistent_sends is True
+    layer = get_channel_layer_from_env(
+        {"FASTAPI_WEBSOCKETS_BACKEND": "rabbitmq", "FASTAPI_WEBSOCKETS_RABBITMQ_PERSISTENT_SENDS": "off"}
+    )
+    assert isinstance(layer, RabbitMQChannelLayer)
+    assert layer.persistent_sends is False
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [

@@ -32,6 +32,17 @@ async def test_a_connection_of_the_test_left_open() -> None:
     server.close()
 
 
+async def test_a_connection_of_the_test_closed_too_late() -> None:
+    # Closed, but its buffer never flushed: the peer reads nothing, and the loop ends first.
+    server = await asyncio.start_server(lambda reader, writer: kept.append(writer), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    writer.transport.set_write_buffer_limits(high=1 << 30)
+    writer.write(b"x" * (64 << 20))
+    writer.close()
+    kept.append(writer)
+    server.close()
+
+
 def test_later() -> None:
     kept.clear()
     gc.collect()
@@ -69,3 +80,14 @@ def test_a_transport_a_test_left_open_is_listed_only(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "opened by test code in test_leaky.py::test_a_connection_of_the_test_left_open" in output
+
+
+def test_a_transport_freed_while_closing_is_listed_as_closing(tmp_path: Path) -> None:
+    (tmp_path / "test_leaky.py").write_text(LEAKY.format(url="redis://127.0.0.1:1/0"))
+    result = run(tmp_path, "closed_too_late or later")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert (
+        "opened by test code in test_leaky.py::test_a_connection_of_the_test_closed_too_late, "
+        "freed while closing" in output
+    ), output

@@ -1010,14 +1010,14 @@ class _StatementWatch(LazyDeadline):
         self.expired = False
         self.begin(running_loop())
 
-    def stop(self) -> None:
+    def end(self) -> None:
         """The statement in flight is done."""
         self._conn = None
-        self._since = None
+        super().end()
 
     def expire(self) -> None:
-        conn, self._conn = self._conn, None
-        self._since = None
+        conn = self._conn
+        self.end()
         if conn is not None:
             self.expired = True
             # (A proxy that close() released in this same instant refuses the call: nothing to end.)
@@ -2136,7 +2136,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             try:
                 result = await operation(conn)
             finally:
-                watch.stop()
+                watch.end()
         except self._misuse:
             self._give_back(conn)
             raise

@@ -247,7 +247,7 @@ def part(job: dict[str, Any], args: argparse.Namespace) -> None:
         def transient(layer: Any, *args: Any, **kwargs: Any) -> None:
             make(layer, *args, **{**kwargs, "persistent_sends": False})
 
-        RabbitMQChannelLayer.__init__ = transient  # type: ignore[method-assign]
+        RabbitMQChannelLayer.__init__ = transient  # type: ignore[method-assign,assignment]
     io = counted_loops(probe, args.senders, args.messages, job["server"], packs)
     impl = harness.find_impl(job["server"]["broker"], job["impl"])
     sizes = {"p2p_seconds": 600.0, "p2p_messages": args.messages, "limit": 600.0}

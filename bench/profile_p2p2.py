@@ -21,7 +21,10 @@ included: ``perf report -i FILE.sender --sort dso``); ``--strace FILE`` runs the
 ``strace -c -f`` (``PROFILE_STRACE`` replaces ``-c``, e.g. ``"-k -e trace=mmap"``), whole
 process: difference two ``--messages`` to leave start-up out. ``PROFILE_HANDLES=1`` lists
 handles by callback, ``PROFILE_TURNS=N`` the callbacks of the counted loop's first N handles
-with their loop turn (a round, step by step).
+with their loop turn (a round, step by step). For RabbitMQ the sender also reports the broker's
+``fsync`` calls over its counted loop (the node's own counters, as ``profile_rabbitmq_p2p.py``
+reads them), the sends each publish to an inbox carried and the mean time from a publish to its
+confirm; ``PROFILE_TRANSIENT=1`` makes the sending layer publish transient messages.
 
 Speed figures only; nothing here is a test.
 """
@@ -167,19 +170,66 @@ class Probe:
         return figures
 
 
-def counted_loops(probe: Probe, senders: int, messages: int, reports: list[float] | None = None) -> None:
-    """Patch harness.closed_loop: the one-sender loop short, the ``senders`` loop counted by ``probe``."""
+def counted_loops(
+    probe: Probe, senders: int, messages: int, server: dict[str, Any] | None = None, packs: Any = None
+) -> dict[str, Any]:
+    """Patch harness.closed_loop: the one-sender loop short, the ``senders`` loop counted by ``probe``.
+
+    With a RabbitMQ ``server``, the returned dict gets the node's file-handle counters before
+    and after the counted loop (``io_before``, ``io_after``), and with ``packs`` (from
+    :func:`count_all_packs`) its totals then (``packs_before``, ``packs_after``).
+    """
     closed_loop = harness.closed_loop
+    io: dict[str, Any] = {}
 
     async def loop(send: Any, waiting: Any, count: int, sizes: Any) -> dict[str, float]:
         if count != senders:
             return await closed_loop(send, waiting, count, {**sizes, "p2p_messages": 50})
+        if server is not None and "ctl" in server:
+            io["io_before"] = profile_rabbitmq_p2p.broker_io(server)
+        if packs is not None:
+            io["packs_before"] = packs()
         probe.start()
         result = await closed_loop(send, waiting, count, {**sizes, "p2p_messages": messages})
         probe.stop()
+        if packs is not None:
+            io["packs_after"] = packs()
+        if server is not None and "ctl" in server:
+            io["io_after"] = profile_rabbitmq_p2p.broker_io(server)
         return result
 
     harness.closed_loop = loop  # type: ignore[assignment]
+    return io
+
+
+def count_all_packs() -> Any:
+    """Every RabbitMQ layer made from now on counts its publishes to an inbox by sends carried.
+
+    Returns a function giving the totals so far: (sends a publish -> publishes, the times from
+    each publish to its confirm, in seconds).
+    """
+    from fastapi_websockets.backends import packing
+
+    counters: list[tuple[collections.Counter[int], list[float]]] = []
+    init = packing.Packer.__init__
+
+    def counting_init(packer: Any, **kwargs: Any) -> None:
+        init(packer, **kwargs)
+        packs, times = profile_rabbitmq_p2p.count_packs(type("Holder", (), {"_packer": packer})())
+        assert packs is not None
+        counters.append((packs, times))
+
+    packing.Packer.__init__ = counting_init  # type: ignore[method-assign,assignment]
+
+    def totals() -> tuple[collections.Counter[int], list[float]]:
+        packs: collections.Counter[int] = collections.Counter()
+        times: list[float] = []
+        for counted, timed in counters:
+            packs.update(counted)
+            times += timed
+        return packs, times
+
+    return totals
 
 
 def part(job: dict[str, Any], args: argparse.Namespace) -> None:
@@ -187,14 +237,36 @@ def part(job: dict[str, Any], args: argparse.Namespace) -> None:
     probe = Probe(
         args.profile == "sender" and args.functions > 0, args.spy and f"{args.spy}.sender", args.bytecodes
     )
-    counted_loops(probe, args.senders, args.messages)
+    packs = count_all_packs() if job["server"]["broker"] == "rabbitmq" else None
+    if os.environ.get("PROFILE_TRANSIENT"):
+        # Measurement only: the sending layer publishes transient messages (persistent_sends=False).
+        from fastapi_websockets.backends.rabbitmq import RabbitMQChannelLayer
+
+        make = RabbitMQChannelLayer.__init__
+
+        def transient(layer: Any, *args: Any, **kwargs: Any) -> None:
+            make(layer, *args, **{**kwargs, "persistent_sends": False})
+
+        RabbitMQChannelLayer.__init__ = transient  # type: ignore[method-assign,assignment]
+    io = counted_loops(probe, args.senders, args.messages, job["server"], packs)
     impl = harness.find_impl(job["server"]["broker"], job["impl"])
     sizes = {"p2p_seconds": 600.0, "p2p_messages": args.messages, "limit": 600.0}
 
     async def run() -> dict[str, Any]:
         probe.counts.install(asyncio.get_running_loop())
         result = await harness.p2p_part(impl, job["server"], job["ns"], sizes)
-        return result | {"sender": probe.figures(args.messages, args.functions)}
+        figures = probe.figures(args.messages, args.functions)
+        if "packs_after" in io:
+            (packs_before, times_before), (packs_after, times_after) = io["packs_before"], io["packs_after"]
+            figures["packs"] = dict(sorted((packs_after - packs_before).items()))
+            counted = times_after[len(times_before) :]
+            figures["confirm_ms"] = sum(counted) / max(len(counted), 1) * 1000
+        if "io_after" in io:
+            a, b = io["io_before"], io["io_after"]
+            syncs = b.get("io_sync_count", 0) - a.get("io_sync_count", 0)
+            figures["fsync_per_msg"] = syncs / args.messages
+            figures["fsync_us"] = (b.get("io_sync_time", 0) - a.get("io_sync_time", 0)) / max(syncs, 1)
+        return result | {"sender": figures}
 
     print(json.dumps(asyncio.run(run())), flush=True)
 
@@ -361,6 +433,12 @@ def main() -> None:
                     f"{index} {name:6} {show(result, args.senders)}  load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
+                sender = result.get("sender", {})
+                if "fsync_per_msg" in sender:
+                    print(
+                        f"  fsync {sender['fsync_per_msg']:.3f}/msg, {sender['fsync_us']:.0f} us each; "
+                        f"confirm {sender['confirm_ms']:.3f} ms; sends a publish: {sender['packs']}"
+                    )
                 for side in ("sender", "receiver"):
                     if index == 0 and "package" in result.get(side, {}):
                         print(f"  {name} {side}: {result[side]['package']}")

@@ -1127,6 +1127,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._outbox_task: asyncio.Task[None] | None = None
         #: A caller is writing its own message (the writer was idle); see _write.
         self._writing = False
+        #: Set while the writer task waits for the next burst (see _next_burst): resolved by
+        #: the next write, or when the writer's connection goes back to the pool.
+        self._writer_parked: asyncio.Future[None] | None = None
         #: The pooled connection the writer keeps between statements (see _writer_statement),
         #: and the timer that hands it back to the pool.
         self._writer_conn: _Conn | None = None
@@ -1960,10 +1963,13 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     # --------------------------------------------------------------- template
 
-    async def _send_remote(self, channel: str, data: bytes) -> None:
+    def _send_remote(self, channel: str, data: bytes) -> Coroutine[Any, Any, None]:
+        # The write's own coroutine, not one around it: a frame less per send, made and resumed.
         if "!" in channel:  # is_process_specific(), without a call per send
-            await self._write(self._inbox_of(channel), channel, data)
-            return
+            return self._write(self._inbox_of(channel), channel, data)  # type: ignore[return-value]  # (a send settles to None)
+        return self._send_named(channel, data)
+
+    async def _send_named(self, channel: str, data: bytes) -> None:
         expiry = float(self.channel_expiry)
         capacity = self.capacity_for(channel)
         notify = self._notify_name(channel)
@@ -1988,7 +1994,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if self._writing or self._outbox_task is not None or self._outbox:
             # Queued here rather than in a helper: a closed-loop burst queues 15 of every 16 sends.
             self._outbox.append(entry)
-            if self._outbox_task is None and not self._writing:
+            parked = self._writer_parked
+            if parked is not None:
+                self._writer_parked = None
+                parked.set_result(None)
+            elif self._outbox_task is None and not self._writing:
                 self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
             return await entry.done
         if await self._gathered(entry):
@@ -2073,6 +2083,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     async def _write_outbox(self) -> None:
         expiry = float(self.channel_expiry)
+        burst = False
         try:
             while True:
                 if not self._outbox:
@@ -2082,9 +2093,12 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     # a write of its own, gathering for a pass and this task's successor
                     # starting in the pass after.
                     await asyncio.sleep(0)
+                    if not self._outbox and burst:
+                        await self._next_burst()
                     if not self._outbox:
                         break
                 batch = self._take_outbox()
+                burst = len(batch) > 1
                 if not batch:
                     continue
                 try:
@@ -2106,9 +2120,24 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                         entry.done.set_result(position)
         finally:
             self._outbox_task = None
+            self._writer_parked = None
             if self.closed:
                 _fail(self._outbox, ChannelLayerClosed("the channel layer was closed"))
                 self._outbox.clear()
+
+    async def _next_burst(self) -> None:
+        """Wait for the next write while the writer keeps its connection, or until it is given back.
+
+        Senders woken by something other than their statement's reply (an answer from
+        another process: closed-loop senders across processes) write again passes
+        after this writer settled them: a writer that ended would leave the first of
+        them to gather for a pass and start a successor the pass after, and its own
+        end cost a pass too. Only after a burst (a statement of several writes) and
+        only while the connection is kept, so lone writes still run in their callers.
+        """
+        if self._writer_conn is not None:
+            self._writer_parked = running_loop().create_future()
+            await self._writer_parked
 
     async def _write_run(self, batch: list[_Outgoing], expiry: float) -> Sequence[StreamPosition | None]:
         """Write ``batch`` (writes that can share a statement) in one statement."""
@@ -2221,6 +2250,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         conn, self._writer_conn = self._writer_conn, None
         if conn is not None:
             self._give_back(conn)
+        parked, self._writer_parked = self._writer_parked, None
+        if parked is not None:
+            parked.set_result(None)  # the writer waiting for a burst ends (nothing queued)
 
     def _give_back(self, conn: _Conn) -> None:
         """Hand the writer's connection back to the pool, with asyncpg's statement timer again."""

@@ -980,6 +980,34 @@ async def test_sends_woken_together_share_one_statement(
     assert len({row["tx"] for row in rows}) == 4
 
 
+async def test_a_burst_writer_waits_for_the_next_burst_and_ends_with_its_connection(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a statement of several writes the writer task waits for the next burst
+    # instead of ending (senders in another process are woken passes later by their
+    # answers), and ends when its kept connection goes back to the pool. A write
+    # queued between that hand-back and the writer's wake-up must still be written:
+    # the first version ended on the hand-back whatever had been queued meanwhile.
+    monkeypatch.setattr(postgresql, "_WRITER_LINGER", 3600.0, raising=False)
+    sender, owner = make(), make()
+    channel = await owner.new_channel()
+    await sender.send(channel, {"type": "n", "i": -1})  # connected; the writer is idle again
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(4)))
+    writer = sender._outbox_task
+    await eventually(lambda: sender._writer_parked is not None, "the writer waiting for a burst")
+    assert sender._outbox_task is writer is not None
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(4, 8)))
+    assert sender._outbox_task is writer  # the same task wrote the second burst
+    await eventually(lambda: sender._writer_parked is not None, "the writer waiting again")
+
+    late = asyncio.ensure_future(sender.send(channel, {"type": "n", "i": 8}))
+    sender._release_writer_conn()  # as the linger timer does; the send queues before the writer wakes
+    await asyncio.wait_for(late, 20)
+    assert [(await owner.receive(channel, timeout=10))["i"] for _ in range(10)] == list(range(-1, 9))
+    await eventually(lambda: sender._outbox_task is None, "the writer ending with its connection")
+    assert sender._writer_parked is None
+
+
 async def test_the_writer_keeps_its_connection_between_statements(
     make: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

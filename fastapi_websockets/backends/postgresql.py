@@ -1119,6 +1119,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         #: The inbox queue of a process-specific channel (every send to one asks).
         self._inbox_of: Memo[str, str] = Memo(lambda channel: _inbox_queue(process_token(channel)))
         self._pool: asyncpg.Pool | None = None
+        #: Acquisitions whose caller was cancelled, going on to hand their connection back.
+        self._settling: set[asyncio.Task[None]] = set()
         self._listener: asyncpg.Connection | None = None
         self._listen_lock = asyncio.Lock()
         self._listened: set[str] = set()
@@ -1422,19 +1424,21 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             sent = False
             try:
                 timeout = max(deadline - time.monotonic(), 0.0) or self.timeout
-                async with pool.acquire(timeout=timeout) as conn:
-                    sent = True
-                    try:
-                        return await operation(conn)
-                    except self._misuse:
-                        raise
-                    except self._broken:
-                        # Never hand a broken connection back to the pool: asyncpg may
-                        # not notice it is unusable, and every later caller would fail.
-                        # (If asyncpg already released it, there is nothing to do.)
-                        with contextlib.suppress(*self._broken):
-                            conn.terminate()
-                        raise
+                conn = await self._acquire(pool, timeout)
+                sent = True
+                try:
+                    return await operation(conn)
+                except self._misuse:
+                    raise
+                except self._broken:
+                    # Never hand a broken connection back to the pool: asyncpg may
+                    # not notice it is unusable, and every later caller would fail.
+                    # (If asyncpg already released it, there is nothing to do.)
+                    with contextlib.suppress(*self._broken):
+                        conn.terminate()
+                    raise
+                finally:
+                    await pool.release(conn)
             except self._misuse:
                 raise
             except self._tables_gone as exc:
@@ -1456,6 +1460,25 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 await asyncio.sleep(delay)
             except self._server_errors as exc:
                 raise self._refused(exc) from exc
+
+    async def _acquire(self, pool: asyncpg.Pool, timeout: float) -> _Conn:
+        """``pool.acquire(timeout=timeout)``, which a cancellation of the caller does not cut.
+
+        Cancelled while it opens a connection, asyncpg closes the half-open one
+        without waiting: over TLS, the shutdown then waits for the server's
+        close_notify with nobody owning it, and outlives close(), which cancels
+        the readers. The acquisition goes on instead, and the connection it gets
+        goes back to the pool; close() waits for that (:meth:`_release_connections`).
+        """
+        acquiring = asyncio.ensure_future(pool.acquire(timeout=timeout))
+        try:
+            conn: _Conn = await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            settling = asyncio.ensure_future(_release_when_acquired(pool, acquiring))
+            self._settling.add(settling)
+            settling.add_done_callback(self._settling.discard)
+            raise
+        return conn
 
     def _refused(self, exc: BaseException) -> StatementRefused:
         """The error a caller gets for a statement the server answered with ``exc`` (rolled back).
@@ -1481,6 +1504,16 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if pool is None:
             return
         stuck: tuple[type[BaseException], ...] = (BackendUnavailable, *self._broken)
+        if self._settling:
+            # Connections being opened for callers close() cancelled: back in the pool,
+            # which closes them, rather than left half-open. Bounded: asyncpg's own
+            # connect timeout ends each, and this one ends the wait.
+            with contextlib.suppress(BackendUnavailable):
+                await within(
+                    asyncio.gather(*self._settling, return_exceptions=True),
+                    self.timeout,
+                    lambda: self.unavailable("opening connections timed out"),
+                )
         try:
             await within(pool.close(), self.timeout, lambda: self.unavailable("closing timed out"))
         except stuck:
@@ -2198,9 +2231,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     raise ChannelLayerClosed("the channel layer was closed")
                 raise self.unavailable("not connected")
             try:
-                conn: _Conn = await pool.acquire(
-                    timeout=max(deadline - time.monotonic(), 0.0) or self.timeout
-                )
+                conn = await self._acquire(pool, max(deadline - time.monotonic(), 0.0) or self.timeout)
                 _statement_timer(conn, None)  # bounded by _statement_watch while the writer has it
                 return conn
             except self._misuse:
@@ -2586,6 +2617,15 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 # The server refused (its schema lost in a crash, say): the pool must close anyway.
                 logger.warning("could not remove this instance's rows on close: %r", exc)
         await self._release_connections()
+
+
+async def _release_when_acquired(pool: asyncpg.Pool, acquiring: asyncio.Future[_Conn]) -> None:
+    """Hand back the connection an acquisition gets after its caller was cancelled."""
+    try:
+        conn = await acquiring
+    except Exception:
+        return  # nothing acquired (asyncpg closed what it had opened)
+    await pool.release(conn)
 
 
 def _aborted_by_server(exc: BaseException, aborted: tuple[type[BaseException], ...]) -> bool:

@@ -1119,7 +1119,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         #: The inbox queue of a process-specific channel (every send to one asks).
         self._inbox_of: Memo[str, str] = Memo(lambda channel: _inbox_queue(process_token(channel)))
         self._pool: asyncpg.Pool | None = None
-        #: Acquisitions whose caller was cancelled, going on to hand their connection back.
+        #: Pooled connects whose caller was cancelled, going on to close what they open.
         self._settling: set[asyncio.Task[None]] = set()
         self._listener: asyncpg.Connection | None = None
         self._listen_lock = asyncio.Lock()
@@ -1212,6 +1212,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 "connect",
                 lambda: asyncpg.create_pool(
                     self.dsn,
+                    connect=self._open_pooled,
                     min_size=1,
                     max_size=self.pool_size,
                     max_inactive_connection_lifetime=60.0,
@@ -1424,21 +1425,19 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             sent = False
             try:
                 timeout = max(deadline - time.monotonic(), 0.0) or self.timeout
-                conn = await self._acquire(pool, timeout)
-                sent = True
-                try:
-                    return await operation(conn)
-                except self._misuse:
-                    raise
-                except self._broken:
-                    # Never hand a broken connection back to the pool: asyncpg may
-                    # not notice it is unusable, and every later caller would fail.
-                    # (If asyncpg already released it, there is nothing to do.)
-                    with contextlib.suppress(*self._broken):
-                        conn.terminate()
-                    raise
-                finally:
-                    await pool.release(conn)
+                async with pool.acquire(timeout=timeout) as conn:
+                    sent = True
+                    try:
+                        return await operation(conn)
+                    except self._misuse:
+                        raise
+                    except self._broken:
+                        # Never hand a broken connection back to the pool: asyncpg may
+                        # not notice it is unusable, and every later caller would fail.
+                        # (If asyncpg already released it, there is nothing to do.)
+                        with contextlib.suppress(*self._broken):
+                            conn.terminate()
+                        raise
             except self._misuse:
                 raise
             except self._tables_gone as exc:
@@ -1461,24 +1460,26 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             except self._server_errors as exc:
                 raise self._refused(exc) from exc
 
-    async def _acquire(self, pool: asyncpg.Pool, timeout: float) -> _Conn:
-        """``pool.acquire(timeout=timeout)``, which a cancellation of the caller does not cut.
+    async def _open_pooled(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        """The pool's connect (``asyncpg.connect``), which a cancellation of its caller does not cut.
 
-        Cancelled while it opens a connection, asyncpg closes the half-open one
-        without waiting: over TLS, the shutdown then waits for the server's
-        close_notify with nobody owning it, and outlives close(), which cancels
-        the readers. The acquisition goes on instead, and the connection it gets
-        goes back to the pool; close() waits for that (:meth:`_release_connections`).
+        Cancelled half way, asyncpg closes what it opened without waiting: over
+        TLS, the shutdown then waits for the server's close_notify with nobody
+        owning it, and outlived close(), which cancels the readers (a pooled
+        statement of the inbox reader opening a connection, say). The connect goes
+        on instead, and what it opens is closed; close() waits for that
+        (:meth:`_release_connections`). Only connects pay for this, not acquires.
         """
-        acquiring = asyncio.ensure_future(pool.acquire(timeout=timeout))
+        import asyncpg
+
+        opening = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
         try:
-            conn: _Conn = await asyncio.shield(acquiring)
+            return await asyncio.shield(opening)
         except asyncio.CancelledError:
-            settling = asyncio.ensure_future(_release_when_acquired(pool, acquiring))
+            settling = asyncio.ensure_future(_close_when_open(opening, self.timeout))
             self._settling.add(settling)
             settling.add_done_callback(self._settling.discard)
             raise
-        return conn
 
     def _refused(self, exc: BaseException) -> StatementRefused:
         """The error a caller gets for a statement the server answered with ``exc`` (rolled back).
@@ -1505,9 +1506,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             return
         stuck: tuple[type[BaseException], ...] = (BackendUnavailable, *self._broken)
         if self._settling:
-            # Connections being opened for callers close() cancelled: back in the pool,
-            # which closes them, rather than left half-open. Bounded: asyncpg's own
-            # connect timeout ends each, and this one ends the wait.
+            # Connections being opened for callers close() cancelled: closed in full
+            # rather than left half-open. Bounded: asyncpg's own connect timeout ends
+            # each, and this one ends the wait.
             with contextlib.suppress(BackendUnavailable):
                 await within(
                     asyncio.gather(*self._settling, return_exceptions=True),
@@ -2231,7 +2232,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                     raise ChannelLayerClosed("the channel layer was closed")
                 raise self.unavailable("not connected")
             try:
-                conn = await self._acquire(pool, max(deadline - time.monotonic(), 0.0) or self.timeout)
+                conn: _Conn = await pool.acquire(
+                    timeout=max(deadline - time.monotonic(), 0.0) or self.timeout
+                )
                 _statement_timer(conn, None)  # bounded by _statement_watch while the writer has it
                 return conn
             except self._misuse:
@@ -2619,13 +2622,16 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         await self._release_connections()
 
 
-async def _release_when_acquired(pool: asyncpg.Pool, acquiring: asyncio.Future[_Conn]) -> None:
-    """Hand back the connection an acquisition gets after its caller was cancelled."""
+async def _close_when_open(opening: asyncio.Future[asyncpg.Connection], timeout: float) -> None:
+    """Close the connection a pooled connect opens after its caller was cancelled."""
     try:
-        conn = await acquiring
+        conn = await opening
     except Exception:
-        return  # nothing acquired (asyncpg closed what it had opened)
-    await pool.release(conn)
+        return  # nothing opened (asyncpg closed what it had begun)
+    try:
+        await conn.close(timeout=timeout)
+    except Exception:
+        conn.terminate()
 
 
 def _aborted_by_server(exc: BaseException, aborted: tuple[type[BaseException], ...]) -> bool:

@@ -31,11 +31,10 @@ import sys
 import uuid
 from pathlib import Path
 
+import count_bytecodes
+import harness
+
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
-import count_bytecodes  # noqa: E402
-import harness  # noqa: E402
 
 
 async def measure(impl: harness.Impl, server: harness.Server, args: argparse.Namespace) -> float:
@@ -69,9 +68,11 @@ async def measure(impl: harness.Impl, server: harness.Server, args: argparse.Nam
 
 def group(key: str, backend: str) -> str:
     """Which part of the loop a function (a key of the tracer's counts) belongs to."""
-    if key.startswith(f"fastapi_websockets/backends/{backend}.py"):
+    # The tracer names files of its own checkout relative to it, and another tree's in full.
+    _, in_package, module = f"/{key}".rpartition("/fastapi_websockets/")
+    if in_package and module.startswith(f"backends/{backend}.py"):
         return "backend module"
-    if key.startswith("fastapi_websockets/"):
+    if in_package:
         return "shared layer path"
     if "/asyncio/" in key:
         return "asyncio"
@@ -113,4 +114,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Only as a script: it measures its own checkout. A tool importing group() measures
+    # the tree it was asked to run (its PYTHONPATH), which this must not shadow.
+    sys.path.insert(1, str(BENCH.parent))
     main()

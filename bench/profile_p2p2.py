@@ -56,6 +56,7 @@ sys.path.insert(0, str(BENCH))
 # Last: a worker imports the package from its tree (PYTHONPATH); only tests.servers comes from here.
 sys.path.append(str(BENCH.parent))
 import count_bytecodes  # noqa: E402
+import count_p2p_bytecodes  # noqa: E402
 import harness  # noqa: E402
 import profile_rabbitmq_p2p  # noqa: E402
 from profile_rabbitmq_p2p import LoopCounts  # noqa: E402
@@ -148,10 +149,6 @@ class Probe:
                 f"{count / messages:6.2f}/msg {name}" for name, count in self.counts.by_name.most_common(25)
             )
         if self.bytecodes:
-            # Only now: importing it puts this checkout first on sys.path, and a worker must
-            # have imported the package of the tree it measures (PYTHONPATH) before.
-            import count_p2p_bytecodes
-
             counts, calls = count_bytecodes._bytecodes, count_bytecodes._calls
             groups: collections.Counter[str] = collections.Counter()
             for key, count in counts.items():

@@ -291,6 +291,18 @@ class Mailboxes:
             if not fut.done():
                 fut.set_exception(exc)
 
+    def take_all(self, wanted: Callable[[str], bool]) -> list[tuple[str, Message]]:
+        """Take every unexpired message of the channels ``wanted`` accepts, oldest first per channel."""
+        now = time.monotonic()
+        taken: list[tuple[str, Message]] = []
+        for channel, box in list(self._boxes.items()):
+            if wanted(channel):
+                self._drop_expired(box, now)
+                taken += ((channel, message) for _, message in box.items)
+                box.items.clear()
+                self._discard_if_idle(channel, box)
+        return taken
+
     def close(self) -> None:
         """Wake every waiting receiver with ``ChannelLayerClosed`` and drop all messages."""
         self._closed = True

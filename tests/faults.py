@@ -107,6 +107,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._downstream = asyncio.Event()  # clear: what the server sends waits in the proxy
         self._downstream.set()
+        #: One per connection, in order of acceptance: clear, what the server sends on it waits.
+        self._gates: list[asyncio.Event] = []
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
         #: One more at each cut: a connection accepted before a cut is cut too.
@@ -145,19 +147,22 @@ class TcpProxy:
             up_writer.close()
             return
         self._writers |= {writer, up_writer}
-        for source, sink, gate in ((reader, up_writer, None), (up_reader, writer, self._downstream)):
-            task = asyncio.ensure_future(self._pipe(source, sink, gate))
+        gate = asyncio.Event()
+        gate.set()
+        self._gates.append(gate)
+        for source, sink, gates in ((reader, up_writer, ()), (up_reader, writer, (self._downstream, gate))):
+            task = asyncio.ensure_future(self._pipe(source, sink, gates))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
     @staticmethod
     async def _pipe(
-        source: asyncio.StreamReader, sink: asyncio.StreamWriter, gate: asyncio.Event | None
+        source: asyncio.StreamReader, sink: asyncio.StreamWriter, gates: tuple[asyncio.Event, ...]
     ) -> None:
         try:
             with contextlib.suppress(ConnectionError):
                 while data := await source.read(65536):
-                    if gate is not None:
+                    for gate in gates:
                         await gate.wait()
                     sink.write(data)
                     await sink.drain()
@@ -168,9 +173,15 @@ class TcpProxy:
         """Keep what the server sends from reaching the clients (it waits, in order) until :meth:`release`."""
         self._downstream.clear()
 
+    def hold_newest(self) -> None:
+        """Like :meth:`hold`, for the connection accepted last only (a client's connect stalls)."""
+        self._gates[-1].clear()
+
     def release(self) -> None:
-        """Pass on what :meth:`hold` kept, and everything after it."""
+        """Pass on what :meth:`hold` and :meth:`hold_newest` kept, and everything after it."""
         self._downstream.set()
+        for gate in self._gates:
+            gate.set()
 
     async def cut(self) -> None:
         """Stop accepting and close every connection through the proxy."""

@@ -191,6 +191,8 @@ class BaseChannelLayer(abc.ABC):
         self._started = False
         self._start_lock = asyncio.Lock()
         self._remote_receives: set[asyncio.Task[Message]] = set()
+        #: (channel, message) claimed from the broker for cancelled receives once close() began.
+        self._claimed_on_close: list[tuple[str, Message]] = []
         observing.live_layers.add(self)
         if observing.hooks is not None:
             observing.hooks.layer_created(self)
@@ -457,7 +459,7 @@ class BaseChannelLayer(abc.ABC):
             if inner.done() and not inner.cancelled() and inner.exception() is None:
                 # Claimed from the broker just as we were cancelled: keep it for the
                 # next receiver instead of losing it.
-                self.deliver_local(channel, inner.result())
+                self._keep_claimed(channel, inner.result())
             else:
                 self._cancel_keeping_late_result(inner, channel)
             if not _cancelling():
@@ -476,11 +478,19 @@ class BaseChannelLayer(abc.ABC):
         # A driver may swallow the cancellation and still return a message it claimed;
         # park such a late result in the local mailbox rather than dropping it.
         def park(task: asyncio.Future[Message]) -> None:
-            if not task.cancelled() and task.exception() is None and not self._closed:
-                self.deliver_local(channel, task.result())
+            if not task.cancelled() and task.exception() is None:
+                self._keep_claimed(channel, task.result())
 
         inner.add_done_callback(park)
         inner.cancel()
+
+    def _keep_claimed(self, channel: str, message: Message) -> None:
+        """A named-channel message claimed for a receive that was cancelled: for the next
+        receive here, or, once the layer is closing, to go back to the broker."""
+        if self._closed:
+            self._claimed_on_close.append((channel, message))
+        else:
+            self.deliver_local(channel, message)
 
     def _forget_remote_receive(self, task: asyncio.Task[Message]) -> None:
         self._remote_receives.discard(task)
@@ -832,6 +842,11 @@ class BaseChannelLayer(abc.ABC):
             return
         if self._presence and self._started:
             await self._leave_presence_on_close()
+        if self._started:
+            # Named-channel messages claimed from the broker for receivers that were
+            # cancelled, parked here for the next receive: nobody will receive them here
+            # any more. Sent back while the layer still sends (some refuse once closed).
+            await self._give_back_claimed(self._mailboxes.take_all(lambda name: not self.is_local(name)))
         self._closed = True
         self._mailboxes.close()
         for task in list(self._remote_receives):
@@ -840,7 +855,23 @@ class BaseChannelLayer(abc.ABC):
             await asyncio.gather(*self._remote_receives, return_exceptions=True)
         async with self._start_lock:
             if self._started:
+                # Claimed by a cancelled receive's late result meanwhile; a backend whose
+                # sends refuse once closed (Redis) loses these, with a warning.
+                late, self._claimed_on_close = self._claimed_on_close, []
+                await self._give_back_claimed(late)
                 await self._close()
+
+    async def _give_back_claimed(self, claimed: list[tuple[str, Message]]) -> None:
+        """Send named-channel messages claimed for receivers that are gone back to their channels.
+
+        Back at the tail of the channel, with a new expiry: a reader elsewhere gets them
+        after what was sent meanwhile, rather than never.
+        """
+        for channel, message in claimed:
+            try:
+                await self._send_remote(channel, self.encode(message))
+            except ChannelLayerError as exc:
+                logger.warning("lost a message of %r claimed for a cancelled receive: %s", channel, exc)
 
     async def __aenter__(self) -> BaseChannelLayer:
         return self

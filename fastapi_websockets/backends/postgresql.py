@@ -1119,6 +1119,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         #: The inbox queue of a process-specific channel (every send to one asks).
         self._inbox_of: Memo[str, str] = Memo(lambda channel: _inbox_queue(process_token(channel)))
         self._pool: asyncpg.Pool | None = None
+        #: Pooled connects whose caller was cancelled, going on to close what they open.
+        self._settling: set[asyncio.Task[None]] = set()
         self._listener: asyncpg.Connection | None = None
         self._listen_lock = asyncio.Lock()
         self._listened: set[str] = set()
@@ -1213,6 +1215,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 "connect",
                 lambda: asyncpg.create_pool(
                     self.dsn,
+                    connect=self._open_pooled,
                     min_size=1,
                     max_size=self.pool_size,
                     max_inactive_connection_lifetime=60.0,
@@ -1460,6 +1463,27 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             except self._server_errors as exc:
                 raise self._refused(exc) from exc
 
+    async def _open_pooled(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        """The pool's connect (``asyncpg.connect``), which a cancellation of its caller does not cut.
+
+        Cancelled half way, asyncpg closes what it opened without waiting: over
+        TLS, the shutdown then waits for the server's close_notify with nobody
+        owning it, and outlived close(), which cancels the readers (a pooled
+        statement of the inbox reader opening a connection, say). The connect goes
+        on instead, and what it opens is closed; close() waits for that
+        (:meth:`_release_connections`). Only connects pay for this, not acquires.
+        """
+        import asyncpg
+
+        opening = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            settling = asyncio.ensure_future(_close_when_open(opening, self.timeout))
+            self._settling.add(settling)
+            settling.add_done_callback(self._settling.discard)
+            raise
+
     def _refused(self, exc: BaseException) -> StatementRefused:
         """The error a caller gets for a statement the server answered with ``exc`` (rolled back).
 
@@ -1484,6 +1508,16 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if pool is None:
             return
         stuck: tuple[type[BaseException], ...] = (BackendUnavailable, *self._broken)
+        if self._settling:
+            # Connections being opened for callers close() cancelled: closed in full
+            # rather than left half-open. Bounded: asyncpg's own connect timeout ends
+            # each, and this one ends the wait.
+            with contextlib.suppress(BackendUnavailable):
+                await within(
+                    asyncio.gather(*self._settling, return_exceptions=True),
+                    self.timeout,
+                    lambda: self.unavailable("opening connections timed out"),
+                )
         try:
             await within(pool.close(), self.timeout, lambda: self.unavailable("closing timed out"))
         except stuck:
@@ -2618,6 +2652,18 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 # The server refused (its schema lost in a crash, say): the pool must close anyway.
                 logger.warning("could not remove this instance's rows on close: %r", exc)
         await self._release_connections()
+
+
+async def _close_when_open(opening: asyncio.Future[asyncpg.Connection], timeout: float) -> None:
+    """Close the connection a pooled connect opens after its caller was cancelled."""
+    try:
+        conn = await opening
+    except Exception:
+        return  # nothing opened (asyncpg closed what it had begun)
+    try:
+        await conn.close(timeout=timeout)
+    except Exception:
+        conn.terminate()
 
 
 def _aborted_by_server(exc: BaseException, aborted: tuple[type[BaseException], ...]) -> bool:

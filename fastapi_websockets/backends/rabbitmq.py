@@ -118,9 +118,8 @@ if TYPE_CHECKING:
 
     from fastapi_websockets.backends.rabbitmq_wire import BatchedAcks, ConfirmingPublisher
 
-    #: What a named-channel consumer holds for its receivers: a delivery not
-    #: acked yet, or a message already acked for a receiver that was cancelled.
-    _Held = AbstractIncomingMessage | Message
+    #: What a named-channel consumer holds for its receivers: deliveries not acked yet.
+    _Held = AbstractIncomingMessage
 
 __all__ = ["RabbitMQChannelLayer", "group_routing_key", "history_stream_name", "named_queue_name"]
 
@@ -1272,7 +1271,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 reader.tag = None
                 # Unacked deliveries of the lost consumer are requeued by the
                 # broker; acking them on a new channel is impossible.
-                reader.held = deque(item for item in reader.held if isinstance(item, dict))
+                reader.held.clear()
                 if reader.users:
                     await self._start_reader_locked(reader)
                     return
@@ -1319,36 +1318,30 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     async def _next_named(self, reader: _Reader) -> Message:
         while True:
-            item = await reader.next()
-            if isinstance(item, dict):
-                return item
-            message = await self._claim(reader, item)
+            message = await self._claim(reader, await reader.next())
             if message is not None:
                 return message
 
     async def _claim(self, reader: _Reader, incoming: AbstractIncomingMessage) -> Message | None:
-        """Ack ``incoming`` and decode it; None if the ack failed (the broker redelivers it)."""
-        ack = asyncio.ensure_future(incoming.ack())
+        """Ack ``incoming`` and decode it; None if the ack cannot be sent (the broker redelivers it).
+
+        The ack is queued for the connection's writer, not waited for: the only
+        point a cancellation can land is before it is queued (the frame buffer
+        full), and the delivery then goes to the next receiver, still unacked.
+        Waited for, a cancellation could land once it was on its way, leaving the
+        message acked and held in this process alone, lost if the layer closed
+        before another receive took it.
+        """
+        assert incoming.delivery_tag is not None  # named consumers ack (no no_ack)
         try:
-            await asyncio.shield(ack)
+            await incoming.channel.basic_ack(incoming.delivery_tag, wait=False)
         except asyncio.CancelledError:
-            # The ack may already be on the wire: once it completes, keep the
-            # message for the next receiver instead of losing it.
-            ack.add_done_callback(partial(self._keep_after_ack, reader, incoming))
+            reader.put_back(incoming)
             raise
         except self._errors as exc:
             logger.debug("could not ack a message of %r: %r", reader.channel, exc)
             return None
         return self.decode_or_drop(incoming.body, f"named channel {reader.channel!r}")
-
-    def _keep_after_ack(
-        self, reader: _Reader, incoming: AbstractIncomingMessage, ack: asyncio.Future[None]
-    ) -> None:
-        if ack.cancelled() or ack.exception() is not None:
-            return
-        message = self.decode_or_drop(incoming.body, f"named channel {reader.channel!r}")
-        if message is not None:
-            reader.put_back(message)
 
     def _linger_expired(self, reader: _Reader) -> None:
         reader.linger = None
@@ -1368,10 +1361,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                     logger.debug("consumer cancel of %r failed: %s", reader.channel, exc)
             held, reader.held = list(reader.held), deque()
             for item in held:
-                if isinstance(item, dict):
-                    self.deliver_local(reader.channel, item)
-                else:
-                    await self._give_back(item)
+                await self._give_back(item)
             if reader.users == 0 and self._readers.get(reader.channel) is reader:
                 del self._readers[reader.channel]
 
@@ -2135,8 +2125,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         for reader in self._readers.values():
             held, reader.held = list(reader.held), deque()
             for item in held:
-                if not isinstance(item, dict):
-                    await self._claim(reader, item)
+                await self._claim(reader, item)
 
     async def _close(self) -> None:
         self._packer.close()

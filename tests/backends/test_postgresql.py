@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import logging
 import random
 import sys
@@ -35,6 +36,7 @@ from tests.conftest import layer_factory
 from tests.faults import TcpProxy, eventually, give_up_joins
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
+from tests.servers.certs import Certificates
 from tests.servers.postgresql import PostgresServer
 
 Factory = Callable[..., PostgreSQLChannelLayer]
@@ -1610,6 +1612,65 @@ async def test_a_statement_the_server_never_answers_fails_after_timeout(
             done.pop().result()
         proxy.release()
         await sender.close()  # before the proxy goes: its sockets are closed by their owners
+
+
+def open_sockets_to(port: int) -> list[asyncio.Transport]:
+    """This process's transports whose socket to ``port`` is still open."""
+    found = []
+    for thing in gc.get_objects():
+        # type(), not isinstance(): that would ask every object its __class__, proxies included.
+        if issubclass(type(thing), asyncio.Transport):
+            sock, peer = thing.get_extra_info("socket"), thing.get_extra_info("peername")
+            if sock is not None and sock.fileno() != -1 and peer is not None and peer[1] == port:
+                found.append(thing)
+    return found
+
+
+async def test_close_finishes_a_pooled_tls_connection_it_cut_half_open(
+    postgresql_tls_server: PostgresServer,
+    tls_certs: Certificates,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # close() cancels the inbox reader while the pool opens a TLS connection for its claim.
+    # Cut after the handshake, asyncpg closes the TLS transport and leaves its shutdown
+    # (the server's close_notify) to the event loop: once, CI's unclosed-transport check
+    # found its socket open after the test's loop had ended. Here the server's answers on
+    # that connection wait in a proxy until close() has cancelled the reader: its socket
+    # must be closed when close() returns.
+    server, ca = postgresql_tls_server, str(tls_certs.ca_file)
+    async with TcpProxy(server.port) as proxy:
+        receiver = PostgreSQLChannelLayer(
+            dsn=server.dsn.replace(f":{server.port}/", f":{proxy.port}/"), schema=namespace, tls_ca_file=ca
+        )
+        sender = PostgreSQLChannelLayer(dsn=server.dsn, schema=namespace, tls_ca_file=ca)
+        layers += [receiver, sender]
+        channel = await receiver.new_channel()
+        await sender.start()
+        assert receiver._pool is not None
+        busy = await receiver._pool.acquire()  # the pool's connection: the reader's claim opens another
+        connecting = asyncio.Event()
+        handshake = asyncpg.connect_utils._create_ssl_connection  # type: ignore[attr-defined]
+
+        async def stalled(*args: Any, **kwargs: Any) -> Any:
+            connection = await handshake(*args, **kwargs)
+            if args[2] == proxy.port:
+                proxy.hold_newest()  # TLS up and the startup packet sent: the server's answers wait
+                connecting.set()
+            return connection
+
+        monkeypatch.setattr(asyncpg.connect_utils, "_create_ssl_connection", stalled)
+        # Too big to ride in its notification (8000 bytes): the inbox reader claims it.
+        await sender.send(channel, {"type": "big", "pad": "x" * 9000})
+        await asyncio.wait_for(connecting.wait(), 30)  # a hang guard
+        await receiver._pool.release(busy)
+        closing = asyncio.ensure_future(receiver.close())
+        await eventually(lambda: closing.done() or receiver._settling, "close() cancelled the inbox reader")
+        proxy.release()
+        await closing
+        leftover = [repr(transport) for transport in open_sockets_to(proxy.port)]
+        assert leftover == []
 
 
 async def test_inbox_reader_survives_its_connections_killed_mid_claim(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -10,6 +11,7 @@ import time
 import types
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, cast
 
 import pytest
@@ -20,6 +22,7 @@ from fastapi_websockets import (
     InvalidChannelLayerConfig,
     get_channel_layer_from_env,
 )
+from fastapi_websockets.backends import rabbitmq
 from fastapi_websockets.backends.packing import pack
 from fastapi_websockets.backends.rabbitmq import (
     MAX_AMQP_NAME,
@@ -377,6 +380,45 @@ async def test_transient_classic_queues_with_durable_false(
     assert info["durable"] == "false"
     assert "classic" in info["arguments"]
     assert [(await layer.receive("transient", timeout=10))["i"] for _ in range(2)] == [0, 1]
+
+
+async def test_receives_cancelled_around_their_ack_lose_nothing_when_the_layer_closes(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each receive takes a delivery the consumer already holds and is cancelled after
+    # 0 to 5 loop turns, around its ack. A cancellation once landed after the ack was
+    # queued: the message, acked, waited in the consumer for the next receive and was
+    # gone when the layer closed. Whatever the turn, each message is now either returned
+    # or left for the next reader: unacked (the broker requeues it in place), or, claimed
+    # for a receive cancelled as it returned, sent back by close() to the queue's tail.
+    monkeypatch.setattr(rabbitmq, "NAMED_LINGER", 600.0)  # each consumer keeps its deliveries meanwhile
+    receiver, sender = make(), make()
+    turns = range(6)
+    for turn in turns:
+        for i in range(3):
+            await sender.send(f"acked.{turn}", {"type": "job", "i": i})
+
+    def held(channel: str) -> bool:
+        # The other deliveries come within the prefetch window: held, not yet acked.
+        return len(receiver._readers[channel].held) == 2
+
+    got: dict[int, list[int]] = {}
+    for turn in turns:
+        channel = f"acked.{turn}"
+        got[turn] = [(await receiver.receive(channel, timeout=10))["i"]]
+        await eventually(partial(held, channel), "deliveries held")
+        receiving = asyncio.ensure_future(receiver.receive(channel, timeout=10))
+        for _ in range(turn):
+            await asyncio.sleep(0)
+        receiving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            got[turn].append((await receiving)["i"])
+    await receiver.close()
+    reader = make()
+    for turn in turns:
+        while len(got[turn]) < 3:
+            got[turn].append((await reader.receive(f"acked.{turn}", timeout=10))["i"])
+    assert {turn: sorted(values) for turn, values in got.items()} == {turn: [0, 1, 2] for turn in turns}
 
 
 async def test_cancelled_calls_never_cancel_an_amqp_rpc(

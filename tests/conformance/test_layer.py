@@ -413,6 +413,32 @@ async def test_send_to_another_instances_channel(make_layer: LayerFactory) -> No
 
 
 @pytest.mark.usefixtures("shared")
+async def test_a_named_message_claimed_for_a_cancelled_receive_outlives_close(
+    make_layer: LayerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receive is cancelled in the instant its claim on the broker completes: the
+    # message is then in this instance alone, parked for the next receive here. Closing
+    # the layer before one came once dropped it; it goes back to the broker instead.
+    layer, sender = make_layer(), make_layer()
+    await sender.send("claimed.on.close", {"type": "first"})
+    claim = layer._receive_remote
+    receiving: list[asyncio.Task[object]] = []
+
+    async def claim_then_cancel(channel: str) -> object:
+        message = await claim(channel)
+        receiving[0].cancel()
+        return message
+
+    monkeypatch.setattr(layer, "_receive_remote", claim_then_cancel)
+    receiving.append(asyncio.ensure_future(layer.receive("claimed.on.close", timeout=10)))
+    with pytest.raises(asyncio.CancelledError):
+        await receiving[0]
+    await layer.close()
+    reader = make_layer()
+    assert await reader.receive("claimed.on.close", timeout=10) == {"type": "first"}
+
+
+@pytest.mark.usefixtures("shared")
 async def test_group_send_across_instances(make_layer: LayerFactory) -> None:
     a, b, c = make_layer(), make_layer(), make_layer()
     members: dict[BaseChannelLayer, list[str]] = {}

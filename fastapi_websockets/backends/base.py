@@ -193,6 +193,8 @@ class BaseChannelLayer(abc.ABC):
         self._remote_receives: set[asyncio.Task[Message]] = set()
         #: (channel, message) claimed from the broker for cancelled receives once close() began.
         self._claimed_on_close: list[tuple[str, Message]] = []
+        #: Set by the first close(), resolved when it ends: a close() made meanwhile waits for it.
+        self._close_done: asyncio.Future[None] | None = None
         observing.live_layers.add(self)
         if observing.hooks is not None:
             observing.hooks.layer_created(self)
@@ -836,10 +838,21 @@ class BaseChannelLayer(abc.ABC):
     async def close(self) -> None:
         """Close the layer: wake pending receivers with ``ChannelLayerClosed``, release resources.
 
-        Idempotent; awaits every background task the layer started.
+        Idempotent; awaits every background task the layer started. A close() made while
+        another is under way waits for that one instead of closing a second time.
         """
-        if self._closed:
+        if self._close_done is not None:
+            # The first close() may still be leaving presence or sending parked messages
+            # back: a second one closing the backend under it would make those fail.
+            await asyncio.shield(self._close_done)
             return
+        self._close_done = running_loop().create_future()
+        try:
+            await self._close_once()
+        finally:
+            self._close_done.set_result(None)
+
+    async def _close_once(self) -> None:
         if self._presence and self._started:
             await self._leave_presence_on_close()
         if self._started:

@@ -413,12 +413,15 @@ async def test_send_to_another_instances_channel(make_layer: LayerFactory) -> No
 
 
 @pytest.mark.usefixtures("shared")
+@pytest.mark.parametrize("closes", [1, 2], ids=["one-close", "two-concurrent-closes"])
 async def test_a_named_message_claimed_for_a_cancelled_receive_outlives_close(
-    make_layer: LayerFactory, monkeypatch: pytest.MonkeyPatch
+    make_layer: LayerFactory, monkeypatch: pytest.MonkeyPatch, closes: int
 ) -> None:
     # The receive is cancelled in the instant its claim on the broker completes: the
     # message is then in this instance alone, parked for the next receive here. Closing
     # the layer before one came once dropped it; it goes back to the broker instead.
+    # A second close() made while the first sends it back must not close the backend
+    # under that send.
     layer, sender = make_layer(), make_layer()
     await sender.send("claimed.on.close", {"type": "first"})
     claim = layer._receive_remote
@@ -433,7 +436,7 @@ async def test_a_named_message_claimed_for_a_cancelled_receive_outlives_close(
     receiving.append(asyncio.ensure_future(layer.receive("claimed.on.close", timeout=10)))
     with pytest.raises(asyncio.CancelledError):
         await receiving[0]
-    await layer.close()
+    await asyncio.gather(*(layer.close() for _ in range(closes)))
     reader = make_layer()
     assert await reader.receive("claimed.on.close", timeout=10) == {"type": "first"}
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.backends.options import positive
+from fastapi_websockets.backends.packing import unpack
 from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.tls import ca_file, describe_tls, tls_failure
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
@@ -111,6 +112,28 @@ class BrokerChannelLayer(BaseChannelLayer):
     def redact_url(self, url: str) -> str:
         """``url`` with its password replaced by ``***``."""
         return redact_url(url)
+
+    def deliver_packed(self, body: bytes) -> None:
+        """Deliver the sends of one packed inbox message (``packing.pack``) to their local channels.
+
+        Each frame is handled as a lone send would be: one for a channel
+        that is not this instance's is dropped, an undecodable payload or a
+        full mailbox is counted per frame. A malformed body is dropped whole,
+        logged and counted in ``stats.dropped_undecodable``.
+        """
+        try:
+            frames = unpack(body)
+        except ValueError as exc:
+            self.stats.dropped_undecodable += 1
+            logger.warning("dropped a packed inbox message of %d bytes: %s", len(body), exc)
+            return
+        for channel, data in frames:
+            if not self.is_local(channel):
+                logger.debug("dropped a packed send to %r, not a channel of this layer", channel)
+                continue
+            message = self.decode_or_drop(data, "the inbox (for %r)", channel)
+            if message is not None:
+                self.deliver_local(channel, message)
 
     def unavailable(self, cause: BaseException | str) -> BackendUnavailable:
         """The :class:`BackendUnavailable` to raise when the broker cannot be reached.

@@ -84,7 +84,7 @@ from fastapi_websockets.backends.options import (
     positive_int,
 )
 from fastapi_websockets.backends.options import url as url_option
-from fastapi_websockets.backends.packing import Packer, pack, unpack
+from fastapi_websockets.backends.packing import Packer, pack
 from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.backends.timeouts import within
 from fastapi_websockets.backends.tls import client_context, require_secure
@@ -976,7 +976,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             if message is not None:
                 self.deliver_local(channel, message)
         elif kind == _SENDS:
-            self._dispatch_packed(body)
+            self.deliver_packed(body)
         elif kind == _GROUP:
             group = str(headers["group"])
             # Our own group_send handed its copy to our members when it published it.
@@ -1006,19 +1006,6 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 pending.set_result(None)
         else:
             logger.warning("ignored an inbox message of unknown type %r", kind)
-
-    def _dispatch_packed(self, body: bytes) -> None:
-        try:
-            frames = unpack(body)
-        except ValueError as exc:
-            self.stats.dropped_undecodable += 1
-            logger.warning("dropped a packed inbox message of %d bytes: %s", len(body), exc)
-            return
-        # Each as a lone send would be: capacity and undecodable payloads count per frame.
-        for channel, data in frames:
-            message = self.decode_or_drop(data, "the inbox (for %r)", channel)
-            if message is not None:
-                self.deliver_local(channel, message)
 
     # --------------------------------------------------------------- sends
 

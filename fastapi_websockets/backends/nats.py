@@ -421,6 +421,16 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._driver_error: type[Exception] = ChannelLayerError
         self._presence_kept: NatsPresence | None = None
 
+    @property
+    def packed_publishes(self) -> int:
+        """Inbox publishes that carried several sends to one process's channels (see ``packing``)."""
+        return self._packer.packed
+
+    @property
+    def packed_sends(self) -> int:
+        """The sends :attr:`packed_publishes` carried."""
+        return self._packer.packed_frames
+
     # ------------------------------------------------------------ subjects
 
     def _named_subject(self, channel: str) -> str:

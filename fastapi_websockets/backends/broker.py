@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.backends.options import positive
-from fastapi_websockets.backends.packing import unpack
+from fastapi_websockets.backends.packing import Packer, SendMany, SendOne, unpack
 from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.tls import ca_file, describe_tls, tls_failure
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
@@ -112,6 +113,49 @@ class BrokerChannelLayer(BaseChannelLayer):
     def redact_url(self, url: str) -> str:
         """``url`` with its password replaced by ``***``."""
         return redact_url(url)
+
+    #: Packs concurrent sends to one process's inbox (see :meth:`make_packer`); None where
+    #: the backend does not pack.
+    _packer: Packer | None = None
+
+    def make_packer(
+        self, send_one: SendOne, send_many: SendMany, *, in_flight: int, max_frames: int, confirmation: str
+    ) -> Packer:
+        """A :class:`~fastapi_websockets.backends.packing.Packer` for this layer's sends to process inboxes.
+
+        Its publishing tasks are tracked (cancelled on close, their callers
+        get the error); packs are bounded by ``max_message_size`` and a queued
+        send by ``timeout``, past which it raises ``BackendUnavailable`` saying
+        that no ``confirmation`` (the broker's word for a stored publish) came.
+        """
+
+        def spawn(coro: Coroutine[Any, Any, None]) -> None:
+            # Awaited by the senders through their frames: they get its exception.
+            self.tasks.spawn(coro, "packed send", awaited=True)
+
+        def timed_out(channel: str) -> BackendUnavailable:
+            return self.unavailable(f"no {confirmation} within {self.timeout} s (send to {channel!r})")
+
+        return Packer(
+            send_one=send_one,
+            send_many=send_many,
+            spawn=spawn,
+            in_flight=in_flight,
+            max_frames=max_frames,
+            max_bytes=self.max_message_size,
+            timeout=self.timeout,
+            on_timeout=timed_out,
+        )
+
+    @property
+    def packed_publishes(self) -> int:
+        """Publishes that carried several sends to one process's inbox (see ``packing``); 0 if none."""
+        return self._packer.packed if self._packer is not None else 0
+
+    @property
+    def packed_sends(self) -> int:
+        """The sends :attr:`packed_publishes` carried."""
+        return self._packer.packed_frames if self._packer is not None else 0
 
     def deliver_packed(self, body: bytes) -> None:
         """Deliver the sends of one packed inbox message (``packing.pack``) to their local channels.

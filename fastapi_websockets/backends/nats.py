@@ -54,7 +54,7 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -385,15 +385,12 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: loop.time() of the last message or heartbeat on the inbox.
         self._inbox_heard = 0.0
         self._seen = _RecentIds(_SEEN_IDS)
-        self._packer = Packer(
-            send_one=self._store_send,
-            send_many=self._store_sends,
-            spawn=self._spawn_packed,
+        self._packer: Packer = self.make_packer(
+            self._store_send,
+            self._store_sends,
             in_flight=PACK_IN_FLIGHT,
             max_frames=PACK_MAX_FRAMES,
-            max_bytes=self.max_message_size,
-            timeout=self.timeout,
-            on_timeout=self._send_timed_out,
+            confirmation="PubAck",
         )
         #: The newest inbox delivery, taken in but not yet acknowledged (see _on_delivery).
         self._unacked: Msg | None = None
@@ -420,16 +417,6 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: nats-py's base error class, set when the driver is imported.
         self._driver_error: type[Exception] = ChannelLayerError
         self._presence_kept: NatsPresence | None = None
-
-    @property
-    def packed_publishes(self) -> int:
-        """Inbox publishes that carried several sends to one process's channels (see ``packing``)."""
-        return self._packer.packed
-
-    @property
-    def packed_sends(self) -> int:
-        """The sends :attr:`packed_publishes` carried."""
-        return self._packer.packed_frames
 
     # ------------------------------------------------------------ subjects
 
@@ -1051,13 +1038,6 @@ class NATSChannelLayer(BrokerChannelLayer):
         # One message id for the pack: a retried publish, or a redelivery, is dropped whole.
         what = f"send to {frames[0][0]!r} and {len(frames) - 1} packed with it"
         await self._store_in_inbox(token, _frame(_TO_CHANNELS, "", pack(frames)), what)
-
-    def _send_timed_out(self, channel: str) -> BackendUnavailable:
-        return self.unavailable(f"no PubAck within {self.timeout} s (send to {channel!r})")
-
-    def _spawn_packed(self, coro: Coroutine[Any, Any, None]) -> None:
-        # Awaited by the senders through their frames: they get its exception.
-        self.tasks.spawn(coro, "packed send", awaited=True)
 
     async def _send_named(self, channel: str, data: bytes) -> None:
         await self._ensure_stream()

@@ -453,6 +453,22 @@ async def test_a_malformed_packed_message_is_dropped_whole_counted_and_the_inbox
     assert "dropped a packed inbox message" in caplog.text
 
 
+async def test_close_with_packed_sends_pending_ends_each_of_them(nats_node: NatsNode, make: Make) -> None:
+    receiver, sender = make(servers=[nats_node.url], capacity=1000), make(servers=[nats_node.url])
+    channels = [await receiver.new_channel() for _ in range(16)]
+    await sender.send(channels[0], {"type": "warm", "i": -1})
+    assert (await receiver.receive(channels[0], timeout=PATIENCE))["i"] == -1
+    sends = [asyncio.ensure_future(sender.send(channel, {"i": i})) for i, channel in enumerate(channels)]
+    await asyncio.sleep(0)  # queued: the first holds the turn, the others wait with it
+    await sender.close()
+    results = await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True), PATIENCE)
+    assert all(result is None or isinstance(result, ChannelLayerClosed) for result in results), results
+    # What returned was stored: it arrives.
+    for i, result in enumerate(results):
+        if result is None:
+            assert (await receiver.receive(channels[i], timeout=PATIENCE))["i"] == i
+
+
 async def test_a_failed_packed_publish_reaches_each_of_its_senders(
     private_node: NatsNode, make: Make
 ) -> None:

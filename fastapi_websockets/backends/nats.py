@@ -173,6 +173,9 @@ _TO_CHANNELS = b"s"
 PACK_IN_FLIGHT = 2
 #: Most sends one packed inbox message carries (its bytes are bounded by ``max_message_size``).
 PACK_MAX_FRAMES = 128
+#: Bytes of a packed inbox message beyond what the packer bounds: the frame header and the
+#: pack's version byte.
+_PACK_OVERHEAD = _FRAME.size + 1
 #: Values of the ``inbox`` option: stored until acknowledged, or plain core publishes.
 _INBOX_KINDS = ("jetstream", "core")
 
@@ -501,6 +504,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         # Per-message TTL (Nats-TTL) exists from server 2.11; older servers accept
         # and ignore it, so only use it where it works.
         self._msg_ttl = (version.major, version.minor) >= (2, 11)
+        # A pack must fit the server's max_payload too, which may be below max_message_size:
+        # sends that fit it alone must not fail for having been packed together.
+        self._packer.max_bytes = min(self.max_message_size, nc.max_payload) - _PACK_OVERHEAD
         if not self._stored:
             return
         try:

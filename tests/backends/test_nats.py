@@ -453,6 +453,24 @@ async def test_a_malformed_packed_message_is_dropped_whole_counted_and_the_inbox
     assert "dropped a packed inbox message" in caplog.text
 
 
+async def test_sends_that_fit_the_server_alone_are_not_packed_past_its_max_payload(
+    nats_node: NatsNode, make: Make
+) -> None:
+    # The fixture's server takes 2 MB payloads, the sender's max_message_size is 8 MiB: two
+    # concurrent 1.2 MB sends, each within both, go as two stored messages, not one too large.
+    receiver = make(servers=[nats_node.url])
+    sender = make(servers=[nats_node.url], max_message_size=8 * 1024 * 1024)
+    channels = [await receiver.new_channel() for _ in range(2)]
+    await sender.send(channels[0], {"type": "warm"})
+    await receiver.receive(channels[0], timeout=PATIENCE)
+    body = b"\xab" * 1_200_000
+    await asyncio.gather(*(sender.send(ch, {"i": i, "body": body}) for i, ch in enumerate(channels)))
+    for i, channel in enumerate(channels):
+        message = await receiver.receive(channel, timeout=PATIENCE)
+        assert (message["i"], message["body"]) == (i, body)
+    assert sender.packed_publishes == 0
+
+
 async def test_close_with_packed_sends_pending_ends_each_of_them(nats_node: NatsNode, make: Make) -> None:
     receiver, sender = make(servers=[nats_node.url], capacity=1000), make(servers=[nats_node.url])
     channels = [await receiver.new_channel() for _ in range(16)]

@@ -171,7 +171,8 @@ _TO_CHANNELS = b"s"
 #: turn (a lone sender's does not) and is stored packed with the sends of that turn, one
 #: PubAck, one delivery and one acknowledgement for them all.
 PACK_IN_FLIGHT = 2
-#: Most sends one packed inbox message carries (its bytes are bounded by ``max_message_size``).
+#: Most sends one packed inbox message carries (its bytes: at most ``max_message_size`` and the
+#: server's ``max_payload``).
 PACK_MAX_FRAMES = 128
 #: Bytes of a packed inbox message beyond what the packer bounds: the frame header and the
 #: pack's version byte.

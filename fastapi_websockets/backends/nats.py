@@ -307,10 +307,12 @@ class NATSChannelLayer(BrokerChannelLayer):
       ``"jetstream"`` (the default): stored in the inbox stream until their
       process acknowledges them; ``send()``/``group_send()`` return once the
       server has stored them, so nothing accepted is lost across a server
-      restart or a dropped connection. ``"core"``: plain core-NATS publishes,
-      about twice as fast point to point, but a message sent while its
-      receiving process reconnects is lost. Every process sharing a
-      ``prefix`` must use the same value.
+      restart or a dropped connection; concurrent sends to one process are
+      stored packed, one message for the lot. ``"core"``: plain core-NATS
+      publishes, not packed, no faster point to point (measured in
+      docs/backends/nats.md), and a message sent while its receiving process
+      reconnects is lost. Every process sharing a ``prefix`` must use the
+      same value.
     """
 
     backend_name = "nats"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.backends.options import positive
+from fastapi_websockets.backends.packing import Packer, SendMany, SendOne, unpack
 from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.tls import ca_file, describe_tls, tls_failure
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
@@ -111,6 +113,71 @@ class BrokerChannelLayer(BaseChannelLayer):
     def redact_url(self, url: str) -> str:
         """``url`` with its password replaced by ``***``."""
         return redact_url(url)
+
+    #: Packs concurrent sends to one process's inbox (see :meth:`make_packer`); None where
+    #: the backend does not pack.
+    _packer: Packer | None = None
+
+    def make_packer(
+        self, send_one: SendOne, send_many: SendMany, *, in_flight: int, max_frames: int, confirmation: str
+    ) -> Packer:
+        """A :class:`~fastapi_websockets.backends.packing.Packer` for this layer's sends to process inboxes.
+
+        Its publishing tasks are tracked (cancelled on close, their callers
+        get the error); packs are bounded by ``max_message_size`` and a queued
+        send by ``timeout``, past which it raises ``BackendUnavailable`` saying
+        that no ``confirmation`` (the broker's word for a stored publish) came.
+        """
+
+        def spawn(coro: Coroutine[Any, Any, None]) -> None:
+            # Awaited by the senders through their frames: they get its exception.
+            self.tasks.spawn(coro, "packed send", awaited=True)
+
+        def timed_out(channel: str) -> BackendUnavailable:
+            return self.unavailable(f"no {confirmation} within {self.timeout} s (send to {channel!r})")
+
+        return Packer(
+            send_one=send_one,
+            send_many=send_many,
+            spawn=spawn,
+            in_flight=in_flight,
+            max_frames=max_frames,
+            max_bytes=self.max_message_size,
+            timeout=self.timeout,
+            on_timeout=timed_out,
+        )
+
+    @property
+    def packed_publishes(self) -> int:
+        """Publishes that carried several sends to one process's inbox (see ``packing``); 0 if none."""
+        return self._packer.packed if self._packer is not None else 0
+
+    @property
+    def packed_sends(self) -> int:
+        """The sends :attr:`packed_publishes` carried."""
+        return self._packer.packed_frames if self._packer is not None else 0
+
+    def deliver_packed(self, body: bytes) -> None:
+        """Deliver the sends of one packed inbox message (``packing.pack``) to their local channels.
+
+        Each frame is handled as a lone send would be: one for a channel
+        that is not this instance's is dropped, an undecodable payload or a
+        full mailbox is counted per frame. A malformed body is dropped whole,
+        logged and counted in ``stats.dropped_undecodable``.
+        """
+        try:
+            frames = unpack(body)
+        except ValueError as exc:
+            self.stats.dropped_undecodable += 1
+            logger.warning("dropped a packed inbox message of %d bytes: %s", len(body), exc)
+            return
+        for channel, data in frames:
+            if not self.is_local(channel):
+                logger.debug("dropped a packed send to %r, not a channel of this layer", channel)
+                continue
+            message = self.decode_or_drop(data, "the inbox (for %r)", channel)
+            if message is not None:
+                self.deliver_local(channel, message)
 
     def unavailable(self, cause: BaseException | str) -> BackendUnavailable:
         """The :class:`BackendUnavailable` to raise when the broker cannot be reached.

@@ -66,6 +66,7 @@ from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.locks import KeyedLocks, SharedRounds
 from fastapi_websockets.backends.options import Memo, matching, positive, url
+from fastapi_websockets.backends.packing import Packer, pack
 from fastapi_websockets.backends.timeouts import wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
 from fastapi_websockets.backends.urls import location, redact_url
@@ -164,6 +165,18 @@ _SEEN_IDS = 100_000
 _FRAME = struct.Struct(">cQH")
 _TO_CHANNEL = b"c"
 _TO_GROUP = b"g"
+#: Several sends to this process's channels in one stored message (``packing.pack``), no name.
+_TO_CHANNELS = b"s"
+#: Unconfirmed inbox publishes per destination process (see ``packing``): a send waits a loop
+#: turn (a lone sender's does not) and is stored packed with the sends of that turn, one
+#: PubAck, one delivery and one acknowledgement for them all.
+PACK_IN_FLIGHT = 2
+#: Most sends one packed inbox message carries (its bytes: at most ``max_message_size`` and the
+#: server's ``max_payload``).
+PACK_MAX_FRAMES = 128
+#: Bytes of a packed inbox message beyond what the packer bounds: the frame header and the
+#: pack's version byte.
+_PACK_OVERHEAD = _FRAME.size + 1
 #: Values of the ``inbox`` option: stored until acknowledged, or plain core publishes.
 _INBOX_KINDS = ("jetstream", "core")
 
@@ -294,10 +307,12 @@ class NATSChannelLayer(BrokerChannelLayer):
       ``"jetstream"`` (the default): stored in the inbox stream until their
       process acknowledges them; ``send()``/``group_send()`` return once the
       server has stored them, so nothing accepted is lost across a server
-      restart or a dropped connection. ``"core"``: plain core-NATS publishes,
-      about twice as fast point to point, but a message sent while its
-      receiving process reconnects is lost. Every process sharing a
-      ``prefix`` must use the same value.
+      restart or a dropped connection; concurrent sends to one process are
+      stored packed, one message for the lot. ``"core"``: plain core-NATS
+      publishes, not packed, no faster point to point (measured in
+      docs/backends/nats.md), and a message sent while its receiving process
+      reconnects is lost. Every process sharing a ``prefix`` must use the
+      same value.
     """
 
     backend_name = "nats"
@@ -376,6 +391,13 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: loop.time() of the last message or heartbeat on the inbox.
         self._inbox_heard = 0.0
         self._seen = _RecentIds(_SEEN_IDS)
+        self._packer: Packer = self.make_packer(
+            self._store_send,
+            self._store_sends,
+            in_flight=PACK_IN_FLIGHT,
+            max_frames=PACK_MAX_FRAMES,
+            confirmation="PubAck",
+        )
         #: The newest inbox delivery, taken in but not yet acknowledged (see _on_delivery).
         self._unacked: Msg | None = None
         #: Set when a delivery is held with none before it: _ack_late acknowledges it in time.
@@ -485,6 +507,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         # Per-message TTL (Nats-TTL) exists from server 2.11; older servers accept
         # and ignore it, so only use it where it works.
         self._msg_ttl = (version.major, version.minor) >= (2, 11)
+        # A pack must fit the server's max_payload too, which may be below max_message_size:
+        # sends that fit it alone must not fail for having been packed together.
+        self._packer.max_bytes = min(self.max_message_size, nc.max_payload) - _PACK_OVERHEAD
         if not self._stored:
             return
         try:
@@ -506,6 +531,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         return self.unavailable(reason)
 
     async def _close(self) -> None:
+        self._packer.close()
         await self._forget_local_members()
         await self._drop_inbox_consumer()
         # nats-py can swallow a cancellation that races with a reply (asyncio.wait_for
@@ -979,6 +1005,9 @@ class NATSChannelLayer(BrokerChannelLayer):
                 self._deliver_from_inbox(kind, name, data[_FRAME.size + size :])
 
     def _deliver_from_inbox(self, kind: bytes, name: str, payload: bytes) -> None:
+        if kind == _TO_CHANNELS:
+            self.deliver_packed(payload)
+            return
         if kind == _TO_CHANNEL:
             if not self.is_local(name):
                 logger.debug("dropped a message for %r, not a channel of this layer", name)
@@ -1002,10 +1031,22 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     async def _send_remote(self, channel: str, data: bytes) -> None:
         if is_process_specific(channel):
-            payload = _frame(_TO_CHANNEL, channel, data)
-            await self._store_in_inbox(process_token(channel), payload, f"send to {channel!r}")
+            if self._stored:
+                # The server's cost is per stored message (its PubAck, delivery and
+                # acknowledgement): concurrent sends to one process are stored packed.
+                await self._packer.send(process_token(channel), channel, data)
+            else:
+                await self._store_send(process_token(channel), channel, data)
             return
         await self._send_named(channel, data)
+
+    async def _store_send(self, token: str, channel: str, data: bytes) -> None:
+        await self._store_in_inbox(token, _frame(_TO_CHANNEL, channel, data), f"send to {channel!r}")
+
+    async def _store_sends(self, token: str, frames: list[tuple[str, bytes]]) -> None:
+        # One message id for the pack: a retried publish, or a redelivery, is dropped whole.
+        what = f"send to {frames[0][0]!r} and {len(frames) - 1} packed with it"
+        await self._store_in_inbox(token, _frame(_TO_CHANNELS, "", pack(frames)), what)
 
     async def _send_named(self, channel: str, data: bytes) -> None:
         await self._ensure_stream()

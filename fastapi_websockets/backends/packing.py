@@ -154,7 +154,9 @@ class Packer:
         self._spawn = spawn
         self._limit = in_flight
         self._max_frames = max_frames
-        self._max_bytes = max_bytes
+        #: Most bytes of payloads and names one packed message carries; a layer that learns
+        #: a smaller bound from its broker (on connecting) lowers it.
+        self.max_bytes = max_bytes
         self._timeout = timeout
         self._on_timeout = on_timeout
         self._outboxes: dict[str, _Outbox] = {}
@@ -316,7 +318,7 @@ class Packer:
             batch = [frame for frame in queued if not frame.done.done()]
             if (
                 _HEADER.size * len(batch) + sum(len(frame.channel) * 4 + len(frame.data) for frame in batch)
-                <= self._max_bytes
+                <= self.max_bytes
                 or len(batch) < 2
             ):
                 queued.clear()
@@ -330,7 +332,7 @@ class Packer:
                 continue
             # At most 4 UTF-8 bytes a character: an upper bound, without encoding the name twice.
             cost = _HEADER.size + len(frame.channel) * 4 + len(frame.data)
-            if batch and size + cost > self._max_bytes:
+            if batch and size + cost > self.max_bytes:
                 break
             queued.popleft()
             batch.append(frame)

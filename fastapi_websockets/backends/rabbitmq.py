@@ -84,7 +84,7 @@ from fastapi_websockets.backends.options import (
     positive_int,
 )
 from fastapi_websockets.backends.options import url as url_option
-from fastapi_websockets.backends.packing import Packer, pack, unpack
+from fastapi_websockets.backends.packing import Packer, pack
 from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.backends.timeouts import within
 from fastapi_websockets.backends.tls import client_context, require_secure
@@ -557,15 +557,12 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._message_class: Any = None  # aio-pika's, for publishes on other channels
         self._properties_class: Any = None  # pamqp's, for publishes on the confirm channel
         self._publisher: ConfirmingPublisher | None = None
-        self._packer = Packer(
-            send_one=self._send_one,
-            send_many=self._send_many,
-            spawn=self._spawn_packed,
+        self._packer: Packer = self.make_packer(
+            self._send_one,
+            self._send_many,
             in_flight=PACK_IN_FLIGHT,
             max_frames=PACK_MAX_FRAMES,
-            max_bytes=self.max_message_size,
-            timeout=self.timeout,
-            on_timeout=self._send_timed_out,
+            confirmation="publisher confirm",
         )
         self._acks: BatchedAcks | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -589,16 +586,6 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         """Messages published on this instance's confirm channel so far (sends, group sends, replies,
         presence changes)."""
         return self._publisher.published if self._publisher is not None else 0
-
-    @property
-    def packed_publishes(self) -> int:
-        """Publishes that carried several sends to one process's inbox (see ``packing``)."""
-        return self._packer.packed
-
-    @property
-    def packed_sends(self) -> int:
-        """The sends :attr:`packed_publishes` carried."""
-        return self._packer.packed_frames
 
     @property
     def publish_writes(self) -> int:
@@ -975,7 +962,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             if message is not None:
                 self.deliver_local(channel, message)
         elif kind == _SENDS:
-            self._dispatch_packed(body)
+            self.deliver_packed(body)
         elif kind == _GROUP:
             group = str(headers["group"])
             # Our own group_send handed its copy to our members when it published it.
@@ -1005,19 +992,6 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 pending.set_result(None)
         else:
             logger.warning("ignored an inbox message of unknown type %r", kind)
-
-    def _dispatch_packed(self, body: bytes) -> None:
-        try:
-            frames = unpack(body)
-        except ValueError as exc:
-            self.stats.dropped_undecodable += 1
-            logger.warning("dropped a packed inbox message of %d bytes: %s", len(body), exc)
-            return
-        # Each as a lone send would be: capacity and undecodable payloads count per frame.
-        for channel, data in frames:
-            message = self.decode_or_drop(data, "the inbox (for %r)", channel)
-            if message is not None:
-                self.deliver_local(channel, message)
 
     # --------------------------------------------------------------- sends
 
@@ -1049,13 +1023,6 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         )
         what = f"send to {frames[0][0]!r} and {len(frames) - 1} packed with it"
         await self._publish(pack(frames), properties, routing_key, what=what)
-
-    def _send_timed_out(self, channel: str) -> BackendUnavailable:
-        return self.unavailable(f"no publisher confirm within {self.timeout} s (send to {channel!r})")
-
-    def _spawn_packed(self, coro: Coroutine[Any, Any, None]) -> None:
-        # Awaited by the senders through their frames: they get its exception.
-        self.tasks.spawn(coro, "packed send", awaited=True)
 
     async def _publish(
         self,

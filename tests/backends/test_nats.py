@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ from fastapi_websockets import (
 )
 from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, subject_token, token_to_name
 from fastapi_websockets.backends.nats_presence import chunk_of
+from fastapi_websockets.backends.packing import pack
 from fastapi_websockets.exceptions import BackendUnavailable, MessageTooLarge
 from tests.conftest import layer_factory
 from tests.faults import give_up_joins
@@ -343,6 +345,163 @@ async def test_an_inbox_delivery_nothing_follows_is_acknowledged_and_close_ackno
         assert (await js.stream_info(stream)).state.messages == 0
     finally:
         await client.close()
+
+
+# ------------------------------------------------------------ packed inbox sends
+
+
+async def inbox_last_seq(nats_node: NatsNode, namespace: str) -> int:
+    """The sequence of the newest message the inbox stream stored, asked of the server."""
+    client = await raw_client([nats_node.url])
+    try:
+        return (await client.jetstream().stream_info(f"{namespace}_INBOX")).state.last_seq
+    finally:
+        await client.close()
+
+
+async def store_raw_in_inbox(nats_node: NatsNode, namespace: str, token: str, *payloads: bytes) -> None:
+    """Store ``payloads`` in the inbox of the process ``token`` with a plain client."""
+    client = await raw_client([nats_node.url])
+    try:
+        js = client.jetstream()
+        for payload in payloads:
+            await js.publish(f"{namespace}.i.{subject_token(token)}", payload)
+    finally:
+        await client.close()
+
+
+def packed_inbox_message(msg_id: int, frames: list[tuple[str, bytes]] | bytes) -> bytes:
+    """An inbox message of kind ``s`` (packed sends): the frame header, then ``packing.pack``."""
+    body = frames if isinstance(frames, bytes) else pack(frames)
+    return struct.pack(">cQH", b"s", msg_id, 0) + body
+
+
+async def test_concurrent_sends_to_one_process_are_one_stored_message_and_keep_each_senders_order(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    receiver, sender = make(servers=[nats_node.url], capacity=1000), make(servers=[nats_node.url])
+    channels = [await receiver.new_channel() for _ in range(16)]
+    await sender.send(channels[0], {"type": "lone", "i": -1})
+    assert (await receiver.receive(channels[0], timeout=PATIENCE))["i"] == -1
+    assert (sender.packed_publishes, sender.packed_sends) == (0, 0)  # a lone send goes alone
+    stored = await inbox_last_seq(nats_node, namespace)
+    # Sixteen sends in one loop turn: one stored message, one PubAck for all of them.
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i, channel in enumerate(channels)))
+    assert [(await receiver.receive(channel, timeout=PATIENCE))["i"] for channel in channels] == list(
+        range(16)
+    )
+    assert await inbox_last_seq(nats_node, namespace) - stored == 1
+    assert (sender.packed_publishes, sender.packed_sends) == (1, 16)
+
+    async def sends(task: int) -> None:
+        for i in range(20):
+            await sender.send(channels[0], {"type": "n", "task": task, "i": i})
+
+    stored = await inbox_last_seq(nats_node, namespace)
+    await asyncio.gather(*(sends(task) for task in range(16)))
+    got = [await receiver.receive(channels[0], timeout=PATIENCE) for _ in range(320)]
+    for task in range(16):
+        assert [m["i"] for m in got if m["task"] == task] == list(range(20))
+    assert await inbox_last_seq(nats_node, namespace) - stored < 320
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channels[0], timeout=0.2)
+
+
+async def test_core_inbox_sends_are_not_packed(nats_node: NatsNode, make: Make) -> None:
+    receiver = make(servers=[nats_node.url], capacity=1000, inbox="core")
+    sender = make(servers=[nats_node.url], inbox="core")
+    channels = [await receiver.new_channel() for _ in range(16)]
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i, channel in enumerate(channels)))
+    assert [(await receiver.receive(channel, timeout=PATIENCE))["i"] for channel in channels] == list(
+        range(16)
+    )
+    assert (sender.packed_publishes, sender.packed_sends) == (0, 0)
+
+
+async def test_a_packed_message_stored_twice_is_delivered_once_and_other_processes_frames_dropped(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # A publish retried after its PubAck was lost, or a delivery whose ack was lost,
+    # comes again with the same message id: every frame of the pack is delivered once.
+    receiver, other = make(servers=[nats_node.url]), make(servers=[nats_node.url])
+    mine, theirs = await receiver.new_channel(), await other.new_channel()
+    encode = receiver.serializer.dumps
+    packed = packed_inbox_message(
+        0x5EED,
+        [(mine, encode({"i": 0})), (theirs, encode({"i": 1})), (mine, encode({"i": 2}))],
+    )
+    await store_raw_in_inbox(nats_node, namespace, receiver.client_token, packed, packed)
+    assert [(await receiver.receive(mine, timeout=PATIENCE))["i"] for _ in range(2)] == [0, 2]
+    with pytest.raises(TimeoutError):
+        await receiver.receive(mine, timeout=0.5)
+    assert receiver.stats.dropped_undecodable == 0
+
+
+async def test_a_malformed_packed_message_is_dropped_whole_counted_and_the_inbox_goes_on(
+    nats_node: NatsNode, namespace: str, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver, sender = make(servers=[nats_node.url]), make(servers=[nats_node.url])
+    channel = await receiver.new_channel()
+    whole = pack([(channel, receiver.serializer.dumps({"i": 0}))])
+    truncated = packed_inbox_message(1, whole + pack([(channel, b"12345")])[1:-1])
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets"):
+        await store_raw_in_inbox(nats_node, namespace, receiver.client_token, truncated)
+        await sender.send(channel, {"i": 1})
+        # Nothing of the malformed pack, its whole first frame included, was delivered.
+        assert (await receiver.receive(channel, timeout=PATIENCE))["i"] == 1
+    assert receiver.stats.dropped_undecodable == 1
+    assert "dropped a packed inbox message" in caplog.text
+
+
+async def test_sends_that_fit_the_server_alone_are_not_packed_past_its_max_payload(
+    nats_node: NatsNode, make: Make
+) -> None:
+    # The fixture's server takes 2 MB payloads, the sender's max_message_size is 8 MiB: two
+    # concurrent 1.2 MB sends, each within both, go as two stored messages, not one too large.
+    receiver = make(servers=[nats_node.url])
+    sender = make(servers=[nats_node.url], max_message_size=8 * 1024 * 1024)
+    channels = [await receiver.new_channel() for _ in range(2)]
+    await sender.send(channels[0], {"type": "warm"})
+    await receiver.receive(channels[0], timeout=PATIENCE)
+    body = b"\xab" * 1_200_000
+    await asyncio.gather(*(sender.send(ch, {"i": i, "body": body}) for i, ch in enumerate(channels)))
+    for i, channel in enumerate(channels):
+        message = await receiver.receive(channel, timeout=PATIENCE)
+        assert (message["i"], message["body"]) == (i, body)
+    assert sender.packed_publishes == 0
+
+
+async def test_close_with_packed_sends_pending_ends_each_of_them(nats_node: NatsNode, make: Make) -> None:
+    receiver, sender = make(servers=[nats_node.url], capacity=1000), make(servers=[nats_node.url])
+    channels = [await receiver.new_channel() for _ in range(16)]
+    await sender.send(channels[0], {"type": "warm", "i": -1})
+    assert (await receiver.receive(channels[0], timeout=PATIENCE))["i"] == -1
+    sends = [asyncio.ensure_future(sender.send(channel, {"i": i})) for i, channel in enumerate(channels)]
+    await asyncio.sleep(0)  # queued: the first holds the turn, the others wait with it
+    await sender.close()
+    results = await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True), PATIENCE)
+    assert all(result is None or isinstance(result, ChannelLayerClosed) for result in results), results
+    # What returned was stored: it arrives.
+    for i, result in enumerate(results):
+        if result is None:
+            assert (await receiver.receive(channels[i], timeout=PATIENCE))["i"] == i
+
+
+async def test_a_failed_packed_publish_reaches_each_of_its_senders(
+    private_node: NatsNode, make: Make
+) -> None:
+    receiver = make(servers=[private_node.url], capacity=1000)
+    sender = make(servers=[private_node.url], timeout=1)
+    channels = [await receiver.new_channel() for _ in range(16)]
+    await sender.send(channels[0], {"type": "warm"})
+    private_node.stop()
+    results = await asyncio.gather(
+        *(sender.send(channel, {"type": "n"}) for channel in channels), return_exceptions=True
+    )
+    assert all(isinstance(result, BackendUnavailable) for result in results), results
+    # Some went packed: the one failure of their publish reached each of them.
+    assert sum("packed with it" in str(result) for result in results) >= 2, results
+    private_node.start()
 
 
 async def test_group_send_costs_the_same_messages_for_any_group_size(

@@ -427,7 +427,7 @@ class _LayerCollector(Collector):
     ) -> list[Metric]:
         dropped = CounterMetricFamily(
             _PREFIX + "layer_dropped",
-            "Messages a layer dropped, by reason (full mailbox, expired, undecodable).",
+            "Messages a layer dropped, by reason (full mailbox, expired, undecodable, released).",
             labels=["backend", "reason"],
         )
         for (backend, reason), value in sorted((drops or {}).items()):

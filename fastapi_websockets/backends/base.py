@@ -838,6 +838,9 @@ class BaseChannelLayer(abc.ABC):
     async def close(self) -> None:
         """Close the layer: wake pending receivers with ``ChannelLayerClosed``, release resources.
 
+        First, named-channel messages this instance claimed for receivers that were
+        cancelled, still waiting here for a next receive, are sent back to their
+        channel (at its tail, with a new expiry), so a reader elsewhere gets them.
         Idempotent; awaits every background task the layer started. A close() made while
         another is under way waits for that one instead of closing a second time.
         """

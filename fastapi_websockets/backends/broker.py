@@ -149,12 +149,17 @@ class BrokerChannelLayer(BaseChannelLayer):
 
     @property
     def packed_publishes(self) -> int:
-        """Publishes that carried several sends to one process's inbox (see ``packing``); 0 if none."""
+        """Publishes that carried several sends to one process's inbox (see ``packing``).
+
+        Counted on NATS (``inbox="jetstream"``) and RabbitMQ; always 0 on the
+        backends that do not pack sends (Redis, PostgreSQL, NATS with
+        ``inbox="core"``).
+        """
         return self._packer.packed if self._packer is not None else 0
 
     @property
     def packed_sends(self) -> int:
-        """The sends :attr:`packed_publishes` carried."""
+        """The sends that :attr:`packed_publishes` carried (0 where sends are not packed)."""
         return self._packer.packed_frames if self._packer is not None else 0
 
     def deliver_packed(self, body: bytes) -> None:

@@ -1044,8 +1044,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     Options (besides those of :class:`BrokerChannelLayer`, ``timeout`` included):
 
     * ``dsn``: a ``postgresql://`` URL.
-    * ``schema``: the schema holding the tables (letters, digits, ``_``; at most
-      63 bytes; always quoted). Layers that share a schema share channels and groups.
+    * ``schema``: the schema holding the tables (a letter or ``_``, then letters,
+      digits, ``_``; at most 63 bytes; not ``pg_*``; always quoted). Layers that
+      share a schema share channels and groups.
     * ``poll_interval``: seconds between table re-checks while the LISTEN
       connection is reconnecting (nothing polls while it is connected).
     * ``prune_interval``: seconds between deletions of expired messages and group

@@ -465,13 +465,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     * ``url``: AMQP URL of the broker.
     * ``exchange_name``: the direct exchange all routing goes through.
     * ``queue_prefix``: prefix of every queue name this layer declares.
-    * ``durable``: durable exchange, named channels as durable quorum queues
-      holding persistent messages (``False``: transient classic queues).
+    * ``durable``: durable exchange and inboxes, named channels as durable
+      quorum queues, persistent messages (``False``: transient classic queues,
+      which a broker restart loses).
     * ``persistent_sends``: with ``durable``, sends to process-specific channels
       are persistent, so one waiting in the inbox of a process that is away
-      survives a broker restart. ``False`` publishes them transient: about twice
-      the p2p rate (the broker writes and syncs its queue index per message
-      otherwise), and such a restart loses what waited in an inbox.
+      survives a broker restart. ``False`` publishes them transient: faster
+      point to point (the broker then confirms without first writing and
+      syncing its queue journal), and such a restart loses what waited in an
+      inbox.
     * ``message_ttl``: ``x-message-ttl`` of the queues, in ms (``None``: no
       queue-level TTL; every message still expires after ``channel_expiry``).
     * ``queue_expiry``: ``x-expires`` of named-channel queues, in ms: a queue

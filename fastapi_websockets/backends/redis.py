@@ -917,8 +917,11 @@ class RedisChannelLayer(BrokerChannelLayer):
     * ``prefix``: prefix of every key and pub/sub channel (letters, digits,
       ``. _ / -``); layers with different prefixes share nothing.
     * ``cluster``: talk to a Redis Cluster.
-    * ``use_pubsub``: readers wait for a pub/sub wake-up and then pop their inbox,
-      instead of blocking in BLMOVE. Messages always travel in lists.
+    * ``use_pubsub``: each reader subscribes to a pub/sub channel of its own, on
+      which the script that stores a message in its inbox also publishes it, so
+      the reader delivers it without a pop; ``False``: readers block in BLMOVE
+      until their inbox has entries, then pop them. Messages are stored in
+      lists either way.
     * ``sharded_pubsub``: in a cluster, wake-ups use SPUBLISH/SSUBSCRIBE
       (Redis 7), so only the node owning the inbox's slot carries them.
     * ``sentinels`` and ``sentinel_master``: ``"host:port"`` of the Redis

@@ -60,6 +60,8 @@ def test_every_python_block_is_an_example() -> None:
     # The other bash blocks: the two commands CI runs (checked below) and `pip install`.
     assert fences(README, "bash") == 4
     assert list(SHELL_EXAMPLES) == ["demo-workers", "env-aliases"]
+    # The browser client, run in Chromium by tests/browser/test_readme_client.py.
+    assert fences(README, "js") == len(examples(README, "js")) == 1
 
 
 def test_readme_starts_with_the_two_commands_ci_runs() -> None:

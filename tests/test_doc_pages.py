@@ -1,4 +1,5 @@
-"""Every example of the backend pages (docs/backends/*.md) runs here, against its broker's real server.
+"""Every example of the backend pages (docs/backends/*.md) runs here, against its broker's real server,
+and so do those of docs/operating.md.
 
 How a block becomes an example, and how it is read: tests/doc_examples.py. The
 only change made to an example is its local broker address, pointed at the
@@ -7,9 +8,13 @@ server the test session started.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
+import yaml  # type: ignore[import-untyped]  # PyYAML comes with uvicorn[standard]
 
 from fastapi_websockets import (
     BaseChannelLayer,
@@ -24,6 +29,7 @@ from fastapi_websockets import (
 )
 from fastapi_websockets.config import BACKEND_ALIASES
 from tests.doc_examples import (
+    ROOT,
     check_round_trip,
     env_block,
     examples,
@@ -133,3 +139,79 @@ async def test_sentinel_example() -> None:
     layer = get_channel_layer(namespace["CHANNEL_LAYERS"])
     assert isinstance(layer, RedisChannelLayer)
     await layer.close()
+
+
+OPERATING = read_doc("docs/operating.md")
+#: docs/operating.md's example as its page frames it: a fragment of the app module of a
+#: worker, where `app` is the FastAPI app. It instruments the process it runs in, so it runs
+#: in one of its own; it then shows what Prometheus would scrape at /metrics.
+INSTRUMENTED_APP = """
+import asyncio
+
+import httpx
+from fastapi import FastAPI
+
+app = FastAPI()
+{example}
+
+async def scrape() -> str:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        response = await client.get("/metrics/")
+        response.raise_for_status()
+        return response.text
+
+print(asyncio.run(scrape()))
+"""
+
+
+def test_every_block_of_the_operating_page_is_an_example() -> None:
+    assert fences(OPERATING, "python") == len(examples(OPERATING)) == 1
+    assert fences(OPERATING, "yaml") == len(examples(OPERATING, "yaml")) == 1
+    # Its one bash block is the two `pip install` lines of the extras.
+    assert fences(OPERATING, "bash") == 1
+
+
+def test_instrument_example_serves_the_metrics() -> None:
+    script = INSTRUMENTED_APP.format(example=examples(OPERATING)["instrument"])
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "# TYPE fastapi_websockets_open_connections gauge" in result.stdout
+    assert "# TYPE fastapi_websockets_handler_duration_seconds histogram" in result.stdout
+
+
+def test_alerts_example_is_a_prometheus_rules_file() -> None:
+    rules_file = yaml.safe_load(examples(OPERATING, "yaml")["alerts"])
+    [group] = rules_file["groups"]
+    assert group["name"] == "fastapi-websockets"
+    for rule in group["rules"]:
+        assert set(rule) <= {"alert", "expr", "for", "annotations"}, rule
+        assert re.fullmatch(r"[A-Z]\w+", rule["alert"])
+        assert "fastapi_websockets_" in rule["expr"]
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s"))
+        # An annotation names only labels the expression keeps: all of the series' own
+        # unless its outermost aggregation keeps only those it lists (`sum by (...)`).
+        kept = re.search(r"by \(([^)]*)\)", rule["expr"])
+        for text in rule.get("annotations", {}).values():
+            for label in re.findall(r"\$labels\.(\w+)", text):
+                assert kept is None or label in kept.group(1).replace(" ", "").split(","), (rule, label)
+
+
+def test_install_lines_name_extras_that_exist() -> None:
+    """The `pip install` blocks (README, backend and operating pages) name only declared extras."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    section = pyproject.split("[project.optional-dependencies]\n", 1)[1].split("\n[", 1)[0]
+    declared = set(re.findall(r"^([\w-]+) = ", section, flags=re.M))
+    docs = [read_doc("README.md"), OPERATING, *PAGES.values()]
+    blocks = [block for text in docs for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+    # In the commands and in their comments ("# or [postgresql], [nats], ...").
+    named = {
+        extra
+        for block in blocks
+        if "pip install" in block
+        for extras in re.findall(r"\[([\w,]+)\]", block)
+        for extra in extras.split(",")
+    }
+    assert {"redis", "postgresql", "nats", "rabbitmq", "all", "metrics", "tracing"} <= named
+    assert named <= declared, named - declared

@@ -216,12 +216,19 @@ async def test_demo_workers_example(redis_server: RedisNode) -> None:
         for key, value in env.items()
     }
     with serve_in_subprocess("examples.chat.app:app", env, args=words[2:]) as url:
-        # The operating system picks each connection's worker: open sockets until both served one.
+        # The operating system picks each connection's worker, and the second worker may still be
+        # starting when the first accepts: connect again (keeping one socket per worker) until both
+        # have served one.
         async with contextlib.AsyncExitStack() as stack:
             sockets: dict[int, ClientConnection] = {}
-            for attempt in range(40):
-                ws = await stack.enter_async_context(connect(f"{url}/ws/lobby?name=u{attempt}"))
-                sockets.setdefault((await next_frame(ws, "hello"))["worker"], ws)
+            for attempt in range(300):
+                ws = await connect(f"{url}/ws/lobby?name=u{attempt}")
+                worker = (await next_frame(ws, "hello"))["worker"]
+                if worker in sockets:
+                    await ws.close()
+                    await asyncio.sleep(0.1)
+                    continue
+                sockets[worker] = await stack.enter_async_context(ws)
                 if len(sockets) == 2:
                     break
             assert len(sockets) == 2, "every connection reached the same worker"

@@ -1,41 +1,67 @@
-"""Every example of the README runs here, and its first commands are the ones CI runs."""
+"""Every example of the README runs here, and its first commands are the ones CI runs.
+
+How a block becomes an example, and how it is read: tests/doc_examples.py.
+"""
 
 from __future__ import annotations
 
-import ast
 import asyncio
+import contextlib
 import json
 import re
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from fastapi_websockets import BaseChannelLayer, InMemoryChannelLayer, RedisChannelLayer, close_default_layers
+from fastapi_websockets import (
+    BaseChannelLayer,
+    InMemoryChannelLayer,
+    PostgreSQLChannelLayer,
+    RedisChannelLayer,
+    close_default_layers,
+    get_channel_layer_from_env,
+    parse_channel_layers_from_env,
+)
+from fastapi_websockets.config import BACKEND_ALIASES
+from tests.doc_examples import (
+    ROOT,
+    assignments,
+    check_round_trip,
+    env_block,
+    examples,
+    fences,
+    local_addresses_to,
+    run_python,
+    shell_words,
+)
 from tests.e2e.demo import next_frame
 from tests.e2e.server import serve, serve_in_subprocess
+from tests.servers.postgresql import PostgresServer
+from tests.servers.redis import RedisNode
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-EXAMPLES = dict(re.findall(r"<!-- example: ([\w-]+) -->\n```python\n(.*?)```", README, flags=re.S))
+EXAMPLES = examples(README)
+SHELL_EXAMPLES = examples(README, "bash")
 
 
 async def run_example(name: str) -> dict[str, Any]:
-    namespace: dict[str, Any] = {"__name__": f"readme_{name}"}
-    code = compile(EXAMPLES[name], f"README.md:{name}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    result = eval(code, namespace)
-    if asyncio.iscoroutine(result):
-        await result
-    return namespace
+    return await run_python(EXAMPLES[name], f"README.md:{name}")
 
 
 def test_every_python_block_is_an_example() -> None:
-    blocks = re.findall(r"```python\n", README)
-    assert len(blocks) == len(EXAMPLES) == 8
+    assert fences(README, "python") == len(EXAMPLES) == 9
+    # The other bash blocks: the two commands CI runs (checked below) and `pip install`.
+    assert fences(README, "bash") == 4
+    assert list(SHELL_EXAMPLES) == ["demo-workers", "env-aliases"]
+    # The browser client, run in Chromium by tests/browser/test_readme_client.py.
+    assert fences(README, "js") == len(examples(README, "js")) == 1
 
 
 def test_readme_starts_with_the_two_commands_ci_runs() -> None:
@@ -156,3 +182,75 @@ async def test_history_example() -> None:
     namespace = await run_example("history")
     assert namespace["layer"].closed
     assert namespace["page"].recovered
+
+
+async def test_env_aliases_example(postgresql_server: PostgresServer) -> None:
+    env = env_block(SHELL_EXAMPLES["env-aliases"])
+    settings = parse_channel_layers_from_env(env)
+    assert list(settings) == ["default", "events"]
+    assert settings["default"].backend == BACKEND_ALIASES["inmemory"]
+    assert settings["events"].backend == BACKEND_ALIASES["postgresql"]
+    assert settings["events"].config == {"dsn": env["FASTAPI_WEBSOCKETS_EVENTS_POSTGRESQL_DSN"]}
+    assert isinstance(get_channel_layer_from_env(env), InMemoryChannelLayer)
+    # The same variables with the test's server in the DSN: the "events" alias is usable.
+    local = {
+        key: local_addresses_to(value, postgresql_server.dsn) if "DSN" in key else value
+        for key, value in env.items()
+    }
+    async with get_channel_layer_from_env(local, alias="events") as events:
+        assert isinstance(events, PostgreSQLChannelLayer)
+        await check_round_trip(events)
+
+
+async def test_demo_workers_example(redis_server: RedisNode) -> None:
+    [command] = shell_words(SHELL_EXAMPLES["demo-workers"])
+    env, words = assignments(command)
+    assert words[:2] == ["bash", "scripts/demo"]
+    # The script ends by handing its arguments to uvicorn serving the demo app; its venv
+    # and pip steps are the suite's own setup, so the test runs that last line.
+    [run] = [line for line in (ROOT / "scripts/demo").read_text().splitlines() if line.startswith("exec ")]
+    assert "-m uvicorn examples.chat.app:app " in run
+    assert run.endswith('"$@"')
+    env = {
+        key: local_addresses_to(value, redis_server.url) if "URL" in key else value
+        for key, value in env.items()
+    }
+    with serve_in_subprocess("examples.chat.app:app", env, args=words[2:]) as url:
+        # The operating system picks each connection's worker, and the second worker may still be
+        # starting when the first accepts: connect again (keeping one socket per worker) until both
+        # have served one.
+        async with contextlib.AsyncExitStack() as stack:
+            sockets: dict[int, ClientConnection] = {}
+            for attempt in range(300):
+                ws = await connect(f"{url}/ws/lobby?name=u{attempt}")
+                worker = (await next_frame(ws, "hello"))["worker"]
+                if worker in sockets:
+                    await ws.close()
+                    await asyncio.sleep(0.1)
+                    continue
+                sockets[worker] = await stack.enter_async_context(ws)
+                if len(sockets) == 2:
+                    break
+            assert len(sockets) == 2, "every connection reached the same worker"
+            first, second = sockets.values()
+            await first.send(json.dumps({"text": "across workers"}))
+            said = await next_frame(second, "message")
+            assert said["text"] == "across workers"
+
+
+def test_plugin_example(tmp_path: Path) -> None:
+    """The conftest line enables the plugin: the testing example passes with it, not without it."""
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    (tmp_path / "test_example.py").write_text(EXAMPLES["testing"])
+
+    def run_pytest() -> str:
+        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        return result.stdout + result.stderr
+
+    assert "fixture 'channel_layer' not found" in run_pytest()
+    (tmp_path / "conftest.py").write_text(EXAMPLES["plugin"])
+    output = run_pytest()
+    assert "1 passed" in output, output

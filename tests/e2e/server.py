@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,9 @@ async def serve(app: Any) -> AsyncIterator[str]:
 
 @contextlib.contextmanager
 def serve_in_subprocess(
-    app: str, env: Mapping[str, str] | None = None, timeout: float = 30.0
+    app: str, env: Mapping[str, str] | None = None, timeout: float = 30.0, args: Sequence[str] = ()
 ) -> Iterator[str]:
-    """Run ``uvicorn <app>`` ("module:attr") as a separate process; yield its ``ws://`` base URL."""
+    """Run ``uvicorn <app> [args]`` ("module:attr") as a separate process; yield its ``ws://`` base URL."""
     port = free_port()
     # A file, not a pipe: nobody reads the server's output while it runs, and a full pipe would
     # block a chatty server mid-test.
@@ -64,6 +64,7 @@ def serve_in_subprocess(
                 "warning",
                 "--ws",
                 "websockets-sansio",
+                *args,
             ],
             cwd=ROOT,
             env={**os.environ, **(env or {})},

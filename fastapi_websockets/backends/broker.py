@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.backends.options import positive
-from fastapi_websockets.backends.packing import Packer, SendMany, SendOne, unpack
+from fastapi_websockets.backends.packing import IN_FLIGHT, MAX_FRAMES, Packer, SendMany, SendOne, unpack
 from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.tls import ca_file, describe_tls, tls_failure
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
@@ -118,9 +118,7 @@ class BrokerChannelLayer(BaseChannelLayer):
     #: the backend does not pack.
     _packer: Packer | None = None
 
-    def make_packer(
-        self, send_one: SendOne, send_many: SendMany, *, in_flight: int, max_frames: int, confirmation: str
-    ) -> Packer:
+    def make_packer(self, send_one: SendOne, send_many: SendMany, *, confirmation: str) -> Packer:
         """A :class:`~fastapi_websockets.backends.packing.Packer` for this layer's sends to process inboxes.
 
         Its publishing tasks are tracked (cancelled on close, their callers
@@ -140,8 +138,8 @@ class BrokerChannelLayer(BaseChannelLayer):
             send_one=send_one,
             send_many=send_many,
             spawn=spawn,
-            in_flight=in_flight,
-            max_frames=max_frames,
+            in_flight=IN_FLIGHT,
+            max_frames=MAX_FRAMES,
             max_bytes=self.max_message_size,
             timeout=self.timeout,
             on_timeout=timed_out,
@@ -177,12 +175,20 @@ class BrokerChannelLayer(BaseChannelLayer):
             logger.warning("dropped a packed inbox message of %d bytes: %s", len(body), exc)
             return
         for channel, data in frames:
-            if not self.is_local(channel):
-                logger.debug("dropped a packed send to %r, not a channel of this layer", channel)
-                continue
-            message = self.decode_or_drop(data, "the inbox (for %r)", channel)
-            if message is not None:
-                self.deliver_local(channel, message)
+            self.deliver_sent(channel, data)
+
+    def deliver_sent(self, channel: str, data: bytes) -> None:
+        """Deliver one send from the inbox to ``channel``, which must be this instance's.
+
+        One for another instance's channel is dropped (logged at debug); an
+        undecodable payload or a full mailbox is counted as for any delivery.
+        """
+        if not self.is_local(channel):
+            logger.debug("dropped a send to %r, not a channel of this layer", channel)
+            return
+        message = self.decode_or_drop(data, "the inbox (for %r)", channel)
+        if message is not None:
+            self.deliver_local(channel, message)
 
     def unavailable(self, cause: BaseException | str) -> BackendUnavailable:
         """The :class:`BackendUnavailable` to raise when the broker cannot be reached.

@@ -66,7 +66,7 @@ from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.locks import KeyedLocks, SharedRounds
 from fastapi_websockets.backends.options import Memo, matching, positive, url
-from fastapi_websockets.backends.packing import Packer, pack
+from fastapi_websockets.backends.packing import Packer, describe, pack
 from fastapi_websockets.backends.timeouts import wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
 from fastapi_websockets.backends.urls import location, redact_url
@@ -167,13 +167,6 @@ _TO_CHANNEL = b"c"
 _TO_GROUP = b"g"
 #: Several sends to this process's channels in one stored message (``packing.pack``), no name.
 _TO_CHANNELS = b"s"
-#: Unconfirmed inbox publishes per destination process (see ``packing``): a send waits a loop
-#: turn (a lone sender's does not) and is stored packed with the sends of that turn, one
-#: PubAck, one delivery and one acknowledgement for them all.
-PACK_IN_FLIGHT = 2
-#: Most sends one packed inbox message carries (its bytes: at most ``max_message_size`` and the
-#: server's ``max_payload``).
-PACK_MAX_FRAMES = 128
 #: Bytes of a packed inbox message beyond what the packer bounds: the frame header and the
 #: pack's version byte.
 _PACK_OVERHEAD = _FRAME.size + 1
@@ -391,13 +384,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: loop.time() of the last message or heartbeat on the inbox.
         self._inbox_heard = 0.0
         self._seen = _RecentIds(_SEEN_IDS)
-        self._packer: Packer = self.make_packer(
-            self._store_send,
-            self._store_sends,
-            in_flight=PACK_IN_FLIGHT,
-            max_frames=PACK_MAX_FRAMES,
-            confirmation="PubAck",
-        )
+        # Concurrent sends to one process are stored as one message: one PubAck, one
+        # delivery and one acknowledgement for them all.
+        self._packer: Packer = self.make_packer(self._store_send, self._store_sends, confirmation="PubAck")
         #: The newest inbox delivery, taken in but not yet acknowledged (see _on_delivery).
         self._unacked: Msg | None = None
         #: Set when a delivery is held with none before it: _ack_late acknowledges it in time.
@@ -1009,12 +998,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             self.deliver_packed(payload)
             return
         if kind == _TO_CHANNEL:
-            if not self.is_local(name):
-                logger.debug("dropped a message for %r, not a channel of this layer", name)
-                return
-            message = self.decode_or_drop(payload, f"inbox (channel {name!r})")
-            if message is not None:
-                self.deliver_local(name, message)
+            self.deliver_sent(name, payload)
             return
         if kind != _TO_GROUP:
             logger.warning("dropped an inbox message of unknown kind %r", kind)
@@ -1045,8 +1029,7 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     async def _store_sends(self, token: str, frames: list[tuple[str, bytes]]) -> None:
         # One message id for the pack: a retried publish, or a redelivery, is dropped whole.
-        what = f"send to {frames[0][0]!r} and {len(frames) - 1} packed with it"
-        await self._store_in_inbox(token, _frame(_TO_CHANNELS, "", pack(frames)), what)
+        await self._store_in_inbox(token, _frame(_TO_CHANNELS, "", pack(frames)), describe(frames))
 
     async def _send_named(self, channel: str, data: bytes) -> None:
         await self._ensure_stream()

@@ -84,7 +84,7 @@ from fastapi_websockets.backends.options import (
     positive_int,
 )
 from fastapi_websockets.backends.options import url as url_option
-from fastapi_websockets.backends.packing import Packer, pack
+from fastapi_websockets.backends.packing import Packer, describe, pack
 from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.backends.timeouts import within
 from fastapi_websockets.backends.tls import client_context, require_secure
@@ -152,13 +152,6 @@ RECONNECT_INTERVAL = 1.0
 RECENT_IDS = 4 * INBOX_PREFETCH
 #: Unacknowledged deliveries per history stream consumer (stream consumers need a prefetch).
 HISTORY_PREFETCH = 1000
-#: Unconfirmed publishes per destination inbox (see ``packing``): a send waits a loop
-#: turn (a lone sender's does not) and goes out packed with the sends of that turn. Two, not
-#: one: a packed message gathers while the previous is confirmed (measured: 1, 2 and 4
-#: in docs/architecture.md).
-PACK_IN_FLIGHT = 2
-#: Most sends one packed message carries (its bytes are bounded by ``max_message_size``).
-PACK_MAX_FRAMES = 128
 #: Segment size of history streams: retention (``x-max-age``) drops whole
 #: segments, so small ones keep what the broker holds close to the ttl.
 HISTORY_SEGMENT_BYTES = 1_000_000
@@ -560,11 +553,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._properties_class: Any = None  # pamqp's, for publishes on the confirm channel
         self._publisher: ConfirmingPublisher | None = None
         self._packer: Packer = self.make_packer(
-            self._send_one,
-            self._send_many,
-            in_flight=PACK_IN_FLIGHT,
-            max_frames=PACK_MAX_FRAMES,
-            confirmation="publisher confirm",
+            self._send_one, self._send_many, confirmation="publisher confirm"
         )
         self._acks: BatchedAcks | None = None
         self._starting: asyncio.Task[None] | None = None
@@ -1023,8 +1012,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         properties = self._properties(
             _SENDS, expiration=self.channel_expiry, persistent=self._persistent_sends
         )
-        what = f"send to {frames[0][0]!r} and {len(frames) - 1} packed with it"
-        await self._publish(pack(frames), properties, routing_key, what=what)
+        await self._publish(pack(frames), properties, routing_key, what=describe(frames))
 
     async def _publish(
         self,

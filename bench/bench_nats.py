@@ -55,7 +55,7 @@ def cleanup(server: Server, namespace: str) -> None:
 
     0.1.0 never deletes its durable consumers: one fanout job left 1,001 on the server, and
     the run's later jobs shared it with them (2,002 and 44,000 stored messages after two
-    passes). Our rows measured no slower beside them (docs/architecture.md "### NATS",
+    passes). Our rows measured no slower beside them (docs/performance/nats.md,
     "Why a run's rates moved 3x"), but each job now finds the server as the first one did.
     """
     import nats

@@ -12,7 +12,7 @@ phase it prints cycles/s, acquire waits (p50, p99, max, most waiting at once), e
 ``send()`` time (into the churning layer and out of it) and the delivery time, then the waits
 by caller. ``--linger S`` sets the ordered writer's linger (``_WRITER_LINGER``) for an
 experiment. See "Named-channel capacity across processes, and the pool under churn" in
-docs/architecture.md.
+docs/performance/postgresql.md.
 
 Speed figures only; nothing here is a test.
 """

@@ -44,7 +44,7 @@ def _running_loop_remembered() -> asyncio.AbstractEventLoop:
     elif loop is not None and loop.is_running():
         # No record of the thread: a loop runs in one thread at a time, so the loop this
         # thread last found still running is taken for the one running here (wrongly if it
-        # was stopped and restarted in another thread meanwhile; see docs/architecture.md).
+        # was stopped and restarted in another thread meanwhile; see docs/performance/shared-path.md).
         return loop
     loop = asyncio.get_running_loop()
     own = isinstance(loop, asyncio.BaseEventLoop)

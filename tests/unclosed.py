@@ -18,7 +18,7 @@ It wraps private asyncio classes because the public ways do not say the same:
 asyncio's ResourceWarning names the test that freed the transport, is raised
 inside ``__del__`` (so ``-W error`` does not fail the run), and tracemalloc's
 allocation traceback costs tens of times the run's time; see "Why
-tests/unclosed.py wraps private asyncio classes" in docs/architecture.md.
+tests/unclosed.py wraps private asyncio classes" in docs/testing.md.
 Checked on CPython 3.10 to 3.13; tests/test_unclosed.py fails where they change.
 """
 

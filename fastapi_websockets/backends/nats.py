@@ -942,7 +942,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         # Acknowledged one delivery late: an acknowledged message leaves the work-queue
         # stream, and when that empties its last file block nats-server creates a new
         # block file and deletes the old one, a file system round per message that cost
-        # the server more CPU than the rest of the message did (docs/architecture.md, NATS,
+        # the server more CPU than the rest of the message did (docs/performance/nats.md,
         # "Why a run's rates moved 3x"). With the newest delivery held, the
         # stream keeps a message while deliveries follow each other; one left alone is
         # acknowledged by _ack_late within _INBOX_ACK_DELAY. Redelivery is unchanged: a
@@ -1279,7 +1279,7 @@ class NATSChannelLayer(BrokerChannelLayer):
 
         An acknowledgement that empties the work-queue stream's last file block makes
         nats-server 2.15 create a new block file and delete the old one: with a worker
-        that keeps up, once per message (docs/architecture.md, NATS, "Named channels:
+        that keeps up, once per message (docs/performance/nats.md, "Named channels:
         a block file per message too"). The inbox holds its newest delivery back for
         that; a named channel cannot, since a held message would count against its
         capacity. The anchor's subject has a token more than a channel's, so no
@@ -1576,7 +1576,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                     raise self._translate(exc, what) from exc
         # Only now the listing: a stream-info request that nats-server handles while it
         # stores and pushes the copies delays their delivery by about 0.2 ms (measured
-        # in "### NATS", docs/architecture.md), in the same write or the next one.
+        # in docs/performance/nats.md), in the same write or the next one.
         await self._send_to_listed(group, data, payload, known)
 
     async def _send_to_listed(self, group: str, data: bytes, payload: bytes, known: tuple[str, ...]) -> None:

@@ -1,7 +1,7 @@
 """Packing concurrent sends to one destination into one broker message.
 
 A broker whose cost is per message, not per byte (RabbitMQ: measured in
-docs/architecture.md, "Where the time goes"), carries sixteen concurrent sends
+docs/performance/rabbitmq.md), carries sixteen concurrent sends
 to one process's inbox about as fast as one when they travel as one message.
 :class:`Packer` does that for one layer: per destination, the sends made in
 one turn of the event loop go out together on the next, from a background
@@ -37,7 +37,7 @@ PACK_VERSION = 1
 #: Unconfirmed publishes per destination (what the layers pass as ``in_flight``): a send
 #: waits a loop turn (a lone sender's does not) and goes out packed with the sends of that
 #: turn. Two, not one: a packed message gathers while the previous is confirmed (measured on
-#: RabbitMQ: 1, 2 and 4 in docs/architecture.md; NATS took the same value).
+#: RabbitMQ: 1, 2 and 4 in docs/performance/rabbitmq.md; NATS took the same value).
 IN_FLIGHT = 2
 #: Most sends one packed message carries (its bytes are bounded by ``max_bytes``).
 MAX_FRAMES = 128

@@ -875,7 +875,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     # The inbox is consumed on aiormq's channel, below aio-pika: an
     # aio-pika IncomingMessage per delivery was the largest single cost of a
-    # message received (see "Where the time goes" in docs/architecture.md).
+    # message received (see docs/performance/rabbitmq.md).
     # So the consumer is this module's to restore: after every reopen of the
     # channel (aio-pika has declared the inbox and its bindings again by
     # then), and when the broker cancels it (the inbox was deleted). Its

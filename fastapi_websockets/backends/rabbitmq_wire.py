@@ -506,7 +506,7 @@ def take_deliveries(
     Deliveries to other consumers, and to this one once it is cancelled, go the
     way aiormq takes them. Call it before ``basic_consume`` (deliveries may
     come before the consume call returns). It relies on aiormq internals,
-    listed in docs/architecture.md and checked by the RabbitMQ tests: the
+    listed in docs/performance/rabbitmq.md and checked by the RabbitMQ tests: the
     connection's reader hands every frame of a channel to
     ``channel.frames.put``, looked up on the queue instance; the channel's
     reader calls ``channel._on_deliver_frame(frame)`` for every

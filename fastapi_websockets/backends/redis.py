@@ -1408,7 +1408,7 @@ class RedisChannelLayer(BrokerChannelLayer):
 
         A lone send then goes out before its caller yields, instead of one loop
         turn later in the writer task: Redis runs the push while the client
-        goes on (a closed loop's latency, see docs/architecture.md). A
+        goes on (a closed loop's latency, see docs/performance/redis.md). A
         transport write is one synchronous call, so a cancellation of the
         caller cannot cut it in half; the replies stay with the writer task,
         the only reader of the connection. Not in a cluster (its pipeline
@@ -1475,7 +1475,7 @@ class RedisChannelLayer(BrokerChannelLayer):
 
         It stays parked between batches rather than ending: a task created and
         ended per lone send cost its creation, its done callback and one more
-        loop iteration each time (see docs/architecture.md).
+        loop iteration each time (see docs/performance/redis.md).
         """
         loop = running_loop()
         while True:
@@ -1563,7 +1563,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         needs no pool round: redis-py's pipeline takes a pooled connection, writes
         under ``asyncio.wait_for`` and releases the connection in a shielded task,
         which cost a lone send two tasks and four more event-loop iterations (see
-        docs/architecture.md). A broken connection is retried once on a fresh one:
+        docs/performance/redis.md). A broken connection is retried once on a fresh one:
         the first write after a Redis restart meets the dead one. Anything else,
         a cancellation included, leaves the connection closed, so that no reply of
         a write cut short is read as the answer to the next. The first ``ahead``
@@ -2144,7 +2144,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         and delivered from the socket's own callback. Through redis-py's stream and
         parser, the bytes of a message woke the reader task one loop iteration
         later, and its ``read_response`` layers took about a tenth of a lone send's
-        client CPU (see docs/architecture.md). Published messages wait while the
+        client CPU (see docs/performance/redis.md). Published messages wait while the
         inbox is drained (the subscription is held), so an entry popped by the
         drain is never skipped as older than one published after it.
         """

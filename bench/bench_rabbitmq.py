@@ -165,11 +165,12 @@ CANNOT_010 = (
     "0.1.0 polls a basic.get per waiting receive with a 0.1 s timeout on one channel: with 500 or "
     "1,000 receivers the gets queue past it, aiormq closes the channel and every receive fails"
 )
-#: Seen 2026-12-02 in one process: message 416 never arrived; the queue was empty and the
-#: receiving channel held one unacknowledged message (rabbitmqctl list_channels).
+#: Seen 2026-12-02 in one process: message 416 never arrived, the queue empty and the receiving
+#: channel holding one unacknowledged message (rabbitmqctl list_channels); in a later p2p job
+#: aiormq closed the channel instead (ChannelLayerClosed from receive).
 FLAW_010 = (
-    "0.1.0 gives up on a basic.get after 0.1 s; when the broker answers later the message stays "
-    "unacknowledged on the channel and never reaches receive()"
+    "0.1.0 gives up on a basic.get after 0.1 s: a message the broker hands over later stays "
+    "unacknowledged on the channel, never received, or aiormq closes the channel"
 )
 
 IMPLS = [

@@ -622,8 +622,9 @@ async def paired_rounds(
     broker's round leaves to do after its last delivery (acknowledgements, a reply) falls in
     the next round of the same room, not in the in-memory room's measured one. The rooms take
     turns (row first, then reference first, and so on) until ``rounds`` measured rounds of
-    each or ``fanout_seconds``, so both draw from the same slow and fast periods of the
-    machine (0.3-1 s long on the shared one). Round 0 of each room warmed it up already.
+    each or ``fanout_seconds`` (no turn begins that the last one's length says would end
+    after it: 0.1.0's rounds take seconds), so both draw from the same slow and fast periods
+    of the machine (0.3-1 s long on the shared one). Round 0 of each room warmed it up already.
 
     Per room: the median measured round (``round_ms``, and ``memory_round_ms``), this
     process's CPU per measured round (where both grow together the process ran slower on its
@@ -655,11 +656,14 @@ async def paired_rounds(
         room = "the in-memory room's" if playing else "the row's"
         return f"{room} round {played[playing]} not done in {sizes['stall']:g} s"
 
-    deadline = time.perf_counter() + sizes["fanout_seconds"]
+    began = time.perf_counter()
+    deadline = began + sizes["fanout_seconds"]
     async with stall_guard(sizes.get("stall"), lambda: sum(played.values()), stalled):
         for turn in range(sizes["rounds"]):
-            if turn and time.perf_counter() > deadline:
+            now = time.perf_counter()
+            if turn and now + (now - began) > deadline:  # now - began: the last turn's length
                 break
+            began = now
             for playing in list(plays)[:: 1 if turn % 2 == 0 else -1]:
                 firsts[playing].append((await timed(playing))[0])
                 wall, cpu = await timed(playing)

@@ -56,6 +56,14 @@ ratio from one pass is worth more than an absolute figure from two.
   layer: TCP connections to the broker, what ``probe()`` adds, and CPU of the
   process and of the broker over the idle window.
 
+A cell with no figure says why in a word, and a note under the table in a line:
+``cannot`` (the row's ``Impl.cannot``: not run), ``skipped`` (fanout2 after the
+same pass's fanout failed), ``error`` (the job's error, with the row's known
+``flaws``). Jobs do not wait out ``--limit`` on what will not come: a receiver
+that raises ends its job at once, and a p2p loop that receives nothing, or a
+fan-out round that does not end, for ``--stall`` seconds ends it saying what was
+missing (``stall_guard``).
+
 The in-memory layer (and Django Channels' one) share nothing between two
 instances, so their sender is the receiving instance itself.
 """

@@ -1002,7 +1002,7 @@ def table(rows: dict[str, dict[str, dict[str, Any]]], scenarios: list[str]) -> s
                 notes.append(
                     f"{name} {scenario} over the --versus row, median per-pass ratio: {', '.join(ratios)}"
                 )
-        shown = ("connections", "cpu", "server_cpu", "error", "pass")
+        shown = ("connections", "cpu", "server_cpu", "pass", "flaw", *NO_FIGURE)
         extra = {k: v for k, v in results.get("idle", {}).items() if k not in shown and v}
         if extra:
             notes.append(f"{name} idle: " + ", ".join(f"{k} {v:g}" for k, v in extra.items()))

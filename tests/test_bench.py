@@ -102,22 +102,24 @@ def test_table_says_why_a_cell_has_no_figure() -> None:
         "inmemory": {
             "p2p": {"p2p1_rate": 10.0, "p2p1_p50": 0.001, "p2p16_rate": 20.0, "p2p16_p50": 0.002},
             "p2p2": {"cannot": "two processes share nothing in memory"},
+            "idle": {"connections": 0, "cpu": 0.001, "server_cpu": None},
         },
         "row": {
             "p2p": {"error": "RuntimeError: lost", "flaw": "it loses messages"},
             "p2p2": {"skipped": "fanout failed"},
+            "idle": {"cannot": "p2p only"},
         },
     }
-    text = harness.table(rows, ["p2p", "p2p2"])
+    text = harness.table(rows, ["p2p", "p2p2", "idle"])
     lines = text.splitlines()
     assert "fan-out" not in lines[0]
-    assert "idle" not in lines[0]
     cells = [[cell.strip() for cell in line.split("|")[1:]] for line in lines[2:4]]
-    assert cells[0] == ["10", "1.00", "20", "2.00", *["cannot"] * 4]
-    assert cells[1] == [*["error"] * 4, *["skipped"] * 4]
+    assert cells[0] == ["10", "1.00", "20", "2.00", *["cannot"] * 4, "0", "0.10", "-"]
+    assert cells[1] == [*["error"] * 4, *["skipped"] * 4, *["cannot"] * 3]
     assert "inmemory p2p2: cannot: two processes share nothing in memory" in lines
     assert "row p2p: RuntimeError: lost; why: it loses messages" in lines
     assert "row p2p2: skipped: fanout failed" in lines
+    assert "row idle: cannot: p2p only" in lines
 
 
 SENDERS_4 = ("--senders", "4", "--messages", "300", "--repeat", "1")

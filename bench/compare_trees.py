@@ -8,7 +8,9 @@ of the current tree runs in each repeat as a job of its own. A fan-out job's ``r
 harness's ``vs mem``: its rate over that of an in-memory room of the same tree that took turns
 with it in the same worker (``memory_round_ms``), so a change to shared delivery code moves both.
 Prints every run with the load average, then the medians. Checkouts of old commits:
-``git worktree add /tmp/x <commit>``.
+``git worktree add /tmp/x <commit>``. ``--row`` picks another row of the backend than its first
+(``--backend nats --row "nats core"``); only rows of this project's virtualenv, whose layer comes
+from the trees (a peer's row would measure its own virtualenv, not the trees).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="postgresql")
+    parser.add_argument("--row", help="a row of the backend in python -m bench's table (default: its first)")
     parser.add_argument("--tree", action="append", required=True, help="NAME=PATH, in run order")
     parser.add_argument("--scenarios", default="p2p,fanout,fanout2", help="of p2p, p2p2, fanout, fanout2")
     parser.add_argument("--repeat", type=int, default=3)
@@ -89,13 +92,22 @@ def main() -> None:
     parser.add_argument("--p2p-seconds", type=float, default=2.0)
     parser.add_argument("--fanout-seconds", type=float, default=10.0)
     parser.add_argument("--limit", type=float, default=60.0)
+    parser.add_argument("--stall", type=float, default=10.0, help="as python -m bench's --stall")
     args = parser.parse_args()
     sizes = {k: v for k, v in vars(args).items() if isinstance(v, (int, float)) and k != "repeat"}
     trees = [(name, Path(path).resolve()) for name, path in (t.split("=", 1) for t in args.tree)]
     scenarios = args.scenarios.split(",")
-    impl = importlib.import_module(f"bench_{args.backend}").IMPLS[0].name
-    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     module = importlib.import_module(f"bench_{args.backend}")
+    choices = {row.name: row for row in module.IMPLS if row.venv == "ours"}
+    row = choices.get(args.row or module.IMPLS[0].name)
+    if row is None:
+        parser.error(f"--row: one of {', '.join(repr(name) for name in choices)}")
+    for scenario in scenarios:
+        if reason := row.cannot_run(scenario):
+            parser.error(f"{row.name} does not run {scenario}: {reason}")
+    impl = row.name
+    print(f"row {impl!r} of {args.backend}, from each tree", flush=True)
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with module.server() as server:
         for index in range(args.repeat):
             order = trees if index % 2 == 0 else trees[::-1]

@@ -56,6 +56,14 @@ ratio from one pass is worth more than an absolute figure from two.
   layer: TCP connections to the broker, what ``probe()`` adds, and CPU of the
   process and of the broker over the idle window.
 
+A cell with no figure says why in a word, and a note under the table in a line:
+``cannot`` (the row's ``Impl.cannot``: not run), ``skipped`` (fanout2 after the
+same pass's fanout failed), ``error`` (the job's error, with the row's known
+``flaws``). Jobs do not wait out ``--limit`` on what will not come: a receiver
+that raises ends its job at once, and a p2p loop that receives nothing, or a
+fan-out round that does not end, for ``--stall`` seconds ends it saying what was
+missing (``stall_guard``).
+
 The in-memory layer (and Django Channels' one) share nothing between two
 instances, so their sender is the receiving instance itself.
 """
@@ -74,8 +82,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +101,10 @@ PYTHONS = {
 }
 
 Layer = Any
+#: ``Impl.cannot`` of a bare client beside the layers (raw redis-py, aio-pika): it has no groups.
+P2P_ONLY: Mapping[str, str] = dict.fromkeys(
+    ("fanout", "fanout2", "idle"), "a bare client, no groups: p2p only"
+)
 #: JSON-able facts about the running broker: "url", "port", "pids", and broker-specific keys.
 Server = dict[str, Any]
 
@@ -110,8 +122,18 @@ class Impl:
     shared: bool = True
     #: The layer's own way to release its resources (peers differ).
     close: Callable[[Layer], Awaitable[Any]] = lambda layer: layer.close()
-    #: The scenarios it can run (None: all); a bare client has no groups, say.
-    scenarios: frozenset[str] | None = None
+    #: Scenarios it cannot run, each with the reason the table prints instead of running it
+    #: (a bare client has no groups; see each bench_<broker>.py for the peers' reasons).
+    cannot: Mapping[str, str] = field(default_factory=dict)
+    #: Why a scenario it runs may fail, printed beside such a failure: causes seen and
+    #: checked (bench_<broker>.py says how), so that an error cell is not a mystery.
+    flaws: Mapping[str, str] = field(default_factory=dict)
+
+    def cannot_run(self, scenario: str) -> str | None:
+        """Why this row does not run ``scenario``, or None where it does."""
+        if scenario in ("p2p2", "fanout2") and not self.shared:
+            return "two processes share nothing in memory"
+        return self.cannot.get(scenario)
 
 
 # ------------------------------------------------------------------ figures from /proc
@@ -211,6 +233,49 @@ async def warm(sender: Layer, receiver: Layer) -> str:
     return channel
 
 
+@contextlib.asynccontextmanager
+async def stall_guard(
+    stall: float | None, progress: Callable[[], object], what: Callable[[], str]
+) -> AsyncIterator[None]:
+    """Fail the block with ``RuntimeError(what())`` once ``progress()`` stayed the same ``stall`` seconds.
+
+    A message or a round that never comes (0.1.0 loses some, see the rows' ``flaws``) held
+    a job until ``--limit`` and said only that it was not done; the guard ends it after
+    ``--stall`` seconds without a message received (or a round ended) and says what was
+    missing. It wakes once per ``stall`` seconds, outside the measured paths; ``stall``
+    None (the profilers' own sizes have no "stall") guards nothing.
+    """
+    if stall is None:
+        yield
+        return
+    task = asyncio.current_task()
+    assert task is not None
+    reasons: list[str] = []
+
+    async def watch() -> None:
+        seen = progress()
+        while True:
+            await asyncio.sleep(stall)
+            if (now := progress()) == seen:
+                reasons.append(what())
+                task.cancel()
+                return
+            seen = now
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not reasons:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+: the cancel was ours, not a caller's
+        if uncancel is not None:
+            uncancel()
+        raise RuntimeError(reasons[0]) from None
+    finally:
+        await stop([watcher])
+
+
 async def closed_loop(
     send: Send,
     waiting: dict[int, asyncio.Future[float]],
@@ -229,8 +294,17 @@ async def closed_loop(
             await send(key)
             latencies.append(await received - began)
 
+    def lost() -> str:
+        missing = sorted(key for key, future in waiting.items() if not future.done())
+        shown = ", ".join(map(str, missing[:4])) + (", ..." if len(missing) > 4 else "")
+        return (
+            f"p2p{senders}: message {shown} not received in {sizes['stall']:g} s "
+            f"({len(latencies):,} of this loop were)"
+        )
+
     started = time.perf_counter()
-    await asyncio.gather(*(send_loop() for _ in range(senders)))
+    async with stall_guard(sizes.get("stall"), latencies.__len__, lost):
+        await asyncio.gather(*(send_loop() for _ in range(senders)))
     return {"rate": len(latencies) / (time.perf_counter() - started), "p50": statistics.median(latencies)}
 
 
@@ -252,9 +326,17 @@ async def p2p_link(
     waiting: dict[int, asyncio.Future[float]] = {}
 
     async def receive_all() -> None:
-        while True:
-            message = await receiver.receive(channel)
-            waiting[message["id"]].set_result(time.perf_counter())
+        try:
+            while True:
+                message = await receiver.receive(channel)
+                waiting[message["id"]].set_result(time.perf_counter())
+        except Exception as exc:
+            # The loops wait for what this task would have received: they fail now, saying why.
+            error = failed("the receiver", exc)
+            for future in waiting.values():
+                if not future.done():
+                    future.set_exception(error)
+            raise
 
     async def send(key: int) -> None:
         await sender.send(channel, {"type": "bench.p2p", "id": key})
@@ -287,7 +369,8 @@ async def p2p_loops(
     """
     figures: dict[str, Any] = {}
     pids = server.get("pids", [])
-    for senders in (1, 16):
+    # A profiler may ask for other loops (profile_p2p2.py --senders N); the table has these.
+    for senders in sizes.get("p2p_senders", (1, 16)):
         sent = len(waiting)
         cpu, peer_cpu, broker_cpu = time.process_time(), own_cpu(peer) if peer else 0.0, process_cpu(pids)
         read = reads() if reads else 0
@@ -389,14 +472,19 @@ async def p2p2(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]
                     pending.append(f"{message['id']} {time.perf_counter()!r}\n".encode())
 
             reporter = asyncio.create_task(report_all())
+            reading = asyncio.ensure_future(child.stdout.read())
             try:
-                lines = (await child.stdout.read()).decode().strip().splitlines()
+                await asyncio.wait([reading, reporter], return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    # The sending process would wait for reports that never come.
+                    raise failed("the receiver", reporter.exception())
+                lines = reading.result().decode().strip().splitlines()
             finally:
-                await stop([reporter])
+                await stop([reporter, reading])
     finally:
         await impl.close(receiver)
     if not lines:
-        raise RuntimeError("the sending process printed nothing")
+        raise RuntimeError(f"the sending process printed nothing (exit status {await child.wait()})")
     result: dict[str, Any] = json.loads(lines[-1])
     if "error" in result:
         raise RuntimeError(f"the sending process: {result['error']}")
@@ -410,15 +498,41 @@ class Rounds:
         self.receivers = receivers
         self.counts: dict[int, int] = {}
         self.ends: dict[int, asyncio.Future[float]] = {}
+        #: Why a receiver stopped (see :meth:`fail`); no round can reach every receiver after it.
+        self.error: BaseException | None = None
 
     def end(self, index: int) -> asyncio.Future[float]:
         """Resolves to the wall-clock time of the round's last delivery."""
-        return self.ends.setdefault(index, asyncio.get_running_loop().create_future())
+        if index not in self.ends:
+            self.ends[index] = end = asyncio.get_running_loop().create_future()
+            if self.error is not None:
+                end.set_exception(self.error)
+        return self.ends[index]
 
     def delivered(self, index: int) -> None:
         self.counts[index] = self.counts.get(index, 0) + 1
-        if self.counts[index] == self.receivers:
-            self.end(index).set_result(time.time())
+        if self.counts[index] == self.receivers and not (end := self.end(index)).done():
+            end.set_result(time.time())
+
+    def fail(self, error: BaseException) -> None:
+        """A receiver failed: the rounds waited for, and later ones, fail now with ``error``."""
+        if self.error is None:
+            self.error = error
+        for end in self.ends.values():
+            if not end.done():
+                end.set_exception(error)
+
+    def ended(self) -> int:
+        """How many rounds reached every receiver (the progress :func:`stall_guard` watches)."""
+        return sum(1 for end in self.ends.values() if end.done())
+
+    def progress(self) -> str:
+        """How far each round not ended yet got, for a stalled round's error."""
+        return "; ".join(
+            f"round {index} reached {self.counts.get(index, 0):,} of {self.receivers:,} receivers"
+            for index, end in self.ends.items()
+            if not end.done()
+        )
 
 
 async def start_receivers(layer: Layer, count: int, rounds: Rounds) -> list[asyncio.Task[None]]:
@@ -428,30 +542,43 @@ async def start_receivers(layer: Layer, count: int, rounds: Rounds) -> list[asyn
         await layer.group_add("room", channel)
 
     async def listen(channel: str) -> None:
-        while True:
-            rounds.delivered((await layer.receive(channel))["round"])
+        try:
+            while True:
+                rounds.delivered((await layer.receive(channel))["round"])
+        except Exception as exc:
+            rounds.fail(failed(f"a receiver of {count:,}", exc))
+            raise
 
     return [asyncio.create_task(listen(channel)) for channel in channels]
 
 
-async def stop(tasks: list[asyncio.Task[None]]) -> None:
+async def stop(tasks: Sequence[asyncio.Future[Any]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def failed(who: str, exc: BaseException | None) -> RuntimeError:
+    """The error a job ends with when a task it waits on failed: who, and the exception's own words."""
+    return RuntimeError(f"{who} failed: {type(exc).__name__}: {exc}")
+
+
 @contextlib.asynccontextmanager
 async def fan_room(
-    impl: Impl, server: Server, namespace: str, receivers: int
+    impl: Impl, server: Server, namespace: str, receivers: int, stall: float | None = None
 ) -> AsyncIterator[tuple[Layer, Layer, Rounds]]:
-    """(sender, receiver, rounds) of a room of ``receivers`` channels, once round 0 reached them all."""
+    """(sender, receiver, rounds) of a room of ``receivers`` channels, once round 0 reached them all.
+
+    ``stall``: the seconds round 0 may take (see :func:`stall_guard`), None for no limit.
+    """
     async with layer_pair(impl, server, namespace) as (sender, receiver):
         rounds = Rounds(receivers)
         tasks = await start_receivers(receiver, receivers, rounds)
         try:
             await asyncio.sleep(0.5)  # let subscriptions made by group_add settle on the broker
-            await sender.group_send("room", {"type": "bench.fan", "round": 0})
-            await rounds.end(0)
+            async with stall_guard(stall, rounds.ended, lambda: f"{rounds.progress()} in {stall:g} s"):
+                await sender.group_send("room", {"type": "bench.fan", "round": 0})
+                await rounds.end(0)
             yield sender, receiver, rounds
         finally:
             await stop(tasks)
@@ -493,7 +620,9 @@ async def reference_room(impl: Impl, receivers: int) -> AsyncIterator[Play | Non
         yield play
 
 
-async def paired_rounds(sizes: dict[str, Any], row: Play, reference: Play | None) -> dict[str, Any]:
+async def paired_rounds(
+    sizes: dict[str, Any], row: Play, reference: Play | None, progress: Callable[[], str] | None = None
+) -> dict[str, Any]:
     """Rounds of the row's room and of the in-memory reference room, alternated, in one loop.
 
     Each turn plays two rounds of one room back to back and measures only the second, so that
@@ -501,8 +630,9 @@ async def paired_rounds(sizes: dict[str, Any], row: Play, reference: Play | None
     broker's round leaves to do after its last delivery (acknowledgements, a reply) falls in
     the next round of the same room, not in the in-memory room's measured one. The rooms take
     turns (row first, then reference first, and so on) until ``rounds`` measured rounds of
-    each or ``fanout_seconds``, so both draw from the same slow and fast periods of the
-    machine (0.3-1 s long on the shared one). Round 0 of each room warmed it up already.
+    each or ``fanout_seconds`` (no turn begins that the last one's length says would end
+    after it: 0.1.0's rounds take seconds), so both draw from the same slow and fast periods
+    of the machine (0.3-1 s long on the shared one). Round 0 of each room warmed it up already.
 
     Per room: the median measured round (``round_ms``, and ``memory_round_ms``), this
     process's CPU per measured round (where both grow together the process ran slower on its
@@ -510,6 +640,9 @@ async def paired_rounds(sizes: dict[str, Any], row: Play, reference: Play | None
     (``first_round_ms``: after the other room's), and ``ratio``, the reference's median round
     over the row's: the row's deliveries/s over the in-memory layer's in the same job;
     ``pair_ratio``, the median over turns of the two rooms' measured rounds' ratio.
+
+    A round not done in ``sizes["stall"]`` seconds ends the job (:func:`stall_guard`), its
+    error saying how far the row's round got where ``progress`` can tell.
     """
     plays = {"": row} | ({"memory_": reference} if reference is not None else {})
     walls: dict[str, list[float]] = {name: [] for name in plays}
@@ -523,15 +656,27 @@ async def paired_rounds(sizes: dict[str, Any], row: Play, reference: Play | None
         ended = await plays[name](played[name])
         return ended - began, time.process_time() - cpu
 
-    deadline = time.perf_counter() + sizes["fanout_seconds"]
-    for turn in range(sizes["rounds"]):
-        if turn and time.perf_counter() > deadline:
-            break
-        for name in list(plays)[:: 1 if turn % 2 == 0 else -1]:
-            firsts[name].append((await timed(name))[0])
-            wall, cpu = await timed(name)
-            walls[name].append(wall)
-            cpus[name].append(cpu)
+    playing = ""
+
+    def stalled() -> str:
+        if progress is not None and not playing:
+            return f"{progress()} in {sizes['stall']:g} s"
+        room = "the in-memory room's" if playing else "the row's"
+        return f"{room} round {played[playing]} not done in {sizes['stall']:g} s"
+
+    began = time.perf_counter()
+    deadline = began + sizes["fanout_seconds"]
+    async with stall_guard(sizes.get("stall"), lambda: sum(played.values()), stalled):
+        for turn in range(sizes["rounds"]):
+            now = time.perf_counter()
+            if turn and now + (now - began) > deadline:  # now - began: the last turn's length
+                break
+            began = now
+            for playing in list(plays)[:: 1 if turn % 2 == 0 else -1]:
+                firsts[playing].append((await timed(playing))[0])
+                wall, cpu = await timed(playing)
+                walls[playing].append(wall)
+                cpus[playing].append(cpu)
     result: dict[str, Any] = {
         "rate": sizes["receivers"] / statistics.median(walls[""]),
         "rounds": len(walls[""]),
@@ -552,7 +697,7 @@ async def paired_rounds(sizes: dict[str, Any], row: Play, reference: Play | None
 async def fanout(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
     """The row's room and the in-memory reference room, both in this worker (``paired_rounds``)."""
     async with (
-        fan_room(impl, server, namespace, sizes["receivers"]) as (sender, _, rounds),
+        fan_room(impl, server, namespace, sizes["receivers"], sizes.get("stall")) as (sender, _, rounds),
         reference_room(impl, sizes["receivers"]) as reference,
     ):
 
@@ -560,7 +705,7 @@ async def fanout(impl: Impl, server: Server, namespace: str, sizes: dict[str, An
             await sender.group_send("room", {"type": "bench.fan", "round": index})
             return await rounds.end(index)
 
-        return await paired_rounds(sizes, play, reference)
+        return await paired_rounds(sizes, play, reference, rounds.progress)
 
 
 async def fanout_part(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
@@ -611,23 +756,49 @@ async def parts(
             await child.wait()
 
 
+def why_stopped(line: bytes) -> str:
+    """What a child worker's unexpected line says: the error it reported, or that it exited."""
+    text = line.decode(errors="replace").strip()
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        text = json.loads(text)["error"]  # what worker() prints when its scenario failed
+    return text or "it exited"
+
+
+def reported(line: bytes) -> float:
+    """A receiving process's line in fanout2: when its round ended, or (raised) why it stopped."""
+    try:
+        return float(line)
+    except ValueError:
+        raise RuntimeError(f"a receiving process stopped: {why_stopped(line)}") from None
+
+
 async def fanout2(impl: Impl, server: Server, namespace: str, sizes: dict[str, Any]) -> dict[str, Any]:
-    """Receivers in two child processes (``fanout_part``); the reference room in this one."""
-    async with parts(impl, server, namespace, sizes, "fanout_part", 2) as children:
-        outputs = [child.stdout for child in children if child.stdout is not None]
+    """Receivers in two child processes (``fanout_part``); the reference room in this one.
+
+    The second process starts once the first has its receivers in the group: 0.1.0's NATS
+    ``group_add`` rewrites the whole group under a revision check and gives up after 8
+    conflicts, which two processes adding 500 receivers each at once ran into.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        outputs = []
+        for _ in range(2):
+            [child] = await stack.enter_async_context(parts(impl, server, namespace, sizes, "fanout_part", 1))
+            assert child.stdout is not None
+            if (line := await child.stdout.readline()).strip() != b"ready":
+                raise RuntimeError(f"a receiving process did not start: {why_stopped(line)}")
+            outputs.append(child.stdout)
         sender = impl.make(server, namespace)
         try:
-            for output in outputs:
-                if (line := await output.readline()).strip() != b"ready":
-                    raise RuntimeError(f"a receiving process did not start: {line!r}")
 
             async def play(index: int) -> float:
                 await sender.group_send("room", {"type": "bench.fan", "round": index})
                 # Each receiving process prints its rounds' last deliveries in order.
-                return max([float(await output.readline()) for output in outputs])
+                return max([reported(await output.readline()) for output in outputs])
 
             await asyncio.sleep(0.5)  # let subscriptions made by group_add settle on the broker
-            await play(0)
+            stall = sizes.get("stall")
+            async with stall_guard(stall, lambda: 0, lambda: f"round 0 not done in {stall:g} s"):
+                await play(0)
             async with reference_room(impl, sizes["receivers"]) as reference:
                 return await paired_rounds(sizes, play, reference)
         finally:
@@ -688,7 +859,7 @@ def worker(job: dict[str, Any], sizes: dict[str, Any]) -> None:
         except asyncio.TimeoutError:
             return {"error": f"not done in {sizes['limit']:g} s"}
         except Exception as exc:  # a peer's failure is a result, not a crash of the run
-            return {"error": f"{type(exc).__name__}: {exc}"[:120]}
+            return {"error": f"{type(exc).__name__}: {exc}"[:240]}
         return result
 
     print(json.dumps(asyncio.run(run())), flush=True)
@@ -800,11 +971,29 @@ def pass_notes(name: str, scenarios: dict[str, list[dict[str, Any]]]) -> list[st
     return notes
 
 
-def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """One line per implementation, one column per figure; errors and probes as notes below."""
+#: What a cell shows where a row has no figure, by the key its result holds instead (the notes
+#: below the table say why).
+NO_FIGURE = ("error", "cannot", "skipped")
+
+
+def table(rows: dict[str, dict[str, dict[str, Any]]], scenarios: list[str]) -> str:
+    """One line per implementation, one column per figure of ``scenarios``; the whys as notes below.
+
+    A cell with no figure says why in a word (``NO_FIGURE``; "-" for a figure its scenario does
+    not give, as a peer's ``vs mem``), and a note below gives the reason in a line.
+    """
     notes = []
     for name, results in rows.items():
-        notes += [f"{name} {scenario}: {r['error']}" for scenario, r in results.items() if "error" in r]
+        for scenario, outcome in results.items():
+            if "error" in outcome:
+                why = f"; why: {outcome['flaw']}" if "flaw" in outcome else ""
+                notes.append(f"{name} {scenario}: {outcome['error']}{why}")
+        reasons: dict[str, list[str]] = {}
+        for scenario, outcome in results.items():
+            for key in ("cannot", "skipped"):
+                if key in outcome:
+                    reasons.setdefault(f"{key}: {outcome[key]}", []).append(scenario)
+        notes += [f"{name} {', '.join(listed)}: {reason}" for reason, listed in reasons.items()]
         for scenario, figures in results.items():
             ratios = [
                 f"{k.removesuffix('_rate vs')} {v:.2f}" for k, v in figures.items() if k.endswith(" vs")
@@ -813,16 +1002,17 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
                 notes.append(
                     f"{name} {scenario} over the --versus row, median per-pass ratio: {', '.join(ratios)}"
                 )
-        shown = ("connections", "cpu", "server_cpu", "error", "pass")
+        shown = ("connections", "cpu", "server_cpu", "pass", "flaw", *NO_FIGURE)
         extra = {k: v for k, v in results.get("idle", {}).items() if k not in shown and v}
         if extra:
             notes.append(f"{name} idle: " + ", ".join(f"{k} {v:g}" for k, v in extra.items()))
+    columns = [column for column in COLUMNS if column[1] in scenarios]
     width = max(len(name) for name in rows)
-    lines = [f"{'':{width}} | " + " | ".join(f"{header:>12}" for header, *_ in COLUMNS)]
+    lines = [f"{'':{width}} | " + " | ".join(f"{header:>12}" for header, *_ in columns)]
     lines.append("-" * len(lines[0]))
     for name, results in rows.items():
         cells = []
-        for _, scenario, value, spec in COLUMNS:
+        for _, scenario, value, spec in columns:
             result = results.get(scenario)
             if result is None:
                 cells.append("")
@@ -830,7 +1020,7 @@ def table(rows: dict[str, dict[str, dict[str, Any]]]) -> str:
             with contextlib.suppress(KeyError, TypeError):
                 cells.append(format(value(result), spec))
                 continue
-            cells.append("error" if "error" in result else "-")
+            cells.append(next((key for key in NO_FIGURE if key in result), "-"))
         lines.append(f"{name:{width}} | " + " | ".join(f"{cell:>12}" for cell in cells))
     return "\n".join([*lines, "", *notes])
 
@@ -883,6 +1073,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--idle-receivers", type=int, default=1_000)
     parser.add_argument("--idle-seconds", type=float, default=3.0)
     parser.add_argument("--limit", type=float, default=30.0, help="seconds per scenario before an error")
+    parser.add_argument(
+        "--stall",
+        type=float,
+        default=10.0,
+        help="seconds a p2p loop may go without a message, or a fan-out round take, before an error",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="passes over each broker's rows, interleaved")
     parser.add_argument(
         "--versus", default="", help="a row name: p2p ratios of every row of its broker to it"
@@ -970,17 +1166,19 @@ def coordinate(args: argparse.Namespace) -> None:
                 load = os.getloadavg()[0]
                 for impl, scenario in itertools.product(impls, scenarios):
                     done = runs.setdefault(impl.name, {})
-                    # Two processes cannot share an in-memory layer, nor finish what one could not.
-                    failed = any("error" in run for run in done.get("fanout", [])[index:])
-                    if scenario == "fanout2" and (not impl.shared or failed):
+                    if reason := impl.cannot_run(scenario):
+                        done.setdefault(scenario, []).append({"cannot": reason, "pass": index})
                         continue
-                    if scenario == "p2p2" and not impl.shared:
-                        continue
-                    if impl.scenarios is not None and scenario not in impl.scenarios:
+                    # Two processes do not finish what one could not: no minutes spent to learn it.
+                    fanout_failed = any("error" in run for run in done.get("fanout", [])[index:])
+                    if scenario == "fanout2" and fanout_failed:
+                        done.setdefault(scenario, []).append({"skipped": "fanout failed", "pass": index})
                         continue
                     print(f"  pass {index + 1}: {impl.name}: {scenario}", file=sys.stderr, flush=True)
                     result = run_job(impl, scenario, server, sizes)
                     result["pass"] = index
+                    if "error" in result and scenario in impl.flaws:
+                        result["flaw"] = impl.flaws[scenario]
                     done.setdefault(scenario, []).append(result)
                     if scenario in ("fanout", "fanout2"):
                         notes.append(
@@ -1004,7 +1202,7 @@ def coordinate(args: argparse.Namespace) -> None:
         f"{args.repeat} pass(es), medians; python {sys.version.split()[0]}; load {os.getloadavg()[0]:.2f}; "
         f"{time.monotonic() - started:.0f} s in all\n"
     )
-    print(table(rows))
+    print(table(rows, scenarios))
     print("\n".join([*notes, *row_ratios(rows, memory.name)]))
     for venv in sorted(skipped):
         print(f"{venv} rows skipped: {PYTHONS[venv]} is missing (run bash bench/setup-peers)")

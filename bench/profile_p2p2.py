@@ -3,8 +3,8 @@
 ``.venv/bin/python bench/profile_p2p2.py --backend rabbitmq --tree main=/tmp/base --tree new=. --repeat 3``
 starts one broker and runs, ``repeat`` times and alternating the trees' order, the harness's own
 ``p2p2`` scenario (``harness.p2p2`` in a worker, ``harness.p2p_part`` in its child, that tree first
-on ``PYTHONPATH``) with ``--senders`` closed-loop senders and a fixed ``--messages`` count (the
-one-sender loop ``p2p_loops`` runs first is cut to 50 messages). For the counted loop it prints,
+on ``PYTHONPATH``) with ``--senders`` closed-loop senders (any number from 1) and a fixed
+``--messages`` count, after a one-sender loop of 50 messages. For the counted loop it prints,
 per message and per process (sender = the child, receiver = the worker), user and system CPU
 (from /proc, 10 ms ticks), the event loop's handles run and loop iterations, and the broker's
 CPU. The worker finds the counted loop's start and end by counting arrivals (the time stamps
@@ -168,9 +168,13 @@ class Probe:
 
 
 def counted_loops(
-    probe: Probe, senders: int, messages: int, server: dict[str, Any] | None = None, packs: Any = None
+    probe: Probe, messages: int, server: dict[str, Any] | None = None, packs: Any = None
 ) -> dict[str, Any]:
-    """Patch harness.closed_loop: the one-sender loop short, the ``senders`` loop counted by ``probe``.
+    """Patch harness.closed_loop: the first loop 50 messages long, the next one counted by ``probe``.
+
+    The sending process runs ``p2p_loops`` with sizes["p2p_senders"] = [1, --senders] (see
+    :func:`part`): one sender warms the link up, as the harness's one-sender loop did before
+    its 16-sender one, whatever the counted loop's number of senders.
 
     With a RabbitMQ ``server``, the returned dict gets the node's file-handle counters before
     and after the counted loop (``io_before``, ``io_after``), and with ``packs`` (from
@@ -178,9 +182,12 @@ def counted_loops(
     """
     closed_loop = harness.closed_loop
     io: dict[str, Any] = {}
+    loops = 0
 
     async def loop(send: Any, waiting: Any, count: int, sizes: Any) -> dict[str, float]:
-        if count != senders:
+        nonlocal loops
+        loops += 1
+        if loops == 1:
             return await closed_loop(send, waiting, count, {**sizes, "p2p_messages": 50})
         if server is not None and "ctl" in server:
             io["io_before"] = profile_rabbitmq_p2p.broker_io(server)
@@ -245,9 +252,14 @@ def part(job: dict[str, Any], args: argparse.Namespace) -> None:
             make(layer, *args, **{**kwargs, "persistent_sends": False})
 
         RabbitMQChannelLayer.__init__ = transient  # type: ignore[method-assign,assignment]
-    io = counted_loops(probe, args.senders, args.messages, job["server"], packs)
+    io = counted_loops(probe, args.messages, job["server"], packs)
     impl = harness.find_impl(job["server"]["broker"], job["impl"])
-    sizes = {"p2p_seconds": 600.0, "p2p_messages": args.messages, "limit": 600.0}
+    sizes = {
+        "p2p_seconds": 600.0,
+        "p2p_messages": args.messages,
+        "limit": 600.0,
+        "p2p_senders": [1, args.senders],
+    }
 
     async def run() -> dict[str, Any]:
         probe.counts.install(asyncio.get_running_loop())
@@ -265,7 +277,11 @@ def part(job: dict[str, Any], args: argparse.Namespace) -> None:
             figures["fsync_us"] = (b.get("io_sync_time", 0) - a.get("io_sync_time", 0)) / max(syncs, 1)
         return result | {"sender": figures}
 
-    print(json.dumps(asyncio.run(run())), flush=True)
+    try:
+        result = asyncio.run(run())
+    except Exception as exc:  # the worker prints this as the sending process's error
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result), flush=True)
 
 
 def worker(job: dict[str, Any], args: argparse.Namespace) -> None:
@@ -409,6 +425,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.senders < 1:
+        parser.error("--senders: at least 1 closed-loop sender")
     if args.part:
         part(json.loads(args.part), args)
         return

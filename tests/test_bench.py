@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from fastapi_websockets import InMemoryChannelLayer
+from fastapi_websockets.types import Message
 from tests.servers.redis import RedisNode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import harness
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+import harness  # noqa: E402
 
 
 def test_p2p2_closes_its_loops_across_two_processes(redis_server: RedisNode) -> None:
@@ -34,3 +43,119 @@ def test_p2p2_closes_its_loops_across_two_processes(redis_server: RedisNode) -> 
         assert result[f"{name}_peer_cpu_us"] >= 0
         assert 0 < result[f"{name}_reads_per_msg"] <= 1
     assert result["report_hop_p50"] > 0
+
+
+class DropsOne(InMemoryChannelLayer):
+    """An in-memory layer that loses the p2p message with id 5, as 0.1.0's RabbitMQ layer lost one."""
+
+    async def send(self, channel: str, message: Message) -> None:
+        if message.get("id") != 5:
+            await super().send(channel, message)
+
+
+class FailsAfterOne(InMemoryChannelLayer):
+    """An in-memory layer whose receive fails after its first message, as 0.1.0's Redis one's did."""
+
+    received = 0
+
+    async def receive(self, channel: str, timeout: float | None = None) -> Message:
+        if self.received:
+            raise ConnectionError("pool exhausted")
+        self.received += 1
+        return await super().receive(channel, timeout)
+
+
+def in_memory(layer: type[InMemoryChannelLayer]) -> harness.Impl:
+    return harness.Impl(layer.__name__, "ours", lambda server, namespace: layer(), shared=False)
+
+
+FAN_SIZES = {"receivers": 20, "rounds": 3, "fanout_seconds": 5.0, "stall": 0.5}
+
+
+def test_a_lost_message_ends_the_loop_after_stall_saying_which() -> None:
+    """The closed loop waiting for a message that never comes fails after --stall, naming it."""
+
+    async def run() -> None:
+        impl = in_memory(DropsOne)
+        async with (
+            harness.layer_pair(impl, {}, "t") as (sender, receiver),
+            harness.p2p_link(sender, receiver) as (send, waiting),
+        ):
+            sizes = {"p2p_seconds": 30.0, "p2p_messages": 100, "stall": 0.5}
+            await harness.closed_loop(send, waiting, 1, sizes)
+
+    with pytest.raises(RuntimeError, match=r"p2p1: message 5 not received in 0.5 s \(5 of this loop were\)"):
+        asyncio.run(asyncio.wait_for(run(), 10))
+
+
+def test_a_failed_receiver_ends_the_fanout_at_once() -> None:
+    """A receiver that raises fails the rounds waiting for it with its error, not after a limit."""
+    sizes = {**FAN_SIZES, "stall": None}  # no stall guard: only the failure can end it
+    impl = in_memory(FailsAfterOne)
+    with pytest.raises(RuntimeError, match="a receiver of 20 failed: ConnectionError: pool exhausted"):
+        asyncio.run(asyncio.wait_for(harness.fanout(impl, {}, "t", sizes), 10))
+
+
+def test_table_says_why_a_cell_has_no_figure() -> None:
+    """Every cell of the scenarios asked for holds a figure or a word, and the notes say why."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {
+        "inmemory": {
+            "p2p": {"p2p1_rate": 10.0, "p2p1_p50": 0.001, "p2p16_rate": 20.0, "p2p16_p50": 0.002},
+            "p2p2": {"cannot": "two processes share nothing in memory"},
+            "idle": {"connections": 0, "cpu": 0.001, "server_cpu": None},
+        },
+        "row": {
+            "p2p": {"error": "RuntimeError: lost", "flaw": "it loses messages"},
+            "p2p2": {"skipped": "fanout failed"},
+            "idle": {"cannot": "p2p only"},
+        },
+    }
+    text = harness.table(rows, ["p2p", "p2p2", "idle"])
+    lines = text.splitlines()
+    assert "fan-out" not in lines[0]
+    cells = [[cell.strip() for cell in line.split("|")[1:]] for line in lines[2:4]]
+    assert cells[0] == ["10", "1.00", "20", "2.00", *["cannot"] * 4, "0", "0.10", "-"]
+    assert cells[1] == [*["error"] * 4, *["skipped"] * 4, *["cannot"] * 3]
+    assert "inmemory p2p2: cannot: two processes share nothing in memory" in lines
+    assert "row p2p: RuntimeError: lost; why: it loses messages" in lines
+    assert "row p2p2: skipped: fanout failed" in lines
+    assert "row idle: cannot: p2p only" in lines
+
+
+SENDERS_4 = ("--senders", "4", "--messages", "300", "--repeat", "1")
+
+
+def test_profile_p2p2_counts_any_number_of_senders() -> None:
+    """profile_p2p2.py --senders 4 runs the counted loop with 4 senders (it took only 1 or 16)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "profile_p2p2.py"), "--backend", "redis", *SENDERS_4],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(BENCH.parent)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "error" not in done.stdout, done.stdout
+    assert done.stdout.startswith("0 here   rate"), done.stdout
+
+
+ROW = ("--row", "nats 0.1.0")
+
+
+def test_compare_trees_names_the_rows_it_can_run() -> None:
+    """--row takes a row of this project's layers; another name lists them."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "compare_trees.py"),
+            "--backend",
+            "nats",
+            *ROW,
+            f"--tree=here={BENCH.parent}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--row: one of 'nats', 'nats core'" in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -366,6 +367,25 @@ async def test_unserializable_payloads_are_refused_clearly(make_layer: LayerFact
         await layer.send("c", ["not", "a", "dict"])  # type: ignore[arg-type]
     await layer.send("c", {"type": "still works"})
     assert (await layer.receive("c", timeout=10))["type"] == "still works"
+
+
+async def test_tuple_dict_keys_arrive_from_another_instance(
+    backend: Backend, make_layer: LayerFactory
+) -> None:
+    # A tuple key goes over the wire as an array; the receiver used to drop the message as
+    # undecodable (the in-memory layer refused it at send) while a broker send succeeded.
+    receiver = make_layer()
+    sender = make_layer() if backend.shared_between_instances else receiver
+    channel = await receiver.new_channel()
+    await receiver.group_add("tuple.keys", channel)
+    message: Any = {"type": "t", ("room", 7): "pair"}  # outside Message's str keys, still carried
+    await sender.send(channel, message)
+    await sender.send("tuple.keys.named", message)
+    await sender.group_send("tuple.keys", message)
+    assert await receiver.receive(channel, timeout=10) == message
+    assert await receiver.receive("tuple.keys.named", timeout=10) == message
+    assert await receiver.receive(channel, timeout=10) == message
+    assert receiver.stats.dropped_undecodable == 0
 
 
 async def test_oversized_messages_are_refused(make_layer: LayerFactory) -> None:

@@ -20,7 +20,12 @@ import msgpack
 from fastapi_websockets.exceptions import SerializationError
 from fastapi_websockets.types import Message
 
-__all__ = ["MsgpackSerializer", "default_serializer"]
+__all__ = ["MsgpackSerializer", "default_serializer", "not_a_dict"]
+
+
+def not_a_dict(message: object) -> SerializationError:
+    """The error for a message that is not a dict, for every place that checks one."""
+    return SerializationError(f"a message must be a dict, got {type(message).__name__}: {message!r:.60}")
 
 
 def _refuse(value: Any) -> Any:
@@ -63,9 +68,7 @@ class MsgpackSerializer:
     def dumps(self, message: Message) -> bytes:
         """Encode ``message``; raise ``SerializationError`` naming any unsupported value."""
         if not isinstance(message, dict):
-            raise SerializationError(
-                f"a message must be a dict, got {type(message).__name__}: {message!r:.60}"
-            )
+            raise not_a_dict(message)
         try:
             idle: list[msgpack.Packer] = self._idle.packers
         except AttributeError:

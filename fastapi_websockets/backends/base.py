@@ -62,7 +62,7 @@ from fastapi_websockets.presence import (
     QueuedWrite,
     presence_event,
 )
-from fastapi_websockets.serialization import default_serializer
+from fastapi_websockets.serialization import default_serializer, not_a_dict
 from fastapi_websockets.types import Message, Serializer
 
 __all__ = ["BaseChannelLayer", "missing_driver"]
@@ -415,8 +415,14 @@ class BaseChannelLayer(abc.ABC):
     async def _receive_message(self, channel: str, timeout: float | None) -> Message:
         self._check_open()
         validate_channel_name(channel)
-        if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
-            raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        # `not timeout >= 0` also refuses NaN, whose timer would never be due (or due at
+        # once) and would sit in the event loop's timer heap, which orders by comparison.
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+        ):
+            raise ValueError(
+                f"timeout must be a non-negative number of seconds, or None to wait forever; got {timeout!r}"
+            )
         if self.is_local(channel):
             if not self._started:
                 await self._ensure_started()
@@ -601,8 +607,10 @@ class BaseChannelLayer(abc.ABC):
         self, group: str, message: Message, *, exclude: str | Iterable[str] | None
     ) -> StreamPosition | None:
         if exclude is not None:
-            skipped = [exclude] if isinstance(exclude, str) else sorted(set(exclude))
+            skipped = _excluded(exclude)
             if skipped:
+                if not isinstance(message, dict):
+                    raise not_a_dict(message)
                 if EXCLUDE_KEY in message:
                     raise InvalidMessage(f"message has the reserved key {EXCLUDE_KEY!r}; rename that key")
                 message = {**message, EXCLUDE_KEY: skipped}
@@ -1093,6 +1101,18 @@ class BaseChannelLayer(abc.ABC):
 
 #: The reserved key carrying a group_send's ``exclude`` to the processes that deliver it.
 EXCLUDE_KEY = "__exclude__"
+
+
+def _excluded(exclude: object) -> list[str]:
+    """The channel names of group_send()'s ``exclude``, checked, sorted and without repeats."""
+    if isinstance(exclude, str):
+        return [validate_channel_name(exclude)]
+    if isinstance(exclude, (bytes, bytearray, Mapping)) or not isinstance(exclude, Iterable):
+        raise InvalidChannelName(
+            f"exclude must be a channel name or an iterable of channel names, got "
+            f"{type(exclude).__name__}: {exclude!r:.60}"
+        )
+    return sorted({validate_channel_name(name) for name in exclude})
 
 
 def _without_exclude(message: Message) -> Message:

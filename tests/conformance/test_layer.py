@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import pytest
@@ -367,6 +368,30 @@ async def test_unserializable_payloads_are_refused_clearly(make_layer: LayerFact
         await layer.send("c", ["not", "a", "dict"])  # type: ignore[arg-type]
     await layer.send("c", {"type": "still works"})
     assert (await layer.receive("c", timeout=10))["type"] == "still works"
+
+
+@pytest.mark.parametrize("timeout", [math.nan, "1", -1, True])
+async def test_bad_receive_timeouts_are_refused(make_layer: LayerFactory, timeout: object) -> None:
+    # NaN used to be accepted: its timer never came due on some backends, and a NaN in the
+    # event loop's timer heap (ordered by comparisons NaN always fails) disturbs other timers.
+    layer = make_layer()
+    channel = await layer.new_channel()
+    for name in (channel, "named.timeout"):
+        with pytest.raises(ValueError, match="timeout must be a non-negative number of seconds"):
+            await layer.receive(name, timeout=timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("exclude", [5, ["a b"], [""], b"chan", {"chan": 1}])
+async def test_bad_exclude_is_refused(make_layer: LayerFactory, exclude: object) -> None:
+    layer = make_layer()
+    with pytest.raises(InvalidChannelName, match="name"):
+        await layer.group_send("g", {"type": "x"}, exclude=exclude)  # type: ignore[arg-type]
+
+
+async def test_a_message_that_is_not_a_dict_is_refused_with_exclude(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    with pytest.raises(SerializationError, match="must be a dict"):
+        await layer.group_send("g", ["x"], exclude="chan")  # type: ignore[arg-type]
 
 
 async def test_tuple_dict_keys_arrive_from_another_instance(

@@ -60,6 +60,9 @@ CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_SERVICE_RESTART = 1012
 _MAX_REASON_BYTES = 123
+#: Codes an endpoint may send in a close frame (RFC 6455 section 7.4 and the IANA registry),
+#: besides the application's 3000-4999; the others (1004-1006, 1015) are never sent.
+_SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
 
 
 class _Running(enum.Enum):
@@ -83,6 +86,10 @@ def _uncancel(task: asyncio.Task[Any]) -> bool:
 def _reason(text: str) -> str:
     encoded = text.encode()[:_MAX_REASON_BYTES]
     return encoded.decode(errors="ignore")
+
+
+def _sendable(code: object) -> bool:
+    return type(code) is int and (code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999)
 
 
 def _peer(websocket: WebSocket) -> str:
@@ -642,7 +649,18 @@ class AsyncWebSocketConsumer:
             observing.hooks.connection_accepted(self)
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str | None = None) -> None:
-        """Close the connection (before accepting, this rejects it); ``disconnect()`` gets ``code``."""
+        """Close the connection (before accepting, this rejects it); ``disconnect()`` gets ``code``.
+
+        Once accepted, ``code`` must be one a close frame may carry: 1000, another
+        RFC 6455 code (1001-1003, 1007-1014) or an application code 3000-4999;
+        any other raises ``ValueError`` (the server would drop the connection
+        with no close frame). Before accepting, any code refuses with HTTP 403.
+        """
+        if self._accepted and code is not None and not _sendable(code):
+            raise ValueError(
+                f"close code {code!r} cannot be sent to a client: use 1000 (normal closure), "
+                "an RFC 6455 code (1001-1003, 1007-1014) or an application code 3000-4999"
+            )
         self._closed = True
         self._close_code = code
         if self.websocket.application_state != WebSocketState.DISCONNECTED:
@@ -791,6 +809,11 @@ class AsyncJsonWebSocketConsumer(AsyncWebSocketConsumer):
                 content = self.decode_json(text_data)
             except ValueError as exc:
                 await self.invalid_json(text_data, exc)
+                return
+            except RecursionError:
+                # A few kilobytes of "[[[[..." exhaust the parser's stack: the client's fault,
+                # not a handler's failure to log with a traceback and close with 1011.
+                await self.invalid_json(text_data, ValueError("nested too deeply"))
                 return
             await self.receive_json(content)
         elif bytes_data is not None:

@@ -53,6 +53,8 @@ class RoomConsumer(AsyncJsonWebSocketConsumer):
             await self.group_send(self.room, {"type": "chat.message", "text": content["text"]})
         elif content.get("action") == "crash":
             raise RuntimeError("boom in receive_json")
+        elif content.get("action") == "close":
+            await self.close(content["code"])
 
     async def chat_message(self, event: dict[str, Any]) -> None:
         await self.send_json({"event": "chat", "text": event["text"]})
@@ -171,6 +173,46 @@ async def test_invalid_json_closes_only_that_socket_with_1007(app_url: str) -> N
     await good.send(json.dumps({"action": "say", "text": "still here"}))
     assert await recv_json(good) == {"event": "chat", "text": "still here"}
     await good.close()
+
+
+async def test_deeply_nested_json_closes_only_that_socket_with_1007(
+    app_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 10 KB of brackets, far under max_frame_bytes, exhaust json's parser stack: a RecursionError
+    # that was logged as a handler failure with its traceback and closed the socket with 1011.
+    bad, _ = await join(app_url, "nested")
+    good, _ = await join(app_url, "nested")
+    with caplog.at_level(logging.ERROR, logger="fastapi_websockets.consumers"):
+        await bad.send("[" * 5000 + "]" * 5000)
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(bad.recv(), 10)
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (1007, "invalid JSON: nested too deeply")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    await assert_still_open(good, good)
+    await good.close()
+
+
+@pytest.mark.parametrize("code", [999, 1005, 1006, 2000, 5000, True])
+async def test_an_unsendable_close_code_raises_and_closes_with_1011(
+    app_url: str, code: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server used to fail inside the ASGI send ("invalid status code") and drop the
+    # connection without a close frame: the client saw 1006 and the log did not say why.
+    victim, _ = await join(app_url, "codes")
+    bystander, _ = await join(app_url, "codes")
+    with caplog.at_level(logging.ERROR, logger="fastapi_websockets.consumers"):
+        await victim.send(json.dumps({"action": "close", "code": code}))
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(victim.recv(), 10)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1011
+    assert any(
+        record.exc_info and f"close code {code!r} cannot be sent" in str(record.exc_info[1])
+        for record in caplog.records
+    )
+    await assert_still_open(bystander, bystander)
+    await bystander.close()
 
 
 async def test_binary_frame_on_json_consumer_closes_with_1003(app_url: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import subprocess
 import sys
 from typing import Any
@@ -130,7 +131,10 @@ def test_unknown_top_level_key() -> None:
         ({"capacity": "10"}, r"\['capacity'\] must be an integer, got str '10'"),
         ({"capacity": True}, r"must be an integer, got bool"),
         ({"capacity": 0}, r"capacity must be a positive integer, got 0"),
-        ({"channel_expiry": -5}, r"channel_expiry must be a positive number, got -5"),
+        (
+            {"channel_expiry": -5},
+            r"channel_expiry must be a positive number up to 315,360,000 \(ten years\), got -5",
+        ),
         ({"channel_capacity": ["x"]}, r"must be a mapping"),
         ({"channel_capacity": {"a*": 0}}, r"channel_capacity\['a\*'\] must be a positive integer"),
     ],
@@ -388,3 +392,22 @@ def test_bad_history_option_is_refused(history: object, message: str) -> None:
 
     with pytest.raises(InvalidChannelLayerConfig, match=message):
         InMemoryChannelLayer(history=history)
+
+
+@pytest.mark.parametrize("alias", sorted(BACKEND_ALIASES))
+@pytest.mark.parametrize("option", ["channel_expiry", "group_expiry", "presence_timeout"])
+@pytest.mark.parametrize("value", [math.inf, math.nan, 1e11, 315_360_001])
+def test_durations_past_ten_years_are_refused_on_every_backend(alias: str, option: str, value: float) -> None:
+    # Infinity overflowed each backend's conversion (on Redis at construction, elsewhere at first
+    # use, as a DatetimeFieldOverflowError, an OverflowError or a "RabbitMQ is unreachable"); 1e11 s
+    # lost Redis's messages and failed NATS's setup. Ten years works on every broker.
+    with pytest.raises(
+        InvalidChannelLayerConfig, match=rf"{option} must be a positive number.* up to 315,360,000"
+    ):
+        build_channel_layer(alias, {option: value})
+
+
+def test_an_environment_duration_of_inf_is_refused() -> None:
+    env = {"FASTAPI_WEBSOCKETS_BACKEND": "redis", "FASTAPI_WEBSOCKETS_REDIS_CHANNEL_EXPIRY": "inf"}
+    with pytest.raises(InvalidChannelLayerConfig, match="channel_expiry must be a positive number"):
+        get_channel_layer_from_env(env)

@@ -16,6 +16,7 @@ from fastapi_websockets.backends.urls import redact_url
 from fastapi_websockets.exceptions import InvalidChannelLayerConfig
 
 __all__ = [
+    "MAX_SECONDS",
     "Memo",
     "flag",
     "matching",
@@ -29,11 +30,21 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
+#: The largest value :func:`positive` accepts (ten years in seconds). Every option it checks is
+#: a duration that some broker turns into milliseconds or nanoseconds: ten years worked on
+#: each broker, 100 years overflowed RabbitMQ's TTL, 1e11 s made Redis lose the message and
+#: NATS fail its setup, and infinity overflowed each conversion (measured 2026-12-02).
+MAX_SECONDS = 315_360_000
+
+
 def positive(name: str, value: object, unit: str = "") -> float:
-    """A positive number (``unit`` names it in the error, e.g. ``"seconds"``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    """A positive, finite duration of at most :data:`MAX_SECONDS` (``unit`` names it in the error)."""
+    # `not 0 < value <= MAX_SECONDS` also refuses NaN.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
         what = f"a positive number of {unit}" if unit else "a positive number"
-        raise InvalidChannelLayerConfig(f"{name} must be {what}, got {value!r}")
+        raise InvalidChannelLayerConfig(
+            f"{name} must be {what} up to {MAX_SECONDS:,} (ten years), got {value!r}"
+        )
     return float(value)
 
 

@@ -384,6 +384,8 @@ def test_history_option_from_the_environment() -> None:
         ([1], "mapping"),
         ({"room:*": 0}, "size must be a positive integer"),
         ({"room:*": {"size": 5, "ttl": -1}}, "ttl must be a positive number"),
+        ({"room:*": {"size": 5, "ttl": float("nan")}}, r"history\['room:\*'\] ttl must be a positive number"),
+        ({"room:*": {"size": 5, "ttl": float("inf")}}, "ttl must be a positive number of seconds up to"),
         ({"room:*": {"size": 5, "keep": 1}}, "unknown key"),
     ],
 )

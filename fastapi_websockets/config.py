@@ -327,8 +327,9 @@ def parse_channel_layers(settings: Mapping[str, Mapping[str, Any]] | None) -> di
                 f"CHANNEL_LAYERS[{alias!r}] has unknown key(s) {sorted(unknown)}; "
                 "valid keys are BACKEND, CONFIG"
             )
-        backend_path = _resolve_backend_path(entry.get("BACKEND", DEFAULT_BACKEND))
-        backend = load_backend_class(backend_path)
+        raw_backend = entry.get("BACKEND", DEFAULT_BACKEND)
+        backend = load_backend_class(raw_backend)  # first: it says what a BACKEND that is no str should be
+        backend_path = _resolve_backend_path(raw_backend)
         config = entry.get("CONFIG", {})
         if config is None:
             config = {}

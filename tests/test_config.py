@@ -413,3 +413,10 @@ def test_an_environment_duration_of_inf_is_refused() -> None:
     env = {"FASTAPI_WEBSOCKETS_BACKEND": "redis", "FASTAPI_WEBSOCKETS_REDIS_CHANNEL_EXPIRY": "inf"}
     with pytest.raises(InvalidChannelLayerConfig, match="channel_expiry must be a positive number"):
         get_channel_layer_from_env(env)
+
+
+@pytest.mark.parametrize("value", [5, None, InMemoryChannelLayer])
+def test_a_backend_that_is_not_a_string_is_refused_clearly(value: object) -> None:
+    # It raised AttributeError: '...' object has no attribute 'strip'.
+    with pytest.raises(InvalidChannelLayerConfig, match=r"BACKEND must be one of .* or a dotted path"):
+        get_channel_layer({"default": {"BACKEND": value}})

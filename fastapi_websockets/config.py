@@ -14,8 +14,10 @@ consumer class attributes.
 from __future__ import annotations
 
 import collections.abc
+import difflib
 import inspect
 import json
+import logging
 import os
 import re
 import types
@@ -47,6 +49,8 @@ __all__ = [
     "parse_channel_layers",
     "parse_channel_layers_from_env",
 ]
+
+logger = logging.getLogger("fastapi_websockets.config")
 
 DEFAULT_LAYER_ALIAS = "default"
 DEFAULT_ENV_PREFIX = "FASTAPI_WEBSOCKETS_"
@@ -437,8 +441,64 @@ def parse_channel_layers_from_env(
         aliases = _split_list(env[aliases_var])
         if not aliases:
             raise InvalidChannelLayerConfig(f"{aliases_var} is set but names no alias; e.g. 'default,events'")
-        return {name: _parse_env_alias(env, prefix + _alias_infix(name)) for name in aliases}
-    return {alias: _parse_env_alias(env, prefix)}
+        prefixes = {name: prefix + _alias_infix(name) for name in aliases}
+    else:
+        prefixes = {alias: prefix}
+    parsed = {name: _parse_env_alias(env, alias_prefix) for name, alias_prefix in prefixes.items()}
+    _warn_unread(env, prefix, list(prefixes.values()), [aliases_var])
+    return parsed
+
+
+def _warn_unread(env: Mapping[str, str], prefix: str, alias_prefixes: list[str], read: list[str]) -> None:
+    """Log the ``prefix`` variables nothing reads, and backend options that a missing BACKEND ignores.
+
+    Another backend's options are fine when ``BACKEND`` picks one (``.env.sample``
+    sets every backend's), but a misspelled name, an alias's variables without
+    ``ALIASES``, or a backend's options with ``BACKEND`` unset (so in-memory: each
+    process on its own) are mistakes that would otherwise pass unnoticed.
+    """
+    # What a misspelled name is compared with: the variables this configuration reads.
+    readable = {*read, *(prefix + name.upper() for name in CONSUMER_SETTINGS)}
+    claimed: dict[str, str] = {}  # option prefix of a backend -> its alias's BACKEND variable
+    for alias_prefix in alias_prefixes:
+        backend_var = f"{alias_prefix}BACKEND"
+        readable.add(backend_var)
+        chosen = load_backend_class(env.get(backend_var, "").strip() or "inmemory")
+        for backend in {chosen, *map(load_backend_class, BACKEND_ALIASES)}:
+            option_prefix = f"{alias_prefix}{_env_name(backend)}_"
+            claimed[option_prefix] = backend_var
+            if backend is chosen:
+                readable.update(option_prefix + option.upper() for option in backend_options(backend))
+    unset_backends: dict[str, list[str]] = {}
+    for var in sorted(env):
+        if not var.startswith(prefix):
+            continue
+        owner = next((start for start in claimed if var.startswith(start)), None)
+        if var not in readable and owner is None:
+            close = difflib.get_close_matches(var, sorted(readable), n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            if alias_prefixes == [prefix] and var.endswith("_BACKEND"):
+                hint = f"; an alias's variables are read only when {prefix}ALIASES names the alias"
+            _warn_once(f"environment variable {var} is set but no setting reads it{hint}")
+        elif owner is not None and claimed[owner] not in env and not owner.endswith("_INMEMORY_"):
+            unset_backends.setdefault(owner, []).append(var)
+    for owner, variables in unset_backends.items():
+        backend_var = claimed[owner]
+        name = owner[len(backend_var) - len("BACKEND") :].rstrip("_").lower()
+        _warn_once(
+            f"{', '.join(variables)} set but {backend_var} is not, so the layer is in-memory (each "
+            f"process on its own) and ignores them; set {backend_var}={name}"
+        )
+
+
+#: Warnings already logged: a process may read its settings once per alias and event loop.
+_warned: set[str] = set()
+
+
+def _warn_once(text: str) -> None:
+    if text not in _warned:
+        _warned.add(text)
+        logger.warning("%s", text)
 
 
 def get_channel_layer_from_env(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from fastapi_websockets import (
     RabbitMQChannelLayer,
     RedisChannelLayer,
     build_channel_layer,
+    config,
     get_channel_layer,
     get_channel_layer_from_env,
     load_backend_class,
@@ -271,8 +273,10 @@ def test_env_errors_name_the_variable(env: dict[str, str], pattern: str) -> None
         get_channel_layer_from_env(env)
 
 
-def test_env_sample_parses() -> None:
+def test_env_sample_parses(caplog: pytest.LogCaptureFixture) -> None:
     from pathlib import Path
+
+    config._warned.clear()
 
     env: dict[str, str] = {}
     for line in (Path(__file__).parents[1] / ".env.sample").read_text().splitlines():
@@ -283,6 +287,8 @@ def test_env_sample_parses() -> None:
     for backend in ("redis", "postgresql", "nats", "rabbitmq"):
         switched = {**env, "FASTAPI_WEBSOCKETS_BACKEND": backend}
         assert parse_channel_layers_from_env(switched)["default"].backend == BACKEND_ALIASES[backend]
+    # Every backend's variables, one picked by BACKEND: nothing is reported as unread.
+    assert not [record for record in caplog.records if record.name == "fastapi_websockets.config"]
 
 
 def test_importing_backends_imports_no_driver() -> None:
@@ -420,3 +426,41 @@ def test_a_backend_that_is_not_a_string_is_refused_clearly(value: object) -> Non
     # It raised AttributeError: '...' object has no attribute 'strip'.
     with pytest.raises(InvalidChannelLayerConfig, match=r"BACKEND must be one of .* or a dotted path"):
         get_channel_layer({"default": {"BACKEND": value}})
+
+
+@pytest.mark.parametrize(
+    ("env", "warning"),
+    [
+        (
+            {"FASTAPI_WEBSOCKETS_REDIS_URL": "redis://cache:6379/0"},
+            "FASTAPI_WEBSOCKETS_REDIS_URL set but FASTAPI_WEBSOCKETS_BACKEND is not, so the layer is "
+            "in-memory (each process on its own) and ignores them; set FASTAPI_WEBSOCKETS_BACKEND=redis",
+        ),
+        (
+            {"FASTAPI_WEBSOCKETS_BACKEND": "redis", "FASTAPI_WEBSOCKETS_CAPACITY": "5"},
+            "FASTAPI_WEBSOCKETS_CAPACITY is set but no setting reads it; "
+            "did you mean FASTAPI_WEBSOCKETS_REDIS_CAPACITY?",
+        ),
+        (
+            {"FASTAPI_WEBSOCKETS_MAX_FRAME_BYTE": "4096"},
+            "did you mean FASTAPI_WEBSOCKETS_MAX_FRAME_BYTES?",
+        ),
+        (
+            {"FASTAPI_WEBSOCKETS_EVENTS_BACKEND": "redis"},
+            "an alias's variables are read only when FASTAPI_WEBSOCKETS_ALIASES names the alias",
+        ),
+        (
+            {"FASTAPI_WEBSOCKETS_ALIASES": "default,events", "FASTAPI_WEBSOCKETS_EVNTS_BACKEND": "redis"},
+            "FASTAPI_WEBSOCKETS_EVNTS_BACKEND is set but no setting reads it; "
+            "did you mean FASTAPI_WEBSOCKETS_EVENTS_BACKEND?",
+        ),
+    ],
+)
+def test_environment_variables_nothing_reads_are_logged(
+    env: dict[str, str], warning: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config._warned.clear()  # each warning is logged once per process
+    # Each was silently ignored: a process meant to share Redis ran an in-memory layer alone.
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets.config"):
+        parse_channel_layers_from_env(env)
+    assert any(warning in record.getMessage() for record in caplog.records), caplog.text

@@ -439,7 +439,11 @@ class BaseChannelLayer(abc.ABC):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            message = await self._receive_named(channel, remaining)
+            try:
+                message = await self._receive_named(channel, remaining)
+            except ReceiveTimeout as exc:
+                # It names what was left of the wait ("within 0.2999987 s"); the caller gave timeout.
+                raise ReceiveTimeout(channel, exc.timeout if timeout is None else timeout) from None
             if EXCLUDE_KEY not in message:
                 return message
             if channel not in message[EXCLUDE_KEY]:

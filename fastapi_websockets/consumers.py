@@ -88,6 +88,14 @@ def _reason(text: str) -> str:
     return encoded.decode(errors="ignore")
 
 
+def _handler_name(event_type: str) -> str | None:
+    """The method an event type dispatches to, or None if no handler may have that name."""
+    name = event_type.replace(".", "_")
+    if not name.isidentifier() or name.startswith("_") or name in _FRAMEWORK_NAMES:
+        return None
+    return name
+
+
 def _sendable(code: object) -> bool:
     return type(code) is int and (code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999)
 
@@ -520,11 +528,15 @@ class AsyncWebSocketConsumer:
 
     async def channel_receive(self, message: Message) -> None:
         """Called for a channel event with no handler; the default logs and ignores it."""
+        event_type = message.get("type")
+        name = _handler_name(event_type) if isinstance(event_type, str) else None
+        if name is None:
+            return  # no method may handle it, which _find_handler() logged
         logger.warning(
             "%s has no handler for event type %r (define async def %s(self, event)); ignored",
             type(self).__name__,
-            message.get("type"),
-            str(message.get("type", "")).replace(".", "_"),
+            event_type,
+            name,
         )
 
     async def websocket_send(self, message: Message) -> None:
@@ -617,13 +629,15 @@ class AsyncWebSocketConsumer:
 
     def _find_handler(self, event_type: str) -> Callable[[Message], Awaitable[None]] | None:
         # The first event of a type for this class (dispatch_channel_message looks up the cache).
-        name = event_type.replace(".", "_")
-        if not name.isidentifier() or name.startswith("_") or name in _FRAMEWORK_NAMES:
+        name = _handler_name(event_type)
+        if name is None:
             logger.warning(
-                "%s refused channel event type %r: it names a private or framework method, "
-                "not an event handler",
+                "%s refused channel event type %r: %s",
                 type(self).__name__,
                 event_type,
+                "it names a private or framework method, not an event handler"
+                if event_type.replace(".", "_").isidentifier()
+                else "with '.' read as '_' it is not a Python name, so no handler can have it",
             )
             return None
         attribute = getattr(type(self), name, None)

@@ -157,8 +157,30 @@ async def test_client_cannot_dispatch_framework_methods(
         await assert_still_open(a, b)
         await assert_still_open(b, a)
     assert any("refused" in record.message or "no handler" in record.message for record in caplog.records)
+    # Refused, so never "define async def close(self, event)": that would override the framework.
+    assert not any("define async def" in record.message for record in caplog.records)
     await a.close()
     await b.close()
+
+
+@pytest.mark.parametrize(
+    ("event_type", "logged"),
+    [
+        ("chat-message", "with '.' read as '_' it is not a Python name, so no handler can have it"),
+        ("no.such.event", "no handler for event type 'no.such.event' (define async def no_such_event"),
+    ],
+)
+async def test_unhandled_event_types_say_why(
+    app_url: str, event_type: str, logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ws, channel = await join(app_url, "why")
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets.consumers"):
+        await get_default_layer().send(channel, {"type": event_type})
+        await assert_still_open(ws, ws)
+    about = [record.message for record in caplog.records if repr(event_type) in record.message]
+    assert len(about) == 1  # one warning per event, saying why
+    assert logged in about[0]
+    await ws.close()
 
 
 async def test_invalid_json_closes_only_that_socket_with_1007(app_url: str) -> None:

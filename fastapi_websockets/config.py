@@ -14,6 +14,7 @@ consumer class attributes.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import difflib
 import inspect
 import json
@@ -48,6 +49,7 @@ __all__ = [
     "load_backend_class",
     "parse_channel_layers",
     "parse_channel_layers_from_env",
+    "warn_unread_environment",
 ]
 
 logger = logging.getLogger("fastapi_websockets.config")
@@ -436,20 +438,38 @@ def parse_channel_layers_from_env(
     Unset variables take the backend's defaults.
     """
     env = os.environ if environ is None else environ
-    aliases_var = f"{prefix}ALIASES"
-    if aliases_var in env:
-        aliases = _split_list(env[aliases_var])
-        if not aliases:
-            raise InvalidChannelLayerConfig(f"{aliases_var} is set but names no alias; e.g. 'default,events'")
-        prefixes = {name: prefix + _alias_infix(name) for name in aliases}
-    else:
-        prefixes = {alias: prefix}
+    prefixes = _alias_prefixes(env, prefix, alias)
     parsed = {name: _parse_env_alias(env, alias_prefix) for name, alias_prefix in prefixes.items()}
-    _warn_unread(env, prefix, list(prefixes.values()), [aliases_var])
+    _warn_unread(env, prefix, list(prefixes.values()))
     return parsed
 
 
-def _warn_unread(env: Mapping[str, str], prefix: str, alias_prefixes: list[str], read: list[str]) -> None:
+def _alias_prefixes(env: Mapping[str, str], prefix: str, alias: str) -> dict[str, str]:
+    """``{alias: the prefix of its variables}``: each alias of ``{prefix}ALIASES``, else ``alias`` alone."""
+    aliases_var = f"{prefix}ALIASES"
+    if aliases_var not in env:
+        return {alias: prefix}
+    aliases = _split_list(env[aliases_var])
+    if not aliases:
+        raise InvalidChannelLayerConfig(f"{aliases_var} is set but names no alias; e.g. 'default,events'")
+    return {name: prefix + _alias_infix(name) for name in aliases}
+
+
+def warn_unread_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Log the ``FASTAPI_WEBSOCKETS_*`` variables nothing reads, once each (see below).
+
+    Called when a consumer is mounted, so that a misspelled consumer setting
+    (``FASTAPI_WEBSOCKETS_MAX_FRAME_BYTE``) is reported even by an app whose
+    layers come from a mapping. A wrong value is not this function's business:
+    it is an error where the layer or the consumer reads it.
+    """
+    env = os.environ if environ is None else environ
+    with contextlib.suppress(InvalidChannelLayerConfig):
+        prefixes = _alias_prefixes(env, DEFAULT_ENV_PREFIX, DEFAULT_LAYER_ALIAS)
+        _warn_unread(env, DEFAULT_ENV_PREFIX, list(prefixes.values()))
+
+
+def _warn_unread(env: Mapping[str, str], prefix: str, alias_prefixes: list[str]) -> None:
     """Log the ``prefix`` variables nothing reads, and backend options that a missing BACKEND ignores.
 
     Another backend's options are fine when ``BACKEND`` picks one (``.env.sample``
@@ -458,7 +478,7 @@ def _warn_unread(env: Mapping[str, str], prefix: str, alias_prefixes: list[str],
     process on its own) are mistakes that would otherwise pass unnoticed.
     """
     # What a misspelled name is compared with: the variables this configuration reads.
-    readable = {*read, *(prefix + name.upper() for name in CONSUMER_SETTINGS)}
+    readable = {f"{prefix}ALIASES", *(prefix + name.upper() for name in CONSUMER_SETTINGS)}
     claimed: dict[str, str] = {}  # option prefix of a backend -> its alias's BACKEND variable
     for alias_prefix in alias_prefixes:
         backend_var = f"{alias_prefix}BACKEND"

@@ -42,6 +42,7 @@ from fastapi_websockets import observing
 from fastapi_websockets._direct import direct_protocol, write_text
 from fastapi_websockets._eager import EAGER_TASKS, start_task
 from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.config import warn_unread_environment
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
 from fastapi_websockets.exceptions import ChannelLayerClosed
 from fastapi_websockets.history import History, StreamPosition
@@ -185,6 +186,7 @@ class AsyncWebSocketConsumer:
         """
 
         cls.edge_limits()  # a wrong limit or FASTAPI_WEBSOCKETS_* value fails here, at mount time
+        warn_unread_environment()  # and a misspelled variable is logged here
 
         async def endpoint(websocket: WebSocket) -> None:
             await cls(layer, alias=alias)(websocket)

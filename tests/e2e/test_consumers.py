@@ -15,6 +15,7 @@ import pytest
 from fastapi import Depends, FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close
 
 from fastapi_websockets import (
     AsyncJsonWebSocketConsumer,
@@ -105,6 +106,21 @@ async def join(url: str, room: str, **kwargs: Any) -> tuple[ClientConnection, st
     assert hello["event"] == "connected"
     assert hello["query"] == {"user": "u1"}
     return ws, hello["channel"]
+
+
+async def received_close(ws: ClientConnection) -> Close:
+    """The close frame the server sends next (no other frame may come first)."""
+    with pytest.raises(ConnectionClosed) as info:
+        await asyncio.wait_for(ws.recv(), 10)
+    assert info.value.rcvd is not None
+    return info.value.rcvd
+
+
+async def sent_and_closed(url: str, room: str, text: str) -> Close:
+    """Join ``room``, send ``text`` and return the close frame the server answers with."""
+    ws, _ = await join(url, room)
+    await ws.send(text)
+    return await received_close(ws)
 
 
 async def assert_still_open(ws: ClientConnection, other: ClientConnection) -> None:
@@ -202,14 +218,10 @@ async def test_deeply_nested_json_closes_only_that_socket_with_1007(
 ) -> None:
     # 10 KB of brackets, far under max_frame_bytes, exhaust json's parser stack: a RecursionError
     # that was logged as a handler failure with its traceback and closed the socket with 1011.
-    bad, _ = await join(app_url, "nested")
     good, _ = await join(app_url, "nested")
     with caplog.at_level(logging.ERROR, logger="fastapi_websockets.consumers"):
-        await bad.send("[" * 5000 + "]" * 5000)
-        with pytest.raises(ConnectionClosed) as info:
-            await asyncio.wait_for(bad.recv(), 10)
-    assert info.value.rcvd is not None
-    assert (info.value.rcvd.code, info.value.rcvd.reason) == (1007, "invalid JSON: nested too deeply")
+        close = await sent_and_closed(app_url, "nested", "[" * 5000 + "]" * 5000)
+    assert (close.code, close.reason) == (1007, "invalid JSON: nested too deeply")
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     await assert_still_open(good, good)
     await good.close()
@@ -221,14 +233,10 @@ async def test_an_unsendable_close_code_raises_and_closes_with_1011(
 ) -> None:
     # The server used to fail inside the ASGI send ("invalid status code") and drop the
     # connection without a close frame: the client saw 1006 and the log did not say why.
-    victim, _ = await join(app_url, "codes")
     bystander, _ = await join(app_url, "codes")
     with caplog.at_level(logging.ERROR, logger="fastapi_websockets.consumers"):
-        await victim.send(json.dumps({"action": "close", "code": code}))
-        with pytest.raises(ConnectionClosed) as info:
-            await asyncio.wait_for(victim.recv(), 10)
-    assert info.value.rcvd is not None
-    assert info.value.rcvd.code == 1011
+        close = await sent_and_closed(app_url, "codes", json.dumps({"action": "close", "code": code}))
+    assert close.code == 1011
     assert any(
         record.exc_info and f"close code {code!r} cannot be sent" in str(record.exc_info[1])
         for record in caplog.records

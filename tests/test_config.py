@@ -464,3 +464,13 @@ def test_environment_variables_nothing_reads_are_logged(
     with caplog.at_level(logging.WARNING, logger="fastapi_websockets.config"):
         parse_channel_layers_from_env(env)
     assert any(warning in record.getMessage() for record in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("option", ["message_ttl", "queue_expiry", "inbox_expiry"])
+def test_rabbitmq_milliseconds_past_ten_years_are_refused(option: str) -> None:
+    # 10**12 ms reached the broker, which refused the queue ("value_too_large"), reported as
+    # "RabbitMQ is unreachable" or as an exchange declared with other settings.
+    assert build_channel_layer("rabbitmq", {option: 315_360_000_000})
+    refused = rf"{option} must be .* up to 315,360,000,000.*got 1000000000000"
+    with pytest.raises(InvalidChannelLayerConfig, match=refused):
+        build_channel_layer("rabbitmq", {option: 10**12})

@@ -16,6 +16,7 @@ from fastapi_websockets.backends.urls import redact_url
 from fastapi_websockets.exceptions import InvalidChannelLayerConfig
 
 __all__ = [
+    "MAX_MILLISECONDS",
     "MAX_SECONDS",
     "Memo",
     "flag",
@@ -35,6 +36,8 @@ V = TypeVar("V")
 #: each broker, 100 years overflowed RabbitMQ's TTL, 1e11 s made Redis lose the message and
 #: NATS fail its setup, and infinity overflowed each conversion (measured 2026-12-02).
 MAX_SECONDS = 315_360_000
+#: The same for options given in milliseconds (RabbitMQ's TTLs: 10**12 ms was "value_too_large").
+MAX_MILLISECONDS = MAX_SECONDS * 1000
 
 
 def positive(name: str, value: object, unit: str = "") -> float:
@@ -48,24 +51,37 @@ def positive(name: str, value: object, unit: str = "") -> float:
     return float(value)
 
 
-def positive_int(name: str, value: object, unit: str = "") -> int:
-    """A positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        what = f"a positive integer of {unit}" if unit else "a positive integer"
-        raise InvalidChannelLayerConfig(f"{name} must be {what}, got {value!r}")
+def positive_int(name: str, value: object, unit: str = "", most: int | None = None) -> int:
+    """A positive integer, at most ``most`` if given (:data:`MAX_MILLISECONDS` for a duration)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value <= 0
+        or (most is not None and value > most)
+    ):
+        raise InvalidChannelLayerConfig(f"{name} must be {_integer(unit, most)}, got {value!r}")
     return value
 
 
-def optional_positive_int(name: str, value: object, unit: str = "") -> int | None:
-    """A positive integer, or None for "no limit"."""
+def optional_positive_int(name: str, value: object, unit: str = "", most: int | None = None) -> int | None:
+    """A positive integer (at most ``most`` if given), or None for "no limit"."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        what = f"a positive integer of {unit}" if unit else "a positive integer"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value <= 0
+        or (most is not None and value > most)
+    ):
         raise InvalidChannelLayerConfig(
-            f"{name} must be {what}, or None (or empty) for no limit; got {value!r}"
+            f"{name} must be {_integer(unit, most)}, or None (or empty) for no limit; got {value!r}"
         )
     return value
+
+
+def _integer(unit: str, most: int | None) -> str:
+    what = f"a positive integer of {unit}" if unit else "a positive integer"
+    return f"{what} up to {most:,}" if most is not None else what
 
 
 def flag(name: str, value: object) -> bool:

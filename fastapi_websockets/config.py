@@ -14,8 +14,11 @@ consumer class attributes.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
+import difflib
 import inspect
 import json
+import logging
 import os
 import re
 import types
@@ -46,7 +49,10 @@ __all__ = [
     "load_backend_class",
     "parse_channel_layers",
     "parse_channel_layers_from_env",
+    "warn_unread_environment",
 ]
+
+logger = logging.getLogger("fastapi_websockets.config")
 
 DEFAULT_LAYER_ALIAS = "default"
 DEFAULT_ENV_PREFIX = "FASTAPI_WEBSOCKETS_"
@@ -327,8 +333,9 @@ def parse_channel_layers(settings: Mapping[str, Mapping[str, Any]] | None) -> di
                 f"CHANNEL_LAYERS[{alias!r}] has unknown key(s) {sorted(unknown)}; "
                 "valid keys are BACKEND, CONFIG"
             )
-        backend_path = _resolve_backend_path(entry.get("BACKEND", DEFAULT_BACKEND))
-        backend = load_backend_class(backend_path)
+        raw_backend = entry.get("BACKEND", DEFAULT_BACKEND)
+        backend = load_backend_class(raw_backend)  # first: it says what a BACKEND that is no str should be
+        backend_path = _resolve_backend_path(raw_backend)
         config = entry.get("CONFIG", {})
         if config is None:
             config = {}
@@ -431,13 +438,87 @@ def parse_channel_layers_from_env(
     Unset variables take the backend's defaults.
     """
     env = os.environ if environ is None else environ
+    prefixes = _alias_prefixes(env, prefix, alias)
+    parsed = {name: _parse_env_alias(env, alias_prefix) for name, alias_prefix in prefixes.items()}
+    _warn_unread(env, prefix, list(prefixes.values()))
+    return parsed
+
+
+def _alias_prefixes(env: Mapping[str, str], prefix: str, alias: str) -> dict[str, str]:
+    """``{alias: the prefix of its variables}``: each alias of ``{prefix}ALIASES``, else ``alias`` alone."""
     aliases_var = f"{prefix}ALIASES"
-    if aliases_var in env:
-        aliases = _split_list(env[aliases_var])
-        if not aliases:
-            raise InvalidChannelLayerConfig(f"{aliases_var} is set but names no alias; e.g. 'default,events'")
-        return {name: _parse_env_alias(env, prefix + _alias_infix(name)) for name in aliases}
-    return {alias: _parse_env_alias(env, prefix)}
+    if aliases_var not in env:
+        return {alias: prefix}
+    aliases = _split_list(env[aliases_var])
+    if not aliases:
+        raise InvalidChannelLayerConfig(f"{aliases_var} is set but names no alias; e.g. 'default,events'")
+    return {name: prefix + _alias_infix(name) for name in aliases}
+
+
+def warn_unread_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Log the ``FASTAPI_WEBSOCKETS_*`` variables nothing reads, once each (see below).
+
+    Called when a consumer is mounted, so that a misspelled consumer setting
+    (``FASTAPI_WEBSOCKETS_MAX_FRAME_BYTE``) is reported even by an app whose
+    layers come from a mapping. A wrong value is not this function's business:
+    it is an error where the layer or the consumer reads it.
+    """
+    env = os.environ if environ is None else environ
+    with contextlib.suppress(InvalidChannelLayerConfig):
+        prefixes = _alias_prefixes(env, DEFAULT_ENV_PREFIX, DEFAULT_LAYER_ALIAS)
+        _warn_unread(env, DEFAULT_ENV_PREFIX, list(prefixes.values()))
+
+
+def _warn_unread(env: Mapping[str, str], prefix: str, alias_prefixes: list[str]) -> None:
+    """Log the ``prefix`` variables nothing reads, and backend options that a missing BACKEND ignores.
+
+    Another backend's options are fine when ``BACKEND`` picks one (``.env.sample``
+    sets every backend's), but a misspelled name, an alias's variables without
+    ``ALIASES``, or a backend's options with ``BACKEND`` unset (so in-memory: each
+    process on its own) are mistakes that would otherwise pass unnoticed.
+    """
+    # What a misspelled name is compared with: the variables this configuration reads.
+    readable = {f"{prefix}ALIASES", *(prefix + name.upper() for name in CONSUMER_SETTINGS)}
+    claimed: dict[str, str] = {}  # option prefix of a backend -> its alias's BACKEND variable
+    for alias_prefix in alias_prefixes:
+        backend_var = f"{alias_prefix}BACKEND"
+        readable.add(backend_var)
+        chosen = load_backend_class(env.get(backend_var, "").strip() or "inmemory")
+        for backend in {chosen, *map(load_backend_class, BACKEND_ALIASES)}:
+            option_prefix = f"{alias_prefix}{_env_name(backend)}_"
+            claimed[option_prefix] = backend_var
+            if backend is chosen:
+                readable.update(option_prefix + option.upper() for option in backend_options(backend))
+    unset_backends: dict[str, list[str]] = {}
+    for var in sorted(env):
+        if not var.startswith(prefix):
+            continue
+        owner = next((start for start in claimed if var.startswith(start)), None)
+        if var not in readable and owner is None:
+            close = difflib.get_close_matches(var, sorted(readable), n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            if alias_prefixes == [prefix] and var.endswith("_BACKEND"):
+                hint = f"; an alias's variables are read only when {prefix}ALIASES names the alias"
+            _warn_once(f"environment variable {var} is set but no setting reads it{hint}")
+        elif owner is not None and claimed[owner] not in env and not owner.endswith("_INMEMORY_"):
+            unset_backends.setdefault(owner, []).append(var)
+    for owner, variables in unset_backends.items():
+        backend_var = claimed[owner]
+        name = owner[len(backend_var) - len("BACKEND") :].rstrip("_").lower()
+        _warn_once(
+            f"{', '.join(variables)} set but {backend_var} is not, so the layer is in-memory (each "
+            f"process on its own) and ignores them; set {backend_var}={name}"
+        )
+
+
+#: Warnings already logged: a process may read its settings once per alias and event loop.
+_warned: set[str] = set()
+
+
+def _warn_once(text: str) -> None:
+    if text not in _warned:
+        _warned.add(text)
+        logger.warning("%s", text)
 
 
 def get_channel_layer_from_env(

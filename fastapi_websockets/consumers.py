@@ -42,6 +42,7 @@ from fastapi_websockets import observing
 from fastapi_websockets._direct import direct_protocol, write_text
 from fastapi_websockets._eager import EAGER_TASKS, start_task
 from fastapi_websockets.backends.base import BaseChannelLayer
+from fastapi_websockets.config import warn_unread_environment
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
 from fastapi_websockets.exceptions import ChannelLayerClosed
 from fastapi_websockets.history import History, StreamPosition
@@ -60,6 +61,9 @@ CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_SERVICE_RESTART = 1012
 _MAX_REASON_BYTES = 123
+#: Codes an endpoint may send in a close frame (RFC 6455 section 7.4 and the IANA registry),
+#: besides the application's 3000-4999; the others (1004-1006, 1015) are never sent.
+_SENDABLE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
 
 
 class _Running(enum.Enum):
@@ -83,6 +87,18 @@ def _uncancel(task: asyncio.Task[Any]) -> bool:
 def _reason(text: str) -> str:
     encoded = text.encode()[:_MAX_REASON_BYTES]
     return encoded.decode(errors="ignore")
+
+
+def _handler_name(event_type: str) -> str | None:
+    """The method an event type dispatches to, or None if no handler may have that name."""
+    name = event_type.replace(".", "_")
+    if not name.isidentifier() or name.startswith("_") or name in _FRAMEWORK_NAMES:
+        return None
+    return name
+
+
+def _sendable(code: object) -> bool:
+    return type(code) is int and (code in _SENDABLE_CLOSE_CODES or 3000 <= code <= 4999)
 
 
 def _peer(websocket: WebSocket) -> str:
@@ -170,6 +186,7 @@ class AsyncWebSocketConsumer:
         """
 
         cls.edge_limits()  # a wrong limit or FASTAPI_WEBSOCKETS_* value fails here, at mount time
+        warn_unread_environment()  # and a misspelled variable is logged here
 
         async def endpoint(websocket: WebSocket) -> None:
             await cls(layer, alias=alias)(websocket)
@@ -513,11 +530,15 @@ class AsyncWebSocketConsumer:
 
     async def channel_receive(self, message: Message) -> None:
         """Called for a channel event with no handler; the default logs and ignores it."""
+        event_type = message.get("type")
+        name = _handler_name(event_type) if isinstance(event_type, str) else None
+        if name is None:
+            return  # no method may handle it, which _find_handler() logged
         logger.warning(
             "%s has no handler for event type %r (define async def %s(self, event)); ignored",
             type(self).__name__,
-            message.get("type"),
-            str(message.get("type", "")).replace(".", "_"),
+            event_type,
+            name,
         )
 
     async def websocket_send(self, message: Message) -> None:
@@ -610,13 +631,15 @@ class AsyncWebSocketConsumer:
 
     def _find_handler(self, event_type: str) -> Callable[[Message], Awaitable[None]] | None:
         # The first event of a type for this class (dispatch_channel_message looks up the cache).
-        name = event_type.replace(".", "_")
-        if not name.isidentifier() or name.startswith("_") or name in _FRAMEWORK_NAMES:
+        name = _handler_name(event_type)
+        if name is None:
             logger.warning(
-                "%s refused channel event type %r: it names a private or framework method, "
-                "not an event handler",
+                "%s refused channel event type %r: %s",
                 type(self).__name__,
                 event_type,
+                "it names a private or framework method, not an event handler"
+                if event_type.replace(".", "_").isidentifier()
+                else "with '.' read as '_' it is not a Python name, so no handler can have it",
             )
             return None
         attribute = getattr(type(self), name, None)
@@ -642,7 +665,18 @@ class AsyncWebSocketConsumer:
             observing.hooks.connection_accepted(self)
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str | None = None) -> None:
-        """Close the connection (before accepting, this rejects it); ``disconnect()`` gets ``code``."""
+        """Close the connection (before accepting, this rejects it); ``disconnect()`` gets ``code``.
+
+        Once accepted, ``code`` must be one a close frame may carry: 1000, another
+        RFC 6455 code (1001-1003, 1007-1014) or an application code 3000-4999;
+        any other raises ``ValueError`` (the server would drop the connection
+        with no close frame). Before accepting, any code refuses with HTTP 403.
+        """
+        if self._accepted and code is not None and not _sendable(code):
+            raise ValueError(
+                f"close code {code!r} cannot be sent to a client: use 1000 (normal closure), "
+                "an RFC 6455 code (1001-1003, 1007-1014) or an application code 3000-4999"
+            )
         self._closed = True
         self._close_code = code
         if self.websocket.application_state != WebSocketState.DISCONNECTED:
@@ -791,6 +825,11 @@ class AsyncJsonWebSocketConsumer(AsyncWebSocketConsumer):
                 content = self.decode_json(text_data)
             except ValueError as exc:
                 await self.invalid_json(text_data, exc)
+                return
+            except RecursionError:
+                # A few kilobytes of "[[[[..." exhaust the parser's stack: the client's fault,
+                # not a handler's failure to log with a traceback and close with 1011.
+                await self.invalid_json(text_data, ValueError("nested too deeply"))
                 return
             await self.receive_json(content)
         elif bytes_data is not None:

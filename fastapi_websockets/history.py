@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from fastapi_websockets.backends.options import positive
 from fastapi_websockets.exceptions import InvalidChannelLayerConfig
 from fastapi_websockets.types import Message
 
@@ -130,9 +131,8 @@ def parse_history_option(value: object) -> list[tuple[re.Pattern[str], HistoryPo
             size, ttl = spec, DEFAULT_HISTORY_TTL
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise InvalidChannelLayerConfig(f"{where} size must be a positive integer, got {size!r}")
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
-            raise InvalidChannelLayerConfig(f"{where} ttl must be a positive number of seconds, got {ttl!r}")
-        parsed.append((re.compile(fnmatch.translate(pattern)), HistoryPolicy(size, float(ttl))))
+        seconds = positive(f"{where} ttl", ttl, "seconds")  # NaN and infinity were accepted
+        parsed.append((re.compile(fnmatch.translate(pattern)), HistoryPolicy(size, seconds)))
     return parsed
 
 

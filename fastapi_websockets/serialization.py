@@ -2,8 +2,9 @@
 
 msgpack is the default: it keeps ``bytes`` and ``str`` apart without base64 or
 tagging user dicts, and it is faster and smaller than JSON (``bench/serializers.py``
-measures it). Tuples come back as lists; dict keys may be ``str``, ``int`` or
-``bytes``. Anything else (``datetime``, ``Decimal``, ``UUID``, sets, custom
+measures it). Tuples come back as lists, except as dict keys, where they stay
+tuples (a list cannot be a key); dict keys may also be ``str``, ``int``,
+``float``, ``bytes``, ``bool`` or ``None``. Anything else (``datetime``, ``Decimal``, ``UUID``, sets, custom
 objects) is refused with a :class:`SerializationError` that names the value's
 type, so a bad payload fails at ``send()`` in the sender's traceback rather
 than in some consumer later.
@@ -19,10 +20,21 @@ import msgpack
 from fastapi_websockets.exceptions import SerializationError
 from fastapi_websockets.types import Message
 
-__all__ = ["MsgpackSerializer", "default_serializer"]
+__all__ = ["MsgpackSerializer", "default_serializer", "not_a_dict"]
+
+
+def not_a_dict(message: object) -> SerializationError:
+    """The error for a message that is not a dict, for every place that checks one."""
+    return SerializationError(f"a message must be a dict, got {type(message).__name__}: {message!r:.60}")
 
 
 def _refuse(value: Any) -> Any:
+    if isinstance(value, int):
+        # msgpack hands an int to default() only when it does not fit in 64 bits.
+        raise SerializationError(
+            f"cannot serialize the int {value!r:.60}: msgpack carries integers from -2**63 "
+            "to 2**64 - 1; send a larger one as a str"
+        )
     raise SerializationError(
         f"cannot serialize a value of type {type(value).__name__} ({value!r:.60}); "
         "messages may hold str, bytes, int, float, bool, None, lists and dicts: "
@@ -56,9 +68,7 @@ class MsgpackSerializer:
     def dumps(self, message: Message) -> bytes:
         """Encode ``message``; raise ``SerializationError`` naming any unsupported value."""
         if not isinstance(message, dict):
-            raise SerializationError(
-                f"a message must be a dict, got {type(message).__name__}: {message!r:.60}"
-            )
+            raise not_a_dict(message)
         try:
             idle: list[msgpack.Packer] = self._idle.packers
         except AttributeError:
@@ -69,6 +79,11 @@ class MsgpackSerializer:
         except SerializationError:
             raise
         except (TypeError, ValueError, OverflowError) as exc:
+            if "recursion limit" in str(exc):
+                raise SerializationError(
+                    "cannot serialize message: it is nested too deeply (thousands of levels) or a "
+                    "dict or list in it contains itself; flatten it"
+                ) from exc
             raise SerializationError(f"cannot serialize message: {exc}") from exc
         finally:
             idle.append(packer)
@@ -78,11 +93,31 @@ class MsgpackSerializer:
         """Decode ``data``; raise ``SerializationError`` if it is not an encoded dict."""
         try:
             value = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        except TypeError:
+            # A tuple dict key was written as an array, which comes back as an unhashable
+            # list: decode again with such keys made tuples. Only on this failure, so the
+            # usual frame pays nothing, and the message arrives instead of being dropped.
+            value = _loads_with_tuple_keys(data)
+        except (ValueError, msgpack.UnpackException) as exc:
             raise SerializationError(f"cannot decode message frame: {exc}") from exc
         if not isinstance(value, dict):
             raise SerializationError(f"decoded frame is a {type(value).__name__}, not a dict")
         return value
+
+
+def _loads_with_tuple_keys(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, object_pairs_hook=_dict_of_pairs)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise SerializationError(f"cannot decode message frame: {exc}") from exc
+
+
+def _dict_of_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    return {_hashable(key): value for key, value in pairs}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(item) for item in key) if type(key) is list else key
 
 
 default_serializer = MsgpackSerializer()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import math
 import subprocess
 import sys
 from typing import Any
@@ -18,6 +20,7 @@ from fastapi_websockets import (
     RabbitMQChannelLayer,
     RedisChannelLayer,
     build_channel_layer,
+    config,
     get_channel_layer,
     get_channel_layer_from_env,
     load_backend_class,
@@ -130,7 +133,10 @@ def test_unknown_top_level_key() -> None:
         ({"capacity": "10"}, r"\['capacity'\] must be an integer, got str '10'"),
         ({"capacity": True}, r"must be an integer, got bool"),
         ({"capacity": 0}, r"capacity must be a positive integer, got 0"),
-        ({"channel_expiry": -5}, r"channel_expiry must be a positive number, got -5"),
+        (
+            {"channel_expiry": -5},
+            r"channel_expiry must be a positive number up to 315,360,000 \(ten years\), got -5",
+        ),
         ({"channel_capacity": ["x"]}, r"must be a mapping"),
         ({"channel_capacity": {"a*": 0}}, r"channel_capacity\['a\*'\] must be a positive integer"),
     ],
@@ -267,8 +273,10 @@ def test_env_errors_name_the_variable(env: dict[str, str], pattern: str) -> None
         get_channel_layer_from_env(env)
 
 
-def test_env_sample_parses() -> None:
+def test_env_sample_parses(caplog: pytest.LogCaptureFixture) -> None:
     from pathlib import Path
+
+    config._warned.clear()
 
     env: dict[str, str] = {}
     for line in (Path(__file__).parents[1] / ".env.sample").read_text().splitlines():
@@ -279,6 +287,8 @@ def test_env_sample_parses() -> None:
     for backend in ("redis", "postgresql", "nats", "rabbitmq"):
         switched = {**env, "FASTAPI_WEBSOCKETS_BACKEND": backend}
         assert parse_channel_layers_from_env(switched)["default"].backend == BACKEND_ALIASES[backend]
+    # Every backend's variables, one picked by BACKEND: nothing is reported as unread.
+    assert not [record for record in caplog.records if record.name == "fastapi_websockets.config"]
 
 
 def test_importing_backends_imports_no_driver() -> None:
@@ -380,6 +390,8 @@ def test_history_option_from_the_environment() -> None:
         ([1], "mapping"),
         ({"room:*": 0}, "size must be a positive integer"),
         ({"room:*": {"size": 5, "ttl": -1}}, "ttl must be a positive number"),
+        ({"room:*": {"size": 5, "ttl": float("nan")}}, r"history\['room:\*'\] ttl must be a positive number"),
+        ({"room:*": {"size": 5, "ttl": float("inf")}}, "ttl must be a positive number of seconds up to"),
         ({"room:*": {"size": 5, "keep": 1}}, "unknown key"),
     ],
 )
@@ -388,3 +400,77 @@ def test_bad_history_option_is_refused(history: object, message: str) -> None:
 
     with pytest.raises(InvalidChannelLayerConfig, match=message):
         InMemoryChannelLayer(history=history)
+
+
+@pytest.mark.parametrize("alias", sorted(BACKEND_ALIASES))
+@pytest.mark.parametrize("option", ["channel_expiry", "group_expiry", "presence_timeout"])
+@pytest.mark.parametrize("value", [math.inf, math.nan, 1e11, 315_360_001])
+def test_durations_past_ten_years_are_refused_on_every_backend(alias: str, option: str, value: float) -> None:
+    # Infinity overflowed each backend's conversion (on Redis at construction, elsewhere at first
+    # use, as a DatetimeFieldOverflowError, an OverflowError or a "RabbitMQ is unreachable"); 1e11 s
+    # lost Redis's messages and failed NATS's setup. Ten years works on every broker.
+    with pytest.raises(
+        InvalidChannelLayerConfig, match=rf"{option} must be a positive number.* up to 315,360,000"
+    ):
+        build_channel_layer(alias, {option: value})
+
+
+def test_an_environment_duration_of_inf_is_refused() -> None:
+    env = {"FASTAPI_WEBSOCKETS_BACKEND": "redis", "FASTAPI_WEBSOCKETS_REDIS_CHANNEL_EXPIRY": "inf"}
+    with pytest.raises(InvalidChannelLayerConfig, match="channel_expiry must be a positive number"):
+        get_channel_layer_from_env(env)
+
+
+@pytest.mark.parametrize("value", [5, None, InMemoryChannelLayer])
+def test_a_backend_that_is_not_a_string_is_refused_clearly(value: object) -> None:
+    # It raised AttributeError: '...' object has no attribute 'strip'.
+    with pytest.raises(InvalidChannelLayerConfig, match=r"BACKEND must be one of .* or a dotted path"):
+        get_channel_layer({"default": {"BACKEND": value}})
+
+
+@pytest.mark.parametrize(
+    ("env", "warning"),
+    [
+        (
+            {"FASTAPI_WEBSOCKETS_REDIS_URL": "redis://cache:6379/0"},
+            "FASTAPI_WEBSOCKETS_REDIS_URL set but FASTAPI_WEBSOCKETS_BACKEND is not, so the layer is "
+            "in-memory (each process on its own) and ignores them; set FASTAPI_WEBSOCKETS_BACKEND=redis",
+        ),
+        (
+            {"FASTAPI_WEBSOCKETS_BACKEND": "redis", "FASTAPI_WEBSOCKETS_CAPACITY": "5"},
+            "FASTAPI_WEBSOCKETS_CAPACITY is set but no setting reads it; "
+            "did you mean FASTAPI_WEBSOCKETS_REDIS_CAPACITY?",
+        ),
+        (
+            {"FASTAPI_WEBSOCKETS_MAX_FRAME_BYTE": "4096"},
+            "did you mean FASTAPI_WEBSOCKETS_MAX_FRAME_BYTES?",
+        ),
+        (
+            {"FASTAPI_WEBSOCKETS_EVENTS_BACKEND": "redis"},
+            "an alias's variables are read only when FASTAPI_WEBSOCKETS_ALIASES names the alias",
+        ),
+        (
+            {"FASTAPI_WEBSOCKETS_ALIASES": "default,events", "FASTAPI_WEBSOCKETS_EVNTS_BACKEND": "redis"},
+            "FASTAPI_WEBSOCKETS_EVNTS_BACKEND is set but no setting reads it; "
+            "did you mean FASTAPI_WEBSOCKETS_EVENTS_BACKEND?",
+        ),
+    ],
+)
+def test_environment_variables_nothing_reads_are_logged(
+    env: dict[str, str], warning: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config._warned.clear()  # each warning is logged once per process
+    # Each was silently ignored: a process meant to share Redis ran an in-memory layer alone.
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets.config"):
+        parse_channel_layers_from_env(env)
+    assert any(warning in record.getMessage() for record in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("option", ["message_ttl", "queue_expiry", "inbox_expiry"])
+def test_rabbitmq_milliseconds_past_ten_years_are_refused(option: str) -> None:
+    # 10**12 ms reached the broker, which refused the queue ("value_too_large"), reported as
+    # "RabbitMQ is unreachable" or as an exchange declared with other settings.
+    assert build_channel_layer("rabbitmq", {option: 315_360_000_000})
+    refused = rf"{option} must be .* up to 315,360,000,000.*got 1000000000000"
+    with pytest.raises(InvalidChannelLayerConfig, match=refused):
+        build_channel_layer("rabbitmq", {option: 10**12})

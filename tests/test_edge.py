@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
-from fastapi_websockets import AsyncJsonWebSocketConsumer, AsyncWebSocketConsumer, InvalidChannelLayerConfig
+from fastapi_websockets import (
+    AsyncJsonWebSocketConsumer,
+    AsyncWebSocketConsumer,
+    InvalidChannelLayerConfig,
+    config,
+)
 from fastapi_websockets.config import consumer_settings_from_env
 from fastapi_websockets.edge import FrameGuard, OriginPolicy, TokenBucket, resolve_limits
 
@@ -225,3 +231,17 @@ def test_settings_follow_changed_attributes_and_unhashable_values_are_reported()
     Changing.allowed_origins = [["https://c.example.com"]]  # type: ignore[list-item]
     with pytest.raises(InvalidChannelLayerConfig, match=r"Changing\.allowed_origins must be a list"):
         Changing.edge_limits()
+
+
+def test_a_misspelled_variable_is_logged_when_a_consumer_is_mounted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It was ignored: the frame limit stayed at its default without a word.
+    config._warned.clear()
+    monkeypatch.setenv("FASTAPI_WEBSOCKETS_MAX_FRAME_BYTE", "4096")
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets.config"):
+        AsyncWebSocketConsumer.as_endpoint()
+    assert (
+        "environment variable FASTAPI_WEBSOCKETS_MAX_FRAME_BYTE is set but no setting reads it; "
+        "did you mean FASTAPI_WEBSOCKETS_MAX_FRAME_BYTES?"
+    ) in caplog.messages

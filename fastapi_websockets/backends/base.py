@@ -62,7 +62,7 @@ from fastapi_websockets.presence import (
     QueuedWrite,
     presence_event,
 )
-from fastapi_websockets.serialization import default_serializer
+from fastapi_websockets.serialization import default_serializer, not_a_dict
 from fastapi_websockets.types import Message, Serializer
 
 __all__ = ["BaseChannelLayer", "missing_driver"]
@@ -415,8 +415,14 @@ class BaseChannelLayer(abc.ABC):
     async def _receive_message(self, channel: str, timeout: float | None) -> Message:
         self._check_open()
         validate_channel_name(channel)
-        if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
-            raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+        # `not timeout >= 0` also refuses NaN, whose timer would never be due (or due at
+        # once) and would sit in the event loop's timer heap, which orders by comparison.
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+        ):
+            raise ValueError(
+                f"timeout must be a non-negative number of seconds, or None to wait forever; got {timeout!r}"
+            )
         if self.is_local(channel):
             if not self._started:
                 await self._ensure_started()
@@ -433,7 +439,11 @@ class BaseChannelLayer(abc.ABC):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            message = await self._receive_named(channel, remaining)
+            try:
+                message = await self._receive_named(channel, remaining)
+            except ReceiveTimeout as exc:
+                # It names what was left of the wait ("within 0.2999987 s"); the caller gave timeout.
+                raise ReceiveTimeout(channel, exc.timeout if timeout is None else timeout) from None
             if EXCLUDE_KEY not in message:
                 return message
             if channel not in message[EXCLUDE_KEY]:
@@ -601,8 +611,10 @@ class BaseChannelLayer(abc.ABC):
         self, group: str, message: Message, *, exclude: str | Iterable[str] | None
     ) -> StreamPosition | None:
         if exclude is not None:
-            skipped = [exclude] if isinstance(exclude, str) else sorted(set(exclude))
+            skipped = _excluded(exclude)
             if skipped:
+                if not isinstance(message, dict):
+                    raise not_a_dict(message)
                 if EXCLUDE_KEY in message:
                     raise InvalidMessage(f"message has the reserved key {EXCLUDE_KEY!r}; rename that key")
                 message = {**message, EXCLUDE_KEY: skipped}
@@ -1093,6 +1105,18 @@ class BaseChannelLayer(abc.ABC):
 
 #: The reserved key carrying a group_send's ``exclude`` to the processes that deliver it.
 EXCLUDE_KEY = "__exclude__"
+
+
+def _excluded(exclude: object) -> list[str]:
+    """The channel names of group_send()'s ``exclude``, checked, sorted and without repeats."""
+    if isinstance(exclude, str):
+        return [validate_channel_name(exclude)]
+    if isinstance(exclude, (bytes, bytearray, Mapping)) or not isinstance(exclude, Iterable):
+        raise InvalidChannelName(
+            f"exclude must be a channel name or an iterable of channel names, got "
+            f"{type(exclude).__name__}: {exclude!r:.60}"
+        )
+    return sorted({validate_channel_name(name) for name in exclude})
 
 
 def _without_exclude(message: Message) -> Message:

@@ -16,6 +16,8 @@ from fastapi_websockets.backends.urls import redact_url
 from fastapi_websockets.exceptions import InvalidChannelLayerConfig
 
 __all__ = [
+    "MAX_MILLISECONDS",
+    "MAX_SECONDS",
     "Memo",
     "flag",
     "matching",
@@ -29,32 +31,57 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
+#: The largest value :func:`positive` accepts (ten years in seconds). Every option it checks is
+#: a duration that some broker turns into milliseconds or nanoseconds: ten years worked on
+#: each broker, 100 years overflowed RabbitMQ's TTL, 1e11 s made Redis lose the message and
+#: NATS fail its setup, and infinity overflowed each conversion (measured 2026-12-02).
+MAX_SECONDS = 315_360_000
+#: The same for options given in milliseconds (RabbitMQ's TTLs: 10**12 ms was "value_too_large").
+MAX_MILLISECONDS = MAX_SECONDS * 1000
+
+
 def positive(name: str, value: object, unit: str = "") -> float:
-    """A positive number (``unit`` names it in the error, e.g. ``"seconds"``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    """A positive, finite duration of at most :data:`MAX_SECONDS` (``unit`` names it in the error)."""
+    # `not 0 < value <= MAX_SECONDS` also refuses NaN.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SECONDS:
         what = f"a positive number of {unit}" if unit else "a positive number"
-        raise InvalidChannelLayerConfig(f"{name} must be {what}, got {value!r}")
+        raise InvalidChannelLayerConfig(
+            f"{name} must be {what} up to {MAX_SECONDS:,} (ten years), got {value!r}"
+        )
     return float(value)
 
 
-def positive_int(name: str, value: object, unit: str = "") -> int:
-    """A positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        what = f"a positive integer of {unit}" if unit else "a positive integer"
-        raise InvalidChannelLayerConfig(f"{name} must be {what}, got {value!r}")
+def positive_int(name: str, value: object, unit: str = "", most: int | None = None) -> int:
+    """A positive integer, at most ``most`` if given (:data:`MAX_MILLISECONDS` for a duration)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value <= 0
+        or (most is not None and value > most)
+    ):
+        raise InvalidChannelLayerConfig(f"{name} must be {_integer(unit, most)}, got {value!r}")
     return value
 
 
-def optional_positive_int(name: str, value: object, unit: str = "") -> int | None:
-    """A positive integer, or None for "no limit"."""
+def optional_positive_int(name: str, value: object, unit: str = "", most: int | None = None) -> int | None:
+    """A positive integer (at most ``most`` if given), or None for "no limit"."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        what = f"a positive integer of {unit}" if unit else "a positive integer"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value <= 0
+        or (most is not None and value > most)
+    ):
         raise InvalidChannelLayerConfig(
-            f"{name} must be {what}, or None (or empty) for no limit; got {value!r}"
+            f"{name} must be {_integer(unit, most)}, or None (or empty) for no limit; got {value!r}"
         )
     return value
+
+
+def _integer(unit: str, most: int | None) -> str:
+    what = f"a positive integer of {unit}" if unit else "a positive integer"
+    return f"{what} up to {most:,}" if most is not None else what
 
 
 def flag(name: str, value: object) -> bool:

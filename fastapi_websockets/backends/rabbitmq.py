@@ -76,6 +76,7 @@ from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.locks import KeyedLocks
 from fastapi_websockets.backends.options import (
+    MAX_MILLISECONDS,
     Memo,
     flag,
     matching,
@@ -518,9 +519,11 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self.persistent_sends = flag("persistent_sends", persistent_sends)
         # Transient queues lose every message on a restart: persistence buys nothing there.
         self._persistent_sends = self.durable and self.persistent_sends
-        self.message_ttl = optional_positive_int("message_ttl", message_ttl, "milliseconds")
-        self.queue_expiry = optional_positive_int("queue_expiry", queue_expiry, "milliseconds")
-        self.inbox_expiry = positive_int("inbox_expiry", inbox_expiry, "milliseconds")
+        self.message_ttl = optional_positive_int("message_ttl", message_ttl, "milliseconds", MAX_MILLISECONDS)
+        self.queue_expiry = optional_positive_int(
+            "queue_expiry", queue_expiry, "milliseconds", MAX_MILLISECONDS
+        )
+        self.inbox_expiry = positive_int("inbox_expiry", inbox_expiry, "milliseconds", MAX_MILLISECONDS)
         self.poll_interval = positive("poll_interval", poll_interval, "seconds")
         #: Name of this instance's inbox queue.
         self.inbox_name = f"{self.queue_prefix}.p.{self.client_token}"

@@ -15,6 +15,7 @@ import pytest
 from fastapi import Depends, FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close
 
 from fastapi_websockets import (
     AsyncJsonWebSocketConsumer,
@@ -53,6 +54,8 @@ class RoomConsumer(AsyncJsonWebSocketConsumer):
             await self.group_send(self.room, {"type": "chat.message", "text": content["text"]})
         elif content.get("action") == "crash":
             raise RuntimeError("boom in receive_json")
+        elif content.get("action") == "close":
+            await self.close(content["code"])
 
     async def chat_message(self, event: dict[str, Any]) -> None:
         await self.send_json({"event": "chat", "text": event["text"]})
@@ -105,6 +108,21 @@ async def join(url: str, room: str, **kwargs: Any) -> tuple[ClientConnection, st
     return ws, hello["channel"]
 
 
+async def received_close(ws: ClientConnection) -> Close:
+    """The close frame the server sends next (no other frame may come first)."""
+    with pytest.raises(ConnectionClosed) as info:
+        await asyncio.wait_for(ws.recv(), 10)
+    assert info.value.rcvd is not None
+    return info.value.rcvd
+
+
+async def sent_and_closed(url: str, room: str, text: str) -> Close:
+    """Join ``room``, send ``text`` and return the close frame the server answers with."""
+    ws, _ = await join(url, room)
+    await ws.send(text)
+    return await received_close(ws)
+
+
 async def assert_still_open(ws: ClientConnection, other: ClientConnection) -> None:
     await other.send(json.dumps({"action": "say", "text": "ping"}))
     assert await recv_json(ws) == {"event": "chat", "text": "ping"}
@@ -155,8 +173,30 @@ async def test_client_cannot_dispatch_framework_methods(
         await assert_still_open(a, b)
         await assert_still_open(b, a)
     assert any("refused" in record.message or "no handler" in record.message for record in caplog.records)
+    # Refused, so never "define async def close(self, event)": that would override the framework.
+    assert not any("define async def" in record.message for record in caplog.records)
     await a.close()
     await b.close()
+
+
+@pytest.mark.parametrize(
+    ("event_type", "logged"),
+    [
+        ("chat-message", "with '.' read as '_' it is not a Python name, so no handler can have it"),
+        ("no.such.event", "no handler for event type 'no.such.event' (define async def no_such_event"),
+    ],
+)
+async def test_unhandled_event_types_say_why(
+    app_url: str, event_type: str, logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ws, channel = await join(app_url, "why")
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets.consumers"):
+        await get_default_layer().send(channel, {"type": event_type})
+        await assert_still_open(ws, ws)
+    about = [record.message for record in caplog.records if repr(event_type) in record.message]
+    assert len(about) == 1  # one warning per event, saying why
+    assert logged in about[0]
+    await ws.close()
 
 
 async def test_invalid_json_closes_only_that_socket_with_1007(app_url: str) -> None:
@@ -171,6 +211,38 @@ async def test_invalid_json_closes_only_that_socket_with_1007(app_url: str) -> N
     await good.send(json.dumps({"action": "say", "text": "still here"}))
     assert await recv_json(good) == {"event": "chat", "text": "still here"}
     await good.close()
+
+
+async def test_deeply_nested_json_closes_only_that_socket_with_1007(
+    app_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 10 KB of brackets, far under max_frame_bytes, exhaust json's parser stack: a RecursionError
+    # that was logged as a handler failure with its traceback and closed the socket with 1011.
+    good, _ = await join(app_url, "nested")
+    with caplog.at_level(logging.ERROR, logger="fastapi_websockets.consumers"):
+        close = await sent_and_closed(app_url, "nested", "[" * 5000 + "]" * 5000)
+    assert (close.code, close.reason) == (1007, "invalid JSON: nested too deeply")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    await assert_still_open(good, good)
+    await good.close()
+
+
+@pytest.mark.parametrize("code", [999, 1005, 1006, 2000, 5000, True])
+async def test_an_unsendable_close_code_raises_and_closes_with_1011(
+    app_url: str, code: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server used to fail inside the ASGI send ("invalid status code") and drop the
+    # connection without a close frame: the client saw 1006 and the log did not say why.
+    bystander, _ = await join(app_url, "codes")
+    with caplog.at_level(logging.ERROR, logger="fastapi_websockets.consumers"):
+        close = await sent_and_closed(app_url, "codes", json.dumps({"action": "close", "code": code}))
+    assert close.code == 1011
+    assert any(
+        record.exc_info and f"close code {code!r} cannot be sent" in str(record.exc_info[1])
+        for record in caplog.records
+    )
+    await assert_still_open(bystander, bystander)
+    await bystander.close()
 
 
 async def test_binary_frame_on_json_consumer_closes_with_1003(app_url: str) -> None:

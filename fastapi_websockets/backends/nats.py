@@ -877,8 +877,15 @@ class NATSChannelLayer(BrokerChannelLayer):
         backoff = self.backoff()
         while True:
             await wait_event(self._check_inbox, _INBOX_HEARTBEAT)
+            if not self.nc.is_connected:
+                # The reconnect sets it again (_on_reconnected). Left set (by a failed
+                # check, or a reconnect the connection did not outlive), the wait above
+                # would return at once and this loop never yield: the event loop froze,
+                # and with it the reconnect.
+                self._check_inbox.clear()
+                continue
             silent = time.monotonic() - self._inbox_heard > 2 * _INBOX_HEARTBEAT
-            if not (self._check_inbox.is_set() or silent) or not self.nc.is_connected:
+            if not (self._check_inbox.is_set() or silent):
                 continue
             self._check_inbox.clear()
             try:

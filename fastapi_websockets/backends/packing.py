@@ -32,6 +32,7 @@ from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelLayerClosed,
     ChannelLayerError,
+    MessageTooLarge,
 )
 
 __all__ = ["IN_FLIGHT", "MAX_FRAMES", "Packer", "describe", "pack", "sender_error", "unpack"]
@@ -135,6 +136,14 @@ class _Frame:
         self.deadline = deadline
 
 
+def _size(frames: Sequence[_Frame]) -> int:
+    """What ``frames`` count against ``Packer.max_bytes``: headers, names and payloads.
+
+    At most 4 UTF-8 bytes a character: an upper bound, without encoding the names twice.
+    """
+    return _HEADER.size * len(frames) + sum(len(frame.channel) * 4 + len(frame.data) for frame in frames)
+
+
 class _Outbox:
     """What waits for one destination, and how many publishes to it are unconfirmed."""
 
@@ -168,7 +177,10 @@ class Packer:
     confirm woke all send in one turn: they travel together), else whenever
     a publish to that destination is settled. Every caller returns or raises
     with the publish that carried its frame: a failure reaches each of them,
-    as an error naming the caller's own send (:func:`sender_error`).
+    as an error naming the caller's own send (:func:`sender_error`). A pack
+    the layer refuses as too large after lowering ``max_bytes`` (another
+    server, with a smaller limit) is not a failure: its frames are taken
+    again, under the new bound.
     Frames are taken in call order and packed publishes to one destination
     are started in that order. A queued caller waits at most ``timeout``
     seconds in all, as a lone one does, then raises ``on_timeout(channel)``:
@@ -194,7 +206,9 @@ class Packer:
         self._limit = in_flight
         self._max_frames = max_frames
         #: Most bytes of payloads and names one packed message carries; a layer that learns
-        #: a smaller bound from its broker (on connecting) lowers it.
+        #: a smaller bound from its broker (on connecting, on reconnecting to another server)
+        #: lowers it, also before its ``send_many`` raises ``MessageTooLarge`` for a pack
+        #: sized for the old bound: its sends are then taken again under the new one.
         self.max_bytes = max_bytes
         self._timeout = timeout
         self._on_timeout = on_timeout
@@ -355,11 +369,7 @@ class Packer:
             # The common case, a round's sends, all of them in one message: the
             # per-frame checks below in two comprehensions.
             batch = [frame for frame in queued if not frame.done.done()]
-            if (
-                _HEADER.size * len(batch) + sum(len(frame.channel) * 4 + len(frame.data) for frame in batch)
-                <= self.max_bytes
-                or len(batch) < 2
-            ):
+            if _size(batch) <= self.max_bytes or len(batch) < 2:
                 queued.clear()
                 return batch
         batch = []
@@ -369,8 +379,7 @@ class Packer:
             if frame.done.done():
                 queued.popleft()  # its caller gave up before it was taken: never sent
                 continue
-            # At most 4 UTF-8 bytes a character: an upper bound, without encoding the name twice.
-            cost = _HEADER.size + len(frame.channel) * 4 + len(frame.data)
+            cost = _size((frame,))
             if batch and size + cost > self.max_bytes:
                 break
             queued.popleft()
@@ -390,6 +399,13 @@ class Packer:
             # Only close() cancels this task: the callers learn why.
             settle_all((frame.done for frame in batch), ChannelLayerClosed("the channel layer was closed"))
             raise
+        except MessageTooLarge as exc:
+            if len(batch) > 1 and _size(batch) > self.max_bytes:
+                # Sized for a bound the layer has lowered since (the server it reconnected
+                # to takes less): taken again, first in line, under the new bound.
+                outbox.queued.extendleft(reversed(batch))
+            else:
+                self._fail(batch, exc)
         except Exception as exc:
             self._fail(batch, exc)
         else:

@@ -14,7 +14,7 @@ from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.locks import SharedRounds
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive, url
-from fastapi_websockets.backends.packing import IN_FLIGHT, MAX_FRAMES, Packer, SendMany, describe
+from fastapi_websockets.backends.packing import IN_FLIGHT, MAX_FRAMES, Packer, SendMany, describe, pack
 from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.timeouts import LazyBound, reply_within, wait_event, within
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
@@ -23,6 +23,7 @@ from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelLayerClosed,
     InvalidChannelLayerConfig,
+    MessageTooLarge,
 )
 
 # ------------------------------------------------------------------ backoff
@@ -335,6 +336,25 @@ def packer_for(tasks: TaskSupervisor, send_many: SendMany, max_bytes: int = 100_
         timeout=10.0,
         on_timeout=lambda channel: BackendUnavailable(f"timed out ({channel!r})"),
     )
+
+
+async def test_a_pack_refused_after_its_bound_was_lowered_is_taken_again_under_the_new_one() -> None:
+    # A broker that now takes packs of 2,500 bytes at most (another server, after a
+    # reconnect): the layer lowers the bound as it refuses a pack sized for the old one.
+    tasks = TaskSupervisor("fastapi_websockets.test")
+    stored: list[list[str]] = []
+
+    async def send_many(destination: str, frames: list[tuple[str, bytes]]) -> None:
+        if len(pack(frames)) > 2_500:
+            packer.max_bytes = 2_500
+            raise MessageTooLarge(len(pack(frames)), 2_500)
+        stored.append([channel for channel, _ in frames])
+
+    packer = packer_for(tasks, send_many)
+    channels = [f"c{i}" for i in range(4)]
+    await asyncio.gather(*(packer.send("p", channel, b"x" * 1_000) for channel in channels))
+    assert stored == [channels[:2], channels[2:]]
+    await tasks.close()
 
 
 async def test_each_caller_of_a_failed_pack_is_told_about_its_own_send() -> None:

@@ -496,9 +496,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         # Per-message TTL (Nats-TTL) exists from server 2.11; older servers accept
         # and ignore it, so only use it where it works.
         self._msg_ttl = (version.major, version.minor) >= (2, 11)
-        # A pack must fit the server's max_payload too, which may be below max_message_size:
-        # sends that fit it alone must not fail for having been packed together.
-        self._packer.max_bytes = min(self.max_message_size, nc.max_payload) - _PACK_OVERHEAD
+        self._bound_packs()
         if not self._stored:
             return
         try:
@@ -509,6 +507,15 @@ class NATSChannelLayer(BrokerChannelLayer):
             raise
         self.tasks.keep_running(self._keep_inbox, "inbox keeper")
         self.tasks.keep_running(self._ack_late, "inbox acknowledgements")
+
+    def _bound_packs(self) -> None:
+        """Bound packed sends by the ``max_payload`` of the server connected to now.
+
+        It may be below ``max_message_size``, and differ between the servers of
+        ``servers`` (nats-py reads it from each server's INFO on every connect):
+        sends that fit it alone must not fail for having been packed together.
+        """
+        self._packer.max_bytes = min(self.max_message_size, self.nc.max_payload) - _PACK_OVERHEAD
 
     def _connect_failed(self, nc: Client, exc: BaseException | None = None) -> BackendUnavailable:
         last = exc or nc.last_error
@@ -602,6 +609,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         # the inbox consumer resumes by itself (the keeper checks it still exists);
         # named-channel readers re-issue their pull requests within _PULL_EXPIRES.
         self._check_inbox.set()
+        if self._nc is not None:
+            self._bound_packs()
         url = self._nc.connected_url if self._nc is not None else None
         where = location(url.geturl(), self.default_port) if url is not None else "?"
         logger.info("reconnected to NATS at %s", where)
@@ -877,8 +886,15 @@ class NATSChannelLayer(BrokerChannelLayer):
         backoff = self.backoff()
         while True:
             await wait_event(self._check_inbox, _INBOX_HEARTBEAT)
+            if not self.nc.is_connected:
+                # The reconnect sets it again (_on_reconnected). Left set (by a failed
+                # check, or a reconnect the connection did not outlive), the wait above
+                # would return at once and this loop never yield: the event loop froze,
+                # and with it the reconnect.
+                self._check_inbox.clear()
+                continue
             silent = time.monotonic() - self._inbox_heard > 2 * _INBOX_HEARTBEAT
-            if not (self._check_inbox.is_set() or silent) or not self.nc.is_connected:
+            if not (self._check_inbox.is_set() or silent):
                 continue
             self._check_inbox.clear()
             try:
@@ -1029,7 +1045,14 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     async def _store_sends(self, token: str, frames: list[tuple[str, bytes]]) -> None:
         # One message id for the pack: a retried publish, or a redelivery, is dropped whole.
-        await self._store_in_inbox(token, _frame(_TO_CHANNELS, "", pack(frames)), describe(frames))
+        try:
+            await self._store_in_inbox(token, _frame(_TO_CHANNELS, "", pack(frames)), describe(frames))
+        except MessageTooLarge:
+            # Packed for the server before a reconnect (the new one takes less, and
+            # _on_reconnected may not have run yet): the packer takes the sends again
+            # under the new bound.
+            self._bound_packs()
+            raise
 
     async def _send_named(self, channel: str, data: bytes) -> None:
         await self._ensure_stream()

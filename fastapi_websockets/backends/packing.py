@@ -27,10 +27,15 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi_websockets._running_loop import running_loop
-from fastapi_websockets.backends.futures import settle_all
-from fastapi_websockets.exceptions import ChannelLayerClosed
+from fastapi_websockets.backends.futures import settle, settle_all
+from fastapi_websockets.exceptions import (
+    BackendUnavailable,
+    ChannelLayerClosed,
+    ChannelLayerError,
+    MessageTooLarge,
+)
 
-__all__ = ["IN_FLIGHT", "MAX_FRAMES", "Packer", "describe", "pack", "unpack"]
+__all__ = ["IN_FLIGHT", "MAX_FRAMES", "Packer", "describe", "pack", "sender_error", "unpack"]
 
 #: First byte of a packed body; another value is a format this version cannot read.
 PACK_VERSION = 1
@@ -64,8 +69,30 @@ def pack(frames: Sequence[tuple[str, bytes]]) -> bytes:
 
 
 def describe(frames: Sequence[tuple[str, bytes]]) -> str:
-    """How errors name a packed publish of ``frames``: its first channel and how many came with it."""
-    return f"send to {frames[0][0]!r} and {len(frames) - 1} packed with it"
+    """How a layer's errors name a packed publish of ``frames`` (each sender's names its own send).
+
+    No channel: the publish is every sender's, and :func:`sender_error` tells
+    each of them about the one it passed.
+    """
+    return f"packed publish of {len(frames)} sends"
+
+
+def sender_error(error: Exception, channel: str, others: int) -> Exception:
+    """What the sender to ``channel`` raises when the publish that carried its send with ``others`` failed.
+
+    A ``BackendUnavailable`` or a plain ``ChannelLayerError`` names the
+    publish (:func:`describe`): the sender gets one of the same type that
+    names its own channel and how many were packed with it, caused by
+    ``error``. Any other error (the layer closed, a refusal) is about no send
+    in particular and is returned as it is.
+    """
+    kind = type(error)
+    if kind is not BackendUnavailable and kind is not ChannelLayerError:
+        return error
+    own = kind(f"send to {channel!r} (packed with {others} others) failed: {error}")
+    own.__cause__ = error
+    own.__suppress_context__ = True
+    return own
 
 
 def unpack(body: bytes) -> list[tuple[str, bytes]]:
@@ -109,6 +136,14 @@ class _Frame:
         self.deadline = deadline
 
 
+def _size(frames: Sequence[_Frame]) -> int:
+    """What ``frames`` count against ``Packer.max_bytes``: headers, names and payloads.
+
+    At most 4 UTF-8 bytes a character: an upper bound, without encoding the names twice.
+    """
+    return _HEADER.size * len(frames) + sum(len(frame.channel) * 4 + len(frame.data) for frame in frames)
+
+
 class _Outbox:
     """What waits for one destination, and how many publishes to it are unconfirmed."""
 
@@ -141,7 +176,11 @@ class Packer:
     on the next turn of the event loop if a slot is free (the senders one
     confirm woke all send in one turn: they travel together), else whenever
     a publish to that destination is settled. Every caller returns or raises
-    with the publish that carried its frame: a failure reaches each of them.
+    with the publish that carried its frame: a failure reaches each of them,
+    as an error naming the caller's own send (:func:`sender_error`). A pack
+    the layer refuses as too large after lowering ``max_bytes`` (another
+    server, with a smaller limit) is not a failure: its frames are taken
+    again, under the new bound.
     Frames are taken in call order and packed publishes to one destination
     are started in that order. A queued caller waits at most ``timeout``
     seconds in all, as a lone one does, then raises ``on_timeout(channel)``:
@@ -167,7 +206,9 @@ class Packer:
         self._limit = in_flight
         self._max_frames = max_frames
         #: Most bytes of payloads and names one packed message carries; a layer that learns
-        #: a smaller bound from its broker (on connecting) lowers it.
+        #: a smaller bound from its broker (on connecting, on reconnecting to another server)
+        #: lowers it, also before its ``send_many`` raises ``MessageTooLarge`` for a pack
+        #: sized for the old bound: its sends are then taken again under the new one.
         self.max_bytes = max_bytes
         self._timeout = timeout
         self._on_timeout = on_timeout
@@ -328,11 +369,7 @@ class Packer:
             # The common case, a round's sends, all of them in one message: the
             # per-frame checks below in two comprehensions.
             batch = [frame for frame in queued if not frame.done.done()]
-            if (
-                _HEADER.size * len(batch) + sum(len(frame.channel) * 4 + len(frame.data) for frame in batch)
-                <= self.max_bytes
-                or len(batch) < 2
-            ):
+            if _size(batch) <= self.max_bytes or len(batch) < 2:
                 queued.clear()
                 return batch
         batch = []
@@ -342,8 +379,7 @@ class Packer:
             if frame.done.done():
                 queued.popleft()  # its caller gave up before it was taken: never sent
                 continue
-            # At most 4 UTF-8 bytes a character: an upper bound, without encoding the name twice.
-            cost = _HEADER.size + len(frame.channel) * 4 + len(frame.data)
+            cost = _size((frame,))
             if batch and size + cost > self.max_bytes:
                 break
             queued.popleft()
@@ -363,9 +399,15 @@ class Packer:
             # Only close() cancels this task: the callers learn why.
             settle_all((frame.done for frame in batch), ChannelLayerClosed("the channel layer was closed"))
             raise
+        except MessageTooLarge as exc:
+            if len(batch) > 1 and _size(batch) > self.max_bytes:
+                # Sized for a bound the layer has lowered since (the server it reconnected
+                # to takes less): taken again, first in line, under the new bound.
+                outbox.queued.extendleft(reversed(batch))
+            else:
+                self._fail(batch, exc)
         except Exception as exc:
-            # Each caller raises it (they all waited on this one publish).
-            settle_all((frame.done for frame in batch), exc)
+            self._fail(batch, exc)
         else:
             for frame in batch:
                 done = frame.done
@@ -373,3 +415,14 @@ class Packer:
                     done.set_result(None)
         finally:
             self._settled(destination, outbox)
+
+    @staticmethod
+    def _fail(batch: list[_Frame], error: Exception) -> None:
+        """Fail each caller of ``batch`` with ``error``, told about the send it made."""
+        if len(batch) == 1:
+            settle(batch[0].done, error)  # a lone send's error names its channel
+            return
+        others = len(batch) - 1
+        for frame in batch:
+            if not frame.done.done():
+                frame.done.set_exception(sender_error(error, frame.channel, others))

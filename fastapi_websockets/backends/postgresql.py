@@ -60,7 +60,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 from urllib.parse import parse_qsl
 
 from fastapi_websockets._running_loop import running_loop
@@ -2001,7 +2001,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
     def _send_remote(self, channel: str, data: bytes) -> Coroutine[Any, Any, None]:
         # The write's own coroutine, not one around it: a frame less per send, made and resumed.
         if "!" in channel:  # is_process_specific(), without a call per send
-            return self._write(self._inbox_of(channel), channel, data)  # type: ignore[return-value]  # (a send settles to None)
+            return self._write(self._inbox_of(channel), channel, data)
         return self._send_named(channel, data)
 
     async def _send_named(self, channel: str, data: bytes) -> None:
@@ -2013,6 +2013,16 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         )
         if not stored:
             raise ChannelFull(channel, capacity)
+
+    # A send (an inbox, no policy: written by _write_batch) settles to None; typed so,
+    # _send_remote can hand out the write's own coroutine as a send's.
+    @overload
+    async def _write(self, queue: str, target: str, data: bytes, policy: None = None) -> None: ...
+
+    @overload
+    async def _write(
+        self, queue: None, target: str, data: bytes, policy: HistoryPolicy | None = None
+    ) -> StreamPosition | None: ...
 
     async def _write(
         self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None

@@ -471,6 +471,51 @@ async def test_sends_that_fit_the_server_alone_are_not_packed_past_its_max_paylo
     assert sender.packed_publishes == 0
 
 
+@pytest.fixture
+def large_and_small(tmp_path: Path) -> Iterator[tuple[NatsNode, NatsNode]]:
+    """Two servers of one deployment, taking 2 MB and 256 KB payloads; only the first started.
+
+    Requested before ``make``: layers are closed while the servers still run.
+    """
+    large, small = NatsNode(tmp_path / "large"), NatsNode(tmp_path / "small", max_payload="256KB")
+    large.first_start()
+    try:
+        yield large, small
+    finally:
+        small.stop()
+        large.stop()
+
+
+async def test_packs_follow_the_max_payload_of_the_server_reconnected_to(
+    large_and_small: tuple[NatsNode, NatsNode], make: Make
+) -> None:
+    # The layers start on the server taking 2 MB and move to the one taking 256 KB when
+    # it stops. Eight concurrent 100 KB sends each fit the second alone; packed as for
+    # the first they would not.
+    large, small = large_and_small
+    urls = [large.url, small.url]
+    receiver, sender = make(servers=urls, capacity=1000), make(servers=urls)
+    channels = [await receiver.new_channel() for _ in range(8)]
+    await sender.send(channels[0], {"type": "warm"})
+    await receiver.receive(channels[0], timeout=PATIENCE)
+    assert sender.nc.max_payload == 2 * 1024 * 1024
+    small.first_start()
+    large.stop()
+    await wait_connected(receiver, sender)
+    assert sender.nc.max_payload == 256 * 1024
+    packed = sender.packed_publishes
+    body = b"\xab" * 100_000
+    results = await asyncio.gather(
+        *(sender.send(channel, {"i": i, "body": body}) for i, channel in enumerate(channels)),
+        return_exceptions=True,
+    )
+    assert results == [None] * 8
+    for i, channel in enumerate(channels):
+        message = await receiver.receive(channel, timeout=PATIENCE)
+        assert (message["i"], message["body"]) == (i, body)
+    assert sender.packed_publishes > packed  # still packed, in packs the server takes
+
+
 async def test_close_with_packed_sends_pending_ends_each_of_them(nats_node: NatsNode, make: Make) -> None:
     receiver, sender = make(servers=[nats_node.url], capacity=1000), make(servers=[nats_node.url])
     channels = [await receiver.new_channel() for _ in range(16)]
@@ -499,8 +544,12 @@ async def test_a_failed_packed_publish_reaches_each_of_its_senders(
         *(sender.send(channel, {"type": "n"}) for channel in channels), return_exceptions=True
     )
     assert all(isinstance(result, BackendUnavailable) for result in results), results
-    # Some went packed: the one failure of their publish reached each of them.
-    assert sum("packed with it" in str(result) for result in results) >= 2, results
+    # Some went packed: the one failure of their publish reached each of them, each
+    # naming the send it made.
+    assert all(repr(channel) in str(result) for channel, result in zip(channels, results, strict=True)), (
+        results
+    )
+    assert sum("others) failed" in str(result) for result in results) >= 2, results
     private_node.start()
 
 

@@ -9,6 +9,7 @@ killed with SIGKILL and started again on the same port and data directory.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +18,9 @@ import pytest
 from fastapi_websockets import BaseChannelLayer
 from fastapi_websockets.backends.nats import NATSChannelLayer
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
-from tests.backends.test_nats import Make, raw_client
+from tests.backends.test_nats import PATIENCE, Make, raw_client, wait_connected
 from tests.conftest import layer_factory
-from tests.faults import TcpProxy, receiver_process, send_burst
+from tests.faults import TcpProxy, eventually, receiver_process, send_burst
 from tests.servers.nats import NatsNode, env_factory
 
 
@@ -166,6 +167,29 @@ async def test_a_cut_connection_of_the_receiver_loses_nothing(node: NatsNode, ma
             await asyncio.gather(collecting, return_exceptions=True)
     assert sent == 72
     assert sorted(got) == list(range(sent)), f"lost {sorted(set(range(sent)) - set(got))}"
+
+
+async def test_a_connection_lost_while_the_inbox_check_is_retried_leaves_the_loop_running(
+    node: NatsNode, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its heartbeats stopped, the keeper checks the inbox consumer, fails (no answer) and
+    # tries again. The connection drops meanwhile: the keeper must wait for the reconnect.
+    # It retried at once without yielding, which froze the event loop, reconnect included.
+    caplog.set_level(logging.DEBUG, logger="fastapi_websockets")
+    async with TcpProxy(node.port) as proxy:
+        layer = make(servers=[f"nats://127.0.0.1:{proxy.port}"], timeout=2)
+        channel = await layer.new_channel()
+        proxy.hold()  # neither heartbeats nor replies reach the layer
+        await eventually(lambda: "inbox check failed" in caplog.text, "a failed inbox check", PATIENCE)
+        await proxy.cut()
+        await asyncio.sleep(1)
+        proxy.release()
+        await proxy.reopen()
+        await wait_connected(layer)
+        await layer.send(channel, {"type": "after"})
+        assert (await layer.receive(channel, timeout=PATIENCE))["type"] == "after"
+    # A frozen loop ends only when pytest-timeout raises in it: the keeper then fails.
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 async def test_ten_restarts_in_a_row_lose_nothing_across_processes(

@@ -1695,6 +1695,32 @@ async def test_a_failed_packed_publish_raises_in_every_caller(make: Factory, nod
         assert sender.publishes - before < 16
 
 
+async def test_each_caller_of_a_failed_packed_publish_is_told_about_its_own_send(
+    make: Factory, node: RabbitNode
+) -> None:
+    # Sixteen sends to sixteen channels go as one message; the connection drops before
+    # its confirm. Each caller's error names the channel it passed, not the pack's first.
+    receiver = make()
+    channels = [await receiver.new_channel() for _ in range(16)]
+    async with TcpProxy(node.port) as proxy:
+        sender = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", timeout=10)
+        await sender.send(channels[0], {"type": "warm"})
+        before = sender.publishes
+        proxy.hold()  # no publisher confirm reaches the sender
+        sends = asyncio.gather(
+            *(sender.send(channel, {"type": "n", "i": i}) for i, channel in enumerate(channels)),
+            return_exceptions=True,
+        )
+        await eventually(lambda: sender.publishes > before, "the packed publish written")
+        await proxy.cut()
+        results = await sends
+        await proxy.reopen()
+    assert sender.publishes - before == 1
+    for channel, result in zip(channels, results, strict=True):
+        assert isinstance(result, BackendUnavailable), result
+        assert f"send to {channel!r} (packed with 15 others)" in str(result), result
+
+
 async def test_a_send_without_a_confirm_times_out_and_a_cancelled_one_stays_cancelled(
     make: Factory, node: RabbitNode, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -64,6 +64,7 @@ def _http_ok(url: str) -> bool:
 class NatsNode:
     """One nats-server with JetStream; can be stopped, killed and started again on its ports.
 
+    ``max_payload`` is the server's limit (nats-server's units: ``2MB``, ``256KB``).
     With ``user`` and ``password``, clients must log in (``url`` then carries no
     credentials; tests add them, right or wrong). With ``tls``, clients must
     speak TLS (``tls://``); the server shows the session's certificate.
@@ -81,8 +82,10 @@ class NatsNode:
         user: str | None = None,
         password: str | None = None,
         tls: Certificates | None = None,
+        max_payload: str = "2MB",
     ) -> None:
         self.workdir = workdir
+        self.max_payload = max_payload
         self.tls = tls
         self.name = name
         self.port = port or free_port()
@@ -101,7 +104,7 @@ class NatsNode:
             f"server_name: {self.name}",
             f"listen: 127.0.0.1:{self.port}",
             f"http: 127.0.0.1:{self.monitor_port}",
-            "max_payload: 2MB",
+            f"max_payload: {self.max_payload}",
             f"jetstream {{ store_dir: {json.dumps(str(self.workdir / 'js'))} }}",
         ]
         if self.tls is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
@@ -12,11 +14,17 @@ from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.locks import SharedRounds
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive, url
+from fastapi_websockets.backends.packing import IN_FLIGHT, MAX_FRAMES, Packer, SendMany, describe, pack
 from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.timeouts import LazyBound, reply_within, wait_event, within
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
 from fastapi_websockets.backends.waiters import WaiterQueue
-from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, InvalidChannelLayerConfig
+from fastapi_websockets.exceptions import (
+    BackendUnavailable,
+    ChannelLayerClosed,
+    InvalidChannelLayerConfig,
+    MessageTooLarge,
+)
 
 # ------------------------------------------------------------------ backoff
 
@@ -304,6 +312,84 @@ async def test_supervisor_close_cancels_and_awaits_everything() -> None:
 
     with pytest.raises(ChannelLayerClosed):
         tasks.spawn(late(), "late")
+
+
+# ------------------------------------------------------------------ packing
+
+
+def packer_for(tasks: TaskSupervisor, send_many: SendMany, max_bytes: int = 100_000) -> Packer:
+    """A Packer publishing through ``send_many`` (and a lone send that always succeeds)."""
+
+    async def send_one(destination: str, channel: str, data: bytes) -> None:
+        pass
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        tasks.spawn(coro, "packed send", awaited=True)
+
+    return Packer(
+        send_one=send_one,
+        send_many=send_many,
+        spawn=spawn,
+        in_flight=IN_FLIGHT,
+        max_frames=MAX_FRAMES,
+        max_bytes=max_bytes,
+        timeout=10.0,
+        on_timeout=lambda channel: BackendUnavailable(f"timed out ({channel!r})"),
+    )
+
+
+async def test_a_pack_refused_after_its_bound_was_lowered_is_taken_again_under_the_new_one() -> None:
+    # A broker that now takes packs of 2,500 bytes at most (another server, after a
+    # reconnect): the layer lowers the bound as it refuses a pack sized for the old one.
+    tasks = TaskSupervisor("fastapi_websockets.test")
+    stored: list[list[str]] = []
+
+    async def send_many(destination: str, frames: list[tuple[str, bytes]]) -> None:
+        if len(pack(frames)) > 2_500:
+            packer.max_bytes = 2_500
+            raise MessageTooLarge(len(pack(frames)), 2_500)
+        stored.append([channel for channel, _ in frames])
+
+    packer = packer_for(tasks, send_many)
+    channels = [f"c{i}" for i in range(4)]
+    await asyncio.gather(*(packer.send("p", channel, b"x" * 1_000) for channel in channels))
+    assert stored == [channels[:2], channels[2:]]
+    await tasks.close()
+
+
+async def test_each_caller_of_a_failed_pack_is_told_about_its_own_send() -> None:
+    tasks = TaskSupervisor("fastapi_websockets.test")
+    failures: list[Exception] = []
+
+    async def send_many(destination: str, frames: list[tuple[str, bytes]]) -> None:
+        failures.append(BackendUnavailable(f"the broker is away ({describe(frames)} failed)"))
+        raise failures[-1]
+
+    packer = packer_for(tasks, send_many)
+    channels = [f"c{i}" for i in range(3)]
+    results = await asyncio.gather(
+        *(packer.send("p", channel, b"x") for channel in channels), return_exceptions=True
+    )
+    assert len(failures) == 1  # one publish carried them all
+    for channel, result in zip(channels, results, strict=True):
+        assert isinstance(result, BackendUnavailable)
+        assert str(result) == (
+            f"send to {channel!r} (packed with 2 others) failed: "
+            "the broker is away (packed publish of 3 sends failed)"
+        )
+        assert result.__cause__ is failures[0]
+
+    closed = ChannelLayerClosed("the channel layer was closed")
+
+    async def send_closed(destination: str, frames: list[tuple[str, bytes]]) -> None:
+        raise closed
+
+    packer = packer_for(tasks, send_closed)
+    results = await asyncio.gather(
+        *(packer.send("p", channel, b"x") for channel in channels), return_exceptions=True
+    )
+    assert all(result is closed for result in results)  # about no send in particular: as it is
+    await tasks.close()
 
 
 # ------------------------------------------------------------- waiter queue

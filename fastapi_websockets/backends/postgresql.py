@@ -2014,9 +2014,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if not stored:
             raise ChannelFull(channel, capacity)
 
-    async def _write(
+    def _write(
         self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None
-    ) -> StreamPosition | None:
+    ) -> Awaitable[StreamPosition | None]:
         """Write a send (``queue``: the inbox of ``target``) or a message to group ``target``.
 
         Writes made while a statement is in flight go out together in the next
@@ -2024,10 +2024,15 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         messages, delaying a lone one by one pass of the event loop (see
         :meth:`_gathered`), never by a timer. One writer, statements in the
         order their writes were queued, so no write overtakes an earlier one.
+        Queued at the call (callers await at once): what is awaited settles
+        once the write is stored.
         """
         entry = _Outgoing(queue, target, data, running_loop().create_future(), policy)
         if self._writing or self._outbox_task is not None or self._outbox:
-            # Queued here rather than in a helper: a closed-loop burst queues 15 of every 16 sends.
+            # Queued here rather than in a helper: a closed-loop burst queues 15 of every 16
+            # sends. Their callers await the entry's future itself, not a coroutine around
+            # it: across processes each send's task is resumed once by its statement's reply,
+            # and a coroutine was one more frame made, run and resumed per send.
             self._outbox.append(entry)
             parked = self._writer_parked
             if parked is not None:
@@ -2035,7 +2040,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 parked.set_result(None)
             elif self._outbox_task is None and not self._writing:
                 self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
-            return await entry.done
+            return entry.done
+        return self._write_first(entry)
+
+    async def _write_first(self, entry: _Outgoing) -> StreamPosition | None:
+        """Write ``entry`` when nothing is queued or in flight: with what joins it in this pass, or alone."""
         if await self._gathered(entry):
             return await entry.done
         # Alone: the caller runs its statement itself, without the hops through the

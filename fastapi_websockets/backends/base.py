@@ -17,7 +17,7 @@ import fnmatch
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar
@@ -1016,8 +1016,12 @@ class BaseChannelLayer(abc.ABC):
         """Connect and start background readers; called once, lazily, under a lock."""
 
     @abc.abstractmethod
-    async def _send_remote(self, channel: str, data: bytes) -> None:
-        """Deliver encoded ``data`` to a named channel or another instance's channel."""
+    def _send_remote(self, channel: str, data: bytes) -> Awaitable[None]:
+        """Deliver encoded ``data`` to a named channel or another instance's channel.
+
+        Typed as an awaitable so a backend may hand back a future or another coroutine
+        instead of one around it; an ``async def`` override fits too.
+        """
 
     @abc.abstractmethod
     async def _receive_remote(self, channel: str) -> Message:

@@ -1998,8 +1998,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
 
     # --------------------------------------------------------------- template
 
-    def _send_remote(self, channel: str, data: bytes) -> Coroutine[Any, Any, None]:
-        # The write's own coroutine, not one around it: a frame less per send, made and resumed.
+    def _send_remote(self, channel: str, data: bytes) -> Awaitable[None]:
+        # What the write returns (its entry's future, or the coroutine that gathers or writes
+        # alone), not a coroutine around it: a frame less per send, made and resumed.
         if "!" in channel:  # is_process_specific(), without a call per send
             return self._write(self._inbox_of(channel), channel, data)
         return self._send_named(channel, data)
@@ -2015,18 +2016,18 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             raise ChannelFull(channel, capacity)
 
     # A send (an inbox, no policy: written by _write_batch) settles to None; typed so,
-    # _send_remote can hand out the write's own coroutine as a send's.
+    # _send_remote can hand out what the write returns as a send's awaitable.
     @overload
-    async def _write(self, queue: str, target: str, data: bytes, policy: None = None) -> None: ...
+    def _write(self, queue: str, target: str, data: bytes, policy: None = None) -> Awaitable[None]: ...
 
     @overload
-    async def _write(
+    def _write(
         self, queue: None, target: str, data: bytes, policy: HistoryPolicy | None = None
-    ) -> StreamPosition | None: ...
+    ) -> Awaitable[StreamPosition | None]: ...
 
-    async def _write(
+    def _write(
         self, queue: str | None, target: str, data: bytes, policy: HistoryPolicy | None = None
-    ) -> StreamPosition | None:
+    ) -> Awaitable[StreamPosition | None]:
         """Write a send (``queue``: the inbox of ``target``) or a message to group ``target``.
 
         Writes made while a statement is in flight go out together in the next
@@ -2034,10 +2035,15 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         messages, delaying a lone one by one pass of the event loop (see
         :meth:`_gathered`), never by a timer. One writer, statements in the
         order their writes were queued, so no write overtakes an earlier one.
+        Queued at the call (callers await at once): what is awaited settles
+        once the write is stored.
         """
         entry = _Outgoing(queue, target, data, running_loop().create_future(), policy)
         if self._writing or self._outbox_task is not None or self._outbox:
-            # Queued here rather than in a helper: a closed-loop burst queues 15 of every 16 sends.
+            # Queued here rather than in a helper: a closed-loop burst queues 15 of every 16
+            # sends. Their callers await the entry's future itself, not a coroutine around
+            # it: across processes each send's task is resumed once by its statement's reply,
+            # and a coroutine was one more frame made, run and resumed per send.
             self._outbox.append(entry)
             parked = self._writer_parked
             if parked is not None:
@@ -2045,7 +2051,11 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 parked.set_result(None)
             elif self._outbox_task is None and not self._writing:
                 self._outbox_task = self.tasks.spawn(self._write_outbox(), "outbox")
-            return await entry.done
+            return entry.done
+        return self._write_first(entry)
+
+    async def _write_first(self, entry: _Outgoing) -> StreamPosition | None:
+        """Write ``entry`` when nothing is queued or in flight: with what joins it in this pass, or alone."""
         if await self._gathered(entry):
             return await entry.done
         # Alone: the caller runs its statement itself, without the hops through the

@@ -68,6 +68,9 @@ BACKEND_ALIASES: dict[str, str] = {
 _ALIAS_KEYS = frozenset({"BACKEND", "CONFIG"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A repr'd string: a quote after no letter (so not the apostrophe of "layer's") up to its mate.
+_QUOTED = re.compile(r"(?<![A-Za-z0-9])(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class BackendSettings:
 
     backend: str = DEFAULT_BACKEND
     config: dict[str, Any] = field(default_factory=dict)
+    #: Where each option of ``config`` was given (``FASTAPI_WEBSOCKETS_REDIS_CAPACITY``,
+    #: ``CHANNEL_LAYERS['default']['CONFIG']['capacity']``), for the backend's errors.
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __repr__(self) -> str:
         # Settings get logged and printed: never with a password from a URL or DSN.
@@ -343,8 +349,10 @@ def parse_channel_layers(settings: Mapping[str, Mapping[str, Any]] | None) -> di
             raise InvalidChannelLayerConfig(
                 f"CHANNEL_LAYERS[{alias!r}]['CONFIG'] must be a mapping, got {type(config).__name__}"
             )
-        checked = _validate_config(backend, config, f"CHANNEL_LAYERS[{alias!r}]['CONFIG']")
-        parsed[alias] = BackendSettings(backend=backend_path, config=checked)
+        where = f"CHANNEL_LAYERS[{alias!r}]['CONFIG']"
+        checked = _validate_config(backend, config, where)
+        sources = {key: f"{where}[{key!r}]" for key in checked}
+        parsed[alias] = BackendSettings(backend=backend_path, config=checked, sources=sources)
     return parsed
 
 
@@ -355,12 +363,36 @@ def build_channel_layer(
     if isinstance(backend, BackendSettings):
         if config is not None:
             raise TypeError("pass either BackendSettings or (backend, config), not both")
-        path, config = backend.backend, backend.config
+        path, config, sources = backend.backend, backend.config, backend.sources
     else:
-        path = backend
+        path, sources = backend, {}
     backend_class = load_backend_class(path)
     checked = _validate_config(backend_class, config or {}, f"CONFIG of {backend_class.__name__}")
-    return backend_class(**checked)
+    try:
+        return backend_class(**checked)
+    except InvalidChannelLayerConfig as exc:
+        # The constructor names the option ("capacity must be ..."); the user knows the variable
+        # or mapping key they wrote, so the error leads with that.
+        given = _sources_named(str(exc), sources)
+        if not given:
+            raise
+        raise InvalidChannelLayerConfig(f"{', '.join(given)}: {exc}") from exc
+
+
+def _sources_named(message: str, sources: Mapping[str, str]) -> list[str]:
+    """Where the options ``message`` names were given, in the order the message names them.
+
+    Every constructor check names the option it refuses (``capacity must be...``,
+    ``sentinels and sentinel_master go together``); quoted values are skipped, so that a
+    URL or a pattern that happens to contain an option's name does not count.
+    """
+    unquoted = _QUOTED.sub("", message)
+    named = {
+        match.start(): sources[word]
+        for match in _WORD.finditer(unquoted)
+        if (word := match.group()) in sources
+    }
+    return list(dict.fromkeys(named[start] for start in sorted(named)))
 
 
 def get_channel_layer(
@@ -400,6 +432,7 @@ def _parse_env_alias(environ: Mapping[str, str], prefix: str) -> BackendSettings
     option_prefix = f"{prefix}{_env_name(backend)}_"
     by_var = {option_prefix + name.upper(): option for name, option in options.items()}
     config: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for var, text in environ.items():
         if not var.startswith(option_prefix):
             continue
@@ -421,7 +454,8 @@ def _parse_env_alias(environ: Mapping[str, str], prefix: str) -> BackendSettings
             raise InvalidChannelLayerConfig(
                 f"{var}={_shown(text)!r} is not valid: expected {_describe(option.annotation)}"
             ) from exc
-    return BackendSettings(backend=_resolve_backend_path(raw_backend), config=config)
+        sources[option.name] = var
+    return BackendSettings(backend=_resolve_backend_path(raw_backend), config=config, sources=sources)
 
 
 def parse_channel_layers_from_env(

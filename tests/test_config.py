@@ -474,3 +474,97 @@ def test_rabbitmq_milliseconds_past_ten_years_are_refused(option: str) -> None:
     refused = rf"{option} must be .* up to 315,360,000,000.*got 1000000000000"
     with pytest.raises(InvalidChannelLayerConfig, match=refused):
         build_channel_layer("rabbitmq", {option: 10**12})
+
+
+@pytest.mark.parametrize(
+    ("env", "alias", "named"),
+    [
+        (
+            {"FASTAPI_WEBSOCKETS_BACKEND": "redis", "FASTAPI_WEBSOCKETS_REDIS_CAPACITY": "-1"},
+            "default",
+            r"^FASTAPI_WEBSOCKETS_REDIS_CAPACITY: capacity must be a positive integer, got -1$",
+        ),
+        (
+            {
+                "FASTAPI_WEBSOCKETS_ALIASES": "default,events",
+                "FASTAPI_WEBSOCKETS_EVENTS_BACKEND": "rabbitmq",
+                "FASTAPI_WEBSOCKETS_EVENTS_RABBITMQ_MESSAGE_TTL": "0",
+            },
+            "events",
+            r"^FASTAPI_WEBSOCKETS_EVENTS_RABBITMQ_MESSAGE_TTL: message_ttl must be",
+        ),
+        (
+            # Two options that only clash together: both variables are named.
+            {
+                "FASTAPI_WEBSOCKETS_BACKEND": "redis",
+                "FASTAPI_WEBSOCKETS_REDIS_URL": "redis://user:secret@cache:6379/0",
+                "FASTAPI_WEBSOCKETS_REDIS_TLS_CA_FILE": __file__,
+            },
+            "default",
+            r"^FASTAPI_WEBSOCKETS_REDIS_TLS_CA_FILE(, FASTAPI_WEBSOCKETS_REDIS_URL)?: ",
+        ),
+    ],
+)
+def test_a_constructor_error_names_the_environment_variable(
+    env: dict[str, str], alias: str, named: str
+) -> None:
+    # It said "capacity must be a positive integer, got -1", leaving the reader to guess the variable.
+    with pytest.raises(InvalidChannelLayerConfig, match=named) as caught:
+        get_channel_layer_from_env(env, alias=alias)
+    assert "secret" not in str(caught.value)
+
+
+def test_both_variables_of_a_clash_are_named() -> None:
+    env = {
+        "FASTAPI_WEBSOCKETS_BACKEND": "redis",
+        "FASTAPI_WEBSOCKETS_REDIS_SENTINELS": "s1:26379",
+        "FASTAPI_WEBSOCKETS_REDIS_CLUSTER": "true",
+        "FASTAPI_WEBSOCKETS_REDIS_SENTINEL_MASTER": "mymaster",
+    }
+    with pytest.raises(InvalidChannelLayerConfig) as caught:
+        get_channel_layer_from_env(env)
+    assert str(caught.value).startswith(
+        "FASTAPI_WEBSOCKETS_REDIS_SENTINELS, FASTAPI_WEBSOCKETS_REDIS_CLUSTER: sentinels need"
+    ), caught.value
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "named"),
+    [
+        ("redis", {"capacity": -1}, "CHANNEL_LAYERS['events']['CONFIG']['capacity']: capacity must be"),
+        (
+            "inmemory",
+            {"channel_capacity": {"capacity:*": 0}, "capacity": 5},
+            "CHANNEL_LAYERS['events']['CONFIG']['channel_capacity']: channel_capacity['capacity:*'] must be",
+        ),
+        ("nats", {"replicas": 9}, "CHANNEL_LAYERS['events']['CONFIG']['replicas']: replicas must be"),
+        (
+            "postgresql",
+            {"pool_size": 0, "schema": "pool_size"},
+            "CHANNEL_LAYERS['events']['CONFIG']['pool_size']: pool_size must be",
+        ),
+        (
+            "inmemory",
+            {"history": {"room:*": 0}},
+            "CHANNEL_LAYERS['events']['CONFIG']['history']: history['room:*'] size must be",
+        ),
+    ],
+)
+def test_a_constructor_error_names_the_alias_and_key(kind: str, options: dict[str, Any], named: str) -> None:
+    settings: dict[str, dict[str, Any]] = {
+        "default": {"BACKEND": "inmemory"},
+        "events": {"BACKEND": kind, "CONFIG": options},
+    }
+    with pytest.raises(InvalidChannelLayerConfig) as caught:
+        get_channel_layer(settings, alias="events")
+    # Only the option at fault is named: not one whose name is merely quoted in a value.
+    assert str(caught.value).startswith(named), caught.value
+
+
+def test_a_constructor_error_without_a_source_is_unchanged() -> None:
+    with pytest.raises(InvalidChannelLayerConfig) as caught:
+        build_channel_layer("redis", {"capacity": -1})
+    assert str(caught.value) == "capacity must be a positive integer, got -1"
+    with pytest.raises(InvalidChannelLayerConfig) as caught:
+        RedisChannelLayer(capacity=-1)
+    assert str(caught.value) == "capacity must be a positive integer, got -1"

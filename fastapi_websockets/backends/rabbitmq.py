@@ -69,6 +69,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
 
 from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.backoff import Backoff
@@ -94,6 +95,7 @@ from fastapi_websockets.exceptions import (
     BackendUnavailable,
     ChannelFull,
     ChannelLayerClosed,
+    ChannelLayerError,
     InvalidChannelLayerConfig,
 )
 from fastapi_websockets.history import (
@@ -117,7 +119,7 @@ if TYPE_CHECKING:
         AbstractRobustQueue,
     )
 
-    from fastapi_websockets.backends.rabbitmq_wire import BatchedAcks, ConfirmingPublisher
+    from fastapi_websockets.backends.rabbitmq_wire import BatchedAcks, ConfirmingPublisher, Refusal
 
     #: What a named-channel consumer holds for its receivers: deliveries not acked yet.
     _Held = AbstractIncomingMessage
@@ -538,7 +540,6 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._declared: Memo[str, AbstractRobustQueue] = Memo(size=DECLARED_CACHE_SIZE)
         # The owner's inbox by channel name (None: a named channel), once per name, not per send.
         self._inbox_keys: Memo[str, str | None] = Memo(_inbox_key_of)
-        self._mismatched: set[str] = set()  # named queues that exist with other arguments
         self._named_sends = KeyedLocks()  # one send in flight per quorum queue (see _send_named)
         self._named_bindings: set[tuple[str, str]] = set()  # (channel, group) bindings it made
         self._bound: set[str] = set()  # groups the inbox is bound to
@@ -551,7 +552,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._errors: tuple[type[BaseException], ...] = ()
         self._delivery_error: type[Exception] = Exception
         self._publish_error: type[Exception] = Exception
-        self._precondition_failed: type[Exception] = Exception
+        self._refusal: Callable[[BaseException], Refusal | None] = lambda exc: None
         self._message_class: Any = None  # aio-pika's, for publishes on other channels
         self._properties_class: Any = None  # pamqp's, for publishes on the confirm channel
         self._publisher: ConfirmingPublisher | None = None
@@ -611,12 +612,13 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             BatchedAcks,
             ConfirmingPublisher,
             frames_read_by_the_layer,
+            refusal,
         )
 
         self._errors = CHANNEL_ERRORS
         self._delivery_error = aiormq.exceptions.DeliveryError
         self._publish_error = aiormq.exceptions.PublishError
-        self._precondition_failed = aiormq.exceptions.ChannelPreconditionFailed
+        self._refusal = refusal
         self._message_class = aio_pika.Message
         self._properties_class = Basic.Properties
         self._publisher = ConfirmingPublisher(self._spawn_writer, self.timeout)
@@ -636,7 +638,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         except asyncio.TimeoutError:
             raise self.unavailable(f"no answer within {self.timeout} s") from None
         except self._errors as exc:
-            raise self.unavailable(exc) from exc
+            raise self._refused("connection", exc) or self.unavailable(exc) from exc
         try:
             await self._declare_topology(aio_pika)
         except BaseException:
@@ -702,13 +704,54 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             if self.history:
                 # Only layers with a history option pay for this channel.
                 await self._open_history_channel()
-        except self._precondition_failed as exc:
-            raise InvalidChannelLayerConfig(
-                f"exchange {self.exchange_name!r} already exists with other settings "
-                f"(durable={self.durable} differs?): {self.redact(str(exc))}"
-            ) from exc
         except self._errors as exc:
-            raise self.unavailable(f"setup failed: {exc!r}") from exc
+            raise self._refused("setup", exc) or self.unavailable(f"setup failed: {exc!r}") from exc
+
+    def _refused(self, what: str, exc: BaseException) -> ChannelLayerError | None:
+        """The error for ``what`` (an operation) that the broker refused for good with ``exc``, else None.
+
+        The one place a broker's refusal becomes the library's error, not
+        :class:`BackendUnavailable` ("retry later"), since asking again cannot help: an
+        argument, login or vhost that clashes is :class:`InvalidChannelLayerConfig`, a
+        missing permission a :class:`ChannelLayerError`, each quoting the broker and
+        saying what to do. None for anything else (a lost connection or channel).
+        """
+        refused = self._refusal(exc)
+        if refused is None:
+            return None
+        parts = urlsplit(self.url)
+        user = unquote(parts.username or "guest")
+        # aiormq's reading of the URL's path: "/" when empty, %2F decoded.
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        if refused.code == 406:
+            advice = (
+                "the queue or exchange already exists with other arguments (made by another "
+                "version or configuration of the app): give this layer the same option values (durable, "
+                "capacity, channel_capacity, message_ttl, queue_expiry, history...) or delete the old one "
+                "(rabbitmqctl delete_queue or delete_exchange; its messages go with it)"
+            )
+        elif refused.code == 530:
+            advice = (
+                f"vhost {vhost!r} does not exist or user {user!r} has no permissions on it: correct the "
+                f"url's path, or create the vhost (rabbitmqctl add_vhost) and grant the user permissions "
+                f"on it (rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*')"
+            )
+        elif refused.config:
+            advice = (
+                f"check the user name and password in url (user {user!r}); RabbitMQ lets 'guest' log in "
+                "from localhost only"
+            )
+        else:
+            advice = (
+                f"user {user!r} lacks a permission on vhost {vhost!r}: grant it configure, write and read "
+                f"on the layer's exchange {self.exchange_name!r} and queues '{self.queue_prefix}.*' "
+                f"(rabbitmqctl set_permissions -p {vhost} {user} ...)"
+            )
+        error = InvalidChannelLayerConfig if refused.config else ChannelLayerError
+        # Redacted whole: a URL's user part without a password is a token.
+        return error(
+            self.redact(f"{self.broker_label} at {self.where} refused the {what} ({refused.text}): {advice}")
+        )
 
     async def _ready(self, channel: AbstractRobustChannel | None, what: str) -> float:
         """Wait at most ``timeout`` for ``channel`` to be usable; return the time left."""
@@ -743,7 +786,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         except (self._delivery_error, BackendUnavailable):
             raise
         except self._errors as exc:
-            raise self.unavailable(f"{what} failed: {exc!r}") from exc
+            raise self._refused(what, exc) or self.unavailable(f"{what} failed: {exc!r}") from exc
 
     async def _publish_with(
         self,
@@ -1099,27 +1142,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         declare_channel = self._declare_channel
         assert declare_channel is not None
         arguments = self._named_arguments(channel)
-        try:
-            queue = await self._broker(
-                declare_channel,
-                f"declare of queue {name!r}",
-                lambda: declare_channel.declare_queue(
-                    name, durable=self.durable, arguments=arguments, robust=False
-                ),
-            )
-        except self._precondition_failed as exc:
-            # Declared earlier with other arguments (another capacity, TTL or
-            # expiry): the existing queue wins. The failed declare closed the
-            # channel; aio-pika reopens it.
-            logger.warning(
-                "queue %r exists with other arguments than %r; using it as is: %s", name, arguments, exc
-            )
-            self._mismatched.add(name)
-            queue = await self._broker(
-                declare_channel,
-                f"declare of queue {name!r}",
-                lambda: declare_channel.declare_queue(name, passive=True, robust=False),
-            )
+        # A queue declared earlier with other arguments (another capacity, TTL or expiry) is
+        # InvalidChannelLayerConfig quoting the broker: using it as is would break `capacity`.
+        queue = await self._broker(
+            declare_channel,
+            f"declare of queue {name!r}",
+            lambda: declare_channel.declare_queue(
+                name, durable=self.durable, arguments=arguments, robust=False
+            ),
+        )
         self._declared.add(name, queue)  # bounded: a forgotten entry costs one more declare
         return queue
 
@@ -1167,13 +1198,12 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             # the consumer declares it again if the broker lost it. Not robust:
             # aio-pika would restore it inside the connection's recovery, where
             # an RPC the broker never answers stalls everything (see _revive_reader).
-            passive = name in self._mismatched
-            arguments = None if passive else self._named_arguments(reader.channel)
+            arguments = self._named_arguments(reader.channel)
             queue = await self._broker(
                 reader_channel,
                 f"declare of queue {name!r}",
                 lambda: reader_channel.declare_queue(
-                    name, durable=self.durable, arguments=arguments, passive=passive, robust=False
+                    name, durable=self.durable, arguments=arguments, robust=False
                 ),
             )
             self._reader_queues[name] = queue
@@ -1734,8 +1764,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 f"declare of stream {name!r}",
                 lambda: declare_channel.declare_queue(name, durable=True, arguments=arguments, robust=False),
             )
-        except self._precondition_failed as exc:
-            # Declared by a layer with another ttl: the existing stream wins.
+        except InvalidChannelLayerConfig as exc:
+            # Declared by a layer with another ttl: the existing stream wins (reads apply
+            # each layer's own size and ttl). The failed declare closed the channel;
+            # aio-pika reopens it.
             logger.warning(
                 "stream %r exists with other arguments than %r; using it as is: %s", name, arguments, exc
             )

@@ -56,10 +56,12 @@ from fastapi_websockets.backends.timeouts import bounded
 
 __all__ = [
     "CHANNEL_ERRORS",
+    "Refusal",
     "BatchedAcks",
     "ConfirmingPublisher",
     "FrameReader",
     "frames_read_by_the_layer",
+    "refusal",
     "take_deliveries",
 ]
 
@@ -74,6 +76,50 @@ CHANNEL_ERRORS: tuple[type[BaseException], ...] = (
     ChannelInvalidStateError,
     OSError,
 )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the broker refused for good: the AMQP reply code and the broker's text
+    (which starts with the code's name: ``PRECONDITION_FAILED - inequivalent arg ...``).
+
+    ``config`` says whether the layer's own options or URL are what clashes
+    (an argument, a login, a vhost) rather than the broker's permissions.
+    """
+
+    code: int
+    text: str
+    config: bool
+
+
+def refusal(exc: BaseException) -> Refusal | None:
+    """The refusal ``exc`` reports when asking again cannot help, else None.
+
+    Only what stays refused until someone changes the options or the broker: a
+    permission (403), an argument that clashes with an existing queue or exchange
+    (406), a login or a vhost. NOT_FOUND (404) is not among them: it also answers
+    while a queue's home node recovers after a restart. Nor is RESOURCE_LOCKED
+    (405): presence claims rely on it, and its holder goes away.
+    """
+    text = str(exc.args[0]) if exc.args else ""
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return Refusal(403, text, config=False)
+    if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and (
+        "inequivalent arg" in text or "invalid arg" in text
+    ):
+        return Refusal(406, text, config=True)
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        # aiormq's name for a Connection.Close with code 403 during the handshake.
+        return Refusal(403, text or "ACCESS_REFUSED - login refused", config=True)
+    if isinstance(exc, InvalidFrameError) and "'Connection.OpenOk'" in text and "Connection.Close" in text:
+        # Connection.Open, which names the vhost, answered with a close whose code and text
+        # aiormq drops. RabbitMQ answers a vhost that does not exist, or that the user has
+        # no permissions on, with 530 NOT_ALLOWED.
+        return Refusal(
+            530, "it answered Connection.Open, which names the vhost, with Connection.Close", config=True
+        )
+    return None
+
 
 #: Seconds an inbox delivery may wait for its ack (see :class:`BatchedAcks`).
 ACK_DELAY = 0.005

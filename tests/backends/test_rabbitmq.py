@@ -31,7 +31,7 @@ from fastapi_websockets.backends.rabbitmq import (
     history_stream_name,
     named_queue_name,
 )
-from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed
+from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 from tests.conftest import layer_factory
 from tests.faults import TcpProxy, eventually, fail_once, silent_server
 from tests.leaks import SECRET, assert_no_secret
@@ -972,7 +972,10 @@ async def test_no_secret_when_authentication_fails(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     layer = RabbitMQChannelLayer(url=f"amqp://guest:{SECRET}@127.0.0.1:{rabbitmq_node.port}/", timeout=5)
-    with pytest.raises(BackendUnavailable, match="ACCESS_REFUSED") as info:
+    # Not BackendUnavailable ("retry later"): a wrong password stays wrong.
+    with pytest.raises(
+        InvalidChannelLayerConfig, match=r"ACCESS_REFUSED - Login was refused.*password"
+    ) as info:
         await layer.send("anything", {"type": "x"})
     assert_layer_keeps_secret(layer, caplog, info.value)
     await layer.close()
@@ -1793,3 +1796,78 @@ async def test_unconfirmed_sends_fail_when_the_connection_drops(make: Factory, n
         results = await asyncio.gather(*sends, return_exceptions=True)
     assert all(isinstance(result, BackendUnavailable) for result in results), results
     assert not any("no publisher confirm within" in str(result) for result in results), results
+
+
+# ------------------------------------------------------------- broker refusals
+# A refusal that asking again cannot change was "RabbitMQ is unreachable" (BackendUnavailable,
+# which means retry later) or a guess ("durable=True differs?"); it quotes the broker now.
+
+
+async def test_a_named_queue_declared_with_other_arguments_is_refused_naming_the_argument(
+    make: Factory,
+) -> None:
+    await make(capacity=3).send("jobs", {"type": "x"})
+    with pytest.raises(
+        InvalidChannelLayerConfig,
+        match=r"refused the declare of queue .*PRECONDITION_FAILED - inequivalent arg 'x-max-length'"
+        r".*same option values .*delete the old one",
+    ):
+        await make(capacity=5).send("jobs", {"type": "x"})
+
+
+async def test_an_exchange_declared_with_other_arguments_is_refused_naming_the_argument(
+    make: Factory,
+) -> None:
+    await make(durable=False).send("jobs", {"type": "x"})
+    with pytest.raises(InvalidChannelLayerConfig, match="inequivalent arg 'durable' for exchange"):
+        await make(durable=True).send("jobs", {"type": "x"})
+
+
+async def test_a_history_stream_declared_with_another_ttl_is_used_as_it_is(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The existing stream wins (reads apply each layer's own ttl): a warning, not an error.
+    assert await make(history={"room:*": {"size": 5, "ttl": 60}}).group_send("room:1", {"type": "m"})
+    later = make(history={"room:*": {"size": 5, "ttl": 3600}})
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets.rabbitmq"):
+        assert await later.group_send("room:1", {"type": "m"})
+    assert "exists with other arguments" in caplog.text
+    assert [m["type"] for m in (await later.group_history("room:1")).messages] == ["m", "m"]
+
+
+async def test_a_vhost_that_does_not_exist_is_refused_as_config(node: RabbitNode, make: Factory) -> None:
+    layer = make(url=f"amqp://guest:guest@127.0.0.1:{node.port}/no-such-vhost", timeout=5)
+    with pytest.raises(InvalidChannelLayerConfig, match="vhost 'no-such-vhost' does not exist or user"):
+        await layer.send("jobs", {"type": "x"})
+
+
+@pytest.fixture(scope="module")
+def powerless_user(rabbitmq_node: RabbitNode) -> str:
+    """A user (password ``pw``) with no permissions on any vhost."""
+    user = "fw-" + uuid.uuid4().hex[:8]
+    rabbitmq_node.ctl("add_user", user, "pw")
+    return user
+
+
+async def test_a_user_without_permissions_on_the_vhost_is_refused_as_config(
+    node: RabbitNode, make: Factory, powerless_user: str
+) -> None:
+    layer = make(url=f"amqp://{powerless_user}:pw@127.0.0.1:{node.port}/", timeout=5)
+    with pytest.raises(InvalidChannelLayerConfig, match=f"user '{powerless_user}' has no permissions on it"):
+        await layer.send("jobs", {"type": "x"})
+
+
+async def test_a_permission_refused_on_the_exchange_says_which(
+    node: RabbitNode, make: Factory, prefix: str
+) -> None:
+    user = "fw-" + uuid.uuid4().hex[:8]
+    node.ctl("add_user", user, "pw")
+    node.ctl("set_permissions", "-p", "/", user, "^$", "^$", "^$")
+    layer = make(url=f"amqp://{user}:pw@127.0.0.1:{node.port}/", timeout=5)
+    with pytest.raises(ChannelLayerError) as info:
+        await layer.send("jobs", {"type": "x"})
+    assert not isinstance(info.value, BackendUnavailable)
+    assert f"ACCESS_REFUSED - access to exchange '{prefix}' in vhost '/' refused for user '{user}'" in str(
+        info.value
+    )
+    assert "rabbitmqctl set_permissions" in str(info.value)

@@ -190,6 +190,10 @@ class BaseChannelLayer(abc.ABC):
         self._closed = False
         self._started = False
         self._start_lock = asyncio.Lock()
+        #: Callers in _ensure_started, and whether it may be skipped: started and none of
+        #: them still there (see _ensure_started).
+        self._start_queued = 0
+        self._start_clear = False
         self._remote_receives: set[asyncio.Task[Message]] = set()
         #: (channel, message) claimed from the broker for cancelled receives once close() began.
         self._claimed_on_close: list[tuple[str, Message]] = []
@@ -252,13 +256,22 @@ class BaseChannelLayer(abc.ABC):
         await self._ensure_started()
 
     async def _ensure_started(self) -> None:
-        if self._started:
+        if self._start_clear:
             return
-        async with self._start_lock:
-            self._check_open()
-            if not self._started:
-                await self._start()
-                self._started = True
+        # Callers queued on the start lock leave it one per loop turn once the start is
+        # done. A call made meanwhile queues behind them rather than going ahead: sends
+        # made during the start keep their call order (a send made once the layer was
+        # started overtook 13 earlier ones still leaving the lock).
+        self._start_queued += 1
+        try:
+            async with self._start_lock:
+                self._check_open()
+                if not self._started:
+                    await self._start()
+                    self._started = True
+        finally:
+            self._start_queued -= 1
+            self._start_clear = self._started and not self._start_queued
 
     def is_local(self, channel: str) -> bool:
         """Whether messages for ``channel`` are delivered to this instance's mailboxes."""
@@ -336,7 +349,7 @@ class BaseChannelLayer(abc.ABC):
         # awaited before the start: each was a coroutine per message, for every backend.
         data = self._deliver_or_encode(channel, message)
         if data is not None:
-            if not self._started:
+            if not self._start_clear:
                 await self._ensure_started()
             await self._send_remote(channel, data)
 

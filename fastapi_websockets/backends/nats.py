@@ -1055,12 +1055,15 @@ class NATSChannelLayer(BrokerChannelLayer):
             raise
 
     async def _send_named(self, channel: str, data: bytes) -> None:
-        await self._ensure_stream()
         subject = self._named_subject(channel)
         # Senders of this process take turns per channel: the server takes one
         # conditional publish per channel at a time, so the others would only be
         # refused and count the channel again (docs/backends/nats.md, Limits).
+        # The turn is taken first, before anything that may wait, so turns follow
+        # call order: a send made once the stream was ready went ahead of earlier
+        # ones still queued on the stream's setup.
         async with self._named_sends.hold(subject):
+            await self._ensure_stream()
             await self._check_and_publish(channel, subject, data)
 
     async def _js_request(self, api: str, request: dict[str, Any]) -> dict[str, Any]:

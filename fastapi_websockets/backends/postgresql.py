@@ -68,6 +68,7 @@ from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import settle
+from fastapi_websockets.backends.locks import KeyedLocks
 from fastapi_websockets.backends.options import Memo, flag, matching, positive, positive_int, url
 from fastapi_websockets.backends.timeouts import LazyDeadline, wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
@@ -1128,6 +1129,7 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._listening = asyncio.Event()
         self._outbox: deque[_Outgoing] = deque()
         self._outbox_task: asyncio.Task[None] | None = None
+        self._named_sends = KeyedLocks()  # one send in flight per named channel (see _send_named)
         #: A caller is writing its own message (the writer was idle); see _write.
         self._writing = False
         #: Set while the writer task waits for the next burst (see _next_burst): resolved by
@@ -2009,9 +2011,14 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         expiry = float(self.channel_expiry)
         capacity = self.capacity_for(channel)
         notify = self._notify_name(channel)
-        stored = await self._with_conn(
-            lambda conn: conn.fetchval(self._sql.send_named, channel, expiry, data, capacity, notify)
-        )
+        # This layer's sends to one channel take turns, each stored before the next
+        # starts: on pooled connections of their own, concurrent ones committed (and
+        # took their ids, the order readers claim in) in any order. Sends to other
+        # channels, and from other processes, still go on at once.
+        async with self._named_sends.hold(channel):
+            stored = await self._with_conn(
+                lambda conn: conn.fetchval(self._sql.send_named, channel, expiry, data, capacity, notify)
+            )
         if not stored:
             raise ChannelFull(channel, capacity)
 

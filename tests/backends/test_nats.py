@@ -751,6 +751,25 @@ async def test_named_capacity_holds_for_concurrent_sends_and_group_sends_of_one_
     assert await stored_in(nats_node, namespace, "named.edge") == 5
 
 
+async def test_named_sends_made_while_the_stream_is_set_up_keep_call_order(
+    nats_node: NatsNode, make: Make
+) -> None:
+    # The first named send makes the stream while the other early ones queue on the
+    # setup lock; sends made once it was ready skipped that lock and took their
+    # channel's turn ahead of the early ones still leaving it ([0, 14, 1, 15, ...]).
+    layer = make(servers=[nats_node.url])
+    await layer.new_channel()  # started, the stream not made yet
+    early = asyncio.gather(*(layer.send("ordered", {"type": "n", "i": i}) for i in range(15)))
+    for _ in range(100_000):  # loop turns, not time: the later sends go in the turn it is ready
+        if layer._stream_ready:
+            break
+        await asyncio.sleep(0)
+    else:
+        pytest.fail("the stream was not made")
+    await asyncio.gather(early, *(layer.send("ordered", {"type": "n", "i": i}) for i in range(15, 30)))
+    assert [(await layer.receive("ordered", timeout=10))["i"] for _ in range(30)] == list(range(30))
+
+
 def count_named_requests(
     layer: NATSChannelLayer, after_count: Callable[[], Awaitable[None]] | None = None
 ) -> Counter[str]:

@@ -560,6 +560,44 @@ async def test_named_capacity_holds_for_sends_and_group_sends_from_two_instances
     assert held == [capacity] * len(held), f"messages held per round: {held}"
 
 
+async def test_concurrent_sends_to_a_named_channel_keep_call_order(
+    make_layer: LayerFactory, backend: Backend
+) -> None:
+    # Sends gathered from one layer must arrive in the order they were called, as
+    # awaited ones do: PostgreSQL ran each on its own pooled connection, so they
+    # committed in any order (20 runs of 20), and NATS reordered now and then. The
+    # first round gathers on a layer not started yet, the later ones on a started one.
+    sender = make_layer()
+    receiver = make_layer() if backend.shared_between_instances else sender
+    count = 30
+    for round_ in range(4):
+        channel = f"ordered.jobs.{round_}"
+        await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(count)))
+        got = [(await receiver.receive(channel, timeout=10))["i"] for _ in range(count)]
+        assert got == list(range(count)), f"round {round_}"
+
+
+@pytest.mark.parametrize("kind", ["named", "process-specific"])
+async def test_sends_made_while_the_layer_starts_keep_call_order(
+    make_layer: LayerFactory, backend: Backend, kind: str
+) -> None:
+    # Sends waiting for the layer's start leave its lock one per loop turn: sends made
+    # once it was started went ahead of those still waiting ([0, 1, 15, 16, ...] on every
+    # broker backend but single-node Redis).
+    sender = make_layer()
+    receiver = make_layer() if backend.shared_between_instances else sender
+    channel = "ordered.start" if kind == "named" else await receiver.new_channel()
+    early = asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(15)))
+    for _ in range(100_000):  # loop turns, not time: the later sends go in the turn it is started
+        if sender._started or early.done():  # in-memory: named sends need no start
+            break
+        await asyncio.sleep(0)
+    else:
+        pytest.fail("the layer did not start")
+    await asyncio.gather(early, *(sender.send(channel, {"type": "n", "i": i}) for i in range(15, 30)))
+    assert [(await receiver.receive(channel, timeout=10))["i"] for _ in range(30)] == list(range(30))
+
+
 @pytest.mark.usefixtures("shared")
 async def test_named_channel_delivers_each_message_once(make_layer: LayerFactory) -> None:
     a, b = make_layer(), make_layer()

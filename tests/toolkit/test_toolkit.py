@@ -12,7 +12,7 @@ import pytest
 
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.futures import wait_all
-from fastapi_websockets.backends.locks import SharedRounds
+from fastapi_websockets.backends.locks import KeyedLocks, SharedRounds
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive, url
 from fastapi_websockets.backends.packing import IN_FLIGHT, MAX_FRAMES, Packer, SendMany, describe, pack
 from fastapi_websockets.backends.supervisor import TaskSupervisor
@@ -393,6 +393,36 @@ async def test_each_caller_of_a_failed_pack_is_told_about_its_own_send() -> None
 
 
 # ------------------------------------------------------------- waiter queue
+
+
+async def test_keyed_locks_take_turns_in_call_order_and_forget_keys_nobody_uses() -> None:
+    locks = KeyedLocks()
+    order: list[int] = []
+    gate = asyncio.Event()
+
+    async def user(i: int) -> None:
+        async with locks.hold("k"):
+            order.append(i)
+            if i == 0:
+                await gate.wait()
+            if i == 2:
+                raise ValueError("inside")
+
+    users = [asyncio.ensure_future(user(i)) for i in range(5)]
+    async with locks.hold("other"):  # another key is not held up
+        await asyncio.sleep(0.01)
+    users[3].cancel()  # waiting: it leaves the queue, the others keep their turns
+    gate.set()
+    results = await asyncio.gather(*users, return_exceptions=True)
+    assert order == [0, 1, 2, 4]
+    assert [type(result).__name__ for result in results] == [
+        "NoneType",
+        "NoneType",
+        "ValueError",
+        "CancelledError",
+        "NoneType",
+    ]
+    assert locks._held == {}
 
 
 async def test_shared_rounds_serve_callers_that_arrive_meanwhile_in_the_next_round() -> None:

@@ -381,6 +381,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._inbox_ready = False
         #: Set when the connection comes back, or heartbeats stop: the keeper checks the consumer.
         self._check_inbox = asyncio.Event()
+        #: Set when nats-py has connected again, or closed: calls waiting for the connection go on.
+        self._reconnected = asyncio.Event()
         #: loop.time() of the last message or heartbeat on the inbox.
         self._inbox_heard = 0.0
         self._seen = _RecentIds(_SEEN_IDS)
@@ -462,6 +464,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
                 ),
                 self.timeout,
                 lambda: self._connect_failed(nc),
@@ -609,12 +612,44 @@ class NATSChannelLayer(BrokerChannelLayer):
         # the inbox consumer resumes by itself (the keeper checks it still exists);
         # named-channel readers re-issue their pull requests within _PULL_EXPIRES.
         self._check_inbox.set()
+        self._reconnected.set()
         if self._nc is not None:
             self._bound_packs()
         url = self._nc.connected_url if self._nc is not None else None
         where = location(url.geturl(), self.default_port) if url is not None else "?"
         logger.info("reconnected to NATS at %s", where)
         self.report_connection(True)
+
+    async def _on_closed(self) -> None:
+        self._reconnected.set()
+        if self.closed or self._nc is None:
+            return
+        # nats-py closes its client for good on any error a server reports on a live
+        # connection but a stale connection or a permissions violation (more
+        # subscriptions than the server allows, a buffered publish over its
+        # max_payload): it does not reconnect, and every later call of this layer fails.
+        self.report_connection(False)
+        logger.error(
+            "the NATS client closed for good (%s); this layer's calls fail from now on (restart the process)",
+            self.redact(repr(self._nc.last_error)),
+        )
+
+    async def _until_connected(self, nc: Client, deadline: float, what: str) -> None:
+        """Wait until ``nc`` is connected again (or closed), up to ``deadline`` (loop time).
+
+        Handed a publish while it reconnects, nats-py checks it against the
+        previous server's ``max_payload`` and buffers it; a server taking less
+        ends the connection on it, and nats-py closes its client for good.
+        Published once connected, a message too large for the new server is
+        refused by nats-py alone (``MessageTooLarge``), and requests do not pile
+        up in the buffer, one per retry.
+        """
+        loop = running_loop()
+        while not (nc.is_connected or nc.is_closed):
+            # Set only by the callbacks: cleared here, it says the next (re)connection.
+            self._reconnected.clear()
+            if not await wait_event(self._reconnected, max(0.0, deadline - loop.time())):
+                raise self.unavailable(f"{what}: not connected within {self.timeout} s (reconnecting)")
 
     def _translate(self, exc: BaseException, what: str, size: int = 0) -> ChannelLayerError:
         """Our error for a driver error, naming the operation."""
@@ -666,6 +701,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         deadline = loop.time() + self.timeout
         backoff = self.backoff()
         while True:
+            nc = self._nc
+            if nc is not None and not nc.is_connected:
+                await self._until_connected(nc, deadline, what)
             try:
                 return await call()
             except (

@@ -516,6 +516,85 @@ async def test_packs_follow_the_max_payload_of_the_server_reconnected_to(
     assert sender.packed_publishes > packed  # still packed, in packs the server takes
 
 
+async def test_sends_made_while_reconnecting_to_a_server_taking_less_fail_alone(
+    large_and_small: tuple[NatsNode, NatsNode], make: Make
+) -> None:
+    # Sends made while no server runs, sized for the first (2 MB), wait for the connection;
+    # the next server takes 256 KB. Handed to nats-py meanwhile, it would buffer them and write
+    # them once connected: the server ends that connection and nats-py closes its client for
+    # good (every later call of the layer failing). Those over the limit fail alone, as
+    # MessageTooLarge; the others arrive, and the layer goes on.
+    large, small = large_and_small
+    urls = [large.url, small.url]
+    receiver = make(servers=urls, capacity=1000)
+    sender = make(servers=urls, timeout=PATIENCE)
+    channels = [await receiver.new_channel() for _ in range(8)]
+    await receiver.group_add("room", channels[0])
+    await sender.group_send("room", {"type": "warm"})  # the sender knows the receiver's process now
+    assert (await receiver.receive(channels[0], timeout=PATIENCE))["type"] == "warm"
+    large.stop()
+    deadline = time.monotonic() + PATIENCE
+    while sender.nc.is_connected:
+        assert time.monotonic() < deadline, "the sender did not notice the server stopping"
+        await asyncio.sleep(0.05)
+    big, body = b"\xab" * 300_000, b"\xcd" * 100_000
+    sends = [
+        asyncio.ensure_future(sender.send(channels[1], {"body": big})),
+        asyncio.ensure_future(sender.group_send("room", {"body": big})),
+        *(asyncio.ensure_future(sender.send(c, {"i": i, "body": body})) for i, c in enumerate(channels[2:])),
+    ]
+    await asyncio.sleep(1)  # issued while no server runs
+    small.first_start()
+    results = await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True), 2 * PATIENCE)
+    for too_large in results[:2]:
+        assert isinstance(too_large, MessageTooLarge), results
+        assert too_large.limit == 256 * 1024
+    assert results[2:] == [None] * 6
+    for i, channel in enumerate(channels[2:]):
+        message = await receiver.receive(channel, timeout=PATIENCE)
+        assert (message["i"], message["body"]) == (i, body)
+    assert not sender.nc.is_closed
+    # The layer goes on, on the new server: sends, receives and group sends.
+    await sender.send(channels[1], {"after": 1})
+    assert (await receiver.receive(channels[1], timeout=PATIENCE))["after"] == 1
+    await receiver.group_add("hall", channels[0])
+    await sender.group_send("hall", {"after": 2})
+    assert (await receiver.receive(channels[0], timeout=PATIENCE))["after"] == 2
+    with pytest.raises(TimeoutError):
+        await receiver.receive(channels[1], timeout=0.5)  # nothing oversized arrived
+
+
+async def test_a_client_nats_py_closes_for_good_is_reported_and_calls_fail_as_unavailable(
+    tmp_path: Path, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nats-py closes its client for good on an error the server reports on a live
+    # connection (here: more subscriptions than the server allows, a named channel's
+    # reader being one); it does not reconnect. The layer says so once, as an error,
+    # reports the connection down, and its calls fail as unavailable.
+    node = NatsNode(tmp_path / "few-subs", max_subscriptions=4)
+    node.first_start()
+    try:
+        layer = make(servers=[node.url])
+        await layer.send("a", {"i": 0})
+        with caplog.at_level(logging.ERROR, logger="fastapi_websockets"):
+            readers = [asyncio.ensure_future(layer.receive(name)) for name in ("a", "b", "c")]
+            deadline = time.monotonic() + PATIENCE
+            while not layer.nc.is_closed:
+                assert time.monotonic() < deadline, "nats-py kept its client"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)  # the closed callback runs once the client is closed
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert "the NATS client closed for good" in caplog.text
+        assert "maximum subscriptions exceeded" in caplog.text
+        assert layer.connection.up is False
+        with pytest.raises(BackendUnavailable, match="the connection is closed"):
+            await layer.send("a", {"i": 1})
+    finally:
+        node.stop()
+
+
 async def test_close_with_packed_sends_pending_ends_each_of_them(nats_node: NatsNode, make: Make) -> None:
     receiver, sender = make(servers=[nats_node.url], capacity=1000), make(servers=[nats_node.url])
     channels = [await receiver.new_channel() for _ in range(16)]
@@ -1280,6 +1359,33 @@ async def test_no_secret_when_authentication_fails(
         assert_layer_keeps_secret(layer, caplog, [info.value])
     finally:
         wrong.stop()
+
+
+async def test_a_login_refused_on_reconnect_is_retried_until_the_server_takes_it_again(
+    auth_node: NatsNode, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nats-py retries a reconnect the server refuses to log in (it would close its client
+    # for good only for an error on a live connection): once the password is back, the
+    # layer goes on, and a send made meanwhile is stored.
+    layer = make(servers=[secret_url(auth_node.port)], timeout=PATIENCE)
+    await layer.send("named", {"i": 0})
+    assert (await layer.receive("named", timeout=PATIENCE))["i"] == 0
+    password = auth_node.password
+    auth_node.password = "changed-password"
+    auth_node.reload()
+    deadline = time.monotonic() + PATIENCE
+    while "Authorization Violation" not in caplog.text:
+        assert time.monotonic() < deadline, "the server kept the layer's connection"
+        await asyncio.sleep(0.05)
+    send = asyncio.ensure_future(layer.send("named", {"i": 1}))
+    await asyncio.sleep(1)
+    assert not layer.nc.is_closed
+    assert not send.done()
+    auth_node.password = password
+    auth_node.reload()
+    await asyncio.wait_for(send, PATIENCE)
+    assert (await layer.receive("named", timeout=PATIENCE))["i"] == 1
+    assert_no_secret(records=caplog.records, objects=[layer])
 
 
 async def test_no_secret_when_connecting_times_out(make: Make, caplog: pytest.LogCaptureFixture) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -64,7 +65,8 @@ def _http_ok(url: str) -> bool:
 class NatsNode:
     """One nats-server with JetStream; can be stopped, killed and started again on its ports.
 
-    ``max_payload`` is the server's limit (nats-server's units: ``2MB``, ``256KB``).
+    ``max_payload`` is the server's limit (nats-server's units: ``2MB``, ``256KB``);
+    ``max_subscriptions`` its limit of subscriptions per connection.
     With ``user`` and ``password``, clients must log in (``url`` then carries no
     credentials; tests add them, right or wrong). With ``tls``, clients must
     speak TLS (``tls://``); the server shows the session's certificate.
@@ -83,9 +85,11 @@ class NatsNode:
         password: str | None = None,
         tls: Certificates | None = None,
         max_payload: str = "2MB",
+        max_subscriptions: int | None = None,
     ) -> None:
         self.workdir = workdir
         self.max_payload = max_payload
+        self.max_subscriptions = max_subscriptions
         self.tls = tls
         self.name = name
         self.port = port or free_port()
@@ -107,6 +111,8 @@ class NatsNode:
             f"max_payload: {self.max_payload}",
             f"jetstream {{ store_dir: {json.dumps(str(self.workdir / 'js'))} }}",
         ]
+        if self.max_subscriptions is not None:
+            lines.append(f"max_subscriptions: {self.max_subscriptions}")
         if self.tls is not None:
             cert, key = json.dumps(str(self.tls.cert_file)), json.dumps(str(self.tls.key_file))
             lines.append(f"tls {{ cert_file: {cert}, key_file: {key} }}")
@@ -176,6 +182,13 @@ class NatsNode:
         if self.proc is not None:
             self.proc.kill()
             self.proc.stop()
+
+    def reload(self) -> None:
+        """Write the configuration again (after changing ``user`` or ``password``); the server reloads it."""
+        self.config_path.write_text(self._config())
+        if self.proc is None or self.proc.popen.poll() is not None:
+            raise RuntimeError(f"nats-server {self.name} is not running")
+        self.proc.popen.send_signal(signal.SIGHUP)
 
     @property
     def running(self) -> bool:

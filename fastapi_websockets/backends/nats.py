@@ -808,8 +808,29 @@ class NATSChannelLayer(BrokerChannelLayer):
         except ChannelLayerError as exc:
             if not isinstance(exc.__cause__, BadRequestError):
                 raise
-        # Created by another process meanwhile (or a clash the caller reports).
-        return await self._retry(what, get)
+            refused = exc
+        # Created by another process meanwhile (or a clash the caller reports). In a
+        # cluster the new stream can still answer "not found" for a moment, until its
+        # group has formed (seen in CI: two layers starting on a fresh 3-node cluster),
+        # so that is waited out within ``timeout`` rather than taken as final.
+        loop = running_loop()
+        deadline = loop.time() + self.timeout
+        backoff = self.backoff()
+        while True:
+            try:
+                return await self._retry(what, get)
+            except ChannelLayerError as exc:
+                if not isinstance(exc.__cause__, missing):
+                    raise
+                delay = backoff.next()
+                if self.closed or loop.time() + delay >= deadline:
+                    why = getattr(refused.__cause__, "description", None) or repr(refused.__cause__)
+                    raise ChannelLayerError(
+                        f"NATS {what} failed: the server refused to create it ({why}) and it still "
+                        f"does not exist after {self.timeout} s; if another stream holds its "
+                        "subjects, choose another stream_name or prefix"
+                    ) from refused.__cause__
+            await asyncio.sleep(delay)
 
     async def _stream_with(self, config: StreamConfig, kind: str) -> None:
         """Get the stream ``config`` names, creating it with ``config`` if it does not exist.

@@ -413,6 +413,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         )
         #: nats-py's base error class, set when the driver is imported.
         self._driver_error: type[Exception] = ChannelLayerError
+        #: What _retry retries (leader elections, reconnects), set when the driver is imported.
+        self._transient: tuple[type[Exception], ...] = (asyncio.TimeoutError,)
         self._presence_kept: NatsPresence | None = None
 
     # ------------------------------------------------------------ subjects
@@ -439,9 +441,17 @@ class NATSChannelLayer(BrokerChannelLayer):
         try:
             from nats.aio.client import Client
             from nats.errors import Error as DriverError
+            from nats.errors import NoRespondersError
+            from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
         except ImportError as exc:
             raise missing_driver("nats", exc) from exc
         self._driver_error = DriverError
+        self._transient = (
+            asyncio.TimeoutError,
+            NoRespondersError,
+            NoStreamResponseError,
+            ServiceUnavailableError,
+        )
         nc = Client()
         # nats-py retries the first connection forever (max_reconnect_attempts=-1),
         # so a refused or failing connection shows up as our timeout; the message
@@ -686,17 +696,16 @@ class NATSChannelLayer(BrokerChannelLayer):
         what: str,
         call: Callable[[], Awaitable[_T]],
         recover: Callable[[], Awaitable[None]] | None = None,
+        also: tuple[type[Exception], ...] = (),
     ) -> _T:
         """Run a JetStream request, retrying transient failures until ``timeout``.
 
         Transient: no responders or timeouts while a stream leader is elected or
-        the connection is re-established. Anything else fails at once. When no
-        stream answers a publish, ``recover`` (once) re-creates the stream or
-        bucket, in case the server lost its JetStream state.
+        the connection is re-established, and the errors in ``also``. Anything
+        else fails at once. When no stream answers a publish, ``recover`` (once)
+        re-creates the stream or bucket, in case the server lost its JetStream state.
         """
-        from nats.errors import NoRespondersError
-        from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
-
+        transient = self._transient + also if also else self._transient
         loop = running_loop()
         deadline = loop.time() + self.timeout
         backoff = self.backoff()
@@ -706,16 +715,13 @@ class NATSChannelLayer(BrokerChannelLayer):
                 await self._until_connected(nc, deadline, what)
             try:
                 return await call()
-            except (
-                asyncio.TimeoutError,
-                NoRespondersError,
-                NoStreamResponseError,
-                ServiceUnavailableError,
-            ) as exc:
+            except transient as exc:
                 delay = backoff.next()
                 if self.closed or loop.time() + delay >= deadline:
                     raise self._translate(exc, what) from exc
                 logger.debug("NATS %s: %r; retrying in %.2f s", what, exc, delay)
+                from nats.js.errors import NoStreamResponseError  # imported at _start: a lookup
+
                 if recover is not None and isinstance(exc, NoStreamResponseError):
                     again: Callable[[], Awaitable[None]] = recover
                     recover = None
@@ -813,24 +819,17 @@ class NATSChannelLayer(BrokerChannelLayer):
         # cluster the new stream can still answer "not found" for a moment, until its
         # group has formed (seen in CI: two layers starting on a fresh 3-node cluster),
         # so that is waited out within ``timeout`` rather than taken as final.
-        loop = running_loop()
-        deadline = loop.time() + self.timeout
-        backoff = self.backoff()
-        while True:
-            try:
-                return await self._retry(what, get)
-            except ChannelLayerError as exc:
-                if not isinstance(exc.__cause__, missing):
-                    raise
-                delay = backoff.next()
-                if self.closed or loop.time() + delay >= deadline:
-                    why = getattr(refused.__cause__, "description", None) or repr(refused.__cause__)
-                    raise ChannelLayerError(
-                        f"NATS {what} failed: the server refused to create it ({why}) and it still "
-                        f"does not exist after {self.timeout} s; if another stream holds its "
-                        "subjects, choose another stream_name or prefix"
-                    ) from refused.__cause__
-            await asyncio.sleep(delay)
+        try:
+            return await self._retry(what, get, also=(missing,))
+        except ChannelLayerError as exc:
+            if not isinstance(exc.__cause__, missing):
+                raise
+            why = getattr(refused.__cause__, "description", None) or repr(refused.__cause__)
+            raise ChannelLayerError(
+                f"NATS {what} failed: the server refused to create it ({why}) and it still "
+                f"does not exist after {self.timeout} s; if another stream holds its "
+                "subjects, choose another stream_name or prefix"
+            ) from refused.__cause__
 
     async def _stream_with(self, config: StreamConfig, kind: str) -> None:
         """Get the stream ``config`` names, creating it with ``config`` if it does not exist.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Mapping
-from typing import Generic, TypeVar
+from typing import Generic, TypeGuard, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 from fastapi_websockets.backends.urls import redact_url
@@ -53,12 +53,7 @@ def positive(name: str, value: object, unit: str = "") -> float:
 
 def positive_int(name: str, value: object, unit: str = "", most: int | None = None) -> int:
     """A positive integer, at most ``most`` if given (:data:`MAX_MILLISECONDS` for a duration)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value <= 0
-        or (most is not None and value > most)
-    ):
+    if not _is_positive_int(value, most):
         raise InvalidChannelLayerConfig(f"{name} must be {_integer(unit, most)}, got {value!r}")
     return value
 
@@ -67,16 +62,20 @@ def optional_positive_int(name: str, value: object, unit: str = "", most: int | 
     """A positive integer (at most ``most`` if given), or None for "no limit"."""
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value <= 0
-        or (most is not None and value > most)
-    ):
+    if not _is_positive_int(value, most):
         raise InvalidChannelLayerConfig(
             f"{name} must be {_integer(unit, most)}, or None (or empty) for no limit; got {value!r}"
         )
     return value
+
+
+def _is_positive_int(value: object, most: int | None) -> TypeGuard[int]:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int)
+        and value > 0
+        and (most is None or value <= most)
+    )
 
 
 def _integer(unit: str, most: int | None) -> str:

@@ -1900,6 +1900,24 @@ async def test_presence_is_chunks_per_owner_and_an_owner_record_and_leaves_nothi
     assert await presence_subjects([nats_node.url], namespace) == {}  # the record went with the last entry
 
 
+_PRESENT = """
+import asyncio, json, sys
+from fastapi_websockets.backends.nats import NATSChannelLayer
+
+async def main(url, namespace):
+    layer = NATSChannelLayer(
+        servers=[url], prefix=namespace, group_bucket=namespace, stream_name=namespace, presence_timeout=1
+    )
+    mine = [await layer.new_channel("ws") for _ in range(100)]
+    for channel in mine:
+        await layer.presence_join("room:r", channel, {"who": "dead"}, notify=False)
+    print(json.dumps([layer.client_token, mine]), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
 async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
@@ -1907,12 +1925,18 @@ async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
     watcher_layer = make(servers=urls)
     watcher = await watcher_layer.new_channel("ws")
     await watcher_layer.group_add("room:r", watcher)
-    dead = make(servers=urls, presence_timeout=1)
-    mine = [await dead.new_channel("ws") for _ in range(100)]
-    for channel in mine:
-        await dead.presence_join("room:r", channel, {"who": "dead"}, notify=False)
-    # The process "dies": its connection goes without leaving; its data stays on the server.
-    await dead.nc.close()
+    # A process that joins and dies (killed): its connection goes without leaving; its data
+    # stays on the server. (Closing a layer's client from outside is not a death: the layer
+    # connects a new one.)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PRESENT, nats_node.url, namespace, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        dead_token, mine = json.loads(await child.stdout.readline())
+    finally:
+        child.kill()
+        await child.wait()
     # Three live processes reap on their own heartbeats, racing for the dead owner.
     reapers = [make(servers=urls, presence_timeout=1) for _ in range(3)]
     for reaper in reapers:
@@ -1921,7 +1945,7 @@ async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
     assert sorted(left) == sorted(mine)
     with pytest.raises(TimeoutError):  # each leave announced once: nothing more comes
         await watcher_layer.receive(watcher, timeout=1.5)
-    dead_owner = subject_token(dead.client_token)
+    dead_owner = subject_token(dead_token)
     assert not [s for s in await presence_subjects(urls, namespace) if dead_owner in s]
     assert set(await watcher_layer.presence("room:r")) == {
         channel for reaper in reapers for channel in reaper._presence.channels("room:r")

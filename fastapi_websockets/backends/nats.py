@@ -2060,6 +2060,9 @@ class NATSChannelLayer(BrokerChannelLayer):
                     # The newest entry did not come (it expired meanwhile): what
                     # arrived is all there is; the caller sees the gap.
                     break
+                except self._driver_error as exc:
+                    # The client closed under the read (nats-py closed it for good).
+                    raise self._translate(exc, what) from exc
                 metadata = msg.metadata
                 entries.append(
                     _entry_of(

@@ -608,7 +608,9 @@ async def test_a_client_nats_py_closes_for_good_is_replaced_and_the_layer_works_
         received = await asyncio.wait_for(asyncio.gather(*readers.values()), PATIENCE)
         assert await made_during == [None, None]
     assert [message["i"] for message in received] == [0, 1, 2]
-    assert [await peer.receive(theirs, timeout=PATIENCE) for _ in range(2)] == [{"during": 1}, {"during": 2}]
+    # A send and a group_send to one channel travel different paths: either may come first.
+    during_received = [await peer.receive(theirs, timeout=PATIENCE) for _ in range(2)]
+    assert sorted(message["during"] for message in during_received) == [1, 2]
     assert "the NATS client closed for good" in caplog.text
     assert "maximum subscriptions exceeded" in caplog.text
     assert "connected a new NATS client" in caplog.text

@@ -567,8 +567,8 @@ async def test_sends_made_while_reconnecting_to_a_server_taking_less_fail_alone(
 @pytest.fixture
 def few_subs(tmp_path: Path) -> Iterator[NatsNode]:
     """A server taking at most 4 subscriptions per connection (a layer holds 3, plus one per named
-    channel it reads); the test may raise the limit. Requested before ``make``: layers are closed
-    while it still runs."""
+    channel it reads); the test may raise the limit (with a restart: nats-server does not reload
+    it). Requested before ``make``: layers are closed while it still runs."""
     node = NatsNode(tmp_path / "few-subs", max_subscriptions=4)
     node.first_start()
     try:
@@ -587,10 +587,15 @@ async def test_a_client_nats_py_closes_for_good_is_replaced_and_the_layer_works_
     # server takes it, restores what the old one carried: receivers that waited
     # meanwhile get their messages, calls made meanwhile wait for the new client (as
     # through a reconnect), and sends, group sends and receives work again.
-    layer, peer = make(servers=[few_subs.url], timeout=PATIENCE), make(servers=[few_subs.url])
+    history = {"hist:*": {"size": 10, "ttl": 600}}
+    layer = make(servers=[few_subs.url], timeout=PATIENCE, history=history)
+    peer = make(servers=[few_subs.url])
     mine, theirs = await layer.new_channel(), await peer.new_channel()
     await layer.group_add("room", mine)
     await peer.group_add("hall", theirs)
+    await layer.presence_join("lobby", mine, {"who": "layer"}, notify=False)
+    before = await layer.group_send("hist:1", {"h": 0})
+    assert before is not None
     first = layer.nc
     with caplog.at_level(logging.INFO, logger="fastapi_websockets"):
         readers = {name: asyncio.ensure_future(layer.receive(name)) for name in ("a", "b", "c")}
@@ -601,8 +606,9 @@ async def test_a_client_nats_py_closes_for_good_is_replaced_and_the_layer_works_
         during = [layer.send(theirs, {"during": 1}), layer.group_send("hall", {"during": 2})]
         made_during = asyncio.ensure_future(asyncio.gather(*during))
         await asyncio.sleep(0.5)  # made while the cause stays
+        few_subs.stop()
         few_subs.max_subscriptions = 1000
-        few_subs.reload()
+        few_subs.start()
         for i, name in enumerate(readers):
             await peer.send(name, {"i": i})
         received = await asyncio.wait_for(asyncio.gather(*readers.values()), PATIENCE)
@@ -627,6 +633,13 @@ async def test_a_client_nats_py_closes_for_good_is_replaced_and_the_layer_works_
     assert (await peer.receive(theirs, timeout=PATIENCE))["group"] == "hall"
     await layer.send("d", {"named": 1})
     assert (await layer.receive("d", timeout=PATIENCE))["named"] == 1
+    await layer.group_send("hist:1", {"h": 1})
+    page = await layer.group_history("hist:1", since=before)
+    assert [message["h"] for message in page.messages] == [1]
+    assert page.recovered
+    assert await layer.presence("lobby") == {mine: {"who": "layer"}}
+    await layer.presence_leave("lobby", mine)
+    assert await layer.presence("lobby") == {}
     # The closed clients left no connection behind on the server.
     assert connection_of(few_subs, layer)["name"] == f"fastapi-websockets {layer.client_token}"
 

@@ -76,15 +76,23 @@ class InvalidMessage(ChannelLayerError, ValueError):
 
 
 class MessageTooLarge(ChannelLayerError, ValueError):
-    """An encoded message is larger than the layer's ``max_message_size``."""
+    """An encoded message is larger than the layer's ``max_message_size``, or than the broker takes.
 
-    def __init__(self, size: int, limit: int) -> None:
+    ``server``, when given, says that the broker refused it: its ``max_payload``
+    (NATS), ``limit`` bytes, is what the message is over, and the message says
+    where that limit is set.
+    """
+
+    def __init__(self, size: int, limit: int, *, server: str | None = None) -> None:
         self.size = size
         self.limit = limit
+        if server is None:
+            over, fix = "the layer's max_message_size", "raise max_message_size"
+        else:
+            over, fix = f"the max_payload of the server at {server}", "raise max_payload in its configuration"
         super().__init__(
-            f"encoded message is {size} bytes, over the layer's max_message_size of "
-            f"{limit} bytes; send a reference (a key or URL) instead of the payload, "
-            "or raise max_message_size"
+            f"encoded message is {size} bytes, over {over} of {limit} bytes; "
+            f"send a reference (a key or URL) instead of the payload, or {fix}"
         )
 
 

@@ -170,6 +170,8 @@ _TO_CHANNELS = b"s"
 #: Bytes of a packed inbox message beyond what the packer bounds: the frame header and the
 #: pack's version byte.
 _PACK_OVERHEAD = _FRAME.size + 1
+#: Seconds a new client must have lived for the delay before the next one to start over.
+_HEALTHY_CLIENT = 30.0
 #: Values of the ``inbox`` option: stored until acknowledged, or plain core publishes.
 _INBOX_KINDS = ("jetstream", "core")
 
@@ -416,6 +418,13 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: What _retry retries (leader elections, reconnects), set when the driver is imported.
         self._transient: tuple[type[Exception], ...] = (asyncio.TimeoutError,)
         self._presence_kept: NatsPresence | None = None
+        #: Making a new client in place of one nats-py closed for good (see _rebuild_later).
+        self._rebuilding: asyncio.Task[None] | None = None
+        #: Delays between new clients: kept across rebuilds, so that a cause that closes
+        #: every new client at once is retried ever more slowly, not in a loop.
+        self._rebuilds = self.backoff()
+        #: time.monotonic() when the last new client was connected.
+        self._built_at = 0.0
 
     # ------------------------------------------------------------ subjects
 
@@ -439,9 +448,8 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     async def _start(self) -> None:
         try:
-            from nats.aio.client import Client
+            from nats.errors import ConnectionClosedError, NoRespondersError
             from nats.errors import Error as DriverError
-            from nats.errors import NoRespondersError
             from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
         except ImportError as exc:
             raise missing_driver("nats", exc) from exc
@@ -451,7 +459,32 @@ class NATSChannelLayer(BrokerChannelLayer):
             NoRespondersError,
             NoStreamResponseError,
             ServiceUnavailableError,
+            # A call made with a client nats-py closed for good: _retry waits for the
+            # new one (see _rebuild); once the layer is closed, it is not retried.
+            ConnectionClosedError,
         )
+        nc = await self._connect()
+        self._use(nc)
+        self.report_connection(True)
+        if not self._stored:
+            return
+        try:
+            await self._ensure_inbox()
+        except BaseException:
+            self._nc = self._js = None
+            await nc.close()
+            raise
+        self.tasks.keep_running(self._keep_inbox, "inbox keeper")
+        self.tasks.keep_running(self._ack_late, "inbox acknowledgements")
+
+    async def _connect(self) -> Client:
+        """A new connected client, subscribed to this layer's control and inbox subjects.
+
+        Raises ``BackendUnavailable`` when no server takes it within ``timeout``;
+        the client is closed on any failure, a cancellation included.
+        """
+        from nats.aio.client import Client
+
         nc = Client()
         # nats-py retries the first connection forever (max_reconnect_attempts=-1),
         # so a refused or failing connection shows up as our timeout; the message
@@ -474,7 +507,8 @@ class NATSChannelLayer(BrokerChannelLayer):
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
-                    closed_cb=self._on_closed,
+                    # Bound to its client: a callback of a client replaced meanwhile is ignored.
+                    closed_cb=partial(self._on_closed, nc),
                 ),
                 self.timeout,
                 lambda: self._connect_failed(nc),
@@ -489,7 +523,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             await nc.flush(timeout=max(1, math.ceil(self.timeout)))
         except BackendUnavailable as exc:
             error = exc
-        except (OSError, asyncio.TimeoutError, DriverError) as exc:
+        except (OSError, asyncio.TimeoutError, self._driver_error) as exc:
             error = self._connect_failed(nc, exc)
         except BaseException:
             await nc.close()
@@ -499,27 +533,22 @@ class NATSChannelLayer(BrokerChannelLayer):
             # Raised outside the handler, not chained: a driver error may quote the
             # server URL, password included.
             raise error
+        return nc
+
+    def _use(self, nc: Client) -> None:
+        """Make ``nc`` the layer's client: its JetStream context, and what depends on its server."""
         self._nc = nc
-        self.report_connection(True)
         # Each JetStream request gets a short timeout and is retried until
         # ``timeout``: a request lost in a leader election is sent again instead
         # of being waited for until the very end.
         self._js = nc.jetstream(timeout=min(_ATTEMPT_TIMEOUT, self.timeout))
+        # The bucket's handle holds the JetStream context it was made with.
+        self._kv = None
         version = nc.connected_server_version
         # Per-message TTL (Nats-TTL) exists from server 2.11; older servers accept
         # and ignore it, so only use it where it works.
         self._msg_ttl = (version.major, version.minor) >= (2, 11)
         self._bound_packs()
-        if not self._stored:
-            return
-        try:
-            await self._ensure_inbox()
-        except BaseException:
-            self._nc = self._js = None
-            await nc.close()
-            raise
-        self.tasks.keep_running(self._keep_inbox, "inbox keeper")
-        self.tasks.keep_running(self._ack_late, "inbox acknowledgements")
 
     def _bound_packs(self) -> None:
         """Bound packed sends by the ``max_payload`` of the server connected to now.
@@ -630,23 +659,72 @@ class NATSChannelLayer(BrokerChannelLayer):
         logger.info("reconnected to NATS at %s", where)
         self.report_connection(True)
 
-    async def _on_closed(self) -> None:
+    async def _on_closed(self, nc: Client) -> None:
         self._reconnected.set()
-        if self.closed or self._nc is None:
+        self._rebuild_later(nc)
+
+    def _rebuild_later(self, nc: Client) -> None:
+        """Start making a new client in place of ``nc``, closed for good while the layer is open.
+
+        nats-py closes its client for good on any error a server reports on a live
+        connection but a stale connection or a permissions violation (more
+        subscriptions than the server allows, a buffered publish over its
+        max_payload), and when ``max_reconnect_attempts`` runs out: it never
+        reconnects it. Idempotent; nothing happens for a client the layer closed,
+        one already replaced, or while the layer starts (``_start`` fails instead).
+        """
+        if self.closed or not self._started or self._nc is not nc or self._rebuilding is not None:
             return
-        # nats-py closes its client for good on any error a server reports on a live
-        # connection but a stale connection or a permissions violation (more
-        # subscriptions than the server allows, a buffered publish over its
-        # max_payload): it does not reconnect, and every later call of this layer fails.
         self.report_connection(False)
-        logger.error(
-            "the NATS client closed for good (%s); this layer's calls fail from now on (restart the process)",
-            self.redact(repr(self._nc.last_error)),
+        logger.warning(
+            "the NATS client closed for good (%s); connecting a new one (pending receives keep waiting)",
+            self.redact(repr(nc.last_error)),
         )
+        self._rebuilding = self.tasks.spawn(self._rebuild(), "client rebuild")
 
-    async def _until_connected(self, nc: Client, deadline: float, what: str) -> None:
-        """Wait until ``nc`` is connected again (or closed), up to ``deadline`` (loop time).
+    async def _rebuild(self) -> None:
+        """Connect a new client, with backoff, and restore what the closed one carried.
 
+        The control and inbox subscriptions come with the client (``_connect``);
+        the keeper checks the inbox consumer (the server deletes it after its
+        inactive threshold without a client); named-channel readers bind again
+        when their pull fails on the closed client, and the bucket's handle is
+        made again on first use. JetStream calls waiting meanwhile go on.
+        """
+        backoff = self._rebuilds
+        if time.monotonic() - self._built_at >= _HEALTHY_CLIENT:
+            backoff.reset()
+        try:
+            while True:
+                # Before the first attempt too: a cause that stays (a receiver on more
+                # named channels than the server's max_subscriptions allows) closes the
+                # next client as well, and must not make a new connection per loop turn.
+                await backoff.sleep()
+                try:
+                    nc = await self._connect()
+                except BackendUnavailable as exc:
+                    logger.warning("connecting a new NATS client failed (%s); trying again", exc)
+                    continue
+                break
+        finally:
+            self._rebuilding = None
+        # The held delivery was the old client's to acknowledge: the server delivers it
+        # again after _INBOX_ACK_WAIT, and its id drops that copy.
+        self._unacked = None
+        self._use(nc)
+        self._built_at = time.monotonic()
+        self._check_inbox.set()
+        self._reconnected.set()
+        url = nc.connected_url
+        where = location(url.geturl(), self.default_port) if url is not None else "?"
+        logger.info("connected a new NATS client to %s", where)
+        self.report_connection(True)
+
+    async def _until_connected(self, deadline: float, what: str) -> None:
+        """Wait until the layer's client is connected, up to ``deadline`` (loop time).
+
+        Through a reconnect, and through the making of a new client when nats-py
+        closed the old one for good (returns at once once the layer is closed).
         Handed a publish while it reconnects, nats-py checks it against the
         previous server's ``max_payload`` and buffers it; a server taking less
         ends the connection on it, and nats-py closes its client for good.
@@ -655,8 +733,14 @@ class NATSChannelLayer(BrokerChannelLayer):
         up in the buffer, one per retry.
         """
         loop = running_loop()
-        while not (nc.is_connected or nc.is_closed):
-            # Set only by the callbacks: cleared here, it says the next (re)connection.
+        while True:
+            nc = self._nc
+            if nc is None or nc.is_connected or self.closed:
+                return
+            if nc.is_closed:
+                # Its closed callback may not have run yet (nats-py closes first).
+                self._rebuild_later(nc)
+            # Set only by the callbacks and _rebuild: cleared here, it says the next connection.
             self._reconnected.clear()
             if not await wait_event(self._reconnected, max(0.0, deadline - loop.time())):
                 raise self.unavailable(f"{what}: not connected within {self.timeout} s (reconnecting)")
@@ -672,8 +756,13 @@ class NATSChannelLayer(BrokerChannelLayer):
         from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
         if isinstance(exc, MaxPayloadError):
-            limit = self._nc.max_payload if self._nc is not None else 0
-            return MessageTooLarge(max(size, limit + 1), limit)
+            # Refused by nats-py against the max_payload the server announced: the
+            # layer's max_message_size is not the limit here, the server's is.
+            nc = self._nc
+            url = nc.connected_url if nc is not None else None
+            server = location(url.geturl(), self.default_port) if url is not None else self.where
+            limit = nc.max_payload if nc is not None else 0
+            return MessageTooLarge(max(size, limit + 1), limit, server=server)
         if isinstance(
             exc,
             (
@@ -697,6 +786,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         call: Callable[[], Awaitable[_T]],
         recover: Callable[[], Awaitable[None]] | None = None,
         also: tuple[type[Exception], ...] = (),
+        size: int = 0,
     ) -> _T:
         """Run a JetStream request, retrying transient failures until ``timeout``.
 
@@ -704,6 +794,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         the connection is re-established, and the errors in ``also``. Anything
         else fails at once. When no stream answers a publish, ``recover`` (once)
         re-creates the stream or bucket, in case the server lost its JetStream state.
+        ``size``: the bytes a publish carries, for the error if the server's
+        ``max_payload`` is smaller.
         """
         transient = self._transient + also if also else self._transient
         loop = running_loop()
@@ -712,13 +804,13 @@ class NATSChannelLayer(BrokerChannelLayer):
         while True:
             nc = self._nc
             if nc is not None and not nc.is_connected:
-                await self._until_connected(nc, deadline, what)
+                await self._until_connected(deadline, what)
             try:
                 return await call()
             except transient as exc:
                 delay = backoff.next()
                 if self.closed or loop.time() + delay >= deadline:
-                    raise self._translate(exc, what) from exc
+                    raise self._translate(exc, what, size) from exc
                 logger.debug("NATS %s: %r; retrying in %.2f s", what, exc, delay)
                 from nats.js.errors import NoStreamResponseError  # imported at _start: a lookup
 
@@ -730,7 +822,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                     except ChannelLayerError as error:
                         logger.debug("NATS %s: recovery failed: %s", what, error)
             except self._driver_error as exc:
-                raise self._translate(exc, what) from exc
+                raise self._translate(exc, what, size) from exc
             await asyncio.sleep(delay)
 
     @property
@@ -793,6 +885,18 @@ class NATSChannelLayer(BrokerChannelLayer):
                     BucketNotFoundError,
                 )
             return self._kv
+
+    async def _in_bucket(self, what: str, call: Callable[[KeyValue], Awaitable[_T]]) -> _T:
+        """``call(bucket)`` on the group bucket, retried as ``_retry`` does (the bucket made again if lost).
+
+        The bucket's handle is taken anew on each attempt: one made for a new
+        client (see ``_rebuild``) replaces the closed client's.
+        """
+
+        async def attempt() -> _T:
+            return await call(await self._bucket())
+
+        return await self._retry(what, attempt, self._recover_bucket)
 
     async def _get_or_create(
         self,
@@ -893,13 +997,13 @@ class NATSChannelLayer(BrokerChannelLayer):
         try:
             try:
                 await self._retry(
-                    what, partial(self.js.consumer_info, self._inbox_stream, self._inbox_consumer)
+                    what, lambda: self.js.consumer_info(self._inbox_stream, self._inbox_consumer)
                 )
                 created = False
             except ChannelLayerError as exc:
                 if not isinstance(exc.__cause__, NotFoundError):
                     raise
-                await self._retry(what, partial(self.js.add_consumer, self._inbox_stream, config))
+                await self._retry(what, lambda: self.js.add_consumer(self._inbox_stream, config))
                 created = True
         except ChannelLayerError as exc:
             if _error_code(exc) != _STREAM_NOT_FOUND:
@@ -996,7 +1100,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         """
         subject = self._stored_inboxes(token)
         if self._stored:
-            await self._retry(what, partial(self.js.publish, subject, payload), self._recover_inbox_stream)
+            await self._retry(
+                what, lambda: self.js.publish(subject, payload), self._recover_inbox_stream, size=len(payload)
+            )
             return
         nc = self.nc
         if not nc.is_connected:
@@ -1205,10 +1311,11 @@ class NATSChannelLayer(BrokerChannelLayer):
             try:
                 ack = await self._retry(
                     what,
-                    partial(
-                        self.js.publish, subject, data, stream=self.stream_name, headers=headers, msg_ttl=ttl
+                    lambda: self.js.publish(
+                        subject, data, stream=self.stream_name, headers=headers, msg_ttl=ttl
                     ),
                     self._recover_stream,
+                    size=len(data),
                 )
             except ChannelLayerError as exc:
                 if _error_code(exc) not in _WRONG_LAST_SEQUENCE:
@@ -1244,7 +1351,7 @@ class NATSChannelLayer(BrokerChannelLayer):
     async def _last_named_seq(self, subject: str, what: str) -> int:
         """The stream sequence of a named channel's newest stored message; 0 when it has none."""
         try:
-            raw = await self._on_named_stream(what, partial(self.js.get_last_msg, self.stream_name, subject))
+            raw = await self._on_named_stream(what, lambda: self.js.get_last_msg(self.stream_name, subject))
         except ChannelLayerError as exc:
             if _error_code(exc) == _NO_MESSAGE:
                 return 0
@@ -1466,21 +1573,19 @@ class NATSChannelLayer(BrokerChannelLayer):
             await self._change_local(op, group, channel)
         elif is_process_specific(channel):
             await self._tell_owner(channel, op, group)
-        kv = await self._bucket()
         key = self.member_key(group, channel)
         joined = repr(time.time()).encode()
         what = f"group_{op} of {channel!r} in {group!r}"
-        await self._retry(
-            what,
-            (lambda: kv.put(key, joined)) if op == "add" else (lambda: self._forget(kv, key)),
-            self._recover_bucket,
-        )
+        if op == "add":
+            await self._in_bucket(what, lambda kv: kv.put(key, joined))
+        else:
+            await self._in_bucket(what, lambda kv: self._forget(kv, key))
         if op == "add" and not is_process_specific(channel):
             # Put after the member key, so it outlives the member (the bucket's TTL
             # counts from the last put). Left to expire on discard: a stale mark only
             # costs group_send a listing that finds no named member.
             mark = self.owner_key(group, _NAMED_MARK)
-            await self._retry(what, lambda: kv.put(mark, b""), self._recover_bucket)
+            await self._in_bucket(what, lambda kv: kv.put(mark, b""))
 
     async def _change_local(self, op: str, group: str, channel: str) -> None:
         if op == "add":
@@ -1522,9 +1627,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         async with self._owner_locks.hold(group):
             if self._owns(group) or group not in self.local_groups:
                 return
-            kv = await self._bucket()
             key = self.owner_key(group, self.client_token)
-            await self._retry(f"group_add to {group!r}", lambda: kv.put(key, b""), self._recover_bucket)
+            await self._in_bucket(f"group_add to {group!r}", lambda kv: kv.put(key, b""))
             self._owned[group] = time.monotonic()
 
     async def _disown(self, group: str) -> None:
@@ -1532,11 +1636,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         async with self._owner_locks.hold(group):
             if group in self.local_groups or group not in self._owned:
                 return
-            kv = await self._bucket()
             key = self.owner_key(group, self.client_token)
-            await self._retry(
-                f"group_discard from {group!r}", lambda: self._forget(kv, key), self._recover_bucket
-            )
+            await self._in_bucket(f"group_discard from {group!r}", lambda kv: self._forget(kv, key))
             del self._owned[group]
 
     async def _disown_quietly(self, group: str) -> None:
@@ -1582,6 +1683,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         deadline = loop.time() + self.timeout
         backoff = self.backoff()
         while True:
+            await self._until_connected(deadline, f"group change for {channel!r}")
             try:
                 reply = await self.nc.request(
                     self._process_subject(channel, "c"), body, timeout=max(deadline - loop.time(), 0.1)
@@ -1611,7 +1713,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         try:
             await self._retry(
                 f"group change for {channel!r}",
-                partial(self.js.consumer_info, self._inbox_stream, _inbox_consumer(token)),
+                lambda: self.js.consumer_info(self._inbox_stream, _inbox_consumer(token)),
             )
         except ChannelLayerError as exc:
             if isinstance(exc.__cause__, NotFoundError):
@@ -1694,7 +1796,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         """The named (stored) channels in ``group``; expired ones are skipped and pruned."""
         from nats.js.errors import KeyNotFoundError
 
-        kv = await self._bucket()
+        await self._bucket()
         pattern = f"{self._kv_subject_prefix}{subject_token(group)}.n.*"
         what = f"member list of {group!r}"
         # One request lists the group's named-member keys (usually none); groups of
@@ -1705,20 +1807,20 @@ class NATSChannelLayer(BrokerChannelLayer):
         cutoff = time.time() - self.group_expiry
         for key in keys:
             try:
-                entry = await self._retry(what, lambda key=key: kv.get(key))  # type: ignore[misc]
+                entry = await self._in_bucket(what, lambda kv, key=key: kv.get(key))  # type: ignore[misc]
             except ChannelLayerError as exc:
                 if isinstance(exc.__cause__, KeyNotFoundError):
                     continue  # discarded; its marker goes away by itself
                 raise
             if _joined(entry.value) <= cutoff:
                 if not self.closed:
-                    self.tasks.spawn(self._prune(kv, key), f"pruning {key}")
+                    self.tasks.spawn(self._prune(key), f"pruning {key}")
                 continue
             members.append(token_to_name(key.rsplit(".", 1)[-1]))
         return members
 
-    async def _prune(self, kv: KeyValue, key: str) -> None:
-        await self._retry("pruning an expired member", lambda: self._forget(kv, key))
+    async def _prune(self, key: str) -> None:
+        await self._in_bucket("pruning an expired member", lambda kv: self._forget(kv, key))
 
     # ----------------------------------------------------------------- history
 
@@ -1757,20 +1859,25 @@ class NATSChannelLayer(BrokerChannelLayer):
         await self._stream_with(config, "history stream")
         self._history_ready.add(store.name)
 
-    async def _in_history(self, store: _HistoryStore, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
-        """Run a JetStream call on a history stream, creating the stream again if the server lost it."""
+    async def _in_history(
+        self, store: _HistoryStore, what: str, call: Callable[[], Awaitable[_T]], size: int = 0
+    ) -> _T:
+        """Run a JetStream call on a history stream, creating the stream again if the server lost it.
+
+        ``size`` as for ``_retry``.
+        """
 
         async def recreate() -> None:
             self._history_ready.discard(store.name)
             await self._create_history_store(store)
 
         try:
-            return await self._retry(what, call, recreate)
+            return await self._retry(what, call, recreate, size=size)
         except ChannelLayerError as exc:
             if _error_code(exc) != _STREAM_NOT_FOUND:
                 raise
         await recreate()
-        return await self._retry(what, call)
+        return await self._retry(what, call, size=size)
 
     def _history_subject(self, store: _HistoryStore, group: str) -> str:
         return f"{store.subjects}.{subject_token(group)}"
@@ -1810,7 +1917,12 @@ class NATSChannelLayer(BrokerChannelLayer):
             }
             try:
                 ack = await self._in_history(
-                    store, what, partial(self.js.publish, subject, data, stream=store.name, headers=headers)
+                    store,
+                    what,
+                    lambda headers=headers: self.js.publish(  # type: ignore[misc]
+                        subject, data, stream=store.name, headers=headers
+                    ),
+                    len(data),
                 )
             except ChannelLayerError as exc:
                 if _error_code(exc) not in _WRONG_LAST_SEQUENCE:
@@ -1829,7 +1941,12 @@ class NATSChannelLayer(BrokerChannelLayer):
             if ack.duplicate:
                 # Stored by an attempt whose acknowledgement was lost, before the
                 # writer we just chained after: read back which offset it got.
-                raw = await self._in_history(store, what, partial(self.js.get_msg, store.name, seq=ack.seq))
+                seq = ack.seq
+                raw = await self._in_history(
+                    store,
+                    what,
+                    lambda seq=seq: self.js.get_msg(store.name, seq=seq),  # type: ignore[misc]
+                )
                 mine = _entry_of(raw.seq, raw.headers, 0.0, b"", subject)
                 return StreamPosition(mine.offset, mine.epoch)
             appended = _Entry(ack.seq, after + 1, epoch, writer, 0.0, b"")
@@ -1840,7 +1957,7 @@ class NATSChannelLayer(BrokerChannelLayer):
     async def _history_last(self, store: _HistoryStore, subject: str, what: str) -> _Entry | None:
         """The newest stored entry of a group, read from the stream leader; None when there is none."""
         try:
-            raw = await self._in_history(store, what, partial(self.js.get_last_msg, store.name, subject))
+            raw = await self._in_history(store, what, lambda: self.js.get_last_msg(store.name, subject))
         except ChannelLayerError as exc:
             if _error_code(exc) == _NO_MESSAGE:
                 self._newest.discard(subject)
@@ -1858,7 +1975,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         headers = {_EXPECTED_HEADER: "0", _OFFSET_HEADER: "0", _EPOCH_HEADER: epoch, _MSG_ID_HEADER: writer}
         try:
             ack = await self._in_history(
-                store, what, partial(self.js.publish, subject, b"", stream=store.name, headers=headers)
+                store, what, lambda: self.js.publish(subject, b"", stream=store.name, headers=headers)
             )
         except ChannelLayerError as exc:
             if _error_code(exc) not in _WRONG_LAST_SEQUENCE:
@@ -1929,7 +2046,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             idle=_READER_IDLE,
             after=after,
             add=lambda config: self._in_history(
-                store, what, partial(self.js.add_consumer, store.name, config)
+                store, what, lambda: self.js.add_consumer(store.name, config)
             ),
         )
         async with reader as (sub, info):
@@ -1943,6 +2060,9 @@ class NATSChannelLayer(BrokerChannelLayer):
                     # The newest entry did not come (it expired meanwhile): what
                     # arrived is all there is; the caller sees the gap.
                     break
+                except self._driver_error as exc:
+                    # The client closed under the read (nats-py closed it for good).
+                    raise self._translate(exc, what) from exc
                 metadata = msg.metadata
                 entries.append(
                     _entry_of(
@@ -1986,6 +2106,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         """
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+        await self._until_connected(running_loop().time() + self.timeout, what)
         inbox = self.nc.new_inbox()
         try:
             sub = await self.nc.subscribe(inbox, cb=cb)
@@ -2023,7 +2144,7 @@ class NATSChannelLayer(BrokerChannelLayer):
 
     async def _drop_reader(self, stream: str, consumer: str, kind: str) -> None:
         try:
-            await self._retry(f"dropping a {kind} reader", partial(self.js.delete_consumer, stream, consumer))
+            await self._retry(f"dropping a {kind} reader", lambda: self.js.delete_consumer(stream, consumer))
         except ChannelLayerError as exc:
             # The server deletes it after its idle time anyway.
             logger.debug("dropping %s reader %s failed: %s", kind, consumer, exc)
@@ -2033,7 +2154,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         for policy in {policy for _, policy in self.history}:
             store = self._history_stores(policy)
             try:
-                await self._retry("flush", partial(self.js.purge_stream, store.name))
+                await self._retry("flush", lambda name=store.name: self.js.purge_stream(name))  # type: ignore[misc]
             except ChannelLayerError as exc:
                 if _error_code(exc) != _STREAM_NOT_FOUND:
                     raise

@@ -42,7 +42,6 @@ import time
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -231,7 +230,7 @@ class NatsPresence:
     async def flush(self) -> None:
         """Purge every entry and record (a stream that does not exist is fine)."""
         try:
-            await self.layer._retry("flush", partial(self.layer.js.purge_stream, self.stream))
+            await self.layer._retry("flush", lambda: self.layer.js.purge_stream(self.stream))
         except ChannelLayerError as exc:
             if _error_code(exc) != _STREAM_NOT_FOUND:
                 raise
@@ -458,7 +457,7 @@ class NatsPresence:
     async def _last(self, subject: str) -> _Stored | None:
         try:
             raw = await self.layer._retry(
-                "presence heartbeat", partial(self.layer.js.get_last_msg, self.stream, subject)
+                "presence heartbeat", lambda: self.layer.js.get_last_msg(self.stream, subject)
             )
         except ChannelLayerError as exc:
             if _error_code(exc) in _NO_MESSAGE or _error_code(exc) == _STREAM_NOT_FOUND:
@@ -487,7 +486,7 @@ class NatsPresence:
             what=what,
             idle=_READER_IDLE,
             add=lambda config: layer._retry(
-                what, partial(layer.js.add_consumer, self.stream, config), self._recover
+                what, lambda: layer.js.add_consumer(self.stream, config), self._recover
             ),
             last_per_subject=True,
             cb=collect,

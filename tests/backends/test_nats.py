@@ -564,35 +564,84 @@ async def test_sends_made_while_reconnecting_to_a_server_taking_less_fail_alone(
         await receiver.receive(channels[1], timeout=0.5)  # nothing oversized arrived
 
 
-async def test_a_client_nats_py_closes_for_good_is_reported_and_calls_fail_as_unavailable(
-    tmp_path: Path, make: Make, caplog: pytest.LogCaptureFixture
-) -> None:
-    # nats-py closes its client for good on an error the server reports on a live
-    # connection (here: more subscriptions than the server allows, a named channel's
-    # reader being one); it does not reconnect. The layer says so once, as an error,
-    # reports the connection down, and its calls fail as unavailable.
+@pytest.fixture
+def few_subs(tmp_path: Path) -> Iterator[NatsNode]:
+    """A server taking at most 4 subscriptions per connection (a layer holds 3, plus one per named
+    channel it reads); the test may raise the limit (with a restart: nats-server does not reload
+    it). Requested before ``make``: layers are closed while it still runs."""
     node = NatsNode(tmp_path / "few-subs", max_subscriptions=4)
     node.first_start()
     try:
-        layer = make(servers=[node.url])
-        await layer.send("a", {"i": 0})
-        with caplog.at_level(logging.ERROR, logger="fastapi_websockets"):
-            readers = [asyncio.ensure_future(layer.receive(name)) for name in ("a", "b", "c")]
-            deadline = time.monotonic() + PATIENCE
-            while not layer.nc.is_closed:
-                assert time.monotonic() < deadline, "nats-py kept its client"
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.1)  # the closed callback runs once the client is closed
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        assert "the NATS client closed for good" in caplog.text
-        assert "maximum subscriptions exceeded" in caplog.text
-        assert layer.connection.up is False
-        with pytest.raises(BackendUnavailable, match="the connection is closed"):
-            await layer.send("a", {"i": 1})
+        yield node
     finally:
         node.stop()
+
+
+async def test_a_client_nats_py_closes_for_good_is_replaced_and_the_layer_works_again(
+    few_subs: NatsNode, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nats-py closes its client for good on an error the server reports on a live
+    # connection (here: more subscriptions than the server allows, a named channel's
+    # reader holding one) and never reconnects it. The layer connects a new client
+    # (each one closed again while the cause stays, ever more slowly) and, once the
+    # server takes it, restores what the old one carried: receivers that waited
+    # meanwhile get their messages, calls made meanwhile wait for the new client (as
+    # through a reconnect), and sends, group sends and receives work again.
+    history = {"hist:*": {"size": 10, "ttl": 600}}
+    layer = make(servers=[few_subs.url], timeout=PATIENCE, history=history)
+    peer = make(servers=[few_subs.url])
+    mine, theirs = await layer.new_channel(), await peer.new_channel()
+    await layer.group_add("room", mine)
+    await peer.group_add("hall", theirs)
+    await layer.presence_join("lobby", mine, {"who": "layer"}, notify=False)
+    before = await layer.group_send("hist:1", {"h": 0})
+    assert before is not None
+    first = layer.nc
+    with caplog.at_level(logging.INFO, logger="fastapi_websockets"):
+        readers = {name: asyncio.ensure_future(layer.receive(name)) for name in ("a", "b", "c")}
+        deadline = time.monotonic() + PATIENCE
+        while not first.is_closed:
+            assert time.monotonic() < deadline, "nats-py kept its client"
+            await asyncio.sleep(0.05)
+        during = [layer.send(theirs, {"during": 1}), layer.group_send("hall", {"during": 2})]
+        made_during = asyncio.ensure_future(asyncio.gather(*during))
+        await asyncio.sleep(0.5)  # made while the cause stays
+        few_subs.stop()
+        few_subs.max_subscriptions = 1000
+        few_subs.start()
+        for i, name in enumerate(readers):
+            await peer.send(name, {"i": i})
+        received = await asyncio.wait_for(asyncio.gather(*readers.values()), PATIENCE)
+        assert await made_during == [None, None]
+    assert [message["i"] for message in received] == [0, 1, 2]
+    # A send and a group_send to one channel travel different paths: either may come first.
+    during_received = [await peer.receive(theirs, timeout=PATIENCE) for _ in range(2)]
+    assert sorted(message["during"] for message in during_received) == [1, 2]
+    assert "the NATS client closed for good" in caplog.text
+    assert "maximum subscriptions exceeded" in caplog.text
+    assert "connected a new NATS client" in caplog.text
+    assert layer.nc is not first
+    assert layer.connection.up is True
+    assert layer.connection.reconnections >= 1
+    await layer.send(theirs, {"to": "peer"})
+    assert (await peer.receive(theirs, timeout=PATIENCE))["to"] == "peer"
+    await peer.send(mine, {"to": "layer"})
+    assert (await layer.receive(mine, timeout=PATIENCE))["to"] == "layer"
+    await peer.group_send("room", {"group": "room"})
+    assert (await layer.receive(mine, timeout=PATIENCE))["group"] == "room"
+    await layer.group_send("hall", {"group": "hall"})
+    assert (await peer.receive(theirs, timeout=PATIENCE))["group"] == "hall"
+    await layer.send("d", {"named": 1})
+    assert (await layer.receive("d", timeout=PATIENCE))["named"] == 1
+    await layer.group_send("hist:1", {"h": 1})
+    page = await layer.group_history("hist:1", since=before)
+    assert [message["h"] for message in page.messages] == [1]
+    assert page.recovered
+    assert await layer.presence("lobby") == {mine: {"who": "layer"}}
+    await layer.presence_leave("lobby", mine)
+    assert await layer.presence("lobby") == {}
+    # The closed clients left no connection behind on the server.
+    assert connection_of(few_subs, layer)["name"] == f"fastapi-websockets {layer.client_token}"
 
 
 async def test_close_with_packed_sends_pending_ends_each_of_them(nats_node: NatsNode, make: Make) -> None:
@@ -1077,12 +1126,18 @@ async def test_messages_up_to_max_message_size_and_over_the_server_limit(
     assert (await b.receive(channel, timeout=10))["body"] == body
     await a.send("big.named", {"type": "big", "body": body})
     assert (await b.receive("big.named", timeout=10))["body"] == body
-    # Over the server's max_payload: refused by the client, as MessageTooLarge.
+    # Over the server's max_payload: refused by the client, as MessageTooLarge naming
+    # the server's limit (not the layer's max_message_size, which it is within) and
+    # the message's own size.
     huge = make(servers=[nats_node.url], max_message_size=8 * 1024 * 1024)
     for target in (channel, "big.named"):
         with pytest.raises(MessageTooLarge) as info:
             await huge.send(target, {"type": "huge", "body": b"x" * (3 * 1024 * 1024)})
         assert info.value.limit == 2 * 1024 * 1024
+        assert info.value.size > 3 * 1024 * 1024
+        assert "max_message_size" not in str(info.value)
+        assert f"the max_payload of the server at 127.0.0.1:{nats_node.port}" in str(info.value)
+        assert "raise max_payload in its configuration" in str(info.value)
 
 
 async def test_receive_outlives_its_consumer(nats_node: NatsNode, namespace: str, make: Make) -> None:
@@ -1860,6 +1915,24 @@ async def test_presence_is_chunks_per_owner_and_an_owner_record_and_leaves_nothi
     assert await presence_subjects([nats_node.url], namespace) == {}  # the record went with the last entry
 
 
+_PRESENT = """
+import asyncio, json, sys
+from fastapi_websockets.backends.nats import NATSChannelLayer
+
+async def main(url, namespace):
+    layer = NATSChannelLayer(
+        servers=[url], prefix=namespace, group_bucket=namespace, stream_name=namespace, presence_timeout=1
+    )
+    mine = [await layer.new_channel("ws") for _ in range(100)]
+    for channel in mine:
+        await layer.presence_join("room:r", channel, {"who": "dead"}, notify=False)
+    print(json.dumps([layer.client_token, mine]), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
 async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
@@ -1867,12 +1940,18 @@ async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
     watcher_layer = make(servers=urls)
     watcher = await watcher_layer.new_channel("ws")
     await watcher_layer.group_add("room:r", watcher)
-    dead = make(servers=urls, presence_timeout=1)
-    mine = [await dead.new_channel("ws") for _ in range(100)]
-    for channel in mine:
-        await dead.presence_join("room:r", channel, {"who": "dead"}, notify=False)
-    # The process "dies": its connection goes without leaving; its data stays on the server.
-    await dead.nc.close()
+    # A process that joins and dies (killed): its connection goes without leaving; its data
+    # stays on the server. (Closing a layer's client from outside is not a death: the layer
+    # connects a new one.)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PRESENT, nats_node.url, namespace, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        dead_token, mine = json.loads(await child.stdout.readline())
+    finally:
+        child.kill()
+        await child.wait()
     # Three live processes reap on their own heartbeats, racing for the dead owner.
     reapers = [make(servers=urls, presence_timeout=1) for _ in range(3)]
     for reaper in reapers:
@@ -1881,7 +1960,7 @@ async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
     assert sorted(left) == sorted(mine)
     with pytest.raises(TimeoutError):  # each leave announced once: nothing more comes
         await watcher_layer.receive(watcher, timeout=1.5)
-    dead_owner = subject_token(dead.client_token)
+    dead_owner = subject_token(dead_token)
     assert not [s for s in await presence_subjects(urls, namespace) if dead_owner in s]
     assert set(await watcher_layer.presence("room:r")) == {
         channel for reaper in reapers for channel in reaper._presence.channels("room:r")

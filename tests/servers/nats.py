@@ -136,9 +136,14 @@ class NatsNode:
         return f"http://127.0.0.1:{self.monitor_port}"
 
     def start(self, *, wait: bool = True) -> None:
-        """Start the server (again, with the same ports and data directory)."""
+        """Start the server (again, with the same ports and data directory) with its options as set now.
+
+        nats-server reloads some options on SIGHUP (:meth:`reload`) but not all:
+        ``max_subscriptions`` takes a restart.
+        """
         if self.proc is not None and self.proc.popen.poll() is None:
             raise RuntimeError(f"nats-server {self.name} is already running")
+        self.config_path.write_text(self._config())
         if self.proc is not None:
             self.proc.stop()  # exited on its own: close its log before the next one opens
         self.proc = ServerProcess([nats_server_binary(), "-c", str(self.config_path)], self.workdir)

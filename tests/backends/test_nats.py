@@ -41,6 +41,7 @@ from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, su
 from fastapi_websockets.backends.nats_presence import chunk_of
 from fastapi_websockets.backends.packing import pack
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerError, MessageTooLarge
+from tests.conformance.test_layer import send_in_two_waves
 from tests.conftest import layer_factory
 from tests.faults import give_up_joins
 from tests.leaks import SECRET, assert_no_secret
@@ -838,14 +839,7 @@ async def test_named_sends_made_while_the_stream_is_set_up_keep_call_order(
     # channel's turn ahead of the early ones still leaving it ([0, 14, 1, 15, ...]).
     layer = make(servers=[nats_node.url])
     await layer.new_channel()  # started, the stream not made yet
-    early = asyncio.gather(*(layer.send("ordered", {"type": "n", "i": i}) for i in range(15)))
-    for _ in range(100_000):  # loop turns, not time: the later sends go in the turn it is ready
-        if layer._stream_ready:
-            break
-        await asyncio.sleep(0)
-    else:
-        pytest.fail("the stream was not made")
-    await asyncio.gather(early, *(layer.send("ordered", {"type": "n", "i": i}) for i in range(15, 30)))
+    await send_in_two_waves(layer, "ordered", lambda: layer._stream_ready, "the stream's setup")
     assert [(await layer.receive("ordered", timeout=10))["i"] for _ in range(30)] == list(range(30))
 
 

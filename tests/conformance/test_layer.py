@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -577,6 +578,25 @@ async def test_concurrent_sends_to_a_named_channel_keep_call_order(
         assert got == list(range(count)), f"round {round_}"
 
 
+async def send_in_two_waves(
+    sender: BaseChannelLayer, channel: str, ready: Callable[[], bool], what: str
+) -> None:
+    """Send ``{"i": 0..14}`` to ``channel`` at once, then 15..29 in the loop turn ``ready()`` turns true.
+
+    Loop turns, not time: the later sends are made while the earlier ones may still
+    wait for what ``ready()`` reports (a start, a stream, a declare), also when the
+    earlier ones have all returned by then. Fails saying ``what`` did not happen.
+    """
+    early = asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(15)))
+    for _ in range(100_000):
+        if ready() or early.done():
+            break
+        await asyncio.sleep(0)
+    else:
+        pytest.fail(f"{what} did not happen")
+    await asyncio.gather(early, *(sender.send(channel, {"type": "n", "i": i}) for i in range(15, 30)))
+
+
 @pytest.mark.parametrize("kind", ["named", "process-specific"])
 async def test_sends_made_while_the_layer_starts_keep_call_order(
     make_layer: LayerFactory, backend: Backend, kind: str
@@ -587,14 +607,8 @@ async def test_sends_made_while_the_layer_starts_keep_call_order(
     sender = make_layer()
     receiver = make_layer() if backend.shared_between_instances else sender
     channel = "ordered.start" if kind == "named" else await receiver.new_channel()
-    early = asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(15)))
-    for _ in range(100_000):  # loop turns, not time: the later sends go in the turn it is started
-        if sender._started or early.done():  # in-memory: named sends need no start
-            break
-        await asyncio.sleep(0)
-    else:
-        pytest.fail("the layer did not start")
-    await asyncio.gather(early, *(sender.send(channel, {"type": "n", "i": i}) for i in range(15, 30)))
+    # In-memory: named sends need no start (the early ones are done first).
+    await send_in_two_waves(sender, channel, lambda: sender._started, "the layer's start")
     assert [(await receiver.receive(channel, timeout=10))["i"] for _ in range(30)] == list(range(30))
 
 

@@ -75,6 +75,10 @@ class KeyedLocks:
         """Hold the lock of ``key`` (``async with locks.hold(key): ...``)."""
         return _Hold(self._held, key)
 
+    def busy(self, key: str) -> bool:
+        """Whether a task holds or waits for the lock of ``key``: a new holder would queue behind it."""
+        return key in self._held
+
 
 class _Round(Generic[A, R]):
     __slots__ = ("args", "call", "future")

@@ -41,6 +41,7 @@ from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, su
 from fastapi_websockets.backends.nats_presence import chunk_of
 from fastapi_websockets.backends.packing import pack
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerError, MessageTooLarge
+from tests.conformance.test_layer import assert_mixed_order, mixed_rounds, send_in_two_waves
 from tests.conftest import layer_factory
 from tests.faults import give_up_joins
 from tests.leaks import SECRET, assert_no_secret
@@ -887,14 +888,7 @@ async def test_named_sends_made_while_the_stream_is_set_up_keep_call_order(
     # channel's turn ahead of the early ones still leaving it ([0, 14, 1, 15, ...]).
     layer = make(servers=[nats_node.url])
     await layer.new_channel()  # started, the stream not made yet
-    early = asyncio.gather(*(layer.send("ordered", {"type": "n", "i": i}) for i in range(15)))
-    for _ in range(100_000):  # loop turns, not time: the later sends go in the turn it is ready
-        if layer._stream_ready:
-            break
-        await asyncio.sleep(0)
-    else:
-        pytest.fail("the stream was not made")
-    await asyncio.gather(early, *(layer.send("ordered", {"type": "n", "i": i}) for i in range(15, 30)))
+    await send_in_two_waves(layer, "ordered", lambda: layer._stream_ready, "the stream's setup")
     assert [(await layer.receive("ordered", timeout=10))["i"] for _ in range(30)] == list(range(30))
 
 
@@ -2092,3 +2086,20 @@ async def test_a_join_its_caller_gave_up_on_leaves_no_entry_behind(
     given_up = await give_up_joins(layer, "room:g", join_in_the_same_chunk, rounds=12)
     assert given_up  # a join that completed before its cancel is a join like any other
     assert not set(await make(servers=urls).presence("room:g")) & set(given_up)
+
+
+@pytest.mark.parametrize("history", [False, True], ids=["plain", "history"])
+@pytest.mark.parametrize("receiver", ["own-process", "other-process"])
+async def test_core_inbox_keeps_sends_and_group_sends_in_call_order(
+    nats_node: NatsNode, make: Make, receiver: str, history: bool
+) -> None:
+    # The conformance suite's order tests run the JetStream inbox; the core inbox publishes
+    # a send and a group's copy to the same subject without storing either.
+    options: dict[str, Any] = {"servers": [nats_node.url], "inbox": "core"}
+    if history:
+        options["history"] = {"mixed-order-*": 50}
+    sender = make(**options)
+    owner = sender if receiver == "own-process" else make(**options)
+    assert_mixed_order(await mixed_rounds(sender, owner, "process", gathered=False), gathered=False)
+    gathered = await mixed_rounds(sender, owner, "process", gathered=True, prefix="gathered")
+    assert_mixed_order(gathered, gathered=True)

@@ -32,6 +32,7 @@ from fastapi_websockets.backends.rabbitmq import (
     named_queue_name,
 )
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
+from tests.conformance.test_layer import send_in_two_waves
 from tests.conftest import layer_factory
 from tests.faults import TcpProxy, eventually, fail_once, silent_server
 from tests.leaks import SECRET, assert_no_secret
@@ -1871,3 +1872,17 @@ async def test_a_permission_refused_on_the_exchange_says_which(
         info.value
     )
     assert "rabbitmqctl set_permissions" in str(info.value)
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "transient"])
+async def test_sends_to_a_named_channel_made_while_it_is_declared_keep_call_order(
+    make: Factory, durable: bool
+) -> None:
+    # Each send to a named channel this layer has not declared yet declares its queue
+    # first: sends made once the first declare was answered found it declared and went
+    # ahead of earlier ones still waiting for theirs ([28, 29, 0, 27, 1, ...] once under load).
+    sender, receiver = make(durable=durable), make(durable=durable)
+    await sender.start()
+    queue = named_queue_name(sender.queue_prefix, "declared.late")
+    await send_in_two_waves(sender, "declared.late", lambda: queue in sender._declared, "the queue's declare")
+    assert [(await receiver.receive("declared.late", timeout=10))["i"] for _ in range(30)] == list(range(30))

@@ -2313,7 +2313,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if conn is not None:
             self._give_back(conn)
         parked, self._writer_parked = self._writer_parked, None
-        if parked is not None:
+        # Done already when close() cancelled the waiting writer and this runs (from the
+        # linger timer) before the writer's own cleanup.
+        if parked is not None and not parked.done():
             parked.set_result(None)  # the writer waiting for a burst ends (nothing queued)
 
     def _give_back(self, conn: _Conn) -> None:

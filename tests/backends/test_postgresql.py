@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import logging
 import random
@@ -1008,6 +1009,34 @@ async def test_a_burst_writer_waits_for_the_next_burst_and_ends_with_its_connect
     assert [(await owner.receive(channel, timeout=10))["i"] for _ in range(10)] == list(range(-1, 9))
     await eventually(lambda: sender._outbox_task is None, "the writer ending with its connection")
     assert sender._writer_parked is None
+
+
+async def test_the_linger_timer_after_a_cancelled_burst_writer_raises_nothing(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() cancels the writer waiting for a burst, which cancels the future it
+    # waits on at once; the linger timer can fire before the task runs its cleanup,
+    # and handing the connection back then must not set that cancelled future (it
+    # raised InvalidStateError in the timer's callback, logged by asyncio).
+    monkeypatch.setattr(postgresql, "_WRITER_LINGER", 3600.0, raising=False)
+    sender, owner = make(), make()
+    channel = await owner.new_channel()
+    await sender.send(channel, {"type": "n", "i": -1})
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(4)))
+    await eventually(lambda: sender._writer_parked is not None, "the writer waiting for a burst")
+    writer = sender._outbox_task
+    assert writer is not None
+    writer.cancel()  # as tasks.close() does; the task has not run since
+    parked = sender._writer_parked
+    assert parked is not None
+    assert parked.cancelled()
+    sender._writer_used -= 2 * 3600.0
+    sender._writer_lingered()  # the timer's callback, in the same pass
+    assert sender._writer_conn is None
+    assert sender._writer_parked is None
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer
+    assert [(await owner.receive(channel, timeout=10))["i"] for _ in range(5)] == list(range(-1, 4))
 
 
 async def test_the_writer_keeps_its_connection_between_statements(

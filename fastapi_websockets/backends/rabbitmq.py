@@ -90,6 +90,7 @@ from fastapi_websockets.backends.packing import Packer, describe, pack
 from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.backends.timeouts import within
 from fastapi_websockets.backends.tls import client_context, require_secure
+from fastapi_websockets.backends.urls import user_of
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
@@ -720,7 +721,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         if refused is None:
             return None
         parts = urlsplit(self.url)
-        user = unquote(parts.username or "guest")
+        user = user_of(self.url, "guest")
         # aiormq's reading of the URL's path: "/" when empty, %2F decoded.
         vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         if refused.code == 406:
@@ -737,9 +738,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 f"on it (rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*')"
             )
         elif refused.config:
-            advice = (
+            return self.login_refused(
+                refused.text,
                 f"check the user name and password in url (user {user!r}); RabbitMQ lets 'guest' log in "
-                "from localhost only"
+                "from localhost only",
             )
         else:
             advice = (
@@ -747,11 +749,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 f"on the layer's exchange {self.exchange_name!r} and queues '{self.queue_prefix}.*' "
                 f"(rabbitmqctl set_permissions -p {vhost} {user} ...)"
             )
-        error = InvalidChannelLayerConfig if refused.config else ChannelLayerError
-        # Redacted whole: a URL's user part without a password is a token.
-        return error(
-            self.redact(f"{self.broker_label} at {self.where} refused the {what} ({refused.text}): {advice}")
-        )
+        return self.refused(what, refused.text, advice, config=refused.config)
 
     async def _ready(self, channel: AbstractRobustChannel | None, what: str) -> float:
         """Wait at most ``timeout`` for ``channel`` to be usable; return the time left."""

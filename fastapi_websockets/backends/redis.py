@@ -1322,11 +1322,14 @@ class RedisChannelLayer(BrokerChannelLayer):
     def _lost(self, exc: BaseException) -> ChannelLayerError:
         """The error for a connection that failed with ``exc``: a refused login (see
         :meth:`~BrokerChannelLayer.login_refused`), else ``BackendUnavailable``."""
-        if not isinstance(exc, self._login_errors):
+        # A cluster client reports every node refusing the login as RedisClusterException
+        # from the last AuthenticationError.
+        refusal = exc if isinstance(exc, self._login_errors) else exc.__cause__
+        if not isinstance(refusal, self._login_errors):
             return self.unavailable(exc)
         user = user_of(self.url, "default")
         return self.login_refused(
-            str(exc),
+            str(refusal),
             f"check the user name and password in url (user {user!r}) against the server's requirepass "
             f"or ACL users, and that the user is on (ACL SETUSER {user} on >PASSWORD)",
         )

@@ -1827,6 +1827,23 @@ async def test_a_named_queue_declared_with_other_arguments_is_used_as_it_is_with
     assert "rabbitmqctl delete_queue" in warnings[0]
 
 
+async def test_a_named_queue_used_as_it_is_takes_this_layers_arguments_once_deleted(
+    make: Factory, node: RabbitNode, prefix: str
+) -> None:
+    await make(capacity=2).send("jobs", {"i": 0})
+    new = make(capacity=4)
+    await new.send("jobs", {"i": 1})
+    with pytest.raises(ChannelFull):  # the old queue's limit
+        await new.send("jobs", {"i": 2})
+    # What the warning says to do: the next send declares the queue with this layer's arguments.
+    node.ctl("delete_queue", named_queue_name(prefix, "jobs"))
+    for i in range(4):
+        await new.send("jobs", {"i": i})
+    with pytest.raises(ChannelFull):  # this layer's capacity now
+        await new.send("jobs", {"i": 4})
+    assert [(await new.receive("jobs", timeout=10))["i"] for _ in range(4)] == [0, 1, 2, 3]
+
+
 async def test_an_exchange_declared_with_other_arguments_is_refused_naming_the_argument(
     make: Factory,
 ) -> None:

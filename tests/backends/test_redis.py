@@ -903,7 +903,9 @@ async def test_no_secret_when_redis_refuses(
     url = f"redis://fwuser:{SECRET}@127.0.0.1:{port}/0"
     layer = layer_factory(layers, RedisChannelLayer)(url=url, prefix=namespace, timeout=1)
     errors = await _errors_of_every_call(layer)
-    assert any(isinstance(e, BackendUnavailable) and f"127.0.0.1:{port}" in str(e) for e in errors)
+    # A refused login is the URL's fault, not "retry later" (login_refused).
+    expected = InvalidChannelLayerConfig if refusal == "auth" else BackendUnavailable
+    assert any(isinstance(e, expected) and f"127.0.0.1:{port}" in str(e) for e in errors), errors
     await asyncio.sleep(0.5)  # the reader retries and logs meanwhile
     await layer.close()
     _assert_nothing_leaked(layer, errors, caplog)
@@ -919,7 +921,8 @@ async def test_no_secret_when_a_cluster_refuses_the_password(
     url = f"redis://fwuser:{SECRET}@127.0.0.1:{redis_cluster.nodes[0].port}/0"
     layer = layer_factory(layers, RedisChannelLayer)(url=url, prefix=namespace, cluster=True, timeout=1)
     errors = await _errors_of_every_call(layer)
-    assert all(isinstance(e, BackendUnavailable) for e in errors), errors
+    assert all(isinstance(e, InvalidChannelLayerConfig) for e in errors), errors
+    assert all("refused the login (invalid username-password pair" in str(e) for e in errors), errors
     await layer.close()
     # Connecting fails before any reader starts: nothing of ours to log.
     _assert_nothing_leaked(layer, errors, caplog, logged=False)

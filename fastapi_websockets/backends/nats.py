@@ -541,20 +541,21 @@ class NATSChannelLayer(BrokerChannelLayer):
         refused connection; a wrong password fails at once instead (see
         :meth:`~BrokerChannelLayer.login_refused`).
         """
-        await within(self._unless_login_refused(connecting), timeout, on_timeout)
-
-    async def _unless_login_refused(self, connecting: Awaitable[None]) -> None:
         refusal = self._login_refusal = running_loop().create_future()
         task = asyncio.ensure_future(connecting)
         try:
-            await asyncio.wait((task, refusal), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((task, refusal), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._login_refusal = None
-            if not task.done():
+            stopped = not task.done()
+            if stopped:
                 task.cancel()
+                # As within(): the driver unwinds its connection before we go on.
                 await asyncio.wait((task,))
         if refusal.done():
             raise self._login_failed(refusal.result())
+        if stopped and (task.cancelled() or task.exception() is not None):
+            raise on_timeout()
         task.result()
 
     def _login_failed(self, exc: Exception) -> ChannelLayerError:

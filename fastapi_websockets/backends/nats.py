@@ -643,7 +643,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         if _login_refused(exc):
             refusal = self._login_refusal
             if refusal is not None and not refusal.done():
-                refusal.set_result(exc)  # the first connection: fail it now (_unless_login_refused)
+                refusal.set_result(exc)  # the first connection: fail it now (_connect_within)
             else:
                 # Logged at ERROR once per outage; nats-py keeps retrying meanwhile.
                 self._login_failed(exc)

@@ -1507,7 +1507,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if isinstance(exc, asyncpg.InvalidCatalogNameError):
             advice = "the database does not exist: correct the dsn's path, or create it (CREATE DATABASE)"
         else:
-            who = f"user {user_of(self.dsn, '')!r}" if user_of(self.dsn, "") else "its user"
+            user = user_of(self.dsn, "")
+            who = f"user {user!r}" if user else "its user"
             advice = (
                 f"check the user name and password in dsn ({who}), that the role exists and may "
                 "log in (CREATE ROLE ... LOGIN PASSWORD ...), and that pg_hba.conf admits it from this host"

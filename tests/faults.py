@@ -7,6 +7,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import os
 import sys
 import time
@@ -15,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from fastapi_websockets import BaseChannelLayer
+from fastapi_websockets import BaseChannelLayer, InvalidChannelLayerConfig
+from fastapi_websockets.exceptions import BackendUnavailable
 
 __all__ = [
     "InjectedFault",
@@ -24,6 +26,9 @@ __all__ = [
     "eventually",
     "fail_once",
     "give_up_joins",
+    "login_refusals",
+    "refused_at_start",
+    "refused_while_running",
     "receiver_process",
     "restarted_after_fault",
     "send_burst",
@@ -329,6 +334,35 @@ async def eventually(
             break
         await asyncio.sleep(interval)
     pytest.fail(f"never happened: {what}")
+
+
+async def refused_at_start(layer: BaseChannelLayer) -> InvalidChannelLayerConfig:
+    """The error of ``layer``'s first send: a refusal asking again cannot fix. Closes ``layer``."""
+    try:
+        with pytest.raises(InvalidChannelLayerConfig) as info:
+            await layer.send("jobs", {"type": "x"})
+    finally:
+        await layer.close()
+    return info.value
+
+
+async def refused_while_running(layer: BaseChannelLayer, times: int = 3) -> list[BackendUnavailable]:
+    """The errors of ``times`` sends of ``layer`` made while the broker refuses its login on reconnect."""
+    errors = []
+    for _ in range(times):
+        with pytest.raises(BackendUnavailable, match="refuses this layer's login") as info:
+            await layer.send("jobs", {"type": "x"})
+        errors.append(info.value)
+    return errors
+
+
+def login_refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The records logged at ERROR that say the broker refused a running layer's login."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.ERROR and "refused the login" in record.getMessage()
+    ]
 
 
 async def give_up_joins(

@@ -6,6 +6,8 @@
 background tasks, the one :class:`~fastapi_websockets.backends.backoff.Backoff`
 policy, and the way to describe its broker in errors and logs without a
 password (:meth:`BrokerChannelLayer.unavailable`, :meth:`BrokerChannelLayer.redact`),
+the one policy for a refusal asking again cannot fix, a refused login above all
+(:meth:`BrokerChannelLayer.refused`, :meth:`BrokerChannelLayer.login_refused`),
 and the place to report the broker connection going down and up again
 (:meth:`BrokerChannelLayer.report_connection`, read by the metrics at scrape time).
 A backend module then holds broker code only.
@@ -27,7 +29,12 @@ from fastapi_websockets.backends.packing import IN_FLIGHT, MAX_FRAMES, Packer, S
 from fastapi_websockets.backends.supervisor import TaskSupervisor
 from fastapi_websockets.backends.tls import ca_file, describe_tls, tls_failure
 from fastapi_websockets.backends.urls import location, redact_text, redact_url
-from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
+from fastapi_websockets.exceptions import (
+    BackendUnavailable,
+    ChannelLayerClosed,
+    ChannelLayerError,
+    InvalidChannelLayerConfig,
+)
 
 __all__ = ["BrokerChannelLayer", "ConnectionStats"]
 
@@ -74,7 +81,13 @@ class BrokerChannelLayer(BaseChannelLayer):
         #: The owner of this layer's background tasks.
         self.tasks = TaskSupervisor(f"fastapi_websockets.{self.backend_name or 'broker'}")
         self._where = self.broker_label
+        self._urls = self.broker_label
         self._secrets: list[str] = []
+        #: Whether the broker connection was ever up: a refused login means a wrong URL
+        #: before, a server changed under a running layer after (see login_refused).
+        self._connected_once = False
+        #: The refusals logged since the connection was last up (once each per outage).
+        self._refusals_logged: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
 
     def set_location(self, *urls: str, where: str | None = None) -> None:
@@ -85,6 +98,7 @@ class BrokerChannelLayer(BaseChannelLayer):
         """
         listed = ", ".join(location(url, self.default_port) for url in urls)
         self._where = where or listed or self.broker_label
+        self._urls = ", ".join(redact_url(url) for url in urls) or self._where
         secrets = []
         for url in urls:
             try:
@@ -209,6 +223,44 @@ class BrokerChannelLayer(BaseChannelLayer):
             f"{self.broker_label} is unreachable at {self._where} ({self.redact(detail)})"
         )
 
+    def refused(self, what: str, said: str, advice: str, *, config: bool = True) -> ChannelLayerError:
+        """The error for ``what`` (an operation), which the broker refused for good saying ``said``.
+
+        Asking again cannot help, so it is not :class:`BackendUnavailable`
+        ("retry later"): :class:`InvalidChannelLayerConfig` when the layer's own URL
+        or options are what the broker refused (``config``), else a plain
+        :class:`ChannelLayerError` (a permission to grant on the broker). The text
+        names the broker, its URL without the password, the broker's words and
+        ``advice``: what to fix.
+        """
+        error = InvalidChannelLayerConfig if config else ChannelLayerError
+        # Redacted whole: the broker's words may quote a secret (a NATS token as user name).
+        text = f"{self.broker_label} at {self._urls} refused the {what} ({said}): {advice}"
+        return error(self.redact(text))
+
+    def login_refused(self, said: str, advice: str) -> ChannelLayerError:
+        """What a login the broker refused (``said``: its words) means, by when it came.
+
+        One policy for every broker. Before this layer ever connected, its URL
+        (user, password, database, vhost) is wrong and retrying cannot help:
+        :class:`InvalidChannelLayerConfig` from :meth:`refused`, saying ``advice``.
+        Once it has connected, the server changed under a running layer (a
+        password rotated, a user dropped): the fix is on the server, so the
+        backend keeps reconnecting with its backoff and heals once the server takes
+        the login again; callers meanwhile get :class:`BackendUnavailable` quoting
+        the broker, and the refusal is logged at ERROR once per outage.
+        """
+        error = self.refused("login", said, advice)
+        if not self._connected_once:
+            return error
+        if said not in self._refusals_logged:
+            self._refusals_logged.add(said)
+            logger.error("%s; reconnecting until it takes the login again", error)
+        return BackendUnavailable(
+            f"{self.broker_label} at {self._where} refuses this layer's login ({self.redact(said)}); "
+            "reconnecting"
+        )
+
     def report_connection(self, up: bool) -> None:
         """Record that the broker connection is up (``True``) or lost (``False``).
 
@@ -219,6 +271,9 @@ class BrokerChannelLayer(BaseChannelLayer):
         state = self.connection
         if up and state.up is False:
             state.reconnections += 1
+        if up:
+            self._connected_once = True
+            self._refusals_logged.clear()
         state.up = up
 
     def backoff(self) -> Backoff:

@@ -425,6 +425,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._rebuilds = self.backoff()
         #: time.monotonic() when the last new client was connected.
         self._built_at = 0.0
+        #: Set while the first connection is made: what the server said refusing the login.
+        self._login_refusal: asyncio.Future[Exception] | None = None
 
     # ------------------------------------------------------------ subjects
 
@@ -489,9 +491,9 @@ class NATSChannelLayer(BrokerChannelLayer):
         # nats-py retries the first connection forever (max_reconnect_attempts=-1),
         # so a refused or failing connection shows up as our timeout; the message
         # names the last error nats-py met (an authorization violation, say).
-        error: BackendUnavailable | None = None
+        error: ChannelLayerError | None = None
         try:
-            await within(
+            await self._connect_within(
                 nc.connect(
                     servers=self.servers,
                     name=f"fastapi-websockets {self.client_token}",
@@ -559,8 +561,43 @@ class NATSChannelLayer(BrokerChannelLayer):
         """
         self._packer.max_bytes = min(self.max_message_size, self.nc.max_payload) - _PACK_OVERHEAD
 
-    def _connect_failed(self, nc: Client, exc: BaseException | None = None) -> BackendUnavailable:
+    async def _connect_within(
+        self, connecting: Awaitable[None], timeout: float, on_timeout: Callable[[], BaseException]
+    ) -> None:
+        """:func:`within`, for the first connection: it also ends when the server refuses the login.
+
+        nats-py would retry a refused login until our ``timeout``, as it does a
+        refused connection; a wrong password fails at once instead (see
+        :meth:`~BrokerChannelLayer.login_refused`).
+        """
+        refusal = self._login_refusal = running_loop().create_future()
+        task = asyncio.ensure_future(connecting)
+        try:
+            await asyncio.wait((task, refusal), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._login_refusal = None
+            stopped = not task.done()
+            if stopped:
+                task.cancel()
+                # As within(): the driver unwinds its connection before we go on.
+                await asyncio.wait((task,))
+        if refusal.done():
+            raise self._login_failed(refusal.result())
+        if stopped and (task.cancelled() or task.exception() is not None):
+            raise on_timeout()
+        task.result()
+
+    def _login_failed(self, exc: Exception) -> ChannelLayerError:
+        return self.login_refused(
+            str(exc),
+            "check the user and password (or token) in the servers' URLs against the server's "
+            "authorization block or accounts",
+        )
+
+    def _connect_failed(self, nc: Client, exc: BaseException | None = None) -> ChannelLayerError:
         last = exc or nc.last_error
+        if isinstance(last, Exception) and _login_refused(last):
+            return self._login_failed(last)
         if last is not None and tls_failure(last) is not None:
             return self.unavailable(last)
         reason = f"no connection within {self.timeout} s"
@@ -632,6 +669,14 @@ class NATSChannelLayer(BrokerChannelLayer):
     async def _on_error(self, exc: Exception) -> None:
         from nats.errors import NoServersError, StaleConnectionError, UnexpectedEOF
 
+        if _login_refused(exc):
+            refusal = self._login_refusal
+            if refusal is not None and not refusal.done():
+                refusal.set_result(exc)  # the first connection: fail it now (_connect_within)
+            else:
+                # Logged at ERROR once per outage; nats-py keeps retrying meanwhile.
+                self._login_failed(exc)
+            return
         if isinstance(
             exc, (OSError, asyncio.TimeoutError, NoServersError, StaleConnectionError, UnexpectedEOF)
         ):
@@ -2230,6 +2275,18 @@ def _error_code(exc: BaseException) -> int | None:
 
     cause = exc.__cause__
     return cause.err_code if isinstance(cause, APIError) else None
+
+
+def _login_refused(exc: Exception) -> bool:
+    """Whether ``exc`` is nats-py's report of a login the server refused.
+
+    A refused CONNECT is a plain ``nats.errors.Error`` quoting the server's
+    ``-ERR 'Authorization Violation'``; one on a live connection is an
+    ``AuthorizationError``.
+    """
+    from nats.errors import AuthorizationError
+
+    return isinstance(exc, AuthorizationError) or "authorization violation" in str(exc).lower()
 
 
 def _newest_in_refusal(exc: BaseException) -> int | None:

@@ -72,6 +72,7 @@ from fastapi_websockets.backends.locks import KeyedLocks
 from fastapi_websockets.backends.options import Memo, flag, matching, positive, positive_int, url
 from fastapi_websockets.backends.timeouts import LazyDeadline, wait_event, within
 from fastapi_websockets.backends.tls import client_context, require_secure, tls_failure
+from fastapi_websockets.backends.urls import user_of
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
@@ -1151,6 +1152,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         self._no_table: tuple[type[BaseException], ...] = ()
         self._no_rights: tuple[type[BaseException], ...] = ()
         self._tables_gone: tuple[type[BaseException], ...] = ()
+        #: A login the server refused: role, password, pg_hba.conf, database (see _login_failed).
+        self._login_errors: tuple[type[BaseException], ...] = ()
         #: Held while tables found gone are created again (see _restore_tables).
         self._restoring = asyncio.Lock()
         #: The presence tables exist (made or checked by this layer's first join).
@@ -1213,6 +1216,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             asyncpg.InvalidSchemaNameError,
             asyncpg.UndefinedFunctionError,
         )
+        # 28000 (no such role, no pg_hba.conf entry), 28P01 (password), 3D000 (no such database).
+        self._login_errors = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
         try:
             self._pool = await self._retry(
                 "connect",
@@ -1240,6 +1245,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             else:
                 await self._check_schema()
             await self._retry("LISTEN", self._connect_listener)
+        except self._login_errors as exc:
+            await self._release_connections()
+            raise self._login_failed(exc) from exc
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             await self._release_connections()
             raise ChannelLayerError(
@@ -1249,6 +1257,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         except BaseException:
             await self._release_connections()
             raise
+        # Now, not when the listener task first runs: a login refused from here on is the
+        # server's change under a running layer (see login_refused), also for the readers.
+        self.report_connection(True)
         self.tasks.keep_running(self._run_listener, "listener")
         self.tasks.keep_running(self._drain_inbox, "inbox")
         self.tasks.keep_running(self._prune_forever, "prune")
@@ -1463,6 +1474,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if (committed_maybe and not retry) or time.monotonic() + delay >= deadline:
                     raise self.unavailable(exc) from exc
                 await asyncio.sleep(delay)
+            except self._login_errors as exc:  # a new pooled connection's login
+                raise self._login_failed(exc) from exc
             except self._server_errors as exc:
                 raise self._refused(exc) from exc
 
@@ -1486,6 +1499,21 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             self._settling.add(settling)
             settling.add_done_callback(self._settling.discard)
             raise
+
+    def _login_failed(self, exc: BaseException) -> ChannelLayerError:
+        """What a caller gets for a login the server refused (see ``login_refused``)."""
+        import asyncpg
+
+        if isinstance(exc, asyncpg.InvalidCatalogNameError):
+            advice = "the database does not exist: correct the dsn's path, or create it (CREATE DATABASE)"
+        else:
+            user = user_of(self.dsn, "")
+            who = f"user {user!r}" if user else "its user"
+            advice = (
+                f"check the user name and password in dsn ({who}), that the role exists and may "
+                "log in (CREATE ROLE ... LOGIN PASSWORD ...), and that pg_hba.conf admits it from this host"
+            )
+        return self.login_refused(f"{type(exc).__name__}: {exc}", advice)
 
     def _refused(self, exc: BaseException) -> StatementRefused:
         """The error a caller gets for a statement the server answered with ``exc`` (rolled back).
@@ -1594,6 +1622,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
             if conn is None:
                 try:
                     await self._connect_listener()
+                except self._login_errors as exc:
+                    self._login_failed(exc)  # logged at ERROR once per outage (login_refused)
+                    await backoff.sleep()
+                    continue
                 except errors as exc:
                     logger.warning(
                         "cannot connect the LISTEN connection to %s (%s); retrying",
@@ -2296,6 +2328,8 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 return conn
             except self._misuse:
                 raise
+            except self._login_errors as exc:
+                raise self._login_failed(exc) from exc
             except self._broken as exc:
                 if self.closed:
                     raise ChannelLayerClosed("the channel layer was closed") from exc

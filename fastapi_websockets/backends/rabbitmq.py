@@ -90,6 +90,7 @@ from fastapi_websockets.backends.packing import Packer, describe, pack
 from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.backends.timeouts import within
 from fastapi_websockets.backends.tls import client_context, require_secure
+from fastapi_websockets.backends.urls import user_of
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
@@ -538,6 +539,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._inbox: AbstractRobustQueue | None = None
         # Named queues by name, so that sends skip the declare.
         self._declared: Memo[str, AbstractRobustQueue] = Memo(size=DECLARED_CACHE_SIZE)
+        #: Named queues found with other arguments than this layer's, used as they are (see
+        #: _declare_named); forgotten once a declare with this layer's arguments works again.
+        self._as_is: Memo[str, bool] = Memo(size=DECLARED_CACHE_SIZE)
         # The owner's inbox by channel name (None: a named channel), once per name, not per send.
         self._inbox_keys: Memo[str, str | None] = Memo(_inbox_key_of)
         self._named_sends = KeyedLocks()  # one send in flight per quorum queue (see _send_named)
@@ -720,7 +724,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         if refused is None:
             return None
         parts = urlsplit(self.url)
-        user = unquote(parts.username or "guest")
+        user = user_of(self.url, "guest")
         # aiormq's reading of the URL's path: "/" when empty, %2F decoded.
         vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         if refused.code == 406:
@@ -737,9 +741,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 f"on it (rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*')"
             )
         elif refused.config:
-            advice = (
+            return self.login_refused(
+                refused.text,
                 f"check the user name and password in url (user {user!r}); RabbitMQ lets 'guest' log in "
-                "from localhost only"
+                "from localhost only",
             )
         else:
             advice = (
@@ -747,11 +752,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 f"on the layer's exchange {self.exchange_name!r} and queues '{self.queue_prefix}.*' "
                 f"(rabbitmqctl set_permissions -p {vhost} {user} ...)"
             )
-        error = InvalidChannelLayerConfig if refused.config else ChannelLayerError
-        # Redacted whole: a URL's user part without a password is a token.
-        return error(
-            self.redact(f"{self.broker_label} at {self.where} refused the {what} ({refused.text}): {advice}")
-        )
+        return self.refused(what, refused.text, advice, config=refused.config)
 
     async def _ready(self, channel: AbstractRobustChannel | None, what: str) -> float:
         """Wait at most ``timeout`` for ``channel`` to be usable; return the time left."""
@@ -1150,17 +1151,49 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         declare_channel = self._declare_channel
         assert declare_channel is not None
         arguments = self._named_arguments(channel)
-        # A queue declared earlier with other arguments (another capacity, TTL or expiry) is
-        # InvalidChannelLayerConfig quoting the broker: using it as is would break `capacity`.
-        queue = await self._broker(
-            declare_channel,
-            f"declare of queue {name!r}",
-            lambda: declare_channel.declare_queue(
-                name, durable=self.durable, arguments=arguments, robust=False
-            ),
-        )
+        what = f"declare of queue {name!r}"
+        try:
+            queue = await self._broker(
+                declare_channel,
+                what,
+                lambda: declare_channel.declare_queue(
+                    name, durable=self.durable, arguments=arguments, robust=False
+                ),
+            )
+            self._as_is.discard(name)
+        except InvalidChannelLayerConfig as exc:
+            if "inequivalent arg" not in str(exc.__cause__):
+                raise
+            # Declared by processes with other options (a rolling deploy that changed
+            # capacity, say): raising would fail every send to the channel until the old
+            # queue goes, so use it as it is. The refused declare closed the channel;
+            # aio-pika opens it again, and a passive declare checks no argument.
+            self._warn_as_is(channel, name, exc)
+            queue = await self._broker(
+                declare_channel, what, lambda: declare_channel.declare_queue(name, passive=True, robust=False)
+            )
         self._declared.add(name, queue)  # bounded: a forgotten entry costs one more declare
         return queue
+
+    def _warn_as_is(self, channel: str, name: str, exc: InvalidChannelLayerConfig) -> None:
+        """Warn, once per queue, that named ``channel``'s queue is used with arguments not this layer's."""
+        if name in self._as_is:
+            return
+        self._as_is.add(name, True)
+        refused = self._refusal(exc.__cause__) if exc.__cause__ is not None else None
+        logger.warning(
+            "the queue %r of named channel %r exists with other arguments than this layer's (RabbitMQ "
+            "names the first that differs: %s); using it as it is, so its own limits apply: its "
+            "x-max-length, not this layer's capacity of %d, decides when send() raises ChannelFull (which "
+            "quotes this layer's capacity), and its TTL and expiry stay. To apply this layer's options, "
+            "delete the queue (rabbitmqctl delete_queue %s; its messages go with it) or let it expire "
+            "(x-expires) once no process declares it with the old options",
+            name,
+            channel,
+            refused.text if refused is not None else exc,
+            self.capacity_for(channel),
+            name,
+        )
 
     async def _receive_remote(self, channel: str) -> Message:
         reader = self._readers.get(channel)
@@ -1192,8 +1225,14 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 await self._start_reader_locked(reader)
 
     async def _start_reader_locked(self, reader: _Reader) -> None:
-        name = (await self._declare_named(reader.channel)).name
-        queue = self._reader_queues.get(name)
+        name = named_queue_name(self.queue_prefix, reader.channel)
+        if name in self._as_is:
+            # The old queue may have expired since: declared again on the declare channel,
+            # whose refusals close no consumer, before a passive declare here.
+            self._declared.discard(name)
+        await self._declare_named(reader.channel)
+        as_is = name in self._as_is
+        queue = None if as_is else self._reader_queues.get(name)
         reader_channel = self._reader_channel
         assert reader_channel is not None
         if queue is not None:
@@ -1211,10 +1250,11 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 reader_channel,
                 f"declare of queue {name!r}",
                 lambda: reader_channel.declare_queue(
-                    name, durable=self.durable, arguments=arguments, robust=False
+                    name, passive=as_is, durable=self.durable, arguments=arguments, robust=False
                 ),
             )
-            self._reader_queues[name] = queue
+            if not as_is:
+                self._reader_queues[name] = queue
         reader.queue = queue
         # The tag is known before basic.consume returns: deliveries can arrive
         # before this coroutine resumes.

@@ -89,6 +89,7 @@ from fastapi_websockets.backends.options import Memo, flag, matching
 from fastapi_websockets.backends.options import url as url_option
 from fastapi_websockets.backends.timeouts import LazyBound, bounded, reply_within, wait_event, within
 from fastapi_websockets.backends.tls import require_secure
+from fastapi_websockets.backends.urls import user_of
 from fastapi_websockets.backends.waiters import WaiterQueue
 from fastapi_websockets.exceptions import (
     BackendUnavailable,
@@ -1005,6 +1006,8 @@ class RedisChannelLayer(BrokerChannelLayer):
         #: redis-py's ConnectionError, ResponseError and NoScriptError, once started.
         self._broken: tuple[type[BaseException], ...] = ()
         self._refusal: tuple[type[BaseException], ...] = ()
+        #: redis-py's AuthenticationError (WRONGPASS, NOAUTH), once started (see _lost).
+        self._login_errors: tuple[type[BaseException], ...] = ()
         self._no_script: tuple[type[BaseException], ...] = ()
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._inbox_pending: dict[str, list[tuple[bytes, asyncio.Future[Any]]]] = {}
@@ -1139,6 +1142,7 @@ class RedisChannelLayer(BrokerChannelLayer):
         # For the writer, which runs per batch: an import statement there cost ~2 us each.
         self._broken = (exceptions.ConnectionError,)
         self._refusal = (exceptions.ResponseError,)
+        self._login_errors = (exceptions.AuthenticationError,)
         self._no_script = (exceptions.NoScriptError,)
         # One retry on a broken connection: the first write after a Redis restart meets
         # a dead pooled connection and must go through on a fresh one. Not on timeouts:
@@ -1157,7 +1161,7 @@ class RedisChannelLayer(BrokerChannelLayer):
                 await within(cluster.initialize(), self.timeout, self._no_reply)
             except self._conn_errors as exc:
                 await cluster.aclose()
-                raise self.unavailable(exc) from exc
+                raise self._lost(exc) from exc
             except BackendUnavailable:
                 await cluster.aclose()
                 raise
@@ -1314,6 +1318,21 @@ class RedisChannelLayer(BrokerChannelLayer):
 
     def _no_reply(self) -> BackendUnavailable:
         return self.unavailable(f"no reply within {self.timeout} s")
+
+    def _lost(self, exc: BaseException) -> ChannelLayerError:
+        """The error for a connection that failed with ``exc``: a refused login (see
+        :meth:`~BrokerChannelLayer.login_refused`), else ``BackendUnavailable``."""
+        # A cluster client reports every node refusing the login as RedisClusterException
+        # from the last AuthenticationError.
+        refusal = exc if isinstance(exc, self._login_errors) else exc.__cause__
+        if not isinstance(refusal, self._login_errors):
+            return self.unavailable(exc)
+        user = user_of(self.url, "default")
+        return self.login_refused(
+            str(refusal),
+            f"check the user name and password in url (user {user!r}) against the server's requirepass "
+            f"or ACL users, and that the user is on (ACL SETUSER {user} on >PASSWORD)",
+        )
 
     # ------------------------------------------------- batched command queue
 
@@ -1503,7 +1522,7 @@ class RedisChannelLayer(BrokerChannelLayer):
                     outcome(closed)
                 raise
             except self._conn_errors as exc:
-                results = [self.unavailable(exc)] * len(jobs)
+                results = [self._lost(exc)] * len(jobs)
             except BackendUnavailable as exc:  # no reply within timeout (_write)
                 results = [exc] * len(jobs)
             except self._redis_errors as exc:
@@ -2052,6 +2071,8 @@ class RedisChannelLayer(BrokerChannelLayer):
                 if self._closed:
                     return
                 self.report_connection(False)
+                if isinstance(exc, self._login_errors):
+                    self._lost(exc)  # logged at ERROR once the layer was up (login_refused)
                 reason = self.redact(str(exc))
                 lost = isinstance(exc, (*self._conn_errors, BackendUnavailable))
                 kind = "lost" if lost else reason

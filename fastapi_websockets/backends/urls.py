@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-__all__ = ["location", "redact_text", "redact_url"]
+__all__ = ["location", "redact_text", "redact_url", "user_of"]
 
 _MASK = "***"
 # Query parameters that carry a secret in the URL forms our drivers accept.
@@ -59,6 +59,15 @@ def location(url: str, default_port: int | None = None) -> str:
         port = port or default_port
         return f"{parts.hostname}:{port}" if port else parts.hostname
     return parts.path or redact_url(url)
+
+
+def user_of(url: str, default: str) -> str:
+    """The user name ``url`` logs in with (decoded), or the broker's ``default`` when it names none."""
+    try:
+        user = urlsplit(url).username
+    except ValueError:
+        user = None
+    return unquote(user) if user else default
 
 
 def redact_text(text: str, secrets: Iterable[str]) -> str:

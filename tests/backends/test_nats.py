@@ -1428,10 +1428,15 @@ async def test_no_secret_when_authentication_fails(
     wrong = NatsNode(tmp_path / "auth", user=USER, password="another-password")
     wrong.first_start()
     try:
-        layer = make(servers=[secret_url(wrong.port)], timeout=1)
-        with pytest.raises(BackendUnavailable, match="Authorization") as info:
+        # A refused login is the URL's fault (InvalidChannelLayerConfig), and fails at once:
+        # nats-py alone would retry it until the timeout, then BackendUnavailable.
+        layer = make(servers=[secret_url(wrong.port)], timeout=PATIENCE * 10)
+        with pytest.raises(InvalidChannelLayerConfig) as info:
             await layer.send("named", {"type": "x"})
-        assert any("Authorization" in record.getMessage() for record in caplog.records)
+        text = str(info.value)
+        assert f"NATS at nats://{USER}:***@127.0.0.1:{wrong.port} refused the login" in text, text
+        assert "Authorization Violation" in text  # the server's words
+        assert "check the user and password" in text  # what to fix
         assert_layer_keeps_secret(layer, caplog, [info.value])
     finally:
         wrong.stop()
@@ -1454,9 +1459,18 @@ async def test_a_login_refused_on_reconnect_is_retried_until_the_server_takes_it
         assert time.monotonic() < deadline, "the server kept the layer's connection"
         await asyncio.sleep(0.05)
     send = asyncio.ensure_future(layer.send("named", {"i": 1}))
-    await asyncio.sleep(1)
+    await asyncio.sleep(1)  # nats-py retries every 0.5 s meanwhile
     assert not layer.nc.is_closed
     assert not send.done()
+    refusals = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and "Authorization" in r.getMessage()
+    ]
+    # Once per outage, at ERROR, with what to fix; not a warning per attempt.
+    assert len(refusals) == 1, refusals
+    assert "refused the login" in refusals[0]
+    assert any(r.levelno == logging.ERROR and "refused the login" in r.getMessage() for r in caplog.records)
     auth_node.password = password
     auth_node.reload()
     await asyncio.wait_for(send, PATIENCE)

@@ -34,7 +34,14 @@ from fastapi_websockets.backends.postgresql import (
 )
 from fastapi_websockets.exceptions import BackendUnavailable, InvalidChannelLayerConfig
 from tests.conftest import layer_factory
-from tests.faults import TcpProxy, eventually, give_up_joins
+from tests.faults import (
+    TcpProxy,
+    eventually,
+    give_up_joins,
+    login_refusals,
+    refused_at_start,
+    refused_while_running,
+)
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.certs import Certificates
@@ -1881,6 +1888,73 @@ async def test_authentication_failure_leaks_no_password(
         with pytest.raises(ChannelLayerError, match="password authentication failed") as info:
             await layer.send("x", {"type": "x"})
         _assert_nothing_leaks(layer, caplog, info.value)
+    finally:
+        await layer.close()
+
+
+async def test_logins_refused_at_start_are_config_errors_saying_what_to_fix(
+    password_postgresql: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each was ChannelLayerError("cannot start the PostgreSQL layer"), or BackendUnavailable
+    # ("retry later") once the pool opened a new connection: asking again cannot help.
+    caplog.set_level(logging.DEBUG)
+    port = password_postgresql.port
+    cases = [
+        (
+            f"postgresql://postgres:{SECRET}-wrong@127.0.0.1:{port}/postgres",
+            "InvalidPasswordError",
+            "password in dsn",
+        ),
+        (f"postgresql://nobody:{SECRET}@127.0.0.1:{port}/postgres", "InvalidPasswordError", "user 'nobody'"),
+        (
+            f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/no_such_db",
+            "InvalidCatalogNameError",
+            "the database does not exist",
+        ),
+    ]
+    errors: list[BaseException] = []
+    for dsn, said, advice in cases:
+        layer = PostgreSQLChannelLayer(dsn=dsn, timeout=60)
+        error = await refused_at_start(layer)
+        text = str(error)
+        assert f"PostgreSQL at {layer.redact_url(dsn)} refused the login ({said}: " in text, text
+        assert advice in text, text
+        errors.append(error)
+    assert_no_secret(errors=errors, records=caplog.records)
+
+
+async def test_a_password_rotated_under_a_running_layer_is_retried_and_logged_once(
+    password_postgresql: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    layer = PostgreSQLChannelLayer(dsn=password_postgresql.dsn, timeout=2, poll_interval=0.05)
+    rotated = password_postgresql.dsn.replace(SECRET, "rotated-password")
+    try:
+        channel = await layer.new_channel()
+        waiting = asyncio.create_task(layer.receive(channel))
+        admin = await asyncpg.connect(password_postgresql.dsn)
+        try:
+            await admin.execute("ALTER ROLE postgres PASSWORD 'rotated-password'")
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE $1",
+                f"fastapi_websockets:{layer.client_token}%",
+            )
+        finally:
+            await admin.close()
+        refused = await refused_while_running(layer)
+        await eventually(lambda: login_refusals(caplog), "the refusal is logged")
+        await asyncio.sleep(1)  # the listener retries meanwhile, without logging again
+        assert len(login_refusals(caplog)) == 1, login_refusals(caplog)
+        assert "InvalidPasswordError" in login_refusals(caplog)[0]
+        assert not waiting.done()
+        admin = await asyncpg.connect(rotated)
+        try:
+            await admin.execute(f"ALTER ROLE postgres PASSWORD '{SECRET}'")
+        finally:
+            await admin.close()
+        await layer.send(channel, {"type": "back"})
+        assert await asyncio.wait_for(waiting, 30) == {"type": "back"}
+        _assert_nothing_leaks(layer, caplog, *refused)
     finally:
         await layer.close()
 

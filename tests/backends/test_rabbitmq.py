@@ -1804,16 +1804,45 @@ async def test_unconfirmed_sends_fail_when_the_connection_drops(make: Factory, n
 # which means retry later) or a guess ("durable=True differs?"); it quotes the broker now.
 
 
-async def test_a_named_queue_declared_with_other_arguments_is_refused_naming_the_argument(
-    make: Factory,
+async def test_a_named_queue_declared_with_other_arguments_is_used_as_it_is_with_one_warning(
+    make: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await make(capacity=3).send("jobs", {"type": "x"})
-    with pytest.raises(
-        InvalidChannelLayerConfig,
-        match=r"refused the declare of queue .*PRECONDITION_FAILED - inequivalent arg 'x-max-length'"
-        r".*same option values .*delete the old one",
-    ):
-        await make(capacity=5).send("jobs", {"type": "x"})
+    # A rolling deploy that changes capacity: the new processes' sends to an existing named
+    # channel raised InvalidChannelLayerConfig until the old queue went. They use it as it
+    # is now, its own x-max-length deciding when it is full, and say so once per queue.
+    old = make(capacity=3)
+    await old.send("jobs", {"i": 0})
+    new = make(capacity=5)
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets.rabbitmq"):
+        await new.send("jobs", {"i": 1})
+        await new.send("jobs", {"i": 2})
+        with pytest.raises(ChannelFull):  # the old queue's limit of 3, not this layer's 5
+            await new.send("jobs", {"i": 3})
+        assert [(await new.receive("jobs", timeout=10))["i"] for _ in range(3)] == [0, 1, 2]
+        await old.send("jobs", {"i": 4})
+        assert (await new.receive("jobs", timeout=10))["i"] == 4
+    warnings = [r.getMessage() for r in caplog.records if "exists with other arguments" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "PRECONDITION_FAILED - inequivalent arg 'x-max-length'" in warnings[0]
+    assert "ChannelFull" in warnings[0]
+    assert "rabbitmqctl delete_queue" in warnings[0]
+
+
+async def test_a_named_queue_used_as_it_is_takes_this_layers_arguments_once_deleted(
+    make: Factory, node: RabbitNode, prefix: str
+) -> None:
+    await make(capacity=2).send("jobs", {"i": 0})
+    new = make(capacity=4)
+    await new.send("jobs", {"i": 1})
+    with pytest.raises(ChannelFull):  # the old queue's limit
+        await new.send("jobs", {"i": 2})
+    # What the warning says to do: the next send declares the queue with this layer's arguments.
+    node.ctl("delete_queue", named_queue_name(prefix, "jobs"))
+    for i in range(4):
+        await new.send("jobs", {"i": i})
+    with pytest.raises(ChannelFull):  # this layer's capacity now
+        await new.send("jobs", {"i": 4})
+    assert [(await new.receive("jobs", timeout=10))["i"] for _ in range(4)] == [0, 1, 2, 3]
 
 
 async def test_an_exchange_declared_with_other_arguments_is_refused_naming_the_argument(

@@ -27,7 +27,14 @@ from fastapi_websockets.config import get_channel_layer_from_env
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 from fastapi_websockets.types import Message
 from tests.conftest import layer_factory
-from tests.faults import InjectedFault, eventually, fail_once
+from tests.faults import (
+    InjectedFault,
+    eventually,
+    fail_once,
+    login_refusals,
+    refused_at_start,
+    refused_while_running,
+)
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.redis import RedisCluster, RedisNode
@@ -896,7 +903,9 @@ async def test_no_secret_when_redis_refuses(
     url = f"redis://fwuser:{SECRET}@127.0.0.1:{port}/0"
     layer = layer_factory(layers, RedisChannelLayer)(url=url, prefix=namespace, timeout=1)
     errors = await _errors_of_every_call(layer)
-    assert any(isinstance(e, BackendUnavailable) and f"127.0.0.1:{port}" in str(e) for e in errors)
+    # A refused login is the URL's fault, not "retry later" (login_refused).
+    expected = InvalidChannelLayerConfig if refusal == "auth" else BackendUnavailable
+    assert any(isinstance(e, expected) and f"127.0.0.1:{port}" in str(e) for e in errors), errors
     await asyncio.sleep(0.5)  # the reader retries and logs meanwhile
     await layer.close()
     _assert_nothing_leaked(layer, errors, caplog)
@@ -912,7 +921,8 @@ async def test_no_secret_when_a_cluster_refuses_the_password(
     url = f"redis://fwuser:{SECRET}@127.0.0.1:{redis_cluster.nodes[0].port}/0"
     layer = layer_factory(layers, RedisChannelLayer)(url=url, prefix=namespace, cluster=True, timeout=1)
     errors = await _errors_of_every_call(layer)
-    assert all(isinstance(e, BackendUnavailable) for e in errors), errors
+    assert all(isinstance(e, InvalidChannelLayerConfig) for e in errors), errors
+    assert all("refused the login (invalid username-password pair" in str(e) for e in errors), errors
     await layer.close()
     # Connecting fails before any reader starts: nothing of ours to log.
     _assert_nothing_leaked(layer, errors, caplog, logged=False)
@@ -992,6 +1002,60 @@ async def _sends(layer: RedisChannelLayer, channel: str) -> bool:
     except BackendUnavailable:
         return False
     return True
+
+
+# ------------------------------------------------------------ refused logins
+# One policy on every broker (BrokerChannelLayer.login_refused): a login refused before the
+# layer ever connected is its URL's fault, InvalidChannelLayerConfig; one refused once it
+# ran is the server's change, retried until it heals, logged at ERROR once per outage.
+
+
+async def test_a_wrong_password_at_start_is_a_config_error_quoting_redis(
+    redis_server: RedisNode, raw: redis_asyncio.Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    user = f"fw-{namespace}"
+    await raw.execute_command("ACL", "SETUSER", user, "on", ">right-password", "~*", "&*", "+@all")  # type: ignore[no-untyped-call]
+    layer = RedisChannelLayer(
+        url=f"redis://{user}:{SECRET}@127.0.0.1:{redis_server.port}/0", prefix=namespace
+    )
+    error = await refused_at_start(layer)
+    text = str(error)
+    assert f"Redis at redis://{user}:***@127.0.0.1:{redis_server.port}/0 refused the login" in text
+    assert "invalid username-password pair" in text  # the server's words
+    assert f"ACL SETUSER {user} on" in text  # what to fix
+    assert_no_secret(errors=[error], records=caplog.records, objects=[layer])
+
+
+async def test_a_password_rotated_under_a_running_layer_is_retried_and_logged_once(
+    redis_server: RedisNode,
+    raw: redis_asyncio.Redis,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    user = f"fw-{namespace}"
+
+    async def password(value: str) -> None:
+        await raw.execute_command("ACL", "SETUSER", user, "on", "resetpass", f">{value}", "~*", "&*", "+@all")  # type: ignore[no-untyped-call]
+
+    await password(SECRET)
+    url = f"redis://{user}:{SECRET}@127.0.0.1:{redis_server.port}/0"
+    layer = layer_factory(layers, RedisChannelLayer, url=url, prefix=namespace, timeout=2)()
+    await _started(layer)
+    waiting = asyncio.create_task(layer.receive(await layer.new_channel()))
+    await password("rotated-password")
+    await raw.execute_command("CLIENT", "KILL", "USER", user)  # type: ignore[no-untyped-call]
+    refused = await refused_while_running(layer)
+    logged = login_refusals(caplog)
+    assert len(logged) == 1, logged
+    assert "invalid username-password pair" in logged[0]
+    assert not waiting.done()
+    await password(SECRET)
+    await eventually(lambda: _sends(layer, "jobs"), "the layer gets through again")
+    assert await layer.receive("jobs", timeout=10) == {"type": "after"}
+    waiting.cancel()
+    assert_no_secret(errors=refused, records=caplog.records, objects=[layer])
 
 
 @pytest.mark.parametrize(

@@ -198,12 +198,26 @@ async def test_no_message_ttl_keeps_messages(make: Factory, prefix: str, node: R
 async def test_queue_expiry_deletes_unused_named_queues(make: Factory, prefix: str, node: RabbitNode) -> None:
     layer = make(queue_expiry=1000)
     queue = named_queue_name(prefix, "short.lived")
+
+    # rabbitmqctl takes seconds under load: run off the loop, so that the layer's own
+    # timers (the consumer's linger) keep their time while the test looks.
+    async def listed() -> dict[str, dict[str, str]]:
+        return await asyncio.to_thread(queues, node, prefix)
+
+    async def consumed() -> bool:
+        return (await listed()).get(queue, {}).get("consumers") == "1"
+
+    async def expired() -> bool:
+        return queue not in await listed()
+
+    # While a receiver waits, its consumer keeps the queue in use: seen then, it exists.
+    first = asyncio.create_task(layer.receive("short.lived"))
+    await eventually(consumed, "a consumer on the queue")
     await layer.send("short.lived", {"type": "first"})
-    assert (await layer.receive("short.lived", timeout=10))["type"] == "first"
+    assert (await first)["type"] == "first"
     await layer.send("short.lived", {"type": "lost"})
-    assert queue in queues(node, prefix)
     # Once its consumer is gone, the unused queue expires with its message.
-    await eventually(lambda: queue not in queues(node, prefix), "queue expiry")
+    await eventually(expired, "queue expiry")
     # Reading and sending again declare it again.
     waiter = asyncio.create_task(layer.receive("short.lived", timeout=10))
     await asyncio.sleep(0.3)

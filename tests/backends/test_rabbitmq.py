@@ -196,23 +196,34 @@ async def test_no_message_ttl_keeps_messages(make: Factory, prefix: str, node: R
 
 
 async def test_queue_expiry_deletes_unused_named_queues(make: Factory, prefix: str, node: RabbitNode) -> None:
+    import aio_pika
+
     layer = make(queue_expiry=1000)
     queue = named_queue_name(prefix, "short.lived")
-
-    # rabbitmqctl takes seconds under load: run off the loop, so that the layer's own
-    # timers (the consumer's linger) keep their time while the test looks.
-    async def listed() -> dict[str, dict[str, str]]:
-        return await asyncio.to_thread(queues, node, prefix)
+    observer = await aio_pika.connect(node.url)
 
     async def consumed() -> bool:
-        return (await listed()).get(queue, {}).get("consumers") == "1"
+        # A passive declare: quick at any load, as rabbitmqctl (an Erlang VM per call) is not.
+        channel = await observer.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return bool(declared.declaration_result.consumer_count == 1)
 
     async def expired() -> bool:
-        return queue not in await listed()
+        # Off the loop, so that the layer's own timers (the consumer's linger) keep their time.
+        return queue not in await asyncio.to_thread(queues, node, prefix)
 
     # While a receiver waits, its consumer keeps the queue in use: seen then, it exists.
     first = asyncio.create_task(layer.receive("short.lived"))
-    await eventually(consumed, "a consumer on the queue")
+    try:
+        await eventually(consumed, "a consumer on the queue")
+    finally:
+        await observer.close()
     await layer.send("short.lived", {"type": "first"})
     assert (await first)["type"] == "first"
     await layer.send("short.lived", {"type": "lost"})

@@ -27,6 +27,7 @@ from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.futures import wait_all
 from fastapi_websockets.backends.options import Memo, positive, positive_int
 from fastapi_websockets.exceptions import (
+    BackendUnavailable,
     ChannelFull,
     ChannelLayerClosed,
     ChannelLayerError,
@@ -826,12 +827,21 @@ class BaseChannelLayer(abc.ABC):
 
     async def _leave_presence_on_close(self) -> None:
         removals: list[tuple[str, str, bytes, bytes | QueuedWrite | None]] = []
+        unreachable: BackendUnavailable | None = None
+        skipped = 0
         try:
             for group, channel, data in self._presence.items():
+                if unreachable is not None:
+                    # Each would wait out `timeout` as the last one did (a close with many
+                    # entries took that many timeouts): left to expire, as a dead process's are.
+                    skipped += 1
+                    continue
                 try:
                     removals.append((group, channel, data, await self._presence_remove(group, channel)))
                 except ChannelLayerError as exc:
                     _not_removed(group, channel, exc)
+                    if isinstance(exc, BackendUnavailable):
+                        unreachable = exc
                     continue
                 # Forgotten one by one, as presence_leave does: a backend can tell the last
                 # entry of a group (or of this layer) and drop its own records with it.
@@ -839,6 +849,10 @@ class BaseChannelLayer(abc.ABC):
         finally:
             # Every removal is queued before any is waited for; each entry is announced once removed.
             await wait_all([self._left_on_close(*removal) for removal in removals])
+        if skipped:
+            logger.warning(
+                "did not try to remove %d more presence entries on close: %s", skipped, unreachable
+            )
         self._presence.clear()
 
     async def _left_on_close(

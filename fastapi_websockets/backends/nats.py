@@ -132,6 +132,10 @@ _EXPECTED_HEADER = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 _WRONG_SEQUENCE_SAYS_NEWEST = 10071  # its description ends with the newest sequence
 _STREAM_NOT_FOUND = 10059
+#: "No suitable peers for placement": fewer servers with JetStream online than the replicas
+#: asked for (one restarting, or a cluster just started whose meta leader has not heard
+#: from every server yet).
+_NO_PEERS = 10005
 _NO_MESSAGE = 10037
 #: Seconds the server keeps a history reader's consumer should its deletion get lost.
 _READER_IDLE = 30.0
@@ -958,9 +962,26 @@ class NATSChannelLayer(BrokerChannelLayer):
         except ChannelLayerError as exc:
             if not isinstance(exc.__cause__, missing):
                 raise
+
+        async def create_when_placed() -> _T:
+            try:
+                return await create()
+            except BadRequestError as exc:
+                if exc.err_code == _NO_PEERS:
+                    # Not a stream made elsewhere (waited for below): a server it needs is
+                    # not counted online yet, seen under load on a cluster just started.
+                    raise _NotPlaced(exc.description) from exc
+                raise
+
         try:
-            return await self._retry(what, create)
+            return await self._retry(what, create_when_placed, also=(_NotPlaced,))
         except ChannelLayerError as exc:
+            if isinstance(exc.__cause__, _NotPlaced):
+                raise ChannelLayerError(
+                    f"NATS {what} failed: the servers could not place its {self.replicas} replicas "
+                    f"within {self.timeout} s ({exc.__cause__}); start the servers that are "
+                    "missing, or lower replicas"
+                ) from exc.__cause__.__cause__
             if not isinstance(exc.__cause__, BadRequestError):
                 raise
             refused = exc
@@ -2267,6 +2288,10 @@ def _expired(expires: str | None) -> bool:
         return float(expires) <= time.time()
     except ValueError:
         return False
+
+
+class _NotPlaced(Exception):
+    """A stream or bucket create refused with ``_NO_PEERS``: retried like a leader election."""
 
 
 def _error_code(exc: BaseException) -> int | None:

@@ -1654,9 +1654,10 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 if not self.closed:
                     self.report_connection(False)
                 conn.terminate()
-                if self._pool is not None:
+                if self._pool is not None and not self.closed:
                     # The pooled sessions most likely went with it: replace them on
-                    # their next use instead of failing one call on each.
+                    # their next use instead of failing one call on each. (Not when
+                    # close() cancelled it: its last statements would open a new one.)
                     self._release_writer_conn()
                     await self._pool.expire_connections()
                 # Readers fall back to re-checking every poll_interval until we are back.

@@ -1056,6 +1056,40 @@ async def test_a_stream_refused_as_existing_but_not_found_is_waited_for(
         await client.close()
 
 
+async def test_a_stream_refused_for_want_of_servers_is_created_once_they_are_there(
+    nats_node: NatsNode, namespace: str, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cluster just started refuses a stream of 3 replicas until its meta leader has heard
+    # from every server: "no suitable peers for placement, peer offline" (under load, at the
+    # start of test_cluster_survives_losing_the_stream_and_bucket_leader). Not a stream made
+    # elsewhere: it is created again within the timeout, and said as it is after that.
+    # Here the driver gets that answer in place of the server's, as many times as `refusals`.
+    from nats.js.api import StreamConfig, StreamInfo
+    from nats.js.manager import JetStreamManager
+
+    real = JetStreamManager.add_stream
+    refusals: list[int | None] = [None]
+
+    async def add_stream(
+        self: JetStreamManager, config: StreamConfig | None = None, **params: Any
+    ) -> StreamInfo:
+        if refusals[0] is None or refusals[0] > 0:
+            refusals[0] = None if refusals[0] is None else refusals[0] - 1
+            raise nats.js.errors.BadRequestError(
+                code=400, err_code=10005, description="no suitable peers for placement, peer offline"
+            )
+        return await real(self, config, **params)
+
+    monkeypatch.setattr(JetStreamManager, "add_stream", add_stream)
+    with pytest.raises(ChannelLayerError, match=r"could not place its 1 replicas .* peer offline\); start"):
+        await make(servers=[nats_node.url], timeout=1).send("named.x", {"type": "t"})
+    refusals[0] = 3
+    layer = make(servers=[nats_node.url], timeout=10)
+    await layer.send("named.x", {"type": "t"})
+    assert refusals == [0]
+    assert (await layer.receive("named.x", timeout=10))["type"] == "t"
+
+
 async def test_group_send_sees_named_members_added_by_another_instance(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:

@@ -100,6 +100,21 @@ async def test_close_forgets_this_instances_memberships(
     assert "named.member" in [row["channel"] for row in owners]
 
 
+async def test_close_forgets_its_rows_on_a_connection_it_has(
+    make: Factory, postgresql_server: PostgresServer
+) -> None:
+    # close() once took the cancelled listener for a lost one and expired the pool's
+    # sessions: its last statements then opened a new connection (a TLS handshake, on a
+    # slow server up to `timeout`), and a connect close() cut could outlive it.
+    async with TcpProxy(postgresql_server.port) as proxy:
+        layer = make(dsn=postgresql_server.dsn.replace(str(postgresql_server.port), str(proxy.port)))
+        channel = await layer.new_channel()
+        await layer.group_add("room", channel)
+        opened = proxy.accepted
+        await layer.close()
+        assert proxy.accepted == opened
+
+
 async def test_close_after_the_schema_was_lost_still_lets_go_of_every_connection(
     make: Factory, db: asyncpg.Connection, namespace: str
 ) -> None:
@@ -1691,7 +1706,8 @@ async def test_close_finishes_a_pooled_tls_connection_it_cut_half_open(
 
         async def stalled(*args: Any, **kwargs: Any) -> Any:
             connection = await handshake(*args, **kwargs)
-            if args[2] == proxy.port:
+            if args[2] == proxy.port and not connecting.is_set():
+                # The claim's connect only: one made after proxy.release() would wait for good.
                 proxy.hold_newest()  # TLS up and the startup packet sent: the server's answers wait
                 connecting.set()
             return connection

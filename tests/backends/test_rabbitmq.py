@@ -197,14 +197,39 @@ async def test_no_message_ttl_keeps_messages(make: Factory, prefix: str, node: R
 
 
 async def test_queue_expiry_deletes_unused_named_queues(make: Factory, prefix: str, node: RabbitNode) -> None:
+    import aio_pika
+
     layer = make(queue_expiry=1000)
     queue = named_queue_name(prefix, "short.lived")
+    observer = await aio_pika.connect(node.url)
+
+    async def consumed() -> bool:
+        # A passive declare: quick at any load, as rabbitmqctl (an Erlang VM per call) is not.
+        channel = await observer.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return bool(declared.declaration_result.consumer_count == 1)
+
+    async def expired() -> bool:
+        # Off the loop, so that the layer's own timers (the consumer's linger) keep their time.
+        return queue not in await asyncio.to_thread(queues, node, prefix)
+
+    # While a receiver waits, its consumer keeps the queue in use: seen then, it exists.
+    first = asyncio.create_task(layer.receive("short.lived"))
+    try:
+        await eventually(consumed, "a consumer on the queue")
+    finally:
+        await observer.close()
     await layer.send("short.lived", {"type": "first"})
-    assert (await layer.receive("short.lived", timeout=10))["type"] == "first"
+    assert (await first)["type"] == "first"
     await layer.send("short.lived", {"type": "lost"})
-    assert queue in queues(node, prefix)
     # Once its consumer is gone, the unused queue expires with its message.
-    await eventually(lambda: queue not in queues(node, prefix), "queue expiry")
+    await eventually(expired, "queue expiry")
     # Reading and sending again declare it again.
     waiter = asyncio.create_task(layer.receive("short.lived", timeout=10))
     await asyncio.sleep(0.3)
@@ -1152,35 +1177,60 @@ async def test_a_foreign_leave_reaches_the_owner(make: Factory) -> None:
 
 
 async def test_a_dead_owner_is_announced_once_by_three_racing_reapers(make: Factory) -> None:
-    dead = make(timeout=1, presence_timeout=2)
+    dead = make(presence_timeout=2)
+    # The survivors own no entries, so no background beat of theirs runs: the test beats for
+    # them, all three at once. (With entries and beats of their own, a loaded machine made
+    # them reap each other: 2 of 20 runs announced a survivor's own entry as left.)
     survivors = [make(presence_timeout=2) for _ in range(3)]
     watchers = []
     for layer in survivors:
         watcher = await layer.new_channel("ws")
         await layer.group_add("room:d", watcher)
-        await layer.presence_join("room:d", watcher, {"watcher": True}, notify=False)
+        assert await layer.presence("room:d") == {}  # a participant from here on
         watchers.append(watcher)
     theirs = [await dead.new_channel("ws") for _ in range(3)]
     for channel in theirs:
         await dead.presence_join("room:d", channel, {"dead": True}, notify=False)
     for layer in survivors:
-        assert set(theirs) <= set(await layer.presence("room:d"))
+        assert set(await layer.presence("room:d")) == set(theirs)
 
     # The process vanishes without a word: its connection is gone, its beats stop.
     assert dead._connection is not None
     await dead._connection.close()
 
+    async def silent_to_all() -> bool:
+        seen = [await layer.presence("room:d") for layer in survivors]
+        return not any(seen)
+
+    await eventually(silent_to_all, "every survivor finds the dead owner silent")
+    # Every survivor's reap now drops it: three reapers at once, one announcement each.
+    await asyncio.gather(*(layer.presence_heartbeat() for layer in survivors))
+    # Published after every announcement was confirmed: behind them in every inbox.
+    await survivors[0].group_send("room:d", {"type": "mark"})
     for layer, watcher in zip(survivors, watchers, strict=True):
         left = []
-        while True:
-            try:
-                event = await layer.receive(watcher, timeout=4)
-            except TimeoutError:
-                break
+        while (event := await layer.receive(watcher, timeout=30))["type"] != "mark":
             assert event["type"] == "presence.left"
             left.append(event["channel"])
         assert sorted(left) == sorted(theirs)  # each leave once, though three processes reaped
-        assert set(await layer.presence("room:d")) == set(watchers)
+        assert await layer.presence("room:d") == {}
+
+
+async def test_close_without_the_broker_waits_for_one_removal_not_one_per_entry(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # close() leaves presence entry by entry; with the broker gone each removal waited out
+    # `timeout` for a connection (3 entries: 30 s, a close with 1,000: hours). After the
+    # first, the others are left to expire as a dead process's entries do.
+    layer = make()
+    for _ in range(3):
+        await layer.presence_join("room:c", await layer.new_channel("ws"), notify=False)
+    assert layer._connection is not None
+    await layer._connection.close()
+    await layer.close()
+    messages = [record.getMessage() for record in caplog.records]
+    assert len([m for m in messages if m.startswith("could not remove presence of")]) == 1
+    assert "did not try to remove 2 more presence entries on close" in "\n".join(messages)
 
 
 # ----------------------------------------------------------- batched publishes

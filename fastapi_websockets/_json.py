@@ -39,6 +39,16 @@ def _as_null(value: object) -> None:
 # For envelope builders, which cannot know the consumer's encode_json: only numbers are checked
 # (values of other types and keys it could not write may be supported by an override).
 _NUMBER_CHECK = json.JSONEncoder(allow_nan=False, skipkeys=True, default=_as_null)
+# The C encoder JSONEncoder.encode() makes on every call, with _NUMBER_CHECK's settings, made
+# once: encode() spends about 100 bytecodes around it, twice what building the envelope costs.
+# No circular-reference check (markers None): a dict holding itself ends in RecursionError.
+_C_NUMBER_CHECK: Any = (
+    None
+    if json.encoder.c_make_encoder is None  # type: ignore[attr-defined]
+    else json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _as_null, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, True, False
+    )
+)
 
 
 def _non_finite(value: object) -> bool:
@@ -104,7 +114,10 @@ def check_json_numbers(content: Any) -> None:
     support more types than ``json``: only its floats are checked here.
     """
     try:
-        _NUMBER_CHECK.encode(content)
+        if _C_NUMBER_CHECK is None:  # pragma: no cover - a Python without json's C accelerator
+            _NUMBER_CHECK.encode(content)
+        else:
+            _C_NUMBER_CHECK(content, 0)
     except (ValueError, RecursionError):
         error = not_json(content)
         if error is not None:

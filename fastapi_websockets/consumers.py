@@ -570,6 +570,9 @@ class AsyncWebSocketConsumer:
         :class:`~fastapi_websockets.InvalidMessage` naming these, and nothing is written.
         """
         mode = message.get("mode")
+        if mode == "json":  # first: the envelope a group message's sockets get most
+            await self.send_json(message.get("body", message))
+            return
         body = message.get("body")
         if mode == "bytes" or (mode is None and isinstance(body, bytes)):
             if not isinstance(body, bytes):
@@ -582,7 +585,7 @@ class AsyncWebSocketConsumer:
                 # str() of it would be Python's repr on the wire, not what the sender meant.
                 raise TypeError(f"a websocket.send envelope in text mode needs a str body, got {body!r:.60}")
             await self.send_text(body)
-        elif mode == "json" or mode is None:
+        elif mode is None:
             await self.send_json(message.get("body", message))
         else:
             raise InvalidMessage(

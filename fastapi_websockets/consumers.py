@@ -10,7 +10,8 @@ Channel events are dispatched by ``type`` (``"chat.message"`` calls
 a ``type`` naming a private method or a method of the consumer framework
 (``accept``, ``close``, ``send_json``, ``group_add``...) is refused and logged.
 ``{"type": "websocket.send", "mode": "json"|"bytes", "body": ...}`` envelopes
-are written to the socket with no handler.
+are written to the socket with no handler. JSON goes out as RFC 8259 has it:
+NaN and infinities raise ``InvalidMessage`` before anything is written.
 
 Failures stay with their connection: an exception in a handler is logged with
 its traceback and closes that socket with 1011; invalid JSON on a JSON
@@ -26,7 +27,6 @@ import asyncio
 import contextlib
 import contextvars
 import enum
-import json
 import logging
 import operator
 import sys
@@ -41,10 +41,11 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from fastapi_websockets import observing
 from fastapi_websockets._direct import direct_protocol, write_text
 from fastapi_websockets._eager import EAGER_TASKS, start_task
+from fastapi_websockets._json import DECODER, encode
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.config import warn_unread_environment
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
-from fastapi_websockets.exceptions import ChannelLayerClosed
+from fastapi_websockets.exceptions import ChannelLayerClosed, InvalidMessage
 from fastapi_websockets.history import History, StreamPosition
 from fastapi_websockets.messages import WEBSOCKET_SEND
 from fastapi_websockets.presence import PRESENCE_JOINED, PRESENCE_LEFT
@@ -436,7 +437,7 @@ class AsyncWebSocketConsumer:
                     code = exc.code
                     break
                 except Exception:
-                    await self._handler_failed(f"event {item.get('type')!r}")
+                    await self._handler_failed(f"event {item.get('type')!r}", item)
                     code = CLOSE_INTERNAL_ERROR
                     break
                 if self._closed:
@@ -473,8 +474,26 @@ class AsyncWebSocketConsumer:
             code = CLOSE_INTERNAL_ERROR
         self._stop_frames(code)
 
-    async def _handler_failed(self, what: str) -> None:
-        logger.exception("%s raised while handling %s on %s", type(self).__name__, what, self.channel_name)
+    async def _handler_failed(self, what: str, event: Message | None = None) -> None:
+        error = sys.exc_info()[1]
+        others = 0 if event is None or error is None else _failed_before(type(self), event, error)
+        if others:
+            # A group message whose handler fails the same way on every local socket (content
+            # that is not JSON, say): one traceback, then a line per socket with the count.
+            logger.error(
+                "%s raised while handling %s on %s: %s: %s (so did %d other connection(s) of this "
+                "class for this same message; the traceback is logged with the first)",
+                type(self).__name__,
+                what,
+                self.channel_name,
+                type(error).__name__,
+                error,
+                others,
+                extra={LOGGED_ERROR: error},
+            )
+        else:
+            name = type(self).__name__
+            logger.exception("%s raised while handling %s on %s", name, what, self.channel_name)
         await self._close_quietly(CLOSE_INTERNAL_ERROR, "internal error")
 
     async def _close_quietly(self, code: int, reason: str) -> None:
@@ -542,8 +561,18 @@ class AsyncWebSocketConsumer:
         )
 
     async def websocket_send(self, message: Message) -> None:
-        """Write a ``websocket.send`` envelope to the socket (``mode`` json, bytes or text)."""
+        """Write a ``websocket.send`` envelope to the socket.
+
+        ``mode`` ``"json"`` writes ``body`` as a JSON text frame, ``"bytes"`` a
+        bytes ``body`` as a binary frame and ``"text"`` a str ``body`` as a text
+        frame; with no ``mode``, the body's type chooses (anything but bytes or
+        str is JSON). Any other mode raises
+        :class:`~fastapi_websockets.InvalidMessage` naming these, and nothing is written.
+        """
         mode = message.get("mode")
+        if mode == "json":  # first: the envelope a group message's sockets get most
+            await self.send_json(message.get("body", message))
+            return
         body = message.get("body")
         if mode == "bytes" or (mode is None and isinstance(body, bytes)):
             if not isinstance(body, bytes):
@@ -552,9 +581,18 @@ class AsyncWebSocketConsumer:
                 )
             await self.send_bytes(body)
         elif mode == "text" or (mode is None and isinstance(body, str)):
-            await self.send_text(str(body))
-        else:
+            if not isinstance(body, str):
+                # str() of it would be Python's repr on the wire, not what the sender meant.
+                raise TypeError(f"a websocket.send envelope in text mode needs a str body, got {body!r:.60}")
+            await self.send_text(body)
+        elif mode is None:
             await self.send_json(message.get("body", message))
+        else:
+            raise InvalidMessage(
+                f"a websocket.send envelope has the mode {mode!r:.40}; the modes are 'json', 'bytes' "
+                "and 'text' (or none: the body's type chooses); websocket_json_message() and "
+                "websocket_bytes_message() build envelopes"
+            )
 
     def _encode_shared(self, data: Any) -> str:
         # The consumers of one process that handle the same group message get the same
@@ -803,16 +841,19 @@ class AsyncWebSocketConsumer:
     def encode_json(cls, content: Any) -> str:
         """Serialize outgoing JSON (override for custom types).
 
-        The text may be sent to every consumer of the class that sends equal
-        content for the same channel event, so an override must depend on
-        ``content`` only.
+        NaN and infinities raise :class:`~fastapi_websockets.InvalidMessage`
+        naming where they are: JSON has none, and a browser would drop the
+        whole frame. The text may be sent to every consumer of the class that
+        sends equal content for the same channel event, so an override must
+        depend on ``content`` only (and should refuse them too:
+        ``json.dumps(..., allow_nan=False)``).
         """
-        return _JSON_ENCODER.encode(content)
+        return encode(content)
 
     @classmethod
     def decode_json(cls, text_data: str) -> Any:
-        """Parse incoming JSON (override for custom parsing)."""
-        return json.loads(text_data)
+        """Parse incoming JSON (override for custom parsing); ``NaN`` and ``Infinity`` are invalid JSON."""
+        return DECODER.decode(text_data)
 
 
 class AsyncJsonWebSocketConsumer(AsyncWebSocketConsumer):
@@ -848,10 +889,38 @@ class AsyncJsonWebSocketConsumer(AsyncWebSocketConsumer):
         await self.close(CLOSE_INVALID_PAYLOAD, f"invalid JSON: {error}")
 
 
+#: The attribute of a log record without a traceback that holds the handler's exception.
+LOGGED_ERROR = "fastapi_websockets_error"
+
+
+class _Failure:
+    """The channel event whose handler failed last in a consumer class, how, and how often since."""
+
+    __slots__ = ("count", "event", "what")
+
+    def __init__(self, event: Message, what: tuple[type[BaseException], str]) -> None:
+        self.event = event
+        self.what = what
+        self.count = 1
+
+
+#: Per consumer class; holding the event keeps it alive, so ``is`` cannot meet a new one.
+_FAILURES: dict[type[AsyncWebSocketConsumer], _Failure] = {}
+
+
+def _failed_before(cls: type[AsyncWebSocketConsumer], event: Message, error: BaseException) -> int:
+    """How many connections of ``cls`` failed with the same error on this same ``event`` before."""
+    what = (type(error), str(error))
+    failure = _FAILURES.get(cls)
+    if failure is None or failure.event is not event or failure.what != what:
+        _FAILURES[cls] = _Failure(event, what)
+        return 0
+    failure.count += 1
+    return failure.count - 1
+
+
 #: (consumer class, event type) -> the name of the handler method it dispatches to.
 _HANDLER_NAMES: dict[tuple[type[AsyncWebSocketConsumer], str], str] = {}
-
-_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 #: Per consumer class: the channel event handled last, and the texts sent for it with their
 #: content's snapshot. Holding the event keeps it alive, so ``is`` cannot meet a new one.

@@ -3,13 +3,16 @@
 An envelope ``{"type": "websocket.send", "mode": "json"|"bytes", "body": ...}``
 sent to a consumer's channel is written to its socket as a JSON text frame or
 a binary frame, with no handler to write. Extra keyword arguments become extra
-keys of the envelope (``event="upload"`` adds ``"event": "upload"``).
+keys of the envelope (``event="upload"`` adds ``"event": "upload"``). A JSON
+body holding NaN or an infinity is refused here, in the sender's traceback,
+rather than by every consumer it reaches (JSON has neither).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+from fastapi_websockets._json import check_json_numbers
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.types import Message
 
@@ -48,7 +51,12 @@ def websocket_bytes_message(
 
 
 def websocket_json_message(body: Any, *, message_type: str = WEBSOCKET_SEND, **extra: Any) -> Message:
-    """Build an envelope that a consumer writes as a JSON text frame."""
+    """Build an envelope that a consumer writes as a JSON text frame.
+
+    Raises :class:`~fastapi_websockets.InvalidMessage` if ``body`` holds NaN
+    or an infinity (send null or a string instead).
+    """
+    check_json_numbers(body)
     return _envelope("json", body, message_type, extra)
 
 
@@ -67,5 +75,5 @@ async def send_bytes_message(
 async def send_json_message(
     layer: BaseChannelLayer, channel: str, body: Any, *, message_type: str = WEBSOCKET_SEND, **extra: Any
 ) -> None:
-    """Send a JSON-frame envelope to ``channel``."""
+    """Send a JSON-frame envelope to ``channel``; NaN and infinities raise ``InvalidMessage``."""
     await layer.send(channel, websocket_json_message(body, message_type=message_type, **extra))

@@ -41,7 +41,9 @@ from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Message
 
+from fastapi_websockets._json import DECODER, encode
 from fastapi_websockets.backends.timeouts import wait_event
+from fastapi_websockets.consumers import LOGGED_ERROR
 
 __all__ = ["ConnectionsLeftOpen", "WebsocketClosed", "WebsocketCommunicator", "lifespan"]
 
@@ -51,6 +53,8 @@ logger = logging.getLogger(__name__)
 _CONSUMER_LOGGER = "fastapi_websockets.consumers"
 _CLOSE_NORMAL = 1000
 _CLOSE_INTERNAL_ERROR = 1011
+#: json.dumps's layout, as send_json_to() always wrote, without NaN or Infinity (not JSON).
+_CLIENT_ENCODER = json.JSONEncoder(allow_nan=False)
 
 if sys.version_info >= (3, 11):
     _TimeoutBase = TimeoutError
@@ -114,8 +118,9 @@ class _AppErrorHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         communicator = _serving.get()
-        if communicator is not None and record.exc_info is not None:
-            error = record.exc_info[1]
+        if communicator is not None:
+            # A repeated failure (one group message, many connections) is logged without its traceback.
+            error = record.exc_info[1] if record.exc_info is not None else getattr(record, LOGGED_ERROR, None)
             if isinstance(error, Exception):
                 communicator._app_failed(error)
 
@@ -351,8 +356,13 @@ class WebsocketCommunicator:
         await asyncio.sleep(0)  # let the app pick it up, as a network write would
 
     async def send_json_to(self, data: Any) -> None:
-        """Send ``data`` encoded as JSON in a text frame."""
-        await self.send_to(text_data=json.dumps(data))
+        """Send ``data`` encoded as JSON in a text frame.
+
+        NaN and infinities raise :class:`~fastapi_websockets.InvalidMessage`:
+        JSON has neither (send ``send_to(text_data="NaN")`` to test how the app
+        takes such text).
+        """
+        await self.send_to(text_data=encode(data, _CLIENT_ENCODER))
 
     async def receive_from(self, timeout: float = 1) -> str | bytes:
         """The next frame the app sends: ``str`` for a text frame, ``bytes`` for a binary one."""
@@ -368,11 +378,15 @@ class WebsocketCommunicator:
         return data
 
     async def receive_json_from(self, timeout: float = 1) -> Any:
-        """The next frame the app sends, a text frame decoded as JSON."""
+        """The next frame the app sends, a text frame decoded as JSON.
+
+        Text a browser's ``JSON.parse`` rejects raises ``ValueError``, ``NaN``
+        and ``Infinity`` included (Python's ``json.loads`` takes them).
+        """
         frame = await self.receive_from(timeout)
         if not isinstance(frame, str):
             raise AssertionError(f"expected a JSON text frame, got a binary frame: {frame!r:.80}")
-        return json.loads(frame)
+        return DECODER.decode(frame)
 
     async def receive_nothing(self, timeout: float = 0.1, interval: float = 0.01) -> bool:
         """Whether the app sends nothing (no frame, no close) within ``timeout`` seconds.

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from decimal import Decimal
+
 import pytest
 
 from fastapi_websockets import (
     InMemoryChannelLayer,
+    InvalidMessage,
     send_bytes_message,
     send_json_message,
     websocket_bytes_message,
@@ -51,3 +55,22 @@ async def test_senders_round_trip() -> None:
             "body": {"text": "hi"},
             "event": "client.text",
         }
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+async def test_json_envelopes_refuse_nan_and_infinity_in_the_senders_traceback(value: float) -> None:
+    # JSON has neither: every consumer the envelope reached failed to send it instead.
+    refused = rf"cannot send {value!r} as JSON \(at \['scores'\]\[1\]\).*send null or a string instead"
+    with pytest.raises(InvalidMessage, match=refused):
+        websocket_json_message({"scores": [1.0, value]})
+    async with InMemoryChannelLayer() as layer:
+        with pytest.raises(InvalidMessage, match=refused):
+            await send_json_message(layer, "chat.room", {"scores": [1.0, value]})
+        await send_json_message(layer, "chat.room", {"scores": [1.0]})
+        assert (await layer.receive("chat.room"))["body"] == {"scores": [1.0]}  # nothing before it
+
+
+def test_json_envelopes_leave_other_types_to_the_consumers_encoder() -> None:
+    # An encode_json override may write types json cannot, and keys it would refuse.
+    body = {"at": Decimal("1.5"), b"raw": b"\x00", "nested": {(1, 2): [1e308]}}
+    assert websocket_json_message(body)["body"] is body

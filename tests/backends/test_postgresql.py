@@ -1005,6 +1005,21 @@ async def test_sends_woken_together_share_one_statement(
     assert len({row["tx"] for row in rows}) == 4
 
 
+async def _writer_parked_after_a_burst(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> tuple[PostgreSQLChannelLayer, PostgreSQLChannelLayer, str, asyncio.Task[object]]:
+    """A sender, its owner, ``channel`` (sent -1 to 3) and the sender's writer, waiting for a burst."""
+    monkeypatch.setattr(postgresql, "_WRITER_LINGER", 3600.0, raising=False)
+    sender, owner = make(), make()
+    channel = await owner.new_channel()
+    await sender.send(channel, {"type": "n", "i": -1})  # connected; the writer is idle again
+    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(4)))
+    await eventually(lambda: sender._writer_parked is not None, "the writer waiting for a burst")
+    writer = sender._outbox_task
+    assert writer is not None
+    return sender, owner, channel, writer
+
+
 async def test_a_burst_writer_waits_for_the_next_burst_and_ends_with_its_connection(
     make: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1013,14 +1028,7 @@ async def test_a_burst_writer_waits_for_the_next_burst_and_ends_with_its_connect
     # answers), and ends when its kept connection goes back to the pool. A write
     # queued between that hand-back and the writer's wake-up must still be written:
     # the first version ended on the hand-back whatever had been queued meanwhile.
-    monkeypatch.setattr(postgresql, "_WRITER_LINGER", 3600.0, raising=False)
-    sender, owner = make(), make()
-    channel = await owner.new_channel()
-    await sender.send(channel, {"type": "n", "i": -1})  # connected; the writer is idle again
-    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(4)))
-    writer = sender._outbox_task
-    await eventually(lambda: sender._writer_parked is not None, "the writer waiting for a burst")
-    assert sender._outbox_task is writer is not None
+    sender, owner, channel, writer = await _writer_parked_after_a_burst(make, monkeypatch)
     await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(4, 8)))
     assert sender._outbox_task is writer  # the same task wrote the second burst
     await eventually(lambda: sender._writer_parked is not None, "the writer waiting again")
@@ -1040,14 +1048,7 @@ async def test_the_linger_timer_after_a_cancelled_burst_writer_raises_nothing(
     # waits on at once; the linger timer can fire before the task runs its cleanup,
     # and handing the connection back then must not set that cancelled future (it
     # raised InvalidStateError in the timer's callback, logged by asyncio).
-    monkeypatch.setattr(postgresql, "_WRITER_LINGER", 3600.0, raising=False)
-    sender, owner = make(), make()
-    channel = await owner.new_channel()
-    await sender.send(channel, {"type": "n", "i": -1})
-    await asyncio.gather(*(sender.send(channel, {"type": "n", "i": i}) for i in range(4)))
-    await eventually(lambda: sender._writer_parked is not None, "the writer waiting for a burst")
-    writer = sender._outbox_task
-    assert writer is not None
+    sender, owner, channel, writer = await _writer_parked_after_a_burst(make, monkeypatch)
     writer.cancel()  # as tasks.close() does; the task has not run since
     parked = sender._writer_parked
     assert parked is not None

@@ -174,6 +174,8 @@ _TO_CHANNELS = b"s"
 #: Bytes of a packed inbox message beyond what the packer bounds: the frame header and the
 #: pack's version byte.
 _PACK_OVERHEAD = _FRAME.size + 1
+#: Loop passes to wait for nats-py's flusher task before a flush (it takes one or two).
+_FLUSHER_PASSES = 100
 #: Seconds a new client must have lived for the delay before the next one to start over.
 _HEALTHY_CLIENT = 30.0
 #: Values of the ``inbox`` option: stored until acknowledged, or plain core publishes.
@@ -526,7 +528,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                 await nc.subscribe(f"{self._inbox}.d", cb=self._on_delivery)
             else:
                 await nc.subscribe(self._stored_inboxes(self.client_token), cb=self._on_core_delivery)
-            await nc.flush(timeout=max(1, math.ceil(self.timeout)))
+            await _flush_in_order(nc, self.timeout)
         except BackendUnavailable as exc:
             error = exc
         except (OSError, asyncio.TimeoutError, self._driver_error) as exc:
@@ -626,7 +628,7 @@ class NATSChannelLayer(BrokerChannelLayer):
             return
         try:
             # Hand queued publishes (a group_send just before close) to the server.
-            await nc.flush(timeout=1)
+            await _flush_in_order(nc, 1)
         except (asyncio.TimeoutError, self._driver_error) as exc:
             logger.debug("flush before close failed: %s", self.redact(repr(exc)))
         try:
@@ -1821,9 +1823,9 @@ class NATSChannelLayer(BrokerChannelLayer):
             await wait_all([self._store_in_inbox(token, payload, what) for token in known])
             if not self._stored:
                 # Nothing acknowledges a core publish: the pong to a ping written
-                # after the copies says that nats-server has routed them.
+                # after the copies (_flush_in_order) says that nats-server has routed them.
                 try:
-                    await self.nc.flush(timeout=max(1, math.ceil(self.timeout)))
+                    await _flush_in_order(self.nc, self.timeout)
                 except (asyncio.TimeoutError, self._driver_error) as exc:
                     raise self._translate(exc, what) from exc
         # Only now the listing: a stream-info request that nats-server handles while it
@@ -2272,6 +2274,23 @@ class NATSChannelLayer(BrokerChannelLayer):
         # The owner keys went with the bucket.
         self._owned.clear()
         self._last_owners.clear()
+
+
+async def _flush_in_order(nc: Client, timeout: float) -> None:
+    """``nc.flush()``, with every command nats-py has buffered written before its PING.
+
+    nats-py (2.16) writes a flush's PING straight to the socket while the
+    commands queued before it (SUB, PUB) wait for its flusher task, so the PONG
+    could come back before the server had them: a subscription not yet
+    registered, a core publish not yet routed. Waiting for that task to empty the
+    buffer first puts the PING behind them. Bounded: a flusher that does not run
+    (a dead connection) leaves it to ``flush()`` itself to fail.
+    """
+    for _ in range(_FLUSHER_PASSES):
+        if not nc.pending_data_size or not nc.is_connected:
+            break
+        await asyncio.sleep(0)
+    await nc.flush(timeout=max(1, math.ceil(timeout)))
 
 
 def _joined(value: bytes | None) -> float:

@@ -37,7 +37,13 @@ from fastapi_websockets import (
     StreamPosition,
     get_channel_layer_from_env,
 )
-from fastapi_websockets.backends.nats import NATSChannelLayer, consumer_name, subject_token, token_to_name
+from fastapi_websockets.backends.nats import (
+    NATSChannelLayer,
+    _flush_in_order,
+    consumer_name,
+    subject_token,
+    token_to_name,
+)
 from fastapi_websockets.backends.nats_presence import chunk_of
 from fastapi_websockets.backends.packing import pack
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerError, MessageTooLarge
@@ -2151,3 +2157,35 @@ async def test_core_inbox_keeps_sends_and_group_sends_in_call_order(
     assert_mixed_order(await mixed_rounds(sender, owner, "process", gathered=False), gathered=False)
     gathered = await mixed_rounds(sender, owner, "process", gathered=True, prefix="gathered")
     assert_mixed_order(gathered, gathered=True)
+
+
+async def test_a_flush_writes_its_ping_after_the_commands_nats_py_buffered(
+    nats_node: NatsNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The layer's start (its subscriptions) and a core-inbox group_send (its copies)
+    # count on a flush's pong meaning the server has read what came before it. nats-py
+    # writes the ping straight to the socket, ahead of a SUB or PUB still in its buffer.
+    nc = await nats.connect(nats_node.url)
+    try:
+        written: list[bytes] = []
+        transport = nc._transport
+        assert transport is not None
+        write, writelines = transport.write, transport.writelines
+
+        def record(payload: bytes) -> None:
+            written.append(bytes(payload))
+            write(payload)
+
+        def record_lines(payload: list[bytes]) -> None:
+            written.extend(bytes(part) for part in payload)
+            writelines(payload)
+
+        monkeypatch.setattr(transport, "write", record)
+        monkeypatch.setattr(transport, "writelines", record_lines)
+        await nc.subscribe("order.probe")
+        await nc.publish("order.probe", b"x")
+        await _flush_in_order(nc, 5)
+        verbs = [part.split(b" ", 1)[0].strip() for part in written]
+        assert verbs == [b"SUB", b"PUB", b"PING"]
+    finally:
+        await nc.close()

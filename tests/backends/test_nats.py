@@ -97,6 +97,21 @@ async def raw_client(urls: list[str]) -> Client:
     return await nats.connect(servers=urls, connect_timeout=5)
 
 
+async def until_subscribed(client: Client) -> None:
+    """Return once nats-server has every subscription ``client`` made so far.
+
+    ``client.flush()`` does not prove it: nats-py writes the ping at once, ahead of
+    a SUB still waiting in its buffer, so the pong can come before the server has
+    the subscription (a request another connection makes then is not seen). A
+    message the client sends itself after the SUB comes back only once the server
+    has read the SUB.
+    """
+    inbox = client.new_inbox()
+    probe = await client.subscribe(inbox, max_msgs=1)
+    await client.publish(inbox, b"")
+    await probe.next_msg(timeout=None)
+
+
 def connection_of(node: NatsNode, layer: NATSChannelLayer) -> dict[str, Any]:
     """The server's view of the layer's connection (/connz, with subscriptions)."""
     connz = node.monitor("/connz?subs=detail&limit=1024")
@@ -188,7 +203,7 @@ async def test_names_cannot_inject_tokens_or_wildcards(
             everything.set()
 
     await spy.subscribe(f"{namespace}.>", cb=record)
-    await spy.flush()
+    await until_subscribed(spy)
     try:
         for name in NASTY:
             await layer.send(name, {"type": "t", "name": name})
@@ -1786,7 +1801,7 @@ async def test_offsets_from_several_processes_are_contiguous(
 async def api_requests(client: Client, during: Callable[[], Awaitable[_T]]) -> tuple[_T, list[Msg]]:
     """What ``during()`` returns, and the JetStream API requests the server saw meanwhile."""
     sub = await client.subscribe("$JS.API.>")
-    await client.flush()
+    await until_subscribed(client)
     result = await during()
     await client.flush()  # every request routed before this is already queued for `sub`
     requests = [await sub.next_msg() for _ in range(sub.pending_msgs)]

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -248,9 +249,28 @@ class NatsCluster:
             peers = {f"nats-server {node.name}": node.proc for node in self.nodes}
             for node in self.nodes:
                 node.wait_ready(peers=peers)  # full health: includes a known meta leader
+            wait_for(partial(self._meta_group_complete, peers), "nats cluster meta group", timeout=60.0)
         except PortTaken:
             self.stop()
             raise
+
+    def _meta_group_complete(self, peers: Mapping[str, ServerProcess | None]) -> bool:
+        """Whether every node names the same JetStream meta leader, and it counts every other node current.
+
+        /healthz asks only that each node knows a leader; while the leader does not
+        count a peer as current, a stream of 3 replicas is refused ("no suitable peers
+        for placement, peer offline").
+        Raises as soon as one of ``peers`` has exited.
+        """
+        check_running(peers)
+        metas = {node.name: node.monitor("/jsz").get("meta_cluster") or {} for node in self.nodes}
+        leaders = {meta.get("leader") for meta in metas.values()}
+        leader = leaders.pop() if len(leaders) == 1 else None
+        if leader not in metas:
+            return False
+        replicas = metas[leader].get("replicas", [])
+        current = {r["name"] for r in replicas if r.get("current") and not r.get("offline")}
+        return current == set(metas) - {leader}
 
     def stop(self) -> None:
         for node in self.nodes:

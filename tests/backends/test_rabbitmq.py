@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+import threading
 import time
 import types
 import uuid
@@ -1214,6 +1215,62 @@ async def test_a_dead_owner_is_announced_once_by_three_racing_reapers(make: Fact
             left.append(event["channel"])
         assert sorted(left) == sorted(theirs)  # each leave once, though three processes reaped
         assert await layer.presence("room:d") == {}
+
+
+async def test_a_stalled_reaper_reads_the_beats_waiting_for_it_before_judging_a_peer(
+    node: RabbitNode, prefix: str, make: Factory
+) -> None:
+    # The live peer runs on its own event loop (a thread), so it keeps beating while the
+    # reaper's loop is stalled the way a loaded process's is: its beats wait, unread, in
+    # the reaper's socket. Reaping on what it had read announced the live peer's members
+    # as gone.
+    timeout = 2.0
+    ready, stop, beats = threading.Event(), threading.Event(), [0]
+    theirs: list[str] = []
+
+    async def live_peer() -> None:
+        peer = RabbitMQChannelLayer(
+            url=node.url, exchange_name=prefix, queue_prefix=prefix, presence_timeout=timeout
+        )
+        beat = peer.presence_heartbeat
+
+        async def counted_beat() -> None:
+            await beat()
+            beats[0] += 1
+
+        peer.presence_heartbeat = counted_beat  # type: ignore[method-assign]
+        try:
+            for _ in range(3):
+                theirs.append(await peer.new_channel("ws"))
+                await peer.presence_join("room:s", theirs[-1], {"live": True}, notify=False)
+            ready.set()
+            await asyncio.to_thread(stop.wait)
+        finally:
+            await peer.close()
+
+    peer_thread = asyncio.create_task(asyncio.to_thread(asyncio.run, live_peer()))
+    try:
+        await asyncio.to_thread(ready.wait)
+        reaper = make(presence_timeout=timeout)
+        watcher = await reaper.new_channel("ws")
+        await reaper.group_add("room:s", watcher)
+        assert set(await reaper.presence("room:s")) == set(theirs)
+
+        # Stalled past the timeout, and until the peer has beaten meanwhile (never reading).
+        stalled_at, beaten = time.monotonic(), beats[0]
+        while time.monotonic() - stalled_at <= timeout or beats[0] == beaten:
+            time.sleep(0.05)  # noqa: ASYNC251 - the stall is the point
+        await reaper.presence_heartbeat()
+
+        await reaper.group_send("room:s", {"type": "mark"})
+        events = []
+        while (event := await reaper.receive(watcher, timeout=30))["type"] != "mark":
+            events.append(event)
+        assert events == []  # no live member announced as gone
+        assert set(await reaper.presence("room:s")) == set(theirs)
+    finally:
+        stop.set()
+        await peer_thread
 
 
 async def test_close_without_the_broker_waits_for_one_removal_not_one_per_entry(

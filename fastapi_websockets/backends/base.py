@@ -795,10 +795,16 @@ class BaseChannelLayer(abc.ABC):
     async def presence_heartbeat(self) -> None:
         """Refresh this process's liveness, restore lost entries, and clean up after dead processes.
 
-        Broker backends run it every ``presence_timeout / 3`` seconds while
-        this layer has presence entries; it is public for tests and for apps
+        Broker backends do both halves every ``presence_timeout / 3`` seconds
+        while this layer has presence entries, each on its own schedule so that
+        a slow clean-up never delays a beat; it is public for tests and for apps
         that drive their own schedule.
         """
+        await self._presence_keep_alive()
+        await self._presence_clean_up()
+
+    async def _presence_keep_alive(self) -> None:
+        """Beat once, and store every entry again if the broker lost this process's record."""
         # The beat holds its own lock, not the presence lock: held across the beat's round
         # trip, that would make every join and leave arriving meanwhile queue, and an asyncio
         # lock with a queue hands itself on once per loop turn, so under steady churn the
@@ -818,6 +824,9 @@ class BaseChannelLayer(abc.ABC):
                     finally:
                         await wait_all([_stored(put) for put in puts])
                 self._restore_due = False
+
+    async def _presence_clean_up(self) -> None:
+        """Remove the entries of processes that stopped beating and announce them as left."""
         reaped = await self._presence_reap()
         for group, channel, _ in reaped:
             logger.info("presence: %r left %r (its process stopped answering)", channel, group)

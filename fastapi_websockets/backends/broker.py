@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -89,6 +89,7 @@ class BrokerChannelLayer(BaseChannelLayer):
         #: The refusals logged since the connection was last up (once each per outage).
         self._refusals_logged: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
 
     def set_location(self, *urls: str, where: str | None = None) -> None:
         """Record the broker URL(s): where messages say the broker is, and which secrets to hide.
@@ -282,23 +283,38 @@ class BrokerChannelLayer(BaseChannelLayer):
 
     def _presence_started(self) -> None:
         # Presence empties and fills again whenever a quiet room's last member leaves and a new
-        # one joins: one heartbeat for the layer's life, not one more per refill.
+        # one joins: one heartbeat for the layer's life, not one more per refill. Reaping runs
+        # beside it: claims on a loaded broker can take seconds, and the next beat waiting for
+        # them let other processes judge this live one dead.
         if self._heartbeat is None or self._heartbeat.done():
-            self._heartbeat = self.tasks.keep_running(self._presence_heartbeats, "presence-heartbeat")
+            self._heartbeat = self.tasks.keep_running(
+                lambda: self._presence_every_third(self._presence_keep_alive, "heartbeat"),
+                "presence-heartbeat",
+            )
+        if self._reaper is None or self._reaper.done():
+            self._reaper = self.tasks.keep_running(
+                lambda: self._presence_every_third(self._presence_clean_up, "reaping"), "presence-reaper"
+            )
 
-    async def _presence_heartbeats(self) -> None:
+    async def _presence_every_third(self, step: Callable[[], Awaitable[None]], what: str) -> None:
         # One write per process, whatever the number of members: a third of the timeout
-        # leaves two beats of slack before other processes consider this one dead.
+        # leaves two beats of slack before other processes consider this one dead. At a
+        # fixed rate: a step that took long (a loaded broker) does not push every later one
+        # back; one that overran its slot is followed at once, never run twice at a time.
         interval = self.presence_timeout / 3
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
             try:
-                await self.presence_heartbeat()
+                await step()
             except ChannelLayerClosed:
                 return
             except ChannelLayerError as exc:
-                # The broker is away: the next beat (or the reconnect) catches up.
-                logger.warning("presence heartbeat to %s failed: %s", self._where, exc)
-            await asyncio.sleep(interval)
+                # The broker is away: the next step (or the reconnect) catches up.
+                logger.warning("presence %s on %s failed: %s", what, self._where, exc)
+            now = loop.time()
+            due = max(due + interval, now)
+            await asyncio.sleep(due - now)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

@@ -319,6 +319,12 @@ class RabbitPresence:
 
     async def reap(self) -> list[tuple[str, str, bytes]]:
         """Drop owners silent for ``presence_timeout``; return the entries of those this instance claimed."""
+        if all(owner.deadline > time.monotonic() for owner in self.owners.values()):
+            return []
+        # A loaded process may not yet have read the beats the broker already delivered to
+        # it; judged on what it has read, a live peer looks silent and its members are
+        # announced gone. Everything queued for us before the barrier is applied after it.
+        await self._barrier()
         now = time.monotonic()
         left: list[tuple[str, str, bytes]] = []
         for token, owner in list(self.owners.items()):

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+import threading
 import time
 import types
 import uuid
@@ -31,6 +32,7 @@ from fastapi_websockets.backends.rabbitmq import (
     history_stream_name,
     named_queue_name,
 )
+from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 from tests.conformance.test_layer import send_in_two_waves
 from tests.conftest import layer_factory
@@ -1214,6 +1216,116 @@ async def test_a_dead_owner_is_announced_once_by_three_racing_reapers(make: Fact
             left.append(event["channel"])
         assert sorted(left) == sorted(theirs)  # each leave once, though three processes reaped
         assert await layer.presence("room:d") == {}
+
+
+def count_beats(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the presence beats the broker confirmed, by the beating layer's client token."""
+    real = RabbitPresence.beat
+    counts: dict[str, int] = {}
+
+    async def counted(self: RabbitPresence) -> bool:
+        lost = await real(self)
+        counts[self.token] = counts.get(self.token, 0) + 1
+        return lost
+
+    monkeypatch.setattr(RabbitPresence, "beat", counted)
+    return counts
+
+
+async def test_a_stalled_reaper_reads_the_beats_waiting_for_it_before_judging_a_peer(
+    node: RabbitNode, prefix: str, make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The live peer runs on its own event loop (a thread), so it keeps beating while the
+    # reaper's loop is stalled the way a loaded process's is: its beats wait, unread, in
+    # the reaper's socket. Reaping on what it had read announced the live peer's members
+    # as gone.
+    timeout = 2.0
+    ready, stop, beats = threading.Event(), threading.Event(), count_beats(monkeypatch)
+    theirs: list[str] = []
+    peer = RabbitMQChannelLayer(
+        url=node.url, exchange_name=prefix, queue_prefix=prefix, presence_timeout=timeout
+    )
+
+    async def live_peer() -> None:
+        try:
+            for _ in range(3):
+                theirs.append(await peer.new_channel("ws"))
+                await peer.presence_join("room:s", theirs[-1], {"live": True}, notify=False)
+            ready.set()
+            await asyncio.to_thread(stop.wait)
+        finally:
+            await peer.close()
+
+    peer_thread = asyncio.create_task(asyncio.to_thread(asyncio.run, live_peer()))
+    try:
+        await asyncio.to_thread(ready.wait)
+        reaper = make(presence_timeout=timeout)
+        watcher = await reaper.new_channel("ws")
+        await reaper.group_add("room:s", watcher)
+        assert set(await reaper.presence("room:s")) == set(theirs)
+
+        # Stalled past the timeout, and until the peer has beaten meanwhile (never reading).
+        stalled_at, beaten = time.monotonic(), beats.get(peer.client_token, 0)
+        while time.monotonic() - stalled_at <= timeout or beats.get(peer.client_token, 0) == beaten:
+            time.sleep(0.05)  # noqa: ASYNC251 - the stall is the point
+        await reaper.presence_heartbeat()
+
+        await reaper.group_send("room:s", {"type": "mark"})
+        events = []
+        while (event := await reaper.receive(watcher, timeout=30))["type"] != "mark":
+            events.append(event)
+        assert events == []  # no live member announced as gone
+        assert set(await reaper.presence("room:s")) == set(theirs)
+    finally:
+        stop.set()
+        await peer_thread
+
+
+async def test_a_process_keeps_beating_while_its_reaping_is_stuck_in_a_claim(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Claims on a loaded broker can take seconds. The next beat used to wait for the reap
+    # before it, so a process stuck claiming a dead one went silent and was announced gone.
+    timeout = 2.0
+    dead, busy, viewer = (make(presence_timeout=timeout) for _ in range(3))
+    stuck, release, beats = asyncio.Event(), asyncio.Event(), count_beats(monkeypatch)
+    real_claim = RabbitPresence._claim
+
+    async def slow_claim(self: RabbitPresence, token: str, version: int) -> bool:
+        if self.layer is busy:
+            stuck.set()
+            await release.wait()
+        return await real_claim(self, token, version)
+
+    monkeypatch.setattr(RabbitPresence, "_claim", slow_claim)
+    watcher = await viewer.new_channel("ws")
+    await viewer.group_add("room:b", watcher)
+    assert await viewer.presence("room:b") == {}  # a participant from here on (no beats of its own)
+    await dead.presence_join("room:b", await dead.new_channel("ws"), notify=False)
+    mine = [await busy.new_channel("ws") for _ in range(2)]
+    for channel in mine:
+        await busy.presence_join("room:b", channel, {"busy": True}, notify=False)
+    assert set(mine) <= set(await viewer.presence("room:b"))
+
+    assert dead._connection is not None
+    await dead._connection.close()
+    try:
+        await eventually(stuck.is_set, "the busy process's reaping claims the dead one")
+        stuck_at = time.monotonic()
+        await eventually(lambda: time.monotonic() - stuck_at > timeout, "a timeout spent stuck")
+        beaten = beats[busy.client_token]
+        await eventually(
+            lambda: beats[busy.client_token] > beaten, "the busy process beats while its reaping is stuck"
+        )
+        await viewer.presence_heartbeat()  # the viewer reaps: the dead process, not the busy one
+        await viewer.group_send("room:b", {"type": "mark"})
+        left = []
+        while (event := await viewer.receive(watcher, timeout=30))["type"] != "mark":
+            left.append(event["channel"])
+        assert not set(left) & set(mine)
+        assert set(mine) <= set(await viewer.presence("room:b"))
+    finally:
+        release.set()
 
 
 async def test_close_without_the_broker_waits_for_one_removal_not_one_per_entry(

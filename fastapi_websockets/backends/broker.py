@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.backends.options import positive
@@ -302,7 +303,7 @@ class BrokerChannelLayer(BaseChannelLayer):
         # fixed rate: a step that took long (a loaded broker) does not push every later one
         # back; one that overran its slot is followed at once, never run twice at a time.
         interval = self.presence_timeout / 3
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         due = loop.time()
         while True:
             try:

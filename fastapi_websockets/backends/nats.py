@@ -431,8 +431,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         self._rebuilds = self.backoff()
         #: time.monotonic() when the last new client was connected.
         self._built_at = 0.0
-        #: Set while the first connection is made: what the server said refusing the login.
-        self._login_refusal: asyncio.Future[Exception] | None = None
+        #: Set while a client connects: the error for a login the server refused (see _connect).
+        self._login_refusal: asyncio.Future[BaseException] | None = None
 
     # ------------------------------------------------------------ subjects
 
@@ -496,10 +496,13 @@ class NATSChannelLayer(BrokerChannelLayer):
         nc = Client()
         # nats-py retries the first connection forever (max_reconnect_attempts=-1),
         # so a refused or failing connection shows up as our timeout; the message
-        # names the last error nats-py met (an authorization violation, say).
+        # names the last error nats-py met.
         error: ChannelLayerError | None = None
         try:
-            await self._connect_within(
+            # A refused login ends the wait at once (see _on_error): nats-py would retry it
+            # until our timeout, as it does a refused connection.
+            refusal = self._login_refusal = running_loop().create_future()
+            await within(
                 nc.connect(
                     servers=self.servers,
                     name=f"fastapi-websockets {self.client_token}",
@@ -520,6 +523,7 @@ class NATSChannelLayer(BrokerChannelLayer):
                 ),
                 self.timeout,
                 lambda: self._connect_failed(nc),
+                stop=refusal,
             )
             await nc.subscribe(f"{self._inbox}.c", cb=self._on_control)
             if self._stored:
@@ -536,6 +540,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         except BaseException:
             await nc.close()
             raise
+        finally:
+            self._login_refusal = None
         if error is not None:
             await nc.close()
             # Raised outside the handler, not chained: a driver error may quote the
@@ -566,32 +572,6 @@ class NATSChannelLayer(BrokerChannelLayer):
         sends that fit it alone must not fail for having been packed together.
         """
         self._packer.max_bytes = min(self.max_message_size, self.nc.max_payload) - _PACK_OVERHEAD
-
-    async def _connect_within(
-        self, connecting: Awaitable[None], timeout: float, on_timeout: Callable[[], BaseException]
-    ) -> None:
-        """:func:`within`, for the first connection: it also ends when the server refuses the login.
-
-        nats-py would retry a refused login until our ``timeout``, as it does a
-        refused connection; a wrong password fails at once instead (see
-        :meth:`~BrokerChannelLayer.login_refused`).
-        """
-        refusal = self._login_refusal = running_loop().create_future()
-        task = asyncio.ensure_future(connecting)
-        try:
-            await asyncio.wait((task, refusal), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._login_refusal = None
-            stopped = not task.done()
-            if stopped:
-                task.cancel()
-                # As within(): the driver unwinds its connection before we go on.
-                await asyncio.wait((task,))
-        if refusal.done():
-            raise self._login_failed(refusal.result())
-        if stopped and (task.cancelled() or task.exception() is not None):
-            raise on_timeout()
-        task.result()
 
     def _login_failed(self, exc: Exception) -> ChannelLayerError:
         return self.login_refused(
@@ -678,7 +658,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         if _login_refused(exc):
             refusal = self._login_refusal
             if refusal is not None and not refusal.done():
-                refusal.set_result(exc)  # the first connection: fail it now (_connect_within)
+                refusal.set_result(self._login_failed(exc))  # the first connection: fail it now
             else:
                 # Logged at ERROR once per outage; nats-py keeps retrying meanwhile.
                 self._login_failed(exc)

@@ -33,22 +33,34 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     return event.is_set()
 
 
-async def within(awaitable: Awaitable[T], timeout: float, on_timeout: Callable[[], BaseException]) -> T:
+async def within(
+    awaitable: Awaitable[T],
+    timeout: float,
+    on_timeout: Callable[[], BaseException],
+    stop: asyncio.Future[BaseException] | None = None,
+) -> T:
     """Await ``awaitable`` for at most ``timeout`` seconds, else cancel it and raise ``on_timeout()``.
 
-    A cancellation of the caller cancels the inner operation and propagates.
+    ``stop``, if given, ends the wait early: once it holds an exception, the
+    operation is cancelled (and unwound) and that exception raised (a login the
+    server refused while the driver would go on retrying, say). A cancellation
+    of the caller cancels the inner operation and propagates.
     """
     task = asyncio.ensure_future(awaitable)
     try:
-        done, _ = await asyncio.wait((task,), timeout=timeout)
+        done, _ = await asyncio.wait(
+            (task,) if stop is None else (task, stop), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
     except asyncio.CancelledError:
         task.cancel()
         raise
-    if not done:
+    if task not in done:
         task.cancel()
         # Wait for the operation to unwind (a driver cleaning up its connection);
         # whatever it raises while doing so is superseded by the timeout.
         await asyncio.wait((task,))
+        if stop is not None and stop.done():
+            raise stop.result()
         if not task.cancelled() and task.exception() is None:
             return task.result()  # it finished as it was being cancelled
         raise on_timeout()

@@ -107,6 +107,22 @@ async def test_within_cancels_the_operation_when_the_caller_is_cancelled() -> No
     await asyncio.wait_for(inner_cancelled.wait(), 5)
 
 
+async def test_within_ends_early_with_the_error_stop_holds_once_the_operation_has_unwound() -> None:
+    unwound = asyncio.Event()
+
+    async def retrying() -> None:  # a driver retrying a refused login until cancelled
+        try:
+            await asyncio.sleep(30)
+        finally:
+            unwound.set()
+
+    stop: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(stop.set_result, InvalidChannelLayerConfig("refused"))
+    with pytest.raises(InvalidChannelLayerConfig, match="refused"):
+        await within(retrying(), 30, lambda: BackendUnavailable("late"), stop=stop)
+    assert unwound.is_set()
+
+
 async def test_wait_all_starts_the_first_at_once_and_the_others_before_it_waits() -> None:
     started: list[str] = []
 

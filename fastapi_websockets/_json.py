@@ -6,7 +6,8 @@ non-finite floats and reads them back, but they are not JSON: a browser's
 message. The encoders here refuse them (``allow_nan=False``, a flag of the C
 encoder, so encoding costs what it did) and :func:`not_json` turns the
 encoder's bare ``ValueError`` into an :class:`InvalidMessage` that says where
-the value is and what to send instead; the decoder refuses them as invalid JSON.
+the value is and what to send instead; the decoder refuses them as invalid JSON,
+and refuses numbers too large for a float (``1e999``), which ``json`` reads as infinities.
 """
 
 from __future__ import annotations
@@ -28,8 +29,22 @@ def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
 
 
-#: What consumers read: JSON, without Python's NaN and Infinity extension.
-DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_INFINITIES = (math.inf, -math.inf)
+
+
+def _finite_float(literal: str) -> float:
+    # Called by the C scanner for each number with a fraction or an exponent (integers never
+    # come here): about ten bytecodes a float, none for a frame without one. float() reads
+    # 1e999 as an infinity, which a handler could neither compare usefully nor send back.
+    value = float(literal)
+    if value in _INFINITIES:
+        shown = literal if len(literal) <= 16 else f"{literal[:12]}..."
+        raise ValueError(f"the number {shown} is out of range (beyond ±1.8e308); send it as a string")
+    return value
+
+
+#: What consumers read: JSON, without Python's NaN and Infinity extension, with finite numbers only.
+DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _as_null(value: object) -> None:

@@ -23,6 +23,28 @@ __all__ = ["DECODER", "ENCODER", "check_json_numbers", "encode", "not_json"]
 #: What consumers send: compact, UTF-8 as it is, and no NaN or Infinity.
 ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
+# json's C encoder, which JSONEncoder.encode() makes anew on every call through about 90
+# bytecodes of Python; None on a Python without json's C accelerator.
+_MAKE_C_ENCODER: Any = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+
+
+def _c_encoder_settings(encoder: json.JSONEncoder) -> tuple[Any, ...]:
+    """The arguments after ``markers`` with which ``encoder.encode()`` makes json's C encoder."""
+    escape = json.encoder.encode_basestring_ascii if encoder.ensure_ascii else json.encoder.encode_basestring
+    return (
+        encoder.default,
+        escape,
+        encoder.indent,
+        encoder.key_separator,
+        encoder.item_separator,
+        encoder.sort_keys,
+        encoder.skipkeys,
+        encoder.allow_nan,
+    )
+
+
+_ENCODER_SETTINGS = _c_encoder_settings(ENCODER)
+
 
 def _refuse_constant(name: str) -> NoReturn:
     # Called by the C scanner for NaN, Infinity and -Infinity only: no cost for other input.
@@ -58,11 +80,7 @@ _NUMBER_CHECK = json.JSONEncoder(allow_nan=False, skipkeys=True, default=_as_nul
 # once: encode() spends about 100 bytecodes around it, twice what building the envelope costs.
 # No circular-reference check (markers None): a dict holding itself ends in RecursionError.
 _C_NUMBER_CHECK: Any = (
-    None
-    if json.encoder.c_make_encoder is None  # type: ignore[attr-defined]
-    else json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-        None, _as_null, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, True, False
-    )
+    None if _MAKE_C_ENCODER is None else _MAKE_C_ENCODER(None, *_c_encoder_settings(_NUMBER_CHECK))
 )
 
 
@@ -117,6 +135,11 @@ def encode(content: Any, encoder: json.JSONEncoder = ENCODER) -> str:
     the encoder's other errors are raised as they are.
     """
     try:
+        if encoder is ENCODER and _MAKE_C_ENCODER is not None:
+            # What ENCODER.encode() does, to the byte, without the Python around the C encoder.
+            # A new markers dict each call, as encode() makes, keeps its check for a container
+            # holding itself (made once, an error would leave its entries behind).
+            return "".join(_MAKE_C_ENCODER({}, *_ENCODER_SETTINGS)(content, 0))
         return encoder.encode(content)
     except ValueError as exc:
         raise (not_json(content) or exc) from None

@@ -7,7 +7,7 @@ rest of the machine falls on all of them alike. A case is ``--sends`` sends from
 named channel, split over 1, 4 or 16 concurrent senders, either with a reader (a second layer, in a
 process of its own, receiving on the channel as fast as it can) or with none (capacity above the
 sends). Each run prints sends/s, the JetStream requests per send the sending layer's client made
-(counted by wrapping its connection's ``request`` in this script, by subject: counts, reads of
+(counted by wrapping nats-py's ``Client.request`` in this script, by subject: counts, reads of
 the newest message, publishes), how many publishes were refused, and the CPU time per send of
 the sending process and of nats-server (from /proc, so Linux; the server's includes the reader's
 requests); then the medians per (tree, case) with the load average.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -24,8 +25,12 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastapi_websockets.backends.nats import NATSChannelLayer
 
 SCRIPT = Path(__file__).resolve()
 BENCH = SCRIPT.parent
@@ -38,14 +43,19 @@ REQUESTS = ("count", "read", "publish", "other")
 WARM = 3
 
 
-def count_requests(nc: Any, calls: Counter[str]) -> None:
-    """Count the requests made on connection ``nc`` in ``calls`` by kind, and refused publishes.
+@contextlib.contextmanager
+def counting_requests(calls: Counter[str]) -> Iterator[None]:
+    """Count the requests of every NATS client of this process in ``calls`` by kind, and refused publishes.
 
     Every JetStream call is a request on the connection (nats-py's and any the
-    layer makes itself), so the subject says which kind it is.
+    layer makes itself), so the subject says which kind it is. Wrapped on the
+    class, not on the layer's client: a layer replaces a client that nats-py
+    closed for good (``_rebuild``), and a wrap of the old one counted nothing
+    after that. Only the sending layer's clients live in a case's process.
     """
+    from nats.aio.client import Client
 
-    async def request(subject: str, *args: Any, **kwargs: Any) -> Any:
+    async def request(nc: Client, subject: str, *args: Any, **kwargs: Any) -> Any:
         kind = (
             "count"
             if subject.startswith("$JS.API.STREAM.INFO.")
@@ -56,13 +66,17 @@ def count_requests(nc: Any, calls: Counter[str]) -> None:
             else "other"
         )
         calls[kind] += 1
-        reply = await real(subject, *args, **kwargs)
+        reply = await real(nc, subject, *args, **kwargs)
         if kind == "publish" and (b'"err_code":10071' in reply.data or b'"err_code":10164' in reply.data):
             calls["refused"] += 1
         return reply
 
-    real = nc.request
-    nc.request = request
+    real = Client.request
+    Client.request = request  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        Client.request = real  # type: ignore[method-assign]
 
 
 def layer_options(job: dict[str, Any]) -> dict[str, Any]:
@@ -96,8 +110,14 @@ async def child(job: dict[str, Any]) -> dict[str, Any]:
     """One case in this process: ``job`` says the server, namespace, senders, sends and reader."""
     from fastapi_websockets.backends.nats import NATSChannelLayer
 
+    calls: Counter[str] = Counter()
+    with counting_requests(calls):
+        return await _case(job, NATSChannelLayer(**layer_options(job)), calls)
+
+
+async def _case(job: dict[str, Any], sender: NATSChannelLayer, calls: Counter[str]) -> dict[str, Any]:
+    """:func:`child`'s case, ``sender`` sending, its requests counted in ``calls``."""
     sends, senders = job["sends"], job["senders"]
-    sender = NATSChannelLayer(**layer_options(job))
     reader: asyncio.subprocess.Process | None = None
     try:
         # Warm-up: the stream, the connection and (with a reader) its consumer exist before timing.
@@ -115,8 +135,7 @@ async def child(job: dict[str, Any]) -> dict[str, Any]:
             )
             assert reader.stdout is not None
             assert (await reader.stdout.readline()).strip() == b"ready"
-        calls: Counter[str] = Counter()
-        count_requests(sender.nc, calls)
+        calls.clear()  # the warm-up's
 
         async def send_some(count: int) -> None:
             for _ in range(count):

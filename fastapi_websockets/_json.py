@@ -6,7 +6,8 @@ non-finite floats and reads them back, but they are not JSON: a browser's
 message. The encoders here refuse them (``allow_nan=False``, a flag of the C
 encoder, so encoding costs what it did) and :func:`not_json` turns the
 encoder's bare ``ValueError`` into an :class:`InvalidMessage` that says where
-the value is and what to send instead; the decoder refuses them as invalid JSON.
+the value is and what to send instead; the decoder refuses them as invalid JSON,
+and refuses numbers too large for a float (``1e999``), which ``json`` reads as infinities.
 """
 
 from __future__ import annotations
@@ -22,14 +23,50 @@ __all__ = ["DECODER", "ENCODER", "check_json_numbers", "encode", "not_json"]
 #: What consumers send: compact, UTF-8 as it is, and no NaN or Infinity.
 ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
+# json's C encoder, which JSONEncoder.encode() makes anew on every call through about 90
+# bytecodes of Python; None on a Python without json's C accelerator.
+_MAKE_C_ENCODER: Any = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+
+
+def _c_encoder_settings(encoder: json.JSONEncoder) -> tuple[Any, ...]:
+    """The arguments after ``markers`` with which ``encoder.encode()`` makes json's C encoder."""
+    escape = json.encoder.encode_basestring_ascii if encoder.ensure_ascii else json.encoder.encode_basestring
+    return (
+        encoder.default,
+        escape,
+        encoder.indent,
+        encoder.key_separator,
+        encoder.item_separator,
+        encoder.sort_keys,
+        encoder.skipkeys,
+        encoder.allow_nan,
+    )
+
+
+_ENCODER_SETTINGS = _c_encoder_settings(ENCODER)
+
 
 def _refuse_constant(name: str) -> NoReturn:
     # Called by the C scanner for NaN, Infinity and -Infinity only: no cost for other input.
     raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
 
 
-#: What consumers read: JSON, without Python's NaN and Infinity extension.
-DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_INFINITIES = (math.inf, -math.inf)
+
+
+def _finite_float(literal: str) -> float:
+    # Called by the C scanner for each number with a fraction or an exponent (integers never
+    # come here): about ten bytecodes a float, none for a frame without one. float() reads
+    # 1e999 as an infinity, which a handler could neither compare usefully nor send back.
+    value = float(literal)
+    if value in _INFINITIES:
+        shown = literal if len(literal) <= 16 else f"{literal[:12]}..."
+        raise ValueError(f"the number {shown} is out of range (beyond ±1.8e308); send it as a string")
+    return value
+
+
+#: What consumers read: JSON, without Python's NaN and Infinity extension, with finite numbers only.
+DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _as_null(value: object) -> None:
@@ -43,11 +80,7 @@ _NUMBER_CHECK = json.JSONEncoder(allow_nan=False, skipkeys=True, default=_as_nul
 # once: encode() spends about 100 bytecodes around it, twice what building the envelope costs.
 # No circular-reference check (markers None): a dict holding itself ends in RecursionError.
 _C_NUMBER_CHECK: Any = (
-    None
-    if json.encoder.c_make_encoder is None  # type: ignore[attr-defined]
-    else json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-        None, _as_null, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, True, False
-    )
+    None if _MAKE_C_ENCODER is None else _MAKE_C_ENCODER(None, *_c_encoder_settings(_NUMBER_CHECK))
 )
 
 
@@ -102,6 +135,11 @@ def encode(content: Any, encoder: json.JSONEncoder = ENCODER) -> str:
     the encoder's other errors are raised as they are.
     """
     try:
+        if encoder is ENCODER and _MAKE_C_ENCODER is not None:
+            # What ENCODER.encode() does, to the byte, without the Python around the C encoder.
+            # A new markers dict each call, as encode() makes, keeps its check for a container
+            # holding itself (made once, an error would leave its entries behind).
+            return "".join(_MAKE_C_ENCODER({}, *_ENCODER_SETTINGS)(content, 0))
         return encoder.encode(content)
     except ValueError as exc:
         raise (not_json(content) or exc) from None

@@ -852,7 +852,11 @@ class AsyncWebSocketConsumer:
 
     @classmethod
     def decode_json(cls, text_data: str) -> Any:
-        """Parse incoming JSON (override for custom parsing); ``NaN`` and ``Infinity`` are invalid JSON."""
+        """Parse incoming JSON (override for custom parsing).
+
+        ``NaN`` and ``Infinity`` are invalid JSON, and so is a number too large
+        for a float (``1e999``, which Python's ``json`` reads as an infinity).
+        """
         return DECODER.decode(text_data)
 
 

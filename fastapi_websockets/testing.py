@@ -381,7 +381,8 @@ class WebsocketCommunicator:
         """The next frame the app sends, a text frame decoded as JSON.
 
         Text a browser's ``JSON.parse`` rejects raises ``ValueError``, ``NaN``
-        and ``Infinity`` included (Python's ``json.loads`` takes them).
+        and ``Infinity`` included (Python's ``json.loads`` takes them), and so
+        does a number too large for a float (``1e999``), as the consumers' decoder does.
         """
         frame = await self.receive_from(timeout)
         if not isinstance(frame, str):

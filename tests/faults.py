@@ -114,6 +114,8 @@ class TcpProxy:
         self._downstream.set()
         #: One per connection, in order of acceptance: clear, what the server sends on it waits.
         self._gates: list[asyncio.Event] = []
+        #: Whether the next connection accepted starts held (see hold_next).
+        self._hold_next = False
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
         #: One more at each cut: a connection accepted before a cut is cut too.
@@ -153,7 +155,10 @@ class TcpProxy:
             return
         self._writers |= {writer, up_writer}
         gate = asyncio.Event()
-        gate.set()
+        if self._hold_next:
+            self._hold_next = False
+        else:
+            gate.set()
         self._gates.append(gate)
         for source, sink, gates in ((reader, up_writer, ()), (up_reader, writer, (self._downstream, gate))):
             task = asyncio.ensure_future(self._pipe(source, sink, gates))
@@ -182,8 +187,13 @@ class TcpProxy:
         """Like :meth:`hold`, for the connection accepted last only (a client's connect stalls)."""
         self._gates[-1].clear()
 
+    def hold_next(self) -> None:
+        """Like :meth:`hold_newest`, for the next connection accepted (a connect yet to come stalls)."""
+        self._hold_next = True
+
     def release(self) -> None:
-        """Pass on what :meth:`hold` and :meth:`hold_newest` kept, and everything after it."""
+        """Pass on what every hold (:meth:`hold` and the others) kept, and what follows."""
+        self._hold_next = False
         self._downstream.set()
         for gate in self._gates:
             gate.set()

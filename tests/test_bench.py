@@ -6,18 +6,23 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fastapi_websockets import InMemoryChannelLayer
+from fastapi_websockets import BaseChannelLayer, InMemoryChannelLayer
+from fastapi_websockets.backends.nats import NATSChannelLayer
 from fastapi_websockets.types import Message
+from tests.faults import eventually
+from tests.servers.nats import NatsNode
 from tests.servers.redis import RedisNode
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import harness  # noqa: E402
+import rate_nats_named  # noqa: E402
 
 
 def test_p2p2_closes_its_loops_across_two_processes(redis_server: RedisNode) -> None:
@@ -159,3 +164,21 @@ def test_compare_trees_names_the_rows_it_can_run() -> None:
     )
     assert done.returncode == 2
     assert "--row: one of 'nats', 'nats core'" in done.stderr
+
+
+async def test_rate_nats_named_counts_the_requests_of_a_client_the_layer_made_anew(
+    nats_node: NatsNode, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    # The count wrapped the layer's first client: once the layer replaced a client nats-py
+    # closed for good (_rebuild), the sends went on uncounted.
+    layer = NATSChannelLayer(servers=[nats_node.url], prefix=namespace, stream_name=namespace)
+    layers.append(layer)
+    calls: Counter[str] = Counter()
+    with rate_nats_named.counting_requests(calls):
+        await layer.send("named.rate", {"type": "m"})
+        assert calls["publish"] == 1
+        first = layer.nc
+        await first.close()  # closed for good, from outside: the layer makes a new client
+        await eventually(lambda: layer.connection.up and layer._nc not in (None, first), "a new client")
+        await layer.send("named.rate", {"type": "m"})
+    assert calls["publish"] == 2

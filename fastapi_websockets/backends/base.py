@@ -176,6 +176,7 @@ class BaseChannelLayer(abc.ABC):
         self._presence = LocalPresence()
         self._presence_lock = asyncio.Lock()
         self._beat_lock = asyncio.Lock()
+        self._reap_lock = asyncio.Lock()  # see _presence_clean_up
         #: The broker lost our entries and storing them again has not succeeded yet.
         self._restore_due = False
         self.history = parse_history_option(history)
@@ -827,7 +828,13 @@ class BaseChannelLayer(abc.ABC):
 
     async def _presence_clean_up(self) -> None:
         """Remove the entries of processes that stopped beating and announce them as left."""
-        reaped = await self._presence_reap()
+        # One reap at a time per layer. Two at once (a manual presence_heartbeat() beside the
+        # background reaper) both claimed the same dead process: on RabbitMQ both won (its claim
+        # is an exclusive queue, which the connection that declared it may declare again) and
+        # every leave was announced twice; on NATS the second failed (the sequence was gone).
+        # The reap after a finished one finds the claimed process gone.
+        async with self._reap_lock:
+            reaped = await self._presence_reap()
         for group, channel, _ in reaped:
             logger.info("presence: %r left %r (its process stopped answering)", channel, group)
         # Announced together: a dead process may have left many entries, and each
@@ -1131,7 +1138,8 @@ class BaseChannelLayer(abc.ABC):
         """Remove the entries of processes that stopped beating; return ``(group, channel, info)``.
 
         Each dead process's entries must be returned by one caller only (claimed
-        atomically), so each leave is announced once.
+        atomically), so each leave is announced once. Within a layer, reaps run
+        one at a time (:meth:`_presence_clean_up`).
         """
         return []
 

@@ -58,6 +58,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
@@ -128,6 +129,7 @@ _REFUSAL_ADVICE = {
 }
 
 T = TypeVar("T")
+FutureT = TypeVar("FutureT", bound="asyncio.Future[Any]")
 
 #: A schema name: an identifier of at most 63 bytes (NAMEDATALEN - 1), not in
 #: the ``pg_`` namespace PostgreSQL reserves.
@@ -1122,7 +1124,9 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         #: The inbox queue of a process-specific channel (every send to one asks).
         self._inbox_of: Memo[str, str] = Memo(lambda channel: _inbox_queue(process_token(channel)))
         self._pool: asyncpg.Pool | None = None
-        #: Pooled connects whose caller was cancelled, going on to close what they open.
+        #: Pooled connects under way, and those whose caller was cancelled going on to close
+        #: what they open: close() waits for both (see _settle_connects).
+        self._connects: set[asyncio.Future[asyncpg.Connection]] = set()
         self._settling: set[asyncio.Task[None]] = set()
         self._listener: asyncpg.Connection | None = None
         self._listen_lock = asyncio.Lock()
@@ -1485,20 +1489,44 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         Cancelled half way, asyncpg closes what it opened without waiting: over
         TLS, the shutdown then waits for the server's close_notify with nobody
         owning it, and outlived close(), which cancels the readers (a pooled
-        statement of the inbox reader opening a connection, say). The connect goes
-        on instead, and what it opens is closed; close() waits for that
-        (:meth:`_release_connections`). Only connects pay for this, not acquires.
+        statement of the inbox reader opening a connection, say) and whose
+        ``pool.close()`` cancels the pool's own top-up of its ``min_size``. The
+        connect goes on instead, and what it opens is closed; close() waits for
+        that (:meth:`_settle_connects`). Only connects pay for this, not acquires.
         """
         import asyncpg
 
         opening = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
+        _track(self._connects, opening)
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:
-            settling = asyncio.ensure_future(_close_when_open(opening, self.timeout))
-            self._settling.add(settling)
-            settling.add_done_callback(self._settling.discard)
+            if not opening.done():
+                _track(self._settling, asyncio.ensure_future(_close_when_open(opening, self.timeout)))
+            elif not opening.cancelled() and opening.exception() is None:
+                # Opened just as the caller was cancelled: nothing else would close it (and
+                # close() may have waited for this connect already).
+                opening.result().terminate()
             raise
+
+    async def _settle_connects(self) -> None:
+        """Wait for the pooled connects under way, and for what cancelled ones opened to close.
+
+        Called once the pool is closed, so none begins after: its ``close()``
+        cancels the top-up it runs, whose connect goes on from here. Bounded:
+        asyncpg's own connect timeout ends each, and this one ends the wait; what
+        is left then is cancelled, and awaited.
+        """
+        with contextlib.suppress(BackendUnavailable):
+            await within(
+                _until_empty(self._connects, self._settling),
+                self.timeout,
+                lambda: self.unavailable("opening connections timed out"),
+            )
+        left: list[asyncio.Future[Any]] = [*self._connects, *self._settling]
+        for future in left:
+            future.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
 
     def _login_failed(self, exc: BaseException) -> ChannelLayerError:
         """What a caller gets for a login the server refused (see ``login_refused``)."""
@@ -1536,23 +1564,15 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
         if listener is not None:
             listener.terminate()
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        stuck: tuple[type[BaseException], ...] = (BackendUnavailable, *self._broken)
-        if self._settling:
-            # Connections being opened for callers close() cancelled: closed in full
-            # rather than left half-open. Bounded: asyncpg's own connect timeout ends
-            # each, and this one ends the wait.
-            with contextlib.suppress(BackendUnavailable):
-                await within(
-                    asyncio.gather(*self._settling, return_exceptions=True),
-                    self.timeout,
-                    lambda: self.unavailable("opening connections timed out"),
-                )
-        try:
-            await within(pool.close(), self.timeout, lambda: self.unavailable("closing timed out"))
-        except stuck:
-            pool.terminate()
+        if pool is not None:
+            stuck: tuple[type[BaseException], ...] = (BackendUnavailable, *self._broken)
+            try:
+                await within(pool.close(), self.timeout, lambda: self.unavailable("closing timed out"))
+            except stuck:
+                pool.terminate()
+        # Connections being opened for callers close() cancelled, the pool's top-up among
+        # them: closed in full rather than left half-open, before close() returns.
+        await self._settle_connects()
 
     async def _terminate_connections(self) -> None:
         # For tasks stuck in the driver on close: cut their sockets under them.
@@ -2717,6 +2737,18 @@ class PostgreSQLChannelLayer(BrokerChannelLayer):
                 # The server refused (its schema lost in a crash, say): the pool must close anyway.
                 logger.warning("could not remove this instance's rows on close: %r", exc)
         await self._release_connections()
+
+
+def _track(futures: set[FutureT], future: FutureT) -> None:
+    """Keep ``future`` in ``futures`` until it is done."""
+    futures.add(future)
+    future.add_done_callback(futures.discard)
+
+
+async def _until_empty(*sets: AbstractSet[asyncio.Future[Any]]) -> None:
+    """Wait until every one of ``sets`` (which others add to meanwhile) is empty; see :func:`_track`."""
+    while pending := set().union(*sets):
+        await asyncio.wait(pending)
 
 
 async def _close_when_open(opening: asyncio.Future[asyncpg.Connection], timeout: float) -> None:

@@ -1726,6 +1726,41 @@ async def test_close_finishes_a_pooled_tls_connection_it_cut_half_open(
         assert leftover == []
 
 
+def running_tasks_of(*packages: str) -> list[str]:
+    """This loop's unfinished tasks whose coroutine is code of one of ``packages``."""
+    found = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if not task.done() and code is not None and any(f"/{name}/" in code.co_filename for name in packages):
+            found.append(repr(task))
+    return found
+
+
+async def test_close_waits_for_the_pools_top_up_connect_it_cancelled(
+    postgresql_server: PostgresServer, namespace: str, layers: list[BaseChannelLayer], db: asyncpg.Connection
+) -> None:
+    # asyncpg (0.32) keeps min_size connections open: when one dies, a task of the pool's opens
+    # another. pool.close() cancels that task, and the connect it was waiting for went on to
+    # close what it opened after close() had returned (its task, and its socket, outlived it).
+    # Here that connect stalls until asyncpg's connect timeout (the layer's timeout) ends it.
+    async with TcpProxy(postgresql_server.port) as proxy:
+        layer = PostgreSQLChannelLayer(
+            dsn=postgresql_server.dsn.replace(f":{postgresql_server.port}/", f":{proxy.port}/"),
+            schema=namespace,
+        )
+        layers.append(layer)
+        await layer.start()
+        accepted = proxy.accepted
+        proxy.hold_next()  # the top-up's connect: the server's answers wait in the proxy
+        for row in await backends_of(db, layer):
+            if row["application_name"] == layer.application_name:  # the pool's, not the listener's
+                await db.execute("SELECT pg_terminate_backend($1)", row["pid"])
+        await eventually(lambda: proxy.accepted > accepted, "the pool opening a connection to top up")
+        await layer.close()
+        assert running_tasks_of("fastapi_websockets", "asyncpg") == []
+        assert [repr(transport) for transport in open_sockets_to(proxy.port)] == []
+
+
 async def test_inbox_reader_survives_its_connections_killed_mid_claim(
     make: Factory, db: asyncpg.Connection
 ) -> None:

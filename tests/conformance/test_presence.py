@@ -10,7 +10,8 @@ import pytest
 from fastapi_websockets import BaseChannelLayer
 from fastapi_websockets.exceptions import InvalidMessage, SerializationError
 from tests.conftest import LayerFactory
-from tests.faults import give_up_joins
+from tests.e2e.presence_peer import peer, peer_setup
+from tests.faults import eventually, give_up_joins
 from tests.servers import Backend
 
 #: Backends whose presence is not written yet: their tests must fail with NotImplementedError.
@@ -181,3 +182,33 @@ async def test_a_join_its_caller_gave_up_on_leaves_no_entry_behind(
     given_up = await give_up_joins(layer, "room:g")
     assert given_up  # a join that completed before its cancel is a join like any other
     assert not set(await viewer.presence("room:g")) & set(given_up)
+
+
+async def test_a_dead_process_is_claimed_once_by_two_reaps_of_one_layer_at_once(
+    backend: Backend, layers: list[BaseChannelLayer]
+) -> None:
+    # A manual presence_heartbeat() beside the background reaper: both reaped the same dead
+    # process, and on RabbitMQ (whose claim is an exclusive queue, which the connection that
+    # declared it may declare again) both won it: its leaves were announced twice. This layer
+    # owns no entry, so no background reaper of its own runs: two heartbeats race instead.
+    env, layer = peer_setup(backend, presence_timeout=2.0)
+    layers.append(layer)
+    watcher = await layer.new_channel("ws")
+    await layer.group_add("room:once", watcher)
+    async with peer(env, "room:once", 3) as (proc, theirs):
+        assert set(await layer.presence("room:once")) == set(theirs)
+        proc.kill()
+        await proc.wait()
+
+        async def silent() -> bool:
+            return await layer.presence("room:once") == {}
+
+        await eventually(silent, "the killed process's entries read as gone")
+        await asyncio.gather(layer.presence_heartbeat(), layer.presence_heartbeat())
+    # Sent once both reaps announced what they claimed: behind those announcements.
+    await layer.group_send("room:once", {"type": "mark"})
+    left = []
+    while (event := await next_event(layer, watcher))["type"] != "mark":
+        assert event["type"] == "presence.left"
+        left.append(event["channel"])
+    assert sorted(left) == sorted(theirs)

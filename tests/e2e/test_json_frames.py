@@ -153,11 +153,22 @@ async def test_a_hand_built_envelope_that_is_not_json_closes_only_its_socket(
     await bystander.close()
 
 
-@pytest.mark.parametrize("text", ["NaN", '{"score": Infinity}', "[1, -Infinity]"])
-async def test_nan_and_infinity_from_a_client_are_invalid_json_1007(
-    served: tuple[str, InMemoryChannelLayer], text: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("NaN", "NaN is not JSON"),
+        ('{"score": Infinity}', "Infinity is not JSON"),
+        ("[1, -Infinity]", "-Infinity is not JSON"),
+        ('{"n": 1e999}', "the number 1e999 is out of range"),
+        ("[1, -1E400]", "the number -1E400 is out of range"),
+        ("1" * 400 + ".5", "the number 111111111111... is out of range"),
+    ],
+)
+async def test_nan_infinity_and_numbers_too_large_from_a_client_are_invalid_json_1007(
+    served: tuple[str, InMemoryChannelLayer], text: str, said: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Python's json.loads takes them, so receive_json() got a float no reply could carry.
+    # Python's json.loads takes them (1e999 as an infinity), so receive_json() got a float no
+    # reply could carry: the echo failed and closed the socket with 1011.
     url, layer = served
     ws, _ = await join(url, "incoming")
     bystander, _ = await join(url, "incoming")
@@ -165,8 +176,7 @@ async def test_nan_and_infinity_from_a_client_are_invalid_json_1007(
         await ws.send(text)
         close = await received_close(ws)
     assert close.code == 1007
-    assert close.reason.startswith("invalid JSON: ")
-    assert "is not JSON" in close.reason
+    assert close.reason.startswith(f"invalid JSON: {said}")
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     await still_served(layer, "incoming", bystander)
     await bystander.close()

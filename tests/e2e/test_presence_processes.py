@@ -4,22 +4,15 @@ after it is killed with SIGKILL."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import sys
 import time
-import uuid
-from asyncio.subprocess import Process
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 
 from fastapi_websockets import BaseChannelLayer
 from tests.conformance.test_presence import PENDING
 from tests.conftest import LayerFactory
-from tests.e2e.server import ROOT
+from tests.e2e.presence_peer import peer, peer_setup
 from tests.servers import Backend
 
 TIMEOUT = 2.0
@@ -31,54 +24,10 @@ def _pending(backend: Backend, request: pytest.FixtureRequest) -> None:
         request.applymarker(pytest.mark.xfail(raises=NotImplementedError, strict=True))
 
 
-@asynccontextmanager
-async def peer(env: dict[str, str], group: str, count: int) -> AsyncIterator[tuple[Process, list[str]]]:
-    # An asyncio subprocess: this process's event loop keeps beating while the peer joins,
-    # or its own entries would go (a process that stalls past presence_timeout is dead).
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.e2e.presence_peer",
-        group,
-        str(count),
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        limit=1 << 24,  # one line names every channel the peer joined
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        line = (await proc.stdout.readline()).decode().strip()
-        if not line:
-            with contextlib.suppress(ProcessLookupError):  # it may have exited already
-                proc.kill()
-            error = (await proc.stderr.read()).decode()
-            raise AssertionError(f"the peer process did not join: {error[-2000:]}")
-        yield proc, line.split(",")
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
-            proc.kill()
-        await proc.wait()
-
-
-def setup(backend: Backend, make_layer: LayerFactory) -> tuple[dict[str, str], BaseChannelLayer]:
-    if not backend.shared_between_instances:
-        pytest.skip("in-memory layers are process-local by design")
-    if backend.env is None:
-        pytest.fail(f"the {backend.name} test fixture does not say how to configure another process (env)")
-    namespace = "p" + uuid.uuid4().hex[:8]
-    env = backend.env(namespace)
-    prefix = env["FASTAPI_WEBSOCKETS_BACKEND"].upper()
-    env[f"FASTAPI_WEBSOCKETS_{prefix}_PRESENCE_TIMEOUT"] = str(TIMEOUT)
-    return env, backend.build(namespace, presence_timeout=TIMEOUT)
-
-
 async def test_a_killed_process_disappears_and_its_leaves_are_announced(
     backend: Backend, make_layer: LayerFactory, layers: list[BaseChannelLayer]
 ) -> None:
-    env, layer = setup(backend, make_layer)
+    env, layer = peer_setup(backend, TIMEOUT)
     layers.append(layer)
     watcher = await layer.new_channel("ws")
     await layer.group_add("room:k", watcher)
@@ -100,7 +49,7 @@ async def test_a_killed_process_disappears_and_its_leaves_are_announced(
 async def test_presence_of_two_processes_with_many_members(
     backend: Backend, make_layer: LayerFactory, layers: list[BaseChannelLayer]
 ) -> None:
-    env, layer = setup(backend, make_layer)
+    env, layer = peer_setup(backend, TIMEOUT)
     layers.append(layer)
     mine = [await layer.new_channel("ws") for _ in range(5_000)]
     for start in range(0, len(mine), 250):

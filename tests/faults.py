@@ -136,6 +136,12 @@ class TcpProxy:
                 self._accept, "127.0.0.1", self.port, reuse_address=True
             )
 
+    def refuse_new(self) -> None:
+        """Stop accepting connections but keep those accepted (until :meth:`reopen`)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # closes the listening socket only
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cuts = self._cuts
         self.accepted += 1

@@ -1205,11 +1205,9 @@ class RedisChannelLayer(BrokerChannelLayer):
                 await within(cluster.initialize(), self.timeout, self._no_reply)
             except (*self._conn_errors, *self._refusal) as exc:
                 await cluster.aclose()
-                refusal = _acl_refusal_in(exc)
+                refusal = _acl_refusal_in(exc) or (exc if isinstance(exc, self._refusal) else None)
                 if refusal is not None:
                     raise self._refused("CLUSTER SLOTS or COMMAND (the cluster's map)", refusal) from exc
-                if isinstance(exc, self._refusal):
-                    raise self._refused("the cluster's map", exc) from exc
                 raise self._lost(exc) from exc
             except BackendUnavailable:
                 await cluster.aclose()
@@ -2140,8 +2138,8 @@ class RedisChannelLayer(BrokerChannelLayer):
                 self.report_connection(False)
                 if isinstance(exc, self._login_errors):
                     self._lost(exc)  # logged at ERROR once the layer was up (login_refused)
-                elif isinstance(exc, self._refusal):  # the reader's own BLMOVE or PING
-                    exc = self._refused("of the inbox reader", exc)
+                elif isinstance(exc, self._refusal):  # not through the writer (_refused there)
+                    exc = self._refused("BLMOVE or PING (the inbox reader's)", exc)
                 reason = self.redact(str(exc))
                 lost = isinstance(exc, (*self._conn_errors, BackendUnavailable))
                 kind = "lost" if lost else reason

@@ -516,9 +516,10 @@ class NATSChannelLayer(BrokerChannelLayer):
                     reconnect_time_wait=0.5,  # type: ignore[arg-type]
                     max_reconnect_attempts=-1,
                     error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
+                    # Bound to their client: a callback of a client replaced meanwhile, or of
+                    # one still connecting (see _on_disconnected), is ignored.
+                    disconnected_cb=partial(self._on_disconnected, nc),
                     reconnected_cb=self._on_reconnected,
-                    # Bound to its client: a callback of a client replaced meanwhile is ignored.
                     closed_cb=partial(self._on_closed, nc),
                 ),
                 self.timeout,
@@ -672,8 +673,12 @@ class NATSChannelLayer(BrokerChannelLayer):
         else:
             logger.warning("NATS error: %s", self.redact(repr(exc)))
 
-    async def _on_disconnected(self) -> None:
-        if not self.closed:
+    async def _on_disconnected(self, nc: Client) -> None:
+        # Only for the layer's client, and only when nats-py will reconnect it: nats-py calls
+        # this on every close too, so each failed attempt of _connect (a first start, or a
+        # rebuild that its caller reports) and a client closed for good (_rebuild_later says
+        # so) would otherwise each add a "reconnecting" that never comes.
+        if not self.closed and nc is self._nc and not nc.is_closed:
             self.report_connection(False)
             logger.warning("disconnected from NATS; reconnecting (pending receives keep waiting)")
 
@@ -725,6 +730,7 @@ class NATSChannelLayer(BrokerChannelLayer):
         backoff = self._rebuilds
         if time.monotonic() - self._built_at >= _HEALTHY_CLIENT:
             backoff.reset()
+        failed = 0
         try:
             while True:
                 # Before the first attempt too: a cause that stays (a receiver on more
@@ -734,7 +740,11 @@ class NATSChannelLayer(BrokerChannelLayer):
                 try:
                     nc = await self._connect()
                 except BackendUnavailable as exc:
-                    logger.warning("connecting a new NATS client failed (%s); trying again", exc)
+                    # One outage, one story: closed for good, why the first new client failed,
+                    # connected again; the attempts between at debug.
+                    log = logger.debug if failed else logger.warning
+                    failed += 1
+                    log("connecting a new NATS client failed (%s); trying again (attempt %d)", exc, failed)
                     continue
                 break
         finally:

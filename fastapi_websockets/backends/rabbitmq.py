@@ -557,6 +557,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._delivery_error: type[Exception] = Exception
         self._publish_error: type[Exception] = Exception
         self._refusal: Callable[[BaseException], Refusal | None] = lambda exc: None
+        #: The broker's refusal of the last reconnect attempt's login (None: not refused).
+        self._login_refusal: BaseException | None = None
         self._message_class: Any = None  # aio-pika's, for publishes on other channels
         self._properties_class: Any = None  # pamqp's, for publishes on the confirm channel
         self._publisher: ConfirmingPublisher | None = None
@@ -657,10 +659,19 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             await self._connection.close()
 
     def _on_connection_lost(self, connection: object, exc: BaseException | None = None) -> None:
-        if not self.closed:
-            self.report_connection(False)
+        # aio-pika calls this for the connection dropped and again for every reconnect
+        # attempt that fails, with its error: the one hook its reconnect loop offers
+        # (it logs each attempt itself, at WARNING).
+        if self.closed:
+            return
+        self.report_connection(False)
+        if exc is not None and isinstance(self._refused("login", exc), BackendUnavailable):
+            # A login or vhost refused once the layer ran: login_refused logged it once
+            # for this outage; callers meanwhile are told so (see _no_connection).
+            self._login_refusal = exc
 
     def _on_reconnect(self, connection: object) -> None:
+        self._login_refusal = None
         self.report_connection(True)
         # The broker kept the inbox's bindings (and aio-pika made them again if
         # it did not). A group_add that failed during the outage left a local
@@ -716,9 +727,11 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
         The one place a broker's refusal becomes the library's error, not
         :class:`BackendUnavailable` ("retry later"), since asking again cannot help: an
-        argument, login or vhost that clashes is :class:`InvalidChannelLayerConfig`, a
-        missing permission a :class:`ChannelLayerError`, each quoting the broker and
-        saying what to do. None for anything else (a lost connection or channel).
+        argument that clashes is :class:`InvalidChannelLayerConfig`, a missing permission
+        a :class:`ChannelLayerError`, each quoting the broker and saying what to do; a
+        login or vhost refused goes by :meth:`login_refused` (a wrong URL before the layer
+        first connected, the server's change after). None for anything else (a lost
+        connection or channel).
         """
         refused = self._refusal(exc)
         if refused is None:
@@ -735,10 +748,11 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 "(rabbitmqctl delete_queue or delete_exchange; its messages go with it)"
             )
         elif refused.code == 530:
-            advice = (
+            return self.login_refused(
+                refused.text,
                 f"vhost {vhost!r} does not exist or user {user!r} has no permissions on it: correct the "
                 f"url's path, or create the vhost (rabbitmqctl add_vhost) and grant the user permissions "
-                f"on it (rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*')"
+                f"on it (rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*')",
             )
         elif refused.config:
             return self.login_refused(
@@ -761,13 +775,19 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         loop = running_loop()
         deadline = loop.time() + self.timeout
         if channel.is_closed or not self._connection.connected.is_set():
-            await within(
-                channel.ready(),
-                self.timeout,
-                lambda: self.unavailable(f"no connection within {self.timeout} s ({what})"),
-            )
+            await within(channel.ready(), self.timeout, lambda: self._no_connection(what))
         # Never zero: the operation still gets its chance to answer at once.
         return max(deadline - loop.time(), 0.05)
+
+    def _no_connection(self, what: str) -> ChannelLayerError:
+        """The error for ``what``, which waited ``timeout`` for a connection that did not come back."""
+        refusal = self._login_refusal
+        if refusal is not None:
+            # Not "no connection": the broker answers, and says what to fix on it.
+            error = self._refused("login", refusal)
+            if error is not None:
+                return error
+        return self.unavailable(f"no connection within {self.timeout} s ({what})")
 
     async def _broker(
         self, channel: AbstractRobustChannel | None, what: str, call: Callable[[], Awaitable[T]]
@@ -1301,7 +1321,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 underlay = await within(
                     channel.get_underlay_channel(),
                     self.timeout,
-                    lambda: self.unavailable(f"no connection within {self.timeout} s (consumer restart)"),
+                    lambda: self._no_connection("consumer restart"),
                 )
                 # Several triggers (reconnect, reopen, cancel) may fire for one loss.
                 if isinstance(underlay, aiormq.Channel) and reader.tag in underlay.consumers:

@@ -155,6 +155,23 @@ _LEFT = b"L"
 # to the members of the group it holds.
 _GROUP = b"G"
 
+#: Every command the layer sends, its scripts' own calls included: what an ACL user of
+#: the layer must be allowed (docs/backends/redis.md, "ACL users"). The push scripts
+#: call PUBLISH (SPUBLISH with sharded_pubsub); readers SUBSCRIBE (SSUBSCRIBE).
+_ACL_COMMANDS = (
+    "ping", "time", "evalsha", "eval", "blmove", "subscribe", "ssubscribe", "publish", "spublish",
+    "scan", "del", "unlink", "exists", "get", "set", "incrby", "pexpire", "pexpireat",
+    "rpush", "lpop", "rpop", "lindex", "llen", "lrange", "ltrim",
+    "hset", "hget", "hmget", "hgetall", "hincrby", "hdel", "sadd", "srem", "smembers",
+    "zadd", "zrem", "zscore", "zrange", "zrangebyscore", "zremrangebyscore",
+)  # fmt: skip
+#: What a cluster client needs besides (redis-py reads the slot map and the command table).
+_ACL_CLUSTER_COMMANDS = ("cluster|slots", "command")
+#: How Redis says that an ACL refused a command, a key or a channel: NOPERM in reply to
+#: a command (redis-py keeps the text after the code: "this user has no permissions to
+#: ..."), "The user executing the script can't ..." from a script's own call (7.0).
+_ACL_REFUSAL = re.compile(r"\bNOPERM\b|has no permissions to|user executing the script can't")
+
 #: The first element of a pub/sub message (classic and sharded); its payload is the last.
 _PUBLISHED = frozenset((b"message", b"smessage"))
 #: The replies that hold a subscription until the inbox was drained (see _Subscription).
@@ -676,6 +693,8 @@ _SCRIPTS = {
     }.items()
 }
 _BY_SHA = {script.sha: script for script in _SCRIPTS.values()}
+#: Script names by SHA-1 and by source (EVALSHA and EVAL), for messages.
+_SCRIPT_NAMES = {key: name for name, script in _SCRIPTS.items() for key in (script.sha, script.source)}
 
 
 def _tag(name: str) -> str:
@@ -687,6 +706,31 @@ def _script_call(name: str, keys: Iterable[str], *args: Any) -> tuple[Any, ...]:
     """The EVALSHA command running script ``name`` on ``keys`` with ``args``."""
     keys = list(keys)
     return ("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys, *args)
+
+
+def _acl_refusal_in(exc: BaseException) -> BaseException | None:
+    """The ACL refusal that ``exc`` is or wraps, else None.
+
+    redis-py's cluster client reports a refused CLUSTER SLOTS as "Cluster mode is
+    not enabled on this node", raised while handling the NOPERM and wrapped once more.
+    """
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            break
+        if _ACL_REFUSAL.search(str(seen)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _described(command: tuple[Any, ...]) -> str:
+    """``command`` for a message: its name, with the script's name and keys for a script."""
+    name = _SCRIPT_NAMES.get(command[1]) if command[0] in ("EVALSHA", "EVAL") else None
+    if name is None:
+        return str(command[0])
+    keys = [str(key) for key in command[3 : 3 + int(command[2])]]
+    return f"{command[0]} (script {name} on {', '.join(keys)})"
 
 
 def _nothing() -> None:
@@ -1159,8 +1203,11 @@ class RedisChannelLayer(BrokerChannelLayer):
             cluster = RedisCluster.from_url(self.url, **common, **self._tls_options())
             try:
                 await within(cluster.initialize(), self.timeout, self._no_reply)
-            except self._conn_errors as exc:
+            except (*self._conn_errors, *self._refusal) as exc:
                 await cluster.aclose()
+                refusal = _acl_refusal_in(exc) or (exc if isinstance(exc, self._refusal) else None)
+                if refusal is not None:
+                    raise self._refused("CLUSTER SLOTS or COMMAND (the cluster's map)", refusal) from exc
                 raise self._lost(exc) from exc
             except BackendUnavailable:
                 await cluster.aclose()
@@ -1531,11 +1578,29 @@ class RedisChannelLayer(BrokerChannelLayer):
             settle_all(written, results[0] if isinstance(results[0], ChannelLayerError) else None)
             for (command, outcome), result in zip(jobs, results, strict=True):
                 if isinstance(result, Exception) and not isinstance(result, ChannelLayerError):
-                    result = self._refused(command[0], result)
+                    result = self._refused(_described(command), result)
                 outcome(result)
 
     def _refused(self, command: str, exc: BaseException) -> ChannelLayerError:
-        return ChannelLayerError(f"Redis refused {command}: {self.redact(str(exc))}")
+        """The error for ``command``, which Redis answered with the error ``exc``.
+
+        An ACL refusal (``NOPERM``: a command, key or channel the layer's user may
+        not use) stays refused until someone grants it, at start as later: a
+        :class:`ChannelLayerError` (not ``BackendUnavailable``) naming the command
+        and the ACL rules that let the layer work. Any other error reply as Redis
+        put it.
+        """
+        said = str(exc)
+        if _ACL_REFUSAL.search(said) is None:
+            return ChannelLayerError(f"Redis refused {command}: {self.redact(said)}")
+        user = user_of(self.url, "default")
+        commands = _ACL_COMMANDS + (_ACL_CLUSTER_COMMANDS if self.cluster else ())
+        rules = f"~{self.prefix}:* &{self.prefix}:wake:* " + " ".join(f"+{name}" for name in commands)
+        advice = (
+            f"its ACL does not let user {user!r} run it on the layer's keys: grant what the layer "
+            f"needs (ACL SETUSER {user} {rules}; see 'ACL users' in the Redis backend's docs)"
+        )
+        return self.refused(f"command {command}", said, advice, config=False)
 
     async def _run_pipeline(
         self, commands: list[tuple[Any, ...]], sent: Callable[[], None], ahead: int = 0
@@ -2073,18 +2138,24 @@ class RedisChannelLayer(BrokerChannelLayer):
                 self.report_connection(False)
                 if isinstance(exc, self._login_errors):
                     self._lost(exc)  # logged at ERROR once the layer was up (login_refused)
+                elif isinstance(exc, self._refusal):  # not through the writer (_refused there)
+                    exc = self._refused("BLMOVE or PING (the inbox reader's)", exc)
                 reason = self.redact(str(exc))
                 lost = isinstance(exc, (*self._conn_errors, BackendUnavailable))
                 kind = "lost" if lost else reason
                 if self._reader_healthy:
                     backoff.reset()
                 if self._reader_healthy or kind != last_kind:
-                    what = (
-                        "lost Redis at %s (%s); reconnecting"
-                        if lost
-                        else "reading the inbox at %s failed (%s); retrying"
-                    )
-                    logger.warning(what, self.where, reason)
+                    if _ACL_REFUSAL.search(reason):
+                        # Deaf until someone grants it: more than a passing outage.
+                        logger.error("%s; the inbox reader retries until it may", reason)
+                    else:
+                        what = (
+                            "lost Redis at %s (%s); reconnecting"
+                            if lost
+                            else "reading the inbox at %s failed (%s); retrying"
+                        )
+                        logger.warning(what, self.where, reason)
                 else:
                     logger.debug("Redis inbox at %s still unreadable: %s", self.where, reason)
                 last_kind = kind
@@ -2512,9 +2583,14 @@ class RedisChannelLayer(BrokerChannelLayer):
             except ChannelLayerClosed:
                 return
             except ChannelLayerError as exc:  # BackendUnavailable among others: retry
-                # Warn once per run of failures (a refused pop would otherwise be silent).
-                log = logger.warning if failing is None else logger.debug
-                log("named receive on %r waits for Redis (%s); retrying", channel, exc)
+                # Once per run of failures (a refused pop would otherwise be silent); an ACL
+                # refusal as an error: it lasts until someone grants what the pop needs.
+                if failing is not None:
+                    logger.debug("named receive on %r still fails (%s); retrying", channel, exc)
+                elif _ACL_REFUSAL.search(str(exc)):
+                    logger.error("named receive on %r: %s; retrying until it may", channel, exc)
+                else:
+                    logger.warning("named receive on %r waits for Redis (%s); retrying", channel, exc)
                 failing = exc
                 await backoff.sleep(queue.demand)
                 continue

@@ -49,7 +49,7 @@ from fastapi_websockets.backends.packing import pack
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerError, MessageTooLarge
 from tests.conformance.test_layer import assert_mixed_order, mixed_rounds, send_in_two_waves
 from tests.conftest import layer_factory
-from tests.faults import give_up_joins
+from tests.faults import TcpProxy, eventually, give_up_joins
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.nats import NatsCluster, NatsNode
@@ -664,6 +664,48 @@ async def test_a_client_nats_py_closes_for_good_is_replaced_and_the_layer_works_
     assert await layer.presence("lobby") == {}
     # The closed clients left no connection behind on the server.
     assert connection_of(few_subs, layer)["name"] == f"fastapi-websockets {layer.client_token}"
+
+
+async def test_a_rebuild_whose_attempts_fail_reads_as_one_story_in_the_log(
+    few_subs: NatsNode, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each failed attempt of a rebuild logged a warning of its own and, through nats-py's
+    # disconnected callback of the client that failed to connect, "disconnected from NATS;
+    # reconnecting" as well: an outage of a minute read as dozens of disconnects.
+    caplog.set_level(logging.DEBUG, logger="fastapi_websockets")
+    async with TcpProxy(few_subs.port) as proxy:
+        layer = make(servers=[f"nats://127.0.0.1:{proxy.port}"], timeout=2)
+        await layer.send("a", {"i": 0})
+        first = layer.nc
+        proxy.refuse_new()  # the new clients' connections fail; the old client's stays
+        start = len(caplog.records)
+        # More subscriptions than the server allows: it closes the client for good.
+        readers = [asyncio.ensure_future(layer.receive(name)) for name in ("a", "b", "c")]
+
+        def story() -> list[logging.LogRecord]:
+            return [r for r in caplog.records[start:] if r.name.startswith("fastapi_websockets")]
+
+        def attempts() -> int:
+            return sum("connecting a new NATS client failed" in r.getMessage() for r in story())
+
+        await eventually(lambda: first.is_closed, "nats-py closes its client", PATIENCE)
+        await eventually(lambda: attempts() >= 3, "three failed attempts", PATIENCE)
+        few_subs.stop()
+        few_subs.max_subscriptions = 1000
+        few_subs.start()
+        await proxy.reopen()
+        assert (await asyncio.wait_for(readers[0], PATIENCE))["i"] == 0
+        await eventually(lambda: layer.connection.up, "a new client", PATIENCE)
+        told = [(r.levelname, r.getMessage()) for r in story() if r.levelno >= logging.INFO]
+        for reader in readers[1:]:
+            reader.cancel()
+    assert not [text for _, text in told if "disconnected from NATS" in text], told
+    assert [level for level, text in told if "closed for good" in text] == ["WARNING"], told
+    assert [level for level, text in told if "connecting a new NATS client failed" in text] == ["WARNING"], (
+        told
+    )
+    assert [level for level, text in told if "connected a new NATS client" in text] == ["INFO"], told
+    assert attempts() >= 3  # the others, at debug
 
 
 async def test_close_with_packed_sends_pending_ends_each_of_them(nats_node: NatsNode, make: Make) -> None:

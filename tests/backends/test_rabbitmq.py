@@ -36,7 +36,14 @@ from fastapi_websockets.backends.rabbitmq_presence import RabbitPresence
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 from tests.conformance.test_layer import send_in_two_waves
 from tests.conftest import layer_factory
-from tests.faults import TcpProxy, eventually, fail_once, silent_server
+from tests.faults import (
+    TcpProxy,
+    eventually,
+    fail_once,
+    login_refusals,
+    refused_while_running,
+    silent_server,
+)
 from tests.leaks import SECRET, assert_no_secret
 from tests.servers import free_port
 from tests.servers.rabbitmq import RabbitNode
@@ -2047,6 +2054,49 @@ async def test_a_user_without_permissions_on_the_vhost_is_refused_as_config(
     layer = make(url=f"amqp://{powerless_user}:pw@127.0.0.1:{node.port}/", timeout=5)
     with pytest.raises(InvalidChannelLayerConfig, match=f"user '{powerless_user}' has no permissions on it"):
         await layer.send("jobs", {"type": "x"})
+
+
+async def close_connections_of(node: RabbitNode, user: str) -> None:
+    """Have the broker close every connection of ``user`` (a dropped connection, as the layer sees it)."""
+    rows = await asyncio.to_thread(node.rows, "list_connections", "pid", "user")
+    for pid, who in rows:
+        if who == user:
+            await asyncio.to_thread(node.ctl, "close_connection", pid, "the test changed the login")
+
+
+@pytest.mark.parametrize("change", ["password", "permissions"])
+async def test_a_login_refused_under_a_running_layer_is_retried_and_logged_once(
+    node: RabbitNode, make: Factory, caplog: pytest.LogCaptureFixture, change: str
+) -> None:
+    # aio-pika retries such a login on its own and warns per attempt: the layer said nothing
+    # of its own, and callers got "no connection within", not what the broker answered.
+    caplog.set_level(logging.DEBUG)
+    user = "fw-" + uuid.uuid4().hex[:8]
+    node.ctl("add_user", user, SECRET)
+    node.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    layer = make(url=f"amqp://{user}:{SECRET}@127.0.0.1:{node.port}/", timeout=2)
+    channel = await layer.new_channel()
+    await layer.send("jobs", {"type": "before"})
+    assert (await layer.receive("jobs", timeout=10))["type"] == "before"
+    waiting = asyncio.create_task(layer.receive(channel))
+    if change == "password":
+        node.ctl("change_password", user, "rotated-password")
+    else:
+        node.ctl("clear_permissions", "-p", "/", user)
+    await close_connections_of(node, user)
+    refused = await refused_while_running(layer)
+    logged = login_refusals(caplog)
+    assert len(logged) == 1, logged  # the retries meanwhile log nothing more of the layer's
+    assert ("ACCESS_REFUSED" if change == "password" else "rabbitmqctl set_permissions") in logged[0]
+    assert not waiting.done()
+    if change == "password":
+        node.ctl("change_password", user, SECRET)
+    else:
+        node.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    await make().send(channel, {"type": "back"})
+    assert await asyncio.wait_for(waiting, 30) == {"type": "back"}
+    assert layer.connection.up
+    assert_layer_keeps_secret(layer, caplog, *refused)
 
 
 async def test_a_permission_refused_on_the_exchange_says_which(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
@@ -27,6 +28,7 @@ from fastapi_websockets.config import get_channel_layer_from_env
 from fastapi_websockets.exceptions import BackendUnavailable, ChannelLayerClosed, ChannelLayerError
 from fastapi_websockets.types import Message
 from tests.conftest import layer_factory
+from tests.doc_examples import read_doc
 from tests.faults import (
     InjectedFault,
     eventually,
@@ -1056,6 +1058,133 @@ async def test_a_password_rotated_under_a_running_layer_is_retried_and_logged_on
     assert await layer.receive("jobs", timeout=10) == {"type": "after"}
     waiting.cancel()
     assert_no_secret(errors=refused, records=caplog.records, objects=[layer])
+
+
+# ------------------------------------------------------------ ACL refusals
+# A command, key or channel the user's ACL refuses (NOPERM) stays refused until someone
+# grants it: an error naming the rules to grant, never "retry later", at start as later.
+
+
+async def _acl_user(raw: redis_asyncio.Redis, user: str, *rules: str) -> None:
+    await raw.execute_command("ACL", "SETUSER", user, "reset", "on", f">{SECRET}", *rules)  # type: ignore[no-untyped-call]
+
+
+def _granted(error: BaseException, user: str) -> list[str]:
+    """The ACL rules ``error`` says to grant ``user`` (what follows ``ACL SETUSER user``)."""
+    found = re.search(rf"ACL SETUSER {re.escape(user)} ([^;)]+)", str(error))
+    assert found is not None, str(error)
+    return found[1].split()
+
+
+@pytest.mark.parametrize(
+    ("refused", "rules", "said"),
+    [
+        ("keys", ("~other:*", "&*", "+@all"), "no permissions to access one of the keys"),
+        ("command", ("~*", "&*", "+@all", "-evalsha"), "no permissions to run the 'evalsha' command"),
+    ],
+)
+async def test_a_command_the_acl_refuses_is_an_error_naming_what_to_grant(
+    redis_server: RedisNode,
+    raw: redis_asyncio.Redis,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    caplog: pytest.LogCaptureFixture,
+    refused: str,
+    rules: tuple[str, ...],
+    said: str,
+) -> None:
+    # It was "Redis refused EVALSHA: NOPERM ...", which named neither the user, the script,
+    # its keys, nor what to grant.
+    user = f"fw-{namespace}"
+    await _acl_user(raw, user, *rules)
+    url = f"redis://{user}:{SECRET}@127.0.0.1:{redis_server.port}/0"
+    layer = layer_factory(layers, RedisChannelLayer, url=url, prefix=namespace, timeout=5)()
+    for _ in range(2):  # the second as the first: asking again cannot help
+        with pytest.raises(ChannelLayerError) as info:
+            await layer.send("jobs", {"type": "x"})
+        error = info.value
+        assert not isinstance(error, (BackendUnavailable, InvalidChannelLayerConfig)), error
+        text = str(error)
+        assert (
+            f"Redis at redis://{user}:***@127.0.0.1:{redis_server.port}/0 refused the command EVALSHA" in text
+        )
+        assert f"script push_named on {namespace}:chan:{{jobs}}" in text
+        assert said in text  # Redis's words
+        assert f"ACL SETUSER {user} ~{namespace}:* &{namespace}:wake:* " in text
+        assert_no_secret(errors=[error], records=caplog.records, objects=[layer])
+
+
+async def test_the_acl_rule_of_the_docs_is_the_one_a_refusal_names(
+    redis_server: RedisNode, raw: redis_asyncio.Redis, namespace: str, layers: list[BaseChannelLayer]
+) -> None:
+    user = f"fw-{namespace}"
+    await _acl_user(raw, user)
+    url = f"redis://{user}:{SECRET}@127.0.0.1:{redis_server.port}/0"
+    layer = layer_factory(layers, RedisChannelLayer, url=url, timeout=5)()  # the default prefix
+    with pytest.raises(ChannelLayerError) as info:
+        await layer.send("jobs", {"type": "x"})
+    documented = re.search(r"^ACL SETUSER app on >PASSWORD (.+)$", read_doc("docs/backends/redis.md"), re.M)
+    assert documented is not None
+    assert documented[1].split() == _granted(info.value, user)
+
+
+@pytest.mark.parametrize("where", ["pubsub", "nopubsub", "cluster"])
+async def test_the_acl_rules_a_refusal_names_are_all_the_layer_needs(
+    request: pytest.FixtureRequest,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    cluster = where == "cluster"
+    nodes = (
+        request.getfixturevalue("redis_cluster").nodes
+        if cluster
+        else [request.getfixturevalue("redis_server")]
+    )
+    user = f"fw-{namespace}"
+
+    def acl(*rules: str) -> None:
+        for node in nodes:
+            node.cli_call("ACL", "SETUSER", user, "reset", "on", f">{SECRET}", *rules)
+
+    acl()  # may log in, and nothing else
+    url = f"redis://{user}:{SECRET}@127.0.0.1:{nodes[0].port}/0"
+    use_pubsub = where != "nopubsub"
+    make = layer_factory(
+        layers,
+        RedisChannelLayer,
+        url=url,
+        prefix=namespace,
+        use_pubsub=use_pubsub,
+        cluster=cluster,
+        history=HISTORY,
+        timeout=5,
+    )
+    first = make()
+    with pytest.raises(ChannelLayerError) as info:
+        await first.send("jobs", {"type": "x"})
+    await first.close()
+    assert not isinstance(info.value, BackendUnavailable), info.value  # a cluster's map too
+    acl(*_granted(info.value, user))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastapi_websockets"):
+        receiver, sender = make(), make()
+        channel = await receiver.new_channel()
+        await receiver.group_add("room:1", channel)
+        await receiver.presence_join("room:1", channel, {"name": "a"})
+        await sender.send(channel, {"type": "direct"})
+        await sender.send("jobs", {"type": "named"})
+        await sender.group_send("room:1", {"type": "group"})
+        got = [(await receiver.receive(channel, timeout=10))["type"] for _ in range(3)]
+        assert got == ["presence.joined", "direct", "group"]
+        assert (await receiver.receive("jobs", timeout=10))["type"] == "named"
+        assert [m["type"] for m in (await sender.group_history("room:1")).messages] == ["group"]
+        assert list(await sender.presence("room:1")) == [channel]
+        await receiver.presence_leave("room:1", channel)
+        await receiver.group_discard("room:1", channel)
+        await receiver.flush()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("fastapi_websockets")]
 
 
 @pytest.mark.parametrize(

@@ -217,6 +217,18 @@ def _warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     ]
 
 
+def _acl_refusals(caplog: pytest.LogCaptureFixture, reader: str) -> list[str]:
+    """The ERROR records of ``reader`` (words of its record) naming the ACL rules to grant (a NOPERM)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("fastapi_websockets")
+        and r.levelno == logging.ERROR
+        and "ACL SETUSER" in r.getMessage()
+        and reader in r.getMessage()
+    ]
+
+
 @pytest.mark.parametrize("use_pubsub", [True, False], ids=["pubsub", "nopubsub"])
 async def test_connections_killed_by_the_server_are_reopened(
     volatile: RedisNode, namespace: str, layers: list[BaseChannelLayer], use_pubsub: bool
@@ -273,6 +285,11 @@ async def test_a_driver_error_in_the_inbox_reader_is_retried_and_logged(
     await sender.group_send("room", {"type": "while broken", "n": "group"})
     await asyncio.sleep(1)
     assert inbox.got == ["warm"]
+    # An error, not a passing outage (it lasts until granted), said once over the retries,
+    # with what to grant.
+    refusals = _acl_refusals(caplog, "the inbox reader")
+    assert len(refusals) == 1, refusals
+    assert f" ~{namespace}:* &{namespace}:wake:* +ping " in refusals[0]  # (the user: a token to hide)
     volatile.cli_call("ACL", "SETUSER", "rx", "+evalsha", "+eval", "+blmove")
     # Not deaf: the reader keeps retrying and picks up what waited in its inbox.
     assert await inbox.missing({"direct", "group"}) == set()
@@ -300,6 +317,11 @@ async def test_a_driver_error_in_a_named_channel_reader_is_retried_and_logged(
         PATIENCE,
     )
     assert jobs.got == ["warm"]
+    # (The inbox reader may meet the refusal too, acking the warm-up's delivery.)
+    refusals = _acl_refusals(caplog, "named receive on 'jobs'")
+    assert len(refusals) == 1, refusals
+    assert "script pop_named on" in refusals[0]
+    assert f" ~{namespace}:* &{namespace}:wake:* +ping " in refusals[0]  # (the user: a token to hide)
     volatile.cli_call("ACL", "SETUSER", "rx", "+evalsha", "+eval")
     await sender.send("jobs", {"type": "after", "n": "two"})
     assert await jobs.missing({"one", "two"}) == set()

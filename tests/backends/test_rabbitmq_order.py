@@ -24,6 +24,7 @@ from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.backends.rabbitmq import history_stream_name
 from fastapi_websockets.exceptions import ChannelLayerClosed
 from fastapi_websockets.names import process_token
+from tests.backends.test_rabbitmq import _close_by_cancelled_rpc
 from tests.conftest import layer_factory
 from tests.faults import eventually
 from tests.servers.rabbitmq import RabbitNode
@@ -118,6 +119,28 @@ async def test_a_deleted_stream_releases_what_waited_for_its_tap(
     got = [(await receiver.receive(channel))["n"] for _ in range(2)]
     assert got == ["held", "next"]
     assert not hold_warnings(caplog)  # released by the deletion, not by the timeout
+
+
+async def test_a_hold_lasts_across_a_tap_reopened_after_a_loss(
+    make: Factory, rabbitmq_node: RabbitNode, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A timeout well above a tap's reopening: a hold that ended on it would warn.
+    receiver, sender, channel, next_offset, epoch = await joined(make, timeout=30)
+    # Past what the receiver's reopening writes (an epoch proposal or two per attempt),
+    # inside what the sender stores meanwhile.
+    await publish_after(rabbitmq_node, receiver, channel, "held", next_offset + 20, epoch)
+    await sender.send(channel, {"type": "m", "n": "next"})
+    # The receiver's tap is lost with its AMQP channel; the next one resumes where it stopped.
+    await _close_by_cancelled_rpc(receiver, history_stream_name(f"fw-{namespace}", ROOM))
+    stored = [f"stored {i}" for i in range(40)]
+    for n in stored:
+        await sender.group_send(ROOM, {"type": "m", "n": n})
+    got = [(await receiver.receive(channel))["n"] for _ in range(len(stored) + 2)]
+    held = got.index("held")
+    assert 0 < held < len(stored), got
+    assert got[held + 1] == "next", got
+    assert [n for n in got if n.startswith("stored")] == stored
+    assert not hold_warnings(caplog)
 
 
 async def test_a_hold_ends_after_timeout_with_a_warning(

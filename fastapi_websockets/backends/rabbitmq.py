@@ -194,7 +194,8 @@ _EVENT = "v"
 _PROBE = "probe"
 #: Header of inbox messages (sends, packed sends, group messages) made shortly after history
 #: writes: "offset epoch group" for the sender's last write to each group, space-separated
-#: (names hold no whitespace). One string: pamqp encodes nested arrays at several times the cost.
+#: (group names hold no whitespace). One string: as nested arrays, pamqp's encoding and
+#: decoding made a send naming 8 writes cost 70 % more bytecodes than a plain one.
 _AFTER = "after"
 #: Inbox message kinds that may wait for a history tap (see _HeldInbox); the others never do.
 _MESSAGES = frozenset((_SEND, _SENDS, _GROUP))

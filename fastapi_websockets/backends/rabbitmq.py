@@ -39,6 +39,10 @@ Broker topology for one layer instance (``P`` = ``queue_prefix``, ``X`` =
   when named channels may be members. The tap also keeps the newest stored
   messages it saw, so a read (a mark written, then seen by the tap) is
   answered without reading the stream back whenever they reach far enough.
+  Since the tap and the inbox are two queues, an inbox message published
+  shortly after history writes names them (``_AFTER``), and an instance with
+  members of those groups holds it until its tap has delivered them
+  (``_HeldInbox``): a send awaited after a ``group_send`` stays after it.
 
 Every publish waits for its publisher confirm, at most ``timeout`` seconds;
 concurrent publishes share socket writes and wait for their confirms together
@@ -188,6 +192,17 @@ _NAMED = "n"
 _EVENT = "v"
 #: Published on a history group's routing key to learn whether named channels are bound to it.
 _PROBE = "probe"
+#: Header of inbox messages (sends, packed sends, group messages) made shortly after history
+#: writes: "offset epoch group" for the sender's last write to each group, space-separated
+#: (group names hold no whitespace). One string: as nested arrays, pamqp's encoding and
+#: decoding made a send naming 8 writes cost 70 % more bytecodes than a plain one.
+_AFTER = "after"
+#: Inbox message kinds that may wait for a history tap (see _HeldInbox); the others never do.
+_MESSAGES = frozenset((_SEND, _SENDS, _GROUP))
+#: History groups whose last write an inbox message carries at most: the newest.
+AFTER_GROUPS = 8
+#: Inbox messages held back for a history tap at most: past it, the oldest is delivered at once.
+HELD_LIMIT = INBOX_PREFETCH
 
 
 # ------------------------------------------------------------------- names
@@ -450,6 +465,115 @@ def _stream_offset(incoming: AbstractIncomingMessage) -> int:
     return offset
 
 
+#: (group, stream offset, epoch): a history write an inbox message must not overtake.
+_Write = tuple[str, int, str]
+
+
+def _writes(value: object) -> list[_Write]:
+    """The writes an ``after`` header names; a garbled header names none (nothing waits for it)."""
+    if not isinstance(value, str):
+        return []
+    parts = value.split(" ")
+    if len(parts) % 3:
+        return []
+    try:
+        return [(parts[at + 2], int(parts[at]), parts[at + 1]) for at in range(0, len(parts), 3)]
+    except ValueError:
+        return []
+
+
+@dataclass
+class _HeldMessage:
+    properties: Any
+    body: bytes
+    writes: list[_Write]
+    deadline: float  # loop time
+
+
+class _HeldInbox:
+    """Inbox messages held back until this instance's history taps have delivered what they follow.
+
+    A message sent after a history ``group_send`` names that write (group,
+    stream offset, epoch); members here get the group's message from the
+    group's tap, which may lag behind the inbox, so the message waits until
+    ``caught_up`` says the tap is past the write. Messages that arrive while
+    one waits queue behind it, which keeps the inbox's order. A hold never
+    becomes a loss: after ``wait`` seconds, or past ``limit`` held messages,
+    the oldest is delivered anyway with a warning; :meth:`release` with
+    ``everything`` delivers them all at once (flush), and :meth:`close` drops
+    them with the layer's mailboxes.
+    """
+
+    def __init__(
+        self,
+        caught_up: Callable[[str, int, str], bool],
+        dispatch: Callable[[Any, bytes], None],
+        wait: float,
+        limit: int,
+    ) -> None:
+        self._caught_up = caught_up
+        self._dispatch = dispatch
+        self._wait = wait
+        self._limit = limit
+        #: What waits, oldest first (a plain deque: the inbox checks it for every delivery).
+        self.messages: deque[_HeldMessage] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        #: A hold ended early since the queue was last empty: one warning per such episode.
+        self._warned = False
+
+    def offer(self, properties: Any, body: bytes) -> bool:
+        """Hold an inbox message if it must wait; False if the caller dispatches it now."""
+        headers = properties.headers or {}
+        writes = _writes(headers.get(_AFTER))
+        if self._closed or (not self.messages and all(self._caught_up(*write) for write in writes)):
+            return False
+        loop = running_loop()
+        self.messages.append(_HeldMessage(properties, body, writes, loop.time() + self._wait))
+        self.release()
+        return True
+
+    def release(self, *, everything: bool = False) -> None:
+        """Dispatch the held messages, oldest first, up to the first that must still wait."""
+        loop = running_loop()
+        now = loop.time()
+        queue = self.messages
+        while queue:
+            head = queue[0]
+            behind = [write for write in head.writes if not self._caught_up(*write)]
+            over = len(queue) > self._limit
+            if behind and not everything and not over and head.deadline > now:
+                break
+            queue.popleft()
+            if behind and not everything and not self._warned:
+                self._warned = True
+                group, offset, _ = behind[0]
+                logger.warning(
+                    "delivered an inbox message before the history of group %r reached stream offset %d "
+                    "here (%s): it was sent after that write, and members may get the group's message "
+                    "after it (not logged again until no message waits)",
+                    group,
+                    offset,
+                    f"more than {self._limit} messages held" if over else f"held for {self._wait:g} s",
+                )
+            self._dispatch(head.properties, head.body)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if queue:
+            self._timer = loop.call_at(queue[0].deadline, self.release)
+        else:
+            self._warned = False
+
+    def close(self) -> None:
+        """Drop what is held, as the layer's close drops its mailboxes, and hold nothing from now on."""
+        self._closed = True
+        self.messages.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 # ------------------------------------------------------------------ layer
 
 
@@ -552,6 +676,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         self._reader_queues: dict[str, AbstractRobustQueue] = {}
         self._replies: dict[str, asyncio.Future[None]] = {}
         self._recent = _RecentIds(RECENT_IDS)
+        #: Inbox messages waiting for a history tap here to deliver what was sent before them.
+        self._held_inbox = _HeldInbox(self._caught_up, self._dispatch, self.timeout, HELD_LIMIT)
+        #: History groups this instance wrote to within ``timeout``, oldest first: group ->
+        #: (stream offset of its last write, the stream's epoch, loop time, write count then).
+        self._written: dict[str, tuple[int, str, float, int]] = {}
+        self._writes_made = 0
+        #: Inbox routing key -> the write count up to which a confirmed message to that inbox
+        #: named the writes: the messages after it there wait behind it, they need not again.
+        self._told: Memo[str, int] = Memo()
         self._inbox_tag: str | None = None
         self._errors: tuple[type[BaseException], ...] = ()
         self._delivery_error: type[Exception] = Exception
@@ -990,21 +1123,15 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         properties = delivered.header.properties
         message_id = properties.message_id
         if message_id is None or self._recent.first_time(message_id) or not delivered.redelivered:
-            try:
+            # Held (and acked: the hold keeps it) if it follows a history write whose tap
+            # here has not delivered it yet, or a message that waits.
+            headers, held = properties.headers, self._held_inbox
+            if (
+                (not held.messages and (headers is None or _AFTER not in headers))
+                or properties.message_type not in _MESSAGES
+                or not held.offer(properties, delivered.body)
+            ):
                 self._dispatch(properties, delivered.body)
-            except KeyError as exc:
-                # Not ours to crash on: a foreign publisher left out a header.
-                self.stats.dropped_undecodable += 1
-                logger.warning(
-                    "dropped an inbox message (type %r) without header %s", properties.message_type, exc
-                )
-            except Exception:
-                # Acked all the same: a message we cannot handle must not stay
-                # unacked and, a prefetch window later, leave this process deaf.
-                self.stats.dropped_undecodable += 1
-                logger.exception(
-                    "dropped an inbox message (type %r) that failed to dispatch", properties.message_type
-                )
         acks = self._acks
         assert acks is not None
         assert delivered.delivery_tag is not None
@@ -1012,44 +1139,59 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         acks.ack(cast("aiormq.Channel", delivered.channel), delivered.delivery_tag)
 
     def _dispatch(self, properties: Any, body: bytes) -> None:
-        kind = properties.message_type
-        headers = properties.headers or {}
-        if kind == _SEND:
-            channel = str(headers["channel"])
-            message = self.decode_or_drop(body, "the inbox (for %r)", channel)
-            if message is not None:
-                self.deliver_local(channel, message)
-        elif kind == _SENDS:
-            self.deliver_packed(body)
-        elif kind == _GROUP:
-            group = str(headers["group"])
-            # Our own group_send handed its copy to our members when it published it.
-            if group in self.local_groups and headers.get("from") != self.client_token:
-                message = self.decode_or_drop(body, f"the inbox (group {group!r})")
-                if message is None:
-                    return
-                self.deliver_to_local_members(group, message)
-            if group not in self.local_groups:
-                # Every local member left or expired: stop receiving this group.
-                self._spawn(self._sync_binding(group), f"unbind of group {group!r}")
-        elif kind in (_ADD, _DISCARD):
-            group, channel = str(headers["group"]), str(headers["channel"])
-            if not self.is_local(channel):
-                logger.warning("ignored %s of channel %r, which is not ours", kind, channel)
-            elif kind == _ADD:
-                self.local_groups.add(group, channel)
+        """Hand one inbox message to its receivers; a message it cannot handle is dropped and logged."""
+        try:
+            kind = properties.message_type
+            headers = properties.headers or {}
+            if kind == _SEND:
+                channel = str(headers["channel"])
+                message = self.decode_or_drop(body, "the inbox (for %r)", channel)
+                if message is not None:
+                    self.deliver_local(channel, message)
+            elif kind == _SENDS:
+                self.deliver_packed(body)
+            elif kind == _GROUP:
+                group = str(headers["group"])
+                # Our own group_send handed its copy to our members when it published it.
+                if group in self.local_groups and headers.get("from") != self.client_token:
+                    message = self.decode_or_drop(body, f"the inbox (group {group!r})")
+                    if message is None:
+                        return
+                    self.deliver_to_local_members(group, message)
+                if group not in self.local_groups:
+                    # Every local member left or expired: stop receiving this group.
+                    self._spawn(self._sync_binding(group), f"unbind of group {group!r}")
+            elif kind in (_ADD, _DISCARD):
+                group, channel = str(headers["group"]), str(headers["channel"])
+                if not self.is_local(channel):
+                    logger.warning("ignored %s of channel %r, which is not ours", kind, channel)
+                elif kind == _ADD:
+                    self.local_groups.add(group, channel)
+                else:
+                    self.local_groups.discard(group, channel)
+                self._spawn(
+                    self._apply_and_reply(group, properties.reply_to, properties.correlation_id),
+                    f"{kind} of {channel!r}",
+                )
+            elif kind == _REPLY:
+                pending = self._replies.pop(str(properties.correlation_id), None)
+                if pending is not None and not pending.done():
+                    pending.set_result(None)
             else:
-                self.local_groups.discard(group, channel)
-            self._spawn(
-                self._apply_and_reply(group, properties.reply_to, properties.correlation_id),
-                f"{kind} of {channel!r}",
+                logger.warning("ignored an inbox message of unknown type %r", kind)
+        except KeyError as exc:
+            # Not ours to crash on: a foreign publisher left out a header.
+            self.stats.dropped_undecodable += 1
+            logger.warning(
+                "dropped an inbox message (type %r) without header %s", properties.message_type, exc
             )
-        elif kind == _REPLY:
-            pending = self._replies.pop(str(properties.correlation_id), None)
-            if pending is not None and not pending.done():
-                pending.set_result(None)
-        else:
-            logger.warning("ignored an inbox message of unknown type %r", kind)
+        except Exception:
+            # Acked all the same: a message we cannot handle must not stay
+            # unacked and, a prefetch window later, leave this process deaf.
+            self.stats.dropped_undecodable += 1
+            logger.exception(
+                "dropped an inbox message (type %r) that failed to dispatch", properties.message_type
+            )
 
     # --------------------------------------------------------------- sends
 
@@ -1066,6 +1208,9 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # Persistent with ``durable``: the inbox outlives a broker restart, and a send
         # waiting in it for a process that is away must too (a transient one would not),
         # unless persistent_sends=False chose speed over that.
+        if self._written:
+            await self._send_after(_SEND, {"channel": channel}, data, routing_key, f"send to {channel!r}")
+            return
         properties = self._properties(
             _SEND,
             headers={"channel": channel},
@@ -1075,11 +1220,86 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         await self._publish(data, properties, routing_key, what=f"send to {channel!r}")
 
     async def _send_many(self, routing_key: str, frames: list[tuple[str, bytes]]) -> None:
+        if self._written:
+            await self._send_after(_SENDS, {}, pack(frames), routing_key, describe(frames))
+            return
         # One expiration fits them all: every send to an inbox gets channel_expiry.
         properties = self._properties(
             _SENDS, expiration=self.channel_expiry, persistent=self._persistent_sends
         )
         await self._publish(pack(frames), properties, routing_key, what=describe(frames))
+
+    async def _send_after(
+        self, kind: str, headers: dict[str, Any], body: bytes, routing_key: str, what: str
+    ) -> None:
+        """Publish a send (or packed sends) to an inbox from a layer that wrote history lately.
+
+        It names the writes that inbox was not told of yet (see :meth:`_add_after`);
+        once confirmed, the inbox was told of them.
+        """
+        told = self._add_after(headers, routing_key)
+        properties = self._properties(
+            kind, headers=headers or None, expiration=self.channel_expiry, persistent=self._persistent_sends
+        )
+        await self._publish(body, properties, routing_key, what=what)
+        if told:
+            self._note_told(routing_key, told)
+
+    def _add_after(self, headers: dict[str, Any], inbox: str | None = None) -> int:
+        """Name in ``headers`` (``_AFTER``) the history writes an inbox message sent now must not overtake.
+
+        A member in another instance gets a history group's message from its
+        tap, not its inbox: the receiver holds this message until its tap has
+        delivered these writes (see _HeldInbox). Only writes within ``timeout``
+        (a receiver holds a message that long at most), and, for one ``inbox``
+        (a routing key), those it was not told of yet. Returns the write count
+        the header covers, 0 if it names none.
+        """
+        written = self._written
+        horizon = running_loop().time() - self.timeout
+        while written:
+            group, (_, _, at, _) = next(iter(written.items()))
+            if at >= horizon:
+                break
+            del written[group]
+        told = self._told.known.get(inbox, 0) if inbox is not None else 0
+        if told >= self._writes_made:
+            return 0
+        writes = [f"{offset} {epoch} {group}" for group, (offset, epoch, _, n) in written.items() if n > told]
+        if not writes:
+            return 0
+        headers[_AFTER] = " ".join(writes)
+        return self._writes_made
+
+    def _note_write(self, group: str, offset: int, epoch: str) -> None:
+        """Remember this instance's newest write to history ``group`` for the inbox messages after it."""
+        self._writes_made += 1
+        written = self._written
+        written.pop(group, None)
+        written[group] = (offset, epoch, running_loop().time(), self._writes_made)
+        if len(written) > AFTER_GROUPS:
+            del written[next(iter(written))]
+
+    def _note_told(self, routing_key: str, told: int) -> None:
+        """A confirmed message to the inbox at ``routing_key`` named the writes up to count ``told``."""
+        if told > self._told.known.get(routing_key, 0):
+            self._told.add(routing_key, told)
+
+    def _caught_up(self, group: str, offset: int, epoch: str) -> bool:
+        """Whether an inbox message sent after write ``offset`` to history ``group`` may be delivered.
+
+        True once this instance's tap on the group has handled that stream
+        offset (members here got the write), or when no tap here ever will:
+        no local member, a stream of another epoch, or a lost tap whose
+        successor does not resume where it stopped (the stream was deleted).
+        """
+        if group not in self.local_groups:
+            return True
+        stream = self._streams.get(group)
+        if stream is None:
+            # A lost tap's successor resumes after the last offset it handled.
+            return not isinstance(self._resume.get(group), int)
+        return stream.seen >= offset or stream.epoch not in ("", epoch)
 
     async def _publish(
         self,
@@ -1527,6 +1747,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             (await self._history_stream(group, policy)).for_members = True
             return
         self._resume.pop(group, None)
+        if self._held_inbox.messages:
+            self._held_inbox.release()  # no member here waits for the group's messages any more
         stream = self._streams.get(group)
         if stream is None or not stream.for_members or stream.pending:
             return  # a write in flight waits for this tap: it stays, as a writer's does
@@ -1571,11 +1793,12 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
         # in the order of this layer's calls, as they get its send()s; and the
         # other processes' copy is on its way before this one fans out locally.
         # Members of a history group read the group's stream instead.
+        headers: dict[str, Any] = {"group": group, "from": self.client_token}
+        if self._written:
+            # Every time: the inboxes bound to a group change, the ones told may not be those.
+            self._add_after(headers)
         properties = self._properties(
-            _GROUP,
-            headers={"group": group, "from": self.client_token},
-            expiration=self.channel_expiry,
-            persistent=self.durable,
+            _GROUP, headers=headers, expiration=self.channel_expiry, persistent=self.durable
         )
         history = self.history and self.history_policy(group) is not None
         # Without members here, nothing waits for the socket: the publisher writes the
@@ -1700,6 +1923,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             if group not in self._tap_restarts:
                 self._tap_restarts.add(group)
                 self.tasks.keep_running(partial(self._restart_tap, group), f"tap restart of {group!r}")
+        if self._held_inbox.messages:
+            self._held_inbox.release()  # a deleted stream's writes will never come
 
     async def _restart_tap(self, group: str) -> None:
         try:
@@ -1754,6 +1979,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             # Deleted since we last used it: a new stream, with a new epoch.
             stream = await self._history_stream(group, policy)
             offset = await self._write(group, stream, kind, data)
+        if kind in (_STORED, _EVENT):
+            self._note_write(group, offset, stream.epoch)
         return offset, stream
 
     async def _history_read(self, group: str, after: int, limit: int, policy: HistoryPolicy) -> HistorySlice:
@@ -1883,6 +2110,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             await self._cancel_consumer(queue, tag)
             raise
         self._resume.pop(group, None)
+        if self._held_inbox.messages:
+            self._held_inbox.release()  # what waited for the lost tap waits for this one
         return stream
 
     def _retire_unopened(self, stream: _HistoryStream) -> None:
@@ -2019,6 +2248,8 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
                 self._deliver_entry(stream, offset, incoming)
             elif incoming.type == _NAMED:
                 stream.named = True
+            if self._held_inbox.messages:
+                self._held_inbox.release()
         # After the delivery: a sender's own members have the message when group_send returns.
         seen = stream.pending.pop(str(incoming.message_id), None)
         if seen is not None and not seen.done():
@@ -2159,6 +2390,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
     # ---------------------------------------------------------- flush, close
 
     async def _flush(self) -> None:
+        self._held_inbox.release(everything=True)  # into the mailboxes that flush() empties
         # Only what this instance declared or bound: AMQP cannot list queues.
         for queue in self._declared.values():
             try:
@@ -2189,6 +2421,7 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
 
     async def _close(self) -> None:
         self._packer.close()
+        self._held_inbox.close()
         for reply in self._replies.values():
             if not reply.done():
                 reply.set_exception(ChannelLayerClosed("the channel layer was closed"))

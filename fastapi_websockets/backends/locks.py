@@ -213,10 +213,10 @@ class KeyedTurns:
     Unlike a lock held from the call on, a call takes its turn at once
     (:meth:`take`, no await) and prepares (a listing from the broker) at the
     same time as the others; only its step, the writes whose order the broker
-    keeps, waits for the turns taken before (:meth:`Turn.place`). A turn
-    whose call is ready when the one before begins begins in the same go,
-    without waking its task first. Memory stays bounded by the keys with a
-    turn running.
+    keeps, waits for the turns taken before (:meth:`Turn.place`). A call
+    already waiting when the turn before it begins has its step begun in the
+    same go, without its task being woken first. Memory stays bounded by the
+    keys with a turn running.
     """
 
     def __init__(self) -> None:

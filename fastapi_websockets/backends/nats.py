@@ -54,7 +54,7 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -64,7 +64,7 @@ from fastapi_websockets._running_loop import running_loop
 from fastapi_websockets.backends.base import missing_driver
 from fastapi_websockets.backends.broker import BrokerChannelLayer
 from fastapi_websockets.backends.futures import wait_all
-from fastapi_websockets.backends.locks import KeyedLocks, SharedRounds
+from fastapi_websockets.backends.locks import KeyedLocks, KeyedTurns, SharedRounds, Turn
 from fastapi_websockets.backends.options import Memo, matching, positive, url
 from fastapi_websockets.backends.packing import Packer, describe, pack
 from fastapi_websockets.backends.timeouts import wait_event, within
@@ -406,6 +406,8 @@ class NATSChannelLayer(BrokerChannelLayer):
         #: group -> the other owners this layer's last group_send to it found: the next
         #: group_send stores their copies at once, while it lists the owners again.
         self._last_owners: Memo[str, tuple[str, ...]] = Memo()
+        #: Group_sends to one group take turns to place their copies (see _group_send).
+        self._group_turns = KeyedTurns()
         self._owner_locks = KeyedLocks()
         self._history_stores: Memo[HistoryPolicy, _HistoryStore] = Memo(self._history_store_of)
         self._history_ready: set[str] = set()
@@ -1806,44 +1808,57 @@ class NATSChannelLayer(BrokerChannelLayer):
         # listing still decides: owners it finds that were not known get theirs once
         # it answers, before this returns, so a member added (by any process) before
         # the call is reached; a known owner that left only gets a copy it ignores.
-        known = self._last_owners.get(group) or ()
-        payload = _frame(_TO_GROUP, group, data)
-        if known:
-            what = f"group_send to {group!r}"
-            await wait_all([self._store_in_inbox(token, payload, what) for token in known])
-            if not self._stored:
-                # Nothing acknowledges a core publish: the pong to a ping written
-                # after the copies (_flush_in_order) says that nats-server has routed them.
-                try:
-                    await _flush_in_order(self.nc, self.timeout)
-                except (asyncio.TimeoutError, self._driver_error) as exc:
-                    raise self._translate(exc, what) from exc
-        # Only now the listing: a stream-info request that nats-server handles while it
-        # stores and pushes the copies delays their delivery by about 0.2 ms (measured
-        # in docs/performance/nats.md), in the same write or the next one.
-        await self._send_to_listed(group, data, payload, known)
+        # Group_sends to one group write their copies in call order: made concurrently,
+        # their listings came back in any order, and so did the copies that waited for
+        # them (docs/backends/nats.md, Order). Each takes its turn at the call; the
+        # known owners' copies go at once only where no earlier call still waiting
+        # for its listing may write (the same known owners: it writes to others).
+        turn = self._group_turns.take(group)
+        try:
+            known = self._last_owners.get(group) or ()
+            if known and not turn.joins(known):
+                known = ()
+            payload = _frame(_TO_GROUP, group, data)
+            if known:
+                what = f"group_send to {group!r}"
+                await wait_all([self._store_in_inbox(token, payload, what) for token in known])
+                if not self._stored:
+                    # Nothing acknowledges a core publish: the pong to a ping written
+                    # after the copies (_flush_in_order) says that nats-server has routed them.
+                    try:
+                        await _flush_in_order(self.nc, self.timeout)
+                    except (asyncio.TimeoutError, self._driver_error) as exc:
+                        raise self._translate(exc, what) from exc
+            # Only now the listing: a stream-info request that nats-server handles while it
+            # stores and pushes the copies delays their delivery by about 0.2 ms (measured
+            # in docs/performance/nats.md), in the same write or the next one.
+            await self._send_to_listed(group, data, payload, known, turn)
+        finally:
+            turn.end()
 
-    async def _send_to_listed(self, group: str, data: bytes, payload: bytes, known: tuple[str, ...]) -> None:
-        """List the owners and named members of ``group``; store a copy for those not in ``known``."""
+    async def _send_to_listed(
+        self, group: str, data: bytes, payload: bytes, known: tuple[str, ...], turn: Turn
+    ) -> None:
+        """List the owners and named members of ``group``; in ``turn``, copy to those not in ``known``.
+
+        Membership is read from the server at the time of the call, so a member
+        added (by any process) before the group_send gets it.
+        """
         owners, named = await self._owners(group)
         self._last_owners.add(group, tuple(owners))
+        members = await self._named_members(group) if named else []
         what = f"group_send to {group!r}"
-        stores = [self._store_in_inbox(token, payload, what) for token in owners if token not in known]
-        if named:
-            stores.append(self._send_to_named_members(group, data))
-        await wait_all(stores)
 
-    async def _send_to_named_members(self, group: str, data: bytes) -> None:
-        """Store ``data`` for each named member of ``group``; full members are skipped and counted.
+        def copies() -> list[Coroutine[Any, Any, None]]:
+            # Each writes its publish (or queues for its named channel's turn) before
+            # its first await, which is what the turn orders.
+            made = [self._store_in_inbox(token, payload, what) for token in owners if token not in known]
+            return made + [self._send_to_named_member(group, channel, data) for channel in members]
 
-        Membership is read from the server at the time of the call, so a named
-        member added (by any process) before the group_send gets it.
-        """
-        await wait_all(
-            [self._send_to_named_member(group, channel, data) for channel in await self._named_members(group)]
-        )
+        await turn.place(copies)
 
     async def _send_to_named_member(self, group: str, channel: str, data: bytes) -> None:
+        """Store ``data`` for the named member ``channel``; a full one is skipped and counted."""
         try:
             await self._send_named(channel, data)
         except ChannelFull:

@@ -1837,10 +1837,12 @@ class RedisChannelLayer(BrokerChannelLayer):
         """
         keys = [*keys, *self._ready_keys]
         command = _script_call(name, keys, *args)
-        reply = await (self._execute(*command) if then is None else self._after_write(command, then))
-        if isinstance(reply, int) and reply < 0 and not self._ready_seen:
+        if not self._ready_seen and self._ready_keys:
+            # Marked before the script, not after it found the marker missing: run again
+            # then, the first of concurrent group_sends went behind a later one that found
+            # the marker made meanwhile (by the reader's connect), swapping their copies.
             await self._script("ready_mark", self._ready_keys, 0)
-            reply = await self._script(name, keys, *args)
+        reply = await (self._execute(*command) if then is None else self._after_write(command, then))
         if not isinstance(reply, int):
             self._ready_seen = True
             return reply

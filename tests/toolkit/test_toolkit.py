@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import pytest
 
 from fastapi_websockets.backends.backoff import Backoff
 from fastapi_websockets.backends.futures import wait_all
-from fastapi_websockets.backends.locks import KeyedLocks, SharedRounds
+from fastapi_websockets.backends.locks import KeyedLocks, KeyedTurns, SharedRounds
 from fastapi_websockets.backends.options import Memo, flag, matching, optional_positive_int, positive, url
 from fastapi_websockets.backends.packing import IN_FLIGHT, MAX_FRAMES, Packer, SendMany, describe, pack
 from fastapi_websockets.backends.supervisor import TaskSupervisor
@@ -411,6 +411,15 @@ async def test_each_caller_of_a_failed_pack_is_told_about_its_own_send() -> None
 # ------------------------------------------------------------- waiter queue
 
 
+#: How five users of one key end when the third fails and the fourth is cancelled waiting.
+OUTCOMES = ["NoneType", "NoneType", "ValueError", "CancelledError", "NoneType"]
+
+
+def outcomes(results: Sequence[object]) -> list[str]:
+    """The type names of ``asyncio.gather(..., return_exceptions=True)``'s results."""
+    return [type(result).__name__ for result in results]
+
+
 async def test_keyed_locks_take_turns_in_call_order_and_forget_keys_nobody_uses() -> None:
     locks = KeyedLocks()
     order: list[int] = []
@@ -431,14 +440,83 @@ async def test_keyed_locks_take_turns_in_call_order_and_forget_keys_nobody_uses(
     gate.set()
     results = await asyncio.gather(*users, return_exceptions=True)
     assert order == [0, 1, 2, 4]
-    assert [type(result).__name__ for result in results] == [
-        "NoneType",
-        "NoneType",
-        "ValueError",
-        "CancelledError",
-        "NoneType",
-    ]
+    assert outcomes(results) == OUTCOMES
     assert locks._held == {}
+
+
+async def test_keyed_turns_keep_call_order_whatever_order_preparations_end_in() -> None:
+    turns = KeyedTurns()
+    started: list[str] = []
+    prepared = [asyncio.Event() for _ in range(5)]
+
+    async def record(name: str) -> None:
+        started.append(name)
+
+    async def call(i: int) -> None:
+        turn = turns.take("k")
+        try:
+            await prepared[i].wait()
+            if i == 2:
+                raise ValueError("preparing failed")
+            await turn.place(lambda: [record(f"{i}a"), record(f"{i}b")])
+        finally:
+            turn.end()
+
+    calls = [asyncio.ensure_future(call(i)) for i in range(5)]
+    await asyncio.sleep(0)
+    other = turns.take("other")  # another key is not held up
+    await other.place(lambda: [record("other")])
+    for i in (4, 3, 2, 1):
+        prepared[i].set()
+        await asyncio.sleep(0.01)
+    assert started == ["other"]  # every later call waits for the first, still preparing
+    calls[3].cancel()  # waiting for its turn: the one after it still waits for those before
+    await asyncio.sleep(0.01)
+    assert started == ["other"]
+    prepared[0].set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert started == ["other", "0a", "0b", "1a", "1b", "4a", "4b"]
+    assert outcomes(results) == OUTCOMES
+    assert turns._turns == {}
+
+
+async def test_a_turn_lets_the_next_write_from_its_own_task_once_the_tasks_it_queued_started() -> None:
+    # The first turn writes its first step at once and queues the other; the next call,
+    # resuming in between, must not write ahead of it (let go at once, it did).
+    turns = KeyedTurns()
+    started: list[str] = []
+
+    async def record(name: str) -> None:
+        started.append(name)
+
+    async def call(name: str) -> None:
+        turn = turns.take("k")
+        await asyncio.sleep(0)
+        await turn.place(lambda: [record(f"{name}1"), record(f"{name}2")])
+
+    await asyncio.gather(call("a"), call("b"))
+    assert started == ["a1", "a2", "b1", "b2"]
+    assert turns._turns == {}
+
+
+async def test_a_turn_joins_the_writes_made_at_once_only_behind_turns_that_joined_the_same() -> None:
+    turns = KeyedTurns()
+    known = ("p1", "p2")
+    first = turns.take("k")
+    assert first.joins(known)  # nothing before it
+    second = turns.take("k")
+    assert second.joins(known)  # the one before wrote to the same
+    third = turns.take("k")
+    assert not third.joins(("p1", "p2", "p3"))
+    assert not turns.take("k").joins(known)  # the one before did not join
+    for turn in list(turns._turns.values()):
+        turn.end()
+    for turn in (first, second, third):
+        turn.end()
+    assert turns._turns == {}
+    later = turns.take("k")
+    assert later.joins(("p3",))
+    later.end()
 
 
 async def test_shared_rounds_serve_callers_that_arrive_meanwhile_in_the_next_round() -> None:

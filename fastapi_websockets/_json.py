@@ -7,18 +7,21 @@ message. The encoders here refuse them (``allow_nan=False``, a flag of the C
 encoder, so encoding costs what it did) and :func:`not_json` turns the
 encoder's bare ``ValueError`` into an :class:`InvalidMessage` that says where
 the value is and what to send instead; the decoder refuses them as invalid JSON,
-and refuses numbers too large for a float (``1e999``), which ``json`` reads as infinities.
+and refuses numbers too large for a float (``1e999``), which ``json`` reads as infinities;
+:func:`client_error` says what was wrong with an integer too long for ``int()``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from typing import Any, NoReturn
 
 from fastapi_websockets.exceptions import InvalidMessage
 
-__all__ = ["DECODER", "ENCODER", "check_json_numbers", "encode", "not_json"]
+__all__ = ["DECODER", "ENCODER", "check_json_numbers", "client_error", "encode", "not_json"]
 
 #: What consumers send: compact, UTF-8 as it is, and no NaN or Infinity.
 ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -67,6 +70,25 @@ def _finite_float(literal: str) -> float:
 
 #: What consumers read: JSON, without Python's NaN and Infinity extension, with finite numbers only.
 DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+# Python's words when an integer has more digits than int() takes (sys.get_int_max_str_digits).
+_INT_TOO_LONG = re.compile(r"integer string conversion: value has (\d+) digits")
+
+
+def client_error(error: ValueError) -> ValueError:
+    """``error``, raised decoding a client's frame, in the client's terms (the error itself if it is).
+
+    An integer longer than Python's limit (4,300 digits unless the app changed it)
+    fails inside ``int()``, whose message tells a Python programmer to call
+    ``sys.set_int_max_str_digits()``: the client is told to send it as a string.
+    Translated here, once a frame failed, rather than by a ``parse_int`` hook
+    that would cost a Python call for every integer of every frame.
+    """
+    found = _INT_TOO_LONG.search(str(error))
+    if found is None:
+        return error
+    limit = sys.get_int_max_str_digits()
+    return ValueError(f"an integer of {found[1]} digits is too long (at most {limit}); send it as a string")
 
 
 def _as_null(value: object) -> None:

@@ -41,7 +41,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from fastapi_websockets import observing
 from fastapi_websockets._direct import direct_protocol, write_text
 from fastapi_websockets._eager import EAGER_TASKS, start_task
-from fastapi_websockets._json import DECODER, encode
+from fastapi_websockets._json import DECODER, client_error, encode
 from fastapi_websockets.backends.base import BaseChannelLayer
 from fastapi_websockets.config import warn_unread_environment
 from fastapi_websockets.edge import CLOSE_POLICY_VIOLATION, EdgeLimits, FrameGuard, resolve_limits
@@ -869,7 +869,7 @@ class AsyncJsonWebSocketConsumer(AsyncWebSocketConsumer):
             try:
                 content = self.decode_json(text_data)
             except ValueError as exc:
-                await self.invalid_json(text_data, exc)
+                await self.invalid_json(text_data, client_error(exc))
                 return
             except RecursionError:
                 # A few kilobytes of "[[[[..." exhaust the parser's stack: the client's fault,

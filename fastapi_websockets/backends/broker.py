@@ -305,14 +305,30 @@ class BrokerChannelLayer(BaseChannelLayer):
         interval = self.presence_timeout / 3
         loop = running_loop()
         due = loop.time()
+        # As the readers do: the first failure of a run is logged, the same again only at
+        # DEBUG (three a presence_timeout otherwise), the end of the run at INFO. Its kind is
+        # "away" for any outage (the driver's text changes between attempts), else the error.
+        failing: str | None = None
         while True:
             try:
                 await step()
             except ChannelLayerClosed:
                 return
             except ChannelLayerError as exc:
-                # The broker is away: the next step (or the reconnect) catches up.
-                logger.warning("presence %s on %s failed: %s", what, self._where, exc)
+                # The next step (or the reconnect) catches up.
+                kind = "away" if isinstance(exc, BackendUnavailable) else str(exc)
+                if kind == failing:
+                    logger.debug("presence %s on %s still fails: %s", what, self._where, exc)
+                elif kind == "away":
+                    logger.warning("presence %s on %s failed: %s", what, self._where, exc)
+                else:
+                    # Refused (an ACL, a permission) until someone grants it: not a passing outage.
+                    logger.error("presence %s on %s failed: %s; retrying", what, self._where, exc)
+                failing = kind
+            else:
+                if failing is not None:
+                    logger.info("presence %s on %s works again", what, self._where)
+                    failing = None
             now = loop.time()
             due = max(due + interval, now)
             await asyncio.sleep(due - now)

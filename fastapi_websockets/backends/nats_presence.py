@@ -67,8 +67,10 @@ __all__ = ["NatsPresence"]
 
 logger = logging.getLogger("fastapi_websockets.nats")
 
-#: JetStream errors for a message that is not there (any more): on get, on delete.
-_NO_MESSAGE = frozenset({10037, 10057})
+#: JetStream errors for a message that is not there (any more): on get, on delete. A delete
+#: of one deleted already says 10057 ("no message found") for a stream's first sequence, and
+#: 10043 ("sequence not found") for one within: both mean another reaper claimed it first.
+_NO_MESSAGE = frozenset({10037, 10043, 10057})
 #: Chunks of one owner's entries in one group: a join rewrites one chunk (1/CHUNKS of the
 #: owner's entries there), and presence() reads at most CHUNKS messages per owner.
 CHUNKS = 64

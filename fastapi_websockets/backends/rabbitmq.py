@@ -752,7 +752,10 @@ class RabbitMQChannelLayer(BrokerChannelLayer):
             ConfirmingPublisher,
             frames_read_by_the_layer,
             refusal,
+            render_callback_errors_at_once,
         )
+
+        render_callback_errors_at_once()
 
         self._errors = CHANNEL_ERRORS
         self._delivery_error = aiormq.exceptions.DeliveryError

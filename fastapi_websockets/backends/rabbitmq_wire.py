@@ -18,6 +18,8 @@ closed-loop p2p bench, those writes were most of the time a message cost.
 * :func:`take_deliveries` hands a consumer's deliveries out as aiormq's
   connection reader reads them, without the channel's queue and reader task
   in between, nor a task per delivery.
+* :func:`render_callback_errors_at_once` makes the records aio-pika logs about a
+  failed callback formattable after the call too.
 
 This module imports aiormq and pamqp, so only the RabbitMQ backend imports it,
 once its driver was found.
@@ -62,6 +64,7 @@ __all__ = [
     "FrameReader",
     "frames_read_by_the_layer",
     "refusal",
+    "render_callback_errors_at_once",
     "take_deliveries",
 ]
 
@@ -819,3 +822,29 @@ def frames_read_by_the_layer() -> Iterator[None]:
         yield
     finally:
         _READ_OWN_FRAMES.reset(token)
+
+
+class _RenderedAtOnce(logging.Filter):
+    """Renders a record's message while it is logged, so that formatting it later works."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # aio-pika's OneShotCallback logs its callback's error with itself as an argument,
+        # then deletes the callback that its repr shows: a handler that formats later (a
+        # MemoryHandler, a queue listener, pytest's records) failed with "--- Logging
+        # error ---" (AttributeError) on every dropped connection.
+        if record.args:
+            record.msg = record.getMessage()
+            record.args = ()
+        return True
+
+
+_RENDERED_AT_ONCE = _RenderedAtOnce()
+
+
+def render_callback_errors_at_once() -> None:
+    """Make the records aio-pika logs about a failed callback format later too (idempotent).
+
+    A filter on aio-pika's ``aio_pika.tools`` logger, which logs only callback errors:
+    it runs inside the logging call, while the callback those records name still exists.
+    """
+    logging.getLogger("aio_pika.tools").addFilter(_RENDERED_AT_ONCE)

@@ -2043,6 +2043,24 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
+async def died_present(node: NatsNode, namespace: str) -> tuple[str, list[str]]:
+    """The owner token and the channels of a process that joined ``room:r`` and was killed.
+
+    Its connection went without leaving; its data stays on the server. (Closing a layer's
+    client from outside is not a death: the layer connects a new one.)
+    """
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PRESENT, node.url, namespace, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        token, channels = json.loads(await child.stdout.readline())
+    finally:
+        child.kill()
+        await child.wait()
+    return token, channels
+
+
 async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
     nats_node: NatsNode, namespace: str, make: Make
 ) -> None:
@@ -2050,18 +2068,7 @@ async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
     watcher_layer = make(servers=urls)
     watcher = await watcher_layer.new_channel("ws")
     await watcher_layer.group_add("room:r", watcher)
-    # A process that joins and dies (killed): its connection goes without leaving; its data
-    # stays on the server. (Closing a layer's client from outside is not a death: the layer
-    # connects a new one.)
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _PRESENT, nats_node.url, namespace, stdout=asyncio.subprocess.PIPE
-    )
-    try:
-        assert child.stdout is not None
-        dead_token, mine = json.loads(await child.stdout.readline())
-    finally:
-        child.kill()
-        await child.wait()
+    dead_token, mine = await died_present(nats_node, namespace)
     # Three live processes reap on their own heartbeats, racing for the dead owner.
     reapers = [make(servers=urls, presence_timeout=1) for _ in range(3)]
     for reaper in reapers:
@@ -2075,6 +2082,50 @@ async def test_a_dead_owner_is_claimed_by_one_reaper_and_nothing_is_left(
     assert set(await watcher_layer.presence("room:r")) == {
         channel for reaper in reapers for channel in reaper._presence.channels("room:r")
     }
+
+
+async def test_two_processes_claiming_one_dead_owner_at_once_both_reap_without_error(
+    nats_node: NatsNode, namespace: str, make: Make
+) -> None:
+    # The loser's delete of the claimed record used to raise "sequence not found" (10043:
+    # the server's answer for a message deleted from within the stream) out of the reap.
+    async with TcpProxy(nats_node.port) as proxy:
+        first, second = (make(servers=[f"nats://127.0.0.1:{proxy.port}"]) for _ in range(2))
+        watcher = await first.new_channel("ws")
+        await first.group_add("room:r", watcher)
+        # The stream's first message stays: the dead owner's record is not first, and the
+        # server answers a second delete of it with 10043, not 10057 (a first sequence).
+        # A long presence_timeout: this layer's reaper runs at its join, then waits 200 s.
+        keeper = make(servers=[nats_node.url], presence_timeout=600)
+        await keeper.presence_join("room:k", await keeper.new_channel("ws"), notify=False)
+        _, mine = await died_present(nats_node, namespace)
+
+        async def silent() -> bool:
+            # Neither owns an entry: no background reaper of theirs runs.
+            return await first.presence("room:r") == {} == await second.presence("room:r")
+
+        await eventually(silent, "the killed process's entries read as gone")
+        nc = await raw_client([nats_node.url])
+        try:
+            jsm = nc.jsm()
+
+            async def both_scans_sent() -> bool:
+                consumers = await jsm.consumers_info(f"{namespace}_P")
+                return len(consumers) == 2 and not any(c.num_pending for c in consumers)
+
+            # Neither reaper hears the server until both scans were served: both see the
+            # dead owner's record and both try to delete it.
+            proxy.hold()
+            reaps = asyncio.gather(first.presence_heartbeat(), second.presence_heartbeat())
+            await eventually(both_scans_sent, "both reapers' scans served")
+            proxy.release()
+            await reaps
+        finally:
+            await nc.close()
+        left = [(await first.receive(watcher, timeout=10))["channel"] for _ in mine]
+        assert sorted(left) == sorted(mine)
+        await first.group_send("room:r", {"type": "mark"})
+        assert (await first.receive(watcher, timeout=10))["type"] == "mark"  # each leave once
 
 
 async def test_heartbeat_is_one_write_whatever_the_number_of_members(

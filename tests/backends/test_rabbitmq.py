@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import logging.handlers
 import sys
 import threading
 import time
@@ -493,6 +494,38 @@ async def test_a_cancelled_first_call_leaves_one_connection(
     await layer.send("first.use", {"type": "works"})
     assert (await layer.receive("first.use", timeout=10))["type"] == "works"
     assert len(node.rows("list_connections", "name")) == before + 1
+
+
+async def test_what_aio_pika_logs_about_a_dropped_connection_formats_later_too(
+    make: Factory, node: RabbitNode, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Handlers that format after the call (a MemoryHandler, a queue's listener, a test's
+    # records) are where aio-pika's callback error records used to fail.
+    caplog.set_level(logging.DEBUG, logger="aio_pika.tools")
+    buffered = logging.handlers.MemoryHandler(
+        capacity=100_000, flushLevel=logging.CRITICAL + 1, target=logging.StreamHandler(sys.stderr)
+    )
+    aio_pika_logger = logging.getLogger("aio_pika")
+    aio_pika_logger.addHandler(buffered)
+    try:
+        async with TcpProxy(node.port) as proxy:
+            layer = make(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+            await layer.send("before.drop", {"type": "x"})
+            assert (await layer.receive("before.drop", timeout=10))["type"] == "x"
+            await proxy.cut()
+            # Without such a record this test would check nothing.
+            await eventually(lambda: callback_errors(caplog), "aio-pika logs a channel's failed restore")
+            await proxy.reopen()
+            await layer.close()
+    finally:
+        aio_pika_logger.removeHandler(buffered)
+        buffered.close()  # flushes: formats every record now
+    assert "Logging error" not in capfd.readouterr().err
+    assert all(record.getMessage() for record in callback_errors(caplog))
+
+
+def callback_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "aio_pika.tools"]
 
 
 # ---------------------------------------------------------- broker restart

@@ -1187,6 +1187,41 @@ async def test_the_acl_rules_a_refusal_names_are_all_the_layer_needs(
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("fastapi_websockets")]
 
 
+async def test_a_refused_presence_heartbeat_is_logged_once_at_error_until_it_works_again(
+    redis_server: RedisNode,
+    raw: redis_asyncio.Redis,
+    namespace: str,
+    layers: list[BaseChannelLayer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It warned on every beat (three a presence_timeout) for as long as the rule was missing.
+    user = f"fw-{namespace}"
+    await _acl_user(raw, user, "~*", "&*", "+@all")
+    url = f"redis://{user}:{SECRET}@127.0.0.1:{redis_server.port}/0"
+    layer = layer_factory(layers, RedisChannelLayer, url=url, prefix=namespace, presence_timeout=0.6)()
+    await layer.presence_join("room", await layer.new_channel(), {})
+    caplog.set_level(logging.DEBUG, logger="fastapi_websockets")
+
+    async def refused_six_times() -> bool:
+        # Both presence tasks run scripts: one of them was refused three times at least.
+        log = await raw.acl_log()
+        return sum(cast(int, entry["count"]) for entry in log if entry["username"] == user) >= 6
+
+    def said(what: str) -> list[tuple[str, str]]:
+        prefix = f"presence {what} on "
+        return [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith(prefix)]
+
+    await raw.acl_setuser(user, commands=["-evalsha"])
+    await eventually(refused_six_times, "six refused presence scripts")
+    for what in ("heartbeat", "reaping"):
+        logged = [(level, text) for level, text in said(what) if level != "DEBUG"]
+        assert [level for level, _ in logged] == ["ERROR"], logged
+        assert f"ACL SETUSER {user} " in logged[0][1]  # the rule to grant
+    await raw.acl_setuser(user, commands=["+evalsha"])
+    await eventually(lambda: "INFO" in dict(said("heartbeat")), "the heartbeat logs that it works again")
+    assert [level for level, _ in said("heartbeat") if level != "DEBUG"] == ["ERROR", "INFO"]
+
+
 @pytest.mark.parametrize(
     ("url", "match"),
     [

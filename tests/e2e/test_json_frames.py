@@ -162,6 +162,11 @@ async def test_a_hand_built_envelope_that_is_not_json_closes_only_its_socket(
         ('{"n": 1e999}', "the number 1e999 is out of range"),
         ("[1, -1E400]", "the number -1E400 is out of range"),
         ("1" * 400 + ".5", "the number 111111111111... is out of range"),
+        # Python's limit on an int's digits: the reason said "use sys.set_int_max_str_digits()".
+        (
+            '{"n": ' + "9" * 5000 + "}",
+            "an integer of 5000 digits is too long (at most 4300); send it as a string",
+        ),
     ],
 )
 async def test_nan_infinity_and_numbers_too_large_from_a_client_are_invalid_json_1007(
